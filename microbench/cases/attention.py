@@ -1,0 +1,1 @@
+"""Microbench cases for the attention family (registered on import)."""

@@ -1,0 +1,1 @@
+"""Microbench cases for the code_predictor family (registered on import)."""

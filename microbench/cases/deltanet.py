@@ -1,0 +1,1 @@
+"""Microbench cases for the deltanet family (registered on import)."""

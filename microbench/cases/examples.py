@@ -1,0 +1,1 @@
+"""Microbench cases for the examples family (registered on import)."""

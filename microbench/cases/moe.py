@@ -1,0 +1,1 @@
+"""Microbench cases for the moe family (registered on import)."""

@@ -1,0 +1,134 @@
+"""The one place kernels get `nki`, `nl` and `nisa` from: real NKI when present, else our emulator.
+
+Kernel files do ``from nki_kernels.backend import nki, nl, nisa`` and nothing else NKI-related, so the
+same source runs on a Trainium host (real `nki` >= 0.3 from AWS's Neuron pip repository) and here.
+
+* ``ACTIVE`` is ``"nki"`` or ``"emulator"``.
+* ``NKI_KERNELS_FORCE_EMULATOR=1`` forces the emulator even where real NKI is installed.
+* ``call(kernel, *arrays, lnc=1)`` runs a kernel on NumPy arrays or torch CPU tensors (bf16 included)
+  and returns the same kind.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+FORCE_EMULATOR_ENV = "NKI_KERNELS_FORCE_EMULATOR"
+MIN_NKI_VERSION = (0, 3)
+
+
+def _version_tuple(v: str):
+    parts = []
+    for p in str(v).split(".")[:2]:
+        digits = "".join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def _real_nki():
+    """Real NKI modules, or None. The PyPI placeholder `nki` raises ImportError on import."""
+    if os.environ.get(FORCE_EMULATOR_ENV, "").lower() in ("1", "true", "yes"):
+        return None
+    try:
+        import nki as real  # noqa: F401
+        import nki.isa as real_isa
+        import nki.language as real_nl
+    except Exception:       # ImportError from the placeholder, or anything a broken install raises
+        return None
+    version = getattr(real, "__version__", "0")
+    if _version_tuple(version) < MIN_NKI_VERSION or not hasattr(real, "jit") or not hasattr(real_isa, "nc_matmul"):
+        return None
+    return real, real_nl, real_isa
+
+
+_real = _real_nki()
+if _real is not None:
+    nki, nl, nisa = _real
+    ACTIVE = "nki"
+else:
+    from . import emulator as nki
+    from .emulator import isa as nisa
+    from .emulator import language as nl
+    ACTIVE = "emulator"
+
+
+def is_emulated() -> bool:
+    return ACTIVE == "emulator"
+
+
+# ---------------------------------------------------------------- torch <-> numpy bridge
+
+
+def _torch():
+    try:
+        import torch
+        return torch
+    except ImportError:
+        return None
+
+
+def _to_numpy(x):
+    torch = _torch()
+    if torch is not None and isinstance(x, torch.Tensor):
+        import ml_dtypes
+        t = x.detach()
+        if t.device.type != "cpu":
+            raise ValueError(f"backend.call takes CPU tensors on the emulator, got a tensor on {t.device}")
+        t = t.contiguous() if not t.is_contiguous() else t
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16), True
+        if t.dtype == torch.float8_e4m3fn:
+            return t.view(torch.uint8).numpy().view(ml_dtypes.float8_e4m3fn), True
+        if t.dtype == torch.float8_e5m2:
+            return t.view(torch.uint8).numpy().view(ml_dtypes.float8_e5m2), True
+        return t.numpy(), True
+    return x, False
+
+
+def _to_torch(a):
+    torch = _torch()
+    import ml_dtypes
+    if a is None:
+        return None
+    if isinstance(a, tuple):
+        return tuple(_to_torch(v) for v in a)
+    a = np.ascontiguousarray(a)
+    if a.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
+    if a.dtype == ml_dtypes.float8_e4m3fn:
+        return torch.from_numpy(a.view(np.uint8).copy()).view(torch.float8_e4m3fn)
+    if a.dtype == ml_dtypes.float8_e5m2:
+        return torch.from_numpy(a.view(np.uint8).copy()).view(torch.float8_e5m2)
+    return torch.from_numpy(a.copy())
+
+
+def call(kernel, *args, lnc: int = 1, **kwargs):
+    """Run `kernel` (an `nki.jit` kernel) on arrays; torch CPU tensors in give torch tensors out.
+
+    Non-array arguments pass through as trace-time constants. Inputs the kernel writes (e.g. an
+    in-place state pool) are updated in the caller's arrays or tensors.
+    """
+    converted, any_torch = [], False
+    for a in args:
+        v, was_torch = _to_numpy(a)
+        any_torch |= was_torch
+        converted.append(v)
+    kw = {}
+    for k, a in kwargs.items():
+        v, was_torch = _to_numpy(a)
+        any_torch |= was_torch
+        kw[k] = v
+    if ACTIVE == "emulator":
+        out = nki.run(kernel, *converted, lnc=lnc, **kw).outputs
+    else:  # pragma: no cover - needs real NKI
+        launcher = kernel[lnc] if lnc != 1 else kernel
+        if os.environ.get("NKI_SIMULATOR") == "1" or not _has_neuron_device():
+            out = nki.simulate(launcher)(*converted, **kw)
+        else:
+            out = launcher(*converted, **kw)
+    return _to_torch(out) if any_torch else out
+
+
+def _has_neuron_device() -> bool:  # pragma: no cover - needs real hardware
+    return os.path.exists("/dev/neuron0")

@@ -1,0 +1,16 @@
+"""A NumPy emulator of the NKI 0.6 API subset our kernels use (see KERNELS.md, "How kernels are written").
+
+Import it as the `nki` stand-in: ``from nki_kernels.emulator import language as nl, isa as nisa`` and
+``nki_kernels.emulator.jit`` / ``simulate``. Kernels should not import this package directly; they take
+`nki`, `nl` and `nisa` from `nki_kernels.backend`, which picks the real NKI when it is installed.
+"""
+from . import isa, language
+from .errors import EmulatorCheckError
+from .runtime import Kernel, RunResult, jit, last_run, record_launches, run, simulate
+from .targets import TARGETS, Target, get_target, use_target
+from .trace import Access, Instr, Trace
+
+__version__ = "0.6.0-emulated"
+
+__all__ = ["isa", "language", "EmulatorCheckError", "Kernel", "RunResult", "jit", "last_run", "record_launches", "run",
+           "simulate", "TARGETS", "Target", "get_target", "use_target", "Access", "Instr", "Trace"]

@@ -1,0 +1,747 @@
+"""`nki.isa` emulated: dst-first instructions with the hardware checks of ../shared/reference/nki-api.md.
+
+Every instruction validates its operands (memory, partitions, shapes, dtypes, engine access rules),
+computes in fp32 (PSUM accumulation in fp32), rounds to the destination dtype on write and appends one
+entry to the running program's trace.
+"""
+from __future__ import annotations
+
+import enum
+import math
+
+import numpy as np
+
+from . import dtypes as _dt
+from . import ops as _ops
+from .errors import fail
+from .runtime import current
+from .tensor import Tensor
+from .trace import ACT, DMA, DVE, PE, POOL, Access
+
+
+class engine(enum.Enum):
+    unknown = 0
+    tensor = 1
+    scalar = 2
+    gpsimd = 3
+    dma = 4
+    vector = 5
+    sync = 6
+
+
+tensor_engine, vector_engine, scalar_engine = engine.tensor, engine.vector, engine.scalar
+gpsimd_engine, unknown_engine = engine.gpsimd, engine.unknown
+
+
+class reduce_cmd(enum.Enum):
+    idle = 0
+    reset = 1
+    reduce = 2
+    reset_reduce = 3
+    load_reduce = 4
+
+
+class oob_mode(enum.Enum):
+    error = 0
+    skip = 1
+
+
+class dge_mode(enum.Enum):
+    unknown = 0
+    none = 1
+    swdge = 2
+    hwdge = 3
+
+
+class matmul_perf_mode(enum.Enum):
+    none = 0
+    double_row = 1
+
+
+_ENGINE_NAMES = {engine.tensor: PE, engine.scalar: ACT, engine.gpsimd: POOL, engine.vector: DVE}
+_F32 = np.float32
+
+
+# ============================================================================ operand checks
+
+
+def _tensor(instr, role, t):
+    if not isinstance(t, Tensor):
+        fail(instr, role, f"must be an NKI tensor, got {type(t).__name__}")
+    return t
+
+
+def _onchip(instr, role, t, allow=("sbuf", "psum")):
+    """An on-chip operand: in an allowed memory, <= pmax partitions, a legal partition pattern."""
+    _tensor(instr, role, t)
+    kind = t.buffer.kind
+    if kind == "hbm":
+        fail(instr, role, f"is in HBM ({t.buffer.name}); compute engines access only SBUF/PSUM "
+             "(move it with nisa.dma_copy first)")
+    if kind not in allow:
+        allowed = " or ".join(a.upper() for a in allow)
+        fail(instr, role, f"is in {kind.upper()}; this instruction's engine accesses only {allowed}")
+    tgt = current().target
+    p = t.shape[0]
+    if p > tgt.pmax:
+        fail(instr, role, f"partition dim {p} exceeds the limit of {tgt.pmax} partitions")
+    row = t.storage.row_elems
+    if p > 1 and t.strides[0] != row:
+        fail(instr, role, "the partition dim must step one partition at a time (no partition striding)")
+    free_start = t.offset % row
+    span = sum((n - 1) * abs(s) for n, s in zip(t.shape[1:], t.strides[1:]))
+    if free_start + span >= row and len(t.shape) > 1 and span > 0:
+        fail(instr, role, "the free access pattern crosses into another partition")
+    if tgt.checks_start_partition:
+        start = t._partition_start()
+        ok = start == 0 if p > 64 else (start in (0, 64) if p > 32 else start in (0, 32, 64, 96))
+        if not ok:
+            fail(instr, role, f"{p} partitions may not start at partition {start} on {tgt.name} "
+                 "(>64 start at 0; 33-64 at 0 or 64; <=32 at 0, 32, 64 or 96)")
+    limit = tgt.psum_free_elems_max if kind == "psum" else tgt.sbuf_free_elems_max
+    if t.free_size > limit:
+        fail(instr, role, f"{t.free_size} elements per partition exceed the per-instruction limit of "
+             f"{limit} for {kind.upper()}")
+    if t.dyn is not None:
+        fail(instr, role, "dynamic (.ap() with scalar/vector offset) views are only valid in DMA instructions")
+    return t
+
+
+def _same_layout(instr, a_role, a, b_role, b):
+    if a.shape[0] != b.shape[0]:
+        fail(instr, b_role, f"partition dim {b.shape[0]} does not match {a_role}'s {a.shape[0]}")
+    if a.free_size != b.free_size:
+        fail(instr, b_role, f"{b.free_size} elements per partition do not match {a_role}'s {a.free_size} "
+             "(no broadcasting)")
+
+
+def _scalar_operand(instr, role, v, p):
+    """A scalar operand: a Python number, or a (P,1) on-chip tile broadcast along the free dim."""
+    if isinstance(v, Tensor):
+        _onchip(instr, role, v)
+        if v.shape[0] != p or v.free_size != 1:
+            fail(instr, role, f"a tensor scalar operand must be ({p}, 1), got {v.shape}")
+        return v._get().reshape(p, 1).astype(_F32)
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        fail(instr, role, f"must be a number or a (P,1) tile, got {type(v).__name__}")
+    return v
+
+
+def _f32_2d(t: Tensor) -> np.ndarray:
+    return np.asarray(t._get(), dtype=_F32).reshape(t.shape[0], -1) if t.on_chip else \
+        np.asarray(t._get(), dtype=_F32)
+
+
+def _access(t: Tensor) -> Access:
+    lo, hi = (0, t.storage.size) if t.dyn is not None else t._span()
+    on_chip = t.on_chip
+    return Access(t.storage.sid, t.buffer.kind, _dt.name(t.dtype), t.shape,
+                  t.shape[0] if on_chip else 1, t.free_size, t.size * t.dtype.itemsize,
+                  lo, hi, t._contig_bytes(), t.dyn is not None)
+
+
+def _record(name, eng, reads, writes, **meta):
+    prog = current()
+    from .trace import Instr
+    prog.trace.append(Instr(len(prog.trace), name, eng,
+                            tuple(_access(t) for t in reads if isinstance(t, Tensor)),
+                            tuple(_access(t) for t in writes), meta))
+
+
+def _write(dst: Tensor, values, oob_skip=False, who="write"):
+    """Round to dst's dtype and store; a non-matmul write to PSUM ends any accumulation there."""
+    dst._put(values, oob_skip=oob_skip, who=who)
+    if dst.storage.mm_written is not None:
+        dst._aux_set(dst.storage.mm_written, False)
+
+
+def _is_int_tensor(t):
+    return isinstance(t, Tensor) and _dt.is_int(t.dtype)
+
+
+def _pick_engine(instr, requested, default, allowed):
+    if requested is None or requested is engine.unknown:
+        return default
+    if not isinstance(requested, engine):
+        fail(instr, "engine", f"must be a nisa.engine member, got {requested!r}")
+    eng = _ENGINE_NAMES.get(requested)
+    if eng not in allowed:
+        fail(instr, "engine", f"{requested.name} engine cannot run this instruction "
+             f"(allowed: {', '.join(allowed)})")
+    return eng
+
+
+def _check_engine_memory(instr, eng, *tensors):
+    if eng == POOL:
+        for role, t in tensors:
+            if t.buffer.kind == "psum":
+                fail(instr, role, "is in PSUM, which GpSimd cannot access; use the Vector or Scalar engine")
+
+
+# ============================================================================ TensorE
+
+
+def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_onezero=False,
+              is_transpose=False, accumulate=None, tile_position=(), tile_size=(), perf_mode=None, name=None):
+    """dst[M, N] (PSUM, fp32) = stationary[K, M].T @ moving[K, N]; K, M <= 128, N <= 512."""
+    instr = "nc_matmul"
+    tgt = current().target
+    for role, t in (("stationary", stationary), ("moving", moving)):
+        _tensor(instr, role, t)
+        if t.buffer.kind == "psum":
+            fail(instr, role, "is in PSUM; TensorE reads only SBUF")
+        _onchip(instr, role, t, allow=("sbuf",))
+    _tensor(instr, "dst", dst)
+    if dst.buffer.kind != "psum":
+        fail(instr, "dst", f"is in {dst.buffer.kind.upper()}; TensorE writes its result only to PSUM")
+    _onchip(instr, "dst", dst, allow=("psum",))
+    if is_transpose:
+        fail(instr, "is_transpose", "is not supported by the emulator; use nisa.nc_transpose")
+    if perf_mode not in (None, matmul_perf_mode.none):
+        fail(instr, "perf_mode", "only the default perf_mode is supported by the emulator")
+    for role, v in (("tile_position", tile_position), ("tile_size", tile_size)):
+        if any(int(x) % 32 for x in v):
+            fail(instr, role, f"entries must be multiples of 32, got {tuple(v)}")
+    k, m, n = stationary.shape[0], stationary.free_size, moving.free_size
+    if moving.shape[0] != k:
+        fail(instr, "moving", f"contraction (partition) dim {moving.shape[0]} does not match stationary's {k}")
+    if m > tgt.gemm_stationary_fmax:
+        fail(instr, "stationary", f"free size M={m} exceeds the limit {tgt.gemm_stationary_fmax} "
+             f"(gemm_stationary_fmax on {tgt.name})")
+    nmax = tgt.gemm_moving_fmax_bf16 if dst.dtype == _dt.bfloat16 else tgt.gemm_moving_fmax_fp32
+    if n > nmax:
+        fail(instr, "moving", f"free size N={n} exceeds the limit {nmax} (gemm_moving_fmax on {tgt.name})")
+    if dst.shape[0] != m or dst.free_size != n:
+        fail(instr, "dst", f"shape {dst.shape} does not hold the [M={m}, N={n}] result")
+    if _dt.name(dst.dtype) not in tgt.psum_result_dtypes:
+        fail(instr, "dst", f"dtype {_dt.name(dst.dtype)} is not a matmul result dtype on {tgt.name} "
+             f"(allowed: {', '.join(tgt.psum_result_dtypes)})")
+    for role, t in (("stationary", stationary), ("moving", moving)):
+        if not _dt.is_float(t.dtype):
+            fail(instr, role, f"dtype {_dt.name(t.dtype)} is not a matmul input dtype (fp8/bf16/fp16/fp32)")
+    fp32_in = (stationary.dtype == _dt.float32, moving.dtype == _dt.float32)
+    if fp32_in[0] != fp32_in[1]:
+        fail(instr, "moving", "fp32 inputs must be paired with fp32 (got "
+             f"{_dt.name(stationary.dtype)} x {_dt.name(moving.dtype)})")
+    row_bytes = dst.storage.row_elems * dst.dtype.itemsize
+    start = (dst.offset % dst.storage.row_elems) * dst.dtype.itemsize
+    span = sum((s - 1) * st for s, st in zip(dst.shape[1:], dst.strides[1:])) * dst.dtype.itemsize
+    end = start + span + dst.dtype.itemsize - 1
+    if start // tgt.psum_bank_bytes != end // tgt.psum_bank_bytes or row_bytes == 0:
+        fail(instr, "dst", f"the result spans bytes [{start}, {end}] of the partition, crossing a "
+             f"{tgt.psum_bank_bytes} B PSUM bank boundary; a matmul writes within one bank")
+    st_vals = stationary._get().reshape(k, m).astype(_F32)
+    mv_vals = moving._get().reshape(k, n).astype(_F32)
+    prod = st_vals.T @ mv_vals
+    written = dst._aux_get(dst.storage.mm_written).reshape(m, n)
+    if accumulate is True:
+        if not written.all():
+            fail(instr, "dst", "accumulate=True onto PSUM that no matmul has written is undefined behaviour")
+        result = dst._get().reshape(m, n).astype(_F32) + prod
+    elif accumulate is None:
+        cur = dst._get().reshape(m, n).astype(_F32)
+        result = np.where(written, cur + prod, prod)
+    elif accumulate is False:
+        result = prod
+    else:
+        fail(instr, "accumulate", f"must be None, True or False, got {accumulate!r}")
+    dst._put(result.reshape(dst.shape))
+    dst._aux_set(dst.storage.mm_written, True)
+    _record(instr, PE, [stationary, moving], [dst], K=k, M=m, N=n,
+            in_dtype=_dt.name(moving.dtype), fp32=fp32_in[0], accumulate=accumulate)
+
+
+def nc_transpose(dst, data, engine=engine.unknown, name=None):
+    """dst[F, P] = data[P, F]. TensorE: SBUF -> PSUM, <= 128 x 128. VectorE: <= 32 x 32."""
+    instr = "nc_transpose"
+    _tensor(instr, "data", data)
+    _tensor(instr, "dst", dst)
+    default = PE if (data.buffer.kind == "sbuf" and dst.buffer.kind == "psum") else DVE
+    eng = _pick_engine(instr, engine, default, (PE, DVE))
+    tgt = current().target
+    if eng == PE:
+        if data.buffer.kind != "sbuf":
+            fail(instr, "data", f"is in {data.buffer.kind.upper()}; a TensorE transpose reads SBUF")
+        if dst.buffer.kind != "psum":
+            fail(instr, "dst", f"is in {dst.buffer.kind.upper()}; a TensorE transpose writes PSUM")
+        limit = tgt.pmax
+    else:
+        limit = 32
+    _onchip(instr, "data", data)
+    _onchip(instr, "dst", dst)
+    p, f = data.shape[0], data.free_size
+    if p > limit or f > limit:
+        fail(instr, "data", f"shape ({p}, {f}) exceeds the {limit}x{limit} limit of a "
+             f"{'TensorE' if eng == PE else 'VectorE'} transpose")
+    if dst.shape[0] != f or dst.free_size != p:
+        fail(instr, "dst", f"shape {dst.shape} must be ({f}, {p}) for a ({p}, {f}) input")
+    if dst.dtype != data.dtype:
+        fail(instr, "dst", f"dtype {_dt.name(dst.dtype)} must equal data's {_dt.name(data.dtype)}")
+    _write(dst, data._get().reshape(p, f).T.reshape(dst.shape))
+    _record(instr, eng, [data], [dst], P=p, F=f)
+
+
+# ============================================================================ ScalarE
+
+
+def activation(dst, op, data, bias=None, scale=1.0, reduce_op=None, reduce_res=None,
+               reduce_cmd=reduce_cmd.idle, name=None):
+    """dst = op(data * scale + bias) on ScalarE, fp32 inside; optional free-axis sum into registers."""
+    instr = "activation"
+    fn = _ops.get(op, instr)
+    if not fn.is_act:
+        fail(instr, "op", f"{fn!r} is not an activation function")
+    _onchip(instr, "data", data)
+    _onchip(instr, "dst", dst)
+    _same_layout(instr, "data", data, "dst", dst)
+    p = data.shape[0]
+    prog = current()
+    x = _f32_2d(data)
+    s = _scalar_operand(instr, "scale", scale, p)
+    x = x * (np.asarray(s, dtype=_F32) if not isinstance(s, np.ndarray) else s)
+    reads = [data]
+    if isinstance(scale, Tensor):
+        reads.append(scale)
+    if bias is not None:
+        if not isinstance(bias, Tensor) and not prog.target.activation_scalar_bias:
+            fail(instr, "bias", f"must be a (P,1) tile on {prog.target.name}; a float bias needs NeuronCore-v3+")
+        b = _scalar_operand(instr, "bias", bias, p)
+        x = x + (np.asarray(b, dtype=_F32) if not isinstance(b, np.ndarray) else b)
+        if isinstance(bias, Tensor):
+            reads.append(bias)
+    y = fn.activate(x.astype(_F32))
+    writes = [dst]
+    cmd = reduce_cmd if reduce_cmd is not None else globals()["reduce_cmd"].idle
+    if not isinstance(cmd, globals()["reduce_cmd"]):
+        fail(instr, "reduce_cmd", f"must be a nisa.reduce_cmd member, got {reduce_cmd!r}")
+    rc = globals()["reduce_cmd"]
+    if cmd is not rc.idle or reduce_op is not None:
+        if cmd is rc.idle:
+            fail(instr, "reduce_cmd", "reduce_op/reduce_res need reduce_cmd=reset_reduce (or reduce)")
+        if cmd is rc.load_reduce:
+            fail(instr, "reduce_cmd", "load_reduce is not supported by the emulator")
+        if cmd is not rc.reset and (reduce_op is None or _ops.get(reduce_op, instr, "reduce_op").name != "add"):
+            fail(instr, "reduce_op", "must be nl.add (the ScalarE accumulators only sum)")
+        regs = prog.act_regs
+        if cmd in (rc.reset, rc.reset_reduce):
+            regs[:] = 0.0
+        if cmd in (rc.reduce, rc.reset_reduce):
+            regs[:p] = (regs[:p] + y.astype(np.float64).sum(axis=1)).astype(_F32)
+    if reduce_res is not None:
+        if cmd is rc.idle:
+            fail(instr, "reduce_res", "needs reduce_cmd=reset_reduce (or reduce) to hold a result")
+        _onchip(instr, "reduce_res", reduce_res)
+        if reduce_res.shape[0] != p or reduce_res.free_size != 1:
+            fail(instr, "reduce_res", f"must be ({p}, 1), got {reduce_res.shape}")
+        _write(reduce_res, prog.act_regs[:p].reshape(reduce_res.shape))
+        writes.append(reduce_res)
+    _write(dst, y.reshape(dst.shape))
+    _record(instr, ACT, reads, writes, op=fn.name, reduce=cmd is not rc.idle)
+
+
+def activation_reduce(dst, op, data, reduce_op, reduce_res, bias=None, scale=1.0, name=None):
+    """`activation` with reduce_cmd=reset_reduce: reduce_res (P,1) = sum over free axes of the result."""
+    activation(dst, op, data, bias=bias, scale=scale, reduce_op=reduce_op, reduce_res=reduce_res,
+               reduce_cmd=reduce_cmd.reset_reduce, name=name)
+
+
+# ============================================================================ VectorE / GpSimd
+
+
+def tensor_tensor(dst, data1, data2, op, engine=engine.unknown, name=None):
+    """dst = data1 op data2, element-wise, same partitions and elements per partition, no broadcasting."""
+    instr = "tensor_tensor"
+    fn = _ops.get(op, instr)
+    if not fn.is_alu:
+        fail(instr, "op", f"{fn!r} is not a binary ALU operator")
+    for role, t in (("data1", data1), ("data2", data2), ("dst", dst)):
+        _onchip(instr, role, t)
+    _same_layout(instr, "data1", data1, "data2", data2)
+    _same_layout(instr, "data1", data1, "dst", dst)
+    if data1.buffer.kind == "psum" and data2.buffer.kind == "psum":
+        fail(instr, "data2", "both inputs are in PSUM; at most one input may be in PSUM")
+    integer = _is_int_tensor(data1) and _is_int_tensor(data2)
+    any_psum = "psum" in (data1.buffer.kind, data2.buffer.kind, dst.buffer.kind)
+    if fn.name == "power" and any_psum:
+        fail(instr, "data1", "nl.power runs on GpSimd, which cannot access PSUM")
+    default = POOL if ((fn.name == "power" or integer) and not any_psum) else DVE
+    eng = _pick_engine(instr, engine, default, (DVE, POOL))
+    _check_engine_memory(instr, eng, ("data1", data1), ("data2", data2), ("dst", dst))
+    a = data1._get().reshape(data1.shape[0], -1)
+    b = data2._get().reshape(data2.shape[0], -1)
+    out = fn.apply(a, b, integer=integer)
+    _write(dst, out.reshape(dst.shape))
+    _record(instr, eng, [data1, data2], [dst], op=fn.name)
+
+
+def tensor_scalar(dst, data, op0, operand0, reverse0=False, op1=None, operand1=None, reverse1=False,
+                  engine=engine.unknown, name=None):
+    """dst = (data op0 operand0) op1 operand1; operands are numbers or (P,1) tiles."""
+    instr = "tensor_scalar"
+    _onchip(instr, "data", data)
+    _onchip(instr, "dst", dst)
+    _same_layout(instr, "data", data, "dst", dst)
+    eng = _pick_engine(instr, engine, DVE, (DVE, ACT, POOL))
+    _check_engine_memory(instr, eng, ("data", data), ("dst", dst))
+    p = data.shape[0]
+    integer = _is_int_tensor(data)
+    x = data._get().reshape(p, -1)
+    x = x.astype(np.int64) if integer else x.astype(_F32)
+    reads = [data]
+    for opx, operand, rev, role in ((op0, operand0, reverse0, "operand0"), (op1, operand1, reverse1, "operand1")):
+        if opx is None:
+            if role == "operand0":
+                fail(instr, "op0", "is required")
+            continue
+        fn = _ops.get(opx, instr, "op0" if role == "operand0" else "op1")
+        if not fn.is_alu:
+            fail(instr, role, f"{fn!r} is not a binary ALU operator")
+        if operand is None:
+            fail(instr, role, "is required when its op is given")
+        s = _scalar_operand(instr, role, operand, p)
+        if isinstance(operand, Tensor):
+            reads.append(operand)
+        use_int = integer and not isinstance(s, np.ndarray) and isinstance(s, (int, np.integer))
+        x = fn.apply(s, x, integer=use_int) if rev else fn.apply(x, s, integer=use_int)
+        integer = use_int
+    _write(dst, x.reshape(dst.shape))
+    _record(instr, eng, reads, [dst], op=getattr(op0, "name", str(op0)))
+
+
+def scalar_tensor_tensor(dst, data, op0, operand0, op1, operand1, reverse0=False, reverse1=False, name=None):
+    """dst = (data op0 operand0) op1 operand1, with operand0 a number or (P,1) tile and operand1 a tile."""
+    instr = "scalar_tensor_tensor"
+    _onchip(instr, "data", data)
+    _onchip(instr, "dst", dst)
+    _onchip(instr, "operand1", _tensor(instr, "operand1", operand1))
+    _same_layout(instr, "data", data, "dst", dst)
+    _same_layout(instr, "data", data, "operand1", operand1)
+    if data.buffer.kind == "psum" and operand1.buffer.kind == "psum":
+        fail(instr, "operand1", "both tensor inputs are in PSUM; at most one may be")
+    p = data.shape[0]
+    f0 = _ops.get(op0, instr, "op0")
+    f1 = _ops.get(op1, instr, "op1")
+    s = _scalar_operand(instr, "operand0", operand0, p)
+    x = data._get().reshape(p, -1).astype(_F32)
+    x = f0.apply(s, x) if reverse0 else f0.apply(x, s)
+    y = operand1._get().reshape(p, -1).astype(_F32)
+    x = f1.apply(y, x) if reverse1 else f1.apply(x, y)
+    _write(dst, x.reshape(dst.shape))
+    reads = [data, operand1] + ([operand0] if isinstance(operand0, Tensor) else [])
+    _record(instr, DVE, reads, [dst], op=f0.name + "," + f1.name)
+
+
+def tensor_reduce(dst, op, data, axis, negate=False, keepdims=False, name=None):
+    """Reduce trailing free axes of data with an nl.* op (never the partition axis); negate gives -result."""
+    instr = "tensor_reduce"
+    fn = _ops.get(op, instr)
+    if fn.name not in ("add", "maximum", "minimum", "multiply", "abs_max", "bitwise_and", "bitwise_or",
+                       "logical_and", "logical_or"):
+        fail(instr, "op", f"{fn!r} is not a reduction operator")
+    _onchip(instr, "data", data)
+    _onchip(instr, "dst", dst)
+    nd = len(data.shape)
+    axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+    axes = tuple(int(a) + nd if int(a) < 0 else int(a) for a in axes)
+    if 0 in axes:
+        fail(instr, "axis", "reducing over the partition axis (axis 0) is not possible on VectorE; "
+             "use a matmul with ones or a transpose")
+    if sorted(axes) != list(range(nd - len(axes), nd)):
+        fail(instr, "axis", f"must be trailing free axes of a {nd}-D tensor, got {axes}")
+    x = data._get().astype(np.float64 if fn.name == "add" else _F32)
+    npfn = {"add": np.sum, "maximum": np.max, "minimum": np.min, "multiply": np.prod}.get(fn.name)
+    if npfn is not None:
+        r = npfn(x, axis=axes)
+    else:
+        r = x
+        for a in sorted(axes, reverse=True):
+            r = np.moveaxis(r, a, 0)
+            acc = r[0]
+            for i in range(1, r.shape[0]):
+                acc = fn.apply(acc, r[i])
+            r = acc
+    r = np.asarray(r, dtype=_F32)
+    if negate:
+        r = -r
+    if dst.shape[0] != data.shape[0] or dst.size != r.size:
+        fail(instr, "dst", f"shape {dst.shape} does not hold the reduced result of {r.size} elements "
+             f"over {data.shape[0]} partitions")
+    _write(dst, r.reshape(dst.shape))
+    _record(instr, DVE, [data], [dst], op=fn.name)
+
+
+def tensor_tensor_scan(dst, data0, data1, initial, op0, op1, reverse0=False, reverse1=False, name=None):
+    """Per partition along the free dim: r[i] = op1(op0(data0[i], r[i-1]), data1[i]), r[-1] = initial."""
+    instr = "tensor_tensor_scan"
+    for role, t in (("data0", data0), ("data1", data1), ("dst", dst)):
+        _onchip(instr, role, t)
+    _same_layout(instr, "data0", data0, "data1", data1)
+    _same_layout(instr, "data0", data0, "dst", dst)
+    f0 = _ops.get(op0, instr, "op0")
+    f1 = _ops.get(op1, instr, "op1")
+    p = data0.shape[0]
+    init = _scalar_operand(instr, "initial", initial, p)
+    d0 = data0._get().reshape(p, -1).astype(_F32)
+    d1 = data1._get().reshape(p, -1).astype(_F32)
+    prev = (init.reshape(p) if isinstance(init, np.ndarray) else np.full(p, init, dtype=_F32)).astype(_F32)
+    out = np.empty_like(d0)
+    for i in range(d0.shape[1]):
+        a = f0.apply(prev, d0[:, i]) if reverse0 else f0.apply(d0[:, i], prev)
+        prev = f1.apply(d1[:, i], a) if reverse1 else f1.apply(a, d1[:, i])
+        out[:, i] = prev
+    _write(dst, out.reshape(dst.shape))
+    reads = [data0, data1] + ([initial] if isinstance(initial, Tensor) else [])
+    _record(instr, DVE, reads, [dst], op=f0.name + "," + f1.name)
+
+
+def reciprocal(dst, data, name=None):
+    """dst = 1 / data on VectorE (fp32)."""
+    instr = "reciprocal"
+    _onchip(instr, "data", data)
+    _onchip(instr, "dst", dst)
+    _same_layout(instr, "data", data, "dst", dst)
+    with np.errstate(all="ignore"):
+        out = (np.float32(1.0) / data._get().astype(_F32))
+    _write(dst, out.reshape(dst.shape))
+    _record(instr, DVE, [data], [dst])
+
+
+def tensor_copy(dst, src, engine=engine.unknown, name=None):
+    """dst = src (SBUF/PSUM to SBUF/PSUM); bit-exact when dtypes match, else through fp32."""
+    instr = "tensor_copy"
+    _onchip(instr, "src", src)
+    _onchip(instr, "dst", dst)
+    _same_layout(instr, "src", src, "dst", dst)
+    tgt = current().target
+    eng = _pick_engine(instr, engine, DVE, (DVE, ACT, POOL))
+    if eng == ACT and tgt.nc_version == 2:
+        fail(instr, "engine", "tensor_copy is not supported on the Scalar engine of NeuronCore-v2; "
+             "use nisa.activation(op=nl.copy)")
+    _check_engine_memory(instr, eng, ("src", src), ("dst", dst))
+    vals = src._get()
+    if src.dtype != dst.dtype:
+        vals = vals.astype(np.float64) if _dt.is_int(src.dtype) else vals.astype(_F32)
+    _write(dst, np.asarray(vals).reshape(dst.shape))
+    _record(instr, eng, [src], [dst])
+
+
+def memset(dst, value, engine=engine.unknown, name=None):
+    """Fill dst (SBUF/PSUM) with a constant of dst's dtype."""
+    instr = "memset"
+    _onchip(instr, "dst", dst)
+    if isinstance(value, Tensor) or not isinstance(value, (int, float, bool, np.number, np.bool_)):
+        fail(instr, "value", f"must be a number, got {type(value).__name__}")
+    if _dt.is_int(dst.dtype) and float(value) != int(value):
+        fail(instr, "value", f"{value!r} does not match the destination dtype {_dt.name(dst.dtype)}")
+    eng = _pick_engine(instr, engine, DVE, (DVE, POOL, ACT))
+    _check_engine_memory(instr, eng, ("dst", dst))
+    _write(dst, np.full(dst.shape, value))
+    _record(instr, eng, [], [dst])
+
+
+def iota(dst, pattern, offset=0, channel_multiplier=0, name=None):
+    """dst[p, i...] = offset + p * channel_multiplier + sum(step_j * i_j) on GpSimd (SBUF only)."""
+    instr = "iota"
+    _onchip(instr, "dst", dst, allow=("sbuf",))
+    p = dst.shape[0]
+    vals = _affine(instr, pattern, offset, channel_multiplier, p, dst.free_size)
+    _write(dst, vals.reshape(dst.shape))
+    _record(instr, POOL, [], [dst])
+
+
+def _affine(instr, pattern, offset, channel_multiplier, p, free):
+    pat = [tuple(int(v) for v in q) for q in pattern]
+    if not pat or len(pat) > 4 or any(len(q) != 2 or q[1] <= 0 for q in pat):
+        fail(instr, "pattern", f"must be 1 to 4 [step, count] pairs with count > 0, got {pattern}")
+    counts = [q[1] for q in pat]
+    if int(np.prod(counts)) != free:
+        fail(instr, "pattern", f"covers {int(np.prod(counts))} elements per partition but dst has {free}")
+    vals = np.full((p,) + tuple(counts), int(offset), dtype=np.int64)
+    vals += (np.arange(p, dtype=np.int64) * int(channel_multiplier)).reshape((p,) + (1,) * len(counts))
+    for j, (step, cnt) in enumerate(pat):
+        shp = [1] * (len(counts) + 1)
+        shp[j + 1] = cnt
+        vals += (np.arange(cnt, dtype=np.int64) * step).reshape(shp)
+    return vals.reshape(p, free)
+
+
+def affine_select(dst, pattern, channel_multiplier, on_true_tile, on_false_value, cmp_op=None, offset=0, name=None):
+    """dst = cmp_op(offset + p*channel_multiplier + sum(step*i), 0) ? on_true_tile : on_false_value."""
+    instr = "affine_select"
+    from .language import equal
+    fn = _ops.get(equal if cmp_op is None else cmp_op, instr, "cmp_op")
+    _onchip(instr, "dst", dst, allow=("sbuf",))
+    _onchip(instr, "on_true_tile", _tensor(instr, "on_true_tile", on_true_tile), allow=("sbuf",))
+    _same_layout(instr, "on_true_tile", on_true_tile, "dst", dst)
+    if isinstance(on_false_value, Tensor):
+        fail(instr, "on_false_value", "must be a number (fp32)")
+    p = dst.shape[0]
+    aff = _affine(instr, pattern, offset, channel_multiplier, p, dst.free_size)
+    cond = fn.apply(aff, 0, integer=True).astype(bool)
+    vals = np.where(cond, on_true_tile._get().reshape(p, -1).astype(_F32), np.float32(on_false_value))
+    _write(dst, vals.reshape(dst.shape))
+    _record(instr, POOL, [on_true_tile], [dst])
+
+
+def max8(dst, src, name=None):
+    """dst (P, 8) = the 8 largest values of each partition of src, descending (8..16384 per partition)."""
+    instr = "max8"
+    _onchip(instr, "src", src)
+    _onchip(instr, "dst", dst)
+    p, f = src.shape[0], src.free_size
+    if not 8 <= f <= 16384:
+        fail(instr, "src", f"{f} elements per partition; max8 needs 8 to 16384")
+    if dst.shape[0] != p or dst.free_size != 8:
+        fail(instr, "dst", f"must be ({p}, 8), got {dst.shape}")
+    x = src._get().reshape(p, f).astype(_F32)
+    top = -np.sort(-x, axis=1, kind="stable")[:, :8]
+    _write(dst, top.reshape(dst.shape))
+    _record(instr, DVE, [src], [dst])
+
+
+def nc_find_index8(dst, data, vals, name=None):
+    """dst[p, j] = index of vals[p, j] in data[p] (first match; repeats advance); a miss gives all-ones."""
+    instr = "nc_find_index8"
+    _onchip(instr, "data", data)
+    _onchip(instr, "vals", vals)
+    _onchip(instr, "dst", dst)
+    p, f = data.shape[0], data.free_size
+    if vals.shape[0] != p or vals.free_size != 8:
+        fail(instr, "vals", f"must be ({p}, 8), got {vals.shape}")
+    if dst.shape[0] != p or dst.free_size != 8:
+        fail(instr, "dst", f"must be ({p}, 8), got {dst.shape}")
+    if dst.dtype not in (_dt.uint16, _dt.uint32):
+        fail(instr, "dst", f"dtype must be uint16 or uint32, got {_dt.name(dst.dtype)}")
+    x = data._get().reshape(p, f).astype(_F32)
+    v = vals._get().reshape(p, 8).astype(_F32)
+    miss = np.iinfo(dst.dtype).max
+    out = np.full((p, 8), miss, dtype=np.int64)
+    for r in range(p):
+        used: dict = {}
+        for j in range(8):
+            hits = np.flatnonzero(x[r] == v[r, j])
+            k = used.get(float(v[r, j]), 0)
+            if k < hits.size:
+                out[r, j] = hits[k]
+                used[float(v[r, j])] = k + 1
+    _write(dst, out.reshape(dst.shape))
+    _record(instr, DVE, [data, vals], [dst])
+
+
+# ============================================================================ DMA
+
+
+def _hbm_race_check(instr, role, t: Tensor, write: bool):
+    """Under LNC=2, flag shared-HBM elements one core writes and the other reads or writes."""
+    log = t.storage.access_log
+    prog = current()
+    if log is None or prog.launch.lnc < 2:
+        return
+    pid, other = prog.pid, 1 - prog.pid
+    seen = t._aux_get(log)
+    conflict = (seen & ((1 << other) | (4 << other))) if write else (seen & (4 << other))
+    if np.any(conflict):
+        what = "writes" if write else "reads"
+        fail(instr, role, f"program {pid} {what} shared-HBM elements of '{t.name}' that program {other} "
+             "also accesses (written by one core, used by the other) with no synchronisation")
+    t._aux_or(log, np.uint8((4 << pid) if write else (1 << pid)))
+
+
+def _dma_operand(instr, role, t):
+    _tensor(instr, role, t)
+    if t.buffer.kind == "psum":
+        fail(instr, role, "is in PSUM; DMA cannot read or write PSUM (evict it with nisa.tensor_copy)")
+    if t.on_chip and t.shape[0] > current().target.pmax:
+        fail(instr, role, f"partition dim {t.shape[0]} exceeds {current().target.pmax}")
+    return t
+
+
+def dma_copy(dst, src, oob_mode=oob_mode.error, dge_mode=dge_mode.unknown, engine=None, priority=None, name=None):
+    """Copy src to dst (HBM<->SBUF, SBUF->SBUF, HBM->HBM); equal element counts; casts through fp32."""
+    instr = "dma_copy"
+    _dma_operand(instr, "src", src)
+    _dma_operand(instr, "dst", dst)
+    if src.size != dst.size:
+        fail(instr, "dst", f"{dst.size} elements do not match src's {src.size} (shapes {dst.shape} <- {src.shape})")
+    mode = globals()["dge_mode"]
+    if dge_mode is mode.hwdge and src.dtype != dst.dtype:
+        fail(instr, "dst", "hardware DGE cannot cast; dtypes must be equal")
+    if priority is not None and current().target.nc_version < 4:
+        fail(instr, "priority", "DMA priority exists only on NeuronCore-v4 (trn3)")
+    oob = globals()["oob_mode"]
+    skip = oob_mode is oob.skip
+    if src.on_chip is False:
+        _hbm_race_check(instr, "src", src, write=False)
+    if skip and src.dyn is not None:
+        # skipped source elements leave the destination untouched
+        idx, valid = src._flat_index(oob_skip=True)
+        vals = np.array(dst._get()).reshape(src.shape).astype(src.dtype)
+        vals[valid] = src.storage.data[idx[valid]]
+    else:
+        vals = src._get()
+    if src.dtype != dst.dtype:
+        vals = vals.astype(np.float64) if _dt.is_int(src.dtype) else vals.astype(_F32)
+    if not dst.on_chip:
+        _hbm_race_check(instr, "dst", dst, write=True)
+    _write(dst, np.asarray(vals).reshape(dst.shape), oob_skip=skip, who=instr)
+    _record(instr, DMA, [src], [dst], bytes=dst.size * dst.dtype.itemsize,
+            dynamic=src.dyn is not None or dst.dyn is not None)
+
+
+def dma_transpose(dst, src, axes=None, dge_mode=dge_mode.unknown, name=None):
+    """dst = src with its axes permuted (default: reversed), by DMA; 2-byte dtypes only."""
+    instr = "dma_transpose"
+    _dma_operand(instr, "src", src)
+    _dma_operand(instr, "dst", dst)
+    if src.dtype.itemsize != 2:
+        fail(instr, "src", f"dtype {_dt.name(src.dtype)} is not a 2-byte dtype; DMA transpose needs bf16/fp16")
+    if dst.dtype != src.dtype:
+        fail(instr, "dst", "dtype must equal src's")
+    nd = len(src.shape)
+    if not 2 <= nd <= 4:
+        fail(instr, "src", f"must be 2-D to 4-D, got {nd}-D")
+    axes = tuple(reversed(range(nd))) if axes is None else tuple(int(a) for a in axes)
+    if sorted(axes) != list(range(nd)):
+        fail(instr, "axes", f"{axes} is not a permutation of {nd} dims")
+    want = tuple(src.shape[a] for a in axes)
+    if dst.shape != want:
+        fail(instr, "dst", f"shape {dst.shape} must be {want} (src {src.shape} permuted by {axes})")
+    if not src.on_chip:
+        _hbm_race_check(instr, "src", src, write=False)
+    if not dst.on_chip:
+        _hbm_race_check(instr, "dst", dst, write=True)
+    _write(dst, np.transpose(src._get(), axes))
+    _record(instr, DMA, [src], [dst], bytes=dst.size * dst.dtype.itemsize, transpose=True,
+            dynamic=src.dyn is not None or dst.dyn is not None)
+
+
+def dma_compute(dst, srcs, reduce_op, scales=None, name=None):
+    """Accumulating DMA: dst = reduce_op over srcs[i] * scales[i] (fp32 inside), e.g. scatter-add."""
+    instr = "dma_compute"
+    _dma_operand(instr, "dst", dst)
+    fn = _ops.get(reduce_op, instr, "reduce_op")
+    if not isinstance(srcs, (list, tuple)) or not srcs:
+        fail(instr, "srcs", "must be a non-empty tuple of tensors")
+    if scales is not None and len(scales) != len(srcs):
+        fail(instr, "scales", f"needs one scale per src ({len(srcs)}), got {len(scales)}")
+    acc = None
+    for i, s in enumerate(srcs):
+        _dma_operand(instr, f"srcs[{i}]", s)
+        if s.size != dst.size:
+            fail(instr, f"srcs[{i}]", f"{s.size} elements do not match dst's {dst.size}")
+        if not s.on_chip:
+            _hbm_race_check(instr, f"srcs[{i}]", s, write=False)
+        v = s._get().astype(_F32).reshape(dst.shape)
+        if scales is not None:
+            v = v * np.float32(scales[i])
+        acc = v if acc is None else fn.apply(acc, v)
+    if not dst.on_chip:
+        t = dst
+        log = t.storage.access_log
+        if log is not None and current().launch.lnc > 1:
+            # the dst is read-modify-written; reading it back is part of the same DMA
+            t._aux_set(log, t._aux_get(log) & ~np.uint8(1 << current().pid))
+        _hbm_race_check(instr, "dst", dst, write=True)
+    _write(dst, acc, who=instr)
+    _record(instr, DMA, list(srcs), [dst], bytes=dst.size * dst.dtype.itemsize * (1 + len(srcs)),
+            dynamic=any(s.dyn is not None for s in srcs) or dst.dyn is not None, compute=fn.name)

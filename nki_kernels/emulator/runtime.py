@@ -1,0 +1,324 @@
+"""Kernel launch, program instances (LNC), allocation and on-chip memory accounting.
+
+A launch `kernel[lnc](*arrays)` runs the kernel body once per program instance (sequentially; each
+instance has its own SBUF, PSUM, accumulator registers and trace, and they share HBM). NumPy arrays
+passed in become shared-HBM tensors; tensors the kernel returns must be shared-HBM allocations and come
+back as NumPy arrays. Inputs the kernel wrote are copied back into the caller's arrays.
+
+SBUF/PSUM accounting follows NKI scoping: a tensor is live while Python holds it, except that a new
+allocation from the very same call stack (the same statement in the next loop iteration) retires the
+previous one, since NKI frees loop-body tensors when the iteration's scope ends.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import sys
+import weakref
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import dtypes as _dt
+from .errors import EmulatorCheckError, fail
+from .targets import Target, get_target
+from .tensor import MemoryRegion, Storage, Tensor, shared_hbm
+from .trace import Trace
+
+_stack: list["Program"] = []
+_EMULATOR_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def current() -> "Program":
+    if not _stack:
+        raise EmulatorCheckError("nki", None, "NKI language/ISA calls are only valid inside a running kernel "
+                                 "(call it through nki.jit / nki.simulate / backend.call)")
+    return _stack[-1]
+
+
+class _Launch:
+    """State shared by the program instances of one launch."""
+
+    def __init__(self, lnc: int, target: Target):
+        self.lnc = lnc
+        self.target = target
+        self.shared_allocs: list[Storage] = []
+
+
+class Program:
+    """One program instance (one NeuronCore under LNC=2)."""
+
+    def __init__(self, pid: int, launch: _Launch, entry_code):
+        self.pid = pid
+        self.launch = launch
+        self.target = launch.target
+        self.trace = Trace(pid, launch.target.name)
+        self.entry_code = entry_code
+        self.sbuf_live = 0
+        self.sbuf_peak = 0
+        self.psum_banks_live = 0
+        self.psum_banks_peak = 0
+        self._sizes: dict[int, tuple] = {}          # sid -> (kind, amount) still counted
+        self._sites: dict[tuple, int] = {}           # call stack -> sid of its latest allocation
+        self.act_regs = np.zeros(launch.target.pmax, dtype=np.float32)
+        self._shared_seen = 0
+
+    # ----------------------------------------------------------------- accounting
+    def _release(self, sid: int):
+        rec = self._sizes.pop(sid, None)
+        if rec is None:
+            return
+        kind, amount = rec
+        if kind == "sbuf":
+            self.sbuf_live -= amount
+        else:
+            self.psum_banks_live -= amount
+
+    def _site(self):
+        """The kernel-side call stack of an allocation (emulator frames skipped)."""
+        key = []
+        f = sys._getframe(1)
+        while f is not None and f.f_code is not self.entry_code:
+            if not f.f_code.co_filename.startswith(_EMULATOR_DIR):
+                key.append((id(f.f_code), f.f_lineno))
+            f = f.f_back
+        return tuple(key)
+
+    def allocate(self, shape, dtype, buffer: MemoryRegion, name: str = "", who: str = "ndarray") -> Tensor:
+        if not isinstance(buffer, MemoryRegion):
+            fail(who, name or None, f"buffer must be one of nl.sbuf, nl.psum, nl.hbm, nl.private_hbm, "
+                 f"nl.shared_hbm (objects, not strings), got {buffer!r}")
+        if isinstance(shape, int):
+            shape = (shape,)
+        shape = tuple(shape)
+        if not shape or any(not isinstance(s, (int, np.integer)) or s <= 0 for s in shape):
+            fail(who, name or None, f"shape must be a non-empty tuple of positive ints, got {shape}")
+        dt = _dt.normalize(dtype)
+        tgt = self.target
+        if buffer.kind == "hbm" and buffer is shared_hbm and self.launch.lnc > 1:
+            return self._shared(shape, dt, name, who)
+        if buffer.on_chip:
+            if shape[0] > tgt.pmax:
+                fail(who, name or None, f"partition dim {shape[0]} exceeds the limit of {tgt.pmax} partitions")
+            per_part = int(np.prod(shape[1:], dtype=np.int64)) * dt.itemsize if len(shape) > 1 else dt.itemsize
+            st = Storage(shape, dt, buffer, name, self.pid)
+            site = self._site()
+            old = self._sites.get(site)
+            if old is not None:
+                self._release(old)       # the previous iteration's tensor went out of scope
+            if buffer.kind == "sbuf":
+                if self.sbuf_live + per_part > tgt.sbuf_bytes_per_partition:
+                    fail(who, name or None, f"SBUF allocation of {per_part} B per partition exceeds capacity: "
+                         f"{self.sbuf_live} B live + {per_part} B > {tgt.sbuf_bytes_per_partition} B per "
+                         f"partition on {tgt.name}")
+                self.sbuf_live += per_part
+                self.sbuf_peak = max(self.sbuf_peak, self.sbuf_live)
+                self._sizes[st.sid] = ("sbuf", per_part)
+            else:
+                total = tgt.psum_bank_bytes * tgt.psum_num_banks
+                if per_part > total:
+                    fail(who, name or None, f"PSUM tensor of {per_part} B per partition exceeds PSUM's "
+                         f"{total} B per partition ({tgt.psum_num_banks} banks x {tgt.psum_bank_bytes} B)")
+                banks = math.ceil(per_part / tgt.psum_bank_bytes)
+                if self.psum_banks_live + banks > tgt.psum_num_banks:
+                    fail(who, name or None, f"PSUM allocation needs {banks} bank(s) but {self.psum_banks_live} "
+                         f"of {tgt.psum_num_banks} banks ({tgt.psum_bank_bytes} B per partition each) are live")
+                self.psum_banks_live += banks
+                self.psum_banks_peak = max(self.psum_banks_peak, self.psum_banks_live)
+                self._sizes[st.sid] = ("psum", banks)
+            self._sites[site] = st.sid
+            weakref.finalize(st, self._release, st.sid)
+            return Tensor.whole(st)
+        st = Storage(shape, dt, buffer, name, self.pid)
+        return Tensor.whole(st)
+
+    def _shared(self, shape, dt, name, who):
+        """Under LNC=2 the k-th shared-HBM allocation of every instance is the same tensor."""
+        k = self._shared_seen
+        self._shared_seen += 1
+        allocs = self.launch.shared_allocs
+        if k < len(allocs):
+            st = allocs[k]
+            if st.shape != tuple(shape) or st.dtype != dt:
+                fail(who, name or None, f"program {self.pid} allocated shared_hbm {shape} {_dt.name(dt)} where "
+                     f"program 0 allocated {st.shape} {_dt.name(st.dtype)}; control flow must be identical "
+                     "on both cores")
+            return Tensor.whole(st)
+        st = Storage(shape, dt, shared_hbm, name, self.pid)
+        st.access_log = np.zeros(st.size, dtype=np.uint8)
+        allocs.append(st)
+        return Tensor.whole(st)
+
+
+# ----------------------------------------------------------------- results
+
+
+@dataclass
+class RunResult:
+    """What one emulated launch produced."""
+    outputs: object                     # numpy array, tuple of arrays, or None
+    traces: list                        # one Trace per program instance
+    target: Target
+    lnc: int
+    sbuf_peak_bytes: list = field(default_factory=list)    # per program, bytes per partition
+    psum_peak_banks: list = field(default_factory=list)
+
+    @property
+    def trace(self) -> Trace:
+        return self.traces[0]
+
+
+_last: list[RunResult] = []
+_recorders: list[list] = []
+
+
+@contextlib.contextmanager
+def record_launches():
+    """Collect the RunResult of every launch made inside the block (the microbench's hook)."""
+    bucket: list = []
+    _recorders.append(bucket)
+    try:
+        yield bucket
+    finally:
+        _recorders.remove(bucket)
+
+
+def last_run() -> RunResult | None:
+    """The RunResult of the most recent launch in this process."""
+    return _last[-1] if _last else None
+
+
+def _to_storage(name: str, arr: np.ndarray, lnc: int) -> Storage:
+    a = np.ascontiguousarray(arr)
+    dt = _dt.normalize(a.dtype)
+    st = Storage(a.shape if a.shape else (1,), dt, shared_hbm, name, 0, data=a.reshape(-1).copy())
+    if lnc > 1:
+        st.access_log = np.zeros(st.size, dtype=np.uint8)
+    return st
+
+
+def _to_numpy(value, who: str):
+    if isinstance(value, Tensor):
+        if value.buffer is not shared_hbm:
+            fail("return", value.name, f"kernel outputs must be allocated with buffer=nl.shared_hbm, "
+                 f"got {value.buffer.name}")
+        return np.array(value._get())
+    if isinstance(value, (tuple, list)):
+        return tuple(_to_numpy(v, who) for v in value)
+    if value is None:
+        return None
+    fail("return", None, f"a kernel returns shared_hbm tensors (or a tuple of them), got {type(value).__name__}")
+
+
+def launch(fn, lnc: int, args, kwargs, target: Target | None = None) -> RunResult:
+    if not isinstance(lnc, (int, np.integer)) or lnc not in (1, 2):
+        fail("launch", None, f"kernel[lnc] takes exactly one number, 1 or 2; got {lnc!r}")
+    tgt = target or get_target()
+    lnc = int(lnc)
+    # Arrays become shared-HBM tensors named after their parameters; other values pass through.
+    import inspect
+    try:
+        params = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        params = []
+    storages, call_args = [], []
+    for i, a in enumerate(args):
+        if isinstance(a, np.ndarray) or (hasattr(a, "__array_interface__") and not np.isscalar(a)):
+            nm = params[i] if i < len(params) else f"arg{i}"
+            st = _to_storage(nm, np.asarray(a), lnc)
+            storages.append((a, st))
+            call_args.append(Tensor.whole(st))
+        else:
+            call_args.append(a)
+    call_kwargs = {}
+    for k, a in kwargs.items():
+        if isinstance(a, np.ndarray):
+            st = _to_storage(k, a, lnc)
+            storages.append((a, st))
+            call_kwargs[k] = Tensor.whole(st)
+        else:
+            call_kwargs[k] = a
+    st_launch = _Launch(lnc, tgt)
+    traces, peaks, banks, returned = [], [], [], None
+    for pid in range(lnc):
+        prog = Program(pid, st_launch, _run_body.__code__)
+        _stack.append(prog)
+        try:
+            result = _run_body(fn, call_args, call_kwargs)
+            _to_numpy(result, fn.__name__)          # validates what the kernel returns
+        finally:
+            _stack.pop()
+        if pid == 0:
+            returned = result
+        traces.append(prog.trace)
+        peaks.append(prog.sbuf_peak)
+        banks.append(prog.psum_banks_peak)
+    outputs = _to_numpy(returned, fn.__name__)    # after every instance has written its part
+    for original, st in storages:
+        if st.modified and isinstance(original, np.ndarray):
+            if not original.flags.writeable:
+                fail("launch", st.name, "the kernel wrote an input array that is read-only")
+            original[...] = st.data.reshape(original.shape)
+    res = RunResult(outputs, traces, tgt, lnc, peaks, banks)
+    _last[:] = [res]
+    for bucket in _recorders:
+        bucket.append(res)
+    return res
+
+
+def _run_body(fn, args, kwargs):
+    return fn(*args, **kwargs)
+
+
+# ----------------------------------------------------------------- jit / simulate
+
+
+class Kernel:
+    """What `nki.jit` returns: call it, or launch it with `kernel[lnc](...)`."""
+
+    def __init__(self, fn, **options):
+        self.fn = fn
+        self.options = options
+        functools.update_wrapper(self, fn)
+
+    def __getitem__(self, lnc):
+        if isinstance(lnc, tuple):
+            fail("launch", None, f"kernel[lnc] takes exactly one number (1 or 2); multi-dimensional grids "
+                 f"{lnc} are not supported")
+        return _Bound(self, lnc)
+
+    def __call__(self, *args, **kwargs):
+        return launch(self.fn, 1, args, kwargs).outputs
+
+
+class _Bound:
+    def __init__(self, kernel: Kernel, lnc):
+        self.kernel = kernel
+        self.lnc = lnc
+
+    def __call__(self, *args, **kwargs):
+        return launch(self.kernel.fn, self.lnc, args, kwargs).outputs
+
+
+def jit(fn=None, **options):
+    """`@nki.jit` (with or without options): the kernel runs on the emulator when called."""
+    if fn is None:
+        return lambda f: Kernel(f, **options)
+    return Kernel(fn, **options)
+
+
+def simulate(kernel):
+    """`nki.simulate(kernel)` or `nki.simulate(kernel[2])`: a callable that runs it on NumPy arrays."""
+    if isinstance(kernel, _Bound):
+        return lambda *a, **k: launch(kernel.kernel.fn, kernel.lnc, a, k).outputs
+    if isinstance(kernel, Kernel):
+        return lambda *a, **k: launch(kernel.fn, 1, a, k).outputs
+    return lambda *a, **k: launch(kernel, 1, a, k).outputs
+
+
+def run(kernel, *args, lnc: int = 1, target: str | None = None, **kwargs) -> RunResult:
+    """Run a kernel and return its RunResult (outputs, per-instance traces, memory peaks)."""
+    fn = kernel.fn if isinstance(kernel, Kernel) else (kernel.kernel.fn if isinstance(kernel, _Bound) else kernel)
+    return launch(fn, lnc, args, kwargs, get_target(target) if target else None)

@@ -1,0 +1,53 @@
+"""The instruction trace: every emulated instruction with its engine and operands.
+
+The trace holds plain metadata (storage ids, shapes, byte counts), never tensors, so it does not keep
+on-chip memory alive and costs little enough to stay on. The cost model reads it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Engines, named as in the NKI docs: TensorE, ScalarE (activation), VectorE, GpSimd, and DMA queues.
+PE, ACT, DVE, POOL, DMA = "pe", "act", "dve", "pool", "dma"
+ENGINES = (PE, ACT, DVE, POOL, DMA)
+
+
+@dataclass(slots=True, frozen=True)
+class Access:
+    """One operand of an instruction."""
+    sid: int            # storage id (unique per allocation within a run)
+    buffer: str         # "sbuf", "psum" or "hbm"
+    dtype: str
+    shape: tuple
+    partitions: int     # shape[0] for on-chip operands, 1 for HBM
+    elems_pp: int       # elements per partition (all elements for HBM)
+    nbytes: int         # bytes touched
+    lo: int             # flat element span touched in the storage: [lo, hi)
+    hi: int
+    contig_bytes: int   # bytes in the innermost contiguous run
+    dynamic: bool       # address depends on runtime values (scalar/vector offset)
+
+
+@dataclass(slots=True)
+class Instr:
+    idx: int
+    name: str
+    engine: str
+    reads: tuple
+    writes: tuple
+    meta: dict = field(default_factory=dict)
+
+
+class Trace(list):
+    """Instructions of one program instance, in program order."""
+
+    def __init__(self, pid: int = 0, target: str = "trn2"):
+        super().__init__()
+        self.pid = pid
+        self.target = target
+
+    def by_engine(self) -> dict:
+        out: dict = {}
+        for ins in self:
+            out.setdefault(ins.engine, []).append(ins)
+        return out

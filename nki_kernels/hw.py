@@ -1,0 +1,14 @@
+"""Hardware limits kernels tile against, as Python ints (in real NKI `nl.tile_size.*` are traced values).
+
+Each constant is named after the limit it respects; figures from ../shared/reference/nki-api.md.
+"""
+P_MAX = 128                      # partitions of SBUF/PSUM; also matmul K (contraction) per instruction
+GEMM_STATIONARY_FMAX = 128       # matmul stationary free size M per instruction
+GEMM_MOVING_FMAX = 512           # matmul moving free size N per instruction (fp32 PSUM result, trn1/trn2)
+PSUM_BANK_BYTES = 2048           # bytes per partition of one PSUM bank
+PSUM_NUM_BANKS = 8               # PSUM banks per partition
+PSUM_FMAX_FP32 = PSUM_BANK_BYTES // 4     # fp32 elements per partition in one bank (= 512)
+PE_TRANSPOSE_MAX = 128           # TensorE transpose: up to 128 x 128
+DVE_TRANSPOSE_MAX = 32           # VectorE transpose: up to 32 x 32
+SBUF_BYTES_PER_PARTITION = {"trn1": 180224, "trn2": 212984, "trn3": 245752}   # usable, [U] in the reference
+NEG_INF = -3.4028235e38          # most negative fp32, the literal NKI kernels use for -inf
