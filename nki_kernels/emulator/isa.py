@@ -565,7 +565,7 @@ def _affine(instr, pattern, offset, channel_multiplier, p, free):
     return vals.reshape(p, free)
 
 
-def affine_select(dst, pattern, channel_multiplier, on_true_tile, on_false_value, cmp_op=None, offset=0, name=None):
+def affine_select(dst, pattern, offset, channel_multiplier, on_true_tile, on_false_value, cmp_op=None, name=None):
     """dst = cmp_op(offset + p*channel_multiplier + sum(step*i), 0) ? on_true_tile : on_false_value."""
     instr = "affine_select"
     from .language import equal
@@ -700,9 +700,11 @@ def dma_transpose(dst, src, axes=None, dge_mode=dge_mode.unknown, name=None):
     nd = len(src.shape)
     if not 2 <= nd <= 4:
         fail(instr, "src", f"must be 2-D to 4-D, got {nd}-D")
-    axes = tuple(reversed(range(nd))) if axes is None else tuple(int(a) for a in axes)
-    if sorted(axes) != list(range(nd)):
-        fail(instr, "axes", f"{axes} is not a permutation of {nd} dims")
+    default_axes = {2: (1, 0), 3: (2, 1, 0), 4: (3, 1, 2, 0)}[nd]
+    axes = default_axes if axes is None else tuple(int(a) for a in axes)
+    if axes != default_axes:
+        fail(instr, "axes", f"{axes} is not supported for a {nd}-D source; DMA transpose supports only "
+             "(1, 0), (2, 1, 0) and (3, 1, 2, 0)")
     want = tuple(src.shape[a] for a in axes)
     if dst.shape != want:
         fail(instr, "dst", f"shape {dst.shape} must be {want} (src {src.shape} permuted by {axes})")
@@ -715,11 +717,27 @@ def dma_transpose(dst, src, axes=None, dge_mode=dge_mode.unknown, name=None):
             dynamic=src.dyn is not None or dst.dyn is not None)
 
 
-def dma_compute(dst, srcs, reduce_op, scales=None, name=None):
-    """Accumulating DMA: dst = reduce_op over srcs[i] * scales[i] (fp32 inside), e.g. scatter-add."""
+def dma_compute(dst, srcs, reduce_op, scales=None, unique_indices=True, oob_mode=oob_mode.error, name=None):
+    """Accumulating DMA: dst = reduce_op over srcs[i] * scales[i] (fp32 inside), e.g. scatter-add.
+
+    As documented for NKI 0.5/0.6: reduce_op must be nl.add and every scale 1.0. With a dynamic (vector_offset)
+    dst, `unique_indices=True` promises the indices are distinct; duplicates are rejected here because the
+    device would lose updates. Pass arguments by keyword (the positional order differs between releases).
+    """
     instr = "dma_compute"
     _dma_operand(instr, "dst", dst)
     fn = _ops.get(reduce_op, instr, "reduce_op")
+    if fn.name != "add":
+        fail(instr, "reduce_op", f"only nl.add is supported by the DMA compute engines, got {fn!r}")
+    if scales is not None and any(float(x) != 1.0 for x in scales):
+        fail(instr, "scales", f"every scale must be 1.0 (documented restriction), got {list(scales)}")
+    if dst.dyn is not None and dst.dyn.vector is not None and unique_indices:
+        idx = dst.dyn.vector._get().reshape(-1)
+        if oob_mode is globals()["oob_mode"].skip:
+            idx = idx[(idx >= 0)]
+        if np.unique(idx).size != idx.size:
+            fail(instr, "dst", "vector_offset indices repeat while unique_indices=True; duplicate scatter-add "
+                 "targets lose updates on the device (pass unique_indices=False or deduplicate)")
     if not isinstance(srcs, (list, tuple)) or not srcs:
         fail(instr, "srcs", "must be a non-empty tuple of tensors")
     if scales is not None and len(scales) != len(srcs):
@@ -731,7 +749,13 @@ def dma_compute(dst, srcs, reduce_op, scales=None, name=None):
             fail(instr, f"srcs[{i}]", f"{s.size} elements do not match dst's {dst.size}")
         if not s.on_chip:
             _hbm_race_check(instr, f"srcs[{i}]", s, write=False)
-        v = s._get().astype(_F32).reshape(dst.shape)
+        if s.dyn is not None and oob_mode is globals()["oob_mode"].skip:
+            idx, valid = s._flat_index(oob_skip=True)
+            v = np.zeros(s.shape, dtype=_F32)
+            v[valid] = s.storage.data[idx[valid]].astype(_F32)
+            v = v.reshape(dst.shape)
+        else:
+            v = s._get().astype(_F32).reshape(dst.shape)
         if scales is not None:
             v = v * np.float32(scales[i])
         acc = v if acc is None else fn.apply(acc, v)
@@ -742,6 +766,6 @@ def dma_compute(dst, srcs, reduce_op, scales=None, name=None):
             # the dst is read-modify-written; reading it back is part of the same DMA
             t._aux_set(log, t._aux_get(log) & ~np.uint8(1 << current().pid))
         _hbm_race_check(instr, "dst", dst, write=True)
-    _write(dst, acc, who=instr)
+    _write(dst, acc, oob_skip=oob_mode is globals()["oob_mode"].skip, who=instr)
     _record(instr, DMA, list(srcs), [dst], bytes=dst.size * dst.dtype.itemsize * (1 + len(srcs)),
             dynamic=any(s.dyn is not None for s in srcs) or dst.dyn is not None, compute=fn.name)
