@@ -9,6 +9,7 @@ when an instruction uses the view, which is how gathers, scatters and data-depen
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -118,7 +119,7 @@ class Tensor:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
     @property
     def name(self) -> str:
@@ -135,9 +136,9 @@ class Tensor:
     @property
     def free_size(self) -> int:
         """Elements per partition."""
-        if not self.on_chip:
-            return self.size
-        return int(np.prod(self.shape[1:], dtype=np.int64)) if len(self.shape) > 1 else 1
+        if not self.storage.buffer.on_chip:
+            return math.prod(self.shape)
+        return math.prod(self.shape[1:])
 
     def get_pattern(self):
         return [[st, n] for st, n in zip(self.strides, self.shape)]
@@ -319,7 +320,8 @@ class Tensor:
     def _np_view(self, arr: np.ndarray) -> np.ndarray:
         """The static view applied to any flat array shaped like the storage."""
         item = arr.itemsize
-        return as_strided(arr[self.offset:], self.shape, tuple(s * item for s in self.strides))
+        return np.ndarray(self.shape, arr.dtype, buffer=arr, offset=self.offset * item,
+                          strides=tuple(s * item for s in self.strides))
 
     def _get(self) -> np.ndarray:
         if self.dyn is None:

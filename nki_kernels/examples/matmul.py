@@ -7,8 +7,6 @@ Dimensions:
 """
 from __future__ import annotations
 
-import numpy as np
-
 from ..backend import call, nki, nisa, nl
 from ..hw import GEMM_MOVING_FMAX, GEMM_STATIONARY_FMAX, P_MAX
 from ..validation import kernel_check
@@ -90,7 +88,3 @@ def tiled_matmul(lhsT, rhs, lnc: int = 1):
     kernel_check(lnc in (1, 2), f"tiled_matmul: lnc must be 1 or 2, got lnc={lnc}")
     return call(tiled_matmul_kernel, lhsT, rhs, lnc=lnc)
 
-
-def tiled_matmul_reference(lhsT, rhs):
-    """float64 NumPy: lhsT.T @ rhs."""
-    return np.asarray(lhsT, dtype=np.float64).T @ np.asarray(rhs, dtype=np.float64)

@@ -1,0 +1,92 @@
+"""RMSNorm: out[r, :] = x[r, :] * rsqrt(mean_h(x[r, h]^2) + eps) * weight, fp32 statistics.
+
+Dimensions:
+    R: rows (tokens, any count), tiled by P_MAX (128) rows on the partitions.
+    H: hidden size (normalised axis), whole row in SBUF, 1 <= H <= _MAX_H.
+"""
+from __future__ import annotations
+
+from ..backend import call, nki, nisa, nl
+from ..hw import P_MAX
+from ..validation import kernel_check
+
+# ---- constraints
+# weight tile + x tile + output tile (<= 4 B/elem each) must fit one SBUF partition (212984 B on trn2,
+# 180224 B on trn1): 3 * 4 B * 16384 = 196608 B.
+_MAX_H = 16384
+_FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@nki.jit
+def rmsnorm_kernel(x, weight, eps):
+    """RMSNorm over the last dim, 128 rows per tile; the weight is broadcast to all partitions once.
+
+    Dimensions:
+        R rows, H hidden.
+    Args:
+        x: [R, H] @ HBM, fp32/bf16/fp16.
+        weight: [H] @ HBM, x's dtype.
+        eps: float, trace-time constant added to the mean square.
+    Returns:
+        out: [R, H] @ HBM, x's dtype.
+    Constraints:
+        H <= _MAX_H (16384); under LNC=2 program p handles the row tiles i_r with i_r % 2 == p.
+    Pseudocode:
+        w_sb[p, :] = weight for every partition p        # one DMA, partition stride 0
+        for each 128-row tile t:
+            ss = sum_h t^2                               # ScalarE activation(square) with reduce, fp32
+            rstd = rsqrt(ss / H + eps)                   # VectorE tensor_scalar, ScalarE rsqrt
+            out_tile = (t * rstd) * w_sb                 # VectorE scalar_tensor_tensor
+    """
+    n_rows, hidden = x.shape
+    out = nl.ndarray((n_rows, hidden), dtype=x.dtype, buffer=nl.shared_hbm)
+    n_tiles = (n_rows + P_MAX - 1) // P_MAX
+    pid = nl.program_id(0)
+    n_prog = nl.num_programs(0)
+    rows_here = min(P_MAX, n_rows)
+    # Broadcast weight [H] across partitions: an access pattern whose partition stride is 0.
+    w_sb = nl.ndarray((P_MAX, hidden), dtype=weight.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=w_sb[0:rows_here, :], src=weight.ap(pattern=[[0, rows_here], [1, hidden]], offset=0))
+    inv_hidden = 1.0 / hidden
+    for i_r in nl.affine_range(n_tiles):
+        if i_r % n_prog != pid:
+            continue
+        r0 = i_r * P_MAX
+        r_sz = min(P_MAX, n_rows - r0)
+        _rmsnorm_tile(x, w_sb, out, r0, r_sz, hidden, inv_hidden, eps)
+    return out
+
+
+def _rmsnorm_tile(x, w_sb, out, r0, r_sz, hidden, inv_hidden, eps):
+    """RMSNorm of rows [r0, r0 + r_sz) (r_sz <= 128) from HBM to HBM."""
+    x_sb = nl.ndarray((P_MAX, hidden), dtype=x.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=x_sb[0:r_sz, :], src=x[r0:r0 + r_sz, :])
+    out_sb = nl.ndarray((P_MAX, hidden), dtype=x.dtype, buffer=nl.sbuf)
+    sum_sq_sb = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+    # The squares land in out_sb as scratch (overwritten below); the row sums accumulate in fp32.
+    nisa.activation_reduce(dst=out_sb[0:r_sz, :], op=nl.square, data=x_sb[0:r_sz, :], reduce_op=nl.add,
+                           reduce_res=sum_sq_sb[0:r_sz, :])
+    rstd_sb = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=rstd_sb[0:r_sz, :], data=sum_sq_sb[0:r_sz, :], op0=nl.multiply, operand0=inv_hidden,
+                       op1=nl.add, operand1=eps)
+    nisa.activation(dst=rstd_sb[0:r_sz, :], op=nl.rsqrt, data=rstd_sb[0:r_sz, :])
+    nisa.scalar_tensor_tensor(dst=out_sb[0:r_sz, :], data=x_sb[0:r_sz, :], op0=nl.multiply,
+                              operand0=rstd_sb[0:r_sz, :], op1=nl.multiply, operand1=w_sb[0:r_sz, :])
+    nisa.dma_copy(dst=out[r0:r0 + r_sz, :], src=out_sb[0:r_sz, :])
+
+
+def rmsnorm(x, weight, eps: float = 1e-6, lnc: int = 1):
+    """RMSNorm of x [R, H] with weight [H] (same dtype). NumPy or torch in, the same kind out."""
+    kernel_check(getattr(x, "ndim", 0) == 2, f"rmsnorm: x must be 2-D [R, H], got x.shape={tuple(x.shape)}")
+    kernel_check(getattr(weight, "ndim", 0) == 1 and weight.shape[0] == x.shape[1],
+                 f"rmsnorm: weight must be [H] with H = x.shape[1] = {x.shape[1]}, "
+                 f"got weight.shape={tuple(weight.shape)}")
+    kernel_check(str(x.dtype).replace("torch.", "") in _FLOAT_DTYPES,
+                 f"rmsnorm: dtype must be one of {_FLOAT_DTYPES}, got x.dtype={x.dtype}")
+    kernel_check(weight.dtype == x.dtype, f"rmsnorm: weight dtype must equal x's, got weight.dtype={weight.dtype}, "
+                 f"x.dtype={x.dtype}")
+    kernel_check(1 <= x.shape[1] <= _MAX_H, f"rmsnorm: H must be in [1, {_MAX_H}], got H={x.shape[1]}")
+    kernel_check(x.shape[0] >= 1, f"rmsnorm: R must be >= 1, got R={x.shape[0]}")
+    kernel_check(isinstance(eps, (int, float)) and eps > 0, f"rmsnorm: eps must be a positive float, got eps={eps}")
+    kernel_check(lnc in (1, 2), f"rmsnorm: lnc must be 1 or 2, got lnc={lnc}")
+    return call(rmsnorm_kernel, x, weight, float(eps), lnc=lnc)
