@@ -25,6 +25,14 @@ import numpy as np
 
 from ._common import kernel_input, to_torch
 
+
+def _accepts(fn, name):
+    import inspect
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
 ATTN_KEY = "nki_kernels"
 # Most new tokens per sequence the decode kernel takes (speculative decoding window, issue 4).
 _DECODE_MAX_NEW_TOKENS = 8
@@ -71,14 +79,15 @@ class AttentionHook:
     def __init__(self, kernels, stats):
         self.kernels = kernels
         self.stats = stats
+        self.fuse_gate = _accepts(kernels.get("flash_attention"), "gate")
 
     # -- the two kernel entry points, in BHSD -------------------------------------------------------------
     def _prefill(self, q, k, v, scale, valid_lens=None, gate=None):
         fn = self.kernels.get("flash_attention")
         be = self.kernels.backend
-        kw = dict(causal=True, scale=float(scale))
+        kw = dict(causal=True, softmax_scale=float(scale))
         if valid_lens is not None:
-            kw["valid_lens"] = kernel_input(valid_lens, be) if be == "reference" else valid_lens
+            kw["seq_lens"] = kernel_input(valid_lens, be)
         if gate is not None:
             kw["gate"] = kernel_input(gate, be)
         out = fn(kernel_input(q, be), kernel_input(k, be), kernel_input(v, be), **kw)
@@ -86,14 +95,19 @@ class AttentionHook:
         return to_torch(out, like=q)
 
     def _decode(self, q, k, v, scale, cache_lens, gate=None):
+        import torch
         fn = self.kernels.get("flash_attention_decode")
         be = self.kernels.backend
-        kw = dict(scale=float(scale))
-        if gate is not None:
+        kw = dict(softmax_scale=float(scale))
+        fused = gate is not None and _accepts(fn, "gate")
+        if fused:
             kw["gate"] = kernel_input(gate, be)
         out = fn(kernel_input(q, be), kernel_input(k, be), kernel_input(v, be), kernel_input(cache_lens, be), **kw)
         self.stats.called("flash_attention_decode")
-        return to_torch(out, like=q)
+        out = to_torch(out, like=q)
+        if gate is not None and not fused:   # the decode kernel has no gate input: the model's own op
+            out = out * torch.sigmoid(gate.to(out.dtype))
+        return out
 
     def _run(self, q, k, v, scale, valid_lens=None, gate=None):
         """q [b,Hq,sq,D], k/v [b,Hkv,skv,D] -> [b,Hq,sq,D], queries are the last sq positions of the keys."""

@@ -539,7 +539,7 @@ def memset(dst, value, engine=engine.unknown, name=None):
     _record(instr, eng, [], [dst])
 
 
-def iota(dst, pattern, offset=0, channel_multiplier=0, name=None):
+def iota(dst, pattern, offset, channel_multiplier=0, name=None):
     """dst[p, i...] = offset + p * channel_multiplier + sum(step_j * i_j) on GpSimd (SBUF only)."""
     instr = "iota"
     _onchip(instr, "dst", dst, allow=("sbuf",))
@@ -642,7 +642,7 @@ def _hbm_race_check(instr, role, t: Tensor, write: bool):
     conflict = (seen & ((1 << other) | (4 << other))) if write else (seen & (4 << other))
     if np.any(conflict):
         what = "writes" if write else "reads"
-        fail(instr, role, f"program {pid} {what} shared-HBM elements of '{t.name}' that program {other} "
+        fail(instr, role, f"program {pid} {what} shared-HBM elements of '{t.name or 'output'}' that program {other} "
              "also accesses (written by one core, used by the other) with no synchronisation")
     t._aux_or(log, np.uint8((4 << pid) if write else (1 << pid)))
 
@@ -678,7 +678,7 @@ def dma_copy(dst, src, oob_mode=oob_mode.error, dge_mode=dge_mode.unknown, engin
         vals = np.array(dst._get()).reshape(src.shape).astype(src.dtype)
         vals[valid] = src.storage.data[idx[valid]]
     else:
-        vals = src._get()
+        vals = src._get(who=instr)
     if src.dtype != dst.dtype:
         vals = vals.astype(np.float64) if _dt.is_int(src.dtype) else vals.astype(_F32)
     if not dst.on_chip:
@@ -712,7 +712,7 @@ def dma_transpose(dst, src, axes=None, dge_mode=dge_mode.unknown, name=None):
         _hbm_race_check(instr, "src", src, write=False)
     if not dst.on_chip:
         _hbm_race_check(instr, "dst", dst, write=True)
-    _write(dst, np.transpose(src._get(), axes))
+    _write(dst, np.transpose(src._get(who=instr), axes))
     _record(instr, DMA, [src], [dst], bytes=dst.size * dst.dtype.itemsize, transpose=True,
             dynamic=src.dyn is not None or dst.dyn is not None)
 
@@ -755,7 +755,7 @@ def dma_compute(dst, srcs, reduce_op, scales=None, unique_indices=True, oob_mode
             v[valid] = s.storage.data[idx[valid]].astype(_F32)
             v = v.reshape(dst.shape)
         else:
-            v = s._get().astype(_F32).reshape(dst.shape)
+            v = s._get(who=instr).astype(_F32).reshape(dst.shape)
         if scales is not None:
             v = v * np.float32(scales[i])
         acc = v if acc is None else fn.apply(acc, v)

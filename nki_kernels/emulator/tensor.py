@@ -323,10 +323,10 @@ class Tensor:
         return np.ndarray(self.shape, arr.dtype, buffer=arr, offset=self.offset * item,
                           strides=tuple(s * item for s in self.strides))
 
-    def _get(self) -> np.ndarray:
+    def _get(self, who: str = "access") -> np.ndarray:
         if self.dyn is None:
             return self._np_view(self.storage.data)
-        idx, _ = self._flat_index()
+        idx, _ = self._flat_index(who=who)
         return self.storage.data[idx]
 
     def _put(self, values, oob_skip=False, who="write"):

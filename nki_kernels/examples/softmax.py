@@ -11,15 +11,16 @@ from ..hw import P_MAX
 from ..validation import kernel_check
 
 # ---- constraints
-# x tile (<= 4 B/elem) + fp32 exp tile + output tile must fit one SBUF partition (212984 B on trn2,
-# 180224 B on trn1): 3 * 4 B * 16384 = 196608 B.
+# Whole rows live in SBUF: one tile of 4 B x 16384 = 64 KiB per partition (fp32), leaving room for the next
+# iteration's tile on every target (180224 B per partition on trn1); also within the 64K elements per
+# partition one instruction may read.
 _MAX_C = 16384
 _FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @nki.jit
 def softmax_kernel(x):
-    """Softmax over the last dim of a 2-D tensor, one 128-row tile at a time.
+    """Softmax over the last dim of a 2-D tensor, one 128-row tile at a time, in place in SBUF.
 
     Dimensions:
         R rows, C columns (softmax axis).
@@ -30,10 +31,11 @@ def softmax_kernel(x):
     Constraints:
         C <= _MAX_C (16384); under LNC=2 program p handles the row tiles i_r with i_r % 2 == p.
     Pseudocode:
-        for each 128-row tile t:
+        for each 128-row tile t (allocated per iteration, so consecutive tiles overlap):
             neg_max = -max_c(t)                          # VectorE tensor_reduce(negate=True), fp32
-            e, row_sum = exp(t + neg_max), sum_c(e)      # ScalarE activation with reduce, fp32
-            out_tile = e * (1 / row_sum)                 # VectorE reciprocal + tensor_scalar
+            t, row_sum = exp(t + neg_max), sum_c(exp)    # ScalarE activation, fp32 reduce, in place
+            inv = 1 / row_sum                            # VectorE reciprocal
+            t *= inv                                     # VectorE first half of C, ScalarE second half
     """
     n_rows, n_cols = x.shape
     out = nl.ndarray((n_rows, n_cols), dtype=x.dtype, buffer=nl.shared_hbm)
@@ -50,21 +52,26 @@ def softmax_kernel(x):
 
 
 def _softmax_tile(x, out, r0, r_sz, n_cols):
-    """Softmax of rows [r0, r0 + r_sz) (r_sz <= 128) from HBM to HBM."""
+    """Softmax of rows [r0, r0 + r_sz) (r_sz <= 128) from HBM to HBM, in place in one SBUF tile."""
     x_sb = nl.ndarray((P_MAX, n_cols), dtype=x.dtype, buffer=nl.sbuf)
     nisa.dma_copy(dst=x_sb[0:r_sz, :], src=x[r0:r0 + r_sz, :])
     neg_max_sb = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.tensor_reduce(dst=neg_max_sb[0:r_sz, :], op=nl.maximum, data=x_sb[0:r_sz, :], axis=1, negate=True)
-    exp_sb = nl.ndarray((P_MAX, n_cols), dtype=nl.float32, buffer=nl.sbuf)
+    # exp(x - max) overwrites the tile; the row sum accumulates in fp32 before any rounding to x's dtype.
     row_sum_sb = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.activation_reduce(dst=exp_sb[0:r_sz, :], op=nl.exp, data=x_sb[0:r_sz, :], reduce_op=nl.add,
+    nisa.activation_reduce(dst=x_sb[0:r_sz, :], op=nl.exp, data=x_sb[0:r_sz, :], reduce_op=nl.add,
                            reduce_res=row_sum_sb[0:r_sz, :], bias=neg_max_sb[0:r_sz, :])
     inv_sum_sb = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.reciprocal(dst=inv_sum_sb[0:r_sz, :], data=row_sum_sb[0:r_sz, :])
-    out_sb = nl.ndarray((P_MAX, n_cols), dtype=x.dtype, buffer=nl.sbuf)
-    nisa.tensor_scalar(dst=out_sb[0:r_sz, :], data=exp_sb[0:r_sz, :], op0=nl.multiply,
+    # Normalise: VectorE scales the first half of the columns, ScalarE the second half, so the two engines
+    # share the work (ScalarE already ran the exp pass) and neither outlasts the tile's DMAs.
+    c_split = (n_cols + 1) // 2
+    nisa.tensor_scalar(dst=x_sb[0:r_sz, 0:c_split], data=x_sb[0:r_sz, 0:c_split], op0=nl.multiply,
                        operand0=inv_sum_sb[0:r_sz, :])
-    nisa.dma_copy(dst=out[r0:r0 + r_sz, :], src=out_sb[0:r_sz, :])
+    if c_split < n_cols:
+        nisa.activation(dst=x_sb[0:r_sz, c_split:n_cols], op=nl.copy, data=x_sb[0:r_sz, c_split:n_cols],
+                        scale=inv_sum_sb[0:r_sz, :])
+    nisa.dma_copy(dst=out[r0:r0 + r_sz, :], src=x_sb[0:r_sz, :])
 
 
 def softmax(x, lnc: int = 1):

@@ -1,0 +1,293 @@
+"""Gated DeltaNet hook: replaces the module-level functions every GDN modeling module looks up at call time.
+
+transformers' GDN layers call four module globals of their modeling file (shared/reference/transformers.md
+section 4): `torch_chunk_gated_delta_rule` (prefill), `torch_recurrent_gated_delta_rule` (one cached token),
+`causal_conv1d_fn` (prefill conv) and `causal_conv1d_update` (decode conv, updates the `[B, C, K]` conv state in
+place). We assign our dispatchers to these names in EVERY `transformers.models.*.modeling_*` file that defines
+them (pitfall P5) and put the originals back on restore.
+
+The module globals are process-wide, but the patch is per model: `patch()` wraps the forward of each GDN layer
+of the patched model so that, while it runs, a context variable names the hook to use. Outside a patched
+layer (a stock model in the same process) the dispatchers call the original functions.
+
+States stay where transformers keeps them: the recurrent state `[B, Hv, Dk, Dv]` fp32 and the conv state
+`[B, conv_dim, K]` live in the model's cache object; the model reads them, passes them to these functions and
+stores what they return (`update_recurrent_state`, in-place conv update), so generate() works unchanged.
+"""
+from __future__ import annotations
+
+import contextvars
+import importlib
+import os
+import threading
+
+import numpy as np
+
+from ._common import kernel_input, to_torch
+
+FUNCTION_NAMES = ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule",
+                  "causal_conv1d_fn", "causal_conv1d_update")
+
+# Chunk sizes the chunked kernel takes (issue 5); transformers asks for 64.
+_CHUNK_SIZES = (64, 128)
+
+_ACTIVE = contextvars.ContextVar("nki_kernels_gdn_hook", default=None)
+_LOCK = threading.Lock()
+_INSTALLED: dict[str, dict[str, object]] = {}   # module name -> {function name: original}
+_REFCOUNT = [0]
+
+
+def gdn_modules():
+    """Names of the transformers modeling modules that define the gated-delta-rule functions (found by reading
+    the source files, so no unrelated model gets imported)."""
+    import transformers
+    root = os.path.join(os.path.dirname(transformers.__file__), "models")
+    names = []
+    for fam in sorted(os.listdir(root)):
+        path = os.path.join(root, fam, f"modeling_{fam}.py")
+        if not os.path.isfile(path):
+            continue
+        with open(path, encoding="utf-8") as f:
+            src = f.read()
+        if "def torch_chunk_gated_delta_rule" in src and "def torch_recurrent_gated_delta_rule" in src:
+            names.append(f"transformers.models.{fam}.modeling_{fam}")
+    return names
+
+
+def _original(fn_name, module_name):
+    return _INSTALLED[module_name][fn_name]
+
+
+def _make_dispatchers(module_name):
+    """Four functions with the stock signatures (explicit names, pitfall P3) bound to one modeling module."""
+
+    def torch_chunk_gated_delta_rule(query, key, value, g, beta, chunk_size=64, initial_state=None,
+                                     output_final_state=False, use_qk_l2norm_in_kernel=False, cu_seqlens=None,
+                                     **kwargs):
+        hook = _ACTIVE.get()
+        orig = _original("torch_chunk_gated_delta_rule", module_name)
+        if hook is not None:
+            out = hook.chunk(query, key, value, g, beta, chunk_size, initial_state, output_final_state,
+                             use_qk_l2norm_in_kernel, cu_seqlens, kwargs)
+            if out is not None:
+                return out
+        if cu_seqlens is not None:
+            kwargs["cu_seqlens"] = cu_seqlens
+        return orig(query, key, value, g=g, beta=beta, chunk_size=chunk_size, initial_state=initial_state,
+                    output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **kwargs)
+
+    def torch_recurrent_gated_delta_rule(query, key, value, g, beta, initial_state=None, output_final_state=False,
+                                         use_qk_l2norm_in_kernel=False, cu_seqlens=None, **kwargs):
+        hook = _ACTIVE.get()
+        orig = _original("torch_recurrent_gated_delta_rule", module_name)
+        if hook is not None:
+            out = hook.step(query, key, value, g, beta, initial_state, output_final_state,
+                            use_qk_l2norm_in_kernel, cu_seqlens, kwargs)
+            if out is not None:
+                return out
+        if cu_seqlens is not None:
+            kwargs["cu_seqlens"] = cu_seqlens
+        return orig(query, key, value, g=g, beta=beta, initial_state=initial_state,
+                    output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **kwargs)
+
+    def causal_conv1d_fn(hidden_states, weight, bias=None, activation=None, **kwargs):
+        hook = _ACTIVE.get()
+        if hook is not None:
+            out = hook.conv(hidden_states, weight, bias, activation, kwargs)
+            if out is not None:
+                return out
+        return _original("causal_conv1d_fn", module_name)(hidden_states, weight, bias, activation, **kwargs)
+
+    def causal_conv1d_update(hidden_states, conv_state, weight, bias=None, activation=None, **kwargs):
+        hook = _ACTIVE.get()
+        if hook is not None:
+            out = hook.conv_update(hidden_states, conv_state, weight, bias, activation, kwargs)
+            if out is not None:
+                return out
+        return _original("causal_conv1d_update", module_name)(hidden_states, conv_state, weight, bias, activation,
+                                                              **kwargs)
+
+    fns = dict(torch_chunk_gated_delta_rule=torch_chunk_gated_delta_rule,
+               torch_recurrent_gated_delta_rule=torch_recurrent_gated_delta_rule,
+               causal_conv1d_fn=causal_conv1d_fn, causal_conv1d_update=causal_conv1d_update)
+    for f in fns.values():
+        f._nki_kernels_dispatcher = True
+    return fns
+
+
+def install():
+    """Assign the dispatchers in every GDN modeling module (reference counted: nested patches are harmless)."""
+    with _LOCK:
+        _REFCOUNT[0] += 1
+        if _REFCOUNT[0] > 1:
+            return
+        for name in gdn_modules():
+            mod = importlib.import_module(name)
+            originals = {fn: getattr(mod, fn) for fn in FUNCTION_NAMES if hasattr(mod, fn)}
+            _INSTALLED[name] = originals
+            for fn, disp in _make_dispatchers(name).items():
+                if fn in originals:
+                    setattr(mod, fn, disp)
+
+
+def uninstall():
+    """Put the original functions back once the last active patch is restored."""
+    with _LOCK:
+        if _REFCOUNT[0] == 0:
+            return
+        _REFCOUNT[0] -= 1
+        if _REFCOUNT[0] > 0:
+            return
+        for name, originals in _INSTALLED.items():
+            mod = importlib.import_module(name)
+            for fn, orig in originals.items():
+                setattr(mod, fn, orig)
+        _INSTALLED.clear()
+
+
+def originals():
+    """{module name: {function name: original}} while installed (for tests)."""
+    return {k: dict(v) for k, v in _INSTALLED.items()}
+
+
+def wrap_layer_forward(layer, hook):
+    """Instance-level forward that activates `hook` for the duration of this GDN layer's forward."""
+    stock = layer.forward
+
+    def forward(*args, **kwargs):
+        token = _ACTIVE.set(hook)
+        try:
+            return stock(*args, **kwargs)
+        finally:
+            _ACTIVE.reset(token)
+
+    forward._nki_kernels_wrapper = True
+    layer.forward = forward
+
+
+class DeltaNetHook:
+    """Runs the gated-delta-rule and conv kernels on the tensors transformers hands over."""
+
+    def __init__(self, kernels, stats):
+        self.kernels = kernels
+        self.stats = stats
+
+    def _k(self, name, hook_name):
+        fn = self.kernels.get(name)
+        if fn is None:
+            self.stats.fell_back(hook_name, f"{name} not available")
+        return fn
+
+    # prefill ------------------------------------------------------------------------------------------------
+    def chunk(self, query, key, value, g, beta, chunk_size, initial_state, output_final_state, l2norm, cu_seqlens,
+              kwargs):
+        import torch
+        if cu_seqlens is not None:
+            self.stats.fell_back("deltanet", "packed (varlen) sequences")
+            return None
+        fn = self._k("gated_delta_rule", "deltanet")
+        if fn is None:
+            return None
+        be = self.kernels.backend
+        B, T, Hk, Dk = key.shape
+        Hv, Dv = value.shape[-2:]
+        init = None
+        if initial_state is not None:
+            init = initial_state.to(torch.float32)
+        o, final = fn(kernel_input(query, be), kernel_input(key, be), kernel_input(value, be),
+                      kernel_input(g.to(torch.float32), be), kernel_input(beta, be),
+                      chunk_size=chunk_size if chunk_size in _CHUNK_SIZES else _CHUNK_SIZES[0],
+                      initial_state=None if init is None else kernel_input(init, be), output_final_state=True,
+                      use_qk_l2norm_in_kernel=bool(l2norm))
+        self.stats.called("gated_delta_rule")
+        o = to_torch(o, like=query)
+        final = to_torch(final, dtype=torch.float32) if output_final_state else None
+        return o, final
+
+    # decode step --------------------------------------------------------------------------------------------
+    def step(self, query, key, value, g, beta, initial_state, output_final_state, l2norm, cu_seqlens, kwargs):
+        import torch
+        if cu_seqlens is not None:
+            self.stats.fell_back("deltanet", "packed (varlen) sequences")
+            return None
+        fn = self._k("gated_delta_rule_step", "deltanet")
+        if fn is None:
+            return None
+        be = self.kernels.backend
+        B = key.shape[0]
+        Hv, Dv = value.shape[-2:]
+        Dk = key.shape[-1]
+        if initial_state is None:
+            pool = torch.zeros((B, Hv, Dk, Dv), dtype=torch.float32)
+        else:
+            pool = initial_state.detach().to(torch.float32).clone().contiguous()
+        slots = torch.arange(B, dtype=torch.int32)
+        if be == "reference":
+            pool_np = pool.numpy().astype(np.float64)
+            o = fn(kernel_input(query, be), kernel_input(key, be), kernel_input(value, be),
+                   kernel_input(g.to(torch.float32), be), kernel_input(beta, be), pool_np, slots.numpy(),
+                   use_qk_l2norm_in_kernel=bool(l2norm))
+            if isinstance(o, tuple):
+                o, pool_np = o[0], o[1] if o[1] is not None and np.shape(o[1]) == pool_np.shape else pool_np
+            pool = torch.from_numpy(np.asarray(pool_np, dtype=np.float32))
+        else:
+            o = fn(query.contiguous(), key.contiguous(), value.contiguous(), g.to(torch.float32).contiguous(),
+                   beta.contiguous(), pool, slots, use_qk_l2norm_in_kernel=bool(l2norm))
+            if isinstance(o, tuple):
+                o = o[0]
+        self.stats.called("gated_delta_rule_step")
+        return to_torch(o, like=query), (pool if output_final_state else None)
+
+    # conv ---------------------------------------------------------------------------------------------------
+    def _conv_supported(self, bias, activation):
+        if bias is not None:
+            return "conv1d with bias"
+        if activation not in ("silu", "swish", None):
+            return f"conv1d activation {activation!r}"
+        return None
+
+    def conv(self, x, weight, bias, activation, kwargs):
+        why = self._conv_supported(bias, activation)
+        if why is None and (kwargs.get("seq_idx") is not None or kwargs.get("cu_seq_lens_q") is not None):
+            why = "packed (varlen) sequences"
+        if why is not None:
+            self.stats.fell_back("conv1d", why)
+            return None
+        fn = self._k("causal_conv1d", "conv1d")
+        if fn is None:
+            return None
+        be = self.kernels.backend
+        y = fn(kernel_input(x, be), kernel_input(weight.detach().to(x.dtype), be),
+               activation=None if activation is None else "silu")
+        if isinstance(y, tuple):
+            y = y[0]
+        self.stats.called("causal_conv1d")
+        return to_torch(y, like=x)
+
+    def conv_update(self, x, conv_state, weight, bias, activation, kwargs):
+        import torch
+        why = self._conv_supported(bias, activation)
+        if why is not None:
+            self.stats.fell_back("conv1d", why)
+            return None
+        fn = self._k("causal_conv1d_update", "conv1d")
+        if fn is None:
+            return None
+        be = self.kernels.backend
+        state = conv_state.detach().clone().contiguous()
+        if be == "reference":
+            st = state.float().numpy().astype(np.float64)
+            res = fn(kernel_input(x, be), st, kernel_input(weight.detach(), be),
+                     activation=None if activation is None else "silu")
+        else:
+            st = state
+            res = fn(x.contiguous(), st, weight.detach().to(x.dtype).contiguous(),
+                     activation=None if activation is None else "silu")
+        if isinstance(res, tuple):
+            y, new_state = res[0], res[1]
+        else:
+            y, new_state = res, st
+        with torch.no_grad():
+            conv_state.copy_(to_torch(new_state, like=conv_state))
+        self.stats.called("causal_conv1d_update")
+        return to_torch(y, like=x)

@@ -1,0 +1,68 @@
+"""Demo: a tiny random-weight Qwen3.5-MoE, patched with our kernels, generating; prints the kernels that ran.
+
+    python -m integration.transformers.demo [--backend emulator|reference|nki] [--new-tokens 8]
+
+Builds the model from a config (no download), runs greedy generate() stock and patched on a left-padded batch
+of two prompts, and prints the kernel launch counts, any fallbacks, and the max |difference| of the logits
+and whether the generated tokens are identical.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backend", default="emulator", choices=("emulator", "reference", "nki"))
+    ap.add_argument("--new-tokens", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from integration.transformers import patch, tiny
+
+    torch.manual_seed(args.seed)
+    model = tiny.qwen3_5_moe(seed=args.seed)
+    cfg = model.config
+    print(f"tiny Qwen3.5-MoE: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, "
+          f"{cfg.num_hidden_layers} layers {cfg.layer_types}, hidden {cfg.hidden_size}, "
+          f"attention {cfg.num_attention_heads}q/{cfg.num_key_value_heads}kv x {cfg.head_dim}, "
+          f"GDN Hk={cfg.linear_num_key_heads} Hv={cfg.linear_num_value_heads}, "
+          f"{cfg.num_experts} experts top-{cfg.num_experts_per_tok} + shared")
+
+    g = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(2, cfg.vocab_size, (2, 12), generator=g)
+    am = torch.ones_like(ids)
+    am[1, :4] = 0                                   # the second prompt is 4 tokens shorter, left-padded
+    ids = ids.masked_fill(am == 0, 0)
+    gen = dict(attention_mask=am, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        stock_logits = model(input_ids=ids, attention_mask=am).logits
+        stock_tokens = model.generate(ids, **gen)
+        t_stock = time.perf_counter() - t0
+        with patch(model, backend=args.backend) as handle:
+            t0 = time.perf_counter()
+            logits = model(input_ids=ids, attention_mask=am).logits
+            tokens = model.generate(ids, **gen)
+            t_patched = time.perf_counter() - t0
+
+    valid = am.bool()
+    diff = float((logits - stock_logits)[valid].abs().max())
+    print(handle.report())
+    print(f"prefill logits: max |patched - stock| = {diff:.3e} over non-padding positions "
+          f"(logit rms {float(stock_logits[valid].pow(2).mean().sqrt()):.3f})")
+    print(f"greedy generate ({args.new_tokens} new tokens, batch 2, left padding): "
+          f"{'identical tokens' if torch.equal(tokens, stock_tokens) else 'DIFFERENT tokens'}")
+    print(f"  stock:   {stock_tokens[:, ids.shape[1]:].tolist()}")
+    print(f"  patched: {tokens[:, ids.shape[1]:].tolist()}")
+    print(f"wall time on this CPU: stock {t_stock:.2f} s, patched ({args.backend}) {t_patched:.2f} s "
+          "(the emulator executes every NKI instruction in NumPy; this is not a performance number)")
+    return 0 if torch.equal(tokens, stock_tokens) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

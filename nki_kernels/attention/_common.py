@@ -1,0 +1,95 @@
+"""Shared tiling constants and small on-chip steps of the attention kernels (prefill and decode).
+
+Everything here runs inside a kernel: real NKI API only (`nl`, `nisa` from the backend).
+"""
+from __future__ import annotations
+
+from ..backend import nisa, nl
+from ..hw import GEMM_MOVING_FMAX, P_MAX, PSUM_BANK_BYTES
+
+# ---------------------------------------------------------------- constraints
+MAX_HEAD_DIM = 2 * P_MAX          # D limit: the QK contraction is tiled in at most two 128-row chunks and
+#                                   the [128, D] fp32 PV result must fit one 2 KiB PSUM bank (D <= 512)
+FLOAT_DTYPES = ("bfloat16", "float16", "float32")
+
+# ---------------------------------------------------------------- tile sizes
+D_CHUNK = P_MAX                   # head-dim rows per QK matmul (contraction on the partitions)
+K_CHUNK = P_MAX                   # keys per PV matmul (contraction on the partitions) / per P transpose
+MM_KEYS = GEMM_MOVING_FMAX        # keys per QK matmul (moving free size, one fp32 PSUM bank)
+KV_BLOCK = 4 * GEMM_MOVING_FMAX   # keys per softmax block: 4 PSUM banks of fp32 scores, one max/exp each
+MASK_BIAS = -1.0e30               # added to masked logits: far below any finite logit, and still finite
+#                                   after the softmax scale (no -inf, no fp32 overflow when added to a logit)
+
+
+def n_tiles(total, tile):
+    return (total + tile - 1) // tile
+
+
+def is_two_byte(dtype) -> bool:
+    """bf16/fp16 tiles can be transposed by DMA; fp32 tiles go through the TensorE (PE) transpose."""
+    return nl.bfloat16 == dtype or nl.float16 == dtype
+
+
+def pe_transpose_group(dtype) -> int:
+    """How many 128-wide PE transposes of `dtype` fit one PSUM bank side by side."""
+    itemsize = 4 if nl.float32 == dtype else 2
+    return PSUM_BANK_BYTES // (P_MAX * itemsize)
+
+
+def load_transposed(dst_sb, src_hbm, rows, cols, dtype):
+    """dst_sb[0:cols, 0:rows] = src_hbm[rows, cols].T, for cols <= 128.
+
+    2-byte dtypes: one DMA transpose. fp32: natural-layout DMA into SBUF, then PE transposes of
+    128-row pieces through PSUM.
+    """
+    if is_two_byte(dtype):
+        nisa.dma_transpose(dst=dst_sb[0:cols, 0:rows], src=src_hbm)
+        return
+    for r0 in range(0, rows, P_MAX):
+        rn = min(P_MAX, rows - r0)
+        nat_sb = nl.ndarray((P_MAX, cols), dtype=dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=nat_sb[0:rn, 0:cols], src=src_hbm[r0:r0 + rn, 0:cols])
+        tp_psum = nl.ndarray((P_MAX, P_MAX), dtype=dtype, buffer=nl.psum)
+        nisa.nc_transpose(dst=tp_psum[0:cols, 0:rn], data=nat_sb[0:rn, 0:cols])
+        nisa.tensor_copy(dst=dst_sb[0:cols, r0:r0 + rn], src=tp_psum[0:cols, 0:rn])
+
+
+def transpose_probs(pT_sb, p_sb, rows, keys, dtype):
+    """pT_sb[0:128, c, 0:rows] = p_sb[0:rows, c*128:(c+1)*128].T for every 128-key chunk c of `keys`.
+
+    2-byte dtypes: one SBUF->SBUF DMA transpose for the full chunks (+1 for a partial last chunk),
+    keeping the TensorE free for matmuls. fp32: PE transposes, several per PSUM bank, one eviction each.
+    """
+    n_full = keys // K_CHUNK
+    rem = keys - n_full * K_CHUNK
+    if is_two_byte(dtype):
+        if n_full:
+            src = p_sb[0:rows, 0:n_full * K_CHUNK].reshape((rows, n_full, K_CHUNK))
+            nisa.dma_transpose(dst=pT_sb[0:K_CHUNK, 0:n_full, 0:rows], src=src)
+        if rem:
+            nisa.dma_transpose(dst=pT_sb[0:rem, n_full, 0:rows],
+                               src=p_sb[0:rows, n_full * K_CHUNK:keys])
+        return
+    group = pe_transpose_group(dtype)
+    n_chunks = n_full + (1 if rem else 0)
+    for c0 in range(0, n_chunks, group):
+        cg = min(group, n_chunks - c0)
+        tp_psum = nl.ndarray((P_MAX, group, P_MAX), dtype=dtype, buffer=nl.psum)
+        for i_c in range(cg):
+            c = c0 + i_c
+            cn = min(K_CHUNK, keys - c * K_CHUNK)
+            nisa.nc_transpose(dst=tp_psum[0:cn, i_c, 0:rows], data=p_sb[0:rows, c * K_CHUNK:c * K_CHUNK + cn])
+        full = min(cg, n_full - c0) if c0 < n_full else 0
+        if full:
+            nisa.tensor_copy(dst=pT_sb[0:K_CHUNK, c0:c0 + full, 0:rows], src=tp_psum[0:K_CHUNK, 0:full, 0:rows])
+        if full < cg:   # the partial last chunk
+            nisa.tensor_copy(dst=pT_sb[0:rem, c0 + full, 0:rows], src=tp_psum[0:rem, full, 0:rows])
+
+
+def load_len_broadcast(lens_hbm, b, parts):
+    """A (parts, 1) fp32 tile holding lens_hbm[b] on every partition (partition-stride-0 DMA)."""
+    len_i = nl.ndarray((parts, 1), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=len_i, src=lens_hbm.ap(pattern=[[0, parts], [1, 1]], offset=b))
+    len_f = nl.ndarray((parts, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=len_f, src=len_i)
+    return len_f

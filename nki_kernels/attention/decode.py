@@ -1,0 +1,251 @@
+"""Flash attention decode (token generation) for head_dim up to 256 over a BHSD KV cache, GQA, Sq <= 8 new tokens.
+
+Convention: `cache_lens[b]` counts the valid cache positions of sequence b *including* the Sq new tokens, which
+the caller has already written to the cache at positions cache_lens[b] - Sq .. cache_lens[b] - 1 (as vLLM /
+NxDI do before attention). New token i sits at position cache_lens[b] - Sq + i and, with causal=True, sees keys
+j <= cache_lens[b] - Sq + i; keys >= cache_lens[b] are never attended.
+
+Loop nest (per program instance):
+
+    rows r = g * Sq + i of one KV-head group (G query heads x Sq tokens) share one set of tiles
+    for each (b, kv head) this core owns:
+        Q^T [D, R] (DMA transpose); per-row key limit from cache_lens[b] (runtime data)
+        for each key section (4096 keys):
+            K^T [D, sec] (DMA transpose) and V [sec, D] streamed in 2048-key DMAs
+            S = Q K^T (4-bank PSUM blocks) + length/causal bias -> SBUF [R, sec]
+            m = rowmax S; P = exp(scale*(S - m)) with row sums; P^T by DMA transpose; PV in one PSUM bank
+            combine with previous sections (online softmax)
+        out = O / l
+"""
+from __future__ import annotations
+
+from ..backend import call, nki, nisa, nl
+from ..hw import P_MAX
+from ..validation import kernel_check
+from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, KV_BLOCK, MASK_BIAS, MAX_HEAD_DIM, MM_KEYS, load_len_broadcast,
+                      load_transposed, n_tiles, transpose_probs)
+from .prefill import _as_int32_lens, _check_scale, _dtype_name, _shape
+
+MAX_NEW_TOKENS = 8                # Sq limit (speculative decoding); G * Sq rows must fit the 128 partitions
+_SECTION = 2 * KV_BLOCK           # keys per softmax section: S [R, 4096] fp32 + K^T, V of the section in SBUF
+_KV_LOAD_KEYS = KV_BLOCK          # keys per K^T / V DMA (>= 2 KiB per partition for bf16, D=256)
+
+
+def _owner(b, kvh, n_kv, n_prog):
+    return (b * n_kv + kvh) % n_prog
+
+
+@nki.jit
+def flash_attention_decode_kernel(q, k_cache, v_cache, cache_lens, softmax_scale, causal):
+    """Decode attention: out = softmax(scale * Q K^T + mask) V over the valid part of a KV cache.
+
+    Dimensions:
+        B batch, Hq query heads, Hkv KV heads (Hq % Hkv == 0, (Hq / Hkv) * Sq <= 128), Sq new tokens (1..8),
+        S cache capacity (S_max), D head dim (1..256).
+    Args:
+        q: [B, Hq, Sq, D] @ HBM, bf16/fp16/fp32.
+        k_cache: [B, Hkv, S, D] @ HBM, q's dtype (new tokens already written).
+        v_cache: [B, Hkv, S, D] @ HBM, q's dtype.
+        cache_lens: [B] int32 @ HBM, Sq <= cache_lens[b] <= S (runtime data: masks, not loop bounds).
+        softmax_scale: float (trace-time). causal: bool (trace-time), causal among the new tokens.
+    Returns:
+        out: [B, Hq, Sq, D] @ HBM, q's dtype.
+    Constraints:
+        D <= MAX_HEAD_DIM; Sq <= MAX_NEW_TOKENS; (Hq / Hkv) * Sq <= 128. Cache positions >= cache_lens[b]
+        must hold finite values (they are masked, but 0 * NaN is NaN in the PV matmul).
+    Pseudocode:
+        for b, kvh: rows r = (g, i); limit_r = len_b - Sq + i (causal) or len_b - 1
+            for section: S = Q K^T + MASK * [j > limit_r]; m' = max(m, rowmax S); P = exp(scale (S - m'))
+                         l = l e^(scale (m - m')) + rowsum P; O = O e^(scale (m - m')) + P V
+            out = O / l
+    """
+    n_b, n_hq, sq, d = q.shape
+    n_kv, s_max = k_cache.shape[1], k_cache.shape[2]
+    group = n_hq // n_kv
+    rows = group * sq
+    dtype = q.dtype
+    out = nl.ndarray((n_b, n_hq, sq, d), dtype=dtype, buffer=nl.shared_hbm)
+    pid = nl.program_id(0)
+    n_prog = nl.num_programs(0)
+    n_d = n_tiles(d, D_CHUNK)
+    sec_len = min(_SECTION, s_max)
+    row_tok = _row_token_index(rows, sq, group)          # i(r) = r mod Sq, fp32 (rows, 1)
+    key_pos = nl.ndarray((P_MAX, _SECTION), dtype=nl.int32, buffer=nl.sbuf)   # 0..sec-1 on every row
+    nisa.iota(key_pos[0:rows, 0:sec_len], pattern=[[1, sec_len]], offset=0, channel_multiplier=0)
+    for b in nl.static_range(n_b):
+        for kvh in nl.static_range(n_kv):
+            if _owner(b, kvh, n_kv, n_prog) != pid:
+                continue
+            h0 = kvh * group
+            len_f = load_len_broadcast(cache_lens, b, rows)
+            limit = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)   # last visible key per row
+            if causal:
+                nisa.tensor_scalar(dst=limit[0:rows], data=row_tok[0:rows], op0=nl.add, operand0=len_f[0:rows],
+                                   op1=nl.add, operand1=float(-sq))
+            else:
+                nisa.tensor_scalar(dst=limit[0:rows], data=len_f[0:rows], op0=nl.add, operand0=-1.0)
+            qT_sb = nl.ndarray((P_MAX, n_d, P_MAX), dtype=dtype, buffer=nl.sbuf)
+            for i_d in range(n_d):
+                d0 = i_d * D_CHUNK
+                dn = min(D_CHUNK, d - d0)
+                src = q[b, h0:h0 + group, 0:sq, d0:d0 + dn].reshape((rows, dn))
+                load_transposed(qT_sb[0:dn, i_d, 0:rows], src, rows, dn, dtype)
+            o_acc = nl.ndarray((P_MAX, d), dtype=nl.float32, buffer=nl.sbuf)
+            l_sb = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+            m_a = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+            m_b = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+            m_run = (m_a, m_b)
+            for i_sec, s0 in enumerate(range(0, s_max, _SECTION)):
+                sn = min(_SECTION, s_max - s0)
+                _section(k_cache, v_cache, qT_sb, key_pos, limit, o_acc, l_sb, m_run, b, kvh, s0, sn, i_sec,
+                         rows, d, n_d, dtype, softmax_scale)
+            inv_l = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.reciprocal(dst=inv_l[0:rows], data=l_sb[0:rows])
+            o_sb = nl.ndarray((P_MAX, d), dtype=dtype, buffer=nl.sbuf)
+            nisa.tensor_scalar(dst=o_sb[0:rows, 0:d], data=o_acc[0:rows, 0:d], op0=nl.multiply,
+                               operand0=inv_l[0:rows])
+            nisa.dma_copy(dst=out[b, h0:h0 + group, 0:sq, 0:d].reshape((rows, d)), src=o_sb[0:rows, 0:d])
+    return out
+
+
+def _row_token_index(rows, sq, group):
+    """(rows, 1) fp32 holding i(r) = r mod Sq for rows r = g * Sq + i, from iota and compares (no modulo op)."""
+    r_i = nl.ndarray((P_MAX, 1), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.iota(r_i[0:rows], pattern=[[1, 1]], offset=0, channel_multiplier=1)
+    r_f = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=r_f[0:rows], src=r_i[0:rows])
+    if group == 1:
+        return r_f
+    # g(r) = #{t in 1..G-1 : r - t*Sq >= 0}
+    diff_i = nl.ndarray((P_MAX, group - 1), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.iota(diff_i[0:rows], pattern=[[-sq, group - 1]], offset=-sq, channel_multiplier=1)
+    ge_f = nl.ndarray((P_MAX, group - 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=ge_f[0:rows], data=diff_i[0:rows], op0=nl.greater_equal, operand0=0.0)
+    g_f = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_reduce(dst=g_f[0:rows], op=nl.add, data=ge_f[0:rows], axis=1)
+    tok_f = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.scalar_tensor_tensor(dst=tok_f[0:rows], data=g_f[0:rows], op0=nl.multiply, operand0=float(-sq),
+                              op1=nl.add, operand1=r_f[0:rows])
+    return tok_f
+
+
+def _section(k_cache, v_cache, qT_sb, key_pos, limit, o_acc, l_sb, m_run, b, kvh, s0, sn, i_sec, rows, d, n_d,
+             dtype, softmax_scale):
+    """One key section [s0, s0 + sn): scores, masked softmax statistics and PV, merged into (o_acc, l, m)."""
+    n_c = n_tiles(sn, K_CHUNK)
+    kT_sb = nl.ndarray((P_MAX, n_d, _SECTION), dtype=dtype, buffer=nl.sbuf)
+    v_sb = nl.ndarray((P_MAX, _SECTION // K_CHUNK, d), dtype=dtype, buffer=nl.sbuf)
+    for j0 in range(0, sn, _KV_LOAD_KEYS):
+        jn = min(_KV_LOAD_KEYS, sn - j0)
+        for i_d in range(n_d):
+            d0 = i_d * D_CHUNK
+            dn = min(D_CHUNK, d - d0)
+            load_transposed(kT_sb[0:dn, i_d, j0:j0 + jn], k_cache[b, kvh, s0 + j0:s0 + j0 + jn, d0:d0 + dn],
+                            jn, dn, dtype)
+        c0 = j0 // K_CHUNK
+        full = jn // K_CHUNK
+        if full:
+            src = v_cache[b, kvh, s0 + j0:s0 + j0 + full * K_CHUNK, 0:d].reshape((full, K_CHUNK, d))
+            nisa.dma_copy(dst=v_sb[0:K_CHUNK, c0:c0 + full, 0:d], src=src.permute((1, 0, 2)))
+        rem = jn - full * K_CHUNK
+        if rem:
+            nisa.dma_copy(dst=v_sb[0:rem, c0 + full, 0:d],
+                          src=v_cache[b, kvh, s0 + j0 + full * K_CHUNK:s0 + j0 + jn, 0:d])
+    # ---- S + bias in SBUF: bias = MASK_BIAS where (s0 + j) > limit_r
+    local_limit = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=local_limit[0:rows], data=limit[0:rows], op0=nl.add, operand0=float(-s0))
+    s_sb = nl.ndarray((P_MAX, _SECTION), dtype=nl.float32, buffer=nl.sbuf)
+    for k0 in range(0, sn, KV_BLOCK):
+        kn = min(KV_BLOCK, sn - k0)
+        s_psum = nl.ndarray((P_MAX, KV_BLOCK), dtype=nl.float32, buffer=nl.psum)
+        for j0 in range(0, kn, MM_KEYS):
+            jn = min(MM_KEYS, kn - j0)
+            for i_d in range(n_d):
+                dn = min(D_CHUNK, d - i_d * D_CHUNK)
+                nisa.nc_matmul(s_psum[0:rows, j0:j0 + jn], qT_sb[0:dn, i_d, 0:rows],
+                               kT_sb[0:dn, i_d, k0 + j0:k0 + j0 + jn], accumulate=i_d > 0)
+        bias_sb = nl.ndarray((P_MAX, KV_BLOCK), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_scalar(dst=bias_sb[0:rows, 0:kn], data=key_pos[0:rows, k0:k0 + kn], op0=nl.greater,
+                           operand0=local_limit[0:rows], op1=nl.multiply, operand1=MASK_BIAS,
+                           engine=nisa.engine.gpsimd)
+        nisa.tensor_tensor(dst=s_sb[0:rows, k0:k0 + kn], data1=s_psum[0:rows, 0:kn], data2=bias_sb[0:rows, 0:kn],
+                           op=nl.add)
+    # ---- softmax statistics for the section, merged with the previous sections
+    first = i_sec == 0
+    m_old = m_run[i_sec % 2]
+    m_new = m_run[(i_sec + 1) % 2]
+    if first:
+        nisa.tensor_reduce(dst=m_new[0:rows], op=nl.maximum, data=s_sb[0:rows, 0:sn], axis=1)
+    else:
+        m_sec = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_reduce(dst=m_sec[0:rows], op=nl.maximum, data=s_sb[0:rows, 0:sn], axis=1)
+        nisa.tensor_tensor(dst=m_new[0:rows], data1=m_old[0:rows], data2=m_sec[0:rows], op=nl.maximum)
+    neg_m = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=neg_m[0:rows], data=m_new[0:rows], op0=nl.multiply, operand0=-softmax_scale)
+    p_sb = nl.ndarray((P_MAX, _SECTION), dtype=dtype, buffer=nl.sbuf)
+    row_sum = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.activation(dst=p_sb[0:rows, 0:sn], op=nl.exp, data=s_sb[0:rows, 0:sn], bias=neg_m[0:rows],
+                    scale=softmax_scale, reduce_op=nl.add, reduce_res=row_sum[0:rows],
+                    reduce_cmd=nisa.reduce_cmd.reset_reduce)
+    pT_sb = nl.ndarray((P_MAX, _SECTION // K_CHUNK, P_MAX), dtype=dtype, buffer=nl.sbuf)
+    transpose_probs(pT_sb, p_sb, rows, sn, dtype)
+    pv_psum = nl.ndarray((P_MAX, d), dtype=nl.float32, buffer=nl.psum)
+    for i_c in range(n_c):
+        cn = min(K_CHUNK, sn - i_c * K_CHUNK)
+        nisa.nc_matmul(pv_psum[0:rows, 0:d], pT_sb[0:cn, i_c, 0:rows], v_sb[0:cn, i_c, 0:d], accumulate=i_c > 0)
+    if first:
+        nisa.tensor_copy(dst=o_acc[0:rows, 0:d], src=pv_psum[0:rows, 0:d])
+        nisa.tensor_copy(dst=l_sb[0:rows], src=row_sum[0:rows])
+    else:
+        alpha = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.activation(dst=alpha[0:rows], op=nl.exp, data=m_old[0:rows], bias=neg_m[0:rows], scale=softmax_scale)
+        nisa.scalar_tensor_tensor(dst=o_acc[0:rows, 0:d], data=o_acc[0:rows, 0:d], op0=nl.multiply,
+                                  operand0=alpha[0:rows], op1=nl.add, operand1=pv_psum[0:rows, 0:d])
+        nisa.scalar_tensor_tensor(dst=l_sb[0:rows], data=l_sb[0:rows], op0=nl.multiply, operand0=alpha[0:rows],
+                                  op1=nl.add, operand1=row_sum[0:rows])
+
+
+# ============================================================================ host wrapper
+
+
+def flash_attention_decode(q, k_cache, v_cache, cache_lens, causal=True, softmax_scale=None, lnc=1):
+    """Decode attention over a BHSD KV cache (GQA, 1..8 new tokens, D <= 256).
+
+    Args:
+        q: [B, Hq, Sq, D] bf16/fp16/fp32 (Sq <= 8), NumPy or torch CPU.
+        k_cache, v_cache: [B, Hkv, S, D], q's dtype; the Sq new tokens already written at
+            positions cache_lens[b] - Sq .. cache_lens[b] - 1.
+        cache_lens: [B] integers in [Sq, S]: valid positions per sequence, new tokens included.
+        causal: new token i sees keys <= cache_lens[b] - Sq + i (else all keys < cache_lens[b]).
+        softmax_scale: default D ** -0.5, must be > 0.
+        lnc: 1 or 2 (program instances split the (b, KV head) pairs).
+    Returns:
+        out: [B, Hq, Sq, D], q's dtype.
+    """
+    name = "flash_attention_decode"
+    kernel_check(getattr(q, "ndim", 0) == 4, f"{name}: q must be 4-D [B, Hq, Sq, D], got q.shape={_shape(q)}")
+    kernel_check(getattr(k_cache, "ndim", 0) == 4 and getattr(v_cache, "ndim", 0) == 4,
+                 f"{name}: caches must be 4-D [B, Hkv, S, D], got k_cache.shape={_shape(k_cache)}, "
+                 f"v_cache.shape={_shape(v_cache)}")
+    n_b, n_hq, sq, d = _shape(q)
+    kernel_check(_shape(k_cache) == _shape(v_cache), f"{name}: k_cache and v_cache shapes differ, got "
+                 f"{_shape(k_cache)} and {_shape(v_cache)}")
+    kb, n_kv, s_max, kd = _shape(k_cache)
+    kernel_check(kb == n_b, f"{name}: batch differs, got q B={n_b}, k_cache B={kb}")
+    kernel_check(kd == d, f"{name}: head dim differs, got q D={d}, k_cache D={kd}")
+    kernel_check(1 <= d <= MAX_HEAD_DIM, f"{name}: head dim D must be in [1, {MAX_HEAD_DIM}], got D={d}")
+    kernel_check(n_kv >= 1 and n_hq % n_kv == 0,
+                 f"{name}: Hq must be a multiple of Hkv, got Hq={n_hq}, Hkv={n_kv}")
+    kernel_check(1 <= sq <= MAX_NEW_TOKENS, f"{name}: Sq (new tokens) must be in [1, {MAX_NEW_TOKENS}], got Sq={sq}")
+    kernel_check((n_hq // max(n_kv, 1)) * sq <= P_MAX,
+                 f"{name}: (Hq / Hkv) * Sq rows must be <= {P_MAX}, got {n_hq // max(n_kv, 1)} * {sq}")
+    kernel_check(sq <= s_max, f"{name}: Sq must be <= the cache length S, got Sq={sq}, S={s_max}")
+    kernel_check(_dtype_name(q) in FLOAT_DTYPES, f"{name}: dtype must be one of {FLOAT_DTYPES}, got "
+                 f"q.dtype={q.dtype}")
+    kernel_check(q.dtype == k_cache.dtype == v_cache.dtype,
+                 f"{name}: q, k_cache, v_cache dtypes differ, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    lens = _as_int32_lens(name, "cache_lens", cache_lens, n_b, sq, s_max)
+    scale = _check_scale(name, softmax_scale, d)
+    kernel_check(isinstance(causal, bool), f"{name}: causal must be a bool, got causal={causal!r}")
+    kernel_check(lnc in (1, 2), f"{name}: lnc must be 1 or 2, got lnc={lnc}")
+    return call(flash_attention_decode_kernel, q, k_cache, v_cache, lens, scale, causal, lnc=lnc)

@@ -1,0 +1,438 @@
+"""Flash attention prefill (context encoding) for head_dim up to 256, BHSD in and out, GQA without KV copies.
+
+Loop nest (per program instance; see docs/kernels/attention.md for the memory plan):
+
+    for each (b, kv head) this core owns:
+        K^T [D, Skv] and V [Skv, D] -> SBUF once (K transposed by DMA on load)
+        for each query head of the group, each 128-row query tile:
+            Q^T tile [D, 128] (DMA transpose)
+            for each 2048-key block not entirely above the diagonal (skipped at trace time):
+                S = Q K^T   (PSUM, 4 banks; D contracted in 128-row chunks)
+                mask (runtime valid lengths: additive bias; diagonal block: affine_select)
+                online softmax: m, alpha, P = exp(scale*S - scale*m) with its row sum
+                P^T by DMA transpose; O = alpha*O + P V (PV accumulated in one PSUM bank)
+            out = O / l (padded query rows: 0), optionally * sigmoid(gate)
+"""
+from __future__ import annotations
+
+import math
+
+from ..backend import call, nki, nisa, nl
+from ..hw import P_MAX
+from ..validation import kernel_check
+from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, KV_BLOCK, MASK_BIAS, MAX_HEAD_DIM, MM_KEYS,
+                      is_two_byte, load_len_broadcast, load_transposed, n_tiles, transpose_probs)
+
+_Q_TILE = P_MAX                   # query rows per tile (partitions of S, O)
+_BLOCK_2BYTE = 2 * MM_KEYS        # keys per softmax block for bf16/fp16: S of one stream = 2 PSUM banks
+_BLOCK_FP32 = MM_KEYS             # keys per softmax block for fp32 (its PE transposes need more PSUM)
+_N_STREAMS = 2                    # query tiles processed in lockstep (PSUM: 2 x 2 banks of S, 2 of PV, 1 of P^T)
+_PE_T_CHUNKS = 2                  # 128-key chunks of P per block transposed on the PE; the rest by DMA transpose
+#                                   (balances TensorE time against the DMA queues' transpose bandwidth)
+_RING = 3                         # pipeline depth of the P / P^T buffers (PV runs two blocks behind QK)
+_KV_LOAD_KEYS = 2048              # keys per K^T / V load DMA: >= 2 KiB per partition for bf16 K^T pieces
+_SBUF_KV_BUDGET = 128 * 1024      # bytes per partition for the resident K^T + V (+ length bias) of one KV head;
+#                                   leaves ~80 KiB of the 208 KiB trn2 partition for per-tile working tiles
+
+
+def kv_resident_bytes(skv: int, d: int, itemsize: int, with_lens: bool) -> int:
+    """Bytes per partition the kernel keeps resident for one KV head (K^T, V, key-length bias)."""
+    kt = n_tiles(d, D_CHUNK) * skv * itemsize
+    vv = n_tiles(skv, K_CHUNK) * d * itemsize
+    bias = skv * 2 if with_lens else 0
+    return kt + vv + bias
+
+
+def _owner(b, kvh, g, i_q, n_kv, n_q_tiles, n_b, n_prog):
+    """Which program instance computes (b, kv head, q head of the group, q tile)."""
+    if n_prog == 1:
+        return 0
+    if (n_b * n_kv) % n_prog == 0:                 # whole KV heads per core: no duplicated K/V loads
+        return (b * n_kv + kvh) % n_prog
+    return (g * n_q_tiles + i_q) % n_prog          # else interleave query tiles (balanced under causal)
+
+
+@nki.jit
+def flash_attention_kernel(q, k, v, gate, seq_lens, softmax_scale, causal):
+    """Flash attention forward: out = softmax(scale * Q K^T + mask) V, optionally * sigmoid(gate).
+
+    Dimensions:
+        B batch, Hq query heads, Hkv KV heads (Hq % Hkv == 0), Sq queries, Skv keys (Skv >= Sq; the queries
+        are the last Sq positions), D head dim (1..256).
+    Args:
+        q: [B, Hq, Sq, D] @ HBM, bf16/fp16/fp32.
+        k: [B, Hkv, Skv, D] @ HBM, q's dtype.
+        v: [B, Hkv, Skv, D] @ HBM, q's dtype.
+        gate: [B, Hq, Sq, D] @ HBM or None: output gate, out * sigmoid(gate).
+        seq_lens: [B] int32 @ HBM or None: valid length of each sequence in key positions (0..Skv); keys
+            at positions >= seq_lens[b] are never attended, query rows at positions >= seq_lens[b] give 0.
+        softmax_scale: float (trace-time).
+        causal: bool (trace-time); bottom-right aligned: query i may see key j iff j <= Skv - Sq + i.
+    Returns:
+        out: [B, Hq, Sq, D] @ HBM, q's dtype.
+    Constraints:
+        D <= MAX_HEAD_DIM (256); resident K^T + V of one KV head <= _SBUF_KV_BUDGET bytes per partition.
+    Pseudocode:
+        for b, kvh: load K^T, V; for waves of _N_STREAMS (q head, q tile) pairs, in lockstep over key blocks:
+            S = Q K^T + bias; m' = max(m, rowmax S); P = exp(scale (S - m')); alpha = exp(scale (m - m'))
+            l = l alpha + rowsum P; O = O alpha + P V          (PV two blocks behind the scores: pipelined)
+            out = O / l * valid_q (* sigmoid(gate))
+    """
+    n_b, n_hq, sq, d = q.shape
+    n_kv, skv = k.shape[1], k.shape[2]
+    group = n_hq // n_kv
+    dtype = q.dtype
+    out = nl.ndarray((n_b, n_hq, sq, d), dtype=dtype, buffer=nl.shared_hbm)
+    pid = nl.program_id(0)
+    n_prog = nl.num_programs(0)
+    n_q_tiles = n_tiles(sq, _Q_TILE)
+    n_d = n_tiles(d, D_CHUNK)
+    for b in nl.static_range(n_b):
+        for kvh in nl.static_range(n_kv):
+            work = [(g, i_q) for i_q in range(n_q_tiles) for g in range(group)
+                    if _owner(b, kvh, g, i_q, n_kv, n_q_tiles, n_b, n_prog) == pid]
+            if not work:
+                continue
+            kT_sb, v_sb = _load_kv(k, v, b, kvh, skv, d, n_d, dtype)
+            len_f = None
+            klen_bias = None
+            if seq_lens is not None:
+                len_f = load_len_broadcast(seq_lens, b, P_MAX)
+                klen_bias = _key_length_bias(len_f, skv)
+            for w0 in range(0, len(work), _N_STREAMS):
+                wave = [_Stream(kvh * group + g, i_q * _Q_TILE, sq, skv, causal, _block_keys(dtype))
+                        for g, i_q in work[w0:w0 + _N_STREAMS]]
+                _attend_wave(q, gate, out, kT_sb, v_sb, len_f, klen_bias, b, wave, d, n_d, dtype,
+                             softmax_scale, causal)
+    return out
+
+
+class _Stream:
+    """Trace-time bookkeeping of one (query head, 128-row query tile) in a wave."""
+
+    def __init__(self, h, q0, sq, skv, causal, block):
+        self.h = h
+        self.q0 = q0
+        self.qn = min(_Q_TILE, sq - q0)
+        self.qa0 = skv - sq + q0                                    # absolute position of the first query
+        self.k_end = min(skv, self.qa0 + self.qn) if causal else skv  # later keys: above the diagonal
+        self.n_blk = n_tiles(self.k_end, block)
+
+    def keys(self, j, block):
+        return min(block, self.k_end - j * block)
+
+
+def _block_keys(dtype):
+    return _BLOCK_2BYTE if is_two_byte(dtype) else _BLOCK_FP32
+
+
+def _load_kv(k, v, b, kvh, skv, d, n_d, dtype):
+    """K^T [128(d), n_d, Skv] and V [128(keys), n_chunks, D] of one KV head, in SBUF."""
+    n_kc = n_tiles(skv, K_CHUNK)
+    kT_sb = nl.ndarray((P_MAX, n_d, skv), dtype=dtype, buffer=nl.sbuf)
+    v_sb = nl.ndarray((P_MAX, n_kc, d), dtype=dtype, buffer=nl.sbuf)
+    for s0 in range(0, skv, _KV_LOAD_KEYS):
+        sn = min(_KV_LOAD_KEYS, skv - s0)
+        for i_d in range(n_d):
+            d0 = i_d * D_CHUNK
+            dn = min(D_CHUNK, d - d0)
+            load_transposed(kT_sb[0:dn, i_d, s0:s0 + sn], k[b, kvh, s0:s0 + sn, d0:d0 + dn], sn, dn, dtype)
+        c0 = s0 // K_CHUNK
+        full = sn // K_CHUNK
+        if full:
+            src = v[b, kvh, s0:s0 + full * K_CHUNK, 0:d].reshape((full, K_CHUNK, d)).permute((1, 0, 2))
+            nisa.dma_copy(dst=v_sb[0:K_CHUNK, c0:c0 + full, 0:d], src=src)
+        rem = sn - full * K_CHUNK
+        if rem:
+            nisa.dma_copy(dst=v_sb[0:rem, c0 + full, 0:d], src=v[b, kvh, s0 + full * K_CHUNK:s0 + sn, 0:d])
+    return kT_sb, v_sb
+
+
+def _key_length_bias(len_f, skv):
+    """[128, Skv] bf16: 0 where key position < seq_len, MASK_BIAS beyond (same on every partition). GpSimd."""
+    bias_sb = nl.ndarray((P_MAX, skv), dtype=nl.bfloat16, buffer=nl.sbuf)
+    for s0 in range(0, skv, KV_BLOCK):
+        sn = min(KV_BLOCK, skv - s0)
+        pos_sb = nl.ndarray((P_MAX, KV_BLOCK), dtype=nl.int32, buffer=nl.sbuf)
+        nisa.iota(pos_sb[:, 0:sn], pattern=[[1, sn]], offset=s0, channel_multiplier=0)
+        nisa.tensor_scalar(dst=bias_sb[:, s0:s0 + sn], data=pos_sb[:, 0:sn], op0=nl.greater_equal, operand0=len_f,
+                           op1=nl.multiply, operand1=MASK_BIAS, engine=nisa.engine.gpsimd)
+    return bias_sb
+
+
+def _attend_wave(q, gate, out, kT_sb, v_sb, len_f, klen_bias, b, wave, d, n_d, dtype, softmax_scale, causal):
+    """Up to _N_STREAMS query tiles in lockstep over their key blocks, software-pipelined:
+    in step j the TensorE runs QK of block j, the PE transposes of block j-1 and PV of block j-2, while
+    the Vector/Scalar/GpSimd engines do the softmax of block j and DMA queues transpose P of block j."""
+    n_s = len(wave)
+    block = _block_keys(dtype)
+    n_ch = block // K_CHUNK                              # 128-key chunks per block
+    n_pe = _PE_T_CHUNKS if is_two_byte(dtype) else n_ch  # chunks transposed on the PE (rest: DMA transpose)
+    max_blk = max(st.n_blk for st in wave)
+    # ---- per-wave tiles: Q^T, softmax statistics per block, output accumulators
+    qT_sb = nl.ndarray((P_MAX, n_s, n_d, _Q_TILE), dtype=dtype, buffer=nl.sbuf)
+    for i_s, st in enumerate(wave):
+        for i_d in range(n_d):
+            d0 = i_d * D_CHUNK
+            dn = min(D_CHUNK, d - d0)
+            load_transposed(qT_sb[0:dn, i_s, i_d, 0:st.qn], q[b, st.h, st.q0:st.q0 + st.qn, d0:d0 + dn],
+                            st.qn, dn, dtype)
+    m_sb = nl.ndarray((P_MAX, n_s, max_blk), dtype=nl.float32, buffer=nl.sbuf)      # running max after block j
+    neg_m = nl.ndarray((P_MAX, n_s, max_blk), dtype=nl.float32, buffer=nl.sbuf)     # -scale * m
+    alpha = nl.ndarray((P_MAX, n_s, max_blk), dtype=nl.float32, buffer=nl.sbuf)     # e^(scale (m_{j-1} - m_j))
+    row_sum = nl.ndarray((P_MAX, n_s, max_blk), dtype=nl.float32, buffer=nl.sbuf)
+    l_sb = nl.ndarray((P_MAX, n_s, 1), dtype=nl.float32, buffer=nl.sbuf)
+    o_acc = nl.ndarray((P_MAX, n_s, d), dtype=nl.float32, buffer=nl.sbuf)
+    # ---- pipeline buffers (rings indexed by block number)
+    s_psum = nl.ndarray((P_MAX, n_s, block), dtype=nl.float32, buffer=nl.psum)     # 2 banks per stream
+    s_sb = nl.ndarray((P_MAX, n_s, block), dtype=nl.float32, buffer=nl.sbuf)       # masked scores
+    p_ring = nl.ndarray((P_MAX, _RING, n_s, block), dtype=dtype, buffer=nl.sbuf)
+    pT_ring = nl.ndarray((P_MAX, _RING, n_s, n_ch, _Q_TILE), dtype=dtype, buffer=nl.sbuf)
+    t_psum = nl.ndarray((P_MAX, 2, n_s, n_pe, _Q_TILE), dtype=dtype, buffer=nl.psum)
+    pv_psum = nl.ndarray((P_MAX, 2, n_s, d), dtype=nl.float32, buffer=nl.psum)
+    for j in range(max_blk + 2):
+        if j < max_blk:
+            live = [(i, st) for i, st in enumerate(wave) if j < st.n_blk]
+            for i, st in live:
+                _scores(s_psum, qT_sb, kT_sb, i, st, j, block, d, n_d)
+            for i, st in live:
+                _softmax_block(s_psum, s_sb, p_ring, m_sb, neg_m, alpha, row_sum, klen_bias, i, st, j, block,
+                               softmax_scale, causal)
+            for i, st in live:
+                _transpose_dma(pT_ring, p_ring, i, st, j, block, n_pe, n_ch)
+        jt = j - 1
+        if 0 <= jt < max_blk:
+            for i, st in enumerate(wave):
+                if jt < st.n_blk:
+                    _transpose_pe(pT_ring, t_psum, p_ring, i, st, jt, block, n_pe)
+        jp = j - 2
+        if 0 <= jp < max_blk:
+            for i, st in enumerate(wave):
+                if jp < st.n_blk:
+                    _pv_update(pv_psum, pT_ring, v_sb, o_acc, l_sb, alpha, row_sum, i, st, jp, block, d)
+                    if jp == st.n_blk - 1:
+                        _finish(out, gate, o_acc, l_sb, len_f, b, i, st, d, dtype)
+
+
+def _scores(s_psum, qT_sb, kT_sb, i, st, j, block, d, n_d):
+    """S[i] = Q^T[i].T @ K^T[:, block j] in fp32 PSUM; D contracted in 128-row chunks."""
+    k0 = j * block
+    kn = st.keys(j, block)
+    for j0 in range(0, kn, MM_KEYS):
+        jn = min(MM_KEYS, kn - j0)
+        for i_d in range(n_d):
+            dn = min(D_CHUNK, d - i_d * D_CHUNK)
+            nisa.nc_matmul(s_psum[0:st.qn, i, j0:j0 + jn], qT_sb[0:dn, i, i_d, 0:st.qn],
+                           kT_sb[0:dn, i_d, k0 + j0:k0 + j0 + jn], accumulate=i_d > 0)
+
+
+def _softmax_block(s_psum, s_sb, p_ring, m_sb, neg_m, alpha, row_sum, klen_bias, i, st, j, block, softmax_scale,
+                   causal):
+    """Mask, running max, P = exp(scale*S - scale*m) with its row sum, and alpha for the rescale."""
+    qn = st.qn
+    k0 = j * block
+    kn = st.keys(j, block)
+    diagonal = causal and (k0 + kn - 1 > st.qa0)
+    scores = s_psum[0:qn, i, 0:kn]
+    if diagonal or klen_bias is not None:
+        masked = s_sb[0:qn, i, 0:kn]
+        if klen_bias is not None:
+            nisa.tensor_tensor(dst=masked, data1=scores, data2=klen_bias[0:qn, k0:k0 + kn], op=nl.add)
+        else:
+            nisa.activation(dst=masked, op=nl.copy, data=scores)
+        if diagonal:   # keep key j of query p iff (qa0 + p) - (k0 + j) >= 0
+            nisa.affine_select(dst=masked, pattern=[[-1, kn]], offset=st.qa0 - k0, channel_multiplier=1,
+                               on_true_tile=masked, on_false_value=MASK_BIAS, cmp_op=nl.greater_equal)
+        scores = masked
+    m_j = m_sb[0:qn, i, j:j + 1]
+    if j == 0:
+        nisa.tensor_reduce(dst=m_j, op=nl.maximum, data=scores, axis=1)
+    else:
+        m_blk = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_reduce(dst=m_blk[0:qn], op=nl.maximum, data=scores, axis=1)
+        nisa.tensor_tensor(dst=m_j, data1=m_sb[0:qn, i, j - 1:j], data2=m_blk[0:qn], op=nl.maximum,
+                           engine=nisa.engine.gpsimd)
+    nisa.tensor_scalar(dst=neg_m[0:qn, i, j:j + 1], data=m_j, op0=nl.multiply, operand0=-softmax_scale,
+                       engine=nisa.engine.gpsimd)
+    nisa.activation(dst=p_ring[0:qn, j % _RING, i, 0:kn], op=nl.exp, data=scores, bias=neg_m[0:qn, i, j:j + 1],
+                    scale=softmax_scale, reduce_op=nl.add, reduce_res=row_sum[0:qn, i, j:j + 1],
+                    reduce_cmd=nisa.reduce_cmd.reset_reduce)
+    if j > 0:
+        nisa.activation(dst=alpha[0:qn, i, j:j + 1], op=nl.exp, data=m_sb[0:qn, i, j - 1:j],
+                        bias=neg_m[0:qn, i, j:j + 1], scale=softmax_scale)
+
+
+def _transpose_dma(pT_ring, p_ring, i, st, j, block, n_pe, n_ch):
+    """P^T of the block's chunks n_pe.. by SBUF->SBUF DMA transpose (2-byte dtypes)."""
+    kn = st.keys(j, block)
+    n_c = n_tiles(kn, K_CHUNK)
+    full = kn // K_CHUNK
+    slot = j % _RING
+    if full > n_pe:
+        src = p_ring[0:st.qn, slot, i, n_pe * K_CHUNK:full * K_CHUNK].reshape((st.qn, full - n_pe, K_CHUNK))
+        nisa.dma_transpose(dst=pT_ring[0:K_CHUNK, slot, i, n_pe:full, 0:st.qn], src=src)
+    if n_c > full and full >= n_pe:     # a partial last chunk handled by DMA
+        rem = kn - full * K_CHUNK
+        nisa.dma_transpose(dst=pT_ring[0:rem, slot, i, full, 0:st.qn],
+                           src=p_ring[0:st.qn, slot, i, full * K_CHUNK:kn])
+
+
+def _transpose_pe(pT_ring, t_psum, p_ring, i, st, j, block, n_pe):
+    """P^T of the block's first n_pe chunks on the TensorE, evicted PSUM -> SBUF by the Scalar engine."""
+    kn = st.keys(j, block)
+    n_c = min(n_pe, n_tiles(kn, K_CHUNK))
+    slot = j % _RING
+    t_slot = j % 2
+    for c in range(n_c):
+        cn = min(K_CHUNK, kn - c * K_CHUNK)
+        nisa.nc_transpose(dst=t_psum[0:cn, t_slot, i, c, 0:st.qn],
+                          data=p_ring[0:st.qn, slot, i, c * K_CHUNK:c * K_CHUNK + cn])
+    full = min(n_c, kn // K_CHUNK)
+    if full:
+        nisa.activation(dst=pT_ring[0:K_CHUNK, slot, i, 0:full, 0:st.qn], op=nl.copy,
+                        data=t_psum[0:K_CHUNK, t_slot, i, 0:full, 0:st.qn])
+    if full < n_c:
+        rem = kn - full * K_CHUNK
+        nisa.activation(dst=pT_ring[0:rem, slot, i, full, 0:st.qn], op=nl.copy,
+                        data=t_psum[0:rem, t_slot, i, full, 0:st.qn])
+
+
+def _pv_update(pv_psum, pT_ring, v_sb, o_acc, l_sb, alpha, row_sum, i, st, j, block, d):
+    """PV of block j (PSUM, fp32, one bank) and the online update O = O*alpha + PV, l = l*alpha + rowsum."""
+    qn = st.qn
+    kn = st.keys(j, block)
+    slot = j % _RING
+    pv = pv_psum[0:qn, j % 2, i, 0:d]
+    n_c = n_tiles(kn, K_CHUNK)
+    c_base = (j * block) // K_CHUNK
+    for c in range(n_c):
+        cn = min(K_CHUNK, kn - c * K_CHUNK)
+        nisa.nc_matmul(pv, pT_ring[0:cn, slot, i, c, 0:qn], v_sb[0:cn, c_base + c, 0:d], accumulate=c > 0)
+    if j == 0:
+        nisa.tensor_copy(dst=o_acc[0:qn, i, 0:d], src=pv)
+        nisa.tensor_copy(dst=l_sb[0:qn, i, 0:1], src=row_sum[0:qn, i, 0:1], engine=nisa.engine.gpsimd)
+    else:
+        a_j = alpha[0:qn, i, j:j + 1]
+        nisa.scalar_tensor_tensor(dst=o_acc[0:qn, i, 0:d], data=o_acc[0:qn, i, 0:d], op0=nl.multiply,
+                                  operand0=a_j, op1=nl.add, operand1=pv)
+        nisa.tensor_scalar(dst=l_sb[0:qn, i, 0:1], data=l_sb[0:qn, i, 0:1], op0=nl.multiply, operand0=a_j,
+                           engine=nisa.engine.gpsimd)
+        nisa.tensor_tensor(dst=l_sb[0:qn, i, 0:1], data1=l_sb[0:qn, i, 0:1], data2=row_sum[0:qn, i, j:j + 1],
+                           op=nl.add, engine=nisa.engine.gpsimd)
+
+
+def _finish(out, gate, o_acc, l_sb, len_f, b, i, st, d, dtype):
+    """out = O / l (0 for padded query rows), optionally * sigmoid(gate); one DMA to HBM."""
+    qn = st.qn
+    inv_l = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.reciprocal(dst=inv_l[0:qn], data=l_sb[0:qn, i, 0:1])
+    if len_f is not None:
+        q_pos = nl.ndarray((P_MAX, 1), dtype=nl.int32, buffer=nl.sbuf)
+        nisa.iota(q_pos[0:qn], pattern=[[1, 1]], offset=st.qa0, channel_multiplier=1)
+        q_valid = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_scalar(dst=q_valid[0:qn], data=q_pos[0:qn], op0=nl.less, operand0=len_f[0:qn],
+                           engine=nisa.engine.gpsimd)
+        nisa.tensor_tensor(dst=inv_l[0:qn], data1=inv_l[0:qn], data2=q_valid[0:qn], op=nl.multiply,
+                           engine=nisa.engine.gpsimd)
+    o_sb = nl.ndarray((P_MAX, d), dtype=dtype, buffer=nl.sbuf)
+    if gate is None:
+        nisa.tensor_scalar(dst=o_sb[0:qn, 0:d], data=o_acc[0:qn, i, 0:d], op0=nl.multiply, operand0=inv_l[0:qn],
+                           engine=nisa.engine.gpsimd)
+    else:
+        gate_sb = nl.ndarray((P_MAX, d), dtype=gate.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=gate_sb[0:qn, 0:d], src=gate[b, st.h, st.q0:st.q0 + qn, 0:d])
+        sig_sb = nl.ndarray((P_MAX, d), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.activation(dst=sig_sb[0:qn, 0:d], op=nl.sigmoid, data=gate_sb[0:qn, 0:d], scale=1.0)
+        nisa.tensor_scalar(dst=sig_sb[0:qn, 0:d], data=sig_sb[0:qn, 0:d], op0=nl.multiply, operand0=inv_l[0:qn],
+                           engine=nisa.engine.gpsimd)
+        nisa.tensor_tensor(dst=o_sb[0:qn, 0:d], data1=o_acc[0:qn, i, 0:d], data2=sig_sb[0:qn, 0:d],
+                           op=nl.multiply, engine=nisa.engine.gpsimd)
+    nisa.dma_copy(dst=out[b, st.h, st.q0:st.q0 + qn, 0:d], src=o_sb[0:qn, 0:d])
+
+
+# ============================================================================ host wrapper
+
+
+def _dtype_name(x) -> str:
+    return str(x.dtype).replace("torch.", "")
+
+
+def _shape(x):
+    return tuple(int(s) for s in x.shape)
+
+
+def flash_attention(q, k, v, gate=None, seq_lens=None, causal=True, softmax_scale=None, lnc=1):
+    """Flash attention prefill: BHSD q/k/v (GQA), optional causal mask, valid lengths and sigmoid output gate.
+
+    Args:
+        q: [B, Hq, Sq, D] bf16/fp16/fp32, NumPy array or torch CPU tensor.
+        k, v: [B, Hkv, Skv, D], q's dtype; Hq % Hkv == 0, Skv >= Sq (queries = the last Sq positions).
+        gate: optional [B, Hq, Sq, D] (any float dtype): returns out * sigmoid(gate).
+        seq_lens: optional [B] integers in [0, Skv]: per-sequence valid length in key positions.
+        causal: bottom-right aligned causal mask (query i sees keys j <= Skv - Sq + i).
+        softmax_scale: default D ** -0.5; must be > 0.
+        lnc: 1 or 2 (two program instances split the (b, KV head) pairs, else the query tiles).
+    Returns:
+        out: [B, Hq, Sq, D], q's dtype (and kind: NumPy or torch).
+    """
+    name = "flash_attention"
+    kernel_check(getattr(q, "ndim", 0) == 4, f"{name}: q must be 4-D [B, Hq, Sq, D], got q.shape={_shape(q)}")
+    kernel_check(getattr(k, "ndim", 0) == 4 and getattr(v, "ndim", 0) == 4,
+                 f"{name}: k and v must be 4-D [B, Hkv, Skv, D], got k.shape={_shape(k)}, v.shape={_shape(v)}")
+    n_b, n_hq, sq, d = _shape(q)
+    kernel_check(_shape(k) == _shape(v), f"{name}: k and v shapes differ, got k.shape={_shape(k)}, "
+                 f"v.shape={_shape(v)}")
+    kb, n_kv, skv, kd = _shape(k)
+    kernel_check(kb == n_b, f"{name}: batch differs, got q B={n_b}, k B={kb}")
+    kernel_check(kd == d, f"{name}: head dim differs, got q D={d}, k D={kd}")
+    kernel_check(1 <= d <= MAX_HEAD_DIM, f"{name}: head dim D must be in [1, {MAX_HEAD_DIM}], got D={d}")
+    kernel_check(n_kv >= 1 and n_hq % n_kv == 0,
+                 f"{name}: Hq must be a multiple of Hkv, got Hq={n_hq}, Hkv={n_kv}")
+    kernel_check(sq >= 1 and skv >= 1, f"{name}: sequence lengths must be >= 1, got Sq={sq}, Skv={skv}")
+    kernel_check(sq <= skv, f"{name}: Sq must be <= Skv (queries are the last Sq positions), got Sq={sq}, "
+                 f"Skv={skv}")
+    kernel_check(_dtype_name(q) in FLOAT_DTYPES, f"{name}: dtype must be one of {FLOAT_DTYPES}, got "
+                 f"q.dtype={q.dtype}")
+    kernel_check(q.dtype == k.dtype == v.dtype, f"{name}: q, k, v dtypes differ, got {q.dtype}, {k.dtype}, "
+                 f"{v.dtype}")
+    if gate is not None:
+        kernel_check(_shape(gate) == _shape(q), f"{name}: gate must have q's shape {_shape(q)}, got "
+                     f"gate.shape={_shape(gate)}")
+        kernel_check(_dtype_name(gate) in FLOAT_DTYPES, f"{name}: gate dtype must be one of {FLOAT_DTYPES}, "
+                     f"got gate.dtype={gate.dtype}")
+    if seq_lens is not None:
+        seq_lens = _as_int32_lens(name, "seq_lens", seq_lens, n_b, 0, skv)
+    scale = _check_scale(name, softmax_scale, d)
+    kernel_check(isinstance(causal, bool), f"{name}: causal must be a bool, got causal={causal!r}")
+    kernel_check(lnc in (1, 2), f"{name}: lnc must be 1 or 2, got lnc={lnc}")
+    itemsize = 4 if _dtype_name(q) == "float32" else 2
+    need = kv_resident_bytes(skv, d, itemsize, seq_lens is not None)
+    kernel_check(need <= _SBUF_KV_BUDGET,
+                 f"{name}: one KV head must fit SBUF (K^T + V resident): Skv={skv}, D={d}, "
+                 f"{_dtype_name(q)} needs {need} B per partition > {_SBUF_KV_BUDGET}")
+    return call(flash_attention_kernel, q, k, v, gate, seq_lens, scale, causal, lnc=lnc)
+
+
+def _check_scale(name, softmax_scale, d):
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(d)
+    kernel_check(isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale) and softmax_scale > 0,
+                 f"{name}: softmax_scale must be a finite number > 0, got softmax_scale={softmax_scale!r}")
+    return float(softmax_scale)
+
+
+def _as_int32_lens(name, arg, lens, n_b, lo, hi):
+    """Validate per-sequence lengths (values must be known on the host to check them) and return int32 NumPy."""
+    import numpy as np
+    try:
+        import torch
+        if isinstance(lens, torch.Tensor):
+            lens = lens.detach().cpu().numpy()
+    except ImportError:  # pragma: no cover
+        pass
+    arr = np.asarray(lens)
+    kernel_check(arr.shape == (n_b,), f"{name}: {arg} must have shape [B]=({n_b},), got {arg}.shape={arr.shape}")
+    kernel_check(np.issubdtype(arr.dtype, np.integer), f"{name}: {arg} must be integers, got dtype={arr.dtype}")
+    kernel_check(bool(np.all((arr >= lo) & (arr <= hi))),
+                 f"{name}: {arg} must be in [{lo}, {hi}], got {arg}={arr.tolist()}")
+    return arr.astype(np.int32)

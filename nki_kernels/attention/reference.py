@@ -1,0 +1,92 @@
+"""float64 NumPy references for the attention kernels, written from the math (no code shared with the kernels).
+
+Parameter names match the public wrappers (`flash_attention`, `flash_attention_decode`); `lnc` is accepted
+and ignored.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def _f64(x):
+    try:
+        import torch
+        if isinstance(x, torch.Tensor):
+            x = x.detach().float().cpu().numpy()
+    except ImportError:  # pragma: no cover
+        pass
+    return np.asarray(x, dtype=np.float64)
+
+
+def _masked_softmax_attention(q, k, v, allowed):
+    """q [..., Sq, D], k/v [..., Skv, D], allowed [..., Sq, Skv] bool -> [..., Sq, D]; rows with nothing allowed
+    give 0."""
+    logits = q @ np.swapaxes(k, -1, -2)
+    logits = np.where(allowed, logits, -np.inf)
+    row_max = np.max(logits, axis=-1, keepdims=True)
+    row_max = np.where(np.isfinite(row_max), row_max, 0.0)
+    w = np.where(allowed, np.exp(logits - row_max), 0.0)
+    denom = np.sum(w, axis=-1, keepdims=True)
+    w = np.divide(w, denom, out=np.zeros_like(w), where=denom > 0)
+    return w @ v
+
+
+def _expand_kv(x, n_hq):
+    """[B, Hkv, S, D] -> [B, Hq, S, D]: query head h uses KV head h // (Hq / Hkv)."""
+    group = n_hq // x.shape[1]
+    return np.repeat(x, group, axis=1)
+
+
+def flash_attention_ref(q, k, v, gate=None, seq_lens=None, causal=True, softmax_scale=None, lnc=1):
+    """softmax(scale * q k^T + mask) v per head (float64), optionally * sigmoid(gate).
+
+    Positions: query i sits at key position Skv - Sq + i. Causal: it sees keys j <= Skv - Sq + i.
+    seq_lens[b]: keys j >= seq_lens[b] are masked, and query rows at positions >= seq_lens[b] are 0.
+    """
+    q, k, v = _f64(q), _f64(k), _f64(v)
+    n_b, n_hq, sq, d = q.shape
+    skv = k.shape[2]
+    scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
+    k, v = _expand_kv(k, n_hq), _expand_kv(v, n_hq)
+    q_pos = np.arange(sq) + (skv - sq)
+    k_pos = np.arange(skv)
+    allowed = np.ones((n_b, 1, sq, skv), dtype=bool)
+    if causal:
+        allowed &= (k_pos[None, :] <= q_pos[:, None])[None, None]
+    q_valid = np.ones((n_b, 1, sq, 1), dtype=bool)
+    if seq_lens is not None:
+        lens = np.asarray(_f64(seq_lens)).astype(np.int64)
+        allowed &= (k_pos[None, None, None, :] < lens[:, None, None, None])
+        q_valid = q_pos[None, None, :, None] < lens[:, None, None, None]
+    out = _masked_softmax_attention(q * scale, k, v, allowed)
+    out = np.where(q_valid, out, 0.0)
+    if gate is not None:
+        out = out / (1.0 + np.exp(-_f64(gate)))
+    return out
+
+
+def flash_attention_decode_ref(q, k_cache, v_cache, cache_lens, causal=True, softmax_scale=None, lnc=1):
+    """Decode attention over a KV cache (float64).
+
+    cache_lens[b] counts the valid cache positions of sequence b *including* the Sq new tokens, which the
+    caller has already written at positions cache_lens[b] - Sq .. cache_lens[b] - 1. New token i (0-based)
+    sits at position cache_lens[b] - Sq + i and sees keys j < cache_lens[b] - Sq + i + 1 when causal (else
+    all j < cache_lens[b]).
+    """
+    q, kc, vc = _f64(q), _f64(k_cache), _f64(v_cache)
+    n_b, n_hq, sq, d = q.shape
+    s_max = kc.shape[2]
+    scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
+    kc, vc = _expand_kv(kc, n_hq), _expand_kv(vc, n_hq)
+    lens = np.asarray(_f64(cache_lens)).astype(np.int64)
+    k_pos = np.arange(s_max)
+    out = np.zeros_like(q)
+    for b in range(n_b):
+        limit = np.full(sq, lens[b])
+        if causal:
+            limit = lens[b] - sq + np.arange(sq) + 1
+        allowed = k_pos[None, :] < limit[:, None]
+        out[b] = _masked_softmax_attention(q[b] * scale, kc[b], vc[b], allowed[None])
+    return out

@@ -1,0 +1,575 @@
+"""Cost model: an emulator instruction trace -> modeled time on a Trainium target.
+
+Everything this module returns is *modeled*, not measured. The model (see docs/kernels/01-cost-model.md):
+
+* per-instruction engine time from the NC-v2 cycle table in ../shared/reference/nki-api.md section 4
+  (TensorE by moving/stationary size, fp32 at quarter rate, 64-cycle minimum issue; VectorE / ScalarE /
+  GpSimd by elements per partition with minimum issue and fixed latency; bf16 performance mode on v3+;
+  DMA by bytes at the per-core bandwidth with a fixed start latency, a per-descriptor penalty for short
+  contiguous runs, at most `dma_queues` transfers in flight);
+* a list schedule: each engine runs its instructions in program order; an instruction starts when its
+  engine is free and the producers of what it reads (RAW) and the readers/writers of what it overwrites
+  (WAR/WAW) are done, using the (sid, lo, hi) spans of the trace;
+* LNC=2: each program instance on its own core (HBM bandwidth per core as documented), time = slower core;
+* a per-launch overhead, reported separately (`launch_overhead_us`) from device time (`device_us`).
+
+API (stable): ``model_launches(run_results, target=None) -> ModelReport`` and
+``model_trace(trace, target=None) -> TraceReport``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .targets import Target, get_target
+from .trace import ACT, DMA, DVE, ENGINES, PE, POOL
+
+# ----------------------------------------------------------------------------------------------- parameters
+
+
+@dataclass(frozen=True)
+class CostParams:
+    """Cost-model constants per target. Sources in docs/kernels/01-cost-model.md."""
+    min_ii: int = 64                      # minimum cycles per compute instruction (nki-api.md s4, MIN_II)
+    pe_stationary_load_div: int = 4       # LoadStationary up to 4x faster than the matmul (s4)
+    pe_fixed_latency: int = 64            # cycles from matmul issue to PSUM result visible to others
+    act_fixed_latency: int = 200          # ScalarE: 264 cycles per dependent 1-element op measured (s4) - 64
+    dve_fixed_latency: int = 160          # VectorE: ~100 static + ~60 SBUF access start (s4)
+    pool_fixed_latency: int = 160         # GpSimd: same as VectorE
+    act_elems_pp_per_cycle: float = 1.0   # ScalarE elements per partition per cycle
+    act_bf16_elems_pp_per_cycle: float = 1.0
+    dve_elems_pp_per_cycle: float = 1.0   # VectorE base rate (NC-v2 table: max(64, N))
+    dve_perf_mode: bool = False           # v3+: bf16 copy / tensor_scalar 4x, tensor_tensor 2x from SBUF
+    pool_elems_pp_per_cycle: float = 1.0  # GpSimd: 8 cores x 512 bit, 16 partitions each -> 1 fp32/partition/cycle
+    dma_fixed_us: float = 2.0             # DMA start latency ("~1.3 us from semaphore to start"; 1.3-2 us)
+    dma_dynamic_extra_us: float = 1.0     # software descriptor generation for dynamic (indirect) DMAs
+    dma_desc_overhead_bytes: int = 64     # per contiguous run: efficiency = run / (run + overhead)
+    dma_transpose_efficiency: float = 0.5 # DMA transpose throughput relative to copy (v3: ~90% HBM->SBUF, 50% SBUF->SBUF)
+    launch_overhead_us: float = 15.0      # per-kernel-launch host/runtime overhead (kept separate)
+
+
+PARAMS: dict[str, CostParams] = {
+    "trn1": CostParams(),
+    "trn2": CostParams(dve_perf_mode=True, dma_fixed_us=2.0),
+    "trn3": CostParams(dve_perf_mode=True, act_bf16_elems_pp_per_cycle=2.0, dma_fixed_us=2.0),
+}
+
+
+def params_for(target: Target) -> CostParams:
+    return PARAMS.get(target.name, CostParams())
+
+
+def _tgt(target) -> Target:
+    if isinstance(target, Target):
+        return target
+    return get_target(target)
+
+
+def pe_peak_flops(target) -> float:
+    """TensorE bf16 peak FLOP/s of one core: 128 x 128 MACs per cycle."""
+    t = _tgt(target)
+    return 2.0 * t.pmax * t.gemm_stationary_fmax * t.pe_ghz * 1e9
+
+
+def hbm_bytes_per_s(target) -> float:
+    """HBM bandwidth one core can use: min(per-core HBM share, DMA queues x per-queue rate)."""
+    t = _tgt(target)
+    return min(t.hbm_gbps_per_chip / t.cores_per_chip, t.hbm_gbps_per_core,
+               t.dma_queues * t.dma_bytes_per_ns_per_queue) * 1e9
+
+
+def dma_bytes_per_s(target) -> float:
+    """Aggregate DMA rate of one core for on-chip to on-chip transfers (queues only)."""
+    t = _tgt(target)
+    return t.dma_queues * t.dma_bytes_per_ns_per_queue * 1e9
+
+
+# ----------------------------------------------------------------------------------------------- reports
+
+
+@dataclass
+class TraceReport:
+    """Modeled schedule of one trace (one program instance on one core). Times in µs, modeled."""
+    target: str
+    total_us: float                       # end of the schedule (device time of this core)
+    engine_busy_us: dict                  # engine -> µs the engine (or DMA pipe) was occupied
+    engine_util: dict                     # engine -> busy / total
+    n_instr: int
+    n_instr_by_engine: dict
+    flops: int
+    fp32_flops: int
+    hbm_read_bytes: int
+    hbm_write_bytes: int
+    dma_bytes: int
+    critical_engine: str
+    timeline: list | None = None          # with timeline=True: (idx, name, engine, ready, start, end) in µs
+
+    @property
+    def hbm_bytes(self) -> int:
+        return self.hbm_read_bytes + self.hbm_write_bytes
+
+
+@dataclass
+class LaunchReport:
+    """One kernel launch: its cores (one TraceReport per program instance)."""
+    lnc: int
+    device_us: float                      # slower core
+    cores: list
+
+
+@dataclass
+class ModelReport:
+    """Modeled time of a sequence of launches on one target (all figures modeled, not measured)."""
+    target: str
+    device_us: float                      # sum of launches' device time
+    launch_overhead_us: float             # n_launches x per-launch overhead, kept separate
+    engine_busy_us: dict                  # summed over launches, max over the cores of a launch
+    engine_util: dict
+    tensor_util: float
+    flops: int
+    hbm_read_bytes: int
+    hbm_write_bytes: int
+    roofline_us: float
+    launches: list = field(default_factory=list)
+    n_launches: int = 0
+
+    @property
+    def total_us(self) -> float:
+        """Device time (the microbench figure). Use `total_with_launch_us` to include launch overhead."""
+        return self.device_us
+
+    @property
+    def total_with_launch_us(self) -> float:
+        return self.device_us + self.launch_overhead_us
+
+    @property
+    def hbm_bytes(self) -> int:
+        return self.hbm_read_bytes + self.hbm_write_bytes
+
+    @property
+    def roofline_ratio(self) -> float:
+        return self.device_us / self.roofline_us if self.roofline_us > 0 else float("inf")
+
+    @property
+    def hbm_gbps(self) -> float:
+        return self.hbm_bytes / (self.device_us * 1e3) if self.device_us > 0 else 0.0
+
+    @property
+    def tflops(self) -> float:
+        return self.flops / (self.device_us * 1e6) if self.device_us > 0 else 0.0
+
+    def summary(self) -> str:
+        return (f"{self.device_us:.2f} us modeled on {self.target} (+{self.launch_overhead_us:.1f} us launch), "
+                f"TensorE util {self.tensor_util:.1%}, {self.hbm_gbps:.0f} GB/s HBM, "
+                f"roofline ratio {self.roofline_ratio:.2f}")
+
+
+# ----------------------------------------------------------------------------------------------- per-instruction cost
+
+
+def _is_2byte(acc) -> bool:
+    return acc.dtype in ("bfloat16", "float16", "float8_e4m3", "float8_e5m2", "float8e4", "float8e5", "int8",
+                         "uint8", "int16", "uint16") or acc.dtype.startswith("float8")
+
+
+def _contig(acc) -> bool:
+    """Innermost run covers the whole per-partition footprint (or at least 16 B stride rule holds)."""
+    item = max(1, acc.nbytes // max(1, acc.partitions * acc.elems_pp))
+    return acc.contig_bytes >= acc.elems_pp * item or acc.contig_bytes >= 512
+
+
+def _strided_penalty(accs) -> float:
+    """A stride above 16 B halves an engine's SBUF/PSUM bandwidth (s4): single-element runs."""
+    for a in accs:
+        if a.buffer == "hbm" or a.elems_pp <= 1:
+            continue
+        item = max(1, a.nbytes // max(1, a.partitions * a.elems_pp))
+        if a.contig_bytes <= item and item < 16:
+            return 2.0
+    return 1.0
+
+
+def compute_cycles(ins, target: Target, p: CostParams) -> tuple[float, float]:
+    """(occupancy cycles, extra latency cycles) of one compute instruction on its engine."""
+    name, eng = ins.name, ins.engine
+    accs = ins.reads + ins.writes
+    n = max((a.elems_pp for a in accs), default=1)
+    mi = p.min_ii
+    if eng == PE:
+        if name == "nc_matmul":
+            m = ins.meta
+            cyc = max(min(mi, m.get("M", mi)), m.get("N", 1))
+            if m.get("fp32"):
+                cyc *= 4
+            return float(max(mi, cyc)), float(p.pe_fixed_latency)
+        # TensorE transpose: max(P, min(64, F)); fp32 data at quarter rate
+        pp, ff = ins.meta.get("P", 1), ins.meta.get("F", 1)
+        cyc = max(pp, min(mi, ff))
+        if ins.reads and ins.reads[0].dtype == "float32":
+            cyc *= 4
+        return float(max(mi, cyc)), float(p.pe_fixed_latency)
+    if eng == ACT:
+        rate = p.act_bf16_elems_pp_per_cycle if all(_is_2byte(a) for a in ins.reads if a.buffer != "hbm") \
+            and ins.reads else p.act_elems_pp_per_cycle
+        cyc = max(mi, n / rate)
+        if ins.meta.get("reduce") or name == "activation_reduce":
+            cyc += mi
+        cyc *= _strided_penalty(accs)
+        return cyc, float(p.act_fixed_latency)
+    lat = float(p.pool_fixed_latency if eng == POOL else p.dve_fixed_latency)
+    rate = p.pool_elems_pp_per_cycle if eng == POOL else p.dve_elems_pp_per_cycle
+    in_psum = any(a.buffer == "psum" for a in ins.reads)
+    all_bf16_sbuf = bool(accs) and all(_is_2byte(a) and a.buffer == "sbuf" and _contig(a) for a in accs)
+    op = str(ins.meta.get("op", ""))
+    if name in ("iota", "affine_select"):
+        cyc = 150 + n / rate
+    elif name in ("tensor_tensor", "select", "scalar_tensor_tensor"):
+        two_pass = not (in_psum or (all_bf16_sbuf and op in ("add", "multiply", "subtract")))
+        cyc = max(mi, (2 * n if two_pass else n) / rate)
+        if name == "scalar_tensor_tensor":
+            cyc = max(mi, (2 * n) / rate) if not in_psum else max(mi, n / rate)
+        if p.dve_perf_mode and eng == DVE and all_bf16_sbuf:
+            cyc = max(mi, cyc / 2)
+    elif name == "tensor_tensor_scan":
+        cyc = max(mi, 2 * n / rate)
+    elif name == "reciprocal":
+        cyc = max(mi, 8 * n / rate)
+    elif name == "tensor_reduce":
+        n_in = ins.reads[0].elems_pp if ins.reads else n
+        half = ins.reads and _is_2byte(ins.reads[0]) and op in ("add", "maximum", "max")
+        cyc = max(mi, (n_in / 2 if half else n_in) / rate)
+    elif name in ("max8", "nc_find_index8"):
+        n_in = ins.reads[0].elems_pp if ins.reads else n
+        cyc = max(mi, n_in / rate)
+    elif name in ("tensor_copy", "tensor_scalar", "memset", "broadcast", "activation", "nc_transpose"):
+        cyc = max(mi, n / rate)
+        if p.dve_perf_mode and eng == DVE and all_bf16_sbuf and name != "nc_transpose":
+            cyc = max(mi, cyc / 4)
+    else:
+        cyc = max(mi, n / rate)
+    cyc *= _strided_penalty(accs)
+    return float(cyc), lat
+
+
+def _engine_ghz(eng: str, t: Target) -> float:
+    return {PE: t.pe_ghz, ACT: t.act_ghz, DVE: t.dve_ghz, POOL: t.pool_ghz}[eng]
+
+
+def dma_cost(ins, target: Target, p: CostParams, hbm_bw: float, dma_bw: float) -> tuple[float, float]:
+    """(pipe occupancy µs at the core's bandwidth, fixed latency µs) of one DMA instruction."""
+    nbytes = ins.meta.get("bytes")
+    if nbytes is None:
+        nbytes = sum(a.nbytes for a in ins.writes)
+    touches_hbm = any(a.buffer == "hbm" for a in ins.reads + ins.writes)
+    bw = hbm_bw if touches_hbm else dma_bw
+    runs = [a.contig_bytes for a in ins.reads + ins.writes if a.contig_bytes > 0]
+    run = max(1, min(runs)) if runs else 512
+    eff = run / (run + p.dma_desc_overhead_bytes)
+    if ins.meta.get("transpose"):
+        eff *= p.dma_transpose_efficiency
+    occ = nbytes / (bw * eff) * 1e6
+    lat = p.dma_fixed_us + (p.dma_dynamic_extra_us if ins.meta.get("dynamic") else 0.0)
+    return occ, lat
+
+
+# ----------------------------------------------------------------------------------------------- schedule
+
+
+class _Spans:
+    """Per storage id: recent write and read accesses (lo, hi, P, t) with their finish times (µs).
+
+    On-chip tensors are [partition, free] row-major, so a flat span [lo, hi) of a P-partition view is a
+    partition range and a per-partition free window once the storage's row size F is known. F is inferred
+    from accesses that are contiguous within each partition (then hi - lo = (P - 1) F + elems_pp). Overlap
+    tests use rectangles when F is known and flat bounding spans otherwise (conservative). HBM is flat.
+    """
+    __slots__ = ("writes", "reads", "F")
+    CAP = 64
+
+    def __init__(self):
+        self.writes: list = []
+        self.reads: list = []
+        self.F = 0
+
+    def learn(self, a):
+        if self.F or a.dynamic or a.buffer == "hbm" or a.partitions <= 1:
+            return
+        item = max(1, a.nbytes // max(1, a.partitions * a.elems_pp))
+        if a.contig_bytes >= a.nbytes:
+            self.F = a.elems_pp
+        elif a.contig_bytes >= a.elems_pp * item:
+            span = a.hi - a.lo - a.elems_pp
+            if span > 0 and span % (a.partitions - 1) == 0:
+                self.F = span // (a.partitions - 1)
+
+    def _rect(self, lo, hi, P):
+        F = self.F
+        if not F or P <= 0:
+            return None
+        p0 = lo // F
+        if P > 1:
+            w = hi - lo - (P - 1) * F
+            f0 = lo - p0 * F
+            if w <= 0 or f0 + w > F:
+                return (p0, (hi - 1) // F + 1, 0, F)
+            return (p0, p0 + P, f0, f0 + w)
+        p1 = (hi - 1) // F
+        if p1 == p0:
+            return (p0, p0 + 1, lo - p0 * F, hi - p0 * F)
+        return (p0, p1 + 1, 0, F)
+
+    def max_overlap(self, lst, lo, hi, P, eng=None) -> float:
+        """Latest finish among entries overlapping [lo, hi); entries of engine `eng` count at their engine-done
+        time (an in-order engine keeps its own write order without waiting for the result latency)."""
+        best = 0.0
+        r = self._rect(lo, hi, P)
+        for a0, a1, q, t, e_eng, t_eng in lst:
+            if e_eng == eng:
+                t = t_eng
+            if t <= best or not (a0 < hi and lo < a1):
+                continue
+            if r is not None:
+                e = self._rect(a0, a1, q)
+                if e is not None and not (e[0] < r[1] and r[0] < e[1] and e[2] < r[3] and r[2] < e[3]):
+                    continue
+            best = t
+        return best
+
+    @staticmethod
+    def _add(lst, lo, hi, P, t, eng, t_eng, cap):
+        lst.append((lo, hi, P, t, eng, t_eng))
+        if len(lst) > cap:
+            half = len(lst) // 2
+            old = lst[:half]
+            lst[:half] = [(min(x[0] for x in old), max(x[1] for x in old), 0, max(x[3] for x in old), None,
+                           max(x[3] for x in old))]
+
+    def add_write(self, lo, hi, P, t, eng, t_eng):
+        if lo == 0 or self.writes or self.reads:
+            # a write covering earlier flat spans supersedes them (it waited for them)
+            self.writes = [w for w in self.writes if not (lo <= w[0] and w[1] <= hi and (P > 1 or P == w[2]))]
+            self.reads = [x for x in self.reads if not (lo <= x[0] and x[1] <= hi and (P > 1 or P == x[2]))]
+        self._add(self.writes, lo, hi, P, t, eng, t_eng, self.CAP)
+
+    def add_read(self, lo, hi, P, t, eng):
+        self._add(self.reads, lo, hi, P, t, eng, t, self.CAP)
+
+
+class _Pipe:
+    """A bandwidth resource booked as busy intervals. A transfer fills the free time at or after its start,
+    across gaps if needed (the bandwidth is shared, not reserved), and ends when it has had `dur` µs."""
+    __slots__ = ("busy",)
+
+    def __init__(self):
+        self.busy: list = []     # sorted, disjoint [s, e)
+
+    def book(self, start: float, dur: float) -> float:
+        b = self.busy
+        lo, hi = 0, len(b)
+        while lo < hi:                    # first interval ending after start
+            mid = (lo + hi) // 2
+            if b[mid][1] <= start:
+                lo = mid + 1
+            else:
+                hi = mid
+        i = lo
+        t = start
+        need = dur
+        pieces = []
+        while need > 1e-15:
+            if i < len(b) and b[i][0] <= t:
+                t = max(t, b[i][1])
+                i += 1
+                continue
+            gap_end = b[i][0] if i < len(b) else math.inf
+            take = min(need, gap_end - t)
+            pieces.append((t, t + take))
+            need -= take
+            t += take
+        end = t
+        # merge the pieces into the interval list
+        if pieces:
+            merged = sorted(b[lo:i] + pieces)
+            out = []
+            for s0, e0 in merged:
+                if out and s0 <= out[-1][1] + 1e-12:
+                    out[-1] = (out[-1][0], max(out[-1][1], e0))
+                else:
+                    out.append((s0, e0))
+            # join with neighbours
+            if lo > 0 and out and abs(b[lo - 1][1] - out[0][0]) < 1e-12:
+                out[0] = (b[lo - 1][0], out[0][1])
+                lo -= 1
+            if i < len(b) and out and abs(b[i][0] - out[-1][1]) < 1e-12:
+                out[-1] = (out[-1][0], b[i][1])
+                i += 1
+            b[lo:i] = out
+        if len(b) > 4096:       # bounded: forget the oldest gaps
+            b[:2048] = [(b[0][0], b[2047][1])]
+        return end
+
+
+def model_trace(trace, target=None, *, params: CostParams | None = None, hbm_share: float = 1.0,
+                timeline: bool = False) -> TraceReport:
+    """Schedule one trace (one program instance) on one core of `target`. Returns a TraceReport (modeled)."""
+    t = _tgt(target if target is not None else getattr(trace, "target", None))
+    p = params or params_for(t)
+    hbm_bw = hbm_bytes_per_s(t) * hbm_share
+    dma_bw = dma_bytes_per_s(t)
+    eng_free = {e: 0.0 for e in ENGINES}
+    busy = {e: 0.0 for e in ENGINES}
+    counts = {e: 0 for e in ENGINES}
+    pipe = _Pipe()
+    queue_free = [0.0] * max(1, t.dma_queues)
+    spans: dict[int, _Spans] = {}
+    flops = fp32_flops = 0
+    hbm_r = hbm_w = dma_bytes = 0
+    end = 0.0
+    last_stationary = None
+    last_mov_cycles = 0.0
+    tl = [] if timeline else None
+
+    for ins in trace:
+        eng = ins.engine
+        counts[eng] = counts.get(eng, 0) + 1
+        # dependencies
+        ready = 0.0
+        rrects = []
+        for a in ins.reads:
+            s = spans.get(a.sid)
+            if s is None:
+                s = spans[a.sid] = _Spans()
+            s.learn(a)
+            r = (a.lo, a.hi, 0 if a.buffer == "hbm" or a.dynamic else a.partitions)
+            rrects.append((a, s, r))
+            if s.writes:
+                ready = max(ready, s.max_overlap(s.writes, *r))
+        wrects = []
+        for a in ins.writes:
+            s = spans.get(a.sid)
+            if s is None:
+                s = spans[a.sid] = _Spans()
+            s.learn(a)
+            r = (a.lo, a.hi, 0 if a.buffer == "hbm" or a.dynamic else a.partitions)
+            wrects.append((a, s, r))
+            if a.buffer == "hbm" and eng == DMA:
+                continue   # DMA writes to HBM are not ordered against each other (no WAW/WAR on HBM)
+            if s.writes:
+                ready = max(ready, s.max_overlap(s.writes, *r, eng=eng))
+            if s.reads:
+                ready = max(ready, s.max_overlap(s.reads, *r))
+        if eng == DMA:
+            occ, lat = dma_cost(ins, t, p, hbm_bw, dma_bw)
+            qi = min(range(len(queue_free)), key=queue_free.__getitem__)
+            start = max(ready, queue_free[qi])
+            finish = pipe.book(start, occ) + lat
+            queue_free[qi] = finish
+            busy[DMA] += occ
+            nb = ins.meta.get("bytes") or sum(a.nbytes for a in ins.writes)
+            dma_bytes += nb
+            for a in ins.reads:
+                if a.buffer == "hbm":
+                    hbm_r += a.nbytes
+            for a in ins.writes:
+                if a.buffer == "hbm":
+                    hbm_w += a.nbytes
+                    if ins.name == "dma_compute":
+                        hbm_r += a.nbytes
+            done_for_readers = finish
+            done_engine = finish
+        else:
+            cyc, lat_cyc = compute_cycles(ins, t, p)
+            ghz = _engine_ghz(eng, t)
+            if eng == PE and ins.name == "nc_matmul":
+                m = ins.meta
+                flops += 2 * m.get("K", 0) * m.get("M", 0) * m.get("N", 0)
+                if m.get("fp32"):
+                    fp32_flops += 2 * m.get("K", 0) * m.get("M", 0) * m.get("N", 0)
+                st = ins.reads[0] if ins.reads else None
+                key = (st.sid, st.lo, st.hi) if st is not None else None
+                if key != last_stationary:
+                    # loading new weights overlaps the previous matmul's streaming
+                    load = max(1.0, m.get("M", 1) / p.pe_stationary_load_div) * (4 if m.get("fp32") else 1)
+                    cyc += max(0.0, load - last_mov_cycles)
+                last_stationary = key
+                last_mov_cycles = cyc
+            elif eng == PE:
+                last_stationary = None
+                last_mov_cycles = cyc
+            occ = cyc / ghz * 1e-3
+            start = max(ready, eng_free[eng])
+            eng_free[eng] = start + occ
+            busy[eng] += occ
+            done_engine = start + occ
+            done_for_readers = done_engine + lat_cyc / ghz * 1e-3
+        for a, s, r in wrects:
+            s.add_write(*r, done_for_readers, eng, done_engine)
+        for a, s, r in rrects:
+            if a.buffer == "hbm":
+                continue   # nothing orders HBM writes after reads in our kernels' model
+            s.add_read(*r, done_engine, eng)
+        end = max(end, done_for_readers)
+        if tl is not None:
+            tl.append((ins.idx, ins.name, eng, ready, start, done_for_readers))
+
+    util = {e: (busy[e] / end if end > 0 else 0.0) for e in busy}
+    crit = max(busy, key=busy.get) if busy else PE
+    return TraceReport(t.name, end, busy, util, len(trace), counts, flops, fp32_flops, hbm_r, hbm_w,
+                       dma_bytes, crit, tl)
+
+
+def _launch_report(res, t: Target, p: CostParams) -> LaunchReport:
+    cores = [model_trace(tr, t, params=p) for tr in res.traces]
+    return LaunchReport(getattr(res, "lnc", len(cores)), max((c.total_us for c in cores), default=0.0), cores)
+
+
+def roofline_us(flops: int, hbm_bytes: int, target, fp32_flops: int = 0, cores: int = 1) -> float:
+    """max(TensorE time of `flops` at bf16 peak (fp32 part at 1/4 rate), HBM time at the per-core bandwidth)."""
+    t = _tgt(target)
+    peak = pe_peak_flops(t) * cores
+    pe_us = ((flops - fp32_flops) / peak + 4 * fp32_flops / peak) * 1e6
+    hbm_us = hbm_bytes / (hbm_bytes_per_s(t) * cores) * 1e6
+    return max(pe_us, hbm_us)
+
+
+def model_launches(run_results, target=None, *, params: CostParams | None = None,
+                   min_hbm_bytes: int | None = None, flops: int | None = None) -> ModelReport:
+    """Model a list of RunResult (e.g. from `record_launches()`) on `target` (default: each run's own target).
+
+    Launches run back to back: device time is the sum of their device times (each launch = slower core);
+    launch overhead is reported separately. `flops` / `min_hbm_bytes` override the counted figures for the
+    roofline (useful when a kernel re-reads data: the roofline is then about the minimum traffic).
+    """
+    if not isinstance(run_results, (list, tuple)):
+        run_results = [run_results]
+    if target is None:
+        t = run_results[0].target if run_results else get_target()
+    else:
+        t = _tgt(target)
+    p = params or params_for(t)
+    launches = [_launch_report(r, t, p) for r in run_results]
+    busy = {e: 0.0 for e in ENGINES}
+    dev = 0.0
+    fl = f32 = hr = hw = 0
+    max_cores = 1
+    for L in launches:
+        dev += L.device_us
+        max_cores = max(max_cores, len(L.cores))
+        for e in ENGINES:
+            busy[e] += max((c.engine_busy_us.get(e, 0.0) for c in L.cores), default=0.0)
+        for c in L.cores:
+            fl += c.flops
+            f32 += c.fp32_flops
+            hr += c.hbm_read_bytes
+            hw += c.hbm_write_bytes
+    util = {e: (busy[e] / dev if dev > 0 else 0.0) for e in busy}
+    roof_flops = fl if flops is None else flops
+    roof_bytes = hr + hw if min_hbm_bytes is None else min_hbm_bytes
+    f32_part = f32 if flops is None else int(f32 * (roof_flops / fl)) if fl else 0
+    roof = roofline_us(roof_flops, roof_bytes, t, f32_part, cores=max_cores)
+    return ModelReport(t.name, dev, p.launch_overhead_us * len(launches), busy, util, util[PE], fl, hr, hw,
+                       roof, launches, len(launches))
+
+
+__all__ = ["CostParams", "PARAMS", "params_for", "ModelReport", "LaunchReport", "TraceReport", "model_trace",
+           "model_launches", "roofline_us", "pe_peak_flops", "hbm_bytes_per_s", "compute_cycles", "dma_cost"]

@@ -1,0 +1,192 @@
+"""flash_attention (prefill) against the float64 reference: hypothesis sweep, edge cases, LNC=2, validation."""
+import math
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nki_kernels import flash_attention
+from nki_kernels.attention.reference import flash_attention_ref
+from nki_kernels.testing import assert_close
+from nki_kernels.validation import KernelInputError
+
+BF16 = ml_dtypes.bfloat16
+DTYPES = {"float32": np.float32, "bfloat16": BF16}
+
+
+def _inputs(rng, b, hq, hkv, sq, skv, d, dtype, scale=1.0, gate=False):
+    q = (rng.standard_normal((b, hq, sq, d)) * scale).astype(dtype)
+    k = (rng.standard_normal((b, hkv, skv, d)) * scale).astype(dtype)
+    v = rng.standard_normal((b, hkv, skv, d)).astype(dtype)
+    g = rng.standard_normal((b, hq, sq, d)).astype(dtype) if gate else None
+    return q, k, v, g
+
+
+def _check(name, q, k, v, dtype_name, **kw):
+    out = flash_attention(q, k, v, **kw)
+    kw.pop("lnc", None)
+    ref = flash_attention_ref(q, k, v, **kw)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert np.all(np.isfinite(np.asarray(out, dtype=np.float64))), f"{name}: non-finite output"
+    assert_close(name, ref, out, dtype=dtype_name)
+    return np.asarray(out, dtype=np.float64), ref
+
+
+@given(b=st.integers(1, 2), hkv=st.integers(1, 2), group=st.sampled_from([1, 2, 3]),
+       sq=st.integers(1, 140), extra=st.sampled_from([0, 0, 5, 130]), d=st.sampled_from([32, 64, 128, 200, 256]),
+       dtype=st.sampled_from(["bfloat16", "float32"]), causal=st.booleans(), use_lens=st.booleans(),
+       use_gate=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_matches_reference(b, hkv, group, sq, extra, d, dtype, causal, use_lens, use_gate, seed):
+    rng = np.random.default_rng(seed)
+    skv = sq + extra
+    q, k, v, g = _inputs(rng, b, hkv * group, hkv, sq, skv, d, DTYPES[dtype], gate=use_gate)
+    lens = rng.integers(0, skv + 1, size=b).astype(np.int32) if use_lens else None
+    _check("prefill", q, k, v, dtype, gate=g, seq_lens=lens, causal=causal)
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_multi_block_causal_gqa_bf16(d):
+    """Several 2048-key blocks (online rescaling), GQA 4:1, Sq/Skv not multiples of 128, chunked prefill."""
+    rng = np.random.default_rng(d)
+    q, k, v, _ = _inputs(rng, 1, 4, 1, 300, 2400, d, BF16)
+    _check("multi-block", q, k, v, "bfloat16", causal=True)
+
+
+def test_multi_block_fp32_lens_gate():
+    rng = np.random.default_rng(7)
+    q, k, v, g = _inputs(rng, 2, 2, 1, 200, 2200, 256, np.float32, gate=True)
+    _check("multi-block fp32", q, k, v, "float32", gate=g, seq_lens=np.array([2100, 2150], np.int32), causal=True)
+
+
+def test_sq1_and_skv1():
+    rng = np.random.default_rng(1)
+    q, k, v, _ = _inputs(rng, 2, 2, 1, 1, 1, 256, np.float32)
+    out, _ = _check("Sq=Skv=1", q, k, v, "float32", causal=True)
+    # one key: the output is that key's value, whatever q is
+    np.testing.assert_allclose(out, np.repeat(v.astype(np.float64), 2, axis=1), rtol=1e-6)
+    q, k, v, _ = _inputs(rng, 1, 2, 2, 1, 333, 128, BF16)
+    _check("Sq=1", q, k, v, "bfloat16", causal=True)
+
+
+def test_all_but_one_key_padded():
+    rng = np.random.default_rng(2)
+    q, k, v, _ = _inputs(rng, 2, 2, 1, 50, 50, 64, np.float32)
+    k[:, :, 1:] = 1e4     # padded keys would dominate the softmax if they leaked in
+    out, _ = _check("one key", q, k, v, "float32", seq_lens=np.array([1, 1], np.int32), causal=False)
+    np.testing.assert_allclose(out[:, :, 0], np.repeat(v[:, :, 0:1].astype(np.float64), 2, axis=1)[:, :, 0],
+                               rtol=1e-6)
+    assert np.all(out[:, :, 1:] == 0.0), "padded query rows must be exactly zero"
+
+
+def test_all_padding_rows_are_zero_not_nan():
+    rng = np.random.default_rng(3)
+    q, k, v, g = _inputs(rng, 3, 2, 1, 40, 100, 128, BF16, gate=True)
+    lens = np.array([0, 60, 100], np.int32)     # seq 0: everything padded; seq 1: the queries are all padding
+    out, _ = _check("padding", q, k, v, "bfloat16", gate=g, seq_lens=lens, causal=True)
+    assert np.all(out[0] == 0.0) and np.all(out[1] == 0.0)
+    assert np.any(out[2] != 0.0)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_huge_logits_no_overflow(dtype):
+    rng = np.random.default_rng(4)
+    q, k, v, _ = _inputs(rng, 1, 2, 1, 130, 600, 256, DTYPES[dtype], scale=60.0)   # |logits| ~ 1e4..1e5
+    _check("huge logits", q, k, v, dtype, causal=True)
+
+
+def test_q_equals_k_peaky():
+    rng = np.random.default_rng(5)
+    q, _, v, _ = _inputs(rng, 1, 1, 1, 200, 200, 128, np.float32, scale=3.0)
+    k = q.copy()
+    out, ref = _check("q=k", q, k, v, "float32", causal=False)
+    # the softmax is nearly one-hot on the diagonal: out ~ v
+    assert np.max(np.abs(ref - v.astype(np.float64))) < 1e-3
+
+
+def test_gqa_equals_repeated_kv():
+    rng = np.random.default_rng(6)
+    q, k, v, _ = _inputs(rng, 2, 6, 2, 70, 90, 64, np.float32)
+    gqa = flash_attention(q, k, v, causal=True)
+    rep = flash_attention(q, np.repeat(k, 3, axis=1), np.repeat(v, 3, axis=1), causal=True)
+    assert_close("gqa vs repeated", rep, gqa, dtype="float32")
+
+
+def test_softmax_scale_argument():
+    rng = np.random.default_rng(8)
+    q, k, v, _ = _inputs(rng, 1, 2, 1, 64, 64, 128, np.float32)
+    out, _ = _check("scale", q, k, v, "float32", softmax_scale=0.3, causal=True)
+    default = flash_attention(q, k, v, causal=True)
+    _, ref_default = _check("default scale", q, k, v, "float32", softmax_scale=1 / math.sqrt(128), causal=True)
+    assert_close("default scale", ref_default, default, dtype="float32")
+    assert np.max(np.abs(out - ref_default)) > 1e-3
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 1, 200, 260), (1, 4, 1, 300, 300), (3, 2, 2, 129, 129)])
+def test_lnc2_equals_lnc1(shape):
+    b, hq, hkv, sq, skv = shape
+    rng = np.random.default_rng(sum(shape))
+    q, k, v, g = _inputs(rng, b, hq, hkv, sq, skv, 256, BF16, gate=True)
+    lens = rng.integers(1, skv + 1, size=b).astype(np.int32)
+    one = flash_attention(q, k, v, gate=g, seq_lens=lens, causal=True, lnc=1)
+    two = flash_attention(q, k, v, gate=g, seq_lens=lens, causal=True, lnc=2)
+    np.testing.assert_array_equal(np.asarray(one, np.float64), np.asarray(two, np.float64))
+
+
+def test_torch_bf16_roundtrip():
+    torch = pytest.importorskip("torch")
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 33, 64, generator=gen).to(torch.bfloat16)
+    k = torch.randn(1, 1, 40, 64, generator=gen).to(torch.bfloat16)
+    v = torch.randn(1, 1, 40, 64, generator=gen).to(torch.bfloat16)
+    out = flash_attention(q, k, v, causal=True)
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.bfloat16
+    assert_close("torch", flash_attention_ref(q, k, v, causal=True), out.float().numpy(), dtype="bfloat16")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(d=320), "head dim D must be in"),
+    (dict(hq=3, hkv=2), "Hq must be a multiple of Hkv"),
+    (dict(sq=10, skv=5), "Sq must be <= Skv"),
+    (dict(kd=32), "head dim differs"),
+    (dict(vshape=True), "k and v shapes differ"),
+    (dict(lens=[0, 11]), r"seq_lens must be in \[0, 10\]"),
+    (dict(lens=[-1, 3]), r"seq_lens must be in \[0, 10\]"),
+    (dict(lens=[3]), r"seq_lens must have shape \[B\]"),
+    (dict(scale=-1.0), "softmax_scale must be a finite number > 0"),
+    (dict(gate_shape=True), "gate must have q's shape"),
+    (dict(lnc=3), "lnc must be 1 or 2"),
+    (dict(mixed=True), "dtypes differ"),
+    (dict(int_dtype=True), "dtype must be one of"),
+])
+def test_bad_inputs_raise(kwargs, match):
+    b, hq, hkv = 2, kwargs.get("hq", 2), kwargs.get("hkv", 1)
+    sq, skv, d = kwargs.get("sq", 4), kwargs.get("skv", 10), kwargs.get("d", 64)
+    q = np.zeros((b, hq, sq, d), np.float32)
+    k = np.zeros((b, hkv, skv, kwargs.get("kd", d)), np.float32)
+    v = np.zeros((b, hkv, skv + (1 if kwargs.get("vshape") else 0), kwargs.get("kd", d)), np.float32)
+    if kwargs.get("mixed"):
+        k = k.astype(BF16)
+        v = v.astype(BF16)
+    if kwargs.get("int_dtype"):
+        q, k, v = q.astype(np.int32), k.astype(np.int32), v.astype(np.int32)
+    gate = np.zeros((b, hq, sq + 1, d), np.float32) if kwargs.get("gate_shape") else None
+    lens = np.array(kwargs["lens"]) if "lens" in kwargs else None
+    with pytest.raises(KernelInputError, match=match):
+        flash_attention(q, k, v, gate=gate, seq_lens=lens, softmax_scale=kwargs.get("scale"),
+                        lnc=kwargs.get("lnc", 1))
+
+
+def test_kv_too_large_for_sbuf_raises():
+    q = np.zeros((1, 1, 1, 256), np.float32)
+    k = np.zeros((1, 1, 40000, 256), np.float32)
+    with pytest.raises(KernelInputError, match="one KV head must fit SBUF"):
+        flash_attention(q, k, k)
+
+
+@pytest.mark.slow
+def test_qwen35_tp4_shape_2k_causal():
+    rng = np.random.default_rng(9)
+    q, k, v, g = _inputs(rng, 1, 4, 1, 2048, 2048, 256, BF16, gate=True)
+    _check("qwen3.5 tp4 2k", q, k, v, "bfloat16", gate=g, causal=True)

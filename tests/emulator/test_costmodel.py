@@ -1,0 +1,277 @@
+"""Cost model: the schedule and the per-engine formulas against hand-computed expectations (modeled time)."""
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from nki_kernels.emulator import isa as nisa
+from nki_kernels.emulator import jit, record_launches, run
+from nki_kernels.emulator import language as nl
+from nki_kernels.emulator.costmodel import (
+    PARAMS, hbm_bytes_per_s, model_launches, model_trace, pe_peak_flops, roofline_us)
+from nki_kernels.emulator.targets import get_target
+from nki_kernels.emulator.trace import ACT, DVE, PE, POOL, Access, Instr, Trace
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+# ----------------------------------------------------------------------------------- test kernels
+
+
+@jit
+def _mm_hoisted(lhsT, rhs):
+    """out[M, N] = lhsT.T @ rhs (K, M, N multiples of 128/128/512). N blocks outer, M blocks inner; each
+    operand block is loaded once, just before its first use, and kept in SBUF (lhsT whole, one rhs block)."""
+    k_total, m_total = lhsT.shape
+    n_total = rhs.shape[1]
+    n_k, n_m, n_n = k_total // 128, m_total // 128, n_total // 512
+    pid, n_prog = nl.program_id(0), nl.num_programs(0)
+    out = nl.ndarray((m_total, n_total), dtype=nl.float32, buffer=nl.shared_hbm)
+    lhs_sb = []
+    for n in range(n_n):
+        rhs_sb = nl.ndarray((128, n_k, 512), dtype=rhs.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=rhs_sb, src=rhs[:, n * 512:(n + 1) * 512].reshape((n_k, 128, 512)).permute((1, 0, 2)))
+        for m in range(n_m):
+            if m % n_prog != pid:
+                continue
+            if n == 0:
+                blk = nl.ndarray((128, n_k, 128), dtype=lhsT.dtype, buffer=nl.sbuf)
+                nisa.dma_copy(dst=blk, src=lhsT[:, m * 128:(m + 1) * 128].reshape((n_k, 128, 128)).permute((1, 0, 2)))
+                lhs_sb.append(blk)
+            acc = nl.ndarray((128, 512), dtype=nl.float32, buffer=nl.psum)
+            for k in range(n_k):
+                nisa.nc_matmul(acc, lhs_sb[m // n_prog][:, k, :], rhs_sb[:, k, :], accumulate=k > 0)
+            res = nl.ndarray((128, 512), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.tensor_copy(dst=res, src=acc)
+            nisa.dma_copy(dst=out[m * 128:(m + 1) * 128, n * 512:(n + 1) * 512], src=res)
+    return out
+
+
+@jit
+def _copy(x, free_tile):
+    """out = x through SBUF in [128, free_tile] tiles; under LNC=2 tile i goes to program i % 2."""
+    rows, cols = x.shape
+    out = nl.ndarray((rows, cols), dtype=x.dtype, buffer=nl.shared_hbm)
+    pid, n_prog = nl.program_id(0), nl.num_programs(0)
+    i = 0
+    for r in range(rows // 128):
+        for c in range(cols // free_tile):
+            if i % n_prog == pid:
+                t = nl.ndarray((128, free_tile), dtype=x.dtype, buffer=nl.sbuf)
+                nisa.dma_copy(dst=t, src=x[r * 128:(r + 1) * 128, c * free_tile:(c + 1) * free_tile])
+                nisa.dma_copy(dst=out[r * 128:(r + 1) * 128, c * free_tile:(c + 1) * free_tile], src=t)
+            i += 1
+    return out
+
+
+# ----------------------------------------------------------------------------------- synthetic traces
+
+_SID = [1000]
+
+
+def _tile(p=128, f=512, dtype="float32", buffer="sbuf", sid=None):
+    if sid is None:
+        _SID[0] += 1
+        sid = _SID[0]
+    item = 2 if dtype == "bfloat16" else 4
+    return Access(sid, buffer, dtype, (p, f), p, f, p * f * item, 0, p * f, p * f * item, False)
+
+
+def _ins(trace, name, eng, reads, writes, **meta):
+    trace.append(Instr(len(trace), name, eng, tuple(reads), tuple(writes), meta))
+
+
+def _act_chain(trace, n, tile):
+    for _ in range(n):
+        _ins(trace, "activation", ACT, [tile], [tile], op="exp")
+
+
+def _dve_chain(trace, n, tile):
+    for _ in range(n):
+        _ins(trace, "tensor_scalar", DVE, [tile], [tile], op="add")
+
+
+def _us(cycles, ghz):
+    return cycles / ghz * 1e-3
+
+
+# ----------------------------------------------------------------------------------- tests
+
+
+def test_large_matmul_at_tensore_roofline():
+    k, m, n = 1024, 1024, 8192
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((k, m)).astype(BF16)
+    b = rng.standard_normal((k, n)).astype(BF16)
+    res = run(_mm_hoisted, a, b, target="trn2")
+    ref = a.astype(np.float64).T @ b.astype(np.float64)
+    assert np.abs(res.outputs - ref).max() < 1e-2 * np.abs(ref).max()
+    rep = model_launches([res], target="trn2")
+    flops = 2 * k * m * n
+    assert rep.flops == flops
+    pe_us = flops / pe_peak_flops("trn2") * 1e6
+    assert rep.engine_busy_us[PE] == pytest.approx(pe_us, rel=0.01)
+    assert rep.roofline_us == pytest.approx(pe_us, rel=1e-6)
+    # load prologue (~first K tiles) and the last PSUM evacuation + store are the only exposed parts
+    assert 1.0 <= rep.roofline_ratio < 1.06, rep.summary()
+    assert rep.tensor_util > 0.94
+
+
+def test_fp32_matmul_runs_at_quarter_rate():
+    k, m, n = 512, 256, 1024
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((k, m)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    r32 = model_launches([run(_mm_hoisted, a, b, target="trn2")])
+    r16 = model_launches([run(_mm_hoisted, a.astype(BF16), b.astype(BF16), target="trn2")])
+    assert r32.engine_busy_us[PE] == pytest.approx(4 * r16.engine_busy_us[PE], rel=0.01)
+
+
+def test_dma_copy_models_at_documented_bandwidth():
+    rows, cols = 1024, 8192                      # 32 MiB fp32 read + 32 MiB written, 16 KiB per partition per tile
+    x = np.arange(rows * cols, dtype=np.float32).reshape(rows, cols)
+    res = run(_copy, x, 4096, target="trn2")
+    np.testing.assert_array_equal(res.outputs, x)
+    rep = model_launches([res], target="trn2")
+    assert rep.hbm_read_bytes == x.nbytes and rep.hbm_write_bytes == x.nbytes
+    bw = hbm_bytes_per_s("trn2")
+    t = get_target("trn2")
+    assert bw == pytest.approx(min(t.hbm_gbps_per_core, t.dma_queues * t.dma_bytes_per_ns_per_queue) * 1e9)
+    ideal_us = 2 * x.nbytes / bw * 1e6
+    # achieved bandwidth within 10% of the per-core figure (descriptor efficiency 4096/(4096+64), start latency)
+    assert ideal_us <= rep.total_us <= 1.10 * ideal_us, rep.summary()
+    assert rep.roofline_ratio == pytest.approx(rep.total_us / ideal_us)
+
+
+def test_small_dma_is_latency_bound():
+    x = np.ones((128, 64), np.float32)           # 256 B per partition: far below 2 KiB
+    rep = model_launches([run(_copy, x, 64, target="trn2")])
+    p = PARAMS["trn2"]
+    # load then store, each paying the fixed start latency
+    assert rep.total_us >= 2 * p.dma_fixed_us
+    assert rep.total_us < 2 * p.dma_fixed_us + 1.0
+
+
+def test_independent_chains_on_two_engines_overlap():
+    t = get_target("trn2")
+    a, b = _tile(), _tile()
+    tr_a, tr_b, tr_ab = Trace(), Trace(), Trace()
+    _act_chain(tr_a, 20, a)
+    _dve_chain(tr_b, 20, b)
+    for i in range(20):            # interleaved in program order, still independent
+        _act_chain(tr_ab, 1, a)
+        _dve_chain(tr_ab, 1, b)
+    ta, tb, tab = (model_trace(x, t).total_us for x in (tr_a, tr_b, tr_ab))
+    assert tab == pytest.approx(max(ta, tb), rel=1e-9)
+    assert tab < 0.75 * (ta + tb)
+
+
+def test_dependent_chain_across_engines_serialises():
+    t = get_target("trn2")
+    x = _tile()
+    tr = Trace()
+    for _ in range(10):
+        _act_chain(tr, 1, x)
+        _dve_chain(tr, 1, x)
+    rep = model_trace(tr, t)
+    busy_sum = rep.engine_busy_us[ACT] + rep.engine_busy_us[DVE]
+    assert rep.total_us >= busy_sum          # no overlap at all
+    p = PARAMS["trn2"]
+    lat = 10 * (_us(p.act_fixed_latency, t.act_ghz) + _us(p.dve_fixed_latency, t.dve_ghz))
+    assert rep.total_us == pytest.approx(busy_sum + lat, rel=1e-6)
+
+
+def test_write_after_read_waits_for_the_reader():
+    t = get_target("trn2")
+    src, dst = _tile(), _tile()
+    tr = Trace()
+    _ins(tr, "activation", ACT, [src], [dst], op="exp")          # reads src (long)
+    _ins(tr, "memset", DVE, [], [src])                            # overwrites src: must wait for the read
+    rep = model_trace(tr, t)
+    assert rep.total_us >= rep.engine_busy_us[ACT] + rep.engine_busy_us[DVE]
+
+
+def test_disjoint_partitions_of_one_tile_do_not_depend():
+    t = get_target("trn2")
+
+    def trace_with(second):
+        big = _tile(128, 512)
+        lo = Access(big.sid, "sbuf", "float32", (64, 512), 64, 512, 64 * 512 * 4, 0, 64 * 512, 64 * 512 * 4, False)
+        hi = Access(big.sid, "sbuf", "float32", (64, 512), 64, 512, 64 * 512 * 4, 64 * 512, 128 * 512,
+                    64 * 512 * 4, False)
+        tr = Trace()
+        _ins(tr, "memset", POOL, [], [big])
+        _ins(tr, "activation", ACT, [lo], [lo], op="exp")
+        other = {"lo": lo, "hi": hi, "fresh": _tile(64, 512)}[second]
+        _ins(tr, "tensor_scalar", DVE, [other], [other], op="add")
+        return model_trace(tr, t).total_us
+
+    # partitions 64..127 do not overlap the ACT instruction's rows 0..63
+    # with 'lo' the DVE instruction must wait for the ACT one (RAW + WAR on rows 0..63)
+    assert trace_with("lo") > trace_with("hi") + 0.4
+
+
+def test_lnc2_halves_a_perfectly_split_kernel():
+    x = np.ones((1024, 4096), np.float32)
+    r1 = run(_copy, x, 2048, lnc=1, target="trn2")
+    r2 = run(_copy, x, 2048, lnc=2, target="trn2")
+    np.testing.assert_array_equal(r2.outputs, x)
+    m1, m2 = model_launches([r1]), model_launches([r2])
+    assert len(m2.launches[0].cores) == 2
+    assert m2.hbm_bytes == m1.hbm_bytes
+    assert m2.total_us == pytest.approx(m1.total_us / 2, rel=0.05)
+    # compute-bound split too
+    a = np.ones((256, 512), BF16)
+    b = np.ones((256, 2048), BF16)
+    c1 = model_launches([run(_mm_hoisted, a, b, lnc=1)])
+    c2 = model_launches([run(_mm_hoisted, a, b, lnc=2)])
+    assert c2.engine_busy_us[PE] == pytest.approx(c1.engine_busy_us[PE] / 2, rel=0.01)
+    assert c2.total_us < 0.6 * c1.total_us
+
+
+def test_matmul_cycle_formula_and_minimum():
+    t = get_target("trn1")
+    tr = Trace()
+    st = _tile(128, 128, "bfloat16")
+    mv = _tile(128, 32, "bfloat16")
+    ps = _tile(128, 32, "float32", "psum")
+    for _ in range(100):
+        _ins(tr, "nc_matmul", PE, [st, mv], [ps], K=128, M=128, N=32, fp32=False)
+    rep = model_trace(tr, t)
+    # N=32 < 64: every instruction costs the 64-cycle minimum; the stationary is loaded once (M/4 cycles)
+    assert rep.engine_busy_us[PE] == pytest.approx(_us(100 * 64 + 128 / 4, t.pe_ghz), rel=1e-6)
+
+
+def test_vector_costs_follow_documented_formulas():
+    t = get_target("trn1")                 # NC-v2 table, no perf mode
+    p = PARAMS["trn1"]
+    x, y, z = _tile(128, 1024), _tile(128, 1024), _tile(128, 1024)
+    for name, reads, cyc in (("tensor_tensor", [x, y], 2048), ("tensor_scalar", [x], 1024),
+                             ("reciprocal", [x], 8192), ("tensor_tensor_scan", [x, y], 2048)):
+        tr = Trace()
+        _ins(tr, name, DVE, reads, [z], op="add")
+        rep = model_trace(tr, t)
+        assert rep.engine_busy_us[DVE] == pytest.approx(_us(cyc, t.dve_ghz), rel=1e-6), name
+        assert rep.total_us == pytest.approx(_us(cyc + p.dve_fixed_latency, t.dve_ghz), rel=1e-6), name
+
+
+def test_report_fields_and_launch_overhead_are_separate():
+    x = np.ones((128, 512), np.float32)
+    with record_launches() as runs:
+        _copy(x, 512)
+        _copy(x, 512)
+    rep = model_launches(runs, target="trn2")
+    assert rep.n_launches == 2 and len(rep.launches) == 2
+    assert rep.total_us == pytest.approx(sum(L.device_us for L in rep.launches))
+    assert rep.launch_overhead_us == pytest.approx(2 * PARAMS["trn2"].launch_overhead_us)
+    assert rep.total_with_launch_us == pytest.approx(rep.total_us + rep.launch_overhead_us)
+    for key in ("pe", "act", "dve", "pool", "dma"):
+        assert key in rep.engine_busy_us and key in rep.engine_util
+    assert rep.hbm_bytes == rep.hbm_read_bytes + rep.hbm_write_bytes == 4 * x.nbytes
+    assert rep.flops == 0 and rep.tensor_util == 0.0
+    assert rep.roofline_us == pytest.approx(roofline_us(0, 4 * x.nbytes, "trn2"))
+
+
+def test_unknown_target_is_rejected():
+    with pytest.raises(ValueError, match="unknown target"):
+        model_launches([], target="trn9")

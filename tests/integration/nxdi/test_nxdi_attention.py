@@ -1,0 +1,179 @@
+"""NxDI attention prefill adapter: NxDI layouts (BHSD in; BHSD+NONE or BHDS+kernel strategy out), TP-sharded
+per-rank heads with a replicated KV head, against the float64 reference and NxDI's own softmax path."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nki_kernels.testing import assert_close
+from integration.nxdi import attention as nxattn
+from integration.nxdi import apply, AdapterInputError
+
+from nxdi_fakes import make_attention_classes
+
+ref_mod = pytest.importorskip("nki_kernels.attention.reference")
+
+
+def _qkv(b, hq, hkv, s, d, seed=0, dtype=torch.float32, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, s, d, generator=g) * scale
+    k = torch.randn(b, hkv, s, d, generator=g) * scale
+    v = torch.randn(b, hkv, s, d, generator=g)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def _causal(b, s):
+    return torch.ones(b, 1, s, s, dtype=torch.bool).tril()
+
+
+def _ref(q, k, v, causal, d):
+    return ref_mod.flash_attention_ref(q.float().numpy(), k.float().numpy(), v.float().numpy(), causal=causal,
+                                       softmax_scale=d ** -0.5)
+
+
+@pytest.mark.parametrize("layout", ["BHSD", "BHDS"])
+def test_prefill_layout_and_strategy_conventions(layout):
+    fakes = make_attention_classes()
+    b, hq, hkv, s, d = 1, 4, 1, 40, 256                 # Qwen3.5-35B-A3B at TP=4: 4 q heads + 1 kv head
+    mod = fakes.NeuronAttentionBase(hq, hkv, d)
+    q, k, v = _qkv(b, hq, hkv, s, d)
+    out, strategy = nxattn.perform_prefill(mod, q, k, v, s, b, _causal(b, s), layout=layout)
+    if layout == "BHSD":
+        assert strategy == nxattn.FlashAttentionStrategy.NONE and tuple(out.shape) == (b, hq, s, d)
+    else:
+        assert strategy == nxattn.FlashAttentionStrategy.UNSHARDED_KERNEL and tuple(out.shape) == (b, hq, d, s)
+    # attention_context_encode turns either convention into the same BSHD tensor
+    bshd = mod.context_encode_layout(out, strategy)
+    ref = _ref(q, k, v, True, d)
+    assert_close("bshd", ref.transpose(0, 2, 1, 3), bshd.numpy())
+    # and NxDI's own softmax path (strategy NONE) agrees
+    nxdi_out, _ = mod.perform_prefill(q, k, v, s, b, _causal(b, s))
+    assert_close("vs nxdi softmax path", nxdi_out.numpy(), mod.context_encode_layout(out, strategy).transpose(1, 2)
+                 .numpy())
+
+
+def test_bhds_reports_sharded_kernel_under_lnc2():
+    fakes = make_attention_classes()
+    mod = fakes.NeuronAttentionBase(2, 1, 64, lnc=2)
+    q, k, v = _qkv(1, 2, 1, 20, 64)
+    out, strategy = nxattn.perform_prefill(mod, q, k, v, 20, 1, _causal(1, 20), layout="BHDS")
+    assert strategy == nxattn.FlashAttentionStrategy.SHARDED_KERNEL
+    assert_close("lnc2", _ref(q, k, v, True, 64).transpose(0, 1, 3, 2), out.numpy())
+
+
+@pytest.mark.parametrize("tp", [4, 8])
+def test_tp_sharded_heads_with_replicated_kv_head(tp):
+    """16 q / 2 kv heads split over TP ranks (NxDI REPLICATE_TO_TP_DEGREE): rank r holds q heads
+    [r*16/tp, (r+1)*16/tp) and the replicated kv head r*2//tp; stacking the ranks' outputs is the full layer."""
+    b, hq, hkv, s, d = 1, 16, 2, 24, 256
+    q, k, v = _qkv(b, hq, hkv, s, d, seed=3)
+    full = _ref(q, k, v, True, d)
+    fakes = make_attention_classes()
+    per_rank = hq // tp
+    outs = []
+    for r in range(tp):
+        mod = fakes.NeuronAttentionBase(per_rank, 1, d)
+        kv = (r * per_rank) // (hq // hkv)
+        qr = q[:, r * per_rank:(r + 1) * per_rank]
+        out, strategy = nxattn.perform_prefill(mod, qr, k[:, kv:kv + 1], v[:, kv:kv + 1], s, b, _causal(b, s))
+        assert strategy == nxattn.FlashAttentionStrategy.NONE
+        outs.append(out)
+    assert_close("tp stacked", full, torch.cat(outs, dim=1).numpy())
+
+
+@given(b=st.integers(1, 2), group=st.sampled_from([1, 2, 4]), s=st.integers(1, 140),
+       d=st.sampled_from([64, 128, 256]), causal=st.booleans())
+def test_prefill_matches_reference_hypothesis(b, group, s, d, causal):
+    hkv = 1
+    hq = hkv * group
+    fakes = make_attention_classes()
+    mod = fakes.NeuronAttentionBase(hq, hkv, d)
+    q, k, v = _qkv(b, hq, hkv, s, d, seed=s)
+    mask = _causal(b, s) if causal else None            # NxDI: causal iff a mask is given
+    out, _ = nxattn.perform_prefill(mod, q, k, v, s, b, mask)
+    assert_close("prefill", _ref(q, k, v, causal, d), out.numpy())
+
+
+def test_bf16_and_huge_logits_stay_finite():
+    fakes = make_attention_classes()
+    mod = fakes.NeuronAttentionBase(2, 1, 256, torch_dtype=torch.bfloat16)
+    q, k, v = _qkv(1, 2, 1, 33, 256, seed=7, scale=30.0)          # logits ~ 30*30*16 = 1e4
+    out, _ = nxattn.perform_prefill(mod, q, k, v, 33, 1, _causal(1, 33))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    ref = _ref(q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16), True, 256)
+    assert_close("bf16 peaky", ref, out.float().numpy(), dtype="bfloat16")
+
+
+def test_q_equals_k_peaky_softmax():
+    fakes = make_attention_classes()
+    mod = fakes.NeuronAttentionBase(1, 1, 128)
+    q, _, v = _qkv(1, 1, 1, 50, 128, seed=11, scale=8.0)
+    out, _ = nxattn.perform_prefill(mod, q, q.clone(), v, 50, 1, _causal(1, 50))
+    assert_close("q=k", _ref(q, q, v, True, 128), out.numpy())
+
+
+def test_softmax_scale_divisor_is_honoured():
+    fakes = make_attention_classes()
+    mod = fakes.NeuronAttentionBase(2, 2, 64)
+    mod.softmax_scale = 2.0                                       # a custom divisor, not sqrt(D)
+    q, k, v = _qkv(1, 2, 2, 17, 64, seed=5)
+    out, _ = nxattn.perform_prefill(mod, q, k, v, 17, 1, _causal(1, 17))
+    ref = ref_mod.flash_attention_ref(q.numpy(), k.numpy(), v.numpy(), causal=True, softmax_scale=0.5)
+    assert_close("scale", ref, out.numpy())
+    nxdi_out, _ = mod.perform_prefill(q, k, v, 17, 1, _causal(1, 17))
+    assert_close("scale vs nxdi", nxdi_out.numpy(), out.numpy())
+
+
+def test_bad_layout_and_shape_raise():
+    fakes = make_attention_classes()
+    mod = fakes.NeuronAttentionBase(2, 1, 64)
+    q, k, v = _qkv(1, 2, 1, 8, 64)
+    with pytest.raises(AdapterInputError, match="layout must be one of"):
+        nxattn.perform_prefill(mod, q, k, v, 8, 1, None, layout="BSHD")
+    with pytest.raises(AdapterInputError, match="q_len=9"):
+        nxattn.perform_prefill(mod, q, k, v, 9, 1, None)
+
+
+def test_installed_class_method_and_fallbacks():
+    fakes = make_attention_classes()
+    base, contrib = fakes.NeuronAttentionBase, fakes.NeuronQwen35Attention
+    with apply([base, contrib], kernels=["attention"]) as inst:
+        assert set(inst.installed["attention"]) == {"NeuronAttentionBase.perform_prefill",
+                                                    "NeuronQwen35Attention.perform_prefill"}
+        q, k, v = _qkv(1, 2, 1, 30, 256, seed=2)
+        mod = base(2, 1, 256)
+        out, strategy = mod.perform_prefill(q, k, v, 30, 1, _causal(1, 30))
+        assert base.calls == 0 and strategy == nxattn.FlashAttentionStrategy.NONE
+        assert_close("installed", _ref(q, k, v, True, 256), out.numpy())
+        # the contrib class: always causal, BHSD (its forward ignores the strategy), even without a mask
+        cmod = contrib(2, 1, 256)
+        out, _ = cmod.perform_prefill(q, k, v, 30, 1)
+        assert contrib.calls == 0
+        assert_close("contrib causal", _ref(q, k, v, True, 256), out.numpy())
+        # unsupported: sliding window -> the original runs
+        sw = base(2, 1, 256, sliding_window=8)
+        sw.perform_prefill(q, k, v, 30, 1, _causal(1, 30))
+        assert base.calls == 1
+        # a concrete mask that is not plain causal (left padding) -> the original runs, same result as before
+        mask = _causal(1, 30).clone()
+        mask[..., :3] = False
+        got, _ = mod.perform_prefill(q, k, v, 30, 1, mask)
+        assert base.calls == 2
+        # parameters untouched
+        assert [n for n, _ in mod.named_parameters()] == ["qkv_proj.weight", "qkv_proj.bias"]
+    # restored
+    mod.perform_prefill(q, k, v, 30, 1, _causal(1, 30))
+    assert base.calls == 3
+
+
+def test_kill_switch_defers_to_original(monkeypatch):
+    fakes = make_attention_classes()
+    base = fakes.NeuronAttentionBase
+    with apply([base], kernels="attention"):
+        monkeypatch.setenv("NKI_KERNELS_NXDI_DISABLE", "1")
+        q, k, v = _qkv(1, 1, 1, 6, 64)
+        base(1, 1, 64).perform_prefill(q, k, v, 6, 1, _causal(1, 6))
+        assert base.calls == 1

@@ -1,0 +1,221 @@
+"""patch() plumbing: restore puts everything back, patching twice is harmless, bad models and arguments are refused,
+the process-wide GDN functions only act inside patched models, and the attention mask analysis is exact."""
+import importlib
+
+import numpy as np
+import pytest
+import torch
+
+from hf_kit import forward_out, padded_batch
+from integration.transformers import patch, tiny
+from integration.transformers import attention as hf_attention
+from integration.transformers import deltanet as hf_deltanet
+
+
+def _snapshot(model):
+    """Everything patch() may touch: GDN module globals, configs' implementations, instance attributes."""
+    mods = {}
+    for name in hf_deltanet.gdn_modules():
+        mod = importlib.import_module(name)
+        mods[name] = {fn: getattr(mod, fn) for fn in hf_deltanet.FUNCTION_NAMES if hasattr(mod, fn)}
+    cfgs = {}
+    inst = {}
+    for i, m in enumerate(model.modules()):
+        cfg = getattr(m, "config", None)
+        if cfg is not None:
+            cfgs[id(cfg)] = (cfg._attn_implementation, cfg._experts_implementation)
+        inst[i] = {k: v for k, v in vars(m).items() if k in ("forward", "generate") or k.startswith("_nki")}
+    return mods, cfgs, inst
+
+
+def test_restore_gives_back_stock_functions():
+    model = tiny.build("qwen3_5_moe", seed=1)
+    before = _snapshot(model)
+    handle = patch(model, backend="emulator")
+    during = _snapshot(model)
+    # something was actually changed ...
+    qmod = importlib.import_module("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe")
+    assert getattr(qmod.torch_chunk_gated_delta_rule, "_nki_kernels_dispatcher", False)
+    assert during[1] != before[1]
+    assert model.config._attn_implementation == hf_attention.ATTN_KEY
+    # ... and restore() puts back the very same objects
+    handle.restore()
+    after = _snapshot(model)
+    for name, fns in before[0].items():
+        for fn, obj in fns.items():
+            assert after[0][name][fn] is obj, f"{name}.{fn} not restored"
+    assert after[1] == before[1]
+    assert after[2] == before[2]
+    handle.restore()   # idempotent
+    assert _snapshot(model)[1] == before[1]
+
+
+def test_context_manager_restores_on_error():
+    model = tiny.build("qwen3_5", seed=2)
+    before = _snapshot(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with patch(model, backend="emulator"):
+            raise RuntimeError("boom")
+    after = _snapshot(model)
+    assert after[1] == before[1] and after[2] == before[2]
+    assert all(after[0][n][f] is o for n, fns in before[0].items() for f, o in fns.items())
+
+
+def test_patching_twice_is_harmless():
+    model = tiny.build("qwen3_next", seed=3)
+    ids, am = padded_batch("left", seed=3)
+    before = _snapshot(model)
+    h1 = patch(model, backend="emulator")
+    once, _ = forward_out(model, ids, am)
+    h2 = patch(model, backend="emulator")
+    assert h2 is h1
+    twice, _ = forward_out(model, ids, am)
+    assert torch.equal(once, twice)
+    # a different request replaces the first patch instead of stacking on it
+    h3 = patch(model, kernels=("attention",), backend="emulator")
+    assert h3 is not h1 and not h1.active and h3.active
+    qmod = importlib.import_module("transformers.models.qwen3_next.modeling_qwen3_next")
+    assert not getattr(qmod.torch_chunk_gated_delta_rule, "_nki_kernels_dispatcher", False)
+    h3.restore()
+    h1.restore()   # already restored: no-op
+    after = _snapshot(model)
+    assert after[1] == before[1] and after[2] == before[2]
+
+
+def test_unsupported_model_is_refused():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    with pytest.raises(ValueError, match=r"unsupported model LlamaForCausalLM \(model_type='llama'"):
+        patch(llama)
+    with pytest.raises(ValueError, match="expected a transformers model"):
+        patch(object())
+
+
+def test_bad_arguments_are_refused():
+    model = tiny.build("qwen3_5", seed=4)
+    with pytest.raises(ValueError, match=r"unknown kernels \['flash'\]"):
+        patch(model, kernels=("flash",))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        patch(model, backend="cuda")
+    from nki_kernels import backend as nkb
+    if nkb.ACTIVE != "nki":
+        with pytest.raises(RuntimeError, match="real NKI runtime"):
+            patch(model, backend="nki")
+    assert not hasattr(model, "_nki_kernels_patch")
+
+
+def test_gdn_functions_only_act_inside_patched_models():
+    """The module globals are process-wide; a stock model of the same family keeps running the original code."""
+    patched_model = tiny.build("qwen3_5", seed=5)
+    stock_model = tiny.build("qwen3_5", seed=6)
+    ids, am = padded_batch("right", seed=5)
+    stock_before, _ = forward_out(stock_model, ids, am)
+    with patch(patched_model, backend="emulator") as handle:
+        forward_out(patched_model, ids, am)
+        n = dict(handle.calls())
+        stock_during, _ = forward_out(stock_model, ids, am)
+        assert handle.calls() == n           # nothing launched for the unpatched model
+    assert torch.equal(stock_before, stock_during)
+
+
+def test_two_patched_models_nest():
+    a, b = tiny.build("qwen3_5", seed=7), tiny.build("qwen3_5_moe", seed=8)
+    ids, am = padded_batch("none", seed=7)
+    ha = patch(a, kernels=("deltanet",))
+    hb = patch(b, kernels=("deltanet",))
+    ha.restore()
+    forward_out(b, ids, am)              # b's patch survives a's restore
+    assert hb.calls().get("gated_delta_rule", 0) > 0
+    hb.restore()
+    qmod = importlib.import_module("transformers.models.qwen3_5.modeling_qwen3_5")
+    assert not getattr(qmod.torch_chunk_gated_delta_rule, "_nki_kernels_dispatcher", False)
+
+
+def test_missing_family_is_reported_and_falls_back(monkeypatch):
+    """A kernel family whose wrapper cannot be imported keeps the model's own code and says so."""
+    from integration.transformers import _common
+    real_get = _common.Kernels.get
+
+    def get(self, name):
+        if name.startswith("gated_delta") or name.startswith("causal_conv1d"):
+            self.missing[name] = f"{name} removed for this test"
+            return None
+        return real_get(self, name)
+    monkeypatch.setattr(_common.Kernels, "get", get)
+    model = tiny.build("qwen3_5", seed=9)
+    ids, am = padded_batch("left", seed=9)
+    ref, _ = forward_out(model, ids, am)
+    with patch(model) as handle:
+        got, _ = forward_out(model, ids, am)
+    assert "deltanet" in handle.not_available
+    assert "not available (gated_delta_rule removed for this test" in handle.report()
+    assert handle.calls().get("gated_delta_rule", 0) == 0 and handle.calls().get("flash_attention", 0) > 0
+    valid = am.bool()
+    np.testing.assert_allclose(got[valid].numpy(), ref[valid].numpy(), rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------ attention mask analysis
+
+
+def _sdpa_bool_mask(am, q_len, kv_len):
+    """The mask transformers hands to our function: causal + padding from a 2D attention mask."""
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+    m = sdpa_mask(batch_size=am.shape[0], q_length=q_len, kv_length=kv_len, q_offset=kv_len - q_len,
+                  mask_function=causal_mask_function, attention_mask=am.bool(), allow_is_causal_skip=False)
+    return m[:, 0].numpy()
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("n_pad", [0, 1, 5])
+@pytest.mark.parametrize("q_len", [1, 3, 9])
+def test_window_recovers_padding(side, n_pad, q_len):
+    kv_len = 9
+    am = torch.ones(1, kv_len, dtype=torch.long)
+    if n_pad:
+        if side == "left":
+            am[0, :n_pad] = 0
+        else:
+            am[0, kv_len - n_pad:] = 0
+    mask = _sdpa_bool_mask(am, q_len, kv_len)[0]
+    win = hf_attention._window(mask, q_len, kv_len)
+    assert win is not None
+    qs, qe, ks, ke = win
+    off = kv_len - q_len
+    valid_keys = am[0].bool().numpy()
+    # every valid query row (own token not padding) is inside [qs, qe); keys are exactly the valid ones it sees
+    for i in range(q_len):
+        if valid_keys[off + i]:
+            assert qs <= i < qe
+            assert np.array_equal(np.nonzero(mask[i])[0], np.nonzero(valid_keys[: off + i + 1])[0])
+        else:
+            assert not (qs <= i < qe)
+    assert ks == int(np.argmax(valid_keys)) if valid_keys.any() else True
+
+
+def test_window_rejects_non_causal_patterns():
+    full = np.ones((4, 4), dtype=bool)
+    assert hf_attention._window(full, 4, 4) is None            # bidirectional
+    sliding = np.tril(np.ones((6, 6), dtype=bool)) & np.triu(np.ones((6, 6), dtype=bool), -2)
+    assert hf_attention._window(sliding, 6, 6) is None         # sliding window
+    holes = np.tril(np.ones((5, 5), dtype=bool))
+    holes[4, 2] = False                                         # a hole in the middle of the keys
+    assert hf_attention._window(holes, 5, 5) is None
+
+
+def test_unexpressible_mask_falls_back_to_sdpa():
+    from integration.transformers._common import Kernels, Stats
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    stats = Stats()
+    hook = hf_attention.AttentionHook(Kernels("emulator"), stats)
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups, module.training = True, 2, False
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 6, 32, generator=g) for h in (4, 2, 2))
+    mask = torch.ones(1, 1, 6, 6, dtype=torch.bool)          # bidirectional: not causal + padding
+    out, _ = hook(module, q, k, v, mask, dropout=0.0, scaling=32 ** -0.5)
+    ref, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=0.0, scaling=32 ** -0.5)
+    assert torch.allclose(out, ref)
+    assert stats.fallbacks == {("attention", "mask is not causal + padding"): 1}
+    out, _ = hook(module, q, k, v, None, dropout=0.0, scaling=32 ** -0.5, sliding_window=3)
+    assert stats.fallbacks[("attention", "sliding window")] == 1

@@ -1,0 +1,87 @@
+"""The microbench CLI on tiny registered cases: table, exit code, the three output files."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import microbench.__main__ as cli
+from microbench import registry
+from microbench.registry import BenchCase
+from microbench.runner import run_case, select
+from nki_kernels.emulator import isa as nisa
+from nki_kernels.emulator import jit
+from nki_kernels.emulator import language as nl
+
+
+@jit
+def _scale_kernel(x, factor):
+    out = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
+    t = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=t, src=x)
+    nisa.tensor_scalar(dst=t, data=t, op0=nl.multiply, operand0=factor)
+    nisa.dma_copy(dst=out, src=t)
+    return out
+
+
+def _case(name, factor_ref=2.0, quick=True, baseline=False):
+    return BenchCase(
+        kernel=name, shape="128x256 fp32",
+        make_inputs=lambda rng: {"x": rng.standard_normal((128, 256)).astype(np.float32)},
+        run=lambda inp: _scale_kernel(inp["x"], 2.0),
+        reference=lambda inp: inp["x"].astype(np.float64) * factor_ref,
+        flops=0, min_hbm_bytes=2 * 128 * 256 * 4, dtype="float32", quick=quick,
+        baseline_name="two launches" if baseline else None,
+        baseline_run=(lambda inp: _scale_kernel(_scale_kernel(inp["x"], 1.0), 2.0)) if baseline else None)
+
+
+@pytest.fixture
+def fake_registry(monkeypatch):
+    cases = [_case("tiny_scale", baseline=True), _case("tiny_wrong", factor_ref=3.0),
+             _case("tiny_slow", quick=False)]
+    monkeypatch.setattr(registry, "cases", lambda: list(cases))
+    return cases
+
+
+def test_run_case_models_and_checks(fake_registry):
+    r = run_case(fake_registry[0], "trn2")
+    assert r.ok, r.error
+    assert r.modeled_us > 0 and r.n_launches == 1
+    assert r.hbm_bytes == 2 * 128 * 256 * 4
+    assert r.baseline_ok and r.baseline_us > r.modeled_us and r.speedup > 1
+    bad = run_case(fake_registry[1], "trn2")
+    assert not bad.ok and "check failed" in bad.error
+    assert bad.modeled_us > 0            # still modeled
+
+
+def test_select_filters_by_name_and_quick(fake_registry):
+    assert [c.kernel for c in select(fake_registry, "tiny_scale")] == ["tiny_scale"]
+    assert {c.kernel for c in select(fake_registry, "tiny")} == {"tiny_scale", "tiny_wrong", "tiny_slow"}
+    assert "tiny_slow" not in {c.kernel for c in select(fake_registry, None, quick=True)}
+
+
+def test_cli_writes_three_files_and_fails_on_bad_check(fake_registry, tmp_path, capsys):
+    out = tmp_path / "mb"
+    rc = cli.main(["--quick", "--out", str(out), "--target", "trn1", "--no-progress"])
+    assert rc == 1                                           # tiny_wrong fails its check
+    text = capsys.readouterr().out
+    assert "tiny_scale" in text and "FAIL" in text and "modeled" in text.lower()
+    for f in ("results.json", "results.md", "roofline.png"):
+        assert os.path.getsize(out / f) > 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["target"] == "trn1" and data["modeled"] is True
+    names = {r["kernel"]: r for r in data["results"]}
+    assert set(names) == {"tiny_scale", "tiny_wrong"}
+    assert names["tiny_scale"]["ok"] and not names["tiny_wrong"]["ok"]
+    assert "modeled" in (out / "results.md").read_text()
+
+
+def test_cli_exit_zero_when_all_pass(fake_registry, tmp_path):
+    assert cli.main(["--kernels", "tiny_scale", "--out", str(tmp_path), "--no-progress"]) == 0
+
+
+def test_cli_no_match_is_an_error(fake_registry, tmp_path, capsys):
+    assert cli.main(["--kernels", "does_not_exist", "--out", str(tmp_path)]) == 2
+    assert "no microbench case matches" in capsys.readouterr().err

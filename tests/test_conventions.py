@@ -1,0 +1,113 @@
+"""Project conventions as tests: import boundaries, reference modules beside kernels, public exports."""
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+import inspect
+from pathlib import Path
+
+import pytest
+
+import nki_kernels
+
+PKG = Path(nki_kernels.__file__).parent
+NOT_FAMILIES = {"emulator", "__pycache__"}
+
+
+def _py_files():
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG)
+        if rel.parts[0] == "emulator" or rel.as_posix() == "backend.py":
+            continue
+        yield path, rel
+
+
+def _imported_modules(path: Path, rel: Path):
+    """Absolute dotted names a file imports (relative imports resolved; `from X import y` gives X.y too)."""
+    package = ["nki_kernels", *rel.parts[:-1]]
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[:len(package) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            yield mod
+            for alias in node.names:
+                yield f"{mod}.{alias.name}"
+
+
+def test_only_backend_and_emulator_import_the_emulator():
+    offenders = []
+    for path, rel in _py_files():
+        for mod in _imported_modules(path, rel):
+            if mod == "nki_kernels.emulator" or mod.startswith("nki_kernels.emulator."):
+                offenders.append(f"{rel}: imports {mod}")
+    assert not offenders, ("kernels take nki/nl/nisa from nki_kernels.backend, never the emulator:\n"
+                           + "\n".join(offenders))
+
+
+def test_the_import_scan_catches_each_spelling(tmp_path):
+    samples = ["from ..emulator import isa", "import nki_kernels.emulator.isa", "from nki_kernels import emulator",
+               "from .. import emulator", "from ..emulator.isa import nc_matmul"]
+    for src in samples:
+        f = tmp_path / "k.py"
+        f.write_text(src + "\n")
+        mods = list(_imported_modules(f, Path("fam") / "k.py"))
+        assert any(m == "nki_kernels.emulator" or m.startswith("nki_kernels.emulator.") for m in mods), src
+
+
+def _families():
+    return sorted(p for p in PKG.iterdir()
+                  if p.is_dir() and p.name not in NOT_FAMILIES and any(p.glob("*.py")))
+
+
+def test_every_family_folder_has_a_reference_module():
+    missing = [f.name for f in _families() if not (f / "reference.py").exists()]
+    assert not missing, f"family folders without reference.py: {missing}"
+
+
+def _exports_with_modules():
+    out = []
+    for name in nki_kernels.__all__:
+        module = nki_kernels._EXPORTS[name]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if found:
+            out.append((name, module))
+    return out
+
+
+def test_examples_are_exported():
+    names = {n for n, _ in _exports_with_modules()}
+    assert {"tiled_matmul", "softmax", "rmsnorm"} <= names
+
+
+@pytest.mark.parametrize("name,module", _exports_with_modules())
+def test_public_exports_import(name, module):
+    obj = getattr(nki_kernels, name)
+    assert callable(obj)
+    assert obj is getattr(importlib.import_module(module), name)
+
+
+@pytest.mark.parametrize("name,module", _exports_with_modules())
+def test_references_use_the_wrapper_parameter_names(name, module):
+    family = module.split(".")[1]
+    ref_path = PKG / family / "reference.py"
+    if not ref_path.exists():
+        pytest.skip(f"{family} has no reference.py yet (checked above)")
+    ref_mod = importlib.import_module(f"nki_kernels.{family}.reference")
+    ref = getattr(ref_mod, f"{name}_reference", None)
+    if ref is None:
+        pytest.skip(f"no {name}_reference in {family}/reference.py")
+    wrapper_params = [p for p in inspect.signature(getattr(nki_kernels, name)).parameters if p != "lnc"]
+    ref_params = list(inspect.signature(ref).parameters)
+    assert ref_params == wrapper_params[:len(ref_params)], (
+        f"{name}_reference{tuple(ref_params)} must use the wrapper's parameter names {tuple(wrapper_params)}")
