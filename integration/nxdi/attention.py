@@ -32,7 +32,6 @@ from ._common import (
     ORIGINAL_PREFIX,
     accepted_kwargs,
     disabled,
-    has_param,
     is_cpu_tensor,
     kernel,
     warn_once,

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
+
 from ._common import ORIGINAL_PREFIX, AdapterInputError, disabled, kernel, warn_once
 
 FAMILY = "code_predictor"
@@ -60,38 +62,60 @@ def set_code_predictor_sampling(module, temperature=1.0, top_k=None, top_p=None,
                                                    generator=generator, uniforms=uniforms))
 
 
+def _np32(t):
+    return t.detach().float().cpu().numpy()
+
+
+# The kernel's matmul dtype: its weights are bf16 (the emulator rejects fp32 weights, see the final report).
+KERNEL_WEIGHT_DTYPE = "bfloat16"
+
+
 def extract_weights(module):
-    """The contrib module's weights in one dict (torch tensors, original layouts; nothing copied)."""
+    """The contrib module's weights packed for `nki_kernels.code_predictor` (a CodePredictorWeights).
+
+    Matrices are packed in bf16 (the kernel's weight dtype; the contrib's module is bf16 too); the RoPE
+    tables are the module's own ``cos_cache`` / ``sin_cache`` (theta 1e6 in the contrib), so positions are
+    encoded exactly as in the replaced forward.
+    """
+    from dataclasses import replace
+
+    from nki_kernels.code_predictor.weights import pack_weights
+
     layers = list(module.layers)
     if not layers:
         raise AdapterInputError("nxdi code_predictor: module.layers is empty")
+    nat = []
+    for l in layers:
+        a, m = l.self_attn, l.mlp
+        nat.append(dict(input_norm=_np32(l.input_layernorm.weight), post_norm=_np32(l.post_attention_layernorm.weight),
+                        q_norm=_np32(a.q_norm.weight), k_norm=_np32(a.k_norm.weight), q=_np32(a.q_proj.weight),
+                        k=_np32(a.k_proj.weight), v=_np32(a.v_proj.weight), o=_np32(a.o_proj.weight),
+                        gate=_np32(m.gate_proj.weight), up=_np32(m.up_proj.weight), down=_np32(m.down_proj.weight)))
+    head_dim = int(layers[0].self_attn.q_norm.weight.shape[0])
+    n_q = int(layers[0].self_attn.q_proj.weight.shape[0]) // head_dim
+    n_kv = int(layers[0].self_attn.k_proj.weight.shape[0]) // head_dim
+    eps = float(getattr(module.norm, "eps", 1e-6))
+    w = pack_weights(nat, _np32(module.norm.weight), _np32(module.codec_embedding_stacked),
+                     _np32(module.lm_head_stacked), n_q_heads=n_q, n_kv_heads=n_kv, eps=eps,
+                     dtype=KERNEL_WEIGHT_DTYPE)
+    cos, sin = getattr(module, "cos_cache", None), getattr(module, "sin_cache", None)
+    if cos is not None and sin is not None:
+        n_pos = w.n_groups + 1
+        if cos.shape[0] < n_pos or cos.shape[1] != head_dim:
+            raise AdapterInputError(f"nxdi code_predictor: cos_cache must be [>= {n_pos}, {head_dim}], "
+                                    f"got {tuple(cos.shape)}")
+        w = replace(w, rope_cos=_np32(cos)[:n_pos].copy(), rope_sin=_np32(sin)[:n_pos].copy())
+    return w
 
-    def w(m):
-        return m.weight
 
-    out = {
-        "input_layernorm": [w(l.input_layernorm) for l in layers],
-        "q_proj": [w(l.self_attn.q_proj) for l in layers],
-        "k_proj": [w(l.self_attn.k_proj) for l in layers],
-        "v_proj": [w(l.self_attn.v_proj) for l in layers],
-        "o_proj": [w(l.self_attn.o_proj) for l in layers],
-        "q_norm": [w(l.self_attn.q_norm) for l in layers],
-        "k_norm": [w(l.self_attn.k_norm) for l in layers],
-        "post_attention_layernorm": [w(l.post_attention_layernorm) for l in layers],
-        "gate_proj": [w(l.mlp.gate_proj) for l in layers],
-        "up_proj": [w(l.mlp.up_proj) for l in layers],
-        "down_proj": [w(l.mlp.down_proj) for l in layers],
-        "norm": w(module.norm),
-        "codec_embedding": module.codec_embedding_stacked,
-        "lm_head": module.lm_head_stacked,
-        "cos": getattr(module, "cos_cache", None),
-        "sin": getattr(module, "sin_cache", None),
-        "rms_eps": float(getattr(module.norm, "eps", 1e-6)),
-        "head_dim": int(layers[0].self_attn.q_norm.weight.shape[0]),
-    }
-    out["num_heads"] = out["q_proj"][0].shape[0] // out["head_dim"]
-    out["num_kv_heads"] = out["k_proj"][0].shape[0] // out["head_dim"]
-    return out
+def packed_weights(module):
+    """extract_weights(module), cached on the instance until a parameter changes (data pointer or version)."""
+    key = tuple((p.data_ptr(), p._version) for p in module.parameters())
+    cached = module.__dict__.get("_nki_kernels_packed")
+    if cached is None or cached[0] != key:
+        cached = (key, extract_weights(module))
+        module.__dict__["_nki_kernels_packed"] = cached
+    return cached[1]
 
 
 def check_support(module, past_hidden, last_id_hidden):
@@ -116,30 +140,32 @@ def _sampling_inputs(module, bsz, n_codes):
     elif tuple(uniforms.shape) != (bsz, n_codes):
         raise AdapterInputError(f"nxdi code_predictor: uniforms must be [B, {n_codes}]={(bsz, n_codes)}, "
                                 f"got {tuple(uniforms.shape)}")
-    return dict(temperature=cfg["temperature"], top_k=cfg["top_k"], top_p=cfg["top_p"],
-                uniforms=uniforms.to(torch.float32))
+    out = dict(do_sample=True, uniforms=uniforms.to(torch.float32))
+    for k in ("temperature", "top_k", "top_p"):
+        if cfg[k] is not None:
+            out[k] = int(cfg[k]) if k == "top_k" else float(cfg[k])
+    return out
 
 
 def code_predictor_forward(module, past_hidden, last_id_hidden):
-    """(codes [B, G-1] int32, mid_hiddens [B, G-2, H]) for the contrib module's weights; see the module docstring."""
+    """(codes [B, G1] int32, mid_hiddens [B, G1 - 1, H]) for the contrib module's weights (G1 = 15 in Qwen3-Omni).
+
+    codes[:, j] is residual code j + 1; mid_hiddens[:, j] = codec_embedding_stacked[j][codes[:, j]], the input
+    embedding of step j + 1 (HF's mid_residual_hiddens). See the module docstring.
+    """
     import torch
 
     fn = kernel(KERNEL_NAME, FAMILY)
-    weights = extract_weights(module)
-    n_codes = weights["lm_head"].shape[0]
+    weights = packed_weights(module)
+    n_codes = weights.n_groups
     bsz = past_hidden.shape[0]
     dtype = past_hidden.dtype
+    wdtype = torch.float32 if weights.wqkv_t.dtype == np.float32 else torch.bfloat16
     sampling = _sampling_inputs(module, bsz, n_codes)
-    codes, embeds = _call_kernel(fn, past_hidden[:, 0, :], last_id_hidden[:, 0, :], weights, sampling)
-    codes = codes.to(torch.int32)
-    mid = embeds[:, :n_codes - 1, :].to(dtype)
-    return codes, mid
-
-
-def _call_kernel(fn, past_hidden, code0_embed, weights, sampling):
-    """Call the wrapper; the weight hand-over is adapted to the wrapper's signature."""
-    raise NotImplementedError("nxdi code_predictor: the adapter for nki_kernels.code_predictor's weight format "
-                              "is not wired yet")
+    x0 = past_hidden[:, 0, :].to(wdtype).contiguous()
+    x1 = last_id_hidden[:, 0, :].to(wdtype).contiguous()
+    codes, embeds = fn(x0, x1, weights, **sampling)[:2]
+    return codes.to(torch.int32), embeds[:, :n_codes - 1, :].to(dtype)
 
 
 def make_forward(original):

@@ -38,7 +38,7 @@ _KERNEL_SOURCES = {
     "moe_decode": ("nki_kernels.moe.decode", "nki_kernels.moe.reference",
                    ("moe_decode_ref", "moe_decode_reference", "moe_decode")),
     "code_predictor": ("nki_kernels.code_predictor.unrolled", "nki_kernels.code_predictor.reference",
-                       ("code_predictor_ref", "code_predictor_reference", "code_predictor")),
+                       ("code_predictor_reference", "code_predictor_ref", "code_predictor")),
 }
 
 
@@ -81,6 +81,7 @@ class Kernels:
         self.backend = backend
         self._cache: dict[str, object] = {}
         self.missing: dict[str, str] = {}
+        self.record: dict | None = None       # kernel name -> [RunResult] while recording (emulator only)
 
     def get(self, name: str):
         if name in self._cache:
@@ -105,8 +106,26 @@ class Kernels:
         except ImportError as exc:
             self.missing[name] = f"{wrapper_mod if self.backend != 'reference' else ref_mod} not importable ({exc})"
             fn = None
+        if fn is not None and self.backend == "emulator":
+            fn = self._recording(name, fn)
         self._cache[name] = fn
         return fn
+
+    def _recording(self, name, fn):
+        """Wrap an emulator wrapper so that, while `self.record` is a dict, its launches (RunResults) are kept
+        under the kernel name for the cost model (`PatchHandle.modeled()`)."""
+        import functools
+
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            if self.record is None:
+                return fn(*args, **kwargs)
+            from nki_kernels.emulator import record_launches
+            with record_launches() as runs:
+                out = fn(*args, **kwargs)
+            self.record.setdefault(name, []).extend(runs)
+            return out
+        return run
 
     def available(self, *names: str) -> bool:
         return all(self.get(n) is not None for n in names)

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from nki_kernels.validation import KernelInputError
+
 from ._common import kernel_input, to_torch
 
 
@@ -177,8 +179,11 @@ class AttentionHook:
         why = self.unsupported(module, query, key, attention_mask, dropout, kwargs)
         out = None
         if why is None:
-            out = self.attend(module, query, key, value, attention_mask, scaling)
-            if out is None:
+            try:
+                out = self.attend(module, query, key, value, attention_mask, scaling)
+            except KernelInputError as exc:
+                out, why = None, f"kernel refused: {exc}"
+            if out is None and why is None:
                 why = "mask is not causal + padding"
         if out is None:
             self.stats.fell_back("attention", why)
@@ -240,9 +245,12 @@ def gated_attention_forward(self, hidden_states, position_embeddings, attention_
     why = hook.unsupported(self, query_states, key_states, attention_mask, dropout, kwargs)
     out = None
     if why is None:
-        out = hook.attend(self, query_states, key_states, value_states, attention_mask, self.scaling,
-                          gate=gate.transpose(1, 2))   # gate [B,S,Hq,D] -> BHSD like the output
-        if out is None:
+        try:
+            out = hook.attend(self, query_states, key_states, value_states, attention_mask, self.scaling,
+                              gate=gate.transpose(1, 2))   # gate [B,S,Hq,D] -> BHSD like the output
+        except KernelInputError as exc:
+            out, why = None, f"kernel refused: {exc}"
+        if out is None and why is None:
             why = "mask is not causal + padding"
     if out is None:
         hook.stats.fell_back("attention", why)

@@ -21,7 +21,7 @@ from ._common import kernel_input, to_torch
 # names under which the code-predictor family exposes its transformers weight builder
 _WEIGHT_BUILDERS = ("weights_from_transformers", "code_predictor_weights_from_transformers",
                     "build_weights_from_transformers", "weights_from_hf", "from_transformers")
-_BUILDER_MODULES = ("nki_kernels.code_predictor.unrolled", "nki_kernels.code_predictor.weights",
+_BUILDER_MODULES = ("nki_kernels.code_predictor.weights", "nki_kernels.code_predictor.unrolled",
                     "nki_kernels.code_predictor", "nki_kernels.code_predictor.reference")
 
 
@@ -53,6 +53,7 @@ class CodePredictorHook:
         params = tuple((p.data_ptr(), p._version) for p in self.module.parameters())
         if self._weights is None or self._weights_key != params:
             builder = find_weight_builder()
+            # the kernel runs the predictor network in bf16 with fp32 accumulation (its documented precision)
             self._weights = builder(self.module)
             self._weights_key = params
         return self._weights
@@ -88,10 +89,19 @@ class CodePredictorHook:
         be = self.kernels.backend
         fn = self.kernels.get("code_predictor")
         past_hidden, code0_embed = embeds[:, 0], embeds[:, 1]
-        codes, codec_embeds = fn(kernel_input(past_hidden, be), kernel_input(code0_embed, be), self.weights())
+        try:
+            codes, codec_embeds = fn(kernel_input(past_hidden, be), kernel_input(code0_embed, be), self.weights())
+        except ValueError as exc:     # KernelInputError, or a weight layout the builder does not support
+            self.stats.fell_back("code_predictor", f"kernel refused: {exc}")
+            return self.stock(*args, **kwargs)
         self.stats.called("code_predictor")
         codes = to_torch(codes).to(torch.long)
-        codec_embeds = to_torch(codec_embeds, like=embeds)       # [B, G-1, H]: table[j](code_{j+1})
+        codec_embeds = to_torch(codec_embeds)                    # [B, G-1, H]: table[j](code_{j+1})
+        if codec_embeds.dtype != embeds.dtype:
+            # the kernel returns the tables' rows in its weight dtype; the same rows in the model's dtype are a
+            # lookup of the model's own tables (exact, so the talker's next input is what stock computes)
+            tables = self.module.get_input_embeddings()
+            codec_embeds = torch.stack([tables[j](codes[:, j]) for j in range(codes.shape[1])], dim=1)
         G1 = codes.shape[1]
         # hidden_states[0] is the prefill (the prompt embeddings); hidden_states[s][0], s >= 1, is step s's input
         hidden = [(embeds,)] + [(codec_embeds[:, s - 1:s],) for s in range(1, G1)]

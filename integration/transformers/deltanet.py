@@ -67,8 +67,8 @@ def _make_dispatchers(module_name):
         hook = _ACTIVE.get()
         orig = _original("torch_chunk_gated_delta_rule", module_name)
         if hook is not None:
-            out = hook.chunk(query, key, value, g, beta, chunk_size, initial_state, output_final_state,
-                             use_qk_l2norm_in_kernel, cu_seqlens, kwargs)
+            out = hook.guard("deltanet", hook.chunk, query, key, value, g, beta, chunk_size, initial_state,
+                             output_final_state, use_qk_l2norm_in_kernel, cu_seqlens, kwargs)
             if out is not None:
                 return out
         if cu_seqlens is not None:
@@ -81,8 +81,8 @@ def _make_dispatchers(module_name):
         hook = _ACTIVE.get()
         orig = _original("torch_recurrent_gated_delta_rule", module_name)
         if hook is not None:
-            out = hook.step(query, key, value, g, beta, initial_state, output_final_state,
-                            use_qk_l2norm_in_kernel, cu_seqlens, kwargs)
+            out = hook.guard("deltanet", hook.step, query, key, value, g, beta, initial_state,
+                             output_final_state, use_qk_l2norm_in_kernel, cu_seqlens, kwargs)
             if out is not None:
                 return out
         if cu_seqlens is not None:
@@ -93,7 +93,7 @@ def _make_dispatchers(module_name):
     def causal_conv1d_fn(hidden_states, weight, bias=None, activation=None, **kwargs):
         hook = _ACTIVE.get()
         if hook is not None:
-            out = hook.conv(hidden_states, weight, bias, activation, kwargs)
+            out = hook.guard("conv1d", hook.conv, hidden_states, weight, bias, activation, kwargs)
             if out is not None:
                 return out
         return _original("causal_conv1d_fn", module_name)(hidden_states, weight, bias, activation, **kwargs)
@@ -101,7 +101,8 @@ def _make_dispatchers(module_name):
     def causal_conv1d_update(hidden_states, conv_state, weight, bias=None, activation=None, **kwargs):
         hook = _ACTIVE.get()
         if hook is not None:
-            out = hook.conv_update(hidden_states, conv_state, weight, bias, activation, kwargs)
+            out = hook.guard("conv1d", hook.conv_update, hidden_states, conv_state, weight, bias, activation,
+                             kwargs)
             if out is not None:
                 return out
         return _original("causal_conv1d_update", module_name)(hidden_states, conv_state, weight, bias, activation,
@@ -171,6 +172,15 @@ class DeltaNetHook:
     def __init__(self, kernels, stats):
         self.kernels = kernels
         self.stats = stats
+
+    def guard(self, hook_name, fn, *args):
+        """fn(*args), or None (the original function runs) when a kernel wrapper refuses the inputs."""
+        from nki_kernels.validation import KernelInputError
+        try:
+            return fn(*args)
+        except KernelInputError as exc:
+            self.stats.fell_back(hook_name, f"kernel refused: {exc}")
+            return None
 
     def _k(self, name, hook_name):
         fn = self.kernels.get(name)

@@ -47,8 +47,11 @@ def main(argv=None):
         with patch(model, backend=args.backend) as handle:
             t0 = time.perf_counter()
             logits = model(input_ids=ids, attention_mask=am).logits
+            if args.backend == "emulator":
+                handle.record_launches()            # model the launches of generate() on trn2
             tokens = model.generate(ids, **gen)
             t_patched = time.perf_counter() - t0
+            modeled = handle.modeled() if args.backend == "emulator" else {}
 
     valid = am.bool()
     diff = float((logits - stock_logits)[valid].abs().max())
@@ -59,6 +62,15 @@ def main(argv=None):
           f"{'identical tokens' if torch.equal(tokens, stock_tokens) else 'DIFFERENT tokens'}")
     print(f"  stock:   {stock_tokens[:, ids.shape[1]:].tolist()}")
     print(f"  patched: {tokens[:, ids.shape[1]:].tolist()}")
+    if modeled:
+        print("cost model of the kernel launches inside generate() (modeled us on trn2, tiny shapes, "
+              "launch overhead excluded):")
+        total = 0.0
+        for name, rep in modeled.items():
+            total += rep.device_us
+            print(f"  {name:24s} {rep.n_launches:4d} launches  {rep.device_us:9.1f} us modeled  "
+                  f"({rep.device_us / max(rep.n_launches, 1):.1f} us/launch)")
+        print(f"  {'total':24s} {sum(r.n_launches for r in modeled.values()):4d} launches  {total:9.1f} us modeled")
     print(f"wall time on this CPU: stock {t_stock:.2f} s, patched ({args.backend}) {t_patched:.2f} s "
           "(the emulator executes every NKI instruction in NumPy; this is not a performance number)")
     return 0 if torch.equal(tokens, stock_tokens) else 1

@@ -13,6 +13,8 @@ block, outside this interface (P6); `shared_expert_block_forward` moves them int
 from __future__ import annotations
 
 
+from nki_kernels.validation import KernelInputError
+
 from ._common import kernel_input, to_torch
 
 EXPERTS_KEY = "nki_kernels"
@@ -107,8 +109,11 @@ class MoEHook:
             if self.kernels.get("moe_decode") is None and self.kernels.get("moe_blockwise") is None:
                 why = "moe kernels not available"
             else:
-                out = self.run(experts, hidden_states, top_k_index, top_k_weights)
-                if out is None:
+                try:
+                    out = self.run(experts, hidden_states, top_k_index, top_k_weights)
+                except KernelInputError as exc:
+                    out, why = None, f"kernel refused: {exc}"
+                if out is None and why is None:
                     why = "moe_blockwise not available"
         if out is None:
             self.stats.fell_back("moe", why)
@@ -166,8 +171,12 @@ def shared_expert_block_forward(self, hidden_states):
     B, S, H = hidden_states.shape
     x = hidden_states.reshape(-1, H)
     _, routing_weights, selected_experts = self.gate(x)
-    out = hook.run(experts, x, selected_experts, routing_weights, shared=shared)
+    try:
+        out = hook.run(experts, x, selected_experts, routing_weights, shared=shared)
+        why = "moe_blockwise not available"
+    except KernelInputError as exc:
+        out, why = None, f"kernel refused: {exc}"
     if out is None:
-        hook.stats.fell_back("moe", "moe_blockwise not available")
+        hook.stats.fell_back("moe", why)
         return self._nki_stock_forward(hidden_states)
     return out.reshape(B, S, H)

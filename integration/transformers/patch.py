@@ -122,6 +122,20 @@ class PatchHandle:
     def reset_counts(self):
         self.stats.reset()
 
+    def record_launches(self, on: bool = True):
+        """Keep every emulated launch (for `modeled()`); emulator backend only. Traces use memory: turn it off
+        (`record_launches(False)`) after the part you want to model."""
+        if self.backend != "emulator":
+            raise RuntimeError(f"record_launches: needs backend='emulator', got {self.backend!r}")
+        self.kernels.record = {} if on else None
+
+    def modeled(self, target: str = "trn2") -> dict:
+        """{kernel name: cost-model report (modeled, not measured) of the launches recorded since
+        `record_launches()`}."""
+        from nki_kernels.emulator.costmodel import model_launches
+        rec = self.kernels.record or {}
+        return {name: model_launches(runs, target=target) for name, runs in sorted(rec.items()) if runs}
+
     def report(self) -> str:
         lines = [f"nki-kernels patch of {type(self.model).__name__} (families: {', '.join(sorted(self.families))}; "
                  f"backend={self.backend}; {'active' if self.active else 'restored'})"]

@@ -57,6 +57,16 @@ def qwen3_5_moe(seed: int = 0, num_hidden_layers: int = 4):
     return _finish(Qwen3_5MoeForCausalLM(cfg), seed)
 
 
+def qwen3_5_moe_vlm(seed: int = 0):
+    """Qwen3_5MoeForConditionalGeneration (text + a 1-block vision tower); only the text tower is patched."""
+    from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
+    cfg = Qwen3_5MoeConfig(text_config=dict(_common(), **_gdn(), **_moe()),
+                           vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                                              out_hidden_size=64, patch_size=14, spatial_merge_size=2,
+                                              temporal_patch_size=2))
+    return _finish(Qwen3_5MoeForConditionalGeneration(cfg), seed)
+
+
 def qwen3_5(seed: int = 0, num_hidden_layers: int = 4):
     from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
     cfg = Qwen3_5TextConfig(**_common(), **_gdn(num_hidden_layers=num_hidden_layers,
@@ -90,29 +100,31 @@ def qwen3_omni_moe_thinker(seed: int = 0, num_hidden_layers: int = 2):
 
 
 def qwen3_omni_moe_talker(seed: int = 0, num_code_groups: int = 8):
-    """The Omni talker (2 MoE layers with a shared expert) and its code predictor (2 layers, G code groups)."""
+    """The Omni talker (2 MoE layers with a shared expert) and its code predictor (2 layers, G code groups).
+    Hidden 128 and intermediate 128: the code-predictor kernel tiles H and I by 128 (nki_kernels.code_predictor)."""
     from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import (
         Qwen3OmniMoeTalkerCodePredictorConfig, Qwen3OmniMoeTalkerConfig, Qwen3OmniMoeTalkerTextConfig)
     from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
         Qwen3OmniMoeTalkerForConditionalGeneration)
-    text = Qwen3OmniMoeTalkerTextConfig(**_common(head_dim=32), num_hidden_layers=2, num_experts=8,
-                                        num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=96,
-                                        norm_topk_prob=False,
+    hidden = 128
+    text = Qwen3OmniMoeTalkerTextConfig(**_common(head_dim=32, hidden_size=hidden), num_hidden_layers=2,
+                                        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                                        intermediate_size=128, norm_topk_prob=False,
                                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                          "mrope_section": [4, 6, 6], "interleaved": True})
-    text.shared_expert_intermediate_size = 32          # read by the talker's MoE block (P8)
-    cp = Qwen3OmniMoeTalkerCodePredictorConfig(**_common(head_dim=32, vocab_size=64), num_hidden_layers=2,
-                                               intermediate_size=96, num_code_groups=num_code_groups,
-                                               layer_types=["full_attention"] * 2)
+    cp = Qwen3OmniMoeTalkerCodePredictorConfig(**_common(head_dim=32, vocab_size=64, hidden_size=hidden),
+                                               num_hidden_layers=2, intermediate_size=128,
+                                               num_code_groups=num_code_groups, layer_types=["full_attention"] * 2)
     cfg = Qwen3OmniMoeTalkerConfig(text_config=text.to_dict(), code_predictor_config=cp.to_dict(),
-                                   num_code_groups=num_code_groups, thinker_hidden_size=64)
-    cfg.text_config.shared_expert_intermediate_size = 32
-    cfg.spatial_merge_size = 2                          # read in __init__, not declared (P8)
+                                   num_code_groups=num_code_groups, thinker_hidden_size=hidden)
+    cfg.text_config.shared_expert_intermediate_size = 32   # read by the talker's MoE block, not declared (P8)
+    cfg.spatial_merge_size = 2                              # read in __init__, not declared (P8)
     return _finish(Qwen3OmniMoeTalkerForConditionalGeneration(cfg), seed)
 
 
-BUILDERS = {"qwen3_5_moe": qwen3_5_moe, "qwen3_5": qwen3_5, "qwen3_next": qwen3_next,
-            "qwen3_omni_moe_thinker": qwen3_omni_moe_thinker, "qwen3_omni_moe_talker": qwen3_omni_moe_talker}
+BUILDERS = {"qwen3_5_moe": qwen3_5_moe, "qwen3_5_moe_vlm": qwen3_5_moe_vlm, "qwen3_5": qwen3_5,
+            "qwen3_next": qwen3_next, "qwen3_omni_moe_thinker": qwen3_omni_moe_thinker,
+            "qwen3_omni_moe_talker": qwen3_omni_moe_talker}
 
 
 def build(family: str, seed: int = 0, **kw):

@@ -1,1 +1,147 @@
-"""Microbench cases for the deltanet family (registered on import)."""
+"""Microbench cases for the deltanet family (registered on import).
+
+Shapes: Qwen3.5-35B-A3B per rank at TP=4 (Hk=4, Hv=8, Dk=Dv=128; conv_dim = 2 Hk Dk + Hv Dv = 2048).
+Baselines: the token-sequential kernel launched once per (batch, v-head) (the existing Neuron approach),
+for prefill and, with T = 1 and the state row in/out, for decode.
+"""
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+
+from microbench.registry import BenchCase, register
+from microbench.shapes import CATALOGUE, DECODE_BATCHES, PREFILL_LENGTHS
+from nki_kernels.deltanet import reference as ref
+from nki_kernels.deltanet.baseline_sequential import gdn_per_head_decode_step, gdn_per_head_sequential
+
+_SHAPE = CATALOGUE["qwen3.5-35b-a3b tp4"]
+_HK, _HV, _DK, _DV = _SHAPE.gdn_k_heads, _SHAPE.gdn_v_heads, _SHAPE.gdn_dk, _SHAPE.gdn_dv
+_CONV_DIM = 2 * _HK * _DK + _HV * _DV
+_KW = _SHAPE.conv_kernel
+_BF16 = ml_dtypes.bfloat16
+_CHUNK = 64                        # chunk used by the optimised prefill (and by the useful-FLOP count)
+_BASELINE_MAX_T = 2048             # the per-(b, h) token loop is emulated only up to this length
+_LABEL = "qwen3.5-35b-a3b tp4"
+
+
+def _gdn_inputs(rng, b, t):
+    return dict(
+        q=rng.standard_normal((b, t, _HK, _DK)).astype(_BF16),
+        k=rng.standard_normal((b, t, _HK, _DK)).astype(_BF16),
+        v=rng.standard_normal((b, t, _HV, _DV)).astype(_BF16),
+        g=(-rng.uniform(0.0, 0.5, (b, t, _HV))).astype(np.float32),       # fp32 as in transformers
+        beta=rng.uniform(0.0, 1.0, (b, t, _HV)).astype(_BF16))
+
+
+def _prefill_flops(b, t, c=_CHUNK):
+    """Useful FLOPs of the chunked WY form per (token, v head): K K^T, Q K^T, W, U, P V' (C-wide) and
+    W S, Q S, K^T V' (state-wide)."""
+    per_tok = 2 * c * (3 * _DK + 2 * _DV) + 6 * _DK * _DV
+    return b * t * _HV * per_tok
+
+
+def _gdn_bytes(b, t, state_rw):
+    io = b * t * (2 * _HK * _DK + 2 * _HV * _DV) * 2 + b * t * _HV * (4 + 2)
+    return io + state_rw * b * _HV * _DK * _DV * 4
+
+
+def _prefill_case(t, quick=False):
+    from nki_kernels import gated_delta_rule
+
+    def run(x):
+        return gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], chunk_size=_CHUNK,
+                                use_qk_l2norm_in_kernel=True)
+
+    def reference(x):
+        return ref.gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], chunk_size=_CHUNK,
+                                    use_qk_l2norm_in_kernel=True)
+
+    def baseline(x):
+        return gdn_per_head_sequential(x["q"], x["k"], x["v"], x["g"], x["beta"], use_qk_l2norm_in_kernel=True)
+
+    with_baseline = t <= _BASELINE_MAX_T
+    register(BenchCase(
+        kernel="gated_delta_rule", shape=f"{_LABEL} B=1 T={t} Hk={_HK} Hv={_HV} D={_DK} l2norm",
+        make_inputs=lambda rng: _gdn_inputs(rng, 1, t), run=run, reference=reference,
+        flops=_prefill_flops(1, t), min_hbm_bytes=_gdn_bytes(1, t, state_rw=1), dtype="bfloat16", quick=quick,
+        baseline_name="token-sequential kernel, one launch per (b, h)" if with_baseline else None,
+        baseline_run=baseline if with_baseline else None))
+
+
+def _decode_inputs(rng, b):
+    x = _gdn_inputs(rng, b, 1)
+    n_slots = 2 * b + 2
+    x["state_pool"] = rng.standard_normal((n_slots, _HV, _DK, _DV)).astype(np.float32) * 0.1
+    x["slot_ids"] = rng.permutation(n_slots)[:b].astype(np.int32)
+    return x
+
+
+def _decode_case(b, quick=False):
+    from nki_kernels import gated_delta_rule_step
+
+    def run(x):
+        pool = x["state_pool"].copy()
+        o = gated_delta_rule_step(x["q"], x["k"], x["v"], x["g"], x["beta"], pool, x["slot_ids"],
+                                  use_qk_l2norm_in_kernel=True)
+        return o, pool[x["slot_ids"]]
+
+    def reference(x):
+        o, pool = ref.gated_delta_rule_step(x["q"], x["k"], x["v"], x["g"], x["beta"], x["state_pool"],
+                                            x["slot_ids"], use_qk_l2norm_in_kernel=True)
+        return o, pool[x["slot_ids"]]
+
+    def baseline(x):
+        pool = x["state_pool"].copy()
+        o = gdn_per_head_decode_step(x["q"], x["k"], x["v"], x["g"], x["beta"], pool, x["slot_ids"],
+                                     use_qk_l2norm_in_kernel=True)
+        return o, pool[x["slot_ids"]]
+
+    register(BenchCase(
+        kernel="gated_delta_rule_step", shape=f"{_LABEL} B={b} T=1 Hk={_HK} Hv={_HV} D={_DK} fp32 state",
+        make_inputs=lambda rng: _decode_inputs(rng, b), run=run, reference=reference,
+        flops=b * _HV * 6 * _DK * _DV, min_hbm_bytes=_gdn_bytes(b, 1, state_rw=2), dtype="bfloat16", quick=quick,
+        baseline_name="per-(b, h) decode step, one launch per pair", baseline_run=baseline))
+
+
+def _conv_case(t, b=1, quick=False):
+    from nki_kernels import causal_conv1d
+
+    def make(rng):
+        return dict(x=rng.standard_normal((b, _CONV_DIM, t)).astype(_BF16),
+                    weight=(rng.standard_normal((_CONV_DIM, _KW)) * 0.5).astype(_BF16))
+
+    register(BenchCase(
+        kernel="causal_conv1d", shape=f"{_LABEL} B={b} C={_CONV_DIM} T={t} K={_KW} silu",
+        make_inputs=make, run=lambda x: causal_conv1d(x["x"], x["weight"]),
+        reference=lambda x: ref.causal_conv1d(x["x"], x["weight"]),
+        flops=2 * _KW * b * _CONV_DIM * t, min_hbm_bytes=2 * (2 * b * _CONV_DIM * t + _CONV_DIM * _KW + b * _CONV_DIM * _KW),
+        dtype="bfloat16", quick=quick))
+
+
+def _conv_update_case(b, quick=False):
+    from nki_kernels import causal_conv1d_update
+
+    def make(rng):
+        return dict(x=rng.standard_normal((b, _CONV_DIM, 1)).astype(_BF16),
+                    conv_state=rng.standard_normal((b, _CONV_DIM, _KW)).astype(_BF16),
+                    weight=(rng.standard_normal((_CONV_DIM, _KW)) * 0.5).astype(_BF16))
+
+    def run(x):
+        state = x["conv_state"].copy()
+        return causal_conv1d_update(x["x"], state, x["weight"]), state
+
+    register(BenchCase(
+        kernel="causal_conv1d_update", shape=f"{_LABEL} B={b} C={_CONV_DIM} T=1 K={_KW} silu",
+        make_inputs=make, run=run, reference=lambda x: ref.causal_conv1d_update(x["x"], x["conv_state"], x["weight"]),
+        flops=2 * _KW * b * _CONV_DIM, min_hbm_bytes=2 * (2 * b * _CONV_DIM + _CONV_DIM * _KW + 2 * b * _CONV_DIM * _KW),
+        dtype="bfloat16", quick=quick))
+
+
+for _t in PREFILL_LENGTHS:
+    _prefill_case(_t)
+_prefill_case(128, quick=True)
+for _b in DECODE_BATCHES:
+    _decode_case(_b, quick=(_b == 1))
+for _t in PREFILL_LENGTHS[:2]:
+    _conv_case(_t, quick=(_t == PREFILL_LENGTHS[0]))
+_conv_update_case(DECODE_BATCHES[1], quick=True)

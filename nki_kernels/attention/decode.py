@@ -23,12 +23,13 @@ from ..backend import call, nki, nisa, nl
 from ..hw import P_MAX
 from ..validation import kernel_check
 from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, KV_BLOCK, MASK_BIAS, MAX_HEAD_DIM, MM_KEYS, load_len_broadcast,
-                      load_transposed, n_tiles, transpose_probs)
+                      load_transposed, n_tiles, pe_transpose_group, transpose_probs)
 from .prefill import _as_int32_lens, _check_scale, _dtype_name, _shape
 
 MAX_NEW_TOKENS = 8                # Sq limit (speculative decoding); G * Sq rows must fit the 128 partitions
 _SECTION = 2 * KV_BLOCK           # keys per softmax section: S [R, 4096] fp32 + K^T, V of the section in SBUF
-_KV_LOAD_KEYS = KV_BLOCK          # keys per K^T / V DMA (>= 2 KiB per partition for bf16, D=256)
+_KV_LOAD_KEYS = KV_BLOCK          # keys per K / V DMA (16 x 512 B = 8 KiB per partition for bf16, D=256)
+_S_BLOCK = 2 * MM_KEYS            # keys per score PSUM buffer (2 banks; two buffers so QK overlaps the bias add)
 
 
 def _owner(b, kvh, n_kv, n_prog):
@@ -130,46 +131,75 @@ def _row_token_index(rows, sq, group):
 
 
 def _section(k_cache, v_cache, qT_sb, key_pos, limit, o_acc, l_sb, m_run, b, kvh, s0, sn, i_sec, rows, d, n_d,
-             dtype, softmax_scale):
-    """One key section [s0, s0 + sn): scores, masked softmax statistics and PV, merged into (o_acc, l, m)."""
+             dtype, softmax_scale, k_is_bhds=False):
+    """One key section [s0, s0 + sn): scores, masked softmax statistics and PV, merged into (o_acc, l, m).
+
+    K and V stream in with plain 2048-key DMAs (full HBM bandwidth); K^T is made on the TensorE (128x128
+    transposes into one PSUM bank per 8 chunks, evicted by the Scalar engine), because a DMA transpose would
+    read K at half the bandwidth. k_is_bhds=True (baseline only): k_cache is [B, Hkv, D, S], copied as is.
+    """
     n_c = n_tiles(sn, K_CHUNK)
     kT_sb = nl.ndarray((P_MAX, n_d, _SECTION), dtype=dtype, buffer=nl.sbuf)
     v_sb = nl.ndarray((P_MAX, _SECTION // K_CHUNK, d), dtype=dtype, buffer=nl.sbuf)
+    k_sb = nl.ndarray((P_MAX, _SECTION // K_CHUNK, d), dtype=dtype, buffer=nl.sbuf)
+    group = pe_transpose_group(dtype)
+    t_psum = nl.ndarray((P_MAX, 2, group, P_MAX), dtype=dtype, buffer=nl.psum)
+    n_t = 0
     for j0 in range(0, sn, _KV_LOAD_KEYS):
         jn = min(_KV_LOAD_KEYS, sn - j0)
-        for i_d in range(n_d):
-            d0 = i_d * D_CHUNK
-            dn = min(D_CHUNK, d - d0)
-            load_transposed(kT_sb[0:dn, i_d, j0:j0 + jn], k_cache[b, kvh, s0 + j0:s0 + j0 + jn, d0:d0 + dn],
-                            jn, dn, dtype)
         c0 = j0 // K_CHUNK
         full = jn // K_CHUNK
-        if full:
-            src = v_cache[b, kvh, s0 + j0:s0 + j0 + full * K_CHUNK, 0:d].reshape((full, K_CHUNK, d))
-            nisa.dma_copy(dst=v_sb[0:K_CHUNK, c0:c0 + full, 0:d], src=src.permute((1, 0, 2)))
         rem = jn - full * K_CHUNK
-        if rem:
-            nisa.dma_copy(dst=v_sb[0:rem, c0 + full, 0:d],
-                          src=v_cache[b, kvh, s0 + j0 + full * K_CHUNK:s0 + j0 + jn, 0:d])
+        for src_hbm, dst_sb in ((k_cache, k_sb), (v_cache, v_sb)):
+            if src_hbm is k_cache and k_is_bhds:
+                for i_d in range(n_d):
+                    d0 = i_d * D_CHUNK
+                    dn = min(D_CHUNK, d - d0)
+                    nisa.dma_copy(dst=kT_sb[0:dn, i_d, j0:j0 + jn], src=k_cache[b, kvh, d0:d0 + dn, s0 + j0:s0 + j0 + jn])
+                continue
+            if full:
+                src = src_hbm[b, kvh, s0 + j0:s0 + j0 + full * K_CHUNK, 0:d].reshape((full, K_CHUNK, d))
+                nisa.dma_copy(dst=dst_sb[0:K_CHUNK, c0:c0 + full, 0:d], src=src.permute((1, 0, 2)))
+            if rem:
+                nisa.dma_copy(dst=dst_sb[0:rem, c0 + full, 0:d],
+                              src=src_hbm[b, kvh, s0 + j0 + full * K_CHUNK:s0 + j0 + jn, 0:d])
+        if k_is_bhds:
+            continue
+        for i_d in range(n_d):          # K^T of this piece: PE transposes, one PSUM bank per `group` chunks
+            d0 = i_d * D_CHUNK
+            dn = min(D_CHUNK, d - d0)
+            for g0 in range(0, full + (1 if rem else 0), group):
+                gn = min(group, full + (1 if rem else 0) - g0)
+                slot = n_t % 2
+                n_t += 1
+                for i_c in range(gn):
+                    c = c0 + g0 + i_c
+                    cn = min(K_CHUNK, jn - (g0 + i_c) * K_CHUNK)
+                    nisa.nc_transpose(dst=t_psum[0:dn, slot, i_c, 0:cn], data=k_sb[0:cn, c, d0:d0 + dn])
+                keys0 = j0 + g0 * K_CHUNK
+                keys = min(gn * K_CHUNK, jn - g0 * K_CHUNK)
+                nisa.activation(dst=kT_sb[0:dn, i_d, keys0:keys0 + keys].reshape((dn, keys)), op=nl.copy,
+                                data=t_psum[0:dn, slot, 0:gn, 0:P_MAX].reshape((dn, gn * P_MAX))[:, 0:keys])
     # ---- S + bias in SBUF: bias = MASK_BIAS where (s0 + j) > limit_r
     local_limit = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_scalar(dst=local_limit[0:rows], data=limit[0:rows], op0=nl.add, operand0=float(-s0))
+    nisa.tensor_scalar(dst=local_limit[0:rows], data=limit[0:rows], op0=nl.add, operand0=float(-s0),
+                       engine=nisa.engine.gpsimd)
     s_sb = nl.ndarray((P_MAX, _SECTION), dtype=nl.float32, buffer=nl.sbuf)
-    for k0 in range(0, sn, KV_BLOCK):
-        kn = min(KV_BLOCK, sn - k0)
-        s_psum = nl.ndarray((P_MAX, KV_BLOCK), dtype=nl.float32, buffer=nl.psum)
+    s_psum = nl.ndarray((P_MAX, 2, _S_BLOCK), dtype=nl.float32, buffer=nl.psum)     # double-buffered scores
+    for i_blk, k0 in enumerate(range(0, sn, _S_BLOCK)):
+        kn = min(_S_BLOCK, sn - k0)
+        sp = s_psum[0:rows, i_blk % 2, 0:kn]
         for j0 in range(0, kn, MM_KEYS):
             jn = min(MM_KEYS, kn - j0)
             for i_d in range(n_d):
                 dn = min(D_CHUNK, d - i_d * D_CHUNK)
-                nisa.nc_matmul(s_psum[0:rows, j0:j0 + jn], qT_sb[0:dn, i_d, 0:rows],
+                nisa.nc_matmul(s_psum[0:rows, i_blk % 2, j0:j0 + jn], qT_sb[0:dn, i_d, 0:rows],
                                kT_sb[0:dn, i_d, k0 + j0:k0 + j0 + jn], accumulate=i_d > 0)
-        bias_sb = nl.ndarray((P_MAX, KV_BLOCK), dtype=nl.float32, buffer=nl.sbuf)
+        bias_sb = nl.ndarray((P_MAX, _S_BLOCK), dtype=nl.float32, buffer=nl.sbuf)
         nisa.tensor_scalar(dst=bias_sb[0:rows, 0:kn], data=key_pos[0:rows, k0:k0 + kn], op0=nl.greater,
                            operand0=local_limit[0:rows], op1=nl.multiply, operand1=MASK_BIAS,
                            engine=nisa.engine.gpsimd)
-        nisa.tensor_tensor(dst=s_sb[0:rows, k0:k0 + kn], data1=s_psum[0:rows, 0:kn], data2=bias_sb[0:rows, 0:kn],
-                           op=nl.add)
+        nisa.tensor_tensor(dst=s_sb[0:rows, k0:k0 + kn], data1=sp, data2=bias_sb[0:rows, 0:kn], op=nl.add)
     # ---- softmax statistics for the section, merged with the previous sections
     first = i_sec == 0
     m_old = m_run[i_sec % 2]

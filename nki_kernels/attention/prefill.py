@@ -24,11 +24,15 @@ from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, KV_BLOCK, MASK_BIAS, MAX_H
                       is_two_byte, load_len_broadcast, load_transposed, n_tiles, transpose_probs)
 
 _Q_TILE = P_MAX                   # query rows per tile (partitions of S, O)
-_BLOCK_2BYTE = 2 * MM_KEYS        # keys per softmax block for bf16/fp16: S of one stream = 2 PSUM banks
-_BLOCK_FP32 = MM_KEYS             # keys per softmax block for fp32 (its PE transposes need more PSUM)
-_N_STREAMS = 2                    # query tiles processed in lockstep (PSUM: 2 x 2 banks of S, 2 of PV, 1 of P^T)
-_PE_T_CHUNKS = 2                  # 128-key chunks of P per block transposed on the PE; the rest by DMA transpose
+_BLOCK_2BYTE = MM_KEYS            # keys per softmax block for bf16/fp16: S of one stream = 1 PSUM bank
+_BLOCK_FP32 = MM_KEYS             # keys per softmax block for fp32
+_N_STREAMS = 2                    # query tiles in flight (PSUM, bf16: S 2 slots x 2 buffers = 4 banks, PV 2 banks,
+#                                   P^T 1 bank; fp32: S single-buffered, P^T 2 banks)
+_PE_T_CHUNKS = 1                  # 128-key chunks of P per block transposed on the PE; the rest by DMA transpose
 #                                   (balances TensorE time against the DMA queues' transpose bandwidth)
+_S_RING = 2                       # score PSUM buffers per slot (bf16/fp16)
+_O_UPDATE_ON_POOL = True          # O = O*alpha + PV: ScalarE eviction + GpSimd (True) or one VectorE op (False)
+_MAX_DIAG_TILES = 8               # distinct causal-diagonal bias tiles kept in SBUF (1 KiB per partition each)
 _RING = 3                         # pipeline depth of the P / P^T buffers (PV runs two blocks behind QK)
 _KV_LOAD_KEYS = 2048              # keys per K^T / V load DMA: >= 2 KiB per partition for bf16 K^T pieces
 _SBUF_KV_BUDGET = 128 * 1024      # bytes per partition for the resident K^T + V (+ length bias) of one KV head;
@@ -99,10 +103,8 @@ def flash_attention_kernel(q, k, v, gate, seq_lens, softmax_scale, causal):
             if seq_lens is not None:
                 len_f = load_len_broadcast(seq_lens, b, P_MAX)
                 klen_bias = _key_length_bias(len_f, skv)
-            for w0 in range(0, len(work), _N_STREAMS):
-                wave = [_Stream(kvh * group + g, i_q * _Q_TILE, sq, skv, causal, _block_keys(dtype))
-                        for g, i_q in work[w0:w0 + _N_STREAMS]]
-                _attend_wave(q, gate, out, kT_sb, v_sb, len_f, klen_bias, b, wave, d, n_d, dtype,
+            items = [(kvh * group + g, i_q * _Q_TILE, sq) for g, i_q in work]
+            _attend_pipeline(q, gate, out, kT_sb, v_sb, len_f, klen_bias, b, items, skv, d, n_d, dtype,
                              softmax_scale, causal)
     return out
 
@@ -120,6 +122,31 @@ class _Stream:
 
     def keys(self, j, block):
         return min(block, self.k_end - j * block)
+
+
+class _DiagonalBias:
+    """Causal bias tiles [128, block] bf16 (0 where query p may see key j, i.e. offset + p - j >= 0, else
+    MASK_BIAS), built once per distinct offset on the GpSimd and reused by every diagonal block."""
+
+    def __init__(self, block):
+        self.block = block
+        self.tiles = {}
+        self.store = None
+
+    def __call__(self, offset):
+        if offset not in self.tiles:
+            n = len(self.tiles)
+            if self.store is None or n == self.store.shape[1]:
+                self.store = nl.ndarray((P_MAX, _MAX_DIAG_TILES, self.block), dtype=nl.bfloat16, buffer=nl.sbuf)
+                self.tiles = {}
+                n = 0
+            zeros = nl.ndarray((P_MAX, self.block), dtype=nl.bfloat16, buffer=nl.sbuf)
+            nisa.memset(dst=zeros, value=0.0, engine=nisa.engine.gpsimd)
+            nisa.affine_select(dst=self.store[:, n, :], pattern=[[-1, self.block]], offset=offset,
+                               channel_multiplier=1, on_true_tile=zeros, on_false_value=MASK_BIAS,
+                               cmp_op=nl.greater_equal)
+            self.tiles[offset] = self.store[:, n, :]
+        return self.tiles[offset]
 
 
 def _block_keys(dtype):
@@ -160,172 +187,236 @@ def _key_length_bias(len_f, skv):
     return bias_sb
 
 
-def _attend_wave(q, gate, out, kT_sb, v_sb, len_f, klen_bias, b, wave, d, n_d, dtype, softmax_scale, causal):
-    """Up to _N_STREAMS query tiles in lockstep over their key blocks, software-pipelined:
-    in step j the TensorE runs QK of block j, the PE transposes of block j-1 and PV of block j-2, while
-    the Vector/Scalar/GpSimd engines do the softmax of block j and DMA queues transpose P of block j."""
-    n_s = len(wave)
+def _attend_pipeline(q, gate, out, kT_sb, v_sb, len_f, klen_bias, b, items, skv, d, n_d, dtype, softmax_scale,
+                     causal, q_is_bhds=False):
+    """All (query head, query tile) streams of one KV head through one software pipeline.
+
+    _N_STREAMS slots each run a queue of streams back to back. In step t every slot computes the scores and
+    softmax of its current block (and starts the DMA transposes of P), the PE transposes P of step t-1 and
+    multiplies P V of step t-2, so every engine always has independent work queued in program order and the
+    pipeline never drains between query tiles. Per-stream state is double-buffered by generation parity.
+    """
     block = _block_keys(dtype)
     n_ch = block // K_CHUNK                              # 128-key chunks per block
     n_pe = _PE_T_CHUNKS if is_two_byte(dtype) else n_ch  # chunks transposed on the PE (rest: DMA transpose)
-    max_blk = max(st.n_blk for st in wave)
-    # ---- per-wave tiles: Q^T, softmax statistics per block, output accumulators
-    qT_sb = nl.ndarray((P_MAX, n_s, n_d, _Q_TILE), dtype=dtype, buffer=nl.sbuf)
-    for i_s, st in enumerate(wave):
-        for i_d in range(n_d):
-            d0 = i_d * D_CHUNK
-            dn = min(D_CHUNK, d - d0)
-            load_transposed(qT_sb[0:dn, i_s, i_d, 0:st.qn], q[b, st.h, st.q0:st.q0 + st.qn, d0:d0 + dn],
-                            st.qn, dn, dtype)
-    m_sb = nl.ndarray((P_MAX, n_s, max_blk), dtype=nl.float32, buffer=nl.sbuf)      # running max after block j
-    neg_m = nl.ndarray((P_MAX, n_s, max_blk), dtype=nl.float32, buffer=nl.sbuf)     # -scale * m
-    alpha = nl.ndarray((P_MAX, n_s, max_blk), dtype=nl.float32, buffer=nl.sbuf)     # e^(scale (m_{j-1} - m_j))
-    row_sum = nl.ndarray((P_MAX, n_s, max_blk), dtype=nl.float32, buffer=nl.sbuf)
-    l_sb = nl.ndarray((P_MAX, n_s, 1), dtype=nl.float32, buffer=nl.sbuf)
-    o_acc = nl.ndarray((P_MAX, n_s, d), dtype=nl.float32, buffer=nl.sbuf)
-    # ---- pipeline buffers (rings indexed by block number)
-    s_psum = nl.ndarray((P_MAX, n_s, block), dtype=nl.float32, buffer=nl.psum)     # 2 banks per stream
-    s_sb = nl.ndarray((P_MAX, n_s, block), dtype=nl.float32, buffer=nl.sbuf)       # masked scores
-    p_ring = nl.ndarray((P_MAX, _RING, n_s, block), dtype=dtype, buffer=nl.sbuf)
-    pT_ring = nl.ndarray((P_MAX, _RING, n_s, n_ch, _Q_TILE), dtype=dtype, buffer=nl.sbuf)
-    t_psum = nl.ndarray((P_MAX, 2, n_s, n_pe, _Q_TILE), dtype=dtype, buffer=nl.psum)
-    pv_psum = nl.ndarray((P_MAX, 2, n_s, d), dtype=nl.float32, buffer=nl.psum)
-    for j in range(max_blk + 2):
-        if j < max_blk:
-            live = [(i, st) for i, st in enumerate(wave) if j < st.n_blk]
-            for i, st in live:
-                _scores(s_psum, qT_sb, kT_sb, i, st, j, block, d, n_d)
-            for i, st in live:
-                _softmax_block(s_psum, s_sb, p_ring, m_sb, neg_m, alpha, row_sum, klen_bias, i, st, j, block,
-                               softmax_scale, causal)
-            for i, st in live:
-                _transpose_dma(pT_ring, p_ring, i, st, j, block, n_pe, n_ch)
-        jt = j - 1
-        if 0 <= jt < max_blk:
-            for i, st in enumerate(wave):
-                if jt < st.n_blk:
-                    _transpose_pe(pT_ring, t_psum, p_ring, i, st, jt, block, n_pe)
-        jp = j - 2
-        if 0 <= jp < max_blk:
-            for i, st in enumerate(wave):
-                if jp < st.n_blk:
-                    _pv_update(pv_psum, pT_ring, v_sb, o_acc, l_sb, alpha, row_sum, i, st, jp, block, d)
-                    if jp == st.n_blk - 1:
-                        _finish(out, gate, o_acc, l_sb, len_f, b, i, st, d, dtype)
+    n_slot = min(_N_STREAMS, len(items))
+    max_blk = n_tiles(skv, block)
+    queues = [[_Stream(h, q0, sq_, skv, causal, block) for (h, q0, sq_) in items[s::n_slot]] for s in range(n_slot)]
+    # ---- per-stream state, [slot, generation]: Q^T, statistics per block, accumulators
+    qT_sb = nl.ndarray((P_MAX, n_slot, 2, n_d, _Q_TILE), dtype=dtype, buffer=nl.sbuf)
+    m_blk = nl.ndarray((P_MAX, n_slot, 1), dtype=nl.float32, buffer=nl.sbuf)            # -rowmax of a block
+    neg_m = nl.ndarray((P_MAX, n_slot, 2, max_blk), dtype=nl.float32, buffer=nl.sbuf)    # -scale * running max
+    alpha = nl.ndarray((P_MAX, n_slot, 2, max_blk), dtype=nl.float32, buffer=nl.sbuf)    # e^(neg_m_j - neg_m_{j-1})
+    row_sum = nl.ndarray((P_MAX, n_slot, 2, max_blk), dtype=nl.float32, buffer=nl.sbuf)
+    l_sb = nl.ndarray((P_MAX, n_slot, 2, 1), dtype=nl.float32, buffer=nl.sbuf)
+    o_acc = nl.ndarray((P_MAX, n_slot, 2, d), dtype=nl.float32, buffer=nl.sbuf)
+    # ---- pipeline buffers
+    s_ring = _S_RING if is_two_byte(dtype) else 1        # S double-buffered: QK of block j+1 overlaps softmax j
+    s_psum = nl.ndarray((P_MAX, s_ring, n_slot, block), dtype=nl.float32, buffer=nl.psum)
+    pv_sb = nl.ndarray((P_MAX, n_slot, d), dtype=nl.float32, buffer=nl.sbuf)          # PV evicted for GpSimd
+    s_sb = nl.ndarray((P_MAX, n_slot, block), dtype=nl.float32, buffer=nl.sbuf)       # masked scores
+    p_ring = nl.ndarray((P_MAX, _RING, n_slot, block), dtype=dtype, buffer=nl.sbuf)
+    pT_ring = nl.ndarray((P_MAX, _RING, n_slot, n_ch, _Q_TILE), dtype=dtype, buffer=nl.sbuf)
+    t_ring = 2 if is_two_byte(dtype) else 1              # fp32 P^T takes 4x the PSUM: single-buffered
+    t_psum = nl.ndarray((P_MAX, t_ring, n_slot, n_pe, _Q_TILE), dtype=dtype, buffer=nl.psum)
+    pv_psum = nl.ndarray((P_MAX, 2, n_slot, d), dtype=nl.float32, buffer=nl.psum)
+    bufs = dict(qT=qT_sb, m_blk=m_blk, neg_m=neg_m, alpha=alpha, row_sum=row_sum, l=l_sb, o=o_acc, s_psum=s_psum,
+                s_sb=s_sb, pv_sb=pv_sb, p=p_ring, pT=pT_ring, t_psum=t_psum, pv=pv_psum)
+    diag_bias = _DiagonalBias(block)
+    cur = [None] * n_slot
+    nxt = [0] * n_slot
+    history = []
+    step = 0
+    while True:
+        # start streams in free slots (Q^T of the slot's following stream is prefetched at the same time)
+        for s in range(n_slot):
+            if cur[s] is None and nxt[s] < len(queues[s]):
+                st = queues[s][nxt[s]]
+                st.slot, st.gen, st.j = s, nxt[s] % 2, 0
+                if nxt[s] == 0:
+                    _load_q(q, bufs, b, st, d, n_d, dtype, q_is_bhds)
+                if nxt[s] + 1 < len(queues[s]):
+                    fol = queues[s][nxt[s] + 1]
+                    fol.slot, fol.gen = s, (nxt[s] + 1) % 2
+                    _load_q(q, bufs, b, fol, d, n_d, dtype, q_is_bhds)
+                nxt[s] += 1
+                cur[s] = st
+        live = [(st, st.j) for st in cur if st is not None]
+        history.append(live)
+        for st, j in live:
+            _scores(bufs, kT_sb, st, j, step, block, d, n_d)
+        scores = [_block_scores(bufs, klen_bias, diag_bias, st, j, step, block, causal) for st, j in live]
+        for (st, j), sc in zip(live, scores):
+            _softmax_max(bufs, sc, st, j, softmax_scale)
+        for (st, j), sc in zip(live, scores):
+            _softmax_exp(bufs, sc, st, j, step, softmax_scale)
+        for st, j in live:
+            _transpose_dma(bufs, st, j, step, block, n_pe)
+        if step >= 1:
+            for st, j in history[step - 1]:
+                _transpose_pe(bufs, st, j, step - 1, block, n_pe)
+        if step >= 2:
+            for st, j in history[step - 2]:
+                _pv_update(bufs, v_sb, st, j, step - 2, block, d)
+                if j == st.n_blk - 1:
+                    _finish(out, gate, bufs, len_f, b, st, d, dtype)
+        for s in range(n_slot):
+            st = cur[s]
+            if st is not None:
+                st.j += 1
+                if st.j == st.n_blk:
+                    cur[s] = None
+        step += 1
+        if step >= 2 and not history[-1] and not history[-2]:
+            break
 
 
-def _scores(s_psum, qT_sb, kT_sb, i, st, j, block, d, n_d):
-    """S[i] = Q^T[i].T @ K^T[:, block j] in fp32 PSUM; D contracted in 128-row chunks."""
+def _load_q(q, bufs, b, st, d, n_d, dtype, q_is_bhds=False):
+    """Q^T of one stream: DMA transpose of the BHSD tile (q_is_bhds=True: the host-permuted baseline layout,
+    a plain copy)."""
+    for i_d in range(n_d):
+        d0 = i_d * D_CHUNK
+        dn = min(D_CHUNK, d - d0)
+        if q_is_bhds:
+            nisa.dma_copy(dst=bufs["qT"][0:dn, st.slot, st.gen, i_d, 0:st.qn], src=q[b, st.h, d0:d0 + dn,
+                                                                                      st.q0:st.q0 + st.qn])
+            continue
+        load_transposed(bufs["qT"][0:dn, st.slot, st.gen, i_d, 0:st.qn], q[b, st.h, st.q0:st.q0 + st.qn, d0:d0 + dn],
+                        st.qn, dn, dtype)
+
+
+def _scores(bufs, kT_sb, st, j, step, block, d, n_d):
+    """S = Q^T.T @ K^T[:, block j] in fp32 PSUM; D contracted in 128-row chunks."""
     k0 = j * block
     kn = st.keys(j, block)
     for j0 in range(0, kn, MM_KEYS):
         jn = min(MM_KEYS, kn - j0)
         for i_d in range(n_d):
             dn = min(D_CHUNK, d - i_d * D_CHUNK)
-            nisa.nc_matmul(s_psum[0:st.qn, i, j0:j0 + jn], qT_sb[0:dn, i, i_d, 0:st.qn],
+            s_psum = bufs["s_psum"]
+            nisa.nc_matmul(s_psum[0:st.qn, step % s_psum.shape[1], st.slot, j0:j0 + jn], bufs["qT"][0:dn, st.slot, st.gen, i_d, 0:st.qn],
                            kT_sb[0:dn, i_d, k0 + j0:k0 + j0 + jn], accumulate=i_d > 0)
 
 
-def _softmax_block(s_psum, s_sb, p_ring, m_sb, neg_m, alpha, row_sum, klen_bias, i, st, j, block, softmax_scale,
-                   causal):
-    """Mask, running max, P = exp(scale*S - scale*m) with its row sum, and alpha for the rescale."""
-    qn = st.qn
+def _block_scores(bufs, klen_bias, diag_bias, st, j, step, block, causal):
+    """The block's logits as an on-chip view: PSUM directly, or SBUF after adding the length / causal bias."""
+    qn, s = st.qn, st.slot
     k0 = j * block
     kn = st.keys(j, block)
+    s_psum = bufs["s_psum"]
+    scores = s_psum[0:qn, step % s_psum.shape[1], s, 0:kn]
     diagonal = causal and (k0 + kn - 1 > st.qa0)
-    scores = s_psum[0:qn, i, 0:kn]
-    if diagonal or klen_bias is not None:
-        masked = s_sb[0:qn, i, 0:kn]
-        if klen_bias is not None:
-            nisa.tensor_tensor(dst=masked, data1=scores, data2=klen_bias[0:qn, k0:k0 + kn], op=nl.add)
-        else:
-            nisa.activation(dst=masked, op=nl.copy, data=scores)
-        if diagonal:   # keep key j of query p iff (qa0 + p) - (k0 + j) >= 0
-            nisa.affine_select(dst=masked, pattern=[[-1, kn]], offset=st.qa0 - k0, channel_multiplier=1,
-                               on_true_tile=masked, on_false_value=MASK_BIAS, cmp_op=nl.greater_equal)
+    if not diagonal and klen_bias is None:
+        return scores
+    masked = bufs["s_sb"][0:qn, s, 0:kn]
+    if klen_bias is not None:
+        nisa.tensor_tensor(dst=masked, data1=scores, data2=klen_bias[0:qn, k0:k0 + kn], op=nl.add)
         scores = masked
-    m_j = m_sb[0:qn, i, j:j + 1]
+    if diagonal:
+        nisa.tensor_tensor(dst=masked, data1=scores, data2=diag_bias(st.qa0 - k0)[0:qn, 0:kn], op=nl.add)
+    return masked
+
+
+def _softmax_max(bufs, scores, st, j, softmax_scale):
+    """Running statistic in the negated, scaled domain: neg_m_j = min(neg_m_{j-1}, -scale * rowmax(S_j))."""
+    qn, s, g = st.qn, st.slot, st.gen
+    neg_m = bufs["neg_m"]
+    nm_j = neg_m[0:qn, s, g, j:j + 1]
     if j == 0:
-        nisa.tensor_reduce(dst=m_j, op=nl.maximum, data=scores, axis=1)
-    else:
-        m_blk = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_reduce(dst=m_blk[0:qn], op=nl.maximum, data=scores, axis=1)
-        nisa.tensor_tensor(dst=m_j, data1=m_sb[0:qn, i, j - 1:j], data2=m_blk[0:qn], op=nl.maximum,
+        nisa.tensor_reduce(dst=bufs["m_blk"][0:qn, s, 0:1], op=nl.maximum, data=scores, axis=1, negate=True)
+        nisa.tensor_scalar(dst=nm_j, data=bufs["m_blk"][0:qn, s, 0:1], op0=nl.multiply, operand0=softmax_scale,
                            engine=nisa.engine.gpsimd)
-    nisa.tensor_scalar(dst=neg_m[0:qn, i, j:j + 1], data=m_j, op0=nl.multiply, operand0=-softmax_scale,
-                       engine=nisa.engine.gpsimd)
-    nisa.activation(dst=p_ring[0:qn, j % _RING, i, 0:kn], op=nl.exp, data=scores, bias=neg_m[0:qn, i, j:j + 1],
-                    scale=softmax_scale, reduce_op=nl.add, reduce_res=row_sum[0:qn, i, j:j + 1],
+    else:
+        nisa.tensor_reduce(dst=bufs["m_blk"][0:qn, s, 0:1], op=nl.maximum, data=scores, axis=1, negate=True)
+        nisa.tensor_scalar(dst=nm_j, data=bufs["m_blk"][0:qn, s, 0:1], op0=nl.multiply, operand0=softmax_scale,
+                           op1=nl.minimum, operand1=neg_m[0:qn, s, g, j - 1:j], engine=nisa.engine.gpsimd)
+
+
+def _softmax_exp(bufs, scores, st, j, step, softmax_scale):
+    """P = exp(scale*S + neg_m) with its row sum; alpha = exp(neg_m_j - neg_m_{j-1}) for the rescale."""
+    qn, s, g = st.qn, st.slot, st.gen
+    kn = scores.shape[-1]
+    nm_j = bufs["neg_m"][0:qn, s, g, j:j + 1]
+    nisa.activation(dst=bufs["p"][0:qn, step % _RING, s, 0:kn], op=nl.exp, data=scores, bias=nm_j,
+                    scale=softmax_scale, reduce_op=nl.add, reduce_res=bufs["row_sum"][0:qn, s, g, j:j + 1],
                     reduce_cmd=nisa.reduce_cmd.reset_reduce)
     if j > 0:
-        nisa.activation(dst=alpha[0:qn, i, j:j + 1], op=nl.exp, data=m_sb[0:qn, i, j - 1:j],
-                        bias=neg_m[0:qn, i, j:j + 1], scale=softmax_scale)
+        nisa.activation(dst=bufs["alpha"][0:qn, s, g, j:j + 1], op=nl.exp, data=bufs["neg_m"][0:qn, s, g, j - 1:j],
+                        bias=nm_j, scale=-1.0)
 
 
-def _transpose_dma(pT_ring, p_ring, i, st, j, block, n_pe, n_ch):
+def _transpose_dma(bufs, st, j, step, block, n_pe):
     """P^T of the block's chunks n_pe.. by SBUF->SBUF DMA transpose (2-byte dtypes)."""
     kn = st.keys(j, block)
     n_c = n_tiles(kn, K_CHUNK)
     full = kn // K_CHUNK
-    slot = j % _RING
+    r, s = step % _RING, st.slot
+    p_ring, pT_ring = bufs["p"], bufs["pT"]
     if full > n_pe:
-        src = p_ring[0:st.qn, slot, i, n_pe * K_CHUNK:full * K_CHUNK].reshape((st.qn, full - n_pe, K_CHUNK))
-        nisa.dma_transpose(dst=pT_ring[0:K_CHUNK, slot, i, n_pe:full, 0:st.qn], src=src)
+        src = p_ring[0:st.qn, r, s, n_pe * K_CHUNK:full * K_CHUNK].reshape((st.qn, full - n_pe, K_CHUNK))
+        nisa.dma_transpose(dst=pT_ring[0:K_CHUNK, r, s, n_pe:full, 0:st.qn], src=src)
     if n_c > full and full >= n_pe:     # a partial last chunk handled by DMA
         rem = kn - full * K_CHUNK
-        nisa.dma_transpose(dst=pT_ring[0:rem, slot, i, full, 0:st.qn],
-                           src=p_ring[0:st.qn, slot, i, full * K_CHUNK:kn])
+        nisa.dma_transpose(dst=pT_ring[0:rem, r, s, full, 0:st.qn], src=p_ring[0:st.qn, r, s, full * K_CHUNK:kn])
 
 
-def _transpose_pe(pT_ring, t_psum, p_ring, i, st, j, block, n_pe):
+def _transpose_pe(bufs, st, j, step, block, n_pe):
     """P^T of the block's first n_pe chunks on the TensorE, evicted PSUM -> SBUF by the Scalar engine."""
     kn = st.keys(j, block)
     n_c = min(n_pe, n_tiles(kn, K_CHUNK))
-    slot = j % _RING
-    t_slot = j % 2
+    p_ring, pT_ring, t_psum = bufs["p"], bufs["pT"], bufs["t_psum"]
+    r, s, t = step % _RING, st.slot, step % t_psum.shape[1]
     for c in range(n_c):
         cn = min(K_CHUNK, kn - c * K_CHUNK)
-        nisa.nc_transpose(dst=t_psum[0:cn, t_slot, i, c, 0:st.qn],
-                          data=p_ring[0:st.qn, slot, i, c * K_CHUNK:c * K_CHUNK + cn])
+        nisa.nc_transpose(dst=t_psum[0:cn, t, s, c, 0:st.qn], data=p_ring[0:st.qn, r, s, c * K_CHUNK:c * K_CHUNK + cn])
     full = min(n_c, kn // K_CHUNK)
     if full:
-        nisa.activation(dst=pT_ring[0:K_CHUNK, slot, i, 0:full, 0:st.qn], op=nl.copy,
-                        data=t_psum[0:K_CHUNK, t_slot, i, 0:full, 0:st.qn])
+        nisa.activation(dst=pT_ring[0:K_CHUNK, r, s, 0:full, 0:st.qn], op=nl.copy,
+                        data=t_psum[0:K_CHUNK, t, s, 0:full, 0:st.qn])
     if full < n_c:
         rem = kn - full * K_CHUNK
-        nisa.activation(dst=pT_ring[0:rem, slot, i, full, 0:st.qn], op=nl.copy,
-                        data=t_psum[0:rem, t_slot, i, full, 0:st.qn])
+        nisa.activation(dst=pT_ring[0:rem, r, s, full, 0:st.qn], op=nl.copy, data=t_psum[0:rem, t, s, full, 0:st.qn])
 
 
-def _pv_update(pv_psum, pT_ring, v_sb, o_acc, l_sb, alpha, row_sum, i, st, j, block, d):
-    """PV of block j (PSUM, fp32, one bank) and the online update O = O*alpha + PV, l = l*alpha + rowsum."""
-    qn = st.qn
+def _pv_update(bufs, v_sb, st, j, step, block, d):
+    """PV of block j (fp32 PSUM, one bank) and the online update O = O*alpha + PV, l = l*alpha + rowsum."""
+    qn, s, g = st.qn, st.slot, st.gen
     kn = st.keys(j, block)
-    slot = j % _RING
-    pv = pv_psum[0:qn, j % 2, i, 0:d]
+    pv = bufs["pv"][0:qn, step % 2, s, 0:d]
+    pT_ring, o_acc, l_sb = bufs["pT"], bufs["o"], bufs["l"]
+    row_sum = bufs["row_sum"]
     n_c = n_tiles(kn, K_CHUNK)
     c_base = (j * block) // K_CHUNK
     for c in range(n_c):
         cn = min(K_CHUNK, kn - c * K_CHUNK)
-        nisa.nc_matmul(pv, pT_ring[0:cn, slot, i, c, 0:qn], v_sb[0:cn, c_base + c, 0:d], accumulate=c > 0)
+        nisa.nc_matmul(pv, pT_ring[0:cn, step % _RING, s, c, 0:qn], v_sb[0:cn, c_base + c, 0:d], accumulate=c > 0)
+    o = o_acc[0:qn, s, g, 0:d]
+    l_ = l_sb[0:qn, s, g, 0:1]
     if j == 0:
-        nisa.tensor_copy(dst=o_acc[0:qn, i, 0:d], src=pv)
-        nisa.tensor_copy(dst=l_sb[0:qn, i, 0:1], src=row_sum[0:qn, i, 0:1], engine=nisa.engine.gpsimd)
+        nisa.activation(dst=o, op=nl.copy, data=pv)
+        nisa.tensor_copy(dst=l_, src=row_sum[0:qn, s, g, 0:1], engine=nisa.engine.gpsimd)
+    elif not _O_UPDATE_ON_POOL:
+        a_j = bufs["alpha"][0:qn, s, g, j:j + 1]
+        nisa.scalar_tensor_tensor(dst=o, data=o, op0=nl.multiply, operand0=a_j, op1=nl.add, operand1=pv)
+        nisa.scalar_tensor_tensor(dst=l_, data=l_, op0=nl.multiply, operand0=a_j, op1=nl.add,
+                                  operand1=row_sum[0:qn, s, g, j:j + 1])
     else:
-        a_j = alpha[0:qn, i, j:j + 1]
-        nisa.scalar_tensor_tensor(dst=o_acc[0:qn, i, 0:d], data=o_acc[0:qn, i, 0:d], op0=nl.multiply,
-                                  operand0=a_j, op1=nl.add, operand1=pv)
-        nisa.tensor_scalar(dst=l_sb[0:qn, i, 0:1], data=l_sb[0:qn, i, 0:1], op0=nl.multiply, operand0=a_j,
-                           engine=nisa.engine.gpsimd)
-        nisa.tensor_tensor(dst=l_sb[0:qn, i, 0:1], data1=l_sb[0:qn, i, 0:1], data2=row_sum[0:qn, i, j:j + 1],
-                           op=nl.add, engine=nisa.engine.gpsimd)
+        # ScalarE evicts PV; GpSimd rescales and accumulates (the VectorE is busy with the row max)
+        a_j = bufs["alpha"][0:qn, s, g, j:j + 1]
+        pv_sb = bufs["pv_sb"][0:qn, s, 0:d]
+        nisa.activation(dst=pv_sb, op=nl.copy, data=pv)
+        nisa.tensor_scalar(dst=o, data=o, op0=nl.multiply, operand0=a_j, engine=nisa.engine.gpsimd)
+        nisa.tensor_tensor(dst=o, data1=o, data2=pv_sb, op=nl.add, engine=nisa.engine.gpsimd)
+        nisa.scalar_tensor_tensor(dst=l_, data=l_, op0=nl.multiply, operand0=a_j, op1=nl.add,
+                                  operand1=row_sum[0:qn, s, g, j:j + 1])
 
 
-def _finish(out, gate, o_acc, l_sb, len_f, b, i, st, d, dtype):
+def _finish(out, gate, bufs, len_f, b, st, d, dtype):
     """out = O / l (0 for padded query rows), optionally * sigmoid(gate); one DMA to HBM."""
-    qn = st.qn
+    qn, s, g = st.qn, st.slot, st.gen
+    o = bufs["o"][0:qn, s, g, 0:d]
     inv_l = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.reciprocal(dst=inv_l[0:qn], data=l_sb[0:qn, i, 0:1])
+    nisa.reciprocal(dst=inv_l[0:qn], data=bufs["l"][0:qn, s, g, 0:1])
     if len_f is not None:
         q_pos = nl.ndarray((P_MAX, 1), dtype=nl.int32, buffer=nl.sbuf)
         nisa.iota(q_pos[0:qn], pattern=[[1, 1]], offset=st.qa0, channel_multiplier=1)
@@ -336,17 +427,17 @@ def _finish(out, gate, o_acc, l_sb, len_f, b, i, st, d, dtype):
                            engine=nisa.engine.gpsimd)
     o_sb = nl.ndarray((P_MAX, d), dtype=dtype, buffer=nl.sbuf)
     if gate is None:
-        nisa.tensor_scalar(dst=o_sb[0:qn, 0:d], data=o_acc[0:qn, i, 0:d], op0=nl.multiply, operand0=inv_l[0:qn],
+        nisa.tensor_scalar(dst=o_sb[0:qn, 0:d], data=o, op0=nl.multiply, operand0=inv_l[0:qn],
                            engine=nisa.engine.gpsimd)
     else:
         gate_sb = nl.ndarray((P_MAX, d), dtype=gate.dtype, buffer=nl.sbuf)
         nisa.dma_copy(dst=gate_sb[0:qn, 0:d], src=gate[b, st.h, st.q0:st.q0 + qn, 0:d])
         sig_sb = nl.ndarray((P_MAX, d), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.activation(dst=sig_sb[0:qn, 0:d], op=nl.sigmoid, data=gate_sb[0:qn, 0:d], scale=1.0)
+        nisa.activation(dst=sig_sb[0:qn, 0:d], op=nl.sigmoid, data=gate_sb[0:qn, 0:d])
         nisa.tensor_scalar(dst=sig_sb[0:qn, 0:d], data=sig_sb[0:qn, 0:d], op0=nl.multiply, operand0=inv_l[0:qn],
                            engine=nisa.engine.gpsimd)
-        nisa.tensor_tensor(dst=o_sb[0:qn, 0:d], data1=o_acc[0:qn, i, 0:d], data2=sig_sb[0:qn, 0:d],
-                           op=nl.multiply, engine=nisa.engine.gpsimd)
+        nisa.tensor_tensor(dst=o_sb[0:qn, 0:d], data1=o, data2=sig_sb[0:qn, 0:d], op=nl.multiply,
+                           engine=nisa.engine.gpsimd)
     nisa.dma_copy(dst=out[b, st.h, st.q0:st.q0 + qn, 0:d], src=o_sb[0:qn, 0:d])
 
 

@@ -27,6 +27,7 @@ _RSQRT_PRESCALE = 2.0 ** -40
 _RSQRT_POSTSCALE = 2.0 ** -20
 _FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 _STATE_DTYPES = ("float32", "bfloat16")
+_OUTER_BANK_HEADS = 4             # [Dk, Dv] fp32 outer products per PSUM bank (4 x 512 B = 2 KiB)
 
 
 @nki.jit
@@ -47,130 +48,153 @@ def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, 
     Constraints:
         T <= _MAX_DECODE_TOKENS; Dk, Dv <= _MAX_HEAD_DIM.
     Pseudocode:
-        for b: S = state_pool[slot_ids[b]] (dynamic DMA -> SBUF [Dk, Hv, Dv] fp32)
-          load q, k as columns [Dk, T, Hk, 2]; L2 norms by a ones-matmul (sums broadcast to all partitions)
-          for t, h: kS, qS = S^T k, S^T q; delta = beta (v - e^g kS); o = e^g qS + (k.q) delta;
-                    S = e^g S + k delta^T
-          state_pool[slot_ids[b]] = S; o[b] = rows
+        for b: S[h] = state_pool[slot_ids[b], h] (one dynamic DMA per head -> SBUF [Dk, Hv, Dv] fp32)
+          k, q as columns [Dk, T, Hv, 2] (k/q head h // (Hv/Hk) per v head); L2 norms by a ones-matmul
+          for t: [S^T k | S^T q] columns for all heads (S stationary, [k q] moving) -> PSUM [Dv, Hv, 2]
+                 delta = beta (v - e^g S^T k), o = e^g S^T q + (k.q) delta   (all heads, [Dv, Hv] tiles)
+                 S[h] = e^g S[h] + k_h delta_h^T   (K = 1 matmul from the transposed rows, fused decay + add)
+          state_pool[slot_ids[b]] = S (per head, as soon as it is final); o[b] = columns
     """
     bsz, n_tok, n_hk, dk = q.shape
     n_hv, dv = v.shape[2], v.shape[3]
     group = n_hv // n_hk
     f32 = nl.float32
-    o = nl.ndarray((bsz, n_tok, n_hv, dv), dtype=q.dtype, buffer=nl.shared_hbm)
-    ones_sb = nl.ndarray((dk, dk), dtype=f32, buffer=nl.sbuf)
-    nisa.memset(dst=ones_sb, value=1.0)
+    cdt = q.dtype if q.dtype == nl.bfloat16 else f32              # outer-product operand dtype
     n_th = n_tok * n_hv
+    pmax = max(dk, dv)
+    o = nl.ndarray((bsz, n_tok, n_hv, dv), dtype=q.dtype, buffer=nl.shared_hbm)
+    ones_sb = nl.ndarray((dk, pmax), dtype=f32, buffer=nl.sbuf)
+    nisa.memset(dst=ones_sb, value=1.0)
+    # 0/1 selection matrices: sel[j, t, hk, g] = [j == t Hk + hk] turns contiguous q/k rows [T Hk, Dk] into
+    # per-v-head columns [Dk, T Hv] with one matmul; ident_v turns v rows [T Hv, Dv] into columns
+    ldt = q.dtype if q.dtype == nl.bfloat16 else f32
     n_tk = n_tok * n_hk
+    ones_sel = nl.ndarray((n_th, n_th), dtype=ldt, buffer=nl.sbuf)
+    nisa.memset(dst=ones_sel, value=1.0)
+    sel = nl.ndarray((n_tk, n_tok, n_hk, group), dtype=ldt, buffer=nl.sbuf)
+    nisa.affine_select(dst=sel, pattern=[[n_hk, n_tok], [1, n_hk], [0, group]], offset=0, channel_multiplier=-1,
+                       on_true_tile=ones_sel[0:n_tk].reshape((n_tk, n_tok, n_hk, group)), on_false_value=0.0,
+                       cmp_op=nl.equal)
+    ident_v = nl.ndarray((n_th, n_th), dtype=ldt, buffer=nl.sbuf)
+    nisa.affine_select(dst=ident_v, pattern=[[1, n_th]], offset=0, channel_multiplier=-1, on_true_tile=ones_sel,
+                       on_false_value=0.0, cmp_op=nl.equal)
 
-    cdt = q.dtype if q.dtype == nl.bfloat16 else f32              # matmul operand dtype of k and delta
     for i_b in nl.affine_range(bsz):
         slot = nl.ndarray((1, 1), dtype=nl.int32, buffer=nl.sbuf)
         nisa.dma_copy(dst=slot, src=slot_ids.ap(pattern=[[1, 1], [1, 1]], offset=i_b))
-        # one dynamic DMA per head so head 0 computes while the other heads' rows stream in
+        # contiguous row loads: q/k [T Hk, Dk], v [T Hv, Dv]; gates broadcast over the partitions
+        k_rows_in = nl.ndarray((n_tk, dk), dtype=ldt, buffer=nl.sbuf)
+        nisa.dma_copy(dst=k_rows_in, src=k[i_b].reshape((n_tk, dk)))
+        q_rows_in = nl.ndarray((n_tk, dk), dtype=ldt, buffer=nl.sbuf)
+        nisa.dma_copy(dst=q_rows_in, src=q[i_b].reshape((n_tk, dk)))
+        v_rows_in = nl.ndarray((n_th, dv), dtype=ldt, buffer=nl.sbuf)
+        nisa.dma_copy(dst=v_rows_in, src=v[i_b].reshape((n_th, dv)))
+        g_bc = nl.ndarray((pmax, n_th), dtype=f32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=g_bc, src=g.ap(pattern=[[0, pmax], [1, n_th]], offset=i_b * n_th))
+        beta_bc = nl.ndarray((pmax, n_th), dtype=f32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=beta_bc, src=beta.ap(pattern=[[0, pmax], [1, n_th]], offset=i_b * n_th))
+        # one dynamic DMA per head (after the small loads) so head 0 computes while the other heads stream in
         state_sb = nl.ndarray((dk, n_hv, dv), dtype=f32, buffer=nl.sbuf)
         for i_h in nl.affine_range(n_hv):
             nisa.dma_copy(dst=state_sb[:, i_h, :], src=state_pool.ap(
                 pattern=[[dv, dk], [1, dv]], offset=i_h * dk * dv, scalar_offset=slot, indirect_dim=0))
-        # q, k as columns (Dk on partitions): kq[:, t, h, 0] = k, kq[:, t, h, 1] = q
-        kq = nl.ndarray((dk, n_tok, n_hk, 2), dtype=f32, buffer=nl.sbuf)
-        nisa.dma_copy(dst=kq[:, :, :, 0], src=k[i_b].permute((2, 0, 1)))
-        nisa.dma_copy(dst=kq[:, :, :, 1], src=q[i_b].permute((2, 0, 1)))
-        _normalize_columns(kq, ones_sb, scale, use_l2norm)
-        # k . q per (t, hk), broadcast to every partition by a ones-matmul
-        prod = nl.ndarray((dk, n_tk), dtype=f32, buffer=nl.sbuf)
-        nisa.tensor_tensor(dst=prod.reshape((dk, n_tok, n_hk)), data1=kq[:, :, :, 0], data2=kq[:, :, :, 1],
-                           op=nl.multiply)
-        kdotq_ps = nl.ndarray((dk, n_tk), dtype=f32, buffer=nl.psum)
-        nisa.nc_matmul(kdotq_ps, ones_sb, prod)
-        kdotq = nl.ndarray((dk, n_tk), dtype=f32, buffer=nl.sbuf)
-        nisa.tensor_copy(dst=kdotq, src=kdotq_ps)
-        del kdotq_ps
-        # k rows (partition 0) for the outer products: transpose of the normalised columns
-        k_rows = nl.ndarray((1, n_tk, dk), dtype=cdt, buffer=nl.sbuf)
-        for i_j in nl.affine_range(n_tk):
-            kr_ps = nl.ndarray((1, dk), dtype=f32, buffer=nl.psum)
-            nisa.nc_transpose(dst=kr_ps, data=kq[:, i_j // n_hk, i_j % n_hk, 0:1])
-            nisa.activation(dst=k_rows[:, i_j, :], op=nl.copy, data=kr_ps)
-        # gates broadcast over the Dk partitions: e^g, -beta e^g; beta v rows on partition 0
-        g_bc = nl.ndarray((dk, n_th), dtype=f32, buffer=nl.sbuf)
-        nisa.dma_copy(dst=g_bc, src=g.ap(pattern=[[0, dk], [1, n_th]], offset=i_b * n_th))
-        beta_bc = nl.ndarray((dk, n_th), dtype=f32, buffer=nl.sbuf)
-        nisa.dma_copy(dst=beta_bc, src=beta.ap(pattern=[[0, dk], [1, n_th]], offset=i_b * n_th))
-        exp_g = nl.ndarray((dk, n_th), dtype=f32, buffer=nl.sbuf)
+        # k, q columns per v head (Dk on partitions), transposed and head-expanded by one matmul each
+        kq_ps = nl.ndarray((dk, 2, n_th), dtype=f32, buffer=nl.psum)
+        nisa.nc_matmul(kq_ps[:, 0, :], k_rows_in, sel.reshape((n_tk, n_th)))
+        nisa.nc_matmul(kq_ps[:, 1, :], q_rows_in, sel.reshape((n_tk, n_th)))
+        kq = nl.ndarray((dk, 2, n_tok, n_hv), dtype=f32, buffer=nl.sbuf)    # [:, 0] = k, [:, 1] = q
+        _normalize_columns(kq, kq_ps, ones_sb, scale, use_l2norm)
+        del kq_ps
+        vcol_ps = nl.ndarray((dv, n_th), dtype=f32, buffer=nl.psum)
+        nisa.nc_matmul(vcol_ps, v_rows_in, ident_v)
+        exp_g = nl.ndarray((pmax, n_th), dtype=f32, buffer=nl.sbuf)
         nisa.activation(dst=exp_g, op=nl.exp, data=g_bc)
-        neg_beg = nl.ndarray((dk, n_th), dtype=f32, buffer=nl.sbuf)
-        nisa.scalar_tensor_tensor(dst=neg_beg, data=exp_g, op0=nl.multiply, operand0=-1.0, op1=nl.multiply,
-                                  operand1=beta_bc)
-        v_rows = nl.ndarray((1, n_th, dv), dtype=f32, buffer=nl.sbuf)
-        nisa.dma_copy(dst=v_rows, src=v[i_b].reshape((1, n_th, dv)))
-        o_rows = nl.ndarray((1, n_th, dv), dtype=q.dtype, buffer=nl.sbuf)
+        beta_exp_g = nl.ndarray((dv, n_th), dtype=f32, buffer=nl.sbuf)
+        nisa.tensor_tensor(dst=beta_exp_g, data1=exp_g[0:dv], data2=beta_bc[0:dv], op=nl.multiply,
+                           engine=nisa.engine.gpsimd)
+        beta_v = nl.ndarray((dv, n_th), dtype=f32, buffer=nl.sbuf)
+        nisa.tensor_tensor(dst=beta_v, data1=vcol_ps, data2=beta_bc[0:dv], op=nl.multiply)
+        del vcol_ps
+        # k . q per (t, h), broadcast to every partition by a ones-matmul
+        prod = nl.ndarray((dk, n_th), dtype=f32, buffer=nl.sbuf)
+        nisa.tensor_tensor(dst=prod.reshape((dk, n_tok, n_hv)), data1=kq[:, 0], data2=kq[:, 1],
+                           op=nl.multiply, engine=nisa.engine.gpsimd)
+        kdotq_ps = nl.ndarray((dv, n_th), dtype=f32, buffer=nl.psum)
+        nisa.nc_matmul(kdotq_ps, ones_sb[:, 0:dv], prod)
+        kdotq = nl.ndarray((dv, n_th), dtype=f32, buffer=nl.sbuf)
+        nisa.activation(dst=kdotq, op=nl.copy, data=kdotq_ps)
+        del kdotq_ps
+        o_cols = nl.ndarray((dv, n_th), dtype=q.dtype, buffer=nl.sbuf)
 
         for i_t in nl.sequential_range(n_tok):
-            # phase 1 (TensorE): S^T k and S^T q for every head, into two PSUM rows [1, Hv * Dv]
-            ks_ps = nl.ndarray((1, n_hv * dv), dtype=f32, buffer=nl.psum)
-            qs_ps = nl.ndarray((1, n_hv * dv), dtype=f32, buffer=nl.psum)
+            ths = slice(i_t * n_hv, (i_t + 1) * n_hv)
+            # k rows of this token (v head h on partition h), for the K = 1 outer products
+            kr_ps = nl.ndarray((n_hv, dk), dtype=f32, buffer=nl.psum)
+            nisa.nc_transpose(dst=kr_ps, data=kq[:, 0, i_t, :])
+            k_rows = nl.ndarray((n_hv, dk), dtype=cdt, buffer=nl.sbuf)
+            nisa.activation(dst=k_rows, op=nl.copy, data=kr_ps)
+            del kr_ps
+            # [S^T k | S^T q] for every head: S stationary (M = Dv), [k q] moving (N = 2)
+            sk_ps = nl.ndarray((dv, n_hv, 2), dtype=f32, buffer=nl.psum)
             for i_h in nl.affine_range(n_hv):
-                i_hk = i_h // group
-                nisa.nc_matmul(ks_ps[:, i_h * dv:(i_h + 1) * dv], kq[:, i_t, i_hk, 0:1], state_sb[:, i_h, :])
-                nisa.nc_matmul(qs_ps[:, i_h * dv:(i_h + 1) * dv], kq[:, i_t, i_hk, 1:2], state_sb[:, i_h, :])
-            # phase 2 (Vector/GpSimd): delta = beta v - beta e^g kS; o = e^g qS + (k . q) delta
-            delta = nl.ndarray((1, n_hv * dv), dtype=cdt, buffer=nl.sbuf)
+                nisa.nc_matmul(sk_ps[:, i_h, :], state_sb[:, i_h, :], kq[:, :, i_t, i_h])
+            # delta = beta v - beta e^g S^T k;  o = e^g S^T q + (k . q) delta   ([Dv, Hv] tiles, all heads)
+            dec_ks = nl.ndarray((dv, n_hv), dtype=f32, buffer=nl.sbuf)
+            nisa.tensor_tensor(dst=dec_ks, data1=sk_ps[:, :, 0], data2=beta_exp_g[:, ths], op=nl.multiply)
+            delta = nl.ndarray((dv, n_hv), dtype=f32, buffer=nl.sbuf)
+            nisa.tensor_tensor(dst=delta, data1=beta_v[:, ths], data2=dec_ks, op=nl.subtract)
+            dec_qs = nl.ndarray((dv, n_hv), dtype=f32, buffer=nl.sbuf)
+            nisa.tensor_tensor(dst=dec_qs, data1=sk_ps[:, :, 1], data2=exp_g[0:dv, ths], op=nl.multiply)
+            del sk_ps
+            kq_delta = nl.ndarray((dv, n_hv), dtype=f32, buffer=nl.sbuf)
+            nisa.tensor_tensor(dst=kq_delta, data1=delta, data2=kdotq[:, ths], op=nl.multiply,
+                               engine=nisa.engine.gpsimd)
+            nisa.tensor_tensor(dst=o_cols[:, ths], data1=dec_qs, data2=kq_delta, op=nl.add,
+                               engine=nisa.engine.gpsimd)
+            # delta rows (head h on partition h) for the outer products
+            dr_ps = nl.ndarray((n_hv, dv), dtype=f32, buffer=nl.psum)
+            nisa.nc_transpose(dst=dr_ps, data=delta)
+            d_rows = nl.ndarray((n_hv, dv), dtype=cdt, buffer=nl.sbuf)
+            nisa.activation(dst=d_rows, op=nl.copy, data=dr_ps)
+            del dr_ps
+            # S[h] = e^g S[h] + k_h delta_h^T; each head's rows written back as soon as they are final
+            outer_ps = nl.ndarray((dk, _OUTER_BANK_HEADS, dv), dtype=f32, buffer=nl.psum)
             for i_h in nl.affine_range(n_hv):
                 i_th = i_t * n_hv + i_h
-                i_tk = i_t * n_hk + i_h // group
-                cols = slice(i_h * dv, (i_h + 1) * dv)
-                bv = nl.ndarray((1, dv), dtype=f32, buffer=nl.sbuf)
-                nisa.tensor_scalar(dst=bv, data=v_rows[:, i_th, :], op0=nl.multiply,
-                                   operand0=beta_bc[0:1, i_th:i_th + 1], engine=nisa.engine.gpsimd)
-                nisa.scalar_tensor_tensor(dst=delta[:, cols], data=ks_ps[:, cols], op0=nl.multiply,
-                                          operand0=neg_beg[0:1, i_th:i_th + 1], op1=nl.add, operand1=bv)
-                kq_delta = nl.ndarray((1, dv), dtype=f32, buffer=nl.sbuf)
-                nisa.tensor_scalar(dst=kq_delta, data=delta[:, cols], op0=nl.multiply,
-                                   operand0=kdotq[0:1, i_tk:i_tk + 1], engine=nisa.engine.gpsimd)
-                nisa.scalar_tensor_tensor(dst=o_rows[:, i_th, :], data=qs_ps[:, cols], op0=nl.multiply,
-                                          operand0=exp_g[0:1, i_th:i_th + 1], op1=nl.add, operand1=kq_delta)
-            del ks_ps, qs_ps
-            # phase 3 (TensorE): outer products k delta^T (K = 1); phase 4 (Vector): S = e^g S + k delta^T
-            outer_ps = nl.ndarray((dk, n_hv * dv), dtype=f32, buffer=nl.psum)
-            for i_h in nl.affine_range(n_hv):
-                i_tk = i_t * n_hk + i_h // group
-                nisa.nc_matmul(outer_ps[:, i_h * dv:(i_h + 1) * dv], k_rows[:, i_tk, :],
-                               delta[:, i_h * dv:(i_h + 1) * dv])
-            for i_h in nl.affine_range(n_hv):
-                i_th = i_t * n_hv + i_h
+                slot_ps = outer_ps[:, i_h % _OUTER_BANK_HEADS, :]
+                nisa.nc_matmul(slot_ps, k_rows[i_h:i_h + 1, :], d_rows[i_h:i_h + 1, :], accumulate=False)
                 s_h = state_sb[:, i_h, :]
-                nisa.scalar_tensor_tensor(dst=s_h, data=s_h, op0=nl.multiply, operand0=exp_g[:, i_th:i_th + 1],
-                                          op1=nl.add, operand1=outer_ps[:, i_h * dv:(i_h + 1) * dv])
+                nisa.scalar_tensor_tensor(dst=s_h, data=s_h, op0=nl.multiply, operand0=exp_g[0:dk, i_th:i_th + 1],
+                                          op1=nl.add, operand1=slot_ps)
                 if i_t == n_tok - 1:
                     nisa.dma_copy(dst=state_pool.ap(pattern=[[dv, dk], [1, dv]], offset=i_h * dk * dv,
                                                     scalar_offset=slot, indirect_dim=0), src=s_h)
             del outer_ps
-        nisa.dma_copy(dst=o[i_b].reshape((1, n_th, dv)), src=o_rows)
+        nisa.dma_copy(dst=o.ap(pattern=[[1, dv], [dv, n_th]], offset=i_b * n_th * dv), src=o_cols)
     return o
 
 
-def _normalize_columns(kq, ones_sb, scale, use_l2norm):
-    """In place: k, q columns [Dk, T, Hk, 2] L2-normalised (if asked) and q scaled."""
-    dk, n_tok, n_hk, _ = kq.shape
+def _normalize_columns(kq, kq_ps, ones_sb, scale, use_l2norm):
+    """kq [Dk, 2, T, H] (SBUF) = the columns kq_ps [Dk, 2, T H] (PSUM; k then q), L2-normalised if asked,
+    q scaled: x * rsqrt(sum x^2 + eps) = x * 2^-20 * rsqrt((sum x^2 + eps) 2^-40)."""
+    dk = kq.shape[0]
+    width = kq_ps.shape[2]
     f32 = nl.float32
-    flat = kq.reshape((dk, n_tok * n_hk * 2))
+    post = _RSQRT_POSTSCALE if use_l2norm else 1.0
     if use_l2norm:
-        sq = nl.ndarray((dk, n_tok * n_hk * 2), dtype=f32, buffer=nl.sbuf)
-        nisa.tensor_tensor(dst=sq, data1=flat, data2=flat, op=nl.multiply)
-        ss_ps = nl.ndarray((dk, n_tok * n_hk * 2), dtype=f32, buffer=nl.psum)
-        nisa.nc_matmul(ss_ps, ones_sb, sq)                  # column sums, broadcast to all partitions
-        rnorm = nl.ndarray((dk, n_tok * n_hk * 2), dtype=f32, buffer=nl.sbuf)
-        nisa.tensor_scalar(dst=rnorm, data=ss_ps, op0=nl.add, operand0=_L2NORM_EPS, op1=nl.multiply,
-                           operand1=_RSQRT_PRESCALE)
-        nisa.activation(dst=rnorm, op=nl.rsqrt, data=rnorm)
-        nisa.tensor_tensor(dst=flat, data1=flat, data2=rnorm, op=nl.multiply)
-    post = float(scale) * (_RSQRT_POSTSCALE if use_l2norm else 1.0)
-    k_post = _RSQRT_POSTSCALE if use_l2norm else 1.0
-    if post != 1.0:
-        nisa.tensor_scalar(dst=kq[:, :, :, 1], data=kq[:, :, :, 1], op0=nl.multiply, operand0=post)
-    if k_post != 1.0:
-        nisa.tensor_scalar(dst=kq[:, :, :, 0], data=kq[:, :, :, 0], op0=nl.multiply, operand0=k_post)
+        sq = nl.ndarray((dk, 2 * width), dtype=f32, buffer=nl.sbuf)
+        nisa.activation(dst=sq, op=nl.square, data=kq_ps.reshape((dk, 2 * width)))
+        ss_ps = nl.ndarray((dk, 2 * width), dtype=f32, buffer=nl.psum)
+        nisa.nc_matmul(ss_ps, ones_sb[:, 0:dk], sq)          # column sums, broadcast to all partitions
+        rnorm = nl.ndarray((dk, 2, width), dtype=f32, buffer=nl.sbuf)
+        nisa.activation(dst=rnorm.reshape((dk, 2 * width)), op=nl.rsqrt, data=ss_ps, scale=_RSQRT_PRESCALE,
+                        bias=_L2NORM_EPS * _RSQRT_PRESCALE)
+        for i_x, factor in ((0, post), (1, post * float(scale))):
+            nisa.scalar_tensor_tensor(dst=kq[:, i_x].reshape((dk, width)), data=kq_ps[:, i_x, :], op0=nl.multiply,
+                                      operand0=factor, op1=nl.multiply, operand1=rnorm[:, i_x, :])
+    else:
+        nisa.activation(dst=kq[:, 0].reshape((dk, width)), op=nl.copy, data=kq_ps[:, 0, :])
+        nisa.activation(dst=kq[:, 1].reshape((dk, width)), op=nl.copy, data=kq_ps[:, 1, :], scale=float(scale))
 
 
 def _dtype_name(x):

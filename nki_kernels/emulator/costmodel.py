@@ -19,6 +19,7 @@ API (stable): ``model_launches(run_results, target=None) -> ModelReport`` and
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 
 from .targets import Target, get_target
@@ -43,9 +44,15 @@ class CostParams:
     pool_elems_pp_per_cycle: float = 1.0  # GpSimd: 8 cores x 512 bit, 16 partitions each -> 1 fp32/partition/cycle
     dma_fixed_us: float = 2.0             # DMA start latency ("~1.3 us from semaphore to start"; 1.3-2 us)
     dma_dynamic_extra_us: float = 1.0     # software descriptor generation for dynamic (indirect) DMAs
-    dma_desc_overhead_bytes: int = 64     # per contiguous run: efficiency = run / (run + overhead)
+    dma_full_eff_bytes: int = 4096        # contiguous run (bytes per descriptor/partition row) at full bandwidth
+    dma_eff_exponent: float = 0.3         # efficiency = min(1, run / dma_full_eff_bytes) ** exponent
+                                          # (fitted: 2 KiB rows -> 0.66 (A12 silu), >= 4 KiB -> 1 (A1, A8))
     dma_transpose_efficiency: float = 0.5 # DMA transpose throughput relative to copy (v3: ~90% HBM->SBUF, 50% SBUF->SBUF)
     launch_overhead_us: float = 15.0      # per-kernel-launch host/runtime overhead (kept separate)
+    reorder_window: int = 16              # an engine may start an instruction before up to this many earlier
+                                          # ones of its own (the compiler's list scheduling); 0 = program order
+    tile_buffers: int = 3                 # buffers the compiler rotates for a tile allocated in a loop body
+                                          # (the k-th allocation from one site reuses the (k-D)-th's memory)
 
 
 PARAMS: dict[str, CostParams] = {
@@ -264,12 +271,58 @@ def dma_cost(ins, target: Target, p: CostParams, hbm_bw: float, dma_bw: float) -
     bw = hbm_bw if touches_hbm else dma_bw
     runs = [a.contig_bytes for a in ins.reads + ins.writes if a.contig_bytes > 0]
     run = max(1, min(runs)) if runs else 512
-    eff = run / (run + p.dma_desc_overhead_bytes)
+    eff = min(1.0, run / p.dma_full_eff_bytes) ** p.dma_eff_exponent
     if ins.meta.get("transpose"):
         eff *= p.dma_transpose_efficiency
     occ = nbytes / (bw * eff) * 1e6
     lat = p.dma_fixed_us + (p.dma_dynamic_extra_us if ins.meta.get("dynamic") else 0.0)
     return occ, lat
+
+
+# ----------------------------------------------------------------------------------------------- allocation sites
+
+
+def _install_alloc_tracking():
+    """Record, on each program's trace, which allocation site every on-chip tensor came from.
+
+    NKI allocates a loop-body tile once per site and the compiler rotates a few buffers for it; the emulator
+    makes a fresh storage per iteration. The schedule uses `trace.alloc_sites` {sid: (site, k)} to make the
+    k-th allocation of a site wait until the (k - tile_buffers)-th is no longer used. Metadata only.
+    """
+    from . import runtime as _rt
+    if getattr(_rt.Program.allocate, "_costmodel_tracking", False):
+        return
+    original = _rt.Program.allocate
+
+    def allocate(self, shape, dtype, buffer, name="", who="ndarray"):
+        t = original(self, shape, dtype, buffer, name, who)
+        try:
+            st = t.storage
+            if st.buffer.on_chip:
+                sid = st.sid
+                site = next((k for k, v in self._sites.items() if v == sid), None)
+                if site is not None:
+                    d = self.trace.__dict__
+                    sites = d.setdefault("_site_ids", {})
+                    refs = d.setdefault("_site_refs", {})
+                    idx = sites.setdefault(site, len(sites))
+                    lst = refs.setdefault(idx, [])
+                    k = len(lst)
+                    # the (k-D)-th tile's memory can be reused only if the kernel no longer holds it
+                    # (a tile kept in a list across iterations needs its own memory)
+                    free = {j: (lst[j]() is None) for j in range(max(0, k - 8), k)}
+                    lst.append(weakref.ref(st))
+                    d.setdefault("alloc_sites", {})[sid] = (idx, k, free)
+        except Exception:      # never let bookkeeping break a kernel run
+            pass
+        return t
+
+    allocate._costmodel_tracking = True
+    allocate.__doc__ = original.__doc__
+    _rt.Program.allocate = allocate
+
+
+_install_alloc_tracking()
 
 
 # ----------------------------------------------------------------------------------------------- schedule
@@ -409,6 +462,42 @@ class _Pipe:
         return end
 
 
+class _Slots:
+    """Busy intervals of one compute engine; an instruction takes the earliest free gap that fits it."""
+    __slots__ = ("busy",)
+
+    def __init__(self):
+        self.busy: list = []
+
+    def place(self, start: float, dur: float) -> float:
+        b = self.busy
+        lo, hi = 0, len(b)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if b[mid][1] <= start:
+                lo = mid + 1
+            else:
+                hi = mid
+        i = lo
+        t = start
+        while i < len(b) and b[i][0] < t + dur - 1e-12:
+            t = max(t, b[i][1])
+            i += 1
+        s0, e0 = t, t + dur
+        j = i
+        if j > 0 and b[j - 1][1] >= s0 - 1e-12:
+            s0 = b[j - 1][0]
+            j -= 1
+            b.pop(j)
+        if j < len(b) and b[j][0] <= e0 + 1e-12:
+            e0 = b[j][1]
+            b.pop(j)
+        b.insert(j, (s0, e0))
+        if len(b) > 2048:
+            b[:1024] = [(b[0][0], b[1023][1])]
+        return t
+
+
 def model_trace(trace, target=None, *, params: CostParams | None = None, hbm_share: float = 1.0,
                 timeline: bool = False) -> TraceReport:
     """Schedule one trace (one program instance) on one core of `target`. Returns a TraceReport (modeled)."""
@@ -428,12 +517,32 @@ def model_trace(trace, target=None, *, params: CostParams | None = None, hbm_sha
     last_stationary = None
     last_mov_cycles = 0.0
     tl = [] if timeline else None
+    alloc = getattr(trace, "alloc_sites", None) or {}
+    site_seq: dict = {}
+    for sid, (site, k, _free) in alloc.items():
+        site_seq[(site, k)] = sid
+    last_use: dict = {}
+    touched: set = set()
+    nbuf = max(1, p.tile_buffers)
+    window = max(0, p.reorder_window)
+    slots = {e: _Slots() for e in ENGINES}
+    starts = {e: [] for e in ENGINES}
 
     for ins in trace:
         eng = ins.engine
         counts[eng] = counts.get(eng, 0) + 1
         # dependencies
         ready = 0.0
+        if alloc:
+            for a in ins.reads + ins.writes:
+                if a.sid in touched:
+                    continue
+                touched.add(a.sid)
+                sk = alloc.get(a.sid)
+                if sk is not None and sk[1] >= nbuf and sk[2].get(sk[1] - nbuf, False):
+                    prev = site_seq.get((sk[0], sk[1] - nbuf))
+                    if prev is not None:
+                        ready = max(ready, last_use.get(prev, 0.0))
         rrects = []
         for a in ins.reads:
             s = spans.get(a.sid)
@@ -497,11 +606,23 @@ def model_trace(trace, target=None, *, params: CostParams | None = None, hbm_sha
                 last_stationary = None
                 last_mov_cycles = cyc
             occ = cyc / ghz * 1e-3
-            start = max(ready, eng_free[eng])
-            eng_free[eng] = start + occ
+            if window > 0:
+                hist = starts[eng]
+                floor = hist[-window] if len(hist) >= window else 0.0
+                start = slots[eng].place(max(ready, floor), occ)
+                hist.append(start)
+                if len(hist) > window:
+                    del hist[0]
+            else:
+                start = max(ready, eng_free[eng])
+            eng_free[eng] = max(eng_free[eng], start + occ)
             busy[eng] += occ
             done_engine = start + occ
             done_for_readers = done_engine + lat_cyc / ghz * 1e-3
+        if alloc:
+            for a in ins.reads + ins.writes:
+                if a.buffer != "hbm" and last_use.get(a.sid, 0.0) < done_engine:
+                    last_use[a.sid] = done_engine
         for a, s, r in wrects:
             s.add_write(*r, done_for_readers, eng, done_engine)
         for a, s, r in rrects:

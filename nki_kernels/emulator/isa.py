@@ -7,7 +7,6 @@ entry to the running program's trace.
 from __future__ import annotations
 
 import enum
-import math
 
 import numpy as np
 
@@ -656,8 +655,11 @@ def _dma_operand(instr, role, t):
     return t
 
 
-def dma_copy(dst, src, oob_mode=oob_mode.error, dge_mode=dge_mode.unknown, engine=None, priority=None, name=None):
-    """Copy src to dst (HBM<->SBUF, SBUF->SBUF, HBM->HBM); equal element counts; casts through fp32."""
+def dma_copy(dst, src, priority=None, oob_mode=oob_mode.error, dge_mode=dge_mode.unknown, engine=None,
+             name=None):
+    """Copy src to dst (HBM<->SBUF, SBUF->SBUF, HBM->HBM); equal element counts; casts through fp32.
+
+    Parameter order as in NKI 0.6 (`priority` third): pass everything after `src` by keyword."""
     instr = "dma_copy"
     _dma_operand(instr, "src", src)
     _dma_operand(instr, "dst", dst)
@@ -669,6 +671,11 @@ def dma_copy(dst, src, oob_mode=oob_mode.error, dge_mode=dge_mode.unknown, engin
     if priority is not None and current().target.nc_version < 4:
         fail(instr, "priority", "DMA priority exists only on NeuronCore-v4 (trn3)")
     oob = globals()["oob_mode"]
+    if not isinstance(oob_mode, oob):
+        fail(instr, "oob_mode", f"must be a nisa.oob_mode member (enum arguments take members, not ints), "
+             f"got {oob_mode!r}")
+    if not isinstance(dge_mode, mode):
+        fail(instr, "dge_mode", f"must be a nisa.dge_mode member, got {dge_mode!r}")
     skip = oob_mode is oob.skip
     if src.on_chip is False:
         _hbm_race_check(instr, "src", src, write=False)

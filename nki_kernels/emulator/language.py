@@ -184,6 +184,9 @@ def _call_op(op: Op, *args, dtype=None, **kwargs):
             _isa.tensor_tensor(out, x, y, op)
             return out
         tile, scalar, rev = (x, y, False) if xt else (y, x, True)
+        if op.name == "power":
+            fail(name, "y" if xt else "x", "nl.power with a scalar operand is not supported by NKI; pass two "
+                 "tiles of the same shape (e.g. an nl.full tile) or use nisa.activation / nisa.tensor_tensor")
         out = ndarray(tile.shape, dtype or tile.dtype, sbuf)
         _isa.tensor_scalar(out, tile, op, scalar, reverse0=rev)
         return out

@@ -11,16 +11,19 @@ from ..hw import P_MAX
 from ..validation import kernel_check
 
 # ---- constraints
-# Whole rows live in SBUF: one tile of 4 B x 16384 = 64 KiB per partition (fp32), leaving room for the next
-# iteration's tile on every target (180224 B per partition on trn1); also within the 64K elements per
-# partition one instruction may read.
+# Whole rows live in SBUF: a group tile takes <= 64 KiB per partition (one fp32 row of 16384), leaving room
+# for the next iteration's tile on every target (180224 B per partition on trn1); also within the 64K
+# elements per partition one instruction may read.
 _MAX_C = 16384
 _FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+# ---- tiling
+_GROUP_MAX = 4                # row tiles per loop iteration whose steps interleave across VectorE / ScalarE
+_GROUP_BYTES = 64 * 1024      # SBUF bytes per partition one group's tile may take
 
 
 @nki.jit
 def softmax_kernel(x):
-    """Softmax over the last dim of a 2-D tensor, one 128-row tile at a time, in place in SBUF.
+    """Softmax over the last dim of a 2-D tensor, 128-row tiles processed in groups, in place in SBUF.
 
     Dimensions:
         R rows, C columns (softmax axis).
@@ -31,47 +34,65 @@ def softmax_kernel(x):
     Constraints:
         C <= _MAX_C (16384); under LNC=2 program p handles the row tiles i_r with i_r % 2 == p.
     Pseudocode:
-        for each 128-row tile t (allocated per iteration, so consecutive tiles overlap):
-            neg_max = -max_c(t)                          # VectorE tensor_reduce(negate=True), fp32
-            t, row_sum = exp(t + neg_max), sum_c(exp)    # ScalarE activation, fp32 reduce, in place
-            inv = 1 / row_sum                            # VectorE reciprocal
-            t *= inv                                     # VectorE first half of C, ScalarE second half
+        for each group of up to _GROUP_MAX row tiles (one [128, G, C] SBUF tile per group):
+            for each tile t: load t
+            for each tile t: neg_max = -max_c(t)                     # VectorE tensor_reduce(negate=True)
+            for each tile t: t, row_sum = exp(t + neg_max), sum(exp) # ScalarE activation, fp32 reduce
+            for each tile t: inv = 1 / row_sum                       # VectorE reciprocal
+            for each tile t: t *= inv; store t                       # VectorE half of C, ScalarE half
+        Issuing each step for the whole group lets VectorE reduce tile g+1 while ScalarE exponentiates
+        tile g, instead of one tile's four dependent steps running back to back.
     """
     n_rows, n_cols = x.shape
     out = nl.ndarray((n_rows, n_cols), dtype=x.dtype, buffer=nl.shared_hbm)
     n_tiles = (n_rows + P_MAX - 1) // P_MAX
     pid = nl.program_id(0)
     n_prog = nl.num_programs(0)
-    for i_r in nl.affine_range(n_tiles):
-        if i_r % n_prog != pid:
-            continue
-        r0 = i_r * P_MAX
-        r_sz = min(P_MAX, n_rows - r0)
-        _softmax_tile(x, out, r0, r_sz, n_cols)
+    n_mine = (n_tiles - pid + n_prog - 1) // n_prog          # row tiles i_r = pid + j * n_prog, j < n_mine
+    group = max(1, min(_GROUP_MAX, _GROUP_BYTES // (n_cols * x.dtype.itemsize)))
+    for i_g in nl.affine_range((n_mine + group - 1) // group):
+        j0 = i_g * group
+        _softmax_group(x, out, j0, min(group, n_mine - j0), pid, n_prog, n_cols)
     return out
 
 
-def _softmax_tile(x, out, r0, r_sz, n_cols):
-    """Softmax of rows [r0, r0 + r_sz) (r_sz <= 128) from HBM to HBM, in place in one SBUF tile."""
-    x_sb = nl.ndarray((P_MAX, n_cols), dtype=x.dtype, buffer=nl.sbuf)
-    nisa.dma_copy(dst=x_sb[0:r_sz, :], src=x[r0:r0 + r_sz, :])
-    neg_max_sb = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_reduce(dst=neg_max_sb[0:r_sz, :], op=nl.maximum, data=x_sb[0:r_sz, :], axis=1, negate=True)
-    # exp(x - max) overwrites the tile; the row sum accumulates in fp32 before any rounding to x's dtype.
-    row_sum_sb = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.activation_reduce(dst=x_sb[0:r_sz, :], op=nl.exp, data=x_sb[0:r_sz, :], reduce_op=nl.add,
-                           reduce_res=row_sum_sb[0:r_sz, :], bias=neg_max_sb[0:r_sz, :])
-    inv_sum_sb = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.reciprocal(dst=inv_sum_sb[0:r_sz, :], data=row_sum_sb[0:r_sz, :])
+def _softmax_group(x, out, j0, n_grp, pid, n_prog, n_cols):
+    """Softmax of this program's row tiles j0 .. j0 + n_grp - 1 (tile j covers rows from (pid + j * n_prog) * 128),
+    HBM to HBM, in one SBUF tile [128, n_grp, C]."""
+    n_rows = x.shape[0]
+    x_sb = nl.ndarray((P_MAX, n_grp, n_cols), dtype=x.dtype, buffer=nl.sbuf)
+    # per tile g: column g of neg_max_sb, row_sum_sb, inv_sum_sb (fp32 statistics)
+    neg_max_sb = nl.ndarray((P_MAX, n_grp), dtype=nl.float32, buffer=nl.sbuf)
+    row_sum_sb = nl.ndarray((P_MAX, n_grp), dtype=nl.float32, buffer=nl.sbuf)
+    inv_sum_sb = nl.ndarray((P_MAX, n_grp), dtype=nl.float32, buffer=nl.sbuf)
+    for g in nl.static_range(n_grp):
+        r0 = (pid + (j0 + g) * n_prog) * P_MAX
+        r_sz = min(P_MAX, n_rows - r0)
+        nisa.dma_copy(dst=x_sb[0:r_sz, g, :], src=x[r0:r0 + r_sz, :])
+    for g in nl.static_range(n_grp):
+        r_sz = min(P_MAX, n_rows - (pid + (j0 + g) * n_prog) * P_MAX)
+        nisa.tensor_reduce(dst=neg_max_sb[0:r_sz, g:g + 1], op=nl.maximum, data=x_sb[0:r_sz, g, :], axis=1,
+                           negate=True)
+    for g in nl.static_range(n_grp):
+        r_sz = min(P_MAX, n_rows - (pid + (j0 + g) * n_prog) * P_MAX)
+        # exp(x - max) overwrites the tile; the row sum accumulates in fp32 before any rounding to x's dtype
+        nisa.activation_reduce(dst=x_sb[0:r_sz, g, :], op=nl.exp, data=x_sb[0:r_sz, g, :], reduce_op=nl.add,
+                               reduce_res=row_sum_sb[0:r_sz, g:g + 1], bias=neg_max_sb[0:r_sz, g:g + 1])
+    for g in nl.static_range(n_grp):
+        r_sz = min(P_MAX, n_rows - (pid + (j0 + g) * n_prog) * P_MAX)
+        nisa.reciprocal(dst=inv_sum_sb[0:r_sz, g:g + 1], data=row_sum_sb[0:r_sz, g:g + 1])
     # Normalise: VectorE scales the first half of the columns, ScalarE the second half, so the two engines
-    # share the work (ScalarE already ran the exp pass) and neither outlasts the tile's DMAs.
+    # share the work (ScalarE already ran the exp pass) and neither outlasts the DMAs.
     c_split = (n_cols + 1) // 2
-    nisa.tensor_scalar(dst=x_sb[0:r_sz, 0:c_split], data=x_sb[0:r_sz, 0:c_split], op0=nl.multiply,
-                       operand0=inv_sum_sb[0:r_sz, :])
-    if c_split < n_cols:
-        nisa.activation(dst=x_sb[0:r_sz, c_split:n_cols], op=nl.copy, data=x_sb[0:r_sz, c_split:n_cols],
-                        scale=inv_sum_sb[0:r_sz, :])
-    nisa.dma_copy(dst=out[r0:r0 + r_sz, :], src=x_sb[0:r_sz, :])
+    for g in nl.static_range(n_grp):
+        r0 = (pid + (j0 + g) * n_prog) * P_MAX
+        r_sz = min(P_MAX, n_rows - r0)
+        nisa.tensor_scalar(dst=x_sb[0:r_sz, g, 0:c_split], data=x_sb[0:r_sz, g, 0:c_split], op0=nl.multiply,
+                           operand0=inv_sum_sb[0:r_sz, g:g + 1])
+        if c_split < n_cols:
+            nisa.activation(dst=x_sb[0:r_sz, g, c_split:n_cols], op=nl.copy, data=x_sb[0:r_sz, g, c_split:n_cols],
+                            scale=inv_sum_sb[0:r_sz, g:g + 1])
+        nisa.dma_copy(dst=out[r0:r0 + r_sz, :], src=x_sb[0:r_sz, g, :])
 
 
 def softmax(x, lnc: int = 1):

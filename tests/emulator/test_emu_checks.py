@@ -106,7 +106,8 @@ def test_matmul_result_not_in_psum(rng):
         on_chip(step, rnd(rng, (8, 8)))
 
 
-@pytest.mark.parametrize("m,n,frag", [(129, 64, "M=129 exceeds the limit 128"), (64, 513, "N=513 exceeds the limit 512")])
+@pytest.mark.parametrize("m,n,frag", [(129, 64, "M=129 exceeds the limit 128"),
+                                      (64, 513, "N=513 exceeds the limit 512")])
 def test_matmul_m_n_limits(rng, m, n, frag):
     a, b = rnd(rng, (32, m), BF16), rnd(rng, (32, n), BF16)
 
@@ -439,3 +440,50 @@ def test_dma_scatter_with_oob_skip_drops_padded_ids(rng):
     want = np.zeros((7, 8), np.float32)
     want[1], want[6] = rows[0], rows[2]
     np.testing.assert_array_equal(out, want)
+
+
+def test_partition_striding_and_free_pattern_crossing_partitions(rng):
+    def strided(x):
+        o = nl.ndarray((4, 16), nl.float32, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=o, src=x[0:8:2, :])
+        return o
+    with raises("tensor_copy", "'src'", "one partition at a time"):
+        on_chip(strided, rnd(rng, (8, 16)))
+
+    def crossing(x):
+        o = nl.ndarray((4, 20), nl.float32, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=o, src=x.ap(pattern=[[16, 4], [1, 20]]))
+        return o
+    with raises("tensor_copy", "'src'", "crosses into another partition"):
+        on_chip(crossing, rnd(rng, (8, 16)))
+
+    def reshape_partitions(x):
+        return x.reshape((4, 32))
+    with raises("reshape", "partition dim 8"):
+        on_chip(reshape_partitions, rnd(rng, (8, 16)))
+
+
+def test_enum_arguments_take_members_not_ints(rng):
+    def k(a):
+        t = nl.ndarray(a.shape, nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=t, src=a, oob_mode=1)
+        return hbm_out(t)
+    with raises("dma_copy", "'oob_mode'", "nisa.oob_mode member"):
+        kernel_run(k, rnd(rng, (2, 2)))
+
+    def k2(x):
+        o = nl.ndarray(x.shape, nl.float32, buffer=nl.sbuf)
+        r = nl.ndarray((2, 1), nl.float32, buffer=nl.sbuf)
+        nisa.activation(dst=o, op=nl.exp, data=x, reduce_op=nl.add, reduce_res=r, reduce_cmd=3)
+        return r
+    with raises("activation", "'reduce_cmd'", "nisa.reduce_cmd member"):
+        on_chip(k2, rnd(rng, (2, 2)))
+
+
+def test_dma_copy_third_positional_argument_is_priority(rng):
+    def k(a):
+        t = nl.ndarray(a.shape, nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(t, a, nisa.oob_mode.skip)          # NKI 0.6: the third parameter is `priority`
+        return hbm_out(t)
+    with raises("dma_copy", "'priority'", "neuroncore-v4"):
+        kernel_run(k, rnd(rng, (2, 2)))

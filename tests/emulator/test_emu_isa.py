@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 import pytest
-from emu_kit import BF16, FP8_E4M3, FP8_E5M2, f32, hbm_out, kernel_run, nisa, nl, on_chip, raises, rnd, sb_load
+from emu_kit import BF16, FP8_E4M3, FP8_E5M2, hbm_out, kernel_run, nisa, nl, on_chip, raises, rnd, sb_load
 from hypothesis import given
 from hypothesis import strategies as st
 

@@ -144,3 +144,17 @@ def test_nl_functions_emit_traced_instructions(rng):
     r = kernel_run(k, rnd(rng, (4, 8)))
     assert [(i.name, i.engine) for i in r.trace] == [("dma_copy", "dma"), ("activation", "act"),
                                                      ("tensor_reduce", "dve"), ("dma_copy", "dma")]
+
+
+def test_power_tiles_run_on_gpsimd_and_scalar_power_is_rejected(rng):
+    x = rng.uniform(0.5, 2, (8, 6)).astype(np.float32)
+    e = rng.uniform(-2, 2, (8, 6)).astype(np.float32)
+
+    def k(a, b):
+        p = nl.power(nl.load(a), nl.load(b))
+        return hbm_out(p)
+    r = kernel_run(k, x, e)
+    np.testing.assert_allclose(r.outputs, x.astype(np.float64) ** e, rtol=1e-6)
+    assert [i.engine for i in r.trace if i.name == "tensor_tensor"] == ["pool"]
+    with raises("nl.power", "scalar operand", "not supported"):
+        on_chip(lambda t: nl.power(t, 2.0), x)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
-from emu_kit import hbm_out, jit, kernel_run, nisa, nl, raises, rnd, run, sb_load
+from emu_kit import jit, kernel_run, nisa, nl, raises, rnd, run, sb_load
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -129,3 +129,10 @@ def test_private_hbm_is_per_program(rng):
         nisa.dma_copy(dst=out[pid * 4:pid * 4 + 4, :], src=scratch)
         return out
     np.testing.assert_array_equal(kernel_run(k, x, lnc=2).outputs, np.concatenate([x, x]))
+
+
+def test_nki_simulate_entry_points(rng):
+    from nki_kernels.emulator import simulate
+    x = rnd(rng, (40, 8))
+    np.testing.assert_array_equal(simulate(_scale_rows)(x, 2.0), x * np.float32(2.0))
+    np.testing.assert_array_equal(simulate(_scale_rows[2])(x, 2.0), x * np.float32(2.0))

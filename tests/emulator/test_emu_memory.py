@@ -111,6 +111,6 @@ def test_two_allocations_on_one_line_are_both_live():
     def k(a):
         x, y = nl.ndarray((128, 30000), nl.float32, buffer=nl.sbuf), nl.ndarray((128, 30000), nl.float32,
                                                                                  buffer=nl.sbuf, name="second")
-        return None
+        return x, y
     with raises("'second'", "120000 B live"):
         kernel_run(k, ONE)

@@ -50,6 +50,16 @@ def test_tiled_matmul_lnc2_equals_lnc1_and_splits_work(rng):
     assert sum(len(t) for t in r2.traces) < 1.5 * n1
 
 
+def test_tiled_matmul_streams_lhs_when_it_does_not_fit(rng):
+    # n_m * n_k = 11 * 12 = 132 fp32 blocks of 128 x 128 exceed the 64 KiB resident budget per partition
+    lhsT = rng.standard_normal((1500, 1400)).astype(np.float32)
+    rhs = rng.standard_normal((1500, 37)).astype(np.float32)
+    out = tiled_matmul(lhsT, rhs)
+    loads = [i for i in last_run().trace if i.name == "dma_copy" and i.reads[0].buffer == "hbm"]
+    assert len(loads) == 2 + 11 * 2                 # rhs (full K tiles + K tail), then lhsT per M tile
+    assert_close("tiled_matmul", tiled_matmul_reference(lhsT, rhs), out, dtype="float32")
+
+
 def test_tiled_matmul_adversarial_values():
     k, m, n = 130, 5, 9
     lhsT = np.zeros((k, m), np.float32)
@@ -70,6 +80,9 @@ def test_tiled_matmul_bad_inputs():
         tiled_matmul(a.astype(np.int32), a.astype(np.int32))
     with pytest.raises(KernelInputError, match=r"tiled_matmul: dtypes differ"):
         tiled_matmul(a, a.astype(BF16))
+    with pytest.raises(KernelInputError, match=r"tiled_matmul: K \* itemsize must be <= 16384 B \(K <= 4096 for "
+                                               r"float32\), got K=4097"):
+        tiled_matmul(np.zeros((4097, 2), np.float32), np.zeros((4097, 2), np.float32))
     with pytest.raises(KernelInputError, match=r"tiled_matmul: lnc must be 1 or 2, got lnc=4"):
         tiled_matmul(a, a, lnc=4)
 
@@ -127,7 +140,6 @@ def test_softmax_bad_inputs():
         softmax(np.zeros((2, 2), np.float32), lnc=0)
 
 
-@pytest.mark.slow
 def test_widest_rows_fit_sbuf_on_every_target(rng):
     from nki_kernels.emulator import use_target
     x = rng.standard_normal((130, 16384)).astype(np.float32)

@@ -182,3 +182,73 @@ def blockwise_mapping(top_k_index, num_experts, block_size):
         slots += [-1] * block_size
         experts.append(num_experts - 1)
     return torch.tensor(slots, dtype=torch.int32), torch.tensor(experts, dtype=torch.int32)
+
+
+def make_code_predictor_class():
+    """UnifiedNeuronCodePredictor stand-in: the contrib's submodule / parameter names and shapes, sizes from
+    arguments (the contrib hard-codes H=1024, 5 layers, 16/8 heads, D=128, I=3072, V=2048, 15 groups)."""
+
+    class RMSNorm(torch.nn.Module):
+        def __init__(self, dim, eps=1e-6):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(dim))
+            self.eps = eps
+
+    class CPAttention(torch.nn.Module):
+        def __init__(self, hidden, n_q, n_kv, d):
+            super().__init__()
+            self.q_proj = torch.nn.Linear(hidden, n_q * d, bias=False)
+            self.k_proj = torch.nn.Linear(hidden, n_kv * d, bias=False)
+            self.v_proj = torch.nn.Linear(hidden, n_kv * d, bias=False)
+            self.o_proj = torch.nn.Linear(n_q * d, hidden, bias=False)
+            self.q_norm = RMSNorm(d)
+            self.k_norm = RMSNorm(d)
+
+    class CPMLP(torch.nn.Module):
+        def __init__(self, hidden, inter):
+            super().__init__()
+            self.gate_proj = torch.nn.Linear(hidden, inter, bias=False)
+            self.up_proj = torch.nn.Linear(hidden, inter, bias=False)
+            self.down_proj = torch.nn.Linear(inter, hidden, bias=False)
+
+    class CPLayer(torch.nn.Module):
+        def __init__(self, hidden, n_q, n_kv, d, inter):
+            super().__init__()
+            self.input_layernorm = RMSNorm(hidden)
+            self.self_attn = CPAttention(hidden, n_q, n_kv, d)
+            self.post_attention_layernorm = RMSNorm(hidden)
+            self.mlp = CPMLP(hidden, inter)
+
+    class UnifiedNeuronCodePredictor(torch.nn.Module):
+        calls = 0
+
+        def __init__(self, tp_degree=1, dtype=torch.float32, hidden=128, n_layers=2, n_q=4, n_kv=2, d=32, inter=128,
+                     vocab=16, n_groups=4, theta=1_000_000.0, seed=0):
+            super().__init__()
+            self.tp_degree = tp_degree
+            self.dtype = dtype
+            self.layers = torch.nn.ModuleList([CPLayer(hidden, n_q, n_kv, d, inter) for _ in range(n_layers)])
+            self.norm = RMSNorm(hidden)
+            inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+            f = torch.outer(torch.arange(n_groups + 1, dtype=torch.float32), inv)
+            emb = torch.cat([f, f], -1)
+            self.register_buffer("cos_cache", emb.cos().to(dtype), persistent=False)
+            self.register_buffer("sin_cache", emb.sin().to(dtype), persistent=False)
+            gen = torch.Generator().manual_seed(seed)
+            self.codec_embedding_stacked = torch.nn.Parameter(
+                torch.randn(n_groups, vocab, hidden, generator=gen).to(dtype), requires_grad=False)
+            self.lm_head_stacked = torch.nn.Parameter(
+                (torch.randn(n_groups, vocab, hidden, generator=gen) * hidden ** -0.5).to(dtype), requires_grad=False)
+            with torch.no_grad():
+                for name, p in self.named_parameters():
+                    if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                        p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+                    elif "stacked" not in name:
+                        p.copy_(torch.randn(p.shape, generator=gen) * p.shape[1] ** -0.5)
+            self.to(dtype)
+
+        def forward(self, past_hidden, last_id_hidden):
+            type(self).calls += 1
+            return "original"
+
+    return UnifiedNeuronCodePredictor

@@ -2,7 +2,6 @@
 per-rank heads with a replicated KV head, against the float64 reference and NxDI's own softmax path."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given

@@ -158,3 +158,18 @@ def test_signature_mismatch_is_reported():
     with pytest.raises(NxDIAdapterError, match=r"_recurrent_step\('q', 'k', 'v', 'state'\) does not match"):
         apply([cls], kernels=["deltanet"])
     assert "__nki_kernels_adapter__" not in dir(cls._fused_chunked_forward)      # nothing installed
+
+
+def test_tp_sharded_heads_concatenate_to_full_layer():
+    """TP shards the GDN heads (rank r: k heads [r*Hk/tp, ...) and their Hv/Hk v heads); heads are independent, so
+    the ranks' outputs and states stacked along H are the full layer's."""
+    hook, fla = _inputs(1, 2, 2, 45, 32, seed=12)          # Hk=2, Hv=4 -> TP=2: Hk=1, Hv=2 per rank
+    outs, states = [], []
+    for r in range(2):
+        shard = {k: v[:, 2 * r:2 * r + 2] for k, v in hook.items()}
+        o, s = nxgdn.chunked_forward(**shard, output_final_state=True)
+        outs.append(o)
+        states.append(s)
+    ro, rs = _ref(fla)
+    assert_close("tp o", ro, torch.cat(outs, 1).numpy())
+    assert_close("tp state", rs, torch.cat(states, 1).numpy())

@@ -15,6 +15,15 @@ from integration.nxdi import moe as nxmoe
 from nxdi_fakes import blockwise_mapping, make_moe_classes
 
 pytest.importorskip("nki_kernels.moe.blockwise")
+moe_ref = pytest.importorskip("nki_kernels.moe.reference")
+
+
+def _family_ref(hidden, aff, gate_up, down, tok, blk, block):
+    """The family's float64 reference, fed NxD's tensors with gate_up viewed [E, H, 2, I] as NxD's kernel call does."""
+    e, h, two_i = gate_up.shape
+    return moe_ref.moe_blockwise_reference(hidden.float().numpy(), aff.float().numpy(),
+                                           gate_up.float().reshape(e, h, 2, two_i // 2).numpy(), down.float().numpy(),
+                                           tok.numpy(), blk.numpy(), block)
 
 
 def _oracle(hidden, aff, gate_up, down):
@@ -75,6 +84,7 @@ def test_apply_21_args_matches_oracle(t, h, n_exp, top_k, n_i, block):
     assert tuple(out.shape) == (t, h) and out.dtype == hidden.dtype
     ref = _oracle(hidden, aff, gate_up, down)
     assert_close("moe", ref, out.numpy())
+    assert_close("moe vs family reference", _family_ref(hidden, aff, gate_up, down, tok, blk, block), out.numpy())
     assert np.all(out[t - 1].numpy() == 0)                        # an all-padding token gets nothing
 
 
@@ -95,6 +105,8 @@ def test_tp_split_intermediate_partials_sum_to_full():
         partial.append(nxmoe.BlockwiseMatmulNKIKernelsFunc.apply(
             *_args(hidden, aff, gu_r.contiguous(), dn_r.contiguous(), tok, blk, _Cfg(block))))
     assert_close("tp sum", _oracle(hidden, aff, gate_up, down), (partial[0] + partial[1]).numpy())
+    assert_close("tp sum vs family reference", _family_ref(hidden, aff, gate_up, down, tok, blk, block),
+                 (partial[0] + partial[1]).numpy())
     assert_close("rank 0 partial", _oracle(hidden, aff, gate_up[:, :, list(range(i_tp)) +
                                                                   list(range(n_i, n_i + i_tp))],
                                            down[:, :i_tp]), partial[0].numpy())

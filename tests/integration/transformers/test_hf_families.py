@@ -101,6 +101,19 @@ def test_cached_decode_steps_match_stock(models, family):
         assert_close(f"layer {i} conv state", ref_cache.layers[i].conv_states[0].numpy(), conv.numpy())
 
 
+def test_vlm_patches_the_text_tower_only():
+    model = tiny.build("qwen3_5_moe_vlm", seed=13)
+    ids, am = padded_batch("left", seed=13)
+    ref, _ = forward_out(model, ids, am)
+    with patch(model, backend="emulator") as handle:
+        assert model.config.text_config._attn_implementation == "nki_kernels"
+        assert model.config.vision_config._attn_implementation == "sdpa"
+        got, _ = forward_out(model, ids, am)
+    assert model.config.text_config._attn_implementation == "sdpa"
+    assert_valid_close("qwen3_5_moe VLM text", ref, got, am)
+    _check_ran(handle, _PREFILL["qwen3_5_moe"])
+
+
 def test_reference_backend_matches_stock(models):
     model = models["qwen3_5_moe"]
     ids, am = padded_batch("left", seed=7)

@@ -6,7 +6,7 @@ import torch
 from integration.transformers import patch, tiny
 
 
-def _talker_inputs(B=2, T=6, H=64, seed=0):
+def _talker_inputs(B=2, T=6, H=128, seed=0):
     g = torch.Generator().manual_seed(seed)
     emb = torch.randn(B, T, H, generator=g)
     trail = torch.randn(B, 3, H, generator=g)
@@ -59,7 +59,8 @@ def test_sampling_runs_the_stock_code_predictor(talker):
             pytest.skip(handle.not_available["code_predictor"])
         torch.manual_seed(0)
         with torch.no_grad():
-            talker.generate(**inputs, max_new_tokens=3, do_sample=True, top_k=5)
+            talker.generate(**inputs, max_new_tokens=3, do_sample=True, top_k=5, output_hidden_states=True,
+                            return_dict_in_generate=True)
     assert handle.calls().get("code_predictor", 0) == 0
     assert handle.fallbacks().get(("code_predictor", "sampling (torch RNG stream)"), 0) == 2
 

@@ -1,0 +1,191 @@
+"""Calibration kernels: published NKI kernels (AccelOpt NKIBench baselines, ../shared/reference/calibration.md,
+table S3) re-written from their published descriptions as emulator kernels, fp32 in/out like the originals.
+
+They exist to time the cost model against published trn1 profiles, not to be fast. Each follows its published
+description (tile sizes, engines, HBM traffic); the notes say where we had to choose.
+"""
+from __future__ import annotations
+
+from nki_kernels.backend import nisa, nki, nl
+from nki_kernels.hw import GEMM_MOVING_FMAX, GEMM_STATIONARY_FMAX, P_MAX
+
+_N_TILE = GEMM_MOVING_FMAX          # matmul moving free size (one fp32 PSUM bank)
+_M_TILE = GEMM_STATIONARY_FMAX      # matmul stationary free size
+_MM_N_BLOCK = 2 * GEMM_MOVING_FMAX  # A1: output columns per block (1024; A is re-read once per block)
+_SILU_F = 512                       # A12: free tile of the published silu kernel
+_ADAMW_F = 1024                     # A13: free tile of the published adamw kernel
+
+
+def _transpose_to_sbuf(dst_sb, src_sb):
+    """dst_sb[F, P] = src_sb[P, F].T through PSUM with a TensorE (identity-matmul) transpose."""
+    p, f = src_sb.shape[0], src_sb.shape[1]
+    t_ps = nl.ndarray((f, p), dtype=src_sb.dtype, buffer=nl.psum)
+    nisa.nc_transpose(dst=t_ps, data=src_sb)
+    nisa.tensor_copy(dst=dst_sb, src=t_ps)
+
+
+@nki.jit
+def matmul_a1(a, b):
+    """A1: c[M, N] = a[M, K] @ b[K, N], fp32. For each 128-row M tile and each 1024-column N block: load the
+    a rows (re-read per block), transpose them on TensorE, stream b's K tiles, accumulate two PSUM banks.
+    HBM reads: a x N/1024 + b x M/128 (9.06 GB at the published shape, as published)."""
+    m_total, k_total = a.shape
+    n_total = b.shape[1]
+    c = nl.ndarray((m_total, n_total), dtype=a.dtype, buffer=nl.shared_hbm)
+    n_k = k_total // P_MAX
+    n_sub = _MM_N_BLOCK // _N_TILE
+    for i_m in nl.affine_range(m_total // _M_TILE):
+        m0 = i_m * _M_TILE
+        for i_n in nl.affine_range(n_total // _MM_N_BLOCK):
+            n0 = i_n * _MM_N_BLOCK
+            a_sb = nl.ndarray((_M_TILE, k_total), dtype=a.dtype, buffer=nl.sbuf)
+            nisa.dma_copy(dst=a_sb, src=a[m0:m0 + _M_TILE, :])
+            aT = nl.ndarray((P_MAX, n_k, _M_TILE), dtype=a.dtype, buffer=nl.sbuf)
+            for i_k in nl.affine_range(n_k):
+                _transpose_to_sbuf(aT[:, i_k, :], a_sb[:, i_k * P_MAX:(i_k + 1) * P_MAX])
+            acc = [nl.ndarray((_M_TILE, _N_TILE), dtype=nl.float32, buffer=nl.psum) for _ in range(n_sub)]
+            for i_k in nl.affine_range(n_k):
+                b_sb = nl.ndarray((P_MAX, _MM_N_BLOCK), dtype=b.dtype, buffer=nl.sbuf)
+                nisa.dma_copy(dst=b_sb, src=b[i_k * P_MAX:(i_k + 1) * P_MAX, n0:n0 + _MM_N_BLOCK])
+                for j in range(n_sub):
+                    nisa.nc_matmul(acc[j], aT[:, i_k, :], b_sb[:, j * _N_TILE:(j + 1) * _N_TILE],
+                                   accumulate=i_k > 0)
+            c_sb = nl.ndarray((_M_TILE, _MM_N_BLOCK), dtype=a.dtype, buffer=nl.sbuf)
+            for j in range(n_sub):
+                nisa.tensor_copy(dst=c_sb[:, j * _N_TILE:(j + 1) * _N_TILE], src=acc[j])
+            nisa.dma_copy(dst=c[m0:m0 + _M_TILE, n0:n0 + _MM_N_BLOCK], src=c_sb)
+    return c
+
+
+@nki.jit
+def rmsnorm_matmul_a5(x, gamma, w, eps):
+    """A5: y[M, N] = (rmsnorm(x[M, K]) * gamma[K]) @ w[K, N], fp32. w (scaled by gamma along K) stays in SBUF;
+    per 128-row tile: sum of squares on ScalarE, rsqrt, scale on VectorE, TensorE transposes, K-accumulated
+    matmuls into PSUM, one store per row tile."""
+    m_total, k_total = x.shape
+    n_total = w.shape[1]
+    n_k = k_total // P_MAX
+    y = nl.ndarray((m_total, n_total), dtype=x.dtype, buffer=nl.shared_hbm)
+    w_sb = nl.ndarray((P_MAX, n_k, n_total), dtype=w.dtype, buffer=nl.sbuf)
+    g_sb = nl.ndarray((P_MAX, n_k), dtype=gamma.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=g_sb, src=gamma.reshape((n_k, P_MAX)).permute((1, 0)))
+    for i_k in nl.affine_range(n_k):
+        nisa.dma_copy(dst=w_sb[:, i_k, :], src=w[i_k * P_MAX:(i_k + 1) * P_MAX, :])
+        nisa.tensor_scalar(dst=w_sb[:, i_k, :], data=w_sb[:, i_k, :], op0=nl.multiply, operand0=g_sb[:, i_k:i_k + 1])
+    eps_sb = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=eps_sb, value=eps)
+    for i_m in nl.affine_range(m_total // P_MAX):
+        m0 = i_m * P_MAX
+        x_sb = nl.ndarray((P_MAX, k_total), dtype=x.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=x_sb, src=x[m0:m0 + P_MAX, :])
+        sq = nl.ndarray((P_MAX, k_total), dtype=nl.float32, buffer=nl.sbuf)
+        ss = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.activation_reduce(dst=sq, op=nl.square, data=x_sb, reduce_op=nl.add, reduce_res=ss)
+        rstd = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.activation(dst=rstd, op=nl.rsqrt, data=ss, scale=1.0 / k_total, bias=eps_sb)
+        xn = nl.ndarray((P_MAX, k_total), dtype=x.dtype, buffer=nl.sbuf)
+        nisa.tensor_scalar(dst=xn, data=x_sb, op0=nl.multiply, operand0=rstd)
+        xT = nl.ndarray((P_MAX, n_k, P_MAX), dtype=x.dtype, buffer=nl.sbuf)
+        for i_k in nl.affine_range(n_k):
+            _transpose_to_sbuf(xT[:, i_k, :], xn[:, i_k * P_MAX:(i_k + 1) * P_MAX])
+        y_sb = nl.ndarray((P_MAX, n_total), dtype=x.dtype, buffer=nl.sbuf)
+        for i_n in nl.affine_range(n_total // _N_TILE):
+            acc = nl.ndarray((P_MAX, _N_TILE), dtype=nl.float32, buffer=nl.psum)
+            for i_k in nl.affine_range(n_k):
+                nisa.nc_matmul(acc, xT[:, i_k, :], w_sb[:, i_k, i_n * _N_TILE:(i_n + 1) * _N_TILE],
+                               accumulate=i_k > 0)
+            nisa.tensor_copy(dst=y_sb[:, i_n * _N_TILE:(i_n + 1) * _N_TILE], src=acc)
+        nisa.dma_copy(dst=y[m0:m0 + P_MAX, :], src=y_sb)
+    return y
+
+
+@nki.jit
+def bmm_a8(a, b):
+    """A8: c[B, M, N] = a[B, M, K] @ b[B, K, N] with K=64 (half the PE rows), fp32. Per batch: b[b] stays in
+    SBUF; per 128-row tile: transpose a's tile on TensorE, 512-wide matmuls, one full-row store."""
+    n_b, m_total, k_total = a.shape
+    n_total = b.shape[2]
+    c = nl.ndarray((n_b, m_total, n_total), dtype=a.dtype, buffer=nl.shared_hbm)
+    for i_b in nl.affine_range(n_b):
+        b_sb = nl.ndarray((k_total, n_total), dtype=b.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=b_sb, src=b[i_b])
+        for i_m in nl.affine_range(m_total // _M_TILE):
+            m0 = i_m * _M_TILE
+            a_sb = nl.ndarray((_M_TILE, k_total), dtype=a.dtype, buffer=nl.sbuf)
+            nisa.dma_copy(dst=a_sb, src=a[i_b, m0:m0 + _M_TILE, :])
+            aT = nl.ndarray((k_total, _M_TILE), dtype=a.dtype, buffer=nl.sbuf)
+            _transpose_to_sbuf(aT, a_sb)
+            c_sb = nl.ndarray((_M_TILE, n_total), dtype=a.dtype, buffer=nl.sbuf)
+            for i_n in nl.affine_range(n_total // _N_TILE):
+                acc = nl.ndarray((_M_TILE, _N_TILE), dtype=nl.float32, buffer=nl.psum)
+                nisa.nc_matmul(acc, aT, b_sb[:, i_n * _N_TILE:(i_n + 1) * _N_TILE])
+                nisa.tensor_copy(dst=c_sb[:, i_n * _N_TILE:(i_n + 1) * _N_TILE], src=acc)
+            nisa.dma_copy(dst=c[i_b, m0:m0 + _M_TILE, :], src=c_sb)
+    return c
+
+
+@nki.jit
+def silu_a12(x):
+    """A12: y = x * sigmoid(x) = x * 1 / (1 + exp(-x)), fp32, on 128 x 512 tiles: exp (ScalarE), +1 (VectorE),
+    reciprocal (ScalarE activation), multiply (VectorE)."""
+    m_total, n_total = x.shape
+    y = nl.ndarray((m_total, n_total), dtype=x.dtype, buffer=nl.shared_hbm)
+    for i_m in nl.affine_range(m_total // P_MAX):
+        for i_n in nl.affine_range(n_total // _SILU_F):
+            rows = slice(i_m * P_MAX, (i_m + 1) * P_MAX)
+            cols = slice(i_n * _SILU_F, (i_n + 1) * _SILU_F)
+            x_sb = nl.ndarray((P_MAX, _SILU_F), dtype=x.dtype, buffer=nl.sbuf)
+            nisa.dma_copy(dst=x_sb, src=x[rows, cols])
+            e = nl.ndarray((P_MAX, _SILU_F), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.activation(dst=e, op=nl.exp, data=x_sb, scale=-1.0)
+            nisa.tensor_scalar(dst=e, data=e, op0=nl.add, operand0=1.0)
+            r = nl.ndarray((P_MAX, _SILU_F), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.activation(dst=r, op=nl.reciprocal, data=e)
+            y_sb = nl.ndarray((P_MAX, _SILU_F), dtype=x.dtype, buffer=nl.sbuf)
+            nisa.tensor_tensor(dst=y_sb, data1=x_sb, data2=r, op=nl.multiply)
+            nisa.dma_copy(dst=y[rows, cols], src=y_sb)
+    return y
+
+
+@nki.jit
+def adamw_a13(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step):
+    """A13: one AdamW step, returns the new parameters (4 inputs, 1 output, fp32), 128 x 1024 tiles, the last
+    row tile masked (partial). Moments are updated on chip (not written back), as in the published kernel's
+    HBM traffic (5 arrays)."""
+    m_total, n_total = param.shape
+    out = nl.ndarray((m_total, n_total), dtype=param.dtype, buffer=nl.shared_hbm)
+    bc1 = 1.0 - beta1 ** step
+    bc2 = 1.0 - beta2 ** step
+    for i_m in nl.affine_range((m_total + P_MAX - 1) // P_MAX):
+        p = min(P_MAX, m_total - i_m * P_MAX)
+        rows = slice(i_m * P_MAX, i_m * P_MAX + p)
+        for i_n in nl.affine_range(n_total // _ADAMW_F):
+            cols = slice(i_n * _ADAMW_F, (i_n + 1) * _ADAMW_F)
+            tiles = []
+            for src in (param, grad, exp_avg, exp_avg_sq):
+                t = nl.ndarray((P_MAX, _ADAMW_F), dtype=src.dtype, buffer=nl.sbuf)
+                nisa.dma_copy(dst=t[0:p], src=src[rows, cols])
+                tiles.append(t)
+            p_sb, g_sb, m_sb, v_sb = tiles
+            tmp = nl.ndarray((P_MAX, _ADAMW_F), dtype=nl.float32, buffer=nl.sbuf)
+            # m' = beta1 m + (1 - beta1) g
+            nisa.tensor_scalar(dst=tmp[0:p], data=m_sb[0:p], op0=nl.multiply, operand0=beta1)
+            nisa.scalar_tensor_tensor(dst=m_sb[0:p], data=g_sb[0:p], op0=nl.multiply, operand0=1.0 - beta1,
+                                      op1=nl.add, operand1=tmp[0:p])
+            # v' = beta2 v + (1 - beta2) g^2
+            nisa.tensor_tensor(dst=g_sb[0:p], data1=g_sb[0:p], data2=g_sb[0:p], op=nl.multiply)
+            nisa.tensor_scalar(dst=tmp[0:p], data=v_sb[0:p], op0=nl.multiply, operand0=beta2)
+            nisa.scalar_tensor_tensor(dst=v_sb[0:p], data=g_sb[0:p], op0=nl.multiply, operand0=1.0 - beta2,
+                                      op1=nl.add, operand1=tmp[0:p])
+            # 1 / (sqrt(v' / bc2) + eps)
+            nisa.activation(dst=v_sb[0:p], op=nl.sqrt, data=v_sb[0:p], scale=1.0 / bc2)
+            nisa.tensor_scalar(dst=v_sb[0:p], data=v_sb[0:p], op0=nl.add, operand0=eps)
+            nisa.activation(dst=v_sb[0:p], op=nl.reciprocal, data=v_sb[0:p])
+            # p' = p (1 - lr wd) - lr / bc1 * m' / denom
+            nisa.tensor_tensor(dst=m_sb[0:p], data1=m_sb[0:p], data2=v_sb[0:p], op=nl.multiply)
+            nisa.tensor_scalar(dst=p_sb[0:p], data=p_sb[0:p], op0=nl.multiply, operand0=1.0 - lr * weight_decay)
+            o_sb = nl.ndarray((P_MAX, _ADAMW_F), dtype=param.dtype, buffer=nl.sbuf)
+            nisa.scalar_tensor_tensor(dst=o_sb[0:p], data=m_sb[0:p], op0=nl.multiply, operand0=-lr / bc1,
+                                      op1=nl.add, operand1=p_sb[0:p])
+            nisa.dma_copy(dst=out[rows, cols], src=o_sb[0:p])
+    return out

@@ -1,0 +1,175 @@
+"""Calibration points: published measurements (../shared/reference/calibration.md) and how we model them.
+
+Each point runs its kernel on the emulator on the published target and compares the modeled device time with
+the published one. Emulating the biggest published shapes in full would take minutes on a 2-core machine, so a
+point may be modeled on a slice that repeats the kernel's outermost independent loop `k` times (e.g. k
+row tiles of 128) at two sizes k1 < k2, and the modeled time extrapolated linearly to the published size
+(T(k) = T(k1) + (k - k1) * (T(k2) - T(k1)) / (k2 - k1)); every slice has the published inner shape, so the
+steady state is modeled exactly and only the prologue/epilogue is shared. `full=True` on a point means it is
+modeled at the published shape directly.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from nki_kernels.emulator import run
+from nki_kernels.emulator.costmodel import model_launches
+
+from . import kernels as K
+
+
+@dataclass
+class Point:
+    id: str
+    name: str
+    shape: str                       # published shape
+    target: str
+    measured_us: float               # published (AccelOpt `prof`: device time, no launch)
+    source: str
+    kernel: Callable
+    make: Callable                   # make(k, rng) -> (args tuple, kwargs dict); k = outer-loop count
+    k_full: int                      # outer-loop count of the published shape
+    k_model: tuple = (1, 2)          # slices we emulate (extrapolated to k_full); (k_full,) = full shape
+    reference: Callable | None = None    # reference(*args, **kw) -> expected output (float64)
+    notes: str = ""
+
+
+def _f32(rng, *shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------ references
+
+
+def ref_matmul(a, b):
+    return a.astype(np.float64) @ b.astype(np.float64)
+
+
+def ref_rmsnorm_matmul(x, gamma, w, eps):
+    x64 = x.astype(np.float64)
+    xn = x64 / np.sqrt(np.mean(x64 ** 2, axis=1, keepdims=True) + eps)
+    return (xn * gamma.astype(np.float64)) @ w.astype(np.float64)
+
+
+def ref_bmm(a, b):
+    return np.einsum("bmk,bkn->bmn", a.astype(np.float64), b.astype(np.float64))
+
+
+def ref_silu(x):
+    x64 = x.astype(np.float64)
+    return x64 / (1.0 + np.exp(-x64))
+
+
+def ref_adamw(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step):
+    p, g = param.astype(np.float64), grad.astype(np.float64)
+    m = beta1 * exp_avg.astype(np.float64) + (1 - beta1) * g
+    v = beta2 * exp_avg_sq.astype(np.float64) + (1 - beta2) * g * g
+    mhat = m / (1 - beta1 ** step)
+    vhat = v / (1 - beta2 ** step)
+    return p * (1 - lr * weight_decay) - lr * mhat / (np.sqrt(vhat) + eps)
+
+
+# ------------------------------------------------------------------------------------------------ the points
+
+
+def _adamw_inputs(m, n, rng):
+    """k row tiles with the last one 64 rows, like the published M=10944 = 85 x 128 + 64."""
+    return ((_f32(rng, m, n), _f32(rng, m, n), _f32(rng, m, n, scale=0.1),
+             np.abs(_f32(rng, m, n, scale=0.01))), dict(_ADAM_HP))
+
+
+_ADAM_HP = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=10)
+
+
+POINTS = [
+    Point("A1", "matmul", "M4096 K5120 N12288 fp32", "trn1", 35200.0, "AccelOpt S3 (prof)", K.matmul_a1,
+          make=lambda k, rng, m=128, kk=5120, n=12288: ((_f32(rng, m * k, kk), _f32(rng, kk, n)), {}),
+          k_full=32, k_model=(1, 2), reference=ref_matmul,
+          notes="M in 128-row tiles; a re-read per 1024-wide N block (9.06 GB HBM read, as published)"),
+    Point("A5", "rmsnorm_matmul", "M4096 K1024 N2048 fp32", "trn1", 1056.0, "AccelOpt S3 (prof)",
+          K.rmsnorm_matmul_a5,
+          make=lambda k, rng, kk=1024, n=2048: ((_f32(rng, 128 * k, kk), _f32(rng, kk, scale=0.5) + 1,
+                                                 _f32(rng, kk, n, scale=0.05)), {"eps": 1e-6}),
+          k_full=32, k_model=(2, 4), reference=ref_rmsnorm_matmul, notes="M in 128-row tiles; w resident in SBUF"),
+    Point("A8", "bmm", "B16 M4096 K64 N4096 fp32", "trn1", 4611.0, "AccelOpt S3 (prof)", K.bmm_a8,
+          make=lambda k, rng, m=4096, kk=64, n=4096: ((_f32(rng, k, m, kk), _f32(rng, k, kk, n)), {}),
+          k_full=16, k_model=(1, 2), reference=ref_bmm, notes="B batches; 1.07 GB written"),
+    Point("A12", "silu", "M4096 N7168 fp32", "trn1", 1333.0, "AccelOpt S3 (prof)", K.silu_a12,
+          make=lambda k, rng, n=7168: ((_f32(rng, 128 * k, n, scale=3.0),), {}),
+          k_full=32, k_model=(4, 8), reference=ref_silu, notes="M in 128-row tiles"),
+    Point("A13", "adamw", "M10944 N2048 fp32", "trn1", 2000.0, "AccelOpt S3 (prof)", K.adamw_a13,
+          make=lambda k, rng: _adamw_inputs(128 * (k - 1) + 64, 2048, rng),
+          k_full=86, k_model=(4, 8), reference=ref_adamw,
+          notes="M in 128-row tiles, the last one 64 rows (masked); slices keep that partial tile"),
+]
+
+BY_ID = {p.id: p for p in POINTS}
+
+
+@dataclass
+class PointResult:
+    id: str
+    name: str
+    shape: str
+    target: str
+    measured_us: float
+    modeled_us: float
+    error: float                  # (modeled - measured) / measured
+    engine_busy_us: dict = field(default_factory=dict)      # extrapolated like the time
+    hbm_gbytes: float = 0.0
+    how: str = ""
+
+
+def _model_once(point: Point, k: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    args, kw = point.make(k, rng)
+    res = run(point.kernel, *args, target=point.target, **kw)
+    rep = model_launches([res], target=point.target)
+    return rep, res, args, kw
+
+
+def model_point(point: Point, k_model: tuple | None = None) -> PointResult:
+    """Modeled device time of `point` at its published shape (extrapolated from slices when k_model has two)."""
+    ks = tuple(k_model or point.k_model)
+    reps = [(k, _model_once(point, k)[0]) for k in ks]
+    if len(ks) == 1:
+        k, rep = reps[0]
+        scale = point.k_full / k
+        t = rep.device_us * scale
+        busy = {e: v * scale for e, v in rep.engine_busy_us.items()}
+        hbm = rep.hbm_bytes * scale
+        how = f"modeled at k={k} of {point.k_full}" + ("" if k == point.k_full else f", x{scale:g}")
+    else:
+        (k1, r1), (k2, r2) = reps[0], reps[-1]
+
+        def lin(v1, v2):
+            return v1 + (point.k_full - k1) * (v2 - v1) / (k2 - k1)
+
+        t = lin(r1.device_us, r2.device_us)
+        busy = {e: lin(r1.engine_busy_us[e], r2.engine_busy_us[e]) for e in r1.engine_busy_us}
+        hbm = lin(r1.hbm_bytes, r2.hbm_bytes)
+        how = f"slices k={k1},{k2} of {point.k_full}, linear"
+    return PointResult(point.id, point.name, point.shape, point.target, point.measured_us, t,
+                       (t - point.measured_us) / point.measured_us, busy, hbm / 1e9, how)
+
+
+def table(results) -> str:
+    lines = ["| id | kernel | published shape | target | measured µs (published) | modeled µs | error | "
+             "modeled HBM GB | modeled PE / ACT / DVE / DMA busy µs | how |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        b = r.engine_busy_us
+        lines.append(f"| {r.id} | {r.name} | {r.shape} | {r.target} | {r.measured_us:,.0f} | {r.modeled_us:,.0f} | "
+                     f"{r.error:+.1%} | {r.hbm_gbytes:.2f} | {b.get('pe', 0):,.0f} / {b.get('act', 0):,.0f} / "
+                     f"{b.get('dve', 0):,.0f} / {b.get('dma', 0):,.0f} | {r.how} |")
+    errs = [abs(r.error) for r in results]
+    if errs:
+        gm = math.exp(sum(math.log(1 + r.error) for r in results) / len(results)) - 1
+        lines.append("")
+        lines.append(f"Max |error| {max(errs):.1%}; mean |error| {sum(errs) / len(errs):.1%}; geometric-mean bias "
+                     f"{gm:+.1%} (modeled vs measured, trn1).")
+    return "\n".join(lines)

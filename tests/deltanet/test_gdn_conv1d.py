@@ -1,0 +1,114 @@
+"""causal_conv1d / causal_conv1d_update against the reference and transformers' semantics."""
+import numpy as np
+import pytest
+from _gdn_inputs import BF16, DTYPES
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nki_kernels import causal_conv1d, causal_conv1d_update
+from nki_kernels.deltanet import reference as ref
+from nki_kernels.testing import assert_close
+from nki_kernels.validation import KernelInputError
+
+
+@given(b=st.integers(1, 3), c=st.sampled_from([1, 8, 130, 256]), t=st.integers(1, 70),
+       with_state=st.booleans(), with_lens=st.booleans(), act=st.sampled_from(["silu", None]),
+       dtype=st.sampled_from(["float32", "bfloat16"]), seed=st.integers(0, 2 ** 16))
+def test_matches_reference(b, c, t, with_state, with_lens, act, dtype, seed):
+    rng = np.random.default_rng(seed)
+    dt = DTYPES[dtype]
+    x = rng.standard_normal((b, c, t)).astype(dt)
+    w = rng.standard_normal((c, 4)).astype(dt)
+    state = rng.standard_normal((b, c, 4)).astype(dt) if with_state else None
+    lens = rng.integers(0, t + 1, b) if with_lens else None
+    y, new_state = causal_conv1d(x, w, conv_state=state, valid_lengths=lens, activation=act)
+    ry, rstate = ref.causal_conv1d(x, w, conv_state=state, valid_lengths=lens, activation=act)
+    assert y.shape == x.shape and y.dtype == x.dtype and new_state.shape == (b, c, 4)
+    assert_close("y", ry, y, dtype=dtype)
+    assert_close("new conv state", rstate, new_state, dtype=dtype)
+
+
+@given(t1=st.integers(1, 40), steps=st.lists(st.integers(1, 3), min_size=1, max_size=4), seed=st.integers(0, 2 ** 16))
+def test_update_after_prefill_equals_longer_prefill(t1, steps, seed):
+    rng = np.random.default_rng(seed)
+    total = t1 + sum(steps)
+    x = rng.standard_normal((2, 136, total)).astype(np.float32)
+    w = rng.standard_normal((136, 4)).astype(np.float32)
+    y_all, s_all = causal_conv1d(x, w)
+    _, state = causal_conv1d(x[:, :, :t1], w)
+    t = t1
+    for n in steps:
+        y = causal_conv1d_update(x[:, :, t:t + n], state, w)
+        assert_close(f"update y [{t}:{t + n}]", y_all[:, :, t:t + n], y)
+        t += n
+    np.testing.assert_array_equal(state, s_all)      # the state is a copy of inputs: exact
+
+
+def test_padding_state_is_last_valid_inputs(rng):
+    x = rng.standard_normal((3, 16, 10)).astype(np.float32)
+    w = rng.standard_normal((16, 4)).astype(np.float32)
+    prev = rng.standard_normal((3, 16, 4)).astype(np.float32)
+    _, s = causal_conv1d(x, w, conv_state=prev, valid_lengths=np.array([10, 2, 0]))
+    np.testing.assert_array_equal(s[0], x[0, :, 6:10])
+    np.testing.assert_array_equal(s[1], np.concatenate([prev[1, :, 2:], x[1, :, :2]], axis=1))
+    np.testing.assert_array_equal(s[2], prev[2])
+
+
+def test_matches_transformers_semantics(rng):
+    """transformers: y = silu(conv1d(x, padding=K-1)[..., :T]); state = F.pad(x, (K - T, 0)) (last K inputs);
+    update: cat(state, x) -> conv over the window, state <- last K columns."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    b, c, t, kw = 2, 40, 7, 4
+    x = rng.standard_normal((b, c, t)).astype(np.float32)
+    w = rng.standard_normal((c, kw)).astype(np.float32)
+    tx, tw = torch.from_numpy(x), torch.from_numpy(w)
+    y_hf = F.silu(F.conv1d(tx, tw.unsqueeze(1), padding=kw - 1, groups=c)[..., :t])
+    state_hf = F.pad(tx, (kw - t, 0)) if t < kw else tx[..., -kw:]
+    y, s = causal_conv1d(x, w)
+    assert_close("y vs transformers", y_hf.numpy(), y)
+    np.testing.assert_array_equal(s, state_hf.numpy())
+    x1 = rng.standard_normal((b, c, 1)).astype(np.float32)
+    cat = torch.cat([torch.from_numpy(s), torch.from_numpy(x1)], dim=-1)
+    y1_hf = F.silu(F.conv1d(cat, tw.unsqueeze(1), groups=c)[..., -1:])
+    y1 = causal_conv1d_update(x1, s, w)
+    assert_close("update y vs transformers", y1_hf.numpy(), y1)
+    np.testing.assert_array_equal(s, cat[..., -kw:].numpy())
+
+
+def test_bf16_torch_in_place_update(rng):
+    torch = pytest.importorskip("torch")
+    x = torch.from_numpy(rng.standard_normal((1, 24, 1)).astype(np.float32)).to(torch.bfloat16)
+    w = torch.from_numpy(rng.standard_normal((24, 4)).astype(np.float32)).to(torch.bfloat16)
+    state = torch.from_numpy(rng.standard_normal((1, 24, 4)).astype(np.float32)).to(torch.bfloat16)
+    before = state.float().numpy().copy()
+    y = causal_conv1d_update(x, state, w)
+    ry, rs = ref.causal_conv1d_update(x.float().numpy(), before, w.float().numpy())
+    assert y.dtype == torch.bfloat16
+    assert_close("y", ry, y.float().numpy(), dtype="bfloat16")
+    assert_close("state", rs, state.float().numpy(), dtype="bfloat16")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(x=np.zeros((2, 8), np.float32)), r"x must be \[B, C, T\]"),
+    (dict(weight=np.zeros((7, 4), np.float32)), "weight must be"),
+    (dict(weight=np.zeros((8, 9), np.float32)), "kernel width K"),
+    (dict(x=np.zeros((2, 8, 5), np.int32)), "x dtype"),
+    (dict(conv_state=np.zeros((2, 8, 3), np.float32)), "conv_state must be"),
+    (dict(valid_lengths=np.array([6, 1])), "valid_lengths must be in"),
+    (dict(activation="gelu"), "activation must be one of"),
+    (dict(bias=np.zeros(8, np.float32)), "bias is not supported"),
+])
+def test_bad_inputs_raise(kwargs, match):
+    args = dict(x=np.zeros((2, 8, 5), np.float32), weight=np.zeros((8, 4), np.float32))
+    args.update(kwargs)
+    with pytest.raises(KernelInputError, match=match):
+        causal_conv1d(**args)
+
+
+def test_update_bad_state_raises():
+    with pytest.raises(KernelInputError, match="conv_state must be"):
+        causal_conv1d_update(np.zeros((2, 8, 1), np.float32), np.zeros((2, 8, 3), np.float32),
+                             np.zeros((8, 4), np.float32))
+    with pytest.raises(KernelInputError, match=r"T must be in \[1, 16384\]"):
+        causal_conv1d(np.zeros((1, 8, 16385), BF16), np.zeros((8, 4), BF16))

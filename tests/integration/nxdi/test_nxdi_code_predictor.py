@@ -1,0 +1,123 @@
+"""UnifiedNeuronCodePredictor.forward adapter: the contrib's signature ([B, 1, H] in; codes [B, G1] int32 and
+mid_hiddens [B, G1 - 1, H] out), weights read from the module's own parameters, against the float64 reference."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from nki_kernels.testing import assert_close
+from integration.nxdi import AdapterInputError, apply, set_code_predictor_sampling
+from integration.nxdi import code_predictor as nxcp
+
+from nxdi_fakes import make_code_predictor_class
+
+cp_weights = pytest.importorskip("nki_kernels.code_predictor.weights")
+cp_ref = pytest.importorskip("nki_kernels.code_predictor.reference")
+
+
+def _reference_weights(mod):
+    """Independent packing for the reference: natural arrays straight from the parameters, RoPE from theta."""
+    f = lambda t: t.detach().double().numpy()                                        # noqa: E731
+    layers = [dict(input_norm=f(l.input_layernorm.weight), post_norm=f(l.post_attention_layernorm.weight),
+                   q_norm=f(l.self_attn.q_norm.weight), k_norm=f(l.self_attn.k_norm.weight),
+                   q=f(l.self_attn.q_proj.weight), k=f(l.self_attn.k_proj.weight), v=f(l.self_attn.v_proj.weight),
+                   o=f(l.self_attn.o_proj.weight), gate=f(l.mlp.gate_proj.weight), up=f(l.mlp.up_proj.weight),
+                   down=f(l.mlp.down_proj.weight)) for l in mod.layers]
+    n_q = mod.layers[0].self_attn.q_proj.weight.shape[0] // mod.layers[0].self_attn.q_norm.weight.shape[0]
+    n_kv = mod.layers[0].self_attn.k_proj.weight.shape[0] // mod.layers[0].self_attn.q_norm.weight.shape[0]
+    return cp_weights.pack_weights(layers, f(mod.norm.weight), f(mod.codec_embedding_stacked),
+                                   f(mod.lm_head_stacked), n_q_heads=n_q, n_kv_heads=n_kv, dtype="bfloat16",
+                                   rope_theta=1_000_000.0)
+
+
+def _inputs(mod, b, seed):
+    gen = torch.Generator().manual_seed(seed)
+    h = mod.norm.weight.shape[0]
+    # bf16-representable values: the kernel computes in bf16, so the float64 reference sees the same inputs
+    mk = lambda: torch.randn(b, 1, h, generator=gen).to(torch.bfloat16).to(mod.dtype)     # noqa: E731
+    return mk(), mk()
+
+
+@pytest.mark.parametrize("b", [1, 3])
+def test_greedy_matches_reference(b):
+    cls = make_code_predictor_class()
+    mod = cls(seed=b)
+    past, last = _inputs(mod, b, seed=10 + b)
+    codes, mid = nxcp.code_predictor_forward(mod, past, last)
+    g1 = mod.codec_embedding_stacked.shape[0]
+    assert codes.dtype == torch.int32 and tuple(codes.shape) == (b, g1)
+    assert tuple(mid.shape) == (b, g1 - 1, past.shape[-1]) and mid.dtype == past.dtype
+    rcodes, rembeds = cp_ref.code_predictor_reference(past[:, 0].numpy(), last[:, 0].numpy(), _reference_weights(mod))
+    np.testing.assert_array_equal(codes.numpy(), rcodes)
+    assert_close("mid_hiddens", rembeds[:, :g1 - 1], mid.numpy(), dtype="bfloat16")
+    # mid_hiddens are the talker's summands: codec_embedding[j](code j+1)
+    emb = mod.codec_embedding_stacked.detach()
+    for j in range(g1 - 1):
+        assert_close(f"mid {j}", emb[j][codes[:, j].long()].numpy(), mid[:, j].numpy(), dtype="bfloat16")
+
+
+def test_sampling_is_reproducible_from_uniforms():
+    cls = make_code_predictor_class()
+    mod = cls(seed=4)
+    past, last = _inputs(mod, 2, seed=5)
+    g1 = mod.codec_embedding_stacked.shape[0]
+    u = torch.rand(2, g1, generator=torch.Generator().manual_seed(6))
+    set_code_predictor_sampling(mod, temperature=0.9, top_k=8, top_p=0.8, uniforms=u)
+    codes, _ = nxcp.code_predictor_forward(mod, past, last)
+    rcodes, _ = cp_ref.code_predictor_reference(past[:, 0].numpy(), last[:, 0].numpy(), _reference_weights(mod),
+                                                uniforms=u.numpy(), do_sample=True, temperature=0.9, top_k=8,
+                                                top_p=0.8)
+    np.testing.assert_array_equal(codes.numpy(), rcodes)
+    set_code_predictor_sampling(mod, temperature=None)                       # back to greedy
+    greedy, _ = nxcp.code_predictor_forward(mod, past, last)
+    gcodes, _ = cp_ref.code_predictor_reference(past[:, 0].numpy(), last[:, 0].numpy(), _reference_weights(mod))
+    np.testing.assert_array_equal(greedy.numpy(), gcodes)
+
+
+def test_bad_sampling_arguments_raise():
+    mod = make_code_predictor_class()()
+    with pytest.raises(AdapterInputError, match="temperature must be > 0"):
+        set_code_predictor_sampling(mod, temperature=0.0)
+    with pytest.raises(AdapterInputError, match="top_p must be in"):
+        set_code_predictor_sampling(mod, top_p=1.5)
+    set_code_predictor_sampling(mod, uniforms=torch.rand(2, 3))
+    past, last = _inputs(mod, 2, seed=0)
+    with pytest.raises(AdapterInputError, match="uniforms must be"):
+        nxcp.code_predictor_forward(mod, past, last)
+
+
+def test_installed_forward_and_tp_fallback():
+    cls = make_code_predictor_class()
+    names_shapes = {n: tuple(p.shape) for n, p in cls(seed=1).named_parameters()}
+    with apply([cls], kernels=["code_predictor"]) as inst:
+        assert inst.installed["code_predictor"] == ["UnifiedNeuronCodePredictor.forward"]
+        mod = cls(seed=1)
+        past, last = _inputs(mod, 1, seed=2)
+        codes, mid = mod(past, last)
+        assert cls.calls == 0 and codes.shape == (1, 4)
+        # weights are repacked when a parameter changes
+        with torch.no_grad():
+            mod.lm_head_stacked.mul_(-1.0)
+        codes2, _ = mod(past, last)
+        rcodes, _ = cp_ref.code_predictor_reference(past[:, 0].numpy(), last[:, 0].numpy(), _reference_weights(mod))
+        np.testing.assert_array_equal(codes2.numpy(), rcodes)
+        # TP > 1: the one-core kernel cannot all-reduce partial sums -> the original forward
+        sharded = cls(tp_degree=8)
+        assert sharded(past, last) == "original" and cls.calls == 1
+        assert {n: tuple(p.shape) for n, p in mod.named_parameters()} == names_shapes
+    assert mod(past, last) == "original"
+
+
+def test_bf16_module():
+    cls = make_code_predictor_class()
+    mod = cls(dtype=torch.bfloat16, seed=7)
+    past, last = _inputs(mod, 2, seed=8)
+    codes, mid = nxcp.code_predictor_forward(mod, past, last)
+    assert mid.dtype == torch.bfloat16 and codes.dtype == torch.int32
+    emb = mod.codec_embedding_stacked.detach()
+    for j in range(mid.shape[1]):
+        assert torch.equal(mid[:, j], emb[j][codes[:, j].long()])   # a bf16 table row goes through unchanged
+    rcodes, _ = cp_ref.code_predictor_reference(past[:, 0].float().numpy(), last[:, 0].float().numpy(),
+                                                _reference_weights(mod))
+    np.testing.assert_array_equal(codes.numpy(), rcodes)
