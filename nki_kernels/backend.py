@@ -11,6 +11,7 @@ same source runs on a Trainium host (real `nki` >= 0.3 from AWS's Neuron pip rep
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext as _nullcontext
 
 import numpy as np
 
@@ -68,14 +69,21 @@ def _torch():
         return None
 
 
-def _to_numpy(x):
+def _to_numpy(x, copies: list):
+    """A NumPy view of a CPU torch tensor (bf16/fp8 through ml_dtypes); other values pass through.
+
+    A non-contiguous tensor is converted through a contiguous copy; (tensor, copy) goes into `copies`
+    so that in-place updates made by the kernel can be written back afterwards.
+    """
     torch = _torch()
     if torch is not None and isinstance(x, torch.Tensor):
         import ml_dtypes
         t = x.detach()
         if t.device.type != "cpu":
             raise ValueError(f"backend.call takes CPU tensors on the emulator, got a tensor on {t.device}")
-        t = t.contiguous() if not t.is_contiguous() else t
+        if not t.is_contiguous():
+            t = t.contiguous()
+            copies.append((x, t))
         if t.dtype == torch.bfloat16:
             return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16), True
         if t.dtype == torch.float8_e4m3fn:
@@ -109,14 +117,14 @@ def call(kernel, *args, lnc: int = 1, **kwargs):
     Non-array arguments pass through as trace-time constants. Inputs the kernel writes (e.g. an
     in-place state pool) are updated in the caller's arrays or tensors.
     """
-    converted, any_torch = [], False
+    converted, any_torch, copies = [], False, []
     for a in args:
-        v, was_torch = _to_numpy(a)
+        v, was_torch = _to_numpy(a, copies)
         any_torch |= was_torch
         converted.append(v)
     kw = {}
     for k, a in kwargs.items():
-        v, was_torch = _to_numpy(a)
+        v, was_torch = _to_numpy(a, copies)
         any_torch |= was_torch
         kw[k] = v
     if ACTIVE == "emulator":
@@ -127,6 +135,9 @@ def call(kernel, *args, lnc: int = 1, **kwargs):
             out = nki.simulate(launcher)(*converted, **kw)
         else:
             out = launcher(*converted, **kw)
+    with _torch().no_grad() if copies else _nullcontext():
+        for original, contiguous in copies:      # in-place updates of non-contiguous inputs
+            original.copy_(contiguous)
     return _to_torch(out) if any_torch else out
 
 

@@ -50,6 +50,8 @@ def _two_outputs_and_in_place(x, state):
 
 
 def test_the_emulator_is_active_here():
+    if backend._real_nki() is not None:
+        pytest.skip("real NKI is installed here")
     assert backend.ACTIVE == "emulator" and backend.is_emulated()
     assert backend.nl is emu_nl and backend.nisa is emu_isa
 
@@ -105,8 +107,6 @@ def test_tuple_outputs_and_in_place_updates_torch(dtype, rng):
     torch.testing.assert_close(state, (before.float() + x.float()).to(tdt), rtol=0, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="backend.call makes a contiguous copy of a non-contiguous torch tensor "
-                                       "and does not copy in-place updates back (reported to the lead)")
 def test_in_place_update_of_a_non_contiguous_torch_tensor(rng):
     x = torch.from_numpy(rng.standard_normal((6, 8)).astype(np.float32))
     state = torch.from_numpy(rng.standard_normal((6, 8)).astype(np.float32)).t()      # (8, 6), strided
@@ -145,10 +145,11 @@ def shim(monkeypatch):
         else:
             monkeypatch.setenv(backend.FORCE_EMULATOR_ENV, force)
         return importlib.reload(backend)
+    active = backend.ACTIVE
     yield load
     monkeypatch.undo()
     importlib.reload(backend)
-    assert backend.ACTIVE == "emulator" and backend.nl is emu_nl
+    assert backend.ACTIVE == active
 
 
 @pytest.mark.parametrize("version,genuine,expected", [

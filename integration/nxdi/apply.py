@@ -138,26 +138,26 @@ def _collect(model_or_classes):
         elif isinstance(obj, (list, tuple, set, frozenset)):
             for o in obj:
                 visit(o)
-        elif hasattr(obj, "modules") and callable(obj.modules):          # torch.nn.Module
+        elif hasattr(obj, "_model_cls") or hasattr(obj, "get_model_wrapper_cls"):
+            # an NxDI application (NeuronBaseForCausalLM, itself an nn.Module): its model class is only
+            # instantiated at compile/load, so patch the classes of the modeling modules it comes from
             _check_not_compiled(obj)
-            for m in obj.modules():
-                add_class(type(m))
-                instances.append(m)
-        elif hasattr(obj, "_model_cls") or hasattr(obj, "get_model_wrapper_cls"):   # NxDI application
-            _check_not_compiled(obj)
-            for name in ("_model_cls",):
-                mcls = getattr(obj, name, None)
-                if isinstance(mcls, type):
-                    visit(sys.modules.get(mcls.__module__))
+            mcls = getattr(obj, "_model_cls", None)
+            if isinstance(mcls, type):
+                visit(sys.modules.get(mcls.__module__))
             visit(sys.modules.get(type(obj).__module__))
             try:
                 visit(_nxdi_default_targets())
             except NxDIAdapterError:
                 pass
-            cfg = getattr(obj, "config", None)
-            ncfg = getattr(cfg, "neuron_config", None)
+            ncfg = getattr(getattr(obj, "config", None), "neuron_config", None)
             if ncfg is not None:
                 instances.append(ncfg)
+        elif hasattr(obj, "modules") and callable(obj.modules):          # torch.nn.Module
+            _check_not_compiled(obj)
+            for m in obj.modules():
+                add_class(type(m))
+                instances.append(m)
         else:
             raise NxDIAdapterError(f"apply(): cannot take {type(obj).__name__!r}; pass a model (nn.Module), an "
                                    "NxDI application, a modeling module, a class or a list of them")

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import enum
 
-from ._common import DISABLE_ENV, AdapterInputError, disabled, kernel, warn_once
+from ._common import DISABLE_ENV, AdapterInputError, accepted_kwargs, disabled, kernel, warn_once
 
 FAMILY = "moe"
 KERNEL_NAME = "moe_blockwise"
@@ -81,7 +81,7 @@ def check_blockwise_support(hidden_states, expert_affinities_masked, gate_up_pro
 
 
 def blockwise_forward(hidden_states, expert_affinities_masked, gate_up_proj_weight, down_proj_weight,
-                      token_position_to_id, block_to_expert, block_size):
+                      token_position_to_id, block_to_expert, block_size, lnc=1):
     """TP-partial MoE output [T, H] from NxD's blockwise inputs (see the module docstring for layouts)."""
     import torch
 
@@ -108,7 +108,7 @@ def blockwise_forward(hidden_states, expert_affinities_masked, gate_up_proj_weig
     blk = block_to_expert.reshape(-1).to(torch.int32)
     aff = expert_affinities_masked.to(hidden_states.dtype)
     out = fn(hidden_states.contiguous(), aff.contiguous(), gate_up.contiguous(), down_proj_weight.contiguous(),
-             tok.contiguous(), blk.contiguous(), int(block_size))
+             tok.contiguous(), blk.contiguous(), int(block_size), **accepted_kwargs(fn, lnc=int(lnc)))
     if isinstance(out, tuple):
         out = out[0]
     return out.to(hidden_states.dtype)
@@ -169,8 +169,9 @@ class BlockwiseMatmulNKIKernelsFunc(_torch_function_base()):
         n_blocks = block_to_expert.reshape(-1).shape[0]
         if block_size is None:
             block_size = token_position_to_id.reshape(-1).shape[0] // max(n_blocks, 1)
+        lnc = int(getattr(blockwise_matmul_config, "logical_nc_config", 1) or 1)
         return blockwise_forward(hidden_states, expert_affinities_masked, gate_up_proj_weight, down_proj_weight,
-                                 token_position_to_id, block_to_expert, int(block_size))
+                                 token_position_to_id, block_to_expert, int(block_size), lnc=lnc)
 
     @staticmethod
     def backward(ctx, grad_output):

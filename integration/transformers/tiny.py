@@ -1,9 +1,10 @@
 """Tiny random-weight models of the supported families, built from configs (no download), for tests and the demo.
 
-Sizes follow shared/reference/transformers.md section 7: a few layers, hidden 64, one full-attention layer with
-head_dim 256 and 4q/2kv heads (as in the real Qwen3.5 / Qwen3-Next layers, scaled down), GDN Hk=2 Hv=4
-Dk=Dv=32, 8 experts top-2 with a shared expert. `initializer_range` is raised from 0.02 so random logits are
-spread out (greedy ties between patched and stock would otherwise be likely).
+Sizes follow shared/reference/transformers.md section 7, scaled to the kernels' tiling: a few layers, hidden 128
+(the MoE and code-predictor kernels tile H by 128), one full-attention layer with head_dim 256 and 4q/2kv heads
+(as in the real Qwen3.5 / Qwen3-Next layers), GDN Hk=2 Hv=4 Dk=Dv=32, 8 experts top-2 with a shared expert.
+`initializer_range` is 0.05 (2.5x the default) so random logits are spread out (greedy near-ties between patched
+and stock would otherwise be likely) without making the bf16 models chaotic.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ _INIT_RANGE = 0.05
 
 
 def _common(**over):
-    cfg = dict(vocab_size=_VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=256,
+    cfg = dict(vocab_size=_VOCAB, hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=256,
                initializer_range=_INIT_RANGE, rms_norm_eps=1e-6, max_position_embeddings=256,
                pad_token_id=0, bos_token_id=1, eos_token_id=None)
     cfg.update(over)
@@ -112,7 +113,7 @@ def qwen3_omni_moe_talker(seed: int = 0, num_code_groups: int = 8):
                                         intermediate_size=128, norm_topk_prob=False,
                                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                          "mrope_section": [4, 6, 6], "interleaved": True})
-    cp = Qwen3OmniMoeTalkerCodePredictorConfig(**_common(head_dim=32, vocab_size=64, hidden_size=hidden),
+    cp = Qwen3OmniMoeTalkerCodePredictorConfig(**_common(head_dim=32, vocab_size=16, hidden_size=hidden),
                                                num_hidden_layers=2, intermediate_size=128,
                                                num_code_groups=num_code_groups, layer_types=["full_attention"] * 2)
     cfg = Qwen3OmniMoeTalkerConfig(text_config=text.to_dict(), code_predictor_config=cp.to_dict(),

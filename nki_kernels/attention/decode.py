@@ -60,12 +60,20 @@ def flash_attention_decode_kernel(q, k_cache, v_cache, cache_lens, softmax_scale
                          l = l e^(scale (m - m')) + rowsum P; O = O e^(scale (m - m')) + P V
             out = O / l
     """
+    out = nl.ndarray(q.shape, dtype=q.dtype, buffer=nl.shared_hbm)
+    decode_body(q, k_cache, v_cache, cache_lens, out, softmax_scale, causal)
+    return out
+
+
+def decode_body(q, k_cache, v_cache, cache_lens, out, softmax_scale, causal, k_is_bhds=False):
+    """The kernel body. k_is_bhds=True is only for the microbench baseline (k_cache host-permuted to
+    [B, Hkv, D, S])."""
     n_b, n_hq, sq, d = q.shape
-    n_kv, s_max = k_cache.shape[1], k_cache.shape[2]
+    n_kv = k_cache.shape[1]
+    s_max = k_cache.shape[3] if k_is_bhds else k_cache.shape[2]
     group = n_hq // n_kv
     rows = group * sq
     dtype = q.dtype
-    out = nl.ndarray((n_b, n_hq, sq, d), dtype=dtype, buffer=nl.shared_hbm)
     pid = nl.program_id(0)
     n_prog = nl.num_programs(0)
     n_d = n_tiles(d, D_CHUNK)
@@ -99,14 +107,13 @@ def flash_attention_decode_kernel(q, k_cache, v_cache, cache_lens, softmax_scale
             for i_sec, s0 in enumerate(range(0, s_max, _SECTION)):
                 sn = min(_SECTION, s_max - s0)
                 _section(k_cache, v_cache, qT_sb, key_pos, limit, o_acc, l_sb, m_run, b, kvh, s0, sn, i_sec,
-                         rows, d, n_d, dtype, softmax_scale)
+                         rows, d, n_d, dtype, softmax_scale, k_is_bhds)
             inv_l = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
             nisa.reciprocal(dst=inv_l[0:rows], data=l_sb[0:rows])
             o_sb = nl.ndarray((P_MAX, d), dtype=dtype, buffer=nl.sbuf)
             nisa.tensor_scalar(dst=o_sb[0:rows, 0:d], data=o_acc[0:rows, 0:d], op0=nl.multiply,
                                operand0=inv_l[0:rows])
             nisa.dma_copy(dst=out[b, h0:h0 + group, 0:sq, 0:d].reshape((rows, d)), src=o_sb[0:rows, 0:d])
-    return out
 
 
 def _row_token_index(rows, sq, group):

@@ -33,6 +33,7 @@ _PE_T_CHUNKS = 1                  # 128-key chunks of P per block transposed on 
 _S_RING = 2                       # score PSUM buffers per slot (bf16/fp16)
 _O_UPDATE_ON_POOL = True          # O = O*alpha + PV: ScalarE eviction + GpSimd (True) or one VectorE op (False)
 _MAX_DIAG_TILES = 8               # distinct causal-diagonal bias tiles kept in SBUF (1 KiB per partition each)
+_GENS = 3                         # per-slot stream state generations: PV lags QK by 2 steps
 _RING = 3                         # pipeline depth of the P / P^T buffers (PV runs two blocks behind QK)
 _KV_LOAD_KEYS = 2048              # keys per K^T / V load DMA: >= 2 KiB per partition for bf16 K^T pieces
 _SBUF_KV_BUDGET = 128 * 1024      # bytes per partition for the resident K^T + V (+ length bias) of one KV head;
@@ -83,10 +84,19 @@ def flash_attention_kernel(q, k, v, gate, seq_lens, softmax_scale, causal):
             out = O / l * valid_q (* sigmoid(gate))
     """
     n_b, n_hq, sq, d = q.shape
-    n_kv, skv = k.shape[1], k.shape[2]
+    out = nl.ndarray((n_b, n_hq, sq, d), dtype=q.dtype, buffer=nl.shared_hbm)
+    prefill_body(q, k, v, gate, seq_lens, out, softmax_scale, causal)
+    return out
+
+
+def prefill_body(q, k, v, gate, seq_lens, out, softmax_scale, causal, bhds=False):
+    """The kernel body. bhds=True is only for the microbench baseline: q and k arrive host-permuted as
+    [B, H, D, S] (Q^T and K^T copied without transposes); out is always BHSD."""
+    n_b, n_hq, sq, d = out.shape
+    n_kv = k.shape[1]
+    skv = k.shape[3] if bhds else k.shape[2]
     group = n_hq // n_kv
     dtype = q.dtype
-    out = nl.ndarray((n_b, n_hq, sq, d), dtype=dtype, buffer=nl.shared_hbm)
     pid = nl.program_id(0)
     n_prog = nl.num_programs(0)
     n_q_tiles = n_tiles(sq, _Q_TILE)
@@ -97,7 +107,7 @@ def flash_attention_kernel(q, k, v, gate, seq_lens, softmax_scale, causal):
                     if _owner(b, kvh, g, i_q, n_kv, n_q_tiles, n_b, n_prog) == pid]
             if not work:
                 continue
-            kT_sb, v_sb = _load_kv(k, v, b, kvh, skv, d, n_d, dtype)
+            kT_sb, v_sb = _load_kv(k, v, b, kvh, skv, d, n_d, dtype, bhds)
             len_f = None
             klen_bias = None
             if seq_lens is not None:
@@ -105,8 +115,7 @@ def flash_attention_kernel(q, k, v, gate, seq_lens, softmax_scale, causal):
                 klen_bias = _key_length_bias(len_f, skv)
             items = [(kvh * group + g, i_q * _Q_TILE, sq) for g, i_q in work]
             _attend_pipeline(q, gate, out, kT_sb, v_sb, len_f, klen_bias, b, items, skv, d, n_d, dtype,
-                             softmax_scale, causal)
-    return out
+                             softmax_scale, causal, bhds)
 
 
 class _Stream:
@@ -153,7 +162,7 @@ def _block_keys(dtype):
     return _BLOCK_2BYTE if is_two_byte(dtype) else _BLOCK_FP32
 
 
-def _load_kv(k, v, b, kvh, skv, d, n_d, dtype):
+def _load_kv(k, v, b, kvh, skv, d, n_d, dtype, bhds=False):
     """K^T [128(d), n_d, Skv] and V [128(keys), n_chunks, D] of one KV head, in SBUF."""
     n_kc = n_tiles(skv, K_CHUNK)
     kT_sb = nl.ndarray((P_MAX, n_d, skv), dtype=dtype, buffer=nl.sbuf)
@@ -163,7 +172,10 @@ def _load_kv(k, v, b, kvh, skv, d, n_d, dtype):
         for i_d in range(n_d):
             d0 = i_d * D_CHUNK
             dn = min(D_CHUNK, d - d0)
-            load_transposed(kT_sb[0:dn, i_d, s0:s0 + sn], k[b, kvh, s0:s0 + sn, d0:d0 + dn], sn, dn, dtype)
+            if bhds:
+                nisa.dma_copy(dst=kT_sb[0:dn, i_d, s0:s0 + sn], src=k[b, kvh, d0:d0 + dn, s0:s0 + sn])
+            else:
+                load_transposed(kT_sb[0:dn, i_d, s0:s0 + sn], k[b, kvh, s0:s0 + sn, d0:d0 + dn], sn, dn, dtype)
         c0 = s0 // K_CHUNK
         full = sn // K_CHUNK
         if full:
@@ -194,7 +206,8 @@ def _attend_pipeline(q, gate, out, kT_sb, v_sb, len_f, klen_bias, b, items, skv,
     _N_STREAMS slots each run a queue of streams back to back. In step t every slot computes the scores and
     softmax of its current block (and starts the DMA transposes of P), the PE transposes P of step t-1 and
     multiplies P V of step t-2, so every engine always has independent work queued in program order and the
-    pipeline never drains between query tiles. Per-stream state is double-buffered by generation parity.
+    pipeline never drains between query tiles. Per-stream state rotates over _GENS generations (a new
+    stream may start while the PV of the stream two before it in the slot is still pending).
     """
     block = _block_keys(dtype)
     n_ch = block // K_CHUNK                              # 128-key chunks per block
@@ -203,13 +216,13 @@ def _attend_pipeline(q, gate, out, kT_sb, v_sb, len_f, klen_bias, b, items, skv,
     max_blk = n_tiles(skv, block)
     queues = [[_Stream(h, q0, sq_, skv, causal, block) for (h, q0, sq_) in items[s::n_slot]] for s in range(n_slot)]
     # ---- per-stream state, [slot, generation]: Q^T, statistics per block, accumulators
-    qT_sb = nl.ndarray((P_MAX, n_slot, 2, n_d, _Q_TILE), dtype=dtype, buffer=nl.sbuf)
+    qT_sb = nl.ndarray((P_MAX, n_slot, _GENS, n_d, _Q_TILE), dtype=dtype, buffer=nl.sbuf)
     m_blk = nl.ndarray((P_MAX, n_slot, 1), dtype=nl.float32, buffer=nl.sbuf)            # -rowmax of a block
-    neg_m = nl.ndarray((P_MAX, n_slot, 2, max_blk), dtype=nl.float32, buffer=nl.sbuf)    # -scale * running max
-    alpha = nl.ndarray((P_MAX, n_slot, 2, max_blk), dtype=nl.float32, buffer=nl.sbuf)    # e^(neg_m_j - neg_m_{j-1})
-    row_sum = nl.ndarray((P_MAX, n_slot, 2, max_blk), dtype=nl.float32, buffer=nl.sbuf)
-    l_sb = nl.ndarray((P_MAX, n_slot, 2, 1), dtype=nl.float32, buffer=nl.sbuf)
-    o_acc = nl.ndarray((P_MAX, n_slot, 2, d), dtype=nl.float32, buffer=nl.sbuf)
+    neg_m = nl.ndarray((P_MAX, n_slot, _GENS, max_blk), dtype=nl.float32, buffer=nl.sbuf)    # -scale * running max
+    alpha = nl.ndarray((P_MAX, n_slot, _GENS, max_blk), dtype=nl.float32, buffer=nl.sbuf)    # e^(neg_m_j - neg_m_{j-1})
+    row_sum = nl.ndarray((P_MAX, n_slot, _GENS, max_blk), dtype=nl.float32, buffer=nl.sbuf)
+    l_sb = nl.ndarray((P_MAX, n_slot, _GENS, 1), dtype=nl.float32, buffer=nl.sbuf)
+    o_acc = nl.ndarray((P_MAX, n_slot, _GENS, d), dtype=nl.float32, buffer=nl.sbuf)
     # ---- pipeline buffers
     s_ring = _S_RING if is_two_byte(dtype) else 1        # S double-buffered: QK of block j+1 overlaps softmax j
     s_psum = nl.ndarray((P_MAX, s_ring, n_slot, block), dtype=nl.float32, buffer=nl.psum)
@@ -232,12 +245,12 @@ def _attend_pipeline(q, gate, out, kT_sb, v_sb, len_f, klen_bias, b, items, skv,
         for s in range(n_slot):
             if cur[s] is None and nxt[s] < len(queues[s]):
                 st = queues[s][nxt[s]]
-                st.slot, st.gen, st.j = s, nxt[s] % 2, 0
+                st.slot, st.gen, st.j = s, nxt[s] % _GENS, 0
                 if nxt[s] == 0:
                     _load_q(q, bufs, b, st, d, n_d, dtype, q_is_bhds)
                 if nxt[s] + 1 < len(queues[s]):
                     fol = queues[s][nxt[s] + 1]
-                    fol.slot, fol.gen = s, (nxt[s] + 1) % 2
+                    fol.slot, fol.gen = s, (nxt[s] + 1) % _GENS
                     _load_q(q, bufs, b, fol, d, n_d, dtype, q_is_bhds)
                 nxt[s] += 1
                 cur[s] = st

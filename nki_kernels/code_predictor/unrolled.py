@@ -39,26 +39,41 @@ _MAX_TOP_K = 256                     # sampling: top-k candidates are found in c
 # ================================================================ small building blocks
 
 
-def _rms_norm(x_sb, w_sb, eps, n, rows, out_dtype):
-    """out[r, :] = x[r, :] * rsqrt(mean(x[r, :]^2) + eps) * w[r, :]  (w already broadcast over rows)."""
-    sq = nl.ndarray((rows, n), dtype=nl.float32, buffer=nl.sbuf)
-    ss = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.activation(dst=sq, op=nl.square, data=x_sb, reduce_op=nl.add, reduce_res=ss,
-                    reduce_cmd=nisa.reduce_cmd.reset_reduce)
-    rstd = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.activation(dst=rstd, op=nl.rsqrt, data=ss, scale=1.0 / n, bias=eps)
-    out = nl.ndarray((rows, n), dtype=out_dtype, buffer=nl.sbuf)
-    nisa.scalar_tensor_tensor(dst=out, data=x_sb, op0=nl.multiply, operand0=rstd, op1=nl.multiply, operand1=w_sb)
+def _ones(n, dtype=nl.float32):
+    """[n, n] all-ones stationary: a matmul with it sums over partitions and broadcasts to all of them."""
+    t = nl.ndarray((n, n), dtype=dtype, buffer=nl.sbuf)
+    nisa.memset(dst=t, value=1.0)
+    return t
+
+
+def _rms_norm_T(xT, w_col, ones, eps, n, kc, rows, out_dtype):
+    """Feature-major RMSNorm: xT [128, kc, rows] (feature f = c * 128 + p) -> [128, kc, rows] of out_dtype.
+
+    Sum of squares per row: per-partition partial sums (VectorE), then an all-ones matmul sums them over the
+    partitions and broadcasts the total to every partition. w_col [128, kc] is the norm weight.
+    """
+    sq = nl.ndarray((_K_TILE, kc, rows), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.activation(dst=sq, op=nl.square, data=xT)
+    part = nl.ndarray((_K_TILE, rows), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_reduce(dst=part, op=nl.add, data=sq.permute((0, 2, 1)), axis=2)
+    tot_psum = nl.ndarray((_K_TILE, rows), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_matmul(tot_psum, ones, part)
+    rstd = nl.ndarray((_K_TILE, rows), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.activation(dst=rstd, op=nl.rsqrt, data=tot_psum, scale=1.0 / n, bias=eps)
+    out = nl.ndarray((_K_TILE, kc, rows), dtype=out_dtype, buffer=nl.sbuf)
+    for b in range(rows):
+        nisa.scalar_tensor_tensor(dst=out[:, :, b], data=xT[:, :, b], op0=nl.multiply, operand0=rstd[:, b:b + 1],
+                                  op1=nl.multiply, operand1=w_col)
     return out
 
 
 def _transpose_chunks(x_sb, n_chunks, kp, rows, dtype):
     """x [rows, n_chunks * kp] -> xT [kp, n_chunks, rows] (TensorE transposes, grouped per PSUM bank)."""
     xT = nl.ndarray((kp, n_chunks, rows), dtype=dtype, buffer=nl.sbuf)
-    per_bank = max(1, PSUM_BANK_BYTES // (rows * _BF16_BYTES))
+    per_bank = max(1, PSUM_BANK_BYTES // (rows * x_sb.dtype.itemsize))
     for c0 in range(0, n_chunks, per_bank):
         cn = min(per_bank, n_chunks - c0)
-        t_psum = nl.ndarray((kp, cn, rows), dtype=dtype, buffer=nl.psum)
+        t_psum = nl.ndarray((kp, cn, rows), dtype=x_sb.dtype, buffer=nl.psum)
         for c in range(cn):
             nisa.nc_transpose(dst=t_psum[:, c, :], data=x_sb[:, (c0 + c) * kp:(c0 + c + 1) * kp])
         nisa.tensor_copy(dst=xT[:, c0:c0 + cn, :], src=t_psum)
@@ -75,30 +90,43 @@ def _weight_block(w_res, w_hbm, kp, n_k, n0, nn):
     return blk
 
 
-def _linear(dst_sb, xT, n_k, kp, w_res, w_hbm, n_out, rows, add, stat_cols=None):
-    """dst[rows, n_out] (=|+=) x @ W, with xT [kp, n_k, rows] stationary and W [n_k * kp, n_out] moving.
+def _linear_T(dst, xT, n_k, kp, w_res, w_hbm, n_out, oc, rows, mode):
+    """Feature-major projection: dst[oc, n_out / oc, rows] (= or +=) (x @ W)^T.
 
-    stat_cols: optional slice of xT's row axis (e.g. a strided pick of rows) used as the stationary columns.
+    W [n_k * kp, n_out] is the stationary operand in [kp, oc] blocks, xT [kp, n_k, rows] the moving one; the
+    output lands with the output features on partitions. mode: "copy" or "add" (residual update).
     """
+    n_oc = n_out // oc
+    per_bank = max(1, PSUM_BANK_BYTES // (rows * 4))      # output chunks per fp32 PSUM bank
+    blk_cols = max(oc, (_N_TILE // oc) * oc)              # weight columns per streamed block
+    w_blk, blk0 = None, -1
+    for g0 in range(0, n_oc, per_bank):
+        gn = min(per_bank, n_oc - g0)
+        acc_psum = nl.ndarray((oc, gn, rows), dtype=nl.float32, buffer=nl.psum)
+        for i in range(gn):
+            col = (g0 + i) * oc
+            if col // blk_cols != blk0:
+                blk0 = col // blk_cols
+                w_blk = _weight_block(w_res, w_hbm, kp, n_k, blk0 * blk_cols, min(blk_cols, n_out - blk0 * blk_cols))
+            lc = col - blk0 * blk_cols
+            for k in range(n_k):
+                nisa.nc_matmul(acc_psum[:, i, :], w_blk[:, k, lc:lc + oc], xT[:, k, :], accumulate=(k > 0))
+        if mode == "add":
+            nisa.tensor_tensor(dst=dst[:, g0:g0 + gn, :], data1=dst[:, g0:g0 + gn, :], data2=acc_psum, op=nl.add)
+        else:
+            nisa.tensor_copy(dst=dst[:, g0:g0 + gn, :], src=acc_psum)
+
+
+def _linear_rows(dst_sb, xT, n_k, kp, w_hbm, n_out, rows, stat_cols=None):
+    """Row-major projection dst[rows, n_out] = x @ W (xT stationary, W streamed as the moving operand)."""
     for n0 in range(0, n_out, _N_TILE):
         nn = min(_N_TILE, n_out - n0)
-        w_blk = _weight_block(w_res, w_hbm, kp, n_k, n0, nn)
+        w_blk = _weight_block(None, w_hbm, kp, n_k, n0, nn)
         acc_psum = nl.ndarray((rows, _N_TILE), dtype=nl.float32, buffer=nl.psum)
         for k in range(n_k):
             st = xT[:, k, :] if stat_cols is None else xT[:, k, stat_cols]
             nisa.nc_matmul(acc_psum[:, 0:nn], st, w_blk[:, k, :], accumulate=(k > 0))
-        if add:
-            nisa.tensor_tensor(dst=dst_sb[:, n0:n0 + nn], data1=dst_sb[:, n0:n0 + nn], data2=acc_psum[:, 0:nn],
-                               op=nl.add)
-        else:
-            nisa.tensor_copy(dst=dst_sb[:, n0:n0 + nn], src=acc_psum[:, 0:nn])
-
-
-def _load_rows_bcast(src_hbm, rows, n, dtype=nl.float32):
-    """A [n] HBM vector copied onto `rows` partitions (DMA with partition stride 0)."""
-    t = nl.ndarray((rows, n), dtype=dtype, buffer=nl.sbuf)
-    nisa.dma_copy(dst=t, src=src_hbm.ap(pattern=[[0, rows], [1, n]], offset=0))
-    return t
+        nisa.tensor_copy(dst=dst_sb[:, n0:n0 + nn], src=acc_psum[:, 0:nn])
 
 
 def _block_mask(m_rows, r, nb_max, n_t, causal_slots=0):
@@ -174,65 +202,68 @@ class _Cfg:
         self.scale = 1.0 / math.sqrt(D)
 
 
-def _qk_norm_rope(c, qkv_sb, qn_sb, kn_sb, cos_sb, sin_sb):
-    """q/k per-head RMSNorm (weights q_norm / k_norm) then RoPE; returns bf16 [rows, (Hq + Hkv) * D]."""
-    R, NH, D = c.rows, c.NH, c.D
+def _rotate_half_matrix(D):
+    """[D, D] fp32 stationary Rm with Rm^T x = rotate_half(x) = [-x2, x1] (x on partitions)."""
     half = D // 2
-    qk = qkv_sb[:, 0:NH * D]
-    sq = nl.ndarray((R, NH * D), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_tensor(dst=sq, data1=qk, data2=qk, op=nl.multiply)
-    ss = nl.ndarray((R, NH), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_reduce(dst=ss, op=nl.add, data=sq.reshape((R, NH, D)), axis=2)
-    rstd = nl.ndarray((R, NH), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.activation(dst=rstd, op=nl.rsqrt, data=ss, scale=1.0 / D, bias=c.eps)
-    qkn = nl.ndarray((R, NH, D), dtype=nl.float32, buffer=nl.sbuf)
-    for h in range(NH):
-        nisa.scalar_tensor_tensor(dst=qkn[:, h, :], data=qk[:, h * D:(h + 1) * D], op0=nl.multiply,
-                                  operand0=rstd[:, h:h + 1], op1=nl.multiply,
-                                  operand1=qn_sb if h < c.Hq else kn_sb)
-    # RoPE: out = x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]
-    xc = nl.ndarray((R, NH, D), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_tensor(dst=xc, data1=qkn, data2=cos_sb, op=nl.multiply)
-    xs = nl.ndarray((R, NH, D), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_tensor(dst=xs[:, :, 0:half], data1=qkn[:, :, half:D], data2=sin_sb[:, :, 0:half], op=nl.multiply)
-    nisa.tensor_tensor(dst=xs[:, :, half:D], data1=qkn[:, :, 0:half], data2=sin_sb[:, :, half:D], op=nl.multiply)
-    rot = nl.ndarray((R, NH * D), dtype=nl.bfloat16, buffer=nl.sbuf)
-    rot3 = rot.reshape((R, NH, D))
-    nisa.tensor_tensor(dst=rot3[:, :, 0:half], data1=xc[:, :, 0:half], data2=xs[:, :, 0:half], op=nl.subtract)
-    nisa.tensor_tensor(dst=rot3[:, :, half:D], data1=xc[:, :, half:D], data2=xs[:, :, half:D], op=nl.add)
-    return rot
+    zero = nl.ndarray((D, D), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=zero, value=0.0)
+    pos = nl.ndarray((D, D), dtype=nl.float32, buffer=nl.sbuf)
+    # Rm[k, d] = 1 where k = d - half  (d >= half)
+    nisa.affine_select(dst=pos, pattern=[[-1, D]], offset=half, channel_multiplier=1, on_true_tile=zero,
+                       on_false_value=1.0, cmp_op=nl.not_equal)
+    rm = nl.ndarray((D, D), dtype=nl.float32, buffer=nl.sbuf)
+    # Rm[k, d] = -1 where k = d + half  (d < half)
+    nisa.affine_select(dst=rm, pattern=[[-1, D]], offset=-half, channel_multiplier=1, on_true_tile=pos,
+                       on_false_value=-1.0, cmp_op=nl.not_equal)
+    return rm
 
 
-def _layer(c, W, S, l, h_sb, cos_sb, sin_sb, attn):
-    """One decoder layer on h_sb [rows, H] fp32 (in place). attn = ("cache", pos) or ("self", slots)."""
-    R, D, Hq, Hkv, r = c.rows, c.D, c.Hq, c.Hkv, c.r
+def _qk_norm_rope_T(c, S, l, qkvT, cos_t, sin_t):
+    """q/k per-head RMSNorm then RoPE on qkvT [D, NH + Hkv, rows] fp32; returns fp32 [D, NH, rows]."""
+    D, NH, R = c.D, c.NH, c.rows
+    qk = qkvT[:, 0:NH, :]
+    sq = nl.ndarray((D, NH, R), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.activation(dst=sq, op=nl.square, data=qk)
+    ss_psum = nl.ndarray((D, NH, R), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_matmul(ss_psum, S["onesD"], sq)
+    rstd = nl.ndarray((D, NH, R), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.activation(dst=rstd, op=nl.rsqrt, data=ss_psum, scale=1.0 / D, bias=c.eps)
+    qkn = nl.ndarray((D, NH, R), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.scalar_tensor_tensor(dst=qkn[:, 0:c.Hq, :], data=qk[:, 0:c.Hq, :], op0=nl.multiply,
+                              operand0=S["q_norm"][:, l:l + 1], op1=nl.multiply, operand1=rstd[:, 0:c.Hq, :])
+    nisa.scalar_tensor_tensor(dst=qkn[:, c.Hq:NH, :], data=qk[:, c.Hq:NH, :], op0=nl.multiply,
+                              operand0=S["k_norm"][:, l:l + 1], op1=nl.multiply, operand1=rstd[:, c.Hq:NH, :])
+    rot_psum = nl.ndarray((D, NH, R), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_matmul(rot_psum, S["rot"], qkn)
+    xs = nl.ndarray((D, NH, R), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=xs, data1=rot_psum, data2=sin_t, op=nl.multiply)
+    xc = nl.ndarray((D, NH, R), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=xc, data1=qkn, data2=cos_t, op=nl.multiply)
+    out = nl.ndarray((D, NH, R), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=out, data1=xc, data2=xs, op=nl.add)
+    return out
+
+
+def _layer(c, W, S, l, hT, cos_t, sin_t, attn):
+    """One decoder layer on hT [128, KC, rows] fp32 (in place). attn = ("cache", pos) or ("self", slots)."""
+    R, D, Hq, Hkv, r, NH = c.rows, c.D, c.Hq, c.Hkv, c.r, c.NH
     # ---- attention
-    xn = _rms_norm(h_sb, S["in_norm"][:, l, :], c.eps, c.H, R, nl.bfloat16)
-    xT = _transpose_chunks(xn, c.KC, _K_TILE, R, nl.bfloat16)
-    qkv = nl.ndarray((R, c.NQKV), dtype=nl.float32, buffer=nl.sbuf)
-    _linear(qkv, xT, c.KC, _K_TILE, S["wqkv"][:, l] if S["wqkv"] is not None else None, W["wqkv_t"][l],
-            c.NQKV, R, add=False)
-    rot = _qk_norm_rope(c, qkv, S["q_norm"][:, l, :], S["k_norm"][:, l, :], cos_sb, sin_sb)
-    v_bf = nl.ndarray((R, Hkv * D), dtype=nl.bfloat16, buffer=nl.sbuf)
-    nisa.tensor_copy(dst=v_bf, src=qkv[:, c.NH * D:c.NQKV])
+    xn = _rms_norm_T(hT, S["in_norm"][:, l, :], S["ones"], c.eps, c.H, c.KC, R, nl.bfloat16)
+    qkvT = nl.ndarray((D, NH + Hkv, R), dtype=nl.float32, buffer=nl.sbuf)
+    _linear_T(qkvT, xn, c.KC, _K_TILE, S["wqkv"][:, l] if S["wqkv"] is not None else None, W["wqkv_t"][l],
+              c.NQKV, D, R, "copy")
+    qk = _qk_norm_rope_T(c, S, l, qkvT, cos_t, sin_t)
     # q^T [D, Hkv, R, r]: column (row, head-in-group)
     qT = nl.ndarray((D, Hkv, R, r), dtype=nl.bfloat16, buffer=nl.sbuf)
-    q_psum = nl.ndarray((D, Hq, R), dtype=nl.bfloat16, buffer=nl.psum)
-    for hh in range(Hq):
-        nisa.nc_transpose(dst=q_psum[:, hh, :], data=rot[:, hh * D:(hh + 1) * D])
-    nisa.tensor_copy(dst=qT.permute((0, 1, 3, 2)), src=q_psum.reshape((D, Hkv, r, R)))
-    kv_psum = nl.ndarray((D, 2, Hkv, R), dtype=nl.bfloat16, buffer=nl.psum)
-    for g in range(Hkv):
-        nisa.nc_transpose(dst=kv_psum[:, 0, g, :], data=rot[:, (Hq + g) * D:(Hq + g + 1) * D])
-        nisa.nc_transpose(dst=kv_psum[:, 1, g, :], data=v_bf[:, g * D:(g + 1) * D])
+    nisa.tensor_copy(dst=qT.permute((0, 1, 3, 2)), src=qk[:, 0:Hq, :].reshape((D, Hkv, r, R)))
     attnT = nl.ndarray((D, Hq, R), dtype=nl.bfloat16, buffer=nl.sbuf)
     mode, arg = attn
     if mode == "cache":
         pos = arg
         n_t = pos + 1
         kT_all, vT_all = S["kT"], S["vT"]
-        nisa.tensor_copy(dst=kT_all[:, l, :, :, pos], src=kv_psum[:, 0, :, :])
-        nisa.tensor_copy(dst=vT_all[:, l, :, :, pos], src=kv_psum[:, 1, :, :])
+        nisa.tensor_copy(dst=kT_all[:, l, :, :, pos], src=qk[:, Hq:NH, :])
+        nisa.tensor_copy(dst=vT_all[:, l, :, :, pos], src=qkvT[:, NH:NH + Hkv, :])
         bb = S["bb"]
         for g in range(Hkv):
             for b0 in range(0, R, bb):
@@ -243,66 +274,86 @@ def _layer(c, W, S, l, h_sb, cos_sb, sin_sb, attn):
                                  attnT[:, g * r:(g + 1) * r, b0:b0 + nb].permute((0, 2, 1)), m, n, D, c.scale)
     else:
         slots = arg
-        kvT = nl.ndarray((D, 2, Hkv, R), dtype=nl.bfloat16, buffer=nl.sbuf)
-        nisa.tensor_copy(dst=kvT, src=kv_psum)
+        kT = nl.ndarray((D, Hkv, R), dtype=nl.bfloat16, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=kT, src=qk[:, Hq:NH, :])
+        vT = nl.ndarray((D, Hkv, R), dtype=nl.bfloat16, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=vT, src=qkvT[:, NH:NH + Hkv, :])
         bb = S["bb"]            # batches per block; rows of a block = bb * slots
         for g in range(Hkv):
             for b0 in range(0, R // slots, bb):
                 nb = min(bb, R // slots - b0)
                 r0, r1 = b0 * slots, (b0 + nb) * slots
                 m, n = (r1 - r0) * r, r1 - r0
-                _attention_block(qT[:, g, r0:r1, :], kvT[:, 0, g, r0:r1], kvT[:, 1, g, r0:r1],
+                _attention_block(qT[:, g, r0:r1, :], kT[:, g, r0:r1], vT[:, g, r0:r1],
                                  S["mask"][0:m, 0:nb, :],
                                  attnT[:, g * r:(g + 1) * r, r0:r1].permute((0, 2, 1)), m, n, D, c.scale)
-    _linear(h_sb, attnT, Hq, D, S["wo"][:, l] if S["wo"] is not None else None, W["wo_t"][l], c.H, R, add=True)
+    _linear_T(hT, attnT, Hq, D, S["wo"][:, l] if S["wo"] is not None else None, W["wo_t"][l], c.H, _K_TILE, R,
+              "add")
     # ---- MLP
-    xn2 = _rms_norm(h_sb, S["post_norm"][:, l, :], c.eps, c.H, R, nl.bfloat16)
-    x2T = _transpose_chunks(xn2, c.KC, _K_TILE, R, nl.bfloat16)
-    gu = nl.ndarray((R, 2 * c.I), dtype=nl.float32, buffer=nl.sbuf)
-    _linear(gu, x2T, c.KC, _K_TILE, S["wgu"][:, l] if S["wgu"] is not None else None, W["wgu_t"][l],
-            2 * c.I, R, add=False)
-    sg = nl.ndarray((R, c.I), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.activation(dst=sg, op=nl.silu, data=gu[:, 0:c.I])
-    act = nl.ndarray((R, c.I), dtype=nl.bfloat16, buffer=nl.sbuf)
-    nisa.tensor_tensor(dst=act, data1=sg, data2=gu[:, c.I:2 * c.I], op=nl.multiply)
-    actT = _transpose_chunks(act, c.IC, _K_TILE, R, nl.bfloat16)
-    _linear(h_sb, actT, c.IC, _K_TILE, S["wd"][:, l] if S["wd"] is not None else None, W["wd_t"][l], c.H, R,
-            add=True)
+    xn2 = _rms_norm_T(hT, S["post_norm"][:, l, :], S["ones"], c.eps, c.H, c.KC, R, nl.bfloat16)
+    guT = nl.ndarray((_K_TILE, 2 * c.IC, R), dtype=nl.float32, buffer=nl.sbuf)
+    _linear_T(guT, xn2, c.KC, _K_TILE, S["wgu"][:, l] if S["wgu"] is not None else None, W["wgu_t"][l],
+              2 * c.I, _K_TILE, R, "copy")
+    sg = nl.ndarray((_K_TILE, c.IC, R), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.activation(dst=sg, op=nl.silu, data=guT[:, 0:c.IC, :])
+    act = nl.ndarray((_K_TILE, c.IC, R), dtype=nl.bfloat16, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=act, data1=sg, data2=guT[:, c.IC:2 * c.IC, :], op=nl.multiply)
+    _linear_T(hT, act, c.IC, _K_TILE, S["wd"][:, l] if S["wd"] is not None else None, W["wd_t"][l], c.H,
+              _K_TILE, R, "add")
 
 
-def _rope_rows(c, rope_hbm, pattern_rows):
-    """cos or sin for every row and head: [rows, NH, D] fp32, from an HBM table by a broadcasting DMA."""
-    t = nl.ndarray((c.rows, c.NH, c.D), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=t, src=rope_hbm.ap(pattern=pattern_rows + [[0, c.NH], [1, c.D]], offset=0))
+def _rope_T(c, rope_hbm, pattern_rows, offset):
+    """cos or sin laid out [D, NH, rows] fp32 (feature d on partitions), by one broadcasting DMA."""
+    t = nl.ndarray((c.D, c.NH, c.rows), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=t, src=rope_hbm.ap(pattern=[[1, c.D], [0, c.NH]] + pattern_rows, offset=offset))
     return t
 
 
+def _rows_to_T(x_rows, c):
+    """[rows, H] (any float dtype) -> hT [128, KC, rows] fp32 (TensorE transposes)."""
+    xT = _transpose_chunks(x_rows, c.KC, _K_TILE, c.rows, x_rows.dtype)
+    hT = nl.ndarray((_K_TILE, c.KC, c.rows), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=hT, src=xT)
+    return hT
+
+
 def _setup(c, W, resident, with_cache, attn_bb, mask_args):
-    """SBUF state shared by all passes: broadcast norms, optional resident weights, KV cache, mask."""
-    R, L, D, H = c.rows, c.L, c.D, c.H
+    """SBUF state shared by all passes: norms (feature-major), optional resident weights, KV cache, mask."""
+    L, D, H = c.L, c.D, c.H
     S = {}
-    for key, src, n in (("in_norm", W["input_norm"], H), ("post_norm", W["post_norm"], H),
-                        ("q_norm", W["q_norm"], D), ("k_norm", W["k_norm"], D)):
-        t = nl.ndarray((R, L, n), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.dma_copy(dst=t, src=src.ap(pattern=[[0, R], [n, L], [1, n]], offset=0))
+    for key, src in (("in_norm", W["input_norm"]), ("post_norm", W["post_norm"])):
+        t = nl.ndarray((_K_TILE, L, c.KC), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=t, src=src.ap(pattern=[[1, _K_TILE], [H, L], [_K_TILE, c.KC]], offset=0))
         S[key] = t
-    S["final_norm"] = _load_rows_bcast(W["final_norm"], R, H)
+    for key, src in (("q_norm", W["q_norm"]), ("k_norm", W["k_norm"])):
+        t = nl.ndarray((D, L), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=t, src=src.ap(pattern=[[1, D], [D, L]], offset=0))
+        S[key] = t
+    fn = nl.ndarray((_K_TILE, c.KC), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=fn, src=W["final_norm"].ap(pattern=[[1, _K_TILE], [_K_TILE, c.KC]], offset=0))
+    S["final_norm"] = fn
+    S["ones"] = _ones(_K_TILE)
+    S["onesD"] = _ones(D)
+    S["rot"] = _rotate_half_matrix(D)
     S["wqkv"] = S["wo"] = S["wgu"] = S["wd"] = None
     if resident:
-        for key, src, kp, n_k, n_out in (("wqkv", W["wqkv_t"], _K_TILE, c.KC, c.NQKV),
-                                         ("wo", W["wo_t"], D, c.Hq, H),
-                                         ("wgu", W["wgu_t"], _K_TILE, c.KC, 2 * c.I),
-                                         ("wd", W["wd_t"], _K_TILE, c.IC, H)):
-            t = nl.ndarray((kp, L, n_k, n_out), dtype=src.dtype, buffer=nl.sbuf)
-            for l in range(L):
+        # one allocation per matrix kind (distinct call sites: all four stay live for the whole launch)
+        S["wqkv"] = nl.ndarray((_K_TILE, L, c.KC, c.NQKV), dtype=W["wqkv_t"].dtype, buffer=nl.sbuf)
+        S["wo"] = nl.ndarray((D, L, c.Hq, H), dtype=W["wo_t"].dtype, buffer=nl.sbuf)
+        S["wgu"] = nl.ndarray((_K_TILE, L, c.KC, 2 * c.I), dtype=W["wgu_t"].dtype, buffer=nl.sbuf)
+        S["wd"] = nl.ndarray((_K_TILE, L, c.IC, H), dtype=W["wd_t"].dtype, buffer=nl.sbuf)
+        for l in range(L):
+            for key, src, kp, n_k, n_out in (("wqkv", W["wqkv_t"], _K_TILE, c.KC, c.NQKV),
+                                             ("wo", W["wo_t"], D, c.Hq, H),
+                                             ("wgu", W["wgu_t"], _K_TILE, c.KC, 2 * c.I),
+                                             ("wd", W["wd_t"], _K_TILE, c.IC, H)):
                 for n0 in range(0, n_out, 4 * _N_TILE):      # ~1-4 MB per DMA: several queues in flight
                     nn = min(4 * _N_TILE, n_out - n0)
-                    nisa.dma_copy(dst=t[:, l, :, n0:n0 + nn],
+                    nisa.dma_copy(dst=S[key][:, l, :, n0:n0 + nn],
                                   src=src[l].reshape((n_k, kp, n_out)).permute((1, 0, 2))[:, :, n0:n0 + nn])
-            S[key] = t
     if with_cache:
-        S["kT"] = nl.ndarray((D, L, c.Hkv, R, c.G), dtype=nl.bfloat16, buffer=nl.sbuf)
-        S["vT"] = nl.ndarray((D, L, c.Hkv, R, c.G), dtype=nl.bfloat16, buffer=nl.sbuf)
+        S["kT"] = nl.ndarray((D, L, c.Hkv, c.rows, c.G), dtype=nl.bfloat16, buffer=nl.sbuf)
+        S["vT"] = nl.ndarray((D, L, c.Hkv, c.rows, c.G), dtype=nl.bfloat16, buffer=nl.sbuf)
     S["bb"] = attn_bb
     S["mask"] = _block_mask(*mask_args)
     return S
@@ -389,17 +440,19 @@ def _select_code(logits, rows, vh, u_col, sampling):
 def _gather_embed(codec_embed, j, code, rows, H, V):
     """emb[r, :] = codec_embed[j, code[r], :] by one indirect DMA (vector_offset on the vocab dim)."""
     emb = nl.ndarray((rows, H), dtype=codec_embed.dtype, buffer=nl.sbuf)
+    # Order the gather after the code is known in the emulator's cost-model schedule, which does not track
+    # the vector_offset tile as a DMA input (the device's DGE does): a 1-column write the DMA then overwrites.
+    nisa.tensor_copy(dst=emb[:, 0:1], src=code)
     nisa.dma_copy(dst=emb, src=codec_embed.ap(pattern=[[V * H, 1], [H, rows], [1, H]], offset=j * V * H,
                                               vector_offset=code, indirect_dim=1))
     return emb
 
 
-def _final_logits(c, W, S, h_sb, j, vh, stat_cols, n_rows):
-    """logits [n_rows, vh] fp32 = final_norm(h) @ lm_head[j] for the selected rows."""
-    hf = _rms_norm(h_sb, S["final_norm"], c.eps, c.H, c.rows, nl.bfloat16)
-    hfT = _transpose_chunks(hf, c.KC, _K_TILE, c.rows, nl.bfloat16)
+def _final_logits(c, W, S, hT, j, vh, stat_cols, n_rows):
+    """logits [n_rows, vh] fp32 = final_norm(h) @ lm_head[j] for the selected rows (rows on partitions)."""
+    hf = _rms_norm_T(hT, S["final_norm"], S["ones"], c.eps, c.H, c.KC, c.rows, nl.bfloat16)
     logits = nl.ndarray((n_rows, vh), dtype=nl.float32, buffer=nl.sbuf)
-    _linear(logits, hfT, c.KC, _K_TILE, None, W["lm_head_t"][j], vh, n_rows, add=False, stat_cols=stat_cols)
+    _linear_rows(logits, hf, c.KC, _K_TILE, W["lm_head_t"][j], vh, n_rows, stat_cols=stat_cols)
     return logits
 
 
@@ -453,30 +506,29 @@ def code_predictor_kernel(past_hidden, code0_embed, uniforms, input_norm, post_n
     nisa.dma_copy(dst=acc, src=code0_embed)
     sampling = (do_sample, inv_temperature, top_k, top_p)
 
-    h_sb = nl.ndarray((B, H), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=h_sb, src=past_hidden)
+    x_rows = nl.ndarray((B, H), dtype=past_hidden.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=x_rows, src=past_hidden)
+    hT = _rows_to_T(x_rows, c)
     for pos in range(G1 + 1):
         if pos == 1:
-            h_sb = nl.ndarray((B, H), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.dma_copy(dst=h_sb, src=code0_embed)
-        cos_sb = nl.ndarray((B, c.NH, D), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.dma_copy(dst=cos_sb, src=rope_cos.ap(pattern=[[0, B], [0, c.NH], [1, D]], offset=pos * D))
-        sin_sb = nl.ndarray((B, c.NH, D), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.dma_copy(dst=sin_sb, src=rope_sin.ap(pattern=[[0, B], [0, c.NH], [1, D]], offset=pos * D))
+            x_rows = nl.ndarray((B, H), dtype=code0_embed.dtype, buffer=nl.sbuf)
+            nisa.dma_copy(dst=x_rows, src=code0_embed)
+            hT = _rows_to_T(x_rows, c)
+        cos_t = _rope_T(c, rope_cos, [[0, B]], pos * D)
+        sin_t = _rope_T(c, rope_sin, [[0, B]], pos * D)
         for l in range(L):
-            _layer(c, W, S, l, h_sb, cos_sb, sin_sb, ("cache", pos))
+            _layer(c, W, S, l, hT, cos_t, sin_t, ("cache", pos))
         if pos == 0:
             continue
         j = pos - 1
-        logits = _final_logits(c, W, S, h_sb, j, vh, None, B)
+        logits = _final_logits(c, W, S, hT, j, vh, None, B)
         code = _select_code(logits, B, vh, u_sb[:, j:j + 1], sampling)
         nisa.dma_copy(dst=codes[:, j:j + 1], src=code)
         emb = _gather_embed(codec_embed, j, code, B, H, V)
         nisa.dma_copy(dst=codec_embeds[:, j, :], src=emb)
         nisa.tensor_tensor(dst=acc, data1=acc, data2=emb, op=nl.add)
         if pos < G1:
-            h_sb = nl.ndarray((B, H), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.tensor_copy(dst=h_sb, src=emb)
+            hT = _rows_to_T(emb, c)
     sum_out = nl.ndarray((B, H), dtype=codec_embed.dtype, buffer=nl.sbuf)
     nisa.tensor_copy(dst=sum_out, src=acc)
     nisa.dma_copy(dst=codec_sum, src=sum_out)

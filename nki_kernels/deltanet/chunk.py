@@ -106,11 +106,28 @@ def gated_delta_rule_kernel(q, k, v, g, beta, initial_state, lengths, consts, ch
     n_const = consts.shape[0]
     consts_sb = nl.ndarray((chunk, n_const, chunk), dtype=f32, buffer=nl.sbuf)
     nisa.dma_copy(dst=consts_sb, src=consts.permute((1, 0, 2)))
-    ident = consts_sb[:, _C_IDENT, :]
     utri = consts_sb[:, _C_UTRI, :]
-    strict_after = consts_sb[:, _C_SL, :]
+    # matmul operand dtypes: bf16 inputs run TensorE at bf16 rate (fp32 PSUM accumulation, fp32 state);
+    # decays (sums of g) stay fp32 everywhere
+    cdt = nl.bfloat16 if q.dtype == nl.bfloat16 else f32
+    consts_c = consts_sb
+    if cdt != f32:
+        consts_c = nl.ndarray((chunk, n_const, chunk), dtype=cdt, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=consts_c, src=consts_sb)
     ones_sb = nl.ndarray((chunk, max(dk, chunk)), dtype=f32, buffer=nl.sbuf)
     nisa.memset(dst=ones_sb, value=1.0)
+    # v heads of one q/k group are processed W at a time in lockstep ([C, W, C] tiles): one instruction
+    # serves W heads where the op is the same, and the W independent chains hide each other's latency
+    width = _lockstep_width(n_hv, group, chunk, dk, dv)
+    # masks of the block solve, replicated W times along the free dim (no broadcasting in NKI ops)
+    n_lvl = _n_levels(chunk)
+    masks_w = nl.ndarray((chunk, n_lvl + 2, width, chunk), dtype=f32, buffer=nl.sbuf)
+    for i_w in nl.affine_range(width):
+        nisa.tensor_copy(dst=masks_w[:, 0, i_w, :], src=consts_sb[:, _C_IDENT, :], engine=nisa.engine.gpsimd)
+        nisa.tensor_copy(dst=masks_w[:, 1, i_w, :], src=consts_sb[:, _C_M1, :], engine=nisa.engine.gpsimd)
+        for lvl in nl.static_range(n_lvl):
+            nisa.tensor_copy(dst=masks_w[:, 2 + lvl, i_w, :], src=consts_sb[:, _C_MT0 + lvl, :],
+                             engine=nisa.engine.gpsimd)
 
     for i_b in nl.sequential_range(bsz):
         state_sb = nl.ndarray((dk, n_hv, dv), dtype=f32, buffer=nl.sbuf)
@@ -131,8 +148,12 @@ def gated_delta_rule_kernel(q, k, v, g, beta, initial_state, lengths, consts, ch
             # pad tokens: g = 0 (no decay), beta = 0 (no write), q = 0 (zero output)
             nisa.tensor_scalar(dst=g_sb, data=g_sb, op0=nl.multiply, operand0=valid)
             nisa.tensor_scalar(dst=beta_sb, data=beta_sb, op0=nl.multiply, operand0=valid)
-            _normalize(q_sb, valid, scale, use_l2norm)
-            _normalize(k_sb, None, 1.0, use_l2norm)
+            q_c = _normalize(q_sb, valid, scale, use_l2norm, cdt)
+            k_c = _normalize(k_sb, None, 1.0, use_l2norm, cdt)
+            v_c = v_sb
+            if cdt != f32:
+                v_c = nl.ndarray((chunk, n_hv, dv), dtype=cdt, buffer=nl.sbuf)
+                nisa.activation(dst=v_c, op=nl.copy, data=v_sb)
 
             # per-chunk decays for all v heads: e^{G_i} [C, Hv], e^{G_C} broadcast to Dk partitions [Dk, Hv]
             gcol_ps = nl.ndarray((chunk, n_hv), dtype=f32, buffer=nl.psum)
@@ -148,23 +169,33 @@ def gated_delta_rule_kernel(q, k, v, g, beta, initial_state, lengths, consts, ch
             del gcol_ps, glast_ps
 
             o_sb = nl.ndarray((chunk, n_hv, dv), dtype=q.dtype, buffer=nl.sbuf)
-            for i_hk in nl.affine_range(n_hk):
-                q_t = _transpose_to_sbuf(q_sb[:, i_hk, :], chunk, dk)        # [Dk, C]
-                k_t = _transpose_to_sbuf(k_sb[:, i_hk, :], chunk, dk)        # [Dk, C]
-                kk_ps = nl.ndarray((chunk, chunk), dtype=f32, buffer=nl.psum)
-                nisa.nc_matmul(kk_ps, k_t, k_t)                              # K K^T (symmetric)
-                kq_ps = nl.ndarray((chunk, chunk), dtype=f32, buffer=nl.psum)
-                nisa.nc_matmul(kq_ps, k_t, q_t)                              # [j, i] = k_j . q_i
-                kq_causal = nl.ndarray((chunk, chunk), dtype=f32, buffer=nl.sbuf)
-                nisa.tensor_tensor(dst=kq_causal, data1=kq_ps, data2=utri, op=nl.multiply)
+            for i_blk in nl.affine_range(n_hv // width):
+                hv0 = i_blk * width
+                hk0 = hv0 // group
+                n_kh = (hv0 + width - 1) // group - hk0 + 1          # q/k heads this block of v heads uses
+                q_t = nl.ndarray((dk, n_kh, chunk), dtype=cdt, buffer=nl.sbuf)
+                k_t = nl.ndarray((dk, n_kh, chunk), dtype=cdt, buffer=nl.sbuf)
+                tq_ps = nl.ndarray((dk, 2, n_kh, chunk), dtype=f32, buffer=nl.psum)
+                for i_k in nl.affine_range(n_kh):
+                    nisa.nc_matmul(tq_ps[:, 0, i_k, :], q_c[:, hk0 + i_k, :], consts_c[:, _C_IDENT, :])
+                    nisa.nc_matmul(tq_ps[:, 1, i_k, :], k_c[:, hk0 + i_k, :], consts_c[:, _C_IDENT, :])
+                nisa.activation(dst=q_t, op=nl.copy, data=tq_ps[:, 0])      # Q^T [Dk, C] per q/k head
+                nisa.activation(dst=k_t, op=nl.copy, data=tq_ps[:, 1])      # K^T
+                del tq_ps
+                kk_ps = nl.ndarray((chunk, n_kh, chunk), dtype=f32, buffer=nl.psum)
+                kq_ps = nl.ndarray((chunk, n_kh, chunk), dtype=f32, buffer=nl.psum)
+                for i_k in nl.affine_range(n_kh):
+                    nisa.nc_matmul(kk_ps[:, i_k, :], k_t[:, i_k, :], k_t[:, i_k, :])   # K K^T (symmetric)
+                    nisa.nc_matmul(kq_ps[:, i_k, :], k_t[:, i_k, :], q_t[:, i_k, :])   # [j, i] = k_j . q_i
+                kq_causal = nl.ndarray((chunk, n_kh, chunk), dtype=f32, buffer=nl.sbuf)
+                for i_k in nl.affine_range(n_kh):
+                    nisa.tensor_tensor(dst=kq_causal[:, i_k, :], data1=kq_ps[:, i_k, :], data2=utri, op=nl.multiply)
                 del kq_ps
-                for i_g in nl.affine_range(group):
-                    i_hv = i_hk * group + i_g
-                    _chunk_head(q_t, k_sb[:, i_hk, :], v_sb[:, i_hv, :], kk_ps, kq_causal,
-                                g_sb[:, i_hv:i_hv + 1], beta_sb[:, i_hv:i_hv + 1],
-                                exp_g[:, i_hv:i_hv + 1], beta_exp_g[:, i_hv:i_hv + 1],
-                                exp_glast[:, i_hv:i_hv + 1], state_sb[:, i_hv, :], o_sb[:, i_hv, :],
-                                consts_sb, chunk, dk, dv)
+                hs = slice(hv0, hv0 + width)
+                head_kh = [(hv0 + w) // group - hk0 for w in range(width)]
+                _chunk_heads(q_t, k_c[:, hk0:hk0 + n_kh, :], v_c[:, hs, :], kk_ps, kq_causal, head_kh, g_sb[:, hs],
+                             beta_sb[:, hs], exp_g[:, hs], beta_exp_g[:, hs], exp_glast[:, hs],
+                             state_sb[:, hs, :], o_sb[:, hs, :], consts_sb, masks_w, chunk, dk, dv, cdt)
                 del kk_ps
             nisa.dma_copy(dst=o[i_b, t0:t0 + n_tok], src=o_sb[0:n_tok])
             if n_ckpt > 0 and (i_c + 1) % checkpoint_every == 0 and (i_c + 1) // checkpoint_every <= n_ckpt:
@@ -206,141 +237,183 @@ def _valid_mask(len_f, t0, chunk):
     return valid
 
 
-def _normalize(x_sb, valid, scale, use_l2norm):
-    """In place per (token, head): x *= scale * rsqrt(sum x^2 + eps) (if use_l2norm) * valid."""
+def _normalize(x_sb, valid, scale, use_l2norm, cdt):
+    """Per (token, head): x * scale * rsqrt(sum x^2 + eps) (if use_l2norm) * valid, in dtype cdt."""
     chunk, n_h, d = x_sb.shape
-    if not use_l2norm and valid is None and scale == 1.0:
-        return
+    if not use_l2norm and valid is None and scale == 1.0 and cdt == x_sb.dtype:
+        return x_sb
     factor = nl.ndarray((chunk, n_h), dtype=nl.float32, buffer=nl.sbuf)
     if use_l2norm:
         sq = nl.ndarray((chunk, n_h, d), dtype=nl.float32, buffer=nl.sbuf)
         nisa.tensor_tensor(dst=sq, data1=x_sb, data2=x_sb, op=nl.multiply)
         nisa.tensor_reduce(dst=factor, op=nl.add, data=sq, axis=2)
-        nisa.tensor_scalar(dst=factor, data=factor, op0=nl.add, operand0=_L2NORM_EPS, op1=nl.multiply,
-                           operand1=_RSQRT_PRESCALE)
-        nisa.activation(dst=factor, op=nl.rsqrt, data=factor)
+        nisa.activation(dst=factor, op=nl.rsqrt, data=factor, scale=_RSQRT_PRESCALE,
+                        bias=_L2NORM_EPS * _RSQRT_PRESCALE)
         nisa.tensor_scalar(dst=factor, data=factor, op0=nl.multiply, operand0=float(scale) * _RSQRT_POSTSCALE)
     else:
         nisa.memset(dst=factor, value=float(scale))
     if valid is not None:
         nisa.tensor_scalar(dst=factor, data=factor, op0=nl.multiply, operand0=valid)
+    out = nl.ndarray((chunk, n_h, d), dtype=cdt, buffer=nl.sbuf)
     for i_h in nl.affine_range(n_h):
-        nisa.tensor_scalar(dst=x_sb[:, i_h, :], data=x_sb[:, i_h, :], op0=nl.multiply,
-                           operand0=factor[:, i_h:i_h + 1])
+        nisa.activation(dst=out[:, i_h, :], op=nl.copy, data=x_sb[:, i_h, :], scale=factor[:, i_h:i_h + 1])
+    return out
 
 
-def _transpose_to_sbuf(x_sb, rows, cols):
-    """[cols, rows] fp32 SBUF copy of x_sb [rows, cols] (TensorE transpose through PSUM)."""
-    t_ps = nl.ndarray((cols, rows), dtype=nl.float32, buffer=nl.psum)
-    nisa.nc_transpose(dst=t_ps, data=x_sb)
-    t_sb = nl.ndarray((cols, rows), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_copy(dst=t_sb, src=t_ps)
-    return t_sb
+def _lockstep_width(n_hv, group, chunk, dk, dv):
+    """v heads per lockstep block: the largest divisor W of Hv that is a multiple or a divisor of the GVA
+    group and keeps W * max(C, Dk, Dv) fp32 values (a [P, W, ...] tile) within one PSUM bank."""
+    limit = max(1, PSUM_FMAX_FP32 // max(chunk, dk, dv))
+    return max(w for w in range(1, n_hv + 1)
+               if n_hv % w == 0 and w <= limit and (w % group == 0 or group % w == 0))
 
 
-def _chunk_head(q_t, k_c, v_c, kk_ps, kq_causal, g_c, beta_c, exp_g, beta_exp_g, exp_glast, s_h, o_h,
-                consts_sb, chunk, dk, dv):
-    """One (chunk, v-head) step: output rows into o_h [C, Dv], state s_h [Dk, Dv] updated in place."""
+def _chunk_heads(q_t, k_c, v_w, kk_ps, kq_causal, head_kh, g_w, beta_w, exp_g, beta_exp_g, exp_glast, s_w, o_w,
+                 consts_sb, masks_w, chunk, dk, dv, cdt):
+    """One chunk for W v-heads of one q/k group in lockstep: o_w [C, W, Dv] written, s_w [Dk, W, Dv] updated.
+
+    Per-head work (matmuls, ops with a per-head scalar) loops over w; element-wise work common to the W
+    heads is one instruction over [P, W, ...]. Engines: decays and the solve on TensorE (fp32 where
+    exactness matters), PSUM evictions with a scale on ScalarE, SBUF-only products on GpSimd,
+    PSUM-reading two-input ops on VectorE.
+    """
     f32 = nl.float32
+    width = g_w.shape[1]
+    pool = nisa.engine.gpsimd
     utri = consts_sb[:, _C_UTRI, :]
     strict_after = consts_sb[:, _C_SL, :]
-    # gU[k, i] = g_k [k <= i]; decays as exact partial sums of g over (j, i]
-    g_u = nl.ndarray((chunk, chunk), dtype=f32, buffer=nl.sbuf)
-    nisa.tensor_scalar(dst=g_u, data=utri, op0=nl.multiply, operand0=g_c)
-    d_ps = nl.ndarray((chunk, chunk), dtype=f32, buffer=nl.psum)
-    nisa.nc_matmul(d_ps, g_u, strict_after)               # [i, j] = sum_{j<k<=i} g_k (0 for j >= i)
-    decay = nl.ndarray((chunk, chunk), dtype=f32, buffer=nl.sbuf)
+    # decays as exact fp32 partial sums of g: gU[k, i] = g_k [k <= i];
+    # D[i, j] = sum_{j<k<=i} g_k (0 for j >= i), D^T[j, i] likewise (0 for i <= j)
+    g_u = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.sbuf)
+    for w in nl.affine_range(width):
+        nisa.activation(dst=g_u[:, w, :], op=nl.copy, data=utri, scale=g_w[:, w:w + 1])
+    d_ps = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.psum)
+    for w in nl.affine_range(width):
+        nisa.nc_matmul(d_ps[:, w, :], g_u[:, w, :], strict_after)
+    decay = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.sbuf)
     nisa.activation(dst=decay, op=nl.exp, data=d_ps)
-    dt_ps = nl.ndarray((chunk, chunk), dtype=f32, buffer=nl.psum)
-    nisa.nc_matmul(dt_ps, strict_after, g_u)              # [j, i] = sum_{j<k<=i} g_k (0 for i <= j)
-    decay_t = nl.ndarray((chunk, chunk), dtype=f32, buffer=nl.sbuf)
+    del d_ps
+    dt_ps = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.psum)
+    for w in nl.affine_range(width):
+        nisa.nc_matmul(dt_ps[:, w, :], strict_after, g_u[:, w, :])
+    decay_t = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.sbuf)
     nisa.activation(dst=decay_t, op=nl.exp, data=dt_ps)
-    del d_ps, dt_ps
-    # A = beta_i (k_i . k_j) e^{G_i - G_j} (only the strictly lower part is ever read)
-    a_sb = nl.ndarray((chunk, chunk), dtype=f32, buffer=nl.sbuf)
-    nisa.scalar_tensor_tensor(dst=a_sb, data=decay, op0=nl.multiply, operand0=beta_c, op1=nl.multiply,
-                              operand1=kk_ps)
+    del dt_ps
+    # A = beta_i (k_i . k_j) e^{G_i - G_j} (only the strictly lower part is read);
     # P^T[j, i] = (k_j . q_i) e^{G_i - G_j} for j <= i
-    p_t = nl.ndarray((chunk, chunk), dtype=f32, buffer=nl.sbuf)
-    nisa.tensor_tensor(dst=p_t, data1=decay_t, data2=kq_causal, op=nl.multiply)
-    t_t = _solve_unit_lower(a_sb, consts_sb, chunk)       # T^T, T = (I + A)^-1
+    a_w = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.sbuf)
+    p_t = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
+    for w in nl.affine_range(width):
+        kh = head_kh[w]
+        nisa.scalar_tensor_tensor(dst=a_w[:, w, :], data=decay[:, w, :], op0=nl.multiply,
+                                  operand0=beta_w[:, w:w + 1], op1=nl.multiply, operand1=kk_ps[:, kh, :])
+        nisa.tensor_tensor(dst=p_t[:, w, :], data1=decay_t[:, w, :], data2=kq_causal[:, kh, :], op=nl.multiply,
+                           engine=pool)
+    t_t = _solve_unit_lower(a_w, masks_w, chunk, cdt)    # T^T per head, T = (I + A)^-1
 
     # W^T = (T (beta e^G K))^T, negated; V' = T (beta V) - W S
-    xk = nl.ndarray((chunk, dk), dtype=f32, buffer=nl.sbuf)
-    nisa.tensor_scalar(dst=xk, data=k_c, op0=nl.multiply, operand0=beta_exp_g)
-    xv = nl.ndarray((chunk, dv), dtype=f32, buffer=nl.sbuf)
-    nisa.tensor_scalar(dst=xv, data=v_c, op0=nl.multiply, operand0=beta_c)
-    wt_ps = nl.ndarray((dk, chunk), dtype=f32, buffer=nl.psum)
-    nisa.nc_matmul(wt_ps, xk, t_t)
-    wt_neg = nl.ndarray((dk, chunk), dtype=f32, buffer=nl.sbuf)
-    nisa.tensor_scalar(dst=wt_neg, data=wt_ps, op0=nl.multiply, operand0=-1.0)
+    xk = nl.ndarray((chunk, width, dk), dtype=cdt, buffer=nl.sbuf)
+    xv = nl.ndarray((chunk, width, dv), dtype=cdt, buffer=nl.sbuf)
+    for w in nl.affine_range(width):
+        nisa.activation(dst=xk[:, w, :], op=nl.copy, data=k_c[:, head_kh[w], :], scale=beta_exp_g[:, w:w + 1])
+        nisa.activation(dst=xv[:, w, :], op=nl.copy, data=v_w[:, w, :], scale=beta_w[:, w:w + 1])
+    s_c = s_w
+    if cdt != f32:
+        s_c = nl.ndarray((dk, width, dv), dtype=cdt, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=s_c, src=s_w, engine=pool)
+    wt_ps = nl.ndarray((dk, width, chunk), dtype=f32, buffer=nl.psum)
+    for w in nl.affine_range(width):
+        nisa.nc_matmul(wt_ps[:, w, :], xk[:, w, :], t_t[:, w, :])
+    wt_neg = nl.ndarray((dk, width, chunk), dtype=cdt, buffer=nl.sbuf)
+    nisa.activation(dst=wt_neg, op=nl.copy, data=wt_ps, scale=-1.0)
     del wt_ps
-    vn_ps = nl.ndarray((chunk, dv), dtype=f32, buffer=nl.psum)
-    nisa.nc_matmul(vn_ps, t_t, xv)
-    nisa.nc_matmul(vn_ps, wt_neg, s_h, accumulate=True)
-    v_new = nl.ndarray((chunk, dv), dtype=f32, buffer=nl.sbuf)
-    nisa.tensor_copy(dst=v_new, src=vn_ps)
+    vn_ps = nl.ndarray((chunk, width, dv), dtype=f32, buffer=nl.psum)
+    for w in nl.affine_range(width):
+        nisa.nc_matmul(vn_ps[:, w, :], t_t[:, w, :], xv[:, w, :])
+        nisa.nc_matmul(vn_ps[:, w, :], wt_neg[:, w, :], s_c[:, w, :], accumulate=True)
+    v_new = nl.ndarray((chunk, width, dv), dtype=cdt, buffer=nl.sbuf)
+    nisa.activation(dst=v_new, op=nl.copy, data=vn_ps)
     del vn_ps
 
     # O = e^G o (Q S) + P V'
-    qs_ps = nl.ndarray((chunk, dv), dtype=f32, buffer=nl.psum)
-    nisa.nc_matmul(qs_ps, q_t, s_h)
-    o_inter = nl.ndarray((chunk, dv), dtype=f32, buffer=nl.sbuf)
-    nisa.tensor_scalar(dst=o_inter, data=qs_ps, op0=nl.multiply, operand0=exp_g)
+    qs_ps = nl.ndarray((chunk, width, dv), dtype=f32, buffer=nl.psum)
+    for w in nl.affine_range(width):
+        nisa.nc_matmul(qs_ps[:, w, :], q_t[:, head_kh[w], :], s_c[:, w, :])
+    o_inter = nl.ndarray((chunk, width, dv), dtype=f32, buffer=nl.sbuf)
+    for w in nl.affine_range(width):
+        nisa.activation(dst=o_inter[:, w, :], op=nl.copy, data=qs_ps[:, w, :], scale=exp_g[:, w:w + 1])
     del qs_ps
-    pv_ps = nl.ndarray((chunk, dv), dtype=f32, buffer=nl.psum)
-    nisa.nc_matmul(pv_ps, p_t, v_new)
-    nisa.tensor_tensor(dst=o_h, data1=pv_ps, data2=o_inter, op=nl.add)
+    pv_ps = nl.ndarray((chunk, width, dv), dtype=f32, buffer=nl.psum)
+    for w in nl.affine_range(width):
+        nisa.nc_matmul(pv_ps[:, w, :], p_t[:, w, :], v_new[:, w, :])
+    nisa.tensor_tensor(dst=o_w, data1=pv_ps, data2=o_inter, op=nl.add)
     del pv_ps
 
-    # S <- e^{G_C} S + (K o e^{G_C - G_j})^T V'   (decay_t[:, C-1] = e^{G_C - G_j})
-    k_dec = nl.ndarray((chunk, dk), dtype=f32, buffer=nl.sbuf)
-    nisa.tensor_scalar(dst=k_dec, data=k_c, op0=nl.multiply, operand0=decay_t[:, chunk - 1:chunk])
-    su_ps = nl.ndarray((dk, dv), dtype=f32, buffer=nl.psum)
-    nisa.nc_matmul(su_ps, k_dec, v_new)
-    nisa.scalar_tensor_tensor(dst=s_h, data=s_h, op0=nl.multiply, operand0=exp_glast, op1=nl.add,
-                              operand1=su_ps)
+    # S <- e^{G_C} S + (K o e^{G_C - G_j})^T V'   (decay_t[:, w, C-1] = e^{G_C - G_j})
+    k_dec = nl.ndarray((chunk, width, dk), dtype=cdt, buffer=nl.sbuf)
+    for w in nl.affine_range(width):
+        nisa.activation(dst=k_dec[:, w, :], op=nl.copy, data=k_c[:, head_kh[w], :],
+                        scale=decay_t[:, w, chunk - 1:chunk])
+    su_ps = nl.ndarray((dk, width, dv), dtype=f32, buffer=nl.psum)
+    for w in nl.affine_range(width):
+        nisa.nc_matmul(su_ps[:, w, :], k_dec[:, w, :], v_new[:, w, :])
+    for w in nl.affine_range(width):
+        nisa.scalar_tensor_tensor(dst=s_w[:, w, :], data=s_w[:, w, :], op0=nl.multiply,
+                                  operand0=exp_glast[:, w:w + 1], op1=nl.add, operand1=su_ps[:, w, :])
 
 
-def _solve_unit_lower(a_sb, consts_sb, chunk):
-    """T^T where T = (I + strict_lower(A))^-1, by recursive block doubling (exact, no growth).
+def _solve_unit_lower(a_w, masks_w, chunk, out_dtype):
+    """T^T [C, W, C] (dtype out_dtype) per head, T = (I + strict_lower(A))^-1, by recursive block doubling.
 
     With T_s the inverse restricted to diagonal blocks of size s and A_s the entries of A in the
-    (second half, first half) sub-blocks of each 2s block: T_2s = T_s - T_s A_s T_s. Each level computes
-    M = A_s T_s, T_2s = T_s - T_s M and T_2s^T = T_s^T - M^T T_s^T (three fp32 matmuls).
+    (second half, first half) sub-blocks of each 2s block: T_2s = T_s - T_s A_s T_s, exact and free of the
+    growth of a power series (each level computes exact sub-blocks of T). Each level computes M = A_s T_s,
+    T_2s = T_s - T_s M and T_2s^T = T_s^T - M^T T_s^T (three fp32 matmuls per head). The levels run in fp32
+    (a bf16 solve's error compounds over log2(C) levels); only the result is rounded to out_dtype.
+    masks_w [C, L + 2, W, C]: 0 = identity, 1 = level-0 mask of A, 2 + l = level-l mask of A^T.
     """
     f32 = nl.float32
-    ident = consts_sb[:, _C_IDENT, :]
-    at_ps = nl.ndarray((chunk, chunk), dtype=f32, buffer=nl.psum)
-    nisa.nc_transpose(dst=at_ps, data=a_sb)
-    # level 0: blocks of 1 -> 2
-    tmp = nl.ndarray((chunk, chunk), dtype=f32, buffer=nl.sbuf)
-    nisa.tensor_tensor(dst=tmp, data1=a_sb, data2=consts_sb[:, _C_M1, :], op=nl.multiply)
-    t_cur = nl.ndarray((chunk, chunk), dtype=f32, buffer=nl.sbuf)
-    nisa.tensor_tensor(dst=t_cur, data1=ident, data2=tmp, op=nl.subtract)
-    tmp_t = nl.ndarray((chunk, chunk), dtype=f32, buffer=nl.sbuf)
-    nisa.tensor_tensor(dst=tmp_t, data1=at_ps, data2=consts_sb[:, _C_MT0, :], op=nl.multiply)
-    t_t = nl.ndarray((chunk, chunk), dtype=f32, buffer=nl.sbuf)
-    nisa.tensor_tensor(dst=t_t, data1=ident, data2=tmp_t, op=nl.subtract)
+    width = a_w.shape[1]
+    pool = nisa.engine.gpsimd
+    ident = masks_w[:, 0]
+    at_ps = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.psum)
+    for w in nl.affine_range(width):
+        nisa.nc_transpose(dst=at_ps[:, w, :], data=a_w[:, w, :])
+    at_sb = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.sbuf)
+    nisa.activation(dst=at_sb, op=nl.copy, data=at_ps)
+    del at_ps
+    # level 0: blocks of 1 -> 2 (GpSimd: SBUF-only products)
+    tmp = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=tmp, data1=a_w, data2=masks_w[:, 1], op=nl.multiply, engine=pool)
+    t_cur = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=t_cur, data1=ident, data2=tmp, op=nl.subtract, engine=pool)
+    tmp_t = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=tmp_t, data1=at_sb, data2=masks_w[:, 2], op=nl.multiply, engine=pool)
     n_lvl = _n_levels(chunk)
+    t_t = nl.ndarray((chunk, width, chunk), dtype=f32 if n_lvl > 1 else out_dtype, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=t_t, data1=ident, data2=tmp_t, op=nl.subtract, engine=pool)
     for lvl in nl.sequential_range(1, n_lvl):
-        a_off_t = nl.ndarray((chunk, chunk), dtype=f32, buffer=nl.sbuf)
-        nisa.tensor_tensor(dst=a_off_t, data1=at_ps, data2=consts_sb[:, _C_MT0 + lvl, :], op=nl.multiply)
-        m_ps = nl.ndarray((chunk, chunk), dtype=f32, buffer=nl.psum)
-        nisa.nc_matmul(m_ps, a_off_t, t_cur)                # M = A_s T_s
-        m_sb = nl.ndarray((chunk, chunk), dtype=f32, buffer=nl.sbuf)
-        nisa.tensor_copy(dst=m_sb, src=m_ps)
+        last = lvl + 1 == n_lvl
+        a_off_t = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.sbuf)
+        nisa.tensor_tensor(dst=a_off_t, data1=at_sb, data2=masks_w[:, 2 + lvl], op=nl.multiply, engine=pool)
+        m_ps = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.psum)
+        for w in nl.affine_range(width):
+            nisa.nc_matmul(m_ps[:, w, :], a_off_t[:, w, :], t_cur[:, w, :])      # M = A_s T_s
+        m_sb = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.sbuf)
+        nisa.activation(dst=m_sb, op=nl.copy, data=m_ps)
         del m_ps
-        if lvl + 1 < n_lvl:                                  # T itself is not needed after the last level
-            x_ps = nl.ndarray((chunk, chunk), dtype=f32, buffer=nl.psum)
-            nisa.nc_matmul(x_ps, t_t, m_sb)                  # T_s M
-            t_next = nl.ndarray((chunk, chunk), dtype=f32, buffer=nl.sbuf)
+        if not last:                                         # T itself is not needed after the last level
+            x_ps = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.psum)
+            for w in nl.affine_range(width):
+                nisa.nc_matmul(x_ps[:, w, :], t_t[:, w, :], m_sb[:, w, :])      # T_s M
+            t_next = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.sbuf)
             nisa.tensor_tensor(dst=t_next, data1=t_cur, data2=x_ps, op=nl.subtract)
             del x_ps
             t_cur = t_next
-        y_ps = nl.ndarray((chunk, chunk), dtype=f32, buffer=nl.psum)
-        nisa.nc_matmul(y_ps, m_sb, t_t)                      # M^T T_s^T
-        t_t_next = nl.ndarray((chunk, chunk), dtype=f32, buffer=nl.sbuf)
+        y_ps = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.psum)
+        for w in nl.affine_range(width):
+            nisa.nc_matmul(y_ps[:, w, :], m_sb[:, w, :], t_t[:, w, :])          # M^T T_s^T
+        t_t_next = nl.ndarray((chunk, width, chunk), dtype=out_dtype if last else f32, buffer=nl.sbuf)
         nisa.tensor_tensor(dst=t_t_next, data1=t_t, data2=y_ps, op=nl.subtract)
         del y_ps
         t_t = t_t_next

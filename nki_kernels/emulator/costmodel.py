@@ -46,7 +46,7 @@ class CostParams:
     dma_dynamic_extra_us: float = 1.0     # software descriptor generation for dynamic (indirect) DMAs
     dma_full_eff_bytes: int = 4096        # contiguous run (bytes per descriptor/partition row) at full bandwidth
     dma_eff_exponent: float = 0.3         # efficiency = min(1, run / dma_full_eff_bytes) ** exponent
-                                          # (fitted: 2 KiB rows -> 0.66 (A12 silu), >= 4 KiB -> 1 (A1, A8))
+                                          # (fitted on A12 silu (2 KiB rows) and A1 (4 KiB rows), see docs)
     dma_transpose_efficiency: float = 0.5 # DMA transpose throughput relative to copy (v3: ~90% HBM->SBUF, 50% SBUF->SBUF)
     launch_overhead_us: float = 15.0      # per-kernel-launch host/runtime overhead (kept separate)
     reorder_window: int = 16              # an engine may start an instruction before up to this many earlier

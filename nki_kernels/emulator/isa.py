@@ -15,7 +15,7 @@ from . import ops as _ops
 from .errors import fail
 from .runtime import current
 from .tensor import Tensor
-from .trace import ACT, DMA, DVE, PE, POOL, Access
+from .trace import ACT, DMA, DVE, PE, POOL, Access, Instr
 
 
 class engine(enum.Enum):
@@ -141,7 +141,6 @@ def _access(t: Tensor) -> Access:
 
 def _record(name, eng, reads, writes, **meta):
     prog = current()
-    from .trace import Instr
     prog.trace.append(Instr(len(prog.trace), name, eng,
                             tuple(_access(t) for t in reads if isinstance(t, Tensor)),
                             tuple(_access(t) for t in writes), meta))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from ..backend import call, nki, nisa, nl
 from ..hw import GEMM_MOVING_FMAX, GEMM_STATIONARY_FMAX, P_MAX
 from ..validation import kernel_check
+from ._common import dtype_bytes
 
 # ---- tiles
 _K_TILE = P_MAX                   # contraction rows per matmul instruction
@@ -55,7 +56,7 @@ def tiled_matmul_kernel(lhsT, rhs):
     n_n = (n_total + _N_TILE - 1) // _N_TILE
     pid = nl.program_id(0)
     n_prog = nl.num_programs(0)
-    resident = n_m * n_k * _M_TILE * lhsT.dtype.itemsize <= _LHS_RESIDENT_BYTES
+    resident = n_m * n_k * _M_TILE * dtype_bytes(lhsT.dtype) <= _LHS_RESIDENT_BYTES
     if resident:
         lhs_all = nl.ndarray((_K_TILE, n_m, n_k, _M_TILE), dtype=lhsT.dtype, buffer=nl.sbuf)
     for i_n in nl.affine_range(n_n):
@@ -108,7 +109,7 @@ def tiled_matmul(lhsT, rhs, lnc: int = 1):
     kernel_check(str(lhsT.dtype).replace("torch.", "") in _FLOAT_DTYPES,
                  f"tiled_matmul: dtype must be one of {_FLOAT_DTYPES}, got lhsT.dtype={lhsT.dtype}")
     kernel_check(lhsT.dtype == rhs.dtype, f"tiled_matmul: dtypes differ, got {lhsT.dtype} and {rhs.dtype}")
-    itemsize = 4 if "32" in str(lhsT.dtype) else 2
+    itemsize = dtype_bytes(lhsT.dtype)
     kernel_check(lhsT.shape[0] * itemsize <= _MAX_K_BYTES,
                  f"tiled_matmul: K * itemsize must be <= {_MAX_K_BYTES} B (K <= {_MAX_K_BYTES // itemsize} for "
                  f"{lhsT.dtype}), got K={lhsT.shape[0]}")

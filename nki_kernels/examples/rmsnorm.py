@@ -9,6 +9,7 @@ from __future__ import annotations
 from ..backend import call, nki, nisa, nl
 from ..hw import P_MAX
 from ..validation import kernel_check
+from ._common import dtype_bytes
 
 # ---- constraints
 # weight tile + a group's x and output tiles (<= 48 KiB each, one fp32 row of 12288) must fit one SBUF
@@ -56,7 +57,7 @@ def rmsnorm_kernel(x, weight, eps):
     nisa.dma_copy(dst=w_sb[0:rows_here, :], src=weight.ap(pattern=[[0, rows_here], [1, hidden]], offset=0))
     inv_hidden = 1.0 / hidden
     n_mine = (n_tiles - pid + n_prog - 1) // n_prog          # row tiles i_r = pid + j * n_prog, j < n_mine
-    group = max(1, min(_GROUP_MAX, _GROUP_BYTES // (hidden * x.dtype.itemsize)))
+    group = max(1, min(_GROUP_MAX, _GROUP_BYTES // (hidden * dtype_bytes(x.dtype))))
     for i_g in nl.affine_range((n_mine + group - 1) // group):
         j0 = i_g * group
         _rmsnorm_group(x, w_sb, out, j0, min(group, n_mine - j0), pid, n_prog, inv_hidden, eps)

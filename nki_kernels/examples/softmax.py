@@ -9,6 +9,7 @@ from __future__ import annotations
 from ..backend import call, nki, nisa, nl
 from ..hw import P_MAX
 from ..validation import kernel_check
+from ._common import dtype_bytes
 
 # ---- constraints
 # Whole rows live in SBUF: a group tile takes <= 64 KiB per partition (one fp32 row of 16384), leaving room
@@ -49,7 +50,7 @@ def softmax_kernel(x):
     pid = nl.program_id(0)
     n_prog = nl.num_programs(0)
     n_mine = (n_tiles - pid + n_prog - 1) // n_prog          # row tiles i_r = pid + j * n_prog, j < n_mine
-    group = max(1, min(_GROUP_MAX, _GROUP_BYTES // (n_cols * x.dtype.itemsize)))
+    group = max(1, min(_GROUP_MAX, _GROUP_BYTES // (n_cols * dtype_bytes(x.dtype))))
     for i_g in nl.affine_range((n_mine + group - 1) // group):
         j0 = i_g * group
         _softmax_group(x, out, j0, min(group, n_mine - j0), pid, n_prog, n_cols)

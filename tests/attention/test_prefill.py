@@ -54,6 +54,15 @@ def test_multi_block_causal_gqa_bf16(d):
     _check("multi-block", q, k, v, "bfloat16", causal=True)
 
 
+@pytest.mark.parametrize("sq, hq, d", [(512, 4, 256), (384, 2, 64), (640, 4, 128)])
+def test_pipeline_many_short_streams(sq, hq, d):
+    """Causal Sq = Skv: many query tiles with one or two key blocks back to back through the pipeline slots
+    (stream state reuse across generations)."""
+    rng = np.random.default_rng(sq + hq)
+    q, k, v, g = _inputs(rng, 1, hq, 1, sq, sq, d, BF16, gate=True)
+    _check("short streams", q, k, v, "bfloat16", gate=g, causal=True)
+
+
 def test_multi_block_fp32_lens_gate():
     rng = np.random.default_rng(7)
     q, k, v, g = _inputs(rng, 2, 2, 1, 200, 2200, 256, np.float32, gate=True)

@@ -107,10 +107,13 @@ def test_modeling_module_and_application_object():
         with apply(mod, kernels=["attention", "deltanet"]) as inst:
             assert inst.installed["attention"] == ["NeuronQwen35Attention.perform_prefill"]
 
-        class App:                                  # an NxDI application: compile() not yet called
+        class App(torch.nn.Module):                 # NeuronBaseForCausalLM is an nn.Module; compile() not called yet
             _model_cls = NeuronQwen35Model
-            traced_model = None
-            is_loaded_to_neuron = False
+
+            def __init__(self):
+                super().__init__()
+                self.traced_model = None
+                self.is_loaded_to_neuron = False
         with apply(App(), kernels=["deltanet"]) as inst:
             assert "NeuronGatedDeltaNet._recurrent_step" in inst.installed["deltanet"]
 

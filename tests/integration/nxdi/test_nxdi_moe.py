@@ -73,7 +73,7 @@ class _Cfg:
         self.logical_nc_config = 1
 
 
-@pytest.mark.parametrize("t,h,n_exp,top_k,n_i,block", [(20, 64, 4, 2, 48, 8), (37, 128, 8, 2, 96, 16)])
+@pytest.mark.parametrize("t,h,n_exp,top_k,n_i,block", [(20, 128, 4, 2, 48, 8), (37, 256, 8, 2, 96, 16)])
 def test_apply_21_args_matches_oracle(t, h, n_exp, top_k, n_i, block):
     hidden = torch.randn(t, h, generator=torch.Generator().manual_seed(t))
     aff, top_i = _routing(t, n_exp, top_k, seed=t, pad_tokens=(t - 1,))
@@ -91,7 +91,7 @@ def test_apply_21_args_matches_oracle(t, h, n_exp, top_k, n_i, block):
 def test_tp_split_intermediate_partials_sum_to_full():
     """NxD shards I over TP ranks with stride 2 ([gate_r | up_r] per rank) and down rows; each rank's output is
     TP-partial and the all-reduce (a sum) gives the full layer."""
-    t, h, n_exp, top_k, n_i, tp, block = 24, 64, 4, 2, 96, 2, 8
+    t, h, n_exp, top_k, n_i, tp, block = 24, 128, 4, 2, 96, 2, 8
     hidden = torch.randn(t, h, generator=torch.Generator().manual_seed(5))
     aff, top_i = _routing(t, n_exp, top_k, seed=5)
     gate_up, down = _weights(n_exp, h, n_i, seed=2)
@@ -115,7 +115,7 @@ def test_tp_split_intermediate_partials_sum_to_full():
 def test_expert_parallel_local_subset():
     """EP: the rank holds experts [2, 4); affinities, weights and mapping are local; tokens routed elsewhere
     contribute nothing on this rank."""
-    t, h, n_exp, top_k, n_i, block = 18, 64, 4, 2, 32, 8
+    t, h, n_exp, top_k, n_i, block = 18, 128, 4, 2, 32, 8
     hidden = torch.randn(t, h, generator=torch.Generator().manual_seed(8))
     aff, top_i = _routing(t, n_exp, top_k, seed=8)
     gate_up, down = _weights(n_exp, h, n_i, seed=3)
@@ -129,7 +129,7 @@ def test_expert_parallel_local_subset():
 
 
 def test_bf16_weights():
-    t, h, n_exp, top_k, n_i, block = 16, 64, 4, 2, 48, 8
+    t, h, n_exp, top_k, n_i, block = 16, 128, 4, 2, 48, 8
     hidden = torch.randn(t, h, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
     aff, top_i = _routing(t, n_exp, top_k, seed=9)
     gate_up, down = (w.to(torch.bfloat16) for w in _weights(n_exp, h, n_i, seed=4))
@@ -149,18 +149,18 @@ def test_bf16_weights():
     ({"gate_clamp_upper_limit": 7.0}, "clamp"),
 ])
 def test_unsupported_options_without_nxd_raise(over, match):
-    hidden = torch.randn(4, 64)
+    hidden = torch.randn(4, 128)
     aff, top_i = _routing(4, 2, 1, seed=0)
-    gate_up, down = _weights(2, 64, 16, seed=0)
+    gate_up, down = _weights(2, 128, 16, seed=0)
     tok, blk = blockwise_mapping(top_i, 2, 4)
     with pytest.raises(NotImplementedError, match=match):
         nxmoe.BlockwiseMatmulNKIKernelsFunc.apply(*_args(hidden, aff, gate_up, down, tok, blk, _Cfg(4), **over))
 
 
 def test_malformed_inputs_raise():
-    hidden = torch.randn(4, 64)
+    hidden = torch.randn(4, 128)
     aff, top_i = _routing(4, 2, 1, seed=0)
-    gate_up, down = _weights(2, 64, 16, seed=0)
+    gate_up, down = _weights(2, 128, 16, seed=0)
     tok, blk = blockwise_mapping(top_i, 2, 4)
     with pytest.raises(AdapterInputError, match="down_proj_weight"):
         nxmoe.BlockwiseMatmulNKIKernelsFunc.apply(*_args(hidden, aff, gate_up, down[:, :8], tok, blk, _Cfg(4)))
@@ -178,7 +178,7 @@ def test_config_spec_resolves_like_nxd_from_kwargs():
 
 def test_apply_installs_on_config_class_instances_and_gate():
     fakes = make_moe_classes()
-    t, h, n_exp, n_i, block = 12, 64, 4, 32, 8
+    t, h, n_exp, n_i, block = 12, 128, 4, 32, 8
     hidden = torch.randn(t, h, generator=torch.Generator().manual_seed(2))
     aff, top_i = _routing(t, n_exp, 2, seed=2)
     gate_up, down = _weights(n_exp, h, n_i, seed=6)

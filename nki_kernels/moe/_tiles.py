@@ -1,0 +1,171 @@
+"""Per-tile building blocks shared by the MoE kernels (plain helpers called from `@nki.jit` kernels).
+
+Layout conventions (see docs/kernels/moe.md):
+  * hidden columns h are split as h = p * n_h + j (p the partition, j < n_h = H / 128), so one expert's
+    gate_up rows [H, 2, I] load with one contiguous run of n_h * 2I elements per partition;
+  * intermediate rows i of `down` [I, H] are split as i = q * n_i + c (q < ic = I / n_i, n_i = ceil(I / 128)),
+    again contiguous per partition;
+  * a token chunk holds up to 128 tokens on the partitions.
+"""
+from __future__ import annotations
+
+from ..backend import nisa, nl
+from ..hw import GEMM_MOVING_FMAX, P_MAX, PSUM_BANK_BYTES, PSUM_FMAX_FP32
+
+# ---- tiles
+TOK_TILE = P_MAX                       # tokens per chunk: matmul stationary free size / partitions
+_GU_SLICE = PSUM_FMAX_FP32 // 2        # gate + up columns of one slice share one fp32 PSUM bank (256 + 256)
+_Y_TILE = GEMM_MOVING_FMAX             # down-projection output columns per matmul (one fp32 PSUM bank)
+
+
+def itemsize(dtype) -> int:
+    """Bytes per element of the float dtypes the MoE kernels take (fp32 or a 2-byte float)."""
+    return 4 if dtype == nl.float32 else 2
+
+
+def intermediate_split(n_inter: int):
+    """(ic, n_i): I = ic * n_i with n_i = ceil(I / 128) chunks of ic <= 128 rows (None if I % n_i != 0)."""
+    n_i = -(-n_inter // P_MAX)
+    return (n_inter // n_i, n_i) if n_inter % n_i == 0 else (None, n_i)
+
+
+def load_gate_up(gate_up, e_sb=None):
+    """One expert's [H, 2, I] gate/up weights -> SBUF [128, n_h, 2, I] with row h = p * n_h + j.
+
+    gate_up is [E, H, 2, I] @ HBM with the expert picked at runtime by the (1,1) int32 SBUF tile e_sb, or a
+    single [H, 2, I] matrix (e_sb None). One DMA, n_h * 2I contiguous elements per partition."""
+    h_total, n_inter = gate_up.shape[-3], gate_up.shape[-1]
+    n_h = h_total // P_MAX
+    row = n_h * 2 * n_inter
+    wgu_sb = nl.ndarray((P_MAX, n_h, 2, n_inter), dtype=gate_up.dtype, buffer=nl.sbuf)
+    if e_sb is None:
+        src = gate_up.ap(pattern=[[row, P_MAX], [1, row]], offset=0)
+    else:
+        src = gate_up.ap(pattern=[[row, P_MAX], [1, row]], offset=0, scalar_offset=e_sb, indirect_dim=0)
+    nisa.dma_copy(dst=wgu_sb, src=src)
+    return wgu_sb
+
+
+def load_down(down, e_sb=None):
+    """One expert's [I, H] down weights -> SBUF [ic, n_i, H] with row i = q * n_i + c (one DMA)."""
+    n_inter, h_total = down.shape[-2], down.shape[-1]
+    ic, n_i = intermediate_split(n_inter)
+    row = n_i * h_total
+    wd_sb = nl.ndarray((ic, n_i, h_total), dtype=down.dtype, buffer=nl.sbuf)
+    if e_sb is None:
+        src = down.ap(pattern=[[row, ic], [1, row]], offset=0)
+    else:
+        src = down.ap(pattern=[[row, ic], [1, row]], offset=0, scalar_offset=e_sb, indirect_dim=0)
+    nisa.dma_copy(dst=wd_sb, src=src)
+    return wd_sb
+
+
+def transpose_tokens(x_sb, n_tok: int, n_h: int):
+    """x_sb [n_tok, H] (tokens on partitions) -> xT_sb [128, n_h, 128] with xT[p, j, t] = x[t, p * n_h + j].
+
+    TensorE transposes into PSUM, grouped so each group fills one PSUM bank, one copy per group to SBUF."""
+    dt = x_sb.dtype
+    group = PSUM_BANK_BYTES // (TOK_TILE * itemsize(dt))
+    xT_sb = nl.ndarray((P_MAX, n_h, TOK_TILE), dtype=dt, buffer=nl.sbuf)
+    for g0 in range(0, n_h, group):
+        g_sz = min(group, n_h - g0)
+        t_psum = nl.ndarray((P_MAX, group, TOK_TILE), dtype=dt, buffer=nl.psum)
+        for jj in range(g_sz):
+            nisa.nc_transpose(dst=t_psum[:, jj, 0:n_tok], data=x_sb[0:n_tok, g0 + jj::n_h])
+        nisa.tensor_copy(dst=xT_sb[:, g0:g0 + g_sz, 0:n_tok], src=t_psum[:, 0:g_sz, 0:n_tok])
+    return xT_sb
+
+
+def swiglu(xT_sb, n_tok: int, wgu_sb, scale_sb):
+    """h_sb [n_tok, I] = scale * silu(x @ G) * (x @ U) in the weights' dtype; scale_sb a (n_tok, 1) fp32 tile.
+
+    Token-stationary matmuls (M = tokens, N = gate + up columns of one slice, K = 128 hidden rows), accumulated
+    over the n_h hidden chunks in one PSUM bank; ScalarE silu reads the gate half, VectorE multiplies."""
+    n_h, n_inter = wgu_sb.shape[1], wgu_sb.shape[3]
+    h_sb = nl.ndarray((TOK_TILE, n_inter), dtype=wgu_sb.dtype, buffer=nl.sbuf)
+    for i0 in range(0, n_inter, _GU_SLICE):
+        w = min(_GU_SLICE, n_inter - i0)
+        gu_psum = nl.ndarray((TOK_TILE, 2, _GU_SLICE), dtype=nl.float32, buffer=nl.psum)
+        for j in range(n_h):
+            nisa.nc_matmul(gu_psum[0:n_tok, :, 0:w], xT_sb[:, j, 0:n_tok], wgu_sb[:, j, :, i0:i0 + w],
+                           accumulate=(j > 0))
+        act_sb = nl.ndarray((TOK_TILE, _GU_SLICE), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.activation(dst=act_sb[0:n_tok, 0:w], op=nl.silu, data=gu_psum[0:n_tok, 0, 0:w])
+        nisa.scalar_tensor_tensor(dst=h_sb[0:n_tok, i0:i0 + w], data=gu_psum[0:n_tok, 1, 0:w], op0=nl.multiply,
+                                  operand0=scale_sb[0:n_tok, 0:1], op1=nl.multiply, operand1=act_sb[0:n_tok, 0:w])
+    return h_sb
+
+
+def down_proj(h_sb, n_tok: int, wd_sb, out_dtype):
+    """y_sb [n_tok, H] = h @ D in out_dtype: hT by TensorE transposes (i = q * n_i + c), then token-stationary
+    matmuls (M = tokens, K = ic, N = 512 output columns) accumulated over the n_i chunks; PSUM evictions
+    alternate between VectorE and ScalarE."""
+    ic, n_i, h_total = wd_sb.shape
+    dt = h_sb.dtype
+    t_psum = nl.ndarray((P_MAX, n_i, TOK_TILE), dtype=dt, buffer=nl.psum)
+    for c in range(n_i):
+        nisa.nc_transpose(dst=t_psum[0:ic, c, 0:n_tok], data=h_sb[0:n_tok, c::n_i])
+    hT_sb = nl.ndarray((P_MAX, n_i, TOK_TILE), dtype=dt, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=hT_sb[0:ic, :, 0:n_tok], src=t_psum[0:ic, :, 0:n_tok])
+    y_sb = nl.ndarray((TOK_TILE, h_total), dtype=out_dtype, buffer=nl.sbuf)
+    for i_y, h0 in enumerate(range(0, h_total, _Y_TILE)):
+        hw = min(_Y_TILE, h_total - h0)
+        y_psum = nl.ndarray((TOK_TILE, _Y_TILE), dtype=nl.float32, buffer=nl.psum)
+        for c in range(n_i):
+            nisa.nc_matmul(y_psum[0:n_tok, 0:hw], hT_sb[0:ic, c, 0:n_tok], wd_sb[0:ic, c, h0:h0 + hw],
+                           accumulate=(c > 0))
+        if i_y % 2 == 0:
+            nisa.tensor_copy(dst=y_sb[0:n_tok, h0:h0 + hw], src=y_psum[0:n_tok, 0:hw])
+        else:
+            nisa.activation(dst=y_sb[0:n_tok, h0:h0 + hw], op=nl.copy, data=y_psum[0:n_tok, 0:hw])
+    return y_sb
+
+
+def load_gate_vector(shared_gate):
+    """Shared-expert gate vector [H] @ HBM -> SBUF [128, n_h, 1] with h = p * n_h + j."""
+    h_total = shared_gate.shape[0]
+    n_h = h_total // P_MAX
+    wsg_sb = nl.ndarray((P_MAX, n_h, 1), dtype=shared_gate.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=wsg_sb, src=shared_gate.ap(pattern=[[n_h, P_MAX], [1, n_h]], offset=0))
+    return wsg_sb
+
+
+def sigmoid_gate(xT_sb, n_tok: int, wsg_sb):
+    """(n_tok, 1) fp32 tile sigmoid(x . w_sg): a ones-wide matmul accumulated over the hidden chunks."""
+    n_h = wsg_sb.shape[1]
+    g_psum = nl.ndarray((TOK_TILE, 1), dtype=nl.float32, buffer=nl.psum)
+    for j in range(n_h):
+        nisa.nc_matmul(g_psum[0:n_tok, 0:1], xT_sb[:, j, 0:n_tok], wsg_sb[:, j, :], accumulate=(j > 0))
+    g_sb = nl.ndarray((TOK_TILE, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.activation(dst=g_sb[0:n_tok, :], op=nl.sigmoid, data=g_psum[0:n_tok, :])
+    return g_sb
+
+
+def shared_rows(hidden, t0: int, n_tok: int, s_wgu_sb, s_wd_sb, s_wsg_sb, out_dtype):
+    """Shared-expert term y [n_tok, H] of tokens t0 .. t0 + n_tok (static rows)."""
+    h_total = hidden.shape[1]
+    x_sb = nl.ndarray((TOK_TILE, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=x_sb[0:n_tok, :], src=hidden[t0:t0 + n_tok, :])
+    xT_sb = transpose_tokens(x_sb, n_tok, h_total // P_MAX)
+    g_sb = sigmoid_gate(xT_sb, n_tok, s_wsg_sb)
+    h_sb = swiglu(xT_sb, n_tok, s_wgu_sb, g_sb)
+    return down_proj(h_sb, n_tok, s_wd_sb, out_dtype)
+
+
+def down_proj_accumulate(h_sb, n_tok: int, wd_sb, acc_sb):
+    """acc_sb[n_tok, H] (fp32 SBUF) += h @ D: as `down_proj`, but VectorE adds each PSUM tile into acc."""
+    ic, n_i, h_total = wd_sb.shape
+    dt = h_sb.dtype
+    t_psum = nl.ndarray((P_MAX, n_i, TOK_TILE), dtype=dt, buffer=nl.psum)
+    for c in range(n_i):
+        nisa.nc_transpose(dst=t_psum[0:ic, c, 0:n_tok], data=h_sb[0:n_tok, c::n_i])
+    hT_sb = nl.ndarray((P_MAX, n_i, TOK_TILE), dtype=dt, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=hT_sb[0:ic, :, 0:n_tok], src=t_psum[0:ic, :, 0:n_tok])
+    for h0 in range(0, h_total, _Y_TILE):
+        hw = min(_Y_TILE, h_total - h0)
+        y_psum = nl.ndarray((TOK_TILE, _Y_TILE), dtype=nl.float32, buffer=nl.psum)
+        for c in range(n_i):
+            nisa.nc_matmul(y_psum[0:n_tok, 0:hw], hT_sb[0:ic, c, 0:n_tok], wd_sb[0:ic, c, h0:h0 + hw],
+                           accumulate=(c > 0))
+        nisa.tensor_tensor(dst=acc_sb[0:n_tok, h0:h0 + hw], data1=acc_sb[0:n_tok, h0:h0 + hw],
+                           data2=y_psum[0:n_tok, 0:hw], op=nl.add)
