@@ -121,7 +121,7 @@ def gated_delta_rule_kernel(q, k, v, g, beta, initial_state, lengths, consts, ch
     width = _lockstep_width(n_hv, group, chunk, dk, dv)
     # masks of the block solve, replicated W times along the free dim (no broadcasting in NKI ops)
     n_lvl = _n_levels(chunk)
-    masks_w = nl.ndarray((chunk, n_lvl + 2, width, chunk), dtype=f32, buffer=nl.sbuf)
+    masks_w = nl.ndarray((chunk, n_lvl + 2, width, chunk), dtype=cdt, buffer=nl.sbuf)
     for i_w in nl.affine_range(width):
         nisa.tensor_copy(dst=masks_w[:, 0, i_w, :], src=consts_sb[:, _C_IDENT, :], engine=nisa.engine.gpsimd)
         nisa.tensor_copy(dst=masks_w[:, 1, i_w, :], src=consts_sb[:, _C_M1, :], engine=nisa.engine.gpsimd)
@@ -301,7 +301,7 @@ def _chunk_heads(q_t, k_c, v_w, kk_ps, kq_causal, head_kh, g_w, beta_w, exp_g, b
     del dt_ps
     # A = beta_i (k_i . k_j) e^{G_i - G_j} (only the strictly lower part is read);
     # P^T[j, i] = (k_j . q_i) e^{G_i - G_j} for j <= i
-    a_w = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.sbuf)
+    a_w = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
     p_t = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
     for w in nl.affine_range(width):
         kh = head_kh[w]
@@ -362,14 +362,15 @@ def _chunk_heads(q_t, k_c, v_w, kk_ps, kq_causal, head_kh, g_w, beta_w, exp_g, b
                                   operand0=exp_glast[:, w:w + 1], op1=nl.add, operand1=su_ps[:, w, :])
 
 
-def _solve_unit_lower(a_w, masks_w, chunk, out_dtype):
-    """T^T [C, W, C] (dtype out_dtype) per head, T = (I + strict_lower(A))^-1, by recursive block doubling.
+def _solve_unit_lower(a_w, masks_w, chunk, cdt):
+    """T^T [C, W, C] per head, T = (I + strict_lower(A))^-1, by recursive block doubling.
 
     With T_s the inverse restricted to diagonal blocks of size s and A_s the entries of A in the
     (second half, first half) sub-blocks of each 2s block: T_2s = T_s - T_s A_s T_s, exact and free of the
     growth of a power series (each level computes exact sub-blocks of T). Each level computes M = A_s T_s,
-    T_2s = T_s - T_s M and T_2s^T = T_s^T - M^T T_s^T (three fp32 matmuls per head). The levels run in fp32
-    (a bf16 solve's error compounds over log2(C) levels); only the result is rounded to out_dtype.
+    T_2s = T_s - T_s M and T_2s^T = T_s^T - M^T T_s^T (three matmuls per head, fp32 PSUM accumulation).
+    Operands are in cdt: fp32 for fp32 inputs (exact to ~1e-7), bf16 for bf16 inputs (~1e-3 relative on T,
+    twice the error of rounding the exact T to bf16 once; see DESIGN.md).
     masks_w [C, L + 2, W, C]: 0 = identity, 1 = level-0 mask of A, 2 + l = level-l mask of A^T.
     """
     f32 = nl.float32
@@ -378,42 +379,42 @@ def _solve_unit_lower(a_w, masks_w, chunk, out_dtype):
     ident = masks_w[:, 0]
     at_ps = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.psum)
     for w in nl.affine_range(width):
-        nisa.nc_transpose(dst=at_ps[:, w, :], data=a_w[:, w, :])
-    at_sb = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.sbuf)
+        nisa.nc_matmul(at_ps[:, w, :], a_w[:, w, :], ident[:, w, :])      # A^T = A^T I
+    at_sb = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
     nisa.activation(dst=at_sb, op=nl.copy, data=at_ps)
     del at_ps
     # level 0: blocks of 1 -> 2 (GpSimd: SBUF-only products)
-    tmp = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.sbuf)
+    tmp = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
     nisa.tensor_tensor(dst=tmp, data1=a_w, data2=masks_w[:, 1], op=nl.multiply, engine=pool)
-    t_cur = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.sbuf)
+    t_cur = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
     nisa.tensor_tensor(dst=t_cur, data1=ident, data2=tmp, op=nl.subtract, engine=pool)
-    tmp_t = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.sbuf)
+    tmp_t = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
     nisa.tensor_tensor(dst=tmp_t, data1=at_sb, data2=masks_w[:, 2], op=nl.multiply, engine=pool)
-    n_lvl = _n_levels(chunk)
-    t_t = nl.ndarray((chunk, width, chunk), dtype=f32 if n_lvl > 1 else out_dtype, buffer=nl.sbuf)
+    t_t = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
     nisa.tensor_tensor(dst=t_t, data1=ident, data2=tmp_t, op=nl.subtract, engine=pool)
+    n_lvl = _n_levels(chunk)
     for lvl in nl.sequential_range(1, n_lvl):
         last = lvl + 1 == n_lvl
-        a_off_t = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.sbuf)
+        a_off_t = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
         nisa.tensor_tensor(dst=a_off_t, data1=at_sb, data2=masks_w[:, 2 + lvl], op=nl.multiply, engine=pool)
         m_ps = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.psum)
         for w in nl.affine_range(width):
             nisa.nc_matmul(m_ps[:, w, :], a_off_t[:, w, :], t_cur[:, w, :])      # M = A_s T_s
-        m_sb = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.sbuf)
+        m_sb = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
         nisa.activation(dst=m_sb, op=nl.copy, data=m_ps)
         del m_ps
         if not last:                                         # T itself is not needed after the last level
             x_ps = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.psum)
             for w in nl.affine_range(width):
                 nisa.nc_matmul(x_ps[:, w, :], t_t[:, w, :], m_sb[:, w, :])      # T_s M
-            t_next = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.sbuf)
+            t_next = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
             nisa.tensor_tensor(dst=t_next, data1=t_cur, data2=x_ps, op=nl.subtract)
             del x_ps
             t_cur = t_next
         y_ps = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.psum)
         for w in nl.affine_range(width):
             nisa.nc_matmul(y_ps[:, w, :], m_sb[:, w, :], t_t[:, w, :])          # M^T T_s^T
-        t_t_next = nl.ndarray((chunk, width, chunk), dtype=out_dtype if last else f32, buffer=nl.sbuf)
+        t_t_next = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
         nisa.tensor_tensor(dst=t_t_next, data1=t_t, data2=y_ps, op=nl.subtract)
         del y_ps
         t_t = t_t_next

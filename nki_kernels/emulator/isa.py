@@ -136,7 +136,8 @@ def _access(t: Tensor) -> Access:
     on_chip = t.on_chip
     return Access(t.storage.sid, t.buffer.kind, _dt.name(t.dtype), t.shape,
                   t.shape[0] if on_chip else 1, t.free_size, t.size * t.dtype.itemsize,
-                  lo, hi, t._contig_bytes(), t.dyn is not None)
+                  lo, hi, t._contig_bytes(), t.dyn is not None,
+                  t.storage.row_elems if on_chip else 0)
 
 
 def _record(name, eng, reads, writes, **meta):

@@ -26,6 +26,7 @@ class Access:
     hi: int
     contig_bytes: int   # bytes in the innermost contiguous run
     dynamic: bool       # address depends on runtime values (scalar/vector offset)
+    row: int = 0        # on-chip: elements per partition row of the storage (flat index = p * row + f); 0 for HBM
 
 
 @dataclass(slots=True)

@@ -3,6 +3,7 @@ outputs summing to the full layer), EP-local experts, -1 padded block slots; che
 from __future__ import annotations
 
 import importlib
+import sys
 
 import numpy as np
 import pytest
@@ -176,8 +177,9 @@ def test_config_spec_resolves_like_nxd_from_kwargs():
     assert cls is nxmoe.BlockwiseMatmulNKIKernelsFunc
 
 
-def test_apply_installs_on_config_class_instances_and_gate():
+def test_apply_installs_on_config_class_instances_and_gate(monkeypatch):
     fakes = make_moe_classes()
+    monkeypatch.setitem(sys.modules, fakes.module.__name__, fakes.module)      # like neuronx_distributed...v2
     t, h, n_exp, n_i, block = 12, 128, 4, 32, 8
     hidden = torch.randn(t, h, generator=torch.Generator().manual_seed(2))
     aff, top_i = _routing(t, n_exp, 2, seed=2)
@@ -223,3 +225,16 @@ def test_relaxed_gate_accepts_what_our_kernel_supports():
     assert not gate(hidden_size=2048, intermediate_size_tp=48, block_size=32, use_bias=True, **common)
     assert not gate(hidden_size=2048, intermediate_size_tp=48, block_size=32, act_fn="gelu", **common)
     assert not gate(hidden_size=2048, intermediate_size_tp=48, block_size=32, **dict(common, device="cpu"))
+
+
+def test_lnc2_from_blockwise_matmul_config():
+    """blockwise_matmul_config.logical_nc_config=2 (trn2 default) runs the kernel on two cores: same result."""
+    t, h, n_exp, top_k, n_i, block = 20, 128, 4, 2, 48, 8
+    hidden = torch.randn(t, h, generator=torch.Generator().manual_seed(21))
+    aff, top_i = _routing(t, n_exp, top_k, seed=21)
+    gate_up, down = _weights(n_exp, h, n_i, seed=21)
+    tok, blk = blockwise_mapping(top_i, n_exp, block)
+    cfg = _Cfg(block)
+    cfg.logical_nc_config = 2
+    out = nxmoe.BlockwiseMatmulNKIKernelsFunc.apply(*_args(hidden, aff, gate_up, down, tok, blk, cfg))
+    assert_close("lnc2", _family_ref(hidden, aff, gate_up, down, tok, blk, block), out.numpy())
