@@ -27,6 +27,8 @@ import enum
 import functools
 import math
 
+from nki_kernels.validation import KernelInputError
+
 from ._common import (
     AdapterInputError,
     ORIGINAL_PREFIX,
@@ -150,7 +152,7 @@ def perform_prefill(module, Q, K, V, q_len, bsz, attention_mask, *, layout="BHSD
     if causal_mode not in CAUSAL_MODES:
         raise AdapterInputError(f"nxdi attention: causal_mode must be one of {CAUSAL_MODES}, got {causal_mode!r}")
     causal = True if causal_mode == "always" else attention_mask is not None
-    out = _bhsd_kernel_call(module, Q, K, V, causal)
+    out = _bhsd_kernel_call(module, Q, K, V, causal).to(Q.dtype)     # NxDI's NONE path returns Q's dtype
     if layout == "BHSD":
         return out, FlashAttentionStrategy.NONE
     lnc = int(getattr(module, "logical_nc_config", 1) or 1)
@@ -177,7 +179,12 @@ def make_perform_prefill(original, layout="BHSD", causal_mode="mask", name="perf
             warn_once(f"attn-{type(self).__name__}-{reason}",
                       f"nxdi attention: {type(self).__name__}: {reason}; using the original {name}")
             return original(self, Q, K, V, q_len, bsz, attention_mask, *args, **kwargs)
-        return perform_prefill(self, Q, K, V, q_len, bsz, attention_mask, layout=layout, causal_mode=causal_mode)
+        try:
+            return perform_prefill(self, Q, K, V, q_len, bsz, attention_mask, layout=layout, causal_mode=causal_mode)
+        except KernelInputError as exc:          # a kernel limit (e.g. K^T + V of one head must fit SBUF)
+            warn_once(f"attn-kernel-{type(self).__name__}-{exc}",
+                      f"nxdi attention: {exc}; using the original {type(self).__name__}.{name}")
+            return original(self, Q, K, V, q_len, bsz, attention_mask, *args, **kwargs)
 
     perform_prefill_nki.__nki_kernels_adapter__ = FAMILY
     setattr(perform_prefill_nki, ORIGINAL_PREFIX + name, original)

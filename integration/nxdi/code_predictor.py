@@ -31,6 +31,8 @@ import functools
 
 import numpy as np
 
+from nki_kernels.validation import KernelInputError
+
 from ._common import ORIGINAL_PREFIX, AdapterInputError, disabled, kernel, warn_once
 
 FAMILY = "code_predictor"
@@ -179,7 +181,11 @@ def make_forward(original):
         if not ok:
             warn_once(f"cp-{reason}", f"nxdi code_predictor: {reason}; using the original forward")
             return original(self, past_hidden, last_id_hidden)
-        return code_predictor_forward(self, past_hidden, last_id_hidden)
+        try:
+            return code_predictor_forward(self, past_hidden, last_id_hidden)
+        except KernelInputError as exc:          # a kernel limit (e.g. B > 128, H not a multiple of 128)
+            warn_once(f"cp-kernel-{exc}", f"nxdi code_predictor: {exc}; using the original forward")
+            return original(self, past_hidden, last_id_hidden)
 
     forward.__nki_kernels_adapter__ = FAMILY
     setattr(forward, ORIGINAL_PREFIX + "forward", original)

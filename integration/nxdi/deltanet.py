@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import functools
 
+from nki_kernels.validation import KernelInputError
+
 from ._common import ORIGINAL_PREFIX, AdapterInputError, accepted_kwargs, disabled, kernel, warn_once
 
 FAMILY = "deltanet"
@@ -112,7 +114,7 @@ def _wrap(original, name, impl):
             return original(self, *args, **kwargs)
         try:
             return impl(*args, **kwargs)
-        except AdapterInputError as exc:
+        except (AdapterInputError, KernelInputError) as exc:        # outside the contract or a kernel limit
             warn_once(f"gdn-{name}-{exc}", f"{exc}; using the original {type(self).__name__}.{name}")
             return original(self, *args, **kwargs)
 

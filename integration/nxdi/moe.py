@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import enum
 
+from nki_kernels.validation import KernelInputError
+
 from ._common import DISABLE_ENV, AdapterInputError, accepted_kwargs, disabled, kernel, warn_once
 
 FAMILY = "moe"
@@ -156,7 +158,14 @@ class BlockwiseMatmulNKIKernelsFunc(_torch_function_base()):
                                           "importable to fall back to")
             warn_once(f"moe-{reason}", f"nxdi moe: {reason}; using NxD's BlockwiseMatmulNKIFunc")
             return stock.apply(*args, **kwargs)
-        return super().apply(*args, **kwargs)
+        try:
+            return super().apply(*args, **kwargs)
+        except KernelInputError as exc:          # a kernel limit (H % 128, one expert's weights in SBUF, ...)
+            stock = _stock_cls()
+            if stock is None:
+                raise
+            warn_once(f"moe-kernel-{exc}", f"nxdi moe: {exc}; using NxD's BlockwiseMatmulNKIFunc")
+            return stock.apply(*args, **kwargs)
 
     @staticmethod
     def forward(ctx, hidden_states, expert_affinities_masked, gate_up_proj_weight, down_proj_weight,

@@ -34,9 +34,9 @@ _KERNEL_SOURCES = {
     "moe_route": ("nki_kernels.moe.routing", "nki_kernels.moe.routing", ("moe_route",)),
     "moe_block_mapping": ("nki_kernels.moe.routing", "nki_kernels.moe.routing", ("moe_block_mapping",)),
     "moe_blockwise": ("nki_kernels.moe.blockwise", "nki_kernels.moe.reference",
-                      ("moe_blockwise_ref", "moe_blockwise_reference", "moe_blockwise")),
+                      ("moe_blockwise_reference", "moe_blockwise_ref", "moe_blockwise")),
     "moe_decode": ("nki_kernels.moe.decode", "nki_kernels.moe.reference",
-                   ("moe_decode_ref", "moe_decode_reference", "moe_decode")),
+                   ("moe_decode_reference", "moe_decode_ref", "moe_decode")),
     "code_predictor": ("nki_kernels.code_predictor.unrolled", "nki_kernels.code_predictor.reference",
                        ("code_predictor_reference", "code_predictor_ref", "code_predictor")),
 }

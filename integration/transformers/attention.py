@@ -210,12 +210,34 @@ class _Dispatcher:
 DISPATCH = _Dispatcher()
 
 
+_REFS = [0]
+_SAVED = {}
+
+
 def register():
-    """Register ATTN_KEY in AttentionInterface and AttentionMaskInterface (idempotent)."""
+    """Register ATTN_KEY in AttentionInterface and AttentionMaskInterface; reference counted, `unregister()`
+    removes the keys again (or puts back what was there) when the last patch is restored."""
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
+    if _REFS[0] == 0:
+        for iface in (AttentionInterface, AttentionMaskInterface):
+            _SAVED[iface] = iface._global_mapping.get(ATTN_KEY)
+    _REFS[0] += 1
     AttentionInterface.register(ATTN_KEY, DISPATCH)
     AttentionMaskInterface.register(ATTN_KEY, sdpa_mask)
+
+
+def unregister():
+    if _REFS[0] == 0:
+        return
+    _REFS[0] -= 1
+    if _REFS[0] == 0:
+        for iface, old in _SAVED.items():
+            if old is None:
+                iface._global_mapping.pop(ATTN_KEY, None)
+            else:
+                iface._global_mapping[ATTN_KEY] = old
+        _SAVED.clear()
 
 
 # ------------------------------------------------------------------ gated attention: fuse the output gate

@@ -92,13 +92,10 @@ class MoEHook:
         mapping = self.kernels.get("moe_block_mapping")
         if blk is None or mapping is None:
             return None
-        tpos, b2e = mapping(kernel_input(idx, "reference") if be == "reference" else idx, E, _BLOCK_SIZE)
-        dense = torch.zeros((N, E), dtype=hidden_states.dtype)
-        dense.scatter_(1, top_k_index.long(), w)
+        tpos, b2e = mapping(kernel_input(idx, be), E, _BLOCK_SIZE)
         kw = {} if shared is None else {"shared": tuple(kernel_input(s, be) for s in shared)}
-        out = blk(kernel_input(hidden_states, be), kernel_input(dense, be), kernel_input(gate_up, be),
-                  kernel_input(down, be), kernel_input(tpos, be) if be != "reference" else tpos,
-                  kernel_input(b2e, be) if be != "reference" else b2e, _BLOCK_SIZE, **kw)
+        out = blk(kernel_input(hidden_states, be), kernel_input(w, be), kernel_input(gate_up, be),
+                  kernel_input(down, be), tpos, b2e, _BLOCK_SIZE, top_k_index=kernel_input(idx, be), **kw)
         self.stats.called("moe_blockwise")
         return to_torch(out, like=hidden_states)
 
@@ -135,9 +132,30 @@ class _Dispatcher:
 DISPATCH = _Dispatcher()
 
 
+_REFS = [0]
+_SAVED = {}
+
+
 def register():
+    """Register EXPERTS_KEY in ExpertsInterface (reference counted; `unregister()` undoes it)."""
     from transformers.integrations.moe import ExpertsInterface
+    if _REFS[0] == 0:
+        _SAVED["old"] = ExpertsInterface._global_mapping.get(EXPERTS_KEY)
+    _REFS[0] += 1
     ExpertsInterface.register(EXPERTS_KEY, DISPATCH)
+
+
+def unregister():
+    from transformers.integrations.moe import ExpertsInterface
+    if _REFS[0] == 0:
+        return
+    _REFS[0] -= 1
+    if _REFS[0] == 0:
+        old = _SAVED.pop("old", None)
+        if old is None:
+            ExpertsInterface._global_mapping.pop(EXPERTS_KEY, None)
+        else:
+            ExpertsInterface._global_mapping[EXPERTS_KEY] = old
 
 
 def shared_layout(block):

@@ -250,6 +250,7 @@ def _patch_attention(handle, model, ks):
         handle.not_available["attention"] = ks.missing.get("flash_attention", "flash_attention missing")
         return
     _attn.register()
+    handle._undo.append(_attn.unregister)
     hook = _attn.AttentionHook(ks, handle.stats)
     configs = {}
     for m in mods:
@@ -302,6 +303,7 @@ def _patch_moe(handle, model, ks):
                                                               for n in ("moe_decode", "moe_blockwise")))
         return
     _moe.register()
+    handle._undo.append(_moe.unregister)
     hook = _moe.MoEHook(ks, handle.stats)
     configs = {}
     for e in experts:

@@ -12,6 +12,7 @@ from nki_kernels.hw import GEMM_MOVING_FMAX, GEMM_STATIONARY_FMAX, P_MAX
 _N_TILE = GEMM_MOVING_FMAX          # matmul moving free size (one fp32 PSUM bank)
 _M_TILE = GEMM_STATIONARY_FMAX      # matmul stationary free size
 _MM_N_BLOCK = 2 * GEMM_MOVING_FMAX  # A1: output columns per block (1024; A is re-read once per block)
+_A2_M_BLOCK = 4 * GEMM_STATIONARY_FMAX   # A2: output rows whose aT block stays in SBUF (b re-read per block)
 _SILU_F = 512                       # A12: free tile of the published silu kernel
 _ADAMW_F = 1024                     # A13: free tile of the published adamw kernel
 
@@ -54,6 +55,36 @@ def matmul_a1(a, b):
             for j in range(n_sub):
                 nisa.tensor_copy(dst=c_sb[:, j * _N_TILE:(j + 1) * _N_TILE], src=acc[j])
             nisa.dma_copy(dst=c[m0:m0 + _M_TILE, n0:n0 + _MM_N_BLOCK], src=c_sb)
+    return c
+
+
+@nki.jit
+def transpose_matmul_a2(aT, b):
+    """A2: c[M, N] = aT[K, M].T @ b[K, N], fp32 (the left operand arrives transposed). A 512-column block of aT
+    stays in SBUF (4 M tiles); b is streamed in 512-wide column tiles (the last one partial) and re-read once
+    per M block; each b tile feeds 4 x K/128 matmuls into 4 PSUM banks."""
+    k_total, m_total = aT.shape
+    n_total = b.shape[1]
+    n_k = k_total // P_MAX
+    c = nl.ndarray((m_total, n_total), dtype=aT.dtype, buffer=nl.shared_hbm)
+    for i_mb in nl.affine_range(m_total // _A2_M_BLOCK):
+        mb0 = i_mb * _A2_M_BLOCK
+        a_sb = nl.ndarray((P_MAX, n_k, _A2_M_BLOCK), dtype=aT.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=a_sb, src=aT[:, mb0:mb0 + _A2_M_BLOCK].reshape((n_k, P_MAX, _A2_M_BLOCK)).permute((1, 0, 2)))
+        for i_n in nl.affine_range((n_total + _N_TILE - 1) // _N_TILE):
+            n0 = i_n * _N_TILE
+            nsz = min(_N_TILE, n_total - n0)
+            b_sb = nl.ndarray((P_MAX, n_k, _N_TILE), dtype=b.dtype, buffer=nl.sbuf)
+            nisa.dma_copy(dst=b_sb[:, :, 0:nsz], src=b[:, n0:n0 + nsz].reshape((n_k, P_MAX, nsz)).permute((1, 0, 2)))
+            for j in nl.affine_range(_A2_M_BLOCK // _M_TILE):
+                acc = nl.ndarray((_M_TILE, _N_TILE), dtype=nl.float32, buffer=nl.psum)
+                for i_k in nl.affine_range(n_k):
+                    nisa.nc_matmul(acc[:, 0:nsz], a_sb[:, i_k, j * _M_TILE:(j + 1) * _M_TILE], b_sb[:, i_k, 0:nsz],
+                                   accumulate=i_k > 0)
+                c_sb = nl.ndarray((_M_TILE, _N_TILE), dtype=aT.dtype, buffer=nl.sbuf)
+                nisa.tensor_copy(dst=c_sb[:, 0:nsz], src=acc[:, 0:nsz])
+                m0 = mb0 + j * _M_TILE
+                nisa.dma_copy(dst=c[m0:m0 + _M_TILE, n0:n0 + nsz], src=c_sb[:, 0:nsz])
     return c
 
 

@@ -1,1 +1,174 @@
-"""Microbench cases for the moe family (registered on import)."""
+"""Microbench cases for the moe family (registered on import).
+
+Shapes (per rank, from microbench/shapes.py): Qwen3.5-35B-A3B at TP=4 (E=256, TOPK=8, H=2048, I=128, shared 128),
+Qwen3-Omni thinker at TP=8 (E=128, TOPK=8, H=2048, I=96, no shared expert) and talker at TP=8 (E=128, TOPK=6,
+H=1024, I=48, shared 96). Prefill T in {128, 1024, 4096} through moe_block_mapping + moe_blockwise with the
+block size from `prefill_block_size`; decode T in {1, 8, 32} through moe_decode. Routing: moe_route on random
+logits (near-uniform expert load).
+
+Roofline bytes: the expected touched experts' weights (E * (1 - (1 - TOPK/E)^T) experts, uniform routing) +
+shared expert + hidden in + output out. FLOPs: 2 * T * TOPK * 3 * H * I (+ shared 2 * T * (3 * H * Is + H)).
+
+Baselines (real kernels): prefill "I padded to 256, block 512" = moe_blockwise on zero-padded weights (the NxDI
+shard-on-I configuration); "all-experts dense loop" = moe_blockwise with every expert's block holding every token
+(dense affinities, 0 where not routed), at T = 128 and in decode (T <= 32) only, because it is E x the work.
+"""
+from __future__ import annotations
+
+import math
+
+import ml_dtypes
+import numpy as np
+
+from microbench.registry import BenchCase, register
+from microbench.shapes import CATALOGUE, DECODE_BATCHES
+
+_BF16 = ml_dtypes.bfloat16
+_PREFILL_T = (128, 1024, 4096)
+_PADDED_I = 256            # NxDI qwen3_moe pads I_TP to a multiple of 256 (SHARD_ON_INTERMEDIATE_DIMENSION_PER_TP)
+_PADDED_BLOCK = 512        # NxDI's default block size
+_DENSE_BASELINE_MAX_T = 128
+_MODELS = (("qwen3.5-35b-a3b tp4", "qwen3.5-35b-a3b tp4"),
+           ("qwen3-omni thinker tp8", "qwen3-omni thinker tp8"),
+           ("qwen3-omni talker tp8", "qwen3-omni talker tp8"))
+
+
+def prefill_block_size(n_tokens: int, top_k: int, n_experts: int) -> int:
+    """Block size for T tokens: mean tokens per expert m = T*TOPK/E plus 2.5 sigma (Poisson), rounded up to 16,
+    within [32, 512]; most experts then fit in one block (weights streamed once) without much padding."""
+    m = n_tokens * top_k / n_experts
+    b = int(math.ceil((m + 2.5 * math.sqrt(m)) / 16.0)) * 16
+    return max(32, min(512, b))
+
+
+def _inputs(shape, n_tokens):
+    def make(rng):
+        h, e, i, k, si = shape.hidden, shape.experts, shape.expert_inter, shape.top_k, shape.shared_inter
+        from nki_kernels import moe_route
+        x = rng.standard_normal((n_tokens, h)).astype(_BF16)
+        gate_up = (rng.standard_normal((e, h, 2, i), dtype=np.float32) / np.sqrt(h)).astype(_BF16)
+        down = (rng.standard_normal((e, i, h), dtype=np.float32) / np.sqrt(i)).astype(_BF16)
+        w, idx = moe_route(rng.standard_normal((n_tokens, e)), k, shape.normalize_topk)
+        d = dict(hidden=x, gate_up=gate_up, down=down, top_k_weights=w.astype(_BF16), top_k_index=idx)
+        if si:
+            d["shared"] = ((rng.standard_normal((h, 2, si), dtype=np.float32) / np.sqrt(h)).astype(_BF16),
+                           (rng.standard_normal((si, h), dtype=np.float32) / np.sqrt(si)).astype(_BF16),
+                           (rng.standard_normal(h, dtype=np.float32) / np.sqrt(h)).astype(_BF16))
+        return d
+    return make
+
+
+def _reference(x):
+    """float32 NumPy MoE grouped by expert (fine for the bench's large shapes; tests use the float64 reference)."""
+    hid = np.asarray(x["hidden"], np.float32)
+    idx, w = x["top_k_index"], np.asarray(x["top_k_weights"], np.float32)
+    out = np.zeros_like(hid)
+    for e in np.unique(idx):
+        t, j = np.nonzero(idx == e)
+        gu = np.asarray(x["gate_up"][e], np.float32)
+        g, u = hid[t] @ gu[:, 0], hid[t] @ gu[:, 1]
+        y = (g / (1 + np.exp(-g)) * u) @ np.asarray(x["down"][e], np.float32)
+        np.add.at(out, t, w[t, j][:, None] * y)
+    if "shared" in x:
+        s_gu, s_dn, s_g = (np.asarray(a, np.float32) for a in x["shared"])
+        g, u = hid @ s_gu[:, 0], hid @ s_gu[:, 1]
+        gate = 1 / (1 + np.exp(-(hid @ s_g)))
+        out += gate[:, None] * ((g / (1 + np.exp(-g)) * u) @ s_dn)
+    return out
+
+
+def _costs(shape, n_tokens):
+    h, e, i, k, si = shape.hidden, shape.experts, shape.expert_inter, shape.top_k, shape.shared_inter
+    touched = e * (1.0 - (1.0 - k / e) ** n_tokens)
+    w_bytes = int(touched * 3 * h * i * 2) + (3 * h * si + h) * 2 * (si > 0)
+    io = 2 * n_tokens * h * 2 + n_tokens * k * 8
+    flops = 2 * n_tokens * k * 3 * h * i + (2 * n_tokens * (3 * h * si + h) if si else 0)
+    return flops, w_bytes + io
+
+
+def _blockwise(x, block_size, gate_up=None, down=None, shared=None):
+    from nki_kernels import moe_block_mapping, moe_blockwise
+    gate_up = x["gate_up"] if gate_up is None else gate_up
+    down = x["down"] if down is None else down
+    tpos, b2e = moe_block_mapping(x["top_k_index"], gate_up.shape[0], block_size)
+    return moe_blockwise(x["hidden"], x["top_k_weights"], gate_up, down, tpos, b2e, block_size,
+                         shared=x.get("shared") if shared is None else shared, top_k_index=x["top_k_index"])
+
+
+def _padded(x):
+    """Baseline: I (and Is) zero-padded to 256, block size 512."""
+    def pad_i(a, axis):
+        n = a.shape[axis]
+        tgt = -(-n // _PADDED_I) * _PADDED_I
+        if tgt == n:
+            return a
+        widths = [(0, 0)] * a.ndim
+        widths[axis] = (0, tgt - n)
+        return np.pad(a, widths)
+    shared = None
+    if "shared" in x:
+        s_gu, s_dn, s_g = x["shared"]
+        shared = (pad_i(s_gu, 2), pad_i(s_dn, 0), s_g)
+    return _blockwise(x, _PADDED_BLOCK, pad_i(x["gate_up"], 3), pad_i(x["down"], 1), shared)
+
+
+def _dense_all_experts(x):
+    """Baseline: every expert runs on every token (block e = all tokens of expert e, dense affinities)."""
+    from nki_kernels import moe_blockwise
+    n_tokens = x["hidden"].shape[0]
+    n_exp = x["gate_up"].shape[0]
+    dense = np.zeros((n_tokens, n_exp), np.float32)
+    np.put_along_axis(dense, x["top_k_index"].astype(np.int64), np.asarray(x["top_k_weights"], np.float32), 1)
+    block = -(-n_tokens // 16) * 16
+    slots = np.full(block, -1, np.int32)
+    slots[:n_tokens] = np.arange(n_tokens)
+    tpos = np.tile(slots, n_exp)
+    b2e = np.arange(n_exp, dtype=np.int32)
+    return moe_blockwise(x["hidden"], dense.astype(_BF16), x["gate_up"], x["down"], tpos, b2e, block,
+                         shared=x.get("shared"))
+
+
+def _prefill_case(label, shape, n_tokens, quick=False):
+    block = prefill_block_size(n_tokens, shape.top_k, shape.experts)
+    flops, nbytes = _costs(shape, n_tokens)
+    dense_bl = n_tokens <= _DENSE_BASELINE_MAX_T
+    register(BenchCase(
+        kernel="moe_blockwise",
+        shape=f"{label} T={n_tokens} E={shape.experts} TOPK={shape.top_k} H={shape.hidden} I={shape.expert_inter}"
+              f" Is={shape.shared_inter} B={block}",
+        make_inputs=_inputs(shape, n_tokens), run=lambda x: _blockwise(x, block), reference=_reference,
+        flops=flops, min_hbm_bytes=nbytes, dtype="bfloat16", quick=quick,
+        baseline_name="all-experts dense loop" if dense_bl else f"I padded to {_PADDED_I}, block {_PADDED_BLOCK}",
+        baseline_run=_dense_all_experts if dense_bl else _padded,
+        tags={"block_size": block}))
+    if dense_bl:   # the padded baseline as its own entry at the smallest T (both baselines measured there)
+        register(BenchCase(
+            kernel="moe_blockwise",
+            shape=f"{label} T={n_tokens} B={block} (vs padded)",
+            make_inputs=_inputs(shape, n_tokens), run=lambda x: _blockwise(x, block), reference=_reference,
+            flops=flops, min_hbm_bytes=nbytes, dtype="bfloat16",
+            baseline_name=f"I padded to {_PADDED_I}, block {_PADDED_BLOCK}", baseline_run=_padded))
+
+
+def _decode_case(label, shape, n_tokens, quick=False):
+    from nki_kernels import moe_decode
+    flops, nbytes = _costs(shape, n_tokens)
+
+    def run(x):
+        return moe_decode(x["hidden"], x["top_k_index"], x["top_k_weights"], x["gate_up"], x["down"],
+                          shared=x.get("shared"))
+
+    register(BenchCase(
+        kernel="moe_decode",
+        shape=f"{label} T={n_tokens} E={shape.experts} TOPK={shape.top_k} H={shape.hidden} I={shape.expert_inter}"
+              f" Is={shape.shared_inter}",
+        make_inputs=_inputs(shape, n_tokens), run=run, reference=_reference, flops=flops, min_hbm_bytes=nbytes,
+        dtype="bfloat16", quick=quick, baseline_name="all-experts dense loop", baseline_run=_dense_all_experts))
+
+
+for _label, _key in _MODELS:
+    _shape = CATALOGUE[_key]
+    for _t in _PREFILL_T:
+        _prefill_case(_label, _shape, _t, quick=(_t == 128 and _key == "qwen3-omni talker tp8"))
+    for _t in DECODE_BATCHES:
+        _decode_case(_label, _shape, _t, quick=(_t == 1 and _key != "qwen3-omni thinker tp8"))

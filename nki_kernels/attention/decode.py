@@ -77,10 +77,8 @@ def decode_body(q, k_cache, v_cache, cache_lens, out, softmax_scale, causal, k_i
     pid = nl.program_id(0)
     n_prog = nl.num_programs(0)
     n_d = n_tiles(d, D_CHUNK)
-    sec_len = min(_SECTION, s_max)
     row_tok = _row_token_index(rows, sq, group)          # i(r) = r mod Sq, fp32 (rows, 1)
-    key_pos = nl.ndarray((P_MAX, _SECTION), dtype=nl.int32, buffer=nl.sbuf)   # 0..sec-1 on every row
-    nisa.iota(key_pos[0:rows, 0:sec_len], pattern=[[1, sec_len]], offset=0, channel_multiplier=0)
+    key_pos = {}                                         # section length -> key position of each score column
     for b in nl.static_range(n_b):
         for kvh in nl.static_range(n_kv):
             if _owner(b, kvh, n_kv, n_prog) != pid:
@@ -106,7 +104,9 @@ def decode_body(q, k_cache, v_cache, cache_lens, out, softmax_scale, causal, k_i
             m_run = (m_a, m_b)
             for i_sec, s0 in enumerate(range(0, s_max, _SECTION)):
                 sn = min(_SECTION, s_max - s0)
-                _section(k_cache, v_cache, qT_sb, key_pos, limit, o_acc, l_sb, m_run, b, kvh, s0, sn, i_sec,
+                if sn not in key_pos:
+                    key_pos[sn] = _key_positions(rows, sn, k_is_bhds)
+                _section(k_cache, v_cache, qT_sb, key_pos[sn], limit, o_acc, l_sb, m_run, b, kvh, s0, sn, i_sec,
                          rows, d, n_d, dtype, softmax_scale, k_is_bhds)
             inv_l = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
             nisa.reciprocal(dst=inv_l[0:rows], data=l_sb[0:rows])
@@ -114,6 +114,21 @@ def decode_body(q, k_cache, v_cache, cache_lens, out, softmax_scale, causal, k_i
             nisa.tensor_scalar(dst=o_sb[0:rows, 0:d], data=o_acc[0:rows, 0:d], op0=nl.multiply,
                                operand0=inv_l[0:rows])
             nisa.dma_copy(dst=out[b, h0:h0 + group, 0:sq, 0:d].reshape((rows, d)), src=o_sb[0:rows, 0:d])
+
+
+def _key_positions(rows, sn, k_is_bhds):
+    """(rows, sn) int32: the section-relative key position held by each score column. Pieces of a whole number
+    of 128-key chunks are loaded partition-major (column c*128 + p of a piece at j0 holds key j0 + p*n + c);
+    a ragged last piece is chunk-major (column j holds key j)."""
+    pos = nl.ndarray((P_MAX, _SECTION), dtype=nl.int32, buffer=nl.sbuf)
+    for j0 in range(0, sn, _KV_LOAD_KEYS):
+        jn = min(_KV_LOAD_KEYS, sn - j0)
+        if jn % K_CHUNK == 0 and not k_is_bhds:
+            n = jn // K_CHUNK
+            nisa.iota(pos[0:rows, j0:j0 + jn], pattern=[[1, n], [n, K_CHUNK]], offset=j0, channel_multiplier=0)
+        else:
+            nisa.iota(pos[0:rows, j0:j0 + jn], pattern=[[1, jn]], offset=j0, channel_multiplier=0)
+    return pos
 
 
 def _row_token_index(rows, sq, group):
@@ -164,12 +179,17 @@ def _section(k_cache, v_cache, qT_sb, key_pos, limit, o_acc, l_sb, m_run, b, kvh
                     dn = min(D_CHUNK, d - d0)
                     nisa.dma_copy(dst=kT_sb[0:dn, i_d, j0:j0 + jn], src=k_cache[b, kvh, d0:d0 + dn, s0 + j0:s0 + j0 + jn])
                 continue
+            if rem == 0 and not k_is_bhds:
+                # partition-major: partition p holds keys j0 + p*full .. + full - 1, one contiguous run of
+                # full * D elements (8 KiB for bf16, D=256) per partition; chunk c = keys {j0 + p*full + c}
+                src = src_hbm[b, kvh, s0 + j0:s0 + j0 + jn, 0:d].reshape((K_CHUNK, full * d))
+                nisa.dma_copy(dst=dst_sb[0:K_CHUNK, c0:c0 + full, 0:d], src=src)
+                continue
             if full:
                 src = src_hbm[b, kvh, s0 + j0:s0 + j0 + full * K_CHUNK, 0:d].reshape((full, K_CHUNK, d))
                 nisa.dma_copy(dst=dst_sb[0:K_CHUNK, c0:c0 + full, 0:d], src=src.permute((1, 0, 2)))
-            if rem:
-                nisa.dma_copy(dst=dst_sb[0:rem, c0 + full, 0:d],
-                              src=src_hbm[b, kvh, s0 + j0 + full * K_CHUNK:s0 + j0 + jn, 0:d])
+            nisa.dma_copy(dst=dst_sb[0:rem, c0 + full, 0:d],
+                          src=src_hbm[b, kvh, s0 + j0 + full * K_CHUNK:s0 + j0 + jn, 0:d])
         if k_is_bhds:
             continue
         for i_d in range(n_d):          # K^T of this piece: PE transposes, one PSUM bank per `group` chunks

@@ -302,10 +302,10 @@ def _scores(bufs, kT_sb, st, j, step, block, d, n_d):
     """S = Q^T.T @ K^T[:, block j] in fp32 PSUM; D contracted in 128-row chunks."""
     k0 = j * block
     kn = st.keys(j, block)
-    for j0 in range(0, kn, MM_KEYS):
-        jn = min(MM_KEYS, kn - j0)
-        for i_d in range(n_d):
-            dn = min(D_CHUNK, d - i_d * D_CHUNK)
+    for i_d in range(n_d):             # d outer: the stationary Q^T chunk stays loaded, and consecutive
+        dn = min(D_CHUNK, d - i_d * D_CHUNK)  # matmuls write different PSUM banks (no accumulate stall)
+        for j0 in range(0, kn, MM_KEYS):
+            jn = min(MM_KEYS, kn - j0)
             s_psum = bufs["s_psum"]
             nisa.nc_matmul(s_psum[0:st.qn, step % s_psum.shape[1], st.slot, j0:j0 + jn], bufs["qT"][0:dn, st.slot, st.gen, i_d, 0:st.qn],
                            kT_sb[0:dn, i_d, k0 + j0:k0 + j0 + jn], accumulate=i_d > 0)
@@ -400,9 +400,12 @@ def _pv_update(bufs, v_sb, st, j, step, block, d):
     row_sum = bufs["row_sum"]
     n_c = n_tiles(kn, K_CHUNK)
     c_base = (j * block) // K_CHUNK
+    halves = [(0, d)] if d <= D_CHUNK else [(0, d // 2), (d // 2, d)]   # alternate PSUM regions per chunk
     for c in range(n_c):
         cn = min(K_CHUNK, kn - c * K_CHUNK)
-        nisa.nc_matmul(pv, pT_ring[0:cn, step % _RING, s, c, 0:qn], v_sb[0:cn, c_base + c, 0:d], accumulate=c > 0)
+        for h0, h1 in halves:
+            nisa.nc_matmul(bufs["pv"][0:qn, step % 2, s, h0:h1], pT_ring[0:cn, step % _RING, s, c, 0:qn],
+                           v_sb[0:cn, c_base + c, h0:h1], accumulate=c > 0)
     o = o_acc[0:qn, s, g, 0:d]
     l_ = l_sb[0:qn, s, g, 0:1]
     if j == 0:

@@ -32,7 +32,10 @@ _MAX8_FMAX = 16384                   # max8 input elements per partition (vocab 
 _BF16_BYTES = 2
 # SBUF bytes per partition kept free for activations, KV cache, logits, streaming buffers when deciding
 # whether every layer's weights can stay resident in SBUF for the whole frame.
-_SBUF_HEADROOM = 56 * 1024
+_SBUF_HEADROOM = 4 * 1024
+_FIXED_SBUF_BYTES = 20 * 1024        # norms, constants, streamed LM-head blocks, [B, H] row tiles
+_SAMPLING_LOGIT_TILES = 3.5          # fp32 [rows, Vh] tiles live while sampling (logits, z, work, kill)
+_BYTES_PER_ROW = 512                 # feature-major activations and KV cache per token row
 _MAX_TOP_K = 256                     # sampling: top-k candidates are found in ceil(k / 8) max8 rounds
 
 
@@ -53,9 +56,13 @@ def _rms_norm_T(xT, w_col, ones, eps, n, kc, rows, out_dtype):
     partitions and broadcasts the total to every partition. w_col [128, kc] is the norm weight.
     """
     sq = nl.ndarray((_K_TILE, kc, rows), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.activation(dst=sq, op=nl.square, data=xT)
     part = nl.ndarray((_K_TILE, rows), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_reduce(dst=part, op=nl.add, data=sq.permute((0, 2, 1)), axis=2)
+    if rows == 1:       # the ScalarE accumulator sums the whole free dim: the per-partition partial sum
+        nisa.activation(dst=sq, op=nl.square, data=xT, reduce_op=nl.add, reduce_res=part,
+                        reduce_cmd=nisa.reduce_cmd.reset_reduce)
+    else:
+        nisa.activation(dst=sq, op=nl.square, data=xT)
+        nisa.tensor_reduce(dst=part, op=nl.add, data=sq.permute((0, 2, 1)), axis=2)
     tot_psum = nl.ndarray((_K_TILE, rows), dtype=nl.float32, buffer=nl.psum)
     nisa.nc_matmul(tot_psum, ones, part)
     rstd = nl.ndarray((_K_TILE, rows), dtype=nl.float32, buffer=nl.sbuf)
@@ -90,14 +97,17 @@ def _weight_block(w_res, w_hbm, kp, n_k, n0, nn):
     return blk
 
 
-def _linear_T(dst, xT, n_k, kp, w_res, w_hbm, n_out, oc, rows, mode):
+def _linear_T(dst, xT, n_k, kp, w_res, w_hbm, n_out, oc, rows, mode, cols=None):
     """Feature-major projection: dst[oc, n_out / oc, rows] (= or +=) (x @ W)^T.
 
     W [n_k * kp, n_out] is the stationary operand in [kp, oc] blocks, xT [kp, n_k, rows] the moving one; the
-    output lands with the output features on partitions. mode: "copy" or "add" (residual update).
+    output lands with the output features on partitions. mode: "copy", "add" (residual update) or "psum"
+    (when the whole output fits one PSUM bank: return the PSUM tile itself, no eviction; else copy to dst).
     """
     n_oc = n_out // oc
     per_bank = max(1, PSUM_BANK_BYTES // (rows * 4))      # output chunks per fp32 PSUM bank
+    if mode == "psum" and n_oc > per_bank:
+        mode = "copy"
     blk_cols = max(oc, (_N_TILE // oc) * oc)              # weight columns per streamed block
     w_blk, blk0 = None, -1
     for g0 in range(0, n_oc, per_bank):
@@ -110,11 +120,15 @@ def _linear_T(dst, xT, n_k, kp, w_res, w_hbm, n_out, oc, rows, mode):
                 w_blk = _weight_block(w_res, w_hbm, kp, n_k, blk0 * blk_cols, min(blk_cols, n_out - blk0 * blk_cols))
             lc = col - blk0 * blk_cols
             for k in range(n_k):
-                nisa.nc_matmul(acc_psum[:, i, :], w_blk[:, k, lc:lc + oc], xT[:, k, :], accumulate=(k > 0))
+                mv = xT[:, k, :] if cols is None else xT[:, k, cols]
+                nisa.nc_matmul(acc_psum[:, i, :], w_blk[:, k, lc:lc + oc], mv, accumulate=(k > 0))
         if mode == "add":
             nisa.tensor_tensor(dst=dst[:, g0:g0 + gn, :], data1=dst[:, g0:g0 + gn, :], data2=acc_psum, op=nl.add)
+        elif mode == "psum":
+            return acc_psum
         else:
             nisa.tensor_copy(dst=dst[:, g0:g0 + gn, :], src=acc_psum)
+    return dst
 
 
 def _linear_rows(dst_sb, xT, n_k, kp, w_hbm, n_out, rows, stat_cols=None):
@@ -155,18 +169,25 @@ def _block_mask(m_rows, r, nb_max, n_t, causal_slots=0):
     return mask
 
 
-def _attention_block(qT_blk, kT_blk, vT_blk, mask_blk, out_view, m, n, d, scale):
-    """One block: out^T[d, m] = (softmax(q k^T * scale + mask) v)^T; q columns m, keys n (<= 128)."""
+def _attention_block(qT_blk, kT_blk, vT_blk, mask_blk, out_view, m, n, d, masked):
+    """One block: out^T[d, m] = (softmax(q k^T + mask) v)^T (q pre-scaled); q columns m, keys n (<= 128).
+
+    masked=False (a block of one batch row: every key is valid) skips the mask add and reads the scores
+    straight from PSUM.
+    """
     s_psum = nl.ndarray((P_MAX, _N_TILE), dtype=nl.float32, buffer=nl.psum)
     nisa.nc_matmul(s_psum[0:m, 0:n], qT_blk, kT_blk)
-    s_sb = nl.ndarray((P_MAX, n), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.scalar_tensor_tensor(dst=s_sb[0:m, :], data=s_psum[0:m, 0:n], op0=nl.multiply, operand0=scale,
-                              op1=nl.add, operand1=mask_blk)
+    if masked:
+        s_sb = nl.ndarray((P_MAX, n), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_tensor(dst=s_sb[0:m, :], data1=s_psum[0:m, 0:n], data2=mask_blk, op=nl.add)
+        s_v = s_sb[0:m, :]
+    else:
+        s_v = s_psum[0:m, 0:n]
     nmax = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_reduce(dst=nmax[0:m, :], op=nl.maximum, data=s_sb[0:m, :], axis=1, negate=True)
+    nisa.tensor_reduce(dst=nmax[0:m, :], op=nl.maximum, data=s_v, axis=1, negate=True)
     p_sb = nl.ndarray((P_MAX, n), dtype=nl.float32, buffer=nl.sbuf)
     psum_row = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.activation(dst=p_sb[0:m, :], op=nl.exp, data=s_sb[0:m, :], bias=nmax[0:m, :], reduce_op=nl.add,
+    nisa.activation(dst=p_sb[0:m, :], op=nl.exp, data=s_v, bias=nmax[0:m, :], reduce_op=nl.add,
                     reduce_res=psum_row[0:m, :], reduce_cmd=nisa.reduce_cmd.reset_reduce)
     rsum = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.reciprocal(dst=rsum[0:m, :], data=psum_row[0:m, :])
@@ -236,10 +257,14 @@ def _qk_norm_rope_T(c, S, l, qkvT, cos_t, sin_t):
     rot_psum = nl.ndarray((D, NH, R), dtype=nl.float32, buffer=nl.psum)
     nisa.nc_matmul(rot_psum, S["rot"], qkn)
     xs = nl.ndarray((D, NH, R), dtype=nl.float32, buffer=nl.sbuf)
+    out = nl.ndarray((D, NH, R), dtype=nl.float32, buffer=nl.sbuf)
+    if cos_t.shape[1] == 1:     # one position for every row: cos/sin are per-partition (d) scalars
+        nisa.tensor_scalar(dst=xs, data=rot_psum, op0=nl.multiply, operand0=sin_t)
+        nisa.scalar_tensor_tensor(dst=out, data=qkn, op0=nl.multiply, operand0=cos_t, op1=nl.add, operand1=xs)
+        return out
     nisa.tensor_tensor(dst=xs, data1=rot_psum, data2=sin_t, op=nl.multiply)
     xc = nl.ndarray((D, NH, R), dtype=nl.float32, buffer=nl.sbuf)
     nisa.tensor_tensor(dst=xc, data1=qkn, data2=cos_t, op=nl.multiply)
-    out = nl.ndarray((D, NH, R), dtype=nl.float32, buffer=nl.sbuf)
     nisa.tensor_tensor(dst=out, data1=xc, data2=xs, op=nl.add)
     return out
 
@@ -250,12 +275,13 @@ def _layer(c, W, S, l, hT, cos_t, sin_t, attn):
     # ---- attention
     xn = _rms_norm_T(hT, S["in_norm"][:, l, :], S["ones"], c.eps, c.H, c.KC, R, nl.bfloat16)
     qkvT = nl.ndarray((D, NH + Hkv, R), dtype=nl.float32, buffer=nl.sbuf)
-    _linear_T(qkvT, xn, c.KC, _K_TILE, S["wqkv"][:, l] if S["wqkv"] is not None else None, W["wqkv_t"][l],
-              c.NQKV, D, R, "copy")
+    qkvT = _linear_T(qkvT, xn, c.KC, _K_TILE, S["wqkv"][:, l] if S["wqkv"] is not None else None,
+                     W["wqkv_t"][l], c.NQKV, D, R, "psum")
     qk = _qk_norm_rope_T(c, S, l, qkvT, cos_t, sin_t)
     # q^T [D, Hkv, R, r]: column (row, head-in-group)
     qT = nl.ndarray((D, Hkv, R, r), dtype=nl.bfloat16, buffer=nl.sbuf)
-    nisa.tensor_copy(dst=qT.permute((0, 1, 3, 2)), src=qk[:, 0:Hq, :].reshape((D, Hkv, r, R)))
+    nisa.tensor_scalar(dst=qT.permute((0, 1, 3, 2)), data=qk[:, 0:Hq, :].reshape((D, Hkv, r, R)),
+                       op0=nl.multiply, operand0=c.scale)
     attnT = nl.ndarray((D, Hq, R), dtype=nl.bfloat16, buffer=nl.sbuf)
     mode, arg = attn
     if mode == "cache":
@@ -271,29 +297,34 @@ def _layer(c, W, S, l, hT, cos_t, sin_t, attn):
                 m, n = nb * r, nb * n_t
                 _attention_block(qT[:, g, b0:b0 + nb, :], kT_all[:, l, g, b0:b0 + nb, 0:n_t],
                                  vT_all[:, l, g, b0:b0 + nb, 0:n_t], S["mask"][0:m, 0:nb, 0:n_t],
-                                 attnT[:, g * r:(g + 1) * r, b0:b0 + nb].permute((0, 2, 1)), m, n, D, c.scale)
-    else:
+                                 attnT[:, g * r:(g + 1) * r, b0:b0 + nb].permute((0, 2, 1)), m, n, D, nb > 1)
+    else:   # "self" (no cache: attend within the pass) or "prefill" (the same, and fill cache slots 0..slots-1)
         slots = arg
         kT = nl.ndarray((D, Hkv, R), dtype=nl.bfloat16, buffer=nl.sbuf)
         nisa.tensor_copy(dst=kT, src=qk[:, Hq:NH, :])
         vT = nl.ndarray((D, Hkv, R), dtype=nl.bfloat16, buffer=nl.sbuf)
         nisa.tensor_copy(dst=vT, src=qkvT[:, NH:NH + Hkv, :])
-        bb = S["bb"]            # batches per block; rows of a block = bb * slots
+        mask = S["mask"] if mode == "self" else S["mask2"]
+        bb = S["bb"] if mode == "self" else S["bb2"]     # batches per block; rows of a block = bb * slots
+        if mode == "prefill":
+            nb_all = R // slots
+            nisa.tensor_copy(dst=S["kT"][:, l, :, :, 0:slots], src=kT.reshape((D, Hkv, nb_all, slots)))
+            nisa.tensor_copy(dst=S["vT"][:, l, :, :, 0:slots], src=vT.reshape((D, Hkv, nb_all, slots)))
         for g in range(Hkv):
             for b0 in range(0, R // slots, bb):
                 nb = min(bb, R // slots - b0)
                 r0, r1 = b0 * slots, (b0 + nb) * slots
                 m, n = (r1 - r0) * r, r1 - r0
                 _attention_block(qT[:, g, r0:r1, :], kT[:, g, r0:r1], vT[:, g, r0:r1],
-                                 S["mask"][0:m, 0:nb, :],
-                                 attnT[:, g * r:(g + 1) * r, r0:r1].permute((0, 2, 1)), m, n, D, c.scale)
+                                 mask[0:m, 0:nb, :],
+                                 attnT[:, g * r:(g + 1) * r, r0:r1].permute((0, 2, 1)), m, n, D, True)
     _linear_T(hT, attnT, Hq, D, S["wo"][:, l] if S["wo"] is not None else None, W["wo_t"][l], c.H, _K_TILE, R,
               "add")
     # ---- MLP
     xn2 = _rms_norm_T(hT, S["post_norm"][:, l, :], S["ones"], c.eps, c.H, c.KC, R, nl.bfloat16)
     guT = nl.ndarray((_K_TILE, 2 * c.IC, R), dtype=nl.float32, buffer=nl.sbuf)
-    _linear_T(guT, xn2, c.KC, _K_TILE, S["wgu"][:, l] if S["wgu"] is not None else None, W["wgu_t"][l],
-              2 * c.I, _K_TILE, R, "copy")
+    guT = _linear_T(guT, xn2, c.KC, _K_TILE, S["wgu"][:, l] if S["wgu"] is not None else None, W["wgu_t"][l],
+                    2 * c.I, _K_TILE, R, "psum")
     sg = nl.ndarray((_K_TILE, c.IC, R), dtype=nl.float32, buffer=nl.sbuf)
     nisa.activation(dst=sg, op=nl.silu, data=guT[:, 0:c.IC, :])
     act = nl.ndarray((_K_TILE, c.IC, R), dtype=nl.bfloat16, buffer=nl.sbuf)
@@ -306,6 +337,13 @@ def _rope_T(c, rope_hbm, pattern_rows, offset):
     """cos or sin laid out [D, NH, rows] fp32 (feature d on partitions), by one broadcasting DMA."""
     t = nl.ndarray((c.D, c.NH, c.rows), dtype=nl.float32, buffer=nl.sbuf)
     nisa.dma_copy(dst=t, src=rope_hbm.ap(pattern=[[1, c.D], [0, c.NH]] + pattern_rows, offset=offset))
+    return t
+
+
+def _rope_col(rope_hbm, D, pos):
+    """cos or sin of one position as a [D, 1] fp32 column (feature d on partitions)."""
+    t = nl.ndarray((D, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=t, src=rope_hbm.ap(pattern=[[1, D], [1, 1]], offset=pos * D))
     return t
 
 
@@ -448,6 +486,58 @@ def _gather_embed(codec_embed, j, code, rows, H, V):
     return emb
 
 
+def _greedy_code_T(c, W, S, hT, j, vh, cols, n_rows):
+    """Greedy code [n_rows, 1] int32 with vocab on partitions: logits^T [128, Vh / 128, rows] by 128 x 128
+    weight-stationary matmuls, then max and first index across partitions via two transposes.
+
+    index = min{v : l[v] == max(l)}: per partition the smallest (v - Vh) among the maxima (0 elsewhere), then
+    the min across partitions, + Vh.
+    """
+    vc = vh // _K_TILE
+    hf = _rms_norm_T(hT, S["final_norm"], S["ones"], c.eps, c.H, c.KC, c.rows, nl.bfloat16)
+    lgT = nl.ndarray((_K_TILE, vc, n_rows), dtype=nl.float32, buffer=nl.sbuf)
+    _linear_T(lgT, hf, c.KC, _K_TILE, None, W["lm_head_t"][j], vh, _K_TILE, n_rows, "copy", cols=cols)
+    pmax = nl.ndarray((_K_TILE, n_rows), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_reduce(dst=pmax, op=nl.maximum, data=lgT.permute((0, 2, 1)), axis=2)
+    pmaxT = nl.ndarray((n_rows, _K_TILE), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_transpose(dst=pmaxT, data=pmax)
+    gmax = nl.ndarray((n_rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_reduce(dst=gmax, op=nl.maximum, data=pmaxT, axis=1)
+    gmaxT_psum = nl.ndarray((1, n_rows), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_transpose(dst=gmaxT_psum, data=gmax)
+    gmaxT = nl.ndarray((1, n_rows), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=gmaxT, src=gmaxT_psum)
+    gb = nl.ndarray((_K_TILE, n_rows), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_matmul(gb, S["ones_row"], gmaxT)                  # broadcast each row's max to all partitions
+    cand = nl.ndarray((_K_TILE, vc, n_rows), dtype=nl.float32, buffer=nl.sbuf)
+    vmb = S["vidx"]
+    for b in range(n_rows):
+        nisa.scalar_tensor_tensor(dst=cand[:, :, b], data=lgT[:, :, b], op0=nl.equal, operand0=gb[:, b:b + 1],
+                                  op1=nl.multiply, operand1=vmb[:, 0:vc])
+    pmin = nl.ndarray((_K_TILE, n_rows), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_reduce(dst=pmin, op=nl.minimum, data=cand.permute((0, 2, 1)), axis=2)
+    pminT = nl.ndarray((n_rows, _K_TILE), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_transpose(dst=pminT, data=pmin)
+    gmin = nl.ndarray((n_rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_reduce(dst=gmin, op=nl.minimum, data=pminT, axis=1)
+    code = nl.ndarray((n_rows, 1), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=code, data=gmin, op0=nl.add, operand0=float(vh))
+    return code
+
+
+def _greedy_consts(S, vh):
+    """Constants of `_greedy_code_T`: a [1, 128] ones row and vidx[p, c] = c * 128 + p - Vh (fp32)."""
+    vc = vh // _K_TILE
+    ones_row = nl.ndarray((1, _K_TILE), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=ones_row, value=1.0)
+    vi = nl.ndarray((_K_TILE, vc), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.iota(dst=vi, pattern=[[_K_TILE, vc]], offset=-vh, channel_multiplier=1)
+    vf = nl.ndarray((_K_TILE, vc), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=vf, src=vi)
+    S["ones_row"] = ones_row
+    S["vidx"] = vf
+
+
 def _final_logits(c, W, S, hT, j, vh, stat_cols, n_rows):
     """logits [n_rows, vh] fp32 = final_norm(h) @ lm_head[j] for the selected rows (rows on partitions)."""
     hf = _rms_norm_T(hT, S["final_norm"], S["ones"], c.eps, c.H, c.KC, c.rows, nl.bfloat16)
@@ -505,30 +595,59 @@ def code_predictor_kernel(past_hidden, code0_embed, uniforms, input_norm, post_n
     acc = nl.ndarray((B, H), dtype=nl.float32, buffer=nl.sbuf)
     nisa.dma_copy(dst=acc, src=code0_embed)
     sampling = (do_sample, inv_temperature, top_k, top_p)
+    fm_greedy = (not do_sample) and vh % _K_TILE == 0     # vocab-on-partitions argmax
+    if fm_greedy:
+        _greedy_consts(S, vh)
 
-    x_rows = nl.ndarray((B, H), dtype=past_hidden.dtype, buffer=nl.sbuf)
-    nisa.dma_copy(dst=x_rows, src=past_hidden)
-    hT = _rows_to_T(x_rows, c)
-    for pos in range(G1 + 1):
-        if pos == 1:
-            x_rows = nl.ndarray((B, H), dtype=code0_embed.dtype, buffer=nl.sbuf)
-            nisa.dma_copy(dst=x_rows, src=code0_embed)
-            hT = _rows_to_T(x_rows, c)
-        cos_t = _rope_T(c, rope_cos, [[0, B]], pos * D)
-        sin_t = _rope_T(c, rope_sin, [[0, B]], pos * D)
+    # ---- prefill: positions 0 (past_hidden) and 1 (code0_embed) as one pass over 2B rows (b, slot)
+    if 2 * B <= P_MAX:
+        c2 = _Cfg(2 * B, H, L, n_q_heads, n_kv_heads, D, I, G1 + 1, eps)
+        bb2 = max(1, min(B, P_MAX // (2 * c.r)))
+        S["mask2"] = _block_mask(bb2 * 2 * c.r, 2 * c.r, bb2, 2, 2)
+        S["bb2"] = bb2
+        x2 = nl.ndarray((2 * B, H), dtype=code0_embed.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=x2[0::2, :], src=past_hidden)
+        nisa.dma_copy(dst=x2[1::2, :], src=code0_embed)
+        h2 = _rows_to_T(x2, c2)
+        cos2 = _rope_T(c2, rope_cos, [[0, B], [D, 2]], 0)
+        sin2 = _rope_T(c2, rope_sin, [[0, B], [D, 2]], 0)
         for l in range(L):
-            _layer(c, W, S, l, hT, cos_t, sin_t, ("cache", pos))
-        if pos == 0:
-            continue
-        j = pos - 1
-        logits = _final_logits(c, W, S, hT, j, vh, None, B)
-        code = _select_code(logits, B, vh, u_sb[:, j:j + 1], sampling)
+            _layer(c2, W, S, l, h2, cos2, sin2, ("prefill", 2))
+        last = (c2, h2, slice(1, 2 * B, 2))
+    else:   # too many rows for one pass: two single-position passes
+        hT = None
+        for pos, src in ((0, past_hidden), (1, code0_embed)):
+            x_rows = nl.ndarray((B, H), dtype=src.dtype, buffer=nl.sbuf)
+            nisa.dma_copy(dst=x_rows, src=src)
+            hT = _rows_to_T(x_rows, c)
+            cos_t = _rope_col(rope_cos, D, pos)
+            sin_t = _rope_col(rope_sin, D, pos)
+            for l in range(L):
+                _layer(c, W, S, l, hT, cos_t, sin_t, ("cache", pos))
+        last = (c, hT, None)
+    # ---- steps: code j from the last pass, then (j < G1 - 1) one pass at position j + 2
+    for j in range(G1):
+        cl, hl, cols = last
+        if fm_greedy:
+            code = _greedy_code_T(cl, W, S, hl, j, vh, cols, B)
+        else:
+            logits = _final_logits(cl, W, S, hl, j, vh, cols, B)
+            code = _select_code(logits, B, vh, u_sb[:, j:j + 1], sampling)
         nisa.dma_copy(dst=codes[:, j:j + 1], src=code)
         emb = _gather_embed(codec_embed, j, code, B, H, V)
         nisa.dma_copy(dst=codec_embeds[:, j, :], src=emb)
-        nisa.tensor_tensor(dst=acc, data1=acc, data2=emb, op=nl.add)
-        if pos < G1:
+        if j < G1 - 1:
+            pos = j + 2
             hT = _rows_to_T(emb, c)
+            cos_t = _rope_col(rope_cos, D, pos)
+            sin_t = _rope_col(rope_sin, D, pos)
+            # off the critical path: after the next pass's input transposes (engines run in program order)
+            nisa.tensor_tensor(dst=acc, data1=acc, data2=emb, op=nl.add, engine=nisa.gpsimd_engine)
+            for l in range(L):
+                _layer(c, W, S, l, hT, cos_t, sin_t, ("cache", pos))
+            last = (c, hT, None)
+        else:
+            nisa.tensor_tensor(dst=acc, data1=acc, data2=emb, op=nl.add, engine=nisa.gpsimd_engine)
     sum_out = nl.ndarray((B, H), dtype=codec_embed.dtype, buffer=nl.sbuf)
     nisa.tensor_copy(dst=sum_out, src=acc)
     nisa.dma_copy(dst=codec_sum, src=sum_out)
@@ -550,13 +669,10 @@ def resident_bytes_per_partition(w: CodePredictorWeights) -> int:
     return L * item * ((H // _K_TILE) * nqkv + Hq * H + (H // _K_TILE) * 2 * I + (I // _K_TILE) * H)
 
 
-def _activation_bytes_per_partition(w: CodePredictorWeights, B: int) -> int:
-    """Rough SBUF bytes per partition of everything but resident weights (cache, rows tiles, logits)."""
-    L, H, D, I, G = w.n_layers, w.hidden, w.head_dim, w.intermediate, w.n_groups + 1
-    cache = 2 * L * w.n_kv_heads * B * G * _BF16_BYTES
-    rows = 4 * (8 * H + 6 * I + 6 * w.head_vocab) + 4 * L * (2 * H + 2 * D)
-    stream = (H // _K_TILE) * _N_TILE * 2 * 2
-    return cache + rows + stream
+def _activation_bytes_per_partition(w: CodePredictorWeights, rows: int, sample: bool) -> int:
+    """SBUF bytes per partition of everything but resident weights: calibrated on the emulator's measured
+    peaks at the real sizes (fixed tiles ~20 KB, logits/sampling rows, per-row feature-major tiles)."""
+    return _FIXED_SBUF_BYTES + 4 * w.head_vocab * (_SAMPLING_LOGIT_TILES if sample else 1) + _BYTES_PER_ROW * rows
 
 
 def check_inputs(past_hidden, code0_embed, weights, uniforms, do_sample, temperature, top_k, top_p, name):
@@ -648,7 +764,8 @@ def code_predictor(past_hidden, code0_embed, weights: CodePredictorWeights, *, u
     w = weights
     B = past_hidden.shape[0]
     if resident is None:
-        budget = SBUF_BYTES_PER_PARTITION["trn2"] - _SBUF_HEADROOM - _activation_bytes_per_partition(w, B)
+        budget = (SBUF_BYTES_PER_PARTITION["trn2"] - _SBUF_HEADROOM
+                  - _activation_bytes_per_partition(w, B, bool(do_sample)))
         resident = resident_bytes_per_partition(w) <= budget
     if uniforms is None:
         uniforms = np.zeros((B, w.n_groups), dtype=np.float32)

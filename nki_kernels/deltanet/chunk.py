@@ -31,6 +31,8 @@ _L2NORM_EPS = 1e-6                # transformers' l2norm eps (added to the sum o
 _RSQRT_PRESCALE = 2.0 ** -40
 _RSQRT_POSTSCALE = 2.0 ** -20
 _FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+# PSUM banks one [P, W, C] lockstep tile may span: the solve keeps 3 such tiles live (6 of 8 banks)
+_LOCKSTEP_PSUM_BANKS = 2
 
 # ---------------------------------------------------------------- host constants (index into consts)
 _C_IDENT = 0                      # I[i, j] = [i == j]
@@ -187,16 +189,18 @@ def gated_delta_rule_kernel(q, k, v, g, beta, initial_state, lengths, consts, ch
                 for i_k in nl.affine_range(n_kh):
                     nisa.nc_matmul(kk_ps[:, i_k, :], k_t[:, i_k, :], k_t[:, i_k, :])   # K K^T (symmetric)
                     nisa.nc_matmul(kq_ps[:, i_k, :], k_t[:, i_k, :], q_t[:, i_k, :])   # [j, i] = k_j . q_i
+                kk_sb = nl.ndarray((chunk, n_kh, chunk), dtype=f32, buffer=nl.sbuf)
+                nisa.activation(dst=kk_sb, op=nl.copy, data=kk_ps)
+                del kk_ps
                 kq_causal = nl.ndarray((chunk, n_kh, chunk), dtype=f32, buffer=nl.sbuf)
                 for i_k in nl.affine_range(n_kh):
                     nisa.tensor_tensor(dst=kq_causal[:, i_k, :], data1=kq_ps[:, i_k, :], data2=utri, op=nl.multiply)
                 del kq_ps
                 hs = slice(hv0, hv0 + width)
                 head_kh = [(hv0 + w) // group - hk0 for w in range(width)]
-                _chunk_heads(q_t, k_c[:, hk0:hk0 + n_kh, :], v_c[:, hs, :], kk_ps, kq_causal, head_kh, g_sb[:, hs],
+                _chunk_heads(q_t, k_c[:, hk0:hk0 + n_kh, :], v_c[:, hs, :], kk_sb, kq_causal, head_kh, g_sb[:, hs],
                              beta_sb[:, hs], exp_g[:, hs], beta_exp_g[:, hs], exp_glast[:, hs],
                              state_sb[:, hs, :], o_sb[:, hs, :], consts_sb, masks_w, chunk, dk, dv, cdt)
-                del kk_ps
             nisa.dma_copy(dst=o[i_b, t0:t0 + n_tok], src=o_sb[0:n_tok])
             if n_ckpt > 0 and (i_c + 1) % checkpoint_every == 0 and (i_c + 1) // checkpoint_every <= n_ckpt:
                 i_k = (i_c + 1) // checkpoint_every - 1
@@ -262,13 +266,16 @@ def _normalize(x_sb, valid, scale, use_l2norm, cdt):
 
 def _lockstep_width(n_hv, group, chunk, dk, dv):
     """v heads per lockstep block: the largest divisor W of Hv that is a multiple or a divisor of the GVA
-    group and keeps W * max(C, Dk, Dv) fp32 values (a [P, W, ...] tile) within one PSUM bank."""
-    limit = max(1, PSUM_FMAX_FP32 // max(chunk, dk, dv))
+    group and keeps a [P, W, max(C, Dk, Dv)] fp32 PSUM tile within _LOCKSTEP_PSUM_BANKS banks (one bank
+    when a head's slice could straddle a bank boundary, i.e. when a size is not a power of two)."""
+    widest = max(chunk, dk, dv)
+    pow2 = all(x & (x - 1) == 0 for x in (chunk, dk, dv))
+    limit = max(1, (PSUM_FMAX_FP32 * (_LOCKSTEP_PSUM_BANKS if pow2 else 1)) // widest)
     return max(w for w in range(1, n_hv + 1)
                if n_hv % w == 0 and w <= limit and (w % group == 0 or group % w == 0))
 
 
-def _chunk_heads(q_t, k_c, v_w, kk_ps, kq_causal, head_kh, g_w, beta_w, exp_g, beta_exp_g, exp_glast, s_w, o_w,
+def _chunk_heads(q_t, k_c, v_w, kk_sb, kq_causal, head_kh, g_w, beta_w, exp_g, beta_exp_g, exp_glast, s_w, o_w,
                  consts_sb, masks_w, chunk, dk, dv, cdt):
     """One chunk for W v-heads of one q/k group in lockstep: o_w [C, W, Dv] written, s_w [Dk, W, Dv] updated.
 
@@ -306,7 +313,7 @@ def _chunk_heads(q_t, k_c, v_w, kk_ps, kq_causal, head_kh, g_w, beta_w, exp_g, b
     for w in nl.affine_range(width):
         kh = head_kh[w]
         nisa.scalar_tensor_tensor(dst=a_w[:, w, :], data=decay[:, w, :], op0=nl.multiply,
-                                  operand0=beta_w[:, w:w + 1], op1=nl.multiply, operand1=kk_ps[:, kh, :])
+                                  operand0=beta_w[:, w:w + 1], op1=nl.multiply, operand1=kk_sb[:, kh, :])
         nisa.tensor_tensor(dst=p_t[:, w, :], data1=decay_t[:, w, :], data2=kq_causal[:, kh, :], op=nl.multiply,
                            engine=pool)
     t_t = _solve_unit_lower(a_w, masks_w, chunk, cdt)    # T^T per head, T = (I + A)^-1
@@ -362,6 +369,11 @@ def _chunk_heads(q_t, k_c, v_w, kk_ps, kq_causal, head_kh, g_w, beta_w, exp_g, b
                                   operand0=exp_glast[:, w:w + 1], op1=nl.add, operand1=su_ps[:, w, :])
 
 
+def s_half(lvl):
+    """Block size s of doubling level lvl (blocks of s -> 2s)."""
+    return 1 << lvl
+
+
 def _solve_unit_lower(a_w, masks_w, chunk, cdt):
     """T^T [C, W, C] per head, T = (I + strict_lower(A))^-1, by recursive block doubling.
 
@@ -401,23 +413,28 @@ def _solve_unit_lower(a_w, masks_w, chunk, cdt):
         for w in nl.affine_range(width):
             nisa.nc_matmul(m_ps[:, w, :], a_off_t[:, w, :], t_cur[:, w, :])      # M = A_s T_s
         m_sb = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
-        nisa.activation(dst=m_sb, op=nl.copy, data=m_ps)
+        half = (width + 1) // 2                              # eviction split over ScalarE and VectorE
+        nisa.activation(dst=m_sb[:, 0:half], op=nl.copy, data=m_ps[:, 0:half])
+        if half < width:
+            nisa.tensor_copy(dst=m_sb[:, half:width], src=m_ps[:, half:width])
         del m_ps
+        # X = T_s M is non-zero only in the first-half columns of each 2s block and Y = M^T T_s^T only in
+        # the second-half columns: update just those columns of T and T^T, in place (half the elements)
+        blocks = (chunk, width, chunk // (2 * s_half(lvl)), 2 * s_half(lvl))
+        lo, hi = slice(0, s_half(lvl)), slice(s_half(lvl), 2 * s_half(lvl))
         if not last:                                         # T itself is not needed after the last level
             x_ps = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.psum)
             for w in nl.affine_range(width):
                 nisa.nc_matmul(x_ps[:, w, :], t_t[:, w, :], m_sb[:, w, :])      # T_s M
-            t_next = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
-            nisa.tensor_tensor(dst=t_next, data1=t_cur, data2=x_ps, op=nl.subtract)
+            t_view = t_cur.reshape(blocks)[:, :, :, lo]
+            nisa.tensor_tensor(dst=t_view, data1=t_view, data2=x_ps.reshape(blocks)[:, :, :, lo], op=nl.subtract)
             del x_ps
-            t_cur = t_next
         y_ps = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.psum)
         for w in nl.affine_range(width):
             nisa.nc_matmul(y_ps[:, w, :], m_sb[:, w, :], t_t[:, w, :])          # M^T T_s^T
-        t_t_next = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
-        nisa.tensor_tensor(dst=t_t_next, data1=t_t, data2=y_ps, op=nl.subtract)
+        tt_view = t_t.reshape(blocks)[:, :, :, hi]
+        nisa.tensor_tensor(dst=tt_view, data1=tt_view, data2=y_ps.reshape(blocks)[:, :, :, hi], op=nl.subtract)
         del y_ps
-        t_t = t_t_next
     return t_t
 
 

@@ -5,11 +5,12 @@ Everything this module returns is *modeled*, not measured. The model (see docs/k
 * per-instruction engine time from the NC-v2 cycle table in ../shared/reference/nki-api.md section 4
   (TensorE by moving/stationary size, fp32 at quarter rate, 64-cycle minimum issue; VectorE / ScalarE /
   GpSimd by elements per partition with minimum issue and fixed latency; bf16 performance mode on v3+;
-  DMA by bytes at the per-core bandwidth with a fixed start latency, a per-descriptor penalty for short
-  contiguous runs, at most `dma_queues` transfers in flight);
-* a list schedule: each engine runs its instructions in program order; an instruction starts when its
-  engine is free and the producers of what it reads (RAW) and the readers/writers of what it overwrites
-  (WAR/WAW) are done, using the (sid, lo, hi) spans of the trace;
+  DMA by bytes at the per-core bandwidth with a fixed start latency, an efficiency penalty for short
+  contiguous runs, at most `dma_queues` transfers in flight, bandwidth shared by the transfers in flight);
+* a list schedule: each engine takes its instructions in program order (with a small reorder window, as the
+  compiler's scheduler does); an instruction starts when its engine has room and the producers of what it
+  reads (RAW) and the readers/writers of what it overwrites (WAR/WAW) are done, using the (sid, lo, hi)
+  spans of the trace; a tile allocated in a loop body rotates through `tile_buffers` buffers;
 * LNC=2: each program instance on its own core (HBM bandwidth per core as documented), time = slower core;
 * a per-launch overhead, reported separately (`launch_overhead_us`) from device time (`device_us`).
 
@@ -47,8 +48,9 @@ class CostParams:
     dma_full_eff_bytes: int = 4096        # contiguous run (bytes per descriptor/partition row) at full bandwidth
     dma_eff_exponent: float = 0.3         # efficiency = min(1, run / dma_full_eff_bytes) ** exponent
                                           # (fitted on A12 silu (2 KiB rows) and A1 (4 KiB rows), see docs)
-    dma_transpose_efficiency: float = 0.5 # DMA transpose throughput relative to copy (v3: ~90% HBM->SBUF, 50% SBUF->SBUF)
-    launch_overhead_us: float = 15.0      # per-kernel-launch host/runtime overhead (kept separate)
+    dma_transpose_eff_hbm: float = 0.9    # DMA transpose throughput vs copy, HBM -> SBUF (v3 doc: ~90%)
+    dma_transpose_eff_sbuf: float = 0.5   # ... SBUF -> SBUF (v3 doc: ~50%)
+    launch_overhead_us: float = 30.0      # per-launch host/runtime floor (bench floors of 25-55 us); kept separate
     reorder_window: int = 16              # an engine may start an instruction before up to this many earlier
                                           # ones of its own (the compiler's list scheduling); 0 = program order
     tile_buffers: int = 3                 # buffers the compiler rotates for a tile allocated in a loop body
@@ -273,7 +275,8 @@ def dma_cost(ins, target: Target, p: CostParams, hbm_bw: float, dma_bw: float) -
     run = max(1, min(runs)) if runs else 512
     eff = min(1.0, run / p.dma_full_eff_bytes) ** p.dma_eff_exponent
     if ins.meta.get("transpose"):
-        eff *= p.dma_transpose_efficiency
+        from_hbm = any(a.buffer == "hbm" for a in ins.reads)
+        eff *= p.dma_transpose_eff_hbm if from_hbm else p.dma_transpose_eff_sbuf
     occ = nbytes / (bw * eff) * 1e6
     lat = p.dma_fixed_us + (p.dma_dynamic_extra_us if ins.meta.get("dynamic") else 0.0)
     return occ, lat

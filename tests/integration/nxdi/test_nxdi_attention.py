@@ -101,7 +101,11 @@ def test_bf16_and_huge_logits_stay_finite():
     mod = fakes.NeuronAttentionBase(2, 1, 256, torch_dtype=torch.bfloat16)
     q, k, v = _qkv(1, 2, 1, 33, 256, seed=7, scale=30.0)          # logits ~ 30*30*16 = 1e4
     out, _ = nxattn.perform_prefill(mod, q, k, v, 33, 1, _causal(1, 33))
-    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    # computed in torch_dtype (bf16) like NxDI's kernel call, returned in Q's dtype like its NONE path
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    out_bf16, _ = nxattn.perform_prefill(mod, q.bfloat16(), k.bfloat16(), v.bfloat16(), 33, 1, _causal(1, 33))
+    assert out_bf16.dtype == torch.bfloat16
+    assert_close("bf16 in/out", out.numpy(), out_bf16.float().numpy(), dtype="bfloat16")
     ref = _ref(q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16), True, 256)
     assert_close("bf16 peaky", ref, out.float().numpy(), dtype="bfloat16")
 
@@ -176,3 +180,36 @@ def test_kill_switch_defers_to_original(monkeypatch):
         q, k, v = _qkv(1, 1, 1, 6, 64)
         base(1, 1, 64).perform_prefill(q, k, v, 6, 1, _causal(1, 6))
         assert base.calls == 1
+
+
+def test_right_padding_valid_rows_independent_of_padding():
+    """NxDI's CTE mask carries no padding with right padding: valid query rows only see earlier (valid) keys, so
+    each sequence's valid rows equal that sequence run alone, whatever the pad positions hold."""
+    fakes = make_attention_classes()
+    b, hq, hkv, s, d = 2, 4, 1, 48, 256
+    lengths = [48, 29]
+    mod = fakes.NeuronAttentionBase(hq, hkv, d)
+    q, k, v = _qkv(b, hq, hkv, s, d, seed=17)
+    q[1, :, 29:], k[1, :, 29:], v[1, :, 29:] = 1e3, -1e3, 7.0          # garbage in the padding
+    out, _ = nxattn.perform_prefill(mod, q, k, v, s, b, _causal(b, s))
+    assert torch.isfinite(out).all()
+    for i, n in enumerate(lengths):
+        alone = _ref(q[i:i + 1, :, :n], k[i:i + 1, :, :n], v[i:i + 1, :, :n], True, d)
+        assert_close(f"seq {i}", alone, out[i:i + 1, :, :n].numpy())
+
+
+def test_kernel_limit_falls_back_to_original(monkeypatch):
+    """A KernelInputError from the wrapper (e.g. one KV head's K^T + V exceeding SBUF at a 32K bucket) hands the
+    call back to NxDI's implementation instead of failing the trace."""
+    from nki_kernels.validation import KernelInputError
+
+    def limited(*a, **k):
+        raise KernelInputError("flash_attention: one KV head must fit SBUF, got Skv=32768")
+    monkeypatch.setattr(nxattn, "kernel", lambda name, family: limited)
+    fakes = make_attention_classes()
+    base = fakes.NeuronAttentionBase
+    with apply([base], kernels="attention"):
+        q, k, v = _qkv(1, 2, 1, 12, 64)
+        out, strategy = base(2, 1, 64).perform_prefill(q, k, v, 12, 1, _causal(1, 12))
+    assert base.calls == 1 and strategy == 0
+    assert_close("fallback", _ref(q, k, v, True, 64), out.numpy())

@@ -11,12 +11,13 @@ from hf_kit import assert_kernels_ran, assert_valid_close, forward_out, padded_b
 from integration.transformers import patch, tiny
 
 # kernels each family's prefill must launch (those whose wrappers exist; the others are reported "not available")
-_PREFILL = {
-    "qwen3_5_moe": ("flash_attention", "gated_delta_rule", "causal_conv1d", "moe"),
+_PREFILL = {   # 2 x 20 tokens: more than moe_decode's 32, so the MoE prefill runs moe_blockwise
+    "qwen3_5_moe": ("flash_attention", "gated_delta_rule", "causal_conv1d", "moe_blockwise"),
     "qwen3_5": ("flash_attention", "gated_delta_rule", "causal_conv1d"),
-    "qwen3_next": ("flash_attention", "gated_delta_rule", "causal_conv1d", "moe"),
-    "qwen3_omni_moe_thinker": ("flash_attention", "moe"),
+    "qwen3_next": ("flash_attention", "gated_delta_rule", "causal_conv1d", "moe_blockwise"),
+    "qwen3_omni_moe_thinker": ("flash_attention", "moe_blockwise"),
 }
+_PREFILL_T = 20
 _DECODE = {
     "qwen3_5_moe": ("flash_attention_decode", "gated_delta_rule_step", "causal_conv1d_update", "moe_decode"),
     "qwen3_5": ("flash_attention_decode", "gated_delta_rule_step", "causal_conv1d_update"),
@@ -53,7 +54,7 @@ def models():
 @pytest.mark.parametrize("family", list(_PREFILL))
 def test_prefill_matches_stock(models, family, padding):
     model = models[family]
-    ids, am = padded_batch(padding, seed=3)
+    ids, am = padded_batch(padding, T=_PREFILL_T, n_pad=7, seed=3)
     ref, _ = forward_out(model, ids, am)
     with patch(model, backend="emulator") as handle:
         got, _ = forward_out(model, ids, am)
@@ -103,7 +104,7 @@ def test_cached_decode_steps_match_stock(models, family):
 
 def test_vlm_patches_the_text_tower_only():
     model = tiny.build("qwen3_5_moe_vlm", seed=13)
-    ids, am = padded_batch("left", seed=13)
+    ids, am = padded_batch("left", T=_PREFILL_T, seed=13)
     ref, _ = forward_out(model, ids, am)
     with patch(model, backend="emulator") as handle:
         assert model.config.text_config._attn_implementation == "nki_kernels"
@@ -116,7 +117,7 @@ def test_vlm_patches_the_text_tower_only():
 
 def test_reference_backend_matches_stock(models):
     model = models["qwen3_5_moe"]
-    ids, am = padded_batch("left", seed=7)
+    ids, am = padded_batch("left", T=_PREFILL_T, seed=7)
     ref, _ = forward_out(model, ids, am)
     with patch(model, backend="reference") as handle:
         got, _ = forward_out(model, ids, am)
@@ -131,7 +132,7 @@ def test_bf16_model_no_less_accurate_than_stock(family):
     from nki_kernels.testing import rel_rms_error
     m32 = tiny.build(family, seed=11)
     model = tiny.build(family, seed=11).to(torch.bfloat16)
-    ids, am = padded_batch("right", seed=11)
+    ids, am = padded_batch("right", T=_PREFILL_T, seed=11)
     truth, _ = forward_out(m32, ids, am)
     ref, _ = forward_out(model, ids, am)
     with patch(model, backend="emulator") as handle:

@@ -46,6 +46,11 @@ def test_restore_gives_back_stock_functions():
             assert after[0][name][fn] is obj, f"{name}.{fn} not restored"
     assert after[1] == before[1]
     assert after[2] == before[2]
+    # the registry keys are gone again
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.integrations.moe import ExpertsInterface
+    for iface in (AttentionInterface, AttentionMaskInterface, ExpertsInterface):
+        assert "nki_kernels" not in iface._global_mapping, iface
     handle.restore()   # idempotent
     assert _snapshot(model)[1] == before[1]
 
@@ -219,3 +224,18 @@ def test_unexpressible_mask_falls_back_to_sdpa():
     assert stats.fallbacks == {("attention", "mask is not causal + padding"): 1}
     out, _ = hook(module, q, k, v, None, dropout=0.0, scaling=32 ** -0.5, sliding_window=3)
     assert stats.fallbacks[("attention", "sliding window")] == 1
+
+
+def test_recorded_launches_feed_the_cost_model():
+    model = tiny.build("qwen3_5", seed=10)
+    ids, am = padded_batch("none", seed=10)
+    with patch(model, backend="emulator") as handle:
+        handle.record_launches()
+        forward_out(model, ids, am)
+        modeled = handle.modeled()
+    assert set(modeled) == {"flash_attention", "gated_delta_rule", "causal_conv1d"}
+    for name, rep in modeled.items():
+        assert rep.n_launches == handle.calls()[name] and rep.device_us > 0, (name, rep)
+    with patch(model, backend="reference") as handle:
+        with pytest.raises(RuntimeError, match="needs backend='emulator'"):
+            handle.record_launches()

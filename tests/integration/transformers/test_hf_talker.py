@@ -26,16 +26,40 @@ def _codes(talker, frames, inputs):
     return res.sequences, codes
 
 
+def _stock_codes_with_margins(talker, frames, inputs):
+    """Stock run; also the smallest top-2 logit gap over every step of every per-frame predictor call."""
+    cp = talker.code_predictor
+    stock = cp.generate
+    margins = []
+
+    def spy(**kw):
+        res = stock(**kw, output_logits=True)
+        top2 = torch.stack(res.logits, 1).topk(2, dim=-1).values
+        margins.append(float((top2[..., 0] - top2[..., 1]).min()))
+        return res
+    cp.generate = spy
+    try:
+        seq, codes = _codes(talker, frames, inputs)
+    finally:
+        del cp.generate
+    return seq, codes, min(margins)
+
+
 @pytest.fixture(scope="module")
 def talker():
-    return tiny.qwen3_omni_moe_talker(seed=0, num_code_groups=8)
+    return tiny.qwen3_omni_moe_talker(seed=7, num_code_groups=8)
 
 
-def test_talker_greedy_codes_identical(talker):
-    inputs = _talker_inputs()
-    seq0, codes0 = _codes(talker, 3, inputs)
+@pytest.mark.parametrize("backend", ["emulator", "reference"])
+def test_talker_greedy_codes_identical(talker, backend):
+    """3 frames, batch 2 with left padding, every hook on. The code-predictor kernel runs in bf16 (fp32
+    accumulation): identity with the fp32 stock model holds when no stock argmax is a near-tie, which the test
+    checks first (precondition on the recorded stock logits), so a pass is not luck."""
+    inputs = _talker_inputs(seed=7)
+    seq0, codes0, margin = _stock_codes_with_margins(talker, 3, inputs)
+    assert margin > _BF16_LOGIT_MARGIN, f"precondition: stock top-2 logit gap {margin:.4f} is a near-tie"
     stock_generate = talker.code_predictor.generate
-    with patch(talker, backend="emulator") as handle:
+    with patch(talker, backend=backend) as handle:
         assert "generate" in vars(talker.code_predictor) or "code_predictor" in handle.not_available
         seq1, codes1 = _codes(talker, 3, inputs)
     assert codes0.shape == (2, 8, 3)
@@ -46,6 +70,7 @@ def test_talker_greedy_codes_identical(talker):
         assert calls.get("code_predictor", 0) == 3, handle.report()     # one launch per decode step (frame)
     if "moe" not in handle.not_available:
         assert calls.get("moe_decode", 0) + calls.get("moe_blockwise", 0) > 0, handle.report()
+    assert not handle.fallbacks(), handle.report()
     # restored: the bound stock method again, no instance attribute left
     assert "generate" not in vars(talker.code_predictor)
     assert talker.code_predictor.generate == stock_generate
@@ -109,5 +134,6 @@ def test_talker_many_frames_teacher_forced():
     assert compared >= total // 2, f"only {compared}/{total} codes had a safe margin"
 
 
-# Top-2 logit gap (logits ~0.5 rms here) above which a bf16 network with fp32 accumulation cannot flip argmax.
-_BF16_LOGIT_MARGIN = 0.05
+# Top-2 logit gap above which the bf16 predictor kernel does not flip the fp32 argmax: on these tiny models flips
+# were seen at gaps <= 0.006 and none at >= 0.01 (16 talker runs); 0.02 leaves a 2x guard.
+_BF16_LOGIT_MARGIN = 0.02

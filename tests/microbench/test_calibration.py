@@ -1,0 +1,67 @@
+"""Calibration: the published-kernel re-writes compute the right thing, and the cost model's modeled time for
+each published point stays inside the stated error band (modeled vs measured on trn1)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from microbench.calibration.points import BY_ID, POINTS, model_point
+from nki_kernels.emulator import run
+from nki_kernels.testing import assert_close
+
+# Stated band for modeled vs published device time (trn1, AccelOpt S3 profiles). See docs/kernels/01-cost-model.md.
+ERROR_BAND = 0.25
+
+_SMALL = {     # small shapes with the same tiling, for the correctness check
+    "A1": lambda rng: BY_ID["A1"].make(2, rng, kk=384, n=2048),
+    "A2": lambda rng: BY_ID["A2"].make(1, rng, kk=256, n=704),
+    "A5": lambda rng: BY_ID["A5"].make(2, rng, kk=256, n=1024),
+    "A8": lambda rng: BY_ID["A8"].make(2, rng, m=256, n=1024),
+    "A12": lambda rng: BY_ID["A12"].make(2, rng, n=1024),
+    "A13": lambda rng: BY_ID["A13"].make(2, rng),
+}
+
+
+@pytest.mark.parametrize("pid", sorted(_SMALL))
+def test_calibration_kernel_matches_reference(pid):
+    p = BY_ID[pid]
+    args, kw = _SMALL[pid](np.random.default_rng(3))
+    res = run(p.kernel, *args, target=p.target, **kw)
+    assert_close(pid, p.reference(*args, **kw), res.outputs, dtype="float32")
+
+
+def test_adamw_extreme_values():
+    """Zero second moments (eps guards the reciprocal) and huge gradients stay finite and correct."""
+    p = BY_ID["A13"]
+    rng = np.random.default_rng(5)
+    args, kw = p.make(2, rng)
+    param, grad, m, v = args
+    v[:] = 0.0
+    grad[:3] = 1e6
+    res = run(p.kernel, param, grad, m, v, target="trn1", **kw)
+    assert_close("adamw", p.reference(param, grad, m, v, **kw), res.outputs, dtype="float32")
+
+
+def test_published_points_cover_five_kernels():
+    assert len({p.name for p in POINTS}) >= 5
+    assert all(p.target == "trn1" and p.measured_us > 0 for p in POINTS)
+
+
+@pytest.mark.parametrize("pid", ["A12", "A13"])
+def test_cheap_points_within_band(pid):
+    r = model_point(BY_ID[pid])
+    assert abs(r.error) <= ERROR_BAND, f"{pid}: modeled {r.modeled_us:.0f} us vs measured {r.measured_us:.0f} us"
+
+
+def test_slice_extrapolation_is_linear():
+    """The k-slices the calibration extrapolates from really are linear in k (steady state)."""
+    p = BY_ID["A12"]
+    t = {k: model_point(p, k_model=(k,)).modeled_us * k / p.k_full for k in (2, 4, 6)}
+    assert (t[6] - t[4]) == pytest.approx(t[4] - t[2], rel=0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pid", [p.id for p in POINTS])
+def test_all_points_within_band(pid):
+    r = model_point(BY_ID[pid])
+    assert abs(r.error) <= ERROR_BAND, f"{pid}: modeled {r.modeled_us:.0f} us vs measured {r.measured_us:.0f} us"

@@ -1,0 +1,176 @@
+"""moe_blockwise against the float64 references, MoE properties, LNC=2 and input validation."""
+import numpy as np
+import pytest
+import torch
+from _moe_inputs import dense_affinities, moe_problem
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nki_kernels import moe_block_mapping, moe_blockwise
+from nki_kernels.moe.reference import moe_blockwise_reference, moe_decode_reference
+from nki_kernels.testing import assert_close
+from nki_kernels.validation import KernelInputError
+
+
+@given(t=st.integers(1, 150), h=st.sampled_from([128, 256]), e=st.integers(1, 9),
+       inter=st.sampled_from([16, 48, 64, 96, 128, 192, 384]), data=st.data(),
+       block_size=st.sampled_from([8, 32, 64, 128, 160]), normalize=st.booleans(), dense=st.booleans(),
+       shared_inter=st.sampled_from([0, 32, 96]), seed=st.integers(0, 2 ** 16))
+def test_matches_reference(t, h, e, inter, data, block_size, normalize, dense, shared_inter, seed):
+    k = data.draw(st.integers(1, min(e, 4)))
+    rng = np.random.default_rng(seed)
+    x, gu, dn, sh, w, idx = moe_problem(rng, t, h, e, inter, k, shared_inter, normalize)
+    tpos, b2e = moe_block_mapping(idx, e, block_size)
+    if dense:
+        out = moe_blockwise(x, dense_affinities(w, idx, e), gu, dn, tpos, b2e, block_size, shared=sh)
+    else:
+        out = moe_blockwise(x, w, gu, dn, tpos, b2e, block_size, shared=sh, top_k_index=idx)
+    assert out.shape == (t, h) and out.dtype == x.dtype
+    assert_close("out", moe_decode_reference(x, idx, w, gu, dn, sh), out)
+    assert_close("out vs mapping reference", moe_blockwise_reference(
+        x, w, gu, dn, tpos, b2e, block_size, shared=sh, top_k_index=idx), out)
+
+
+@given(t=st.integers(1, 70), e_local=st.integers(1, 6), n_ranks=st.integers(2, 3), data=st.data(),
+       seed=st.integers(0, 2 ** 16))
+def test_expert_parallel_subset(t, e_local, n_ranks, data, seed):
+    """Each rank holds a contiguous subset of experts; summing the ranks' outputs gives the full MoE, and a
+    rank's output only has its experts' contributions (plus the shared term on rank 0)."""
+    rng = np.random.default_rng(seed)
+    e_total = e_local * n_ranks
+    k = data.draw(st.integers(1, min(e_total, 4)))
+    x, gu_all, dn_all, sh, w, idx = moe_problem(rng, t, 128, e_total, 64, k, 32, True)
+    total = np.zeros((t, 128))
+    for r in range(n_ranks):
+        sl = slice(r * e_local, (r + 1) * e_local)
+        tpos, b2e = moe_block_mapping(idx, e_local, 32, expert_offset=r * e_local)
+        dense = r % 2 == 1
+        aff = dense_affinities(w, idx, e_local, r * e_local) if dense else w
+        out = moe_blockwise(x, aff, gu_all[sl], dn_all[sl], tpos, b2e, 32, shared=sh if r == 0 else None,
+                            top_k_index=None if dense else idx, expert_offset=r * e_local)
+        ref_r = moe_decode_reference(x, idx, w, gu_all[sl], dn_all[sl], sh if r == 0 else None,
+                                     expert_offset=r * e_local)
+        assert_close(f"rank {r}", ref_r, out)
+        total += out
+    assert_close("sum over ranks", moe_decode_reference(x, idx, w, gu_all, dn_all, sh), total)
+
+
+@given(t=st.integers(1, 60), e=st.integers(1, 8), seed=st.integers(0, 2 ** 16))
+def test_result_independent_of_block_size(t, e, seed):
+    rng = np.random.default_rng(seed)
+    x, gu, dn, sh, w, idx = moe_problem(rng, t, 128, e, 48, min(e, 2), 0, True)
+    outs = []
+    for block_size in (4, 16, 128, 512):
+        tpos, b2e = moe_block_mapping(idx, e, block_size)
+        outs.append(moe_blockwise(x, w, gu, dn, tpos, b2e, block_size, top_k_index=idx))
+    for b, o in zip((16, 128, 512), outs[1:]):
+        np.testing.assert_allclose(o, outs[0], rtol=2e-5, atol=2e-6, err_msg=f"block_size {b} vs 4")
+
+
+@given(t=st.integers(1, 50), e=st.integers(1, 5), n_tp=st.sampled_from([2, 3]), seed=st.integers(0, 2 ** 16))
+def test_tensor_parallel_sharding_invariance(t, e, n_tp, seed):
+    """Splitting I (and Is) across ranks and summing the partial outputs equals the unsharded result; the shared
+    gate vector is replicated (every rank applies the same sigmoid gate to its partial shared term)."""
+    rng = np.random.default_rng(seed)
+    inter, s_inter = 96 * n_tp, 32 * n_tp
+    x, gu, dn, sh, w, idx = moe_problem(rng, t, 128, e, inter, min(e, 3), s_inter, True)
+    tpos, b2e = moe_block_mapping(idx, e, 32)
+    full = moe_blockwise(x, w, gu, dn, tpos, b2e, 32, shared=sh, top_k_index=idx)
+    acc = np.zeros_like(full, dtype=np.float64)
+    for r in range(n_tp):
+        si, ss = slice(r * 96, (r + 1) * 96), slice(r * 32, (r + 1) * 32)
+        sh_r = (np.ascontiguousarray(sh[0][:, :, ss]), np.ascontiguousarray(sh[1][ss]), sh[2])
+        acc += moe_blockwise(x, w, np.ascontiguousarray(gu[..., si]), np.ascontiguousarray(dn[:, si]), tpos, b2e,
+                             32, shared=sh_r, top_k_index=idx)
+    assert_close("sum of TP shards", full, acc)
+    assert_close("vs reference", moe_decode_reference(x, idx, w, gu, dn, sh), acc)
+
+
+def test_token_routed_to_no_local_expert_gets_only_shared_term(rng):
+    x, gu, dn, sh, w, _ = moe_problem(rng, 6, 256, 4, 64, 2, 64, True)
+    idx = np.array([[0, 1], [9, 8], [2, 3], [8, 9], [1, 2], [10, 11]], dtype=np.int32)   # tokens 1, 3, 5: remote
+    tpos, b2e = moe_block_mapping(idx, 4, 32)
+    out = moe_blockwise(x, w, gu, dn, tpos, b2e, 32, shared=sh, top_k_index=idx)
+    shared_only = moe_decode_reference(x, np.full_like(idx, -1), w, gu, dn, sh)
+    assert_close("remote tokens", shared_only[[1, 3, 5]], out[[1, 3, 5]])
+    assert_close("all", moe_decode_reference(x, idx, w, gu, dn, sh), out)
+    # without a shared expert those rows are exactly zero (no write ever reaches them)
+    out = moe_blockwise(x, w, gu, dn, tpos, b2e, 32, top_k_index=idx)
+    assert np.all(out[[1, 3, 5]] == 0.0)
+
+
+def test_static_block_count_with_padding_blocks_and_huge_values(rng):
+    """NxDI-style static N with all-padding blocks; large activations (silu saturation both ways) and zero
+    weights."""
+    x, gu, dn, sh, w, idx = moe_problem(rng, 20, 128, 5, 96, 2, 0, False)
+    x = (x * 30.0).astype(np.float32)
+    w[3] = 0.0
+    tpos, b2e = moe_block_mapping(idx, 5, 8, num_blocks=12)
+    out = moe_blockwise(x, w, gu, dn, tpos, b2e, 8, top_k_index=idx)
+    assert_close("out", moe_decode_reference(x, idx, w, gu, dn), out)
+    assert np.all(np.isfinite(out))
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_lnc2_matches_lnc1(rng, dense):
+    x, gu, dn, sh, w, idx = moe_problem(rng, 70, 256, 6, 64, 3, 64, True)
+    tpos, b2e = moe_block_mapping(idx, 6, 16)
+    aff = dense_affinities(w, idx, 6) if dense else w
+    kw = {} if dense else {"top_k_index": idx}
+    o1 = moe_blockwise(x, aff, gu, dn, tpos, b2e, 16, shared=sh, **kw)
+    o2 = moe_blockwise(x, aff, gu, dn, tpos, b2e, 16, shared=sh, lnc=2, **kw)
+    assert_close("lnc2", moe_decode_reference(x, idx, w, gu, dn, sh), o2)
+    np.testing.assert_allclose(o2, o1, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_and_torch(rng):
+    x, gu, dn, sh, w, idx = moe_problem(rng, 50, 256, 8, 48, 4, 96, True, dtype="bfloat16")
+    tpos, b2e = moe_block_mapping(idx, 8, 32)
+    out = moe_blockwise(x, w, gu, dn, tpos, b2e, 32, shared=sh, top_k_index=idx)
+    ref = moe_decode_reference(x, idx, w, gu, dn, sh)
+    assert_close("bf16", ref, out, dtype="bfloat16")
+    from nki_kernels.backend import _to_torch
+    tt = [_to_torch(a) for a in (x, w, gu, dn)]
+    out_t = moe_blockwise(tt[0], tt[1], tt[2], tt[3], torch.from_numpy(tpos), torch.from_numpy(b2e), 32,
+                          shared=tuple(_to_torch(s) for s in sh), top_k_index=torch.from_numpy(idx).long())
+    assert isinstance(out_t, torch.Tensor) and out_t.dtype == torch.bfloat16
+    assert_close("bf16 torch", ref, out_t.float().numpy(), dtype="bfloat16")
+
+
+def _good(rng):
+    x, gu, dn, sh, w, idx = moe_problem(rng, 10, 128, 3, 32, 2, 32, True)
+    tpos, b2e = moe_block_mapping(idx, 3, 8)
+    return dict(hidden=x, expert_affinities=w, gate_up=gu, down=dn, token_position_to_id=tpos,
+                block_to_expert=b2e, block_size=8, shared=sh, top_k_index=idx)
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda a: a.update(block_to_expert=a["block_to_expert"] + 3), r"block_to_expert ids .* \[0, E=3\)"),
+    (lambda a: a["token_position_to_id"].__setitem__(0, 10), r"token ids in \[0, T=10\)"),
+    (lambda a: a["token_position_to_id"].__setitem__(0, -2), r"-1 or token ids"),
+    (lambda a: a.update(token_position_to_id=a["token_position_to_id"][:-1]), "N\\*B"),
+    (lambda a: a.update(block_size=1000), "block_size"),
+    (lambda a: a.update(hidden=a["hidden"][:, :100]), "gate_up must be|H must be"),
+    (lambda a: a.update(down=a["down"][:, :16]), "down must be"),
+    (lambda a: a.update(top_k_index=None), "dense expert_affinities must be"),
+    (lambda a: a.update(expert_affinities=a["expert_affinities"][:, :1]), "top-k expert_affinities"),
+    (lambda a: a.update(shared=a["shared"][:2]), "shared must be"),
+    (lambda a: a.update(shared=(a["shared"][0], a["shared"][1][:5], a["shared"][2])), "shared down"),
+    (lambda a: a.update(gate_up=a["gate_up"].astype(np.float16)), "gate_up dtype"),
+    (lambda a: a.update(gate_up=np.zeros((3, 128, 2, 201), np.float32), down=np.zeros((3, 201, 128), np.float32)),
+     "equal chunks"),
+])
+def test_bad_inputs_raise(rng, mutate, match):
+    args = _good(rng)
+    mutate(args)
+    with pytest.raises(KernelInputError, match=match):
+        moe_blockwise(**args)
+
+
+def test_duplicate_token_in_block_raises(rng):
+    args = _good(rng)
+    tpos = args["token_position_to_id"].copy()
+    tpos[1] = tpos[0]
+    args["token_position_to_id"] = tpos
+    with pytest.raises(KernelInputError, match="more than once"):
+        moe_blockwise(**args)
