@@ -117,6 +117,9 @@ def call(kernel, *args, lnc: int = 1, **kwargs):
     Non-array arguments pass through as trace-time constants. Inputs the kernel writes (e.g. an
     in-place state pool) are updated in the caller's arrays or tensors.
     """
+    if ACTIVE != "emulator" and _on_device(args, kwargs):  # pragma: no cover - needs real NKI
+        # device (XLA) tensors go straight to the compiled kernel, as NxDI calls NKI kernels
+        return (kernel[lnc] if lnc != 1 else kernel)(*args, **kwargs)
     converted, any_torch, copies = [], False, []
     for a in args:
         v, was_torch = _to_numpy(a, copies)
@@ -139,6 +142,13 @@ def call(kernel, *args, lnc: int = 1, **kwargs):
         for original, contiguous in copies:      # in-place updates of non-contiguous inputs
             original.copy_(contiguous)
     return _to_torch(out) if any_torch else out
+
+
+def _on_device(args, kwargs) -> bool:
+    torch = _torch()
+    if torch is None:
+        return False
+    return any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in list(args) + list(kwargs.values()))
 
 
 def _has_neuron_device() -> bool:  # pragma: no cover - needs real hardware

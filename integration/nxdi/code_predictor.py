@@ -42,26 +42,25 @@ EXPECTED_PARAMS = ("past_hidden", "last_id_hidden")
 SAMPLING_ATTR = "_nki_kernels_sampling"
 
 
-def set_code_predictor_sampling(module, temperature=1.0, top_k=None, top_p=None, generator=None, uniforms=None):
-    """Switch a code-predictor module from greedy to sampling (None for every knob -> back to greedy).
+def set_code_predictor_sampling(module, do_sample=True, temperature=1.0, top_k=50, top_p=0.8, generator=None,
+                                uniforms=None):
+    """Switch a code-predictor module between greedy (``do_sample=False``, the contrib's behaviour) and sampling.
 
-    Args:
-        temperature: > 0. top_k: int or None. top_p: in (0, 1] or None.
-        generator: torch.Generator for the per-call uniforms [B, 15] (reproducible runs).
-        uniforms: a fixed [B, 15] tensor of U(0, 1) numbers used on every call instead (tests).
+    Defaults follow transformers' code-predictor call (top_k=50, top_p=0.8). top_k is clipped to the vocabulary.
+    generator: torch.Generator for the per-call uniforms [B, G1] (reproducible runs); uniforms: a fixed [B, G1]
+    tensor of U(0, 1) numbers used on every call instead (tests).
     """
-    if temperature is None and top_k is None and top_p is None and uniforms is None and generator is None:
-        if hasattr(module, SAMPLING_ATTR):
-            delattr(module, SAMPLING_ATTR)
+    if not do_sample:
+        module.__dict__.pop(SAMPLING_ATTR, None)
         return
-    if temperature is not None and not temperature > 0:
+    if not temperature > 0:
         raise AdapterInputError(f"nxdi code_predictor: temperature must be > 0, got temperature={temperature}")
-    if top_p is not None and not 0 < top_p <= 1:
+    if not 0 < top_p <= 1:
         raise AdapterInputError(f"nxdi code_predictor: top_p must be in (0, 1], got top_p={top_p}")
-    if top_k is not None and int(top_k) < 1:
+    if int(top_k) < 1:
         raise AdapterInputError(f"nxdi code_predictor: top_k must be >= 1, got top_k={top_k}")
-    object.__setattr__(module, SAMPLING_ATTR, dict(temperature=temperature, top_k=top_k, top_p=top_p,
-                                                   generator=generator, uniforms=uniforms))
+    module.__dict__[SAMPLING_ATTR] = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                                          generator=generator, uniforms=uniforms)
 
 
 def _np32(t):
@@ -130,10 +129,10 @@ def check_support(module, past_hidden, last_id_hidden):
     return True, ""
 
 
-def _sampling_inputs(module, bsz, n_codes):
+def _sampling_inputs(module, bsz, n_codes, vocab):
     import torch
 
-    cfg = getattr(module, SAMPLING_ATTR, None)
+    cfg = module.__dict__.get(SAMPLING_ATTR)
     if cfg is None:
         return {}
     uniforms = cfg["uniforms"]
@@ -142,11 +141,8 @@ def _sampling_inputs(module, bsz, n_codes):
     elif tuple(uniforms.shape) != (bsz, n_codes):
         raise AdapterInputError(f"nxdi code_predictor: uniforms must be [B, {n_codes}]={(bsz, n_codes)}, "
                                 f"got {tuple(uniforms.shape)}")
-    out = dict(do_sample=True, uniforms=uniforms.to(torch.float32))
-    for k in ("temperature", "top_k", "top_p"):
-        if cfg[k] is not None:
-            out[k] = int(cfg[k]) if k == "top_k" else float(cfg[k])
-    return out
+    return dict(do_sample=True, uniforms=uniforms.to(torch.float32), temperature=cfg["temperature"],
+                top_k=min(cfg["top_k"], vocab), top_p=cfg["top_p"])
 
 
 def code_predictor_forward(module, past_hidden, last_id_hidden):
@@ -163,7 +159,7 @@ def code_predictor_forward(module, past_hidden, last_id_hidden):
     bsz = past_hidden.shape[0]
     dtype = past_hidden.dtype
     wdtype = torch.float32 if weights.wqkv_t.dtype == np.float32 else torch.bfloat16
-    sampling = _sampling_inputs(module, bsz, n_codes)
+    sampling = _sampling_inputs(module, bsz, n_codes, weights.head_vocab)
     x0 = past_hidden[:, 0, :].to(wdtype).contiguous()
     x1 = last_id_hidden[:, 0, :].to(wdtype).contiguous()
     codes, embeds = fn(x0, x1, weights, **sampling)[:2]

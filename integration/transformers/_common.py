@@ -131,6 +131,12 @@ class Kernels:
         return all(self.get(n) is not None for n in names)
 
 
+def needs_grad(*tensors) -> bool:
+    """True when autograd would track these tensors: the kernels are forward-only, so the hooks fall back."""
+    import torch
+    return torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in tensors)
+
+
 # ------------------------------------------------------------------ torch <-> numpy
 
 

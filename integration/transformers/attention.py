@@ -25,7 +25,7 @@ import numpy as np
 
 from nki_kernels.validation import KernelInputError
 
-from ._common import kernel_input, to_torch
+from ._common import kernel_input, needs_grad, to_torch
 
 
 def _accepts(fn, name):
@@ -127,6 +127,8 @@ class AttentionHook:
             return "flash_attention not available"
         if dropout and module.training:
             return "attention dropout in training"
+        if needs_grad(query, key):
+            return "autograd (the kernels are forward-only)"
         if not getattr(module, "is_causal", True):
             return "non-causal module"
         if kwargs.get("sliding_window") is not None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from nki_kernels.validation import KernelInputError
 
-from ._common import kernel_input, to_torch
+from ._common import kernel_input, needs_grad, to_torch
 
 EXPERTS_KEY = "nki_kernels"
 # Tokens at or below which the decode kernel is used (issue 6: decode kernel for 1-32 tokens).
@@ -56,7 +56,9 @@ class MoEHook:
         self._weights[key] = (ver, gate_up, down)
         return gate_up, down
 
-    def unsupported(self, experts):
+    def unsupported(self, experts, hidden_states=None):
+        if needs_grad(hidden_states, experts.gate_up_proj):
+            return "autograd (the kernels are forward-only)"
         if getattr(experts, "is_transposed", False):
             return "transposed expert weights"
         if not getattr(experts, "has_gate", True) or getattr(experts, "has_bias", False):
@@ -100,7 +102,7 @@ class MoEHook:
         return to_torch(out, like=hidden_states)
 
     def __call__(self, experts, hidden_states, top_k_index, top_k_weights):
-        why = self.unsupported(experts)
+        why = self.unsupported(experts, hidden_states)
         out = None
         if why is None:
             if self.kernels.get("moe_decode") is None and self.kernels.get("moe_blockwise") is None:
@@ -180,7 +182,7 @@ def shared_expert_block_forward(self, hidden_states):
     hook = getattr(self, "_nki_moe_hook", None)
     experts = self.experts
     if hook is None or getattr(experts.config, "_experts_implementation", None) != EXPERTS_KEY \
-            or hook.unsupported(experts) is not None:
+            or hook.unsupported(experts, hidden_states) is not None:
         return self._nki_stock_forward(hidden_states)
     shared = shared_layout(self)
     if shared is None:

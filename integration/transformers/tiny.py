@@ -100,6 +100,24 @@ def qwen3_omni_moe_thinker(seed: int = 0, num_hidden_layers: int = 2):
     return _finish(Qwen3OmniMoeThinkerTextModel(cfg), seed)
 
 
+def qwen3_omni_moe_thinker_lm(seed: int = 0):
+    """Qwen3OmniMoeThinkerForConditionalGeneration (text model + LM head, with 1-layer audio and vision towers
+    that text-only inputs never touch), for generate()."""
+    from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeThinkerConfig
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
+        Qwen3OmniMoeThinkerForConditionalGeneration)
+    text = qwen3_omni_moe_thinker(seed=seed).config.to_dict()
+    cfg = Qwen3OmniMoeThinkerConfig(
+        text_config=text,
+        audio_config=dict(num_mel_bins=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32, d_model=32,
+                          output_dim=text["hidden_size"], n_window=4, n_window_infer=8, downsample_hidden_size=16),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                           out_hidden_size=text["hidden_size"], patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2, deepstack_visual_indexes=[]))
+    cfg.vision_start_token_id = _VOCAB - 1          # read by get_rope_index, not declared
+    return _finish(Qwen3OmniMoeThinkerForConditionalGeneration(cfg), seed)
+
+
 def qwen3_omni_moe_talker(seed: int = 0, num_code_groups: int = 8):
     """The Omni talker (2 MoE layers with a shared expert) and its code predictor (2 layers, G code groups).
     Hidden 128 and intermediate 128: the code-predictor kernel tiles H and I by 128 (nki_kernels.code_predictor)."""
@@ -125,6 +143,7 @@ def qwen3_omni_moe_talker(seed: int = 0, num_code_groups: int = 8):
 
 BUILDERS = {"qwen3_5_moe": qwen3_5_moe, "qwen3_5_moe_vlm": qwen3_5_moe_vlm, "qwen3_5": qwen3_5,
             "qwen3_next": qwen3_next, "qwen3_omni_moe_thinker": qwen3_omni_moe_thinker,
+            "qwen3_omni_moe_thinker_lm": qwen3_omni_moe_thinker_lm,
             "qwen3_omni_moe_talker": qwen3_omni_moe_talker}
 
 

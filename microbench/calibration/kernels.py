@@ -93,6 +93,16 @@ def rmsnorm_matmul_a5(x, gamma, w, eps):
     """A5: y[M, N] = (rmsnorm(x[M, K]) * gamma[K]) @ w[K, N], fp32. w (scaled by gamma along K) stays in SBUF;
     per 128-row tile: sum of squares on ScalarE, rsqrt, scale on VectorE, TensorE transposes, K-accumulated
     matmuls into PSUM, one store per row tile."""
+    return _rmsnorm_matmul(x, None, gamma, w, eps)
+
+
+@nki.jit
+def add_rmsnorm_matmul_a6(x, residual, gamma, w, eps):
+    """A6: y = (rmsnorm(x + residual) * gamma) @ w, fp32; A5 with the residual added on VectorE first."""
+    return _rmsnorm_matmul(x, residual, gamma, w, eps)
+
+
+def _rmsnorm_matmul(x, residual, gamma, w, eps):
     m_total, k_total = x.shape
     n_total = w.shape[1]
     n_k = k_total // P_MAX
@@ -109,6 +119,10 @@ def rmsnorm_matmul_a5(x, gamma, w, eps):
         m0 = i_m * P_MAX
         x_sb = nl.ndarray((P_MAX, k_total), dtype=x.dtype, buffer=nl.sbuf)
         nisa.dma_copy(dst=x_sb, src=x[m0:m0 + P_MAX, :])
+        if residual is not None:
+            r_sb = nl.ndarray((P_MAX, k_total), dtype=residual.dtype, buffer=nl.sbuf)
+            nisa.dma_copy(dst=r_sb, src=residual[m0:m0 + P_MAX, :])
+            nisa.tensor_tensor(dst=x_sb, data1=x_sb, data2=r_sb, op=nl.add)
         sq = nl.ndarray((P_MAX, k_total), dtype=nl.float32, buffer=nl.sbuf)
         ss = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
         nisa.activation_reduce(dst=sq, op=nl.square, data=x_sb, reduce_op=nl.add, reduce_res=ss)

@@ -79,41 +79,50 @@ def decode_body(q, k_cache, v_cache, cache_lens, out, softmax_scale, causal, k_i
     n_d = n_tiles(d, D_CHUNK)
     row_tok = _row_token_index(rows, sq, group)          # i(r) = r mod Sq, fp32 (rows, 1)
     key_pos = {}                                         # section length -> key position of each score column
-    for b in nl.static_range(n_b):
-        for kvh in nl.static_range(n_kv):
-            if _owner(b, kvh, n_kv, n_prog) != pid:
-                continue
-            h0 = kvh * group
-            len_f = load_len_broadcast(cache_lens, b, rows)
-            limit = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)   # last visible key per row
-            if causal:
-                nisa.tensor_scalar(dst=limit[0:rows], data=row_tok[0:rows], op0=nl.add, operand0=len_f[0:rows],
-                                   op1=nl.add, operand1=float(-sq))
-            else:
-                nisa.tensor_scalar(dst=limit[0:rows], data=len_f[0:rows], op0=nl.add, operand0=-1.0)
-            qT_sb = nl.ndarray((P_MAX, n_d, P_MAX), dtype=dtype, buffer=nl.sbuf)
-            for i_d in range(n_d):
-                d0 = i_d * D_CHUNK
-                dn = min(D_CHUNK, d - d0)
-                src = q[b, h0:h0 + group, 0:sq, d0:d0 + dn].reshape((rows, dn))
-                load_transposed(qT_sb[0:dn, i_d, 0:rows], src, rows, dn, dtype)
-            o_acc = nl.ndarray((P_MAX, d), dtype=nl.float32, buffer=nl.sbuf)
-            l_sb = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-            m_a = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-            m_b = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-            m_run = (m_a, m_b)
-            for i_sec, s0 in enumerate(range(0, s_max, _SECTION)):
-                sn = min(_SECTION, s_max - s0)
-                if sn not in key_pos:
-                    key_pos[sn] = _key_positions(rows, sn, k_is_bhds)
-                _section(k_cache, v_cache, qT_sb, key_pos[sn], limit, o_acc, l_sb, m_run, b, kvh, s0, sn, i_sec,
-                         rows, d, n_d, dtype, softmax_scale, k_is_bhds)
-            inv_l = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.reciprocal(dst=inv_l[0:rows], data=l_sb[0:rows])
-            o_sb = nl.ndarray((P_MAX, d), dtype=dtype, buffer=nl.sbuf)
-            nisa.tensor_scalar(dst=o_sb[0:rows, 0:d], data=o_acc[0:rows, 0:d], op0=nl.multiply,
-                               operand0=inv_l[0:rows])
-            nisa.dma_copy(dst=out[b, h0:h0 + group, 0:sq, 0:d].reshape((rows, d)), src=o_sb[0:rows, 0:d])
+    units = [(b, kvh, i_sec, s0, min(_SECTION, s_max - s0)) for b in range(n_b) for kvh in range(n_kv)
+             if _owner(b, kvh, n_kv, n_prog) == pid for i_sec, s0 in enumerate(range(0, s_max, _SECTION))]
+    n_sec = n_tiles(s_max, _SECTION)
+    pending = None
+    head = None
+    for b, kvh, i_sec, s0, sn in units:
+        if i_sec == 0:
+            head = _start_head(q, cache_lens, row_tok, b, kvh, group, sq, rows, d, n_d, n_sec, dtype, causal)
+        if sn not in key_pos:
+            key_pos[sn] = _key_positions(rows, sn, k_is_bhds)
+        # stage 1 of this section, then stage 2 of the previous one: the TensorE multiplies P V of section
+        # u-1 while section u's P^T is still in flight, and the next section's loads are already queued
+        staged = _section_scores(k_cache, v_cache, head, key_pos[sn], b, kvh, s0, sn, i_sec, rows, d, n_d, dtype,
+                                 softmax_scale, k_is_bhds)
+        if pending is not None:
+            _section_pv(out, *pending)
+        pending = (head, staged, b, kvh, i_sec, n_sec, sn, rows, sq, group, d, dtype)
+    if pending is not None:
+        _section_pv(out, *pending)
+
+
+def _start_head(q, cache_lens, row_tok, b, kvh, group, sq, rows, d, n_d, n_sec, dtype, causal):
+    """Per (b, KV head): Q^T of its G*Sq rows, the per-row key limit, and the online-softmax state."""
+    h0 = kvh * group
+    len_f = load_len_broadcast(cache_lens, b, rows)
+    limit = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)   # last visible key per row
+    if causal:
+        nisa.tensor_scalar(dst=limit[0:rows], data=row_tok[0:rows], op0=nl.add, operand0=len_f[0:rows],
+                           op1=nl.add, operand1=float(-sq), engine=nisa.engine.gpsimd)
+    else:
+        nisa.tensor_scalar(dst=limit[0:rows], data=len_f[0:rows], op0=nl.add, operand0=-1.0,
+                           engine=nisa.engine.gpsimd)
+    qT_sb = nl.ndarray((P_MAX, n_d, P_MAX), dtype=dtype, buffer=nl.sbuf)
+    for i_d in range(n_d):
+        d0 = i_d * D_CHUNK
+        dn = min(D_CHUNK, d - d0)
+        src = q[b, h0:h0 + group, 0:sq, d0:d0 + dn].reshape((rows, dn))
+        load_transposed(qT_sb[0:dn, i_d, 0:rows], src, rows, dn, dtype)
+    return dict(limit=limit, qT=qT_sb,
+                neg_m=nl.ndarray((P_MAX, n_sec), dtype=nl.float32, buffer=nl.sbuf),    # -scale * running max
+                alpha=nl.ndarray((P_MAX, n_sec), dtype=nl.float32, buffer=nl.sbuf),
+                row_sum=nl.ndarray((P_MAX, n_sec), dtype=nl.float32, buffer=nl.sbuf),
+                o=nl.ndarray((P_MAX, d), dtype=nl.float32, buffer=nl.sbuf),
+                l=nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf))
 
 
 def _key_positions(rows, sn, k_is_bhds):
@@ -152,9 +161,9 @@ def _row_token_index(rows, sq, group):
     return tok_f
 
 
-def _section(k_cache, v_cache, qT_sb, key_pos, limit, o_acc, l_sb, m_run, b, kvh, s0, sn, i_sec, rows, d, n_d,
-             dtype, softmax_scale, k_is_bhds=False):
-    """One key section [s0, s0 + sn): scores, masked softmax statistics and PV, merged into (o_acc, l, m).
+def _section_scores(k_cache, v_cache, head, key_pos, b, kvh, s0, sn, i_sec, rows, d, n_d, dtype, softmax_scale,
+                    k_is_bhds=False):
+    """Stage 1 of one key section [s0, s0 + sn): K/V loads, K^T, scores + mask, running max, P and P^T.
 
     K and V stream in with plain 2048-key DMAs (full HBM bandwidth); K^T is made on the TensorE (128x128
     transposes into one PSUM bank per 8 chunks, evicted by the Scalar engine), because a DMA transpose would
@@ -209,57 +218,74 @@ def _section(k_cache, v_cache, qT_sb, key_pos, limit, o_acc, l_sb, m_run, b, kvh
                                 data=t_psum[0:dn, slot, 0:gn, 0:P_MAX].reshape((dn, gn * P_MAX))[:, 0:keys])
     # ---- S + bias in SBUF: bias = MASK_BIAS where (s0 + j) > limit_r
     local_limit = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_scalar(dst=local_limit[0:rows], data=limit[0:rows], op0=nl.add, operand0=float(-s0),
+    nisa.tensor_scalar(dst=local_limit[0:rows], data=head["limit"][0:rows], op0=nl.add, operand0=float(-s0),
                        engine=nisa.engine.gpsimd)
     s_sb = nl.ndarray((P_MAX, _SECTION), dtype=nl.float32, buffer=nl.sbuf)
     s_psum = nl.ndarray((P_MAX, 2, _S_BLOCK), dtype=nl.float32, buffer=nl.psum)     # double-buffered scores
     for i_blk, k0 in enumerate(range(0, sn, _S_BLOCK)):
         kn = min(_S_BLOCK, sn - k0)
         sp = s_psum[0:rows, i_blk % 2, 0:kn]
-        for j0 in range(0, kn, MM_KEYS):
-            jn = min(MM_KEYS, kn - j0)
-            for i_d in range(n_d):
-                dn = min(D_CHUNK, d - i_d * D_CHUNK)
-                nisa.nc_matmul(s_psum[0:rows, i_blk % 2, j0:j0 + jn], qT_sb[0:dn, i_d, 0:rows],
+        for i_d in range(n_d):
+            dn = min(D_CHUNK, d - i_d * D_CHUNK)
+            for j0 in range(0, kn, MM_KEYS):
+                jn = min(MM_KEYS, kn - j0)
+                nisa.nc_matmul(s_psum[0:rows, i_blk % 2, j0:j0 + jn], head["qT"][0:dn, i_d, 0:rows],
                                kT_sb[0:dn, i_d, k0 + j0:k0 + j0 + jn], accumulate=i_d > 0)
         bias_sb = nl.ndarray((P_MAX, _S_BLOCK), dtype=nl.float32, buffer=nl.sbuf)
         nisa.tensor_scalar(dst=bias_sb[0:rows, 0:kn], data=key_pos[0:rows, k0:k0 + kn], op0=nl.greater,
                            operand0=local_limit[0:rows], op1=nl.multiply, operand1=MASK_BIAS,
                            engine=nisa.engine.gpsimd)
         nisa.tensor_tensor(dst=s_sb[0:rows, k0:k0 + kn], data1=sp, data2=bias_sb[0:rows, 0:kn], op=nl.add)
-    # ---- softmax statistics for the section, merged with the previous sections
-    first = i_sec == 0
-    m_old = m_run[i_sec % 2]
-    m_new = m_run[(i_sec + 1) % 2]
-    if first:
-        nisa.tensor_reduce(dst=m_new[0:rows], op=nl.maximum, data=s_sb[0:rows, 0:sn], axis=1)
+    # ---- running max in the negated, scaled domain: neg_m = min(neg_m_prev, -scale * rowmax)
+    neg_m, m_sec = head["neg_m"], nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_reduce(dst=m_sec[0:rows], op=nl.maximum, data=s_sb[0:rows, 0:sn], axis=1, negate=True)
+    nm = neg_m[0:rows, i_sec:i_sec + 1]
+    if i_sec == 0:
+        nisa.tensor_scalar(dst=nm, data=m_sec[0:rows], op0=nl.multiply, operand0=softmax_scale,
+                           engine=nisa.engine.gpsimd)
     else:
-        m_sec = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_reduce(dst=m_sec[0:rows], op=nl.maximum, data=s_sb[0:rows, 0:sn], axis=1)
-        nisa.tensor_tensor(dst=m_new[0:rows], data1=m_old[0:rows], data2=m_sec[0:rows], op=nl.maximum)
-    neg_m = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_scalar(dst=neg_m[0:rows], data=m_new[0:rows], op0=nl.multiply, operand0=-softmax_scale)
+        nisa.tensor_scalar(dst=nm, data=m_sec[0:rows], op0=nl.multiply, operand0=softmax_scale, op1=nl.minimum,
+                           operand1=neg_m[0:rows, i_sec - 1:i_sec], engine=nisa.engine.gpsimd)
+        nisa.activation(dst=head["alpha"][0:rows, i_sec:i_sec + 1], op=nl.exp, data=neg_m[0:rows, i_sec - 1:i_sec],
+                        bias=nm, scale=-1.0)
     p_sb = nl.ndarray((P_MAX, _SECTION), dtype=dtype, buffer=nl.sbuf)
-    row_sum = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.activation(dst=p_sb[0:rows, 0:sn], op=nl.exp, data=s_sb[0:rows, 0:sn], bias=neg_m[0:rows],
-                    scale=softmax_scale, reduce_op=nl.add, reduce_res=row_sum[0:rows],
+    nisa.activation(dst=p_sb[0:rows, 0:sn], op=nl.exp, data=s_sb[0:rows, 0:sn], bias=nm, scale=softmax_scale,
+                    reduce_op=nl.add, reduce_res=head["row_sum"][0:rows, i_sec:i_sec + 1],
                     reduce_cmd=nisa.reduce_cmd.reset_reduce)
     pT_sb = nl.ndarray((P_MAX, _SECTION // K_CHUNK, P_MAX), dtype=dtype, buffer=nl.sbuf)
     transpose_probs(pT_sb, p_sb, rows, sn, dtype)
+    return pT_sb, v_sb
+
+
+def _section_pv(out, head, staged, b, kvh, i_sec, n_sec, sn, rows, sq, group, d, dtype):
+    """Stage 2 of a section: P V (fp32 PSUM, D split in two alternating halves so consecutive matmuls write
+    different PSUM regions), merged into the running output; the last section normalises and stores."""
+    pT_sb, v_sb = staged
     pv_psum = nl.ndarray((P_MAX, d), dtype=nl.float32, buffer=nl.psum)
-    for i_c in range(n_c):
+    halves = [(0, d)] if d <= D_CHUNK else [(0, d // 2), (d // 2, d)]
+    for i_c in range(n_tiles(sn, K_CHUNK)):
         cn = min(K_CHUNK, sn - i_c * K_CHUNK)
-        nisa.nc_matmul(pv_psum[0:rows, 0:d], pT_sb[0:cn, i_c, 0:rows], v_sb[0:cn, i_c, 0:d], accumulate=i_c > 0)
-    if first:
+        for h0, h1 in halves:
+            nisa.nc_matmul(pv_psum[0:rows, h0:h1], pT_sb[0:cn, i_c, 0:rows], v_sb[0:cn, i_c, h0:h1],
+                           accumulate=i_c > 0)
+    o_acc, l_sb, row_sum = head["o"], head["l"], head["row_sum"]
+    if i_sec == 0:
         nisa.tensor_copy(dst=o_acc[0:rows, 0:d], src=pv_psum[0:rows, 0:d])
-        nisa.tensor_copy(dst=l_sb[0:rows], src=row_sum[0:rows])
+        nisa.tensor_copy(dst=l_sb[0:rows], src=row_sum[0:rows, 0:1], engine=nisa.engine.gpsimd)
     else:
-        alpha = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.activation(dst=alpha[0:rows], op=nl.exp, data=m_old[0:rows], bias=neg_m[0:rows], scale=softmax_scale)
-        nisa.scalar_tensor_tensor(dst=o_acc[0:rows, 0:d], data=o_acc[0:rows, 0:d], op0=nl.multiply,
-                                  operand0=alpha[0:rows], op1=nl.add, operand1=pv_psum[0:rows, 0:d])
-        nisa.scalar_tensor_tensor(dst=l_sb[0:rows], data=l_sb[0:rows], op0=nl.multiply, operand0=alpha[0:rows],
-                                  op1=nl.add, operand1=row_sum[0:rows])
+        a_s = head["alpha"][0:rows, i_sec:i_sec + 1]
+        nisa.scalar_tensor_tensor(dst=o_acc[0:rows, 0:d], data=o_acc[0:rows, 0:d], op0=nl.multiply, operand0=a_s,
+                                  op1=nl.add, operand1=pv_psum[0:rows, 0:d])
+        nisa.scalar_tensor_tensor(dst=l_sb[0:rows], data=l_sb[0:rows], op0=nl.multiply, operand0=a_s, op1=nl.add,
+                                  operand1=row_sum[0:rows, i_sec:i_sec + 1])
+    if i_sec == n_sec - 1:
+        inv_l = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.reciprocal(dst=inv_l[0:rows], data=l_sb[0:rows])
+        o_sb = nl.ndarray((P_MAX, d), dtype=dtype, buffer=nl.sbuf)
+        nisa.tensor_scalar(dst=o_sb[0:rows, 0:d], data=o_acc[0:rows, 0:d], op0=nl.multiply, operand0=inv_l[0:rows],
+                           engine=nisa.engine.gpsimd)
+        h0 = kvh * group
+        nisa.dma_copy(dst=out[b, h0:h0 + group, 0:sq, 0:d].reshape((rows, d)), src=o_sb[0:rows, 0:d])
 
 
 # ============================================================================ host wrapper

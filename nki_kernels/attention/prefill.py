@@ -28,10 +28,11 @@ _BLOCK_2BYTE = MM_KEYS            # keys per softmax block for bf16/fp16: S of o
 _BLOCK_FP32 = MM_KEYS             # keys per softmax block for fp32
 _N_STREAMS = 2                    # query tiles in flight (PSUM, bf16: S 2 slots x 2 buffers = 4 banks, PV 2 banks,
 #                                   P^T 1 bank; fp32: S single-buffered, P^T 2 banks)
-_PE_T_CHUNKS = 1                  # 128-key chunks of P per block transposed on the PE; the rest by DMA transpose
+_PE_T_CHUNKS = 2                  # 128-key chunks of P per block transposed on the PE; the rest by DMA transpose
 #                                   (balances TensorE time against the DMA queues' transpose bandwidth)
 _S_RING = 2                       # score PSUM buffers per slot (bf16/fp16)
-_O_UPDATE_ON_POOL = True          # O = O*alpha + PV: ScalarE eviction + GpSimd (True) or one VectorE op (False)
+_O_UPDATE_ON_POOL = False         # O = O*alpha + PV: one VectorE op (False), ScalarE eviction + GpSimd (True),
+#                                   or "odd" (odd slots on ScalarE + GpSimd); False models fastest on trn2
 _MAX_DIAG_TILES = 8               # distinct causal-diagonal bias tiles kept in SBUF (1 KiB per partition each)
 _GENS = 3                         # per-slot stream state generations: PV lags QK by 2 steps
 _RING = 3                         # pipeline depth of the P / P^T buffers (PV runs two blocks behind QK)
@@ -285,17 +286,30 @@ def _attend_pipeline(q, gate, out, kT_sb, v_sb, len_f, klen_bias, b, items, skv,
 
 
 def _load_q(q, bufs, b, st, d, n_d, dtype, q_is_bhds=False):
-    """Q^T of one stream: DMA transpose of the BHSD tile (q_is_bhds=True: the host-permuted baseline layout,
-    a plain copy)."""
+    """Q^T of one stream: one natural-layout DMA of the [qn, D] tile, then PE transposes (a DMA transpose of
+    256-byte rows would run at a fraction of the bandwidth). q_is_bhds=True: the host-permuted baseline layout,
+    copied as is."""
+    qT = bufs["qT"]
+    if q_is_bhds:
+        for i_d in range(n_d):
+            d0 = i_d * D_CHUNK
+            dn = min(D_CHUNK, d - d0)
+            nisa.dma_copy(dst=qT[0:dn, st.slot, st.gen, i_d, 0:st.qn], src=q[b, st.h, d0:d0 + dn, st.q0:st.q0 + st.qn])
+        return
+    q_nat = nl.ndarray((P_MAX, d), dtype=dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=q_nat[0:st.qn, 0:d], src=q[b, st.h, st.q0:st.q0 + st.qn, 0:d])
+    q_psum = nl.ndarray((P_MAX, n_d, P_MAX), dtype=dtype, buffer=nl.psum)
     for i_d in range(n_d):
         d0 = i_d * D_CHUNK
         dn = min(D_CHUNK, d - d0)
-        if q_is_bhds:
-            nisa.dma_copy(dst=bufs["qT"][0:dn, st.slot, st.gen, i_d, 0:st.qn], src=q[b, st.h, d0:d0 + dn,
-                                                                                      st.q0:st.q0 + st.qn])
-            continue
-        load_transposed(bufs["qT"][0:dn, st.slot, st.gen, i_d, 0:st.qn], q[b, st.h, st.q0:st.q0 + st.qn, d0:d0 + dn],
-                        st.qn, dn, dtype)
+        nisa.nc_transpose(dst=q_psum[0:dn, i_d, 0:st.qn], data=q_nat[0:st.qn, d0:d0 + dn])
+    if d % D_CHUNK == 0:
+        nisa.activation(dst=qT[0:D_CHUNK, st.slot, st.gen, 0:n_d, 0:st.qn], op=nl.copy,
+                        data=q_psum[0:D_CHUNK, 0:n_d, 0:st.qn])
+    else:
+        for i_d in range(n_d):
+            dn = min(D_CHUNK, d - i_d * D_CHUNK)
+            nisa.activation(dst=qT[0:dn, st.slot, st.gen, i_d, 0:st.qn], op=nl.copy, data=q_psum[0:dn, i_d, 0:st.qn])
 
 
 def _scores(bufs, kT_sb, st, j, step, block, d, n_d):
@@ -411,7 +425,7 @@ def _pv_update(bufs, v_sb, st, j, step, block, d):
     if j == 0:
         nisa.activation(dst=o, op=nl.copy, data=pv)
         nisa.tensor_copy(dst=l_, src=row_sum[0:qn, s, g, 0:1], engine=nisa.engine.gpsimd)
-    elif not _O_UPDATE_ON_POOL:
+    elif not (_O_UPDATE_ON_POOL is True or (_O_UPDATE_ON_POOL == "odd" and s % 2 == 1)):
         a_j = bufs["alpha"][0:qn, s, g, j:j + 1]
         nisa.scalar_tensor_tensor(dst=o, data=o, op0=nl.multiply, operand0=a_j, op1=nl.add, operand1=pv)
         nisa.scalar_tensor_tensor(dst=l_, data=l_, op0=nl.multiply, operand0=a_j, op1=nl.add,

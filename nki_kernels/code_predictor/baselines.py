@@ -64,7 +64,7 @@ def code_predictor_reprefill_kernel(past_hidden, code0_embed, uniforms, input_no
         cos_t = _rope_T(c, rope_cos, [[0, nbg], [D, slots]], 0)
         sin_t = _rope_T(c, rope_sin, [[0, nbg], [D, slots]], 0)
         for j in range(G1):
-            x_rows = nl.ndarray((c.rows, H), dtype=codec_embed.dtype, buffer=nl.sbuf)
+            x_rows = nl.ndarray((c.rows, H), dtype=nl.float32, buffer=nl.sbuf)
             nisa.memset(dst=x_rows, value=0.0)
             nisa.dma_copy(dst=x_rows[0::slots, :], src=past_hidden[b0:b0 + nbg, :])
             nisa.dma_copy(dst=x_rows[1::slots, :], src=code0_embed[b0:b0 + nbg, :])

@@ -68,9 +68,14 @@ def _rms_norm_T(xT, w_col, ones, eps, n, kc, rows, out_dtype):
     rstd = nl.ndarray((_K_TILE, rows), dtype=nl.float32, buffer=nl.sbuf)
     nisa.activation(dst=rstd, op=nl.rsqrt, data=tot_psum, scale=1.0 / n, bias=eps)
     out = nl.ndarray((_K_TILE, kc, rows), dtype=out_dtype, buffer=nl.sbuf)
-    for b in range(rows):
-        nisa.scalar_tensor_tensor(dst=out[:, :, b], data=xT[:, :, b], op0=nl.multiply, operand0=rstd[:, b:b + 1],
-                                  op1=nl.multiply, operand1=w_col)
+    if rows <= kc:      # one instruction per row: rstd is a per-partition scalar, w a [128, kc] tile
+        for b in range(rows):
+            nisa.scalar_tensor_tensor(dst=out[:, :, b], data=xT[:, :, b], op0=nl.multiply,
+                                      operand0=rstd[:, b:b + 1], op1=nl.multiply, operand1=w_col)
+    else:               # one instruction per feature chunk: w is a per-partition scalar, rstd a [128, rows] tile
+        for i in range(kc):
+            nisa.scalar_tensor_tensor(dst=out[:, i, :], data=xT[:, i, :], op0=nl.multiply,
+                                      operand0=w_col[:, i:i + 1], op1=nl.multiply, operand1=rstd)
     return out
 
 
@@ -657,13 +662,9 @@ def code_predictor_kernel(past_hidden, code0_embed, uniforms, input_norm, post_n
 # ================================================================ host wrapper
 
 
-def _dtype_name(x):
-    return str(getattr(x, "dtype", "")).replace("torch.", "")
-
-
 def resident_bytes_per_partition(w: CodePredictorWeights) -> int:
     """SBUF bytes per partition that keeping every layer's matrices resident would take."""
-    L, H, D, I, Hq = w.n_layers, w.hidden, w.head_dim, w.intermediate, w.n_q_heads
+    L, H, I, Hq = w.n_layers, w.hidden, w.intermediate, w.n_q_heads
     item = w.wqkv_t.dtype.itemsize
     nqkv = w.wqkv_t.shape[2]
     return L * item * ((H // _K_TILE) * nqkv + Hq * H + (H // _K_TILE) * 2 * I + (I // _K_TILE) * H)
@@ -681,7 +682,8 @@ def check_inputs(past_hidden, code0_embed, weights, uniforms, do_sample, tempera
     w = weights
     kernel_check(getattr(past_hidden, "ndim", 0) == 2 and getattr(code0_embed, "ndim", 0) == 2,
                  f"{name}: past_hidden and code0_embed must be [B, H], got past_hidden.shape="
-                 f"{tuple(getattr(past_hidden, 'shape', ()))}, code0_embed.shape={tuple(getattr(code0_embed, 'shape', ()))}")
+                 f"{tuple(getattr(past_hidden, 'shape', ()))}, "
+                 f"code0_embed.shape={tuple(getattr(code0_embed, 'shape', ()))}")
     B, H = past_hidden.shape
     kernel_check(tuple(code0_embed.shape) == (B, H),
                  f"{name}: code0_embed must match past_hidden [B, H]={B, H}, got {tuple(code0_embed.shape)}")

@@ -25,7 +25,6 @@ matching rows of o_proj; its o_proj / down_proj outputs are partial sums that ne
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -179,7 +178,8 @@ def weights_from_state_dict(state_dict, *, n_q_heads, n_kv_heads, rms_norm_eps=1
     layers = []
     for i in range(n_layers):
         p = f"model.layers.{i}."
-        layers.append(dict(input_norm=g(p + "input_layernorm.weight"), post_norm=g(p + "post_attention_layernorm.weight"),
+        layers.append(dict(input_norm=g(p + "input_layernorm.weight"),
+                           post_norm=g(p + "post_attention_layernorm.weight"),
                            q_norm=g(p + "self_attn.q_norm.weight"), k_norm=g(p + "self_attn.k_norm.weight"),
                            q=g(p + "self_attn.q_proj.weight"), k=g(p + "self_attn.k_proj.weight"),
                            v=g(p + "self_attn.v_proj.weight"), o=g(p + "self_attn.o_proj.weight"),

@@ -2,7 +2,8 @@
 
 Per v-head the recurrence is S <- exp(g_t) S; delta = beta_t (v_t - S^T k_t); S <- S + k_t delta^T;
 o_t = S^T q_t (transformers' torch_chunk_gated_delta_rule / fla's chunk_gated_delta_rule). The kernel
-walks the sequence chunk by chunk (C = 64 or 128 tokens, tokens on the partitions) in the WY/UT form:
+walks the sequence chunk by chunk (C = 64 or 128 tokens, tokens on the partitions) in the WY/UT form
+(loop nest, memory plan and the solve's derivation in DESIGN.md):
 
     G_i = sum_{k<=i} g_k                        (within the chunk; exact sums of g by matmul)
     A   = strict_lower(diag(beta) (K K^T o exp(G_i - G_j)))
@@ -86,11 +87,14 @@ def gated_delta_rule_kernel(q, k, v, g, beta, initial_state, lengths, consts, ch
         C in _CHUNK_SIZES; Dk, Dv <= _MAX_HEAD_DIM; pad tokens (t >= lengths[b]) get g = beta = 0 and q = 0.
     Pseudocode:
         for b: S[h] = initial_state[b, h] (SBUF, [Dk, Hv, Dv] fp32)
-          for each chunk: load q, k, v, g, beta rows; mask pads; l2norm + scale q, k
-            for each q/k head: K^T, Q^T (PE transposes), K K^T, (K Q^T masked j <= i)
-              for each v head of the group: decays by matmul with masks; A; T = (I + A)^-1;
-                W^T, V' = T (beta V) - W S; O = e^G (Q S) + P V'; S = e^{G_C} S + K_d^T V'
-          store final S (and checkpoints every N chunks)
+          for each chunk: load q, k, v, g, beta rows; mask pads; l2norm + scale q, k (compute dtype)
+            for each lockstep block of W v heads (W = Hv at Qwen shapes):
+              K^T, Q^T of its q/k heads (TensorE), K K^T, (K Q^T masked j <= i)
+              per head: decays by matmul with 0/1 masks; A; P^T
+              T^T = (I + A)^-1 (block doubling, W heads per instruction); W^T, V' = T (beta V) - W S;
+              O = e^G (Q S) + P V'; S = e^{G_C} S + K_d^T V'
+            store the chunk's o rows (and the state every N chunks)
+          store final S
     """
     bsz, seq, n_hk, dk = q.shape
     n_hv, dv = v.shape[2], v.shape[3]

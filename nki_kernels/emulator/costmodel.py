@@ -34,6 +34,8 @@ class CostParams:
     """Cost-model constants per target. Sources in docs/kernels/01-cost-model.md."""
     min_ii: int = 64                      # minimum cycles per compute instruction (nki-api.md s4, MIN_II)
     pe_stationary_load_div: int = 4       # LoadStationary up to 4x faster than the matmul (s4)
+    pe_fp32_pass_overhead: int = 64       # fp32 matmul = 4 PE passes, each paying MM_INIT_LATENCY (64 cycles);
+                                          # fitted assumption: A2/A5 (PE-bound fp32) ran ~20% under the plain 4x
     pe_fixed_latency: int = 64            # cycles from matmul issue to PSUM result visible to others
     act_fixed_latency: int = 200          # ScalarE: 264 cycles per dependent 1-element op measured (s4) - 64
     dve_fixed_latency: int = 160          # VectorE: ~100 static + ~60 SBUF access start (s4)
@@ -209,7 +211,7 @@ def compute_cycles(ins, target: Target, p: CostParams) -> tuple[float, float]:
             m = ins.meta
             cyc = max(min(mi, m.get("M", mi)), m.get("N", 1))
             if m.get("fp32"):
-                cyc *= 4
+                cyc = 4 * (cyc + p.pe_fp32_pass_overhead)
             return float(max(mi, cyc)), float(p.pe_fixed_latency)
         # TensorE transpose: max(P, min(64, F)); fp32 data at quarter rate
         pp, ff = ins.meta.get("P", 1), ins.meta.get("F", 1)
@@ -311,11 +313,13 @@ def _install_alloc_tracking():
                     idx = sites.setdefault(site, len(sites))
                     lst = refs.setdefault(idx, [])
                     k = len(lst)
-                    # the (k-D)-th tile's memory can be reused only if the kernel no longer holds it
-                    # (a tile kept in a list across iterations needs its own memory)
-                    free = {j: (lst[j]() is None) for j in range(max(0, k - 8), k)}
+                    # Can the (k-2)-th tile's memory be reused? Only if the kernel dropped it by now (a tile kept
+                    # in a list across iterations needs its own memory). Checked one allocation late because the
+                    # loop variable still holds the previous tile while the next one is being allocated.
+                    if k >= 2:
+                        d.setdefault("site_free", {})[(idx, k - 2)] = lst[k - 2]() is None
                     lst.append(weakref.ref(st))
-                    d.setdefault("alloc_sites", {})[sid] = (idx, k, free)
+                    d.setdefault("alloc_sites", {})[sid] = (idx, k)
         except Exception:      # never let bookkeeping break a kernel run
             pass
         return t
@@ -522,8 +526,9 @@ def model_trace(trace, target=None, *, params: CostParams | None = None, hbm_sha
     tl = [] if timeline else None
     alloc = getattr(trace, "alloc_sites", None) or {}
     site_seq: dict = {}
-    for sid, (site, k, _free) in alloc.items():
+    for sid, (site, k) in alloc.items():
         site_seq[(site, k)] = sid
+    site_free = getattr(trace, "site_free", None) or {}
     last_use: dict = {}
     touched: set = set()
     nbuf = max(1, p.tile_buffers)
@@ -542,7 +547,7 @@ def model_trace(trace, target=None, *, params: CostParams | None = None, hbm_sha
                     continue
                 touched.add(a.sid)
                 sk = alloc.get(a.sid)
-                if sk is not None and sk[1] >= nbuf and sk[2].get(sk[1] - nbuf, False):
+                if sk is not None and sk[1] >= nbuf and site_free.get((sk[0], sk[1] - nbuf), True):
                     prev = site_seq.get((sk[0], sk[1] - nbuf))
                     if prev is not None:
                         ready = max(ready, last_use.get(prev, 0.0))

@@ -96,28 +96,44 @@ def swiglu(xT_sb, n_tok: int, wgu_sb, scale_sb):
     return h_sb
 
 
-def down_proj(h_sb, n_tok: int, wd_sb, out_dtype):
-    """y_sb [n_tok, H] = h @ D in out_dtype: hT by TensorE transposes (i = q * n_i + c), then token-stationary
-    matmuls (M = tokens, K = ic, N = 512 output columns) accumulated over the n_i chunks; PSUM evictions
-    alternate between VectorE and ScalarE."""
-    ic, n_i, h_total = wd_sb.shape
+def transpose_h(h_sb, n_tok: int, ic: int, n_i: int):
+    """h_sb [n_tok, I] -> hT_sb [ic, n_i, 128] with hT[q, c, t] = h[t, q * n_i + c] (TensorE transposes)."""
     dt = h_sb.dtype
     t_psum = nl.ndarray((P_MAX, n_i, TOK_TILE), dtype=dt, buffer=nl.psum)
     for c in range(n_i):
         nisa.nc_transpose(dst=t_psum[0:ic, c, 0:n_tok], data=h_sb[0:n_tok, c::n_i])
     hT_sb = nl.ndarray((P_MAX, n_i, TOK_TILE), dtype=dt, buffer=nl.sbuf)
     nisa.tensor_copy(dst=hT_sb[0:ic, :, 0:n_tok], src=t_psum[0:ic, :, 0:n_tok])
+    return hT_sb
+
+
+def down_piece(y_psum, hT_sb, n_tok: int, wd_sb, h0: int, hw: int):
+    """y_psum[n_tok, 0:hw] (+)= h @ D[:, h0:h0+hw]: token-stationary matmuls over the n_i chunks; the first
+    matmul of a fresh PSUM tile overwrites (accumulate=None), so callers may add more matmuls afterwards."""
+    ic, n_i, _ = wd_sb.shape
+    for c in range(n_i):
+        nisa.nc_matmul(y_psum[0:n_tok, 0:hw], hT_sb[0:ic, c, 0:n_tok], wd_sb[0:ic, c, h0:h0 + hw], accumulate=None)
+
+
+def evict(dst, src, i_piece: int):
+    """PSUM -> SBUF copy, alternating VectorE and ScalarE by piece index to balance the two engines."""
+    if i_piece % 2 == 0:
+        nisa.tensor_copy(dst=dst, src=src)
+    else:
+        nisa.activation(dst=dst, op=nl.copy, data=src)
+
+
+def down_proj(h_sb, n_tok: int, wd_sb, out_dtype):
+    """y_sb [n_tok, H] = h @ D in out_dtype: hT by TensorE transposes (i = q * n_i + c), then token-stationary
+    matmuls (M = tokens, K = ic, N = 512 output columns) accumulated over the n_i chunks."""
+    ic, n_i, h_total = wd_sb.shape
+    hT_sb = transpose_h(h_sb, n_tok, ic, n_i)
     y_sb = nl.ndarray((TOK_TILE, h_total), dtype=out_dtype, buffer=nl.sbuf)
     for i_y, h0 in enumerate(range(0, h_total, _Y_TILE)):
         hw = min(_Y_TILE, h_total - h0)
         y_psum = nl.ndarray((TOK_TILE, _Y_TILE), dtype=nl.float32, buffer=nl.psum)
-        for c in range(n_i):
-            nisa.nc_matmul(y_psum[0:n_tok, 0:hw], hT_sb[0:ic, c, 0:n_tok], wd_sb[0:ic, c, h0:h0 + hw],
-                           accumulate=(c > 0))
-        if i_y % 2 == 0:
-            nisa.tensor_copy(dst=y_sb[0:n_tok, h0:h0 + hw], src=y_psum[0:n_tok, 0:hw])
-        else:
-            nisa.activation(dst=y_sb[0:n_tok, h0:h0 + hw], op=nl.copy, data=y_psum[0:n_tok, 0:hw])
+        down_piece(y_psum, hT_sb, n_tok, wd_sb, h0, hw)
+        evict(y_sb[0:n_tok, h0:h0 + hw], y_psum[0:n_tok, 0:hw], i_y)
     return y_sb
 
 
@@ -151,21 +167,3 @@ def shared_rows(hidden, t0: int, n_tok: int, s_wgu_sb, s_wd_sb, s_wsg_sb, out_dt
     h_sb = swiglu(xT_sb, n_tok, s_wgu_sb, g_sb)
     return down_proj(h_sb, n_tok, s_wd_sb, out_dtype)
 
-
-def down_proj_accumulate(h_sb, n_tok: int, wd_sb, acc_sb):
-    """acc_sb[n_tok, H] (fp32 SBUF) += h @ D: as `down_proj`, but VectorE adds each PSUM tile into acc."""
-    ic, n_i, h_total = wd_sb.shape
-    dt = h_sb.dtype
-    t_psum = nl.ndarray((P_MAX, n_i, TOK_TILE), dtype=dt, buffer=nl.psum)
-    for c in range(n_i):
-        nisa.nc_transpose(dst=t_psum[0:ic, c, 0:n_tok], data=h_sb[0:n_tok, c::n_i])
-    hT_sb = nl.ndarray((P_MAX, n_i, TOK_TILE), dtype=dt, buffer=nl.sbuf)
-    nisa.tensor_copy(dst=hT_sb[0:ic, :, 0:n_tok], src=t_psum[0:ic, :, 0:n_tok])
-    for h0 in range(0, h_total, _Y_TILE):
-        hw = min(_Y_TILE, h_total - h0)
-        y_psum = nl.ndarray((TOK_TILE, _Y_TILE), dtype=nl.float32, buffer=nl.psum)
-        for c in range(n_i):
-            nisa.nc_matmul(y_psum[0:n_tok, 0:hw], hT_sb[0:ic, c, 0:n_tok], wd_sb[0:ic, c, h0:h0 + hw],
-                           accumulate=(c > 0))
-        nisa.tensor_tensor(dst=acc_sb[0:n_tok, h0:h0 + hw], data1=acc_sb[0:n_tok, h0:h0 + hw],
-                           data2=y_psum[0:n_tok, 0:hw], op=nl.add)

@@ -11,8 +11,8 @@ import numpy as np
 from ..backend import call, nki, nisa, nl
 from ..hw import P_MAX
 from ..validation import kernel_check
-from ._tiles import (TOK_TILE, down_proj, intermediate_split, load_down, load_gate_up, load_gate_vector,
-                     shared_rows, swiglu, transpose_tokens)
+from ._tiles import (_Y_TILE, TOK_TILE, down_piece, down_proj, evict, intermediate_split, load_down, load_gate_up,
+                     load_gate_vector, sigmoid_gate, swiglu, transpose_h, transpose_tokens)
 
 # ---- constraints
 _MAX_BLOCK = 512            # tokens per block (NxDI's largest tested block is 1024; 512 keeps SBUF small)
@@ -26,12 +26,13 @@ _MAX_WEIGHT_BYTES_PP = 96 * 1024
 
 @nki.jit
 def moe_blockwise_kernel(hidden, expert_affinities, gate_up, down, token_position_to_id, block_to_expert,
-                         shared_gate_up, shared_down, shared_gate, top_k_index, block_size, expert_offset):
-    """Blockwise expert MLPs + fused shared expert; returns per-core partial outputs.
+                         token_to_position, shared_gate_up, shared_down, shared_gate, top_k_index, block_size,
+                         expert_offset):
+    """Blockwise expert MLPs + fused shared expert, one launch (LNC=1).
 
     Dimensions:
         T tokens, H hidden (multiple of 128), E local experts, I expert intermediate, Is shared intermediate,
-        TOPK experts per token, B = block_size, N blocks, C = number of programs (LNC).
+        TOPK experts per token, B = block_size, N blocks, KMAX = most local experts of one token (<= TOPK).
     Args:
         hidden: [T, H] @ HBM, bf16/fp16/fp32.
         expert_affinities: [T * E, 1] @ HBM (dense affinities, row-major [T, E]) when top_k_index is None,
@@ -40,75 +41,108 @@ def moe_blockwise_kernel(hidden, expert_affinities, gate_up, down, token_positio
         down: [E, I, H] @ HBM.
         token_position_to_id: [N * B] int32 @ HBM, token id per block slot, -1 for padding.
         block_to_expert: [N] int32 @ HBM, local expert of each block.
+        token_to_position: [T, KMAX] int32 @ HBM, the slots holding each token (N * B = an all-zero row where
+            the token has fewer local experts) - the inverse of token_position_to_id, built on the host.
         shared_gate_up: [H, 2, Is] @ HBM or None; shared_down: [Is, H] @ HBM; shared_gate: [H] @ HBM.
         top_k_index: [T, TOPK] int32 @ HBM (global expert ids) or None.
         block_size: B (trace-time constant). expert_offset: global id of local expert 0 (constant).
     Returns:
-        out: [T, C, H] @ HBM in hidden's dtype (NxD's [T, 2, H] accumulation layout); program c writes only
-            out[:, c]; the output is the sum over c.
+        out: [T, H] @ HBM in hidden's dtype.
     Constraints:
-        H % 128 == 0; I = ic * ceil(I / 128) (ic <= 128); B <= _MAX_BLOCK; token ids in a block are distinct.
+        H % 128 == 0; I = ic * ceil(I / 128) (ic <= 128); B <= _MAX_BLOCK.
     Pseudocode:
-        for each row chunk r (128 tokens): out[r, c] = shared(x[r]) if r % C == c (and a shared expert) else 0
-        for each block b with b % C == c:
+        phase 1, for each block b:
             e = block_to_expert[b]                                       # runtime value, SBUF int32
             Wgu = gate_up[e], Wd = down[e]                               # 2 dynamic DMAs (scalar_offset)
             for each chunk of <= 128 slots: ids = token_position_to_id[slots]
                 x = hidden[ids]                                          # gather, -1 skipped
                 a = affinity(ids, e)                                     # gather from dense / top-k rows
                 xT = PE transposes of x; h = a * silu(xT.T Wg) * (xT.T Wu); y = h Wd
-                out[ids, c] += y                                         # dma_compute scatter-add, -1 skipped
+                scratch[slots] = y                                       # contiguous store, no read-modify-write
+        phase 2, for each row chunk r (128 tokens):
+            out[r] = shared(x[r]) + sum_j scratch[token_to_position[r, j]]  # gathers summed on TensorE (fp32)
     """
     n_tokens, h_total = hidden.shape
-    n_local = gate_up.shape[0]
-    n_blocks = block_to_expert.shape[0]
-    pid = nl.program_id(0)
-    n_prog = nl.num_programs(0)
-    n_h = h_total // P_MAX
-    out = nl.ndarray((n_tokens, n_prog, h_total), dtype=hidden.dtype, buffer=nl.shared_hbm)
-
-    # ---- phase 1: this core's partial starts as the shared-expert term on its row chunks, zero elsewhere
-    n_row_chunks = (n_tokens + TOK_TILE - 1) // TOK_TILE
-    zero_sb = nl.ndarray((TOK_TILE, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
-    nisa.memset(dst=zero_sb, value=0.0)
-    if shared_gate_up is not None:
-        s_wgu_sb = load_gate_up(shared_gate_up)
-        s_wd_sb = load_down(shared_down)
-        s_wsg_sb = load_gate_vector(shared_gate)
-    for i_r in range(n_row_chunks):
-        t0 = i_r * TOK_TILE
-        n_tok = min(TOK_TILE, n_tokens - t0)
-        if shared_gate_up is not None and i_r % n_prog == pid:
-            y_sb = shared_rows(hidden, t0, n_tok, s_wgu_sb, s_wd_sb, s_wsg_sb, hidden.dtype)
-            nisa.dma_copy(dst=out[t0:t0 + n_tok, pid, :], src=y_sb[0:n_tok, :])
-        else:
-            nisa.dma_copy(dst=out[t0:t0 + n_tok, pid, :], src=zero_sb[0:n_tok, :])
-
-    # ---- phase 2: the blocks of this core
-    for i_b in range(pid, n_blocks, n_prog):
-        _one_block(hidden, expert_affinities, gate_up, down, token_position_to_id, block_to_expert, top_k_index,
-                   out, pid, i_b, block_size, expert_offset, n_local, n_h)
+    n_slots = token_position_to_id.shape[0]
+    out = nl.ndarray((n_tokens, h_total), dtype=hidden.dtype, buffer=nl.shared_hbm)
+    scratch = nl.ndarray((n_slots + 1, h_total), dtype=hidden.dtype, buffer=nl.hbm)
+    _blocks_phase(hidden, expert_affinities, gate_up, down, token_position_to_id, block_to_expert, top_k_index,
+                  scratch, block_size, expert_offset, 0, 1)
+    _finalize_phase(hidden, scratch, token_to_position, shared_gate_up, shared_down, shared_gate, out, 0, 1)
     return out
 
 
-def _one_block(hidden, expert_affinities, gate_up, down, token_position_to_id, block_to_expert, top_k_index,
-               out, pid, i_b, block_size, expert_offset, n_local, n_h):
-    n_tokens, h_total = hidden.shape
-    # the block's expert id, broadcast to every partition (stride-0 partition read of one int32)
-    e_sb = nl.ndarray((P_MAX, 1), dtype=nl.int32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=e_sb, src=block_to_expert.ap(pattern=[[0, P_MAX], [1, 1]], offset=i_b))
-    wgu_sb = load_gate_up(gate_up, e_sb[0:1, 0:1])
-    wd_sb = load_down(down, e_sb[0:1, 0:1])
+@nki.jit
+def moe_blockwise_blocks_kernel(hidden, expert_affinities, gate_up, down, token_position_to_id, block_to_expert,
+                                top_k_index, block_size, expert_offset):
+    """LNC=2 launch 1: phase 1 of `moe_blockwise_kernel`, blocks b with b % C == c on program c; returns the
+    slot outputs scratch [N * B + 1, H] @ HBM (last row zero)."""
+    n_slots = token_position_to_id.shape[0]
+    scratch = nl.ndarray((n_slots + 1, hidden.shape[1]), dtype=hidden.dtype, buffer=nl.shared_hbm)
+    _blocks_phase(hidden, expert_affinities, gate_up, down, token_position_to_id, block_to_expert, top_k_index,
+                  scratch, block_size, expert_offset, nl.program_id(0), nl.num_programs(0))
+    return scratch
+
+
+@nki.jit
+def moe_blockwise_finalize_kernel(hidden, scratch, token_to_position, shared_gate_up, shared_down, shared_gate):
+    """LNC=2 launch 2: phase 2 of `moe_blockwise_kernel` (shared expert + per-token sum of its slot rows), row
+    chunks r with r % C == c on program c; returns out [T, H] @ HBM."""
+    out = nl.ndarray(hidden.shape, dtype=hidden.dtype, buffer=nl.shared_hbm)
+    _finalize_phase(hidden, scratch, token_to_position, shared_gate_up, shared_down, shared_gate, out,
+                    nl.program_id(0), nl.num_programs(0))
+    return out
+
+
+def _blocks_phase(hidden, expert_affinities, gate_up, down, token_position_to_id, block_to_expert, top_k_index,
+                  scratch, block_size, expert_offset, pid, n_prog):
+    h_total = hidden.shape[1]
+    n_local = gate_up.shape[0]
+    n_blocks = block_to_expert.shape[0]
+    n_slots = token_position_to_id.shape[0]
+    n_h = h_total // P_MAX
+    if pid == 0:   # the all-zero row that token_to_position points at for missing experts
+        zero_sb = nl.ndarray((1, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
+        nisa.memset(dst=zero_sb, value=0.0)
+        nisa.dma_copy(dst=scratch[n_slots:n_slots + 1, :], src=zero_sb)
+    # every block's expert id on every partition, and every slot's token id (slot chunk c of block b in
+    # ids_sb[c][p, b]): two / n_ch DMAs for the whole launch instead of several per block
+    e_all_sb = nl.ndarray((P_MAX, n_blocks), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=e_all_sb, src=block_to_expert.ap(pattern=[[0, P_MAX], [1, n_blocks]], offset=0))
     if top_k_index is not None and expert_offset != 0:
-        eg_sb = nl.ndarray((P_MAX, 1), dtype=nl.int32, buffer=nl.sbuf)
-        nisa.tensor_scalar(dst=eg_sb, data=e_sb, op0=nl.add, operand0=expert_offset)
+        eg_all_sb = nl.ndarray((P_MAX, n_blocks), dtype=nl.int32, buffer=nl.sbuf)
+        nisa.tensor_scalar(dst=eg_all_sb, data=e_all_sb, op0=nl.add, operand0=expert_offset)
     else:
-        eg_sb = e_sb
+        eg_all_sb = e_all_sb
+    ids_all = []
     for s0 in range(0, block_size, TOK_TILE):
         n_tok = min(TOK_TILE, block_size - s0)
-        ids_sb = nl.ndarray((TOK_TILE, 1), dtype=nl.int32, buffer=nl.sbuf)
+        ids_sb = nl.ndarray((TOK_TILE, n_blocks), dtype=nl.int32, buffer=nl.sbuf)
         nisa.dma_copy(dst=ids_sb[0:n_tok, :],
-                      src=token_position_to_id.ap(pattern=[[1, n_tok], [1, 1]], offset=i_b * block_size + s0))
+                      src=token_position_to_id.ap(pattern=[[1, n_tok], [block_size, n_blocks]], offset=s0))
+        ids_all.append(ids_sb)
+    args = (hidden, expert_affinities, gate_up, down, top_k_index, scratch, e_all_sb, eg_all_sb, ids_all)
+    consts = (block_size, n_local, n_h)
+    for i_local, i_b in enumerate(range(pid, n_blocks, n_prog)):
+        # two call sites = two tile sets: consecutive blocks get separate buffers (manual double buffering), so a
+        # block's weight / token loads overlap more of the previous blocks' compute
+        if i_local % 2 == 0:
+            _one_block(*args, i_b, *consts)
+        else:
+            _one_block(*args, i_b, *consts)
+
+
+def _one_block(hidden, expert_affinities, gate_up, down, top_k_index, scratch, e_all_sb, eg_all_sb, ids_all, i_b,
+               block_size, n_local, n_h):
+    """One block: its expert's weights by dynamic DMA, then per chunk of <= 128 slots gather, FFN, store."""
+    h_total = hidden.shape[1]
+    e_sb = e_all_sb[:, i_b:i_b + 1]
+    wgu_sb = load_gate_up(gate_up, e_sb[0:1, :])
+    wd_sb = load_down(down, e_sb[0:1, :])
+    for i_c, s0 in enumerate(range(0, block_size, TOK_TILE)):
+        n_tok = min(TOK_TILE, block_size - s0)
+        pos0 = i_b * block_size + s0
+        ids_sb = ids_all[i_c][:, i_b:i_b + 1]
         x_sb = nl.ndarray((TOK_TILE, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
         nisa.dma_copy(dst=x_sb[0:n_tok, :],
                       src=hidden.ap(pattern=[[h_total, n_tok], [1, h_total]], offset=0,
@@ -117,14 +151,56 @@ def _one_block(hidden, expert_affinities, gate_up, down, token_position_to_id, b
         if top_k_index is None:
             aff_sb = _dense_affinity(expert_affinities, ids_sb, e_sb, n_tok, n_local)
         else:
-            aff_sb = _topk_affinity(expert_affinities, top_k_index, ids_sb, eg_sb, n_tok)
+            aff_sb = _topk_affinity(expert_affinities, top_k_index, ids_sb, eg_all_sb[:, i_b:i_b + 1], n_tok)
         xT_sb = transpose_tokens(x_sb, n_tok, n_h)
         h_sb = swiglu(xT_sb, n_tok, wgu_sb, aff_sb)
         y_sb = down_proj(h_sb, n_tok, wd_sb, hidden.dtype)
-        # row id of token t in this core's partial: t * C + pid (a -1 id lands below 0 and is skipped)
-        rows = out.ap(pattern=[[out.shape[1] * h_total, n_tok], [1, h_total]], offset=pid * h_total,
-                      vector_offset=ids_sb[0:n_tok, :], indirect_dim=0)
-        nisa.dma_compute(dst=rows, srcs=(rows, y_sb[0:n_tok, :]), reduce_op=nl.add, oob_mode=nisa.oob_mode.skip)
+        nisa.dma_copy(dst=scratch[pos0:pos0 + n_tok, :], src=y_sb[0:n_tok, :])
+
+
+def _finalize_phase(hidden, scratch, token_to_position, shared_gate_up, shared_down, shared_gate, out, pid, n_prog):
+    n_tokens, h_total = hidden.shape
+    kmax = token_to_position.shape[1]
+    n_h = h_total // P_MAX
+    ones_sb = nl.ndarray((TOK_TILE, TOK_TILE), dtype=hidden.dtype, buffer=nl.sbuf)
+    nisa.memset(dst=ones_sb, value=1.0)
+    ident_sb = nl.ndarray((TOK_TILE, TOK_TILE), dtype=hidden.dtype, buffer=nl.sbuf)
+    nisa.affine_select(dst=ident_sb, pattern=[[-1, TOK_TILE]], offset=0, channel_multiplier=1, on_true_tile=ones_sb,
+                       on_false_value=0.0, cmp_op=nl.equal)
+    if shared_gate_up is not None:
+        s_wgu_sb = load_gate_up(shared_gate_up)
+        s_wd_sb = load_down(shared_down)
+        s_wsg_sb = load_gate_vector(shared_gate)
+    n_row_chunks = (n_tokens + TOK_TILE - 1) // TOK_TILE
+    for i_r in range(pid, n_row_chunks, n_prog):
+        t0 = i_r * TOK_TILE
+        n_tok = min(TOK_TILE, n_tokens - t0)
+        inv_sb = nl.ndarray((TOK_TILE, kmax), dtype=nl.int32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=inv_sb[0:n_tok, :], src=token_to_position[t0:t0 + n_tok, :])
+        g_sb = nl.ndarray((TOK_TILE, kmax, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
+        for j in range(kmax):
+            nisa.dma_copy(dst=g_sb[0:n_tok, j, :],
+                          src=scratch.ap(pattern=[[h_total, n_tok], [1, h_total]], offset=0,
+                                         vector_offset=inv_sb[0:n_tok, j:j + 1], indirect_dim=0))
+        if shared_gate_up is not None:
+            x_sb = nl.ndarray((TOK_TILE, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
+            nisa.dma_copy(dst=x_sb[0:n_tok, :], src=hidden[t0:t0 + n_tok, :])
+            xT_sb = transpose_tokens(x_sb, n_tok, n_h)
+            gate_sb = sigmoid_gate(xT_sb, n_tok, s_wsg_sb)
+            hs_sb = swiglu(xT_sb, n_tok, s_wgu_sb, gate_sb)
+            ic, n_i, _ = s_wd_sb.shape
+            hsT_sb = transpose_h(hs_sb, n_tok, ic, n_i)
+        o_sb = nl.ndarray((TOK_TILE, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
+        for i_y, h0 in enumerate(range(0, h_total, _Y_TILE)):
+            hw = min(_Y_TILE, h_total - h0)
+            acc_psum = nl.ndarray((TOK_TILE, _Y_TILE), dtype=nl.float32, buffer=nl.psum)
+            if shared_gate_up is not None:
+                down_piece(acc_psum, hsT_sb, n_tok, s_wd_sb, h0, hw)
+            for j in range(kmax):   # identity-stationary matmuls: acc += g_j (fp32 PSUM accumulation)
+                nisa.nc_matmul(acc_psum[0:n_tok, 0:hw], ident_sb[0:n_tok, 0:n_tok], g_sb[0:n_tok, j, h0:h0 + hw],
+                               accumulate=None)
+            evict(o_sb[0:n_tok, h0:h0 + hw], acc_psum[0:n_tok, 0:hw], i_y)
+        nisa.dma_copy(dst=out[t0:t0 + n_tok, :], src=o_sb[0:n_tok, :])
 
 
 def _dense_affinity(aff_flat, ids_sb, e_sb, n_tok, n_local):
@@ -163,7 +239,7 @@ def _topk_affinity(top_k_weights, top_k_index, ids_sb, eg_sb, n_tok):
 
 @nki.jit
 def moe_combine_kernel(partials):
-    """out [T, H] = partials[:, 0] + partials[:, 1] (the two LNC=2 partial outputs); program c sums row chunks
+    """out [T, H] = partials[:, 0] + partials[:, 1] (two LNC=2 partial outputs); program c sums row chunks
     r with r % C == c.
 
     Args:
@@ -330,12 +406,33 @@ def moe_blockwise(hidden, expert_affinities, gate_up, down, token_position_to_id
         aff, idx = expert_affinities, _as_int32(top_k_index)
     tpos32 = _as_int32(token_position_to_id)
     b2e32 = _as_int32(block_to_expert)
+    inv = token_slots(tpos, n_tokens)
     s_gu, s_dn, s_g = shared if shared is not None else (None, None, None)
-    partials = call(moe_blockwise_kernel, hidden, aff, gate_up, down, tpos32, b2e32, s_gu, s_dn, s_g, idx,
-                    int(block_size), int(expert_offset), lnc=lnc)
     if lnc == 1:
-        return partials[:, 0]
-    return call(moe_combine_kernel, partials, lnc=lnc)
+        return call(moe_blockwise_kernel, hidden, aff, gate_up, down, tpos32, b2e32, inv, s_gu, s_dn, s_g, idx,
+                    int(block_size), int(expert_offset))
+    scratch = call(moe_blockwise_blocks_kernel, hidden, aff, gate_up, down, tpos32, b2e32, idx, int(block_size),
+                   int(expert_offset), lnc=lnc)
+    return call(moe_blockwise_finalize_kernel, hidden, scratch, inv, s_gu, s_dn, s_g, lnc=lnc)
+
+
+def token_slots(token_position_to_id, n_tokens: int) -> np.ndarray:
+    """Inverse of the mapping: [T, KMAX] int32, the slots holding each token in ascending slot order, padded with
+    N * B (the kernel's all-zero scratch row); KMAX = max(1, most slots of one token). Host bookkeeping of the
+    same kind as building the mapping."""
+    tpos = _np(token_position_to_id).astype(np.int64).reshape(-1)
+    n_slots = tpos.size
+    pos = np.nonzero(tpos >= 0)[0]
+    toks = tpos[pos]
+    counts = np.bincount(toks, minlength=n_tokens)
+    kmax = max(1, int(counts.max()) if counts.size else 1)
+    order = np.argsort(toks, kind="stable")
+    toks, pos = toks[order], pos[order]
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.arange(toks.size) - first[toks]
+    inv = np.full((n_tokens, kmax), n_slots, dtype=np.int64)
+    inv[toks, rank] = pos
+    return inv.astype(np.int32)
 
 
 def _as_int32(x):

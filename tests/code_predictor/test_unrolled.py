@@ -101,7 +101,8 @@ def _check(past_hidden, code0_embed, w, *, sampling=None, max_near_ties=0.25, **
 
 
 @given(B=st.integers(1, 12), Hkv=st.sampled_from([1, 2]), group=st.sampled_from([1, 2, 4]),
-       D=st.sampled_from([32, 64, 128]), L=st.integers(1, 3), G1=st.integers(1, 6), V=st.sampled_from([8, 40, 128]),
+       D=st.sampled_from([32, 64, 128]), L=st.integers(1, 3), G1=st.integers(1, 6),
+       V=st.sampled_from([8, 40, 128, 256]),
        resident=st.booleans(), seed=st.integers(0, 2 ** 16))
 def test_greedy_matches_reference(B, Hkv, group, D, L, G1, V, resident, seed):
     rng = np.random.default_rng(seed)
@@ -152,12 +153,13 @@ def _with_heads(w, heads_natural):
         np.transpose(np.asarray(heads_natural, np.float32), (0, 2, 1)).astype(w.lm_head_t.dtype)))
 
 
-def test_exact_ties_first_index_wins():
+@pytest.mark.parametrize("V", [32, 256])      # 256: the vocab-on-partitions argmax path (V % 128 == 0)
+def test_exact_ties_first_index_wins(V):
     """All LM-head rows identical: every logit ties, greedy and sampling both return code 0 at every step."""
     rng = np.random.default_rng(11)
-    w = _cfg(rng, G1=4, V=32)
+    w = _cfg(rng, G1=4, V=V)
     row = rng.standard_normal((4, 1, w.hidden)).astype(np.float32)
-    wt = _with_heads(w, np.repeat(row, 32, axis=1))
+    wt = _with_heads(w, np.repeat(row, V, axis=1))
     ph, c0 = _prompt(rng, 3, w.hidden)
     assert np.all(code_predictor(ph, c0, wt)[0] == 0)
     u = rng.random((3, 4)).astype(np.float32)
@@ -165,23 +167,24 @@ def test_exact_ties_first_index_wins():
     assert np.all(code_predictor_reference(ph, c0, wt)[0] == 0)
 
 
-def test_duplicate_max_rows_pick_the_first():
-    """Rows 5 and 9 equal (logit x), all others 0.5 x: code 5 when x > 0, else code 0 (first of the ties)."""
+@pytest.mark.parametrize("V, first, second", [(16, 5, 9), (256, 130, 200)])
+def test_duplicate_max_rows_pick_the_first(V, first, second):
+    """Rows `first` < `second` equal (logit x), all others 0.5 x: code `first` when x > 0, else code 0."""
     rng = np.random.default_rng(12)
-    w = _cfg(rng, G1=3, V=16)
+    w = _cfg(rng, G1=3, V=V)
     base = rng.standard_normal((3, w.hidden)).astype(np.float32)
-    heads = np.repeat(0.5 * base[:, None, :], 16, axis=1)
-    heads[:, 5] = heads[:, 9] = base
+    heads = np.repeat(0.5 * base[:, None, :], V, axis=1)
+    heads[:, first] = heads[:, second] = base
     wt = _with_heads(w, heads)
     ph, c0 = _prompt(rng, 6, w.hidden)
     codes = code_predictor(ph, c0, wt)[0]
     _, _, lg = code_predictor_reference(ph, c0, wt, forced_codes=codes, return_logits=True)
-    x = lg[:, :, 5]
+    x = lg[:, :, first]
     decided = np.abs(x) > DELTA_REL * np.sqrt(np.mean(lg ** 2))
     assert decided.mean() > 0.5
-    want = np.where(x > 0, 5, 0)
+    want = np.where(x > 0, first, 0)
     np.testing.assert_array_equal(codes[decided], want[decided])
-    assert set(np.unique(codes)) <= {0, 5}
+    assert set(np.unique(codes)) <= {0, first}
 
 
 def test_adversarial_values():
@@ -264,3 +267,11 @@ def test_pack_roundtrip():
                       n_kv_heads=w.n_kv_heads)
     for f in ("wqkv_t", "wo_t", "wgu_t", "wd_t", "lm_head_t", "codec_embed"):
         np.testing.assert_array_equal(np.asarray(getattr(w, f)), np.asarray(getattr(w2, f)))
+
+
+def test_large_batch_two_pass_prefill():
+    """B > 64: the prompt runs as two single-position passes instead of one 2B-row pass."""
+    rng = np.random.default_rng(21)
+    w = _cfg(rng, L=1, G1=2, V=128)
+    ph, c0 = _prompt(rng, 70, w.hidden)
+    _check(ph, c0, w, max_near_ties=0.05)

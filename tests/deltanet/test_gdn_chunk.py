@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 from _gdn_inputs import BF16, DTYPES, gdn_inputs
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nki_kernels import gated_delta_rule
@@ -36,6 +36,7 @@ def test_matches_reference(b, t, hk, ratio, dk, dv, chunk, l2norm, with_init, dt
     assert_close("final_state", rs, s, dtype=_state_tol(dtype))
 
 
+@settings(max_examples=10)     # three launches per example
 @given(t1=st.integers(1, 140), t2=st.integers(1, 140), chunk=st.sampled_from([64, 128]),
        seed=st.integers(0, 2 ** 16))
 def test_split_prefill_equals_whole(t1, t2, chunk, seed):
@@ -51,6 +52,7 @@ def test_split_prefill_equals_whole(t1, t2, chunk, seed):
     assert_close("state split", s_all, s2)
 
 
+@settings(max_examples=8)      # up to four launches per example
 @given(lens=st.lists(st.integers(0, 130), min_size=2, max_size=3), chunk=st.sampled_from([64, 128]),
        seed=st.integers(0, 2 ** 16))
 def test_padding_invariance(lens, chunk, seed):

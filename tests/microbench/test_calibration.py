@@ -16,6 +16,7 @@ _SMALL = {     # small shapes with the same tiling, for the correctness check
     "A1": lambda rng: BY_ID["A1"].make(2, rng, kk=384, n=2048),
     "A2": lambda rng: BY_ID["A2"].make(1, rng, kk=256, n=704),
     "A5": lambda rng: BY_ID["A5"].make(2, rng, kk=256, n=1024),
+    "A6": lambda rng: BY_ID["A6"].make(2, rng, kk=256, n=1024),
     "A8": lambda rng: BY_ID["A8"].make(2, rng, m=256, n=1024),
     "A12": lambda rng: BY_ID["A12"].make(2, rng, n=1024),
     "A13": lambda rng: BY_ID["A13"].make(2, rng),

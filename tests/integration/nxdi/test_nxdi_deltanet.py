@@ -40,8 +40,8 @@ def _ref(fla, initial_state=None, valid_lengths=None):
     return o.transpose(0, 2, 1, 3), s            # -> [B, H, S, Dv]
 
 
-@settings(max_examples=6)
-@given(b=st.integers(1, 2), hk=st.sampled_from([1, 2]), group=st.sampled_from([1, 2, 4]), s=st.integers(1, 135),
+@settings(max_examples=5)
+@given(b=st.integers(1, 2), hk=st.sampled_from([1, 2]), group=st.sampled_from([1, 2, 4]), s=st.integers(1, 100),
        d=st.sampled_from([32, 64]), with_init=st.booleans())
 def test_fused_chunked_forward_matches_reference(b, hk, group, s, d, with_init):
     hook, fla = _inputs(b, hk, group, s, d, seed=s)

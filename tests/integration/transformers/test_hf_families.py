@@ -102,6 +102,27 @@ def test_cached_decode_steps_match_stock(models, family):
         assert_close(f"layer {i} conv state", ref_cache.layers[i].conv_states[0].numpy(), conv.numpy())
 
 
+@pytest.mark.parametrize("second", [8, 9])
+def test_chunked_prefill_continues_from_cache(models, second):
+    """A second multi-token chunk after a cached prefill (prefix caching): GDN starts from the cached state, the
+    conv from the cached inputs, attention is causal bottom-right over the cache (decode kernel for <= 8 new
+    tokens, prefill kernel with Skv > Sq above)."""
+    from transformers import DynamicCache
+    model = models["qwen3_5_moe"]
+    ids, am = padded_batch("left", T=10 + second, seed=17)
+
+    def run():
+        cache = DynamicCache(config=model.config)
+        l1, out = forward_out(model, ids[:, :10], am[:, :10], cache=cache, use_cache=True)
+        l2, _ = forward_out(model, ids[:, 10:], am, cache=out.cache, use_cache=True)
+        return torch.cat([l1, l2], 1)
+    ref = run()
+    with patch(model, backend="emulator") as handle:
+        got = run()
+    assert_valid_close(f"chunked prefill 10+{second}", ref, got, am)
+    assert handle.calls().get("gated_delta_rule", 0) == 6 and not handle.fallbacks(), handle.report()
+
+
 def test_vlm_patches_the_text_tower_only():
     model = tiny.build("qwen3_5_moe_vlm", seed=13)
     ids, am = padded_batch("left", T=_PREFILL_T, seed=13)
@@ -145,7 +166,7 @@ def test_bf16_model_no_less_accurate_than_stock(family):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["qwen3_5_moe", "qwen3_5", "qwen3_next"])
+@pytest.mark.parametrize("family", ["qwen3_5_moe", "qwen3_5", "qwen3_next", "qwen3_omni_moe_thinker_lm"])
 def test_greedy_generate_identical(family):
     model = tiny.build(family, seed=21)
     ids, am = padded_batch("left", T=10, seed=21)
@@ -155,4 +176,4 @@ def test_greedy_generate_identical(family):
         with patch(model, backend="emulator") as handle:
             got = model.generate(ids, **kw)
     assert torch.equal(ref, got), f"{ref}\n{got}\n{handle.report()}"
-    _check_ran(handle, _DECODE[family])
+    _check_ran(handle, _DECODE.get(family, ("flash_attention_decode", "moe_decode")))

@@ -5,6 +5,8 @@ import importlib
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from hf_kit import forward_out, padded_batch
 from integration.transformers import patch, tiny
@@ -239,3 +241,59 @@ def test_recorded_launches_feed_the_cost_model():
     with patch(model, backend="reference") as handle:
         with pytest.raises(RuntimeError, match="needs backend='emulator'"):
             handle.record_launches()
+
+
+@given(data=st.data())
+def test_attention_hook_matches_sdpa_on_padded_masks(data):
+    """Property: for any batch of left- or right-padded sequences (prefill or a few new tokens after a cache),
+    the hook's output equals transformers' sdpa on every valid query row, and padded rows are zero."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from integration.transformers._common import Kernels, Stats
+    B = data.draw(st.integers(1, 3), label="B")
+    kv_len = data.draw(st.integers(2, 24), label="kv_len")
+    q_len = data.draw(st.sampled_from([kv_len, 1, min(3, kv_len)]), label="q_len")
+    side = data.draw(st.sampled_from(["left", "right"]), label="side")
+    if q_len < kv_len:
+        side = "left"                      # generate() only continues left-padded batches
+    pads = [data.draw(st.integers(0, kv_len - q_len if q_len < kv_len else kv_len - 1), label=f"pad{b}")
+            for b in range(B)]
+    D = data.draw(st.sampled_from([32, 64]), label="D")
+    am = torch.ones(B, kv_len, dtype=torch.long)
+    for b, p in enumerate(pads):
+        if p:
+            if side == "left":
+                am[b, :p] = 0
+            else:
+                am[b, kv_len - p:] = 0
+    mask = torch.from_numpy(_sdpa_bool_mask(am, q_len, kv_len))[:, None]
+    g = torch.Generator().manual_seed(B * 1000 + kv_len * 10 + q_len)
+    q = torch.randn(B, 4, q_len, D, generator=g) * 3.0          # peaky softmax
+    k = torch.randn(B, 2, kv_len, D, generator=g)
+    v = torch.randn(B, 2, kv_len, D, generator=g)
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups, module.training = True, 2, False
+    stats = Stats()
+    hook = hf_attention.AttentionHook(Kernels("emulator"), stats)
+    out, _ = hook(module, q, k, v, mask, dropout=0.0, scaling=D ** -0.5)
+    ref, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=0.0, scaling=D ** -0.5)
+    assert not stats.fallbacks, stats.fallbacks
+    valid_q = am[:, kv_len - q_len:].bool()                     # [B, Sq]: the query's own token is not padding
+    from nki_kernels.testing import assert_close
+    assert_close("attention hook", ref[valid_q].numpy(), out[valid_q].numpy(), dtype="float32")
+    assert torch.all(out[~valid_q] == 0)
+
+
+def test_autograd_falls_back_to_the_model():
+    """The kernels are forward-only: with autograd on, every hook runs the model's code so gradients flow."""
+    model = tiny.build("qwen3_5_moe", seed=12)
+    ids, am = padded_batch("left", seed=12)
+    ref = model(input_ids=ids, attention_mask=am).logits
+    with patch(model, backend="emulator") as handle:
+        out = model(input_ids=ids, attention_mask=am).logits
+        out[am.bool()].sum().backward()
+    assert torch.equal(out, ref)
+    assert model.lm_head.weight.grad is not None
+    assert handle.calls() == {}, handle.report()
+    hooks = {hook for hook, why in handle.fallbacks() if why.startswith("autograd")}
+    assert hooks == {"attention", "deltanet", "conv1d", "moe"}, handle.fallbacks()

@@ -76,6 +76,29 @@ def test_talker_greedy_codes_identical(talker, backend):
     assert talker.code_predictor.generate == stock_generate
 
 
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_talker_prefill_logits_match_stock(talker, padding):
+    """The talker's own forward (codec logits of a prompt of embeddings): attention + MoE with shared expert."""
+    from hf_kit import assert_valid_close
+    inputs = _talker_inputs(T=12, seed=8)
+    am = torch.ones(2, 12, dtype=torch.long)
+    if padding == "left":
+        am[1, :5] = 0
+    else:
+        am[1, 7:] = 0
+
+    def run():
+        with torch.no_grad():
+            return talker(inputs_embeds=inputs["inputs_embeds"], attention_mask=am).logits
+    ref = run()
+    with patch(talker, backend="emulator") as handle:
+        got = run()
+    assert_valid_close(f"talker {padding}-padded", ref, got, am)
+    calls = handle.calls()
+    assert calls.get("flash_attention", 0) > 0 and calls.get("moe_decode", 0) > 0, handle.report()
+    assert not handle.fallbacks(), handle.report()
+
+
 def test_sampling_runs_the_stock_code_predictor(talker):
     """Sampling cannot reproduce torch's RNG stream in a kernel: the hook hands it to the stock generate()."""
     inputs = _talker_inputs(B=1, seed=1)
