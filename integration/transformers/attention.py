@@ -9,15 +9,17 @@ How a mask maps onto the kernels (which know causal bottom-right alignment and p
   * None: one launch for the whole batch (prefill `flash_attention`, or `flash_attention_decode` when the new
     tokens are few and follow a cache);
   * bool: per sequence, the valid queries are the rows whose own key is attended, the valid keys the union of
-    what they attend. Right padding with Sq == Skv is one launch with valid lengths; otherwise (left padding,
-    decode after left padding) each sequence runs on its window ``q[qs:qe], k/v[ks:ke]``, after checking that
-    the mask inside the window is exactly causal bottom-right and empty outside it. Padded query rows get zeros
-    (they never reach a valid position: keys at padded positions are masked, GDN zeroes padded hidden states).
+    what they attend. Right padding with Sq == Skv is one launch with valid lengths; left padding with
+    Sq == Skv is the same after rotating each sequence's pads to the end (a gather, rotated back after);
+    otherwise (decode after left padding) each sequence runs on its window ``q[qs:qe], k/v[ks:ke]``. Every
+    window is checked first: the mask inside it must be exactly causal bottom-right and empty outside it.
+    Padded query rows get zeros (they never reach a valid position: keys at padded positions are masked, GDN
+    zeroes padded hidden states).
   * anything else (sliding window, non-causal modules, dropout, a mask pattern that is not causal + padding,
     head dims the kernel refuses) runs transformers' own sdpa function and is counted as a fallback.
 
 The attention output gate of Qwen3.5 / Qwen3-Next is applied by the model after this function (P6); the
-gated-attention forward in `GATED_ATTENTION_FORWARD` moves it into the kernel call (`gate=`).
+instance-level `gated_attention_forward` installed by `patch()` moves it into the kernel call (`gate=`).
 """
 from __future__ import annotations
 
@@ -168,6 +170,23 @@ class AttentionHook:
                     rows = torch.arange(Sq)[None, :] < lens[:, None]
                     out = out * rows[:, None, :, None].to(out.dtype)
                 return out.transpose(1, 2).contiguous()
+        # left padding of a fresh prefill: rotate each sequence's pads to the end (a gather of q/k/v, O(S D),
+        # small next to the O(S^2 D) attention), one launch with valid lengths, rotate the output back
+        if Sq == Skv and all(w[1] == Sq and w[3] == Skv and w[0] == w[2] for w in wins) \
+                and min(Sq - w[0] for w in wins) > 0:
+            pads = torch.tensor([w[0] for w in wins])
+            fwd = (torch.arange(Sq)[None, :] + pads[:, None]) % Sq            # rotated t <- original (t + pad)
+            lens = (Sq - pads).to(torch.int32)
+
+            def rot(x, idx):
+                return torch.gather(x, 2, idx[:, None, :, None].expand(x.shape[0], x.shape[1], Sq, x.shape[3]))
+            g = None if gate is None else rot(gate, fwd)
+            out = self._run(rot(query, fwd), rot(key, fwd), rot(value, fwd), scale, valid_lens=lens, gate=g)
+            back = (torch.arange(Sq)[None, :] - pads[:, None]) % Sq           # original t <- rotated (t - pad)
+            out = rot(out, back)
+            rows = torch.arange(Sq)[None, :] >= pads[:, None]                  # padded query rows: zeros
+            out = out * rows[:, None, :, None].to(out.dtype)
+            return out.transpose(1, 2).contiguous()
         out = query.new_zeros((B, Hq, Sq, D))
         for b, (qs, qe, ks, ke) in enumerate(wins):
             if qe == qs:

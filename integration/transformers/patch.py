@@ -73,7 +73,8 @@ class PatchHandle:
     def _set_attr(self, obj, name, value):
         had = name in vars(obj)
         old = vars(obj).get(name)
-        setattr(obj, name, value) if not _is_module(obj) else object.__setattr__(obj, name, value)
+        # plain attribute even on nn.Modules (bypasses their __setattr__ bookkeeping for modules/parameters)
+        object.__setattr__(obj, name, value)
 
         def undo():
             if had:
@@ -151,14 +152,6 @@ class PatchHandle:
 
     def __repr__(self):
         return self.report()
-
-
-def _is_module(obj):
-    try:
-        import torch
-        return isinstance(obj, torch.nn.Module)
-    except ImportError:  # pragma: no cover
-        return False
 
 
 def _accepts(fn, name):

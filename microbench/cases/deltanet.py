@@ -140,7 +140,7 @@ def _conv_update_case(b, quick=False):
 
 for _t in PREFILL_LENGTHS:
     _prefill_case(_t)
-_prefill_case(128, quick=True)
+_prefill_case(64, quick=True)
 for _b in DECODE_BATCHES:
     _decode_case(_b, quick=(_b == 1))
 for _t in PREFILL_LENGTHS[:2]:

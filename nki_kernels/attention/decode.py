@@ -169,7 +169,6 @@ def _section_scores(k_cache, v_cache, head, key_pos, b, kvh, s0, sn, i_sec, rows
     transposes into one PSUM bank per 8 chunks, evicted by the Scalar engine), because a DMA transpose would
     read K at half the bandwidth. k_is_bhds=True (baseline only): k_cache is [B, Hkv, D, S], copied as is.
     """
-    n_c = n_tiles(sn, K_CHUNK)
     kT_sb = nl.ndarray((P_MAX, n_d, _SECTION), dtype=dtype, buffer=nl.sbuf)
     v_sb = nl.ndarray((P_MAX, _SECTION // K_CHUNK, d), dtype=dtype, buffer=nl.sbuf)
     k_sb = nl.ndarray((P_MAX, _SECTION // K_CHUNK, d), dtype=dtype, buffer=nl.sbuf)
@@ -186,7 +185,8 @@ def _section_scores(k_cache, v_cache, head, key_pos, b, kvh, s0, sn, i_sec, rows
                 for i_d in range(n_d):
                     d0 = i_d * D_CHUNK
                     dn = min(D_CHUNK, d - d0)
-                    nisa.dma_copy(dst=kT_sb[0:dn, i_d, j0:j0 + jn], src=k_cache[b, kvh, d0:d0 + dn, s0 + j0:s0 + j0 + jn])
+                    nisa.dma_copy(dst=kT_sb[0:dn, i_d, j0:j0 + jn],
+                                  src=k_cache[b, kvh, d0:d0 + dn, s0 + j0:s0 + j0 + jn])
                 continue
             if rem == 0 and not k_is_bhds:
                 # partition-major: partition p holds keys j0 + p*full .. + full - 1, one contiguous run of

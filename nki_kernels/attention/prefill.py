@@ -1,17 +1,18 @@
 """Flash attention prefill (context encoding) for head_dim up to 256, BHSD in and out, GQA without KV copies.
 
-Loop nest (per program instance; see docs/kernels/attention.md for the memory plan):
+Loop nest (per program instance; docs/kernels/attention.md has the memory plan and modeled numbers):
 
     for each (b, kv head) this core owns:
-        K^T [D, Skv] and V [Skv, D] -> SBUF once (K transposed by DMA on load)
-        for each query head of the group, each 128-row query tile:
-            Q^T tile [D, 128] (DMA transpose)
-            for each 2048-key block not entirely above the diagonal (skipped at trace time):
-                S = Q K^T   (PSUM, 4 banks; D contracted in 128-row chunks)
-                mask (runtime valid lengths: additive bias; diagonal block: affine_select)
-                online softmax: m, alpha, P = exp(scale*S - scale*m) with its row sum
-                P^T by DMA transpose; O = alpha*O + P V (PV accumulated in one PSUM bank)
-            out = O / l (padded query rows: 0), optionally * sigmoid(gate)
+        K^T [D, Skv] (DMA transpose on load) and V [Skv, D] -> SBUF once; shared by the group's query heads
+        all (query head, 128-row query tile) streams of the group flow through one software pipeline of
+        _N_STREAMS slots; in pipeline step t each slot handles one 512-key block of its current stream:
+            QK of block t (PSUM, D contracted in 128-row chunks)
+            mask (runtime valid lengths: additive bias; causal diagonal block: cached affine_select bias)
+            running max (negated, scaled domain), P = exp(scale*S - scale*m) with row sums, alpha
+            P^T of block t by DMA transpose (chunks 2..3) and of block t-1 on the PE (chunks 0..1)
+            P V of block t-2 and O = alpha*O + PV (one PSUM bank, fp32)
+        a stream's last PV writes out = O / l (padded query rows: 0), optionally * sigmoid(gate)
+    Key blocks entirely above the causal diagonal are never generated (trace-time skip).
 """
 from __future__ import annotations
 
@@ -21,13 +22,14 @@ from ..backend import call, nki, nisa, nl
 from ..hw import P_MAX
 from ..validation import kernel_check
 from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, KV_BLOCK, MASK_BIAS, MAX_HEAD_DIM, MM_KEYS,
-                      is_two_byte, load_len_broadcast, load_transposed, n_tiles, transpose_probs)
+                      is_two_byte, load_len_broadcast, load_transposed, n_tiles)
 
 _Q_TILE = P_MAX                   # query rows per tile (partitions of S, O)
 _BLOCK_2BYTE = MM_KEYS            # keys per softmax block for bf16/fp16: S of one stream = 1 PSUM bank
 _BLOCK_FP32 = MM_KEYS             # keys per softmax block for fp32
-_N_STREAMS = 2                    # query tiles in flight (PSUM, bf16: S 2 slots x 2 buffers = 4 banks, PV 2 banks,
-#                                   P^T 1 bank; fp32: S single-buffered, P^T 2 banks)
+_N_STREAMS = 2                    # pipeline slots (query tiles in flight). PSUM, bf16: S 2 slots x 2 buffers x 1 bank
+#                                   + PV 2 x 2 x 1 KiB (2 banks) + P^T 1 bank + Q^T 1 bank = 8 banks; fp32: S single-
+#                                   buffered (2) + P^T (2) + PV (2) + Q^T (1) = 7 banks
 _PE_T_CHUNKS = 2                  # 128-key chunks of P per block transposed on the PE; the rest by DMA transpose
 #                                   (balances TensorE time against the DMA queues' transpose bandwidth)
 _S_RING = 2                       # score PSUM buffers per slot (bf16/fp16)
@@ -321,7 +323,8 @@ def _scores(bufs, kT_sb, st, j, step, block, d, n_d):
         for j0 in range(0, kn, MM_KEYS):
             jn = min(MM_KEYS, kn - j0)
             s_psum = bufs["s_psum"]
-            nisa.nc_matmul(s_psum[0:st.qn, step % s_psum.shape[1], st.slot, j0:j0 + jn], bufs["qT"][0:dn, st.slot, st.gen, i_d, 0:st.qn],
+            nisa.nc_matmul(s_psum[0:st.qn, step % s_psum.shape[1], st.slot, j0:j0 + jn],
+                           bufs["qT"][0:dn, st.slot, st.gen, i_d, 0:st.qn],
                            kT_sb[0:dn, i_d, k0 + j0:k0 + j0 + jn], accumulate=i_d > 0)
 
 

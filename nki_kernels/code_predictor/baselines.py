@@ -13,9 +13,9 @@ import numpy as np
 
 from ..backend import call, nisa, nki, nl
 from ..hw import P_MAX, SBUF_BYTES_PER_PARTITION
-from .unrolled import (_SBUF_HEADROOM, _W_NAMES, _Cfg, _activation_bytes_per_partition, _final_logits,
-                       _gather_embed, _layer, _rope_T, _rows_to_T, _select_code, _setup, _weights_args,
-                       check_inputs, resident_bytes_per_partition)
+from .unrolled import (_K_TILE, _SBUF_HEADROOM, _W_NAMES, _Cfg, _activation_bytes_per_partition, _final_logits,
+                       _gather_embed, _greedy_code_T, _greedy_consts, _layer, _rope_T, _rows_to_T, _select_code,
+                       _setup, _weights_args, check_inputs, resident_bytes_per_partition)
 from .weights import CodePredictorWeights
 
 
@@ -54,6 +54,9 @@ def code_predictor_reprefill_kernel(past_hidden, code0_embed, uniforms, input_no
     c_full = _Cfg(bg * slots, H, L, n_q_heads, n_kv_heads, D, I, slots, eps)
     S = _setup(c_full, W, resident, False, bb, (bb * slots * r, slots * r, bb, slots, slots))
     sampling = (do_sample, inv_temperature, top_k, top_p)
+    fm_greedy = (not do_sample) and vh % _K_TILE == 0
+    if fm_greedy:
+        _greedy_consts(S, vh)
     for b0 in range(0, B, bg):
         nbg = min(bg, B - b0)
         c = _Cfg(nbg * slots, H, L, n_q_heads, n_kv_heads, D, I, slots, eps)
@@ -73,8 +76,11 @@ def code_predictor_reprefill_kernel(past_hidden, code0_embed, uniforms, input_no
             hT = _rows_to_T(x_rows, c)
             for l in range(L):
                 _layer(c, W, S, l, hT, cos_t, sin_t, ("self", slots))
-            logits = _final_logits(c, W, S, hT, j, vh, slice(j + 1, c.rows, slots), nbg)
-            code = _select_code(logits, nbg, vh, u_sb[:, j:j + 1], sampling)
+            if fm_greedy:
+                code = _greedy_code_T(c, W, S, hT, j, vh, slice(j + 1, c.rows, slots), nbg)
+            else:
+                logits = _final_logits(c, W, S, hT, j, vh, slice(j + 1, c.rows, slots), nbg)
+                code = _select_code(logits, nbg, vh, u_sb[:, j:j + 1], sampling)
             nisa.dma_copy(dst=codes[b0:b0 + nbg, j:j + 1], src=code)
             emb = _gather_embed(codec_embed, j, code, nbg, H, V)
             nisa.dma_copy(dst=codec_embeds[b0:b0 + nbg, j, :], src=emb)
@@ -106,7 +112,7 @@ def code_predictor_step_kernel(x_in, code0_embed, kv_k, kv_v, uniforms, input_no
                             lm_head_t, codec_embed, rope_cos, rope_sin)))
     code_out = nl.ndarray((B, 1), dtype=nl.int32, buffer=nl.shared_hbm)
     emb_out = nl.ndarray((B, H), dtype=codec_embed.dtype, buffer=nl.shared_hbm)
-    bb = max(1, min(B, P_MAX // c.G, P_MAX // c.r))
+    bb = max(1, min(B, P_MAX // c.r))
     S = _setup(c, W, resident, True, bb, (bb * c.r, c.r, bb, c.G))
     if step > 0:
         nisa.dma_copy(dst=S["kT"], src=kv_k)
@@ -123,8 +129,12 @@ def code_predictor_step_kernel(x_in, code0_embed, kv_k, kv_v, uniforms, input_no
         sin_t = _rope_T(c, rope_sin, [[0, B]], pos * D)
         for l in range(L):
             _layer(c, W, S, l, hT, cos_t, sin_t, ("cache", pos))
-    logits = _final_logits(c, W, S, hT, step, vh, None, B)
-    code = _select_code(logits, B, vh, u_sb[:, step:step + 1], (do_sample, inv_temperature, top_k, top_p))
+    if (not do_sample) and vh % _K_TILE == 0:
+        _greedy_consts(S, vh)
+        code = _greedy_code_T(c, W, S, hT, step, vh, None, B)
+    else:
+        logits = _final_logits(c, W, S, hT, step, vh, None, B)
+        code = _select_code(logits, B, vh, u_sb[:, step:step + 1], (do_sample, inv_temperature, top_k, top_p))
     nisa.dma_copy(dst=code_out, src=code)
     emb = _gather_embed(codec_embed, step, code, B, H, V)
     nisa.dma_copy(dst=emb_out, src=emb)

@@ -7,11 +7,15 @@ cache in SBUF (no recomputation of earlier positions), on-device argmax or sampl
 embedding gathered by a dynamic DMA from the sampled code, and the per-step embeddings (and their sum, which
 the talker adds to its next input) written out.
 
-Layout: token rows (batch) on partitions for the residual stream, norms, RoPE, MLP activations and logits;
-feature-major (transposed by TensorE) copies feed the matmuls as the stationary operand and the weights
-stream through as the moving operand ([in, out] layout, see weights.py). Attention: q/k/v of each KV group
-are transposed to [D, rows]; K^T and V^T are cached per (layer, KV head) as [D, B, G] in SBUF; scores for a
-block of Bb batch rows are one matmul [(b, q-head), (b', t)] with a block-diagonal (b == b') mask.
+Layout: the residual stream and activations are feature-major, hT [128, H / 128, rows] (feature c * 128 + p on
+partition p), so decode-sized batches still use every partition; projections are weight-stationary 128 x 128
+matmuls ([in, out] weights, see weights.py) with the activations moving, and their outputs land feature-major
+again. Row sums over features (RMSNorm, q/k head norms) are per-partition partial sums plus an all-ones matmul;
+RoPE's rotate-half is a +-1 permutation matmul. K^T and V^T are cached per (layer, KV head) as [D, B, G] in SBUF;
+scores for a block of batch rows are one matmul [(b, q-head), (b', t)] with a block-diagonal (b == b') mask.
+The prompt's two positions run as one pass over 2B rows. Greedy argmax runs with the vocab on partitions;
+sampling and non-multiple-of-128 vocabularies use logits rows with nisa.max8 / nc_find_index8.
+See docs/kernels/code_predictor.md for the loop nest, memory plan and modeled numbers.
 """
 from __future__ import annotations
 
@@ -295,7 +299,8 @@ def _layer(c, W, S, l, hT, cos_t, sin_t, attn):
         kT_all, vT_all = S["kT"], S["vT"]
         nisa.tensor_copy(dst=kT_all[:, l, :, :, pos], src=qk[:, Hq:NH, :])
         nisa.tensor_copy(dst=vT_all[:, l, :, :, pos], src=qkvT[:, NH:NH + Hkv, :])
-        bb = S["bb"]
+        # rows per block: as many as the keys allow (nb * n_t <= 128 partitions for P^T / V rows)
+        bb = max(1, min(S["bb"], P_MAX // n_t))
         for g in range(Hkv):
             for b0 in range(0, R, bb):
                 nb = min(bb, R - b0)
@@ -593,7 +598,7 @@ def code_predictor_kernel(past_hidden, code0_embed, uniforms, input_norm, post_n
     codec_embeds = nl.ndarray((B, G1, H), dtype=codec_embed.dtype, buffer=nl.shared_hbm)
     codec_sum = nl.ndarray((B, H), dtype=codec_embed.dtype, buffer=nl.shared_hbm)
 
-    bb = max(1, min(B, P_MAX // c.G, P_MAX // c.r))       # batch rows per attention block
+    bb = max(1, min(B, P_MAX // c.r))        # most batch rows per attention block (also <= 128 // keys per step)
     S = _setup(c, W, resident, True, bb, (bb * c.r, c.r, bb, c.G))
     u_sb = nl.ndarray((B, G1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.dma_copy(dst=u_sb, src=uniforms)

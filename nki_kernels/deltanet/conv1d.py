@@ -16,6 +16,8 @@ from ..validation import kernel_check
 # ---------------------------------------------------------------- constraints
 _MAX_KERNEL_WIDTH = 8             # taps K (Qwen3.5/Next use 4)
 _MAX_SEQ = 16384                  # T: the whole [128, K + T] history row lives in SBUF (<= 32 KiB bf16)
+_MAX_ROW_ELEMS = 8192             # free elements per partition of one [P, n_b, K + T] history tile
+_MAX_UPDATE_ROW_ELEMS = 32768     # update form: C * (K + T) fp32 per partition (128 KiB of SBUF)
 _FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 _ACTIVATIONS = (None, "silu", "swish")
 
@@ -38,9 +40,10 @@ def causal_conv1d_kernel(x, weight, conv_state, lengths, has_state, in_place, ap
     Constraints:
         T <= _MAX_SEQ, K <= _MAX_KERNEL_WIDTH.
     Pseudocode:
-        for b, channel tile: hist = [conv_state | x] ([P, K + T] SBUF)
-          acc = sum_i w[:, i] * hist[:, 1 + i : 1 + i + T]; y = silu(acc)
-          new_state = hist[:, L_b : L_b + K]   (dynamic DMA, L_b runtime)
+        for channel tile (128 channels on the partitions), for a group of sequences (free dim):
+          hist[:, b] = [conv_state[b] | x[b]] ([P, n_b, K + T] SBUF)
+          acc = sum_i w[:, i] * hist[:, :, 1 + i : 1 + i + T]; y = silu(acc)
+          new_state[b] = hist[:, b, L_b : L_b + K]   (dynamic DMA per sequence when L_b is runtime data)
     """
     bsz, n_ch, seq = x.shape
     kw = weight.shape[1]
@@ -49,36 +52,91 @@ def causal_conv1d_kernel(x, weight, conv_state, lengths, has_state, in_place, ap
     new_state = conv_state if in_place else nl.ndarray((bsz, n_ch, kw), dtype=conv_state.dtype,
                                                        buffer=nl.shared_hbm)
     n_ct = (n_ch + P_MAX - 1) // P_MAX
-    for i_b in nl.affine_range(bsz):
-        len_i = nl.ndarray((1, 1), dtype=nl.int32, buffer=nl.sbuf)
-        nisa.dma_copy(dst=len_i, src=lengths.ap(pattern=[[1, 1], [1, 1]], offset=i_b))
-        for i_ct in nl.affine_range(n_ct):
-            c0 = i_ct * P_MAX
-            pc = min(P_MAX, n_ch - c0)
-            w_sb = nl.ndarray((P_MAX, kw), dtype=f32, buffer=nl.sbuf)
-            nisa.dma_copy(dst=w_sb[0:pc], src=weight[c0:c0 + pc])
-            hist = nl.ndarray((P_MAX, kw + seq), dtype=x.dtype, buffer=nl.sbuf)
+    nb = max(1, min(bsz, _MAX_ROW_ELEMS // (kw + seq)))          # sequences per tile (free dim)
+    n_bt = (bsz + nb - 1) // nb
+    len_i = nl.ndarray((1, bsz), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=len_i, src=lengths.ap(pattern=[[bsz, 1], [1, bsz]], offset=0))
+    for i_ct in nl.affine_range(n_ct):
+        c0 = i_ct * P_MAX
+        pc = min(P_MAX, n_ch - c0)
+        w_sb = nl.ndarray((P_MAX, kw), dtype=f32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=w_sb[0:pc], src=weight[c0:c0 + pc])
+        for i_bt in nl.affine_range(n_bt):
+            b0 = i_bt * nb
+            n_b = min(nb, bsz - b0)
+            bs = slice(b0, b0 + n_b)
+            # hist[:, b] = [conv_state[b] | x[b]]: input t of sequence b at column K + t
+            hist = nl.ndarray((P_MAX, nb, kw + seq), dtype=x.dtype, buffer=nl.sbuf)
             if has_state:
-                nisa.dma_copy(dst=hist[0:pc, 0:kw], src=conv_state[i_b, c0:c0 + pc])
+                nisa.dma_copy(dst=hist[0:pc, 0:n_b, 0:kw], src=conv_state[bs, c0:c0 + pc].permute((1, 0, 2)))
             else:
-                nisa.memset(dst=hist[0:pc, 0:kw], value=0.0)
-            nisa.dma_copy(dst=hist[0:pc, kw:kw + seq], src=x[i_b, c0:c0 + pc])
-            acc = nl.ndarray((P_MAX, seq), dtype=f32, buffer=nl.sbuf)
-            nisa.tensor_scalar(dst=acc[0:pc], data=hist[0:pc, 1:1 + seq], op0=nl.multiply,
+                nisa.memset(dst=hist[0:pc, 0:n_b, 0:kw], value=0.0)
+            nisa.dma_copy(dst=hist[0:pc, 0:n_b, kw:kw + seq], src=x[bs, c0:c0 + pc].permute((1, 0, 2)))
+            acc = nl.ndarray((P_MAX, nb, seq), dtype=f32, buffer=nl.sbuf)
+            nisa.tensor_scalar(dst=acc[0:pc, 0:n_b], data=hist[0:pc, 0:n_b, 1:1 + seq], op0=nl.multiply,
                                operand0=w_sb[0:pc, 0:1])
             for i_k in nl.static_range(1, kw):
-                nisa.scalar_tensor_tensor(dst=acc[0:pc], data=hist[0:pc, 1 + i_k:1 + i_k + seq], op0=nl.multiply,
-                                          operand0=w_sb[0:pc, i_k:i_k + 1], op1=nl.add, operand1=acc[0:pc])
-            y_sb = nl.ndarray((P_MAX, seq), dtype=x.dtype, buffer=nl.sbuf)
-            nisa.activation(dst=y_sb[0:pc], op=nl.silu if apply_silu else nl.copy, data=acc[0:pc])
-            nisa.dma_copy(dst=y[i_b, c0:c0 + pc], src=y_sb[0:pc])
+                nisa.scalar_tensor_tensor(dst=acc[0:pc, 0:n_b], data=hist[0:pc, 0:n_b, 1 + i_k:1 + i_k + seq],
+                                          op0=nl.multiply, operand0=w_sb[0:pc, i_k:i_k + 1], op1=nl.add,
+                                          operand1=acc[0:pc, 0:n_b])
+            y_sb = nl.ndarray((P_MAX, nb, seq), dtype=x.dtype, buffer=nl.sbuf)
+            nisa.activation(dst=y_sb[0:pc, 0:n_b], op=nl.silu if apply_silu else nl.copy, data=acc[0:pc, 0:n_b])
+            nisa.dma_copy(dst=y[bs, c0:c0 + pc].permute((1, 0, 2)), src=y_sb[0:pc, 0:n_b])
             # new state: inputs L_b - K .. L_b - 1 = hist columns L_b .. L_b + K - 1
-            tail = hist[0:pc].ap(pattern=[[kw + seq, pc], [1, kw]], offset=0, scalar_offset=len_i,
-                                 indirect_dim=1)
-            nisa.dma_copy(dst=new_state[i_b, c0:c0 + pc], src=tail)
+            if in_place:                      # update form: L_b = T for every sequence (static)
+                nisa.dma_copy(dst=new_state[bs, c0:c0 + pc].permute((1, 0, 2)), src=hist[0:pc, 0:n_b, seq:seq + kw])
+            else:                             # valid lengths are runtime data: one dynamic read per sequence
+                for i_b in nl.affine_range(n_b):
+                    tail = hist[0:pc, i_b].ap(pattern=[[nb * (kw + seq), pc], [1, kw]], offset=0,
+                                              scalar_offset=len_i[0:1, b0 + i_b:b0 + i_b + 1], indirect_dim=2)
+                    nisa.dma_copy(dst=new_state[b0 + i_b, c0:c0 + pc], src=tail)
     if in_place:
         return y
     return y, new_state
+
+
+@nki.jit
+def causal_conv1d_update_kernel(x, conv_state, weight, apply_silu):
+    """Decode form: sequences on the partitions, channels x taps on the free dim (all rows contiguous).
+
+    Dimensions:
+        B batch (tiles of 128), C channels, T new tokens (small), K taps.
+    Args:
+        x: [B, C, T] @ HBM; conv_state: [B, C, K] @ HBM, updated in place to the last K inputs;
+        weight: [C, K] @ HBM (broadcast to every partition by DMA).
+    Returns:
+        y: [B, C, T] @ HBM in x's dtype.
+    Constraints:
+        C * (K + T) <= _MAX_ROW_ELEMS * 4 elements per partition.
+    Pseudocode:
+        for batch tile: hist = [conv_state | x] ([P, C, K + T]); w = weight on every partition
+          for t: y[:, :, t] = act(sum_i w[:, :, i] * hist[:, :, t + 1 + i]); conv_state = hist[:, :, T:T+K]
+    """
+    bsz, n_ch, seq = x.shape
+    kw = weight.shape[1]
+    f32 = nl.float32
+    y = nl.ndarray((bsz, n_ch, seq), dtype=x.dtype, buffer=nl.shared_hbm)
+    pw = min(bsz, P_MAX)
+    cdt = x.dtype if x.dtype == nl.bfloat16 else f32     # bf16 rows run VectorE in its fast mode
+    w_sb = nl.ndarray((pw, n_ch, kw), dtype=cdt, buffer=nl.sbuf)
+    nisa.dma_copy(dst=w_sb, src=weight.ap(pattern=[[0, pw], [kw, n_ch], [1, kw]], offset=0))
+    for i_bt in nl.affine_range((bsz + P_MAX - 1) // P_MAX):
+        b0 = i_bt * P_MAX
+        pb = min(P_MAX, bsz - b0)
+        hist = nl.ndarray((pw, n_ch, kw + seq), dtype=cdt, buffer=nl.sbuf)
+        nisa.dma_copy(dst=hist[0:pb, :, 0:kw], src=conv_state[b0:b0 + pb])
+        nisa.dma_copy(dst=hist[0:pb, :, kw:kw + seq], src=x[b0:b0 + pb])
+        y_sb = nl.ndarray((pw, n_ch, seq), dtype=x.dtype, buffer=nl.sbuf)
+        for i_t in nl.static_range(seq):
+            prod = nl.ndarray((pw, n_ch, kw), dtype=cdt, buffer=nl.sbuf)
+            nisa.tensor_tensor(dst=prod[0:pb], data1=hist[0:pb, :, 1 + i_t:1 + i_t + kw], data2=w_sb[0:pb],
+                               op=nl.multiply)
+            acc = nl.ndarray((pw, n_ch), dtype=f32, buffer=nl.sbuf)
+            nisa.tensor_reduce(dst=acc[0:pb], op=nl.add, data=prod[0:pb], axis=2)
+            nisa.activation(dst=y_sb[0:pb, :, i_t], op=nl.silu if apply_silu else nl.copy, data=acc[0:pb])
+        nisa.dma_copy(dst=y[b0:b0 + pb], src=y_sb[0:pb])
+        nisa.dma_copy(dst=conv_state[b0:b0 + pb], src=hist[0:pb, :, seq:seq + kw])
+    return y
 
 
 def _dtype_name(x):
@@ -145,9 +203,9 @@ def causal_conv1d_update(x, conv_state, weight, activation="silu", bias=None, **
                  f"{tuple(getattr(conv_state, 'shape', ()))}")
     kernel_check(_dtype_name(conv_state) in _FLOAT_DTYPES, f"{name}: conv_state must be a float tensor, "
                  f"got {_dtype_name(conv_state)}")
-    lengths = np.full(bsz, seq, dtype=np.int32)
-    return call(causal_conv1d_kernel, x, weight, conv_state, lengths, has_state=True, in_place=True,
-                apply_silu=activation is not None)
+    kernel_check(n_ch * (kw + seq) <= _MAX_UPDATE_ROW_ELEMS, f"{name}: C * (K + T) must be <= "
+                 f"{_MAX_UPDATE_ROW_ELEMS} (one sequence per partition), got C={n_ch}, K={kw}, T={seq}")
+    return call(causal_conv1d_update_kernel, x, conv_state, weight, apply_silu=activation is not None)
 
 
 def _zeros_like(x, shape):

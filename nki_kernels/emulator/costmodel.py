@@ -335,13 +335,59 @@ _install_alloc_tracking()
 # ----------------------------------------------------------------------------------------------- schedule
 
 
+def _region(a):
+    """(lo, hi, P, run, cnt, dense_flat) of an access: flat span, partitions (0 for HBM / dynamic), and the
+    per-partition layout as `cnt` teeth of `run` contiguous elements at a uniform stride (cnt = 1: a dense window;
+    cnt = -1: unknown layout, use the bounding window). dense_flat: the whole access is one contiguous block."""
+    P = 0 if a.buffer == "hbm" or a.dynamic else a.partitions
+    per = a.elems_pp if P else max(1, a.elems_pp)
+    item = max(1, a.nbytes // max(1, (a.partitions if P else 1) * per))
+    dense_flat = (not a.dynamic) and a.contig_bytes >= a.nbytes
+    run = min(per, max(1, a.contig_bytes // item))
+    if run >= per:
+        cnt = 1
+    else:
+        free = [d for d in (a.shape[1:] if P else a.shape) if d != 1]
+        if P == 0:
+            free = [d for d in a.shape if d != 1]
+            free = free[1:] if len(free) > 2 else free
+        cnt = per // run if (len(free) == 2 and free[-1] == run and free[0] * run == per) else -1
+    return (a.lo, a.hi, P, run, cnt, dense_flat)
+
+
+def _teeth_hit(f0a, wa, ra, ca, f0b, wb, rb, cb) -> bool:
+    """Do two per-partition layouts (window start, width, run, count) share an element? Conservative."""
+    if ca < 0 or cb < 0:
+        return True
+    if ca == 1 and cb == 1:
+        return True                       # dense windows that overlap
+    sa = (wa - ra) // (ca - 1) if ca > 1 else 0
+    sb = (wb - rb) // (cb - 1) if cb > 1 else 0
+    if ca > 1 and cb > 1:
+        if sa != sb or sa <= 0:
+            return True
+        s = sa
+        da, db = f0a % s, f0b % s
+        return (db - da) % s < ra or (da - db) % s < rb
+    if ca == 1:                           # interval [x0, x1) against comb b
+        x0, x1, f0, st, r, c = f0a, f0a + wa, f0b, sb, rb, cb
+    else:
+        x0, x1, f0, st, r, c = f0b, f0b + wb, f0a, sa, ra, ca
+    if st <= 0:
+        return True
+    i_min = max(0, (x0 - r - f0) // st + 1)
+    i_max = min(c - 1, -((f0 - x1) // st) - 1)
+    return i_min <= i_max
+
+
 class _Spans:
-    """Per storage id: recent write and read accesses (lo, hi, P, t) with their finish times (µs).
+    """Per storage id: recent write and read accesses with their finish times (µs).
 
     On-chip tensors are [partition, free] row-major, so a flat span [lo, hi) of a P-partition view is a
-    partition range and a per-partition free window once the storage's row size F is known. F is inferred
-    from accesses that are contiguous within each partition (then hi - lo = (P - 1) F + elems_pp). Overlap
-    tests use rectangles when F is known and flat bounding spans otherwise (conservative). HBM is flat.
+    partition range and a per-partition free window once the storage's row size F is known; inside the window
+    a 2-level view ([P, c, r] slices of a bigger tile) is `c` teeth of `r` elements. F is inferred from accesses
+    that are contiguous within each partition (then hi - lo = (P - 1) F + elems_pp). Without F, flat bounding
+    spans are compared (conservative). HBM is flat.
     """
     __slots__ = ("writes", "reads", "F")
     CAP = 64
@@ -371,48 +417,70 @@ class _Spans:
             w = hi - lo - (P - 1) * F
             f0 = lo - p0 * F
             if w <= 0 or f0 + w > F:
-                return (p0, (hi - 1) // F + 1, 0, F)
-            return (p0, p0 + P, f0, f0 + w)
+                return (p0, (hi - 1) // F + 1, 0, F, False)
+            return (p0, p0 + P, f0, f0 + w, True)
         p1 = (hi - 1) // F
         if p1 == p0:
-            return (p0, p0 + 1, lo - p0 * F, hi - p0 * F)
-        return (p0, p1 + 1, 0, F)
+            return (p0, p0 + 1, lo - p0 * F, hi - p0 * F, True)
+        return (p0, p1 + 1, 0, F, False)
 
-    def max_overlap(self, lst, lo, hi, P, eng=None) -> float:
-        """Latest finish among entries overlapping [lo, hi); entries of engine `eng` count at their engine-done
+    def _overlap(self, g, e) -> bool:
+        lo, hi = g[0], g[1]
+        if not (e[0] < hi and lo < e[1]):
+            return False
+        r = self._rect(lo, hi, g[2])
+        if r is None:
+            return True
+        q = self._rect(e[0], e[1], e[2])
+        if q is None:
+            return True
+        if not (q[0] < r[1] and r[0] < q[1] and q[2] < r[3] and r[2] < q[3]):
+            return False
+        if r[4] and q[4]:
+            return _teeth_hit(r[2], r[3] - r[2], g[3], g[4], q[2], q[3] - q[2], e[3], e[4])
+        return True
+
+    def max_overlap(self, lst, g, eng=None) -> float:
+        """Latest finish among entries overlapping region g; entries of engine `eng` count at their engine-done
         time (an in-order engine keeps its own write order without waiting for the result latency)."""
         best = 0.0
-        r = self._rect(lo, hi, P)
-        for a0, a1, q, t, e_eng, t_eng in lst:
-            if e_eng == eng:
-                t = t_eng
-            if t <= best or not (a0 < hi and lo < a1):
+        for e in lst:
+            t = e[7] if e[6] == eng else e[5]
+            if t <= best:
                 continue
-            if r is not None:
-                e = self._rect(a0, a1, q)
-                if e is not None and not (e[0] < r[1] and r[0] < e[1] and e[2] < r[3] and r[2] < e[3]):
-                    continue
-            best = t
+            if self._overlap(g, e):
+                best = t
         return best
 
     @staticmethod
-    def _add(lst, lo, hi, P, t, eng, t_eng, cap):
-        lst.append((lo, hi, P, t, eng, t_eng))
+    def _add(lst, g, t, eng, t_eng, cap):
+        lst.append((g[0], g[1], g[2], g[3], g[4], t, eng, t_eng))
         if len(lst) > cap:
             half = len(lst) // 2
             old = lst[:half]
-            lst[:half] = [(min(x[0] for x in old), max(x[1] for x in old), 0, max(x[3] for x in old), None,
-                           max(x[3] for x in old))]
+            tm = max(x[5] for x in old)
+            lst[:half] = [(min(x[0] for x in old), max(x[1] for x in old), 0, 1, -1, tm, None, tm)]
 
-    def add_write(self, lo, hi, P, t, eng, t_eng):
-        if lo == 0 or self.writes or self.reads:
-            # a write covering earlier flat spans supersedes them (it waited for them)
-            self.writes = [w for w in self.writes if not (lo <= w[0] and w[1] <= hi and (P > 1 or P == w[2]))]
-            self.reads = [x for x in self.reads if not (lo <= x[0] and x[1] <= hi and (P > 1 or P == x[2]))]
-        self._add(self.writes, lo, hi, P, t, eng, t_eng, self.CAP)
+    def _covers(self, g, e) -> bool:
+        """Does dense write g cover entry e entirely (so e no longer matters)?"""
+        if g[4] != 1:
+            return False
+        if g[5]:                                   # one contiguous block: flat containment
+            return g[0] <= e[0] and e[1] <= g[1]
+        r = self._rect(g[0], g[1], g[2])
+        q = self._rect(e[0], e[1], e[2])
+        if r is None or q is None or not r[4]:
+            return False
+        return r[0] <= q[0] and q[1] <= r[1] and r[2] <= q[2] and q[3] <= r[3]
 
-    def add_read(self, lo, hi, P, t, eng):
-        self._add(self.reads, lo, hi, P, t, eng, t, self.CAP)
+    def add_write(self, g, t, eng, t_eng):
+        if (self.writes or self.reads) and g[4] == 1:
+            self.writes = [w for w in self.writes if not self._covers(g, w)]
+            self.reads = [x for x in self.reads if not self._covers(g, x)]
+        self._add(self.writes, g, t, eng, t_eng, self.CAP)
+
+    def add_read(self, g, t, eng):
+        self._add(self.reads, g, t, eng, t, self.CAP)
 
 
 class _Pipe:
@@ -557,24 +625,24 @@ def model_trace(trace, target=None, *, params: CostParams | None = None, hbm_sha
             if s is None:
                 s = spans[a.sid] = _Spans()
             s.learn(a)
-            r = (a.lo, a.hi, 0 if a.buffer == "hbm" or a.dynamic else a.partitions)
+            r = _region(a)
             rrects.append((a, s, r))
             if s.writes:
-                ready = max(ready, s.max_overlap(s.writes, *r))
+                ready = max(ready, s.max_overlap(s.writes, r))
         wrects = []
         for a in ins.writes:
             s = spans.get(a.sid)
             if s is None:
                 s = spans[a.sid] = _Spans()
             s.learn(a)
-            r = (a.lo, a.hi, 0 if a.buffer == "hbm" or a.dynamic else a.partitions)
+            r = _region(a)
             wrects.append((a, s, r))
             if a.buffer == "hbm" and eng == DMA:
                 continue   # DMA writes to HBM are not ordered against each other (no WAW/WAR on HBM)
             if s.writes:
-                ready = max(ready, s.max_overlap(s.writes, *r, eng=eng))
+                ready = max(ready, s.max_overlap(s.writes, r, eng=eng))
             if s.reads:
-                ready = max(ready, s.max_overlap(s.reads, *r))
+                ready = max(ready, s.max_overlap(s.reads, r))
         if eng == DMA:
             occ, lat = dma_cost(ins, t, p, hbm_bw, dma_bw)
             qi = min(range(len(queue_free)), key=queue_free.__getitem__)
@@ -632,11 +700,11 @@ def model_trace(trace, target=None, *, params: CostParams | None = None, hbm_sha
                 if a.buffer != "hbm" and last_use.get(a.sid, 0.0) < done_engine:
                     last_use[a.sid] = done_engine
         for a, s, r in wrects:
-            s.add_write(*r, done_for_readers, eng, done_engine)
+            s.add_write(r, done_for_readers, eng, done_engine)
         for a, s, r in rrects:
             if a.buffer == "hbm":
                 continue   # nothing orders HBM writes after reads in our kernels' model
-            s.add_read(*r, done_engine, eng)
+            s.add_read(r, done_engine, eng)
         end = max(end, done_for_readers)
         if tl is not None:
             tl.append((ins.idx, ins.name, eng, ready, start, done_for_readers))

@@ -121,27 +121,35 @@ def _blocks_phase(hidden, expert_affinities, gate_up, down, token_position_to_id
         nisa.dma_copy(dst=ids_sb[0:n_tok, :],
                       src=token_position_to_id.ap(pattern=[[1, n_tok], [block_size, n_blocks]], offset=s0))
         ids_all.append(ids_sb)
-    args = (hidden, expert_affinities, gate_up, down, top_k_index, scratch, e_all_sb, eg_all_sb, ids_all)
+    args = (hidden, expert_affinities, gate_up, down, top_k_index, e_all_sb, eg_all_sb, ids_all)
     consts = (block_size, n_local, n_h)
+    # software pipeline over the blocks: stage A (weights, gather, transposes, gate/up, SiLU) of block b is issued
+    # before stage B (h transposes, down projection, store) of block b - 1, so every engine has independent work
+    # queued; two call sites per stage give consecutive blocks separate tile buffers (manual double buffering)
+    pending = None
     for i_local, i_b in enumerate(range(pid, n_blocks, n_prog)):
-        # two call sites = two tile sets: consecutive blocks get separate buffers (manual double buffering), so a
-        # block's weight / token loads overlap more of the previous blocks' compute
         if i_local % 2 == 0:
-            _one_block(*args, i_b, *consts)
+            staged = _block_stage_a(*args, i_b, *consts)
         else:
-            _one_block(*args, i_b, *consts)
+            staged = _block_stage_a(*args, i_b, *consts)
+        if pending is not None:
+            _block_stage_b(scratch, hidden.dtype, pending)
+        pending = staged
+    if pending is not None:
+        _block_stage_b(scratch, hidden.dtype, pending)
 
 
-def _one_block(hidden, expert_affinities, gate_up, down, top_k_index, scratch, e_all_sb, eg_all_sb, ids_all, i_b,
-               block_size, n_local, n_h):
-    """One block: its expert's weights by dynamic DMA, then per chunk of <= 128 slots gather, FFN, store."""
+def _block_stage_a(hidden, expert_affinities, gate_up, down, top_k_index, e_all_sb, eg_all_sb, ids_all, i_b,
+                   block_size, n_local, n_h):
+    """Block i_b up to h = a * silu(x Wg) * (x Wu): its expert's weights by dynamic DMA, then per chunk of
+    <= 128 slots the token gather, affinity, x transposes and gate/up matmuls. Returns what stage B needs."""
     h_total = hidden.shape[1]
     e_sb = e_all_sb[:, i_b:i_b + 1]
     wgu_sb = load_gate_up(gate_up, e_sb[0:1, :])
     wd_sb = load_down(down, e_sb[0:1, :])
+    chunks = []
     for i_c, s0 in enumerate(range(0, block_size, TOK_TILE)):
         n_tok = min(TOK_TILE, block_size - s0)
-        pos0 = i_b * block_size + s0
         ids_sb = ids_all[i_c][:, i_b:i_b + 1]
         x_sb = nl.ndarray((TOK_TILE, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
         nisa.dma_copy(dst=x_sb[0:n_tok, :],
@@ -154,11 +162,22 @@ def _one_block(hidden, expert_affinities, gate_up, down, top_k_index, scratch, e
             aff_sb = _topk_affinity(expert_affinities, top_k_index, ids_sb, eg_all_sb[:, i_b:i_b + 1], n_tok)
         xT_sb = transpose_tokens(x_sb, n_tok, n_h)
         h_sb = swiglu(xT_sb, n_tok, wgu_sb, aff_sb)
-        y_sb = down_proj(h_sb, n_tok, wd_sb, hidden.dtype)
+        chunks.append((i_b * block_size + s0, n_tok, h_sb))
+    return wd_sb, chunks
+
+
+def _block_stage_b(scratch, out_dtype, staged):
+    """Block stage B: y = h Wd per chunk, stored to the chunk's scratch rows (contiguous, no read-modify-write)."""
+    wd_sb, chunks = staged
+    for pos0, n_tok, h_sb in chunks:
+        y_sb = down_proj(h_sb, n_tok, wd_sb, out_dtype)
         nisa.dma_copy(dst=scratch[pos0:pos0 + n_tok, :], src=y_sb[0:n_tok, :])
 
 
 def _finalize_phase(hidden, scratch, token_to_position, shared_gate_up, shared_down, shared_gate, out, pid, n_prog):
+    """out[r] = shared(x[r]) + sum_j scratch[token_to_position[r, j]] per row chunk r of this program: the
+    gathered slot rows are summed by identity-stationary matmuls into the fp32 PSUM tile that also holds the
+    shared expert's down projection, so each output row is written exactly once."""
     n_tokens, h_total = hidden.shape
     kmax = token_to_position.shape[1]
     n_h = h_total // P_MAX

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nki_kernels import flash_attention, flash_attention_decode
-from nki_kernels.attention.reference import flash_attention_decode_ref, flash_attention_ref
+from nki_kernels.attention.reference import flash_attention_decode_ref
 from nki_kernels.testing import assert_close
 from nki_kernels.validation import KernelInputError
 

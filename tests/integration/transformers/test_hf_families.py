@@ -10,6 +10,8 @@ import torch
 from hf_kit import assert_kernels_ran, assert_valid_close, forward_out, padded_batch
 from integration.transformers import patch, tiny
 
+pytestmark = [pytest.mark.needs_torch, pytest.mark.needs_transformers]
+
 # kernels each family's prefill must launch (those whose wrappers exist; the others are reported "not available")
 _PREFILL = {   # 2 x 20 tokens: more than moe_decode's 32, so the MoE prefill runs moe_blockwise
     "qwen3_5_moe": ("flash_attention", "gated_delta_rule", "causal_conv1d", "moe_blockwise"),
@@ -61,6 +63,8 @@ def test_prefill_matches_stock(models, family, padding):
     assert_valid_close(f"{family} {padding}-padded", ref, got, am)
     _check_ran(handle, _PREFILL[family])
     assert not handle.fallbacks(), handle.report()
+    # left or right padding: one attention launch per layer for the whole batch
+    assert handle.calls()["flash_attention"] == handle.patched["attention modules"], handle.report()
 
 
 def _prefill_then_steps(model, ids, am, n_steps=2):

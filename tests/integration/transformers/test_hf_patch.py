@@ -13,6 +13,8 @@ from integration.transformers import patch, tiny
 from integration.transformers import attention as hf_attention
 from integration.transformers import deltanet as hf_deltanet
 
+pytestmark = [pytest.mark.needs_torch, pytest.mark.needs_transformers]
+
 
 def _snapshot(model):
     """Everything patch() may touch: GDN module globals, configs' implementations, instance attributes."""

@@ -5,6 +5,8 @@ import torch
 
 from integration.transformers import patch, tiny
 
+pytestmark = [pytest.mark.needs_torch, pytest.mark.needs_transformers]
+
 
 def _talker_inputs(B=2, T=6, H=128, seed=0):
     g = torch.Generator().manual_seed(seed)
