@@ -2,7 +2,8 @@
 
 Runs every registered case on the emulator, checks it against its NumPy reference, models its time with the
 cost model (modeled µs on the target, device time without launch overhead), prints a table and writes
-results.json, results.md and roofline.png to --out. Exit code 1 if any check failed (all cases still run).
+results.json, results.md and roofline.png to --out. Exit code 1 if any kernel or baseline failed its check or
+raised (all cases still run; the table says which).
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ def _f(v, fmt="{:.2f}", none="-"):
     return fmt.format(v)
 
 
+_QUICK_CASE_BUDGET_S = 10.0      # emulation seconds one quick case may take (quick run < 2 min for all kernels)
+
 COLUMNS = ("kernel", "shape", "check", "modeled µs", "TensorE util", "TFLOP/s", "HBM GB/s", "roofline ratio",
            "baseline", "baseline µs", "speed-up")
 
@@ -30,7 +33,10 @@ COLUMNS = ("kernel", "shape", "check", "modeled µs", "TensorE util", "TFLOP/s",
 def rows(results):
     out = []
     for r in results:
-        out.append((r.kernel, r.shape, "ok" if r.ok else "FAIL", _f(r.modeled_us), _f(r.tensor_util * 100, "{:.1f}%"),
+        check = "ok" if r.ok else "FAIL"
+        if r.baseline_ok is False:
+            check += ", baseline FAIL"
+        out.append((r.kernel, r.shape, check, _f(r.modeled_us), _f(r.tensor_util * 100, "{:.1f}%"),
                     _f(r.tflops, "{:.1f}"), _f(r.hbm_gbps, "{:.0f}"), _f(r.roofline_ratio), r.baseline_name or "-",
                     _f(r.baseline_us), _f(r.speedup, "{:.2f}x")))
     return out
@@ -54,7 +60,7 @@ def markdown(results, target: str, cmd: str) -> str:
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows(results):
         lines.append("| " + " | ".join(str(x).replace("|", "/") for x in row) + " |")
-    fails = [r for r in results if not r.ok]
+    fails = [r for r in results if not r.ok or r.baseline_ok is False]
     if fails:
         lines += ["", "## Failures", ""]
         lines += [f"- {r.kernel} [{r.shape}]: {r.error}" for r in fails]
@@ -135,7 +141,7 @@ def main(argv=None) -> int:
     print(f"\nModeled on {args.target} (device µs, launch overhead excluded; not measured):\n")
     print(text_table(results))
     for r in results:
-        if not r.ok:
+        if not r.ok or r.baseline_ok is False:
             print(f"FAIL {r.kernel} [{r.shape}]: {r.error}")
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"target": args.target, "command": cmd, "modeled": True, "wall_seconds": round(wall, 2),
@@ -143,7 +149,12 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(markdown(results, args.target, cmd))
     plot(results, args.target, os.path.join(args.out, "roofline.png"))
-    n_fail = sum(not r.ok for r in results)
+    slow = sorted((r for r in results if r.quick and r.emulate_s > _QUICK_CASE_BUDGET_S), key=lambda r: -r.emulate_s)
+    if args.quick and slow:
+        print(f"\nquick-mode budget: {len(slow)} case(s) took more than {_QUICK_CASE_BUDGET_S:.0f} s of emulation "
+              "(the whole --quick run should stay under 2 minutes): "
+              + ", ".join(f"{r.kernel} [{r.shape}] {r.emulate_s:.0f} s" for r in slow))
+    n_fail = sum(not r.ok or r.baseline_ok is False for r in results)
     print(f"\n{len(results)} cases, {n_fail} failed, {wall:.1f} s wall; wrote results.json, results.md, roofline.png "
           f"to {args.out}/")
     return 1 if n_fail else 0

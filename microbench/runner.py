@@ -39,7 +39,7 @@ class CaseResult:
     baseline_name: str = ""
     baseline_us: float = math.nan
     baseline_ok: bool | None = None
-    speedup: float = math.nan             # baseline_us / modeled_us
+    speedup: float = math.nan             # baseline_us / modeled_us (baseline checked too: baseline_ok)
     emulate_s: float = 0.0                # wall seconds spent emulating (not a performance figure)
     dtype: str = ""
     quick: bool = False
@@ -123,32 +123,40 @@ def run_case(case, target: str = "trn2", seed: int = 0, check_baseline: bool = T
         if rep.device_us > 0:
             res.tflops = res.flops / (rep.device_us * 1e6)
             res.hbm_gbps = rep.hbm_bytes / (rep.device_us * 1e3)
-        fp32_share = rep.launches[0].cores[0].fp32_flops / rep.flops if rep.flops else 0.0
+        fp32 = sum(c.fp32_flops for L in rep.launches for c in L.cores)
+        fp32_share = fp32 / rep.flops if rep.flops else 0.0
         res.roofline_us = roofline_us(res.flops, res.min_hbm_bytes, target, int(res.flops * fp32_share),
                                       cores=res.lnc)
         res.roofline_ratio = rep.device_us / res.roofline_us if res.roofline_us > 0 else math.nan
         del out
         if case.baseline_run is not None:
-            b_out, b_rep = _run_and_model(case.baseline_run, inputs, target)
-            if b_rep is not None:
-                res.baseline_us = b_rep.device_us
-                res.speedup = b_rep.device_us / rep.device_us if rep.device_us > 0 else math.nan
-            if check_baseline:
-                try:
-                    if case.check is not None:
-                        case.check(ref, b_out)
-                    else:
-                        default_check(case.kernel + " baseline", ref, b_out, case.dtype)
-                    res.baseline_ok = True
-                except AssertionError as e:
-                    res.baseline_ok = False
-                    res.error = (res.error + "; " if res.error else "") + f"baseline check failed: {e}"
+            _run_baseline(case, inputs, ref, target, rep, res, check_baseline)
     except Exception as e:  # noqa: BLE001 - one broken case must not stop the run
         tb = traceback.format_exception_only(type(e), e)[-1].strip()
         res.error = f"{type(e).__name__}: {tb}"
         res.ok = False
     res.emulate_s = time.perf_counter() - t0
     return res
+
+
+def _run_baseline(case, inputs, ref, target, rep, res, check_baseline):
+    """Model the case's baseline; its failures are recorded on the result (baseline_ok=False), never raised."""
+    try:
+        b_out, b_rep = _run_and_model(case.baseline_run, inputs, target)
+        if b_rep is not None:
+            res.baseline_us = b_rep.device_us
+            res.speedup = b_rep.device_us / rep.device_us if rep.device_us > 0 else math.nan
+        if check_baseline:
+            if case.check is not None:
+                case.check(ref, b_out)
+            else:
+                default_check(case.kernel + " baseline", ref, b_out, case.dtype)
+        res.baseline_ok = True
+    except Exception as e:  # noqa: BLE001 - a broken baseline must not hide the kernel's own result
+        res.baseline_ok = False
+        what = "check failed" if isinstance(e, AssertionError) else type(e).__name__
+        msg = traceback.format_exception_only(type(e), e)[-1].strip()
+        res.error = (res.error + "; " if res.error else "") + f"baseline {what}: {msg}"
 
 
 def select(cases, kernels: str | None = None, quick: bool = False):

@@ -115,7 +115,8 @@ def _conv_case(t, b=1, quick=False):
         kernel="causal_conv1d", shape=f"{_LABEL} B={b} C={_CONV_DIM} T={t} K={_KW} silu",
         make_inputs=make, run=lambda x: causal_conv1d(x["x"], x["weight"]),
         reference=lambda x: ref.causal_conv1d(x["x"], x["weight"]),
-        flops=2 * _KW * b * _CONV_DIM * t, min_hbm_bytes=2 * (2 * b * _CONV_DIM * t + _CONV_DIM * _KW + b * _CONV_DIM * _KW),
+        flops=2 * _KW * b * _CONV_DIM * t,
+        min_hbm_bytes=2 * (2 * b * _CONV_DIM * t + _CONV_DIM * _KW + b * _CONV_DIM * _KW),
         dtype="bfloat16", quick=quick))
 
 
@@ -134,7 +135,8 @@ def _conv_update_case(b, quick=False):
     register(BenchCase(
         kernel="causal_conv1d_update", shape=f"{_LABEL} B={b} C={_CONV_DIM} T=1 K={_KW} silu",
         make_inputs=make, run=run, reference=lambda x: ref.causal_conv1d_update(x["x"], x["conv_state"], x["weight"]),
-        flops=2 * _KW * b * _CONV_DIM, min_hbm_bytes=2 * (2 * b * _CONV_DIM + _CONV_DIM * _KW + 2 * b * _CONV_DIM * _KW),
+        flops=2 * _KW * b * _CONV_DIM,
+        min_hbm_bytes=2 * (2 * b * _CONV_DIM + _CONV_DIM * _KW + 2 * b * _CONV_DIM * _KW),
         dtype="bfloat16", quick=quick))
 
 

@@ -409,36 +409,44 @@ def _solve_unit_lower(a_w, masks_w, chunk, cdt):
     t_t = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
     nisa.tensor_tensor(dst=t_t, data1=ident, data2=tmp_t, op=nl.subtract, engine=pool)
     n_lvl = _n_levels(chunk)
+    # the W heads run as two interleaved half-chains: while one half waits for its evictions, TensorE and
+    # VectorE work on the other half (in-order engines would otherwise idle along a single chain)
+    mid = (width + 1) // 2
+    halves = [(0, mid), (mid, width)] if mid < width else [(0, width)]
     for lvl in nl.sequential_range(1, n_lvl):
         last = lvl + 1 == n_lvl
+        blocks = (chunk, width, chunk // (2 * s_half(lvl)), 2 * s_half(lvl))
+        lo, hi = slice(0, s_half(lvl)), slice(s_half(lvl), 2 * s_half(lvl))
         a_off_t = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
         nisa.tensor_tensor(dst=a_off_t, data1=at_sb, data2=masks_w[:, 2 + lvl], op=nl.multiply, engine=pool)
         m_ps = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.psum)
-        for w in nl.affine_range(width):
-            nisa.nc_matmul(m_ps[:, w, :], a_off_t[:, w, :], t_cur[:, w, :])      # M = A_s T_s
         m_sb = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
-        half = (width + 1) // 2                              # eviction split over ScalarE and VectorE
-        nisa.activation(dst=m_sb[:, 0:half], op=nl.copy, data=m_ps[:, 0:half])
-        if half < width:
-            nisa.tensor_copy(dst=m_sb[:, half:width], src=m_ps[:, half:width])
-        del m_ps
+        for i_half, (h0, h1) in enumerate(halves):
+            for w in nl.affine_range(h0, h1):
+                nisa.nc_matmul(m_ps[:, w, :], a_off_t[:, w, :], t_cur[:, w, :])      # M = A_s T_s
+            if i_half == 0:                                  # evictions split over ScalarE and VectorE
+                nisa.activation(dst=m_sb[:, h0:h1], op=nl.copy, data=m_ps[:, h0:h1])
+            else:
+                nisa.tensor_copy(dst=m_sb[:, h0:h1], src=m_ps[:, h0:h1])
         # X = T_s M is non-zero only in the first-half columns of each 2s block and Y = M^T T_s^T only in
         # the second-half columns: update just those columns of T and T^T, in place (half the elements)
-        blocks = (chunk, width, chunk // (2 * s_half(lvl)), 2 * s_half(lvl))
-        lo, hi = slice(0, s_half(lvl)), slice(s_half(lvl), 2 * s_half(lvl))
         if not last:                                         # T itself is not needed after the last level
             x_ps = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.psum)
-            for w in nl.affine_range(width):
-                nisa.nc_matmul(x_ps[:, w, :], t_t[:, w, :], m_sb[:, w, :])      # T_s M
-            t_view = t_cur.reshape(blocks)[:, :, :, lo]
-            nisa.tensor_tensor(dst=t_view, data1=t_view, data2=x_ps.reshape(blocks)[:, :, :, lo], op=nl.subtract)
+            for h0, h1 in halves:
+                for w in nl.affine_range(h0, h1):
+                    nisa.nc_matmul(x_ps[:, w, :], t_t[:, w, :], m_sb[:, w, :])  # T_s M
+                t_view = t_cur.reshape(blocks)[:, h0:h1, :, lo]
+                nisa.tensor_tensor(dst=t_view, data1=t_view, data2=x_ps.reshape(blocks)[:, h0:h1, :, lo],
+                                   op=nl.subtract)
             del x_ps
         y_ps = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.psum)
-        for w in nl.affine_range(width):
-            nisa.nc_matmul(y_ps[:, w, :], m_sb[:, w, :], t_t[:, w, :])          # M^T T_s^T
-        tt_view = t_t.reshape(blocks)[:, :, :, hi]
-        nisa.tensor_tensor(dst=tt_view, data1=tt_view, data2=y_ps.reshape(blocks)[:, :, :, hi], op=nl.subtract)
-        del y_ps
+        for h0, h1 in halves:
+            for w in nl.affine_range(h0, h1):
+                nisa.nc_matmul(y_ps[:, w, :], m_sb[:, w, :], t_t[:, w, :])      # M^T T_s^T
+            tt_view = t_t.reshape(blocks)[:, h0:h1, :, hi]
+            nisa.tensor_tensor(dst=tt_view, data1=tt_view, data2=y_ps.reshape(blocks)[:, h0:h1, :, hi],
+                               op=nl.subtract)
+        del m_ps, y_ps
     return t_t
 
 

@@ -20,7 +20,6 @@ API (stable): ``model_launches(run_results, target=None) -> ModelReport`` and
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass, field
 
 from .targets import Target, get_target
@@ -284,52 +283,6 @@ def dma_cost(ins, target: Target, p: CostParams, hbm_bw: float, dma_bw: float) -
     return occ, lat
 
 
-# ----------------------------------------------------------------------------------------------- allocation sites
-
-
-def _install_alloc_tracking():
-    """Record, on each program's trace, which allocation site every on-chip tensor came from.
-
-    NKI allocates a loop-body tile once per site and the compiler rotates a few buffers for it; the emulator
-    makes a fresh storage per iteration. The schedule uses `trace.alloc_sites` {sid: (site, k)} to make the
-    k-th allocation of a site wait until the (k - tile_buffers)-th is no longer used. Metadata only.
-    """
-    from . import runtime as _rt
-    if getattr(_rt.Program.allocate, "_costmodel_tracking", False):
-        return
-    original = _rt.Program.allocate
-
-    def allocate(self, shape, dtype, buffer, name="", who="ndarray"):
-        t = original(self, shape, dtype, buffer, name, who)
-        try:
-            st = t.storage
-            if st.buffer.on_chip:
-                sid = st.sid
-                site = next((k for k, v in self._sites.items() if v == sid), None)
-                if site is not None:
-                    d = self.trace.__dict__
-                    sites = d.setdefault("_site_ids", {})
-                    refs = d.setdefault("_site_refs", {})
-                    idx = sites.setdefault(site, len(sites))
-                    lst = refs.setdefault(idx, [])
-                    k = len(lst)
-                    # Can the (k-2)-th tile's memory be reused? Only if the kernel dropped it by now (a tile kept
-                    # in a list across iterations needs its own memory). Checked one allocation late because the
-                    # loop variable still holds the previous tile while the next one is being allocated.
-                    if k >= 2:
-                        d.setdefault("site_free", {})[(idx, k - 2)] = lst[k - 2]() is None
-                    lst.append(weakref.ref(st))
-                    d.setdefault("alloc_sites", {})[sid] = (idx, k)
-        except Exception:      # never let bookkeeping break a kernel run
-            pass
-        return t
-
-    allocate._costmodel_tracking = True
-    allocate.__doc__ = original.__doc__
-    _rt.Program.allocate = allocate
-
-
-_install_alloc_tracking()
 
 
 # ----------------------------------------------------------------------------------------------- schedule

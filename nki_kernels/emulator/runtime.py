@@ -62,6 +62,8 @@ class Program:
         self.psum_banks_peak = 0
         self._sizes: dict[int, tuple] = {}          # sid -> (kind, amount) still counted
         self._sites: dict[tuple, int] = {}           # call stack -> sid of its latest allocation
+        self._site_index: dict[tuple, int] = {}      # call stack -> small site number (trace metadata)
+        self._site_refs: dict[int, list] = {}        # site number -> weakrefs to its allocations, in order
         self.act_regs = np.zeros(launch.target.pmax, dtype=np.float32)
         self._shared_seen = 0
 
@@ -85,6 +87,17 @@ class Program:
                 key.append((id(f.f_code), f.f_lasti))     # the call site, even two on one line
             f = f.f_back
         return tuple(key)
+
+    def _note_site(self, site, st: Storage):
+        """Record which allocation site an on-chip tensor came from (trace metadata for the cost model)."""
+        idx = self._site_index.setdefault(site, len(self._site_index))
+        refs = self._site_refs.setdefault(idx, [])
+        k = len(refs)
+        if k >= 2:
+            # checked one allocation late: the loop variable still holds the previous tile meanwhile
+            self.trace.site_free[(idx, k - 2)] = refs[k - 2]() is None
+        refs.append(weakref.ref(st))
+        self.trace.alloc_sites[st.sid] = (idx, k)
 
     def allocate(self, shape, dtype, buffer: MemoryRegion, name: str = "", who: str = "ndarray") -> Tensor:
         if not isinstance(buffer, MemoryRegion):
@@ -129,6 +142,7 @@ class Program:
                 self.psum_banks_peak = max(self.psum_banks_peak, self.psum_banks_live)
                 self._sizes[st.sid] = ("psum", banks)
             self._sites[site] = st.sid
+            self._note_site(site, st)
             weakref.finalize(st, self._release, st.sid)
             return Tensor.whole(st)
         st = Storage(shape, dt, buffer, name, self.pid)

@@ -46,6 +46,11 @@ class Trace(list):
         super().__init__()
         self.pid = pid
         self.target = target
+        # Allocation sites of on-chip tensors, for the cost model's buffer rotation:
+        # alloc_sites {sid: (site index, k)} = the k-th allocation from that site;
+        # site_free {(site index, k): bool} = the k-th tile was dropped before the (k+2)-th was allocated.
+        self.alloc_sites: dict = {}
+        self.site_free: dict = {}
 
     def by_engine(self) -> dict:
         out: dict = {}

@@ -85,3 +85,19 @@ def test_cli_exit_zero_when_all_pass(fake_registry, tmp_path):
 def test_cli_no_match_is_an_error(fake_registry, tmp_path, capsys):
     assert cli.main(["--kernels", "does_not_exist", "--out", str(tmp_path)]) == 2
     assert "no microbench case matches" in capsys.readouterr().err
+
+
+def _broken_baseline(inp):
+    raise RuntimeError("baseline exploded")
+
+
+def test_broken_baseline_is_reported_but_kernel_result_kept(monkeypatch, tmp_path, capsys):
+    case = _case("tiny_bad_baseline")
+    case.baseline_name = "broken"
+    case.baseline_run = _broken_baseline
+    r = run_case(case, "trn2")
+    assert r.ok and r.modeled_us > 0                       # the kernel itself is fine and modeled
+    assert r.baseline_ok is False and "baseline exploded" in r.error
+    monkeypatch.setattr(registry, "cases", lambda: [case])
+    assert cli.main(["--out", str(tmp_path), "--no-progress"]) == 1
+    assert "baseline FAIL" in capsys.readouterr().out

@@ -94,7 +94,7 @@ def test_token_routed_to_no_local_expert_gets_only_shared_term(rng):
     shared_only = moe_decode_reference(x, np.full_like(idx, -1), w, gu, dn, sh)
     assert_close("remote tokens", shared_only[[1, 3, 5]], out[[1, 3, 5]])
     assert_close("all", moe_decode_reference(x, idx, w, gu, dn, sh), out)
-    # without a shared expert those rows are exactly zero (no write ever reaches them)
+    # without a shared expert those rows are exactly zero (they only gather the all-zero scratch row)
     out = moe_blockwise(x, w, gu, dn, tpos, b2e, 32, top_k_index=idx)
     assert np.all(out[[1, 3, 5]] == 0.0)
 
