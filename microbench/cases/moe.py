@@ -126,7 +126,7 @@ def _dense_all_experts(x):
     slots[:n_tokens] = np.arange(n_tokens)
     tpos = np.tile(slots, n_exp)
     b2e = np.arange(n_exp, dtype=np.int32)
-    return moe_blockwise(x["hidden"], dense.astype(_BF16), x["gate_up"], x["down"], tpos, b2e, block,
+    return moe_blockwise(x["hidden"], dense.astype(x["hidden"].dtype), x["gate_up"], x["down"], tpos, b2e, block,
                          shared=x.get("shared"))
 
 

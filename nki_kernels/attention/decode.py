@@ -197,8 +197,9 @@ def _section_scores(k_cache, v_cache, head, key_pos, b, kvh, s0, sn, i_sec, rows
             if full:
                 src = src_hbm[b, kvh, s0 + j0:s0 + j0 + full * K_CHUNK, 0:d].reshape((full, K_CHUNK, d))
                 nisa.dma_copy(dst=dst_sb[0:K_CHUNK, c0:c0 + full, 0:d], src=src.permute((1, 0, 2)))
-            nisa.dma_copy(dst=dst_sb[0:rem, c0 + full, 0:d],
-                          src=src_hbm[b, kvh, s0 + j0 + full * K_CHUNK:s0 + j0 + jn, 0:d])
+            if rem:
+                nisa.dma_copy(dst=dst_sb[0:rem, c0 + full, 0:d],
+                              src=src_hbm[b, kvh, s0 + j0 + full * K_CHUNK:s0 + j0 + jn, 0:d])
         if k_is_bhds:
             continue
         for i_d in range(n_d):          # K^T of this piece: PE transposes, one PSUM bank per `group` chunks

@@ -48,7 +48,8 @@ def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, 
     Constraints:
         T <= _MAX_DECODE_TOKENS; Dk, Dv <= _MAX_HEAD_DIM.
     Pseudocode:
-        for b: S[h] = state_pool[slot_ids[b], h] (one dynamic DMA per head -> SBUF [Dk, Hv, Dv] fp32)
+        for b (inputs double-buffered: b + 1's loads are issued before b computes):
+          S[h] = state_pool[slot_ids[b], h] (one dynamic DMA per head -> SBUF [Dk, Hv, Dv] fp32)
           k, q as columns [Dk, T, Hv, 2] (k/q head h // (Hv/Hk) per v head); L2 norms by a ones-matmul
           for t: [S^T k | S^T q] columns for all heads (S stationary, [k q] moving) -> PSUM [Dv, Hv, 2]
                  delta = beta (v - e^g S^T k), o = e^g S^T q + (k.q) delta   (all heads, [Dv, Hv] tiles)
@@ -79,25 +80,25 @@ def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, 
     nisa.affine_select(dst=ident_v, pattern=[[1, n_th]], offset=0, channel_multiplier=-1, on_true_tile=ones_sel,
                        on_false_value=0.0, cmp_op=nl.equal)
 
-    for i_b in nl.affine_range(bsz):
-        slot = nl.ndarray((1, 1), dtype=nl.int32, buffer=nl.sbuf)
-        nisa.dma_copy(dst=slot, src=slot_ids.ap(pattern=[[1, 1], [1, 1]], offset=i_b))
-        # contiguous row loads: q/k [T Hk, Dk], v [T Hv, Dv]; gates broadcast over the partitions
-        k_rows_in = nl.ndarray((n_tk, dk), dtype=ldt, buffer=nl.sbuf)
-        nisa.dma_copy(dst=k_rows_in, src=k[i_b].reshape((n_tk, dk)))
-        q_rows_in = nl.ndarray((n_tk, dk), dtype=ldt, buffer=nl.sbuf)
-        nisa.dma_copy(dst=q_rows_in, src=q[i_b].reshape((n_tk, dk)))
-        v_rows_in = nl.ndarray((n_th, dv), dtype=ldt, buffer=nl.sbuf)
-        nisa.dma_copy(dst=v_rows_in, src=v[i_b].reshape((n_th, dv)))
-        g_bc = nl.ndarray((pmax, n_th), dtype=f32, buffer=nl.sbuf)
-        nisa.dma_copy(dst=g_bc, src=g.ap(pattern=[[0, pmax], [1, n_th]], offset=i_b * n_th))
-        beta_bc = nl.ndarray((pmax, n_th), dtype=f32, buffer=nl.sbuf)
-        nisa.dma_copy(dst=beta_bc, src=beta.ap(pattern=[[0, pmax], [1, n_th]], offset=i_b * n_th))
-        # one dynamic DMA per head (after the small loads) so head 0 computes while the other heads stream in
-        state_sb = nl.ndarray((dk, n_hv, dv), dtype=f32, buffer=nl.sbuf)
-        for i_h in nl.affine_range(n_hv):
-            nisa.dma_copy(dst=state_sb[:, i_h, :], src=state_pool.ap(
-                pattern=[[dv, dk], [1, dv]], offset=i_h * dk * dv, scalar_offset=slot, indirect_dim=0))
+    # double-buffered inputs: the loads of sequence b + 1 are issued before sequence b computes, so its
+    # state rows stream in while b runs and b's write-back does not hold up b + 1's loads
+    n_buf = 2 if bsz > 1 else 1
+    slot2 = nl.ndarray((1, n_buf), dtype=nl.int32, buffer=nl.sbuf)
+    k_rows2 = nl.ndarray((n_tk, n_buf, dk), dtype=ldt, buffer=nl.sbuf)
+    q_rows2 = nl.ndarray((n_tk, n_buf, dk), dtype=ldt, buffer=nl.sbuf)
+    v_rows2 = nl.ndarray((n_th, n_buf, dv), dtype=ldt, buffer=nl.sbuf)
+    g_bc2 = nl.ndarray((pmax, n_buf, n_th), dtype=f32, buffer=nl.sbuf)
+    beta_bc2 = nl.ndarray((pmax, n_buf, n_th), dtype=f32, buffer=nl.sbuf)
+    state2 = nl.ndarray((dk, n_buf, n_hv, dv), dtype=f32, buffer=nl.sbuf)
+    bufs = (slot2, k_rows2, q_rows2, v_rows2, g_bc2, beta_bc2, state2)
+    _load_sequence(q, k, v, g, beta, state_pool, slot_ids, 0, 0, bufs)
+    for i_b in nl.sequential_range(bsz):
+        if i_b + 1 < bsz:
+            _load_sequence(q, k, v, g, beta, state_pool, slot_ids, i_b + 1, (i_b + 1) % n_buf, bufs)
+        j = i_b % n_buf
+        slot = slot2[0:1, j:j + 1]
+        k_rows_in, q_rows_in, v_rows_in = k_rows2[:, j, :], q_rows2[:, j, :], v_rows2[:, j, :]
+        g_bc, beta_bc, state_sb = g_bc2[:, j, :], beta_bc2[:, j, :], state2[:, j]
         # k, q columns per v head (Dk on partitions), transposed and head-expanded by one matmul each
         kq_ps = nl.ndarray((dk, 2, n_th), dtype=f32, buffer=nl.psum)
         nisa.nc_matmul(kq_ps[:, 0, :], k_rows_in, sel.reshape((n_tk, n_th)))
@@ -172,6 +173,26 @@ def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, 
             del outer_ps
         nisa.dma_copy(dst=o.ap(pattern=[[1, dv], [dv, n_th]], offset=i_b * n_th * dv), src=o_cols)
     return o
+
+
+def _load_sequence(q, k, v, g, beta, state_pool, slot_ids, i_b, j, bufs):
+    """Issue the loads of sequence i_b into buffer j: slot id, contiguous q/k/v rows, g/beta broadcast over
+    the partitions, then one dynamic DMA per head of state_pool[slot_ids[i_b]]."""
+    slot2, k_rows2, q_rows2, v_rows2, g_bc2, beta_bc2, state2 = bufs
+    n_tok, n_hk, dk = q.shape[1], q.shape[2], q.shape[3]
+    n_hv, dv = v.shape[2], v.shape[3]
+    n_th, n_tk = n_tok * n_hv, n_tok * n_hk
+    pmax = g_bc2.shape[0]
+    slot = slot2[0:1, j:j + 1]
+    nisa.dma_copy(dst=slot, src=slot_ids.ap(pattern=[[1, 1], [1, 1]], offset=i_b))
+    nisa.dma_copy(dst=k_rows2[:, j, :], src=k[i_b].reshape((n_tk, dk)))
+    nisa.dma_copy(dst=q_rows2[:, j, :], src=q[i_b].reshape((n_tk, dk)))
+    nisa.dma_copy(dst=v_rows2[:, j, :], src=v[i_b].reshape((n_th, dv)))
+    nisa.dma_copy(dst=g_bc2[:, j, :], src=g.ap(pattern=[[0, pmax], [1, n_th]], offset=i_b * n_th))
+    nisa.dma_copy(dst=beta_bc2[:, j, :], src=beta.ap(pattern=[[0, pmax], [1, n_th]], offset=i_b * n_th))
+    for i_h in nl.affine_range(n_hv):
+        nisa.dma_copy(dst=state2[:, j, i_h, :], src=state_pool.ap(
+            pattern=[[dv, dk], [1, dv]], offset=i_h * dk * dv, scalar_offset=slot, indirect_dim=0))
 
 
 def _normalize_columns(kq, kq_ps, ones_sb, scale, use_l2norm):

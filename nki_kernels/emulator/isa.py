@@ -141,9 +141,15 @@ def _access(t: Tensor) -> Access:
 
 
 def _record(name, eng, reads, writes, **meta):
+    """Append one trace entry. The index tiles of dynamic (.ap offset) views count as reads: the DMA
+    cannot start before the instruction that wrote its offsets has finished."""
     prog = current()
+    reads = [t for t in reads if isinstance(t, Tensor)]
+    for t in reads + list(writes):
+        if t.dyn is not None:
+            reads.extend(x for x in (t.dyn.scalar, t.dyn.vector) if isinstance(x, Tensor))
     prog.trace.append(Instr(len(prog.trace), name, eng,
-                            tuple(_access(t) for t in reads if isinstance(t, Tensor)),
+                            tuple(_access(t) for t in reads),
                             tuple(_access(t) for t in writes), meta))
 
 

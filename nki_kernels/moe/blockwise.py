@@ -11,8 +11,8 @@ import numpy as np
 from ..backend import call, nki, nisa, nl
 from ..hw import P_MAX
 from ..validation import kernel_check
-from ._tiles import (_Y_TILE, TOK_TILE, down_piece, down_proj, evict, intermediate_split, load_down, load_gate_up,
-                     load_gate_vector, sigmoid_gate, swiglu, transpose_h, transpose_tokens)
+from ._tiles import (_Y_TILE, TOK_TILE, down_piece, down_proj, evict, intermediate_split, itemsize, load_down,
+                     load_gate_up, load_gate_vector, sigmoid_gate, swiglu, transpose_h, transpose_tokens)
 
 # ---- constraints
 _MAX_BLOCK = 512            # tokens per block (NxDI's largest tested block is 1024; 512 keeps SBUF small)
@@ -22,6 +22,8 @@ _FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 # SBUF budget of one expert's weights (bytes per partition): gate_up n_h * 2I + down n_i * H elements, kept under
 # half the trn2 partition so the next block's weights can stream in while this one computes.
 _MAX_WEIGHT_BYTES_PP = 96 * 1024
+# ---- tiles
+_GATHER_BYTES_PP = 64 * 1024   # SBUF per partition for one group of gathered slot rows in the output pass
 
 
 @nki.jit
@@ -190,17 +192,13 @@ def _finalize_phase(hidden, scratch, token_to_position, shared_gate_up, shared_d
         s_wgu_sb = load_gate_up(shared_gate_up)
         s_wd_sb = load_down(shared_down)
         s_wsg_sb = load_gate_vector(shared_gate)
+    group = max(1, _GATHER_BYTES_PP // (h_total * itemsize(hidden.dtype)))   # slot rows gathered at once
     n_row_chunks = (n_tokens + TOK_TILE - 1) // TOK_TILE
     for i_r in range(pid, n_row_chunks, n_prog):
         t0 = i_r * TOK_TILE
         n_tok = min(TOK_TILE, n_tokens - t0)
         inv_sb = nl.ndarray((TOK_TILE, kmax), dtype=nl.int32, buffer=nl.sbuf)
         nisa.dma_copy(dst=inv_sb[0:n_tok, :], src=token_to_position[t0:t0 + n_tok, :])
-        g_sb = nl.ndarray((TOK_TILE, kmax, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
-        for j in range(kmax):
-            nisa.dma_copy(dst=g_sb[0:n_tok, j, :],
-                          src=scratch.ap(pattern=[[h_total, n_tok], [1, h_total]], offset=0,
-                                         vector_offset=inv_sb[0:n_tok, j:j + 1], indirect_dim=0))
         if shared_gate_up is not None:
             x_sb = nl.ndarray((TOK_TILE, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
             nisa.dma_copy(dst=x_sb[0:n_tok, :], src=hidden[t0:t0 + n_tok, :])
@@ -210,15 +208,34 @@ def _finalize_phase(hidden, scratch, token_to_position, shared_gate_up, shared_d
             ic, n_i, _ = s_wd_sb.shape
             hsT_sb = transpose_h(hs_sb, n_tok, ic, n_i)
         o_sb = nl.ndarray((TOK_TILE, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
-        for i_y, h0 in enumerate(range(0, h_total, _Y_TILE)):
-            hw = min(_Y_TILE, h_total - h0)
-            acc_psum = nl.ndarray((TOK_TILE, _Y_TILE), dtype=nl.float32, buffer=nl.psum)
-            if shared_gate_up is not None:
-                down_piece(acc_psum, hsT_sb, n_tok, s_wd_sb, h0, hw)
-            for j in range(kmax):   # identity-stationary matmuls: acc += g_j (fp32 PSUM accumulation)
-                nisa.nc_matmul(acc_psum[0:n_tok, 0:hw], ident_sb[0:n_tok, 0:n_tok], g_sb[0:n_tok, j, h0:h0 + hw],
-                               accumulate=None)
-            evict(o_sb[0:n_tok, h0:h0 + hw], acc_psum[0:n_tok, 0:hw], i_y)
+        n_groups = (kmax + group - 1) // group
+        if n_groups > 1:   # many slots per token (e.g. the all-experts baseline): fp32 SBUF accumulation
+            acc32_sb = nl.ndarray((TOK_TILE, h_total), dtype=nl.float32, buffer=nl.sbuf)
+        for i_g in range(n_groups):
+            j0 = i_g * group
+            g_sz = min(group, kmax - j0)
+            g_sb = nl.ndarray((TOK_TILE, group, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
+            for jj in range(g_sz):
+                nisa.dma_copy(dst=g_sb[0:n_tok, jj, :],
+                              src=scratch.ap(pattern=[[h_total, n_tok], [1, h_total]], offset=0,
+                                             vector_offset=inv_sb[0:n_tok, j0 + jj:j0 + jj + 1], indirect_dim=0))
+            for i_y, h0 in enumerate(range(0, h_total, _Y_TILE)):
+                hw = min(_Y_TILE, h_total - h0)
+                acc_psum = nl.ndarray((TOK_TILE, _Y_TILE), dtype=nl.float32, buffer=nl.psum)
+                if shared_gate_up is not None and i_g == 0:
+                    down_piece(acc_psum, hsT_sb, n_tok, s_wd_sb, h0, hw)
+                for jj in range(g_sz):   # identity-stationary matmuls: acc += g_j (fp32 PSUM accumulation)
+                    nisa.nc_matmul(acc_psum[0:n_tok, 0:hw], ident_sb[0:n_tok, 0:n_tok],
+                                   g_sb[0:n_tok, jj, h0:h0 + hw], accumulate=None)
+                if n_groups == 1:
+                    evict(o_sb[0:n_tok, h0:h0 + hw], acc_psum[0:n_tok, 0:hw], i_y)
+                elif i_g == 0:
+                    nisa.tensor_copy(dst=acc32_sb[0:n_tok, h0:h0 + hw], src=acc_psum[0:n_tok, 0:hw])
+                else:
+                    nisa.tensor_tensor(dst=acc32_sb[0:n_tok, h0:h0 + hw], data1=acc32_sb[0:n_tok, h0:h0 + hw],
+                                       data2=acc_psum[0:n_tok, 0:hw], op=nl.add)
+        if n_groups > 1:
+            nisa.tensor_copy(dst=o_sb[0:n_tok, :], src=acc32_sb[0:n_tok, :])
         nisa.dma_copy(dst=out[t0:t0 + n_tok, :], src=o_sb[0:n_tok, :])
 
 

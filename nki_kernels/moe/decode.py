@@ -82,9 +82,10 @@ def moe_decode_kernel(hidden, top_k_index, top_k_weights, gate_up, down, slot_ex
         s_wd_sb = load_down(shared_down)
         g_sb = _sigmoid_gate_bcast(shared_gate, xT_sb, n_tokens)
         _expert_T(xT_sb, s_wgu_sb, s_wd_sb, g_sb, acc_psum, n_tokens)
+    e_all_sb = nl.ndarray((P_MAX, n_slots), dtype=nl.int32, buffer=nl.sbuf)   # every slot's id, all partitions
+    nisa.dma_copy(dst=e_all_sb, src=slot_expert.ap(pattern=[[0, P_MAX], [1, n_slots]], offset=0))
     for i_s in range(pid, n_slots, n_prog):
-        e_sb = nl.ndarray((P_MAX, 1), dtype=nl.int32, buffer=nl.sbuf)
-        nisa.dma_copy(dst=e_sb, src=slot_expert.ap(pattern=[[0, P_MAX], [1, 1]], offset=i_s))
+        e_sb = e_all_sb[:, i_s:i_s + 1]
         wgu_sb = load_gate_up(gate_up, e_sb[0:1, 0:1])
         wd_sb = load_down(down, e_sb[0:1, 0:1])
         aff_sb = _slot_affinity(e_sb, idx_sb, w_sb, expert_offset, n_tokens, top_k)

@@ -174,3 +174,14 @@ def test_duplicate_token_in_block_raises(rng):
     args["token_position_to_id"] = tpos
     with pytest.raises(KernelInputError, match="more than once"):
         moe_blockwise(**args)
+
+
+def test_output_pass_with_several_gather_groups(rng, monkeypatch):
+    """The output pass gathers a token's slot rows in groups bounded by _GATHER_BYTES_PP (fp32 SBUF accumulation
+    across groups when there are several); force 2-row groups so TOPK = 5 needs 3 groups."""
+    from nki_kernels.moe import blockwise
+    monkeypatch.setattr(blockwise, "_GATHER_BYTES_PP", 2 * 128 * 4)
+    x, gu, dn, sh, w, idx = moe_problem(rng, 30, 128, 7, 64, 5, 32, False)
+    tpos, b2e = moe_block_mapping(idx, 7, 16)
+    out = moe_blockwise(x, w, gu, dn, tpos, b2e, 16, shared=sh, top_k_index=idx)
+    assert_close("grouped output pass", moe_decode_reference(x, idx, w, gu, dn, sh), out)
