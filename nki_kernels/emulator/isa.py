@@ -6,6 +6,7 @@ entry to the running program's trace.
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 
 import numpy as np
@@ -145,11 +146,16 @@ def _record(name, eng, reads, writes, **meta):
     cannot start before the instruction that wrote its offsets has finished."""
     prog = current()
     reads = [t for t in reads if isinstance(t, Tensor)]
+    index_tiles = []
     for t in reads + list(writes):
         if t.dyn is not None:
-            reads.extend(x for x in (t.dyn.scalar, t.dyn.vector) if isinstance(x, Tensor))
+            index_tiles.extend(x for x in (t.dyn.scalar, t.dyn.vector) if isinstance(x, Tensor))
+    # index tiles feed the descriptor generator, not the data stream: contig_bytes=0 keeps them out of the
+    # cost model's contiguous-run (descriptor efficiency) estimate while they still order the DMA after
+    # their producers
+    index_acc = tuple(dataclasses.replace(_access(x), contig_bytes=0) for x in index_tiles)
     prog.trace.append(Instr(len(prog.trace), name, eng,
-                            tuple(_access(t) for t in reads),
+                            tuple(_access(t) for t in reads) + index_acc,
                             tuple(_access(t) for t in writes), meta))
 
 

@@ -26,3 +26,15 @@ def test_baselines_match_kernel(B, V, sample):
         same = np.all(np.asarray(bc) == codes, axis=1)
         np.testing.assert_array_equal(np.asarray(be)[same], np.asarray(emb)[same])
     assert np.mean(codes == ref) >= 0.9
+
+
+def test_reprefill_full_rows():
+    """16 slots x 8 rows = 128 rows per pass with 12 heads: the largest re-prefill pass."""
+    rng = np.random.default_rng(5)
+    w = random_weights(rng, hidden=128, n_q_heads=8, n_kv_heads=4, head_dim=32, intermediate=128, n_layers=1,
+                       n_groups=15, vocab=128, lm_scale=6.0)
+    ph = rng.standard_normal((8, 128)).astype(np.float32)
+    c0 = rng.standard_normal((8, 128)).astype(np.float32)
+    codes, emb = code_predictor(ph, c0, w)
+    bc, be = code_predictor_reprefill(ph, c0, w)
+    assert np.mean(np.asarray(bc) == codes) >= 0.9

@@ -275,3 +275,11 @@ def test_large_batch_two_pass_prefill():
     w = _cfg(rng, L=1, G1=2, V=128)
     ph, c0 = _prompt(rng, 70, w.hidden)
     _check(ph, c0, w, max_near_ties=0.05)
+
+
+def test_many_heads_times_rows_split_matmuls():
+    """(Hq + Hkv) * B > 512: the head-norm and rotate-half matmuls split over PSUM banks."""
+    rng = np.random.default_rng(31)
+    w = _cfg(rng, Hq=8, Hkv=4, D=32, L=1, G1=2, V=128)
+    ph, c0 = _prompt(rng, 48, w.hidden)
+    _check(ph, c0, w, max_near_ties=0.05)
