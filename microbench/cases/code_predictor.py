@@ -62,7 +62,7 @@ def _reference(inputs):
     return code_predictor_reference(inputs["past_hidden"], inputs["code0_embed"], inputs["weights"], **inputs["kw"])
 
 
-def _check(out, ref):
+def _check(ref, out):
     """Codes: >= 90% equal to the float64 reference (bf16 near-ties flip a few and the rest of that row then
     follows a different prefix); embeddings of rows whose codes all match within bf16 tolerance."""
     from nki_kernels.testing import assert_close
@@ -80,7 +80,7 @@ def _reference_inputs(inputs):
     return {"inputs": inputs}
 
 
-def _check_sample(out, ref):
+def _check_sample(ref, out):
     """Sampling flips under bf16-level logit differences (a 1% change in a probability moves the inverse-CDF
     boundaries), so free-running sequences diverge; the exact procedure is tested in tests/code_predictor.
     Here, teacher-forced on the kernel's codes: every sampled code must lie in the reference's top-k (with a

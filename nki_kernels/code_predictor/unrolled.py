@@ -496,8 +496,9 @@ def _select_code(logits, rows, vh, u_col, sampling):
 def _gather_embed(codec_embed, j, code, rows, H, V):
     """emb[r, :] = codec_embed[j, code[r], :] by one indirect DMA (vector_offset on the vocab dim)."""
     emb = nl.ndarray((rows, H), dtype=codec_embed.dtype, buffer=nl.sbuf)
-    # Order the gather after the code is known in the emulator's cost-model schedule, which does not track
-    # the vector_offset tile as a DMA input (the device's DGE does): a 1-column write the DMA then overwrites.
+    # A 1-column write of the code that the DMA then overwrites: orders the gather after the argmax in any
+    # schedule that would not track the vector_offset tile as a DMA input. Redundant with the emulator's trace
+    # since it records index tiles as DMA reads (one tiny instruction per step; the documented numbers include it).
     nisa.tensor_copy(dst=emb[:, 0:1], src=code)
     nisa.dma_copy(dst=emb, src=codec_embed.ap(pattern=[[V * H, 1], [H, rows], [1, H]], offset=j * V * H,
                                               vector_offset=code, indirect_dim=1))
