@@ -29,7 +29,7 @@ _EXPORTS = {
     "moe_blockwise": "nki_kernels.moe.blockwise",
     "moe_decode": "nki_kernels.moe.decode",
     # code predictor
-    "code_predictor": "nki_kernels.code_predictor.unrolled",
+    "code_predictor": "nki_kernels.codepredictor.unrolled",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -80,7 +80,7 @@ def extract_weights(module):
     """
     from dataclasses import replace
 
-    from nki_kernels.code_predictor.weights import pack_weights
+    from nki_kernels.codepredictor.weights import pack_weights
 
     layers = list(module.layers)
     if not layers:

@@ -37,7 +37,7 @@ _KERNEL_SOURCES = {
                       ("moe_blockwise_reference", "moe_blockwise_ref", "moe_blockwise")),
     "moe_decode": ("nki_kernels.moe.decode", "nki_kernels.moe.reference",
                    ("moe_decode_reference", "moe_decode_ref", "moe_decode")),
-    "code_predictor": ("nki_kernels.code_predictor.unrolled", "nki_kernels.code_predictor.reference",
+    "code_predictor": ("nki_kernels.codepredictor.unrolled", "nki_kernels.codepredictor.reference",
                        ("code_predictor_reference", "code_predictor_ref", "code_predictor")),
 }
 

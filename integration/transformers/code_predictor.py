@@ -21,8 +21,8 @@ from ._common import kernel_input, to_torch
 # names under which the code-predictor family exposes its transformers weight builder
 _WEIGHT_BUILDERS = ("weights_from_transformers", "code_predictor_weights_from_transformers",
                     "build_weights_from_transformers", "weights_from_hf", "from_transformers")
-_BUILDER_MODULES = ("nki_kernels.code_predictor.weights", "nki_kernels.code_predictor.unrolled",
-                    "nki_kernels.code_predictor", "nki_kernels.code_predictor.reference")
+_BUILDER_MODULES = ("nki_kernels.codepredictor.weights", "nki_kernels.codepredictor.unrolled",
+                    "nki_kernels.codepredictor", "nki_kernels.codepredictor.reference")
 
 
 def find_weight_builder():
@@ -76,7 +76,7 @@ class CodePredictorHook:
         if kwargs.get("attention_mask") is not None and not bool(kwargs["attention_mask"].all()):
             return "padded prompt"
         if find_weight_builder() is None:
-            return "no weight builder in nki_kernels.code_predictor"
+            return "no weight builder in nki_kernels.codepredictor"
         return None
 
     def __call__(self, *args, **kwargs):

@@ -22,7 +22,7 @@ _CACHE: dict = {}
 def _weights(tp, vocab_sharded):
     key = (tp, vocab_sharded)
     if key not in _CACHE:
-        from nki_kernels.code_predictor import random_weights, shard_weights
+        from nki_kernels.codepredictor import random_weights, shard_weights
         rng = np.random.default_rng(2026)
         w = random_weights(rng, hidden=_SHAPE.hidden, n_q_heads=_SHAPE.q_heads, n_kv_heads=_SHAPE.kv_heads,
                            head_dim=_SHAPE.head_dim, intermediate=_SHAPE.mlp_inter, n_layers=_SHAPE.layers,
@@ -43,22 +43,22 @@ def _make(B, tp, vocab_sharded, sample):
 
 
 def _run(inputs):
-    from nki_kernels.code_predictor import code_predictor
+    from nki_kernels.codepredictor import code_predictor
     return code_predictor(inputs["past_hidden"], inputs["code0_embed"], inputs["weights"], **inputs["kw"])
 
 
 def _run_reprefill(inputs):
-    from nki_kernels.code_predictor.baselines import code_predictor_reprefill
+    from nki_kernels.codepredictor.baselines import code_predictor_reprefill
     return code_predictor_reprefill(inputs["past_hidden"], inputs["code0_embed"], inputs["weights"], **inputs["kw"])
 
 
 def _run_per_step(inputs):
-    from nki_kernels.code_predictor.baselines import code_predictor_per_step
+    from nki_kernels.codepredictor.baselines import code_predictor_per_step
     return code_predictor_per_step(inputs["past_hidden"], inputs["code0_embed"], inputs["weights"], **inputs["kw"])
 
 
 def _reference(inputs):
-    from nki_kernels.code_predictor.reference import code_predictor_reference
+    from nki_kernels.codepredictor.reference import code_predictor_reference
     return code_predictor_reference(inputs["past_hidden"], inputs["code0_embed"], inputs["weights"], **inputs["kw"])
 
 
@@ -82,10 +82,10 @@ def _reference_inputs(inputs):
 
 def _check_sample(ref, out):
     """Sampling flips under bf16-level logit differences (a 1% change in a probability moves the inverse-CDF
-    boundaries), so free-running sequences diverge; the exact procedure is tested in tests/code_predictor.
+    boundaries), so free-running sequences diverge; the exact procedure is tested in tests/codepredictor.
     Here, teacher-forced on the kernel's codes: every sampled code must lie in the reference's top-k (with a
     near-tie margin) and the embedding rows must be exactly the tables' rows of those codes."""
-    from nki_kernels.code_predictor.reference import code_predictor_reference
+    from nki_kernels.codepredictor.reference import code_predictor_reference
     inp = ref["inputs"]
     codes = np.asarray(out[0])
     kw = inp["kw"]

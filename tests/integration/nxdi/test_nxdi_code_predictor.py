@@ -12,8 +12,8 @@ from integration.nxdi import code_predictor as nxcp
 
 from nxdi_fakes import make_code_predictor_class
 
-cp_weights = pytest.importorskip("nki_kernels.code_predictor.weights")
-cp_ref = pytest.importorskip("nki_kernels.code_predictor.reference")
+cp_weights = pytest.importorskip("nki_kernels.codepredictor.weights")
+cp_ref = pytest.importorskip("nki_kernels.codepredictor.reference")
 
 
 def _reference_weights(mod):

@@ -73,8 +73,8 @@ def test_qwen35_moe_ep_slice_bf16():
 
 
 def test_omni_code_predictor_full_size():
-    cp_weights = pytest.importorskip("nki_kernels.code_predictor.weights")
-    cp_ref = pytest.importorskip("nki_kernels.code_predictor.reference")
+    cp_weights = pytest.importorskip("nki_kernels.codepredictor.weights")
+    cp_ref = pytest.importorskip("nki_kernels.codepredictor.reference")
     cls = make_code_predictor_class()
     mod = cls(dtype=torch.bfloat16, hidden=1024, n_layers=5, n_q=16, n_kv=8, d=128, inter=3072, vocab=2048,
               n_groups=15, seed=3)

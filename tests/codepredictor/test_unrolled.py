@@ -15,9 +15,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nki_kernels.code_predictor import code_predictor, random_weights
-from nki_kernels.code_predictor.reference import code_predictor_reference, sample_reference
-from nki_kernels.code_predictor.weights import pack_weights, natural_layers, shard_weights
+from nki_kernels.codepredictor import code_predictor, random_weights
+from nki_kernels.codepredictor.reference import code_predictor_reference, sample_reference
+from nki_kernels.codepredictor.weights import pack_weights, natural_layers, shard_weights
 from nki_kernels.testing import assert_close
 from nki_kernels.validation import KernelInputError
 

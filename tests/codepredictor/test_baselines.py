@@ -3,9 +3,9 @@ with the kernel: same codes on a well-separated config, identical embedding rows
 import numpy as np
 import pytest
 
-from nki_kernels.code_predictor import code_predictor, random_weights
-from nki_kernels.code_predictor.baselines import code_predictor_per_step, code_predictor_reprefill
-from nki_kernels.code_predictor.reference import code_predictor_reference
+from nki_kernels.codepredictor import code_predictor, random_weights
+from nki_kernels.codepredictor.baselines import code_predictor_per_step, code_predictor_reprefill
+from nki_kernels.codepredictor.reference import code_predictor_reference
 
 
 @pytest.mark.parametrize("B, V, sample", [(1, 64, False), (3, 128, False), (10, 128, False), (2, 64, True)])

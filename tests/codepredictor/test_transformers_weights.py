@@ -31,8 +31,8 @@ def _tiny_model(seed):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_reference_reproduces_transformers_generate(seed):
-    from nki_kernels.code_predictor import code_predictor, weights_from_transformers
-    from nki_kernels.code_predictor.reference import code_predictor_reference
+    from nki_kernels.codepredictor import code_predictor, weights_from_transformers
+    from nki_kernels.codepredictor.reference import code_predictor_reference
     model = _tiny_model(seed)
     B, H = 3, 128
     g = torch.Generator().manual_seed(seed)
