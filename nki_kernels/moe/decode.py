@@ -18,6 +18,7 @@ from .blockwise import _as_int32, _np, _shape, check_weights, moe_combine_kernel
 
 # ---- constraints
 _MAX_TOKENS = 32            # decode batch: the [128, H/128, T] fp32 accumulator stays within 4 PSUM banks at H=8192
+_DIRECT_OUT_MAX_T = 2      # up to this many tokens the [H, T] result is written by one strided DMA (no transposes)
 # ---- tiles
 _H_TILE = P_MAX             # output hidden rows per down-projection matmul (stationary free size M)
 
@@ -93,9 +94,15 @@ def moe_decode_kernel(hidden, top_k_index, top_k_weights, gate_up, down, slot_ex
     if n_slots <= pid and (shared_gate_up is None or pid != 0):
         nisa.memset(dst=acc_psum, value=0.0)      # this core had no work: its partial is zero
 
-    # accT [128, n_hc, T] -> out rows [T, H]: cast, then TensorE transposes into PSUM banks, one DMA out
+    # accT [128, n_hc, T] -> out rows [T, H]: cast; a few tokens go straight out by one element-strided DMA
+    # (out[t, hc * 128 + p] = accT[p, hc, t]); more tokens are transposed on TensorE for row-contiguous writes
     accT_sb = nl.ndarray((P_MAX, n_hc, t_pad), dtype=hidden.dtype, buffer=nl.sbuf)
     nisa.tensor_copy(dst=accT_sb[:, :, 0:n_tokens], src=acc_psum[:, :, 0:n_tokens])
+    if n_tokens <= _DIRECT_OUT_MAX_T:
+        nisa.dma_copy(dst=out.ap(pattern=[[1, P_MAX], [_H_TILE, n_hc], [n_prog * h_total, n_tokens]],
+                                 offset=pid * h_total),
+                      src=accT_sb[:, :, 0:n_tokens])
+        return out
     y_sb = nl.ndarray((_MAX_TOKENS, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
     group = PSUM_BANK_BYTES // (_H_TILE * itemsize(hidden.dtype))
     for g0 in range(0, n_hc, group):
