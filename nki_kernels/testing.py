@@ -16,6 +16,21 @@ TOLERANCE = {
 }
 
 
+def to_float64(x):
+    """x (NumPy array, bf16/fp8 array, torch tensor or number) as a float64 NumPy array; None stays None.
+
+    The one conversion the NumPy references share; it holds no kernel logic."""
+    if x is None:
+        return None
+    try:
+        import torch
+        if isinstance(x, torch.Tensor):
+            x = x.detach().float().cpu().numpy()
+    except ImportError:  # pragma: no cover
+        pass
+    return np.asarray(x, dtype=np.float64)
+
+
 def rel_rms_error(ref, out) -> float:
     ref = np.asarray(ref, dtype=np.float64)
     out = np.asarray(out, dtype=np.float64)

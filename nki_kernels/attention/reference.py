@@ -9,15 +9,7 @@ import math
 
 import numpy as np
 
-
-def _f64(x):
-    try:
-        import torch
-        if isinstance(x, torch.Tensor):
-            x = x.detach().float().cpu().numpy()
-    except ImportError:  # pragma: no cover
-        pass
-    return np.asarray(x, dtype=np.float64)
+from ..testing import to_float64 as _f64
 
 
 def _masked_softmax_attention(q, k, v, allowed):

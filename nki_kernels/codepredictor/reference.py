@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..testing import to_float64 as _f64
+
 from .weights import CodePredictorWeights, natural_layers
-
-
-def _f64(x):
-    if hasattr(x, "detach"):
-        x = x.detach().float().numpy()
-    return np.asarray(x, dtype=np.float64)
 
 
 def _rms(x, w, eps):

@@ -22,6 +22,7 @@ import numpy as np
 from ..backend import call, nki, nisa, nl
 from ..hw import P_MAX, PSUM_FMAX_FP32
 from ..validation import kernel_check
+from ._checks import check_qkv_gate_layouts
 
 # ---------------------------------------------------------------- constraints
 _CHUNK_SIZES = (64, 128)          # tokens per chunk: partitions of the intra-chunk tiles (<= P_MAX)
@@ -467,18 +468,7 @@ def gated_delta_rule(q, k, v, g, beta, chunk_size=64, initial_state=None, output
     name = "gated_delta_rule"
     kernel_check(cu_seqlens is None, f"{name}: packed varlen (cu_seqlens) is not supported; pass right-padded "
                  f"[B, T, ...] inputs with valid_lengths instead, got cu_seqlens={cu_seqlens!r}")
-    for arg, x, nd in (("q", q, 4), ("k", k, 4), ("v", v, 4), ("g", g, 3), ("beta", beta, 3)):
-        kernel_check(getattr(x, "ndim", None) == nd, f"{name}: {arg} must be {nd}-D, got "
-                     f"{arg}.shape={tuple(getattr(x, 'shape', ()))}")
-    bsz, seq, n_hk, dk = q.shape
-    n_hv, dv = v.shape[2], v.shape[3]
-    kernel_check(tuple(k.shape) == tuple(q.shape), f"{name}: k must match q [B, T, Hk, Dk], got "
-                 f"q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}")
-    kernel_check(tuple(v.shape[:2]) == (bsz, seq), f"{name}: v must be [B={bsz}, T={seq}, Hv, Dv], "
-                 f"got v.shape={tuple(v.shape)}")
-    for arg, x in (("g", g), ("beta", beta)):
-        kernel_check(tuple(x.shape) == (bsz, seq, n_hv), f"{name}: {arg} must be [B, T, Hv]="
-                     f"{(bsz, seq, n_hv)}, got {arg}.shape={tuple(x.shape)}")
+    bsz, seq, n_hk, dk, n_hv, dv = check_qkv_gate_layouts(name, q, k, v, g, beta)
     kernel_check(seq >= 1, f"{name}: need at least one token, got T={seq}")
     kernel_check(n_hv % n_hk == 0, f"{name}: Hv must be a multiple of Hk, got Hv={n_hv}, Hk={n_hk}")
     kernel_check(1 <= dk <= _MAX_HEAD_DIM and 1 <= dv <= _MAX_HEAD_DIM,

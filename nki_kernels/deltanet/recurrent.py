@@ -17,6 +17,7 @@ import numpy as np
 from ..backend import call, nki, nisa, nl
 from ..hw import P_MAX
 from ..validation import kernel_check
+from ._checks import check_qkv_gate_layouts
 
 # ---------------------------------------------------------------- constraints
 _MAX_DECODE_TOKENS = 4            # tokens per sequence per step (MTP / speculative verify up to 4)
@@ -230,19 +231,8 @@ def gated_delta_rule_step(q, k, v, g, beta, state_pool, slot_ids, use_qk_l2norm_
     bf16 (NumPy array or torch CPU tensor, modified in place); slot_ids [B] distinct ints in [0, N_slots).
     """
     name = "gated_delta_rule_step"
-    for arg, x, nd in (("q", q, 4), ("k", k, 4), ("v", v, 4), ("g", g, 3), ("beta", beta, 3),
-                       ("state_pool", state_pool, 4)):
-        kernel_check(getattr(x, "ndim", None) == nd, f"{name}: {arg} must be {nd}-D, got "
-                     f"{arg}.shape={tuple(getattr(x, 'shape', ()))}")
-    bsz, n_tok, n_hk, dk = q.shape
-    n_hv, dv = v.shape[2], v.shape[3]
-    kernel_check(tuple(k.shape) == tuple(q.shape), f"{name}: k must match q [B, T, Hk, Dk], got "
-                 f"q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}")
-    kernel_check(tuple(v.shape[:2]) == (bsz, n_tok), f"{name}: v must be [B={bsz}, T={n_tok}, Hv, Dv], "
-                 f"got v.shape={tuple(v.shape)}")
-    for arg, x in (("g", g), ("beta", beta)):
-        kernel_check(tuple(x.shape) == (bsz, n_tok, n_hv), f"{name}: {arg} must be [B, T, Hv]="
-                     f"{(bsz, n_tok, n_hv)}, got {arg}.shape={tuple(x.shape)}")
+    bsz, n_tok, n_hk, dk, n_hv, dv = check_qkv_gate_layouts(name, q, k, v, g, beta,
+                                                           extra=(("state_pool", state_pool, 4),))
     kernel_check(1 <= n_tok <= _MAX_DECODE_TOKENS, f"{name}: T must be in [1, {_MAX_DECODE_TOKENS}] tokens "
                  f"per step (use gated_delta_rule for prefill), got T={n_tok}")
     kernel_check(n_hv % n_hk == 0, f"{name}: Hv must be a multiple of Hk, got Hv={n_hv}, Hk={n_hk}")

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..testing import to_float64 as _f64
+
 L2NORM_EPS = 1e-6
-
-
-def _f64(x):
-    return None if x is None else np.asarray(x, dtype=np.float64)
 
 
 def _l2norm(x):
