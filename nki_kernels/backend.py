@@ -48,9 +48,9 @@ if _real is not None:
     nki, nl, nisa = _real
     ACTIVE = "nki"
 else:
-    from . import emulator as nki
-    from .emulator import isa as nisa
-    from .emulator import language as nl
+    from . import emulator as nki  # noqa: F401
+    from .emulator import isa as nisa  # noqa: F401  (re-exported for kernel files)
+    from .emulator import language as nl  # noqa: F401
     ACTIVE = "emulator"
 
 

@@ -19,7 +19,7 @@ Differences from the contrib's traced forward, all behind the same signature:
   greedy (argmax, first index on ties) by default, as the contrib;
 * ``mid_hiddens`` are the codec embeddings the talker sums next (``codec_embedding[s](code_s)``, s = 0..13,
   i.e. HF's ``mid_residual_hiddens``); PR #167's traced graph returns the post-norm transformer hidden at
-  those slots instead, which is not what HF's talker sums (see docs/kernels/nxdi.md).
+  those slots instead, which is not what HF's talker sums (see KERNELS.md ("Using nki-kernels from NxDI")).
 
 Tensor parallelism: the kernel runs one NeuronCore; with ``tp_degree > 1`` the per-rank o_proj / down_proj
 partial sums would need an all-reduce between layers, so the adapter defers to the original forward

@@ -1,7 +1,7 @@
 """Flash attention for head_dim up to 256: `flash_attention` (prefill) and `flash_attention_decode` (decode).
 
 Submodules are imported on demand (``nki_kernels.attention.prefill`` / ``.decode``); see
-docs/kernels/attention.md.
+KERNELS.md ("Attention").
 """
 __all__ = ["flash_attention", "flash_attention_decode"]
 

@@ -15,7 +15,7 @@ RoPE's rotate-half is a +-1 permutation matmul. K^T and V^T are cached per (laye
 scores for a block of batch rows are one matmul [(b, q-head), (b', t)] with a block-diagonal (b == b') mask.
 The prompt's two positions run as one pass over 2B rows. Greedy argmax runs with the vocab on partitions;
 sampling and non-multiple-of-128 vocabularies use logits rows with nisa.max8 / nc_find_index8.
-See docs/kernels/code_predictor.md for the loop nest, memory plan and modeled numbers.
+See KERNELS.md ("code_predictor") for the loop nest, memory plan and modeled numbers.
 """
 from __future__ import annotations
 

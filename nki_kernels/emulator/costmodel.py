@@ -1,6 +1,6 @@
 """Cost model: an emulator instruction trace -> modeled time on a Trainium target.
 
-Everything this module returns is *modeled*, not measured. The model (see docs/kernels/01-cost-model.md):
+Everything this module returns is *modeled*, not measured. The model (see KERNELS.md ("Cost model and microbenchmark")):
 
 * per-instruction engine time from the NC-v2 cycle table in ../shared/reference/nki-api.md section 4
   (TensorE by moving/stationary size, fp32 at quarter rate, 64-cycle minimum issue; VectorE / ScalarE /
@@ -30,7 +30,7 @@ from .trace import ACT, DMA, DVE, ENGINES, PE, POOL
 
 @dataclass(frozen=True)
 class CostParams:
-    """Cost-model constants per target. Sources in docs/kernels/01-cost-model.md."""
+    """Cost-model constants per target. Sources in KERNELS.md ("Cost model and microbenchmark")."""
     min_ii: int = 64                      # minimum cycles per compute instruction (nki-api.md s4, MIN_II)
     pe_stationary_load_div: int = 4       # LoadStationary up to 4x faster than the matmul (s4)
     pe_fp32_pass_overhead: int = 64       # fp32 matmul = 4 PE passes, each paying MM_INIT_LATENCY (64 cycles);

@@ -1,6 +1,6 @@
 """Per-tile building blocks shared by the MoE kernels (plain helpers called from `@nki.jit` kernels).
 
-Layout conventions (see docs/kernels/moe.md):
+Layout conventions (see KERNELS.md ("MoE")):
   * hidden columns h are split as h = p * n_h + j (p the partition, j < n_h = H / 128), so one expert's
     gate_up rows [H, 2, I] load with one contiguous run of n_h * 2I elements per partition;
   * intermediate rows i of `down` [I, H] are split as i = q * n_i + c (q < ic = I / n_i, n_i = ceil(I / 128)),

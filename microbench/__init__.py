@@ -1,0 +1,1 @@
+"""Microbenchmarks: `python -m microbench` runs, checks and models every registered kernel case."""
