@@ -141,3 +141,15 @@ def test_test_module_basenames_are_unique():
         seen.setdefault(f.name, []).append(str(f.relative_to(tests_dir)))
     dups = {k: v for k, v in seen.items() if len(v) > 1}
     assert not dups, f"test modules with the same basename: {dups}"
+
+
+def test_ruff_lint_is_clean():
+    """The lint rules of pyproject.toml (incl. S101: no bare assert in library code) hold for the whole tree."""
+    import shutil
+    import subprocess
+    ruff = shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff is not installed (it comes with the test extra)")
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([ruff, "check", "--no-cache", str(root)], capture_output=True, text=True, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-3000:]
