@@ -1,12 +1,22 @@
 """Input checks shared by the gated-delta-rule wrappers (prefill and decode take the same q/k/v/g/beta layouts)."""
 from __future__ import annotations
 
+from ..hw import P_MAX
 from ..validation import kernel_check
+
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+MAX_HEAD_DIM = P_MAX             # Dk, Dv <= 128: Dk is the partition dim of the state tile
+
+
+def dtype_name(x) -> str:
+    """'bfloat16', 'float32', ... for NumPy arrays and torch tensors alike."""
+    return str(x.dtype).replace("torch.", "")
 
 
 def check_qkv_gate_layouts(name: str, q, k, v, g, beta, extra=()):
     """q, k [B, T, Hk, Dk], v [B, T, Hv, Dv], g, beta [B, T, Hv]; `extra` adds (arg, tensor, ndim) triples.
 
+    Also: Hv a multiple of Hk, head dims <= MAX_HEAD_DIM, float dtypes with k and v in q's dtype.
     Returns (B, T, Hk, Dk, Hv, Dv)."""
     for arg, x, nd in (("q", q, 4), ("k", k, 4), ("v", v, 4), ("g", g, 3), ("beta", beta, 3)) + tuple(extra):
         kernel_check(getattr(x, "ndim", None) == nd, f"{name}: {arg} must be {nd}-D, got "
@@ -20,4 +30,13 @@ def check_qkv_gate_layouts(name: str, q, k, v, g, beta, extra=()):
     for arg, x in (("g", g), ("beta", beta)):
         kernel_check(tuple(x.shape) == (bsz, seq, n_hv), f"{name}: {arg} must be [B, T, Hv]="
                      f"{(bsz, seq, n_hv)}, got {arg}.shape={tuple(x.shape)}")
+    kernel_check(n_hv % n_hk == 0, f"{name}: Hv must be a multiple of Hk, got Hv={n_hv}, Hk={n_hk}")
+    kernel_check(1 <= dk <= MAX_HEAD_DIM and 1 <= dv <= MAX_HEAD_DIM,
+                 f"{name}: head dims must be <= {MAX_HEAD_DIM}, got Dk={dk}, Dv={dv}")
+    dt = dtype_name(q)
+    kernel_check(dt in FLOAT_DTYPES, f"{name}: q dtype must be one of {FLOAT_DTYPES}, got {dt}")
+    for arg, x in (("k", k), ("v", v)):
+        kernel_check(dtype_name(x) == dt, f"{name}: {arg} dtype must equal q's {dt}, got {dtype_name(x)}")
+    for arg, x in (("g", g), ("beta", beta)):
+        kernel_check(dtype_name(x) in FLOAT_DTYPES, f"{name}: {arg} must be a float tensor, got {dtype_name(x)}")
     return bsz, seq, n_hk, dk, n_hv, dv

@@ -12,13 +12,14 @@ import numpy as np
 from ..backend import call, nki, nisa, nl
 from ..hw import P_MAX
 from ..validation import kernel_check
+from ._checks import FLOAT_DTYPES as _FLOAT_DTYPES
+from ._checks import dtype_name as _dtype_name
 
 # ---------------------------------------------------------------- constraints
 _MAX_KERNEL_WIDTH = 8             # taps K (Qwen3.5/Next use 4)
 _MAX_SEQ = 16384                  # T: the whole [128, K + T] history row lives in SBUF (<= 32 KiB bf16)
 _MAX_ROW_ELEMS = 8192             # free elements per partition of one [P, n_b, K + T] history tile
 _MAX_UPDATE_ROW_ELEMS = 32768     # update form: C * (K + T) fp32 per partition (128 KiB of SBUF)
-_FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 _ACTIVATIONS = (None, "silu", "swish")
 
 
@@ -138,9 +139,6 @@ def causal_conv1d_update_kernel(x, conv_state, weight, apply_silu):
         nisa.dma_copy(dst=conv_state[b0:b0 + pb], src=hist[0:pb, :, seq:seq + kw])
     return y
 
-
-def _dtype_name(x):
-    return str(x.dtype).replace("torch.", "")
 
 
 def _check_common(name, x, weight, activation, bias):
