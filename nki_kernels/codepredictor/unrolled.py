@@ -698,6 +698,10 @@ def check_inputs(past_hidden, code0_embed, weights, uniforms, do_sample, tempera
                  f"{name}: past_hidden and code0_embed must be [B, H], got past_hidden.shape="
                  f"{tuple(getattr(past_hidden, 'shape', ()))}, "
                  f"code0_embed.shape={tuple(getattr(code0_embed, 'shape', ()))}")
+    for arg in ("wqkv_t", "wo_t", "wgu_t", "wd_t", "lm_head_t", "codec_embed"):
+        dt = str(getattr(w, arg).dtype).replace("torch.", "")
+        kernel_check(dt == "bfloat16", f"{name}: weights.{arg} must be bfloat16 (the kernel's matmuls pair bf16 "
+                     f"weights with bf16 activations; pack with dtype='bfloat16'), got dtype={dt}")
     B, H = past_hidden.shape
     kernel_check(tuple(code0_embed.shape) == (B, H),
                  f"{name}: code0_embed must match past_hidden [B, H]={B, H}, got {tuple(code0_embed.shape)}")

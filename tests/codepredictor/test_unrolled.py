@@ -283,3 +283,13 @@ def test_many_heads_times_rows_split_matmuls():
     w = _cfg(rng, Hq=8, Hkv=4, D=32, L=1, G1=2, V=128)
     ph, c0 = _prompt(rng, 48, w.hidden)
     _check(ph, c0, w, max_near_ties=0.05)
+
+
+def test_fp32_weights_are_rejected_up_front():
+    """fp32 packed weights are refused by the wrapper with a message naming the field, not deep in the kernel."""
+    rng = np.random.default_rng(0)
+    w = random_weights(rng, hidden=128, n_q_heads=2, n_kv_heads=1, head_dim=64, intermediate=128, n_layers=1,
+                       n_groups=2, vocab=16, dtype="float32")
+    x = rng.standard_normal((1, 128)).astype(np.float32)
+    with pytest.raises(KernelInputError, match=r"weights\.wqkv_t must be bfloat16"):
+        code_predictor(x, x, w)
