@@ -13,9 +13,9 @@ import numpy as np
 
 from ..backend import call, nisa, nki, nl
 from ..hw import P_MAX, SBUF_BYTES_PER_PARTITION
-from .unrolled import (_K_TILE, _SBUF_HEADROOM, _W_NAMES, _Cfg, _activation_bytes_per_partition, _final_logits,
+from .unrolled import (_K_TILE, _SBUF_HEADROOM, _Cfg, _activation_bytes_per_partition, _final_logits,
                        _gather_embed, _greedy_code_T, _greedy_consts, _layer, _rope_T, _rows_to_T, _select_code,
-                       _setup, _weights_args, check_inputs, resident_bytes_per_partition)
+                       _setup, _weights_and_sizes, _weights_args, check_inputs, resident_bytes_per_partition)
 from .weights import CodePredictorWeights
 
 
@@ -37,16 +37,11 @@ def code_predictor_reprefill_kernel(past_hidden, code0_embed, uniforms, input_no
             h = layers(x) with a causal mask over the G slots; code_j = select(rms(h[:, j + 1]) @ lm_head[j])
     """
     B, H = past_hidden.shape
-    L = wqkv_t.shape[0]
-    D = q_norm.shape[1]
-    I = wd_t.shape[1]
-    G1, V, _ = codec_embed.shape
-    vh = lm_head_t.shape[2]
+    W, L, D, I, G1, V, vh = _weights_and_sizes(input_norm, post_norm, q_norm, k_norm, final_norm, wqkv_t, wo_t,
+                                               wgu_t, wd_t, lm_head_t, codec_embed, rope_cos, rope_sin)
     slots = G1 + 1
     r = n_q_heads // n_kv_heads
     bg = max(1, min(B, P_MAX // slots))                  # batch rows per pass (rows = bg * slots <= 128)
-    W = dict(zip(_W_NAMES, (input_norm, post_norm, q_norm, k_norm, final_norm, wqkv_t, wo_t, wgu_t, wd_t,
-                            lm_head_t, codec_embed, rope_cos, rope_sin)))
     codes = nl.ndarray((B, G1), dtype=nl.int32, buffer=nl.shared_hbm)
     codec_embeds = nl.ndarray((B, G1, H), dtype=codec_embed.dtype, buffer=nl.shared_hbm)
     codec_sum = nl.ndarray((B, H), dtype=codec_embed.dtype, buffer=nl.shared_hbm)
@@ -102,14 +97,9 @@ def code_predictor_step_kernel(x_in, code0_embed, kv_k, kv_v, uniforms, input_no
     x_in = the embedding of code j. Returns code [B, 1] int32 and emb [B, H] (codec_embed[j](code)).
     """
     B, H = x_in.shape
-    L = wqkv_t.shape[0]
-    D = q_norm.shape[1]
-    I = wd_t.shape[1]
-    G1, V, _ = codec_embed.shape
-    vh = lm_head_t.shape[2]
+    W, L, D, I, G1, V, vh = _weights_and_sizes(input_norm, post_norm, q_norm, k_norm, final_norm, wqkv_t, wo_t,
+                                               wgu_t, wd_t, lm_head_t, codec_embed, rope_cos, rope_sin)
     c = _Cfg(B, H, L, n_q_heads, n_kv_heads, D, I, G1 + 1, eps)
-    W = dict(zip(_W_NAMES, (input_norm, post_norm, q_norm, k_norm, final_norm, wqkv_t, wo_t, wgu_t, wd_t,
-                            lm_head_t, codec_embed, rope_cos, rope_sin)))
     code_out = nl.ndarray((B, 1), dtype=nl.int32, buffer=nl.shared_hbm)
     emb_out = nl.ndarray((B, H), dtype=codec_embed.dtype, buffer=nl.shared_hbm)
     bb = max(1, min(B, P_MAX // c.r))

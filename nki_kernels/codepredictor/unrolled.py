@@ -569,6 +569,16 @@ _W_NAMES = ("input_norm", "post_norm", "q_norm", "k_norm", "final_norm", "wqkv_t
             "lm_head_t", "codec_embed", "rope_cos", "rope_sin")
 
 
+def _weights_and_sizes(input_norm, post_norm, q_norm, k_norm, final_norm, wqkv_t, wo_t, wgu_t, wd_t, lm_head_t,
+                       codec_embed, rope_cos, rope_sin):
+    """The weights as the {name: tensor} dict the steps take, and the sizes read from them:
+    (W, L layers, D head dim, I intermediate, G1 code groups, V embedding vocab, Vh LM-head vocab)."""
+    W = dict(zip(_W_NAMES, (input_norm, post_norm, q_norm, k_norm, final_norm, wqkv_t, wo_t, wgu_t, wd_t,
+                            lm_head_t, codec_embed, rope_cos, rope_sin)))
+    n_groups, vocab, _ = codec_embed.shape
+    return W, wqkv_t.shape[0], q_norm.shape[1], wd_t.shape[1], n_groups, vocab, lm_head_t.shape[2]
+
+
 @nki.jit
 def code_predictor_kernel(past_hidden, code0_embed, uniforms, input_norm, post_norm, q_norm, k_norm, final_norm,
                           wqkv_t, wo_t, wgu_t, wd_t, lm_head_t, codec_embed, rope_cos, rope_sin,
@@ -595,14 +605,9 @@ def code_predictor_kernel(past_hidden, code0_embed, uniforms, input_norm, post_n
             if pos >= 1: j = pos - 1; code_j = select(rms(h) @ lm_head[j]); codec_embeds[:, j] = embed[j][code_j]
     """
     B, H = past_hidden.shape
-    L = wqkv_t.shape[0]
-    D = q_norm.shape[1]
-    I = wd_t.shape[1]
-    G1, V, _ = codec_embed.shape
-    vh = lm_head_t.shape[2]
+    W, L, D, I, G1, V, vh = _weights_and_sizes(input_norm, post_norm, q_norm, k_norm, final_norm, wqkv_t, wo_t,
+                                               wgu_t, wd_t, lm_head_t, codec_embed, rope_cos, rope_sin)
     c = _Cfg(B, H, L, n_q_heads, n_kv_heads, D, I, G1 + 1, eps)
-    W = dict(zip(_W_NAMES, (input_norm, post_norm, q_norm, k_norm, final_norm, wqkv_t, wo_t, wgu_t, wd_t,
-                            lm_head_t, codec_embed, rope_cos, rope_sin)))
     codes = nl.ndarray((B, G1), dtype=nl.int32, buffer=nl.shared_hbm)
     codec_embeds = nl.ndarray((B, G1, H), dtype=codec_embed.dtype, buffer=nl.shared_hbm)
     codec_sum = nl.ndarray((B, H), dtype=codec_embed.dtype, buffer=nl.shared_hbm)
