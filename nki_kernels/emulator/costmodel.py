@@ -265,6 +265,14 @@ def _engine_ghz(eng: str, t: Target) -> float:
     return {PE: t.pe_ghz, ACT: t.act_ghz, DVE: t.dve_ghz, POOL: t.pool_ghz}[eng]
 
 
+def _descriptor_run(a) -> int:
+    """Bytes one DMA descriptor can move for this side: the innermost contiguous run, and on chip at most one
+    partition's row (partitions are separate address ranges, so no descriptor spans two)."""
+    if a.buffer == "hbm" or a.partitions <= 0:
+        return a.contig_bytes
+    return min(a.contig_bytes, max(1, a.nbytes // a.partitions))
+
+
 def dma_cost(ins, target: Target, p: CostParams, hbm_bw: float, dma_bw: float) -> tuple[float, float]:
     """(pipe occupancy µs at the core's bandwidth, fixed latency µs) of one DMA instruction."""
     nbytes = ins.meta.get("bytes")
@@ -272,7 +280,7 @@ def dma_cost(ins, target: Target, p: CostParams, hbm_bw: float, dma_bw: float) -
         nbytes = sum(a.nbytes for a in ins.writes)
     touches_hbm = any(a.buffer == "hbm" for a in ins.reads + ins.writes)
     bw = hbm_bw if touches_hbm else dma_bw
-    runs = [a.contig_bytes for a in ins.reads + ins.writes if a.contig_bytes > 0]
+    runs = [_descriptor_run(a) for a in ins.reads + ins.writes if a.contig_bytes > 0]
     run = max(1, min(runs)) if runs else 512
     eff = min(1.0, run / p.dma_full_eff_bytes) ** p.dma_eff_exponent
     if ins.meta.get("transpose"):

@@ -337,6 +337,17 @@ def test_short_dma_rows_lose_bandwidth():
     assert narrow.hbm_bytes == wide.hbm_bytes
 
 
+def test_dma_descriptors_stop_at_on_chip_partition_rows():
+    """A contiguous 64 KiB HBM block landing in 512 B SBUF partition rows moves at the 512 B-run efficiency:
+    partitions are separate address ranges, so no descriptor spans two of them."""
+    p = PARAMS["trn2"]
+    wide = model_launches([run(_copy, np.ones((1024, 1024), np.float32), 1024, target="trn2")])
+    tall = np.ones((8192, 128), np.float32)      # every [128, 128] tile is one contiguous block in HBM
+    narrow = model_launches([run(_copy, tall, 128, target="trn2")])
+    expect = (p.dma_full_eff_bytes / 512) ** p.dma_eff_exponent
+    assert narrow.engine_busy_us["dma"] == pytest.approx(expect * wide.engine_busy_us["dma"], rel=0.01)
+
+
 def test_trn2_vector_bf16_perf_mode():
     t = get_target("trn2")
     tr32, tr16 = Trace(), Trace()
