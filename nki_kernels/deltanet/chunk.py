@@ -7,13 +7,15 @@ walks the sequence chunk by chunk (C = 64 or 128 tokens, tokens on the partition
 
     G_i = sum_{k<=i} g_k                        (within the chunk; exact sums of g by matmul)
     A   = strict_lower(diag(beta) (K K^T o exp(G_i - G_j)))
-    T   = (I + A)^-1                            (exact, by recursive block doubling, see DESIGN.md)
+    T   = (I + A)^-1                            (exact, by recursive block doubling on half-width tiles)
     W   = T (beta e^G o K),  U = T (beta o V),  V' = U - W S
     O   = e^G o (Q S) + (Q K^T o exp(G_i - G_j))_{j<=i} V'
     S   <- e^{G_C} S + (K o e^{G_C - G_j})^T V'
 
 Every exponent is a sum of g over a causal range (<= 0), formed directly by a matmul with a 0/1 mask,
 so no exp of a positive number and no difference of two large cumulative sums is ever taken.
+The state-independent part of each chunk (everything but V', O and the S update) is emitted up to
+_PIPELINE_DEPTH chunks ahead, interleaved with the sequential state chain (Python generators, trace time).
 """
 from __future__ import annotations
 
@@ -33,15 +35,24 @@ _L2NORM_EPS = 1e-6                # transformers' l2norm eps (added to the sum o
 # rsqrt(x) = rsqrt(x * 2^-40) * 2^-20 keeps every such x inside the valid range.
 _RSQRT_PRESCALE = 2.0 ** -40
 _RSQRT_POSTSCALE = 2.0 ** -20
+# chunks whose state-independent part is emitted ahead of (interleaved with) the current chunk's state update
+_PIPELINE_DEPTH = 3
+# compute instructions on <= 32 partitions must start at a multiple of 32 (0, 32, 64, 96)
+_PARTITION_QUADRANT = 32
+# the solve level whose rows are selected by a per-partition mask per block instead of a level mask of A
+_ROW_MASK_BLOCK = 16
 # PSUM banks one [P, W, C] lockstep tile may span: the solve keeps 3 such tiles live (6 of 8 banks)
 _LOCKSTEP_PSUM_BANKS = 2
 
 # ---------------------------------------------------------------- host constants (index into consts)
-_C_IDENT = 0                      # I[i, j] = [i == j]
-_C_UTRI = 1                       # U[k, i] = [k <= i]   (inclusive cumsum / causal j <= i mask)
-_C_SL = 2                         # SL[k, j] = [k > j]  (strict "after j")
-_C_M1 = 3                         # level-1 off-diagonal block mask of A (rows 2q+1, cols 2q)
-_C_MT0 = 4                        # first transposed level mask; level l (block s = 2^l) at _C_MT0 + l
+_C_UTRI = 0                       # U[k, i] = [k <= i]   (inclusive cumsum / causal j <= i mask)
+_C_SL = 1                         # SL[k, j] = [k > j]  (strict "after j")
+_C_IDENT = 2                      # I[i, j] = [i == j]
+_C_MT0 = 3                        # first transposed level mask; level l (block s = 2^l) at _C_MT0 + l
+
+
+def _c_hi_rows(chunk):
+    return _C_MT0 + _n_levels(chunk)    # index of the hi-rows mask (after the level masks)
 
 
 def _n_levels(chunk):
@@ -52,15 +63,14 @@ def _host_constants(chunk):
     """[n_const, C, C] fp32 0/1 masks the kernel loads once (identity, triangles, block-doubling masks)."""
     idx = np.arange(chunk)
     i, j = idx[:, None], idx[None, :]
-    consts = [np.eye(chunk), (i <= j), (i > j)]
-    level_t = []
+    consts = [(i <= j), (i > j), np.eye(chunk)]
     for lvl in range(_n_levels(chunk)):
         s = 1 << lvl
         m = (i // (2 * s) == j // (2 * s)) & (i % (2 * s) >= s) & (j % (2 * s) < s)   # A-layout [row, col]
-        if lvl == 0:
-            consts.append(m)
-        level_t.append(m.T)
-    return np.stack([c.astype(np.float32) for c in consts + level_t])
+        consts.append(m.T)
+    s = _ROW_MASK_BLOCK                   # hi_rows[p, b] = [p in the second half of 2s-block b]
+    consts.append((i // (2 * s) == j) & (i % (2 * s) >= s))
+    return np.stack([c.astype(np.float32) for c in consts])
 
 
 @nki.jit
@@ -86,14 +96,16 @@ def gated_delta_rule_kernel(q, k, v, g, beta, initial_state, lengths, consts, ch
         checkpoints: [B, T // (checkpoint_every * C), Hv, Dk, Dv] fp32 (only when checkpoint_every).
     Constraints:
         C in _CHUNK_SIZES; Dk, Dv <= _MAX_HEAD_DIM; pad tokens (t >= lengths[b]) get g = beta = 0 and q = 0.
-    Pseudocode:
+    Pseudocode (software-pipelined over the (b, chunk) items, see _chunk_prep / _chunk_tail):
         for b: S[h] = initial_state[b, h] (SBUF, [Dk, Hv, Dv] fp32)
-          for each chunk: load q, k, v, g, beta rows; mask pads; l2norm + scale q, k (compute dtype)
-            for each lockstep block of W v heads (W = Hv at Qwen shapes):
-              K^T, Q^T of its q/k heads (TensorE), K K^T, (K Q^T masked j <= i)
-              per head: decays by matmul with 0/1 masks; A; P^T
-              T^T = (I + A)^-1 (block doubling, W heads per instruction); W^T, V' = T (beta V) - W S;
-              O = e^G (Q S) + P V'; S = e^{G_C} S + K_d^T V'
+          for each chunk:
+            state-independent (emitted up to _PIPELINE_DEPTH chunks ahead, interleaved stage by stage):
+              load q, k, v, g, beta rows; mask pads; l2norm + scale q, k (compute dtype)
+              for each lockstep block of W v heads (W = Hv at Qwen shapes):
+                K^T, Q^T (TensorE), K K^T, (K Q^T masked j <= i); decays e^{D^T} by fp32 matmuls with 0/1
+                masks; A^T = (K K^T diag(beta)) o e^{D^T}; P^T; T^T = (I + A)^-1 (block doubling, W heads
+                per instruction); -W^T; beta V; (e^G o Q)^T; K o e^{G_C - G_j}
+            state-dependent: V' = T (beta V) - W S; S = e^{G_C} S + K_d^T V'; O = (e^G o Q) S + P V'
             store the chunk's o rows (and the state every N chunks)
           store final S
     """
@@ -113,117 +125,191 @@ def gated_delta_rule_kernel(q, k, v, g, beta, initial_state, lengths, consts, ch
     n_const = consts.shape[0]
     consts_sb = nl.ndarray((chunk, n_const, chunk), dtype=f32, buffer=nl.sbuf)
     nisa.dma_copy(dst=consts_sb, src=consts.permute((1, 0, 2)))
-    utri = consts_sb[:, _C_UTRI, :]
     # matmul operand dtypes: bf16 inputs run TensorE at bf16 rate (fp32 PSUM accumulation, fp32 state);
     # decays (sums of g) stay fp32 everywhere
     cdt = nl.bfloat16 if q.dtype == nl.bfloat16 else f32
-    consts_c = consts_sb
-    if cdt != f32:
-        consts_c = nl.ndarray((chunk, n_const, chunk), dtype=cdt, buffer=nl.sbuf)
-        nisa.tensor_copy(dst=consts_c, src=consts_sb)
     ones_sb = nl.ndarray((chunk, max(dk, chunk)), dtype=f32, buffer=nl.sbuf)
     nisa.memset(dst=ones_sb, value=1.0)
     # v heads of one q/k group are processed W at a time in lockstep ([C, W, C] tiles): one instruction
     # serves W heads where the op is the same, and the W independent chains hide each other's latency
     width = _lockstep_width(n_hv, group, chunk, dk, dv)
-    # masks of the block solve, replicated W times along the free dim (no broadcasting in NKI ops)
+    # I and the level masks of the block solve in the compute dtype, replicated W times along the free dim
+    # (no broadcasting in NKI ops), copied on GpSimd and ScalarE (idle at the start)
     n_lvl = _n_levels(chunk)
-    masks_w = nl.ndarray((chunk, n_lvl + 2, width, chunk), dtype=cdt, buffer=nl.sbuf)
+    masks_w = nl.ndarray((chunk, n_lvl + 1, width, chunk), dtype=cdt, buffer=nl.sbuf)
     for i_w in nl.affine_range(width):
-        nisa.tensor_copy(dst=masks_w[:, 0, i_w, :], src=consts_sb[:, _C_IDENT, :], engine=nisa.engine.gpsimd)
-        nisa.tensor_copy(dst=masks_w[:, 1, i_w, :], src=consts_sb[:, _C_M1, :], engine=nisa.engine.gpsimd)
-        for lvl in nl.static_range(n_lvl):
-            nisa.tensor_copy(dst=masks_w[:, 2 + lvl, i_w, :], src=consts_sb[:, _C_MT0 + lvl, :],
+        if i_w % 2 == 0:
+            nisa.tensor_copy(dst=masks_w[:, :, i_w, :], src=consts_sb[:, _C_IDENT:_C_MT0 + n_lvl, :],
                              engine=nisa.engine.gpsimd)
-
-    for i_b in nl.sequential_range(bsz):
-        state_sb = nl.ndarray((dk, n_hv, dv), dtype=f32, buffer=nl.sbuf)
-        if has_initial_state:
-            nisa.dma_copy(dst=state_sb, src=initial_state[i_b].permute((1, 0, 2)))
         else:
-            nisa.memset(dst=state_sb, value=0.0)
-        len_i = nl.ndarray((chunk, 1), dtype=nl.int32, buffer=nl.sbuf)
-        nisa.dma_copy(dst=len_i, src=lengths.ap(pattern=[[0, chunk], [1, 1]], offset=i_b))
-        len_f = nl.ndarray((chunk, 1), dtype=f32, buffer=nl.sbuf)
-        nisa.tensor_copy(dst=len_f, src=len_i)
+            nisa.activation(dst=masks_w[:, :, i_w, :], op=nl.copy, data=consts_sb[:, _C_IDENT:_C_MT0 + n_lvl, :])
+    # one solve workspace per chunk in flight (fp32 inputs: one chunk ahead only, to save SBUF)
+    depth = _PIPELINE_DEPTH if cdt != f32 else 1
+    solve_wss = [_solve_workspace(masks_w, n_lvl, width, chunk, cdt) for _ in range(depth)]
 
-        for i_c in nl.sequential_range(n_chunks):
-            t0 = i_c * chunk
-            n_tok = min(chunk, seq - t0)
-            q_sb, k_sb, v_sb, g_sb, beta_sb = _load_chunk(q, k, v, g, beta, i_b, t0, n_tok, chunk)
-            valid = _valid_mask(len_f, t0, chunk)
-            # pad tokens: g = 0 (no decay), beta = 0 (no write), q = 0 (zero output)
-            nisa.tensor_scalar(dst=g_sb, data=g_sb, op0=nl.multiply, operand0=valid)
-            nisa.tensor_scalar(dst=beta_sb, data=beta_sb, op0=nl.multiply, operand0=valid)
-            q_c = _normalize(q_sb, valid, scale, use_l2norm, cdt)
-            k_c = _normalize(k_sb, None, 1.0, use_l2norm, cdt)
-            v_c = v_sb
-            if cdt != f32:
-                v_c = nl.ndarray((chunk, n_hv, dv), dtype=cdt, buffer=nl.sbuf)
-                nisa.activation(dst=v_c, op=nl.copy, data=v_sb)
+    cfg = dict(chunk=chunk, seq=seq, width=width, group=group, scale=scale, use_l2norm=use_l2norm, cdt=cdt,
+               hi_rows=consts_sb[:, _c_hi_rows(chunk), :],
+               consts_sb=consts_sb, ones_sb=ones_sb, ident_c=solve_wss[0][0][:, 0, :])
+    # software pipeline over the (batch, chunk) items: the state-independent parts of items n + 1 .. n + depth
+    # (loads, norms, decays, A, the solve, W) are emitted interleaved, stage by stage, with the
+    # state-dependent part of item n (V', O, S): their chains overlap instead of adding up
+    items = [(i_b, i_c) for i_b in range(bsz) for i_c in range(n_chunks)]
+    per_seq = {}
+    ctxs, preps = {}, {}
 
-            # per-chunk decays for all v heads: e^{G_i} [C, Hv], e^{G_C} broadcast to Dk partitions [Dk, Hv]
-            gcol_ps = nl.ndarray((chunk, n_hv), dtype=f32, buffer=nl.psum)
-            nisa.nc_matmul(gcol_ps, utri, g_sb)
-            exp_g = nl.ndarray((chunk, n_hv), dtype=f32, buffer=nl.sbuf)
-            nisa.activation(dst=exp_g, op=nl.exp, data=gcol_ps)
-            beta_exp_g = nl.ndarray((chunk, n_hv), dtype=f32, buffer=nl.sbuf)
-            nisa.tensor_tensor(dst=beta_exp_g, data1=exp_g, data2=beta_sb, op=nl.multiply)
-            glast_ps = nl.ndarray((dk, n_hv), dtype=f32, buffer=nl.psum)
-            nisa.nc_matmul(glast_ps, ones_sb[:, 0:dk], g_sb)
-            exp_glast = nl.ndarray((dk, n_hv), dtype=f32, buffer=nl.sbuf)
-            nisa.activation(dst=exp_glast, op=nl.exp, data=glast_ps)
-            del gcol_ps, glast_ps
+    def start_prep(i_n):
+        if i_n < len(items):
+            ctxs[i_n] = dict(i_b=items[i_n][0], i_c=items[i_n][1], ws=solve_wss[i_n % depth])
+            preps[i_n] = _chunk_prep(q, k, v, g, beta, lengths, per_seq, ctxs[i_n], cfg)
 
-            o_sb = nl.ndarray((chunk, n_hv, dv), dtype=q.dtype, buffer=nl.sbuf)
-            for i_blk in nl.affine_range(n_hv // width):
-                hv0 = i_blk * width
-                hk0 = hv0 // group
-                n_kh = (hv0 + width - 1) // group - hk0 + 1          # q/k heads this block of v heads uses
-                q_t = nl.ndarray((dk, n_kh, chunk), dtype=cdt, buffer=nl.sbuf)
-                k_t = nl.ndarray((dk, n_kh, chunk), dtype=cdt, buffer=nl.sbuf)
-                tq_ps = nl.ndarray((dk, 2, n_kh, chunk), dtype=f32, buffer=nl.psum)
-                for i_k in nl.affine_range(n_kh):
-                    nisa.nc_matmul(tq_ps[:, 0, i_k, :], q_c[:, hk0 + i_k, :], consts_c[:, _C_IDENT, :])
-                    nisa.nc_matmul(tq_ps[:, 1, i_k, :], k_c[:, hk0 + i_k, :], consts_c[:, _C_IDENT, :])
-                nisa.activation(dst=q_t, op=nl.copy, data=tq_ps[:, 0])      # Q^T [Dk, C] per q/k head
-                nisa.activation(dst=k_t, op=nl.copy, data=tq_ps[:, 1])      # K^T
-                del tq_ps
-                kk_ps = nl.ndarray((chunk, n_kh, chunk), dtype=f32, buffer=nl.psum)
-                kq_ps = nl.ndarray((chunk, n_kh, chunk), dtype=f32, buffer=nl.psum)
-                for i_k in nl.affine_range(n_kh):
-                    nisa.nc_matmul(kk_ps[:, i_k, :], k_t[:, i_k, :], k_t[:, i_k, :])   # K K^T (symmetric)
-                    nisa.nc_matmul(kq_ps[:, i_k, :], k_t[:, i_k, :], q_t[:, i_k, :])   # [j, i] = k_j . q_i
-                kk_sb = nl.ndarray((chunk, n_kh, chunk), dtype=f32, buffer=nl.sbuf)
-                nisa.activation(dst=kk_sb, op=nl.copy, data=kk_ps)
-                del kk_ps
-                kq_causal = nl.ndarray((chunk, n_kh, chunk), dtype=f32, buffer=nl.sbuf)
-                for i_k in nl.affine_range(n_kh):
-                    nisa.tensor_tensor(dst=kq_causal[:, i_k, :], data1=kq_ps[:, i_k, :], data2=utri, op=nl.multiply)
-                del kq_ps
-                hs = slice(hv0, hv0 + width)
-                head_kh = [(hv0 + w) // group - hk0 for w in range(width)]
-                _chunk_heads(q_t, k_c[:, hk0:hk0 + n_kh, :], v_c[:, hs, :], kk_sb, kq_causal, head_kh, g_sb[:, hs],
-                             beta_sb[:, hs], exp_g[:, hs], beta_exp_g[:, hs], exp_glast[:, hs],
-                             state_sb[:, hs, :], o_sb[:, hs, :], consts_sb, masks_w, chunk, dk, dv, cdt)
-            nisa.dma_copy(dst=o[i_b, t0:t0 + n_tok], src=o_sb[0:n_tok])
-            if n_ckpt > 0 and (i_c + 1) % checkpoint_every == 0 and (i_c + 1) // checkpoint_every <= n_ckpt:
-                i_k = (i_c + 1) // checkpoint_every - 1
-                nisa.dma_copy(dst=ckpt[i_b, i_k].permute((1, 0, 2)), src=state_sb)
-        nisa.dma_copy(dst=final_state[i_b].permute((1, 0, 2)), src=state_sb)
+    for i_n in range(depth):
+        start_prep(i_n)
+    done = set()
+    _run_interleaved(list(preps.values()), [preps[0]], done)
+    for i_n in range(len(items)):
+        start_prep(i_n + depth)
+        tail = _chunk_tail(initial_state, has_initial_state, o, final_state, ckpt, n_ckpt, checkpoint_every,
+                           n_chunks, per_seq, ctxs[i_n], cfg)
+        ahead = [preps[j] for j in range(i_n + 1, i_n + 1 + depth) if j in preps]
+        _run_interleaved([tail] + ahead, [tail] + ahead[:1], done)
+        done.discard(preps.pop(i_n))
+        done.discard(tail)
+        ctxs.pop(i_n)                                      # the item's tiles go out of scope
     if ckpt is not None:
         return o, final_state, ckpt
     return o, final_state
 
 
-def _load_chunk(q, k, v, g, beta, i_b, t0, n_tok, chunk):
-    """fp32 SBUF tiles (tokens on partitions) of one chunk; rows past the sequence end are zero."""
+def _run_interleaved(gens, needed, done):
+    """Emit the stages of instruction generators round robin (program order = issue order) until every
+    generator in `needed` is exhausted (recorded in the set `done`); the others keep their place."""
+    while any(gen not in done for gen in needed):
+        for gen in gens:
+            if gen not in done:
+                try:
+                    next(gen)
+                except StopIteration:
+                    done.add(gen)
+
+
+def _chunk_prep(q, k, v, g, beta, lengths, per_seq, ctx, cfg):
+    """State-independent part of one chunk (a generator: yields between stages). Fills ctx with the tiles
+    the state-dependent part needs."""
+    i_b, i_c = ctx["i_b"], ctx["i_c"]
+    chunk, seq, width, group, cdt = cfg["chunk"], cfg["seq"], cfg["width"], cfg["group"], cfg["cdt"]
+    consts_sb, ones_sb = cfg["consts_sb"], cfg["ones_sb"]
+    n_hv, dv = v.shape[2], v.shape[3]
+    dk = q.shape[3]
+    f32 = nl.float32
+    utri = consts_sb[:, _C_UTRI, :]
+    ident_c = cfg["ident_c"]                               # I [C, C] in the compute dtype
+    if i_c == 0:
+        len_i = nl.ndarray((chunk, 1), dtype=nl.int32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=len_i, src=lengths.ap(pattern=[[0, chunk], [1, 1]], offset=i_b))
+        len_f = nl.ndarray((chunk, 1), dtype=f32, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=len_f, src=len_i)
+        per_seq[i_b] = dict(len_f=len_f)
+    len_f = per_seq[i_b]["len_f"]
+    t0 = i_c * chunk
+    n_tok = min(chunk, seq - t0)
+    q_sb, k_sb, v_sb, g_sb, beta_sb = _load_chunk(q, k, v, g, beta, i_b, t0, n_tok, chunk, cdt)
+    _init_workspace(ctx["ws"])
+    valid = _valid_mask(len_f, t0, chunk)
+    # pad tokens: g = 0 (no decay), beta = 0 (no write), q = 0 (zero output)
+    nisa.tensor_scalar(dst=g_sb, data=g_sb, op0=nl.multiply, operand0=valid)
+    nisa.tensor_scalar(dst=beta_sb, data=beta_sb, op0=nl.multiply, operand0=valid)
+    q_c = _normalize(q_sb, valid, cfg["scale"], cfg["use_l2norm"], cdt)
+    k_c = _normalize(k_sb, None, 1.0, cfg["use_l2norm"], cdt)
+    v_c = v_sb                                             # already in the compute dtype
+    # per-chunk decays for all v heads: e^{G_i} [C, Hv], e^{G_C} broadcast to Dk partitions [Dk, Hv]
+    gcol_ps = nl.ndarray((chunk, n_hv), dtype=f32, buffer=nl.psum)
+    nisa.nc_matmul(gcol_ps, utri, g_sb)
+    exp_g = nl.ndarray((chunk, n_hv), dtype=f32, buffer=nl.sbuf)
+    nisa.activation(dst=exp_g, op=nl.exp, data=gcol_ps)
+    beta_exp_g = nl.ndarray((chunk, n_hv), dtype=f32, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=beta_exp_g, data1=exp_g, data2=beta_sb, op=nl.multiply)
+    glast_ps = nl.ndarray((dk, n_hv), dtype=f32, buffer=nl.psum)
+    nisa.nc_matmul(glast_ps, ones_sb[:, 0:dk], g_sb)
+    exp_glast = nl.ndarray((dk, n_hv), dtype=f32, buffer=nl.sbuf)
+    nisa.activation(dst=exp_glast, op=nl.exp, data=glast_ps)
+    del gcol_ps, glast_ps
+    ctx.update(n_tok=n_tok, exp_g=exp_g, exp_glast=exp_glast, blocks=[])
+    yield
+
+    for i_blk in nl.affine_range(n_hv // width):
+        hv0 = i_blk * width
+        hk0 = hv0 // group
+        n_kh = (hv0 + width - 1) // group - hk0 + 1          # q/k heads this block of v heads uses
+        q_t = nl.ndarray((dk, n_kh, chunk), dtype=cdt, buffer=nl.sbuf)
+        k_t = nl.ndarray((dk, n_kh, chunk), dtype=cdt, buffer=nl.sbuf)
+        tq_ps = nl.ndarray((dk, 2, n_kh, chunk), dtype=f32, buffer=nl.psum)
+        for i_k in nl.affine_range(n_kh):
+            nisa.nc_matmul(tq_ps[:, 0, i_k, :], q_c[:, hk0 + i_k, :], ident_c)
+            nisa.nc_matmul(tq_ps[:, 1, i_k, :], k_c[:, hk0 + i_k, :], ident_c)
+        nisa.activation(dst=q_t, op=nl.copy, data=tq_ps[:, 0])      # Q^T [Dk, C] per q/k head
+        nisa.activation(dst=k_t, op=nl.copy, data=tq_ps[:, 1])      # K^T
+        del tq_ps
+        kk_ps = nl.ndarray((chunk, n_kh, chunk), dtype=f32, buffer=nl.psum)
+        kq_ps = nl.ndarray((chunk, n_kh, chunk), dtype=f32, buffer=nl.psum)
+        for i_k in nl.affine_range(n_kh):
+            nisa.nc_matmul(kk_ps[:, i_k, :], k_t[:, i_k, :], k_t[:, i_k, :])   # K K^T (symmetric)
+            nisa.nc_matmul(kq_ps[:, i_k, :], k_t[:, i_k, :], q_t[:, i_k, :])   # [j, i] = k_j . q_i
+        kk_sb = nl.ndarray((chunk, n_kh, chunk), dtype=cdt, buffer=nl.sbuf)
+        nisa.activation(dst=kk_sb, op=nl.copy, data=kk_ps)
+        del kk_ps
+        kq_causal = nl.ndarray((chunk, n_kh, chunk), dtype=cdt, buffer=nl.sbuf)
+        for i_k in nl.affine_range(n_kh):
+            nisa.tensor_tensor(dst=kq_causal[:, i_k, :], data1=kq_ps[:, i_k, :], data2=utri, op=nl.multiply)
+        del kq_ps
+        yield
+        hs = slice(hv0, hv0 + width)
+        head_kh = [(hv0 + w) // group - hk0 for w in range(width)]
+        blk = dict(hs=hs, head_kh=head_kh)
+        yield from _block_prep(blk, q_c[:, hk0:hk0 + n_kh, :], k_c[:, hk0:hk0 + n_kh, :], v_c[:, hs, :], kk_sb,
+                               kq_causal, g_sb[:, hs], beta_sb[:, hs], exp_g[:, hs], beta_exp_g[:, hs], ctx["ws"],
+                               cfg, dk, dv)
+        ctx["blocks"].append(blk)
+
+
+def _chunk_tail(initial_state, has_initial_state, o, final_state, ckpt, n_ckpt, checkpoint_every, n_chunks,
+                per_seq, ctx, cfg):
+    """State-dependent part of one chunk (a generator): V' = U - W S, O, the S update, the stores."""
+    i_b, i_c, n_tok = ctx["i_b"], ctx["i_c"], ctx["n_tok"]
+    chunk = cfg["chunk"]
+    n_hv, dk, dv = final_state.shape[1], final_state.shape[2], final_state.shape[3]
+    f32 = nl.float32
+    if i_c == 0:
+        state_sb = nl.ndarray((dk, n_hv, dv), dtype=f32, buffer=nl.sbuf)
+        if has_initial_state:
+            nisa.dma_copy(dst=state_sb, src=initial_state[i_b].permute((1, 0, 2)))
+        else:
+            nisa.memset(dst=state_sb, value=0.0)
+        per_seq[i_b]["state"] = state_sb
+    state_sb = per_seq[i_b]["state"]
+    o_sb = nl.ndarray((chunk, n_hv, dv), dtype=o.dtype, buffer=nl.sbuf)
+    for blk in ctx["blocks"]:
+        hs = blk["hs"]
+        yield from _block_tail(blk, ctx["exp_g"][:, hs], ctx["exp_glast"][:, hs], state_sb[:, hs, :],
+                               o_sb[:, hs, :], cfg, dk, dv)
+    t0 = i_c * chunk
+    nisa.dma_copy(dst=o[i_b, t0:t0 + n_tok], src=o_sb[0:n_tok])
+    if n_ckpt > 0 and (i_c + 1) % checkpoint_every == 0 and (i_c + 1) // checkpoint_every <= n_ckpt:
+        i_k = (i_c + 1) // checkpoint_every - 1
+        nisa.dma_copy(dst=ckpt[i_b, i_k].permute((1, 0, 2)), src=state_sb)
+    if i_c + 1 == n_chunks:
+        nisa.dma_copy(dst=final_state[i_b].permute((1, 0, 2)), src=state_sb)
+
+
+
+def _load_chunk(q, k, v, g, beta, i_b, t0, n_tok, chunk, io_dt):
+    """SBUF tiles (tokens on partitions) of one chunk: q, k, v in io_dt, g and beta in fp32; rows past the
+    sequence end are zero."""
     n_hk, dk = q.shape[2], q.shape[3]
     n_hv, dv = v.shape[2], v.shape[3]
     f32 = nl.float32
-    q_sb = nl.ndarray((chunk, n_hk, dk), dtype=f32, buffer=nl.sbuf)
-    k_sb = nl.ndarray((chunk, n_hk, dk), dtype=f32, buffer=nl.sbuf)
-    v_sb = nl.ndarray((chunk, n_hv, dv), dtype=f32, buffer=nl.sbuf)
+    q_sb = nl.ndarray((chunk, n_hk, dk), dtype=io_dt, buffer=nl.sbuf)
+    k_sb = nl.ndarray((chunk, n_hk, dk), dtype=io_dt, buffer=nl.sbuf)
+    v_sb = nl.ndarray((chunk, n_hv, dv), dtype=io_dt, buffer=nl.sbuf)
     g_sb = nl.ndarray((chunk, n_hv), dtype=f32, buffer=nl.sbuf)
     beta_sb = nl.ndarray((chunk, n_hv), dtype=f32, buffer=nl.sbuf)
     tiles = (q_sb, k_sb, v_sb, g_sb, beta_sb)
@@ -253,7 +339,9 @@ def _normalize(x_sb, valid, scale, use_l2norm, cdt):
         return x_sb
     factor = nl.ndarray((chunk, n_h), dtype=nl.float32, buffer=nl.sbuf)
     if use_l2norm:
-        sq = nl.ndarray((chunk, n_h, d), dtype=nl.float32, buffer=nl.sbuf)
+        # squares in the input dtype when it is 2-byte (fast VectorE path; the sum is fp32)
+        sq_dt = x_sb.dtype if x_sb.dtype in (nl.bfloat16, nl.float16) else nl.float32
+        sq = nl.ndarray((chunk, n_h, d), dtype=sq_dt, buffer=nl.sbuf)
         nisa.tensor_tensor(dst=sq, data1=x_sb, data2=x_sb, op=nl.multiply)
         nisa.tensor_reduce(dst=factor, op=nl.add, data=sq, axis=2)
         nisa.activation(dst=factor, op=nl.rsqrt, data=factor, scale=_RSQRT_PRESCALE,
@@ -280,176 +368,251 @@ def _lockstep_width(n_hv, group, chunk, dk, dv):
                if n_hv % w == 0 and w <= limit and (w % group == 0 or group % w == 0))
 
 
-def _chunk_heads(q_t, k_c, v_w, kk_sb, kq_causal, head_kh, g_w, beta_w, exp_g, beta_exp_g, exp_glast, s_w, o_w,
-                 consts_sb, masks_w, chunk, dk, dv, cdt):
-    """One chunk for W v-heads of one q/k group in lockstep: o_w [C, W, Dv] written, s_w [Dk, W, Dv] updated.
+def _block_prep(blk, q_c, k_c, v_w, kk_sb, kq_causal, g_w, beta_w, exp_g, beta_exp_g, solve_ws, cfg, dk, dv):
+    """State-independent part of one chunk for W v-heads of one q/k group in lockstep (a generator).
 
-    Per-head work (matmuls, ops with a per-head scalar) loops over w; element-wise work common to the W
-    heads is one instruction over [P, W, ...]. Engines: decays and the solve on TensorE (fp32 where
-    exactness matters), PSUM evictions with a scale on ScalarE, SBUF-only products on GpSimd,
-    PSUM-reading two-input ops on VectorE.
+    Fills blk with P^T [C, W, C], T^T [C, W, C], -W^T [Dk, W, C], beta V [C, W, Dv], the decayed queries
+    (e^G o Q)^T [Dk, W, C] and the decayed keys K o e^{G_C - G_j} [C, W, Dk]. Per-head work (matmuls, ops
+    with a per-head scalar) loops over w; element-wise work common to the W heads is one instruction over
+    [P, W, ...]. Engines: decays and the solve on TensorE (fp32 for the decay exponents), PSUM evictions on
+    ScalarE / VectorE, SBUF-only products (masks, per-head scalings) on GpSimd.
     """
     f32 = nl.float32
+    chunk, cdt, consts_sb = cfg["chunk"], cfg["cdt"], cfg["consts_sb"]
     width = g_w.shape[1]
+    head_kh = blk["head_kh"]
     pool = nisa.engine.gpsimd
     utri = consts_sb[:, _C_UTRI, :]
     strict_after = consts_sb[:, _C_SL, :]
-    # decays as exact fp32 partial sums of g: gU[k, i] = g_k [k <= i];
-    # D[i, j] = sum_{j<k<=i} g_k (0 for j >= i), D^T[j, i] likewise (0 for i <= j)
+    # decays as exact fp32 partial sums of g: gU[k, i] = g_k [k <= i]; D^T[j, i] = sum_{j<k<=i} g_k (0 for
+    # i <= j), so e^{D^T} = e^{G_i - G_j} on and above the diagonal and 1 below it
     g_u = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.sbuf)
     for w in nl.affine_range(width):
-        nisa.activation(dst=g_u[:, w, :], op=nl.copy, data=utri, scale=g_w[:, w:w + 1])
-    d_ps = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.psum)
-    for w in nl.affine_range(width):
-        nisa.nc_matmul(d_ps[:, w, :], g_u[:, w, :], strict_after)
-    decay = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.sbuf)
-    nisa.activation(dst=decay, op=nl.exp, data=d_ps)
-    del d_ps
+        nisa.tensor_scalar(dst=g_u[:, w, :], data=utri, op0=nl.multiply, operand0=g_w[:, w:w + 1], engine=pool)
     dt_ps = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.psum)
-    for w in nl.affine_range(width):
-        nisa.nc_matmul(dt_ps[:, w, :], strict_after, g_u[:, w, :])
-    decay_t = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.sbuf)
+    per_mm = max(1, min(width, PSUM_FMAX_FP32 // chunk))     # heads per matmul: one PSUM bank of moving data
+    for w0 in nl.affine_range(0, width, per_mm):
+        w1 = min(width, w0 + per_mm)
+        nisa.nc_matmul(dt_ps[:, w0:w1, :], strict_after, g_u[:, w0:w1, :])
+    decay_t = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
     nisa.activation(dst=decay_t, op=nl.exp, data=dt_ps)
     del dt_ps
-    # A = beta_i (k_i . k_j) e^{G_i - G_j} (only the strictly lower part is read);
-    # P^T[j, i] = (k_j . q_i) e^{G_i - G_j} for j <= i
-    a_w = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
+    yield
+    # A^T[j, i] = (k_j . k_i) beta_i e^{G_i - G_j} = (K K^T diag(beta) o e^{D^T})[j, i] (the solve reads only
+    # j < i); P^T[j, i] = (k_j . q_i) e^{G_i - G_j} for j <= i
+    ident_w = solve_ws[0]
+    beta_c = nl.ndarray((chunk, width), dtype=cdt, buffer=nl.sbuf)       # (compute dtype: fast VectorE path)
+    nisa.tensor_copy(dst=beta_c, src=beta_w)
+    diag_b = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
+    for w in nl.affine_range(width):
+        nisa.tensor_scalar(dst=diag_b[:, w, :], data=ident_w[:, w, :], op0=nl.multiply, operand0=beta_c[:, w:w + 1])
+    kb_ps = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.psum)
+    for w in nl.affine_range(width):
+        nisa.nc_matmul(kb_ps[:, w, :], kk_sb[:, head_kh[w], :], diag_b[:, w, :])    # (K K^T)^T diag(beta)
+    at_sb = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=at_sb, data1=kb_ps, data2=decay_t, op=nl.multiply)
+    del kb_ps
     p_t = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
     for w in nl.affine_range(width):
-        kh = head_kh[w]
-        nisa.scalar_tensor_tensor(dst=a_w[:, w, :], data=decay[:, w, :], op0=nl.multiply,
-                                  operand0=beta_w[:, w:w + 1], op1=nl.multiply, operand1=kk_sb[:, kh, :])
-        nisa.tensor_tensor(dst=p_t[:, w, :], data1=decay_t[:, w, :], data2=kq_causal[:, kh, :], op=nl.multiply,
-                           engine=pool)
-    t_t = _solve_unit_lower(a_w, masks_w, chunk, cdt)    # T^T per head, T = (I + A)^-1
+        nisa.tensor_tensor(dst=p_t[:, w, :], data1=decay_t[:, w, :], data2=kq_causal[:, head_kh[w], :],
+                           op=nl.multiply, engine=pool)
+    yield
+    t_t = yield from _solve_unit_lower(at_sb, *solve_ws[:3], cfg["hi_rows"], chunk, cdt)   # T^T, T = (I + A)^-1
 
-    # W^T = (T (beta e^G K))^T, negated; V' = T (beta V) - W S
+    # -W^T = -(T (beta e^G K))^T; beta V; K o e^{G_C - G_j} (decay_t[:, w, C-1] = e^{G_C - G_j})
     xk = nl.ndarray((chunk, width, dk), dtype=cdt, buffer=nl.sbuf)
     xv = nl.ndarray((chunk, width, dv), dtype=cdt, buffer=nl.sbuf)
+    k_dec = nl.ndarray((chunk, width, dk), dtype=cdt, buffer=nl.sbuf)
     for w in nl.affine_range(width):
-        nisa.activation(dst=xk[:, w, :], op=nl.copy, data=k_c[:, head_kh[w], :], scale=beta_exp_g[:, w:w + 1])
-        nisa.activation(dst=xv[:, w, :], op=nl.copy, data=v_w[:, w, :], scale=beta_w[:, w:w + 1])
-    s_c = s_w
-    if cdt != f32:
-        s_c = nl.ndarray((dk, width, dv), dtype=cdt, buffer=nl.sbuf)
-        nisa.tensor_copy(dst=s_c, src=s_w, engine=pool)
+        nisa.tensor_scalar(dst=xk[:, w, :], data=k_c[:, head_kh[w], :], op0=nl.multiply,
+                           operand0=beta_exp_g[:, w:w + 1], engine=pool)
+        nisa.tensor_scalar(dst=xv[:, w, :], data=v_w[:, w, :], op0=nl.multiply, operand0=beta_w[:, w:w + 1],
+                           engine=pool)
+        nisa.tensor_scalar(dst=k_dec[:, w, :], data=k_c[:, head_kh[w], :], op0=nl.multiply,
+                           operand0=decay_t[:, w, chunk - 1:chunk], engine=pool)
     wt_ps = nl.ndarray((dk, width, chunk), dtype=f32, buffer=nl.psum)
     for w in nl.affine_range(width):
         nisa.nc_matmul(wt_ps[:, w, :], xk[:, w, :], t_t[:, w, :])
     wt_neg = nl.ndarray((dk, width, chunk), dtype=cdt, buffer=nl.sbuf)
     nisa.activation(dst=wt_neg, op=nl.copy, data=wt_ps, scale=-1.0)
     del wt_ps
+    # (e^G o Q)^T = Q^T diag(e^G) per v head (the transpose and the row scaling in one matmul), so that
+    # O = (e^G o Q) S + P V' accumulates in one PSUM tile
+    diag_e = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
+    for w in nl.affine_range(width):
+        nisa.tensor_scalar(dst=diag_e[:, w, :], data=ident_w[:, w, :], op0=nl.multiply, operand0=exp_g[:, w:w + 1],
+                           engine=pool)
+    qe_ps = nl.ndarray((dk, width, chunk), dtype=f32, buffer=nl.psum)
+    for w in nl.affine_range(width):
+        nisa.nc_matmul(qe_ps[:, w, :], q_c[:, head_kh[w], :], diag_e[:, w, :])
+    qe_t = nl.ndarray((dk, width, chunk), dtype=cdt, buffer=nl.sbuf)
+    nisa.activation(dst=qe_t, op=nl.copy, data=qe_ps)
+    del qe_ps
+    blk.update(p_t=p_t, t_t=t_t, wt_neg=wt_neg, xv=xv, k_dec=k_dec, qe_t=qe_t)
+    yield
+
+
+def _block_tail(blk, exp_g, exp_glast, s_w, o_w, cfg, dk, dv):
+    """State-dependent part of one chunk for a lockstep block (a generator): V' = T (beta V) - W S,
+    O = e^G o (Q S) + P V' into o_w [C, W, Dv], S <- e^{G_C} S + (K o e^{G_C - G_j})^T V' in s_w [Dk, W, Dv]."""
+    f32 = nl.float32
+    chunk, cdt = cfg["chunk"], cfg["cdt"]
+    width = exp_g.shape[1]
+    p_t, t_t = blk["p_t"], blk["t_t"]
+    pool = nisa.engine.gpsimd
+    s_c = s_w
+    if cdt != f32:
+        s_c = nl.ndarray((dk, width, dv), dtype=cdt, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=s_c, src=s_w, engine=pool)
     vn_ps = nl.ndarray((chunk, width, dv), dtype=f32, buffer=nl.psum)
     for w in nl.affine_range(width):
-        nisa.nc_matmul(vn_ps[:, w, :], t_t[:, w, :], xv[:, w, :])
-        nisa.nc_matmul(vn_ps[:, w, :], wt_neg[:, w, :], s_c[:, w, :], accumulate=True)
+        nisa.nc_matmul(vn_ps[:, w, :], t_t[:, w, :], blk["xv"][:, w, :])
+        nisa.nc_matmul(vn_ps[:, w, :], blk["wt_neg"][:, w, :], s_c[:, w, :], accumulate=True)
     v_new = nl.ndarray((chunk, width, dv), dtype=cdt, buffer=nl.sbuf)
     nisa.activation(dst=v_new, op=nl.copy, data=vn_ps)
     del vn_ps
+    yield
 
-    # O = e^G o (Q S) + P V'
-    qs_ps = nl.ndarray((chunk, width, dv), dtype=f32, buffer=nl.psum)
-    for w in nl.affine_range(width):
-        nisa.nc_matmul(qs_ps[:, w, :], q_t[:, head_kh[w], :], s_c[:, w, :])
-    o_inter = nl.ndarray((chunk, width, dv), dtype=f32, buffer=nl.sbuf)
-    for w in nl.affine_range(width):
-        nisa.activation(dst=o_inter[:, w, :], op=nl.copy, data=qs_ps[:, w, :], scale=exp_g[:, w:w + 1])
-    del qs_ps
-    pv_ps = nl.ndarray((chunk, width, dv), dtype=f32, buffer=nl.psum)
-    for w in nl.affine_range(width):
-        nisa.nc_matmul(pv_ps[:, w, :], p_t[:, w, :], v_new[:, w, :])
-    nisa.tensor_tensor(dst=o_w, data1=pv_ps, data2=o_inter, op=nl.add)
-    del pv_ps
+    def output():                          # O = (e^G o Q) S + P V'
+        o_ps = nl.ndarray((chunk, width, dv), dtype=f32, buffer=nl.psum)
+        for w in nl.affine_range(width):
+            nisa.nc_matmul(o_ps[:, w, :], blk["qe_t"][:, w, :], s_c[:, w, :])
+            nisa.nc_matmul(o_ps[:, w, :], p_t[:, w, :], v_new[:, w, :], accumulate=True)
+        nisa.activation(dst=o_w, op=nl.copy, data=o_ps)
 
-    # S <- e^{G_C} S + (K o e^{G_C - G_j})^T V'   (decay_t[:, w, C-1] = e^{G_C - G_j})
-    k_dec = nl.ndarray((chunk, width, dk), dtype=cdt, buffer=nl.sbuf)
-    for w in nl.affine_range(width):
-        nisa.activation(dst=k_dec[:, w, :], op=nl.copy, data=k_c[:, head_kh[w], :],
-                        scale=decay_t[:, w, chunk - 1:chunk])
-    su_ps = nl.ndarray((dk, width, dv), dtype=f32, buffer=nl.psum)
-    for w in nl.affine_range(width):
-        nisa.nc_matmul(su_ps[:, w, :], k_dec[:, w, :], v_new[:, w, :])
-    for w in nl.affine_range(width):
-        nisa.scalar_tensor_tensor(dst=s_w[:, w, :], data=s_w[:, w, :], op0=nl.multiply,
-                                  operand0=exp_glast[:, w:w + 1], op1=nl.add, operand1=su_ps[:, w, :])
+    def state_update():                    # S <- e^{G_C} S + (K o e^{G_C - G_j})^T V'
+        su_ps = nl.ndarray((dk, width, dv), dtype=f32, buffer=nl.psum)
+        for w in nl.affine_range(width):
+            nisa.nc_matmul(su_ps[:, w, :], blk["k_dec"][:, w, :], v_new[:, w, :])
+        for w in nl.affine_range(width):
+            nisa.scalar_tensor_tensor(dst=s_w[:, w, :], data=s_w[:, w, :], op0=nl.multiply,
+                                      operand0=exp_glast[:, w:w + 1], op1=nl.add, operand1=su_ps[:, w, :])
+
+    # the state update first (the next chunk waits for it) unless O reads the state tile itself (fp32)
+    steps = (state_update, output) if s_c is not s_w else (output, state_update)
+    for step in steps:
+        step()
+        yield
 
 
-def s_half(lvl):
-    """Block size s of doubling level lvl (blocks of s -> 2s)."""
-    return 1 << lvl
+def _solve_workspace(masks_w, n_lvl, width, chunk, cdt):
+    """(I, level masks, N_s tiles) of the solve: the N_s tiles persist across chunks with identity hi columns
+    (each chunk rewrites only their lo columns)."""
+    ident_w = masks_w[:, 0]
+    lvl_masks = [masks_w[:, 1 + lvl] for lvl in range(n_lvl)]
+    n_lv = [nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf) for _ in range(n_lvl)]
+    return [ident_w, lvl_masks, n_lv, False]
 
 
-def _solve_unit_lower(a_w, masks_w, chunk, cdt):
+def _init_workspace(solve_ws):
+    """Set the N_s tiles of a solve workspace to I (SBUF-to-SBUF DMAs, at the first chunk that uses it)."""
+    if not solve_ws[3]:
+        for n_s in solve_ws[2]:
+            nisa.dma_copy(dst=n_s, src=solve_ws[0])
+        solve_ws[3] = True
+
+
+
+def _cols(t, s, upper):
+    """Columns of the first (upper=False) or second (upper=True) half of every 2s-wide column block of
+    t [P, ..., C] (a strided view, C / 2 elements per row per head)."""
+    shape = tuple(t.shape)
+    v = t.reshape(shape[:-1] + (shape[-1] // (2 * s), 2 * s))
+    return v[..., s:2 * s] if upper else v[..., 0:s]
+
+
+def _solve_unit_lower(at_sb, ident_w, lvl_masks, n_lv, hi_rows, chunk, cdt):
     """T^T [C, W, C] per head, T = (I + strict_lower(A))^-1, by recursive block doubling.
 
     With T_s the inverse restricted to diagonal blocks of size s and A_s the entries of A in the
-    (second half, first half) sub-blocks of each 2s block: T_2s = T_s - T_s A_s T_s, exact and free of the
-    growth of a power series (each level computes exact sub-blocks of T). Each level computes M = A_s T_s,
-    T_2s = T_s - T_s M and T_2s^T = T_s^T - M^T T_s^T (three matmuls per head, fp32 PSUM accumulation).
-    Operands are in cdt: fp32 for fp32 inputs (exact to ~1e-7), bf16 for bf16 inputs (~1e-3 relative on T,
-    twice the error of rounding the exact T to bf16 once; see DESIGN.md).
-    masks_w [C, L + 2, W, C]: 0 = identity, 1 = level-0 mask of A, 2 + l = level-l mask of A^T.
+    (second half, first half) sub-blocks of each 2s block: T_2s = T_s - T_s A_s T_s = T_s N_s with
+    N_s = I - A_s T_s, exact and free of the growth of a power series (each level computes exact
+    sub-blocks of T). M = A_s T_s is non-zero only in the first-half columns ("lo") of every 2s block, so
+    each level runs on half the columns: M_lo = A_s T_s[:, lo], N_s[:, lo] = I_lo - M_lo,
+    T_2s[:, lo] = T_s N_s[:, lo] and T_2s^T[:, hi] = N_s^T T_s^T[:, hi] (three matmuls of C/2 columns per
+    head; every other column of T and T^T is unchanged). Operands are in cdt: fp32 for fp32 inputs
+    (exact to ~1e-7), bf16 for bf16 inputs (~1e-3 relative on T; see DESIGN.md).
+    at_sb [C, W, C]: A^T (only its strictly upper entries are read). ident_w [C, W, C]: I per head.
+    lvl_masks[l] [C, W, C]: level-l entries of A^T. n_lv[l] [C, W, C]: per-level N_s tiles that persist
+    across chunks (their hi columns stay = I; each chunk rewrites the lo columns). hi_rows [C, C] fp32:
+    column b = [row in the second half of 2s-block b] for s = _ROW_MASK_BLOCK.
     """
     f32 = nl.float32
-    width = a_w.shape[1]
+    width = at_sb.shape[1]
     pool = nisa.engine.gpsimd
-    ident = masks_w[:, 0]
-    at_ps = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.psum)
-    for w in nl.affine_range(width):
-        nisa.nc_matmul(at_ps[:, w, :], a_w[:, w, :], ident[:, w, :])      # A^T = A^T I
-    at_sb = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
-    nisa.activation(dst=at_sb, op=nl.copy, data=at_ps)
-    del at_ps
-    # level 0: blocks of 1 -> 2 (GpSimd: SBUF-only products)
-    tmp = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
-    nisa.tensor_tensor(dst=tmp, data1=a_w, data2=masks_w[:, 1], op=nl.multiply, engine=pool)
-    t_cur = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
-    nisa.tensor_tensor(dst=t_cur, data1=ident, data2=tmp, op=nl.subtract, engine=pool)
-    tmp_t = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
-    nisa.tensor_tensor(dst=tmp_t, data1=at_sb, data2=masks_w[:, 2], op=nl.multiply, engine=pool)
-    t_t = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
-    nisa.tensor_tensor(dst=t_t, data1=ident, data2=tmp_t, op=nl.subtract, engine=pool)
-    n_lvl = _n_levels(chunk)
-    # the W heads run as two interleaved half-chains: while one half waits for its evictions, TensorE and
-    # VectorE work on the other half (in-order engines would otherwise idle along a single chain)
+    half = chunk // 2
     mid = (width + 1) // 2
     halves = [(0, mid), (mid, width)] if mid < width else [(0, width)]
+    # level 0 (blocks 1 -> 2): A_1^T = level-0 entries of A^T (odd columns); T_2^T = I - A_1^T, T_2 = I - A_1
+    a0 = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=a0, data1=at_sb, data2=lvl_masks[0], op=nl.multiply, engine=pool)
+    t_t = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=t_t, data1=ident_w, data2=a0, op=nl.subtract, engine=pool)
+    m_ps = nl.ndarray((chunk, width, half), dtype=f32, buffer=nl.psum)
+    for w in nl.affine_range(width):
+        nisa.nc_matmul(m_ps[:, w, :], a0[:, w, :], _cols(ident_w[:, w, :], 1, False))     # A_1 (even columns)
+    n0 = n_lv[0]
+    nisa.tensor_tensor(dst=_cols(n0, 1, False), data1=_cols(ident_w, 1, False),
+                       data2=m_ps.reshape((chunk, width, half, 1)), op=nl.subtract)
+    del m_ps
+    t_row = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=t_row, src=n0)
+    yield
+    n_lvl = _n_levels(chunk)
     for lvl in nl.sequential_range(1, n_lvl):
+        s = 1 << lvl
         last = lvl + 1 == n_lvl
-        blocks = (chunk, width, chunk // (2 * s_half(lvl)), 2 * s_half(lvl))
-        lo, hi = slice(0, s_half(lvl)), slice(s_half(lvl), 2 * s_half(lvl))
-        a_off_t = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
-        nisa.tensor_tensor(dst=a_off_t, data1=at_sb, data2=masks_w[:, 2 + lvl], op=nl.multiply, engine=pool)
-        m_ps = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.psum)
-        m_sb = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
-        for i_half, (h0, h1) in enumerate(halves):
-            for w in nl.affine_range(h0, h1):
-                nisa.nc_matmul(m_ps[:, w, :], a_off_t[:, w, :], t_cur[:, w, :])      # M = A_s T_s
-            if i_half == 0:                                  # evictions split over ScalarE and VectorE
-                nisa.activation(dst=m_sb[:, h0:h1], op=nl.copy, data=m_ps[:, h0:h1])
-            else:
-                nisa.tensor_copy(dst=m_sb[:, h0:h1], src=m_ps[:, h0:h1])
-        # X = T_s M is non-zero only in the first-half columns of each 2s block and Y = M^T T_s^T only in
-        # the second-half columns: update just those columns of T and T^T, in place (half the elements)
-        if not last:                                         # T itself is not needed after the last level
-            x_ps = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.psum)
-            for h0, h1 in halves:
-                for w in nl.affine_range(h0, h1):
-                    nisa.nc_matmul(x_ps[:, w, :], t_t[:, w, :], m_sb[:, w, :])  # T_s M
-                t_view = t_cur.reshape(blocks)[:, h0:h1, :, lo]
-                nisa.tensor_tensor(dst=t_view, data1=t_view, data2=x_ps.reshape(blocks)[:, h0:h1, :, lo],
-                                   op=nl.subtract)
-            del x_ps
-        y_ps = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.psum)
+        nb = chunk // (2 * s)
+        n_s = n_lv[lvl]
+        # T_s[:, lo] is zero outside the lo rows of each block, so M = A T_s[:, lo] is exact in the hi rows of
+        # each block even with the unmasked A^T. When those rows are aligned partition ranges (s % 32 == 0)
+        # only they are evicted (N_s keeps I elsewhere); with few blocks (s = _ROW_MASK_BLOCK) each block's
+        # columns are evicted with a per-partition row mask. Either way the level mask of A is skipped.
+        by_rows = s % _PARTITION_QUADRANT == 0
+        by_mask = s == _ROW_MASK_BLOCK and not by_rows
+        a_s = at_sb
+        if not (by_rows or by_mask):
+            a_s = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
+            nisa.tensor_tensor(dst=a_s, data1=at_sb, data2=lvl_masks[lvl], op=nl.multiply, engine=pool)
+        m_ps = nl.ndarray((chunk, width, half), dtype=f32, buffer=nl.psum)
         for h0, h1 in halves:
             for w in nl.affine_range(h0, h1):
-                nisa.nc_matmul(y_ps[:, w, :], m_sb[:, w, :], t_t[:, w, :])      # M^T T_s^T
-            tt_view = t_t.reshape(blocks)[:, h0:h1, :, hi]
-            nisa.tensor_tensor(dst=tt_view, data1=tt_view, data2=y_ps.reshape(blocks)[:, h0:h1, :, hi],
-                               op=nl.subtract)
-        del m_ps, y_ps
+                nisa.nc_matmul(m_ps[:, w, :], a_s[:, w, :], _cols(t_row[:, w, :], s, False))   # M_lo = A_s T_s
+            n_lo = _cols(n_s[:, h0:h1], s, False)
+            i_lo = _cols(ident_w[:, h0:h1], s, False)
+            m_lo = m_ps[:, h0:h1].reshape((chunk, h1 - h0, nb, s))
+            if by_rows:
+                for b in nl.static_range(nb):
+                    rows = slice(2 * s * b + s, 2 * s * (b + 1))
+                    nisa.tensor_tensor(dst=n_lo[rows, :, b, :], data1=i_lo[rows, :, b, :], data2=m_lo[rows, :, b, :],
+                                       op=nl.subtract)
+            elif by_mask:
+                for b in nl.static_range(nb):                 # N = I - [row in hi half of block b] M
+                    nisa.scalar_tensor_tensor(dst=n_lo[:, :, b, :], data=m_lo[:, :, b, :], op0=nl.multiply,
+                                              operand0=hi_rows[:, b:b + 1], op1=nl.subtract,
+                                              operand1=i_lo[:, :, b, :], reverse1=True)
+            else:
+                nisa.tensor_tensor(dst=n_lo, data1=i_lo, data2=m_lo, op=nl.subtract)
+        del m_ps
+        yield
+        x_ps = None if last else nl.ndarray((chunk, width, half), dtype=f32, buffer=nl.psum)
+        y_ps = nl.ndarray((chunk, width, half), dtype=f32, buffer=nl.psum)
+        for h0, h1 in halves:
+            for w in nl.affine_range(h0, h1):
+                if not last:                                  # T_2s[:, lo] = T_s N_s[:, lo]
+                    nisa.nc_matmul(x_ps[:, w, :], t_t[:, w, :], _cols(n_s[:, w, :], s, False))
+                nisa.nc_matmul(y_ps[:, w, :], n_s[:, w, :], _cols(t_t[:, w, :], s, True))  # N_s^T T_s^T[:, hi]
+            if not last:
+                nisa.activation(dst=_cols(t_row[:, h0:h1], s, False), op=nl.copy,
+                                data=x_ps[:, h0:h1].reshape((chunk, h1 - h0, nb, s)))
+            tt_new, y_new = _cols(t_t[:, h0:h1], s, True), y_ps[:, h0:h1].reshape((chunk, h1 - h0, nb, s))
+            if h0 == 0:                                  # evictions split over ScalarE and VectorE
+                nisa.activation(dst=tt_new, op=nl.copy, data=y_new)
+            else:
+                nisa.tensor_copy(dst=tt_new, src=y_new)
+        del x_ps, y_ps
+        yield
     return t_t
-
 
 
 def gated_delta_rule(q, k, v, g, beta, chunk_size=64, initial_state=None, output_final_state=True,
