@@ -77,13 +77,13 @@ def _decode_inputs(rng, b):
     return x
 
 
-def _decode_case(b, quick=False):
+def _decode_case(b, quick=False, lnc=1):
     from nki_kernels import gated_delta_rule_step
 
     def run(x):
         pool = x["state_pool"].copy()
         o = gated_delta_rule_step(x["q"], x["k"], x["v"], x["g"], x["beta"], pool, x["slot_ids"],
-                                  use_qk_l2norm_in_kernel=True)
+                                  use_qk_l2norm_in_kernel=True, lnc=lnc)
         return o, pool[x["slot_ids"]]
 
     def reference(x):
@@ -98,10 +98,11 @@ def _decode_case(b, quick=False):
         return o, pool[x["slot_ids"]]
 
     register(BenchCase(
-        kernel="gated_delta_rule_step", shape=f"{_LABEL} B={b} T=1 Hk={_HK} Hv={_HV} D={_DK} fp32 state",
+        kernel="gated_delta_rule_step",
+        shape=f"{_LABEL} B={b} T=1 Hk={_HK} Hv={_HV} D={_DK} fp32 state" + (f" lnc={lnc}" if lnc > 1 else ""),
         make_inputs=lambda rng: _decode_inputs(rng, b), run=run, reference=reference,
         flops=b * _HV * 6 * _DK * _DV, min_hbm_bytes=_gdn_bytes(b, 1, state_rw=2), dtype="bfloat16", quick=quick,
-        baseline_name="per-(b, h) decode step, one launch per pair", baseline_run=baseline))
+        lnc=lnc, baseline_name="per-(b, h) decode step, one launch per pair", baseline_run=baseline))
 
 
 def _conv_case(t, b=1, quick=False):
@@ -145,6 +146,7 @@ for _t in PREFILL_LENGTHS:
 _prefill_case(64, quick=True)
 for _b in DECODE_BATCHES:
     _decode_case(_b, quick=(_b == 1))
+_decode_case(DECODE_BATCHES[0], lnc=2)
 for _t in PREFILL_LENGTHS[:2]:
     _conv_case(_t, quick=(_t == PREFILL_LENGTHS[0]))
 _conv_update_case(DECODE_BATCHES[1], quick=True)

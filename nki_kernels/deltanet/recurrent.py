@@ -1,14 +1,20 @@
 """Gated delta rule decode step: B sequences x 1..4 tokens x all heads in one launch, state pool in place.
 
-Each sequence b reads its state rows `state_pool[slot_ids[b]]` ([Hv, Dk, Dv]) with one dynamic DMA
-(scalar_offset = the slot id, runtime data), runs the token recurrence on TensorE/VectorE with an fp32
-state in SBUF (Dk on the partitions), and writes the rows back in the pool's dtype (fp32 or bf16).
+Each sequence b reads its state rows `state_pool[slot_ids[b], h]` ([Dk, Dv] per v head, one dynamic DMA per head,
+scalar_offset = the slot id, runtime data), runs the token recurrence per head as soon as that head's rows have
+arrived (TensorE/VectorE, fp32 state in SBUF with Dk on the partitions), and writes each head's rows back in the
+pool's dtype (fp32 or bf16) as soon as its last token is done, so reads, compute and writes overlap.
 
-Per token and v-head (S [Dk, Dv] before the token, k, q already normalised/scaled):
-    kS = S^T k, qS = S^T q                       (two 1-row matmuls)
-    delta = beta (v - e^g kS)
-    o = e^g qS + (k . q) delta                   (= S_new^T q)
-    S = e^g S + k delta^T                        (outer product by a K=1 matmul, fused decay + add)
+Per token and v-head, with k, q normalised/scaled and S the state before the token:
+    delta = beta (v - e^g S^T k)   = S^T k' + beta v,              k'  = -beta e^g k
+    o     = S_new^T q              = S^T q'' + (k . q) beta v,     q'' = e^g q + (k . q) k'
+    S_new = e^g S + k delta^T      = e^g S + (k' k^T)^T S + beta k v^T
+k', q'', k' k^T and beta k v^T depend on the inputs only, so they are ready before the state arrives.
+bf16 inputs (the products use a bf16 copy of S, fp32 accumulation, as the prefill does): after S arrives a
+head needs one copy, one matmul accumulating (k' k^T)^T S onto beta k v^T in PSUM and one fused decay + add
+before its rows are written; o comes from a second, off-path matmul. fp32 inputs (fp32 matmuls, 4 passes):
+rows [S^T k' ; S^T q''] by one matmul, one add giving delta and o, a K = 1 outer product, the decay + add.
+LNC=2 splits the v heads between the two program instances (each has its own HBM bandwidth).
 """
 from __future__ import annotations
 
@@ -23,12 +29,15 @@ from ._checks import dtype_name as _dtype_name
 # ---------------------------------------------------------------- constraints
 _MAX_DECODE_TOKENS = 4            # tokens per sequence per step (MTP / speculative verify up to 4)
 _MAX_HEAD_DIM = P_MAX             # Dk <= 128 partitions of the state tile; Dv <= 128 (one PSUM row)
+_MAX_V_HEADS = P_MAX // 2         # the (delta, o) row pair of every v head sits on 2 Hv <= 128 partitions
 _L2NORM_EPS = 1e-6                # transformers' l2norm eps
 # rsqrt is valid on [2^-87, 2^97] on the device; rsqrt(x) = rsqrt(x * 2^-40) * 2^-20 covers fp32 sums
 _RSQRT_PRESCALE = 2.0 ** -40
 _RSQRT_POSTSCALE = 2.0 ** -20
 _STATE_DTYPES = ("float32", "bfloat16")
-_OUTER_BANK_HEADS = 4             # [Dk, Dv] fp32 outer products per PSUM bank (4 x 512 B = 2 KiB)
+_STATE_BUFFERS = 4                # sequences whose state rows are in SBUF at once (prefetch depth + 1) ...
+_STATE_SBUF_BYTES = 96 * 1024     # ... within this many bytes per partition
+_RANK_BANK_HEADS = 4              # [Dk, Dk] fp32 rank-1 products per PSUM bank (4 x 512 B = 2 KiB)
 
 
 @nki.jit
@@ -36,7 +45,7 @@ def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, 
     """Decode step for B sequences, all heads, updating `state_pool[slot_ids]` in place.
 
     Dimensions:
-        B batch, T new tokens per sequence (1..4), Hk q/k heads, Hv v heads (Hv % Hk == 0),
+        B batch, T new tokens per sequence (1..4), Hk q/k heads, Hv v heads (Hv % Hk == 0, Hv <= 64),
         Dk key dim (<= 128), Dv value dim (<= 128), N_slots rows of the state pool.
     Args:
         q: [B, T, Hk, Dk] @ HBM; k: [B, T, Hk, Dk] @ HBM; v: [B, T, Hv, Dv] @ HBM (same float dtype).
@@ -47,181 +56,296 @@ def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, 
     Returns:
         o: [B, T, Hv, Dv] @ HBM in q's dtype.
     Constraints:
-        T <= _MAX_DECODE_TOKENS; Dk, Dv <= _MAX_HEAD_DIM.
+        T <= _MAX_DECODE_TOKENS; Dk, Dv <= _MAX_HEAD_DIM; Hv <= _MAX_V_HEADS; T Hk <= 128.
     Pseudocode:
-        for b (inputs double-buffered: b + 1's loads are issued before b computes):
-          S[h] = state_pool[slot_ids[b], h] (one dynamic DMA per head -> SBUF [Dk, Hv, Dv] fp32)
-          k, q as columns [Dk, T, Hv, 2] (k/q head h // (Hv/Hk) per v head); L2 norms by a ones-matmul
-          for t: [S^T k | S^T q] columns for all heads (S stationary, [k q] moving) -> PSUM [Dv, Hv, 2]
-                 delta = beta (v - e^g S^T k), o = e^g S^T q + (k.q) delta   (all heads, [Dv, Hv] tiles)
-                 S[h] = e^g S[h] + k_h delta_h^T   (K = 1 matmul from the transposed rows, fused decay + add)
-          state_pool[slot_ids[b]] = S (per head, as soon as it is final); o[b] = columns
+        inputs of all B sequences: one DMA per tensor; state rows of up to 4 sequences in flight
+        for b:
+          S[h] = state_pool[slot_ids[b], h]      (one dynamic DMA per owned head -> SBUF [Dk, Hv, Dv] fp32)
+          from the inputs only: k, q columns [Dk, T, Hv, 2] (normalised), [k' q''] columns, k rows and the
+            addend rows [beta v ; (k.q) beta v] on partitions (2h, 2h + 1); bf16: k' k^T [Dk, T, Hv, Dk]
+          for t, for each owned h (as soon as S[h] has arrived):
+            bf16: U = beta k v^T + (k' k^T)^T S_bf[h] (PSUM); S[h] = e^g S[h] + U; o_h from [k' q'']^T S_bf[h]
+            fp32: rows (2h, 2h + 1) of [k' q'']^T S[h] (+ addend) -> delta_h, o_h; S[h] = e^g S[h] + k delta^T
+            last token: state_pool[slot_ids[b], h] = S[h]
+          o[b] = the o rows of the owned heads
     """
     bsz, n_tok, n_hk, dk = q.shape
     n_hv, dv = v.shape[2], v.shape[3]
     group = n_hv // n_hk
     f32 = nl.float32
-    cdt = q.dtype if q.dtype == nl.bfloat16 else f32              # outer-product operand dtype
-    n_th = n_tok * n_hv
-    pmax = max(dk, dv)
+    # q/k/v rows in SBUF, k rows and delta rows of the outer products, o rows: bf16 for bf16 inputs, else fp32
+    cdt = q.dtype if q.dtype == nl.bfloat16 else f32
+    n_th, n_tk, n_r = n_tok * n_hv, n_tok * n_hk, 2 * n_hv
     o = nl.ndarray((bsz, n_tok, n_hv, dv), dtype=q.dtype, buffer=nl.shared_hbm)
-    ones_sb = nl.ndarray((dk, pmax), dtype=f32, buffer=nl.sbuf)
+    ones_sb = nl.ndarray((dk, dk), dtype=f32, buffer=nl.sbuf)
     nisa.memset(dst=ones_sb, value=1.0)
-    # 0/1 selection matrices: sel[j, t, hk, g] = [j == t Hk + hk] turns contiguous q/k rows [T Hk, Dk] into
-    # per-v-head columns [Dk, T Hv] with one matmul; ident_v turns v rows [T Hv, Dv] into columns
-    ldt = q.dtype if q.dtype == nl.bfloat16 else f32
-    n_tk = n_tok * n_hk
-    ones_sel = nl.ndarray((n_th, n_th), dtype=ldt, buffer=nl.sbuf)
+    # 0/1 selection matrix: sel[j, t, hk, g] = [j == t Hk + hk] turns contiguous q/k rows [T Hk, Dk] into
+    # per-v-head columns [Dk, T Hv] with one matmul (transpose + GVA expansion in one instruction)
+    ones_sel = nl.ndarray((n_tk, n_th), dtype=cdt, buffer=nl.sbuf)
     nisa.memset(dst=ones_sel, value=1.0)
-    sel = nl.ndarray((n_tk, n_tok, n_hk, group), dtype=ldt, buffer=nl.sbuf)
+    sel = nl.ndarray((n_tk, n_tok, n_hk, group), dtype=cdt, buffer=nl.sbuf)
     nisa.affine_select(dst=sel, pattern=[[n_hk, n_tok], [1, n_hk], [0, group]], offset=0, channel_multiplier=-1,
-                       on_true_tile=ones_sel[0:n_tk].reshape((n_tk, n_tok, n_hk, group)), on_false_value=0.0,
+                       on_true_tile=ones_sel.reshape((n_tk, n_tok, n_hk, group)), on_false_value=0.0,
                        cmp_op=nl.equal)
-    ident_v = nl.ndarray((n_th, n_th), dtype=ldt, buffer=nl.sbuf)
-    nisa.affine_select(dst=ident_v, pattern=[[1, n_th]], offset=0, channel_multiplier=-1, on_true_tile=ones_sel,
-                       on_false_value=0.0, cmp_op=nl.equal)
+    # kqz[:, t, h] = [e_0 | k_h . q_h elementwise]: column sums give [1, k.q] (the addend factors)
+    kqz = nl.ndarray((dk, n_tok, n_hv, 2), dtype=f32, buffer=nl.sbuf)
+    nisa.memset(dst=kqz, value=0.0)
+    nisa.memset(dst=kqz[0:1, :, :, 0], value=1.0)
 
-    # double-buffered inputs: the loads of sequence b + 1 are issued before sequence b computes, so its
-    # state rows stream in while b runs and b's write-back does not hold up b + 1's loads
-    n_buf = 2 if bsz > 1 else 1
-    slot2 = nl.ndarray((1, n_buf), dtype=nl.int32, buffer=nl.sbuf)
-    k_rows2 = nl.ndarray((n_tk, n_buf, dk), dtype=ldt, buffer=nl.sbuf)
-    q_rows2 = nl.ndarray((n_tk, n_buf, dk), dtype=ldt, buffer=nl.sbuf)
-    v_rows2 = nl.ndarray((n_th, n_buf, dv), dtype=ldt, buffer=nl.sbuf)
-    g_bc2 = nl.ndarray((pmax, n_buf, n_th), dtype=f32, buffer=nl.sbuf)
-    beta_bc2 = nl.ndarray((pmax, n_buf, n_th), dtype=f32, buffer=nl.sbuf)
-    state2 = nl.ndarray((dk, n_buf, n_hv, dv), dtype=f32, buffer=nl.sbuf)
-    bufs = (slot2, k_rows2, q_rows2, v_rows2, g_bc2, beta_bc2, state2)
-    _load_sequence(q, k, v, g, beta, state_pool, slot_ids, 0, 0, bufs)
+    # inputs of all B sequences: one DMA per tensor (few DMAs: each holds a DMA queue for its whole latency)
+    ins = dict(
+        slot=nl.ndarray((1, bsz), dtype=nl.int32, buffer=nl.sbuf),
+        k_rows=nl.ndarray((n_tk, bsz, dk), dtype=cdt, buffer=nl.sbuf),
+        q_rows=nl.ndarray((n_tk, bsz, dk), dtype=cdt, buffer=nl.sbuf),
+        v_pairs=nl.ndarray((n_r, bsz, n_tok, dv), dtype=cdt, buffer=nl.sbuf),
+        g_bc=nl.ndarray((dk, bsz, n_th), dtype=f32, buffer=nl.sbuf),
+        beta_bc=nl.ndarray((dk, bsz, n_th), dtype=f32, buffer=nl.sbuf),
+        beta_pairs=nl.ndarray((n_r, bsz, n_tok), dtype=f32, buffer=nl.sbuf),
+        g_pairs=nl.ndarray((n_r, bsz, n_tok), dtype=f32, buffer=nl.sbuf))
+    _load_inputs(q, k, v, g, beta, slot_ids, ins)
+    # state rows: up to _STATE_BUFFERS sequences in flight, so the reads of the next sequences stream in while b
+    # runs and b's write-back (3 us of DMA latency) does not hold up the next reads
+    # LNC=2: each program instance owns half of the v heads (their state rows, updates and o rows); the
+    # inputs-only preparation is cheap and done for all heads by both
+    n_own = n_hv // nl.num_programs(0)
+    own = (nl.program_id(0) * n_own, n_own)
+    n_buf = max(1, min(bsz, _STATE_BUFFERS, _STATE_SBUF_BYTES // (n_hv * dv * 4)))
+    state_buf = nl.ndarray((dk, n_buf, n_hv, dv), dtype=f32, buffer=nl.sbuf)
+    for i_b in nl.affine_range(n_buf - 1):
+        _load_state(state_pool, ins["slot"][0:1, i_b:i_b + 1], state_buf[:, i_b], own)
     for i_b in nl.sequential_range(bsz):
-        if i_b + 1 < bsz:
-            _load_sequence(q, k, v, g, beta, state_pool, slot_ids, i_b + 1, (i_b + 1) % n_buf, bufs)
-        j = i_b % n_buf
-        slot = slot2[0:1, j:j + 1]
-        k_rows_in, q_rows_in, v_rows_in = k_rows2[:, j, :], q_rows2[:, j, :], v_rows2[:, j, :]
-        g_bc, beta_bc, state_sb = g_bc2[:, j, :], beta_bc2[:, j, :], state2[:, j]
-        # k, q columns per v head (Dk on partitions), transposed and head-expanded by one matmul each
-        kq_ps = nl.ndarray((dk, 2, n_th), dtype=f32, buffer=nl.psum)
-        nisa.nc_matmul(kq_ps[:, 0, :], k_rows_in, sel.reshape((n_tk, n_th)))
-        nisa.nc_matmul(kq_ps[:, 1, :], q_rows_in, sel.reshape((n_tk, n_th)))
-        kq = nl.ndarray((dk, 2, n_tok, n_hv), dtype=f32, buffer=nl.sbuf)    # [:, 0] = k, [:, 1] = q
-        _normalize_columns(kq, kq_ps, ones_sb, scale, use_l2norm)
-        del kq_ps
-        vcol_ps = nl.ndarray((dv, n_th), dtype=f32, buffer=nl.psum)
-        nisa.nc_matmul(vcol_ps, v_rows_in, ident_v)
-        exp_g = nl.ndarray((pmax, n_th), dtype=f32, buffer=nl.sbuf)
-        nisa.activation(dst=exp_g, op=nl.exp, data=g_bc)
-        beta_exp_g = nl.ndarray((dv, n_th), dtype=f32, buffer=nl.sbuf)
-        nisa.tensor_tensor(dst=beta_exp_g, data1=exp_g[0:dv], data2=beta_bc[0:dv], op=nl.multiply,
-                           engine=nisa.engine.gpsimd)
-        beta_v = nl.ndarray((dv, n_th), dtype=f32, buffer=nl.sbuf)
-        nisa.tensor_tensor(dst=beta_v, data1=vcol_ps, data2=beta_bc[0:dv], op=nl.multiply)
-        del vcol_ps
-        # k . q per (t, h), broadcast to every partition by a ones-matmul
-        prod = nl.ndarray((dk, n_th), dtype=f32, buffer=nl.sbuf)
-        nisa.tensor_tensor(dst=prod.reshape((dk, n_tok, n_hv)), data1=kq[:, 0], data2=kq[:, 1],
-                           op=nl.multiply, engine=nisa.engine.gpsimd)
-        kdotq_ps = nl.ndarray((dv, n_th), dtype=f32, buffer=nl.psum)
-        nisa.nc_matmul(kdotq_ps, ones_sb[:, 0:dv], prod)
-        kdotq = nl.ndarray((dv, n_th), dtype=f32, buffer=nl.sbuf)
-        nisa.activation(dst=kdotq, op=nl.copy, data=kdotq_ps)
-        del kdotq_ps
-        o_cols = nl.ndarray((dv, n_th), dtype=q.dtype, buffer=nl.sbuf)
-
+        i_pre = i_b + n_buf - 1
+        if i_pre < bsz:
+            _load_state(state_pool, ins["slot"][0:1, i_pre:i_pre + 1], state_buf[:, i_pre % n_buf], own)
+        slot = ins["slot"][0:1, i_b:i_b + 1]
+        state_sb = state_buf[:, i_b % n_buf]
+        exp_g = nl.ndarray((dk, n_th), dtype=f32, buffer=nl.sbuf)
+        nisa.activation(dst=exp_g, op=nl.exp, data=ins["g_bc"][:, i_b, :])
+        heads = _prepare_heads(q.shape, v.shape, ins, i_b, exp_g, sel, ones_sb, kqz, scale, use_l2norm, cdt)
+        dl_rows = nl.ndarray((n_r, n_tok, dv), dtype=cdt, buffer=nl.sbuf)    # rows 2h: delta_h, 2h + 1: o_h
         for i_t in nl.sequential_range(n_tok):
-            ths = slice(i_t * n_hv, (i_t + 1) * n_hv)
-            # k rows of this token (v head h on partition h), for the K = 1 outer products
-            kr_ps = nl.ndarray((n_hv, dk), dtype=f32, buffer=nl.psum)
-            nisa.nc_transpose(dst=kr_ps, data=kq[:, 0, i_t, :])
-            k_rows = nl.ndarray((n_hv, dk), dtype=cdt, buffer=nl.sbuf)
-            nisa.activation(dst=k_rows, op=nl.copy, data=kr_ps)
-            del kr_ps
-            # [S^T k | S^T q] for every head: S stationary (M = Dv), [k q] moving (N = 2)
-            sk_ps = nl.ndarray((dv, n_hv, 2), dtype=f32, buffer=nl.psum)
-            for i_h in nl.affine_range(n_hv):
-                nisa.nc_matmul(sk_ps[:, i_h, :], state_sb[:, i_h, :], kq[:, :, i_t, i_h])
-            # delta = beta v - beta e^g S^T k;  o = e^g S^T q + (k . q) delta   ([Dv, Hv] tiles, all heads)
-            dec_ks = nl.ndarray((dv, n_hv), dtype=f32, buffer=nl.sbuf)
-            nisa.tensor_tensor(dst=dec_ks, data1=sk_ps[:, :, 0], data2=beta_exp_g[:, ths], op=nl.multiply)
-            delta = nl.ndarray((dv, n_hv), dtype=f32, buffer=nl.sbuf)
-            nisa.tensor_tensor(dst=delta, data1=beta_v[:, ths], data2=dec_ks, op=nl.subtract)
-            dec_qs = nl.ndarray((dv, n_hv), dtype=f32, buffer=nl.sbuf)
-            nisa.tensor_tensor(dst=dec_qs, data1=sk_ps[:, :, 1], data2=exp_g[0:dv, ths], op=nl.multiply)
-            del sk_ps
-            kq_delta = nl.ndarray((dv, n_hv), dtype=f32, buffer=nl.sbuf)
-            nisa.tensor_tensor(dst=kq_delta, data1=delta, data2=kdotq[:, ths], op=nl.multiply,
-                               engine=nisa.engine.gpsimd)
-            nisa.tensor_tensor(dst=o_cols[:, ths], data1=dec_qs, data2=kq_delta, op=nl.add,
-                               engine=nisa.engine.gpsimd)
-            # delta rows (head h on partition h) for the outer products
-            dr_ps = nl.ndarray((n_hv, dv), dtype=f32, buffer=nl.psum)
-            nisa.nc_transpose(dst=dr_ps, data=delta)
-            d_rows = nl.ndarray((n_hv, dv), dtype=cdt, buffer=nl.sbuf)
-            nisa.activation(dst=d_rows, op=nl.copy, data=dr_ps)
-            del dr_ps
-            # S[h] = e^g S[h] + k_h delta_h^T; each head's rows written back as soon as they are final
-            outer_ps = nl.ndarray((dk, _OUTER_BANK_HEADS, dv), dtype=f32, buffer=nl.psum)
-            for i_h in nl.affine_range(n_hv):
-                i_th = i_t * n_hv + i_h
-                slot_ps = outer_ps[:, i_h % _OUTER_BANK_HEADS, :]
-                nisa.nc_matmul(slot_ps, k_rows[i_h:i_h + 1, :], d_rows[i_h:i_h + 1, :], accumulate=False)
-                s_h = state_sb[:, i_h, :]
-                nisa.scalar_tensor_tensor(dst=s_h, data=s_h, op0=nl.multiply, operand0=exp_g[0:dk, i_th:i_th + 1],
-                                          op1=nl.add, operand1=slot_ps)
+            for i_o in nl.affine_range(n_own):
+                i_h = own[0] + i_o
+                if cdt == f32:
+                    _head_token_rows(state_sb, heads, exp_g, dl_rows, i_t, i_h)
+                else:
+                    _head_token_rank1(state_sb, heads, exp_g, dl_rows, i_t, i_h)
                 if i_t == n_tok - 1:
                     nisa.dma_copy(dst=state_pool.ap(pattern=[[dv, dk], [1, dv]], offset=i_h * dk * dv,
-                                                    scalar_offset=slot, indirect_dim=0), src=s_h)
-            del outer_ps
-        nisa.dma_copy(dst=o.ap(pattern=[[1, dv], [dv, n_th]], offset=i_b * n_th * dv), src=o_cols)
+                                                    scalar_offset=slot, indirect_dim=0), src=state_sb[:, i_h, :])
+        nisa.dma_copy(dst=o.ap(pattern=[[dv, n_own], [n_hv * dv, n_tok], [1, dv]],
+                               offset=(i_b * n_th + own[0]) * dv),
+                      src=dl_rows[2 * own[0] + 1:2 * (own[0] + n_own):2, :, :])
     return o
 
 
-def _load_sequence(q, k, v, g, beta, state_pool, slot_ids, i_b, j, bufs):
-    """Issue the loads of sequence i_b into buffer j: slot id, contiguous q/k/v rows, g/beta broadcast over
-    the partitions, then one dynamic DMA per head of state_pool[slot_ids[i_b]]."""
-    slot2, k_rows2, q_rows2, v_rows2, g_bc2, beta_bc2, state2 = bufs
-    n_tok, n_hk, dk = q.shape[1], q.shape[2], q.shape[3]
+def _head_token_rows(state_sb, heads, exp_g, dl_rows, i_t, i_h):
+    """fp32 inputs: one token of v head h on S = state_sb[:, h] ([Dk, Dv] fp32), fp32 matmuls.
+
+    rows (2h, 2h + 1) of [k' q'']^T S plus the addend are (delta_h, o_h); S = e^g S + k_h delta_h^T."""
+    dk, dv = state_sb.shape[0], state_sb.shape[2]
+    f32 = nl.float32
+    kq_st, k_rows, addend = heads["kq_st"], heads["k_rows"], heads["addend"]
+    n_r = kq_st.shape[2] * 2
+    i_th = i_t * kq_st.shape[2] + i_h
+    rows = slice(2 * i_h, 2 * i_h + 2)
+    s_h = state_sb[:, i_h, :]
+    # rows (2h, 2h + 1) = [S^T k' ; S^T q''] (the other rows pair head h's S with other heads' columns)
+    sk_ps = nl.ndarray((n_r, dv), dtype=f32, buffer=nl.psum)
+    nisa.nc_matmul(sk_ps, kq_st[:, i_t].reshape((dk, n_r)), s_h)
+    nisa.tensor_tensor(dst=dl_rows[rows, i_t, :], data1=sk_ps[rows, :], data2=addend[rows, i_t, :], op=nl.add)
+    del sk_ps
+    # S = e^g S + k delta^T   (K = 1 outer product on partition 2h, decay fused into the add)
+    outer_ps = nl.ndarray((dk, dv), dtype=f32, buffer=nl.psum)
+    nisa.nc_matmul(outer_ps, k_rows[2 * i_h:2 * i_h + 1, i_t, :], dl_rows[2 * i_h:2 * i_h + 1, i_t, :],
+                   accumulate=False)
+    nisa.scalar_tensor_tensor(dst=s_h, data=s_h, op0=nl.multiply, operand0=exp_g[:, i_th:i_th + 1], op1=nl.add,
+                              operand1=outer_ps)
+
+
+def _head_token_rank1(state_sb, heads, exp_g, dl_rows, i_t, i_h):
+    """bf16 inputs: one token of v head h on S = state_sb[:, h] ([Dk, Dv] fp32) with a bf16 copy of S for the
+    products (as the prefill does; fp32 accumulation, fp32 state).
+
+    k delta^T = beta k v^T + (k k'^T) S, so the update needs one matmul after S arrives (the rank-1 stationary
+    k' k^T and beta k v^T come from the inputs); o_h = row 2h + 1 of [k' q'']^T S plus (k.q) beta v."""
+    dk, dv = state_sb.shape[0], state_sb.shape[2]
+    f32 = nl.float32
+    kq_st, k_rows, addend = heads["kq_st"], heads["k_rows"], heads["addend"]
+    rank, bv_rows = heads["rank"], heads["bv_rows"]
+    n_hv = kq_st.shape[2]
+    n_r = 2 * n_hv
+    i_th = i_t * n_hv + i_h
+    s_h = state_sb[:, i_h, :]
+    upd_ps = nl.ndarray((dk, dv), dtype=f32, buffer=nl.psum)
+    nisa.nc_matmul(upd_ps, k_rows[2 * i_h:2 * i_h + 1, i_t, :], bv_rows[2 * i_h:2 * i_h + 1, i_t, :],
+                   accumulate=False)
+    s_bf = nl.ndarray((dk, dv), dtype=k_rows.dtype, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=s_bf, src=s_h, engine=nisa.engine.gpsimd)
+    nisa.nc_matmul(upd_ps, rank[:, i_t, i_h, :], s_bf, accumulate=True)
+    nisa.scalar_tensor_tensor(dst=s_h, data=s_h, op0=nl.multiply, operand0=exp_g[:, i_th:i_th + 1], op1=nl.add,
+                              operand1=upd_ps)
+    del upd_ps
+    # o_h: row 2h + 1 of [k' q'']^T S_old (+ (k.q) beta v)
+    o_ps = nl.ndarray((n_r, dv), dtype=f32, buffer=nl.psum)
+    nisa.nc_matmul(o_ps, kq_st[:, i_t].reshape((dk, n_r)), s_bf)
+    r = 2 * i_h + 1
+    nisa.tensor_tensor(dst=dl_rows[r:r + 1, i_t, :], data1=o_ps[r:r + 1, :], data2=addend[r:r + 1, i_t, :],
+                       op=nl.add)
+
+
+def _load_inputs(q, k, v, g, beta, slot_ids, ins):
+    """Load the inputs of all B sequences: slot ids, contiguous q/k rows, v rows and g/beta twice per v head
+    (partitions 2h, 2h + 1), g/beta broadcast over the Dk partitions."""
+    bsz, n_tok, n_hk, dk = q.shape
     n_hv, dv = v.shape[2], v.shape[3]
     n_th, n_tk = n_tok * n_hv, n_tok * n_hk
-    pmax = g_bc2.shape[0]
-    slot = slot2[0:1, j:j + 1]
-    nisa.dma_copy(dst=slot, src=slot_ids.ap(pattern=[[1, 1], [1, 1]], offset=i_b))
-    nisa.dma_copy(dst=k_rows2[:, j, :], src=k[i_b].reshape((n_tk, dk)))
-    nisa.dma_copy(dst=q_rows2[:, j, :], src=q[i_b].reshape((n_tk, dk)))
-    nisa.dma_copy(dst=v_rows2[:, j, :], src=v[i_b].reshape((n_th, dv)))
-    nisa.dma_copy(dst=g_bc2[:, j, :], src=g.ap(pattern=[[0, pmax], [1, n_th]], offset=i_b * n_th))
-    nisa.dma_copy(dst=beta_bc2[:, j, :], src=beta.ap(pattern=[[0, pmax], [1, n_th]], offset=i_b * n_th))
-    for i_h in nl.affine_range(n_hv):
-        nisa.dma_copy(dst=state2[:, j, i_h, :], src=state_pool.ap(
+    nisa.dma_copy(dst=ins["slot"], src=slot_ids.ap(pattern=[[bsz, 1], [1, bsz]], offset=0))
+    for name, x in (("k_rows", k), ("q_rows", q)):
+        nisa.dma_copy(dst=ins[name], src=x.ap(pattern=[[dk, n_tk], [n_tk * dk, bsz], [1, dk]], offset=0))
+    for name, x in (("g_bc", g), ("beta_bc", beta)):
+        nisa.dma_copy(dst=ins[name], src=x.ap(pattern=[[0, dk], [1, bsz * n_th]], offset=0))
+    for i_x in nl.affine_range(2):
+        nisa.dma_copy(dst=ins["v_pairs"][i_x:2 * n_hv:2], src=v.ap(
+            pattern=[[dv, n_hv], [n_th * dv, bsz], [n_hv * dv, n_tok], [1, dv]], offset=0))
+    for name, x in (("g_pairs", g), ("beta_pairs", beta)):
+        nisa.dma_copy(dst=ins[name], src=x.ap(pattern=[[1, n_hv], [0, 2], [n_th, bsz], [n_hv, n_tok]], offset=0))
+
+
+def _load_state(state_pool, slot, state_sb, own):
+    """state_sb [Dk, Hv, Dv] (heads own[0] .. own[0] + own[1]) = state_pool[slot]: one dynamic DMA per head
+    (scalar_offset = the slot id in SBUF), so each head's compute starts as soon as its rows arrive."""
+    dk, dv = state_sb.shape[0], state_sb.shape[2]
+    for i_o in nl.affine_range(own[1]):
+        i_h = own[0] + i_o
+        nisa.dma_copy(dst=state_sb[:, i_h, :], src=state_pool.ap(
             pattern=[[dv, dk], [1, dv]], offset=i_h * dk * dv, scalar_offset=slot, indirect_dim=0))
 
 
-def _normalize_columns(kq, kq_ps, ones_sb, scale, use_l2norm):
-    """kq [Dk, 2, T, H] (SBUF) = the columns kq_ps [Dk, 2, T H] (PSUM; k then q), L2-normalised if asked,
-    q scaled: x * rsqrt(sum x^2 + eps) = x * 2^-20 * rsqrt((sum x^2 + eps) 2^-40)."""
-    dk = kq.shape[0]
+def _prepare_heads(q_shape, v_shape, ins, i_b, exp_g, sel, ones_sb, kqz, scale, use_l2norm, cdt):
+    """Everything that depends on the inputs only (runs while the state rows are in flight).
+
+    Returns a dict: kq_st [Dk, T, Hv, 2] (columns k' = -beta e^g k, q'' = e^g q + (k.q) k' per v head; fp32,
+    bf16 for bf16 inputs), k_rows [2 Hv, T, Dk] (row 2h = k of v head h), addend [2 Hv, T, Dv] fp32 (rows
+    beta v, (k.q) beta v) and, for bf16 inputs, bv_rows and rank (see _prepare_rank1)."""
+    _, n_tok, n_hk, dk = q_shape
+    n_hv, dv = v_shape[2], v_shape[3]
+    n_th, n_tk, n_r = n_tok * n_hv, n_tok * n_hk, 2 * n_hv
+    f32 = nl.float32
+    # k, q columns per v head (Dk on partitions), transposed and head-expanded by one matmul each
+    kq_ps = nl.ndarray((dk, 2, n_th), dtype=f32, buffer=nl.psum)
+    nisa.nc_matmul(kq_ps[:, 0, :], ins["k_rows"][:, i_b, :], sel.reshape((n_tk, n_th)))
+    nisa.nc_matmul(kq_ps[:, 1, :], ins["q_rows"][:, i_b, :], sel.reshape((n_tk, n_th)))
+    kqn = nl.ndarray((dk, n_tok, n_hv, 2), dtype=f32, buffer=nl.sbuf)     # [..., 0] = k, [..., 1] = q
+    _normalize_columns(kqn, kq_ps, ones_sb, scale, use_l2norm)
+    del kq_ps
+    # k rows on partitions 2h (the stationary of the outer products), one transpose per token
+    # (bf16 path: also k' = -beta e^g k rows, the scale coming from g, beta loaded per row pair)
+    k_rows = nl.ndarray((n_r, n_tok, dk), dtype=cdt, buffer=nl.sbuf)
+    kp_rows = None
+    if cdt != f32:
+        nbe_pairs = nl.ndarray((n_r, n_tok), dtype=f32, buffer=nl.sbuf)
+        nisa.activation(dst=nbe_pairs, op=nl.exp, data=ins["g_pairs"][:, i_b, :])
+        nisa.scalar_tensor_tensor(dst=nbe_pairs, data=nbe_pairs, op0=nl.multiply, operand0=-1.0, op1=nl.multiply,
+                                  operand1=ins["beta_pairs"][:, i_b, :])
+        kp_rows = nl.ndarray((n_r, n_tok, dk), dtype=cdt, buffer=nl.sbuf)
+    for i_t in nl.affine_range(n_tok):
+        kr_ps = nl.ndarray((n_r, dk), dtype=f32, buffer=nl.psum)
+        nisa.nc_transpose(dst=kr_ps, data=kqn[:, i_t].reshape((dk, n_r)))
+        nisa.activation(dst=k_rows[:, i_t, :], op=nl.copy, data=kr_ps)
+        if kp_rows is not None:
+            nisa.activation(dst=kp_rows[:, i_t, :], op=nl.copy, data=kr_ps, scale=nbe_pairs[:, i_t:i_t + 1])
+        del kr_ps
+    # k . q: column sums of kqz = [e_0 | k o q], broadcast to all partitions, and per row pair (2h, 2h + 1)
+    nisa.tensor_tensor(dst=kqz[:, :, :, 1], data1=kqn[:, :, :, 0], data2=kqn[:, :, :, 1], op=nl.multiply,
+                       engine=nisa.engine.gpsimd)
+    kq_bc_ps = nl.ndarray((dk, n_tok, n_hv, 2), dtype=f32, buffer=nl.psum)
+    nisa.nc_matmul(kq_bc_ps.reshape((dk, 2 * n_th)), ones_sb, kqz.reshape((dk, 2 * n_th)))
+    fac_ps = nl.ndarray((n_r, n_tok), dtype=f32, buffer=nl.psum)
+    for i_t in nl.affine_range(n_tok):
+        nisa.nc_matmul(fac_ps[:, i_t:i_t + 1], kqz[:, i_t].reshape((dk, n_r)), ones_sb[:, 0:1])
+    # addend rows: (2h, 2h + 1) = (beta v, (k.q) beta v)
+    fac = nl.ndarray((n_r, n_tok), dtype=f32, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=fac, data1=fac_ps, data2=ins["beta_pairs"][:, i_b, :], op=nl.multiply)
+    del fac_ps
+    addend = nl.ndarray((n_r, n_tok, dv), dtype=f32, buffer=nl.sbuf)
+    for i_t in nl.affine_range(n_tok):
+        nisa.tensor_scalar(dst=addend[:, i_t, :], data=ins["v_pairs"][:, i_b, i_t, :], op0=nl.multiply,
+                           operand0=fac[:, i_t:i_t + 1], engine=nisa.engine.gpsimd)
+    # stationary columns: k' = -beta e^g k, q'' = e^g q + (k.q) k'  (fp32, then in the matmul dtype)
+    kq_f = nl.ndarray((dk, n_tok, n_hv, 2), dtype=f32, buffer=nl.sbuf)
+    nbe = nl.ndarray((dk, n_tok, n_hv), dtype=f32, buffer=nl.sbuf)
+    nisa.scalar_tensor_tensor(dst=nbe.reshape((dk, n_th)), data=exp_g, op0=nl.multiply, operand0=-1.0,
+                              op1=nl.multiply, operand1=ins["beta_bc"][:, i_b, :])
+    nisa.tensor_tensor(dst=kq_f[:, :, :, 0], data1=kqn[:, :, :, 0], data2=nbe, op=nl.multiply,
+                       engine=nisa.engine.gpsimd)
+    eq = nl.ndarray((dk, n_tok, n_hv), dtype=f32, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=eq, data1=kqn[:, :, :, 1], data2=exp_g.reshape((dk, n_tok, n_hv)), op=nl.multiply,
+                       engine=nisa.engine.gpsimd)
+    kqk = nl.ndarray((dk, n_tok, n_hv), dtype=f32, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=kqk, data1=kq_bc_ps[:, :, :, 1], data2=kq_f[:, :, :, 0], op=nl.multiply)
+    del kq_bc_ps
+    nisa.tensor_tensor(dst=kq_f[:, :, :, 1], data1=eq, data2=kqk, op=nl.add, engine=nisa.engine.gpsimd)
+    heads = dict(k_rows=k_rows, addend=addend, kq_st=kq_f)
+    if cdt != f32:
+        heads.update(_prepare_rank1(kq_f, k_rows, kp_rows, addend, cdt))
+    return heads
+
+
+def _prepare_rank1(kq_f, k_rows, kp_rows, addend, cdt):
+    """bf16 path: kq_st = kq_f in bf16, bv_rows [2 Hv, T, Dv] (row 2h = beta v_h, bf16) and the rank-1
+    update stationaries rank [Dk, T, Hv, Dk] (rank[:, t, h][j, i] = k'_h[j] k_h[i], by K = 1 matmuls of the
+    k' and k rows on partition 2h)."""
+    dk, n_tok, n_hv = kq_f.shape[0], kq_f.shape[1], kq_f.shape[2]
+    f32 = nl.float32
+    kq_st = nl.ndarray((dk, n_tok, n_hv, 2), dtype=cdt, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=kq_st, src=kq_f, engine=nisa.engine.gpsimd)
+    bv_rows = nl.ndarray(addend.shape, dtype=cdt, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=bv_rows, src=addend, engine=nisa.engine.gpsimd)
+    rank = nl.ndarray((dk, n_tok, n_hv, dk), dtype=cdt, buffer=nl.sbuf)
+    for i_t in nl.affine_range(n_tok):
+        for i_h0 in nl.affine_range((n_hv + _RANK_BANK_HEADS - 1) // _RANK_BANK_HEADS):
+            h0 = i_h0 * _RANK_BANK_HEADS
+            nh = min(_RANK_BANK_HEADS, n_hv - h0)
+            rank_ps = nl.ndarray((dk, _RANK_BANK_HEADS, dk), dtype=f32, buffer=nl.psum)
+            for i_h in nl.affine_range(nh):
+                r = 2 * (h0 + i_h)
+                nisa.nc_matmul(rank_ps[:, i_h, :], kp_rows[r:r + 1, i_t, :], k_rows[r:r + 1, i_t, :],
+                               accumulate=False)
+            nisa.activation(dst=rank[:, i_t, h0:h0 + nh, :], op=nl.copy, data=rank_ps[:, 0:nh, :])
+            del rank_ps
+    return dict(kq_st=kq_st, bv_rows=bv_rows, rank=rank)
+
+
+def _normalize_columns(kqn, kq_ps, ones_sb, scale, use_l2norm):
+    """kqn [Dk, T, H, 2] (SBUF; [..., 0] = k, [..., 1] = q) = the columns kq_ps [Dk, 2, T H] (PSUM; k then q),
+    L2-normalised if asked, q scaled: x * rsqrt(sum x^2 + eps) = x * 2^-20 * rsqrt((sum x^2 + eps) 2^-40)."""
+    dk, n_tok, n_h = kqn.shape[0], kqn.shape[1], kqn.shape[2]
     width = kq_ps.shape[2]
     f32 = nl.float32
     post = _RSQRT_POSTSCALE if use_l2norm else 1.0
+    factors = ((0, post), (1, post * float(scale)))
     if use_l2norm:
         sq = nl.ndarray((dk, 2 * width), dtype=f32, buffer=nl.sbuf)
         nisa.activation(dst=sq, op=nl.square, data=kq_ps.reshape((dk, 2 * width)))
         ss_ps = nl.ndarray((dk, 2 * width), dtype=f32, buffer=nl.psum)
-        nisa.nc_matmul(ss_ps, ones_sb[:, 0:dk], sq)          # column sums, broadcast to all partitions
+        nisa.nc_matmul(ss_ps, ones_sb, sq)          # column sums, broadcast to all partitions
         rnorm = nl.ndarray((dk, 2, width), dtype=f32, buffer=nl.sbuf)
         nisa.activation(dst=rnorm.reshape((dk, 2 * width)), op=nl.rsqrt, data=ss_ps, scale=_RSQRT_PRESCALE,
                         bias=_L2NORM_EPS * _RSQRT_PRESCALE)
-        for i_x, factor in ((0, post), (1, post * float(scale))):
-            nisa.scalar_tensor_tensor(dst=kq[:, i_x].reshape((dk, width)), data=kq_ps[:, i_x, :], op0=nl.multiply,
-                                      operand0=factor, op1=nl.multiply, operand1=rnorm[:, i_x, :])
+        for i_x, factor in factors:
+            nisa.scalar_tensor_tensor(dst=kqn[:, :, :, i_x], data=kq_ps[:, i_x, :].reshape((dk, n_tok, n_h)),
+                                      op0=nl.multiply, operand0=factor, op1=nl.multiply,
+                                      operand1=rnorm[:, i_x, :].reshape((dk, n_tok, n_h)))
     else:
-        nisa.activation(dst=kq[:, 0].reshape((dk, width)), op=nl.copy, data=kq_ps[:, 0, :])
-        nisa.activation(dst=kq[:, 1].reshape((dk, width)), op=nl.copy, data=kq_ps[:, 1, :], scale=float(scale))
+        for i_x, factor in factors:
+            nisa.activation(dst=kqn[:, :, :, i_x], op=nl.copy, data=kq_ps[:, i_x, :].reshape((dk, n_tok, n_h)),
+                            scale=factor)
 
 
 
 def gated_delta_rule_step(q, k, v, g, beta, state_pool, slot_ids, use_qk_l2norm_in_kernel=False, scale=None,
-                          **kwargs):
+                          lnc=1, **kwargs):
     """Decode step(s) for B sequences: returns o [B, T, Hv, Dv]; updates state_pool[slot_ids] in place.
 
     q, k [B, T, Hk, Dk]; v [B, T, Hv, Dv]; g, beta [B, T, Hv]; state_pool [N_slots, Hv, Dk, Dv] fp32 or
@@ -245,5 +369,9 @@ def gated_delta_rule_step(q, k, v, g, beta, state_pool, slot_ids, use_qk_l2norm_
     kernel_check(np.unique(slots).size == slots.size,
                  f"{name}: slot_ids must be distinct (each sequence owns its state row), got {slots.tolist()}")
     sc = float(dk ** -0.5 if scale is None else scale)
+    kernel_check(n_hv <= _MAX_V_HEADS and n_tok * n_hk <= P_MAX, f"{name}: at most {_MAX_V_HEADS} v heads and "
+                 f"T * Hk <= {P_MAX} per launch, got Hv={n_hv}, T={n_tok}, Hk={n_hk}")
+    kernel_check(lnc in (1, 2) and n_hv % lnc == 0, f"{name}: lnc must be 1 or 2 and divide Hv={n_hv} "
+                 f"(each program instance owns Hv / lnc heads), got lnc={lnc}")
     return call(gated_delta_rule_step_kernel, q, k, v, g, beta, state_pool, slots.astype(np.int32),
-                scale=sc, use_l2norm=bool(use_qk_l2norm_in_kernel))
+                scale=sc, use_l2norm=bool(use_qk_l2norm_in_kernel), lnc=lnc)

@@ -56,6 +56,19 @@ def test_decode_after_prefill_equals_longer_prefill(t1, steps, ratio, seed):
     assert_close("decode state", s_all, pool[slots])
 
 
+@pytest.mark.parametrize("dtype, t, ratio", [("bfloat16", 1, 2), ("float32", 3, 1), ("bfloat16", 4, 4)])
+def test_lnc2_matches_reference(dtype, t, ratio, rng):
+    """LNC=2: each program instance owns Hv / 2 heads; together they give the same result."""
+    q, k, v, g, beta = gdn_inputs(rng, 2, t, 2, 2 * ratio, 32, 64, DTYPES[dtype])
+    pool = rng.standard_normal((4, 2 * ratio, 32, 64)).astype(np.float32)
+    slots = np.array([3, 0])
+    before = pool.copy()
+    o = gated_delta_rule_step(q, k, v, g, beta, pool, slots, use_qk_l2norm_in_kernel=True, lnc=2)
+    ro, rpool = ref.gated_delta_rule_step(q, k, v, g, beta, before, slots, use_qk_l2norm_in_kernel=True)
+    assert_close("o lnc2", ro, o, dtype=dtype)
+    assert_close("pool lnc2", rpool, pool, dtype=dtype)
+
+
 def test_edge_values(rng):
     """Decay to zero, beta 0 and 1, repeated tokens, huge q/k with the L2 norm."""
     q, k, v, g, beta = gdn_inputs(rng, 4, 4, 1, 2, 64, 64)
@@ -113,6 +126,7 @@ def test_matches_transformers_recurrent(rng):
     (lambda a: a.update(v=a["v"].astype(BF16)), "v dtype must equal"),
     (lambda a: a.update(g=a["g"][:, :, :1]), "g must be"),
     (lambda a: a.update(k=a["k"][..., :8]), "k must match q"),
+    (lambda a: a.update(lnc=3), "lnc must be 1 or 2"),
 ])
 def test_bad_inputs_raise(mutate, match, rng):
     q, k, v, g, beta = gdn_inputs(rng, 2, 1, 1, 2, 16, 16)
