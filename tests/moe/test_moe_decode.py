@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from nki_kernels import moe_block_mapping, moe_blockwise, moe_decode
 from nki_kernels.emulator import record_launches
+from nki_kernels.hw import PSUM_FMAX_FP32
 from nki_kernels.moe.reference import moe_decode_reference
 from nki_kernels.testing import assert_close
 from nki_kernels.validation import KernelInputError
@@ -73,6 +74,16 @@ def test_decode_equals_blockwise_and_lnc2(rng):
     assert_close("decode", ref, dec)
     assert_close("lnc2", ref, dec2)
     np.testing.assert_allclose(dec, blk, rtol=1e-5, atol=1e-6)
+
+
+def test_many_slots_stream_in_waves(rng):
+    """More distinct experts than weight buffers (T * TOPK affinities > one PSUM bank): several waves, both
+    routing-row tiles (T * TOPK > 128), LNC=2."""
+    x, gu, dn, sh, w, idx = moe_problem(rng, 32, 128, 40, 64, 6, 48, True)
+    assert np.unique(idx).size > PSUM_FMAX_FP32 // 32
+    ref = moe_decode_reference(x, idx, w, gu, dn, sh)
+    assert_close("waves", ref, moe_decode(x, idx, w, gu, dn, shared=sh))
+    assert_close("waves lnc2", ref, moe_decode(x, idx, w, gu, dn, shared=sh, lnc=2))
 
 
 def test_bf16_large_values(rng):
