@@ -11,11 +11,16 @@ Layout: the residual stream and activations are feature-major, hT [128, H / 128,
 partition p), so decode-sized batches still use every partition; projections are weight-stationary 128 x 128
 matmuls ([in, out] weights, see weights.py) with the activations moving, and their outputs land feature-major
 again. Row sums over features (RMSNorm, q/k head norms) are per-partition partial sums plus an all-ones matmul;
-RoPE's rotate-half is a +-1 permutation matmul. K^T and V^T are cached per (layer, KV head) as [D, B, G] in SBUF;
-scores for a block of batch rows are one matmul [(b, q-head), (b', t)] with a block-diagonal (b == b') mask.
-The prompt's two positions run as one pass over 2B rows. Greedy argmax runs with the vocab on partitions;
-sampling and non-multiple-of-128 vocabularies use logits rows with nisa.max8 / nc_find_index8.
-See KERNELS.md ("code_predictor") for the loop nest, memory plan and modeled numbers.
+RoPE's rotate-half is a +-1 permutation matmul (with the q/k norm weights folded in). K^T and V^T are cached per
+(layer, KV head) as [D, B, G] in SBUF. The prompt's two positions run as one pass over 2B rows.
+
+At B = 1 a frame is a chain of small dependent instructions, so the steps keep it short: the residual stream lives
+in PSUM (o_proj / down_proj accumulate onto it), RMSNorm's 1/rms is applied to the projections' outputs while
+the matmuls run on x * w, the cached steps' attention works on transposed scores without a max subtraction when
+the q/k norm weights bound the scores, and the next step's LM head streams into an SBUF ring during the layers.
+Greedy argmax and (Vh % 128 == 0) sampling run with the vocab spread over partitions; other vocabularies use
+logits rows with nisa.max8 / nc_find_index8. See KERNELS.md ("code_predictor") for the loop nest, memory plan
+and modeled numbers.
 """
 from __future__ import annotations
 
@@ -38,9 +43,13 @@ _BF16_BYTES = 2
 # whether every layer's weights can stay resident in SBUF for the whole frame.
 _SBUF_HEADROOM = 4 * 1024
 _FIXED_SBUF_BYTES = 20 * 1024        # norms, constants, streamed LM-head blocks, [B, H] row tiles
+_LM_BLOCK_BYTES = 8 * 1024           # of which the streamed [128, H / 128, 512] bf16 LM-head block (H = 1024)
 _SAMPLING_LOGIT_TILES = 3.5          # fp32 [rows, Vh] tiles live while sampling (logits, z, work, kill)
 _BYTES_PER_ROW = 512                 # feature-major activations and KV cache per token row
 _MAX_TOP_K = 256                     # sampling: top-k candidates are found in ceil(k / 8) max8 rounds
+_FM_SAMPLE_MAX_ROWS = 16             # sampling rows looped over on the vocab-on-partitions path (more: rows path)
+_EXP_SAFE_BOUND = 60.0               # |attention score| bound under which softmax may skip the max subtraction
+_LM_DMA_BYTES = 1 << 20              # LM-head ring loads: ~1 MB per DMA (several queues in flight)
 
 
 # ================================================================ small building blocks
@@ -106,12 +115,14 @@ def _weight_block(w_res, w_hbm, kp, n_k, n0, nn):
     return blk
 
 
-def _linear_T(dst, xT, n_k, kp, w_res, w_hbm, n_out, oc, rows, mode, cols=None):
+def _linear_T(dst, xT, n_k, kp, w_res, w_hbm, n_out, oc, rows, mode, cols=None, hook=None):
     """Feature-major projection: dst[oc, n_out / oc, rows] (= or +=) (x @ W)^T.
 
     W [n_k * kp, n_out] is the stationary operand in [kp, oc] blocks, xT [kp, n_k, rows] the moving one; the
-    output lands with the output features on partitions. mode: "copy", "add" (residual update) or "psum"
-    (when the whole output fits one PSUM bank: return the PSUM tile itself, no eviction; else copy to dst).
+    output lands with the output features on partitions. mode: "copy", "add" (residual update), "accum" (dst is
+    the PSUM-resident residual stream: the matmuls accumulate onto it) or "psum" (when the whole output fits one
+    PSUM bank: return the PSUM tile itself, no eviction; else copy to dst).
+    hook = (i, fn): fn() is emitted after the matmuls of output chunk i (program order for in-order engines).
     """
     n_oc = n_out // oc
     per_bank = max(1, PSUM_BANK_BYTES // (rows * 4))      # output chunks per fp32 PSUM bank
@@ -121,7 +132,10 @@ def _linear_T(dst, xT, n_k, kp, w_res, w_hbm, n_out, oc, rows, mode, cols=None):
     w_blk, blk0 = None, -1
     for g0 in range(0, n_oc, per_bank):
         gn = min(per_bank, n_oc - g0)
-        acc_psum = nl.ndarray((oc, gn, rows), dtype=nl.float32, buffer=nl.psum)
+        if mode == "accum":
+            acc_psum = dst[:, g0:g0 + gn, :]
+        else:
+            acc_psum = nl.ndarray((oc, gn, rows), dtype=nl.float32, buffer=nl.psum)
         for i in range(gn):
             col = (g0 + i) * oc
             if col // blk_cols != blk0:
@@ -130,7 +144,11 @@ def _linear_T(dst, xT, n_k, kp, w_res, w_hbm, n_out, oc, rows, mode, cols=None):
             lc = col - blk0 * blk_cols
             for k in range(n_k):
                 mv = xT[:, k, :] if cols is None else xT[:, k, cols]
-                nisa.nc_matmul(acc_psum[:, i, :], w_blk[:, k, lc:lc + oc], mv, accumulate=(k > 0))
+                nisa.nc_matmul(acc_psum[:, i, :], w_blk[:, k, lc:lc + oc], mv, accumulate=(k > 0 or mode == "accum"))
+            if hook is not None and g0 + i == hook[0]:
+                hook[1]()
+        if mode == "accum":
+            continue
         if mode == "add":
             nisa.tensor_tensor(dst=dst[:, g0:g0 + gn, :], data1=dst[:, g0:g0 + gn, :], data2=acc_psum, op=nl.add)
         elif mode == "psum":
@@ -140,11 +158,12 @@ def _linear_T(dst, xT, n_k, kp, w_res, w_hbm, n_out, oc, rows, mode, cols=None):
     return dst
 
 
-def _linear_rows(dst_sb, xT, n_k, kp, w_hbm, n_out, rows, stat_cols=None):
-    """Row-major projection dst[rows, n_out] = x @ W (xT stationary, W streamed as the moving operand)."""
+def _linear_rows(dst_sb, xT, n_k, kp, w_hbm, n_out, rows, stat_cols=None, w_res=None):
+    """Row-major projection dst[rows, n_out] = x @ W (xT stationary, W the moving operand: a view of the
+    SBUF copy w_res [kp, n_k, n_out], or streamed from HBM)."""
     for n0 in range(0, n_out, _N_TILE):
         nn = min(_N_TILE, n_out - n0)
-        w_blk = _weight_block(None, w_hbm, kp, n_k, n0, nn)
+        w_blk = _weight_block(w_res, w_hbm, kp, n_k, n0, nn)
         acc_psum = nl.ndarray((rows, _N_TILE), dtype=nl.float32, buffer=nl.psum)
         for k in range(n_k):
             st = xT[:, k, :] if stat_cols is None else xT[:, k, stat_cols]
@@ -215,6 +234,46 @@ def _attention_block(qT_blk, kT_blk, vT_blk, mask_blk, out_view, m, n, d, masked
     nisa.tensor_copy(dst=out_view, src=o_psum[0:d, 0:m])
 
 
+def _attention_block_T(qT_blk, kT_blk, v_rows, ones_nd, maskT, out_view, m, n, d):
+    """One block with the scores transposed: s^T [n keys, m queries] = K^T q, p^T = exp(s^T (+ mask^T)) in bf16,
+    out^T [d, m] = (V^T p^T) / (1^T p^T): the sum over keys (partitions) is an all-ones matmul beside V^T p^T.
+
+    No max subtraction: only for launches whose q/k RMSNorm weights bound |s| (see `_exp_is_safe`), so exp
+    neither overflows nor underflows. v_rows [n, d] are the value rows (keys on partitions)."""
+    s_psum = nl.ndarray((P_MAX, _N_TILE), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_matmul(s_psum[0:n, 0:m], kT_blk, qT_blk)
+    src = s_psum[0:n, 0:m]
+    if maskT is not None:
+        s_sb = nl.ndarray((P_MAX, m), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_tensor(dst=s_sb[0:n, :], data1=src, data2=maskT, op=nl.add)
+        src = s_sb[0:n, :]
+    pT = nl.ndarray((P_MAX, m), dtype=nl.bfloat16, buffer=nl.sbuf)
+    nisa.activation(dst=pT[0:n, :], op=nl.exp, data=src)
+    o_psum = nl.ndarray((P_MAX, m), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_matmul(o_psum[0:d, :], v_rows, pT[0:n, :])
+    sum_psum = nl.ndarray((P_MAX, m), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_matmul(sum_psum[0:d, :], ones_nd, pT[0:n, :])
+    rsum = nl.ndarray((P_MAX, m), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.reciprocal(dst=rsum[0:d, :], data=sum_psum[0:d, :])
+    nisa.tensor_tensor(dst=out_view, data1=o_psum[0:d, :], data2=rsum[0:d, :], op=nl.multiply)
+
+
+def _block_mask_T(nb, r, n_t):
+    """Additive mask^T [nb * n_t, nb * r] of `_attention_block_T`: keys (b', t) on partitions, queries (b, q)
+    along the free dim; 0 where b == b', else -inf."""
+    zero = nl.ndarray((nb * n_t, nb, r), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=zero, value=0.0)
+    m1 = nl.ndarray((nb * n_t, nb, r), dtype=nl.float32, buffer=nl.sbuf)
+    # p - n_t * b >= 0
+    nisa.affine_select(dst=m1, pattern=[[-n_t, nb], [0, r]], offset=0, channel_multiplier=1,
+                       on_true_tile=zero, on_false_value=NEG_INF, cmp_op=nl.greater_equal)
+    mask = nl.ndarray((nb * n_t, nb, r), dtype=nl.float32, buffer=nl.sbuf)
+    # n_t * b + n_t - 1 - p >= 0
+    nisa.affine_select(dst=mask, pattern=[[n_t, nb], [0, r]], offset=n_t - 1, channel_multiplier=-1,
+                       on_true_tile=m1, on_false_value=NEG_INF, cmp_op=nl.greater_equal)
+    return mask.reshape((nb * n_t, nb * r))
+
+
 # ================================================================ one decoder pass (all layers) over token rows
 
 
@@ -248,64 +307,160 @@ def _rotate_half_matrix(D):
     return rm
 
 
-def _qk_norm_rope_T(c, S, l, qkvT, cos_t, sin_t):
-    """q/k per-head RMSNorm then RoPE on qkvT [D, NH + Hkv, rows] fp32; returns fp32 [D, NH, rows]."""
-    D, NH, R = c.D, c.NH, c.rows
-    qk = qkvT[:, 0:NH, :]
-    sq = nl.ndarray((D, NH, R), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.activation(dst=sq, op=nl.square, data=qk)
-    rstd = nl.ndarray((D, NH, R), dtype=nl.float32, buffer=nl.sbuf)
+def _bcast_mid(t, p, n, rows, row_len, offset=0):
+    """[p, n, rows] view of the [p, rows] block of t at `offset`, repeated n times (stride-0 middle dim)."""
+    return t.ap(pattern=[[row_len, p], [0, n], [1, rows]], offset=offset)
+
+
+def _bcast_last(t, p, n, rows, row_len, offset=0):
+    """[p, n, rows] view of the [p, n] block of t at `offset`, repeated along a stride-0 last dim."""
+    return t.ap(pattern=[[row_len, p], [1, n], [0, rows]], offset=offset)
+
+
+def _rms_partials(xT, kc, rows):
+    """First half of 1/rms for feature-major xT [128, kc, rows]: per-partition sums of squares (ScalarE), split
+    into bf16 hi + lo (GpSimd, off VectorE) so that `_rms_finish` sums them over the partitions with two 1-pass
+    bf16 all-ones matmuls instead of a 4-pass fp32 one (hi + lo keeps ~16 mantissa bits of each partial sum)."""
+    sq = nl.ndarray((_K_TILE, kc, rows), dtype=nl.float32, buffer=nl.sbuf)
+    part = nl.ndarray((_K_TILE, rows), dtype=nl.float32, buffer=nl.sbuf)
+    if rows == 1:       # the ScalarE accumulator sums the whole free dim: the per-partition partial sum
+        nisa.activation(dst=sq, op=nl.square, data=xT, reduce_op=nl.add, reduce_res=part,
+                        reduce_cmd=nisa.reduce_cmd.reset_reduce)
+    else:
+        nisa.activation(dst=sq, op=nl.square, data=xT)
+        nisa.tensor_reduce(dst=part, op=nl.add, data=sq.permute((0, 2, 1)), axis=2)
+    hi = nl.ndarray((_K_TILE, rows), dtype=nl.bfloat16, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=hi, src=part, engine=nisa.gpsimd_engine)
+    lo = nl.ndarray((_K_TILE, rows), dtype=nl.bfloat16, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=lo, data1=part, data2=hi, op=nl.subtract, engine=nisa.gpsimd_engine)
+    return hi, lo
+
+
+def _rms_finish(parts, ones_bf, eps, n, rows):
+    """Second half: 1 / rms [128, rows] fp32 (the same on every partition) from `_rms_partials`. Callers emit
+    it amid their projection matmuls, so TensorE's in-order window is not held up waiting for the partials."""
+    hi, lo = parts
+    tot_psum = nl.ndarray((_K_TILE, rows), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_matmul(tot_psum, ones_bf, hi)
+    nisa.nc_matmul(tot_psum, ones_bf, lo, accumulate=True)
+    rstd = nl.ndarray((_K_TILE, rows), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.activation(dst=rstd, op=nl.rsqrt, data=tot_psum, scale=1.0 / n, bias=eps)
+    return rstd
+
+
+def _weighted_T(xT, w_all, row_len, offset, kc, rows):
+    """bf16 x * w for feature-major xT [128, kc, rows]; w is the [128, kc] block of w_all at `offset`.
+
+    RMSNorm(x) @ W = (1 / rms(x)) * ((x * w) @ W): the projections run on this while `_rms_partials` and
+    `_rms_finish` compute 1 / rms beside them, and the scale is applied to their (much smaller) outputs."""
+    xw = nl.ndarray((_K_TILE, kc, rows), dtype=nl.bfloat16, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=xw, data1=xT, data2=_bcast_last(w_all, _K_TILE, kc, rows, row_len, offset),
+                       op=nl.multiply)
+    return xw
+
+
+def _qk_consts(c, S):
+    """Per-layer q/k constants with the q/k RMSNorm weights (and q's 1/sqrt(D)) folded in:
+    rotw [D, L, 2, D]: (diag(w) Rm) for q and k, so rotw^T x = rotate_half(w * x); wqk [D, L, NH]: w per head."""
+    D, L, Hq, NH = c.D, c.L, c.Hq, c.NH
+    qn = nl.ndarray((D, L), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=qn, data=S["q_norm"], op0=nl.multiply, operand0=c.scale)
+    ones = nl.ndarray((D, NH), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=ones, value=1.0)
+    rotw = nl.ndarray((D, L, 2, D), dtype=nl.float32, buffer=nl.sbuf)
+    wqk = nl.ndarray((D, L, NH), dtype=nl.float32, buffer=nl.sbuf)
+    for l in range(L):
+        for i, wn in enumerate((qn, S["k_norm"])):
+            nisa.tensor_scalar(dst=rotw[:, l, i, :], data=S["rot"], op0=nl.multiply, operand0=wn[:, l:l + 1])
+        nisa.tensor_scalar(dst=wqk[:, l, 0:Hq], data=ones[:, 0:Hq], op0=nl.multiply, operand0=qn[:, l:l + 1])
+        nisa.tensor_scalar(dst=wqk[:, l, Hq:NH], data=ones[:, Hq:NH], op0=nl.multiply,
+                           operand0=S["k_norm"][:, l:l + 1])
+    S["rotw"], S["wqk"] = rotw, wqk
+
+
+def _pass_consts(c, S, cos_t):
+    """Per pass at one position (cos_t [D, 1]): wcos [D, L, NH] = w * cos, off the layers' critical path."""
+    S["maskT"] = {}
+    if cos_t.shape[1] != 1:
+        S["wcos"] = None
+        return
+    wcos = nl.ndarray((c.D, c.L, c.NH), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=wcos, data=S["wqk"], op0=nl.multiply, operand0=cos_t)
+    S["wcos"] = wcos
+
+
+def _qk_norm_rope_T(c, S, l, x, cos_t, sin_t, q_dst, k_dst, sq_src=None):
+    """q/k per-head RMSNorm then RoPE of x [D, NH + Hkv, rows] fp32 (q_proj | k_proj | v_proj outputs).
+
+    rope(w * x / rms(x)) = (1 / rms(x)) * (x * w * cos + rotate_half(w * x) * sin): the rotation runs on x itself
+    (weights folded into rotw), beside the per-head 1/rms. Writes q (scaled by 1/sqrt(D)) to q_dst
+    [D, Hkv, r, rows] and k to k_dst [D, Hkv, rows] (any dtype, e.g. the bf16 KV cache column)."""
+    D, NH, R, Hq, L = c.D, c.NH, c.rows, c.Hq, c.L
     hpb = max(1, _N_TILE // R)          # heads per matmul: N = heads * rows <= 512 (one fp32 PSUM bank)
+    one_pos = cos_t.shape[1] == 1       # one position for every row: cos/sin are per-partition (d) scalars
+    # per-head 1/rms first (the longer chain: square, all-ones matmul, rsqrt), the rotation beside it
+    sq = nl.ndarray((D, NH, R), dtype=nl.float32, buffer=nl.sbuf)
+    if sq_src is None:
+        nisa.activation(dst=sq, op=nl.square, data=x[:, 0:NH, :])
+    else:               # (psum, scale [D, 1]): square the unevicted projections, beside the eviction
+        nisa.activation(dst=sq, op=nl.square, data=sq_src[0][:, 0:NH, :], scale=sq_src[1])
+    rstd = nl.ndarray((D, NH, R), dtype=nl.float32, buffer=nl.sbuf)
     for h0 in range(0, NH, hpb):
         hn = min(hpb, NH - h0)
         ss_psum = nl.ndarray((D, hn, R), dtype=nl.float32, buffer=nl.psum)
         nisa.nc_matmul(ss_psum, S["onesD"], sq[:, h0:h0 + hn, :])
         nisa.activation(dst=rstd[:, h0:h0 + hn, :], op=nl.rsqrt, data=ss_psum, scale=1.0 / D, bias=c.eps)
-    qkn = nl.ndarray((D, NH, R), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.scalar_tensor_tensor(dst=qkn[:, 0:c.Hq, :], data=qk[:, 0:c.Hq, :], op0=nl.multiply,
-                              operand0=S["q_norm"][:, l:l + 1], op1=nl.multiply, operand1=rstd[:, 0:c.Hq, :])
-    nisa.scalar_tensor_tensor(dst=qkn[:, c.Hq:NH, :], data=qk[:, c.Hq:NH, :], op0=nl.multiply,
-                              operand0=S["k_norm"][:, l:l + 1], op1=nl.multiply, operand1=rstd[:, c.Hq:NH, :])
-    xs = nl.ndarray((D, NH, R), dtype=nl.float32, buffer=nl.sbuf)
-    out = nl.ndarray((D, NH, R), dtype=nl.float32, buffer=nl.sbuf)
-    for h0 in range(0, NH, hpb):
-        hn = min(hpb, NH - h0)
-        rot_psum = nl.ndarray((D, hn, R), dtype=nl.float32, buffer=nl.psum)
-        nisa.nc_matmul(rot_psum, S["rot"], qkn[:, h0:h0 + hn, :])
-        if cos_t.shape[1] == 1:     # one position for every row: cos/sin are per-partition (d) scalars
-            nisa.tensor_scalar(dst=xs[:, h0:h0 + hn, :], data=rot_psum, op0=nl.multiply, operand0=sin_t)
-        else:
-            nisa.tensor_tensor(dst=xs[:, h0:h0 + hn, :], data1=rot_psum, data2=sin_t[:, h0:h0 + hn, :],
-                               op=nl.multiply)
-    if cos_t.shape[1] == 1:
-        nisa.scalar_tensor_tensor(dst=out, data=qkn, op0=nl.multiply, operand0=cos_t, op1=nl.add, operand1=xs)
-        return out
-    xc = nl.ndarray((D, NH, R), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_tensor(dst=xc, data1=qkn, data2=cos_t, op=nl.multiply)
-    nisa.tensor_tensor(dst=out, data1=xc, data2=xs, op=nl.add)
-    return out
+    xwc = nl.ndarray((D, NH, R), dtype=nl.float32, buffer=nl.sbuf)
+    if one_pos:
+        nisa.tensor_tensor(dst=xwc, data1=x[:, 0:NH, :], op=nl.multiply,
+                           data2=_bcast_last(S["wcos"], D, NH, R, L * NH, l * NH))
+    else:
+        nisa.tensor_tensor(dst=xwc, data1=x[:, 0:NH, :], data2=cos_t, op=nl.multiply)
+        nisa.tensor_tensor(dst=xwc, data1=xwc, op=nl.multiply,
+                           data2=_bcast_last(S["wqk"], D, NH, R, L * NH, l * NH))
+    u = nl.ndarray((D, NH, R), dtype=nl.float32, buffer=nl.sbuf)
+    for seg, (s0, s1) in enumerate(((0, Hq), (Hq, NH))):
+        for h0 in range(s0, s1, hpb):
+            hn = min(hpb, s1 - h0)
+            rot_psum = nl.ndarray((D, hn, R), dtype=nl.float32, buffer=nl.psum)
+            nisa.nc_matmul(rot_psum, S["rotw"][:, l, seg, :], x[:, h0:h0 + hn, :])
+            if one_pos:
+                nisa.scalar_tensor_tensor(dst=u[:, h0:h0 + hn, :], data=rot_psum, op0=nl.multiply,
+                                          operand0=sin_t, op1=nl.add, operand1=xwc[:, h0:h0 + hn, :])
+            else:
+                nisa.tensor_tensor(dst=u[:, h0:h0 + hn, :], data1=rot_psum, data2=sin_t[:, h0:h0 + hn, :],
+                                   op=nl.multiply)
+    if not one_pos:
+        nisa.tensor_tensor(dst=u, data1=u, data2=xwc, op=nl.add)
+    nisa.tensor_tensor(dst=q_dst, data1=u[:, 0:Hq, :].reshape((D, c.Hkv, c.r, R)),
+                       data2=rstd[:, 0:Hq, :].reshape((D, c.Hkv, c.r, R)), op=nl.multiply)
+    nisa.tensor_tensor(dst=k_dst, data1=u[:, Hq:NH, :], data2=rstd[:, Hq:NH, :], op=nl.multiply)
 
 
-def _layer(c, W, S, l, hT, cos_t, sin_t, attn):
-    """One decoder layer on hT [128, KC, rows] fp32 (in place). attn = ("cache", pos) or ("self", slots)."""
+def _layer(c, W, S, l, hT, cos_t, sin_t, attn, res="add"):
+    """One decoder layer on hT [128, KC, rows] fp32 (in place). attn = ("cache", pos) or ("self", slots).
+    res = "add" (hT in SBUF, VectorE residual adds) or "accum" (hT in PSUM: o_proj / down_proj accumulate on it)."""
     R, D, Hq, Hkv, r, NH = c.rows, c.D, c.Hq, c.Hkv, c.r, c.NH
-    # ---- attention
-    xn = _rms_norm_T(hT, S["in_norm"][:, l, :], S["ones"], c.eps, c.H, c.KC, R, nl.bfloat16)
+    # ---- attention: the input RMSNorm's 1/rms scales the q/k/v outputs (evicted from PSUM with it)
+    parts = _rms_partials(hT, c.KC, R)
+    xw = _weighted_T(hT, S["in_norm"], c.L * c.KC, l * c.KC, c.KC, R)
     qkvT = nl.ndarray((D, NH + Hkv, R), dtype=nl.float32, buffer=nl.sbuf)
-    qkvT = _linear_T(qkvT, xn, c.KC, _K_TILE, S["wqkv"][:, l] if S["wqkv"] is not None else None,
-                     W["wqkv_t"][l], c.NQKV, D, R, "psum")
-    qk = _qk_norm_rope_T(c, S, l, qkvT, cos_t, sin_t)
+    fin = {}
+    hook = ((NH + Hkv) // 4, lambda: fin.setdefault("rstd", _rms_finish(parts, S["ones_bf"], c.eps, c.H, R)))
+    qkv = _linear_T(qkvT, xw, c.KC, _K_TILE, S["wqkv"][:, l] if S["wqkv"] is not None else None,
+                    W["wqkv_t"][l], c.NQKV, D, R, "psum", hook=hook)
+    rstd = fin["rstd"] if "rstd" in fin else _rms_finish(parts, S["ones_bf"], c.eps, c.H, R)
+    sq_src = (qkv, rstd[0:D, 0:1]) if R == 1 and qkv is not qkvT else None
+    nisa.tensor_tensor(dst=qkvT, data1=qkv, data2=_bcast_mid(rstd, D, NH + Hkv, R, R), op=nl.multiply)
     # q^T [D, Hkv, R, r]: column (row, head-in-group)
     qT = nl.ndarray((D, Hkv, R, r), dtype=nl.bfloat16, buffer=nl.sbuf)
-    nisa.tensor_scalar(dst=qT.permute((0, 1, 3, 2)), data=qk[:, 0:Hq, :].reshape((D, Hkv, r, R)),
-                       op0=nl.multiply, operand0=c.scale)
     attnT = nl.ndarray((D, Hq, R), dtype=nl.bfloat16, buffer=nl.sbuf)
     mode, arg = attn
     if mode == "cache":
         pos = arg
         n_t = pos + 1
         kT_all, vT_all = S["kT"], S["vT"]
-        nisa.tensor_copy(dst=kT_all[:, l, :, :, pos], src=qk[:, Hq:NH, :])
+        _qk_norm_rope_T(c, S, l, qkvT, cos_t, sin_t, qT.permute((0, 1, 3, 2)), kT_all[:, l, :, :, pos], sq_src)
         nisa.tensor_copy(dst=vT_all[:, l, :, :, pos], src=qkvT[:, NH:NH + Hkv, :])
         # rows per block: as many as the keys allow (nb * n_t <= 128 partitions for P^T / V rows)
         bb = max(1, min(S["bb"], P_MAX // n_t))
@@ -313,13 +468,27 @@ def _layer(c, W, S, l, hT, cos_t, sin_t, attn):
             for b0 in range(0, R, bb):
                 nb = min(bb, R - b0)
                 m, n = nb * r, nb * n_t
-                _attention_block(qT[:, g, b0:b0 + nb, :], kT_all[:, l, g, b0:b0 + nb, 0:n_t],
-                                 vT_all[:, l, g, b0:b0 + nb, 0:n_t], S["mask"][0:m, 0:nb, 0:n_t],
-                                 attnT[:, g * r:(g + 1) * r, b0:b0 + nb].permute((0, 2, 1)), m, n, D, nb > 1)
+                out_view = attnT[:, g * r:(g + 1) * r, b0:b0 + nb].permute((0, 2, 1))
+                if S["exp_safe"]:
+                    v_psum = nl.ndarray((P_MAX, P_MAX), dtype=nl.bfloat16, buffer=nl.psum)
+                    nisa.nc_transpose(dst=v_psum[0:n, 0:D], data=vT_all[:, l, g, b0:b0 + nb, 0:n_t])
+                    v_rows = nl.ndarray((P_MAX, P_MAX), dtype=nl.bfloat16, buffer=nl.sbuf)
+                    nisa.tensor_copy(dst=v_rows[0:n, 0:D], src=v_psum[0:n, 0:D])
+                    maskT = None
+                    if nb > 1:      # one mask per block shape and pass, shared by the layers
+                        if (nb, n_t) not in S["maskT"]:
+                            S["maskT"][(nb, n_t)] = _block_mask_T(nb, r, n_t)
+                        maskT = S["maskT"][(nb, n_t)]
+                    _attention_block_T(qT[:, g, b0:b0 + nb, :], kT_all[:, l, g, b0:b0 + nb, 0:n_t],
+                                       v_rows[0:n, 0:D], S["ones_bf"][0:n, 0:D], maskT, out_view, m, n, D)
+                else:
+                    _attention_block(qT[:, g, b0:b0 + nb, :], kT_all[:, l, g, b0:b0 + nb, 0:n_t],
+                                     vT_all[:, l, g, b0:b0 + nb, 0:n_t], S["mask"][0:m, 0:nb, 0:n_t],
+                                     out_view, m, n, D, nb > 1)
     else:   # "self" (no cache: attend within the pass) or "prefill" (the same, and fill cache slots 0..slots-1)
         slots = arg
         kT = nl.ndarray((D, Hkv, R), dtype=nl.bfloat16, buffer=nl.sbuf)
-        nisa.tensor_copy(dst=kT, src=qk[:, Hq:NH, :])
+        _qk_norm_rope_T(c, S, l, qkvT, cos_t, sin_t, qT.permute((0, 1, 3, 2)), kT, sq_src)
         vT = nl.ndarray((D, Hkv, R), dtype=nl.bfloat16, buffer=nl.sbuf)
         nisa.tensor_copy(dst=vT, src=qkvT[:, NH:NH + Hkv, :])
         mask = S["mask"] if mode == "self" else S["mask2"]
@@ -337,18 +506,39 @@ def _layer(c, W, S, l, hT, cos_t, sin_t, attn):
                                  mask[0:m, 0:nb, :],
                                  attnT[:, g * r:(g + 1) * r, r0:r1].permute((0, 2, 1)), m, n, D, True)
     _linear_T(hT, attnT, Hq, D, S["wo"][:, l] if S["wo"] is not None else None, W["wo_t"][l], c.H, _K_TILE, R,
-              "add")
-    # ---- MLP
-    xn2 = _rms_norm_T(hT, S["post_norm"][:, l, :], S["ones"], c.eps, c.H, c.KC, R, nl.bfloat16)
-    guT = nl.ndarray((_K_TILE, 2 * c.IC, R), dtype=nl.float32, buffer=nl.sbuf)
-    guT = _linear_T(guT, xn2, c.KC, _K_TILE, S["wgu"][:, l] if S["wgu"] is not None else None, W["wgu_t"][l],
-                    2 * c.I, _K_TILE, R, "psum")
-    sg = nl.ndarray((_K_TILE, c.IC, R), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.activation(dst=sg, op=nl.silu, data=guT[:, 0:c.IC, :])
-    act = nl.ndarray((_K_TILE, c.IC, R), dtype=nl.bfloat16, buffer=nl.sbuf)
-    nisa.tensor_tensor(dst=act, data1=sg, data2=guT[:, c.IC:2 * c.IC, :], op=nl.multiply)
-    _linear_T(hT, act, c.IC, _K_TILE, S["wd"][:, l] if S["wd"] is not None else None, W["wd_t"][l], c.H,
-              _K_TILE, R, "add")
+              res)
+    _mlp(c, W, S, l, hT, res)
+
+
+def _mlp(c, W, S, l, hT, res="add"):
+    """hT += down(silu(gate(xn)) * up(xn)), xn = RMSNorm(h); the norm's 1/rms scales the gate/up outputs."""
+    R, IC = c.rows, c.IC
+    parts = _rms_partials(hT, c.KC, R)
+    xw = _weighted_T(hT, S["post_norm"], c.L * c.KC, l * c.KC, c.KC, R)
+    fin = {}
+    hook = (IC, lambda: fin.setdefault("rstd", _rms_finish(parts, S["ones_bf"], c.eps, c.H, R)))
+    guT = nl.ndarray((_K_TILE, 2 * IC, R), dtype=nl.float32, buffer=nl.sbuf)
+    sg = nl.ndarray((_K_TILE, IC, R), dtype=nl.float32, buffer=nl.sbuf)
+    act = nl.ndarray((_K_TILE, IC, R), dtype=nl.bfloat16, buffer=nl.sbuf)
+    if R == 1 and S["wgu"] is not None:
+        # gate and up in two PSUM tiles: silu(gate) (1/rms as ScalarE's per-partition scale) runs while the
+        # up matmuls stream; then one fused VectorE op
+        wgu = S["wgu"][:, l]
+        g = _linear_T(guT[:, 0:IC, :], xw, c.KC, _K_TILE, wgu[:, :, 0:c.I], None, c.I, _K_TILE, R, "psum")
+        rstd = _rms_finish(parts, S["ones_bf"], c.eps, c.H, R)
+        nisa.activation(dst=sg, op=nl.silu, data=g, scale=rstd)
+        u = _linear_T(guT[:, IC:2 * IC, :], xw, c.KC, _K_TILE, wgu[:, :, c.I:2 * c.I], None, c.I, _K_TILE, R,
+                      "psum")
+        nisa.scalar_tensor_tensor(dst=act, data=u, op0=nl.multiply, operand0=rstd, op1=nl.multiply, operand1=sg)
+    else:
+        gu = _linear_T(guT, xw, c.KC, _K_TILE, S["wgu"][:, l] if S["wgu"] is not None else None, W["wgu_t"][l],
+                       2 * c.I, _K_TILE, R, "psum", hook=hook)
+        rstd = fin["rstd"] if "rstd" in fin else _rms_finish(parts, S["ones_bf"], c.eps, c.H, R)
+        nisa.tensor_tensor(dst=guT, data1=gu, data2=_bcast_mid(rstd, _K_TILE, 2 * IC, R, R), op=nl.multiply)
+        nisa.activation(dst=sg, op=nl.silu, data=guT[:, 0:IC, :])
+        nisa.tensor_tensor(dst=act, data1=sg, data2=guT[:, IC:2 * IC, :], op=nl.multiply)
+    _linear_T(hT, act, IC, _K_TILE, S["wd"][:, l] if S["wd"] is not None else None, W["wd_t"][l], c.H,
+              _K_TILE, R, res)
 
 
 def _rope_T(c, rope_hbm, pattern_rows, offset):
@@ -366,11 +556,34 @@ def _rope_col(rope_hbm, D, pos):
 
 
 def _rows_to_T(x_rows, c):
-    """[rows, H] (any float dtype) -> hT [128, KC, rows] fp32 (TensorE transposes)."""
-    xT = _transpose_chunks(x_rows, c.KC, _K_TILE, c.rows, x_rows.dtype)
-    hT = nl.ndarray((_K_TILE, c.KC, c.rows), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_copy(dst=hT, src=xT)
-    return hT
+    """[rows, H] (any float dtype) -> hT [128, KC, rows] fp32 (TensorE transposes, evicted as fp32)."""
+    return _transpose_chunks(x_rows, c.KC, _K_TILE, c.rows, nl.float32)
+
+
+def _rows_to_psum(x_rows, c, ident):
+    """[rows, H] -> hT [128, KC, rows] fp32 in PSUM, the residual stream of a pass: per 128-feature chunk one
+    matmul x_chunk^T @ I (exact: one nonzero product per output). The layers' o_proj / down_proj matmuls then
+    accumulate onto it and the norms read it in place (no VectorE residual adds, no eviction)."""
+    h_psum = nl.ndarray((_K_TILE, c.KC, c.rows), dtype=nl.float32, buffer=nl.psum)
+    for i in range(c.KC):
+        nisa.nc_matmul(h_psum[:, i, :], x_rows[:, i * _K_TILE:(i + 1) * _K_TILE], ident[0:c.rows, 0:c.rows])
+    return h_psum
+
+
+def _psum_residual_ok(c):
+    """The PSUM residual needs hT [128, KC, rows] fp32 within one 2 KiB bank."""
+    return c.KC * c.rows * 4 <= PSUM_BANK_BYTES
+
+
+def _identity(dtype):
+    """[128, 128] identity of `dtype` (stationary / moving operand of exact transposes by matmul)."""
+    zero = nl.ndarray((_K_TILE, _K_TILE), dtype=dtype, buffer=nl.sbuf)
+    nisa.memset(dst=zero, value=0.0)
+    ident = nl.ndarray((_K_TILE, _K_TILE), dtype=dtype, buffer=nl.sbuf)
+    # p - j == 0 -> 1.0
+    nisa.affine_select(dst=ident, pattern=[[-1, _K_TILE]], offset=0, channel_multiplier=1, on_true_tile=zero,
+                       on_false_value=1.0, cmp_op=nl.not_equal)
+    return ident
 
 
 def _setup(c, W, resident, with_cache, attn_bb, mask_args):
@@ -389,8 +602,10 @@ def _setup(c, W, resident, with_cache, attn_bb, mask_args):
     nisa.dma_copy(dst=fn, src=W["final_norm"].ap(pattern=[[1, _K_TILE], [_K_TILE, c.KC]], offset=0))
     S["final_norm"] = fn
     S["ones"] = _ones(_K_TILE)
+    S["ones_bf"] = _ones(_K_TILE, nl.bfloat16)
     S["onesD"] = _ones(D)
     S["rot"] = _rotate_half_matrix(D)
+    _qk_consts(c, S)
     S["wqkv"] = S["wo"] = S["wgu"] = S["wd"] = None
     if resident:
         # one allocation per matrix kind (distinct call sites: all four stay live for the whole launch)
@@ -412,6 +627,8 @@ def _setup(c, W, resident, with_cache, attn_bb, mask_args):
         S["vT"] = nl.ndarray((D, L, c.Hkv, c.rows, c.G), dtype=nl.bfloat16, buffer=nl.sbuf)
     S["bb"] = attn_bb
     S["mask"] = _block_mask(*mask_args)
+    S["exp_safe"] = False           # cache-mode attention without the max subtraction (`_exp_is_safe`)
+    S["maskT"] = {}
     return S
 
 
@@ -438,52 +655,7 @@ def _select_code(logits, rows, vh, u_col, sampling):
                 nisa.tensor_scalar(dst=kill, data=work, op0=nl.greater_equal, operand0=last,
                                    op1=nl.multiply, operand1=NEG_INF)
                 nisa.tensor_tensor(dst=work, data1=work, data2=kill, op=nl.add)
-        c_sb = nl.ndarray((rows, top_k), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_scalar(dst=c_sb, data=cand[:, 0:top_k], op0=nl.maximum, operand0=NEG_INF)
-        negc1 = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_scalar(dst=negc1, data=c_sb[:, 0:1], op0=nl.multiply, operand0=-1.0)
-        e = nl.ndarray((rows, top_k), dtype=nl.float32, buffer=nl.sbuf)
-        zsum = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.activation(dst=e, op=nl.exp, data=c_sb, bias=negc1, reduce_op=nl.add, reduce_res=zsum,
-                        reduce_cmd=nisa.reduce_cmd.reset_reduce)
-        rz = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.reciprocal(dst=rz, data=zsum)
-        q = nl.ndarray((rows, top_k), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_scalar(dst=q, data=e, op0=nl.multiply, operand0=rz)
-        ones = nl.ndarray((rows, top_k), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.memset(dst=ones, value=1.0)
-        cum = nl.ndarray((rows, top_k), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_tensor_scan(dst=cum, data0=ones, data1=q, initial=0.0, op0=nl.multiply, op1=nl.add)
-        excl = nl.ndarray((rows, top_k), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_tensor(dst=excl, data1=cum, data2=q, op=nl.subtract)
-        keep = nl.ndarray((rows, top_k), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_scalar(dst=keep, data=excl, op0=nl.less, operand0=top_p)
-        cum_keep = nl.ndarray((rows, top_k), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_tensor(dst=cum_keep, data1=cum, data2=keep, op=nl.multiply)
-        mass = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_reduce(dst=mass, op=nl.maximum, data=cum_keep, axis=1)
-        theta = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_tensor(dst=theta, data1=mass, data2=u_col, op=nl.multiply)
-        below = nl.ndarray((rows, top_k), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.scalar_tensor_tensor(dst=below, data=cum, op0=nl.less_equal, operand0=theta, op1=nl.multiply,
-                                  operand1=keep)
-        cnt = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_reduce(dst=cnt, op=nl.add, data=below, axis=1)
-        n_keep = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_reduce(dst=n_keep, op=nl.add, data=keep, axis=1)
-        last_i = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_scalar(dst=last_i, data=n_keep, op0=nl.add, operand0=-1.0)
-        pick = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_tensor(dst=pick, data1=cnt, data2=last_i, op=nl.minimum)
-        pos_i = nl.ndarray((rows, top_k), dtype=nl.int32, buffer=nl.sbuf)
-        nisa.iota(dst=pos_i, pattern=[[1, top_k]], offset=0, channel_multiplier=0)
-        pos_f = nl.ndarray((rows, top_k), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_copy(dst=pos_f, src=pos_i)
-        onehot_val = nl.ndarray((rows, top_k), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.scalar_tensor_tensor(dst=onehot_val, data=pos_f, op0=nl.equal, operand0=pick, op1=nl.multiply,
-                                  operand1=c_sb)
-        val = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_reduce(dst=val, op=nl.add, data=onehot_val, axis=1)
+        val = _sample_pick(cand, rows, top_k, top_p, u_col)
         vals8 = nl.ndarray((rows, _MAX8), dtype=nl.float32, buffer=nl.sbuf)
         nisa.memset(dst=vals8, value=0.0)
         nisa.tensor_scalar(dst=vals8, data=vals8, op0=nl.add, operand0=val)
@@ -493,13 +665,151 @@ def _select_code(logits, rows, vh, u_col, sampling):
     return code
 
 
+def _sample_pick(cand, rows, top_k, top_p, u_col):
+    """The sampled value c_{i*} [rows, 1] from the rounds' candidates cand [rows, >= top_k] (steps 2-4 of the
+    procedure in `code_predictor`); u_col [rows, 1] holds the uniforms."""
+    c_sb = nl.ndarray((rows, top_k), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=c_sb, data=cand[:, 0:top_k], op0=nl.maximum, operand0=NEG_INF)
+    negc1 = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=negc1, data=c_sb[:, 0:1], op0=nl.multiply, operand0=-1.0)
+    e = nl.ndarray((rows, top_k), dtype=nl.float32, buffer=nl.sbuf)
+    zsum = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.activation(dst=e, op=nl.exp, data=c_sb, bias=negc1, reduce_op=nl.add, reduce_res=zsum,
+                    reduce_cmd=nisa.reduce_cmd.reset_reduce)
+    rz = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.reciprocal(dst=rz, data=zsum)
+    q = nl.ndarray((rows, top_k), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=q, data=e, op0=nl.multiply, operand0=rz)
+    ones = nl.ndarray((rows, top_k), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=ones, value=1.0)
+    cum = nl.ndarray((rows, top_k), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_tensor_scan(dst=cum, data0=ones, data1=q, initial=0.0, op0=nl.multiply, op1=nl.add)
+    excl = nl.ndarray((rows, top_k), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=excl, data1=cum, data2=q, op=nl.subtract)
+    keep = nl.ndarray((rows, top_k), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=keep, data=excl, op0=nl.less, operand0=top_p)
+    cum_keep = nl.ndarray((rows, top_k), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=cum_keep, data1=cum, data2=keep, op=nl.multiply)
+    mass = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_reduce(dst=mass, op=nl.maximum, data=cum_keep, axis=1)
+    theta = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=theta, data1=mass, data2=u_col, op=nl.multiply)
+    below = nl.ndarray((rows, top_k), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.scalar_tensor_tensor(dst=below, data=cum, op0=nl.less_equal, operand0=theta, op1=nl.multiply,
+                              operand1=keep)
+    cnt = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_reduce(dst=cnt, op=nl.add, data=below, axis=1)
+    n_keep = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_reduce(dst=n_keep, op=nl.add, data=keep, axis=1)
+    last_i = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=last_i, data=n_keep, op0=nl.add, operand0=-1.0)
+    pick = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=pick, data1=cnt, data2=last_i, op=nl.minimum)
+    pos_i = nl.ndarray((rows, top_k), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.iota(dst=pos_i, pattern=[[1, top_k]], offset=0, channel_multiplier=0)
+    pos_f = nl.ndarray((rows, top_k), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=pos_f, src=pos_i)
+    onehot_val = nl.ndarray((rows, top_k), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.scalar_tensor_tensor(dst=onehot_val, data=pos_f, op0=nl.equal, operand0=pick, op1=nl.multiply,
+                              operand1=c_sb)
+    val = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_reduce(dst=val, op=nl.add, data=onehot_val, axis=1)
+    return val
+
+
+def _fm_sampling_ok(vh, rows):
+    """Feature-major sampling needs whole 128-row vocab chunks and vc * 8 <= 512 (one matmul merges a round).
+    It loops over the rows, so from _FM_SAMPLE_MAX_ROWS rows on the rows layout (all rows at once) is cheaper."""
+    return vh % _K_TILE == 0 and (vh // _K_TILE) * _MAX8 <= _N_TILE and rows <= _FM_SAMPLE_MAX_ROWS
+
+
+def _sample_consts(S, vh):
+    """Constants of `_sample_code_T` (vc = Vh / 128 chunks): ones [vc, 1] and [1, vc], the block mask
+    sel[k, j, i] = (j == k) [vc, vc, 8] and vidxT[c, p] = c * 128 + p - Vh (fp32)."""
+    vc = vh // _K_TILE
+    ones_col = nl.ndarray((vc, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=ones_col, value=1.0)
+    ones_row = nl.ndarray((1, vc), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=ones_row, value=1.0)
+    ones_blk = nl.ndarray((vc, vc, _MAX8), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=ones_blk, value=1.0)
+    sel = nl.ndarray((vc, vc, _MAX8), dtype=nl.float32, buffer=nl.sbuf)
+    # j - k == 0 -> 1.0, else 0.0
+    nisa.affine_select(dst=sel, pattern=[[1, vc], [0, _MAX8]], offset=0, channel_multiplier=-1,
+                       on_true_tile=ones_blk, on_false_value=0.0, cmp_op=nl.equal)
+    vi = nl.ndarray((vc, _K_TILE), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.iota(dst=vi, pattern=[[1, _K_TILE]], offset=-vh, channel_multiplier=_K_TILE)
+    vf = nl.ndarray((vc, _K_TILE), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=vf, src=vi)
+    S["s_ones_col"], S["s_ones_row"], S["s_sel"], S["s_vidx"] = ones_col, ones_row, sel, vf
+
+
+def _sample_code_T(c, W, S, hT, j, vh, cols, n_rows, u_row, sampling):
+    """Sampled code [n_rows, 1] int32 with the vocab spread over vc = Vh / 128 partitions (the procedure of
+    `code_predictor`, exactly as `_select_code` runs it on [rows, Vh] logits, at ~1/vc of the VectorE work).
+
+    Per row b: z^T [vc, 128] (v = c * 128 + p) by a TensorE transpose of the weight-stationary logits. A max8
+    round: max8 per partition -> [vc, 8]; the vc x 8 values moved onto one partition by an all-ones matmul over
+    a block-diagonal copy ([vc, vc * 8], exact: one nonzero per column); max8 of those = the round's global top 8
+    (with repeats); the 8th value broadcast back by a ones-row matmul removes every value >= it. The index of
+    the sampled value: (z == c) * (v - Vh) -> min per partition, transposed, min, + Vh. u_row [1, B] holds the
+    step's uniforms on one partition; codes are assembled on one partition and transposed to [B, 1].
+    """
+    _, inv_temp, top_k, top_p = sampling
+    vc = vh // _K_TILE
+    n_rounds = (top_k + _MAX8 - 1) // _MAX8
+    hf = _rms_norm_T(hT, S["final_norm"], S["ones"], c.eps, c.H, c.KC, c.rows, nl.bfloat16)
+    lgT = nl.ndarray((_K_TILE, vc, n_rows), dtype=nl.float32, buffer=nl.sbuf)
+    lg = _linear_T(lgT, hf, c.KC, _K_TILE, _lm_head_resident(S, j), W["lm_head_t"][j], vh, _K_TILE, n_rows,
+                   "copy", cols=cols)      # in SBUF: TensorE transposes read SBUF
+    code_row = nl.ndarray((1, n_rows), dtype=nl.float32, buffer=nl.sbuf)
+    for b in range(n_rows):
+        zT_psum = nl.ndarray((vc, _K_TILE), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_transpose(dst=zT_psum, data=lg[:, :, b])
+        zT = nl.ndarray((vc, _K_TILE), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_scalar(dst=zT, data=zT_psum, op0=nl.multiply, operand0=inv_temp)
+        work = nl.ndarray((vc, _K_TILE), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=work, src=zT)
+        cand = nl.ndarray((1, n_rounds * _MAX8), dtype=nl.float32, buffer=nl.sbuf)
+        for rnd in range(n_rounds):
+            m8 = nl.ndarray((vc, _MAX8), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.max8(dst=m8, src=work)
+            blk = nl.ndarray((vc, vc, _MAX8), dtype=nl.float32, buffer=nl.sbuf)
+            # max(., NEG_INF): removed values may have reached -inf, and -inf * 0 would be NaN
+            nisa.scalar_tensor_tensor(dst=blk, data=m8.ap(pattern=[[_MAX8, vc], [0, vc], [1, _MAX8]], offset=0),
+                                      op0=nl.maximum, operand0=NEG_INF, op1=nl.multiply, operand1=S["s_sel"])
+            flat_psum = nl.ndarray((1, vc * _MAX8), dtype=nl.float32, buffer=nl.psum)
+            nisa.nc_matmul(flat_psum, S["s_ones_col"], blk.reshape((vc, vc * _MAX8)))
+            top8 = cand[:, rnd * _MAX8:(rnd + 1) * _MAX8]
+            nisa.max8(dst=top8, src=flat_psum)
+            if rnd < n_rounds - 1:
+                thr_psum = nl.ndarray((vc, 1), dtype=nl.float32, buffer=nl.psum)
+                nisa.nc_matmul(thr_psum, S["s_ones_row"], top8[:, _MAX8 - 1:_MAX8])
+                kill = nl.ndarray((vc, _K_TILE), dtype=nl.float32, buffer=nl.sbuf)
+                nisa.tensor_scalar(dst=kill, data=work, op0=nl.greater_equal, operand0=thr_psum,
+                                   op1=nl.multiply, operand1=NEG_INF)
+                nisa.tensor_tensor(dst=work, data1=work, data2=kill, op=nl.add)
+        val = _sample_pick(cand, 1, top_k, top_p, u_row[:, b:b + 1])
+        val_psum = nl.ndarray((vc, 1), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_matmul(val_psum, S["s_ones_row"], val)
+        hit = nl.ndarray((vc, _K_TILE), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.scalar_tensor_tensor(dst=hit, data=zT, op0=nl.equal, operand0=val_psum, op1=nl.multiply,
+                                  operand1=S["s_vidx"])
+        pmin = nl.ndarray((vc, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_reduce(dst=pmin, op=nl.minimum, data=hit, axis=1)
+        pminT = nl.ndarray((1, vc), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_transpose(dst=pminT, data=pmin)
+        nisa.tensor_reduce(dst=code_row[:, b:b + 1], op=nl.minimum, data=pminT, axis=1)
+    code_psum = nl.ndarray((n_rows, 1), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_transpose(dst=code_psum, data=code_row)
+    code = nl.ndarray((n_rows, 1), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=code, data=code_psum, op0=nl.add, operand0=float(vh))
+    return code
+
+
 def _gather_embed(codec_embed, j, code, rows, H, V):
     """emb[r, :] = codec_embed[j, code[r], :] by one indirect DMA (vector_offset on the vocab dim)."""
     emb = nl.ndarray((rows, H), dtype=codec_embed.dtype, buffer=nl.sbuf)
-    # A 1-column write of the code that the DMA then overwrites: orders the gather after the argmax in any
-    # schedule that would not track the vector_offset tile as a DMA input. Redundant with the emulator's trace
-    # since it records index tiles as DMA reads (one tiny instruction per step; the documented numbers include it).
-    nisa.tensor_copy(dst=emb[:, 0:1], src=code)
     nisa.dma_copy(dst=emb, src=codec_embed.ap(pattern=[[V * H, 1], [H, rows], [1, H]], offset=j * V * H,
                                               vector_offset=code, indirect_dim=1))
     return emb
@@ -507,62 +817,105 @@ def _gather_embed(codec_embed, j, code, rows, H, V):
 
 def _greedy_code_T(c, W, S, hT, j, vh, cols, n_rows):
     """Greedy code [n_rows, 1] int32 with vocab on partitions: logits^T [128, Vh / 128, rows] by 128 x 128
-    weight-stationary matmuls, then max and first index across partitions via two transposes.
+    weight-stationary matmuls (read straight from PSUM), then max and first index across partitions.
 
-    index = min{v : l[v] == max(l)}: per partition the smallest (v - Vh) among the maxima (0 elsewhere), then
-    the min across partitions, + Vh.
+    index = min{v : l[v] == max(l)}. Per partition p: its max pmax[p] and the first index pidx[p] (stored as
+    v - Vh < 0) among its chunks holding pmax[p]; both transposed to rows, the global max m, and the min of
+    pidx over the partitions with pmax == m (0 elsewhere), + Vh. The pidx chain runs beside the max transpose.
     """
     vc = vh // _K_TILE
     hf = _rms_norm_T(hT, S["final_norm"], S["ones"], c.eps, c.H, c.KC, c.rows, nl.bfloat16)
     lgT = nl.ndarray((_K_TILE, vc, n_rows), dtype=nl.float32, buffer=nl.sbuf)
-    _linear_T(lgT, hf, c.KC, _K_TILE, None, W["lm_head_t"][j], vh, _K_TILE, n_rows, "copy", cols=cols)
+    lg = _linear_T(lgT, hf, c.KC, _K_TILE, _lm_head_resident(S, j), W["lm_head_t"][j], vh, _K_TILE, n_rows,
+                   "psum", cols=cols)
     pmax = nl.ndarray((_K_TILE, n_rows), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_reduce(dst=pmax, op=nl.maximum, data=lgT.permute((0, 2, 1)), axis=2)
+    nisa.tensor_reduce(dst=pmax, op=nl.maximum, data=lg.permute((0, 2, 1)), axis=2)
     pmaxT = nl.ndarray((n_rows, _K_TILE), dtype=nl.float32, buffer=nl.psum)
     nisa.nc_transpose(dst=pmaxT, data=pmax)
-    gmax = nl.ndarray((n_rows, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_reduce(dst=gmax, op=nl.maximum, data=pmaxT, axis=1)
-    gmaxT_psum = nl.ndarray((1, n_rows), dtype=nl.float32, buffer=nl.psum)
-    nisa.nc_transpose(dst=gmaxT_psum, data=gmax)
-    gmaxT = nl.ndarray((1, n_rows), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_copy(dst=gmaxT, src=gmaxT_psum)
-    gb = nl.ndarray((_K_TILE, n_rows), dtype=nl.float32, buffer=nl.psum)
-    nisa.nc_matmul(gb, S["ones_row"], gmaxT)                  # broadcast each row's max to all partitions
     cand = nl.ndarray((_K_TILE, vc, n_rows), dtype=nl.float32, buffer=nl.sbuf)
     vmb = S["vidx"]
     for b in range(n_rows):
-        nisa.scalar_tensor_tensor(dst=cand[:, :, b], data=lgT[:, :, b], op0=nl.equal, operand0=gb[:, b:b + 1],
+        nisa.scalar_tensor_tensor(dst=cand[:, :, b], data=lg[:, :, b], op0=nl.equal, operand0=pmax[:, b:b + 1],
                                   op1=nl.multiply, operand1=vmb[:, 0:vc])
-    pmin = nl.ndarray((_K_TILE, n_rows), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_reduce(dst=pmin, op=nl.minimum, data=cand.permute((0, 2, 1)), axis=2)
-    pminT = nl.ndarray((n_rows, _K_TILE), dtype=nl.float32, buffer=nl.psum)
-    nisa.nc_transpose(dst=pminT, data=pmin)
+    pidx = nl.ndarray((_K_TILE, n_rows), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_reduce(dst=pidx, op=nl.minimum, data=cand.permute((0, 2, 1)), axis=2)
+    gmax = nl.ndarray((n_rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_reduce(dst=gmax, op=nl.maximum, data=pmaxT, axis=1)
+    pmaxT_sb = nl.ndarray((n_rows, _K_TILE), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=pmaxT_sb, src=pmaxT)
+    pidxT = nl.ndarray((n_rows, _K_TILE), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_transpose(dst=pidxT, data=pidx)
+    hit = nl.ndarray((n_rows, _K_TILE), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.scalar_tensor_tensor(dst=hit, data=pmaxT_sb, op0=nl.equal, operand0=gmax, op1=nl.multiply, operand1=pidxT)
     gmin = nl.ndarray((n_rows, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_reduce(dst=gmin, op=nl.minimum, data=pminT, axis=1)
+    nisa.tensor_reduce(dst=gmin, op=nl.minimum, data=hit, axis=1)
     code = nl.ndarray((n_rows, 1), dtype=nl.int32, buffer=nl.sbuf)
     nisa.tensor_scalar(dst=code, data=gmin, op0=nl.add, operand0=float(vh))
     return code
 
 
 def _greedy_consts(S, vh):
-    """Constants of `_greedy_code_T`: a [1, 128] ones row and vidx[p, c] = c * 128 + p - Vh (fp32)."""
+    """Constant of `_greedy_code_T`: vidx[p, c] = c * 128 + p - Vh (fp32)."""
     vc = vh // _K_TILE
-    ones_row = nl.ndarray((1, _K_TILE), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.memset(dst=ones_row, value=1.0)
     vi = nl.ndarray((_K_TILE, vc), dtype=nl.int32, buffer=nl.sbuf)
     nisa.iota(dst=vi, pattern=[[_K_TILE, vc]], offset=-vh, channel_multiplier=1)
     vf = nl.ndarray((_K_TILE, vc), dtype=nl.float32, buffer=nl.sbuf)
     nisa.tensor_copy(dst=vf, src=vi)
-    S["ones_row"] = ones_row
     S["vidx"] = vf
+
+
+def _lm_head_ring(S, W, c, vh, n_steps):
+    """Allocate the SBUF ring [128, KC, Vh] that holds one step's LM head, and start loading step 0's.
+
+    Step j + 1's head is loaded as soon as step j's matmuls have read the ring, so it streams during the next
+    pass's layers instead of after them (whole Vh rows: 2 * Vh contiguous bytes per descriptor)."""
+    S["lm_ring"] = nl.ndarray((_K_TILE, c.KC, vh), dtype=W["lm_head_t"].dtype, buffer=nl.sbuf)
+    S["lm_steps"] = n_steps
+    _prefetch_lm_head(S, W, 0)
+
+
+def _prefetch_lm_head(S, W, j):
+    """DMA step j's LM head into the ring (no-op without a ring or past the last step). Issue it after the
+    previous step's embedding gather: the DMA queues then serve that latency-critical gather first."""
+    ring = S.get("lm_ring")
+    if ring is None or j >= S["lm_steps"]:
+        return
+    _, kc, vh = ring.shape
+    src = W["lm_head_t"][j].reshape((kc, _K_TILE, vh)).permute((1, 0, 2))
+    kb = max(1, _LM_DMA_BYTES // (_K_TILE * vh * _BF16_BYTES))
+    for k0 in range(0, kc, kb):
+        kn = min(kb, kc - k0)
+        nisa.dma_copy(dst=ring[:, k0:k0 + kn, :], src=src[:, k0:k0 + kn, :])
+
+
+def _lm_head_resident(S, j):
+    """The ring holding step j's LM head, or None (stream it block by block)."""
+    ring = S.get("lm_ring")
+    if ring is None:
+        return None
+    return ring
 
 
 def _final_logits(c, W, S, hT, j, vh, stat_cols, n_rows):
     """logits [n_rows, vh] fp32 = final_norm(h) @ lm_head[j] for the selected rows (rows on partitions)."""
     hf = _rms_norm_T(hT, S["final_norm"], S["ones"], c.eps, c.H, c.KC, c.rows, nl.bfloat16)
     logits = nl.ndarray((n_rows, vh), dtype=nl.float32, buffer=nl.sbuf)
-    _linear_rows(logits, hf, c.KC, _K_TILE, W["lm_head_t"][j], vh, n_rows, stat_cols=stat_cols)
+    _linear_rows(logits, hf, c.KC, _K_TILE, W["lm_head_t"][j], vh, n_rows, stat_cols=stat_cols,
+                 w_res=_lm_head_resident(S, j))
     return logits
+
+
+def _prefill_pass(c2, W, S, x2, rope2, L):
+    """Positions 0 and 1 of every row as one pass over 2B rows (b, slot), causal within the row; fills the
+    KV cache slots 0 and 1. Returns (cfg, hT, columns of position 1) for the first code."""
+    bb2 = max(1, min(c2.rows // 2, P_MAX // (2 * c2.r)))
+    S["mask2"] = _block_mask(bb2 * 2 * c2.r, 2 * c2.r, bb2, 2, 2)
+    S["bb2"] = bb2
+    res = "accum" if _psum_residual_ok(c2) else "add"
+    h2 = _rows_to_psum(x2, c2, _identity(x2.dtype)) if res == "accum" else _rows_to_T(x2, c2)
+    for l in range(L):
+        _layer(c2, W, S, l, h2, rope2[0], rope2[1], ("prefill", 2), res)
+    return c2, h2, slice(1, c2.rows, 2)
 
 
 _W_NAMES = ("input_norm", "post_norm", "q_norm", "k_norm", "final_norm", "wqkv_t", "wo_t", "wgu_t", "wd_t",
@@ -582,7 +935,8 @@ def _weights_and_sizes(input_norm, post_norm, q_norm, k_norm, final_norm, wqkv_t
 @nki.jit
 def code_predictor_kernel(past_hidden, code0_embed, uniforms, input_norm, post_norm, q_norm, k_norm, final_norm,
                           wqkv_t, wo_t, wgu_t, wd_t, lm_head_t, codec_embed, rope_cos, rope_sin,
-                          n_q_heads, n_kv_heads, eps, resident, do_sample, inv_temperature, top_k, top_p):
+                          n_q_heads, n_kv_heads, eps, resident, do_sample, inv_temperature, top_k, top_p,
+                          lm_ring=False, exp_safe=False):
     """All G1 residual-code steps x L layers of the code predictor in one launch (KV cache in SBUF).
 
     Dimensions: B batch (<= 128), H hidden, L layers, Hq/Hkv heads of this rank, D head dim, I intermediate
@@ -612,32 +966,42 @@ def code_predictor_kernel(past_hidden, code0_embed, uniforms, input_norm, post_n
     codec_embeds = nl.ndarray((B, G1, H), dtype=codec_embed.dtype, buffer=nl.shared_hbm)
     codec_sum = nl.ndarray((B, H), dtype=codec_embed.dtype, buffer=nl.shared_hbm)
 
-    bb = max(1, min(B, P_MAX // c.r))        # most batch rows per attention block (also <= 128 // keys per step)
-    S = _setup(c, W, resident, True, bb, (bb * c.r, c.r, bb, c.G))
+    # inputs first: the DMA queues serve them before the ~20 MB of resident weights
     u_sb = nl.ndarray((B, G1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.dma_copy(dst=u_sb, src=uniforms)
+    u_row = None
+    if do_sample and _fm_sampling_ok(vh, B):  # [1, (j, b)]: step j's uniforms on one partition
+        u_row = nl.ndarray((1, G1 * B), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=u_row, src=uniforms.ap(pattern=[[0, 1], [1, G1], [G1, B]], offset=0))
     acc = nl.ndarray((B, H), dtype=nl.float32, buffer=nl.sbuf)
     nisa.dma_copy(dst=acc, src=code0_embed)
-    sampling = (do_sample, inv_temperature, top_k, top_p)
-    fm_greedy = (not do_sample) and vh % _K_TILE == 0     # vocab-on-partitions argmax
-    if fm_greedy:
-        _greedy_consts(S, vh)
-
-    # ---- prefill: positions 0 (past_hidden) and 1 (code0_embed) as one pass over 2B rows (b, slot)
-    if 2 * B <= P_MAX:
+    one_pass = 2 * B <= P_MAX
+    if one_pass:
         c2 = _Cfg(2 * B, H, L, n_q_heads, n_kv_heads, D, I, G1 + 1, eps)
-        bb2 = max(1, min(B, P_MAX // (2 * c.r)))
-        S["mask2"] = _block_mask(bb2 * 2 * c.r, 2 * c.r, bb2, 2, 2)
-        S["bb2"] = bb2
         x2 = nl.ndarray((2 * B, H), dtype=code0_embed.dtype, buffer=nl.sbuf)
         nisa.dma_copy(dst=x2[0::2, :], src=past_hidden)
         nisa.dma_copy(dst=x2[1::2, :], src=code0_embed)
-        h2 = _rows_to_T(x2, c2)
-        cos2 = _rope_T(c2, rope_cos, [[0, B], [D, 2]], 0)
-        sin2 = _rope_T(c2, rope_sin, [[0, B], [D, 2]], 0)
-        for l in range(L):
-            _layer(c2, W, S, l, h2, cos2, sin2, ("prefill", 2))
-        last = (c2, h2, slice(1, 2 * B, 2))
+        rope2 = (_rope_T(c2, rope_cos, [[0, B], [D, 2]], 0), _rope_T(c2, rope_sin, [[0, B], [D, 2]], 0))
+    bb = max(1, min(B, P_MAX // c.r))        # most batch rows per attention block (also <= 128 // keys per step)
+    S = _setup(c, W, resident, True, bb, (bb * c.r, c.r, bb, c.G))
+    if lm_ring:
+        _lm_head_ring(S, W, c, vh, G1)
+    S["exp_safe"] = exp_safe
+    res = "accum" if _psum_residual_ok(c) else "add"     # steps' residual stream in PSUM (see `_rows_to_psum`)
+    if res == "accum":
+        S["ident_emb"] = _identity(codec_embed.dtype)
+    sampling = (do_sample, inv_temperature, top_k, top_p)
+    fm_greedy = (not do_sample) and vh % _K_TILE == 0     # vocab-on-partitions argmax
+    fm_sample = do_sample and _fm_sampling_ok(vh, B)       # vocab spread over Vh / 128 partitions
+    if fm_greedy:
+        _greedy_consts(S, vh)
+    if fm_sample:
+        _sample_consts(S, vh)
+
+    # ---- prefill: positions 0 (past_hidden) and 1 (code0_embed) as one pass over 2B rows (b, slot)
+    if one_pass:
+        last = _prefill_pass(c2, W, S, x2, rope2, L)
+        del x2, rope2
     else:   # too many rows for one pass: two single-position passes
         hT = None
         for pos, src in ((0, past_hidden), (1, code0_embed)):
@@ -646,6 +1010,7 @@ def code_predictor_kernel(past_hidden, code0_embed, uniforms, input_norm, post_n
             hT = _rows_to_T(x_rows, c)
             cos_t = _rope_col(rope_cos, D, pos)
             sin_t = _rope_col(rope_sin, D, pos)
+            _pass_consts(c, S, cos_t)
             for l in range(L):
                 _layer(c, W, S, l, hT, cos_t, sin_t, ("cache", pos))
         last = (c, hT, None)
@@ -654,21 +1019,26 @@ def code_predictor_kernel(past_hidden, code0_embed, uniforms, input_norm, post_n
         cl, hl, cols = last
         if fm_greedy:
             code = _greedy_code_T(cl, W, S, hl, j, vh, cols, B)
+        elif fm_sample:
+            code = _sample_code_T(cl, W, S, hl, j, vh, cols, B, u_row[:, j * B:(j + 1) * B], sampling)
         else:
             logits = _final_logits(cl, W, S, hl, j, vh, cols, B)
             code = _select_code(logits, B, vh, u_sb[:, j:j + 1], sampling)
         nisa.dma_copy(dst=codes[:, j:j + 1], src=code)
         emb = _gather_embed(codec_embed, j, code, B, H, V)
         nisa.dma_copy(dst=codec_embeds[:, j, :], src=emb)
+        _prefetch_lm_head(S, W, j + 1)
         if j < G1 - 1:
             pos = j + 2
-            hT = _rows_to_T(emb, c)
+            hT = _rows_to_psum(emb, c, S["ident_emb"]) if res == "accum" else _rows_to_T(emb, c)
             cos_t = _rope_col(rope_cos, D, pos)
             sin_t = _rope_col(rope_sin, D, pos)
-            # off the critical path: after the next pass's input transposes (engines run in program order)
-            nisa.tensor_tensor(dst=acc, data1=acc, data2=emb, op=nl.add, engine=nisa.gpsimd_engine)
+            _pass_consts(c, S, cos_t)
             for l in range(L):
-                _layer(c, W, S, l, hT, cos_t, sin_t, ("cache", pos))
+                _layer(c, W, S, l, hT, cos_t, sin_t, ("cache", pos), res)
+            # off the critical path: issued after the pass, GpSimd fits it into a gap between the layers' norm
+            # ops (issued before them it would hold up layer 0's norm in GpSimd's in-order queue)
+            nisa.tensor_tensor(dst=acc, data1=acc, data2=emb, op=nl.add, engine=nisa.gpsimd_engine)
             last = (c, hT, None)
         else:
             nisa.tensor_tensor(dst=acc, data1=acc, data2=emb, op=nl.add, engine=nisa.gpsimd_engine)
@@ -691,8 +1061,36 @@ def resident_bytes_per_partition(w: CodePredictorWeights) -> int:
 
 def _activation_bytes_per_partition(w: CodePredictorWeights, rows: int, sample: bool) -> int:
     """SBUF bytes per partition of everything but resident weights: calibrated on the emulator's measured
-    peaks at the real sizes (fixed tiles ~20 KB, logits/sampling rows, per-row feature-major tiles)."""
-    return _FIXED_SBUF_BYTES + 4 * w.head_vocab * (_SAMPLING_LOGIT_TILES if sample else 1) + _BYTES_PER_ROW * rows
+    peaks at the real sizes (fixed tiles ~20 KB, logits/sampling rows, per-row feature-major tiles). Greedy
+    decoding with Vh % 128 == 0 keeps its logits feature-major (in the per-row term), not as [rows, Vh] rows."""
+    row_logits = (sample and not _fm_sampling_ok(w.head_vocab, rows)) or w.head_vocab % _K_TILE != 0
+    tiles = (_SAMPLING_LOGIT_TILES if sample else 1) if row_logits else 0
+    qk_consts = 4 * w.n_layers * (2 * w.head_dim + 2 * (w.n_q_heads + w.n_kv_heads))   # rotw, wqk, wcos
+    return _FIXED_SBUF_BYTES + int(4 * w.head_vocab * tiles) + _BYTES_PER_ROW * rows + qk_consts
+
+
+def _exp_is_safe(w: CodePredictorWeights) -> bool:
+    """Can the cached steps' softmax skip the max subtraction? After the q/k RMSNorms |q_h| <= max|w_q| (with
+    q's 1/sqrt(D)) and |k_h| <= sqrt(D) max|w_k| (rotation keeps norms), so |score| <= sqrt(D) max|w_q| max|w_k|;
+    below _EXP_SAFE_BOUND exp neither overflows nor underflows in fp32/bf16 (e^+-60 ~ 1e+-26)."""
+    qn = float(np.max(np.abs(np.asarray(w.q_norm, np.float32))))
+    kn = float(np.max(np.abs(np.asarray(w.k_norm, np.float32))))
+    return bool(np.isfinite(qn * kn)) and math.sqrt(w.head_dim) * qn * kn <= _EXP_SAFE_BOUND
+
+
+def lm_ring_bytes_per_partition(w: CodePredictorWeights) -> int:
+    """SBUF bytes per partition of the LM-head ring (one step's head [128, H / 128, Vh])."""
+    return (w.hidden // _K_TILE) * w.head_vocab * w.lm_head_t.dtype.itemsize
+
+
+def _sbuf_plan(w: CodePredictorWeights, rows: int, sample: bool, resident):
+    """(resident, lm_ring): keep the layer weights in SBUF when they fit, then the LM-head ring when it fits
+    in what is left (it replaces the streamed LM-head block counted in the fixed bytes)."""
+    budget = SBUF_BYTES_PER_PARTITION["trn2"] - _SBUF_HEADROOM - _activation_bytes_per_partition(w, rows, sample)
+    if resident is None:
+        resident = resident_bytes_per_partition(w) <= budget
+    free = budget - (resident_bytes_per_partition(w) if resident else 0) + _LM_BLOCK_BYTES
+    return bool(resident), lm_ring_bytes_per_partition(w) <= free
 
 
 def check_inputs(past_hidden, code0_embed, weights, uniforms, do_sample, temperature, top_k, top_p, name):
@@ -785,10 +1183,8 @@ def code_predictor(past_hidden, code0_embed, weights: CodePredictorWeights, *, u
     check_inputs(past_hidden, code0_embed, weights, uniforms, do_sample, temperature, top_k, top_p, name)
     w = weights
     B = past_hidden.shape[0]
-    if resident is None:
-        budget = (SBUF_BYTES_PER_PARTITION["trn2"] - _SBUF_HEADROOM
-                  - _activation_bytes_per_partition(w, B, bool(do_sample)))
-        resident = resident_bytes_per_partition(w) <= budget
+    resident, lm_ring = _sbuf_plan(w, B, bool(do_sample), resident)
+    exp_safe = _exp_is_safe(w)
     if uniforms is None:
         uniforms = np.zeros((B, w.n_groups), dtype=np.float32)
     elif hasattr(uniforms, "detach"):
@@ -798,6 +1194,6 @@ def code_predictor(past_hidden, code0_embed, weights: CodePredictorWeights, *, u
     out = call(code_predictor_kernel, past_hidden, code0_embed, uniforms, *_weights_args(w),
                n_q_heads=w.n_q_heads, n_kv_heads=w.n_kv_heads, eps=float(w.eps), resident=bool(resident),
                do_sample=bool(do_sample), inv_temperature=float(1.0 / temperature) if do_sample else 1.0,
-               top_k=int(top_k) if do_sample else 1, top_p=float(top_p))
+               top_k=int(top_k) if do_sample else 1, top_p=float(top_p), lm_ring=lm_ring, exp_safe=exp_safe)
     codes, embeds, csum = out
     return (codes, embeds, csum) if return_sum else (codes, embeds)

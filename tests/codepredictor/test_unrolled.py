@@ -123,6 +123,64 @@ def test_sampling_matches_reference(B, G1, V, temperature, top_k, top_p, seed):
     _check(ph, c0, w, sampling=sk)
 
 
+@given(B=st.integers(2, 9), G1=st.integers(3, 5), V=st.sampled_from([128, 256, 384]),
+       temperature=st.sampled_from([0.5, 0.9, 1.3]), top_k=st.sampled_from([1, 7, 8, 13, 50, 100]),
+       top_p=st.sampled_from([0.3, 0.8, 1.0]), seed=st.integers(0, 2 ** 16))
+def test_sampling_vocab_on_partitions_matches_reference(B, G1, V, temperature, top_k, top_p, seed):
+    """Vh % 128 == 0: the rounds of 8 run with the vocab spread over Vh / 128 partitions (>= 6 decisions per
+    example, so one near-tie stays within `_check`'s near-tie budget)."""
+    rng = np.random.default_rng(seed)
+    w = _cfg(rng, G1=G1, V=V)
+    ph, c0 = _prompt(rng, B, w.hidden)
+    u = rng.random((B, G1)).astype(np.float32)
+    sk = dict(uniforms=u, do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
+    _check(ph, c0, w, sampling=sk)
+
+
+@pytest.mark.parametrize("V", [64, 256])      # rows path / vocab-on-partitions path
+def test_sampling_repeated_logits_follow_the_rounds(V):
+    """LM heads of 24 distinct rows repeated: logits repeat exactly (bit-identical), so the rounds' removal of
+    repeats of each round's 8th value decides the candidates; codes must equal the reference's procedure."""
+    rng = np.random.default_rng(21)
+    w = _cfg(rng, G1=3, V=V)
+    base = rng.standard_normal((3, 24, w.hidden)).astype(np.float32) * 3.0 / np.sqrt(w.hidden)
+    wt = _with_heads(w, base[:, np.arange(V) % 24, :])
+    ph, c0 = _prompt(rng, 4, w.hidden)
+    for seed in range(3):
+        u = np.random.default_rng(seed).random((4, 3)).astype(np.float32)
+        codes = code_predictor(ph, c0, wt, uniforms=u, do_sample=True, temperature=0.8, top_k=20, top_p=0.95)[0]
+        _, _, lg = code_predictor_reference(ph, c0, wt, forced_codes=codes, return_logits=True)
+        for b in range(4):
+            for j in range(3):
+                l = lg[b, j]
+                assert codes[b, j] < 24                       # the first copy of a value (smallest index)
+                if not _sampling_ambiguous(l[:24], u[b, j], 0.8, 20, 0.95, DELTA_REL * np.sqrt(np.mean(l * l))):
+                    assert codes[b, j] == sample_reference(l, u[b, j], 0.8, 20, 0.95), (b, j)
+
+
+def test_sampling_many_rows_take_the_rows_path():
+    """B > 16 with Vh % 128 == 0: sampling on [rows, Vh] logits (all rows at once) instead of the per-row loop."""
+    rng = np.random.default_rng(41)
+    w = _cfg(rng, G1=2, V=128)
+    ph, c0 = _prompt(rng, 17, w.hidden)
+    u = rng.random((17, 2)).astype(np.float32)
+    _check(ph, c0, w, sampling=dict(uniforms=u, do_sample=True, temperature=0.9, top_k=13, top_p=0.8))
+
+
+def test_large_qk_norm_weights_use_the_max_subtracting_softmax():
+    """q/k norm weights large enough that |score| may exceed the bound of the no-max softmax: the cached steps
+    fall back to the max-subtracting attention block and still match the reference."""
+    import dataclasses
+    from nki_kernels.codepredictor.unrolled import _exp_is_safe
+    rng = np.random.default_rng(31)
+    w = _cfg(rng, D=64, G1=4, V=256)
+    assert _exp_is_safe(w)
+    w = dataclasses.replace(w, q_norm=w.q_norm * 4.0, k_norm=w.k_norm * 4.0)
+    assert not _exp_is_safe(w)
+    ph, c0 = _prompt(rng, 3, w.hidden)
+    _check(ph, c0, w)
+
+
 def test_real_head_geometry_small_vocab():
     """Qwen3-Omni head geometry (D=128, 16/8 heads -> a TP=8 shard: 2 q / 1 kv) with 15 steps, B=2."""
     rng = np.random.default_rng(7)
