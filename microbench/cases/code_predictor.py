@@ -57,51 +57,43 @@ def _run_per_step(inputs):
     return code_predictor_per_step(inputs["past_hidden"], inputs["code0_embed"], inputs["weights"], **inputs["kw"])
 
 
-def _reference(inputs):
-    from nki_kernels.codepredictor.reference import code_predictor_reference
-    return code_predictor_reference(inputs["past_hidden"], inputs["code0_embed"], inputs["weights"], **inputs["kw"])
-
-
-def _check(ref, out):
-    """Codes: >= 90% equal to the float64 reference (bf16 near-ties flip a few and the rest of that row then
-    follows a different prefix); embeddings of rows whose codes all match within bf16 tolerance."""
-    from nki_kernels.testing import assert_close
-    codes, emb = np.asarray(out[0]), np.asarray(out[1], dtype=np.float64)
-    rc, re = np.asarray(ref[0]), np.asarray(ref[1])
-    same = float(np.mean(codes == rc))
-    if same < 0.9:
-        raise AssertionError(f"code_predictor: only {same:.1%} of codes equal the reference")
-    rows = np.all(codes == rc, axis=1)
-    if rows.any():
-        assert_close("codec_embeds", re[rows], emb[rows], dtype="bfloat16")
-
-
 def _reference_inputs(inputs):
     return {"inputs": inputs}
 
 
-def _check_sample(ref, out):
-    """Sampling flips under bf16-level logit differences (a 1% change in a probability moves the inverse-CDF
-    boundaries), so free-running sequences diverge; the exact procedure is tested in tests/codepredictor.
-    Here, teacher-forced on the kernel's codes: every sampled code must lie in the reference's top-k (with a
-    near-tie margin) and the embedding rows must be exactly the tables' rows of those codes."""
+_NEAR_TIE = 0.01          # a pick may trail the k-th best reference logit by this fraction of the RMS logit
+_MIN_EXACT_GREEDY = 0.95  # ... but at least this share of greedy picks must be the reference's argmax itself
+
+
+def _check(ref, out):
+    """Teacher-forced on the kernel's codes (free-running rows diverge after one bf16 near-tie flip, since every
+    later step sees a different prefix): the float64 reference recomputes each step's logits from the kernel's
+    own earlier codes. Greedy: every code is the reference argmax or trails it by less than 1% of the RMS logit,
+    and at least 95% are the argmax exactly; sampling: every code lies in the reference top-k with the same
+    margin (the exact sampling procedure is tested in tests/codepredictor). The embedding rows must be exactly
+    the tables' rows of the returned codes."""
     from nki_kernels.codepredictor.reference import code_predictor_reference
     inp = ref["inputs"]
     codes = np.asarray(out[0])
     kw = inp["kw"]
     _, _, lg = code_predictor_reference(inp["past_hidden"], inp["code0_embed"], inp["weights"], forced_codes=codes,
                                         return_logits=True, **kw)
-    k = kw["top_k"]
-    for b in range(codes.shape[0]):
-        for j in range(codes.shape[1]):
-            l = lg[b, j]
-            kth = np.sort(l)[::-1][k - 1]
-            if l[codes[b, j]] < kth - 0.01 * np.sqrt(np.mean(l * l)):
-                raise AssertionError(f"row {b} step {j}: sampled code {codes[b, j]} is outside the reference top-{k}")
+    k = kw["top_k"] if kw.get("do_sample") else 1
+    picked = np.take_along_axis(lg, codes[..., None], axis=-1)[..., 0]
+    kth = np.sort(lg, axis=-1)[..., -k]
+    margin = _NEAR_TIE * np.sqrt(np.mean(lg * lg, axis=-1))
+    bad = np.argwhere(picked < kth - margin)
+    if bad.size:
+        b, j = bad[0]
+        raise AssertionError(f"row {b} step {j}: code {codes[b, j]} is outside the reference top-{k} "
+                             f"(logit {picked[b, j]:.4f} vs {kth[b, j]:.4f})")
+    exact = float(np.mean(picked >= kth))
+    if k == 1 and exact < _MIN_EXACT_GREEDY:
+        raise AssertionError(f"code_predictor: only {exact:.1%} of greedy codes are the reference argmax")
     tables = np.asarray(inp["weights"].codec_embed)
     want = np.stack([tables[j][codes[:, j]] for j in range(codes.shape[1])], axis=1)
     if not np.array_equal(np.asarray(out[1]), want):
-        raise AssertionError("codec_embeds are not the table rows of the sampled codes")
+        raise AssertionError("codec_embeds are not the table rows of the returned codes")
 
 
 def _cost(B, tp, vocab_sharded):
@@ -123,7 +115,7 @@ def _register():
         for B in (_B_LIST if not vs else _B_LIST[:2]):
             flops, hbm = _cost(B, tp, vs)
             base = dict(kernel="code_predictor", make_inputs=_make(B, tp, vs, False), run=_run,
-                        reference=_reference, flops=flops, min_hbm_bytes=hbm, dtype="bfloat16", check=_check,
+                        reference=_reference_inputs, flops=flops, min_hbm_bytes=hbm, dtype="bfloat16", check=_check,
                         tags=dict(tp=tp, B=B, vocab_sharded=vs))
             quick = tp == 8 and not vs and B == 1
             with_base = not vs and not (tp == 1 and B == 32)      # emulation time budget
@@ -140,7 +132,7 @@ def _register():
                 register(BenchCase(kernel="code_predictor",
                                    shape=f"qwen3-omni code predictor {label} B={B} sample top_k=50 top_p=0.8",
                                    make_inputs=_make(B, tp, vs, True), run=_run, reference=_reference_inputs,
-                                   flops=flops, min_hbm_bytes=hbm, dtype="bfloat16", check=_check_sample,
+                                   flops=flops, min_hbm_bytes=hbm, dtype="bfloat16", check=_check,
                                    tags=dict(tp=tp, B=B, sample=True)))
 
 
