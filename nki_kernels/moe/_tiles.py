@@ -60,10 +60,11 @@ def load_down(down, e_sb=None):
     return wd_sb
 
 
-def transpose_tokens(x_sb, n_tok: int, n_h: int):
+def transpose_tokens(x_sb, n_tok: int, n_h: int, evict_phase: int = 0):
     """x_sb [n_tok, H] (tokens on partitions) -> xT_sb [128, n_h, 128] with xT[p, j, t] = x[t, p * n_h + j].
 
-    TensorE transposes into PSUM, grouped so each group fills one PSUM bank, one copy per group to SBUF."""
+    TensorE transposes into PSUM, grouped so each group fills one PSUM bank, one copy per group to SBUF; the
+    copies alternate VectorE / ScalarE (`evict`, group index + evict_phase)."""
     dt = x_sb.dtype
     group = PSUM_BANK_BYTES // (TOK_TILE * itemsize(dt))
     xT_sb = nl.ndarray((P_MAX, n_h, TOK_TILE), dtype=dt, buffer=nl.sbuf)
@@ -72,7 +73,7 @@ def transpose_tokens(x_sb, n_tok: int, n_h: int):
         t_psum = nl.ndarray((P_MAX, group, TOK_TILE), dtype=dt, buffer=nl.psum)
         for jj in range(g_sz):
             nisa.nc_transpose(dst=t_psum[:, jj, 0:n_tok], data=x_sb[0:n_tok, g0 + jj::n_h])
-        nisa.tensor_copy(dst=xT_sb[:, g0:g0 + g_sz, 0:n_tok], src=t_psum[:, 0:g_sz, 0:n_tok])
+        evict(xT_sb[:, g0:g0 + g_sz, 0:n_tok], t_psum[:, 0:g_sz, 0:n_tok], g0 // group + evict_phase)
     return xT_sb
 
 
@@ -123,20 +124,6 @@ def evict(dst, src, i_piece: int):
         nisa.activation(dst=dst, op=nl.copy, data=src)
 
 
-def down_proj(h_sb, n_tok: int, wd_sb, out_dtype):
-    """y_sb [n_tok, H] = h @ D in out_dtype: hT by TensorE transposes (i = q * n_i + c), then token-stationary
-    matmuls (M = tokens, K = ic, N = 512 output columns) accumulated over the n_i chunks."""
-    ic, n_i, h_total = wd_sb.shape
-    hT_sb = transpose_h(h_sb, n_tok, ic, n_i)
-    y_sb = nl.ndarray((TOK_TILE, h_total), dtype=out_dtype, buffer=nl.sbuf)
-    for i_y, h0 in enumerate(range(0, h_total, _Y_TILE)):
-        hw = min(_Y_TILE, h_total - h0)
-        y_psum = nl.ndarray((TOK_TILE, _Y_TILE), dtype=nl.float32, buffer=nl.psum)
-        down_piece(y_psum, hT_sb, n_tok, wd_sb, h0, hw)
-        evict(y_sb[0:n_tok, h0:h0 + hw], y_psum[0:n_tok, 0:hw], i_y)
-    return y_sb
-
-
 def load_gate_vector(shared_gate):
     """Shared-expert gate vector [H] @ HBM -> SBUF [128, n_h, 1] with h = p * n_h + j."""
     h_total = shared_gate.shape[0]
@@ -155,15 +142,3 @@ def sigmoid_gate(xT_sb, n_tok: int, wsg_sb):
     g_sb = nl.ndarray((TOK_TILE, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.activation(dst=g_sb[0:n_tok, :], op=nl.sigmoid, data=g_psum[0:n_tok, :])
     return g_sb
-
-
-def shared_rows(hidden, t0: int, n_tok: int, s_wgu_sb, s_wd_sb, s_wsg_sb, out_dtype):
-    """Shared-expert term y [n_tok, H] of tokens t0 .. t0 + n_tok (static rows)."""
-    h_total = hidden.shape[1]
-    x_sb = nl.ndarray((TOK_TILE, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
-    nisa.dma_copy(dst=x_sb[0:n_tok, :], src=hidden[t0:t0 + n_tok, :])
-    xT_sb = transpose_tokens(x_sb, n_tok, h_total // P_MAX)
-    g_sb = sigmoid_gate(xT_sb, n_tok, s_wsg_sb)
-    h_sb = swiglu(xT_sb, n_tok, s_wgu_sb, g_sb)
-    return down_proj(h_sb, n_tok, s_wd_sb, out_dtype)
-

@@ -11,7 +11,7 @@ import numpy as np
 from ..backend import call, nki, nisa, nl
 from ..hw import P_MAX
 from ..validation import kernel_check
-from ._tiles import (_Y_TILE, TOK_TILE, down_piece, down_proj, evict, intermediate_split, itemsize, load_down,
+from ._tiles import (_Y_TILE, TOK_TILE, down_piece, evict, intermediate_split, itemsize, load_down,
                      load_gate_up, load_gate_vector, sigmoid_gate, swiglu, transpose_h, transpose_tokens)
 
 # ---- constraints
@@ -24,6 +24,7 @@ _FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 _MAX_WEIGHT_BYTES_PP = 96 * 1024
 # ---- tiles
 _GATHER_BYTES_PP = 64 * 1024   # SBUF per partition for one group of gathered slot rows in the output pass
+_ACC_MAX_H = 4 * _Y_TILE        # T <= 128 path: the fp32 output accumulator [128, H] takes H / 512 PSUM banks (<= 4)
 
 
 @nki.jit
@@ -63,15 +64,34 @@ def moe_blockwise_kernel(hidden, expert_affinities, gate_up, down, token_positio
                 scratch[slots] = y                                       # contiguous store, no read-modify-write
         phase 2, for each row chunk r (128 tokens):
             out[r] = shared(x[r]) + sum_j scratch[token_to_position[r, j]]  # gathers summed on TensorE (fp32)
+        T <= 128 and H <= _ACC_MAX_H instead (one pass, `_single_tile_phase`): per chunk, with the one-hot
+            S[s, t] = (ids[s] == t): acc[T, H] += (h^T S)^T Wd in fp32 PSUM; out = acc + shared(x)
     """
     n_tokens, h_total = hidden.shape
     n_slots = token_position_to_id.shape[0]
     out = nl.ndarray((n_tokens, h_total), dtype=hidden.dtype, buffer=nl.shared_hbm)
+    if n_tokens <= TOK_TILE and h_total <= _ACC_MAX_H:   # one row chunk: accumulate the output in PSUM
+        _single_tile_phase(hidden, expert_affinities, gate_up, down, token_position_to_id, block_to_expert,
+                           top_k_index, shared_gate_up, shared_down, shared_gate, block_size, expert_offset, out)
+        return out
     scratch = nl.ndarray((n_slots + 1, h_total), dtype=hidden.dtype, buffer=nl.hbm)
     _blocks_phase(hidden, expert_affinities, gate_up, down, token_position_to_id, block_to_expert, top_k_index,
                   scratch, block_size, expert_offset, 0, 1)
     _finalize_phase(hidden, scratch, token_to_position, shared_gate_up, shared_down, shared_gate, out, 0, 1)
     return out
+
+
+def _shared_h_rows(hidden, i_r, s_wgu_sb, s_wsg_sb):
+    """Shared expert of row chunk i_r up to h = sigmoid(x . w_sg) * silu(x Gs) * (x Us): (n_tok, h_sb
+    [n_tok, Is])."""
+    n_tokens, h_total = hidden.shape
+    t0 = i_r * TOK_TILE
+    n_tok = min(TOK_TILE, n_tokens - t0)
+    x_sb = nl.ndarray((TOK_TILE, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=x_sb[0:n_tok, :], src=hidden[t0:t0 + n_tok, :])
+    xT_sb = transpose_tokens(x_sb, n_tok, h_total // P_MAX, evict_phase=i_r)
+    gate_sb = sigmoid_gate(xT_sb, n_tok, s_wsg_sb)
+    return n_tok, swiglu(xT_sb, n_tok, s_wgu_sb, gate_sb)
 
 
 @nki.jit
@@ -96,19 +116,11 @@ def moe_blockwise_finalize_kernel(hidden, scratch, token_to_position, shared_gat
     return out
 
 
-def _blocks_phase(hidden, expert_affinities, gate_up, down, token_position_to_id, block_to_expert, top_k_index,
-                  scratch, block_size, expert_offset, pid, n_prog):
-    h_total = hidden.shape[1]
-    n_local = gate_up.shape[0]
+def _load_block_tables(block_to_expert, token_position_to_id, top_k_index, block_size, expert_offset):
+    """Every block's expert id on every partition (e_all_sb [128, N], and eg_all_sb = global ids for the top-k
+    compare) and every slot's token id (slot chunk c of block b in ids_all[c][p, b]): 2 + ceil(B / 128) DMAs for
+    the whole launch instead of several per block."""
     n_blocks = block_to_expert.shape[0]
-    n_slots = token_position_to_id.shape[0]
-    n_h = h_total // P_MAX
-    if pid == 0:   # the all-zero row that token_to_position points at for missing experts
-        zero_sb = nl.ndarray((1, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
-        nisa.memset(dst=zero_sb, value=0.0)
-        nisa.dma_copy(dst=scratch[n_slots:n_slots + 1, :], src=zero_sb)
-    # every block's expert id on every partition, and every slot's token id (slot chunk c of block b in
-    # ids_sb[c][p, b]): two / n_ch DMAs for the whole launch instead of several per block
     e_all_sb = nl.ndarray((P_MAX, n_blocks), dtype=nl.int32, buffer=nl.sbuf)
     nisa.dma_copy(dst=e_all_sb, src=block_to_expert.ap(pattern=[[0, P_MAX], [1, n_blocks]], offset=0))
     if top_k_index is not None and expert_offset != 0:
@@ -123,34 +135,116 @@ def _blocks_phase(hidden, expert_affinities, gate_up, down, token_position_to_id
         nisa.dma_copy(dst=ids_sb[0:n_tok, :],
                       src=token_position_to_id.ap(pattern=[[1, n_tok], [block_size, n_blocks]], offset=s0))
         ids_all.append(ids_sb)
+    return e_all_sb, eg_all_sb, ids_all
+
+
+def _single_tile_phase(hidden, expert_affinities, gate_up, down, token_position_to_id, block_to_expert,
+                       top_k_index, shared_gate_up, shared_down, shared_gate, block_size, expert_offset, out):
+    """T <= 128 (one row chunk) and H <= _ACC_MAX_H: every block's down projection accumulates straight into
+    the fp32 PSUM tiles of the output (no slot scratch, no output pass).
+
+    Per chunk of <= 128 slots: x = hidden[max(id, 0)] (padding gathers token 0: finite rows), h = a * silu(x Wg)
+    * (x Wu) as in the blockwise pipeline, then hP [I, T] = h^T S with the one-hot S[s, t] = (id_s == t)
+    (padding rows of S are zero), and out[T, H] += hP^T Wd in PSUM."""
+    n_tokens, h_total = hidden.shape
+    n_local = gate_up.shape[0]
+    n_blocks = block_to_expert.shape[0]
+    n_h = h_total // P_MAX
+    e_all_sb, eg_all_sb, ids_all = _load_block_tables(block_to_expert, token_position_to_id, top_k_index,
+                                                      block_size, expert_offset)
+    idc_all = []   # ids clamped to >= 0 for the gathers
+    for ids_sb in ids_all:
+        idc_sb = nl.ndarray((TOK_TILE, n_blocks), dtype=nl.int32, buffer=nl.sbuf)
+        nisa.tensor_scalar(dst=idc_sb, data=ids_sb, op0=nl.maximum, operand0=0)
+        idc_all.append(idc_sb)
+    tok_sb = nl.ndarray((TOK_TILE, TOK_TILE), dtype=nl.int32, buffer=nl.sbuf)   # tok_sb[p, t] = t
+    nisa.iota(dst=tok_sb, pattern=[[1, TOK_TILE]], offset=0, channel_multiplier=0)
+    n_pieces = -(-h_total // _Y_TILE)
+    acc_psum = nl.ndarray((TOK_TILE, n_pieces, _Y_TILE), dtype=nl.float32, buffer=nl.psum)
+    for i_b in range(n_blocks):
+        e_sb = e_all_sb[:, i_b:i_b + 1]
+        wgu_sb = load_gate_up(gate_up, e_sb[0:1, :])
+        wd_sb = load_down(down, e_sb[0:1, :])
+        ic, n_i, _ = wd_sb.shape
+        for i_c, s0 in enumerate(range(0, block_size, TOK_TILE)):
+            n_tok = min(TOK_TILE, block_size - s0)
+            idc_sb = idc_all[i_c][:, i_b:i_b + 1]
+            x_sb = nl.ndarray((TOK_TILE, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
+            nisa.dma_copy(dst=x_sb[0:n_tok, :],
+                          src=hidden.ap(pattern=[[h_total, n_tok], [1, h_total]], offset=0,
+                                        vector_offset=idc_sb[0:n_tok, :], indirect_dim=0))
+            if top_k_index is None:
+                aff_sb = _dense_affinity(expert_affinities, idc_sb, e_sb, n_tok, n_local)
+            else:
+                aff_sb = _topk_affinity(expert_affinities, top_k_index, idc_sb, eg_all_sb[:, i_b:i_b + 1], n_tok)
+            xT_sb = transpose_tokens(x_sb, n_tok, n_h, evict_phase=i_b + i_c)
+            h_sb = swiglu(xT_sb, n_tok, wgu_sb, aff_sb)
+            sel_sb = nl.ndarray((TOK_TILE, TOK_TILE), dtype=hidden.dtype, buffer=nl.sbuf)
+            nisa.tensor_scalar(dst=sel_sb[0:n_tok, 0:n_tokens], data=tok_sb[0:n_tok, 0:n_tokens], op0=nl.equal,
+                               operand0=ids_all[i_c][0:n_tok, i_b:i_b + 1])
+            hp_psum = nl.ndarray((P_MAX, n_i, TOK_TILE), dtype=nl.float32, buffer=nl.psum)
+            for c in range(n_i):   # hP[q, c, t] = sum_s h[s, q * n_i + c] S[s, t]
+                nisa.nc_matmul(hp_psum[0:ic, c, 0:n_tokens], h_sb[0:n_tok, c::n_i], sel_sb[0:n_tok, 0:n_tokens])
+            hp_sb = nl.ndarray((P_MAX, n_i, TOK_TILE), dtype=hidden.dtype, buffer=nl.sbuf)
+            evict(hp_sb[0:ic, :, 0:n_tokens], hp_psum[0:ic, :, 0:n_tokens], i_b + i_c + 1)
+            for i_y, h0 in enumerate(range(0, h_total, _Y_TILE)):
+                down_piece(acc_psum[:, i_y, :], hp_sb, n_tokens, wd_sb, h0, min(_Y_TILE, h_total - h0))
+    if shared_gate_up is not None:
+        s_wgu_sb = load_gate_up(shared_gate_up)
+        s_wd_sb = load_down(shared_down)
+        s_wsg_sb = load_gate_vector(shared_gate)
+        _, hs_sb = _shared_h_rows(hidden, 0, s_wgu_sb, s_wsg_sb)
+        ic, n_i, _ = s_wd_sb.shape
+        hsT_sb = transpose_h(hs_sb, n_tokens, ic, n_i)
+        for i_y, h0 in enumerate(range(0, h_total, _Y_TILE)):
+            down_piece(acc_psum[:, i_y, :], hsT_sb, n_tokens, s_wd_sb, h0, min(_Y_TILE, h_total - h0))
+    o_sb = nl.ndarray((TOK_TILE, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
+    for i_y, h0 in enumerate(range(0, h_total, _Y_TILE)):
+        hw = min(_Y_TILE, h_total - h0)
+        evict(o_sb[0:n_tokens, h0:h0 + hw], acc_psum[0:n_tokens, i_y, 0:hw], i_y)
+    nisa.dma_copy(dst=out[:, :], src=o_sb[0:n_tokens, :])
+
+
+def _blocks_phase(hidden, expert_affinities, gate_up, down, token_position_to_id, block_to_expert, top_k_index,
+                  scratch, block_size, expert_offset, pid, n_prog):
+    h_total = hidden.shape[1]
+    n_local = gate_up.shape[0]
+    n_blocks = block_to_expert.shape[0]
+    n_slots = token_position_to_id.shape[0]
+    n_h = h_total // P_MAX
+    if pid == 0:   # the all-zero row that token_to_position points at for missing experts
+        zero_sb = nl.ndarray((1, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
+        nisa.memset(dst=zero_sb, value=0.0)
+        nisa.dma_copy(dst=scratch[n_slots:n_slots + 1, :], src=zero_sb)
+    e_all_sb, eg_all_sb, ids_all = _load_block_tables(block_to_expert, token_position_to_id, top_k_index,
+                                                      block_size, expert_offset)
     args = (hidden, expert_affinities, gate_up, down, top_k_index, e_all_sb, eg_all_sb, ids_all)
     consts = (block_size, n_local, n_h)
-    # software pipeline over the blocks: stage A (weights, gather, transposes, gate/up, SiLU) of block b is issued
-    # before stage B (h transposes, down projection, store) of block b - 1, so every engine has independent work
-    # queued; two call sites per stage give consecutive blocks separate tile buffers (manual double buffering)
+    # software pipeline over the blocks, interleaved per chunk of <= 128 slots: the PE program order is
+    # hT(b - 1, c), xT(b, c), down(b - 1, c), gate/up(b, c), ... so TensorE has independent work queued while
+    # the transposes are evicted and while SiLU runs; the two call sites (block parity) give consecutive blocks
+    # separate tile buffers (manual double buffering)
     pending = None
     for i_local, i_b in enumerate(range(pid, n_blocks, n_prog)):
         if i_local % 2 == 0:
-            staged = _block_stage_a(*args, i_b, *consts)
+            pending = _block_step(*args, i_b, *consts, scratch, pending)
         else:
-            staged = _block_stage_a(*args, i_b, *consts)
-        if pending is not None:
-            _block_stage_b(scratch, hidden.dtype, pending)
-        pending = staged
+            pending = _block_step(*args, i_b, *consts, scratch, pending)
     if pending is not None:
-        _block_stage_b(scratch, hidden.dtype, pending)
+        for i_c in range(len(pending[1])):
+            _down_store_chunk(scratch, hidden.dtype, pending, i_c, _h_transpose_chunk(pending, i_c))
 
 
-def _block_stage_a(hidden, expert_affinities, gate_up, down, top_k_index, e_all_sb, eg_all_sb, ids_all, i_b,
-                   block_size, n_local, n_h):
-    """Block i_b up to h = a * silu(x Wg) * (x Wu): its expert's weights by dynamic DMA, then per chunk of
-    <= 128 slots the token gather, affinity, x transposes and gate/up matmuls. Returns what stage B needs."""
+def _block_step(hidden, expert_affinities, gate_up, down, top_k_index, e_all_sb, eg_all_sb, ids_all, i_b,
+                block_size, n_local, n_h, scratch, pending):
+    """Block i_b up to h = a * silu(x Wg) * (x Wu), interleaved chunk by chunk with the down projection and
+    store of the previous block (`pending`). Returns what the next step needs to finish block i_b."""
     h_total = hidden.shape[1]
     e_sb = e_all_sb[:, i_b:i_b + 1]
     wgu_sb = load_gate_up(gate_up, e_sb[0:1, :])
     wd_sb = load_down(down, e_sb[0:1, :])
-    chunks = []
-    for i_c, s0 in enumerate(range(0, block_size, TOK_TILE)):
+    inputs = []
+    for i_c, s0 in enumerate(range(0, block_size, TOK_TILE)):   # every input DMA of the block first
         n_tok = min(TOK_TILE, block_size - s0)
         ids_sb = ids_all[i_c][:, i_b:i_b + 1]
         x_sb = nl.ndarray((TOK_TILE, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
@@ -162,18 +256,44 @@ def _block_stage_a(hidden, expert_affinities, gate_up, down, top_k_index, e_all_
             aff_sb = _dense_affinity(expert_affinities, ids_sb, e_sb, n_tok, n_local)
         else:
             aff_sb = _topk_affinity(expert_affinities, top_k_index, ids_sb, eg_all_sb[:, i_b:i_b + 1], n_tok)
-        xT_sb = transpose_tokens(x_sb, n_tok, n_h)
+        inputs.append((i_b * block_size + s0, n_tok, x_sb, aff_sb))
+    chunks = []
+    for i_c, (pos0, n_tok, x_sb, aff_sb) in enumerate(inputs):
+        prev = pending is not None and i_c < len(pending[1])
+        if prev:
+            hT_prev = _h_transpose_chunk(pending, i_c)
+        xT_sb = transpose_tokens(x_sb, n_tok, n_h, evict_phase=i_b + i_c)
+        if prev:
+            _down_store_chunk(scratch, hidden.dtype, pending, i_c, hT_prev)
         h_sb = swiglu(xT_sb, n_tok, wgu_sb, aff_sb)
-        chunks.append((i_b * block_size + s0, n_tok, h_sb))
+        chunks.append((pos0, n_tok, h_sb))
+    if pending is not None:
+        for i_c in range(len(inputs), len(pending[1])):
+            _down_store_chunk(scratch, hidden.dtype, pending, i_c, _h_transpose_chunk(pending, i_c))
     return wd_sb, chunks
 
 
-def _block_stage_b(scratch, out_dtype, staged):
-    """Block stage B: y = h Wd per chunk, stored to the chunk's scratch rows (contiguous, no read-modify-write)."""
+def _h_transpose_chunk(staged, i_c):
+    """hT [ic, n_i, 128] of chunk i_c of a staged block (TensorE transposes)."""
     wd_sb, chunks = staged
-    for pos0, n_tok, h_sb in chunks:
-        y_sb = down_proj(h_sb, n_tok, wd_sb, out_dtype)
-        nisa.dma_copy(dst=scratch[pos0:pos0 + n_tok, :], src=y_sb[0:n_tok, :])
+    _, n_tok, h_sb = chunks[i_c]
+    ic, n_i, _ = wd_sb.shape
+    return transpose_h(h_sb, n_tok, ic, n_i)
+
+
+def _down_store_chunk(scratch, out_dtype, staged, i_c, hT_sb):
+    """y = h Wd for chunk i_c of a staged block (hT_sb from `_h_transpose_chunk`), stored to the chunk's
+    scratch rows (contiguous, no read-modify-write)."""
+    wd_sb, chunks = staged
+    pos0, n_tok, _ = chunks[i_c]
+    h_total = wd_sb.shape[2]
+    y_sb = nl.ndarray((TOK_TILE, h_total), dtype=out_dtype, buffer=nl.sbuf)
+    for i_y, h0 in enumerate(range(0, h_total, _Y_TILE)):
+        hw = min(_Y_TILE, h_total - h0)
+        y_psum = nl.ndarray((TOK_TILE, _Y_TILE), dtype=nl.float32, buffer=nl.psum)
+        down_piece(y_psum, hT_sb, n_tok, wd_sb, h0, hw)
+        evict(y_sb[0:n_tok, h0:h0 + hw], y_psum[0:n_tok, 0:hw], i_y)
+    nisa.dma_copy(dst=scratch[pos0:pos0 + n_tok, :], src=y_sb[0:n_tok, :])
 
 
 def _finalize_phase(hidden, scratch, token_to_position, shared_gate_up, shared_down, shared_gate, out, pid, n_prog):
@@ -181,8 +301,6 @@ def _finalize_phase(hidden, scratch, token_to_position, shared_gate_up, shared_d
     gathered slot rows are summed by identity-stationary matmuls into the fp32 PSUM tile that also holds the
     shared expert's down projection, so each output row is written exactly once."""
     n_tokens, h_total = hidden.shape
-    kmax = token_to_position.shape[1]
-    n_h = h_total // P_MAX
     ones_sb = nl.ndarray((TOK_TILE, TOK_TILE), dtype=hidden.dtype, buffer=nl.sbuf)
     nisa.memset(dst=ones_sb, value=1.0)
     ident_sb = nl.ndarray((TOK_TILE, TOK_TILE), dtype=hidden.dtype, buffer=nl.sbuf)
@@ -194,49 +312,79 @@ def _finalize_phase(hidden, scratch, token_to_position, shared_gate_up, shared_d
         s_wsg_sb = load_gate_vector(shared_gate)
     group = max(1, _GATHER_BYTES_PP // (h_total * itemsize(hidden.dtype)))   # slot rows gathered at once
     n_row_chunks = (n_tokens + TOK_TILE - 1) // TOK_TILE
-    for i_r in range(pid, n_row_chunks, n_prog):
-        t0 = i_r * TOK_TILE
-        n_tok = min(TOK_TILE, n_tokens - t0)
-        inv_sb = nl.ndarray((TOK_TILE, kmax), dtype=nl.int32, buffer=nl.sbuf)
-        nisa.dma_copy(dst=inv_sb[0:n_tok, :], src=token_to_position[t0:t0 + n_tok, :])
-        if shared_gate_up is not None:
-            x_sb = nl.ndarray((TOK_TILE, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
-            nisa.dma_copy(dst=x_sb[0:n_tok, :], src=hidden[t0:t0 + n_tok, :])
-            xT_sb = transpose_tokens(x_sb, n_tok, n_h)
-            gate_sb = sigmoid_gate(xT_sb, n_tok, s_wsg_sb)
-            hs_sb = swiglu(xT_sb, n_tok, s_wgu_sb, gate_sb)
-            ic, n_i, _ = s_wd_sb.shape
-            hsT_sb = transpose_h(hs_sb, n_tok, ic, n_i)
-        o_sb = nl.ndarray((TOK_TILE, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
-        n_groups = (kmax + group - 1) // group
-        if n_groups > 1:   # many slots per token (e.g. the all-experts baseline): fp32 SBUF accumulation
-            acc32_sb = nl.ndarray((TOK_TILE, h_total), dtype=nl.float32, buffer=nl.sbuf)
-        for i_g in range(n_groups):
-            j0 = i_g * group
-            g_sz = min(group, kmax - j0)
-            g_sb = nl.ndarray((TOK_TILE, group, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
-            for jj in range(g_sz):
-                nisa.dma_copy(dst=g_sb[0:n_tok, jj, :],
-                              src=scratch.ap(pattern=[[h_total, n_tok], [1, h_total]], offset=0,
-                                             vector_offset=inv_sb[0:n_tok, j0 + jj:j0 + jj + 1], indirect_dim=0))
-            for i_y, h0 in enumerate(range(0, h_total, _Y_TILE)):
-                hw = min(_Y_TILE, h_total - h0)
-                acc_psum = nl.ndarray((TOK_TILE, _Y_TILE), dtype=nl.float32, buffer=nl.psum)
-                if shared_gate_up is not None and i_g == 0:
-                    down_piece(acc_psum, hsT_sb, n_tok, s_wd_sb, h0, hw)
-                for jj in range(g_sz):   # identity-stationary matmuls: acc += g_j (fp32 PSUM accumulation)
-                    nisa.nc_matmul(acc_psum[0:n_tok, 0:hw], ident_sb[0:n_tok, 0:n_tok],
-                                   g_sb[0:n_tok, jj, h0:h0 + hw], accumulate=None)
-                if n_groups == 1:
-                    evict(o_sb[0:n_tok, h0:h0 + hw], acc_psum[0:n_tok, 0:hw], i_y)
-                elif i_g == 0:
-                    nisa.tensor_copy(dst=acc32_sb[0:n_tok, h0:h0 + hw], src=acc_psum[0:n_tok, 0:hw])
-                else:
-                    nisa.tensor_tensor(dst=acc32_sb[0:n_tok, h0:h0 + hw], data1=acc32_sb[0:n_tok, h0:h0 + hw],
-                                       data2=acc_psum[0:n_tok, 0:hw], op=nl.add)
-        if n_groups > 1:
-            nisa.tensor_copy(dst=o_sb[0:n_tok, :], src=acc32_sb[0:n_tok, :])
-        nisa.dma_copy(dst=out[t0:t0 + n_tok, :], src=o_sb[0:n_tok, :])
+    mine = list(range(pid, n_row_chunks, n_prog))
+    inv_all = _load_token_slots(token_to_position, mine)
+    shared_w = None
+    if shared_gate_up is not None:
+        shared_w = (s_wgu_sb, s_wd_sb, s_wsg_sb)
+    consts = (hidden, scratch, inv_all, ident_sb, shared_w, out, group)
+    for i_m, i_r in enumerate(mine):   # two call sites: consecutive row chunks get separate tile buffers
+        if i_m % 2 == 0:
+            _finalize_rows(*consts, i_m, i_r)
+        else:
+            _finalize_rows(*consts, i_m, i_r)
+
+
+def _load_token_slots(token_to_position, mine):
+    """token_to_position rows of the row chunks `mine` -> SBUF [128, len(mine), KMAX] int32 (chunk i_m's row
+    p in [p, i_m, :]): one DMA for the full chunks (uniform stride) + one for a last partial chunk."""
+    n_tokens, kmax = token_to_position.shape
+    inv_all = nl.ndarray((TOK_TILE, max(1, len(mine)), kmax), dtype=nl.int32, buffer=nl.sbuf)
+    full = [i_r for i_r in mine if (i_r + 1) * TOK_TILE <= n_tokens]
+    if full:
+        step = (full[1] - full[0]) if len(full) > 1 else 1
+        nisa.dma_copy(dst=inv_all[:, 0:len(full), :],
+                      src=token_to_position.ap(pattern=[[kmax, TOK_TILE], [step * TOK_TILE * kmax, len(full)],
+                                                        [1, kmax]], offset=full[0] * TOK_TILE * kmax))
+    if len(full) < len(mine):   # the last chunk of this program is partial
+        t0 = mine[-1] * TOK_TILE
+        nisa.dma_copy(dst=inv_all[0:n_tokens - t0, len(mine) - 1, :], src=token_to_position[t0:n_tokens, :])
+    return inv_all
+
+
+def _finalize_rows(hidden, scratch, inv_all, ident_sb, shared_w, out, group, i_m, i_r):
+    """Row chunk i_r (this program's i_m-th): shared down projection + sum of the token's gathered slot rows,
+    one output DMA."""
+    n_tokens, h_total = hidden.shape
+    kmax = inv_all.shape[2]
+    t0 = i_r * TOK_TILE
+    n_tok = min(TOK_TILE, n_tokens - t0)
+    inv_sb = inv_all[:, i_m, :]
+    if shared_w is not None:
+        s_wgu_sb, s_wd_sb, s_wsg_sb = shared_w
+        _, hs_sb = _shared_h_rows(hidden, i_r, s_wgu_sb, s_wsg_sb)
+        ic, n_i, _ = s_wd_sb.shape
+        hsT_sb = transpose_h(hs_sb, n_tok, ic, n_i)
+    o_sb = nl.ndarray((TOK_TILE, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
+    n_groups = (kmax + group - 1) // group
+    if n_groups > 1:   # many slots per token (e.g. the all-experts baseline): fp32 SBUF accumulation
+        acc32_sb = nl.ndarray((TOK_TILE, h_total), dtype=nl.float32, buffer=nl.sbuf)
+    for i_g in range(n_groups):
+        j0 = i_g * group
+        g_sz = min(group, kmax - j0)
+        g_sb = nl.ndarray((TOK_TILE, min(group, kmax), h_total), dtype=hidden.dtype, buffer=nl.sbuf)
+        for jj in range(g_sz):
+            nisa.dma_copy(dst=g_sb[0:n_tok, jj, :],
+                          src=scratch.ap(pattern=[[h_total, n_tok], [1, h_total]], offset=0,
+                                         vector_offset=inv_sb[0:n_tok, j0 + jj:j0 + jj + 1], indirect_dim=0))
+        for i_y, h0 in enumerate(range(0, h_total, _Y_TILE)):
+            hw = min(_Y_TILE, h_total - h0)
+            acc_psum = nl.ndarray((TOK_TILE, _Y_TILE), dtype=nl.float32, buffer=nl.psum)
+            if shared_w is not None and i_g == 0:
+                down_piece(acc_psum, hsT_sb, n_tok, s_wd_sb, h0, hw)
+            for jj in range(g_sz):   # identity-stationary matmuls: acc += g_j (fp32 PSUM accumulation)
+                nisa.nc_matmul(acc_psum[0:n_tok, 0:hw], ident_sb[0:n_tok, 0:n_tok],
+                               g_sb[0:n_tok, jj, h0:h0 + hw], accumulate=None)
+            if n_groups == 1:
+                evict(o_sb[0:n_tok, h0:h0 + hw], acc_psum[0:n_tok, 0:hw], i_y)
+            elif i_g == 0:
+                nisa.tensor_copy(dst=acc32_sb[0:n_tok, h0:h0 + hw], src=acc_psum[0:n_tok, 0:hw])
+            else:
+                nisa.tensor_tensor(dst=acc32_sb[0:n_tok, h0:h0 + hw], data1=acc32_sb[0:n_tok, h0:h0 + hw],
+                                   data2=acc_psum[0:n_tok, 0:hw], op=nl.add)
+    if n_groups > 1:
+        nisa.tensor_copy(dst=o_sb[0:n_tok, :], src=acc32_sb[0:n_tok, :])
+    nisa.dma_copy(dst=out[t0:t0 + n_tok, :], src=o_sb[0:n_tok, :])
 
 
 def _dense_affinity(aff_flat, ids_sb, e_sb, n_tok, n_local):
