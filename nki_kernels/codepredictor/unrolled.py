@@ -62,12 +62,9 @@ def _ones(n, dtype=nl.float32):
     return t
 
 
-def _rms_norm_T(xT, w_col, ones, eps, n, kc, rows, out_dtype):
-    """Feature-major RMSNorm: xT [128, kc, rows] (feature f = c * 128 + p) -> [128, kc, rows] of out_dtype.
-
-    Sum of squares per row: per-partition partial sums (VectorE), then an all-ones matmul sums them over the
-    partitions and broadcasts the total to every partition. w_col [128, kc] is the norm weight.
-    """
+def _square_sums(xT, kc, rows):
+    """Per-partition sums of squares [128, rows] fp32 of feature-major xT [128, kc, rows]: ScalarE squares,
+    summed by its accumulator (one row) or a VectorE reduce."""
     sq = nl.ndarray((_K_TILE, kc, rows), dtype=nl.float32, buffer=nl.sbuf)
     part = nl.ndarray((_K_TILE, rows), dtype=nl.float32, buffer=nl.sbuf)
     if rows == 1:       # the ScalarE accumulator sums the whole free dim: the per-partition partial sum
@@ -76,6 +73,16 @@ def _rms_norm_T(xT, w_col, ones, eps, n, kc, rows, out_dtype):
     else:
         nisa.activation(dst=sq, op=nl.square, data=xT)
         nisa.tensor_reduce(dst=part, op=nl.add, data=sq.permute((0, 2, 1)), axis=2)
+    return part
+
+
+def _rms_norm_T(xT, w_col, ones, eps, n, kc, rows, out_dtype):
+    """Feature-major RMSNorm: xT [128, kc, rows] (feature f = c * 128 + p) -> [128, kc, rows] of out_dtype.
+
+    Sum of squares per row: per-partition partial sums (VectorE), then an all-ones matmul sums them over the
+    partitions and broadcasts the total to every partition. w_col [128, kc] is the norm weight.
+    """
+    part = _square_sums(xT, kc, rows)
     tot_psum = nl.ndarray((_K_TILE, rows), dtype=nl.float32, buffer=nl.psum)
     nisa.nc_matmul(tot_psum, ones, part)
     rstd = nl.ndarray((_K_TILE, rows), dtype=nl.float32, buffer=nl.sbuf)
@@ -321,18 +328,11 @@ def _rms_partials(xT, kc, rows):
     """First half of 1/rms for feature-major xT [128, kc, rows]: per-partition sums of squares (ScalarE), split
     into bf16 hi + lo (GpSimd, off VectorE) so that `_rms_finish` sums them over the partitions with two 1-pass
     bf16 all-ones matmuls instead of a 4-pass fp32 one (hi + lo keeps ~16 mantissa bits of each partial sum)."""
-    sq = nl.ndarray((_K_TILE, kc, rows), dtype=nl.float32, buffer=nl.sbuf)
-    part = nl.ndarray((_K_TILE, rows), dtype=nl.float32, buffer=nl.sbuf)
-    if rows == 1:       # the ScalarE accumulator sums the whole free dim: the per-partition partial sum
-        nisa.activation(dst=sq, op=nl.square, data=xT, reduce_op=nl.add, reduce_res=part,
-                        reduce_cmd=nisa.reduce_cmd.reset_reduce)
-    else:
-        nisa.activation(dst=sq, op=nl.square, data=xT)
-        nisa.tensor_reduce(dst=part, op=nl.add, data=sq.permute((0, 2, 1)), axis=2)
+    part = _square_sums(xT, kc, rows)
     hi = nl.ndarray((_K_TILE, rows), dtype=nl.bfloat16, buffer=nl.sbuf)
-    nisa.tensor_copy(dst=hi, src=part, engine=nisa.gpsimd_engine)
+    nisa.tensor_copy(dst=hi, src=part, engine=nisa.engine.gpsimd)
     lo = nl.ndarray((_K_TILE, rows), dtype=nl.bfloat16, buffer=nl.sbuf)
-    nisa.tensor_tensor(dst=lo, data1=part, data2=hi, op=nl.subtract, engine=nisa.gpsimd_engine)
+    nisa.tensor_tensor(dst=lo, data1=part, data2=hi, op=nl.subtract, engine=nisa.engine.gpsimd)
     return hi, lo
 
 
@@ -1038,10 +1038,10 @@ def code_predictor_kernel(past_hidden, code0_embed, uniforms, input_norm, post_n
                 _layer(c, W, S, l, hT, cos_t, sin_t, ("cache", pos), res)
             # off the critical path: issued after the pass, GpSimd fits it into a gap between the layers' norm
             # ops (issued before them it would hold up layer 0's norm in GpSimd's in-order queue)
-            nisa.tensor_tensor(dst=acc, data1=acc, data2=emb, op=nl.add, engine=nisa.gpsimd_engine)
+            nisa.tensor_tensor(dst=acc, data1=acc, data2=emb, op=nl.add, engine=nisa.engine.gpsimd)
             last = (c, hT, None)
         else:
-            nisa.tensor_tensor(dst=acc, data1=acc, data2=emb, op=nl.add, engine=nisa.gpsimd_engine)
+            nisa.tensor_tensor(dst=acc, data1=acc, data2=emb, op=nl.add, engine=nisa.engine.gpsimd)
     sum_out = nl.ndarray((B, H), dtype=codec_embed.dtype, buffer=nl.sbuf)
     nisa.tensor_copy(dst=sum_out, src=acc)
     nisa.dma_copy(dst=codec_sum, src=sum_out)
