@@ -62,16 +62,16 @@ def _reference_inputs(inputs):
 
 
 _NEAR_TIE = 0.01          # a pick may trail the k-th best reference logit by this fraction of the RMS logit
-_MIN_EXACT_GREEDY = 0.95  # ... but at least this share of greedy picks must be the reference's argmax itself
+_MAX_TIE_FLIPS = 0.05     # ... but at most this share of greedy picks (and at least one) may differ from the argmax
 
 
 def _check(ref, out):
     """Teacher-forced on the kernel's codes (free-running rows diverge after one bf16 near-tie flip, since every
     later step sees a different prefix): the float64 reference recomputes each step's logits from the kernel's
     own earlier codes. Greedy: every code is the reference argmax or trails it by less than 1% of the RMS logit,
-    and at least 95% are the argmax exactly; sampling: every code lies in the reference top-k with the same
-    margin (the exact sampling procedure is tested in tests/codepredictor). The embedding rows must be exactly
-    the tables' rows of the returned codes."""
+    and at most 5% of them (at least one allowed) are such near-ties; sampling: every code lies in the reference
+    top-k with the same margin (the exact sampling procedure is tested in tests/codepredictor). The embedding rows
+    must be exactly the tables' rows of the returned codes."""
     from nki_kernels.codepredictor.reference import code_predictor_reference
     inp = ref["inputs"]
     codes = np.asarray(out[0])
@@ -87,9 +87,10 @@ def _check(ref, out):
         b, j = bad[0]
         raise AssertionError(f"row {b} step {j}: code {codes[b, j]} is outside the reference top-{k} "
                              f"(logit {picked[b, j]:.4f} vs {kth[b, j]:.4f})")
-    exact = float(np.mean(picked >= kth))
-    if k == 1 and exact < _MIN_EXACT_GREEDY:
-        raise AssertionError(f"code_predictor: only {exact:.1%} of greedy codes are the reference argmax")
+    flips = int(np.sum(picked < kth))
+    if k == 1 and flips > max(1, int(_MAX_TIE_FLIPS * picked.size)):
+        raise AssertionError(f"code_predictor: {flips} of {picked.size} greedy codes are near-ties, not the "
+                             "reference argmax")
     tables = np.asarray(inp["weights"].codec_embed)
     want = np.stack([tables[j][codes[:, j]] for j in range(codes.shape[1])], axis=1)
     if not np.array_equal(np.asarray(out[1]), want):
