@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import call, nki, nisa, nl
-from ..hw import P_MAX
+from ..hw import P_MAX, PSUM_BANK_BYTES, PSUM_NUM_BANKS
 from ..validation import kernel_check
 from ._tiles import (_Y_TILE, TOK_TILE, down_piece, evict, intermediate_split, itemsize, load_down,
                      load_gate_up, load_gate_vector, sigmoid_gate, swiglu, transpose_h, transpose_tokens)
@@ -25,6 +25,18 @@ _MAX_WEIGHT_BYTES_PP = 96 * 1024
 # ---- tiles
 _GATHER_BYTES_PP = 64 * 1024   # SBUF per partition for one group of gathered slot rows in the output pass
 _ACC_MAX_H = 4 * _Y_TILE        # T <= 128 path: the fp32 output accumulator [128, H] takes H / 512 PSUM banks (<= 4)
+# T <= 128 path: PSUM banks for the accumulator plus the [I, T] fp32 tile of h^T S; the gate|up and transpose
+# tiles of the shared blocks take the other 3 of the 8 banks
+_ONE_PASS_PSUM_BANKS = PSUM_NUM_BANKS - 3
+
+
+def _fits_one_pass(n_tokens: int, h_total: int, n_inter: int) -> bool:
+    """T <= 128 and H <= _ACC_MAX_H, with the accumulator and the h^T S tile within _ONE_PASS_PSUM_BANKS."""
+    if n_tokens > TOK_TILE or h_total > _ACC_MAX_H:
+        return False
+    acc_banks = -(-h_total // _Y_TILE)
+    hp_banks = -(-intermediate_split(n_inter)[1] * TOK_TILE * 4 // PSUM_BANK_BYTES)
+    return acc_banks + hp_banks <= _ONE_PASS_PSUM_BANKS
 
 
 @nki.jit
@@ -64,13 +76,13 @@ def moe_blockwise_kernel(hidden, expert_affinities, gate_up, down, token_positio
                 scratch[slots] = y                                       # contiguous store, no read-modify-write
         phase 2, for each row chunk r (128 tokens):
             out[r] = shared(x[r]) + sum_j scratch[token_to_position[r, j]]  # gathers summed on TensorE (fp32)
-        T <= 128 and H <= _ACC_MAX_H instead (one pass, `_single_tile_phase`): per chunk, with the one-hot
+        T <= 128 and H <= _ACC_MAX_H, PSUM permitting (one pass, `_single_tile_phase`): per chunk, with the one-hot
             S[s, t] = (ids[s] == t): acc[T, H] += (h^T S)^T Wd in fp32 PSUM; out = acc + shared(x)
     """
     n_tokens, h_total = hidden.shape
     n_slots = token_position_to_id.shape[0]
     out = nl.ndarray((n_tokens, h_total), dtype=hidden.dtype, buffer=nl.shared_hbm)
-    if n_tokens <= TOK_TILE and h_total <= _ACC_MAX_H:   # one row chunk: accumulate the output in PSUM
+    if _fits_one_pass(n_tokens, h_total, down.shape[1]):   # one row chunk: accumulate the output in PSUM
         _single_tile_phase(hidden, expert_affinities, gate_up, down, token_position_to_id, block_to_expert,
                            top_k_index, shared_gate_up, shared_down, shared_gate, block_size, expert_offset, out)
         return out

@@ -24,7 +24,7 @@ from .blockwise import _as_int32, _np, _shape, check_weights, moe_combine_kernel
 # ---- constraints
 _MAX_TOKENS = 32            # decode batch: the [128, H/128, T] fp32 accumulator stays within 4 PSUM banks at H=8192
 _DIRECT_OUT_MAX_T = 2      # up to this many tokens the [H, T] result is written by one strided DMA (no transposes)
-_RING_BYTES_PP = 120 * 1024   # SBUF bytes per partition for the expert weights in flight (trn2 has ~208 KiB)
+_RING_BYTES_PP = 120 * 1024   # SBUF bytes per partition for the expert weights in flight plus the shared expert's
 _MIN_ROW_BYTES = 4096         # DMA descriptor run (one partition row) at full bandwidth (KERNELS.md cost model)
 _PRE_SLOT_BYTES = 640 * 1024  # static bytes the DMA queues stream while the slot-id load is in flight
                               # (one fixed DMA latency, ~2 us, at the ~360 GB/s of one trn2 core)
@@ -112,7 +112,8 @@ def moe_decode_kernel(hidden, top_k_index, top_k_weights, gate_up, down, slot_ex
         _swiglu_T(xT_sb, s_wgu_sb, g_sb, s_hT_sb, 0, n_tokens)
         if shared_early:
             _down_T(s_hT_sb, 0, s_wd_sb, acc_psum, n_tokens, p_major)
-    ring = _weight_ring(gate_up, down, len(my_slots), n_tokens, fold)
+    shared_pp = _expert_bytes_pp(shared_down, 1) if has_shared else 0
+    ring = _weight_ring(gate_up, down, len(my_slots), n_tokens, fold, _RING_BYTES_PP - shared_pp)
     n_buf = max(1, len(ring))
     for w0 in range(0, len(my_slots), n_buf):
         wave = my_slots[w0:w0 + n_buf]
@@ -253,8 +254,16 @@ def _store_out(out, acc_psum, pid, n_prog, p_major):
     nisa.dma_copy(dst=out[:, pid, :], src=y_sb[0:n_tokens, :])
 
 
-def _weight_ring(gate_up, down, n_slots, n_tokens, fold):
-    """R = min(S, _RING_BYTES_PP // one expert's bytes per partition, PSUM_FMAX_FP32 // T) (gate_up
+def _expert_bytes_pp(down, fold):
+    """SBUF bytes per partition of one expert's weights (down [.., I, H]): gate_up [128 / fold, fold n_h, 2I]
+    plus down [ic, n_i, H]."""
+    n_inter, h_total = down.shape[-2], down.shape[-1]
+    n_i = intermediate_split(n_inter)[1]
+    return (fold * (h_total // P_MAX) * 2 * n_inter + n_i * h_total) * itemsize(down.dtype)
+
+
+def _weight_ring(gate_up, down, n_slots, n_tokens, fold, budget_pp):
+    """R = min(S, budget_pp // one expert's bytes per partition, PSUM_FMAX_FP32 // T), at least 1 (gate_up
     [128, n_h, 2, I], or [64, 2 n_h, 2I] when fold == 2; down [ic, n_i, H]) SBUF tile pairs, each its own
     allocation, live for the whole kernel:
     the R experts of a wave stream in at once, and the next wave's DMA into a buffer waits only for that
@@ -262,8 +271,7 @@ def _weight_ring(gate_up, down, n_slots, n_tokens, fold):
     _, h_total, _, n_inter = gate_up.shape
     n_h = h_total // P_MAX
     ic, n_i = intermediate_split(n_inter)
-    per_slot = (fold * n_h * 2 * n_inter + n_i * h_total) * itemsize(gate_up.dtype)
-    n_buf = min(n_slots, max(1, min(_RING_BYTES_PP // per_slot, PSUM_FMAX_FP32 // n_tokens)))
+    n_buf = min(n_slots, max(1, min(budget_pp // _expert_bytes_pp(down, fold), PSUM_FMAX_FP32 // n_tokens)))
     gu_shape = (P_MAX, n_h, 2, n_inter) if fold == 1 else (P_MAX // fold, fold * n_h, 2 * n_inter)
     return [(nl.ndarray(gu_shape, dtype=gate_up.dtype, buffer=nl.sbuf),
              nl.ndarray((ic, n_i, h_total), dtype=down.dtype, buffer=nl.sbuf)) for _ in range(n_buf)]

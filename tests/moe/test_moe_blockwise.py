@@ -86,6 +86,16 @@ def test_tensor_parallel_sharding_invariance(t, e, n_tp, seed):
     assert_close("vs reference", moe_decode_reference(x, idx, w, gu, dn, sh), acc)
 
 
+@pytest.mark.parametrize("h, inter, shared_inter", [(512, 4096, 0), (2048, 512, 128), (2048, 640, 0)])
+def test_small_t_with_large_intermediate_fits_psum(h, inter, shared_inter, rng):
+    """T <= 128 takes the one-pass PSUM-accumulating path only when its accumulator and h^T S tiles fit the
+    PSUM banks (2048 x 512: 5 banks, at the limit); larger I falls back to the two-phase path."""
+    x, gu, dn, sh, w, idx = moe_problem(rng, 8, h, 3, inter, 2, shared_inter, dtype="bfloat16")
+    tpos, b2e = moe_block_mapping(idx, 3, 8)
+    out = moe_blockwise(x, w, gu, dn, tpos, b2e, 8, shared=sh, top_k_index=idx)
+    assert_close("out", moe_decode_reference(x, idx, w, gu, dn, sh), out, dtype="bfloat16")
+
+
 def test_token_routed_to_no_local_expert_gets_only_shared_term(rng):
     x, gu, dn, sh, w, _ = moe_problem(rng, 6, 256, 4, 64, 2, 64, True)
     idx = np.array([[0, 1], [9, 8], [2, 3], [8, 9], [1, 2], [10, 11]], dtype=np.int32)   # tokens 1, 3, 5: remote

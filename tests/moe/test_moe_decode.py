@@ -86,6 +86,14 @@ def test_many_slots_stream_in_waves(rng):
     assert_close("waves lnc2", ref, moe_decode(x, idx, w, gu, dn, shared=sh, lnc=2))
 
 
+def test_big_shared_expert_shrinks_the_weight_ring(rng):
+    """A 96 KiB-per-partition shared expert (H=2048, Is=1024, bf16) leaves room for fewer routed-expert buffers
+    (the ring budget counts the shared weights); the result is unchanged."""
+    x, gu, dn, sh, w, idx = moe_problem(rng, 1, 2048, 8, 256, 5, 1024, True, dtype="bfloat16")
+    out = moe_decode(x, idx, w, gu, dn, shared=sh)
+    assert_close("big shared", moe_decode_reference(x, idx, w, gu, dn, sh), out, dtype="bfloat16")
+
+
 def test_bf16_large_values(rng):
     x, gu, dn, sh, w, idx = moe_problem(rng, 8, 256, 16, 128, 8, 128, True, dtype="bfloat16")
     x = (np.asarray(x, np.float32) * 20).astype(x.dtype)       # silu deep in both tails
