@@ -37,6 +37,7 @@ _RSQRT_POSTSCALE = 2.0 ** -20
 _STATE_DTYPES = ("float32", "bfloat16")
 _STATE_BUFFERS = 4                # sequences whose state rows are in SBUF at once (prefetch depth + 1) ...
 _STATE_SBUF_BYTES = 96 * 1024     # ... within this many bytes per partition
+_INPUT_SBUF_BYTES = 48 * 1024    # bytes per partition for the inputs of the sequences loaded at once
 _RANK_BANK_HEADS = 4              # [Dk, Dk] fp32 rank-1 products per PSUM bank (4 x 512 B = 2 KiB)
 
 
@@ -58,8 +59,9 @@ def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, 
     Constraints:
         T <= _MAX_DECODE_TOKENS; Dk, Dv <= _MAX_HEAD_DIM; Hv <= _MAX_V_HEADS; T Hk <= 128.
     Pseudocode:
-        inputs of all B sequences: one DMA per tensor; state rows of up to 4 sequences in flight
+        slot ids of all B sequences; state rows of up to 4 sequences in flight
         for b:
+          every n_grp sequences (as many as fit _INPUT_SBUF_BYTES): their inputs, one DMA per tensor
           S[h] = state_pool[slot_ids[b], h]      (one dynamic DMA per owned head -> SBUF [Dk, Hv, Dv] fp32)
           from the inputs only: k, q columns [Dk, T, Hv, 2] (normalised), [k' q''] columns, k rows and the
             addend rows [beta v ; (k.q) beta v] on partitions (2h, 2h + 1); bf16: k' k^T [Dk, T, Hv, Dk]
@@ -92,17 +94,14 @@ def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, 
     nisa.memset(dst=kqz, value=0.0)
     nisa.memset(dst=kqz[0:1, :, :, 0], value=1.0)
 
-    # inputs of all B sequences: one DMA per tensor (few DMAs: each holds a DMA queue for its whole latency)
-    ins = dict(
-        slot=nl.ndarray((1, bsz), dtype=nl.int32, buffer=nl.sbuf),
-        k_rows=nl.ndarray((n_tk, bsz, dk), dtype=cdt, buffer=nl.sbuf),
-        q_rows=nl.ndarray((n_tk, bsz, dk), dtype=cdt, buffer=nl.sbuf),
-        v_pairs=nl.ndarray((n_r, bsz, n_tok, dv), dtype=cdt, buffer=nl.sbuf),
-        g_bc=nl.ndarray((dk, bsz, n_th), dtype=f32, buffer=nl.sbuf),
-        beta_bc=nl.ndarray((dk, bsz, n_th), dtype=f32, buffer=nl.sbuf),
-        beta_pairs=nl.ndarray((n_r, bsz, n_tok), dtype=f32, buffer=nl.sbuf),
-        g_pairs=nl.ndarray((n_r, bsz, n_tok), dtype=f32, buffer=nl.sbuf))
-    _load_inputs(q, k, v, g, beta, slot_ids, ins)
+    # slot ids of all B sequences; the other inputs of up to n_grp sequences at a time (SBUF budget), one DMA
+    # per tensor and group (few DMAs: each holds a DMA queue for its whole latency)
+    slot_all = nl.ndarray((1, bsz), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=slot_all, src=slot_ids.ap(pattern=[[bsz, 1], [1, bsz]], offset=0))
+    isz = 2 if cdt == nl.bfloat16 else 4
+    per_seq = (2 * dk + n_tok * dv) * isz + 2 * (n_th + n_tok) * 4
+    n_grp = max(1, min(bsz, _INPUT_SBUF_BYTES // per_seq))
+    ins = _load_inputs(q, k, v, g, beta, 0, n_grp, cdt)
     # state rows: up to _STATE_BUFFERS sequences in flight, so the reads of the next sequences stream in while b
     # runs and b's write-back (3 us of DMA latency) does not hold up the next reads
     # LNC=2: each program instance owns half of the v heads (their state rows, updates and o rows); the
@@ -112,16 +111,19 @@ def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, 
     n_buf = max(1, min(bsz, _STATE_BUFFERS, _STATE_SBUF_BYTES // (n_hv * dv * 4)))
     state_buf = nl.ndarray((dk, n_buf, n_hv, dv), dtype=f32, buffer=nl.sbuf)
     for i_b in nl.affine_range(n_buf - 1):
-        _load_state(state_pool, ins["slot"][0:1, i_b:i_b + 1], state_buf[:, i_b], own)
+        _load_state(state_pool, slot_all[0:1, i_b:i_b + 1], state_buf[:, i_b], own)
     for i_b in nl.sequential_range(bsz):
+        if i_b > 0 and i_b % n_grp == 0:
+            ins = _load_inputs(q, k, v, g, beta, i_b, min(n_grp, bsz - i_b), cdt)
         i_pre = i_b + n_buf - 1
         if i_pre < bsz:
-            _load_state(state_pool, ins["slot"][0:1, i_pre:i_pre + 1], state_buf[:, i_pre % n_buf], own)
-        slot = ins["slot"][0:1, i_b:i_b + 1]
+            _load_state(state_pool, slot_all[0:1, i_pre:i_pre + 1], state_buf[:, i_pre % n_buf], own)
+        slot = slot_all[0:1, i_b:i_b + 1]
         state_sb = state_buf[:, i_b % n_buf]
+        i_g = i_b % n_grp
         exp_g = nl.ndarray((dk, n_th), dtype=f32, buffer=nl.sbuf)
-        nisa.activation(dst=exp_g, op=nl.exp, data=ins["g_bc"][:, i_b, :])
-        heads = _prepare_heads(q.shape, v.shape, ins, i_b, exp_g, sel, ones_sb, kqz, scale, use_l2norm, cdt)
+        nisa.activation(dst=exp_g, op=nl.exp, data=ins["g_bc"][:, i_g, :])
+        heads = _prepare_heads(q.shape, v.shape, ins, i_g, exp_g, sel, ones_sb, kqz, scale, use_l2norm, cdt)
         dl_rows = nl.ndarray((n_r, n_tok, dv), dtype=cdt, buffer=nl.sbuf)    # rows 2h: delta_h, 2h + 1: o_h
         for i_t in nl.sequential_range(n_tok):
             for i_o in nl.affine_range(n_own):
@@ -194,22 +196,33 @@ def _head_token_rank1(state_sb, heads, exp_g, dl_rows, i_t, i_h):
                        op=nl.add)
 
 
-def _load_inputs(q, k, v, g, beta, slot_ids, ins):
-    """Load the inputs of all B sequences: slot ids, contiguous q/k rows, v rows and g/beta twice per v head
-    (partitions 2h, 2h + 1), g/beta broadcast over the Dk partitions."""
-    bsz, n_tok, n_hk, dk = q.shape
+def _load_inputs(q, k, v, g, beta, b0, nb, cdt):
+    """The inputs of sequences b0 .. b0 + nb - 1 in SBUF (index 1 = the sequence within the group): contiguous
+    q/k rows, v rows and g/beta twice per v head (partitions 2h, 2h + 1), g/beta broadcast over the Dk
+    partitions."""
+    _, n_tok, n_hk, dk = q.shape
     n_hv, dv = v.shape[2], v.shape[3]
     n_th, n_tk = n_tok * n_hv, n_tok * n_hk
-    nisa.dma_copy(dst=ins["slot"], src=slot_ids.ap(pattern=[[bsz, 1], [1, bsz]], offset=0))
+    f32 = nl.float32
+    ins = dict(
+        k_rows=nl.ndarray((n_tk, nb, dk), dtype=cdt, buffer=nl.sbuf),
+        q_rows=nl.ndarray((n_tk, nb, dk), dtype=cdt, buffer=nl.sbuf),
+        v_pairs=nl.ndarray((2 * n_hv, nb, n_tok, dv), dtype=cdt, buffer=nl.sbuf),
+        g_bc=nl.ndarray((dk, nb, n_th), dtype=f32, buffer=nl.sbuf),
+        beta_bc=nl.ndarray((dk, nb, n_th), dtype=f32, buffer=nl.sbuf),
+        beta_pairs=nl.ndarray((2 * n_hv, nb, n_tok), dtype=f32, buffer=nl.sbuf),
+        g_pairs=nl.ndarray((2 * n_hv, nb, n_tok), dtype=f32, buffer=nl.sbuf))
     for name, x in (("k_rows", k), ("q_rows", q)):
-        nisa.dma_copy(dst=ins[name], src=x.ap(pattern=[[dk, n_tk], [n_tk * dk, bsz], [1, dk]], offset=0))
+        nisa.dma_copy(dst=ins[name], src=x.ap(pattern=[[dk, n_tk], [n_tk * dk, nb], [1, dk]], offset=b0 * n_tk * dk))
     for name, x in (("g_bc", g), ("beta_bc", beta)):
-        nisa.dma_copy(dst=ins[name], src=x.ap(pattern=[[0, dk], [1, bsz * n_th]], offset=0))
+        nisa.dma_copy(dst=ins[name], src=x.ap(pattern=[[0, dk], [1, nb * n_th]], offset=b0 * n_th))
     for i_x in nl.affine_range(2):
         nisa.dma_copy(dst=ins["v_pairs"][i_x:2 * n_hv:2], src=v.ap(
-            pattern=[[dv, n_hv], [n_th * dv, bsz], [n_hv * dv, n_tok], [1, dv]], offset=0))
+            pattern=[[dv, n_hv], [n_th * dv, nb], [n_hv * dv, n_tok], [1, dv]], offset=b0 * n_th * dv))
     for name, x in (("g_pairs", g), ("beta_pairs", beta)):
-        nisa.dma_copy(dst=ins[name], src=x.ap(pattern=[[1, n_hv], [0, 2], [n_th, bsz], [n_hv, n_tok]], offset=0))
+        nisa.dma_copy(dst=ins[name], src=x.ap(pattern=[[1, n_hv], [0, 2], [n_th, nb], [n_hv, n_tok]],
+                                              offset=b0 * n_th))
+    return ins
 
 
 def _load_state(state_pool, slot, state_sb, own):
