@@ -234,14 +234,10 @@ def _blocks_phase(hidden, expert_affinities, gate_up, down, token_position_to_id
     consts = (block_size, n_local, n_h)
     # software pipeline over the blocks, interleaved per chunk of <= 128 slots: the PE program order is
     # hT(b - 1, c), xT(b, c), down(b - 1, c), gate/up(b, c), ... so TensorE has independent work queued while
-    # the transposes are evicted and while SiLU runs; the two call sites (block parity) give consecutive blocks
-    # separate tile buffers (manual double buffering)
+    # the transposes are evicted and while SiLU runs
     pending = None
-    for i_local, i_b in enumerate(range(pid, n_blocks, n_prog)):
-        if i_local % 2 == 0:
-            pending = _block_step(*args, i_b, *consts, scratch, pending)
-        else:
-            pending = _block_step(*args, i_b, *consts, scratch, pending)
+    for i_b in range(pid, n_blocks, n_prog):
+        pending = _block_step(*args, i_b, *consts, scratch, pending)
     if pending is not None:
         for i_c in range(len(pending[1])):
             _down_store_chunk(scratch, hidden.dtype, pending, i_c, _h_transpose_chunk(pending, i_c))
