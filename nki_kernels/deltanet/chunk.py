@@ -41,6 +41,8 @@ _PIPELINE_DEPTH = 3
 _PARTITION_QUADRANT = 32
 # the solve level whose rows are selected by a per-partition mask per block instead of a level mask of A
 _ROW_MASK_BLOCK = 16
+# the solve level whose A mask runs on VectorE (the other small levels' masks on GpSimd): engine balance
+_VECTOR_MASK_LEVEL = 2
 # PSUM banks one [P, W, C] lockstep tile may span: the solve keeps 3 such tiles live (6 of 8 banks)
 _LOCKSTEP_PSUM_BANKS = 2
 
@@ -104,8 +106,8 @@ def gated_delta_rule_kernel(q, k, v, g, beta, initial_state, lengths, consts, ch
               for each lockstep block of W v heads (W = Hv at Qwen shapes):
                 K^T, Q^T (TensorE), K K^T, (K Q^T masked j <= i); decays e^{D^T} by fp32 matmuls with 0/1
                 masks; A^T = (K K^T diag(beta)) o e^{D^T}; P^T; T^T = (I + A)^-1 (block doubling, W heads
-                per instruction); -W^T; beta V; (e^G o Q)^T; K o e^{G_C - G_j}
-            state-dependent: V' = T (beta V) - W S; S = e^{G_C} S + K_d^T V'; O = (e^G o Q) S + P V'
+                per instruction); -W^T; beta V; K o e^{G_C - G_j}
+            state-dependent: V' = T (beta V) - W S; S = e^{G_C} S + K_d^T V'; O = e^G o (Q S) + P V'
             store the chunk's o rows (and the state every N chunks)
           store final S
     """
@@ -264,7 +266,7 @@ def _chunk_prep(q, k, v, g, beta, lengths, per_seq, ctx, cfg):
         yield
         hs = slice(hv0, hv0 + width)
         head_kh = [(hv0 + w) // group - hk0 for w in range(width)]
-        blk = dict(hs=hs, head_kh=head_kh)
+        blk = dict(hs=hs, head_kh=head_kh, q_t=q_t)
         yield from _block_prep(blk, q_c[:, hk0:hk0 + n_kh, :], k_c[:, hk0:hk0 + n_kh, :], v_c[:, hs, :], kk_sb,
                                kq_causal, g_sb[:, hs], beta_sb[:, hs], exp_g[:, hs], beta_exp_g[:, hs], ctx["ws"],
                                cfg, dk, dv)
@@ -339,10 +341,10 @@ def _normalize(x_sb, valid, scale, use_l2norm, cdt):
         return x_sb
     factor = nl.ndarray((chunk, n_h), dtype=nl.float32, buffer=nl.sbuf)
     if use_l2norm:
-        # squares in the input dtype when it is 2-byte (fast VectorE path; the sum is fp32)
+        # squares in the input dtype when it is 2-byte (on GpSimd, VectorE is the busier engine; fp32 sum)
         sq_dt = x_sb.dtype if x_sb.dtype in (nl.bfloat16, nl.float16) else nl.float32
         sq = nl.ndarray((chunk, n_h, d), dtype=sq_dt, buffer=nl.sbuf)
-        nisa.tensor_tensor(dst=sq, data1=x_sb, data2=x_sb, op=nl.multiply)
+        nisa.tensor_tensor(dst=sq, data1=x_sb, data2=x_sb, op=nl.multiply, engine=nisa.engine.gpsimd)
         nisa.tensor_reduce(dst=factor, op=nl.add, data=sq, axis=2)
         nisa.activation(dst=factor, op=nl.rsqrt, data=factor, scale=_RSQRT_PRESCALE,
                         bias=_L2NORM_EPS * _RSQRT_PRESCALE)
@@ -371,8 +373,8 @@ def _lockstep_width(n_hv, group, chunk, dk, dv):
 def _block_prep(blk, q_c, k_c, v_w, kk_sb, kq_causal, g_w, beta_w, exp_g, beta_exp_g, solve_ws, cfg, dk, dv):
     """State-independent part of one chunk for W v-heads of one q/k group in lockstep (a generator).
 
-    Fills blk with P^T [C, W, C], T^T [C, W, C], -W^T [Dk, W, C], beta V [C, W, Dv], the decayed queries
-    (e^G o Q)^T [Dk, W, C] and the decayed keys K o e^{G_C - G_j} [C, W, Dk]. Per-head work (matmuls, ops
+    Fills blk with P^T [C, W, C], T^T [C, W, C], -W^T [Dk, W, C], beta V [C, W, Dv] and the decayed keys
+    K o e^{G_C - G_j} [C, W, Dk]. Per-head work (matmuls, ops
     with a per-head scalar) loops over w; element-wise work common to the W heads is one instruction over
     [P, W, ...]. Engines: decays and the solve on TensorE (fp32 for the decay exponents), PSUM evictions on
     ScalarE / VectorE, SBUF-only products (masks, per-head scalings) on GpSimd.
@@ -436,19 +438,7 @@ def _block_prep(blk, q_c, k_c, v_w, kk_sb, kq_causal, g_w, beta_w, exp_g, beta_e
     wt_neg = nl.ndarray((dk, width, chunk), dtype=cdt, buffer=nl.sbuf)
     nisa.activation(dst=wt_neg, op=nl.copy, data=wt_ps, scale=-1.0)
     del wt_ps
-    # (e^G o Q)^T = Q^T diag(e^G) per v head (the transpose and the row scaling in one matmul), so that
-    # O = (e^G o Q) S + P V' accumulates in one PSUM tile
-    diag_e = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
-    for w in nl.affine_range(width):
-        nisa.tensor_scalar(dst=diag_e[:, w, :], data=ident_w[:, w, :], op0=nl.multiply, operand0=exp_g[:, w:w + 1],
-                           engine=pool)
-    qe_ps = nl.ndarray((dk, width, chunk), dtype=f32, buffer=nl.psum)
-    for w in nl.affine_range(width):
-        nisa.nc_matmul(qe_ps[:, w, :], q_c[:, head_kh[w], :], diag_e[:, w, :])
-    qe_t = nl.ndarray((dk, width, chunk), dtype=cdt, buffer=nl.sbuf)
-    nisa.activation(dst=qe_t, op=nl.copy, data=qe_ps)
-    del qe_ps
-    blk.update(p_t=p_t, t_t=t_t, wt_neg=wt_neg, xv=xv, k_dec=k_dec, qe_t=qe_t)
+    blk.update(p_t=p_t, t_t=t_t, wt_neg=wt_neg, xv=xv, k_dec=k_dec)
     yield
 
 
@@ -473,12 +463,18 @@ def _block_tail(blk, exp_g, exp_glast, s_w, o_w, cfg, dk, dv):
     del vn_ps
     yield
 
-    def output():                          # O = (e^G o Q) S + P V'
-        o_ps = nl.ndarray((chunk, width, dv), dtype=f32, buffer=nl.psum)
+    def output():                          # O = e^G o (Q S) + P V': the row scaling applied at the eviction
+        qs_ps = nl.ndarray((chunk, width, dv), dtype=f32, buffer=nl.psum)
         for w in nl.affine_range(width):
-            nisa.nc_matmul(o_ps[:, w, :], blk["qe_t"][:, w, :], s_c[:, w, :])
-            nisa.nc_matmul(o_ps[:, w, :], p_t[:, w, :], v_new[:, w, :], accumulate=True)
-        nisa.activation(dst=o_w, op=nl.copy, data=o_ps)
+            nisa.nc_matmul(qs_ps[:, w, :], blk["q_t"][:, blk["head_kh"][w], :], s_c[:, w, :])
+        qs_sb = nl.ndarray((chunk, width, dv), dtype=f32, buffer=nl.sbuf)
+        for w in nl.affine_range(width):
+            nisa.activation(dst=qs_sb[:, w, :], op=nl.copy, data=qs_ps[:, w, :], scale=exp_g[:, w:w + 1])
+        del qs_ps
+        pv_ps = nl.ndarray((chunk, width, dv), dtype=f32, buffer=nl.psum)
+        for w in nl.affine_range(width):
+            nisa.nc_matmul(pv_ps[:, w, :], p_t[:, w, :], v_new[:, w, :])
+        nisa.tensor_tensor(dst=o_w, data1=pv_ps, data2=qs_sb, op=nl.add)
 
     def state_update():                    # S <- e^{G_C} S + (K o e^{G_C - G_j})^T V'
         su_ps = nl.ndarray((dk, width, dv), dtype=f32, buffer=nl.psum)
@@ -500,14 +496,14 @@ def _solve_workspace(masks_w, n_lvl, width, chunk, cdt):
     (each chunk rewrites only their lo columns)."""
     ident_w = masks_w[:, 0]
     lvl_masks = [masks_w[:, 1 + lvl] for lvl in range(n_lvl)]
-    n_lv = [nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf) for _ in range(n_lvl)]
+    n_lv = [None] + [nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf) for _ in range(1, n_lvl)]
     return [ident_w, lvl_masks, n_lv, False]
 
 
 def _init_workspace(solve_ws):
     """Set the N_s tiles of a solve workspace to I (SBUF-to-SBUF DMAs, at the first chunk that uses it)."""
     if not solve_ws[3]:
-        for n_s in solve_ws[2]:
+        for n_s in solve_ws[2][1:]:
             nisa.dma_copy(dst=n_s, src=solve_ws[0])
         solve_ws[3] = True
 
@@ -533,8 +529,8 @@ def _solve_unit_lower(at_sb, ident_w, lvl_masks, n_lv, hi_rows, chunk, cdt):
     head; every other column of T and T^T is unchanged). Operands are in cdt: fp32 for fp32 inputs
     (exact to ~1e-7), bf16 for bf16 inputs (~1e-3 relative on T; see DESIGN.md).
     at_sb [C, W, C]: A^T (only its strictly upper entries are read). ident_w [C, W, C]: I per head.
-    lvl_masks[l] [C, W, C]: level-l entries of A^T. n_lv[l] [C, W, C]: per-level N_s tiles that persist
-    across chunks (their hi columns stay = I; each chunk rewrites the lo columns). hi_rows [C, C] fp32:
+    lvl_masks[l] [C, W, C]: level-l entries of A^T. n_lv[l] [C, W, C] (l >= 1): per-level N_s tiles that
+    persist across chunks (their hi columns stay = I; each chunk rewrites the lo columns). hi_rows [C, C] fp32:
     column b = [row in the second half of 2s-block b] for s = _ROW_MASK_BLOCK.
     """
     f32 = nl.float32
@@ -543,20 +539,18 @@ def _solve_unit_lower(at_sb, ident_w, lvl_masks, n_lv, hi_rows, chunk, cdt):
     half = chunk // 2
     mid = (width + 1) // 2
     halves = [(0, mid), (mid, width)] if mid < width else [(0, width)]
-    # level 0 (blocks 1 -> 2): A_1^T = level-0 entries of A^T (odd columns); T_2^T = I - A_1^T, T_2 = I - A_1
+    # level 0 (blocks 1 -> 2): A_1^T = level-0 entries of A^T (odd columns); T_2^T = I - A_1^T and, from one
+    # full-width PSUM eviction (contiguous), T_2 = I - A_1 with A_1 = (A_1^T)^T by a matmul with I
     a0 = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
     nisa.tensor_tensor(dst=a0, data1=at_sb, data2=lvl_masks[0], op=nl.multiply, engine=pool)
     t_t = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
     nisa.tensor_tensor(dst=t_t, data1=ident_w, data2=a0, op=nl.subtract, engine=pool)
-    m_ps = nl.ndarray((chunk, width, half), dtype=f32, buffer=nl.psum)
+    m_ps = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.psum)
     for w in nl.affine_range(width):
-        nisa.nc_matmul(m_ps[:, w, :], a0[:, w, :], _cols(ident_w[:, w, :], 1, False))     # A_1 (even columns)
-    n0 = n_lv[0]
-    nisa.tensor_tensor(dst=_cols(n0, 1, False), data1=_cols(ident_w, 1, False),
-                       data2=m_ps.reshape((chunk, width, half, 1)), op=nl.subtract)
-    del m_ps
+        nisa.nc_matmul(m_ps[:, w, :], a0[:, w, :], ident_w[:, w, :])     # A_1 = (A_1^T)^T
     t_row = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
-    nisa.tensor_copy(dst=t_row, src=n0)
+    nisa.tensor_tensor(dst=t_row, data1=ident_w, data2=m_ps, op=nl.subtract)
+    del m_ps
     yield
     n_lvl = _n_levels(chunk)
     for lvl in nl.sequential_range(1, n_lvl):
@@ -573,7 +567,9 @@ def _solve_unit_lower(at_sb, ident_w, lvl_masks, n_lv, hi_rows, chunk, cdt):
         a_s = at_sb
         if not (by_rows or by_mask):
             a_s = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
-            nisa.tensor_tensor(dst=a_s, data1=at_sb, data2=lvl_masks[lvl], op=nl.multiply, engine=pool)
+            # GpSimd, but level _VECTOR_MASK_LEVEL on VectorE (bf16 fast mode) to balance the two engines
+            eng = nisa.engine.vector if lvl == _VECTOR_MASK_LEVEL else pool
+            nisa.tensor_tensor(dst=a_s, data1=at_sb, data2=lvl_masks[lvl], op=nl.multiply, engine=eng)
         m_ps = nl.ndarray((chunk, width, half), dtype=f32, buffer=nl.psum)
         for h0, h1 in halves:
             for w in nl.affine_range(h0, h1):
@@ -606,7 +602,7 @@ def _solve_unit_lower(at_sb, ident_w, lvl_masks, n_lv, hi_rows, chunk, cdt):
                 nisa.activation(dst=_cols(t_row[:, h0:h1], s, False), op=nl.copy,
                                 data=x_ps[:, h0:h1].reshape((chunk, h1 - h0, nb, s)))
             tt_new, y_new = _cols(t_t[:, h0:h1], s, True), y_ps[:, h0:h1].reshape((chunk, h1 - h0, nb, s))
-            if h0 == 0:                                  # evictions split over ScalarE and VectorE
+            if h0 == 0 or lvl % 2:                       # evictions: 3/4 on ScalarE, 1/4 on VectorE
                 nisa.activation(dst=tt_new, op=nl.copy, data=y_new)
             else:
                 nisa.tensor_copy(dst=tt_new, src=y_new)
