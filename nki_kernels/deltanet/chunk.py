@@ -37,6 +37,12 @@ _RSQRT_PRESCALE = 2.0 ** -40
 _RSQRT_POSTSCALE = 2.0 ** -20
 # chunks whose state-independent part is emitted ahead of (interleaved with) the current chunk's state update
 _PIPELINE_DEPTH = 3
+# SBUF per partition grows with Hv * C (the [C, W, C] lockstep tiles of every chunk in flight). Measured with
+# lifetime-exact accounting at Dk = Dv = 128 on trn2 (212984 B): bf16 inputs fit 3 chunks in flight up to
+# Hv * C = 1024, 2 up to 2048 and 1 up to 4096; fp32 compute (fp32 / fp16 inputs, one chunk in flight) fits
+# Hv * C <= 2048
+_DEPTH_BY_HV_CHUNK = ((1024, 3), (2048, 2), (4096, 1))
+_MAX_HV_CHUNK_FP32 = 2048
 # compute instructions on <= 32 partitions must start at a multiple of 32 (0, 32, 64, 96)
 _PARTITION_QUADRANT = 32
 # the solve level whose rows are selected by a per-partition mask per block instead of a level mask of A
@@ -146,7 +152,7 @@ def gated_delta_rule_kernel(q, k, v, g, beta, initial_state, lengths, consts, ch
         else:
             nisa.activation(dst=masks_w[:, :, i_w, :], op=nl.copy, data=consts_sb[:, _C_IDENT:_C_MT0 + n_lvl, :])
     # one solve workspace per chunk in flight (fp32 inputs: one chunk ahead only, to save SBUF)
-    depth = _PIPELINE_DEPTH if cdt != f32 else 1
+    depth = _pipeline_depth(n_hv, chunk) if cdt != f32 else 1
     solve_wss = [_solve_workspace(masks_w, n_lvl, width, chunk, cdt) for _ in range(depth)]
 
     cfg = dict(chunk=chunk, seq=seq, width=width, group=group, scale=scale, use_l2norm=use_l2norm, cdt=cdt,
@@ -357,6 +363,11 @@ def _normalize(x_sb, valid, scale, use_l2norm, cdt):
     for i_h in nl.affine_range(n_h):
         nisa.activation(dst=out[:, i_h, :], op=nl.copy, data=x_sb[:, i_h, :], scale=factor[:, i_h:i_h + 1])
     return out
+
+
+def _pipeline_depth(n_hv, chunk):
+    """Chunks in flight (<= _PIPELINE_DEPTH) whose tiles fit SBUF beside the state (bf16 inputs)."""
+    return min(_PIPELINE_DEPTH, max(d for limit, d in _DEPTH_BY_HV_CHUNK if n_hv * chunk <= limit))
 
 
 def _lockstep_width(n_hv, group, chunk, dk, dv):
@@ -630,6 +641,11 @@ def gated_delta_rule(q, k, v, g, beta, chunk_size=64, initial_state=None, output
                  f"got chunk_size={chunk_size}")
     # Dv-wide PSUM tiles and [C, n_hv] decay tiles must fit one PSUM bank
     kernel_check(n_hv <= PSUM_FMAX_FP32, f"{name}: Hv must be <= {PSUM_FMAX_FP32}, got Hv={n_hv}")
+    max_hv_chunk = _DEPTH_BY_HV_CHUNK[-1][0] if _dtype_name(q) == "bfloat16" else _MAX_HV_CHUNK_FP32
+    kernel_check(n_hv * chunk_size <= max_hv_chunk,
+                 f"{name}: Hv * chunk_size must be <= {max_hv_chunk} for {_dtype_name(q)} inputs (SBUF per "
+                 f"partition), got Hv={n_hv}, chunk_size={chunk_size}; use chunk_size=64 or fewer v heads "
+                 f"per launch (tensor parallelism)")
     has_init = initial_state is not None
     if has_init:
         kernel_check(tuple(initial_state.shape) == (bsz, n_hv, dk, dv), f"{name}: initial_state must be "

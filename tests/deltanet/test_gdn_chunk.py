@@ -163,6 +163,23 @@ def test_checkpoints(every, rng):
     assert_close("checkpoint 0 == prefix state", s_prefix[0], ck[0, 0]) if every == 1 else None
 
 
+@pytest.mark.parametrize("hv, chunk", [(4, 128), (16, 128), (32, 128)])
+def test_bf16_pipeline_with_lengths_and_checkpoints(hv, chunk, rng):
+    """bf16 inputs run the state-independent stages of several chunks ahead (3, 2 or 1 in flight as SBUF
+    allows for Hv * C); valid lengths, an initial state and checkpoints across several chunks still match."""
+    t = 3 * chunk + 20
+    q, k, v, g, beta = gdn_inputs(rng, 2, t, 2, hv, 32, 32, BF16)
+    lens = np.array([t, 2 * chunk + 7])
+    init = rng.standard_normal((2, hv, 32, 32)).astype(np.float32)
+    kw = dict(chunk_size=chunk, use_qk_l2norm_in_kernel=True, valid_lengths=lens, checkpoint_every=1,
+              initial_state=init)
+    o, s, ck = gated_delta_rule(q, k, v, g, beta, **kw)
+    ro, rs, rck = ref.gated_delta_rule(q, k, v, g, beta, **kw)
+    assert_close("o", ro, o, dtype="bfloat16")
+    assert_close("state", rs, s, dtype="bfloat16")
+    assert_close("checkpoints", rck, ck, dtype="bfloat16")
+
+
 def test_checkpoint_none_when_sequence_too_short(rng):
     q, k, v, g, beta = gdn_inputs(rng, 1, 50, 1, 1, 16, 16)
     _, _, ck = gated_delta_rule(q, k, v, g, beta, checkpoint_every=1)
@@ -220,6 +237,8 @@ def _good(rng):
     (lambda a: a.update(initial_state=np.zeros((1, 2, 16, 16), np.float32)), "initial_state must be"),
     (lambda a: a.update(checkpoint_every=0), "checkpoint_every must be >= 1"),
     (lambda a: a.update(cu_seqlens=np.array([0, 8])), "cu_seqlens"),
+    (lambda a: a.update(v=np.zeros((1, 8, 64, 16), np.float32), g=np.zeros((1, 8, 64), np.float32),
+                        beta=np.zeros((1, 8, 64), np.float32)), "Hv \\* chunk_size must be <= 2048"),
 ])
 def test_bad_inputs_raise(mutate, match, rng):
     q, k, v, g, beta = _good(rng)
