@@ -326,11 +326,8 @@ def _finalize_phase(hidden, scratch, token_to_position, shared_gate_up, shared_d
     if shared_gate_up is not None:
         shared_w = (s_wgu_sb, s_wd_sb, s_wsg_sb)
     consts = (hidden, scratch, inv_all, ident_sb, shared_w, out, group)
-    for i_m, i_r in enumerate(mine):   # two call sites: consecutive row chunks get separate tile buffers
-        if i_m % 2 == 0:
-            _finalize_rows(*consts, i_m, i_r)
-        else:
-            _finalize_rows(*consts, i_m, i_r)
+    for i_m, i_r in enumerate(mine):
+        _finalize_rows(*consts, i_m, i_r)
 
 
 def _load_token_slots(token_to_position, mine):
