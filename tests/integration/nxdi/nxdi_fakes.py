@@ -252,3 +252,20 @@ def make_code_predictor_class():
             return "original"
 
     return UnifiedNeuronCodePredictor
+
+
+def code_predictor_reference_weights(mod):
+    """Independent packing of a fake code predictor's parameters for the NumPy reference: natural arrays straight
+    from the parameters (float64), head counts from the projection shapes, RoPE from theta."""
+    from nki_kernels.codepredictor.weights import pack_weights
+    f = lambda t: t.detach().double().numpy()                                        # noqa: E731
+    layers = [dict(input_norm=f(l.input_layernorm.weight), post_norm=f(l.post_attention_layernorm.weight),
+                   q_norm=f(l.self_attn.q_norm.weight), k_norm=f(l.self_attn.k_norm.weight),
+                   q=f(l.self_attn.q_proj.weight), k=f(l.self_attn.k_proj.weight), v=f(l.self_attn.v_proj.weight),
+                   o=f(l.self_attn.o_proj.weight), gate=f(l.mlp.gate_proj.weight), up=f(l.mlp.up_proj.weight),
+                   down=f(l.mlp.down_proj.weight)) for l in mod.layers]
+    head_dim = mod.layers[0].self_attn.q_norm.weight.shape[0]
+    n_q = mod.layers[0].self_attn.q_proj.weight.shape[0] // head_dim
+    n_kv = mod.layers[0].self_attn.k_proj.weight.shape[0] // head_dim
+    return pack_weights(layers, f(mod.norm.weight), f(mod.codec_embedding_stacked), f(mod.lm_head_stacked),
+                        n_q_heads=n_q, n_kv_heads=n_kv, dtype="bfloat16", rope_theta=1_000_000.0)

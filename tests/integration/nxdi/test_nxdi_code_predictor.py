@@ -10,33 +10,17 @@ from nki_kernels.testing import assert_close
 from integration.nxdi import AdapterInputError, apply, set_code_predictor_sampling
 from integration.nxdi import code_predictor as nxcp
 
-from nxdi_fakes import make_code_predictor_class
+from nxdi_fakes import code_predictor_reference_weights, make_code_predictor_class
 
-cp_weights = pytest.importorskip("nki_kernels.codepredictor.weights")
 cp_ref = pytest.importorskip("nki_kernels.codepredictor.reference")
-
-
-def _reference_weights(mod):
-    """Independent packing for the reference: natural arrays straight from the parameters, RoPE from theta."""
-    f = lambda t: t.detach().double().numpy()                                        # noqa: E731
-    layers = [dict(input_norm=f(l.input_layernorm.weight), post_norm=f(l.post_attention_layernorm.weight),
-                   q_norm=f(l.self_attn.q_norm.weight), k_norm=f(l.self_attn.k_norm.weight),
-                   q=f(l.self_attn.q_proj.weight), k=f(l.self_attn.k_proj.weight), v=f(l.self_attn.v_proj.weight),
-                   o=f(l.self_attn.o_proj.weight), gate=f(l.mlp.gate_proj.weight), up=f(l.mlp.up_proj.weight),
-                   down=f(l.mlp.down_proj.weight)) for l in mod.layers]
-    n_q = mod.layers[0].self_attn.q_proj.weight.shape[0] // mod.layers[0].self_attn.q_norm.weight.shape[0]
-    n_kv = mod.layers[0].self_attn.k_proj.weight.shape[0] // mod.layers[0].self_attn.q_norm.weight.shape[0]
-    return cp_weights.pack_weights(layers, f(mod.norm.weight), f(mod.codec_embedding_stacked),
-                                   f(mod.lm_head_stacked), n_q_heads=n_q, n_kv_heads=n_kv, dtype="bfloat16",
-                                   rope_theta=1_000_000.0)
 
 
 def _check_codes(codes, mod, past, last, **sampling):
     """Codes vs the float64 reference, teacher-forced on the adapter's codes so a single bf16 near-tie cannot
     cascade: each code is the reference's choice, or a candidate whose logit is within bf16 noise of it."""
     rcodes, _, logits = cp_ref.code_predictor_reference(past[:, 0].float().numpy(), last[:, 0].float().numpy(),
-                                                        _reference_weights(mod), forced_codes=codes.numpy(),
-                                                        return_logits=True, **sampling)
+                                                        code_predictor_reference_weights(mod),
+                                                        forced_codes=codes.numpy(), return_logits=True, **sampling)
     got = np.take_along_axis(logits, codes.numpy()[..., None].astype(np.int64), -1)[..., 0]
     want = np.take_along_axis(logits, rcodes[..., None].astype(np.int64), -1)[..., 0]
     tol = 1e-2 * np.abs(logits).max(-1)
@@ -63,8 +47,8 @@ def test_greedy_matches_reference(b):
     assert codes.dtype == torch.int32 and tuple(codes.shape) == (b, g1)
     assert tuple(mid.shape) == (b, g1 - 1, past.shape[-1]) and mid.dtype == past.dtype
     _check_codes(codes, mod, past, last)
-    _, rembeds = cp_ref.code_predictor_reference(past[:, 0].numpy(), last[:, 0].numpy(), _reference_weights(mod),
-                                                 forced_codes=codes.numpy())
+    _, rembeds = cp_ref.code_predictor_reference(past[:, 0].numpy(), last[:, 0].numpy(),
+                                                 code_predictor_reference_weights(mod), forced_codes=codes.numpy())
     assert_close("mid_hiddens", rembeds[:, :g1 - 1], mid.numpy(), dtype="bfloat16")
     # mid_hiddens are the talker's summands: codec_embedding[j](code j+1)
     emb = mod.codec_embedding_stacked.detach()

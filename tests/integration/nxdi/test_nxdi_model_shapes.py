@@ -13,7 +13,8 @@ from integration.nxdi import code_predictor as nxcp
 from integration.nxdi import deltanet as nxgdn
 from integration.nxdi import moe as nxmoe
 
-from nxdi_fakes import blockwise_mapping, make_attention_classes, make_code_predictor_class
+from nxdi_fakes import (blockwise_mapping, code_predictor_reference_weights, make_attention_classes,
+                        make_code_predictor_class)
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +74,6 @@ def test_qwen35_moe_ep_slice_bf16():
 
 
 def test_omni_code_predictor_full_size():
-    cp_weights = pytest.importorskip("nki_kernels.codepredictor.weights")
     cp_ref = pytest.importorskip("nki_kernels.codepredictor.reference")
     cls = make_code_predictor_class()
     mod = cls(dtype=torch.bfloat16, hidden=1024, n_layers=5, n_q=16, n_kv=8, d=128, inter=3072, vocab=2048,
@@ -82,18 +82,11 @@ def test_omni_code_predictor_full_size():
     past, last = (torch.randn(1, 1, 1024, generator=gen).bfloat16() for _ in range(2))
     codes, mid = nxcp.code_predictor_forward(mod, past, last)
     assert tuple(codes.shape) == (1, 15) and tuple(mid.shape) == (1, 14, 1024)
-    f = lambda t: t.detach().float().numpy()                                            # noqa: E731
-    layers = [dict(input_norm=f(l.input_layernorm.weight), post_norm=f(l.post_attention_layernorm.weight),
-                   q_norm=f(l.self_attn.q_norm.weight), k_norm=f(l.self_attn.k_norm.weight),
-                   q=f(l.self_attn.q_proj.weight), k=f(l.self_attn.k_proj.weight), v=f(l.self_attn.v_proj.weight),
-                   o=f(l.self_attn.o_proj.weight), gate=f(l.mlp.gate_proj.weight), up=f(l.mlp.up_proj.weight),
-                   down=f(l.mlp.down_proj.weight)) for l in mod.layers]
-    w = cp_weights.pack_weights(layers, f(mod.norm.weight), f(mod.codec_embedding_stacked), f(mod.lm_head_stacked),
-                                n_q_heads=16, n_kv_heads=8)
+    w = code_predictor_reference_weights(mod)
     # teacher-forced on the adapter's codes, so one bf16 near-tie cannot cascade; every code must be the
     # reference's choice or within bf16 noise of the reference's best logit
-    rcodes, _, logits = cp_ref.code_predictor_reference(f(past[:, 0]), f(last[:, 0]), w, forced_codes=codes.numpy(),
-                                                        return_logits=True)
+    rcodes, _, logits = cp_ref.code_predictor_reference(past[:, 0].float().numpy(), last[:, 0].float().numpy(), w,
+                                                        forced_codes=codes.numpy(), return_logits=True)
     chosen = np.take_along_axis(logits, codes.numpy()[..., None].astype(np.int64), -1)[..., 0]
     gap = logits.max(-1) - chosen
     assert np.all((codes.numpy() == rcodes) | (gap <= 2e-2 * np.abs(logits).max(-1))), (codes, rcodes, gap)
