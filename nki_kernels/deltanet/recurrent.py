@@ -36,7 +36,8 @@ _RSQRT_PRESCALE = 2.0 ** -40
 _RSQRT_POSTSCALE = 2.0 ** -20
 _STATE_DTYPES = ("float32", "bfloat16")
 _STATE_BUFFERS = 4                # sequences whose state rows are in SBUF at once (prefetch depth + 1) ...
-_STATE_SBUF_BYTES = 96 * 1024     # ... within this many bytes per partition
+_STATE_SBUF_BYTES = 96 * 1024     # ... within this many bytes per partition, less the bf16 path's rank-1
+                                  # stationaries [Dk, T, Hv, Dk] (64 KiB at T = 4, Hv = 64, Dk = 128)
 _INPUT_SBUF_BYTES = 48 * 1024    # bytes per partition for the inputs of the sequences loaded at once
 _RANK_BANK_HEADS = 4              # [Dk, Dk] fp32 rank-1 products per PSUM bank (4 x 512 B = 2 KiB)
 
@@ -62,7 +63,7 @@ def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, 
         slot ids of all B sequences; state rows of up to 4 sequences in flight
         for b:
           every n_grp sequences (as many as fit _INPUT_SBUF_BYTES): their inputs, one DMA per tensor
-          S[h] = state_pool[slot_ids[b], h]      (one dynamic DMA per owned head -> SBUF [Dk, Hv, Dv] fp32)
+          S[h] = state_pool[slot_ids[b], h]      (one dynamic DMA per owned head -> SBUF [Dk, Hv / LNC, Dv] fp32)
           from the inputs only: k, q columns [Dk, T, Hv, 2] (normalised), [k' q''] columns, k rows and the
             addend rows [beta v ; (k.q) beta v] on partitions (2h, 2h + 1); bf16: k' k^T [Dk, T, Hv, Dk]
           for t, for each owned h (as soon as S[h] has arrived):
@@ -108,8 +109,9 @@ def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, 
     # inputs-only preparation is cheap and done for all heads by both
     n_own = n_hv // nl.num_programs(0)
     own = (nl.program_id(0) * n_own, n_own)
-    n_buf = max(1, min(bsz, _STATE_BUFFERS, _STATE_SBUF_BYTES // (n_hv * dv * 4)))
-    state_buf = nl.ndarray((dk, n_buf, n_hv, dv), dtype=f32, buffer=nl.sbuf)
+    rank_pp = n_tok * n_hv * dk * 2 if cdt != f32 else 0
+    n_buf = max(1, min(bsz, _STATE_BUFFERS, (_STATE_SBUF_BYTES - rank_pp) // (n_own * dv * 4)))
+    state_buf = nl.ndarray((dk, n_buf, n_own, dv), dtype=f32, buffer=nl.sbuf)     # the owned heads only
     for i_b in nl.affine_range(n_buf - 1):
         _load_state(state_pool, slot_all[0:1, i_b:i_b + 1], state_buf[:, i_b], own)
     for i_b in nl.sequential_range(bsz):
@@ -129,29 +131,28 @@ def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, 
             for i_o in nl.affine_range(n_own):
                 i_h = own[0] + i_o
                 if cdt == f32:
-                    _head_token_rows(state_sb, heads, exp_g, dl_rows, i_t, i_h)
+                    _head_token_rows(state_sb[:, i_o, :], heads, exp_g, dl_rows, i_t, i_h)
                 else:
-                    _head_token_rank1(state_sb, heads, exp_g, dl_rows, i_t, i_h)
+                    _head_token_rank1(state_sb[:, i_o, :], heads, exp_g, dl_rows, i_t, i_h)
                 if i_t == n_tok - 1:
                     nisa.dma_copy(dst=state_pool.ap(pattern=[[dv, dk], [1, dv]], offset=i_h * dk * dv,
-                                                    scalar_offset=slot, indirect_dim=0), src=state_sb[:, i_h, :])
+                                                    scalar_offset=slot, indirect_dim=0), src=state_sb[:, i_o, :])
         nisa.dma_copy(dst=o.ap(pattern=[[dv, n_own], [n_hv * dv, n_tok], [1, dv]],
                                offset=(i_b * n_th + own[0]) * dv),
                       src=dl_rows[2 * own[0] + 1:2 * (own[0] + n_own):2, :, :])
     return o
 
 
-def _head_token_rows(state_sb, heads, exp_g, dl_rows, i_t, i_h):
-    """fp32 inputs: one token of v head h on S = state_sb[:, h] ([Dk, Dv] fp32), fp32 matmuls.
+def _head_token_rows(s_h, heads, exp_g, dl_rows, i_t, i_h):
+    """fp32 inputs: one token of v head h on its state S = s_h ([Dk, Dv] fp32, SBUF), fp32 matmuls.
 
     rows (2h, 2h + 1) of [k' q'']^T S plus the addend are (delta_h, o_h); S = e^g S + k_h delta_h^T."""
-    dk, dv = state_sb.shape[0], state_sb.shape[2]
+    dk, dv = s_h.shape
     f32 = nl.float32
     kq_st, k_rows, addend = heads["kq_st"], heads["k_rows"], heads["addend"]
     n_r = kq_st.shape[2] * 2
     i_th = i_t * kq_st.shape[2] + i_h
     rows = slice(2 * i_h, 2 * i_h + 2)
-    s_h = state_sb[:, i_h, :]
     # rows (2h, 2h + 1) = [S^T k' ; S^T q''] (the other rows pair head h's S with other heads' columns)
     sk_ps = nl.ndarray((n_r, dv), dtype=f32, buffer=nl.psum)
     nisa.nc_matmul(sk_ps, kq_st[:, i_t].reshape((dk, n_r)), s_h)
@@ -165,20 +166,19 @@ def _head_token_rows(state_sb, heads, exp_g, dl_rows, i_t, i_h):
                               operand1=outer_ps)
 
 
-def _head_token_rank1(state_sb, heads, exp_g, dl_rows, i_t, i_h):
-    """bf16 inputs: one token of v head h on S = state_sb[:, h] ([Dk, Dv] fp32) with a bf16 copy of S for the
+def _head_token_rank1(s_h, heads, exp_g, dl_rows, i_t, i_h):
+    """bf16 inputs: one token of v head h on its state S = s_h ([Dk, Dv] fp32, SBUF) with a bf16 copy of S for the
     products (as the prefill does; fp32 accumulation, fp32 state).
 
     k delta^T = beta k v^T + (k k'^T) S, so the update needs one matmul after S arrives (the rank-1 stationary
     k' k^T and beta k v^T come from the inputs); o_h = row 2h + 1 of [k' q'']^T S plus (k.q) beta v."""
-    dk, dv = state_sb.shape[0], state_sb.shape[2]
+    dk, dv = s_h.shape
     f32 = nl.float32
     kq_st, k_rows, addend = heads["kq_st"], heads["k_rows"], heads["addend"]
     rank, bv_rows = heads["rank"], heads["bv_rows"]
     n_hv = kq_st.shape[2]
     n_r = 2 * n_hv
     i_th = i_t * n_hv + i_h
-    s_h = state_sb[:, i_h, :]
     upd_ps = nl.ndarray((dk, dv), dtype=f32, buffer=nl.psum)
     nisa.nc_matmul(upd_ps, k_rows[2 * i_h:2 * i_h + 1, i_t, :], bv_rows[2 * i_h:2 * i_h + 1, i_t, :],
                    accumulate=False)
@@ -226,12 +226,12 @@ def _load_inputs(q, k, v, g, beta, b0, nb, cdt):
 
 
 def _load_state(state_pool, slot, state_sb, own):
-    """state_sb [Dk, Hv, Dv] (heads own[0] .. own[0] + own[1]) = state_pool[slot]: one dynamic DMA per head
+    """state_sb [Dk, own[1], Dv] = heads own[0] .. own[0] + own[1] - 1 of state_pool[slot]: one dynamic DMA per head
     (scalar_offset = the slot id in SBUF), so each head's compute starts as soon as its rows arrive."""
     dk, dv = state_sb.shape[0], state_sb.shape[2]
     for i_o in nl.affine_range(own[1]):
         i_h = own[0] + i_o
-        nisa.dma_copy(dst=state_sb[:, i_h, :], src=state_pool.ap(
+        nisa.dma_copy(dst=state_sb[:, i_o, :], src=state_pool.ap(
             pattern=[[dv, dk], [1, dv]], offset=i_h * dk * dv, scalar_offset=slot, indirect_dim=0))
 
 

@@ -64,6 +64,8 @@ class Program:
         self._sites: dict[tuple, int] = {}           # call stack -> sid of its latest allocation
         self._site_index: dict[tuple, int] = {}      # call stack -> small site number (trace metadata)
         self._site_refs: dict[int, list] = {}        # site number -> weakrefs to its allocations, in order
+        self._onchip: dict[int, tuple] = {}          # sid -> (kind, bytes per partition or banks, name)
+        self.live_peak = {"sbuf": 0, "psum": 0}      # peak of first-to-last-use liveness (check_liveness)
         self.act_regs = np.zeros(launch.target.pmax, dtype=np.float32)
         self._shared_seen = 0
 
@@ -87,6 +89,52 @@ class Program:
                 key.append((id(f.f_code), f.f_lasti))     # the call site, even two on one line
             f = f.f_back
         return tuple(key)
+
+    def check_liveness(self):
+        """After the body: the bytes per partition (PSUM banks) of on-chip tensors live at once, each from its
+        first to its last use in the trace. Any allocator needs at least that much, so a peak above capacity
+        cannot fit on the device even where the allocation-time count above (which retires a call site's
+        previous tensor when the site allocates again) let it pass, e.g. a software pipeline that keeps
+        several iterations' tiles of one site in use."""
+        first, last = {}, {}
+        onchip = self._onchip
+        for i, ins in enumerate(self.trace):
+            for a in ins.reads + ins.writes:
+                if a.sid in onchip:
+                    first.setdefault(a.sid, i)
+                    last[a.sid] = i
+        tgt = self.target
+        caps = {"sbuf": tgt.sbuf_bytes_per_partition, "psum": tgt.psum_num_banks}
+        for kind, cap in caps.items():
+            events = []
+            for sid, i0 in first.items():
+                if onchip[sid][0] == kind:
+                    events.append((i0, 1, sid))
+                    events.append((last[sid] + 1, 0, sid))     # freed before the next instruction's tiles
+            events.sort()
+            live, peak, live_set = 0, 0, set()
+            for i, is_alloc, sid in events:
+                amount = onchip[sid][1]
+                if not is_alloc:
+                    live -= amount
+                    live_set.discard(sid)
+                    continue
+                live += amount
+                live_set.add(sid)
+                if live > peak:
+                    peak = live
+                    if peak > cap:
+                        self._overflow(kind, cap, peak, i, live_set)
+            self.live_peak[kind] = peak
+
+    def _overflow(self, kind, cap, peak, idx, live_set):
+        ins = self.trace[idx]
+        big = sorted(live_set, key=lambda s: -self._onchip[s][1])[:4]
+        unit = "B per partition" if kind == "sbuf" else "PSUM banks"
+        names = ", ".join(f"{self._onchip[s][2] or 'tensor'} {self._onchip[s][1]}" for s in big)
+        fail(ins.name, None, f"{kind.upper()} overflow by liveness: {peak} {unit} are in use at once at "
+             f"instruction {idx} (each tensor counted from its first to its last use), more than the {cap} "
+             f"{unit} of {self.target.name}; largest live: {names}")
 
     def _note_site(self, site, st: Storage):
         """Record which allocation site an on-chip tensor came from (trace metadata for the cost model)."""
@@ -142,6 +190,7 @@ class Program:
                 self.psum_banks_peak = max(self.psum_banks_peak, self.psum_banks_live)
                 self._sizes[st.sid] = ("psum", banks)
             self._sites[site] = st.sid
+            self._onchip[st.sid] = (buffer.kind, self._sizes[st.sid][1], name)
             self._note_site(site, st)
             weakref.finalize(st, self._release, st.sid)
             return Tensor.whole(st)
@@ -176,7 +225,8 @@ class RunResult:
     traces: list                        # one Trace per program instance
     target: Target
     lnc: int
-    sbuf_peak_bytes: list = field(default_factory=list)    # per program, bytes per partition
+    # per program: the larger of the allocation-time count and the first-to-last-use liveness peak
+    sbuf_peak_bytes: list = field(default_factory=list)    # bytes per partition
     psum_peak_banks: list = field(default_factory=list)
 
     @property
@@ -263,13 +313,14 @@ def launch(fn, lnc: int, args, kwargs, target: Target | None = None) -> RunResul
             with np.errstate(all="ignore"):       # the device computes inf/NaN silently
                 result = _run_body(fn, call_args, call_kwargs)
             _to_numpy(result, fn.__name__)          # validates what the kernel returns
+            prog.check_liveness()
         finally:
             _stack.pop()
         if pid == 0:
             returned = result
         traces.append(prog.trace)
-        peaks.append(prog.sbuf_peak)
-        banks.append(prog.psum_banks_peak)
+        peaks.append(max(prog.sbuf_peak, prog.live_peak["sbuf"]))
+        banks.append(max(prog.psum_banks_peak, prog.live_peak["psum"]))
     outputs = _to_numpy(returned, fn.__name__)    # after every instance has written its part
     for original, st in storages:
         if st.modified and isinstance(original, np.ndarray):

@@ -82,6 +82,20 @@ def test_many_sequences_load_inputs_in_groups(rng):
     assert_close("pool groups", rpool, pool, dtype="bfloat16")
 
 
+def test_largest_heads_and_tokens_fit_in_sbuf(rng):
+    """B=12, T=4 tokens, Hk=32, Hv=64 heads of Dk=Dv=128, bf16: the rank-1 stationaries take 64 KiB per
+    partition, so fewer state rows are prefetched (this shape overflowed SBUF before); results match the
+    reference."""
+    q, k, v, g, beta = gdn_inputs(rng, 12, 4, 32, 64, 128, 128, DTYPES["bfloat16"])
+    pool = (rng.standard_normal((13, 64, 128, 128)) * 0.1).astype(np.float32)
+    slots = rng.permutation(13)[:12]
+    before = pool.copy()
+    o = gated_delta_rule_step(q, k, v, g, beta, pool, slots, use_qk_l2norm_in_kernel=True)
+    ro, rpool = ref.gated_delta_rule_step(q, k, v, g, beta, before, slots, use_qk_l2norm_in_kernel=True)
+    assert_close("o largest", ro, o, dtype="bfloat16")
+    assert_close("pool largest", rpool[slots], pool[slots], dtype="bfloat16")
+
+
 def test_edge_values(rng):
     """Decay to zero, beta 0 and 1, repeated tokens, huge q/k with the L2 norm."""
     q, k, v, g, beta = gdn_inputs(rng, 4, 4, 1, 2, 64, 64)

@@ -114,3 +114,49 @@ def test_two_allocations_on_one_line_are_both_live():
         return x, y
     with raises("'second'", "120000 B live"):
         kernel_run(k, ONE)
+
+
+def _pipelined(depth):
+    """A software pipeline: each iteration allocates a 60000 B tile from one call site and reads it `depth`
+    iterations later, so `depth + 1` of those tiles are in use at once."""
+    def k(a):
+        acc = nl.ndarray((1, 1), nl.float32, buffer=nl.sbuf)
+        nisa.memset(acc, 0.0)
+        in_flight = []
+        for i in range(6):
+            t = nl.ndarray((128, 15000), nl.float32, buffer=nl.sbuf, name="stage")
+            nisa.memset(t, float(i))
+            in_flight.append(t)
+            if len(in_flight) > depth:
+                old = in_flight.pop(0)
+                nisa.tensor_tensor(dst=acc, data1=acc, data2=old[0:1, 0:1], op=nl.add)
+        for old in in_flight:
+            nisa.tensor_tensor(dst=acc, data1=acc, data2=old[0:1, 0:1], op=nl.add)
+        return hbm_out(acc)
+    return k
+
+
+def test_liveness_counts_every_pipelined_tile_of_one_call_site():
+    # depth 2: 3 tiles of 60000 B in use at once fit in 212984 B (the call-site rule alone counts one)
+    r = kernel_run(_pipelined(2), ONE)
+    assert r.outputs[0, 0] == sum(range(6))
+    assert r.sbuf_peak_bytes == [4 + 3 * 60000]
+    # depth 3: 4 x 60000 B = 240004 B in use at once cannot fit, although each allocation passed
+    with raises("SBUF overflow by liveness", "240004 B per partition", "212984", "stage 60000"):
+        kernel_run(_pipelined(3), ONE)
+
+
+def test_liveness_counts_psum_banks_in_use_at_once():
+    def k(a):
+        tiles = []
+        for i in range(9):
+            ps = nl.ndarray((128, 512), nl.float32, buffer=nl.psum, name="acc_bank")
+            nisa.memset(ps, float(i))
+            tiles.append(ps)
+        out = nl.ndarray((1, 1), nl.float32, buffer=nl.sbuf)
+        nisa.memset(out, 0.0)
+        for ps in tiles:                    # all nine banks are read after all were written
+            nisa.tensor_tensor(dst=out, data1=out, data2=ps[0:1, 0:1], op=nl.add)
+        return hbm_out(out)
+    with raises("PSUM overflow by liveness", "9 PSUM banks", "8 PSUM banks"):
+        kernel_run(k, ONE)
