@@ -235,7 +235,10 @@ def _attend_pipeline(q, gate, out, kT_sb, v_sb, len_f, klen_bias, b, items, skv,
     pT_ring = nl.ndarray((P_MAX, _RING, n_slot, n_ch, _Q_TILE), dtype=dtype, buffer=nl.sbuf)
     t_ring = 2 if is_two_byte(dtype) else 1              # fp32 P^T takes 4x the PSUM: single-buffered
     t_psum = nl.ndarray((P_MAX, t_ring, n_slot, n_pe, _Q_TILE), dtype=dtype, buffer=nl.psum)
-    pv_psum = nl.ndarray((P_MAX, 2, n_slot, d), dtype=nl.float32, buffer=nl.psum)
+    # PV accumulators: one region per (step parity, slot), 2 * _N_STREAMS of them; a region of D_CHUNK < d < 256
+    # columns is padded to 256 fp32 (1 KiB) so that no region straddles a 2 KiB PSUM bank
+    pv_cols = d if d <= D_CHUNK else 2 * D_CHUNK
+    pv_psum = nl.ndarray((P_MAX, 2, n_slot, pv_cols), dtype=nl.float32, buffer=nl.psum)
     bufs = dict(qT=qT_sb, m_blk=m_blk, neg_m=neg_m, alpha=alpha, row_sum=row_sum, l=l_sb, o=o_acc, s_psum=s_psum,
                 s_sb=s_sb, pv_sb=pv_sb, p=p_ring, pT=pT_ring, t_psum=t_psum, pv=pv_psum)
     diag_bias = _DiagonalBias(block)

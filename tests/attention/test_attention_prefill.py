@@ -54,10 +54,11 @@ def test_multi_block_causal_gqa_bf16(d):
     _check("multi-block", q, k, v, "bfloat16", causal=True)
 
 
-@pytest.mark.parametrize("sq, hq, d", [(512, 4, 256), (384, 2, 64), (640, 4, 128)])
+@pytest.mark.parametrize("sq, hq, d", [(512, 4, 256), (384, 2, 64), (640, 4, 128), (512, 2, 192), (384, 2, 160)])
 def test_pipeline_many_short_streams(sq, hq, d):
     """Causal Sq = Skv: many query tiles with one or two key blocks back to back through the pipeline slots
-    (stream state reuse across generations)."""
+    (stream state reuse across generations). D = 160, 192: the PV accumulators of both slots must not straddle
+    a PSUM bank (they did before their regions were padded to 256 columns)."""
     rng = np.random.default_rng(sq + hq)
     q, k, v, g = _inputs(rng, 1, hq, 1, sq, sq, d, BF16, gate=True)
     _check("short streams", q, k, v, "bfloat16", gate=g, causal=True)

@@ -1,0 +1,82 @@
+"""microbench.floors: the floors recomputed by hand from the documented cost-model constants, and the kernels
+never modeled below them (a floor above a kernel's modeled time would be a wrong floor)."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from microbench import floors
+from microbench.registry import cases
+from microbench.runner import run_case
+
+# trn2 constants as documented in KERNELS.md ("Cost model and microbenchmark", DMA)
+_BW = 362.5e9            # bytes/s per core
+_LAT = 2.0               # µs per DMA
+_DYN = 1.0               # µs more for a dynamic DMA
+
+
+def _eff(run):
+    return min(1.0, run / 4096) ** 0.3
+
+
+def test_moe_prefill_floor_by_hand():
+    f = floors.moe_prefill_floor("qwen3.5-35b-a3b tp4", 4096)
+    rows_us = 4096 * 8 * 2048 * 2 / _BW * 1e6            # T * TOPK rows of H bf16, 4 KiB runs
+    assert f["routed_rows_pass_us"] == pytest.approx(rows_us, rel=1e-9)
+    assert f["passes_any"] == 2                           # 128 MiB of slot outputs cannot stay in 26 MiB of SBUF
+    assert f["floor_any_us"] == pytest.approx(f["roofline_us"] + 2 * rows_us, rel=1e-9)
+    assert f["floor_design_us"] == pytest.approx(f["roofline_us"] + 3 * rows_us, rel=1e-9)
+    talker = floors.moe_prefill_floor("qwen3-omni talker tp8", 1024)
+    assert talker["passes_any"] == 0                      # 1024 * 6 * 2 KiB = 12 MiB fits on chip
+    assert talker["routed_rows_pass_us"] == pytest.approx(1024 * 6 * 2048 / (_BW * _eff(2048)) * 1e6, rel=1e-9)
+
+
+def test_moe_decode_floor_by_hand():
+    f = floors.moe_decode_floor("qwen3-omni talker tp8", 1)
+    routed = 6 * 3 * 1024 * 48 * 2                        # TOPK experts of H=1024, I=48
+    shared = (3 * 1024 * 96 + 1024) * 2
+    want = max(_LAT + _LAT + _DYN + routed / _BW * 1e6, _LAT + (routed + shared) / _BW * 1e6) + _LAT
+    assert f["floor_any_us"] == pytest.approx(want, rel=1e-9)
+    assert f["floor_any_us"] / f["roofline_us"] > 1.3      # the issue's decode goal is below the floor
+
+
+def test_gdn_decode_floor_by_hand():
+    head = 128 * 128 * 4
+    for rows, run in ((1, 512), (8, 4096)):
+        f = floors.gdn_decode_floor(rows_per_partition=rows)
+        t = head / (_BW * _eff(run)) * 1e6
+        assert f["floor_any_us"] == pytest.approx(_LAT + 2 * (_LAT + _DYN) + 8 * t + t, rel=1e-9)
+
+
+def test_render_marks_unreachable_goals():
+    text = floors.render(floors.floor_table(), "trn2")
+    assert text.count("**not reachable**") == 5
+    assert "| moe_decode | qwen3-omni talker tp8 | T=1 |" in text
+
+
+def _case(kernel, shape_start):
+    found = [c for c in cases() if c.kernel == kernel and c.shape.startswith(shape_start)]
+    assert len(found) >= 1, (kernel, shape_start)
+    return dataclasses.replace(found[0], baseline_run=None, baseline_name=None)
+
+
+_FAST = [("moe_decode", "qwen3-omni talker tp8 T=1 ", lambda: floors.moe_decode_floor("qwen3-omni talker tp8")),
+         ("gated_delta_rule_step", "qwen3.5-35b-a3b tp4 B=1 T=1 Hk=4 Hv=8 D=128 fp32 state",
+          lambda: floors.gdn_decode_floor()),
+         ("moe_blockwise", "qwen3-omni talker tp8 T=1024 ",
+          lambda: floors.moe_prefill_floor("qwen3-omni talker tp8", 1024))]
+_SLOW = [("moe_blockwise", "qwen3.5-35b-a3b tp4 T=4096 ",
+          lambda: floors.moe_prefill_floor("qwen3.5-35b-a3b tp4", 4096)),
+         ("moe_blockwise", "qwen3-omni thinker tp8 T=4096 ",
+          lambda: floors.moe_prefill_floor("qwen3-omni thinker tp8", 4096))]
+
+
+@pytest.mark.parametrize("kernel, shape, floor", _FAST + [pytest.param(*c, marks=pytest.mark.slow) for c in _SLOW])
+def test_kernels_are_never_modeled_below_their_floor(kernel, shape, floor):
+    res = run_case(_case(kernel, shape))
+    assert res.ok, res.error
+    f = floor()
+    assert res.modeled_us >= f["floor_any_us"]
+    if "floor_design_us" in f:
+        assert res.modeled_us >= f["floor_design_us"]
