@@ -47,11 +47,15 @@ def test_gdn_decode_floor_by_hand():
         f = floors.gdn_decode_floor(rows_per_partition=rows)
         t = head / (_BW * _eff(run)) * 1e6
         assert f["floor_any_us"] == pytest.approx(_LAT + 2 * (_LAT + _DYN) + 8 * t + t, rel=1e-9)
+    low = floors.gdn_decode_floor(latency=floors.LOW_LATENCY)       # 1.3 µs per DMA, +0.6 µs dynamic
+    t = head / (_BW * _eff(512)) * 1e6
+    assert low["floor_any_us"] == pytest.approx(1.3 + 2 * 1.9 + 9 * t, rel=1e-9)
+    assert low["floor_any_us"] < 10.0 < floors.gdn_decode_floor()["floor_any_us"]
 
 
 def test_render_marks_unreachable_goals():
     text = floors.render(floors.floor_table(), "trn2")
-    assert text.count("**not reachable**") == 5
+    assert text.count("**not reachable**") == 6
     assert "| moe_decode | qwen3-omni talker tp8 | T=1 |" in text
 
 
