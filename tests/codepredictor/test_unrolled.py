@@ -5,7 +5,8 @@ and the reference in float64, so their logits differ by ~1e-3 of the logit sprea
 then guaranteed only where the decision is not within that error of a boundary. Each test therefore runs the
 reference with the kernel's own codes as the next inputs (teacher forcing: identical inputs at every step), and
 requires the kernel's code to equal the reference decision at every step whose decision margin exceeds
-DELTA (a near-tie); near-tie steps are counted and must stay rare. When no step is a near-tie (most draws),
+DELTA (a near-tie); near-tie steps are counted and must stay rare, except greedy ties closer than
+UNRESOLVED_REL (below the kernel's bf16 resolution), which are accepted uncounted. When no step is a near-tie (most draws),
 this is exact equality of the whole free-running sequence, which `_check` also asserts directly.
 Exact-tie behaviour (first index wins) is tested with constructed weights that give bit-identical logits.
 """
@@ -23,6 +24,7 @@ from nki_kernels.validation import KernelInputError
 
 BF16 = ml_dtypes.bfloat16
 DELTA_REL = 0.01       # near-tie margin: 1% of the RMS logit (kernel-vs-reference logit error is ~0.05-0.2%)
+UNRESOLVED_REL = 0.005  # a greedy tie closer than 0.5% of the RMS logit is below the kernel's bf16 resolution
 
 
 def _cfg(rng, *, H=128, Hq=2, Hkv=1, D=64, I=128, L=2, G1=4, V=64, lm_scale=3.0):
@@ -55,10 +57,13 @@ def _sampling_ambiguous(logits, u, temperature, top_k, top_p, delta):
     thr = u * cum[n - 1]
     if np.any(np.abs(cum[:n] - thr) < eta):
         return True                                     # inverse-CDF boundary
-    close = np.flatnonzero(np.diff(c[:n]) > -d)         # adjacent candidates that may swap order
+    # adjacent candidates (i, i + 1), i kept, that may swap order; i + 1 == n swaps which code is kept last
+    # (with n = 1 that is the top choice itself)
+    close = np.flatnonzero(np.diff(c[:min(n + 1, k)]) > -d)
     for i in close:
         lo = cum[i - 1] if i > 0 else 0.0
-        if lo - eta <= thr <= cum[i + 1] + eta:
+        hi = cum[i + 1] if i + 1 < n else cum[n - 1]
+        if lo - eta <= thr <= hi + eta:
             return True
     return False
 
@@ -72,29 +77,33 @@ def _check(past_hidden, code0_embed, w, *, sampling=None, max_near_ties=0.25, **
     assert embeds.shape == (B, w.n_groups, w.hidden) and embeds.dtype == w.codec_embed.dtype
     rc, re, rs, lg = code_predictor_reference(past_hidden, code0_embed, w, return_sum=True, return_logits=True,
                                               forced_codes=codes, **sk)
-    near = 0
+    near = differ = 0
     for b in range(B):
         for j in range(w.n_groups):
             l = lg[b, j]
             delta = DELTA_REL * np.sqrt(np.mean(l * l))
             if codes[b, j] == rc[b, j]:
                 continue
+            differ += 1
             if sk.get("do_sample"):
                 amb = _sampling_ambiguous(l, sk["uniforms"][b, j], sk.get("temperature", 1.0), sk.get("top_k", 50),
                                           sk.get("top_p", 1.0), delta)
             else:
                 amb = l.max() - l[codes[b, j]] <= delta
+                if l.max() - l[codes[b, j]] <= UNRESOLVED_REL / DELTA_REL * delta:
+                    continue                            # an exact-to-bf16 tie: not counted against the kernel
             assert amb, (f"row {b} step {j}: kernel code {codes[b, j]} != reference {rc[b, j]} and the decision is "
                          f"not a near-tie (logit gap {l.max() - l[codes[b, j]]:.4g}, delta {delta:.3g})")
             near += 1
-    assert near <= max_near_ties * codes.size, f"{near} near-tie steps out of {codes.size}"
+    # at least one near-tie is always allowed: with B * G1 = 2 codes a single genuine tie is already 50%
+    assert near <= max(1.0, max_near_ties * codes.size), f"{near} near-tie steps out of {codes.size}"
     # embeddings are table rows: bit-exact
     tables = np.asarray(w.codec_embed)
     want = np.stack([tables[j][codes[:, j]] for j in range(w.n_groups)], axis=1)
     np.testing.assert_array_equal(np.asarray(embeds), want)
     assert_close("codec_embeds", re, embeds, dtype="bfloat16")
     assert_close("codec_sum", rs, csum, dtype="bfloat16")
-    if near == 0:   # free-running reference: identical sequence
+    if differ == 0:   # free-running reference: identical sequence
         fc = code_predictor_reference(past_hidden, code0_embed, w, **sk)[0]
         np.testing.assert_array_equal(codes, fc)
     return codes, near
