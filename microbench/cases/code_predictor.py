@@ -61,14 +61,15 @@ def _reference_inputs(inputs):
     return {"inputs": inputs}
 
 
-_NEAR_TIE = 0.01          # a pick may trail the k-th best reference logit by this fraction of the RMS logit
+_NEAR_TIE = 0.03          # a pick may trail the k-th best reference logit by this fraction of the RMS logit
+                          # (greedy flips of random configs trail by up to 2.2%: tests/codepredictor/test_unrolled.py)
 _MAX_TIE_FLIPS = 0.05     # ... but at most this share of greedy picks (and at least one) may differ from the argmax
 
 
 def _check(ref, out):
     """Teacher-forced on the kernel's codes (free-running rows diverge after one bf16 near-tie flip, since every
     later step sees a different prefix): the float64 reference recomputes each step's logits from the kernel's
-    own earlier codes. Greedy: every code is the reference argmax or trails it by less than 1% of the RMS logit,
+    own earlier codes. Greedy: every code is the reference argmax or trails it by less than 3% of the RMS logit,
     and at most 5% of them (at least one allowed) are such near-ties; sampling: every code lies in the reference
     top-k with the same margin (the exact sampling procedure is tested in tests/codepredictor). The embedding rows
     must be exactly the tables' rows of the returned codes."""
