@@ -102,7 +102,7 @@ def moe_decode_floor(model: str, n_tokens: int = 1, target=None, latency: dict |
     n_exp = min(s.experts, n_tokens * s.top_k)
     routed = n_exp * 3 * s.hidden * s.expert_inter * _BF16_BYTES
     shared = (3 * s.hidden * s.shared_inter + s.hidden) * _BF16_BYTES if s.shared_inter else 0
-    bw_us = _transfer_us(1.0, 1 << 30, target)             # µs per byte at full efficiency
+    bw_us = 1e6 / hbm_bytes_per_s(get_target(target))        # µs per byte at full efficiency
     lat, lat_dyn = p.dma_fixed_us, p.dma_fixed_us + p.dma_dynamic_extra_us
     weights_in = max(lat + lat_dyn + routed * bw_us, lat + (routed + shared) * bw_us)
     floor = weights_in + lat
