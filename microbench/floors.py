@@ -108,7 +108,8 @@ def moe_decode_floor(model: str, n_tokens: int = 1, target=None, latency: dict |
     floor = weights_in + lat
     lat_note = "" if not latency else f"; DMA latency {p.dma_fixed_us} µs, dynamic +{p.dma_dynamic_extra_us} µs"
     return dict(kernel="moe_decode", model=model, shape=f"T={n_tokens}", roofline_us=roof,
-                assumes="any design: ids, dynamic weight DMA, output DMA in sequence" + lat_note, floor_any_us=floor, fixed_latency_us=lat + lat_dyn + lat)
+                assumes="any design: ids, dynamic weight DMA, output DMA in sequence" + lat_note, floor_any_us=floor,
+                fixed_latency_us=lat + lat_dyn + lat)
 
 
 def gdn_decode_floor(model: str = "qwen3.5-35b-a3b tp4", rows_per_partition: int = 1, target=None,
