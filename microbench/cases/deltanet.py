@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy as np
 
 from microbench.registry import BenchCase, register
-from microbench.shapes import CATALOGUE, DECODE_BATCHES, PREFILL_LENGTHS
+from microbench.shapes import CATALOGUE, DECODE_BATCHES, PREFILL_LENGTHS, QWEN35_35B_A3B
 from nki_kernels.deltanet import reference as ref
 from nki_kernels.deltanet.baseline_sequential import gdn_per_head_decode_step, gdn_per_head_sequential
 
@@ -121,23 +121,23 @@ def _conv_case(t, b=1, quick=False):
         dtype="bfloat16", quick=quick))
 
 
-def _conv_update_case(b, quick=False):
+def _conv_update_case(b, quick=False, conv_dim=_CONV_DIM, label=_LABEL):
     from nki_kernels import causal_conv1d_update
 
     def make(rng):
-        return dict(x=rng.standard_normal((b, _CONV_DIM, 1)).astype(_BF16),
-                    conv_state=rng.standard_normal((b, _CONV_DIM, _KW)).astype(_BF16),
-                    weight=(rng.standard_normal((_CONV_DIM, _KW)) * 0.5).astype(_BF16))
+        return dict(x=rng.standard_normal((b, conv_dim, 1)).astype(_BF16),
+                    conv_state=rng.standard_normal((b, conv_dim, _KW)).astype(_BF16),
+                    weight=(rng.standard_normal((conv_dim, _KW)) * 0.5).astype(_BF16))
 
     def run(x):
         state = x["conv_state"].copy()
         return causal_conv1d_update(x["x"], state, x["weight"]), state
 
     register(BenchCase(
-        kernel="causal_conv1d_update", shape=f"{_LABEL} B={b} C={_CONV_DIM} T=1 K={_KW} silu",
+        kernel="causal_conv1d_update", shape=f"{label} B={b} C={conv_dim} T=1 K={_KW} silu",
         make_inputs=make, run=run, reference=lambda x: ref.causal_conv1d_update(x["x"], x["conv_state"], x["weight"]),
-        flops=2 * _KW * b * _CONV_DIM,
-        min_hbm_bytes=2 * (2 * b * _CONV_DIM + _CONV_DIM * _KW + 2 * b * _CONV_DIM * _KW),
+        flops=2 * _KW * b * conv_dim,
+        min_hbm_bytes=2 * (2 * b * conv_dim + conv_dim * _KW + 2 * b * conv_dim * _KW),
         dtype="bfloat16", quick=quick))
 
 
@@ -149,4 +149,8 @@ for _b in DECODE_BATCHES:
 _decode_case(DECODE_BATCHES[0], lnc=2)
 for _t in PREFILL_LENGTHS[:2]:
     _conv_case(_t, quick=(_t == PREFILL_LENGTHS[0]))
-_conv_update_case(DECODE_BATCHES[1], quick=True)
+for _b in DECODE_BATCHES:
+    _conv_update_case(_b, quick=(_b == DECODE_BATCHES[1]))
+_FULL = QWEN35_35B_A3B                     # TP=1: the whole conv (what the transformers integration sees)
+_conv_update_case(1, conv_dim=2 * _FULL.gdn_k_heads * _FULL.gdn_dk + _FULL.gdn_v_heads * _FULL.gdn_dv,
+                  label="qwen3.5-35b-a3b tp1")

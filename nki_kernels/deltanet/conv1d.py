@@ -19,7 +19,7 @@ from ._checks import dtype_name as _dtype_name
 _MAX_KERNEL_WIDTH = 8             # taps K (Qwen3.5/Next use 4)
 _MAX_SEQ = 16384                  # T: the whole [128, K + T] history row lives in SBUF (<= 32 KiB bf16)
 _MAX_ROW_ELEMS = 8192             # free elements per partition of one [P, n_b, K + T] history tile
-_MAX_UPDATE_ROW_ELEMS = 32768     # update form: C * (K + T) fp32 per partition (128 KiB of SBUF)
+_UPDATE_SBUF_BYTES = 64 * 1024   # update form: SBUF per partition for one chunk of sequences (all its tiles)
 _ACTIVATIONS = (None, "silu", "swish")
 
 
@@ -98,47 +98,80 @@ def causal_conv1d_kernel(x, weight, conv_state, lengths, has_state, in_place, ap
 
 @nki.jit
 def causal_conv1d_update_kernel(x, conv_state, weight, apply_silu):
-    """Decode form: sequences on the partitions, channels x taps on the free dim (all rows contiguous).
+    """Decode form: channels on the partitions in contiguous blocks, (sequence, channel, tap) on the free dim.
 
     Dimensions:
-        B batch (tiles of 128), C channels, T new tokens (small), K taps.
+        B batch, C channels, T new tokens (small), K taps; CPP = C // 128 channels per partition (the
+        C % 128 remainder channels go one per partition in a second group), NB sequences per chunk.
     Args:
         x: [B, C, T] @ HBM; conv_state: [B, C, K] @ HBM, updated in place to the last K inputs;
-        weight: [C, K] @ HBM (broadcast to every partition by DMA).
+        weight: [C, K] @ HBM (broadcast over the sequences of a chunk by DMA).
     Returns:
         y: [B, C, T] @ HBM in x's dtype.
     Constraints:
-        C * (K + T) <= _MAX_ROW_ELEMS * 4 elements per partition.
+        CPP * _update_bytes_per_channel(K, T) <= _UPDATE_SBUF_BYTES (checked by the wrapper).
     Pseudocode:
-        for batch tile: hist = [conv_state | x] ([P, C, K + T]); w = weight on every partition
-          for t: y[:, :, t] = act(sum_i w[:, :, i] * hist[:, :, t + 1 + i]); conv_state = hist[:, :, T:T+K]
+        for channel group (128 partitions x CPP channels, then the remainder), for chunk of NB sequences:
+          hist = [conv_state | x] ([P, NB, CPP, K + T]); w = weight[group] repeated NB times
+          for t: y[..., t] = act(sum_i w[..., i] * hist[..., t + 1 + i]); conv_state = hist[..., T:T+K]
+    Partition p of a group holds channels c0 + p CPP .. c0 + (p + 1) CPP - 1, so each DMA moves runs of
+    CPP * K (state) or CPP * T (x, y) contiguous elements per (partition, sequence). With B on the free dim a
+    B = 1 step uses all 128 partitions (sequences on the partitions would use one).
     """
     bsz, n_ch, seq = x.shape
     kw = weight.shape[1]
     f32 = nl.float32
     y = nl.ndarray((bsz, n_ch, seq), dtype=x.dtype, buffer=nl.shared_hbm)
-    pw = min(bsz, P_MAX)
     cdt = x.dtype if x.dtype == nl.bfloat16 else f32     # bf16 rows run VectorE in its fast mode
-    w_sb = nl.ndarray((pw, n_ch, kw), dtype=cdt, buffer=nl.sbuf)
-    nisa.dma_copy(dst=w_sb, src=weight.ap(pattern=[[0, pw], [kw, n_ch], [1, kw]], offset=0))
-    for i_bt in nl.affine_range((bsz + P_MAX - 1) // P_MAX):
-        b0 = i_bt * P_MAX
-        pb = min(P_MAX, bsz - b0)
-        hist = nl.ndarray((pw, n_ch, kw + seq), dtype=cdt, buffer=nl.sbuf)
-        nisa.dma_copy(dst=hist[0:pb, :, 0:kw], src=conv_state[b0:b0 + pb])
-        nisa.dma_copy(dst=hist[0:pb, :, kw:kw + seq], src=x[b0:b0 + pb])
-        y_sb = nl.ndarray((pw, n_ch, seq), dtype=x.dtype, buffer=nl.sbuf)
-        for i_t in nl.static_range(seq):
-            prod = nl.ndarray((pw, n_ch, kw), dtype=cdt, buffer=nl.sbuf)
-            nisa.tensor_tensor(dst=prod[0:pb], data1=hist[0:pb, :, 1 + i_t:1 + i_t + kw], data2=w_sb[0:pb],
-                               op=nl.multiply)
-            acc = nl.ndarray((pw, n_ch), dtype=f32, buffer=nl.sbuf)
-            nisa.tensor_reduce(dst=acc[0:pb], op=nl.add, data=prod[0:pb], axis=2)
-            nisa.activation(dst=y_sb[0:pb, :, i_t], op=nl.silu if apply_silu else nl.copy, data=acc[0:pb])
-        nisa.dma_copy(dst=y[b0:b0 + pb], src=y_sb[0:pb])
-        nisa.dma_copy(dst=conv_state[b0:b0 + pb], src=hist[0:pb, :, seq:seq + kw])
+    groups = []
+    if n_ch >= P_MAX:
+        groups.append((0, P_MAX, n_ch // P_MAX))
+    if n_ch % P_MAX:
+        groups.append((n_ch - n_ch % P_MAX, n_ch % P_MAX, 1))
+    for c0, n_p, cpp in groups:
+        nb_max = max(1, min(bsz, _UPDATE_SBUF_BYTES // (cpp * _update_bytes_per_channel(kw, seq))))
+        w_sb = nl.ndarray((n_p, nb_max, cpp, kw), dtype=cdt, buffer=nl.sbuf)
+        nisa.dma_copy(dst=w_sb, src=weight.ap(pattern=[[cpp * kw, n_p], [0, nb_max], [kw, cpp], [1, kw]],
+                                              offset=c0 * kw))
+        for i_b in nl.affine_range((bsz + nb_max - 1) // nb_max):
+            _update_chunk(x, conv_state, y, w_sb, c0, n_p, cpp, i_b * nb_max, min(nb_max, bsz - i_b * nb_max),
+                          apply_silu, cdt)
     return y
 
+
+def _update_chunk(x, conv_state, y, w_sb, c0, n_p, cpp, b0, nb, apply_silu, cdt):
+    """Sequences b0 .. b0 + nb - 1 of one channel group (see causal_conv1d_update_kernel)."""
+    bsz, n_ch, seq = x.shape
+    kw = w_sb.shape[3]
+    f32 = nl.float32
+    st = nl.ndarray((n_p, nb, cpp, kw), dtype=cdt, buffer=nl.sbuf)
+    nisa.dma_copy(dst=st, src=conv_state.ap(pattern=[[cpp * kw, n_p], [n_ch * kw, nb], [kw, cpp], [1, kw]],
+                                            offset=(b0 * n_ch + c0) * kw))
+    xt = nl.ndarray((n_p, nb, cpp, seq), dtype=cdt, buffer=nl.sbuf)
+    nisa.dma_copy(dst=xt, src=x.ap(pattern=[[cpp * seq, n_p], [n_ch * seq, nb], [seq, cpp], [1, seq]],
+                                   offset=(b0 * n_ch + c0) * seq))
+    hist = nl.ndarray((n_p, nb, cpp, kw + seq), dtype=cdt, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=hist[:, :, :, 0:kw], src=st, engine=nisa.engine.gpsimd)
+    nisa.tensor_copy(dst=hist[:, :, :, kw:kw + seq], src=xt)
+    y_sb = nl.ndarray((n_p, nb, cpp, seq), dtype=x.dtype, buffer=nl.sbuf)
+    for i_t in nl.static_range(seq):
+        prod = nl.ndarray((n_p, nb, cpp, kw), dtype=cdt, buffer=nl.sbuf)
+        nisa.tensor_tensor(dst=prod, data1=hist[:, :, :, 1 + i_t:1 + i_t + kw], data2=w_sb[:, 0:nb], op=nl.multiply)
+        acc = nl.ndarray((n_p, nb, cpp), dtype=f32, buffer=nl.sbuf)
+        nisa.tensor_reduce(dst=acc, op=nl.add, data=prod, axis=3)
+        nisa.activation(dst=y_sb[:, :, :, i_t], op=nl.silu if apply_silu else nl.copy, data=acc)
+    nisa.dma_copy(dst=y.ap(pattern=[[cpp * seq, n_p], [n_ch * seq, nb], [seq, cpp], [1, seq]],
+                           offset=(b0 * n_ch + c0) * seq), src=y_sb)
+    st_new = nl.ndarray((n_p, nb, cpp, kw), dtype=conv_state.dtype, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=st_new, src=hist[:, :, :, seq:seq + kw], engine=nisa.engine.gpsimd)
+    nisa.dma_copy(dst=conv_state.ap(pattern=[[cpp * kw, n_p], [n_ch * kw, nb], [kw, cpp], [1, kw]],
+                                    offset=(b0 * n_ch + c0) * kw), src=st_new)
+
+
+def _update_bytes_per_channel(kw: int, seq: int) -> int:
+    """SBUF bytes per (sequence, channel) of one update chunk, fp32 upper bound: w, state, new state and
+    product (K each), x and y (T each), history (K + T), accumulator."""
+    return 4 * (5 * kw + 3 * seq) + 4
 
 
 def _check_common(name, x, weight, activation, bias):
@@ -201,8 +234,10 @@ def causal_conv1d_update(x, conv_state, weight, activation="silu", bias=None, **
                  f"{tuple(getattr(conv_state, 'shape', ()))}")
     kernel_check(_dtype_name(conv_state) in _FLOAT_DTYPES, f"{name}: conv_state must be a float tensor, "
                  f"got {_dtype_name(conv_state)}")
-    kernel_check(n_ch * (kw + seq) <= _MAX_UPDATE_ROW_ELEMS, f"{name}: C * (K + T) must be <= "
-                 f"{_MAX_UPDATE_ROW_ELEMS} (one sequence per partition), got C={n_ch}, K={kw}, T={seq}")
+    cpp = max(1, n_ch // P_MAX)
+    kernel_check(cpp * _update_bytes_per_channel(kw, seq) <= _UPDATE_SBUF_BYTES,
+                 f"{name}: max(1, C // 128) * (4 (5 K + 3 T) + 4) must be <= {_UPDATE_SBUF_BYTES} bytes (one "
+                 f"sequence's channels per partition), got C={n_ch}, K={kw}, T={seq}; use causal_conv1d for long T")
     return call(causal_conv1d_update_kernel, x, conv_state, weight, apply_silu=activation is not None)
 
 

@@ -112,3 +112,27 @@ def test_update_bad_state_raises():
                              np.zeros((8, 4), np.float32))
     with pytest.raises(KernelInputError, match=r"T must be in \[1, 16384\]"):
         causal_conv1d(np.zeros((1, 8, 16385), BF16), np.zeros((8, 4), BF16))
+
+
+@pytest.mark.parametrize("b, c, t, kw, dtype", [
+    (1, 8192, 1, 4, BF16),          # full-size Qwen3.5 conv (TP=1): refused by the first update kernel
+    (3, 10000, 3, 8, np.float16),   # 78 channels per partition plus a 16-channel remainder group
+    (130, 300, 2, 4, np.float32),   # 2 channels per partition + 44 remainder, sequences in SBUF chunks
+])
+def test_update_channel_blocks(b, c, t, kw, dtype, rng):
+    """The update form keeps channels on the partitions in contiguous blocks (remainder one per partition)."""
+    x = rng.standard_normal((b, c, t)).astype(dtype)
+    w = rng.standard_normal((c, kw)).astype(dtype)
+    state = rng.standard_normal((b, c, kw)).astype(dtype)
+    before = state.copy()
+    y = causal_conv1d_update(x, state, w)
+    ry, rs = ref.causal_conv1d_update(x, before, w)
+    name = np.dtype(dtype).name
+    assert_close("update y", ry, y, dtype=name)
+    assert_close("update state", rs, state, dtype=name)
+
+
+def test_update_too_many_channels_for_sbuf_raises():
+    with pytest.raises(KernelInputError, match=r"max\(1, C // 128\) \* \(4 \(5 K \+ 3 T\) \+ 4\) must be <= 65536"):
+        causal_conv1d_update(np.zeros((1, 128 * 800, 1), BF16), np.zeros((1, 128 * 800, 4), BF16),
+                             np.zeros((128 * 800, 4), BF16))
