@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import call, nki, nisa, nl
-from ..hw import P_MAX
+from ..hw import P_MAX, PSUM_FMAX_FP32
 from ..validation import kernel_check
 from ._checks import FLOAT_DTYPES as _FLOAT_DTYPES
 from ._checks import dtype_name as _dtype_name
@@ -45,6 +45,9 @@ def causal_conv1d_kernel(x, weight, conv_state, lengths, has_state, in_place, ap
           hist[:, b] = [conv_state[b] | x[b]] ([P, n_b, K + T] SBUF)
           acc = sum_i w[:, i] * hist[:, :, 1 + i : 1 + i + T]; y = silu(acc)
           new_state[b] = hist[:, b, L_b : L_b + K]   (dynamic DMA per sequence when L_b is runtime data)
+        2-byte inputs: the taps run on TensorE, acc[:, cols] = sum_i diag(w[:, i]) hist[:, b, 1 + i + cols]
+          (K matmuls into one PSUM bank per 512 columns; bf16 x bf16 products are exact in fp32), and ScalarE
+          applies SiLU while evicting; fp32 inputs use one VectorE multiply-add per tap.
     """
     bsz, n_ch, seq = x.shape
     kw = weight.shape[1]
@@ -57,11 +60,19 @@ def causal_conv1d_kernel(x, weight, conv_state, lengths, has_state, in_place, ap
     n_bt = (bsz + nb - 1) // nb
     len_i = nl.ndarray((1, bsz), dtype=nl.int32, buffer=nl.sbuf)
     nisa.dma_copy(dst=len_i, src=lengths.ap(pattern=[[bsz, 1], [1, bsz]], offset=0))
+    on_pe = x.dtype in (nl.bfloat16, nl.float16)
+    ident = _identity(x.dtype) if on_pe else None
     for i_ct in nl.affine_range(n_ct):
         c0 = i_ct * P_MAX
         pc = min(P_MAX, n_ch - c0)
         w_sb = nl.ndarray((P_MAX, kw), dtype=f32, buffer=nl.sbuf)
         nisa.dma_copy(dst=w_sb[0:pc], src=weight[c0:c0 + pc])
+        diag = None
+        if on_pe:                            # diag(w[:, i]) per tap: the stationaries of the tap matmuls
+            diag = nl.ndarray((P_MAX, kw, P_MAX), dtype=x.dtype, buffer=nl.sbuf)
+            for i_k in nl.static_range(kw):
+                nisa.tensor_scalar(dst=diag[0:pc, i_k, 0:pc], data=ident[0:pc, 0:pc], op0=nl.multiply,
+                                   operand0=w_sb[0:pc, i_k:i_k + 1])
         for i_bt in nl.affine_range(n_bt):
             b0 = i_bt * nb
             n_b = min(nb, bsz - b0)
@@ -73,15 +84,19 @@ def causal_conv1d_kernel(x, weight, conv_state, lengths, has_state, in_place, ap
             else:
                 nisa.memset(dst=hist[0:pc, 0:n_b, 0:kw], value=0.0)
             nisa.dma_copy(dst=hist[0:pc, 0:n_b, kw:kw + seq], src=x[bs, c0:c0 + pc].permute((1, 0, 2)))
-            acc = nl.ndarray((P_MAX, nb, seq), dtype=f32, buffer=nl.sbuf)
-            nisa.tensor_scalar(dst=acc[0:pc, 0:n_b], data=hist[0:pc, 0:n_b, 1:1 + seq], op0=nl.multiply,
-                               operand0=w_sb[0:pc, 0:1])
-            for i_k in nl.static_range(1, kw):
-                nisa.scalar_tensor_tensor(dst=acc[0:pc, 0:n_b], data=hist[0:pc, 0:n_b, 1 + i_k:1 + i_k + seq],
-                                          op0=nl.multiply, operand0=w_sb[0:pc, i_k:i_k + 1], op1=nl.add,
-                                          operand1=acc[0:pc, 0:n_b])
             y_sb = nl.ndarray((P_MAX, nb, seq), dtype=x.dtype, buffer=nl.sbuf)
-            nisa.activation(dst=y_sb[0:pc, 0:n_b], op=nl.silu if apply_silu else nl.copy, data=acc[0:pc, 0:n_b])
+            act = nl.silu if apply_silu else nl.copy
+            if on_pe:
+                _taps_on_pe(hist, diag, y_sb, pc, n_b, act)
+            else:
+                acc = nl.ndarray((P_MAX, nb, seq), dtype=f32, buffer=nl.sbuf)
+                nisa.tensor_scalar(dst=acc[0:pc, 0:n_b], data=hist[0:pc, 0:n_b, 1:1 + seq], op0=nl.multiply,
+                                   operand0=w_sb[0:pc, 0:1])
+                for i_k in nl.static_range(1, kw):
+                    nisa.scalar_tensor_tensor(dst=acc[0:pc, 0:n_b], data=hist[0:pc, 0:n_b, 1 + i_k:1 + i_k + seq],
+                                              op0=nl.multiply, operand0=w_sb[0:pc, i_k:i_k + 1], op1=nl.add,
+                                              operand1=acc[0:pc, 0:n_b])
+                nisa.activation(dst=y_sb[0:pc, 0:n_b], op=act, data=acc[0:pc, 0:n_b])
             nisa.dma_copy(dst=y[bs, c0:c0 + pc].permute((1, 0, 2)), src=y_sb[0:pc, 0:n_b])
             # new state: inputs L_b - K .. L_b - 1 = hist columns L_b .. L_b + K - 1
             if in_place:                      # update form: L_b = T for every sequence (static)
@@ -94,6 +109,32 @@ def causal_conv1d_kernel(x, weight, conv_state, lengths, has_state, in_place, ap
     if in_place:
         return y
     return y, new_state
+
+
+def _identity(dtype):
+    """I [128, 128] in `dtype` (GpSimd: ones, then keep the diagonal p == f)."""
+    ones = nl.ndarray((P_MAX, P_MAX), dtype=dtype, buffer=nl.sbuf)
+    nisa.memset(dst=ones, value=1.0)
+    ident = nl.ndarray((P_MAX, P_MAX), dtype=dtype, buffer=nl.sbuf)
+    nisa.affine_select(dst=ident, pattern=[[1, P_MAX]], offset=0, channel_multiplier=-1, on_true_tile=ones,
+                       on_false_value=0.0, cmp_op=nl.equal)
+    return ident
+
+
+def _taps_on_pe(hist, diag, y_sb, pc, n_b, act):
+    """y_sb[:, b, cols] = act(sum_i w[:, i] hist[:, b, 1 + i + cols]) for the n_b sequences of hist: K matmuls
+    of diag(w[:, i]) against the shifted history per PSUM bank of columns, evicted through `act` by ScalarE."""
+    seq = y_sb.shape[2]
+    kw = diag.shape[1]
+    for i_b in nl.affine_range(n_b):
+        for i_j in nl.affine_range((seq + PSUM_FMAX_FP32 - 1) // PSUM_FMAX_FP32):
+            j0 = i_j * PSUM_FMAX_FP32
+            n = min(PSUM_FMAX_FP32, seq - j0)
+            ps = nl.ndarray((P_MAX, PSUM_FMAX_FP32), dtype=nl.float32, buffer=nl.psum)
+            for i_k in nl.static_range(kw):
+                nisa.nc_matmul(ps[0:pc, 0:n], diag[0:pc, i_k, 0:pc], hist[0:pc, i_b, 1 + i_k + j0:1 + i_k + j0 + n],
+                               accumulate=i_k > 0)
+            nisa.activation(dst=y_sb[0:pc, i_b, j0:j0 + n], op=act, data=ps[0:pc, 0:n])
 
 
 @nki.jit
