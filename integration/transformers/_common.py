@@ -42,6 +42,10 @@ _KERNEL_SOURCES = {
 }
 
 
+DEEPCOPY_REFUSED = ("copy.deepcopy of a model patched by nki-kernels: the copy would keep forwards bound to the "
+                    "original's layers. restore() the patch, copy the model, then patch each model")
+
+
 class Stats:
     """Counts kernel calls and fallbacks (with their reason) for one patch handle. Thread-safe."""
 
@@ -49,6 +53,10 @@ class Stats:
         self._lock = threading.Lock()
         self.calls = collections.Counter()       # kernel name -> number of launches
         self.fallbacks = collections.Counter()   # (hook, reason) -> number of times the model's own code ran
+
+    def __deepcopy__(self, memo):
+        # reached through every hook a patched model holds (attention, GDN, MoE modules)
+        raise TypeError(DEEPCOPY_REFUSED)
 
     def called(self, kernel: str, n: int = 1):
         with self._lock:

@@ -185,8 +185,10 @@ def shared_expert_block_forward(self, hidden_states):
             or hook.unsupported(experts, hidden_states) is not None:
         return self._nki_stock_forward(hidden_states)
     shared = shared_layout(self)
+    # fallbacks of the fused block count under their own hook name: the stock forward then calls the experts,
+    # whose own hook counts (under "moe") whatever it does with them
     if shared is None:
-        hook.stats.fell_back("moe", "shared expert is not SwiGLU + sigmoid gate")
+        hook.stats.fell_back("moe shared block", "shared expert is not SwiGLU + sigmoid gate")
         return self._nki_stock_forward(hidden_states)
     B, S, H = hidden_states.shape
     x = hidden_states.reshape(-1, H)
@@ -197,6 +199,6 @@ def shared_expert_block_forward(self, hidden_states):
     except KernelInputError as exc:
         out, why = None, f"kernel refused: {exc}"
     if out is None:
-        hook.stats.fell_back("moe", why)
+        hook.stats.fell_back("moe shared block", why)
         return self._nki_stock_forward(hidden_states)
     return out.reshape(B, S, H)

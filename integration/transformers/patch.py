@@ -21,12 +21,13 @@ What is changed (and put back exactly by `restore()`):
 from __future__ import annotations
 
 import inspect
+import weakref
 
 from . import attention as _attn
 from . import code_predictor as _cp
 from . import deltanet as _gdn
 from . import moe as _moe
-from ._common import BACKENDS, Kernels, Stats
+from ._common import BACKENDS, DEEPCOPY_REFUSED, Kernels, Stats
 
 KERNEL_FAMILIES = ("attention", "deltanet", "moe", "code_predictor")
 SUPPORTED_FAMILIES = ("qwen3_5_moe", "qwen3_5", "qwen3_next", "qwen3_omni_moe")
@@ -45,6 +46,7 @@ _SHARED_MOE_BLOCK_CLASSES = {"Qwen3NextSparseMoeBlock", "Qwen3_5MoeSparseMoeBloc
 _TALKER_CLASSES = {"Qwen3OmniMoeTalkerForConditionalGeneration"}
 
 _HANDLE_ATTR = "_nki_kernels_patch"
+_ACTIVE_HANDLES: "weakref.WeakSet[PatchHandle]" = weakref.WeakSet()   # to find patches of overlapping modules
 
 
 def _family(module) -> str | None:
@@ -68,6 +70,8 @@ class PatchHandle:
         self.not_available: dict[str, str] = {}     # kernel family -> why its hook keeps the model's own code
         self.patched: dict[str, int] = {}           # what -> number of modules patched
         self._undo = []                             # callables run in reverse order by restore()
+        self._module_ids = frozenset(id(m) for m in model.modules())   # the modules this patch may touch
+        self._claims = 1                            # patch() calls that returned this handle, minus `with` exits
 
     # --------------------------------------------------------------------------------------------------
     def _set_attr(self, obj, name, value):
@@ -102,6 +106,7 @@ class PatchHandle:
         while self._undo:
             self._undo.pop()()
         self.active = False
+        _ACTIVE_HANDLES.discard(self)
         if getattr(self.model, _HANDLE_ATTR, None) is self:
             object.__delattr__(self.model, _HANDLE_ATTR)
 
@@ -109,8 +114,15 @@ class PatchHandle:
         return self
 
     def __exit__(self, *exc):
-        self.restore()
+        # a `with patch(model)` on an already patched model got the active handle back: leaving the block
+        # gives back that claim only, and the patch made before it stays
+        self._claims -= 1
+        if self._claims <= 0:
+            self.restore()
         return False
+
+    def __deepcopy__(self, memo):
+        raise TypeError(DEEPCOPY_REFUSED)
 
     def calls(self) -> dict:
         """{kernel name: launches} since patching (or the last `reset_counts()`)."""
@@ -174,8 +186,10 @@ def patch(model, kernels=KERNEL_FAMILIES, backend="emulator") -> PatchHandle:
         PatchHandle: `restore()`, context manager, `calls()`, `fallbacks()`, `report()`.
     Raises:
         ValueError: unknown kernel family or backend, or a model with none of the supported modules.
-    Patching an already patched model with the same arguments returns the active handle; with different
-    arguments the previous patch is restored first.
+    Patching an already patched model with the same arguments returns the active handle (leaving a `with`
+    block over that call keeps the earlier patch); with different arguments the previous patch is restored
+    first. An active patch of a submodule of `model` is restored first too (this patch covers it); patching
+    a module inside an already patched model raises ValueError (use or restore that model's handle).
     """
     if isinstance(kernels, str):
         kernels = (kernels,)
@@ -195,8 +209,10 @@ def patch(model, kernels=KERNEL_FAMILIES, backend="emulator") -> PatchHandle:
     prev = getattr(model, _HANDLE_ATTR, None)
     if prev is not None and prev.active:
         if prev.kernel_families == kernels and prev.backend == backend:
+            prev._claims += 1
             return prev
         prev.restore()
+    _release_overlapping(model)
 
     found = {}
     for m in model.modules():
@@ -228,8 +244,26 @@ def patch(model, kernels=KERNEL_FAMILIES, backend="emulator") -> PatchHandle:
         handle.restore()
         raise
     handle.active = True
+    _ACTIVE_HANDLES.add(handle)
     object.__setattr__(model, _HANDLE_ATTR, handle)
     return handle
+
+
+def _release_overlapping(model):
+    """Restore active patches of submodules of `model`; refuse when `model` sits inside a patched model.
+
+    Two handles over overlapping modules would each record the other's changes as the state to put back, so
+    restoring them out of order would leave the model half patched (configs pointing at an unregistered
+    attention key: silently wrong masks)."""
+    ids = {id(m) for m in model.modules()}
+    for other in list(_ACTIVE_HANDLES):
+        if not other.active or other.model is model or not (other._module_ids & ids):
+            continue
+        if id(other.model) in ids:
+            other.restore()
+        else:
+            raise ValueError(f"patch: this {type(model).__name__} is part of a {type(other.model).__name__} that is "
+                             f"already patched; use that patch, or restore() it before patching a part of it")
 
 
 # ------------------------------------------------------------------ per-hook installation

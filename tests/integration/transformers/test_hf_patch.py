@@ -91,6 +91,72 @@ def test_patching_twice_is_harmless():
     assert after[1] == before[1] and after[2] == before[2]
 
 
+def test_with_on_a_patched_model_keeps_the_earlier_patch():
+    model = tiny.build("qwen3_5_moe", seed=4)
+    before = _snapshot(model)
+    outer = patch(model, backend="emulator")
+    with patch(model, backend="emulator") as inner:
+        assert inner is outer
+    assert outer.active                          # leaving the inner block gave back only its own claim
+    assert model.config._attn_implementation == hf_attention.ATTN_KEY
+    outer.restore()
+    after = _snapshot(model)
+    assert after[1] == before[1] and after[2] == before[2]
+
+
+def test_overlapping_patches_never_leave_the_model_half_patched():
+    """patch(submodule) then patch(model) restores the submodule's patch first; patching a part of a patched
+    model is refused. Before, restoring such nested handles out of order left configs pointing at an
+    unregistered attention key (stock forwards then ignored the padding mask)."""
+    model = tiny.build("qwen3_5_moe", seed=5)
+    ids, am = padded_batch("left", seed=5)
+    stock, _ = forward_out(model, ids, am)
+    before = _snapshot(model)
+    h1 = patch(model.model, backend="emulator")
+    h2 = patch(model, backend="emulator")
+    assert not h1.active and h2.active
+    h1.restore()                                 # no-op: already superseded
+    h2.restore()
+    after = _snapshot(model)
+    assert after[1] == before[1] and after[2] == before[2]
+    again, _ = forward_out(model, ids, am)
+    assert torch.equal(stock, again)
+    h3 = patch(model, backend="emulator")
+    with pytest.raises(ValueError, match="is part of a Qwen3_5MoeForCausalLM that is already patched"):
+        patch(model.model, backend="emulator")
+    assert h3.active
+    h3.restore()
+
+
+def test_deepcopy_of_a_patched_model_is_refused_with_a_reason():
+    import copy
+    model = tiny.build("qwen3_5_moe", seed=6)
+    h = patch(model, backend="emulator")
+    try:
+        with pytest.raises(TypeError, match=r"restore\(\) the patch, copy the model"):
+            copy.deepcopy(model)
+    finally:
+        h.restore()
+    copy.deepcopy(model)
+
+
+def test_refused_shared_block_counts_once_per_hook():
+    """hidden 192 (not a multiple of 128): the fused shared-expert block and then the experts it falls back to
+    are each refused once per layer call, under their own hook names (before, both counted under "moe")."""
+    from transformers import Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig
+    cfg = Qwen3_5MoeTextConfig(**tiny._common(hidden_size=192), **tiny._gdn(), **tiny._moe())
+    model = tiny._finish(Qwen3_5MoeForCausalLM(cfg), 10)
+    ids, am = padded_batch("none", seed=10)
+    n_blocks = sum(type(m).__name__ == "Qwen3_5MoeSparseMoeBlock" for m in model.modules())
+    with patch(model, backend="emulator") as h:
+        forward_out(model, ids, am)
+    by_hook = {}
+    for (hook, why), n in h.fallbacks().items():
+        assert why.startswith("kernel refused"), why
+        by_hook[hook] = by_hook.get(hook, 0) + n
+    assert by_hook == {"moe shared block": n_blocks, "moe": n_blocks}
+
+
 def test_unsupported_model_is_refused():
     from transformers import LlamaConfig, LlamaForCausalLM
     llama = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
