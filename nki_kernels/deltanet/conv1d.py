@@ -1,9 +1,11 @@
 """Causal depthwise conv1d (+ SiLU) before the gated delta rule: prefill and single-step update forms.
 
 transformers layout: x [B, C, T] channels first, weight [C, K] (K = 4, `conv1d.weight.squeeze(1)`),
-conv state [B, C, K] holding the last K inputs (transformers keeps K columns, not K - 1). Channels go on
-the partitions (tiles of 128), time along the free dim; each tap is one VectorE instruction over the whole
-row: y[c, t] = sum_i w[c, i] * in[c, t - (K - 1) + i], in = [conv_state | x].
+conv state [B, C, K] holding the last K inputs (transformers keeps K columns, not K - 1):
+y[c, t] = sum_i w[c, i] * in[c, t - (K - 1) + i], in = [conv_state | x]. Channels go on the partitions.
+Prefill: tiles of 128 channels, time along the free dim; each tap is one TensorE matmul of diag(w[:, i])
+against the shifted row (2-byte inputs) or one VectorE multiply-add (fp32). Update: contiguous blocks of
+C / 128 channels per partition, the sequences along the free dim.
 """
 from __future__ import annotations
 
