@@ -39,16 +39,10 @@ import math
 from microbench.cases import moe as moe_cases
 from microbench.shapes import CATALOGUE
 from nki_kernels.emulator.costmodel import hbm_bytes_per_s, params_for, roofline_us
-from nki_kernels.emulator.targets import Target
-from nki_kernels.emulator.targets import get_target as _get_target
+from nki_kernels.emulator.targets import get_target
 
 _BF16_BYTES = 2
 _FP32_BYTES = 4
-
-
-def get_target(target=None) -> Target:
-    """A Target, a target name, or None (the default target)."""
-    return target if isinstance(target, Target) else _get_target(target)
 
 
 def dma_efficiency(run_bytes: int, target=None) -> float:
@@ -92,6 +86,11 @@ def _params(target, latency):
     return dataclasses.replace(p, **latency) if latency else p
 
 
+def _latency_note(p, latency) -> str:
+    """What the `assumes` column adds when the DMA latencies were overridden."""
+    return "" if not latency else f"; DMA latency {p.dma_fixed_us} µs, dynamic +{p.dma_dynamic_extra_us} µs"
+
+
 def moe_decode_floor(model: str, n_tokens: int = 1, target=None, latency: dict | None = None) -> dict:
     """Floor of moe_decode at T = n_tokens (distinct experts assumed = T * TOPK, capped at E). `latency`
     overrides the DMA latency constants (e.g. LOW_LATENCY) to show how much the floor depends on them."""
@@ -106,7 +105,7 @@ def moe_decode_floor(model: str, n_tokens: int = 1, target=None, latency: dict |
     lat, lat_dyn = p.dma_fixed_us, p.dma_fixed_us + p.dma_dynamic_extra_us
     weights_in = max(lat + lat_dyn + routed * bw_us, lat + (routed + shared) * bw_us)
     floor = weights_in + lat
-    lat_note = "" if not latency else f"; DMA latency {p.dma_fixed_us} µs, dynamic +{p.dma_dynamic_extra_us} µs"
+    lat_note = _latency_note(p, latency)
     return dict(kernel="moe_decode", model=model, shape=f"T={n_tokens}", roofline_us=roof,
                 assumes="any design: ids, dynamic weight DMA, output DMA in sequence" + lat_note, floor_any_us=floor,
                 fixed_latency_us=lat + lat_dyn + lat)
@@ -127,7 +126,7 @@ def gdn_decode_floor(model: str = "qwen3.5-35b-a3b tp4", rows_per_partition: int
     floor = p.dma_fixed_us + lat_dyn + read_all + lat_dyn + one
     layout = ("Dk on partitions, one matmul per head" if rows_per_partition == 1 else
               f"{rows_per_partition} rows of a head per partition, compute ignored")
-    lat_note = "" if not latency else f"; DMA latency {p.dma_fixed_us} µs, dynamic +{p.dma_dynamic_extra_us} µs"
+    lat_note = _latency_note(p, latency)
     return dict(kernel="gated_delta_rule_step", model=model, shape="B=1 fp32 state", floor_any_us=floor,
                 assumes=f"{layout} ({run} B DMA runs){lat_note}",
                 fixed_latency_us=p.dma_fixed_us + 2 * lat_dyn, transfers_us=read_all + one)

@@ -184,15 +184,14 @@ def causal_conv1d_update_kernel(x, conv_state, weight, apply_silu):
 
 def _update_chunk(x, conv_state, y, w_sb, c0, n_p, cpp, b0, nb, apply_silu, cdt):
     """Sequences b0 .. b0 + nb - 1 of one channel group (see causal_conv1d_update_kernel)."""
-    bsz, n_ch, seq = x.shape
+    seq = x.shape[2]
     kw = w_sb.shape[3]
     f32 = nl.float32
+    rows = (c0, n_p, cpp, b0, nb)
     st = nl.ndarray((n_p, nb, cpp, kw), dtype=cdt, buffer=nl.sbuf)
-    nisa.dma_copy(dst=st, src=conv_state.ap(pattern=[[cpp * kw, n_p], [n_ch * kw, nb], [kw, cpp], [1, kw]],
-                                            offset=(b0 * n_ch + c0) * kw))
+    nisa.dma_copy(dst=st, src=_group_rows(conv_state, *rows))
     xt = nl.ndarray((n_p, nb, cpp, seq), dtype=cdt, buffer=nl.sbuf)
-    nisa.dma_copy(dst=xt, src=x.ap(pattern=[[cpp * seq, n_p], [n_ch * seq, nb], [seq, cpp], [1, seq]],
-                                   offset=(b0 * n_ch + c0) * seq))
+    nisa.dma_copy(dst=xt, src=_group_rows(x, *rows))
     hist = nl.ndarray((n_p, nb, cpp, kw + seq), dtype=cdt, buffer=nl.sbuf)
     nisa.tensor_copy(dst=hist[:, :, :, 0:kw], src=st, engine=nisa.engine.gpsimd)
     nisa.tensor_copy(dst=hist[:, :, :, kw:kw + seq], src=xt)
@@ -203,12 +202,17 @@ def _update_chunk(x, conv_state, y, w_sb, c0, n_p, cpp, b0, nb, apply_silu, cdt)
         acc = nl.ndarray((n_p, nb, cpp), dtype=f32, buffer=nl.sbuf)
         nisa.tensor_reduce(dst=acc, op=nl.add, data=prod, axis=3)
         nisa.activation(dst=y_sb[:, :, :, i_t], op=nl.silu if apply_silu else nl.copy, data=acc)
-    nisa.dma_copy(dst=y.ap(pattern=[[cpp * seq, n_p], [n_ch * seq, nb], [seq, cpp], [1, seq]],
-                           offset=(b0 * n_ch + c0) * seq), src=y_sb)
+    nisa.dma_copy(dst=_group_rows(y, *rows), src=y_sb)
     st_new = nl.ndarray((n_p, nb, cpp, kw), dtype=conv_state.dtype, buffer=nl.sbuf)
     nisa.tensor_copy(dst=st_new, src=hist[:, :, :, seq:seq + kw], engine=nisa.engine.gpsimd)
-    nisa.dma_copy(dst=conv_state.ap(pattern=[[cpp * kw, n_p], [n_ch * kw, nb], [kw, cpp], [1, kw]],
-                                    offset=(b0 * n_ch + c0) * kw), src=st_new)
+    nisa.dma_copy(dst=_group_rows(conv_state, *rows), src=st_new)
+
+
+def _group_rows(t, c0, n_p, cpp, b0, nb):
+    """View [n_p, nb, cpp, L] of t [B, C, L] (HBM): partition p holds channels c0 + p cpp .. + cpp - 1 of
+    sequences b0 .. b0 + nb - 1 (cpp * L contiguous elements per partition and sequence)."""
+    _, n_ch, n_l = t.shape
+    return t.ap(pattern=[[cpp * n_l, n_p], [n_ch * n_l, nb], [n_l, cpp], [1, n_l]], offset=(b0 * n_ch + c0) * n_l)
 
 
 def _update_bytes_per_channel(kw: int, seq: int) -> int:

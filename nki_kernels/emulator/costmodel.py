@@ -70,8 +70,6 @@ def params_for(target: Target) -> CostParams:
 
 
 def _tgt(target) -> Target:
-    if isinstance(target, Target):
-        return target
     return get_target(target)
 
 

@@ -81,8 +81,11 @@ TARGETS: dict[str, Target] = {
 _override: list[str] = []
 
 
-def get_target(name: str | None = None) -> Target:
-    """The target named, else the one set by `use_target`, else $NEURON_PLATFORM_TARGET_OVERRIDE, else trn2."""
+def get_target(name: "str | Target | None" = None) -> Target:
+    """The target named (a Target passes through), else the one set by `use_target`, else
+    $NEURON_PLATFORM_TARGET_OVERRIDE, else trn2."""
+    if isinstance(name, Target):
+        return name
     if name is None:
         name = _override[-1] if _override else os.environ.get(TARGET_ENV, "") or DEFAULT_TARGET
     key = str(name).lower()
