@@ -1,0 +1,76 @@
+"""Which LNC (logical NeuronCore degree) a kernel launch uses, resolved the way neuronx-cc does.
+
+NKI 0.7 (Neuron SDK 2.33) rejects a kernel whose LNC differs from the compiler's (NCC_EVRF066), and
+neuronx-cc defaults to LNC=2 on trn2 and later. So every public wrapper takes ``lnc=None`` and resolves it
+here:
+
+* an explicit ``lnc=`` (1 or 2) wins;
+* else ``NEURON_LOGICAL_NC_CONFIG`` when set (it must be the integer 1 or 2);
+* else the target's default: 2 on trn2 and trn3, 1 on trn1.
+
+The target is the emulator's (``NEURON_PLATFORM_TARGET_OVERRIDE`` or ``use_target``; trn2 by default), or on
+a Trainium host the one named by ``NEURON_PLATFORM_TARGET_OVERRIDE`` (trn2 when unset).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .validation import KernelInputError
+
+LNC_ENV = "NEURON_LOGICAL_NC_CONFIG"
+TARGET_ENV = "NEURON_PLATFORM_TARGET_OVERRIDE"
+ALLOWED_LNC = (1, 2)
+# LNC degrees each target supports, and the one neuronx-cc uses when none is set.
+TARGET_LNC = {"trn1": (1,), "trn2": (1, 2), "trn3": (1, 2)}
+TARGET_DEFAULT_LNC = {"trn1": 1, "trn2": 2, "trn3": 2}
+
+
+def current_target_name() -> str:
+    """The target kernels are compiled (or emulated) for."""
+    from . import backend
+    if backend.is_emulated():
+        from .emulator.targets import get_target
+        return get_target().name
+    return (os.environ.get(TARGET_ENV, "") or "trn2").lower()  # pragma: no cover - needs real NKI
+
+
+def env_lnc(who: str = "nki_kernels") -> int | None:
+    """The degree set by NEURON_LOGICAL_NC_CONFIG, or None when unset. A non-integer value is an error."""
+    raw = os.environ.get(LNC_ENV)
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise KernelInputError(f"{who}: {LNC_ENV} must be an integer LNC degree, one of {ALLOWED_LNC}, "
+                               f"got {LNC_ENV}={raw!r}") from None
+    if value not in ALLOWED_LNC:
+        raise KernelInputError(f"{who}: {LNC_ENV} must be one of {ALLOWED_LNC}, got {LNC_ENV}={raw!r}")
+    return value
+
+
+def default_lnc(who: str = "nki_kernels") -> int:
+    """The degree in force when a kernel names none: NEURON_LOGICAL_NC_CONFIG, else the target's default."""
+    value = env_lnc(who)
+    if value is not None:
+        return value
+    return TARGET_DEFAULT_LNC.get(current_target_name(), 1)
+
+
+def resolve_lnc(lnc, who: str) -> int:
+    """The LNC a public wrapper launches with: `lnc` when given, else `default_lnc()`; checked against the
+    allowed values and the target. `who` is the kernel name used in error messages."""
+    if lnc is None:
+        lnc = default_lnc(who)
+    if isinstance(lnc, bool) or not isinstance(lnc, (int, np.integer)):
+        raise KernelInputError(f"{who}: lnc must be one of {ALLOWED_LNC} or None, got lnc={lnc!r}")
+    lnc = int(lnc)
+    if lnc not in ALLOWED_LNC:
+        raise KernelInputError(f"{who}: lnc must be one of {ALLOWED_LNC} or None, got lnc={lnc}")
+    target = current_target_name()
+    supported = TARGET_LNC.get(target, ALLOWED_LNC)
+    if lnc not in supported:
+        raise KernelInputError(f"{who}: lnc={lnc} is not available on {target}, which supports lnc in {supported}")
+    return lnc
