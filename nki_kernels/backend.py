@@ -58,6 +58,14 @@ def is_emulated() -> bool:
     return ACTIVE == "emulator"
 
 
+def target_name() -> str:
+    """The target kernels are compiled for: the emulator's (NEURON_PLATFORM_TARGET_OVERRIDE or
+    `use_target`, trn2 by default), or on a Trainium host NEURON_PLATFORM_TARGET_OVERRIDE (trn2 when unset)."""
+    if ACTIVE == "emulator":
+        return nki.get_target().name
+    return (os.environ.get("NEURON_PLATFORM_TARGET_OVERRIDE", "") or "trn2").lower()  # pragma: no cover
+
+
 # ---------------------------------------------------------------- torch <-> numpy bridge
 
 

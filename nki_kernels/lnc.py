@@ -20,7 +20,6 @@ import numpy as np
 from .validation import KernelInputError
 
 LNC_ENV = "NEURON_LOGICAL_NC_CONFIG"
-TARGET_ENV = "NEURON_PLATFORM_TARGET_OVERRIDE"
 ALLOWED_LNC = (1, 2)
 # LNC degrees each target supports, and the one neuronx-cc uses when none is set.
 TARGET_LNC = {"trn1": (1,), "trn2": (1, 2), "trn3": (1, 2)}
@@ -30,10 +29,7 @@ TARGET_DEFAULT_LNC = {"trn1": 1, "trn2": 2, "trn3": 2}
 def current_target_name() -> str:
     """The target kernels are compiled (or emulated) for."""
     from . import backend
-    if backend.is_emulated():
-        from .emulator.targets import get_target
-        return get_target().name
-    return (os.environ.get(TARGET_ENV, "") or "trn2").lower()  # pragma: no cover - needs real NKI
+    return backend.target_name()
 
 
 def env_lnc(who: str = "nki_kernels") -> int | None:
