@@ -21,10 +21,11 @@ from __future__ import annotations
 
 from ..backend import call, nki, nisa, nl
 from ..hw import P_MAX
+from ..lnc import resolve_lnc
 from ..validation import kernel_check
 from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, KV_BLOCK, MASK_BIAS, MAX_HEAD_DIM, MM_KEYS, load_len_broadcast,
                       load_transposed, n_tiles, pe_transpose_group, transpose_probs)
-from .prefill import _as_int32_lens, _check_scale, _dtype_name, _shape
+from .prefill import _as_int32_lens, _check_array, _check_scale, _dtype_name, _read_only, _shape
 
 MAX_NEW_TOKENS = 8                # Sq limit (speculative decoding); G * Sq rows must fit the 128 partitions
 _SECTION = 2 * KV_BLOCK           # keys per softmax section: S [R, 4096] fp32 + K^T, V of the section in SBUF
@@ -292,7 +293,7 @@ def _section_pv(out, head, staged, b, kvh, i_sec, n_sec, sn, rows, sq, group, d,
 # ============================================================================ host wrapper
 
 
-def flash_attention_decode(q, k_cache, v_cache, cache_lens, causal=True, softmax_scale=None, lnc=1):
+def flash_attention_decode(q, k_cache, v_cache, cache_lens, causal=True, softmax_scale=None, lnc=None):
     """Decode attention over a BHSD KV cache (GQA, 1..8 new tokens, D <= 256).
 
     Args:
@@ -302,15 +303,15 @@ def flash_attention_decode(q, k_cache, v_cache, cache_lens, causal=True, softmax
         cache_lens: [B] integers in [Sq, S]: valid positions per sequence, new tokens included.
         causal: new token i sees keys <= cache_lens[b] - Sq + i (else all keys < cache_lens[b]).
         softmax_scale: default D ** -0.5, must be > 0.
-        lnc: 1 or 2 (program instances split the (b, KV head) pairs).
+        lnc: 1, 2 or None (default: NEURON_LOGICAL_NC_CONFIG, else the target's default, 2 on trn2); the
+            program instances split the (b, KV head) pairs in one launch.
     Returns:
         out: [B, Hq, Sq, D], q's dtype.
     """
     name = "flash_attention_decode"
-    kernel_check(getattr(q, "ndim", 0) == 4, f"{name}: q must be 4-D [B, Hq, Sq, D], got q.shape={_shape(q)}")
-    kernel_check(getattr(k_cache, "ndim", 0) == 4 and getattr(v_cache, "ndim", 0) == 4,
-                 f"{name}: caches must be 4-D [B, Hkv, S, D], got k_cache.shape={_shape(k_cache)}, "
-                 f"v_cache.shape={_shape(v_cache)}")
+    _check_array(name, "q", q, 4, "[B, Hq, Sq, D]")
+    _check_array(name, "k_cache", k_cache, 4, "[B, Hkv, S, D]")
+    _check_array(name, "v_cache", v_cache, 4, "[B, Hkv, S, D]")
     n_b, n_hq, sq, d = _shape(q)
     kernel_check(_shape(k_cache) == _shape(v_cache), f"{name}: k_cache and v_cache shapes differ, got "
                  f"{_shape(k_cache)} and {_shape(v_cache)}")
@@ -331,5 +332,6 @@ def flash_attention_decode(q, k_cache, v_cache, cache_lens, causal=True, softmax
     lens = _as_int32_lens(name, "cache_lens", cache_lens, n_b, sq, s_max)
     scale = _check_scale(name, softmax_scale, d)
     kernel_check(isinstance(causal, bool), f"{name}: causal must be a bool, got causal={causal!r}")
-    kernel_check(lnc in (1, 2), f"{name}: lnc must be 1 or 2, got lnc={lnc}")
+    lnc = resolve_lnc(lnc, name)
+    q, k_cache, v_cache = (_read_only(x) for x in (q, k_cache, v_cache))
     return call(flash_attention_decode_kernel, q, k_cache, v_cache, lens, scale, causal, lnc=lnc)

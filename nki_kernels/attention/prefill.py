@@ -20,6 +20,7 @@ import math
 
 from ..backend import call, nki, nisa, nl
 from ..hw import P_MAX
+from ..lnc import resolve_lnc
 from ..validation import kernel_check
 from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, KV_BLOCK, MASK_BIAS, MAX_HEAD_DIM, MM_KEYS,
                       is_two_byte, load_len_broadcast, load_transposed, n_tiles)
@@ -485,10 +486,31 @@ def _dtype_name(x) -> str:
 
 
 def _shape(x):
-    return tuple(int(s) for s in x.shape)
+    return tuple(int(s) for s in x.shape) if hasattr(x, "shape") else type(x).__name__
 
 
-def flash_attention(q, k, v, gate=None, seq_lens=None, causal=True, softmax_scale=None, lnc=1):
+def _read_only(x):
+    """A torch view that is not contiguous (expand()ed K/V, a transposed gate) as a contiguous copy, so that
+    nothing is ever written back into the caller's tensor: attention writes none of its inputs."""
+    if x is not None and hasattr(x, "is_contiguous") and not x.is_contiguous():
+        return x.contiguous()
+    return x
+
+
+def _check_array(name, arg, x, ndim, layout):
+    """`x` must be a NumPy array or a CPU torch tensor of `ndim` dims (layout names them), with no zero dim."""
+    kernel_check(hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, (list, tuple)),
+                 f"{name}: {arg} must be a NumPy array or torch tensor {layout}, got {arg}={type(x).__name__}")
+    device = getattr(x, "device", None)
+    kernel_check(device is None or isinstance(device, str) or getattr(device, "type", "cpu") == "cpu",
+                 f"{name}: {arg} must be a CPU tensor here (the emulator runs on the host), got {arg}.device={device}")
+    kernel_check(len(x.shape) == ndim, f"{name}: {arg} must be {ndim}-D {layout}, got {arg}.shape={_shape(x)}")
+    kernel_check(all(int(s) >= 1 for s in x.shape),
+                 f"{name}: every dimension of {arg} {layout} must be >= 1 (empty batches, heads or sequences are "
+                 f"not supported), got {arg}.shape={_shape(x)}")
+
+
+def flash_attention(q, k, v, gate=None, seq_lens=None, causal=True, softmax_scale=None, lnc=None):
     """Flash attention prefill: BHSD q/k/v (GQA), optional causal mask, valid lengths and sigmoid output gate.
 
     Args:
@@ -498,14 +520,15 @@ def flash_attention(q, k, v, gate=None, seq_lens=None, causal=True, softmax_scal
         seq_lens: optional [B] integers in [0, Skv]: per-sequence valid length in key positions.
         causal: bottom-right aligned causal mask (query i sees keys j <= Skv - Sq + i).
         softmax_scale: default D ** -0.5; must be > 0.
-        lnc: 1 or 2 (two program instances split the (b, KV head) pairs, else the query tiles).
+        lnc: 1, 2 or None (default: NEURON_LOGICAL_NC_CONFIG, else the target's default, 2 on trn2). Two
+            program instances split the (b, KV head) pairs, else the query tiles, in one launch.
     Returns:
         out: [B, Hq, Sq, D], q's dtype (and kind: NumPy or torch).
     """
     name = "flash_attention"
-    kernel_check(getattr(q, "ndim", 0) == 4, f"{name}: q must be 4-D [B, Hq, Sq, D], got q.shape={_shape(q)}")
-    kernel_check(getattr(k, "ndim", 0) == 4 and getattr(v, "ndim", 0) == 4,
-                 f"{name}: k and v must be 4-D [B, Hkv, Skv, D], got k.shape={_shape(k)}, v.shape={_shape(v)}")
+    _check_array(name, "q", q, 4, "[B, Hq, Sq, D]")
+    _check_array(name, "k", k, 4, "[B, Hkv, Skv, D]")
+    _check_array(name, "v", v, 4, "[B, Hkv, Skv, D]")
     n_b, n_hq, sq, d = _shape(q)
     kernel_check(_shape(k) == _shape(v), f"{name}: k and v shapes differ, got k.shape={_shape(k)}, "
                  f"v.shape={_shape(v)}")
@@ -523,6 +546,7 @@ def flash_attention(q, k, v, gate=None, seq_lens=None, causal=True, softmax_scal
     kernel_check(q.dtype == k.dtype == v.dtype, f"{name}: q, k, v dtypes differ, got {q.dtype}, {k.dtype}, "
                  f"{v.dtype}")
     if gate is not None:
+        _check_array(name, "gate", gate, 4, "[B, Hq, Sq, D]")
         kernel_check(_shape(gate) == _shape(q), f"{name}: gate must have q's shape {_shape(q)}, got "
                      f"gate.shape={_shape(gate)}")
         kernel_check(_dtype_name(gate) in FLOAT_DTYPES, f"{name}: gate dtype must be one of {FLOAT_DTYPES}, "
@@ -531,33 +555,44 @@ def flash_attention(q, k, v, gate=None, seq_lens=None, causal=True, softmax_scal
         seq_lens = _as_int32_lens(name, "seq_lens", seq_lens, n_b, 0, skv)
     scale = _check_scale(name, softmax_scale, d)
     kernel_check(isinstance(causal, bool), f"{name}: causal must be a bool, got causal={causal!r}")
-    kernel_check(lnc in (1, 2), f"{name}: lnc must be 1 or 2, got lnc={lnc}")
+    lnc = resolve_lnc(lnc, name)
     itemsize = 4 if _dtype_name(q) == "float32" else 2
     need = kv_resident_bytes(skv, d, itemsize, seq_lens is not None)
     kernel_check(need <= _SBUF_KV_BUDGET,
                  f"{name}: one KV head must fit SBUF (K^T + V resident): Skv={skv}, D={d}, "
                  f"{_dtype_name(q)} needs {need} B per partition > {_SBUF_KV_BUDGET}")
+    q, k, v, gate = (_read_only(x) for x in (q, k, v, gate))
     return call(flash_attention_kernel, q, k, v, gate, seq_lens, scale, causal, lnc=lnc)
 
 
 def _check_scale(name, softmax_scale, d):
     if softmax_scale is None:
         return 1.0 / math.sqrt(d)
-    kernel_check(isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale) and softmax_scale > 0,
-                 f"{name}: softmax_scale must be a finite number > 0, got softmax_scale={softmax_scale!r}")
+    import numpy as np
+    is_number = isinstance(softmax_scale, (int, float, np.integer, np.floating)) and not isinstance(
+        softmax_scale, (bool, np.bool_))
+    kernel_check(is_number and math.isfinite(float(softmax_scale)) and float(softmax_scale) > 0,
+                 f"{name}: softmax_scale must be a finite number > 0 (Python or NumPy scalar), got "
+                 f"softmax_scale={softmax_scale!r}")
     return float(softmax_scale)
 
 
 def _as_int32_lens(name, arg, lens, n_b, lo, hi):
     """Validate per-sequence lengths (values must be known on the host to check them) and return int32 NumPy."""
     import numpy as np
+    device_type = getattr(getattr(lens, "device", None), "type", "cpu")
+    kernel_check(not isinstance(lens, (str, bytes)) and device_type != "meta",
+                 f"{name}: {arg} must be integers with values (NumPy, list or tensor), got {arg}={lens!r}")
     try:
         import torch
         if isinstance(lens, torch.Tensor):
             lens = lens.detach().cpu().numpy()
     except ImportError:  # pragma: no cover
         pass
-    arr = np.asarray(lens)
+    try:
+        arr = np.asarray(lens)
+    except Exception:  # noqa: BLE001 - anything NumPy cannot turn into an array
+        arr = np.asarray(None)
     kernel_check(arr.shape == (n_b,), f"{name}: {arg} must have shape [B]=({n_b},), got {arg}.shape={arr.shape}")
     kernel_check(np.issubdtype(arr.dtype, np.integer), f"{name}: {arg} must be integers, got dtype={arr.dtype}")
     kernel_check(bool(np.all((arr >= lo) & (arr <= hi))),

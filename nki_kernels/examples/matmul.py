@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ..backend import call, nki, nisa, nl
 from ..hw import GEMM_MOVING_FMAX, GEMM_STATIONARY_FMAX, P_MAX
+from ..lnc import resolve_lnc
 from ..validation import kernel_check
 from ._common import dtype_bytes
 
@@ -99,7 +100,7 @@ def _load_k_tiles(dst_sb, src, c0, c_sz):
         nisa.dma_copy(dst=dst_sb[0:k_tail, n_full, 0:c_sz], src=src[k0:k_total, c0:c0 + c_sz])
 
 
-def tiled_matmul(lhsT, rhs, lnc: int = 1):
+def tiled_matmul(lhsT, rhs, lnc=None):
     """Host wrapper: validates and launches `tiled_matmul_kernel`. NumPy or torch in, the same kind out."""
     kernel_check(getattr(lhsT, "ndim", 0) == 2 and getattr(rhs, "ndim", 0) == 2,
                  f"tiled_matmul: lhsT and rhs must be 2-D, got lhsT.shape={tuple(lhsT.shape)}, "
@@ -113,5 +114,5 @@ def tiled_matmul(lhsT, rhs, lnc: int = 1):
     kernel_check(lhsT.shape[0] * itemsize <= _MAX_K_BYTES,
                  f"tiled_matmul: K * itemsize must be <= {_MAX_K_BYTES} B (K <= {_MAX_K_BYTES // itemsize} for "
                  f"{lhsT.dtype}), got K={lhsT.shape[0]}")
-    kernel_check(lnc in (1, 2), f"tiled_matmul: lnc must be 1 or 2, got lnc={lnc}")
+    lnc = resolve_lnc(lnc, "tiled_matmul")
     return call(tiled_matmul_kernel, lhsT, rhs, lnc=lnc)

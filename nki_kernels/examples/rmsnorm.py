@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..backend import call, nki, nisa, nl
 from ..hw import P_MAX
+from ..lnc import resolve_lnc
 from ..validation import kernel_check
 from ._common import dtype_bytes
 
@@ -105,7 +106,7 @@ def _rmsnorm_group(x, w_sb, out, j0, n_grp, pid, n_prog, inv_hidden, eps):
         nisa.dma_copy(dst=out[r0:r0 + r_sz, :], src=out_sb[0:r_sz, g, :])
 
 
-def rmsnorm(x, weight, eps: float = 1e-6, lnc: int = 1):
+def rmsnorm(x, weight, eps: float = 1e-6, lnc=None):
     """RMSNorm of x [R, H] with weight [H] (same dtype). NumPy or torch in, the same kind out."""
     kernel_check(getattr(x, "ndim", 0) == 2, f"rmsnorm: x must be 2-D [R, H], got x.shape={tuple(x.shape)}")
     kernel_check(getattr(weight, "ndim", 0) == 1 and weight.shape[0] == x.shape[1],
@@ -119,5 +120,5 @@ def rmsnorm(x, weight, eps: float = 1e-6, lnc: int = 1):
     kernel_check(x.shape[0] >= 1, f"rmsnorm: R must be >= 1, got R={x.shape[0]}")
     kernel_check(isinstance(eps, (int, float)) and eps >= _RSQRT_MIN_INPUT,
                  f"rmsnorm: eps must be a float >= 2**-87 (rsqrt's valid input range), got eps={eps}")
-    kernel_check(lnc in (1, 2), f"rmsnorm: lnc must be 1 or 2, got lnc={lnc}")
+    lnc = resolve_lnc(lnc, "rmsnorm")
     return call(rmsnorm_kernel, x, weight, float(eps), lnc=lnc)

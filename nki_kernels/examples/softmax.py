@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..backend import call, nki, nisa, nl
 from ..hw import P_MAX
+from ..lnc import resolve_lnc
 from ..validation import kernel_check
 from ._common import dtype_bytes
 
@@ -96,12 +97,12 @@ def _softmax_group(x, out, j0, n_grp, pid, n_prog, n_cols):
         nisa.dma_copy(dst=out[r0:r0 + r_sz, :], src=x_sb[0:r_sz, g, :])
 
 
-def softmax(x, lnc: int = 1):
+def softmax(x, lnc=None):
     """Row softmax over the last dim of x [R, C] (fp32/bf16/fp16). NumPy or torch in, the same kind out."""
     kernel_check(getattr(x, "ndim", 0) == 2, f"softmax: x must be 2-D [R, C], got x.shape={tuple(x.shape)}")
     kernel_check(str(x.dtype).replace("torch.", "") in _FLOAT_DTYPES,
                  f"softmax: dtype must be one of {_FLOAT_DTYPES}, got x.dtype={x.dtype}")
     kernel_check(1 <= x.shape[1] <= _MAX_C, f"softmax: C must be in [1, {_MAX_C}], got C={x.shape[1]}")
     kernel_check(x.shape[0] >= 1, f"softmax: R must be >= 1, got R={x.shape[0]}")
-    kernel_check(lnc in (1, 2), f"softmax: lnc must be 1 or 2, got lnc={lnc}")
+    lnc = resolve_lnc(lnc, "softmax")
     return call(softmax_kernel, x, lnc=lnc)

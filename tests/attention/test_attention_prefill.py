@@ -166,7 +166,7 @@ def test_torch_bf16_roundtrip():
     (dict(lens=[3]), r"seq_lens must have shape \[B\]"),
     (dict(scale=-1.0), "softmax_scale must be a finite number > 0"),
     (dict(gate_shape=True), "gate must have q's shape"),
-    (dict(lnc=3), "lnc must be 1 or 2"),
+    (dict(lnc=3), r"lnc must be one of \(1, 2\) or None"),
     (dict(mixed=True), "dtypes differ"),
     (dict(int_dtype=True), "dtype must be one of"),
 ])

@@ -1,0 +1,281 @@
+"""Adversarial inputs for flash_attention / flash_attention_decode (issues 14 and 16): LNC resolution, NumPy
+scalars, float lengths, empty shapes, non-arrays, non-finite values contained per sequence, expanded K/V and
+inputs left untouched."""
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nki_kernels import backend, flash_attention, flash_attention_decode
+from nki_kernels.attention.reference import flash_attention_decode_ref, flash_attention_ref
+from nki_kernels.lnc import LNC_ENV
+from nki_kernels.testing import assert_close
+from nki_kernels.validation import KernelInputError
+
+BF16 = ml_dtypes.bfloat16
+DTYPES = {"float32": np.float32, "bfloat16": BF16}
+
+
+def _qkv(rng, b, hq, hkv, sq, skv, d, dtype):
+    return (rng.standard_normal((b, hq, sq, d)).astype(dtype), rng.standard_normal((b, hkv, skv, d)).astype(dtype),
+            rng.standard_normal((b, hkv, skv, d)).astype(dtype))
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The lnc of every emulated launch made by the wrappers."""
+    seen = []
+    real_run = backend.nki.run
+
+    def spy(kernel, *args, lnc=1, **kwargs):
+        res = real_run(kernel, *args, lnc=lnc, **kwargs)
+        seen.append((lnc, len(res.traces)))
+        return res
+    monkeypatch.setattr(backend.nki, "run", spy)
+    return seen
+
+
+# ------------------------------------------------------------------ LNC (issue 14)
+
+def test_default_lnc_is_the_targets_and_env_wins(monkeypatch, launches):
+    rng = np.random.default_rng(0)
+    q, k, v = _qkv(rng, 2, 4, 2, 70, 90, 128, BF16)
+    lens = np.array([80, 90], np.int32)
+    monkeypatch.delenv(LNC_ENV, raising=False)
+    out_default = flash_attention(q, k, v, seq_lens=lens)                 # trn2: LNC=2
+    monkeypatch.setenv(LNC_ENV, "2")
+    out_env = flash_attention(q, k, v, seq_lens=lens)
+    dec_env = flash_attention_decode(q[:, :, :2], k, v, lens)
+    monkeypatch.setenv(LNC_ENV, "1")
+    out_one = flash_attention(q, k, v, seq_lens=lens)
+    out_explicit = flash_attention(q, k, v, seq_lens=lens, lnc=2)          # explicit lnc beats the env
+    assert launches == [(2, 2), (2, 2), (2, 2), (1, 1), (2, 2)]
+    ref = flash_attention_ref(q, k, v, seq_lens=lens)
+    for out in (out_default, out_env, out_one, out_explicit):
+        assert_close("lnc", ref, out, dtype="bfloat16")
+    assert_close("decode lnc env", flash_attention_decode_ref(q[:, :, :2], k, v, lens), dec_env, dtype="bfloat16")
+
+
+@pytest.mark.parametrize("raw", ["two", "3"])
+def test_bad_env_lnc_names_the_variable(monkeypatch, raw):
+    monkeypatch.setenv(LNC_ENV, raw)
+    q = np.zeros((1, 1, 4, 64), np.float32)
+    with pytest.raises(KernelInputError, match=f"flash_attention: {LNC_ENV}"):
+        flash_attention(q, q, q)
+    with pytest.raises(KernelInputError, match=f"flash_attention_decode: {LNC_ENV}"):
+        flash_attention_decode(q, q, q, [4])
+
+
+@given(lnc=st.sampled_from([1, 2]), b=st.integers(1, 3), hkv=st.integers(1, 3), group=st.sampled_from([1, 2]),
+       sq=st.integers(1, 150), extra=st.sampled_from([0, 7]), d=st.sampled_from([64, 96, 256]),
+       dtype=st.sampled_from(["bfloat16", "float32"]), seed=st.integers(0, 2 ** 16))
+def test_prefill_lnc1_and_lnc2_match_reference(lnc, b, hkv, group, sq, extra, d, dtype, seed):
+    rng = np.random.default_rng(seed)
+    q, k, v = _qkv(rng, b, hkv * group, hkv, sq, sq + extra, d, DTYPES[dtype])
+    out = flash_attention(q, k, v, causal=True, lnc=lnc)
+    assert_close("prefill", flash_attention_ref(q, k, v, causal=True), out, dtype=dtype)
+
+
+@given(lnc=st.sampled_from([1, 2]), b=st.integers(1, 3), hkv=st.integers(1, 3), sq=st.integers(1, 4),
+       s=st.sampled_from([16, 300]), seed=st.integers(0, 2 ** 16))
+def test_decode_lnc1_and_lnc2_match_reference(lnc, b, hkv, sq, s, seed):
+    rng = np.random.default_rng(seed)
+    q, k, v = _qkv(rng, b, 2 * hkv, hkv, sq, s, 128, BF16)
+    lens = rng.integers(sq, s + 1, size=b)
+    out = flash_attention_decode(q, k, v, lens, lnc=lnc)
+    assert_close("decode", flash_attention_decode_ref(q, k, v, lens), out, dtype="bfloat16")
+
+
+# ------------------------------------------------------------------ arguments (issue 16)
+
+@pytest.mark.parametrize("scale", [np.float32(0.1), np.float64(0.1), np.int64(1), 0.1])
+def test_numpy_scalar_softmax_scale(scale):
+    rng = np.random.default_rng(1)
+    q, k, v = _qkv(rng, 1, 2, 1, 20, 20, 64, np.float32)
+    assert_close("scale", flash_attention_ref(q, k, v, softmax_scale=float(scale)),
+                 flash_attention(q, k, v, softmax_scale=scale), dtype="float32")
+    assert_close("scale decode", flash_attention_decode_ref(q[:, :, :1], k, v, [20], softmax_scale=float(scale)),
+                 flash_attention_decode(q[:, :, :1], k, v, [20], softmax_scale=scale), dtype="float32")
+
+
+@pytest.mark.parametrize("scale", [True, np.bool_(True), "0.1", np.float32("nan"), float("inf"), -0.5, 0])
+def test_bad_softmax_scale(scale):
+    q = np.zeros((1, 1, 4, 64), np.float32)
+    with pytest.raises(KernelInputError, match="softmax_scale must be a finite number > 0"):
+        flash_attention(q, q, q, softmax_scale=scale)
+    with pytest.raises(KernelInputError, match="softmax_scale must be a finite number > 0"):
+        flash_attention_decode(q, q, q, [4], softmax_scale=scale)
+
+
+def _float_lens():
+    torch = pytest.importorskip("torch")
+    return [[7.9], [7.0], np.array([7.0], np.float32), torch.tensor([7.0]), np.array([True])]
+
+
+def test_float_lengths_refused_by_both():
+    q = np.zeros((1, 1, 4, 64), np.float32)
+    k = np.zeros((1, 1, 8, 64), np.float32)
+    for lens in _float_lens():
+        with pytest.raises(KernelInputError, match="seq_lens must be integers"):
+            flash_attention(q, k, k, seq_lens=lens)
+        with pytest.raises(KernelInputError, match="cache_lens must be integers"):
+            flash_attention_decode(q, k, k, lens)
+
+
+def test_integer_lengths_of_any_kind_accepted():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(2)
+    q, k, v = _qkv(rng, 1, 1, 1, 4, 8, 64, np.float32)
+    ref = flash_attention_decode_ref(q, k, v, [6])
+    for lens in ([6], (6,), np.array([6], np.int64), np.array([6], np.uint8), torch.tensor([6])):
+        assert_close("lens kinds", ref, flash_attention_decode(q, k, v, lens), dtype="float32")
+
+
+@pytest.mark.parametrize("shape_q, shape_kv, match", [
+    ((0, 2, 4, 64), (0, 1, 8, 64), r"every dimension of q \[B, Hq, Sq, D\] must be >= 1"),
+    ((1, 2, 0, 64), (1, 1, 8, 64), r"every dimension of q"),
+    ((1, 2, 4, 64), (1, 1, 0, 64), r"every dimension of k"),
+    ((1, 0, 4, 64), (1, 1, 8, 64), r"every dimension of q"),
+    ((1, 2, 4, 0), (1, 1, 8, 0), r"every dimension of q"),
+    ((2, 4, 64), (1, 1, 8, 64), r"q must be 4-D \[B, Hq, Sq, D\]"),
+])
+def test_empty_and_wrong_rank_shapes(shape_q, shape_kv, match):
+    q, kv = np.zeros(shape_q, np.float32), np.zeros(shape_kv, np.float32)
+    with pytest.raises(KernelInputError, match=match):
+        flash_attention(q, kv, kv)
+
+
+def test_decode_empty_batch_and_cache():
+    q = np.zeros((0, 2, 1, 64), np.float32)
+    with pytest.raises(KernelInputError, match="every dimension of q"):
+        flash_attention_decode(q, np.zeros((0, 1, 8, 64), np.float32), np.zeros((0, 1, 8, 64), np.float32), [])
+    q = np.zeros((1, 2, 1, 64), np.float32)
+    kv = np.zeros((1, 1, 0, 64), np.float32)
+    with pytest.raises(KernelInputError, match="every dimension of k_cache"):
+        flash_attention_decode(q, kv, kv, [1])
+
+
+def test_non_arrays_are_clear_errors():
+    q = np.zeros((1, 1, 4, 64), np.float32).tolist()
+    with pytest.raises(KernelInputError, match="q must be a NumPy array or torch tensor"):
+        flash_attention(q, q, q)
+    with pytest.raises(KernelInputError, match="q must be a NumPy array or torch tensor"):
+        flash_attention_decode(q, q, q, [4])
+    arr = np.zeros((1, 1, 4, 64), np.float32)
+    with pytest.raises(KernelInputError, match="gate must be a NumPy array"):
+        flash_attention(arr, arr, arr, gate=1.0)
+    with pytest.raises(KernelInputError, match="cache_lens must be integers"):
+        flash_attention_decode(arr, arr, arr, "4")
+
+
+def test_meta_tensors_refused():
+    torch = pytest.importorskip("torch")
+    q = torch.empty(1, 1, 4, 64, device="meta")
+    with pytest.raises(KernelInputError, match="q must be a CPU tensor"):
+        flash_attention(q, q, q)
+    qc = torch.zeros(1, 1, 4, 64)
+    with pytest.raises(KernelInputError, match="cache_lens must be integers with values"):
+        flash_attention_decode(qc, qc, qc, torch.tensor([4], device="meta"))
+
+
+def test_float64_inputs_refused_with_the_dtypes_allowed():
+    q = np.zeros((1, 1, 4, 64))
+    with pytest.raises(KernelInputError, match=r"dtype must be one of .*got q.dtype=float64"):
+        flash_attention(q, q, q)
+
+
+def test_unknown_keyword_is_a_type_error():
+    q = np.zeros((1, 1, 4, 64), np.float32)
+    with pytest.raises(TypeError):
+        flash_attention(q, q, q, seq_len=[4])          # typo of seq_lens
+    with pytest.raises(TypeError):
+        flash_attention_decode(q, q, q, [4], casual=True)
+
+
+# ------------------------------------------------------------------ non-finite values stay in their sequence
+
+@given(where=st.sampled_from(["q", "k", "v", "gate"]), value=st.sampled_from([np.nan, np.inf, -np.inf]),
+       b=st.integers(2, 3), causal=st.booleans(), dtype=st.sampled_from(["bfloat16", "float32"]),
+       lnc=st.sampled_from([1, 2]), seed=st.integers(0, 2 ** 16))
+def test_prefill_non_finite_stays_in_its_sequence(where, value, b, causal, dtype, lnc, seed):
+    """A non-finite value in one sequence's q / k / v / gate leaves every other sequence bit-identical to the
+    clean run. Inside that sequence: a q or gate value reaches only its own row (query head, position)."""
+    rng = np.random.default_rng(seed)
+    hq, hkv, sq, skv, d = 4, 2, 150, 170, 64
+    q, k, v = _qkv(rng, b, hq, hkv, sq, skv, d, DTYPES[dtype])
+    gate = rng.standard_normal(q.shape).astype(DTYPES[dtype])
+    clean = np.asarray(flash_attention(q, k, v, gate=gate, causal=causal, lnc=lnc), np.float64)
+    bad_b = int(rng.integers(0, b))
+    tensors = dict(q=q.copy(), k=k.copy(), v=v.copy(), gate=gate.copy())
+    arr = tensors[where]
+    h, s = int(rng.integers(0, arr.shape[1])), int(rng.integers(0, arr.shape[2]))
+    arr[bad_b, h, s, int(rng.integers(0, d))] = value
+    out = np.asarray(flash_attention(tensors["q"], tensors["k"], tensors["v"], gate=tensors["gate"],
+                                     causal=causal, lnc=lnc), np.float64)
+    others = [i for i in range(b) if i != bad_b]
+    np.testing.assert_array_equal(out[others], clean[others])
+    if where in ("q", "gate"):
+        rows = np.ones(out.shape[:3], bool)
+        rows[bad_b, h, s] = False
+        np.testing.assert_array_equal(out[rows], clean[rows])
+
+
+@given(where=st.sampled_from(["q", "k", "v"]), value=st.sampled_from([np.nan, np.inf]), seed=st.integers(0, 2 ** 16),
+       lnc=st.sampled_from([1, 2]))
+def test_decode_non_finite_stays_in_its_sequence(where, value, seed, lnc):
+    """Decode: a non-finite value in sequence b's new token or in its valid cache rows leaves the other
+    sequences bit-identical."""
+    rng = np.random.default_rng(seed)
+    b, hq, hkv, sq, s, d = 3, 4, 2, 2, 300, 128
+    q, k, v = _qkv(rng, b, hq, hkv, sq, s, d, BF16)
+    lens = rng.integers(sq, s + 1, size=b)
+    clean = np.asarray(flash_attention_decode(q, k, v, lens, lnc=lnc), np.float64)
+    bad_b = int(rng.integers(0, b))
+    tensors = dict(q=q.copy(), k=k.copy(), v=v.copy())
+    pos = int(rng.integers(0, sq)) if where == "q" else int(rng.integers(0, lens[bad_b]))
+    tensors[where][bad_b, 0, pos, 3] = value
+    out = np.asarray(flash_attention_decode(tensors["q"], tensors["k"], tensors["v"], lens, lnc=lnc), np.float64)
+    others = [i for i in range(b) if i != bad_b]
+    np.testing.assert_array_equal(out[others], clean[others])
+
+
+def test_huge_finite_values_stay_finite_and_contained():
+    """|q|, |k| ~ 1e4 give logits ~1e9 (far beyond exp's range): still the reference's finite answer."""
+    rng = np.random.default_rng(3)
+    q, k, v = _qkv(rng, 2, 2, 1, 40, 60, 64, np.float32)
+    q[1] *= 1e4
+    k[1] *= 1e4
+    out = flash_attention(q, k, v, causal=True)
+    assert np.all(np.isfinite(out))
+    assert_close("huge", flash_attention_ref(q, k, v, causal=True), out, dtype="float32")
+
+
+# ------------------------------------------------------------------ torch views and immutability
+
+def test_expanded_kv_and_inputs_untouched():
+    torch = pytest.importorskip("torch")
+    gen = torch.Generator().manual_seed(0)
+    kv = torch.randn(1, 1, 16, 64, generator=gen).expand(2, 1, 16, 64)
+    q = torch.randn(2, 2, 16, 64, generator=gen)
+    gate = torch.randn(2, 16, 2, 64, generator=gen).transpose(1, 2)          # non-contiguous view
+    before = [t.clone() for t in (q, kv, gate)]
+    versions = [t._version for t in (q, kv, gate)]
+    out = flash_attention(q, kv, kv, gate=gate)
+    assert_close("expanded kv", flash_attention_ref(q, kv, kv, gate=gate), out.numpy(), dtype="float32")
+    dec = flash_attention_decode(q[:, :, :1], kv, kv, torch.tensor([16, 9]))
+    assert_close("expanded kv decode", flash_attention_decode_ref(q[:, :, :1], kv, kv, [16, 9]), dec.numpy(),
+                 dtype="float32")
+    for t, b0, v0 in zip((q, kv, gate), before, versions):
+        assert torch.equal(t, b0) and t._version == v0
+
+
+def test_numpy_inputs_untouched():
+    rng = np.random.default_rng(4)
+    q, k, v = _qkv(rng, 2, 2, 1, 30, 40, 64, BF16)
+    lens = np.array([40, 17], np.int64)
+    copies = [a.copy() for a in (q, k, v, lens)]
+    flash_attention(q, k, v, seq_lens=lens)
+    flash_attention_decode(q[:, :, :2], k, v, lens)
+    for a, c in zip((q, k, v, lens), copies):
+        np.testing.assert_array_equal(a.view(np.uint8), c.view(np.uint8))
