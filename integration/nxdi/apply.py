@@ -38,7 +38,7 @@ KERNELS_OF = {
     "deltanet": (_gdn.PREFILL_KERNEL, _gdn.STEP_KERNEL),
     "code_predictor": (_cp.KERNEL_NAME,),
 }
-SUPPORTED_VERSIONS = {
+SUPPORTED_VERSIONS = {   # NxDI 0.10 / NxD 0.19 (SDK 2.31) is the last release; see docs/integration.md
     "attention": "NxDI 0.8 (SDK 2.28) - 0.10 (SDK 2.31): NeuronAttentionBase.perform_prefill(Q, K, V, q_len, bsz, "
                  "attention_mask); Qwen3.5 contrib NeuronQwen35Attention (NxDI main @4bcdc54)",
     "moe": "NxD 0.17 (SDK 2.28) - 0.19 (SDK 2.31): BlockwiseMatmulConfig.blockwise_nki_autograd_cls, "
@@ -181,6 +181,28 @@ def _signature_ok(fn, expected):
     return names is not None and tuple(names[:len(expected)]) == tuple(expected), names
 
 
+def signature_difference(names, expected, exact=False) -> str:
+    """How a parameter list differs from the expected one, in words (first differing position, missing or
+    extra parameters). `exact`: parameters beyond the expected ones count as a difference too."""
+    if names is None:
+        return "its signature cannot be inspected"
+    names, expected = tuple(names), tuple(expected)
+    for i, want in enumerate(expected):
+        if i >= len(names):
+            return f"missing parameter(s) {expected[i:]} from position {i + 1}"
+        if names[i] != want:
+            return f"parameter {i + 1} is {names[i]!r}, expected {want!r}"
+    if exact and len(names) > len(expected):
+        return f"extra parameter(s) {names[len(expected):]}"
+    return "no difference"
+
+
+def _mismatch(family, owner, method, names, expected, exact=False):
+    cls = getattr(owner, "__name__", type(owner).__name__)
+    return (f"{family}: {cls}.{method}{tuple(names or ())} does not match the supported {method}{tuple(expected)}: "
+            f"{signature_difference(names, expected, exact)}")
+
+
 # ----------------------------------------------------------------------------------------------- families
 
 
@@ -202,8 +224,7 @@ def _plan_attention(classes, layout, problems, missing):
             continue
         ok, names = _signature_ok(fn, _attn.EXPECTED_PARAMS)
         if not ok:
-            problems.append(f"attention: {owner.__name__}.perform_prefill{tuple(names or ())} does not match "
-                            f"NxDI's perform_prefill{_attn.EXPECTED_PARAMS}")
+            problems.append(_mismatch("attention", owner, "perform_prefill", names, _attn.EXPECTED_PARAMS))
             continue
         contrib = owner.__name__ in _attn.ALWAYS_CAUSAL_CLASSES
         mode = "always" if contrib else "mask"
@@ -232,9 +253,8 @@ def _plan_deltanet(classes, problems, missing):
                 continue
             ok, names = _signature_ok(fn, expected)
             if not ok:
-                if required:
-                    problems.append(f"deltanet: {owner.__name__}.{hook}{tuple(names or ())} does not match the "
-                                    f"supported {hook}{expected}")
+                # optional hooks too: a drifted hook left unpatched would silently keep the slow path
+                problems.append(_mismatch("deltanet", owner, hook, names, expected))
                 continue
             local.append((owner, hook, _gdn.make_hook(fn, hook)))
         for item in local:
@@ -258,14 +278,59 @@ def _plan_code_predictor(classes, problems, missing):
             continue
         ok, names = _signature_ok(fn, _cp.EXPECTED_PARAMS)
         if not ok or len(names) != len(_cp.EXPECTED_PARAMS):
-            problems.append(f"code_predictor: {c.__name__}.forward{tuple(names or ())} does not match "
-                            f"forward{_cp.EXPECTED_PARAMS}")
+            problems.append(_mismatch("code_predictor", c, "forward", names, _cp.EXPECTED_PARAMS, exact=True))
             continue
         plan.append((c, "forward", _cp.make_forward(fn)))
     if not candidates and not already:
         missing.append("code_predictor: no UnifiedNeuronCodePredictor (forward(past_hidden, last_id_hidden)) "
                         "was found; pass the Qwen3-Omni contrib's code-predictor module or class")
     return plan
+
+
+def _stock_blockwise_classes(classes):
+    """NxD's own BlockwiseMatmulNKIFunc: among the targets, in the modules of the NxD classes found (expert_mlps_v2
+    imports it from blockwise.py), or from NxD itself when importable."""
+    found = [c for c in classes if c.__name__ == "BlockwiseMatmulNKIFunc"]
+    for c in classes:
+        if c.__name__ in ("ExpertMLPsV2", "BlockwiseMatmulConfig"):
+            stock = getattr(sys.modules.get(c.__module__), "BlockwiseMatmulNKIFunc", None)
+            if isinstance(stock, type):
+                found.append(stock)
+    try:
+        from neuronx_distributed.modules.moe.blockwise import BlockwiseMatmulNKIFunc
+        found.append(BlockwiseMatmulNKIFunc)
+    except Exception:
+        pass
+    return [c for i, c in enumerate(found) if c not in found[:i] and c is not _moe.BlockwiseMatmulNKIKernelsFunc]
+
+
+def _check_moe_contract(classes, relax_gate, problems):
+    """Verify, before installing anything, the contracts the MoE adapter relies on: the 21-argument order of NxD's
+    BlockwiseMatmulNKIFunc.forward (our class receives the same positional arguments) and, with relax_gate, the
+    parameters of can_use_blockwise_matmul_nki (our gate replaces it and is called by keyword)."""
+    stocks = _stock_blockwise_classes(classes)
+    if not stocks:
+        problems.append("moe: cannot verify the 21-argument contract of BlockwiseMatmulNKIFunc.forward: NxD's class "
+                        "was not found (NxD not importable, none among the targets); pass "
+                        "neuronx_distributed.modules.moe.blockwise and expert_mlps_v2, or their classes")
+    for stock in stocks:
+        names = param_names(vars(stock).get("forward", getattr(stock, "forward", None)))
+        if names is None or tuple(names) != _moe.APPLY_ARGS:
+            problems.append(_mismatch("moe", stock, "forward", names, _moe.APPLY_ARGS, exact=True))
+    if relax_gate:
+        ours = tuple(param_names(_moe.can_use_blockwise_matmul_nki))
+        for c in classes:
+            if c.__name__ != "ExpertMLPsV2":
+                continue
+            gate = getattr(sys.modules.get(c.__module__), "can_use_blockwise_matmul_nki", None)
+            if gate is None:
+                problems.append(f"moe: {c.__module__} has no can_use_blockwise_matmul_nki to relax "
+                                "(relax_moe_gate=True)")
+                continue
+            names = param_names(gate)
+            if names is None or tuple(names) != ours:
+                problems.append(_mismatch("moe", sys.modules.get(c.__module__), "can_use_blockwise_matmul_nki",
+                                          names, ours, exact=True))
 
 
 def _plan_moe(classes, instances, relax_gate, problems, missing):
@@ -275,8 +340,10 @@ def _plan_moe(classes, instances, relax_gate, problems, missing):
         init = vars(c).get("__init__")
         if init is None or getattr(init, MARK, None):
             continue
-        if "blockwise_nki_autograd_cls" not in (param_names(init) or ()):
-            problems.append(f"moe: {c.__name__}.__init__ has no blockwise_nki_autograd_cls parameter "
+        names = param_names(init) or ()
+        absent = [p for p in ("block_size", "logical_nc_config", "blockwise_nki_autograd_cls") if p not in names]
+        if absent:
+            problems.append(f"moe: {c.__name__}.__init__{tuple(names)} has no parameter(s) {absent} "
                             f"(supported: {SUPPORTED_VERSIONS['moe']})")
             continue
         plan.append((c, "__init__", _moe_init(init)))
@@ -300,6 +367,8 @@ def _plan_moe(classes, instances, relax_gate, problems, missing):
         missing.append("moe: neither NxD's BlockwiseMatmulConfig class nor a module with a blockwise_matmul_config "
                         "was found; pass the NxD class, the model, or set blockwise_matmul_config="
                         "integration.nxdi.moe.blockwise_matmul_config_kwargs() in MoENeuronConfig")
+    if plan or sets:
+        _check_moe_contract(classes, relax_gate, problems)
     return plan, sets
 
 

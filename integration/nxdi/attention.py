@@ -17,9 +17,20 @@ the Qwen3.5 contribs keep the same signature, PR #60 adds ``cos_cache=None, sin_
   only form the Qwen3.5 contrib's own ``forward`` accepts: it ignores the strategy and expects BHSD).
   ``layout="BHDS"`` reproduces the stock kernel convention (BHDS + UNSHARDED/SHARDED_KERNEL by LNC).
 
-Unsupported cases (sliding window, learned sinks, context parallel, a mask that is not plain causal,
-head_dim above the kernel's limit, q_len != kv_len) defer to the method the adapter replaced, with a
-one-time warning: the adapter never changes results, only who computes them.
+Unsupported cases defer to the method the adapter replaced, with a one-time warning (the adapter never
+changes results, only who computes them):
+
+* ``attn_kernel_enabled is False`` on the module (or its ``neuron_config``), for classes using NxDI's
+  ``perform_prefill`` (the Qwen3.5 contribs' own override ignores the flag and the mask): NxDI's own
+  ``get_flash_attention_strategy`` then returns NONE and honours the mask. The vision encoders that subclass
+  ``NeuronAttentionBase`` (``NeuronQwen3VLVisionAttention``, ``NeuronPixtralImageAttention``; NxDI main
+  @4bcdc54, ``validate_vision_model_supported_configs`` forces the flag to False) rely on this: their masks are
+  block-diagonal (one block per image), not causal;
+* a mask whose *shape* is not NxDI's CTE mask ``[B or 1, 1, S, S]`` (e.g. a 2-D ``[S, S]`` vision mask);
+* a mask that is not plain causal, when its values can be read without a device sync (a CPU tensor, i.e.
+  outside XLA tracing; under tracing NxDI's own kernel path treats any non-None mask as causal, and so do we:
+  the mask's values are never read on a device, see "A kernel is traced once");
+* sliding window, learned sinks, context parallel, head_dim above the kernel's limit, q_len != kv_len.
 """
 from __future__ import annotations
 
@@ -49,8 +60,8 @@ CAUSAL_MODES = ("mask", "always")
 ALWAYS_CAUSAL_CLASSES = ("NeuronQwen35Attention", "NeuronQwen35MoeAttention", "NeuronQwen3NextAttention")
 
 
-class _FallbackFlashAttentionStrategy(enum.IntEnum):
-    """NxDI's enum (attention_base.py), mirrored for machines without NxDI. Values as in NxDI 0.9."""
+class _FallbackFlashAttentionStrategy(enum.Enum):
+    """NxDI's enum (attention_base.py @4bcdc54: a plain Enum, not an int), mirrored for machines without NxDI."""
     NONE = 0
     UNSHARDED_KERNEL = 1
     SHARDED_KERNEL = 2
@@ -67,6 +78,22 @@ def _strategy_enum():
 
 
 FlashAttentionStrategy = _strategy_enum()
+
+
+def strategy_enum_of(original):
+    """The FlashAttentionStrategy the replaced method compares against: the one in its module's globals
+    (attention_base.py imports or defines it), else NxDI's, else the mirror. Members of two different Enum
+    classes never compare equal, so returning the caller's own member matters."""
+    import inspect
+
+    try:
+        original = inspect.unwrap(original)
+    except ValueError:
+        pass
+    enum_cls = getattr(original, "__globals__", {}).get("FlashAttentionStrategy")
+    if isinstance(enum_cls, type) and issubclass(enum_cls, enum.Enum) and hasattr(enum_cls, "NONE"):
+        return enum_cls
+    return FlashAttentionStrategy
 
 
 def _scale_of(module, head_dim):
@@ -87,8 +114,28 @@ def _plain_causal(mask, bsz, q_len):
     return bool(torch.all(mask.to(torch.bool) == causal))
 
 
+def kernel_disabled(module) -> bool:
+    """True when the module (or its neuron_config) sets ``attn_kernel_enabled=False``.
+
+    NxDI (attention_base.py @4bcdc54) copies ``neuron_config.attn_kernel_enabled`` to ``self.attn_kernel_enabled``
+    in ``__init__``; None (the default) means enabled, only an explicit False turns the kernel off.
+    """
+    if getattr(module, "attn_kernel_enabled", None) is False:
+        return True
+    return getattr(getattr(module, "neuron_config", None), "attn_kernel_enabled", None) is False
+
+
+def _mask_shape_ok(mask, bsz, q_len) -> bool:
+    """NxDI's CTE mask shape: [B or 1, 1, S, S] (a shape check only: never reads values)."""
+    shape = tuple(mask.shape)
+    return len(shape) == 4 and shape[0] in (1, bsz) and shape[1] == 1 and shape[2:] == (q_len, q_len)
+
+
 def check_prefill_support(module, Q, K, V, q_len, bsz, attention_mask, causal_mode="mask"):
     """(ok, reason): whether the kernel can stand in for NxDI's prefill on these inputs."""
+    if causal_mode == "mask" and kernel_disabled(module):
+        # (the Qwen3.5 contribs' own perform_prefill is causal whatever the flag: "always" mode keeps the kernel)
+        return False, "attn_kernel_enabled=False (NxDI honours the mask on its softmax path)"
     if Q.dim() != 4 or K.dim() != 4 or V.dim() != 4:
         return False, f"Q/K/V must be 4-D BHSD, got {tuple(Q.shape)}, {tuple(K.shape)}, {tuple(V.shape)}"
     b, hq, s, d = Q.shape
@@ -104,8 +151,11 @@ def check_prefill_support(module, Q, K, V, q_len, bsz, attention_mask, causal_mo
         return False, "learned sinks are not supported by the kernel"
     if (getattr(module, "cp_degree", 1) or 1) > 1:
         return False, f"context parallel (cp_degree={module.cp_degree}) is not supported by the adapter"
+    if causal_mode == "mask" and attention_mask is not None and not _mask_shape_ok(attention_mask, b, s):
+        return False, (f"the attention mask has shape {tuple(attention_mask.shape)}, not NxDI's causal CTE mask "
+                       f"[{b} or 1, 1, {s}, {s}]")
     if causal_mode == "mask" and attention_mask is not None and is_cpu_tensor(attention_mask):
-        # Only a concrete mask can be inspected; under XLA tracing NxDI's CTE mask is the causal one.
+        # Only a host (CPU) mask is inspected; a device mask is never read (see the module docstring).
         if not _plain_causal(attention_mask, b, s):
             return False, "the attention mask is not the plain causal mask (left padding or custom mask)"
     return True, ""
@@ -129,7 +179,8 @@ def _torch():
     return torch
 
 
-def perform_prefill(module, Q, K, V, q_len, bsz, attention_mask, *, layout="BHSD", causal_mode="mask"):
+def perform_prefill(module, Q, K, V, q_len, bsz, attention_mask, *, layout="BHSD", causal_mode="mask",
+                    strategy_enum=None):
     """Flash-attention prefill with NxDI's exact calling and return conventions.
 
     Args:
@@ -141,6 +192,8 @@ def perform_prefill(module, Q, K, V, q_len, bsz, attention_mask, *, layout="BHSD
         layout: "BHSD" -> returns (out [B, Hq, S, D], NONE); "BHDS" -> (out [B, Hq, D, S], *_KERNEL).
         causal_mode: "mask" (stock NxDI: causal iff attention_mask is not None) or "always" (the Qwen3.5
             contribs' perform_prefill, which is causal whatever mask it gets).
+        strategy_enum: the FlashAttentionStrategy class to answer with (default: the one the module's class
+            compares against, see `strategy_enum_of`).
     Returns:
         (attn_output, FlashAttentionStrategy)
     """
@@ -152,16 +205,18 @@ def perform_prefill(module, Q, K, V, q_len, bsz, attention_mask, *, layout="BHSD
     if causal_mode not in CAUSAL_MODES:
         raise AdapterInputError(f"nxdi attention: causal_mode must be one of {CAUSAL_MODES}, got {causal_mode!r}")
     causal = True if causal_mode == "always" else attention_mask is not None
+    strategies = strategy_enum or strategy_enum_of(getattr(type(module), "perform_prefill", None))
     out = _bhsd_kernel_call(module, Q, K, V, causal).to(Q.dtype)     # NxDI's NONE path returns Q's dtype
     if layout == "BHSD":
-        return out, FlashAttentionStrategy.NONE
+        return out, strategies.NONE
     lnc = int(getattr(module, "logical_nc_config", 1) or 1)
-    strategy = FlashAttentionStrategy.SHARDED_KERNEL if lnc > 1 else FlashAttentionStrategy.UNSHARDED_KERNEL
+    strategy = strategies.SHARDED_KERNEL if lnc > 1 else strategies.UNSHARDED_KERNEL
     return out.permute(0, 1, 3, 2).contiguous(), strategy
 
 
 def make_perform_prefill(original, layout="BHSD", causal_mode="mask", name="perform_prefill"):
     """The class-level replacement for `perform_prefill`, deferring to `original` when unsupported."""
+    strategies = strategy_enum_of(original)
 
     @functools.wraps(original)
     def perform_prefill_nki(self, Q, K, V, q_len, bsz, attention_mask=None, *args, **kwargs):
@@ -180,7 +235,8 @@ def make_perform_prefill(original, layout="BHSD", causal_mode="mask", name="perf
                       f"nxdi attention: {type(self).__name__}: {reason}; using the original {name}")
             return original(self, Q, K, V, q_len, bsz, attention_mask, *args, **kwargs)
         try:
-            return perform_prefill(self, Q, K, V, q_len, bsz, attention_mask, layout=layout, causal_mode=causal_mode)
+            return perform_prefill(self, Q, K, V, q_len, bsz, attention_mask, layout=layout, causal_mode=causal_mode,
+                                   strategy_enum=strategies)
         except KernelInputError as exc:          # a kernel limit (e.g. K^T + V of one head must fit SBUF)
             warn_once(f"attn-kernel-{type(self).__name__}-{exc}",
                       f"nxdi attention: {exc}; using the original {type(self).__name__}.{name}")

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 
 from nki_kernels.validation import KernelInputError
 
@@ -63,50 +62,66 @@ def set_code_predictor_sampling(module, do_sample=True, temperature=1.0, top_k=5
                                           generator=generator, uniforms=uniforms)
 
 
-def _np32(t):
-    return t.detach().float().cpu().numpy()
-
-
 # The kernel's matmul dtype: its weights are bf16 (the emulator rejects fp32 weights, see the final report).
 KERNEL_WEIGHT_DTYPE = "bfloat16"
 
 
 def extract_weights(module):
-    """The contrib module's weights packed for `nki_kernels.code_predictor` (a CodePredictorWeights).
+    """The contrib module's weights packed for `nki_kernels.code_predictor` (a CodePredictorWeights of torch tensors).
 
-    Matrices are packed in bf16 (the kernel's weight dtype; the contrib's module is bf16 too); the RoPE
-    tables are the module's own ``cos_cache`` / ``sin_cache`` (theta 1e6 in the contrib), so positions are
-    encoded exactly as in the replaced forward.
+    Packed with torch ops only (transpose, cat, stack, dtype casts) on the parameters' own device: no
+    ``.cpu().numpy()``, so inside NxDI's traced graph the packing is graph ops, never a host read of weight values.
+    Matrices are bf16 (the kernel's weight dtype; the contrib's module is bf16 too), norms fp32, in the layout
+    of `nki_kernels.codepredictor.weights` (``[in, out]`` matrices, q|k|v and gate|up concatenated on out).
+    The RoPE tables are the module's own ``cos_cache`` / ``sin_cache`` (theta 1e6 in the contrib), so positions
+    are encoded exactly as in the replaced forward; a module without them gets the default-theta tables.
     """
-    from dataclasses import replace
+    import torch
 
-    from nki_kernels.codepredictor.weights import pack_weights
+    from nki_kernels.codepredictor.weights import CodePredictorWeights, rope_tables
 
     layers = list(module.layers)
     if not layers:
         raise AdapterInputError("nxdi code_predictor: module.layers is empty")
-    nat = []
-    for l in layers:
-        a, m = l.self_attn, l.mlp
-        nat.append(dict(input_norm=_np32(l.input_layernorm.weight), post_norm=_np32(l.post_attention_layernorm.weight),
-                        q_norm=_np32(a.q_norm.weight), k_norm=_np32(a.k_norm.weight), q=_np32(a.q_proj.weight),
-                        k=_np32(a.k_proj.weight), v=_np32(a.v_proj.weight), o=_np32(a.o_proj.weight),
-                        gate=_np32(m.gate_proj.weight), up=_np32(m.up_proj.weight), down=_np32(m.down_proj.weight)))
-    head_dim = int(layers[0].self_attn.q_norm.weight.shape[0])
-    n_q = int(layers[0].self_attn.q_proj.weight.shape[0]) // head_dim
-    n_kv = int(layers[0].self_attn.k_proj.weight.shape[0]) // head_dim
-    eps = float(getattr(module.norm, "eps", 1e-6))
-    w = pack_weights(nat, _np32(module.norm.weight), _np32(module.codec_embedding_stacked),
-                     _np32(module.lm_head_stacked), n_q_heads=n_q, n_kv_heads=n_kv, eps=eps,
-                     dtype=KERNEL_WEIGHT_DTYPE)
+    bf16, f32 = torch.bfloat16, torch.float32
+
+    def stack(fn, dtype):
+        return torch.stack([fn(layer).detach().to(dtype) for layer in layers]).contiguous()
+
+    def attn(layer):
+        return layer.self_attn
+
+    def mlp(layer):
+        return layer.mlp
+
+    head_dim = int(attn(layers[0]).q_norm.weight.shape[0])
+    n_q = int(attn(layers[0]).q_proj.weight.shape[0]) // head_dim
+    n_kv = int(attn(layers[0]).k_proj.weight.shape[0]) // head_dim
+    n_groups = int(module.codec_embedding_stacked.shape[0])
     cos, sin = getattr(module, "cos_cache", None), getattr(module, "sin_cache", None)
-    if cos is not None and sin is not None:
-        n_pos = w.n_groups + 1
-        if cos.shape[0] < n_pos or cos.shape[1] != head_dim:
-            raise AdapterInputError(f"nxdi code_predictor: cos_cache must be [>= {n_pos}, {head_dim}], "
-                                    f"got {tuple(cos.shape)}")
-        w = replace(w, rope_cos=_np32(cos)[:n_pos].copy(), rope_sin=_np32(sin)[:n_pos].copy())
-    return w
+    n_pos = n_groups + 1
+    if cos is None or sin is None:
+        c, s = rope_tables(n_pos, head_dim, 1_000_000.0)
+        device = module.norm.weight.device
+        cos, sin = torch.from_numpy(c).to(device), torch.from_numpy(s).to(device)
+    elif cos.shape[0] < n_pos or cos.shape[1] != head_dim:
+        raise AdapterInputError(f"nxdi code_predictor: cos_cache must be [>= {n_pos}, {head_dim}], "
+                                f"got {tuple(cos.shape)}")
+    return CodePredictorWeights(
+        input_norm=stack(lambda l: l.input_layernorm.weight, f32),
+        post_norm=stack(lambda l: l.post_attention_layernorm.weight, f32),
+        q_norm=stack(lambda l: attn(l).q_norm.weight, f32),
+        k_norm=stack(lambda l: attn(l).k_norm.weight, f32),
+        final_norm=module.norm.weight.detach().to(f32).contiguous(),
+        wqkv_t=stack(lambda l: torch.cat([attn(l).q_proj.weight, attn(l).k_proj.weight, attn(l).v_proj.weight]).t(),
+                     bf16),
+        wo_t=stack(lambda l: attn(l).o_proj.weight.t(), bf16),
+        wgu_t=stack(lambda l: torch.cat([mlp(l).gate_proj.weight, mlp(l).up_proj.weight]).t(), bf16),
+        wd_t=stack(lambda l: mlp(l).down_proj.weight.t(), bf16),
+        lm_head_t=module.lm_head_stacked.detach().transpose(1, 2).to(bf16).contiguous(),
+        codec_embed=module.codec_embedding_stacked.detach().to(bf16).contiguous(),
+        rope_cos=cos[:n_pos].detach().to(f32).contiguous(), rope_sin=sin[:n_pos].detach().to(f32).contiguous(),
+        n_q_heads=n_q, n_kv_heads=n_kv, eps=float(getattr(module.norm, "eps", 1e-6)))
 
 
 def packed_weights(module):
@@ -158,7 +173,7 @@ def code_predictor_forward(module, past_hidden, last_id_hidden):
     n_codes = weights.n_groups
     bsz = past_hidden.shape[0]
     dtype = past_hidden.dtype
-    wdtype = torch.float32 if weights.wqkv_t.dtype == np.float32 else torch.bfloat16
+    wdtype = weights.wqkv_t.dtype
     sampling = _sampling_inputs(module, bsz, n_codes, weights.head_vocab)
     x0 = past_hidden[:, 0, :].to(wdtype).contiguous()
     x1 = last_id_hidden[:, 0, :].to(wdtype).contiguous()

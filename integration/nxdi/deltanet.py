@@ -97,7 +97,8 @@ def recurrent_step(query, key, value, g, beta, recurrent_state):
     bsz = query.shape[0]
     # The step kernel updates rows of a state pool in place: the hook's state is a pool of B rows.
     pool = recurrent_state.to(torch.float32).clone().contiguous()
-    slot_ids = torch.arange(bsz, dtype=torch.int32)
+    # built where the state lives: a CPU tensor here would be a host constant inside NxDI's traced graph
+    slot_ids = torch.arange(bsz, dtype=torch.int32, device=pool.device)
     res = fn(_bthd(query), _bthd(key), _bthd(value), _bthd(g), _bthd(beta), pool, slot_ids,
              **accepted_kwargs(fn, use_qk_l2norm_in_kernel=True))
     if isinstance(res, tuple):           # (o, new_pool) if the wrapper returns the pool as well

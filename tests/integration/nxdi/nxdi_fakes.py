@@ -4,6 +4,7 @@ adapter ran. Each factory returns *fresh* classes so class-level patches never l
 """
 from __future__ import annotations
 
+import enum
 import math
 import types
 
@@ -15,17 +16,23 @@ def _repeat_kv(x, n_rep):
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
 
 
-def make_attention_classes():
-    """(NeuronAttentionBase, NeuronQwen35Attention, BadAttention) stand-ins."""
+class FlashAttentionStrategy(enum.Enum):
+    """NxDI's enum as defined in attention_base.py (NxDI main @4bcdc54): a plain Enum, members are not ints."""
+    NONE = 0
+    UNSHARDED_KERNEL = 1
+    SHARDED_KERNEL = 2
+    CONTEXT_PARALLEL_KERNEL = 3
+    STRIDED_CONTEXT_PARALLEL_KERNEL = 4
 
-    class FlashAttentionStrategy(int):
-        pass
+
+def make_attention_classes():
+    """(NeuronAttentionBase, NeuronQwen35Attention, BadAttention, NeuronQwen3VLVisionAttention) stand-ins."""
 
     class NeuronAttentionBase(torch.nn.Module):
         calls = 0
 
         def __init__(self, num_heads, num_key_value_heads, head_dim, torch_dtype=torch.float32, lnc=1,
-                     sliding_window=None):
+                     sliding_window=None, attn_kernel_enabled=None):
             super().__init__()
             self.num_heads = num_heads
             self.num_key_value_heads = num_key_value_heads
@@ -37,6 +44,8 @@ def make_attention_classes():
             self.sliding_window = sliding_window
             self.learned_sinks_size = None
             self.cp_degree = 1
+            self.neuron_config = types.SimpleNamespace(attn_kernel_enabled=attn_kernel_enabled, is_prefill_stage=True)
+            self.attn_kernel_enabled = self.neuron_config.attn_kernel_enabled     # as NxDI's __init__ copies it
             self.qkv_proj = torch.nn.Linear(4, 4)          # a parameter the adapters must leave alone
 
         def perform_prefill(self, Q, K, V, q_len, bsz, attention_mask):
@@ -48,11 +57,11 @@ def make_attention_classes():
             if attention_mask is not None:
                 scores = torch.where(attention_mask.to(torch.bool), scores, torch.finfo(scores.dtype).min)
             p = F.softmax(scores, dim=-1, dtype=torch.float32).to(Q.dtype)
-            return torch.matmul(p, v), 0
+            return torch.matmul(p, v), FlashAttentionStrategy.NONE
 
         def context_encode_layout(self, attn_output, strategy):
             """attention_context_encode's layout step: BHDS + kernel strategy -> permute, NONE -> transpose."""
-            if int(strategy) != 0:
+            if strategy != FlashAttentionStrategy.NONE:
                 return attn_output.permute(0, 3, 1, 2)
             return attn_output.transpose(1, 2)
 
@@ -70,16 +79,38 @@ def make_attention_classes():
         def perform_prefill(self, query, key, value, attention_mask):     # differs from NxDI's signature
             raise AssertionError("never called")
 
+    class NeuronQwen3VLVisionAttention(NeuronAttentionBase):
+        """NxDI's Qwen3-VL vision attention (modeling_qwen3_vl_vision.py @4bcdc54): inherits perform_prefill,
+        MHA (kv heads = heads), and its config validation forces attn_kernel_enabled=False, because its mask is
+        block-diagonal (one block per image, padding excluded), which only the softmax path honours."""
+        calls = 0
+
+        def __init__(self, num_heads, head_dim, torch_dtype=torch.float32):
+            super().__init__(num_heads, num_heads, head_dim, torch_dtype=torch_dtype, attn_kernel_enabled=False)
+
+        @staticmethod
+        def create_vision_attention_mask_from_pos_ids(vision_position_ids):
+            """[S] image id per token (-1 = padding) -> bool [S, S], True within one image."""
+            mask = vision_position_ids.unsqueeze(1) == vision_position_ids.unsqueeze(0)
+            valid = vision_position_ids != -1
+            return mask & torch.outer(valid, valid)
+
     return types.SimpleNamespace(NeuronAttentionBase=NeuronAttentionBase,
-                                 NeuronQwen35Attention=NeuronQwen35Attention, BadAttention=BadAttention)
+                                 NeuronQwen35Attention=NeuronQwen35Attention, BadAttention=BadAttention,
+                                 NeuronQwen3VLVisionAttention=NeuronQwen3VLVisionAttention,
+                                 FlashAttentionStrategy=FlashAttentionStrategy)
 
 
 def _l2norm(x, eps=1e-6):
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
 
 
-def make_deltanet_class(bad_signature=False):
-    """NeuronGatedDeltaNet stand-in with the contrib's hook signatures and token-loop torch bodies."""
+def make_deltanet_class(bad_signature=False, drifted_optional=False, dtype=torch.bfloat16):
+    """NeuronGatedDeltaNet stand-in with the contrib's hook signatures (NxDI main @4bcdc54,
+    contrib/models/Qwen3.5-35B-A3B/src/modeling_qwen35.py) and token-loop torch bodies: _fused_chunked_forward,
+    _chunk_forward, _sequential_forward (CTE), _recurrent_step, _nki_recurrent_step (TKG). The state buffer is
+    ``[max_bs, Hv, Dk, Dv]`` in the model dtype (``config.neuron_config.torch_dtype``), as the contrib allocates it;
+    ``_recurrent_step`` is called with ``state.float()``, ``_nki_recurrent_step`` with the buffer's dtype."""
 
     class NeuronGatedDeltaNet(torch.nn.Module):
         calls = 0
@@ -87,12 +118,13 @@ def make_deltanet_class(bad_signature=False):
         def __init__(self, max_bs=2, num_v_heads=4, head_k_dim=32, head_v_dim=32):
             super().__init__()
             self.recurrent_state_buffer = torch.nn.Parameter(
-                torch.zeros(max_bs, num_v_heads, head_k_dim, head_v_dim), requires_grad=False)
+                torch.zeros(max_bs, num_v_heads, head_k_dim, head_v_dim, dtype=dtype), requires_grad=False)
 
         @staticmethod
         def _loop(query, key, value, g, beta, state):
             query = _l2norm(query) * query.shape[-1] ** -0.5
             key = _l2norm(key)
+            state = state.float()
             outs = []
             for t in range(query.shape[2]):
                 state = state * g[:, :, t].exp()[..., None, None]
@@ -102,13 +134,30 @@ def make_deltanet_class(bad_signature=False):
                 outs.append((state * query[:, :, t, :, None]).sum(-2))
             return torch.stack(outs, 2), state
 
+        def _zero_state(self, query, value):
+            return query.new_zeros(query.shape[0], query.shape[1], query.shape[-1], value.shape[-1])
+
         def _fused_chunked_forward(self, query, key, value, g, beta, output_final_state=False, initial_state=None,
                                    _segment_disabled=False):
             type(self).calls += 1
-            b, h, _, dk = query.shape
-            state = torch.zeros(b, h, dk, value.shape[-1]) if initial_state is None else initial_state
+            state = self._zero_state(query, value) if initial_state is None else initial_state
             out, state = self._loop(query, key, value, g, beta, state)
             return out, (state if output_final_state else None)
+
+        def _chunk_forward(self, query, key, value, g, beta, output_final_state=False, initial_state=None):
+            type(self).calls += 1
+            state = self._zero_state(query, value) if initial_state is None else initial_state
+            out, state = self._loop(query, key, value, g, beta, state)
+            return out, (state if output_final_state else None)
+
+        if drifted_optional:
+            def _sequential_forward(self, query, key, value, g, beta, initial_state, output_final_state=False):  # noqa: E301
+                raise AssertionError("never called")
+        else:
+            def _sequential_forward(self, query, key, value, g, beta, output_final_state=False):  # noqa: E301
+                type(self).calls += 1
+                out, state = self._loop(query, key, value, g, beta, self._zero_state(query, value))
+                return out, (state if output_final_state else None)
 
         if bad_signature:
             def _recurrent_step(self, q, k, v, state):                          # noqa: E301
@@ -119,47 +168,159 @@ def make_deltanet_class(bad_signature=False):
                 return self._loop(query[:, :, :1], key[:, :, :1], value[:, :, :1], g[:, :, :1], beta[:, :, :1],
                                   recurrent_state)
 
+        def _nki_recurrent_step(self, query, key, value, g, beta, recurrent_state):
+            """The contrib's stateful NKI decode step (S = 1), here in torch; state in the buffer dtype."""
+            type(self).calls += 1
+            out, state = self._loop(query[:, :, :1], key[:, :, :1], value[:, :, :1], g[:, :, :1], beta[:, :, :1],
+                                    recurrent_state)
+            return out, state.to(recurrent_state.dtype)
+
     return NeuronGatedDeltaNet
 
 
-def make_moe_classes():
-    """(BlockwiseMatmulConfig, ExpertMLPsV2, module namespace) stand-ins for NxD's blockwise path."""
+class ExpertAffinityScaleMode(enum.Enum):
+    """nkilib's enum NxD passes as expert_affinities_scaling_mode."""
+    NO_SCALE = 0
+    POST_SCALE = 1
+    PRE_SCALE = 2
 
-    class BlockwiseMatmulNKIFunc:                                   # NxD's stock class (never runs here)
-        @classmethod
-        def apply(cls, *args):
-            raise RuntimeError("stock NxD kernel called")
+
+class BlockShardStrategy(enum.Enum):
+    HI_LO = 0
+    PING_PONG = 1
+
+
+def make_moe_classes(gate_drift=False, stock_forward_drift=False):
+    """(BlockwiseMatmulConfig, ExpertMLPsV2, BlockwiseMatmulNKIFunc, can_use_blockwise_matmul_nki, module) stand-ins
+    for NxD's blockwise path, with the signatures of NxD @fbac349 (Release 2.29): moe_configs.py's 15-parameter
+    ``BlockwiseMatmulConfig.__init__`` and ``from_kwargs`` defaults, blockwise.py's 21-argument
+    ``BlockwiseMatmulNKIFunc.forward`` and 18-parameter ``can_use_blockwise_matmul_nki``, and expert_mlps_v2.py's
+    call (``num_static_blocks`` an int, ``conditions`` an int32 tensor under the dynamic-while kernels, else None).
+    The drift flags build a version whose contract differs, for the refusal tests."""
+
+    class BlockwiseMatmulNKIFunc(torch.autograd.Function):          # NxD's stock class (never runs here)
+        if stock_forward_drift:
+            @staticmethod
+            def forward(ctx, hidden_states, expert_affinities_masked, gate_up_proj_weight, down_proj_weight,  # noqa
+                        token_position_to_id, block_to_expert, gate_up_proj_scale, down_proj_scale, is_training,
+                        blockwise_matmul_config, multi_expert_per_token=True, expert_affinities_scaling_mode=None,
+                        num_static_blocks=None, conditions=None, gate_clamp_upper_limit=None,
+                        gate_clamp_lower_limit=None, up_clamp_upper_limit=None, up_clamp_lower_limit=None,
+                        gate_up_proj_bias=None, down_proj_bias=None, kernel_act_fn_id=1):
+                raise RuntimeError("stock NxD kernel called")
+        else:
+            @staticmethod
+            def forward(ctx, hidden_states, expert_affinities_masked, gate_up_proj_weight, down_proj_weight,  # noqa
+                        token_position_to_id, block_to_expert, gate_up_proj_scale, down_proj_scale, is_training,
+                        blockwise_matmul_config, multi_expert_per_token=True,
+                        expert_affinities_scaling_mode=ExpertAffinityScaleMode.POST_SCALE, conditions=None,
+                        num_static_blocks=None, gate_clamp_upper_limit=None, gate_clamp_lower_limit=None,
+                        up_clamp_upper_limit=None, up_clamp_lower_limit=None, gate_up_proj_bias=None,
+                        down_proj_bias=None, kernel_act_fn_id=1):
+                raise RuntimeError("stock NxD kernel called")
 
     class BlockwiseMatmulConfig:
-        def __init__(self, block_size, logical_nc_config, blockwise_nki_autograd_cls, use_torch_block_wise=False):
+        def __init__(self, block_size, use_block_parallel, block_sharding_strategy, skip_dma_token, skip_dma_weight,
+                     logical_nc_config, blockwise_nki_autograd_cls, use_torch_block_wise,
+                     parallelize_token_to_block_mapping, optimized_block_to_token_mapping,
+                     always_augment_inputs_for_blockwise_matmul, use_shard_on_intermediate_dynamic_while,
+                     use_shard_on_block_dynamic_while, num_static_blocks, pad_num_blocks_to_even=False):
             self.block_size = block_size
             self.logical_nc_config = logical_nc_config
-            self.blockwise_nki_autograd_cls = blockwise_nki_autograd_cls
+            self.use_block_parallel = use_block_parallel
+            self.block_sharding_strategy = block_sharding_strategy
             self.use_torch_block_wise = use_torch_block_wise
+            self.skip_dma_token = skip_dma_token
+            self.skip_dma_weight = skip_dma_weight
+            self.optimized_block_to_token_mapping = optimized_block_to_token_mapping
+            self.blockwise_nki_autograd_cls = blockwise_nki_autograd_cls
+            self.parallelize_token_to_block_mapping = parallelize_token_to_block_mapping
+            self.always_augment_inputs_for_blockwise_matmul = always_augment_inputs_for_blockwise_matmul
+            self.use_shard_on_intermediate_dynamic_while = use_shard_on_intermediate_dynamic_while
+            self.use_shard_on_block_dynamic_while = use_shard_on_block_dynamic_while
+            self.num_static_blocks = num_static_blocks
+            self.pad_num_blocks_to_even = pad_num_blocks_to_even
 
-    def can_use_blockwise_matmul_nki(hidden_size, intermediate_size_tp, block_size, glu_mlp, glu_type,
-                                     use_torch_block_wise, device, logical_nc_config, **kw):
-        return False
+        @staticmethod
+        def from_kwargs(**kwargs):
+            cls = kwargs.pop("blockwise_nki_autograd_cls", None)
+            if isinstance(cls, dict):
+                import importlib
+                cls = getattr(importlib.import_module(cls["__module__"]), cls["__name__"])
+            return BlockwiseMatmulConfig(
+                block_size=kwargs.pop("block_size", 512), use_block_parallel=kwargs.pop("use_block_parallel", False),
+                block_sharding_strategy=kwargs.pop("block_sharding_strategy", BlockShardStrategy.HI_LO),
+                skip_dma_token=kwargs.pop("skip_dma_token", False),
+                skip_dma_weight=kwargs.pop("skip_dma_weight", False),
+                logical_nc_config=kwargs.pop("logical_nc_config", 2), blockwise_nki_autograd_cls=cls,
+                use_torch_block_wise=kwargs.pop("use_torch_block_wise", False),
+                parallelize_token_to_block_mapping=kwargs.pop("parallelize_token_to_block_mapping", True),
+                optimized_block_to_token_mapping=kwargs.pop("optimized_block_to_token_mapping", True),
+                always_augment_inputs_for_blockwise_matmul=kwargs.pop("always_augment_inputs_for_blockwise_matmul",
+                                                                      False),
+                use_shard_on_intermediate_dynamic_while=kwargs.pop("use_shard_on_intermediate_dynamic_while", False),
+                use_shard_on_block_dynamic_while=kwargs.pop("use_shard_on_block_dynamic_while", False),
+                num_static_blocks=kwargs.pop("num_static_blocks", None),
+                pad_num_blocks_to_even=kwargs.pop("pad_num_blocks_to_even", False))
+
+    if gate_drift:
+        def can_use_blockwise_matmul_nki(hidden_size, intermediate_size_tp, block_size, glu_mlp, glu_type,
+                                         use_torch_block_wise, device, logical_nc_config, use_block_parallel=False,
+                                         use_shard_on_intermediate=False, use_bias=False):
+            return False
+    else:
+        def can_use_blockwise_matmul_nki(hidden_size, intermediate_size_tp, block_size, glu_mlp, glu_type,
+                                         use_torch_block_wise, device, logical_nc_config, use_block_parallel=False,
+                                         use_shard_on_intermediate=False, use_shard_on_block_dynamic_while=False,
+                                         use_bias=False, scaling_factor=1.0, act_fn="silu",
+                                         gate_clamp_upper_limit=None, gate_clamp_lower_limit=None,
+                                         up_clamp_upper_limit=None, up_clamp_lower_limit=None):
+            return False
 
     class ExpertMLPsV2(torch.nn.Module):
-        def __init__(self, blockwise_matmul_config, gate_up, down):
+        def __init__(self, blockwise_matmul_config, gate_up, down, top_k=2, ep_degree=1):
             super().__init__()
             self.blockwise_matmul_config = blockwise_matmul_config
+            self.top_k = top_k
+            self.ep_degree = ep_degree
             self.gate_up_proj = torch.nn.Parameter(gate_up, requires_grad=False)    # [E, H, 2I]
             self.down_proj = torch.nn.Parameter(down, requires_grad=False)          # [E, I, H]
+            self.eval()                              # NxDI's initialize_moe_module returns the MoE in eval mode
+
+        @staticmethod
+        def get_block_conditions(block_size, num_blocks, token_position_to_id):
+            blocks = token_position_to_id.view(num_blocks, block_size)
+            return torch.any(blocks != -1, dim=1).to(torch.int32)
 
         def forward_blockwise(self, hidden, affinities_masked, token_position_to_id, block_to_expert):
-            cls = self.blockwise_matmul_config.blockwise_nki_autograd_cls or BlockwiseMatmulNKIFunc
+            cfg = self.blockwise_matmul_config
+            t = hidden.shape[0]
+            num_blocks = block_to_expert.shape[0]
+            if cfg.num_static_blocks is not None:
+                num_static_blocks = cfg.num_static_blocks
+            else:                                    # NxD: T * top_k / (EP * B), a perfectly balanced load
+                num_static_blocks = math.ceil(math.ceil(t * self.top_k / self.ep_degree) / cfg.block_size)
+            if cfg.use_shard_on_block_dynamic_while:
+                conditions = self.get_block_conditions(cfg.block_size, num_blocks, token_position_to_id)[::2]
+            elif cfg.use_shard_on_intermediate_dynamic_while:
+                conditions = self.get_block_conditions(cfg.block_size, num_blocks, token_position_to_id)
+            else:
+                conditions = None
+            cls = cfg.blockwise_nki_autograd_cls if cfg.blockwise_nki_autograd_cls else BlockwiseMatmulNKIFunc
             return cls.apply(hidden, affinities_masked, self.gate_up_proj, self.down_proj, token_position_to_id,
-                             block_to_expert, None, None, False, self.blockwise_matmul_config, True, 1, None, None,
-                             None, None, None, None, None, None, 0)
+                             block_to_expert, None, None, self.training, cfg, self.top_k > 1,
+                             ExpertAffinityScaleMode.POST_SCALE, conditions, num_static_blocks, None, None, None, None,
+                             None, None, 0)
 
     ns = types.ModuleType("fake_nxd_expert_mlps_v2")
     ns.can_use_blockwise_matmul_nki = can_use_blockwise_matmul_nki
-    ExpertMLPsV2.__module__ = ns.__name__
+    ns.BlockwiseMatmulNKIFunc = BlockwiseMatmulNKIFunc          # expert_mlps_v2 imports both from blockwise.py
+    for c in (ExpertMLPsV2, BlockwiseMatmulNKIFunc):
+        c.__module__ = ns.__name__
     ns.ExpertMLPsV2 = ExpertMLPsV2
     return types.SimpleNamespace(BlockwiseMatmulConfig=BlockwiseMatmulConfig, ExpertMLPsV2=ExpertMLPsV2,
-                                 BlockwiseMatmulNKIFunc=BlockwiseMatmulNKIFunc, module=ns)
+                                 BlockwiseMatmulNKIFunc=BlockwiseMatmulNKIFunc, module=ns,
+                                 can_use_blockwise_matmul_nki=can_use_blockwise_matmul_nki)
 
 
 def blockwise_mapping(top_k_index, num_experts, block_size):

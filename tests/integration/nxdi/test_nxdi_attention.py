@@ -41,9 +41,9 @@ def test_prefill_layout_and_strategy_conventions(layout):
     q, k, v = _qkv(b, hq, hkv, s, d)
     out, strategy = nxattn.perform_prefill(mod, q, k, v, s, b, _causal(b, s), layout=layout)
     if layout == "BHSD":
-        assert strategy == nxattn.FlashAttentionStrategy.NONE and tuple(out.shape) == (b, hq, s, d)
+        assert strategy is fakes.FlashAttentionStrategy.NONE and tuple(out.shape) == (b, hq, s, d)
     else:
-        assert strategy == nxattn.FlashAttentionStrategy.UNSHARDED_KERNEL and tuple(out.shape) == (b, hq, d, s)
+        assert strategy is fakes.FlashAttentionStrategy.UNSHARDED_KERNEL and tuple(out.shape) == (b, hq, d, s)
     # attention_context_encode turns either convention into the same BSHD tensor
     bshd = mod.context_encode_layout(out, strategy)
     ref = _ref(q, k, v, True, d)
@@ -59,7 +59,7 @@ def test_bhds_reports_sharded_kernel_under_lnc2():
     mod = fakes.NeuronAttentionBase(2, 1, 64, lnc=2)
     q, k, v = _qkv(1, 2, 1, 20, 64)
     out, strategy = nxattn.perform_prefill(mod, q, k, v, 20, 1, _causal(1, 20), layout="BHDS")
-    assert strategy == nxattn.FlashAttentionStrategy.SHARDED_KERNEL
+    assert strategy is fakes.FlashAttentionStrategy.SHARDED_KERNEL
     assert_close("lnc2", _ref(q, k, v, True, 64).transpose(0, 1, 3, 2), out.numpy())
 
 
@@ -78,7 +78,7 @@ def test_tp_sharded_heads_with_replicated_kv_head(tp):
         kv = (r * per_rank) // (hq // hkv)
         qr = q[:, r * per_rank:(r + 1) * per_rank]
         out, strategy = nxattn.perform_prefill(mod, qr, k[:, kv:kv + 1], v[:, kv:kv + 1], s, b, _causal(b, s))
-        assert strategy == nxattn.FlashAttentionStrategy.NONE
+        assert strategy is fakes.FlashAttentionStrategy.NONE
         outs.append(out)
     assert_close("tp stacked", full, torch.cat(outs, dim=1).numpy())
 
@@ -149,7 +149,7 @@ def test_installed_class_method_and_fallbacks():
         q, k, v = _qkv(1, 2, 1, 30, 256, seed=2)
         mod = base(2, 1, 256)
         out, strategy = mod.perform_prefill(q, k, v, 30, 1, _causal(1, 30))
-        assert base.calls == 0 and strategy == nxattn.FlashAttentionStrategy.NONE
+        assert base.calls == 0 and strategy is fakes.FlashAttentionStrategy.NONE     # the caller's own enum
         assert_close("installed", _ref(q, k, v, True, 256), out.numpy())
         # the contrib class: always causal, BHSD (its forward ignores the strategy), even without a mask
         cmod = contrib(2, 1, 256)
@@ -211,5 +211,76 @@ def test_kernel_limit_falls_back_to_original(monkeypatch):
     with apply([base], kernels="attention"):
         q, k, v = _qkv(1, 2, 1, 12, 64)
         out, strategy = base(2, 1, 64).perform_prefill(q, k, v, 12, 1, _causal(1, 12))
-    assert base.calls == 1 and strategy == 0
+    assert base.calls == 1 and strategy is fakes.FlashAttentionStrategy.NONE
     assert_close("fallback", _ref(q, k, v, True, 64), out.numpy())
+
+
+def _block_diagonal(image_ids):
+    ids = torch.tensor(image_ids)
+    return (ids[:, None] == ids[None, :]) & torch.outer(ids != -1, ids != -1)
+
+
+def _ref_masked(q, k, v, mask, d):
+    """float64 softmax attention under a boolean [S, S] mask (rows with no key give 0), independent of the adapter."""
+    qd, kd, vd = (t.double() for t in (q, k, v))
+    reps = qd.shape[1] // kd.shape[1]
+    kd, vd = kd.repeat_interleave(reps, 1), vd.repeat_interleave(reps, 1)
+    scores = qd @ kd.transpose(2, 3) * d ** -0.5
+    scores = scores.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(scores, -1).nan_to_num(0.0)
+    return (p @ vd).numpy()
+
+
+@pytest.mark.parametrize("mask_rank", [4, 2])
+def test_vision_encoder_block_diagonal_mask_falls_back(mask_rank):
+    """Qwen3-VL / Pixtral vision attention subclasses NeuronAttentionBase, sets attn_kernel_enabled=False and
+    passes a block-diagonal mask (patches attend within their image): the adapter must hand back to the original
+    perform_prefill, and the result must equal the unpatched class (not causal attention)."""
+    fakes = make_attention_classes()
+    vis = fakes.NeuronQwen3VLVisionAttention
+    s, h, d = 24, 2, 64
+    ids = [0] * 10 + [1] * 8 + [2] * 4 + [-1] * 2                  # three images and two padding patches
+    mask2d = vis.create_vision_attention_mask_from_pos_ids(torch.tensor(ids))
+    mask = mask2d[None, None] if mask_rank == 4 else mask2d
+    q, k, v = _qkv(1, h, h, s, d, seed=5)
+    unpatched, strat0 = vis(h, d).perform_prefill(q, k, v, s, 1, mask)
+    with apply([fakes.NeuronAttentionBase, vis], kernels="attention") as inst:
+        assert inst.installed["attention"] == ["NeuronAttentionBase.perform_prefill"]   # inherited, patched once
+        patched, strat1 = vis(h, d).perform_prefill(q, k, v, s, 1, mask)
+    assert vis.calls == 2 and strat1 is strat0 is fakes.FlashAttentionStrategy.NONE
+    assert torch.equal(patched, unpatched)
+    valid = torch.tensor(ids) != -1
+    ref = _ref_masked(q, k, v, _block_diagonal(ids), d)
+    assert_close("vision block-diagonal", ref[:, :, valid.numpy()], patched[:, :, valid].numpy())
+    causal = _ref(q, k, v, True, d)
+    assert not torch.allclose(torch.from_numpy(causal).float()[:, :, valid], patched[:, :, valid], atol=1e-2)
+
+
+def test_block_diagonal_mask_with_kernel_enabled_falls_back_on_host():
+    """A subclass that leaves attn_kernel_enabled at None but passes a block-diagonal host mask: the values are
+    readable (CPU, not traced) and not causal, so the original runs."""
+    fakes = make_attention_classes()
+    base = fakes.NeuronAttentionBase
+    s, d = 16, 64
+    mask = _block_diagonal([0] * 8 + [1] * 8)[None, None]
+    q, k, v = _qkv(1, 2, 2, s, d, seed=6)
+    unpatched, _ = base(2, 2, d).perform_prefill(q, k, v, s, 1, mask)
+    with apply([base], kernels="attention"):
+        patched, _ = base(2, 2, d).perform_prefill(q, k, v, s, 1, mask)
+    assert base.calls == 2 and torch.equal(patched, unpatched)
+
+
+@pytest.mark.parametrize("where", ["module", "neuron_config"])
+def test_attn_kernel_disabled_falls_back(where):
+    fakes = make_attention_classes()
+    base = fakes.NeuronAttentionBase
+    mod = base(2, 1, 64)
+    if where == "module":
+        mod.attn_kernel_enabled = False
+    else:
+        mod.attn_kernel_enabled = None
+        mod.neuron_config.attn_kernel_enabled = False
+    q, k, v = _qkv(1, 2, 1, 12, 64)
+    with apply([base], kernels="attention"):
+        mod.perform_prefill(q, k, v, 12, 1, _causal(1, 12))
+    assert base.calls == 1

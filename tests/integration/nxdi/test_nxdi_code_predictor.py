@@ -128,3 +128,24 @@ def test_default_sampling_uses_hf_knobs_with_generator():
     codes, _ = nxcp.code_predictor_forward(mod, past, last)
     u = torch.rand(2, 4, generator=torch.Generator().manual_seed(123))
     _check_codes(codes, mod, past, last, uniforms=u.numpy(), do_sample=True, temperature=1.0, top_k=16, top_p=0.8)
+
+
+def test_weight_packing_never_reads_values_on_the_host():
+    """extract_weights packs with torch ops on the parameters' device: on the meta device (no values at all) it
+    still builds every field, with the kernel's layouts and dtypes, so under NxDI's trace it is graph ops."""
+    from integration.nxdi.code_predictor import extract_weights
+    cls = make_code_predictor_class()
+    mod = cls(dtype=torch.bfloat16).to("meta")
+    w = extract_weights(mod)
+    fields = ("input_norm", "post_norm", "q_norm", "k_norm", "final_norm", "wqkv_t", "wo_t", "wgu_t", "wd_t",
+              "lm_head_t", "codec_embed", "rope_cos", "rope_sin")
+    assert all(getattr(w, f).device.type == "meta" for f in fields)
+    assert w.wqkv_t.dtype == torch.bfloat16 and w.q_norm.dtype == torch.float32
+    assert tuple(w.wqkv_t.shape) == (2, 128, (4 + 2 * 2) * 32) and tuple(w.wo_t.shape) == (2, 4 * 32, 128)
+    assert tuple(w.lm_head_t.shape) == (4, 128, 16) and tuple(w.rope_cos.shape) == (5, 32)
+    # and on CPU the torch packing equals the NumPy packing of the same parameters
+    ref = code_predictor_reference_weights(cls(dtype=torch.bfloat16))
+    got = extract_weights(cls(dtype=torch.bfloat16))
+    for f in fields:
+        assert np.allclose(np.asarray(getattr(ref, f), np.float32), getattr(got, f).float().numpy(), atol=1e-6,
+                           rtol=1e-2), f

@@ -134,8 +134,9 @@ def test_bad_shapes_raise():
 def test_installed_hooks_and_fallback_for_wide_heads():
     cls = make_deltanet_class()
     with apply([cls], kernels=["deltanet"]) as inst:
-        assert set(inst.installed["deltanet"]) == {"NeuronGatedDeltaNet._fused_chunked_forward",
-                                                   "NeuronGatedDeltaNet._recurrent_step"}
+        assert set(inst.installed["deltanet"]) == {f"NeuronGatedDeltaNet.{h}" for h in (
+            "_fused_chunked_forward", "_recurrent_step", "_nki_recurrent_step", "_chunk_forward",
+            "_sequential_forward")}
         mod = cls()
         hook, fla = _inputs(2, 2, 2, 20, 32, seed=1)
         out, state = mod._fused_chunked_forward(hook["query"], hook["key"], hook["value"], hook["g"], hook["beta"],
@@ -212,3 +213,66 @@ def test_kernel_limit_falls_back_to_original(monkeypatch):
     assert cls.calls == 1
     ro, rs = _ref(fla)
     assert_close("fallback o", ro, out.numpy())
+
+
+def test_every_hook_matches_the_unpatched_contrib():
+    """Each hook the contrib routes through (CTE: _fused_chunked_forward, _chunk_forward, _sequential_forward; TKG:
+    _recurrent_step with state.float(), _nki_recurrent_step with the bf16 buffer rows) gives, patched, what the
+    unpatched class gives; the state round-trips through the bf16 recurrent_state_buffer as the contrib stores it."""
+    cls = make_deltanet_class()
+    hook, _ = _inputs(2, 1, 2, 21, 32, seed=31)
+    step, _ = _inputs(2, 1, 2, 1, 32, seed=32)
+    mod = cls(max_bs=2, num_v_heads=2)
+    assert mod.recurrent_state_buffer.dtype == torch.bfloat16
+
+    def run():
+        res = {}
+        for name in ("_fused_chunked_forward", "_chunk_forward", "_sequential_forward"):
+            out, final = getattr(mod, name)(*hook.values(), output_final_state=True)
+            res[name] = (out, final)
+        buf = res["_fused_chunked_forward"][1].to(mod.recurrent_state_buffer.dtype)   # the contrib's stored rows
+        res["_recurrent_step"] = mod._recurrent_step(*step.values(), buf.float())
+        res["_nki_recurrent_step"] = mod._nki_recurrent_step(*step.values(), buf)
+        return res
+
+    before = run()
+    calls = cls.calls
+    with apply([cls], kernels="deltanet"):
+        after = run()
+    assert cls.calls == calls                          # every hook ran our kernels
+    for name in before:
+        (o0, s0), (o1, s1) = before[name], after[name]
+        assert o1.shape == o0.shape and o1.dtype == o0.dtype
+        tol = "bfloat16" if s0.dtype == torch.bfloat16 else "float32"    # the unpatched NKI step returns bf16 state
+        assert_close(f"{name} o", o0.double().numpy(), o1.double().numpy())
+        assert_close(f"{name} state", s0.double().numpy(), s1.double().numpy(), dtype=tol)
+
+
+def test_drifted_optional_hook_is_refused():
+    """An optional hook whose signature drifted is no longer skipped silently: apply() names class, method and
+    difference, and installs nothing."""
+    from integration.nxdi import NxDIAdapterError
+    cls = make_deltanet_class(drifted_optional=True)
+    with pytest.raises(NxDIAdapterError) as err:
+        apply([cls], kernels="deltanet")
+    assert ("NeuronGatedDeltaNet._sequential_forward('query', 'key', 'value', 'g', 'beta', 'initial_state', "
+            "'output_final_state') does not match") in str(err.value)
+    assert "parameter 6 is 'initial_state', expected 'output_final_state'" in str(err.value)
+    assert not hasattr(cls._fused_chunked_forward, "__nki_kernels_adapter__")
+    with apply([cls], kernels="deltanet", strict=False) as inst:     # non-strict: the rest, and the reason recorded
+        assert "NeuronGatedDeltaNet._fused_chunked_forward" in inst.installed["deltanet"]
+        assert any("_sequential_forward" in r for r in inst.skipped["deltanet"])
+
+
+def test_decode_slot_ids_live_with_the_state(monkeypatch):
+    """The decode adapter's slot_ids are created on the state's device (no host constant in a traced graph)."""
+    seen = {}
+
+    def fake_step(q, k, v, g, beta, pool, slot_ids, **kw):
+        seen["device"], seen["dtype"] = slot_ids.device, slot_ids.dtype
+        return torch.zeros(v.shape, dtype=q.dtype)
+    monkeypatch.setattr(nxgdn, "kernel", lambda name, family: fake_step)
+    step, _ = _inputs(2, 1, 1, 1, 32)
+    state = torch.zeros(2, 1, 32, 32, device="meta")
+    nxgdn.recurrent_step(**{k: v.to("meta") for k, v in step.items()}, recurrent_state=state)
+    assert seen["device"].type == "meta" and seen["dtype"] == torch.int32

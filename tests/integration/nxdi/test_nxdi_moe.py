@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nki_kernels.testing import assert_close
-from integration.nxdi import AdapterInputError, apply
+from integration.nxdi import AdapterInputError, NxDIAdapterError, apply
 from integration.nxdi import moe as nxmoe
 
 from nxdi_fakes import blockwise_mapping, make_moe_classes
@@ -185,32 +185,45 @@ def test_apply_installs_on_config_class_instances_and_gate(monkeypatch):
     aff, top_i = _routing(t, n_exp, 2, seed=2)
     gate_up, down = _weights(n_exp, h, n_i, seed=6)
     tok, blk = blockwise_mapping(top_i, n_exp, block)
-    preexisting = fakes.ExpertMLPsV2(fakes.BlockwiseMatmulConfig(block, 2, None), gate_up, down)
+    cfg = fakes.BlockwiseMatmulConfig.from_kwargs
+    preexisting = fakes.ExpertMLPsV2(cfg(block_size=block), gate_up, down)
     model = torch.nn.ModuleDict({"mlp": preexisting})
+    for flags in ({}, {"use_shard_on_block_dynamic_while": True}, {"use_shard_on_intermediate_dynamic_while": True},
+                  {"num_static_blocks": 3}):
+        with pytest.raises(RuntimeError, match="stock NxD kernel called"):     # the stock class without apply()
+            fakes.ExpertMLPsV2(cfg(block_size=block, **flags), gate_up, down).forward_blockwise(hidden, aff, tok, blk)
     with apply([model, fakes.BlockwiseMatmulConfig, fakes.ExpertMLPsV2], kernels=["moe"],
                relax_moe_gate=True) as inst:
-        # class-level: configs built after apply() default to our class
-        fresh = fakes.ExpertMLPsV2(fakes.BlockwiseMatmulConfig(block, 2, None), gate_up, down)
-        assert fresh.blockwise_matmul_config.blockwise_nki_autograd_cls is nxmoe.BlockwiseMatmulNKIKernelsFunc
+        # class-level: configs built after apply() default to our class, with every NxD call form
+        # (conditions a tensor under the dynamic-while kernels, num_static_blocks an int)
+        for flags in ({}, {"use_shard_on_block_dynamic_while": True}, {"use_shard_on_intermediate_dynamic_while": True},
+                      {"num_static_blocks": 3}):
+            fresh = fakes.ExpertMLPsV2(cfg(block_size=block, **flags), gate_up, down)
+            assert fresh.blockwise_matmul_config.blockwise_nki_autograd_cls is nxmoe.BlockwiseMatmulNKIKernelsFunc
+            out = fresh.forward_blockwise(hidden, aff, tok, blk)
+            assert_close(f"installed moe {flags}", _oracle(hidden, aff, gate_up, down), out.numpy())
         # instance-level: the model's existing config was switched too
         assert preexisting.blockwise_matmul_config.blockwise_nki_autograd_cls is nxmoe.BlockwiseMatmulNKIKernelsFunc
-        out = fresh.forward_blockwise(hidden, aff, tok, blk)
-        assert_close("installed moe", _oracle(hidden, aff, gate_up, down), out.numpy())
         assert fakes.module.can_use_blockwise_matmul_nki is nxmoe.can_use_blockwise_matmul_nki
         assert any("can_use_blockwise_matmul_nki" in s for s in inst.installed["moe"])
         # a user's explicit choice is kept
-        custom = fakes.BlockwiseMatmulConfig(block, 2, fakes.BlockwiseMatmulNKIFunc)
+        custom = cfg(block_size=block, blockwise_nki_autograd_cls=fakes.BlockwiseMatmulNKIFunc)
         assert custom.blockwise_nki_autograd_cls is fakes.BlockwiseMatmulNKIFunc
-    assert fakes.BlockwiseMatmulConfig(block, 2, None).blockwise_nki_autograd_cls is None
+    assert cfg(block_size=block).blockwise_nki_autograd_cls is None
     assert preexisting.blockwise_matmul_config.blockwise_nki_autograd_cls is None
     assert fakes.module.can_use_blockwise_matmul_nki is not nxmoe.can_use_blockwise_matmul_nki
 
 
-def test_apply_sets_dict_config_of_neuron_config():
+def test_apply_sets_dict_config_of_neuron_config(monkeypatch):
+    fakes = make_moe_classes()
+    monkeypatch.setitem(sys.modules, fakes.module.__name__, fakes.module)
     cfg = {"block_size": 128}
     holder = torch.nn.Module()
     holder.blockwise_matmul_config = cfg
-    with apply(holder, kernels="moe") as inst:
+    with pytest.raises(NxDIAdapterError, match="cannot verify the 21-argument contract"):
+        apply(holder, kernels="moe")                       # NxD absent and not passed: nothing to verify against
+    assert "blockwise_nki_autograd_cls" not in cfg
+    with apply([holder, fakes.ExpertMLPsV2], kernels="moe") as inst:
         assert cfg["blockwise_nki_autograd_cls"] == nxmoe.BLOCKWISE_AUTOGRAD_CLS_SPEC
         assert inst.installed["moe"]
     assert "blockwise_nki_autograd_cls" not in cfg
@@ -238,3 +251,19 @@ def test_lnc2_from_blockwise_matmul_config():
     cfg.logical_nc_config = 2
     out = nxmoe.BlockwiseMatmulNKIKernelsFunc.apply(*_args(hidden, aff, gate_up, down, tok, blk, cfg))
     assert_close("lnc2", _family_ref(hidden, aff, gate_up, down, tok, blk, block), out.numpy())
+
+
+@pytest.mark.parametrize("drift", ["stock_forward_drift", "gate_drift"])
+def test_contract_drift_is_refused_naming_class_method_and_difference(monkeypatch, drift):
+    fakes = make_moe_classes(**{drift: True})
+    monkeypatch.setitem(sys.modules, fakes.module.__name__, fakes.module)
+    with pytest.raises(NxDIAdapterError) as err:
+        apply([fakes.BlockwiseMatmulConfig, fakes.ExpertMLPsV2], kernels="moe", relax_moe_gate=True)
+    msg = str(err.value)
+    if drift == "stock_forward_drift":
+        assert "BlockwiseMatmulNKIFunc.forward(" in msg
+        assert "parameter 13 is 'num_static_blocks', expected 'conditions'" in msg
+    else:
+        assert "fake_nxd_expert_mlps_v2.can_use_blockwise_matmul_nki(" in msg
+        assert "parameter 11 is 'use_bias', expected 'use_shard_on_block_dynamic_while'" in msg
+    assert fakes.BlockwiseMatmulConfig.from_kwargs().blockwise_nki_autograd_cls is None     # nothing installed
