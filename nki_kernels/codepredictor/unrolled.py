@@ -50,6 +50,13 @@ _MAX_TOP_K = 256                     # sampling: top-k candidates are found in c
 _FM_SAMPLE_MAX_ROWS = 16             # sampling rows looped over on the vocab-on-partitions path (more: rows path)
 _EXP_SAFE_BOUND = 60.0               # |attention score| bound under which softmax may skip the max subtraction
 _LM_DMA_BYTES = 1 << 20              # LM-head ring loads: ~1 MB per DMA (several queues in flight)
+# Input rows (past_hidden, code0_embed) holding a NaN, an Inf or a value with |x| >= this are "bad rows": they are
+# zeroed in-kernel before any arithmetic, their codes forced to 0 and flagged. ScalarE's rsqrt takes inputs in
+# [2^-87, 2^97] (the emulator gives NaN outside, as the device gives garbage), so an RMSNorm's mean square must
+# stay below 2^97: |x| < 2^40 (~1.1e12) keeps it below 2^80 with room for the residual stream's growth.
+INPUT_ABS_LIMIT = float(2.0 ** 40)
+# ... and the smallest RMSNorm eps: a zeroed (bad) or all-zero row's mean square is 0, so rsqrt sees eps alone.
+MIN_EPS = 1e-20
 
 
 # ================================================================ small building blocks
@@ -279,6 +286,58 @@ def _block_mask_T(nb, r, n_t):
     nisa.affine_select(dst=mask, pattern=[[n_t, nb], [0, r]], offset=n_t - 1, channel_multiplier=-1,
                        on_true_tile=m1, on_false_value=NEG_INF, cmp_op=nl.greater_equal)
     return mask.reshape((nb * n_t, nb * r))
+
+
+# ================================================================ bad-row containment (non-finite / huge inputs)
+
+
+def _good_mask(x_sb, rows, n, dtype):
+    """[rows, n] of `dtype`: 1 where |x| < INPUT_ABS_LIMIT (False for NaN, whose comparisons fail), else 0."""
+    good = nl.ndarray((rows, n), dtype=dtype, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=good, data=x_sb, op0=nl.abs_max, operand0=0.0, op1=nl.less, operand1=INPUT_ABS_LIMIT)
+    return good
+
+
+def _sanitized(x_sb, rows, n):
+    """Copy of x_sb [rows, n] with every NaN / Inf / |x| >= INPUT_ABS_LIMIT element replaced by 0 (a predicated
+    copy: no arithmetic touches the bad values, so nothing non-finite reaches the matmuls or another row)."""
+    pred = _good_mask(x_sb, rows, n, nl.uint8)
+    clean = nl.ndarray((rows, n), dtype=x_sb.dtype, buffer=nl.sbuf)
+    nisa.memset(dst=clean, value=0.0, engine=nisa.engine.gpsimd)
+    nisa.tensor_copy_predicated(dst=clean, src=x_sb, predicate=pred)
+    return clean
+
+
+def _row_guard(past_hidden, code0_embed, B, H, vh):
+    """Per-row validity of the prompt, off the critical path: (okv [B, 1] fp32 = (Vh - 1) if the row of both
+    past_hidden and code0_embed is finite with |x| < INPUT_ABS_LIMIT else 0, the clamp bound `_guard_code`
+    uses; bad [B, 1] int32 = 1 for a bad row; c0 [B, H] fp32 = code0_embed with bad rows zeroed)."""
+    chk = nl.ndarray((B, 2, H), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=chk[:, 0, :], src=past_hidden)
+    nisa.dma_copy(dst=chk[:, 1, :], src=code0_embed)
+    flat = chk.reshape((B, 2 * H))
+    good = _good_mask(flat, B, 2 * H, nl.float32)
+    ok = nl.ndarray((B, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_reduce(dst=ok, op=nl.minimum, data=good, axis=1)
+    okv = nl.ndarray((B, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=okv, data=ok, op0=nl.multiply, operand0=float(vh - 1))
+    bad = nl.ndarray((B, 1), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=bad, data=ok, op0=nl.multiply, operand0=-1.0, op1=nl.add, operand1=1.0)
+    # whole-row predicate: ok broadcast along the row (0 * good is exact: good is 0 or 1)
+    pred = nl.ndarray((B, H), dtype=nl.uint8, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=pred, data=good[:, H:2 * H], op0=nl.multiply, operand0=0.0, op1=nl.add, operand1=ok)
+    c0 = nl.ndarray((B, H), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=c0, value=0.0, engine=nisa.engine.gpsimd)
+    nisa.tensor_copy_predicated(dst=c0, src=chk[:, 1, :], predicate=pred)
+    return okv, bad, c0
+
+
+def _guard_code(code, okv, rows):
+    """The code as the embedding gather's index: clamped to [0, Vh - 1] whatever the selection computed (an
+    int32 tile holds no NaN), and 0 for bad rows (okv = 0). So no input can move the gather out of its table."""
+    safe = nl.ndarray((rows, 1), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.scalar_tensor_tensor(dst=safe, data=code, op0=nl.maximum, operand0=0.0, op1=nl.minimum, operand1=okv)
+    return safe
 
 
 # ================================================================ one decoder pass (all layers) over token rows
@@ -965,6 +1024,7 @@ def code_predictor_kernel(past_hidden, code0_embed, uniforms, input_norm, post_n
     codes = nl.ndarray((B, G1), dtype=nl.int32, buffer=nl.shared_hbm)
     codec_embeds = nl.ndarray((B, G1, H), dtype=codec_embed.dtype, buffer=nl.shared_hbm)
     codec_sum = nl.ndarray((B, H), dtype=codec_embed.dtype, buffer=nl.shared_hbm)
+    bad_rows = nl.ndarray((B, 1), dtype=nl.int32, buffer=nl.shared_hbm)
 
     # inputs first: the DMA queues serve them before the ~20 MB of resident weights
     u_sb = nl.ndarray((B, G1), dtype=nl.float32, buffer=nl.sbuf)
@@ -973,15 +1033,18 @@ def code_predictor_kernel(past_hidden, code0_embed, uniforms, input_norm, post_n
     if do_sample and _fm_sampling_ok(vh, B):  # [1, (j, b)]: step j's uniforms on one partition
         u_row = nl.ndarray((1, G1 * B), dtype=nl.float32, buffer=nl.sbuf)
         nisa.dma_copy(dst=u_row, src=uniforms.ap(pattern=[[0, 1], [1, G1], [G1, B]], offset=0))
-    acc = nl.ndarray((B, H), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=acc, src=code0_embed)
     one_pass = 2 * B <= P_MAX
     if one_pass:
         c2 = _Cfg(2 * B, H, L, n_q_heads, n_kv_heads, D, I, G1 + 1, eps)
-        x2 = nl.ndarray((2 * B, H), dtype=code0_embed.dtype, buffer=nl.sbuf)
-        nisa.dma_copy(dst=x2[0::2, :], src=past_hidden)
-        nisa.dma_copy(dst=x2[1::2, :], src=code0_embed)
+        x2_raw = nl.ndarray((2 * B, H), dtype=code0_embed.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=x2_raw[0::2, :], src=past_hidden)
+        nisa.dma_copy(dst=x2_raw[1::2, :], src=code0_embed)
+        x2 = _sanitized(x2_raw, 2 * B, H)
+        del x2_raw
         rope2 = (_rope_T(c2, rope_cos, [[0, B], [D, 2]], 0), _rope_T(c2, rope_sin, [[0, B], [D, 2]], 0))
+    # bad rows (non-finite or huge prompt values): codes forced to 0, flagged; code0_embed zeroed in the sum
+    okv, bad, acc = _row_guard(past_hidden, code0_embed, B, H, vh)
+    nisa.dma_copy(dst=bad_rows, src=bad)
     bb = max(1, min(B, P_MAX // c.r))        # most batch rows per attention block (also <= 128 // keys per step)
     S = _setup(c, W, resident, True, bb, (bb * c.r, c.r, bb, c.G))
     if lm_ring:
@@ -1005,9 +1068,9 @@ def code_predictor_kernel(past_hidden, code0_embed, uniforms, input_norm, post_n
     else:   # too many rows for one pass: two single-position passes
         hT = None
         for pos, src in ((0, past_hidden), (1, code0_embed)):
-            x_rows = nl.ndarray((B, H), dtype=src.dtype, buffer=nl.sbuf)
-            nisa.dma_copy(dst=x_rows, src=src)
-            hT = _rows_to_T(x_rows, c)
+            x_raw = nl.ndarray((B, H), dtype=src.dtype, buffer=nl.sbuf)
+            nisa.dma_copy(dst=x_raw, src=src)
+            hT = _rows_to_T(_sanitized(x_raw, B, H), c)
             cos_t = _rope_col(rope_cos, D, pos)
             sin_t = _rope_col(rope_sin, D, pos)
             _pass_consts(c, S, cos_t)
@@ -1024,6 +1087,7 @@ def code_predictor_kernel(past_hidden, code0_embed, uniforms, input_norm, post_n
         else:
             logits = _final_logits(cl, W, S, hl, j, vh, cols, B)
             code = _select_code(logits, B, vh, u_sb[:, j:j + 1], sampling)
+        code = _guard_code(code, okv, B)
         nisa.dma_copy(dst=codes[:, j:j + 1], src=code)
         emb = _gather_embed(codec_embed, j, code, B, H, V)
         nisa.dma_copy(dst=codec_embeds[:, j, :], src=emb)
@@ -1045,7 +1109,7 @@ def code_predictor_kernel(past_hidden, code0_embed, uniforms, input_norm, post_n
     sum_out = nl.ndarray((B, H), dtype=codec_embed.dtype, buffer=nl.sbuf)
     nisa.tensor_copy(dst=sum_out, src=acc)
     nisa.dma_copy(dst=codec_sum, src=sum_out)
-    return codes, codec_embeds, codec_sum
+    return codes, codec_embeds, codec_sum, bad_rows
 
 
 # ================================================================ host wrapper
@@ -1093,14 +1157,77 @@ def _sbuf_plan(w: CodePredictorWeights, rows: int, sample: bool, resident):
     return bool(resident), lm_ring_bytes_per_partition(w) <= free
 
 
+def _is_number(x) -> bool:
+    """A real number (Python or NumPy), not a bool or a string."""
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+
+def _dtype_name(x) -> str:
+    return str(getattr(x, "dtype", type(x).__name__)).replace("torch.", "")
+
+
+_PROMPT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _prompt_array(x, arg, name):
+    """past_hidden / code0_embed as the kernel takes them: a NumPy array or torch CPU tensor of a float dtype;
+    float64 is cast to float32 (the kernel computes in bf16 with fp32 accumulation: no precision it could use
+    is lost). Anything else (lists, integer dtypes) is refused naming the argument."""
+    kernel_check(hasattr(x, "shape") and hasattr(x, "dtype"),
+                 f"{name}: {arg} must be a NumPy array or torch tensor [B, H], got {arg}={type(x).__name__}")
+    dt = _dtype_name(x)
+    if dt == "float64":
+        return x.float() if hasattr(x, "detach") else np.asarray(x, dtype=np.float32)
+    kernel_check(dt in _PROMPT_DTYPES, f"{name}: {arg} must be float32, bfloat16, float16 or float64 (cast to "
+                 f"float32), got {arg}.dtype={dt}")
+    return x
+
+
+def check_sampling(uniforms, do_sample, temperature, top_k, top_p, B, G1, vh, name):
+    """The decoding arguments: types first (temperature='1' is an error, not a TypeError deep inside), then
+    ranges. Returns the uniforms as a float32 array or tensor [B, G1] (zeros when None and greedy)."""
+    kernel_check(isinstance(do_sample, (bool, np.bool_)),
+                 f"{name}: do_sample must be a bool, got do_sample={do_sample!r}")
+    for arg, v in (("temperature", temperature), ("top_p", top_p)):
+        kernel_check(_is_number(v) and math.isfinite(float(v)),
+                     f"{name}: {arg} must be a finite real number, got {arg}={v!r}")
+    kernel_check(isinstance(top_k, (int, np.integer)) and not isinstance(top_k, (bool, np.bool_)),
+                 f"{name}: top_k must be an int, got top_k={top_k!r}")
+    if uniforms is not None:
+        kernel_check(hasattr(uniforms, "shape") and hasattr(uniforms, "dtype"),
+                     f"{name}: uniforms must be a NumPy array or torch tensor [B, G1], got "
+                     f"uniforms={type(uniforms).__name__}")
+        kernel_check(tuple(uniforms.shape) == (B, G1),
+                     f"{name}: uniforms must be [B, G1] = {(B, G1)}, got {tuple(uniforms.shape)}")
+        kernel_check(_dtype_name(uniforms) in ("float32", "float64", "bfloat16", "float16"),
+                     f"{name}: uniforms must be a float array, got uniforms.dtype={_dtype_name(uniforms)}")
+        uniforms = uniforms.detach().float() if hasattr(uniforms, "detach") else np.asarray(uniforms, np.float32)
+    if do_sample:
+        kernel_check(uniforms is not None, f"{name}: do_sample=True needs uniforms [B, G1], got uniforms=None")
+        kernel_check(temperature > 0, f"{name}: temperature must be > 0, got temperature={temperature}")
+        kernel_check(1 <= top_k <= min(_MAX_TOP_K, vh),
+                     f"{name}: top_k must be an int in [1, min({_MAX_TOP_K}, Vh={vh})], got top_k={top_k}")
+        kernel_check(0.0 < top_p <= 1.0, f"{name}: top_p must be in (0, 1], got top_p={top_p}")
+        u = np.asarray(uniforms if not hasattr(uniforms, "detach") else uniforms.numpy())
+        kernel_check(bool(np.all((u >= 0.0) & (u < 1.0))),
+                     f"{name}: uniforms must lie in [0, 1), got min={float(np.min(u))}, max={float(np.max(u))}")
+    if uniforms is None:
+        uniforms = np.zeros((B, G1), dtype=np.float32)
+    return uniforms
+
+
 def check_inputs(past_hidden, code0_embed, weights, uniforms, do_sample, temperature, top_k, top_p, name):
+    """Validate every argument before any emulator work. Returns (past_hidden, code0_embed, uniforms) as the
+    kernel takes them (float64 prompts cast to float32; uniforms float32, zeros when greedy without them)."""
     kernel_check(isinstance(weights, CodePredictorWeights),
-                 f"{name}: weights must be a CodePredictorWeights, got weights={type(weights).__name__}")
+                 f"{name}: weights must be a CodePredictorWeights (build it with weights_from_transformers("
+                 f"talker.code_predictor)), got weights={type(weights).__name__}")
     w = weights
-    kernel_check(getattr(past_hidden, "ndim", 0) == 2 and getattr(code0_embed, "ndim", 0) == 2,
+    past_hidden = _prompt_array(past_hidden, "past_hidden", name)
+    code0_embed = _prompt_array(code0_embed, "code0_embed", name)
+    kernel_check(past_hidden.ndim == 2 and code0_embed.ndim == 2,
                  f"{name}: past_hidden and code0_embed must be [B, H], got past_hidden.shape="
-                 f"{tuple(getattr(past_hidden, 'shape', ()))}, "
-                 f"code0_embed.shape={tuple(getattr(code0_embed, 'shape', ()))}")
+                 f"{tuple(past_hidden.shape)}, code0_embed.shape={tuple(code0_embed.shape)}")
     for arg in ("wqkv_t", "wo_t", "wgu_t", "wd_t", "lm_head_t", "codec_embed"):
         dt = str(getattr(w, arg).dtype).replace("torch.", "")
         kernel_check(dt == "bfloat16", f"{name}: weights.{arg} must be bfloat16 (the kernel's matmuls pair bf16 "
@@ -1113,6 +1240,8 @@ def check_inputs(past_hidden, code0_embed, weights, uniforms, do_sample, tempera
     kernel_check(H % _K_TILE == 0, f"{name}: hidden H must be a multiple of {_K_TILE}, got H={H}")
     kernel_check(w.intermediate % _K_TILE == 0 and w.intermediate > 0,
                  f"{name}: intermediate I must be a positive multiple of {_K_TILE}, got I={w.intermediate}")
+    kernel_check(_is_number(w.eps) and MIN_EPS <= float(w.eps) <= 1.0,
+                 f"{name}: weights.eps (RMSNorm epsilon) must be in [{MIN_EPS}, 1], got eps={w.eps!r}")
     D = w.head_dim
     kernel_check(2 <= D <= P_MAX and D % 2 == 0, f"{name}: head_dim D must be even and <= {P_MAX}, got D={D}")
     kernel_check(w.n_kv_heads >= 1 and w.n_q_heads % w.n_kv_heads == 0,
@@ -1128,18 +1257,8 @@ def check_inputs(past_hidden, code0_embed, weights, uniforms, do_sample, tempera
                  f"{name}: lm_head_t must be [G1, H, Vh] with G1={w.n_groups}, got {w.lm_head_t.shape}")
     kernel_check(w.rope_cos.shape[0] >= G and w.rope_cos.shape[1] == D,
                  f"{name}: rope tables must be [>= G1 + 1, D] = [{G}, {D}], got {w.rope_cos.shape}")
-    if uniforms is not None:
-        kernel_check(tuple(uniforms.shape) == (B, w.n_groups),
-                     f"{name}: uniforms must be [B, G1] = {(B, w.n_groups)}, got {tuple(uniforms.shape)}")
-    if do_sample:
-        kernel_check(uniforms is not None, f"{name}: do_sample=True needs uniforms [B, G1], got uniforms=None")
-        kernel_check(temperature > 0, f"{name}: temperature must be > 0, got temperature={temperature}")
-        kernel_check(isinstance(top_k, (int, np.integer)) and 1 <= top_k <= min(_MAX_TOP_K, w.head_vocab),
-                     f"{name}: top_k must be an int in [1, min({_MAX_TOP_K}, Vh={w.head_vocab})], got top_k={top_k}")
-        kernel_check(0.0 < top_p <= 1.0, f"{name}: top_p must be in (0, 1], got top_p={top_p}")
-        u = np.asarray(uniforms if not hasattr(uniforms, "detach") else uniforms.detach().float().numpy())
-        kernel_check(bool(np.all((u >= 0.0) & (u < 1.0))),
-                     f"{name}: uniforms must lie in [0, 1), got min={float(u.min())}, max={float(u.max())}")
+    uniforms = check_sampling(uniforms, do_sample, temperature, top_k, top_p, B, w.n_groups, w.head_vocab, name)
+    return past_hidden, code0_embed, uniforms
 
 
 def _weights_args(w: CodePredictorWeights):
@@ -1147,23 +1266,31 @@ def _weights_args(w: CodePredictorWeights):
 
 
 def code_predictor(past_hidden, code0_embed, weights: CodePredictorWeights, *, uniforms=None, do_sample=False,
-                   temperature=1.0, top_k=50, top_p=1.0, return_sum=False, resident=None):
+                   temperature=1.0, top_k=50, top_p=1.0, return_sum=False, return_bad_rows=False, resident=None):
     """Qwen3-Omni code predictor for one talker frame: the G1 residual codes and their embeddings.
 
     Args:
-        past_hidden: [B, H] talker last-layer hidden of the last token (NumPy or torch CPU; bf16/fp32).
+        past_hidden: [B, H] talker last-layer hidden of the last token (NumPy or torch CPU; fp32/bf16/fp16;
+            float64 is cast to float32).
         code0_embed: [B, H] talker codec embedding of code 0.
         weights: CodePredictorWeights (weights.py; build with `weights_from_transformers(talker.code_predictor)`).
         uniforms: [B, G1] fp32 in [0, 1): one uniform draw per (row, step); needed when do_sample.
-        do_sample / temperature / top_k / top_p: greedy when do_sample is False.
+        do_sample / temperature / top_k / top_p: greedy when do_sample is False (do_sample a bool, temperature
+            and top_p real numbers, top_k an int).
         return_sum: also return codec_sum [B, H] = code0_embed + sum_j codec_embeds[:, j] (what the talker adds
             to its next input embedding, before the trailing text hidden).
+        return_bad_rows: also return bad_rows [B] int32 (see "Bad rows").
         resident: keep every layer's weights in SBUF for the whole frame (default: when they fit).
     Returns:
-        (codes [B, G1] int32, codec_embeds [B, G1, H]) or with return_sum (codes, codec_embeds, codec_sum).
-        codes[:, j] is residual code j + 1; codec_embeds[:, j] = codec_embedding[j](codes[:, j]), i.e. the input
-        embedding of step j + 1 (transformers' `hidden_states[j + 1][0]`) and, for j = G1 - 1, the extra
-        embedding the talker appends.
+        (codes [B, G1] int32, codec_embeds [B, G1, H]) then codec_sum if return_sum, then bad_rows if
+        return_bad_rows. codes[:, j] is residual code j + 1; codec_embeds[:, j] = codec_embedding[j](codes[:, j]),
+        i.e. the input embedding of step j + 1 (transformers' `hidden_states[j + 1][0]`) and, for j = G1 - 1, the
+        extra embedding the talker appends.
+    Bad rows: a row b whose past_hidden[b] or code0_embed[b] holds a NaN, an Inf or a value with
+        |x| >= INPUT_ABS_LIMIT (2^40 ~ 1.1e12) gets codes[b] = 0, codec_embeds[b, j] = codec_embedding[j](0),
+        codec_sum[b] = sum_j codec_embedding[j](0) (code0_embed[b] counted as zero) and bad_rows[b] = 1. The
+        kernel zeroes those values before any arithmetic, so the other rows' results are exactly what they are
+        without the bad row; the embedding gather's index is clamped in-kernel to [0, Vh - 1] whatever the data.
     Constraints:
         1 <= B <= 128, H and I multiples of 128, D even <= 128, Hq % Hkv == 0, G1 + 1 <= 128,
         8 <= Vh <= 16384; sampling: temperature > 0, 1 <= top_k <= min(256, Vh), 0 < top_p <= 1.
@@ -1180,20 +1307,20 @@ def code_predictor(past_hidden, code0_embed, weights: CodePredictorWeights, *, u
           5. code = the smallest v with z[v] == c_{i*}.
     """
     name = "code_predictor"
-    check_inputs(past_hidden, code0_embed, weights, uniforms, do_sample, temperature, top_k, top_p, name)
+    past_hidden, code0_embed, uniforms = check_inputs(past_hidden, code0_embed, weights, uniforms, do_sample,
+                                                      temperature, top_k, top_p, name)
+    for arg, v in (("return_sum", return_sum), ("return_bad_rows", return_bad_rows)):
+        kernel_check(isinstance(v, (bool, np.bool_)), f"{name}: {arg} must be a bool, got {arg}={v!r}")
+    kernel_check(resident is None or isinstance(resident, (bool, np.bool_)),
+                 f"{name}: resident must be None or a bool, got resident={resident!r}")
     w = weights
     B = past_hidden.shape[0]
     resident, lm_ring = _sbuf_plan(w, B, bool(do_sample), resident)
     exp_safe = _exp_is_safe(w)
-    if uniforms is None:
-        uniforms = np.zeros((B, w.n_groups), dtype=np.float32)
-    elif hasattr(uniforms, "detach"):
-        uniforms = uniforms.detach().float()
-    else:
-        uniforms = np.asarray(uniforms, dtype=np.float32)
     out = call(code_predictor_kernel, past_hidden, code0_embed, uniforms, *_weights_args(w),
                n_q_heads=w.n_q_heads, n_kv_heads=w.n_kv_heads, eps=float(w.eps), resident=bool(resident),
                do_sample=bool(do_sample), inv_temperature=float(1.0 / temperature) if do_sample else 1.0,
                top_k=int(top_k) if do_sample else 1, top_p=float(top_p), lm_ring=lm_ring, exp_safe=exp_safe)
-    codes, embeds, csum = out
-    return (codes, embeds, csum) if return_sum else (codes, embeds)
+    codes, embeds, csum, bad = out
+    res = [codes, embeds] + ([csum] if return_sum else []) + ([bad.reshape(-1)] if return_bad_rows else [])
+    return tuple(res)

@@ -25,6 +25,7 @@ matching rows of o_proj; its o_proj / down_proj outputs are partial sums that ne
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -153,28 +154,59 @@ def _tensor_np(t):
     return np.asarray(t, dtype=np.float32)
 
 
-def weights_from_state_dict(state_dict, *, n_q_heads, n_kv_heads, rms_norm_eps=1e-6,
-                            rope_theta=_DEFAULT_ROPE_THETA, dtype="bfloat16") -> CodePredictorWeights:
-    """From a `Qwen3OmniMoeTalkerCodePredictorModelForConditionalGeneration` state dict (any key prefix).
+def _predictor_prefix(keys, prefix):
+    """The key prefix of the code predictor's entries: `prefix` when given, else found from the keys that only a
+    code predictor has (`...lm_head.{j}.weight` and `...model.codec_embedding.{j}.weight`; a talker's own
+    `model.codec_embedding.weight` has no index). Raises ValueError naming the candidates when ambiguous."""
+    if prefix is not None:
+        if not isinstance(prefix, str):
+            raise TypeError(f"weights_from_state_dict: prefix must be a str, got prefix={type(prefix).__name__}")
+        return prefix
+    found = set()
+    for k in keys:
+        m = re.match(r"^(.*?)(?:lm_head|model\.codec_embedding)\.\d+\.weight$", k)
+        if m:
+            found.add(m.group(1))
+    if len(found) != 1:
+        what = "no key of the form '<prefix>lm_head.<j>.weight'" if not found else f"several: {sorted(found)}"
+        raise ValueError("weights_from_state_dict: expected the state dict of a Qwen3-Omni talker code predictor "
+                         "(talker.code_predictor.state_dict(), or a talker / whole-model state dict holding one), "
+                         f"but found {what}; pass prefix= (e.g. prefix='talker.code_predictor.')")
+    return found.pop()
 
+
+def weights_from_state_dict(state_dict, *, n_q_heads, n_kv_heads, rms_norm_eps=1e-6,
+                            rope_theta=_DEFAULT_ROPE_THETA, dtype="bfloat16", prefix=None) -> CodePredictorWeights:
+    """From a `Qwen3OmniMoeTalkerCodePredictorModelForConditionalGeneration` state dict, or any state dict that
+    holds one under a key prefix (a talker's: 'code_predictor.'; the whole model's: 'talker.code_predictor.').
+
+    prefix: the code predictor's key prefix; found from the keys when None (those only a code predictor has:
+    `lm_head.{j}.weight`, `model.codec_embedding.{j}.weight`), so a talker's own `model.*` keys are ignored.
     Keys (after the prefix): model.layers.{i}.{input_layernorm, post_attention_layernorm}.weight,
     model.layers.{i}.self_attn.{q,k,v,o}_proj.weight, model.layers.{i}.self_attn.{q,k}_norm.weight,
     model.layers.{i}.mlp.{gate,up,down}_proj.weight, model.norm.weight, model.codec_embedding.{j}.weight,
     lm_head.{j}.weight. Attention biases are not supported (the config default attention_bias=False).
     """
-    sd = {}
-    for k, v in state_dict.items():
-        i = k.find("model.")
-        j = k.find("lm_head.")
-        if k.startswith("lm_head.") or (j >= 0 and (i < 0 or j < i)):
-            sd[k[j:]] = v
-        elif i >= 0:
-            sd[k[i:]] = v
+    if not hasattr(state_dict, "items"):
+        raise TypeError(f"weights_from_state_dict: state_dict must be a mapping of names to tensors, got "
+                        f"{type(state_dict).__name__}")
+    prefix = _predictor_prefix(list(state_dict.keys()), prefix)
+    sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     if any(k.endswith("_proj.bias") for k in sd):
         raise ValueError("code predictor: attention/MLP biases are not supported, got a *_proj.bias key")
-    n_layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("model.layers."))
-    G1 = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("model.codec_embedding."))
-    g = lambda k: _tensor_np(sd[k])  # noqa: E731
+    layer_ids = [k.split(".")[2] for k in sd if k.startswith("model.layers.")]
+    emb_ids = [k.split(".")[2] for k in sd if k.startswith("model.codec_embedding.")]
+    if not layer_ids or not emb_ids or not all(i.isdigit() for i in layer_ids + emb_ids):
+        raise ValueError(f"weights_from_state_dict: the keys under prefix {prefix!r} are not a code predictor's "
+                         "(need model.layers.<i>.*, model.codec_embedding.<j>.weight, lm_head.<j>.weight)")
+    n_layers = 1 + max(int(i) for i in layer_ids)
+    G1 = 1 + max(int(i) for i in emb_ids)
+
+    def g(k):
+        if k not in sd:
+            raise ValueError(f"weights_from_state_dict: missing key {prefix + k!r}")
+        return _tensor_np(sd[k])
+
     layers = []
     for i in range(n_layers):
         p = f"model.layers.{i}."
@@ -192,8 +224,18 @@ def weights_from_state_dict(state_dict, *, n_q_heads, n_kv_heads, rms_norm_eps=1
 
 
 def weights_from_transformers(module, dtype="bfloat16") -> CodePredictorWeights:
-    """From a transformers code-predictor module (`talker.code_predictor`): its state dict and config."""
-    cfg = module.config
+    """From a transformers code-predictor module (`talker.code_predictor`, a
+    `Qwen3OmniMoeTalkerCodePredictorModelForConditionalGeneration`): its state dict and config."""
+    kind = type(module).__name__
+    if hasattr(module, "code_predictor"):
+        raise TypeError(f"weights_from_transformers: expected the talker's code predictor module, got the {kind} "
+                        "that holds it; pass talker.code_predictor (model.talker.code_predictor for the whole "
+                        "Qwen3-Omni model)")
+    cfg = getattr(module, "config", None)
+    needed = ("num_attention_heads", "num_key_value_heads", "rms_norm_eps")
+    if cfg is None or not hasattr(module, "state_dict") or any(not hasattr(cfg, a) for a in needed):
+        raise TypeError(f"weights_from_transformers: expected a Qwen3-Omni talker code predictor module "
+                        f"(talker.code_predictor, with a config holding {', '.join(needed)}), got {kind}")
     rope = getattr(cfg, "rope_parameters", None) or {}
     theta = rope.get("rope_theta", getattr(cfg, "rope_theta", _DEFAULT_ROPE_THETA))
     rope_type = rope.get("rope_type", "default")
@@ -201,7 +243,7 @@ def weights_from_transformers(module, dtype="bfloat16") -> CodePredictorWeights:
         raise ValueError(f"code predictor: only the default RoPE is supported, got rope_type={rope_type!r}")
     return weights_from_state_dict(module.state_dict(), n_q_heads=cfg.num_attention_heads,
                                    n_kv_heads=cfg.num_key_value_heads, rms_norm_eps=cfg.rms_norm_eps,
-                                   rope_theta=theta, dtype=dtype)
+                                   rope_theta=theta, dtype=dtype, prefix="")
 
 
 def shard_weights(w: CodePredictorWeights, tp: int, rank: int = 0, vocab_sharded: bool = False):

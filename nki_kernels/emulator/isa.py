@@ -536,6 +536,34 @@ def tensor_copy(dst, src, engine=engine.unknown, name=None):
     _record(instr, eng, [src], [dst])
 
 
+def tensor_copy_predicated(dst, src, predicate, reverse_pred=False, name=None):
+    """dst = src where predicate (uint8/16/32) is nonzero (zero with reverse_pred); elsewhere dst keeps its
+    values (VectorE). src is a tile of dst's dtype or a number."""
+    instr = "tensor_copy_predicated"
+    _onchip(instr, "dst", dst)
+    _onchip(instr, "predicate", _tensor(instr, "predicate", predicate))
+    _same_layout(instr, "dst", dst, "predicate", predicate)
+    if predicate.dtype not in (_dt.normalize("uint8"), _dt.normalize("uint16"), _dt.normalize("uint32")):
+        fail(instr, "predicate", f"must be uint8, uint16 or uint32, got {_dt.name(predicate.dtype)}")
+    reads = [predicate]
+    if isinstance(src, Tensor):
+        _onchip(instr, "src", src)
+        _same_layout(instr, "dst", dst, "src", src)
+        if src.dtype != dst.dtype:
+            fail(instr, "src", f"dtype {_dt.name(src.dtype)} differs from dst's {_dt.name(dst.dtype)}")
+        if src.buffer.kind == "psum" and predicate.buffer.kind == "psum":
+            fail(instr, "src", "src and predicate are both in PSUM; at most one may be")
+        vals = np.asarray(src._get()).reshape(dst.shape)
+        reads.append(src)
+    else:
+        vals = np.full(dst.shape, _scalar_operand(instr, "src", src, dst.shape[0]))
+    take = np.asarray(predicate._get()).reshape(dst.shape) != 0
+    if reverse_pred:
+        take = ~take
+    _write(dst, np.where(take, vals, np.asarray(dst._get()).reshape(dst.shape)))
+    _record(instr, DVE, reads + [dst], [dst])
+
+
 def memset(dst, value, engine=engine.unknown, name=None):
     """Fill dst (SBUF/PSUM) with a constant of dst's dtype."""
     instr = "memset"
