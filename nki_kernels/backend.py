@@ -35,6 +35,10 @@ def _real_nki():
         import nki as real  # noqa: F401
         import nki.isa as real_isa
         import nki.language as real_nl
+        try:
+            import nki.collectives  # noqa: F401  (so that `nki.collectives.all_reduce(...)` resolves, as in the emulator)
+        except Exception:       # an NKI without collectives
+            pass
     except Exception:       # ImportError from the placeholder, or anything a broken install raises
         return None
     version = getattr(real, "__version__", "0")

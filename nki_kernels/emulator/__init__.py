@@ -4,7 +4,8 @@ Import it as the `nki` stand-in: ``from nki_kernels.emulator import language as 
 ``nki_kernels.emulator.jit`` / ``simulate``. Kernels should not import this package directly; they take
 `nki`, `nl` and `nisa` from `nki_kernels.backend`, which picks the real NKI when it is installed.
 """
-from . import isa, language
+from . import collectives, isa, language
+from .collectives import multi_rank_simulate
 from .errors import EmulatorCheckError
 from .runtime import Kernel, RunResult, jit, last_run, record_launches, run, simulate
 from .targets import TARGETS, Target, get_target, use_target
@@ -12,5 +13,6 @@ from .trace import Access, Instr, Trace
 
 __version__ = "0.6.0-emulated"
 
-__all__ = ["isa", "language", "EmulatorCheckError", "Kernel", "RunResult", "jit", "last_run", "record_launches", "run",
+__all__ = ["collectives", "multi_rank_simulate",
+           "isa", "language", "EmulatorCheckError", "Kernel", "RunResult", "jit", "last_run", "record_launches", "run",
            "simulate", "TARGETS", "Target", "get_target", "use_target", "Access", "Instr", "Trace"]

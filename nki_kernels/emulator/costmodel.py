@@ -56,6 +56,14 @@ class CostParams:
                                           # ones of its own (the compiler's list scheduling); 0 = program order
     tile_buffers: int = 3                 # buffers the compiler rotates for a tile allocated in a loop body
                                           # (the k-th allocation from one site reuses the (k-D)-th's memory)
+    # GpSimd gathers (no published cycle counts; modeled like iota/affine_select: ~150 cycles + streaming)
+    gather_fixed_cycles: int = 150        # per ISA instruction (nc_n_gather = ceil(N / 512) of them)
+    local_gather_bytes_per_cycle: float = 64.0   # per GpSimd core: 512-bit datapath
+    # Collectives (neuron-runtime/explore/intranode-collective-comm.rst: latency term 10^0-10^1 us,
+    # per-hop 1-2 us for Ring/KangaRing; Mesh is one step)
+    cc_hop_us: float = 1.5                # per algorithm step (hop)
+    cc_intra_chip_gbps: float = 100.0     # per rank, ranks on one chip
+    cc_inter_chip_gbps: float = 100.0     # per rank, across chips (NeuronLink)
 
 
 PARAMS: dict[str, CostParams] = {
@@ -209,7 +217,12 @@ def compute_cycles(ins, target: Target, p: CostParams) -> tuple[float, float]:
             cyc = max(min(mi, m.get("M", mi)), m.get("N", 1))
             if m.get("fp32"):
                 cyc = 4 * (cyc + p.pe_fp32_pass_overhead)
-            return float(max(mi, cyc)), float(p.pe_fixed_latency)
+            cyc = float(max(mi, cyc))
+            # a PE tile of rows x cols (tile_position / tile_size) leaves the rest of the array to other
+            # matmuls: it occupies the engine for its share of the array and takes its full time to finish
+            rows, cols = m.get("tile", (target.pmax, target.gemm_stationary_fmax))
+            share = (rows / target.pmax) * (cols / target.gemm_stationary_fmax)
+            return cyc * share, float(p.pe_fixed_latency) + cyc * (1.0 - share)
         # TensorE transpose: max(P, min(64, F)); fp32 data at quarter rate
         pp, ff = ins.meta.get("P", 1), ins.meta.get("F", 1)
         cyc = max(pp, min(mi, ff))
@@ -231,6 +244,14 @@ def compute_cycles(ins, target: Target, p: CostParams) -> tuple[float, float]:
     op = str(ins.meta.get("op", ""))
     if name in ("iota", "affine_select"):
         cyc = 150 + n / rate
+    elif name == "nc_n_gather":
+        n_out = ins.writes[0].elems_pp if ins.writes else n
+        cyc = p.gather_fixed_cycles * ins.meta.get("groups", 1) + n_out / rate
+    elif name == "local_gather":
+        m = ins.meta
+        item = max(1, ins.writes[0].nbytes // max(1, ins.writes[0].partitions * ins.writes[0].elems_pp))
+        per_core_bytes = 16 * m.get("indices", 1) * m.get("elem_per_idx", 1) * item
+        cyc = p.gather_fixed_cycles + max(m.get("indices", 1), per_core_bytes / p.local_gather_bytes_per_cycle)
     elif name in ("tensor_tensor", "select", "scalar_tensor_tensor"):
         two_pass = not (in_psum or (all_bf16_sbuf and op in ("add", "multiply", "subtract")))
         cyc = max(mi, (2 * n if two_pass else n) / rate)
@@ -276,6 +297,9 @@ def dma_cost(ins, target: Target, p: CostParams, hbm_bw: float, dma_bw: float) -
     nbytes = ins.meta.get("bytes")
     if nbytes is None:
         nbytes = sum(a.nbytes for a in ins.writes)
+    if ins.meta.get("collective"):
+        m = ins.meta
+        return collective_cost(m["collective"], nbytes, m.get("ranks", 1), m.get("chips", 1), target, p)
     touches_hbm = any(a.buffer == "hbm" for a in ins.reads + ins.writes)
     bw = hbm_bw if touches_hbm else dma_bw
     runs = [_descriptor_run(a) for a in ins.reads + ins.writes if a.contig_bytes > 0]
@@ -289,6 +313,48 @@ def dma_cost(ins, target: Target, p: CostParams, hbm_bw: float, dma_bw: float) -
     return occ, lat
 
 
+
+
+def collective_cost(kind: str, nbytes: int, ranks: int, chips: int, target, p: CostParams | None = None):
+    """(transfer µs, latency µs) of one collective as one rank sees it (modeled).
+
+    nbytes: all_reduce / reduce_scatter: bytes of one rank's input; all_gather: bytes of one rank's output;
+    all_to_all: bytes one rank sends to others; collective_permute: bytes sent. The runtime picks the faster of
+    a one-step Mesh and a Ring (intranode-collective-comm.rst); transfer time is the bytes crossing this rank's
+    links at the intra- or inter-chip rate."""
+    t = _tgt(target)
+    p = p or params_for(t)
+    n = max(1, int(ranks))
+    if n == 1 or nbytes <= 0:
+        return 0.0, (p.cc_hop_us if n > 1 else 0.0)
+    gbps = p.cc_intra_chip_gbps if chips <= 1 else p.cc_inter_chip_gbps
+    us_per_byte = 1.0 / (gbps * 1e3)
+    frac = (n - 1) / n
+    if kind == "all_reduce":
+        mesh = (p.cc_hop_us, (n - 1) * nbytes * us_per_byte)          # single-step mesh: everyone gets everything
+        ring = (2 * (n - 1) * p.cc_hop_us, 2 * frac * nbytes * us_per_byte)
+    elif kind in ("all_gather", "reduce_scatter"):
+        mesh = (p.cc_hop_us, frac * nbytes * us_per_byte)
+        ring = ((n - 1) * p.cc_hop_us, frac * nbytes * us_per_byte)
+    else:                                                               # all_to_all, collective_permute
+        mesh = ring = (p.cc_hop_us, nbytes * us_per_byte)
+    best = min((mesh, ring), key=lambda c: c[0] + c[1])
+    return best[1], best[0]
+
+
+def collective_us(kind: str, nbytes: int, ranks: int, target=None, *, chips: int | None = None,
+                  lnc: int | None = None, params: CostParams | None = None) -> float:
+    """Modeled µs of a collective between launches (host level, e.g. the all-reduce after a TP-sharded layer).
+
+    kind: all_reduce | all_gather | reduce_scatter | all_to_all | collective_permute; nbytes as in
+    `collective_cost`; ranks: the rank-list size; chips: chips spanned (default: as few as hold `ranks` ranks of
+    `lnc` cores each on `target`)."""
+    t = _tgt(target)
+    if chips is None:
+        per_chip = max(1, t.cores_per_chip // max(1, lnc or (2 if t.nc_version >= 3 else 1)))
+        chips = -(-int(ranks) // per_chip)
+    occ, lat = collective_cost(kind, nbytes, ranks, chips, t, params)
+    return occ + lat
 
 
 # ----------------------------------------------------------------------------------------------- schedule
@@ -728,4 +794,5 @@ def model_launches(run_results, target=None, *, params: CostParams | None = None
 
 
 __all__ = ["CostParams", "PARAMS", "params_for", "ModelReport", "LaunchReport", "TraceReport", "model_trace",
-           "model_launches", "roofline_us", "pe_peak_flops", "hbm_bytes_per_s", "compute_cycles", "dma_cost"]
+           "model_launches", "roofline_us", "pe_peak_flops", "hbm_bytes_per_s", "compute_cycles", "dma_cost",
+           "collective_cost", "collective_us"]

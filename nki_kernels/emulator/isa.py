@@ -192,9 +192,42 @@ def _check_engine_memory(instr, eng, *tensors):
 # ============================================================================ TensorE
 
 
+def _matmul_tiling(instr, tgt, tile_position, tile_size, double_row):
+    """(row_size, col_size, start_row, start_col) of the PE tile an nc_matmul uses; (128, 128, 0, 0) untiled.
+
+    Row tiling splits the 128 PE rows (contraction K) into 2 x 64 (NeuronCore-v2+) or 4 x 32 (v3+) tiles,
+    column tiling the 128 columns (stationary free size M) likewise; both tuples must be given to tile."""
+    pos, size = tuple(tile_position or ()), tuple(tile_size or ())
+    if not pos and not size:
+        return tgt.pmax, tgt.gemm_stationary_fmax, 0, 0
+    if not pos or not size:
+        fail(instr, "tile_position" if not pos else "tile_size", "tile_position and tile_size must both be set to "
+             f"enable tiling mode (got tile_position={pos}, tile_size={size})")
+    for role, v in (("tile_position", pos), ("tile_size", size)):
+        if len(v) != 2 or any(isinstance(x, bool) or not isinstance(x, (int, np.integer)) for x in v):
+            fail(instr, role, f"must be a 2-tuple of ints, got {v}")
+    allowed = (32, 64, 128) if tgt.nc_version >= 3 else (64, 128)
+    for what, n in zip(("row_size", "column_size"), size):
+        if int(n) not in allowed:
+            fail(instr, "tile_size", f"{what} {int(n)} is not a PE tile size on {tgt.name} (allowed: "
+                 f"{', '.join(map(str, allowed))})")
+    for what, st, n in zip(("start_row", "start_column"), pos, size):
+        if int(st) % int(n) or not 0 <= int(st) < 128:
+            fail(instr, "tile_position", f"{what} {int(st)} must be a multiple of the tile's {int(n)} below 128")
+    if double_row and int(size[1]) != 128:
+        fail(instr, "perf_mode", "double_row cannot be combined with column tiling (tile_size column_size < 128)")
+    return int(size[0]), int(size[1]), int(pos[0]), int(pos[1])
+
+
 def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_onezero=False,
-              is_transpose=False, accumulate=None, tile_position=(), tile_size=(), perf_mode=None, name=None):
-    """dst[M, N] (PSUM, fp32) = stationary[K, M].T @ moving[K, N]; K, M <= 128, N <= 512."""
+              is_transpose=False, accumulate=None, tile_position=(), tile_size=(), perf_mode=matmul_perf_mode.none,
+              name=None):
+    """dst[M, N] (PSUM, fp32) = stationary[K, M].T @ moving[K, N]; K, M <= 128, N <= 512.
+
+    perf_mode=double_row (fp8, NeuronCore-v3+): stationary [K, 2, M], moving [K, 2, N], contraction over both
+    the partitions and the pair dim (K x 2 <= 256 products per output), at twice the fp8 rate.
+    tile_position=(start_row, start_column), tile_size=(row_size, column_size): run on one PE tile (row tiles of
+    32/64 for K, column tiles for M) so that matmuls on different tiles proceed in parallel."""
     instr = "nc_matmul"
     tgt = current().target
     for role, t in (("stationary", stationary), ("moving", moving)):
@@ -208,17 +241,32 @@ def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_on
     _onchip(instr, "dst", dst, allow=("psum",))
     if is_transpose:
         fail(instr, "is_transpose", "is not supported by the emulator; use nisa.nc_transpose")
-    if perf_mode not in (None, matmul_perf_mode.none):
-        fail(instr, "perf_mode", "only the default perf_mode is supported by the emulator")
-    for role, v in (("tile_position", tile_position), ("tile_size", tile_size)):
-        if any(int(x) % 32 for x in v):
-            fail(instr, role, f"entries must be multiples of 32, got {tuple(v)}")
-    k, m, n = stationary.shape[0], stationary.free_size, moving.free_size
+    if perf_mode is None:
+        perf_mode = matmul_perf_mode.none
+    if not isinstance(perf_mode, matmul_perf_mode):
+        fail(instr, "perf_mode", f"must be a nisa.matmul_perf_mode member, got {perf_mode!r}")
+    double_row = perf_mode is matmul_perf_mode.double_row
+    if double_row:
+        if tgt.nc_version < 3:
+            fail(instr, "perf_mode", f"double_row needs NeuronCore-v3 or newer; {tgt.name} has no FP8 double mode")
+        fp8 = ("float8_e4m3", "float8_e5m2") + (("float8_e4m3fn",) if tgt.nc_version >= 4 else ())
+        for role, t in (("stationary", stationary), ("moving", moving)):
+            if _dt.name(t.dtype) not in fp8:
+                fail(instr, role, f"dtype {_dt.name(t.dtype)}: double_row takes only {', '.join(fp8)}")
+            if len(t.shape) != 3 or t.shape[1] != 2:
+                fail(instr, role, f"double_row tiles are [K, 2, F] (the first free dim is 2), got {t.shape}")
+    rows, cols, _, _ = _matmul_tiling(instr, tgt, tile_position, tile_size, double_row)
+    k = stationary.shape[0]
+    pairs = 2 if double_row else 1
+    m, n = stationary.free_size // pairs, moving.free_size // pairs
     if moving.shape[0] != k:
         fail(instr, "moving", f"contraction (partition) dim {moving.shape[0]} does not match stationary's {k}")
-    if m > tgt.gemm_stationary_fmax:
-        fail(instr, "stationary", f"free size M={m} exceeds the limit {tgt.gemm_stationary_fmax} "
-             f"(gemm_stationary_fmax on {tgt.name})")
+    if k > rows:
+        fail(instr, "stationary", f"partition dim K={k} exceeds the tile's row_size {rows}")
+    mmax = min(tgt.gemm_stationary_fmax, cols)
+    if m > mmax:
+        fail(instr, "stationary", f"free size M={m} exceeds the limit {mmax} "
+             f"({'column_size' if cols < tgt.gemm_stationary_fmax else 'gemm_stationary_fmax'} on {tgt.name})")
     nmax = tgt.gemm_moving_fmax_bf16 if dst.dtype == _dt.bfloat16 else tgt.gemm_moving_fmax_fp32
     if n > nmax:
         fail(instr, "moving", f"free size N={n} exceeds the limit {nmax} (gemm_moving_fmax on {tgt.name})")
@@ -241,8 +289,9 @@ def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_on
     if start // tgt.psum_bank_bytes != end // tgt.psum_bank_bytes or row_bytes == 0:
         fail(instr, "dst", f"the result spans bytes [{start}, {end}] of the partition, crossing a "
              f"{tgt.psum_bank_bytes} B PSUM bank boundary; a matmul writes within one bank")
-    st_vals = stationary._get().reshape(k, m).astype(_F32)
-    mv_vals = moving._get().reshape(k, n).astype(_F32)
+    # [K, pairs, M] x [K, pairs, N]: contract over partitions and pairs
+    st_vals = stationary._get().reshape(k, pairs, m).astype(_F32).reshape(k * pairs, m)
+    mv_vals = moving._get().reshape(k, pairs, n).astype(_F32).reshape(k * pairs, n)
     prod = st_vals.T @ mv_vals
     written = dst._aux_get(dst.storage.mm_written).reshape(m, n)
     if accumulate is True:
@@ -258,8 +307,9 @@ def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_on
         fail(instr, "accumulate", f"must be None, True or False, got {accumulate!r}")
     dst._put(result.reshape(dst.shape))
     dst._aux_set(dst.storage.mm_written, True)
-    _record(instr, PE, [stationary, moving], [dst], K=k, M=m, N=n,
-            in_dtype=_dt.name(moving.dtype), fp32=fp32_in[0], accumulate=accumulate)
+    _record(instr, PE, [stationary, moving], [dst], K=k * pairs, M=m, N=n,
+            in_dtype=_dt.name(moving.dtype), fp32=fp32_in[0], accumulate=accumulate,
+            double_row=double_row, tile=(rows, cols))
 
 
 def nc_transpose(dst, data, engine=engine.unknown, name=None):
@@ -620,6 +670,88 @@ def affine_select(dst, pattern, offset, channel_multiplier, on_true_tile, on_fal
     vals = np.where(cond, on_true_tile._get().reshape(p, -1).astype(_F32), np.float32(on_false_value))
     _write(dst, vals.reshape(dst.shape))
     _record(instr, POOL, [on_true_tile], [dst])
+
+
+GPSIMD_CORES = 8                 # GpSimd cores, each wired to 16 contiguous SBUF partitions
+GPSIMD_PARTITIONS_PER_CORE = 16
+LOCAL_GATHER_MAX_INDICES = 4096  # indices one GpSimd core gathers per instruction (local_gather limit)
+
+
+def nc_n_gather(dst, data, indices, name=None):
+    """dst[p, j] = data[p].flatten()[indices[p].flatten()[j]] on GpSimd, independently per partition.
+
+    All in SBUF; dst has data's dtype and indices' elements per partition; indices are uint32 in
+    [0, data elements per partition). One nc_n_gather is ceil(elements per partition / 512) ISA instructions."""
+    instr = "nc_n_gather"
+    for role, t in (("data", data), ("indices", indices), ("dst", dst)):
+        _onchip(instr, role, _tensor(instr, role, t), allow=("sbuf",))
+    p = data.shape[0]
+    for role, t in (("indices", indices), ("dst", dst)):
+        if t.shape[0] != p:
+            fail(instr, role, f"partition dim {t.shape[0]} must equal data's {p}")
+    if dst.dtype != data.dtype:
+        fail(instr, "dst", f"dtype {_dt.name(dst.dtype)} must equal data's {_dt.name(data.dtype)}")
+    if indices.dtype != _dt.uint32:
+        fail(instr, "indices", f"dtype must be uint32, got {_dt.name(indices.dtype)}")
+    if dst.free_size != indices.free_size:
+        fail(instr, "dst", f"{dst.free_size} elements per partition must equal indices' {indices.free_size}")
+    f = data.free_size
+    idx = indices._get().reshape(p, -1).astype(np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= f):
+        fail(instr, "indices", f"value {int(idx.max() if idx.max() >= f else idx.min())} is outside [0, {f}) "
+             "(data elements per partition)")
+    vals = np.take_along_axis(data._get().reshape(p, f), idx, axis=1)
+    _write(dst, vals.reshape(dst.shape))
+    _record(instr, POOL, [data, indices], [dst], groups=-(-dst.free_size // 512))
+
+
+def local_gather(dst, src_buffer, index, num_elem_per_idx=1, num_valid_indices=None, name=None):
+    """GpSimd gather within each 16-partition group (one GpSimd core each), as the NKI test's NumPy semantics:
+
+    for core c (partitions 16c..16c+15): ids = index[16c:16c+16].flatten(order='F')[:num_valid_indices] (uint16,
+    element offsets into each partition's flattened src_buffer); dst[p, j*E:(j+1)*E] = src[p, ids[j]:ids[j]+E]
+    for every p of the core, E = num_elem_per_idx in {1, 2, 4, 8, 16, 32}. src_buffer and index have the same
+    partition count, a multiple of 16; dst holds num_valid_indices * E elements per partition, src's dtype."""
+    instr = "local_gather"
+    for role, t in (("src_buffer", src_buffer), ("index", index), ("dst", dst)):
+        _onchip(instr, role, _tensor(instr, role, t), allow=("sbuf",))
+    p = src_buffer.shape[0]
+    if index.shape[0] != p or p % GPSIMD_PARTITIONS_PER_CORE:
+        fail(instr, "index", f"partition dims must match and be a multiple of {GPSIMD_PARTITIONS_PER_CORE}: "
+             f"src_buffer {p}, index {index.shape[0]}")
+    if dst.shape[0] != p:
+        fail(instr, "dst", f"partition dim {dst.shape[0]} must equal src_buffer's {p}")
+    if index.dtype != _dt.uint16:
+        fail(instr, "index", f"dtype must be uint16, got {_dt.name(index.dtype)}")
+    if dst.dtype != src_buffer.dtype:
+        fail(instr, "dst", f"dtype {_dt.name(dst.dtype)} must equal src_buffer's {_dt.name(src_buffer.dtype)} "
+             "(no casting)")
+    e = num_elem_per_idx
+    if isinstance(e, bool) or e not in (1, 2, 4, 8, 16, 32):
+        fail(instr, "num_elem_per_idx", f"must be one of 1, 2, 4, 8, 16, 32, got {e!r}")
+    per_core = GPSIMD_PARTITIONS_PER_CORE * index.free_size
+    nv = per_core if num_valid_indices is None else num_valid_indices
+    if isinstance(nv, bool) or not isinstance(nv, (int, np.integer)) or not 0 < nv <= per_core:
+        fail(instr, "num_valid_indices", f"must be an int in [1, {per_core}] (indices per core), got {nv!r}")
+    if nv > LOCAL_GATHER_MAX_INDICES:
+        fail(instr, "num_valid_indices", f"{nv} indices per core exceed the limit of {LOCAL_GATHER_MAX_INDICES}")
+    if dst.free_size != nv * e:
+        fail(instr, "dst", f"{dst.free_size} elements per partition must equal num_valid_indices x "
+             f"num_elem_per_idx = {nv} x {e}")
+    f = src_buffer.free_size
+    src = src_buffer._get().reshape(p, f)
+    ids_all = index._get().reshape(p, -1).astype(np.int64)
+    out = np.empty((p, nv * e), dtype=src.dtype)
+    g = GPSIMD_PARTITIONS_PER_CORE
+    for c in range(p // g):
+        ids = ids_all[c * g:(c + 1) * g].flatten(order="F")[:nv]
+        if ids.min() < 0 or ids.max() + e > f:
+            fail(instr, "index", f"GpSimd core {c}: offset {int(ids.max())} + {e} elements reaches past the "
+                 f"{f} elements per partition of src_buffer (out-of-bound gathers are undefined)")
+        cols = (ids[:, None] + np.arange(e)[None, :]).reshape(-1)
+        out[c * g:(c + 1) * g] = src[c * g:(c + 1) * g][:, cols]
+    _write(dst, out.reshape(dst.shape))
+    _record(instr, POOL, [src_buffer, index], [dst], indices=int(nv), elem_per_idx=int(e))
 
 
 def max8(dst, src, name=None):

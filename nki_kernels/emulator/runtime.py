@@ -16,6 +16,7 @@ import functools
 import math
 import os
 import sys
+import threading
 import weakref
 from dataclasses import dataclass, field
 
@@ -27,15 +28,25 @@ from .targets import Target, get_target
 from .tensor import MemoryRegion, Storage, Tensor, shared_hbm
 from .trace import Trace
 
-_stack: list["Program"] = []
+class _ProgramStack(threading.local):
+    """The running program instances of this thread. Per thread, so that the ranks of a multi-rank run
+    (`collectives.multi_rank_simulate`) can each run their own kernel in a thread of their own."""
+
+    def __init__(self):
+        self.items: list["Program"] = []
+        self.quiet = False          # a rank of a multi-rank run: its launch is recorded by the run, not here
+
+
+_tls = _ProgramStack()
 _EMULATOR_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def current() -> "Program":
-    if not _stack:
+    stack = _tls.items
+    if not stack:
         raise EmulatorCheckError("nki", None, "NKI language/ISA calls are only valid inside a running kernel "
                                  "(call it through nki.jit / nki.simulate / backend.call)")
-    return _stack[-1]
+    return stack[-1]
 
 
 class _Launch:
@@ -228,6 +239,8 @@ class RunResult:
     # per program: the larger of the allocation-time count and the first-to-last-use liveness peak
     sbuf_peak_bytes: list = field(default_factory=list)    # bytes per partition
     psum_peak_banks: list = field(default_factory=list)
+    ranks: int = 1                      # multi-rank runs (collectives.run_ranks): traces are rank-major
+    rank_results: list = field(default_factory=list)
 
     @property
     def trace(self) -> Trace:
@@ -308,14 +321,14 @@ def launch(fn, lnc: int, args, kwargs, target: Target | None = None) -> RunResul
     traces, peaks, banks, returned = [], [], [], None
     for pid in range(lnc):
         prog = Program(pid, st_launch, _run_body.__code__)
-        _stack.append(prog)
+        _tls.items.append(prog)
         try:
             with np.errstate(all="ignore"):       # the device computes inf/NaN silently
                 result = _run_body(fn, call_args, call_kwargs)
             _to_numpy(result, fn.__name__)          # validates what the kernel returns
             prog.check_liveness()
         finally:
-            _stack.pop()
+            _tls.items.pop()
         if pid == 0:
             returned = result
         traces.append(prog.trace)
@@ -328,10 +341,16 @@ def launch(fn, lnc: int, args, kwargs, target: Target | None = None) -> RunResul
                 fail("launch", st.name, "the kernel wrote an input array that is read-only")
             original[...] = st.data.reshape(original.shape)
     res = RunResult(outputs, traces, tgt, lnc, peaks, banks)
+    if not _tls.quiet:
+        record_result(res)
+    return res
+
+
+def record_result(res: RunResult):
+    """Make `res` the last run and hand it to every `record_launches` block."""
     _last[:] = [res]
     for bucket in _recorders:
         bucket.append(res)
-    return res
 
 
 def _run_body(fn, args, kwargs):
