@@ -1,0 +1,72 @@
+"""Shared plumbing of the vLLM Neuron adapters: the op namespace, the kill switch, warnings, contracts.
+
+Nothing here imports vLLM or the plugin: the adapters (and their tests) run where neither is installed.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+
+logger = logging.getLogger("nki_kernels.vllm_neuron")
+
+# Environment kill switch, read at call time: every installed adapter defers to the method it replaced.
+DISABLE_ENV = "NKI_KERNELS_VLLM_DISABLE"
+
+# Attribute under which an installed replacement keeps the original.
+ORIGINAL_ATTR = "__nki_kernels_original__"
+MARK = "__nki_kernels_adapter__"
+
+
+class VllmNeuronAdapterError(ValueError):
+    """apply() could not find, or could not match, what it was asked to patch; the message lists everything."""
+
+
+def disabled() -> bool:
+    return os.environ.get(DISABLE_ENV, "").lower() in ("1", "true", "yes")
+
+
+def ops():
+    """``torch.ops.nki_kernels``: our kernels as torch.library ops (one FX node each under torch.compile)."""
+    from nki_kernels import torch_ops
+    return torch_ops.register()
+
+
+_WARNED: set = set()
+
+
+def warn_once(key: str, message: str):
+    if key not in _WARNED:
+        _WARNED.add(key)
+        logger.warning(message)
+
+
+def param_names(fn):
+    """Parameter names of a function or method, without a leading self / cls."""
+    try:
+        names = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return None
+    if names and names[0] in ("self", "cls"):
+        names = names[1:]
+    return names
+
+
+def difference(names, expected) -> str | None:
+    """None when `names` starts with exactly `expected`, else the first difference in words."""
+    if names is None:
+        return "its signature cannot be inspected"
+    names, expected = tuple(names), tuple(expected)
+    for i, want in enumerate(expected):
+        if i >= len(names):
+            return f"missing parameter(s) {expected[i:]} from position {i + 1}"
+        if names[i] != want:
+            return f"parameter {i + 1} is {names[i]!r}, expected {want!r}"
+    return None
+
+
+def plugin_flag(obj, name, default=False):
+    """A module-level flag of the plugin module that defines type(obj) (e.g. SEQUENCE_PARALLEL)."""
+    import sys
+    module = sys.modules.get(type(obj).__module__)
+    return getattr(module, name, default)
