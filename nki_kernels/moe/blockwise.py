@@ -10,6 +10,7 @@ import numpy as np
 
 from ..backend import call, nki, nisa, nl
 from ..hw import P_MAX, PSUM_BANK_BYTES, PSUM_NUM_BANKS
+from ..lnc import resolve_lnc
 from ..validation import kernel_check
 from ._tiles import (_Y_TILE, TOK_TILE, down_piece, evict, intermediate_split, itemsize, load_down,
                      load_gate_up, load_gate_vector, sigmoid_gate, swiglu, transpose_h, transpose_tokens)
@@ -426,33 +427,6 @@ def _topk_affinity(top_k_weights, top_k_index, ids_sb, eg_sb, n_tok):
     return aff_sb
 
 
-@nki.jit
-def moe_combine_kernel(partials):
-    """out [T, H] = partials[:, 0] + partials[:, 1] (two LNC=2 partial outputs); program c sums row chunks
-    r with r % C == c.
-
-    Args:
-        partials: [T, 2, H] @ HBM.
-    Returns:
-        out: [T, H] @ HBM, partials' dtype.
-    """
-    n_tokens, _, h_total = partials.shape
-    out = nl.ndarray((n_tokens, h_total), dtype=partials.dtype, buffer=nl.shared_hbm)
-    pid = nl.program_id(0)
-    n_prog = nl.num_programs(0)
-    n_row_chunks = (n_tokens + TOK_TILE - 1) // TOK_TILE
-    for i_r in range(pid, n_row_chunks, n_prog):
-        t0 = i_r * TOK_TILE
-        n_tok = min(TOK_TILE, n_tokens - t0)
-        a_sb = nl.ndarray((TOK_TILE, h_total), dtype=partials.dtype, buffer=nl.sbuf)
-        b_sb = nl.ndarray((TOK_TILE, h_total), dtype=partials.dtype, buffer=nl.sbuf)
-        nisa.dma_copy(dst=a_sb[0:n_tok, :], src=partials[t0:t0 + n_tok, 0, :])
-        nisa.dma_copy(dst=b_sb[0:n_tok, :], src=partials[t0:t0 + n_tok, 1, :])
-        nisa.tensor_tensor(dst=a_sb[0:n_tok, :], data1=a_sb[0:n_tok, :], data2=b_sb[0:n_tok, :], op=nl.add)
-        nisa.dma_copy(dst=out[t0:t0 + n_tok, :], src=a_sb[0:n_tok, :])
-    return out
-
-
 # ---------------------------------------------------------------------------------------------- host wrapper
 
 
@@ -509,6 +483,62 @@ def check_weights(kname, hidden, gate_up, down, shared):
         _check_inter(kname, "Is", n_sh, h_total, hidden)
 
 
+
+_INT32_MIN, _INT32_MAX = -2 ** 31, 2 ** 31 - 1
+_MAX_EXPERT_ID = 2 ** 24     # expert_offset + E: local ids are compared in fp32 on device, exact below 2^24
+
+
+def _host_values(x):
+    """NumPy values of a host array / CPU tensor for validation only (None for device or meta tensors)."""
+    try:
+        import torch
+        if isinstance(x, torch.Tensor):
+            if x.device.type != "cpu":
+                return None
+            return x.detach().cpu().numpy() if x.dtype != torch.bfloat16 else x.detach().float().cpu().numpy()
+    except ImportError:  # pragma: no cover
+        pass
+    return np.asarray(x)
+
+
+def check_top_k(kname, top_k_index, top_k_weights, n_tokens, hidden, weights_name="top_k_weights"):
+    """top_k_index [T, TOPK] integer (int64 ids must fit int32: checked on host values, never used to specialize),
+    weights [T, TOPK] float (float64 is refused: cast to hidden's dtype or float32)."""
+    kernel_check(getattr(top_k_index, "ndim", 0) == 2 and _shape(top_k_index)[0] == n_tokens,
+                 f"{kname}: top_k_index must be [T={n_tokens}, TOPK], got shape={_shape_of(top_k_index)}")
+    kernel_check(_shape(top_k_index)[1] >= 1, f"{kname}: top_k_index needs TOPK >= 1, got shape={_shape(top_k_index)}")
+    kernel_check(_is_int_dtype(top_k_index),
+                 f"{kname}: top_k_index must be an integer array (int32 or int64), got dtype={top_k_index.dtype}")
+    if _dtype_name(top_k_index) in ("int64", "uint64", "uint32"):
+        vals = _host_values(top_k_index)
+        if vals is not None and vals.size:
+            lo, hi = int(vals.min()), int(vals.max())
+            kernel_check(lo >= _INT32_MIN and hi <= _INT32_MAX,
+                         f"{kname}: top_k_index ids must fit int32 (the kernel reads int32 ids), got min={lo}, "
+                         f"max={hi}")
+    kernel_check(getattr(top_k_weights, "ndim", 0) == 2 and _shape(top_k_weights) == _shape(top_k_index),
+                 f"{kname}: {weights_name} must be [T, TOPK]={_shape(top_k_index)}, got "
+                 f"shape={_shape_of(top_k_weights)}")
+    kernel_check(_dtype_name(top_k_weights) in _FLOAT_DTYPES,
+                 f"{kname}: {weights_name} dtype must be one of {_FLOAT_DTYPES} (cast float64 routing weights to "
+                 f"float32), got dtype={top_k_weights.dtype}")
+
+
+def check_expert_offset(kname, expert_offset, n_local):
+    kernel_check(isinstance(expert_offset, (int, np.integer)) and not isinstance(expert_offset, bool)
+                 and 0 <= expert_offset <= _MAX_EXPERT_ID - n_local,
+                 f"{kname}: expert_offset must be an int in [0, 2^24 - E={_MAX_EXPERT_ID - n_local}], "
+                 f"got expert_offset={expert_offset!r}")
+
+
+def _shape_of(x):
+    return _shape(x) if hasattr(x, "shape") else type(x).__name__
+
+
+def _is_int_dtype(x) -> bool:
+    return _dtype_name(x) in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
+
+
 def _check_inter(kname, label, n_inter, h_total, hidden):
     ic, n_i = intermediate_split(n_inter)
     kernel_check(n_inter >= 1 and ic is not None,
@@ -522,7 +552,7 @@ def _check_inter(kname, label, n_inter, h_total, hidden):
 
 
 def moe_blockwise(hidden, expert_affinities, gate_up, down, token_position_to_id, block_to_expert, block_size,
-                  shared=None, top_k_index=None, expert_offset: int = 0, lnc: int = 1):
+                  shared=None, top_k_index=None, expert_offset: int = 0, lnc=None):
     """Blockwise MoE on NxDI's mapping, with the optional fused sigmoid-gated shared expert.
 
     Dimensions:
@@ -541,8 +571,9 @@ def moe_blockwise(hidden, expert_affinities, gate_up, down, token_position_to_id
         top_k_index: [T, TOPK] int global expert ids (selects the top-k affinity form).
         expert_offset: expert parallelism; local expert l holds global expert expert_offset + l (the top-k ids
             are compared against expert_offset + l; the mapping must use the same offset).
-        lnc: 1, or 2 (blocks alternate between the two cores, each writes its own partial [T, H]; a second
-            LNC=2 launch adds the partials).
+        lnc: None (NEURON_LOGICAL_NC_CONFIG, else the target's default: 2 on trn2), 1 or 2. At LNC=2 two
+            launches: the blocks alternate between the two cores (each writes its blocks' slot rows), then the
+            128-token row chunks alternate (each core writes its rows of the output).
     Returns:
         [T, H] in hidden's dtype (NumPy or torch like the inputs).
     Constraints:
@@ -557,9 +588,8 @@ def moe_blockwise(hidden, expert_affinities, gate_up, down, token_position_to_id
     n_local = _shape(gate_up)[0]
     kernel_check(isinstance(block_size, (int, np.integer)) and 1 <= block_size <= _MAX_BLOCK,
                  f"{kname}: block_size must be an int in [1, {_MAX_BLOCK}], got block_size={block_size!r}")
-    kernel_check(lnc in (1, 2), f"{kname}: lnc must be 1 or 2, got lnc={lnc}")
-    kernel_check(isinstance(expert_offset, (int, np.integer)) and expert_offset >= 0,
-                 f"{kname}: expert_offset must be a non-negative int, got expert_offset={expert_offset!r}")
+    check_expert_offset(kname, expert_offset, n_local)
+    lnc = resolve_lnc(lnc, kname)
     tpos, b2e = _np(token_position_to_id), _np(block_to_expert)
     kernel_check(tpos.ndim == 1 and np.issubdtype(tpos.dtype, np.integer),
                  f"{kname}: token_position_to_id must be a 1-D int array, got shape={tpos.shape}, dtype={tpos.dtype}")

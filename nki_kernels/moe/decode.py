@@ -1,28 +1,35 @@
 """MoE for token generation (decode, T * TOPK small): loads only the selected experts, each once.
 
-The host turns the top-k ids into a slot table `slot_expert` (the distinct local experts the batch selected,
-ascending); the kernel streams one expert per slot by dynamic DMA and runs it on every token of the batch with
-the per-token weight sum_j w[t, j] * (idx[t, j] == expert) computed on device (0 for tokens that did not pick
-it). With T <= 32 tokens everything is weight-stationary (the tokens are the matmul moving free size), and the
-output accumulates transposed ([H, T]) in PSUM across the shared expert and all slots.
+The kernel takes top_k_index on device and builds its slot table there: the distinct local experts of the batch,
+in order of first appearance, padded to the static S = min(T * TOPK, E) slots (duplicates and other ranks' ids
+resolved with compares and small matmuls, no host read of the ids), so its instruction sequence depends only on
+shapes and it can sit in a compiled graph. Each slot streams its expert by dynamic DMA, with the id clamped to
+[0, E - 1] so no value can read outside the weight tensors (padding slots load expert 0 and weigh 0), and runs
+it on every token of the batch with the per-token weight sum_j w[t, j] * (idx[t, j] == expert) computed on device.
+With T <= 32 tokens everything is weight-stationary (the tokens are the matmul moving free size), and the output
+accumulates transposed ([H, T]) in PSUM across the shared expert and all slots; each token is one column, so a
+non-finite value in one token never reaches another.
 
-Latency plan (small experts are bound by fixed DMA latencies, not bandwidth): the slot-id load is the first DMA
-and every expert DMA depends on it, so the shared expert's static weight DMAs fill the queues meanwhile; then
-the weights of a whole wave of R slots are issued at once (R separate SBUF buffers, so their fixed latencies
+LNC=2: one launch; the two cores split the hidden columns of the output (each runs every slot's gate/up and its
+half of the down projection and writes only its columns).
+
+Latency plan (small experts are bound by fixed DMA latencies, not bandwidth): the routing-id load is the first
+DMA and every expert DMA depends on it, so the shared expert's static weight DMAs fill the queues meanwhile; then
+the weights of a whole wave of W slots are issued at once (W separate SBUF buffers, so their fixed latencies
 overlap), every gate_up before any down, so the last bytes to land feed only the short down-projection step.
 """
 from __future__ import annotations
 
-import numpy as np
-
 from ..backend import call, nki, nisa, nl
 from ..hw import P_MAX, PSUM_BANK_BYTES, PSUM_FMAX_FP32
+from ..lnc import resolve_lnc
 from ..validation import kernel_check
-from ._tiles import intermediate_split, itemsize, load_down, load_gate_up
-from .blockwise import _as_int32, _np, _shape, check_weights, moe_combine_kernel
+from ._tiles import intermediate_split, itemsize, load_gate_up
+from .blockwise import _as_int32, _shape, check_expert_offset, check_top_k, check_weights
 
 # ---- constraints
 _MAX_TOKENS = 32            # decode batch: the [128, H/128, T] fp32 accumulator stays within 4 PSUM banks at H=8192
+_MAX_ROUTES = 1024          # T * TOPK routing rows: the [128, R] fp32 key table and duplicate masks stay <= 4 KiB
 _DIRECT_OUT_MAX_T = 2      # up to this many tokens the [H, T] result is written by one strided DMA (no transposes)
 _RING_BYTES_PP = 120 * 1024   # SBUF bytes per partition for the expert weights in flight plus the shared expert's
 _MIN_ROW_BYTES = 4096         # DMA descriptor run (one partition row) at full bandwidth (KERNELS.md cost model)
@@ -40,91 +47,95 @@ def _pow2_at_least(n: int) -> int:
 
 
 @nki.jit
-def moe_decode_kernel(hidden, top_k_index, top_k_weights, gate_up, down, slot_expert, shared_gate_up, shared_down,
-                      shared_gate, expert_offset):
+def moe_decode_kernel(hidden, top_k_index, top_k_weights, gate_up, down, shared_gate_up, shared_down, shared_gate,
+                      expert_offset):
     """Selective-load MoE for a small batch, weight-stationary (hidden / intermediate rows on the partitions,
-    the T tokens on the free axis); returns per-core partial outputs.
+    the T tokens on the free axis), with the slot table built on device from top_k_index.
 
     Dimensions:
-        T tokens (<= 32), H hidden, E local experts, I, Is intermediates, TOPK, S slots, C programs,
-        R weight buffers (slots whose weights are in flight at once).
+        T tokens (<= 32), H hidden, E local experts, I, Is intermediates, TOPK, R = T * TOPK routing rows,
+        S = min(R, E) slots, C programs (LNC), Hc = the hidden columns of this program,
+        W weight buffers (slots whose weights are in flight at once).
     Args:
-        hidden: [T, H] @ HBM. top_k_index: [T, TOPK] int32 @ HBM (global ids). top_k_weights: [T, TOPK] @ HBM.
-        gate_up: [E, H, 2, I] @ HBM. down: [E, I, H] @ HBM.
-        slot_expert: [S] int32 @ HBM, local expert id of each slot (distinct).
+        hidden: [T, H] @ HBM. top_k_index: [T, TOPK] int32 @ HBM (global ids, any values).
+        top_k_weights: [T, TOPK] @ HBM. gate_up: [E, H, 2, I] @ HBM. down: [E, I, H] @ HBM.
         shared_gate_up / shared_down / shared_gate: [H, 2, Is] / [Is, H] / [H] @ HBM, or None.
         expert_offset: global id of local expert 0 (trace-time constant).
     Returns:
-        out: [T, C, H] @ HBM, hidden's dtype; the result is the sum over c.
+        out: [T, H] @ HBM, hidden's dtype. Program c writes the hidden columns of its share (LNC=2: the first
+        ceil(H/256) 128-column chunks on core 0, the rest on core 1), so one launch gives the whole result.
     Constraints:
-        T <= _MAX_TOKENS, H % 128 == 0, I = ic * ceil(I / 128).
+        T <= _MAX_TOKENS, R <= _MAX_ROUTES, H % 128 == 0, I = ic * ceil(I / 128).
     Pseudocode:
-        e = slot_expert (first DMA: every expert DMA waits for it); xT[p, t, j] = x[t, p * n_h + j]
-        routing rows r = (t, j) on the partitions: idx[r] - expert_offset, w[r]
-        program 0: Wsgu (+ Wsd if small) = shared weights (static DMAs, stream while e is in flight)
-                   hsT = sigmoid(x . w_sg) * silu(Gs^T xT) * (Us^T xT)
-        for each wave of R slots s (s % C == c), buffer b:
-            Wgu[b] = gate_up[e[s]] for every slot of the wave, then Wd[b] = down[e[s]]   # dynamic DMAs
-            a[b, t] = sum_j w[t, j] * (idx[t, j] == e[s]) on every partition             # ones-matmul row sums
-            hT[b] = a[b] * silu(Wg[b]^T xT) * (Wu[b]^T xT)                               # [I, T]
-                    (small I: gate_up folded onto 64 partitions, gate|up in one matmul per row, see
-                    _swiglu_folded_T)
-            accT[h, t] += Wd[b][:, h]^T hT[b]                                            # PSUM, after all gate/ups
-        program 0: accT += Wsd^T hsT (a big shared down is loaded after the first wave: it ends the queue)
-        out[:, c] = accT (T <= 2: p-major rows, one DMA) or transpose(accT)
+        key[r] = idx[r] - expert_offset if 0 <= that < E else -2            # rows r = t * TOPK + j
+        first[r] = key[r] >= 0 and no r' < r has key[r'] == key[r]        # duplicates resolved on device
+        pos[r] = sum_{r' < r} first[r']                                    # ones-triangle matmul
+        slot[s] = key[r] for the first row r with pos[r] == s, else -1     # one-hot matmul; s < S
+        e[s] = min(max(slot[s], 0), E - 1)                                 # every weight DMA stays in its tensor
+        a[s, t] = sum_j w[t, j] * (key[t, j] == slot[s])                  # padding slots (-1) match no row
+        xT[p, t, j] = x[t, p * n_h + j]
+        shared: hsT = sigmoid(x . w_sg) * silu(Gs^T xT) * (Us^T xT); accT += Wsd[:, Hc]^T hsT
+        for each wave of W slots s, buffer b:
+            Wgu[b] = gate_up[e[s]], then Wd[b] = down[e[s]][:, Hc]                      # dynamic DMAs
+            hT[b] = a[s] * silu(Wg[b]^T xT) * (Wu[b]^T xT)                                # [I, T]
+            accT[h, t] += Wd[b][:, h]^T hT[b]                                             # PSUM
+        out[:, Hc] = accT (T <= 2: p-major rows, one DMA) or transpose(accT)
     """
     n_tokens, h_total = hidden.shape
-    n_slots = slot_expert.shape[0]
-    n_hc = h_total // _H_TILE
-    t_pad = _pow2_at_least(n_tokens)          # accumulator columns per hidden chunk: keeps matmuls bank-aligned
-    # accumulator row p of chunk hc holds hidden column p * n_hc + hc when the result leaves by one DMA (each
-    # partition then writes n_hc contiguous outputs), else hc * 128 + p (whole 128-column TensorE transposes)
-    p_major = n_tokens <= _DIRECT_OUT_MAX_T
+    n_local = gate_up.shape[0]
+    n_slots = min(n_tokens * top_k_index.shape[1], n_local)
     pid = nl.program_id(0)
     n_prog = nl.num_programs(0)
-    out = nl.ndarray((n_tokens, n_prog, h_total), dtype=hidden.dtype, buffer=nl.shared_hbm)
-    has_shared = shared_gate_up is not None and pid == 0
-    my_slots = list(range(pid, n_slots, n_prog))
+    out = nl.ndarray((n_tokens, h_total), dtype=hidden.dtype, buffer=nl.shared_hbm)
+    h0, h_cols = _my_columns(h_total, pid, n_prog)
+    if h_cols == 0:
+        return out    # H = 128 under LNC=2: core 0 owns the only column chunk
+    t_pad = _pow2_at_least(n_tokens)          # accumulator columns per hidden chunk: keeps matmuls bank-aligned
+    n_hc = h_cols // _H_TILE
+    # accumulator row p of chunk hc holds hidden column h0 + p * n_hc + hc when the result leaves by one DMA
+    # (each partition then writes n_hc contiguous outputs), else h0 + hc * 128 + p (whole 128-column TensorE
+    # transposes)
+    p_major = n_tokens <= _DIRECT_OUT_MAX_T
 
-    # the slot ids gate every expert weight DMA: their load goes first; then the small per-token inputs
-    e_sb = nl.ndarray((1, n_slots), dtype=nl.int32, buffer=nl.sbuf)             # DMA offsets: one partition
-    nisa.dma_copy(dst=e_sb, src=slot_expert.ap(pattern=[[0, 1], [1, n_slots]], offset=0))
+    # the routing ids gate every expert weight DMA: their load goes first; then the small per-token inputs
+    key_all, routes = _routing_rows(top_k_index, top_k_weights, n_local, expert_offset)
     xT_sb = _load_xT(hidden, 1)
     # small-I experts: fold 2x more hidden rows into each partition so a gate_up row reaches a long DMA run
     fold = _gate_up_fold(gate_up)
     xTe_sb = xT_sb if fold == 1 else _load_xT(hidden, fold)
     sel_sb = _up_selector(gate_up) if fold > 1 else None
-    routes = _routing_rows(top_k_index, top_k_weights, slot_expert, expert_offset)
     ones_sb = nl.ndarray((P_MAX, P_MAX), dtype=nl.float32, buffer=nl.sbuf)     # stationary of the row sums
     nisa.memset(dst=ones_sb, value=1.0)
+    slot_sb, e_sb = _slot_table(key_all, routes, ones_sb, n_slots, n_local)
     acc_psum = nl.ndarray((P_MAX, n_hc, t_pad), dtype=nl.float32, buffer=nl.psum)
 
+    has_shared = shared_gate_up is not None
     s_hT_sb = s_wd_sb = None
-    # a small shared expert streams entirely while the slot ids are in flight; a big one's down goes after the
+    # a small shared expert streams entirely while the slot table is built; a big one's down goes after the
     # routed experts (a static DMA's shorter fixed latency then ends the queue)
-    shared_early = has_shared and 3 * h_total * shared_down.shape[0] * itemsize(shared_down.dtype) <= _PRE_SLOT_BYTES
+    shared_early = has_shared and 3 * h_cols * shared_down.shape[0] * itemsize(shared_down.dtype) <= _PRE_SLOT_BYTES
     if has_shared:
         s_wgu_sb = load_gate_up(shared_gate_up)
         if shared_early:
-            s_wd_sb = load_down(shared_down)
+            s_wd_sb = _load_down_cols(shared_down, None, h0, h_cols)
         g_sb = _sigmoid_gate_bcast(shared_gate, xT_sb, n_tokens)
         s_hT_sb = _alloc_hT(shared_down, 1, n_tokens)
         _swiglu_T(xT_sb, s_wgu_sb, g_sb, s_hT_sb, 0, n_tokens)
         if shared_early:
             _down_T(s_hT_sb, 0, s_wd_sb, acc_psum, n_tokens, p_major)
-    shared_pp = _expert_bytes_pp(shared_down, 1) if has_shared else 0
-    ring = _weight_ring(gate_up, down, len(my_slots), n_tokens, fold, _RING_BYTES_PP - shared_pp)
-    n_buf = max(1, len(ring))
-    for w0 in range(0, len(my_slots), n_buf):
-        wave = my_slots[w0:w0 + n_buf]
+    shared_pp = _expert_bytes_pp(shared_down, 1, h_cols) if has_shared else 0
+    ring = _weight_ring(gate_up, down, n_slots, n_tokens, fold, h_cols, _RING_BYTES_PP - shared_pp)
+    n_buf = len(ring)
+    for w0 in range(0, n_slots, n_buf):
+        wave = list(range(w0, min(n_slots, w0 + n_buf)))
         # every gate_up of the wave before any down: the last bytes to land feed only the short down step
         for b, s in enumerate(wave):
             _load_expert(ring[b][0], gate_up, e_sb[0:1, s:s + 1])
         for b, s in enumerate(wave):
-            _load_expert(ring[b][1], down, e_sb[0:1, s:s + 1])
+            _load_down_cols(down, e_sb[0:1, s:s + 1], h0, h_cols, dst_sb=ring[b][1])
         if has_shared and not shared_early and w0 == 0:
-            s_wd_sb = load_down(shared_down)
-        aff_psum = _wave_affinities(routes, ones_sb, wave, n_prog, n_tokens)
+            s_wd_sb = _load_down_cols(shared_down, None, h0, h_cols)
+        aff_psum = _wave_affinities(routes, slot_sb, ones_sb, wave, n_tokens)
         hT_sb = _alloc_hT(down, n_buf, n_tokens)
         for b in range(len(wave)):
             aff_b = aff_psum[:, b * n_tokens:(b + 1) * n_tokens]
@@ -136,10 +147,18 @@ def moe_decode_kernel(hidden, top_k_index, top_k_weights, gate_up, down, slot_ex
             _down_T(hT_sb, b, ring[b][1], acc_psum, n_tokens, p_major)
     if has_shared and not shared_early:
         _down_T(s_hT_sb, 0, s_wd_sb, acc_psum, n_tokens, p_major)
-    if not my_slots and not has_shared:
-        nisa.memset(dst=acc_psum, value=0.0)      # this core had no work: its partial is zero
-    _store_out(out, acc_psum, pid, n_prog, p_major)
+    _store_out(out, acc_psum, h0, h_cols, p_major)
     return out
+
+
+def _my_columns(h_total, pid, n_prog):
+    """(h0, Hc): the hidden columns program pid writes, whole 128-column chunks, the first ceil(n / C) chunks
+    on program 0 (Hc = 0 when there are fewer chunks than programs)."""
+    n_chunks = h_total // _H_TILE
+    per = -(-n_chunks // n_prog)
+    c0 = min(n_chunks, pid * per)
+    c1 = min(n_chunks, c0 + per)
+    return c0 * _H_TILE, (c1 - c0) * _H_TILE
 
 
 def _load_xT(hidden, fold):
@@ -173,53 +192,131 @@ def _up_selector(gate_up):
     return sel_sb
 
 
-def _routing_rows(top_k_index, top_k_weights, slot_expert, expert_offset):
-    """The T * TOPK routing choices one per partition, rows r = t * TOPK + j in tiles of 128: a list of
-    (e_sb [rows, S] slot ids, idx_sb [rows, 1] local expert id idx[t, j] - expert_offset, w_sb [rows, 1] fp32,
-    wt_sb [rows, T] fp32 = w[t, j] in column t, 0 elsewhere)."""
+def _local_key(idx_sb, n_local, expert_offset):
+    """(key, valid) fp32 tiles shaped like idx_sb (int32 global ids): key = id - expert_offset when that is a
+    local expert (0 <= key < E), else -2; valid = 1.0 / 0.0. Any int32 id gives a defined key."""
+    shape = idx_sb.shape
+    loc_sb = nl.ndarray(shape, dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=loc_sb, data=idx_sb, op0=nl.subtract, operand0=int(expert_offset))
+    valid_sb = nl.ndarray(shape, dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=valid_sb, data=loc_sb, op0=nl.greater_equal, operand0=0.0)
+    nisa.scalar_tensor_tensor(dst=valid_sb, data=loc_sb, op0=nl.less, operand0=float(n_local), op1=nl.multiply,
+                              operand1=valid_sb)
+    key_sb = nl.ndarray(shape, dtype=nl.float32, buffer=nl.sbuf)
+    nisa.scalar_tensor_tensor(dst=key_sb, data=loc_sb, op0=nl.add, operand0=2.0, op1=nl.multiply, operand1=valid_sb)
+    nisa.tensor_scalar(dst=key_sb, data=key_sb, op0=nl.subtract, operand0=2.0)
+    return key_sb, valid_sb
+
+
+def _routing_rows(top_k_index, top_k_weights, n_local, expert_offset):
+    """The T * TOPK routing choices: key_all [128, R] fp32, every row's local key on every partition, and per
+    tile of 128 rows r = t * TOPK + j (one per partition) a tuple (r0, key_sb [rows, 1] local key or -2,
+    valid_sb [rows, 1], w_sb [rows, 1] fp32 weight (0 where the id is not local), wt_sb [rows, T] fp32 = w in
+    column t of its token, exactly 0 elsewhere (selects, not products, so a NaN weight stays in its column))."""
     n_tokens, top_k = top_k_index.shape
-    n_slots = slot_expert.shape[0]
     n_rows = n_tokens * top_k
+    idx_all = nl.ndarray((P_MAX, n_rows), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=idx_all, src=top_k_index.ap(pattern=[[0, P_MAX], [1, n_rows]], offset=0))
+    key_all, _ = _local_key(idx_all, n_local, expert_offset)
     tiles = []
     for r0 in range(0, n_rows, P_MAX):
         rows = min(P_MAX, n_rows - r0)
-        e_sb = nl.ndarray((rows, n_slots), dtype=nl.int32, buffer=nl.sbuf)
-        nisa.dma_copy(dst=e_sb, src=slot_expert.ap(pattern=[[0, rows], [1, n_slots]], offset=0))
         idx_sb = nl.ndarray((rows, 1), dtype=nl.int32, buffer=nl.sbuf)
         nisa.dma_copy(dst=idx_sb, src=top_k_index.ap(pattern=[[1, rows], [1, 1]], offset=r0))
-        nisa.tensor_scalar(dst=idx_sb, data=idx_sb, op0=nl.subtract, operand0=expert_offset)
-        w_sb = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.dma_copy(dst=w_sb, src=top_k_weights.ap(pattern=[[1, rows], [1, 1]], offset=r0))
+        key_sb, valid_sb = _local_key(idx_sb, n_local, expert_offset)
+        w_in = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=w_in, src=top_k_weights.ap(pattern=[[1, rows], [1, 1]], offset=r0))
+        w_sb = nl.where(valid_sb, w_in, 0.0)         # another rank's expert: its weight (even NaN) plays no part
         wt_sb = w_sb
         if n_tokens > 1:
-            # v[r, t] = r - TOPK * t; row r belongs to token t iff 0 <= v < TOPK
-            v_sb = nl.ndarray((rows, n_tokens), dtype=nl.int32, buffer=nl.sbuf)
-            nisa.iota(dst=v_sb, pattern=[[-top_k, n_tokens]], offset=r0, channel_multiplier=1)
-            lt_sb = nl.ndarray((rows, n_tokens), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.tensor_scalar(dst=lt_sb, data=v_sb, op0=nl.less, operand0=top_k, op1=nl.multiply, operand1=w_sb)
+            wb_sb = nl.ndarray((rows, n_tokens), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.memset(dst=wb_sb, value=1.0)
+            nisa.tensor_scalar(dst=wb_sb, data=wb_sb, op0=nl.multiply, operand0=w_sb)
+            # row r (partition p, r = r0 + p) belongs to token t iff 0 <= r - TOPK * t <= TOPK - 1
+            lo_sb = nl.ndarray((rows, n_tokens), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.affine_select(dst=lo_sb, pattern=[[-top_k, n_tokens]], channel_multiplier=1, on_true_tile=wb_sb,
+                               on_false_value=0.0, cmp_op=nl.greater_equal, offset=r0)
             wt_sb = nl.ndarray((rows, n_tokens), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.scalar_tensor_tensor(dst=wt_sb, data=v_sb, op0=nl.greater_equal, operand0=0, op1=nl.multiply,
-                                      operand1=lt_sb)
-        tiles.append((e_sb, idx_sb, w_sb, wt_sb))
-    return tiles
+            nisa.affine_select(dst=wt_sb, pattern=[[top_k, n_tokens]], channel_multiplier=-1, on_true_tile=lo_sb,
+                               on_false_value=0.0, cmp_op=nl.greater_equal, offset=top_k - 1 - r0)
+        tiles.append((r0, key_sb, valid_sb, w_sb, wt_sb))
+    return key_all, tiles
 
 
-def _wave_affinities(routes, ones_sb, wave, n_prog, n_tokens):
-    """PSUM [128, R * T] fp32, the same on every partition: a[b * T + t] = sum_j w[t, j] * (idx[t, j] == e_b)
-    for the slots b of one wave. Rows (t, j) on the partitions: m[(t, j), b, t'] = (idx == e_b) * wt[(t, j), t']
-    (VectorE), then a ones-stationary matmul sums the rows onto all 128 partitions."""
+def _slot_table(key_all, routes, ones_sb, n_slots, n_local):
+    """The distinct local experts of the batch in order of first appearance, computed on device:
+    slot_sb [128, S] fp32 (every partition; -1 for the slots past the last distinct expert) and e_sb [1, S]
+    int32 = slot clamped to [0, E - 1] (the DMA offsets: every weight DMA stays inside its tensor; a padding slot
+    loads expert 0 and gets affinity 0).
+
+    first[r] = valid[r] and no earlier row has the same key (VectorE compare against key_all, max-reduce);
+    pos[r] = sum_{r' < r} first[r'] (strict-triangle stationary); slot[s] = sum_r (key[r] + 1) * first[r] *
+    (pos[r] == s) - 1 (one-hot moving, the key column replicated over 128 stationary columns so the table lands
+    on every partition). All values are small integers, exact in fp32."""
+    n_rows = key_all.shape[1]
+    firsts = []
+    for r0, key_sb, valid_sb, _, _ in routes:
+        rows = key_sb.shape[0]
+        eq_sb = nl.ndarray((rows, n_rows), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_scalar(dst=eq_sb, data=key_all[0:rows, :], op0=nl.equal, operand0=key_sb)
+        v_sb = nl.ndarray((rows, n_rows), dtype=nl.int32, buffer=nl.sbuf)   # r' - r
+        nisa.iota(dst=v_sb, pattern=[[1, n_rows]], offset=-r0, channel_multiplier=-1)
+        nisa.scalar_tensor_tensor(dst=eq_sb, data=v_sb, op0=nl.less, operand0=0, op1=nl.multiply, operand1=eq_sb)
+        dup_sb = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_reduce(dst=dup_sb, op=nl.maximum, data=eq_sb, axis=1)
+        first_sb = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.scalar_tensor_tensor(dst=first_sb, data=dup_sb, op0=nl.equal, operand0=0.0, op1=nl.multiply,
+                                  operand1=valid_sb)
+        firsts.append(first_sb)
+    slot_psum = nl.ndarray((P_MAX, n_slots), dtype=nl.float32, buffer=nl.psum)
+    for i, (r0, key_sb, _, _, _) in enumerate(routes):
+        rows = key_sb.shape[0]
+        pos_psum = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.psum)
+        for i2 in range(i + 1):
+            r2, rows2 = routes[i2][0], routes[i2][1].shape[0]
+            d_sb = nl.ndarray((rows2, rows), dtype=nl.int32, buffer=nl.sbuf)    # r' - r
+            nisa.iota(dst=d_sb, pattern=[[-1, rows]], offset=r2 - r0, channel_multiplier=1)
+            tri_sb = nl.ndarray((rows2, rows), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.tensor_scalar(dst=tri_sb, data=d_sb, op0=nl.less, operand0=0)
+            nisa.nc_matmul(pos_psum[0:rows, :], tri_sb, firsts[i2], accumulate=(i2 > 0))
+        pos_sb = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=pos_sb, src=pos_psum[0:rows, :])
+        kf_sb = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.scalar_tensor_tensor(dst=kf_sb, data=key_sb, op0=nl.add, operand0=1.0, op1=nl.multiply,
+                                  operand1=firsts[i])
+        stat_sb = nl.ndarray((rows, P_MAX), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_scalar(dst=stat_sb, data=ones_sb[0:rows, :], op0=nl.multiply, operand0=kf_sb)
+        s_sb = nl.ndarray((rows, n_slots), dtype=nl.int32, buffer=nl.sbuf)
+        nisa.iota(dst=s_sb, pattern=[[1, n_slots]], offset=0, channel_multiplier=0)
+        hot_sb = nl.ndarray((rows, n_slots), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_scalar(dst=hot_sb, data=s_sb, op0=nl.equal, operand0=pos_sb)
+        for n0 in range(0, n_slots, PSUM_FMAX_FP32):
+            nn = min(PSUM_FMAX_FP32, n_slots - n0)
+            nisa.nc_matmul(slot_psum[:, n0:n0 + nn], stat_sb, hot_sb[:, n0:n0 + nn], accumulate=(i > 0))
+    slot_sb = nl.ndarray((P_MAX, n_slots), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=slot_sb, data=slot_psum, op0=nl.subtract, operand0=1.0)
+    e_sb = nl.ndarray((1, n_slots), dtype=nl.int32, buffer=nl.sbuf)       # DMA offsets: one partition
+    nisa.tensor_scalar(dst=e_sb, data=slot_sb[0:1, :], op0=nl.maximum, operand0=0.0, op1=nl.minimum,
+                       operand1=float(n_local - 1))
+    return slot_sb, e_sb
+
+
+def _wave_affinities(routes, slot_sb, ones_sb, wave, n_tokens):
+    """PSUM [128, W * T] fp32, the same on every partition: a[b * T + t] = sum_j w[t, j] * (key[t, j] ==
+    slot[s_b]) for the slots s_b of one wave. Rows (t, j) on the partitions: m[(t, j), b, t'] = (key ==
+    slot[s_b]) * wt[(t, j), t'] (VectorE), then a ones-stationary matmul sums the rows onto all 128 partitions."""
     n_w = len(wave)
-    cols = slice(wave[0], wave[-1] + 1, n_prog)
+    cols = slice(wave[0], wave[-1] + 1)
     aff_psum = nl.ndarray((P_MAX, n_w * n_tokens), dtype=nl.float32, buffer=nl.psum)
-    for i_t, (e_sb, idx_sb, w_sb, wt_sb) in enumerate(routes):
-        rows = idx_sb.shape[0]
+    for i_t, (_, key_sb, _, w_sb, wt_sb) in enumerate(routes):
+        rows = key_sb.shape[0]
         m_sb = nl.ndarray((P_MAX, n_w * n_tokens), dtype=nl.float32, buffer=nl.sbuf)
         if n_tokens == 1:
-            nisa.tensor_scalar(dst=m_sb[0:rows, :], data=e_sb[:, cols], op0=nl.equal, operand0=idx_sb,
+            nisa.tensor_scalar(dst=m_sb[0:rows, :], data=slot_sb[0:rows, cols], op0=nl.equal, operand0=key_sb,
                                op1=nl.multiply, operand1=w_sb)
         else:
             eq_sb = nl.ndarray((P_MAX, n_w), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.tensor_scalar(dst=eq_sb[0:rows, :], data=e_sb[:, cols], op0=nl.equal, operand0=idx_sb)
+            nisa.tensor_scalar(dst=eq_sb[0:rows, :], data=slot_sb[0:rows, cols], op0=nl.equal, operand0=key_sb)
             for b in range(n_w):
                 nisa.tensor_scalar(dst=m_sb[0:rows, b * n_tokens:(b + 1) * n_tokens], data=wt_sb, op0=nl.multiply,
                                    operand0=eq_sb[0:rows, b:b + 1])
@@ -227,21 +324,20 @@ def _wave_affinities(routes, ones_sb, wave, n_prog, n_tokens):
     return aff_psum
 
 
-def _store_out(out, acc_psum, pid, n_prog, p_major):
-    """accT [128, n_hc, T] (PSUM) -> out[:, pid] rows [T, H]: cast; p-major (few tokens): one DMA,
-    out[t, p * n_hc + hc] = accT[p, hc, t]; else TensorE transposes of the 128-column chunks (out[t, hc * 128 + p])
-    for row-contiguous writes."""
-    n_tokens, _, h_total = out.shape
-    n_hc = h_total // _H_TILE
+def _store_out(out, acc_psum, h0, h_cols, p_major):
+    """accT [128, n_hc, T] (PSUM) -> out[:, h0:h0 + Hc]: cast; p-major (few tokens): one DMA,
+    out[t, h0 + p * n_hc + hc] = accT[p, hc, t]; else TensorE transposes of the 128-column chunks
+    (out[t, h0 + hc * 128 + p]) for row-contiguous writes."""
+    n_tokens, h_total = out.shape
+    n_hc = h_cols // _H_TILE
     accT_sb = nl.ndarray(acc_psum.shape, dtype=out.dtype, buffer=nl.sbuf)
     if p_major:
         nisa.activation(dst=accT_sb[:, :, 0:n_tokens], op=nl.copy, data=acc_psum[:, :, 0:n_tokens])
-        nisa.dma_copy(dst=out.ap(pattern=[[n_hc, P_MAX], [1, n_hc], [n_prog * h_total, n_tokens]],
-                                 offset=pid * h_total),
+        nisa.dma_copy(dst=out.ap(pattern=[[n_hc, P_MAX], [1, n_hc], [h_total, n_tokens]], offset=h0),
                       src=accT_sb[:, :, 0:n_tokens])
         return
     nisa.tensor_copy(dst=accT_sb[:, :, 0:n_tokens], src=acc_psum[:, :, 0:n_tokens])
-    y_sb = nl.ndarray((_MAX_TOKENS, h_total), dtype=out.dtype, buffer=nl.sbuf)
+    y_sb = nl.ndarray((_MAX_TOKENS, h_cols), dtype=out.dtype, buffer=nl.sbuf)
     group = PSUM_BANK_BYTES // (_H_TILE * itemsize(out.dtype))
     for g0 in range(0, n_hc, group):
         g_sz = min(group, n_hc - g0)
@@ -251,30 +347,50 @@ def _store_out(out, acc_psum, pid, n_prog, p_major):
                               data=accT_sb[:, g0 + gg, 0:n_tokens])
         nisa.tensor_copy(dst=y_sb[0:n_tokens, g0 * _H_TILE:(g0 + g_sz) * _H_TILE],
                          src=o_psum[0:n_tokens, 0:g_sz * _H_TILE])
-    nisa.dma_copy(dst=out[:, pid, :], src=y_sb[0:n_tokens, :])
+    nisa.dma_copy(dst=out[:, h0:h0 + h_cols], src=y_sb[0:n_tokens, :])
 
 
-def _expert_bytes_pp(down, fold):
+def _expert_bytes_pp(down, fold, h_cols):
     """SBUF bytes per partition of one expert's weights (down [.., I, H]): gate_up [128 / fold, fold n_h, 2I]
-    plus down [ic, n_i, H]."""
+    plus this program's down columns [ic, n_i, Hc]."""
     n_inter, h_total = down.shape[-2], down.shape[-1]
     n_i = intermediate_split(n_inter)[1]
-    return (fold * (h_total // P_MAX) * 2 * n_inter + n_i * h_total) * itemsize(down.dtype)
+    return (fold * (h_total // P_MAX) * 2 * n_inter + n_i * h_cols) * itemsize(down.dtype)
 
 
-def _weight_ring(gate_up, down, n_slots, n_tokens, fold, budget_pp):
-    """R = min(S, budget_pp // one expert's bytes per partition, PSUM_FMAX_FP32 // T), at least 1 (gate_up
-    [128, n_h, 2, I], or [64, 2 n_h, 2I] when fold == 2; down [ic, n_i, H]) SBUF tile pairs, each its own
+def _weight_ring(gate_up, down, n_slots, n_tokens, fold, h_cols, budget_pp):
+    """W = min(S, budget_pp // one expert's bytes per partition, PSUM_FMAX_FP32 // T), at least 1 (gate_up
+    [128, n_h, 2, I], or [64, 2 n_h, 2I] when fold == 2; down [ic, n_i, Hc]) SBUF tile pairs, each its own
     allocation, live for the whole kernel:
-    the R experts of a wave stream in at once, and the next wave's DMA into a buffer waits only for that
-    buffer's last reader. (R * T affinities fill at most one PSUM bank.)"""
+    the W experts of a wave stream in at once, and the next wave's DMA into a buffer waits only for that
+    buffer's last reader. (W * T affinities fill at most one PSUM bank.)"""
     _, h_total, _, n_inter = gate_up.shape
     n_h = h_total // P_MAX
     ic, n_i = intermediate_split(n_inter)
-    n_buf = min(n_slots, max(1, min(budget_pp // _expert_bytes_pp(down, fold), PSUM_FMAX_FP32 // n_tokens)))
+    n_buf = min(n_slots, max(1, min(budget_pp // _expert_bytes_pp(down, fold, h_cols), PSUM_FMAX_FP32 // n_tokens)))
     gu_shape = (P_MAX, n_h, 2, n_inter) if fold == 1 else (P_MAX // fold, fold * n_h, 2 * n_inter)
     return [(nl.ndarray(gu_shape, dtype=gate_up.dtype, buffer=nl.sbuf),
-             nl.ndarray((ic, n_i, h_total), dtype=down.dtype, buffer=nl.sbuf)) for _ in range(n_buf)]
+             nl.ndarray((ic, n_i, h_cols), dtype=down.dtype, buffer=nl.sbuf)) for _ in range(n_buf)]
+
+
+def _load_down_cols(down, e_sb, h0, h_cols, dst_sb=None):
+    """down[e][:, h0:h0 + Hc] -> SBUF [ic, n_i, Hc] with row i = q * n_i + c (one DMA; down [E, I, H] with the
+    expert picked by the (1, 1) int32 tile e_sb, or one [I, H] matrix when e_sb is None). All columns: one
+    contiguous run of n_i * H elements per partition."""
+    n_inter, h_total = down.shape[-2], down.shape[-1]
+    ic, n_i = intermediate_split(n_inter)
+    if dst_sb is None:
+        dst_sb = nl.ndarray((ic, n_i, h_cols), dtype=down.dtype, buffer=nl.sbuf)
+    if h_cols == h_total:
+        pattern = [[n_i * h_total, ic], [1, n_i * h_total]]
+    else:
+        pattern = [[n_i * h_total, ic], [h_total, n_i], [1, h_cols]]
+    if e_sb is None:
+        src = down.ap(pattern=pattern, offset=h0)
+    else:
+        src = down.ap(pattern=pattern, offset=h0, scalar_offset=e_sb, indirect_dim=0)
+    nisa.dma_copy(dst=dst_sb, src=src)
+    return dst_sb
 
 
 def _load_expert(dst_sb, weights, e_sb):
@@ -364,35 +480,29 @@ def _down_T(hT_sb, b, wd_sb, acc_psum, n_tokens, p_major):
                            hT_sb[0:ic, b, c, :], accumulate=None)
 
 
-def decode_slots(top_k_index, num_experts: int, expert_offset: int = 0) -> np.ndarray:
-    """Slot table: the distinct local expert ids selected by the batch, ascending, int32 (at least one slot;
-    a batch with no local expert gets slot [0], whose per-token weights are all 0)."""
-    idx = _np(top_k_index).astype(np.int64).reshape(-1) - int(expert_offset)
-    ids = np.unique(idx[(idx >= 0) & (idx < num_experts)])
-    return (ids if ids.size else np.zeros(1, dtype=np.int64)).astype(np.int32)
-
-
 def moe_decode(hidden, top_k_index, top_k_weights, gate_up, down, shared=None, expert_offset: int = 0,
-               lnc: int = 1):
-    """MoE for a small batch (decode): streams only the distinct selected experts, each once, plus the shared
-    expert, in one launch.
+               lnc=None):
+    """MoE for a small batch (decode): streams the distinct selected experts, each once, plus the shared
+    expert, in one launch; traced once per shape (the slot table is built on device from top_k_index).
 
     Dimensions:
         T tokens (T * TOPK small, typically 1-32), H hidden, E local experts, I, Is intermediates, TOPK.
     Args:
         hidden: [T, H] @ HBM, bf16/fp16/fp32.
-        top_k_index: [T, TOPK] int global expert ids (ids outside expert_offset .. expert_offset + E - 1 are
-            other ranks' experts and are ignored).
-        top_k_weights: [T, TOPK] routing weights.
-        gate_up: [E, H, 2, I] @ HBM; down: [E, I, H] @ HBM.
+        top_k_index: [T, TOPK] int32 or int64 global expert ids. Ids outside expert_offset .. expert_offset + E - 1
+            (other ranks' experts, negative ids, anything else) are ignored; their weight plays no part. int64 ids
+            beyond the int32 range are refused (checked on the host for NumPy / CPU tensors).
+        top_k_weights: [T, TOPK] routing weights (a NaN weight of a local expert makes only its token NaN).
+        gate_up: [E, H, 2, I] @ HBM; down: [E, I, H] @ HBM (`moe_weights_from_transformers` converts
+            transformers' layout).
         shared: optional (gate_up [H, 2, Is], down [Is, H], gate vector [H]).
-        expert_offset: global id of local expert 0 (expert parallelism).
-        lnc: 1, or 2 (slots alternate between the two cores; partial outputs added by a second launch).
+        expert_offset: global id of local expert 0 (expert parallelism), 0 <= expert_offset < 2^24 - E.
+        lnc: None (NEURON_LOGICAL_NC_CONFIG, else the target's default: 2 on trn2), 1 or 2. At LNC=2 each core
+            writes half of the hidden columns (both run every slot's gate/up, each its half of down).
     Returns:
         [T, H] in hidden's dtype.
     Constraints:
-        T <= 32; the slot table (distinct selected experts) is computed on the host from top_k_index, so the
-        kernel is traced for that slot count S (S <= min(T * TOPK, E)).
+        T <= 32; T * TOPK <= 1024. The kernel runs min(T * TOPK, E) slots whatever the routing values.
     Pseudocode:
         see moe_decode_kernel.
     """
@@ -401,19 +511,12 @@ def moe_decode(hidden, top_k_index, top_k_weights, gate_up, down, shared=None, e
     n_tokens = _shape(hidden)[0]
     n_local = _shape(gate_up)[0]
     kernel_check(n_tokens <= _MAX_TOKENS, f"{kname}: T must be <= {_MAX_TOKENS} (use moe_blockwise), got T={n_tokens}")
-    kernel_check(getattr(top_k_index, "ndim", 0) == 2 and _shape(top_k_index)[0] == n_tokens,
-                 f"{kname}: top_k_index must be [T={n_tokens}, TOPK], got shape={_shape(top_k_index)}")
-    kernel_check(np.issubdtype(_np(top_k_index).dtype, np.integer),
-                 f"{kname}: top_k_index must be integer, got dtype={top_k_index.dtype}")
-    kernel_check(_shape(top_k_weights) == _shape(top_k_index),
-                 f"{kname}: top_k_weights must be [T, TOPK]={_shape(top_k_index)}, got shape={_shape(top_k_weights)}")
-    kernel_check(lnc in (1, 2), f"{kname}: lnc must be 1 or 2, got lnc={lnc}")
-    kernel_check(isinstance(expert_offset, (int, np.integer)) and expert_offset >= 0,
-                 f"{kname}: expert_offset must be a non-negative int, got expert_offset={expert_offset!r}")
-    slots = decode_slots(top_k_index, n_local, expert_offset)
+    check_top_k(kname, top_k_index, top_k_weights, n_tokens, hidden)
+    top_k = _shape(top_k_index)[1]
+    kernel_check(n_tokens * top_k <= _MAX_ROUTES,
+                 f"{kname}: T * TOPK must be <= {_MAX_ROUTES}, got T * TOPK = {n_tokens} * {top_k}")
+    check_expert_offset(kname, expert_offset, n_local)
+    lnc = resolve_lnc(lnc, kname)
     s_gu, s_dn, s_g = shared if shared is not None else (None, None, None)
-    partials = call(moe_decode_kernel, hidden, _as_int32(top_k_index), top_k_weights, gate_up, down, slots,
-                    s_gu, s_dn, s_g, int(expert_offset), lnc=lnc)
-    if lnc == 1:
-        return partials[:, 0]
-    return call(moe_combine_kernel, partials, lnc=lnc)
+    return call(moe_decode_kernel, hidden, _as_int32(top_k_index), top_k_weights, gate_up, down, s_gu, s_dn, s_g,
+                int(expert_offset), lnc=lnc)

@@ -2,6 +2,7 @@
 validation."""
 import numpy as np
 import pytest
+import torch
 from _moe_inputs import moe_problem
 from hypothesis import given
 from hypothesis import strategies as st
@@ -25,25 +26,104 @@ def test_matches_reference(t, h, e, inter, data, shared_inter, normalize, seed):
     assert_close("out", moe_decode_reference(x, idx, w, gu, dn, sh), out)
 
 
-def _weight_dma_bytes(runs, gate_up):
-    """Bytes the kernel DMAed out of expert weight storage (gate_up) in the recorded launches."""
-    n = 0
+def _weight_dmas(runs, gate_up):
+    """(gate_up-sized dynamic weight DMAs per program, instruction names per program) of the recorded launches."""
+    n, names = [], []
     for r in runs:
         for tr in r.traces:
-            for ins in tr:
-                if ins.engine == "dma" and any(a.buffer == "hbm" and a.nbytes == gate_up[0].nbytes and a.dynamic
-                                               for a in ins.reads):
-                    n += 1
-    return n
+            n.append(sum(1 for ins in tr if ins.engine == "dma" and any(
+                a.buffer == "hbm" and a.nbytes == gate_up[0].nbytes and a.dynamic for a in ins.reads)))
+            names.append([ins.name for ins in tr])
+    return n, names
 
 
-def test_each_selected_expert_is_streamed_once(rng):
+def test_slot_count_is_static_and_duplicates_load_once(rng):
+    """min(T * TOPK, E) weight slots whatever the routing values (traced once); a batch of 4 distinct experts among
+    12 routing rows gives the same instruction sequence as one with 10 distinct experts, and the same result as the
+    reference (duplicates counted once per routing row, not per slot)."""
     x, gu, dn, sh, w, _ = moe_problem(rng, 4, 128, 10, 64, 3, 0, True)
-    idx = np.array([[1, 4, 7], [4, 1, 2], [7, 4, 1], [2, 1, 4]], dtype=np.int32)   # 4 distinct experts
-    with record_launches() as runs:
-        out = moe_decode(x, idx, w, gu, dn)
-    assert _weight_dma_bytes(runs, gu) == 4
-    assert_close("out", moe_decode_reference(x, idx, w, gu, dn), out)
+    few = np.array([[1, 4, 7], [4, 1, 2], [7, 4, 1], [2, 1, 4]], dtype=np.int32)   # 4 distinct experts
+    many = np.array([[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 0, 1]], dtype=np.int32)   # all 10
+    seqs = []
+    for idx in (few, many):
+        with record_launches() as runs:
+            out = moe_decode(x, idx, w, gu, dn, lnc=1)
+        n, names = _weight_dmas(runs, gu)
+        assert len(runs) == 1 and n == [10]
+        seqs.append(names)
+        assert_close("out", moe_decode_reference(x, idx, w, gu, dn), out)
+    assert seqs[0] == seqs[1]
+
+
+def test_lnc2_is_one_launch_each_core_writes_its_columns(rng, monkeypatch):
+    """LNC=2 (explicit, or from NEURON_LOGICAL_NC_CONFIG with lnc=None): one launch of two programs, each writing
+    its half of the hidden columns; H = 128 (one column chunk) runs on core 0 alone."""
+    for h in (384, 128):
+        x, gu, dn, sh, w, idx = moe_problem(rng, 5, h, 7, 48, 3, 32, True)
+        ref = moe_decode_reference(x, idx, w, gu, dn, sh)
+        monkeypatch.setenv("NEURON_LOGICAL_NC_CONFIG", "2")
+        with record_launches() as runs:
+            out = moe_decode(x, idx, w, gu, dn, shared=sh)
+        assert len(runs) == 1 and len(runs[0].traces) == 2
+        assert_close(f"lnc2 H={h}", ref, out)
+        monkeypatch.setenv("NEURON_LOGICAL_NC_CONFIG", "1")
+        with record_launches() as runs:
+            out1 = moe_decode(x, idx, w, gu, dn, shared=sh)
+        assert len(runs) == 1 and len(runs[0].traces) == 1
+        assert_close(f"lnc1 H={h}", ref, out1)
+
+
+def test_out_of_range_ids_are_ignored_and_contained(rng):
+    """Ids that are not local experts (negative, >= E, near the int32 limits, other ranks') contribute nothing and
+    read nothing outside the weights; the other choices of the same token still count."""
+    x, gu, dn, sh, w, idx = moe_problem(rng, 6, 128, 5, 32, 3, 32, True)
+    bad = idx.astype(np.int64).copy()
+    bad[0, 0] = -1
+    bad[1, :] = [2 ** 31 - 1, -2 ** 31, 5]
+    bad[2, 1] = 1000
+    bad[3, 2] = bad[3, 0]            # duplicate id within one token: both weights count
+    for lnc in (1, 2):
+        out = moe_decode(x, bad, w, gu, dn, shared=sh, lnc=lnc)
+        assert np.all(np.isfinite(out))
+        assert_close(f"lnc{lnc}", moe_decode_reference(x, bad, w, gu, dn, sh), out)
+    out = moe_decode(x, bad.astype(np.int32), w, gu, dn, shared=sh, expert_offset=3)
+    assert_close("offset", moe_decode_reference(x, bad, w, gu, dn, sh, expert_offset=3), out)
+
+
+def test_int64_ids_beyond_int32_are_refused(rng):
+    x, gu, dn, sh, w, idx = moe_problem(rng, 2, 128, 4, 32, 2, 0, True)
+    big = idx.astype(np.int64)
+    big[1, 1] = 2 ** 31 + 1              # would wrap to a negative int32 id
+    with pytest.raises(KernelInputError, match="top_k_index ids must fit int32.*max=2147483649"):
+        moe_decode(x, big, w, gu, dn)
+    big[1, 1] = -2 ** 31 - 5
+    with pytest.raises(KernelInputError, match="fit int32"):
+        moe_decode(torch.from_numpy(x), torch.from_numpy(big), torch.from_numpy(w), torch.from_numpy(gu),
+                   torch.from_numpy(dn))
+
+
+def test_nan_in_one_token_stays_in_that_token(rng):
+    """NaN in one token's hidden state or in one of its local routing weights: only that token's row is
+    non-finite; a NaN weight of another rank's expert changes nothing."""
+    x, gu, dn, sh, w, idx = moe_problem(rng, 8, 128, 4, 64, 2, 32, True)
+    ref = moe_decode_reference(x, idx, w, gu, dn, sh)
+    for lnc in (1, 2):
+        xn = x.copy()
+        xn[3, 0] = np.nan
+        out = moe_decode(xn, idx, w, gu, dn, shared=sh, lnc=lnc)
+        others = np.arange(8) != 3
+        assert np.all(np.isnan(out[3]))
+        assert_close("others", ref[others], out[others])
+        wn = w.copy()
+        wn[5, 1] = np.nan
+        out = moe_decode(x, idx, wn, gu, dn, shared=sh, lnc=lnc)
+        others = np.arange(8) != 5
+        assert np.all(np.isnan(out[5]))
+        assert_close("others w", ref[others], out[others])
+        remote = idx.copy()
+        remote[5, 1] = 99
+        out = moe_decode(x, remote, wn, gu, dn, shared=sh, lnc=lnc)
+        assert_close("remote nan weight", moe_decode_reference(x, remote, w, gu, dn, sh), out)
 
 
 def test_expert_parallel_and_shared_only(rng):
@@ -105,9 +185,15 @@ def test_bf16_large_values(rng):
     (lambda a: a.update(hidden=np.zeros((33, 128), np.float32), top_k_index=np.zeros((33, 2), np.int32),
                         top_k_weights=np.zeros((33, 2), np.float32)), "T must be <= 32"),
     (lambda a: a.update(top_k_index=a["top_k_index"][:, :1]), "top_k_weights must be"),
-    (lambda a: a.update(top_k_index=a["top_k_index"].astype(np.float32)), "must be integer"),
+    (lambda a: a.update(top_k_index=a["top_k_index"].astype(np.float32)), "must be an integer array"),
     (lambda a: a.update(down=a["down"][:2]), "down must be"),
     (lambda a: a.update(lnc=3), "lnc"),
+    (lambda a: a.update(top_k_weights=a["top_k_weights"].astype(np.float64)), "top_k_weights dtype"),
+    (lambda a: a.update(top_k_index=a["top_k_index"].tolist()), "top_k_index must be"),
+    (lambda a: a.update(expert_offset=-1), "expert_offset"),
+    (lambda a: a.update(expert_offset=2 ** 24), "expert_offset"),
+    (lambda a: a.update(hidden=np.zeros((32, 128), np.float32), top_k_index=np.zeros((32, 33), np.int32),
+                        top_k_weights=np.zeros((32, 33), np.float32)), "T \\* TOPK must be <= 1024"),
 ])
 def test_bad_inputs_raise(rng, mutate, match):
     x, gu, dn, sh, w, idx = moe_problem(rng, 4, 128, 3, 32, 2, 32, True)
