@@ -154,7 +154,7 @@ def code_predictor_reprefill(past_hidden, code0_embed, weights: CodePredictorWei
                  "code_predictor_reprefill")
     w = weights
     B = past_hidden.shape[0]
-    out = call(code_predictor_reprefill_kernel, past_hidden, code0_embed, _uniforms(uniforms, B, w.n_groups),
+    out = call(code_predictor_reprefill_kernel, past_hidden, code0_embed, _uniforms(uniforms, B, w.n_groups), lnc=1,
                *_weights_args(w), **_consts(w, min(B, P_MAX // (w.n_groups + 1)) * (w.n_groups + 1), do_sample,
                                             temperature, top_k, top_p, resident))
     return out if return_sum else out[:2]
@@ -177,7 +177,7 @@ def code_predictor_per_step(past_hidden, code0_embed, weights: CodePredictorWeig
     embeds = np.zeros((B, G1, H), dtype=w.codec_embed.dtype)
     x = past_hidden
     for j in range(G1):
-        code, emb = call(code_predictor_step_kernel, x, code0_embed, kv_k, kv_v, u, *_weights_args(w),
+        code, emb = call(code_predictor_step_kernel, x, code0_embed, kv_k, kv_v, u, *_weights_args(w), lnc=1,
                          step=j, **consts)
         codes[:, j] = np.asarray(code).reshape(-1)
         embeds[:, j] = np.asarray(emb)

@@ -29,6 +29,7 @@ import math
 import numpy as np
 
 from ..backend import call, nisa, nki, nl
+from ..lnc import resolve_lnc
 from ..hw import (GEMM_MOVING_FMAX, NEG_INF, P_MAX, PSUM_BANK_BYTES, SBUF_BYTES_PER_PARTITION)
 from ..validation import kernel_check
 from .weights import CodePredictorWeights, weights_from_state_dict, weights_from_transformers  # noqa: F401
@@ -1017,14 +1018,44 @@ def code_predictor_kernel(past_hidden, code0_embed, uniforms, input_norm, post_n
             for l: h += attn_l(rms(h)) with k, v of pos appended to the SBUF cache; h += mlp_l(rms(h))
             if pos >= 1: j = pos - 1; code_j = select(rms(h) @ lm_head[j]); codec_embeds[:, j] = embed[j][code_j]
     """
-    B, H = past_hidden.shape
+    B_all, H = past_hidden.shape
     W, L, D, I, G1, V, vh = _weights_and_sizes(input_norm, post_norm, q_norm, k_norm, final_norm, wqkv_t, wo_t,
                                                wgu_t, wd_t, lm_head_t, codec_embed, rope_cos, rope_sin)
+    codes_all = nl.ndarray((B_all, G1), dtype=nl.int32, buffer=nl.shared_hbm)
+    embeds_all = nl.ndarray((B_all, G1, H), dtype=codec_embed.dtype, buffer=nl.shared_hbm)
+    sum_all = nl.ndarray((B_all, H), dtype=codec_embed.dtype, buffer=nl.shared_hbm)
+    bad_all = nl.ndarray((B_all, 1), dtype=nl.int32, buffer=nl.shared_hbm)
+    # LNC: the batch rows are split between the cores (rows are independent: no exchange), each core writing
+    # only its rows. A core without rows (B = 1 under LNC=2) has nothing to do.
+    r0, r1 = _core_rows(B_all)
+    if r1 > r0:
+        rows = slice(r0, r1)
+        _frame(past_hidden[rows, :], code0_embed[rows, :], uniforms[rows, :], W, codes_all[rows, :],
+               embeds_all[rows, :, :], sum_all[rows, :], bad_all[rows, :], n_q_heads, n_kv_heads, eps, resident,
+               do_sample, inv_temperature, top_k, top_p, lm_ring, exp_safe)
+    return codes_all, embeds_all, sum_all, bad_all
+
+
+def _core_rows(B):
+    """This core's batch rows [r0, r1): ceil(B / n) per core, the last core the rest."""
+    n = nl.num_programs(0)
+    pid = nl.program_id(0)
+    per = -(-B // n)
+    return min(B, pid * per), min(B, (pid + 1) * per)
+
+
+def _frame(past_hidden, code0_embed, uniforms, W, codes, codec_embeds, codec_sum, bad_rows, n_q_heads, n_kv_heads,
+           eps, resident, do_sample, inv_temperature, top_k, top_p, lm_ring, exp_safe):
+    """The whole frame for B rows (one core's share): prompt pass, then G1 steps. Inputs and outputs are HBM
+    views of those rows: past_hidden, code0_embed [B, H]; uniforms [B, G1]; codes [B, G1]; codec_embeds
+    [B, G1, H]; codec_sum [B, H]; bad_rows [B, 1]."""
+    B, H = past_hidden.shape
+    L, D, I = W["wqkv_t"].shape[0], W["q_norm"].shape[1], W["wd_t"].shape[1]
+    codec_embed = W["codec_embed"]
+    G1, V, _ = codec_embed.shape
+    vh = W["lm_head_t"].shape[2]
+    rope_cos, rope_sin = W["rope_cos"], W["rope_sin"]
     c = _Cfg(B, H, L, n_q_heads, n_kv_heads, D, I, G1 + 1, eps)
-    codes = nl.ndarray((B, G1), dtype=nl.int32, buffer=nl.shared_hbm)
-    codec_embeds = nl.ndarray((B, G1, H), dtype=codec_embed.dtype, buffer=nl.shared_hbm)
-    codec_sum = nl.ndarray((B, H), dtype=codec_embed.dtype, buffer=nl.shared_hbm)
-    bad_rows = nl.ndarray((B, 1), dtype=nl.int32, buffer=nl.shared_hbm)
 
     # inputs first: the DMA queues serve them before the ~20 MB of resident weights
     u_sb = nl.ndarray((B, G1), dtype=nl.float32, buffer=nl.sbuf)
@@ -1109,7 +1140,6 @@ def code_predictor_kernel(past_hidden, code0_embed, uniforms, input_norm, post_n
     sum_out = nl.ndarray((B, H), dtype=codec_embed.dtype, buffer=nl.sbuf)
     nisa.tensor_copy(dst=sum_out, src=acc)
     nisa.dma_copy(dst=codec_sum, src=sum_out)
-    return codes, codec_embeds, codec_sum, bad_rows
 
 
 # ================================================================ host wrapper
@@ -1266,7 +1296,8 @@ def _weights_args(w: CodePredictorWeights):
 
 
 def code_predictor(past_hidden, code0_embed, weights: CodePredictorWeights, *, uniforms=None, do_sample=False,
-                   temperature=1.0, top_k=50, top_p=1.0, return_sum=False, return_bad_rows=False, resident=None):
+                   temperature=1.0, top_k=50, top_p=1.0, return_sum=False, return_bad_rows=False, resident=None,
+                   lnc=None):
     """Qwen3-Omni code predictor for one talker frame: the G1 residual codes and their embeddings.
 
     Args:
@@ -1281,6 +1312,9 @@ def code_predictor(past_hidden, code0_embed, weights: CodePredictorWeights, *, u
             to its next input embedding, before the trailing text hidden).
         return_bad_rows: also return bad_rows [B] int32 (see "Bad rows").
         resident: keep every layer's weights in SBUF for the whole frame (default: when they fit).
+        lnc: logical NeuronCore degree, 1 or 2 (default: `nki_kernels.lnc.resolve_lnc`: NEURON_LOGICAL_NC_CONFIG,
+            else the target's default, 2 on trn2). Under LNC=2 the batch rows are split between the two cores
+            (ceil(B / 2) on core 0, the rest on core 1), each writing only its rows; B = 1 runs on core 0.
     Returns:
         (codes [B, G1] int32, codec_embeds [B, G1, H]) then codec_sum if return_sum, then bad_rows if
         return_bad_rows. codes[:, j] is residual code j + 1; codec_embeds[:, j] = codec_embedding[j](codes[:, j]),
@@ -1313,14 +1347,16 @@ def code_predictor(past_hidden, code0_embed, weights: CodePredictorWeights, *, u
         kernel_check(isinstance(v, (bool, np.bool_)), f"{name}: {arg} must be a bool, got {arg}={v!r}")
     kernel_check(resident is None or isinstance(resident, (bool, np.bool_)),
                  f"{name}: resident must be None or a bool, got resident={resident!r}")
+    lnc = resolve_lnc(lnc, name)
     w = weights
     B = past_hidden.shape[0]
-    resident, lm_ring = _sbuf_plan(w, B, bool(do_sample), resident)
+    resident, lm_ring = _sbuf_plan(w, -(-B // lnc), bool(do_sample), resident)
     exp_safe = _exp_is_safe(w)
     out = call(code_predictor_kernel, past_hidden, code0_embed, uniforms, *_weights_args(w),
                n_q_heads=w.n_q_heads, n_kv_heads=w.n_kv_heads, eps=float(w.eps), resident=bool(resident),
                do_sample=bool(do_sample), inv_temperature=float(1.0 / temperature) if do_sample else 1.0,
-               top_k=int(top_k) if do_sample else 1, top_p=float(top_p), lm_ring=lm_ring, exp_safe=exp_safe)
+               top_k=int(top_k) if do_sample else 1, top_p=float(top_p), lm_ring=lm_ring, exp_safe=exp_safe,
+               lnc=lnc)
     codes, embeds, csum, bad = out
     res = [codes, embeds] + ([csum] if return_sum else []) + ([bad.reshape(-1)] if return_bad_rows else [])
     return tuple(res)
