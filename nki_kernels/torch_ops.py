@@ -245,21 +245,22 @@ _CP_FIELDS = ("input_norm", "post_norm", "q_norm", "k_norm", "final_norm", "wqkv
 
 def _code_predictor(past_hidden, code0_embed, input_norm, post_norm, q_norm, k_norm, final_norm, wqkv_t, wo_t, wgu_t,
                     wd_t, lm_head_t, codec_embed, rope_cos, rope_sin, n_q_heads, n_kv_heads, eps, uniforms=None,
-                    do_sample=False, temperature=1.0, top_k=50, top_p=1.0, resident=None):
+                    do_sample=False, temperature=1.0, top_k=50, top_p=1.0, resident=None, lnc=None):
     from nki_kernels.codepredictor.weights import CodePredictorWeights
 
     arrays = (input_norm, post_norm, q_norm, k_norm, final_norm, wqkv_t, wo_t, wgu_t, wd_t, lm_head_t, codec_embed,
               rope_cos, rope_sin)
     w = CodePredictorWeights(**dict(zip(_CP_FIELDS, arrays)), n_q_heads=n_q_heads, n_kv_heads=n_kv_heads, eps=eps)
-    out = _public("code_predictor")(past_hidden, code0_embed, w, uniforms=uniforms, do_sample=do_sample,
-                                    temperature=temperature, top_k=top_k, top_p=top_p, return_sum=True,
-                                    resident=resident)
-    return _fresh(tuple(out), (past_hidden, code0_embed) + arrays)
+    fn = _public("code_predictor")
+    out = fn(past_hidden, code0_embed, w, uniforms=uniforms, do_sample=do_sample, temperature=temperature,
+             top_k=top_k, top_p=top_p, return_sum=True, resident=resident, **_with_lnc(fn, {}, lnc))
+    return _fresh(tuple(out)[:3], (past_hidden, code0_embed) + arrays)
 
 
 def _code_predictor_fake(past_hidden, code0_embed, input_norm, post_norm, q_norm, k_norm, final_norm, wqkv_t, wo_t,
                          wgu_t, wd_t, lm_head_t, codec_embed, rope_cos, rope_sin, n_q_heads, n_kv_heads, eps,
-                         uniforms=None, do_sample=False, temperature=1.0, top_k=50, top_p=1.0, resident=None):
+                         uniforms=None, do_sample=False, temperature=1.0, top_k=50, top_p=1.0, resident=None,
+                         lnc=None):
     import torch
     b, h = past_hidden.shape
     g1 = codec_embed.shape[0]
@@ -303,8 +304,8 @@ OPS = (
            "int? lnc=None) -> Tensor", _moe_decode, _moe_decode_fake),
     OpSpec("code_predictor", f"(Tensor past_hidden, Tensor code0_embed, {_CP_WEIGHTS_SCHEMA}, int n_q_heads, "
            "int n_kv_heads, float eps, Tensor? uniforms=None, bool do_sample=False, float temperature=1.0, "
-           "int top_k=50, float top_p=1.0, bool? resident=None) -> (Tensor, Tensor, Tensor)", _code_predictor,
-           _code_predictor_fake),
+           "int top_k=50, float top_p=1.0, bool? resident=None, int? lnc=None) -> (Tensor, Tensor, Tensor)",
+           _code_predictor, _code_predictor_fake),
 )
 
 
@@ -424,13 +425,13 @@ def moe_decode(hidden, top_k_index, top_k_weights, gate_up, down, shared=None, e
 
 
 def code_predictor(past_hidden, code0_embed, weights, *, uniforms=None, do_sample=False, temperature=1.0, top_k=50,
-                   top_p=1.0, return_sum=False, resident=None):
+                   top_p=1.0, return_sum=False, resident=None, lnc=None):
     """As `nki_kernels.code_predictor`; ``weights`` is a CodePredictorWeights of torch tensors."""
     arrays = [getattr(weights, f) for f in _CP_FIELDS]
     codes, embeds, csum = _ops().code_predictor(
         past_hidden, code0_embed, *arrays, n_q_heads=int(weights.n_q_heads), n_kv_heads=int(weights.n_kv_heads),
         eps=float(weights.eps), uniforms=uniforms, do_sample=bool(do_sample), temperature=float(temperature),
-        top_k=int(top_k), top_p=float(top_p), resident=resident)
+        top_k=int(top_k), top_p=float(top_p), resident=resident, lnc=lnc)
     return (codes, embeds, csum) if return_sum else (codes, embeds)
 
 

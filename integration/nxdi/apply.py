@@ -237,8 +237,25 @@ def _plan_attention(classes, layout, problems, missing):
     return plan
 
 
-def _plan_deltanet(classes, problems, missing):
+# NKI version from which gated_delta_rule traces: its chunk loop is a trace-time generator pipeline, and NKI
+# specializes kernels by Python tracing (generators allowed) only from 0.7.0 (SDK 2.33); NxDI's last stack
+# (SDK 2.31) ships NKI 0.5.0. See docs/integration.md, "SDK / NKI matrix".
+PREFILL_MIN_NKI = (0, 7)
+PREFILL_HOOKS = ("_fused_chunked_forward", "_chunk_forward", "_sequential_forward")
+
+
+def nki_version():
+    """(major, minor) of the real NKI in use, or None on the emulator (which implements the 0.7 API)."""
+    from nki_kernels import backend
+    if backend.is_emulated():
+        return None
+    return backend._version_tuple(getattr(backend.nki, "__version__", "0"))
+
+
+def _plan_deltanet(classes, problems, missing, notes):
     plan = []
+    version = nki_version()
+    old_nki = version is not None and version < PREFILL_MIN_NKI
     candidates = [c for c in classes if any(hasattr(c, h) for h, spec in _gdn.HOOKS.items() if spec[2])]
     for c in candidates:
         local = []
@@ -250,6 +267,13 @@ def _plan_deltanet(classes, problems, missing):
             owner = _defining_class(c, hook)
             fn = vars(owner)[hook]
             if getattr(fn, MARK, None):
+                continue
+            if old_nki and hook in PREFILL_HOOKS:
+                note = (f"deltanet: {owner.__name__}.{hook} left to the contrib: gated_delta_rule needs NKI >= "
+                        f"{PREFILL_MIN_NKI[0]}.{PREFILL_MIN_NKI[1]} (trace-time generators), this stack runs NKI "
+                        f"{version[0]}.{version[1]}")
+                if note not in notes:
+                    notes.append(note)
                 continue
             ok, names = _signature_ok(fn, expected)
             if not ok:
@@ -430,7 +454,10 @@ def apply(model_or_classes=None, kernels=None, *, layout="BHSD", relax_moe_gate=
         elif fam == "moe":
             plans[fam] = _plan_moe(classes, instances, relax_moe_gate, probs, missing)
         elif fam == "deltanet":
-            plans[fam] = (_plan_deltanet(classes, probs, missing), [])
+            notes = []
+            plans[fam] = (_plan_deltanet(classes, probs, missing, notes), [])
+            if notes:
+                inst.skipped.setdefault(fam, []).extend(notes)
         else:
             plans[fam] = (_plan_code_predictor(classes, probs, missing), [])
         patch, sets = plans[fam]

@@ -276,3 +276,20 @@ def test_decode_slot_ids_live_with_the_state(monkeypatch):
     state = torch.zeros(2, 1, 32, 32, device="meta")
     nxgdn.recurrent_step(**{k: v.to("meta") for k, v in step.items()}, recurrent_state=state)
     assert seen["device"].type == "meta" and seen["dtype"] == torch.int32
+
+
+def test_nki_05_stack_keeps_the_contrib_prefill(monkeypatch):
+    """On NxDI's last stack (SDK 2.31, NKI 0.5.0) gated_delta_rule cannot trace (trace-time generators need NKI
+    0.7): apply() leaves the prefill hooks to the contrib, says so, and still installs the decode steps."""
+    import sys
+    apply_mod = sys.modules["integration.nxdi.apply"]
+    monkeypatch.setattr(apply_mod, "nki_version", lambda: (0, 5))
+    cls = make_deltanet_class()
+    with apply([cls], kernels="deltanet") as inst:
+        assert sorted(inst.installed["deltanet"]) == ["NeuronGatedDeltaNet._nki_recurrent_step",
+                                                      "NeuronGatedDeltaNet._recurrent_step"]
+        assert any("_fused_chunked_forward left to the contrib" in n and "NKI 0.5" in n
+                   for n in inst.skipped["deltanet"])
+    monkeypatch.setattr(apply_mod, "nki_version", lambda: (0, 7))
+    with apply([cls], kernels="deltanet") as inst:
+        assert "NeuronGatedDeltaNet._fused_chunked_forward" in inst.installed["deltanet"]

@@ -368,3 +368,23 @@ def test_patched_layers_trace_into_one_graph_with_our_ops():
             want = block.forward(xm, is_prefill=prefill, norm=norm)
             got, frames, ours = _compiled(block.forward, xm, is_prefill=prefill, norm=norm)
             assert frames == 1 and ours == kernels and torch.equal(want, got)
+
+
+def test_general_plugin_entry_point_is_opt_in(monkeypatch):
+    """vLLM's general-plugin hook: nothing without NKI_KERNELS_VLLM=1; with it, the registry's models once."""
+    import sys
+    from integration.vllm_neuron import plugin as entry
+    p = plugin()
+    monkeypatch.setattr(entry, "_INSTALLATION", [])
+    monkeypatch.delenv("NKI_KERNELS_VLLM", raising=False)
+    assert entry.load_plugin() is None
+    monkeypatch.setenv("NKI_KERNELS_VLLM", "1")
+    monkeypatch.setenv("NKI_KERNELS_VLLM_FAMILIES", "deltanet")
+    apply_mod = sys.modules["integration.vllm_neuron.apply"]
+    monkeypatch.setattr(apply_mod, "_plugin_default", lambda: p.registry)
+    inst = entry.load_plugin()
+    try:
+        assert list(inst.installed) == ["deltanet"]
+        assert entry.load_plugin() is inst                      # loaded again in the same process: no-op
+    finally:
+        inst.restore()
