@@ -144,7 +144,9 @@ def check_support(module, past_hidden, last_id_hidden):
     return True, ""
 
 
-def _sampling_inputs(module, bsz, n_codes, vocab):
+def _sampling_inputs(module, bsz, n_codes, vocab, device=None):
+    """The sampling kwargs; uniforms drawn on `device` (the activations'): a host-drawn tensor would be a constant
+    inside a traced graph. A user generator draws on its own device and the draw is moved."""
     import torch
 
     cfg = module.__dict__.get(SAMPLING_ATTR)
@@ -152,12 +154,14 @@ def _sampling_inputs(module, bsz, n_codes, vocab):
         return {}
     uniforms = cfg["uniforms"]
     if uniforms is None:
-        uniforms = torch.rand(bsz, n_codes, generator=cfg["generator"], dtype=torch.float32)
+        gen = cfg["generator"]
+        draw_on = gen.device if gen is not None else device
+        uniforms = torch.rand(bsz, n_codes, generator=gen, dtype=torch.float32, device=draw_on)
     elif tuple(uniforms.shape) != (bsz, n_codes):
         raise AdapterInputError(f"nxdi code_predictor: uniforms must be [B, {n_codes}]={(bsz, n_codes)}, "
                                 f"got {tuple(uniforms.shape)}")
-    return dict(do_sample=True, uniforms=uniforms.to(torch.float32), temperature=cfg["temperature"],
-                top_k=min(cfg["top_k"], vocab), top_p=cfg["top_p"])
+    return dict(do_sample=True, uniforms=uniforms.to(device=device, dtype=torch.float32),
+                temperature=cfg["temperature"], top_k=min(cfg["top_k"], vocab), top_p=cfg["top_p"])
 
 
 def code_predictor_forward(module, past_hidden, last_id_hidden):
@@ -174,7 +178,7 @@ def code_predictor_forward(module, past_hidden, last_id_hidden):
     bsz = past_hidden.shape[0]
     dtype = past_hidden.dtype
     wdtype = weights.wqkv_t.dtype
-    sampling = _sampling_inputs(module, bsz, n_codes, weights.head_vocab)
+    sampling = _sampling_inputs(module, bsz, n_codes, weights.head_vocab, device=past_hidden.device)
     x0 = past_hidden[:, 0, :].to(wdtype).contiguous()
     x1 = last_id_hidden[:, 0, :].to(wdtype).contiguous()
     codes, embeds = fn(x0, x1, weights, **sampling)[:2]

@@ -149,3 +149,16 @@ def test_weight_packing_never_reads_values_on_the_host():
     for f in fields:
         assert np.allclose(np.asarray(getattr(ref, f), np.float32), getattr(got, f).float().numpy(), atol=1e-6,
                            rtol=1e-2), f
+
+
+def test_sampling_uniforms_are_drawn_on_the_activations_device():
+    """Uniforms drawn per call come from the activations' device (a host draw would be a constant in a trace)."""
+    cls = make_code_predictor_class()
+    mod = cls()
+    set_code_predictor_sampling(mod, temperature=0.9)
+    got = nxcp._sampling_inputs(mod, 2, 4, 16, device=torch.device("meta"))
+    assert got["uniforms"].device.type == "meta" and tuple(got["uniforms"].shape) == (2, 4)
+    set_code_predictor_sampling(mod, generator=torch.Generator().manual_seed(0))
+    got = nxcp._sampling_inputs(mod, 2, 4, 16, device=torch.device("cpu"))
+    again = nxcp._sampling_inputs(mod, 2, 4, 16, device=torch.device("cpu"))
+    assert got["uniforms"].shape == (2, 4) and not torch.equal(got["uniforms"], again["uniforms"])
