@@ -156,6 +156,30 @@ def call(kernel, *args, lnc: int = 1, **kwargs):
     return _to_torch(out) if any_torch else out
 
 
+def call_ranks(kernel, per_rank_args, *, lnc: int = 1, **kwargs):
+    """Run `kernel` once per tensor-parallel rank, the ranks together (their `nki.collectives` calls meet):
+    rank r gets ``per_rank_args[r]`` (arrays or torch CPU tensors) and the shared trace-time `kwargs`. Returns
+    the list of the ranks' outputs (torch when any input was torch).
+
+    On the emulator the ranks run in threads (`emulator.collectives.run_ranks`, recorded as one launch). On a
+    Trainium host each rank is its own process that launches the kernel on its shard, so this helper is
+    emulator-only there."""
+    if ACTIVE != "emulator":  # pragma: no cover - needs real NKI
+        raise NotImplementedError("call_ranks runs all ranks in one process (emulator only); on Trainium each rank's "
+                                  "process launches the kernel on its own shard with the replica group")
+    any_torch, per_rank = False, []
+    for args in per_rank_args:
+        conv = []
+        for a in args:
+            v, was_torch = _to_numpy(a, [])
+            any_torch |= was_torch
+            conv.append(v)
+        per_rank.append((tuple(conv), dict(kwargs)))
+    from .emulator.collectives import run_ranks
+    outs = run_ranks(kernel[lnc] if lnc != 1 else kernel, world_size=len(per_rank), per_rank_inputs=per_rank).outputs
+    return [_to_torch(o) for o in outs] if any_torch else list(outs)
+
+
 def _on_device(args, kwargs) -> bool:
     torch = _torch()
     if torch is None:

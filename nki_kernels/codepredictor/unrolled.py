@@ -28,7 +28,7 @@ import math
 
 import numpy as np
 
-from ..backend import call, nisa, nki, nl
+from ..backend import call, call_ranks, nisa, nki, nl
 from ..lnc import resolve_lnc
 from ..hw import (GEMM_MOVING_FMAX, NEG_INF, P_MAX, PSUM_BANK_BYTES, SBUF_BYTES_PER_PARTITION)
 from ..validation import kernel_check
@@ -565,9 +565,25 @@ def _layer(c, W, S, l, hT, cos_t, sin_t, attn, res="add"):
                 _attention_block(qT[:, g, r0:r1, :], kT[:, g, r0:r1], vT[:, g, r0:r1],
                                  mask[0:m, 0:nb, :],
                                  attnT[:, g * r:(g + 1) * r, r0:r1].permute((0, 2, 1)), m, n, D, True)
-    _linear_T(hT, attnT, Hq, D, S["wo"][:, l] if S["wo"] is not None else None, W["wo_t"][l], c.H, _K_TILE, R,
-              res)
+    _row_parallel(c, S, hT, res, lambda dst, mode: _linear_T(
+        dst, attnT, Hq, D, S["wo"][:, l] if S["wo"] is not None else None, W["wo_t"][l], c.H, _K_TILE, R, mode))
     _mlp(c, W, S, l, hT, res)
+
+
+def _row_parallel(c, S, hT, res, project):
+    """hT += the output of a row-parallel projection (o_proj, down_proj): project(dst, mode) runs its matmuls.
+
+    TP = 1: straight onto the residual (mode `res`). TP > 1: this rank's partial sum [128, KC * rows] fp32 is
+    all-reduced in SBUF over the replica group (`nki.collectives.all_reduce`, one per projection), then added."""
+    group = S.get("tp_group")
+    if group is None:
+        project(hT, res)
+        return
+    part = nl.ndarray((_K_TILE, c.KC * c.rows), dtype=nl.float32, buffer=nl.sbuf)
+    project(part.reshape((_K_TILE, c.KC, c.rows)), "copy")
+    total = nl.ndarray((_K_TILE, c.KC * c.rows), dtype=nl.float32, buffer=nl.sbuf)
+    nki.collectives.all_reduce(srcs=[part], dsts=[total], replica_group=group, op=nl.add)
+    nisa.tensor_tensor(dst=hT, data1=hT, data2=total.reshape((_K_TILE, c.KC, c.rows)), op=nl.add)
 
 
 def _mlp(c, W, S, l, hT, res="add"):
@@ -597,8 +613,8 @@ def _mlp(c, W, S, l, hT, res="add"):
         nisa.tensor_tensor(dst=guT, data1=gu, data2=_bcast_mid(rstd, _K_TILE, 2 * IC, R, R), op=nl.multiply)
         nisa.activation(dst=sg, op=nl.silu, data=guT[:, 0:IC, :])
         nisa.tensor_tensor(dst=act, data1=sg, data2=guT[:, IC:2 * IC, :], op=nl.multiply)
-    _linear_T(hT, act, IC, _K_TILE, S["wd"][:, l] if S["wd"] is not None else None, W["wd_t"][l], c.H,
-              _K_TILE, R, res)
+    _row_parallel(c, S, hT, res, lambda dst, mode: _linear_T(
+        dst, act, IC, _K_TILE, S["wd"][:, l] if S["wd"] is not None else None, W["wd_t"][l], c.H, _K_TILE, R, mode))
 
 
 def _rope_T(c, rope_hbm, pattern_rows, offset):
@@ -971,7 +987,7 @@ def _prefill_pass(c2, W, S, x2, rope2, L):
     bb2 = max(1, min(c2.rows // 2, P_MAX // (2 * c2.r)))
     S["mask2"] = _block_mask(bb2 * 2 * c2.r, 2 * c2.r, bb2, 2, 2)
     S["bb2"] = bb2
-    res = "accum" if _psum_residual_ok(c2) else "add"
+    res = "accum" if _psum_residual_ok(c2) and S.get("tp_group") is None else "add"
     h2 = _rows_to_psum(x2, c2, _identity(x2.dtype)) if res == "accum" else _rows_to_T(x2, c2)
     for l in range(L):
         _layer(c2, W, S, l, h2, rope2[0], rope2[1], ("prefill", 2), res)
@@ -996,7 +1012,7 @@ def _weights_and_sizes(input_norm, post_norm, q_norm, k_norm, final_norm, wqkv_t
 def code_predictor_kernel(past_hidden, code0_embed, uniforms, input_norm, post_norm, q_norm, k_norm, final_norm,
                           wqkv_t, wo_t, wgu_t, wd_t, lm_head_t, codec_embed, rope_cos, rope_sin,
                           n_q_heads, n_kv_heads, eps, resident, do_sample, inv_temperature, top_k, top_p,
-                          lm_ring=False, exp_safe=False):
+                          lm_ring=False, exp_safe=False, replica_group=None):
     """All G1 residual-code steps x L layers of the code predictor in one launch (KV cache in SBUF).
 
     Dimensions: B batch (<= 128), H hidden, L layers, Hq/Hkv heads of this rank, D head dim, I intermediate
@@ -1032,7 +1048,7 @@ def code_predictor_kernel(past_hidden, code0_embed, uniforms, input_norm, post_n
         rows = slice(r0, r1)
         _frame(past_hidden[rows, :], code0_embed[rows, :], uniforms[rows, :], W, codes_all[rows, :],
                embeds_all[rows, :, :], sum_all[rows, :], bad_all[rows, :], n_q_heads, n_kv_heads, eps, resident,
-               do_sample, inv_temperature, top_k, top_p, lm_ring, exp_safe)
+               do_sample, inv_temperature, top_k, top_p, lm_ring, exp_safe, replica_group)
     return codes_all, embeds_all, sum_all, bad_all
 
 
@@ -1045,7 +1061,7 @@ def _core_rows(B):
 
 
 def _frame(past_hidden, code0_embed, uniforms, W, codes, codec_embeds, codec_sum, bad_rows, n_q_heads, n_kv_heads,
-           eps, resident, do_sample, inv_temperature, top_k, top_p, lm_ring, exp_safe):
+           eps, resident, do_sample, inv_temperature, top_k, top_p, lm_ring, exp_safe, replica_group):
     """The whole frame for B rows (one core's share): prompt pass, then G1 steps. Inputs and outputs are HBM
     views of those rows: past_hidden, code0_embed [B, H]; uniforms [B, G1]; codes [B, G1]; codec_embeds
     [B, G1, H]; codec_sum [B, H]; bad_rows [B, 1]."""
@@ -1081,7 +1097,9 @@ def _frame(past_hidden, code0_embed, uniforms, W, codes, codec_embeds, codec_sum
     if lm_ring:
         _lm_head_ring(S, W, c, vh, G1)
     S["exp_safe"] = exp_safe
-    res = "accum" if _psum_residual_ok(c) else "add"     # steps' residual stream in PSUM (see `_rows_to_psum`)
+    S["tp_group"] = replica_group
+    # steps' residual stream in PSUM (see `_rows_to_psum`); under TP in SBUF (the all-reduced sums are added)
+    res = "accum" if _psum_residual_ok(c) and replica_group is None else "add"
     if res == "accum":
         S["ident_emb"] = _identity(codec_embed.dtype)
     sampling = (do_sample, inv_temperature, top_k, top_p)
@@ -1347,6 +1365,9 @@ def code_predictor(past_hidden, code0_embed, weights: CodePredictorWeights, *, u
         kernel_check(isinstance(v, (bool, np.bool_)), f"{name}: {arg} must be a bool, got {arg}={v!r}")
     kernel_check(resident is None or isinstance(resident, (bool, np.bool_)),
                  f"{name}: resident must be None or a bool, got resident={resident!r}")
+    kernel_check(weights.tp == 1, f"{name}: weights are rank {weights.rank} of a TP={weights.tp} split "
+                 "(shard_weights); run every rank with code_predictor_tp(past_hidden, code0_embed, shards), "
+                 f"got weights.tp={weights.tp}")
     lnc = resolve_lnc(lnc, name)
     w = weights
     B = past_hidden.shape[0]
@@ -1360,3 +1381,89 @@ def code_predictor(past_hidden, code0_embed, weights: CodePredictorWeights, *, u
     codes, embeds, csum, bad = out
     res = [codes, embeds] + ([csum] if return_sum else []) + ([bad.reshape(-1)] if return_bad_rows else [])
     return tuple(res)
+
+
+# ================================================================ tensor parallelism: one launch per rank
+
+
+def default_replica_group(tp: int):
+    """All tp ranks in one rank-list: `nki.collectives.ReplicaGroup([[0, ..., tp - 1]])`."""
+    return nki.collectives.ReplicaGroup([list(range(tp))])
+
+
+def check_shards(shards, replica_group, name):
+    """The per-rank weights of a TP launch: rank r's `shard_weights(w, tp, r)` for r = 0..tp-1, all of one split
+    (same tp, vocab sharding and shapes), and a replica group whose one rank-list holds exactly ranks 0..tp-1.
+    Returns (tp, replica_group)."""
+    kernel_check(isinstance(shards, (list, tuple)) and len(shards) >= 1 and
+                 all(isinstance(w, CodePredictorWeights) for w in shards),
+                 f"{name}: shards must be a list of CodePredictorWeights, one per rank (shard_weights(w, tp, r) for "
+                 f"r in range(tp)), got shards={type(shards).__name__}")
+    tp = len(shards)
+    for r, w in enumerate(shards):
+        kernel_check(w.tp == tp, f"{name}: shards[{r}] is sharded for TP={w.tp} but {tp} shards were given "
+                     f"(shard_weights(w, tp={tp}, rank={r})), got shards[{r}].tp={w.tp}")
+        kernel_check(w.rank == r, f"{name}: shards[{r}] must be rank {r}'s weights, got shards[{r}].rank={w.rank}")
+        kernel_check(w.vocab_sharded == shards[0].vocab_sharded,
+                     f"{name}: shards[{r}].vocab_sharded={w.vocab_sharded} differs from shards[0]'s")
+        for f in _W_NAMES:
+            a, b = getattr(w, f), getattr(shards[0], f)
+            kernel_check(tuple(a.shape) == tuple(b.shape) and str(a.dtype) == str(b.dtype),
+                         f"{name}: shards[{r}].{f} is {tuple(a.shape)} {a.dtype} but shards[0].{f} is "
+                         f"{tuple(b.shape)} {b.dtype}; every rank's shard must have the same shapes")
+        kernel_check((w.n_q_heads, w.n_kv_heads, float(w.eps)) ==
+                     (shards[0].n_q_heads, shards[0].n_kv_heads, float(shards[0].eps)),
+                     f"{name}: shards[{r}] heads/eps differ from shards[0]'s")
+    kernel_check(not shards[0].vocab_sharded, f"{name}: vocab-sharded LM heads are not supported by the TP launch "
+                 "yet; shard with vocab_sharded=False (LM heads replicated)")
+    if replica_group is None:
+        replica_group = default_replica_group(tp)
+    if isinstance(replica_group, (list, tuple)):
+        replica_group = nki.collectives.ReplicaGroup([list(g) for g in replica_group])
+    lists = getattr(replica_group, "rank_lists", None)
+    kernel_check(lists is not None and len(lists) == 1 and sorted(int(x) for x in lists[0]) == list(range(tp)),
+                 f"{name}: replica_group must be a nki.collectives.ReplicaGroup with one rank-list holding exactly "
+                 f"ranks 0..{tp - 1} (the {tp} shards), got replica_group={replica_group!r}")
+    return tp, replica_group
+
+
+def code_predictor_tp(past_hidden, code0_embed, shards, *, replica_group=None, uniforms=None, do_sample=False,
+                      temperature=1.0, top_k=50, top_p=1.0, return_sum=False, return_bad_rows=False, resident=None,
+                      lnc=None, return_ranks=False):
+    """`code_predictor` at tensor-parallel degree TP = len(shards): one launch per rank, collectives in-kernel.
+
+    Args:
+        shards: [shard_weights(w, tp, r) for r in range(tp)]: rank r holds q/k/v heads and gate/up columns
+            (column-parallel) and the matching o_proj / down_proj rows (row-parallel); LM heads replicated.
+        replica_group: the ranks' `nki.collectives.ReplicaGroup` (default: one rank-list [0, ..., tp - 1]).
+        return_ranks: return the list of every rank's outputs instead of rank 0's.
+        Everything else as `code_predictor` (prompt and uniforms are the same on every rank).
+    Each rank runs `code_predictor_kernel` on its shard; after each o_proj and each down_proj the rank's partial
+    sum [H, rows] fp32 is all-reduced in SBUF (`nki.collectives.all_reduce`, 2 per layer and pass), so every
+    rank holds the full residual stream and computes the same logits, codes and embeddings (equal to TP=1 up to
+    the order of fp32 additions). On a Trainium host each rank's process launches that kernel itself with
+    `replica_group=`; here the emulator runs the ranks together (`emulator.collectives.run_ranks`).
+    """
+    name = "code_predictor_tp"
+    tp, replica_group = check_shards(shards, replica_group, name)
+    w0 = shards[0]
+    past_hidden, code0_embed, uniforms = check_inputs(past_hidden, code0_embed, w0, uniforms, do_sample,
+                                                      temperature, top_k, top_p, name)
+    for arg, v in (("return_sum", return_sum), ("return_bad_rows", return_bad_rows), ("return_ranks", return_ranks)):
+        kernel_check(isinstance(v, (bool, np.bool_)), f"{name}: {arg} must be a bool, got {arg}={v!r}")
+    kernel_check(resident is None or isinstance(resident, (bool, np.bool_)),
+                 f"{name}: resident must be None or a bool, got resident={resident!r}")
+    lnc = resolve_lnc(lnc, name)
+    B = past_hidden.shape[0]
+    resident, lm_ring = _sbuf_plan(w0, -(-B // lnc), bool(do_sample), resident)
+    consts = dict(n_q_heads=w0.n_q_heads, n_kv_heads=w0.n_kv_heads, eps=float(w0.eps), resident=bool(resident),
+                  do_sample=bool(do_sample), inv_temperature=float(1.0 / temperature) if do_sample else 1.0,
+                  top_k=int(top_k) if do_sample else 1, top_p=float(top_p), lm_ring=lm_ring,
+                  exp_safe=all(_exp_is_safe(w) for w in shards), replica_group=replica_group)
+    outs = call_ranks(code_predictor_kernel, [(past_hidden, code0_embed, uniforms, *_weights_args(w)) for w in shards],
+                      lnc=lnc, **consts)
+    per_rank = []
+    for codes, embeds, csum, bad in outs:
+        res = [codes, embeds] + ([csum] if return_sum else []) + ([bad.reshape(-1)] if return_bad_rows else [])
+        per_rank.append(tuple(res))
+    return per_rank if return_ranks else per_rank[0]

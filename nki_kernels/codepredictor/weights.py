@@ -20,8 +20,8 @@ Vh LM-head rows of this rank (V, or V / tp when the LM heads are vocab-sharded),
 
 Matrices are in `dtype` (bf16 by default). Under TP=t, rank r holds q heads [r Hq, (r+1) Hq), KV heads
 [r Hkv, (r+1) Hkv), intermediate columns [r I, (r+1) I) of gate/up and the matching rows of down, and the
-matching rows of o_proj; its o_proj / down_proj outputs are partial sums that need an all-reduce across ranks
-(not part of the one-core kernel). Norms, embeddings and RoPE are replicated.
+matching rows of o_proj; its o_proj / down_proj outputs are partial sums, all-reduced across the ranks inside the
+kernel (`code_predictor_tp`). Norms, embeddings and RoPE are replicated.
 """
 from __future__ import annotations
 
@@ -57,8 +57,9 @@ class CodePredictorWeights:
     n_q_heads: int
     n_kv_heads: int
     eps: float = 1e-6
-    tp: int = 1                     # informational: how many ranks share the attention/MLP weights
-    vocab_sharded: bool = False     # informational: lm_head_t holds V / tp rows of each head
+    tp: int = 1                     # how many ranks share the attention/MLP weights (shard_weights)
+    vocab_sharded: bool = False     # lm_head_t holds V / tp rows of each head
+    rank: int = 0                   # which rank of the TP=tp split these are
 
     # ---- sizes read from the arrays
     @property
@@ -247,10 +248,23 @@ def weights_from_transformers(module, dtype="bfloat16") -> CodePredictorWeights:
 
 
 def shard_weights(w: CodePredictorWeights, tp: int, rank: int = 0, vocab_sharded: bool = False):
-    """Rank `rank` of a TP=`tp` split (attention heads, MLP intermediate; LM heads by vocab if asked)."""
+    """Rank `rank` of a TP=`tp` split (attention heads, MLP intermediate; LM heads by vocab if asked).
+
+    Column-parallel q/k/v and gate/up (this rank's heads and intermediate columns), row-parallel o_proj and
+    down_proj (the matching rows: their outputs are partial sums, all-reduced in-kernel by `code_predictor_tp`);
+    norms, embeddings and RoPE replicated; LM heads replicated or, with vocab_sharded, rows
+    [rank V / tp, (rank + 1) V / tp) of each head."""
+    if w.tp != 1:
+        raise ValueError(f"shard_weights: w is already rank {w.rank} of a TP={w.tp} split; shard the whole model")
+    if isinstance(tp, bool) or not isinstance(tp, (int, np.integer)) or tp < 1:
+        raise ValueError(f"shard_weights: tp must be a positive int, got tp={tp!r}")
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < tp:
+        raise ValueError(f"shard_weights: rank must be an int in [0, tp={tp}), got rank={rank!r}")
     Hq, Hkv, D, I = w.n_q_heads, w.n_kv_heads, w.head_dim, w.intermediate
     if Hq % tp or Hkv % tp or I % tp:
         raise ValueError(f"shard_weights: heads {Hq}/{Hkv} and intermediate {I} must divide by tp={tp}")
+    if vocab_sharded and w.head_vocab % tp:
+        raise ValueError(f"shard_weights: the LM-head vocab {w.head_vocab} must divide by tp={tp}")
     hq, hk, ii = Hq // tp, Hkv // tp, I // tp
     qs = slice(rank * hq * D, (rank + 1) * hq * D)
     ks = slice(Hq * D + rank * hk * D, Hq * D + (rank + 1) * hk * D)
@@ -264,8 +278,8 @@ def shard_weights(w: CodePredictorWeights, tp: int, rank: int = 0, vocab_sharded
         lm = lm[:, :, rank * vh:(rank + 1) * vh]
     return replace(w, wqkv_t=np.ascontiguousarray(wqkv), wo_t=np.ascontiguousarray(w.wo_t[:, qs, :]),
                    wgu_t=np.ascontiguousarray(wgu), wd_t=np.ascontiguousarray(w.wd_t[:, gs, :]),
-                   lm_head_t=np.ascontiguousarray(lm), n_q_heads=hq, n_kv_heads=hk, tp=tp,
-                   vocab_sharded=vocab_sharded)
+                   lm_head_t=np.ascontiguousarray(lm), n_q_heads=hq, n_kv_heads=hk, tp=int(tp),
+                   vocab_sharded=bool(vocab_sharded), rank=int(rank))
 
 
 def random_weights(rng, *, hidden, n_q_heads, n_kv_heads, head_dim, intermediate, n_layers, n_groups, vocab,
