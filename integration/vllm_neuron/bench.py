@@ -5,7 +5,8 @@ in the plugin's layouts and dtypes, as the adapters pass them) and prints the co
 trn2 (the default target), not a measurement. Shapes: the plugin's DeltaNet docstring case (4 heads on one rank,
 1024 tokens, Dk = Dv = 128; its own figures are 0.81 ms for its torch path and 1.86 ms for its vendored fused NKI
 kernel, measured on a device), Qwen3.5-35B-A3B per rank at TP=4 for attention (2 query heads and 1 KV head of
-D = 256) and MoE (256 experts top-8, H = 2048, I_r = 128, shared expert S_r = 128).
+D = 256) and, with ``--moe``, MoE (256 experts top-8, H = 2048, I_r = 128, shared expert S_r = 128; routing,
+mapping and routed + shared experts counted, as the adapter launches them).
 """
 from __future__ import annotations
 
@@ -51,14 +52,52 @@ def cases(tokens=1024, decode_batch=8):
         lambda: ops.flash_attention(qa, ka, va, gate=ga, causal=True)
 
 
+def moe_cases(tokens=256, decode_batch=8):
+    """Qwen3.5-35B-A3B MoE per rank at TP=4: 256 experts top-8, H=2048, I_r=128, shared S_r=128, block 128 (the
+    plugin's BLOCK_SIZE) with NxD's static worst-case block count, as the adapter launches them."""
+    from nki_kernels import torch_ops as ops
+
+    from .moe import static_num_blocks
+
+    g = torch.Generator().manual_seed(1)
+    n_exp, top_k, hidden, inter, shared_i, block = 256, 8, 2048, 128, 128, 128
+    r = lambda *s: torch.randn(*s, generator=g)                                     # noqa: E731
+    x = r(tokens, hidden).bfloat16()
+    router = (r(n_exp, hidden) * hidden ** -0.5).bfloat16()
+    gate_up = (r(n_exp, hidden, 2, inter) * hidden ** -0.5).bfloat16()
+    down = (r(n_exp, inter, hidden) * inter ** -0.5).bfloat16()
+    shared = ((r(hidden, 2, shared_i) * hidden ** -0.5).bfloat16(), (r(shared_i, hidden) * shared_i ** -0.5).bfloat16(),
+              (r(hidden) * hidden ** -0.5).bfloat16())
+
+    def route(h):
+        return ops.moe_route((h.float() @ router.float().T).contiguous(), top_k, True)
+
+    def prefill():
+        w, i = route(x)
+        tok, blk = ops.moe_block_mapping(i, n_exp, block, num_blocks=static_num_blocks(tokens, top_k, n_exp, block))
+        return ops.moe_blockwise(x, w.bfloat16(), gate_up, down, tok, blk, block, shared=shared, top_k_index=i)
+
+    def decode():
+        xd = x[:decode_batch].contiguous()
+        w, i = route(xd)
+        return ops.moe_decode(xd, i, w.bfloat16(), gate_up, down, shared=shared)
+
+    yield ("moe prefill (Qwen3_5SparseMoeBlock.forward_prefill, shared fused)",
+           f"T={tokens} E=256 top-8 H=2048 I_r=128 B=128 bf16", prefill)
+    yield ("moe decode (Qwen3_5SparseMoeBlock.forward_decode, shared fused)",
+           f"B={decode_batch} E=256 top-8 H=2048 I_r=128 bf16", decode)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", default="trn2")
     ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--moe", action="store_true", help="also the MoE rows (T=256; about 4 minutes on the emulator)")
     args = ap.parse_args(argv)
     print(f"| replaced path | shape | launches | modeled µs on {args.target} |")
     print("|---|---|---|---|")
-    for name, shape, fn in cases(args.tokens):
+    rows = list(cases(args.tokens)) + (list(moe_cases()) if args.moe else [])
+    for name, shape, fn in rows:
         us, n = _model(fn, args.target)
         print(f"| {name} | {shape} | {n} | {us:.1f} |")
 

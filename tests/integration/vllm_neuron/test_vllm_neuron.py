@@ -18,6 +18,7 @@ from plugin_kit import (attn_metadata, fill, gdn_metadata, plugin, prefill_input
 def _inference_mode():
     with torch.no_grad():                # the plugin's model forward runs under torch.no_grad()
         yield
+    plugin(world_size=1)                 # new layers of the next test see a single-rank TP group again
 
 
 def _close(name, want, got, dtype="bfloat16"):
@@ -273,8 +274,7 @@ def test_contract_drift_is_refused_naming_class_method_and_difference():
     assert "extra parameter(s) ('spec_tokens',)" in msg
     assert "DriftedAttention._qkv('hidden_states', 'position_embeddings') differs" in msg
     assert "parameter 2 is 'position_embeddings', expected 'cos'" in msg
-    assert "forward_decode" not in vars(p.deltanet.Qwen3_5GatedDeltaNet)["forward_decode"].__qualname__ or \
-        not hasattr(vars(p.deltanet.Qwen3_5GatedDeltaNet)["forward_decode"], "__nki_kernels_adapter__")
+    assert not hasattr(vars(p.deltanet.Qwen3_5GatedDeltaNet)["forward_decode"], "__nki_kernels_adapter__")
     assert not hasattr(p.deltanet.chunk_gated_delta_rule, "__nki_kernels_adapter__")      # nothing installed
 
 
