@@ -38,11 +38,13 @@ KERNELS_OF = {
     "deltanet": (_gdn.PREFILL_KERNEL, _gdn.STEP_KERNEL),
     "code_predictor": (_cp.KERNEL_NAME,),
 }
-SUPPORTED_VERSIONS = {   # NxDI 0.10 / NxD 0.19 (SDK 2.31) is the last release; see docs/integration.md
-    "attention": "NxDI 0.8 (SDK 2.28) - 0.10 (SDK 2.31): NeuronAttentionBase.perform_prefill(Q, K, V, q_len, bsz, "
-                 "attention_mask); Qwen3.5 contrib NeuronQwen35Attention (NxDI main @4bcdc54)",
-    "moe": "NxD 0.17 (SDK 2.28) - 0.19 (SDK 2.31): BlockwiseMatmulConfig.blockwise_nki_autograd_cls, "
-           "21-argument BlockwiseMatmulNKIFunc.apply",
+# NxDI 0.10 / NxD 0.19 (SDK 2.31, NKI 0.5.0) is the last release: SDK 2.32 / 2.33 ship none, and from 2.34 NxDI
+# inference is unsupported on Trn2 / Trn3 (docs/integration.md, "SDK / NKI matrix").
+SUPPORTED_VERSIONS = {
+    "attention": "NxDI 0.8 (SDK 2.28) - 0.10 (SDK 2.31, the last): NeuronAttentionBase.perform_prefill(Q, K, V, "
+                 "q_len, bsz, attention_mask), read at NxDI main @4bcdc54; Qwen3.5 contrib NeuronQwen35Attention",
+    "moe": "NxD 0.17 (SDK 2.28) - 0.19 (SDK 2.31, the last): BlockwiseMatmulConfig.blockwise_nki_autograd_cls, "
+           "21-argument BlockwiseMatmulNKIFunc.forward, can_use_blockwise_matmul_nki (read at NxD @fbac349)",
     "deltanet": "Qwen3.5 contribs (NxDI main @4bcdc54, SDK 2.29-2.31): NeuronGatedDeltaNet._fused_chunked_forward("
                 "query, key, value, g, beta, output_final_state, initial_state) and _recurrent_step(query, key, value, "
                 "g, beta, recurrent_state)",

@@ -1,7 +1,8 @@
 """NxD blockwise-MoE adapter: an autograd class for `BlockwiseMatmulConfig.blockwise_nki_autograd_cls`.
 
 NxD calls the configured class from ``ExpertMLPsV2.forward_blockwise`` (NxD 0.17 / SDK 2.28 and
-0.18 / SDK 2.29, unchanged) as ``cls.apply(...)`` with 21 positional arguments::
+0.18 / SDK 2.29, unchanged; read at aws-neuron/neuronx-distributed @fbac349 "Release 2.29",
+``modules/moe/{expert_mlps_v2,blockwise,moe_configs}.py``) as ``cls.apply(...)`` with 21 positional arguments::
 
     hidden_states            [T, H]            token hidden states (not padded)
     expert_affinities_masked [T, E_l]          affinities of the local experts, 0 where not routed
