@@ -11,7 +11,7 @@ family          what is replaced (plugin source: see each adapter module)
 =============== ==========================================================================================
 deltanet        module function ``chunk_gated_delta_rule`` of ``Qwen3_5GatedDeltaNet``'s module (prefill),
                 ``Qwen3_5GatedDeltaNet._causal_conv`` (prefill conv1d), ``Qwen3_5GatedDeltaNet.forward_decode``
-attention       ``Qwen3_5Attention.forward_prefill`` (gated attention, head_dim 256)
+attention       ``Qwen3_5Attention.forward_prefill`` / ``forward_decode`` (gated attention, head_dim 256)
 moe             ``Qwen3_5SparseMoeBlock.forward_prefill`` / ``forward_decode`` (shared expert fused),
                 ``Qwen3MoeExperts.forward_prefill`` / ``forward_decode``
 =============== ==========================================================================================

@@ -12,8 +12,16 @@ flash kernel's 128), gates by ``sigmoid(gate)`` and applies the row-parallel ``o
 (or reduce-scatters under sequence parallelism).
 
 The replacement keeps ``_qkv``, ``_write_kv`` and the collectives and runs attention and the sigmoid gate in
-one flash-attention launch (GQA without repeating K/V). Decode (``forward_decode``, paged gather) stays the
-plugin's.
+one flash-attention launch (GQA without repeating K/V).
+
+Decode: ``forward_decode(hidden_states, positions, position_embeddings, metadata)``, one token per request. The
+plugin gathers each request's pages (``block_table_tensor``; dead rows and stale ids redirected to the zero page
+``kv_pages.shape[0] - 2``) from ``kv_pages [pages, 2, kv_heads, block_size, D]``, attends to the positions before
+``positions[r]`` plus the token itself (appended), in torch. The replacement gathers the same pages per KV head
+(not per query head) into a ``[B, Hkv, ctx, D]`` cache, places the token's own K/V at ``positions[r]`` with a
+select (static shapes), zeroes the unwritten tail (it may hold another cache group's bytes) and runs
+`flash_attention_decode` with ``cache_lens = positions + 1``; the gate and ``o_proj`` stay the plugin's
+``_finish``.
 """
 from __future__ import annotations
 
@@ -27,10 +35,12 @@ FAMILY = "attention"
 # flash_attention's head_dim limit.
 MAX_HEAD_DIM = 256
 
-METHOD_PARAMS = {"forward_prefill": ("hidden_states", "position_embeddings", "metadata")}
-USED_METHODS = {"_qkv": ("hidden_states", "cos", "sin"), "_write_kv": ("k", "v", "metadata")}
+METHOD_PARAMS = {"forward_prefill": ("hidden_states", "position_embeddings", "metadata"),
+                 "forward_decode": ("hidden_states", "positions", "position_embeddings", "metadata")}
+USED_METHODS = {"_qkv": ("hidden_states", "cos", "sin"), "_write_kv": ("k", "v", "metadata"),
+                "_finish": ("attn_output", "gate")}
 INSTANCE_ATTRS = ("head_dim", "scaling", "q_size", "q_replicas", "o_offset", "o_size", "o_proj_weight",
-                  "num_heads_per_rank", "world_size", "tp_group")
+                  "num_heads_per_rank", "num_kv_heads_per_rank", "kv_pages", "world_size", "tp_group")
 
 
 def forward_prefill(module, hidden_states, position_embeddings, metadata):
@@ -71,4 +81,67 @@ def make_forward_prefill(original):
     return forward_prefill_nki
 
 
-METHOD_MAKERS = {"forward_prefill": make_forward_prefill}
+def _gather_pages(module, metadata, num_reqs):
+    """(k_ctx, v_ctx) [B, Hkv, ctx, D]: each request's pages in block-table order, per KV head."""
+    import torch
+
+    pages = module.kv_pages
+    num_pages, nkh, block_size, dim = pages.shape[0], pages.shape[2], pages.shape[3], pages.shape[4]
+    zero_page = num_pages - 2
+    bt = metadata["block_table_tensor"].to(torch.long)
+    live = (metadata["slot_mapping"].view(num_reqs, -1)[:, 0] > 0).view(-1, 1)
+    blocks = torch.where(live & (bt > 0) & (bt < zero_page), bt, torch.full_like(bt, zero_page))
+    # row of (page p, K/V column j, kv head h) in the flattened pool: (p * 2 + j) * nkh + h
+    heads = torch.arange(nkh, device=blocks.device).view(1, nkh, 1)
+    base = blocks.unsqueeze(1) * (2 * nkh) + heads                                   # [B, Hkv, blocks]
+    flat = pages.reshape(num_pages * 2 * nkh, block_size, dim)
+    ctx = blocks.shape[1] * block_size
+    k_ctx = flat[base.reshape(-1)].reshape(num_reqs, nkh, ctx, dim)
+    v_ctx = flat[(base + nkh).reshape(-1)].reshape(num_reqs, nkh, ctx, dim)
+    return k_ctx, v_ctx
+
+
+def forward_decode(module, hidden_states, positions, position_embeddings, metadata):
+    import torch
+
+    num_reqs = metadata["block_table_tensor"].shape[0]
+    cos, sin = position_embeddings
+    q, k, v, gate = module._qkv(hidden_states, cos, sin)               # q [Hq, B, D]; k, v [Hkv, B, D]
+    module._write_kv(k, v, metadata)
+    k_ctx, v_ctx = _gather_pages(module, metadata, num_reqs)
+    ctx = k_ctx.shape[2]
+    pos = positions.reshape(num_reqs).to(torch.long).clamp(0, ctx - 1)
+    key_pos = torch.arange(ctx, device=pos.device).view(1, 1, ctx, 1)
+    here = key_pos == pos.view(-1, 1, 1, 1)
+    before = key_pos < pos.view(-1, 1, 1, 1)
+    zeros = torch.zeros((), dtype=k_ctx.dtype, device=k_ctx.device)
+    k_cache = torch.where(here, k.transpose(0, 1).unsqueeze(2).to(k_ctx.dtype), torch.where(before, k_ctx, zeros))
+    v_cache = torch.where(here, v.transpose(0, 1).unsqueeze(2).to(v_ctx.dtype), torch.where(before, v_ctx, zeros))
+    q_b = q.transpose(0, 1).unsqueeze(2).to(k_cache.dtype).contiguous()                      # [B, Hq, 1, D]
+    out = ops().flash_attention_decode(q_b, k_cache.contiguous(), v_cache.contiguous(),
+                                       (pos + 1).to(torch.int32), causal=True, softmax_scale=float(module.scaling))
+    attn_output = out[:, :, 0].reshape(num_reqs, module.q_size).to(v.dtype)
+    output = module._finish(attn_output, gate)
+    if module.world_size > 1:
+        module.tp_group.all_reduce(output)
+    return output
+
+
+def make_forward_decode(original):
+    @functools.wraps(original)
+    def forward_decode_nki(self, hidden_states, positions, position_embeddings, metadata):
+        one_token_each = hidden_states.shape[0] == metadata["block_table_tensor"].shape[0]
+        if disabled() or self.head_dim > MAX_HEAD_DIM or not one_token_each:
+            return original(self, hidden_states, positions, position_embeddings, metadata)
+        try:
+            return forward_decode(self, hidden_states, positions, position_embeddings, metadata)
+        except KernelInputError as exc:
+            warn_once(f"attn-decode-{exc}", f"vllm_neuron attention: {exc}; using the plugin's forward_decode")
+            return original(self, hidden_states, positions, position_embeddings, metadata)
+
+    setattr(forward_decode_nki, MARK, FAMILY)
+    setattr(forward_decode_nki, ORIGINAL_ATTR, original)
+    return forward_decode_nki
+
+
+METHOD_MAKERS = {"forward_prefill": make_forward_prefill, "forward_decode": make_forward_decode}

@@ -50,6 +50,10 @@ def cases(tokens=1024, decode_batch=8):
         r(1, 1, tokens, 256).bfloat16(), r(1, 2, tokens, 256).bfloat16()
     yield "attention prefill (forward_prefill, gate fused)", f"Hq=2 Hkv=1 T={tokens} D=256 bf16", \
         lambda: ops.flash_attention(qa, ka, va, gate=ga, causal=True)
+    qd, kd, vd = r(b, 2, 1, 256).bfloat16(), r(b, 1, tokens, 256).bfloat16(), r(b, 1, tokens, 256).bfloat16()
+    lens = torch.full((b,), tokens, dtype=torch.int32)
+    yield "attention decode (forward_decode)", f"B={b} Hq=2 Hkv=1 ctx={tokens} D=256 bf16", \
+        lambda: ops.flash_attention_decode(qd, kd, vd, lens, causal=True)
 
 
 def moe_cases(tokens=256, decode_batch=8):

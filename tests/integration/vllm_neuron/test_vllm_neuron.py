@@ -123,10 +123,53 @@ def test_gated_attention_head_dim_256_matches_the_unpatched_plugin(heads, kv_hea
     assert layer.head_dim == 256
     want, want_kv = _attention_run(copy.deepcopy(layer), 40, seed=5)
     with apply(layer, "attention") as inst:
-        assert inst.installed["attention"] == ["Qwen3_5Attention.forward_prefill"]
+        assert sorted(inst.installed["attention"]) == ["Qwen3_5Attention.forward_decode",
+                                                       "Qwen3_5Attention.forward_prefill"]
         got, got_kv = _attention_run(layer, 40, seed=5)
     _close("attention", want, got)
     assert torch.equal(want_kv, got_kv)                # the paged cache is written exactly as before
+
+
+def _attention_session(layer, lengths, block_size=16, seed=30):
+    """Prefill each request into its own blocks, then two decode steps for all requests together."""
+    rot = plugin().model.Qwen3_5RotaryEmbedding(type("C", (), {"rotary_dim": 64, "rope_theta": 1e7})())
+    gen = torch.Generator().manual_seed(seed)
+    n_blocks = 4                                                    # per request, in its block table
+    layer.kv_pages = torch.zeros(2 + n_blocks * len(lengths) + 2, 2, layer.num_kv_heads_per_rank, block_size,
+                                 layer.head_dim, dtype=layer.dtype)
+    tables = [[1 + n_blocks * r + j for j in range(n_blocks)] for r in range(len(lengths))]
+    outs = []
+    for r, n in enumerate(lengths):
+        x = torch.randn(n, layer.hidden_size, generator=gen).to(layer.dtype)
+        slot = torch.tensor([tables[r][t // block_size] * block_size + t % block_size for t in range(n)])
+        outs.append(layer.forward_prefill(x, rot(torch.arange(n)), {"slot_mapping": slot, "block_size": block_size,
+                                                                    "max_query_len": n, "decode_token_threshold": 1}))
+    pos = torch.tensor(lengths)
+    for _ in range(2):
+        x = torch.randn(len(lengths), layer.hidden_size, generator=gen).to(layer.dtype)
+        slot = torch.tensor([tables[r][int(p) // block_size] * block_size + int(p) % block_size
+                             for r, p in enumerate(pos)])
+        meta = {"slot_mapping": slot, "block_size": block_size, "block_table_tensor": torch.tensor(tables),
+                "max_query_len": 1, "decode_token_threshold": 1}
+        outs.append(layer.forward_decode(x, pos, rot(pos), meta))
+        pos = pos + 1
+    return outs, layer.kv_pages
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 1)])
+def test_gated_attention_decode_over_the_paged_cache_matches_the_unpatched_plugin(heads, kv_heads):
+    """Two requests of different lengths (one crossing a block boundary) prefilled into their own blocks, then two
+    decode steps: forward_decode on flash_attention_decode (per-KV-head gather, own token placed at its position)
+    equals the plugin's paged torch attention, and the cache is written identically."""
+    p = plugin()
+    layer = fill(p.model.Qwen3_5Attention(_config(p, num_attention_heads=heads, num_key_value_heads=kv_heads), 3),
+                 seed=31)
+    want, want_kv = _attention_session(copy.deepcopy(layer), [21, 9])
+    with apply(layer, "attention"):
+        got, got_kv = _attention_session(layer, [21, 9])
+    for i, (w, g) in enumerate(zip(want, got)):
+        _close(f"step {i}", w, g)
+    assert torch.equal(want_kv, got_kv)
 
 
 def _moe_block_run(block, norm, tokens, seed, prefill=True):
@@ -247,7 +290,7 @@ def test_apply_from_the_registry_and_restore():
     before = (gdn.__dict__["forward_decode"], gdn.__dict__["_causal_conv"], attn.__dict__["forward_prefill"],
               blk.__dict__["forward_prefill"], exp.__dict__["forward_decode"], p.deltanet.chunk_gated_delta_rule)
     inst = apply(p.registry)
-    assert sum(len(v) for v in inst.installed.values()) == 8
+    assert sum(len(v) for v in inst.installed.values()) == 9
     again = apply(p.registry)                       # already installed: nothing more
     assert again.installed == {}
     inst.restore()
@@ -359,6 +402,15 @@ def test_patched_layers_trace_into_one_graph_with_our_ops():
         want = attn.forward_prefill(xa, (cos, sin), attn_metadata(24, 16, 1, 24))
         got, frames, ours = _compiled(attn.forward_prefill, xa, (cos, sin), attn_metadata(24, 16, 1, 24))
         assert frames == 1 and ours == ["flash_attention"] and torch.equal(want, got)
+        pos = torch.tensor([24])
+        meta = {"slot_mapping": torch.tensor([16 + 24]), "block_size": 16, "block_table_tensor": torch.tensor([[1, 2]]),
+                "max_query_len": 1, "decode_token_threshold": 1}
+        xd1 = xa[:1].contiguous()
+        kv_before = attn.kv_pages.clone()
+        want = attn.forward_decode(xd1, pos, p.model.Qwen3_5RotaryEmbedding(cfg)(pos), meta)
+        attn.kv_pages.copy_(kv_before)
+        got, frames, ours = _compiled(attn.forward_decode, xd1, pos, p.model.Qwen3_5RotaryEmbedding(cfg)(pos), meta)
+        assert frames == 1 and ours == ["flash_attention_decode"] and torch.equal(want, got)
 
         block = fill(p.moe.Qwen3_5SparseMoeBlock(cfg), seed=22)
         norm = fill(p.model.Qwen3_5RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.torch_dtype), seed=23)
