@@ -17,8 +17,9 @@ the layout of our kernels; router ``[E, H]`` replicated; EP rank r owns experts 
 Replacements: routing on `moe_route`, the mapping on `moe_block_mapping` (NxD's static worst-case block count,
 so graphs keep static shapes), prefill on `moe_blockwise` with the shared expert *fused* (our kernel applies the
 per-token sigmoid gate, which the plugin's vendored kernel cannot, so the plugin runs it in torch), decode on
-`moe_decode` (only the selected experts' weights are read). The plugin's norms, collectives and EP placement are
-kept. Cross-data-parallel EP (``cross_dp_ep``) is handed back to the plugin.
+`moe_decode` (only the selected experts' weights are read). Prefill padding (tokens after ``argmax(positions)``)
+is routed nowhere, as the plugin's padding mask does. The plugin's norms, collectives and EP placement are kept.
+Cross-data-parallel EP (``cross_dp_ep``) is handed back to the plugin.
 """
 from __future__ import annotations
 
@@ -63,6 +64,16 @@ def route(normed, router_weight, top_k):
     return ops().moe_route(logits.contiguous(), int(top_k), True)
 
 
+def drop_padding(top_i, positions, num_tokens):
+    """The plugin's padding mask: tokens after the last real one (argmax of positions; the plugin pads a bucket by
+    repeating the last real position) are routed nowhere (id -1), so no block holds them."""
+    import torch
+    if positions is None or positions.dim() != 1 or positions.shape[0] != num_tokens:
+        return top_i
+    real = torch.arange(num_tokens, device=positions.device) <= torch.argmax(positions)
+    return torch.where(real.view(-1, 1), top_i, torch.full_like(top_i, -1))
+
+
 def _blockwise(normed, top_w, top_i, gate_up, down, num_local, offset, block_size, shared):
     num_blocks = static_num_blocks(normed.shape[0], top_i.shape[1], num_local, block_size)
     tok, blk = ops().moe_block_mapping(top_i.contiguous(), int(num_local), int(block_size),
@@ -100,6 +111,7 @@ def qwen35_forward_prefill(block, hidden_states, norm, positions, rank):
         top_w = block.tp_group.all_gather(top_w, dim=0)
         top_i = block.tp_group.all_gather(top_i, dim=0)
         normed = block.tp_group.all_gather(normed, dim=0)
+    top_i = drop_padding(top_i, positions, normed.shape[0])
     out = _blockwise(normed, top_w, top_i, block.experts_gate_up_weight, block.experts_down_weight,
                      block.num_local_experts, block.ep_rank * block.num_local_experts, qwen35_block_size(block),
                      _qwen35_shared(block, normed.dtype))
@@ -126,6 +138,7 @@ def qwen3_forward_prefill(experts, hidden_states, positions, rank):
         top_w = experts.tp_group.all_gather(top_w, dim=0)
         top_i = experts.tp_group.all_gather(top_i, dim=0)
         normed = experts.tp_group.all_gather(normed, dim=0)
+    top_i = drop_padding(top_i, positions, normed.shape[0])
     out = _blockwise(normed, top_w, top_i, _qwen3_gate_up(experts), experts.down_proj_weight,
                      experts.num_local_experts, experts.ep_rank * experts.num_local_experts,
                      min(int(experts.block_size), MAX_BLOCK_SIZE), None)

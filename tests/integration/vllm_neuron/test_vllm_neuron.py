@@ -172,24 +172,29 @@ def test_gated_attention_decode_over_the_paged_cache_matches_the_unpatched_plugi
     assert torch.equal(want_kv, got_kv)
 
 
-def _moe_block_run(block, norm, tokens, seed, prefill=True):
+def _moe_block_run(block, norm, tokens, seed, prefill=True, num_real=None):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, block.hidden_size, generator=gen).to(block.dtype)
-    return block.forward(x, is_prefill=prefill, norm=norm, positions=torch.arange(tokens))
+    positions = torch.arange(tokens)
+    if num_real is not None:                                       # a padded bucket: pads repeat the last position
+        positions[num_real:] = num_real - 1
+    return block.forward(x, is_prefill=prefill, norm=norm, positions=positions)
 
 
-@pytest.mark.parametrize("prefill", [True, False])
-def test_qwen35_moe_with_shared_expert_matches_the_unpatched_plugin(prefill):
+@pytest.mark.parametrize("prefill,num_real", [(True, None), (True, 17), (False, None)])
+def test_qwen35_moe_with_shared_expert_matches_the_unpatched_plugin(prefill, num_real):
+    """Routed + sigmoid-gated shared expert; in a padded prefill bucket the pads get the shared expert only (the
+    plugin's padding mask keeps them out of every block), on all rows."""
     p = plugin()
     cfg = _config(p)
     block = fill(p.moe.Qwen3_5SparseMoeBlock(cfg), seed=6)
     norm = fill(p.model.Qwen3_5RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.torch_dtype), seed=7)
     tokens = 24 if prefill else 3
-    want = _moe_block_run(copy.deepcopy(block), norm, tokens, 8, prefill)
+    want = _moe_block_run(copy.deepcopy(block), norm, tokens, 8, prefill, num_real)
     with apply(block, "moe") as inst:
         assert sorted(inst.installed["moe"]) == ["Qwen3_5SparseMoeBlock.forward_decode",
                                                  "Qwen3_5SparseMoeBlock.forward_prefill"]
-        got = _moe_block_run(block, norm, tokens, 8, prefill)
+        got = _moe_block_run(block, norm, tokens, 8, prefill, num_real)
     _close("qwen3.5 moe", want, got)
 
 
@@ -222,6 +227,7 @@ def test_qwen35_moe_expert_parallel_ranks_sum_to_the_full_block():
 
 @pytest.mark.parametrize("decode", [False, True])
 def test_qwen3_moe_experts_match_the_unpatched_plugin(decode):
+    """Prefill runs on a padded bucket (the last 6 tokens repeat the last real position): pads get no output."""
     import types
     p = plugin()
     cfg = types.SimpleNamespace(num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, hidden_size=128,
@@ -229,10 +235,15 @@ def test_qwen3_moe_experts_match_the_unpatched_plugin(decode):
     experts = fill(p.model_bf16.Qwen3MoeExperts(cfg), seed=12)
     gen = torch.Generator().manual_seed(13)
     x = torch.randn(2 if decode else 30, 128, generator=gen).to(torch.bfloat16)
-    want = copy.deepcopy(experts)(x, positions=torch.arange(x.shape[0]), is_decode=decode, rank=None)
+    positions = torch.arange(x.shape[0])
+    if not decode:
+        positions[24:] = 23
+    want = copy.deepcopy(experts)(x, positions=positions, is_decode=decode, rank=None)
     with apply(experts, "moe") as inst:
         assert sorted(inst.installed["moe"]) == ["Qwen3MoeExperts.forward_decode", "Qwen3MoeExperts.forward_prefill"]
-        got = experts(x, positions=torch.arange(x.shape[0]), is_decode=decode, rank=None)
+        got = experts(x, positions=positions, is_decode=decode, rank=None)
+    if not decode:
+        assert torch.all(want[24:] == 0) and torch.all(got[24:] == 0)
     _close("qwen3 moe", want, got)
 
 

@@ -17,11 +17,21 @@ from .flags import SEQUENCE_PARALLEL
 BLOCK_SIZE = 128
 
 
-def routed_experts(x, router_weight, gate_up, down, top_k, expert_offset):
-    """Routed-expert output of this rank's experts (global ids expert_offset .. + E_local - 1), fp32 accumulate."""
+def padding_mask_of(positions, num_tokens):
+    """True = real token: the plugin pads a prefill bucket by repeating the last real position."""
+    if positions is None or positions.dim() != 1 or positions.shape[0] != num_tokens:
+        return None
+    return torch.arange(num_tokens) <= torch.argmax(positions)
+
+
+def routed_experts(x, router_weight, gate_up, down, top_k, expert_offset, padding_mask=None):
+    """Routed-expert output of this rank's experts (global ids expert_offset .. + E_local - 1), fp32 accumulate;
+    padding tokens (padding_mask False) are in no block, so they get no routed output."""
     probs = torch.softmax(x.float() @ router_weight.float().T, dim=-1)
     top_w, top_i = probs.topk(top_k, dim=-1)
     top_w = top_w / top_w.sum(-1, keepdim=True)
+    if padding_mask is not None:
+        top_i = torch.where(padding_mask[:, None], top_i, torch.full_like(top_i, -1))
     out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32)
     for e in range(gate_up.shape[0]):
         hit = top_i == e + expert_offset
@@ -86,7 +96,8 @@ class Qwen3_5SparseMoeBlock(nn.Module):
     def forward_prefill(self, hidden_states, norm, positions, rank):
         normed = norm(hidden_states)
         out = routed_experts(normed, self.router_weight, self.experts_gate_up_weight, self.experts_down_weight,
-                             self.top_k, self.ep_rank * self.num_local_experts)
+                             self.top_k, self.ep_rank * self.num_local_experts,
+                             padding_mask_of(positions, normed.shape[0]))
         out = out + self._shared_expert(normed)
         return self._combine(out, is_prefill=True)
 

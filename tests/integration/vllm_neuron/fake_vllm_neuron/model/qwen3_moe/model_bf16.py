@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fake_vllm_neuron.model.qwen3_5.moe import routed_experts
+from fake_vllm_neuron.model.qwen3_5.moe import padding_mask_of, routed_experts
 from fake_vllm_neuron.parallel import get_tp_group
 
 
@@ -56,11 +56,11 @@ class Qwen3MoeExperts(nn.Module):
             return self.forward_decode(hidden_states, rank)
         return self.forward_prefill(hidden_states, positions, rank)
 
-    def _experts(self, normed):
+    def _experts(self, normed, padding_mask=None):
         gate_up = self.gate_up_proj_weight.reshape(self.num_local_experts, self.hidden_size, 2,
                                                    self.intermediate_size_per_rank)
         return routed_experts(normed, self.router_weight, gate_up, self.down_proj_weight, self.num_experts_per_token,
-                              self.ep_rank * self.num_local_experts)
+                              self.ep_rank * self.num_local_experts, padding_mask)
 
     def forward_decode(self, hidden_states, rank):
         output = self._experts(self.post_attention_layernorm(hidden_states))
@@ -72,7 +72,7 @@ class Qwen3MoeExperts(nn.Module):
         hidden_states = self.post_attention_layernorm(hidden_states)
         if self.tp_group.world_size > 1:
             hidden_states = self.tp_group.all_gather(hidden_states, dim=0)
-        output = self._experts(hidden_states)
+        output = self._experts(hidden_states, padding_mask_of(positions, hidden_states.shape[0]))
         if self.moe_group.world_size > 1:
             output = self.moe_group.reduce_scatter(output, dim=0)
         return output
