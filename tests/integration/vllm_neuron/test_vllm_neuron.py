@@ -451,3 +451,29 @@ def test_general_plugin_entry_point_is_opt_in(monkeypatch):
         assert entry.load_plugin() is inst                      # loaded again in the same process: no-op
     finally:
         inst.restore()
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_attention_tp_ranks_sum_to_the_full_layer(world_size):
+    """The plugin's attention sharding: q_proj by whole heads ([query | gate] per head), K/V heads replicated when
+    the world is wider than the KV heads (rank r holds KV head r // replicas), o_proj rows; patched, the ranks'
+    partial outputs sum to the unsharded unpatched layer (2 KV heads, 4 query heads, D = 256)."""
+    p = plugin()
+    cfg = _config(p)
+    full = fill(p.model.Qwen3_5Attention(cfg, 3), seed=40)
+    want, _ = _attention_run(copy.deepcopy(full), 20, seed=41)
+    total = 0
+    for rank in range(world_size):
+        p = plugin(world_size=world_size, rank=rank)
+        part = p.model.Qwen3_5Attention(cfg, 3)
+        qs, kvs, kv_shard = part.q_size, part.kv_size, rank // part.num_kv_replicas
+        with torch.no_grad():
+            part.q_proj_weight.copy_(full.q_proj_weight[:, rank * 2 * qs:(rank + 1) * 2 * qs])
+            part.k_proj_weight.copy_(full.k_proj_weight[:, kv_shard * kvs:(kv_shard + 1) * kvs])
+            part.v_proj_weight.copy_(full.v_proj_weight[:, kv_shard * kvs:(kv_shard + 1) * kvs])
+            part.o_proj_weight.copy_(full.o_proj_weight[rank * part.o_size:(rank + 1) * part.o_size])
+            part.q_norm.weight.copy_(full.q_norm.weight)
+            part.k_norm.weight.copy_(full.k_norm.weight)
+        with apply(part, "attention"):
+            total = total + _attention_run(part, 20, seed=41)[0].float()
+    _close(f"attention tp{world_size}", want.float(), total)
