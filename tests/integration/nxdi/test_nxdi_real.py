@@ -49,3 +49,18 @@ def test_blockwise_config_from_kwargs_resolves_our_class():
 
     cfg = BlockwiseMatmulConfig.from_kwargs(**moe.blockwise_matmul_config_kwargs(block_size=128))
     assert cfg.blockwise_nki_autograd_cls is moe.BlockwiseMatmulNKIKernelsFunc
+
+
+def test_install_time_contract_checks_pass_on_the_real_stack():
+    """The checks apply() makes before installing (21-argument forward, the relaxed gate's parameters, the
+    vision encoders keeping NxDI's own prefill when attn_kernel_enabled is False) hold on the installed NxDI/NxD."""
+    import torch
+    from neuronx_distributed.modules.moe import expert_mlps_v2
+
+    from integration.nxdi import apply, moe
+
+    gate_params = tuple(inspect.signature(expert_mlps_v2.can_use_blockwise_matmul_nki).parameters)
+    assert gate_params == tuple(inspect.signature(moe.can_use_blockwise_matmul_nki).parameters)
+    with apply(kernels=["moe"], relax_moe_gate=True) as inst:
+        assert any("can_use_blockwise_matmul_nki" in s for s in inst.installed["moe"])
+    del torch
