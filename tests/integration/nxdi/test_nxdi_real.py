@@ -52,9 +52,8 @@ def test_blockwise_config_from_kwargs_resolves_our_class():
 
 
 def test_install_time_contract_checks_pass_on_the_real_stack():
-    """The checks apply() makes before installing (21-argument forward, the relaxed gate's parameters, the
-    vision encoders keeping NxDI's own prefill when attn_kernel_enabled is False) hold on the installed NxDI/NxD."""
-    import torch
+    """The checks apply() makes before installing (21-argument forward, the relaxed gate's parameters) hold on the
+    installed NxD, and the relaxed gate installs."""
     from neuronx_distributed.modules.moe import expert_mlps_v2
 
     from integration.nxdi import apply, moe
@@ -63,4 +62,3 @@ def test_install_time_contract_checks_pass_on_the_real_stack():
     assert gate_params == tuple(inspect.signature(moe.can_use_blockwise_matmul_nki).parameters)
     with apply(kernels=["moe"], relax_moe_gate=True) as inst:
         assert any("can_use_blockwise_matmul_nki" in s for s in inst.installed["moe"])
-    del torch
