@@ -18,6 +18,7 @@ _EXPORTS = {
     # attention
     "flash_attention": "nki_kernels.attention.prefill",
     "flash_attention_decode": "nki_kernels.attention.decode",
+    "flash_attention_varlen": "nki_kernels.attention.varlen",
     # gated DeltaNet
     "gated_delta_rule": "nki_kernels.deltanet.chunk",
     "gated_delta_rule_step": "nki_kernels.deltanet.recurrent",

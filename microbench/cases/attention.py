@@ -110,3 +110,90 @@ for _b in DECODE_BATCHES:
         dtype="bfloat16", quick=_b == min(DECODE_BATCHES),
         baseline_name="host permute + expanded KV", baseline_run=_decode_baseline,
         tags=dict(b=_b, s=DECODE_CONTEXT, hq=_hq, hkv=_hkv, d=_d)))
+
+
+# ---------------------------------------------------------------- packed variable-length attention (issue 20)
+# 8 sequences with lengths drawn uniformly in [64, 2048] (fixed seed), packed end to end, against the same batch
+# padded to its longest sequence (flash_attention with seq_lens, the padded path). The Qwen3-Omni encoders:
+# vision (16 heads, head_dim 72 = 1152 / 16, non-causal per frame: one 448x448 image and a 4-frame video of
+# 28 x 28 patches) and audio (20 heads, head_dim 64 = 1280 / 20, non-causal per 104-token window: 2 minutes at
+# 13 tokens/s).
+
+_VARLEN_LENS = tuple(int(x) for x in np.random.default_rng(20).integers(64, 2049, size=8))
+_VISION = dict(lens=(784,) * 5, heads=16, d=72)
+_AUDIO = dict(lens=(104,) * 15, heads=20, d=64)
+
+
+def _cu(lens):
+    return np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+
+
+def _varlen_inputs(lens, hq, hkv, d, gated):
+    def make(rng):
+        t = int(sum(lens))
+        inp = dict(q=rng.standard_normal((t, hq, d)).astype(_BF16), k=rng.standard_normal((t, hkv, d)).astype(_BF16),
+                   v=rng.standard_normal((t, hkv, d)).astype(_BF16), cu=_cu(lens))
+        inp["gate"] = rng.standard_normal((t, hq, d)).astype(_BF16) if gated else None
+        return inp
+    return make
+
+
+def _varlen_run(causal, band):
+    def run(inp):
+        from nki_kernels import flash_attention_varlen
+        m = int(np.max(np.diff(inp["cu"]))) if band else None
+        return flash_attention_varlen(inp["q"], inp["k"], inp["v"], inp["cu"], inp["cu"], causal=causal,
+                                      gate=inp["gate"], max_seqlen_q=m)
+    return run
+
+
+def _padded_run(causal):
+    """The padded path: [N, H, Lmax, D] right-padded with seq_lens (host packing not modeled), then unpacked."""
+    def run(inp):
+        from nki_kernels import flash_attention
+        cu = inp["cu"]
+        lens = np.diff(cu)
+        n, lmax = len(lens), int(lens.max())
+
+        def pad(x):
+            out = np.zeros((n, x.shape[1], lmax, x.shape[2]), x.dtype)
+            for s in range(n):
+                out[s, :, :lens[s]] = np.swapaxes(x[cu[s]:cu[s + 1]], 0, 1)
+            return out
+        gate = None if inp["gate"] is None else pad(inp["gate"])
+        o = np.asarray(flash_attention(pad(inp["q"]), pad(inp["k"]), pad(inp["v"]), gate=gate,
+                                       seq_lens=lens.astype(np.int32), causal=causal))
+        return np.concatenate([np.swapaxes(o[s, :, :lens[s]], 0, 1) for s in range(n)], axis=0)
+    return run
+
+
+def _varlen_reference(causal):
+    def ref(inp):
+        from nki_kernels.attention.reference import flash_attention_varlen_ref
+        return flash_attention_varlen_ref(inp["q"], inp["k"], inp["v"], inp["cu"], inp["cu"], causal=causal,
+                                          gate=inp["gate"]).astype(np.float32)
+    return ref
+
+
+def _register_varlen(label, lens, hq, hkv, d, causal, gated, band, quick=False):
+    visible = sum(int(np.sum(np.arange(n) + 1)) if causal else n * n for n in lens)
+    t = int(sum(lens))
+    register(BenchCase(
+        kernel="flash_attention_varlen",
+        shape=f"{label} N={len(lens)} T={t} {'causal' if causal else 'non-causal'}{' gated' if gated else ''} "
+              f"D={d}{' max_seqlen' if band else ''}",
+        make_inputs=_varlen_inputs(lens, hq, hkv, d, gated), run=_varlen_run(causal, band),
+        reference=_varlen_reference(causal), flops=4 * d * hq * visible,
+        min_hbm_bytes=2 * t * d * ((3 if gated else 2) * hq + 2 * hkv), dtype="bfloat16", quick=quick,
+        baseline_name="padded to the longest (flash_attention, seq_lens)", baseline_run=_padded_run(causal),
+        tags=dict(lens=list(lens), hq=hq, hkv=hkv, d=d, causal=causal, max_seqlen=band)))
+
+
+_register_varlen(f"{_MODEL} 8 packed in [64, 2048]", _VARLEN_LENS, _SHAPE.q_heads, _SHAPE.kv_heads,
+                 _SHAPE.head_dim, causal=True, gated=True, band=True)
+_register_varlen(f"{_MODEL} 8 packed in [64, 2048]", _VARLEN_LENS, _SHAPE.q_heads, _SHAPE.kv_heads,
+                 _SHAPE.head_dim, causal=True, gated=True, band=False)
+_register_varlen("qwen3-omni vision encoder 5 frames of 28x28", _VISION["lens"], _VISION["heads"], _VISION["heads"],
+                 _VISION["d"], causal=False, gated=False, band=True)
+_register_varlen("qwen3-omni audio encoder 104-token windows", _AUDIO["lens"], _AUDIO["heads"], _AUDIO["heads"],
+                 _AUDIO["d"], causal=False, gated=False, band=True, quick=True)

@@ -105,32 +105,38 @@ def prefill_body(q, k, v, gate, seq_lens, out, softmax_scale, causal, bhds=False
     n_prog = nl.num_programs(0)
     n_q_tiles = n_tiles(sq, _Q_TILE)
     n_d = n_tiles(d, D_CHUNK)
-    for b in nl.static_range(n_b):
-        for kvh in nl.static_range(n_kv):
+    for b in range(n_b):
+        views = (q[b], None if gate is None else gate[b], out[b])      # [H, S, D] of sequence b
+        for kvh in range(n_kv):
             work = [(g, i_q) for i_q in range(n_q_tiles) for g in range(group)
                     if _owner(b, kvh, g, i_q, n_kv, n_q_tiles, n_b, n_prog) == pid]
             if not work:
                 continue
-            kT_sb, v_sb = _load_kv(k, v, b, kvh, skv, d, n_d, dtype, bhds)
+            kT_sb, v_sb = _load_kv(k[b], v[b], kvh, skv, d, n_d, dtype, bhds)
             len_f = None
             klen_bias = None
             if seq_lens is not None:
                 len_f = load_len_broadcast(seq_lens, b, P_MAX)
                 klen_bias = _key_length_bias(len_f, skv)
             items = [(kvh * group + g, i_q * _Q_TILE, sq) for g, i_q in work]
-            _attend_pipeline(q, gate, out, kT_sb, v_sb, len_f, klen_bias, b, items, skv, d, n_d, dtype,
+            _attend_pipeline(*views, kT_sb, v_sb, len_f, klen_bias, items, skv, d, n_d, dtype,
                              softmax_scale, causal, bhds)
 
 
 class _Stream:
     """Trace-time bookkeeping of one (query head, 128-row query tile) in a wave."""
 
-    def __init__(self, h, q0, sq, skv, causal, block):
+    def __init__(self, h, q0, sq, skv, causal, block, band=None):
         self.h = h
         self.q0 = q0
         self.qn = min(_Q_TILE, sq - q0)
         self.qa0 = skv - sq + q0                                    # absolute position of the first query
         self.k_end = min(skv, self.qa0 + self.qn) if causal else skv  # later keys: above the diagonal
+        self.j0 = 0                                                 # first key block
+        if band is not None:    # packed sequences (varlen.py): keys r - lo_off .. r + hi_off may be visible
+            lo_off, hi_off = band
+            self.j0 = max(0, q0 - lo_off) // block
+            self.k_end = min(self.k_end, q0 + self.qn + hi_off)
         self.n_blk = n_tiles(self.k_end, block)
 
     def keys(self, j, block):
@@ -166,8 +172,9 @@ def _block_keys(dtype):
     return _BLOCK_2BYTE if is_two_byte(dtype) else _BLOCK_FP32
 
 
-def _load_kv(k, v, b, kvh, skv, d, n_d, dtype, bhds=False):
-    """K^T [128(d), n_d, Skv] and V [128(keys), n_chunks, D] of one KV head, in SBUF."""
+def _load_kv(k, v, kvh, skv, d, n_d, dtype, bhds=False):
+    """K^T [128(d), n_d, Skv] and V [128(keys), n_chunks, D] of one KV head, in SBUF (k, v: [Hkv, Skv, D] views
+    of one sequence)."""
     n_kc = n_tiles(skv, K_CHUNK)
     kT_sb = nl.ndarray((P_MAX, n_d, skv), dtype=dtype, buffer=nl.sbuf)
     v_sb = nl.ndarray((P_MAX, n_kc, d), dtype=dtype, buffer=nl.sbuf)
@@ -177,17 +184,17 @@ def _load_kv(k, v, b, kvh, skv, d, n_d, dtype, bhds=False):
             d0 = i_d * D_CHUNK
             dn = min(D_CHUNK, d - d0)
             if bhds:
-                nisa.dma_copy(dst=kT_sb[0:dn, i_d, s0:s0 + sn], src=k[b, kvh, d0:d0 + dn, s0:s0 + sn])
+                nisa.dma_copy(dst=kT_sb[0:dn, i_d, s0:s0 + sn], src=k[kvh, d0:d0 + dn, s0:s0 + sn])
             else:
-                load_transposed(kT_sb[0:dn, i_d, s0:s0 + sn], k[b, kvh, s0:s0 + sn, d0:d0 + dn], sn, dn, dtype)
+                load_transposed(kT_sb[0:dn, i_d, s0:s0 + sn], k[kvh, s0:s0 + sn, d0:d0 + dn], sn, dn, dtype)
         c0 = s0 // K_CHUNK
         full = sn // K_CHUNK
         if full:
-            src = v[b, kvh, s0:s0 + full * K_CHUNK, 0:d].reshape((full, K_CHUNK, d)).permute((1, 0, 2))
+            src = v[kvh, s0:s0 + full * K_CHUNK, 0:d].reshape((full, K_CHUNK, d)).permute((1, 0, 2))
             nisa.dma_copy(dst=v_sb[0:K_CHUNK, c0:c0 + full, 0:d], src=src)
         rem = sn - full * K_CHUNK
         if rem:
-            nisa.dma_copy(dst=v_sb[0:rem, c0 + full, 0:d], src=v[b, kvh, s0 + full * K_CHUNK:s0 + sn, 0:d])
+            nisa.dma_copy(dst=v_sb[0:rem, c0 + full, 0:d], src=v[kvh, s0 + full * K_CHUNK:s0 + sn, 0:d])
     return kT_sb, v_sb
 
 
@@ -203,9 +210,14 @@ def _key_length_bias(len_f, skv):
     return bias_sb
 
 
-def _attend_pipeline(q, gate, out, kT_sb, v_sb, len_f, klen_bias, b, items, skv, d, n_d, dtype, softmax_scale,
-                     causal, q_is_bhds=False):
+def _attend_pipeline(q, gate, out, kT_sb, v_sb, len_f, klen_bias, items, skv, d, n_d, dtype, softmax_scale,
+                     causal, q_is_bhds=False, rows=None, band=None):
     """All (query head, query tile) streams of one KV head through one software pipeline.
+
+    q, gate, out: [H, S, D] HBM views of one sequence (gate may be None). rows: None, or a per-row mask
+    provider (the packed-sequence kernel, varlen.py) with start(st), mask(scores, st, j, k0, kn) and
+    finish_scale(inv_l, st); it replaces the length and causal biases. band: None, or (lo, hi) such that query
+    row r can only see keys r - lo .. r + hi - 1 (trace-time: blocks outside are never generated).
 
     _N_STREAMS slots each run a queue of streams back to back. In step t every slot computes the scores and
     softmax of its current block (and starts the DMA transposes of P), the PE transposes P of step t-1 and
@@ -218,7 +230,8 @@ def _attend_pipeline(q, gate, out, kT_sb, v_sb, len_f, klen_bias, b, items, skv,
     n_pe = _PE_T_CHUNKS if is_two_byte(dtype) else n_ch  # chunks transposed on the PE (rest: DMA transpose)
     n_slot = min(_N_STREAMS, len(items))
     max_blk = n_tiles(skv, block)
-    queues = [[_Stream(h, q0, sq_, skv, causal, block) for (h, q0, sq_) in items[s::n_slot]] for s in range(n_slot)]
+    queues = [[_Stream(h, q0, sq_, skv, causal, block, band) for (h, q0, sq_) in items[s::n_slot]]
+              for s in range(n_slot)]
     # ---- per-stream state, [slot, generation]: Q^T, statistics per block, accumulators
     qT_sb = nl.ndarray((P_MAX, n_slot, _GENS, n_d, _Q_TILE), dtype=dtype, buffer=nl.sbuf)
     m_blk = nl.ndarray((P_MAX, n_slot, 1), dtype=nl.float32, buffer=nl.sbuf)            # -rowmax of a block
@@ -252,20 +265,20 @@ def _attend_pipeline(q, gate, out, kT_sb, v_sb, len_f, klen_bias, b, items, skv,
         for s in range(n_slot):
             if cur[s] is None and nxt[s] < len(queues[s]):
                 st = queues[s][nxt[s]]
-                st.slot, st.gen, st.j = s, nxt[s] % _GENS, 0
+                st.slot, st.gen, st.j = s, nxt[s] % _GENS, st.j0
                 if nxt[s] == 0:
-                    _load_q(q, bufs, b, st, d, n_d, dtype, q_is_bhds)
+                    _load_q(q, bufs, st, d, n_d, dtype, q_is_bhds, rows)
                 if nxt[s] + 1 < len(queues[s]):
                     fol = queues[s][nxt[s] + 1]
                     fol.slot, fol.gen = s, (nxt[s] + 1) % _GENS
-                    _load_q(q, bufs, b, fol, d, n_d, dtype, q_is_bhds)
+                    _load_q(q, bufs, fol, d, n_d, dtype, q_is_bhds, rows)
                 nxt[s] += 1
                 cur[s] = st
         live = [(st, st.j) for st in cur if st is not None]
         history.append(live)
         for st, j in live:
             _scores(bufs, kT_sb, st, j, step, block, d, n_d)
-        scores = [_block_scores(bufs, klen_bias, diag_bias, st, j, step, block, causal) for st, j in live]
+        scores = [_block_scores(bufs, klen_bias, diag_bias, st, j, step, block, causal, rows) for st, j in live]
         for (st, j), sc in zip(live, scores):
             _softmax_max(bufs, sc, st, j, softmax_scale)
         for (st, j), sc in zip(live, scores):
@@ -279,7 +292,7 @@ def _attend_pipeline(q, gate, out, kT_sb, v_sb, len_f, klen_bias, b, items, skv,
             for st, j in history[step - 2]:
                 _pv_update(bufs, v_sb, st, j, step - 2, block, d)
                 if j == st.n_blk - 1:
-                    _finish(out, gate, bufs, len_f, b, st, d, dtype)
+                    _finish(out, gate, bufs, len_f, st, d, dtype, rows)
         for s in range(n_slot):
             st = cur[s]
             if st is not None:
@@ -291,7 +304,7 @@ def _attend_pipeline(q, gate, out, kT_sb, v_sb, len_f, klen_bias, b, items, skv,
             break
 
 
-def _load_q(q, bufs, b, st, d, n_d, dtype, q_is_bhds=False):
+def _load_q(q, bufs, st, d, n_d, dtype, q_is_bhds=False, rows=None):
     """Q^T of one stream: one natural-layout DMA of the [qn, D] tile, then PE transposes (a DMA transpose of
     256-byte rows would run at a fraction of the bandwidth). q_is_bhds=True: the host-permuted baseline layout,
     copied as is."""
@@ -300,10 +313,12 @@ def _load_q(q, bufs, b, st, d, n_d, dtype, q_is_bhds=False):
         for i_d in range(n_d):
             d0 = i_d * D_CHUNK
             dn = min(D_CHUNK, d - d0)
-            nisa.dma_copy(dst=qT[0:dn, st.slot, st.gen, i_d, 0:st.qn], src=q[b, st.h, d0:d0 + dn, st.q0:st.q0 + st.qn])
+            nisa.dma_copy(dst=qT[0:dn, st.slot, st.gen, i_d, 0:st.qn], src=q[st.h, d0:d0 + dn, st.q0:st.q0 + st.qn])
         return
+    if rows is not None:
+        rows.start(st)
     q_nat = nl.ndarray((P_MAX, d), dtype=dtype, buffer=nl.sbuf)
-    nisa.dma_copy(dst=q_nat[0:st.qn, 0:d], src=q[b, st.h, st.q0:st.q0 + st.qn, 0:d])
+    nisa.dma_copy(dst=q_nat[0:st.qn, 0:d], src=q[st.h, st.q0:st.q0 + st.qn, 0:d])
     q_psum = nl.ndarray((P_MAX, n_d, P_MAX), dtype=dtype, buffer=nl.psum)
     for i_d in range(n_d):
         d0 = i_d * D_CHUNK
@@ -332,13 +347,16 @@ def _scores(bufs, kT_sb, st, j, step, block, d, n_d):
                            kT_sb[0:dn, i_d, k0 + j0:k0 + j0 + jn], accumulate=i_d > 0)
 
 
-def _block_scores(bufs, klen_bias, diag_bias, st, j, step, block, causal):
-    """The block's logits as an on-chip view: PSUM directly, or SBUF after adding the length / causal bias."""
+def _block_scores(bufs, klen_bias, diag_bias, st, j, step, block, causal, rows=None):
+    """The block's logits as an on-chip view: PSUM directly, or SBUF after adding the length / causal bias
+    (or after the packed-sequence row mask)."""
     qn, s = st.qn, st.slot
     k0 = j * block
     kn = st.keys(j, block)
     s_psum = bufs["s_psum"]
     scores = s_psum[0:qn, step % s_psum.shape[1], s, 0:kn]
+    if rows is not None:
+        return rows.mask(scores, st, j, k0, kn)
     diagonal = causal and (k0 + kn - 1 > st.qa0)
     if not diagonal and klen_bias is None:
         return scores
@@ -356,7 +374,7 @@ def _softmax_max(bufs, scores, st, j, softmax_scale):
     qn, s, g = st.qn, st.slot, st.gen
     neg_m = bufs["neg_m"]
     nm_j = neg_m[0:qn, s, g, j:j + 1]
-    if j == 0:
+    if j == st.j0:
         nisa.tensor_reduce(dst=bufs["m_blk"][0:qn, s, 0:1], op=nl.maximum, data=scores, axis=1, negate=True)
         nisa.tensor_scalar(dst=nm_j, data=bufs["m_blk"][0:qn, s, 0:1], op0=nl.multiply, operand0=softmax_scale,
                            engine=nisa.engine.gpsimd)
@@ -374,7 +392,7 @@ def _softmax_exp(bufs, scores, st, j, step, softmax_scale):
     nisa.activation(dst=bufs["p"][0:qn, step % _RING, s, 0:kn], op=nl.exp, data=scores, bias=nm_j,
                     scale=softmax_scale, reduce_op=nl.add, reduce_res=bufs["row_sum"][0:qn, s, g, j:j + 1],
                     reduce_cmd=nisa.reduce_cmd.reset_reduce)
-    if j > 0:
+    if j > st.j0:
         nisa.activation(dst=bufs["alpha"][0:qn, s, g, j:j + 1], op=nl.exp, data=bufs["neg_m"][0:qn, s, g, j - 1:j],
                         bias=nm_j, scale=-1.0)
 
@@ -429,9 +447,9 @@ def _pv_update(bufs, v_sb, st, j, step, block, d):
                            v_sb[0:cn, c_base + c, h0:h1], accumulate=c > 0)
     o = o_acc[0:qn, s, g, 0:d]
     l_ = l_sb[0:qn, s, g, 0:1]
-    if j == 0:
+    if j == st.j0:
         nisa.activation(dst=o, op=nl.copy, data=pv)
-        nisa.tensor_copy(dst=l_, src=row_sum[0:qn, s, g, 0:1], engine=nisa.engine.gpsimd)
+        nisa.tensor_copy(dst=l_, src=row_sum[0:qn, s, g, j:j + 1], engine=nisa.engine.gpsimd)
     elif not (_O_UPDATE_ON_POOL is True or (_O_UPDATE_ON_POOL == "odd" and s % 2 == 1)):
         a_j = bufs["alpha"][0:qn, s, g, j:j + 1]
         nisa.scalar_tensor_tensor(dst=o, data=o, op0=nl.multiply, operand0=a_j, op1=nl.add, operand1=pv)
@@ -448,12 +466,14 @@ def _pv_update(bufs, v_sb, st, j, step, block, d):
                                   operand1=row_sum[0:qn, s, g, j:j + 1])
 
 
-def _finish(out, gate, bufs, len_f, b, st, d, dtype):
+def _finish(out, gate, bufs, len_f, st, d, dtype, rows=None):
     """out = O / l (0 for padded query rows), optionally * sigmoid(gate); one DMA to HBM."""
     qn, s, g = st.qn, st.slot, st.gen
     o = bufs["o"][0:qn, s, g, 0:d]
     inv_l = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.reciprocal(dst=inv_l[0:qn], data=bufs["l"][0:qn, s, g, 0:1])
+    if rows is not None:
+        rows.finish_scale(inv_l, st)
     if len_f is not None:
         q_pos = nl.ndarray((P_MAX, 1), dtype=nl.int32, buffer=nl.sbuf)
         nisa.iota(q_pos[0:qn], pattern=[[1, 1]], offset=st.qa0, channel_multiplier=1)
@@ -468,14 +488,14 @@ def _finish(out, gate, bufs, len_f, b, st, d, dtype):
                            engine=nisa.engine.gpsimd)
     else:
         gate_sb = nl.ndarray((P_MAX, d), dtype=gate.dtype, buffer=nl.sbuf)
-        nisa.dma_copy(dst=gate_sb[0:qn, 0:d], src=gate[b, st.h, st.q0:st.q0 + qn, 0:d])
+        nisa.dma_copy(dst=gate_sb[0:qn, 0:d], src=gate[st.h, st.q0:st.q0 + qn, 0:d])
         sig_sb = nl.ndarray((P_MAX, d), dtype=nl.float32, buffer=nl.sbuf)
         nisa.activation(dst=sig_sb[0:qn, 0:d], op=nl.sigmoid, data=gate_sb[0:qn, 0:d])
         nisa.tensor_scalar(dst=sig_sb[0:qn, 0:d], data=sig_sb[0:qn, 0:d], op0=nl.multiply, operand0=inv_l[0:qn],
                            engine=nisa.engine.gpsimd)
         nisa.tensor_tensor(dst=o_sb[0:qn, 0:d], data1=o, data2=sig_sb[0:qn, 0:d], op=nl.multiply,
                            engine=nisa.engine.gpsimd)
-    nisa.dma_copy(dst=out[b, st.h, st.q0:st.q0 + qn, 0:d], src=o_sb[0:qn, 0:d])
+    nisa.dma_copy(dst=out[st.h, st.q0:st.q0 + qn, 0:d], src=o_sb[0:qn, 0:d])
 
 
 # ============================================================================ host wrapper

@@ -82,3 +82,36 @@ def flash_attention_decode_ref(q, k_cache, v_cache, cache_lens, causal=True, sof
         allowed = k_pos[None, :] < limit[:, None]
         out[b] = _masked_softmax_attention(q[b] * scale, kc[b], vc[b], allowed[None])
     return out
+
+
+def flash_attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, softmax_scale=None, gate=None,
+                               lnc=None, max_seqlen_q=None, max_seqlen_k=None):
+    """Packed-sequence attention (float64), one sequence at a time (max_seqlen_* are accepted and ignored: they
+    only bound the kernel's work).
+
+    q [Tq, Hq, D], k/v [Tk, Hkv, D]; sequence s owns query rows cu_seqlens_q[s]:cu_seqlens_q[s+1] and key rows
+    cu_seqlens_k[s]:cu_seqlens_k[s+1]. Causal is bottom-right aligned within the sequence: query i of Lq sees
+    keys j <= Lk - Lq + i. Rows that see no key are 0.
+    """
+    q, k, v = _f64(q), _f64(k), _f64(v)
+    cu_q = np.asarray(_f64(cu_seqlens_q)).astype(np.int64)
+    cu_k = np.asarray(_f64(cu_seqlens_k)).astype(np.int64)
+    tq, n_hq, d = q.shape
+    scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
+    out = np.zeros_like(q)
+    for s in range(len(cu_q) - 1):
+        q0, q1, k0, k1 = cu_q[s], cu_q[s + 1], cu_k[s], cu_k[s + 1]
+        lq, lk = q1 - q0, k1 - k0
+        if lq == 0 or lk == 0:
+            continue
+        qs = np.swapaxes(q[q0:q1], 0, 1)[None]                      # [1, Hq, Lq, D]
+        ks = _expand_kv(np.swapaxes(k[k0:k1], 0, 1)[None], n_hq)    # [1, Hq, Lk, D]
+        vs = _expand_kv(np.swapaxes(v[k0:k1], 0, 1)[None], n_hq)
+        allowed = np.ones((lq, lk), dtype=bool)
+        if causal:
+            allowed = np.arange(lk)[None, :] <= (lk - lq + np.arange(lq))[:, None]
+        o = _masked_softmax_attention(qs * scale, ks, vs, allowed[None, None])
+        out[q0:q1] = np.swapaxes(o[0], 0, 1)
+    if gate is not None:
+        out = out / (1.0 + np.exp(-_f64(gate)))
+    return out

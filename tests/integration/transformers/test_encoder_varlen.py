@@ -1,0 +1,94 @@
+"""Qwen3-Omni vision / audio encoders patched onto flash_attention_varlen (integration/transformers/encoder_attention)
+against the stock encoders (transformers' own per-window attention) on tiny random-weight configs."""
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import (  # noqa: E402
+    Qwen3OmniMoeAudioEncoderConfig, Qwen3OmniMoeVisionEncoderConfig)
+from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (  # noqa: E402
+    Qwen3OmniMoeAudioEncoder, Qwen3OmniMoeVisionEncoder)
+
+from integration.transformers import encoder_attention as enc  # noqa: E402
+
+
+def _vision(seed, hidden=144, heads=2):
+    """head_dim = hidden / heads: 72 like the real vision encoder (1152 / 16)."""
+    torch.manual_seed(seed)
+    cfg = Qwen3OmniMoeVisionEncoderConfig(depth=2, hidden_size=hidden, intermediate_size=64, num_heads=heads,
+                                          patch_size=4, spatial_merge_size=2, temporal_patch_size=2,
+                                          out_hidden_size=32, num_position_embeddings=64, deepstack_visual_indexes=[0])
+    return Qwen3OmniMoeVisionEncoder(cfg).eval()
+
+
+def _audio(seed):
+    """head_dim 64 like the real audio encoder (1280 / 20); the real 104-token windows (n_window 50, infer 800)."""
+    torch.manual_seed(seed)
+    cfg = Qwen3OmniMoeAudioEncoderConfig(num_mel_bins=16, encoder_layers=2, encoder_attention_heads=2,
+                                         encoder_ffn_dim=64, d_model=128, output_dim=32, downsample_hidden_size=8)
+    return Qwen3OmniMoeAudioEncoder(cfg).eval()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_stats():
+    enc.STATS.__init__()
+
+
+@pytest.mark.parametrize("grid", [[[1, 4, 6], [2, 4, 4]], [[3, 2, 2]], [[1, 8, 8], [1, 2, 2], [1, 4, 2]]])
+def test_vision_encoder_matches_stock(grid):
+    model = _vision(0)
+    grid = torch.tensor(grid)
+    n = int((grid[:, 0] * grid[:, 1] * grid[:, 2]).sum())
+    x = torch.randn(n, 3 * 2 * 4 * 4)
+    with torch.no_grad():
+        stock = model(x, grid)
+        with enc.patch_encoders(model):
+            ours = model(x, grid)
+    assert enc.STATS.calls == 2 and not enc.STATS.fallbacks       # one packed call per layer
+    for a, b in zip((stock.last_hidden_state, stock.pooler_output), (ours.last_hidden_state, ours.pooler_output)):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    assert model.config._attn_implementation != enc.ENCODER_ATTN_KEY          # restored
+
+
+@pytest.mark.parametrize("lens", [[900, 350], [100], [1000, 30, 460]])
+def test_audio_encoder_matches_stock(lens):
+    model = _audio(1)
+    feature_lens = torch.tensor(lens)
+    x = torch.randn(16, int(feature_lens.sum()))
+    with torch.no_grad():
+        stock = model(x, feature_lens=feature_lens).last_hidden_state
+        with enc.patch_encoders(model):
+            ours = model(x, feature_lens=feature_lens).last_hidden_state
+    assert enc.STATS.calls == 2 and not enc.STATS.fallbacks
+    torch.testing.assert_close(ours, stock, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_vision_encoder_close_to_stock():
+    model = _vision(2).to(torch.bfloat16)
+    grid = torch.tensor([[2, 4, 4]])
+    x = torch.randn(32, 3 * 2 * 4 * 4).to(torch.bfloat16)
+    with torch.no_grad():
+        stock = model(x, grid).last_hidden_state.float()
+        with enc.patch_encoders(model):
+            ours = model(x, grid).last_hidden_state.float()
+    rel = (ours - stock).norm() / stock.norm()
+    assert rel < 2e-2
+
+
+def test_grad_falls_back_to_per_window_sdpa():
+    model = _vision(3)
+    grid = torch.tensor([[1, 4, 4], [1, 2, 2]])
+    x = torch.randn(20, 3 * 2 * 4 * 4, requires_grad=True)
+    stock = model(x, grid).last_hidden_state
+    with enc.patch_encoders(model):
+        ours = model(x, grid).last_hidden_state
+    assert enc.STATS.calls == 0 and sum(enc.STATS.fallbacks.values()) == 2
+    torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-6)
+    ours.sum().backward()                      # the fallback keeps autograd working
+    assert x.grad is not None
+
+
+def test_patch_refuses_a_model_without_encoders():
+    with pytest.raises(TypeError, match="no Qwen3-Omni encoder attention"):
+        enc.patch_encoders(torch.nn.Linear(2, 2))
