@@ -183,18 +183,29 @@ def test_fake_shapes_and_dtypes_match_real(name):
         assert tuple(a.shape) == tuple(b.shape) and a.dtype == b.dtype and a.stride() == b.stride(), name
 
 
-@pytest.mark.parametrize("name", ["gated_delta_rule_step", "causal_conv1d_update", "flash_attention",
-                                  "moe_blockwise"])
+def _op_arguments(name, args, kwargs):
+    """The public wrapper's arguments in the op's schema form (structured arguments split into tensors)."""
+    kwargs = dict(kwargs)
+    if name in ("moe_blockwise", "moe_decode") and kwargs.get("shared") is not None:
+        sh = kwargs.pop("shared")
+        kwargs.update(shared_gate_up=sh[0], shared_down=sh[1], shared_gate=sh[2])
+    if name == "code_predictor":
+        w = args[2]
+        args = args[:2] + tuple(getattr(w, f) for f in torch_ops._CP_FIELDS)
+        kwargs.pop("return_sum", None)
+        kwargs.update(n_q_heads=w.n_q_heads, n_kv_heads=w.n_kv_heads, eps=w.eps)
+    return args, kwargs
+
+
+@pytest.mark.parametrize("name", sorted(nki_kernels.__all__))
 def test_opcheck_schema_and_fake(name, ops):
-    """torch.library.opcheck: the schema's mutation annotations match what the kernel writes, and the fake kernel
-    agrees with the real one (including under AOT dispatch)."""
+    """torch.library.opcheck on every op: the schema's mutation annotations match what the kernel writes (only
+    gated_delta_rule_step's state_pool and causal_conv1d_update's conv_state are written), and the fake kernel
+    agrees with the real one, also under AOT dispatch."""
     args, kwargs, mutated = _case(name)
+    args, kwargs = _op_arguments(name, args, kwargs)
     spec = {s.name: s for s in torch_ops.OPS}[name]
-    op = getattr(ops, name)
-    if name == "moe_blockwise":
-        sh = kwargs["shared"]
-        kwargs = dict(shared_gate_up=sh[0], shared_down=sh[1], shared_gate=sh[2])
-    torch.library.opcheck(op.default, _clone_args(args, mutated), kwargs,
+    torch.library.opcheck(getattr(ops, name).default, _clone_args(args, mutated), kwargs,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
     assert ("(a!)" in spec.schema) == bool(mutated)
 
