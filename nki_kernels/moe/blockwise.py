@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import call, nki, nisa, nl
-from ..hw import P_MAX, PSUM_BANK_BYTES, PSUM_NUM_BANKS
+from ..hw import P_MAX
 from ..lnc import resolve_lnc
 from ..validation import kernel_check
 from ._tiles import (_Y_TILE, TOK_TILE, down_piece, evict, intermediate_split, itemsize, load_down,
@@ -25,20 +25,6 @@ _FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 _MAX_WEIGHT_BYTES_PP = 96 * 1024
 # ---- tiles
 _GATHER_BYTES_PP = 64 * 1024   # SBUF per partition for one group of gathered slot rows in the output pass
-_ACC_MAX_H = 4 * _Y_TILE        # T <= 128 path: the fp32 output accumulator [128, H] takes H / 512 PSUM banks (<= 4)
-# T <= 128 path: PSUM banks for the accumulator plus the [I, T] fp32 tile of h^T S; the gate|up and transpose
-# tiles of the shared blocks take the other 3 of the 8 banks
-_ONE_PASS_PSUM_BANKS = PSUM_NUM_BANKS - 3
-
-
-def _fits_one_pass(n_tokens: int, h_total: int, n_inter: int) -> bool:
-    """T <= 128 and H <= _ACC_MAX_H, with the accumulator and the h^T S tile within _ONE_PASS_PSUM_BANKS."""
-    if n_tokens > TOK_TILE or h_total > _ACC_MAX_H:
-        return False
-    acc_banks = -(-h_total // _Y_TILE)
-    hp_banks = -(-intermediate_split(n_inter)[1] * TOK_TILE * 4 // PSUM_BANK_BYTES)
-    return acc_banks + hp_banks <= _ONE_PASS_PSUM_BANKS
-
 
 @nki.jit
 def moe_blockwise_kernel(hidden, expert_affinities, gate_up, down, token_position_to_id, block_to_expert,
@@ -76,17 +62,13 @@ def moe_blockwise_kernel(hidden, expert_affinities, gate_up, down, token_positio
                 xT = PE transposes of x; h = a * silu(xT.T Wg) * (xT.T Wu); y = h Wd
                 scratch[slots] = y                                       # contiguous store, no read-modify-write
         phase 2, for each row chunk r (128 tokens):
-            out[r] = shared(x[r]) + sum_j scratch[token_to_position[r, j]]  # gathers summed on TensorE (fp32)
-        T <= 128 and H <= _ACC_MAX_H, PSUM permitting (one pass, `_single_tile_phase`): per chunk, with the one-hot
-            S[s, t] = (ids[s] == t): acc[T, H] += (h^T S)^T Wd in fp32 PSUM; out = acc + shared(x)
+            out[r] = shared(x[r]) + sum_j scratch[token_to_position[r, j]]  # gathers summed on VectorE (fp32)
+        Every step keeps a token's values in its own row (gathers, row-wise matmuls, exact transposes, element-wise
+        adds): no one-hot or identity matmul mixes rows, so a non-finite value in one token reaches no other.
     """
     n_tokens, h_total = hidden.shape
     n_slots = token_position_to_id.shape[0]
     out = nl.ndarray((n_tokens, h_total), dtype=hidden.dtype, buffer=nl.shared_hbm)
-    if _fits_one_pass(n_tokens, h_total, down.shape[1]):   # one row chunk: accumulate the output in PSUM
-        _single_tile_phase(hidden, expert_affinities, gate_up, down, token_position_to_id, block_to_expert,
-                           top_k_index, shared_gate_up, shared_down, shared_gate, block_size, expert_offset, out)
-        return out
     scratch = nl.ndarray((n_slots + 1, h_total), dtype=hidden.dtype, buffer=nl.hbm)
     _blocks_phase(hidden, expert_affinities, gate_up, down, token_position_to_id, block_to_expert, top_k_index,
                   scratch, block_size, expert_offset, 0, 1)
@@ -149,73 +131,6 @@ def _load_block_tables(block_to_expert, token_position_to_id, top_k_index, block
                       src=token_position_to_id.ap(pattern=[[1, n_tok], [block_size, n_blocks]], offset=s0))
         ids_all.append(ids_sb)
     return e_all_sb, eg_all_sb, ids_all
-
-
-def _single_tile_phase(hidden, expert_affinities, gate_up, down, token_position_to_id, block_to_expert,
-                       top_k_index, shared_gate_up, shared_down, shared_gate, block_size, expert_offset, out):
-    """T <= 128 (one row chunk) and H <= _ACC_MAX_H: every block's down projection accumulates straight into
-    the fp32 PSUM tiles of the output (no slot scratch, no output pass).
-
-    Per chunk of <= 128 slots: x = hidden[max(id, 0)] (padding gathers token 0: finite rows), h = a * silu(x Wg)
-    * (x Wu) as in the blockwise pipeline, then hP [I, T] = h^T S with the one-hot S[s, t] = (id_s == t)
-    (padding rows of S are zero), and out[T, H] += hP^T Wd in PSUM."""
-    n_tokens, h_total = hidden.shape
-    n_local = gate_up.shape[0]
-    n_blocks = block_to_expert.shape[0]
-    n_h = h_total // P_MAX
-    e_all_sb, eg_all_sb, ids_all = _load_block_tables(block_to_expert, token_position_to_id, top_k_index,
-                                                      block_size, expert_offset)
-    idc_all = []   # ids clamped to >= 0 for the gathers
-    for ids_sb in ids_all:
-        idc_sb = nl.ndarray((TOK_TILE, n_blocks), dtype=nl.int32, buffer=nl.sbuf)
-        nisa.tensor_scalar(dst=idc_sb, data=ids_sb, op0=nl.maximum, operand0=0)
-        idc_all.append(idc_sb)
-    tok_sb = nl.ndarray((TOK_TILE, TOK_TILE), dtype=nl.int32, buffer=nl.sbuf)   # tok_sb[p, t] = t
-    nisa.iota(dst=tok_sb, pattern=[[1, TOK_TILE]], offset=0, channel_multiplier=0)
-    n_pieces = -(-h_total // _Y_TILE)
-    acc_psum = nl.ndarray((TOK_TILE, n_pieces, _Y_TILE), dtype=nl.float32, buffer=nl.psum)
-    for i_b in range(n_blocks):
-        e_sb = e_all_sb[:, i_b:i_b + 1]
-        wgu_sb = load_gate_up(gate_up, e_sb[0:1, :])
-        wd_sb = load_down(down, e_sb[0:1, :])
-        ic, n_i, _ = wd_sb.shape
-        for i_c, s0 in enumerate(range(0, block_size, TOK_TILE)):
-            n_tok = min(TOK_TILE, block_size - s0)
-            idc_sb = idc_all[i_c][:, i_b:i_b + 1]
-            x_sb = nl.ndarray((TOK_TILE, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
-            nisa.dma_copy(dst=x_sb[0:n_tok, :],
-                          src=hidden.ap(pattern=[[h_total, n_tok], [1, h_total]], offset=0,
-                                        vector_offset=idc_sb[0:n_tok, :], indirect_dim=0))
-            if top_k_index is None:
-                aff_sb = _dense_affinity(expert_affinities, idc_sb, e_sb, n_tok, n_local)
-            else:
-                aff_sb = _topk_affinity(expert_affinities, top_k_index, idc_sb, eg_all_sb[:, i_b:i_b + 1], n_tok)
-            xT_sb = transpose_tokens(x_sb, n_tok, n_h, evict_phase=i_b + i_c)
-            h_sb = swiglu(xT_sb, n_tok, wgu_sb, aff_sb)
-            sel_sb = nl.ndarray((TOK_TILE, TOK_TILE), dtype=hidden.dtype, buffer=nl.sbuf)
-            nisa.tensor_scalar(dst=sel_sb[0:n_tok, 0:n_tokens], data=tok_sb[0:n_tok, 0:n_tokens], op0=nl.equal,
-                               operand0=ids_all[i_c][0:n_tok, i_b:i_b + 1])
-            hp_psum = nl.ndarray((P_MAX, n_i, TOK_TILE), dtype=nl.float32, buffer=nl.psum)
-            for c in range(n_i):   # hP[q, c, t] = sum_s h[s, q * n_i + c] S[s, t]
-                nisa.nc_matmul(hp_psum[0:ic, c, 0:n_tokens], h_sb[0:n_tok, c::n_i], sel_sb[0:n_tok, 0:n_tokens])
-            hp_sb = nl.ndarray((P_MAX, n_i, TOK_TILE), dtype=hidden.dtype, buffer=nl.sbuf)
-            evict(hp_sb[0:ic, :, 0:n_tokens], hp_psum[0:ic, :, 0:n_tokens], i_b + i_c + 1)
-            for i_y, h0 in enumerate(range(0, h_total, _Y_TILE)):
-                down_piece(acc_psum[:, i_y, :], hp_sb, n_tokens, wd_sb, h0, min(_Y_TILE, h_total - h0))
-    if shared_gate_up is not None:
-        s_wgu_sb = load_gate_up(shared_gate_up)
-        s_wd_sb = load_down(shared_down)
-        s_wsg_sb = load_gate_vector(shared_gate)
-        _, hs_sb = _shared_h_rows(hidden, 0, s_wgu_sb, s_wsg_sb)
-        ic, n_i, _ = s_wd_sb.shape
-        hsT_sb = transpose_h(hs_sb, n_tokens, ic, n_i)
-        for i_y, h0 in enumerate(range(0, h_total, _Y_TILE)):
-            down_piece(acc_psum[:, i_y, :], hsT_sb, n_tokens, s_wd_sb, h0, min(_Y_TILE, h_total - h0))
-    o_sb = nl.ndarray((TOK_TILE, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
-    for i_y, h0 in enumerate(range(0, h_total, _Y_TILE)):
-        hw = min(_Y_TILE, h_total - h0)
-        evict(o_sb[0:n_tokens, h0:h0 + hw], acc_psum[0:n_tokens, i_y, 0:hw], i_y)
-    nisa.dma_copy(dst=out[:, :], src=o_sb[0:n_tokens, :])
 
 
 def _blocks_phase(hidden, expert_affinities, gate_up, down, token_position_to_id, block_to_expert, top_k_index,
@@ -307,28 +222,18 @@ def _down_store_chunk(scratch, out_dtype, staged, i_c, hT_sb):
 
 def _finalize_phase(hidden, scratch, token_to_position, shared_gate_up, shared_down, shared_gate, out, pid, n_prog):
     """out[r] = shared(x[r]) + sum_j scratch[token_to_position[r, j]] per row chunk r of this program: the
-    gathered slot rows are summed by identity-stationary matmuls into the fp32 PSUM tile that also holds the
-    shared expert's down projection, so each output row is written exactly once."""
+    gathered slot rows are added on VectorE in fp32 (element-wise, so each token's sum stays in its row), starting
+    from the shared expert's down projection, and each output row is written exactly once."""
     n_tokens, h_total = hidden.shape
-    ones_sb = nl.ndarray((TOK_TILE, TOK_TILE), dtype=hidden.dtype, buffer=nl.sbuf)
-    nisa.memset(dst=ones_sb, value=1.0)
-    ident_sb = nl.ndarray((TOK_TILE, TOK_TILE), dtype=hidden.dtype, buffer=nl.sbuf)
-    nisa.affine_select(dst=ident_sb, pattern=[[-1, TOK_TILE]], offset=0, channel_multiplier=1, on_true_tile=ones_sb,
-                       on_false_value=0.0, cmp_op=nl.equal)
+    shared_w = None
     if shared_gate_up is not None:
-        s_wgu_sb = load_gate_up(shared_gate_up)
-        s_wd_sb = load_down(shared_down)
-        s_wsg_sb = load_gate_vector(shared_gate)
+        shared_w = (load_gate_up(shared_gate_up), load_down(shared_down), load_gate_vector(shared_gate))
     group = max(1, _GATHER_BYTES_PP // (h_total * itemsize(hidden.dtype)))   # slot rows gathered at once
     n_row_chunks = (n_tokens + TOK_TILE - 1) // TOK_TILE
     mine = list(range(pid, n_row_chunks, n_prog))
     inv_all = _load_token_slots(token_to_position, mine)
-    shared_w = None
-    if shared_gate_up is not None:
-        shared_w = (s_wgu_sb, s_wd_sb, s_wsg_sb)
-    consts = (hidden, scratch, inv_all, ident_sb, shared_w, out, group)
     for i_m, i_r in enumerate(mine):
-        _finalize_rows(*consts, i_m, i_r)
+        _finalize_rows(hidden, scratch, inv_all, shared_w, out, group, i_m, i_r)
 
 
 def _load_token_slots(token_to_position, mine):
@@ -348,48 +253,45 @@ def _load_token_slots(token_to_position, mine):
     return inv_all
 
 
-def _finalize_rows(hidden, scratch, inv_all, ident_sb, shared_w, out, group, i_m, i_r):
-    """Row chunk i_r (this program's i_m-th): shared down projection + sum of the token's gathered slot rows,
-    one output DMA."""
+def _finalize_rows(hidden, scratch, inv_all, shared_w, out, group, i_m, i_r):
+    """Row chunk i_r (this program's i_m-th): acc = shared down projection (fp32, from PSUM) or the first gathered
+    slot row, then += each further gathered row (VectorE, fp32); the last add writes the output dtype; one
+    output DMA."""
     n_tokens, h_total = hidden.shape
     kmax = inv_all.shape[2]
     t0 = i_r * TOK_TILE
     n_tok = min(TOK_TILE, n_tokens - t0)
     inv_sb = inv_all[:, i_m, :]
+    acc_sb = nl.ndarray((TOK_TILE, h_total), dtype=nl.float32, buffer=nl.sbuf)
+    n_terms = kmax
     if shared_w is not None:
         s_wgu_sb, s_wd_sb, s_wsg_sb = shared_w
         _, hs_sb = _shared_h_rows(hidden, i_r, s_wgu_sb, s_wsg_sb)
         ic, n_i, _ = s_wd_sb.shape
         hsT_sb = transpose_h(hs_sb, n_tok, ic, n_i)
+        for i_y, h0 in enumerate(range(0, h_total, _Y_TILE)):
+            hw = min(_Y_TILE, h_total - h0)
+            acc_psum = nl.ndarray((TOK_TILE, _Y_TILE), dtype=nl.float32, buffer=nl.psum)
+            down_piece(acc_psum, hsT_sb, n_tok, s_wd_sb, h0, hw)
+            evict(acc_sb[0:n_tok, h0:h0 + hw], acc_psum[0:n_tok, 0:hw], i_y)
+        n_terms += 1
     o_sb = nl.ndarray((TOK_TILE, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
-    n_groups = (kmax + group - 1) // group
-    if n_groups > 1:   # many slots per token (e.g. the all-experts baseline): fp32 SBUF accumulation
-        acc32_sb = nl.ndarray((TOK_TILE, h_total), dtype=nl.float32, buffer=nl.sbuf)
-    for i_g in range(n_groups):
-        j0 = i_g * group
+    term = 0 if shared_w is None else 1
+    for j0 in range(0, kmax, group):
         g_sz = min(group, kmax - j0)
         g_sb = nl.ndarray((TOK_TILE, min(group, kmax), h_total), dtype=hidden.dtype, buffer=nl.sbuf)
         for jj in range(g_sz):
             nisa.dma_copy(dst=g_sb[0:n_tok, jj, :],
                           src=scratch.ap(pattern=[[h_total, n_tok], [1, h_total]], offset=0,
                                          vector_offset=inv_sb[0:n_tok, j0 + jj:j0 + jj + 1], indirect_dim=0))
-        for i_y, h0 in enumerate(range(0, h_total, _Y_TILE)):
-            hw = min(_Y_TILE, h_total - h0)
-            acc_psum = nl.ndarray((TOK_TILE, _Y_TILE), dtype=nl.float32, buffer=nl.psum)
-            if shared_w is not None and i_g == 0:
-                down_piece(acc_psum, hsT_sb, n_tok, s_wd_sb, h0, hw)
-            for jj in range(g_sz):   # identity-stationary matmuls: acc += g_j (fp32 PSUM accumulation)
-                nisa.nc_matmul(acc_psum[0:n_tok, 0:hw], ident_sb[0:n_tok, 0:n_tok],
-                               g_sb[0:n_tok, jj, h0:h0 + hw], accumulate=None)
-            if n_groups == 1:
-                evict(o_sb[0:n_tok, h0:h0 + hw], acc_psum[0:n_tok, 0:hw], i_y)
-            elif i_g == 0:
-                nisa.tensor_copy(dst=acc32_sb[0:n_tok, h0:h0 + hw], src=acc_psum[0:n_tok, 0:hw])
+        for jj in range(g_sz):
+            dst = o_sb if term == n_terms - 1 else acc_sb
+            if term == 0:
+                nisa.tensor_copy(dst=dst[0:n_tok, :], src=g_sb[0:n_tok, jj, :])
             else:
-                nisa.tensor_tensor(dst=acc32_sb[0:n_tok, h0:h0 + hw], data1=acc32_sb[0:n_tok, h0:h0 + hw],
-                                   data2=acc_psum[0:n_tok, 0:hw], op=nl.add)
-    if n_groups > 1:
-        nisa.tensor_copy(dst=o_sb[0:n_tok, :], src=acc32_sb[0:n_tok, :])
+                nisa.tensor_tensor(dst=dst[0:n_tok, :], data1=acc_sb[0:n_tok, :], data2=g_sb[0:n_tok, jj, :],
+                                   op=nl.add)
+            term += 1
     nisa.dma_copy(dst=out[t0:t0 + n_tok, :], src=o_sb[0:n_tok, :])
 
 
@@ -421,7 +323,7 @@ def _topk_affinity(top_k_weights, top_k_index, ids_sb, eg_sb, n_tok):
                   oob_mode=nisa.oob_mode.skip)
     sel_sb = nl.ndarray((TOK_TILE, top_k), dtype=nl.float32, buffer=nl.sbuf)
     nisa.tensor_scalar(dst=sel_sb[0:n_tok, :], data=idx_sb[0:n_tok, :], op0=nl.equal, operand0=eg_sb[0:n_tok, :])
-    nisa.tensor_tensor(dst=sel_sb[0:n_tok, :], data1=sel_sb[0:n_tok, :], data2=w_sb[0:n_tok, :], op=nl.multiply)
+    sel_sb = nl.where(sel_sb, w_sb, 0.0)    # a select: the weight (even NaN) of another expert plays no part
     aff_sb = nl.ndarray((TOK_TILE, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.tensor_reduce(dst=aff_sb[0:n_tok, :], op=nl.add, data=sel_sb[0:n_tok, :], axis=1)
     return aff_sb
@@ -457,12 +359,16 @@ def check_weights(kname, hidden, gate_up, down, shared):
                  f"{kname}: H must be a multiple of {P_MAX} in [{_MIN_H}, {_MAX_H}], got H={h_total}")
     kernel_check(_dtype_name(hidden) in _FLOAT_DTYPES,
                  f"{kname}: hidden dtype must be one of {_FLOAT_DTYPES}, got dtype={hidden.dtype}")
+    hint = ("; transformers' gate_up_proj [E, 2I, H] / down_proj [E, H, I] convert with "
+            "nki_kernels.moe.weights_from_transformers (or experts_from_transformers)")
     kernel_check(getattr(gate_up, "ndim", 0) == 4 and _shape(gate_up)[1:3] == (h_total, 2),
-                 f"{kname}: gate_up must be [E, H={h_total}, 2, I], got shape={_shape(gate_up)}")
+                 f"{kname}: gate_up must be [E, H={h_total}, 2, I], got shape={_shape_of(gate_up)}"
+                 + (hint if getattr(gate_up, "ndim", 0) == 3 and _shape(gate_up)[2] == h_total else ""))
     n_local, _, _, n_inter = _shape(gate_up)
     kernel_check(1 <= n_local <= _MAX_EXPERTS, f"{kname}: E must be in [1, {_MAX_EXPERTS}], got E={n_local}")
-    kernel_check(_shape(down) == (n_local, n_inter, h_total),
-                 f"{kname}: down must be [E={n_local}, I={n_inter}, H={h_total}], got shape={_shape(down)}")
+    kernel_check(hasattr(down, "shape") and _shape(down) == (n_local, n_inter, h_total),
+                 f"{kname}: down must be [E={n_local}, I={n_inter}, H={h_total}], got shape={_shape_of(down)}"
+                 + (hint if _shape_of(down) == (n_local, h_total, n_inter) else ""))
     for name, w in (("gate_up", gate_up), ("down", down)):
         kernel_check(w.dtype == hidden.dtype, f"{kname}: {name} dtype must equal hidden's {hidden.dtype}, "
                      f"got {w.dtype}")
@@ -472,7 +378,9 @@ def check_weights(kname, hidden, gate_up, down, shared):
                      f"{kname}: shared must be (gate_up [H, 2, Is], down [Is, H], gate [H]), got {type(shared)}")
         s_gu, s_dn, s_g = shared
         kernel_check(getattr(s_gu, "ndim", 0) == 3 and _shape(s_gu)[:2] == (h_total, 2),
-                     f"{kname}: shared gate_up must be [H={h_total}, 2, Is], got shape={_shape(s_gu)}")
+                     f"{kname}: shared gate_up must be [H={h_total}, 2, Is], got shape={_shape_of(s_gu)} "
+                     "(transformers' shared expert converts with nki_kernels.moe.weights_from_transformers or "
+                     "shared_from_transformers)")
         n_sh = _shape(s_gu)[2]
         kernel_check(_shape(s_dn) == (n_sh, h_total),
                      f"{kname}: shared down must be [Is={n_sh}, H={h_total}], got shape={_shape(s_dn)}")
@@ -552,17 +460,18 @@ def _check_inter(kname, label, n_inter, h_total, hidden):
 
 
 def moe_blockwise(hidden, expert_affinities, gate_up, down, token_position_to_id, block_to_expert, block_size,
-                  shared=None, top_k_index=None, expert_offset: int = 0, lnc=None):
+                  shared=None, top_k_index=None, expert_offset: int = 0, max_experts_per_token=None, lnc=None):
     """Blockwise MoE on NxDI's mapping, with the optional fused sigmoid-gated shared expert.
 
     Dimensions:
         T tokens, H hidden, E local experts, I expert intermediate, Is shared intermediate, TOPK, B = block_size,
-        N blocks.
+        N blocks, KMAX = most local experts of one token (TOPK in the top-k form).
     Args:
         hidden: [T, H] @ HBM, bf16/fp16/fp32.
         expert_affinities: dense [T, E] (local expert columns), or the top-k weights [T, TOPK] when top_k_index
-            is given.
-        gate_up: [E, H, 2, I] @ HBM (NxDI per-rank layout; gate then up). down: [E, I, H] @ HBM.
+            is given; bf16/fp16/fp32 (float64 is refused: cast it).
+        gate_up: [E, H, 2, I] @ HBM (NxDI per-rank layout; gate then up). down: [E, I, H] @ HBM
+            (`moe_weights_from_transformers` converts transformers' layout).
         token_position_to_id: [N * B] int32, -1 padding; block_to_expert: [N] int32 local ids
             (from `moe_block_mapping`).
         block_size: B, 1 <= B <= 512.
@@ -571,14 +480,19 @@ def moe_blockwise(hidden, expert_affinities, gate_up, down, token_position_to_id
         top_k_index: [T, TOPK] int global expert ids (selects the top-k affinity form).
         expert_offset: expert parallelism; local expert l holds global expert expert_offset + l (the top-k ids
             are compared against expert_offset + l; the mapping must use the same offset).
+        max_experts_per_token: KMAX for the dense form (trace-time option, default min(E, N)); the output pass
+            gathers KMAX slot rows per token, so pass the router's TOPK. Ignored in the top-k form (KMAX = TOPK).
         lnc: None (NEURON_LOGICAL_NC_CONFIG, else the target's default: 2 on trn2), 1 or 2. At LNC=2 two
             launches: the blocks alternate between the two cores (each writes its blocks' slot rows), then the
             128-token row chunks alternate (each core writes its rows of the output).
     Returns:
-        [T, H] in hidden's dtype (NumPy or torch like the inputs).
+        [T, H] in hidden's dtype (NumPy or torch like the inputs). No argument is written.
     Constraints:
         H % 128 == 0 and 128 <= H <= 8192; I and Is split into ceil(I/128) equal chunks; one expert's weights
-        <= 96 KiB per partition; mapping ids in range, each token at most once per block.
+        <= 96 KiB per partition; mapping ids in range, each (token, expert) pair at most once, every routed
+        (token, local expert) of top_k_index (or nonzero dense affinity) in the mapping, at most KMAX slots
+        per token. The mapping checks read host (NumPy / CPU) values for validation only; the kernel's
+        instruction sequence depends only on the shapes (N, B, T, KMAX).
     Pseudocode:
         see moe_blockwise_kernel.
     """
@@ -586,15 +500,17 @@ def moe_blockwise(hidden, expert_affinities, gate_up, down, token_position_to_id
     check_weights(kname, hidden, gate_up, down, shared)
     n_tokens, h_total = _shape(hidden)
     n_local = _shape(gate_up)[0]
-    kernel_check(isinstance(block_size, (int, np.integer)) and 1 <= block_size <= _MAX_BLOCK,
+    kernel_check(isinstance(block_size, (int, np.integer)) and not isinstance(block_size, bool)
+                 and 1 <= block_size <= _MAX_BLOCK,
                  f"{kname}: block_size must be an int in [1, {_MAX_BLOCK}], got block_size={block_size!r}")
     check_expert_offset(kname, expert_offset, n_local)
     lnc = resolve_lnc(lnc, kname)
+    for name, m in (("token_position_to_id", token_position_to_id), ("block_to_expert", block_to_expert)):
+        kernel_check(hasattr(m, "shape") and hasattr(m, "dtype") and getattr(m, "ndim", 0) == 1 and _is_int_dtype(m),
+                     f"{kname}: {name} must be a 1-D int array, got {_shape_of(m)} "
+                     f"{getattr(m, 'dtype', type(m).__name__)}")
     tpos, b2e = _np(token_position_to_id), _np(block_to_expert)
-    kernel_check(tpos.ndim == 1 and np.issubdtype(tpos.dtype, np.integer),
-                 f"{kname}: token_position_to_id must be a 1-D int array, got shape={tpos.shape}, dtype={tpos.dtype}")
-    kernel_check(b2e.ndim == 1 and b2e.size >= 1 and np.issubdtype(b2e.dtype, np.integer),
-                 f"{kname}: block_to_expert must be a non-empty 1-D int array, got shape={b2e.shape}")
+    kernel_check(b2e.size >= 1, f"{kname}: block_to_expert must be a non-empty 1-D int array, got shape={b2e.shape}")
     n_blocks = b2e.size
     kernel_check(tpos.size == n_blocks * block_size,
                  f"{kname}: token_position_to_id must hold N*B = {n_blocks}*{block_size} = {n_blocks * block_size} "
@@ -605,27 +521,31 @@ def moe_blockwise(hidden, expert_affinities, gate_up, down, token_position_to_id
     kernel_check(bool(np.all((tpos >= -1) & (tpos < n_tokens))),
                  f"{kname}: token_position_to_id entries must be -1 or token ids in [0, T={n_tokens}), got "
                  f"min={int(tpos.min())}, max={int(tpos.max())}")
-    blocks = tpos.reshape(n_blocks, block_size)
-    for i_b in range(n_blocks):
-        ids = blocks[i_b][blocks[i_b] >= 0]
-        kernel_check(np.unique(ids).size == ids.size,
-                     f"{kname}: block {i_b} lists a token more than once (ids {np.sort(ids).tolist()[:8]}...)")
     if top_k_index is None:
-        kernel_check(_shape(expert_affinities) == (n_tokens, n_local),
+        kernel_check(hasattr(expert_affinities, "shape") and _shape(expert_affinities) == (n_tokens, n_local),
                      f"{kname}: dense expert_affinities must be [T={n_tokens}, E={n_local}], got "
-                     f"shape={_shape(expert_affinities)} (pass top_k_index for the [T, TOPK] form)")
+                     f"shape={_shape_of(expert_affinities)} (pass top_k_index for the [T, TOPK] form)")
+        kernel_check(_dtype_name(expert_affinities) in _FLOAT_DTYPES,
+                     f"{kname}: expert_affinities dtype must be one of {_FLOAT_DTYPES} (cast float64 affinities to "
+                     f"float32), got dtype={expert_affinities.dtype}")
+        kmax = min(n_local, n_blocks)
+        if max_experts_per_token is not None:
+            kernel_check(isinstance(max_experts_per_token, (int, np.integer)) and not isinstance(
+                max_experts_per_token, bool) and 1 <= max_experts_per_token <= n_local,
+                f"{kname}: max_experts_per_token must be an int in [1, E={n_local}] or None, got "
+                f"max_experts_per_token={max_experts_per_token!r}")
+            kmax = min(kmax, int(max_experts_per_token))
         aff = expert_affinities.reshape(n_tokens * n_local, 1)
         idx = None
     else:
-        kernel_check(getattr(top_k_index, "ndim", 0) == 2 and _shape(top_k_index)[0] == n_tokens,
-                     f"{kname}: top_k_index must be [T={n_tokens}, TOPK], got shape={_shape(top_k_index)}")
-        kernel_check(_shape(expert_affinities) == _shape(top_k_index),
-                     f"{kname}: top-k expert_affinities must be [T, TOPK]={_shape(top_k_index)}, got "
-                     f"shape={_shape(expert_affinities)}")
+        check_top_k(kname, top_k_index, expert_affinities, n_tokens, hidden, weights_name="expert_affinities")
+        kmax = _shape(top_k_index)[1]
         aff, idx = expert_affinities, _as_int32(top_k_index)
+    check_mapping(kname, tpos, b2e, block_size, n_tokens, n_local, kmax, top_k_index, expert_affinities,
+                  expert_offset)
     tpos32 = _as_int32(token_position_to_id)
     b2e32 = _as_int32(block_to_expert)
-    inv = token_slots(tpos, n_tokens)
+    inv = token_slots(tpos, n_tokens, kmax)
     s_gu, s_dn, s_g = shared if shared is not None else (None, None, None)
     if lnc == 1:
         return call(moe_blockwise_kernel, hidden, aff, gate_up, down, tpos32, b2e32, inv, s_gu, s_dn, s_g, idx,
@@ -635,21 +555,74 @@ def moe_blockwise(hidden, expert_affinities, gate_up, down, token_position_to_id
     return call(moe_blockwise_finalize_kernel, hidden, scratch, inv, s_gu, s_dn, s_g, lnc=lnc)
 
 
-def token_slots(token_position_to_id, n_tokens: int) -> np.ndarray:
+def check_mapping(kname, tpos, b2e, block_size, n_tokens, n_local, kmax, top_k_index, expert_affinities,
+                  expert_offset):
+    """Host validation of the mapping (never used to specialize the kernel): each (token, local expert) pair at
+    most once, at most KMAX slots per token, and every routed pair present: in the top-k form the pairs equal
+    top_k_index's local choices; in the dense form every nonzero affinity has a slot. Skipped for values that
+    are not on the host (device tensors)."""
+    tok = tpos.astype(np.int64).reshape(-1)
+    exp = np.repeat(b2e.astype(np.int64), block_size)
+    used = tok >= 0
+    codes = tok[used] * n_local + exp[used]
+    pairs, counts = np.unique(codes, return_counts=True)
+    if np.any(counts > 1):
+        c = int(pairs[np.argmax(counts > 1)])
+        kernel_check(False, f"{kname}: the mapping lists token {c // n_local} more than once for local expert "
+                     f"{c % n_local} (a token may take one slot per expert)")
+    if top_k_index is not None:
+        idx = _host_values(top_k_index)
+        if idx is None:
+            return
+        loc = idx.astype(np.int64) - int(expert_offset)
+        local = (loc >= 0) & (loc < n_local)
+        t_ids = np.broadcast_to(np.arange(n_tokens)[:, None], loc.shape)
+        want = np.unique(t_ids[local] * n_local + loc[local])
+        if not np.array_equal(want, pairs):
+            extra = np.setdiff1d(pairs, want)
+            missing = np.setdiff1d(want, pairs)
+            if missing.size:
+                c = int(missing[0])
+                what = f"token {c // n_local} routed to local expert {c % n_local} has no slot in the mapping"
+            else:
+                c = int(extra[0])
+                what = f"the mapping puts token {c // n_local} in local expert {c % n_local}'s block, which its " \
+                       f"top_k_index row does not select"
+            kernel_check(False, f"{kname}: token_position_to_id / block_to_expert do not match top_k_index "
+                         f"(expert_offset={expert_offset}): {what}")
+    per_token = np.bincount(tok[used], minlength=n_tokens)
+    if per_token.size and per_token.max() > kmax:
+        t = int(np.argmax(per_token))
+        kernel_check(False, f"{kname}: token {t} has {int(per_token[t])} slots in the mapping, above KMAX={kmax} "
+                     f"(TOPK in the top-k form, else max_experts_per_token or min(E, N))")
+    if top_k_index is not None:
+        return
+    aff = _host_values(expert_affinities)
+    if aff is None:
+        return
+    t_nz, e_nz = np.nonzero(aff.reshape(n_tokens, n_local) != 0)
+    missing = np.setdiff1d(t_nz.astype(np.int64) * n_local + e_nz, pairs)
+    if missing.size:
+        c = int(missing[0])
+        kernel_check(False, f"{kname}: expert_affinities[{c // n_local}, {c % n_local}] is nonzero but the mapping "
+                     f"has no slot for token {c // n_local} in local expert {c % n_local} (it would be dropped)")
+
+
+def token_slots(token_position_to_id, n_tokens: int, kmax: int) -> np.ndarray:
     """Inverse of the mapping: [T, KMAX] int32, the slots holding each token in ascending slot order, padded with
-    N * B (the kernel's all-zero scratch row); KMAX = max(1, most slots of one token). Host bookkeeping of the
-    same kind as building the mapping."""
+    N * B (the kernel's all-zero scratch row). KMAX is static (a shape: TOPK, or the dense form's bound), so the
+    kernel's instruction sequence does not depend on the routing. Host bookkeeping of the same kind as building
+    the mapping (the counts are validated against KMAX by `check_mapping`)."""
     tpos = _np(token_position_to_id).astype(np.int64).reshape(-1)
     n_slots = tpos.size
     pos = np.nonzero(tpos >= 0)[0]
     toks = tpos[pos]
     counts = np.bincount(toks, minlength=n_tokens)
-    kmax = max(1, int(counts.max()) if counts.size else 1)
     order = np.argsort(toks, kind="stable")
     toks, pos = toks[order], pos[order]
     first = np.concatenate([[0], np.cumsum(counts)[:-1]])
     rank = np.arange(toks.size) - first[toks]
-    inv = np.full((n_tokens, kmax), n_slots, dtype=np.int64)
+    inv = np.full((n_tokens, max(1, int(kmax))), n_slots, dtype=np.int64)
     inv[toks, rank] = pos
     return inv.astype(np.int32)
 
