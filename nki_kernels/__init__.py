@@ -29,8 +29,6 @@ _EXPORTS = {
     "moe_block_mapping": "nki_kernels.moe.routing",
     "moe_blockwise": "nki_kernels.moe.blockwise",
     "moe_decode": "nki_kernels.moe.decode",
-    "moe_weights_from_transformers": "nki_kernels.moe.weights",
-    "moe_weights_from_state_dict": "nki_kernels.moe.weights",
     # code predictor
     "code_predictor": "nki_kernels.codepredictor.unrolled",
 }

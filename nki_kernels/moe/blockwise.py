@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import call, nki, nisa, nl
-from ..hw import P_MAX
+from ..hw import P_MAX, SBUF_BYTES_PER_PARTITION
 from ..lnc import resolve_lnc
 from ..validation import kernel_check
 from ._tiles import (_Y_TILE, TOK_TILE, down_piece, evict, intermediate_split, itemsize, load_down,
@@ -24,7 +24,9 @@ _FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 # half the trn2 partition so the next block's weights can stream in while this one computes.
 _MAX_WEIGHT_BYTES_PP = 96 * 1024
 # ---- tiles
-_GATHER_BYTES_PP = 64 * 1024   # SBUF per partition for one group of gathered slot rows in the output pass
+_GATHER_BYTES_PP = 64 * 1024   # SBUF per partition for one group of gathered slot rows in the output pass (at most)
+_TABLE_BLOCKS = 256            # blocks whose expert / token-id tables are loaded at once (SBUF independent of N)
+_SBUF_MARGIN = 2 * 1024        # bytes per partition left for the few small tiles the plan below does not list
 
 @nki.jit
 def moe_blockwise_kernel(hidden, expert_affinities, gate_up, down, token_position_to_id, block_to_expert,
@@ -111,24 +113,25 @@ def moe_blockwise_finalize_kernel(hidden, scratch, token_to_position, shared_gat
     return out
 
 
-def _load_block_tables(block_to_expert, token_position_to_id, top_k_index, block_size, expert_offset):
-    """Every block's expert id on every partition (e_all_sb [128, N], and eg_all_sb = global ids for the top-k
-    compare) and every slot's token id (slot chunk c of block b in ids_all[c][p, b]): 2 + ceil(B / 128) DMAs for
-    the whole launch instead of several per block."""
-    n_blocks = block_to_expert.shape[0]
-    e_all_sb = nl.ndarray((P_MAX, n_blocks), dtype=nl.int32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=e_all_sb, src=block_to_expert.ap(pattern=[[0, P_MAX], [1, n_blocks]], offset=0))
+def _load_block_tables(block_to_expert, token_position_to_id, top_k_index, block_size, expert_offset, b0, n_b):
+    """Blocks b0 .. b0 + n_b - 1 (column b - b0): each block's expert id on every partition (e_all_sb [128, n_b],
+    and eg_all_sb = global ids for the top-k compare) and every slot's token id (slot chunk c of block b in
+    ids_all[c][p, b - b0]): 2 + ceil(B / 128) DMAs per group of _TABLE_BLOCKS blocks instead of several per block;
+    SBUF independent of N."""
+    e_all_sb = nl.ndarray((P_MAX, n_b), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=e_all_sb, src=block_to_expert.ap(pattern=[[0, P_MAX], [1, n_b]], offset=b0))
     if top_k_index is not None and expert_offset != 0:
-        eg_all_sb = nl.ndarray((P_MAX, n_blocks), dtype=nl.int32, buffer=nl.sbuf)
+        eg_all_sb = nl.ndarray((P_MAX, n_b), dtype=nl.int32, buffer=nl.sbuf)
         nisa.tensor_scalar(dst=eg_all_sb, data=e_all_sb, op0=nl.add, operand0=expert_offset)
     else:
         eg_all_sb = e_all_sb
     ids_all = []
     for s0 in range(0, block_size, TOK_TILE):
         n_tok = min(TOK_TILE, block_size - s0)
-        ids_sb = nl.ndarray((TOK_TILE, n_blocks), dtype=nl.int32, buffer=nl.sbuf)
+        ids_sb = nl.ndarray((TOK_TILE, n_b), dtype=nl.int32, buffer=nl.sbuf)
         nisa.dma_copy(dst=ids_sb[0:n_tok, :],
-                      src=token_position_to_id.ap(pattern=[[1, n_tok], [block_size, n_blocks]], offset=s0))
+                      src=token_position_to_id.ap(pattern=[[1, n_tok], [block_size, n_b]],
+                                                  offset=b0 * block_size + s0))
         ids_all.append(ids_sb)
     return e_all_sb, eg_all_sb, ids_all
 
@@ -144,33 +147,37 @@ def _blocks_phase(hidden, expert_affinities, gate_up, down, token_position_to_id
         zero_sb = nl.ndarray((1, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
         nisa.memset(dst=zero_sb, value=0.0)
         nisa.dma_copy(dst=scratch[n_slots:n_slots + 1, :], src=zero_sb)
-    e_all_sb, eg_all_sb, ids_all = _load_block_tables(block_to_expert, token_position_to_id, top_k_index,
-                                                      block_size, expert_offset)
-    args = (hidden, expert_affinities, gate_up, down, top_k_index, e_all_sb, eg_all_sb, ids_all)
     consts = (block_size, n_local, n_h)
     # software pipeline over the blocks, interleaved per chunk of <= 128 slots: the PE program order is
     # hT(b - 1, c), xT(b, c), down(b - 1, c), gate/up(b, c), ... so TensorE has independent work queued while
     # the transposes are evicted and while SiLU runs
     pending = None
-    for i_b in range(pid, n_blocks, n_prog):
-        pending = _block_step(*args, i_b, *consts, scratch, pending)
+    for g0 in range(0, n_blocks, _TABLE_BLOCKS):
+        n_b = min(_TABLE_BLOCKS, n_blocks - g0)
+        tables = _load_block_tables(block_to_expert, token_position_to_id, top_k_index, block_size, expert_offset,
+                                    g0, n_b)
+        args = (hidden, expert_affinities, gate_up, down, top_k_index) + tables
+        first = g0 + (pid - g0) % n_prog
+        for i_b in range(first, g0 + n_b, n_prog):
+            pending = _block_step(*args, i_b, i_b - g0, *consts, scratch, pending)
     if pending is not None:
         for i_c in range(len(pending[1])):
             _down_store_chunk(scratch, hidden.dtype, pending, i_c, _h_transpose_chunk(pending, i_c))
 
 
-def _block_step(hidden, expert_affinities, gate_up, down, top_k_index, e_all_sb, eg_all_sb, ids_all, i_b,
+def _block_step(hidden, expert_affinities, gate_up, down, top_k_index, e_all_sb, eg_all_sb, ids_all, i_b, col,
                 block_size, n_local, n_h, scratch, pending):
-    """Block i_b up to h = a * silu(x Wg) * (x Wu), interleaved chunk by chunk with the down projection and
-    store of the previous block (`pending`). Returns what the next step needs to finish block i_b."""
+    """Block i_b (column col of the tables) up to h = a * silu(x Wg) * (x Wu), interleaved chunk by chunk with the
+    down projection and store of the previous block (`pending`). Returns what the next step needs to finish
+    block i_b."""
     h_total = hidden.shape[1]
-    e_sb = e_all_sb[:, i_b:i_b + 1]
+    e_sb = e_all_sb[:, col:col + 1]
     wgu_sb = load_gate_up(gate_up, e_sb[0:1, :])
     wd_sb = load_down(down, e_sb[0:1, :])
     inputs = []
     for i_c, s0 in enumerate(range(0, block_size, TOK_TILE)):   # every input DMA of the block first
         n_tok = min(TOK_TILE, block_size - s0)
-        ids_sb = ids_all[i_c][:, i_b:i_b + 1]
+        ids_sb = ids_all[i_c][:, col:col + 1]
         x_sb = nl.ndarray((TOK_TILE, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
         nisa.dma_copy(dst=x_sb[0:n_tok, :],
                       src=hidden.ap(pattern=[[h_total, n_tok], [1, h_total]], offset=0,
@@ -179,7 +186,7 @@ def _block_step(hidden, expert_affinities, gate_up, down, top_k_index, e_all_sb,
         if top_k_index is None:
             aff_sb = _dense_affinity(expert_affinities, ids_sb, e_sb, n_tok, n_local)
         else:
-            aff_sb = _topk_affinity(expert_affinities, top_k_index, ids_sb, eg_all_sb[:, i_b:i_b + 1], n_tok)
+            aff_sb = _topk_affinity(expert_affinities, top_k_index, ids_sb, eg_all_sb[:, col:col + 1], n_tok)
         inputs.append((i_b * block_size + s0, n_tok, x_sb, aff_sb))
     chunks = []
     for i_c, (pos0, n_tok, x_sb, aff_sb) in enumerate(inputs):
@@ -223,45 +230,36 @@ def _down_store_chunk(scratch, out_dtype, staged, i_c, hT_sb):
 def _finalize_phase(hidden, scratch, token_to_position, shared_gate_up, shared_down, shared_gate, out, pid, n_prog):
     """out[r] = shared(x[r]) + sum_j scratch[token_to_position[r, j]] per row chunk r of this program: the
     gathered slot rows are added on VectorE in fp32 (element-wise, so each token's sum stays in its row), starting
-    from the shared expert's down projection, and each output row is written exactly once."""
+    from the shared expert's down projection, and each output row is written exactly once. Slot rows are gathered
+    `group` at a time, as many as the SBUF left by the rest of the pass allows (at least 1)."""
     n_tokens, h_total = hidden.shape
+    kmax = token_to_position.shape[1]
     shared_w = None
+    s_inter = 0
     if shared_gate_up is not None:
         shared_w = (load_gate_up(shared_gate_up), load_down(shared_down), load_gate_vector(shared_gate))
-    group = max(1, _GATHER_BYTES_PP // (h_total * itemsize(hidden.dtype)))   # slot rows gathered at once
+        s_inter = shared_down.shape[0]
+    item = itemsize(hidden.dtype)
+    row = h_total * item
+    free = sbuf_budget() - output_pass_bytes(h_total, s_inter, kmax, item, group=0)
+    group = max(1, min(kmax, _GATHER_BYTES_PP // row, free // row))
     n_row_chunks = (n_tokens + TOK_TILE - 1) // TOK_TILE
-    mine = list(range(pid, n_row_chunks, n_prog))
-    inv_all = _load_token_slots(token_to_position, mine)
-    for i_m, i_r in enumerate(mine):
-        _finalize_rows(hidden, scratch, inv_all, shared_w, out, group, i_m, i_r)
+    for i_r in range(pid, n_row_chunks, n_prog):
+        t0 = i_r * TOK_TILE
+        n_tok = min(TOK_TILE, n_tokens - t0)
+        inv_sb = nl.ndarray((TOK_TILE, kmax), dtype=nl.int32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=inv_sb[0:n_tok, :], src=token_to_position[t0:t0 + n_tok, :])
+        _finalize_rows(hidden, scratch, inv_sb, shared_w, out, group, i_r)
 
 
-def _load_token_slots(token_to_position, mine):
-    """token_to_position rows of the row chunks `mine` -> SBUF [128, len(mine), KMAX] int32 (chunk i_m's row
-    p in [p, i_m, :]): one DMA for the full chunks (uniform stride) + one for a last partial chunk."""
-    n_tokens, kmax = token_to_position.shape
-    inv_all = nl.ndarray((TOK_TILE, max(1, len(mine)), kmax), dtype=nl.int32, buffer=nl.sbuf)
-    full = [i_r for i_r in mine if (i_r + 1) * TOK_TILE <= n_tokens]
-    if full:
-        step = (full[1] - full[0]) if len(full) > 1 else 1
-        nisa.dma_copy(dst=inv_all[:, 0:len(full), :],
-                      src=token_to_position.ap(pattern=[[kmax, TOK_TILE], [step * TOK_TILE * kmax, len(full)],
-                                                        [1, kmax]], offset=full[0] * TOK_TILE * kmax))
-    if len(full) < len(mine):   # the last chunk of this program is partial
-        t0 = mine[-1] * TOK_TILE
-        nisa.dma_copy(dst=inv_all[0:n_tokens - t0, len(mine) - 1, :], src=token_to_position[t0:n_tokens, :])
-    return inv_all
-
-
-def _finalize_rows(hidden, scratch, inv_all, shared_w, out, group, i_m, i_r):
-    """Row chunk i_r (this program's i_m-th): acc = shared down projection (fp32, from PSUM) or the first gathered
+def _finalize_rows(hidden, scratch, inv_sb, shared_w, out, group, i_r):
+    """Row chunk i_r: acc = shared down projection (fp32, from PSUM) or the first gathered
     slot row, then += each further gathered row (VectorE, fp32); the last add writes the output dtype; one
     output DMA."""
     n_tokens, h_total = hidden.shape
-    kmax = inv_all.shape[2]
+    kmax = inv_sb.shape[1]
     t0 = i_r * TOK_TILE
     n_tok = min(TOK_TILE, n_tokens - t0)
-    inv_sb = inv_all[:, i_m, :]
     acc_sb = nl.ndarray((TOK_TILE, h_total), dtype=nl.float32, buffer=nl.sbuf)
     n_terms = kmax
     if shared_w is not None:
@@ -352,7 +350,8 @@ def _shape(x):
 
 def check_weights(kname, hidden, gate_up, down, shared):
     """Shared validation of hidden / expert weights / shared expert (moe_blockwise and moe_decode)."""
-    kernel_check(getattr(hidden, "ndim", 0) == 2, f"{kname}: hidden must be [T, H], got shape={_shape(hidden)}")
+    kernel_check(getattr(hidden, "ndim", 0) == 2 and hasattr(hidden, "dtype"),
+                 f"{kname}: hidden must be a [T, H] array, got {_shape_of(hidden)}")
     n_tokens, h_total = _shape(hidden)
     kernel_check(n_tokens >= 1, f"{kname}: need at least one token, got T={n_tokens}")
     kernel_check(h_total % P_MAX == 0 and _MIN_H <= h_total <= _MAX_H,
@@ -382,14 +381,61 @@ def check_weights(kname, hidden, gate_up, down, shared):
                      "(transformers' shared expert converts with nki_kernels.moe.weights_from_transformers or "
                      "shared_from_transformers)")
         n_sh = _shape(s_gu)[2]
-        kernel_check(_shape(s_dn) == (n_sh, h_total),
-                     f"{kname}: shared down must be [Is={n_sh}, H={h_total}], got shape={_shape(s_dn)}")
-        kernel_check(_shape(s_g) == (h_total,), f"{kname}: shared gate must be [H={h_total}], got shape={_shape(s_g)}")
+        kernel_check(_shape_of(s_dn) == (n_sh, h_total),
+                     f"{kname}: shared down must be [Is={n_sh}, H={h_total}], got shape={_shape_of(s_dn)}")
+        kernel_check(_shape_of(s_g) == (h_total,),
+                     f"{kname}: shared gate must be [H={h_total}], got shape={_shape_of(s_g)}")
         for name, w in (("shared gate_up", s_gu), ("shared down", s_dn), ("shared gate", s_g)):
             kernel_check(w.dtype == hidden.dtype, f"{kname}: {name} dtype must equal hidden's {hidden.dtype}, "
                          f"got {w.dtype}")
         _check_inter(kname, "Is", n_sh, h_total, hidden)
 
+
+
+def sbuf_budget(target=None) -> int:
+    """SBUF bytes per partition the MoE plans may use on the target (default: the current one)."""
+    from ..lnc import current_target_name
+    name = target or current_target_name()
+    return SBUF_BYTES_PER_PARTITION.get(name, SBUF_BYTES_PER_PARTITION["trn2"]) - _SBUF_MARGIN
+
+
+def blocks_phase_bytes(h_total: int, n_inter: int, block_size: int, top_k: int, item: int) -> int:
+    """Upper bound of the SBUF bytes per partition of the blocks phase (every tile counted as live at once):
+    block tables, one expert's weights + the previous block's down weights, the block's gathered rows (one
+    [128, H] tile per 128-slot chunk, all issued first), one transpose, the h tiles of this and the previous
+    block, hT, the output row tile, the all-zero row and the per-chunk affinity tiles."""
+    n_h, n_i, n_c = h_total // P_MAX, -(-n_inter // P_MAX), -(-block_size // TOK_TILE)
+    tables = (2 + n_c) * 4 * _TABLE_BLOCKS
+    weights = (n_h * 2 * n_inter + 2 * n_i * h_total) * item
+    rows = (n_c + 3) * h_total * item                   # x per chunk, xT, y, zero row
+    inter = 2 * n_c * n_inter * item + n_i * TOK_TILE * item + 1024    # h (2 blocks), hT, SiLU tile
+    aff = n_c * (16 * top_k + 16)
+    return tables + weights + rows + inter + aff
+
+
+def output_pass_bytes(h_total: int, s_inter: int, kmax: int, item: int, group: int = 1) -> int:
+    """Upper bound of the SBUF bytes per partition of the output pass with `group` slot rows gathered at once:
+    the shared expert's weights and its per-chunk tiles (x, xT, h, hT, SiLU tile), the fp32 accumulator, the
+    output tile, the chunk's slot ids and the gathered rows."""
+    shared = 0
+    if s_inter:
+        n_h, n_is = h_total // P_MAX, -(-s_inter // P_MAX)
+        shared = (n_h * 2 * s_inter + n_is * h_total + n_h) * item + 2 * h_total * item \
+            + s_inter * item + n_is * TOK_TILE * item + 1024 + 8
+    return shared + 4 * h_total + h_total * item + 4 * kmax + group * h_total * item
+
+
+def check_sbuf_plan(kname, h_total, n_inter, s_inter, block_size, kmax, top_k, item, target=None):
+    """Refuse a shape whose blocks phase or output pass (with one gathered row) cannot fit SBUF."""
+    budget = sbuf_budget(target)
+    need = blocks_phase_bytes(h_total, n_inter, block_size, top_k, item)
+    kernel_check(need <= budget, f"{kname}: the blocks phase needs {need} B of SBUF per partition (H={h_total}, "
+                 f"I={n_inter}, block_size={block_size}, {item}-byte dtype), above the {budget} B available; use a "
+                 f"smaller block_size or shard I further")
+    need = output_pass_bytes(h_total, s_inter, kmax, item)
+    kernel_check(need <= budget, f"{kname}: the output pass needs {need} B of SBUF per partition (H={h_total}, "
+                 f"Is={s_inter}, KMAX={kmax}, {item}-byte dtype), above the {budget} B available; shard H or Is "
+                 f"further")
 
 
 _INT32_MIN, _INT32_MAX = -2 ** 31, 2 ** 31 - 1
@@ -471,7 +517,7 @@ def moe_blockwise(hidden, expert_affinities, gate_up, down, token_position_to_id
         expert_affinities: dense [T, E] (local expert columns), or the top-k weights [T, TOPK] when top_k_index
             is given; bf16/fp16/fp32 (float64 is refused: cast it).
         gate_up: [E, H, 2, I] @ HBM (NxDI per-rank layout; gate then up). down: [E, I, H] @ HBM
-            (`moe_weights_from_transformers` converts transformers' layout).
+            (`nki_kernels.moe.weights_from_transformers` converts transformers' layout).
         token_position_to_id: [N * B] int32, -1 padding; block_to_expert: [N] int32 local ids
             (from `moe_block_mapping`).
         block_size: B, 1 <= B <= 512.
@@ -546,6 +592,10 @@ def moe_blockwise(hidden, expert_affinities, gate_up, down, token_position_to_id
     tpos32 = _as_int32(token_position_to_id)
     b2e32 = _as_int32(block_to_expert)
     inv = token_slots(tpos, n_tokens, kmax)
+    s_inter = _shape(shared[1])[0] if shared is not None else 0
+    top_k = _shape(top_k_index)[1] if top_k_index is not None else 1
+    check_sbuf_plan(kname, h_total, _shape(gate_up)[3], s_inter, int(block_size), kmax, top_k,
+                    4 if _dtype_name(hidden) == "float32" else 2)
     s_gu, s_dn, s_g = shared if shared is not None else (None, None, None)
     if lnc == 1:
         return call(moe_blockwise_kernel, hidden, aff, gate_up, down, tpos32, b2e32, inv, s_gu, s_dn, s_g, idx,

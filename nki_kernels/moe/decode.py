@@ -25,7 +25,7 @@ from ..hw import P_MAX, PSUM_BANK_BYTES, PSUM_FMAX_FP32
 from ..lnc import resolve_lnc
 from ..validation import kernel_check
 from ._tiles import intermediate_split, itemsize, load_gate_up
-from .blockwise import _as_int32, _shape, check_expert_offset, check_top_k, check_weights
+from .blockwise import _as_int32, _shape, check_expert_offset, check_top_k, check_weights, sbuf_budget
 
 # ---- constraints
 _MAX_TOKENS = 32            # decode batch: the [128, H/128, T] fp32 accumulator stays within 4 PSUM banks at H=8192
@@ -111,10 +111,20 @@ def moe_decode_kernel(hidden, top_k_index, top_k_weights, gate_up, down, shared_
 
     has_shared = shared_gate_up is not None
     s_hT_sb = s_wd_sb = None
+    fold_pp = _expert_bytes_pp(down, fold, h_cols)
+    shared_pp = _expert_bytes_pp(shared_down, 1, h_cols) if has_shared else 0
+    other = decode_other_bytes(n_tokens, top_k_index.shape[1], n_slots, h_total, h_cols, down.shape[1],
+                               itemsize(hidden.dtype))
+    # SBUF: the shared expert streams beside the routed experts' ring when both fit, else it runs to completion
+    # first (its tiles die in `_shared_first`, so the ring gets the whole budget)
+    shared_first = has_shared and shared_pp + fold_pp + other > sbuf_budget()
     # a small shared expert streams entirely while the slot table is built; a big one's down goes after the
     # routed experts (a static DMA's shorter fixed latency then ends the queue)
-    shared_early = has_shared and 3 * h_cols * shared_down.shape[0] * itemsize(shared_down.dtype) <= _PRE_SLOT_BYTES
-    if has_shared:
+    shared_early = has_shared and not shared_first and \
+        3 * h_cols * shared_down.shape[0] * itemsize(shared_down.dtype) <= _PRE_SLOT_BYTES
+    if shared_first:
+        _shared_first(hidden, xT_sb, shared_gate_up, shared_down, shared_gate, acc_psum, h0, h_cols, p_major)
+    elif has_shared:
         s_wgu_sb = load_gate_up(shared_gate_up)
         if shared_early:
             s_wd_sb = _load_down_cols(shared_down, None, h0, h_cols)
@@ -123,8 +133,9 @@ def moe_decode_kernel(hidden, top_k_index, top_k_weights, gate_up, down, shared_
         _swiglu_T(xT_sb, s_wgu_sb, g_sb, s_hT_sb, 0, n_tokens)
         if shared_early:
             _down_T(s_hT_sb, 0, s_wd_sb, acc_psum, n_tokens, p_major)
-    shared_pp = _expert_bytes_pp(shared_down, 1, h_cols) if has_shared else 0
-    ring = _weight_ring(gate_up, down, n_slots, n_tokens, fold, h_cols, _RING_BYTES_PP - shared_pp)
+    late_shared = has_shared and not shared_first and not shared_early
+    ring_pp = _RING_BYTES_PP - (0 if shared_first else shared_pp)
+    ring = _weight_ring(gate_up, down, n_slots, n_tokens, fold, h_cols, ring_pp)
     n_buf = len(ring)
     for w0 in range(0, n_slots, n_buf):
         wave = list(range(w0, min(n_slots, w0 + n_buf)))
@@ -133,7 +144,7 @@ def moe_decode_kernel(hidden, top_k_index, top_k_weights, gate_up, down, shared_
             _load_expert(ring[b][0], gate_up, e_sb[0:1, s:s + 1])
         for b, s in enumerate(wave):
             _load_down_cols(down, e_sb[0:1, s:s + 1], h0, h_cols, dst_sb=ring[b][1])
-        if has_shared and not shared_early and w0 == 0:
+        if late_shared and w0 == 0:
             s_wd_sb = _load_down_cols(shared_down, None, h0, h_cols)
         aff_psum = _wave_affinities(routes, slot_sb, ones_sb, wave, n_tokens)
         hT_sb = _alloc_hT(down, n_buf, n_tokens)
@@ -145,7 +156,7 @@ def moe_decode_kernel(hidden, top_k_index, top_k_weights, gate_up, down, shared_
                 _swiglu_folded_T(xTe_sb, ring[b][0], aff_b, hT_sb, b, n_tokens, sel_sb)
         for b in range(len(wave)):
             _down_T(hT_sb, b, ring[b][1], acc_psum, n_tokens, p_major)
-    if has_shared and not shared_early:
+    if late_shared:
         _down_T(s_hT_sb, 0, s_wd_sb, acc_psum, n_tokens, p_major)
     _store_out(out, acc_psum, h0, h_cols, p_major)
     return out
@@ -159,6 +170,51 @@ def _my_columns(h_total, pid, n_prog):
     c0 = min(n_chunks, pid * per)
     c1 = min(n_chunks, c0 + per)
     return c0 * _H_TILE, (c1 - c0) * _H_TILE
+
+
+def _shared_first(hidden, xT_sb, shared_gate_up, shared_down, shared_gate, acc_psum, h0, h_cols, p_major):
+    """The whole shared expert into accT before any routed expert (its SBUF tiles end with this call)."""
+    n_tokens = hidden.shape[0]
+    s_wgu_sb = load_gate_up(shared_gate_up)
+    s_wd_sb = _load_down_cols(shared_down, None, h0, h_cols)
+    g_sb = _sigmoid_gate_bcast(shared_gate, xT_sb, n_tokens)
+    s_hT_sb = _alloc_hT(shared_down, 1, n_tokens)
+    _swiglu_T(xT_sb, s_wgu_sb, g_sb, s_hT_sb, 0, n_tokens)
+    _down_T(s_hT_sb, 0, s_wd_sb, acc_psum, n_tokens, p_major)
+
+
+def decode_other_bytes(n_tokens, top_k, n_slots, h_total, h_cols, n_inter, item):
+    """Upper bound of the SBUF bytes per partition of everything but the expert weights: routing tables (key,
+    ids, duplicate masks: 16 R), slot tables (16 S), xT (twice when folded), the shared gate's broadcast
+    stationary, hT, the output tiles, and 4 KiB of small tiles."""
+    n_rows = n_tokens * top_k
+    n_h, n_i = h_total // P_MAX, -(-n_inter // P_MAX)
+    x_t = 2 * n_tokens * n_h * item
+    gate = h_total * item + P_MAX * item
+    out_tiles = (h_cols // P_MAX) * _pow2_at_least(n_tokens) * item + h_cols * item
+    ht = PSUM_FMAX_FP32 // n_tokens * n_i * n_tokens * item
+    return 16 * n_rows + 16 * n_slots + x_t + gate + out_tiles + ht + 4096
+
+
+def check_decode_sbuf(kname, hidden, gate_up, down, shared, top_k, lnc):
+    """Refuse shapes whose plan cannot fit SBUF: the larger of one routed expert and the shared expert, plus
+    everything else (`decode_other_bytes`)."""
+    n_tokens, h_total = hidden.shape[0], hidden.shape[1]
+    n_local, _, _, n_inter = (int(s) for s in gate_up.shape)
+    item = 4 if str(hidden.dtype).replace("torch.", "") == "float32" else 2
+    h_cols = _my_columns(h_total, 0, lnc)[1]
+    fold = 2 if (h_total // P_MAX * 2 * n_inter * item < _MIN_ROW_BYTES and 2 * n_inter <= P_MAX) else 1
+    n_i = intermediate_split(n_inter)[1]
+    weights = (fold * (h_total // P_MAX) * 2 * n_inter + n_i * h_cols) * item
+    if shared is not None:
+        n_sh = int(shared[1].shape[0])
+        weights = max(weights, ((h_total // P_MAX) * 2 * n_sh + intermediate_split(n_sh)[1] * h_cols) * item)
+    n_slots = min(n_tokens * top_k, n_local)
+    need = weights + decode_other_bytes(n_tokens, top_k, n_slots, h_total, h_cols, n_inter, item)
+    budget = sbuf_budget()
+    kernel_check(need <= budget, f"{kname}: the plan needs {need} B of SBUF per partition (T={n_tokens}, TOPK={top_k}, "
+                 f"H={h_total}, I={n_inter}, {item}-byte dtype, lnc={lnc}), above the {budget} B available; use fewer "
+                 f"tokens per call or shard I further")
 
 
 def _load_xT(hidden, fold):
@@ -493,7 +549,7 @@ def moe_decode(hidden, top_k_index, top_k_weights, gate_up, down, shared=None, e
             (other ranks' experts, negative ids, anything else) are ignored; their weight plays no part. int64 ids
             beyond the int32 range are refused (checked on the host for NumPy / CPU tensors).
         top_k_weights: [T, TOPK] routing weights (a NaN weight of a local expert makes only its token NaN).
-        gate_up: [E, H, 2, I] @ HBM; down: [E, I, H] @ HBM (`moe_weights_from_transformers` converts
+        gate_up: [E, H, 2, I] @ HBM; down: [E, I, H] @ HBM (`nki_kernels.moe.weights_from_transformers` converts
             transformers' layout).
         shared: optional (gate_up [H, 2, Is], down [Is, H], gate vector [H]).
         expert_offset: global id of local expert 0 (expert parallelism), 0 <= expert_offset < 2^24 - E.
@@ -517,6 +573,7 @@ def moe_decode(hidden, top_k_index, top_k_weights, gate_up, down, shared=None, e
                  f"{kname}: T * TOPK must be <= {_MAX_ROUTES}, got T * TOPK = {n_tokens} * {top_k}")
     check_expert_offset(kname, expert_offset, n_local)
     lnc = resolve_lnc(lnc, kname)
+    check_decode_sbuf(kname, hidden, gate_up, down, shared, top_k, lnc)
     s_gu, s_dn, s_g = shared if shared is not None else (None, None, None)
     return call(moe_decode_kernel, hidden, _as_int32(top_k_index), top_k_weights, gate_up, down, s_gu, s_dn, s_g,
                 int(expert_offset), lnc=lnc)

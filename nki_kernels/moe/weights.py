@@ -205,8 +205,3 @@ def weights_from_state_dict(state_dict, prefix: str = "", dtype=None) -> MoEWeig
               f"{[k for k, p in zip(sk, present) if not p]}")
         shared = shared_from_transformers(*(sd[k] for k in sk), dtype=dtype)
     return MoEWeights(gate_up, down, shared)
-
-
-# names under which the package root exports the converters (nki_kernels.moe_weights_from_transformers, ...)
-moe_weights_from_transformers = weights_from_transformers
-moe_weights_from_state_dict = weights_from_state_dict

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from nki_kernels import moe_block_mapping, moe_blockwise, moe_decode, moe_weights_from_transformers
+from nki_kernels import moe_block_mapping, moe_blockwise, moe_decode
 from nki_kernels.moe import experts_from_transformers, weights_from_state_dict, weights_from_transformers
 from nki_kernels.testing import assert_close
 from nki_kernels.validation import KernelInputError
@@ -70,7 +70,7 @@ def test_block_converter_matches_the_transformers_block():
     mw2 = weights_from_state_dict(sd, prefix="model.layers.0.mlp.")
     for a, b in zip((mw.gate_up, mw.down) + mw.shared, (mw2.gate_up, mw2.down) + mw2.shared):
         assert torch.equal(a, b)
-    assert moe_weights_from_transformers(block.experts).shared is None
+    assert weights_from_transformers(block.experts).shared is None
 
 
 def test_per_expert_state_dict_layout(rng):
