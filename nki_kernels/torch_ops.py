@@ -130,6 +130,19 @@ def _flash_attention_decode_fake(q, k_cache, v_cache, cache_lens, causal=True, s
     return q.new_empty(q.shape)
 
 
+def _flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, softmax_scale=None, gate=None,
+                            lnc=None, max_seqlen_q=None, max_seqlen_k=None):
+    fn = _public("flash_attention_varlen")
+    out = fn(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, softmax_scale=softmax_scale, gate=gate,
+             max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, **_with_lnc(fn, {}, lnc))
+    return _fresh(out, (q, k, v, cu_seqlens_q, cu_seqlens_k, gate))
+
+
+def _flash_attention_varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, softmax_scale=None, gate=None,
+                                 lnc=None, max_seqlen_q=None, max_seqlen_k=None):
+    return q.new_empty(q.shape)
+
+
 def _gated_delta_rule(q, k, v, g, beta, chunk_size=64, initial_state=None, use_qk_l2norm_in_kernel=False,
                       valid_lengths=None, scale=None, lnc=None):
     fn = _public("gated_delta_rule")
@@ -281,6 +294,9 @@ OPS = (
     OpSpec("flash_attention_decode", "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_lens, "
            "bool causal=True, float? softmax_scale=None, int? lnc=None) -> Tensor", _flash_attention_decode,
            _flash_attention_decode_fake),
+    OpSpec("flash_attention_varlen", "(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+           "bool causal=True, float? softmax_scale=None, Tensor? gate=None, int? lnc=None, int? max_seqlen_q=None, "
+           "int? max_seqlen_k=None) -> Tensor", _flash_attention_varlen, _flash_attention_varlen_fake),
     OpSpec("gated_delta_rule", "(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, int chunk_size=64, "
            "Tensor? initial_state=None, bool use_qk_l2norm_in_kernel=False, Tensor? valid_lengths=None, "
            "float? scale=None, int? lnc=None) -> (Tensor, Tensor)", _gated_delta_rule, _gated_delta_rule_fake),
@@ -366,6 +382,15 @@ def flash_attention_decode(q, k_cache, v_cache, cache_lens, causal=True, softmax
     return _ops().flash_attention_decode(q, k_cache, v_cache, cache_lens, causal=causal,
                                          softmax_scale=None if softmax_scale is None else float(softmax_scale),
                                          lnc=lnc)
+
+
+def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, softmax_scale=None, gate=None, lnc=None,
+                           max_seqlen_q=None, max_seqlen_k=None):
+    return _ops().flash_attention_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal,
+        softmax_scale=None if softmax_scale is None else float(softmax_scale), gate=gate, lnc=lnc,
+        max_seqlen_q=None if max_seqlen_q is None else int(max_seqlen_q),
+        max_seqlen_k=None if max_seqlen_k is None else int(max_seqlen_k))
 
 
 def gated_delta_rule(q, k, v, g, beta, chunk_size=64, initial_state=None, output_final_state=True,

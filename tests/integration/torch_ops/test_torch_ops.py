@@ -69,6 +69,10 @@ def _case(name):
         q, k, v = r(1, 4, 24, 64), r(1, 2, 24, 64), r(1, 2, 24, 64)
         return (q, k, v), {"gate": r(1, 4, 24, 64), "seq_lens": torch.tensor([19], dtype=torch.int32),
                            "causal": True}, ()
+    if name == "flash_attention_varlen":
+        cu = torch.tensor([0, 7, 7, 20], dtype=torch.int32)             # three sequences, one empty
+        return (r(20, 4, 64), r(20, 2, 64), r(20, 2, 64), cu, cu.clone()), {
+            "causal": True, "gate": r(20, 4, 64), "max_seqlen_q": 13, "max_seqlen_k": 13}, ()
     if name == "flash_attention_decode":
         return (r(2, 4, 1, 64), r(2, 2, 32, 64), r(2, 2, 32, 64), torch.tensor([9, 32], dtype=torch.int32)), {}, ()
     if name == "gated_delta_rule":
