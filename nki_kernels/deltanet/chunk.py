@@ -23,6 +23,7 @@ import numpy as np
 
 from ..backend import call, nki, nisa, nl
 from ..hw import P_MAX, PSUM_FMAX_FP32
+from ..lnc import resolve_lnc
 from ..validation import kernel_check
 from ._checks import check_qkv_gate_layouts
 from ._checks import dtype_name as _dtype_name
@@ -118,17 +119,33 @@ def gated_delta_rule_kernel(q, k, v, g, beta, initial_state, lengths, consts, ch
           store final S
     """
     bsz, seq, n_hk, dk = q.shape
-    n_hv, dv = v.shape[2], v.shape[3]
-    group = n_hv // n_hk
+    n_hv_all, dv = v.shape[2], v.shape[3]
+    group = n_hv_all // n_hk
     n_chunks = (seq + chunk - 1) // chunk
     f32 = nl.float32
 
-    o = nl.ndarray((bsz, seq, n_hv, dv), dtype=q.dtype, buffer=nl.shared_hbm)
-    final_state = nl.ndarray((bsz, n_hv, dk, dv), dtype=f32, buffer=nl.shared_hbm)
+    o_all = nl.ndarray((bsz, seq, n_hv_all, dv), dtype=q.dtype, buffer=nl.shared_hbm)
+    final_all = nl.ndarray((bsz, n_hv_all, dk, dv), dtype=f32, buffer=nl.shared_hbm)
     n_ckpt = 0 if not checkpoint_every else seq // (checkpoint_every * chunk)
-    ckpt = None
+    ckpt_all = None
     if n_ckpt > 0:
-        ckpt = nl.ndarray((bsz, n_ckpt, n_hv, dk, dv), dtype=f32, buffer=nl.shared_hbm)
+        ckpt_all = nl.ndarray((bsz, n_ckpt, n_hv_all, dk, dv), dtype=f32, buffer=nl.shared_hbm)
+    outs = (o_all, final_all) if ckpt_all is None else (o_all, final_all, ckpt_all)
+    # LNC=2: each program instance owns a contiguous range of v heads (and the q/k heads they use), reads only
+    # those heads' inputs and writes only their outputs and states; everything below sees the owned heads only
+    hv_lo, hv_hi = _owned_heads(n_hv_all, nl.program_id(0), nl.num_programs(0))
+    if hv_hi == hv_lo:
+        return outs                                           # Hv = 1 at LNC=2: the second core has no head
+    kh_lo, kh_hi = hv_lo // group, (hv_hi - 1) // group + 1
+    q, k = q[:, :, kh_lo:kh_hi, :], k[:, :, kh_lo:kh_hi, :]
+    v, g, beta = v[:, :, hv_lo:hv_hi, :], g[:, :, hv_lo:hv_hi], beta[:, :, hv_lo:hv_hi]
+    if has_initial_state:
+        initial_state = initial_state[:, hv_lo:hv_hi]
+    o, final_state = o_all[:, :, hv_lo:hv_hi, :], final_all[:, hv_lo:hv_hi]
+    ckpt = None if ckpt_all is None else ckpt_all[:, :, hv_lo:hv_hi]
+    n_hv = hv_hi - hv_lo
+    # k head (relative to kh_lo) of owned v head w: (hv_lo + w) // group - kh_lo
+    head_base = hv_lo
 
     n_const = consts.shape[0]
     consts_sb = nl.ndarray((chunk, n_const, chunk), dtype=f32, buffer=nl.sbuf)
@@ -140,7 +157,7 @@ def gated_delta_rule_kernel(q, k, v, g, beta, initial_state, lengths, consts, ch
     nisa.memset(dst=ones_sb, value=1.0)
     # v heads of one q/k group are processed W at a time in lockstep ([C, W, C] tiles): one instruction
     # serves W heads where the op is the same, and the W independent chains hide each other's latency
-    width = _lockstep_width(n_hv, group, chunk, dk, dv)
+    width = _lockstep_width(n_hv, group, chunk, dk, dv, head_base)
     # I and the level masks of the block solve in the compute dtype, replicated W times along the free dim
     # (no broadcasting in NKI ops), copied on GpSimd and ScalarE (idle at the start)
     n_lvl = _n_levels(chunk)
@@ -155,7 +172,8 @@ def gated_delta_rule_kernel(q, k, v, g, beta, initial_state, lengths, consts, ch
     depth = _pipeline_depth(n_hv, chunk) if cdt != f32 else 1
     solve_wss = [_solve_workspace(masks_w, n_lvl, width, chunk, cdt) for _ in range(depth)]
 
-    cfg = dict(chunk=chunk, seq=seq, width=width, group=group, scale=scale, use_l2norm=use_l2norm, cdt=cdt,
+    cfg = dict(chunk=chunk, seq=seq, width=width, group=group, head_base=head_base, scale=scale,
+               use_l2norm=use_l2norm, cdt=cdt,
                hi_rows=consts_sb[:, _c_hi_rows(chunk), :],
                consts_sb=consts_sb, ones_sb=ones_sb, ident_c=solve_wss[0][0][:, 0, :])
     # software pipeline over the (batch, chunk) items: the state-independent parts of items n + 1 .. n + depth
@@ -183,9 +201,15 @@ def gated_delta_rule_kernel(q, k, v, g, beta, initial_state, lengths, consts, ch
         done.discard(preps.pop(i_n))
         done.discard(tail)
         ctxs.pop(i_n)                                      # the item's tiles go out of scope
-    if ckpt is not None:
-        return o, final_state, ckpt
-    return o, final_state
+    return outs
+
+
+def _owned_heads(n_hv, pid, n_prog):
+    """[lo, hi) of the v heads program instance `pid` of `n_prog` owns: contiguous, ceil(Hv / n_prog) each
+    (the last instance may own fewer, or none when Hv < n_prog)."""
+    per = (n_hv + n_prog - 1) // n_prog
+    lo = min(n_hv, pid * per)
+    return lo, min(n_hv, lo + per)
 
 
 def _run_interleaved(gens, needed, done):
@@ -244,10 +268,12 @@ def _chunk_prep(q, k, v, g, beta, lengths, per_seq, ctx, cfg):
     ctx.update(n_tok=n_tok, exp_g=exp_g, exp_glast=exp_glast, blocks=[])
     yield
 
+    base = cfg["head_base"]                                # global index of owned v head 0
+    kh_base = base // group                                # global index of q/k head 0 of q_c / k_c
     for i_blk in nl.affine_range(n_hv // width):
         hv0 = i_blk * width
-        hk0 = hv0 // group
-        n_kh = (hv0 + width - 1) // group - hk0 + 1          # q/k heads this block of v heads uses
+        hk0 = (base + hv0) // group - kh_base
+        n_kh = (base + hv0 + width - 1) // group - (base + hv0) // group + 1    # q/k heads this block uses
         q_t = nl.ndarray((dk, n_kh, chunk), dtype=cdt, buffer=nl.sbuf)
         k_t = nl.ndarray((dk, n_kh, chunk), dtype=cdt, buffer=nl.sbuf)
         tq_ps = nl.ndarray((dk, 2, n_kh, chunk), dtype=f32, buffer=nl.psum)
@@ -271,7 +297,7 @@ def _chunk_prep(q, k, v, g, beta, lengths, per_seq, ctx, cfg):
         del kq_ps
         yield
         hs = slice(hv0, hv0 + width)
-        head_kh = [(hv0 + w) // group - hk0 for w in range(width)]
+        head_kh = [(base + hv0 + w) // group - kh_base - hk0 for w in range(width)]
         blk = dict(hs=hs, head_kh=head_kh, q_t=q_t)
         yield from _block_prep(blk, q_c[:, hk0:hk0 + n_kh, :], k_c[:, hk0:hk0 + n_kh, :], v_c[:, hs, :], kk_sb,
                                kq_causal, g_sb[:, hs], beta_sb[:, hs], exp_g[:, hs], beta_exp_g[:, hs], ctx["ws"],
@@ -370,15 +396,17 @@ def _pipeline_depth(n_hv, chunk):
     return min(_PIPELINE_DEPTH, max(d for limit, d in _DEPTH_BY_HV_CHUNK if n_hv * chunk <= limit))
 
 
-def _lockstep_width(n_hv, group, chunk, dk, dv):
-    """v heads per lockstep block: the largest divisor W of Hv that is a multiple or a divisor of the GVA
-    group and keeps a [P, W, max(C, Dk, Dv)] fp32 PSUM tile within _LOCKSTEP_PSUM_BANKS banks (one bank
-    when a head's slice could straddle a bank boundary, i.e. when a size is not a power of two)."""
+def _lockstep_width(n_hv, group, chunk, dk, dv, head_base=0):
+    """v heads per lockstep block: the largest divisor W of Hv (the owned heads, from global head `head_base`)
+    that is a multiple or a divisor of the GVA group (with blocks aligned to the groups when head_base is) and
+    keeps a [P, W, max(C, Dk, Dv)] fp32 PSUM tile within _LOCKSTEP_PSUM_BANKS banks (one bank when a head's
+    slice could straddle a bank boundary, i.e. when a size is not a power of two)."""
     widest = max(chunk, dk, dv)
     pow2 = all(x & (x - 1) == 0 for x in (chunk, dk, dv))
     limit = max(1, (PSUM_FMAX_FP32 * (_LOCKSTEP_PSUM_BANKS if pow2 else 1)) // widest)
+    aligned = head_base % group == 0
     return max(w for w in range(1, n_hv + 1)
-               if n_hv % w == 0 and w <= limit and (w % group == 0 or group % w == 0))
+               if n_hv % w == 0 and w <= limit and ((aligned and w % group == 0) or group % w == 0))
 
 
 def _block_prep(blk, q_c, k_c, v_w, kk_sb, kq_causal, g_w, beta_w, exp_g, beta_exp_g, solve_ws, cfg, dk, dv):
@@ -624,15 +652,17 @@ def _solve_unit_lower(at_sb, ident_w, lvl_masks, n_lv, hi_rows, chunk, cdt):
 
 def gated_delta_rule(q, k, v, g, beta, chunk_size=64, initial_state=None, output_final_state=True,
                      use_qk_l2norm_in_kernel=False, valid_lengths=None, checkpoint_every=None, scale=None,
-                     cu_seqlens=None, **kwargs):
+                     cu_seqlens=None, lnc=None):
     """Chunked gated delta rule (prefill) for all batches and heads in one launch.
 
     Layouts as transformers / fla: q, k [B, T, Hk, Dk]; v [B, T, Hv, Dv]; g, beta [B, T, Hv];
     initial_state [B, Hv, Dk, Dv] fp32. Returns (o [B, T, Hv, Dv] in q's dtype, final_state fp32 or None),
     plus checkpoints [B, T // (checkpoint_every * chunk_size), Hv, Dk, Dv] when checkpoint_every is set.
     valid_lengths [B] (ints): tokens t >= valid_lengths[b] are right padding (state untouched, output 0).
+    lnc: 1 or 2 program instances (None: `resolve_lnc`, 2 on trn2); under LNC=2 each core owns half the v heads.
     """
     name = "gated_delta_rule"
+    lnc = resolve_lnc(lnc, name)
     kernel_check(cu_seqlens is None, f"{name}: packed varlen (cu_seqlens) is not supported; pass right-padded "
                  f"[B, T, ...] inputs with valid_lengths instead, got cu_seqlens={cu_seqlens!r}")
     bsz, seq, n_hk, dk, n_hv, dv = check_qkv_gate_layouts(name, q, k, v, g, beta)
@@ -672,7 +702,7 @@ def gated_delta_rule(q, k, v, g, beta, chunk_size=64, initial_state=None, output
     sc = float(dk ** -0.5 if scale is None else scale)
     outs = call(gated_delta_rule_kernel, q, k, v, g, beta, init, lengths, _host_constants(chunk_size),
                 chunk=int(chunk_size), scale=sc, use_l2norm=bool(use_qk_l2norm_in_kernel),
-                has_initial_state=has_init, checkpoint_every=ckpt_every)
+                has_initial_state=has_init, checkpoint_every=ckpt_every, lnc=lnc)
     o, final = outs[0], outs[1]
     final = final if output_final_state else None
     if checkpoint_every is not None:

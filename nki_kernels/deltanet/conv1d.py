@@ -13,6 +13,7 @@ import numpy as np
 
 from ..backend import call, nki, nisa, nl
 from ..hw import P_MAX, PSUM_FMAX_FP32
+from ..lnc import resolve_lnc
 from ..validation import kernel_check
 from ._checks import FLOAT_DTYPES as _FLOAT_DTYPES
 from ._checks import dtype_name as _dtype_name
@@ -57,16 +58,22 @@ def causal_conv1d_kernel(x, weight, conv_state, lengths, has_state, in_place, ap
     y = nl.ndarray((bsz, n_ch, seq), dtype=x.dtype, buffer=nl.shared_hbm)
     new_state = conv_state if in_place else nl.ndarray((bsz, n_ch, kw), dtype=conv_state.dtype,
                                                        buffer=nl.shared_hbm)
-    n_ct = (n_ch + P_MAX - 1) // P_MAX
+    outs = y if in_place else (y, new_state)
+    # LNC=2: each program instance owns a contiguous half of the channels (reads and writes only those rows)
+    c_lo, c_hi = _owned_channels(n_ch, nl.program_id(0), nl.num_programs(0))
+    if c_hi == c_lo:
+        return outs
+    n_ct = (c_hi - c_lo + P_MAX - 1) // P_MAX
     nb = max(1, min(bsz, _MAX_ROW_ELEMS // (kw + seq)))          # sequences per tile (free dim)
     n_bt = (bsz + nb - 1) // nb
-    len_i = nl.ndarray((1, bsz), dtype=nl.int32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=len_i, src=lengths.ap(pattern=[[bsz, 1], [1, bsz]], offset=0))
+    len_i = None
+    if not in_place:
+        len_i = _clamped_lengths(lengths, bsz, seq)
     on_pe = x.dtype in (nl.bfloat16, nl.float16)
     ident = _identity(x.dtype) if on_pe else None
     for i_ct in nl.affine_range(n_ct):
-        c0 = i_ct * P_MAX
-        pc = min(P_MAX, n_ch - c0)
+        c0 = c_lo + i_ct * P_MAX
+        pc = min(P_MAX, c_hi - c0)
         w_sb = nl.ndarray((P_MAX, kw), dtype=f32, buffer=nl.sbuf)
         nisa.dma_copy(dst=w_sb[0:pc], src=weight[c0:c0 + pc])
         diag = None
@@ -108,9 +115,23 @@ def causal_conv1d_kernel(x, weight, conv_state, lengths, has_state, in_place, ap
                     tail = hist[0:pc, i_b].ap(pattern=[[nb * (kw + seq), pc], [1, kw]], offset=0,
                                               scalar_offset=len_i[0:1, b0 + i_b:b0 + i_b + 1], indirect_dim=2)
                     nisa.dma_copy(dst=new_state[b0 + i_b, c0:c0 + pc], src=tail)
-    if in_place:
-        return y
-    return y, new_state
+    return outs
+
+
+def _owned_channels(n_ch, pid, n_prog):
+    """[lo, hi) of the channels program instance `pid` of `n_prog` owns: contiguous, ceil(C / n_prog) each."""
+    per = (n_ch + n_prog - 1) // n_prog
+    lo = min(n_ch, pid * per)
+    return lo, min(n_ch, lo + per)
+
+
+def _clamped_lengths(lengths, bsz, seq):
+    """lengths [B] (HBM int32) -> SBUF [1, B] int32 clamped to [0, T] in-kernel: the dynamic state reads they
+    drive stay inside each sequence's history row whatever the values."""
+    len_i = nl.ndarray((1, bsz), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=len_i, src=lengths.ap(pattern=[[bsz, 1], [1, bsz]], offset=0))
+    nisa.tensor_scalar(dst=len_i, data=len_i, op0=nl.maximum, operand0=0, op1=nl.minimum, operand1=seq)
+    return len_i
 
 
 def _identity(dtype):
@@ -166,11 +187,14 @@ def causal_conv1d_update_kernel(x, conv_state, weight, apply_silu):
     f32 = nl.float32
     y = nl.ndarray((bsz, n_ch, seq), dtype=x.dtype, buffer=nl.shared_hbm)
     cdt = x.dtype if x.dtype == nl.bfloat16 else f32     # bf16 rows run VectorE in its fast mode
+    # LNC=2: each program instance owns a contiguous half of the channels (their x, y and state rows)
+    c_lo, c_hi = _owned_channels(n_ch, nl.program_id(0), nl.num_programs(0))
+    n_own = c_hi - c_lo
     groups = []
-    if n_ch >= P_MAX:
-        groups.append((0, P_MAX, n_ch // P_MAX))
-    if n_ch % P_MAX:
-        groups.append((n_ch - n_ch % P_MAX, n_ch % P_MAX, 1))
+    if n_own >= P_MAX:
+        groups.append((c_lo, P_MAX, n_own // P_MAX))
+    if n_own % P_MAX:
+        groups.append((c_hi - n_own % P_MAX, n_own % P_MAX, 1))
     for c0, n_p, cpp in groups:
         nb_max = max(1, min(bsz, _UPDATE_SBUF_BYTES // (cpp * _update_bytes_per_channel(kw, seq))))
         w_sb = nl.ndarray((n_p, nb_max, cpp, kw), dtype=cdt, buffer=nl.sbuf)
@@ -241,14 +265,16 @@ def _check_common(name, x, weight, activation, bias):
     return bsz, n_ch, seq, kw
 
 
-def causal_conv1d(x, weight, conv_state=None, valid_lengths=None, activation="silu", bias=None, **kwargs):
+def causal_conv1d(x, weight, conv_state=None, valid_lengths=None, activation="silu", bias=None, lnc=None):
     """Prefill: y = act(causal depthwise conv(x)), and the new conv state (the last K valid inputs).
 
     x [B, C, T]; weight [C, K]; conv_state [B, C, K] (the K inputs before x; zeros when None);
     valid_lengths [B] (right padding: the new state ends at input valid_lengths[b] - 1).
     Returns (y [B, C, T] in x's dtype, new_conv_state [B, C, K] in conv_state's dtype, else x's).
+    lnc: 1 or 2 program instances (None: `resolve_lnc`, 2 on trn2); under LNC=2 each core owns half the channels.
     """
     name = "causal_conv1d"
+    lnc = resolve_lnc(lnc, name)
     bsz, n_ch, seq, kw = _check_common(name, x, weight, activation, bias)
     has_state = conv_state is not None
     if has_state:
@@ -268,13 +294,16 @@ def causal_conv1d(x, weight, conv_state=None, valid_lengths=None, activation="si
                      f"{name}: valid_lengths must be in [0, T={seq}], got {lengths.tolist()}")
         lengths = lengths.astype(np.int32)
     return call(causal_conv1d_kernel, x, weight, state, lengths, has_state=has_state, in_place=False,
-                apply_silu=activation is not None)
+                apply_silu=activation is not None, lnc=lnc)
 
 
-def causal_conv1d_update(x, conv_state, weight, activation="silu", bias=None, **kwargs):
+def causal_conv1d_update(x, conv_state, weight, activation="silu", bias=None, lnc=None):
     """Decode form (transformers' causal_conv1d_update): y for the T new inputs; conv_state [B, C, K]
-    is updated in place to the last K inputs. Returns y [B, C, T] in x's dtype."""
+    is updated in place to the last K inputs. Returns y [B, C, T] in x's dtype.
+    lnc: 1 or 2 program instances (None: `resolve_lnc`, 2 on trn2); under LNC=2 each core owns half the channels.
+    """
     name = "causal_conv1d_update"
+    lnc = resolve_lnc(lnc, name)
     bsz, n_ch, seq, kw = _check_common(name, x, weight, activation, bias)
     kernel_check(getattr(conv_state, "ndim", None) == 3 and tuple(conv_state.shape) == (bsz, n_ch, kw),
                  f"{name}: conv_state must be [B, C, K]={(bsz, n_ch, kw)}, got "
@@ -285,7 +314,7 @@ def causal_conv1d_update(x, conv_state, weight, activation="silu", bias=None, **
     kernel_check(cpp * _update_bytes_per_channel(kw, seq) <= _UPDATE_SBUF_BYTES,
                  f"{name}: max(1, C // 128) * (4 (5 K + 3 T) + 4) must be <= {_UPDATE_SBUF_BYTES} bytes (one "
                  f"sequence's channels per partition), got C={n_ch}, K={kw}, T={seq}; use causal_conv1d for long T")
-    return call(causal_conv1d_update_kernel, x, conv_state, weight, apply_silu=activation is not None)
+    return call(causal_conv1d_update_kernel, x, conv_state, weight, apply_silu=activation is not None, lnc=lnc)
 
 
 def _zeros_like(x, shape):

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..backend import call, nki, nisa, nl
 from ..hw import P_MAX
+from ..lnc import resolve_lnc
 from ..validation import kernel_check
 from ._checks import check_qkv_gate_layouts
 from ._checks import dtype_name as _dtype_name
@@ -107,8 +108,13 @@ def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, 
     # runs and b's write-back (3 us of DMA latency) does not hold up the next reads
     # LNC=2: each program instance owns half of the v heads (their state rows, updates and o rows); the
     # inputs-only preparation is cheap and done for all heads by both
-    n_own = n_hv // nl.num_programs(0)
-    own = (nl.program_id(0) * n_own, n_own)
+    n_prog = nl.num_programs(0)
+    per_core = (n_hv + n_prog - 1) // n_prog                  # ceil: the last instance may own fewer heads
+    own_lo = min(n_hv, nl.program_id(0) * per_core)
+    n_own = min(n_hv, own_lo + per_core) - own_lo
+    if n_own == 0:
+        return o                                               # Hv = 1 at LNC=2: the second core has no head
+    own = (own_lo, n_own)
     rank_pp = n_tok * n_hv * dk * 2 if cdt != f32 else 0
     n_buf = max(1, min(bsz, _STATE_BUFFERS, (_STATE_SBUF_BYTES - rank_pp) // (n_own * dv * 4)))
     state_buf = nl.ndarray((dk, n_buf, n_own, dv), dtype=f32, buffer=nl.sbuf)     # the owned heads only
@@ -358,13 +364,16 @@ def _normalize_columns(kqn, kq_ps, ones_sb, scale, use_l2norm):
 
 
 def gated_delta_rule_step(q, k, v, g, beta, state_pool, slot_ids, use_qk_l2norm_in_kernel=False, scale=None,
-                          lnc=1, **kwargs):
+                          lnc=None):
     """Decode step(s) for B sequences: returns o [B, T, Hv, Dv]; updates state_pool[slot_ids] in place.
 
     q, k [B, T, Hk, Dk]; v [B, T, Hv, Dv]; g, beta [B, T, Hv]; state_pool [N_slots, Hv, Dk, Dv] fp32 or
     bf16 (NumPy array or torch CPU tensor, modified in place); slot_ids [B] distinct ints in [0, N_slots).
+    lnc: 1 or 2 program instances (None: `resolve_lnc`, 2 on trn2); under LNC=2 each core owns ceil(Hv / 2)
+    v heads (their state rows and outputs).
     """
     name = "gated_delta_rule_step"
+    lnc = resolve_lnc(lnc, name)
     bsz, n_tok, n_hk, dk, n_hv, dv = check_qkv_gate_layouts(name, q, k, v, g, beta,
                                                            extra=(("state_pool", state_pool, 4),))
     kernel_check(1 <= n_tok <= _MAX_DECODE_TOKENS, f"{name}: T must be in [1, {_MAX_DECODE_TOKENS}] tokens "
@@ -384,7 +393,5 @@ def gated_delta_rule_step(q, k, v, g, beta, state_pool, slot_ids, use_qk_l2norm_
     sc = float(dk ** -0.5 if scale is None else scale)
     kernel_check(n_hv <= _MAX_V_HEADS and n_tok * n_hk <= P_MAX, f"{name}: at most {_MAX_V_HEADS} v heads and "
                  f"T * Hk <= {P_MAX} per launch, got Hv={n_hv}, T={n_tok}, Hk={n_hk}")
-    kernel_check(lnc in (1, 2) and n_hv % lnc == 0, f"{name}: lnc must be 1 or 2 and divide Hv={n_hv} "
-                 f"(each program instance owns Hv / lnc heads), got lnc={lnc}")
     return call(gated_delta_rule_step_kernel, q, k, v, g, beta, state_pool, slots.astype(np.int32),
                 scale=sc, use_l2norm=bool(use_qk_l2norm_in_kernel), lnc=lnc)

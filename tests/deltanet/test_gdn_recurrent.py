@@ -153,7 +153,7 @@ def test_matches_transformers_recurrent(rng):
     (lambda a: a.update(v=a["v"].astype(BF16)), "v dtype must equal"),
     (lambda a: a.update(g=a["g"][:, :, :1]), "g must be"),
     (lambda a: a.update(k=a["k"][..., :8]), "k must match q"),
-    (lambda a: a.update(lnc=3), "lnc must be 1 or 2"),
+    (lambda a: a.update(lnc=3), r"lnc must be one of \(1, 2\)"),
 ])
 def test_bad_inputs_raise(mutate, match, rng):
     q, k, v, g, beta = gdn_inputs(rng, 2, 1, 1, 2, 16, 16)
