@@ -32,6 +32,8 @@ from ._checks import dtype_name as _dtype_name
 _CHUNK_SIZES = (64, 128)          # tokens per chunk: partitions of the intra-chunk tiles (<= P_MAX)
 _MAX_HEAD_DIM = P_MAX             # Dk, Dv <= 128: Dk is the partition dim of the state tile
 _L2NORM_EPS = 1e-6                # transformers' l2norm eps (added to the sum of squares)
+# g is clamped to >= this (fp32): exp(-1e30) = 0 exactly, and C * -1e30 stays finite in the fp32 decay sums
+_G_FLOOR = -1e30
 # rsqrt is valid on [2^-87, 2^97] on the device; fp32 sums of squares span [eps ~ 2^-20, 2^128]:
 # rsqrt(x) = rsqrt(x * 2^-40) * 2^-20 keeps every such x inside the valid range.
 _RSQRT_PRESCALE = 2.0 ** -40
@@ -84,7 +86,7 @@ def _host_constants(chunk):
 
 @nki.jit
 def gated_delta_rule_kernel(q, k, v, g, beta, initial_state, lengths, consts, chunk, scale, use_l2norm,
-                            has_initial_state, checkpoint_every):
+                            has_initial_state, checkpoint_every, has_lengths):
     """Chunked gated delta rule over all (batch, head) pairs in one launch.
 
     Dimensions:
@@ -104,7 +106,8 @@ def gated_delta_rule_kernel(q, k, v, g, beta, initial_state, lengths, consts, ch
         o: [B, T, Hv, Dv] @ HBM in q's dtype; final_state: [B, Hv, Dk, Dv] @ HBM fp32;
         checkpoints: [B, T // (checkpoint_every * C), Hv, Dk, Dv] fp32 (only when checkpoint_every).
     Constraints:
-        C in _CHUNK_SIZES; Dk, Dv <= _MAX_HEAD_DIM; pad tokens (t >= lengths[b]) get g = beta = 0 and q = 0.
+        C in _CHUNK_SIZES; Dk, Dv <= _MAX_HEAD_DIM; pad tokens (t >= lengths[b], when has_lengths) get
+        q = k = v = g = beta = 0 by a predicated copy (NaN-safe); g is clamped to >= _G_FLOOR (-inf decays to 0).
     Pseudocode (software-pipelined over the (b, chunk) items, see _chunk_prep / _chunk_tail):
         for b: S[h] = initial_state[b, h] (SBUF, [Dk, Hv, Dv] fp32)
           for each chunk:
@@ -173,7 +176,7 @@ def gated_delta_rule_kernel(q, k, v, g, beta, initial_state, lengths, consts, ch
     solve_wss = [_solve_workspace(masks_w, n_lvl, width, chunk, cdt) for _ in range(depth)]
 
     cfg = dict(chunk=chunk, seq=seq, width=width, group=group, head_base=head_base, scale=scale,
-               use_l2norm=use_l2norm, cdt=cdt,
+               use_l2norm=use_l2norm, cdt=cdt, has_lengths=has_lengths,
                hi_rows=consts_sb[:, _c_hi_rows(chunk), :],
                consts_sb=consts_sb, ones_sb=ones_sb, ident_c=solve_wss[0][0][:, 0, :])
     # software pipeline over the (batch, chunk) items: the state-independent parts of items n + 1 .. n + depth
@@ -234,23 +237,30 @@ def _chunk_prep(q, k, v, g, beta, lengths, per_seq, ctx, cfg):
     dk = q.shape[3]
     f32 = nl.float32
     utri = consts_sb[:, _C_UTRI, :]
-    ident_c = cfg["ident_c"]                               # I [C, C] in the compute dtype
     if i_c == 0:
-        len_i = nl.ndarray((chunk, 1), dtype=nl.int32, buffer=nl.sbuf)
-        nisa.dma_copy(dst=len_i, src=lengths.ap(pattern=[[0, chunk], [1, 1]], offset=i_b))
-        len_f = nl.ndarray((chunk, 1), dtype=f32, buffer=nl.sbuf)
-        nisa.tensor_copy(dst=len_f, src=len_i)
-        per_seq[i_b] = dict(len_f=len_f)
-    len_f = per_seq[i_b]["len_f"]
+        per_seq[i_b] = {}
+        if cfg["has_lengths"]:
+            len_i = nl.ndarray((chunk, 1), dtype=nl.int32, buffer=nl.sbuf)
+            nisa.dma_copy(dst=len_i, src=lengths.ap(pattern=[[0, chunk], [1, 1]], offset=i_b))
+            len_f = nl.ndarray((chunk, 1), dtype=f32, buffer=nl.sbuf)
+            nisa.tensor_copy(dst=len_f, src=len_i)
+            per_seq[i_b]["len_f"] = len_f
+    len_f = per_seq[i_b].get("len_f")
     t0 = i_c * chunk
     n_tok = min(chunk, seq - t0)
-    q_sb, k_sb, v_sb, g_sb, beta_sb = _load_chunk(q, k, v, g, beta, i_b, t0, n_tok, chunk, cdt)
+    tiles = _load_chunk(q, k, v, g, beta, i_b, t0, n_tok, chunk, cdt)
+    q_sb, k_sb, v_sb, g_sb, beta_sb = tiles
     _init_workspace(ctx["ws"])
-    valid = _valid_mask(len_f, t0, chunk)
-    # pad tokens: g = 0 (no decay), beta = 0 (no write), q = 0 (zero output)
-    nisa.tensor_scalar(dst=g_sb, data=g_sb, op0=nl.multiply, operand0=valid)
-    nisa.tensor_scalar(dst=beta_sb, data=beta_sb, op0=nl.multiply, operand0=valid)
-    q_c = _normalize(q_sb, valid, cfg["scale"], cfg["use_l2norm"], cdt)
+    valid = None
+    if cfg["has_lengths"]:
+        # pad tokens (t >= length): q = k = v = g = beta = 0 by a select, so a NaN / Inf there reaches nothing
+        # (no decay, no write, zero output); a multiply by 0 would keep NaN
+        valid = _valid_mask(len_f, t0, chunk)
+        _zero_pad_rows(tiles, valid)
+    # g = -inf is exact decay to 0: g >= _G_FLOOR keeps the 0/1-mask products of the decay matmuls finite
+    # (0 * -inf would be NaN), and exp of any causal sum that includes it is still exactly 0
+    nisa.tensor_scalar(dst=g_sb, data=g_sb, op0=nl.maximum, operand0=_G_FLOOR)
+    q_c = _normalize(q_sb, None, cfg["scale"], cfg["use_l2norm"], cdt)
     k_c = _normalize(k_sb, None, 1.0, cfg["use_l2norm"], cdt)
     v_c = v_sb                                             # already in the compute dtype
     # per-chunk decays for all v heads: e^{G_i} [C, Hv], e^{G_C} broadcast to Dk partitions [Dk, Hv]
@@ -276,10 +286,12 @@ def _chunk_prep(q, k, v, g, beta, lengths, per_seq, ctx, cfg):
         n_kh = (base + hv0 + width - 1) // group - (base + hv0) // group + 1    # q/k heads this block uses
         q_t = nl.ndarray((dk, n_kh, chunk), dtype=cdt, buffer=nl.sbuf)
         k_t = nl.ndarray((dk, n_kh, chunk), dtype=cdt, buffer=nl.sbuf)
-        tq_ps = nl.ndarray((dk, 2, n_kh, chunk), dtype=f32, buffer=nl.psum)
+        # TensorE transposes (a data move: a NaN in token i stays in column i; a matmul with I would
+        # spread it to every column through NaN * 0)
+        tq_ps = nl.ndarray((dk, 2, n_kh, chunk), dtype=cdt, buffer=nl.psum)
         for i_k in nl.affine_range(n_kh):
-            nisa.nc_matmul(tq_ps[:, 0, i_k, :], q_c[:, hk0 + i_k, :], ident_c)
-            nisa.nc_matmul(tq_ps[:, 1, i_k, :], k_c[:, hk0 + i_k, :], ident_c)
+            nisa.nc_transpose(dst=tq_ps[:, 0, i_k, :], data=q_c[:, hk0 + i_k, :])
+            nisa.nc_transpose(dst=tq_ps[:, 1, i_k, :], data=k_c[:, hk0 + i_k, :])
         nisa.activation(dst=q_t, op=nl.copy, data=tq_ps[:, 0])      # Q^T [Dk, C] per q/k head
         nisa.activation(dst=k_t, op=nl.copy, data=tq_ps[:, 1])      # K^T
         del tq_ps
@@ -356,14 +368,24 @@ def _load_chunk(q, k, v, g, beta, i_b, t0, n_tok, chunk, io_dt):
 
 
 def _valid_mask(len_f, t0, chunk):
-    """(C, 1) fp32: 1.0 where token t0 + p < length, else 0.0."""
+    """(C, 1) uint8: 1 where token t0 + p < length, else 0."""
     pos_i = nl.ndarray((chunk, 1), dtype=nl.int32, buffer=nl.sbuf)
     nisa.iota(dst=pos_i, pattern=[[0, 1]], offset=t0, channel_multiplier=1)
     pos_f = nl.ndarray((chunk, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.tensor_copy(dst=pos_f, src=pos_i)
-    valid = nl.ndarray((chunk, 1), dtype=nl.float32, buffer=nl.sbuf)
+    valid = nl.ndarray((chunk, 1), dtype=nl.uint8, buffer=nl.sbuf)
     nisa.tensor_tensor(dst=valid, data1=pos_f, data2=len_f, op=nl.less)
     return valid
+
+
+def _zero_pad_rows(tiles, valid):
+    """Set the pad rows (valid == 0) of every [C, ...] tile to 0 with a predicated copy (a select: NaN-safe).
+    The (C, 1) predicate is read with a zero free stride, broadcast over each tile's free elements."""
+    chunk = valid.shape[0]
+    for t in tiles:
+        n_free = int(np.prod(t.shape[1:]))
+        pred = valid.ap(pattern=[[1, chunk], [0, n_free]], offset=0)
+        nisa.tensor_copy_predicated(dst=t.reshape((chunk, n_free)), src=0.0, predicate=pred, reverse_pred=True)
 
 
 def _normalize(x_sb, valid, scale, use_l2norm, cdt):
@@ -702,7 +724,8 @@ def gated_delta_rule(q, k, v, g, beta, chunk_size=64, initial_state=None, output
     sc = float(dk ** -0.5 if scale is None else scale)
     outs = call(gated_delta_rule_kernel, q, k, v, g, beta, init, lengths, _host_constants(chunk_size),
                 chunk=int(chunk_size), scale=sc, use_l2norm=bool(use_qk_l2norm_in_kernel),
-                has_initial_state=has_init, checkpoint_every=ckpt_every, lnc=lnc)
+                has_initial_state=has_init, checkpoint_every=ckpt_every, has_lengths=valid_lengths is not None,
+                lnc=lnc)
     o, final = outs[0], outs[1]
     final = final if output_final_state else None
     if checkpoint_every is not None:

@@ -66,7 +66,7 @@ def _case(kernel, shape_start):
 
 
 _FAST = [("moe_decode", "qwen3-omni talker tp8 T=1 ", lambda: floors.moe_decode_floor("qwen3-omni talker tp8")),
-         ("gated_delta_rule_step", "qwen3.5-35b-a3b tp4 B=1 T=1 Hk=4 Hv=8 D=128 fp32 state",
+         ("gated_delta_rule_step", "qwen3.5-35b-a3b tp4 B=1 T=1 Hk=4 Hv=8 D=128 fp32 state lnc=1",   # 1-core floor
           lambda: floors.gdn_decode_floor()),
          ("moe_blockwise", "qwen3-omni talker tp8 T=1024 ",
           lambda: floors.moe_prefill_floor("qwen3-omni talker tp8", 1024))]
