@@ -1,6 +1,8 @@
 """Input checks shared by the gated-delta-rule wrappers (prefill and decode take the same q/k/v/g/beta layouts)."""
 from __future__ import annotations
 
+import numpy as np
+
 from ..hw import P_MAX
 from ..validation import kernel_check
 
@@ -19,8 +21,10 @@ def check_qkv_gate_layouts(name: str, q, k, v, g, beta, extra=()):
     Also: Hv a multiple of Hk, head dims <= MAX_HEAD_DIM, float dtypes with k and v in q's dtype.
     Returns (B, T, Hk, Dk, Hv, Dv)."""
     for arg, x, nd in (("q", q, 4), ("k", k, 4), ("v", v, 4), ("g", g, 3), ("beta", beta, 3)) + tuple(extra):
-        kernel_check(getattr(x, "ndim", None) == nd, f"{name}: {arg} must be {nd}-D, got "
-                     f"{arg}.shape={tuple(getattr(x, 'shape', ()))}")
+        check_tensor(name, arg, x)
+        kernel_check(x.ndim == nd, f"{name}: {arg} must be {nd}-D, got {arg}.shape={tuple(x.shape)}")
+        kernel_check(0 not in tuple(x.shape), f"{name}: {arg} must not be empty (every dimension >= 1; B=0 or "
+                     f"T=0 launches nothing), got {arg}.shape={tuple(x.shape)}")
     bsz, seq, n_hk, dk = q.shape
     n_hv, dv = v.shape[2], v.shape[3]
     kernel_check(tuple(k.shape) == tuple(q.shape), f"{name}: k must match q [B, T, Hk, Dk], got "
@@ -33,10 +37,39 @@ def check_qkv_gate_layouts(name: str, q, k, v, g, beta, extra=()):
     kernel_check(n_hv % n_hk == 0, f"{name}: Hv must be a multiple of Hk, got Hv={n_hv}, Hk={n_hk}")
     kernel_check(1 <= dk <= MAX_HEAD_DIM and 1 <= dv <= MAX_HEAD_DIM,
                  f"{name}: head dims must be <= {MAX_HEAD_DIM}, got Dk={dk}, Dv={dv}")
+    for arg, x in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
+        check_dtype(name, arg, x)
     dt = dtype_name(q)
-    kernel_check(dt in FLOAT_DTYPES, f"{name}: q dtype must be one of {FLOAT_DTYPES}, got {dt}")
     for arg, x in (("k", k), ("v", v)):
         kernel_check(dtype_name(x) == dt, f"{name}: {arg} dtype must equal q's {dt}, got {dtype_name(x)}")
-    for arg, x in (("g", g), ("beta", beta)):
-        kernel_check(dtype_name(x) in FLOAT_DTYPES, f"{name}: {arg} must be a float tensor, got {dtype_name(x)}")
     return bsz, seq, n_hk, dk, n_hv, dv
+
+
+def check_tensor(name: str, arg: str, x):
+    """x must be a NumPy array or a torch CPU tensor (not a list, scalar or meta / device tensor)."""
+    is_torch = type(x).__module__.startswith("torch") and hasattr(x, "device")
+    kernel_check(isinstance(x, np.ndarray) or is_torch, f"{name}: {arg} must be a NumPy array or a torch CPU "
+                 f"tensor, got {type(x).__name__}")
+    if is_torch:
+        kernel_check(x.device.type == "cpu", f"{name}: {arg} must be a CPU tensor on the emulator, got a tensor "
+                     f"on {x.device}")
+
+
+def check_lengths(name: str, valid_lengths, bsz: int, seq: int):
+    """valid_lengths [B] integers in [0, T] (list, NumPy array or torch tensor) -> int32 NumPy array.
+    Floats (7.9, also 8.0) and bools are refused: lengths are token counts."""
+    raw = valid_lengths.detach().cpu().numpy() if hasattr(valid_lengths, "detach") else valid_lengths
+    lengths = np.asarray(raw)
+    kernel_check(lengths.dtype.kind in "iu", f"{name}: valid_lengths must be integers (token counts), got "
+                 f"dtype {lengths.dtype} values {lengths.ravel()[:8].tolist()}")
+    kernel_check(lengths.shape == (bsz,), f"{name}: valid_lengths must be [B]={bsz}, got shape {lengths.shape}")
+    kernel_check(bool(np.all((lengths >= 0) & (lengths <= seq))),
+                 f"{name}: valid_lengths must be in [0, T={seq}], got {lengths.tolist()}")
+    return lengths.astype(np.int32)
+
+
+def check_dtype(name: str, arg: str, x, allowed=FLOAT_DTYPES):
+    """x's dtype in `allowed`; float64 (NumPy's default) is refused, never cast silently."""
+    dt = dtype_name(x)
+    hint = " (NumPy's default float64: convert with .astype(np.float32))" if dt == "float64" else ""
+    kernel_check(dt in allowed, f"{name}: {arg} dtype must be one of {allowed}{hint}, got {dt}")

@@ -25,7 +25,7 @@ from ..backend import call, nki, nisa, nl
 from ..hw import P_MAX, PSUM_FMAX_FP32
 from ..lnc import resolve_lnc
 from ..validation import kernel_check
-from ._checks import check_qkv_gate_layouts
+from ._checks import check_lengths, check_qkv_gate_layouts, check_tensor
 from ._checks import dtype_name as _dtype_name
 
 # ---------------------------------------------------------------- constraints
@@ -700,6 +700,7 @@ def gated_delta_rule(q, k, v, g, beta, chunk_size=64, initial_state=None, output
                  f"per launch (tensor parallelism)")
     has_init = initial_state is not None
     if has_init:
+        check_tensor(name, "initial_state", initial_state)
         kernel_check(tuple(initial_state.shape) == (bsz, n_hv, dk, dv), f"{name}: initial_state must be "
                      f"[B, Hv, Dk, Dv]={(bsz, n_hv, dk, dv)}, got {tuple(initial_state.shape)}")
         kernel_check(_dtype_name(initial_state) == "float32",
@@ -710,12 +711,7 @@ def gated_delta_rule(q, k, v, g, beta, chunk_size=64, initial_state=None, output
     if valid_lengths is None:
         lengths = np.full(bsz, seq, dtype=np.int32)
     else:
-        lengths = np.asarray(valid_lengths.cpu() if hasattr(valid_lengths, "cpu") else valid_lengths)
-        kernel_check(lengths.shape == (bsz,), f"{name}: valid_lengths must be [B]={bsz}, got shape "
-                     f"{lengths.shape}")
-        kernel_check(bool(np.all((lengths >= 0) & (lengths <= seq))),
-                     f"{name}: valid_lengths must be in [0, T={seq}], got {lengths.tolist()}")
-        lengths = lengths.astype(np.int32)
+        lengths = check_lengths(name, valid_lengths, bsz, seq)
     ckpt_every = 0
     if checkpoint_every is not None:
         kernel_check(int(checkpoint_every) >= 1, f"{name}: checkpoint_every must be >= 1 chunk, "

@@ -16,6 +16,7 @@ from ..hw import P_MAX, PSUM_FMAX_FP32
 from ..lnc import resolve_lnc
 from ..validation import kernel_check
 from ._checks import FLOAT_DTYPES as _FLOAT_DTYPES
+from ._checks import check_lengths, check_tensor
 from ._checks import dtype_name as _dtype_name
 
 # ---------------------------------------------------------------- constraints
@@ -246,11 +247,12 @@ def _update_bytes_per_channel(kw: int, seq: int) -> int:
 
 
 def _check_common(name, x, weight, activation, bias):
-    kernel_check(getattr(x, "ndim", None) == 3, f"{name}: x must be [B, C, T], got "
-                 f"x.shape={tuple(getattr(x, 'shape', ()))}")
-    kernel_check(getattr(weight, "ndim", None) == 2, f"{name}: weight must be [C, K], got "
-                 f"weight.shape={tuple(getattr(weight, 'shape', ()))}")
+    check_tensor(name, "x", x)
+    check_tensor(name, "weight", weight)
+    kernel_check(x.ndim == 3, f"{name}: x must be [B, C, T], got x.shape={tuple(x.shape)}")
+    kernel_check(weight.ndim == 2, f"{name}: weight must be [C, K], got weight.shape={tuple(weight.shape)}")
     bsz, n_ch, seq = x.shape
+    kernel_check(bsz >= 1 and n_ch >= 1, f"{name}: x must not be empty (B, C >= 1), got x.shape={tuple(x.shape)}")
     kw = weight.shape[1]
     kernel_check(weight.shape[0] == n_ch, f"{name}: weight must be [C={n_ch}, K], got {tuple(weight.shape)}")
     kernel_check(2 <= kw <= _MAX_KERNEL_WIDTH, f"{name}: kernel width K must be in [2, {_MAX_KERNEL_WIDTH}], "
@@ -278,6 +280,7 @@ def causal_conv1d(x, weight, conv_state=None, valid_lengths=None, activation="si
     bsz, n_ch, seq, kw = _check_common(name, x, weight, activation, bias)
     has_state = conv_state is not None
     if has_state:
+        check_tensor(name, "conv_state", conv_state)
         kernel_check(tuple(conv_state.shape) == (bsz, n_ch, kw), f"{name}: conv_state must be [B, C, K]="
                      f"{(bsz, n_ch, kw)}, got {tuple(conv_state.shape)}")
         kernel_check(_dtype_name(conv_state) in _FLOAT_DTYPES, f"{name}: conv_state must be a float tensor, "
@@ -288,11 +291,7 @@ def causal_conv1d(x, weight, conv_state=None, valid_lengths=None, activation="si
     if valid_lengths is None:
         lengths = np.full(bsz, seq, dtype=np.int32)
     else:
-        lengths = np.asarray(valid_lengths.cpu() if hasattr(valid_lengths, "cpu") else valid_lengths)
-        kernel_check(lengths.shape == (bsz,), f"{name}: valid_lengths must be [B]={bsz}, got shape {lengths.shape}")
-        kernel_check(bool(np.all((lengths >= 0) & (lengths <= seq))),
-                     f"{name}: valid_lengths must be in [0, T={seq}], got {lengths.tolist()}")
-        lengths = lengths.astype(np.int32)
+        lengths = check_lengths(name, valid_lengths, bsz, seq)
     return call(causal_conv1d_kernel, x, weight, state, lengths, has_state=has_state, in_place=False,
                 apply_silu=activation is not None, lnc=lnc)
 
@@ -305,6 +304,7 @@ def causal_conv1d_update(x, conv_state, weight, activation="silu", bias=None, ln
     name = "causal_conv1d_update"
     lnc = resolve_lnc(lnc, name)
     bsz, n_ch, seq, kw = _check_common(name, x, weight, activation, bias)
+    check_tensor(name, "conv_state", conv_state)
     kernel_check(getattr(conv_state, "ndim", None) == 3 and tuple(conv_state.shape) == (bsz, n_ch, kw),
                  f"{name}: conv_state must be [B, C, K]={(bsz, n_ch, kw)}, got "
                  f"{tuple(getattr(conv_state, 'shape', ()))}")

@@ -383,7 +383,7 @@ def gated_delta_rule_step(q, k, v, g, beta, state_pool, slot_ids, use_qk_l2norm_
                  f"[N_slots, Hv, Dk, Dv]=[N, {n_hv}, {dk}, {dv}], got {tuple(state_pool.shape)}")
     kernel_check(_dtype_name(state_pool) in _STATE_DTYPES, f"{name}: state_pool dtype must be one of "
                  f"{_STATE_DTYPES}, got {_dtype_name(state_pool)}")
-    slots = np.asarray(slot_ids.cpu() if hasattr(slot_ids, "cpu") else slot_ids)
+    slots = np.asarray(slot_ids.detach().cpu().numpy() if hasattr(slot_ids, "detach") else slot_ids)
     kernel_check(slots.shape == (bsz,) and np.issubdtype(slots.dtype, np.integer),
                  f"{name}: slot_ids must be [B]={bsz} integers, got shape {slots.shape} dtype {slots.dtype}")
     kernel_check(bool(np.all((slots >= 0) & (slots < n_slots))),
