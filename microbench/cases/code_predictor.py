@@ -1,11 +1,12 @@
 """Microbench cases for the code_predictor family (registered on import).
 
-Real Qwen3-Omni code-predictor sizes (H=1024, 16 q / 8 kv heads of 128, I=3072, 5 layers, 15 steps, V=2048)
-per rank: TP=1 (the whole model on one core) and one TP=8 rank (2 q / 1 kv heads, I=384; its o_proj/down
-outputs are partial sums whose all-reduce is NOT modeled), with the 15 LM heads replicated (V=2048 rows) or
-vocab-sharded (256 rows per rank; the cross-rank argmax/sampling exchange is NOT modeled). Greedy decoding
-unless the label says "sample". Baselines: the no-KV-cache G-slot re-prefill in one launch, and the cached
-algorithm as 15 separate launches.
+Real Qwen3-Omni code-predictor sizes (H=1024, 16 q / 8 kv heads of 128, I=3072, 5 layers, 15 steps, V=2048),
+full frames (all 15 codes): TP=1 (the whole model on one logical core) and TP=8 (`code_predictor_tp`: all 8
+ranks, each with its shard (2 q / 1 kv heads, I=384, LM heads replicated), the o_proj / down_proj all-reduces
+in-kernel and costed; the launch's time is its slowest rank). The LNC is the wrapper's default (resolve_lnc: 2 on
+trn2; the batch rows are split between the two cores). Greedy decoding unless the label says "sample".
+Baselines, at the same TP with their collectives and at LNC=1: the no-KV-cache G-slot re-prefill in one launch,
+and the cached algorithm as 15 separate launches.
 """
 from __future__ import annotations
 
@@ -19,42 +20,58 @@ _SHAPE = CATALOGUE["qwen3-omni code predictor tp1"]
 _CACHE: dict = {}
 
 
-def _weights(tp, vocab_sharded):
-    key = (tp, vocab_sharded)
-    if key not in _CACHE:
-        from nki_kernels.codepredictor import random_weights, shard_weights
+def _full_weights():
+    if "w" not in _CACHE:
+        from nki_kernels.codepredictor import random_weights
         rng = np.random.default_rng(2026)
-        w = random_weights(rng, hidden=_SHAPE.hidden, n_q_heads=_SHAPE.q_heads, n_kv_heads=_SHAPE.kv_heads,
-                           head_dim=_SHAPE.head_dim, intermediate=_SHAPE.mlp_inter, n_layers=_SHAPE.layers,
-                           n_groups=_SHAPE.code_groups - 1, vocab=_SHAPE.vocab)
-        _CACHE[key] = shard_weights(w, tp, 0, vocab_sharded=vocab_sharded) if (tp > 1 or vocab_sharded) else w
-    return _CACHE[key]
+        _CACHE["w"] = random_weights(rng, hidden=_SHAPE.hidden, n_q_heads=_SHAPE.q_heads, n_kv_heads=_SHAPE.kv_heads,
+                                     head_dim=_SHAPE.head_dim, intermediate=_SHAPE.mlp_inter, n_layers=_SHAPE.layers,
+                                     n_groups=_SHAPE.code_groups - 1, vocab=_SHAPE.vocab)
+    return _CACHE["w"]
 
 
-def _make(B, tp, vocab_sharded, sample):
+def _shards(tp):
+    if ("shards", tp) not in _CACHE:
+        from nki_kernels.codepredictor import shard_weights
+        _CACHE[("shards", tp)] = [shard_weights(_full_weights(), tp, r) for r in range(tp)]
+    return _CACHE[("shards", tp)]
+
+
+def _make(B, tp, sample):
     def make_inputs(rng):
-        w = _weights(tp, vocab_sharded)
+        w = _full_weights()
         ph = rng.standard_normal((B, w.hidden)).astype(np.float32)
         c0 = rng.standard_normal((B, w.hidden)).astype(np.float32)
         u = rng.random((B, w.n_groups)).astype(np.float32)
         kw = dict(uniforms=u, do_sample=True, temperature=0.9, top_k=50, top_p=0.8) if sample else {}
-        return dict(past_hidden=ph, code0_embed=c0, weights=w, kw=kw)
+        return dict(past_hidden=ph, code0_embed=c0, weights=w, tp=tp, kw=kw)
     return make_inputs
 
 
 def _run(inputs):
     from nki_kernels.codepredictor import code_predictor
-    return code_predictor(inputs["past_hidden"], inputs["code0_embed"], inputs["weights"], **inputs["kw"])
+    from nki_kernels.codepredictor.unrolled import code_predictor_tp
+    if inputs["tp"] == 1:
+        return code_predictor(inputs["past_hidden"], inputs["code0_embed"], inputs["weights"], **inputs["kw"])
+    return code_predictor_tp(inputs["past_hidden"], inputs["code0_embed"], _shards(inputs["tp"]), **inputs["kw"])
 
 
 def _run_reprefill(inputs):
-    from nki_kernels.codepredictor.baselines import code_predictor_reprefill
-    return code_predictor_reprefill(inputs["past_hidden"], inputs["code0_embed"], inputs["weights"], **inputs["kw"])
+    from nki_kernels.codepredictor import baselines
+    if inputs["tp"] == 1:
+        return baselines.code_predictor_reprefill(inputs["past_hidden"], inputs["code0_embed"], inputs["weights"],
+                                                  **inputs["kw"])
+    return baselines.code_predictor_reprefill_tp(inputs["past_hidden"], inputs["code0_embed"], _shards(inputs["tp"]),
+                                                 **inputs["kw"])
 
 
 def _run_per_step(inputs):
-    from nki_kernels.codepredictor.baselines import code_predictor_per_step
-    return code_predictor_per_step(inputs["past_hidden"], inputs["code0_embed"], inputs["weights"], **inputs["kw"])
+    from nki_kernels.codepredictor import baselines
+    if inputs["tp"] == 1:
+        return baselines.code_predictor_per_step(inputs["past_hidden"], inputs["code0_embed"], inputs["weights"],
+                                                 **inputs["kw"])
+    return baselines.code_predictor_per_step_tp(inputs["past_hidden"], inputs["code0_embed"], _shards(inputs["tp"]),
+                                                **inputs["kw"])
 
 
 def _reference_inputs(inputs):
@@ -98,44 +115,42 @@ def _check(ref, out):
         raise AssertionError("codec_embeds are not the table rows of the returned codes")
 
 
-def _cost(B, tp, vocab_sharded):
+def _cost(B, tp):
+    """Useful FLOPs and minimum HBM bytes of a full frame, all ranks together (LM heads replicated per rank)."""
     H, D, L, G1, V = _SHAPE.hidden, _SHAPE.head_dim, _SHAPE.layers, _SHAPE.code_groups - 1, _SHAPE.vocab
-    hq, hkv, inter = _SHAPE.q_heads // tp, _SHAPE.kv_heads // tp, _SHAPE.mlp_inter // tp
-    vh = V // tp if vocab_sharded else V
+    hq, hkv, inter = _SHAPE.q_heads, _SHAPE.kv_heads, _SHAPE.mlp_inter
     layer_params = H * (hq + 2 * hkv) * D + hq * D * H + 3 * H * inter
     tokens = B * (G1 + 1)
-    flops = 2 * layer_params * L * tokens + 2 * H * vh * B * G1
+    flops = 2 * layer_params * L * tokens + 2 * H * V * B * G1 * tp
     flops += L * B * sum(4 * hq * D * (t + 1) for t in range(G1 + 1))        # attention scores + PV
-    hbm = 2 * (layer_params * L + G1 * H * vh) + 2 * B * G1 * H * 2 + 4 * B * H * 2 + 4 * B * G1
+    hbm = 2 * (layer_params * L + tp * G1 * H * V) + tp * (2 * B * G1 * H * 2 + 4 * B * H * 2 + 4 * B * G1)
     return flops, hbm
 
 
 def _register():
-    variants = [(1, False, "tp1"), (8, False, "tp8 rank, LM heads replicated"),
-                (8, True, "tp8 rank, LM heads vocab-sharded")]
-    for tp, vs, label in variants:
-        for B in (_B_LIST if not vs else _B_LIST[:2]):
-            flops, hbm = _cost(B, tp, vs)
-            base = dict(kernel="code_predictor", make_inputs=_make(B, tp, vs, False), run=_run,
+    for tp in (1, 8):
+        label = "tp1" if tp == 1 else f"tp{tp} all ranks + all-reduces"
+        for B in _B_LIST:
+            flops, hbm = _cost(B, tp)
+            base = dict(kernel="code_predictor", make_inputs=_make(B, tp, False), run=_run,
                         reference=_reference_inputs, flops=flops, min_hbm_bytes=hbm, dtype="bfloat16", check=_check,
-                        tags=dict(tp=tp, B=B, vocab_sharded=vs))
-            quick = tp == 8 and not vs and B == 1
-            with_base = not vs and not (tp == 1 and B == 32)      # emulation time budget
+                        tags=dict(tp=tp, B=B))
+            quick = tp == 8 and B == 1
+            with_base = not (tp == 1 and B == 32)      # emulation time budget
             register(BenchCase(shape=f"qwen3-omni code predictor {label} B={B} greedy", quick=quick,
                                baseline_name="no-KV-cache 16-slot re-prefill, 1 launch" if with_base else None,
                                baseline_run=_run_reprefill if with_base else None, **base))
-            if B == 1 and not vs:
+            if B == 1:
                 register(BenchCase(shape=f"qwen3-omni code predictor {label} B={B} greedy vs per-step launches",
                                    baseline_name="cached, 15 launches (KV cache via HBM)",
                                    baseline_run=_run_per_step, **base))
-        if tp == 8 and not vs:
-            for B in (1,):
-                flops, hbm = _cost(B, tp, vs)
-                register(BenchCase(kernel="code_predictor",
-                                   shape=f"qwen3-omni code predictor {label} B={B} sample top_k=50 top_p=0.8",
-                                   make_inputs=_make(B, tp, vs, True), run=_run, reference=_reference_inputs,
-                                   flops=flops, min_hbm_bytes=hbm, dtype="bfloat16", check=_check,
-                                   tags=dict(tp=tp, B=B, sample=True)))
+        if tp == 8:
+            flops, hbm = _cost(1, tp)
+            register(BenchCase(kernel="code_predictor",
+                               shape=f"qwen3-omni code predictor {label} B=1 sample top_k=50 top_p=0.8",
+                               make_inputs=_make(1, tp, True), run=_run, reference=_reference_inputs,
+                               flops=flops, min_hbm_bytes=hbm, dtype="bfloat16", check=_check,
+                               tags=dict(tp=tp, B=1, sample=True)))
 
 
 _register()

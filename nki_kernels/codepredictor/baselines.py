@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import call, nisa, nki, nl
+from ..backend import call, call_ranks, nisa, nki, nl
 from ..hw import P_MAX, SBUF_BYTES_PER_PARTITION
 from .unrolled import (_K_TILE, _SBUF_HEADROOM, _Cfg, _activation_bytes_per_partition, _final_logits,
                        _gather_embed, _greedy_code_T, _greedy_consts, _layer, _rope_T, _rows_to_T, _select_code,
-                       _setup, _weights_and_sizes, _weights_args, check_inputs, resident_bytes_per_partition)
+                       _setup, _weights_and_sizes, _weights_args, check_inputs, check_shards,
+                       resident_bytes_per_partition, tp_state)
 from .weights import CodePredictorWeights
 
 
@@ -28,7 +29,7 @@ def _resident(w, rows, sample):
 def code_predictor_reprefill_kernel(past_hidden, code0_embed, uniforms, input_norm, post_norm, q_norm, k_norm,
                                     final_norm, wqkv_t, wo_t, wgu_t, wd_t, lm_head_t, codec_embed, rope_cos,
                                     rope_sin, n_q_heads, n_kv_heads, eps, resident, do_sample, inv_temperature,
-                                    top_k, top_p):
+                                    top_k, top_p, replica_group=None, tp_degree=1):
     """No-KV-cache baseline: step j re-runs all L layers over G slots per row; same outputs as the kernel.
 
     Dimensions, Args, Returns: as `code_predictor_kernel`.
@@ -48,6 +49,7 @@ def code_predictor_reprefill_kernel(past_hidden, code0_embed, uniforms, input_no
     bb = max(1, P_MAX // (slots * r))                    # batches per attention block
     c_full = _Cfg(bg * slots, H, L, n_q_heads, n_kv_heads, D, I, slots, eps)
     S = _setup(c_full, W, resident, False, bb, (bb * slots * r, slots * r, bb, slots, slots))
+    tp_state(S, replica_group, tp_degree)          # TP: o_proj / down_proj partial sums all-reduced in `_layer`
     sampling = (do_sample, inv_temperature, top_k, top_p)
     fm_greedy = (not do_sample) and vh % _K_TILE == 0
     if fm_greedy:
@@ -90,7 +92,7 @@ def code_predictor_reprefill_kernel(past_hidden, code0_embed, uniforms, input_no
 def code_predictor_step_kernel(x_in, code0_embed, kv_k, kv_v, uniforms, input_norm, post_norm, q_norm, k_norm,
                                final_norm, wqkv_t, wo_t, wgu_t, wd_t, lm_head_t, codec_embed, rope_cos, rope_sin,
                                step, n_q_heads, n_kv_heads, eps, resident, do_sample, inv_temperature, top_k,
-                               top_p):
+                               top_p, replica_group=None, tp_degree=1):
     """One step j of the cached predictor as its own launch; KV cache [D, L, Hkv, B, G] bf16 in HBM (in place).
 
     step 0 runs positions 0 (x_in = past_hidden) and 1 (code0_embed); step j >= 1 runs position j + 1 with
@@ -104,6 +106,7 @@ def code_predictor_step_kernel(x_in, code0_embed, kv_k, kv_v, uniforms, input_no
     emb_out = nl.ndarray((B, H), dtype=codec_embed.dtype, buffer=nl.shared_hbm)
     bb = max(1, min(B, P_MAX // c.r))
     S = _setup(c, W, resident, True, bb, (bb * c.r, c.r, bb, c.G))
+    tp_state(S, replica_group, tp_degree)
     if step > 0:
         nisa.dma_copy(dst=S["kT"], src=kv_k)
         nisa.dma_copy(dst=S["vT"], src=kv_v)
@@ -179,6 +182,53 @@ def code_predictor_per_step(past_hidden, code0_embed, weights: CodePredictorWeig
     for j in range(G1):
         code, emb = call(code_predictor_step_kernel, x, code0_embed, kv_k, kv_v, u, *_weights_args(w), lnc=1,
                          step=j, **consts)
+        codes[:, j] = np.asarray(code).reshape(-1)
+        embeds[:, j] = np.asarray(emb)
+        x = np.asarray(emb)
+    return codes, embeds
+
+
+def code_predictor_reprefill_tp(past_hidden, code0_embed, shards, *, replica_group=None, uniforms=None,
+                                do_sample=False, temperature=1.0, top_k=50, top_p=1.0, resident=None):
+    """The re-prefill baseline at TP = len(shards) (`code_predictor_tp`'s layout and all-reduces), LNC=1.
+    Returns rank 0's (codes, codec_embeds)."""
+    name = "code_predictor_reprefill_tp"
+    tp, replica_group = check_shards(shards, replica_group, name)
+    w = shards[0]
+    past_hidden, code0_embed, u = check_inputs(past_hidden, code0_embed, w, uniforms, do_sample, temperature,
+                                               top_k, top_p, name)
+    B = past_hidden.shape[0]
+    consts = _consts(w, min(B, P_MAX // (w.n_groups + 1)) * (w.n_groups + 1), do_sample, temperature, top_k, top_p,
+                     resident)
+    args = [(past_hidden, code0_embed, u, *_weights_args(s)) for s in shards]
+    outs = call_ranks(code_predictor_reprefill_kernel, args, lnc=1, replica_group=replica_group, tp_degree=tp,
+                      **consts)
+    return outs[0][:2]
+
+
+def code_predictor_per_step_tp(past_hidden, code0_embed, shards, *, replica_group=None, uniforms=None,
+                               do_sample=False, temperature=1.0, top_k=50, top_p=1.0, resident=None):
+    """The per-step-launch baseline at TP = len(shards): G1 launches of every rank (each rank's KV cache through
+    its own HBM), LNC=1. Returns rank 0's (codes, codec_embeds)."""
+    import ml_dtypes
+    name = "code_predictor_per_step_tp"
+    tp, replica_group = check_shards(shards, replica_group, name)
+    w = shards[0]
+    past_hidden, code0_embed, u = check_inputs(past_hidden, code0_embed, w, uniforms, do_sample, temperature,
+                                               top_k, top_p, name)
+    B, H = past_hidden.shape
+    G1, D = w.n_groups, w.head_dim
+    kv = [(np.zeros((D, w.n_layers, w.n_kv_heads, B, G1 + 1), dtype=ml_dtypes.bfloat16),
+           np.zeros((D, w.n_layers, w.n_kv_heads, B, G1 + 1), dtype=ml_dtypes.bfloat16)) for _ in shards]
+    consts = _consts(w, B, do_sample, temperature, top_k, top_p, resident)
+    codes = np.zeros((B, G1), dtype=np.int32)
+    embeds = np.zeros((B, G1, H), dtype=w.codec_embed.dtype)
+    x = past_hidden
+    for j in range(G1):
+        outs = call_ranks(code_predictor_step_kernel, [(x, code0_embed, k, v, u, *_weights_args(s))
+                                                       for s, (k, v) in zip(shards, kv)],
+                          lnc=1, step=j, replica_group=replica_group, tp_degree=tp, **consts)
+        code, emb = outs[0]
         codes[:, j] = np.asarray(code).reshape(-1)
         embeds[:, j] = np.asarray(emb)
         x = np.asarray(emb)

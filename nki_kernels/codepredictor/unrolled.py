@@ -573,17 +573,25 @@ def _layer(c, W, S, l, hT, cos_t, sin_t, attn, res="add"):
 def _row_parallel(c, S, hT, res, project):
     """hT += the output of a row-parallel projection (o_proj, down_proj): project(dst, mode) runs its matmuls.
 
-    TP = 1: straight onto the residual (mode `res`). TP > 1: this rank's partial sum [128, KC * rows] fp32 is
-    all-reduced in SBUF over the replica group (`nki.collectives.all_reduce`, one per projection), then added."""
+    TP = 1: straight onto the residual (mode `res`). TP = t > 1 (hT in SBUF): each rank evicts its partial sum
+    plus hT / t (t is a power of two: exact) into [128, KC * rows] fp32, and the SBUF all-reduce over the replica
+    group (`nki.collectives.all_reduce`) writes the sum, h + sum of the partials, straight into hT: one
+    collective and no separate residual add per projection."""
     group = S.get("tp_group")
     if group is None:
         project(hT, res)
         return
-    part = nl.ndarray((_K_TILE, c.KC * c.rows), dtype=nl.float32, buffer=nl.sbuf)
-    project(part.reshape((_K_TILE, c.KC, c.rows)), "copy")
-    total = nl.ndarray((_K_TILE, c.KC * c.rows), dtype=nl.float32, buffer=nl.sbuf)
-    nki.collectives.all_reduce(srcs=[part], dsts=[total], replica_group=group, op=nl.add)
-    nisa.tensor_tensor(dst=hT, data1=hT, data2=total.reshape((_K_TILE, c.KC, c.rows)), op=nl.add)
+    KC, R = c.KC, c.rows
+    part = nl.ndarray((_K_TILE, KC * R), dtype=nl.float32, buffer=nl.sbuf)
+    part3 = part.reshape((_K_TILE, KC, R))
+    out = project(part3, "psum")            # the PSUM tile when it fits one bank, else copied into part
+    if out is part3:
+        nisa.scalar_tensor_tensor(dst=part3, data=hT, op0=nl.multiply, operand0=S["inv_tp"], op1=nl.add,
+                                  operand1=part3)
+    else:
+        nisa.scalar_tensor_tensor(dst=part3, data=hT, op0=nl.multiply, operand0=S["inv_tp"], op1=nl.add,
+                                  operand1=out)
+    nki.collectives.all_reduce(srcs=[part], dsts=[hT.reshape((_K_TILE, KC * R))], replica_group=group, op=nl.add)
 
 
 def _mlp(c, W, S, l, hT, res="add"):
@@ -1012,7 +1020,7 @@ def _weights_and_sizes(input_norm, post_norm, q_norm, k_norm, final_norm, wqkv_t
 def code_predictor_kernel(past_hidden, code0_embed, uniforms, input_norm, post_norm, q_norm, k_norm, final_norm,
                           wqkv_t, wo_t, wgu_t, wd_t, lm_head_t, codec_embed, rope_cos, rope_sin,
                           n_q_heads, n_kv_heads, eps, resident, do_sample, inv_temperature, top_k, top_p,
-                          lm_ring=False, exp_safe=False, replica_group=None):
+                          lm_ring=False, exp_safe=False, replica_group=None, tp_degree=1):
     """All G1 residual-code steps x L layers of the code predictor in one launch (KV cache in SBUF).
 
     Dimensions: B batch (<= 128), H hidden, L layers, Hq/Hkv heads of this rank, D head dim, I intermediate
@@ -1048,8 +1056,14 @@ def code_predictor_kernel(past_hidden, code0_embed, uniforms, input_norm, post_n
         rows = slice(r0, r1)
         _frame(past_hidden[rows, :], code0_embed[rows, :], uniforms[rows, :], W, codes_all[rows, :],
                embeds_all[rows, :, :], sum_all[rows, :], bad_all[rows, :], n_q_heads, n_kv_heads, eps, resident,
-               do_sample, inv_temperature, top_k, top_p, lm_ring, exp_safe, replica_group)
+               do_sample, inv_temperature, top_k, top_p, lm_ring, exp_safe, replica_group, tp_degree)
     return codes_all, embeds_all, sum_all, bad_all
+
+
+def tp_state(S, replica_group, tp_degree):
+    """Record the launch's TP setting in the kernel state S: the replica group (None: TP = 1) and 1 / TP."""
+    S["tp_group"] = replica_group
+    S["inv_tp"] = 1.0 / tp_degree
 
 
 def _core_rows(B):
@@ -1061,7 +1075,7 @@ def _core_rows(B):
 
 
 def _frame(past_hidden, code0_embed, uniforms, W, codes, codec_embeds, codec_sum, bad_rows, n_q_heads, n_kv_heads,
-           eps, resident, do_sample, inv_temperature, top_k, top_p, lm_ring, exp_safe, replica_group):
+           eps, resident, do_sample, inv_temperature, top_k, top_p, lm_ring, exp_safe, replica_group, tp_degree):
     """The whole frame for B rows (one core's share): prompt pass, then G1 steps. Inputs and outputs are HBM
     views of those rows: past_hidden, code0_embed [B, H]; uniforms [B, G1]; codes [B, G1]; codec_embeds
     [B, G1, H]; codec_sum [B, H]; bad_rows [B, 1]."""
@@ -1097,7 +1111,7 @@ def _frame(past_hidden, code0_embed, uniforms, W, codes, codec_embeds, codec_sum
     if lm_ring:
         _lm_head_ring(S, W, c, vh, G1)
     S["exp_safe"] = exp_safe
-    S["tp_group"] = replica_group
+    tp_state(S, replica_group, tp_degree)
     # steps' residual stream in PSUM (see `_rows_to_psum`); under TP in SBUF (the all-reduced sums are added)
     res = "accum" if _psum_residual_ok(c) and replica_group is None else "add"
     if res == "accum":
@@ -1459,7 +1473,7 @@ def code_predictor_tp(past_hidden, code0_embed, shards, *, replica_group=None, u
     consts = dict(n_q_heads=w0.n_q_heads, n_kv_heads=w0.n_kv_heads, eps=float(w0.eps), resident=bool(resident),
                   do_sample=bool(do_sample), inv_temperature=float(1.0 / temperature) if do_sample else 1.0,
                   top_k=int(top_k) if do_sample else 1, top_p=float(top_p), lm_ring=lm_ring,
-                  exp_safe=all(_exp_is_safe(w) for w in shards), replica_group=replica_group)
+                  exp_safe=all(_exp_is_safe(w) for w in shards), replica_group=replica_group, tp_degree=tp)
     outs = call_ranks(code_predictor_kernel, [(past_hidden, code0_embed, uniforms, *_weights_args(w)) for w in shards],
                       lnc=lnc, **consts)
     per_rank = []
