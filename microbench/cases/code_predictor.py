@@ -2,8 +2,10 @@
 
 Real Qwen3-Omni code-predictor sizes (H=1024, 16 q / 8 kv heads of 128, I=3072, 5 layers, 15 steps, V=2048),
 full frames (all 15 codes): TP=1 (the whole model on one logical core) and TP=8 (`code_predictor_tp`: all 8
-ranks, each with its shard (2 q / 1 kv heads, I=384, LM heads replicated), the o_proj / down_proj all-reduces
-in-kernel and costed; the launch's time is its slowest rank). The LNC is the wrapper's default (resolve_lnc: 2 on
+ranks, each with its shard (2 q / 1 kv heads, I=384, 256 LM-head rows per step: the chosen layout, see
+docs/code_predictor.md), the o_proj / down_proj all-reduces and the logits all-gathers in-kernel and costed; the
+launch's time is its slowest rank). The TP=8 baselines run replicated LM heads (their kernels have no vocab
+exchange), with their all-reduces. The LNC is the wrapper's default (resolve_lnc: 2 on
 trn2; the batch rows are split between the two cores). Greedy decoding unless the label says "sample".
 Baselines, at the same TP with their collectives and at LNC=1: the no-KV-cache G-slot re-prefill in one launch,
 and the cached algorithm as 15 separate launches.
@@ -30,11 +32,12 @@ def _full_weights():
     return _CACHE["w"]
 
 
-def _shards(tp):
-    if ("shards", tp) not in _CACHE:
+def _shards(tp, vocab_sharded):
+    key = ("shards", tp, vocab_sharded)
+    if key not in _CACHE:
         from nki_kernels.codepredictor import shard_weights
-        _CACHE[("shards", tp)] = [shard_weights(_full_weights(), tp, r) for r in range(tp)]
-    return _CACHE[("shards", tp)]
+        _CACHE[key] = [shard_weights(_full_weights(), tp, r, vocab_sharded=vocab_sharded) for r in range(tp)]
+    return _CACHE[key]
 
 
 def _make(B, tp, sample):
@@ -53,7 +56,8 @@ def _run(inputs):
     from nki_kernels.codepredictor.unrolled import code_predictor_tp
     if inputs["tp"] == 1:
         return code_predictor(inputs["past_hidden"], inputs["code0_embed"], inputs["weights"], **inputs["kw"])
-    return code_predictor_tp(inputs["past_hidden"], inputs["code0_embed"], _shards(inputs["tp"]), **inputs["kw"])
+    return code_predictor_tp(inputs["past_hidden"], inputs["code0_embed"], _shards(inputs["tp"], True),
+                             **inputs["kw"])
 
 
 def _run_reprefill(inputs):
@@ -61,8 +65,8 @@ def _run_reprefill(inputs):
     if inputs["tp"] == 1:
         return baselines.code_predictor_reprefill(inputs["past_hidden"], inputs["code0_embed"], inputs["weights"],
                                                   **inputs["kw"])
-    return baselines.code_predictor_reprefill_tp(inputs["past_hidden"], inputs["code0_embed"], _shards(inputs["tp"]),
-                                                 **inputs["kw"])
+    return baselines.code_predictor_reprefill_tp(inputs["past_hidden"], inputs["code0_embed"],
+                                                 _shards(inputs["tp"], False), **inputs["kw"])
 
 
 def _run_per_step(inputs):
@@ -70,8 +74,8 @@ def _run_per_step(inputs):
     if inputs["tp"] == 1:
         return baselines.code_predictor_per_step(inputs["past_hidden"], inputs["code0_embed"], inputs["weights"],
                                                  **inputs["kw"])
-    return baselines.code_predictor_per_step_tp(inputs["past_hidden"], inputs["code0_embed"], _shards(inputs["tp"]),
-                                                **inputs["kw"])
+    return baselines.code_predictor_per_step_tp(inputs["past_hidden"], inputs["code0_embed"],
+                                                _shards(inputs["tp"], False), **inputs["kw"])
 
 
 def _reference_inputs(inputs):
@@ -129,7 +133,7 @@ def _cost(B, tp):
 
 def _register():
     for tp in (1, 8):
-        label = "tp1" if tp == 1 else f"tp{tp} all ranks + all-reduces"
+        label = "tp1" if tp == 1 else f"tp{tp} all ranks + collectives, LM heads vocab-sharded"
         for B in _B_LIST:
             flops, hbm = _cost(B, tp)
             base = dict(kernel="code_predictor", make_inputs=_make(B, tp, False), run=_run,

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..backend import call, call_ranks, nisa, nki, nl
 from ..hw import P_MAX, SBUF_BYTES_PER_PARTITION
+from ..validation import kernel_check
 from .unrolled import (_K_TILE, _SBUF_HEADROOM, _Cfg, _activation_bytes_per_partition, _final_logits,
                        _gather_embed, _greedy_code_T, _greedy_consts, _layer, _rope_T, _rows_to_T, _select_code,
                        _setup, _weights_and_sizes, _weights_args, check_inputs, check_shards,
@@ -194,6 +195,8 @@ def code_predictor_reprefill_tp(past_hidden, code0_embed, shards, *, replica_gro
     Returns rank 0's (codes, codec_embeds)."""
     name = "code_predictor_reprefill_tp"
     tp, replica_group = check_shards(shards, replica_group, name)
+    kernel_check(not shards[0].vocab_sharded, f"{name}: the baselines take replicated LM heads "
+                 "(shard_weights(..., vocab_sharded=False))")
     w = shards[0]
     past_hidden, code0_embed, u = check_inputs(past_hidden, code0_embed, w, uniforms, do_sample, temperature,
                                                top_k, top_p, name)
@@ -213,6 +216,8 @@ def code_predictor_per_step_tp(past_hidden, code0_embed, shards, *, replica_grou
     import ml_dtypes
     name = "code_predictor_per_step_tp"
     tp, replica_group = check_shards(shards, replica_group, name)
+    kernel_check(not shards[0].vocab_sharded, f"{name}: the baselines take replicated LM heads "
+                 "(shard_weights(..., vocab_sharded=False))")
     w = shards[0]
     past_hidden, code0_embed, u = check_inputs(past_hidden, code0_embed, w, uniforms, do_sample, temperature,
                                                top_k, top_p, name)

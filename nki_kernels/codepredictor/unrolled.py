@@ -842,10 +842,13 @@ def _sample_code_T(c, W, S, hT, j, vh, cols, n_rows, u_row, sampling):
     _, inv_temp, top_k, top_p = sampling
     vc = vh // _K_TILE
     n_rounds = (top_k + _MAX8 - 1) // _MAX8
+    vc_l = vc // S["vocab_shards"]
     hf = _rms_norm_T(hT, S["final_norm"], S["ones"], c.eps, c.H, c.KC, c.rows, nl.bfloat16)
-    lgT = nl.ndarray((_K_TILE, vc, n_rows), dtype=nl.float32, buffer=nl.sbuf)
-    lg = _linear_T(lgT, hf, c.KC, _K_TILE, _lm_head_resident(S, j), W["lm_head_t"][j], vh, _K_TILE, n_rows,
-                   "copy", cols=cols)      # in SBUF: TensorE transposes read SBUF
+    lgT = nl.ndarray((_K_TILE, vc_l, n_rows), dtype=nl.float32, buffer=nl.sbuf)
+    lg = _linear_T(lgT, hf, c.KC, _K_TILE, _lm_head_resident(S, j), W["lm_head_t"][j], vc_l * _K_TILE, _K_TILE,
+                   n_rows, "copy", cols=cols)      # in SBUF: TensorE transposes read SBUF
+    if S["vocab_shards"] > 1:
+        lg = _vocab_gather(S, lg, _K_TILE, vc_l * n_rows).reshape((_K_TILE, vc, n_rows))
     code_row = nl.ndarray((1, n_rows), dtype=nl.float32, buffer=nl.sbuf)
     for b in range(n_rows):
         zT_psum = nl.ndarray((vc, _K_TILE), dtype=nl.float32, buffer=nl.psum)
@@ -908,10 +911,13 @@ def _greedy_code_T(c, W, S, hT, j, vh, cols, n_rows):
     pidx over the partitions with pmax == m (0 elsewhere), + Vh. The pidx chain runs beside the max transpose.
     """
     vc = vh // _K_TILE
+    vc_l = vc // S["vocab_shards"]          # this rank's LM-head chunks (all of them unless vocab-sharded)
     hf = _rms_norm_T(hT, S["final_norm"], S["ones"], c.eps, c.H, c.KC, c.rows, nl.bfloat16)
-    lgT = nl.ndarray((_K_TILE, vc, n_rows), dtype=nl.float32, buffer=nl.sbuf)
-    lg = _linear_T(lgT, hf, c.KC, _K_TILE, _lm_head_resident(S, j), W["lm_head_t"][j], vh, _K_TILE, n_rows,
-                   "psum", cols=cols)
+    lgT = nl.ndarray((_K_TILE, vc_l, n_rows), dtype=nl.float32, buffer=nl.sbuf)
+    lg = _linear_T(lgT, hf, c.KC, _K_TILE, _lm_head_resident(S, j), W["lm_head_t"][j], vc_l * _K_TILE, _K_TILE,
+                   n_rows, "psum", cols=cols)
+    if S["vocab_shards"] > 1:
+        lg = _vocab_gather(S, lg, _K_TILE, vc_l * n_rows).reshape((_K_TILE, vc, n_rows))
     pmax = nl.ndarray((_K_TILE, n_rows), dtype=nl.float32, buffer=nl.sbuf)
     nisa.tensor_reduce(dst=pmax, op=nl.maximum, data=lg.permute((0, 2, 1)), axis=2)
     pmaxT = nl.ndarray((n_rows, _K_TILE), dtype=nl.float32, buffer=nl.psum)
@@ -983,9 +989,11 @@ def _lm_head_resident(S, j):
 def _final_logits(c, W, S, hT, j, vh, stat_cols, n_rows):
     """logits [n_rows, vh] fp32 = final_norm(h) @ lm_head[j] for the selected rows (rows on partitions)."""
     hf = _rms_norm_T(hT, S["final_norm"], S["ones"], c.eps, c.H, c.KC, c.rows, nl.bfloat16)
-    logits = nl.ndarray((n_rows, vh), dtype=nl.float32, buffer=nl.sbuf)
-    _linear_rows(logits, hf, c.KC, _K_TILE, W["lm_head_t"][j], vh, n_rows, stat_cols=stat_cols,
+    vh_l = vh // S["vocab_shards"]
+    logits = nl.ndarray((n_rows, vh_l), dtype=nl.float32, buffer=nl.sbuf)
+    _linear_rows(logits, hf, c.KC, _K_TILE, W["lm_head_t"][j], vh_l, n_rows, stat_cols=stat_cols,
                  w_res=_lm_head_resident(S, j))
+    logits = _vocab_gather(S, logits, n_rows, vh_l)
     return logits
 
 
@@ -1020,7 +1028,7 @@ def _weights_and_sizes(input_norm, post_norm, q_norm, k_norm, final_norm, wqkv_t
 def code_predictor_kernel(past_hidden, code0_embed, uniforms, input_norm, post_norm, q_norm, k_norm, final_norm,
                           wqkv_t, wo_t, wgu_t, wd_t, lm_head_t, codec_embed, rope_cos, rope_sin,
                           n_q_heads, n_kv_heads, eps, resident, do_sample, inv_temperature, top_k, top_p,
-                          lm_ring=False, exp_safe=False, replica_group=None, tp_degree=1):
+                          lm_ring=False, exp_safe=False, replica_group=None, tp_degree=1, vocab_shards=1):
     """All G1 residual-code steps x L layers of the code predictor in one launch (KV cache in SBUF).
 
     Dimensions: B batch (<= 128), H hidden, L layers, Hq/Hkv heads of this rank, D head dim, I intermediate
@@ -1056,14 +1064,32 @@ def code_predictor_kernel(past_hidden, code0_embed, uniforms, input_norm, post_n
         rows = slice(r0, r1)
         _frame(past_hidden[rows, :], code0_embed[rows, :], uniforms[rows, :], W, codes_all[rows, :],
                embeds_all[rows, :, :], sum_all[rows, :], bad_all[rows, :], n_q_heads, n_kv_heads, eps, resident,
-               do_sample, inv_temperature, top_k, top_p, lm_ring, exp_safe, replica_group, tp_degree)
+               do_sample, inv_temperature, top_k, top_p, lm_ring, exp_safe, replica_group, tp_degree,
+               vocab_shards)
     return codes_all, embeds_all, sum_all, bad_all
 
 
-def tp_state(S, replica_group, tp_degree):
-    """Record the launch's TP setting in the kernel state S: the replica group (None: TP = 1) and 1 / TP."""
+def tp_state(S, replica_group, tp_degree, vocab_shards=1):
+    """Record the launch's TP setting in the kernel state S: the replica group (None: TP = 1), 1 / TP, and into how
+    many rank shards the LM heads' vocab is split (1: replicated)."""
     S["tp_group"] = replica_group
     S["inv_tp"] = 1.0 / tp_degree
+    S["vocab_shards"] = vocab_shards
+
+
+def _vocab_gather(S, lg, p, n):
+    """Vocab-sharded LM heads: this rank's logits lg [p, n] (PSUM or SBUF, n = (vocab, rows) elements per
+    partition, vocab-major) -> every rank's [p, shards * n] in SBUF by one SBUF all-gather along the free dim.
+    Rank r holds vocab rows [r Vh_l, (r + 1) Vh_l), so the rank-major concatenation is the full vocab in order.
+    Without vocab sharding lg itself."""
+    t = S["vocab_shards"]
+    if t == 1:
+        return lg
+    src = nl.ndarray((p, n), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=src, src=lg.reshape((p, n)))
+    full = nl.ndarray((p, t * n), dtype=nl.float32, buffer=nl.sbuf)
+    nki.collectives.all_gather(srcs=[src], dsts=[full], replica_group=S["tp_group"], collective_dim=1)
+    return full
 
 
 def _core_rows(B):
@@ -1075,7 +1101,8 @@ def _core_rows(B):
 
 
 def _frame(past_hidden, code0_embed, uniforms, W, codes, codec_embeds, codec_sum, bad_rows, n_q_heads, n_kv_heads,
-           eps, resident, do_sample, inv_temperature, top_k, top_p, lm_ring, exp_safe, replica_group, tp_degree):
+           eps, resident, do_sample, inv_temperature, top_k, top_p, lm_ring, exp_safe, replica_group, tp_degree,
+           vocab_shards):
     """The whole frame for B rows (one core's share): prompt pass, then G1 steps. Inputs and outputs are HBM
     views of those rows: past_hidden, code0_embed [B, H]; uniforms [B, G1]; codes [B, G1]; codec_embeds
     [B, G1, H]; codec_sum [B, H]; bad_rows [B, 1]."""
@@ -1083,7 +1110,8 @@ def _frame(past_hidden, code0_embed, uniforms, W, codes, codec_embeds, codec_sum
     L, D, I = W["wqkv_t"].shape[0], W["q_norm"].shape[1], W["wd_t"].shape[1]
     codec_embed = W["codec_embed"]
     G1, V, _ = codec_embed.shape
-    vh = W["lm_head_t"].shape[2]
+    vh_l = W["lm_head_t"].shape[2]          # this rank's LM-head rows
+    vh = vh_l * vocab_shards                # the whole vocab the codes index
     rope_cos, rope_sin = W["rope_cos"], W["rope_sin"]
     c = _Cfg(B, H, L, n_q_heads, n_kv_heads, D, I, G1 + 1, eps)
 
@@ -1091,7 +1119,7 @@ def _frame(past_hidden, code0_embed, uniforms, W, codes, codec_embeds, codec_sum
     u_sb = nl.ndarray((B, G1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.dma_copy(dst=u_sb, src=uniforms)
     u_row = None
-    if do_sample and _fm_sampling_ok(vh, B):  # [1, (j, b)]: step j's uniforms on one partition
+    if do_sample and _fm_sampling_ok(vh, B) and vh_l % _K_TILE == 0:  # [1, (j, b)]: step j's uniforms
         u_row = nl.ndarray((1, G1 * B), dtype=nl.float32, buffer=nl.sbuf)
         nisa.dma_copy(dst=u_row, src=uniforms.ap(pattern=[[0, 1], [1, G1], [G1, B]], offset=0))
     one_pass = 2 * B <= P_MAX
@@ -1109,16 +1137,16 @@ def _frame(past_hidden, code0_embed, uniforms, W, codes, codec_embeds, codec_sum
     bb = max(1, min(B, P_MAX // c.r))        # most batch rows per attention block (also <= 128 // keys per step)
     S = _setup(c, W, resident, True, bb, (bb * c.r, c.r, bb, c.G))
     if lm_ring:
-        _lm_head_ring(S, W, c, vh, G1)
+        _lm_head_ring(S, W, c, vh_l, G1)
     S["exp_safe"] = exp_safe
-    tp_state(S, replica_group, tp_degree)
+    tp_state(S, replica_group, tp_degree, vocab_shards)
     # steps' residual stream in PSUM (see `_rows_to_psum`); under TP in SBUF (the all-reduced sums are added)
     res = "accum" if _psum_residual_ok(c) and replica_group is None else "add"
     if res == "accum":
         S["ident_emb"] = _identity(codec_embed.dtype)
     sampling = (do_sample, inv_temperature, top_k, top_p)
-    fm_greedy = (not do_sample) and vh % _K_TILE == 0     # vocab-on-partitions argmax
-    fm_sample = do_sample and _fm_sampling_ok(vh, B)       # vocab spread over Vh / 128 partitions
+    fm_greedy = (not do_sample) and vh_l % _K_TILE == 0   # vocab-on-partitions argmax
+    fm_sample = do_sample and _fm_sampling_ok(vh, B) and vh_l % _K_TILE == 0   # vocab over Vh / 128 partitions
     if fm_greedy:
         _greedy_consts(S, vh)
     if fm_sample:
@@ -1278,7 +1306,8 @@ def check_sampling(uniforms, do_sample, temperature, top_k, top_p, B, G1, vh, na
     return uniforms
 
 
-def check_inputs(past_hidden, code0_embed, weights, uniforms, do_sample, temperature, top_k, top_p, name):
+def check_inputs(past_hidden, code0_embed, weights, uniforms, do_sample, temperature, top_k, top_p, name,
+                 head_vocab=None):
     """Validate every argument before any emulator work. Returns (past_hidden, code0_embed, uniforms) as the
     kernel takes them (float64 prompts cast to float32; uniforms float32, zeros when greedy without them)."""
     kernel_check(isinstance(weights, CodePredictorWeights),
@@ -1319,7 +1348,8 @@ def check_inputs(past_hidden, code0_embed, weights, uniforms, do_sample, tempera
                  f"{name}: lm_head_t must be [G1, H, Vh] with G1={w.n_groups}, got {w.lm_head_t.shape}")
     kernel_check(w.rope_cos.shape[0] >= G and w.rope_cos.shape[1] == D,
                  f"{name}: rope tables must be [>= G1 + 1, D] = [{G}, {D}], got {w.rope_cos.shape}")
-    uniforms = check_sampling(uniforms, do_sample, temperature, top_k, top_p, B, w.n_groups, w.head_vocab, name)
+    uniforms = check_sampling(uniforms, do_sample, temperature, top_k, top_p, B, w.n_groups,
+                              head_vocab or w.head_vocab, name)
     return past_hidden, code0_embed, uniforms
 
 
@@ -1428,8 +1458,10 @@ def check_shards(shards, replica_group, name):
         kernel_check((w.n_q_heads, w.n_kv_heads, float(w.eps)) ==
                      (shards[0].n_q_heads, shards[0].n_kv_heads, float(shards[0].eps)),
                      f"{name}: shards[{r}] heads/eps differ from shards[0]'s")
-    kernel_check(not shards[0].vocab_sharded, f"{name}: vocab-sharded LM heads are not supported by the TP launch "
-                 "yet; shard with vocab_sharded=False (LM heads replicated)")
+    if shards[0].vocab_sharded:
+        vh = shards[0].head_vocab * tp
+        kernel_check(vh <= shards[0].vocab, f"{name}: the LM heads' vocab {vh} (tp x {shards[0].head_vocab}) exceeds "
+                     f"the embedding vocab {shards[0].vocab}")
     if replica_group is None:
         replica_group = default_replica_group(tp)
     if isinstance(replica_group, (list, tuple)):
@@ -1461,8 +1493,10 @@ def code_predictor_tp(past_hidden, code0_embed, shards, *, replica_group=None, u
     name = "code_predictor_tp"
     tp, replica_group = check_shards(shards, replica_group, name)
     w0 = shards[0]
+    vocab_shards = tp if w0.vocab_sharded else 1
     past_hidden, code0_embed, uniforms = check_inputs(past_hidden, code0_embed, w0, uniforms, do_sample,
-                                                      temperature, top_k, top_p, name)
+                                                      temperature, top_k, top_p, name,
+                                                      head_vocab=w0.head_vocab * vocab_shards)
     for arg, v in (("return_sum", return_sum), ("return_bad_rows", return_bad_rows), ("return_ranks", return_ranks)):
         kernel_check(isinstance(v, (bool, np.bool_)), f"{name}: {arg} must be a bool, got {arg}={v!r}")
     kernel_check(resident is None or isinstance(resident, (bool, np.bool_)),
@@ -1473,7 +1507,8 @@ def code_predictor_tp(past_hidden, code0_embed, shards, *, replica_group=None, u
     consts = dict(n_q_heads=w0.n_q_heads, n_kv_heads=w0.n_kv_heads, eps=float(w0.eps), resident=bool(resident),
                   do_sample=bool(do_sample), inv_temperature=float(1.0 / temperature) if do_sample else 1.0,
                   top_k=int(top_k) if do_sample else 1, top_p=float(top_p), lm_ring=lm_ring,
-                  exp_safe=all(_exp_is_safe(w) for w in shards), replica_group=replica_group, tp_degree=tp)
+                  exp_safe=all(_exp_is_safe(w) for w in shards), replica_group=replica_group, tp_degree=tp,
+                  vocab_shards=vocab_shards)
     outs = call_ranks(code_predictor_kernel, [(past_hidden, code0_embed, uniforms, *_weights_args(w)) for w in shards],
                       lnc=lnc, **consts)
     per_rank = []

@@ -27,8 +27,8 @@ def _weights(seed, V=64, G1=3, L=2):
                           n_groups=G1, vocab=V, lm_scale=3.0)
 
 
-def _check_tp(ph, c0, w, tp, lnc, sk):
-    shards = [shard_weights(w, tp, r) for r in range(tp)]
+def _check_tp(ph, c0, w, tp, lnc, sk, vocab_sharded=False):
+    shards = [shard_weights(w, tp, r, vocab_sharded=vocab_sharded) for r in range(tp)]
     ranks = code_predictor_tp(ph, c0, shards, return_sum=True, return_bad_rows=True, return_ranks=True, lnc=lnc,
                               **sk)
     assert len(ranks) == tp
@@ -61,15 +61,36 @@ def _check_tp(ph, c0, w, tp, lnc, sk):
 
 
 @given(tp=st.sampled_from([2, 4, 8]), lnc=st.sampled_from([1, 2]), B=st.integers(1, 5), sample=st.booleans(),
-       V=st.sampled_from([64, 256]), seed=st.integers(0, 2 ** 16))
-def test_tp_matches_reference_on_every_rank(tp, lnc, B, sample, V, seed):
+       V=st.sampled_from([64, 256, 1024]), vocab_sharded=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_tp_matches_reference_on_every_rank(tp, lnc, B, sample, V, vocab_sharded, seed):
+    """V=1024 with vocab sharding: each rank's 128..512 LM-head rows on the vocab-on-partitions paths."""
     rng = np.random.default_rng(seed)
     w = _weights(seed % 5, V=V)
     ph = rng.standard_normal((B, w.hidden)).astype(np.float32)
     c0 = rng.standard_normal((B, w.hidden)).astype(np.float32)
     u = rng.random((B, w.n_groups)).astype(np.float32)
     sk = dict(uniforms=u, do_sample=True, temperature=0.9, top_k=13, top_p=0.8) if sample else {}
-    _check_tp(ph, c0, w, tp, lnc, sk)
+    _check_tp(ph, c0, w, tp, lnc, sk, vocab_sharded)
+
+
+@pytest.mark.parametrize("V, sample", [(64, False), (256, False), (256, True), (1024, True)])
+def test_vocab_sharded_heads_equal_replicated(V, sample):
+    """Vocab-sharded LM heads (each rank its V / tp rows, logits all-gathered in-kernel) give bit for bit the
+    replicated heads' outputs: each rank's logits are the same matmul columns, the selection then runs on the
+    full gathered vocab."""
+    w = _weights(7, V=V)
+    rng = np.random.default_rng(7)
+    ph = rng.standard_normal((3, w.hidden)).astype(np.float32)
+    c0 = rng.standard_normal((3, w.hidden)).astype(np.float32)
+    sk = dict(uniforms=rng.random((3, w.n_groups)).astype(np.float32), do_sample=True, top_k=20,
+              top_p=0.9) if sample else {}
+    a = code_predictor_tp(ph, c0, [shard_weights(w, 2, r) for r in range(2)], return_sum=True, **sk)
+    b = code_predictor_tp(ph, c0, [shard_weights(w, 2, r, vocab_sharded=True) for r in range(2)], return_sum=True,
+                          **sk)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    run = last_run()
+    assert sum(1 for i in run.traces[0] if i.meta.get("collective") == "all_gather") == w.n_groups
 
 
 def test_tp_launch_records_the_all_reduces():
@@ -120,8 +141,11 @@ def test_bad_shards_and_groups_raise():
     with pytest.raises(KernelInputError, match="code_predictor_tp"):
         code_predictor(x, x, shards[0])
     _, vs = _shards(2, vocab_sharded=True)
-    with pytest.raises(KernelInputError, match="vocab-sharded"):
-        code_predictor_tp(x, x, vs)
+    from nki_kernels.codepredictor.baselines import code_predictor_reprefill_tp
+    with pytest.raises(KernelInputError, match="replicated LM heads"):
+        code_predictor_reprefill_tp(x, x, vs)
+    with pytest.raises(KernelInputError, match=r"shards\[1\]\.vocab_sharded=False differs"):
+        code_predictor_tp(x, x, [vs[0], shard_weights(w, 2, 1)])
 
 
 def test_shard_weights_rejects_bad_arguments():
