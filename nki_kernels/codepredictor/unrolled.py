@@ -28,7 +28,7 @@ import math
 
 import numpy as np
 
-from ..backend import call, call_ranks, nisa, nki, nl
+from ..backend import call, call_ranks, is_emulated, nisa, nki, nl
 from ..lnc import resolve_lnc
 from ..hw import (GEMM_MOVING_FMAX, NEG_INF, P_MAX, PSUM_BANK_BYTES, SBUF_BYTES_PER_PARTITION)
 from ..validation import kernel_check
@@ -1516,3 +1516,41 @@ def code_predictor_tp(past_hidden, code0_embed, shards, *, replica_group=None, u
         res = [codes, embeds] + ([csum] if return_sum else []) + ([bad.reshape(-1)] if return_bad_rows else [])
         per_rank.append(tuple(res))
     return per_rank if return_ranks else per_rank[0]
+
+
+def code_predictor_rank(past_hidden, code0_embed, shard, *, replica_group, uniforms=None, do_sample=False,
+                        temperature=1.0, top_k=50, top_p=1.0, return_sum=False, return_bad_rows=False, resident=None,
+                        lnc=None):
+    """One rank's launch of a TP code predictor, for a serving framework where every rank is its own process
+    (e.g. NxDI at tp_degree > 1): `shard` is this rank's `shard_weights(w, tp, rank)`, `replica_group` the
+    talker's TP group as a `nki.collectives.ReplicaGroup`. All ranks must call it with the same prompt, uniforms
+    and arguments; each returns the same outputs as `code_predictor_tp`. The emulator cannot run one rank alone
+    (its collectives wait for the others): there use `code_predictor_tp` with every rank's shard."""
+    name = "code_predictor_rank"
+    kernel_check(isinstance(shard, CodePredictorWeights) and shard.tp > 1,
+                 f"{name}: shard must be one rank's CodePredictorWeights from shard_weights(w, tp, rank) with "
+                 f"tp > 1, got {type(shard).__name__}" + (f" with tp={shard.tp}" if hasattr(shard, "tp") else ""))
+    kernel_check(replica_group is not None, f"{name}: replica_group is required, got replica_group=None")
+    lists = getattr(replica_group, "rank_lists", None)
+    if lists is not None:
+        mine = [g for g in lists if shard.rank in g]
+        kernel_check(len(mine) == 1 and len(mine[0]) == shard.tp,
+                     f"{name}: replica_group must hold rank {shard.rank} in a rank-list of {shard.tp} ranks "
+                     f"(the shard's TP), got replica_group={replica_group!r}")
+    vocab_shards = shard.tp if shard.vocab_sharded else 1
+    past_hidden, code0_embed, uniforms = check_inputs(past_hidden, code0_embed, shard, uniforms, do_sample,
+                                                      temperature, top_k, top_p, name,
+                                                      head_vocab=shard.head_vocab * vocab_shards)
+    kernel_check(not is_emulated(), f"{name}: the emulator runs all ranks of a TP launch together; use "
+                 "code_predictor_tp(past_hidden, code0_embed, shards) with every rank's shard")
+    lnc = resolve_lnc(lnc, name)  # pragma: no cover - needs real NKI from here on
+    B = past_hidden.shape[0]
+    resident, lm_ring = _sbuf_plan(shard, -(-B // lnc), bool(do_sample), resident)
+    out = call(code_predictor_kernel, past_hidden, code0_embed, uniforms, *_weights_args(shard),
+               n_q_heads=shard.n_q_heads, n_kv_heads=shard.n_kv_heads, eps=float(shard.eps), resident=bool(resident),
+               do_sample=bool(do_sample), inv_temperature=float(1.0 / temperature) if do_sample else 1.0,
+               top_k=int(top_k) if do_sample else 1, top_p=float(top_p), lm_ring=lm_ring,
+               exp_safe=_exp_is_safe(shard), replica_group=replica_group, tp_degree=shard.tp,
+               vocab_shards=vocab_shards, lnc=lnc)
+    codes, embeds, csum, bad = out
+    return tuple([codes, embeds] + ([csum] if return_sum else []) + ([bad.reshape(-1)] if return_bad_rows else []))

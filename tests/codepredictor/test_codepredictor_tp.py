@@ -156,3 +156,20 @@ def test_shard_weights_rejects_bad_arguments():
         shard_weights(w, 3, 0)
     with pytest.raises(ValueError, match="already rank"):
         shard_weights(shard_weights(w, 2, 1), 2, 0)
+
+
+def test_per_rank_entry_point_checks_and_points_to_the_emulator_path():
+    """code_predictor_rank is the per-process launch for a serving framework; on the emulator it validates and
+    then says to use code_predictor_tp (one rank alone would wait forever at its first all-reduce)."""
+    from nki_kernels.codepredictor.unrolled import code_predictor_rank
+    w, shards = _shards(4)
+    x = np.zeros((1, w.hidden), np.float32)
+    g = ReplicaGroup([[0, 1, 2, 3]])
+    with pytest.raises(KernelInputError, match="use code_predictor_tp"):
+        code_predictor_rank(x, x, shards[2], replica_group=g)
+    with pytest.raises(KernelInputError, match="rank-list of 4 ranks"):
+        code_predictor_rank(x, x, shards[2], replica_group=ReplicaGroup([[0, 1], [2, 3]]))
+    with pytest.raises(KernelInputError, match="replica_group is required"):
+        code_predictor_rank(x, x, shards[2], replica_group=None)
+    with pytest.raises(KernelInputError, match="shard must be one rank's"):
+        code_predictor_rank(x, x, w, replica_group=g)
