@@ -5,14 +5,12 @@ same source runs on a Trainium host (real `nki` >= 0.3 from AWS's Neuron pip rep
 
 * ``ACTIVE`` is ``"nki"`` or ``"emulator"``.
 * ``NKI_KERNELS_FORCE_EMULATOR=1`` forces the emulator even where real NKI is installed.
-* ``call(kernel, *arrays, lnc=1)`` runs a kernel on NumPy arrays or torch CPU tensors (bf16 included)
-  and returns the same kind.
+* ``call(kernel, *arrays, lnc=1, inplace=())`` runs a kernel on NumPy arrays or torch CPU tensors (bf16
+  included) and returns the same kind; only the arguments named in ``inplace`` are ever written.
 """
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext as _nullcontext
-
 import numpy as np
 
 FORCE_EMULATOR_ENV = "NKI_KERNELS_FORCE_EMULATOR"
@@ -81,29 +79,100 @@ def _torch():
         return None
 
 
-def _to_numpy(x, copies: list):
-    """A NumPy view of a CPU torch tensor (bf16/fp8 through ml_dtypes); other values pass through.
+def _input_error(message: str):
+    from .validation import KernelInputError
+    return KernelInputError(message)
 
-    A non-contiguous tensor is converted through a contiguous copy; (tensor, copy) goes into `copies`
-    so that in-place updates made by the kernel can be written back afterwards.
-    """
+
+def _may_overlap(shape, strides, itemsize: int) -> bool:
+    """True unless the strided layout provably maps distinct indices to distinct memory.
+
+    Sufficient test: with the dims of size > 1 sorted by |stride|, each stride must step over everything
+    the smaller dims span. Expanded (stride 0) and other self-overlapping views fail it."""
+    if 0 in tuple(shape):
+        return False                            # no elements, nothing to overlap
+    dims = sorted((abs(st), n) for n, st in zip(shape, strides) if n > 1)
+    span = itemsize
+    for st, n in dims:
+        if st < span:
+            return True
+        span = st * (n - 1) + span
+    return False
+
+
+def _torch_to_numpy(t):
+    """A NumPy view of a CPU torch tensor, any strides (bf16/fp8 through ml_dtypes); no copy, no version bump."""
+    torch = _torch()
+    import ml_dtypes
+    t = t.detach()
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    special = {torch.bfloat16: (torch.int16, ml_dtypes.bfloat16),
+               torch.float8_e4m3fn: (torch.uint8, ml_dtypes.float8_e4m3fn),
+               torch.float8_e5m2: (torch.uint8, ml_dtypes.float8_e5m2)}
+    if t.dtype in special:
+        bits, np_dtype = special[t.dtype]
+        return t.view(bits).numpy().view(np_dtype)
+    return t.numpy()
+
+
+def _check_writable_in_place(who: str, name: str, x):
+    """Refuse an in-place argument whose memory cannot take the kernel's update element by element."""
     torch = _torch()
     if torch is not None and isinstance(x, torch.Tensor):
-        import ml_dtypes
-        t = x.detach()
-        if t.device.type != "cpu":
-            raise ValueError(f"backend.call takes CPU tensors on the emulator, got a tensor on {t.device}")
-        if not t.is_contiguous():
-            t = t.contiguous()
-            copies.append((x, t))
-        if t.dtype == torch.bfloat16:
-            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16), True
-        if t.dtype == torch.float8_e4m3fn:
-            return t.view(torch.uint8).numpy().view(ml_dtypes.float8_e4m3fn), True
-        if t.dtype == torch.float8_e5m2:
-            return t.view(torch.uint8).numpy().view(ml_dtypes.float8_e5m2), True
-        return t.numpy(), True
-    return x, False
+        shape, strides, itemsize = tuple(x.shape), tuple(x.stride()), 1
+    else:
+        shape, strides, itemsize = x.shape, x.strides, x.itemsize
+        if not x.flags.writeable:
+            raise _input_error(f"{who}: {name} is updated in place, so it must be a writable array, got a "
+                               f"read-only array")
+    if _may_overlap(shape, strides, itemsize):
+        raise _input_error(f"{who}: {name} is updated in place, so its elements must not share memory (an "
+                           f"expand()ed or broadcast view cannot take the update), got shape {tuple(shape)} "
+                           f"with strides {tuple(strides)}; pass a .clone() / np.copy and read the result from it")
+
+
+def _to_numpy(who: str, name: str, x, in_place: bool, read_only: bool):
+    """(array for the kernel, was_torch, write-back or None) for one argument; non-arrays pass through.
+
+    Inputs the kernel only reads are handed over as read-only views (no copy; the emulator raises if the
+    kernel writes one). An in-place argument goes in as a contiguous copy for torch (written back with
+    `copy_` afterwards, so any strides work and the version counter records the update) and as itself for
+    NumPy (the emulator writes the update into it)."""
+    torch = _torch()
+    if torch is not None and isinstance(x, torch.Tensor):
+        if x.device.type != "cpu":
+            raise _input_error(f"{who}: {name} must be a CPU tensor on the emulator (no real NKI here), got a "
+                               f"tensor on {x.device}")
+        if in_place:
+            _check_writable_in_place(who, name, x)
+            return np.array(_torch_to_numpy(x)), True, ("torch", x)
+        a = _torch_to_numpy(x)
+    elif isinstance(x, np.ndarray):
+        if in_place:
+            _check_writable_in_place(who, name, x)
+            return x, False, None
+        a = x
+    else:
+        if in_place:
+            raise TypeError(f"{who}: {name} is declared in place, so it must be a NumPy array or torch tensor, "
+                            f"got {type(x).__name__}")
+        return x, False, None
+    if read_only:
+        a = a.view()
+        a.flags.writeable = False
+    return a, torch is not None and isinstance(x, torch.Tensor), None
+
+
+def _write_back(original, updated):
+    """Copy a kernel's in-place update into a torch tensor of any strides (inference tensors included)."""
+    torch = _torch()
+    src = _to_torch(updated)
+    ctx = torch.inference_mode() if original.is_inference() else torch.no_grad()
+    with ctx:
+        original.copy_(src)
 
 
 def _to_torch(a):
@@ -123,36 +192,71 @@ def _to_torch(a):
     return torch.from_numpy(a.copy())
 
 
-def call(kernel, *args, lnc: int = 1, **kwargs):
+def _kernel_params(kernel) -> list:
+    """Parameter names of an `nki.jit` kernel (a jit kernel or kernel[lnc]; signature follows __wrapped__)."""
+    import inspect
+    fn = getattr(kernel, "kernel", kernel)
+    try:
+        return list(inspect.signature(getattr(fn, "fn", fn)).parameters)
+    except (TypeError, ValueError):
+        return []
+
+
+def _grad_check(who: str, named_args):
+    from .validation import check_forward_only
+    for name, x in named_args:
+        check_forward_only(who, name, x)
+
+
+def call(kernel, *args, lnc: int = 1, inplace=(), **kwargs):
     """Run `kernel` (an `nki.jit` kernel) on arrays; torch CPU tensors in give torch tensors out.
 
-    Non-array arguments pass through as trace-time constants. Inputs the kernel writes (e.g. an
-    in-place state pool) are updated in the caller's arrays or tensors.
+    Non-array arguments pass through as trace-time constants. `inplace` names the kernel parameters the
+    kernel writes (e.g. ``inplace=("state_pool",)``): only those are updated in the caller's arrays or
+    tensors, whatever their strides (an overlapping view such as an ``expand()``ed tensor is refused with
+    KernelInputError). Every other input is left bit-identical (torch ``_version`` unchanged); on the
+    emulator a kernel that writes an undeclared input fails with EmulatorCheckError (a kernel bug).
+    A torch input that requires grad while grad mode is on is refused: the kernels are forward-only.
     """
     if ACTIVE != "emulator" and _on_device(args, kwargs):  # pragma: no cover - needs real NKI
         # device (XLA) tensors go straight to the compiled kernel, as NxDI calls NKI kernels
         return (kernel[lnc] if lnc != 1 else kernel)(*args, **kwargs)
-    converted, any_torch, copies = [], False, []
-    for a in args:
-        v, was_torch = _to_numpy(a, copies)
+    who = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "kernel")
+    params = _kernel_params(kernel)
+    named = [(params[i] if i < len(params) else f"arg{i}", a) for i, a in enumerate(args)] + list(kwargs.items())
+    inplace = (inplace,) if isinstance(inplace, str) else tuple(inplace)
+    unknown = set(inplace) - {n for n, _ in named}
+    if unknown:
+        raise TypeError(f"{who}: inplace names {sorted(unknown)} are not arguments of this call "
+                        f"(arguments: {[n for n, _ in named]})")
+    _grad_check(who, named)
+    read_only = ACTIVE == "emulator"
+    converted, any_torch, write_backs = [], False, []
+    for name, a in named:
+        v, was_torch, wb = _to_numpy(who, name, a, name in inplace, read_only)
         any_torch |= was_torch
         converted.append(v)
-    kw = {}
-    for k, a in kwargs.items():
-        v, was_torch = _to_numpy(a, copies)
-        any_torch |= was_torch
-        kw[k] = v
+        if wb is not None:
+            write_backs.append((wb[1], v))
+    pos, kw = converted[:len(args)], dict(zip(kwargs, converted[len(args):]))
     if ACTIVE == "emulator":
-        out = nki.run(kernel, *converted, lnc=lnc, **kw).outputs
+        try:
+            out = nki.run(kernel, *pos, lnc=lnc, **kw).outputs
+        except nki.EmulatorCheckError as e:
+            if e.instruction == "launch" and e.operand in {n for n, _ in named} and "read-only" in str(e):
+                raise nki.EmulatorCheckError(
+                    "launch", e.operand, f"{who} wrote its input '{e.operand}', which its wrapper does not "
+                    f"declare in place (call(..., inplace=...)): a kernel bug; inputs are never modified "
+                    f"unless documented") from None
+            raise
     else:  # pragma: no cover - needs real NKI
         launcher = kernel[lnc] if lnc != 1 else kernel
         if os.environ.get("NKI_SIMULATOR") == "1" or not _has_neuron_device():
-            out = nki.simulate(launcher)(*converted, **kw)
+            out = nki.simulate(launcher)(*pos, **kw)
         else:
-            out = launcher(*converted, **kw)
-    with _torch().no_grad() if copies else _nullcontext():
-        for original, contiguous in copies:      # in-place updates of non-contiguous inputs
-            original.copy_(contiguous)
+            out = launcher(*pos, **kw)
+    for original, updated in write_backs:       # in-place arguments, after the whole launch succeeded
+        _write_back(original, updated)
     return _to_torch(out) if any_torch else out
 
 

@@ -89,7 +89,7 @@ def test_tuple_outputs_and_in_place_updates_numpy(rng):
     x = rng.standard_normal((8, 6)).astype(np.float32)
     state = rng.standard_normal((8, 6)).astype(np.float32)
     before = state.copy()
-    a, b = backend.call(_two_outputs_and_in_place, x, state)
+    a, b = backend.call(_two_outputs_and_in_place, x, state, inplace=("state",))
     np.testing.assert_array_equal(a, x + 1)
     np.testing.assert_array_equal(b, x * 2)
     np.testing.assert_array_equal(state, before + x)
@@ -101,7 +101,7 @@ def test_tuple_outputs_and_in_place_updates_torch(dtype, rng):
     x = torch.from_numpy(rng.standard_normal((8, 6)).astype(np.float32)).to(tdt)
     state = torch.from_numpy(rng.standard_normal((8, 6)).astype(np.float32)).to(tdt)
     before = state.clone()
-    a, b = backend.call(_two_outputs_and_in_place, x, state)
+    a, b = backend.call(_two_outputs_and_in_place, x, state, inplace=("state",))
     assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == tdt
     torch.testing.assert_close(a, (x.float() + 1).to(tdt), rtol=0, atol=0)
     torch.testing.assert_close(state, (before.float() + x.float()).to(tdt), rtol=0, atol=0)
@@ -111,8 +111,157 @@ def test_in_place_update_of_a_non_contiguous_torch_tensor(rng):
     x = torch.from_numpy(rng.standard_normal((6, 8)).astype(np.float32))
     state = torch.from_numpy(rng.standard_normal((6, 8)).astype(np.float32)).t()      # (8, 6), strided
     before = state.clone()
-    backend.call(_two_outputs_and_in_place, x.t().contiguous(), state)
+    backend.call(_two_outputs_and_in_place, x.t().contiguous(), state, inplace="state")
     torch.testing.assert_close(state, before + x.t())
+
+
+# ---------------------------------------------------------------- only declared in-place arguments are written
+
+
+def _snapshot(t):
+    return t.detach().clone(), None if t.is_inference() else t._version
+
+
+def _assert_untouched(t, snap):
+    before, version = snap
+    assert version is None or t._version == version
+    assert torch.equal(t.detach(), before)
+
+
+def test_an_undeclared_write_is_an_emulator_error_and_leaves_the_input_alone(rng):
+    x = rng.standard_normal((8, 6)).astype(np.float32)
+    state = rng.standard_normal((8, 6)).astype(np.float32)
+    before = state.copy()
+    with pytest.raises(backend.nki.EmulatorCheckError, match="wrote its input 'state'.*not declare in place"):
+        backend.call(_two_outputs_and_in_place, x, state)
+    np.testing.assert_array_equal(state, before)
+    assert state.flags.writeable                       # the caller's array keeps its flags
+    st_t = torch.from_numpy(state.copy())
+    snap = _snapshot(st_t)
+    with pytest.raises(backend.nki.EmulatorCheckError):
+        backend.call(_two_outputs_and_in_place, torch.from_numpy(x), st_t)
+    _assert_untouched(st_t, snap)
+
+
+def test_unknown_in_place_names_are_a_type_error(rng):
+    x = rng.standard_normal((8, 6)).astype(np.float32)
+    with pytest.raises(TypeError, match="stat"):
+        backend.call(_two_outputs_and_in_place, x, x.copy(), inplace=("stat",))
+
+
+@pytest.mark.parametrize("make", ["expand", "transpose", "slice_step", "inference", "inference_view"])
+def test_read_only_inputs_of_any_layout_stay_bit_identical(make, rng):
+    base = torch.from_numpy(rng.standard_normal((8, 6)).astype(np.float32))
+    if make == "expand":
+        x = base[:1].expand(8, 6)
+    elif make == "transpose":
+        x = torch.from_numpy(rng.standard_normal((6, 8)).astype(np.float32)).t()
+    elif make == "slice_step":
+        x = torch.from_numpy(rng.standard_normal((16, 12)).astype(np.float32))[::2, ::2]
+    else:
+        with torch.inference_mode():
+            x = base.clone() if make == "inference" else base.clone().t().contiguous().t()
+    assert make in ("inference",) or not x.is_contiguous()
+    snap = _snapshot(x)
+    state = torch.zeros(8, 6)
+    a, b = backend.call(_two_outputs_and_in_place, x, state, inplace=("state",))
+    _assert_untouched(x, snap)
+    ref = x.detach().clone()
+    torch.testing.assert_close(a, ref + 1, rtol=0, atol=0)
+    torch.testing.assert_close(b, ref * 2, rtol=0, atol=0)
+    torch.testing.assert_close(state, ref, rtol=0, atol=0)
+
+
+def test_a_transposed_activation_keeps_its_autograd_history_intact(rng):
+    w = torch.randn(6, 8, requires_grad=True)
+    act = (w * 2).t()                                   # non-contiguous, part of a graph
+    with torch.no_grad():
+        backend.call(_affine_kernel, act, 2.0, 0.0)
+    act.sum().backward()                                 # "modified by an inplace operation" if it was written
+    torch.testing.assert_close(w.grad, torch.full_like(w, 2.0))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "inference", "inference_transposed"])
+def test_declared_in_place_arguments_are_updated_whatever_their_strides(layout, rng):
+    x = torch.from_numpy(rng.standard_normal((8, 6)).astype(np.float32))
+    raw = torch.from_numpy(rng.standard_normal((6, 8)).astype(np.float32))
+    if layout.startswith("inference"):
+        with torch.inference_mode():
+            state = raw.clone().t() if layout.endswith("transposed") else raw.clone().t().contiguous()
+    else:
+        state = raw.clone().t() if layout == "transposed" else raw.clone().t().contiguous()
+    before, version = _snapshot(state)
+    backend.call(_two_outputs_and_in_place, x, state, inplace=("state",))
+    torch.testing.assert_close(state, before + x, rtol=0, atol=0)
+    if version is not None:
+        assert state._version > version                  # autograd sees the update
+
+
+def test_in_place_numpy_arrays_of_any_strides(rng):
+    x = rng.standard_normal((8, 6)).astype(np.float32)
+    pool = rng.standard_normal((6, 8)).astype(np.float32)
+    state = pool.T                                       # a view into pool
+    before = state.copy()
+    backend.call(_two_outputs_and_in_place, x, state, inplace=("state",))
+    np.testing.assert_array_equal(pool.T, before + x)
+
+
+def test_overlapping_or_read_only_in_place_arguments_are_refused(rng):
+    from nki_kernels.validation import KernelInputError
+    x = torch.from_numpy(rng.standard_normal((8, 6)).astype(np.float32))
+    state = torch.zeros(1, 6).expand(8, 6)
+    with pytest.raises(KernelInputError, match="state is updated in place.*must not share memory"):
+        backend.call(_two_outputs_and_in_place, x, state, inplace=("state",))
+    with pytest.raises(KernelInputError, match="must not share memory"):
+        row = np.zeros(6, np.float32)
+        backend.call(_two_outputs_and_in_place, x.numpy(), np.lib.stride_tricks.as_strided(row, (8, 6), (0, 4)),
+                     inplace=("state",))
+    ro = np.zeros((8, 6), np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(KernelInputError, match="read-only"):
+        backend.call(_two_outputs_and_in_place, x.numpy(), ro, inplace=("state",))
+
+
+def test_the_overlap_test_matches_a_brute_force_count(rng):
+    for _ in range(300):
+        ndim = int(rng.integers(1, 4))
+        shape = tuple(int(n) for n in rng.integers(1, 4, ndim))
+        strides = tuple(int(s) for s in rng.integers(-6, 7, ndim))
+        offsets = {sum(i * s for i, s in zip(idx, strides)) for idx in np.ndindex(*shape)}
+        overlaps = len(offsets) < int(np.prod(shape))
+        if overlaps:                                     # sufficient test: never claims "no overlap" wrongly
+            assert backend._may_overlap(shape, strides, 1), (shape, strides)
+    assert not backend._may_overlap((4, 3), (12, 4), 4)    # C order fp32
+    assert not backend._may_overlap((4, 3), (4, 16), 4)    # Fortran order fp32
+    assert backend._may_overlap((4, 3), (0, 4), 4)         # broadcast rows
+
+
+def test_requires_grad_with_grad_enabled_is_refused_forward_only():
+    from nki_kernels.validation import KernelInputError
+    x = torch.randn(8, 6, requires_grad=True)
+    with pytest.raises(KernelInputError, match="forward-only.*x requires grad.*no_grad"):
+        backend.call(_affine_kernel, x, 1.0, 0.0)
+    with torch.no_grad():
+        out = backend.call(_affine_kernel, x, 1.0, 0.0)
+    assert not out.requires_grad
+    with torch.inference_mode():
+        backend.call(_affine_kernel, x, 1.0, 0.0)
+    backend.call(_affine_kernel, x.detach(), 1.0, 0.0)
+
+
+def test_issue_16_expanded_kv_into_flash_attention():
+    import nki_kernels
+    torch.manual_seed(0)
+    q = torch.randn(2, 2, 16, 64)
+    kv = torch.randn(1, 1, 16, 64).expand(2, 1, 16, 64)
+    snaps = [_snapshot(t) for t in (q, kv)]
+    out = nki_kernels.flash_attention(q, kv, kv, causal=False)
+    for t, s in zip((q, kv), snaps):
+        _assert_untouched(t, s)
+    k = kv.contiguous().repeat_interleave(2, dim=1).double()
+    scores = (q.double() @ k.transpose(-1, -2)) / 8.0
+    ref = torch.softmax(scores, -1) @ k
+    torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
 
 
 # ---------------------------------------------------------------- shim selection

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import importlib
 import threading
+import warnings
 
 import numpy as np
 
@@ -46,13 +47,42 @@ DEEPCOPY_REFUSED = ("copy.deepcopy of a model patched by nki-kernels: the copy w
                     "original's layers. restore() the patch, copy the model, then patch each model")
 
 
+FORWARD_ONLY_REASON = "autograd (the kernels are forward-only)"
+TRAINING_REASONS = (FORWARD_ONLY_REASON, "attention dropout in training")
+FORWARD_ONLY_WARNING = ("nki-kernels: the patched model runs with grad enabled or in training mode, so its hooks fall "
+                        "back to the stock code ({reason}); the kernels are forward-only: run inference under "
+                        "torch.no_grad() or torch.inference_mode() and model.eval() to use them")
+
+
+def kernel_refusals() -> tuple:
+    """The exceptions a hook turns into a fallback: a wrapper's KernelInputError, and on the emulator its
+    EmulatorCheckError (a shape the checks let through that does not fit SBUF/PSUM: a compile failure on the
+    device). The model then runs its own code and the reason goes to `fallbacks()`; it never raises mid-model."""
+    from nki_kernels.validation import KernelInputError
+    from nki_kernels import backend
+    if backend.is_emulated():
+        return (KernelInputError, backend.nki.EmulatorCheckError)
+    return (KernelInputError,)  # pragma: no cover - needs real NKI
+
+
+def refusal_reason(exc: BaseException) -> str:
+    """The `fallbacks()` reason for an exception in `kernel_refusals()`."""
+    from nki_kernels.validation import KernelInputError
+    if isinstance(exc, KernelInputError):
+        return f"kernel refused: {exc}"
+    return f"kernel failed the emulator's hardware checks (on-chip capacity): {exc}"
+
+
 class Stats:
-    """Counts kernel calls and fallbacks (with their reason) for one patch handle. Thread-safe."""
+    """Counts kernel calls and fallbacks (with their reason) for one patch handle. Thread-safe.
+
+    The first fallback caused by grad mode or training mode warns once (UserWarning) per handle."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self.calls = collections.Counter()       # kernel name -> number of launches
         self.fallbacks = collections.Counter()   # (hook, reason) -> number of times the model's own code ran
+        self.warned_training = False
 
     def __deepcopy__(self, memo):
         # reached through every hook a patched model holds (attention, GDN, MoE modules)
@@ -65,6 +95,10 @@ class Stats:
     def fell_back(self, hook: str, reason: str):
         with self._lock:
             self.fallbacks[(hook, reason)] += 1
+            warn = reason in TRAINING_REASONS and not self.warned_training
+            self.warned_training |= warn
+        if warn:
+            warnings.warn(FORWARD_ONLY_WARNING.format(reason=reason), UserWarning, stacklevel=3)
 
     def reset(self):
         with self._lock:

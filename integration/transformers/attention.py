@@ -25,9 +25,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from nki_kernels.validation import KernelInputError
 
-from ._common import kernel_input, needs_grad, to_torch
+from ._common import FORWARD_ONLY_REASON, kernel_input, kernel_refusals, needs_grad, refusal_reason, to_torch
 
 
 def _accepts(fn, name):
@@ -130,7 +129,7 @@ class AttentionHook:
         if dropout and module.training:
             return "attention dropout in training"
         if needs_grad(query, key):
-            return "autograd (the kernels are forward-only)"
+            return FORWARD_ONLY_REASON
         if not getattr(module, "is_causal", True):
             return "non-causal module"
         if kwargs.get("sliding_window") is not None:
@@ -202,8 +201,8 @@ class AttentionHook:
         if why is None:
             try:
                 out = self.attend(module, query, key, value, attention_mask, scaling)
-            except KernelInputError as exc:
-                out, why = None, f"kernel refused: {exc}"
+            except kernel_refusals() as exc:
+                out, why = None, refusal_reason(exc)
             if out is None and why is None:
                 why = "mask is not causal + padding"
         if out is None:
@@ -291,8 +290,8 @@ def gated_attention_forward(self, hidden_states, position_embeddings, attention_
         try:
             out = hook.attend(self, query_states, key_states, value_states, attention_mask, self.scaling,
                               gate=gate.transpose(1, 2))   # gate [B,S,Hq,D] -> BHSD like the output
-        except KernelInputError as exc:
-            out, why = None, f"kernel refused: {exc}"
+        except kernel_refusals() as exc:
+            out, why = None, refusal_reason(exc)
         if out is None and why is None:
             why = "mask is not causal + padding"
     if out is None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from types import SimpleNamespace
 
-from ._common import kernel_input, to_torch
+from ._common import kernel_input, kernel_refusals, refusal_reason, to_torch
 
 # names under which the code-predictor family exposes its transformers weight builder
 _WEIGHT_BUILDERS = ("weights_from_transformers", "code_predictor_weights_from_transformers",
@@ -91,7 +91,10 @@ class CodePredictorHook:
         past_hidden, code0_embed = embeds[:, 0], embeds[:, 1]
         try:
             codes, codec_embeds = fn(kernel_input(past_hidden, be), kernel_input(code0_embed, be), self.weights())
-        except ValueError as exc:     # KernelInputError, or a weight layout the builder does not support
+        except kernel_refusals() as exc:
+            self.stats.fell_back("code_predictor", refusal_reason(exc))
+            return self.stock(*args, **kwargs)
+        except ValueError as exc:     # a weight layout the builder does not support
             self.stats.fell_back("code_predictor", f"kernel refused: {exc}")
             return self.stock(*args, **kwargs)
         self.stats.called("code_predictor")

@@ -23,7 +23,7 @@ import threading
 
 import numpy as np
 
-from ._common import kernel_input, needs_grad, to_torch
+from ._common import FORWARD_ONLY_REASON, kernel_input, kernel_refusals, needs_grad, refusal_reason, to_torch
 
 FUNCTION_NAMES = ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule",
                   "causal_conv1d_fn", "causal_conv1d_update")
@@ -175,14 +175,13 @@ class DeltaNetHook:
 
     def guard(self, hook_name, fn, *args):
         """fn(*args), or None (the original function runs) when a kernel wrapper refuses the inputs."""
-        from nki_kernels.validation import KernelInputError
         if needs_grad(*args[:5]):
-            self.stats.fell_back(hook_name, "autograd (the kernels are forward-only)")
+            self.stats.fell_back(hook_name, FORWARD_ONLY_REASON)
             return None
         try:
             return fn(*args)
-        except KernelInputError as exc:
-            self.stats.fell_back(hook_name, f"kernel refused: {exc}")
+        except kernel_refusals() as exc:
+            self.stats.fell_back(hook_name, refusal_reason(exc))
             return None
 
     def _k(self, name, hook_name):

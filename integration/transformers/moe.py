@@ -4,7 +4,8 @@ transformers' `@use_experts_implementation` experts modules dispatch on `config.
 ``fn(experts, hidden_states[N,H], top_k_index[N,K], top_k_weights[N,K]) -> [N,H]`` (the router is not
 replaced). Their weights are fused 3D parameters: `gate_up_proj [E, 2I, H]` (gate rows then up rows, used as
 `F.linear(x, W[e])`) and `down_proj [E, H, I]`. Our kernels take NxDI's per-rank layout `gate_up [E, H, 2, I]`
-and `down [E, I, H]`; the conversion is a view + permute done once per weight version and cached.
+and `down [E, I, H]`; the conversion is a view + permute per call, staged for the launch and dropped afterwards
+(no second copy of the weights is kept: KERNELS.md, "Memory of patch()").
 
 Few tokens (decode, T*K small) go to `moe_decode`, which loads only the selected experts; longer inputs go
 through `moe_block_mapping` + `moe_blockwise`. The shared expert and its sigmoid gate sit in the sparse-MoE
@@ -12,10 +13,7 @@ block, outside this interface (P6); `shared_expert_block_forward` moves them int
 """
 from __future__ import annotations
 
-
-from nki_kernels.validation import KernelInputError
-
-from ._common import kernel_input, needs_grad, to_torch
+from ._common import FORWARD_ONLY_REASON, kernel_input, kernel_refusals, needs_grad, refusal_reason, to_torch
 
 EXPERTS_KEY = "nki_kernels"
 # Tokens at or below which the decode kernel is used (issue 6: decode kernel for 1-32 tokens).
@@ -39,26 +37,23 @@ class MoEHook:
     def __init__(self, kernels, stats):
         self.kernels = kernels
         self.stats = stats
-        self._weights = {}   # id(experts) -> (versions, gate_up, down)
 
-    def layout(self, experts):
-        """(gate_up [E,H,2,I], down [E,I,H]) in the experts' dtype, cached per parameter version."""
+    @staticmethod
+    def layout(experts):
+        """(gate_up [E,H,2,I], down [E,I,H]) in the experts' dtype: strided views of the module's own parameters.
+
+        Nothing is cached: the hook keeps no second copy of the expert weights (issue 16). Each call hands the
+        views to the wrapper, which stages them for the launch (`kernel_input` makes them contiguous; the
+        emulator copies every input into its HBM model anyway), and the staged copy is freed when the call
+        returns. Peak extra memory is one layer's experts during that layer's call; persistent extra: none."""
         gu, dn = experts.gate_up_proj, experts.down_proj
-        key = id(experts)
-        ver = (gu._version, dn._version, gu.data_ptr(), dn.data_ptr())
-        hit = self._weights.get(key)
-        if hit is not None and hit[0] == ver:
-            return hit[1], hit[2]
         E, twoI, H = gu.shape
         I = twoI // 2
-        gate_up = gu.detach().view(E, 2, I, H).permute(0, 3, 1, 2).contiguous()
-        down = dn.detach().transpose(1, 2).contiguous()
-        self._weights[key] = (ver, gate_up, down)
-        return gate_up, down
+        return gu.detach().view(E, 2, I, H).permute(0, 3, 1, 2), dn.detach().transpose(1, 2)
 
     def unsupported(self, experts, hidden_states=None):
         if needs_grad(hidden_states, experts.gate_up_proj):
-            return "autograd (the kernels are forward-only)"
+            return FORWARD_ONLY_REASON
         if getattr(experts, "is_transposed", False):
             return "transposed expert weights"
         if not getattr(experts, "has_gate", True) or getattr(experts, "has_bias", False):
@@ -110,8 +105,8 @@ class MoEHook:
             else:
                 try:
                     out = self.run(experts, hidden_states, top_k_index, top_k_weights)
-                except KernelInputError as exc:
-                    out, why = None, f"kernel refused: {exc}"
+                except kernel_refusals() as exc:
+                    out, why = None, refusal_reason(exc)
                 if out is None and why is None:
                     why = "moe_blockwise not available"
         if out is None:
@@ -196,8 +191,8 @@ def shared_expert_block_forward(self, hidden_states):
     try:
         out = hook.run(experts, x, selected_experts, routing_weights, shared=shared)
         why = "moe_blockwise not available"
-    except KernelInputError as exc:
-        out, why = None, f"kernel refused: {exc}"
+    except kernel_refusals() as exc:
+        out, why = None, refusal_reason(exc)
     if out is None:
         hook.stats.fell_back("moe shared block", why)
         return self._nki_stock_forward(hidden_states)

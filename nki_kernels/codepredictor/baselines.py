@@ -182,7 +182,7 @@ def code_predictor_per_step(past_hidden, code0_embed, weights: CodePredictorWeig
     x = past_hidden
     for j in range(G1):
         code, emb = call(code_predictor_step_kernel, x, code0_embed, kv_k, kv_v, u, *_weights_args(w), lnc=1,
-                         step=j, **consts)
+                         step=j, inplace=("kv_k", "kv_v"), **consts)
         codes[:, j] = np.asarray(code).reshape(-1)
         embeds[:, j] = np.asarray(emb)
         x = np.asarray(emb)

@@ -394,4 +394,4 @@ def gated_delta_rule_step(q, k, v, g, beta, state_pool, slot_ids, use_qk_l2norm_
     kernel_check(n_hv <= _MAX_V_HEADS and n_tok * n_hk <= P_MAX, f"{name}: at most {_MAX_V_HEADS} v heads and "
                  f"T * Hk <= {P_MAX} per launch, got Hv={n_hv}, T={n_tok}, Hk={n_hk}")
     return call(gated_delta_rule_step_kernel, q, k, v, g, beta, state_pool, slots.astype(np.int32),
-                scale=sc, use_l2norm=bool(use_qk_l2norm_in_kernel), lnc=lnc)
+                scale=sc, use_l2norm=bool(use_qk_l2norm_in_kernel), lnc=lnc, inplace=("state_pool",))

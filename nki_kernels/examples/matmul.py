@@ -10,7 +10,7 @@ from __future__ import annotations
 from ..backend import call, nki, nisa, nl
 from ..hw import GEMM_MOVING_FMAX, GEMM_STATIONARY_FMAX, P_MAX
 from ..lnc import resolve_lnc
-from ..validation import kernel_check
+from ..validation import check_array, kernel_check
 from ._common import dtype_bytes
 
 # ---- tiles
@@ -102,6 +102,8 @@ def _load_k_tiles(dst_sb, src, c0, c_sz):
 
 def tiled_matmul(lhsT, rhs, lnc=None):
     """Host wrapper: validates and launches `tiled_matmul_kernel`. NumPy or torch in, the same kind out."""
+    check_array("tiled_matmul", "lhsT", lhsT)
+    check_array("tiled_matmul", "rhs", rhs)
     kernel_check(getattr(lhsT, "ndim", 0) == 2 and getattr(rhs, "ndim", 0) == 2,
                  f"tiled_matmul: lhsT and rhs must be 2-D, got lhsT.shape={tuple(lhsT.shape)}, "
                  f"rhs.shape={tuple(rhs.shape)}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from ..backend import call, nki, nisa, nl
 from ..hw import P_MAX
 from ..lnc import resolve_lnc
-from ..validation import kernel_check
+from ..validation import check_array, check_float, kernel_check
 from ._common import dtype_bytes
 
 # ---- constraints
@@ -108,6 +108,9 @@ def _rmsnorm_group(x, w_sb, out, j0, n_grp, pid, n_prog, inv_hidden, eps):
 
 def rmsnorm(x, weight, eps: float = 1e-6, lnc=None):
     """RMSNorm of x [R, H] with weight [H] (same dtype). NumPy or torch in, the same kind out."""
+    check_array("rmsnorm", "x", x)
+    check_array("rmsnorm", "weight", weight)
+    eps = check_float("rmsnorm", "eps", eps)
     kernel_check(getattr(x, "ndim", 0) == 2, f"rmsnorm: x must be 2-D [R, H], got x.shape={tuple(x.shape)}")
     kernel_check(getattr(weight, "ndim", 0) == 1 and weight.shape[0] == x.shape[1],
                  f"rmsnorm: weight must be [H] with H = x.shape[1] = {x.shape[1]}, "
@@ -118,7 +121,7 @@ def rmsnorm(x, weight, eps: float = 1e-6, lnc=None):
                  f"x.dtype={x.dtype}")
     kernel_check(1 <= x.shape[1] <= _MAX_H, f"rmsnorm: H must be in [1, {_MAX_H}], got H={x.shape[1]}")
     kernel_check(x.shape[0] >= 1, f"rmsnorm: R must be >= 1, got R={x.shape[0]}")
-    kernel_check(isinstance(eps, (int, float)) and eps >= _RSQRT_MIN_INPUT,
+    kernel_check(eps >= _RSQRT_MIN_INPUT,
                  f"rmsnorm: eps must be a float >= 2**-87 (rsqrt's valid input range), got eps={eps}")
     lnc = resolve_lnc(lnc, "rmsnorm")
     return call(rmsnorm_kernel, x, weight, float(eps), lnc=lnc)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from ..backend import call, nki, nisa, nl
 from ..hw import P_MAX
 from ..lnc import resolve_lnc
-from ..validation import kernel_check
+from ..validation import check_array, kernel_check
 from ._common import dtype_bytes
 
 # ---- constraints
@@ -99,6 +99,7 @@ def _softmax_group(x, out, j0, n_grp, pid, n_prog, n_cols):
 
 def softmax(x, lnc=None):
     """Row softmax over the last dim of x [R, C] (fp32/bf16/fp16). NumPy or torch in, the same kind out."""
+    check_array("softmax", "x", x)
     kernel_check(getattr(x, "ndim", 0) == 2, f"softmax: x must be 2-D [R, C], got x.shape={tuple(x.shape)}")
     kernel_check(str(x.dtype).replace("torch.", "") in _FLOAT_DTYPES,
                  f"softmax: dtype must be one of {_FLOAT_DTYPES}, got x.dtype={x.dtype}")

@@ -76,7 +76,7 @@ def test_tiled_matmul_bad_inputs():
         tiled_matmul(a, np.zeros((5, 4), np.float32))
     with pytest.raises(KernelInputError, match=r"tiled_matmul: lhsT and rhs must be 2-D"):
         tiled_matmul(a[0], a)
-    with pytest.raises(KernelInputError, match=r"tiled_matmul: dtype must be one of .* got lhsT.dtype=int32"):
+    with pytest.raises(KernelInputError, match=r"tiled_matmul: lhsT dtype must be one of .* got lhsT.dtype=int32"):
         tiled_matmul(a.astype(np.int32), a.astype(np.int32))
     with pytest.raises(KernelInputError, match=r"tiled_matmul: dtypes differ"):
         tiled_matmul(a, a.astype(BF16))
@@ -134,7 +134,7 @@ def test_softmax_bad_inputs():
         softmax(np.zeros(3, np.float32))
     with pytest.raises(KernelInputError, match=r"softmax: C must be in \[1, 16384\], got C=16385"):
         softmax(np.zeros((1, 16385), np.float32))
-    with pytest.raises(KernelInputError, match=r"softmax: dtype must be one of .* got x.dtype=int32"):
+    with pytest.raises(KernelInputError, match=r"softmax: x dtype must be one of .* got x.dtype=int32"):
         softmax(np.zeros((2, 2), np.int32))
     with pytest.raises(KernelInputError, match=r"softmax: lnc must be one of \(1, 2\) or None, got lnc=0"):
         softmax(np.zeros((2, 2), np.float32), lnc=0)
