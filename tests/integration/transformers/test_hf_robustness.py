@@ -76,11 +76,11 @@ def _live_tensor_bytes() -> int:
         tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
     for obj in tensors:
         if obj.device.type == "cpu" and not obj.is_meta:
-            try:
+            try:                                   # fake / functional tensors (torch.compile tests) have no data
                 st = obj.untyped_storage()
+                seen[st.data_ptr()] = st.nbytes()
             except (RuntimeError, NotImplementedError):
                 continue
-            seen[st.data_ptr()] = st.nbytes()
     return sum(seen.values())
 
 
