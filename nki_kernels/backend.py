@@ -202,6 +202,11 @@ def _kernel_params(kernel) -> list:
         return []
 
 
+def _kernel_name(kernel) -> str:
+    fn = getattr(kernel, "kernel", kernel)
+    return getattr(fn, "__name__", None) or getattr(getattr(fn, "fn", None), "__name__", "kernel")
+
+
 def _grad_check(who: str, named_args):
     from .validation import check_forward_only
     for name, x in named_args:
@@ -221,8 +226,7 @@ def call(kernel, *args, lnc: int = 1, inplace=(), **kwargs):
     if ACTIVE != "emulator" and _on_device(args, kwargs):  # pragma: no cover - needs real NKI
         # device (XLA) tensors go straight to the compiled kernel, as NxDI calls NKI kernels
         return (kernel[lnc] if lnc != 1 else kernel)(*args, **kwargs)
-    who = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "kernel")
-    params = _kernel_params(kernel)
+    who, params = _kernel_name(kernel), _kernel_params(kernel)
     named = [(params[i] if i < len(params) else f"arg{i}", a) for i, a in enumerate(args)] + list(kwargs.items())
     inplace = (inplace,) if isinstance(inplace, str) else tuple(inplace)
     unknown = set(inplace) - {n for n, _ in named}
@@ -271,11 +275,14 @@ def call_ranks(kernel, per_rank_args, *, lnc: int = 1, **kwargs):
     if ACTIVE != "emulator":  # pragma: no cover - needs real NKI
         raise NotImplementedError("call_ranks runs all ranks in one process (emulator only); on Trainium each rank's "
                                   "process launches the kernel on its own shard with the replica group")
+    who, params = _kernel_name(kernel), _kernel_params(kernel)
     any_torch, per_rank = False, []
     for args in per_rank_args:
+        named = [(params[i] if i < len(params) else f"arg{i}", a) for i, a in enumerate(args)]
+        _grad_check(who, named)
         conv = []
-        for a in args:
-            v, was_torch = _to_numpy(a, [])
+        for name, a in named:                       # read-only views, as in call(): no rank writes its inputs
+            v, was_torch, _ = _to_numpy(who, name, a, False, True)
             any_torch |= was_torch
             conv.append(v)
         per_rank.append((tuple(conv), dict(kwargs)))

@@ -46,6 +46,11 @@ def case(name, rng):
         q = rng.standard_normal((2, 2, 1, 64)).astype(F32)
         kc, vc = (rng.standard_normal((2, 1, 32, 64)).astype(F32) for _ in range(2))
         return [("q", q), ("k_cache", kc), ("v_cache", vc), ("cache_lens", np.array([20, 32], np.int32))], {}, {}
+    if name == "flash_attention_varlen":
+        cu = np.array([0, 5, 16], np.int32)                       # two packed sequences of 5 and 11 tokens
+        q = rng.standard_normal((16, 2, 64)).astype(F32)
+        k, v = (rng.standard_normal((16, 1, 64)).astype(F32) for _ in range(2))
+        return [("q", q), ("k", k), ("v", v), ("cu_seqlens_q", cu), ("cu_seqlens_k", cu.copy())], {}, {}
     if name == "gated_delta_rule":
         d = _gdn(rng, 1, 16)
         d["initial_state"] = rng.standard_normal((1, 2, 32, 32)).astype(F32) * F32(0.1)
