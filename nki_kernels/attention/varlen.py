@@ -39,7 +39,7 @@ from ..hw import P_MAX
 from ..lnc import resolve_lnc
 from ..validation import kernel_check
 from ._common import D_CHUNK, FLOAT_DTYPES, K_CHUNK, MASK_BIAS, MAX_HEAD_DIM, n_tiles, pe_transpose_group
-from .prefill import (_GENS, _N_STREAMS, _Q_TILE, _attend_pipeline, _block_keys, _check_array, _check_scale,
+from .prefill import (_Q_TILE, _attend_pipeline, _block_keys, _check_array, _check_scale,
                       _dtype_name, _owner, _read_only, _shape)
 
 MAX_SEQS = 512                    # N limit: the per-row bounds use [128, N+1] fp32 tiles (5 of them, 10 KiB)
@@ -85,14 +85,15 @@ def varlen_body(q, k, v, gate, cu_q, cu_k, out, softmax_scale, causal, band=None
     heads = lambda t: t.permute((1, 0, 2))                  # noqa: E731  [T, H, D] -> [H, T, D] view
     q_h, out_h, k_h, v_h = heads(q), heads(out), heads(k), heads(v)
     gate_h = None if gate is None else heads(gate)
-    rows = None
-    for kvh in range(n_kv):
-        work = [(g, i_q) for i_q in range(n_q_tiles) for g in range(group)
-                if _owner(0, kvh, g, i_q, n_kv, n_q_tiles, 1, n_prog) == pid]
+    works = [[(g, i_q) for i_q in range(n_q_tiles) for g in range(group)
+              if _owner(0, kvh, g, i_q, n_kv, n_q_tiles, 1, n_prog) == pid] for kvh in range(n_kv)]
+    my_tiles = sorted({i_q for work in works for _, i_q in work})
+    if not my_tiles:
+        return
+    rows = _PackedRows(cu_q, cu_k, tq, causal, _block_keys(dtype), my_tiles, n_q_tiles)
+    for kvh, work in enumerate(works):
         if not work:
             continue
-        if rows is None:
-            rows = _PackedRows(cu_q, cu_k, tq, tk, causal, _block_keys(dtype))
         kT_sb, v_sb = _load_kv_contained(k_h, v_h, kvh, tk, d, n_d, dtype)
         items = [(kvh * group + g, i_q * _Q_TILE, tq) for g, i_q in work]
         _attend_pipeline(q_h, gate_h, out_h, kT_sb, v_sb, None, None, items, tk, d, n_d, dtype, softmax_scale,
@@ -100,9 +101,10 @@ def varlen_body(q, k, v, gate, cu_q, cu_k, out, softmax_scale, causal, band=None
 
 
 class _PackedRows:
-    """Per-row key intervals [lo_r, hi_r) of the packed sequences, computed on device, and the block masks."""
+    """Per-row key intervals [lo_r, hi_r) of the packed sequences, computed on device once per query tile (shared
+    by every head), and the block masks."""
 
-    def __init__(self, cu_q, cu_k, tq, tk, causal, block):
+    def __init__(self, cu_q, cu_k, tq, causal, block, tiles, n_q_tiles):
         n1 = cu_q.shape[0]
         self.n = n1 - 1
         self.causal = causal
@@ -118,9 +120,12 @@ class _PackedRows:
         nisa.iota(col_i, pattern=[[1, block]], offset=0, channel_multiplier=0)
         self.col = nl.ndarray((P_MAX, block), dtype=nl.float32, buffer=nl.sbuf)
         nisa.tensor_copy(dst=self.col, src=col_i, engine=nisa.engine.gpsimd)
-        # per (slot, generation) of the pipeline: mid_r, half_r, valid_r
-        self.bounds = nl.ndarray((P_MAX, _N_STREAMS, _GENS, 3), dtype=nl.float32, buffer=nl.sbuf)
+        # per query tile: mid_r, half_r, valid_r
+        self.bounds = nl.ndarray((P_MAX, n_q_tiles, 3), dtype=nl.float32, buffer=nl.sbuf)
         self.block = block
+        for i_q in tiles:
+            q0 = i_q * _Q_TILE
+            self._tile_bounds(self.bounds[0:min(_Q_TILE, tq - q0), i_q], q0, min(_Q_TILE, tq - q0))
 
     def _weighted_count(self, dst, ge, lens, qn):
         """dst[r] = sum_i ge[r, i] * lens[i] (one multiply, one reduce)."""
@@ -129,10 +134,13 @@ class _PackedRows:
         nisa.tensor_reduce(dst=dst, op=nl.add, data=prod[0:qn], axis=1)
 
     def start(self, st):
-        """Bounds of the stream's query rows r = q0 .. q0 + qn - 1 (as mid_r, half_r, valid_r)."""
-        qn, n = st.qn, self.n
+        """Nothing per stream: the bounds of every query tile are computed once, up front."""
+
+    def _tile_bounds(self, b, q0, qn):
+        """b [qn, 3] = (mid_r, half_r, valid_r) for the query rows r = q0 .. q0 + qn - 1."""
+        n = self.n
         r_i = nl.ndarray((P_MAX, 1), dtype=nl.int32, buffer=nl.sbuf)
-        nisa.iota(r_i[0:qn], pattern=[[1, 1]], offset=st.q0, channel_multiplier=1)
+        nisa.iota(r_i[0:qn], pattern=[[1, 1]], offset=q0, channel_multiplier=1)
         r_f = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
         nisa.tensor_copy(dst=r_f[0:qn], src=r_i[0:qn], engine=nisa.engine.gpsimd)
         ge = nl.ndarray((P_MAX, n + 1), dtype=nl.float32, buffer=nl.sbuf)          # [cu_q[i] <= r]
@@ -147,7 +155,6 @@ class _PackedRows:
             nisa.tensor_tensor(dst=hi[0:qn], data1=hi[0:qn], data2=end_q[0:qn], op=nl.subtract)
             nisa.scalar_tensor_tensor(dst=hi[0:qn], data=hi[0:qn], op0=nl.add, operand0=1.0, op1=nl.add,
                                       operand1=r_f[0:qn])
-        b = self.bounds[0:qn, st.slot, st.gen]
         # mid = (lo + hi - 1) / 2, half = (hi - lo) / 2, valid = hi > lo
         nisa.scalar_tensor_tensor(dst=b[:, 0:1], data=hi[0:qn], op0=nl.add, operand0=-1.0, op1=nl.add,
                                   operand1=lo[0:qn])
@@ -159,7 +166,7 @@ class _PackedRows:
     def mask(self, scores, st, j, k0, kn):
         """The block's scores with invisible keys replaced by MASK_BIAS (select, NaN-safe), in SBUF."""
         qn = st.qn
-        b = self.bounds[0:qn, st.slot, st.gen]
+        b = self.bounds[0:qn, st.q0 // _Q_TILE]
         dist = nl.ndarray((P_MAX, self.block), dtype=nl.float32, buffer=nl.sbuf)
         nisa.tensor_scalar(dst=dist[0:qn, 0:kn], data=self.col[0:qn, 0:kn], op0=nl.subtract, operand0=b[:, 0:1],
                            op1=nl.add, operand1=float(k0), engine=nisa.engine.gpsimd)
@@ -171,7 +178,7 @@ class _PackedRows:
     def finish_scale(self, inv_l, st):
         """Rows that see no key at all give 0."""
         qn = st.qn
-        nisa.tensor_tensor(dst=inv_l[0:qn], data1=inv_l[0:qn], data2=self.bounds[0:qn, st.slot, st.gen, 2:3],
+        nisa.tensor_tensor(dst=inv_l[0:qn], data1=inv_l[0:qn], data2=self.bounds[0:qn, st.q0 // _Q_TILE, 2:3],
                            op=nl.multiply, engine=nisa.engine.gpsimd)
 
 
