@@ -16,7 +16,7 @@ from __future__ import annotations
 from ._common import DISABLE_ENV, AdapterInputError, KernelNotAvailableError
 from .apply import FAMILIES, Installation, NxDIAdapterError, apply
 from .attention import FlashAttentionStrategy, perform_prefill
-from .code_predictor import code_predictor_forward, set_code_predictor_sampling
+from .code_predictor import code_predictor_forward, set_code_predictor_replica_group, set_code_predictor_sampling
 from .deltanet import chunked_forward as deltanet_chunked_forward
 from .deltanet import recurrent_step as deltanet_recurrent_step
 from .moe import BLOCKWISE_AUTOGRAD_CLS_SPEC, BlockwiseMatmulNKIKernelsFunc, blockwise_matmul_config_kwargs
@@ -35,5 +35,6 @@ __all__ = [
     "apply", "Installation", "NxDIAdapterError", "FAMILIES", "DISABLE_ENV", "AdapterInputError",
     "KernelNotAvailableError", "FlashAttentionStrategy", "perform_prefill", "deltanet_chunked_forward",
     "deltanet_recurrent_step", "BlockwiseMatmulNKIKernelsFunc", "BLOCKWISE_AUTOGRAD_CLS_SPEC",
-    "blockwise_matmul_config_kwargs", "code_predictor_forward", "set_code_predictor_sampling", "nxdi_available",
+    "blockwise_matmul_config_kwargs", "code_predictor_forward", "set_code_predictor_sampling",
+    "set_code_predictor_replica_group", "nxdi_available",
 ]

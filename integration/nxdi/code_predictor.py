@@ -21,9 +21,13 @@ Differences from the contrib's traced forward, all behind the same signature:
   i.e. HF's ``mid_residual_hiddens``); PR #167's traced graph returns the post-norm transformer hidden at
   those slots instead, which is not what HF's talker sums (see KERNELS.md ("Using nki-kernels from NxDI")).
 
-Tensor parallelism: the kernel runs one NeuronCore; with ``tp_degree > 1`` the per-rank o_proj / down_proj
-partial sums would need an all-reduce between layers, so the adapter defers to the original forward
-(compile the predictor at tp_degree=1: its ~80 M parameters fit one core).
+Tensor parallelism (``tp_degree > 1``): each rank's module holds its shard (q/k/v heads and gate/up columns,
+the matching o_proj / down_proj rows; LM heads and embeddings replicated), which `rank_weights` packs in the layout
+of `nki_kernels.codepredictor.weights.shard_weights`. The adapter then launches `code_predictor_rank` (one rank of
+the TP kernel, o_proj / down_proj partial sums all-reduced in-kernel) with the talker's replica group, which the
+caller provides once with `set_code_predictor_replica_group(module, replica_group, rank)` (an
+``nki.collectives.ReplicaGroup`` of the talker's TP group). Without a replica group, or on the emulator (which
+runs all ranks of a TP launch together: `code_predictor_tp`), the adapter defers to the original forward.
 """
 from __future__ import annotations
 
@@ -134,10 +138,33 @@ def packed_weights(module):
     return cached[1]
 
 
+REPLICA_ATTR = "_nki_kernels_replica_group"
+
+
+def set_code_predictor_replica_group(module, replica_group, rank):
+    """Give a tp_degree > 1 code-predictor module its talker TP group (an ``nki.collectives.ReplicaGroup``) and
+    this process's rank in it, so the adapter launches the TP kernel (`code_predictor_rank`) on the module's shard."""
+    tp = int(getattr(module, "tp_degree", 1) or 1)
+    if tp < 2:
+        raise AdapterInputError(f"nxdi code_predictor: a replica group is for tp_degree > 1, got tp_degree={tp}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < tp:
+        raise AdapterInputError(f"nxdi code_predictor: rank must be an int in [0, tp_degree={tp}), got rank={rank!r}")
+    module.__dict__[REPLICA_ATTR] = (replica_group, rank)
+
+
+def _tp_launch_available():
+    from nki_kernels import backend
+    return not backend.is_emulated()
+
+
 def check_support(module, past_hidden, last_id_hidden):
-    if (getattr(module, "tp_degree", 1) or 1) > 1:
-        return False, (f"tp_degree={module.tp_degree}: the one-core kernel cannot all-reduce the per-rank "
-                       "o_proj/down_proj partial sums; compile the code predictor with tp_degree=1")
+    tp = int(getattr(module, "tp_degree", 1) or 1)
+    if tp > 1 and module.__dict__.get(REPLICA_ATTR) is None:
+        return False, (f"tp_degree={tp}: the TP kernel needs the talker's replica group; call "
+                       "set_code_predictor_replica_group(module, replica_group, rank) first")
+    if tp > 1 and not _tp_launch_available():
+        return False, (f"tp_degree={tp}: one rank's TP launch needs real NKI (the emulator runs all ranks of a TP "
+                       "launch together, nki_kernels.codepredictor.unrolled.code_predictor_tp)")
     if past_hidden.dim() != 3 or past_hidden.shape[1] != 1 or tuple(last_id_hidden.shape) != tuple(past_hidden.shape):
         return False, (f"expected past_hidden and last_id_hidden [B, 1, H], got {tuple(past_hidden.shape)} and "
                        f"{tuple(last_id_hidden.shape)}")
@@ -164,6 +191,21 @@ def _sampling_inputs(module, bsz, n_codes, vocab, device=None):
                 temperature=cfg["temperature"], top_k=min(cfg["top_k"], vocab), top_p=cfg["top_p"])
 
 
+def rank_weights(module):
+    """This rank's shard of a tp_degree > 1 module, packed like ``shard_weights(w, tp, rank)`` (tp and rank set)."""
+    from dataclasses import replace
+
+    tp = int(getattr(module, "tp_degree", 1) or 1)
+    group = module.__dict__.get(REPLICA_ATTR)
+    rank = group[1] if group is not None else 0
+    return replace(packed_weights(module), tp=tp, rank=rank, vocab_sharded=False)
+
+
+def _launch_rank(x0, x1, shard, replica_group, sampling):
+    from nki_kernels.codepredictor.unrolled import code_predictor_rank
+    return code_predictor_rank(x0, x1, shard, replica_group=replica_group, **sampling)
+
+
 def code_predictor_forward(module, past_hidden, last_id_hidden):
     """(codes [B, G1] int32, mid_hiddens [B, G1 - 1, H]) for the contrib module's weights (G1 = 15 in Qwen3-Omni).
 
@@ -181,7 +223,11 @@ def code_predictor_forward(module, past_hidden, last_id_hidden):
     sampling = _sampling_inputs(module, bsz, n_codes, weights.head_vocab, device=past_hidden.device)
     x0 = past_hidden[:, 0, :].to(wdtype).contiguous()
     x1 = last_id_hidden[:, 0, :].to(wdtype).contiguous()
-    codes, embeds = fn(x0, x1, weights, **sampling)[:2]
+    if int(getattr(module, "tp_degree", 1) or 1) > 1:
+        replica_group, _rank = module.__dict__[REPLICA_ATTR]
+        codes, embeds = _launch_rank(x0, x1, rank_weights(module), replica_group, sampling)[:2]
+    else:
+        codes, embeds = fn(x0, x1, weights, **sampling)[:2]
     return codes.to(torch.int32), embeds[:, :n_codes - 1, :].to(dtype)
 
 

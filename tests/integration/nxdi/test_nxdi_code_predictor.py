@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+import nki_kernels
+
 from nki_kernels.testing import assert_close
 from integration.nxdi import AdapterInputError, apply, set_code_predictor_sampling
 from integration.nxdi import code_predictor as nxcp
@@ -162,3 +164,95 @@ def test_sampling_uniforms_are_drawn_on_the_activations_device():
     got = nxcp._sampling_inputs(mod, 2, 4, 16, device=torch.device("cpu"))
     again = nxcp._sampling_inputs(mod, 2, 4, 16, device=torch.device("cpu"))
     assert got["uniforms"].shape == (2, 4) and not torch.equal(got["uniforms"], again["uniforms"])
+
+
+def _tp_modules(tp, dtype=torch.bfloat16):
+    """A full (tp_degree=1) fake predictor and its tp rank modules, each holding the contrib's per-rank shard:
+    q/k/v rows of its heads, gate/up rows of its intermediate slice, the matching o_proj / down_proj columns;
+    norms, embeddings and LM heads replicated."""
+    cls = make_code_predictor_class()
+    full = cls(dtype=dtype, inter=256)
+    ranks = []
+    for r in range(tp):
+        m = cls(tp_degree=tp, dtype=dtype, n_q=4 // tp, n_kv=2 // tp, inter=256 // tp)
+        with torch.no_grad():
+            for lf, lr in zip(full.layers, m.layers):
+                d = 32
+                for name, heads in (("q_proj", 4 // tp), ("k_proj", 2 // tp), ("v_proj", 2 // tp)):
+                    rows = slice(r * heads * d, (r + 1) * heads * d)
+                    getattr(lr.self_attn, name).weight.copy_(getattr(lf.self_attn, name).weight[rows])
+                cols = slice(r * (4 // tp) * d, (r + 1) * (4 // tp) * d)
+                lr.self_attn.o_proj.weight.copy_(lf.self_attn.o_proj.weight[:, cols])
+                inter = slice(r * 256 // tp, (r + 1) * 256 // tp)
+                lr.mlp.gate_proj.weight.copy_(lf.mlp.gate_proj.weight[inter])
+                lr.mlp.up_proj.weight.copy_(lf.mlp.up_proj.weight[inter])
+                lr.mlp.down_proj.weight.copy_(lf.mlp.down_proj.weight[:, inter])
+                for norm in ("input_layernorm", "post_attention_layernorm"):
+                    getattr(lr, norm).weight.copy_(getattr(lf, norm).weight)
+                lr.self_attn.q_norm.weight.copy_(lf.self_attn.q_norm.weight)
+                lr.self_attn.k_norm.weight.copy_(lf.self_attn.k_norm.weight)
+            m.norm.weight.copy_(full.norm.weight)
+            m.codec_embedding_stacked.copy_(full.codec_embedding_stacked)
+            m.lm_head_stacked.copy_(full.lm_head_stacked)
+        ranks.append(m)
+    return cls, full, ranks
+
+
+def test_rank_shards_match_shard_weights_and_the_tp_kernel_matches_tp1():
+    """At tp_degree=2 each rank module packs exactly shard_weights(full, 2, rank), and the TP kernel on those
+    shards (all ranks together, as the emulator runs them) gives the TP=1 codes and embeddings."""
+    from nki_kernels.codepredictor.unrolled import code_predictor_tp
+    from nki_kernels.codepredictor.weights import shard_weights
+    from integration.nxdi import set_code_predictor_replica_group
+
+    _, full, ranks = _tp_modules(2)
+    w_full = nxcp.extract_weights(full)
+    w_np = type(w_full)(**{f: (getattr(w_full, f).float().numpy() if hasattr(getattr(w_full, f), "numpy")
+                               else getattr(w_full, f)) for f in w_full.__dataclass_fields__})
+    shards = []
+    for r, m in enumerate(ranks):
+        set_code_predictor_replica_group(m, object(), r)
+        got = nxcp.rank_weights(m)
+        want = shard_weights(w_np, 2, r)
+        assert (got.tp, got.rank, got.n_q_heads, got.n_kv_heads) == (want.tp, want.rank, want.n_q_heads,
+                                                                      want.n_kv_heads)
+        for f in ("wqkv_t", "wo_t", "wgu_t", "wd_t", "lm_head_t", "codec_embed", "q_norm", "input_norm"):
+            assert np.array_equal(getattr(got, f).float().numpy(), np.asarray(getattr(want, f), np.float32)), f
+        shards.append(got)
+    g = torch.Generator().manual_seed(3)
+    x0, x1 = (torch.randn(2, 128, generator=g).bfloat16() for _ in range(2))
+    codes1, emb1 = nki_kernels.code_predictor(x0, x1, w_full)
+    codes2, emb2 = code_predictor_tp(x0, x1, shards)
+    assert torch.equal(codes1, codes2)
+    assert_close("tp embeds", emb1.float().numpy(), emb2.float().numpy(), dtype="bfloat16")
+
+
+def test_tp_forward_launches_one_rank_with_the_replica_group(monkeypatch):
+    """Patched forward at tp_degree=2: without a replica group it defers to the contrib; with one it launches
+    code_predictor_rank on the rank's shard and group (emulated here by the all-ranks TP launch)."""
+    from nki_kernels.codepredictor.unrolled import code_predictor_tp
+    from integration.nxdi import set_code_predictor_replica_group
+
+    cls, full, ranks = _tp_modules(2)
+    g = torch.Generator().manual_seed(4)
+    past, last = (torch.randn(1, 1, 128, generator=g).bfloat16() for _ in range(2))
+    with apply([cls], kernels=["code_predictor"]):
+        assert ranks[0].forward(past, last) == "original" and cls.calls == 1       # no replica group: deferred
+        group = object()
+        for r, m in enumerate(ranks):
+            set_code_predictor_replica_group(m, group, r)
+        shards = [nxcp.rank_weights(m) for m in ranks]
+        seen = []
+
+        def launch(x0, x1, shard, replica_group, sampling):
+            seen.append((shard.tp, shard.rank, replica_group))
+            return code_predictor_tp(x0, x1, shards, **sampling)
+        monkeypatch.setattr(nxcp, "_tp_launch_available", lambda: True)
+        monkeypatch.setattr(nxcp, "_launch_rank", launch)
+        codes, mids = ranks[1].forward(past, last)
+        want_codes, want_mids = nxcp.code_predictor_forward(full, past, last)
+    assert seen == [(2, 1, group)] and cls.calls == 1
+    assert torch.equal(codes, want_codes)
+    assert_close("tp mids", want_mids.float().numpy(), mids.float().numpy(), dtype="bfloat16")
+    with pytest.raises(AdapterInputError, match="rank must be an int"):
+        set_code_predictor_replica_group(ranks[0], group, 2)
