@@ -10,8 +10,9 @@ With T <= 32 tokens everything is weight-stationary (the tokens are the matmul m
 accumulates transposed ([H, T]) in PSUM across the shared expert and all slots; each token is one column, so a
 non-finite value in one token never reaches another.
 
-LNC=2: one launch; the two cores split the hidden columns of the output (each runs every slot's gate/up and its
-half of the down projection and writes only its columns).
+LNC=2: one launch; with T >= 2 the two cores split the tokens (each builds the slot table of its own tokens, so it
+streams only the experts they chose, and writes their rows); with T = 1 they split the hidden columns of the output
+(each runs every slot's gate/up and its half of the down projection and writes only its columns).
 
 Latency plan (small experts are bound by fixed DMA latencies, not bandwidth): the routing-id load is the first
 DMA and every expert DMA depends on it, so the shared expert's static weight DMAs fill the queues meanwhile; then
@@ -62,8 +63,9 @@ def moe_decode_kernel(hidden, top_k_index, top_k_weights, gate_up, down, shared_
         shared_gate_up / shared_down / shared_gate: [H, 2, Is] / [Is, H] / [H] @ HBM, or None.
         expert_offset: global id of local expert 0 (trace-time constant).
     Returns:
-        out: [T, H] @ HBM, hidden's dtype. Program c writes the hidden columns of its share (LNC=2: the first
-        ceil(H/256) 128-column chunks on core 0, the rest on core 1), so one launch gives the whole result.
+        out: [T, H] @ HBM, hidden's dtype. Program c writes its share (`_my_share`: LNC=2 with T >= 2 the first
+        ceil(T/2) tokens on core 0, the rest on core 1; T = 1: the first ceil(H/256) 128-column chunks on core 0),
+        so one launch gives the whole result. Below, T and S are this program's tokens and slots.
     Constraints:
         T <= _MAX_TOKENS, R <= _MAX_ROUTES, H % 128 == 0, I = ic * ceil(I / 128).
     Pseudocode:
@@ -81,15 +83,15 @@ def moe_decode_kernel(hidden, top_k_index, top_k_weights, gate_up, down, shared_
             accT[h, t] += Wd[b][:, h]^T hT[b]                                             # PSUM
         out[:, Hc] = accT (T <= 2: p-major rows, one DMA) or transpose(accT)
     """
-    n_tokens, h_total = hidden.shape
+    n_all, h_total = hidden.shape
     n_local = gate_up.shape[0]
-    n_slots = min(n_tokens * top_k_index.shape[1], n_local)
     pid = nl.program_id(0)
     n_prog = nl.num_programs(0)
-    out = nl.ndarray((n_tokens, h_total), dtype=hidden.dtype, buffer=nl.shared_hbm)
-    h0, h_cols = _my_columns(h_total, pid, n_prog)
-    if h_cols == 0:
-        return out    # H = 128 under LNC=2: core 0 owns the only column chunk
+    out = nl.ndarray((n_all, h_total), dtype=hidden.dtype, buffer=nl.shared_hbm)
+    t0, n_tokens, h0, h_cols = _my_share(n_all, h_total, pid, n_prog)
+    if h_cols == 0 or n_tokens == 0:
+        return out    # H = 128 under LNC=2 with one token: core 0 owns the only column chunk
+    n_slots = min(n_tokens * top_k_index.shape[1], n_local)
     t_pad = _pow2_at_least(n_tokens)          # accumulator columns per hidden chunk: keeps matmuls bank-aligned
     n_hc = h_cols // _H_TILE
     # accumulator row p of chunk hc holds hidden column h0 + p * n_hc + hc when the result leaves by one DMA
@@ -98,11 +100,11 @@ def moe_decode_kernel(hidden, top_k_index, top_k_weights, gate_up, down, shared_
     p_major = n_tokens <= _DIRECT_OUT_MAX_T
 
     # the routing ids gate every expert weight DMA: their load goes first; then the small per-token inputs
-    key_all, routes = _routing_rows(top_k_index, top_k_weights, n_local, expert_offset)
-    xT_sb = _load_xT(hidden, 1)
+    key_all, routes = _routing_rows(top_k_index, top_k_weights, n_local, expert_offset, t0, n_tokens)
+    xT_sb = _load_xT(hidden, 1, t0, n_tokens)
     # small-I experts: fold 2x more hidden rows into each partition so a gate_up row reaches a long DMA run
     fold = _gate_up_fold(gate_up)
-    xTe_sb = xT_sb if fold == 1 else _load_xT(hidden, fold)
+    xTe_sb = xT_sb if fold == 1 else _load_xT(hidden, fold, t0, n_tokens)
     sel_sb = _up_selector(gate_up) if fold > 1 else None
     ones_sb = nl.ndarray((P_MAX, P_MAX), dtype=nl.float32, buffer=nl.sbuf)     # stationary of the row sums
     nisa.memset(dst=ones_sb, value=1.0)
@@ -123,7 +125,7 @@ def moe_decode_kernel(hidden, top_k_index, top_k_weights, gate_up, down, shared_
     shared_early = has_shared and not shared_first and \
         3 * h_cols * shared_down.shape[0] * itemsize(shared_down.dtype) <= _PRE_SLOT_BYTES
     if shared_first:
-        _shared_first(hidden, xT_sb, shared_gate_up, shared_down, shared_gate, acc_psum, h0, h_cols, p_major)
+        _shared_first(n_tokens, xT_sb, shared_gate_up, shared_down, shared_gate, acc_psum, h0, h_cols, p_major)
     elif has_shared:
         s_wgu_sb = load_gate_up(shared_gate_up)
         if shared_early:
@@ -158,23 +160,30 @@ def moe_decode_kernel(hidden, top_k_index, top_k_weights, gate_up, down, shared_
             _down_T(hT_sb, b, ring[b][1], acc_psum, n_tokens, p_major)
     if late_shared:
         _down_T(s_hT_sb, 0, s_wd_sb, acc_psum, n_tokens, p_major)
-    _store_out(out, acc_psum, h0, h_cols, p_major)
+    _store_out(out, acc_psum, t0, n_tokens, h0, h_cols, p_major)
     return out
 
 
-def _my_columns(h_total, pid, n_prog):
-    """(h0, Hc): the hidden columns program pid writes, whole 128-column chunks, the first ceil(n / C) chunks
-    on program 0 (Hc = 0 when there are fewer chunks than programs)."""
+def _my_share(n_tokens, h_total, pid, n_prog):
+    """(t0, Tc, h0, Hc): the tokens and hidden columns program pid computes and writes. LNC=1: everything.
+    LNC=2 with T >= 2: the tokens split (first ceil(T/2) on core 0), all columns: each core streams only the
+    experts its own tokens chose. T = 1: the hidden columns split in whole 128-column chunks (first ceil(n/2) on
+    core 0; Hc = 0 when there is one chunk): each core runs every slot's gate/up and its columns of down."""
+    if n_prog == 1:
+        return 0, n_tokens, 0, h_total
+    if n_tokens >= n_prog:
+        per = -(-n_tokens // n_prog)
+        t0 = min(n_tokens, pid * per)
+        return t0, min(n_tokens, t0 + per) - t0, 0, h_total
     n_chunks = h_total // _H_TILE
     per = -(-n_chunks // n_prog)
     c0 = min(n_chunks, pid * per)
     c1 = min(n_chunks, c0 + per)
-    return c0 * _H_TILE, (c1 - c0) * _H_TILE
+    return 0, n_tokens, c0 * _H_TILE, (c1 - c0) * _H_TILE
 
 
-def _shared_first(hidden, xT_sb, shared_gate_up, shared_down, shared_gate, acc_psum, h0, h_cols, p_major):
+def _shared_first(n_tokens, xT_sb, shared_gate_up, shared_down, shared_gate, acc_psum, h0, h_cols, p_major):
     """The whole shared expert into accT before any routed expert (its SBUF tiles end with this call)."""
-    n_tokens = hidden.shape[0]
     s_wgu_sb = load_gate_up(shared_gate_up)
     s_wd_sb = _load_down_cols(shared_down, None, h0, h_cols)
     g_sb = _sigmoid_gate_bcast(shared_gate, xT_sb, n_tokens)
@@ -202,29 +211,30 @@ def check_decode_sbuf(kname, hidden, gate_up, down, shared, top_k, lnc):
     n_tokens, h_total = hidden.shape[0], hidden.shape[1]
     n_local, _, _, n_inter = (int(s) for s in gate_up.shape)
     item = 4 if str(hidden.dtype).replace("torch.", "") == "float32" else 2
-    h_cols = _my_columns(h_total, 0, lnc)[1]
+    _, n_tok, _, h_cols = _my_share(n_tokens, h_total, 0, lnc)
     fold = 2 if (h_total // P_MAX * 2 * n_inter * item < _MIN_ROW_BYTES and 2 * n_inter <= P_MAX) else 1
     n_i = intermediate_split(n_inter)[1]
     weights = (fold * (h_total // P_MAX) * 2 * n_inter + n_i * h_cols) * item
     if shared is not None:
         n_sh = int(shared[1].shape[0])
         weights = max(weights, ((h_total // P_MAX) * 2 * n_sh + intermediate_split(n_sh)[1] * h_cols) * item)
-    n_slots = min(n_tokens * top_k, n_local)
-    need = weights + decode_other_bytes(n_tokens, top_k, n_slots, h_total, h_cols, n_inter, item)
+    n_slots = min(n_tok * top_k, n_local)
+    need = weights + decode_other_bytes(n_tok, top_k, n_slots, h_total, h_cols, n_inter, item)
     budget = sbuf_budget()
     kernel_check(need <= budget, f"{kname}: the plan needs {need} B of SBUF per partition (T={n_tokens}, TOPK={top_k}, "
                  f"H={h_total}, I={n_inter}, {item}-byte dtype, lnc={lnc}), above the {budget} B available; use fewer "
                  f"tokens per call or shard I further")
 
 
-def _load_xT(hidden, fold):
-    """hidden [T, H] @ HBM -> SBUF [128 / fold, T, fold * n_h] with xT[p, t, j] = x[t, p * fold * n_h + j]
-    (one DMA)."""
-    n_tokens, h_total = hidden.shape
+def _load_xT(hidden, fold, t0, n_tokens):
+    """hidden[t0:t0 + Tc] ([T, H] @ HBM) -> SBUF [128 / fold, Tc, fold * n_h] with
+    xT[p, t, j] = x[t0 + t, p * fold * n_h + j] (one DMA)."""
+    h_total = hidden.shape[1]
     parts = P_MAX // fold
     rows = h_total // parts
     xT_sb = nl.ndarray((parts, n_tokens, rows), dtype=hidden.dtype, buffer=nl.sbuf)
-    nisa.dma_copy(dst=xT_sb, src=hidden.ap(pattern=[[rows, parts], [h_total, n_tokens], [1, rows]], offset=0))
+    nisa.dma_copy(dst=xT_sb, src=hidden.ap(pattern=[[rows, parts], [h_total, n_tokens], [1, rows]],
+                                           offset=t0 * h_total))
     return xT_sb
 
 
@@ -264,24 +274,26 @@ def _local_key(idx_sb, n_local, expert_offset):
     return key_sb, valid_sb
 
 
-def _routing_rows(top_k_index, top_k_weights, n_local, expert_offset):
+def _routing_rows(top_k_index, top_k_weights, n_local, expert_offset, t0, n_tokens):
     """The T * TOPK routing choices: key_all [128, R] fp32, every row's local key on every partition, and per
     tile of 128 rows r = t * TOPK + j (one per partition) a tuple (r0, key_sb [rows, 1] local key or -2,
     valid_sb [rows, 1], w_sb [rows, 1] fp32 weight (0 where the id is not local), wt_sb [rows, T] fp32 = w in
-    column t of its token, exactly 0 elsewhere (selects, not products, so a NaN weight stays in its column))."""
-    n_tokens, top_k = top_k_index.shape
+    column t of its token, exactly 0 elsewhere (selects, not products, so a NaN weight stays in its column)).
+    Tokens t0 .. t0 + Tc - 1 of the batch (this program's), rows counted from t0."""
+    top_k = top_k_index.shape[1]
     n_rows = n_tokens * top_k
+    base = t0 * top_k
     idx_all = nl.ndarray((P_MAX, n_rows), dtype=nl.int32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=idx_all, src=top_k_index.ap(pattern=[[0, P_MAX], [1, n_rows]], offset=0))
+    nisa.dma_copy(dst=idx_all, src=top_k_index.ap(pattern=[[0, P_MAX], [1, n_rows]], offset=base))
     key_all, _ = _local_key(idx_all, n_local, expert_offset)
     tiles = []
     for r0 in range(0, n_rows, P_MAX):
         rows = min(P_MAX, n_rows - r0)
         idx_sb = nl.ndarray((rows, 1), dtype=nl.int32, buffer=nl.sbuf)
-        nisa.dma_copy(dst=idx_sb, src=top_k_index.ap(pattern=[[1, rows], [1, 1]], offset=r0))
+        nisa.dma_copy(dst=idx_sb, src=top_k_index.ap(pattern=[[1, rows], [1, 1]], offset=base + r0))
         key_sb, valid_sb = _local_key(idx_sb, n_local, expert_offset)
         w_in = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.dma_copy(dst=w_in, src=top_k_weights.ap(pattern=[[1, rows], [1, 1]], offset=r0))
+        nisa.dma_copy(dst=w_in, src=top_k_weights.ap(pattern=[[1, rows], [1, 1]], offset=base + r0))
         w_sb = nl.where(valid_sb, w_in, 0.0)         # another rank's expert: its weight (even NaN) plays no part
         wt_sb = w_sb
         if n_tokens > 1:
@@ -380,16 +392,16 @@ def _wave_affinities(routes, slot_sb, ones_sb, wave, n_tokens):
     return aff_psum
 
 
-def _store_out(out, acc_psum, h0, h_cols, p_major):
-    """accT [128, n_hc, T] (PSUM) -> out[:, h0:h0 + Hc]: cast; p-major (few tokens): one DMA,
-    out[t, h0 + p * n_hc + hc] = accT[p, hc, t]; else TensorE transposes of the 128-column chunks
-    (out[t, h0 + hc * 128 + p]) for row-contiguous writes."""
-    n_tokens, h_total = out.shape
+def _store_out(out, acc_psum, t0, n_tokens, h0, h_cols, p_major):
+    """accT [128, n_hc, Tc] (PSUM) -> out[t0:t0 + Tc, h0:h0 + Hc]: cast; p-major (few tokens): one DMA,
+    out[t0 + t, h0 + p * n_hc + hc] = accT[p, hc, t]; else TensorE transposes of the 128-column chunks
+    (out[t0 + t, h0 + hc * 128 + p]) for row-contiguous writes."""
+    h_total = out.shape[1]
     n_hc = h_cols // _H_TILE
     accT_sb = nl.ndarray(acc_psum.shape, dtype=out.dtype, buffer=nl.sbuf)
     if p_major:
         nisa.activation(dst=accT_sb[:, :, 0:n_tokens], op=nl.copy, data=acc_psum[:, :, 0:n_tokens])
-        nisa.dma_copy(dst=out.ap(pattern=[[n_hc, P_MAX], [1, n_hc], [h_total, n_tokens]], offset=h0),
+        nisa.dma_copy(dst=out.ap(pattern=[[n_hc, P_MAX], [1, n_hc], [h_total, n_tokens]], offset=t0 * h_total + h0),
                       src=accT_sb[:, :, 0:n_tokens])
         return
     nisa.tensor_copy(dst=accT_sb[:, :, 0:n_tokens], src=acc_psum[:, :, 0:n_tokens])
@@ -403,7 +415,7 @@ def _store_out(out, acc_psum, h0, h_cols, p_major):
                               data=accT_sb[:, g0 + gg, 0:n_tokens])
         nisa.tensor_copy(dst=y_sb[0:n_tokens, g0 * _H_TILE:(g0 + g_sz) * _H_TILE],
                          src=o_psum[0:n_tokens, 0:g_sz * _H_TILE])
-    nisa.dma_copy(dst=out[:, h0:h0 + h_cols], src=y_sb[0:n_tokens, :])
+    nisa.dma_copy(dst=out[t0:t0 + n_tokens, h0:h0 + h_cols], src=y_sb[0:n_tokens, :])
 
 
 def _expert_bytes_pp(down, fold, h_cols):
@@ -553,8 +565,9 @@ def moe_decode(hidden, top_k_index, top_k_weights, gate_up, down, shared=None, e
             transformers' layout).
         shared: optional (gate_up [H, 2, Is], down [Is, H], gate vector [H]).
         expert_offset: global id of local expert 0 (expert parallelism), 0 <= expert_offset < 2^24 - E.
-        lnc: None (NEURON_LOGICAL_NC_CONFIG, else the target's default: 2 on trn2), 1 or 2. At LNC=2 each core
-            writes half of the hidden columns (both run every slot's gate/up, each its half of down).
+        lnc: None (NEURON_LOGICAL_NC_CONFIG, else the target's default: 2 on trn2), 1 or 2. At LNC=2 (one launch)
+            the cores split the tokens (T >= 2: each streams the experts of its own tokens) or, at T = 1, the hidden
+            columns (both run every slot's gate/up, each its half of down).
     Returns:
         [T, H] in hidden's dtype.
     Constraints:

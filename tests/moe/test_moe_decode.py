@@ -55,22 +55,22 @@ def test_slot_count_is_static_and_duplicates_load_once(rng):
     assert seqs[0] == seqs[1]
 
 
-def test_lnc2_is_one_launch_each_core_writes_its_columns(rng, monkeypatch):
+def test_lnc2_is_one_launch_each_core_writes_its_share(rng, monkeypatch):
     """LNC=2 (explicit, or from NEURON_LOGICAL_NC_CONFIG with lnc=None): one launch of two programs, each writing
-    its half of the hidden columns; H = 128 (one column chunk) runs on core 0 alone."""
-    for h in (384, 128):
-        x, gu, dn, sh, w, idx = moe_problem(rng, 5, h, 7, 48, 3, 32, True)
+    its share: the tokens split for T >= 2 (odd T too), the hidden columns for T = 1 (H = 128: core 0 alone)."""
+    for t, h in ((5, 384), (2, 128), (1, 384), (1, 128)):
+        x, gu, dn, sh, w, idx = moe_problem(rng, t, h, 7, 48, 3, 32, True)
         ref = moe_decode_reference(x, idx, w, gu, dn, sh)
         monkeypatch.setenv("NEURON_LOGICAL_NC_CONFIG", "2")
         with record_launches() as runs:
             out = moe_decode(x, idx, w, gu, dn, shared=sh)
         assert len(runs) == 1 and len(runs[0].traces) == 2
-        assert_close(f"lnc2 H={h}", ref, out)
+        assert_close(f"lnc2 T={t} H={h}", ref, out)
         monkeypatch.setenv("NEURON_LOGICAL_NC_CONFIG", "1")
         with record_launches() as runs:
             out1 = moe_decode(x, idx, w, gu, dn, shared=sh)
         assert len(runs) == 1 and len(runs[0].traces) == 1
-        assert_close(f"lnc1 H={h}", ref, out1)
+        assert_close(f"lnc1 T={t} H={h}", ref, out1)
 
 
 def test_out_of_range_ids_are_ignored_and_contained(rng):
