@@ -91,7 +91,11 @@ def moe_decode_kernel(hidden, top_k_index, top_k_weights, gate_up, down, shared_
     t0, n_tokens, h0, h_cols = _my_share(n_all, h_total, pid, n_prog)
     if h_cols == 0 or n_tokens == 0:
         return out    # H = 128 under LNC=2 with one token: core 0 owns the only column chunk
-    n_slots = min(n_tokens * top_k_index.shape[1], n_local)
+    top_k = top_k_index.shape[1]
+    # one token: its TOPK routing rows are the slots (no table to build: the ids go straight to the DMAs, a
+    # duplicate id is loaded twice, each with its own weight); else the distinct experts of the batch
+    row_slots = n_tokens == 1
+    n_slots = top_k if row_slots else min(n_tokens * top_k, n_local)
     t_pad = _pow2_at_least(n_tokens)          # accumulator columns per hidden chunk: keeps matmuls bank-aligned
     n_hc = h_cols // _H_TILE
     # accumulator row p of chunk hc holds hidden column h0 + p * n_hc + hc when the result leaves by one DMA
@@ -100,7 +104,10 @@ def moe_decode_kernel(hidden, top_k_index, top_k_weights, gate_up, down, shared_
     p_major = n_tokens <= _DIRECT_OUT_MAX_T
 
     # the routing ids gate every expert weight DMA: their load goes first; then the small per-token inputs
-    key_all, routes = _routing_rows(top_k_index, top_k_weights, n_local, expert_offset, t0, n_tokens)
+    if row_slots:
+        e_sb, w_all = _row_slots(top_k_index, top_k_weights, n_local, expert_offset, t0)
+    else:
+        key_all, routes = _routing_rows(top_k_index, top_k_weights, n_local, expert_offset, t0, n_tokens)
     xT_sb = _load_xT(hidden, 1, t0, n_tokens)
     # small-I experts: fold 2x more hidden rows into each partition so a gate_up row reaches a long DMA run
     fold = _gate_up_fold(gate_up)
@@ -108,7 +115,8 @@ def moe_decode_kernel(hidden, top_k_index, top_k_weights, gate_up, down, shared_
     sel_sb = _up_selector(gate_up) if fold > 1 else None
     ones_sb = nl.ndarray((P_MAX, P_MAX), dtype=nl.float32, buffer=nl.sbuf)     # stationary of the row sums
     nisa.memset(dst=ones_sb, value=1.0)
-    slot_sb, e_sb = _slot_table(key_all, routes, ones_sb, n_slots, n_local)
+    if not row_slots:
+        slot_sb, e_sb = _slot_table(key_all, routes, ones_sb, n_slots, n_local)
     acc_psum = nl.ndarray((P_MAX, n_hc, t_pad), dtype=nl.float32, buffer=nl.psum)
 
     has_shared = shared_gate_up is not None
@@ -148,10 +156,12 @@ def moe_decode_kernel(hidden, top_k_index, top_k_weights, gate_up, down, shared_
             _load_down_cols(down, e_sb[0:1, s:s + 1], h0, h_cols, dst_sb=ring[b][1])
         if late_shared and w0 == 0:
             s_wd_sb = _load_down_cols(shared_down, None, h0, h_cols)
-        aff_psum = _wave_affinities(routes, slot_sb, ones_sb, wave, n_tokens)
+        if not row_slots:
+            aff_psum = _wave_affinities(routes, slot_sb, ones_sb, wave, n_tokens)
         hT_sb = _alloc_hT(down, n_buf, n_tokens)
         for b in range(len(wave)):
-            aff_b = aff_psum[:, b * n_tokens:(b + 1) * n_tokens]
+            s = wave[b]
+            aff_b = w_all[:, s:s + 1] if row_slots else aff_psum[:, b * n_tokens:(b + 1) * n_tokens]
             if fold == 1:
                 _swiglu_T(xT_sb, ring[b][0], aff_b, hT_sb, b, n_tokens)
             else:
@@ -218,7 +228,7 @@ def check_decode_sbuf(kname, hidden, gate_up, down, shared, top_k, lnc):
     if shared is not None:
         n_sh = int(shared[1].shape[0])
         weights = max(weights, ((h_total // P_MAX) * 2 * n_sh + intermediate_split(n_sh)[1] * h_cols) * item)
-    n_slots = min(n_tok * top_k, n_local)
+    n_slots = top_k if n_tok == 1 else min(n_tok * top_k, n_local)
     need = weights + decode_other_bytes(n_tok, top_k, n_slots, h_total, h_cols, n_inter, item)
     budget = sbuf_budget()
     kernel_check(need <= budget, f"{kname}: the plan needs {need} B of SBUF per partition (T={n_tokens}, TOPK={top_k}, "
@@ -309,6 +319,25 @@ def _routing_rows(top_k_index, top_k_weights, n_local, expert_offset, t0, n_toke
                                on_false_value=0.0, cmp_op=nl.greater_equal, offset=top_k - 1 - r0)
         tiles.append((r0, key_sb, valid_sb, w_sb, wt_sb))
     return key_all, tiles
+
+
+def _row_slots(top_k_index, top_k_weights, n_local, expert_offset, t0):
+    """One token t0: e_sb [1, TOPK] int32 = its ids made local and clamped to [0, E - 1] (the DMA offsets, two
+    VectorE ops after the first DMA), and w_all [128, TOPK] fp32 = its weights on every partition, 0 (a select)
+    where the id is not a local expert."""
+    top_k = top_k_index.shape[1]
+    idx_sb = nl.ndarray((1, top_k), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=idx_sb, src=top_k_index.ap(pattern=[[top_k, 1], [1, top_k]], offset=t0 * top_k))
+    e_sb = nl.ndarray((1, top_k), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=e_sb, data=idx_sb, op0=nl.subtract, operand0=int(expert_offset), op1=nl.maximum,
+                       operand1=0)
+    nisa.tensor_scalar(dst=e_sb, data=e_sb, op0=nl.minimum, operand0=n_local - 1)
+    idx_all = nl.ndarray((P_MAX, top_k), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=idx_all, src=top_k_index.ap(pattern=[[0, P_MAX], [1, top_k]], offset=t0 * top_k))
+    _, valid_sb = _local_key(idx_all, n_local, expert_offset)
+    w_in = nl.ndarray((P_MAX, top_k), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=w_in, src=top_k_weights.ap(pattern=[[0, P_MAX], [1, top_k]], offset=t0 * top_k))
+    return e_sb, nl.where(valid_sb, w_in, 0.0)
 
 
 def _slot_table(key_all, routes, ones_sb, n_slots, n_local):
