@@ -155,6 +155,17 @@ def index_array(kernel: str, arg: str, x, *, shape: tuple | None = None, lo: int
     return arr.astype(np.int32)
 
 
+def check_host_values(kernel: str, arg: str, x):
+    """For arguments whose values the wrapper reads on the host (ids, lengths, mappings): refuse a meta tensor
+    (it holds no values) and a torch tensor on another device than the CPU on the emulator. Returns x."""
+    if is_torch(x) and x.device.type != "cpu":
+        from . import backend
+        if backend.is_emulated() or x.device.type == "meta":
+            raise KernelInputError(f"{kernel}: {arg} is read on the host, so it must be a CPU tensor or array with "
+                                   f"values, got a tensor on {x.device}")
+    return x
+
+
 def _head(arr, n: int = 8) -> str:
     flat = np.asarray(arr).reshape(-1)
     text = str(flat[:n].tolist())

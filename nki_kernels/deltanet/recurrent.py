@@ -23,7 +23,7 @@ import numpy as np
 from ..backend import call, nki, nisa, nl
 from ..hw import P_MAX
 from ..lnc import resolve_lnc
-from ..validation import kernel_check
+from ..validation import check_host_values, kernel_check
 from ._checks import check_qkv_gate_layouts
 from ._checks import dtype_name as _dtype_name
 
@@ -383,6 +383,7 @@ def gated_delta_rule_step(q, k, v, g, beta, state_pool, slot_ids, use_qk_l2norm_
                  f"[N_slots, Hv, Dk, Dv]=[N, {n_hv}, {dk}, {dv}], got {tuple(state_pool.shape)}")
     kernel_check(_dtype_name(state_pool) in _STATE_DTYPES, f"{name}: state_pool dtype must be one of "
                  f"{_STATE_DTYPES}, got {_dtype_name(state_pool)}")
+    check_host_values(name, "slot_ids", slot_ids)
     slots = np.asarray(slot_ids.detach().cpu().numpy() if hasattr(slot_ids, "detach") else slot_ids)
     kernel_check(slots.shape == (bsz,) and np.issubdtype(slots.dtype, np.integer),
                  f"{name}: slot_ids must be [B]={bsz} integers, got shape {slots.shape} dtype {slots.dtype}")

@@ -11,7 +11,7 @@ import numpy as np
 from ..backend import call, nki, nisa, nl
 from ..hw import P_MAX, SBUF_BYTES_PER_PARTITION
 from ..lnc import resolve_lnc
-from ..validation import kernel_check
+from ..validation import check_host_values, kernel_check
 from ._tiles import (_Y_TILE, TOK_TILE, down_piece, evict, intermediate_split, itemsize, load_down,
                      load_gate_up, load_gate_vector, sigmoid_gate, swiglu, transpose_h, transpose_tokens)
 
@@ -555,6 +555,8 @@ def moe_blockwise(hidden, expert_affinities, gate_up, down, token_position_to_id
         kernel_check(hasattr(m, "shape") and hasattr(m, "dtype") and getattr(m, "ndim", 0) == 1 and _is_int_dtype(m),
                      f"{kname}: {name} must be a 1-D int array, got {_shape_of(m)} "
                      f"{getattr(m, 'dtype', type(m).__name__)}")
+    check_host_values(kname, "token_position_to_id", token_position_to_id)
+    check_host_values(kname, "block_to_expert", block_to_expert)
     tpos, b2e = _np(token_position_to_id), _np(block_to_expert)
     kernel_check(b2e.size >= 1, f"{kname}: block_to_expert must be a non-empty 1-D int array, got shape={b2e.shape}")
     n_blocks = b2e.size

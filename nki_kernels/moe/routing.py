@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..validation import kernel_check
+from ..validation import INT32_MAX, INT32_MIN, check_array, check_host_values, kernel_check
 
 
 def _to_numpy(x):
@@ -44,6 +44,7 @@ def moe_route(router_logits, top_k: int, normalize: bool):
         (top_k_weights [T, TOPK] float32, top_k_index [T, TOPK] int32), experts by descending probability
         (ties: lower expert id first); torch tensors for torch input.
     """
+    check_array("moe_route", "router_logits", router_logits, dtypes=None)   # arrays only, no meta / grad / empty
     logits, was_torch = _to_numpy(router_logits)
     kernel_check(logits.ndim == 2, f"moe_route: router_logits must be [T, E], got shape={tuple(logits.shape)}")
     n_experts = logits.shape[1]
@@ -82,10 +83,16 @@ def moe_block_mapping(top_k_index, num_experts: int, block_size: int, expert_off
             ascending expert order; within an expert tokens are in ascending token order.
         NumPy arrays, or torch tensors for a torch top_k_index.
     """
+    check_host_values("moe_block_mapping", "top_k_index", top_k_index)
     idx, was_torch = _to_numpy(top_k_index)
     kernel_check(idx.ndim == 2, f"moe_block_mapping: top_k_index must be [T, TOPK], got shape={tuple(idx.shape)}")
     kernel_check(np.issubdtype(idx.dtype, np.integer),
                  f"moe_block_mapping: top_k_index must be integer, got dtype={idx.dtype}")
+    kernel_check(idx.size > 0, f"moe_block_mapping: top_k_index must not be empty (every dimension >= 1), got "
+                 f"shape={tuple(idx.shape)}")
+    kernel_check(INT32_MIN <= int(idx.min()) and int(idx.max()) <= INT32_MAX,
+                 f"moe_block_mapping: top_k_index must fit int32 (the kernels' id dtype), got ids in "
+                 f"[{int(idx.min())}, {int(idx.max())}]")
     kernel_check(isinstance(num_experts, (int, np.integer)) and num_experts >= 1,
                  f"moe_block_mapping: num_experts must be a positive int, got num_experts={num_experts!r}")
     kernel_check(isinstance(block_size, (int, np.integer)) and 1 <= block_size <= 512,
