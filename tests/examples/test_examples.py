@@ -205,3 +205,21 @@ def test_rmsnorm_weight_is_broadcast_by_one_stride0_dma(rng):
     first = last_run().trace[0]
     assert first.name == "dma_copy" and first.reads[0].shape == (128, 64)
     assert first.reads[0].lo == 0 and first.reads[0].hi == 64          # 128 partitions read the same 64 values
+
+
+def test_non_finite_values_stay_in_their_row_or_column(rng):
+    """KERNELS.md, per-kernel table: softmax / rmsnorm keep a NaN in its row; tiled_matmul: a NaN/inf in lhsT[k, m]
+    reaches output row m only, one in rhs[k, n] output column n only."""
+    from nki_kernels import rmsnorm, softmax, tiled_matmul
+    x = rng.standard_normal((20, 33)).astype(np.float32)
+    x[3, 5] = np.nan
+    for out in (softmax(x), rmsnorm(x, np.ones(33, np.float32))):
+        bad = ~np.isfinite(out)
+        assert bad[3].all() and not bad[np.arange(20) != 3].any()
+    lhsT = rng.standard_normal((64, 32)).astype(np.float32)
+    rhs = rng.standard_normal((64, 48)).astype(np.float32)
+    lhsT[2, 7], rhs[5, 11] = np.nan, np.inf
+    bad = ~np.isfinite(tiled_matmul(lhsT, rhs))
+    expected = np.zeros((32, 48), bool)
+    expected[7, :], expected[:, 11] = True, True
+    np.testing.assert_array_equal(bad, expected)
