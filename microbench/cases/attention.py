@@ -196,4 +196,6 @@ _register_varlen(f"{_MODEL} 8 packed in [64, 2048]", _VARLEN_LENS, _SHAPE.q_head
 _register_varlen("qwen3-omni vision encoder 5 frames of 28x28", _VISION["lens"], _VISION["heads"], _VISION["heads"],
                  _VISION["d"], causal=False, gated=False, band=True)
 _register_varlen("qwen3-omni audio encoder 104-token windows", _AUDIO["lens"], _AUDIO["heads"], _AUDIO["heads"],
-                 _AUDIO["d"], causal=False, gated=False, band=True, quick=True)
+                 _AUDIO["d"], causal=False, gated=False, band=True)
+_register_varlen(f"{_MODEL} small: 4 packed", (120, 17, 64, 40), _SHAPE.q_heads, _SHAPE.kv_heads,
+                 _SHAPE.head_dim, causal=True, gated=True, band=True, quick=True)
