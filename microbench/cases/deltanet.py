@@ -46,12 +46,14 @@ def _gdn_bytes(b, t, state_rw):
     return io + state_rw * b * _HV * _DK * _DV * 4
 
 
-def _prefill_case(t, quick=False):
+def _prefill_case(t, quick=False, compute_dtype=None):
+    """compute_dtype None: the default (fp32 matmuls, as accurate as transformers' chunked function);
+    "bfloat16": the opt-in bf16-operand path (shape suffix " bf16 compute")."""
     from nki_kernels import gated_delta_rule
 
     def run(x):
         return gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], chunk_size=_CHUNK,
-                                use_qk_l2norm_in_kernel=True)
+                                use_qk_l2norm_in_kernel=True, compute_dtype=compute_dtype)
 
     def reference(x):
         return ref.gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], chunk_size=_CHUNK,
@@ -60,9 +62,10 @@ def _prefill_case(t, quick=False):
     def baseline(x):
         return gdn_per_head_sequential(x["q"], x["k"], x["v"], x["g"], x["beta"], use_qk_l2norm_in_kernel=True)
 
-    with_baseline = t <= _BASELINE_MAX_T
+    with_baseline = t <= _BASELINE_MAX_T and compute_dtype is None
+    suffix = " bf16 compute" if compute_dtype == "bfloat16" else ""
     register(BenchCase(
-        kernel="gated_delta_rule", shape=f"{_LABEL} B=1 T={t} Hk={_HK} Hv={_HV} D={_DK} l2norm",
+        kernel="gated_delta_rule", shape=f"{_LABEL} B=1 T={t} Hk={_HK} Hv={_HV} D={_DK} l2norm{suffix}",
         make_inputs=lambda rng: _gdn_inputs(rng, 1, t), run=run, reference=reference,
         flops=_prefill_flops(1, t), min_hbm_bytes=_gdn_bytes(1, t, state_rw=1), dtype="bfloat16", quick=quick,
         baseline_name="token-sequential kernel, one launch per (b, h)" if with_baseline else None,
@@ -145,6 +148,7 @@ def _conv_update_case(b, quick=False, conv_dim=_CONV_DIM, label=_LABEL):
 for _t in PREFILL_LENGTHS:
     _prefill_case(_t)
 _prefill_case(64, quick=True)
+_prefill_case(PREFILL_LENGTHS[1], compute_dtype="bfloat16")    # the fast opt-in path beside the accurate default
 for _b in DECODE_BATCHES:
     _decode_case(_b, quick=(_b == 1))
 _decode_case(DECODE_BATCHES[0], lnc=1)          # the single-core figure beside the default (LNC=2 on trn2)

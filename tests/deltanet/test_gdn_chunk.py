@@ -173,7 +173,7 @@ def test_bf16_pipeline_with_lengths_and_checkpoints(hv, chunk, rng):
     init = rng.standard_normal((2, hv, 32, 32)).astype(np.float32)
     kw = dict(chunk_size=chunk, use_qk_l2norm_in_kernel=True, valid_lengths=lens, checkpoint_every=1,
               initial_state=init)
-    o, s, ck = gated_delta_rule(q, k, v, g, beta, **kw)
+    o, s, ck = gated_delta_rule(q, k, v, g, beta, **kw, compute_dtype="bfloat16", lnc=1)
     ro, rs, rck = ref.gated_delta_rule(q, k, v, g, beta, **kw)
     assert_close("o", ro, o, dtype="bfloat16")
     assert_close("state", rs, s, dtype="bfloat16")
@@ -238,7 +238,12 @@ def _good(rng):
     (lambda a: a.update(checkpoint_every=0), "checkpoint_every must be >= 1"),
     (lambda a: a.update(cu_seqlens=np.array([0, 8])), "cu_seqlens"),
     (lambda a: a.update(v=np.zeros((1, 8, 64, 16), np.float32), g=np.zeros((1, 8, 64), np.float32),
-                        beta=np.zeros((1, 8, 64), np.float32)), "Hv \\* chunk_size must be <= 2048"),
+                        beta=np.zeros((1, 8, 64), np.float32), lnc=1),
+     r"ceil\(Hv / lnc\) \* chunk_size must be <= 2048"),
+    (lambda a: a.update(v=np.zeros((1, 8, 128, 16), np.float32), g=np.zeros((1, 8, 128), np.float32),
+                        beta=np.zeros((1, 8, 128), np.float32), lnc=2), r"ceil\(Hv / lnc\) \* chunk_size must be"),
+    (lambda a: a.update(compute_dtype="float16"), "compute_dtype must be one of"),
+    (lambda a: a.update(valid_lengths=np.array([9.0])), "valid_lengths must be integers"),
 ])
 def test_bad_inputs_raise(mutate, match, rng):
     q, k, v, g, beta = _good(rng)
