@@ -80,20 +80,25 @@ def _decode_inputs(rng, b):
     return x
 
 
-def _decode_case(b, quick=False, lnc=None):
-    """lnc None: the default (resolve_lnc: 2 on trn2); an explicit lnc adds " lnc=N" to the shape."""
+def _decode_case(b, quick=False, lnc=None, static_rows=False):
+    """lnc None: the default (resolve_lnc: 2 on trn2); an explicit lnc adds " lnc=N" to the shape.
+    static_rows: slot_ids=None, sequence b on row b of a [B, Hv, Dk, Dv] buffer (NxDI's aliased state)."""
     from nki_kernels import gated_delta_rule_step
 
+    def rows(x):
+        return np.arange(b) if static_rows else x["slot_ids"]
+
     def run(x):
-        pool = x["state_pool"].copy()
-        o = gated_delta_rule_step(x["q"], x["k"], x["v"], x["g"], x["beta"], pool, x["slot_ids"],
-                                  use_qk_l2norm_in_kernel=True, lnc=lnc)
-        return o, pool[x["slot_ids"]]
+        pool = x["state_pool"][:b].copy() if static_rows else x["state_pool"].copy()
+        o = gated_delta_rule_step(x["q"], x["k"], x["v"], x["g"], x["beta"], pool,
+                                  None if static_rows else x["slot_ids"], use_qk_l2norm_in_kernel=True, lnc=lnc)
+        return o, pool[rows(x)]
 
     def reference(x):
-        o, pool = ref.gated_delta_rule_step(x["q"], x["k"], x["v"], x["g"], x["beta"], x["state_pool"],
-                                            x["slot_ids"], use_qk_l2norm_in_kernel=True)
-        return o, pool[x["slot_ids"]]
+        pool0 = x["state_pool"][:b] if static_rows else x["state_pool"]
+        o, pool = ref.gated_delta_rule_step(x["q"], x["k"], x["v"], x["g"], x["beta"], pool0,
+                                            None if static_rows else x["slot_ids"], use_qk_l2norm_in_kernel=True)
+        return o, pool[rows(x)]
 
     def baseline(x):
         pool = x["state_pool"].copy()
@@ -103,7 +108,8 @@ def _decode_case(b, quick=False, lnc=None):
 
     register(BenchCase(
         kernel="gated_delta_rule_step",
-        shape=f"{_LABEL} B={b} T=1 Hk={_HK} Hv={_HV} D={_DK} fp32 state" + (f" lnc={lnc}" if lnc else ""),
+        shape=f"{_LABEL} B={b} T=1 Hk={_HK} Hv={_HV} D={_DK} fp32 state" + (" static rows" if static_rows else "")
+        + (f" lnc={lnc}" if lnc else ""),
         make_inputs=lambda rng: _decode_inputs(rng, b), run=run, reference=reference,
         flops=b * _HV * 6 * _DK * _DV, min_hbm_bytes=_gdn_bytes(b, 1, state_rw=2), dtype="bfloat16", quick=quick,
         lnc=lnc or 1, baseline_name="per-(b, h) decode step, one launch per pair", baseline_run=baseline))
@@ -152,6 +158,7 @@ _prefill_case(PREFILL_LENGTHS[1], compute_dtype="bfloat16")    # the fast opt-in
 for _b in DECODE_BATCHES:
     _decode_case(_b, quick=(_b == 1))
 _decode_case(DECODE_BATCHES[0], lnc=1)          # the single-core figure beside the default (LNC=2 on trn2)
+_decode_case(DECODE_BATCHES[0], static_rows=True)
 for _t in PREFILL_LENGTHS[:2]:
     _conv_case(_t, quick=(_t == PREFILL_LENGTHS[0]))
 for _b in DECODE_BATCHES:

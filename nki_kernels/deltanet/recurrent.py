@@ -44,7 +44,7 @@ _RANK_BANK_HEADS = 4              # [Dk, Dk] fp32 rank-1 products per PSUM bank 
 
 
 @nki.jit
-def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, use_l2norm):
+def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, use_l2norm, static_rows=False):
     """Decode step for B sequences, all heads, updating `state_pool[slot_ids]` in place.
 
     Dimensions:
@@ -54,8 +54,11 @@ def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, 
         q: [B, T, Hk, Dk] @ HBM; k: [B, T, Hk, Dk] @ HBM; v: [B, T, Hv, Dv] @ HBM (same float dtype).
         g: [B, T, Hv] @ HBM log-decay <= 0; beta: [B, T, Hv] @ HBM in [0, 1].
         state_pool: [N_slots, Hv, Dk, Dv] @ HBM, fp32 or bf16; rows slot_ids[b] are read and rewritten.
-        slot_ids: [B] @ HBM int32, distinct, in [0, N_slots).
+        slot_ids: [B] @ HBM int32, distinct, in [0, N_slots) (clamped to that range in-kernel before the
+            dynamic DMAs); unread when static_rows.
         scale, use_l2norm: trace-time constants (q scale, in-kernel L2 norm of q and k).
+        static_rows: trace-time; sequence b uses state row b (static DMAs, no slot ids: an aliased
+            [max_bs, Hv, Dk, Dv] buffer as NxDI keeps it).
     Returns:
         o: [B, T, Hv, Dv] @ HBM in q's dtype.
     Constraints:
@@ -98,8 +101,16 @@ def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, 
 
     # slot ids of all B sequences; the other inputs of up to n_grp sequences at a time (SBUF budget), one DMA
     # per tensor and group (few DMAs: each holds a DMA queue for its whole latency)
-    slot_all = nl.ndarray((1, bsz), dtype=nl.int32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=slot_all, src=slot_ids.ap(pattern=[[bsz, 1], [1, bsz]], offset=0))
+    slot_all = None
+    if not static_rows:
+        slot_all = nl.ndarray((1, bsz), dtype=nl.int32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=slot_all, src=slot_ids.ap(pattern=[[bsz, 1], [1, bsz]], offset=0))
+        # no data-driven DMA leaves the pool: ids clamped to [0, N_slots - 1] in-kernel
+        nisa.tensor_scalar(dst=slot_all, data=slot_all, op0=nl.maximum, operand0=0, op1=nl.minimum,
+                           operand1=state_pool.shape[0] - 1)
+
+    def slot_of(i_seq):                 # the state row of sequence i_seq: runtime (slot pool) or static
+        return i_seq if static_rows else slot_all[0:1, i_seq:i_seq + 1]
     isz = 2 if cdt == nl.bfloat16 else 4
     per_seq = (2 * dk + n_tok * dv) * isz + 2 * (n_th + n_tok) * 4
     n_grp = max(1, min(bsz, _INPUT_SBUF_BYTES // per_seq))
@@ -119,14 +130,14 @@ def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, 
     n_buf = max(1, min(bsz, _STATE_BUFFERS, (_STATE_SBUF_BYTES - rank_pp) // (n_own * dv * 4)))
     state_buf = nl.ndarray((dk, n_buf, n_own, dv), dtype=f32, buffer=nl.sbuf)     # the owned heads only
     for i_b in nl.affine_range(n_buf - 1):
-        _load_state(state_pool, slot_all[0:1, i_b:i_b + 1], state_buf[:, i_b], own)
+        _load_state(state_pool, slot_of(i_b), state_buf[:, i_b], own)
     for i_b in nl.sequential_range(bsz):
         if i_b > 0 and i_b % n_grp == 0:
             ins = _load_inputs(q, k, v, g, beta, i_b, min(n_grp, bsz - i_b), cdt)
         i_pre = i_b + n_buf - 1
         if i_pre < bsz:
-            _load_state(state_pool, slot_all[0:1, i_pre:i_pre + 1], state_buf[:, i_pre % n_buf], own)
-        slot = slot_all[0:1, i_b:i_b + 1]
+            _load_state(state_pool, slot_of(i_pre), state_buf[:, i_pre % n_buf], own)
+        slot = slot_of(i_b)
         state_sb = state_buf[:, i_b % n_buf]
         i_g = i_b % n_grp
         exp_g = nl.ndarray((dk, n_th), dtype=f32, buffer=nl.sbuf)
@@ -141,8 +152,7 @@ def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, 
                 else:
                     _head_token_rank1(state_sb[:, i_o, :], heads, exp_g, dl_rows, i_t, i_h)
                 if i_t == n_tok - 1:
-                    nisa.dma_copy(dst=state_pool.ap(pattern=[[dv, dk], [1, dv]], offset=i_h * dk * dv,
-                                                    scalar_offset=slot, indirect_dim=0), src=state_sb[:, i_o, :])
+                    nisa.dma_copy(dst=_state_rows(state_pool, slot, i_h), src=state_sb[:, i_o, :])
         nisa.dma_copy(dst=o.ap(pattern=[[dv, n_own], [n_hv * dv, n_tok], [1, dv]],
                                offset=(i_b * n_th + own[0]) * dv),
                       src=dl_rows[2 * own[0] + 1:2 * (own[0] + n_own):2, :, :])
@@ -234,11 +244,17 @@ def _load_inputs(q, k, v, g, beta, b0, nb, cdt):
 def _load_state(state_pool, slot, state_sb, own):
     """state_sb [Dk, own[1], Dv] = heads own[0] .. own[0] + own[1] - 1 of state_pool[slot]: one dynamic DMA per head
     (scalar_offset = the slot id in SBUF), so each head's compute starts as soon as its rows arrive."""
-    dk, dv = state_sb.shape[0], state_sb.shape[2]
     for i_o in nl.affine_range(own[1]):
-        i_h = own[0] + i_o
-        nisa.dma_copy(dst=state_sb[:, i_o, :], src=state_pool.ap(
-            pattern=[[dv, dk], [1, dv]], offset=i_h * dk * dv, scalar_offset=slot, indirect_dim=0))
+        nisa.dma_copy(dst=state_sb[:, i_o, :], src=_state_rows(state_pool, slot, own[0] + i_o))
+
+
+def _state_rows(state_pool, slot, i_h):
+    """[Dk, Dv] HBM view of state_pool[slot, i_h]: static when slot is an int (static rows), else a dynamic
+    view whose row is the slot id in SBUF (scalar_offset)."""
+    dk, dv = state_pool.shape[2], state_pool.shape[3]
+    if isinstance(slot, int):
+        return state_pool[slot, i_h]
+    return state_pool.ap(pattern=[[dv, dk], [1, dv]], offset=i_h * dk * dv, scalar_offset=slot, indirect_dim=0)
 
 
 def _prepare_heads(q_shape, v_shape, ins, i_b, exp_g, sel, ones_sb, kqz, scale, use_l2norm, cdt):
@@ -363,12 +379,14 @@ def _normalize_columns(kqn, kq_ps, ones_sb, scale, use_l2norm):
 
 
 
-def gated_delta_rule_step(q, k, v, g, beta, state_pool, slot_ids, use_qk_l2norm_in_kernel=False, scale=None,
+def gated_delta_rule_step(q, k, v, g, beta, state_pool, slot_ids=None, use_qk_l2norm_in_kernel=False, scale=None,
                           lnc=None):
     """Decode step(s) for B sequences: returns o [B, T, Hv, Dv]; updates state_pool[slot_ids] in place.
 
     q, k [B, T, Hk, Dk]; v [B, T, Hv, Dv]; g, beta [B, T, Hv]; state_pool [N_slots, Hv, Dk, Dv] fp32 or
-    bf16 (NumPy array or torch CPU tensor, modified in place); slot_ids [B] distinct ints in [0, N_slots).
+    bf16 (NumPy array or torch CPU tensor, modified in place); slot_ids [B] distinct ints in [0, N_slots), or
+    None for static rows: sequence b uses state_pool[b] (an aliased [max_bs, Hv, Dk, Dv] buffer, max_bs >= B;
+    static DMAs, no slot-id load).
     lnc: 1 or 2 program instances (None: `resolve_lnc`, 2 on trn2); under LNC=2 each core owns ceil(Hv / 2)
     v heads (their state rows and outputs).
     """
@@ -383,6 +401,11 @@ def gated_delta_rule_step(q, k, v, g, beta, state_pool, slot_ids, use_qk_l2norm_
                  f"[N_slots, Hv, Dk, Dv]=[N, {n_hv}, {dk}, {dv}], got {tuple(state_pool.shape)}")
     kernel_check(_dtype_name(state_pool) in _STATE_DTYPES, f"{name}: state_pool dtype must be one of "
                  f"{_STATE_DTYPES}, got {_dtype_name(state_pool)}")
+    static_rows = slot_ids is None
+    if static_rows:
+        kernel_check(n_slots >= bsz, f"{name}: with slot_ids=None (static rows) state_pool must have at least B "
+                     f"rows, got N_slots={n_slots}, B={bsz}")
+        slot_ids = np.arange(bsz, dtype=np.int32)      # passed but unread by the kernel
     check_host_values(name, "slot_ids", slot_ids)
     slots = np.asarray(slot_ids.detach().cpu().numpy() if hasattr(slot_ids, "detach") else slot_ids)
     kernel_check(slots.shape == (bsz,) and np.issubdtype(slots.dtype, np.integer),
@@ -395,4 +418,5 @@ def gated_delta_rule_step(q, k, v, g, beta, state_pool, slot_ids, use_qk_l2norm_
     kernel_check(n_hv <= _MAX_V_HEADS and n_tok * n_hk <= P_MAX, f"{name}: at most {_MAX_V_HEADS} v heads and "
                  f"T * Hk <= {P_MAX} per launch, got Hv={n_hv}, T={n_tok}, Hk={n_hk}")
     return call(gated_delta_rule_step_kernel, q, k, v, g, beta, state_pool, slots.astype(np.int32),
-                scale=sc, use_l2norm=bool(use_qk_l2norm_in_kernel), lnc=lnc, inplace=("state_pool",))
+                scale=sc, use_l2norm=bool(use_qk_l2norm_in_kernel), static_rows=static_rows, lnc=lnc,
+                inplace=("state_pool",))

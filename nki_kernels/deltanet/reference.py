@@ -60,10 +60,11 @@ def gated_delta_rule(q, k, v, g, beta, chunk_size=64, initial_state=None, output
     return out, final
 
 
-def gated_delta_rule_step(q, k, v, g, beta, state_pool, slot_ids, use_qk_l2norm_in_kernel=False, scale=None):
-    """Decode step(s) on rows state_pool[slot_ids]. Returns (o [B, T, Hv, Dv], new_state_pool)."""
+def gated_delta_rule_step(q, k, v, g, beta, state_pool, slot_ids=None, use_qk_l2norm_in_kernel=False, scale=None):
+    """Decode step(s) on rows state_pool[slot_ids] (slot_ids None: rows 0 .. B-1). Returns (o [B, T, Hv, Dv],
+    new_state_pool)."""
     pool = _f64(state_pool).copy()
-    slots = np.asarray(slot_ids).astype(np.int64)
+    slots = np.arange(np.shape(q)[0]) if slot_ids is None else np.asarray(slot_ids).astype(np.int64)
     init = pool[slots]
     o, final = gated_delta_rule(q, k, v, g, beta, initial_state=init,
                                 use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, scale=scale)

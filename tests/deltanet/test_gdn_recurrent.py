@@ -162,3 +162,39 @@ def test_bad_inputs_raise(mutate, match, rng):
     mutate(args)
     with pytest.raises(KernelInputError, match=match):
         gated_delta_rule_step(**args)
+
+
+@pytest.mark.parametrize("dtype, t, lnc, pool_rows", [("bfloat16", 1, 2, 3), ("float32", 2, 1, 5),
+                                                      ("bfloat16", 4, 2, 6)])
+def test_static_rows_mode(dtype, t, lnc, pool_rows, rng):
+    """slot_ids=None: sequence b updates row b of an aliased [max_bs, Hv, Dk, Dv] buffer (max_bs >= B) with
+    static DMAs; rows >= B untouched; same result as the slot pool with slot_ids = 0 .. B-1."""
+    q, k, v, g, beta = gdn_inputs(rng, 3, t, 2, 4, 32, 16, DTYPES[dtype])
+    pool = rng.standard_normal((pool_rows, 4, 32, 16)).astype(np.float32)
+    before = pool.copy()
+    o = gated_delta_rule_step(q, k, v, g, beta, pool, None, use_qk_l2norm_in_kernel=True, lnc=lnc)
+    ro, rpool = ref.gated_delta_rule_step(q, k, v, g, beta, before, None, use_qk_l2norm_in_kernel=True)
+    assert_close("o static rows", ro, o, dtype=dtype)
+    assert_close("pool static rows", rpool, pool, dtype=dtype)
+    np.testing.assert_array_equal(pool[3:], before[3:])
+    pool2 = before.copy()
+    o2 = gated_delta_rule_step(q, k, v, g, beta, pool2, np.arange(3), use_qk_l2norm_in_kernel=True, lnc=lnc)
+    np.testing.assert_array_equal(np.asarray(o, np.float32), np.asarray(o2, np.float32))
+    np.testing.assert_array_equal(pool, pool2)
+
+
+def test_static_rows_needs_b_rows(rng):
+    q, k, v, g, beta = gdn_inputs(rng, 3, 1, 1, 2, 16, 16)
+    with pytest.raises(KernelInputError, match="at least B rows"):
+        gated_delta_rule_step(q, k, v, g, beta, np.zeros((2, 2, 16, 16), np.float32))
+
+
+def test_static_rows_issue_no_dynamic_dma(rng):
+    """Static rows: the trace has no dynamic DMA (the slot pool mode has one read and one write per head)."""
+    from nki_kernels.emulator import runtime
+    q, k, v, g, beta = gdn_inputs(rng, 2, 1, 1, 2, 16, 16)
+    for slots, want_dynamic in ((None, False), (np.array([1, 0]), True)):
+        with runtime.record_launches() as rec:
+            gated_delta_rule_step(q, k, v, g, beta, np.zeros((2, 2, 16, 16), np.float32), slots, lnc=1)
+        dyn = [i for i in rec[0].trace if i.meta.get("dynamic")]
+        assert bool(dyn) == want_dynamic
