@@ -109,7 +109,19 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="only cases marked quick=True")
     ap.add_argument("--out", default="microbench_out", help="output folder (default microbench_out/)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--params", default="default",
+                    help="cost-model preset (docs/cost-model.md): default, low, high, or <constant>-low/-high, "
+                         "e.g. dma-latency-high")
     args = ap.parse_args(argv)
+    from nki_kernels.emulator.costmodel import PRESETS, use_params
+    if args.params not in PRESETS:
+        print(f"unknown --params {args.params!r}; presets: {', '.join(PRESETS)}", file=sys.stderr)
+        return 2
+    with use_params(args.params):
+        return _main(args, argv)
+
+
+def _main(args, argv) -> int:
 
     cmd = "python -m microbench " + " ".join(argv if argv is not None else sys.argv[1:])
     all_cases = registry.cases()
@@ -138,7 +150,8 @@ def main(argv=None) -> int:
         bar.close()
     wall = time.perf_counter() - t0
 
-    print(f"\nModeled on {args.target} (device µs, launch overhead excluded; not measured):\n")
+    preset = "" if args.params == "default" else f", cost-model preset {args.params}"
+    print(f"\nModeled on {args.target} (device µs, launch overhead excluded; not measured{preset}):\n")
     print(text_table(results))
     for r in results:
         if not r.ok or r.baseline_ok is False:

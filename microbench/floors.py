@@ -8,7 +8,8 @@ under this model" is a number anyone can recompute, not an opinion. Every floor 
 assumes perfect overlap, so a kernel's modeled time can never be below it (tests/microbench/test_floors.py
 checks that against the kernels).
 
-Floors (all "modeled µs on trn2" by default; constants from nki_kernels.emulator.costmodel):
+Floors (all "modeled µs on trn2" by default; constants from nki_kernels.emulator.costmodel; bandwidth and roofline
+of the default LNC, two cores on trn2, as the kernels launch):
 
 * MoE prefill, any design: each routed (token, expert) row is computed on the partitions of its expert's
   block and must be summed into its token's output row. Without an on-chip scatter-add, that sum costs at
@@ -28,7 +29,7 @@ Floors (all "modeled µs on trn2" by default; constants from nki_kernels.emulato
   each partition, multiplying the per-partition element-wise work, which this DMA-only floor ignores.
 
 The two latency-bound floors (the decodes) are printed again with the documented low-end DMA latencies
-(LOW_LATENCY), because the model's 2.0 µs / +1.0 µs were not measured on a dynamic DMA.
+(LOW_LATENCY), because the model's 1.3 µs / +0.6 µs (hardware DGE) were not measured on these kernels.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ import math
 
 from microbench.cases import moe as moe_cases
 from microbench.shapes import CATALOGUE
+from nki_kernels.emulator.costmodel import dma_efficiency as _cm_dma_efficiency
 from nki_kernels.emulator.costmodel import hbm_bytes_per_s, params_for, roofline_us
 from nki_kernels.emulator.targets import get_target
 
@@ -46,13 +48,23 @@ _FP32_BYTES = 4
 
 
 def dma_efficiency(run_bytes: int, target=None) -> float:
-    """The cost model's DMA efficiency for contiguous runs of `run_bytes` (1.0 at >= 4 KiB)."""
-    p = params_for(get_target(target))
-    return min(1.0, run_bytes / p.dma_full_eff_bytes) ** p.dma_eff_exponent
+    """The cost model's DMA efficiency for contiguous runs of `run_bytes` (costmodel.dma_efficiency)."""
+    return _cm_dma_efficiency(run_bytes, get_target(target))
+
+
+def default_lnc(target=None) -> int:
+    """The LNC kernels launch with by default on `target` (nki_kernels.lnc: 2 on trn2/trn3, 1 on trn1). Floors
+    count that many cores' HBM bandwidth (a floor must hold for the kernel as the microbench runs it)."""
+    return 2 if get_target(target).nc_version >= 3 else 1
+
+
+def _bw(target) -> float:
+    """HBM bytes/s of one launch at the default LNC."""
+    return hbm_bytes_per_s(get_target(target)) * default_lnc(target)
 
 
 def _transfer_us(nbytes: float, run_bytes: int, target) -> float:
-    return nbytes / (hbm_bytes_per_s(get_target(target)) * dma_efficiency(run_bytes, target)) * 1e6
+    return nbytes / (_bw(target) * dma_efficiency(run_bytes, target)) * 1e6
 
 
 def _sbuf_bytes(target) -> int:
@@ -64,21 +76,24 @@ def moe_prefill_floor(model: str, n_tokens: int, target=None) -> dict:
     """Floors of moe_blockwise at `n_tokens` for a per-rank model shape of microbench.shapes.CATALOGUE."""
     s = CATALOGUE[model]
     flops, nbytes = moe_cases._costs(s, n_tokens)
-    roof = roofline_us(flops, nbytes, get_target(target))
+    roof = roofline_us(flops, nbytes, get_target(target), cores=default_lnc(target))
     row_bytes = s.hidden * _BF16_BYTES
     rows_us = _transfer_us(n_tokens * s.top_k * row_bytes, row_bytes, target)
     all_slots_on_chip = n_tokens * s.top_k * row_bytes <= _sbuf_bytes(target)
     passes_any = 0 if all_slots_on_chip else 2
     assumes = ("every slot's output on chip, summed by a GpSimd gather" if all_slots_on_chip else
                "any design: 2 DMA passes over the routed rows")
+    # this kernel's design: three passes over the routed rows, counted at full DMA efficiency (its DMAs may
+    # coalesce rows into longer runs than one row, so the per-row efficiency is not a bound for it)
+    rows_full_us = n_tokens * s.top_k * row_bytes / _bw(target) * 1e6
     return dict(kernel="moe_blockwise", model=model, shape=f"T={n_tokens}", roofline_us=roof, assumes=assumes,
                 routed_rows_pass_us=rows_us, passes_any=passes_any,
-                floor_any_us=roof + passes_any * rows_us, floor_design_us=roof + 3 * rows_us)
+                floor_any_us=roof + passes_any * rows_us, floor_design_us=roof + 3 * rows_full_us)
 
 
-# the low ends of the documented DMA latencies (calibration.md: "~1300 ns" semaphore to start; "Hardware-DGE DMA
-# instruction ~600 ns" on trn2); the model uses 2.0 µs and +1.0 µs, neither measured on a dynamic DMA
-LOW_LATENCY = dict(dma_fixed_us=1.3, dma_dynamic_extra_us=0.6)
+# the low ends of the DMA latencies (docs/cost-model.md): 1.0 µs trigger-to-data, and the hardware DGE's ~600 ns
+# hidden behind earlier ScalarE work (nki-dge.rst: "can overlap with earlier compute"); the model uses 1.3 + 0.6 µs
+LOW_LATENCY = dict(dma_fixed_us=1.0, hwdge_us=0.0)
 
 
 def _params(target, latency):
@@ -88,7 +103,7 @@ def _params(target, latency):
 
 def _latency_note(p, latency) -> str:
     """What the `assumes` column adds when the DMA latencies were overridden."""
-    return "" if not latency else f"; DMA latency {p.dma_fixed_us} µs, dynamic +{p.dma_dynamic_extra_us} µs"
+    return "" if not latency else f"; DMA latency {p.dma_fixed_us} µs, hardware DGE +{p.hwdge_us} µs"
 
 
 def moe_decode_floor(model: str, n_tokens: int = 1, target=None, latency: dict | None = None) -> dict:
@@ -97,12 +112,12 @@ def moe_decode_floor(model: str, n_tokens: int = 1, target=None, latency: dict |
     s = CATALOGUE[model]
     p = _params(target, latency)
     flops, nbytes = moe_cases._costs(s, n_tokens)
-    roof = roofline_us(flops, nbytes, get_target(target))
+    roof = roofline_us(flops, nbytes, get_target(target), cores=default_lnc(target))
     n_exp = min(s.experts, n_tokens * s.top_k)
     routed = n_exp * 3 * s.hidden * s.expert_inter * _BF16_BYTES
     shared = (3 * s.hidden * s.shared_inter + s.hidden) * _BF16_BYTES if s.shared_inter else 0
-    bw_us = 1e6 / hbm_bytes_per_s(get_target(target))        # µs per byte at full efficiency
-    lat, lat_dyn = p.dma_fixed_us, p.dma_fixed_us + p.dma_dynamic_extra_us
+    bw_us = 1e6 / _bw(target)                                 # µs per byte at full efficiency
+    lat, lat_dyn = p.dma_fixed_us, p.dma_fixed_us + p.hwdge_us
     weights_in = max(lat + lat_dyn + routed * bw_us, lat + (routed + shared) * bw_us)
     floor = weights_in + lat
     lat_note = _latency_note(p, latency)
@@ -120,7 +135,7 @@ def gdn_decode_floor(model: str = "qwen3.5-35b-a3b tp4", rows_per_partition: int
     run = rows_per_partition * s.gdn_dv * _FP32_BYTES
     read_all = _transfer_us(s.gdn_v_heads * head, run, target)
     one = _transfer_us(head, run, target)
-    lat_dyn = p.dma_fixed_us + p.dma_dynamic_extra_us
+    lat_dyn = p.dma_fixed_us + p.hwdge_us
     # slot ids, then: the last head read ends >= read_all after the dynamic latency and its write follows, or
     # the first head is read and every write follows; both give lat_dyn + read_all + lat_dyn + one
     floor = p.dma_fixed_us + lat_dyn + read_all + lat_dyn + one

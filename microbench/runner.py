@@ -123,10 +123,10 @@ def run_case(case, target: str = "trn2", seed: int = 0, check_baseline: bool = T
         if rep.device_us > 0:
             res.tflops = res.flops / (rep.device_us * 1e6)
             res.hbm_gbps = rep.hbm_bytes / (rep.device_us * 1e3)
-        fp32 = sum(c.fp32_flops for L in rep.launches for c in L.cores)
-        fp32_share = fp32 / rep.flops if rep.flops else 0.0
-        res.roofline_us = roofline_us(res.flops, res.min_hbm_bytes, target, int(res.flops * fp32_share),
-                                      cores=res.lnc)
+        # the honest roofline: useful FLOPs at the bf16 peak (fp8 peak for fp8 inputs), whatever precision the
+        # kernel computes in (docs/cost-model.md)
+        res.roofline_us = roofline_us(res.flops, res.min_hbm_bytes, target, cores=res.lnc,
+                                      fp8=_fp8_inputs(inputs))
         res.roofline_ratio = rep.device_us / res.roofline_us if res.roofline_us > 0 else math.nan
         del out
         if case.baseline_run is not None:
@@ -175,6 +175,14 @@ def select(cases, kernels: str | None = None, quick: bool = False):
                 keep |= {n for n in names if w in n}
         out = [c for c in out if c.kernel in keep]
     return out
+
+
+def _fp8_inputs(inputs) -> bool:
+    """The case's floating-point array inputs are all fp8 (then the roofline uses the fp8 TensorE peak)."""
+    vals = inputs.values() if isinstance(inputs, dict) else (inputs if isinstance(inputs, (list, tuple)) else [inputs])
+    dts = [str(getattr(v, "dtype", "")) for v in vals if hasattr(v, "dtype")]
+    floats = [d for d in dts if "float" in d]
+    return bool(floats) and all(d.startswith("float8") for d in floats)
 
 
 def peaks(target: str) -> tuple[float, float]:

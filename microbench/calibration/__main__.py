@@ -1,4 +1,6 @@
-"""`python -m microbench.calibration [--points A1,A5] [--out file.md]`: modeled vs published table (trn1)."""
+"""`python -m microbench.calibration [--points A1,A5] [--split fit|held-out] [--out file.md]`: modeled vs
+published table with a summary per split (fit: constants may have been chosen looking at these points;
+held-out: never)."""
 from __future__ import annotations
 
 import argparse
@@ -12,15 +14,32 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m microbench.calibration")
     ap.add_argument("--points", default=None, help="comma list of point ids (default: all)")
     ap.add_argument("--out", default=None, help="also write the markdown table to this file")
+    ap.add_argument("--split", default=None, choices=["fit", "held-out"], help="only this split")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     pts = [BY_ID[p.strip()] for p in args.points.split(",")] if args.points else POINTS
+    if args.split:
+        pts = [p for p in pts if p.split == args.split]
     results = []
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(pts), desc="calibration", unit="point", file=sys.stderr)
     for p in pts:
+        if bar is not None:
+            bar.set_postfix_str(f"{p.id} {p.name}")
         t0 = time.perf_counter()
         r = model_point(p)
         results.append(r)
-        print(f"{p.id} {p.name}: modeled {r.modeled_us:,.0f} us vs measured {p.measured_us:,.0f} us "
-              f"({r.error:+.1%}) [{time.perf_counter() - t0:.1f} s emulation]", file=sys.stderr)
+        msg = (f"{p.id} [{p.split}] {p.name}: modeled {r.modeled_us:,.3f} us vs measured {p.measured_us:,.3f} us "
+               f"({r.error:+.1%}) [{time.perf_counter() - t0:.1f} s emulation]")
+        if bar is not None:
+            bar.write(msg)
+            bar.update(1)
+        else:
+            print(msg, file=sys.stderr)
+    if bar is not None:
+        bar.close()
     text = table(results)
     print(text)
     if args.out:

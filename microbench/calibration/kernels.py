@@ -234,3 +234,178 @@ def adamw_a13(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_de
                                       op1=nl.add, operand1=p_sb[0:p])
             nisa.dma_copy(dst=out[rows, cols], src=o_sb[0:p])
     return out
+
+
+# ------------------------------------------------------------------------------------------------ cost model v2 points
+_ROPE_SEQ_TILE = 4 * P_MAX          # A11: positions per tile (published "seq tiles of 512"), 4 rows per partition
+_CONV_TAPS_MAX = 8
+
+
+@nki.jit
+def rope_a11(x, cos, sin):
+    """A11: rotate-half RoPE on x[B=1, H, S, D] fp32 with cos/sin [S, D/2] re-read for every head (HBM traffic
+    x + out + H x (cos + sin) = 402 MB at the published shape, as published). Per head and 512-position tile:
+    x as [128 partitions, 4 positions, D] (one 512 B row per partition and position), out1 = x1 cos - x2 sin,
+    out2 = x2 cos + x1 sin on VectorE."""
+    _, n_h, seq, d = x.shape
+    half = d // 2
+    out = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
+    per = _ROPE_SEQ_TILE // P_MAX
+    for h in nl.affine_range(n_h):
+        for i_s in nl.affine_range(seq // _ROPE_SEQ_TILE):
+            s0 = i_s * _ROPE_SEQ_TILE
+            x_sb = nl.ndarray((P_MAX, per, d), dtype=x.dtype, buffer=nl.sbuf)
+            nisa.dma_copy(dst=x_sb, src=x[0, h, s0:s0 + _ROPE_SEQ_TILE, :].reshape((per, P_MAX, d)).permute((1, 0, 2)))
+            c_sb = nl.ndarray((P_MAX, per, half), dtype=cos.dtype, buffer=nl.sbuf)
+            s_sb = nl.ndarray((P_MAX, per, half), dtype=sin.dtype, buffer=nl.sbuf)
+            nisa.dma_copy(dst=c_sb, src=cos[s0:s0 + _ROPE_SEQ_TILE, :].reshape((per, P_MAX, half)).permute((1, 0, 2)))
+            nisa.dma_copy(dst=s_sb, src=sin[s0:s0 + _ROPE_SEQ_TILE, :].reshape((per, P_MAX, half)).permute((1, 0, 2)))
+            o_sb = nl.ndarray((P_MAX, per, d), dtype=x.dtype, buffer=nl.sbuf)
+            t_sb = nl.ndarray((P_MAX, per, half), dtype=nl.float32, buffer=nl.sbuf)
+            x1, x2 = x_sb[:, :, 0:half], x_sb[:, :, half:d]
+            nisa.tensor_tensor(dst=o_sb[:, :, 0:half], data1=x1, data2=c_sb, op=nl.multiply)
+            nisa.tensor_tensor(dst=t_sb, data1=x2, data2=s_sb, op=nl.multiply)
+            nisa.tensor_tensor(dst=o_sb[:, :, 0:half], data1=o_sb[:, :, 0:half], data2=t_sb, op=nl.subtract)
+            nisa.tensor_tensor(dst=o_sb[:, :, half:d], data1=x2, data2=c_sb, op=nl.multiply)
+            nisa.tensor_tensor(dst=t_sb, data1=x1, data2=s_sb, op=nl.multiply)
+            nisa.tensor_tensor(dst=o_sb[:, :, half:d], data1=o_sb[:, :, half:d], data2=t_sb, op=nl.add)
+            nisa.dma_copy(dst=out[0, h, s0:s0 + _ROPE_SEQ_TILE, :].reshape((per, P_MAX, d)).permute((1, 0, 2)),
+                          src=o_sb)
+    return out
+
+
+@nki.jit
+def swiglu_a3(x, w_gate, w_up, w_down):
+    """A3: y = (silu(x @ Wg) * (x @ Wu)) @ Wd, fp32 (3 GEMMs + SiLU * mul). Per 128-row tile: x transposed on
+    TensorE; gate and up in 512-wide PSUM tiles (SiLU on ScalarE, product on VectorE); h transposed; down
+    projection K-accumulated. Weights do not fit SBUF next to each other in fp32, so they stream from HBM for
+    every row tile (K-tile by K-tile)."""
+    m_total, k_total = x.shape
+    n_inter = w_gate.shape[1]
+    n_out = w_down.shape[1]
+    n_k, n_i = k_total // P_MAX, n_inter // P_MAX
+    y = nl.ndarray((m_total, n_out), dtype=x.dtype, buffer=nl.shared_hbm)
+    for i_m in nl.affine_range(m_total // P_MAX):
+        m0 = i_m * P_MAX
+        x_sb = nl.ndarray((P_MAX, k_total), dtype=x.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=x_sb, src=x[m0:m0 + P_MAX, :])
+        xT = nl.ndarray((P_MAX, n_k, P_MAX), dtype=x.dtype, buffer=nl.sbuf)
+        for i_k in nl.affine_range(n_k):
+            _transpose_to_sbuf(xT[:, i_k, :], x_sb[:, i_k * P_MAX:(i_k + 1) * P_MAX])
+        h_sb = nl.ndarray((P_MAX, n_inter), dtype=nl.float32, buffer=nl.sbuf)
+        for i_n in nl.affine_range(n_inter // _N_TILE):
+            cols = slice(i_n * _N_TILE, (i_n + 1) * _N_TILE)
+            g_ps = nl.ndarray((P_MAX, _N_TILE), dtype=nl.float32, buffer=nl.psum)
+            u_ps = nl.ndarray((P_MAX, _N_TILE), dtype=nl.float32, buffer=nl.psum)
+            for i_k in nl.affine_range(n_k):
+                wg = nl.ndarray((P_MAX, _N_TILE), dtype=w_gate.dtype, buffer=nl.sbuf)
+                wu = nl.ndarray((P_MAX, _N_TILE), dtype=w_up.dtype, buffer=nl.sbuf)
+                nisa.dma_copy(dst=wg, src=w_gate[i_k * P_MAX:(i_k + 1) * P_MAX, cols])
+                nisa.dma_copy(dst=wu, src=w_up[i_k * P_MAX:(i_k + 1) * P_MAX, cols])
+                nisa.nc_matmul(g_ps, xT[:, i_k, :], wg, accumulate=i_k > 0)
+                nisa.nc_matmul(u_ps, xT[:, i_k, :], wu, accumulate=i_k > 0)
+            g_sb = nl.ndarray((P_MAX, _N_TILE), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.activation(dst=g_sb, op=nl.silu, data=g_ps)
+            nisa.tensor_tensor(dst=h_sb[:, cols], data1=g_sb, data2=u_ps, op=nl.multiply)
+        hT = nl.ndarray((P_MAX, n_i, P_MAX), dtype=nl.float32, buffer=nl.sbuf)
+        for i_k in nl.affine_range(n_i):
+            _transpose_to_sbuf(hT[:, i_k, :], h_sb[:, i_k * P_MAX:(i_k + 1) * P_MAX])
+        y_sb = nl.ndarray((P_MAX, n_out), dtype=x.dtype, buffer=nl.sbuf)
+        for i_n in nl.affine_range(n_out // _N_TILE):
+            cols = slice(i_n * _N_TILE, (i_n + 1) * _N_TILE)
+            acc = nl.ndarray((P_MAX, _N_TILE), dtype=nl.float32, buffer=nl.psum)
+            for i_k in nl.affine_range(n_i):
+                wd = nl.ndarray((P_MAX, _N_TILE), dtype=w_down.dtype, buffer=nl.sbuf)
+                nisa.dma_copy(dst=wd, src=w_down[i_k * P_MAX:(i_k + 1) * P_MAX, cols])
+                nisa.nc_matmul(acc, hT[:, i_k, :], wd, accumulate=i_k > 0)
+            nisa.tensor_copy(dst=y_sb[:, cols], src=acc)
+        nisa.dma_copy(dst=y[m0:m0 + P_MAX, :], src=y_sb)
+    return y
+
+
+@nki.jit
+def matmul_add_rmsnorm_a7(x, w, residual, gamma, eps):
+    """A7: y = rmsnorm(x @ w + residual) * gamma, fp32. w stays in SBUF; per 128-row tile: x transposed on TensorE,
+    K-accumulated 512-wide matmuls, PSUM evicted with the residual add on VectorE, sum of squares on ScalarE,
+    rsqrt, scale (VectorE), one store."""
+    m_total, k_total = x.shape
+    n_total = w.shape[1]
+    n_k = k_total // P_MAX
+    y = nl.ndarray((m_total, n_total), dtype=x.dtype, buffer=nl.shared_hbm)
+    w_sb = nl.ndarray((P_MAX, n_k, n_total), dtype=w.dtype, buffer=nl.sbuf)
+    for i_k in nl.affine_range(n_k):
+        nisa.dma_copy(dst=w_sb[:, i_k, :], src=w[i_k * P_MAX:(i_k + 1) * P_MAX, :])
+    g_sb = nl.ndarray((P_MAX, n_total), dtype=gamma.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=g_sb, src=gamma.reshape((1, n_total)).ap(pattern=[[0, P_MAX], [1, n_total]]))
+    eps_sb = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=eps_sb, value=eps)
+    for i_m in nl.affine_range(m_total // P_MAX):
+        m0 = i_m * P_MAX
+        x_sb = nl.ndarray((P_MAX, k_total), dtype=x.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=x_sb, src=x[m0:m0 + P_MAX, :])
+        r_sb = nl.ndarray((P_MAX, n_total), dtype=residual.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=r_sb, src=residual[m0:m0 + P_MAX, :])
+        xT = nl.ndarray((P_MAX, n_k, P_MAX), dtype=x.dtype, buffer=nl.sbuf)
+        for i_k in nl.affine_range(n_k):
+            _transpose_to_sbuf(xT[:, i_k, :], x_sb[:, i_k * P_MAX:(i_k + 1) * P_MAX])
+        for i_n in nl.affine_range(n_total // _N_TILE):      # z = x @ w + residual, in place of the residual
+            cols = slice(i_n * _N_TILE, (i_n + 1) * _N_TILE)
+            acc = nl.ndarray((P_MAX, _N_TILE), dtype=nl.float32, buffer=nl.psum)
+            for i_k in nl.affine_range(n_k):
+                nisa.nc_matmul(acc, xT[:, i_k, :], w_sb[:, i_k, cols], accumulate=i_k > 0)
+            nisa.tensor_tensor(dst=r_sb[:, cols], data1=acc, data2=r_sb[:, cols], op=nl.add)
+        y_sb = nl.ndarray((P_MAX, n_total), dtype=x.dtype, buffer=nl.sbuf)
+        ss = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.activation_reduce(dst=y_sb, op=nl.square, data=r_sb, reduce_op=nl.add, reduce_res=ss)
+        rstd = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.activation(dst=rstd, op=nl.rsqrt, data=ss, scale=1.0 / n_total, bias=eps_sb)
+        nisa.scalar_tensor_tensor(dst=y_sb, data=r_sb, op0=nl.multiply, operand0=rstd, op1=nl.multiply,
+                                  operand1=g_sb)
+        nisa.dma_copy(dst=y[m0:m0 + P_MAX, :], src=y_sb)
+    return y
+
+
+@nki.jit
+def conv1d_naive_u5(img, filt):
+    """U5 (first search step): depthwise conv1d, img [N, C, 1, W] fp32, filter [C, 1, 1, Wf], padding 1 each
+    side. Image rows prefetched (zero-padded) per (n, 128-channel tile); then for every output column one
+    VectorE multiply of the [128, Wf] window by the filter and one reduce over Wf; one store per (n, tile)."""
+    n_img, c_total, _, w_in = img.shape
+    taps = filt.shape[3]
+    pad = (taps - 1) // 2
+    w_out = w_in + 2 * pad - taps + 1
+    out = nl.ndarray((n_img, c_total, 1, w_out), dtype=img.dtype, buffer=nl.shared_hbm)
+    n_c = c_total // P_MAX
+    f_sb = nl.ndarray((P_MAX, n_c, taps), dtype=filt.dtype, buffer=nl.sbuf)
+    for c in nl.affine_range(n_c):
+        nisa.dma_copy(dst=f_sb[:, c, :], src=filt[c * P_MAX:(c + 1) * P_MAX, 0, 0, :])
+    for i_n in nl.affine_range(n_img):
+        for c in nl.affine_range(n_c):
+            img_sb = nl.ndarray((P_MAX, w_in + 2 * pad), dtype=img.dtype, buffer=nl.sbuf)
+            nisa.memset(dst=img_sb, value=0.0)
+            nisa.dma_copy(dst=img_sb[:, pad:pad + w_in], src=img[i_n, c * P_MAX:(c + 1) * P_MAX, 0, :])
+            o_sb = nl.ndarray((P_MAX, w_out), dtype=img.dtype, buffer=nl.sbuf)
+            for j in nl.affine_range(w_out):
+                prod = nl.ndarray((P_MAX, taps), dtype=img.dtype, buffer=nl.sbuf)
+                nisa.tensor_tensor(dst=prod, data1=img_sb[:, j:j + taps], data2=f_sb[:, c, :], op=nl.multiply)
+                nisa.tensor_reduce(dst=o_sb[:, j:j + 1], op=nl.add, data=prod, axis=1)
+            nisa.dma_copy(dst=out[i_n, c * P_MAX:(c + 1) * P_MAX, 0, :], src=o_sb)
+    return out
+
+
+@nki.jit
+def dma_one_engine(x):
+    """DMA overview example 1 (trn2): a [4, 4096] bf16 tensor from HBM into 4 SBUF partitions, one DMA engine."""
+    x_sb = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=x_sb, src=x)
+    return None
+
+
+@nki.jit
+def act_dependent_chain(x, n_ops):
+    """nki_perf_guide Opt #5a (trn1): back-to-back dependent ScalarE instructions on one element per partition."""
+    t = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=t, src=x)
+    for _ in range(n_ops):
+        nisa.activation(dst=t, op=nl.exp, data=t, scale=0.0)
+    return None

@@ -10,14 +10,14 @@ modeled at the published shape directly.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
 from nki_kernels.emulator import run
-from nki_kernels.emulator.costmodel import model_launches
+from nki_kernels.emulator.costmodel import model_launches, params_for
+from nki_kernels.emulator.targets import get_target
 
 from . import kernels as K
 
@@ -36,6 +36,9 @@ class Point:
     k_model: tuple = (1, 2)          # slices we emulate (extrapolated to k_full); (k_full,) = full shape
     reference: Callable | None = None    # reference(*args, **kw) -> expected output (float64)
     notes: str = ""
+    split: str = "fit"               # "fit": constants may have been chosen looking at it; "held-out": never
+    timing: str = "prof"             # prof: device time | bench: + launch overhead | dma-engine: transfer time
+                                     # without the fixed DMA latency | marginal: µs per unit of k (slope)
 
 
 def _f32(rng, *shape, scale=1.0):
@@ -62,6 +65,39 @@ def ref_bmm(a, b):
 def ref_silu(x):
     x64 = x.astype(np.float64)
     return x64 / (1.0 + np.exp(-x64))
+
+
+def ref_rope(x, cos, sin):
+    x64 = x.astype(np.float64)
+    half = x.shape[-1] // 2
+    x1, x2 = x64[..., :half], x64[..., half:]
+    c, s_ = cos.astype(np.float64), sin.astype(np.float64)
+    return np.concatenate([x1 * c - x2 * s_, x2 * c + x1 * s_], axis=-1)
+
+
+def ref_swiglu(x, wg, wu, wd):
+    x64 = x.astype(np.float64)
+    g = x64 @ wg.astype(np.float64)
+    return (g / (1.0 + np.exp(-g)) * (x64 @ wu.astype(np.float64))) @ wd.astype(np.float64)
+
+
+def ref_matmul_add_rmsnorm(x, w, residual, gamma, eps):
+    z = x.astype(np.float64) @ w.astype(np.float64) + residual.astype(np.float64)
+    return z / np.sqrt(np.mean(z ** 2, axis=1, keepdims=True) + eps) * gamma.astype(np.float64)
+
+
+def ref_conv1d(img, filt):
+    n, c, _, w = img.shape
+    taps = filt.shape[3]
+    pad = (taps - 1) // 2
+    xp = np.zeros((n, c, w + 2 * pad))
+    xp[:, :, pad:pad + w] = img[:, :, 0, :]
+    f = filt[:, 0, 0, :].astype(np.float64)
+    w_out = w + 2 * pad - taps + 1
+    out = np.zeros((n, c, 1, w_out))
+    for j in range(w_out):
+        out[:, :, 0, j] = (xp[:, :, j:j + taps] * f[None]).sum(axis=-1)
+    return out
 
 
 def ref_adamw(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step):
@@ -107,7 +143,7 @@ POINTS = [
                                                 {"eps": 1e-6}),
           k_full=32, k_model=(2, 4), reference=lambda x, residual, gamma, w, eps: ref_rmsnorm_matmul(
               x + residual.astype(np.float64), gamma, w, eps),
-          notes="held out: no parameter was chosen looking at this point"),
+          notes="held out: no parameter was chosen looking at this point", split="held-out"),
     Point("A8", "bmm", "B16 M4096 K64 N4096 fp32", "trn1", 4611.0, "AccelOpt S3 (prof)", K.bmm_a8,
           make=lambda k, rng, m=4096, kk=64, n=4096: ((_f32(rng, k, m, kk), _f32(rng, k, kk, n)), {}),
           k_full=16, k_model=(1, 2), reference=ref_bmm, notes="B batches; 1.07 GB written"),
@@ -118,7 +154,49 @@ POINTS = [
           make=lambda k, rng: _adamw_inputs(128 * (k - 1) + 64, 2048, rng),
           k_full=86, k_model=(4, 8), reference=ref_adamw,
           notes="M in 128-row tiles, the last one 64 rows (masked); slices keep that partial tile"),
+    # ---- cost model v2 additions (docs/cost-model.md) ----
+    Point("A11", "rope", "B1 H64 S4096 D128 fp32", "trn1", 4333.0, "AccelOpt S3 (prof)", K.rope_a11,
+          make=lambda k, rng, s=4096, d=128: ((_f32(rng, 1, k, s, d), _f32(rng, s, d // 2), _f32(rng, s, d // 2)),
+                                              {}),
+          k_full=64, k_model=(1, 2), reference=ref_rope,
+          notes="DMA-bound, 512 B rows; cos/sin [S, D/2] re-read per head (402 MB HBM, as published)"),
+    Point("A3", "swiglu", "M4096 K1024 N3072 fp32", "trn1", 4222.0, "AccelOpt S3 (prof)", K.swiglu_a3,
+          make=lambda k, rng, kk=1024, n=3072: ((_f32(rng, 128 * k, kk), _f32(rng, kk, n, scale=0.05),
+                                                 _f32(rng, kk, n, scale=0.05), _f32(rng, n, kk, scale=0.05)), {}),
+          k_full=32, k_model=(1, 2), reference=ref_swiglu, split="held-out",
+          notes="TensorE fp32 + ScalarE SiLU; weights streamed per row tile (they do not fit SBUF together)"),
+    Point("A7", "matmul_add_rmsnorm", "M4096 K2048 N2048 fp32", "trn1", 2667.0, "AccelOpt S3 (prof)",
+          K.matmul_add_rmsnorm_a7,
+          make=lambda k, rng, kk=2048, n=2048: ((_f32(rng, 128 * k, kk), _f32(rng, kk, n, scale=0.03),
+                                                 _f32(rng, 128 * k, n), _f32(rng, n, scale=0.5) + 1),
+                                                {"eps": 1e-6}),
+          k_full=32, k_model=(2, 4), reference=ref_matmul_add_rmsnorm, split="held-out",
+          notes="w resident in SBUF (128 KiB per partition)"),
+    Point("U5", "conv1d_naive", "N8 C512 W2048 Wf3 fp32", "trn1", 8007.0, "Autocomp conv1d trace, step 0 (bench)",
+          K.conv1d_naive_u5,
+          make=lambda k, rng, c=512, w=2048: ((_f32(rng, k, c, 1, w), _f32(rng, c, 1, 1, 3)), {}),
+          k_full=8, k_model=(1, 2), reference=ref_conv1d, split="held-out", timing="bench",
+          notes="latency/issue-bound: 2 VectorE instructions of 3 elements per output column (131k)"),
+    Point("DMA1", "dma_one_engine", "[4, 4096] bf16 HBM->SBUF", "trn2", 1.416, "nki-dma-overview.rst profile",
+          K.dma_one_engine,
+          make=lambda k, rng: ((rng.standard_normal((4, 4096)).astype(np.float32).astype(_bf16()),), {}),
+          k_full=1, k_model=(1,), split="held-out", timing="dma-engine",
+          notes="one DMA engine (4 partitions): engine time of the 32 KiB transfer"),
+    Point("ACT1", "act_dependent_chain", "1 element per partition", "trn1", 0.189, "nki_perf_guide.rst Opt #5a",
+          K.act_dependent_chain,
+          make=lambda k, rng: ((np.ones((128, 1), np.float32), k), {}),
+          k_full=1, k_model=(10, 60), timing="marginal",
+          notes="µs per dependent ScalarE instruction (the 264-cycle initiation interval)"),
 ]
+
+
+def _bf16():
+    import ml_dtypes
+    return ml_dtypes.bfloat16
+
+
+def _split(pid: str) -> str:
+    return BY_ID[pid].split
 
 BY_ID = {p.id: p for p in POINTS}
 
@@ -135,6 +213,7 @@ class PointResult:
     engine_busy_us: dict = field(default_factory=dict)      # extrapolated like the time
     hbm_gbytes: float = 0.0
     how: str = ""
+    split: str = "fit"
 
 
 def _model_once(point: Point, k: int, seed: int = 0):
@@ -149,6 +228,13 @@ def model_point(point: Point, k_model: tuple | None = None) -> PointResult:
     """Modeled device time of `point` at its published shape (extrapolated from slices when k_model has two)."""
     ks = tuple(k_model or point.k_model)
     reps = [(k, _model_once(point, k)[0]) for k in ks]
+    if point.timing == "marginal":
+        (k1, r1), (k2, r2) = reps[0], reps[-1]
+        t = (r2.device_us - r1.device_us) / (k2 - k1)
+        busy = {e: (r2.engine_busy_us[e] - r1.engine_busy_us[e]) / (k2 - k1) for e in r1.engine_busy_us}
+        return PointResult(point.id, point.name, point.shape, point.target, point.measured_us, t,
+                           (t - point.measured_us) / point.measured_us, busy, 0.0,
+                           f"slope between k={k1} and k={k2}", point.split)
     if len(ks) == 1:
         k, rep = reps[0]
         scale = point.k_full / k
@@ -166,23 +252,45 @@ def model_point(point: Point, k_model: tuple | None = None) -> PointResult:
         busy = {e: lin(r1.engine_busy_us[e], r2.engine_busy_us[e]) for e in r1.engine_busy_us}
         hbm = lin(r1.hbm_bytes, r2.hbm_bytes)
         how = f"slices k={k1},{k2} of {point.k_full}, linear"
+    if point.timing == "bench":
+        t += params_for(get_target(point.target)).launch_overhead_us
+        how += ", + launch overhead (bench timing)"
+    elif point.timing == "dma-engine":
+        t -= params_for(get_target(point.target)).dma_fixed_us
+        how += ", minus the fixed DMA latency (engine time)"
     return PointResult(point.id, point.name, point.shape, point.target, point.measured_us, t,
-                       (t - point.measured_us) / point.measured_us, busy, hbm / 1e9, how)
+                       (t - point.measured_us) / point.measured_us, busy, hbm / 1e9, how, point.split)
+
+
+def _num(v: float) -> str:
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
+def split_summary(results, split: str) -> str:
+    rs = [r for r in results if r.split == split]
+    if not rs:
+        return f"{split}: no points"
+    errs = sorted(abs(r.error) for r in rs)
+    mid = len(errs) // 2
+    med = errs[mid] if len(errs) % 2 else (errs[mid - 1] + errs[mid]) / 2
+    within = sum(e <= 0.25 for e in errs)
+    ok = within == len(errs) and med <= 0.12
+    return (f"{split}: {len(rs)} points, median |error| {med:.1%}, max |error| {errs[-1]:.1%}, "
+            f"{within}/{len(rs)} within ±25% -> goal (all within ±25%, median <= 12%) "
+            f"{'met' if ok else 'NOT met'}")
 
 
 def table(results) -> str:
-    lines = ["| id | kernel | published shape | target | measured µs (published) | modeled µs | error | "
+    lines = ["| id | split | kernel | published shape | target | measured µs (published) | modeled µs | error | "
              "modeled HBM GB | modeled PE / ACT / DVE / DMA busy µs | how |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         b = r.engine_busy_us
-        lines.append(f"| {r.id} | {r.name} | {r.shape} | {r.target} | {r.measured_us:,.0f} | {r.modeled_us:,.0f} | "
-                     f"{r.error:+.1%} | {r.hbm_gbytes:.2f} | {b.get('pe', 0):,.0f} / {b.get('act', 0):,.0f} / "
-                     f"{b.get('dve', 0):,.0f} / {b.get('dma', 0):,.0f} | {r.how} |")
-    errs = [abs(r.error) for r in results]
-    if errs:
-        gm = math.exp(sum(math.log(1 + r.error) for r in results) / len(results)) - 1
+        lines.append(f"| {r.id} | {r.split} | {r.name} | {r.shape} | {r.target} | {_num(r.measured_us)} | "
+                     f"{_num(r.modeled_us)} | {r.error:+.1%} | {r.hbm_gbytes:.2f} | {b.get('pe', 0):,.0f} / "
+                     f"{b.get('act', 0):,.0f} / {b.get('dve', 0):,.0f} / {b.get('dma', 0):,.0f} | {r.how} |")
+    if results:
         lines.append("")
-        lines.append(f"Max |error| {max(errs):.1%}; mean |error| {sum(errs) / len(errs):.1%}; geometric-mean bias "
-                     f"{gm:+.1%} (modeled vs measured, trn1).")
+        for split in ("fit", "held-out"):
+            lines.append("- " + split_summary(results, split))
     return "\n".join(lines)

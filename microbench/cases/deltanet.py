@@ -35,10 +35,10 @@ def _gdn_inputs(rng, b, t):
 
 
 def _prefill_flops(b, t, c=_FLOP_CHUNK):
-    """Useful FLOPs of the chunked WY form per (token, v head): K K^T, Q K^T, W, U, P V' (C-wide) and
-    W S, Q S, K^T V' (state-wide)."""
-    per_tok = 2 * c * (3 * _DK + 2 * _DV) + 6 * _DK * _DV
-    return b * t * _HV * per_tok
+    """Useful FLOPs: the minimal count of the chunked WY form (microbench.roofline.gdn_chunked_flops, derivation
+    in docs/cost-model.md), at the fixed chunk 64 whatever chunk the kernel uses."""
+    from microbench.roofline import gdn_chunked_flops
+    return gdn_chunked_flops(b, t, _HV, _DK, _DV, chunk=c)
 
 
 def _gdn_bytes(b, t, state_rw):

@@ -1,12 +1,16 @@
 """Cost model: an emulator instruction trace -> modeled time on a Trainium target.
 
-Everything this module returns is *modeled*, not measured. The model (see KERNELS.md ("Cost model and microbenchmark")):
+Everything this module returns is *modeled*, not measured. The model (v2; every constant with its source and
+uncertainty in docs/cost-model.md):
 
 * per-instruction engine time from the NC-v2 cycle table in ../shared/reference/nki-api.md section 4
   (TensorE by moving/stationary size, fp32 at quarter rate, 64-cycle minimum issue; VectorE / ScalarE /
-  GpSimd by elements per partition with minimum issue and fixed latency; bf16 performance mode on v3+;
-  DMA by bytes at the per-core bandwidth with a fixed start latency, an efficiency penalty for short
-  contiguous runs, at most `dma_queues` transfers in flight, bandwidth shared by the transfers in flight);
+  GpSimd by elements per partition with minimum issue and fixed latency; bf16 performance mode on v3+, which
+  shares a port with GpSimd; fp8 double_row and PE tiles (tile_position / tile_size); GpSimd gathers);
+* DMA by bytes at the per-core bandwidth, on ceil(partitions / 8) of the 16 engines, with a fixed latency, a
+  per-descriptor overhead for short contiguous runs, hardware DGE latency or software DGE GpSimd time for
+  dynamic transfers, at most `dma_queues` transfers in flight sharing the bandwidth; collectives by a
+  Mesh/Ring latency-bandwidth model (`collective_cost`, and `collective_us` between launches);
 * a list schedule: each engine takes its instructions in program order (with a small reorder window, as the
   compiler's scheduler does); an instruction starts when its engine has room and the producers of what it
   reads (RAW) and the readers/writers of what it overwrites (WAR/WAW) are done, using the (sid, lo, hi)
@@ -20,6 +24,7 @@ API (stable): ``model_launches(run_results, target=None) -> ModelReport`` and
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from .targets import Target, get_target
@@ -30,7 +35,7 @@ from .trace import ACT, DMA, DVE, ENGINES, PE, POOL
 
 @dataclass(frozen=True)
 class CostParams:
-    """Cost-model constants per target. Sources in KERNELS.md ("Cost model and microbenchmark")."""
+    """Cost-model constants per target. Sources and uncertainty ranges in docs/cost-model.md."""
     min_ii: int = 64                      # minimum cycles per compute instruction (nki-api.md s4, MIN_II)
     pe_stationary_load_div: int = 4       # LoadStationary up to 4x faster than the matmul (s4)
     pe_fp32_pass_overhead: int = 64       # fp32 matmul = 4 PE passes, each paying MM_INIT_LATENCY (64 cycles);
@@ -44,11 +49,17 @@ class CostParams:
     dve_elems_pp_per_cycle: float = 1.0   # VectorE base rate (NC-v2 table: max(64, N))
     dve_perf_mode: bool = False           # v3+: bf16 copy / tensor_scalar 4x, tensor_tensor 2x from SBUF
     pool_elems_pp_per_cycle: float = 1.0  # GpSimd: 8 cores x 512 bit, 16 partitions each -> 1 fp32/partition/cycle
-    dma_fixed_us: float = 2.0             # DMA start latency ("~1.3 us from semaphore to start"; 1.3-2 us)
-    dma_dynamic_extra_us: float = 1.0     # software descriptor generation for dynamic (indirect) DMAs
-    dma_full_eff_bytes: int = 4096        # contiguous run (bytes per descriptor/partition row) at full bandwidth
-    dma_eff_exponent: float = 0.3         # efficiency = min(1, run / dma_full_eff_bytes) ** exponent
-                                          # (fitted on A12 silu (2 KiB rows) and A1 (4 KiB rows), see docs)
+    dma_fixed_us: float = 1.3             # DMA trigger -> data: "~1300 ns cross-engine" descriptor / semaphore-to-start
+                                          # latency (nki-dma-bandwidth-guide.rst) [U: 1.0-2.0]
+    dma_desc_overhead_ns: float = 40.0    # per descriptor (contiguous run) per DMA engine: the packet-rate limit behind
+                                          # "<256 B overhead-bound, >=2 KiB near peak, >=4 KiB saturates"; chosen on the
+                                          # calibration fit split (A11, A12, A13) [U: 20-70]
+    dma_partitions_per_engine: int = 8    # each of the 16 DMA engines serves 8 SBUF partitions (nki-dma-overview.rst):
+                                          # a transfer touching P partitions runs on ceil(P / 8) engines
+    hwdge_us: float = 0.6                 # hardware DGE: ~600 ns per DMA instruction (nki-dge.rst); 2 DGE per core
+    dge_instances: int = 2
+    swdge_min_cycles: int = 600           # software DGE on GpSimd: max(600, N) cycles per dynamic DMA (NC-v2 cost
+                                          # table, "dynamic-address copies"), N = elements per partition
     dma_transpose_eff_hbm: float = 0.9    # DMA transpose throughput vs copy, HBM -> SBUF (v3 doc: ~90%)
     dma_transpose_eff_sbuf: float = 0.5   # ... SBUF -> SBUF (v3 doc: ~50%)
     launch_overhead_us: float = 30.0      # per-launch host/runtime floor (bench floors of 25-55 us); kept separate
@@ -61,15 +72,17 @@ class CostParams:
     local_gather_bytes_per_cycle: float = 64.0   # per GpSimd core: 512-bit datapath
     # Collectives (neuron-runtime/explore/intranode-collective-comm.rst: latency term 10^0-10^1 us,
     # per-hop 1-2 us for Ring/KangaRing; Mesh is one step)
-    cc_hop_us: float = 1.5                # per algorithm step (hop)
-    cc_intra_chip_gbps: float = 100.0     # per rank, ranks on one chip
-    cc_inter_chip_gbps: float = 100.0     # per rank, across chips (NeuronLink)
+    cc_hop_us: float = 1.5                # per algorithm step (hop) [U: 1.0-2.0]
+    cc_intra_chip_gbps: float = 180.0     # per rank, ranks on one chip: through HBM, each byte read and written
+                                          # (half the ~360 GB/s per-core HBM share) [U: 90-360]
+    cc_inter_chip_gbps: float = 128.0     # per rank across chips: NeuronLink-v3 1024 GB/s per chip (trn2-arch.rst),
+                                          # 512 per direction over 4 LNC=2 ranks [U: 64-256]
 
 
 PARAMS: dict[str, CostParams] = {
     "trn1": CostParams(),
-    "trn2": CostParams(dve_perf_mode=True, dma_fixed_us=2.0),
-    "trn3": CostParams(dve_perf_mode=True, act_bf16_elems_pp_per_cycle=2.0, dma_fixed_us=2.0),
+    "trn2": CostParams(dve_perf_mode=True),
+    "trn3": CostParams(dve_perf_mode=True, act_bf16_elems_pp_per_cycle=2.0),
 }
 
 
@@ -77,14 +90,63 @@ def params_for(target: Target) -> CostParams:
     return PARAMS.get(target.name, CostParams())
 
 
+# Sensitivity presets: the low-cost ("-low") and high-cost ("-high") ends of each uncertain constant (ranges and
+# sources in docs/cost-model.md); "low" / "high" move every one of them together.
+_UNCERTAIN = {
+    "dma-latency": ({"dma_fixed_us": 1.0}, {"dma_fixed_us": 2.0}),
+    "dge": ({"hwdge_us": 0.0, "swdge_min_cycles": 300}, {"hwdge_us": 1.0, "swdge_min_cycles": 1200}),
+    "dma-eff": ({"dma_desc_overhead_ns": 20.0}, {"dma_desc_overhead_ns": 70.0}),
+    "engine-latency": ({"act_fixed_latency": 100, "dve_fixed_latency": 100, "pool_fixed_latency": 100},
+                       {"act_fixed_latency": 264, "dve_fixed_latency": 220, "pool_fixed_latency": 220}),
+    "pe-fp32": ({"pe_fp32_pass_overhead": 0}, {"pe_fp32_pass_overhead": 128}),
+    "collectives": ({"cc_hop_us": 1.0, "cc_intra_chip_gbps": 360.0, "cc_inter_chip_gbps": 256.0},
+                    {"cc_hop_us": 2.0, "cc_intra_chip_gbps": 90.0, "cc_inter_chip_gbps": 64.0}),
+    "reorder": ({"reorder_window": 64, "tile_buffers": 4}, {"reorder_window": 4, "tile_buffers": 2}),
+}
+PRESETS: dict[str, dict] = {"default": {}}
+for _name, (_lo, _hi) in _UNCERTAIN.items():
+    PRESETS[f"{_name}-low"] = _lo
+    PRESETS[f"{_name}-high"] = _hi
+PRESETS["low"] = {k: v for lo, _ in _UNCERTAIN.values() for k, v in lo.items()}
+PRESETS["high"] = {k: v for _, hi in _UNCERTAIN.values() for k, v in hi.items()}
+
+
+def preset_params(name: str, target) -> CostParams:
+    """The CostParams of `target` with preset `name` applied (see PRESETS)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown cost-model preset {name!r}; presets: {', '.join(PRESETS)}")
+    import dataclasses
+    return dataclasses.replace(_BASE_PARAMS.get(_tgt(target).name, CostParams()), **PRESETS[name])
+
+
+_BASE_PARAMS = dict(PARAMS)
+
+
+@contextmanager
+def use_params(name: str):
+    """Model every target with preset `name` inside the block (``python -m microbench --params NAME``)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown cost-model preset {name!r}; presets: {', '.join(PRESETS)}")
+    saved = dict(PARAMS)
+    try:
+        for tname in list(PARAMS):
+            PARAMS[tname] = preset_params(name, tname)
+        yield
+    finally:
+        PARAMS.clear()
+        PARAMS.update(saved)
+
+
 def _tgt(target) -> Target:
     return get_target(target)
 
 
-def pe_peak_flops(target) -> float:
-    """TensorE bf16 peak FLOP/s of one core: 128 x 128 MACs per cycle."""
+def pe_peak_flops(target, fp8: bool = False) -> float:
+    """TensorE peak FLOP/s of one core: 128 x 128 MACs per cycle (bf16/fp16); fp8=True: twice that on
+    NeuronCore-v3+ (double_row: 158 TF on trn2, trainium2_arch.rst), the same on v2 (fp8 at the bf16 rate)."""
     t = _tgt(target)
-    return 2.0 * t.pmax * t.gemm_stationary_fmax * t.pe_ghz * 1e9
+    peak = 2.0 * t.pmax * t.gemm_stationary_fmax * t.pe_ghz * 1e9
+    return peak * (2.0 if fp8 and t.nc_version >= 3 else 1.0)
 
 
 def hbm_bytes_per_s(target) -> float:
@@ -205,6 +267,53 @@ def _strided_penalty(accs) -> float:
     return 1.0
 
 
+def _half(acc, target: Target) -> bool:
+    """A VectorE performance-mode dtype: bf16 / fp16 (NeuronCore-v3), plus fp8 on v4 (nki-api.md s4)."""
+    if acc.dtype in ("bfloat16", "float16"):
+        return True
+    return target.nc_version >= 4 and acc.dtype.startswith("float8")
+
+
+def dve_perf_factor(ins, target: Target, p: CostParams) -> float:
+    """VectorE performance-mode speed-up of one instruction (trainium2_arch.rst, "Vector Engine Performance Mode"):
+    tensor_copy / tensor_scalar 4x with every tensor bf16/fp16, in SBUF and contiguous in the inner free dim, 2x
+    when one side is in PSUM (contiguous) or the SBUF data is strided; tensor_tensor 2x with both inputs in SBUF
+    and every tensor bf16/fp16. 1 otherwise (and on NeuronCore-v2)."""
+    if not p.dve_perf_mode or ins.engine != DVE:
+        return 1.0
+    accs = ins.reads + ins.writes
+    if not accs or not all(_half(a, target) for a in accs):
+        return 1.0
+    if ins.name in ("tensor_copy", "tensor_scalar"):
+        in_psum = sum(a.buffer == "psum" for a in accs)
+        contig = all(_contig(a) for a in accs)
+        if in_psum == 0:
+            return 4.0 if contig else 2.0
+        return 2.0 if (contig and in_psum == 1) else 1.0
+    if ins.name == "tensor_tensor":
+        return 2.0 if all(a.buffer == "sbuf" for a in ins.reads) else 1.0
+    return 1.0
+
+
+def shared_ports(ins, target: Target, p: CostParams) -> tuple:
+    """Memory ports an instruction holds exclusively besides its engine. NeuronCore-v2: VectorE and GpSimd do not
+    access SBUF in parallel, nor VectorE and ScalarE PSUM. NeuronCore-v3+: they do, except that VectorE's
+    performance mode borrows the bus it shares with GpSimd (trainium2_arch.rst), so a perf-mode VectorE
+    instruction and a GpSimd SBUF access exclude each other."""
+    eng = ins.engine
+    accs = ins.reads + ins.writes
+    ports = []
+    sbuf = any(a.buffer == "sbuf" for a in accs)
+    if target.nc_version <= 2:
+        if eng in (DVE, POOL) and sbuf:
+            ports.append("sbuf_dve_pool")
+        if eng in (DVE, ACT) and any(a.buffer == "psum" for a in accs):
+            ports.append("psum_dve_act")
+    elif (eng == POOL and sbuf) or (eng == DVE and dve_perf_factor(ins, target, p) > 1.0):
+        ports.append("sbuf_dve_pool")
+    return tuple(ports)
+
+
 def compute_cycles(ins, target: Target, p: CostParams) -> tuple[float, float]:
     """(occupancy cycles, extra latency cycles) of one compute instruction on its engine."""
     name, eng = ins.name, ins.engine
@@ -257,8 +366,8 @@ def compute_cycles(ins, target: Target, p: CostParams) -> tuple[float, float]:
         cyc = max(mi, (2 * n if two_pass else n) / rate)
         if name == "scalar_tensor_tensor":
             cyc = max(mi, (2 * n) / rate) if not in_psum else max(mi, n / rate)
-        if p.dve_perf_mode and eng == DVE and all_bf16_sbuf:
-            cyc = max(mi, cyc / 2)
+        if name == "tensor_tensor":
+            cyc = max(mi, cyc / dve_perf_factor(ins, target, p))
     elif name == "tensor_tensor_scan":
         cyc = max(mi, 2 * n / rate)
     elif name == "reciprocal":
@@ -272,8 +381,7 @@ def compute_cycles(ins, target: Target, p: CostParams) -> tuple[float, float]:
         cyc = max(mi, n_in / rate)
     elif name in ("tensor_copy", "tensor_scalar", "memset", "broadcast", "activation", "nc_transpose"):
         cyc = max(mi, n / rate)
-        if p.dve_perf_mode and eng == DVE and all_bf16_sbuf and name != "nc_transpose":
-            cyc = max(mi, cyc / 4)
+        cyc = max(mi, cyc / dve_perf_factor(ins, target, p))
     else:
         cyc = max(mi, n / rate)
     cyc *= _strided_penalty(accs)
@@ -292,27 +400,74 @@ def _descriptor_run(a) -> int:
     return min(a.contig_bytes, max(1, a.nbytes // a.partitions))
 
 
-def dma_cost(ins, target: Target, p: CostParams, hbm_bw: float, dma_bw: float) -> tuple[float, float]:
-    """(pipe occupancy µs at the core's bandwidth, fixed latency µs) of one DMA instruction."""
+def dma_efficiency(run_bytes: float, target, p: CostParams | None = None) -> float:
+    """Fraction of an engine's peak rate a DMA reaches when each descriptor moves `run_bytes` contiguous bytes:
+    run / (run + per-descriptor overhead x engine rate). trn2 (40 ns, 23 B/ns): 256 B 22%, 512 B 36%,
+    2 KiB 69%, 4 KiB 82%, 16 KiB 95%."""
+    t = _tgt(target)
+    p = p or params_for(t)
+    over = p.dma_desc_overhead_ns * t.dma_bytes_per_ns_per_queue
+    run = max(1.0, float(run_bytes))
+    return run / (run + over)
+
+
+@dataclass
+class DmaCost:
+    """One DMA instruction as the scheduler books it (µs unless noted)."""
+    occupancy: float        # share of the core's DMA bandwidth it uses (the pipe is booked for this long)
+    min_duration: float     # at least this long: its bytes at the rate of the engines it runs on
+    latency: float          # fixed trigger-to-data latency (+ hardware DGE time)
+    dge: str                # none | hwdge | swdge
+    pool_cycles: float      # GpSimd cycles spent generating descriptors (software DGE)
+    engines: int
+
+
+def dma_engines(ins, target: Target, p: CostParams) -> int:
+    """DMA engines a transfer runs on: one per 8 SBUF partitions it touches (all 16 for HBM->HBM or a DMA
+    transpose, which uses the engines cooperatively)."""
+    if ins.meta.get("transpose"):
+        return target.dma_queues
+    parts = [a.partitions for a in ins.reads + ins.writes if a.buffer != "hbm" and not a.dynamic]
+    if not parts:
+        return target.dma_queues
+    return max(1, min(target.dma_queues, -(-max(parts) // max(1, p.dma_partitions_per_engine))))
+
+
+def dma_transfer(ins, target: Target, p: CostParams, hbm_bw: float, dma_bw: float) -> DmaCost:
     nbytes = ins.meta.get("bytes")
     if nbytes is None:
         nbytes = sum(a.nbytes for a in ins.writes)
     if ins.meta.get("collective"):
         m = ins.meta
-        return collective_cost(m["collective"], nbytes, m.get("ranks", 1), m.get("chips", 1), target, p)
+        occ, lat = collective_cost(m["collective"], nbytes, m.get("ranks", 1), m.get("chips", 1), target, p)
+        return DmaCost(occ, 0.0, lat, "none", 0.0, target.dma_queues)
     touches_hbm = any(a.buffer == "hbm" for a in ins.reads + ins.writes)
     bw = hbm_bw if touches_hbm else dma_bw
     runs = [_descriptor_run(a) for a in ins.reads + ins.writes if a.contig_bytes > 0]
     run = max(1, min(runs)) if runs else 512
-    eff = min(1.0, run / p.dma_full_eff_bytes) ** p.dma_eff_exponent
+    eff = dma_efficiency(run, target, p)
     if ins.meta.get("transpose"):
         from_hbm = any(a.buffer == "hbm" for a in ins.reads)
         eff *= p.dma_transpose_eff_hbm if from_hbm else p.dma_transpose_eff_sbuf
     occ = nbytes / (bw * eff) * 1e6
-    lat = p.dma_fixed_us + (p.dma_dynamic_extra_us if ins.meta.get("dynamic") else 0.0)
-    return occ, lat
+    engines = dma_engines(ins, target, p)
+    engine_bw = engines * target.dma_bytes_per_ns_per_queue * 1e9
+    min_dur = nbytes / (min(bw, engine_bw) * eff) * 1e6
+    dge = ins.meta.get("dge") or ("swdge" if ins.meta.get("dynamic") else "none")
+    lat = p.dma_fixed_us
+    pool = 0.0
+    if dge == "hwdge":
+        lat += p.hwdge_us
+    elif dge == "swdge":
+        n = max((a.elems_pp for a in ins.reads + ins.writes if a.buffer != "hbm"), default=1)
+        pool = float(max(p.swdge_min_cycles, n))
+    return DmaCost(occ, min_dur, lat, dge, pool, engines)
 
 
+def dma_cost(ins, target: Target, p: CostParams, hbm_bw: float, dma_bw: float) -> tuple[float, float]:
+    """(pipe occupancy µs at the core's bandwidth, fixed latency µs) of one DMA instruction."""
+    c = dma_transfer(ins, target, p, hbm_bw, dma_bw)
+    return c.occupancy, c.latency
 
 
 def collective_cost(kind: str, nbytes: int, ranks: int, chips: int, target, p: CostParams | None = None):
@@ -569,7 +724,8 @@ class _Slots:
     def __init__(self):
         self.busy: list = []
 
-    def place(self, start: float, dur: float) -> float:
+    def earliest(self, start: float, dur: float) -> float:
+        """The earliest time >= start at which a gap of `dur` is free."""
         b = self.busy
         lo, hi = 0, len(b)
         while lo < hi:
@@ -582,6 +738,25 @@ class _Slots:
         t = start
         while i < len(b) and b[i][0] < t + dur - 1e-12:
             t = max(t, b[i][1])
+            i += 1
+        return t
+
+    def place(self, start: float, dur: float) -> float:
+        t = self.earliest(start, dur)
+        self.insert(t, dur)
+        return t
+
+    def insert(self, t: float, dur: float):
+        b = self.busy
+        lo, hi = 0, len(b)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if b[mid][1] <= t:
+                lo = mid + 1
+            else:
+                hi = mid
+        i = lo
+        while i < len(b) and b[i][0] < t + dur - 1e-12:
             i += 1
         s0, e0 = t, t + dur
         j = i
@@ -598,6 +773,21 @@ class _Slots:
         return t
 
 
+def _joint_place(resources, start: float, dur: float) -> float:
+    """The earliest start >= `start` at which every resource (engine, shared port) has `dur` free; books them."""
+    t = start
+    for _ in range(10000):
+        t2 = t
+        for r in resources:
+            t2 = r.earliest(t2, dur)
+        if t2 <= t + 1e-12:
+            break
+        t = t2
+    for r in resources:
+        r.insert(t, dur)
+    return t
+
+
 def model_trace(trace, target=None, *, params: CostParams | None = None, hbm_share: float = 1.0,
                 timeline: bool = False) -> TraceReport:
     """Schedule one trace (one program instance) on one core of `target`. Returns a TraceReport (modeled)."""
@@ -610,6 +800,7 @@ def model_trace(trace, target=None, *, params: CostParams | None = None, hbm_sha
     counts = {e: 0 for e in ENGINES}
     pipe = _Pipe()
     queue_free = [0.0] * max(1, t.dma_queues)
+    dge_free = [0.0] * max(1, p.dge_instances)
     spans: dict[int, _Spans] = {}
     flops = fp32_flops = 0
     hbm_r = hbm_w = dma_bytes = 0
@@ -627,6 +818,7 @@ def model_trace(trace, target=None, *, params: CostParams | None = None, hbm_sha
     nbuf = max(1, p.tile_buffers)
     window = max(0, p.reorder_window)
     slots = {e: _Slots() for e in ENGINES}
+    port_slots = {"sbuf_dve_pool": _Slots(), "psum_dve_act": _Slots()}
     starts = {e: [] for e in ENGINES}
 
     for ins in trace:
@@ -669,10 +861,21 @@ def model_trace(trace, target=None, *, params: CostParams | None = None, hbm_sha
             if s.reads:
                 ready = max(ready, s.max_overlap(s.reads, r))
         if eng == DMA:
-            occ, lat = dma_cost(ins, t, p, hbm_bw, dma_bw)
+            c = dma_transfer(ins, t, p, hbm_bw, dma_bw)
+            occ = c.occupancy
             qi = min(range(len(queue_free)), key=queue_free.__getitem__)
             start = max(ready, queue_free[qi])
-            finish = pipe.book(start, occ) + lat
+            if c.pool_cycles:            # software DGE: GpSimd writes the descriptors first
+                dur = c.pool_cycles / t.pool_ghz * 1e-3
+                s0 = slots[POOL].place(start, dur)
+                eng_free[POOL] = max(eng_free[POOL], s0 + dur)
+                busy[POOL] += dur
+                start = s0 + dur
+            elif c.dge == "hwdge":       # one of the core's hardware DGE blocks, ~600 ns per instruction
+                di = min(range(len(dge_free)), key=dge_free.__getitem__)
+                start = max(start, dge_free[di])
+                dge_free[di] = start + p.hwdge_us
+            finish = max(pipe.book(start, occ), start + c.min_duration) + c.latency
             queue_free[qi] = finish
             busy[DMA] += occ
             nb = ins.meta.get("bytes") or sum(a.nbytes for a in ins.writes)
@@ -707,15 +910,18 @@ def model_trace(trace, target=None, *, params: CostParams | None = None, hbm_sha
                 last_stationary = None
                 last_mov_cycles = cyc
             occ = cyc / ghz * 1e-3
+            ports = shared_ports(ins, t, p)
             if window > 0:
                 hist = starts[eng]
                 floor = hist[-window] if len(hist) >= window else 0.0
-                start = slots[eng].place(max(ready, floor), occ)
+                start = _joint_place([slots[eng]] + [port_slots[x] for x in ports], max(ready, floor), occ)
                 hist.append(start)
                 if len(hist) > window:
                     del hist[0]
             else:
                 start = max(ready, eng_free[eng])
+                if ports:
+                    start = _joint_place([port_slots[x] for x in ports], start, occ)
             eng_free[eng] = max(eng_free[eng], start + occ)
             busy[eng] += occ
             done_engine = start + occ
@@ -745,11 +951,16 @@ def _launch_report(res, t: Target, p: CostParams) -> LaunchReport:
     return LaunchReport(getattr(res, "lnc", len(cores)), max((c.total_us for c in cores), default=0.0), cores)
 
 
-def roofline_us(flops: int, hbm_bytes: int, target, fp32_flops: int = 0, cores: int = 1) -> float:
-    """max(TensorE time of `flops` at bf16 peak (fp32 part at 1/4 rate), HBM time at the per-core bandwidth)."""
+def roofline_us(flops: int, hbm_bytes: int, target, fp32_flops: int = 0, cores: int = 1, *,
+                fp8: bool = False) -> float:
+    """max(TensorE time of the useful `flops` at the bf16 peak (the fp8 peak when the kernel's inputs are fp8),
+    HBM time of `hbm_bytes` at the per-core bandwidth), over `cores` cores.
+
+    The roofline does not depend on the precision a kernel picks for its matmuls: `fp32_flops` is accepted for
+    compatibility and ignored (v1 charged it at 1/4 rate, which let an fp32 choice raise the bound)."""
     t = _tgt(target)
-    peak = pe_peak_flops(t) * cores
-    pe_us = ((flops - fp32_flops) / peak + 4 * fp32_flops / peak) * 1e6
+    peak = pe_peak_flops(t, fp8=fp8) * cores
+    pe_us = flops / peak * 1e6
     hbm_us = hbm_bytes / (hbm_bytes_per_s(t) * cores) * 1e6
     return max(pe_us, hbm_us)
 
@@ -787,12 +998,12 @@ def model_launches(run_results, target=None, *, params: CostParams | None = None
     util = {e: (busy[e] / dev if dev > 0 else 0.0) for e in busy}
     roof_flops = fl if flops is None else flops
     roof_bytes = hr + hw if min_hbm_bytes is None else min_hbm_bytes
-    f32_part = f32 if flops is None else int(f32 * (roof_flops / fl)) if fl else 0
-    roof = roofline_us(roof_flops, roof_bytes, t, f32_part, cores=max_cores)
+    roof = roofline_us(roof_flops, roof_bytes, t, cores=max_cores)
     return ModelReport(t.name, dev, p.launch_overhead_us * len(launches), busy, util, util[PE], fl, hr, hw,
                        roof, launches, len(launches))
 
 
 __all__ = ["CostParams", "PARAMS", "params_for", "ModelReport", "LaunchReport", "TraceReport", "model_trace",
            "model_launches", "roofline_us", "pe_peak_flops", "hbm_bytes_per_s", "compute_cycles", "dma_cost",
-           "collective_cost", "collective_us"]
+           "collective_cost", "collective_us", "PRESETS", "preset_params", "use_params", "dma_efficiency",
+           "dma_transfer", "dma_engines", "DmaCost"]

@@ -864,7 +864,32 @@ def dma_copy(dst, src, priority=None, oob_mode=oob_mode.error, dge_mode=dge_mode
         _hbm_race_check(instr, "dst", dst, write=True)
     _write(dst, np.asarray(vals).reshape(dst.shape), oob_skip=skip, who=instr)
     _record(instr, DMA, [src], [dst], bytes=dst.size * dst.dtype.itemsize,
-            dynamic=src.dyn is not None or dst.dyn is not None)
+            dynamic=src.dyn is not None or dst.dyn is not None, **_dge_meta([src], [dst], dge_mode))
+
+
+def _dge_meta(srcs, dsts, mode) -> dict:
+    """Trace metadata for the cost model: the descriptor generator a DMA uses (dge: none | hwdge | swdge).
+
+    An explicit dge_mode is kept. Otherwise (unknown, the compiler's choice) static DMAs use host-built
+    descriptors (none); indirect ones (vector_offset) need software DGE on GpSimd (nki-dge.rst); other dynamic
+    ones (scalar_offset) use the hardware DGE on NeuronCore-v3+ and software DGE on v2 (no hardware DGE)."""
+    views = [t for t in list(srcs) + list(dsts) if isinstance(t, Tensor)]
+    indirect = any(t.dyn is not None and t.dyn.vector is not None for t in views)
+    dynamic = any(t.dyn is not None for t in views)
+    m = globals()["dge_mode"]
+    if mode is m.hwdge:
+        dge = "hwdge"
+    elif mode is m.swdge:
+        dge = "swdge"
+    elif mode is m.none and not dynamic:
+        dge = "none"
+    elif indirect:
+        dge = "swdge"
+    elif dynamic:
+        dge = "hwdge" if current().target.nc_version >= 3 else "swdge"
+    else:
+        dge = "none"
+    return {"dge": dge, "indirect": indirect}
 
 
 def dma_transpose(dst, src, axes=None, dge_mode=dge_mode.unknown, name=None):
@@ -893,7 +918,7 @@ def dma_transpose(dst, src, axes=None, dge_mode=dge_mode.unknown, name=None):
         _hbm_race_check(instr, "dst", dst, write=True)
     _write(dst, np.transpose(src._get(who=instr), axes))
     _record(instr, DMA, [src], [dst], bytes=dst.size * dst.dtype.itemsize, transpose=True,
-            dynamic=src.dyn is not None or dst.dyn is not None)
+            dynamic=src.dyn is not None or dst.dyn is not None, **_dge_meta([src], [dst], dge_mode))
 
 
 def dma_compute(dst, srcs, reduce_op, scales=None, unique_indices=True, oob_mode=oob_mode.error, name=None):
@@ -947,4 +972,5 @@ def dma_compute(dst, srcs, reduce_op, scales=None, unique_indices=True, oob_mode
         _hbm_race_check(instr, "dst", dst, write=True)
     _write(dst, acc, oob_skip=oob_mode is globals()["oob_mode"].skip, who=instr)
     _record(instr, DMA, list(srcs), [dst], bytes=dst.size * dst.dtype.itemsize * (1 + len(srcs)),
-            dynamic=any(s.dyn is not None for s in srcs) or dst.dyn is not None, compute=fn.name)
+            dynamic=any(s.dyn is not None for s in srcs) or dst.dyn is not None, compute=fn.name,
+            **_dge_meta(list(srcs), [dst], globals()["dge_mode"].unknown))

@@ -9,7 +9,7 @@ from nki_kernels.emulator import isa as nisa
 from nki_kernels.emulator import jit, record_launches, run
 from nki_kernels.emulator import language as nl
 from nki_kernels.emulator.costmodel import (
-    PARAMS, hbm_bytes_per_s, model_launches, model_trace, pe_peak_flops, roofline_us)
+    PARAMS, dma_efficiency, hbm_bytes_per_s, model_launches, model_trace, pe_peak_flops, roofline_us)
 from nki_kernels.emulator.targets import get_target
 from nki_kernels.testing import assert_close
 from nki_kernels.emulator.trace import ACT, DVE, PE, POOL, Access, Instr, Trace
@@ -158,9 +158,10 @@ def test_small_dma_is_latency_bound():
     x = np.ones((128, 64), np.float32)           # 256 B per partition: far below 2 KiB
     rep = model_launches([run(_copy, x, 64, target="trn2")])
     p = PARAMS["trn2"]
-    # load then store, each paying the fixed start latency
-    assert rep.total_us >= 2 * p.dma_fixed_us
-    assert rep.total_us < 2 * p.dma_fixed_us + 1.0
+    # load then store, each paying the fixed start latency and moving 256 B runs at their (low) efficiency
+    xfer = x.nbytes / (hbm_bytes_per_s("trn2") * dma_efficiency(256, "trn2")) * 1e6
+    assert rep.total_us == pytest.approx(2 * (p.dma_fixed_us + xfer), rel=0.02)
+    assert 2 * p.dma_fixed_us > 2 * xfer          # latency-bound
 
 
 def test_independent_chains_on_two_engines_overlap():
@@ -332,7 +333,7 @@ def test_short_dma_rows_lose_bandwidth():
     x = np.ones((1024, 1024), np.float32)          # rows of 4 KiB
     wide = model_launches([run(_copy, x, 1024, target="trn2")])
     narrow = model_launches([run(_copy, x, 128, target="trn2")])   # tiles of 128 columns: 512 B runs
-    expect = (p.dma_full_eff_bytes / 512) ** p.dma_eff_exponent
+    expect = dma_efficiency(4096, "trn2", p) / dma_efficiency(512, "trn2", p)
     assert narrow.engine_busy_us["dma"] == pytest.approx(expect * wide.engine_busy_us["dma"], rel=0.01)
     assert narrow.hbm_bytes == wide.hbm_bytes
 
@@ -344,7 +345,7 @@ def test_dma_descriptors_stop_at_on_chip_partition_rows():
     wide = model_launches([run(_copy, np.ones((1024, 1024), np.float32), 1024, target="trn2")])
     tall = np.ones((8192, 128), np.float32)      # every [128, 128] tile is one contiguous block in HBM
     narrow = model_launches([run(_copy, tall, 128, target="trn2")])
-    expect = (p.dma_full_eff_bytes / 512) ** p.dma_eff_exponent
+    expect = dma_efficiency(4096, "trn2", p) / dma_efficiency(512, "trn2", p)
     assert narrow.engine_busy_us["dma"] == pytest.approx(expect * wide.engine_busy_us["dma"], rel=0.01)
 
 

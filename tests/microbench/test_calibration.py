@@ -20,6 +20,10 @@ _SMALL = {     # small shapes with the same tiling, for the correctness check
     "A8": lambda rng: BY_ID["A8"].make(2, rng, m=256, n=1024),
     "A12": lambda rng: BY_ID["A12"].make(2, rng, n=1024),
     "A13": lambda rng: BY_ID["A13"].make(2, rng),
+    "A11": lambda rng: BY_ID["A11"].make(2, rng, s=1024, d=128),
+    "A3": lambda rng: BY_ID["A3"].make(1, rng, kk=512, n=1024),
+    "A7": lambda rng: BY_ID["A7"].make(1, rng, kk=256, n=1024),
+    "U5": lambda rng: BY_ID["U5"].make(1, rng, c=128, w=64),
 }
 
 
@@ -43,9 +47,20 @@ def test_adamw_extreme_values():
     assert_close("adamw", p.reference(param, grad, m, v, **kw), res.outputs, dtype="float32")
 
 
-def test_published_points_cover_five_kernels():
-    assert len({p.name for p in POINTS}) >= 5
-    assert all(p.target == "trn1" and p.measured_us > 0 for p in POINTS)
+def test_published_points_cover_kernels_targets_and_a_held_out_third():
+    assert len({p.name for p in POINTS}) >= 10
+    assert all(p.measured_us > 0 and p.split in ("fit", "held-out") for p in POINTS)
+    assert {p.target for p in POINTS} == {"trn1", "trn2"}
+    held = [p for p in POINTS if p.split == "held-out"]
+    assert 3 * len(held) >= len(POINTS)
+    assert {p.timing for p in POINTS} >= {"prof", "bench", "dma-engine", "marginal"}
+
+
+@pytest.mark.parametrize("pid", ["ACT1", "DMA1"])
+def test_micro_points_within_band(pid):
+    """The two single-instruction points (dependent ScalarE chain on trn1, one-engine DMA on trn2)."""
+    r = model_point(BY_ID[pid])
+    assert abs(r.error) <= ERROR_BAND, f"{pid}: modeled {r.modeled_us:.3f} us vs measured {r.measured_us:.3f} us"
 
 
 @pytest.mark.parametrize("pid", ["A12", "A13"])
@@ -62,7 +77,9 @@ def test_slice_extrapolation_is_linear():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pid", [p.id for p in POINTS])
-def test_all_points_within_band(pid):
+@pytest.mark.parametrize("pid", [p.id for p in POINTS if p.split == "fit"])
+def test_fit_points_within_band(pid):
+    """The fit split stays inside the band (held-out results are reported by `python -m microbench.calibration`,
+    not asserted: they are the model's honest test)."""
     r = model_point(BY_ID[pid])
     assert abs(r.error) <= ERROR_BAND, f"{pid}: modeled {r.modeled_us:.0f} us vs measured {r.measured_us:.0f} us"

@@ -1,0 +1,155 @@
+"""Cost model v2: DMA engines per partitions, DMA efficiency curve, descriptor generators (hardware / software DGE),
+the VectorE/GpSimd shared port, presets and the honest roofline (docs/cost-model.md)."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from nki_kernels.emulator import isa as nisa
+from nki_kernels.emulator import jit, run
+from nki_kernels.emulator import language as nl
+from nki_kernels.emulator.costmodel import (
+    PARAMS, PRESETS, dma_efficiency, hbm_bytes_per_s, model_launches, model_trace, pe_peak_flops, preset_params,
+    roofline_us, use_params)
+from nki_kernels.emulator.targets import get_target
+from nki_kernels.emulator.trace import DVE, POOL, Access, Instr, Trace
+
+
+@jit
+def _load(x):
+    t = nl.ndarray(x.shape, x.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=t, src=x)
+    return None
+
+
+def _dma_us(x, target="trn2"):
+    return model_launches([run(_load, x, target=target)]).device_us
+
+
+def test_fewer_partitions_use_fewer_dma_engines():
+    """Same 64 KiB, same 4 KiB+ runs: 8 partitions run on one engine (23 B/ns), 128 partitions on all 16."""
+    t = get_target("trn2")
+    p = PARAMS["trn2"]
+    narrow = np.ones((8, 2048), np.float32)          # 8 KiB per partition, one engine
+    wide = np.ones((128, 128), np.float32)           # 512 B per partition, 16 engines
+    one_engine = narrow.nbytes / (t.dma_bytes_per_ns_per_queue * 1e9 * dma_efficiency(8192, t)) * 1e6
+    assert _dma_us(narrow) == pytest.approx(p.dma_fixed_us + one_engine, rel=1e-6)
+    all_engines = wide.nbytes / (hbm_bytes_per_s(t) * dma_efficiency(512, t)) * 1e6
+    assert _dma_us(wide) == pytest.approx(p.dma_fixed_us + all_engines, rel=1e-6)
+
+
+def test_dma_efficiency_curve_shape():
+    t = get_target("trn2")
+    e = [dma_efficiency(b, t) for b in (64, 256, 512, 2048, 4096, 65536)]
+    assert all(a < b for a, b in zip(e, e[1:]))
+    assert e[1] < 0.3                 # < 256 B: "severely overhead-bound"
+    assert 0.5 < e[3] < 0.9           # 2 KiB: "approaches peak"
+    assert e[-1] > 0.95
+
+
+@jit
+def _dynamic_rows(table, idx, indirect):
+    """Gather one row per partition (vector_offset: software DGE) or read a row block at a runtime offset
+    (scalar_offset: hardware DGE on trn2)."""
+    i_sb = nl.ndarray(idx.shape, idx.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=i_sb, src=idx)
+    rows = nl.ndarray((idx.shape[0], table.shape[1]), table.dtype, buffer=nl.sbuf)
+    f = table.shape[1]
+    if indirect:
+        src = table.ap(pattern=[[f, idx.shape[0]], [1, f]], vector_offset=i_sb, indirect_dim=0)
+    else:
+        src = table.ap(pattern=[[f, idx.shape[0]], [1, f]], scalar_offset=i_sb[0:1, 0:1])
+    nisa.dma_copy(dst=rows, src=src)
+    return None
+
+
+def test_software_dge_charges_gpsimd_and_hardware_dge_adds_latency():
+    t = get_target("trn2")
+    p = PARAMS["trn2"]
+    table = np.ones((256, 512), np.float32)
+    idx = np.arange(16, dtype=np.int32).reshape(16, 1)
+    sw = model_launches([run(_dynamic_rows, table, idx, True, target="trn2")])
+    hw = model_launches([run(_dynamic_rows, table, idx, False, target="trn2")])
+    # software DGE: GpSimd writes the descriptors (max(600, N) cycles), hardware DGE: none on GpSimd
+    assert sw.engine_busy_us[POOL] == pytest.approx(max(p.swdge_min_cycles, 512) / t.pool_ghz * 1e-3)
+    assert hw.engine_busy_us[POOL] == 0.0
+    tr = run(_dynamic_rows, table, idx, False, target="trn2").traces[0]
+    assert [i.meta.get("dge") for i in tr if i.engine == "dma"] == ["none", "hwdge"]
+    no_dge = model_trace(tr, t, params=dataclasses.replace(p, hwdge_us=0.0)).total_us
+    assert hw.device_us == pytest.approx(no_dge + p.hwdge_us, rel=1e-6)
+
+
+def _tile(sid, dtype="bfloat16", p=128, f=2048):
+    item = 2 if dtype == "bfloat16" else 4
+    return Access(sid, "sbuf", dtype, (p, f), p, f, p * f * item, 0, p * f, f * item, False, f)
+
+
+def test_vector_perf_mode_and_gpsimd_share_a_port_on_trn2():
+    """A bf16 tensor_copy in VectorE perf mode and an independent GpSimd op cannot overlap on trn2; fp32
+    (no perf mode) can. On trn1 VectorE and GpSimd never access SBUF in parallel."""
+    def trace(dtype):
+        tr = Trace()
+        tr.append(Instr(0, "tensor_copy", DVE, (_tile(1, dtype),), (_tile(2, dtype),), {}))
+        tr.append(Instr(1, "iota", POOL, (), (_tile(3, "float32"),), {}))
+        return tr
+
+    t2 = get_target("trn2")
+    for dtype, shared in (("bfloat16", True), ("float32", False)):
+        rep = model_trace(trace(dtype), t2)
+        busy = rep.engine_busy_us[DVE] + rep.engine_busy_us[POOL]
+        overlapped = rep.total_us < busy
+        assert overlapped is not shared, dtype
+    rep1 = model_trace(trace("float32"), get_target("trn1"))
+    assert rep1.total_us >= rep1.engine_busy_us[DVE] + rep1.engine_busy_us[POOL]
+
+
+def test_vector_perf_mode_rules():
+    from nki_kernels.emulator.costmodel import dve_perf_factor
+    t2, p = get_target("trn2"), PARAMS["trn2"]
+    bf = _tile(1)
+    strided = dataclasses.replace(bf, contig_bytes=2)
+    psum = dataclasses.replace(bf, buffer="psum")
+    f32 = _tile(2, "float32")
+    cases = [("tensor_copy", (bf,), (bf,), 4.0), ("tensor_scalar", (strided,), (bf,), 2.0),
+             ("tensor_copy", (psum,), (bf,), 2.0), ("tensor_tensor", (bf, bf), (bf,), 2.0),
+             ("tensor_tensor", (psum, bf), (bf,), 1.0), ("tensor_copy", (f32,), (bf,), 1.0)]
+    for name, reads, writes, want in cases:
+        assert dve_perf_factor(Instr(0, name, DVE, reads, writes, {}), t2, p) == want, (name, want)
+    assert dve_perf_factor(Instr(0, "tensor_copy", DVE, (bf,), (bf,), {}), get_target("trn1"), PARAMS["trn1"]) == 1
+
+
+def test_presets_move_the_uncertain_constants_and_restore():
+    base = PARAMS["trn2"]
+    lo, hi = preset_params("low", "trn2"), preset_params("high", "trn2")
+    assert lo.dma_fixed_us < base.dma_fixed_us < hi.dma_fixed_us
+    assert lo.dma_desc_overhead_ns < base.dma_desc_overhead_ns < hi.dma_desc_overhead_ns
+    x = np.ones((128, 64), np.float32)
+    t_default = _dma_us(x)
+    with use_params("dma-latency-high"):
+        assert PARAMS["trn2"].dma_fixed_us == 2.0
+        assert _dma_us(x) == pytest.approx(t_default + 2.0 - base.dma_fixed_us)
+    assert PARAMS["trn2"] == base
+    assert {"default", "low", "high", "dma-latency-low", "dge-high"} <= set(PRESETS)
+    with pytest.raises(ValueError, match="unknown cost-model preset"):
+        preset_params("nope", "trn2")
+
+
+def test_roofline_ignores_the_kernels_precision_and_uses_fp8_peak_for_fp8_inputs():
+    t = get_target("trn2")
+    flops = 10 ** 12
+    bf16 = roofline_us(flops, 0, t)
+    assert roofline_us(flops, 0, t, fp32_flops=flops) == bf16           # fp32 choice does not raise the bound
+    assert roofline_us(flops, 0, t, fp8=True) == pytest.approx(bf16 / 2)
+    assert pe_peak_flops(t, fp8=True) == 2 * pe_peak_flops(t)
+    assert pe_peak_flops("trn1", fp8=True) == pe_peak_flops("trn1")      # no fp8 double mode on NeuronCore-v2
+
+
+def test_gdn_useful_flops_are_the_minimal_chunked_count():
+    from microbench.roofline import gdn_chunked_flops
+    c, dk, dv = 64, 128, 128
+    # per token: the C-wide products on their triangles (K K^T, Q K^T, W, U, P V') + the state-wide W S, Q S, K^T V'
+    macs_per_token = (c / 2) * (dk + dk + dk + dv + dv) + 3 * dk * dv
+    assert gdn_chunked_flops(1, 1, 1, dk, dv, c) == 2 * macs_per_token
+    assert gdn_chunked_flops(2, 10, 8, dk, dv, c) == 160 * 2 * macs_per_token
