@@ -264,10 +264,11 @@ def call(kernel, *args, lnc: int = 1, inplace=(), **kwargs):
     return _to_torch(out) if any_torch else out
 
 
-def call_ranks(kernel, per_rank_args, *, lnc: int = 1, **kwargs):
+def call_ranks(kernel, per_rank_args, *, lnc: int = 1, inplace=(), **kwargs):
     """Run `kernel` once per tensor-parallel rank, the ranks together (their `nki.collectives` calls meet):
     rank r gets ``per_rank_args[r]`` (arrays or torch CPU tensors) and the shared trace-time `kwargs`. Returns
-    the list of the ranks' outputs (torch when any input was torch).
+    the list of the ranks' outputs (torch when any input was torch). `inplace` names the kernel parameters the
+    kernel updates (NumPy arrays, updated in each rank's own array, as in `call`).
 
     On the emulator the ranks run in threads (`emulator.collectives.run_ranks`, recorded as one launch). On a
     Trainium host each rank is its own process that launches the kernel on its shard, so this helper is
@@ -276,13 +277,17 @@ def call_ranks(kernel, per_rank_args, *, lnc: int = 1, **kwargs):
         raise NotImplementedError("call_ranks runs all ranks in one process (emulator only); on Trainium each rank's "
                                   "process launches the kernel on its own shard with the replica group")
     who, params = _kernel_name(kernel), _kernel_params(kernel)
+    inplace = (inplace,) if isinstance(inplace, str) else tuple(inplace)
     any_torch, per_rank = False, []
     for args in per_rank_args:
         named = [(params[i] if i < len(params) else f"arg{i}", a) for i, a in enumerate(args)]
         _grad_check(who, named)
         conv = []
-        for name, a in named:                       # read-only views, as in call(): no rank writes its inputs
-            v, was_torch, _ = _to_numpy(who, name, a, False, True)
+        for name, a in named:                       # read-only views, as in call(), except declared in-place ones
+            if name in inplace and not isinstance(a, np.ndarray):
+                raise TypeError(f"{who}: {name} is declared in place, so call_ranks needs a NumPy array, got "
+                                f"{type(a).__name__}")
+            v, was_torch, _ = _to_numpy(who, name, a, name in inplace, name not in inplace)
             any_torch |= was_torch
             conv.append(v)
         per_rank.append((tuple(conv), dict(kwargs)))

@@ -232,7 +232,8 @@ def code_predictor_per_step_tp(past_hidden, code0_embed, shards, *, replica_grou
     for j in range(G1):
         outs = call_ranks(code_predictor_step_kernel, [(x, code0_embed, k, v, u, *_weights_args(s))
                                                        for s, (k, v) in zip(shards, kv)],
-                          lnc=1, step=j, replica_group=replica_group, tp_degree=tp, **consts)
+                          lnc=1, step=j, replica_group=replica_group, tp_degree=tp, inplace=("kv_k", "kv_v"),
+                          **consts)
         code, emb = outs[0]
         codes[:, j] = np.asarray(code).reshape(-1)
         embeds[:, j] = np.asarray(emb)
