@@ -160,7 +160,7 @@ def _gated_delta_rule_fake(q, k, v, g, beta, chunk_size=64, initial_state=None, 
     return q.new_empty((b, t, hv, dv)), q.new_empty((b, hv, dk, dv), dtype=torch.float32)
 
 
-def _gated_delta_rule_step(q, k, v, g, beta, state_pool, slot_ids, use_qk_l2norm_in_kernel=False, scale=None,
+def _gated_delta_rule_step(q, k, v, g, beta, state_pool, slot_ids=None, use_qk_l2norm_in_kernel=False, scale=None,
                            lnc=None):
     fn = _public("gated_delta_rule_step")
     out = fn(q, k, v, g, beta, state_pool, slot_ids, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, scale=scale,
@@ -170,8 +170,8 @@ def _gated_delta_rule_step(q, k, v, g, beta, state_pool, slot_ids, use_qk_l2norm
     return _fresh(out, (q, k, v, g, beta, state_pool, slot_ids))
 
 
-def _gated_delta_rule_step_fake(q, k, v, g, beta, state_pool, slot_ids, use_qk_l2norm_in_kernel=False, scale=None,
-                                lnc=None):
+def _gated_delta_rule_step_fake(q, k, v, g, beta, state_pool, slot_ids=None, use_qk_l2norm_in_kernel=False,
+                                scale=None, lnc=None):
     return q.new_empty((q.shape[0], q.shape[1], v.shape[2], v.shape[3]))
 
 
@@ -301,7 +301,7 @@ OPS = (
            "Tensor? initial_state=None, bool use_qk_l2norm_in_kernel=False, Tensor? valid_lengths=None, "
            "float? scale=None, int? lnc=None) -> (Tensor, Tensor)", _gated_delta_rule, _gated_delta_rule_fake),
     OpSpec("gated_delta_rule_step", "(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor(a!) state_pool, "
-           "Tensor slot_ids, bool use_qk_l2norm_in_kernel=False, float? scale=None, int? lnc=None) -> Tensor",
+           "Tensor? slot_ids=None, bool use_qk_l2norm_in_kernel=False, float? scale=None, int? lnc=None) -> Tensor",
            _gated_delta_rule_step, _gated_delta_rule_step_fake),
     OpSpec("causal_conv1d", "(Tensor x, Tensor weight, Tensor? conv_state=None, Tensor? valid_lengths=None, "
            "str? activation=\"silu\", Tensor? bias=None) -> (Tensor, Tensor)", _causal_conv1d, _causal_conv1d_fake),
@@ -402,9 +402,10 @@ def gated_delta_rule(q, k, v, g, beta, chunk_size=64, initial_state=None, output
     return o, (final if output_final_state else None)
 
 
-def gated_delta_rule_step(q, k, v, g, beta, state_pool, slot_ids, use_qk_l2norm_in_kernel=False, scale=None,
+def gated_delta_rule_step(q, k, v, g, beta, state_pool, slot_ids=None, use_qk_l2norm_in_kernel=False, scale=None,
                           lnc=None):
-    """As `nki_kernels.gated_delta_rule_step`: returns o; ``state_pool`` is updated in place (declared mutable)."""
+    """As `nki_kernels.gated_delta_rule_step`: returns o; ``state_pool`` is updated in place (declared mutable);
+    ``slot_ids=None`` is the static-rows mode (sequence b updates row b)."""
     return _ops().gated_delta_rule_step(q, k, v, g, beta, state_pool, slot_ids,
                                         use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
                                         scale=None if scale is None else float(scale), lnc=lnc)

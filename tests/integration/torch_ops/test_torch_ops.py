@@ -249,3 +249,18 @@ def test_gated_delta_rule_output_final_state_false_drops_the_state():
     o, final = torch_ops.gated_delta_rule(*args, **dict(kwargs, output_final_state=False))
     assert final is None
     assert torch.equal(o, nki_kernels.gated_delta_rule(*args, **kwargs)[0])
+
+
+def test_decode_step_static_rows_mode_through_the_op():
+    """slot_ids=None (sequence b updates state_pool[b]) traces and equals the eager wrapper, in place."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    args, kwargs, _ = _case("gated_delta_rule_step")
+    q, k, v, g, beta, pool = args[:6]
+    pool = pool[:2].clone()
+    want_pool = pool.clone()
+    want = nki_kernels.gated_delta_rule_step(q, k, v, g, beta, want_pool, None, **kwargs)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    got = torch.compile(lambda *a: torch_ops.gated_delta_rule_step(*a, None, **kwargs), backend=counter,
+                        fullgraph=True)(q, k, v, g, beta, pool)
+    assert counter.frame_count == 1 and torch.equal(want, got) and torch.equal(want_pool, pool)
