@@ -1,10 +1,9 @@
 """Input checks shared by the gated-delta-rule wrappers (prefill and decode take the same q/k/v/g/beta layouts)."""
 from __future__ import annotations
 
-import numpy as np
 
 from ..hw import P_MAX
-from ..validation import kernel_check
+from ..validation import check_array, index_array, kernel_check
 
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 MAX_HEAD_DIM = P_MAX             # Dk, Dv <= 128: Dk is the partition dim of the state tile
@@ -46,26 +45,16 @@ def check_qkv_gate_layouts(name: str, q, k, v, g, beta, extra=()):
 
 
 def check_tensor(name: str, arg: str, x):
-    """x must be a NumPy array or a torch CPU tensor (not a list, scalar or meta / device tensor)."""
-    is_torch = type(x).__module__.startswith("torch") and hasattr(x, "device")
-    kernel_check(isinstance(x, np.ndarray) or is_torch, f"{name}: {arg} must be a NumPy array or a torch CPU "
-                 f"tensor, got {type(x).__name__}")
-    if is_torch:
-        kernel_check(x.device.type == "cpu", f"{name}: {arg} must be a CPU tensor on the emulator, got a tensor "
-                     f"on {x.device}")
+    """x must be a NumPy array or a torch CPU tensor (not a list, scalar, meta / device tensor, nor a tensor that
+    requires grad under grad mode): the shared `validation.check_array` rules; shapes and dtypes are checked by
+    the callers."""
+    check_array(name, arg, x, dtypes=None, allow_empty=True)
 
 
 def check_lengths(name: str, valid_lengths, bsz: int, seq: int):
-    """valid_lengths [B] integers in [0, T] (list, NumPy array or torch tensor) -> int32 NumPy array.
-    Floats (7.9, also 8.0) and bools are refused: lengths are token counts."""
-    raw = valid_lengths.detach().cpu().numpy() if hasattr(valid_lengths, "detach") else valid_lengths
-    lengths = np.asarray(raw)
-    kernel_check(lengths.dtype.kind in "iu", f"{name}: valid_lengths must be integers (token counts), got "
-                 f"dtype {lengths.dtype} values {lengths.ravel()[:8].tolist()}")
-    kernel_check(lengths.shape == (bsz,), f"{name}: valid_lengths must be [B]={bsz}, got shape {lengths.shape}")
-    kernel_check(bool(np.all((lengths >= 0) & (lengths <= seq))),
-                 f"{name}: valid_lengths must be in [0, T={seq}], got {lengths.tolist()}")
-    return lengths.astype(np.int32)
+    """valid_lengths [B] integers in [0, T] (list, NumPy array or torch tensor) -> int32 NumPy array, by the
+    shared `validation.index_array` rules: floats (7.9, also 8.0) and bools are refused, lengths are counts."""
+    return index_array(name, "valid_lengths", valid_lengths, shape=(bsz,), lo=0, hi=seq, allow_none=False)
 
 
 def check_dtype(name: str, arg: str, x, allowed=FLOAT_DTYPES):

@@ -232,7 +232,7 @@ def _good(rng):
     (lambda a: a.update(v=a["v"].astype(BF16)), "v dtype must equal"),
     (lambda a: a.update(chunk_size=32), "chunk_size must be one of"),
     (lambda a: a.update(valid_lengths=np.array([9])), "valid_lengths must be in"),
-    (lambda a: a.update(valid_lengths=np.array([1, 2])), r"valid_lengths must be \[B\]"),
+    (lambda a: a.update(valid_lengths=np.array([1, 2])), r"valid_lengths must have shape \(1,\)"),
     (lambda a: a.update(initial_state=np.zeros((1, 4, 16, 16), BF16)), "initial_state must be float32"),
     (lambda a: a.update(initial_state=np.zeros((1, 2, 16, 16), np.float32)), "initial_state must be"),
     (lambda a: a.update(checkpoint_every=0), "checkpoint_every must be >= 1"),
