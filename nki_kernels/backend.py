@@ -5,8 +5,10 @@ same source runs on a Trainium host (real `nki` >= 0.3 from AWS's Neuron pip rep
 
 * ``ACTIVE`` is ``"nki"`` or ``"emulator"``.
 * ``NKI_KERNELS_FORCE_EMULATOR=1`` forces the emulator even where real NKI is installed.
-* ``call(kernel, *arrays, lnc=1, inplace=())`` runs a kernel on NumPy arrays or torch CPU tensors (bf16
-  included) and returns the same kind; only the arguments named in ``inplace`` are ever written.
+* ``call(kernel, *arrays, lnc=None, inplace=())`` runs a kernel on NumPy arrays or torch CPU tensors (bf16
+  included) and returns the same kind; only the arguments named in ``inplace`` are ever written. It runs at
+  degree `lnc` (None: ``nki_kernels.lnc.resolve_lnc``: NEURON_LOGICAL_NC_CONFIG, else the target's default,
+  2 on trn2), launched and compiled at it as NEURON_LOGICAL_NC_CONFIG=lnc does.
 """
 from __future__ import annotations
 
@@ -50,7 +52,8 @@ if _real is not None:
     nki, nl, nisa = _real
     ACTIVE = "nki"
 else:
-    from . import emulator as nki  # noqa: F401
+    from . import emulator as _emulator
+    from .emulator import api as nki  # noqa: F401  (the emulated `nki` namespace: jit, simulate, ...)
     from .emulator import isa as nisa  # noqa: F401  (re-exported for kernel files)
     from .emulator import language as nl  # noqa: F401
     ACTIVE = "emulator"
@@ -64,7 +67,7 @@ def target_name() -> str:
     """The target kernels are compiled for: the emulator's (NEURON_PLATFORM_TARGET_OVERRIDE or
     `use_target`, trn2 by default), or on a Trainium host NEURON_PLATFORM_TARGET_OVERRIDE (trn2 when unset)."""
     if ACTIVE == "emulator":
-        return nki.get_target().name
+        return _emulator.get_target().name
     return (os.environ.get("NEURON_PLATFORM_TARGET_OVERRIDE", "") or "trn2").lower()  # pragma: no cover
 
 
@@ -213,7 +216,7 @@ def _grad_check(who: str, named_args):
         check_forward_only(who, name, x)
 
 
-def call(kernel, *args, lnc: int = 1, inplace=(), **kwargs):
+def call(kernel, *args, lnc: int | None = None, inplace=(), **kwargs):
     """Run `kernel` (an `nki.jit` kernel) on arrays; torch CPU tensors in give torch tensors out.
 
     Non-array arguments pass through as trace-time constants. `inplace` names the kernel parameters the
@@ -223,9 +226,11 @@ def call(kernel, *args, lnc: int = 1, inplace=(), **kwargs):
     emulator a kernel that writes an undeclared input fails with EmulatorCheckError (a kernel bug).
     A torch input that requires grad while grad mode is on is refused: the kernels are forward-only.
     """
+    from .lnc import resolve_lnc
+    lnc = resolve_lnc(lnc, _kernel_name(kernel))
     if ACTIVE != "emulator" and _on_device(args, kwargs):  # pragma: no cover - needs real NKI
         # device (XLA) tensors go straight to the compiled kernel, as NxDI calls NKI kernels
-        return (kernel[lnc] if lnc != 1 else kernel)(*args, **kwargs)
+        return _launcher(kernel, lnc)(*args, **kwargs)
     who, params = _kernel_name(kernel), _kernel_params(kernel)
     named = [(params[i] if i < len(params) else f"arg{i}", a) for i, a in enumerate(args)] + list(kwargs.items())
     inplace = (inplace,) if isinstance(inplace, str) else tuple(inplace)
@@ -245,16 +250,16 @@ def call(kernel, *args, lnc: int = 1, inplace=(), **kwargs):
     pos, kw = converted[:len(args)], dict(zip(kwargs, converted[len(args):]))
     if ACTIVE == "emulator":
         try:
-            out = nki.run(kernel, *pos, lnc=lnc, **kw).outputs
-        except nki.EmulatorCheckError as e:
+            out = _emulator.run(kernel, *pos, lnc=lnc, **kw).outputs
+        except _emulator.EmulatorCheckError as e:
             if e.instruction == "launch" and e.operand in {n for n, _ in named} and "read-only" in str(e):
-                raise nki.EmulatorCheckError(
+                raise _emulator.EmulatorCheckError(
                     "launch", e.operand, f"{who} wrote its input '{e.operand}', which its wrapper does not "
                     f"declare in place (call(..., inplace=...)): a kernel bug; inputs are never modified "
                     f"unless documented") from None
             raise
     else:  # pragma: no cover - needs real NKI
-        launcher = kernel[lnc] if lnc != 1 else kernel
+        launcher = _launcher(kernel, lnc)
         if os.environ.get("NKI_SIMULATOR") == "1" or not _has_neuron_device():
             out = nki.simulate(launcher)(*pos, **kw)
         else:
@@ -291,9 +296,18 @@ def call_ranks(kernel, per_rank_args, *, lnc: int = 1, inplace=(), **kwargs):
             any_torch |= was_torch
             conv.append(v)
         per_rank.append((tuple(conv), dict(kwargs)))
-    from .emulator.collectives import run_ranks
-    outs = run_ranks(kernel[lnc] if lnc != 1 else kernel, world_size=len(per_rank), per_rank_inputs=per_rank).outputs
+    # launched and compiled at `lnc`, as NEURON_LOGICAL_NC_CONFIG=lnc does
+    outs = _emulator.run_ranks(kernel, world_size=len(per_rank), per_rank_inputs=per_rank, lnc=lnc).outputs
     return [_to_torch(o) for o in outs] if any_torch else list(outs)
+
+
+def _launcher(kernel, lnc: int):  # pragma: no cover - needs real NKI
+    """How NKI 0.7 launches at degree `lnc`: a plain ``kernel(...)`` takes NEURON_LOGICAL_NC_CONFIG (else 1),
+    so it is used when that already gives `lnc`; otherwise the launch-grid bracket ``kernel[lnc]``, which
+    the 0.7 docs deprecate but still require to launch at a degree the variable does not name."""
+    from .lnc import env_lnc
+    plain = env_lnc() or 1
+    return kernel if plain == lnc else kernel[lnc]
 
 
 def _on_device(args, kwargs) -> bool:

@@ -13,17 +13,12 @@ a Trainium host the one named by ``NEURON_PLATFORM_TARGET_OVERRIDE`` (trn2 when 
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
+from .emulator.lnc import ALLOWED_LNC, LNC_ENV, TARGET_DEFAULT_LNC, TARGET_LNC  # noqa: F401 (re-exported)
+from .emulator.lnc import env_lnc as _env_lnc
+from .emulator.lnc import target_default_lnc
 from .validation import KernelInputError
-
-LNC_ENV = "NEURON_LOGICAL_NC_CONFIG"
-ALLOWED_LNC = (1, 2)
-# LNC degrees each target supports, and the one neuronx-cc uses when none is set.
-TARGET_LNC = {"trn1": (1,), "trn2": (1, 2), "trn3": (1, 2)}
-TARGET_DEFAULT_LNC = {"trn1": 1, "trn2": 2, "trn3": 2}
 
 
 def current_target_name() -> str:
@@ -34,17 +29,7 @@ def current_target_name() -> str:
 
 def env_lnc(who: str = "nki_kernels") -> int | None:
     """The degree set by NEURON_LOGICAL_NC_CONFIG, or None when unset. A non-integer value is an error."""
-    raw = os.environ.get(LNC_ENV)
-    if raw is None or raw.strip() == "":
-        return None
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise KernelInputError(f"{who}: {LNC_ENV} must be an integer LNC degree, one of {ALLOWED_LNC}, "
-                               f"got {LNC_ENV}={raw!r}") from None
-    if value not in ALLOWED_LNC:
-        raise KernelInputError(f"{who}: {LNC_ENV} must be one of {ALLOWED_LNC}, got {LNC_ENV}={raw!r}")
-    return value
+    return _env_lnc(lambda message: KernelInputError(f"{who}: {message}"))
 
 
 def default_lnc(who: str = "nki_kernels") -> int:
@@ -52,7 +37,7 @@ def default_lnc(who: str = "nki_kernels") -> int:
     value = env_lnc(who)
     if value is not None:
         return value
-    return TARGET_DEFAULT_LNC.get(current_target_name(), 1)
+    return target_default_lnc(current_target_name())
 
 
 def resolve_lnc(lnc, who: str) -> int:

@@ -18,6 +18,12 @@ torch = pytest.importorskip("torch")
 nki, nl, nisa = backend.nki, backend.nl, backend.nisa
 
 
+@pytest.fixture(autouse=True)
+def _lnc1(monkeypatch):
+    """The test kernels here are LNC=1 kernels (no program split): compile and launch them at LNC=1."""
+    monkeypatch.setenv("NEURON_LOGICAL_NC_CONFIG", "1")
+
+
 @nki.jit
 def _affine_kernel(x, scale, shift):
     """out = x * scale + shift (fp32 compute), rows <= 128."""
@@ -61,8 +67,8 @@ def test_numpy_and_torch_give_identical_results(dtype, rng):
     x_np = (rng.standard_normal((20, 33)) * 3).astype(np.float32)
     x_t = torch.from_numpy(x_np.copy()).to(getattr(torch, dtype))
     x_np = x_np.astype(ml_dtypes.bfloat16) if dtype == "bfloat16" else x_np
-    out_np = backend.call(_affine_kernel, x_np, 1.5, -0.25)
-    out_t = backend.call(_affine_kernel, x_t, 1.5, -0.25)
+    out_np = backend.call(_affine_kernel, x_np, 1.5, -0.25, lnc=1)
+    out_t = backend.call(_affine_kernel, x_t, 1.5, -0.25, lnc=1)
     assert isinstance(out_np, np.ndarray) and isinstance(out_t, torch.Tensor)
     assert out_t.dtype == getattr(torch, dtype) and str(out_np.dtype) == dtype
     np.testing.assert_array_equal(out_t.float().numpy(), out_np.astype(np.float32))
@@ -89,7 +95,7 @@ def test_tuple_outputs_and_in_place_updates_numpy(rng):
     x = rng.standard_normal((8, 6)).astype(np.float32)
     state = rng.standard_normal((8, 6)).astype(np.float32)
     before = state.copy()
-    a, b = backend.call(_two_outputs_and_in_place, x, state, inplace=("state",))
+    a, b = backend.call(_two_outputs_and_in_place, x, state, inplace=("state",), lnc=1)
     np.testing.assert_array_equal(a, x + 1)
     np.testing.assert_array_equal(b, x * 2)
     np.testing.assert_array_equal(state, before + x)
@@ -101,7 +107,7 @@ def test_tuple_outputs_and_in_place_updates_torch(dtype, rng):
     x = torch.from_numpy(rng.standard_normal((8, 6)).astype(np.float32)).to(tdt)
     state = torch.from_numpy(rng.standard_normal((8, 6)).astype(np.float32)).to(tdt)
     before = state.clone()
-    a, b = backend.call(_two_outputs_and_in_place, x, state, inplace=("state",))
+    a, b = backend.call(_two_outputs_and_in_place, x, state, inplace=("state",), lnc=1)
     assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == tdt
     torch.testing.assert_close(a, (x.float() + 1).to(tdt), rtol=0, atol=0)
     torch.testing.assert_close(state, (before.float() + x.float()).to(tdt), rtol=0, atol=0)
@@ -111,7 +117,7 @@ def test_in_place_update_of_a_non_contiguous_torch_tensor(rng):
     x = torch.from_numpy(rng.standard_normal((6, 8)).astype(np.float32))
     state = torch.from_numpy(rng.standard_normal((6, 8)).astype(np.float32)).t()      # (8, 6), strided
     before = state.clone()
-    backend.call(_two_outputs_and_in_place, x.t().contiguous(), state, inplace="state")
+    backend.call(_two_outputs_and_in_place, x.t().contiguous(), state, inplace="state", lnc=1)
     torch.testing.assert_close(state, before + x.t())
 
 

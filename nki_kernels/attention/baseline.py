@@ -83,11 +83,11 @@ def baseline_flash_attention(q, k, v, gate=None, causal=True, softmax_scale=None
     group = q.shape[1] // k.shape[1]
     scale = 1.0 / math.sqrt(q.shape[3]) if softmax_scale is None else float(softmax_scale)
     if group > 1:
-        k = call(expand_kv_kernel, k, group)
-        v = call(expand_kv_kernel, v, group)
-    qT = call(bhsd_to_bhds_kernel, q)
-    kT = call(bhsd_to_bhds_kernel, k)
-    return call(baseline_prefill_kernel, qT, kT, v, gate, scale, causal)
+        k = call(expand_kv_kernel, k, group, lnc=1)
+        v = call(expand_kv_kernel, v, group, lnc=1)
+    qT = call(bhsd_to_bhds_kernel, q, lnc=1)
+    kT = call(bhsd_to_bhds_kernel, k, lnc=1)
+    return call(baseline_prefill_kernel, qT, kT, v, gate, scale, causal, lnc=1)
 
 
 def baseline_flash_attention_decode(q, k_cache, v_cache, cache_lens, causal=True, softmax_scale=None):
@@ -96,7 +96,7 @@ def baseline_flash_attention_decode(q, k_cache, v_cache, cache_lens, causal=True
     group = q.shape[1] // k_cache.shape[1]
     scale = 1.0 / math.sqrt(q.shape[3]) if softmax_scale is None else float(softmax_scale)
     if group > 1:
-        k_cache = call(expand_kv_kernel, k_cache, group)
-        v_cache = call(expand_kv_kernel, v_cache, group)
-    kT = call(bhsd_to_bhds_kernel, k_cache)
-    return call(baseline_decode_kernel, q, kT, v_cache, np.asarray(cache_lens, np.int32), scale, causal)
+        k_cache = call(expand_kv_kernel, k_cache, group, lnc=1)
+        v_cache = call(expand_kv_kernel, v_cache, group, lnc=1)
+    kT = call(bhsd_to_bhds_kernel, k_cache, lnc=1)
+    return call(baseline_decode_kernel, q, kT, v_cache, np.asarray(cache_lens, np.int32), scale, causal, lnc=1)

@@ -109,7 +109,7 @@ def gdn_per_head_sequential(q, k, v, g, beta, initial_state=None, use_qk_l2norm_
             ob, sb = call(gdn_token_sequential_kernel, np.ascontiguousarray(q[i_b, :, i_h // group]),
                           np.ascontiguousarray(k[i_b, :, i_h // group]), np.ascontiguousarray(v[i_b, :, i_h]),
                           np.ascontiguousarray(g[i_b, :, i_h]), np.ascontiguousarray(beta[i_b, :, i_h]), s0,
-                          scale=sc, use_l2norm=bool(use_qk_l2norm_in_kernel))
+                          scale=sc, use_l2norm=bool(use_qk_l2norm_in_kernel), lnc=1)
             o[i_b, :, i_h] = ob
             final[i_b, i_h] = sb
     return o, final

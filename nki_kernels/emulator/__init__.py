@@ -1,4 +1,4 @@
-"""A NumPy emulator of the NKI 0.6 API subset our kernels use (see KERNELS.md, "How kernels are written").
+"""A NumPy emulator of the NKI 0.7 API subset our kernels use (see KERNELS.md, "How kernels are written").
 
 Import it as the `nki` stand-in: ``from nki_kernels.emulator import language as nl, isa as nisa`` and
 ``nki_kernels.emulator.jit`` / ``simulate``. Kernels should not import this package directly; they take
@@ -7,12 +7,13 @@ Import it as the `nki` stand-in: ``from nki_kernels.emulator import language as 
 from . import collectives, isa, language
 from .collectives import multi_rank_simulate
 from .errors import EmulatorCheckError
-from .runtime import Kernel, RunResult, jit, last_run, record_launches, run, simulate
+from .runtime import (Kernel, RunResult, compiler_lnc, degree_in_force, jit, last_run, record_launches, run,
+                      simulate)
 from .targets import TARGETS, Target, get_target, use_target
 from .trace import Access, Instr, Trace
 
-__version__ = "0.6.0-emulated"
+__version__ = "0.7.0-emulated"
 
-__all__ = ["collectives", "multi_rank_simulate",
-           "isa", "language", "EmulatorCheckError", "Kernel", "RunResult", "jit", "last_run", "record_launches", "run",
-           "simulate", "TARGETS", "Target", "get_target", "use_target", "Access", "Instr", "Trace"]
+__all__ = ["collectives", "multi_rank_simulate", "isa", "language", "EmulatorCheckError", "Kernel", "RunResult",
+           "compiler_lnc", "degree_in_force", "jit", "last_run", "record_launches", "run", "simulate", "TARGETS",
+           "Target", "get_target", "use_target", "Access", "Instr", "Trace"]

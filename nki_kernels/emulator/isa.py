@@ -48,14 +48,14 @@ class oob_mode(enum.Enum):
 
 class dge_mode(enum.Enum):
     unknown = 0
-    none = 1
-    swdge = 2
-    hwdge = 3
+    swdge = 1
+    hwdge = 2
+    none = 3
 
 
 class matmul_perf_mode(enum.Enum):
-    none = 0
-    double_row = 1
+    none = "none"
+    double_row = "double_row"
 
 
 _ENGINE_NAMES = {engine.tensor: PE, engine.scalar: ACT, engine.gpsimd: POOL, engine.vector: DVE}
@@ -628,7 +628,7 @@ def memset(dst, value, engine=engine.unknown, name=None):
     _record(instr, eng, [], [dst])
 
 
-def iota(dst, pattern, offset, channel_multiplier=0, name=None):
+def iota(dst, pattern, offset=0, channel_multiplier=0, name=None):
     """dst[p, i...] = offset + p * channel_multiplier + sum(step_j * i_j) on GpSimd (SBUF only)."""
     instr = "iota"
     _onchip(instr, "dst", dst, allow=("sbuf",))
@@ -654,11 +654,11 @@ def _affine(instr, pattern, offset, channel_multiplier, p, free):
     return vals.reshape(p, free)
 
 
-def affine_select(dst, pattern, offset, channel_multiplier, on_true_tile, on_false_value, cmp_op=None, name=None):
+def affine_select(dst, pattern, channel_multiplier, on_true_tile, on_false_value, cmp_op=_ops.ALL_OPS["equal"],
+                  offset=0, name=None):
     """dst = cmp_op(offset + p*channel_multiplier + sum(step*i), 0) ? on_true_tile : on_false_value."""
     instr = "affine_select"
-    from .language import equal
-    fn = _ops.get(equal if cmp_op is None else cmp_op, instr, "cmp_op")
+    fn = _ops.get(cmp_op, instr, "cmp_op")
     _onchip(instr, "dst", dst, allow=("sbuf",))
     _onchip(instr, "on_true_tile", _tensor(instr, "on_true_tile", on_true_tile), allow=("sbuf",))
     _same_layout(instr, "on_true_tile", on_true_tile, "dst", dst)
@@ -827,7 +827,7 @@ def _dma_operand(instr, role, t):
     return t
 
 
-def dma_copy(dst, src, priority=None, oob_mode=oob_mode.error, dge_mode=dge_mode.unknown, engine=None,
+def dma_copy(dst, src, priority=None, oob_mode=oob_mode.error, dge_mode=dge_mode.unknown, engine=engine.unknown,
              name=None):
     """Copy src to dst (HBM<->SBUF, SBUF->SBUF, HBM->HBM); equal element counts; casts through fp32.
 
@@ -892,9 +892,17 @@ def _dge_meta(srcs, dsts, mode) -> dict:
     return {"dge": dge, "indirect": indirect}
 
 
-def dma_transpose(dst, src, axes=None, dge_mode=dge_mode.unknown, name=None):
+def dma_transpose(dst, src, axes=None, priority=None, dge_mode=dge_mode.unknown, oob_mode=oob_mode.error, name=None):
     """dst = src with its axes permuted (default: reversed), by DMA; 2-byte dtypes only."""
     instr = "dma_transpose"
+    if priority is not None and current().target.nc_version < 4:
+        fail(instr, "priority", "DMA priority exists only on NeuronCore-v4 (trn3)")
+    if not isinstance(oob_mode, globals()["oob_mode"]):
+        fail(instr, "oob_mode", f"must be a nisa.oob_mode member, got {oob_mode!r}")
+    if oob_mode is not globals()["oob_mode"].error:
+        fail(instr, "oob_mode", "oob_mode=skip is not emulated for dma_transpose")
+    if not isinstance(dge_mode, globals()["dge_mode"]):
+        fail(instr, "dge_mode", f"must be a nisa.dge_mode member, got {dge_mode!r}")
     _dma_operand(instr, "src", src)
     _dma_operand(instr, "dst", dst)
     if src.dtype.itemsize != 2:

@@ -117,11 +117,11 @@ class Op:
     def __repr__(self):
         return f"nl.{self.name}"
 
-    def __call__(self, *args, **kwargs):
+    def _tile_call(self, *args, dtype=None):
         if self.unsupported:
             fail(f"nl.{self.name}", None, self.unsupported)
         from . import language
-        return language._call_op(self, *args, **kwargs)
+        return language._call_op(self, *args, dtype=dtype)
 
     # -- numerics used by the ISA implementations
     def activate(self, x32: np.ndarray) -> np.ndarray:
@@ -143,7 +143,21 @@ class Op:
         return np.asarray(out, dtype=_F32)
 
 
-ALL_OPS = {n: Op(n) for n in list(_ACT) + list(_ALU) + list(_UNSUPPORTED)}
+class UnaryOp(Op):
+    """`nl.exp(x, dtype=None)` and the other one-operand tile functions (also `op=` values)."""
+
+    def __call__(self, x, dtype=None):
+        return self._tile_call(x, dtype=dtype)
+
+
+class BinaryOp(Op):
+    """`nl.add(x, y, dtype=None)` and the other two-operand tile functions (also `op=` values)."""
+
+    def __call__(self, x, y, dtype=None):
+        return self._tile_call(x, y, dtype=dtype)
+
+
+ALL_OPS = {n: (UnaryOp(n) if n in _ACT else BinaryOp(n)) for n in list(_ACT) + list(_ALU) + list(_UNSUPPORTED)}
 
 
 def get(op, instr: str, role: str = "op") -> Op:

@@ -1,6 +1,6 @@
 """Kernel launch, program instances (LNC), allocation and on-chip memory accounting.
 
-A launch `kernel[lnc](*arrays)` runs the kernel body once per program instance (sequentially; each
+A launch runs the kernel body once per program instance (sequentially; each
 instance has its own SBUF, PSUM, accumulator registers and trace, and they share HBM). NumPy arrays
 passed in become shared-HBM tensors; tensors the kernel returns must be shared-HBM allocations and come
 back as NumPy arrays. Inputs the kernel wrote are copied back into the caller's arrays.
@@ -8,6 +8,11 @@ back as NumPy arrays. Inputs the kernel wrote are copied back into the caller's 
 SBUF/PSUM accounting follows NKI scoping: a tensor is live while Python holds it, except that a new
 allocation from the very same call stack (the same statement in the next loop iteration) retires the
 previous one, since NKI frees loop-body tensors when the iteration's scope ends.
+
+LNC as in NKI 0.7 (see `lnc.py`): a launch's degree is the bracket's `kernel[n]`, else
+NEURON_LOGICAL_NC_CONFIG, else 1; it must equal the degree in force (the compiler's: `compiler_lnc` /
+`run(compile_lnc=)`, else NEURON_LOGICAL_NC_CONFIG, else the target's default, 2 on trn2), else the launch
+fails as neuronx-cc does (NCC_EVRF066).
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import dtypes as _dt
+from . import lnc as _lnc
 from .errors import EmulatorCheckError, fail
 from .targets import Target, get_target
 from .tensor import MemoryRegion, Storage, Tensor, shared_hbm
@@ -78,6 +84,8 @@ class Program:
         self._onchip: dict[int, tuple] = {}          # sid -> (kind, bytes per partition or banks, name)
         self.live_peak = {"sbuf": 0, "psum": 0}      # peak of first-to-last-use liveness (check_liveness)
         self.act_regs = np.zeros(launch.target.pmax, dtype=np.float32)
+        self.n_loops = 0                             # compiled loops (nl.fori_loop / while_loop) so far
+        self.loop_stack: list[tuple] = []            # (kind, loop id, iteration) of the loops being run
         self._shared_seen = 0
 
     # ----------------------------------------------------------------- accounting
@@ -226,6 +234,35 @@ class Program:
         return Tensor.whole(st)
 
 
+# ----------------------------------------------------------------- compiled loops
+
+
+@contextlib.contextmanager
+def loop_iteration(kind: str):
+    """For `nl.fori_loop` / `nl.while_loop`: yields `iterate`, a context manager around one iteration. The
+    instructions an iteration emits get ``meta["loop"] = ((kind, loop id, iteration), ...)`` (outermost first,
+    nested loops included), so a trace shows the compiled loop and the cost model charges its body once per
+    iteration (the body runs, and is traced, once per iteration)."""
+    prog = current()
+    loop_id = prog.n_loops
+    prog.n_loops += 1
+    count = [0]
+
+    @contextlib.contextmanager
+    def iterate():
+        prog.loop_stack.append((kind, loop_id, count[0]))
+        start = len(prog.trace)
+        try:
+            yield
+        finally:
+            tag = tuple(prog.loop_stack)
+            for ins in prog.trace[start:]:
+                ins.meta.setdefault("loop", tag)
+            prog.loop_stack.pop()
+            count[0] += 1
+    yield iterate
+
+
 # ----------------------------------------------------------------- results
 
 
@@ -289,11 +326,50 @@ def _to_numpy(value, who: str):
     fail("return", None, f"a kernel returns shared_hbm tensors (or a tuple of them), got {type(value).__name__}")
 
 
-def launch(fn, lnc: int, args, kwargs, target: Target | None = None) -> RunResult:
-    if not isinstance(lnc, (int, np.integer)) or lnc not in (1, 2):
-        fail("launch", None, f"kernel[lnc] takes exactly one number, 1 or 2; got {lnc!r}")
+_compiler_degrees: list[int] = []
+
+
+def _lnc_error(message: str) -> EmulatorCheckError:
+    return EmulatorCheckError("launch", None, message)
+
+
+@contextlib.contextmanager
+def compiler_lnc(lnc: int):
+    """Launches inside the block are compiled at degree `lnc` (as if neuronx-cc ran with ``--lnc lnc``),
+    whatever NEURON_LOGICAL_NC_CONFIG and the target's default say."""
+    problem = _lnc.lnc_problem(lnc, get_target().name)
+    if problem:
+        raise _lnc_error(problem)
+    _compiler_degrees.append(int(lnc))
+    try:
+        yield int(lnc)
+    finally:
+        _compiler_degrees.pop()
+
+
+def degree_in_force(target: Target | None = None) -> int:
+    """The degree neuronx-cc would compile at: `compiler_lnc`'s, else NEURON_LOGICAL_NC_CONFIG, else the
+    target's default (2 on trn2/trn3, 1 on trn1)."""
+    if _compiler_degrees:
+        return _compiler_degrees[-1]
+    return _lnc.degree_in_force((target or get_target()).name, _lnc_error)
+
+
+def launch(fn, lnc: int, args, kwargs, target: Target | None = None, compile_lnc: int | None = None) -> RunResult:
+    """Run `fn` as a kernel of degree `lnc`, compiled at `compile_lnc` (None: the degree in force)."""
     tgt = target or get_target()
+    problem = _lnc.lnc_problem(lnc, tgt.name)
+    if problem:
+        fail("launch", None, problem + "; kernel[lnc] takes exactly one number")
     lnc = int(lnc)
+    if compile_lnc is None:
+        compile_lnc = degree_in_force(tgt)
+    else:
+        problem = _lnc.lnc_problem(compile_lnc, tgt.name, "compile_lnc")
+        if problem:
+            fail("launch", None, problem)
+    if int(compile_lnc) != lnc:
+        fail("launch", None, _lnc.mismatch_message(getattr(fn, "__name__", "kernel"), lnc, int(compile_lnc)))
     # Arrays become shared-HBM tensors named after their parameters; other values pass through.
     import inspect
     try:
@@ -360,8 +436,14 @@ def _run_body(fn, args, kwargs):
 # ----------------------------------------------------------------- jit / simulate
 
 
+def _plain_lnc() -> int:
+    """The degree of a launch without brackets: NEURON_LOGICAL_NC_CONFIG, else 1 (as in NKI 0.7)."""
+    return _lnc.plain_launch_lnc(_lnc_error)
+
+
 class Kernel:
-    """What `nki.jit` returns: call it, or launch it with `kernel[lnc](...)`."""
+    """What `nki.jit` returns: call it (LNC from NEURON_LOGICAL_NC_CONFIG, else 1), or launch it with the
+    deprecated bracket `kernel[lnc](...)`."""
 
     def __init__(self, fn, **options):
         self.fn = fn
@@ -375,7 +457,7 @@ class Kernel:
         return _Bound(self, lnc)
 
     def __call__(self, *args, **kwargs):
-        return launch(self.fn, 1, args, kwargs).outputs
+        return launch(self.fn, _plain_lnc(), args, kwargs).outputs
 
 
 class _Bound:
@@ -387,23 +469,37 @@ class _Bound:
         return launch(self.kernel.fn, self.lnc, args, kwargs).outputs
 
 
-def jit(fn=None, **options):
+def jit(fn=None, **kwargs):
     """`@nki.jit` (with or without options): the kernel runs on the emulator when called."""
     if fn is None:
-        return lambda f: Kernel(f, **options)
-    return Kernel(fn, **options)
+        return lambda f: Kernel(f, **kwargs)
+    return Kernel(fn, **kwargs)
 
 
 def simulate(kernel):
-    """`nki.simulate(kernel)` or `nki.simulate(kernel[2])`: a callable that runs it on NumPy arrays."""
+    """`nki.simulate(kernel)` or `nki.simulate(kernel[2])`: a callable that runs it on NumPy arrays, with the
+    LNC rules of a device launch."""
     if isinstance(kernel, _Bound):
         return lambda *a, **k: launch(kernel.kernel.fn, kernel.lnc, a, k).outputs
-    if isinstance(kernel, Kernel):
-        return lambda *a, **k: launch(kernel.fn, 1, a, k).outputs
-    return lambda *a, **k: launch(kernel, 1, a, k).outputs
+    fn = kernel.fn if isinstance(kernel, Kernel) else kernel
+    return lambda *a, **k: launch(fn, _plain_lnc(), a, k).outputs
 
 
-def run(kernel, *args, lnc: int = 1, target: str | None = None, **kwargs) -> RunResult:
-    """Run a kernel and return its RunResult (outputs, per-instance traces, memory peaks)."""
-    fn = kernel.fn if isinstance(kernel, Kernel) else (kernel.kernel.fn if isinstance(kernel, _Bound) else kernel)
-    return launch(fn, lnc, args, kwargs, get_target(target) if target else None)
+def run(kernel, *args, lnc: int | None = None, compile_lnc: int | None = None, target: str | None = None,
+        **kwargs) -> RunResult:
+    """Run a kernel and return its RunResult (outputs, per-instance traces, memory peaks).
+
+    `lnc=n` models the NKI 0.7 way of choosing a degree, NEURON_LOGICAL_NC_CONFIG=n: the kernel is launched
+    and compiled at n. Without it the kernel launches as called (`kernel[n]`: n; plain: the variable, else 1)
+    and is compiled at the degree in force. `compile_lnc` overrides the compiler's degree for this launch
+    (a differing kernel degree then fails with NCC_EVRF066)."""
+    tgt = get_target(target) if target else None
+    if isinstance(kernel, _Bound):
+        fn, own = kernel.kernel.fn, kernel.lnc
+    else:
+        fn, own = (kernel.fn if isinstance(kernel, Kernel) else kernel), None
+    if lnc is None:
+        lnc = own if own is not None else _plain_lnc()
+    elif compile_lnc is None:
+        compile_lnc = lnc
+    return launch(fn, lnc, args, kwargs, tgt, compile_lnc)

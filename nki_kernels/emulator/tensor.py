@@ -8,6 +8,7 @@ when an instruction uses the view, which is how gathers, scatters and data-depen
 """
 from __future__ import annotations
 
+import enum
 import itertools
 import math
 from dataclasses import dataclass
@@ -19,12 +20,18 @@ from . import dtypes as _dt
 from .errors import fail
 
 
-class MemoryRegion:
-    """A memory buffer kind: sbuf, psum, private_hbm (alias hbm) or shared_hbm."""
+class MemoryRegion(enum.Enum):
+    """A memory buffer: sbuf, psum, private_hbm (alias nl.hbm) or shared_hbm (an enum, as in NKI)."""
 
-    def __init__(self, name: str, kind: str):
-        self.name = name
-        self.kind = kind          # "sbuf", "psum" or "hbm"
+    sbuf = "sbuf"
+    psum = "psum"
+    private_hbm = "private_hbm"
+    shared_hbm = "shared_hbm"
+
+    @property
+    def kind(self) -> str:
+        """"sbuf", "psum" or "hbm"."""
+        return "hbm" if self.value.endswith("hbm") else self.value
 
     @property
     def on_chip(self) -> bool:
@@ -34,11 +41,11 @@ class MemoryRegion:
         return f"nl.{self.name}"
 
 
-sbuf = MemoryRegion("sbuf", "sbuf")
-psum = MemoryRegion("psum", "psum")
-private_hbm = MemoryRegion("private_hbm", "hbm")
+sbuf = MemoryRegion.sbuf
+psum = MemoryRegion.psum
+private_hbm = MemoryRegion.private_hbm
 hbm = private_hbm
-shared_hbm = MemoryRegion("shared_hbm", "hbm")
+shared_hbm = MemoryRegion.shared_hbm
 
 _sid_counter = itertools.count(1)
 
@@ -86,27 +93,44 @@ def _is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
+def _row_major(shape) -> tuple:
+    strides, acc = [], 1
+    for s in reversed(shape):
+        strides.append(acc)
+        acc *= s
+    return tuple(reversed(strides))
+
+
 class Tensor:
     """An NKI tensor view. Kernels see `.shape`, `.dtype`, `.buffer`, slicing, `.reshape`, `.permute`, `.ap`."""
 
     __slots__ = ("storage", "shape", "dtype", "offset", "strides", "dyn")
 
-    def __init__(self, storage: Storage, offset: int, shape, strides, dyn: _Dynamic | None = None):
+    def __init__(self, shape, dtype, storage, buffer=sbuf, name=""):
+        """NKI's constructor signature; kernels create tensors with nl.ndarray, which the emulator backs with a
+        Storage. Here `storage` must be a Storage of that shape, dtype and buffer: the tensor is all of it."""
+        if not isinstance(storage, Storage) or storage.shape != tuple(shape) or storage.buffer is not buffer \
+                or storage.dtype != _dt.normalize(dtype):
+            fail("NkiTensor", name or None, "create tensors with nl.ndarray (the emulator allocates their storage)")
+        self._set(storage, 0, storage.shape, _row_major(storage.shape))
+
+    def _set(self, storage: Storage, offset: int, shape, strides, dyn: _Dynamic | None = None):
         self.storage = storage
         self.shape = tuple(int(s) for s in shape)
         self.strides = tuple(int(s) for s in strides)
         self.offset = int(offset)
         self.dtype = storage.dtype
         self.dyn = dyn
+        return self
+
+    @classmethod
+    def _view(cls, storage: Storage, offset: int, shape, strides, dyn: _Dynamic | None = None) -> "Tensor":
+        """A view of `storage`: element offset, shape and element strides (the emulator's constructor)."""
+        return cls.__new__(cls)._set(storage, offset, shape, strides, dyn)
 
     @classmethod
     def whole(cls, storage: Storage) -> "Tensor":
-        shape = storage.shape
-        strides, acc = [], 1
-        for s in reversed(shape):
-            strides.append(acc)
-            acc *= s
-        return cls(storage, 0, shape, tuple(reversed(strides)))
+        return cls._view(storage, 0, storage.shape, _row_major(storage.shape))
 
     # ----------------------------------------------------------------- attributes
     @property
@@ -209,7 +233,7 @@ class Tensor:
                 strides.append(st * step)
             else:
                 fail("index", self.name, f"unsupported index {k!r} on dim {d}; use ints, slices or nl.ds")
-        return Tensor(self.storage, offset, shape, strides)
+        return Tensor._view(self.storage, offset, shape, strides)
 
     def reshape(self, shape) -> "Tensor":
         shape = tuple(int(s) for s in (shape if isinstance(shape, (tuple, list)) else (shape,)))
@@ -227,7 +251,7 @@ class Tensor:
         except AttributeError:
             fail("reshape", self.name, f"the view {self.get_pattern()} cannot be reshaped to {shape} "
                  "without a copy")
-        return Tensor(self.storage, self.offset, shape, moved.strides)
+        return Tensor._view(self.storage, self.offset, shape, moved.strides)
 
     def permute(self, dims) -> "Tensor":
         dims = tuple(int(d) for d in dims)
@@ -235,10 +259,10 @@ class Tensor:
             fail("permute", self.name, f"{dims} is not a permutation of {len(self.shape)} dims")
         if self.on_chip and dims[0] != 0:
             fail("permute", self.name, "on-chip tensors cannot move the partition dim (dims[0] must be 0)")
-        return Tensor(self.storage, self.offset, [self.shape[d] for d in dims],
+        return Tensor._view(self.storage, self.offset, [self.shape[d] for d in dims],
                       [self.strides[d] for d in dims], self.dyn)
 
-    def ap(self, pattern, offset=0, scalar_offset=None, vector_offset=None, indirect_dim=0, dtype=None):
+    def ap(self, pattern, offset=None, scalar_offset=None, vector_offset=None, indirect_dim=0, dtype=None):
         """Access-pattern view: ``pattern=[[stride, count], ...]`` in elements, from this view's offset.
 
         `scalar_offset` (an int or an int (1,1) on-chip tensor) adds value * prod(base dims after
@@ -273,7 +297,7 @@ class Tensor:
                         or not _dt.is_int(scalar_offset.dtype) or not scalar_offset.on_chip:
                     fail("ap", "scalar_offset", "must be an int or a single-element integer tensor in SBUF")
             dyn = _Dynamic(scalar_offset, vector_offset, int(indirect_dim), mult)
-        view = Tensor(self.storage, self.offset + int(offset), shape, strides, dyn)
+        view = Tensor._view(self.storage, self.offset + int(offset or 0), shape, strides, dyn)
         if dyn is None:
             view._check_static_bounds("ap")
         return view

@@ -608,7 +608,7 @@ def moe_blockwise(hidden, expert_affinities, gate_up, down, token_position_to_id
     s_gu, s_dn, s_g = shared if shared is not None else (None, None, None)
     if lnc == 1:
         return call(moe_blockwise_kernel, hidden, aff, gate_up, down, tpos32, b2e32, inv, s_gu, s_dn, s_g, idx,
-                    int(block_size), int(expert_offset))
+                    int(block_size), int(expert_offset), lnc=1)
     scratch = call(moe_blockwise_blocks_kernel, hidden, aff, gate_up, down, tpos32, b2e32, idx, int(block_size),
                    int(expert_offset), lnc=lnc)
     return call(moe_blockwise_finalize_kernel, hidden, scratch, inv, s_gu, s_dn, s_g, lnc=lnc)

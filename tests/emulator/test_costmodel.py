@@ -101,7 +101,7 @@ def _mm_report(k, m, n, seed=0):
     rng = np.random.default_rng(seed)
     a = rng.standard_normal((k, m)).astype(BF16)
     b = rng.standard_normal((k, n)).astype(BF16)
-    res = run(_mm_hoisted, a, b, target="trn2")
+    res = run(_mm_hoisted, a, b, target="trn2", lnc=1)
     ref = a.astype(np.float64).T @ b.astype(np.float64)
     assert_close("matmul", ref, res.outputs, dtype="bfloat16")
     return model_launches([res], target="trn2")
@@ -130,8 +130,8 @@ def test_fp32_matmul_runs_at_quarter_rate():
     rng = np.random.default_rng(1)
     a = rng.standard_normal((k, m)).astype(np.float32)
     b = rng.standard_normal((k, n)).astype(np.float32)
-    r32 = model_launches([run(_mm_hoisted, a, b, target="trn2")])
-    r16 = model_launches([run(_mm_hoisted, a.astype(BF16), b.astype(BF16), target="trn2")])
+    r32 = model_launches([run(_mm_hoisted, a, b, target="trn2", lnc=1)])
+    r16 = model_launches([run(_mm_hoisted, a.astype(BF16), b.astype(BF16), target="trn2", lnc=1)])
     # 4 passes, each N=512 cycles + the 64-cycle per-pass issue overhead (calibrated on A2/A5)
     p = PARAMS["trn2"]
     assert r32.engine_busy_us[PE] == pytest.approx(4 * (512 + p.pe_fp32_pass_overhead) / 512 * r16.engine_busy_us[PE],
@@ -141,7 +141,7 @@ def test_fp32_matmul_runs_at_quarter_rate():
 def test_dma_copy_models_at_documented_bandwidth():
     rows, cols = 1024, 8192                      # 32 MiB fp32 read + 32 MiB written, 16 KiB per partition per tile
     x = np.arange(rows * cols, dtype=np.float32).reshape(rows, cols)
-    res = run(_copy, x, 4096, target="trn2")
+    res = run(_copy, x, 4096, target="trn2", lnc=1)
     np.testing.assert_array_equal(res.outputs, x)
     rep = model_launches([res], target="trn2")
     assert rep.hbm_read_bytes == x.nbytes and rep.hbm_write_bytes == x.nbytes
@@ -156,7 +156,7 @@ def test_dma_copy_models_at_documented_bandwidth():
 
 def test_small_dma_is_latency_bound():
     x = np.ones((128, 64), np.float32)           # 256 B per partition: far below 2 KiB
-    rep = model_launches([run(_copy, x, 64, target="trn2")])
+    rep = model_launches([run(_copy, x, 64, target="trn2", lnc=1)])
     p = PARAMS["trn2"]
     # load then store, each paying the fixed start latency and moving 256 B runs at their (low) efficiency
     xfer = x.nbytes / (hbm_bytes_per_s("trn2") * dma_efficiency(256, "trn2")) * 1e6
@@ -269,8 +269,8 @@ def test_vector_costs_follow_documented_formulas():
 def test_report_fields_and_launch_overhead_are_separate():
     x = np.ones((128, 512), np.float32)
     with record_launches() as runs:
-        _copy(x, 512)
-        _copy(x, 512)
+        run(_copy, x, 512, lnc=1)
+        run(_copy, x, 512, lnc=1)
     rep = model_launches(runs, target="trn2")
     assert rep.n_launches == 2 and len(rep.launches) == 2
     assert rep.total_us == pytest.approx(sum(L.device_us for L in rep.launches))
@@ -292,7 +292,7 @@ def test_tile_buffer_rotation_limits_prefetch():
     """A loop-body tile rotates through `tile_buffers` buffers: with one buffer, load k+1 waits for store k."""
     import dataclasses
     x = np.ones((128, 16 * 1024), np.float32)
-    res = run(_copy, x, 1024, target="trn2")
+    res = run(_copy, x, 1024, target="trn2", lnc=1)
     assert getattr(res.traces[0], "alloc_sites", None), "allocation sites are recorded"
     base = PARAMS["trn2"]
     t1, t3, t64 = (model_launches([res], params=dataclasses.replace(base, tile_buffers=n)).total_us
@@ -320,7 +320,7 @@ def _copy_keep(x, free_tile):
 def test_tiles_kept_alive_are_not_rotated():
     import dataclasses
     x = np.ones((128, 8 * 1024), np.float32)
-    res = run(_copy_keep, x, 1024, target="trn2")
+    res = run(_copy_keep, x, 1024, target="trn2", lnc=1)
     two = dataclasses.replace(PARAMS["trn2"], tile_buffers=2)
     many = dataclasses.replace(PARAMS["trn2"], tile_buffers=64)
     assert model_launches([res], params=two).total_us == pytest.approx(
@@ -331,8 +331,8 @@ def test_short_dma_rows_lose_bandwidth():
     """Same bytes, 512 B rows vs 4 KiB rows: the DMA busy time grows by the efficiency curve."""
     p = PARAMS["trn2"]
     x = np.ones((1024, 1024), np.float32)          # rows of 4 KiB
-    wide = model_launches([run(_copy, x, 1024, target="trn2")])
-    narrow = model_launches([run(_copy, x, 128, target="trn2")])   # tiles of 128 columns: 512 B runs
+    wide = model_launches([run(_copy, x, 1024, target="trn2", lnc=1)])
+    narrow = model_launches([run(_copy, x, 128, target="trn2", lnc=1)])   # tiles of 128 columns: 512 B runs
     expect = dma_efficiency(4096, "trn2", p) / dma_efficiency(512, "trn2", p)
     assert narrow.engine_busy_us["dma"] == pytest.approx(expect * wide.engine_busy_us["dma"], rel=0.01)
     assert narrow.hbm_bytes == wide.hbm_bytes
@@ -342,9 +342,9 @@ def test_dma_descriptors_stop_at_on_chip_partition_rows():
     """A contiguous 64 KiB HBM block landing in 512 B SBUF partition rows moves at the 512 B-run efficiency:
     partitions are separate address ranges, so no descriptor spans two of them."""
     p = PARAMS["trn2"]
-    wide = model_launches([run(_copy, np.ones((1024, 1024), np.float32), 1024, target="trn2")])
+    wide = model_launches([run(_copy, np.ones((1024, 1024), np.float32), 1024, target="trn2", lnc=1)])
     tall = np.ones((8192, 128), np.float32)      # every [128, 128] tile is one contiguous block in HBM
-    narrow = model_launches([run(_copy, tall, 128, target="trn2")])
+    narrow = model_launches([run(_copy, tall, 128, target="trn2", lnc=1)])
     expect = dma_efficiency(4096, "trn2", p) / dma_efficiency(512, "trn2", p)
     assert narrow.engine_busy_us["dma"] == pytest.approx(expect * wide.engine_busy_us["dma"], rel=0.01)
 

@@ -403,7 +403,7 @@ def test_launch_lnc_must_be_1_or_2(rng):
     def k(a):
         return hbm_out(sb_load(a))
     x = rnd(rng, (4, 4))
-    with raises("launch", "1 or 2", "3"):
+    with raises("launch", "lnc must be one of (1, 2)", "3"):
         k[3](x)
     with raises("launch", "exactly one number"):
         k[1, 2](x)

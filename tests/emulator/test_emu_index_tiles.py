@@ -22,7 +22,7 @@ def _expert_rows(weights, expert_id):
 
 def test_dynamic_dma_index_tile_is_a_read_but_not_a_data_run():
     w = np.arange(3 * 128 * 1024, dtype=np.float32).reshape(3, 128, 1024)
-    res = run(_expert_rows, w, np.array([2], dtype=np.int32))
+    res = run(_expert_rows, w, np.array([2], dtype=np.int32), lnc=1)
     np.testing.assert_array_equal(res.outputs, w[2])
     ins = [i for i in res.traces[0] if i.name == "dma_copy"][1]
     idx_reads = [a for a in ins.reads if a.dtype == "int32"]

@@ -71,7 +71,7 @@ def test_nl_softmax_and_rms_norm(rng):
     w = rnd(rng, (1, 40))
 
     def step(a, b):
-        return nl.softmax(a, axis=1), nl.rms_norm(a, b, axis=1, epsilon=1e-5)
+        return nl.softmax(a, axis=1), nl.rms_norm(a, b, axis=1, n=None, epsilon=1e-5)
     sm, rn = on_chip(step, x, w)
     x64 = x.astype(np.float64)
     e = np.exp(x64 - x64.max(1, keepdims=True))

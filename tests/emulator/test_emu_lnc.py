@@ -6,6 +6,8 @@ from emu_kit import jit, kernel_run, nisa, nl, raises, rnd, run, sb_load
 from hypothesis import given
 from hypothesis import strategies as st
 
+from nki_kernels.emulator import compiler_lnc
+
 
 @jit
 def _scale_rows(x, factor):
@@ -56,9 +58,11 @@ def test_program_id_and_num_programs():
     assert seen == [(0, 1), (0, 2), (1, 2)]
     assert r1.outputs[0, 0] == 10
     np.testing.assert_array_equal(r2.outputs[:, 0], [10, 11])
-    # called without brackets: one program
-    np.testing.assert_array_equal(kernel(one)[0], [10])
-    np.testing.assert_array_equal(kernel[2](one)[:, 0], [10, 11])
+    # called without brackets: one program (LNC=1 when NEURON_LOGICAL_NC_CONFIG is unset)
+    with compiler_lnc(1):
+        np.testing.assert_array_equal(kernel(one)[0], [10])
+    with compiler_lnc(2):
+        np.testing.assert_array_equal(kernel[2](one)[:, 0], [10, 11])
 
 
 def test_race_check_write_write_and_write_read(rng):
@@ -134,5 +138,7 @@ def test_private_hbm_is_per_program(rng):
 def test_nki_simulate_entry_points(rng):
     from nki_kernels.emulator import simulate
     x = rnd(rng, (40, 8))
-    np.testing.assert_array_equal(simulate(_scale_rows)(x, 2.0), x * np.float32(2.0))
-    np.testing.assert_array_equal(simulate(_scale_rows[2])(x, 2.0), x * np.float32(2.0))
+    with compiler_lnc(1):
+        np.testing.assert_array_equal(simulate(_scale_rows)(x, 2.0), x * np.float32(2.0))
+    with compiler_lnc(2):
+        np.testing.assert_array_equal(simulate(_scale_rows[2])(x, 2.0), x * np.float32(2.0))

@@ -8,7 +8,7 @@ from dataclasses import fields
 import numpy as np
 from emu_kit import BF16, hbm_out, jit, kernel_run, nisa, nl, rnd, run, sb_load
 
-from nki_kernels.emulator import record_launches
+from nki_kernels.emulator import compiler_lnc, record_launches
 
 # Per-instruction emulation + tracing cost budget in CPU time (measured ~25-30 us on the 2-core dev box for
 # (128, 64) fp32 tiles; the bound leaves a wide margin).
@@ -58,7 +58,7 @@ def test_record_launches_collects_run_results(rng):
     def k(x):
         return hbm_out(sb_load(x))
     x = rnd(rng, (4, 4))
-    with record_launches() as runs:
+    with record_launches() as runs, compiler_lnc(1):
         k(x)
         run(k, x, lnc=1)
     assert len(runs) == 2 and all(len(r.traces) == 1 for r in runs)
