@@ -1,9 +1,10 @@
-"""`python -m microbench [--target trn2] [--kernels a,b] [--quick] [--out microbench_out/]`
+"""`python -m microbench [--target trn2] [--kernels a,b] [--quick] [--no-lnc1] [--out microbench_out/]`
 
-Runs every registered case on the emulator, checks it against its NumPy reference, models its time with the
-cost model (modeled µs on the target, device time without launch overhead), prints a table and writes
-results.json, results.md and roofline.png to --out. Exit code 1 if any kernel or baseline failed its check or
-raised (all cases still run; the table says which).
+Runs every registered case on the emulator at the target's default LNC (2 on trn2/trn3: the degree neuronx-cc
+uses; NEURON_LOGICAL_NC_CONFIG overrides it) and again at LNC=1, checks both against the NumPy reference,
+models their time with the cost model (modeled µs on the target per logical core, device time without launch
+overhead), prints a table and writes results.json, results.md and roofline.png to --out. Exit code 1 if any
+kernel or baseline failed its check or raised (all cases still run; the table says which).
 """
 from __future__ import annotations
 
@@ -26,20 +27,30 @@ def _f(v, fmt="{:.2f}", none="-"):
 
 _QUICK_CASE_BUDGET_S = 10.0      # emulation seconds one quick case may take (quick run < 2 min for all kernels)
 
-COLUMNS = ("kernel", "shape", "check", "modeled µs", "TensorE util", "TFLOP/s", "HBM GB/s", "roofline ratio",
-           "baseline", "baseline µs", "speed-up")
+COLUMNS = ("kernel", "shape", "check", "modeled µs", "LNC", "LNC=1 µs", "TensorE util", "TFLOP/s", "HBM GB/s",
+           "roofline ratio", "baseline", "baseline µs", "speed-up")
 
 
 def rows(results):
+    """One row per case: `modeled µs` at the default LNC ("-" when the kernel has no path at that degree yet;
+    the reason is listed under the table), the LNC it launched at, and the LNC=1 figure."""
     out = []
     for r in results:
         check = "ok" if r.ok else "FAIL"
         if r.baseline_ok is False:
             check += ", baseline FAIL"
-        out.append((r.kernel, r.shape, check, _f(r.modeled_us), _f(r.tensor_util * 100, "{:.1f}%"),
-                    _f(r.tflops, "{:.1f}"), _f(r.hbm_gbps, "{:.0f}"), _f(r.roofline_ratio), r.baseline_name or "-",
+        headline = math.isfinite(r.modeled_us)
+        out.append((r.kernel, r.shape, check, _f(r.modeled_us), str(r.lnc if headline else "-"), _f(r.lnc1_us),
+                    _f(r.tensor_util * 100, "{:.1f}%") if headline else "-",
+                    _f(r.tflops, "{:.1f}") if headline else "-", _f(r.hbm_gbps, "{:.0f}") if headline else "-",
+                    _f(r.roofline_ratio) if headline else "-", r.baseline_name or "-",
                     _f(r.baseline_us), _f(r.speedup, "{:.2f}x")))
     return out
+
+
+def notes(results) -> list[str]:
+    """Why a figure is missing, one line per case that has a reason."""
+    return [f"{r.kernel} [{r.shape}]: {r.lnc_note}" for r in results if r.lnc_note]
 
 
 def text_table(results) -> str:
@@ -53,13 +64,17 @@ def text_table(results) -> str:
 
 def markdown(results, target: str, cmd: str) -> str:
     pe, bw = peaks(target)
+    default = results[0].default_lnc if results else 1
     lines = [f"# Microbenchmark results (modeled on {target})", "",
              f"Produced by `{cmd}`. All times are **modeled µs on {target}** by `nki_kernels.emulator.costmodel` "
-             f"(device time, launch overhead excluded), not measured. Roofline per core: TensorE {pe:.1f} TFLOP/s "
-             f"bf16, HBM {bw:.0f} GB/s.", "",
+             f"(device time of the logical core, launch overhead excluded), not measured. `modeled µs` is at the "
+             f"default LNC={default} ({target}'s, as neuronx-cc compiles); `LNC=1 µs` is the same case at LNC=1. "
+             f"Roofline per physical core: TensorE {pe:.1f} TFLOP/s bf16, HBM {bw:.0f} GB/s (x LNC cores).", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows(results):
         lines.append("| " + " | ".join(str(x).replace("|", "/") for x in row) + " |")
+    if notes(results):
+        lines += ["", "## Missing figures", ""] + [f"- {n}" for n in notes(results)]
     fails = [r for r in results if not r.ok or r.baseline_ok is False]
     if fails:
         lines += ["", "## Failures", ""]
@@ -112,6 +127,7 @@ def main(argv=None) -> int:
     ap.add_argument("--params", default="default",
                     help="cost-model preset (docs/cost-model.md): default, low, high, or <constant>-low/-high, "
                          "e.g. dma-latency-high")
+    ap.add_argument("--no-lnc1", action="store_true", help="only the default-LNC run (no LNC=1 second figure)")
     args = ap.parse_args(argv)
     from nki_kernels.emulator.costmodel import PRESETS, use_params
     if args.params not in PRESETS:
@@ -143,21 +159,26 @@ def _main(args, argv) -> int:
     for case in chosen:
         if bar is not None:
             bar.set_postfix_str(case.key[:50])
-        results.append(run_case(case, args.target))
+        results.append(run_case(case, args.target, lnc1=not args.no_lnc1))
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
     wall = time.perf_counter() - t0
 
+    default = results[0].default_lnc
     preset = "" if args.params == "default" else f", cost-model preset {args.params}"
-    print(f"\nModeled on {args.target} (device µs, launch overhead excluded; not measured{preset}):\n")
+    print(f"\nModeled on {args.target} at its default LNC={default} (device µs of the logical core, launch overhead "
+          f"excluded; not measured{preset}), LNC=1 as the second figure:\n")
     print(text_table(results))
+    for n in notes(results):
+        print(f"- {n}")
     for r in results:
         if not r.ok or r.baseline_ok is False:
             print(f"FAIL {r.kernel} [{r.shape}]: {r.error}")
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"target": args.target, "command": cmd, "modeled": True, "wall_seconds": round(wall, 2),
+        json.dump({"target": args.target, "command": cmd, "modeled": True, "default_lnc": default,
+                   "wall_seconds": round(wall, 2),
                    "results": [r.to_json() for r in results]}, f, indent=1)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(markdown(results, args.target, cmd))

@@ -27,7 +27,8 @@ class BenchCase:
     baseline_name: str | None = None              # e.g. "host permute + expanded KV"
     baseline_run: Callable[[dict], object] | None = None   # runs the baseline kernel(s); output checked too
     check: Callable[[object, object], None] | None = None  # custom comparison (default: assert_close on each output)
-    lnc: int = 1                                  # informational: how the kernel was launched
+    lnc: int = 1                                  # informational only: the runner sets the degree through
+                                                  # NEURON_LOGICAL_NC_CONFIG and reads the launched LNC from the trace
     tags: dict = field(default_factory=dict)
 
     @property

@@ -1,9 +1,18 @@
 """Run microbench cases: make inputs, run on the emulator while recording launches, check against the
 reference, model the recorded launches with the cost model (figures are modeled µs on a target, not measured).
+
+Each case runs at the target's default LNC (the degree neuronx-cc uses: NEURON_LOGICAL_NC_CONFIG when set,
+else 2 on trn2/trn3, 1 on trn1), chosen the documented way, by NEURON_LOGICAL_NC_CONFIG, which the public
+wrappers' ``lnc=None`` resolves to; and, when that default is 2, again at LNC=1 for the second figure. The LNC
+a case actually launched at is read from its recorded launches: a case whose kernel has no LNC=2 path yet (it
+launches at LNC=1 whatever the variable says) gets no default-LNC figure ("-", with the reason), only its
+LNC=1 one.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -12,6 +21,7 @@ import numpy as np
 
 from nki_kernels.emulator import record_launches
 from nki_kernels.emulator.costmodel import hbm_bytes_per_s, model_launches, pe_peak_flops, roofline_us
+from nki_kernels.emulator.lnc import LNC_ENV, degree_in_force
 from nki_kernels.emulator.targets import use_target
 from nki_kernels.testing import assert_close
 
@@ -21,12 +31,15 @@ class CaseResult:
     kernel: str
     shape: str
     target: str
-    ok: bool = False                      # output matched the reference
+    ok: bool = False                      # output matched the reference (at every LNC run)
     error: str = ""                       # why not (check failure or exception)
-    modeled_us: float = math.nan          # modeled device time (sum over launches), µs on `target`
+    modeled_us: float = math.nan          # modeled device time (sum over launches) at default_lnc, µs on `target`
     launch_overhead_us: float = 0.0       # modeled per-launch overhead, reported separately
     n_launches: int = 0
-    lnc: int = 1
+    lnc: int = 1                          # the LNC the headline (modeled_us) run launched at
+    default_lnc: int = 1                  # the degree in force on `target` (what the headline is meant to be at)
+    lnc1_us: float = math.nan             # modeled device time at LNC=1 (second figure)
+    lnc_note: str = ""                    # why a figure is missing ("-")
     flops: int = 0                        # useful FLOPs (case.flops, else counted matmul FLOPs)
     hbm_bytes: int = 0                    # bytes moved to/from HBM by the kernel (counted from the trace)
     min_hbm_bytes: int = 0                # roofline bytes (case.min_hbm_bytes, else counted)
@@ -82,55 +95,71 @@ def default_check(name: str, ref, out, dtype: str):
         assert_close(f"{name}[{i}]" if len(refs) > 1 else name, r, o, dtype=dtype)
 
 
-def _run_and_model(fn, inputs, target):
-    with use_target(target):
+@contextlib.contextmanager
+def _lnc_env(lnc: int):
+    """NEURON_LOGICAL_NC_CONFIG=lnc inside the block (how NKI 0.7 sets the degree of kernels and compiler)."""
+    old = os.environ.get(LNC_ENV)
+    os.environ[LNC_ENV] = str(lnc)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(LNC_ENV, None)
+        else:
+            os.environ[LNC_ENV] = old
+
+
+def _run_and_model(fn, inputs, target, lnc: int | None = None):
+    with use_target(target), (_lnc_env(lnc) if lnc is not None else contextlib.nullcontext()):
         with record_launches() as runs:
             out = fn(inputs)
     rep = model_launches(list(runs), target=target) if runs else None
     return out, rep
 
 
-def run_case(case, target: str = "trn2", seed: int = 0, check_baseline: bool = True) -> CaseResult:
-    """Run one BenchCase; exceptions and failed checks are captured in the result (never raised)."""
-    res = CaseResult(case.kernel, case.shape, target, dtype=case.dtype, quick=case.quick, lnc=case.lnc,
-                     baseline_name=case.baseline_name or "")
+def _launched_lnc(rep) -> int:
+    return max((len(L.cores) for L in rep.launches), default=1)
+
+
+def _check(case, ref, out, label=""):
+    if case.check is not None:
+        case.check(ref, out)
+    else:
+        default_check(case.kernel + label, ref, out, case.dtype)
+
+
+def run_case(case, target: str = "trn2", seed: int = 0, check_baseline: bool = True, lnc1: bool = True) -> CaseResult:
+    """Run one BenchCase at the default LNC (and at LNC=1 when `lnc1` and the default is 2); exceptions and
+    failed checks are captured in the result (never raised)."""
+    default = degree_in_force(target)
+    res = CaseResult(case.kernel, case.shape, target, dtype=case.dtype, quick=case.quick, lnc=default,
+                     default_lnc=default, baseline_name=case.baseline_name or "")
     t0 = time.perf_counter()
     try:
         rng = np.random.default_rng(seed)
         inputs = case.make_inputs(rng)
-        out, rep = _run_and_model(case.run, inputs, target)
+        out, rep = _run_and_model(case.run, inputs, target, default)
         res.emulate_s = time.perf_counter() - t0
         if rep is None:
             raise RuntimeError("the case made no kernel launch (nothing to model)")
         ref = case.reference(inputs)
         try:
-            if case.check is not None:
-                case.check(ref, out)
-            else:
-                default_check(case.kernel, ref, out, case.dtype)
+            _check(case, ref, out)
             res.ok = True
         except AssertionError as e:
             res.error = f"check failed: {e}"
-        res.modeled_us = rep.device_us
-        res.launch_overhead_us = rep.launch_overhead_us
-        res.n_launches = rep.n_launches
-        res.lnc = max((len(L.cores) for L in rep.launches), default=1)
-        res.flops = int(case.flops or rep.flops)
-        res.hbm_bytes = int(rep.hbm_bytes)
-        res.min_hbm_bytes = int(case.min_hbm_bytes or rep.hbm_bytes)
-        res.tensor_util = rep.tensor_util
-        res.engine_busy_us = {k: round(v, 3) for k, v in rep.engine_busy_us.items()}
-        if rep.device_us > 0:
-            res.tflops = res.flops / (rep.device_us * 1e6)
-            res.hbm_gbps = rep.hbm_bytes / (rep.device_us * 1e3)
-        # the honest roofline: useful FLOPs at the bf16 peak (fp8 peak for fp8 inputs), whatever precision the
-        # kernel computes in (docs/cost-model.md)
-        res.roofline_us = roofline_us(res.flops, res.min_hbm_bytes, target, cores=res.lnc,
-                                      fp8=_fp8_inputs(inputs))
-        res.roofline_ratio = rep.device_us / res.roofline_us if res.roofline_us > 0 else math.nan
         del out
+        _fill(res, case, rep, target, inputs)
+        if res.lnc != default:
+            # the kernel has no LNC=default path yet: its figure is an LNC=1 figure, not the headline
+            res.lnc_note = f"launches at LNC={res.lnc} under {LNC_ENV}={default}: no LNC={default} path yet"
+            if res.lnc == 1:
+                res.lnc1_us = res.modeled_us
+            res.modeled_us = math.nan
+        elif lnc1 and default != 1:
+            _run_lnc1(case, inputs, ref, target, res)
         if case.baseline_run is not None:
-            _run_baseline(case, inputs, ref, target, rep, res, check_baseline)
+            _run_baseline(case, inputs, ref, target, rep, res, check_baseline, default)
     except Exception as e:  # noqa: BLE001 - one broken case must not stop the run
         tb = traceback.format_exception_only(type(e), e)[-1].strip()
         res.error = f"{type(e).__name__}: {tb}"
@@ -139,13 +168,52 @@ def run_case(case, target: str = "trn2", seed: int = 0, check_baseline: bool = T
     return res
 
 
-def _run_baseline(case, inputs, ref, target, rep, res, check_baseline):
-    """Model the case's baseline; its failures are recorded on the result (baseline_ok=False), never raised."""
+def _fill(res, case, rep, target, inputs):
+    """The headline figures of `res` from the default-LNC run's report."""
+    res.modeled_us = rep.device_us
+    res.launch_overhead_us = rep.launch_overhead_us
+    res.n_launches = rep.n_launches
+    res.lnc = _launched_lnc(rep)
+    res.flops = int(case.flops or rep.flops)
+    res.hbm_bytes = int(rep.hbm_bytes)
+    res.min_hbm_bytes = int(case.min_hbm_bytes or rep.hbm_bytes)
+    res.tensor_util = rep.tensor_util
+    res.engine_busy_us = {k: round(v, 3) for k, v in rep.engine_busy_us.items()}
+    if rep.device_us > 0:
+        res.tflops = res.flops / (rep.device_us * 1e6)
+        res.hbm_gbps = rep.hbm_bytes / (rep.device_us * 1e3)
+    # the honest roofline: useful FLOPs at the bf16 peak (fp8 peak for fp8 inputs), whatever precision the
+    # kernel computes in (docs/cost-model.md)
+    res.roofline_us = roofline_us(res.flops, res.min_hbm_bytes, target, cores=res.lnc, fp8=_fp8_inputs(inputs))
+    res.roofline_ratio = rep.device_us / res.roofline_us if res.roofline_us > 0 else math.nan
+
+
+def _run_lnc1(case, inputs, ref, target, res):
+    """The second figure: the same case under NEURON_LOGICAL_NC_CONFIG=1 (checked too)."""
     try:
-        b_out, b_rep = _run_and_model(case.baseline_run, inputs, target)
+        out1, rep1 = _run_and_model(case.run, inputs, target, 1)
+        if _launched_lnc(rep1) != 1:
+            res.lnc_note = f"launches at LNC={_launched_lnc(rep1)} under {LNC_ENV}=1 (the case fixes its lnc)"
+            return
+        res.lnc1_us = rep1.device_us
+        _check(case, ref, out1, " (LNC=1)")
+    except Exception as e:  # noqa: BLE001 - recorded on the result
+        what = "check failed" if isinstance(e, AssertionError) else type(e).__name__
+        msg = traceback.format_exception_only(type(e), e)[-1].strip()
+        res.ok = False
+        res.error = (res.error + "; " if res.error else "") + f"LNC=1 {what}: {msg}"
+
+
+def _run_baseline(case, inputs, ref, target, rep, res, check_baseline, lnc):
+    """Model the case's baseline (under the same NEURON_LOGICAL_NC_CONFIG as the headline run); its failures are
+    recorded on the result (baseline_ok=False), never raised. The speed-up compares with the headline figure,
+    else (no default-LNC path yet) with the LNC=1 one."""
+    try:
+        b_out, b_rep = _run_and_model(case.baseline_run, inputs, target, lnc)
         if b_rep is not None:
             res.baseline_us = b_rep.device_us
-            res.speedup = b_rep.device_us / rep.device_us if rep.device_us > 0 else math.nan
+            ours = res.modeled_us if math.isfinite(res.modeled_us) else res.lnc1_us
+            res.speedup = b_rep.device_us / ours if ours > 0 else math.nan
         if check_baseline:
             if case.check is not None:
                 case.check(ref, b_out)

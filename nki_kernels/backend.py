@@ -1,7 +1,8 @@
 """The one place kernels get `nki`, `nl` and `nisa` from: real NKI when present, else our emulator.
 
 Kernel files do ``from nki_kernels.backend import nki, nl, nisa`` and nothing else NKI-related, so the
-same source runs on a Trainium host (real `nki` >= 0.3 from AWS's Neuron pip repository) and here.
+same source runs on a Trainium host (real `nki` >= 0.7, Neuron SDK 2.33, from AWS's Neuron pip repository) and
+here.
 
 * ``ACTIVE`` is ``"nki"`` or ``"emulator"``.
 * ``NKI_KERNELS_FORCE_EMULATOR=1`` forces the emulator even where real NKI is installed.
@@ -16,7 +17,7 @@ import os
 import numpy as np
 
 FORCE_EMULATOR_ENV = "NKI_KERNELS_FORCE_EMULATOR"
-MIN_NKI_VERSION = (0, 3)
+MIN_NKI_VERSION = (0, 7)          # NKI 0.7 = Neuron SDK 2.33: Python-tracing specialization, LNC check (NCC_EVRF066)
 
 
 def _version_tuple(v: str):
@@ -42,7 +43,13 @@ def _real_nki():
     except Exception:       # ImportError from the placeholder, or anything a broken install raises
         return None
     version = getattr(real, "__version__", "0")
-    if _version_tuple(version) < MIN_NKI_VERSION or not hasattr(real, "jit") or not hasattr(real_isa, "nc_matmul"):
+    if not hasattr(real, "jit") or not hasattr(real_isa, "nc_matmul"):
+        return None
+    if _version_tuple(version) < MIN_NKI_VERSION:  # pragma: no cover - needs a real, older NKI
+        import warnings
+        warnings.warn(f"nki_kernels needs NKI >= {'.'.join(map(str, MIN_NKI_VERSION))} (Neuron SDK 2.33); found nki "
+                      f"{version}, so kernels run on the NumPy emulator. Upgrade the Neuron SDK to use the device.",
+                      RuntimeWarning, stacklevel=2)
         return None
     return real, real_nl, real_isa
 

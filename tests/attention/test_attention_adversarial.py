@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nki_kernels import backend, flash_attention, flash_attention_decode
+from nki_kernels import flash_attention, flash_attention_decode
 from nki_kernels.attention.reference import flash_attention_decode_ref, flash_attention_ref
 from nki_kernels.lnc import LNC_ENV
 from nki_kernels.testing import assert_close
@@ -23,17 +23,11 @@ def _qkv(rng, b, hq, hkv, sq, skv, d, dtype):
 
 
 @pytest.fixture
-def launches(monkeypatch):
-    """The lnc of every emulated launch made by the wrappers."""
-    seen = []
-    real_run = backend.nki.run
-
-    def spy(kernel, *args, lnc=1, **kwargs):
-        res = real_run(kernel, *args, lnc=lnc, **kwargs)
-        seen.append((lnc, len(res.traces)))
-        return res
-    monkeypatch.setattr(backend.nki, "run", spy)
-    return seen
+def launches():
+    """The RunResult of every emulated launch made by the wrappers."""
+    from nki_kernels.emulator import record_launches
+    with record_launches() as runs:
+        yield runs
 
 
 # ------------------------------------------------------------------ LNC (issue 14)
@@ -50,7 +44,7 @@ def test_default_lnc_is_the_targets_and_env_wins(monkeypatch, launches):
     monkeypatch.setenv(LNC_ENV, "1")
     out_one = flash_attention(q, k, v, seq_lens=lens)
     out_explicit = flash_attention(q, k, v, seq_lens=lens, lnc=2)          # explicit lnc beats the env
-    assert launches == [(2, 2), (2, 2), (2, 2), (1, 1), (2, 2)]
+    assert [(r.lnc, len(r.traces)) for r in launches] == [(2, 2), (2, 2), (2, 2), (1, 1), (2, 2)]
     ref = flash_attention_ref(q, k, v, seq_lens=lens)
     for out in (out_default, out_env, out_one, out_explicit):
         assert_close("lnc", ref, out, dtype="bfloat16")

@@ -11,6 +11,7 @@ import microbench.__main__ as cli
 from microbench import registry
 from microbench.registry import BenchCase
 from microbench.runner import run_case, select
+from nki_kernels.backend import call
 from nki_kernels.emulator import isa as nisa
 from nki_kernels.emulator import jit
 from nki_kernels.emulator import language as nl
@@ -18,6 +19,20 @@ from nki_kernels.emulator import language as nl
 
 @jit
 def _scale_kernel(x, factor):
+    """x * factor; each program instance scales its share of the rows (LNC=1 and 2)."""
+    out = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
+    rows = x.shape[0] // nl.num_programs(0)
+    r0 = nl.program_id(0) * rows
+    t = nl.ndarray((rows, x.shape[1]), dtype=x.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=t, src=x[r0:r0 + rows, :])
+    nisa.tensor_scalar(dst=t, data=t, op0=nl.multiply, operand0=factor)
+    nisa.dma_copy(dst=out[r0:r0 + rows, :], src=t)
+    return out
+
+
+@jit
+def _scale_kernel_lnc1(x, factor):
+    """x * factor by one core only (a kernel without an LNC=2 path: its wrapper launches it at LNC=1)."""
     out = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
     t = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.sbuf)
     nisa.dma_copy(dst=t, src=x)
@@ -101,3 +116,33 @@ def test_broken_baseline_is_reported_but_kernel_result_kept(monkeypatch, tmp_pat
     monkeypatch.setattr(registry, "cases", lambda: [case])
     assert cli.main(["--out", str(tmp_path), "--no-progress"]) == 1
     assert "baseline FAIL" in capsys.readouterr().out
+
+
+def test_cases_run_at_the_default_lnc_with_lnc1_second(fake_registry, monkeypatch):
+    monkeypatch.delenv("NEURON_LOGICAL_NC_CONFIG", raising=False)
+    r = run_case(fake_registry[0], "trn2")
+    assert r.ok and r.default_lnc == 2 and r.lnc == 2 and r.modeled_us > 0
+    assert r.lnc1_us > r.modeled_us                     # two cores share the rows
+    r1 = run_case(fake_registry[0], "trn1")
+    assert r1.default_lnc == 1 and r1.lnc == 1 and r1.lnc1_us != r1.lnc1_us      # no second run on trn1
+    monkeypatch.setenv("NEURON_LOGICAL_NC_CONFIG", "1")
+    assert run_case(fake_registry[0], "trn2").default_lnc == 1
+
+
+def test_a_kernel_without_an_lnc2_path_gets_no_headline_figure(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("NEURON_LOGICAL_NC_CONFIG", raising=False)
+    case = _case("tiny_lnc1_only")
+    case.run = lambda inp: call(_scale_kernel_lnc1, inp["x"], 2.0, lnc=1)
+    r = run_case(case, "trn2")
+    assert r.ok and r.lnc == 1 and r.modeled_us != r.modeled_us and r.lnc1_us > 0
+    assert "no LNC=2 path yet" in r.lnc_note
+    monkeypatch.setattr(registry, "cases", lambda: [case, _case("tiny_scale")])
+    assert cli.main(["--out", str(tmp_path), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "tiny_lnc1_only [128x256 fp32]: launches at LNC=1" in text
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["default_lnc"] == 2
+    by = {r["kernel"]: r for r in data["results"]}
+    assert by["tiny_lnc1_only"]["modeled_us"] is None and by["tiny_lnc1_only"]["lnc"] == 1
+    assert by["tiny_scale"]["lnc"] == 2 and by["tiny_scale"]["lnc1_us"] > by["tiny_scale"]["modeled_us"]
+    assert "Missing figures" in (tmp_path / "results.md").read_text()

@@ -82,6 +82,7 @@ def test_kernels_are_never_modeled_below_their_floor(kernel, shape, floor):
     res = run_case(_case(kernel, shape))
     assert res.ok, res.error
     f = floor()
-    assert res.modeled_us >= f["floor_any_us"]
+    us = res.lnc1_us if res.lnc1_us == res.lnc1_us else res.modeled_us     # the floors are one core's (LNC=1)
+    assert us >= f["floor_any_us"]
     if "floor_design_us" in f:
-        assert res.modeled_us >= f["floor_design_us"]
+        assert us >= f["floor_design_us"]
