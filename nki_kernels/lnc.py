@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from .emulator.lnc import ALLOWED_LNC, LNC_ENV, TARGET_DEFAULT_LNC, TARGET_LNC  # noqa: F401 (re-exported)
-from .emulator.lnc import env_lnc as _env_lnc
-from .emulator.lnc import target_default_lnc
+from .backend import lnc_rules as _rules
 from .validation import KernelInputError
+
+# the rules live beside the emulator's launch check (nki_kernels/emulator/lnc.py), which enforces the same ones
+LNC_ENV = _rules.LNC_ENV
+ALLOWED_LNC = _rules.ALLOWED_LNC
+TARGET_LNC = _rules.TARGET_LNC                  # LNC degrees each target supports
+TARGET_DEFAULT_LNC = _rules.TARGET_DEFAULT_LNC  # the one neuronx-cc uses when none is set
 
 
 def current_target_name() -> str:
@@ -29,7 +33,7 @@ def current_target_name() -> str:
 
 def env_lnc(who: str = "nki_kernels") -> int | None:
     """The degree set by NEURON_LOGICAL_NC_CONFIG, or None when unset. A non-integer value is an error."""
-    return _env_lnc(lambda message: KernelInputError(f"{who}: {message}"))
+    return _rules.env_lnc(lambda message: KernelInputError(f"{who}: {message}"))
 
 
 def default_lnc(who: str = "nki_kernels") -> int:
@@ -37,7 +41,7 @@ def default_lnc(who: str = "nki_kernels") -> int:
     value = env_lnc(who)
     if value is not None:
         return value
-    return target_default_lnc(current_target_name())
+    return _rules.target_default_lnc(current_target_name())
 
 
 def resolve_lnc(lnc, who: str) -> int:

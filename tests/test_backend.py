@@ -308,12 +308,17 @@ def shim(monkeypatch):
 
 
 @pytest.mark.parametrize("version,genuine,expected", [
-    ("0.6.0", True, "nki"), ("0.3.0", True, "nki"), ("1.2", True, "nki"),
-    ("0.2.1", True, "emulator"), ("0.0.1", True, "emulator"), ("0.6.0", False, "emulator"),
+    ("0.7.0", True, "nki"), ("0.8.1", True, "nki"), ("1.2", True, "nki"),
+    ("0.6.0", True, "emulator"), ("0.3.0", True, "emulator"), ("0.0.1", True, "emulator"), ("0.7.0", False, "emulator"),
 ])
 def test_shim_picks_real_nki_only_when_genuine_and_recent(shim, version, genuine, expected):
+    """NKI 0.7 (Neuron SDK 2.33) is the minimum; an older genuine nki is ignored with a warning."""
     fake = _fake_nki(version, genuine)
-    b = shim(fake)
+    if genuine and expected == "emulator":
+        with pytest.warns(RuntimeWarning, match="needs NKI >= 0.7"):
+            b = shim(fake)
+    else:
+        b = shim(fake)
     assert b.ACTIVE == expected
     if expected == "nki":
         assert b.nki is fake["nki"] and b.nl is fake["nki.language"] and b.nisa is fake["nki.isa"]
@@ -330,7 +335,7 @@ def test_shim_falls_back_when_the_import_fails(shim):
 
 @pytest.mark.parametrize("value", ["1", "true", "yes"])
 def test_env_var_forces_the_emulator(shim, value):
-    b = shim(_fake_nki("0.6.0"), force=value)
+    b = shim(_fake_nki("0.7.0"), force=value)
     assert b.ACTIVE == "emulator" and b.nl is emu_nl
-    b = shim(_fake_nki("0.6.0"), force="0")
+    b = shim(_fake_nki("0.7.0"), force="0")
     assert b.ACTIVE == "nki"

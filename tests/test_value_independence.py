@@ -156,13 +156,7 @@ BUILDERS = {
 # Host-side helpers in __all__ that launch no kernel (their outputs feed a kernel's index inputs).
 HOST_ONLY = {"moe_route", "moe_block_mapping"}
 # Known value-dependent wrappers: strict xfail, so each flips to a failure (to be removed here) once fixed.
-VALUE_DEPENDENT = {
-    "moe_decode": "moe_decode computes its slot table on the host (np.unique of top_k_index), so the kernel "
-                  "it launches depends on the routing values (issue 14; the moe engineer is moving it on device)",
-    "code_predictor": "a NaN in past_hidden makes the sampled code id garbage and the next step's embedding "
-                      "gather DMA reads outside codec_embed (a data-driven DMA index leaves its tensor; with "
-                      "finite adversarial values the instruction sequence is value-independent)",
-}
+VALUE_DEPENDENT: dict = {}
 
 
 def test_every_public_name_is_covered():

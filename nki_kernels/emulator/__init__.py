@@ -5,7 +5,8 @@ Import it as the `nki` stand-in: ``from nki_kernels.emulator import language as 
 `nki`, `nl` and `nisa` from `nki_kernels.backend`, which picks the real NKI when it is installed.
 """
 from . import collectives, isa, language
-from .collectives import multi_rank_simulate
+from .collectives import _multi_rank_simulate as multi_rank_simulate
+from .collectives import _run_ranks as run_ranks
 from .errors import EmulatorCheckError
 from .runtime import (Kernel, RunResult, compiler_lnc, degree_in_force, jit, last_run, record_launches, run,
                       simulate)
@@ -14,6 +15,6 @@ from .trace import Access, Instr, Trace
 
 __version__ = "0.7.0-emulated"
 
-__all__ = ["collectives", "multi_rank_simulate", "isa", "language", "EmulatorCheckError", "Kernel", "RunResult",
-           "compiler_lnc", "degree_in_force", "jit", "last_run", "record_launches", "run", "simulate", "TARGETS",
-           "Target", "get_target", "use_target", "Access", "Instr", "Trace"]
+__all__ = ["collectives", "multi_rank_simulate", "run_ranks", "isa", "language", "EmulatorCheckError", "Kernel",
+           "RunResult", "compiler_lnc", "degree_in_force", "jit", "last_run", "record_launches", "run", "simulate",
+           "TARGETS", "Target", "get_target", "use_target", "Access", "Instr", "Trace"]

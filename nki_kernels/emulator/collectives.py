@@ -36,9 +36,10 @@ import numpy as np
 from . import dtypes as _dt
 from . import ops as _ops
 from .errors import EmulatorCheckError, fail
-from .runtime import RunResult, _Bound, Kernel, _tls, current, launch, record_result
+from .runtime import RunResult, _Bound, _plain_lnc, Kernel, _tls, current, launch, record_result
 from .targets import get_target
-from .tensor import Tensor, private_hbm
+from .tensor import Tensor
+from .tensor import private_hbm as _private_hbm
 from .trace import DMA, POOL
 
 _F32 = np.float32
@@ -218,19 +219,20 @@ def _static_equal(x, y) -> bool:
         return x is y
 
 
-def run_ranks(kernel, *, world_size: int, per_rank_inputs, lnc: int | None = None, target=None) -> RunResult:
+def _run_ranks(kernel, *, world_size: int, per_rank_inputs, lnc: int | None = None, target=None) -> RunResult:
     """Run `kernel` on `world_size` ranks together (collectives exchange data between them).
 
     kernel: an ``nki.jit`` kernel, ``kernel[lnc]`` or a plain function; per_rank_inputs: one (args, kwargs) pair
     per rank (a sequence in rank order or a {rank: pair} mapping). Returns one RunResult: ``outputs`` is the list
     of the ranks' outputs, ``traces`` all ranks' program instances (rank-major, ``lnc`` per rank),
     ``rank_results`` the per-rank RunResults. The launch is recorded once (``record_launches``)."""
+    # LNC as for one launch (runtime.run): `lnc=` launches and compiles at that degree (NEURON_LOGICAL_NC_CONFIG=lnc);
+    # else the kernel's own degree (kernel[n], or the variable, else 1) against the degree in force
     if isinstance(kernel, _Bound):
         fn, lnc_k = kernel.kernel.fn, kernel.lnc
-    elif isinstance(kernel, Kernel):
-        fn, lnc_k = kernel.fn, 1
     else:
-        fn, lnc_k = kernel, 1
+        fn, lnc_k = (kernel.fn if isinstance(kernel, Kernel) else kernel), _plain_lnc()
+    compile_lnc = lnc
     lnc = lnc_k if lnc is None else lnc
     if isinstance(world_size, bool) or not isinstance(world_size, (int, np.integer)) or world_size < 1:
         fail("multi_rank_simulate", "world_size", f"must be a positive int, got {world_size!r}")
@@ -247,7 +249,7 @@ def run_ranks(kernel, *, world_size: int, per_rank_inputs, lnc: int | None = Non
         ok = False
         try:
             args, kwargs = pairs[rank]
-            results[rank] = launch(fn, lnc, args, kwargs, tgt)
+            results[rank] = launch(fn, lnc, args, kwargs, tgt, compile_lnc)
             ok = True
         except BaseException as e:      # noqa: BLE001 - reported by the caller's thread
             errors[rank] = e
@@ -277,10 +279,10 @@ def run_ranks(kernel, *, world_size: int, per_rank_inputs, lnc: int | None = Non
     return combined
 
 
-def multi_rank_simulate(kernel, *, world_size: int, per_rank_inputs) -> list:
+def _multi_rank_simulate(kernel, *, world_size: int, per_rank_inputs) -> list:
     """`nki.multi_rank_simulate`: run `kernel` on `world_size` ranks in one process; returns each rank's outputs
     (a list in rank order). Rank r runs ``kernel(*args, **kwargs)`` with its (args, kwargs) pair."""
-    return run_ranks(kernel, world_size=world_size, per_rank_inputs=per_rank_inputs).outputs
+    return _run_ranks(kernel, world_size=world_size, per_rank_inputs=per_rank_inputs).outputs
 
 
 # ============================================================================ operand checks
@@ -324,7 +326,7 @@ def _check_srcs_private(instr, srcs, kind):
     """At LNC=1 the sources must be private_hbm (documented for NKI 0.7)."""
     if kind == "hbm" and current().launch.lnc == 1:
         for i, t in enumerate(srcs):
-            if t.buffer is not private_hbm:
+            if t.buffer is not _private_hbm:
                 fail(instr, f"srcs[{i}]", f"at LNC=1 collective sources must be on nl.private_hbm, got "
                      f"{t.buffer.name} (copy the input into a private_hbm tensor first)")
 
@@ -603,21 +605,36 @@ def _sbuf():
 
 
 def _not_emulated(instr):
-    def f(*args, **kwargs):
-        fail(instr, None, "is not emulated (nki_kernels.emulator.collectives covers all_reduce, all_gather, "
-             "reduce_scatter, all_to_all, collective_permute and rank_id)")
-    f.__name__ = instr
-    return f
+    fail(instr, None, "is not emulated (nki_kernels.emulator.collectives covers all_reduce, all_gather, "
+         "reduce_scatter, all_to_all, collective_permute and rank_id)")
 
 
-all_gather_v = _not_emulated("all_gather_v")
-all_to_all_v = _not_emulated("all_to_all_v")
-collective_permute_implicit = _not_emulated("collective_permute_implicit")
-collective_permute_implicit_reduce = _not_emulated("collective_permute_implicit_reduce")
-collective_permute_implicit_current_processing_rank_id = _not_emulated(
-    "collective_permute_implicit_current_processing_rank_id")
+def all_gather_v(srcs, dsts, replica_group, metadata_tensor, recv_counts_known=False, has_rdispls=False,
+                 priority=None, name=None):
+    _not_emulated("all_gather_v")
 
+
+def all_to_all_v(srcs, dsts, replica_group, metadata_tensor, recv_counts_known=False, has_rdispls=False,
+                 priority=None, name=None):
+    _not_emulated("all_to_all_v")
+
+
+def collective_permute_implicit(srcs_by_channel, dsts_by_channel, replica_group, channel_ids=[0],  # noqa: B006
+                                priority=None, name=None):
+    _not_emulated("collective_permute_implicit")
+
+
+def collective_permute_implicit_reduce(srcs0_by_channel, srcs1_by_channel, dsts_by_channel, replica_group, op,
+                                       channel_ids=[0], priority=None, name=None):  # noqa: B006
+    _not_emulated("collective_permute_implicit_reduce")
+
+
+def collective_permute_implicit_current_processing_rank_id(iteration_id, replica_group, channel_id=0, name=None):
+    _not_emulated("collective_permute_implicit_current_processing_rank_id")
+
+
+# The multi-rank harness (`nki_kernels.emulator.multi_rank_simulate` / `run_ranks`) is not part of nki.collectives.
 __all__ = ["ReplicaGroup", "rg_partition_op", "all_reduce", "all_gather", "reduce_scatter", "all_to_all",
-           "collective_permute", "rank_id", "multi_rank_simulate", "run_ranks", "all_gather_v", "all_to_all_v",
+           "collective_permute", "rank_id", "all_gather_v", "all_to_all_v",
            "collective_permute_implicit", "collective_permute_implicit_reduce",
            "collective_permute_implicit_current_processing_rank_id"]

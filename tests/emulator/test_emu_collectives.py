@@ -11,9 +11,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nki_kernels.backend import nki, nisa, nl
-from nki_kernels.emulator import record_launches
-from nki_kernels.emulator.collectives import ReplicaGroup, rg_partition_op, run_ranks
+from nki_kernels.emulator import record_launches, run_ranks
+from nki_kernels.emulator.collectives import ReplicaGroup, rg_partition_op
 from nki_kernels.emulator.costmodel import collective_us, model_launches
+from nki_kernels.emulator.lnc import LNC_ENV
+
+
+@pytest.fixture(autouse=True)
+def _lnc1(monkeypatch):
+    """These kernels are LNC=1 kernels: compile and launch them at LNC=1, as NEURON_LOGICAL_NC_CONFIG=1 does."""
+    monkeypatch.setenv(LNC_ENV, "1")
+
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 

@@ -169,7 +169,7 @@ def test_tiled_matmul_values_and_limits(rng):
 
 
 def _pe_us(kernel, *arrays):
-    res = run(kernel, *arrays)
+    res = run(kernel, *arrays, lnc=1)
     rep = model_launches([res])
     return rep.launches[0].cores[0].engine_busy_us["pe"], rep.device_us
 
@@ -198,8 +198,8 @@ def test_four_row_tiles_take_a_quarter_of_the_pe_time(rng):
     plain, _ = _pe_us(make(False), x)
     tiled, _ = _pe_us(make(True), x)
     assert tiled == pytest.approx(plain / 4, rel=0.05)
-    o1 = run(make(True), x).outputs
-    o0 = run(make(False), x).outputs
+    o1 = run(make(True), x, lnc=1).outputs
+    o0 = run(make(False), x, lnc=1).outputs
     np.testing.assert_array_equal(o1, o0)
 
 
@@ -228,8 +228,8 @@ def test_double_row_doubles_fp8_throughput(rng):
             return out
         return k
 
-    r2 = run(make(True), a, b)
-    r1 = run(make(False), a, b)
+    r2 = run(make(True), a, b, lnc=1)
+    r1 = run(make(False), a, b, lnc=1)
     np.testing.assert_allclose(r2.outputs, r1.outputs, rtol=1e-5, atol=1e-4)
     rep2, rep1 = model_launches([r2]), model_launches([r1])
     assert rep2.flops == rep1.flops == 2 * 256 * 128 * 512
@@ -254,7 +254,7 @@ def test_gather_costs_are_charged_to_gpsimd(rng):
         nisa.dma_copy(dst=out, src=o)
         return out
 
-    res = run(k, data, idx)
+    res = run(k, data, idx, lnc=1)
     np.testing.assert_array_equal(res.outputs, np.take_along_axis(data, idx.astype(np.int64), axis=1))
     pool = model_launches([res]).launches[0].cores[0].engine_busy_us["pool"]
     t = get_target("trn2")

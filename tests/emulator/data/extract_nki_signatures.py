@@ -25,14 +25,27 @@ DEFAULT_REPO = "/work/.mirror/aws-neuron+aws-neuron-sdk/repo"
 MODULES = {"nki": "nki/api/nki/__init__.py", "nki.language": "nki/api/nki/language/__init__.py",
            "nki.isa": "nki/api/nki/isa/__init__.py", "nki.collectives": "nki/api/nki/collectives/__init__.py"}
 OUT = Path(__file__).with_name("nki_0_7_0_signatures.json")
-# What NKI 0.7.0 changed in these names (removals only: additions whose signatures are not published in the
-# stubs are not emulated and so not listed).
+# What NKI 0.7.0 changed in these names, from its documentation (the stubs read are 0.6.0). "added" entries give
+# the documented signature; an enum member whose value the docs do not give is recorded as null.
+_DOCS = "https://awsdocs-neuron.readthedocs-hosted.com/en"
 CHANGES_0_7 = [
     {"module": "nki.language", "name": "dynamic_range", "change": "removed",
      "source": "Migrating from NKI 0.6.0 to NKI 0.7.0: nl.dynamic_range and while loops on a register are "
                "removed; use nl.fori_loop / nl.while_loop"},
+    {"module": "nki.collectives", "name": "rg_partition_op", "change": "added",
+     "spec": {"kind": "enum", "members": {"bitwise_and": None, "div": None, "mod": None}},
+     "source": f"{_DOCS}/v2.33.0/nki/api/generated/nki.collectives.ReplicaGroup.html (from_partition_op examples)"},
+    {"module": "nki.collectives", "name": "ReplicaGroup", "change": "method added", "method": "from_partition_op",
+     "params": [["world_size", "POSITIONAL_OR_KEYWORD", None], ["op", "POSITIONAL_OR_KEYWORD", None],
+                ["operand", "POSITIONAL_OR_KEYWORD", None]],
+     "source": f"{_DOCS}/v2.33.0/nki/api/generated/nki.collectives.ReplicaGroup.html (static method)"},
+    {"module": "nki", "name": "multi_rank_simulate", "change": "added",
+     "spec": {"kind": "function", "params": [["kernel", "POSITIONAL_OR_KEYWORD", None],
+                                             ["world_size", "KEYWORD_ONLY", None],
+                                             ["per_rank_inputs", "KEYWORD_ONLY", None]]},
+     "source": f"{_DOCS}/latest/nki/api/generated/nki.multi_rank_simulate.html (experimental; the page is in the "
+               "latest docs, its first release is not stated [U])"},
 ]
-
 
 def _params(fn: ast.FunctionDef, drop_self: bool = False) -> list:
     a = fn.args
@@ -93,8 +106,13 @@ def main(repo: str = DEFAULT_REPO):
         src = subprocess.run(git + ["show", f"HEAD:{path}"], capture_output=True, text=True, check=True).stdout
         modules[mod] = extract(src)
     for ch in CHANGES_0_7:
+        names = modules[ch["module"]]
         if ch["change"] == "removed":
-            modules[ch["module"]].pop(ch["name"])
+            names.pop(ch["name"])
+        elif ch["change"] == "added":
+            names[ch["name"]] = ch["spec"]
+        elif ch["change"] == "method added":
+            names[ch["name"]]["methods"][ch["method"]] = ch["params"]
     data = {"nki_version": "0.7.0", "neuron_sdk": "2.33.0",
             "source": {"repository": "aws-neuron/aws-neuron-sdk", "commit": commit, "stubs_nki_version": "0.6.0",
                        "paths": MODULES},
