@@ -284,7 +284,7 @@ def call_ranks(kernel, per_rank_args, *, lnc: int = 1, inplace=(), **kwargs):
     the list of the ranks' outputs (torch when any input was torch). `inplace` names the kernel parameters the
     kernel updates (NumPy arrays, updated in each rank's own array, as in `call`).
 
-    On the emulator the ranks run in threads (`emulator.collectives.run_ranks`, recorded as one launch). On a
+    On the emulator the ranks run in threads (`emulator.run_ranks`, recorded as one launch). On a
     Trainium host each rank is its own process that launches the kernel on its shard, so this helper is
     emulator-only there."""
     if ACTIVE != "emulator":  # pragma: no cover - needs real NKI

@@ -68,6 +68,13 @@ def _gdn_inputs(rng, adv, b, t, hk, hv, dk, dv):
             g.astype(np.float32), beta)
 
 
+def _flash_attention_varlen(rng, adv):
+    tq, hq, hkv, d = 150, 4, 2, 64
+    cu = np.array([0, 1, 20, tq] if adv else [0, 70, 140, tq], np.int32)     # 3 sequences either way
+    return (_vals(rng, (tq, hq, d), adv, BF16), _vals(rng, (tq, hkv, d), adv, BF16),
+            _vals(rng, (tq, hkv, d), adv, BF16), cu, cu), dict(max_seqlen_q=tq, max_seqlen_k=tq)
+
+
 def _gated_delta_rule(rng, adv):
     b, t = 2, 80
     q, k, v, g, beta = _gdn_inputs(rng, adv, b, t, 2, 4, 64, 64)
@@ -148,6 +155,7 @@ def _code_predictor(rng, adv):
 BUILDERS = {
     "tiled_matmul": _tiled_matmul, "softmax": _softmax, "rmsnorm": _rmsnorm,
     "flash_attention": _flash_attention, "flash_attention_decode": _flash_attention_decode,
+    "flash_attention_varlen": _flash_attention_varlen,
     "gated_delta_rule": _gated_delta_rule, "gated_delta_rule_step": _gated_delta_rule_step,
     "causal_conv1d": _causal_conv1d, "causal_conv1d_update": _causal_conv1d_update,
     "moe_route": _moe_route, "moe_block_mapping": _moe_block_mapping, "moe_blockwise": _moe_blockwise,
