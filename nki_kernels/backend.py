@@ -17,6 +17,7 @@ import os
 import numpy as np
 
 from .emulator import lnc as lnc_rules  # noqa: F401  (the LNC rules, pure; shared with nki_kernels.lnc)
+from .emulator.errors import EmulatorCheckError  # noqa: F401  (what the emulator's checks raise)
 
 FORCE_EMULATOR_ENV = "NKI_KERNELS_FORCE_EMULATOR"
 MIN_NKI_VERSION = (0, 7)          # NKI 0.7 = Neuron SDK 2.33: Python-tracing specialization, LNC check (NCC_EVRF066)

@@ -61,7 +61,7 @@ def kernel_refusals() -> tuple:
     from nki_kernels.validation import KernelInputError
     from nki_kernels import backend
     if backend.is_emulated():
-        return (KernelInputError, backend.nki.EmulatorCheckError)
+        return (KernelInputError, backend.EmulatorCheckError)
     return (KernelInputError,)  # pragma: no cover - needs real NKI
 
 
