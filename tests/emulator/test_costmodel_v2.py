@@ -25,7 +25,7 @@ def _load(x):
 
 
 def _dma_us(x, target="trn2"):
-    return model_launches([run(_load, x, target=target)]).device_us
+    return model_launches([run(_load, x, target=target, lnc=1)]).device_us
 
 
 def test_fewer_partitions_use_fewer_dma_engines():
@@ -70,12 +70,12 @@ def test_software_dge_charges_gpsimd_and_hardware_dge_adds_latency():
     p = PARAMS["trn2"]
     table = np.ones((256, 512), np.float32)
     idx = np.arange(16, dtype=np.int32).reshape(16, 1)
-    sw = model_launches([run(_dynamic_rows, table, idx, True, target="trn2")])
-    hw = model_launches([run(_dynamic_rows, table, idx, False, target="trn2")])
+    sw = model_launches([run(_dynamic_rows, table, idx, True, target="trn2", lnc=1)])
+    hw = model_launches([run(_dynamic_rows, table, idx, False, target="trn2", lnc=1)])
     # software DGE: GpSimd writes the descriptors (max(600, N) cycles), hardware DGE: none on GpSimd
     assert sw.engine_busy_us[POOL] == pytest.approx(max(p.swdge_min_cycles, 512) / t.pool_ghz * 1e-3)
     assert hw.engine_busy_us[POOL] == 0.0
-    tr = run(_dynamic_rows, table, idx, False, target="trn2").traces[0]
+    tr = run(_dynamic_rows, table, idx, False, target="trn2", lnc=1).traces[0]
     assert [i.meta.get("dge") for i in tr if i.engine == "dma"] == ["none", "hwdge"]
     no_dge = model_trace(tr, t, params=dataclasses.replace(p, hwdge_us=0.0)).total_us
     assert hw.device_us == pytest.approx(no_dge + p.hwdge_us, rel=1e-6)
