@@ -22,7 +22,9 @@ from nki_kernels.emulator.costmodel import model_launches, preset_params, roofli
 from nki_kernels.emulator.targets import use_target
 
 from . import registry
-from .runner import _fp8_inputs
+from nki_kernels.emulator.lnc import degree_in_force
+
+from .runner import _fp8_inputs, _lnc_env
 
 TARGET = "trn2"
 
@@ -85,7 +87,8 @@ GOALS = [
 
 
 def _emulate(fn, inputs):
-    with use_target(TARGET):
+    """Emulate at the target's default degree (NEURON_LOGICAL_NC_CONFIG set as the microbench runner does)."""
+    with use_target(TARGET), _lnc_env(degree_in_force(TARGET)):
         with record_launches() as runs:
             fn(inputs)
     return list(runs)
@@ -103,7 +106,7 @@ def model_case(e: dict, preset: str) -> dict:
     case = e["case"]
     p = preset_params(preset, TARGET)
     rep = model_launches(e["runs"], target=TARGET, params=p)
-    lnc = max((len(L.cores) for L in rep.launches), default=1)
+    lnc = max((L.lnc for L in rep.launches), default=1)
     roof = roofline_us(int(case.flops or rep.flops), int(case.min_hbm_bytes or rep.hbm_bytes), TARGET,
                        cores=lnc, fp8=e["fp8"])
     out = dict(us=rep.device_us, roofline_us=roof, pe_util=rep.tensor_util)

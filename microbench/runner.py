@@ -118,7 +118,7 @@ def _run_and_model(fn, inputs, target, lnc: int | None = None):
 
 
 def _launched_lnc(rep) -> int:
-    return max((len(L.cores) for L in rep.launches), default=1)
+    return max((L.lnc for L in rep.launches), default=1)   # per rank for multi-rank runs
 
 
 def _check(case, ref, out, label=""):
