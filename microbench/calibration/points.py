@@ -219,7 +219,7 @@ class PointResult:
 def _model_once(point: Point, k: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     args, kw = point.make(k, rng)
-    res = run(point.kernel, *args, target=point.target, **kw)
+    res = run(point.kernel, *args, target=point.target, **{"lnc": 1, **kw})    # one-core measurements: LNC=1
     rep = model_launches([res], target=point.target)
     return rep, res, args, kw
 
