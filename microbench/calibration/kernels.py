@@ -35,17 +35,17 @@ def matmul_a1(a, b):
     c = nl.ndarray((m_total, n_total), dtype=a.dtype, buffer=nl.shared_hbm)
     n_k = k_total // P_MAX
     n_sub = _MM_N_BLOCK // _N_TILE
-    for i_m in nl.affine_range(m_total // _M_TILE):
+    for i_m in range(m_total // _M_TILE):
         m0 = i_m * _M_TILE
-        for i_n in nl.affine_range(n_total // _MM_N_BLOCK):
+        for i_n in range(n_total // _MM_N_BLOCK):
             n0 = i_n * _MM_N_BLOCK
             a_sb = nl.ndarray((_M_TILE, k_total), dtype=a.dtype, buffer=nl.sbuf)
             nisa.dma_copy(dst=a_sb, src=a[m0:m0 + _M_TILE, :])
             aT = nl.ndarray((P_MAX, n_k, _M_TILE), dtype=a.dtype, buffer=nl.sbuf)
-            for i_k in nl.affine_range(n_k):
+            for i_k in range(n_k):
                 _transpose_to_sbuf(aT[:, i_k, :], a_sb[:, i_k * P_MAX:(i_k + 1) * P_MAX])
             acc = [nl.ndarray((_M_TILE, _N_TILE), dtype=nl.float32, buffer=nl.psum) for _ in range(n_sub)]
-            for i_k in nl.affine_range(n_k):
+            for i_k in range(n_k):
                 b_sb = nl.ndarray((P_MAX, _MM_N_BLOCK), dtype=b.dtype, buffer=nl.sbuf)
                 nisa.dma_copy(dst=b_sb, src=b[i_k * P_MAX:(i_k + 1) * P_MAX, n0:n0 + _MM_N_BLOCK])
                 for j in range(n_sub):
@@ -67,18 +67,18 @@ def transpose_matmul_a2(aT, b):
     n_total = b.shape[1]
     n_k = k_total // P_MAX
     c = nl.ndarray((m_total, n_total), dtype=aT.dtype, buffer=nl.shared_hbm)
-    for i_mb in nl.affine_range(m_total // _A2_M_BLOCK):
+    for i_mb in range(m_total // _A2_M_BLOCK):
         mb0 = i_mb * _A2_M_BLOCK
         a_sb = nl.ndarray((P_MAX, n_k, _A2_M_BLOCK), dtype=aT.dtype, buffer=nl.sbuf)
         nisa.dma_copy(dst=a_sb, src=aT[:, mb0:mb0 + _A2_M_BLOCK].reshape((n_k, P_MAX, _A2_M_BLOCK)).permute((1, 0, 2)))
-        for i_n in nl.affine_range((n_total + _N_TILE - 1) // _N_TILE):
+        for i_n in range((n_total + _N_TILE - 1) // _N_TILE):
             n0 = i_n * _N_TILE
             nsz = min(_N_TILE, n_total - n0)
             b_sb = nl.ndarray((P_MAX, n_k, _N_TILE), dtype=b.dtype, buffer=nl.sbuf)
             nisa.dma_copy(dst=b_sb[:, :, 0:nsz], src=b[:, n0:n0 + nsz].reshape((n_k, P_MAX, nsz)).permute((1, 0, 2)))
-            for j in nl.affine_range(_A2_M_BLOCK // _M_TILE):
+            for j in range(_A2_M_BLOCK // _M_TILE):
                 acc = nl.ndarray((_M_TILE, _N_TILE), dtype=nl.float32, buffer=nl.psum)
-                for i_k in nl.affine_range(n_k):
+                for i_k in range(n_k):
                     nisa.nc_matmul(acc[:, 0:nsz], a_sb[:, i_k, j * _M_TILE:(j + 1) * _M_TILE], b_sb[:, i_k, 0:nsz],
                                    accumulate=i_k > 0)
                 c_sb = nl.ndarray((_M_TILE, _N_TILE), dtype=aT.dtype, buffer=nl.sbuf)
@@ -110,12 +110,12 @@ def _rmsnorm_matmul(x, residual, gamma, w, eps):
     w_sb = nl.ndarray((P_MAX, n_k, n_total), dtype=w.dtype, buffer=nl.sbuf)
     g_sb = nl.ndarray((P_MAX, n_k), dtype=gamma.dtype, buffer=nl.sbuf)
     nisa.dma_copy(dst=g_sb, src=gamma.reshape((n_k, P_MAX)).permute((1, 0)))
-    for i_k in nl.affine_range(n_k):
+    for i_k in range(n_k):
         nisa.dma_copy(dst=w_sb[:, i_k, :], src=w[i_k * P_MAX:(i_k + 1) * P_MAX, :])
         nisa.tensor_scalar(dst=w_sb[:, i_k, :], data=w_sb[:, i_k, :], op0=nl.multiply, operand0=g_sb[:, i_k:i_k + 1])
     eps_sb = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.memset(dst=eps_sb, value=eps)
-    for i_m in nl.affine_range(m_total // P_MAX):
+    for i_m in range(m_total // P_MAX):
         m0 = i_m * P_MAX
         x_sb = nl.ndarray((P_MAX, k_total), dtype=x.dtype, buffer=nl.sbuf)
         nisa.dma_copy(dst=x_sb, src=x[m0:m0 + P_MAX, :])
@@ -131,12 +131,12 @@ def _rmsnorm_matmul(x, residual, gamma, w, eps):
         xn = nl.ndarray((P_MAX, k_total), dtype=x.dtype, buffer=nl.sbuf)
         nisa.tensor_scalar(dst=xn, data=x_sb, op0=nl.multiply, operand0=rstd)
         xT = nl.ndarray((P_MAX, n_k, P_MAX), dtype=x.dtype, buffer=nl.sbuf)
-        for i_k in nl.affine_range(n_k):
+        for i_k in range(n_k):
             _transpose_to_sbuf(xT[:, i_k, :], xn[:, i_k * P_MAX:(i_k + 1) * P_MAX])
         y_sb = nl.ndarray((P_MAX, n_total), dtype=x.dtype, buffer=nl.sbuf)
-        for i_n in nl.affine_range(n_total // _N_TILE):
+        for i_n in range(n_total // _N_TILE):
             acc = nl.ndarray((P_MAX, _N_TILE), dtype=nl.float32, buffer=nl.psum)
-            for i_k in nl.affine_range(n_k):
+            for i_k in range(n_k):
                 nisa.nc_matmul(acc, xT[:, i_k, :], w_sb[:, i_k, i_n * _N_TILE:(i_n + 1) * _N_TILE],
                                accumulate=i_k > 0)
             nisa.tensor_copy(dst=y_sb[:, i_n * _N_TILE:(i_n + 1) * _N_TILE], src=acc)
@@ -151,17 +151,17 @@ def bmm_a8(a, b):
     n_b, m_total, k_total = a.shape
     n_total = b.shape[2]
     c = nl.ndarray((n_b, m_total, n_total), dtype=a.dtype, buffer=nl.shared_hbm)
-    for i_b in nl.affine_range(n_b):
+    for i_b in range(n_b):
         b_sb = nl.ndarray((k_total, n_total), dtype=b.dtype, buffer=nl.sbuf)
         nisa.dma_copy(dst=b_sb, src=b[i_b])
-        for i_m in nl.affine_range(m_total // _M_TILE):
+        for i_m in range(m_total // _M_TILE):
             m0 = i_m * _M_TILE
             a_sb = nl.ndarray((_M_TILE, k_total), dtype=a.dtype, buffer=nl.sbuf)
             nisa.dma_copy(dst=a_sb, src=a[i_b, m0:m0 + _M_TILE, :])
             aT = nl.ndarray((k_total, _M_TILE), dtype=a.dtype, buffer=nl.sbuf)
             _transpose_to_sbuf(aT, a_sb)
             c_sb = nl.ndarray((_M_TILE, n_total), dtype=a.dtype, buffer=nl.sbuf)
-            for i_n in nl.affine_range(n_total // _N_TILE):
+            for i_n in range(n_total // _N_TILE):
                 acc = nl.ndarray((_M_TILE, _N_TILE), dtype=nl.float32, buffer=nl.psum)
                 nisa.nc_matmul(acc, aT, b_sb[:, i_n * _N_TILE:(i_n + 1) * _N_TILE])
                 nisa.tensor_copy(dst=c_sb[:, i_n * _N_TILE:(i_n + 1) * _N_TILE], src=acc)
@@ -175,8 +175,8 @@ def silu_a12(x):
     reciprocal (ScalarE activation), multiply (VectorE)."""
     m_total, n_total = x.shape
     y = nl.ndarray((m_total, n_total), dtype=x.dtype, buffer=nl.shared_hbm)
-    for i_m in nl.affine_range(m_total // P_MAX):
-        for i_n in nl.affine_range(n_total // _SILU_F):
+    for i_m in range(m_total // P_MAX):
+        for i_n in range(n_total // _SILU_F):
             rows = slice(i_m * P_MAX, (i_m + 1) * P_MAX)
             cols = slice(i_n * _SILU_F, (i_n + 1) * _SILU_F)
             x_sb = nl.ndarray((P_MAX, _SILU_F), dtype=x.dtype, buffer=nl.sbuf)
@@ -201,10 +201,10 @@ def adamw_a13(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_de
     out = nl.ndarray((m_total, n_total), dtype=param.dtype, buffer=nl.shared_hbm)
     bc1 = 1.0 - beta1 ** step
     bc2 = 1.0 - beta2 ** step
-    for i_m in nl.affine_range((m_total + P_MAX - 1) // P_MAX):
+    for i_m in range((m_total + P_MAX - 1) // P_MAX):
         p = min(P_MAX, m_total - i_m * P_MAX)
         rows = slice(i_m * P_MAX, i_m * P_MAX + p)
-        for i_n in nl.affine_range(n_total // _ADAMW_F):
+        for i_n in range(n_total // _ADAMW_F):
             cols = slice(i_n * _ADAMW_F, (i_n + 1) * _ADAMW_F)
             tiles = []
             for src in (param, grad, exp_avg, exp_avg_sq):
@@ -251,8 +251,8 @@ def rope_a11(x, cos, sin):
     half = d // 2
     out = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
     per = _ROPE_SEQ_TILE // P_MAX
-    for h in nl.affine_range(n_h):
-        for i_s in nl.affine_range(seq // _ROPE_SEQ_TILE):
+    for h in range(n_h):
+        for i_s in range(seq // _ROPE_SEQ_TILE):
             s0 = i_s * _ROPE_SEQ_TILE
             x_sb = nl.ndarray((P_MAX, per, d), dtype=x.dtype, buffer=nl.sbuf)
             nisa.dma_copy(dst=x_sb, src=x[0, h, s0:s0 + _ROPE_SEQ_TILE, :].reshape((per, P_MAX, d)).permute((1, 0, 2)))
@@ -285,19 +285,19 @@ def swiglu_a3(x, w_gate, w_up, w_down):
     n_out = w_down.shape[1]
     n_k, n_i = k_total // P_MAX, n_inter // P_MAX
     y = nl.ndarray((m_total, n_out), dtype=x.dtype, buffer=nl.shared_hbm)
-    for i_m in nl.affine_range(m_total // P_MAX):
+    for i_m in range(m_total // P_MAX):
         m0 = i_m * P_MAX
         x_sb = nl.ndarray((P_MAX, k_total), dtype=x.dtype, buffer=nl.sbuf)
         nisa.dma_copy(dst=x_sb, src=x[m0:m0 + P_MAX, :])
         xT = nl.ndarray((P_MAX, n_k, P_MAX), dtype=x.dtype, buffer=nl.sbuf)
-        for i_k in nl.affine_range(n_k):
+        for i_k in range(n_k):
             _transpose_to_sbuf(xT[:, i_k, :], x_sb[:, i_k * P_MAX:(i_k + 1) * P_MAX])
         h_sb = nl.ndarray((P_MAX, n_inter), dtype=nl.float32, buffer=nl.sbuf)
-        for i_n in nl.affine_range(n_inter // _N_TILE):
+        for i_n in range(n_inter // _N_TILE):
             cols = slice(i_n * _N_TILE, (i_n + 1) * _N_TILE)
             g_ps = nl.ndarray((P_MAX, _N_TILE), dtype=nl.float32, buffer=nl.psum)
             u_ps = nl.ndarray((P_MAX, _N_TILE), dtype=nl.float32, buffer=nl.psum)
-            for i_k in nl.affine_range(n_k):
+            for i_k in range(n_k):
                 wg = nl.ndarray((P_MAX, _N_TILE), dtype=w_gate.dtype, buffer=nl.sbuf)
                 wu = nl.ndarray((P_MAX, _N_TILE), dtype=w_up.dtype, buffer=nl.sbuf)
                 nisa.dma_copy(dst=wg, src=w_gate[i_k * P_MAX:(i_k + 1) * P_MAX, cols])
@@ -308,13 +308,13 @@ def swiglu_a3(x, w_gate, w_up, w_down):
             nisa.activation(dst=g_sb, op=nl.silu, data=g_ps)
             nisa.tensor_tensor(dst=h_sb[:, cols], data1=g_sb, data2=u_ps, op=nl.multiply)
         hT = nl.ndarray((P_MAX, n_i, P_MAX), dtype=nl.float32, buffer=nl.sbuf)
-        for i_k in nl.affine_range(n_i):
+        for i_k in range(n_i):
             _transpose_to_sbuf(hT[:, i_k, :], h_sb[:, i_k * P_MAX:(i_k + 1) * P_MAX])
         y_sb = nl.ndarray((P_MAX, n_out), dtype=x.dtype, buffer=nl.sbuf)
-        for i_n in nl.affine_range(n_out // _N_TILE):
+        for i_n in range(n_out // _N_TILE):
             cols = slice(i_n * _N_TILE, (i_n + 1) * _N_TILE)
             acc = nl.ndarray((P_MAX, _N_TILE), dtype=nl.float32, buffer=nl.psum)
-            for i_k in nl.affine_range(n_i):
+            for i_k in range(n_i):
                 wd = nl.ndarray((P_MAX, _N_TILE), dtype=w_down.dtype, buffer=nl.sbuf)
                 nisa.dma_copy(dst=wd, src=w_down[i_k * P_MAX:(i_k + 1) * P_MAX, cols])
                 nisa.nc_matmul(acc, hT[:, i_k, :], wd, accumulate=i_k > 0)
@@ -333,25 +333,25 @@ def matmul_add_rmsnorm_a7(x, w, residual, gamma, eps):
     n_k = k_total // P_MAX
     y = nl.ndarray((m_total, n_total), dtype=x.dtype, buffer=nl.shared_hbm)
     w_sb = nl.ndarray((P_MAX, n_k, n_total), dtype=w.dtype, buffer=nl.sbuf)
-    for i_k in nl.affine_range(n_k):
+    for i_k in range(n_k):
         nisa.dma_copy(dst=w_sb[:, i_k, :], src=w[i_k * P_MAX:(i_k + 1) * P_MAX, :])
     g_sb = nl.ndarray((P_MAX, n_total), dtype=gamma.dtype, buffer=nl.sbuf)
     nisa.dma_copy(dst=g_sb, src=gamma.reshape((1, n_total)).ap(pattern=[[0, P_MAX], [1, n_total]]))
     eps_sb = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.memset(dst=eps_sb, value=eps)
-    for i_m in nl.affine_range(m_total // P_MAX):
+    for i_m in range(m_total // P_MAX):
         m0 = i_m * P_MAX
         x_sb = nl.ndarray((P_MAX, k_total), dtype=x.dtype, buffer=nl.sbuf)
         nisa.dma_copy(dst=x_sb, src=x[m0:m0 + P_MAX, :])
         r_sb = nl.ndarray((P_MAX, n_total), dtype=residual.dtype, buffer=nl.sbuf)
         nisa.dma_copy(dst=r_sb, src=residual[m0:m0 + P_MAX, :])
         xT = nl.ndarray((P_MAX, n_k, P_MAX), dtype=x.dtype, buffer=nl.sbuf)
-        for i_k in nl.affine_range(n_k):
+        for i_k in range(n_k):
             _transpose_to_sbuf(xT[:, i_k, :], x_sb[:, i_k * P_MAX:(i_k + 1) * P_MAX])
-        for i_n in nl.affine_range(n_total // _N_TILE):      # z = x @ w + residual, in place of the residual
+        for i_n in range(n_total // _N_TILE):      # z = x @ w + residual, in place of the residual
             cols = slice(i_n * _N_TILE, (i_n + 1) * _N_TILE)
             acc = nl.ndarray((P_MAX, _N_TILE), dtype=nl.float32, buffer=nl.psum)
-            for i_k in nl.affine_range(n_k):
+            for i_k in range(n_k):
                 nisa.nc_matmul(acc, xT[:, i_k, :], w_sb[:, i_k, cols], accumulate=i_k > 0)
             nisa.tensor_tensor(dst=r_sb[:, cols], data1=acc, data2=r_sb[:, cols], op=nl.add)
         y_sb = nl.ndarray((P_MAX, n_total), dtype=x.dtype, buffer=nl.sbuf)
@@ -377,15 +377,15 @@ def conv1d_naive_u5(img, filt):
     out = nl.ndarray((n_img, c_total, 1, w_out), dtype=img.dtype, buffer=nl.shared_hbm)
     n_c = c_total // P_MAX
     f_sb = nl.ndarray((P_MAX, n_c, taps), dtype=filt.dtype, buffer=nl.sbuf)
-    for c in nl.affine_range(n_c):
+    for c in range(n_c):
         nisa.dma_copy(dst=f_sb[:, c, :], src=filt[c * P_MAX:(c + 1) * P_MAX, 0, 0, :])
-    for i_n in nl.affine_range(n_img):
-        for c in nl.affine_range(n_c):
+    for i_n in range(n_img):
+        for c in range(n_c):
             img_sb = nl.ndarray((P_MAX, w_in + 2 * pad), dtype=img.dtype, buffer=nl.sbuf)
             nisa.memset(dst=img_sb, value=0.0)
             nisa.dma_copy(dst=img_sb[:, pad:pad + w_in], src=img[i_n, c * P_MAX:(c + 1) * P_MAX, 0, :])
             o_sb = nl.ndarray((P_MAX, w_out), dtype=img.dtype, buffer=nl.sbuf)
-            for j in nl.affine_range(w_out):
+            for j in range(w_out):
                 prod = nl.ndarray((P_MAX, taps), dtype=img.dtype, buffer=nl.sbuf)
                 nisa.tensor_tensor(dst=prod, data1=img_sb[:, j:j + taps], data2=f_sb[:, c, :], op=nl.multiply)
                 nisa.tensor_reduce(dst=o_sb[:, j:j + 1], op=nl.add, data=prod, axis=1)

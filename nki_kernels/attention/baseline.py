@@ -22,8 +22,8 @@ def bhsd_to_bhds_kernel(x):
     """[B, H, S, D] -> [B, H, D, S] (2-byte dtypes): DMA transpose into SBUF, plain DMA out."""
     n_b, n_h, s, d = x.shape
     out = nl.ndarray((n_b, n_h, d, s), dtype=x.dtype, buffer=nl.shared_hbm)
-    for b in nl.static_range(n_b):
-        for h in nl.static_range(n_h):
+    for b in range(n_b):
+        for h in range(n_h):
             for s0 in range(0, s, _PERMUTE_KEYS):
                 sn = min(_PERMUTE_KEYS, s - s0)
                 for d0 in range(0, d, P_MAX):
@@ -40,8 +40,8 @@ def expand_kv_kernel(x, group):
     n_b, n_kv, s, d = x.shape
     out = nl.ndarray((n_b, n_kv * group, s, d), dtype=x.dtype, buffer=nl.shared_hbm)
     rows = P_MAX * (_PERMUTE_KEYS // P_MAX)
-    for b in nl.static_range(n_b):
-        for h in nl.static_range(n_kv):
+    for b in range(n_b):
+        for h in range(n_kv):
             for s0 in range(0, s, rows):
                 sn = min(rows, s - s0)
                 per = sn // P_MAX

@@ -45,7 +45,7 @@ def gdn_token_sequential_kernel(q, k, v, g, beta, state, scale, use_l2norm):
     q_cols = nl.ndarray((dk, seq), dtype=f32, buffer=nl.sbuf)
     nisa.dma_copy(dst=q_cols, src=q.permute((1, 0)))
     for x_cols, post in ((k_cols, 1.0), (q_cols, float(scale))):
-        for c0 in nl.static_range(0, seq, _NORM_BLOCK):
+        for c0 in range(0, seq, _NORM_BLOCK):
             n = min(_NORM_BLOCK, seq - c0)
             blk = x_cols[:, c0:c0 + n]
             if use_l2norm:
@@ -66,12 +66,12 @@ def gdn_token_sequential_kernel(q, k, v, g, beta, state, scale, use_l2norm):
     beta_row = nl.ndarray((1, seq), dtype=f32, buffer=nl.sbuf)
     nisa.dma_copy(dst=beta_row, src=beta.ap(pattern=[[0, 1], [1, seq]], offset=0))
 
-    for t0 in nl.sequential_range(0, seq, _TOKEN_BLOCK):
+    for t0 in range(0, seq, _TOKEN_BLOCK):
         n_blk = min(_TOKEN_BLOCK, seq - t0)
         v_blk = nl.ndarray((1, _TOKEN_BLOCK * dv), dtype=f32, buffer=nl.sbuf)
         nisa.dma_copy(dst=v_blk[:, 0:n_blk * dv], src=v[t0:t0 + n_blk].reshape((1, n_blk * dv)))
         o_blk = nl.ndarray((1, _TOKEN_BLOCK * dv), dtype=q.dtype, buffer=nl.sbuf)
-        for i in nl.sequential_range(n_blk):
+        for i in range(n_blk):
             t = t0 + i
             nisa.tensor_scalar(dst=s_sb, data=s_sb, op0=nl.multiply, operand0=eg[:, t:t + 1])
             ks_ps = nl.ndarray((1, dv), dtype=f32, buffer=nl.psum)

@@ -168,7 +168,7 @@ def gated_delta_rule_kernel(q, k, v, g, beta, initial_state, lengths, consts, ch
     # (no broadcasting in NKI ops), copied on GpSimd and ScalarE (idle at the start)
     n_lvl = _n_levels(chunk)
     masks_w = nl.ndarray((chunk, n_lvl + 1, width, chunk), dtype=cdt, buffer=nl.sbuf)
-    for i_w in nl.affine_range(width):
+    for i_w in range(width):
         if i_w % 2 == 0:
             nisa.tensor_copy(dst=masks_w[:, :, i_w, :], src=consts_sb[:, _C_IDENT:_C_MT0 + n_lvl, :],
                              engine=nisa.engine.gpsimd)
@@ -283,7 +283,7 @@ def _chunk_prep(q, k, v, g, beta, lengths, per_seq, ctx, cfg):
 
     base = cfg["head_base"]                                # global index of owned v head 0
     kh_base = base // group                                # global index of q/k head 0 of q_c / k_c
-    for i_blk in nl.affine_range(n_hv // width):
+    for i_blk in range(n_hv // width):
         hv0 = i_blk * width
         hk0 = (base + hv0) // group - kh_base
         n_kh = (base + hv0 + width - 1) // group - (base + hv0) // group + 1    # q/k heads this block uses
@@ -292,7 +292,7 @@ def _chunk_prep(q, k, v, g, beta, lengths, per_seq, ctx, cfg):
         # TensorE transposes (a data move: a NaN in token i stays in column i; a matmul with I would
         # spread it to every column through NaN * 0)
         tq_ps = nl.ndarray((dk, 2, n_kh, chunk), dtype=cdt, buffer=nl.psum)
-        for i_k in nl.affine_range(n_kh):
+        for i_k in range(n_kh):
             nisa.nc_transpose(dst=tq_ps[:, 0, i_k, :], data=q_c[:, hk0 + i_k, :])
             nisa.nc_transpose(dst=tq_ps[:, 1, i_k, :], data=k_c[:, hk0 + i_k, :])
         nisa.activation(dst=q_t, op=nl.copy, data=tq_ps[:, 0])      # Q^T [Dk, C] per q/k head
@@ -300,14 +300,14 @@ def _chunk_prep(q, k, v, g, beta, lengths, per_seq, ctx, cfg):
         del tq_ps
         kk_ps = nl.ndarray((chunk, n_kh, chunk), dtype=f32, buffer=nl.psum)
         kq_ps = nl.ndarray((chunk, n_kh, chunk), dtype=f32, buffer=nl.psum)
-        for i_k in nl.affine_range(n_kh):
+        for i_k in range(n_kh):
             nisa.nc_matmul(kk_ps[:, i_k, :], k_t[:, i_k, :], k_t[:, i_k, :])   # K K^T (symmetric)
             nisa.nc_matmul(kq_ps[:, i_k, :], k_t[:, i_k, :], q_t[:, i_k, :])   # [j, i] = k_j . q_i
         kk_sb = nl.ndarray((chunk, n_kh, chunk), dtype=cdt, buffer=nl.sbuf)
         nisa.activation(dst=kk_sb, op=nl.copy, data=kk_ps)
         del kk_ps
         kq_causal = nl.ndarray((chunk, n_kh, chunk), dtype=cdt, buffer=nl.sbuf)
-        for i_k in nl.affine_range(n_kh):
+        for i_k in range(n_kh):
             nisa.tensor_tensor(dst=kq_causal[:, i_k, :], data1=kq_ps[:, i_k, :], data2=utri, op=nl.multiply)
         del kq_ps
         yield
@@ -411,7 +411,7 @@ def _normalize(x_sb, valid, scale, use_l2norm, cdt):
     if valid is not None:
         nisa.tensor_scalar(dst=factor, data=factor, op0=nl.multiply, operand0=valid)
     out = nl.ndarray((chunk, n_h, d), dtype=cdt, buffer=nl.sbuf)
-    for i_h in nl.affine_range(n_h):
+    for i_h in range(n_h):
         nisa.activation(dst=out[:, i_h, :], op=nl.copy, data=x_sb[:, i_h, :], scale=factor[:, i_h:i_h + 1])
     return out
 
@@ -453,11 +453,11 @@ def _block_prep(blk, q_c, k_c, v_w, kk_sb, kq_causal, g_w, beta_w, exp_g, beta_e
     # decays as exact fp32 partial sums of g: gU[k, i] = g_k [k <= i]; D^T[j, i] = sum_{j<k<=i} g_k (0 for
     # i <= j), so e^{D^T} = e^{G_i - G_j} on and above the diagonal and 1 below it
     g_u = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.sbuf)
-    for w in nl.affine_range(width):
+    for w in range(width):
         nisa.tensor_scalar(dst=g_u[:, w, :], data=utri, op0=nl.multiply, operand0=g_w[:, w:w + 1], engine=pool)
     dt_ps = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.psum)
     per_mm = max(1, min(width, PSUM_FMAX_FP32 // chunk))     # heads per matmul: one PSUM bank of moving data
-    for w0 in nl.affine_range(0, width, per_mm):
+    for w0 in range(0, width, per_mm):
         w1 = min(width, w0 + per_mm)
         nisa.nc_matmul(dt_ps[:, w0:w1, :], strict_after, g_u[:, w0:w1, :])
     decay_t = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
@@ -470,16 +470,16 @@ def _block_prep(blk, q_c, k_c, v_w, kk_sb, kq_causal, g_w, beta_w, exp_g, beta_e
     beta_c = nl.ndarray((chunk, width), dtype=cdt, buffer=nl.sbuf)       # (compute dtype: fast VectorE path)
     nisa.tensor_copy(dst=beta_c, src=beta_w)
     diag_b = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
-    for w in nl.affine_range(width):
+    for w in range(width):
         nisa.tensor_scalar(dst=diag_b[:, w, :], data=ident_w[:, w, :], op0=nl.multiply, operand0=beta_c[:, w:w + 1])
     kb_ps = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.psum)
-    for w in nl.affine_range(width):
+    for w in range(width):
         nisa.nc_matmul(kb_ps[:, w, :], kk_sb[:, head_kh[w], :], diag_b[:, w, :])    # (K K^T)^T diag(beta)
     at_sb = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
     nisa.tensor_tensor(dst=at_sb, data1=kb_ps, data2=decay_t, op=nl.multiply)
     del kb_ps
     p_t = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
-    for w in nl.affine_range(width):
+    for w in range(width):
         nisa.tensor_tensor(dst=p_t[:, w, :], data1=decay_t[:, w, :], data2=kq_causal[:, head_kh[w], :],
                            op=nl.multiply, engine=pool)
     yield
@@ -489,7 +489,7 @@ def _block_prep(blk, q_c, k_c, v_w, kk_sb, kq_causal, g_w, beta_w, exp_g, beta_e
     xk = nl.ndarray((chunk, width, dk), dtype=cdt, buffer=nl.sbuf)
     xv = nl.ndarray((chunk, width, dv), dtype=cdt, buffer=nl.sbuf)
     k_dec = nl.ndarray((chunk, width, dk), dtype=cdt, buffer=nl.sbuf)
-    for w in nl.affine_range(width):
+    for w in range(width):
         nisa.tensor_scalar(dst=xk[:, w, :], data=k_c[:, head_kh[w], :], op0=nl.multiply,
                            operand0=beta_exp_g[:, w:w + 1], engine=pool)
         nisa.tensor_scalar(dst=xv[:, w, :], data=v_w[:, w, :], op0=nl.multiply, operand0=beta_w[:, w:w + 1],
@@ -497,7 +497,7 @@ def _block_prep(blk, q_c, k_c, v_w, kk_sb, kq_causal, g_w, beta_w, exp_g, beta_e
         nisa.tensor_scalar(dst=k_dec[:, w, :], data=k_c[:, head_kh[w], :], op0=nl.multiply,
                            operand0=decay_t[:, w, chunk - 1:chunk], engine=pool)
     wt_ps = nl.ndarray((dk, width, chunk), dtype=f32, buffer=nl.psum)
-    for w in nl.affine_range(width):
+    for w in range(width):
         nisa.nc_matmul(wt_ps[:, w, :], xk[:, w, :], t_t[:, w, :])
     wt_neg = nl.ndarray((dk, width, chunk), dtype=cdt, buffer=nl.sbuf)
     nisa.activation(dst=wt_neg, op=nl.copy, data=wt_ps, scale=-1.0)
@@ -519,7 +519,7 @@ def _block_tail(blk, exp_g, exp_glast, s_w, o_w, cfg, dk, dv):
         s_c = nl.ndarray((dk, width, dv), dtype=cdt, buffer=nl.sbuf)
         nisa.tensor_copy(dst=s_c, src=s_w, engine=pool)
     vn_ps = nl.ndarray((chunk, width, dv), dtype=f32, buffer=nl.psum)
-    for w in nl.affine_range(width):
+    for w in range(width):
         nisa.nc_matmul(vn_ps[:, w, :], t_t[:, w, :], blk["xv"][:, w, :])
         nisa.nc_matmul(vn_ps[:, w, :], blk["wt_neg"][:, w, :], s_c[:, w, :], accumulate=True)
     v_new = nl.ndarray((chunk, width, dv), dtype=cdt, buffer=nl.sbuf)
@@ -529,22 +529,22 @@ def _block_tail(blk, exp_g, exp_glast, s_w, o_w, cfg, dk, dv):
 
     def output():                          # O = e^G o (Q S) + P V': the row scaling applied at the eviction
         qs_ps = nl.ndarray((chunk, width, dv), dtype=f32, buffer=nl.psum)
-        for w in nl.affine_range(width):
+        for w in range(width):
             nisa.nc_matmul(qs_ps[:, w, :], blk["q_t"][:, blk["head_kh"][w], :], s_c[:, w, :])
         qs_sb = nl.ndarray((chunk, width, dv), dtype=f32, buffer=nl.sbuf)
-        for w in nl.affine_range(width):
+        for w in range(width):
             nisa.activation(dst=qs_sb[:, w, :], op=nl.copy, data=qs_ps[:, w, :], scale=exp_g[:, w:w + 1])
         del qs_ps
         pv_ps = nl.ndarray((chunk, width, dv), dtype=f32, buffer=nl.psum)
-        for w in nl.affine_range(width):
+        for w in range(width):
             nisa.nc_matmul(pv_ps[:, w, :], p_t[:, w, :], v_new[:, w, :])
         nisa.tensor_tensor(dst=o_w, data1=pv_ps, data2=qs_sb, op=nl.add)
 
     def state_update():                    # S <- e^{G_C} S + (K o e^{G_C - G_j})^T V'
         su_ps = nl.ndarray((dk, width, dv), dtype=f32, buffer=nl.psum)
-        for w in nl.affine_range(width):
+        for w in range(width):
             nisa.nc_matmul(su_ps[:, w, :], blk["k_dec"][:, w, :], v_new[:, w, :])
-        for w in nl.affine_range(width):
+        for w in range(width):
             nisa.scalar_tensor_tensor(dst=s_w[:, w, :], data=s_w[:, w, :], op0=nl.multiply,
                                       operand0=exp_glast[:, w:w + 1], op1=nl.add, operand1=su_ps[:, w, :])
 
@@ -610,14 +610,14 @@ def _solve_unit_lower(at_sb, ident_w, lvl_masks, n_lv, hi_rows, chunk, cdt):
     t_t = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
     nisa.tensor_tensor(dst=t_t, data1=ident_w, data2=a0, op=nl.subtract, engine=pool)
     m_ps = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.psum)
-    for w in nl.affine_range(width):
+    for w in range(width):
         nisa.nc_matmul(m_ps[:, w, :], a0[:, w, :], ident_w[:, w, :])     # A_1 = (A_1^T)^T
     t_row = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
     nisa.tensor_tensor(dst=t_row, data1=ident_w, data2=m_ps, op=nl.subtract)
     del m_ps
     yield
     n_lvl = _n_levels(chunk)
-    for lvl in nl.sequential_range(1, n_lvl):
+    for lvl in range(1, n_lvl):
         s = 1 << lvl
         last = lvl + 1 == n_lvl
         nb = chunk // (2 * s)
@@ -636,18 +636,18 @@ def _solve_unit_lower(at_sb, ident_w, lvl_masks, n_lv, hi_rows, chunk, cdt):
             nisa.tensor_tensor(dst=a_s, data1=at_sb, data2=lvl_masks[lvl], op=nl.multiply, engine=eng)
         m_ps = nl.ndarray((chunk, width, half), dtype=f32, buffer=nl.psum)
         for h0, h1 in halves:
-            for w in nl.affine_range(h0, h1):
+            for w in range(h0, h1):
                 nisa.nc_matmul(m_ps[:, w, :], a_s[:, w, :], _cols(t_row[:, w, :], s, False))   # M_lo = A_s T_s
             n_lo = _cols(n_s[:, h0:h1], s, False)
             i_lo = _cols(ident_w[:, h0:h1], s, False)
             m_lo = m_ps[:, h0:h1].reshape((chunk, h1 - h0, nb, s))
             if by_rows:
-                for b in nl.static_range(nb):
+                for b in range(nb):
                     rows = slice(2 * s * b + s, 2 * s * (b + 1))
                     nisa.tensor_tensor(dst=n_lo[rows, :, b, :], data1=i_lo[rows, :, b, :], data2=m_lo[rows, :, b, :],
                                        op=nl.subtract)
             elif by_mask:
-                for b in nl.static_range(nb):                 # N = I - [row in hi half of block b] M
+                for b in range(nb):                 # N = I - [row in hi half of block b] M
                     nisa.scalar_tensor_tensor(dst=n_lo[:, :, b, :], data=m_lo[:, :, b, :], op0=nl.multiply,
                                               operand0=hi_rows[:, b:b + 1], op1=nl.subtract,
                                               operand1=i_lo[:, :, b, :], reverse1=True)
@@ -658,7 +658,7 @@ def _solve_unit_lower(at_sb, ident_w, lvl_masks, n_lv, hi_rows, chunk, cdt):
         x_ps = None if last else nl.ndarray((chunk, width, half), dtype=f32, buffer=nl.psum)
         y_ps = nl.ndarray((chunk, width, half), dtype=f32, buffer=nl.psum)
         for h0, h1 in halves:
-            for w in nl.affine_range(h0, h1):
+            for w in range(h0, h1):
                 if not last:                                  # T_2s[:, lo] = T_s N_s[:, lo]
                     nisa.nc_matmul(x_ps[:, w, :], t_t[:, w, :], _cols(n_s[:, w, :], s, False))
                 nisa.nc_matmul(y_ps[:, w, :], n_s[:, w, :], _cols(t_t[:, w, :], s, True))  # N_s^T T_s^T[:, hi]

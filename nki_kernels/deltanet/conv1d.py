@@ -72,7 +72,7 @@ def causal_conv1d_kernel(x, weight, conv_state, lengths, has_state, in_place, ap
         len_i = _clamped_lengths(lengths, bsz, seq)
     on_pe = x.dtype in (nl.bfloat16, nl.float16)
     ident = _identity(x.dtype) if on_pe else None
-    for i_ct in nl.affine_range(n_ct):
+    for i_ct in range(n_ct):
         c0 = c_lo + i_ct * P_MAX
         pc = min(P_MAX, c_hi - c0)
         w_sb = nl.ndarray((P_MAX, kw), dtype=f32, buffer=nl.sbuf)
@@ -80,10 +80,10 @@ def causal_conv1d_kernel(x, weight, conv_state, lengths, has_state, in_place, ap
         diag = None
         if on_pe:                            # diag(w[:, i]) per tap: the stationaries of the tap matmuls
             diag = nl.ndarray((P_MAX, kw, P_MAX), dtype=x.dtype, buffer=nl.sbuf)
-            for i_k in nl.static_range(kw):
+            for i_k in range(kw):
                 nisa.tensor_scalar(dst=diag[0:pc, i_k, 0:pc], data=ident[0:pc, 0:pc], op0=nl.multiply,
                                    operand0=w_sb[0:pc, i_k:i_k + 1])
-        for i_bt in nl.affine_range(n_bt):
+        for i_bt in range(n_bt):
             b0 = i_bt * nb
             n_b = min(nb, bsz - b0)
             bs = slice(b0, b0 + n_b)
@@ -102,7 +102,7 @@ def causal_conv1d_kernel(x, weight, conv_state, lengths, has_state, in_place, ap
                 acc = nl.ndarray((P_MAX, nb, seq), dtype=f32, buffer=nl.sbuf)
                 nisa.tensor_scalar(dst=acc[0:pc, 0:n_b], data=hist[0:pc, 0:n_b, 1:1 + seq], op0=nl.multiply,
                                    operand0=w_sb[0:pc, 0:1])
-                for i_k in nl.static_range(1, kw):
+                for i_k in range(1, kw):
                     nisa.scalar_tensor_tensor(dst=acc[0:pc, 0:n_b], data=hist[0:pc, 0:n_b, 1 + i_k:1 + i_k + seq],
                                               op0=nl.multiply, operand0=w_sb[0:pc, i_k:i_k + 1], op1=nl.add,
                                               operand1=acc[0:pc, 0:n_b])
@@ -112,7 +112,7 @@ def causal_conv1d_kernel(x, weight, conv_state, lengths, has_state, in_place, ap
             if in_place:                      # update form: L_b = T for every sequence (static)
                 nisa.dma_copy(dst=new_state[bs, c0:c0 + pc].permute((1, 0, 2)), src=hist[0:pc, 0:n_b, seq:seq + kw])
             else:                             # valid lengths are runtime data: one dynamic read per sequence
-                for i_b in nl.affine_range(n_b):
+                for i_b in range(n_b):
                     tail = hist[0:pc, i_b].ap(pattern=[[nb * (kw + seq), pc], [1, kw]], offset=0,
                                               scalar_offset=len_i[0:1, b0 + i_b:b0 + i_b + 1], indirect_dim=2)
                     nisa.dma_copy(dst=new_state[b0 + i_b, c0:c0 + pc], src=tail)
@@ -150,12 +150,12 @@ def _taps_on_pe(hist, diag, y_sb, pc, n_b, act):
     of diag(w[:, i]) against the shifted history per PSUM bank of columns, evicted through `act` by ScalarE."""
     seq = y_sb.shape[2]
     kw = diag.shape[1]
-    for i_b in nl.affine_range(n_b):
-        for i_j in nl.affine_range((seq + PSUM_FMAX_FP32 - 1) // PSUM_FMAX_FP32):
+    for i_b in range(n_b):
+        for i_j in range((seq + PSUM_FMAX_FP32 - 1) // PSUM_FMAX_FP32):
             j0 = i_j * PSUM_FMAX_FP32
             n = min(PSUM_FMAX_FP32, seq - j0)
             ps = nl.ndarray((P_MAX, PSUM_FMAX_FP32), dtype=nl.float32, buffer=nl.psum)
-            for i_k in nl.static_range(kw):
+            for i_k in range(kw):
                 nisa.nc_matmul(ps[0:pc, 0:n], diag[0:pc, i_k, 0:pc], hist[0:pc, i_b, 1 + i_k + j0:1 + i_k + j0 + n],
                                accumulate=i_k > 0)
             nisa.activation(dst=y_sb[0:pc, i_b, j0:j0 + n], op=act, data=ps[0:pc, 0:n])
@@ -201,7 +201,7 @@ def causal_conv1d_update_kernel(x, conv_state, weight, apply_silu):
         w_sb = nl.ndarray((n_p, nb_max, cpp, kw), dtype=cdt, buffer=nl.sbuf)
         nisa.dma_copy(dst=w_sb, src=weight.ap(pattern=[[cpp * kw, n_p], [0, nb_max], [kw, cpp], [1, kw]],
                                               offset=c0 * kw))
-        for i_b in nl.affine_range((bsz + nb_max - 1) // nb_max):
+        for i_b in range((bsz + nb_max - 1) // nb_max):
             _update_chunk(x, conv_state, y, w_sb, c0, n_p, cpp, i_b * nb_max, min(nb_max, bsz - i_b * nb_max),
                           apply_silu, cdt)
     return y
@@ -221,7 +221,7 @@ def _update_chunk(x, conv_state, y, w_sb, c0, n_p, cpp, b0, nb, apply_silu, cdt)
     nisa.tensor_copy(dst=hist[:, :, :, 0:kw], src=st, engine=nisa.engine.gpsimd)
     nisa.tensor_copy(dst=hist[:, :, :, kw:kw + seq], src=xt)
     y_sb = nl.ndarray((n_p, nb, cpp, seq), dtype=x.dtype, buffer=nl.sbuf)
-    for i_t in nl.static_range(seq):
+    for i_t in range(seq):
         prod = nl.ndarray((n_p, nb, cpp, kw), dtype=cdt, buffer=nl.sbuf)
         nisa.tensor_tensor(dst=prod, data1=hist[:, :, :, 1 + i_t:1 + i_t + kw], data2=w_sb[:, 0:nb], op=nl.multiply)
         acc = nl.ndarray((n_p, nb, cpp), dtype=f32, buffer=nl.sbuf)

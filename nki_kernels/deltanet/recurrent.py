@@ -129,9 +129,9 @@ def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, 
     rank_pp = n_tok * n_hv * dk * 2 if cdt != f32 else 0
     n_buf = max(1, min(bsz, _STATE_BUFFERS, (_STATE_SBUF_BYTES - rank_pp) // (n_own * dv * 4)))
     state_buf = nl.ndarray((dk, n_buf, n_own, dv), dtype=f32, buffer=nl.sbuf)     # the owned heads only
-    for i_b in nl.affine_range(n_buf - 1):
+    for i_b in range(n_buf - 1):
         _load_state(state_pool, slot_of(i_b), state_buf[:, i_b], own)
-    for i_b in nl.sequential_range(bsz):
+    for i_b in range(bsz):
         if i_b > 0 and i_b % n_grp == 0:
             ins = _load_inputs(q, k, v, g, beta, i_b, min(n_grp, bsz - i_b), cdt)
         i_pre = i_b + n_buf - 1
@@ -144,8 +144,8 @@ def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, 
         nisa.activation(dst=exp_g, op=nl.exp, data=ins["g_bc"][:, i_g, :])
         heads = _prepare_heads(q.shape, v.shape, ins, i_g, exp_g, sel, ones_sb, kqz, scale, use_l2norm, cdt)
         dl_rows = nl.ndarray((n_r, n_tok, dv), dtype=cdt, buffer=nl.sbuf)    # rows 2h: delta_h, 2h + 1: o_h
-        for i_t in nl.sequential_range(n_tok):
-            for i_o in nl.affine_range(n_own):
+        for i_t in range(n_tok):
+            for i_o in range(n_own):
                 i_h = own[0] + i_o
                 if cdt == f32:
                     _head_token_rows(state_sb[:, i_o, :], heads, exp_g, dl_rows, i_t, i_h)
@@ -232,7 +232,7 @@ def _load_inputs(q, k, v, g, beta, b0, nb, cdt):
         nisa.dma_copy(dst=ins[name], src=x.ap(pattern=[[dk, n_tk], [n_tk * dk, nb], [1, dk]], offset=b0 * n_tk * dk))
     for name, x in (("g_bc", g), ("beta_bc", beta)):
         nisa.dma_copy(dst=ins[name], src=x.ap(pattern=[[0, dk], [1, nb * n_th]], offset=b0 * n_th))
-    for i_x in nl.affine_range(2):
+    for i_x in range(2):
         nisa.dma_copy(dst=ins["v_pairs"][i_x:2 * n_hv:2], src=v.ap(
             pattern=[[dv, n_hv], [n_th * dv, nb], [n_hv * dv, n_tok], [1, dv]], offset=b0 * n_th * dv))
     for name, x in (("g_pairs", g), ("beta_pairs", beta)):
@@ -244,7 +244,7 @@ def _load_inputs(q, k, v, g, beta, b0, nb, cdt):
 def _load_state(state_pool, slot, state_sb, own):
     """state_sb [Dk, own[1], Dv] = heads own[0] .. own[0] + own[1] - 1 of state_pool[slot]: one dynamic DMA per head
     (scalar_offset = the slot id in SBUF), so each head's compute starts as soon as its rows arrive."""
-    for i_o in nl.affine_range(own[1]):
+    for i_o in range(own[1]):
         nisa.dma_copy(dst=state_sb[:, i_o, :], src=_state_rows(state_pool, slot, own[0] + i_o))
 
 
@@ -284,7 +284,7 @@ def _prepare_heads(q_shape, v_shape, ins, i_b, exp_g, sel, ones_sb, kqz, scale, 
         nisa.scalar_tensor_tensor(dst=nbe_pairs, data=nbe_pairs, op0=nl.multiply, operand0=-1.0, op1=nl.multiply,
                                   operand1=ins["beta_pairs"][:, i_b, :])
         kp_rows = nl.ndarray((n_r, n_tok, dk), dtype=cdt, buffer=nl.sbuf)
-    for i_t in nl.affine_range(n_tok):
+    for i_t in range(n_tok):
         kr_ps = nl.ndarray((n_r, dk), dtype=f32, buffer=nl.psum)
         nisa.nc_transpose(dst=kr_ps, data=kqn[:, i_t].reshape((dk, n_r)))
         nisa.activation(dst=k_rows[:, i_t, :], op=nl.copy, data=kr_ps)
@@ -297,14 +297,14 @@ def _prepare_heads(q_shape, v_shape, ins, i_b, exp_g, sel, ones_sb, kqz, scale, 
     kq_bc_ps = nl.ndarray((dk, n_tok, n_hv, 2), dtype=f32, buffer=nl.psum)
     nisa.nc_matmul(kq_bc_ps.reshape((dk, 2 * n_th)), ones_sb, kqz.reshape((dk, 2 * n_th)))
     fac_ps = nl.ndarray((n_r, n_tok), dtype=f32, buffer=nl.psum)
-    for i_t in nl.affine_range(n_tok):
+    for i_t in range(n_tok):
         nisa.nc_matmul(fac_ps[:, i_t:i_t + 1], kqz[:, i_t].reshape((dk, n_r)), ones_sb[:, 0:1])
     # addend rows: (2h, 2h + 1) = (beta v, (k.q) beta v)
     fac = nl.ndarray((n_r, n_tok), dtype=f32, buffer=nl.sbuf)
     nisa.tensor_tensor(dst=fac, data1=fac_ps, data2=ins["beta_pairs"][:, i_b, :], op=nl.multiply)
     del fac_ps
     addend = nl.ndarray((n_r, n_tok, dv), dtype=f32, buffer=nl.sbuf)
-    for i_t in nl.affine_range(n_tok):
+    for i_t in range(n_tok):
         nisa.tensor_scalar(dst=addend[:, i_t, :], data=ins["v_pairs"][:, i_b, i_t, :], op0=nl.multiply,
                            operand0=fac[:, i_t:i_t + 1], engine=nisa.engine.gpsimd)
     # stationary columns: k' = -beta e^g k, q'' = e^g q + (k.q) k'  (fp32, then in the matmul dtype)
@@ -338,12 +338,12 @@ def _prepare_rank1(kq_f, k_rows, kp_rows, addend, cdt):
     bv_rows = nl.ndarray(addend.shape, dtype=cdt, buffer=nl.sbuf)
     nisa.tensor_copy(dst=bv_rows, src=addend, engine=nisa.engine.gpsimd)
     rank = nl.ndarray((dk, n_tok, n_hv, dk), dtype=cdt, buffer=nl.sbuf)
-    for i_t in nl.affine_range(n_tok):
-        for i_h0 in nl.affine_range((n_hv + _RANK_BANK_HEADS - 1) // _RANK_BANK_HEADS):
+    for i_t in range(n_tok):
+        for i_h0 in range((n_hv + _RANK_BANK_HEADS - 1) // _RANK_BANK_HEADS):
             h0 = i_h0 * _RANK_BANK_HEADS
             nh = min(_RANK_BANK_HEADS, n_hv - h0)
             rank_ps = nl.ndarray((dk, _RANK_BANK_HEADS, dk), dtype=f32, buffer=nl.psum)
-            for i_h in nl.affine_range(nh):
+            for i_h in range(nh):
                 r = 2 * (h0 + i_h)
                 nisa.nc_matmul(rank_ps[:, i_h, :], kp_rows[r:r + 1, i_t, :], k_rows[r:r + 1, i_t, :],
                                accumulate=False)

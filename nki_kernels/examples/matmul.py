@@ -60,12 +60,12 @@ def tiled_matmul_kernel(lhsT, rhs):
     resident = n_m * n_k * _M_TILE * dtype_bytes(lhsT.dtype) <= _LHS_RESIDENT_BYTES
     if resident:
         lhs_all = nl.ndarray((_K_TILE, n_m, n_k, _M_TILE), dtype=lhsT.dtype, buffer=nl.sbuf)
-    for i_n in nl.affine_range(n_n):
+    for i_n in range(n_n):
         n0 = i_n * _N_TILE
         n_sz = min(_N_TILE, n_total - n0)
         rhs_sb = nl.ndarray((_K_TILE, n_k, _N_TILE), dtype=rhs.dtype, buffer=nl.sbuf)
         _load_k_tiles(rhs_sb, rhs, n0, n_sz)
-        for i_m in nl.affine_range(pid, n_m, n_prog):          # this program's M tiles
+        for i_m in range(pid, n_m, n_prog):          # this program's M tiles
             m0 = i_m * _M_TILE
             m_sz = min(_M_TILE, m_total - m0)
             if resident:
@@ -76,7 +76,7 @@ def tiled_matmul_kernel(lhsT, rhs):
                 lhs_sb = nl.ndarray((_K_TILE, n_k, _M_TILE), dtype=lhsT.dtype, buffer=nl.sbuf)
                 _load_k_tiles(lhs_sb, lhsT, m0, m_sz)
             acc_psum = nl.ndarray((_M_TILE, _N_TILE), dtype=nl.float32, buffer=nl.psum)
-            for i_k in nl.affine_range(n_k):
+            for i_k in range(n_k):
                 k_sz = min(_K_TILE, k_total - i_k * _K_TILE)
                 nisa.nc_matmul(acc_psum[0:m_sz, 0:n_sz], lhs_sb[0:k_sz, i_k, 0:m_sz],
                                rhs_sb[0:k_sz, i_k, 0:n_sz], accumulate=(i_k > 0))

@@ -59,7 +59,7 @@ def rmsnorm_kernel(x, weight, eps):
     inv_hidden = 1.0 / hidden
     n_mine = (n_tiles - pid + n_prog - 1) // n_prog          # row tiles i_r = pid + j * n_prog, j < n_mine
     group = max(1, min(_GROUP_MAX, _GROUP_BYTES // (hidden * dtype_bytes(x.dtype))))
-    for i_g in nl.affine_range((n_mine + group - 1) // group):
+    for i_g in range((n_mine + group - 1) // group):
         j0 = i_g * group
         _rmsnorm_group(x, w_sb, out, j0, min(group, n_mine - j0), pid, n_prog, inv_hidden, eps)
     return out
@@ -73,26 +73,26 @@ def _rmsnorm_group(x, w_sb, out, j0, n_grp, pid, n_prog, inv_hidden, eps):
     out_sb = nl.ndarray((P_MAX, n_grp, hidden), dtype=x.dtype, buffer=nl.sbuf)
     sum_sq_sb = nl.ndarray((P_MAX, n_grp), dtype=nl.float32, buffer=nl.sbuf)     # column g: tile g
     rstd_sb = nl.ndarray((P_MAX, n_grp), dtype=nl.float32, buffer=nl.sbuf)
-    for g in nl.static_range(n_grp):
+    for g in range(n_grp):
         r0 = (pid + (j0 + g) * n_prog) * P_MAX
         r_sz = min(P_MAX, n_rows - r0)
         nisa.dma_copy(dst=x_sb[0:r_sz, g, :], src=x[r0:r0 + r_sz, :])
-    for g in nl.static_range(n_grp):
+    for g in range(n_grp):
         r_sz = min(P_MAX, n_rows - (pid + (j0 + g) * n_prog) * P_MAX)
         # The squares land in out_sb as scratch (overwritten below); the row sums accumulate in fp32.
         nisa.activation_reduce(dst=out_sb[0:r_sz, g, :], op=nl.square, data=x_sb[0:r_sz, g, :], reduce_op=nl.add,
                                reduce_res=sum_sq_sb[0:r_sz, g:g + 1])
-    for g in nl.static_range(n_grp):
+    for g in range(n_grp):
         r_sz = min(P_MAX, n_rows - (pid + (j0 + g) * n_prog) * P_MAX)
         nisa.tensor_scalar(dst=rstd_sb[0:r_sz, g:g + 1], data=sum_sq_sb[0:r_sz, g:g + 1], op0=nl.multiply,
                            operand0=inv_hidden, op1=nl.add, operand1=eps)
-    for g in nl.static_range(n_grp):
+    for g in range(n_grp):
         r_sz = min(P_MAX, n_rows - (pid + (j0 + g) * n_prog) * P_MAX)
         nisa.activation(dst=rstd_sb[0:r_sz, g:g + 1], op=nl.rsqrt, data=rstd_sb[0:r_sz, g:g + 1])
     # out = (x * rstd) * w. VectorE does the first half of the columns in one pass; for the second half
     # ScalarE applies rstd (activation scale) and VectorE multiplies by w, which balances the two engines.
     h_split = (hidden + 1) // 2
-    for g in nl.static_range(n_grp):
+    for g in range(n_grp):
         r0 = (pid + (j0 + g) * n_prog) * P_MAX
         r_sz = min(P_MAX, n_rows - r0)
         nisa.scalar_tensor_tensor(dst=out_sb[0:r_sz, g, 0:h_split], data=x_sb[0:r_sz, g, 0:h_split],

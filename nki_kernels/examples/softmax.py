@@ -52,7 +52,7 @@ def softmax_kernel(x):
     n_prog = nl.num_programs(0)
     n_mine = (n_tiles - pid + n_prog - 1) // n_prog          # row tiles i_r = pid + j * n_prog, j < n_mine
     group = max(1, min(_GROUP_MAX, _GROUP_BYTES // (n_cols * dtype_bytes(x.dtype))))
-    for i_g in nl.affine_range((n_mine + group - 1) // group):
+    for i_g in range((n_mine + group - 1) // group):
         j0 = i_g * group
         _softmax_group(x, out, j0, min(group, n_mine - j0), pid, n_prog, n_cols)
     return out
@@ -67,26 +67,26 @@ def _softmax_group(x, out, j0, n_grp, pid, n_prog, n_cols):
     neg_max_sb = nl.ndarray((P_MAX, n_grp), dtype=nl.float32, buffer=nl.sbuf)
     row_sum_sb = nl.ndarray((P_MAX, n_grp), dtype=nl.float32, buffer=nl.sbuf)
     inv_sum_sb = nl.ndarray((P_MAX, n_grp), dtype=nl.float32, buffer=nl.sbuf)
-    for g in nl.static_range(n_grp):
+    for g in range(n_grp):
         r0 = (pid + (j0 + g) * n_prog) * P_MAX
         r_sz = min(P_MAX, n_rows - r0)
         nisa.dma_copy(dst=x_sb[0:r_sz, g, :], src=x[r0:r0 + r_sz, :])
-    for g in nl.static_range(n_grp):
+    for g in range(n_grp):
         r_sz = min(P_MAX, n_rows - (pid + (j0 + g) * n_prog) * P_MAX)
         nisa.tensor_reduce(dst=neg_max_sb[0:r_sz, g:g + 1], op=nl.maximum, data=x_sb[0:r_sz, g, :], axis=1,
                            negate=True)
-    for g in nl.static_range(n_grp):
+    for g in range(n_grp):
         r_sz = min(P_MAX, n_rows - (pid + (j0 + g) * n_prog) * P_MAX)
         # exp(x - max) overwrites the tile; the row sum accumulates in fp32 before any rounding to x's dtype
         nisa.activation_reduce(dst=x_sb[0:r_sz, g, :], op=nl.exp, data=x_sb[0:r_sz, g, :], reduce_op=nl.add,
                                reduce_res=row_sum_sb[0:r_sz, g:g + 1], bias=neg_max_sb[0:r_sz, g:g + 1])
-    for g in nl.static_range(n_grp):
+    for g in range(n_grp):
         r_sz = min(P_MAX, n_rows - (pid + (j0 + g) * n_prog) * P_MAX)
         nisa.reciprocal(dst=inv_sum_sb[0:r_sz, g:g + 1], data=row_sum_sb[0:r_sz, g:g + 1])
     # Normalise: VectorE scales the first half of the columns, ScalarE the second half, so the two engines
     # share the work (ScalarE already ran the exp pass) and neither outlasts the DMAs.
     c_split = (n_cols + 1) // 2
-    for g in nl.static_range(n_grp):
+    for g in range(n_grp):
         r0 = (pid + (j0 + g) * n_prog) * P_MAX
         r_sz = min(P_MAX, n_rows - r0)
         nisa.tensor_scalar(dst=x_sb[0:r_sz, g, 0:c_split], data=x_sb[0:r_sz, g, 0:c_split], op0=nl.multiply,
