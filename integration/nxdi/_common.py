@@ -10,6 +10,8 @@ import inspect
 import logging
 import os
 
+from .. import _patching
+
 logger = logging.getLogger("nki_kernels.nxdi")
 
 # Environment kill switch: when set, every installed adapter defers to the method it replaced.
@@ -80,21 +82,8 @@ def is_cpu_tensor(*tensors) -> bool:
     return all(t is None or (isinstance(t, torch.Tensor) and t.device.type == "cpu") for t in tensors)
 
 
-_WARNED: set = set()
-
-
 def warn_once(key: str, message: str):
-    if key not in _WARNED:
-        _WARNED.add(key)
-        logger.warning(message)
+    _patching.warn_once(logger, key, message)
 
 
-def param_names(fn):
-    """Parameter names of a function or method, without `self` / `ctx`."""
-    try:
-        names = list(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        return None
-    if names and names[0] in ("self", "ctx", "cls"):
-        names = names[1:]
-    return names
+param_names = _patching.param_names

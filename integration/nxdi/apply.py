@@ -25,6 +25,7 @@ import sys
 import types
 from dataclasses import dataclass, field
 
+from .._patching import PatchSet
 from . import attention as _attn
 from . import code_predictor as _cp
 from . import deltanet as _gdn
@@ -59,34 +60,9 @@ class NxDIAdapterError(ValueError):
 
 
 @dataclass
-class Installation:
+class Installation(PatchSet):
     """What apply() changed; `restore()` (or leaving the `with` block) undoes it, last change first."""
-    patches: list = field(default_factory=list)      # (owner, attr, had_attr, old_value)
-    installed: dict = field(default_factory=dict)    # family -> ["Class.method", ...]
     skipped: dict = field(default_factory=dict)      # family -> [reason, ...] (non-strict mode)
-
-    def _set(self, owner, attr, value):
-        had = attr in vars(owner) if isinstance(owner, (type, types.ModuleType)) else hasattr(owner, attr)
-        old = (vars(owner)[attr] if isinstance(owner, (type, types.ModuleType)) else getattr(owner, attr)) \
-            if had else None
-        self.patches.append((owner, attr, had, old))
-        setattr(owner, attr, value)
-
-    def restore(self):
-        while self.patches:
-            owner, attr, had, old = self.patches.pop()
-            if had:
-                setattr(owner, attr, old)
-            else:
-                delattr(owner, attr)
-        self.installed = {}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.restore()
-        return False
 
 
 # ----------------------------------------------------------------------------------------------- discovery

@@ -4,9 +4,10 @@ Nothing here imports vLLM or the plugin: the adapters (and their tests) run wher
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import os
+
+from .. import _patching
 
 logger = logging.getLogger("nki_kernels.vllm_neuron")
 
@@ -32,24 +33,11 @@ def ops():
     return torch_ops.register()
 
 
-_WARNED: set = set()
-
-
 def warn_once(key: str, message: str):
-    if key not in _WARNED:
-        _WARNED.add(key)
-        logger.warning(message)
+    _patching.warn_once(logger, key, message)
 
 
-def param_names(fn):
-    """Parameter names of a function or method, without a leading self / cls."""
-    try:
-        names = list(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        return None
-    if names and names[0] in ("self", "cls"):
-        names = names[1:]
-    return names
+param_names = _patching.param_names
 
 
 def difference(names, expected) -> str | None:

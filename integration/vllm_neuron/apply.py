@@ -26,6 +26,7 @@ import sys
 import types
 from dataclasses import dataclass, field
 
+from .._patching import PatchSet
 from . import attention as _attn
 from . import deltanet as _gdn
 from . import moe as _moe
@@ -61,32 +62,9 @@ TARGETS = (
 
 
 @dataclass
-class Installation:
+class Installation(PatchSet):
     """What apply() changed; `restore()` (or leaving the `with` block) undoes it."""
-    patches: list = field(default_factory=list)       # (owner, attr, had_attr, old_value)
-    installed: dict = field(default_factory=dict)     # family -> ["Class.method" / "module.function", ...]
     skipped: list = field(default_factory=list)       # problems of the classes left alone (strict=False)
-
-    def _set(self, owner, attr, value):
-        had = attr in vars(owner)
-        self.patches.append((owner, attr, had, vars(owner)[attr] if had else None))
-        setattr(owner, attr, value)
-
-    def restore(self):
-        while self.patches:
-            owner, attr, had, old = self.patches.pop()
-            if had:
-                setattr(owner, attr, old)
-            else:
-                delattr(owner, attr)
-        self.installed = {}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.restore()
-        return False
 
 
 def _plugin_default():
