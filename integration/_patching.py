@@ -1,5 +1,5 @@
 """What the framework adapters (integration/nxdi, integration/vllm_neuron) share: the record of the attributes
-apply() replaced (undone last change first), warn-once logging, and parameter-name inspection."""
+apply() replaced (undone last change first), warn-once logging, and parameter-list inspection and comparison."""
 from __future__ import annotations
 
 import inspect
@@ -25,6 +25,22 @@ def param_names(fn):
     if names and names[0] in ("self", "cls", "ctx"):
         names = names[1:]
     return names
+
+
+def signature_difference(names, expected, exact=False) -> str | None:
+    """None when the parameter list `names` starts with exactly `expected` (and, with `exact`, has nothing
+    more); else the first difference in words (differing position, missing or extra parameters)."""
+    if names is None:
+        return "its signature cannot be inspected"
+    names, expected = tuple(names), tuple(expected)
+    for i, want in enumerate(expected):
+        if i >= len(names):
+            return f"missing parameter(s) {expected[i:]} from position {i + 1}"
+        if names[i] != want:
+            return f"parameter {i + 1} is {names[i]!r}, expected {want!r}"
+    if exact and len(names) > len(expected):
+        return f"extra parameter(s) {names[len(expected):]}"
+    return None
 
 
 @dataclass

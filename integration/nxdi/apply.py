@@ -25,6 +25,7 @@ import sys
 import types
 from dataclasses import dataclass, field
 
+from .. import _patching
 from .._patching import PatchSet
 from . import attention as _attn
 from . import code_predictor as _cp
@@ -159,20 +160,7 @@ def _signature_ok(fn, expected):
     return names is not None and tuple(names[:len(expected)]) == tuple(expected), names
 
 
-def signature_difference(names, expected, exact=False) -> str:
-    """How a parameter list differs from the expected one, in words (first differing position, missing or
-    extra parameters). `exact`: parameters beyond the expected ones count as a difference too."""
-    if names is None:
-        return "its signature cannot be inspected"
-    names, expected = tuple(names), tuple(expected)
-    for i, want in enumerate(expected):
-        if i >= len(names):
-            return f"missing parameter(s) {expected[i:]} from position {i + 1}"
-        if names[i] != want:
-            return f"parameter {i + 1} is {names[i]!r}, expected {want!r}"
-    if exact and len(names) > len(expected):
-        return f"extra parameter(s) {names[len(expected):]}"
-    return "no difference"
+signature_difference = _patching.signature_difference
 
 
 def _mismatch(family, owner, method, names, expected, exact=False):

@@ -40,17 +40,7 @@ def warn_once(key: str, message: str):
 param_names = _patching.param_names
 
 
-def difference(names, expected) -> str | None:
-    """None when `names` starts with exactly `expected`, else the first difference in words."""
-    if names is None:
-        return "its signature cannot be inspected"
-    names, expected = tuple(names), tuple(expected)
-    for i, want in enumerate(expected):
-        if i >= len(names):
-            return f"missing parameter(s) {expected[i:]} from position {i + 1}"
-        if names[i] != want:
-            return f"parameter {i + 1} is {names[i]!r}, expected {want!r}"
-    return None
+difference = _patching.signature_difference
 
 
 def plugin_flag(obj, name, default=False):
