@@ -484,6 +484,13 @@ def all_gather(srcs, dsts, replica_group, collective_dim, priority=None, name=No
     _record(instr, srcs, dsts, rl, sum(t.size * t.dtype.itemsize for t in dsts), collective_dim=dim)
 
 
+def _check_splits(instr, srcs, n):
+    """Each srcs[i] splits into n equal chunks along dim 0 (reduce_scatter, all_to_all)."""
+    for i, s in enumerate(srcs):
+        if s.shape[0] % n:
+            fail(instr, f"srcs[{i}]", f"dim 0 of size {s.shape[0]} does not split into {n} equal chunks")
+
+
 def reduce_scatter(srcs, dsts, replica_group, collective_dim, op, priority=None, name=None):
     """dsts[i] = this rank's chunk (its index in the rank-list) of op over the rank-list of srcs[i], srcs split
     into len(rank-list) equal chunks along `collective_dim` (0)."""
@@ -498,9 +505,8 @@ def reduce_scatter(srcs, dsts, replica_group, collective_dim, op, priority=None,
     w, rank = _world_and_rank(instr)
     rl = _group(instr, replica_group, rank)
     n = len(rl)
+    _check_splits(instr, srcs, n)
     for i, (s, d) in enumerate(zip(srcs, dsts)):
-        if s.shape[0] % n:
-            fail(instr, f"srcs[{i}]", f"dim 0 of size {s.shape[0]} does not split into {n} equal chunks")
         want = (s.shape[0] // n,) + tuple(s.shape[1:])
         if d.shape != want:
             fail(instr, f"dsts[{i}]", f"shape {d.shape} must be {want} (srcs[{i}] {s.shape} split {n} ways on dim 0)")
@@ -531,9 +537,8 @@ def all_to_all(srcs, dsts, replica_group, collective_dim, priority=None, name=No
     w, rank = _world_and_rank(instr)
     rl = _group(instr, replica_group, rank)
     n = len(rl)
+    _check_splits(instr, srcs, n)
     for i, (s, d) in enumerate(zip(srcs, dsts)):
-        if s.shape[0] % n:
-            fail(instr, f"srcs[{i}]", f"dim 0 of size {s.shape[0]} does not split into {n} equal chunks")
         if d.shape != s.shape or d.dtype != s.dtype:
             fail(instr, f"dsts[{i}]", f"must match srcs[{i}] ({s.shape} {_dt.name(s.dtype)}), got {d.shape} "
                  f"{_dt.name(d.dtype)}")
