@@ -18,8 +18,9 @@ a different collective, or different shapes) fails with an EmulatorCheckError na
 
 Emulator conventions, where the docs are silent:
 * Reductions accumulate in fp32 (int64 for integer tensors) in rank-list order and round once to dst's dtype.
-* Under LNC=2 both program instances of a rank run the kernel; program p of each rank exchanges with program p
-  of the other ranks (so a kernel that splits a collective by ``nl.program_id`` moves each core's share).
+* Under LNC=2 both program instances of a rank run the kernel (two threads taking turns, see runtime.py);
+  program p of each rank exchanges with program p of the other ranks (so a kernel that splits a collective by
+  ``nl.program_id`` moves each core's share).
 * ``rank_id()`` returns the rank as a (1, 1) int32 SBUF tile (on hardware a register): use it as a DMA
   ``scalar_offset`` or in compute, never in Python control flow (a kernel is traced once for every rank).
 * ``all_gather_v``, ``all_to_all_v`` and the ``collective_permute_implicit*`` family are not emulated (they
@@ -35,6 +36,7 @@ import numpy as np
 
 from . import dtypes as _dt
 from . import ops as _ops
+from . import runtime as _runtime
 from .errors import EmulatorCheckError, fail
 from .runtime import RunResult, _Bound, _plain_lnc, Kernel, _tls, current, launch, record_result
 from .targets import get_target
@@ -168,6 +170,18 @@ class _RankContext(threading.local):
 
 
 _ctx = _RankContext()
+
+
+def _inherit_rank_context():
+    """The program threads of an LNC=2 launch run as the rank of the thread that launched them."""
+    world, rank, calls = _ctx.world, _ctx.rank, _ctx.calls
+
+    def apply():
+        _ctx.world, _ctx.rank, _ctx.calls = world, rank, calls
+    return apply
+
+
+_runtime.thread_state_hooks.append(_inherit_rank_context)
 
 
 def _world_and_rank(instr):

@@ -77,6 +77,10 @@ class CostParams:
                                           # (half the ~360 GB/s per-core HBM share) [U: 90-360]
     cc_inter_chip_gbps: float = 128.0     # per rank across chips: NeuronLink-v3 1024 GB/s per chip (trn2-arch.rst),
                                           # 512 per direction over 4 LNC=2 ranks [U: 64-256]
+    # nisa.core_barrier (LNC=2): each core writes a semaphore of the other and waits on its own (isa stub
+    # docstring); modeled as one cross-core semaphore latency after the later core arrives. Source: "semaphore-
+    # to-start latency (~1300 ns cross-engine)", nki/deep-dives/nki-dma-bandwidth-guide.rst [U: 0.65-2.6]
+    core_barrier_us: float = 1.3
 
 
 PARAMS: dict[str, CostParams] = {
@@ -102,6 +106,7 @@ _UNCERTAIN = {
     "collectives": ({"cc_hop_us": 1.0, "cc_intra_chip_gbps": 360.0, "cc_inter_chip_gbps": 256.0},
                     {"cc_hop_us": 2.0, "cc_intra_chip_gbps": 90.0, "cc_inter_chip_gbps": 64.0}),
     "reorder": ({"reorder_window": 64, "tile_buffers": 4}, {"reorder_window": 4, "tile_buffers": 2}),
+    "core-barrier": ({"core_barrier_us": 0.65}, {"core_barrier_us": 2.6}),
 }
 PRESETS: dict[str, dict] = {"default": {}}
 for _name, (_lo, _hi) in _UNCERTAIN.items():
@@ -790,9 +795,42 @@ def _joint_place(resources, start: float, dur: float) -> float:
 
 def model_trace(trace, target=None, *, params: CostParams | None = None, hbm_share: float = 1.0,
                 timeline: bool = False) -> TraceReport:
-    """Schedule one trace (one program instance) on one core of `target`. Returns a TraceReport (modeled)."""
+    """Schedule one trace (one program instance) on one core of `target`. Returns a TraceReport (modeled).
+
+    A `core_barrier` in a trace modeled alone is released `core_barrier_us` after it starts (as if the other
+    core arrived at the same time); `model_launches` schedules the cores of an LNC=2 launch together."""
     t = _tgt(target if target is not None else getattr(trace, "target", None))
     p = params or params_for(t)
+    return _run_cores([_schedule(trace, t, p, hbm_share, timeline)], p)[0]
+
+
+def _run_cores(schedules: list, p: CostParams) -> list:
+    """Drive the `_schedule` generators of the cores of one launch together: at each core barrier, every core
+    goes on `core_barrier_us` after the last one arrived. Returns their TraceReports."""
+    reports: list = [None] * len(schedules)
+    arrivals: dict = {}
+    for i, g in enumerate(schedules):
+        try:
+            arrivals[i] = next(g)
+        except StopIteration as stop:
+            reports[i] = stop.value
+    while arrivals:
+        if len(arrivals) != len(schedules):
+            raise ValueError("core_barrier: the cores of a launch reach different numbers of barriers")
+        release = max(arrivals.values()) + p.core_barrier_us
+        nxt = {}
+        for i in arrivals:
+            try:
+                nxt[i] = schedules[i].send(release)
+            except StopIteration as stop:
+                reports[i] = stop.value
+        arrivals = nxt
+    return reports
+
+
+def _schedule(trace, t: Target, p: CostParams, hbm_share: float, timeline: bool):
+    """Generator scheduling one trace (see `model_trace`); yields the time it reaches each core barrier and is
+    sent the time the barrier releases it; returns the TraceReport."""
     hbm_bw = hbm_bytes_per_s(t) * hbm_share
     dma_bw = dma_bytes_per_s(t)
     eng_free = {e: 0.0 for e in ENGINES}
@@ -820,6 +858,7 @@ def model_trace(trace, target=None, *, params: CostParams | None = None, hbm_sha
     slots = {e: _Slots() for e in ENGINES}
     port_slots = {"sbuf_dve_pool": _Slots(), "psum_dve_act": _Slots()}
     starts = {e: [] for e in ENGINES}
+    eng_fence = {e: 0.0 for e in ENGINES}    # a core barrier blocks its engine until it is released
 
     for ins in trace:
         eng = ins.engine
@@ -860,6 +899,20 @@ def model_trace(trace, target=None, *, params: CostParams | None = None, hbm_sha
                 ready = max(ready, s.max_overlap(s.writes, r, eng=eng))
             if s.reads:
                 ready = max(ready, s.max_overlap(s.reads, r))
+        ready = max(ready, eng_fence[eng])
+        if ins.meta.get("barrier"):
+            # the barrier waits for the writes to its tensor, then for the other core; only its engine blocks,
+            # and later accesses of the tensor wait for its release (its "write")
+            arrive = max(ready, eng_free[eng])
+            release = yield arrive
+            eng_fence[eng] = release
+            eng_free[eng] = max(eng_free[eng], release)
+            for a, s, r in wrects:
+                s.add_write(r, release, eng, release)
+            end = max(end, release)
+            if tl is not None:
+                tl.append((ins.idx, ins.name, eng, ready, arrive, release))
+            continue
         if eng == DMA:
             c = dma_transfer(ins, t, p, hbm_bw, dma_bw)
             occ = c.occupancy
@@ -947,7 +1000,13 @@ def model_trace(trace, target=None, *, params: CostParams | None = None, hbm_sha
 
 
 def _launch_report(res, t: Target, p: CostParams) -> LaunchReport:
-    cores = [model_trace(tr, t, params=p) for tr in res.traces]
+    """The cores of each rank (traces are rank-major, `lnc` per rank) are scheduled together: their core
+    barriers synchronise them."""
+    lnc = max(1, getattr(res, "lnc", 1))
+    cores = []
+    for i in range(0, len(res.traces), lnc):
+        group = res.traces[i:i + lnc]
+        cores.extend(_run_cores([_schedule(tr, t, p, 1.0, False) for tr in group], p))
     return LaunchReport(getattr(res, "lnc", len(cores)), max((c.total_us for c in cores), default=0.0), cores)
 
 

@@ -16,6 +16,7 @@ from . import ops as _ops
 from .errors import fail
 from .runtime import current
 from .tensor import Tensor
+from .tensor import shared_hbm as _shared_hbm
 from .trace import ACT, DMA, DVE, PE, POOL, Access, Instr
 
 
@@ -816,6 +817,35 @@ def _hbm_race_check(instr, role, t: Tensor, write: bool):
         fail(instr, role, f"program {pid} {what} shared-HBM elements of '{t.name or 'output'}' that program {other} "
              "also accesses (written by one core, used by the other) with no synchronisation")
     t._aux_or(log, np.uint8((4 << pid) if write else (1 << pid)))
+
+
+def core_barrier(data, cores, engine=engine.gpsimd, name=None):
+    """Both NeuronCores of an LNC=2 launch reach this point before either goes on (NeuronCore-v3+, LNC=2 only).
+
+    `data`: the shared-HBM tensor the cores exchange through; writes to it before the barrier by one core are
+    visible to the other after it (the emulator's race check on `data` starts afresh). `cores`: (0, 1), the only
+    set the docs allow. `engine`: the engine that runs the barrier (GpSimd by default); on the device only that
+    engine blocks, and instructions that touch `data` after the barrier wait for it. The emulator runs the two
+    program instances in turn between barriers (runtime.py)."""
+    instr = "core_barrier"
+    _tensor(instr, "data", data)
+    prog = current()
+    tgt = prog.target
+    if tgt.nc_version < 3:
+        fail(instr, None, f"is available only on NeuronCore-v3 or newer (trn2, trn3); {tgt.name} is "
+             f"NeuronCore-v{tgt.nc_version}")
+    if prog.launch.lnc != 2:
+        fail(instr, None, f"synchronises the two NeuronCores of an LNC=2 launch; this launch runs at "
+             f"LNC={prog.launch.lnc}")
+    if not isinstance(cores, (tuple, list)) or tuple(cores) != (0, 1) or \
+            any(isinstance(c, bool) or not isinstance(c, (int, np.integer)) for c in cores):
+        fail(instr, "cores", f"must be (0, 1), the only set supported under LNC=2, got {cores!r}")
+    if data.buffer is not _shared_hbm:
+        fail(instr, "data", f"must be a tensor in nl.shared_hbm (the data both cores exchange), got "
+             f"{data.buffer.name}")
+    eng = _pick_engine(instr, engine, POOL, (PE, ACT, DVE, POOL))
+    _record(instr, eng, [data], [data], barrier=True)
+    prog.launch.barrier(prog.pid, data.storage, instr)
 
 
 def _dma_operand(instr, role, t):

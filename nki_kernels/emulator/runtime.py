@@ -1,7 +1,9 @@
 """Kernel launch, program instances (LNC), allocation and on-chip memory accounting.
 
-A launch runs the kernel body once per program instance (sequentially; each
-instance has its own SBUF, PSUM, accumulator registers and trace, and they share HBM). NumPy arrays
+A launch runs the kernel body once per program instance (each instance has its own SBUF, PSUM, accumulator
+registers and trace, and they share HBM). Under LNC=2 the instances run in two threads taking turns: each
+runs until it reaches a `nisa.core_barrier` or its end, so the instances run one after the other between
+barriers (deterministic), and both reach each barrier before either goes on. NumPy arrays
 passed in become shared-HBM tensors; tensors the kernel returns must be shared-HBM allocations and come
 back as NumPy arrays. Inputs the kernel wrote are copied back into the caller's arrays.
 
@@ -55,13 +57,96 @@ def current() -> "Program":
     return stack[-1]
 
 
+class _Aborted(Exception):
+    """Raised in a program instance whose partner instance failed first (the partner's error is reported)."""
+
+
 class _Launch:
-    """State shared by the program instances of one launch."""
+    """State shared by the program instances of one launch.
+
+    Under LNC > 1 the instances run in threads of their own that take turns, one running at a time: program
+    0 runs until it reaches a `nisa.core_barrier` (or its end), then program 1 runs to the same point, and
+    so on. When every instance has reached the barrier they all go on (program 0 first). Execution is
+    deterministic; a kernel without barriers runs exactly as the instances one after the other."""
 
     def __init__(self, lnc: int, target: Target):
         self.lnc = lnc
         self.target = target
         self.shared_allocs: list[Storage] = []
+        self.logged: list[Storage] = []      # shared-HBM storages with an access log (inputs and allocations)
+        self.cond = threading.Condition()
+        self.turn = 0
+        self.finished = [False] * lnc
+        self.arrived: dict = {}              # pid -> (barrier number, data storage) at the current barrier
+        self.barriers_passed = [0] * lnc
+        self.failed = False
+        self.error = None                    # a deadlock found by the turn-taking itself
+
+    # ----------------------------------------------------------------- turn-taking (LNC > 1)
+    def wait_turn(self, pid: int):
+        """Block (condition held) until it is program `pid`'s turn."""
+        while self.turn != pid:
+            if self.failed:
+                raise _Aborted()
+            self.cond.wait()
+        if self.failed:
+            raise _Aborted()
+
+    def _pass_turn(self, pid: int):
+        """Give the turn to the next program after `pid` that has not finished (condition held)."""
+        for q in list(range(pid + 1, self.lnc)) + list(range(0, pid)):
+            if not self.finished[q]:
+                self.turn = q
+                self.cond.notify_all()
+                return
+        self.turn = -1
+        self.cond.notify_all()
+
+    def barrier(self, pid: int, storage: Storage, who: str):
+        """Program `pid` reached a core barrier on `storage`: wait until every program has reached it."""
+        with self.cond:
+            k = self.barriers_passed[pid]
+            for q, (kq, st) in self.arrived.items():
+                if st is not storage:
+                    self.failed = True
+                    self.cond.notify_all()
+                    fail(who, "data", f"program {pid} waits at its core barrier #{k} on '{storage.name or 'tensor'}' "
+                         f"but program {q} waits on '{st.name or 'tensor'}': both cores must synchronise on the "
+                         "same shared-HBM tensor")
+            self.arrived[pid] = (k, storage)
+            if len(self.arrived) == self.lnc:
+                self.arrived = {}
+                for q in range(self.lnc):
+                    self.barriers_passed[q] += 1
+                if storage.access_log is not None:
+                    storage.access_log[:] = 0        # accesses before the barrier are ordered before those after
+                self.turn = 0
+                self.cond.notify_all()
+            else:
+                nxt = next((q for q in range(self.lnc) if q not in self.arrived), None)
+                if self.finished[nxt]:
+                    self.failed = True
+                    self.cond.notify_all()
+                    fail(who, None, f"program {pid} waits at core barrier #{k} but program {nxt} finished its "
+                         "kernel without reaching it (a deadlock on the device): both cores must issue the same "
+                         "core_barrier calls")
+                self.turn = nxt
+                self.cond.notify_all()
+            self.wait_turn(pid)
+
+    def finish(self, pid: int, ok: bool):
+        with self.cond:
+            self.finished[pid] = True
+            if not ok:
+                self.failed = True
+            elif self.arrived and not self.failed:
+                q = min(self.arrived)
+                self.failed = True
+                self.error = EmulatorCheckError(
+                    "core_barrier", None, f"program {q} waits at core barrier #{self.arrived[q][0]} but program "
+                    f"{pid} finished its kernel without reaching it (a deadlock on the device): both cores must "
+                    "issue the same core_barrier calls")
+            self._pass_turn(pid)
 
 
 class Program:
@@ -231,6 +316,7 @@ class Program:
         st = Storage(shape, dt, shared_hbm, name, self.pid)
         st.access_log = np.zeros(st.size, dtype=np.uint8)
         allocs.append(st)
+        self.launch.logged.append(st)
         return Tensor.whole(st)
 
 
@@ -394,22 +480,16 @@ def launch(fn, lnc: int, args, kwargs, target: Target | None = None, compile_lnc
         else:
             call_kwargs[k] = a
     st_launch = _Launch(lnc, tgt)
-    traces, peaks, banks, returned = [], [], [], None
-    for pid in range(lnc):
-        prog = Program(pid, st_launch, _run_body.__code__)
-        _tls.items.append(prog)
-        try:
-            with np.errstate(all="ignore"):       # the device computes inf/NaN silently
-                result = _run_body(fn, call_args, call_kwargs)
-            _to_numpy(result, fn.__name__)          # validates what the kernel returns
-            prog.check_liveness()
-        finally:
-            _tls.items.pop()
-        if pid == 0:
-            returned = result
-        traces.append(prog.trace)
-        peaks.append(max(prog.sbuf_peak, prog.live_peak["sbuf"]))
-        banks.append(max(prog.psum_banks_peak, prog.live_peak["psum"]))
+    st_launch.logged.extend(st for _, st in storages if st.access_log is not None)
+    progs = [Program(pid, st_launch, _run_body.__code__) for pid in range(lnc)]
+    if lnc == 1:
+        results = [_run_program(progs[0], fn, call_args, call_kwargs)]
+    else:
+        results = _run_programs_together(progs, fn, call_args, call_kwargs)
+    returned = results[0]
+    traces = [prog.trace for prog in progs]
+    peaks = [max(prog.sbuf_peak, prog.live_peak["sbuf"]) for prog in progs]
+    banks = [max(prog.psum_banks_peak, prog.live_peak["psum"]) for prog in progs]
     outputs = _to_numpy(returned, fn.__name__)    # after every instance has written its part
     for original, st in storages:
         if st.modified and isinstance(original, np.ndarray):
@@ -420,6 +500,63 @@ def launch(fn, lnc: int, args, kwargs, target: Target | None = None, compile_lnc
     if not _tls.quiet:
         record_result(res)
     return res
+
+
+def _run_program(prog: Program, fn, args, kwargs):
+    """Run one program instance in this thread; returns what the kernel returned."""
+    _tls.items.append(prog)
+    try:
+        with np.errstate(all="ignore"):       # the device computes inf/NaN silently
+            result = _run_body(fn, args, kwargs)
+        _to_numpy(result, fn.__name__)          # validates what the kernel returns
+        prog.check_liveness()
+    finally:
+        _tls.items.pop()
+    return result
+
+
+# Callables run in the launching thread; each returns a callable that the program threads run first to take
+# over the launching thread's thread-local state (collectives.py registers the multi-rank context).
+thread_state_hooks: list = []
+
+
+def _run_programs_together(progs: list, fn, args, kwargs) -> list:
+    """Run the program instances of an LNC > 1 launch in threads that take turns (see `_Launch`)."""
+    launch_state = progs[0].launch
+    quiet = _tls.quiet
+    appliers = [hook() for hook in thread_state_hooks]
+    results = [None] * len(progs)
+    errors = [None] * len(progs)
+
+    def body(prog):
+        _tls.quiet = quiet
+        for apply in appliers:
+            apply()
+        ok = False
+        try:
+            with launch_state.cond:
+                launch_state.wait_turn(prog.pid)
+            results[prog.pid] = _run_program(prog, fn, args, kwargs)
+            ok = True
+        except BaseException as e:      # noqa: BLE001 - reported by the launching thread
+            errors[prog.pid] = e
+        finally:
+            launch_state.finish(prog.pid, ok)
+
+    threads = [threading.Thread(target=body, args=(prog,), name=f"nki-core-{prog.pid}", daemon=True)
+               for prog in progs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    real = [e for e in errors if e is not None and not isinstance(e, _Aborted)]
+    if real:
+        raise real[0]
+    if launch_state.error is not None:
+        raise launch_state.error
+    if any(e is not None for e in errors):
+        raise EmulatorCheckError("launch", None, "a program instance stopped without an error report")
+    return results
 
 
 def record_result(res: RunResult):
