@@ -142,7 +142,7 @@ def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, 
         i_g = i_b % n_grp
         exp_g = nl.ndarray((dk, n_th), dtype=f32, buffer=nl.sbuf)
         nisa.activation(dst=exp_g, op=nl.exp, data=ins["g_bc"][:, i_g, :])
-        heads = _prepare_heads(q.shape, v.shape, ins, i_g, exp_g, sel, ones_sb, kqz, scale, use_l2norm, cdt)
+        heads = _prepare_heads(q.shape, v.shape, ins, i_g, exp_g, sel, ones_sb, kqz, scale, use_l2norm, cdt, own)
         dl_rows = nl.ndarray((n_r, n_tok, dv), dtype=cdt, buffer=nl.sbuf)    # rows 2h: delta_h, 2h + 1: o_h
         for i_t in range(n_tok):
             for i_o in range(n_own):
@@ -257,12 +257,13 @@ def _state_rows(state_pool, slot, i_h):
     return state_pool.ap(pattern=[[dv, dk], [1, dv]], offset=i_h * dk * dv, scalar_offset=slot, indirect_dim=0)
 
 
-def _prepare_heads(q_shape, v_shape, ins, i_b, exp_g, sel, ones_sb, kqz, scale, use_l2norm, cdt):
+def _prepare_heads(q_shape, v_shape, ins, i_b, exp_g, sel, ones_sb, kqz, scale, use_l2norm, cdt, own):
     """Everything that depends on the inputs only (runs while the state rows are in flight).
 
     Returns a dict: kq_st [Dk, T, Hv, 2] (columns k' = -beta e^g k, q'' = e^g q + (k.q) k' per v head; fp32,
     bf16 for bf16 inputs), k_rows [2 Hv, T, Dk] (row 2h = k of v head h), addend [2 Hv, T, Dv] fp32 (rows
-    beta v, (k.q) beta v) and, for bf16 inputs, bv_rows and rank (see _prepare_rank1)."""
+    beta v, (k.q) beta v) and, for bf16 inputs, bv_rows and rank (see _prepare_rank1; the owned heads
+    own = (first, count) only)."""
     _, n_tok, n_hk, dk = q_shape
     n_hv, dv = v_shape[2], v_shape[3]
     n_th, n_tk, n_r = n_tok * n_hv, n_tok * n_hk, 2 * n_hv
@@ -323,14 +324,15 @@ def _prepare_heads(q_shape, v_shape, ins, i_b, exp_g, sel, ones_sb, kqz, scale, 
     nisa.tensor_tensor(dst=kq_f[:, :, :, 1], data1=eq, data2=kqk, op=nl.add, engine=nisa.engine.gpsimd)
     heads = dict(k_rows=k_rows, addend=addend, kq_st=kq_f)
     if cdt != f32:
-        heads.update(_prepare_rank1(kq_f, k_rows, kp_rows, addend, cdt))
+        heads.update(_prepare_rank1(kq_f, k_rows, kp_rows, addend, cdt, own))
     return heads
 
 
-def _prepare_rank1(kq_f, k_rows, kp_rows, addend, cdt):
+def _prepare_rank1(kq_f, k_rows, kp_rows, addend, cdt, own):
     """bf16 path: kq_st = kq_f in bf16, bv_rows [2 Hv, T, Dv] (row 2h = beta v_h, bf16) and the rank-1
     update stationaries rank [Dk, T, Hv, Dk] (rank[:, t, h][j, i] = k'_h[j] k_h[i], by K = 1 matmuls of the
-    k' and k rows on partition 2h)."""
+    k' and k rows on partition 2h) for the owned heads own = (first, count) only (LNC=2: each core its half),
+    one eviction per head in head order, so the first head's update can start before the others are ready."""
     dk, n_tok, n_hv = kq_f.shape[0], kq_f.shape[1], kq_f.shape[2]
     f32 = nl.float32
     kq_st = nl.ndarray((dk, n_tok, n_hv, 2), dtype=cdt, buffer=nl.sbuf)
@@ -338,16 +340,18 @@ def _prepare_rank1(kq_f, k_rows, kp_rows, addend, cdt):
     bv_rows = nl.ndarray(addend.shape, dtype=cdt, buffer=nl.sbuf)
     nisa.tensor_copy(dst=bv_rows, src=addend, engine=nisa.engine.gpsimd)
     rank = nl.ndarray((dk, n_tok, n_hv, dk), dtype=cdt, buffer=nl.sbuf)
+    h_lo, n_own = own
     for i_t in range(n_tok):
-        for i_h0 in range((n_hv + _RANK_BANK_HEADS - 1) // _RANK_BANK_HEADS):
-            h0 = i_h0 * _RANK_BANK_HEADS
-            nh = min(_RANK_BANK_HEADS, n_hv - h0)
+        for i_h0 in range((n_own + _RANK_BANK_HEADS - 1) // _RANK_BANK_HEADS):
+            h0 = h_lo + i_h0 * _RANK_BANK_HEADS
+            nh = min(_RANK_BANK_HEADS, h_lo + n_own - h0)
             rank_ps = nl.ndarray((dk, _RANK_BANK_HEADS, dk), dtype=f32, buffer=nl.psum)
             for i_h in range(nh):
                 r = 2 * (h0 + i_h)
                 nisa.nc_matmul(rank_ps[:, i_h, :], kp_rows[r:r + 1, i_t, :], k_rows[r:r + 1, i_t, :],
                                accumulate=False)
-            nisa.activation(dst=rank[:, i_t, h0:h0 + nh, :], op=nl.copy, data=rank_ps[:, 0:nh, :])
+            for i_h in range(nh):
+                nisa.activation(dst=rank[:, i_t, h0 + i_h, :], op=nl.copy, data=rank_ps[:, i_h, :])
             del rank_ps
     return dict(kq_st=kq_st, bv_rows=bv_rows, rank=rank)
 
