@@ -1,6 +1,6 @@
 """nki-kernels inside NeuronX Distributed Inference (NxDI): drop-in adapters and `apply()`.
 
-Usage on a Trainium host (see KERNELS.md ("Using nki-kernels from NxDI"))::
+Usage on a Trainium host (see docs/integration.md ("NxDI: usage and contracts"))::
 
     from integration.nxdi import apply
     apply()                                   # NxDI's own classes (attention prefill, NxD blockwise MoE)

@@ -19,7 +19,7 @@ Differences from the contrib's traced forward, all behind the same signature:
   greedy (argmax, first index on ties) by default, as the contrib;
 * ``mid_hiddens`` are the codec embeddings the talker sums next (``codec_embedding[s](code_s)``, s = 0..13,
   i.e. HF's ``mid_residual_hiddens``); PR #167's traced graph returns the post-norm transformer hidden at
-  those slots instead, which is not what HF's talker sums (see KERNELS.md ("Using nki-kernels from NxDI")).
+  those slots instead, which is not what HF's talker sums (see docs/integration.md ("NxDI: usage and contracts")).
 
 Tensor parallelism (``tp_degree > 1``): each rank's module holds its shard (q/k/v heads and gate/up columns,
 the matching o_proj / down_proj rows; LM heads and embeddings replicated), which `rank_weights` packs in the layout

@@ -4,7 +4,7 @@
     handle = patch(model, backend="emulator")   # attention, gated DeltaNet, MoE, Omni code predictor
     ...; handle.restore()                        # or: with patch(model): ...
 
-See KERNELS.md ("Use it from transformers") for what each hook replaces and its fallbacks.
+See docs/integration.md ("transformers") for what each hook replaces and its fallbacks.
 """
 from .patch import KERNEL_FAMILIES, SUPPORTED_FAMILIES, PatchHandle, patch
 

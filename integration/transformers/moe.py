@@ -5,7 +5,7 @@ transformers' `@use_experts_implementation` experts modules dispatch on `config.
 replaced). Their weights are fused 3D parameters: `gate_up_proj [E, 2I, H]` (gate rows then up rows, used as
 `F.linear(x, W[e])`) and `down_proj [E, H, I]`. Our kernels take NxDI's per-rank layout `gate_up [E, H, 2, I]`
 and `down [E, I, H]`; the conversion is a view + permute per call, staged for the launch and dropped afterwards
-(no second copy of the weights is kept: KERNELS.md, "Memory of patch()").
+(no second copy of the weights is kept: docs/inputs.md, "Memory of patch()").
 
 Few tokens (decode, T*K small) go to `moe_decode`, which loads only the selected experts; longer inputs go
 through `moe_block_mapping` + `moe_blockwise`. The shared expert and its sigmoid gate sit in the sparse-MoE
