@@ -13,9 +13,11 @@ import json
 import math
 import os
 import sys
+import textwrap
 import time
 
 from . import registry
+from .plot import plot
 from .runner import peaks, run_case, select
 
 
@@ -25,10 +27,37 @@ def _f(v, fmt="{:.2f}", none="-"):
     return fmt.format(v)
 
 
-_QUICK_CASE_BUDGET_S = 10.0      # emulation seconds one quick case may take (quick run < 2 min for all kernels)
-
 COLUMNS = ("kernel", "shape", "check", "modeled µs", "LNC", "LNC=1 µs", "TensorE util", "TFLOP/s", "HBM GB/s",
            "roofline ratio", "baseline", "baseline µs", "speed-up")
+
+# What each column of results.md means (written under the table).
+COLUMN_DEFINITIONS = (
+    ("kernel, shape", "the registered case (`microbench/cases/<family>.py`)"),
+    ("check", "`ok`: the output matches the NumPy reference at every LNC run; `FAIL`: it does not, or the case "
+              "raised (reason under Failures); `ok, baseline FAIL`: the kernel is fine, its baseline is not"),
+    ("modeled µs", "modeled device time of the case's launches at the target's default LNC (launch overhead "
+                   "excluded), µs on the target; not measured"),
+    ("LNC", "the LNC the case launched at (read from its trace)"),
+    ("LNC=1 µs", "the same case at LNC=1"),
+    ("TensorE util", "TensorE busy time / modeled time"),
+    ("TFLOP/s", "useful FLOPs (the case's count, not the kernel's) / modeled time"),
+    ("HBM GB/s", "bytes the kernel moved to or from HBM / modeled time"),
+    ("roofline ratio", "modeled µs / roofline µs, where roofline µs = max(useful FLOPs at the TensorE bf16 peak, bytes "
+                       "that must cross HBM once at the HBM bandwidth) for the cores used; 1.00 is the bound"),
+    ("baseline, baseline µs", "the implementation the case compares with, and its modeled µs at the same LNC"),
+    ("speed-up", "baseline µs / modeled µs"),
+    ("-", "no figure: the case failed before it was modeled, has no baseline, or has no run at that LNC (see "
+          "Missing figures)"),
+)
+
+CONSOLE_WIDTH = 120
+
+
+def _check_text(r) -> str:
+    check = "ok" if r.ok else "FAIL"
+    if r.baseline_ok is False:
+        check += ", baseline FAIL"
+    return check
 
 
 def rows(results):
@@ -36,12 +65,9 @@ def rows(results):
     the reason is listed under the table), the LNC it launched at, and the LNC=1 figure."""
     out = []
     for r in results:
-        check = "ok" if r.ok else "FAIL"
-        if r.baseline_ok is False:
-            check += ", baseline FAIL"
         headline = math.isfinite(r.modeled_us)
-        out.append((r.kernel, r.shape, check, _f(r.modeled_us), str(r.lnc if headline else "-"), _f(r.lnc1_us),
-                    _f(r.tensor_util * 100, "{:.1f}%") if headline else "-",
+        out.append((r.kernel, r.shape, _check_text(r), _f(r.modeled_us), str(r.lnc if headline else "-"),
+                    _f(r.lnc1_us), _f(r.tensor_util * 100, "{:.1f}%") if headline else "-",
                     _f(r.tflops, "{:.1f}") if headline else "-", _f(r.hbm_gbps, "{:.0f}") if headline else "-",
                     _f(r.roofline_ratio) if headline else "-", r.baseline_name or "-",
                     _f(r.baseline_us), _f(r.speedup, "{:.2f}x")))
@@ -53,13 +79,37 @@ def notes(results) -> list[str]:
     return [f"{r.kernel} [{r.shape}]: {r.lnc_note}" for r in results if r.lnc_note]
 
 
-def text_table(results) -> str:
-    rs = rows(results)
-    widths = [max(len(c), *(len(str(x[i])) for x in rs)) if rs else len(c) for i, c in enumerate(COLUMNS)]
-    line = "  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths))
-    sep = "  ".join("-" * w for w in widths)
-    body = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in rs]
-    return "\n".join([line, sep, *body])
+def _console_rows(results, default_lnc):
+    for r in results:
+        headline = math.isfinite(r.modeled_us)
+        yield (r.shape, _check_text(r), _f(r.modeled_us), _f(r.lnc1_us), _f(r.roofline_ratio) if headline else "-",
+               _f(r.tensor_util * 100, "{:.0f}%") if headline else "-", _f(r.baseline_us), _f(r.speedup, "{:.2f}x"))
+
+
+def text_table(results, width: int = CONSOLE_WIDTH) -> str:
+    """The console table: grouped by kernel, case names wrapped (never cut) to fit `width` columns. Baseline names
+    and the throughput columns are in results.md."""
+    default = results[0].default_lnc if results else 1
+    head = ("case", "check", f"LNC={default} µs", "LNC=1 µs", "roofline", "TensorE", "base µs", "speed-up")
+    body = list(_console_rows(results, default))
+    num_w = [max(len(head[i]), *(len(b[i]) for b in body)) if body else len(head[i]) for i in range(1, len(head))]
+    case_w = max(24, width - sum(num_w) - 2 * len(num_w) - 2)
+
+    def line(cells, case_text):
+        return ("  " + case_text.ljust(case_w) + "".join("  " + c.rjust(w) for c, w in zip(cells, num_w))).rstrip()
+
+    out = [line(head[1:], head[0]), "  " + "-" * (case_w + sum(num_w) + 2 * len(num_w))]
+    kernel = None
+    for r, row in zip(results, body):
+        if r.kernel != kernel:
+            kernel = r.kernel
+            out.append(kernel)
+        wrapped = textwrap.wrap(row[0], case_w) or [""]
+        out.append(line(row[1:], wrapped[0]) if len(wrapped) == 1 else "  " + wrapped[0])
+        for i, part in enumerate(wrapped[1:], start=1):
+            last = i == len(wrapped) - 1
+            out.append(line(row[1:], "  " + part) if last else "    " + part)
+    return "\n".join(out)
 
 
 def markdown(results, target: str, cmd: str) -> str:
@@ -73,6 +123,7 @@ def markdown(results, target: str, cmd: str) -> str:
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows(results):
         lines.append("| " + " | ".join(str(x).replace("|", "/") for x in row) + " |")
+    lines += ["", "## Columns", ""] + [f"- **{name}**: {text}" for name, text in COLUMN_DEFINITIONS]
     if notes(results):
         lines += ["", "## Missing figures", ""] + [f"- {n}" for n in notes(results)]
     fails = [r for r in results if not r.ok or r.baseline_ok is False]
@@ -80,41 +131,6 @@ def markdown(results, target: str, cmd: str) -> str:
         lines += ["", "## Failures", ""]
         lines += [f"- {r.kernel} [{r.shape}]: {r.error}" for r in fails]
     return "\n".join(lines) + "\n"
-
-
-def plot(results, target: str, path: str):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pe, bw = peaks(target)
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 6))
-    ridge = pe * 1e12 / (bw * 1e9)
-    xs = [10 ** (i / 20) for i in range(-40, 101)]
-    ax.plot(xs, [min(pe, x * bw / 1e3) for x in xs], "k-", label=f"roofline {target} (1 core)")
-    ax.axvline(ridge, color="grey", ls=":", lw=0.8)
-    pts = [r for r in results if r.ok and r.flops > 0 and r.min_hbm_bytes > 0 and r.modeled_us == r.modeled_us]
-    for r in pts:
-        ai = r.flops / r.min_hbm_bytes
-        ax.plot(ai, r.tflops, "o")
-        ax.annotate(f"{r.kernel}\n{r.shape}"[:60], (ai, r.tflops), fontsize=6)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("arithmetic intensity (FLOP / min HBM byte)")
-    ax.set_ylabel("modeled TFLOP/s")
-    ax.set_title(f"Roofline, modeled on {target}")
-    ax.legend(fontsize=7)
-    ok = [r for r in results if r.ok and r.roofline_ratio == r.roofline_ratio]
-    labels = [f"{r.kernel} [{r.shape}]"[:50] for r in ok]
-    ax2.barh(range(len(ok)), [1.0 / r.roofline_ratio if r.roofline_ratio else 0 for r in ok])
-    ax2.set_yticks(range(len(ok)))
-    ax2.set_yticklabels(labels, fontsize=6)
-    ax2.set_xlim(0, 1.05)
-    ax2.set_xlabel("fraction of roofline (roofline µs / modeled µs)")
-    ax2.set_title("Fraction of roofline reached (modeled)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -158,9 +174,11 @@ def _main(args, argv) -> int:
             bar = None
     for case in chosen:
         if bar is not None:
-            bar.set_postfix_str(case.key[:50])
-        results.append(run_case(case, args.target, lnc1=not args.no_lnc1))
+            bar.write(f"running {case.key}")
+        r = run_case(case, args.target, lnc1=not args.no_lnc1)
+        results.append(r)
         if bar is not None:
+            bar.write(f"  {_check_text(r)}: {_f(r.modeled_us)} µs modeled ({r.emulate_s:.0f} s to emulate)")
             bar.update(1)
     if bar is not None:
         bar.close()
@@ -183,11 +201,6 @@ def _main(args, argv) -> int:
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(markdown(results, args.target, cmd))
     plot(results, args.target, os.path.join(args.out, "roofline.png"))
-    slow = sorted((r for r in results if r.quick and r.emulate_s > _QUICK_CASE_BUDGET_S), key=lambda r: -r.emulate_s)
-    if args.quick and slow:
-        print(f"\nquick-mode budget: {len(slow)} case(s) took more than {_QUICK_CASE_BUDGET_S:.0f} s of emulation "
-              "(the whole --quick run should stay under 2 minutes): "
-              + ", ".join(f"{r.kernel} [{r.shape}] {r.emulate_s:.0f} s" for r in slow))
     n_fail = sum(not r.ok or r.baseline_ok is False for r in results)
     print(f"\n{len(results)} cases, {n_fail} failed, {wall:.1f} s wall; wrote results.json, results.md, roofline.png "
           f"to {args.out}/")

@@ -161,8 +161,7 @@ def run_case(case, target: str = "trn2", seed: int = 0, check_baseline: bool = T
         if case.baseline_run is not None:
             _run_baseline(case, inputs, ref, target, rep, res, check_baseline, default)
     except Exception as e:  # noqa: BLE001 - one broken case must not stop the run
-        tb = traceback.format_exception_only(type(e), e)[-1].strip()
-        res.error = f"{type(e).__name__}: {tb}"
+        res.error = traceback.format_exception_only(type(e), e)[-1].strip()     # "ErrorClass: message"
         res.ok = False
     res.emulate_s = time.perf_counter() - t0
     return res

@@ -5,10 +5,40 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 # Fixed seeds: hypothesis derandomized, NumPy generators seeded per test.
-settings.register_profile(
-    "default", derandomize=True, deadline=None, max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "20")),
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], print_blob=True)
+_COMMON = dict(derandomize=True, deadline=None, print_blob=True,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("default", max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "20")), **_COMMON)
+# `python -m pytest -m fast`: property tests run 3 examples unless HYPOTHESIS_MAX_EXAMPLES says otherwise.
+settings.register_profile("fast", max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "3")), **_COMMON)
 settings.load_profile("default")
+
+# The fast subset (`-m fast`, README "Tests"): tests/test_smoke.py runs every public function against its reference
+# (marked there); these cheap modules and tests join it. A path selects a whole module, "path::name" one test
+# function (all its parametrizations).
+FAST = (
+    "tests/test_lnc.py",
+    "tests/test_validation.py",
+    "tests/test_conventions.py",
+    "tests/microbench/test_tables.py",
+    "tests/moe/test_moe_routing.py",
+)
+
+
+def pytest_configure(config):
+    if "fast" in (config.getoption("markexpr", "") or ""):
+        settings.load_profile("fast")
+
+
+def _is_fast(nodeid: str) -> bool:
+    path, _, rest = nodeid.partition("::")
+    func = rest.split("[", 1)[0]
+    return any(f == path or f == f"{path}::{func}" for f in FAST)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _is_fast(item.nodeid):
+            item.add_marker(pytest.mark.fast)
 
 
 @pytest.fixture

@@ -146,3 +146,25 @@ def test_a_kernel_without_an_lnc2_path_gets_no_headline_figure(tmp_path, monkeyp
     assert by["tiny_lnc1_only"]["modeled_us"] is None and by["tiny_lnc1_only"]["lnc"] == 1
     assert by["tiny_scale"]["lnc"] == 2 and by["tiny_scale"]["lnc1_us"] > by["tiny_scale"]["modeled_us"]
     assert "Missing figures" in (tmp_path / "results.md").read_text()
+
+
+def test_console_table_fits_120_columns_with_full_case_names(fake_registry, tmp_path, capsys):
+    long = _case("tiny_scale")
+    long.shape = "a very long shape label " * 8 + "END"
+    monkey_cases = [long, _case("tiny_wrong", factor_ref=3.0)]
+    results = [run_case(c, "trn2") for c in monkey_cases]
+    table = cli.text_table(results)
+    assert max(len(line) for line in table.splitlines()) <= 120
+    assert "END" in table and " ".join(table.split()).count("a very long shape label") == 8   # wrapped, not cut
+    assert "FAIL" in table and "0.0%" not in table
+    md = cli.markdown(results, "trn2", "python -m microbench")
+    assert "## Columns" in md and "**roofline ratio**" in md
+
+
+def test_an_exception_is_reported_with_one_error_class_name(tmp_path):
+    case = _case("tiny_raises")
+    case.run = _broken_baseline
+    r = run_case(case, "trn2")
+    assert not r.ok and r.error == "RuntimeError: baseline exploded"
+    row = cli.rows([r])[0]
+    assert row[3] == "-" and row[6] == "-"          # no figure, no utilisation for a case that never ran
