@@ -1,14 +1,14 @@
 """Microbench cases for the code_predictor family (registered on import).
 
-Real Qwen3-Omni code-predictor sizes (H=1024, 16 q / 8 kv heads of 128, I=3072, 5 layers, 15 steps, V=2048),
-full frames (all 15 codes): TP=1 (the whole model on one logical core) and TP=8 (`code_predictor_tp`: all 8
-ranks, each with its shard (2 q / 1 kv heads, I=384, 256 LM-head rows per step: the chosen layout, see
-docs/code_predictor.md), the o_proj / down_proj all-reduces and the logits all-gathers in-kernel and costed; the
-launch's time is its slowest rank). The TP=8 baselines run replicated LM heads (their kernels have no vocab
-exchange), with their all-reduces. The LNC is the wrapper's default (resolve_lnc: 2 on
-trn2; the batch rows are split between the two cores). Greedy decoding unless the label says "sample".
-Baselines, at the same TP with their collectives and at LNC=1: the no-KV-cache G-slot re-prefill in one launch,
-and the cached algorithm as 15 separate launches.
+Real Qwen3-Omni code-predictor sizes (H=1024, 16 q / 8 kv heads of 128, I=3072, 5 layers, 15 steps, V=2048), full
+frames (all 15 codes; the --quick case: 1 layer x 3 codes): TP=1 (the whole model on one logical core) and TP=8
+(`code_predictor_tp`: all 8 ranks, each with its shard (2 q / 1 kv heads, I=384, 256 LM-head rows per step: the chosen
+layout, see docs/code_predictor.md), the o_proj / down_proj all-reduces and the logits all-gathers in-kernel and
+costed; the launch's time is its slowest rank). The TP=8 baselines run replicated LM heads (their kernels have no
+vocab exchange), with their all-reduces. The LNC is the wrapper's default (resolve_lnc: 2 on trn2; the batch rows are
+split between the two cores). Greedy decoding unless the label says "sample". Baselines, at the same TP with their
+collectives and at LNC=1: the no-KV-cache G-slot re-prefill in one launch, and the cached algorithm as 15 separate
+launches.
 """
 from __future__ import annotations
 
@@ -22,27 +22,33 @@ _SHAPE = CATALOGUE["qwen3-omni code predictor tp1"]
 _CACHE: dict = {}
 
 
-def _full_weights():
-    if "w" not in _CACHE:
+_FULL = (_SHAPE.layers, _SHAPE.code_groups - 1)     # (layers, residual codes per frame) of the real model
+_QUICK = (1, 3)                                      # the --quick case: real widths, 1 layer, 3 codes
+
+
+def _full_weights(depth=_FULL):
+    key = ("w", depth)
+    if key not in _CACHE:
         from nki_kernels.codepredictor import random_weights
         rng = np.random.default_rng(2026)
-        _CACHE["w"] = random_weights(rng, hidden=_SHAPE.hidden, n_q_heads=_SHAPE.q_heads, n_kv_heads=_SHAPE.kv_heads,
-                                     head_dim=_SHAPE.head_dim, intermediate=_SHAPE.mlp_inter, n_layers=_SHAPE.layers,
-                                     n_groups=_SHAPE.code_groups - 1, vocab=_SHAPE.vocab)
-    return _CACHE["w"]
-
-
-def _shards(tp, vocab_sharded):
-    key = ("shards", tp, vocab_sharded)
-    if key not in _CACHE:
-        from nki_kernels.codepredictor import shard_weights
-        _CACHE[key] = [shard_weights(_full_weights(), tp, r, vocab_sharded=vocab_sharded) for r in range(tp)]
+        _CACHE[key] = random_weights(rng, hidden=_SHAPE.hidden, n_q_heads=_SHAPE.q_heads,
+                                     n_kv_heads=_SHAPE.kv_heads, head_dim=_SHAPE.head_dim,
+                                     intermediate=_SHAPE.mlp_inter, n_layers=depth[0], n_groups=depth[1],
+                                     vocab=_SHAPE.vocab)
     return _CACHE[key]
 
 
-def _make(B, tp, sample):
+def _shards(w, tp, vocab_sharded):
+    key = ("shards", id(w), tp, vocab_sharded)
+    if key not in _CACHE:
+        from nki_kernels.codepredictor import shard_weights
+        _CACHE[key] = [shard_weights(w, tp, r, vocab_sharded=vocab_sharded) for r in range(tp)]
+    return _CACHE[key]
+
+
+def _make(B, tp, sample, depth=_FULL):
     def make_inputs(rng):
-        w = _full_weights()
+        w = _full_weights(depth)
         ph = rng.standard_normal((B, w.hidden)).astype(np.float32)
         c0 = rng.standard_normal((B, w.hidden)).astype(np.float32)
         u = rng.random((B, w.n_groups)).astype(np.float32)
@@ -56,8 +62,8 @@ def _run(inputs):
     from nki_kernels.codepredictor.unrolled import code_predictor_tp
     if inputs["tp"] == 1:
         return code_predictor(inputs["past_hidden"], inputs["code0_embed"], inputs["weights"], **inputs["kw"])
-    return code_predictor_tp(inputs["past_hidden"], inputs["code0_embed"], _shards(inputs["tp"], True),
-                             **inputs["kw"])
+    shards = _shards(inputs["weights"], inputs["tp"], True)
+    return code_predictor_tp(inputs["past_hidden"], inputs["code0_embed"], shards, **inputs["kw"])
 
 
 def _run_reprefill(inputs):
@@ -66,7 +72,7 @@ def _run_reprefill(inputs):
         return baselines.code_predictor_reprefill(inputs["past_hidden"], inputs["code0_embed"], inputs["weights"],
                                                   **inputs["kw"])
     return baselines.code_predictor_reprefill_tp(inputs["past_hidden"], inputs["code0_embed"],
-                                                 _shards(inputs["tp"], False), **inputs["kw"])
+                                                 _shards(inputs["weights"], inputs["tp"], False), **inputs["kw"])
 
 
 def _run_per_step(inputs):
@@ -75,7 +81,7 @@ def _run_per_step(inputs):
         return baselines.code_predictor_per_step(inputs["past_hidden"], inputs["code0_embed"], inputs["weights"],
                                                  **inputs["kw"])
     return baselines.code_predictor_per_step_tp(inputs["past_hidden"], inputs["code0_embed"],
-                                                _shards(inputs["tp"], False), **inputs["kw"])
+                                                _shards(inputs["weights"], inputs["tp"], False), **inputs["kw"])
 
 
 def _reference_inputs(inputs):
@@ -119,9 +125,10 @@ def _check(ref, out):
         raise AssertionError("codec_embeds are not the table rows of the returned codes")
 
 
-def _cost(B, tp):
+def _cost(B, tp, depth=_FULL):
     """Useful FLOPs and minimum HBM bytes of a full frame, all ranks together (LM heads replicated per rank)."""
-    H, D, L, G1, V = _SHAPE.hidden, _SHAPE.head_dim, _SHAPE.layers, _SHAPE.code_groups - 1, _SHAPE.vocab
+    H, D, V = _SHAPE.hidden, _SHAPE.head_dim, _SHAPE.vocab
+    L, G1 = depth
     hq, hkv, inter = _SHAPE.q_heads, _SHAPE.kv_heads, _SHAPE.mlp_inter
     layer_params = H * (hq + 2 * hkv) * D + hq * D * H + 3 * H * inter
     tokens = B * (G1 + 1)
@@ -139,7 +146,7 @@ def _register():
             base = dict(kernel="code_predictor", make_inputs=_make(B, tp, False), run=_run,
                         reference=_reference_inputs, flops=flops, min_hbm_bytes=hbm, dtype="bfloat16", check=_check,
                         tags=dict(tp=tp, B=B))
-            quick = tp == 8 and B == 1
+            quick = False
             with_base = not (tp == 1 and B == 32)      # emulation time budget
             register(BenchCase(shape=f"qwen3-omni code predictor {label} B={B} greedy", quick=quick,
                                baseline_name="no-KV-cache 16-slot re-prefill, 1 launch" if with_base else None,
@@ -155,6 +162,14 @@ def _register():
                                make_inputs=_make(1, tp, True), run=_run, reference=_reference_inputs,
                                flops=flops, min_hbm_bytes=hbm, dtype="bfloat16", check=_check,
                                tags=dict(tp=tp, B=1, sample=True)))
+    # --quick: the TP=8 B=1 layout (all 8 ranks, collectives) at real widths but 1 layer and 3 codes, so that
+    # the quick run stays short (the full frame emulates 8 ranks x 5 layers x 16 passes)
+    flops, hbm = _cost(1, 8, _QUICK)
+    register(BenchCase(shape=f"qwen3-omni code predictor tp8 all ranks + collectives, LM heads vocab-sharded B=1 "
+                             f"greedy, {_QUICK[0]} layer x {_QUICK[1]} codes (quick)", quick=True,
+                       kernel="code_predictor", make_inputs=_make(1, 8, False, _QUICK), run=_run,
+                       reference=_reference_inputs, flops=flops, min_hbm_bytes=hbm, dtype="bfloat16", check=_check,
+                       tags=dict(tp=8, B=1)))
 
 
 _register()

@@ -33,6 +33,7 @@ from ..lnc import resolve_lnc
 from ..hw import (GEMM_MOVING_FMAX, NEG_INF, P_MAX, PSUM_BANK_BYTES, SBUF_BYTES_PER_PARTITION)
 from ..validation import kernel_check
 from .weights import CodePredictorWeights, weights_from_state_dict, weights_from_transformers  # noqa: F401
+from .weights import CORE_SPLIT_NAMES, core_split_problem, core_split_weights
 
 # ---------------------------------------------------------------- tiling constants
 _K_TILE = P_MAX                      # contraction rows per matmul (hidden / intermediate chunks)
@@ -578,7 +579,7 @@ def _row_parallel(c, S, hT, res, project):
     group (`nki.collectives.all_reduce`) writes the sum, h + sum of the partials, straight into hT: one
     collective and no separate residual add per projection."""
     group = S.get("tp_group")
-    if group is None:
+    if not _partial_sums(S):
         project(hT, res)
         return
     KC, R = c.KC, c.rows
@@ -591,7 +592,14 @@ def _row_parallel(c, S, hT, res, project):
     else:
         nisa.scalar_tensor_tensor(dst=part3, data=hT, op0=nl.multiply, operand0=S["inv_tp"], op1=nl.add,
                                   operand1=out)
-    nki.collectives.all_reduce(srcs=[part], dsts=[hT.reshape((_K_TILE, KC * R))], replica_group=group, op=nl.add)
+    h2 = hT.reshape((_K_TILE, KC * R))
+    if S["core_split"]:     # this core's + the other core's partial (the same sum on both: + is commutative)
+        other = _core_exchange(S, part, _K_TILE, KC * R)
+        if group is None:
+            nisa.tensor_tensor(dst=h2, data1=part, data2=other, op=nl.add)
+            return
+        nisa.tensor_tensor(dst=part, data1=part, data2=other, op=nl.add)
+    nki.collectives.all_reduce(srcs=[part], dsts=[h2], replica_group=group, op=nl.add)
 
 
 def _mlp(c, W, S, l, hT, res="add"):
@@ -1003,7 +1011,7 @@ def _prefill_pass(c2, W, S, x2, rope2, L):
     bb2 = max(1, min(c2.rows // 2, P_MAX // (2 * c2.r)))
     S["mask2"] = _block_mask(bb2 * 2 * c2.r, 2 * c2.r, bb2, 2, 2)
     S["bb2"] = bb2
-    res = "accum" if _psum_residual_ok(c2) and S.get("tp_group") is None else "add"
+    res = "accum" if _psum_residual_ok(c2) and not _partial_sums(S) else "add"
     h2 = _rows_to_psum(x2, c2, _identity(x2.dtype)) if res == "accum" else _rows_to_T(x2, c2)
     for l in range(L):
         _layer(c2, W, S, l, h2, rope2[0], rope2[1], ("prefill", 2), res)
@@ -1028,7 +1036,8 @@ def _weights_and_sizes(input_norm, post_norm, q_norm, k_norm, final_norm, wqkv_t
 def code_predictor_kernel(past_hidden, code0_embed, uniforms, input_norm, post_norm, q_norm, k_norm, final_norm,
                           wqkv_t, wo_t, wgu_t, wd_t, lm_head_t, codec_embed, rope_cos, rope_sin,
                           n_q_heads, n_kv_heads, eps, resident, do_sample, inv_temperature, top_k, top_p,
-                          lm_ring=False, exp_safe=False, replica_group=None, tp_degree=1, vocab_shards=1):
+                          lm_ring=False, exp_safe=False, replica_group=None, tp_degree=1, vocab_shards=1,
+                          core_split=False):
     """All G1 residual-code steps x L layers of the code predictor in one launch (KV cache in SBUF).
 
     Dimensions: B batch (<= 128), H hidden, L layers, Hq/Hkv heads of this rank, D head dim, I intermediate
@@ -1041,6 +1050,11 @@ def code_predictor_kernel(past_hidden, code0_embed, uniforms, input_norm, post_n
         input_norm, post_norm: [L, H] @ HBM; q_norm, k_norm: [L, D] @ HBM; final_norm: [H] @ HBM.
         wqkv_t: [L, H, (Hq + 2 Hkv) D] @ HBM; wo_t: [L, Hq D, H]; wgu_t: [L, H, 2 I]; wd_t: [L, I, H].
         lm_head_t: [G1, H, Vh] @ HBM; codec_embed: [G1, V, H] @ HBM; rope_cos, rope_sin: [G, D] @ HBM fp32.
+        core_split (LNC=2 only): split each row's work between the two cores instead of the batch rows:
+            wqkv_t, wo_t, wgu_t, wd_t and lm_head_t then carry a leading core dim of 2 (`core_split_weights`:
+            core p's half of the heads, intermediate columns and LM-head rows; n_q_heads / n_kv_heads are per
+            core), and the cores exchange their o_proj / down_proj partial sums and their logits through shared
+            HBM with `nisa.core_barrier` (see `_core_exchange`).
     Returns:
         codes: [B, G1] @ HBM int32; codec_embeds: [B, G1, H] @ HBM (codec_embed's dtype);
         codec_sum: [B, H] @ HBM = code0_embed + sum_j codec_embeds[:, j].
@@ -1051,6 +1065,9 @@ def code_predictor_kernel(past_hidden, code0_embed, uniforms, input_norm, post_n
             if pos >= 1: j = pos - 1; code_j = select(rms(h) @ lm_head[j]); codec_embeds[:, j] = embed[j][code_j]
     """
     B_all, H = past_hidden.shape
+    if core_split:      # this core's half of the split matrices
+        pid = nl.program_id(0)
+        wqkv_t, wo_t, wgu_t, wd_t, lm_head_t = (t[pid] for t in (wqkv_t, wo_t, wgu_t, wd_t, lm_head_t))
     W, L, D, I, G1, V, vh = _weights_and_sizes(input_norm, post_norm, q_norm, k_norm, final_norm, wqkv_t, wo_t,
                                                wgu_t, wd_t, lm_head_t, codec_embed, rope_cos, rope_sin)
     codes_all = nl.ndarray((B_all, G1), dtype=nl.int32, buffer=nl.shared_hbm)
@@ -1058,23 +1075,51 @@ def code_predictor_kernel(past_hidden, code0_embed, uniforms, input_norm, post_n
     sum_all = nl.ndarray((B_all, H), dtype=codec_embed.dtype, buffer=nl.shared_hbm)
     bad_all = nl.ndarray((B_all, 1), dtype=nl.int32, buffer=nl.shared_hbm)
     # LNC: the batch rows are split between the cores (rows are independent: no exchange), each core writing
-    # only its rows. A core without rows (B = 1 under LNC=2) has nothing to do.
-    r0, r1 = _core_rows(B_all)
+    # only its rows; a core without rows (B = 1 under LNC=2) has nothing to do. Or (core_split) both cores run
+    # every row on their halves of the matrices and split the output columns.
+    r0, r1 = (0, B_all) if core_split else _core_rows(B_all)
     if r1 > r0:
         rows = slice(r0, r1)
         _frame(past_hidden[rows, :], code0_embed[rows, :], uniforms[rows, :], W, codes_all[rows, :],
                embeds_all[rows, :, :], sum_all[rows, :], bad_all[rows, :], n_q_heads, n_kv_heads, eps, resident,
                do_sample, inv_temperature, top_k, top_p, lm_ring, exp_safe, replica_group, tp_degree,
-               vocab_shards)
+               vocab_shards, core_split)
     return codes_all, embeds_all, sum_all, bad_all
 
 
-def tp_state(S, replica_group, tp_degree, vocab_shards=1):
-    """Record the launch's TP setting in the kernel state S: the replica group (None: TP = 1), 1 / TP, and into how
-    many rank shards the LM heads' vocab is split (1: replicated)."""
+def tp_state(S, replica_group, tp_degree, vocab_shards=1, core_split=False):
+    """Record the launch's TP setting in the kernel state S: the replica group (None: TP = 1), 1 / (the number of
+    partial sums: TP, times 2 under the core split), into how many rank shards the LM heads' vocab is split
+    (1: replicated) and into how many shards in all (x 2 under the core split)."""
     S["tp_group"] = replica_group
-    S["inv_tp"] = 1.0 / tp_degree
-    S["vocab_shards"] = vocab_shards
+    S["core_split"] = core_split
+    n_cores = 2 if core_split else 1
+    S["inv_tp"] = 1.0 / (tp_degree * n_cores)
+    S["rank_vocab_shards"] = vocab_shards
+    S["vocab_shards"] = vocab_shards * n_cores
+
+
+def _partial_sums(S) -> bool:
+    """Row-parallel projections give partial sums (TP > 1 or the core split): the residual stays in SBUF."""
+    return S.get("tp_group") is not None or S.get("core_split", False)
+
+
+def _core_exchange(S, src, p, n, dst=None):
+    """Core split: this core's fp32 SBUF tile src [p, n] -> the other core's [p, n] (into dst when given, else a
+    new SBUF tile), through shared HBM: write this core's half of an exchange slot, `nisa.core_barrier`, read
+    the other core's half. Two slots alternate, so a slot is rewritten only two barriers after the other core
+    last read it."""
+    k = S["xk"]
+    S["xk"] = k + 1
+    slot = k % 2
+    pid = S["pid"]
+    buf = S["xbuf"]
+    nisa.dma_copy(dst=buf[slot, pid, 0:p, 0:n], src=src)
+    nisa.core_barrier(data=buf, cores=(0, 1))
+    if dst is None:
+        dst = nl.ndarray((p, n), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=dst, src=buf[slot, 1 - pid, 0:p, 0:n])
+    return dst
 
 
 def _vocab_gather(S, lg, p, n):
@@ -1082,7 +1127,13 @@ def _vocab_gather(S, lg, p, n):
     partition, vocab-major) -> every rank's [p, shards * n] in SBUF by one SBUF all-gather along the free dim.
     Rank r holds vocab rows [r Vh_l, (r + 1) Vh_l), so the rank-major concatenation is the full vocab in order.
     Without vocab sharding lg itself."""
-    t = S["vocab_shards"]
+    t = S["rank_vocab_shards"]
+    if S["core_split"]:      # first the two cores' halves of this rank's vocab: [core 0 | core 1]
+        pid = S["pid"]
+        both = nl.ndarray((p, 2 * n), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=both[:, pid * n:(pid + 1) * n], src=lg.reshape((p, n)))
+        _core_exchange(S, both[:, pid * n:(pid + 1) * n], p, n, dst=both[:, (1 - pid) * n:(2 - pid) * n])
+        lg, n = both, 2 * n
     if t == 1:
         return lg
     src = nl.ndarray((p, n), dtype=nl.float32, buffer=nl.sbuf)
@@ -1102,7 +1153,7 @@ def _core_rows(B):
 
 def _frame(past_hidden, code0_embed, uniforms, W, codes, codec_embeds, codec_sum, bad_rows, n_q_heads, n_kv_heads,
            eps, resident, do_sample, inv_temperature, top_k, top_p, lm_ring, exp_safe, replica_group, tp_degree,
-           vocab_shards):
+           vocab_shards, core_split=False):
     """The whole frame for B rows (one core's share): prompt pass, then G1 steps. Inputs and outputs are HBM
     views of those rows: past_hidden, code0_embed [B, H]; uniforms [B, G1]; codes [B, G1]; codec_embeds
     [B, G1, H]; codec_sum [B, H]; bad_rows [B, 1]."""
@@ -1110,8 +1161,12 @@ def _frame(past_hidden, code0_embed, uniforms, W, codes, codec_embeds, codec_sum
     L, D, I = W["wqkv_t"].shape[0], W["q_norm"].shape[1], W["wd_t"].shape[1]
     codec_embed = W["codec_embed"]
     G1, V, _ = codec_embed.shape
-    vh_l = W["lm_head_t"].shape[2]          # this rank's LM-head rows
-    vh = vh_l * vocab_shards                # the whole vocab the codes index
+    vh_l = W["lm_head_t"].shape[2]          # this rank's (core's, under the core split) LM-head rows
+    vh = vh_l * vocab_shards * (2 if core_split else 1)     # the whole vocab the codes index
+    # output columns this core writes (the core split: both cores hold every row; core 0 writes the codes)
+    pid = nl.program_id(0) if core_split else 0
+    hs = slice(pid * (H // 2), (pid + 1) * (H // 2)) if core_split else slice(0, H)
+    writes_codes = pid == 0
     rope_cos, rope_sin = W["rope_cos"], W["rope_sin"]
     c = _Cfg(B, H, L, n_q_heads, n_kv_heads, D, I, G1 + 1, eps)
 
@@ -1133,15 +1188,20 @@ def _frame(past_hidden, code0_embed, uniforms, W, codes, codec_embeds, codec_sum
         rope2 = (_rope_T(c2, rope_cos, [[0, B], [D, 2]], 0), _rope_T(c2, rope_sin, [[0, B], [D, 2]], 0))
     # bad rows (non-finite or huge prompt values): codes forced to 0, flagged; code0_embed zeroed in the sum
     okv, bad, acc = _row_guard(past_hidden, code0_embed, B, H, vh)
-    nisa.dma_copy(dst=bad_rows, src=bad)
+    if writes_codes:
+        nisa.dma_copy(dst=bad_rows, src=bad)
     bb = max(1, min(B, P_MAX // c.r))        # most batch rows per attention block (also <= 128 // keys per step)
     S = _setup(c, W, resident, True, bb, (bb * c.r, c.r, bb, c.G))
     if lm_ring:
         _lm_head_ring(S, W, c, vh_l, G1)
     S["exp_safe"] = exp_safe
-    tp_state(S, replica_group, tp_degree, vocab_shards)
-    # steps' residual stream in PSUM (see `_rows_to_psum`); under TP in SBUF (the all-reduced sums are added)
-    res = "accum" if _psum_residual_ok(c) and replica_group is None else "add"
+    tp_state(S, replica_group, tp_degree, vocab_shards, core_split)
+    if core_split:      # the exchange slots: 2 slots x 2 cores x [128, the largest exchange]
+        S["pid"], S["xk"] = pid, 0
+        width = max(c.KC * (2 * B if one_pass else B), vh_l, (vh_l // _K_TILE) * B)
+        S["xbuf"] = nl.ndarray((2, 2, _K_TILE, width), dtype=nl.float32, buffer=nl.shared_hbm)
+    # steps' residual stream in PSUM (see `_rows_to_psum`); under TP or the core split in SBUF (sums are added)
+    res = "accum" if _psum_residual_ok(c) and not _partial_sums(S) else "add"
     if res == "accum":
         S["ident_emb"] = _identity(codec_embed.dtype)
     sampling = (do_sample, inv_temperature, top_k, top_p)
@@ -1179,9 +1239,10 @@ def _frame(past_hidden, code0_embed, uniforms, W, codes, codec_embeds, codec_sum
             logits = _final_logits(cl, W, S, hl, j, vh, cols, B)
             code = _select_code(logits, B, vh, u_sb[:, j:j + 1], sampling)
         code = _guard_code(code, okv, B)
-        nisa.dma_copy(dst=codes[:, j:j + 1], src=code)
+        if writes_codes:
+            nisa.dma_copy(dst=codes[:, j:j + 1], src=code)
         emb = _gather_embed(codec_embed, j, code, B, H, V)
-        nisa.dma_copy(dst=codec_embeds[:, j, :], src=emb)
+        nisa.dma_copy(dst=codec_embeds[:, j, hs], src=emb[:, hs])
         _prefetch_lm_head(S, W, j + 1)
         if j < G1 - 1:
             pos = j + 2
@@ -1199,7 +1260,7 @@ def _frame(past_hidden, code0_embed, uniforms, W, codes, codec_embeds, codec_sum
             nisa.tensor_tensor(dst=acc, data1=acc, data2=emb, op=nl.add, engine=nisa.engine.gpsimd)
     sum_out = nl.ndarray((B, H), dtype=codec_embed.dtype, buffer=nl.sbuf)
     nisa.tensor_copy(dst=sum_out, src=acc)
-    nisa.dma_copy(dst=codec_sum, src=sum_out)
+    nisa.dma_copy(dst=codec_sum[:, hs], src=sum_out[:, hs])
 
 
 # ================================================================ host wrapper
@@ -1357,9 +1418,52 @@ def _weights_args(w: CodePredictorWeights):
     return [getattr(w, n) for n in _W_NAMES]
 
 
+LNC_SPLITS = ("rows", "heads")
+_CORE_SPLIT_CACHE: dict = {}
+
+
+def _core_weights(w: CodePredictorWeights):
+    """`core_split_weights(w)`, prepared once per weights object (kept while w lives)."""
+    key = id(w)
+    hit = _CORE_SPLIT_CACHE.get(key)
+    if hit is None or hit[0]() is not w:
+        import weakref
+        hit = (weakref.ref(w), core_split_weights(w))
+        _CORE_SPLIT_CACHE[key] = hit
+        weakref.finalize(w, _CORE_SPLIT_CACHE.pop, key, None)
+    return hit[1]
+
+
+def _launch_plan(w: CodePredictorWeights, B: int, lnc: int, sample: bool, resident, lnc_split, name):
+    """How an LNC launch shares the work (a trace-time choice from shapes only), and what it is given:
+    (core_split, weight args, per-core q / KV heads, resident, lm_ring).
+
+    "rows": the batch rows are split between the cores (each streams or holds all of the rank's matrices).
+    "heads": each row's work is split (`core_split_weights`: half the heads, intermediate columns and LM-head
+    rows per core), exchanging partial sums through shared HBM. Default (lnc_split=None), from the cost model
+    (docs/code_predictor.md, "LNC=2: which split"): "heads" when the matrices do not stay resident in SBUF (the
+    frame then streams them from HBM every pass and halving each core's stream outweighs the ~175 exchanges),
+    "rows" when they are resident (the frame is a latency-bound chain and each exchange adds to it)."""
+    kernel_check(lnc_split is None or lnc_split in LNC_SPLITS,
+                 f"{name}: lnc_split must be None, 'rows' or 'heads', got lnc_split={lnc_split!r}")
+    res_rows, ring_rows = _sbuf_plan(w, -(-B // lnc), sample, resident)
+    problem = core_split_problem(w)
+    if lnc_split == "heads":
+        kernel_check(lnc == 2, f"{name}: lnc_split='heads' splits each row between the two cores of LNC=2, got "
+                     f"lnc={lnc}")
+        kernel_check(problem is None, f"{name}: lnc_split='heads' needs weights that halve: {problem}")
+    split = lnc == 2 and (lnc_split == "heads" or (lnc_split is None and problem is None and not res_rows))
+    if not split:
+        return False, _weights_args(w), w.n_q_heads, w.n_kv_heads, res_rows, ring_rows
+    cw, stacked = _core_weights(w)
+    res, ring = _sbuf_plan(cw, B, sample, resident)
+    args = [stacked[n] if n in CORE_SPLIT_NAMES else getattr(w, n) for n in _W_NAMES]
+    return True, args, cw.n_q_heads, cw.n_kv_heads, res, ring
+
+
 def code_predictor(past_hidden, code0_embed, weights: CodePredictorWeights, *, uniforms=None, do_sample=False,
                    temperature=1.0, top_k=50, top_p=1.0, return_sum=False, return_bad_rows=False, resident=None,
-                   lnc=None):
+                   lnc=None, lnc_split=None):
     """Qwen3-Omni code predictor for one talker frame: the G1 residual codes and their embeddings.
 
     Args:
@@ -1375,8 +1479,13 @@ def code_predictor(past_hidden, code0_embed, weights: CodePredictorWeights, *, u
         return_bad_rows: also return bad_rows [B] int32 (see "Bad rows").
         resident: keep every layer's weights in SBUF for the whole frame (default: when they fit).
         lnc: logical NeuronCore degree, 1 or 2 (default: `nki_kernels.lnc.resolve_lnc`: NEURON_LOGICAL_NC_CONFIG,
-            else the target's default, 2 on trn2). Under LNC=2 the batch rows are split between the two cores
-            (ceil(B / 2) on core 0, the rest on core 1), each writing only its rows; B = 1 runs on core 0.
+            else the target's default, 2 on trn2).
+        lnc_split: how LNC=2 shares the work: "rows" (the batch rows split between the two cores, ceil(B / 2) on
+            core 0, the rest on core 1, each writing only its rows; B = 1 runs on core 0) or "heads" (every row on
+            both cores, each with half of the heads, MLP columns and LM-head vocab, partial sums exchanged through
+            shared HBM with nisa.core_barrier; core 0 writes the codes, each core half of the embedding columns).
+            None (default): "heads" when the weights are streamed from HBM (not resident) and they halve, else
+            "rows" (see `_launch_plan`).
     Returns:
         (codes [B, G1] int32, codec_embeds [B, G1, H]) then codec_sum if return_sum, then bad_rows if
         return_bad_rows. codes[:, j] is residual code j + 1; codec_embeds[:, j] = codec_embedding[j](codes[:, j]),
@@ -1415,13 +1524,13 @@ def code_predictor(past_hidden, code0_embed, weights: CodePredictorWeights, *, u
     lnc = resolve_lnc(lnc, name)
     w = weights
     B = past_hidden.shape[0]
-    resident, lm_ring = _sbuf_plan(w, -(-B // lnc), bool(do_sample), resident)
+    split, wargs, nq, nkv, resident, lm_ring = _launch_plan(w, B, lnc, bool(do_sample), resident, lnc_split, name)
     exp_safe = _exp_is_safe(w)
-    out = call(code_predictor_kernel, past_hidden, code0_embed, uniforms, *_weights_args(w),
-               n_q_heads=w.n_q_heads, n_kv_heads=w.n_kv_heads, eps=float(w.eps), resident=bool(resident),
+    out = call(code_predictor_kernel, past_hidden, code0_embed, uniforms, *wargs,
+               n_q_heads=nq, n_kv_heads=nkv, eps=float(w.eps), resident=bool(resident),
                do_sample=bool(do_sample), inv_temperature=float(1.0 / temperature) if do_sample else 1.0,
                top_k=int(top_k) if do_sample else 1, top_p=float(top_p), lm_ring=lm_ring, exp_safe=exp_safe,
-               lnc=lnc)
+               core_split=split, lnc=lnc)
     codes, embeds, csum, bad = out
     res = [codes, embeds] + ([csum] if return_sum else []) + ([bad.reshape(-1)] if return_bad_rows else [])
     return tuple(res)
@@ -1475,7 +1584,7 @@ def check_shards(shards, replica_group, name):
 
 def code_predictor_tp(past_hidden, code0_embed, shards, *, replica_group=None, uniforms=None, do_sample=False,
                       temperature=1.0, top_k=50, top_p=1.0, return_sum=False, return_bad_rows=False, resident=None,
-                      lnc=None, return_ranks=False):
+                      lnc=None, return_ranks=False, lnc_split=None):
     """`code_predictor` at tensor-parallel degree TP = len(shards): one launch per rank, collectives in-kernel.
 
     Args:
@@ -1483,6 +1592,7 @@ def code_predictor_tp(past_hidden, code0_embed, shards, *, replica_group=None, u
             (column-parallel) and the matching o_proj / down_proj rows (row-parallel); LM heads replicated.
         replica_group: the ranks' `nki.collectives.ReplicaGroup` (default: one rank-list [0, ..., tp - 1]).
         return_ranks: return the list of every rank's outputs instead of rank 0's.
+        lnc_split: as `code_predictor` ("heads": each rank's shard halved again between its two cores).
         Everything else as `code_predictor` (prompt and uniforms are the same on every rank).
     Each rank runs `code_predictor_kernel` on its shard; after each o_proj and each down_proj the rank's partial
     sum [H, rows] fp32 is all-reduced in SBUF (`nki.collectives.all_reduce`, 2 per layer and pass), so every
@@ -1503,13 +1613,14 @@ def code_predictor_tp(past_hidden, code0_embed, shards, *, replica_group=None, u
                  f"{name}: resident must be None or a bool, got resident={resident!r}")
     lnc = resolve_lnc(lnc, name)
     B = past_hidden.shape[0]
-    resident, lm_ring = _sbuf_plan(w0, -(-B // lnc), bool(do_sample), resident)
-    consts = dict(n_q_heads=w0.n_q_heads, n_kv_heads=w0.n_kv_heads, eps=float(w0.eps), resident=bool(resident),
+    plans = [_launch_plan(w, B, lnc, bool(do_sample), resident, lnc_split, name) for w in shards]
+    split, _, nq, nkv, resident, lm_ring = plans[0]
+    consts = dict(n_q_heads=nq, n_kv_heads=nkv, eps=float(w0.eps), resident=bool(resident),
                   do_sample=bool(do_sample), inv_temperature=float(1.0 / temperature) if do_sample else 1.0,
                   top_k=int(top_k) if do_sample else 1, top_p=float(top_p), lm_ring=lm_ring,
                   exp_safe=all(_exp_is_safe(w) for w in shards), replica_group=replica_group, tp_degree=tp,
-                  vocab_shards=vocab_shards)
-    outs = call_ranks(code_predictor_kernel, [(past_hidden, code0_embed, uniforms, *_weights_args(w)) for w in shards],
+                  vocab_shards=vocab_shards, core_split=split)
+    outs = call_ranks(code_predictor_kernel, [(past_hidden, code0_embed, uniforms, *plan[1]) for plan in plans],
                       lnc=lnc, **consts)
     per_rank = []
     for codes, embeds, csum, bad in outs:
@@ -1520,7 +1631,7 @@ def code_predictor_tp(past_hidden, code0_embed, shards, *, replica_group=None, u
 
 def code_predictor_rank(past_hidden, code0_embed, shard, *, replica_group, uniforms=None, do_sample=False,
                         temperature=1.0, top_k=50, top_p=1.0, return_sum=False, return_bad_rows=False, resident=None,
-                        lnc=None):
+                        lnc=None, lnc_split=None):
     """One rank's launch of a TP code predictor, for a serving framework where every rank is its own process
     (e.g. NxDI at tp_degree > 1): `shard` is this rank's `shard_weights(w, tp, rank)`, `replica_group` the
     talker's TP group as a `nki.collectives.ReplicaGroup`. All ranks must call it with the same prompt, uniforms
@@ -1545,9 +1656,10 @@ def code_predictor_rank(past_hidden, code0_embed, shard, *, replica_group, unifo
                  "code_predictor_tp(past_hidden, code0_embed, shards) with every rank's shard")
     lnc = resolve_lnc(lnc, name)  # pragma: no cover - needs real NKI from here on
     B = past_hidden.shape[0]
-    resident, lm_ring = _sbuf_plan(shard, -(-B // lnc), bool(do_sample), resident)
-    out = call(code_predictor_kernel, past_hidden, code0_embed, uniforms, *_weights_args(shard),
-               n_q_heads=shard.n_q_heads, n_kv_heads=shard.n_kv_heads, eps=float(shard.eps), resident=bool(resident),
+    split, wargs, nq, nkv, resident, lm_ring = _launch_plan(shard, B, lnc, bool(do_sample), resident, lnc_split,
+                                                            name)
+    out = call(code_predictor_kernel, past_hidden, code0_embed, uniforms, *wargs,
+               n_q_heads=nq, n_kv_heads=nkv, eps=float(shard.eps), resident=bool(resident), core_split=split,
                do_sample=bool(do_sample), inv_temperature=float(1.0 / temperature) if do_sample else 1.0,
                top_k=int(top_k) if do_sample else 1, top_p=float(top_p), lm_ring=lm_ring,
                exp_safe=_exp_is_safe(shard), replica_group=replica_group, tp_degree=shard.tp,

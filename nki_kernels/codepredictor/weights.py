@@ -260,11 +260,20 @@ def shard_weights(w: CodePredictorWeights, tp: int, rank: int = 0, vocab_sharded
         raise ValueError(f"shard_weights: tp must be a positive int, got tp={tp!r}")
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < tp:
         raise ValueError(f"shard_weights: rank must be an int in [0, tp={tp}), got rank={rank!r}")
-    Hq, Hkv, D, I = w.n_q_heads, w.n_kv_heads, w.head_dim, w.intermediate
+    Hq, Hkv, I = w.n_q_heads, w.n_kv_heads, w.intermediate
     if Hq % tp or Hkv % tp or I % tp:
         raise ValueError(f"shard_weights: heads {Hq}/{Hkv} and intermediate {I} must divide by tp={tp}")
     if vocab_sharded and w.head_vocab % tp:
         raise ValueError(f"shard_weights: the LM-head vocab {w.head_vocab} must divide by tp={tp}")
+    return replace(_split(w, tp, rank, vocab_sharded), tp=int(tp), vocab_sharded=bool(vocab_sharded),
+                   rank=int(rank))
+
+
+def _split(w: CodePredictorWeights, n: int, i: int, vocab_sharded: bool) -> CodePredictorWeights:
+    """Part i of n of w's heads, intermediate columns (and LM-head vocab rows when vocab_sharded), as
+    `shard_weights` describes; w may itself be a rank's shard (the LNC core split of `core_split_weights`)."""
+    tp, rank = n, i
+    Hq, Hkv, D, I = w.n_q_heads, w.n_kv_heads, w.head_dim, w.intermediate
     hq, hk, ii = Hq // tp, Hkv // tp, I // tp
     qs = slice(rank * hq * D, (rank + 1) * hq * D)
     ks = slice(Hq * D + rank * hk * D, Hq * D + (rank + 1) * hk * D)
@@ -278,8 +287,36 @@ def shard_weights(w: CodePredictorWeights, tp: int, rank: int = 0, vocab_sharded
         lm = lm[:, :, rank * vh:(rank + 1) * vh]
     return replace(w, wqkv_t=np.ascontiguousarray(wqkv), wo_t=np.ascontiguousarray(w.wo_t[:, qs, :]),
                    wgu_t=np.ascontiguousarray(wgu), wd_t=np.ascontiguousarray(w.wd_t[:, gs, :]),
-                   lm_head_t=np.ascontiguousarray(lm), n_q_heads=hq, n_kv_heads=hk, tp=int(tp),
-                   vocab_sharded=bool(vocab_sharded), rank=int(rank))
+                   lm_head_t=np.ascontiguousarray(lm), n_q_heads=hq, n_kv_heads=hk)
+
+
+CORE_SPLIT_NAMES = ("wqkv_t", "wo_t", "wgu_t", "wd_t", "lm_head_t")
+_CORE_LANES = 128                       # per-core intermediate columns and LM-head rows: whole 128-row chunks
+
+
+def core_split_problem(w: CodePredictorWeights) -> str | None:
+    """Why w (the whole model or one rank's shard) cannot be split between the two cores of an LNC=2 launch
+    (halves of its q and KV heads, intermediate columns and LM-head rows), or None when it can."""
+    if w.n_q_heads % 2 or w.n_kv_heads % 2:
+        return f"the heads {w.n_q_heads}/{w.n_kv_heads} must be even (each core takes half of the KV heads)"
+    if w.intermediate % (2 * _CORE_LANES):
+        return f"the intermediate {w.intermediate} must be a multiple of {2 * _CORE_LANES}"
+    if w.head_vocab % 2:
+        return f"the LM-head vocab {w.head_vocab} must be even"
+    return None
+
+
+def core_split_weights(w: CodePredictorWeights):
+    """The per-core weights of the LNC=2 intra-row split: core p holds half p of w's heads, intermediate columns
+    and LM-head rows (`shard_weights` with 2 parts, applied to w, which may be a rank's shard). Returns
+    (core 0's CodePredictorWeights, {name: [2, ...] array} for CORE_SPLIT_NAMES: the two cores' matrices stacked,
+    which the kernel indexes with its program id). Weight preparation, done once per weights object."""
+    problem = core_split_problem(w)
+    if problem:
+        raise ValueError(f"core_split_weights: {problem}")
+    parts = [_split(w, 2, p, True) for p in range(2)]
+    stacked = {n: np.ascontiguousarray(np.stack([getattr(q, n) for q in parts])) for n in CORE_SPLIT_NAMES}
+    return parts[0], stacked
 
 
 def random_weights(rng, *, hidden, n_q_heads, n_kv_heads, head_dim, intermediate, n_layers, n_groups, vocab,
