@@ -71,3 +71,60 @@ class PatchSet:
     def __exit__(self, *exc):
         self.restore()
         return False
+
+
+# ----------------------------------------------------------------------------------------- kernel refusals
+
+
+def kernel_refusals(*extra) -> tuple:
+    """The exceptions an adapter's hook turns into a fallback to the code it replaced: a wrapper's
+    `KernelInputError` (a validation rule or a documented limit), on the emulator its `EmulatorCheckError` (a
+    shape the wrapper's checks let through that fails a hardware check: SBUF / PSUM capacity, an access rule; a
+    compile failure on the device), plus the adapter's own `extra` validation errors. Anything else is a bug and
+    propagates."""
+    from nki_kernels import backend
+    from nki_kernels.validation import KernelInputError
+    found = (KernelInputError,) + tuple(extra)
+    if backend.is_emulated():
+        found += (backend.EmulatorCheckError,)
+    return found
+
+
+def refusal_reason(exc: BaseException) -> str:
+    """The recorded reason for an exception in `kernel_refusals()`."""
+    from nki_kernels import backend
+    if backend.is_emulated() and isinstance(exc, backend.EmulatorCheckError):
+        return f"kernel failed the emulator's hardware checks (on-chip capacity or an access rule): {exc}"
+    return f"kernel refused: {exc}"
+
+
+class FallbackLog:
+    """Process-wide record of an adapter's fallbacks: (hook, reason) -> how many times the replaced code ran
+    because a kernel refused the call. Thread-safe; `clear()` empties it."""
+
+    def __init__(self):
+        import collections
+        import threading
+        self._lock = threading.Lock()
+        self._counts = collections.Counter()
+
+    def record(self, hook: str, reason: str):
+        with self._lock:
+            self._counts[(hook, reason)] += 1
+
+    def snapshot(self) -> dict:
+        """{(hook, reason): count} at this moment."""
+        with self._lock:
+            return dict(self._counts)
+
+    def clear(self):
+        with self._lock:
+            self._counts.clear()
+
+
+def fall_back(log: FallbackLog, logger, hook: str, exc: BaseException):
+    """Record a refusal of `hook` (e.g. "nxdi attention: NeuronAttentionBase.perform_prefill") and warn once per
+    distinct message; the caller then runs the original code."""
+    reason = refusal_reason(exc)
+    log.record(hook, reason)
+    warn_once(logger, f"{hook}-{reason}", f"{hook}: {reason}; using the original implementation")

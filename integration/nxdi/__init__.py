@@ -13,7 +13,7 @@ imports NxDI; ``NKI_KERNELS_NXDI_DISABLE=1`` turns every installed adapter back 
 """
 from __future__ import annotations
 
-from ._common import DISABLE_ENV, AdapterInputError, KernelNotAvailableError
+from ._common import DISABLE_ENV, AdapterInputError, KernelNotAvailableError, fallbacks
 from .apply import FAMILIES, Installation, NxDIAdapterError, apply
 from .attention import FlashAttentionStrategy, perform_prefill
 from .code_predictor import code_predictor_forward, set_code_predictor_replica_group, set_code_predictor_sampling
@@ -36,5 +36,5 @@ __all__ = [
     "KernelNotAvailableError", "FlashAttentionStrategy", "perform_prefill", "deltanet_chunked_forward",
     "deltanet_recurrent_step", "BlockwiseMatmulNKIKernelsFunc", "BLOCKWISE_AUTOGRAD_CLS_SPEC",
     "blockwise_matmul_config_kwargs", "code_predictor_forward", "set_code_predictor_sampling",
-    "set_code_predictor_replica_group", "nxdi_available",
+    "set_code_predictor_replica_group", "nxdi_available", "fallbacks",
 ]

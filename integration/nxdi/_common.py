@@ -86,4 +86,24 @@ def warn_once(key: str, message: str):
     _patching.warn_once(logger, key, message)
 
 
+# Every fallback of an installed hook because a kernel refused the call: {(hook, reason): count}.
+FALLBACKS = _patching.FallbackLog()
+
+
+def refusals() -> tuple:
+    """What a hook catches and turns into a fallback: kernel refusals (validation, limits, on the emulator its
+    hardware checks) and this adapter's own input errors (`AdapterInputError`)."""
+    return _patching.kernel_refusals(AdapterInputError)
+
+
+def fall_back(hook: str, exc: BaseException):
+    """Record why `hook` runs NxDI's original code (see `fallbacks()`) and warn once."""
+    _patching.fall_back(FALLBACKS, logger, f"nxdi {hook}", exc)
+
+
+def fallbacks() -> dict:
+    """{(hook, reason): count} of the calls that ran NxDI's original code because a kernel refused them."""
+    return FALLBACKS.snapshot()
+
+
 param_names = _patching.param_names

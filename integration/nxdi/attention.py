@@ -38,10 +38,11 @@ import enum
 import functools
 import math
 
-from nki_kernels.validation import KernelInputError
 
 from ._common import (
     AdapterInputError,
+    fall_back,
+    refusals,
     ORIGINAL_PREFIX,
     accepted_kwargs,
     disabled,
@@ -237,9 +238,8 @@ def make_perform_prefill(original, layout="BHSD", causal_mode="mask", name="perf
         try:
             return perform_prefill(self, Q, K, V, q_len, bsz, attention_mask, layout=layout, causal_mode=causal_mode,
                                    strategy_enum=strategies)
-        except KernelInputError as exc:          # a kernel limit (e.g. K^T + V of one head must fit SBUF)
-            warn_once(f"attn-kernel-{type(self).__name__}-{exc}",
-                      f"nxdi attention: {exc}; using the original {type(self).__name__}.{name}")
+        except refusals() as exc:       # a kernel limit (e.g. K^T + V of one head must fit SBUF), a failed check
+            fall_back(f"attention: {type(self).__name__}.{name}", exc)
             return original(self, Q, K, V, q_len, bsz, attention_mask, *args, **kwargs)
 
     perform_prefill_nki.__nki_kernels_adapter__ = FAMILY

@@ -34,9 +34,8 @@ from __future__ import annotations
 import functools
 
 
-from nki_kernels.validation import KernelInputError
 
-from ._common import ORIGINAL_PREFIX, AdapterInputError, disabled, kernel, warn_once
+from ._common import fall_back, refusals, ORIGINAL_PREFIX, AdapterInputError, disabled, kernel, warn_once
 
 FAMILY = "code_predictor"
 KERNEL_NAME = "code_predictor"
@@ -244,8 +243,8 @@ def make_forward(original):
             return original(self, past_hidden, last_id_hidden)
         try:
             return code_predictor_forward(self, past_hidden, last_id_hidden)
-        except KernelInputError as exc:          # a kernel limit (e.g. B > 128, H not a multiple of 128)
-            warn_once(f"cp-kernel-{exc}", f"nxdi code_predictor: {exc}; using the original forward")
+        except refusals() as exc:        # a kernel limit (e.g. B > 128, H not a multiple of 128), a check
+            fall_back(f"code_predictor: {type(self).__name__}.forward", exc)
             return original(self, past_hidden, last_id_hidden)
 
     forward.__nki_kernels_adapter__ = FAMILY

@@ -28,9 +28,8 @@ from __future__ import annotations
 
 import functools
 
-from nki_kernels.validation import KernelInputError
 
-from ._common import ORIGINAL_PREFIX, AdapterInputError, accepted_kwargs, disabled, kernel, warn_once
+from ._common import fall_back, refusals, ORIGINAL_PREFIX, AdapterInputError, accepted_kwargs, disabled, kernel
 
 FAMILY = "deltanet"
 PREFILL_KERNEL = "gated_delta_rule"
@@ -115,8 +114,8 @@ def _wrap(original, name, impl):
             return original(self, *args, **kwargs)
         try:
             return impl(*args, **kwargs)
-        except (AdapterInputError, KernelInputError) as exc:        # outside the contract or a kernel limit
-            warn_once(f"gdn-{name}-{exc}", f"{exc}; using the original {type(self).__name__}.{name}")
+        except refusals() as exc:        # outside the contract, a kernel limit or a failed hardware check
+            fall_back(f"deltanet: {type(self).__name__}.{name}", exc)
             return original(self, *args, **kwargs)
 
     hook.__nki_kernels_adapter__ = FAMILY

@@ -29,9 +29,8 @@ from __future__ import annotations
 
 import enum
 
-from nki_kernels.validation import KernelInputError
 
-from ._common import DISABLE_ENV, AdapterInputError, accepted_kwargs, disabled, kernel, warn_once
+from ._common import fall_back, refusals, DISABLE_ENV, AdapterInputError, accepted_kwargs, disabled, kernel, warn_once
 
 FAMILY = "moe"
 KERNEL_NAME = "moe_blockwise"
@@ -161,11 +160,11 @@ class BlockwiseMatmulNKIKernelsFunc(_torch_function_base()):
             return stock.apply(*args, **kwargs)
         try:
             return super().apply(*args, **kwargs)
-        except KernelInputError as exc:          # a kernel limit (H % 128, one expert's weights in SBUF, ...)
+        except refusals() as exc:        # a kernel limit (H % 128, one expert's weights in SBUF, ...), a check
             stock = _stock_cls()
             if stock is None:
                 raise
-            warn_once(f"moe-kernel-{exc}", f"nxdi moe: {exc}; using NxD's BlockwiseMatmulNKIFunc")
+            fall_back("moe: BlockwiseMatmulNKIKernelsFunc.apply", exc)
             return stock.apply(*args, **kwargs)
 
     @staticmethod

@@ -12,8 +12,8 @@ replacement back into the plugin's own code at call time.
 """
 from __future__ import annotations
 
-from ._common import DISABLE_ENV, VllmNeuronAdapterError
+from ._common import DISABLE_ENV, VllmNeuronAdapterError, fallbacks
 from .apply import FAMILIES, PLUGIN_COMMITS, TARGETS, Installation, apply
 
 __all__ = ["apply", "Installation", "VllmNeuronAdapterError", "FAMILIES", "TARGETS", "PLUGIN_COMMITS",
-           "DISABLE_ENV"]
+           "DISABLE_ENV", "fallbacks"]

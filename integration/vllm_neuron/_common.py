@@ -37,6 +37,26 @@ def warn_once(key: str, message: str):
     _patching.warn_once(logger, key, message)
 
 
+# Every fallback of an installed replacement because a kernel refused the call: {(hook, reason): count}.
+FALLBACKS = _patching.FallbackLog()
+
+
+def refusals() -> tuple:
+    """What a replacement catches and turns into a fallback: kernel refusals (validation, limits, on the emulator
+    its hardware checks)."""
+    return _patching.kernel_refusals()
+
+
+def fall_back(hook: str, exc: BaseException):
+    """Record why `hook` runs the plugin's own code (see `fallbacks()`) and warn once."""
+    _patching.fall_back(FALLBACKS, logger, f"vllm_neuron {hook}", exc)
+
+
+def fallbacks() -> dict:
+    """{(hook, reason): count} of the calls that ran the plugin's own code because a kernel refused them."""
+    return FALLBACKS.snapshot()
+
+
 param_names = _patching.param_names
 
 

@@ -27,9 +27,8 @@ from __future__ import annotations
 
 import functools
 
-from nki_kernels.validation import KernelInputError
 
-from ._common import MARK, ORIGINAL_ATTR, disabled, ops, plugin_flag, warn_once
+from ._common import fall_back, refusals, MARK, ORIGINAL_ATTR, disabled, ops, plugin_flag
 
 FAMILY = "attention"
 # flash_attention's head_dim limit.
@@ -72,8 +71,8 @@ def make_forward_prefill(original):
             return original(self, hidden_states, position_embeddings, metadata)
         try:
             return forward_prefill(self, hidden_states, position_embeddings, metadata)
-        except KernelInputError as exc:
-            warn_once(f"attn-{exc}", f"vllm_neuron attention: {exc}; using the plugin's forward_prefill")
+        except refusals() as exc:
+            fall_back(f"attention: {type(self).__name__}.forward_prefill", exc)
             return original(self, hidden_states, position_embeddings, metadata)
 
     setattr(forward_prefill_nki, MARK, FAMILY)
@@ -135,8 +134,8 @@ def make_forward_decode(original):
             return original(self, hidden_states, positions, position_embeddings, metadata)
         try:
             return forward_decode(self, hidden_states, positions, position_embeddings, metadata)
-        except KernelInputError as exc:
-            warn_once(f"attn-decode-{exc}", f"vllm_neuron attention: {exc}; using the plugin's forward_decode")
+        except refusals() as exc:
+            fall_back(f"attention: {type(self).__name__}.forward_decode", exc)
             return original(self, hidden_states, positions, position_embeddings, metadata)
 
     setattr(forward_decode_nki, MARK, FAMILY)

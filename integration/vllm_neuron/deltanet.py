@@ -25,9 +25,8 @@ from __future__ import annotations
 
 import functools
 
-from nki_kernels.validation import KernelInputError
 
-from ._common import MARK, ORIGINAL_ATTR, disabled, ops, warn_once
+from ._common import fall_back, refusals, MARK, ORIGINAL_ATTR, disabled, ops, warn_once
 
 FAMILY = "deltanet"
 # Head-dim limit of gated_delta_rule / gated_delta_rule_step (Dk, Dv <= 128).
@@ -78,8 +77,8 @@ def make_chunk_gated_delta_rule(original):
             return original(query, key, value, g, beta, initial_state, chunk_size)
         try:
             return chunk_gated_delta_rule(query, key, value, g, beta, initial_state, chunk_size)
-        except KernelInputError as exc:
-            warn_once(f"gdn-prefill-{exc}", f"vllm_neuron deltanet: {exc}; using the plugin's chunk_gated_delta_rule")
+        except refusals() as exc:
+            fall_back("deltanet: chunk_gated_delta_rule", exc)
             return original(query, key, value, g, beta, initial_state, chunk_size)
 
     setattr(chunk_gated_delta_rule_nki, MARK, FAMILY)
@@ -101,8 +100,8 @@ def make_causal_conv(original):
             return original(self, qkv, num_tokens)
         try:
             return causal_conv(self, qkv, num_tokens)
-        except KernelInputError as exc:
-            warn_once(f"gdn-conv-{exc}", f"vllm_neuron deltanet: {exc}; using the plugin's _causal_conv")
+        except refusals() as exc:
+            fall_back(f"deltanet: {type(self).__name__}._causal_conv", exc)
             return original(self, qkv, num_tokens)
 
     setattr(_causal_conv, MARK, FAMILY)
@@ -149,8 +148,8 @@ def make_forward_decode(original):
             return original(self, hidden_states, metadata)
         try:
             return forward_decode(self, hidden_states, metadata)
-        except KernelInputError as exc:
-            warn_once(f"gdn-decode-{exc}", f"vllm_neuron deltanet: {exc}; using the plugin's forward_decode")
+        except refusals() as exc:
+            fall_back(f"deltanet: {type(self).__name__}.forward_decode", exc)
             return original(self, hidden_states, metadata)
 
     setattr(forward_decode_nki, MARK, FAMILY)

@@ -26,9 +26,8 @@ from __future__ import annotations
 import functools
 import math
 
-from nki_kernels.validation import KernelInputError
 
-from ._common import MARK, ORIGINAL_ATTR, disabled, ops, plugin_flag, warn_once
+from ._common import fall_back, refusals, MARK, ORIGINAL_ATTR, disabled, ops, plugin_flag, warn_once
 
 FAMILY = "moe"
 # Largest block size moe_blockwise accepts.
@@ -169,8 +168,8 @@ def _wrap(original, impl, name, unsupported=None):
             return original(self, *args, **kwargs)
         try:
             return impl(self, *args, **kwargs)
-        except KernelInputError as exc:
-            warn_once(f"moe-{exc}", f"vllm_neuron moe: {exc}; using the plugin's {type(self).__name__}.{name}")
+        except refusals() as exc:
+            fall_back(f"moe: {type(self).__name__}.{name}", exc)
             return original(self, *args, **kwargs)
 
     setattr(method, MARK, FAMILY)

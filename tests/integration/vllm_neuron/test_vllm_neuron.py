@@ -477,3 +477,43 @@ def test_attention_tp_ranks_sum_to_the_full_layer(world_size):
         with apply(part, "attention"):
             total = total + _attention_run(part, 20, seed=41)[0].float()
     _close(f"attention tp{world_size}", want.float(), total)
+
+
+@pytest.mark.parametrize("error", ["emulator check", "kernel refusal"])
+def test_every_kernel_refusal_falls_back_and_is_recorded(monkeypatch, error):
+    """Every replacement of the whole hybrid model, with each of our ops forced to refuse (the emulator's
+    hardware-check EmulatorCheckError, or a wrapper's KernelInputError): the model runs the plugin's own code
+    everywhere, equals the unpatched model exactly, never raises, and `fallbacks()` names each hook and reason."""
+    from nki_kernels import torch_ops
+    from nki_kernels.backend import EmulatorCheckError
+    from nki_kernels.validation import KernelInputError
+    from integration.vllm_neuron import _common
+
+    def refuse(name):
+        def op(*args, **kwargs):
+            if error == "emulator check":
+                raise EmulatorCheckError("dma_copy", "dst", f"{name}: SBUF allocation exceeds capacity (forced)")
+            raise KernelInputError(f"{name}: a limit (forced)")
+        return op
+    ns = torch_ops.register()
+    for name in ("flash_attention", "flash_attention_decode", "gated_delta_rule", "causal_conv1d",
+                 "causal_conv1d_update", "gated_delta_rule_step", "moe_blockwise", "moe_decode", "moe_route",
+                 "moe_block_mapping"):
+        monkeypatch.setattr(ns, name, refuse(name), raising=False)
+    _common.FALLBACKS.clear()
+    p = plugin()
+    cfg = _config(p)
+    model = fill(p.model.Qwen3_5ForCausalLM(cfg), seed=15)
+    want = _model_session(copy.deepcopy(model), cfg, 45, 64)
+    with apply(p.registry):
+        got = _model_session(model, cfg, 45, 64)
+    assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
+    seen = _common.fallbacks()
+    hooks = {hook for hook, _ in seen}
+    assert {"vllm_neuron attention: Qwen3_5Attention.forward_prefill",
+            "vllm_neuron attention: Qwen3_5Attention.forward_decode",
+            "vllm_neuron deltanet: Qwen3_5GatedDeltaNet._causal_conv",
+            "vllm_neuron deltanet: Qwen3_5GatedDeltaNet.forward_decode"} <= hooks, hooks
+    assert any(h.startswith("vllm_neuron moe: ") for h in hooks), hooks
+    word = "hardware checks" if error == "emulator check" else "kernel refused"
+    assert all(word in reason and "(forced)" in reason for _, reason in seen), seen
