@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import textwrap
 
 from microbench.cases import moe as moe_cases
 from microbench.shapes import CATALOGUE
@@ -192,12 +193,43 @@ def render(rows, target_name: str) -> str:
     return "\n".join(out)
 
 
+_GOAL_TEXT = {"moe_blockwise": "modeled time <= 1.5x its roofline (prefill)",
+              "moe_decode": "modeled time <= 1.3x the time to stream the chosen + shared experts' weights",
+              "gated_delta_rule_step": "modeled time <= 10 µs for one decode step of all heads of a rank"}
+
+
+def render_text(rows, target_name: str, width: int = 120) -> str:
+    """The console form of `render`: one block per goal, the assumption wrapped under its row, <= `width` columns."""
+    out = textwrap.wrap(f"Floors on modeled time ({target_name}): no kernel can be modeled faster than the floor. "
+                        "Compute is ignored and overlap assumed perfect. Markdown table: python -m microbench.floors "
+                        "--markdown", width)
+    head = f"  {'model':<24}{'shape':<16}{'roofline µs':>12}{'floor µs':>10}{'floor/roof':>11}  goal reachable?"
+    kernel = None
+    for r in rows:
+        if r["kernel"] != kernel:
+            kernel = r["kernel"]
+            unit, goal = _GOALS[kernel]
+            out += ["", f"{kernel}: goal {_GOAL_TEXT.get(kernel, '')}", head]
+        unit, goal = _GOALS[r["kernel"]]
+        roof = r.get("roofline_us")
+        ratio = r["floor_any_us"] / roof if roof else None
+        meets = r["floor_any_us"] <= goal if unit == "µs" else ratio <= goal
+        out.append(f"  {r['model']:<24}{r['shape']:<16}{_fmt(roof):>12}{_fmt(r['floor_any_us']):>10}"
+                   f"{'-' if ratio is None else f'{ratio:.2f}x':>11}  {'yes' if meets else 'NO'}")
+        design = r.get("floor_design_us")
+        note = "assumes " + r["assumes"] + ("" if design is None else f"; this kernel's design: {_fmt(design)} µs")
+        out += textwrap.wrap(note, width, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m microbench.floors", description=__doc__.splitlines()[0])
     ap.add_argument("--target", default=None, help="trn1, trn2 (default) or trn3")
+    ap.add_argument("--markdown", action="store_true", help="print the markdown table (for docs) instead")
     args = ap.parse_args(argv)
     t = get_target(args.target)
-    print(render(floor_table(t), t.name))
+    rows = floor_table(t)
+    print(render(rows, t.name) if args.markdown else render_text(rows, t.name))
     return 0
 
 

@@ -3,12 +3,53 @@
     python -m integration.transformers.demo [--backend emulator|reference|nki] [--new-tokens 8]
 
 Builds the model from a config (no download), runs greedy generate() stock and patched on a left-padded batch
-of two prompts, and prints the kernel launch counts, any fallbacks, and the max |difference| of the logits
-and whether the generated tokens are identical.
+of two prompts, and prints: what transformers itself said during the stock run (kept apart: it is not about our
+kernels), the kernel launches and fallbacks of the patched run, the max |difference| of the logits, whether the
+generated tokens are identical, and (emulator backend) the modeled time of the launches on trn2.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import logging
+import sys
+import warnings
+
+
+@contextlib.contextmanager
+def _captured():
+    """Collect the warnings and transformers log records raised inside the block (printed later, apart)."""
+    notes: list[str] = []
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("transformers")
+    old_handlers, old_propagate = logger.handlers[:], logger.propagate
+    logger.handlers = [handler]                     # transformers' own stderr handler would print them now
+    logger.propagate = False
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield notes
+    finally:
+        logger.handlers = old_handlers
+        logger.propagate = old_propagate
+        seen = set()
+        for msg in [str(w.message) for w in caught] + stream.getvalue().splitlines():
+            msg = " ".join(msg.split())
+            if msg and msg not in seen:
+                seen.add(msg)
+                notes.append(msg)
+
+
+def _nki_missing(backend: str) -> str | None:
+    if backend != "nki":
+        return None
+    from nki_kernels import backend as nkb
+    if nkb.ACTIVE == "nki":
+        return None
+    return ("demo: --backend nki needs the real NKI runtime (Neuron SDK 2.33+, the `nki` package from AWS's Neuron "
+            "pip repository), which is not installed here; use --backend emulator")
 
 
 def main(argv=None):
@@ -17,6 +58,10 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    missing = _nki_missing(args.backend)
+    if missing:
+        print(missing, file=sys.stderr)
+        return 2
 
     import torch
 
@@ -25,7 +70,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     model = tiny.qwen3_5_moe(seed=args.seed)
     cfg = model.config
-    print(f"tiny Qwen3.5-MoE: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, "
+    print(f"tiny Qwen3.5-MoE (random weights): {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, "
           f"{cfg.num_hidden_layers} layers {cfg.layer_types}, hidden {cfg.hidden_size}, "
           f"attention {cfg.num_attention_heads}q/{cfg.num_key_value_heads}kv x {cfg.head_dim}, "
           f"GDN Hk={cfg.linear_num_key_heads} Hv={cfg.linear_num_value_heads}, "
@@ -39,34 +84,60 @@ def main(argv=None):
     gen = dict(attention_mask=am, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
 
     with torch.no_grad():
-        stock_logits = model(input_ids=ids, attention_mask=am).logits
-        stock_tokens = model.generate(ids, **gen)
-        with patch(model, backend=args.backend) as handle:
+        with _captured() as stock_notes:
+            stock_logits = model(input_ids=ids, attention_mask=am).logits
+            stock_tokens = model.generate(ids, **gen)
+        with _captured() as patched_notes, patch(model, backend=args.backend) as handle:
             logits = model(input_ids=ids, attention_mask=am).logits
             if args.backend == "emulator":
                 handle.record_launches()            # model the launches of generate() on trn2
             tokens = model.generate(ids, **gen)
             modeled = handle.modeled() if args.backend == "emulator" else {}
 
+    print("\n== stock run (transformers' own code, before patching)")
+    if stock_notes:
+        print("transformers' own messages (about its optional kernels such as flash-linear-attention; not about "
+              "nki-kernels):")
+        for n in stock_notes:
+            print(f"  {n}")
+    else:
+        print("no messages")
+
+    print(f"\n== patched run (backend={args.backend})")
+    calls = handle.calls()
+    print("kernel launches: " + (", ".join(f"{k} x{v}" for k, v in sorted(calls.items())) or "none"))
+    fallbacks = handle.fallbacks()
+    if fallbacks:
+        print("fallbacks (the model's own code ran instead):")
+        for (hook, why), n in sorted(fallbacks.items()):
+            print(f"  {hook}: {why} x{n}")
+    else:
+        print("fallbacks: none (every supported module ran on the kernels)")
+    for fam, why in sorted(handle.not_available.items()):
+        print(f"not available: {fam} ({why})")
+    for n in patched_notes:
+        print(f"message during the patched run: {n}")
+
     valid = am.bool()
     diff = float((logits - stock_logits)[valid].abs().max())
-    print(handle.report())
+    print("\n== patched vs stock")
     print(f"prefill logits: max |patched - stock| = {diff:.3e} over non-padding positions "
           f"(logit rms {float(stock_logits[valid].pow(2).mean().sqrt()):.3f})")
+    same = torch.equal(tokens, stock_tokens)
     print(f"greedy generate ({args.new_tokens} new tokens, batch 2, left padding): "
-          f"{'identical tokens' if torch.equal(tokens, stock_tokens) else 'DIFFERENT tokens'}")
+          f"{'identical tokens' if same else 'DIFFERENT tokens'}")
     print(f"  stock:   {stock_tokens[:, ids.shape[1]:].tolist()}")
     print(f"  patched: {tokens[:, ids.shape[1]:].tolist()}")
     if modeled:
-        print("cost model of the kernel launches inside generate() (modeled us on trn2, tiny shapes, "
-              "launch overhead excluded):")
+        print("\n== modeled time of the kernel launches inside generate() (µs on trn2 from the cost model, not "
+              "measured;\n   tiny shapes, so fixed costs dominate; launch overhead excluded)")
         total = 0.0
         for name, rep in modeled.items():
             total += rep.device_us
-            print(f"  {name:24s} {rep.n_launches:4d} launches  {rep.device_us:9.1f} us modeled  "
-                  f"({rep.device_us / max(rep.n_launches, 1):.1f} us/launch)")
-        print(f"  {'total':24s} {sum(r.n_launches for r in modeled.values()):4d} launches  {total:9.1f} us modeled")
-    return 0 if torch.equal(tokens, stock_tokens) else 1
+            print(f"  {name:24s} {rep.n_launches:4d} launches  {rep.device_us:9.1f} µs  "
+                  f"({rep.device_us / max(rep.n_launches, 1):.1f} µs per launch)")
+        print(f"  {'total':24s} {sum(r.n_launches for r in modeled.values()):4d} launches  {total:9.1f} µs")
+    return 0 if same else 1
 
 
 if __name__ == "__main__":

@@ -5,9 +5,24 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 import time
 
-from .points import BY_ID, POINTS, model_point, table
+from .points import BY_ID, POINTS, model_point, split_summary, table
+
+
+def console_table(results, width: int = 120) -> str:
+    """The calibration table for a terminal (<= `width` columns); the markdown table (`table`) has every column."""
+    head = f"{'id':<5}{'split':<10}{'kernel':<28}{'target':<8}{'measured µs':>14}{'modeled µs':>14}{'error':>9}"
+    out = [head, "-" * len(head)]
+    for r in results:
+        out.append(f"{r.id:<5}{r.split:<10}{r.name[:27]:<28}{r.target:<8}{r.measured_us:>14,.1f}"
+                   f"{r.modeled_us:>14,.1f}{r.error:>+9.1%}")
+    if results:
+        out.append("")
+        for split in ("fit", "held-out"):
+            out += textwrap.wrap(split_summary(results, split), width, initial_indent="- ", subsequent_indent="  ")
+    return "\n".join(out)
 
 
 def main(argv=None) -> int:
@@ -16,6 +31,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="also write the markdown table to this file")
     ap.add_argument("--split", default=None, choices=["fit", "held-out"], help="only this split")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--markdown", action="store_true", help="print the full markdown table instead")
     args = ap.parse_args(argv)
     pts = [BY_ID[p.strip()] for p in args.points.split(",")] if args.points else POINTS
     if args.split:
@@ -41,7 +57,9 @@ def main(argv=None) -> int:
     if bar is not None:
         bar.close()
     text = table(results)
-    print(text)
+    print("Cost model vs published device times (modeled µs, not measured; the fit split may have informed the "
+          "constants, the held-out split never did):\n")
+    print(text if args.markdown else console_table(results))
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")

@@ -83,3 +83,14 @@ def test_fit_points_within_band(pid):
     not asserted: they are the model's honest test)."""
     r = model_point(BY_ID[pid])
     assert abs(r.error) <= ERROR_BAND, f"{pid}: modeled {r.modeled_us:.0f} us vs measured {r.measured_us:.0f} us"
+
+
+def test_console_table_fits_120_columns():
+    from microbench.calibration.__main__ import console_table
+    from microbench.calibration.points import PointResult
+    rs = [PointResult("A1", "a kernel with a rather long published name", "[4096, 8192]", "trn1", 1234.5, 1300.0,
+                      0.053, split="fit"),
+          PointResult("H2", "held-out kernel", "[1, 2]", "trn1", 10.0, 13.0, 0.3, split="held-out")]
+    text = console_table(rs)
+    assert max(len(line) for line in text.splitlines()) <= 120
+    assert "+5.3%" in text and "+30.0%" in text and "held-out: 1 points" in text

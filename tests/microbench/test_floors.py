@@ -87,3 +87,12 @@ def test_kernels_are_never_modeled_below_their_floor(kernel, shape, floor):
     assert us >= f["floor_any_us"]
     if "floor_design_us" in f:
         assert us >= f["floor_design_us"]
+
+
+def test_console_output_fits_120_columns_and_states_the_goals(capsys):
+    assert floors.main([]) == 0
+    text = capsys.readouterr().out
+    assert max(len(line) for line in text.splitlines()) <= 120
+    assert "goal modeled time <= 10 µs" in text and "goal modeled time <= 1.5x its roofline" in text
+    assert floors.main(["--markdown"]) == 0
+    assert "| kernel | model |" in capsys.readouterr().out
