@@ -1,8 +1,10 @@
 """Microbench cases for the deltanet family (registered on import).
 
 Shapes: Qwen3.5-35B-A3B per rank at TP=4 (Hk=4, Hv=8, Dk=Dv=128; conv_dim = 2 Hk Dk + Hv Dv = 2048).
-Baselines: the token-sequential kernel launched once per (batch, v-head) (the existing Neuron approach),
-for prefill and, with T = 1 and the state row in/out, for decode.
+Baselines (issue 18 item 5: what users run today, nki_kernels/deltanet/baseline_nxdi.py): NxDI's default
+prefill, a chunked fused fp32 kernel launched once per (batch, v-head), and NxDI's batched decode step (all
+B x Hv rows in one launch, looping over them). The previous baselines (token-sequential kernel, one launch per
+(b, h), for prefill and decode) remain as extra rows labelled "old baseline".
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import numpy as np
 from microbench.registry import BenchCase, register
 from microbench.shapes import CATALOGUE, DECODE_BATCHES, PREFILL_LENGTHS, QWEN35_35B_A3B
 from nki_kernels.deltanet import reference as ref
+from nki_kernels.deltanet.baseline_nxdi import gdn_batched_decode_step, gdn_fused_chunked_per_head
 from nki_kernels.deltanet.baseline_sequential import gdn_per_head_decode_step, gdn_per_head_sequential
 
 _SHAPE = CATALOGUE["qwen3.5-35b-a3b tp4"]
@@ -21,7 +24,8 @@ _KW = _SHAPE.conv_kernel
 _BF16 = ml_dtypes.bfloat16
 _CHUNK = 128                       # chunk used by the optimised prefill (faster than 64 in the cost model)
 _FLOP_CHUNK = 64                   # chunk of the useful-FLOP count (the standard FLA chunk size)
-_BASELINE_MAX_T = 2048             # the per-(b, h) token loop is emulated only up to this length
+_BASELINE_MAX_T = 2048             # the per-(b, h) baselines are emulated only up to this length
+_OLD_BASELINE = "old baseline: token-sequential kernel, one launch per (b, h)"
 _LABEL = "qwen3.5-35b-a3b tp4"
 
 
@@ -60,7 +64,7 @@ def _prefill_case(t, quick=False, compute_dtype=None):
                                     use_qk_l2norm_in_kernel=True)
 
     def baseline(x):
-        return gdn_per_head_sequential(x["q"], x["k"], x["v"], x["g"], x["beta"], use_qk_l2norm_in_kernel=True)
+        return gdn_fused_chunked_per_head(x["q"], x["k"], x["v"], x["g"], x["beta"], use_qk_l2norm_in_kernel=True)
 
     with_baseline = t <= _BASELINE_MAX_T and compute_dtype is None
     suffix = " bf16 compute" if compute_dtype == "bfloat16" else ""
@@ -68,8 +72,22 @@ def _prefill_case(t, quick=False, compute_dtype=None):
         kernel="gated_delta_rule", shape=f"{_LABEL} B=1 T={t} Hk={_HK} Hv={_HV} D={_DK} l2norm{suffix}",
         make_inputs=lambda rng: _gdn_inputs(rng, 1, t), run=run, reference=reference,
         flops=_prefill_flops(1, t), min_hbm_bytes=_gdn_bytes(1, t, state_rw=1), dtype="bfloat16", quick=quick,
-        baseline_name="token-sequential kernel, one launch per (b, h)" if with_baseline else None,
+        baseline_name="NxDI fused chunked fp32 kernel, one launch per (b, h)" if with_baseline else None,
         baseline_run=baseline if with_baseline else None))
+
+
+def _old_prefill_baseline_row(t):
+    """The previous prefill baseline as its own labelled row (its figure is the row's modeled time)."""
+    def run(x):
+        return gdn_per_head_sequential(x["q"], x["k"], x["v"], x["g"], x["beta"], use_qk_l2norm_in_kernel=True)
+
+    def reference(x):
+        return ref.gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], use_qk_l2norm_in_kernel=True)
+
+    register(BenchCase(
+        kernel="gated_delta_rule", shape=f"{_LABEL} B=1 T={t} Hk={_HK} Hv={_HV} D={_DK} l2norm [{_OLD_BASELINE}]",
+        make_inputs=lambda rng: _gdn_inputs(rng, 1, t), run=run, reference=reference,
+        flops=_prefill_flops(1, t), min_hbm_bytes=_gdn_bytes(1, t, state_rw=1), dtype="bfloat16"))
 
 
 def _decode_inputs(rng, b):
@@ -101,10 +119,10 @@ def _decode_case(b, quick=False, lnc=None, static_rows=False):
         return o, pool[rows(x)]
 
     def baseline(x):
-        pool = x["state_pool"].copy()
-        o = gdn_per_head_decode_step(x["q"], x["k"], x["v"], x["g"], x["beta"], pool, x["slot_ids"],
-                                     use_qk_l2norm_in_kernel=True)
-        return o, pool[x["slot_ids"]]
+        pool = x["state_pool"][:b].copy() if static_rows else x["state_pool"].copy()
+        o = gdn_batched_decode_step(x["q"], x["k"], x["v"], x["g"], x["beta"], pool,
+                                    None if static_rows else x["slot_ids"], use_qk_l2norm_in_kernel=True)
+        return o, pool[rows(x)]
 
     register(BenchCase(
         kernel="gated_delta_rule_step",
@@ -112,7 +130,29 @@ def _decode_case(b, quick=False, lnc=None, static_rows=False):
         + (f" lnc={lnc}" if lnc else ""),
         make_inputs=lambda rng: _decode_inputs(rng, b), run=run, reference=reference,
         flops=b * _HV * 6 * _DK * _DV, min_hbm_bytes=_gdn_bytes(b, 1, state_rw=2), dtype="bfloat16", quick=quick,
-        lnc=lnc or 1, baseline_name="per-(b, h) decode step, one launch per pair", baseline_run=baseline))
+        lnc=lnc or 1, baseline_name="NxDI batched step, one launch looping over the B x Hv rows",
+        baseline_run=baseline))
+
+
+def _old_decode_baseline_row(b):
+    """The previous decode baseline (one launch per (b, h)) as its own labelled row."""
+    def run(x):
+        pool = x["state_pool"].copy()
+        o = gdn_per_head_decode_step(x["q"], x["k"], x["v"], x["g"], x["beta"], pool, x["slot_ids"],
+                                     use_qk_l2norm_in_kernel=True)
+        return o, pool[x["slot_ids"]]
+
+    def reference(x):
+        pool = x["state_pool"].copy()
+        o, new_pool = ref.gated_delta_rule_step(x["q"], x["k"], x["v"], x["g"], x["beta"], pool, x["slot_ids"],
+                                                use_qk_l2norm_in_kernel=True)
+        return o, new_pool[x["slot_ids"]]
+
+    register(BenchCase(
+        kernel="gated_delta_rule_step", shape=f"{_LABEL} B={b} T=1 Hk={_HK} Hv={_HV} D={_DK} fp32 state "
+        f"[old baseline: per-(b, h) decode step, one launch per pair]",
+        make_inputs=lambda rng: _decode_inputs(rng, b), run=run, reference=reference,
+        flops=b * _HV * 6 * _DK * _DV, min_hbm_bytes=_gdn_bytes(b, 1, state_rw=2), dtype="bfloat16"))
 
 
 def _conv_case(t, b=1, quick=False):
@@ -159,6 +199,8 @@ for _b in DECODE_BATCHES:
     _decode_case(_b, quick=(_b == 1))
 _decode_case(DECODE_BATCHES[0], lnc=1)          # the single-core figure beside the default (LNC=2 on trn2)
 _decode_case(DECODE_BATCHES[0], static_rows=True)
+_old_prefill_baseline_row(PREFILL_LENGTHS[1])
+_old_decode_baseline_row(DECODE_BATCHES[0])
 for _t in PREFILL_LENGTHS[:2]:
     _conv_case(_t, quick=(_t == PREFILL_LENGTHS[0]))
 for _b in DECODE_BATCHES:
