@@ -21,6 +21,19 @@ FAST = (
     "tests/test_conventions.py",
     "tests/microbench/test_tables.py",
     "tests/moe/test_moe_routing.py",
+    # one property sweep against the float64 reference per kernel (3 hypothesis examples under -m fast)
+    "tests/examples/test_examples.py::test_tiled_matmul_matches_reference",
+    "tests/examples/test_examples.py::test_softmax_matches_reference",
+    "tests/examples/test_examples.py::test_rmsnorm_matches_reference",
+    "tests/attention/test_attention_prefill.py::test_matches_reference",
+    "tests/attention/test_attention_adversarial.py::test_decode_lnc1_and_lnc2_match_reference",
+    "tests/attention/test_attention_varlen.py::test_matches_per_sequence_reference",
+    "tests/deltanet/test_gdn_chunk.py::test_matches_reference",
+    "tests/deltanet/test_gdn_recurrent.py::test_matches_reference",
+    "tests/deltanet/test_gdn_conv1d.py::test_matches_reference",
+    "tests/moe/test_moe_blockwise.py::test_matches_reference",
+    "tests/moe/test_moe_decode.py::test_matches_reference",
+    "tests/codepredictor/test_codepredictor_lnc.py::test_lnc2_matches_reference_and_lnc1",
 )
 
 
