@@ -1,1 +1,1 @@
-"""Calibration of the cost model against published NKI kernel timings (points.py; KERNELS.md, "Cost model")."""
+"""Calibration of the cost model against published NKI kernel timings (points.py; docs/cost-model.md)."""

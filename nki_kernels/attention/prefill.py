@@ -1,6 +1,6 @@
 """Flash attention prefill (context encoding) for head_dim up to 256, BHSD in and out, GQA without KV copies.
 
-Loop nest (per program instance; KERNELS.md ("Attention") has the memory plan and modeled numbers):
+Loop nest (per program instance; docs/attention.md has the memory plan and the analysis):
 
     for each (b, kv head) this core owns:
         K^T [D, Skv] (DMA transpose on load) and V [Skv, D] -> SBUF once; shared by the group's query heads

@@ -19,7 +19,7 @@ in PSUM (o_proj / down_proj accumulate onto it), RMSNorm's 1/rms is applied to t
 the matmuls run on x * w, the cached steps' attention works on transposed scores without a max subtraction when
 the q/k norm weights bound the scores, and the next step's LM head streams into an SBUF ring during the layers.
 Greedy argmax and (Vh % 128 == 0) sampling run with the vocab spread over partitions; other vocabularies use
-logits rows with nisa.max8 / nc_find_index8. See KERNELS.md ("code_predictor") for the loop nest, memory plan
+logits rows with nisa.max8 / nc_find_index8. See docs/code_predictor.md for the loop nest, memory plan
 and modeled numbers.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A NumPy emulator of the NKI 0.7 API subset our kernels use (see KERNELS.md, "How kernels are written").
+"""A NumPy emulator of the NKI 0.7 API subset our kernels use (see docs/platform.md, "How kernels are written here").
 
 Import it as the `nki` stand-in: ``from nki_kernels.emulator import language as nl, isa as nisa`` and
 ``nki_kernels.emulator.jit`` / ``simulate``. Kernels should not import this package directly; they take

@@ -1,7 +1,7 @@
 """Per-target hardware constants (NeuronCore v2/v3/v4 = trn1/trn2/trn3).
 
 Figures come from ../shared/reference/nki-api.md sections 0, 3 and 4. Items marked [U] there are
-uncertain; the usable SBUF bytes per partition are one of them (documented as such in KERNELS.md).
+uncertain; the usable SBUF bytes per partition are one of them (documented as such in docs/platform.md).
 """
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ _MAX_TOKENS = 32            # decode batch: the [128, H/128, T] fp32 accumulator
 _MAX_ROUTES = 1024          # T * TOPK routing rows: the [128, R] fp32 key table and duplicate masks stay <= 4 KiB
 _DIRECT_OUT_MAX_T = 2      # up to this many tokens the [H, T] result is written by one strided DMA (no transposes)
 _RING_BYTES_PP = 120 * 1024   # SBUF bytes per partition for the expert weights in flight plus the shared expert's
-_MIN_ROW_BYTES = 4096         # DMA descriptor run (one partition row) at full bandwidth (KERNELS.md cost model)
+_MIN_ROW_BYTES = 4096         # DMA descriptor run (one partition row) at full bandwidth (docs/cost-model.md)
 _PRE_SLOT_BYTES = 640 * 1024  # static bytes the DMA queues stream while the slot-id load is in flight
                               # (one fixed DMA latency, ~2 us, at the ~360 GB/s of one trn2 core)
 # ---- tiles

@@ -9,7 +9,7 @@ from microbench.calibration.points import BY_ID, POINTS, model_point
 from nki_kernels.emulator import run
 from nki_kernels.testing import assert_close
 
-# Stated band for modeled vs published device time (trn1, AccelOpt S3 profiles); KERNELS.md, "Cost model".
+# Stated band for modeled vs published device time (trn1, AccelOpt S3 profiles); docs/cost-model.md, "Calibration".
 ERROR_BAND = 0.25
 
 _SMALL = {     # small shapes with the same tiling, for the correctness check
