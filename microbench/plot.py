@@ -29,14 +29,15 @@ def plot(results, target: str, path: str):
     bandwidth = [r for r in cases if r.flops == 0]
 
     n = max(len(cases), 1)
-    fig = plt.figure(figsize=(14, max(9.0, 0.22 * n + 2.0)))
+    height = max(9.0, 0.22 * n + 2.0)
+    fig = plt.figure(figsize=(14, height))
     grid = fig.add_gridspec(2, 2, width_ratios=[1.5, 1.0], height_ratios=[1.5, 1.0], wspace=0.12, hspace=0.3,
-                            top=0.94)
+                            top=1.0 - 0.9 / height)
     ax = fig.add_subplot(grid[0, 0])
     ax_bw = fig.add_subplot(grid[1, 0])
     ax_fr = fig.add_subplot(grid[:, 1])
     fig.suptitle(f"Microbench cases against the {target} roofline (modeled with the cost model, not measured)",
-                 fontsize=14)
+                 fontsize=14, y=1.0 - 0.25 / height)
     _roofline_panel(ax, compute, number, pe, bw, target)
     _bandwidth_panel(ax_bw, bandwidth, number, bw, target)
     _fraction_panel(ax_fr, cases, number)
@@ -57,9 +58,9 @@ def _roofline_panel(ax, cases, number, pe, bw, target):
     ax.axvspan(lo, ridge, color="tab:blue", alpha=0.06)
     ax.axvspan(ridge, hi, color="tab:red", alpha=0.06)
     ax.axvline(ridge, color="grey", ls=":", lw=1)
-    ax.text(ridge * 1.08, 5e-3, f"ridge point\n{ridge:.0f} FLOP/B", fontsize=10, color="dimgrey")
-    ax.text(lo * 1.3, 1.4e-3, "memory-bound", fontsize=12, color="tab:blue")
-    ax.text(ridge * 1.3, 1.4e-3, "compute-bound", fontsize=12, color="tab:red")
+    ax.text(ridge * 1.1, pe * 0.012, f"ridge point\n{ridge:.0f} FLOP/B", fontsize=10, color="dimgrey")
+    ax.text(lo * 1.3, pe * 1.5, "memory-bound", fontsize=12, color="tab:blue")
+    ax.text(ridge * 1.3, pe * 1.5, "compute-bound", fontsize=12, color="tab:red")
     for r in cases:
         ai = r.flops / r.min_hbm_bytes
         tflops = r.tflops / _cores(r)              # per physical core, comparable with the one-core roofline
@@ -74,7 +75,7 @@ def _roofline_panel(ax, cases, number, pe, bw, target):
     ax.set_xlabel("arithmetic intensity (useful FLOPs / bytes that must cross HBM)", fontsize=11)
     ax.set_ylabel("modeled TFLOP/s per core", fontsize=11)
     ax.set_title("Cases with matmul work (numbers: legend on the right)", fontsize=12)
-    ax.legend(fontsize=9, loc="upper left")
+    ax.legend(fontsize=9, loc="lower right")
     ax.grid(True, which="major", alpha=0.3)
 
 
@@ -86,8 +87,8 @@ def _bandwidth_panel(ax, cases, number, bw, target):
         return
     ys = range(len(cases))
     ax.barh(list(ys), [r.hbm_gbps / _cores(r) for r in cases], color="tab:blue")
-    ax.axvline(bw, color="k", lw=2)
-    ax.text(bw, len(cases) - 0.4, f" peak {bw:.0f} GB/s", fontsize=9, va="bottom")
+    ax.axvline(bw, color="k", lw=2, label=f"HBM peak per core, {bw:.0f} GB/s")
+    ax.legend(fontsize=9, loc="lower right")
     ax.set_yticks(list(ys))
     ax.set_yticklabels([f"{number[id(r)]}. {r.kernel}" for r in cases], fontsize=9)
     ax.invert_yaxis()
@@ -108,5 +109,28 @@ def _fraction_panel(ax, cases, number):
     ax.set_xlim(0, 1.0)
     ax.axvline(1 / 1.5, color="grey", ls=":", lw=1)
     ax.set_xlabel("fraction of roofline reached (roofline µs / modeled µs)", fontsize=11)
-    ax.set_title("Every case (green: matmul work, blue: bandwidth-only)", fontsize=12)
+    ax.set_title("Every case (green: matmul work, blue: bandwidth-only; dotted: 1.5x the roofline)", fontsize=12)
     ax.grid(True, axis="x", alpha=0.3)
+
+
+def plot_results_json(results_json: str, path: str):
+    """Redraw roofline.png from a results.json (no emulation): `python -m microbench.plot [results.json] [png]`."""
+    import json
+    from types import SimpleNamespace
+
+    with open(results_json, encoding="utf-8") as f:
+        data = json.load(f)
+    nan = float("nan")
+    rs = [SimpleNamespace(**{k: (nan if v is None and k.endswith(("_us", "_ratio")) else v) for k, v in r.items()})
+          for r in data["results"]]
+    plot(rs, data.get("target", "trn2"), path)
+
+
+if __name__ == "__main__":
+    import os
+    import sys
+
+    src = sys.argv[1] if len(sys.argv) > 1 else os.path.join("microbench_out", "results.json")
+    dst = sys.argv[2] if len(sys.argv) > 2 else os.path.join(os.path.dirname(src), "roofline.png")
+    plot_results_json(src, dst)
+    print(f"wrote {dst}")

@@ -92,3 +92,16 @@ def test_repository_files_have_the_markers():
         with open(path, encoding="utf-8") as f:
             text = f.read()
         assert "SENTINEL" in tables.replace_block(text, name, "SENTINEL")     # raises when the markers are missing
+
+
+def test_roofline_plot_redraws_from_results_json_with_failed_and_bandwidth_only_cases(tmp_path):
+    pytest.importorskip("matplotlib")
+    from microbench.plot import plot_results_json
+    data = _data()
+    for r in data["results"]:
+        r.update(flops=0 if r["kernel"] == "softmax" else 10 ** 9, min_hbm_bytes=10 ** 7, hbm_gbps=100.0,
+                 tflops=1.0)
+    res = tmp_path / "results.json"
+    res.write_text(json.dumps(data))
+    plot_results_json(str(res), str(tmp_path / "roofline.png"))
+    assert (tmp_path / "roofline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
