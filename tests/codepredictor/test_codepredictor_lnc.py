@@ -1,6 +1,7 @@
 """code_predictor at LNC=1 and LNC=2 (issue 14): one launch, the batch rows split between the two cores, the
-same codes and embeddings as the float64 reference and, bit for bit, as LNC=1; the default LNC comes from
-NEURON_LOGICAL_NC_CONFIG / the target; the instruction sequence does not depend on tensor values."""
+same codes and embeddings as the float64 reference and, bit for bit, as LNC=1; or each row's work split between
+the cores (lnc_split="heads": partial sums exchanged through shared HBM with nisa.core_barrier); the default LNC
+comes from NEURON_LOGICAL_NC_CONFIG / the target; the instruction sequence does not depend on tensor values."""
 import numpy as np
 import pytest
 from hypothesis import given
@@ -91,11 +92,11 @@ def test_each_core_writes_only_its_rows(B):
     assert (writes[1] > 0) == (B > 1)
 
 
-@pytest.mark.parametrize("lnc", [1, 2])
+@pytest.mark.parametrize("lnc, split", [(1, None), (2, "rows"), (2, "heads")])
 @pytest.mark.parametrize("sample", [False, True])
-def test_instruction_sequence_is_value_independent(lnc, sample):
+def test_instruction_sequence_is_value_independent(lnc, split, sample):
     """Same shapes, different values (ordinary, huge, NaN rows, other uniforms): identical traces per core."""
-    w = _weights(4, V=256, G1=3)
+    w = _split_weights(4, V=256, G1=3)
     B = 3
     sigs = []
     for k, fill in enumerate((None, 1e30, np.nan)):
@@ -103,7 +104,7 @@ def test_instruction_sequence_is_value_independent(lnc, sample):
         if fill is not None:
             ph[1] = fill
         sk = dict(uniforms=u[:, :3], do_sample=True, top_k=9, top_p=0.7) if sample else {}
-        code_predictor(ph, c0, w, lnc=lnc, **sk)
+        code_predictor(ph, c0, w, lnc=lnc, lnc_split=split, **sk)
         sigs.append([[(i.name, i.engine, tuple((a.buffer, a.dtype, a.shape) for a in i.reads + i.writes))
                       for i in tr] for tr in last_run().traces])
     assert sigs[0] == sigs[1] == sigs[2]
@@ -124,3 +125,96 @@ def test_bad_env_raises(monkeypatch):
     x = np.zeros((2, w.hidden), np.float32)
     with pytest.raises(KernelInputError, match=LNC_ENV):
         code_predictor(x, x, w)
+
+
+# ---------------------------------------------------------------- LNC=2 split of each row's work ("heads")
+
+
+def _split_weights(seed, V=256, G1=3, L=2):
+    """Heads and MLP columns that halve: 2 q / 2 kv heads of 64, I = 256 (128 columns per core)."""
+    rng = np.random.default_rng(seed)
+    return random_weights(rng, hidden=128, n_q_heads=2, n_kv_heads=2, head_dim=64, intermediate=256,
+                          n_layers=L, n_groups=G1, vocab=V, lm_scale=3.0)
+
+
+@given(B=st.integers(1, 6), V=st.sampled_from([64, 256, 512]), sample=st.booleans(), G1=st.integers(1, 4),
+       seed=st.integers(0, 2 ** 16))
+def test_heads_split_matches_reference(B, V, sample, G1, seed):
+    """Each core runs every row on half of the heads, MLP columns and LM-head vocab, exchanging partial sums and
+    logits through shared HBM with core barriers; the codes satisfy the reference check (teacher-forced float64,
+    near-tie rule) and the embeddings are the table rows. V = 64: the rows-layout selection; 256 / 512: vocab on
+    partitions (128 / 256 LM-head rows per core)."""
+    w = _split_weights(seed % 5, V=V, G1=G1)
+    ph, c0, u = _prompt(seed, B, w.hidden)
+    sk = dict(uniforms=u[:, :G1], do_sample=True, temperature=0.9, top_k=13, top_p=0.8) if sample else {}
+    _check(ph, c0, w, sampling=sk or None, lnc=2, lnc_split="heads")
+    run = last_run()
+    assert run.lnc == 2 and all(sum(i.name == "core_barrier" for i in tr) > 0 for tr in run.traces)
+
+
+def test_heads_split_core_roles():
+    """Under the heads split core 0 writes the codes and bad-row flags, each core half of the embedding and sum
+    columns (the emulator fails any shared-HBM element both cores write), and both issue the same barriers:
+    2 per layer and pass (o_proj, down_proj) plus 1 per code (the logits)."""
+    L, G1, B = 2, 3, 2
+    w = _split_weights(5, L=L, G1=G1)
+    ph, c0, _ = _prompt(5, B, w.hidden)
+    code_predictor(ph, c0, w, lnc=2, lnc_split="heads")
+    traces = last_run().traces
+    barriers = [sum(i.name == "core_barrier" for i in tr) for tr in traces]
+    assert barriers == [2 * L * G1 + G1] * 2        # passes: the prompt pass + G1 - 1 steps = G1
+
+    def writes(tr, shape):
+        return sum(1 for i in tr if i.name == "dma_copy" and any(a.buffer == "hbm" and tuple(a.shape) == shape
+                                                                for a in i.writes))
+    assert writes(traces[0], (B, 1)) == G1 + 1 and writes(traces[1], (B, 1)) == 0     # codes + bad rows
+    assert writes(traces[0], (B, w.hidden // 2)) == writes(traces[1], (B, w.hidden // 2)) == G1 + 1
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_heads_split_under_tp(sample):
+    """TP=2 ranks x 2 cores: each rank's shard halved again between its cores (core exchange, then the all-reduce
+    over the ranks); every rank's outputs equal, codes pass the reference check."""
+    from nki_kernels.codepredictor import shard_weights
+    from nki_kernels.codepredictor.unrolled import code_predictor_tp
+    from nki_kernels.codepredictor.reference import code_predictor_reference
+    rng = np.random.default_rng(11)
+    w = random_weights(rng, hidden=128, n_q_heads=4, n_kv_heads=4, head_dim=32, intermediate=512, n_layers=2,
+                       n_groups=3, vocab=512, lm_scale=3.0)
+    B = 3
+    ph, c0, u = _prompt(11, B, w.hidden)
+    sk = dict(uniforms=u[:, :3], do_sample=True, temperature=0.9, top_k=13, top_p=0.8) if sample else {}
+    for vocab_sharded in (False, True):
+        shards = [shard_weights(w, 2, r, vocab_sharded=vocab_sharded) for r in range(2)]
+        ranks = code_predictor_tp(ph, c0, shards, lnc=2, lnc_split="heads", return_ranks=True, **sk)
+        assert sum(i.name == "core_barrier" for i in last_run().traces[0]) > 0
+        for a, b in zip(ranks[1], ranks[0]):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        codes, emb = ranks[0]
+        rc = code_predictor_reference(ph, c0, w, forced_codes=codes, **sk)[0]
+        assert np.mean(codes == rc) >= 0.75          # near-ties aside (the exact rule: test_heads_split_...)
+        tables = np.asarray(w.codec_embed)
+        np.testing.assert_array_equal(np.asarray(emb), np.stack([tables[j][codes[:, j]] for j in range(3)], axis=1))
+
+
+def test_default_split_follows_residency():
+    """The default (lnc_split=None) is a trace-time rule on shapes: "rows" when the matrices stay resident in
+    SBUF, "heads" when they are streamed (resident=False stands in for a model too large for SBUF)."""
+    from nki_kernels.codepredictor.unrolled import _launch_plan
+    w = _split_weights(0)
+    assert _launch_plan(w, 1, 2, False, None, None, "t")[0] is False
+    assert _launch_plan(w, 1, 2, False, False, None, "t")[0] is True
+    assert _launch_plan(w, 1, 1, False, False, None, "t")[0] is False
+    odd = _weights(0)                                 # 1 KV head: cannot halve
+    assert _launch_plan(odd, 1, 2, False, False, None, "t")[0] is False
+
+
+@pytest.mark.parametrize("kw, msg", [(dict(lnc=2, lnc_split="cols"), "lnc_split must be None, 'rows' or 'heads'"),
+                                     (dict(lnc=1, lnc_split="heads"), "got lnc=1"),
+                                     (dict(lnc=2, lnc_split="heads", odd=True), "heads 2/1 must be even")])
+def test_heads_split_bad_input(kw, msg):
+    odd = kw.pop("odd", False)
+    w = _weights(0) if odd else _split_weights(0)
+    x = np.zeros((2, w.hidden), np.float32)
+    with pytest.raises(KernelInputError, match=msg):
+        code_predictor(x, x, w, **kw)
