@@ -200,10 +200,16 @@ def _main(args, argv) -> int:
                    "results": [r.to_json() for r in results]}, f, indent=1)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(markdown(results, args.target, cmd))
-    plot(results, args.target, os.path.join(args.out, "roofline.png"))
+    written = "results.json, results.md"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("\nroofline.png not written: matplotlib is not installed (pip install -e '.[bench]')")
+    else:
+        plot(results, args.target, os.path.join(args.out, "roofline.png"))
+        written += ", roofline.png"
     n_fail = sum(not r.ok or r.baseline_ok is False for r in results)
-    print(f"\n{len(results)} cases, {n_fail} failed, {wall:.1f} s wall; wrote results.json, results.md, roofline.png "
-          f"to {args.out}/")
+    print(f"\n{len(results)} cases, {n_fail} failed, {wall:.1f} s wall; wrote {written} to {args.out}/")
     return 1 if n_fail else 0
 
 

@@ -168,3 +168,17 @@ def test_an_exception_is_reported_with_one_error_class_name(tmp_path):
     assert not r.ok and r.error == "RuntimeError: baseline exploded"
     row = cli.rows([r])[0]
     assert row[3] == "-" and row[6] == "-"          # no figure, no utilisation for a case that never ran
+
+
+def test_without_matplotlib_the_tables_are_still_written(fake_registry, tmp_path, monkeypatch, capsys):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *a, **kw):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *a, **kw)
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    assert cli.main(["--kernels", "tiny_scale", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert "matplotlib is not installed" in capsys.readouterr().out
+    assert (tmp_path / "results.md").exists() and not (tmp_path / "roofline.png").exists()
