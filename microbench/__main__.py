@@ -186,14 +186,17 @@ def _main(args, argv) -> int:
 
     default = results[0].default_lnc
     preset = "" if args.params == "default" else f", cost-model preset {args.params}"
-    print(f"\nModeled on {args.target} at its default LNC={default} (device µs of the logical core, launch overhead "
-          f"excluded; not measured{preset}), LNC=1 as the second figure:\n")
+    intro = (f"Modeled on {args.target} at its default LNC={default} (device µs of the logical core, launch overhead "
+             f"excluded; not measured{preset}), LNC=1 as the second figure. roofline = modeled / roofline µs; "
+             "TensorE = TensorE busy / modeled time; speed-up = base µs / modeled µs. All columns: results.md.")
+    print("\n" + textwrap.fill(intro, CONSOLE_WIDTH) + "\n")
     print(text_table(results))
     for n in notes(results):
-        print(f"- {n}")
+        print(textwrap.fill(n, CONSOLE_WIDTH, initial_indent="- ", subsequent_indent="  "))
     for r in results:
         if not r.ok or r.baseline_ok is False:
-            print(f"FAIL {r.kernel} [{r.shape}]: {r.error}")
+            print(textwrap.fill(f"{r.kernel} [{r.shape}]: {r.error}", CONSOLE_WIDTH, initial_indent="FAIL ",
+                                subsequent_indent="  "))
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"target": args.target, "command": cmd, "modeled": True, "default_lnc": default,
                    "wall_seconds": round(wall, 2),
