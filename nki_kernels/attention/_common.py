@@ -93,3 +93,21 @@ def load_len_broadcast(lens_hbm, b, parts):
     len_f = nl.ndarray((parts, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.tensor_copy(dst=len_f, src=len_i)
     return len_f
+
+
+def zero_rows_past_length(x_sb, len_f, offset, chunk_step, channel_multiplier=1):
+    """Rows of x_sb at sequence positions >= the length := 0, whatever they held (NaN, Inf, 1e30).
+
+    x_sb: [P, n_c, F] SBUF view; row (p, c) holds position offset + p * channel_multiplier + c * chunk_step.
+    len_f: (>= P, 1) fp32, the length on every partition. A GpSimd iota + compare makes a [P, n_c] uint8
+    predicate; one VectorE predicated copy writes 0 through it, read with a stride-0 free pattern over F (no
+    per-element mask tile). Selecting, not multiplying: 0 * NaN would stay NaN.
+    """
+    parts, n_c, f = x_sb.shape
+    pos_sb = nl.ndarray((P_MAX, n_c), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.iota(pos_sb[0:parts], pattern=[[chunk_step, n_c]], offset=offset, channel_multiplier=channel_multiplier)
+    pad_sb = nl.ndarray((P_MAX, n_c), dtype=nl.uint8, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=pad_sb[0:parts], data=pos_sb[0:parts], op0=nl.greater_equal, operand0=len_f[0:parts],
+                       engine=nisa.engine.gpsimd)
+    nisa.tensor_copy_predicated(dst=x_sb, src=0.0, predicate=pad_sb.ap(pattern=[[n_c, parts], [1, n_c], [0, f]],
+                                                                       offset=0))

@@ -24,7 +24,7 @@ from ..hw import P_MAX
 from ..lnc import resolve_lnc
 from ..validation import kernel_check
 from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, KV_BLOCK, MASK_BIAS, MAX_HEAD_DIM, MM_KEYS, load_len_broadcast,
-                      load_transposed, n_tiles, pe_transpose_group, transpose_probs)
+                      load_transposed, n_tiles, pe_transpose_group, transpose_probs, zero_rows_past_length)
 from .prefill import _as_int32_lens, _check_array, _check_scale, _dtype_name, _read_only, _shape
 
 MAX_NEW_TOKENS = 8                # Sq limit (speculative decoding); G * Sq rows must fit the 128 partitions
@@ -54,7 +54,8 @@ def flash_attention_decode_kernel(q, k_cache, v_cache, cache_lens, softmax_scale
         out: [B, Hq, Sq, D] @ HBM, q's dtype.
     Constraints:
         D <= MAX_HEAD_DIM; Sq <= MAX_NEW_TOKENS; (Hq / Hkv) * Sq <= 128. Cache positions >= cache_lens[b]
-        must hold finite values (they are masked, but 0 * NaN is NaN in the PV matmul).
+        may hold anything (NaN, Inf): their scores are selected to MASK_BIAS and their V rows zeroed in SBUF,
+        so the output equals the output with zeros there, bit for bit.
     Pseudocode:
         for b, kvh: rows r = (g, i); limit_r = len_b - Sq + i (causal) or len_b - 1
             for section: S = Q K^T + MASK * [j > limit_r]; m' = max(m, rowmax S); P = exp(scale (S - m'))
@@ -104,7 +105,7 @@ def decode_body(q, k_cache, v_cache, cache_lens, out, softmax_scale, causal, k_i
 def _start_head(q, cache_lens, row_tok, b, kvh, group, sq, rows, d, n_d, n_sec, dtype, causal):
     """Per (b, KV head): Q^T of its G*Sq rows, the per-row key limit, and the online-softmax state."""
     h0 = kvh * group
-    len_f = load_len_broadcast(cache_lens, b, rows)
+    len_f = load_len_broadcast(cache_lens, b, P_MAX)       # all partitions: V rows are keys (zeroing past it)
     limit = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)   # last visible key per row
     if causal:
         nisa.tensor_scalar(dst=limit[0:rows], data=row_tok[0:rows], op0=nl.add, operand0=len_f[0:rows],
@@ -118,7 +119,7 @@ def _start_head(q, cache_lens, row_tok, b, kvh, group, sq, rows, d, n_d, n_sec, 
         dn = min(D_CHUNK, d - d0)
         src = q[b, h0:h0 + group, 0:sq, d0:d0 + dn].reshape((rows, dn))
         load_transposed(qT_sb[0:dn, i_d, 0:rows], src, rows, dn, dtype)
-    return dict(limit=limit, qT=qT_sb,
+    return dict(limit=limit, qT=qT_sb, len=len_f,
                 neg_m=nl.ndarray((P_MAX, n_sec), dtype=nl.float32, buffer=nl.sbuf),    # -scale * running max
                 alpha=nl.ndarray((P_MAX, n_sec), dtype=nl.float32, buffer=nl.sbuf),
                 row_sum=nl.ndarray((P_MAX, n_sec), dtype=nl.float32, buffer=nl.sbuf),
@@ -201,6 +202,7 @@ def _section_scores(k_cache, v_cache, head, key_pos, b, kvh, s0, sn, i_sec, rows
             if rem:
                 nisa.dma_copy(dst=dst_sb[0:rem, c0 + full, 0:d],
                               src=src_hbm[b, kvh, s0 + j0 + full * K_CHUNK:s0 + j0 + jn, 0:d])
+        _zero_v_past_length(v_sb, head["len"], s0 + j0, c0, full, rem, k_is_bhds)
         if k_is_bhds:
             continue
         for i_d in range(n_d):          # K^T of this piece: PE transposes, one PSUM bank per `group` chunks
@@ -218,7 +220,7 @@ def _section_scores(k_cache, v_cache, head, key_pos, b, kvh, s0, sn, i_sec, rows
                 keys = min(gn * K_CHUNK, jn - g0 * K_CHUNK)
                 nisa.activation(dst=kT_sb[0:dn, i_d, keys0:keys0 + keys].reshape((dn, keys)), op=nl.copy,
                                 data=t_psum[0:dn, slot, 0:gn, 0:P_MAX].reshape((dn, gn * P_MAX))[:, 0:keys])
-    # ---- S + bias in SBUF: bias = MASK_BIAS where (s0 + j) > limit_r
+    # ---- S with keys past limit_r selected to MASK_BIAS (a select: a NaN / Inf score of a padded key is replaced)
     local_limit = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.tensor_scalar(dst=local_limit[0:rows], data=head["limit"][0:rows], op0=nl.add, operand0=float(-s0),
                        engine=nisa.engine.gpsimd)
@@ -233,11 +235,11 @@ def _section_scores(k_cache, v_cache, head, key_pos, b, kvh, s0, sn, i_sec, rows
                 jn = min(MM_KEYS, kn - j0)
                 nisa.nc_matmul(s_psum[0:rows, i_blk % 2, j0:j0 + jn], head["qT"][0:dn, i_d, 0:rows],
                                kT_sb[0:dn, i_d, k0 + j0:k0 + j0 + jn], accumulate=i_d > 0)
-        bias_sb = nl.ndarray((P_MAX, _S_BLOCK), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_scalar(dst=bias_sb[0:rows, 0:kn], data=key_pos[0:rows, k0:k0 + kn], op0=nl.greater,
-                           operand0=local_limit[0:rows], op1=nl.multiply, operand1=MASK_BIAS,
-                           engine=nisa.engine.gpsimd)
-        nisa.tensor_tensor(dst=s_sb[0:rows, k0:k0 + kn], data1=sp, data2=bias_sb[0:rows, 0:kn], op=nl.add)
+        vis_sb = nl.ndarray((P_MAX, _S_BLOCK), dtype=nl.bfloat16, buffer=nl.sbuf)
+        nisa.tensor_scalar(dst=vis_sb[0:rows, 0:kn], data=key_pos[0:rows, k0:k0 + kn], op0=nl.less_equal,
+                           operand0=local_limit[0:rows], engine=nisa.engine.gpsimd)
+        masked = nl.where(vis_sb[0:rows, 0:kn], sp, MASK_BIAS)
+        nisa.tensor_copy(dst=s_sb[0:rows, k0:k0 + kn], src=masked, engine=nisa.engine.gpsimd)
     # ---- running max in the negated, scaled domain: neg_m = min(neg_m_prev, -scale * rowmax)
     neg_m, m_sec = head["neg_m"], nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.tensor_reduce(dst=m_sec[0:rows], op=nl.maximum, data=s_sb[0:rows, 0:sn], axis=1, negate=True)
@@ -257,6 +259,16 @@ def _section_scores(k_cache, v_cache, head, key_pos, b, kvh, s0, sn, i_sec, rows
     pT_sb = nl.ndarray((P_MAX, _SECTION // K_CHUNK, P_MAX), dtype=dtype, buffer=nl.sbuf)
     transpose_probs(pT_sb, p_sb, rows, sn, dtype)
     return pT_sb, v_sb
+
+
+def _zero_v_past_length(v_sb, len_f, key0, c0, full, rem, k_is_bhds):
+    """Zero the V rows of one loaded piece (keys key0 ..) at positions >= the cache length, in the piece's layout:
+    partition-major (chunk c0 + c, partition p holds key key0 + p * full + c) or chunk-major (key0 + c * 128 + p)."""
+    if rem == 0 and not k_is_bhds:
+        zero_rows_past_length(v_sb[0:K_CHUNK, c0:c0 + full], len_f, key0, 1, channel_multiplier=full)
+    else:
+        n_c = full + (1 if rem else 0)
+        zero_rows_past_length(v_sb[0:K_CHUNK, c0:c0 + n_c], len_f, key0, K_CHUNK)
 
 
 def _section_pv(out, head, staged, b, kvh, i_sec, n_sec, sn, rows, sq, group, d, dtype):

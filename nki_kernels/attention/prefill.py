@@ -7,12 +7,18 @@ Loop nest (per program instance; docs/attention.md has the memory plan and the a
         all (query head, 128-row query tile) streams of the group flow through one software pipeline of
         _N_STREAMS slots; in pipeline step t each slot handles one 512-key block of its current stream:
             QK of block t (PSUM, D contracted in 128-row chunks)
-            mask (runtime valid lengths: additive bias; causal diagonal block: cached affine_select bias)
+            mask (runtime valid lengths: a select from an on-device validity tile, so a NaN/Inf score of a
+            padded key is replaced, never added to; causal diagonal block: cached affine_select bias)
             running max (negated, scaled domain), P = exp(scale*S - scale*m) with row sums, alpha
             P^T of block t by DMA transpose (chunks 2..3) and of block t-1 on the PE (chunks 0..1)
             P V of block t-2 and O = alpha*O + PV (one PSUM bank, fp32)
         a stream's last PV writes out = O / l (padded query rows: 0), optionally * sigmoid(gate)
     Key blocks entirely above the causal diagonal are never generated (trace-time skip).
+
+Padding (seq_lens): positions >= seq_lens[b] may hold anything (NaN, Inf, 1e30). V rows past the length are
+zeroed in SBUF by a predicated copy, Q rows past it are zeroed before their transpose and the gate rows past
+it before the sigmoid, and padded keys' scores are selected to MASK_BIAS; valid rows then see exactly the
+values they would see with zeros in the padding (bit-identical outputs), and padded rows are 0.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ from ..hw import P_MAX
 from ..lnc import resolve_lnc
 from ..validation import kernel_check
 from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, KV_BLOCK, MASK_BIAS, MAX_HEAD_DIM, MM_KEYS,
-                      is_two_byte, load_len_broadcast, load_transposed, n_tiles)
+                      is_two_byte, load_len_broadcast, load_transposed, n_tiles, zero_rows_past_length)
 
 _Q_TILE = P_MAX                   # query rows per tile (partitions of S, O)
 _BLOCK_2BYTE = MM_KEYS            # keys per softmax block for bf16/fp16: S of one stream = 1 PSUM bank
@@ -114,12 +120,13 @@ def prefill_body(q, k, v, gate, seq_lens, out, softmax_scale, causal, bhds=False
                 continue
             kT_sb, v_sb = _load_kv(k[b], v[b], kvh, skv, d, n_d, dtype, bhds)
             len_f = None
-            klen_bias = None
+            klen_valid = None
             if seq_lens is not None:
                 len_f = load_len_broadcast(seq_lens, b, P_MAX)
-                klen_bias = _key_length_bias(len_f, skv)
+                klen_valid = _key_valid(len_f, skv)
+                zero_rows_past_length(v_sb, len_f, 0, K_CHUNK)           # v_sb[p, c] holds key c*128 + p
             items = [(kvh * group + g, i_q * _Q_TILE, sq) for g, i_q in work]
-            _attend_pipeline(*views, kT_sb, v_sb, len_f, klen_bias, items, skv, d, n_d, dtype,
+            _attend_pipeline(*views, kT_sb, v_sb, len_f, klen_valid, items, skv, d, n_d, dtype,
                              softmax_scale, causal, bhds)
 
 
@@ -198,19 +205,19 @@ def _load_kv(k, v, kvh, skv, d, n_d, dtype, bhds=False):
     return kT_sb, v_sb
 
 
-def _key_length_bias(len_f, skv):
-    """[128, Skv] bf16: 0 where key position < seq_len, MASK_BIAS beyond (same on every partition). GpSimd."""
-    bias_sb = nl.ndarray((P_MAX, skv), dtype=nl.bfloat16, buffer=nl.sbuf)
+def _key_valid(len_f, skv):
+    """[128, Skv] bf16: 1.0 where key position < seq_len, 0.0 beyond (same on every partition). GpSimd."""
+    valid_sb = nl.ndarray((P_MAX, skv), dtype=nl.bfloat16, buffer=nl.sbuf)
     for s0 in range(0, skv, KV_BLOCK):
         sn = min(KV_BLOCK, skv - s0)
         pos_sb = nl.ndarray((P_MAX, KV_BLOCK), dtype=nl.int32, buffer=nl.sbuf)
         nisa.iota(pos_sb[:, 0:sn], pattern=[[1, sn]], offset=s0, channel_multiplier=0)
-        nisa.tensor_scalar(dst=bias_sb[:, s0:s0 + sn], data=pos_sb[:, 0:sn], op0=nl.greater_equal, operand0=len_f,
-                           op1=nl.multiply, operand1=MASK_BIAS, engine=nisa.engine.gpsimd)
-    return bias_sb
+        nisa.tensor_scalar(dst=valid_sb[:, s0:s0 + sn], data=pos_sb[:, 0:sn], op0=nl.less, operand0=len_f,
+                           engine=nisa.engine.gpsimd)
+    return valid_sb
 
 
-def _attend_pipeline(q, gate, out, kT_sb, v_sb, len_f, klen_bias, items, skv, d, n_d, dtype, softmax_scale,
+def _attend_pipeline(q, gate, out, kT_sb, v_sb, len_f, klen_valid, items, skv, d, n_d, dtype, softmax_scale,
                      causal, q_is_bhds=False, rows=None, band=None):
     """All (query head, query tile) streams of one KV head through one software pipeline.
 
@@ -267,18 +274,18 @@ def _attend_pipeline(q, gate, out, kT_sb, v_sb, len_f, klen_bias, items, skv, d,
                 st = queues[s][nxt[s]]
                 st.slot, st.gen, st.j = s, nxt[s] % _GENS, st.j0
                 if nxt[s] == 0:
-                    _load_q(q, bufs, st, d, n_d, dtype, q_is_bhds, rows)
+                    _load_q(q, bufs, st, d, n_d, dtype, q_is_bhds, rows, len_f)
                 if nxt[s] + 1 < len(queues[s]):
                     fol = queues[s][nxt[s] + 1]
                     fol.slot, fol.gen = s, (nxt[s] + 1) % _GENS
-                    _load_q(q, bufs, fol, d, n_d, dtype, q_is_bhds, rows)
+                    _load_q(q, bufs, fol, d, n_d, dtype, q_is_bhds, rows, len_f)
                 nxt[s] += 1
                 cur[s] = st
         live = [(st, st.j) for st in cur if st is not None]
         history.append(live)
         for st, j in live:
             _scores(bufs, kT_sb, st, j, step, block, d, n_d)
-        scores = [_block_scores(bufs, klen_bias, diag_bias, st, j, step, block, causal, rows) for st, j in live]
+        scores = [_block_scores(bufs, klen_valid, diag_bias, st, j, step, block, causal, rows) for st, j in live]
         for (st, j), sc in zip(live, scores):
             _softmax_max(bufs, sc, st, j, softmax_scale)
         for (st, j), sc in zip(live, scores):
@@ -304,10 +311,10 @@ def _attend_pipeline(q, gate, out, kT_sb, v_sb, len_f, klen_bias, items, skv, d,
             break
 
 
-def _load_q(q, bufs, st, d, n_d, dtype, q_is_bhds=False, rows=None):
+def _load_q(q, bufs, st, d, n_d, dtype, q_is_bhds=False, rows=None, len_f=None):
     """Q^T of one stream: one natural-layout DMA of the [qn, D] tile, then PE transposes (a DMA transpose of
     256-byte rows would run at a fraction of the bandwidth). q_is_bhds=True: the host-permuted baseline layout,
-    copied as is."""
+    copied as is. len_f: rows at positions >= the length are zeroed first (whatever the padding holds)."""
     qT = bufs["qT"]
     if q_is_bhds:
         for i_d in range(n_d):
@@ -319,6 +326,8 @@ def _load_q(q, bufs, st, d, n_d, dtype, q_is_bhds=False, rows=None):
         rows.start(st)
     q_nat = nl.ndarray((P_MAX, d), dtype=dtype, buffer=nl.sbuf)
     nisa.dma_copy(dst=q_nat[0:st.qn, 0:d], src=q[st.h, st.q0:st.q0 + st.qn, 0:d])
+    if len_f is not None:
+        zero_rows_past_length(q_nat[0:st.qn, 0:d].reshape((st.qn, 1, d)), len_f, st.qa0, P_MAX)
     q_psum = nl.ndarray((P_MAX, n_d, P_MAX), dtype=dtype, buffer=nl.psum)
     for i_d in range(n_d):
         d0 = i_d * D_CHUNK
@@ -347,9 +356,9 @@ def _scores(bufs, kT_sb, st, j, step, block, d, n_d):
                            kT_sb[0:dn, i_d, k0 + j0:k0 + j0 + jn], accumulate=i_d > 0)
 
 
-def _block_scores(bufs, klen_bias, diag_bias, st, j, step, block, causal, rows=None):
-    """The block's logits as an on-chip view: PSUM directly, or SBUF after adding the length / causal bias
-    (or after the packed-sequence row mask)."""
+def _block_scores(bufs, klen_valid, diag_bias, st, j, step, block, causal, rows=None):
+    """The block's logits as an on-chip view: PSUM directly, or SBUF after the length select (padded keys ->
+    MASK_BIAS, whatever their score) and the causal bias (or after the packed-sequence row mask)."""
     qn, s = st.qn, st.slot
     k0 = j * block
     kn = st.keys(j, block)
@@ -358,14 +367,14 @@ def _block_scores(bufs, klen_bias, diag_bias, st, j, step, block, causal, rows=N
     if rows is not None:
         return rows.mask(scores, st, j, k0, kn)
     diagonal = causal and (k0 + kn - 1 > st.qa0)
-    if not diagonal and klen_bias is None:
+    if not diagonal and klen_valid is None:
         return scores
     masked = bufs["s_sb"][0:qn, s, 0:kn]
-    if klen_bias is not None:
-        nisa.tensor_tensor(dst=masked, data1=scores, data2=klen_bias[0:qn, k0:k0 + kn], op=nl.add)
-        scores = masked
-    if diagonal:
-        nisa.tensor_tensor(dst=masked, data1=scores, data2=diag_bias(st.qa0 - k0)[0:qn, 0:kn], op=nl.add)
+    if klen_valid is not None:
+        scores = nl.where(klen_valid[0:qn, k0:k0 + kn], scores, MASK_BIAS)
+        if not diagonal:
+            return scores
+    nisa.tensor_tensor(dst=masked, data1=scores, data2=diag_bias(st.qa0 - k0)[0:qn, 0:kn], op=nl.add)
     return masked
 
 
@@ -489,6 +498,8 @@ def _finish(out, gate, bufs, len_f, st, d, dtype, rows=None):
     else:
         gate_sb = nl.ndarray((P_MAX, d), dtype=gate.dtype, buffer=nl.sbuf)
         nisa.dma_copy(dst=gate_sb[0:qn, 0:d], src=gate[st.h, st.q0:st.q0 + qn, 0:d])
+        if len_f is not None:      # padded rows: sigmoid(NaN) * 0 would be NaN
+            zero_rows_past_length(gate_sb[0:qn, 0:d].reshape((qn, 1, d)), len_f, st.qa0, P_MAX)
         sig_sb = nl.ndarray((P_MAX, d), dtype=nl.float32, buffer=nl.sbuf)
         nisa.activation(dst=sig_sb[0:qn, 0:d], op=nl.sigmoid, data=gate_sb[0:qn, 0:d])
         nisa.tensor_scalar(dst=sig_sb[0:qn, 0:d], data=sig_sb[0:qn, 0:d], op0=nl.multiply, operand0=inv_l[0:qn],

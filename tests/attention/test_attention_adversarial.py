@@ -234,6 +234,85 @@ def test_decode_non_finite_stays_in_its_sequence(where, value, seed, lnc):
     np.testing.assert_array_equal(out[others], clean[others])
 
 
+# ------------------------------------------------------------------ padding never reaches valid outputs (issue 16)
+
+_PAD_VALUES = [np.nan, np.inf, -np.inf, 1e30, -1e30]
+
+
+@given(where=st.lists(st.sampled_from(["q", "k", "v", "gate"]), min_size=1, max_size=4, unique=True),
+       value=st.sampled_from(_PAD_VALUES), causal=st.booleans(), dtype=st.sampled_from(["bfloat16", "float32"]),
+       lnc=st.sampled_from([1, 2]), sq=st.sampled_from([1, 70, 150]), extra=st.sampled_from([0, 40]),
+       d=st.sampled_from([64, 256]), whole=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_prefill_padding_never_reaches_valid_outputs(where, value, causal, dtype, lnc, sq, extra, d, whole, seed):
+    """Positions >= seq_lens[b] of q / k / v / gate may hold anything (NaN, +-Inf, +-1e30, in one element or
+    the whole pad region): the output is bit-identical to the same call with zeros there (valid rows: the same
+    values; padded rows: 0)."""
+    rng = np.random.default_rng(seed)
+    b, hq, hkv = 2, 4, 2
+    skv = sq + extra
+    q, k, v = _qkv(rng, b, hq, hkv, sq, skv, d, DTYPES[dtype])
+    gate = rng.standard_normal(q.shape).astype(DTYPES[dtype])
+    lens = rng.integers(0, skv + 1, size=b)
+    lens[int(rng.integers(0, b))] = rng.integers(0, skv)          # at least one sequence has padding
+    zeros = dict(q=q, k=k, v=v, gate=gate)
+    for name, arr in zeros.items():
+        s0 = skv - sq if name in ("q", "gate") else 0                # q / gate row i sits at key position s0 + i
+        for i in range(b):
+            arr[i, :, max(0, lens[i] - s0):] = 0
+    dirty = {name: arr.copy() for name, arr in zeros.items()}
+    for name in where:
+        arr = dirty[name]
+        s0 = skv - sq if name in ("q", "gate") else 0
+        for i in range(b):
+            lo = max(0, lens[i] - s0)
+            if lo >= arr.shape[2]:
+                continue
+            if whole:
+                arr[i, :, lo:] = value
+            else:
+                arr[i, int(rng.integers(0, hkv if name in "kv" else hq)), int(rng.integers(lo, arr.shape[2])),
+                    int(rng.integers(0, d))] = value
+    ref = flash_attention(zeros["q"], zeros["k"], zeros["v"], gate=zeros["gate"], seq_lens=lens, causal=causal,
+                          lnc=lnc)
+    out = flash_attention(dirty["q"], dirty["k"], dirty["v"], gate=dirty["gate"], seq_lens=lens, causal=causal,
+                          lnc=lnc)
+    np.testing.assert_array_equal(np.asarray(out, np.float64), np.asarray(ref, np.float64))
+    assert_close("padded vs reference", flash_attention_ref(q, k, v, gate=gate, seq_lens=lens, causal=causal),
+                 out, dtype=dtype)
+
+
+@given(where=st.lists(st.sampled_from(["k", "v"]), min_size=1, max_size=2, unique=True),
+       value=st.sampled_from(_PAD_VALUES), causal=st.booleans(), sq=st.integers(1, 3),
+       s=st.sampled_from([40, 300]), lnc=st.sampled_from([1, 2]), whole=st.booleans(),
+       dtype=st.sampled_from(["bfloat16", "float32"]), seed=st.integers(0, 2 ** 16))
+def test_decode_cache_padding_never_reaches_outputs(where, value, causal, sq, s, lnc, whole, dtype, seed):
+    """Cache positions >= cache_lens[b] may hold anything (a torch.empty cache, stale NaN): the output is
+    bit-identical to the same call with zeros there."""
+    rng = np.random.default_rng(seed)
+    b, hq, hkv, d = 3, 4, 2, 128
+    q, k, v = _qkv(rng, b, hq, hkv, sq, s, d, DTYPES[dtype])
+    lens = rng.integers(sq, s + 1, size=b)
+    lens[int(rng.integers(0, b))] = rng.integers(sq, s)
+    for arr in (k, v):
+        for i in range(b):
+            arr[i, :, lens[i]:] = 0
+    dirty = dict(k=k.copy(), v=v.copy())
+    for name in where:
+        for i in range(b):
+            if lens[i] == s:
+                continue
+            if whole:
+                dirty[name][i, :, lens[i]:] = value
+            else:
+                pos = int(rng.integers(lens[i], s))
+                dirty[name][i, int(rng.integers(0, hkv)), pos, int(rng.integers(0, d))] = value
+    ref = flash_attention_decode(q, k, v, lens, causal=causal, lnc=lnc)
+    out = flash_attention_decode(q, dirty["k"], dirty["v"], lens, causal=causal, lnc=lnc)
+    np.testing.assert_array_equal(np.asarray(out, np.float64), np.asarray(ref, np.float64))
+    assert_close("decode padded vs reference", flash_attention_decode_ref(q, k, v, lens, causal=causal), out,
+                 dtype=dtype)
+
+
 def test_huge_finite_values_stay_finite_and_contained():
     """|q|, |k| ~ 1e4 give logits ~1e9 (far beyond exp's range): still the reference's finite answer."""
     rng = np.random.default_rng(3)
