@@ -1,8 +1,9 @@
 """Microbench cases for the attention family (registered on import).
 
 Qwen3.5-35B-A3B at TP=4, per rank: 4 query heads, 1 KV head, head_dim 256, bf16, sigmoid output gate.
-Baseline: the same algorithm with KV heads expanded and q/k permuted BHSD -> BHDS by separate launches
-(nki_kernels/attention/baseline.py), as in the earlier d=256 kernels.
+Baseline: what users run today (nki_kernels/attention/baseline.py): the NxDI d=256 kernel's launch pattern, one
+LNC=1 launch per (b, KV head), GQA-aware, K DMA-transposed on load. Extra rows "(vs earlier d=256 kernels)": KV
+heads expanded and q/k permuted BHSD -> BHDS by separate launches, as in the first d=256 kernels.
 """
 from __future__ import annotations
 
@@ -34,8 +35,18 @@ def _prefill_run(inp):
 
 
 def _prefill_baseline(inp):
+    from nki_kernels.attention.baseline import nxdi_style_flash_attention
+    return nxdi_style_flash_attention(inp["q"], inp["k"], inp["v"], gate=inp["gate"], causal=True)
+
+
+def _prefill_old_baseline(inp):
     from nki_kernels.attention.baseline import baseline_flash_attention
     return baseline_flash_attention(inp["q"], inp["k"], inp["v"], gate=inp["gate"], causal=True)
+
+
+_BASELINE = "NxDI d=256 style: per-(b, KV head) launch, LNC=1, K DMA-transposed on load"
+_OLD_BASELINE = "earlier d=256 kernels: host permute + expanded KV"
+_DEC_BASELINE = "per-(b, KV head) launch, LNC=1 (NxDI launch pattern)"
 
 
 def _prefill_reference(inp):
@@ -58,19 +69,22 @@ def _prefill_flops(sq, skv, hq, d):
     return 4 * d * hq * visible
 
 
-def _register_prefill(sq, skv, label, quick):
+def _register_prefill(sq, skv, label, quick, old=False):
     hq, hkv, d = _SHAPE.q_heads, _SHAPE.kv_heads, _SHAPE.head_dim
     io_bytes = 2 * (3 * hq * sq * d + 2 * hkv * skv * d)    # q, gate, out + k, v (bf16)
     register(BenchCase(
-        kernel="flash_attention", shape=f"{_MODEL} {label} causal gated D={d}",
+        kernel="flash_attention", shape=f"{_MODEL} {label} causal gated D={d}" + (" (vs earlier d=256 kernels)"
+                                                                               if old else ""),
         make_inputs=_prefill_inputs(sq, skv), run=_prefill_run, reference=_prefill_reference,
         flops=_prefill_flops(sq, skv, hq, d), min_hbm_bytes=io_bytes, dtype="bfloat16", quick=quick,
-        baseline_name="host permute + expanded KV", baseline_run=_prefill_baseline,
+        baseline_name=_OLD_BASELINE if old else _BASELINE,
+        baseline_run=_prefill_old_baseline if old else _prefill_baseline,
         tags=dict(sq=sq, skv=skv, hq=hq, hkv=hkv, d=d)))
 
 
 for _s in PREFILL_LENGTHS:
     _register_prefill(_s, _s, f"Sq=Skv={_s}", quick=_s == min(PREFILL_LENGTHS))
+_register_prefill(2048, 2048, "Sq=Skv=2048", quick=False, old=True)
 _register_prefill(512, 8192, "chunked Sq=512 after 7680 cached", quick=False)
 
 
@@ -90,6 +104,11 @@ def _decode_run(inp):
 
 
 def _decode_baseline(inp):
+    from nki_kernels.attention.baseline import nxdi_style_flash_attention_decode
+    return nxdi_style_flash_attention_decode(inp["q"], inp["k"], inp["v"], inp["lens"])
+
+
+def _decode_old_baseline(inp):
     from nki_kernels.attention.baseline import baseline_flash_attention_decode
     return baseline_flash_attention_decode(inp["q"], inp["k"], inp["v"], inp["lens"])
 
@@ -99,16 +118,18 @@ def _decode_reference(inp):
     return flash_attention_decode_ref(inp["q"], inp["k"], inp["v"], inp["lens"]).astype(np.float32)
 
 
-for _b in DECODE_BATCHES:
+for _b, _old in [(b, False) for b in DECODE_BATCHES] + [(min(DECODE_BATCHES), True)]:
     _hq, _hkv, _d = _SHAPE.q_heads, _SHAPE.kv_heads, _SHAPE.head_dim
     register(BenchCase(
-        kernel="flash_attention_decode", shape=f"{_MODEL} B={_b} S={DECODE_CONTEXT} Sq=1 D={_d}",
+        kernel="flash_attention_decode", shape=f"{_MODEL} B={_b} S={DECODE_CONTEXT} Sq=1 D={_d}"
+                                               + (" (vs earlier d=256 kernels)" if _old else ""),
         make_inputs=_decode_inputs(_b, DECODE_CONTEXT), run=_decode_run, reference=_decode_reference,
         # FLOPs over the whole cache (the kernel reads S_max; the valid lengths are runtime masks)
         flops=4 * _d * _hq * _b * DECODE_CONTEXT,
         min_hbm_bytes=2 * (2 * _b * _hkv * DECODE_CONTEXT * _d + 2 * _b * _hq * _d),
-        dtype="bfloat16", quick=_b == min(DECODE_BATCHES),
-        baseline_name="host permute + expanded KV", baseline_run=_decode_baseline,
+        dtype="bfloat16", quick=_b == min(DECODE_BATCHES) and not _old,
+        baseline_name=_OLD_BASELINE.replace("host permute + ", "") if _old else _DEC_BASELINE,
+        baseline_run=_decode_old_baseline if _old else _decode_baseline,
         tags=dict(b=_b, s=DECODE_CONTEXT, hq=_hq, hkv=_hkv, d=_d)))
 
 

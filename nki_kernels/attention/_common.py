@@ -101,7 +101,8 @@ def zero_rows_past_length(x_sb, len_f, offset, chunk_step, channel_multiplier=1)
     x_sb: [P, n_c, F] SBUF view; row (p, c) holds position offset + p * channel_multiplier + c * chunk_step.
     len_f: (>= P, 1) fp32, the length on every partition. A GpSimd iota + compare makes a [P, n_c] uint8
     predicate; one VectorE predicated copy writes 0 through it, read with a stride-0 free pattern over F (no
-    per-element mask tile). Selecting, not multiplying: 0 * NaN would stay NaN.
+    per-element mask tile; the single-byte stride halves the VectorE rate). Selecting, not multiplying: 0 * NaN
+    would stay NaN.
     """
     parts, n_c, f = x_sb.shape
     pos_sb = nl.ndarray((P_MAX, n_c), dtype=nl.int32, buffer=nl.sbuf)

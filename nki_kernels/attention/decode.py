@@ -3,19 +3,31 @@
 Convention: `cache_lens[b]` counts the valid cache positions of sequence b *including* the Sq new tokens, which
 the caller has already written to the cache at positions cache_lens[b] - Sq .. cache_lens[b] - 1 (as vLLM /
 NxDI do before attention). New token i sits at position cache_lens[b] - Sq + i and, with causal=True, sees keys
-j <= cache_lens[b] - Sq + i; keys >= cache_lens[b] are never attended.
+j <= cache_lens[b] - Sq + i; keys >= cache_lens[b] are never attended, whatever the cache holds there.
+
+Scores are computed transposed, keys on the partitions: S^T [128 keys, chunk, R] = K^T(chunk)^T Q^T for the
+R = G * Sq rows of one KV-head group. With R small (decode: R = 4 for Qwen3.5 TP4) every elementwise softmax
+step then costs R / 128 of an element per key instead of one, P^T comes out of the exp already in the layout the
+P V matmul contracts over (no transposes of P), and the row statistics cross the partitions once per block
+(a max over the free axis, one PE transpose, a max over 128 values, a one-row matmul broadcast back).
 
 Loop nest (per program instance):
 
-    rows r = g * Sq + i of one KV-head group (G query heads x Sq tokens) share one set of tiles
-    for each (b, kv head) this core owns:
-        Q^T [D, R] (DMA transpose); per-row key limit from cache_lens[b] (runtime data)
-        for each key section (4096 keys):
-            K^T [D, sec] (DMA transpose) and V [sec, D] streamed in 2048-key DMAs
-            S = Q K^T (4-bank PSUM blocks) + length/causal bias -> SBUF [R, sec]
-            m = rowmax S; P = exp(scale*(S - m)) with row sums; P^T by DMA transpose; PV in one PSUM bank
-            combine with previous sections (online softmax)
-        out = O / l
+    for each part (b, KV head, key range) this core owns:           (parts: below)
+        Q^T [D, R] (DMA transpose or PE); per-row key limit from cache_lens[b] (runtime data)
+        for each piece of up to 2048 keys (one K and one V DMA, partition-major: 16 keys x D per partition):
+            V rows past cache_lens[b] := 0 (predicated copy: 0 * NaN would poison P V)
+            K^T by PE transposes; S^T = K^T.T Q^T (fp32 PSUM); keys past the limit selected to MASK_BIAS
+            m = max over keys (free-axis max, PE transpose, max); P^T = exp(scale S^T - scale m)
+            O = alpha O + P^T.T V, l = alpha l + P^T.T 1  (online softmax; PV one piece behind the scores)
+        partial state (O, l, -scale m) of the part
+    out = O / l, after merging the two parts of a (b, KV head) when its keys were split
+
+Parts. When B * Hkv is odd (B=1 with one KV head per rank is the common decode shape at TP4) every (b, KV head)'s
+keys are split in two halves, flash-decoding style; otherwise each (b, KV head) is one part. At LNC=2 the halves
+go to the two cores (else whole (b, KV head) pairs alternate), and core 1 hands its partial states to core 0
+through a shared-HBM scratch tensor and one `nisa.core_barrier`; core 0 merges and writes. At LNC=1 the one core
+computes both halves and merges them with the same instructions, so the result is bit-identical at both LNCs.
 """
 from __future__ import annotations
 
@@ -23,18 +35,25 @@ from ..backend import call, nki, nisa, nl
 from ..hw import P_MAX
 from ..lnc import resolve_lnc
 from ..validation import kernel_check
-from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, KV_BLOCK, MASK_BIAS, MAX_HEAD_DIM, MM_KEYS, load_len_broadcast,
-                      load_transposed, n_tiles, pe_transpose_group, transpose_probs, zero_rows_past_length)
+from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, MASK_BIAS, MAX_HEAD_DIM, load_len_broadcast, load_transposed,
+                      n_tiles, pe_transpose_group)
 from .prefill import _as_int32_lens, _check_array, _check_scale, _dtype_name, _read_only, _shape
 
 MAX_NEW_TOKENS = 8                # Sq limit (speculative decoding); G * Sq rows must fit the 128 partitions
-_SECTION = 2 * KV_BLOCK           # keys per softmax section: S [R, 4096] fp32 + K^T, V of the section in SBUF
-_KV_LOAD_KEYS = KV_BLOCK          # keys per K / V DMA (16 x 512 B = 8 KiB per partition for bf16, D=256)
-_S_BLOCK = 2 * MM_KEYS            # keys per score PSUM buffer (2 banks; two buffers so QK overlaps the bias add)
+_PIECE_KEYS = 2048                # keys per K / V DMA: partition-major, 16 x 512 B = 8 KiB runs per partition (bf16,
+#                                   D=256), ~90% of the DMA engines' peak (cost model: 40 ns per descriptor)
+_PSUM_BANK_F32 = 512              # fp32 elements per partition in one 2 KiB PSUM bank: S^T [128, chunks, R] of one
+#                                   piece must fit one bank, so pieces shrink for R > 32 rows
+_MAX_SPLIT_STATE_BYTES = 64 * 1024  # SBUF per partition core 0 may hold for the first halves' partial states
+_STATS = 512                      # fp32 columns of the statistics PSUM tile (one bank): max^T, m^T, broadcast m, l
+_ST_MAXT, _ST_MT, _ST_BCAST, _ST_SUM = 0, 128, 256, 384     # column offsets in it
 
 
-def _owner(b, kvh, n_kv, n_prog):
-    return (b * n_kv + kvh) % n_prog
+def _pow2_at_least(n):
+    p = 1
+    while p < n:
+        p *= 2
+    return p
 
 
 @nki.jit
@@ -43,7 +62,7 @@ def flash_attention_decode_kernel(q, k_cache, v_cache, cache_lens, softmax_scale
 
     Dimensions:
         B batch, Hq query heads, Hkv KV heads (Hq % Hkv == 0, (Hq / Hkv) * Sq <= 128), Sq new tokens (1..8),
-        S cache capacity (S_max), D head dim (1..256).
+        S cache capacity (S_max), D head dim (1..256), R = (Hq / Hkv) * Sq rows per KV head.
     Args:
         q: [B, Hq, Sq, D] @ HBM, bf16/fp16/fp32.
         k_cache: [B, Hkv, S, D] @ HBM, q's dtype (new tokens already written).
@@ -53,253 +72,286 @@ def flash_attention_decode_kernel(q, k_cache, v_cache, cache_lens, softmax_scale
     Returns:
         out: [B, Hq, Sq, D] @ HBM, q's dtype.
     Constraints:
-        D <= MAX_HEAD_DIM; Sq <= MAX_NEW_TOKENS; (Hq / Hkv) * Sq <= 128. Cache positions >= cache_lens[b]
-        may hold anything (NaN, Inf): their scores are selected to MASK_BIAS and their V rows zeroed in SBUF,
-        so the output equals the output with zeros there, bit for bit.
+        D <= MAX_HEAD_DIM; Sq <= MAX_NEW_TOKENS; R <= 128. Cache positions >= cache_lens[b] may hold anything
+        (NaN, Inf): their scores are selected to MASK_BIAS and their V rows zeroed in SBUF, so the output equals
+        the output with zeros there, bit for bit.
     Pseudocode:
-        for b, kvh: rows r = (g, i); limit_r = len_b - Sq + i (causal) or len_b - 1
-            for section: S = Q K^T + MASK * [j > limit_r]; m' = max(m, rowmax S); P = exp(scale (S - m'))
-                         l = l e^(scale (m - m')) + rowsum P; O = O e^(scale (m - m')) + P V
-            out = O / l
+        for part (b, kvh, keys): rows r = (g, i); limit_r = len_b - Sq + i (causal) or len_b - 1
+            for piece: S^T = K^T.T Q^T, masked where key > limit_r; m' = max(m, max S); P^T = exp(scale (S^T - m'))
+                       l = l e^(scale (m - m')) + P^T.T 1; O = O e^(scale (m - m')) + P^T.T V
+        merge the halves of a split (b, kvh) like two pieces; out = O / l
     """
     out = nl.ndarray(q.shape, dtype=q.dtype, buffer=nl.shared_hbm)
     decode_body(q, k_cache, v_cache, cache_lens, out, softmax_scale, causal)
     return out
 
 
-def decode_body(q, k_cache, v_cache, cache_lens, out, softmax_scale, causal, k_is_bhds=False):
-    """The kernel body. k_is_bhds=True is only for the microbench baseline (k_cache host-permuted to
-    [B, Hkv, D, S])."""
+def plan_parts(n_b, n_kv, s_max, d, n_prog):
+    """Trace-time work split: [(pid, b, kvh, half, key0, key1)] and whether keys are split in halves."""
+    pairs = [(b, kvh) for b in range(n_b) for kvh in range(n_kv)]
+    split = (len(pairs) % 2 == 1 and s_max >= 2 * K_CHUNK
+             and len(pairs) * (d + 2) * 4 <= _MAX_SPLIT_STATE_BYTES)
+    parts = []
+    for i, (b, kvh) in enumerate(pairs):
+        if split:
+            mid = n_tiles(s_max // 2, K_CHUNK) * K_CHUNK
+            parts.append((0, b, kvh, 0, 0, mid))
+            parts.append((1 % n_prog, b, kvh, 1, mid, s_max))
+        else:
+            parts.append((i % n_prog, b, kvh, 0, 0, s_max))
+    return parts, split
+
+
+def decode_body(q, k_cache, v_cache, cache_lens, out, softmax_scale, causal):
+    """The kernel body: this core's parts, piece by piece through a two-stage software pipeline (the scores and
+    P^T of piece u, then P V of piece u-1), then the merge of split (b, KV head) pairs."""
     n_b, n_hq, sq, d = q.shape
-    n_kv = k_cache.shape[1]
-    s_max = k_cache.shape[3] if k_is_bhds else k_cache.shape[2]
+    n_kv, s_max = k_cache.shape[1], k_cache.shape[2]
     group = n_hq // n_kv
     rows = group * sq
     dtype = q.dtype
     pid = nl.program_id(0)
     n_prog = nl.num_programs(0)
-    n_d = n_tiles(d, D_CHUNK)
-    row_tok = _row_token_index(rows, sq, group)          # i(r) = r mod Sq, fp32 (rows, 1)
-    key_pos = {}                                         # section length -> key position of each score column
-    units = [(b, kvh, i_sec, s0, min(_SECTION, s_max - s0)) for b in range(n_b) for kvh in range(n_kv)
-             if _owner(b, kvh, n_kv, n_prog) == pid for i_sec, s0 in enumerate(range(0, s_max, _SECTION))]
-    n_sec = n_tiles(s_max, _SECTION)
+    parts, split = plan_parts(n_b, n_kv, s_max, d, n_prog)
+    ones_row = nl.ndarray((1, P_MAX), dtype=nl.float32, buffer=nl.sbuf)      # broadcast of m to the partitions
+    nisa.memset(dst=ones_row, value=1.0)
+    ones_col = nl.ndarray((P_MAX, 1), dtype=dtype, buffer=nl.sbuf)           # row sums of P through the PE
+    nisa.memset(dst=ones_col, value=1.0)
+    ctx = dict(q=q, k=k_cache, v=v_cache, lens=cache_lens, rows=rows, sq=sq, group=group, d=d, dtype=dtype,
+               n_d=n_tiles(d, D_CHUNK), scale=softmax_scale, causal=causal, ones_row=ones_row, ones_col=ones_col,
+               piece=min(_PIECE_KEYS, K_CHUNK * (_PSUM_BANK_F32 // rows)), vpos={})
+    scratch = None
+    if split and n_prog > 1:
+        scratch = nl.ndarray((n_b * n_kv, P_MAX, d + 2), dtype=nl.float32, buffer=nl.shared_hbm)
+    held = {}                                        # (b, kvh) -> packed partial state of its first half
+
+    def pv_stage(part, staged, j, last):
+        _piece_pv(ctx, part, staged, j)
+        if not last:
+            return
+        b, kvh, half = part["id"]
+        packed = part["packed"]
+        if not split:
+            _write_out(ctx, out, packed, b, kvh)
+        elif half == 0:
+            held[(b, kvh)] = packed
+        elif n_prog == 1:
+            first = held.pop((b, kvh))
+            _merge(ctx, first, packed)
+            _write_out(ctx, out, first, b, kvh)
+        else:                                        # core 1 hands its partial state to core 0
+            nisa.dma_copy(dst=scratch[b * n_kv + kvh, 0:rows, 0:d + 2], src=packed[0:rows, 0:d + 2])
+
     pending = None
-    head = None
-    for b, kvh, i_sec, s0, sn in units:
-        if i_sec == 0:
-            head = _start_head(q, cache_lens, row_tok, b, kvh, group, sq, rows, d, n_d, n_sec, dtype, causal)
-        if sn not in key_pos:
-            key_pos[sn] = _key_positions(rows, sn, k_is_bhds)
-        # stage 1 of this section, then stage 2 of the previous one: the TensorE multiplies P V of section
-        # u-1 while section u's P^T is still in flight, and the next section's loads are already queued
-        staged = _section_scores(k_cache, v_cache, head, key_pos[sn], b, kvh, s0, sn, i_sec, rows, d, n_d, dtype,
-                                 softmax_scale, k_is_bhds)
-        if pending is not None:
-            _section_pv(out, *pending)
-        pending = (head, staged, b, kvh, i_sec, n_sec, sn, rows, sq, group, d, dtype)
+    for owner, b, kvh, half, key0, key1 in parts:
+        if owner != pid:
+            continue
+        part = _start_part(ctx, b, kvh, half, key0, key1)
+        for j, k0 in enumerate(range(key0, key1, ctx["piece"])):
+            staged = _piece_scores(ctx, part, j, k0, min(ctx["piece"], key1 - k0))
+            if pending is not None:
+                pv_stage(*pending)
+            pending = (part, staged, j, k0 + ctx["piece"] >= key1)
     if pending is not None:
-        _section_pv(out, *pending)
+        pv_stage(*pending)
+    if scratch is not None:
+        nisa.core_barrier(scratch, (0, 1))
+        for (b, kvh), first in held.items():
+            other_sb = nl.ndarray((P_MAX, d + 2), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.dma_copy(dst=other_sb[0:rows, 0:d + 2], src=scratch[b * n_kv + kvh, 0:rows, 0:d + 2])
+            _merge(ctx, first, other_sb)
+            _write_out(ctx, out, first, b, kvh)
 
 
-def _start_head(q, cache_lens, row_tok, b, kvh, group, sq, rows, d, n_d, n_sec, dtype, causal):
-    """Per (b, KV head): Q^T of its G*Sq rows, the per-row key limit, and the online-softmax state."""
-    h0 = kvh * group
-    len_f = load_len_broadcast(cache_lens, b, P_MAX)       # all partitions: V rows are keys (zeroing past it)
-    limit = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)   # last visible key per row
-    if causal:
-        nisa.tensor_scalar(dst=limit[0:rows], data=row_tok[0:rows], op0=nl.add, operand0=len_f[0:rows],
-                           op1=nl.add, operand1=float(-sq), engine=nisa.engine.gpsimd)
-    else:
-        nisa.tensor_scalar(dst=limit[0:rows], data=len_f[0:rows], op0=nl.add, operand0=-1.0,
-                           engine=nisa.engine.gpsimd)
+def _start_part(ctx, b, kvh, half, key0, key1):
+    """Per part: Q^T [D, R] of the KV head's rows, the per-row key limit, the online-softmax state."""
+    rows, sq, group, d, n_d, dtype = ctx["rows"], ctx["sq"], ctx["group"], ctx["d"], ctx["n_d"], ctx["dtype"]
+    len_f = load_len_broadcast(ctx["lens"], b, P_MAX)          # every partition: keys are on the partitions
+    limit = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+    # causal: row (g, i) sees key j iff j - i <= len - Sq (the iota below subtracts i); else iff j <= len - 1
+    nisa.tensor_scalar(dst=limit, data=len_f, op0=nl.add, operand0=float(-sq if ctx["causal"] else -1),
+                       engine=nisa.engine.gpsimd)
     qT_sb = nl.ndarray((P_MAX, n_d, P_MAX), dtype=dtype, buffer=nl.sbuf)
+    h0 = kvh * group
     for i_d in range(n_d):
         d0 = i_d * D_CHUNK
         dn = min(D_CHUNK, d - d0)
-        src = q[b, h0:h0 + group, 0:sq, d0:d0 + dn].reshape((rows, dn))
+        src = ctx["q"][b, h0:h0 + group, 0:sq, d0:d0 + dn].reshape((rows, dn))
         load_transposed(qT_sb[0:dn, i_d, 0:rows], src, rows, dn, dtype)
-    return dict(limit=limit, qT=qT_sb, len=len_f,
-                neg_m=nl.ndarray((P_MAX, n_sec), dtype=nl.float32, buffer=nl.sbuf),    # -scale * running max
-                alpha=nl.ndarray((P_MAX, n_sec), dtype=nl.float32, buffer=nl.sbuf),
-                row_sum=nl.ndarray((P_MAX, n_sec), dtype=nl.float32, buffer=nl.sbuf),
-                o=nl.ndarray((P_MAX, d), dtype=nl.float32, buffer=nl.sbuf),
-                l=nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf))
+    n_pieces = n_tiles(key1 - key0, ctx["piece"])
+    return dict(id=(b, kvh, half), b=b, kvh=kvh, len=len_f, limit=limit, qT=qT_sb,
+                neg_m=nl.ndarray((P_MAX, n_pieces), dtype=nl.float32, buffer=nl.sbuf),   # -scale * running max
+                alpha=nl.ndarray((P_MAX, n_pieces), dtype=nl.float32, buffer=nl.sbuf),
+                packed=nl.ndarray((P_MAX, d + 2), dtype=nl.float32, buffer=nl.sbuf))      # O | l | -scale m
 
 
-def _key_positions(rows, sn, k_is_bhds):
-    """(rows, sn) int32: the section-relative key position held by each score column. Pieces of a whole number
-    of 128-key chunks are loaded partition-major (column c*128 + p of a piece at j0 holds key j0 + p*n + c);
-    a ragged last piece is chunk-major (column j holds key j)."""
-    pos = nl.ndarray((P_MAX, _SECTION), dtype=nl.int32, buffer=nl.sbuf)
-    for j0 in range(0, sn, _KV_LOAD_KEYS):
-        jn = min(_KV_LOAD_KEYS, sn - j0)
-        if jn % K_CHUNK == 0 and not k_is_bhds:
-            n = jn // K_CHUNK
-            nisa.iota(pos[0:rows, j0:j0 + jn], pattern=[[1, n], [n, K_CHUNK]], offset=j0, channel_multiplier=0)
-        else:
-            nisa.iota(pos[0:rows, j0:j0 + jn], pattern=[[1, jn]], offset=j0, channel_multiplier=0)
-    return pos
-
-
-def _row_token_index(rows, sq, group):
-    """(rows, 1) fp32 holding i(r) = r mod Sq for rows r = g * Sq + i, from iota and compares (no modulo op)."""
-    r_i = nl.ndarray((P_MAX, 1), dtype=nl.int32, buffer=nl.sbuf)
-    nisa.iota(r_i[0:rows], pattern=[[1, 1]], offset=0, channel_multiplier=1)
-    r_f = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_copy(dst=r_f[0:rows], src=r_i[0:rows])
-    if group == 1:
-        return r_f
-    # g(r) = #{t in 1..G-1 : r - t*Sq >= 0}
-    diff_i = nl.ndarray((P_MAX, group - 1), dtype=nl.int32, buffer=nl.sbuf)
-    nisa.iota(diff_i[0:rows], pattern=[[-sq, group - 1]], offset=-sq, channel_multiplier=1)
-    ge_f = nl.ndarray((P_MAX, group - 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_scalar(dst=ge_f[0:rows], data=diff_i[0:rows], op0=nl.greater_equal, operand0=0.0)
-    g_f = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_reduce(dst=g_f[0:rows], op=nl.add, data=ge_f[0:rows], axis=1)
-    tok_f = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.scalar_tensor_tensor(dst=tok_f[0:rows], data=g_f[0:rows], op0=nl.multiply, operand0=float(-sq),
-                              op1=nl.add, operand1=r_f[0:rows])
-    return tok_f
-
-
-def _section_scores(k_cache, v_cache, head, key_pos, b, kvh, s0, sn, i_sec, rows, d, n_d, dtype, softmax_scale,
-                    k_is_bhds=False):
-    """Stage 1 of one key section [s0, s0 + sn): K/V loads, K^T, scores + mask, running max, P and P^T.
-
-    K and V stream in with plain 2048-key DMAs (full HBM bandwidth); K^T is made on the TensorE (128x128
-    transposes into one PSUM bank per 8 chunks, evicted by the Scalar engine), because a DMA transpose would
-    read K at half the bandwidth. k_is_bhds=True (baseline only): k_cache is [B, Hkv, D, S], copied as is.
-    """
-    kT_sb = nl.ndarray((P_MAX, n_d, _SECTION), dtype=dtype, buffer=nl.sbuf)
-    v_sb = nl.ndarray((P_MAX, _SECTION // K_CHUNK, d), dtype=dtype, buffer=nl.sbuf)
-    k_sb = nl.ndarray((P_MAX, _SECTION // K_CHUNK, d), dtype=dtype, buffer=nl.sbuf)
-    group = pe_transpose_group(dtype)
-    t_psum = nl.ndarray((P_MAX, 2, group, P_MAX), dtype=dtype, buffer=nl.psum)
-    n_t = 0
-    for j0 in range(0, sn, _KV_LOAD_KEYS):
-        jn = min(_KV_LOAD_KEYS, sn - j0)
-        c0 = j0 // K_CHUNK
-        full = jn // K_CHUNK
-        rem = jn - full * K_CHUNK
-        for src_hbm, dst_sb in ((k_cache, k_sb), (v_cache, v_sb)):
-            if src_hbm is k_cache and k_is_bhds:
-                for i_d in range(n_d):
-                    d0 = i_d * D_CHUNK
-                    dn = min(D_CHUNK, d - d0)
-                    nisa.dma_copy(dst=kT_sb[0:dn, i_d, j0:j0 + jn],
-                                  src=k_cache[b, kvh, d0:d0 + dn, s0 + j0:s0 + j0 + jn])
-                continue
-            if rem == 0 and not k_is_bhds:
-                # partition-major: partition p holds keys j0 + p*full .. + full - 1, one contiguous run of
-                # full * D elements (8 KiB for bf16, D=256) per partition; chunk c = keys {j0 + p*full + c}
-                src = src_hbm[b, kvh, s0 + j0:s0 + j0 + jn, 0:d].reshape((K_CHUNK, full * d))
-                nisa.dma_copy(dst=dst_sb[0:K_CHUNK, c0:c0 + full, 0:d], src=src)
-                continue
-            if full:
-                src = src_hbm[b, kvh, s0 + j0:s0 + j0 + full * K_CHUNK, 0:d].reshape((full, K_CHUNK, d))
-                nisa.dma_copy(dst=dst_sb[0:K_CHUNK, c0:c0 + full, 0:d], src=src.permute((1, 0, 2)))
-            if rem:
-                nisa.dma_copy(dst=dst_sb[0:rem, c0 + full, 0:d],
-                              src=src_hbm[b, kvh, s0 + j0 + full * K_CHUNK:s0 + j0 + jn, 0:d])
-        _zero_v_past_length(v_sb, head["len"], s0 + j0, c0, full, rem, k_is_bhds)
-        if k_is_bhds:
+def _piece_scores(ctx, part, j, key0, kn):
+    """Stage 1 of one piece [key0, key0 + kn): K / V loads (V rows past the length zeroed), K^T on the PE,
+    S^T = K^T.T Q^T, the select mask, the running max across the partitions, P^T = exp(scale S^T - scale m)."""
+    rows, d, n_d, dtype, scale = ctx["rows"], ctx["d"], ctx["n_d"], ctx["dtype"], ctx["scale"]
+    k_hbm, v_hbm, b, kvh = ctx["k"], ctx["v"], part["b"], part["kvh"]
+    max_c = ctx["piece"] // K_CHUNK
+    n_c = n_tiles(kn, K_CHUNK)
+    p_major = kn % K_CHUNK == 0            # partition p holds keys key0 + p * n_c .. + n_c - 1 (one long run)
+    k_sb = nl.ndarray((P_MAX, max_c, d), dtype=dtype, buffer=nl.sbuf)
+    v_sb = nl.ndarray((P_MAX, max_c, d), dtype=dtype, buffer=nl.sbuf)
+    for src, dst in ((k_hbm, k_sb), (v_hbm, v_sb)):
+        if p_major:
+            run = src[b, kvh, key0:key0 + kn, 0:d].reshape((K_CHUNK, n_c * d))
+            nisa.dma_copy(dst=dst[0:K_CHUNK, 0:n_c, 0:d], src=run)
             continue
-        for i_d in range(n_d):          # K^T of this piece: PE transposes, one PSUM bank per `group` chunks
-            d0 = i_d * D_CHUNK
-            dn = min(D_CHUNK, d - d0)
-            for g0 in range(0, full + (1 if rem else 0), group):
-                gn = min(group, full + (1 if rem else 0) - g0)
-                slot = n_t % 2
-                n_t += 1
-                for i_c in range(gn):
-                    c = c0 + g0 + i_c
-                    cn = min(K_CHUNK, jn - (g0 + i_c) * K_CHUNK)
-                    nisa.nc_transpose(dst=t_psum[0:dn, slot, i_c, 0:cn], data=k_sb[0:cn, c, d0:d0 + dn])
-                keys0 = j0 + g0 * K_CHUNK
-                keys = min(gn * K_CHUNK, jn - g0 * K_CHUNK)
-                nisa.activation(dst=kT_sb[0:dn, i_d, keys0:keys0 + keys].reshape((dn, keys)), op=nl.copy,
-                                data=t_psum[0:dn, slot, 0:gn, 0:P_MAX].reshape((dn, gn * P_MAX))[:, 0:keys])
-    # ---- S with keys past limit_r selected to MASK_BIAS (a select: a NaN / Inf score of a padded key is replaced)
-    local_limit = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_scalar(dst=local_limit[0:rows], data=head["limit"][0:rows], op0=nl.add, operand0=float(-s0),
-                       engine=nisa.engine.gpsimd)
-    s_sb = nl.ndarray((P_MAX, _SECTION), dtype=nl.float32, buffer=nl.sbuf)
-    s_psum = nl.ndarray((P_MAX, 2, _S_BLOCK), dtype=nl.float32, buffer=nl.psum)     # double-buffered scores
-    for i_blk, k0 in enumerate(range(0, sn, _S_BLOCK)):
-        kn = min(_S_BLOCK, sn - k0)
-        sp = s_psum[0:rows, i_blk % 2, 0:kn]
+        full, rem = kn // K_CHUNK, kn % K_CHUNK      # ragged piece: chunk-major (chunk c, partition p: c * 128 + p)
+        if full:
+            view = src[b, kvh, key0:key0 + full * K_CHUNK, 0:d].reshape((full, K_CHUNK, d)).permute((1, 0, 2))
+            nisa.dma_copy(dst=dst[0:K_CHUNK, 0:full, 0:d], src=view)
+        nisa.dma_copy(dst=dst[0:rem, full, 0:d], src=src[b, kvh, key0 + full * K_CHUNK:key0 + kn, 0:d])
+    chan, step = (n_c, 1) if p_major else (1, K_CHUNK)    # key of (partition p, chunk c) = key0 + p*chan + c*step
+    _zero_v_past_length(ctx, part, v_sb, key0, n_c, chan, step)
+    kT_sb = _transpose_keys(ctx, k_sb, kn, n_c)
+    # ---- S^T [keys, chunk, R] in one PSUM bank
+    st_psum = nl.ndarray((P_MAX, max_c, rows), dtype=nl.float32, buffer=nl.psum)
+    for c in range(n_c):
+        cn = min(K_CHUNK, kn - c * K_CHUNK)
         for i_d in range(n_d):
             dn = min(D_CHUNK, d - i_d * D_CHUNK)
-            for j0 in range(0, kn, MM_KEYS):
-                jn = min(MM_KEYS, kn - j0)
-                nisa.nc_matmul(s_psum[0:rows, i_blk % 2, j0:j0 + jn], head["qT"][0:dn, i_d, 0:rows],
-                               kT_sb[0:dn, i_d, k0 + j0:k0 + j0 + jn], accumulate=i_d > 0)
-        vis_sb = nl.ndarray((P_MAX, _S_BLOCK), dtype=nl.bfloat16, buffer=nl.sbuf)
-        nisa.tensor_scalar(dst=vis_sb[0:rows, 0:kn], data=key_pos[0:rows, k0:k0 + kn], op0=nl.less_equal,
-                           operand0=local_limit[0:rows], engine=nisa.engine.gpsimd)
-        masked = nl.where(vis_sb[0:rows, 0:kn], sp, MASK_BIAS)
-        nisa.tensor_copy(dst=s_sb[0:rows, k0:k0 + kn], src=masked, engine=nisa.engine.gpsimd)
-    # ---- running max in the negated, scaled domain: neg_m = min(neg_m_prev, -scale * rowmax)
-    neg_m, m_sec = head["neg_m"], nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_reduce(dst=m_sec[0:rows], op=nl.maximum, data=s_sb[0:rows, 0:sn], axis=1, negate=True)
-    nm = neg_m[0:rows, i_sec:i_sec + 1]
-    if i_sec == 0:
-        nisa.tensor_scalar(dst=nm, data=m_sec[0:rows], op0=nl.multiply, operand0=softmax_scale,
-                           engine=nisa.engine.gpsimd)
+            nisa.nc_matmul(st_psum[0:cn, c, 0:rows], kT_sb[0:dn, i_d, c * K_CHUNK:c * K_CHUNK + cn],
+                           part["qT"][0:dn, i_d, 0:rows], accumulate=i_d > 0)
+    # ---- mask: key - i(r) <= limit (causal) or key <= limit, as a select (a NaN score of a padded key goes)
+    pos_sb = nl.ndarray((P_MAX, max_c, rows), dtype=nl.int32, buffer=nl.sbuf)
+    pattern = [[step, n_c], [0, ctx["group"]], [-1, ctx["sq"]]] if ctx["causal"] else [[step, n_c], [0, rows]]
+    nisa.iota(pos_sb[:, 0:n_c, 0:rows], pattern=pattern, offset=key0, channel_multiplier=chan)
+    vis_sb = nl.ndarray((P_MAX, max_c, rows), dtype=nl.bfloat16, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=vis_sb[:, 0:n_c, 0:rows], data=pos_sb[:, 0:n_c, 0:rows], op0=nl.less_equal,
+                       operand0=part["limit"], engine=nisa.engine.gpsimd)
+    masked = nl.where(vis_sb[:, 0:n_c, 0:rows], st_psum[:, 0:n_c, 0:rows], MASK_BIAS)     # [128, n_c, R] fp32
+    # ---- running max over all keys of the piece: free-axis max, PE transpose, max over the 128 partitions
+    mx_sb = nl.ndarray((P_MAX, rows), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_reduce(dst=mx_sb, op=nl.maximum, data=masked.permute((0, 2, 1)), axis=2)
+    stats = nl.ndarray((P_MAX, _STATS), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_transpose(dst=stats[0:rows, _ST_MAXT:_ST_MAXT + P_MAX], data=mx_sb)
+    m_sb = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_reduce(dst=m_sb[0:rows], op=nl.maximum, data=stats[0:rows, _ST_MAXT:_ST_MAXT + P_MAX], axis=1,
+                       negate=True)
+    neg_m = part["neg_m"]
+    nm = neg_m[0:rows, j:j + 1]
+    if j == 0:
+        nisa.tensor_scalar(dst=nm, data=m_sb[0:rows], op0=nl.multiply, operand0=scale, engine=nisa.engine.gpsimd)
     else:
-        nisa.tensor_scalar(dst=nm, data=m_sec[0:rows], op0=nl.multiply, operand0=softmax_scale, op1=nl.minimum,
-                           operand1=neg_m[0:rows, i_sec - 1:i_sec], engine=nisa.engine.gpsimd)
-        nisa.activation(dst=head["alpha"][0:rows, i_sec:i_sec + 1], op=nl.exp, data=neg_m[0:rows, i_sec - 1:i_sec],
-                        bias=nm, scale=-1.0)
-    p_sb = nl.ndarray((P_MAX, _SECTION), dtype=dtype, buffer=nl.sbuf)
-    nisa.activation(dst=p_sb[0:rows, 0:sn], op=nl.exp, data=s_sb[0:rows, 0:sn], bias=nm, scale=softmax_scale,
-                    reduce_op=nl.add, reduce_res=head["row_sum"][0:rows, i_sec:i_sec + 1],
-                    reduce_cmd=nisa.reduce_cmd.reset_reduce)
-    pT_sb = nl.ndarray((P_MAX, _SECTION // K_CHUNK, P_MAX), dtype=dtype, buffer=nl.sbuf)
-    transpose_probs(pT_sb, p_sb, rows, sn, dtype)
-    return pT_sb, v_sb
+        nisa.tensor_scalar(dst=nm, data=m_sb[0:rows], op0=nl.multiply, operand0=scale, op1=nl.minimum,
+                           operand1=neg_m[0:rows, j - 1:j], engine=nisa.engine.gpsimd)
+        nisa.activation(dst=part["alpha"][0:rows, j:j + 1], op=nl.exp, data=neg_m[0:rows, j - 1:j], bias=nm,
+                        scale=-1.0)
+    # -scale m as a row, then on every partition: ones[1, 128]^T x m^T[1, R] (exact: one product per element)
+    nisa.nc_transpose(dst=stats[0:1, _ST_MT:_ST_MT + rows], data=nm)
+    mT_sb = nl.ndarray((1, P_MAX), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=mT_sb[0:1, 0:rows], src=stats[0:1, _ST_MT:_ST_MT + rows])
+    nisa.nc_matmul(stats[0:P_MAX, _ST_BCAST:_ST_BCAST + rows], ctx["ones_row"][0:1, 0:P_MAX], mT_sb[0:1, 0:rows])
+    bcast = stats.ap(pattern=[[_STATS, P_MAX], [0, n_c], [1, rows]], offset=_ST_BCAST)
+    pre_sb = nl.ndarray((P_MAX, max_c, rows), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.scalar_tensor_tensor(dst=pre_sb[:, 0:n_c, 0:rows], data=masked, op0=nl.multiply, operand0=scale,
+                              op1=nl.add, operand1=bcast)
+    pT_sb = nl.ndarray((P_MAX, max_c, rows), dtype=dtype, buffer=nl.sbuf)
+    nisa.activation(dst=pT_sb[:, 0:n_c, 0:rows], op=nl.exp, data=pre_sb[:, 0:n_c, 0:rows])
+    return pT_sb, v_sb, kn
 
 
-def _zero_v_past_length(v_sb, len_f, key0, c0, full, rem, k_is_bhds):
-    """Zero the V rows of one loaded piece (keys key0 ..) at positions >= the cache length, in the piece's layout:
-    partition-major (chunk c0 + c, partition p holds key key0 + p * full + c) or chunk-major (key0 + c * 128 + p)."""
-    if rem == 0 and not k_is_bhds:
-        zero_rows_past_length(v_sb[0:K_CHUNK, c0:c0 + full], len_f, key0, 1, channel_multiplier=full)
-    else:
-        n_c = full + (1 if rem else 0)
-        zero_rows_past_length(v_sb[0:K_CHUNK, c0:c0 + n_c], len_f, key0, K_CHUNK)
+def _zero_v_past_length(ctx, part, v_sb, key0, n_c, chan, step):
+    """V rows of a piece at positions >= the cache length := 0 (predicated copy; 0 * NaN would poison P V).
+
+    The relative position of every element, p * chan + c * step, is one GpSimd iota per piece geometry, made
+    once per launch; per piece only the compare with len - key0 runs (GpSimd), then the VectorE copy."""
+    d = ctx["d"]
+    key = (n_c, chan, step)
+    if key not in ctx["vpos"]:
+        pos_sb = nl.ndarray((P_MAX, n_c, d), dtype=nl.int32, buffer=nl.sbuf)
+        nisa.iota(pos_sb, pattern=[[step, n_c], [0, d]], offset=0, channel_multiplier=chan)
+        ctx["vpos"][key] = pos_sb
+    rel = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=rel, data=part["len"], op0=nl.add, operand0=float(-key0), engine=nisa.engine.gpsimd)
+    pad_sb = nl.ndarray((P_MAX, n_c, d), dtype=nl.uint8, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=pad_sb, data=ctx["vpos"][key], op0=nl.greater_equal, operand0=rel,
+                       engine=nisa.engine.gpsimd)
+    nisa.tensor_copy_predicated(dst=v_sb[0:K_CHUNK, 0:n_c], src=0.0, predicate=pad_sb)
 
 
-def _section_pv(out, head, staged, b, kvh, i_sec, n_sec, sn, rows, sq, group, d, dtype):
-    """Stage 2 of a section: P V (fp32 PSUM, D split in two alternating halves so consecutive matmuls write
-    different PSUM regions), merged into the running output; the last section normalises and stores."""
-    pT_sb, v_sb = staged
-    pv_psum = nl.ndarray((P_MAX, d), dtype=nl.float32, buffer=nl.psum)
+def _transpose_keys(ctx, k_sb, kn, n_c):
+    """K^T [128(d), n_d, chunk * 128 keys] of one piece: PE transposes, `pe_transpose_group` chunks per PSUM bank,
+    evicted by the Scalar engine."""
+    d, n_d, dtype = ctx["d"], ctx["n_d"], ctx["dtype"]
+    per_bank = pe_transpose_group(dtype)
+    kT_sb = nl.ndarray((P_MAX, n_d, ctx["piece"]), dtype=dtype, buffer=nl.sbuf)
+    t_psum = nl.ndarray((P_MAX, 2, per_bank, P_MAX), dtype=dtype, buffer=nl.psum)
+    n_t = 0
+    for i_d in range(n_d):
+        d0 = i_d * D_CHUNK
+        dn = min(D_CHUNK, d - d0)
+        for g0 in range(0, n_c, per_bank):
+            gn = min(per_bank, n_c - g0)
+            slot = n_t % 2
+            n_t += 1
+            for i_c in range(gn):
+                cn = min(K_CHUNK, kn - (g0 + i_c) * K_CHUNK)
+                nisa.nc_transpose(dst=t_psum[0:dn, slot, i_c, 0:cn], data=k_sb[0:cn, g0 + i_c, d0:d0 + dn])
+            keys0 = g0 * K_CHUNK
+            keys = min(gn * K_CHUNK, kn - keys0)
+            nisa.activation(dst=kT_sb[0:dn, i_d, keys0:keys0 + keys], op=nl.copy,
+                            data=t_psum[0:dn, slot, 0:gn, 0:P_MAX].reshape((dn, gn * P_MAX))[:, 0:keys])
+    return kT_sb
+
+
+def _piece_pv(ctx, part, staged, j):
+    """Stage 2 of a piece: P^T.T V and the row sums P^T.T 1 (fp32 PSUM), merged into the part's running state."""
+    pT_sb, v_sb, kn = staged
+    rows, d = ctx["rows"], ctx["d"]
+    pv_psum = nl.ndarray((P_MAX, _STATS), dtype=nl.float32, buffer=nl.psum)     # O at 0:D, row sums at _ST_SUM
     halves = [(0, d)] if d <= D_CHUNK else [(0, d // 2), (d // 2, d)]
-    for i_c in range(n_tiles(sn, K_CHUNK)):
-        cn = min(K_CHUNK, sn - i_c * K_CHUNK)
+    for c in range(n_tiles(kn, K_CHUNK)):
+        cn = min(K_CHUNK, kn - c * K_CHUNK)
         for h0, h1 in halves:
-            nisa.nc_matmul(pv_psum[0:rows, h0:h1], pT_sb[0:cn, i_c, 0:rows], v_sb[0:cn, i_c, h0:h1],
-                           accumulate=i_c > 0)
-    o_acc, l_sb, row_sum = head["o"], head["l"], head["row_sum"]
-    if i_sec == 0:
-        nisa.tensor_copy(dst=o_acc[0:rows, 0:d], src=pv_psum[0:rows, 0:d])
-        nisa.tensor_copy(dst=l_sb[0:rows], src=row_sum[0:rows, 0:1], engine=nisa.engine.gpsimd)
+            nisa.nc_matmul(pv_psum[0:rows, h0:h1], pT_sb[0:cn, c, 0:rows], v_sb[0:cn, c, h0:h1], accumulate=c > 0)
+        nisa.nc_matmul(pv_psum[0:rows, _ST_SUM:_ST_SUM + 1], pT_sb[0:cn, c, 0:rows], ctx["ones_col"][0:cn, 0:1],
+                       accumulate=c > 0)
+    packed = part["packed"]
+    if j == 0:
+        nisa.tensor_copy(dst=packed[0:rows, 0:d], src=pv_psum[0:rows, 0:d])
+        nisa.tensor_copy(dst=packed[0:rows, d:d + 1], src=pv_psum[0:rows, _ST_SUM:_ST_SUM + 1])
     else:
-        a_s = head["alpha"][0:rows, i_sec:i_sec + 1]
-        nisa.scalar_tensor_tensor(dst=o_acc[0:rows, 0:d], data=o_acc[0:rows, 0:d], op0=nl.multiply, operand0=a_s,
+        a_j = part["alpha"][0:rows, j:j + 1]
+        nisa.scalar_tensor_tensor(dst=packed[0:rows, 0:d], data=packed[0:rows, 0:d], op0=nl.multiply, operand0=a_j,
                                   op1=nl.add, operand1=pv_psum[0:rows, 0:d])
-        nisa.scalar_tensor_tensor(dst=l_sb[0:rows], data=l_sb[0:rows], op0=nl.multiply, operand0=a_s, op1=nl.add,
-                                  operand1=row_sum[0:rows, i_sec:i_sec + 1])
-    if i_sec == n_sec - 1:
-        inv_l = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.reciprocal(dst=inv_l[0:rows], data=l_sb[0:rows])
-        o_sb = nl.ndarray((P_MAX, d), dtype=dtype, buffer=nl.sbuf)
-        nisa.tensor_scalar(dst=o_sb[0:rows, 0:d], data=o_acc[0:rows, 0:d], op0=nl.multiply, operand0=inv_l[0:rows],
-                           engine=nisa.engine.gpsimd)
-        h0 = kvh * group
-        nisa.dma_copy(dst=out[b, h0:h0 + group, 0:sq, 0:d].reshape((rows, d)), src=o_sb[0:rows, 0:d])
+        nisa.scalar_tensor_tensor(dst=packed[0:rows, d:d + 1], data=packed[0:rows, d:d + 1], op0=nl.multiply,
+                                  operand0=a_j, op1=nl.add, operand1=pv_psum[0:rows, _ST_SUM:_ST_SUM + 1])
+    nisa.tensor_copy(dst=packed[0:rows, d + 1:d + 2], src=part["neg_m"][0:rows, j:j + 1], engine=nisa.engine.gpsimd)
+
+
+def _merge(ctx, first, second):
+    """first := the merge of two partial states [R, O | l | -scale m] (fp32): m = max, each side scaled by
+    e^(scale (m_side - m)). The same instructions at LNC=1 (both halves local) and LNC=2 (second from core 1)."""
+    rows, d = ctx["rows"], ctx["d"]
+    nm = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=nm[0:rows], data1=first[0:rows, d + 1:d + 2], data2=second[0:rows, d + 1:d + 2],
+                       op=nl.minimum)
+    a1 = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+    a2 = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.activation(dst=a1[0:rows], op=nl.exp, data=first[0:rows, d + 1:d + 2], bias=nm[0:rows], scale=-1.0)
+    nisa.activation(dst=a2[0:rows], op=nl.exp, data=second[0:rows, d + 1:d + 2], bias=nm[0:rows], scale=-1.0)
+    part2 = nl.ndarray((P_MAX, d + 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=part2[0:rows], data=second[0:rows, 0:d + 1], op0=nl.multiply, operand0=a2[0:rows],
+                       engine=nisa.engine.gpsimd)
+    nisa.scalar_tensor_tensor(dst=first[0:rows, 0:d + 1], data=first[0:rows, 0:d + 1], op0=nl.multiply,
+                              operand0=a1[0:rows], op1=nl.add, operand1=part2[0:rows])
+
+
+def _write_out(ctx, out, packed, b, kvh):
+    """out[b, kv head's query heads] = O / l in q's dtype; one DMA."""
+    rows, sq, group, d = ctx["rows"], ctx["sq"], ctx["group"], ctx["d"]
+    inv_l = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.reciprocal(dst=inv_l[0:rows], data=packed[0:rows, d:d + 1])
+    o_sb = nl.ndarray((P_MAX, d), dtype=ctx["dtype"], buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=o_sb[0:rows, 0:d], data=packed[0:rows, 0:d], op0=nl.multiply, operand0=inv_l[0:rows],
+                       engine=nisa.engine.gpsimd)
+    h0 = kvh * group
+    nisa.dma_copy(dst=out[b, h0:h0 + group, 0:sq, 0:d].reshape((rows, d)), src=o_sb[0:rows, 0:d])
 
 
 # ============================================================================ host wrapper
@@ -315,8 +367,9 @@ def flash_attention_decode(q, k_cache, v_cache, cache_lens, causal=True, softmax
         cache_lens: [B] integers in [Sq, S]: valid positions per sequence, new tokens included.
         causal: new token i sees keys <= cache_lens[b] - Sq + i (else all keys < cache_lens[b]).
         softmax_scale: default D ** -0.5, must be > 0.
-        lnc: 1, 2 or None (default: NEURON_LOGICAL_NC_CONFIG, else the target's default, 2 on trn2); the
-            program instances split the (b, KV head) pairs in one launch.
+        lnc: 1, 2 or None (default: NEURON_LOGICAL_NC_CONFIG, else the target's default, 2 on trn2). At LNC=2
+            the two cores split the (b, KV head) pairs, or, when B * Hkv is odd, every pair's keys in halves
+            (merged through shared HBM after a core barrier); the output is bit-identical at LNC=1 and 2.
     Returns:
         out: [B, Hq, Sq, D], q's dtype.
     """
