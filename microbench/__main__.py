@@ -174,11 +174,12 @@ def _main(args, argv) -> int:
             bar = None
     for case in chosen:
         if bar is not None:
-            bar.write(f"running {case.key}")
+            bar.write(f"running {case.key}", file=sys.stderr)
         r = run_case(case, args.target, lnc1=not args.no_lnc1)
         results.append(r)
         if bar is not None:
-            bar.write(f"  {_check_text(r)}: {_f(r.modeled_us)} µs modeled ({r.emulate_s:.0f} s to emulate)")
+            bar.write(f"  {_check_text(r)}: {_f(r.modeled_us)} µs modeled ({r.emulate_s:.0f} s to emulate)",
+                      file=sys.stderr)
             bar.update(1)
     if bar is not None:
         bar.close()
