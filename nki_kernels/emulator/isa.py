@@ -1012,3 +1012,8 @@ def dma_compute(dst, srcs, reduce_op, scales=None, unique_indices=True, oob_mode
     _record(instr, DMA, list(srcs), [dst], bytes=dst.size * dst.dtype.itemsize * (1 + len(srcs)),
             dynamic=any(s.dyn is not None for s in srcs) or dst.dyn is not None, compute=fn.name,
             **_dge_meta(list(srcs), [dst], globals()["dge_mode"].unknown))
+
+
+# virtual registers (loop bounds, while conditions, DMA scalar offsets): registers.py
+from .registers import (VirtualRegister, register_alloc, register_load, register_move,  # noqa: E402,F401
+                        register_store)

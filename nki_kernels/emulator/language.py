@@ -131,45 +131,60 @@ def static_range(start, stop=None, step=1):
 def fori_loop(lower, upper, body_fun, step=1):
     """A loop compiled to run on the device: ``body_fun(i)`` for i in range(lower, upper, step).
 
-    The emulator runs the body once per iteration; each iteration's instructions are recorded in the trace
-    with the loop's id and the iteration number (``Instr.meta["loop"]``), so the cost model charges the body
-    per iteration. `step` must be a positive int (a compile-time constant in NKI); the bounds are ints here
-    (a device register bound is not emulated)."""
+    `lower` / `upper` are ints or `VirtualRegister`s (`nisa.register_alloc` / `register_load`: a trip count read
+    from data on the device); `step` must be a positive int (a compile-time constant in NKI). With a register
+    bound the body receives `i` as a read-only VirtualRegister (use it as an `.ap(scalar_offset=i)`), else as an
+    int. The emulator runs the body once per iteration; each iteration's instructions are recorded in the trace
+    with the loop's id and the iteration number (``Instr.meta["loop"]``), so the cost model charges the body per
+    iteration, and the trace's ``loops`` record says which loops had register bounds (their trip counts are
+    data; their body is one compiled copy, the same instructions every iteration)."""
+    from .registers import VirtualRegister
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step <= 0:
         _fail("fori_loop", "step", f"must be a compile-time positive integer, got step={step!r}")
+    bounds = []
     for role, v in (("lower", lower), ("upper", upper)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            _fail("fori_loop", role, f"must be an int (register bounds are not emulated), got {role}={v!r}")
+        if isinstance(v, VirtualRegister):
+            bounds.append(v._get())
+        elif isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            _fail("fori_loop", role, f"must be an int or a VirtualRegister, got {role}={v!r}")
+        else:
+            bounds.append(int(v))
     if not callable(body_fun):
         _fail("fori_loop", "body_fun", f"must be a callable taking the iteration value, got {body_fun!r}")
-    with _loop_iteration("fori_loop") as iterate:
-        for i in range(int(lower), int(upper), int(step)):
+    dynamic = isinstance(lower, VirtualRegister) or isinstance(upper, VirtualRegister)
+    with _loop_iteration("fori_loop", dynamic=dynamic) as iterate:
+        for i in range(bounds[0], bounds[1], int(step)):
             with iterate():
-                body_fun(i)
+                body_fun(VirtualRegister(i, frozen=True) if dynamic else i)
 
 
 def while_loop(init, body_fun):
     """A loop compiled to run on the device: ``r = init; while r != 0: r = body_fun(r)``.
 
-    The condition is the value the body returns (an int or a (1, 1) tensor here; a device register in NKI).
-    Each iteration's instructions are recorded with the loop's id and iteration number, as for `fori_loop`."""
+    The condition is a `VirtualRegister` in NKI (the emulator also takes an int or a (1, 1) tensor); the body
+    returns the next condition. Each iteration's instructions are recorded with the loop's id and iteration
+    number, as for `fori_loop`."""
+    from .registers import VirtualRegister
     if not callable(body_fun):
         _fail("while_loop", "body_fun", f"must be a callable returning the next condition, got {body_fun!r}")
     r = init
-    with _loop_iteration("while_loop") as iterate:
+    with _loop_iteration("while_loop", dynamic=isinstance(init, VirtualRegister)) as iterate:
         while _condition(r):
             with iterate():
                 r = body_fun(r)
 
 
 def _condition(r) -> bool:
+    from .registers import VirtualRegister
+    if isinstance(r, VirtualRegister):
+        return r._get() != 0
     if isinstance(r, _Tensor):
         if r.size != 1:
             _fail("while_loop", "condition", f"must be a single value, got a tensor of shape {r.shape}")
         return bool(np.asarray(r._get()).reshape(-1)[0] != 0)
     if isinstance(r, (bool, int, np.integer)):
         return int(r) != 0
-    _fail("while_loop", "condition", f"must be an int or a (1, 1) tensor, got {r!r}")
+    _fail("while_loop", "condition", f"must be a VirtualRegister, an int or a (1, 1) tensor, got {r!r}")
 
 
 def program_id(axis=0):

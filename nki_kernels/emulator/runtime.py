@@ -324,7 +324,7 @@ class Program:
 
 
 @contextlib.contextmanager
-def loop_iteration(kind: str):
+def loop_iteration(kind: str, dynamic: bool = False):
     """For `nl.fori_loop` / `nl.while_loop`: yields `iterate`, a context manager around one iteration. The
     instructions an iteration emits get ``meta["loop"] = ((kind, loop id, iteration), ...)`` (outermost first,
     nested loops included), so a trace shows the compiled loop and the cost model charges its body once per
@@ -333,6 +333,11 @@ def loop_iteration(kind: str):
     loop_id = prog.n_loops
     prog.n_loops += 1
     count = [0]
+    # the program's compiled loops: id -> (kind, enclosing loop tags, register-bounded, trip count)
+    loops = getattr(prog.trace, "loops", None)
+    if loops is not None:
+        loops[loop_id] = dict(kind=kind, outer=tuple(prog.loop_stack), dynamic=bool(dynamic), trips=0,
+                              start=len(prog.trace))
 
     @contextlib.contextmanager
     def iterate():
@@ -346,6 +351,8 @@ def loop_iteration(kind: str):
                 ins.meta.setdefault("loop", tag)
             prog.loop_stack.pop()
             count[0] += 1
+            if loops is not None:
+                loops[loop_id]["trips"] = count[0]
     yield iterate
 
 

@@ -93,6 +93,11 @@ def _is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
+def _is_register(x) -> bool:
+    from .registers import VirtualRegister
+    return isinstance(x, VirtualRegister)
+
+
 def _row_major(shape) -> tuple:
     strides, acc = [], 1
     for s in reversed(shape):
@@ -292,10 +297,11 @@ class Tensor:
                          f"{indirect_dim}; got {vector_offset.size} indices for pattern {pat}")
                 if not vector_offset.on_chip:
                     fail("ap", "vector_offset", "indices must be in SBUF")
-            if scalar_offset is not None and not _is_int(scalar_offset):
+            if scalar_offset is not None and not _is_int(scalar_offset) and not _is_register(scalar_offset):
                 if not isinstance(scalar_offset, Tensor) or scalar_offset.size != 1 \
                         or not _dt.is_int(scalar_offset.dtype) or not scalar_offset.on_chip:
-                    fail("ap", "scalar_offset", "must be an int or a single-element integer tensor in SBUF")
+                    fail("ap", "scalar_offset", "must be an int, a VirtualRegister or a single-element integer "
+                         "tensor in SBUF")
             dyn = _Dynamic(scalar_offset, vector_offset, int(indirect_dim), mult)
         view = Tensor._view(self.storage, self.offset + int(offset or 0), shape, strides, dyn)
         if dyn is None:
@@ -331,7 +337,12 @@ class Tensor:
             else:
                 idx = idx + (np.arange(n, dtype=np.int64) * st).reshape(shp)
         if d is not None and d.scalar is not None:
-            s = d.scalar if _is_int(d.scalar) else int(d.scalar._get().reshape(-1)[0])
+            if _is_int(d.scalar):
+                s = d.scalar
+            elif _is_register(d.scalar):
+                s = d.scalar._get()
+            else:
+                s = int(d.scalar._get().reshape(-1)[0])
             idx = idx + s * d.multiplier
         idx = np.broadcast_to(idx, self.shape)
         valid = (idx >= 0) & (idx < self.storage.size)

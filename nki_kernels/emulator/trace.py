@@ -51,6 +51,10 @@ class Trace(list):
         # site_free {(site index, k): bool} = the k-th tile was dropped before the (k+2)-th was allocated.
         self.alloc_sites: dict = {}
         self.site_free: dict = {}
+        # Compiled loops (nl.fori_loop / nl.while_loop): {loop id: dict(kind, outer, dynamic, trips, start)};
+        # `dynamic` loops have a register bound (trip count known only on the device), `start` is the trace
+        # index where the loop began (a loop of 0 trips still has its place in the program).
+        self.loops: dict = {}
 
     def by_engine(self) -> dict:
         out: dict = {}

@@ -11,7 +11,7 @@ from nki_kernels import flash_attention, flash_attention_varlen
 from nki_kernels.attention.reference import flash_attention_ref, flash_attention_varlen_ref
 from nki_kernels.attention.varlen import MAX_SEQS
 from nki_kernels.emulator.runtime import last_run
-from nki_kernels.testing import assert_close
+from nki_kernels.testing import assert_close, program_signature
 from nki_kernels.validation import KernelInputError
 
 BF16 = ml_dtypes.bfloat16
@@ -108,24 +108,21 @@ def test_lnc2_bit_identical_to_lnc1_and_splits():
         np.testing.assert_array_equal(np.asarray(one, np.float64), np.asarray(two, np.float64))
 
 
-def _signature(run):
-    return [[(i.name, i.engine, tuple((a.buffer, a.dtype, a.shape, a.lo, a.hi) for a in i.reads + i.writes))
-             for i in trace] for trace in run.traces]
-
-
 @pytest.mark.parametrize("causal", [True, False])
 def test_instructions_independent_of_cu_seqlens_values(causal):
-    """Traced once: the same shapes (Tq, Tk, N) with different boundaries give the same instruction stream."""
+    """Traced once: the same shapes (Tq, Tk, N) with different boundaries give the same compiled program (the
+    key-block loop of each query tile is one copy of its body; only its trip count comes from cu_seqlens)."""
     rng = np.random.default_rng(14)
-    q, k, v, _ = _packed(rng, [300], [340], 2, 1, 64, BF16)
-    sigs = []
-    for lq, lk in (([100, 0, 200], [120, 20, 200]), ([1, 298, 1], [1, 338, 1]), ([0, 0, 300], [0, 0, 340])):
-        if not causal or all(b >= a for a, b in zip(lq, lk)):
-            out = flash_attention_varlen(q, k, v, _cu(lq), _cu(lk), causal=causal)
-            assert_close("values", flash_attention_varlen_ref(q, k, v, _cu(lq), _cu(lk), causal=causal), out,
-                         dtype="bfloat16")
-            sigs.append(_signature(last_run()))
+    q, k, v, _ = _packed(rng, [300], [1100], 2, 1, 64, BF16)
+    sigs, trips = [], []
+    for lq, lk in (([100, 0, 200], [520, 380, 200]), ([1, 298, 1], [1, 1098, 1]), ([0, 0, 300], [0, 0, 1100])):
+        out = flash_attention_varlen(q, k, v, _cu(lq), _cu(lk), causal=causal)
+        assert_close("values", flash_attention_varlen_ref(q, k, v, _cu(lq), _cu(lk), causal=causal), out,
+                     dtype="bfloat16")
+        sigs.append(program_signature([last_run()]))
+        trips.append([rec["trips"] for t in last_run().traces for rec in t.loops.values()])
     assert len(sigs) == 3 and sigs[0] == sigs[1] == sigs[2]
+    assert len({tuple(t) for t in trips}) > 1            # the data did change how many blocks were visited
 
 
 # ------------------------------------------------------------------ non-finite values
@@ -265,28 +262,40 @@ def test_reference_matches_the_padded_reference():
         np.testing.assert_allclose(np.swapaxes(alone[0], 0, 1), ref[a:b], rtol=1e-12)
 
 
+def _expected_blocks(lq, lk, causal, block=512, tile=128):
+    """Key blocks each 128-row query tile must visit: those holding a key some row of the tile sees (computed
+    here from the lengths, independently of the kernel)."""
+    cq, ck = _cu(lq), _cu(lk)
+    out = []
+    for q0 in range(0, int(cq[-1]), tile):
+        seen = set()
+        for r in range(q0, min(q0 + tile, int(cq[-1]))):
+            s = int(np.searchsorted(cq, r, side="right")) - 1
+            lo, hi = int(ck[s]), int(ck[s + 1])
+            if causal:
+                hi = r - int(cq[s]) + int(ck[s + 1]) - (int(cq[s + 1]) - int(cq[s])) + 1
+            seen.update(range(lo // block, (hi + block - 1) // block) if hi > lo else ())
+        out.append(len(seen))
+    return out
+
+
 @pytest.mark.parametrize("causal", [True, False])
-def test_max_seqlen_band_skips_blocks_and_stays_exact(causal):
-    """max_seqlen_q skips key blocks outside each row's band (fewer matmuls), same result as without it, and the
-    instruction stream still does not depend on where the boundaries are."""
+def test_fully_masked_blocks_are_skipped(causal):
+    """Each query tile runs exactly the key blocks its own sequences span (none of another sequence's blocks):
+    the executed QK matmuls are (blocks the tile needs) x heads x D chunks, far fewer than every tile visiting
+    every block; same result as the reference."""
     rng = np.random.default_rng(18)
-    lq = [500, 300, 520, 20, 660]
+    lq = [500, 300, 520, 20, 660, 900]
     lk = [x + 4 for x in lq] if causal else lq
-    q, k, v, _ = _packed(rng, lq, lk, 2, 1, 64, BF16)
-    full = np.asarray(flash_attention_varlen(q, k, v, _cu(lq), _cu(lk), causal=causal), np.float64)
-    n_full = sum(i.name == "nc_matmul" for t in last_run().traces for i in t)
-    banded = np.asarray(flash_attention_varlen(q, k, v, _cu(lq), _cu(lk), causal=causal, max_seqlen_q=660,
-                                               max_seqlen_k=664), np.float64)
-    n_band = sum(i.name == "nc_matmul" for t in last_run().traces for i in t)
-    sig = _signature(last_run())
-    assert n_band < 0.8 * n_full
-    assert_close("band vs full", full, banded, dtype="bfloat16")     # same math, other block order: rounding
-    assert_close("band", flash_attention_varlen_ref(q, k, v, _cu(lq), _cu(lk), causal=causal), banded,
-                 dtype="bfloat16")
-    lq2 = [660, 0, 660, 500, 180]
-    lk2 = [x + 4 for x in lq2] if causal else lq2
-    flash_attention_varlen(q, k, v, _cu(lq2), _cu(lk2), causal=causal, max_seqlen_q=660, max_seqlen_k=664)
-    assert _signature(last_run()) == sig
+    hq, d = 2, 64
+    q, k, v, _ = _packed(rng, lq, lk, hq, 1, d, BF16)
+    out = flash_attention_varlen(q, k, v, _cu(lq), _cu(lk), causal=causal, lnc=1)
+    assert_close("skip", flash_attention_varlen_ref(q, k, v, _cu(lq), _cu(lk), causal=causal), out, dtype="bfloat16")
+    qk = sum(1 for t in last_run().traces for i in t if i.name == "nc_matmul" and i.meta.get("N") == 512)
+    need = _expected_blocks(lq, lk, causal)
+    assert qk == sum(need) * hq
+    every = len(need) * -(-sum(lk) // 512)
+    assert sum(need) < 0.45 * every
 
 
 @pytest.mark.parametrize("kw, match", [
