@@ -34,6 +34,7 @@ FAST = (
     "tests/moe/test_moe_blockwise.py::test_matches_reference",
     "tests/moe/test_moe_decode.py::test_matches_reference",
     "tests/codepredictor/test_codepredictor_lnc.py::test_lnc2_matches_reference_and_lnc1",
+    "tests/codepredictor/test_codepredictor_tp.py::test_tp_matches_reference_on_every_rank",   # code_predictor_tp
 )
 
 
