@@ -160,6 +160,8 @@ class PatchHandle:
         lines.append("  kernel calls: " + (", ".join(f"{k}={v}" for k, v in sorted(calls.items())) or "none"))
         for (hook, why), n in sorted(self.fallbacks().items()):
             lines.append(f"  fallback {hook}: {why} x{n}")
+        if not self.fallbacks():
+            lines.append("  fallbacks: none")
         return "\n".join(lines)
 
     def __repr__(self):
