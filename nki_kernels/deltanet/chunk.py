@@ -175,7 +175,7 @@ def gated_delta_rule_kernel(q, k, v, g, beta, initial_state, lengths, consts, ch
         else:
             nisa.activation(dst=masks_w[:, :, i_w, :], op=nl.copy, data=consts_sb[:, _C_IDENT:_C_MT0 + n_lvl, :])
     # one solve workspace per chunk in flight (fp32 inputs: one chunk ahead only, to save SBUF)
-    depth = _pipeline_depth(n_hv, chunk) if cdt != f32 else 1
+    depth = _pipeline_depth(n_hv, chunk) if cdt != f32 else (2 if n_hv * chunk <= 512 else 1)
     solve_wss = [_solve_workspace(masks_w, n_lvl, width, chunk, cdt) for _ in range(depth)]
 
     cfg = dict(chunk=chunk, seq=seq, width=width, group=group, head_base=head_base, scale=scale,
@@ -483,7 +483,7 @@ def _block_prep(blk, q_c, k_c, v_w, kk_sb, kq_causal, g_w, beta_w, exp_g, beta_e
         nisa.tensor_tensor(dst=p_t[:, w, :], data1=decay_t[:, w, :], data2=kq_causal[:, head_kh[w], :],
                            op=nl.multiply, engine=pool)
     yield
-    t_t = yield from _solve_unit_lower(at_sb, *solve_ws[:3], cfg["hi_rows"], chunk, cdt)   # T^T, T = (I + A)^-1
+    t_t = yield from _solve_unit_lower(at_sb, solve_ws, cfg["hi_rows"], chunk, cdt)   # T^T, T = (I + A)^-1
 
     # -W^T = -(T (beta e^G K))^T; beta V; K o e^{G_C - G_j} (decay_t[:, w, C-1] = e^{G_C - G_j})
     xk = nl.ndarray((chunk, width, dk), dtype=cdt, buffer=nl.sbuf)
@@ -556,19 +556,32 @@ def _block_tail(blk, exp_g, exp_glast, s_w, o_w, cfg, dk, dv):
 
 
 def _solve_workspace(masks_w, n_lvl, width, chunk, cdt):
-    """(I, level masks, N_s tiles) of the solve: the N_s tiles persist across chunks with identity hi columns
-    (each chunk rewrites only their lo columns)."""
+    """[I (cdt), level masks, N_s tiles, initialised, I in the solve dtype, strict-upper mask (fp32) or None]:
+    the N_s tiles persist across chunks with identity hi columns (each chunk rewrites only their lo columns).
+    fp32 compute (cdt fp32) solves on bf16 operands and refines in fp32 (_refine_inverse): the level masks, I and
+    N_s are then bf16 copies, and the strict-upper mask of A^T (the sum of the level masks) is kept in fp32."""
     ident_w = masks_w[:, 0]
-    lvl_masks = [masks_w[:, 1 + lvl] for lvl in range(n_lvl)]
-    n_lv = [None] + [nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf) for _ in range(1, n_lvl)]
-    return [ident_w, lvl_masks, n_lv, False]
+    if cdt != nl.float32:
+        lvl_masks = [masks_w[:, 1 + lvl] for lvl in range(n_lvl)]
+        n_lv = [None] + [nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf) for _ in range(1, n_lvl)]
+        return [ident_w, lvl_masks, n_lv, False, ident_w, None]
+    sdt = nl.bfloat16
+    masks_bf = nl.ndarray((chunk, n_lvl + 1, width, chunk), dtype=sdt, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=masks_bf, src=masks_w, engine=nisa.engine.gpsimd)
+    strict_t = nl.ndarray((chunk, width, chunk), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=strict_t, src=masks_w[:, 1])
+    for lvl in range(1, n_lvl):                     # every strictly upper (j < i) entry is in exactly one level
+        nisa.tensor_tensor(dst=strict_t, data1=strict_t, data2=masks_w[:, 1 + lvl], op=nl.add)
+    lvl_masks = [masks_bf[:, 1 + lvl] for lvl in range(n_lvl)]
+    n_lv = [None] + [nl.ndarray((chunk, width, chunk), dtype=sdt, buffer=nl.sbuf) for _ in range(1, n_lvl)]
+    return [ident_w, lvl_masks, n_lv, False, masks_bf[:, 0], strict_t]
 
 
 def _init_workspace(solve_ws):
     """Set the N_s tiles of a solve workspace to I (SBUF-to-SBUF DMAs, at the first chunk that uses it)."""
     if not solve_ws[3]:
         for n_s in solve_ws[2][1:]:
-            nisa.dma_copy(dst=n_s, src=solve_ws[0])
+            nisa.dma_copy(dst=n_s, src=solve_ws[4])
         solve_ws[3] = True
 
 
@@ -581,8 +594,70 @@ def _cols(t, s, upper):
     return v[..., s:2 * s] if upper else v[..., 0:s]
 
 
-def _solve_unit_lower(at_sb, ident_w, lvl_masks, n_lv, hi_rows, chunk, cdt):
-    """T^T [C, W, C] per head, T = (I + strict_lower(A))^-1, by recursive block doubling.
+_NEWTON_STEPS = 2                 # fp32 refinements of the bf16 solve: relative error 1e-2 -> 1e-4 -> fp32 (~1e-8)
+
+
+def _solve_unit_lower(at_sb, solve_ws, hi_rows, chunk, cdt):
+    """T^T [C, W, C] per head, T = (I + strict_lower(A))^-1 (a generator; returns T^T in cdt).
+
+    bf16 compute: block doubling on bf16 operands (_block_doubling). fp32 compute: the same block doubling on a
+    bf16 copy of A^T (TensorE at the bf16 rate, ~1e-4 .. 1e-2 relative error on T), then _NEWTON_STEPS fp32
+    Newton steps T <- T + T (I - (I + A) T) (each squares the relative error: fp32-exact after two, on random
+    and on near-repeated keys, NumPy study in docs/deltanet.md). Full-width fp32 matmuls replace the 17
+    half-width fp32 matmuls of an fp32 block doubling (4 passes each): about half the solve's TensorE time."""
+    ident_w, lvl_masks, n_lv, _, ident_s, strict_t = solve_ws
+    if strict_t is None:
+        t_t, _ = yield from _block_doubling(at_sb, ident_s, lvl_masks, n_lv, hi_rows, chunk, cdt, False)
+        return t_t
+    sdt = nl.bfloat16
+    at_s = nl.ndarray(at_sb.shape, dtype=sdt, buffer=nl.sbuf)
+    nisa.activation(dst=at_s, op=nl.copy, data=at_sb)
+    t0_t, t0_row = yield from _block_doubling(at_s, ident_s, lvl_masks, n_lv, hi_rows, chunk, sdt, True)
+    return (yield from _refine_inverse(at_sb, strict_t, ident_w, t0_t, t0_row))
+
+
+def _refine_inverse(at_sb, strict_t, ident_w, t0_t, t0_row):
+    """fp32 Newton steps on T = (I + A)^-1 from the bf16 T0 (both layouts): E = I - T - A T, T^T <- T^T + E^T T^T,
+    T <- T + T E (every matmul out = stationary^T moving: A T = (A^T)^T T, E^T T^T = (E)^T T^T, T E = (T^T)^T E).
+    at_sb [C, W, C] fp32 A^T (strict upper part used), strict_t its 0/1 mask, ident_w I; returns T^T fp32."""
+    f32 = nl.float32
+    shape = at_sb.shape
+    width = shape[1]
+    pool = nisa.engine.gpsimd
+    a_t = nl.ndarray(shape, dtype=f32, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=a_t, data1=at_sb, data2=strict_t, op=nl.multiply, engine=pool)
+    x_t = nl.ndarray(shape, dtype=f32, buffer=nl.sbuf)           # T^T
+    nisa.tensor_copy(dst=x_t, src=t0_t, engine=pool)
+    t_row = nl.ndarray(shape, dtype=f32, buffer=nl.sbuf)         # T
+    nisa.activation(dst=t_row, op=nl.copy, data=t0_row)
+    yield
+    for step in range(_NEWTON_STEPS):
+        last = step + 1 == _NEWTON_STEPS
+        at_ps = nl.ndarray(shape, dtype=f32, buffer=nl.psum)
+        for w in range(width):
+            nisa.nc_matmul(at_ps[:, w, :], a_t[:, w, :], t_row[:, w, :])          # A T
+        e_sb = nl.ndarray(shape, dtype=f32, buffer=nl.sbuf)
+        nisa.tensor_tensor(dst=e_sb, data1=ident_w, data2=t_row, op=nl.subtract, engine=pool)
+        nisa.tensor_tensor(dst=e_sb, data1=e_sb, data2=at_ps, op=nl.subtract)     # E = I - T - A T
+        del at_ps
+        yield
+        xe_ps = nl.ndarray(shape, dtype=f32, buffer=nl.psum)
+        te_ps = None if last else nl.ndarray(shape, dtype=f32, buffer=nl.psum)
+        for w in range(width):
+            nisa.nc_matmul(xe_ps[:, w, :], e_sb[:, w, :], x_t[:, w, :])           # E^T T^T
+            if not last:
+                nisa.nc_matmul(te_ps[:, w, :], x_t[:, w, :], e_sb[:, w, :])       # T E
+        if not last:
+            nisa.tensor_tensor(dst=t_row, data1=t_row, data2=te_ps, op=nl.add)
+        nisa.tensor_tensor(dst=x_t, data1=x_t, data2=xe_ps, op=nl.add)
+        del xe_ps, te_ps
+        yield
+    return x_t
+
+
+def _block_doubling(at_sb, ident_w, lvl_masks, n_lv, hi_rows, chunk, cdt, want_row):
+    """(T^T, T) [C, W, C] per head, T = (I + strict_lower(A))^-1, by recursive block doubling (T: the row
+    layout, complete only when want_row, else None).
 
     With T_s the inverse restricted to diagonal blocks of size s and A_s the entries of A in the
     (second half, first half) sub-blocks of each 2s block: T_2s = T_s - T_s A_s T_s = T_s N_s with
@@ -655,14 +730,15 @@ def _solve_unit_lower(at_sb, ident_w, lvl_masks, n_lv, hi_rows, chunk, cdt):
                 nisa.tensor_tensor(dst=n_lo, data1=i_lo, data2=m_lo, op=nl.subtract)
         del m_ps
         yield
-        x_ps = None if last else nl.ndarray((chunk, width, half), dtype=f32, buffer=nl.psum)
+        rows_too = want_row or not last
+        x_ps = nl.ndarray((chunk, width, half), dtype=f32, buffer=nl.psum) if rows_too else None
         y_ps = nl.ndarray((chunk, width, half), dtype=f32, buffer=nl.psum)
         for h0, h1 in halves:
             for w in range(h0, h1):
-                if not last:                                  # T_2s[:, lo] = T_s N_s[:, lo]
+                if rows_too:                                  # T_2s[:, lo] = T_s N_s[:, lo]
                     nisa.nc_matmul(x_ps[:, w, :], t_t[:, w, :], _cols(n_s[:, w, :], s, False))
                 nisa.nc_matmul(y_ps[:, w, :], n_s[:, w, :], _cols(t_t[:, w, :], s, True))  # N_s^T T_s^T[:, hi]
-            if not last:
+            if rows_too:
                 nisa.activation(dst=_cols(t_row[:, h0:h1], s, False), op=nl.copy,
                                 data=x_ps[:, h0:h1].reshape((chunk, h1 - h0, nb, s)))
             tt_new, y_new = _cols(t_t[:, h0:h1], s, True), y_ps[:, h0:h1].reshape((chunk, h1 - h0, nb, s))
@@ -672,7 +748,7 @@ def _solve_unit_lower(at_sb, ident_w, lvl_masks, n_lv, hi_rows, chunk, cdt):
                 nisa.tensor_copy(dst=tt_new, src=y_new)
         del x_ps, y_ps
         yield
-    return t_t
+    return t_t, (t_row if want_row else None)
 
 
 def gated_delta_rule(q, k, v, g, beta, chunk_size=64, initial_state=None, output_final_state=True,
