@@ -51,9 +51,11 @@ class CostParams:
     pool_elems_pp_per_cycle: float = 1.0  # GpSimd: 8 cores x 512 bit, 16 partitions each -> 1 fp32/partition/cycle
     dma_fixed_us: float = 1.3             # DMA trigger -> data: "~1300 ns cross-engine" descriptor / semaphore-to-start
                                           # latency (nki-dma-bandwidth-guide.rst) [U: 1.0-2.0]
-    dma_desc_overhead_ns: float = 40.0    # per descriptor (contiguous run) per DMA engine: the packet-rate limit behind
-                                          # "<256 B overhead-bound, >=2 KiB near peak, >=4 KiB saturates"; chosen on the
-                                          # calibration fit split (A11, A12, A13) [U: 20-70]
+    dma_desc_overhead_ns: float = 40.0    # per descriptor (contiguous run) per DMA engine: the packet-rate limit
+                                          # behind "<256 B overhead-bound, >=2 KiB near peak, >=4 KiB saturates";
+                                          # chosen in v2 on A11/A12/A13; A11 turned out VectorE-bound, so it rests
+                                          # on A12 (2 KiB rows) and DMA1 (8 KiB): rows < 2 KiB unvalidated
+                                          # (docs/cost-model.md) [U: 20-70]
     dma_partitions_per_engine: int = 8    # each of the 16 DMA engines serves 8 SBUF partitions (nki-dma-overview.rst):
                                           # a transfer touching P partitions runs on ceil(P / 8) engines
     hwdge_us: float = 0.6                 # hardware DGE: ~600 ns per DMA instruction (nki-dge.rst); 2 DGE per core
