@@ -90,6 +90,47 @@ def _old_prefill_baseline_row(t):
         flops=_prefill_flops(1, t), min_hbm_bytes=_gdn_bytes(1, t, state_rw=1), dtype="bfloat16"))
 
 
+def _split_qkv(y, b, t):
+    """conv output y [B, conv_dim, T] (channels [q | k | v]) -> q, k [B, T, Hk, Dk], v [B, T, Hv, Dv]."""
+    y = np.asarray(y)
+    nq = _HK * _DK
+    q = y[:, 0:nq].transpose(0, 2, 1).reshape(b, t, _HK, _DK)
+    k = y[:, nq:2 * nq].transpose(0, 2, 1).reshape(b, t, _HK, _DK)
+    v = y[:, 2 * nq:].transpose(0, 2, 1).reshape(b, t, _HV, _DV)
+    return [np.ascontiguousarray(x) for x in (q, k, v)]
+
+
+def _conv_pair_case(t):
+    """The layer's front end as it runs today, unfused: causal_conv1d (+ SiLU) on mixed_qkv, then
+    gated_delta_rule with the L2 norm in kernel (two launches; the host-side split of the conv output into
+    q, k, v is not modeled). Its roofline is the pair's fused minimum: mixed_qkv read once, no conv output
+    round trip, so the ratio is the figure of the 'conv + DeltaNet fused <= 3.5x' goal."""
+    from nki_kernels import causal_conv1d, gated_delta_rule
+
+    def make(rng):
+        x = _gdn_inputs(rng, 1, t)
+        x["mixed_qkv"] = rng.standard_normal((1, _CONV_DIM, t)).astype(_BF16)
+        x["conv_weight"] = (rng.standard_normal((_CONV_DIM, _KW)) * 0.5).astype(_BF16)
+        return x
+
+    def run(x):
+        y, _ = causal_conv1d(x["mixed_qkv"], x["conv_weight"])
+        q, k, v = _split_qkv(y, 1, t)
+        return gated_delta_rule(q, k, v, x["g"], x["beta"], chunk_size=_CHUNK, use_qk_l2norm_in_kernel=True)
+
+    def reference(x):
+        y, _ = ref.causal_conv1d(x["mixed_qkv"], x["conv_weight"])
+        q, k, v = _split_qkv(y, 1, t)
+        return ref.gated_delta_rule(q, k, v, x["g"], x["beta"], use_qk_l2norm_in_kernel=True)
+
+    pair_bytes = 2 * (t * _CONV_DIM + _CONV_DIM * _KW + t * _HV * _DV) + t * _HV * (4 + 2) + _HV * _DK * _DV * 4
+    register(BenchCase(
+        kernel="gated_delta_rule", shape=f"{_LABEL} B=1 T={t} Hk={_HK} Hv={_HV} D={_DK} l2norm "
+        f"conv1d K={_KW} + gated_delta_rule (unfused pair)",
+        make_inputs=make, run=run, reference=reference,
+        flops=_prefill_flops(1, t) + 2 * _KW * _CONV_DIM * t, min_hbm_bytes=pair_bytes, dtype="bfloat16"))
+
+
 def _decode_inputs(rng, b):
     x = _gdn_inputs(rng, b, 1)
     n_slots = 2 * b + 2
@@ -200,6 +241,7 @@ for _b in DECODE_BATCHES:
 _decode_case(DECODE_BATCHES[0], lnc=1)          # the single-core figure beside the default (LNC=2 on trn2)
 _decode_case(DECODE_BATCHES[0], static_rows=True)
 _old_prefill_baseline_row(PREFILL_LENGTHS[1])
+_conv_pair_case(PREFILL_LENGTHS[1])
 _old_decode_baseline_row(DECODE_BATCHES[0])
 for _t in PREFILL_LENGTHS[:2]:
     _conv_case(_t, quick=(_t == PREFILL_LENGTHS[0]))
