@@ -502,6 +502,8 @@ def _layer(c, W, S, l, hT, cos_t, sin_t, attn, res="add"):
     """One decoder layer on hT [128, KC, rows] fp32 (in place). attn = ("cache", pos) or ("self", slots).
     res = "add" (hT in SBUF, VectorE residual adds) or "accum" (hT in PSUM: o_proj / down_proj accumulate on it)."""
     R, D, Hq, Hkv, r, NH = c.rows, c.D, c.Hq, c.Hkv, c.r, c.NH
+    load = S.get("w_load", lambda l, keys=None: None)
+    load(l)                 # (already issued in all but the first pass)
     # ---- attention: the input RMSNorm's 1/rms scales the q/k/v outputs (evicted from PSUM with it)
     parts = _rms_partials(hT, c.KC, R)
     xw = _weighted_T(hT, S["in_norm"], c.L * c.KC, l * c.KC, c.KC, R)
@@ -568,7 +570,9 @@ def _layer(c, W, S, l, hT, cos_t, sin_t, attn, res="add"):
                                  attnT[:, g * r:(g + 1) * r, r0:r1].permute((0, 2, 1)), m, n, D, True)
     _row_parallel(c, S, hT, res, lambda dst, mode: _linear_T(
         dst, attnT, Hq, D, S["wo"][:, l] if S["wo"] is not None else None, W["wo_t"][l], c.H, _K_TILE, R, mode))
+    load(l + 1, ("wqkv", "wo"))
     _mlp(c, W, S, l, hT, res)
+    load(l + 1, ("wgu", "wd"))
 
 
 def _row_parallel(c, S, hT, res, project):
@@ -678,20 +682,34 @@ def _identity(dtype):
     return ident
 
 
+def _load_transposed(dst, src, n, m):
+    """dst [m, n] fp32 SBUF = src [n, m]^T (an fp32 HBM matrix with contiguous rows, m <= 128): row blocks of
+    <= 128 loaded whole (m * 4 contiguous bytes per descriptor) and turned by TensorE transposes. Loading the
+    transposed layout straight from HBM would move 4-byte descriptors (a 20 KB norm table then holds the DMA
+    queues for ~13 us, ahead of the first layer's weights)."""
+    for r0 in range(0, n, _K_TILE):
+        rn = min(_K_TILE, n - r0)
+        rows = nl.ndarray((rn, m), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=rows, src=src[r0:r0 + rn, :])
+        t_psum = nl.ndarray((m, rn), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_transpose(dst=t_psum, data=rows)
+        nisa.tensor_copy(dst=dst[:, r0:r0 + rn], src=t_psum)
+
+
 def _setup(c, W, resident, with_cache, attn_bb, mask_args):
     """SBUF state shared by all passes: norms (feature-major), optional resident weights, KV cache, mask."""
     L, D, H = c.L, c.D, c.H
     S = {}
     for key, src in (("in_norm", W["input_norm"]), ("post_norm", W["post_norm"])):
         t = nl.ndarray((_K_TILE, L, c.KC), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.dma_copy(dst=t, src=src.ap(pattern=[[1, _K_TILE], [H, L], [_K_TILE, c.KC]], offset=0))
+        _load_transposed(t.reshape((_K_TILE, L * c.KC)), src.reshape((L * c.KC, _K_TILE)), L * c.KC, _K_TILE)
         S[key] = t
     for key, src in (("q_norm", W["q_norm"]), ("k_norm", W["k_norm"])):
         t = nl.ndarray((D, L), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.dma_copy(dst=t, src=src.ap(pattern=[[1, D], [D, L]], offset=0))
+        _load_transposed(t, src, L, D)
         S[key] = t
     fn = nl.ndarray((_K_TILE, c.KC), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=fn, src=W["final_norm"].ap(pattern=[[1, _K_TILE], [_K_TILE, c.KC]], offset=0))
+    _load_transposed(fn, W["final_norm"].reshape((c.KC, _K_TILE)), c.KC, _K_TILE)
     S["final_norm"] = fn
     S["ones"] = _ones(_K_TILE)
     S["ones_bf"] = _ones(_K_TILE, nl.bfloat16)
@@ -705,15 +723,9 @@ def _setup(c, W, resident, with_cache, attn_bb, mask_args):
         S["wo"] = nl.ndarray((D, L, c.Hq, H), dtype=W["wo_t"].dtype, buffer=nl.sbuf)
         S["wgu"] = nl.ndarray((_K_TILE, L, c.KC, 2 * c.I), dtype=W["wgu_t"].dtype, buffer=nl.sbuf)
         S["wd"] = nl.ndarray((_K_TILE, L, c.IC, H), dtype=W["wd_t"].dtype, buffer=nl.sbuf)
-        for l in range(L):
-            for key, src, kp, n_k, n_out in (("wqkv", W["wqkv_t"], _K_TILE, c.KC, c.NQKV),
-                                             ("wo", W["wo_t"], D, c.Hq, H),
-                                             ("wgu", W["wgu_t"], _K_TILE, c.KC, 2 * c.I),
-                                             ("wd", W["wd_t"], _K_TILE, c.IC, H)):
-                for n0 in range(0, n_out, 4 * _N_TILE):      # ~1-4 MB per DMA: several queues in flight
-                    nn = min(4 * _N_TILE, n_out - n0)
-                    nisa.dma_copy(dst=S[key][:, l, :, n0:n0 + nn],
-                                  src=src[l].reshape((n_k, kp, n_out)).permute((1, 0, 2))[:, :, n0:n0 + nn])
+        S["w_loaded"] = set()
+        S["w_load"] = lambda l, keys=_W_RESIDENT: _load_layer_weights(c, W, S, l, keys)
+        S["w_load"](0)          # later layers: during the layer before, in the first pass (`_layer`)
     if with_cache:
         S["kT"] = nl.ndarray((D, L, c.Hkv, c.rows, c.G), dtype=nl.bfloat16, buffer=nl.sbuf)
         S["vT"] = nl.ndarray((D, L, c.Hkv, c.rows, c.G), dtype=nl.bfloat16, buffer=nl.sbuf)
@@ -722,6 +734,29 @@ def _setup(c, W, resident, with_cache, attn_bb, mask_args):
     S["exp_safe"] = False           # cache-mode attention without the max subtraction (`_exp_is_safe`)
     S["maskT"] = {}
     return S
+
+
+_W_RESIDENT = ("wqkv", "wo", "wgu", "wd")
+
+
+def _load_layer_weights(c, W, S, l, keys=_W_RESIDENT):
+    """DMA layer l's matrices `keys` into their resident SBUF tensors (each once; no-op for l >= L). The first
+    pass issues layer l + 1's attention matrices after layer l's attention and its MLP matrices after layer l's
+    MLP (`_layer`), not everything up front: DMAs in flight hold the queues and the bandwidth that the pass's
+    latency-critical transfers (TP all-reduces, core exchanges) need, so loading all layers first delays those
+    behind ~20 MB of weights (modeled: the TP=8 B=1 prompt pass took ~190 us, most of it such waits)."""
+    D, H = c.D, c.H
+    for key, src, kp, n_k, n_out in (("wqkv", W["wqkv_t"], _K_TILE, c.KC, c.NQKV),
+                                     ("wo", W["wo_t"], D, c.Hq, H),
+                                     ("wgu", W["wgu_t"], _K_TILE, c.KC, 2 * c.I),
+                                     ("wd", W["wd_t"], _K_TILE, c.IC, H)):
+        if l >= c.L or key not in keys or (l, key) in S["w_loaded"]:
+            continue
+        S["w_loaded"].add((l, key))
+        for n0 in range(0, n_out, 4 * _N_TILE):      # ~1-4 MB per DMA: several queues in flight
+            nn = min(4 * _N_TILE, n_out - n0)
+            nisa.dma_copy(dst=S[key][:, l, :, n0:n0 + nn],
+                          src=src[l].reshape((n_k, kp, n_out)).permute((1, 0, 2))[:, :, n0:n0 + nn])
 
 
 def _select_code(logits, rows, vh, u_col, sampling):
