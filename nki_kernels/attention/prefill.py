@@ -39,6 +39,10 @@ _N_STREAMS = 2                    # pipeline slots (query tiles in flight). PSUM
 #                                   buffered (2) + P^T (2) + PV (2) + Q^T (1) = 7 banks
 _PE_T_CHUNKS = 2                  # 128-key chunks of P per block transposed on the PE; the rest by DMA transpose
 #                                   (balances TensorE time against the DMA queues' transpose bandwidth)
+_SHORT_KEYS = 2048                # Skv up to this: every P^T chunk on the PE (single-buffered P^T PSUM). Short
+#                                   sequences are DMA- / ScalarE-bound (q, gate, out move in 512 B rows), long
+#                                   ones TensorE-bound (modeled trn2 LNC=2: Sq=Skv=512 27.2 -> 24.2 us, 2048
+#                                   138.8 -> 120.2 us; 8192 keeps 2)
 _S_RING = 2                       # score PSUM buffers per slot (bf16/fp16)
 _O_UPDATE_ON_POOL = False         # O = O*alpha + PV: one VectorE op (False), ScalarE eviction + GpSimd (True),
 #                                   or "odd" (odd slots on ScalarE + GpSimd); False models fastest on trn2
@@ -234,7 +238,7 @@ def _attend_pipeline(q, gate, out, kT_sb, v_sb, len_f, klen_valid, items, skv, d
     """
     block = _block_keys(dtype)
     n_ch = block // K_CHUNK                              # 128-key chunks per block
-    n_pe = _PE_T_CHUNKS if is_two_byte(dtype) else n_ch  # chunks transposed on the PE (rest: DMA transpose)
+    n_pe = n_ch if not is_two_byte(dtype) or skv <= _SHORT_KEYS else _PE_T_CHUNKS   # P^T chunks on the PE (rest: DMA)
     n_slot = min(_N_STREAMS, len(items))
     max_blk = n_tiles(skv, block)
     queues = [[_Stream(h, q0, sq_, skv, causal, block, band) for (h, q0, sq_) in items[s::n_slot]]
@@ -254,7 +258,7 @@ def _attend_pipeline(q, gate, out, kT_sb, v_sb, len_f, klen_valid, items, skv, d
     s_sb = nl.ndarray((P_MAX, n_slot, block), dtype=nl.float32, buffer=nl.sbuf)       # masked scores
     p_ring = nl.ndarray((P_MAX, _RING, n_slot, block), dtype=dtype, buffer=nl.sbuf)
     pT_ring = nl.ndarray((P_MAX, _RING, n_slot, n_ch, _Q_TILE), dtype=dtype, buffer=nl.sbuf)
-    t_ring = 2 if is_two_byte(dtype) else 1              # fp32 P^T takes 4x the PSUM: single-buffered
+    t_ring = 2 if is_two_byte(dtype) and n_pe <= 2 else 1   # fp32 (4x the PSUM) or all chunks on the PE: 1 buffer
     t_psum = nl.ndarray((P_MAX, t_ring, n_slot, n_pe, _Q_TILE), dtype=dtype, buffer=nl.psum)
     # PV accumulators: one region per (step parity, slot), 2 * _N_STREAMS of them; a region of D_CHUNK < d < 256
     # columns is padded to 256 fp32 (1 KiB) so that no region straddles a 2 KiB PSUM bank
