@@ -39,10 +39,11 @@ _N_STREAMS = 2                    # pipeline slots (query tiles in flight). PSUM
 #                                   buffered (2) + P^T (2) + PV (2) + Q^T (1) = 7 banks
 _PE_T_CHUNKS = 2                  # 128-key chunks of P per block transposed on the PE; the rest by DMA transpose
 #                                   (balances TensorE time against the DMA queues' transpose bandwidth)
-_SHORT_KEYS = 2048                # Skv up to this: every P^T chunk on the PE (single-buffered P^T PSUM). Short
-#                                   sequences are DMA- / ScalarE-bound (q, gate, out move in 512 B rows), long
-#                                   ones TensorE-bound (modeled trn2 LNC=2: Sq=Skv=512 27.2 -> 24.2 us, 2048
-#                                   138.8 -> 120.2 us; 8192 keeps 2)
+_SHORT_KEYS = 2048                # Skv up to this: every P^T chunk on the PE (single-buffered P^T PSUM), and every
+#                                   other P^T eviction on the VectorE instead of the ScalarE. Short sequences are
+#                                   DMA- / ScalarE-bound (q, gate, out move in 512 B rows; ScalarE runs every exp),
+#                                   long ones TensorE-bound (modeled trn2 LNC=2: Sq=Skv=512 27.2 -> 24.2 us, 2048
+#                                   138.8 -> 115.0 us; 8192 unchanged)
 _S_RING = 2                       # score PSUM buffers per slot (bf16/fp16)
 _O_UPDATE_ON_POOL = False         # O = O*alpha + PV: one VectorE op (False), ScalarE eviction + GpSimd (True),
 #                                   or "odd" (odd slots on ScalarE + GpSimd); False models fastest on trn2
@@ -265,7 +266,8 @@ def _attend_pipeline(q, gate, out, kT_sb, v_sb, len_f, klen_valid, items, skv, d
     pv_cols = d if d <= D_CHUNK else 2 * D_CHUNK
     pv_psum = nl.ndarray((P_MAX, 2, n_slot, pv_cols), dtype=nl.float32, buffer=nl.psum)
     bufs = dict(qT=qT_sb, m_blk=m_blk, neg_m=neg_m, alpha=alpha, row_sum=row_sum, l=l_sb, o=o_acc, s_psum=s_psum,
-                s_sb=s_sb, pv_sb=pv_sb, p=p_ring, pT=pT_ring, t_psum=t_psum, pv=pv_psum)
+                s_sb=s_sb, pv_sb=pv_sb, p=p_ring, pT=pT_ring, t_psum=t_psum, pv=pv_psum,
+                pt_on_dve=is_two_byte(dtype) and skv <= _SHORT_KEYS)
     diag_bias = _DiagonalBias(block)
     cur = [None] * n_slot
     nxt = [0] * n_slot
@@ -436,8 +438,11 @@ def _transpose_pe(bufs, st, j, step, block, n_pe):
         nisa.nc_transpose(dst=t_psum[0:cn, t, s, c, 0:st.qn], data=p_ring[0:st.qn, r, s, c * K_CHUNK:c * K_CHUNK + cn])
     full = min(n_c, kn // K_CHUNK)
     if full:
-        nisa.activation(dst=pT_ring[0:K_CHUNK, r, s, 0:full, 0:st.qn], op=nl.copy,
-                        data=t_psum[0:K_CHUNK, t, s, 0:full, 0:st.qn])
+        dst, src = pT_ring[0:K_CHUNK, r, s, 0:full, 0:st.qn], t_psum[0:K_CHUNK, t, s, 0:full, 0:st.qn]
+        if bufs["pt_on_dve"] and (step + s) % 2 == 1:      # every other P^T eviction on the VectorE
+            nisa.tensor_copy(dst=dst, src=src)
+        else:
+            nisa.activation(dst=dst, op=nl.copy, data=src)
     if full < n_c:
         rem = kn - full * K_CHUNK
         nisa.activation(dst=pT_ring[0:rem, r, s, full, 0:st.qn], op=nl.copy, data=t_psum[0:rem, t, s, full, 0:st.qn])
