@@ -59,6 +59,10 @@ def test_headline_picks_the_named_case_else_the_first():
     fa = next(r for r in rows if r[0] == "`flash_attention`")
     assert fa[1].endswith("Sq=Skv=8192 causal gated D=256") and fa[2] == "2000.0" and fa[5].startswith("1.30x vs")
     assert [r[0] for r in rows] == ["`flash_attention`", "`gated_delta_rule_step`", "`moe_decode`", "`softmax`"]
+    assert not fa[1].endswith(" *") and next(r for r in rows if r[0] == "`softmax`")[1] == "R=4096 C=2048 bf16"
+    data = _data()
+    data["results"][0]["shape"] = "another shape"
+    assert "another shape *" in tables.render_headline(data) and "stands in" in tables.render_headline(data)
 
 
 def test_command_rewrites_only_the_marked_blocks(tmp_path):
