@@ -23,6 +23,8 @@ _KERNEL_SOURCES = {
     "flash_attention_decode": ("nki_kernels.attention.decode", "nki_kernels.attention.reference",
                                ("flash_attention_decode_ref", "flash_attention_decode_reference",
                                 "flash_attention_decode", "attention_decode_ref")),
+    "flash_attention_varlen": ("nki_kernels.attention.varlen", "nki_kernels.attention.reference",
+                               ("flash_attention_varlen_ref",)),
     "gated_delta_rule": ("nki_kernels.deltanet.chunk", "nki_kernels.deltanet.reference",
                          ("gated_delta_rule_ref", "gated_delta_rule_reference", "gated_delta_rule")),
     "gated_delta_rule_step": ("nki_kernels.deltanet.recurrent", "nki_kernels.deltanet.reference",

@@ -15,8 +15,13 @@ How a mask maps onto the kernels (which know causal bottom-right alignment and p
     window is checked first: the mask inside it must be exactly causal bottom-right and empty outside it.
     Padded query rows get zeros (they never reach a valid position: keys at padded positions are masked, GDN
     zeroes padded hidden states).
-  * anything else (sliding window, non-causal modules, dropout, a mask pattern that is not causal + padding,
-    head dims the kernel refuses) runs transformers' own sdpa function and is counted as a fallback.
+  * packed sequences (position_ids that restart inside a row, e.g. `DataCollatorWithFlattening`: transformers'
+    mask is then block-diagonal causal): every row of the batch cut into its segments, all segments of all rows
+    in one `flash_attention_varlen` launch (cu_seqlens from the mask). The `cu_seq_lens_q / k` keyword arguments
+    the flash-attention path uses are not needed (stock sdpa ignores them; the mask is what it computes).
+  * anything else (sliding window, non-causal modules, dropout, a mask pattern that is not causal + padding or
+    packed causal, head dims the kernel refuses) runs transformers' own sdpa function and is counted as a
+    fallback.
 
 The attention output gate of Qwen3.5 / Qwen3-Next is applied by the model after this function (P6); the
 instance-level `gated_attention_forward` installed by `patch()` moves it into the kernel call (`gate=`).
@@ -76,6 +81,28 @@ def _window(mask_b, sq, skv):
     return qs, qe, ks, ke
 
 
+def _packed_segments(m, sq, skv):
+    """For a batch of bool masks [B, S, S] that are each block-diagonal causal (packed sequences, no padding and
+    no cache) the segment starts of every row, else None."""
+    if sq != skv:
+        return None
+    rows = np.arange(sq)
+    out = []
+    for mb in m:
+        if not mb[rows, rows].all():
+            return None
+        first = np.argmax(mb, axis=1)                          # first attended key of each row
+        starts = np.nonzero(first == rows)[0]
+        seg = starts[np.searchsorted(starts, rows, side="right") - 1]
+        if not np.array_equal(first, seg):
+            return None
+        expect = (rows[None, :] <= rows[:, None]) & (rows[None, :] >= seg[:, None])
+        if not np.array_equal(mb, expect):
+            return None
+        out.append(starts)
+    return out
+
+
 class AttentionHook:
     """The registered attention function; bound to one patch handle's kernels and counters."""
 
@@ -112,6 +139,26 @@ class AttentionHook:
             out = out * torch.sigmoid(gate.to(out.dtype))
         return out
 
+    def _packed(self, q, k, v, scale, starts, gate=None):
+        """Every segment of every batch row through one flash_attention_varlen launch (causal per segment);
+        q [B,Hq,S,D], k/v [B,Hkv,S,D] -> out BSHD. None when the kernel is not available."""
+        import torch
+        fn = self.kernels.get("flash_attention_varlen")
+        if fn is None:
+            return None
+        B, Hq, S, D = q.shape
+        be = self.kernels.backend
+        bounds = [int(b * S + x) for b, st in enumerate(starts) for x in st] + [B * S]
+        cu = torch.tensor(bounds, dtype=torch.int32)
+        pack = lambda t: t.transpose(1, 2).reshape(B * S, t.shape[1], t.shape[3])      # noqa: E731
+        kw = dict(causal=True, softmax_scale=float(scale))
+        if gate is not None:
+            kw["gate"] = kernel_input(pack(gate), be)
+        out = fn(kernel_input(pack(q), be), kernel_input(pack(k), be), kernel_input(pack(v), be),
+                 kernel_input(cu, be), kernel_input(cu, be), **kw)
+        self.stats.called("flash_attention_varlen")
+        return to_torch(out, like=q).reshape(B, S, Hq, D)
+
     def _run(self, q, k, v, scale, valid_lens=None, gate=None):
         """q [b,Hq,sq,D], k/v [b,Hkv,skv,D] -> [b,Hq,sq,D], queries are the last sq positions of the keys."""
         import torch
@@ -134,8 +181,6 @@ class AttentionHook:
             return "non-causal module"
         if kwargs.get("sliding_window") is not None:
             return "sliding window"
-        if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seqlens") is not None:
-            return "packed (varlen) sequences"
         if query.shape[2] > key.shape[2]:
             return "more queries than keys"
         if attention_mask is not None and (attention_mask.dtype != __import__("torch").bool
@@ -158,7 +203,10 @@ class AttentionHook:
         m = np.broadcast_to(m, (B, Sq, Skv))
         wins = [_window(m[b], Sq, Skv) for b in range(B)]
         if any(w is None for w in wins):
-            return None
+            starts = _packed_segments(m, Sq, Skv)
+            if starts is None:
+                return None
+            return self._packed(query, key, value, scale, starts, gate)
         # right padding (or no padding) of a fresh prefill: one launch with valid lengths
         if Sq == Skv and all(w[0] == 0 and w[2] == 0 and w[1] == w[3] for w in wins):
             lens = torch.tensor([w[1] for w in wins], dtype=torch.int32)

@@ -195,8 +195,8 @@ class DeltaNetHook:
               kwargs):
         import torch
         if cu_seqlens is not None:
-            self.stats.fell_back("deltanet", "packed (varlen) sequences")
-            return None
+            return self._packed_chunk(query, key, value, g, beta, chunk_size, initial_state, output_final_state,
+                                      l2norm, cu_seqlens)
         fn = self._k("gated_delta_rule", "deltanet")
         if fn is None:
             return None
@@ -215,6 +215,31 @@ class DeltaNetHook:
         o = to_torch(o, like=query)
         final = to_torch(final, dtype=torch.float32) if output_final_state else None
         return o, final
+
+    def _packed_chunk(self, query, key, value, g, beta, chunk_size, initial_state, output_final_state, l2norm,
+                      cu_seqlens):
+        """Packed prefill (transformers passes `cu_seq_lens_q` as cu_seqlens, B = 1): the sequences unpacked to a
+        right-padded [N, Lmax] batch with valid_lengths, one launch, outputs packed back. Each sequence starts
+        from a zero state and nothing leaks between sequences (stock's torch function ignores cu_seqlens)."""
+        import torch
+        why = _packed_unsupported(query, cu_seqlens, initial_state, output_final_state)
+        if why is not None:
+            self.stats.fell_back("deltanet", why)
+            return None
+        fn = self._k("gated_delta_rule", "deltanet")
+        if fn is None:
+            return None
+        be = self.kernels.backend
+        index, lens = _unpack_index(cu_seqlens)
+        unpack = lambda t: t[0][index]                  # noqa: E731  [1, T, ...] -> [N, Lmax, ...] (pads: token 0)
+        o, _ = fn(kernel_input(unpack(query), be), kernel_input(unpack(key), be), kernel_input(unpack(value), be),
+                  kernel_input(unpack(g.to(torch.float32)), be), kernel_input(unpack(beta), be),
+                  chunk_size=chunk_size if chunk_size in _CHUNK_SIZES else _CHUNK_SIZES[0],
+                  output_final_state=True, use_qk_l2norm_in_kernel=bool(l2norm),
+                  valid_lengths=kernel_input(lens, be))
+        self.stats.called("gated_delta_rule")
+        o = to_torch(o, like=query)
+        return _repack(o, index, lens, query.shape[1]), None
 
     # decode step --------------------------------------------------------------------------------------------
     def step(self, query, key, value, g, beta, initial_state, output_final_state, l2norm, cu_seqlens, kwargs):
@@ -260,8 +285,11 @@ class DeltaNetHook:
 
     def conv(self, x, weight, bias, activation, kwargs):
         why = self._conv_supported(bias, activation)
-        if why is None and (kwargs.get("seq_idx") is not None or kwargs.get("cu_seq_lens_q") is not None):
-            why = "packed (varlen) sequences"
+        cu = kwargs.get("cu_seq_lens_q")
+        if why is None and kwargs.get("seq_idx") is not None:
+            why = "packed sequences given as seq_idx"
+        if why is None and cu is not None:
+            why = _packed_unsupported(x.transpose(1, 2), cu, None, False)
         if why is not None:
             self.stats.fell_back("conv1d", why)
             return None
@@ -269,12 +297,21 @@ class DeltaNetHook:
         if fn is None:
             return None
         be = self.kernels.backend
-        y = fn(kernel_input(x, be), kernel_input(weight.detach().to(x.dtype), be),
-               activation=None if activation is None else "silu")
+        act = None if activation is None else "silu"
+        w = kernel_input(weight.detach().to(x.dtype), be)
+        if cu is None:
+            y = fn(kernel_input(x, be), w, activation=act)
+        else:     # packed: unpacked to [N, C, Lmax] with valid lengths (each sequence from a zero conv state)
+            index, lens = _unpack_index(cu)
+            y = fn(kernel_input(x[0][:, index].permute(1, 0, 2).contiguous(), be), w, activation=act,
+                   valid_lengths=kernel_input(lens, be))
         if isinstance(y, tuple):
             y = y[0]
         self.stats.called("causal_conv1d")
-        return to_torch(y, like=x)
+        y = to_torch(y, like=x)
+        if cu is not None:
+            y = _repack(y.transpose(1, 2), index, lens, x.shape[2]).transpose(1, 2)
+        return y
 
     def conv_update(self, x, conv_state, weight, bias, activation, kwargs):
         import torch
@@ -303,3 +340,40 @@ class DeltaNetHook:
             conv_state.copy_(to_torch(new_state, like=conv_state))
         self.stats.called("causal_conv1d_update")
         return to_torch(y, like=x)
+
+
+# ------------------------------------------------------------------ packed sequences (cu_seq_lens_q)
+
+
+def _packed_unsupported(x, cu_seqlens, initial_state, output_final_state):
+    """Why a packed call ([1, T, ...] with cu_seqlens) cannot go to the kernels, or None."""
+    import torch
+    if x.shape[0] != 1:
+        return f"packed sequences need batch 1, got B={x.shape[0]}"
+    if initial_state is not None or output_final_state:
+        return "packed sequences with a cache (one state per sequence is not what the cache holds)"
+    cu = torch.as_tensor(cu_seqlens).detach().cpu().to(torch.int64)
+    if cu.dim() != 1 or cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != x.shape[1] or bool((cu.diff() < 0).any()):
+        return f"cu_seq_lens_q {cu.tolist()} does not describe the {x.shape[1]} packed tokens"
+    return None
+
+
+def _unpack_index(cu_seqlens):
+    """(index [N, Lmax] into the packed tokens, pads pointing at their sequence's first token (or token 0),
+    lens [N] int32) for a valid cu_seqlens."""
+    import torch
+    cu = torch.as_tensor(cu_seqlens).detach().cpu().to(torch.int64)
+    lens = cu.diff()
+    lmax = max(1, int(lens.max()))
+    pos = torch.arange(lmax)[None, :]
+    index = torch.where(pos < lens[:, None], cu[:-1, None] + pos, cu[:-1, None].clamp(max=int(cu[-1]) - 1))
+    return index, lens.to(torch.int32)
+
+
+def _repack(y, index, lens, total):
+    """[N, Lmax, ...] outputs back to [1, T, ...] at the packed positions (the padded rows dropped)."""
+    import torch
+    keep = torch.arange(index.shape[1])[None, :] < lens[:, None].to(torch.int64)
+    out = y.new_zeros((total,) + tuple(y.shape[2:]))
+    out[index[keep]] = y[keep]
+    return out[None]

@@ -48,7 +48,8 @@ _SBUF_KV_BUDGET = 112 * 1024      # bytes per partition for K^T + V of one KV he
 _BLOCK = MM_KEYS                  # keys per loop iteration: S of one query tile = one fp32 PSUM bank (512 x 4 B)
 _BLOCK_SHIFT = _BLOCK.bit_length() - 1   # log2(_BLOCK): block index = key >> 9
 _N_CH = _BLOCK // K_CHUNK         # 128-key chunks per block (P^T transposes, PV matmuls)
-_PE_T_CHUNKS = 2                  # bf16/fp16: chunks of P transposed on the PE, the rest by DMA transpose
+_PE_T_CHUNKS = _N_CH              # chunks of P transposed on the PE (the rest by DMA transpose): all of them; the
+#                                   loop's DMA queues carry the block fetches, the PE has room (modeled)
 _STAT_INIT = 3.0e38               # initial -scale * running max: exp(-3e38 + x) = 0 wipes the first rescale
 _MAX_GROUP = 16                   # query heads per KV head handled together (the O accumulators: 16 x 1 KiB)
 
@@ -281,8 +282,8 @@ def _block_step(j, kT_sb, v_sb, qT, state, rows, k0_f, i_q, qn, gn, d, n_d, dtyp
             pattern=[[row, dn], [n_blk * _BLOCK, nd], [1, _BLOCK]], offset=i_d * n_blk * _BLOCK, scalar_offset=j,
             indirect_dim=2))
     v_blk = nl.ndarray((P_MAX, _N_CH, d), dtype=dtype, buffer=nl.sbuf)
-    nisa.dma_copy(dst=v_blk, src=v_sb.ap(pattern=[[n_blk * _N_CH * d, P_MAX], [d, _N_CH], [1, d]], offset=0,
-                                         scalar_offset=j, indirect_dim=1))
+    nisa.dma_copy(dst=v_blk.reshape((P_MAX, _N_CH * d)), src=v_sb.ap(   # one contiguous run per partition
+        pattern=[[n_blk * _N_CH * d, P_MAX], [1, _N_CH * d]], offset=0, scalar_offset=j, indirect_dim=1))
     vis = nl.ndarray((P_MAX, _BLOCK), dtype=nl.bfloat16, buffer=nl.sbuf)
     rows.visible(vis, k0_f, i_q, qn)
     nisa.tensor_scalar(dst=k0_f[0:qn], data=k0_f[0:qn], op0=nl.add, operand0=float(_BLOCK))
@@ -322,8 +323,8 @@ def _head_step(kT_blk, v_blk, qT, state, vis, g, qn, d, n_d, dtype, scale):
 
 
 def _probs_transposed(p_sb, qn, dtype):
-    """P^T [128(keys), 4, 128(rows)]: bf16/fp16 chunks 0..1 on the PE (evicted by ScalarE), 2..3 by one SBUF->SBUF
-    DMA transpose (the TensorE is the busiest engine); fp32: all four on the PE (one PSUM bank)."""
+    """P^T [128(keys), 4, 128(rows)]: chunks 0.._PE_T_CHUNKS-1 on the PE (one PSUM bank, evicted by ScalarE), the
+    rest (bf16/fp16 only) by one SBUF->SBUF DMA transpose."""
     pT = nl.ndarray((P_MAX, _N_CH, _Q_TILE), dtype=dtype, buffer=nl.sbuf)
     n_pe = _PE_T_CHUNKS if is_two_byte(dtype) else _N_CH
     t_psum = nl.ndarray((P_MAX, n_pe, _Q_TILE), dtype=dtype, buffer=nl.psum)
