@@ -28,13 +28,22 @@ _GATHER_BYTES_PP = 64 * 1024   # SBUF per partition for one group of gathered sl
 _TABLE_BLOCKS = 256            # blocks whose expert / token-id tables are loaded at once (SBUF independent of N)
 _DVE_ADD_SHARE = 0.6           # output-pass adds: VectorE's share of the columns (trn2: DVE ~1.9, GpSimd ~1.2
                                # fp32 elements per partition per ns; the rest on GpSimd)
+_DESCRIPTOR_BYTES = 920        # DMA per-descriptor overhead in bytes (40 ns x 23 B/ns, trn2: docs/cost-model.md)
+_CORE_HBM_BYTES_PER_US = 362.5e3   # one trn2 core's HBM rate (bytes per µs)
+_GPSIMD_GHZ = 1.2
+_GATHER_EXPOSED = 0.5          # share of the on-chip combine's nc_n_gather time not hidden by other engines (fitted:
+                               # thinker / talker T=1024, LNC=2, both paths modeled; docs/moe.md)
+_MIN_GROUP_TILES = 2           # "auto" takes the on-chip combine only with at least this many 128-row tiles per group
+_MAX_GATHER_INDICES = 65536    # T * KMAX slot indices per partition (one SBUF tile: the free-size limit)
 _SBUF_MARGIN = 2 * 1024        # bytes per partition left for the few small tiles the plan below does not list
 
 @nki.jit
 def moe_blockwise_kernel(hidden, expert_affinities, gate_up, down, token_position_to_id, block_to_expert,
                          token_to_position, shared_gate_up, shared_down, shared_gate, top_k_index, block_size,
                          expert_offset):
-    """Blockwise expert MLPs + fused shared expert, one launch (LNC=1).
+    """Blockwise expert MLPs + fused shared expert with the DMA combine, one launch (LNC 1 or 2: blocks
+    b % C == c on program c, which writes their slot rows of a shared-HBM scratch; after `nisa.core_barrier` on
+    it, 128-token row chunks r % C == c, each program writing its rows of out).
 
     Dimensions:
         T tokens, H hidden (multiple of 128), E local experts, I expert intermediate, Is shared intermediate,
@@ -42,7 +51,7 @@ def moe_blockwise_kernel(hidden, expert_affinities, gate_up, down, token_positio
     Args:
         hidden: [T, H] @ HBM, bf16/fp16/fp32.
         expert_affinities: [T * E, 1] @ HBM (dense affinities, row-major [T, E]) when top_k_index is None,
-            else the top-k weights [T, TOPK] @ HBM.
+            else None.
         gate_up: [E, H, 2, I] @ HBM (gate columns then up columns), hidden's dtype.
         down: [E, I, H] @ HBM.
         token_position_to_id: [N * B] int32 @ HBM, token id per block slot, -1 for padding.
@@ -50,7 +59,8 @@ def moe_blockwise_kernel(hidden, expert_affinities, gate_up, down, token_positio
         token_to_position: [T, KMAX] int32 @ HBM, the slots holding each token (N * B = an all-zero row where
             the token has fewer local experts) - the inverse of token_position_to_id, built on the host.
         shared_gate_up: [H, 2, Is] @ HBM or None; shared_down: [Is, H] @ HBM; shared_gate: [H] @ HBM.
-        top_k_index: [T, TOPK] int32 @ HBM (global expert ids) or None.
+        top_k_index: the routing table [T, 2 * TOPK] float32 @ HBM (`routing_table`: global expert ids as fp32,
+            then the top-k weights) or None (dense form).
         block_size: B (trace-time constant). expert_offset: global id of local expert 0 (constant).
     Returns:
         out: [T, H] @ HBM in hidden's dtype.
@@ -72,11 +82,15 @@ def moe_blockwise_kernel(hidden, expert_affinities, gate_up, down, token_positio
     """
     n_tokens, h_total = hidden.shape
     n_slots = token_position_to_id.shape[0]
+    pid, n_prog = nl.program_id(0), nl.num_programs(0)
     out = nl.ndarray((n_tokens, h_total), dtype=hidden.dtype, buffer=nl.shared_hbm)
-    scratch = nl.ndarray((n_slots + 1, h_total), dtype=hidden.dtype, buffer=nl.hbm)
+    scratch = nl.ndarray((n_slots + 1, h_total), dtype=hidden.dtype,
+                         buffer=nl.shared_hbm if n_prog > 1 else nl.hbm)
     _blocks_phase(hidden, expert_affinities, gate_up, down, token_position_to_id, block_to_expert, top_k_index,
-                  scratch, block_size, expert_offset, 0, 1)
-    _finalize_phase(hidden, scratch, token_to_position, shared_gate_up, shared_down, shared_gate, out, 0, 1)
+                  scratch, block_size, expert_offset, pid, n_prog)
+    if n_prog > 1:   # the other core's slot rows are in scratch once both have passed the barrier
+        nisa.core_barrier(data=scratch, cores=(0, 1), engine=nisa.engine.scalar)
+    _finalize_phase(hidden, scratch, token_to_position, shared_gate_up, shared_down, shared_gate, out, pid, n_prog)
     return out
 
 
@@ -93,28 +107,6 @@ def _shared_h_rows(hidden, i_r, s_wgu_sb, s_wsg_sb):
     return n_tok, swiglu(xT_sb, n_tok, s_wgu_sb, gate_sb)
 
 
-@nki.jit
-def moe_blockwise_blocks_kernel(hidden, expert_affinities, gate_up, down, token_position_to_id, block_to_expert,
-                                top_k_index, block_size, expert_offset):
-    """LNC=2 launch 1: phase 1 of `moe_blockwise_kernel`, blocks b with b % C == c on program c; returns the
-    slot outputs scratch [N * B + 1, H] @ HBM (last row zero)."""
-    n_slots = token_position_to_id.shape[0]
-    scratch = nl.ndarray((n_slots + 1, hidden.shape[1]), dtype=hidden.dtype, buffer=nl.shared_hbm)
-    _blocks_phase(hidden, expert_affinities, gate_up, down, token_position_to_id, block_to_expert, top_k_index,
-                  scratch, block_size, expert_offset, nl.program_id(0), nl.num_programs(0))
-    return scratch
-
-
-@nki.jit
-def moe_blockwise_finalize_kernel(hidden, scratch, token_to_position, shared_gate_up, shared_down, shared_gate):
-    """LNC=2 launch 2: phase 2 of `moe_blockwise_kernel` (shared expert + per-token sum of its slot rows), row
-    chunks r with r % C == c on program c; returns out [T, H] @ HBM."""
-    out = nl.ndarray(hidden.shape, dtype=hidden.dtype, buffer=nl.shared_hbm)
-    _finalize_phase(hidden, scratch, token_to_position, shared_gate_up, shared_down, shared_gate, out,
-                    nl.program_id(0), nl.num_programs(0))
-    return out
-
-
 def _load_block_tables(block_to_expert, token_position_to_id, top_k_index, block_size, expert_offset, b0, n_b):
     """Blocks b0 .. b0 + n_b - 1 (column b - b0): each block's expert id on every partition (e_all_sb [128, n_b],
     and eg_all_sb = global ids for the top-k compare) and every slot's token id (slot chunk c of block b in
@@ -127,14 +119,21 @@ def _load_block_tables(block_to_expert, token_position_to_id, top_k_index, block
         nisa.tensor_scalar(dst=eg_all_sb, data=e_all_sb, op0=nl.add, operand0=expert_offset)
     else:
         eg_all_sb = e_all_sb
-    ids_all = []
-    for s0 in range(0, block_size, TOK_TILE):
-        n_tok = min(TOK_TILE, block_size - s0)
-        ids_sb = nl.ndarray((TOK_TILE, n_b), dtype=nl.int32, buffer=nl.sbuf)
-        nisa.dma_copy(dst=ids_sb[0:n_tok, :],
-                      src=token_position_to_id.ap(pattern=[[1, n_tok], [block_size, n_b]],
-                                                  offset=b0 * block_size + s0))
-        ids_all.append(ids_sb)
+    ids_all = [nl.ndarray((TOK_TILE, n_b), dtype=nl.int32, buffer=nl.sbuf) for _ in range(0, block_size, TOK_TILE)]
+    # the slot ids land block-major (one contiguous run of B ids per partition: a slot-major load would move 4-byte
+    # runs) and are turned slot-major by exact fp32 TensorE transposes (ids < 2^24)
+    for r0 in range(0, n_b, P_MAX):
+        n_r = min(P_MAX, n_b - r0)
+        rows_sb = nl.ndarray((P_MAX, block_size), dtype=nl.int32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=rows_sb[0:n_r, :], src=token_position_to_id.ap(
+            pattern=[[block_size, n_r], [1, block_size]], offset=(b0 + r0) * block_size))
+        rows_f = nl.ndarray((P_MAX, block_size), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=rows_f[0:n_r, :], src=rows_sb[0:n_r, :])
+        for i_c, s0 in enumerate(range(0, block_size, TOK_TILE)):
+            n_tok = min(TOK_TILE, block_size - s0)
+            t_psum = nl.ndarray((TOK_TILE, P_MAX), dtype=nl.float32, buffer=nl.psum)
+            nisa.nc_transpose(dst=t_psum[0:n_tok, 0:n_r], data=rows_f[0:n_r, s0:s0 + n_tok])
+            nisa.tensor_copy(dst=ids_all[i_c][0:n_tok, r0:r0 + n_r], src=t_psum[0:n_tok, 0:n_r])
     return e_all_sb, eg_all_sb, ids_all
 
 
@@ -188,7 +187,7 @@ def _block_step(hidden, expert_affinities, gate_up, down, top_k_index, e_all_sb,
         if top_k_index is None:
             aff_sb = _dense_affinity(expert_affinities, ids_sb, e_sb, n_tok, n_local)
         else:
-            aff_sb = _topk_affinity(expert_affinities, top_k_index, ids_sb, eg_all_sb[:, col:col + 1], n_tok)
+            aff_sb = _topk_affinity(top_k_index, ids_sb, eg_all_sb[:, col:col + 1], n_tok)
         inputs.append((i_b * block_size + s0, n_tok, x_sb, aff_sb))
     chunks = []
     for i_c, (pos0, n_tok, x_sb, aff_sb) in enumerate(inputs):
@@ -313,24 +312,22 @@ def _dense_affinity(aff_flat, ids_sb, e_sb, n_tok, n_local):
     return aff_sb
 
 
-def _topk_affinity(top_k_weights, top_k_index, ids_sb, eg_sb, n_tok):
-    """(n_tok, 1) fp32: sum_j w[id, j] * (idx[id, j] == e_global), from the gathered top-k rows."""
-    top_k = top_k_index.shape[1]
-    idx_sb = nl.ndarray((TOK_TILE, top_k), dtype=nl.int32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=idx_sb[0:n_tok, :],
-                  src=top_k_index.ap(pattern=[[top_k, n_tok], [1, top_k]], offset=0,
-                                     vector_offset=ids_sb[0:n_tok, :], indirect_dim=0),
-                  oob_mode=nisa.oob_mode.skip)
-    w_sb = nl.ndarray((TOK_TILE, top_k), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=w_sb[0:n_tok, :],
-                  src=top_k_weights.ap(pattern=[[top_k, n_tok], [1, top_k]], offset=0,
-                                       vector_offset=ids_sb[0:n_tok, :], indirect_dim=0),
+def _topk_affinity(routing, ids_sb, eg_sb, n_tok):
+    """(n_tok, 1) fp32: sum_j w[id, j] * (idx[id, j] == e_global), from one gathered row per slot of the routing
+    table [T, 2 TOPK] fp32 (the TOPK ids, exact below 2^24, then the TOPK weights): one indirect DMA."""
+    two_k = routing.shape[1]
+    top_k = two_k // 2
+    row_sb = nl.ndarray((TOK_TILE, two_k), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=row_sb[0:n_tok, :],
+                  src=routing.ap(pattern=[[two_k, n_tok], [1, two_k]], offset=0, vector_offset=ids_sb[0:n_tok, :],
+                                 indirect_dim=0),
                   oob_mode=nisa.oob_mode.skip)
     sel_sb = nl.ndarray((TOK_TILE, top_k), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_scalar(dst=sel_sb[0:n_tok, :], data=idx_sb[0:n_tok, :], op0=nl.equal, operand0=eg_sb[0:n_tok, :])
-    sel_sb = nl.where(sel_sb, w_sb, 0.0)    # a select: the weight (even NaN) of another expert plays no part
-    aff_sb = nl.ndarray((TOK_TILE, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_reduce(dst=aff_sb[0:n_tok, :], op=nl.add, data=sel_sb[0:n_tok, :], axis=1)
+    nisa.tensor_scalar(dst=sel_sb[0:n_tok, :], data=row_sb[0:n_tok, 0:top_k], op0=nl.equal,
+                       operand0=eg_sb[0:n_tok, :])
+    w_sb = nl.where(sel_sb[0:n_tok, :], row_sb[0:n_tok, top_k:two_k], 0.0)   # a select: another expert's weight
+    aff_sb = nl.ndarray((TOK_TILE, 1), dtype=nl.float32, buffer=nl.sbuf)      # (even NaN) plays no part
+    nisa.tensor_reduce(dst=aff_sb[0:n_tok, :], op=nl.add, data=w_sb, axis=1)
     return aff_sb
 
 
@@ -412,7 +409,7 @@ def blocks_phase_bytes(h_total: int, n_inter: int, block_size: int, top_k: int, 
     [128, H] tile per 128-slot chunk, all issued first), one transpose, the h tiles of this and the previous
     block, hT, the output row tile, the all-zero row and the per-chunk affinity tiles."""
     n_h, n_i, n_c = h_total // P_MAX, -(-n_inter // P_MAX), -(-block_size // TOK_TILE)
-    tables = (2 + n_c) * 4 * _TABLE_BLOCKS
+    tables = (2 + n_c) * 4 * _TABLE_BLOCKS + 8 * block_size     # + the block-major ids (int32, fp32)
     weights = (n_h * 2 * n_inter + 2 * n_i * h_total) * item
     rows = (n_c + 3) * h_total * item                   # x per chunk, xT, y, zero row
     inter = 2 * n_c * n_inter * item + n_i * TOK_TILE * item + 1024    # h (2 blocks), hT, SiLU tile
@@ -513,7 +510,8 @@ def _check_inter(kname, label, n_inter, h_total, hidden):
 
 
 def moe_blockwise(hidden, expert_affinities, gate_up, down, token_position_to_id, block_to_expert, block_size,
-                  shared=None, top_k_index=None, expert_offset: int = 0, max_experts_per_token=None, lnc=None):
+                  shared=None, top_k_index=None, expert_offset: int = 0, max_experts_per_token=None, lnc=None,
+                  combine: str = "auto"):
     """Blockwise MoE on NxDI's mapping, with the optional fused sigmoid-gated shared expert.
 
     Dimensions:
@@ -535,9 +533,14 @@ def moe_blockwise(hidden, expert_affinities, gate_up, down, token_position_to_id
             are compared against expert_offset + l; the mapping must use the same offset).
         max_experts_per_token: KMAX for the dense form (trace-time option, default min(E, N)); the output pass
             gathers KMAX slot rows per token, so pass the router's TOPK. Ignored in the top-k form (KMAX = TOPK).
-        lnc: None (NEURON_LOGICAL_NC_CONFIG, else the target's default: 2 on trn2), 1 or 2. At LNC=2 two
-            launches: the blocks alternate between the two cores (each writes its blocks' slot rows), then the
-            128-token row chunks alternate (each core writes its rows of the output).
+        lnc: None (NEURON_LOGICAL_NC_CONFIG, else the target's default: 2 on trn2), 1 or 2. At LNC=2 one
+            launch, the cores meeting once at a `nisa.core_barrier`: DMA combine: the blocks alternate between
+            the two cores (each writes its blocks' slot rows to a shared scratch), then the 128-token row chunks
+            alternate (each core writes its rows of the output); on-chip combine: each core takes a contiguous
+            half of the blocks (exchanging their h.T through shared HBM), then a contiguous half of the hidden
+            columns (writing those columns of the output).
+        combine: "auto" (default: the rule of `choose_combine`, on shapes only), "onchip" (error if its SBUF
+            plan does not fit) or "dma" (trace-time option). Both give the same values up to rounding order.
     Returns:
         [T, H] in hidden's dtype (NumPy or torch like the inputs). No argument is written.
     Constraints:
@@ -595,7 +598,7 @@ def moe_blockwise(hidden, expert_affinities, gate_up, down, token_position_to_id
     else:
         check_top_k(kname, top_k_index, expert_affinities, n_tokens, hidden, weights_name="expert_affinities")
         kmax = _shape(top_k_index)[1]
-        aff, idx = expert_affinities, _as_int32(top_k_index)
+        aff, idx = None, routing_table(top_k_index, expert_affinities)
     check_mapping(kname, tpos, b2e, block_size, n_tokens, n_local, kmax, top_k_index, expert_affinities,
                   expert_offset)
     tpos32 = _as_int32(token_position_to_id)
@@ -606,12 +609,69 @@ def moe_blockwise(hidden, expert_affinities, gate_up, down, token_position_to_id
     check_sbuf_plan(kname, h_total, _shape(gate_up)[3], s_inter, int(block_size), kmax, top_k,
                     4 if _dtype_name(hidden) == "float32" else 2)
     s_gu, s_dn, s_g = shared if shared is not None else (None, None, None)
-    if lnc == 1:
-        return call(moe_blockwise_kernel, hidden, aff, gate_up, down, tpos32, b2e32, inv, s_gu, s_dn, s_g, idx,
-                    int(block_size), int(expert_offset), lnc=1)
-    scratch = call(moe_blockwise_blocks_kernel, hidden, aff, gate_up, down, tpos32, b2e32, idx, int(block_size),
-                   int(expert_offset), lnc=lnc)
-    return call(moe_blockwise_finalize_kernel, hidden, scratch, inv, s_gu, s_dn, s_g, lnc=lnc)
+    kernel_check(combine in ("auto", "onchip", "dma"),
+                 f"{kname}: combine must be 'auto', 'onchip' or 'dma', got combine={combine!r}")
+    group_tiles = choose_combine(n_tokens, h_total, _shape(gate_up)[3], s_inter, n_blocks, int(block_size), kmax,
+                                 4 if _dtype_name(hidden) == "float32" else 2, lnc, combine)
+    kernel_check(combine != "onchip" or group_tiles is not None,
+                 f"{kname}: combine='onchip' does not fit SBUF for T={n_tokens}, H={h_total}, N*B="
+                 f"{n_blocks * int(block_size)} slots, KMAX={kmax} (the slot outputs of one 128-row hidden tile and "
+                 f"the slot indices must fit); use combine='auto' or 'dma'")
+    if group_tiles is not None:
+        from .combine import moe_blockwise_onchip_kernel
+        return call(moe_blockwise_onchip_kernel, hidden, aff, gate_up, down, tpos32, b2e32, inv.astype(np.uint32),
+                    s_gu, s_dn, s_g, idx, int(block_size), int(expert_offset), group_tiles, lnc=lnc)
+    return call(moe_blockwise_kernel, hidden, aff, gate_up, down, tpos32, b2e32, inv, s_gu, s_dn, s_g, idx,
+                int(block_size), int(expert_offset), lnc=lnc)
+
+
+def choose_combine(n_tokens, h_total, n_inter, s_inter, n_blocks, block_size, kmax, item, lnc, combine="auto",
+                   target=None):
+    """Trace-time choice of the combine (shapes only): GT, the hidden tiles per group of the on-chip combine, or
+    None for the DMA combine. GT is the largest group whose SBUF plan fits (`combine.onchip_plan_bytes`), the
+    groups of a core's ceil(n_h / lnc) tiles balanced; "auto" takes the on-chip path when it fits with
+    GT >= _MIN_GROUP_TILES and `_onchip_is_faster` (see docs/moe.md)."""
+    from .combine import H_TILE, onchip_plan_bytes
+    if combine == "dma":
+        return None
+    n_core = -(-(h_total // H_TILE) // lnc)
+    budget = sbuf_budget(target)
+    fits = [gt for gt in range(1, n_core + 1)
+            if onchip_plan_bytes(n_tokens, h_total, n_inter, s_inter, n_blocks, block_size, kmax, gt, item) <= budget
+            and n_tokens * kmax <= _MAX_GATHER_INDICES]
+    if not fits:
+        return None
+    n_groups = -(-n_core // max(fits))
+    gt = -(-n_core // n_groups)
+    if combine == "auto" and (gt < min(_MIN_GROUP_TILES, n_core) or not _onchip_is_faster(
+            n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item, lnc, gt)):
+        return None
+    return gt
+
+
+def _dma_eff(run_bytes: int) -> float:
+    """Fraction of the DMA peak a transfer of `run_bytes` contiguous runs reaches (the cost model's descriptor
+    overhead: ~40 ns per descriptor at ~23 B/ns per engine)."""
+    return run_bytes / (run_bytes + _DESCRIPTOR_BYTES)
+
+
+def _onchip_is_faster(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item, lnc, gt) -> bool:
+    """Shapes-only estimate of what each combine adds to one core's time beyond the shared work (weights, x
+    gather), in µs at one core's HBM rate:
+    DMA combine: every slot row written to the scratch and each token's KMAX rows read back,
+        (N*B + T*KMAX) * H bytes at H-byte runs;
+    on-chip: the down weights re-read as column slices of GT*128 (shorter runs than whole rows), the slot
+        indices replicated on 128 partitions, the h.T exchange, and _GATHER_EXPOSED of the nc_n_gather time
+        (GpSimd, one element per cycle + ~150 cycles per 512; the rest overlaps the transposes and stores).
+    Checked against the modeled figures of both paths on the three T=1024 model shapes (docs/moe.md)."""
+    bw = _CORE_HBM_BYTES_PER_US
+    row = h_total * item
+    dma = (n_blocks * block_size + n_tokens * kmax) * row / _dma_eff(row) / lnc / bw
+    down = n_blocks * n_inter * row
+    slices = down * (1.0 / _dma_eff(gt * P_MAX * item) - 1.0 / _dma_eff(row)) / lnc
+    other = P_MAX * n_tokens * kmax * 4 + n_blocks * block_size * n_inter * item
+    gathers = -(-(h_total // P_MAX) // lnc) * n_tokens * kmax * (1.0 + 150.0 / 512.0) / _GPSIMD_GHZ / 1e3
+    return (slices + other) / bw + _GATHER_EXPOSED * gathers < dma
 
 
 def check_mapping(kname, tpos, b2e, block_size, n_tokens, n_local, kmax, top_k_index, expert_affinities,
@@ -684,6 +744,27 @@ def token_slots(token_position_to_id, n_tokens: int, kmax: int) -> np.ndarray:
     inv = np.full((n_tokens, max(1, int(kmax))), n_slots, dtype=np.int64)
     inv[toks, rank] = pos
     return inv.astype(np.int32)
+
+
+def routing_table(top_k_index, top_k_weights):
+    """[T, 2 TOPK] float32: the top-k ids (as fp32: exact below 2^24, and an id above can never round onto a
+    local expert's id, which is below 2^24) then the weights, so one indirect DMA gathers a slot's routing row.
+    A concatenation and cast (torch.cat on device tensors), no value-dependent work. The inputs pass the checks
+    `call` makes (forward-only, tensors with data), named as the wrapper's arguments."""
+    from ..validation import check_forward_only
+    for name, x in (("top_k_index", top_k_index), ("expert_affinities", top_k_weights)):
+        check_forward_only("moe_blockwise", name, x)
+        kernel_check(str(getattr(x, "device", "cpu")) != "meta",
+                     f"moe_blockwise: {name} must hold data (a meta tensor has none), got a tensor on meta")
+    try:
+        import torch
+        if isinstance(top_k_index, torch.Tensor) or isinstance(top_k_weights, torch.Tensor):
+            return torch.cat((torch.as_tensor(top_k_index).to(torch.float32),
+                              torch.as_tensor(top_k_weights).to(torch.float32)), dim=1).contiguous()
+    except ImportError:  # pragma: no cover
+        pass
+    return np.ascontiguousarray(np.concatenate((np.asarray(top_k_index).astype(np.float32),
+                                                np.asarray(top_k_weights).astype(np.float32)), axis=1))
 
 
 def _as_int32(x):

@@ -264,18 +264,22 @@ def test_mapping_must_match_routing(rng):
         moe_blockwise(**{**args, "top_k_index": big})
 
 
-def test_instruction_sequence_independent_of_routing(rng):
-    """Two routings of the same shapes (static block count) give the same instruction sequence at LNC=1 and 2."""
+@pytest.mark.parametrize("combine", ["onchip", "dma"])
+def test_instruction_sequence_independent_of_routing(rng, combine):
+    """Two routings of the same shapes (static block count) give the same instruction sequence at LNC=1 and 2,
+    on both combines; LNC=2 is one launch of two programs."""
     from nki_kernels.emulator import record_launches
     from nki_kernels.moe.routing import static_num_blocks
     n_blocks = static_num_blocks(40, 2, 5, 16)
     for lnc in (1, 2):
         seqs = []
         for seed in (1, 2):
-            x, gu, dn, sh, w, idx = moe_problem(np.random.default_rng(seed), 40, 128, 5, 32, 2, 32, True)
+            x, gu, dn, sh, w, idx = moe_problem(np.random.default_rng(seed), 40, 256, 5, 32, 2, 32, True)
             tpos, b2e = moe_block_mapping(idx, 5, 16, num_blocks=n_blocks)
             with record_launches() as runs:
-                out = moe_blockwise(x, w, gu, dn, tpos, b2e, 16, shared=sh, top_k_index=idx, lnc=lnc)
+                out = moe_blockwise(x, w, gu, dn, tpos, b2e, 16, shared=sh, top_k_index=idx, lnc=lnc,
+                                    combine=combine)
             assert_close("out", moe_decode_reference(x, idx, w, gu, dn, sh), out)
+            assert len(runs) == 1 and len(runs[0].traces) == lnc
             seqs.append([[ins.name for ins in tr] for r in runs for tr in r.traces])
         assert seqs[0] == seqs[1]
