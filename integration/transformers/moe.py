@@ -4,7 +4,8 @@ transformers' `@use_experts_implementation` experts modules dispatch on `config.
 ``fn(experts, hidden_states[N,H], top_k_index[N,K], top_k_weights[N,K]) -> [N,H]`` (the router is not
 replaced). Their weights are fused 3D parameters: `gate_up_proj [E, 2I, H]` (gate rows then up rows, used as
 `F.linear(x, W[e])`) and `down_proj [E, H, I]`. Our kernels take NxDI's per-rank layout `gate_up [E, H, 2, I]`
-and `down [E, I, H]`; the conversion is a view + permute per call, staged for the launch and dropped afterwards
+and `down [E, I, H]`; the conversion is the public converter `nki_kernels.moe.experts_from_transformers` in its
+view form (`contiguous=False`), per call, staged for the launch and dropped afterwards
 (no second copy of the weights is kept: docs/inputs.md, "Memory of patch()").
 
 Few tokens (decode, T*K small) go to `moe_decode`, which loads only the selected experts; longer inputs go
@@ -12,6 +13,8 @@ through `moe_block_mapping` + `moe_blockwise`. The shared expert and its sigmoid
 block, outside this interface (P6); `shared_expert_block_forward` moves them into the kernel (`shared=`).
 """
 from __future__ import annotations
+
+from nki_kernels.moe.weights import experts_from_transformers, shared_from_transformers
 
 from ._common import FORWARD_ONLY_REASON, kernel_input, kernel_refusals, needs_grad, refusal_reason, to_torch
 
@@ -46,10 +49,7 @@ class MoEHook:
         views to the wrapper, which stages them for the launch (`kernel_input` makes them contiguous; the
         emulator copies every input into its HBM model anyway), and the staged copy is freed when the call
         returns. Peak extra memory is one layer's experts during that layer's call; persistent extra: none."""
-        gu, dn = experts.gate_up_proj, experts.down_proj
-        E, twoI, H = gu.shape
-        I = twoI // 2
-        return gu.detach().view(E, 2, I, H).permute(0, 3, 1, 2), dn.detach().transpose(1, 2)
+        return experts_from_transformers(experts.gate_up_proj, experts.down_proj, contiguous=False)
 
     def unsupported(self, experts, hidden_states=None):
         if needs_grad(hidden_states, experts.gate_up_proj):
@@ -158,7 +158,6 @@ def unregister():
 def shared_layout(block):
     """(gate_up [H, 2, Is], down [Is, H], gate vector [H]) of a block's shared expert, or None if it is not the
     SwiGLU + Linear(H, 1) sigmoid gate the kernel fuses."""
-    import torch
     se, sg = getattr(block, "shared_expert", None), getattr(block, "shared_expert_gate", None)
     if se is None or sg is None or getattr(sg, "bias", None) is not None or sg.weight.shape[0] != 1:
         return None
@@ -167,8 +166,7 @@ def shared_layout(block):
     act = getattr(getattr(se, "config", None), "hidden_act", "silu")
     if act not in ("silu", "swish"):
         return None
-    gate_up = torch.stack([se.gate_proj.weight.detach().t(), se.up_proj.weight.detach().t()], dim=1).contiguous()
-    return gate_up, se.down_proj.weight.detach().t().contiguous(), sg.weight.detach()[0].contiguous()
+    return shared_from_transformers(se.gate_proj.weight, se.up_proj.weight, se.down_proj.weight, sg.weight)
 
 
 def shared_expert_block_forward(self, hidden_states):

@@ -77,7 +77,7 @@ def _permute(x, axes):
     return x.permute(*axes) if _is_torch(x) else np.transpose(x, axes)
 
 
-def experts_from_transformers(gate_up_proj, down_proj, dtype=None):
+def experts_from_transformers(gate_up_proj, down_proj, dtype=None, *, contiguous: bool = True):
     """transformers' fused expert parameters -> (gate_up [E, H, 2, I], down [E, I, H]).
 
     Dimensions:
@@ -86,8 +86,10 @@ def experts_from_transformers(gate_up_proj, down_proj, dtype=None):
         gate_up_proj: [E, 2I, H] (gate rows 0 .. I-1, then up rows), torch tensor or NumPy array.
         down_proj: [E, H, I].
         dtype: optional dtype of the result (default: the input's).
+        contiguous: True (default): contiguous copies. False: strided views of the inputs (detached), no copy;
+            the integrations pass these straight to a kernel call, which stages them for the launch only.
     Returns:
-        (gate_up [E, H, 2, I], down [E, I, H]), contiguous copies.
+        (gate_up [E, H, 2, I], down [E, I, H]).
     """
     gu_s, dn_s = _shape(gate_up_proj), _shape(down_proj)
     _need(gu_s is not None and len(gu_s) == 3 and gu_s[1] % 2 == 0,
@@ -97,10 +99,16 @@ def experts_from_transformers(gate_up_proj, down_proj, dtype=None):
     _need(dn_s == (n_exp, hidden, n_inter),
           f"experts_from_transformers: down_proj must be [E={n_exp}, H={hidden}, I={n_inter}] (transformers' layout), "
           f"got shape={dn_s}")
-    gu = gate_up_proj.reshape(n_exp, 2, n_inter, hidden)
-    gate_up = _contiguous(_permute(gu, (0, 3, 1, 2)), dtype)
-    down = _contiguous(_permute(down_proj, (0, 2, 1)), dtype)
-    return gate_up, down
+    _need(contiguous or dtype is None, "experts_from_transformers: dtype casts need contiguous=True (a cast copies)")
+    gu = _detached(gate_up_proj).reshape(n_exp, 2, n_inter, hidden)
+    gate_up, down = _permute(gu, (0, 3, 1, 2)), _permute(_detached(down_proj), (0, 2, 1))
+    if not contiguous:
+        return gate_up, down
+    return _contiguous(gate_up, dtype), _contiguous(down, dtype)
+
+
+def _detached(x):
+    return x.detach() if _is_torch(x) else np.asarray(x)
 
 
 def shared_from_transformers(gate_proj, up_proj, down_proj, gate, dtype=None):

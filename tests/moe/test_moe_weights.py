@@ -110,3 +110,17 @@ def test_raw_transformers_layout_in_a_kernel_names_the_converter(rng):
     gu, _ = experts_from_transformers(gate_up_proj, down_proj)
     with pytest.raises(KernelInputError, match="weights_from_transformers"):
         moe_decode(x, idx, w, gu, down_proj)
+
+
+def test_view_form_shares_memory_and_equals_the_copy():
+    """contiguous=False (what the transformers integration uses per call): strided views, no copy, same values."""
+    torch = pytest.importorskip("torch")
+    from nki_kernels.moe import experts_from_transformers
+    gu_p = torch.randn(3, 2 * 16, 128, requires_grad=True)
+    dn_p = torch.randn(3, 128, 16, requires_grad=True)
+    gu_v, dn_v = experts_from_transformers(gu_p, dn_p, contiguous=False)
+    gu_c, dn_c = experts_from_transformers(gu_p, dn_p)
+    assert gu_v.data_ptr() == gu_p.data_ptr() and dn_v.data_ptr() == dn_p.data_ptr()
+    assert not gu_v.requires_grad and torch.equal(gu_v, gu_c) and torch.equal(dn_v, dn_c)
+    with pytest.raises(ValueError, match="contiguous=True"):
+        experts_from_transformers(gu_p, dn_p, dtype="bfloat16", contiguous=False)
