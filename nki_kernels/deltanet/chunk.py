@@ -38,6 +38,15 @@ _G_FLOOR = -1e30
 # rsqrt(x) = rsqrt(x * 2^-40) * 2^-20 keeps every such x inside the valid range.
 _RSQRT_PRESCALE = 2.0 ** -40
 _RSQRT_POSTSCALE = 2.0 ** -20
+# non-finite containment (issue 16): a value counts as bad (non-finite) when it is NaN / +-Inf, or |k| (after the
+# norm and scale) or |beta| > _SAFE_MAG (the fp32 intra-chunk products k.k, A and the solve's products of A
+# could overflow), or g > _G_CEIL (g is a log-decay: growth e^{sum g} can overflow within a chunk); v is bad only
+# when non-finite (|v| <= _FP32_MAX keeps every product finite). Bad values are zeroed before any product over
+# the chunk's tokens, and the outputs / state the token-sequential recurrence makes NaN are set to NaN by select
+_SAFE_MAG = 2.0 ** 32
+_FP32_MAX = float(np.finfo(np.float32).max)
+_G_CEIL = 0.0
+_NAN = float("nan")
 # chunks whose state-independent part is emitted ahead of (interleaved with) the current chunk's state update
 _PIPELINE_DEPTH = 3
 # SBUF per partition grows with Hv * C (the [C, W, C] lockstep tiles of every chunk in flight). Measured with
@@ -161,6 +170,7 @@ def gated_delta_rule_kernel(q, k, v, g, beta, initial_state, lengths, consts, ch
     cdt = nl.bfloat16 if q.dtype == nl.bfloat16 and bf16_compute else f32
     ones_sb = nl.ndarray((chunk, max(dk, chunk)), dtype=f32, buffer=nl.sbuf)
     nisa.memset(dst=ones_sb, value=1.0)
+    guard = _guard_constants(consts_sb, chunk, dk)
     # v heads of one q/k group are processed W at a time in lockstep ([C, W, C] tiles): one instruction
     # serves W heads where the op is the same, and the W independent chains hide each other's latency
     width = _lockstep_width(n_hv, group, chunk, dk, dv, head_base)
@@ -181,7 +191,7 @@ def gated_delta_rule_kernel(q, k, v, g, beta, initial_state, lengths, consts, ch
     cfg = dict(chunk=chunk, seq=seq, width=width, group=group, head_base=head_base, scale=scale,
                use_l2norm=use_l2norm, cdt=cdt, has_lengths=has_lengths,
                hi_rows=consts_sb[:, _c_hi_rows(chunk), :],
-               consts_sb=consts_sb, ones_sb=ones_sb, ident_c=solve_wss[0][0][:, 0, :])
+               consts_sb=consts_sb, ones_sb=ones_sb, ident_c=solve_wss[0][0][:, 0, :], guard=guard)
     # software pipeline over the (batch, chunk) items: the state-independent parts of items n + 1 .. n + depth
     # (loads, norms, decays, A, the solve, W) are emitted interleaved, stage by stage, with the
     # state-dependent part of item n (V', O, S): their chains overlap instead of adding up
@@ -266,6 +276,10 @@ def _chunk_prep(q, k, v, g, beta, lengths, per_seq, ctx, cfg):
     q_c = _normalize(q_sb, None, cfg["scale"], cfg["use_l2norm"], cdt)
     k_c = _normalize(k_sb, None, 1.0, cfg["use_l2norm"], cdt)
     v_c = v_sb                                             # already in the compute dtype
+    # bad values of k, v, g, beta zeroed before any product over the chunk's tokens (q needs no guard: its token's
+    # output row is the only one that reads it); what the recurrence makes NaN is restored in the tail
+    ctx.update(_guard_chunk(k_c, v_c, g_sb, beta_sb, _poison_threshold(valid, cfg), cfg))
+    ctx["valid"] = valid
     # per-chunk decays for all v heads: e^{G_i} [C, Hv], e^{G_C} broadcast to Dk partitions [Dk, Hv]
     gcol_ps = nl.ndarray((chunk, n_hv), dtype=f32, buffer=nl.psum)
     nisa.nc_matmul(gcol_ps, utri, g_sb)
@@ -338,9 +352,12 @@ def _chunk_tail(initial_state, has_initial_state, o, final_state, ckpt, n_ckpt, 
     o_sb = nl.ndarray((chunk, n_hv, dv), dtype=o.dtype, buffer=nl.sbuf)
     for blk in ctx["blocks"]:
         hs = blk["hs"]
+        blk.update(pred_o=ctx["pred_o"][:, hs, :], pred_s=ctx["pred_s"][:, hs, :])
         yield from _block_tail(blk, ctx["exp_g"][:, hs], ctx["exp_glast"][:, hs], state_sb[:, hs, :],
                                o_sb[:, hs, :], cfg, dk, dv)
     t0 = i_c * chunk
+    if ctx["valid"] is not None:             # pad rows: output 0 even after a bad value made the state NaN
+        _zero_pad_rows((o_sb,), ctx["valid"])
     nisa.dma_copy(dst=o[i_b, t0:t0 + n_tok], src=o_sb[0:n_tok])
     if n_ckpt > 0 and (i_c + 1) % checkpoint_every == 0 and (i_c + 1) // checkpoint_every <= n_ckpt:
         i_k = (i_c + 1) // checkpoint_every - 1
@@ -389,6 +406,94 @@ def _zero_pad_rows(tiles, valid):
         n_free = int(np.prod(t.shape[1:]))
         pred = valid.ap(pattern=[[1, chunk], [0, n_free]], offset=0)
         nisa.tensor_copy_predicated(dst=t.reshape((chunk, n_free)), src=0.0, predicate=pred, reverse_pred=True)
+
+
+def _guard_constants(consts_sb, chunk, dk):
+    """Tiles of the containment counts, made once: U [C, C] and ones [C, Dk] in bf16 (0/1 flags and counts
+    <= C are exact) and pos1 [C, 1] fp32 (pos1[p] = p + 1)."""
+    utri = nl.ndarray((chunk, chunk), dtype=nl.bfloat16, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=utri, src=consts_sb[:, _C_UTRI, :])
+    ones = nl.ndarray((chunk, dk), dtype=nl.bfloat16, buffer=nl.sbuf)
+    nisa.memset(dst=ones, value=1.0)
+    pos_i = nl.ndarray((chunk, 1), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.iota(dst=pos_i, pattern=[[0, 1]], offset=1, channel_multiplier=1)
+    pos1 = nl.ndarray((chunk, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=pos1, src=pos_i)
+    return dict(utri=utri, ones=ones, pos1=pos1)
+
+
+def _poison_threshold(valid, cfg):
+    """[C, 1] fp32: p + 1 on valid rows, -1 on pad rows (valid == 0), whose outputs stay 0 whatever came before."""
+    pos1 = cfg["guard"]["pos1"]
+    if valid is None:
+        return pos1
+    thr = nl.ndarray(pos1.shape, dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=thr, src=pos1)
+    nisa.tensor_copy_predicated(dst=thr, src=-1.0, predicate=valid, reverse_pred=True)
+    return thr
+
+
+def _guard_chunk(k_c, v_c, g_sb, beta_sb, thr, cfg):
+    """Non-finite containment of one chunk (issue 16), before any product over its tokens.
+
+    k_c [C, Hk, Dk] (normalised, compute dtype), v_c [C, Hv, Dv], g_sb, beta_sb [C, Hv] (fp32, g clamped):
+    their bad values (see _SAFE_MAG) are set to 0 by selects, in place, so every intra-chunk product is finite and
+    no token reaches an earlier one through 0 x NaN. Returns the u8 predicates of what the token-sequential
+    recurrence makes NaN, restored by selects in the tail:
+        pred_o [C, Hv, Dv]: output (t, h, d) with t at or after a token t' of the chunk whose k (of h's q/k head),
+            g[t', h] or beta[t', h] is bad, or whose v[t', h, d] is (and t a valid row: thr[t] = t + 1, else -1);
+        pred_s [Dk, Hv, Dv]: state column (h, d) after the chunk when any token of the chunk is bad for (h, d).
+    Bad values in earlier chunks reach this one through the state (NaN in, NaN out, column by column).
+    Flags: ok = (|x| <= limit) is 0 for NaN (comparisons with NaN are false); counts of ok tokens by bf16
+    matmuls with the 0/1 masks U (prefix) and ones (total), exact in fp32 PSUM.
+    """
+    chunk, n_hk, dk = k_c.shape
+    n_hv, dv = v_c.shape[1], v_c.shape[2]
+    u8, f32 = nl.uint8, nl.float32
+    group, base = cfg["group"], cfg["head_base"]
+    gd = cfg["guard"]
+    k_ok = nl.ndarray((chunk, n_hk, dk), dtype=u8, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=k_ok, data=k_c, op0=nl.abs_max, operand0=0.0, op1=nl.less_equal, operand1=_SAFE_MAG)
+    nisa.tensor_copy_predicated(dst=k_c, src=0.0, predicate=k_ok, reverse_pred=True)
+    k_tok = nl.ndarray((chunk, n_hk), dtype=f32, buffer=nl.sbuf)
+    nisa.tensor_reduce(dst=k_tok, op=nl.minimum, data=k_ok, axis=2)
+    v_ok = nl.ndarray((chunk, n_hv, dv), dtype=u8, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=v_ok, data=v_c, op0=nl.abs_max, operand0=0.0, op1=nl.less_equal, operand1=_FP32_MAX,
+                       engine=nisa.engine.gpsimd)
+    nisa.tensor_copy_predicated(dst=v_c, src=0.0, predicate=v_ok, reverse_pred=True)
+    g_ok = nl.ndarray((chunk, n_hv), dtype=u8, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=g_ok, data=g_sb, op0=nl.less_equal, operand0=_G_CEIL)
+    nisa.tensor_copy_predicated(dst=g_sb, src=0.0, predicate=g_ok, reverse_pred=True)
+    b_ok = nl.ndarray((chunk, n_hv), dtype=u8, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=b_ok, data=beta_sb, op0=nl.abs_max, operand0=0.0, op1=nl.less_equal, operand1=_SAFE_MAG)
+    nisa.tensor_copy_predicated(dst=beta_sb, src=0.0, predicate=b_ok, reverse_pred=True)
+    # head_ok[t, h] = g, beta of (t, h) and k of (t, h's q/k head) all good
+    head_ok = nl.ndarray((chunk, n_hv), dtype=f32, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=head_ok, data1=g_ok, data2=b_ok, op=nl.minimum)
+    kh_base = base // group
+    for i_k in range(n_hk):
+        w0 = max(0, (kh_base + i_k) * group - base)
+        w1 = min(n_hv, (kh_base + i_k + 1) * group - base)
+        if w1 > w0:
+            nisa.tensor_scalar(dst=head_ok[:, w0:w1], data=head_ok[:, w0:w1], op0=nl.minimum,
+                               operand0=k_tok[:, i_k:i_k + 1])
+    tok_ok = nl.ndarray((chunk, n_hv, dv), dtype=nl.bfloat16, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=tok_ok, data1=v_ok, data2=head_ok.ap(pattern=[[n_hv, chunk], [1, n_hv], [0, dv]], offset=0),
+                       op=nl.minimum)
+    pred_o = nl.ndarray((chunk, n_hv, dv), dtype=u8, buffer=nl.sbuf)
+    pred_s = nl.ndarray((dk, n_hv, dv), dtype=u8, buffer=nl.sbuf)
+    n_free = n_hv * dv
+    ok2, po2, ps2 = (t.reshape((t.shape[0], n_free)) for t in (tok_ok, pred_o, pred_s))
+    for c0 in range(0, n_free, PSUM_FMAX_FP32):
+        c1 = min(n_free, c0 + PSUM_FMAX_FP32)
+        cnt_ps = nl.ndarray((chunk, c1 - c0), dtype=f32, buffer=nl.psum)
+        nisa.nc_matmul(cnt_ps, gd["utri"], ok2[:, c0:c1])                  # ok tokens <= t
+        nisa.tensor_scalar(dst=po2[:, c0:c1], data=cnt_ps, op0=nl.less, operand0=thr)
+        tot_ps = nl.ndarray((dk, c1 - c0), dtype=f32, buffer=nl.psum)
+        nisa.nc_matmul(tot_ps, gd["ones"], ok2[:, c0:c1])                  # ok tokens of the chunk, on Dk rows
+        nisa.tensor_scalar(dst=ps2[:, c0:c1], data=tot_ps, op0=nl.less, operand0=chunk - 0.5)
+        del cnt_ps, tot_ps
+    return dict(pred_o=pred_o, pred_s=pred_s)
 
 
 def _normalize(x_sb, valid, scale, use_l2norm, cdt):
@@ -539,6 +644,7 @@ def _block_tail(blk, exp_g, exp_glast, s_w, o_w, cfg, dk, dv):
         for w in range(width):
             nisa.nc_matmul(pv_ps[:, w, :], p_t[:, w, :], v_new[:, w, :])
         nisa.tensor_tensor(dst=o_w, data1=pv_ps, data2=qs_sb, op=nl.add)
+        nisa.tensor_copy_predicated(dst=o_w, src=_NAN, predicate=blk["pred_o"])     # at / after a bad value
 
     def state_update():                    # S <- e^{G_C} S + (K o e^{G_C - G_j})^T V'
         su_ps = nl.ndarray((dk, width, dv), dtype=f32, buffer=nl.psum)
@@ -547,6 +653,7 @@ def _block_tail(blk, exp_g, exp_glast, s_w, o_w, cfg, dk, dv):
         for w in range(width):
             nisa.scalar_tensor_tensor(dst=s_w[:, w, :], data=s_w[:, w, :], op0=nl.multiply,
                                       operand0=exp_glast[:, w:w + 1], op1=nl.add, operand1=su_ps[:, w, :])
+        nisa.tensor_copy_predicated(dst=s_w, src=_NAN, predicate=blk["pred_s"])     # columns a bad value reached
 
     # the state update first (the next chunk waits for it) unless O reads the state tile itself (fp32)
     steps = (state_update, output) if s_c is not s_w else (output, state_update)
