@@ -85,6 +85,14 @@ def _gated_delta_rule(rng, adv):
     return (q, k, v, g, beta), dict(initial_state=state, valid_lengths=lens)
 
 
+def _gated_delta_rule_packed(rng, adv):
+    t = 150
+    q, k, v, g, beta = _gdn_inputs(rng, adv, 1, t, 2, 4, 64, 64)
+    cu = np.array([0, 0, 1, 150] if adv else [0, 64, 100, 150], np.int32)
+    state = _vals(rng, (3, 4, 64, 64), adv)
+    return (q, k, v, g, beta), dict(initial_state=state, cu_seqlens=cu)
+
+
 def _gated_delta_rule_step(rng, adv):
     b, t = 3, 1
     q, k, v, g, beta = _gdn_inputs(rng, adv, b, t, 2, 4, 64, 64)
@@ -163,6 +171,8 @@ BUILDERS = {
     "moe_route": _moe_route, "moe_block_mapping": _moe_block_mapping, "moe_blockwise": _moe_blockwise,
     "moe_decode": _moe_decode, "code_predictor": _code_predictor,
 }
+# Further modes of a public function (name -> (function, builder)): packed sequences (cu_seqlens).
+MODES = {"gated_delta_rule[cu_seqlens]": ("gated_delta_rule", _gated_delta_rule_packed)}
 # Host-side helpers in __all__ that launch no kernel (their outputs feed a kernel's index inputs).
 HOST_ONLY = {"moe_route", "moe_block_mapping"}
 # Known value-dependent wrappers: strict xfail, so each flips to a failure (to be removed here) once fixed.
@@ -178,9 +188,10 @@ def _trace_signature(runs) -> list:
 
 
 def _run(name, adv):
-    args, kwargs = BUILDERS[name](np.random.default_rng(7), adv)
+    fn, builder = MODES.get(name, (name, BUILDERS.get(name)))
+    args, kwargs = builder(np.random.default_rng(7), adv)
     with np.errstate(all="ignore"), record_launches() as runs:
-        getattr(nki_kernels, name)(*args, **kwargs)
+        getattr(nki_kernels, fn)(*args, **kwargs)
     return runs
 
 
@@ -200,7 +211,7 @@ def _first_difference(a, b) -> str:
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=VALUE_DEPENDENT[n]))
-                                  if n in VALUE_DEPENDENT else n for n in sorted(BUILDERS)])
+                                  if n in VALUE_DEPENDENT else n for n in sorted(BUILDERS) + sorted(MODES)])
 def test_instruction_sequence_does_not_depend_on_values(name):
     random_runs, adversarial_runs = _run(name, False), _run(name, True)
     if name in HOST_ONLY:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 
+import numpy as np
+
 from ..hw import P_MAX
 from ..validation import check_array, index_array, kernel_check
 
@@ -55,6 +57,25 @@ def check_lengths(name: str, valid_lengths, bsz: int, seq: int):
     """valid_lengths [B] integers in [0, T] (list, NumPy array or torch tensor) -> int32 NumPy array, by the
     shared `validation.index_array` rules: floats (7.9, also 8.0) and bools are refused, lengths are counts."""
     return index_array(name, "valid_lengths", valid_lengths, shape=(bsz,), lo=0, hi=seq, allow_none=False)
+
+
+def check_cu_seqlens(name: str, cu_seqlens, total: int, max_seqs: int):
+    """cu_seqlens [N+1] integers (list, NumPy array or torch tensor; floats and bools refused), 1 <= N <= max_seqs,
+    0 = cu[0] <= cu[1] <= ... <= cu[N] = total -> int32 NumPy array.
+
+    Input validation on the host before the launch, not specialisation: the kernels read the values on device
+    and their traces depend on N only."""
+    cu = index_array(name, "cu_seqlens", cu_seqlens, allow_none=False)
+    kernel_check(cu.ndim == 1 and 2 <= cu.size <= max_seqs + 1, f"{name}: cu_seqlens must be [N+1] with "
+                 f"1 <= N <= {max_seqs}, got shape {tuple(cu.shape)}")
+    kernel_check(int(cu[0]) == 0, f"{name}: cu_seqlens must start at 0, got cu_seqlens[0]={int(cu[0])}")
+    drop = np.flatnonzero(np.diff(cu.astype(np.int64)) < 0)
+    kernel_check(drop.size == 0, f"{name}: cu_seqlens must be non-decreasing, got "
+                 + (f"cu_seqlens[{drop[0]}]={int(cu[drop[0]])} > cu_seqlens[{drop[0] + 1}]={int(cu[drop[0] + 1])}"
+                    if drop.size else ""))
+    kernel_check(int(cu[-1]) == total, f"{name}: cu_seqlens must end at T={total} (the packed length), got "
+                 f"cu_seqlens[-1]={int(cu[-1])}")
+    return cu
 
 
 def check_dtype(name: str, arg: str, x, allowed=FLOAT_DTYPES):

@@ -25,7 +25,7 @@ from ..backend import call, nki, nisa, nl
 from ..hw import P_MAX, PSUM_FMAX_FP32
 from ..lnc import resolve_lnc
 from ..validation import kernel_check
-from ._checks import check_lengths, check_qkv_gate_layouts, check_tensor
+from ._checks import check_cu_seqlens, check_lengths, check_qkv_gate_layouts, check_tensor
 from ._checks import dtype_name as _dtype_name
 
 # ---------------------------------------------------------------- constraints
@@ -56,6 +56,10 @@ _PIPELINE_DEPTH = 3
 _DEPTH_BY_HV_CHUNK = ((1024, 3), (2048, 2), (4096, 1))
 _MAX_HV_CHUNK_FP32 = 2048
 _COMPUTE_DTYPES = (None, "float32", "bfloat16")
+# packed sequences (cu_seqlens): N per launch (the on-device schedule builds [128, N] fp32 tiles per 128 slots),
+# and slots N + T // C (the schedule keeps 10 B per slot on each partition for the whole launch)
+_MAX_SEQS = 1024
+_MAX_SLOTS = 1024
 # compute instructions on <= 32 partitions must start at a multiple of 32 (0, 32, 64, 96)
 _PARTITION_QUADRANT = 32
 # the solve level whose rows are selected by a per-partition mask per block instead of a level mask of A
@@ -95,8 +99,8 @@ def _host_constants(chunk):
 
 
 @nki.jit
-def gated_delta_rule_kernel(q, k, v, g, beta, initial_state, lengths, consts, chunk, scale, use_l2norm,
-                            has_initial_state, checkpoint_every, has_lengths, bf16_compute):
+def gated_delta_rule_kernel(q, k, v, g, beta, initial_state, lengths, cu_seqlens, consts, chunk, scale, use_l2norm,
+                            has_initial_state, checkpoint_every, has_lengths, bf16_compute, varlen=False):
     """Chunked gated delta rule over all (batch, head) pairs in one launch.
 
     Dimensions:
@@ -108,13 +112,16 @@ def gated_delta_rule_kernel(q, k, v, g, beta, initial_state, lengths, consts, ch
         v: [B, T, Hv, Dv] @ HBM, q's dtype.
         g: [B, T, Hv] @ HBM, log-decay <= 0 (any float dtype).
         beta: [B, T, Hv] @ HBM, in [0, 1] (any float dtype).
-        initial_state: [B, Hv, Dk, Dv] @ HBM fp32 (read only when has_initial_state).
+        initial_state: [B, Hv, Dk, Dv] @ HBM fp32 (read only when has_initial_state); [N, Hv, Dk, Dv] when varlen.
         lengths: [B] @ HBM int32, valid tokens per sequence (right padding beyond).
+        cu_seqlens: [N+1] @ HBM int32 (read only when varlen): B = 1 and sequence n is tokens cu[n] .. cu[n+1]-1.
         consts: [n_const, C, C] @ HBM fp32, the 0/1 masks of `_host_constants(C)`.
         chunk, scale, use_l2norm, has_initial_state, checkpoint_every, has_lengths, bf16_compute: trace-time
             constants (bf16_compute: bf16 matmul operands for bf16 inputs; else fp32 throughout).
+        varlen: trace-time; packed sequences (see _varlen_schedule: a static number of chunk slots, N + T // C,
+            each aligned to its sequence's start, with the schedule computed on device from cu_seqlens).
     Returns:
-        o: [B, T, Hv, Dv] @ HBM in q's dtype; final_state: [B, Hv, Dk, Dv] @ HBM fp32;
+        o: [B, T, Hv, Dv] @ HBM in q's dtype; final_state: [B, Hv, Dk, Dv] ([N, ...] when varlen) @ HBM fp32;
         checkpoints: [B, T // (checkpoint_every * C), Hv, Dk, Dv] fp32 (only when checkpoint_every).
     Constraints:
         C in _CHUNK_SIZES; Dk, Dv <= _MAX_HEAD_DIM; pad tokens (t >= lengths[b], when has_lengths) get
@@ -133,13 +140,18 @@ def gated_delta_rule_kernel(q, k, v, g, beta, initial_state, lengths, consts, ch
           store final S
     """
     bsz, seq, n_hk, dk = q.shape
+    n_hk_all = n_hk
     n_hv_all, dv = v.shape[2], v.shape[3]
     group = n_hv_all // n_hk
     n_chunks = (seq + chunk - 1) // chunk
+    n_states = bsz
+    if varlen:
+        n_states = cu_seqlens.shape[0] - 1
+        n_chunks = n_states + seq // chunk            # slots: >= sum_n max(1, ceil(L_n / C)) for any lengths
     f32 = nl.float32
 
     o_all = nl.ndarray((bsz, seq, n_hv_all, dv), dtype=q.dtype, buffer=nl.shared_hbm)
-    final_all = nl.ndarray((bsz, n_hv_all, dk, dv), dtype=f32, buffer=nl.shared_hbm)
+    final_all = nl.ndarray((n_states, n_hv_all, dk, dv), dtype=f32, buffer=nl.shared_hbm)
     n_ckpt = 0 if not checkpoint_every else seq // (checkpoint_every * chunk)
     ckpt_all = None
     if n_ckpt > 0:
@@ -171,6 +183,7 @@ def gated_delta_rule_kernel(q, k, v, g, beta, initial_state, lengths, consts, ch
     ones_sb = nl.ndarray((chunk, max(dk, chunk)), dtype=f32, buffer=nl.sbuf)
     nisa.memset(dst=ones_sb, value=1.0)
     guard = _guard_constants(consts_sb, chunk, dk)
+    sched = _varlen_schedule(cu_seqlens, seq, chunk, dk, n_chunks) if varlen else None
     # v heads of one q/k group are processed W at a time in lockstep ([C, W, C] tiles): one instruction
     # serves W heads where the op is the same, and the W independent chains hide each other's latency
     width = _lockstep_width(n_hv, group, chunk, dk, dv, head_base)
@@ -191,7 +204,9 @@ def gated_delta_rule_kernel(q, k, v, g, beta, initial_state, lengths, consts, ch
     cfg = dict(chunk=chunk, seq=seq, width=width, group=group, head_base=head_base, scale=scale,
                use_l2norm=use_l2norm, cdt=cdt, has_lengths=has_lengths,
                hi_rows=consts_sb[:, _c_hi_rows(chunk), :],
-               consts_sb=consts_sb, ones_sb=ones_sb, ident_c=solve_wss[0][0][:, 0, :], guard=guard)
+               consts_sb=consts_sb, ones_sb=ones_sb, ident_c=solve_wss[0][0][:, 0, :], guard=guard,
+               sched=sched, n_hk_all=n_hk_all, n_hv_all=n_hv_all, initial_state=initial_state,
+               has_initial_state=has_initial_state)
     # software pipeline over the (batch, chunk) items: the state-independent parts of items n + 1 .. n + depth
     # (loads, norms, decays, A, the solve, W) are emitted interleaved, stage by stage, with the
     # state-dependent part of item n (V', O, S): their chains overlap instead of adding up
@@ -261,11 +276,22 @@ def _chunk_prep(q, k, v, g, beta, lengths, per_seq, ctx, cfg):
     len_f = per_seq[i_b].get("len_f")
     t0 = i_c * chunk
     n_tok = min(chunk, seq - t0)
-    tiles = _load_chunk(q, k, v, g, beta, i_b, t0, n_tok, chunk, cdt)
+    sched = cfg["sched"]
+    if sched is None:
+        tiles = _load_chunk(q, k, v, g, beta, i_b, t0, n_tok, chunk, cdt)
+    else:
+        n_tok = chunk
+        tiles = _gather_chunk(q, k, v, g, beta, sched["load_row"][:, i_c:i_c + 1], chunk, cdt, cfg)
     q_sb, k_sb, v_sb, g_sb, beta_sb = tiles
     _init_workspace(ctx["ws"])
     valid = None
-    if cfg["has_lengths"]:
+    if sched is not None:
+        # rows past the slot's sequence (the next sequence's tokens, or clamped repeats of the last token) are pad
+        valid = _column(sched["valid"], i_c, nl.uint8)
+        _zero_pad_rows(tiles, valid)
+        if cfg["has_initial_state"]:                          # initial_state[n_s], loaded ahead of the state chain
+            ctx["init_sb"] = _load_state_row(cfg["initial_state"], sched["seq"][i_c], dk, dv)
+    elif cfg["has_lengths"]:
         # pad tokens (t >= length): q = k = v = g = beta = 0 by a select, so a NaN / Inf there reaches nothing
         # (no decay, no write, zero output); a multiply by 0 would keep NaN
         valid = _valid_mask(len_f, t0, chunk)
@@ -341,14 +367,20 @@ def _chunk_tail(initial_state, has_initial_state, o, final_state, ckpt, n_ckpt, 
     chunk = cfg["chunk"]
     n_hv, dk, dv = final_state.shape[1], final_state.shape[2], final_state.shape[3]
     f32 = nl.float32
+    sched = cfg["sched"]
     if i_c == 0:
         state_sb = nl.ndarray((dk, n_hv, dv), dtype=f32, buffer=nl.sbuf)
-        if has_initial_state:
+        if has_initial_state and sched is None:
             nisa.dma_copy(dst=state_sb, src=initial_state[i_b].permute((1, 0, 2)))
         else:
             nisa.memset(dst=state_sb, value=0.0)
         per_seq[i_b]["state"] = state_sb
     state_sb = per_seq[i_b]["state"]
+    if sched is not None:                    # a slot that starts its sequence: S = initial_state[n] (or 0), by select
+        first = _column(sched["first"], i_c, nl.uint8)
+        pred = first.ap(pattern=[[1, dk], [0, n_hv * dv]], offset=0)
+        init = ctx["init_sb"].reshape((dk, n_hv * dv)) if has_initial_state else 0.0
+        nisa.tensor_copy_predicated(dst=state_sb.reshape((dk, n_hv * dv)), src=init, predicate=pred)
     o_sb = nl.ndarray((chunk, n_hv, dv), dtype=o.dtype, buffer=nl.sbuf)
     for blk in ctx["blocks"]:
         hs = blk["hs"]
@@ -356,6 +388,9 @@ def _chunk_tail(initial_state, has_initial_state, o, final_state, ckpt, n_ckpt, 
         yield from _block_tail(blk, ctx["exp_g"][:, hs], ctx["exp_glast"][:, hs], state_sb[:, hs, :],
                                o_sb[:, hs, :], cfg, dk, dv)
     t0 = i_c * chunk
+    if sched is not None:
+        _store_slot(o, final_state, o_sb, state_sb, sched, i_c, cfg)
+        return
     if ctx["valid"] is not None:             # pad rows: output 0 even after a bad value made the state NaN
         _zero_pad_rows((o_sb,), ctx["valid"])
     nisa.dma_copy(dst=o[i_b, t0:t0 + n_tok], src=o_sb[0:n_tok])
@@ -385,6 +420,198 @@ def _load_chunk(q, k, v, g, beta, i_b, t0, n_tok, chunk, io_dt):
     for t, src in zip(tiles, (q, k, v, g, beta)):
         nisa.dma_copy(dst=t[0:n_tok], src=src[i_b, t0:t0 + n_tok])
     return tiles
+
+
+def _varlen_schedule(cu_seqlens, seq, chunk, dk, n_slots):
+    """The chunk slots of packed sequences, computed on device from cu_seqlens (the trace never sees its values).
+
+    Sequence n is tokens cu[n] .. cu[n+1] - 1 (cu clamped to [0, T] and made non-decreasing in-kernel, so any
+    values give in-range accesses) and gets max(1, ceil(L_n / C)) consecutive slots; slot s processes C rows
+    from token tok0_s of sequence n_s, valid while row < nval_s. Slots past the last sequence's are no-ops
+    (nval = 0, no final-state write). A sequence of length 0 has one slot with no valid row: its final state is
+    its initial state. Computed once with slots on the partitions (tiles of 128): the comparison
+    start[n] <= s gives n_s and a one-hot over n that picks the slot's cu[n], cu[n+1], start[n] and chunk count;
+    a matmul of ones with diag(values) spreads tok0, nval and the first-slot flag over the C row partitions.
+    Returns dict of:
+        load_row [C, S] int32: token of row p, clamped to [0, T - 1] (gather indices, always in range);
+        store_row [C, S] int32: token of row p when valid, else T (outside o: that row's write is skipped);
+        valid [C, S] uint8 0/1; first [Dk, S] uint8 0/1 (the slot starts its sequence);
+        seq[s], fin[s]: (1, 1) int32 tiles: n_s (in [0, N - 1]) and n_s when the slot ends its sequence, else N
+            (outside final_state: skipped).
+    """
+    f32, i32 = nl.float32, nl.int32
+    n_seq = cu_seqlens.shape[0] - 1
+    n1 = n_seq + 1
+    p_all = P_MAX
+    cu_i = nl.ndarray((p_all, n1), dtype=i32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=cu_i, src=cu_seqlens.ap(pattern=[[0, p_all], [1, n1]], offset=0))   # on every partition
+    nisa.tensor_scalar(dst=cu_i, data=cu_i, op0=nl.maximum, operand0=0, op1=nl.minimum, operand1=seq)
+    cu_f = nl.ndarray((p_all, n1), dtype=f32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=cu_f, src=cu_i)                       # exact: T < 2^24
+    ones = nl.ndarray((p_all, n1), dtype=f32, buffer=nl.sbuf)
+    nisa.memset(dst=ones, value=1.0)
+    cu_m = nl.ndarray((p_all, n1), dtype=f32, buffer=nl.sbuf)   # running max: non-decreasing
+    nisa.tensor_tensor_scan(dst=cu_m, data0=ones, data1=cu_f, initial=0.0, op0=nl.multiply, op1=nl.maximum)
+    len_i = nl.ndarray((p_all, n_seq), dtype=i32, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=len_i, data1=cu_m[:, 1:n1], data2=cu_m[:, 0:n_seq], op=nl.subtract)
+    nch_i = nl.ndarray((p_all, n_seq), dtype=i32, buffer=nl.sbuf)    # max(1, ceil(L / C)) = (L + C - 1) >> log2 C
+    nisa.tensor_scalar(dst=nch_i, data=len_i, op0=nl.add, operand0=chunk - 1, op1=nl.right_shift,
+                       operand1=_n_levels(chunk))
+    nisa.tensor_scalar(dst=nch_i, data=nch_i, op0=nl.maximum, operand0=1)
+    vals = nl.ndarray((p_all, 4, n_seq), dtype=f32, buffer=nl.sbuf)   # cu[n], cu[n+1], start[n], chunks[n]
+    nisa.tensor_copy(dst=vals[:, 0, :], src=cu_m[:, 0:n_seq])
+    nisa.tensor_copy(dst=vals[:, 1, :], src=cu_m[:, 1:n1])
+    nisa.tensor_copy(dst=vals[:, 3, :], src=nch_i)
+    nisa.tensor_tensor_scan(dst=vals[:, 2, :], data0=ones[:, 0:n_seq], data1=vals[:, 3, :], initial=0.0,
+                            op0=nl.multiply, op1=nl.add)
+    nisa.tensor_tensor(dst=vals[:, 2, :], data1=vals[:, 2, :], data2=vals[:, 3, :], op=nl.subtract)   # exclusive
+    ones_c = nl.ndarray((p_all, chunk), dtype=f32, buffer=nl.sbuf)
+    nisa.memset(dst=ones_c, value=1.0)
+    ident = nl.ndarray((p_all, p_all), dtype=f32, buffer=nl.sbuf)
+    nisa.memset(dst=ident, value=1.0)
+    nisa.affine_select(dst=ident, pattern=[[1, p_all]], offset=0, channel_multiplier=-1, on_true_tile=ident,
+                       on_false_value=0.0, cmp_op=nl.equal)
+    bcast = nl.ndarray((chunk, 3, n_slots), dtype=f32, buffer=nl.sbuf)   # tok0, nval, first per slot, every row
+    seq_tiles, fin_tiles = [], []
+    for s0 in range(0, n_slots, p_all):
+        n = min(p_all, n_slots - s0)
+        per_slot = _slot_values(vals, s0, n_seq, chunk)
+        seq_tiles.append(per_slot["seq"])
+        fin_tiles.append(per_slot["fin"])
+        diag = nl.ndarray((p_all, 3, p_all), dtype=f32, buffer=nl.sbuf)
+        for i_v, key in enumerate(("tok0", "nval", "first")):
+            nisa.tensor_scalar(dst=diag[0:n, i_v, 0:n], data=ident[0:n, 0:n], op0=nl.multiply,
+                               operand0=per_slot[key][0:n, :])
+        bc_ps = nl.ndarray((chunk, 3, p_all), dtype=f32, buffer=nl.psum)
+        nisa.nc_matmul(bc_ps[:, :, 0:n], ones_c[0:n, :], diag[0:n, :, 0:n])
+        nisa.tensor_copy(dst=bcast[:, :, s0:s0 + n], src=bc_ps[:, :, 0:n])
+        del bc_ps
+    pos = nl.ndarray((chunk, 1), dtype=i32, buffer=nl.sbuf)
+    nisa.iota(dst=pos, pattern=[[0, 1]], offset=0, channel_multiplier=1)
+    pos_f = nl.ndarray((chunk, 1), dtype=f32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=pos_f, src=pos)
+    valid = nl.ndarray((chunk, n_slots), dtype=nl.uint8, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=valid, data=bcast[:, 1, :], op0=nl.greater, operand0=pos_f)
+    row = nl.ndarray((chunk, n_slots), dtype=f32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=row, data=bcast[:, 0, :], op0=nl.add, operand0=pos_f)
+    load_row = nl.ndarray((chunk, n_slots), dtype=i32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=load_row, data=row, op0=nl.minimum, operand0=float(seq - 1))
+    store_f = nl.ndarray((chunk, n_slots), dtype=f32, buffer=nl.sbuf)     # T where not valid
+    nisa.scalar_tensor_tensor(dst=store_f, data=row, op0=nl.subtract, operand0=float(seq), op1=nl.multiply,
+                              operand1=valid)                            # (row - T) * valid
+    store_row = nl.ndarray((chunk, n_slots), dtype=i32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=store_row, data=store_f, op0=nl.add, operand0=float(seq))
+    first = nl.ndarray((dk, n_slots), dtype=nl.uint8, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=first, src=bcast[0:dk, 2, :])
+    seq_rows = [t[i:i + 1, :] for t in seq_tiles for i in range(t.shape[0])][:n_slots]
+    fin_rows = [t[i:i + 1, :] for t in fin_tiles for i in range(t.shape[0])][:n_slots]
+    return dict(load_row=load_row, store_row=store_row, valid=valid, first=first, seq=seq_rows, fin=fin_rows)
+
+
+def _slot_values(vals, s0, n_seq, chunk):
+    """Per slot s = s0 + p (partition p): [P, 1] fp32 tok0, nval, first and int32 seq, fin (see _varlen_schedule).
+    vals [P, 4, N]: cu[n], cu[n+1], start[n], chunks[n] (the same on every partition)."""
+    f32, i32 = nl.float32, nl.int32
+    p_all = vals.shape[0]
+    s_i = nl.ndarray((p_all, 1), dtype=i32, buffer=nl.sbuf)
+    nisa.iota(dst=s_i, pattern=[[0, 1]], offset=s0, channel_multiplier=1)
+    s_f = nl.ndarray((p_all, 1), dtype=f32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=s_f, src=s_i)
+    started = nl.ndarray((p_all, n_seq), dtype=f32, buffer=nl.sbuf)       # start[n] <= s
+    nisa.tensor_scalar(dst=started, data=vals[:, 2, :], op0=nl.less_equal, operand0=s_f)
+    seq_f = nl.ndarray((p_all, 1), dtype=f32, buffer=nl.sbuf)           # n_s = #started - 1 (start[0] = 0 <= s)
+    nisa.tensor_reduce(dst=seq_f, op=nl.add, data=started, axis=1)
+    nisa.tensor_scalar(dst=seq_f, data=seq_f, op0=nl.subtract, operand0=1.0, op1=nl.maximum, operand1=0.0)
+    onehot = nl.ndarray((p_all, n_seq), dtype=f32, buffer=nl.sbuf)      # [n == n_s] (start strictly increases)
+    nisa.tensor_copy(dst=onehot, src=started)
+    if n_seq > 1:
+        nisa.tensor_tensor(dst=onehot[:, 0:n_seq - 1], data1=started[:, 0:n_seq - 1], data2=started[:, 1:n_seq],
+                           op=nl.subtract)
+    prod = nl.ndarray((p_all, 4, n_seq), dtype=f32, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=prod, data1=vals, data2=onehot.ap(pattern=[[n_seq, p_all], [0, 4], [1, n_seq]], offset=0),
+                       op=nl.multiply)
+    picked = nl.ndarray((p_all, 4), dtype=f32, buffer=nl.sbuf)          # cu[n_s], cu[n_s + 1], start, chunks
+    nisa.tensor_reduce(dst=picked, op=nl.add, data=prod, axis=2)
+    j = nl.ndarray((p_all, 1), dtype=f32, buffer=nl.sbuf)               # chunk index inside the sequence
+    nisa.tensor_tensor(dst=j, data1=s_f, data2=picked[:, 2:3], op=nl.subtract)
+    tok0 = nl.ndarray((p_all, 1), dtype=f32, buffer=nl.sbuf)
+    nisa.scalar_tensor_tensor(dst=tok0, data=j, op0=nl.multiply, operand0=float(chunk), op1=nl.add,
+                              operand1=picked[:, 0:1])
+    nval = nl.ndarray((p_all, 1), dtype=f32, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=nval, data1=picked[:, 1:2], data2=tok0, op=nl.subtract)
+    nisa.tensor_scalar(dst=nval, data=nval, op0=nl.maximum, operand0=0.0, op1=nl.minimum, operand1=float(chunk))
+    first = nl.ndarray((p_all, 1), dtype=f32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=first, data=j, op0=nl.equal, operand0=0.0)
+    last = nl.ndarray((p_all, 1), dtype=f32, buffer=nl.sbuf)            # j == chunks - 1
+    nisa.scalar_tensor_tensor(dst=last, data=picked[:, 3:4], op0=nl.subtract, operand0=1.0, op1=nl.equal,
+                              operand1=j)
+    fin_f = nl.ndarray((p_all, 1), dtype=f32, buffer=nl.sbuf)           # N - last * (N - n_s)
+    nisa.tensor_scalar(dst=fin_f, data=seq_f, op0=nl.subtract, operand0=float(n_seq), op1=nl.multiply,
+                       operand1=last)
+    nisa.tensor_scalar(dst=fin_f, data=fin_f, op0=nl.add, operand0=float(n_seq))
+    seq_i = nl.ndarray((p_all, 1), dtype=i32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=seq_i, src=seq_f)
+    fin_i = nl.ndarray((p_all, 1), dtype=i32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=fin_i, src=fin_f)
+    return dict(tok0=tok0, nval=nval, first=first, seq=seq_i, fin=fin_i)
+
+
+def _column(tile, i, dtype):
+    """Column i of a [P, S] schedule tile as its own [P, 1] tile of `dtype` (0/1 flags -> uint8 predicates)."""
+    col = nl.ndarray((tile.shape[0], 1), dtype=dtype, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=col, src=tile[:, i:i + 1])
+    return col
+
+
+def _row_pattern(x, chunk, row_elems):
+    """Access pattern [[0, 1], [row_elems, C], head dims...] of C token rows of x [1, T, H, (D)] (a head slice of
+    a tensor with row_elems elements per token), for a gather / scatter with one token index per row (indirect
+    dim 1, the token dim)."""
+    inner = list(x.shape[2:])
+    strides = [int(np.prod(inner[i + 1:], dtype=np.int64)) for i in range(len(inner))]
+    return [[0, 1], [row_elems, chunk]] + [[st, n] for st, n in zip(strides, inner)]
+
+
+def _gather_chunk(q, k, v, g, beta, rows, chunk, io_dt, cfg):
+    """SBUF tiles (row p = token rows[p] of the packed sequence, rows [C, 1] int32 in [0, T - 1]) of one slot:
+    q, k, v in io_dt, g and beta in fp32."""
+    n_hk, dk = q.shape[2], q.shape[3]
+    n_hv, dv = v.shape[2], v.shape[3]
+    f32 = nl.float32
+    tiles = (nl.ndarray((chunk, n_hk, dk), dtype=io_dt, buffer=nl.sbuf),
+             nl.ndarray((chunk, n_hk, dk), dtype=io_dt, buffer=nl.sbuf),
+             nl.ndarray((chunk, n_hv, dv), dtype=io_dt, buffer=nl.sbuf),
+             nl.ndarray((chunk, n_hv), dtype=f32, buffer=nl.sbuf),
+             nl.ndarray((chunk, n_hv), dtype=f32, buffer=nl.sbuf))
+    row_elems = (cfg["n_hk_all"] * dk, cfg["n_hk_all"] * dk, cfg["n_hv_all"] * dv, cfg["n_hv_all"], cfg["n_hv_all"])
+    for t, src, row_el in zip(tiles, (q, k, v, g, beta), row_elems):
+        nisa.dma_copy(dst=t, src=src.ap(pattern=_row_pattern(src, chunk, row_el), offset=0, vector_offset=rows,
+                                        indirect_dim=1))
+    return tiles
+
+
+def _load_state_row(state, n_tile, dk, dv):
+    """SBUF [Dk, Hv, Dv] fp32 <- state[n] ([N, Hv, Dk, Dv] HBM, a head slice; n a (1, 1) int32 tile in range)."""
+    n_hv = state.shape[1]
+    st_sb = nl.ndarray((dk, n_hv, dv), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=st_sb, src=state.ap(pattern=[[dv, dk], [dk * dv, n_hv], [1, dv]], offset=0,
+                                          scalar_offset=n_tile, indirect_dim=0))
+    return st_sb
+
+
+def _store_slot(o, final_state, o_sb, state_sb, sched, i_s, cfg):
+    """Slot i_s's stores: its valid o rows scattered to their tokens (pad rows carry index T: skipped), and the
+    state to final_state[n_s] when the slot ends its sequence (else index N: skipped)."""
+    chunk = o_sb.shape[0]
+    n_hv, dv = o_sb.shape[1], o_sb.shape[2]
+    dk = state_sb.shape[0]
+    rows = sched["store_row"][:, i_s:i_s + 1]
+    pat = _row_pattern(o, chunk, cfg["n_hv_all"] * dv)
+    nisa.dma_copy(dst=o.ap(pattern=pat, offset=0, vector_offset=rows, indirect_dim=1), src=o_sb,
+                  oob_mode=nisa.oob_mode.skip)
+    nisa.dma_copy(dst=final_state.ap(pattern=[[dv, dk], [dk * dv, n_hv], [1, dv]], offset=0,
+                                     scalar_offset=sched["fin"][i_s], indirect_dim=0),
+                  src=state_sb, oob_mode=nisa.oob_mode.skip)
 
 
 def _valid_mask(len_f, t0, chunk):
@@ -874,12 +1101,26 @@ def gated_delta_rule(q, k, v, g, beta, chunk_size=64, initial_state=None, output
     """
     name = "gated_delta_rule"
     lnc = resolve_lnc(lnc, name)
-    kernel_check(cu_seqlens is None, f"{name}: packed varlen (cu_seqlens) is not supported; pass right-padded "
-                 f"[B, T, ...] inputs with valid_lengths instead, got cu_seqlens={cu_seqlens!r}")
     bsz, seq, n_hk, dk, n_hv, dv = check_qkv_gate_layouts(name, q, k, v, g, beta)
     kernel_check(seq >= 1, f"{name}: need at least one token, got T={seq}")
+    varlen = cu_seqlens is not None
+    n_states = bsz
+    if varlen:
+        # host-side input validation only (before the launch): the kernel reads cu_seqlens on device and its
+        # trace depends on N = len(cu_seqlens) - 1 alone, never on the values
+        cu = check_cu_seqlens(name, cu_seqlens, seq, max_seqs=_MAX_SEQS)
+        n_states = cu.size - 1
+        kernel_check(bsz == 1, f"{name}: with cu_seqlens the sequences are packed along T and B must be 1, "
+                     f"got B={bsz}")
+        kernel_check(valid_lengths is None, f"{name}: valid_lengths and cu_seqlens are exclusive (packed "
+                     f"sequences have no padding), got valid_lengths={valid_lengths!r}")
+        kernel_check(checkpoint_every is None, f"{name}: checkpoint_every is not supported with cu_seqlens, "
+                     f"got checkpoint_every={checkpoint_every!r}")
     kernel_check(chunk_size in _CHUNK_SIZES, f"{name}: chunk_size must be one of {_CHUNK_SIZES}, "
                  f"got chunk_size={chunk_size}")
+    kernel_check(not varlen or n_states + seq // chunk_size <= _MAX_SLOTS, f"{name}: with cu_seqlens, N + T // "
+                 f"chunk_size (chunk slots) must be <= {_MAX_SLOTS}, got N={n_states}, T={seq}, "
+                 f"chunk_size={chunk_size}; split the pack into several launches")
     kernel_check(compute_dtype in _COMPUTE_DTYPES, f"{name}: compute_dtype must be one of {_COMPUTE_DTYPES}, "
                  f"got compute_dtype={compute_dtype!r}")
     bf16_compute = compute_dtype == "bfloat16" and _dtype_name(q) == "bfloat16"
@@ -897,8 +1138,9 @@ def gated_delta_rule(q, k, v, g, beta, chunk_size=64, initial_state=None, output
     has_init = initial_state is not None
     if has_init:
         check_tensor(name, "initial_state", initial_state)
-        kernel_check(tuple(initial_state.shape) == (bsz, n_hv, dk, dv), f"{name}: initial_state must be "
-                     f"[B, Hv, Dk, Dv]={(bsz, n_hv, dk, dv)}, got {tuple(initial_state.shape)}")
+        lead = "N" if varlen else "B"
+        kernel_check(tuple(initial_state.shape) == (n_states, n_hv, dk, dv), f"{name}: initial_state must be "
+                     f"[{lead}, Hv, Dk, Dv]={(n_states, n_hv, dk, dv)}, got {tuple(initial_state.shape)}")
         kernel_check(_dtype_name(initial_state) == "float32",
                      f"{name}: initial_state must be float32, got {_dtype_name(initial_state)}")
         init = initial_state
@@ -914,10 +1156,11 @@ def gated_delta_rule(q, k, v, g, beta, chunk_size=64, initial_state=None, output
                      f"got checkpoint_every={checkpoint_every}")
         ckpt_every = int(checkpoint_every)
     sc = float(dk ** -0.5 if scale is None else scale)
-    outs = call(gated_delta_rule_kernel, q, k, v, g, beta, init, lengths, _host_constants(chunk_size),
+    cu_arg = cu if varlen else np.zeros(2, dtype=np.int32)
+    outs = call(gated_delta_rule_kernel, q, k, v, g, beta, init, lengths, cu_arg, _host_constants(chunk_size),
                 chunk=int(chunk_size), scale=sc, use_l2norm=bool(use_qk_l2norm_in_kernel),
                 has_initial_state=has_init, checkpoint_every=ckpt_every, has_lengths=valid_lengths is not None,
-                bf16_compute=bf16_compute, lnc=lnc)
+                bf16_compute=bf16_compute, varlen=varlen, lnc=lnc)
     o, final = outs[0], outs[1]
     final = final if output_final_state else None
     if checkpoint_every is not None:

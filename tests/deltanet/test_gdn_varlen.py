@@ -1,0 +1,138 @@
+"""Packed sequences (issue 20 item 2): gated_delta_rule(..., cu_seqlens=...) with B = 1 and the N sequences end
+to end along T equals each sequence run alone (the float64 reference, and the kernel's own per-sequence launch),
+initial and final states [N, Hv, Dk, Dv] included; no state leaks between sequences; bad cu_seqlens are clear
+errors naming the argument."""
+import numpy as np
+import pytest
+from _gdn_inputs import DTYPES, gdn_inputs
+from hypothesis import Phase, given, settings
+from hypothesis import strategies as st
+
+from nki_kernels import gated_delta_rule
+from nki_kernels.deltanet import reference as ref
+from nki_kernels.testing import assert_close
+from nki_kernels.validation import KernelInputError
+
+_NAMES = ("q", "k", "v", "g", "beta")
+
+
+def _pack(lens):
+    return np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+
+
+def _f32(x):
+    return np.asarray(x, dtype=np.float32)
+
+
+@settings(max_examples=12, deadline=None, phases=(Phase.explicit, Phase.reuse, Phase.generate))
+@given(lens=st.lists(st.sampled_from([0, 1, 2, 63, 64, 65, 100, 128, 130]) | st.integers(0, 140), min_size=1,
+                     max_size=5).filter(lambda ls: sum(ls) >= 1),
+       dtype=st.sampled_from(["float32", "bfloat16"]), lnc=st.sampled_from([1, 2]), with_init=st.booleans(),
+       l2norm=st.booleans(), chunk=st.sampled_from([64, 128]), seed=st.integers(0, 2 ** 16))
+def test_packed_equals_each_sequence_alone(lens, dtype, lnc, with_init, l2norm, chunk, seed):
+    """Outputs and final states of the packed launch: close to the float64 reference of each sequence alone and
+    bit-identical to the kernel run on that sequence alone (same chunk alignment: each sequence's chunks start at
+    its first token); a length-0 sequence returns its initial state (or zeros)."""
+    rng = np.random.default_rng(seed)
+    cu = _pack(lens)
+    n, t = len(lens), int(cu[-1])
+    hk, hv, d = 2, 4, 16
+    x = dict(zip(_NAMES, gdn_inputs(rng, 1, t, hk, hv, d, d, DTYPES[dtype])))
+    s0 = rng.standard_normal((n, hv, d, d)).astype(np.float32) if with_init else None
+    kw = dict(chunk_size=chunk, use_qk_l2norm_in_kernel=l2norm)
+    o, s = gated_delta_rule(**x, **kw, initial_state=s0, cu_seqlens=cu, lnc=lnc)
+    assert o.shape == (1, t, hv, d) and s.shape == (n, hv, d, d)
+    st_dt = "float32" if dtype == "float32" else "bfloat16"
+    for i in range(n):
+        a, b = int(cu[i]), int(cu[i + 1])
+        init = None if s0 is None else s0[i:i + 1]
+        if b == a:
+            np.testing.assert_array_equal(s[i], np.zeros((hv, d, d), np.float32) if s0 is None else s0[i])
+            continue
+        part = {nm: arr[:, a:b] for nm, arr in x.items()}
+        ro, rs = ref.gated_delta_rule(**part, **kw, initial_state=init)
+        assert_close(f"o[seq {i}]", ro[0], o[0, a:b], dtype=dtype)
+        assert_close(f"state[seq {i}]", rs[0], s[i], dtype=st_dt)
+        ko, ks = gated_delta_rule(**part, **kw, initial_state=init, lnc=lnc)
+        np.testing.assert_array_equal(_f32(o[0, a:b]), _f32(ko[0]), err_msg=f"o of sequence {i}")
+        np.testing.assert_array_equal(s[i], ks[0], err_msg=f"state of sequence {i}")
+
+
+@settings(max_examples=8, deadline=None, phases=(Phase.explicit, Phase.reuse, Phase.generate))
+@given(lens=st.lists(st.integers(0, 90), min_size=2, max_size=4).filter(lambda ls: sum(ls) >= 1),
+       name=st.sampled_from(_NAMES), bad=st.sampled_from([np.nan, np.inf, -np.inf]), lnc=st.sampled_from([1, 2]),
+       pos=st.data(), seed=st.integers(0, 2 ** 16))
+def test_packed_nonfinite_stays_in_its_sequence(lens, name, bad, lnc, pos, seed):
+    """A non-finite value in one packed sequence (sharing chunks-worth of rows with its neighbours in the packed
+    layout) changes nothing in the other sequences' outputs and final states, and nothing before it in its own."""
+    rng = np.random.default_rng(seed)
+    cu = _pack(lens)
+    t = int(cu[-1])
+    x = dict(zip(_NAMES, gdn_inputs(rng, 1, t, 1, 2, 16, 16)))
+    s0 = rng.standard_normal((len(lens), 2, 16, 16)).astype(np.float32)
+    kw = dict(chunk_size=64, initial_state=s0, use_qk_l2norm_in_kernel=True, cu_seqlens=cu, lnc=lnc)
+    clean_o, clean_s = gated_delta_rule(**x, **kw)
+    tok = pos.draw(st.integers(0, t - 1))
+    seq = int(np.searchsorted(cu, tok, side="right") - 1)
+    x[name] = x[name].copy()
+    x[name][(0, tok) + tuple(pos.draw(st.integers(0, m - 1)) for m in x[name].shape[2:])] = bad
+    o, s = gated_delta_rule(**x, **kw)
+    outside = np.ones(t, bool)
+    outside[tok:cu[seq + 1]] = False
+    np.testing.assert_array_equal(_f32(o[0, outside]), _f32(clean_o[0, outside]))
+    others = [i for i in range(len(lens)) if i != seq]
+    np.testing.assert_array_equal(s[others], clean_s[others])
+
+
+def test_packed_torch_inputs_and_no_state_leak(rng):
+    """torch tensors in and out; the second sequence's result does not depend on the first one's state."""
+    import torch
+    x = dict(zip(_NAMES, gdn_inputs(rng, 1, 70, 1, 2, 16, 16)))
+    cu = torch.tensor([0, 30, 70], dtype=torch.int32)
+    s0 = np.zeros((2, 2, 16, 16), np.float32)
+    o1, s1 = gated_delta_rule(**{n: torch.from_numpy(a) for n, a in x.items()}, initial_state=torch.from_numpy(s0),
+                              cu_seqlens=cu)
+    s0[0] = 1e3                                       # a different state for sequence 0 only
+    o2, s2 = gated_delta_rule(**x, initial_state=s0, cu_seqlens=cu.numpy())
+    assert isinstance(o1, torch.Tensor)
+    np.testing.assert_array_equal(o1.numpy()[0, 30:], o2[0, 30:])
+    np.testing.assert_array_equal(s1.numpy()[1], s2[1])
+    assert not np.allclose(o1.numpy()[0, :30], o2[0, :30])
+
+
+@pytest.mark.parametrize("cu, match", [
+    (np.array([0.0, 4.0]), "cu_seqlens must be integers"),
+    ([0, 8.0], "cu_seqlens must be integers"),
+    (np.array([1, 8], np.int32), "cu_seqlens must start at 0"),
+    (np.array([0, 6, 3, 8], np.int32), r"non-decreasing, got cu_seqlens\[1\]=6 > cu_seqlens\[2\]=3"),
+    (np.array([0, 3, 7], np.int32), "must end at T=8"),
+    (np.array([0, 3, 9], np.int32), "must end at T=8"),
+    (np.array([0], np.int32), r"cu_seqlens must be \[N\+1\]"),
+    (np.array([[0, 8]], np.int32), r"cu_seqlens must be \[N\+1\]"),
+])
+def test_bad_cu_seqlens_refused(cu, match, rng):
+    x = dict(zip(_NAMES, gdn_inputs(rng, 1, 8, 1, 2, 16, 16)))
+    with pytest.raises(KernelInputError, match=match):
+        gated_delta_rule(**x, cu_seqlens=cu)
+
+
+def test_packed_argument_combinations_refused(rng):
+    x = dict(zip(_NAMES, gdn_inputs(rng, 2, 8, 1, 2, 16, 16)))
+    cu = np.array([0, 3, 8], np.int32)
+    with pytest.raises(KernelInputError, match="B must be 1, got B=2"):
+        gated_delta_rule(**x, cu_seqlens=cu)
+    x1 = {n: a[:1] for n, a in x.items()}
+    with pytest.raises(KernelInputError, match=r"initial_state must be \[N, Hv, Dk, Dv\]=\(2, 2, 16, 16\)"):
+        gated_delta_rule(**x1, cu_seqlens=cu, initial_state=np.zeros((1, 2, 16, 16), np.float32))
+    with pytest.raises(KernelInputError, match="valid_lengths and cu_seqlens are exclusive"):
+        gated_delta_rule(**x1, cu_seqlens=cu, valid_lengths=[8])
+    with pytest.raises(KernelInputError, match="checkpoint_every is not supported with cu_seqlens"):
+        gated_delta_rule(**x1, cu_seqlens=cu, checkpoint_every=1)
+
+
+def test_packed_slot_limit_refused(rng):
+    """N + T // chunk_size chunk slots beyond _MAX_SLOTS: refused before any launch, naming the limit."""
+    x = dict(zip(_NAMES, gdn_inputs(rng, 1, 64 * 100, 1, 1, 8, 8)))
+    cu = np.concatenate([np.arange(1000), [64 * 100]]).astype(np.int32)
+    with pytest.raises(KernelInputError, match=r"N \+ T // chunk_size \(chunk slots\) must be <= 1024"):
+        gated_delta_rule(**x, chunk_size=64, cu_seqlens=cu)
