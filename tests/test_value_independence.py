@@ -108,6 +108,13 @@ def _causal_conv1d(rng, adv):
         conv_state=_vals(rng, (b, c, kw), adv), valid_lengths=lens)
 
 
+def _causal_conv1d_packed(rng, adv):
+    c, t, kw = 192, 40, 4
+    cu = np.array([0, 0, 2, 40] if adv else [0, 17, 30, 40], np.int32)
+    return (_vals(rng, (1, c, t), adv), _vals(rng, (c, kw), adv)), dict(
+        conv_state=_vals(rng, (3, c, kw), adv), cu_seqlens=cu)
+
+
 def _causal_conv1d_update(rng, adv):
     b, c, kw = 3, 192, 4
     return (_vals(rng, (b, c, 1), adv), _vals(rng, (b, c, kw), adv), _vals(rng, (c, kw), adv)), {}
@@ -172,7 +179,8 @@ BUILDERS = {
     "moe_decode": _moe_decode, "code_predictor": _code_predictor,
 }
 # Further modes of a public function (name -> (function, builder)): packed sequences (cu_seqlens).
-MODES = {"gated_delta_rule[cu_seqlens]": ("gated_delta_rule", _gated_delta_rule_packed)}
+MODES = {"gated_delta_rule[cu_seqlens]": ("gated_delta_rule", _gated_delta_rule_packed),
+         "causal_conv1d[cu_seqlens]": ("causal_conv1d", _causal_conv1d_packed)}
 # Host-side helpers in __all__ that launch no kernel (their outputs feed a kernel's index inputs).
 HOST_ONLY = {"moe_route", "moe_block_mapping"}
 # Known value-dependent wrappers: strict xfail, so each flips to a failure (to be removed here) once fixed.

@@ -16,7 +16,7 @@ from ..hw import P_MAX, PSUM_FMAX_FP32
 from ..lnc import resolve_lnc
 from ..validation import kernel_check
 from ._checks import FLOAT_DTYPES as _FLOAT_DTYPES
-from ._checks import check_lengths, check_tensor
+from ._checks import check_cu_seqlens, check_lengths, check_tensor
 from ._checks import dtype_name as _dtype_name
 
 # ---------------------------------------------------------------- constraints
@@ -25,10 +25,11 @@ _MAX_SEQ = 16384                  # T: the whole [128, K + T] history row lives 
 _MAX_ROW_ELEMS = 8192             # free elements per partition of one [P, n_b, K + T] history tile
 _UPDATE_SBUF_BYTES = 64 * 1024   # update form: SBUF per partition for one chunk of sequences (all its tiles)
 _ACTIVATIONS = (None, "silu", "swish")
+_MAX_SEQS = 1024                  # packed sequences per launch (cu_seqlens): 3 small DMAs each per channel tile
 
 
 @nki.jit
-def causal_conv1d_kernel(x, weight, conv_state, lengths, has_state, in_place, apply_silu):
+def causal_conv1d_kernel(x, weight, conv_state, lengths, cu_seqlens, has_state, in_place, apply_silu, varlen=False):
     """Causal depthwise conv over time for every (batch, channel), one launch.
 
     Dimensions:
@@ -40,6 +41,8 @@ def causal_conv1d_kernel(x, weight, conv_state, lengths, has_state, in_place, ap
             with the new state when in_place.
         lengths: [B] @ HBM int32, valid tokens of each sequence (the new state ends at input L_b - 1).
         has_state, in_place, apply_silu: trace-time constants.
+        cu_seqlens: [N+1] @ HBM int32 (varlen, trace-time: B = 1, sequence n is tokens cu[n] .. cu[n+1] - 1;
+            conv_state and new_state are [N, C, K]); see _varlen_boundaries.
     Returns:
         y: [B, C, T] @ HBM in x's dtype; new_state: [B, C, K] @ HBM in conv_state's dtype (omitted when in_place).
     Constraints:
@@ -57,7 +60,8 @@ def causal_conv1d_kernel(x, weight, conv_state, lengths, has_state, in_place, ap
     kw = weight.shape[1]
     f32 = nl.float32
     y = nl.ndarray((bsz, n_ch, seq), dtype=x.dtype, buffer=nl.shared_hbm)
-    new_state = conv_state if in_place else nl.ndarray((bsz, n_ch, kw), dtype=conv_state.dtype,
+    n_states = cu_seqlens.shape[0] - 1 if varlen else bsz
+    new_state = conv_state if in_place else nl.ndarray((n_states, n_ch, kw), dtype=conv_state.dtype,
                                                        buffer=nl.shared_hbm)
     outs = y if in_place else (y, new_state)
     # LNC=2: each program instance owns a contiguous half of the channels (reads and writes only those rows)
@@ -68,8 +72,10 @@ def causal_conv1d_kernel(x, weight, conv_state, lengths, has_state, in_place, ap
     nb = max(1, min(bsz, _MAX_ROW_ELEMS // (kw + seq)))          # sequences per tile (free dim)
     n_bt = (bsz + nb - 1) // nb
     len_i = None
-    if not in_place:
+    bounds = _sequence_bounds(cu_seqlens, seq, kw) if varlen else None
+    if not in_place and not varlen:
         len_i = _clamped_lengths(lengths, bsz, seq)
+    margin = kw if varlen else 0             # zero columns after the history / y rows for the boundary windows
     on_pe = x.dtype in (nl.bfloat16, nl.float16)
     ident = _identity(x.dtype) if on_pe else None
     for i_ct in range(n_ct):
@@ -88,16 +94,19 @@ def causal_conv1d_kernel(x, weight, conv_state, lengths, has_state, in_place, ap
             n_b = min(nb, bsz - b0)
             bs = slice(b0, b0 + n_b)
             # hist[:, b] = [conv_state[b] | x[b]]: input t of sequence b at column K + t
-            hist = nl.ndarray((P_MAX, nb, kw + seq), dtype=x.dtype, buffer=nl.sbuf)
-            if has_state:
+            hist = nl.ndarray((P_MAX, nb, kw + seq + margin), dtype=x.dtype, buffer=nl.sbuf)
+            if varlen:                        # every sequence's history is fixed by _varlen_boundaries
+                nisa.memset(dst=hist[0:pc, 0:n_b, 0:kw], value=0.0)
+                nisa.memset(dst=hist[0:pc, 0:n_b, kw + seq:kw + seq + margin], value=0.0)
+            elif has_state:
                 nisa.dma_copy(dst=hist[0:pc, 0:n_b, 0:kw], src=conv_state[bs, c0:c0 + pc].permute((1, 0, 2)))
             else:
                 nisa.memset(dst=hist[0:pc, 0:n_b, 0:kw], value=0.0)
             nisa.dma_copy(dst=hist[0:pc, 0:n_b, kw:kw + seq], src=x[bs, c0:c0 + pc].permute((1, 0, 2)))
-            y_sb = nl.ndarray((P_MAX, nb, seq), dtype=x.dtype, buffer=nl.sbuf)
+            y_sb = nl.ndarray((P_MAX, nb, seq + margin), dtype=x.dtype, buffer=nl.sbuf)
             act = nl.silu if apply_silu else nl.copy
             if on_pe:
-                _taps_on_pe(hist, diag, y_sb, pc, n_b, act)
+                _taps_on_pe(hist, diag, y_sb[:, :, 0:seq], pc, n_b, act)
             else:
                 acc = nl.ndarray((P_MAX, nb, seq), dtype=f32, buffer=nl.sbuf)
                 nisa.tensor_scalar(dst=acc[0:pc, 0:n_b], data=hist[0:pc, 0:n_b, 1:1 + seq], op0=nl.multiply,
@@ -106,8 +115,12 @@ def causal_conv1d_kernel(x, weight, conv_state, lengths, has_state, in_place, ap
                     nisa.scalar_tensor_tensor(dst=acc[0:pc, 0:n_b], data=hist[0:pc, 0:n_b, 1 + i_k:1 + i_k + seq],
                                               op0=nl.multiply, operand0=w_sb[0:pc, i_k:i_k + 1], op1=nl.add,
                                               operand1=acc[0:pc, 0:n_b])
-                nisa.activation(dst=y_sb[0:pc, 0:n_b], op=act, data=acc[0:pc, 0:n_b])
-            nisa.dma_copy(dst=y[bs, c0:c0 + pc].permute((1, 0, 2)), src=y_sb[0:pc, 0:n_b])
+                nisa.activation(dst=y_sb[0:pc, 0:n_b, 0:seq], op=act, data=acc[0:pc, 0:n_b])
+            if varlen:
+                _varlen_boundaries(hist, y_sb, conv_state, new_state, w_sb, bounds, c0, pc, has_state, act)
+                nisa.dma_copy(dst=y[bs, c0:c0 + pc].permute((1, 0, 2)), src=y_sb[0:pc, 0:n_b, 0:seq])
+                continue
+            nisa.dma_copy(dst=y[bs, c0:c0 + pc].permute((1, 0, 2)), src=y_sb[0:pc, 0:n_b, 0:seq])
             # new state: inputs L_b - K .. L_b - 1 = hist columns L_b .. L_b + K - 1
             if in_place:                      # update form: L_b = T for every sequence (static)
                 nisa.dma_copy(dst=new_state[bs, c0:c0 + pc].permute((1, 0, 2)), src=hist[0:pc, 0:n_b, seq:seq + kw])
@@ -124,6 +137,91 @@ def _owned_channels(n_ch, pid, n_prog):
     per = (n_ch + n_prog - 1) // n_prog
     lo = min(n_ch, pid * per)
     return lo, min(n_ch, lo + per)
+
+
+def _sequence_bounds(cu_seqlens, seq, kw):
+    """cu_seqlens [N+1] (HBM int32) -> on-chip bounds of the packed sequences, every value clamped in-kernel
+    (cu to [0, T] and non-decreasing) so the dynamic accesses they drive stay inside their tiles:
+    start [1, N] int32 (s_n), end [1, N] int32 (e_n = s_n + L_n), short [1, N] int32 (min(L_n, K)) on partition 0
+    (DMA offsets), and long [P, N] uint8 (L_n >= K) on every partition (predicates)."""
+    f32, i32 = nl.float32, nl.int32
+    n_seq = cu_seqlens.shape[0] - 1
+    n1 = n_seq + 1
+    cu_i = nl.ndarray((P_MAX, n1), dtype=i32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=cu_i, src=cu_seqlens.ap(pattern=[[0, P_MAX], [1, n1]], offset=0))   # on every partition
+    nisa.tensor_scalar(dst=cu_i, data=cu_i, op0=nl.maximum, operand0=0, op1=nl.minimum, operand1=seq)
+    cu_f = nl.ndarray((P_MAX, n1), dtype=f32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=cu_f, src=cu_i)
+    ones = nl.ndarray((P_MAX, n1), dtype=f32, buffer=nl.sbuf)
+    nisa.memset(dst=ones, value=1.0)
+    cu_m = nl.ndarray((P_MAX, n1), dtype=f32, buffer=nl.sbuf)    # running max: non-decreasing
+    nisa.tensor_tensor_scan(dst=cu_m, data0=ones, data1=cu_f, initial=0.0, op0=nl.multiply, op1=nl.maximum)
+    length = nl.ndarray((P_MAX, n_seq), dtype=f32, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=length, data1=cu_m[:, 1:n1], data2=cu_m[:, 0:n_seq], op=nl.subtract)
+    long = nl.ndarray((P_MAX, n_seq), dtype=nl.uint8, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=long, data=length, op0=nl.greater_equal, operand0=float(kw))
+    start = nl.ndarray((1, n_seq), dtype=i32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=start, src=cu_m[0:1, 0:n_seq])
+    end = nl.ndarray((1, n_seq), dtype=i32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=end, src=cu_m[0:1, 1:n1])
+    short = nl.ndarray((1, n_seq), dtype=i32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=short, data=length[0:1, :], op0=nl.minimum, operand0=float(kw))
+    return dict(start=start, end=end, short=short, long=long)
+
+
+def _varlen_boundaries(hist, y_sb, conv_state, new_state, w_sb, bounds, c0, pc, has_state, act):
+    """Packed sequences (B = 1) of one channel tile, after the taps ran over the whole packed row: the first K - 1
+    outputs of each sequence n are recomputed from its own history, and its new state is written.
+
+    hist [P, 1, K + T + K]: input t at column K + t (zeros before and after); y_sb [P, 1, T + K]. Per sequence
+    (static loop; s_n, e_n, L_n from `bounds`, read on device):
+        win[:, n] = [conv_state[n] (zeros without a state) | inputs s_n .. s_n + K - 1]    ([P, N, 2K])
+        y[s_n + t] = act(sum_i w_i win[:, n, 1 + t + i]) for t < K - 1, written over y_sb[:, s_n : s_n + K - 1] in
+            the order n = 0 .. N - 1: a short sequence's extra columns belong to the next sequences, which write
+            theirs after it (the last one's go to the K margin columns)
+        new_state[n] = inputs e_n - K .. e_n - 1 = hist[:, e_n : e_n + K] when L_n >= K, else
+            win[:, n, L_n : L_n + K] (part state, part inputs), chosen by select.
+    Every dynamic offset is a clamped bound in [0, T] (or [0, K]) inside its tile."""
+    kw = w_sb.shape[1]
+    n_seq = bounds["start"].shape[1]
+    row = hist.shape[1] * hist.shape[2]
+    win = nl.ndarray((P_MAX, n_seq, 2 * kw), dtype=hist.dtype, buffer=nl.sbuf)
+    if has_state:
+        nisa.dma_copy(dst=win[0:pc, :, 0:kw], src=conv_state[:, c0:c0 + pc].permute((1, 0, 2)))
+    else:
+        nisa.memset(dst=win[0:pc, :, 0:kw], value=0.0)
+    for n in range(n_seq):
+        nisa.dma_copy(dst=win[0:pc, n, kw:2 * kw],
+                      src=hist[0:pc, 0].ap(pattern=[[row, pc], [1, kw]], offset=kw,
+                                           scalar_offset=bounds["start"][0:1, n:n + 1], indirect_dim=2))
+    f32 = nl.float32
+    acc = nl.ndarray((P_MAX, n_seq, kw - 1), dtype=f32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=acc[0:pc], data=win[0:pc, :, 1:kw], op0=nl.multiply, operand0=w_sb[0:pc, 0:1])
+    for i_k in range(1, kw):
+        nisa.scalar_tensor_tensor(dst=acc[0:pc], data=win[0:pc, :, 1 + i_k:kw + i_k], op0=nl.multiply,
+                                  operand0=w_sb[0:pc, i_k:i_k + 1], op1=nl.add, operand1=acc[0:pc])
+    y_b = nl.ndarray((P_MAX, n_seq, kw - 1), dtype=y_sb.dtype, buffer=nl.sbuf)
+    nisa.activation(dst=y_b[0:pc], op=act, data=acc[0:pc])
+    y_row = y_sb.shape[1] * y_sb.shape[2]
+    st_sb = nl.ndarray((P_MAX, n_seq, kw), dtype=hist.dtype, buffer=nl.sbuf)
+    tail = nl.ndarray((P_MAX, n_seq, kw), dtype=hist.dtype, buffer=nl.sbuf)
+    for n in range(n_seq):
+        nisa.dma_copy(dst=y_sb[0:pc, 0].ap(pattern=[[y_row, pc], [1, kw - 1]], offset=0,
+                                           scalar_offset=bounds["start"][0:1, n:n + 1], indirect_dim=2),
+                      src=y_b[0:pc, n])
+        nisa.dma_copy(dst=st_sb[0:pc, n], src=hist[0:pc, 0].ap(pattern=[[row, pc], [1, kw]], offset=0,
+                                                               scalar_offset=bounds["end"][0:1, n:n + 1],
+                                                               indirect_dim=2))
+        nisa.dma_copy(dst=tail[0:pc, n], src=win[0:pc, n].ap(pattern=[[n_seq * 2 * kw, pc], [1, kw]], offset=0,
+                                                             scalar_offset=bounds["short"][0:1, n:n + 1],
+                                                             indirect_dim=2))
+    pred = bounds["long"].ap(pattern=[[n_seq, pc], [1, n_seq], [0, kw]], offset=0)
+    nisa.tensor_copy_predicated(dst=tail[0:pc], src=st_sb[0:pc], predicate=pred)
+    out = tail
+    if new_state.dtype != hist.dtype:
+        out = nl.ndarray((P_MAX, n_seq, kw), dtype=new_state.dtype, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=out[0:pc], src=tail[0:pc])
+    nisa.dma_copy(dst=new_state[:, c0:c0 + pc].permute((1, 0, 2)), src=out[0:pc])
 
 
 def _clamped_lengths(lengths, bsz, seq):
@@ -267,33 +365,47 @@ def _check_common(name, x, weight, activation, bias):
     return bsz, n_ch, seq, kw
 
 
-def causal_conv1d(x, weight, conv_state=None, valid_lengths=None, activation="silu", bias=None, lnc=None):
+def causal_conv1d(x, weight, conv_state=None, valid_lengths=None, activation="silu", bias=None, cu_seqlens=None,
+                  lnc=None):
     """Prefill: y = act(causal depthwise conv(x)), and the new conv state (the last K valid inputs).
 
     x [B, C, T]; weight [C, K]; conv_state [B, C, K] (the K inputs before x; zeros when None);
     valid_lengths [B] (right padding: the new state ends at input valid_lengths[b] - 1).
-    Returns (y [B, C, T] in x's dtype, new_conv_state [B, C, K] in conv_state's dtype, else x's).
+    cu_seqlens [N+1] ints (0 = cu[0] <= ... <= cu[N] = T): B = 1 and x holds N sequences end to end; conv_state
+    and the new state are then [N, C, K] (the project's conv-state layout, one row per sequence); validated on
+    the host before the launch (input validation only: the kernel reads the values on device).
+    Returns (y [B, C, T] in x's dtype, new_conv_state [B or N, C, K] in conv_state's dtype, else x's).
     lnc: 1 or 2 program instances (None: `resolve_lnc`, 2 on trn2); under LNC=2 each core owns half the channels.
     """
     name = "causal_conv1d"
     lnc = resolve_lnc(lnc, name)
     bsz, n_ch, seq, kw = _check_common(name, x, weight, activation, bias)
+    varlen = cu_seqlens is not None
+    n_states, lead = bsz, "B"
+    if varlen:
+        cu = check_cu_seqlens(name, cu_seqlens, seq, max_seqs=_MAX_SEQS)
+        n_states, lead = cu.size - 1, "N"
+        kernel_check(bsz == 1, f"{name}: with cu_seqlens the sequences are packed along T and B must be 1, "
+                     f"got B={bsz}")
+        kernel_check(valid_lengths is None, f"{name}: valid_lengths and cu_seqlens are exclusive (packed "
+                     f"sequences have no padding), got valid_lengths={valid_lengths!r}")
     has_state = conv_state is not None
     if has_state:
         check_tensor(name, "conv_state", conv_state)
-        kernel_check(tuple(conv_state.shape) == (bsz, n_ch, kw), f"{name}: conv_state must be [B, C, K]="
-                     f"{(bsz, n_ch, kw)}, got {tuple(conv_state.shape)}")
+        kernel_check(tuple(conv_state.shape) == (n_states, n_ch, kw), f"{name}: conv_state must be [{lead}, C, K]="
+                     f"{(n_states, n_ch, kw)}, got {tuple(conv_state.shape)}")
         kernel_check(_dtype_name(conv_state) in _FLOAT_DTYPES, f"{name}: conv_state must be a float tensor, "
                      f"got {_dtype_name(conv_state)}")
         state = conv_state
     else:
-        state = _zeros_like(x, (bsz, n_ch, kw))
+        state = _zeros_like(x, (n_states, n_ch, kw))
     if valid_lengths is None:
         lengths = np.full(bsz, seq, dtype=np.int32)
     else:
         lengths = check_lengths(name, valid_lengths, bsz, seq)
-    return call(causal_conv1d_kernel, x, weight, state, lengths, has_state=has_state, in_place=False,
-                apply_silu=activation is not None, lnc=lnc)
+    cu_arg = cu if varlen else np.zeros(2, dtype=np.int32)
+    return call(causal_conv1d_kernel, x, weight, state, lengths, cu_arg, has_state=has_state, in_place=False,
+                apply_silu=activation is not None, varlen=varlen, lnc=lnc)
 
 
 def causal_conv1d_update(x, conv_state, weight, activation="silu", bias=None, lnc=None):

@@ -1,14 +1,14 @@
 """Packed sequences (issue 20 item 2): gated_delta_rule(..., cu_seqlens=...) with B = 1 and the N sequences end
 to end along T equals each sequence run alone (the float64 reference, and the kernel's own per-sequence launch),
 initial and final states [N, Hv, Dk, Dv] included; no state leaks between sequences; bad cu_seqlens are clear
-errors naming the argument."""
+errors naming the argument. causal_conv1d(..., cu_seqlens=...) likewise, with conv states [N, C, K]."""
 import numpy as np
 import pytest
 from _gdn_inputs import DTYPES, gdn_inputs
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
-from nki_kernels import gated_delta_rule
+from nki_kernels import causal_conv1d, gated_delta_rule
 from nki_kernels.deltanet import reference as ref
 from nki_kernels.testing import assert_close
 from nki_kernels.validation import KernelInputError
@@ -136,3 +136,71 @@ def test_packed_slot_limit_refused(rng):
     cu = np.concatenate([np.arange(1000), [64 * 100]]).astype(np.int32)
     with pytest.raises(KernelInputError, match=r"N \+ T // chunk_size \(chunk slots\) must be <= 1024"):
         gated_delta_rule(**x, chunk_size=64, cu_seqlens=cu)
+
+
+# ------------------------------------------------------------------------------------------- causal_conv1d
+
+@settings(max_examples=12, deadline=None, phases=(Phase.explicit, Phase.reuse, Phase.generate))
+@given(lens=st.lists(st.integers(0, 40), min_size=1, max_size=6).filter(lambda ls: sum(ls) >= 1),
+       dtype=st.sampled_from(["float32", "bfloat16"]), lnc=st.sampled_from([1, 2]), with_state=st.booleans(),
+       n_ch=st.sampled_from([64, 200]), kw=st.sampled_from([2, 4]), seed=st.integers(0, 2 ** 16))
+def test_conv_packed_equals_each_sequence_alone(lens, dtype, lnc, with_state, n_ch, kw, seed):
+    """causal_conv1d with cu_seqlens: each sequence's outputs and new state [N, C, K] match the float64 reference
+    run on it alone with its own conv state (sequences shorter than K take part of their state from the old one;
+    length 0 keeps it), and the kernel run on it alone (bit-identical in fp32, where both use the same VectorE
+    sums)."""
+    rng = np.random.default_rng(seed)
+    dt = DTYPES[dtype]
+    cu = _pack(lens)
+    n, t = len(lens), int(cu[-1])
+    x = rng.standard_normal((1, n_ch, t)).astype(dt)
+    w = (rng.standard_normal((n_ch, kw)) * 0.5).astype(dt)
+    s0 = rng.standard_normal((n, n_ch, kw)).astype(dt) if with_state else None
+    y, s = causal_conv1d(x, w, conv_state=s0, cu_seqlens=cu, lnc=lnc)
+    assert y.shape == (1, n_ch, t) and s.shape == (n, n_ch, kw)
+    for i in range(n):
+        a, b = int(cu[i]), int(cu[i + 1])
+        init = None if s0 is None else s0[i:i + 1]
+        if b == a:
+            np.testing.assert_array_equal(_f32(s[i]), np.zeros((n_ch, kw)) if s0 is None else _f32(s0[i]))
+            continue
+        ry, rs = ref.causal_conv1d(x[:, :, a:b], w, conv_state=init)
+        assert_close(f"y[seq {i}]", ry[0], y[0, :, a:b], dtype=dtype)
+        np.testing.assert_array_equal(_f32(s[i]), _f32(rs[0]), err_msg=f"state of sequence {i} (a copy of inputs)")
+        if dtype == "float32":
+            ky, _ = causal_conv1d(x[:, :, a:b], w, conv_state=init, lnc=lnc)
+            np.testing.assert_array_equal(_f32(y[0, :, a:b]), _f32(ky[0]), err_msg=f"y of sequence {i}")
+
+
+@pytest.mark.parametrize("lnc", [1, 2])
+def test_conv_packed_nonfinite_stays_in_its_sequence(lnc, rng):
+    """NaN / Inf inputs of one packed sequence change no output or state of the others (the taps over the packed
+    row read across the boundary; those outputs are recomputed from each sequence's own history)."""
+    cu = np.array([0, 7, 8, 8, 20], np.int32)
+    x = rng.standard_normal((1, 160, 20)).astype(np.float32)
+    w = rng.standard_normal((160, 4)).astype(np.float32)
+    s0 = rng.standard_normal((4, 160, 4)).astype(np.float32)
+    clean_y, clean_s = causal_conv1d(x, w, conv_state=s0, cu_seqlens=cu, lnc=lnc)
+    xb = x.copy()
+    xb[0, :, 5:8] = np.nan                            # the end of sequence 0 and all of sequence 1
+    xb[0, 3, 6] = np.inf
+    y, s = causal_conv1d(xb, w, conv_state=s0, cu_seqlens=cu, lnc=lnc)
+    np.testing.assert_array_equal(y[0, :, 8:], clean_y[0, :, 8:])
+    np.testing.assert_array_equal(y[0, :, :5], clean_y[0, :, :5])
+    np.testing.assert_array_equal(s[2:], clean_s[2:])
+
+
+def test_conv_packed_bad_arguments_refused(rng):
+    x = rng.standard_normal((2, 8, 10)).astype(np.float32)
+    w = rng.standard_normal((8, 4)).astype(np.float32)
+    cu = np.array([0, 4, 10], np.int32)
+    with pytest.raises(KernelInputError, match="B must be 1, got B=2"):
+        causal_conv1d(x, w, cu_seqlens=cu)
+    with pytest.raises(KernelInputError, match=r"conv_state must be \[N, C, K\]=\(2, 8, 4\)"):
+        causal_conv1d(x[:1], w, conv_state=np.zeros((1, 8, 4), np.float32), cu_seqlens=cu)
+    with pytest.raises(KernelInputError, match="cu_seqlens must start at 0"):
+        causal_conv1d(x[:1], w, cu_seqlens=np.array([2, 10], np.int32))
+    with pytest.raises(KernelInputError, match="must end at T=10"):
+        causal_conv1d(x[:1], w, cu_seqlens=np.array([0, 4, 9], np.int32))
+    with pytest.raises(KernelInputError, match="valid_lengths and cu_seqlens are exclusive"):
+        causal_conv1d(x[:1], w, cu_seqlens=cu, valid_lengths=[10])
