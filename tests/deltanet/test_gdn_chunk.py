@@ -236,7 +236,7 @@ def _good(rng):
     (lambda a: a.update(initial_state=np.zeros((1, 4, 16, 16), BF16)), "initial_state must be float32"),
     (lambda a: a.update(initial_state=np.zeros((1, 2, 16, 16), np.float32)), "initial_state must be"),
     (lambda a: a.update(checkpoint_every=0), "checkpoint_every must be >= 1"),
-    (lambda a: a.update(cu_seqlens=np.array([0, 8])), "cu_seqlens"),
+    (lambda a: a.update(cu_seqlens=np.array([0, 7])), "cu_seqlens must end at T=8"),
     (lambda a: a.update(v=np.zeros((1, 8, 64, 16), np.float32), g=np.zeros((1, 8, 64), np.float32),
                         beta=np.zeros((1, 8, 64), np.float32), lnc=1),
      r"ceil\(Hv / lnc\) \* chunk_size must be <= 2048"),
