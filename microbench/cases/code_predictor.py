@@ -126,16 +126,21 @@ def _check(ref, out):
 
 
 def _cost(B, tp, depth=_FULL):
-    """Useful FLOPs and minimum HBM bytes of a full frame, all ranks together (LM heads replicated per rank)."""
+    """Useful FLOPs and minimum HBM bytes of a full frame, per rank: the frame's totals divided by `tp`.
+
+    The totals are the model's math and its weights read once (layers, the G1 LM heads, the frame's inputs and
+    outputs), whatever layout the kernel picks. The case's modeled time is the frame time with all `tp` ranks
+    running in parallel, and the runner's roofline counts one rank's `lnc` cores, so the per-rank share of the
+    totals is the roofline of the whole `tp`-rank group."""
     H, D, V = _SHAPE.hidden, _SHAPE.head_dim, _SHAPE.vocab
     L, G1 = depth
     hq, hkv, inter = _SHAPE.q_heads, _SHAPE.kv_heads, _SHAPE.mlp_inter
     layer_params = H * (hq + 2 * hkv) * D + hq * D * H + 3 * H * inter
     tokens = B * (G1 + 1)
-    flops = 2 * layer_params * L * tokens + 2 * H * V * B * G1 * tp
+    flops = 2 * layer_params * L * tokens + 2 * H * V * B * G1
     flops += L * B * sum(4 * hq * D * (t + 1) for t in range(G1 + 1))        # attention scores + PV
-    hbm = 2 * (layer_params * L + tp * G1 * H * V) + tp * (2 * B * G1 * H * 2 + 4 * B * H * 2 + 4 * B * G1)
-    return flops, hbm
+    hbm = 2 * (layer_params * L + G1 * H * V) + 2 * B * G1 * H * 2 + 4 * B * H * 2 + 4 * B * G1
+    return -(-flops // tp), -(-hbm // tp)
 
 
 def _register():
