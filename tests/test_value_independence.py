@@ -90,7 +90,7 @@ def _gated_delta_rule_packed(rng, adv):
     q, k, v, g, beta = _gdn_inputs(rng, adv, 1, t, 2, 4, 64, 64)
     cu = np.array([0, 0, 1, 150] if adv else [0, 64, 100, 150], np.int32)
     state = _vals(rng, (3, 4, 64, 64), adv)
-    return (q, k, v, g, beta), dict(initial_state=state, cu_seqlens=cu)
+    return (q, k, v, g, beta), dict(initial_state=state, cu_seqlens=cu, chunk_size=64, checkpoint_every=1)
 
 
 def _gated_delta_rule_step(rng, adv):

@@ -155,7 +155,7 @@ def gated_delta_rule_kernel(q, k, v, g, beta, initial_state, lengths, cu_seqlens
     n_ckpt = 0 if not checkpoint_every else seq // (checkpoint_every * chunk)
     ckpt_all = None
     if n_ckpt > 0:
-        ckpt_all = nl.ndarray((bsz, n_ckpt, n_hv_all, dk, dv), dtype=f32, buffer=nl.shared_hbm)
+        ckpt_all = nl.ndarray((n_states, n_ckpt, n_hv_all, dk, dv), dtype=f32, buffer=nl.shared_hbm)
     outs = (o_all, final_all) if ckpt_all is None else (o_all, final_all, ckpt_all)
     # LNC=2: each program instance owns a contiguous range of v heads (and the q/k heads they use), reads only
     # those heads' inputs and writes only their outputs and states; everything below sees the owned heads only
@@ -169,6 +169,12 @@ def gated_delta_rule_kernel(q, k, v, g, beta, initial_state, lengths, cu_seqlens
         initial_state = initial_state[:, hv_lo:hv_hi]
     o, final_state = o_all[:, :, hv_lo:hv_hi, :], final_all[:, hv_lo:hv_hi]
     ckpt = None if ckpt_all is None else ckpt_all[:, :, hv_lo:hv_hi]
+    if varlen and ckpt is not None:          # checkpoints a sequence does not reach stay 0
+        zero_sb = nl.ndarray((dk, hv_hi - hv_lo, dv), dtype=f32, buffer=nl.sbuf)
+        nisa.memset(dst=zero_sb, value=0.0)
+        for i_n in range(n_states):
+            for i_k in range(n_ckpt):
+                nisa.dma_copy(dst=ckpt[i_n, i_k].permute((1, 0, 2)), src=zero_sb)
     n_hv = hv_hi - hv_lo
     # k head (relative to kh_lo) of owned v head w: (hv_lo + w) // group - kh_lo
     head_base = hv_lo
@@ -183,7 +189,7 @@ def gated_delta_rule_kernel(q, k, v, g, beta, initial_state, lengths, cu_seqlens
     ones_sb = nl.ndarray((chunk, max(dk, chunk)), dtype=f32, buffer=nl.sbuf)
     nisa.memset(dst=ones_sb, value=1.0)
     guard = _guard_constants(consts_sb, chunk, dk)
-    sched = _varlen_schedule(cu_seqlens, seq, chunk, dk, n_chunks) if varlen else None
+    sched = _varlen_schedule(cu_seqlens, seq, chunk, dk, n_chunks, n_ckpt, checkpoint_every) if varlen else None
     # v heads of one q/k group are processed W at a time in lockstep ([C, W, C] tiles): one instruction
     # serves W heads where the op is the same, and the W independent chains hide each other's latency
     width = _lockstep_width(n_hv, group, chunk, dk, dv, head_base)
@@ -390,6 +396,10 @@ def _chunk_tail(initial_state, has_initial_state, o, final_state, ckpt, n_ckpt, 
     t0 = i_c * chunk
     if sched is not None:
         _store_slot(o, final_state, o_sb, state_sb, sched, i_c, cfg)
+        if ckpt is not None:                 # checkpoint (n_s, i) when the slot ends chunk (i + 1) * N of n_s
+            nisa.dma_copy(dst=ckpt.ap(pattern=[[dv, dk], [dk * dv, n_hv], [1, dv]], offset=0,
+                                      scalar_offset=sched["ckpt"][i_c], indirect_dim=1),
+                          src=state_sb, oob_mode=nisa.oob_mode.skip)
         return
     if ctx["valid"] is not None:             # pad rows: output 0 even after a bad value made the state NaN
         _zero_pad_rows((o_sb,), ctx["valid"])
@@ -422,7 +432,7 @@ def _load_chunk(q, k, v, g, beta, i_b, t0, n_tok, chunk, io_dt):
     return tiles
 
 
-def _varlen_schedule(cu_seqlens, seq, chunk, dk, n_slots):
+def _varlen_schedule(cu_seqlens, seq, chunk, dk, n_slots, n_ckpt=0, ckpt_every=0):
     """The chunk slots of packed sequences, computed on device from cu_seqlens (the trace never sees its values).
 
     Sequence n is tokens cu[n] .. cu[n+1] - 1 (cu clamped to [0, T] and made non-decreasing in-kernel, so any
@@ -437,7 +447,9 @@ def _varlen_schedule(cu_seqlens, seq, chunk, dk, n_slots):
         store_row [C, S] int32: token of row p when valid, else T (outside o: that row's write is skipped);
         valid [C, S] uint8 0/1; first [Dk, S] uint8 0/1 (the slot starts its sequence);
         seq[s], fin[s]: (1, 1) int32 tiles: n_s (in [0, N - 1]) and n_s when the slot ends its sequence, else N
-            (outside final_state: skipped).
+            (outside final_state: skipped);
+        ckpt[s] (n_ckpt > 0): (1, 1) int32: n_s * n_ckpt + i when the slot is full and ends chunk (i + 1) *
+            ckpt_every of its sequence (checkpoint i), else N * n_ckpt (outside the checkpoints: skipped).
     """
     f32, i32 = nl.float32, nl.int32
     n_seq = cu_seqlens.shape[0] - 1
@@ -472,12 +484,14 @@ def _varlen_schedule(cu_seqlens, seq, chunk, dk, n_slots):
     nisa.affine_select(dst=ident, pattern=[[1, p_all]], offset=0, channel_multiplier=-1, on_true_tile=ident,
                        on_false_value=0.0, cmp_op=nl.equal)
     bcast = nl.ndarray((chunk, 3, n_slots), dtype=f32, buffer=nl.sbuf)   # tok0, nval, first per slot, every row
-    seq_tiles, fin_tiles = [], []
+    seq_tiles, fin_tiles, ck_tiles = [], [], []
     for s0 in range(0, n_slots, p_all):
         n = min(p_all, n_slots - s0)
         per_slot = _slot_values(vals, s0, n_seq, chunk)
         seq_tiles.append(per_slot["seq"])
         fin_tiles.append(per_slot["fin"])
+        if n_ckpt > 0:
+            ck_tiles.append(_slot_checkpoint(per_slot, n_seq, n_ckpt, ckpt_every, chunk))
         diag = nl.ndarray((p_all, 3, p_all), dtype=f32, buffer=nl.sbuf)
         for i_v, key in enumerate(("tok0", "nval", "first")):
             nisa.tensor_scalar(dst=diag[0:n, i_v, 0:n], data=ident[0:n, 0:n], op0=nl.multiply,
@@ -505,7 +519,42 @@ def _varlen_schedule(cu_seqlens, seq, chunk, dk, n_slots):
     nisa.tensor_copy(dst=first, src=bcast[0:dk, 2, :])
     seq_rows = [t[i:i + 1, :] for t in seq_tiles for i in range(t.shape[0])][:n_slots]
     fin_rows = [t[i:i + 1, :] for t in fin_tiles for i in range(t.shape[0])][:n_slots]
-    return dict(load_row=load_row, store_row=store_row, valid=valid, first=first, seq=seq_rows, fin=fin_rows)
+    ck_rows = [t[i:i + 1, :] for t in ck_tiles for i in range(t.shape[0])][:n_slots]
+    return dict(load_row=load_row, store_row=store_row, valid=valid, first=first, seq=seq_rows, fin=fin_rows,
+                ckpt=ck_rows)
+
+
+def _slot_checkpoint(per_slot, n_seq, n_ckpt, ckpt_every, chunk):
+    """[P, 1] int32 checkpoint row of each slot (see _varlen_schedule): hit[i] = (j + 1 == (i + 1) * every) for
+    the slot's chunk index j, counted only when the slot is full (nval == C)."""
+    f32 = nl.float32
+    p_all = per_slot["j"].shape[0]
+    marks_i = nl.ndarray((p_all, n_ckpt), dtype=nl.int32, buffer=nl.sbuf)       # (i + 1) * every - 1
+    nisa.iota(dst=marks_i, pattern=[[ckpt_every, n_ckpt]], offset=ckpt_every - 1, channel_multiplier=0)
+    marks = nl.ndarray((p_all, n_ckpt), dtype=f32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=marks, src=marks_i)
+    hit = nl.ndarray((p_all, n_ckpt), dtype=f32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=hit, data=marks, op0=nl.equal, operand0=per_slot["j"])
+    idx_i = nl.ndarray((p_all, n_ckpt), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.iota(dst=idx_i, pattern=[[1, n_ckpt]], offset=0, channel_multiplier=0)
+    idx = nl.ndarray((p_all, n_ckpt), dtype=f32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=idx, src=idx_i)
+    nisa.tensor_tensor(dst=idx, data1=idx, data2=hit, op=nl.multiply)
+    ok = nl.ndarray((p_all, 2), dtype=f32, buffer=nl.sbuf)                        # [any hit, checkpoint index]
+    nisa.tensor_reduce(dst=ok[:, 0:1], op=nl.maximum, data=hit, axis=1)
+    nisa.tensor_reduce(dst=ok[:, 1:2], op=nl.add, data=idx, axis=1)
+    full = nl.ndarray((p_all, 1), dtype=f32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=full, data=per_slot["nval"], op0=nl.greater_equal, operand0=float(chunk))
+    nisa.tensor_tensor(dst=ok[:, 0:1], data1=ok[:, 0:1], data2=full, op=nl.multiply)
+    row = nl.ndarray((p_all, 1), dtype=f32, buffer=nl.sbuf)                       # n_s * n_ckpt + i
+    nisa.scalar_tensor_tensor(dst=row, data=per_slot["seq_f"], op0=nl.multiply, operand0=float(n_ckpt), op1=nl.add,
+                              operand1=ok[:, 1:2])
+    dump = float(n_seq * n_ckpt)                                                  # (row - dump) * ok + dump
+    nisa.scalar_tensor_tensor(dst=row, data=row, op0=nl.subtract, operand0=dump, op1=nl.multiply,
+                              operand1=ok[:, 0:1])
+    row_i = nl.ndarray((p_all, 1), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=row_i, data=row, op0=nl.add, operand0=dump)
+    return row_i
 
 
 def _slot_values(vals, s0, n_seq, chunk):
@@ -553,7 +602,7 @@ def _slot_values(vals, s0, n_seq, chunk):
     nisa.tensor_copy(dst=seq_i, src=seq_f)
     fin_i = nl.ndarray((p_all, 1), dtype=i32, buffer=nl.sbuf)
     nisa.tensor_copy(dst=fin_i, src=fin_f)
-    return dict(tok0=tok0, nval=nval, first=first, seq=seq_i, fin=fin_i)
+    return dict(tok0=tok0, nval=nval, first=first, seq=seq_i, fin=fin_i, j=j, seq_f=seq_f)
 
 
 def _column(tile, i, dtype):
@@ -1114,8 +1163,6 @@ def gated_delta_rule(q, k, v, g, beta, chunk_size=64, initial_state=None, output
                      f"got B={bsz}")
         kernel_check(valid_lengths is None, f"{name}: valid_lengths and cu_seqlens are exclusive (packed "
                      f"sequences have no padding), got valid_lengths={valid_lengths!r}")
-        kernel_check(checkpoint_every is None, f"{name}: checkpoint_every is not supported with cu_seqlens, "
-                     f"got checkpoint_every={checkpoint_every!r}")
     kernel_check(chunk_size in _CHUNK_SIZES, f"{name}: chunk_size must be one of {_CHUNK_SIZES}, "
                  f"got chunk_size={chunk_size}")
     kernel_check(not varlen or n_states + seq // chunk_size <= _MAX_SLOTS, f"{name}: with cu_seqlens, N + T // "
@@ -1165,7 +1212,7 @@ def gated_delta_rule(q, k, v, g, beta, chunk_size=64, initial_state=None, output
     final = final if output_final_state else None
     if checkpoint_every is not None:
         n_ckpt = seq // (ckpt_every * chunk_size)
-        ckpts = outs[2] if n_ckpt > 0 else _empty_like_state(o, (bsz, 0, n_hv, dk, dv))
+        ckpts = outs[2] if n_ckpt > 0 else _empty_like_state(o, (n_states, 0, n_hv, dk, dv))
         return o, final, ckpts
     return o, final
 

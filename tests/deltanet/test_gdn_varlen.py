@@ -59,6 +59,32 @@ def test_packed_equals_each_sequence_alone(lens, dtype, lnc, with_init, l2norm, 
 
 
 @settings(max_examples=8, deadline=None, phases=(Phase.explicit, Phase.reuse, Phase.generate))
+@given(lens=st.lists(st.integers(0, 200), min_size=1, max_size=4).filter(lambda ls: sum(ls) >= 1),
+       every=st.sampled_from([1, 2]), lnc=st.sampled_from([1, 2]), seed=st.integers(0, 2 ** 16))
+def test_packed_checkpoints_per_sequence(lens, every, lnc, seed):
+    """checkpoints [N, T // (every * C), Hv, Dk, Dv]: entry (n, i) is sequence n's state after (i + 1) * every * C
+    of its own tokens (as the reference run on it alone); entries a sequence does not reach are 0."""
+    rng = np.random.default_rng(seed)
+    cu = _pack(lens)
+    n, t, c = len(lens), int(cu[-1]), 64
+    x = dict(zip(_NAMES, gdn_inputs(rng, 1, t, 1, 2, 16, 16)))
+    s0 = rng.standard_normal((n, 2, 16, 16)).astype(np.float32)
+    kw = dict(chunk_size=c, use_qk_l2norm_in_kernel=True, checkpoint_every=every)
+    o, s, ck = gated_delta_rule(**x, **kw, initial_state=s0, cu_seqlens=cu, lnc=lnc)
+    n_ck = t // (every * c)
+    assert ck.shape == (n, n_ck, 2, 16, 16)
+    for i in range(n):
+        a, b = int(cu[i]), int(cu[i + 1])
+        want = np.zeros((n_ck, 2, 16, 16))
+        if b > a:
+            _, _, rck = ref.gated_delta_rule(**{nm: arr[:, a:b] for nm, arr in x.items()}, **kw,
+                                             initial_state=s0[i:i + 1])
+            want[:rck.shape[1]] = rck[0]
+        assert_close(f"checkpoints[seq {i}]", want, ck[i], dtype="float32")
+        np.testing.assert_array_equal(ck[i][np.all(want == 0, axis=(1, 2, 3))], 0)
+
+
+@settings(max_examples=8, deadline=None, phases=(Phase.explicit, Phase.reuse, Phase.generate))
 @given(lens=st.lists(st.integers(0, 90), min_size=2, max_size=4).filter(lambda ls: sum(ls) >= 1),
        name=st.sampled_from(_NAMES), bad=st.sampled_from([np.nan, np.inf, -np.inf]), lnc=st.sampled_from([1, 2]),
        pos=st.data(), seed=st.integers(0, 2 ** 16))
@@ -126,8 +152,6 @@ def test_packed_argument_combinations_refused(rng):
         gated_delta_rule(**x1, cu_seqlens=cu, initial_state=np.zeros((1, 2, 16, 16), np.float32))
     with pytest.raises(KernelInputError, match="valid_lengths and cu_seqlens are exclusive"):
         gated_delta_rule(**x1, cu_seqlens=cu, valid_lengths=[8])
-    with pytest.raises(KernelInputError, match="checkpoint_every is not supported with cu_seqlens"):
-        gated_delta_rule(**x1, cu_seqlens=cu, checkpoint_every=1)
 
 
 def test_packed_slot_limit_refused(rng):
