@@ -166,28 +166,33 @@ def _blocks_phase(hidden, expert_affinities, gate_up, down, token_position_to_id
             _down_store_chunk(scratch, hidden.dtype, pending, i_c, _h_transpose_chunk(pending, i_c))
 
 
+def _gather_token_tile(hidden, expert_affinities, top_k_index, ids_sb, e_sb, eg_sb, n_tok, n_local):
+    """One chunk of a block: its n_tok routed token rows of hidden [T, H] gathered by id into x [TOK_TILE, H]
+    (pad ids are out of range and skipped), and their affinities [n_tok, 1] for the block's expert."""
+    h_total = hidden.shape[1]
+    x_sb = nl.ndarray((TOK_TILE, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=x_sb[0:n_tok, :],
+                  src=hidden.ap(pattern=[[h_total, n_tok], [1, h_total]], offset=0,
+                                vector_offset=ids_sb[0:n_tok, :], indirect_dim=0),
+                  oob_mode=nisa.oob_mode.skip)
+    if top_k_index is None:
+        return x_sb, _dense_affinity(expert_affinities, ids_sb, e_sb, n_tok, n_local)
+    return x_sb, _topk_affinity(top_k_index, ids_sb, eg_sb, n_tok)
+
+
 def _block_step(hidden, expert_affinities, gate_up, down, top_k_index, e_all_sb, eg_all_sb, ids_all, i_b, col,
                 block_size, n_local, n_h, scratch, pending):
     """Block i_b (column col of the tables) up to h = a * silu(x Wg) * (x Wu), interleaved chunk by chunk with the
     down projection and store of the previous block (`pending`). Returns what the next step needs to finish
     block i_b."""
-    h_total = hidden.shape[1]
     e_sb = e_all_sb[:, col:col + 1]
     wgu_sb = load_gate_up(gate_up, e_sb[0:1, :])
     wd_sb = load_down(down, e_sb[0:1, :])
     inputs = []
     for i_c, s0 in enumerate(range(0, block_size, TOK_TILE)):   # every input DMA of the block first
         n_tok = min(TOK_TILE, block_size - s0)
-        ids_sb = ids_all[i_c][:, col:col + 1]
-        x_sb = nl.ndarray((TOK_TILE, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
-        nisa.dma_copy(dst=x_sb[0:n_tok, :],
-                      src=hidden.ap(pattern=[[h_total, n_tok], [1, h_total]], offset=0,
-                                    vector_offset=ids_sb[0:n_tok, :], indirect_dim=0),
-                      oob_mode=nisa.oob_mode.skip)
-        if top_k_index is None:
-            aff_sb = _dense_affinity(expert_affinities, ids_sb, e_sb, n_tok, n_local)
-        else:
-            aff_sb = _topk_affinity(top_k_index, ids_sb, eg_all_sb[:, col:col + 1], n_tok)
+        x_sb, aff_sb = _gather_token_tile(hidden, expert_affinities, top_k_index, ids_all[i_c][:, col:col + 1],
+                                          e_sb, eg_all_sb[:, col:col + 1], n_tok, n_local)
         inputs.append((i_b * block_size + s0, n_tok, x_sb, aff_sb))
     chunks = []
     for i_c, (pos0, n_tok, x_sb, aff_sb) in enumerate(inputs):

@@ -103,7 +103,7 @@ def _alloc_hidden_slots(down, n_slots):
 def _hidden_phase(hidden, expert_affinities, gate_up, token_position_to_id, block_to_expert, top_k_index,
                   block_size, expert_offset, hT_all, b_lo, b_hi):
     """Blocks [b_lo, b_hi): h = a * silu(x Wg) * (x Wu) of every slot, transposed into hT_all[:, :, slot]."""
-    from .blockwise import _TABLE_BLOCKS, _dense_affinity, _load_block_tables, _topk_affinity
+    from .blockwise import _TABLE_BLOCKS, _gather_token_tile, _load_block_tables
     h_total = hidden.shape[1]
     n_local = gate_up.shape[0]
     n_h = h_total // P_MAX
@@ -117,16 +117,9 @@ def _hidden_phase(hidden, expert_affinities, gate_up, token_position_to_id, bloc
             wgu_sb = load_gate_up(gate_up, e_sb[0:1, :])
             for i_c, s0 in enumerate(range(0, block_size, TOK_TILE)):
                 n_tok = min(TOK_TILE, block_size - s0)
-                ids_sb = ids_all[i_c][:, col:col + 1]
-                x_sb = nl.ndarray((TOK_TILE, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
-                nisa.dma_copy(dst=x_sb[0:n_tok, :],
-                              src=hidden.ap(pattern=[[h_total, n_tok], [1, h_total]], offset=0,
-                                            vector_offset=ids_sb[0:n_tok, :], indirect_dim=0),
-                              oob_mode=nisa.oob_mode.skip)
-                if top_k_index is None:
-                    aff_sb = _dense_affinity(expert_affinities, ids_sb, e_sb, n_tok, n_local)
-                else:
-                    aff_sb = _topk_affinity(top_k_index, ids_sb, eg_all_sb[:, col:col + 1], n_tok)
+                x_sb, aff_sb = _gather_token_tile(hidden, expert_affinities, top_k_index,
+                                                  ids_all[i_c][:, col:col + 1], e_sb, eg_all_sb[:, col:col + 1],
+                                                  n_tok, n_local)
                 xT_sb = transpose_tokens(x_sb, n_tok, n_h, evict_phase=i_b + i_c)
                 h_sb = swiglu(xT_sb, n_tok, wgu_sb, aff_sb)
                 transpose_into(hT_all, i_b * block_size + s0, h_sb, n_tok)
