@@ -269,11 +269,22 @@ def shard_weights(w: CodePredictorWeights, tp: int, rank: int = 0, vocab_sharded
                    rank=int(rank))
 
 
+def _as_numpy(x):
+    """A NumPy view of a weight array (torch CPU tensors included: bf16 through ml_dtypes), for slicing on the
+    host; NumPy arrays pass through."""
+    from ..validation import is_torch
+    if is_torch(x):
+        from ..backend import _torch_to_numpy
+        return _torch_to_numpy(x)
+    return x
+
+
 def _split(w: CodePredictorWeights, n: int, i: int, vocab_sharded: bool) -> CodePredictorWeights:
     """Part i of n of w's heads, intermediate columns (and LM-head vocab rows when vocab_sharded), as
     `shard_weights` describes; w may itself be a rank's shard (the LNC core split of `core_split_weights`)."""
     tp, rank = n, i
     Hq, Hkv, D, I = w.n_q_heads, w.n_kv_heads, w.head_dim, w.intermediate
+    w = replace(w, **{name: _as_numpy(getattr(w, name)) for name in CORE_SPLIT_NAMES})
     hq, hk, ii = Hq // tp, Hkv // tp, I // tp
     qs = slice(rank * hq * D, (rank + 1) * hq * D)
     ks = slice(Hq * D + rank * hk * D, Hq * D + (rank + 1) * hk * D)
