@@ -127,10 +127,14 @@ def plot_results_json(results_json: str, path: str):
 
 
 if __name__ == "__main__":
+    import argparse
     import os
-    import sys
 
-    src = sys.argv[1] if len(sys.argv) > 1 else os.path.join("microbench_out", "results.json")
-    dst = sys.argv[2] if len(sys.argv) > 2 else os.path.join(os.path.dirname(src), "roofline.png")
-    plot_results_json(src, dst)
+    ap = argparse.ArgumentParser(prog="python -m microbench.plot",
+                                 description="Redraw the roofline plot from a results.json (no emulation).")
+    ap.add_argument("results", nargs="?", default=os.path.join("microbench_out", "results.json"))
+    ap.add_argument("png", nargs="?", default=None, help="output PNG (default: roofline.png beside results)")
+    args = ap.parse_args()
+    dst = args.png or os.path.join(os.path.dirname(args.results), "roofline.png")
+    plot_results_json(args.results, dst)
     print(f"wrote {dst}")

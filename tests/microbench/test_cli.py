@@ -135,7 +135,7 @@ def test_a_kernel_without_an_lnc2_path_gets_no_headline_figure(tmp_path, monkeyp
     case.run = lambda inp: call(_scale_kernel_lnc1, inp["x"], 2.0, lnc=1)
     r = run_case(case, "trn2")
     assert r.ok and r.lnc == 1 and r.modeled_us != r.modeled_us and r.lnc1_us > 0
-    assert "no LNC=2 path yet" in r.lnc_note
+    assert "the case fixes its LNC" in r.lnc_note and "LNC=1 column" in r.lnc_note
     monkeypatch.setattr(registry, "cases", lambda: [case, _case("tiny_scale")])
     assert cli.main(["--out", str(tmp_path), "--no-progress"]) == 0
     text = capsys.readouterr().out
