@@ -20,6 +20,7 @@ import numpy as np
 
 from ..backend import call, nki, nisa, nl
 from ..validation import kernel_check
+from .baseline_sequential import per_head_launches
 
 _CHUNK = 128                  # NxDI's fused kernel chunk (tokens on the partitions of every chunk tile)
 _NEUMANN_ROUNDS = 6           # powers N^2 .. N^64 of the strictly lower N: exact inverse for a 128-token chunk
@@ -226,24 +227,8 @@ def _neumann_inverse(neg_a, ident, c):
 def gdn_fused_chunked_per_head(q, k, v, g, beta, initial_state=None, use_qk_l2norm_in_kernel=False, scale=None):
     """Baseline host loop: one `gdn_fused_chunked_kernel` launch per (batch, v-head) pair (NxDI's CTE default).
     Same layouts as `gated_delta_rule`; returns (o, final_state)."""
-    bsz, seq, n_hk, dk = q.shape
-    n_hv, dv = v.shape[2], v.shape[3]
-    group = n_hv // n_hk
-    sc = float(dk ** -0.5 if scale is None else scale)
-    masks = _host_masks(_CHUNK)
-    o = np.zeros((bsz, seq, n_hv, dv), dtype=q.dtype)
-    final = np.zeros((bsz, n_hv, dk, dv), dtype=np.float32)
-    for i_b in range(bsz):
-        for i_h in range(n_hv):
-            s0 = (np.zeros((dk, dv), np.float32) if initial_state is None
-                  else np.ascontiguousarray(initial_state[i_b, i_h], dtype=np.float32))
-            ob, sb = call(gdn_fused_chunked_kernel, np.ascontiguousarray(q[i_b, :, i_h // group]),
-                          np.ascontiguousarray(k[i_b, :, i_h // group]), np.ascontiguousarray(v[i_b, :, i_h]),
-                          np.ascontiguousarray(g[i_b, :, i_h]), np.ascontiguousarray(beta[i_b, :, i_h]), s0, masks,
-                          scale=sc, use_l2norm=bool(use_qk_l2norm_in_kernel), lnc=1)
-            o[i_b, :, i_h] = ob
-            final[i_b, i_h] = sb
-    return o, final
+    return per_head_launches(gdn_fused_chunked_kernel, q, k, v, g, beta, initial_state, use_qk_l2norm_in_kernel,
+                             scale, extra_args=(_host_masks(_CHUNK),))
 
 
 @nki.jit

@@ -93,8 +93,9 @@ def gdn_token_sequential_kernel(q, k, v, g, beta, state, scale, use_l2norm):
     return o, final_state
 
 
-def gdn_per_head_sequential(q, k, v, g, beta, initial_state=None, use_qk_l2norm_in_kernel=False, scale=None):
-    """Baseline host loop: one `gdn_token_sequential_kernel` launch per (batch, v-head) pair.
+def per_head_launches(kernel, q, k, v, g, beta, initial_state, use_qk_l2norm_in_kernel, scale, extra_args=()):
+    """Host loop shared by the per-(b, h) baselines: one `kernel` launch per (batch, v-head) pair at LNC=1, with
+    q/k of that v-head's q/k head, the pair's fp32 initial state and `extra_args` after it.
     Same layouts as `gated_delta_rule`; returns (o, final_state)."""
     bsz, seq, n_hk, dk = q.shape
     n_hv, dv = v.shape[2], v.shape[3]
@@ -106,13 +107,20 @@ def gdn_per_head_sequential(q, k, v, g, beta, initial_state=None, use_qk_l2norm_
         for i_h in range(n_hv):
             s0 = (np.zeros((dk, dv), np.float32) if initial_state is None
                   else np.ascontiguousarray(initial_state[i_b, i_h], dtype=np.float32))
-            ob, sb = call(gdn_token_sequential_kernel, np.ascontiguousarray(q[i_b, :, i_h // group]),
+            ob, sb = call(kernel, np.ascontiguousarray(q[i_b, :, i_h // group]),
                           np.ascontiguousarray(k[i_b, :, i_h // group]), np.ascontiguousarray(v[i_b, :, i_h]),
                           np.ascontiguousarray(g[i_b, :, i_h]), np.ascontiguousarray(beta[i_b, :, i_h]), s0,
-                          scale=sc, use_l2norm=bool(use_qk_l2norm_in_kernel), lnc=1)
+                          *extra_args, scale=sc, use_l2norm=bool(use_qk_l2norm_in_kernel), lnc=1)
             o[i_b, :, i_h] = ob
             final[i_b, i_h] = sb
     return o, final
+
+
+def gdn_per_head_sequential(q, k, v, g, beta, initial_state=None, use_qk_l2norm_in_kernel=False, scale=None):
+    """Baseline host loop: one `gdn_token_sequential_kernel` launch per (batch, v-head) pair.
+    Same layouts as `gated_delta_rule`; returns (o, final_state)."""
+    return per_head_launches(gdn_token_sequential_kernel, q, k, v, g, beta, initial_state,
+                             use_qk_l2norm_in_kernel, scale)
 
 
 def gdn_per_head_decode_step(q, k, v, g, beta, state_pool, slot_ids, use_qk_l2norm_in_kernel=False, scale=None):
