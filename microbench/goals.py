@@ -61,9 +61,12 @@ GOALS = [
          (f"flash_attention_decode [{_QWEN} B=8 S=8192 Sq=1 D=256]",), _ratio, 1.5, unit="x"),
     Goal("gated_delta_rule T=2048: <= 3x roofline",
          (f"gated_delta_rule [{_QWEN} B=1 T=2048 Hk=4 Hv=8 D=128 l2norm]",), _ratio, 3.0, unit="x roofline"),
-    Goal("gated_delta_rule T=2048: >= 20x token-sequential baseline",
-         (f"gated_delta_rule [{_QWEN} B=1 T=2048 Hk=4 Hv=8 D=128 l2norm]",),
-         lambda d: d[0]["baseline_us"] / d[0]["us"], 20.0, ">=", "x", baseline=True),
+    # the round-1 goal, against the round-1 baseline (now an extra row; the headline baseline is NxDI-style)
+    Goal("gated_delta_rule T=2048: >= 20x the round-1 token-sequential per-(b, h) baseline",
+         (f"gated_delta_rule [{_QWEN} B=1 T=2048 Hk=4 Hv=8 D=128 l2norm]",
+          f"gated_delta_rule [{_QWEN} B=1 T=2048 Hk=4 Hv=8 D=128 l2norm "
+          "[old baseline: token-sequential kernel, one launch per (b, h)]]"),
+         lambda d: d[1]["us"] / d[0]["us"], 20.0, ">=", "x"),
     Goal("gated_delta_rule_step B=1: <= 10 us",
          (f"gated_delta_rule_step [{_QWEN} B=1 T=1 Hk=4 Hv=8 D=128 fp32 state]",), lambda d: d[0]["us"], 10.0,
          unit="us"),
@@ -74,7 +77,7 @@ GOALS = [
          (f"gated_delta_rule [{_QWEN} B=1 T=2048 Hk=4 Hv=8 D=128 l2norm "
           "conv1d K=4 + gated_delta_rule (unfused pair)]",),
          _ratio, 3.5, unit="x roofline"),
-    Goal("gated_delta_rule_step B=1 lnc=1: <= 10 us",
+    Goal("gated_delta_rule_step B=1 at LNC=1: <= 10 us",
          (f"gated_delta_rule_step [{_QWEN} B=1 T=1 Hk=4 Hv=8 D=128 fp32 state lnc=1]",), lambda d: d[0]["us"],
          10.0, unit="us"),
     Goal("moe_blockwise Qwen3.5 T=1024: <= 1.5x roofline",

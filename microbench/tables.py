@@ -109,6 +109,16 @@ def _table(columns, rows) -> list[str]:
             + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows])
 
 
+def _goal_us(r) -> float:
+    """The case's figure: the default-LNC one, or the LNC=1 one for a case that fixes LNC=1 (an LNC=1 variant, an
+    old per-(b, h) baseline row), which `python -m microbench` puts only in the LNC=1 column."""
+    for key in ("modeled_us", "lnc1_us"):
+        v = _num(r.get(key))
+        if v is not None and math.isfinite(v):
+            return v
+    return math.nan
+
+
 def goal_rows(results):
     """Each goal of microbench.goals.GOALS evaluated on `results` (default cost-model constants)."""
     from .goals import GOALS, _fmt, _holds
@@ -119,7 +129,7 @@ def goal_rows(results):
         if any(r is None for r in rs):
             out.append((g.name, "-", "not in this run"))
             continue
-        d = [dict(us=_num(r.get("modeled_us")) if _num(r.get("modeled_us")) is not None else math.nan,
+        d = [dict(us=_goal_us(r),
                   roofline_us=_num(r.get("roofline_us")) or math.nan, pe_util=r.get("tensor_util", 0.0),
                   baseline_us=_num(r.get("baseline_us")) if _num(r.get("baseline_us")) is not None else math.nan)
              for r in rs]
