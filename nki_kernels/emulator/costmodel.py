@@ -83,6 +83,12 @@ class CostParams:
     # docstring); modeled as one cross-core semaphore latency after the later core arrives. Source: "semaphore-
     # to-start latency (~1300 ns cross-engine)", nki/deep-dives/nki-dma-bandwidth-guide.rst [U: 0.65-2.6]
     core_barrier_us: float = 1.3
+    # nisa.sendrecv (LNC=2 SBUF-to-SBUF exchange). dma_engine.dma: "standard DMA engine with CoreBarrier
+    # synchronization" (isa stub), modeled as core_barrier_us + dma_fixed_us + bytes at one DMA queue's rate.
+    # dma_engine.gpsimd_dma: "low-latency SB-to-SB swaps" (isa stub); no latency is published, so it is bounded
+    # between GpSimd's own instruction latency (~0.2 us) and the standard DMA's fixed latency (1.3 us, which it
+    # is documented to beat) and modeled at half the latter, plus bytes at one DMA queue's rate [U: 0.2-1.3]
+    sendrecv_gpsimd_us: float = 0.65
 
 
 PARAMS: dict[str, CostParams] = {
@@ -109,6 +115,7 @@ _UNCERTAIN = {
                     {"cc_hop_us": 2.0, "cc_intra_chip_gbps": 90.0, "cc_inter_chip_gbps": 64.0}),
     "reorder": ({"reorder_window": 64, "tile_buffers": 4}, {"reorder_window": 4, "tile_buffers": 2}),
     "core-barrier": ({"core_barrier_us": 0.65}, {"core_barrier_us": 2.6}),
+    "sendrecv": ({"sendrecv_gpsimd_us": 0.2}, {"sendrecv_gpsimd_us": 1.3}),
 }
 PRESETS: dict[str, dict] = {"default": {}}
 for _name, (_lo, _hi) in _UNCERTAIN.items():
@@ -799,16 +806,18 @@ def model_trace(trace, target=None, *, params: CostParams | None = None, hbm_sha
                 timeline: bool = False) -> TraceReport:
     """Schedule one trace (one program instance) on one core of `target`. Returns a TraceReport (modeled).
 
-    A `core_barrier` in a trace modeled alone is released `core_barrier_us` after it starts (as if the other
-    core arrived at the same time); `model_launches` schedules the cores of an LNC=2 launch together."""
+    A `core_barrier` (`sendrecv`) in a trace modeled alone is released `core_barrier_us` (the sendrecv's
+    transfer time, `sync_us`) after it starts, as if the other core arrived at the same time; `model_launches`
+    schedules the cores of an LNC=2 launch together."""
     t = _tgt(target if target is not None else getattr(trace, "target", None))
     p = params or params_for(t)
     return _run_cores([_schedule(trace, t, p, hbm_share, timeline)], p)[0]
 
 
 def _run_cores(schedules: list, p: CostParams) -> list:
-    """Drive the `_schedule` generators of the cores of one launch together: at each core barrier, every core
-    goes on `core_barrier_us` after the last one arrived. Returns their TraceReports."""
+    """Drive the `_schedule` generators of the cores of one launch together: at each synchronisation point
+    (core barrier, sendrecv) every core goes on after the last one arrived plus the point's cost (`sync_us`:
+    `core_barrier_us`, or the sendrecv's transfer). Returns their TraceReports."""
     reports: list = [None] * len(schedules)
     arrivals: dict = {}
     for i, g in enumerate(schedules):
@@ -819,7 +828,7 @@ def _run_cores(schedules: list, p: CostParams) -> list:
     while arrivals:
         if len(arrivals) != len(schedules):
             raise ValueError("core_barrier: the cores of a launch reach different numbers of barriers")
-        release = max(arrivals.values()) + p.core_barrier_us
+        release = max(a for a, _ in arrivals.values()) + max(c for _, c in arrivals.values())
         nxt = {}
         for i in arrivals:
             try:
@@ -830,9 +839,21 @@ def _run_cores(schedules: list, p: CostParams) -> list:
     return reports
 
 
+def sync_us(ins, t: Target, p: CostParams) -> float:
+    """Time from the later core's arrival at a synchronisation point to its release (modeled): a core barrier
+    costs `core_barrier_us`; a sendrecv its mode's latency plus its bytes at one DMA queue's rate."""
+    mode = ins.meta.get("sendrecv")
+    if mode is None:
+        return p.core_barrier_us
+    stream_us = ins.meta.get("bytes", 0) / (t.dma_bytes_per_ns_per_queue * 1e3)
+    if mode == "gpsimd_dma":
+        return p.sendrecv_gpsimd_us + stream_us
+    return p.core_barrier_us + p.dma_fixed_us + stream_us
+
+
 def _schedule(trace, t: Target, p: CostParams, hbm_share: float, timeline: bool):
-    """Generator scheduling one trace (see `model_trace`); yields the time it reaches each core barrier and is
-    sent the time the barrier releases it; returns the TraceReport."""
+    """Generator scheduling one trace (see `model_trace`); yields (the time it reaches each synchronisation
+    point, that point's `sync_us`) and is sent the time it is released; returns the TraceReport."""
     hbm_bw = hbm_bytes_per_s(t) * hbm_share
     dma_bw = dma_bytes_per_s(t)
     eng_free = {e: 0.0 for e in ENGINES}
@@ -906,11 +927,14 @@ def _schedule(trace, t: Target, p: CostParams, hbm_share: float, timeline: bool)
             # the barrier waits for the writes to its tensor, then for the other core; only its engine blocks,
             # and later accesses of the tensor wait for its release (its "write")
             arrive = max(ready, eng_free[eng])
-            release = yield arrive
+            release = yield arrive, sync_us(ins, t, p)
             eng_fence[eng] = release
             eng_free[eng] = max(eng_free[eng], release)
             for a, s, r in wrects:
                 s.add_write(r, release, eng, release)
+            for a, s, r in rrects:
+                if a.buffer != "hbm":
+                    s.add_read(r, release, eng)      # sendrecv: src may be overwritten once it has been sent
             end = max(end, release)
             if tl is not None:
                 tl.append((ins.idx, ins.name, eng, ready, arrive, release))
@@ -1067,4 +1091,4 @@ def model_launches(run_results, target=None, *, params: CostParams | None = None
 __all__ = ["CostParams", "PARAMS", "params_for", "ModelReport", "LaunchReport", "TraceReport", "model_trace",
            "model_launches", "roofline_us", "pe_peak_flops", "hbm_bytes_per_s", "compute_cycles", "dma_cost",
            "collective_cost", "collective_us", "PRESETS", "preset_params", "use_params", "dma_efficiency",
-           "dma_transfer", "dma_engines", "DmaCost"]
+           "dma_transfer", "dma_engines", "DmaCost", "sync_us"]

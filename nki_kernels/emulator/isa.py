@@ -54,6 +54,11 @@ class dge_mode(enum.Enum):
     none = 3
 
 
+class dma_engine(enum.Enum):
+    dma = 1             # shared DMA with CoreBarrier synchronisation (default); triggered from any engine
+    gpsimd_dma = 2      # GpSimd's internal DMA: low-latency SB-to-SB swaps in LNC=2; GpSimd triggers it
+
+
 class matmul_perf_mode(enum.Enum):
     none = "none"
     double_row = "double_row"
@@ -846,6 +851,72 @@ def core_barrier(data, cores, engine=engine.gpsimd, name=None):
     eng = _pick_engine(instr, engine, POOL, (PE, ACT, DVE, POOL))
     _record(instr, eng, [data], [data], barrier=True)
     prog.launch.barrier(prog.pid, data.storage, instr)
+
+
+# sendrecv with dma_engine.gpsimd_dma: at most this many bytes per partition for 8-, 16- and 32-bit types
+# (isa stub docstring: 256 / 512 / 1024 bytes, i.e. 256 elements per partition)
+_SENDRECV_GPSIMD_MAX_BYTES = {1: 256, 2: 512, 4: 1024}
+
+
+def sendrecv(src, dst, send_to_rank, recv_from_rank, pipe_id, dma_engine=dma_engine.dma, name=None):
+    """Exchange SBUF tiles between the two NeuronCores of an LNC=2 launch (NeuronCore-v3+): this core's `src`
+    lands in `dst` of core `send_to_rank` while `dst` here receives core `recv_from_rank`'s `src`.
+
+    Constraints (isa stub docstring): `src` and `dst` in SBUF, same dtype, same shape (partitions and elements
+    per partition); ranks 0 or 1 (the emulator models the exchange between the two cores, so each core names
+    the other); `pipe_id` groups sendrecvs that complete together; `dma_engine.gpsimd_dma` runs on GpSimd's
+    internal DMA and allows at most 256 / 512 / 1024 bytes per partition for 8- / 16- / 32-bit types.
+
+    Emulation: the cores' sendrecv and core_barrier calls are paired in program order (runtime.py `sync`);
+    both cores must reach the matching sendrecv (same `pipe_id`, same shape and dtype) before either goes on,
+    then each core's `dst` holds the other's `src` as it was when that core issued the call. The cost model
+    releases both cores together (costmodel.py, `sendrecv_*` constants)."""
+    instr = "sendrecv"
+    prog = current()
+    tgt = prog.target
+    if tgt.nc_version < 3:
+        fail(instr, None, f"is available only on NeuronCore-v3 or newer (trn2, trn3); {tgt.name} is "
+             f"NeuronCore-v{tgt.nc_version}")
+    if prog.launch.lnc != 2:
+        fail(instr, None, f"exchanges data between the two NeuronCores of an LNC=2 launch; this launch runs at "
+             f"LNC={prog.launch.lnc}")
+    for role, t in (("src", src), ("dst", dst)):
+        _tensor(instr, role, t)
+        if t.buffer.kind != "sbuf":
+            fail(instr, role, f"must be in SBUF, got {t.buffer.name}")
+        _onchip(instr, role, t, allow=("sbuf",))
+    if src.dtype != dst.dtype:
+        fail(instr, "dst", f"dtype {_dt.name(dst.dtype)} differs from src's {_dt.name(src.dtype)}")
+    if tuple(src.shape) != tuple(dst.shape):
+        fail(instr, "dst", f"shape {tuple(dst.shape)} differs from src's {tuple(src.shape)}")
+    other = 1 - prog.pid
+    for role, r in (("send_to_rank", send_to_rank), ("recv_from_rank", recv_from_rank)):
+        if isinstance(r, (bool, np.bool_)) or not isinstance(r, (int, np.integer)) or int(r) not in (0, 1):
+            fail(instr, role, f"must be 0 or 1 (the two NeuronCores of the LNC=2 pair), got {r!r}")
+        if int(r) != other:
+            fail(instr, role, f"must name the other core of the pair ({other}) on program {prog.pid}, got {r!r}")
+    if isinstance(pipe_id, (bool, np.bool_)) or not isinstance(pipe_id, (int, np.integer)) or pipe_id < 0:
+        fail(instr, "pipe_id", f"must be a non-negative integer, got {pipe_id!r}")
+    mode = globals()["dma_engine"]
+    if not isinstance(dma_engine, mode):
+        fail(instr, "dma_engine", f"must be nisa.dma_engine.dma or nisa.dma_engine.gpsimd_dma, got {dma_engine!r}")
+    per_partition = src.free_size * src.dtype.itemsize
+    if dma_engine is mode.gpsimd_dma:
+        limit = _SENDRECV_GPSIMD_MAX_BYTES.get(src.dtype.itemsize)
+        if limit is None or per_partition > limit:
+            fail(instr, "src", f"{per_partition} bytes per partition ({_dt.name(src.dtype)}) exceed the "
+                 f"dma_engine.gpsimd_dma limit of {limit} bytes per partition (1024 for 32-bit, 512 for 16-bit, "
+                 "256 for 8-bit types); use dma_engine.dma or split the tile")
+    payload = (np.array(src._get(), copy=True), tuple(src.shape), _dt.name(src.dtype))
+    eng = POOL
+    _record(instr, eng, [src], [dst], barrier=True, sendrecv=dma_engine.name, pipe_id=int(pipe_id),
+            bytes=src.size * src.dtype.itemsize, bytes_per_partition=per_partition)
+    got = prog.launch.sync(prog.pid, ("sendrecv", int(pipe_id)), payload, instr)
+    values, shape, dtype = got[other]
+    if shape != tuple(dst.shape) or dtype != _dt.name(dst.dtype):
+        fail(instr, "dst", f"program {prog.pid} receives a {dtype} tile of shape {shape} from program {other} "
+             f"into a {_dt.name(dst.dtype)} tile of shape {tuple(dst.shape)}: both cores' tiles must match")
+    _write(dst, values.reshape(dst.shape))
 
 
 def _dma_operand(instr, role, t):

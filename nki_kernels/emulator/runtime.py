@@ -78,7 +78,9 @@ class _Launch:
         self.turn = 0
         self.finished = [False] * lnc
         self.arrived: dict = {}              # pid -> (barrier number, data storage) at the current barrier
-        self.barriers_passed = [0] * lnc
+        self.barriers_passed = [0] * lnc     # synchronisation points (core_barrier, sendrecv) passed
+        self.exchanged: dict = {}            # sync number -> {pid: payload} (sendrecv data), until all read it
+        self.collected: dict = {}
         self.failed = False
         self.error = None                    # a deadlock found by the turn-taking itself
 
@@ -104,21 +106,34 @@ class _Launch:
 
     def barrier(self, pid: int, storage: Storage, who: str):
         """Program `pid` reached a core barrier on `storage`: wait until every program has reached it."""
+        self.sync(pid, ("core_barrier", storage), None, who)
+
+    def sync(self, pid: int, key: tuple, payload, who: str) -> dict:
+        """Program `pid` reached a synchronisation point (a `core_barrier` or a `sendrecv`): wait until every
+        program has reached its matching one, then return {pid: payload} of all programs.
+
+        The programs' synchronisation points are paired in program order: the k-th of one core meets the
+        k-th of the other, and both must be the same kind (a barrier on the same tensor, or sendrecvs on the
+        same `pipe_id`). A mismatch is a deadlock or a cross-pairing on the device and fails here."""
         with self.cond:
             k = self.barriers_passed[pid]
-            for q, (kq, st) in self.arrived.items():
-                if st is not storage:
+            for q, (kq, kk, _) in self.arrived.items():
+                if kk[0] != key[0] or kk[1] is not key[1] and kk[1] != key[1]:
                     self.failed = True
                     self.cond.notify_all()
-                    fail(who, "data", f"program {pid} waits at its core barrier #{k} on '{storage.name or 'tensor'}' "
-                         f"but program {q} waits on '{st.name or 'tensor'}': both cores must synchronise on the "
-                         "same shared-HBM tensor")
-            self.arrived[pid] = (k, storage)
+                    same = key[0] == "core_barrier" and kk[0] == "core_barrier"
+                    fail(who, _sync_role(key), f"program {pid} waits at {_sync_name(key, k)} but program {q} "
+                         f"waits at {_sync_name(kk, kq)}: " + ("both cores must synchronise on the same shared-HBM "
+                         "tensor" if same else "both cores must issue the same core_barrier / sendrecv calls "
+                         "(same pipe_id) in the same order"))
+            self.arrived[pid] = (k, key, payload)
             if len(self.arrived) == self.lnc:
+                self.exchanged[k] = {q: pl for q, (_, _, pl) in self.arrived.items()}
                 self.arrived = {}
                 for q in range(self.lnc):
                     self.barriers_passed[q] += 1
-                if storage.access_log is not None:
+                storage = key[1]
+                if key[0] == "core_barrier" and storage.access_log is not None:
                     storage.access_log[:] = 0        # accesses before the barrier are ordered before those after
                 self.turn = 0
                 self.cond.notify_all()
@@ -127,12 +142,17 @@ class _Launch:
                 if self.finished[nxt]:
                     self.failed = True
                     self.cond.notify_all()
-                    fail(who, None, f"program {pid} waits at core barrier #{k} but program {nxt} finished its "
-                         "kernel without reaching it (a deadlock on the device): both cores must issue the same "
-                         "core_barrier calls")
+                    fail(who, None, f"program {pid} waits at {_sync_name(key, k)} but "
+                         f"program {nxt} finished its kernel without reaching it (a deadlock on the device): both "
+                         "cores must issue the same core_barrier / sendrecv calls")
                 self.turn = nxt
                 self.cond.notify_all()
             self.wait_turn(pid)
+            got = self.exchanged[k]
+            self.collected[k] = self.collected.get(k, 0) + 1
+            if self.collected[k] == self.lnc:
+                del self.exchanged[k], self.collected[k]
+            return got
 
     def finish(self, pid: int, ok: bool):
         with self.cond:
@@ -142,11 +162,23 @@ class _Launch:
             elif self.arrived and not self.failed:
                 q = min(self.arrived)
                 self.failed = True
+                kq, key, _ = self.arrived[q]
                 self.error = EmulatorCheckError(
-                    "core_barrier", None, f"program {q} waits at core barrier #{self.arrived[q][0]} but program "
-                    f"{pid} finished its kernel without reaching it (a deadlock on the device): both cores must "
-                    "issue the same core_barrier calls")
+                    key[0], None, f"program {q} waits at {_sync_name(key, kq)} but program {pid} finished its "
+                    "kernel without reaching it (a deadlock on the device): both cores must issue the same "
+                    "core_barrier / sendrecv calls")
             self._pass_turn(pid)
+
+
+def _sync_name(key: tuple, k: int) -> str:
+    """'core barrier #k on 'ex'' / 'sendrecv #k (pipe_id=0)': the k-th synchronisation point of a core."""
+    if key[0] == "core_barrier":
+        return f"core barrier #{k} on '{key[1].name or 'tensor'}'"
+    return f"sendrecv #{k} (pipe_id={key[1]})"
+
+
+def _sync_role(key: tuple) -> str:
+    return "data" if key[0] == "core_barrier" else "pipe_id"
 
 
 class Program:
