@@ -85,6 +85,8 @@ class CostParams:
     core_barrier_us: float = 1.3
     # nisa.sendrecv (LNC=2 SBUF-to-SBUF exchange). dma_engine.dma: "standard DMA engine with CoreBarrier
     # synchronization" (isa stub), modeled as core_barrier_us + dma_fixed_us + bytes at one DMA queue's rate.
+    # The trigger engine (GpSimd in the model) is busy for one issue only: sendrecvs on different pipe_ids
+    # "progress independently" (isa stub), so they may overlap.
     # dma_engine.gpsimd_dma: "low-latency SB-to-SB swaps" (isa stub); no latency is published, so it is bounded
     # between GpSimd's own instruction latency (~0.2 us) and the standard DMA's fixed latency (1.3 us, which it
     # is documented to beat) and modeled at half the latter, plus bytes at one DMA queue's rate [U: 0.2-1.3]
@@ -928,8 +930,15 @@ def _schedule(trace, t: Target, p: CostParams, hbm_share: float, timeline: bool)
             # and later accesses of the tensor wait for its release (its "write")
             arrive = max(ready, eng_free[eng])
             release = yield arrive, sync_us(ins, t, p)
-            eng_fence[eng] = release
-            eng_free[eng] = max(eng_free[eng], release)
+            if ins.meta.get("sendrecv") is None:
+                eng_fence[eng] = release
+                eng_free[eng] = max(eng_free[eng], release)
+            else:
+                # a sendrecv is a DMA its engine triggers: the engine is busy for the issue only (sendrecvs of
+                # different pipe_ids "progress independently", isa stub); dst's readers wait for the release
+                issue = p.min_ii / _engine_ghz(eng, t) * 1e-3
+                eng_free[eng] = max(eng_free[eng], arrive + issue)
+                busy[eng] += issue
             for a, s, r in wrects:
                 s.add_write(r, release, eng, release)
             for a, s, r in rrects:
