@@ -50,6 +50,7 @@ from nki_kernels.emulator.costmodel import model_launches, params_for
 from nki_kernels.emulator.targets import get_target
 
 from . import kernels as K
+from . import kernels_heldout as H
 
 
 @dataclass
@@ -146,6 +147,13 @@ def ref_adamw(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_de
     return p * (1 - lr * weight_decay) - lr * mhat / (np.sqrt(vhat) + eps)
 
 
+def ref_attention_ds(q, k, v):
+    """softmax(q^T k) v^T for q [d, Sq], k, v [d, Skv] (U3's layout, no scale): [Sq, d]."""
+    s = q.astype(np.float64).T @ k.astype(np.float64)
+    e = np.exp(s - s.max(axis=-1, keepdims=True))
+    return (e / e.sum(axis=-1, keepdims=True)) @ v.astype(np.float64).T
+
+
 def ref_bmm_softmax(a, b):
     s = ref_bmm(a, b)
     e = np.exp(s - s.max(axis=-1, keepdims=True))
@@ -176,6 +184,36 @@ def _sd_inputs(step):
     def make(k, rng, n=4096):
         return (*(rng.random((n, 64)).astype(np.float32) for _ in range(3)), step), {}
     return make
+
+
+def _u3_inputs(step):
+    """make() of a U3 point: q [128, 128 k] (k query tiles), k, v [128, skv], uniform in [-1, 1) as bf16 like the
+    Autocomp harness, plus the step."""
+    def make(k, rng, skv=4096):
+        def u(n):
+            return ((rng.random((128, n)) - 0.5) * 2).astype(np.float32).astype(_bf16())
+        return (u(128 * k), u(skv), u(skv), step), {}
+    return make
+
+
+def _u5_inputs(step):
+    """make() of a U5 point: img [k, c, 1, w], filt [c, 1, 1, 3], uniform in [0, 1) like the harness, plus the
+    step."""
+    def make(k, rng, c=512, w=2048):
+        return (rng.random((k, c, 1, w)).astype(np.float32), rng.random((c, 1, 1, 3)).astype(np.float32), step), {}
+    return make
+
+
+# U3 / U5 intermediate steps held out by the rule above: (step, published P99 µs, what the step changes)
+U3_STEP_POINTS = ((3, 1016.0, "three streaming passes over QK^T (max, sum, attend), PV in fp32"),
+                  (4, 691.0, "exp, scores and PV operands in bf16"),
+                  (5, 682.0, "pass B: exp and row sum fused in one activation"),
+                  (8, 411.0, "V^T precomputed; max pass caching QK^T as bf16, then exp / sum / PV in one pass"),
+                  (9, 409.0, "QK^T recomputed in the second pass instead of cached"),
+                  (10, 293.0, "one row max for all tiles, from query tile 0 (as published)"))
+U5_STEP_POINTS = ((3, 7934.0, "per-(image, channel tile) buffers, filter loaded per tile"),
+                  (4, 5602.0, "output columns added into PSUM blocks of 512, copied out per block"),
+                  (5, 4955.0, "filter copied to PSUM and read from there; channel tiles outermost"))
 
 
 _ADAM_HP = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=10)
@@ -269,6 +307,17 @@ POINTS = [
                           (1, 437.0, "exp and row sum fused in one activation (bf16 out)"),
                           (4, 399.0, "scores kept as bf16"),
                           (5, 385.0, "PV as [q, d], 1/sum on the PSUM copy, row-major store"))],
+    # ---- held-out Autocomp search steps (rule in the module docstring; kernels_heldout.py) ----
+    *[Point(f"U3.{s}", "naive_attention", "d128 S4096 bf16", "trn1", us,
+            f"Autocomp naive-attention trace, step {s} (bench)", H.naive_attention_u3, make=_u3_inputs(s),
+            k_full=32, k_model=(2, 4), reference=lambda q, k, v, s: ref_attention_ds(q, k, v), split="held-out",
+            timing="bench", notes=note + "; k = query tiles of 128 against all 4096 keys")
+      for s, us, note in U3_STEP_POINTS],
+    *[Point(f"U5.{s}", "conv1d", "N8 C512 W2048 Wf3 fp32", "trn1", us, f"Autocomp conv1d trace, step {s} (bench)",
+            H.conv1d_u5, make=_u5_inputs(s), k_full=8, k_model=(1, 2),
+            reference=lambda img, filt, s: ref_conv1d(img, filt), split="held-out", timing="bench",
+            notes=note + "; k = images")
+      for s, us, note in U5_STEP_POINTS],
     Point("ACT1", "act_dependent_chain", "1 element per partition", "trn1", 0.189, "nki_perf_guide.rst Opt #5a",
           K.act_dependent_chain,
           make=lambda k, rng: ((np.ones((128, 1), np.float32), k), {}),

@@ -29,6 +29,9 @@ _SMALL = {     # small shapes with the same tiling, for the correctness check
     "A4": lambda rng: BY_ID["A4"].make(1, rng, m=512, kk=1024),
     "U4.0": lambda rng: BY_ID["U4.0"].make(1, rng, n=512),
     "U4.5": lambda rng: BY_ID["U4.5"].make(1, rng, n=512),
+    **{f"U3.{s}": (lambda rng, s=s: BY_ID[f"U3.{s}"].make(2, rng, skv=1024)) for s in (3, 4, 5, 8, 9, 10)},
+    # w = 600: U5 step 4's PSUM blocks of 512 columns plus a tail of 88
+    **{f"U5.{s}": (lambda rng, s=s: BY_ID[f"U5.{s}"].make(2, rng, c=256, w=600)) for s in (3, 4, 5)},
 }
 
 
@@ -37,8 +40,32 @@ def test_calibration_kernel_matches_reference(pid):
     p = BY_ID[pid]
     args, kw = _SMALL[pid](np.random.default_rng(3))
     res = run(p.kernel, *args, target=p.target, **{"lnc": 1, **kw})
-    dtype = "bfloat16" if pid.startswith("U4") else "float32"     # U4 runs its matmuls in bf16, as published
+    dtype = "bfloat16" if pid[:2] in ("U3", "U4") else "float32"   # U3 / U4 run their matmuls in bf16, as published
     assert_close(pid, p.reference(*args, **kw), res.outputs, dtype=dtype)
+
+
+def test_held_out_steps_cover_the_rule():
+    """Every U3 / U5 step the selection rule picks (points.py docstring) is a held-out bench point on trn1."""
+    from microbench.calibration.kernels_heldout import U3_STEPS, U5_STEPS
+    for fam, steps in (("U3", U3_STEPS), ("U5", U5_STEPS)):
+        for s in steps:
+            p = BY_ID[f"{fam}.{s}"]
+            assert (p.split, p.timing, p.target) == ("held-out", "bench", "trn1")
+
+
+def test_u3_step10_shares_query_tile0_max():
+    """U3 step 10 subtracts query tile 0's row max from every tile (as published): correct while exp does not
+    overflow, and it overflows (non-finite output) once another tile's scores exceed tile 0's by ~89 in fp32."""
+    p = BY_ID["U3.10"]
+    q, k, v, s = p.make(2, np.random.default_rng(4), skv=512)[0]
+    ok = run(p.kernel, q, k, v, s, target="trn1", lnc=1)
+    assert_close("U3.10", p.reference(q, k, v, s), ok.outputs, dtype="bfloat16")
+    q2 = q.astype(np.float32)
+    q2[:, 128:] *= 8.0                       # tile 1's scores up to ~8x tile 0's
+    q2 = q2.astype(q.dtype)
+    bad = run(p.kernel, q2, k, v, s, target="trn1", lnc=1)
+    assert np.isfinite(p.reference(q2, k, v, s)).all()
+    assert not np.isfinite(np.asarray(bad.outputs, dtype=np.float64)[128:]).all()
 
 
 def test_adamw_extreme_values():
