@@ -13,6 +13,8 @@ Choices the published code leaves to the compiler, made once for every step (bef
   accumulator that only matmuls write (below);
 - an nc_transpose result (PSUM) that feeds nc_matmul or is assigned into an SBUF tile is copied out of PSUM on
   VectorE; nl.store of a PSUM value copies it to SBUF first (VectorE, in the output dtype);
+- U3's QK^T matmuls pass is_transpose=True; they are plain matmuls here (the published outputs match the
+  reference, so the flag did not transpose anything on the device);
 - `acc = nl.zeros(psum)` followed by `acc += nc_matmul(...)` is the matmul accumulation chain, the first matmul
   writing the bank (no memset: accumulating onto PSUM no matmul wrote is undefined on the hardware).
 U3 slices: the query length may be shorter than the key length (k query tiles of 128 against all 4096 keys), so
