@@ -75,14 +75,24 @@ def refusal_reason(exc: BaseException) -> str:
     return f"kernel failed the emulator's hardware checks (on-chip capacity): {exc}"
 
 
+# kernel -> the patch family whose hook launches it (the encoders' hook names itself: it shares
+# flash_attention_varlen with the text attention's packed path)
+KERNEL_FAMILY = {"flash_attention": "attention", "flash_attention_decode": "attention",
+                 "flash_attention_varlen": "attention", "gated_delta_rule": "deltanet",
+                 "gated_delta_rule_step": "deltanet", "causal_conv1d": "deltanet", "causal_conv1d_update": "deltanet",
+                 "moe_decode": "moe", "moe_blockwise": "moe", "code_predictor": "code_predictor"}
+
+
 class Stats:
-    """Counts kernel calls and fallbacks (with their reason) for one patch handle. Thread-safe.
+    """Counts kernel calls (per kernel and per patch family) and fallbacks (with their reason) for one patch
+    handle. Thread-safe.
 
     The first fallback caused by grad mode or training mode warns once (UserWarning) per handle."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self.calls = collections.Counter()       # kernel name -> number of launches
+        self.family_calls = collections.Counter()   # (patch family, kernel name) -> number of launches
         self.fallbacks = collections.Counter()   # (hook, reason) -> number of times the model's own code ran
         self.warned_training = False
 
@@ -90,9 +100,10 @@ class Stats:
         # reached through every hook a patched model holds (attention, GDN, MoE modules)
         raise TypeError(DEEPCOPY_REFUSED)
 
-    def called(self, kernel: str, n: int = 1):
+    def called(self, kernel: str, n: int = 1, family: str | None = None):
         with self._lock:
             self.calls[kernel] += n
+            self.family_calls[(family or KERNEL_FAMILY.get(kernel, "other"), kernel)] += n
 
     def fell_back(self, hook: str, reason: str):
         with self._lock:
@@ -105,6 +116,7 @@ class Stats:
     def reset(self):
         with self._lock:
             self.calls.clear()
+            self.family_calls.clear()
             self.fallbacks.clear()
 
 

@@ -17,6 +17,9 @@ What is changed (and put back exactly by `restore()`):
                  configs; the shared-expert blocks get an instance-level forward that fuses the shared expert
                  and its sigmoid gate into the kernel call.
   code_predictor the Qwen3-Omni talker's `code_predictor.generate` instance attribute.
+  encoders       the Qwen3-Omni vision / audio encoder attention: `AttentionInterface` key "nki_flash_varlen"
+                 selected on the encoder configs (transformers then passes the packed windows' cu_seqlens), one
+                 `flash_attention_varlen` launch per encoder layer (encoder_attention.py).
 """
 from __future__ import annotations
 
@@ -26,10 +29,11 @@ import weakref
 from . import attention as _attn
 from . import code_predictor as _cp
 from . import deltanet as _gdn
+from . import encoder_attention as _enc
 from . import moe as _moe
 from ._common import BACKENDS, DEEPCOPY_REFUSED, Kernels, Stats
 
-KERNEL_FAMILIES = ("attention", "deltanet", "moe", "code_predictor")
+KERNEL_FAMILIES = ("attention", "deltanet", "moe", "code_predictor", "encoders")
 SUPPORTED_FAMILIES = ("qwen3_5_moe", "qwen3_5", "qwen3_next", "qwen3_omni_moe")
 
 # modeling module (family) -> class names of the modules each hook handles
@@ -44,6 +48,7 @@ _EXPERTS_CLASSES = {"Qwen3NextExperts", "Qwen3_5MoeExperts", "Qwen3OmniMoeThinke
 _SHARED_MOE_BLOCK_CLASSES = {"Qwen3NextSparseMoeBlock", "Qwen3_5MoeSparseMoeBlock",
                              "Qwen3OmniMoeTalkerTextSparseMoeBlock"}
 _TALKER_CLASSES = {"Qwen3OmniMoeTalkerForConditionalGeneration"}
+_ENCODER_CLASSES = set(_enc.ENCODER_MODULES)
 
 _HANDLE_ATTR = "_nki_kernels_patch"
 _ACTIVE_HANDLES: "weakref.WeakSet[PatchHandle]" = weakref.WeakSet()   # to find patches of overlapping modules
@@ -128,6 +133,14 @@ class PatchHandle:
         """{kernel name: launches} since patching (or the last `reset_counts()`)."""
         return dict(self.stats.calls)
 
+    def family_calls(self) -> dict:
+        """{patch family: {kernel name: launches}}: which hook launched what (the encoders and the text
+        attention's packed path both launch flash_attention_varlen)."""
+        out: dict = {}
+        for (fam, kernel), n in sorted(self.stats.family_calls.items()):
+            out.setdefault(fam, {})[kernel] = n
+        return out
+
     def fallbacks(self) -> dict:
         """{(hook, reason): times the model's own code ran instead}."""
         return dict(self.stats.fallbacks)
@@ -158,6 +171,8 @@ class PatchHandle:
             lines.append(f"  {fam}: not available ({why}); the model's own code runs")
         calls = self.calls()
         lines.append("  kernel calls: " + (", ".join(f"{k}={v}" for k, v in sorted(calls.items())) or "none"))
+        for fam, per in self.family_calls().items():
+            lines.append(f"    {fam}: " + ", ".join(f"{k}={v}" for k, v in per.items()))
         for (hook, why), n in sorted(self.fallbacks().items()):
             lines.append(f"  fallback {hook}: {why} x{n}")
         if not self.fallbacks():
@@ -176,12 +191,13 @@ def _accepts(fn, name):
 
 
 def patch(model, kernels=KERNEL_FAMILIES, backend="emulator") -> PatchHandle:
-    """Route `model`'s attention, gated DeltaNet, MoE experts and (Qwen3-Omni talker) code predictor to our kernels.
+    """Route `model`'s attention, gated DeltaNet, MoE experts, (Qwen3-Omni talker) code predictor and (Qwen3-Omni)
+    vision / audio encoder attention to our kernels.
 
     Args:
         model: a transformers model of family qwen3_5_moe, qwen3_5, qwen3_next or qwen3_omni_moe (a whole
             model, a text model, the Omni thinker or talker, ...).
-        kernels: which hooks to install, any of "attention", "deltanet", "moe", "code_predictor".
+        kernels: which hooks to install, any of "attention", "deltanet", "moe", "code_predictor", "encoders".
         backend: "emulator" (NumPy NKI emulator), "nki" (real NKI runtime) or "reference" (float64 NumPy
             references of the kernels).
     Returns:
@@ -221,13 +237,13 @@ def patch(model, kernels=KERNEL_FAMILIES, backend="emulator") -> PatchHandle:
         fam = _family(m)
         if fam is not None:
             found.setdefault(fam, set()).add(type(m).__name__)
-    hookable = (_ATTENTION_CLASSES | _GDN_CLASSES | _EXPERTS_CLASSES | _TALKER_CLASSES)
+    hookable = (_ATTENTION_CLASSES | _GDN_CLASSES | _EXPERTS_CLASSES | _TALKER_CLASSES | _ENCODER_CLASSES)
     if not any(names & hookable for names in found.values()):
         cfg = getattr(model, "config", None)
         raise ValueError(
             f"patch: unsupported model {type(model).__name__} (model_type={getattr(cfg, 'model_type', None)!r}, "
             f"module {type(model).__module__}); supported families are {SUPPORTED_FAMILIES} and no attention, "
-            f"gated-DeltaNet, MoE-experts or talker module of theirs was found in it")
+            f"gated-DeltaNet, MoE-experts, talker or encoder-attention module of theirs was found in it")
 
     handle = PatchHandle(model, kernels, backend)
     handle.families = set(found)
@@ -241,6 +257,8 @@ def patch(model, kernels=KERNEL_FAMILIES, backend="emulator") -> PatchHandle:
             _patch_moe(handle, model, ks)
         if "code_predictor" in kernels:
             _patch_code_predictor(handle, model, ks)
+        if "encoders" in kernels:
+            _patch_encoders(handle, model, ks)
     except BaseException:
         handle.active = True
         handle.restore()
@@ -363,3 +381,21 @@ def _patch_code_predictor(handle, model, ks):
         hook = _cp.CodePredictorHook(ks, handle.stats, cp)
         handle._set_attr(cp, "generate", hook)
         handle._count("talker code predictors")
+
+
+def _patch_encoders(handle, model, ks):
+    mods = [m for m in model.modules() if type(m).__name__ in _ENCODER_CLASSES and _family(m)]
+    if not mods:
+        return
+    if ks.get("flash_attention_varlen") is None:
+        handle.not_available["encoders"] = ks.missing.get("flash_attention_varlen", "flash_attention_varlen missing")
+        return
+    _enc.register()
+    hook = _enc.EncoderAttentionHook(ks, handle.stats)
+    configs = {}
+    for m in mods:
+        handle._set_attr(m, _enc.HOOK_ATTR, hook)
+        configs[id(m.config)] = m.config
+    for cfg in configs.values():
+        handle._set_config(cfg, "_attn_implementation_internal", _enc.ENCODER_ATTN_KEY)
+    handle._count("encoder attention modules (vision / audio)", len(mods))
