@@ -21,8 +21,9 @@ The Python functions below (``flash_attention``, ``gated_delta_rule``, ...) take
 lists and call the ops, converting the structured arguments a schema cannot carry: ``shared=(gate_up, down,
 gate)`` becomes three optional tensors, a ``CodePredictorWeights`` its thirteen tensors plus the head counts
 and eps. Differences from the public wrappers (documented per function): ``gated_delta_rule`` always computes
-the final state (``output_final_state=False`` drops it after the op) and has no ``checkpoint_every`` /
-``cu_seqlens``; ``code_predictor`` always returns the codec sum (dropped unless ``return_sum``).
+the final state (``output_final_state=False`` drops it after the op) and has no ``checkpoint_every``
+(``cu_seqlens`` is there, as in ``flash_attention_varlen`` and ``causal_conv1d``); ``code_predictor`` always
+returns the codec sum (dropped unless ``return_sum``).
 
 Gradients: no autograd formula is registered (the kernels are forward / inference kernels, see KERNELS.md);
 calling an op on inputs that require grad raises torch's usual "does not require grad" error on backward.
@@ -144,20 +145,21 @@ def _flash_attention_varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=Tru
 
 
 def _gated_delta_rule(q, k, v, g, beta, chunk_size=64, initial_state=None, use_qk_l2norm_in_kernel=False,
-                      valid_lengths=None, scale=None, lnc=None):
+                      valid_lengths=None, scale=None, lnc=None, cu_seqlens=None):
     fn = _public("gated_delta_rule")
     o, final = fn(q, k, v, g, beta, chunk_size=chunk_size, initial_state=initial_state, output_final_state=True,
                   use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, valid_lengths=valid_lengths, scale=scale,
-                  **_with_lnc(fn, {}, lnc))[:2]
-    return _fresh((o, final), (q, k, v, g, beta, initial_state, valid_lengths))
+                  cu_seqlens=cu_seqlens, **_with_lnc(fn, {}, lnc))[:2]
+    return _fresh((o, final), (q, k, v, g, beta, initial_state, valid_lengths, cu_seqlens))
 
 
 def _gated_delta_rule_fake(q, k, v, g, beta, chunk_size=64, initial_state=None, use_qk_l2norm_in_kernel=False,
-                           valid_lengths=None, scale=None, lnc=None):
+                           valid_lengths=None, scale=None, lnc=None, cu_seqlens=None):
     import torch
     b, t, _, dk = q.shape
     hv, dv = v.shape[2], v.shape[3]
-    return q.new_empty((b, t, hv, dv)), q.new_empty((b, hv, dk, dv), dtype=torch.float32)
+    n_states = b if cu_seqlens is None else cu_seqlens.shape[0] - 1       # one final state per packed sequence
+    return q.new_empty((b, t, hv, dv)), q.new_empty((n_states, hv, dk, dv), dtype=torch.float32)
 
 
 def _gated_delta_rule_step(q, k, v, g, beta, state_pool, slot_ids=None, use_qk_l2norm_in_kernel=False, scale=None,
@@ -175,16 +177,20 @@ def _gated_delta_rule_step_fake(q, k, v, g, beta, state_pool, slot_ids=None, use
     return q.new_empty((q.shape[0], q.shape[1], v.shape[2], v.shape[3]))
 
 
-def _causal_conv1d(x, weight, conv_state=None, valid_lengths=None, activation="silu", bias=None):
+def _causal_conv1d(x, weight, conv_state=None, valid_lengths=None, activation="silu", bias=None, cu_seqlens=None,
+                   lnc=None):
     fn = _public("causal_conv1d")
-    out = fn(x, weight, conv_state=conv_state, valid_lengths=valid_lengths, activation=activation, bias=bias)
-    return _fresh(tuple(out), (x, weight, conv_state, valid_lengths, bias))
+    out = fn(x, weight, conv_state=conv_state, valid_lengths=valid_lengths, activation=activation, bias=bias,
+             cu_seqlens=cu_seqlens, **_with_lnc(fn, {}, lnc))
+    return _fresh(tuple(out), (x, weight, conv_state, valid_lengths, bias, cu_seqlens))
 
 
-def _causal_conv1d_fake(x, weight, conv_state=None, valid_lengths=None, activation="silu", bias=None):
+def _causal_conv1d_fake(x, weight, conv_state=None, valid_lengths=None, activation="silu", bias=None,
+                        cu_seqlens=None, lnc=None):
     b, c, _ = x.shape
+    n_states = b if cu_seqlens is None else cu_seqlens.shape[0] - 1       # one conv state per packed sequence
     state_dtype = conv_state.dtype if conv_state is not None else x.dtype
-    return x.new_empty(x.shape), x.new_empty((b, c, weight.shape[1]), dtype=state_dtype)
+    return x.new_empty(x.shape), x.new_empty((n_states, c, weight.shape[1]), dtype=state_dtype)
 
 
 def _causal_conv1d_update(x, conv_state, weight, activation="silu", bias=None):
@@ -299,12 +305,14 @@ OPS = (
            "int? max_seqlen_k=None) -> Tensor", _flash_attention_varlen, _flash_attention_varlen_fake),
     OpSpec("gated_delta_rule", "(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, int chunk_size=64, "
            "Tensor? initial_state=None, bool use_qk_l2norm_in_kernel=False, Tensor? valid_lengths=None, "
-           "float? scale=None, int? lnc=None) -> (Tensor, Tensor)", _gated_delta_rule, _gated_delta_rule_fake),
+           "float? scale=None, int? lnc=None, Tensor? cu_seqlens=None) -> (Tensor, Tensor)", _gated_delta_rule,
+           _gated_delta_rule_fake),
     OpSpec("gated_delta_rule_step", "(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor(a!) state_pool, "
            "Tensor? slot_ids=None, bool use_qk_l2norm_in_kernel=False, float? scale=None, int? lnc=None) -> Tensor",
            _gated_delta_rule_step, _gated_delta_rule_step_fake),
     OpSpec("causal_conv1d", "(Tensor x, Tensor weight, Tensor? conv_state=None, Tensor? valid_lengths=None, "
-           "str? activation=\"silu\", Tensor? bias=None) -> (Tensor, Tensor)", _causal_conv1d, _causal_conv1d_fake),
+           "str? activation=\"silu\", Tensor? bias=None, Tensor? cu_seqlens=None, int? lnc=None) -> (Tensor, Tensor)",
+           _causal_conv1d, _causal_conv1d_fake),
     OpSpec("causal_conv1d_update", "(Tensor x, Tensor(a!) conv_state, Tensor weight, str? activation=\"silu\", "
            "Tensor? bias=None) -> Tensor", _causal_conv1d_update, _causal_conv1d_update_fake),
     OpSpec("moe_route", "(Tensor router_logits, int top_k, bool normalize) -> (Tensor, Tensor)", _moe_route,
@@ -394,11 +402,12 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, sof
 
 
 def gated_delta_rule(q, k, v, g, beta, chunk_size=64, initial_state=None, output_final_state=True,
-                     use_qk_l2norm_in_kernel=False, valid_lengths=None, scale=None, lnc=None):
-    """As `nki_kernels.gated_delta_rule` (no checkpoint_every / cu_seqlens); returns (o, final_state or None)."""
+                     use_qk_l2norm_in_kernel=False, valid_lengths=None, scale=None, cu_seqlens=None, lnc=None):
+    """As `nki_kernels.gated_delta_rule` (no checkpoint_every); returns (o, final_state or None). With
+    ``cu_seqlens`` [N+1] (B = 1, sequences packed along T) initial_state and the final state are [N, Hv, Dk, Dv]."""
     o, final = _ops().gated_delta_rule(q, k, v, g, beta, chunk_size=chunk_size, initial_state=initial_state,
                                        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, valid_lengths=valid_lengths,
-                                       scale=None if scale is None else float(scale), lnc=lnc)
+                                       scale=None if scale is None else float(scale), lnc=lnc, cu_seqlens=cu_seqlens)
     return o, (final if output_final_state else None)
 
 
@@ -411,9 +420,12 @@ def gated_delta_rule_step(q, k, v, g, beta, state_pool, slot_ids=None, use_qk_l2
                                         scale=None if scale is None else float(scale), lnc=lnc)
 
 
-def causal_conv1d(x, weight, conv_state=None, valid_lengths=None, activation="silu", bias=None):
+def causal_conv1d(x, weight, conv_state=None, valid_lengths=None, activation="silu", bias=None, cu_seqlens=None,
+                  lnc=None):
+    """As `nki_kernels.causal_conv1d`. With ``cu_seqlens`` [N+1] (B = 1, sequences packed along T) conv_state and
+    the new state are [N, C, K]."""
     return _ops().causal_conv1d(x, weight, conv_state=conv_state, valid_lengths=valid_lengths,
-                                activation=activation, bias=bias)
+                                activation=activation, bias=bias, cu_seqlens=cu_seqlens, lnc=lnc)
 
 
 def causal_conv1d_update(x, conv_state, weight, activation="silu", bias=None):

@@ -54,6 +54,14 @@ def gdn_modules():
     return names
 
 
+def _accepts(fn, name):
+    import inspect
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _original(fn_name, module_name):
     return _INSTALLED[module_name][fn_name]
 
@@ -218,9 +226,11 @@ class DeltaNetHook:
 
     def _packed_chunk(self, query, key, value, g, beta, chunk_size, initial_state, output_final_state, l2norm,
                       cu_seqlens):
-        """Packed prefill (transformers passes `cu_seq_lens_q` as cu_seqlens, B = 1): the sequences unpacked to a
-        right-padded [N, Lmax] batch with valid_lengths, one launch, outputs packed back. Each sequence starts
-        from a zero state and nothing leaks between sequences (stock's torch function ignores cu_seqlens)."""
+        """Packed prefill (transformers passes `cu_seq_lens_q` as cu_seqlens, B = 1): one launch of
+        `gated_delta_rule(..., cu_seqlens=)` on the packed row as it is (each sequence from a zero state, nothing
+        leaks between sequences; stock's torch function cannot keep them apart). A function without `cu_seqlens`
+        (the float64 references) or a refused packed launch (recorded in fallbacks) runs the sequences unpacked
+        to a right-padded [N, Lmax] batch with valid_lengths instead."""
         import torch
         why = _packed_unsupported(query, cu_seqlens, initial_state, output_final_state)
         if why is not None:
@@ -230,13 +240,23 @@ class DeltaNetHook:
         if fn is None:
             return None
         be = self.kernels.backend
+        args = dict(chunk_size=chunk_size if chunk_size in _CHUNK_SIZES else _CHUNK_SIZES[0],
+                    output_final_state=False, use_qk_l2norm_in_kernel=bool(l2norm))
+        if _accepts(fn, "cu_seqlens"):
+            cu = torch.as_tensor(cu_seqlens).detach().cpu().to(torch.int32)
+            try:
+                o, _ = fn(kernel_input(query, be), kernel_input(key, be), kernel_input(value, be),
+                          kernel_input(g.to(torch.float32), be), kernel_input(beta, be),
+                          cu_seqlens=kernel_input(cu, be), **args)
+                self.stats.called("gated_delta_rule")
+                return to_torch(o, like=query), None
+            except kernel_refusals() as exc:
+                self.stats.fell_back("deltanet", f"packed launch: {refusal_reason(exc)}; ran unpacked")
         index, lens = _unpack_index(cu_seqlens)
         unpack = lambda t: t[0][index]                  # noqa: E731  [1, T, ...] -> [N, Lmax, ...] (pads: token 0)
         o, _ = fn(kernel_input(unpack(query), be), kernel_input(unpack(key), be), kernel_input(unpack(value), be),
                   kernel_input(unpack(g.to(torch.float32)), be), kernel_input(unpack(beta), be),
-                  chunk_size=chunk_size if chunk_size in _CHUNK_SIZES else _CHUNK_SIZES[0],
-                  output_final_state=True, use_qk_l2norm_in_kernel=bool(l2norm),
-                  valid_lengths=kernel_input(lens, be))
+                  valid_lengths=kernel_input(lens, be), **args)
         self.stats.called("gated_delta_rule")
         o = to_torch(o, like=query)
         return _repack(o, index, lens, query.shape[1]), None
@@ -301,17 +321,30 @@ class DeltaNetHook:
         w = kernel_input(weight.detach().to(x.dtype), be)
         if cu is None:
             y = fn(kernel_input(x, be), w, activation=act)
-        else:     # packed: unpacked to [N, C, Lmax] with valid lengths (each sequence from a zero conv state)
-            index, lens = _unpack_index(cu)
-            y = fn(kernel_input(x[0][:, index].permute(1, 0, 2).contiguous(), be), w, activation=act,
-                   valid_lengths=kernel_input(lens, be))
+        else:
+            y = self._packed_conv(fn, x, w, act, cu)
         if isinstance(y, tuple):
             y = y[0]
         self.stats.called("causal_conv1d")
-        y = to_torch(y, like=x)
-        if cu is not None:
-            y = _repack(y.transpose(1, 2), index, lens, x.shape[2]).transpose(1, 2)
-        return y
+        return to_torch(y, like=x)
+
+    def _packed_conv(self, fn, x, w, act, cu):
+        """Packed conv x [1, C, T]: `causal_conv1d(..., cu_seqlens=)` on the packed row (each sequence from a zero
+        conv state); a function without `cu_seqlens` (the references) or a refused packed launch (recorded)
+        runs the sequences unpacked to [N, C, Lmax] with valid lengths, packed back."""
+        import torch
+        be = self.kernels.backend
+        if _accepts(fn, "cu_seqlens"):
+            cu32 = torch.as_tensor(cu).detach().cpu().to(torch.int32)
+            try:
+                return fn(kernel_input(x, be), w, activation=act, cu_seqlens=kernel_input(cu32, be))
+            except kernel_refusals() as exc:
+                self.stats.fell_back("conv1d", f"packed launch: {refusal_reason(exc)}; ran unpacked")
+        index, lens = _unpack_index(cu)
+        y = fn(kernel_input(x[0][:, index].permute(1, 0, 2).contiguous(), be), w, activation=act,
+               valid_lengths=kernel_input(lens, be))
+        y = to_torch(y[0] if isinstance(y, tuple) else y, like=x)
+        return _repack(y.transpose(1, 2), index, lens, x.shape[2]).transpose(1, 2)
 
     def conv_update(self, x, conv_state, weight, bias, activation, kwargs):
         import torch
