@@ -92,3 +92,39 @@ def test_grad_falls_back_to_per_window_sdpa():
 def test_patch_refuses_a_model_without_encoders():
     with pytest.raises(TypeError, match="no Qwen3-Omni encoder attention"):
         enc.patch_encoders(torch.nn.Linear(2, 2))
+
+
+def test_patch_covers_a_bare_encoder_and_reports_it():
+    """`patch()` (family "encoders") on an encoder alone: its own counters, the same output as stock."""
+    from integration.transformers import patch
+    model = _vision(4)
+    grid = torch.tensor([[1, 4, 6], [1, 2, 4]])
+    x = torch.randn(32, 3 * 2 * 4 * 4)
+    with torch.no_grad():
+        stock = model(x, grid).last_hidden_state
+        with patch(model) as handle:
+            ours = model(x, grid).last_hidden_state
+    assert handle.family_calls() == {"encoders": {"flash_attention_varlen": 2}}, handle.report()
+    assert not handle.fallbacks() and enc.STATS.calls == 0           # counted on the handle, not module-wide
+    torch.testing.assert_close(ours, stock, rtol=1e-4, atol=1e-5)
+    assert model.config._attn_implementation != enc.ENCODER_ATTN_KEY
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_image_stays_in_its_image(bad):
+    """A NaN / Inf in one image's pixels never reaches another image of the same packed call (stock keeps them
+    apart too: per-window attention, per-token MLP, per-image merger)."""
+    from integration.transformers import patch
+    model = _vision(5)
+    grid = torch.tensor([[1, 4, 4], [1, 4, 6]])
+    x = torch.randn(40, 3 * 2 * 4 * 4)
+    x[20, 7] = bad                                              # a patch of the second image
+    with torch.no_grad():
+        stock = model(x, grid).last_hidden_state
+        with patch(model, kernels=("encoders",)) as handle:
+            ours = model(x, grid).last_hidden_state
+    assert handle.calls() == {"flash_attention_varlen": 2} and not handle.fallbacks(), handle.report()
+    first = 16 // 4                                             # merged tokens of the first image
+    assert torch.isfinite(ours[:first]).all()
+    torch.testing.assert_close(ours[:first], stock[:first], rtol=1e-4, atol=1e-5)
+    assert not torch.isfinite(stock[first:]).all() and not torch.isfinite(ours[first:]).all()
