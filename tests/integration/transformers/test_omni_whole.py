@@ -154,3 +154,27 @@ def test_thinker_multimodal_prefill_close_to_stock(stock_case):
     assert set(handle.family_calls()) == {"encoders", "attention", "moe"}, handle.report()
     assert not handle.fallbacks(), handle.report()
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_whole_omni_no_less_accurate_than_stock():
+    """bf16: the whole model's thinker prefill over the multimodal prompt (encoders included), against its fp32
+    twin, is as accurate patched as stock (a bf16 random model is itself far from fp32, so the bound is relative,
+    as in test_hf_families.py), and its speech generate() runs end to end with every family's kernels."""
+    from nki_kernels.testing import rel_rms_error
+    seed, kw = _CASES["image+audio"]
+    m32 = tiny.qwen3_omni_moe(seed=seed)
+    model = tiny.qwen3_omni_moe(seed=seed).to(torch.bfloat16)
+    inputs = tiny.omni_inputs(**kw)
+    inputs16 = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()}
+    with torch.no_grad():
+        truth = m32.thinker(**inputs).logits
+        ref = model.thinker(**inputs16).logits.float()
+        with patch(model) as handle:
+            got = model.thinker(**inputs16).logits.float()
+            text, codes, wav = _run(model, inputs16)
+    err_stock, err_patched = rel_rms_error(truth.numpy(), ref.numpy()), rel_rms_error(truth.numpy(), got.numpy())
+    print(f"bf16 thinker logits vs fp32: stock {err_stock:.3e}, patched {err_patched:.3e}")
+    assert err_patched <= 1.25 * err_stock + 1e-3, (err_patched, err_stock)
+    assert set(handle.family_calls()) == {"encoders", "attention", "moe", "code_predictor"}, handle.report()
+    assert not handle.fallbacks(), handle.report()
+    assert codes.shape[1] == 8 and codes.shape[2] >= 1 and torch.isfinite(wav).all()
