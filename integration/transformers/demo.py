@@ -1,6 +1,7 @@
 """Demo: a tiny random-weight Qwen3.5-MoE, patched with our kernels, generating; prints the kernels that ran.
 
     python -m integration.transformers.demo [--backend emulator|reference|nki] [--new-tokens 8]
+    python -m integration.transformers.demo --model omni      # the whole Qwen3-Omni, speech generate()
 
 Builds the model from a config (no download), runs greedy generate() stock and patched on a left-padded batch
 of two prompts, and prints: what transformers itself said during the stock run (kept apart: it is not about our
@@ -57,11 +58,14 @@ def main(argv=None):
     ap.add_argument("--backend", default="emulator", choices=("emulator", "reference", "nki"))
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", default="qwen3_5_moe", choices=("qwen3_5_moe", "omni"))
     args = ap.parse_args(argv)
     missing = _nki_missing(args.backend)
     if missing:
         print(missing, file=sys.stderr)
         return 2
+    if args.model == "omni":
+        return _omni(args)
 
     import torch
 
@@ -129,15 +133,67 @@ def main(argv=None):
     print(f"  stock:   {stock_tokens[:, ids.shape[1]:].tolist()}")
     print(f"  patched: {tokens[:, ids.shape[1]:].tolist()}")
     if modeled:
-        print("\n== modeled time of the kernel launches inside generate() (µs on trn2 from the cost model, not "
-              "measured;\n   tiny shapes, so fixed costs dominate; launch overhead excluded)")
-        total = 0.0
-        for name, rep in modeled.items():
-            total += rep.device_us
-            print(f"  {name:24s} {rep.n_launches:4d} launches  {rep.device_us:9.1f} µs  "
-                  f"({rep.device_us / max(rep.n_launches, 1):.1f} µs per launch)")
-        print(f"  {'total':24s} {sum(r.n_launches for r in modeled.values()):4d} launches  {total:9.1f} µs")
+        _print_modeled(modeled)
     return 0 if same else 1
+
+
+def _print_modeled(modeled):
+    print("\n== modeled time of the kernel launches inside generate() (µs on trn2 from the cost model, not "
+          "measured;\n   tiny shapes, so fixed costs dominate; launch overhead excluded)")
+    total = 0.0
+    for name, rep in modeled.items():
+        total += rep.device_us
+        print(f"  {name:24s} {rep.n_launches:4d} launches  {rep.device_us:9.1f} µs  "
+              f"({rep.device_us / max(rep.n_launches, 1):.1f} µs per launch)")
+    print(f"  {'total':24s} {sum(r.n_launches for r in modeled.values()):4d} launches  {total:9.1f} µs")
+
+
+def _omni(args):
+    """The whole tiny Qwen3-Omni (thinker + vision / audio encoders, talker, code predictor, code2wav): greedy
+    speech generate() on an audio clip and an image, stock and patched; the text tokens and codec codes of both,
+    the launches per patch family and (emulator) their modeled time."""
+    import torch
+
+    from integration.transformers import patch, tiny
+
+    model = tiny.qwen3_omni_moe(seed=2)
+    inputs = tiny.omni_inputs(seed=args.seed)
+    print(f"tiny Qwen3-Omni (random weights): {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params; "
+          f"prompt of {inputs['input_ids'].shape[1]} tokens with an audio clip and an image")
+    gen = dict(thinker_max_new_tokens=args.new_tokens, thinker_eos_token_id=tiny.OMNI_TOKENS["im_end"],
+               thinker_do_sample=False, talker_max_new_tokens=args.new_tokens, talker_do_sample=False)
+    codes = []
+    stock_decode = model.code2wav.chunked_decode
+
+    def keep_codes(c, **kw):
+        codes.append(c)
+        return stock_decode(c, **kw)
+    model.code2wav.chunked_decode = keep_codes
+    try:
+        with torch.no_grad(), _captured():
+            text0, _ = model.generate(**inputs, **gen)
+            with patch(model, backend=args.backend) as handle:
+                if args.backend == "emulator":
+                    handle.record_launches()
+                text1, _ = model.generate(**inputs, **gen)
+                modeled = handle.modeled() if args.backend == "emulator" else {}
+    finally:
+        del model.code2wav.chunked_decode
+    n = inputs["input_ids"].shape[1]
+    print(f"\n== patched run (backend={args.backend})")
+    for fam, per in handle.family_calls().items():
+        print(f"  {fam:15s} " + ", ".join(f"{k} x{v}" for k, v in per.items()))
+    falls = handle.fallbacks()
+    print("fallbacks: " + (", ".join(f"{h}: {w} x{c}" for (h, w), c in sorted(falls.items())) or "none"))
+    same_text, same_codes = torch.equal(text0, text1), torch.equal(codes[0], codes[1])
+    print("\n== patched vs stock (greedy; the code predictor kernel is bf16, so a stock near-tie may flip a code)")
+    print(f"thinker text: {'identical' if same_text else 'DIFFERENT'}  stock {text0[0, n:].tolist()}  "
+          f"patched {text1[0, n:].tolist()}")
+    print(f"talker codec codes [groups x frames]: {'identical' if same_codes else 'DIFFERENT'}\n"
+          f"  stock   {codes[0][0].tolist()}\n  patched {codes[1][0].tolist()}")
+    if modeled:
+        _print_modeled(modeled)
+    return 0 if same_text and same_codes else 1
 
 
 if __name__ == "__main__":
