@@ -15,7 +15,8 @@ Loop nest (per program instance):
 
     for each part (b, KV head, key range) this core owns:           (parts: below)
         Q^T [D, R] (DMA transpose or PE); per-row key limit from cache_lens[b] (runtime data)
-        for each piece of up to 2048 keys (one K and one V DMA, partition-major: 16 keys x D per partition):
+        for each piece of up to 2048 keys (one K and one V DMA, partition-major: 16 keys x D per partition;
+                the core's last piece's V in four chunk groups, so only the last group's work follows the stream):
             V rows past cache_lens[b] := 0 (predicated copy: 0 * NaN would poison P V)
             K^T by PE transposes; S^T = K^T.T Q^T (fp32 PSUM); keys past the limit selected to MASK_BIAS
             m = max over keys (free-axis max, PE transpose, max); P^T = exp(scale S^T - scale m)
@@ -25,8 +26,8 @@ Loop nest (per program instance):
 
 Parts. When B * Hkv is odd (B=1 with one KV head per rank is the common decode shape at TP4) every (b, KV head)'s
 keys are split in two halves, flash-decoding style; otherwise each (b, KV head) is one part. At LNC=2 the halves
-go to the two cores (else whole (b, KV head) pairs alternate), and core 1 hands its partial states to core 0
-through a shared-HBM scratch tensor and one `nisa.core_barrier`; core 0 merges and writes. At LNC=1 the one core
+go to the two cores (else whole (b, KV head) pairs alternate); the cores swap their partial states SBUF to SBUF
+(`nisa.sendrecv`, GpSimd's low-latency DMA) and each merges them and writes half of D. At LNC=1 the one core
 computes both halves and merges them with the same instructions, so the result is bit-identical at both LNCs.
 """
 from __future__ import annotations
@@ -45,6 +46,9 @@ _PIECE_KEYS = 2048                # keys per K / V DMA: partition-major, 16 x 51
 _PSUM_BANK_F32 = 512              # fp32 elements per partition in one 2 KiB PSUM bank: S^T [128, chunks, R] of one
 #                                   piece must fit one bank, so pieces shrink for R > 32 rows
 _MAX_SPLIT_STATE_BYTES = 64 * 1024  # SBUF per partition core 0 may hold for the first halves' partial states
+_SENDRECV_F32_COLS = 256          # fp32 columns per partition of one gpsimd_dma sendrecv (1024 B, isa stub limit)
+_V_TAIL_SPLITS = (2, 4, 8)        # the core's last V piece arrives in chunk groups that end n_c/2, n_c/4, n_c/8
+#                                   chunks before its end: their zeroing and P V overlap the rest of the stream
 _STATS = 512                      # fp32 columns of the statistics PSUM tile (one bank): max^T, m^T, broadcast m, l
 _ST_MAXT, _ST_MT, _ST_BCAST, _ST_SUM = 0, 128, 256, 384     # column offsets in it
 
@@ -104,7 +108,8 @@ def plan_parts(n_b, n_kv, s_max, d, n_prog):
 
 def decode_body(q, k_cache, v_cache, cache_lens, out, softmax_scale, causal):
     """The kernel body: this core's parts, piece by piece through a two-stage software pipeline (the scores and
-    P^T of piece u, then P V of piece u-1), then the merge of split (b, KV head) pairs."""
+    P^T of piece u, then V and P V of piece u-1, so K streams one piece ahead of V), then the merge of split
+    (b, KV head) pairs."""
     n_b, n_hq, sq, d = q.shape
     n_kv, s_max = k_cache.shape[1], k_cache.shape[2]
     group = n_hq // n_kv
@@ -119,48 +124,53 @@ def decode_body(q, k_cache, v_cache, cache_lens, out, softmax_scale, causal):
     nisa.memset(dst=ones_col, value=1.0)
     ctx = dict(q=q, k=k_cache, v=v_cache, lens=cache_lens, rows=rows, sq=sq, group=group, d=d, dtype=dtype,
                n_d=n_tiles(d, D_CHUNK), scale=softmax_scale, causal=causal, ones_row=ones_row, ones_col=ones_col,
-               piece=min(_PIECE_KEYS, K_CHUNK * (_PSUM_BANK_F32 // rows)), vpos={})
-    scratch = None
-    if split and n_prog > 1:
-        scratch = nl.ndarray((n_b * n_kv, P_MAX, d + 2), dtype=nl.float32, buffer=nl.shared_hbm)
+               piece=min(_PIECE_KEYS, K_CHUNK * (_PSUM_BANK_F32 // rows)), vpos={}, v_first=split)
     held = {}                                        # (b, kvh) -> packed partial state of its first half
+    mine = [pt for pt in parts if pt[0] == pid]
 
-    def pv_stage(part, staged, j, last):
-        _piece_pv(ctx, part, staged, j)
+    def pv_stage(part, staged, last):
+        _piece_pv(ctx, part, staged)
         if not last:
             return
         b, kvh, half = part["id"]
         packed = part["packed"]
         if not split:
-            _write_out(ctx, out, packed, b, kvh)
-        elif half == 0:
+            _write_out(ctx, out, packed, None, b, kvh, (0, d))
+        elif half == 0 and n_prog == 1:
             held[(b, kvh)] = packed
         elif n_prog == 1:
-            first = held.pop((b, kvh))
-            _merge(ctx, first, packed)
-            _write_out(ctx, out, first, b, kvh)
-        else:                                        # core 1 hands its partial state to core 0
-            nisa.dma_copy(dst=scratch[b * n_kv + kvh, 0:rows, 0:d + 2], src=packed[0:rows, 0:d + 2])
+            _merge_out(ctx, out, held.pop((b, kvh)), packed, b, kvh, (0, d))
+        else:
+            # the two cores swap their halves' states (SBUF to SBUF); each merges and writes half of D
+            other_sb = _exchange(ctx, packed, pid)
+            first, second = (packed, other_sb) if half == 0 else (other_sb, packed)
+            cols = (0, d // 2) if pid == 0 else (d // 2, d)
+            _merge_out(ctx, out, first, second, b, kvh, cols)
 
     pending = None
-    for owner, b, kvh, half, key0, key1 in parts:
-        if owner != pid:
-            continue
+    for i_part, (_, b, kvh, half, key0, key1) in enumerate(mine):
         part = _start_part(ctx, b, kvh, half, key0, key1)
         for j, k0 in enumerate(range(key0, key1, ctx["piece"])):
-            staged = _piece_scores(ctx, part, j, k0, min(ctx["piece"], key1 - k0))
+            last = k0 + ctx["piece"] >= key1
+            staged = _piece_scores(ctx, part, j, k0, min(ctx["piece"], key1 - k0), last and i_part == len(mine) - 1)
             if pending is not None:
                 pv_stage(*pending)
-            pending = (part, staged, j, k0 + ctx["piece"] >= key1)
+            pending = (part, staged, last)
     if pending is not None:
         pv_stage(*pending)
-    if scratch is not None:
-        nisa.core_barrier(scratch, (0, 1))
-        for (b, kvh), first in held.items():
-            other_sb = nl.ndarray((P_MAX, d + 2), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.dma_copy(dst=other_sb[0:rows, 0:d + 2], src=scratch[b * n_kv + kvh, 0:rows, 0:d + 2])
-            _merge(ctx, first, other_sb)
-            _write_out(ctx, out, first, b, kvh)
+
+
+def _exchange(ctx, packed, pid):
+    """Swap this core's partial state [R, O | l | -scale m] (fp32) with the other core's (`nisa.sendrecv`,
+    GpSimd's low-latency SBUF-to-SBUF DMA, <= 256 fp32 columns per exchange, one pipe per column group so
+    the groups travel together)."""
+    rows, d = ctx["rows"], ctx["d"]
+    other_sb = nl.ndarray((P_MAX, d + 2), dtype=nl.float32, buffer=nl.sbuf)
+    for i_g, c0 in enumerate(range(0, d + 2, _SENDRECV_F32_COLS)):
+        c1 = min(d + 2, c0 + _SENDRECV_F32_COLS)
+        nisa.sendrecv(src=packed[0:rows, c0:c1], dst=other_sb[0:rows, c0:c1], send_to_rank=1 - pid,
+                      recv_from_rank=1 - pid, pipe_id=i_g, dma_engine=nisa.dma_engine.gpsimd_dma)
+    return other_sb
 
 
 def _start_part(ctx, b, kvh, half, key0, key1):
@@ -185,28 +195,34 @@ def _start_part(ctx, b, kvh, half, key0, key1):
                 packed=nl.ndarray((P_MAX, d + 2), dtype=nl.float32, buffer=nl.sbuf))      # O | l | -scale m
 
 
-def _piece_scores(ctx, part, j, key0, kn):
-    """Stage 1 of one piece [key0, key0 + kn): K / V loads (V rows past the length zeroed), K^T on the PE,
-    S^T = K^T.T Q^T, the select mask, the running max across the partitions, P^T = exp(scale S^T - scale m)."""
+def _piece_scores(ctx, part, j, key0, kn, tail=False):
+    """Stage 1 of one piece [key0, key0 + kn): the K load, K^T on the PE, S^T = K^T.T Q^T, the select mask, the
+    running max across the partitions, P^T = exp(scale S^T - scale m)."""
     rows, d, n_d, dtype, scale = ctx["rows"], ctx["d"], ctx["n_d"], ctx["dtype"], ctx["scale"]
-    k_hbm, v_hbm, b, kvh = ctx["k"], ctx["v"], part["b"], part["kvh"]
+    k_hbm, b, kvh = ctx["k"], part["b"], part["kvh"]
     max_c = ctx["piece"] // K_CHUNK
     n_c = n_tiles(kn, K_CHUNK)
     p_major = kn % K_CHUNK == 0            # partition p holds keys key0 + p * n_c .. + n_c - 1 (one long run)
-    k_sb = nl.ndarray((P_MAX, max_c, d), dtype=dtype, buffer=nl.sbuf)
-    v_sb = nl.ndarray((P_MAX, max_c, d), dtype=dtype, buffer=nl.sbuf)
-    for src, dst in ((k_hbm, k_sb), (v_hbm, v_sb)):
-        if p_major:
-            run = src[b, kvh, key0:key0 + kn, 0:d].reshape((K_CHUNK, n_c * d))
-            nisa.dma_copy(dst=dst[0:K_CHUNK, 0:n_c, 0:d], src=run)
-            continue
-        full, rem = kn // K_CHUNK, kn % K_CHUNK      # ragged piece: chunk-major (chunk c, partition p: c * 128 + p)
-        if full:
-            view = src[b, kvh, key0:key0 + full * K_CHUNK, 0:d].reshape((full, K_CHUNK, d)).permute((1, 0, 2))
-            nisa.dma_copy(dst=dst[0:K_CHUNK, 0:full, 0:d], src=view)
-        nisa.dma_copy(dst=dst[0:rem, full, 0:d], src=src[b, kvh, key0 + full * K_CHUNK:key0 + kn, 0:d])
     chan, step = (n_c, 1) if p_major else (1, K_CHUNK)    # key of (partition p, chunk c) = key0 + p*chan + c*step
-    _zero_v_past_length(ctx, part, v_sb, key0, n_c, chan, step)
+    staged = dict(j=j, key0=key0, kn=kn, n_c=n_c, p_major=p_major, chan=chan, step=step)
+    # split keys (one or few pairs, latency-bound): V before K, so its zeroing starts early, except for the core's
+    # last piece: K first, so its longer dependency chain (K^T, S^T, max, exp) overlaps V's stream and only V's
+    # last group's work follows the stream. Whole pairs (throughput-bound): K first.
+    k_first = tail or not ctx["v_first"]
+    k_sb = nl.ndarray((P_MAX, max_c, d), dtype=dtype, buffer=nl.sbuf)
+    if k_first:
+        _load_keys_rows(k_hbm[b, kvh], k_sb, key0, kn, n_c, p_major, d, (0, n_c))
+    v_sb = nl.ndarray((P_MAX, max_c, d), dtype=dtype, buffer=nl.sbuf)
+    groups = _v_groups(n_c, p_major, tail)
+    for chunks in groups:
+        _load_keys_rows(ctx["v"][b, kvh], v_sb, key0, kn, n_c, p_major, d, chunks)
+    # zeroed in at least two groups: their predicates are built on GpSimd and ScalarE in parallel
+    zero_groups = groups if len(groups) > 1 or n_c < 2 else [(0, n_c // 2), (n_c // 2, n_c)]
+    for i_g, chunks in enumerate(zero_groups):
+        _zero_v_past_length(ctx, part, v_sb, staged, chunks, nisa.engine.scalar if i_g % 2 else nisa.engine.gpsimd)
+    staged.update(v=v_sb, groups=groups)
+    if not k_first:
+        _load_keys_rows(k_hbm[b, kvh], k_sb, key0, kn, n_c, p_major, d, (0, n_c))
     kT_sb = _transpose_keys(ctx, k_sb, kn, n_c)
     # ---- S^T [keys, chunk, R] in one PSUM bank
     st_psum = nl.ndarray((P_MAX, max_c, rows), dtype=nl.float32, buffer=nl.psum)
@@ -252,26 +268,59 @@ def _piece_scores(ctx, part, j, key0, kn):
                               op1=nl.add, operand1=bcast)
     pT_sb = nl.ndarray((P_MAX, max_c, rows), dtype=dtype, buffer=nl.sbuf)
     nisa.activation(dst=pT_sb[:, 0:n_c, 0:rows], op=nl.exp, data=pre_sb[:, 0:n_c, 0:rows])
-    return pT_sb, v_sb, kn
+    staged.update(pT=pT_sb)
+    return staged
 
 
-def _zero_v_past_length(ctx, part, v_sb, key0, n_c, chan, step):
-    """V rows of a piece at positions >= the cache length := 0 (predicated copy; 0 * NaN would poison P V).
+def _load_keys_rows(src, dst, key0, kn, n_c, p_major, d, chunks):
+    """Chunks [c0, c1) of a piece of K or V (`src` [S, D] of one (b, KV head)) into `dst` [128, chunk, D].
 
-    The relative position of every element, p * chan + c * step, is one GpSimd iota per piece geometry, made
-    once per launch; per piece only the compare with len - key0 runs (GpSimd), then the VectorE copy."""
-    d = ctx["d"]
+    Partition-major (kn a multiple of 128): partition p holds keys key0 + p * n_c + c, so chunks [c0, c1) are
+    one run of (c1 - c0) * D elements per partition. Ragged pieces: chunk-major, chunk c partition p = key
+    key0 + c * 128 + p (all chunks at once)."""
+    c0, c1 = chunks
+    if p_major:
+        run = src[key0:key0 + kn, 0:d].reshape((K_CHUNK, n_c, d))
+        nisa.dma_copy(dst=dst[0:K_CHUNK, c0:c1, 0:d], src=run[:, c0:c1, :])
+        return
+    full, rem = kn // K_CHUNK, kn % K_CHUNK
+    if full:
+        view = src[key0:key0 + full * K_CHUNK, 0:d].reshape((full, K_CHUNK, d)).permute((1, 0, 2))
+        nisa.dma_copy(dst=dst[0:K_CHUNK, 0:full, 0:d], src=view)
+    nisa.dma_copy(dst=dst[0:rem, full, 0:d], src=src[key0 + full * K_CHUNK:key0 + kn, 0:d])
+
+
+def _v_groups(n_c, p_major, tail):
+    """Chunk groups in which a piece's V is loaded, zeroed and multiplied: one, or for the core's last piece
+    (partition-major) groups ending n_c/2, n_c/4, n_c/8 chunks before the end, so only the last group's work
+    follows the last byte of the stream."""
+    if not (tail and p_major):
+        return [(0, n_c)]
+    cuts = sorted({0, n_c} | {n_c - n_c // k for k in _V_TAIL_SPLITS if n_c // k >= 1})
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def _zero_v_past_length(ctx, part, v_sb, staged, chunks, engine):
+    """V rows of chunks [c0, c1) of a piece at positions >= the cache length := 0 (a predicated copy; 0 * NaN
+    would poison P V).
+
+    The relative key position of every element, p * chan + c * step, is one GpSimd iota per piece geometry,
+    made once per launch; per group only the compare with len - key0 runs (`engine`), then the VectorE copy. (A
+    [128, chunks] predicate read with stride 0 along D would save the GpSimd work but makes the copy strided.)"""
+    d, n_c, chan, step = ctx["d"], staged["n_c"], staged["chan"], staged["step"]
+    c0, c1 = chunks
     key = (n_c, chan, step)
     if key not in ctx["vpos"]:
         pos_sb = nl.ndarray((P_MAX, n_c, d), dtype=nl.int32, buffer=nl.sbuf)
         nisa.iota(pos_sb, pattern=[[step, n_c], [0, d]], offset=0, channel_multiplier=chan)
         ctx["vpos"][key] = pos_sb
     rel = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_scalar(dst=rel, data=part["len"], op0=nl.add, operand0=float(-key0), engine=nisa.engine.gpsimd)
-    pad_sb = nl.ndarray((P_MAX, n_c, d), dtype=nl.uint8, buffer=nl.sbuf)
-    nisa.tensor_scalar(dst=pad_sb, data=ctx["vpos"][key], op0=nl.greater_equal, operand0=rel,
+    nisa.tensor_scalar(dst=rel, data=part["len"], op0=nl.add, operand0=float(-staged["key0"]),
                        engine=nisa.engine.gpsimd)
-    nisa.tensor_copy_predicated(dst=v_sb[0:K_CHUNK, 0:n_c], src=0.0, predicate=pad_sb)
+    pad_sb = nl.ndarray((P_MAX, n_c, d), dtype=nl.uint8, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=pad_sb[:, c0:c1], data=ctx["vpos"][key][:, c0:c1], op0=nl.greater_equal, operand0=rel,
+                       engine=engine)
+    nisa.tensor_copy_predicated(dst=v_sb[0:K_CHUNK, c0:c1, 0:d], src=0.0, predicate=pad_sb[:, c0:c1])
 
 
 def _transpose_keys(ctx, k_sb, kn, n_c):
@@ -299,18 +348,22 @@ def _transpose_keys(ctx, k_sb, kn, n_c):
     return kT_sb
 
 
-def _piece_pv(ctx, part, staged, j):
-    """Stage 2 of a piece: P^T.T V and the row sums P^T.T 1 (fp32 PSUM), merged into the part's running state."""
-    pT_sb, v_sb, kn = staged
-    rows, d = ctx["rows"], ctx["d"]
+def _piece_pv(ctx, part, staged):
+    """Stage 2 of a piece: its V (loaded now, in chunk groups for the core's last piece; rows past the length
+    zeroed), P^T.T V and the row sums P^T.T 1 (fp32 PSUM), merged into the part's running state."""
+    rows, d, j = ctx["rows"], ctx["d"], staged["j"]
+    pT_sb, kn = staged["pT"], staged["kn"]
+    v_sb = staged["v"]
     pv_psum = nl.ndarray((P_MAX, _STATS), dtype=nl.float32, buffer=nl.psum)     # O at 0:D, row sums at _ST_SUM
     halves = [(0, d)] if d <= D_CHUNK else [(0, d // 2), (d // 2, d)]
-    for c in range(n_tiles(kn, K_CHUNK)):
-        cn = min(K_CHUNK, kn - c * K_CHUNK)
-        for h0, h1 in halves:
-            nisa.nc_matmul(pv_psum[0:rows, h0:h1], pT_sb[0:cn, c, 0:rows], v_sb[0:cn, c, h0:h1], accumulate=c > 0)
-        nisa.nc_matmul(pv_psum[0:rows, _ST_SUM:_ST_SUM + 1], pT_sb[0:cn, c, 0:rows], ctx["ones_col"][0:cn, 0:1],
-                       accumulate=c > 0)
+    for chunks in staged["groups"]:
+        for c in range(*chunks):
+            cn = min(K_CHUNK, kn - c * K_CHUNK)
+            for h0, h1 in halves:
+                nisa.nc_matmul(pv_psum[0:rows, h0:h1], pT_sb[0:cn, c, 0:rows], v_sb[0:cn, c, h0:h1],
+                               accumulate=c > 0)
+            nisa.nc_matmul(pv_psum[0:rows, _ST_SUM:_ST_SUM + 1], pT_sb[0:cn, c, 0:rows],
+                           ctx["ones_col"][0:cn, 0:1], accumulate=c > 0)
     packed = part["packed"]
     if j == 0:
         nisa.tensor_copy(dst=packed[0:rows, 0:d], src=pv_psum[0:rows, 0:d])
@@ -324,10 +377,13 @@ def _piece_pv(ctx, part, staged, j):
     nisa.tensor_copy(dst=packed[0:rows, d + 1:d + 2], src=part["neg_m"][0:rows, j:j + 1], engine=nisa.engine.gpsimd)
 
 
-def _merge(ctx, first, second):
-    """first := the merge of two partial states [R, O | l | -scale m] (fp32): m = max, each side scaled by
-    e^(scale (m_side - m)). The same instructions at LNC=1 (both halves local) and LNC=2 (second from core 1)."""
+def _merge_out(ctx, out, first, second, b, kvh, cols):
+    """out[b, KV head's rows, cols] from two partial states [R, O | l | -scale m] (fp32) of the same rows:
+    m = max, each side scaled by a_side = e^(scale (m_side - m)), out = (a1 O1 + a2 O2) / (a1 l1 + a2 l2).
+    The same instructions at LNC=1 (both halves local, all of D) and LNC=2 (each core its half of D), so the
+    outputs are bit-identical."""
     rows, d = ctx["rows"], ctx["d"]
+    c0, c1 = cols
     nm = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.tensor_tensor(dst=nm[0:rows], data1=first[0:rows, d + 1:d + 2], data2=second[0:rows, d + 1:d + 2],
                        op=nl.minimum)
@@ -335,23 +391,30 @@ def _merge(ctx, first, second):
     a2 = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.activation(dst=a1[0:rows], op=nl.exp, data=first[0:rows, d + 1:d + 2], bias=nm[0:rows], scale=-1.0)
     nisa.activation(dst=a2[0:rows], op=nl.exp, data=second[0:rows, d + 1:d + 2], bias=nm[0:rows], scale=-1.0)
-    part2 = nl.ndarray((P_MAX, d + 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_scalar(dst=part2[0:rows], data=second[0:rows, 0:d + 1], op0=nl.multiply, operand0=a2[0:rows],
+    o1 = nl.ndarray((P_MAX, d + 1), dtype=nl.float32, buffer=nl.sbuf)          # a1 O1 | a1 l1
+    nisa.tensor_scalar(dst=o1[0:rows, c0:c1], data=first[0:rows, c0:c1], op0=nl.multiply, operand0=a1[0:rows],
                        engine=nisa.engine.gpsimd)
-    nisa.scalar_tensor_tensor(dst=first[0:rows, 0:d + 1], data=first[0:rows, 0:d + 1], op0=nl.multiply,
-                              operand0=a1[0:rows], op1=nl.add, operand1=part2[0:rows])
+    nisa.tensor_scalar(dst=o1[0:rows, d:d + 1], data=first[0:rows, d:d + 1], op0=nl.multiply, operand0=a1[0:rows])
+    acc = nl.ndarray((P_MAX, d + 1), dtype=nl.float32, buffer=nl.sbuf)         # a1 O1 + a2 O2 | l
+    nisa.scalar_tensor_tensor(dst=acc[0:rows, d:d + 1], data=second[0:rows, d:d + 1], op0=nl.multiply,
+                              operand0=a2[0:rows], op1=nl.add, operand1=o1[0:rows, d:d + 1])
+    nisa.scalar_tensor_tensor(dst=acc[0:rows, c0:c1], data=second[0:rows, c0:c1], op0=nl.multiply,
+                              operand0=a2[0:rows], op1=nl.add, operand1=o1[0:rows, c0:c1])
+    _write_out(ctx, out, acc, acc[0:rows, d:d + 1], b, kvh, cols)
 
 
-def _write_out(ctx, out, packed, b, kvh):
-    """out[b, kv head's query heads] = O / l in q's dtype; one DMA."""
+def _write_out(ctx, out, packed, l_sb, b, kvh, cols):
+    """out[b, KV head's query heads, :, cols] = O / l in q's dtype (l: `l_sb`, else packed's column D); one
+    DMA."""
     rows, sq, group, d = ctx["rows"], ctx["sq"], ctx["group"], ctx["d"]
+    c0, c1 = cols
     inv_l = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.reciprocal(dst=inv_l[0:rows], data=packed[0:rows, d:d + 1])
+    nisa.reciprocal(dst=inv_l[0:rows], data=packed[0:rows, d:d + 1] if l_sb is None else l_sb)
     o_sb = nl.ndarray((P_MAX, d), dtype=ctx["dtype"], buffer=nl.sbuf)
-    nisa.tensor_scalar(dst=o_sb[0:rows, 0:d], data=packed[0:rows, 0:d], op0=nl.multiply, operand0=inv_l[0:rows],
-                       engine=nisa.engine.gpsimd)
+    nisa.tensor_scalar(dst=o_sb[0:rows, c0:c1], data=packed[0:rows, c0:c1], op0=nl.multiply,
+                       operand0=inv_l[0:rows], engine=nisa.engine.gpsimd)
     h0 = kvh * group
-    nisa.dma_copy(dst=out[b, h0:h0 + group, 0:sq, 0:d].reshape((rows, d)), src=o_sb[0:rows, 0:d])
+    nisa.dma_copy(dst=out[b, h0:h0 + group, 0:sq, c0:c1].reshape((rows, c1 - c0)), src=o_sb[0:rows, c0:c1])
 
 
 # ============================================================================ host wrapper
@@ -369,7 +432,8 @@ def flash_attention_decode(q, k_cache, v_cache, cache_lens, causal=True, softmax
         softmax_scale: default D ** -0.5, must be > 0.
         lnc: 1, 2 or None (default: NEURON_LOGICAL_NC_CONFIG, else the target's default, 2 on trn2). At LNC=2
             the two cores split the (b, KV head) pairs, or, when B * Hkv is odd, every pair's keys in halves
-            (merged through shared HBM after a core barrier); the output is bit-identical at LNC=1 and 2.
+            (partial states swapped with nisa.sendrecv, merged on both cores); the output is bit-identical at
+            LNC=1 and 2.
     Returns:
         out: [B, Hq, Sq, D], q's dtype.
     """
