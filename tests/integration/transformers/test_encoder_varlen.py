@@ -128,3 +128,27 @@ def test_non_finite_image_stays_in_its_image(bad):
     assert torch.isfinite(ours[:first]).all()
     torch.testing.assert_close(ours[:first], stock[:first], rtol=1e-4, atol=1e-5)
     assert not torch.isfinite(stock[first:]).all() and not torch.isfinite(ours[first:]).all()
+
+
+def test_refused_launch_is_recorded_and_runs_stock_per_window(monkeypatch):
+    """A KernelInputError from the wrapper: counted under hook "encoders" with the kernel's message, and the
+    encoder computes what stock computes (sdpa per window); nothing raises mid-model."""
+    import nki_kernels.attention.varlen as varlen
+    from integration.transformers import patch
+    from nki_kernels.validation import KernelInputError
+
+    def refuse(q, *a, **kw):
+        raise KernelInputError(f"flash_attention_varlen: refused by the test, got q={tuple(q.shape)}")
+    monkeypatch.setattr(varlen, "flash_attention_varlen", refuse)
+    model = _vision(6)
+    grid = torch.tensor([[1, 4, 4], [1, 2, 2]])
+    x = torch.randn(20, 3 * 2 * 4 * 4)
+    with torch.no_grad():
+        stock = model(x, grid).last_hidden_state
+        with patch(model) as handle:
+            ours = model(x, grid).last_hidden_state
+    assert handle.calls() == {}
+    falls = handle.fallbacks()
+    assert sum(falls.values()) == 2 and all(h == "encoders" and "kernel refused: flash_attention_varlen: refused"
+                                            in why for h, why in falls), falls
+    torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-6)
