@@ -55,11 +55,12 @@ def test_packed_attention_uses_varlen_and_matches_stock():
     assert_close("packed row", want.numpy(), got.numpy())
 
 
-def test_packed_with_cu_seq_lens_equals_each_sequence_alone():
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_next", "qwen3_5_moe"])
+def test_packed_with_cu_seq_lens_equals_each_sequence_alone(family):
     """With cu_seq_lens_q / cu_seq_lens_k (the flash-attention packing kwargs), every layer keeps the sequences
     apart: the packed row equals the stock model run on each sequence alone. (Stock transformers refuses this call
     without flash-linear-attention installed: its torch DeltaNet cannot keep packed sequences apart.)"""
-    model = tiny.qwen3_5(seed=4)
+    model = tiny.build(family, seed=4)
     ids, pos, cu = _packed(LENS)
     alone = _alone(model, ids, LENS)
     kw = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(LENS), max_length_k=max(LENS))
