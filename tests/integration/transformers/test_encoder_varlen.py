@@ -152,3 +152,56 @@ def test_refused_launch_is_recorded_and_runs_stock_per_window(monkeypatch):
     assert sum(falls.values()) == 2 and all(h == "encoders" and "kernel refused: flash_attention_varlen: refused"
                                             in why for h, why in falls), falls
     torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-6)
+
+
+def _real_width_vision():
+    """Qwen3-Omni's vision encoder config as released (hidden 1152, 16 heads of head_dim 72, patch 16), one block
+    with a small MLP."""
+    torch.manual_seed(7)
+    return Qwen3OmniMoeVisionEncoder(Qwen3OmniMoeVisionEncoderConfig(
+        depth=1, intermediate_size=64, out_hidden_size=32, deepstack_visual_indexes=[])).eval()
+
+
+def _real_width_audio():
+    """The released audio encoder widths (d_model 1280, 20 heads of head_dim 64, 128 mel bins, 104-token windows),
+    one layer with a small FFN."""
+    torch.manual_seed(8)
+    return Qwen3OmniMoeAudioEncoder(Qwen3OmniMoeAudioEncoderConfig(
+        num_mel_bins=128, encoder_layers=1, encoder_ffn_dim=64, output_dim=32, downsample_hidden_size=8)).eval()
+
+
+def _patched_vs_stock(model, *args, **kw):
+    from integration.transformers import patch
+    with torch.no_grad():
+        stock = model(*args, **kw).last_hidden_state
+        with patch(model) as handle:
+            ours = model(*args, **kw).last_hidden_state
+    assert handle.family_calls() == {"encoders": {"flash_attention_varlen": 1}}, handle.report()
+    assert not handle.fallbacks(), handle.report()
+    return stock, ours
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_real_width_encoders_through_patch(dtype):
+    """The released encoders' widths and head counts (vision 16 x 72, audio 20 x 64) on a few windows."""
+    vision, audio = _real_width_vision().to(dtype), _real_width_audio().to(dtype)
+    grid = torch.tensor([[1, 8, 8], [2, 4, 4]])
+    outs = [_patched_vs_stock(vision, torch.randn(96, 3 * 2 * 16 * 16).to(dtype), grid),
+            _patched_vs_stock(audio, torch.randn(128, 1030).to(dtype), feature_lens=torch.tensor([900, 130]))]
+    for stock, ours in outs:
+        if dtype == torch.float32:
+            torch.testing.assert_close(ours, stock, rtol=1e-4, atol=1e-5)
+        else:
+            assert float((ours.float() - stock.float()).norm() / stock.float().norm()) < 2e-2
+
+
+@pytest.mark.slow
+def test_real_size_inputs_through_patch():
+    """A 448 x 448 image plus a 384 x 256 one (976 patches) and 30 s + 4.7 s of audio (3000 + 470 mel frames, 451
+    tokens): one launch per layer each, equal to stock (about 45 s on the emulator)."""
+    grid = torch.tensor([[1, 28, 28], [1, 24, 16]])
+    n = int(grid.prod(-1).sum())
+    stock, ours = _patched_vs_stock(_real_width_vision(), torch.randn(n, 3 * 2 * 16 * 16), grid)
+    torch.testing.assert_close(ours, stock, rtol=1e-4, atol=1e-5)
+    stock, ours = _patched_vs_stock(_real_width_audio(), torch.randn(128, 3470), feature_lens=torch.tensor([3000, 470]))
+    torch.testing.assert_close(ours, stock, rtol=1e-4, atol=1e-5)
