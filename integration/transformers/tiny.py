@@ -235,6 +235,38 @@ def omni_inputs(seed: int = 0, image_grids=((1, 4, 6),), audio_frames=(250,), te
     return out
 
 
+
+def omni_batch(*prompts):
+    """Several `omni_inputs(**kw)` prompts as one left-padded batch (how generate() batches chat prompts): input_ids
+    and attention_mask [B, Tmax], the images' patches and grids concatenated in prompt order, the audio clips'
+    mel features padded to the longest clip with their feature_attention_mask."""
+    import torch
+    parts = [omni_inputs(**kw) for kw in prompts]
+    t_max = max(p["input_ids"].shape[1] for p in parts)
+    ids = torch.zeros(len(parts), t_max, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(parts):
+        n = p["input_ids"].shape[1]
+        ids[b, t_max - n:] = p["input_ids"][0]
+        mask[b, t_max - n:] = 1
+    out = dict(input_ids=ids, attention_mask=mask)
+    with_images = [p for p in parts if "pixel_values" in p]
+    if with_images:
+        out.update(pixel_values=torch.cat([p["pixel_values"] for p in with_images]),
+                   image_grid_thw=torch.cat([p["image_grid_thw"] for p in with_images]))
+    clips = [(p["input_features"][i], p["feature_attention_mask"][i]) for p in parts if "input_features" in p
+             for i in range(p["input_features"].shape[0])]
+    if clips:
+        f_max = max(m.shape[0] for _, m in clips)
+        feats = torch.zeros(len(clips), clips[0][0].shape[0], f_max)
+        fmask = torch.zeros(len(clips), f_max, dtype=torch.long)
+        for i, (f, m) in enumerate(clips):
+            feats[i, :, :f.shape[1]] = f
+            fmask[i, :m.shape[0]] = m
+        out.update(input_features=feats, feature_attention_mask=fmask)
+    return out
+
+
 BUILDERS = {"qwen3_5_moe": qwen3_5_moe, "qwen3_5_moe_vlm": qwen3_5_moe_vlm, "qwen3_5": qwen3_5,
             "qwen3_next": qwen3_next, "qwen3_omni_moe_thinker": qwen3_omni_moe_thinker,
             "qwen3_omni_moe_thinker_lm": qwen3_omni_moe_thinker_lm,
