@@ -205,3 +205,29 @@ def test_real_size_inputs_through_patch():
     torch.testing.assert_close(ours, stock, rtol=1e-4, atol=1e-5)
     stock, ours = _patched_vs_stock(_real_width_audio(), torch.randn(128, 3470), feature_lens=torch.tensor([3000, 470]))
     torch.testing.assert_close(ours, stock, rtol=1e-4, atol=1e-5)
+
+
+def test_missing_varlen_kernel_leaves_the_encoders_alone(monkeypatch):
+    """flash_attention_varlen not importable: "encoders" is reported not available and the configs keep their
+    implementation (the stock per-window path runs)."""
+    from integration.transformers import _common, patch
+    real_get = _common.Kernels.get
+
+    def get(self, name):
+        if name == "flash_attention_varlen":
+            self.missing[name] = "flash_attention_varlen removed for this test"
+            return None
+        return real_get(self, name)
+    monkeypatch.setattr(_common.Kernels, "get", get)
+    model = _vision(9)
+    grid = torch.tensor([[1, 4, 4]])
+    x = torch.randn(16, 3 * 2 * 4 * 4)
+    impl = model.config._attn_implementation
+    with torch.no_grad():
+        stock = model(x, grid).last_hidden_state
+        with patch(model) as handle:
+            assert model.config._attn_implementation == impl
+            ours = model(x, grid).last_hidden_state
+    assert handle.not_available == {"encoders": "flash_attention_varlen removed for this test"}
+    assert "encoders: not available (flash_attention_varlen removed" in handle.report()
+    assert handle.calls() == {} and torch.equal(ours, stock)
