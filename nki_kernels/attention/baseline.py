@@ -5,7 +5,8 @@ NxDI contribution's d=256 flash-attention kernel (`nki_flash_attn_d256_pipe`, pu
 reads BHSD and DMA-transposes K on load, a 3-stage QK / exp + P transpose / PV pipeline over 128-row query tiles
 and 512-key blocks, launched from a Python loop once per (batch, KV head), no LNC grid). Re-written here from that
 description around this package's own pipeline: one LNC=1 launch per (b, KV head) of `flash_attention_kernel` on
-that pair's slices (K DMA-transposed on load, the group's query heads sharing one K/V load). It is therefore at
+that pair's slices (K DMA-transposed on load, the group's query heads sharing one K/V load; the pipeline for
+every Skv, not the partition-major short body our kernel takes for Skv <= 512). It is therefore at
 least as fast as the kernel it stands for (our pipeline is the tuned one); what it lacks is the LNC=2 split and
 the single launch. Decode has no d=256 NKI kernel upstream (attention_tkg caps at 128); its baseline is the same
 per-(b, KV head), one-core launch pattern applied to `flash_attention_decode_kernel`.
@@ -24,7 +25,7 @@ import numpy as np
 from ..backend import call, nki, nisa, nl
 from ..hw import P_MAX
 from .decode import flash_attention_decode_kernel
-from .prefill import flash_attention_kernel, prefill_body
+from .prefill import prefill_body
 
 _PERMUTE_KEYS = 2048              # sequence positions per permute tile (>= 2 KiB per partition for bf16)
 
@@ -39,6 +40,14 @@ def _cat(parts, axis):
 
 # ---------------------------------------------------------------- headline: per-(b, KV head) launches on one core
 
+@nki.jit
+def nxdi_style_prefill_kernel(q, k, v, gate, seq_lens, softmax_scale, causal):
+    """`flash_attention_kernel` with the 128-row-tile pipeline at every Skv (K DMA-transposed on load)."""
+    out = nl.ndarray(q.shape, dtype=q.dtype, buffer=nl.shared_hbm)
+    prefill_body(q, k, v, gate, seq_lens, out, softmax_scale, causal, short=False)
+    return out
+
+
 def nxdi_style_flash_attention(q, k, v, gate=None, causal=True, softmax_scale=None):
     """One LNC=1 launch per (b, KV head) over that pair's query group, K DMA-transposed on load (bf16/fp16)."""
     n_b, n_hq = q.shape[:2]
@@ -51,7 +60,7 @@ def nxdi_style_flash_attention(q, k, v, gate=None, causal=True, softmax_scale=No
         for kvh in range(n_kv):
             hs = slice(kvh * group, (kvh + 1) * group)
             g = None if gate is None else np.ascontiguousarray(gate[b:b + 1, hs])
-            heads.append(call(flash_attention_kernel, np.ascontiguousarray(q[b:b + 1, hs]),
+            heads.append(call(nxdi_style_prefill_kernel, np.ascontiguousarray(q[b:b + 1, hs]),
                               np.ascontiguousarray(k[b:b + 1, kvh:kvh + 1]),
                               np.ascontiguousarray(v[b:b + 1, kvh:kvh + 1]), g, None, scale, causal, lnc=1))
         rows.append(_cat(heads, 1))

@@ -51,6 +51,8 @@ _MAX_DIAG_TILES = 8               # distinct causal-diagonal bias tiles kept in 
 _GENS = 3                         # per-slot stream state generations: PV lags QK by 2 steps
 _RING = 3                         # pipeline depth of the P / P^T buffers (PV runs two blocks behind QK)
 _KV_LOAD_KEYS = 2048              # keys per K^T / V load DMA: >= 2 KiB per partition for bf16 K^T pieces
+_SHORT_SKV = MM_KEYS              # Skv up to one PSUM bank of fp32 scores: the partition-major short body (below)
+_SHORT_LAG = 3                    # short body: P V of a query tile three tiles behind its scores (P in a ring of 4)
 _SBUF_KV_BUDGET = 128 * 1024      # bytes per partition for the resident K^T + V (+ length bias) of one KV head;
 #                                   leaves ~80 KiB of the 208 KiB trn2 partition for per-tile working tiles
 
@@ -104,12 +106,16 @@ def flash_attention_kernel(q, k, v, gate, seq_lens, softmax_scale, causal):
     return out
 
 
-def prefill_body(q, k, v, gate, seq_lens, out, softmax_scale, causal, bhds=False):
+def prefill_body(q, k, v, gate, seq_lens, out, softmax_scale, causal, bhds=False, short=None):
     """The kernel body. bhds=True is only for the microbench baseline: q and k arrive host-permuted as
-    [B, H, D, S] (Q^T and K^T copied without transposes); out is always BHSD."""
+    [B, H, D, S] (Q^T and K^T copied without transposes); out is always BHSD. short: None = the shape rule
+    (`short_path`), False = the pipeline for every shape (the NxDI-style baseline)."""
     n_b, n_hq, sq, d = out.shape
     n_kv = k.shape[1]
     skv = k.shape[3] if bhds else k.shape[2]
+    if short is not False and short_path(sq, skv, bhds):
+        short_prefill_body(q, k, v, gate, seq_lens, out, softmax_scale, causal)
+        return
     group = n_hq // n_kv
     dtype = q.dtype
     pid = nl.program_id(0)
@@ -517,6 +523,257 @@ def _finish(out, gate, bufs, len_f, st, d, dtype, rows=None):
                            engine=nisa.engine.gpsimd)
     nisa.dma_copy(dst=out[st.h, st.q0:st.q0 + qn, 0:d], src=o_sb[0:qn, 0:d])
 
+
+# ============================================================================ short sequences (Skv <= 512)
+#
+# One softmax block covers every key, so there is no online rescaling and no block skipping to keep; what
+# limits the pipeline above at these sizes is DMA descriptors: a [128 rows, D] tile moves 512 B per row (bf16,
+# D=256, 36% of the DMA engines' rate in the cost model) and K^T DMA-transposed on load 256 B. Here every
+# tensor moves partition-major, several consecutive rows per partition in one run (2 KiB at 4 rows), and the
+# transposes run on the PE:
+#   q, gate, out of one head: [128, RPP, D], partition p holds rows RPP*p .. RPP*p + RPP - 1 (one DMA each);
+#   query tile r (r < RPP) = rows RPP*p + r, one per partition;
+#   K, V of one KV head: [128, CPP, D], partition p holds keys CPP*p .. CPP*p + CPP - 1 (one DMA each);
+#   K^T = PE transposes of K[:, c, :], so score column c*128 + p is key CPP*p + c; P^T of column chunk c then
+#   holds on partition p the key that V[p, c] holds, so P V needs no reordering;
+#   masks follow both permutations: the causal (and phantom-key) bias is an affine function of (partition,
+#   chunk, column) built once per tile index r (affine_select), accumulated into S on the PE (identity x bias).
+
+
+def short_path(sq, skv, bhds) -> bool:
+    """Trace-time shape rule: the partition-major short-sequence body handles Skv <= 512 (one key block)."""
+    return not bhds and skv <= _SHORT_SKV
+
+
+def short_prefill_body(q, k, v, gate, seq_lens, out, softmax_scale, causal):
+    """Skv <= 512: per (b, query head), R = ceil(Sq/128) query tiles of 128 rows (row R*p + r on partition p)
+    against all keys; the cores take the (b, query head) pairs round robin. The tiles of all of a core's heads
+    run as one software pipeline: the scores and softmax of tile t, then P^T and P V of tile t - _SHORT_LAG (so
+    the TensorE, in program order, always has independent work while tile t's softmax runs)."""
+    n_b, n_hq, sq, d = out.shape
+    n_kv, skv = k.shape[1], k.shape[2]
+    group = n_hq // n_kv
+    dtype = q.dtype
+    pid = nl.program_id(0)
+    n_prog = nl.num_programs(0)
+    geo = dict(sq=sq, skv=skv, d=d, n_d=n_tiles(d, D_CHUNK), rpp=n_tiles(sq, P_MAX), cpp=n_tiles(skv, P_MAX),
+               dtype=dtype, scale=softmax_scale, qpos0=skv - sq)
+    geo["nk"] = geo["cpp"] * P_MAX
+    items = [(b, kvh, g) for b in range(n_b) for kvh in range(n_kv) for g in range(group)][pid::n_prog]
+    if not items:
+        return
+    ident = _identity(dtype)
+    biases = [_short_bias(geo, r, causal) for r in range(geo["rpp"])]
+    ring = dict(p=nl.ndarray((P_MAX, _SHORT_LAG + 1, geo["nk"]), dtype=dtype, buffer=nl.sbuf),
+                l=nl.ndarray((P_MAX, _SHORT_LAG + 1), dtype=nl.float32, buffer=nl.sbuf), n=0)
+    kv = {}
+    pending = []
+    for b, kvh, g in items:
+        # DMA order: K, q, V, gate (the first scores need K and q; V only the first P V, the gate the first finish)
+        if (b, kvh) not in kv:
+            len_f = None if seq_lens is None else load_len_broadcast(seq_lens, b, P_MAX)
+            kv = {(b, kvh): [*_short_k(k[b, kvh], len_f, geo), len_f, None]}
+        cur = kv[(b, kvh)]
+        kT_sb, kvalid, len_f = cur[:3]
+        h = kvh * group + g
+        head = _short_head_start(q[b, h], out[b, h], len_f, geo)
+        if cur[3] is None:
+            cur[3] = _short_v(v[b, kvh], len_f, geo)
+        head["v"] = cur[3]
+        for r in range(geo["rpp"]):
+            staged = _short_scores(head, r, kT_sb, kvalid, ident, biases[r], ring, geo)
+            if r == 0:
+                _short_gate(head, None if gate is None else gate[b, h], geo)
+            pending.append((head, r, staged))
+            if len(pending) > _SHORT_LAG:
+                _short_pv(*pending.pop(0), geo)
+    for item in pending:
+        _short_pv(*item, geo)
+
+
+def _identity(dtype):
+    """[128, 128] identity in `dtype` (GpSimd): the stationary that adds a bias tile into a PSUM score tile."""
+    ones = nl.ndarray((P_MAX, P_MAX), dtype=dtype, buffer=nl.sbuf)
+    nisa.memset(dst=ones, value=1.0, engine=nisa.engine.gpsimd)
+    ident = nl.ndarray((P_MAX, P_MAX), dtype=dtype, buffer=nl.sbuf)
+    nisa.affine_select(dst=ident, pattern=[[-1, P_MAX]], offset=0, channel_multiplier=1, on_true_tile=ones,
+                       on_false_value=0.0, cmp_op=nl.equal)
+    return ident
+
+
+def _short_bias(geo, r, causal):
+    """[128, CPP*128] additive bias of query tile r (0: visible, MASK_BIAS: hidden), or None when nothing is
+    hidden: causal (key <= Skv - Sq + row) and, without causal, the phantom keys >= Skv of the last partitions.
+    Row R*p + r on partition p, key CPP*q + c in column c*128 + q."""
+    sq, skv, rpp, cpp = geo["sq"], geo["skv"], geo["rpp"], geo["cpp"]
+    if not causal and cpp * P_MAX == skv:
+        return None
+    zeros = nl.ndarray((P_MAX, geo["nk"]), dtype=geo["dtype"], buffer=nl.sbuf)
+    nisa.memset(dst=zeros, value=0.0, engine=nisa.engine.gpsimd)
+    bias = nl.ndarray((P_MAX, geo["nk"]), dtype=geo["dtype"], buffer=nl.sbuf)
+    if causal:   # (Skv - Sq + r) + R*p - c - CPP*q >= 0
+        nisa.affine_select(dst=bias, pattern=[[-1, cpp], [-cpp, P_MAX]], offset=skv - sq + r,
+                           channel_multiplier=rpp, on_true_tile=zeros, on_false_value=MASK_BIAS,
+                           cmp_op=nl.greater_equal)
+    else:        # Skv - 1 - c - CPP*q >= 0
+        nisa.affine_select(dst=bias, pattern=[[-1, cpp], [-cpp, P_MAX]], offset=skv - 1, channel_multiplier=0,
+                           on_true_tile=zeros, on_false_value=MASK_BIAS, cmp_op=nl.greater_equal)
+    return bias
+
+
+def _load_pm(dst_sb, src, n, per, d):
+    """dst_sb [128, per, D] <- src [n, D] partition-major (row per*p + i on partition p, slot i): one DMA of the
+    full partitions (runs of per * D elements), one for a partial last partition; phantom rows := 0."""
+    full = n // per
+    if full * per < P_MAX * per:
+        nisa.memset(dst=dst_sb, value=0.0, engine=nisa.engine.gpsimd)
+    if full:
+        nisa.dma_copy(dst=dst_sb[0:full, 0:per, 0:d], src=src[0:full * per, 0:d].reshape((full, per, d)))
+    if n > full * per:
+        rem = n - full * per
+        nisa.dma_copy(dst=dst_sb[full:full + 1, 0:rem, 0:d], src=src[full * per:n, 0:d].reshape((1, rem, d)))
+
+
+def _store_pm(dst, src_sb, n, per, d):
+    """dst [n, D] <- src_sb [128, per, D] partition-major (the inverse of _load_pm)."""
+    full = n // per
+    if full:
+        nisa.dma_copy(dst=dst[0:full * per, 0:d].reshape((full, per, d)), src=src_sb[0:full, 0:per, 0:d])
+    if n > full * per:
+        rem = n - full * per
+        nisa.dma_copy(dst=dst[full * per:n, 0:d].reshape((1, rem, d)), src=src_sb[full:full + 1, 0:rem, 0:d])
+
+
+def _short_k(k, len_f, geo):
+    """K^T [128(d), n_d, CPP*128] of one KV head (k: [Skv, D] HBM view; column c*128 + p = key CPP*p + c, PE
+    transposes of the partition-major load) and, with a length, the [128, CPP*128] key-validity tile."""
+    skv, d, n_d, cpp, dtype = geo["skv"], geo["d"], geo["n_d"], geo["cpp"], geo["dtype"]
+    k_sb = nl.ndarray((P_MAX, cpp, d), dtype=dtype, buffer=nl.sbuf)
+    _load_pm(k_sb, k, skv, cpp, d)
+    kT_sb = nl.ndarray((P_MAX, n_d, geo["nk"]), dtype=dtype, buffer=nl.sbuf)
+    for i_d in range(n_d):
+        d0 = i_d * D_CHUNK
+        dn = min(D_CHUNK, d - d0)
+        t_psum = nl.ndarray((P_MAX, cpp, P_MAX), dtype=dtype, buffer=nl.psum)
+        for c in range(cpp):
+            nisa.nc_transpose(dst=t_psum[0:dn, c, 0:P_MAX], data=k_sb[0:P_MAX, c, d0:d0 + dn])
+        nisa.activation(dst=kT_sb[0:dn, i_d, 0:geo["nk"]], op=nl.copy,
+                        data=t_psum[0:dn, 0:cpp, 0:P_MAX].reshape((dn, geo["nk"])))
+    kvalid = None
+    if len_f is not None:
+        pos_sb = nl.ndarray((P_MAX, geo["nk"]), dtype=nl.int32, buffer=nl.sbuf)
+        nisa.iota(pos_sb, pattern=[[1, cpp], [cpp, P_MAX]], offset=0, channel_multiplier=0)
+        kvalid = nl.ndarray((P_MAX, geo["nk"]), dtype=nl.bfloat16, buffer=nl.sbuf)
+        nisa.tensor_scalar(dst=kvalid, data=pos_sb, op0=nl.less, operand0=len_f, engine=nisa.engine.gpsimd)
+    return kT_sb, kvalid
+
+
+def _short_v(v, len_f, geo):
+    """V [128, CPP, D] of one KV head (v: [Skv, D] HBM view; key CPP*p + c on partition p, slot c), rows past
+    the length zeroed (0 * NaN would poison P V)."""
+    skv, d, cpp = geo["skv"], geo["d"], geo["cpp"]
+    v_sb = nl.ndarray((P_MAX, cpp, d), dtype=geo["dtype"], buffer=nl.sbuf)
+    _load_pm(v_sb, v, skv, cpp, d)
+    if len_f is not None:
+        zero_rows_past_length(v_sb, len_f, 0, 1, cpp)
+    return v_sb
+
+
+def _short_head_start(q, out, len_f, geo):
+    """Per (b, query head): q partition-major in SBUF (padded rows zeroed) and the head's output tile."""
+    sq, d, rpp, dtype = geo["sq"], geo["d"], geo["rpp"], geo["dtype"]
+    q_sb = nl.ndarray((P_MAX, rpp, d), dtype=dtype, buffer=nl.sbuf)
+    _load_pm(q_sb, q, sq, rpp, d)
+    if len_f is not None:
+        zero_rows_past_length(q_sb, len_f, geo["qpos0"], 1, rpp)
+    o_sb = nl.ndarray((P_MAX, rpp, d), dtype=dtype, buffer=nl.sbuf)
+    return dict(q=q_sb, sig=None, o=o_sb, out=out, len=len_f)
+
+
+def _short_gate(head, gate, geo):
+    """sigmoid(gate) of one head, partition-major like q (padded rows zeroed first: sigmoid(NaN) * 0 is NaN)."""
+    if gate is None:
+        return
+    sq, d, rpp = geo["sq"], geo["d"], geo["rpp"]
+    g_sb = nl.ndarray((P_MAX, rpp, d), dtype=gate.dtype, buffer=nl.sbuf)
+    _load_pm(g_sb, gate, sq, rpp, d)
+    if head["len"] is not None:
+        zero_rows_past_length(g_sb, head["len"], geo["qpos0"], 1, rpp)
+    sig_sb = nl.ndarray((P_MAX, rpp, d), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.activation(dst=sig_sb, op=nl.sigmoid, data=g_sb)
+    head["sig"] = sig_sb
+
+
+def _short_scores(head, r, kT_sb, kvalid, ident, bias, ring, geo):
+    """Query tile r: Q^T (PE), S = Q K^T (+ the bias through the identity), the length select, the row max and
+    P = exp(scale S - scale max) with its row sum."""
+    d, n_d, nk, dtype = geo["d"], geo["n_d"], geo["nk"], geo["dtype"]
+    qt_psum = nl.ndarray((P_MAX, n_d, P_MAX), dtype=dtype, buffer=nl.psum)
+    for i_d in range(n_d):
+        d0 = i_d * D_CHUNK
+        dn = min(D_CHUNK, d - d0)
+        nisa.nc_transpose(dst=qt_psum[0:dn, i_d, 0:P_MAX], data=head["q"][0:P_MAX, r, d0:d0 + dn])
+    qT_sb = nl.ndarray((P_MAX, n_d, P_MAX), dtype=dtype, buffer=nl.sbuf)
+    for i_d in range(n_d):
+        dn = min(D_CHUNK, d - i_d * D_CHUNK)
+        nisa.tensor_copy(dst=qT_sb[0:dn, i_d, 0:P_MAX], src=qt_psum[0:dn, i_d, 0:P_MAX])
+    s_psum = nl.ndarray((P_MAX, nk), dtype=nl.float32, buffer=nl.psum)
+    for i_d in range(n_d):
+        dn = min(D_CHUNK, d - i_d * D_CHUNK)
+        nisa.nc_matmul(s_psum[0:P_MAX, 0:nk], qT_sb[0:dn, i_d, 0:P_MAX], kT_sb[0:dn, i_d, 0:nk],
+                       accumulate=i_d > 0)
+    if bias is not None:     # causal / phantom keys: accumulated through the identity on the TensorE (a VectorE
+        nisa.nc_matmul(s_psum[0:P_MAX, 0:nk], ident, bias, accumulate=True)   # add models slower on trn2)
+    scores = s_psum[0:P_MAX, 0:nk]
+    if kvalid is not None:            # a select: a NaN score of a padded key is replaced, not added to
+        scores = nl.where(kvalid, scores, MASK_BIAS)
+    m_sb = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_reduce(dst=m_sb, op=nl.maximum, data=scores, axis=1, negate=True)
+    nm_sb = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=nm_sb, data=m_sb, op0=nl.multiply, operand0=geo["scale"], engine=nisa.engine.gpsimd)
+    slot = ring["n"] % (_SHORT_LAG + 1)          # P and l live until the tile's P V, _SHORT_LAG tiles later
+    ring["n"] += 1
+    p_sb = ring["p"][0:P_MAX, slot, 0:nk]
+    l_sb = ring["l"][0:P_MAX, slot:slot + 1]
+    nisa.activation(dst=p_sb, op=nl.exp, data=scores, bias=nm_sb, scale=geo["scale"], reduce_op=nl.add,
+                    reduce_res=l_sb, reduce_cmd=nisa.reduce_cmd.reset_reduce)
+    return p_sb, l_sb
+
+
+def _short_pv(head, r, staged, geo):
+    """Query tile r: P^T (PE; chunk c holds on partition p the key V[p, c] holds), O = P V, out = O / l (0 for
+    padded rows) (* sigmoid(gate)) into the head's output tile; after the head's last tile, one store."""
+    d, cpp, rpp, dtype = geo["d"], geo["cpp"], geo["rpp"], geo["dtype"]
+    p_sb, l_sb = staged
+    pt_psum = nl.ndarray((P_MAX, cpp, P_MAX), dtype=dtype, buffer=nl.psum)
+    for c in range(cpp):
+        nisa.nc_transpose(dst=pt_psum[0:P_MAX, c, 0:P_MAX], data=p_sb[0:P_MAX, c * P_MAX:(c + 1) * P_MAX])
+    pT_sb = nl.ndarray((P_MAX, cpp, P_MAX), dtype=dtype, buffer=nl.sbuf)
+    nisa.activation(dst=pT_sb, op=nl.copy, data=pt_psum)
+    pv_psum = nl.ndarray((P_MAX, 2 * D_CHUNK if d > D_CHUNK else d), dtype=nl.float32, buffer=nl.psum)
+    halves = [(0, d)] if d <= D_CHUNK else [(0, d // 2), (d // 2, d)]
+    for c in range(cpp):
+        for h0, h1 in halves:
+            nisa.nc_matmul(pv_psum[0:P_MAX, h0:h1], pT_sb[0:P_MAX, c, 0:P_MAX], head["v"][0:P_MAX, c, h0:h1],
+                           accumulate=c > 0)
+    inv_l = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.reciprocal(dst=inv_l, data=l_sb)
+    if head["len"] is not None:
+        q_pos = nl.ndarray((P_MAX, 1), dtype=nl.int32, buffer=nl.sbuf)
+        nisa.iota(q_pos, pattern=[[1, 1]], offset=geo["qpos0"] + r, channel_multiplier=rpp)
+        q_valid = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_scalar(dst=q_valid, data=q_pos, op0=nl.less, operand0=head["len"], engine=nisa.engine.gpsimd)
+        nisa.tensor_tensor(dst=inv_l, data1=inv_l, data2=q_valid, op=nl.multiply, engine=nisa.engine.gpsimd)
+    o_sb, sig_sb = head["o"], head["sig"]
+    if sig_sb is None:
+        nisa.tensor_scalar(dst=o_sb[0:P_MAX, r, 0:d], data=pv_psum[0:P_MAX, 0:d], op0=nl.multiply, operand0=inv_l)
+    else:
+        nisa.tensor_scalar(dst=sig_sb[0:P_MAX, r, 0:d], data=sig_sb[0:P_MAX, r, 0:d], op0=nl.multiply,
+                           operand0=inv_l, engine=nisa.engine.gpsimd)
+        nisa.tensor_tensor(dst=o_sb[0:P_MAX, r, 0:d], data1=pv_psum[0:P_MAX, 0:d], data2=sig_sb[0:P_MAX, r, 0:d],
+                           op=nl.multiply)
+    if r == rpp - 1:
+        _store_pm(head["out"], o_sb, geo["sq"], rpp, d)
 
 # ============================================================================ host wrapper
 

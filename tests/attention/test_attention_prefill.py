@@ -7,7 +7,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from unittest import mock
+
 from nki_kernels import flash_attention
+from nki_kernels.attention import prefill
 from nki_kernels.attention.reference import flash_attention_ref
 from nki_kernels.testing import assert_close
 from nki_kernels.validation import KernelInputError
@@ -37,13 +40,45 @@ def _check(name, q, k, v, dtype_name, **kw):
 @given(b=st.integers(1, 2), hkv=st.integers(1, 2), group=st.sampled_from([1, 2, 3]),
        sq=st.integers(1, 140), extra=st.sampled_from([0, 0, 5, 130]), d=st.sampled_from([32, 64, 128, 200, 256]),
        dtype=st.sampled_from(["bfloat16", "float32"]), causal=st.booleans(), use_lens=st.booleans(),
-       use_gate=st.booleans(), seed=st.integers(0, 2 ** 16))
-def test_matches_reference(b, hkv, group, sq, extra, d, dtype, causal, use_lens, use_gate, seed):
+       use_gate=st.booleans(), seed=st.integers(0, 2 ** 16), path=st.sampled_from(["short", "pipeline"]))
+def test_matches_reference(b, hkv, group, sq, extra, d, dtype, causal, use_lens, use_gate, seed, path):
+    """path: Skv <= 512 takes the partition-major short body; "pipeline" forces the long-sequence pipeline."""
     rng = np.random.default_rng(seed)
     skv = sq + extra
     q, k, v, g = _inputs(rng, b, hkv * group, hkv, sq, skv, d, DTYPES[dtype], gate=use_gate)
     lens = rng.integers(0, skv + 1, size=b).astype(np.int32) if use_lens else None
-    _check("prefill", q, k, v, dtype, gate=g, seq_lens=lens, causal=causal)
+    with _path(path):
+        _check("prefill", q, k, v, dtype, gate=g, seq_lens=lens, causal=causal)
+
+
+def _path(path):
+    """The short body (Skv <= prefill._SHORT_SKV, the default rule) or the pipeline for every shape."""
+    return mock.patch.object(prefill, "_SHORT_SKV", prefill._SHORT_SKV if path == "short" else 0)
+
+
+@given(b=st.integers(1, 2), group=st.sampled_from([1, 2, 4]), sq=st.integers(1, 512), extra=st.integers(0, 200),
+       d=st.sampled_from([48, 128, 200, 256]), dtype=st.sampled_from(["bfloat16", "float32"]),
+       causal=st.booleans(), use_lens=st.booleans(), use_gate=st.booleans(), lnc=st.sampled_from([1, 2]),
+       seed=st.integers(0, 2 ** 16))
+def test_short_body_matches_reference(b, group, sq, extra, d, dtype, causal, use_lens, use_gate, lnc, seed):
+    """Skv <= 512: 1-4 query rows and 1-4 keys per partition (Sq, Skv not multiples of 128: a partial last
+    partition and phantom rows / keys), GQA, both LNCs."""
+    rng = np.random.default_rng(seed)
+    skv = min(512, sq + extra)
+    q, k, v, g = _inputs(rng, b, group, 1, sq, skv, d, DTYPES[dtype], gate=use_gate)
+    lens = rng.integers(0, skv + 1, size=b).astype(np.int32) if use_lens else None
+    assert prefill.short_path(sq, skv, False)
+    _check("short", q, k, v, dtype, gate=g, seq_lens=lens, causal=causal, lnc=lnc)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_short_body_largest_shape_fits(dtype):
+    """The largest short-body shape (Sq = Skv = 512, D = 256) with everything on: gate, lengths, GQA 4:1, fp32
+    (the biggest tiles) runs within SBUF / PSUM and matches the reference."""
+    rng = np.random.default_rng(512)
+    q, k, v, g = _inputs(rng, 1, 4, 1, 512, 512, 256, DTYPES[dtype], gate=True)
+    assert prefill.short_path(512, 512, False) and not prefill.short_path(513, 513, False)
+    _check("short largest", q, k, v, dtype, gate=g, seq_lens=np.array([300], np.int32), causal=True)
 
 
 @pytest.mark.parametrize("d", [64, 128, 256])
@@ -54,14 +89,16 @@ def test_multi_block_causal_gqa_bf16(d):
     _check("multi-block", q, k, v, "bfloat16", causal=True)
 
 
+@pytest.mark.parametrize("path", ["short", "pipeline"])
 @pytest.mark.parametrize("sq, hq, d", [(512, 4, 256), (384, 2, 64), (640, 4, 128), (512, 2, 192), (384, 2, 160)])
-def test_pipeline_many_short_streams(sq, hq, d):
+def test_pipeline_many_short_streams(sq, hq, d, path):
     """Causal Sq = Skv: many query tiles with one or two key blocks back to back through the pipeline slots
     (stream state reuse across generations). D = 160, 192: the PV accumulators of both slots must not straddle
     a PSUM bank (they did before their regions were padded to 256 columns)."""
     rng = np.random.default_rng(sq + hq)
     q, k, v, g = _inputs(rng, 1, hq, 1, sq, sq, d, BF16, gate=True)
-    _check("short streams", q, k, v, "bfloat16", gate=g, causal=True)
+    with _path(path):
+        _check("short streams", q, k, v, "bfloat16", gate=g, causal=True)
 
 
 def test_multi_block_fp32_lens_gate():
@@ -133,7 +170,8 @@ def test_softmax_scale_argument():
     assert np.max(np.abs(out - ref_default)) > 1e-3
 
 
-@pytest.mark.parametrize("shape", [(2, 4, 1, 200, 260), (1, 4, 1, 300, 300), (3, 2, 2, 129, 129)])
+@pytest.mark.parametrize("shape", [(2, 4, 1, 200, 260), (1, 4, 1, 300, 300), (3, 2, 2, 129, 129),
+                                   (1, 4, 1, 512, 512), (1, 3, 1, 700, 700)])
 def test_lnc2_equals_lnc1(shape):
     b, hq, hkv, sq, skv = shape
     rng = np.random.default_rng(sum(shape))
