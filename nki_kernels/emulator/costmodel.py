@@ -8,10 +8,11 @@ uncertainty in docs/cost-model.md):
   GpSimd by elements per partition with minimum issue and fixed latency; bf16 performance mode on v3+, which
   shares a port with GpSimd; fp8 double_row and PE tiles (tile_position / tile_size); GpSimd gathers);
 * DMA by bytes at the per-core bandwidth, on ceil(partitions / 8) of the 16 engines, with a fixed latency, a
-  per-descriptor overhead for short contiguous runs, hardware DGE latency or software DGE GpSimd time for
-  dynamic transfers, at most `dma_queues` transfers in flight sharing the bandwidth; collectives by a
-  Mesh/Ring latency-bandwidth model (`collective_cost`, and `collective_us` between launches);
-* a list schedule: each engine takes its instructions in program order (with a small reorder window, as the
+  packet-rate floor for short partition rows, a per-element rate for element-strided (transposing) access,
+  hardware DGE latency or software DGE GpSimd time for dynamic transfers, at most `dma_queues` transfers in
+  flight sharing the bandwidth; collectives by a Mesh/Ring latency-bandwidth model (`collective_cost`, and
+  `collective_us` between launches);
+* a list schedule: each engine takes its instructions in program order (with a reorder window, as the
   compiler's scheduler does); an instruction starts when its engine has room and the producers of what it
   reads (RAW) and the readers/writers of what it overwrites (WAR/WAW) are done, using the (sid, lo, hi)
   spans of the trace; a tile allocated in a loop body rotates through `tile_buffers` buffers;
@@ -51,11 +52,23 @@ class CostParams:
     pool_elems_pp_per_cycle: float = 1.0  # GpSimd: 8 cores x 512 bit, 16 partitions each -> 1 fp32/partition/cycle
     dma_fixed_us: float = 1.3             # DMA trigger -> data: "~1300 ns cross-engine" descriptor / semaphore-to-start
                                           # latency (nki-dma-bandwidth-guide.rst) [U: 1.0-2.0]
-    dma_desc_overhead_ns: float = 40.0    # per descriptor (contiguous run) per DMA engine: the packet-rate limit
-                                          # behind "<256 B overhead-bound, >=2 KiB near peak, >=4 KiB saturates";
-                                          # chosen in v2 on A11/A12/A13; A11 turned out VectorE-bound, so it rests
-                                          # on A12 (2 KiB rows) and DMA1 (8 KiB): rows < 2 KiB unvalidated
-                                          # (docs/cost-model.md) [U: 20-70]
+    dma_knee_bytes: float = 2560.0        # packet-rate limit: a descriptor of `run` contiguous bytes keeps its engine
+                                          # busy at least as long as `dma_knee_bytes` at the engine's peak rate, so
+                                          # efficiency = run / max(run, knee): 256 B 10%, 512 B 20%, 1 KiB 40%,
+                                          # 2 KiB 80%, >= 2.5 KiB 100%. Read off the published throughput-vs-bytes-
+                                          # per-partition figure (p_dim = 128) of nki-dma-overview.rst: throughput is
+                                          # proportional to bytes up to 1 KiB (a fixed time per packet) and the
+                                          # knee is 2.4-2.6 KiB; the bandwidth guide states the same thresholds in
+                                          # bytes for every generation. v2: 40 ns added per descriptor [U: 2048-3072]
+    dma_elem_ns: float = 0.5              # element-strided DMA (a transposing load: load_transpose2d, a permuted
+                                          # view): the descriptor carries the access pattern ("shape, and stride
+                                          # pattern", nki-dge.rst), so a partition row is one packet, not one per
+                                          # element, and the engines walk it (all 16, like a DMA transpose) at
+                                          # this many ns per element on top of the packet floor. A long fp32 row
+                                          # then runs at ~30% of a copy: "much lower DMA bandwidth compared to
+                                          # nl.load" (nki_perf_guide.rst Opt #8 / #10; no figure published).
+                                          # Low end: trn2's hardware DMA transpose (<= 90% of copy, 2- and
+                                          # 4-byte elements, trainium2_arch.rst) ~0.25 ns per 4 B [U: 0.25-1.0]
     dma_partitions_per_engine: int = 8    # each of the 16 DMA engines serves 8 SBUF partitions (nki-dma-overview.rst):
                                           # a transfer touching P partitions runs on ceil(P / 8) engines
     hwdge_us: float = 0.6                 # hardware DGE: ~600 ns per DMA instruction (nki-dge.rst); 2 DGE per core
@@ -65,8 +78,14 @@ class CostParams:
     dma_transpose_eff_hbm: float = 0.9    # DMA transpose throughput vs copy, HBM -> SBUF (v3 doc: ~90%)
     dma_transpose_eff_sbuf: float = 0.5   # ... SBUF -> SBUF (v3 doc: ~50%)
     launch_overhead_us: float = 30.0      # per-launch host/runtime floor (bench floors of 25-55 us); kept separate
-    reorder_window: int = 16              # an engine may start an instruction before up to this many earlier
-                                          # ones of its own (the compiler's list scheduling); 0 = program order
+    reorder_window: int = 256             # an engine may start an instruction before up to this many earlier
+                                          # ones of its own (the compiler's list scheduling); 0 = program order.
+                                          # Iterations of a loop without carried dependencies "could be
+                                          # parallelized/pipelined on different compute engines ... depending on
+                                          # the invoked instructions and data dependency" (nl.affine_range, NKI 0.6
+                                          # docs): overlap is bounded by dependencies and `tile_buffers`, not by an
+                                          # instruction count; v1/v2 used 16, which serialised the U4 q tiles
+                                          # [U: 16-1024]
     tile_buffers: int = 3                 # buffers the compiler rotates for a tile allocated in a loop body
                                           # (the k-th allocation from one site reuses the (k-D)-th's memory)
     # GpSimd gathers (no published cycle counts; modeled like iota/affine_select: ~150 cycles + streaming)
@@ -109,13 +128,14 @@ def params_for(target: Target) -> CostParams:
 _UNCERTAIN = {
     "dma-latency": ({"dma_fixed_us": 1.0}, {"dma_fixed_us": 2.0}),
     "dge": ({"hwdge_us": 0.0, "swdge_min_cycles": 300}, {"hwdge_us": 1.0, "swdge_min_cycles": 1200}),
-    "dma-eff": ({"dma_desc_overhead_ns": 20.0}, {"dma_desc_overhead_ns": 70.0}),
+    "dma-eff": ({"dma_knee_bytes": 2048.0}, {"dma_knee_bytes": 3072.0}),
+    "dma-elem": ({"dma_elem_ns": 0.25}, {"dma_elem_ns": 1.0}),
     "engine-latency": ({"act_fixed_latency": 100, "dve_fixed_latency": 100, "pool_fixed_latency": 100},
                        {"act_fixed_latency": 264, "dve_fixed_latency": 220, "pool_fixed_latency": 220}),
     "pe-fp32": ({"pe_fp32_pass_overhead": 0}, {"pe_fp32_pass_overhead": 128}),
     "collectives": ({"cc_hop_us": 1.0, "cc_intra_chip_gbps": 360.0, "cc_inter_chip_gbps": 256.0},
                     {"cc_hop_us": 2.0, "cc_intra_chip_gbps": 90.0, "cc_inter_chip_gbps": 64.0}),
-    "reorder": ({"reorder_window": 64, "tile_buffers": 4}, {"reorder_window": 4, "tile_buffers": 2}),
+    "reorder": ({"reorder_window": 1024, "tile_buffers": 4}, {"reorder_window": 16, "tile_buffers": 2}),
     "core-barrier": ({"core_barrier_us": 0.65}, {"core_barrier_us": 2.6}),
     "sendrecv": ({"sendrecv_gpsimd_us": 0.2}, {"sendrecv_gpsimd_us": 1.3}),
 }
@@ -408,23 +428,48 @@ def _engine_ghz(eng: str, t: Target) -> float:
     return {PE: t.pe_ghz, ACT: t.act_ghz, DVE: t.dve_ghz, POOL: t.pool_ghz}[eng]
 
 
-def _descriptor_run(a) -> int:
-    """Bytes one DMA descriptor can move for this side: the innermost contiguous run, and on chip at most one
-    partition's row (partitions are separate address ranges, so no descriptor spans two)."""
-    if a.buffer == "hbm" or a.partitions <= 0:
-        return a.contig_bytes
-    return min(a.contig_bytes, max(1, a.nbytes // a.partitions))
-
-
-def dma_efficiency(run_bytes: float, target, p: CostParams | None = None) -> float:
-    """Fraction of an engine's peak rate a DMA reaches when each descriptor moves `run_bytes` contiguous bytes:
-    run / (run + per-descriptor overhead x engine rate). trn2 (40 ns, 23 B/ns): 256 B 22%, 512 B 36%,
-    2 KiB 69%, 4 KiB 82%, 16 KiB 95%."""
+def dma_efficiency(run_bytes: float, target, p: CostParams | None = None, chunks: float = 1.0) -> float:
+    """Fraction of an engine's peak rate a DMA reaches when each descriptor (packet) moves `run_bytes` bytes
+    gathered from `chunks` contiguous pieces: the packet keeps its engine busy for
+    max(run, dma_knee_bytes) / rate + chunks x dma_elem_ns. Contiguous rows (chunks = 1) on trn2: 256 B 10%,
+    512 B 20%, 1 KiB 40%, 2 KiB 80%, >= 4 KiB 99%. An element-strided row (one chunk per element) pays the
+    per-element rate on top."""
     t = _tgt(target)
     p = p or params_for(t)
-    over = p.dma_desc_overhead_ns * t.dma_bytes_per_ns_per_queue
     run = max(1.0, float(run_bytes))
-    return run / (run + over)
+    rate = t.dma_bytes_per_ns_per_queue
+    extra = max(0.0, float(chunks) - 1.0) * p.dma_elem_ns
+    return (run / rate) / (max(run, p.dma_knee_bytes) / rate + extra)
+
+
+def _packet_shape(ins) -> tuple[float, float]:
+    """(bytes, contiguous chunks) of one DMA packet: on chip a packet is one partition row (partitions are
+    separate address ranges); when a side is strided within that row it is gathered in chunks of that side's
+    innermost contiguous run (HBM to HBM: the shorter contiguous run)."""
+    sides = [a for a in ins.reads + ins.writes if a.contig_bytes > 0]
+    if not sides:
+        return 512.0, 1.0
+    rows = [(a.nbytes // a.partitions, a) for a in sides if a.buffer != "hbm" and a.partitions > 0]
+    if not rows:
+        return float(max(1, min(a.contig_bytes for a in sides))), 1.0
+    row_bytes, ref = max(rows, key=lambda r: r[0])
+    elems = max(1, row_bytes // max(1, _itemsize(ref)))
+    chunks = 1.0
+    for a in sides:
+        run_elems = max(1, a.contig_bytes // max(1, _itemsize(a)))
+        chunks = max(chunks, elems / min(elems, run_elems))
+    return float(max(1, row_bytes)), chunks
+
+
+def _element_strided(ins) -> bool:
+    """Some side of the transfer moves one element per contiguous run while a partition row holds several."""
+    row, chunks = _packet_shape(ins)
+    sides = [a for a in ins.reads + ins.writes if a.contig_bytes > 0]
+    return chunks > 1 and any(a.contig_bytes <= _itemsize(a) for a in sides)
+
+
+def _itemsize(a) -> int:
+    return max(1, a.nbytes // max(1, math.prod(a.shape))) if a.shape else max(1, a.nbytes)
 
 
 @dataclass
@@ -440,8 +485,9 @@ class DmaCost:
 
 def dma_engines(ins, target: Target, p: CostParams) -> int:
     """DMA engines a transfer runs on: one per 8 SBUF partitions it touches (all 16 for HBM->HBM or a DMA
-    transpose, which uses the engines cooperatively)."""
-    if ins.meta.get("transpose"):
+    transpose, which uses the engines cooperatively; an element-strided copy is a transpose done by the DMA
+    engines, nki_perf_guide.rst Opt #8 / #10)."""
+    if ins.meta.get("transpose") or _element_strided(ins):
         return target.dma_queues
     parts = [a.partitions for a in ins.reads + ins.writes if a.buffer != "hbm" and not a.dynamic]
     if not parts:
@@ -459,9 +505,8 @@ def dma_transfer(ins, target: Target, p: CostParams, hbm_bw: float, dma_bw: floa
         return DmaCost(occ, 0.0, lat, "none", 0.0, target.dma_queues)
     touches_hbm = any(a.buffer == "hbm" for a in ins.reads + ins.writes)
     bw = hbm_bw if touches_hbm else dma_bw
-    runs = [_descriptor_run(a) for a in ins.reads + ins.writes if a.contig_bytes > 0]
-    run = max(1, min(runs)) if runs else 512
-    eff = dma_efficiency(run, target, p)
+    row, chunks = _packet_shape(ins)
+    eff = dma_efficiency(row, target, p, chunks)
     if ins.meta.get("transpose"):
         from_hbm = any(a.buffer == "hbm" for a in ins.reads)
         eff *= p.dma_transpose_eff_hbm if from_hbm else p.dma_transpose_eff_sbuf
