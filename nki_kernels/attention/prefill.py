@@ -26,7 +26,7 @@ import math
 
 from ..backend import call, nki, nisa, nl
 from ..hw import P_MAX
-from ..lnc import resolve_lnc
+from ..lnc import current_target_name, resolve_lnc
 from ..validation import kernel_check
 from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, KV_BLOCK, MASK_BIAS, MAX_HEAD_DIM, MM_KEYS,
                       is_two_byte, load_len_broadcast, load_transposed, n_tiles, zero_rows_past_length)
@@ -52,6 +52,7 @@ _GENS = 3                         # per-slot stream state generations: PV lags Q
 _RING = 3                         # pipeline depth of the P / P^T buffers (PV runs two blocks behind QK)
 _KV_LOAD_KEYS = 2048              # keys per K^T / V load DMA: >= 2 KiB per partition for bf16 K^T pieces
 _SHORT_SKV = MM_KEYS              # Skv up to one PSUM bank of fp32 scores: the partition-major short body (below)
+_NO_PE_TILE32 = ("trn1",)         # targets whose PE tiles are 64 / 128 columns only (NeuronCore-v2)
 _SHORT_LAG = 3                    # short body: P V of a query tile three tiles behind its scores (P in a ring of 4)
 _SBUF_KV_BUDGET = 128 * 1024      # bytes per partition for the resident K^T + V (+ length bias) of one KV head;
 #                                   leaves ~80 KiB of the 208 KiB trn2 partition for per-tile working tiles
@@ -526,65 +527,82 @@ def _finish(out, gate, bufs, len_f, st, d, dtype, rows=None):
 
 # ============================================================================ short sequences (Skv <= 512)
 #
-# One softmax block covers every key, so there is no online rescaling and no block skipping to keep; what
-# limits the pipeline above at these sizes is DMA descriptors: a [128 rows, D] tile moves 512 B per row (bf16,
-# D=256, 36% of the DMA engines' rate in the cost model) and K^T DMA-transposed on load 256 B. Here every
-# tensor moves partition-major, several consecutive rows per partition in one run (2 KiB at 4 rows), and the
-# transposes run on the PE:
-#   q, gate, out of one head: [128, RPP, D], partition p holds rows RPP*p .. RPP*p + RPP - 1 (one DMA each);
-#   query tile r (r < RPP) = rows RPP*p + r, one per partition;
-#   K, V of one KV head: [128, CPP, D], partition p holds keys CPP*p .. CPP*p + CPP - 1 (one DMA each);
-#   K^T = PE transposes of K[:, c, :], so score column c*128 + p is key CPP*p + c; P^T of column chunk c then
-#   holds on partition p the key that V[p, c] holds, so P V needs no reordering;
-#   masks follow both permutations: the causal (and phantom-key) bias is an affine function of (partition,
-#   chunk, column) built once per tile index r (affine_select), accumulated into S on the PE (identity x bias).
+# One softmax block covers every key, so there is no online rescaling; what limits the pipeline above at these
+# sizes is DMA descriptors: a [128 rows, D] tile moves 512 B per row (bf16, D=256, 36% of the DMA engines' rate
+# in the cost model) and K^T DMA-transposed on load 256 B. Here q, gate, out, K move partition-major, several
+# consecutive rows per partition in one run (2 KiB at 4 rows), and the transposes run on the PE:
+#   q, gate, out of one head: [128, R, D], partition p holds rows R*p .. R*p + R - 1 (one DMA each), R = 1, 2, 4;
+#   query tile t = rows 128t .. 128t + 127 = partitions PPT*t .. PPT*t + PPT - 1 (PPT = 128 / R), all R slots;
+#   its Q^T comes from R transposes of PPT partitions, so score row m = PPT*i + p' is row 128t + R*p' + i;
+#   K: [128, C, D], partition p holds keys C*p .. C*p + C - 1; K^T by PE transposes of K[:, c, :] (column
+#   c*128 + p = key C*p + c), read by the QK matmul through a (p, c) view, so score columns are keys in order and
+#   a tile computes only the keys up to its last row (the causal triangle is skipped in 128-key chunks);
+#   V: [128 keys, chunk, D] in key order (chunk j = keys 128j .. 128j + 127, the layout P^T chunks contract with);
+#   P V and the row sums of slot i land on partitions PPT*t .. of the head's [128, R, D] PSUM tile (PE column
+#   tile t, `tile_position`), which is the store layout: one normalisation per slot and one store per head.
+#   The causal (and phantom-key) bias of tile t is R affine_selects (one per slot), built once, accumulated into
+#   S on the PE (identity x bias) over the tile's diagonal columns only.
 
 
 def short_path(sq, skv, bhds) -> bool:
-    """Trace-time shape rule: the partition-major short-sequence body handles Skv <= 512 (one key block)."""
-    return not bhds and skv <= _SHORT_SKV
+    """Trace-time shape rule: the partition-major short-sequence body handles Skv <= 512 (one key block), with
+    4 rows per partition (Sq > 256) only where the PE has 32-column tiles (NeuronCore-v3+: not trn1)."""
+    if bhds or skv > _SHORT_SKV:
+        return False
+    return _rows_per_partition(sq) < 4 or current_target_name() not in _NO_PE_TILE32
+
+
+def _rows_per_partition(sq):
+    """R: 1, 2 or 4 query rows per partition (a power of two, so that a 128-row tile is PPT = 128 / R whole
+    partitions)."""
+    r = 1
+    while r * P_MAX < sq:
+        r *= 2
+    return r
 
 
 def short_prefill_body(q, k, v, gate, seq_lens, out, softmax_scale, causal):
-    """Skv <= 512: per (b, query head), R = ceil(Sq/128) query tiles of 128 rows (row R*p + r on partition p)
-    against all keys; the cores take the (b, query head) pairs round robin. The tiles of all of a core's heads
-    run as one software pipeline: the scores and softmax of tile t, then P^T and P V of tile t - _SHORT_LAG (so
-    the TensorE, in program order, always has independent work while tile t's softmax runs)."""
+    """Skv <= 512: per (b, query head), ceil(Sq/128) query tiles of 128 contiguous rows against the keys up to
+    each tile's last row; the cores take the (b, query head) pairs round robin. The tiles of all of a core's
+    heads run as one software pipeline: the scores and softmax of tile t, then P^T and P V of tile
+    t - _SHORT_LAG (so the TensorE, in program order, always has independent work while tile t's softmax runs)."""
     n_b, n_hq, sq, d = out.shape
     n_kv, skv = k.shape[1], k.shape[2]
     group = n_hq // n_kv
     dtype = q.dtype
     pid = nl.program_id(0)
     n_prog = nl.num_programs(0)
-    geo = dict(sq=sq, skv=skv, d=d, n_d=n_tiles(d, D_CHUNK), rpp=n_tiles(sq, P_MAX), cpp=n_tiles(skv, P_MAX),
-               dtype=dtype, scale=softmax_scale, qpos0=skv - sq)
+    rpp = _rows_per_partition(sq)
+    geo = dict(sq=sq, skv=skv, d=d, n_d=n_tiles(d, D_CHUNK), rpp=rpp, ppt=P_MAX // rpp, n_t=n_tiles(sq, P_MAX),
+               cpp=n_tiles(skv, P_MAX), dtype=dtype, scale=softmax_scale, qpos0=skv - sq, causal=causal)
     geo["nk"] = geo["cpp"] * P_MAX
     items = [(b, kvh, g) for b in range(n_b) for kvh in range(n_kv) for g in range(group)][pid::n_prog]
     if not items:
         return
     ident = _identity(dtype)
-    biases = [_short_bias(geo, r, causal) for r in range(geo["rpp"])]
-    ring = dict(p=nl.ndarray((P_MAX, _SHORT_LAG + 1, geo["nk"]), dtype=dtype, buffer=nl.sbuf),
-                l=nl.ndarray((P_MAX, _SHORT_LAG + 1), dtype=nl.float32, buffer=nl.sbuf), n=0)
+    ones = nl.ndarray((P_MAX, 1), dtype=dtype, buffer=nl.sbuf)          # row sums of P through the PE
+    nisa.memset(dst=ones, value=1.0)
+    cache = {}
+    tiles = [_short_tile(geo, t, cache) for t in range(geo["n_t"])]
+    ring = dict(p=nl.ndarray((P_MAX, _SHORT_LAG + 1, geo["nk"]), dtype=dtype, buffer=nl.sbuf), n=0)
     kv = {}
     pending = []
     for b, kvh, g in items:
-        # DMA order: K, q, V, gate (the first scores need K and q; V only the first P V, the gate the first finish)
+        # DMA order: K, q, V, gate (the first scores need K and q; V only the first P V, the gate the finish)
         if (b, kvh) not in kv:
             len_f = None if seq_lens is None else load_len_broadcast(seq_lens, b, P_MAX)
             kv = {(b, kvh): [*_short_k(k[b, kvh], len_f, geo), len_f, None]}
         cur = kv[(b, kvh)]
-        kT_sb, kvalid, len_f = cur[:3]
         h = kvh * group + g
-        head = _short_head_start(q[b, h], out[b, h], len_f, geo)
+        head = _short_head_start(q[b, h], out[b, h], cur[2], geo)
         if cur[3] is None:
-            cur[3] = _short_v(v[b, kvh], len_f, geo)
-        head["v"] = cur[3]
-        for r in range(geo["rpp"]):
-            staged = _short_scores(head, r, kT_sb, kvalid, ident, biases[r], ring, geo)
-            if r == 0:
+            cur[3] = _short_v(v[b, kvh], cur[2], geo)
+        head.update(v=cur[3], ones=ones)
+        for t in range(geo["n_t"]):
+            staged = _short_scores(head, tiles[t], cur[0], cur[1], ident, ring, geo)
+            if t == 0:
                 _short_gate(head, None if gate is None else gate[b, h], geo)
-            pending.append((head, r, staged))
+            pending.append((head, tiles[t], staged))
             if len(pending) > _SHORT_LAG:
                 _short_pv(*pending.pop(0), geo)
     for item in pending:
@@ -601,24 +619,37 @@ def _identity(dtype):
     return ident
 
 
-def _short_bias(geo, r, causal):
-    """[128, CPP*128] additive bias of query tile r (0: visible, MASK_BIAS: hidden), or None when nothing is
-    hidden: causal (key <= Skv - Sq + row) and, without causal, the phantom keys >= Skv of the last partitions.
-    Row R*p + r on partition p, key CPP*q + c in column c*128 + q."""
-    sq, skv, rpp, cpp = geo["sq"], geo["skv"], geo["rpp"], geo["cpp"]
-    if not causal and cpp * P_MAX == skv:
-        return None
-    zeros = nl.ndarray((P_MAX, geo["nk"]), dtype=geo["dtype"], buffer=nl.sbuf)
+def _short_tile(geo, t, cache):
+    """Query tile t: its key columns (the keys up to its last row, whole 128-key chunks, at most C*128) and its
+    additive bias [128, columns] (0 visible, MASK_BIAS hidden) from column b0 on, or None: causal (key <= Skv - Sq
+    + row, row 128t + R*p' + i on partition PPT*i + p') and the phantom keys >= Skv of the partial chunk."""
+    sq, skv, rpp, ppt, qpos0 = geo["sq"], geo["skv"], geo["rpp"], geo["ppt"], geo["qpos0"]
+    last = min(sq, P_MAX * (t + 1)) - 1                              # the tile's last row
+    k_end = min(skv, qpos0 + last + 1) if geo["causal"] else skv
+    ncols = min(geo["nk"], n_tiles(k_end, K_CHUNK) * K_CHUNK)
+    b0 = max(0, min(qpos0 + P_MAX * t, skv)) if geo["causal"] else skv   # columns before b0: seen by every row
+    b0 = (b0 // K_CHUNK) * K_CHUNK
+    tile = dict(t=t, ncols=ncols, n_ch=ncols // K_CHUNK, b0=b0, bias=None)
+    if b0 >= ncols:
+        return tile
+    key = (ncols - b0, qpos0 + P_MAX * t - b0)          # tiles with the same diagonal share one bias tile
+    if key in cache:
+        tile["bias"] = cache[key]
+        return tile
+    zeros = nl.ndarray((P_MAX, ncols - b0), dtype=geo["dtype"], buffer=nl.sbuf)
     nisa.memset(dst=zeros, value=0.0, engine=nisa.engine.gpsimd)
-    bias = nl.ndarray((P_MAX, geo["nk"]), dtype=geo["dtype"], buffer=nl.sbuf)
-    if causal:   # (Skv - Sq + r) + R*p - c - CPP*q >= 0
-        nisa.affine_select(dst=bias, pattern=[[-1, cpp], [-cpp, P_MAX]], offset=skv - sq + r,
-                           channel_multiplier=rpp, on_true_tile=zeros, on_false_value=MASK_BIAS,
-                           cmp_op=nl.greater_equal)
-    else:        # Skv - 1 - c - CPP*q >= 0
-        nisa.affine_select(dst=bias, pattern=[[-1, cpp], [-cpp, P_MAX]], offset=skv - 1, channel_multiplier=0,
+    bias = nl.ndarray((P_MAX, ncols - b0), dtype=geo["dtype"], buffer=nl.sbuf)
+    if geo["causal"]:   # (Skv - Sq + 128t + i) + R*p' - key >= 0 on partitions PPT*i .. PPT*i + PPT - 1
+        for i in range(rpp):
+            nisa.affine_select(dst=bias[ppt * i:ppt * (i + 1)], pattern=[[-1, ncols - b0]],
+                               offset=qpos0 + P_MAX * t + i - b0, channel_multiplier=rpp,
+                               on_true_tile=zeros[ppt * i:ppt * (i + 1)], on_false_value=MASK_BIAS,
+                               cmp_op=nl.greater_equal)
+    else:               # Skv - 1 - key >= 0
+        nisa.affine_select(dst=bias, pattern=[[-1, ncols - b0]], offset=skv - 1 - b0, channel_multiplier=0,
                            on_true_tile=zeros, on_false_value=MASK_BIAS, cmp_op=nl.greater_equal)
-    return bias
+    tile["bias"] = cache[key] = bias
+    return tile
 
 
 def _load_pm(dst_sb, src, n, per, d):
@@ -645,8 +676,9 @@ def _store_pm(dst, src_sb, n, per, d):
 
 
 def _short_k(k, len_f, geo):
-    """K^T [128(d), n_d, CPP*128] of one KV head (k: [Skv, D] HBM view; column c*128 + p = key CPP*p + c, PE
-    transposes of the partition-major load) and, with a length, the [128, CPP*128] key-validity tile."""
+    """K^T [128(d), n_d, C*128] of one KV head (k: [Skv, D] HBM view; column c*128 + p = key C*p + c, PE
+    transposes of the partition-major load) and, with a length, the [128, C*128] key-validity tile (keys in
+    order)."""
     skv, d, n_d, cpp, dtype = geo["skv"], geo["d"], geo["n_d"], geo["cpp"], geo["dtype"]
     k_sb = nl.ndarray((P_MAX, cpp, d), dtype=dtype, buffer=nl.sbuf)
     _load_pm(k_sb, k, skv, cpp, d)
@@ -662,32 +694,43 @@ def _short_k(k, len_f, geo):
     kvalid = None
     if len_f is not None:
         pos_sb = nl.ndarray((P_MAX, geo["nk"]), dtype=nl.int32, buffer=nl.sbuf)
-        nisa.iota(pos_sb, pattern=[[1, cpp], [cpp, P_MAX]], offset=0, channel_multiplier=0)
+        nisa.iota(pos_sb, pattern=[[1, geo["nk"]]], offset=0, channel_multiplier=0)
         kvalid = nl.ndarray((P_MAX, geo["nk"]), dtype=nl.bfloat16, buffer=nl.sbuf)
         nisa.tensor_scalar(dst=kvalid, data=pos_sb, op0=nl.less, operand0=len_f, engine=nisa.engine.gpsimd)
     return kT_sb, kvalid
 
 
 def _short_v(v, len_f, geo):
-    """V [128, CPP, D] of one KV head (v: [Skv, D] HBM view; key CPP*p + c on partition p, slot c), rows past
-    the length zeroed (0 * NaN would poison P V)."""
+    """V [128 keys, chunk, D] of one KV head in key order (v: [Skv, D] HBM view; chunk j partition p = key
+    128j + p; phantom rows of a partial chunk := 0), rows past the length zeroed (0 * NaN would poison P V)."""
     skv, d, cpp = geo["skv"], geo["d"], geo["cpp"]
     v_sb = nl.ndarray((P_MAX, cpp, d), dtype=geo["dtype"], buffer=nl.sbuf)
-    _load_pm(v_sb, v, skv, cpp, d)
+    full, rem = skv // K_CHUNK, skv % K_CHUNK
+    if rem:
+        nisa.memset(dst=v_sb[:, full, :], value=0.0, engine=nisa.engine.gpsimd)
+    if full:
+        nisa.dma_copy(dst=v_sb[0:K_CHUNK, 0:full, 0:d],
+                      src=v[0:full * K_CHUNK, 0:d].reshape((full, K_CHUNK, d)).permute((1, 0, 2)))
+    if rem:
+        nisa.dma_copy(dst=v_sb[0:rem, full, 0:d], src=v[full * K_CHUNK:skv, 0:d])
     if len_f is not None:
-        zero_rows_past_length(v_sb, len_f, 0, 1, cpp)
+        zero_rows_past_length(v_sb, len_f, 0, K_CHUNK)
     return v_sb
 
 
 def _short_head_start(q, out, len_f, geo):
-    """Per (b, query head): q partition-major in SBUF (padded rows zeroed) and the head's output tile."""
+    """Per (b, query head): q partition-major in SBUF (padded rows zeroed), the head's output tile and its P V /
+    row-sum PSUM accumulators in the store layout."""
     sq, d, rpp, dtype = geo["sq"], geo["d"], geo["rpp"], geo["dtype"]
     q_sb = nl.ndarray((P_MAX, rpp, d), dtype=dtype, buffer=nl.sbuf)
     _load_pm(q_sb, q, sq, rpp, d)
     if len_f is not None:
         zero_rows_past_length(q_sb, len_f, geo["qpos0"], 1, rpp)
     o_sb = nl.ndarray((P_MAX, rpp, d), dtype=dtype, buffer=nl.sbuf)
-    return dict(q=q_sb, sig=None, o=o_sb, out=out, len=len_f)
+    # a slot's P V region: d columns, or 256 for 128 < d < 256, so that no region straddles a 2 KiB bank
+    pv_psum = nl.ndarray((P_MAX, rpp, 2 * D_CHUNK if d > D_CHUNK else d), dtype=nl.float32, buffer=nl.psum)
+    l_psum = nl.ndarray((P_MAX, rpp), dtype=nl.float32, buffer=nl.psum)
+    return dict(q=q_sb, sig=None, o=o_sb, out=out, len=len_f, pv=pv_psum, l=l_psum)
 
 
 def _short_gate(head, gate, geo):
@@ -704,76 +747,95 @@ def _short_gate(head, gate, geo):
     head["sig"] = sig_sb
 
 
-def _short_scores(head, r, kT_sb, kvalid, ident, bias, ring, geo):
-    """Query tile r: Q^T (PE), S = Q K^T (+ the bias through the identity), the length select, the row max and
-    P = exp(scale S - scale max) with its row sum."""
-    d, n_d, nk, dtype = geo["d"], geo["n_d"], geo["nk"], geo["dtype"]
+def _short_scores(head, tile, kT_sb, kvalid, ident, ring, geo):
+    """Query tile t: Q^T (R PE transposes of PPT partitions), S = Q K^T over the tile's key columns (+ the bias
+    through the identity), the length select, the row max and P = exp(scale S - scale max)."""
+    d, n_d, rpp, ppt, cpp, dtype = geo["d"], geo["n_d"], geo["rpp"], geo["ppt"], geo["cpp"], geo["dtype"]
+    t, ncols, b0 = tile["t"], tile["ncols"], tile["b0"]
     qt_psum = nl.ndarray((P_MAX, n_d, P_MAX), dtype=dtype, buffer=nl.psum)
-    for i_d in range(n_d):
-        d0 = i_d * D_CHUNK
-        dn = min(D_CHUNK, d - d0)
-        nisa.nc_transpose(dst=qt_psum[0:dn, i_d, 0:P_MAX], data=head["q"][0:P_MAX, r, d0:d0 + dn])
+    for i in range(rpp):
+        for i_d in range(n_d):
+            d0 = i_d * D_CHUNK
+            dn = min(D_CHUNK, d - d0)
+            nisa.nc_transpose(dst=qt_psum[0:dn, i_d, ppt * i:ppt * (i + 1)],
+                              data=head["q"][ppt * t:ppt * (t + 1), i, d0:d0 + dn])
     qT_sb = nl.ndarray((P_MAX, n_d, P_MAX), dtype=dtype, buffer=nl.sbuf)
     for i_d in range(n_d):
         dn = min(D_CHUNK, d - i_d * D_CHUNK)
         nisa.tensor_copy(dst=qT_sb[0:dn, i_d, 0:P_MAX], src=qt_psum[0:dn, i_d, 0:P_MAX])
-    s_psum = nl.ndarray((P_MAX, nk), dtype=nl.float32, buffer=nl.psum)
+    s_psum = nl.ndarray((P_MAX, geo["nk"]), dtype=nl.float32, buffer=nl.psum)
+    kp = n_tiles(ncols, cpp)                 # partitions of K^T's (p, c) view that cover columns [0, ncols)
     for i_d in range(n_d):
         dn = min(D_CHUNK, d - i_d * D_CHUNK)
-        nisa.nc_matmul(s_psum[0:P_MAX, 0:nk], qT_sb[0:dn, i_d, 0:P_MAX], kT_sb[0:dn, i_d, 0:nk],
-                       accumulate=i_d > 0)
-    if bias is not None:     # causal / phantom keys: accumulated through the identity on the TensorE (a VectorE
-        nisa.nc_matmul(s_psum[0:P_MAX, 0:nk], ident, bias, accumulate=True)   # add models slower on trn2)
-    scores = s_psum[0:P_MAX, 0:nk]
+        k_view = kT_sb[0:dn, i_d, 0:geo["nk"]].reshape((dn, cpp, P_MAX)).permute((0, 2, 1))[:, 0:kp, :]
+        nisa.nc_matmul(s_psum[0:P_MAX, 0:kp * cpp], qT_sb[0:dn, i_d, 0:P_MAX], k_view, accumulate=i_d > 0)
+    if tile["bias"] is not None:
+        nisa.nc_matmul(s_psum[0:P_MAX, b0:ncols], ident, tile["bias"], accumulate=True)
+    scores = s_psum[0:P_MAX, 0:ncols]
     if kvalid is not None:            # a select: a NaN score of a padded key is replaced, not added to
-        scores = nl.where(kvalid, scores, MASK_BIAS)
+        scores = nl.where(kvalid[:, 0:ncols], scores, MASK_BIAS)
     m_sb = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.tensor_reduce(dst=m_sb, op=nl.maximum, data=scores, axis=1, negate=True)
     nm_sb = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.tensor_scalar(dst=nm_sb, data=m_sb, op0=nl.multiply, operand0=geo["scale"], engine=nisa.engine.gpsimd)
-    slot = ring["n"] % (_SHORT_LAG + 1)          # P and l live until the tile's P V, _SHORT_LAG tiles later
+    slot = ring["n"] % (_SHORT_LAG + 1)          # P lives until the tile's P V, _SHORT_LAG tiles later
     ring["n"] += 1
-    p_sb = ring["p"][0:P_MAX, slot, 0:nk]
-    l_sb = ring["l"][0:P_MAX, slot:slot + 1]
-    nisa.activation(dst=p_sb, op=nl.exp, data=scores, bias=nm_sb, scale=geo["scale"], reduce_op=nl.add,
-                    reduce_res=l_sb, reduce_cmd=nisa.reduce_cmd.reset_reduce)
-    return p_sb, l_sb
+    p_sb = ring["p"][0:P_MAX, slot, 0:ncols]
+    nisa.activation(dst=p_sb, op=nl.exp, data=scores, bias=nm_sb, scale=geo["scale"])
+    return p_sb
 
 
-def _short_pv(head, r, staged, geo):
-    """Query tile r: P^T (PE; chunk c holds on partition p the key V[p, c] holds), O = P V, out = O / l (0 for
-    padded rows) (* sigmoid(gate)) into the head's output tile; after the head's last tile, one store."""
-    d, cpp, rpp, dtype = geo["d"], geo["cpp"], geo["rpp"], geo["dtype"]
-    p_sb, l_sb = staged
-    pt_psum = nl.ndarray((P_MAX, cpp, P_MAX), dtype=dtype, buffer=nl.psum)
-    for c in range(cpp):
-        nisa.nc_transpose(dst=pt_psum[0:P_MAX, c, 0:P_MAX], data=p_sb[0:P_MAX, c * P_MAX:(c + 1) * P_MAX])
-    pT_sb = nl.ndarray((P_MAX, cpp, P_MAX), dtype=dtype, buffer=nl.sbuf)
-    nisa.activation(dst=pT_sb, op=nl.copy, data=pt_psum)
-    pv_psum = nl.ndarray((P_MAX, 2 * D_CHUNK if d > D_CHUNK else d), dtype=nl.float32, buffer=nl.psum)
+def _short_pv(head, tile, p_sb, geo):
+    """Query tile t: P^T (PE, 128-key chunks), then per slot i P V and the row sums into partitions PPT*t .. of
+    the head's store-layout PSUM tiles (PE column tile t); after the head's last tile, out = O / l (0 for padded
+    rows) (* sigmoid(gate)) per slot and one store."""
+    d, rpp, ppt, dtype = geo["d"], geo["rpp"], geo["ppt"], geo["dtype"]
+    t, n_ch = tile["t"], tile["n_ch"]
+    pt_psum = nl.ndarray((P_MAX, geo["cpp"], P_MAX), dtype=dtype, buffer=nl.psum)
+    for j in range(n_ch):
+        nisa.nc_transpose(dst=pt_psum[0:P_MAX, j, 0:P_MAX], data=p_sb[0:P_MAX, j * P_MAX:(j + 1) * P_MAX])
+    pT_sb = nl.ndarray((P_MAX, geo["cpp"], P_MAX), dtype=dtype, buffer=nl.sbuf)
+    nisa.activation(dst=pT_sb[0:P_MAX, 0:n_ch, 0:P_MAX], op=nl.copy, data=pt_psum[0:P_MAX, 0:n_ch, 0:P_MAX])
     halves = [(0, d)] if d <= D_CHUNK else [(0, d // 2), (d // 2, d)]
-    for c in range(cpp):
-        for h0, h1 in halves:
-            nisa.nc_matmul(pv_psum[0:P_MAX, h0:h1], pT_sb[0:P_MAX, c, 0:P_MAX], head["v"][0:P_MAX, c, h0:h1],
-                           accumulate=c > 0)
-    inv_l = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.reciprocal(dst=inv_l, data=l_sb)
+    tiling = dict(tile_position=(0, ppt * t), tile_size=(P_MAX, ppt)) if rpp > 1 else {}
+    rows = slice(ppt * t, ppt * (t + 1))
+    for i in range(rpp):
+        cols = slice(ppt * i, ppt * (i + 1))
+        for j in range(n_ch):
+            for h0, h1 in halves:
+                nisa.nc_matmul(head["pv"][rows, i, h0:h1], pT_sb[0:P_MAX, j, cols], head["v"][0:P_MAX, j, h0:h1],
+                               accumulate=j > 0, **tiling)
+            nisa.nc_matmul(head["l"][rows, i:i + 1], pT_sb[0:P_MAX, j, cols], head["ones"][0:P_MAX, 0:1],
+                           accumulate=j > 0, **tiling)
+    if t == geo["n_t"] - 1:
+        _short_finish(head, geo)
+
+
+def _short_finish(head, geo):
+    """out = O / l (0 for padded query rows) (* sigmoid(gate)) per slot, then one store of the head."""
+    d, rpp, np_ = geo["d"], geo["rpp"], geo["ppt"] * geo["n_t"]
+    inv_l = nl.ndarray((P_MAX, rpp), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.reciprocal(dst=inv_l[0:np_], data=head["l"][0:np_, 0:rpp])
     if head["len"] is not None:
-        q_pos = nl.ndarray((P_MAX, 1), dtype=nl.int32, buffer=nl.sbuf)
-        nisa.iota(q_pos, pattern=[[1, 1]], offset=geo["qpos0"] + r, channel_multiplier=rpp)
-        q_valid = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_scalar(dst=q_valid, data=q_pos, op0=nl.less, operand0=head["len"], engine=nisa.engine.gpsimd)
-        nisa.tensor_tensor(dst=inv_l, data1=inv_l, data2=q_valid, op=nl.multiply, engine=nisa.engine.gpsimd)
+        q_pos = nl.ndarray((P_MAX, rpp), dtype=nl.int32, buffer=nl.sbuf)
+        nisa.iota(q_pos[0:np_], pattern=[[1, rpp]], offset=geo["qpos0"], channel_multiplier=rpp)
+        q_valid = nl.ndarray((P_MAX, rpp), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_scalar(dst=q_valid[0:np_], data=q_pos[0:np_], op0=nl.less, operand0=head["len"][0:np_],
+                           engine=nisa.engine.gpsimd)
+        nisa.tensor_tensor(dst=inv_l[0:np_], data1=inv_l[0:np_], data2=q_valid[0:np_], op=nl.multiply,
+                           engine=nisa.engine.gpsimd)
     o_sb, sig_sb = head["o"], head["sig"]
-    if sig_sb is None:
-        nisa.tensor_scalar(dst=o_sb[0:P_MAX, r, 0:d], data=pv_psum[0:P_MAX, 0:d], op0=nl.multiply, operand0=inv_l)
-    else:
-        nisa.tensor_scalar(dst=sig_sb[0:P_MAX, r, 0:d], data=sig_sb[0:P_MAX, r, 0:d], op0=nl.multiply,
-                           operand0=inv_l, engine=nisa.engine.gpsimd)
-        nisa.tensor_tensor(dst=o_sb[0:P_MAX, r, 0:d], data1=pv_psum[0:P_MAX, 0:d], data2=sig_sb[0:P_MAX, r, 0:d],
-                           op=nl.multiply)
-    if r == rpp - 1:
-        _store_pm(head["out"], o_sb, geo["sq"], rpp, d)
+    for i in range(rpp):
+        if sig_sb is None:
+            nisa.tensor_scalar(dst=o_sb[0:np_, i, 0:d], data=head["pv"][0:np_, i, 0:d], op0=nl.multiply,
+                               operand0=inv_l[0:np_, i:i + 1])
+        else:
+            nisa.tensor_scalar(dst=sig_sb[0:np_, i, 0:d], data=sig_sb[0:np_, i, 0:d], op0=nl.multiply,
+                               operand0=inv_l[0:np_, i:i + 1], engine=nisa.engine.gpsimd)
+            nisa.tensor_tensor(dst=o_sb[0:np_, i, 0:d], data1=head["pv"][0:np_, i, 0:d],
+                               data2=sig_sb[0:np_, i, 0:d], op=nl.multiply)
+    _store_pm(head["out"], o_sb, geo["sq"], rpp, d)
+
 
 # ============================================================================ host wrapper
 
