@@ -77,6 +77,15 @@ def _flash_attention_varlen(rng, adv):
             _vals(rng, (tq, hkv, d), adv, BF16), cu, cu), dict(max_seqlen_q=tq, max_seqlen_k=tq)
 
 
+def _flash_attention_varlen_windows(rng, adv):
+    tq, hq, hkv, d = 640, 4, 2, 64
+    # per-sequence windows (both max_seqlen_* given, 3 x 2 window tiles vs 5 packed tiles): the window starts,
+    # masks and scatter indices differ; sequences at the tensor's ends and a short one
+    cu = np.array([0, 256, 384, 640] if adv else [0, 200, 400, 640], np.int32)
+    return (_vals(rng, (tq, hq, d), adv, BF16), _vals(rng, (tq, hkv, d), adv, BF16),
+            _vals(rng, (tq, hkv, d), adv, BF16), cu, cu), dict(max_seqlen_q=256, max_seqlen_k=256)
+
+
 def _gated_delta_rule(rng, adv):
     b, t = 2, 80
     q, k, v, g, beta = _gdn_inputs(rng, adv, b, t, 2, 4, 64, 64)
@@ -180,6 +189,7 @@ BUILDERS = {
 }
 # Further modes of a public function (name -> (function, builder)): packed sequences (cu_seqlens).
 MODES = {"gated_delta_rule[cu_seqlens]": ("gated_delta_rule", _gated_delta_rule_packed),
+         "flash_attention_varlen[windows]": ("flash_attention_varlen", _flash_attention_varlen_windows),
          "causal_conv1d[cu_seqlens]": ("causal_conv1d", _causal_conv1d_packed)}
 # Host-side helpers in __all__ that launch no kernel (their outputs feed a kernel's index inputs).
 HOST_ONLY = {"moe_route", "moe_block_mapping"}

@@ -165,7 +165,7 @@ def _varlen_run(causal, band):
         from nki_kernels import flash_attention_varlen
         m = int(np.max(np.diff(inp["cu"]))) if band else None
         return flash_attention_varlen(inp["q"], inp["k"], inp["v"], inp["cu"], inp["cu"], causal=causal,
-                                      gate=inp["gate"], max_seqlen_q=m)
+                                      gate=inp["gate"], max_seqlen_q=m, max_seqlen_k=m)
     return run
 
 

@@ -235,7 +235,9 @@ def _attend_pipeline(q, gate, out, kT_sb, v_sb, len_f, klen_valid, items, skv, d
 
     q, gate, out: [H, S, D] HBM views of one sequence (gate may be None). rows: None, or a per-row mask
     provider (the packed-sequence kernel, varlen.py) with start(st), mask(scores, st, j, k0, kn) and
-    finish_scale(inv_l, st); it replaces the length and causal biases. band: None, or (lo, hi) such that query
+    finish_scale(inv_l, st) (and optionally store(out, o_sb, st), which then writes the output rows); it
+    replaces the length and causal biases. q and gate may be any object whose [h, r0:r1, 0:d] is a DMA source.
+    band: None, or (lo, hi) such that query
     row r can only see keys r - lo .. r + hi - 1 (trace-time: blocks outside are never generated).
 
     _N_STREAMS slots each run a queue of streams back to back. In step t every slot computes the scores and
@@ -335,10 +337,13 @@ def _load_q(q, bufs, st, d, n_d, dtype, q_is_bhds=False, rows=None, len_f=None):
             dn = min(D_CHUNK, d - d0)
             nisa.dma_copy(dst=qT[0:dn, st.slot, st.gen, i_d, 0:st.qn], src=q[st.h, d0:d0 + dn, st.q0:st.q0 + st.qn])
         return
+    q_nat = None
     if rows is not None:
         rows.start(st)
-    q_nat = nl.ndarray((P_MAX, d), dtype=dtype, buffer=nl.sbuf)
-    nisa.dma_copy(dst=q_nat[0:st.qn, 0:d], src=q[st.h, st.q0:st.q0 + st.qn, 0:d])
+        q_nat = rows.q_rows(st) if hasattr(rows, "q_rows") else None    # varlen windows: [qn, D] already in SBUF
+    if q_nat is None:
+        q_nat = nl.ndarray((P_MAX, d), dtype=dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=q_nat[0:st.qn, 0:d], src=q[st.h, st.q0:st.q0 + st.qn, 0:d])
     if len_f is not None:
         zero_rows_past_length(q_nat[0:st.qn, 0:d].reshape((st.qn, 1, d)), len_f, st.qa0, P_MAX)
     q_psum = nl.ndarray((P_MAX, n_d, P_MAX), dtype=dtype, buffer=nl.psum)
@@ -522,7 +527,10 @@ def _finish(out, gate, bufs, len_f, st, d, dtype, rows=None):
                            engine=nisa.engine.gpsimd)
         nisa.tensor_tensor(dst=o_sb[0:qn, 0:d], data1=o, data2=sig_sb[0:qn, 0:d], op=nl.multiply,
                            engine=nisa.engine.gpsimd)
-    nisa.dma_copy(dst=out[st.h, st.q0:st.q0 + qn, 0:d], src=o_sb[0:qn, 0:d])
+    if rows is not None and hasattr(rows, "store"):     # varlen.py per-sequence windows: a scatter of the valid rows
+        rows.store(out, o_sb[0:qn, 0:d], st)
+    else:
+        nisa.dma_copy(dst=out[st.h, st.q0:st.q0 + qn, 0:d], src=o_sb[0:qn, 0:d])
 
 
 # ============================================================================ short sequences (Skv <= 512)

@@ -40,7 +40,7 @@ from ..lnc import resolve_lnc
 from ..validation import kernel_check
 from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, MASK_BIAS, MAX_HEAD_DIM, MM_KEYS, is_two_byte,
                       load_transposed, n_tiles, pe_transpose_group)
-from .prefill import _Q_TILE, _check_array, _check_scale, _dtype_name, _read_only, _shape
+from .prefill import _Q_TILE, _attend_pipeline, _check_array, _check_scale, _dtype_name, _read_only, _shape
 
 MAX_SEQS = 512                    # N limit: the per-row bounds use [128, N+1] fp32 tiles (5 of them, 10 KiB)
 _KV_PIECE = 2048                  # keys per K / V load and containment pass (16 chunks of 128)
@@ -52,6 +52,8 @@ _PE_T_CHUNKS = _N_CH              # chunks of P transposed on the PE (the rest b
 #                                   loop's DMA queues carry the block fetches, the PE has room (modeled)
 _STAT_INIT = 3.0e38               # initial -scale * running max: exp(-3e38 + x) = 0 wipes the first rescale
 _MAX_GROUP = 16                   # query heads per KV head handled together (the O accumulators: 16 x 1 KiB)
+_Q_STAGE_BYTES = 16 * 1024        # per partition: Q of a window's tiles staged for all heads of a KV-head batch
+_WINDOW_TILE_RATIO = 1.25         # windows when they run at most 1.25x the packed query tiles (the rule: windows_plan)
 
 
 def kv_resident_bytes(tk: int, d: int, itemsize: int) -> int:
@@ -371,7 +373,7 @@ def _broadcast_f32(cu, n1):
     return cu_f
 
 
-def _load_kv_contained(k_h, v_h, kvh, tk, d, n_d, dtype, kT_sb, v_sb):
+def _load_kv_contained(k_h, v_h, kvh, tk, d, n_d, dtype, kT_sb, v_sb, view=None):
     """K^T -> kT_sb [128(d), n_d, >= Tk] and V -> v_sb [128(keys), >= ceil(Tk/128), D] of one KV head, with
     non-finite values contained.
 
@@ -379,7 +381,8 @@ def _load_kv_contained(k_h, v_h, kvh, tk, d, n_d, dtype, kT_sb, v_sb):
     A key whose V row holds a non-finite value gets V row := 0 and K row := NaN (the K row's own non-finite
     values stay): its score is then NaN exactly for the rows that see it (the row mask is a select), and the
     P V matmul never multiplies a non-finite V by another sequence's zero probability. K^T: PE transposes,
-    `pe_transpose_group` chunks per PSUM bank, evicted by the Scalar engine.
+    `pe_transpose_group` chunks per PSUM bank, evicted by the Scalar engine. view(src, a0, nc, rows): the
+    [rows, nc, D] source of keys a0 + c*128 + p (default: static slices of the [Hkv, T, D] views k_h, v_h).
     """
     per_bank = pe_transpose_group(dtype)
     t_psum = nl.ndarray((P_MAX, 2, per_bank, P_MAX), dtype=dtype, buffer=nl.psum)
@@ -391,14 +394,16 @@ def _load_kv_contained(k_h, v_h, kvh, tk, d, n_d, dtype, kT_sb, v_sb):
         rem = sn - full * K_CHUNK
         pieces = ([(0, full, K_CHUNK)] if full else []) + ([(full, 1, rem)] if rem else [])
         k_nat = nl.ndarray((P_MAX, _KV_PIECE // K_CHUNK, d), dtype=dtype, buffer=nl.sbuf)
-        v_nat = nl.ndarray((P_MAX, _KV_PIECE // K_CHUNK, d), dtype=dtype, buffer=nl.sbuf)
         for c_lo, nc, rows in pieces:
             a0 = s0 + c_lo * K_CHUNK
-            for src, dst in ((k_h, k_nat), (v_h, v_nat)):
-                view = src[kvh, a0:a0 + nc * rows, 0:d].reshape((nc, rows, d)).permute((1, 0, 2))
-                nisa.dma_copy(dst=dst[0:rows, c_lo:c_lo + nc, 0:d], src=view)
-            _contain(k_nat[0:rows, c_lo:c_lo + nc, 0:d], v_nat[0:rows, c_lo:c_lo + nc, 0:d],
-                     v_sb[0:rows, c0 + c_lo:c0 + c_lo + nc, 0:d], rows, nc, d)
+            v_rows = v_sb[0:rows, c0 + c_lo:c0 + c_lo + nc, 0:d]
+            for src, dst in ((k_h, k_nat[0:rows, c_lo:c_lo + nc, 0:d]), (v_h, v_rows)):
+                if view is None:
+                    src_v = src[kvh, a0:a0 + nc * rows, 0:d].reshape((nc, rows, d)).permute((1, 0, 2))
+                else:
+                    src_v = view(src, a0, nc, rows)
+                nisa.dma_copy(dst=dst, src=src_v)
+            _contain(k_nat[0:rows, c_lo:c_lo + nc, 0:d], v_rows, rows, nc, d)
         # K^T of the piece on the PE
         n_c = full + (1 if rem else 0)
         for i_d in range(n_d):
@@ -419,21 +424,443 @@ def _load_kv_contained(k_h, v_h, kvh, tk, d, n_d, dtype, kT_sb, v_sb):
     return kT_sb, v_sb
 
 
-def _contain(k_nat, v_nat, v_dst, rows, nc, d):
-    """v_dst = V with non-finite values zeroed; K rows of keys with a non-finite V value := NaN (in place)."""
-    diff = nl.ndarray((P_MAX, nc, d), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_tensor(dst=diff[0:rows], data1=v_nat, data2=v_nat, op=nl.subtract)       # 0, or NaN if not finite
-    fin = nl.ndarray((P_MAX, nc, d), dtype=nl.bfloat16, buffer=nl.sbuf)
-    nisa.tensor_scalar(dst=fin[0:rows], data=diff[0:rows], op0=nl.equal, operand0=0.0)
-    clean = nl.where(fin[0:rows], v_nat, 0.0)
-    nisa.tensor_copy(dst=v_dst, src=clean, engine=nisa.engine.gpsimd)
-    row_ok = nl.ndarray((P_MAX, nc), dtype=nl.float32, buffer=nl.sbuf)                    # 1: the V row is finite
-    nisa.tensor_reduce(dst=row_ok[0:rows], op=nl.minimum, data=fin[0:rows], axis=2)
-    poison = nl.ndarray((P_MAX, nc), dtype=nl.float32, buffer=nl.sbuf)                    # 0, or NaN
-    nisa.reciprocal(dst=poison[0:rows], data=row_ok[0:rows])                             # 1, or +inf
-    nisa.tensor_tensor(dst=poison[0:rows], data1=poison[0:rows], data2=poison[0:rows], op=nl.subtract)
-    for c in range(nc):
-        nisa.tensor_scalar(dst=k_nat[:, c, :], data=k_nat[:, c, :], op0=nl.add, operand0=poison[0:rows, c:c + 1])
+def _contain(k_nat, v_rows, rows, nc, d, hb=1):
+    """Keys whose V row holds a non-finite value: V row := 0 and K row := NaN, in place (k_nat, v_rows: [rows,
+    nc, D], or [rows, nc, hb, D] for hb heads, natural layout, key on the partition). The test is the row sum
+    (NaN or +-Inf propagate through a sum; a finite row whose sum overflows fp32 counts as non-finite, values
+    that large are out of scope): s - s is 0 for a finite row, NaN otherwise, and is the K row's poison. Three
+    passes over the data (one reduce, one predicated copy, one add per (128-key chunk, head)), the rest small."""
+    m = nc * hb
+    s = nl.ndarray((P_MAX, m), dtype=nl.float32, buffer=nl.sbuf)
+    s_rows = s[0:rows] if hb == 1 else s[0:rows].reshape((rows, nc, hb))
+    nisa.tensor_reduce(dst=s_rows, op=nl.add, data=v_rows, axis=len(v_rows.shape) - 1)
+    nisa.tensor_tensor(dst=s[0:rows], data1=s[0:rows], data2=s[0:rows], op=nl.subtract)      # 0, or NaN
+    fin = nl.ndarray((P_MAX, m), dtype=nl.uint8, buffer=nl.sbuf)                            # 1: finite row
+    nisa.tensor_scalar(dst=fin[0:rows], data=s[0:rows], op0=nl.equal, operand0=0.0)
+    per_row = [[m, rows], [1, m], [0, d]] if hb == 1 else [[m, rows], [hb, nc], [1, hb], [0, d]]
+    nisa.tensor_copy_predicated(dst=v_rows, src=0.0, predicate=fin.ap(pattern=per_row, offset=0),
+                                reverse_pred=True)
+    for c in range(nc):         # per-partition scalar adds: cheaper than one add of a stride-0 broadcast
+        for h in range(hb):
+            k_row = k_nat[:, c, :] if hb == 1 else k_nat[:, c, h, :]
+            nisa.tensor_scalar(dst=k_row, data=k_row, op0=nl.add, operand0=s[0:rows, c * hb + h:c * hb + h + 1])
+
+
+# ============================================================================ per-sequence windows (max_seqlen_*)
+
+
+@nki.jit
+def flash_attention_varlen_windows_kernel(q, k, v, gate, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal,
+                                          max_q, max_k):
+    """Packed-sequence attention, one fixed-size window per sequence (the per-sequence mode).
+
+    Dimensions: as flash_attention_varlen_kernel; max_q <= Tq and max_k <= Tk (trace-time ints) bound every
+    sequence's query and key count.
+    The program is the padded flash_attention pipeline over a batch of N sequences of max_q queries and max_k
+    keys: the window of sequence i ends where the sequence ends (cu[i+1] - max, clamped into the tensor) and its
+    start is an int32 in SBUF, read by the DMAs as a dynamic row offset; rows and keys of the window outside the
+    sequence are masked, and the output rows of the sequence are written by a scatter whose other indices are
+    out of bounds and skipped (oob_mode.skip). Work is N * ceil(max_q/128) query tiles of ceil(max_k/512)
+    blocks (causal: the blocks below the diagonal), whatever the lengths.
+    """
+    tq, n_hq, d = q.shape
+    out = nl.ndarray((tq, n_hq, d), dtype=q.dtype, buffer=nl.shared_hbm)
+    windows_body(q, k, v, gate, cu_seqlens_q, cu_seqlens_k, out, softmax_scale, causal, max_q, max_k)
+    return out
+
+
+def windows_body(q, k, v, gate, cu_q, cu_k, out, softmax_scale, causal, mq, mk):
+    tq, n_hq, d = q.shape
+    tk, n_kv, _ = k.shape
+    group = n_hq // n_kv
+    n = cu_q.shape[0] - 1
+    pid, n_prog = nl.program_id(0), nl.num_programs(0)
+    work = [(i, kvh) for i in range(n) for kvh in range(n_kv) if _window_owner(i, kvh, n_kv, n_prog) == pid]
+    if not work:
+        return
+    dtype = q.dtype
+    n_d = n_tiles(d, D_CHUNK)
+    n_qt = n_tiles(mq, _Q_TILE)
+    win = _SeqWindows(cu_q, cu_k, tq, tk, mq, mk, causal)
+    band = (mk, window_diagonal_bound(tq, tk, mq, mk)) if causal else None
+    itemsize = 4 if nl.float32 == dtype else 2
+    # K natural + K^T + V per head (masks overcounted), two units live at once (the next one is prefetched)
+    per_head = 4 * window_sbuf_bytes(mq, mk, d, itemsize, causal)
+    hb = max(1, _SBUF_KV_BUDGET // per_head)
+    win.max_batch = hb
+    units = []                                          # (sequence, batch of KV heads): an arithmetic progression
+    for i in sorted({i for i, _ in work}):
+        heads = [h for s, h in work if s == i]
+        first = 1 if not units else 0                   # the first unit alone: its pipeline starts sooner
+        units += [(i, heads[0:first])] if first else []
+        units += [(i, heads[b0:b0 + hb]) for b0 in range(first, len(heads), hb)]
+    seq_rows = {}
+
+    def prepare(unit):
+        """Masks of the sequence (once), K^T / V of the batch, its staged Q: issued one unit ahead, in the middle
+        of the previous unit's heads, so that the loads and the containment overlap its pipelines."""
+        i, batch = unit
+        if i not in seq_rows:
+            seq_rows[i] = win.sequence(i)
+        if causal or not is_two_byte(dtype):
+            kv, poison = _load_window_kv(k, v, batch, win.k_start(i), mk, d, n_d, dtype), None
+        else:
+            kv, poison = _load_window_kv_flagged(k, v, batch, win.k_start(i), mk, d, n_d, dtype, seq_rows[i])
+        return kv, _BatchRows(seq_rows[i], q, batch, group, win.q_start(i), poison)
+
+    ready = prepare(units[0])
+    for u, (i, batch) in enumerate(units):
+        kv, rows = ready
+        nxt = units[u + 1] if u + 1 < len(units) else None
+        q_w = _WindowRows(q, win.q_start(i))
+        gate_w = None if gate is None else _WindowRows(gate, win.q_start(i))
+        for b, (kvh, (kT_sb, v_sb)) in enumerate(zip(batch, kv)):
+            if b == 1 and nxt is not None:          # after the first head's pipeline
+                ready, nxt = prepare(nxt), None
+            items = [(kvh * group + g, t * _Q_TILE, mq) for t in range(n_qt) for g in range(group)]
+            _attend_pipeline(q_w, gate_w, out, kT_sb, v_sb, None, None, items, mk, d, n_d, dtype,
+                             softmax_scale, False, rows=rows, band=band)
+        if nxt is not None:
+            ready = prepare(nxt)
+
+
+def _load_window_kv(k, v, heads, k_start, mk, d, n_d, dtype):
+    """K^T [128(d), n_d, mk] and V [128(keys), ceil(mk/128), D] of the window (keys k_start .. k_start + mk - 1)
+    for each KV head in `heads` (an arithmetic progression): one natural-layout DMA per tensor for all of them
+    (two when mk % 128 != 0: the full chunks, the last partial chunk), non-finite values contained (_contain),
+    K^T by PE transposes (`pe_transpose_group` chunks per PSUM bank, evicted by the Scalar engine)."""
+    _, n_kv, _ = k.shape
+    hb = len(heads)
+    step = heads[1] - heads[0] if hb > 1 else 1
+    n_c = n_tiles(mk, K_CHUNK)
+    full = mk // K_CHUNK
+    rem = mk - full * K_CHUNK
+    k_nat = nl.ndarray((P_MAX, n_c, hb, d), dtype=dtype, buffer=nl.sbuf)
+    v_all = nl.ndarray((P_MAX, n_c, hb, d), dtype=dtype, buffer=nl.sbuf)
+    pieces = ([(0, full, K_CHUNK)] if full else []) + ([(full, 1, rem)] if rem else [])
+    for c0, nc, rows in pieces:
+        for src, dst in ((k, k_nat), (v, v_all)):
+            view = src.ap(pattern=[[n_kv * d, rows], [K_CHUNK * n_kv * d, nc], [step * d, hb], [1, d]],
+                          offset=(c0 * K_CHUNK * n_kv + heads[0]) * d, scalar_offset=k_start, indirect_dim=0)
+            nisa.dma_copy(dst=dst[0:rows, c0:c0 + nc], src=view)
+        _contain(k_nat[0:rows, c0:c0 + nc], v_all[0:rows, c0:c0 + nc], rows, nc, d, hb)
+    per_bank = pe_transpose_group(dtype)
+    out = []
+    for h in range(hb):
+        kT_sb = nl.ndarray((P_MAX, n_d, mk), dtype=dtype, buffer=nl.sbuf)
+        t_psum = nl.ndarray((P_MAX, 2, per_bank, P_MAX), dtype=dtype, buffer=nl.psum)
+        n_t = 0
+        for i_d in range(n_d):
+            d0 = i_d * D_CHUNK
+            dn = min(D_CHUNK, d - d0)
+            for g0 in range(0, n_c, per_bank):
+                gn = min(per_bank, n_c - g0)
+                slot = n_t % 2
+                n_t += 1
+                for i_c in range(gn):
+                    c = g0 + i_c
+                    cn = min(K_CHUNK, mk - c * K_CHUNK)
+                    nisa.nc_transpose(dst=t_psum[0:dn, slot, i_c, 0:cn], data=k_nat[0:cn, c, h, d0:d0 + dn])
+                keys0 = g0 * K_CHUNK
+                keys = min(gn * K_CHUNK, mk - keys0)
+                nisa.activation(dst=kT_sb[0:dn, i_d, keys0:keys0 + keys], op=nl.copy,
+                                data=t_psum[0:dn, slot, 0:gn, 0:P_MAX].reshape((dn, gn * P_MAX))[:, 0:keys])
+        out.append((kT_sb, v_all[:, :, h, :]))
+    return out
+
+
+def _load_window_kv_flagged(k, v, heads, k_start, mk, d, n_d, dtype, seq):
+    """Non-causal, 2-byte dtypes: K^T of the window by DMA transpose (no PE / ScalarE work), V in natural layout
+    for all of `heads` in one DMA (two with a partial last chunk), and instead of poisoning K rows (causal: a
+    row that does not see a key must not see its V), one flag per head: every query row of a non-causal
+    sequence sees all its keys, so a non-finite V row of the sequence makes all its rows NaN (the flag is added
+    to 1/l at the end), while V rows with a non-finite value are zeroed (other sequences' rows multiply them by
+    0). A non-finite K value reaches exactly the rows that see it through its score (the mask is a select).
+    Returns ([(K^T, V) per head], poison [128, hb] fp32: 0, or NaN on every partition)."""
+    _, n_kv, _ = k.shape
+    hb = len(heads)
+    step = heads[1] - heads[0] if hb > 1 else 1
+    n_c = n_tiles(mk, K_CHUNK)
+    full = mk // K_CHUNK
+    rem = mk - full * K_CHUNK
+    out = []
+    for h, kvh in enumerate(heads):
+        kT_sb = nl.ndarray((P_MAX, n_d, mk), dtype=dtype, buffer=nl.sbuf)
+        for s0 in range(0, mk, _KV_PIECE):
+            sn = min(_KV_PIECE, mk - s0)
+            for i_d in range(n_d):
+                d0 = i_d * D_CHUNK
+                dn = min(D_CHUNK, d - d0)
+                src = k.ap(pattern=[[n_kv * d, sn], [1, dn]], offset=(s0 * n_kv + kvh) * d + d0,
+                           scalar_offset=k_start, indirect_dim=0)
+                nisa.dma_transpose(dst=kT_sb[0:dn, i_d, s0:s0 + sn], src=src)
+        out.append(kT_sb)
+    v_all = nl.ndarray((P_MAX, n_c, hb, d), dtype=dtype, buffer=nl.sbuf)
+    flags = nl.ndarray((P_MAX, n_c, hb), dtype=nl.float32, buffer=nl.sbuf)     # per key row: 0, or NaN
+    key_in = seq.keys_inside()                                                  # [128, n_c, hb] uint8
+    ones = nl.ndarray((P_MAX, P_MAX), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=ones, value=1.0, engine=nisa.engine.gpsimd)
+    col_sum = nl.ndarray((P_MAX, n_c, hb), dtype=nl.float32, buffer=nl.psum)
+    pieces = ([(0, full, K_CHUNK)] if full else []) + ([(full, 1, rem)] if rem else [])
+    for c0, nc, rows in pieces:
+        view = v.ap(pattern=[[n_kv * d, rows], [K_CHUNK * n_kv * d, nc], [step * d, hb], [1, d]],
+                    offset=(c0 * K_CHUNK * n_kv + heads[0]) * d, scalar_offset=k_start, indirect_dim=0)
+        v_rows = v_all[0:rows, c0:c0 + nc]
+        nisa.dma_copy(dst=v_rows, src=view)
+        f = flags[0:rows, c0:c0 + nc]
+        nisa.tensor_reduce(dst=f, op=nl.add, data=v_rows, axis=3)
+        nisa.tensor_tensor(dst=f, data1=f, data2=f, op=nl.subtract)                       # 0, or NaN
+        fin = nl.ndarray((P_MAX, n_c, hb), dtype=nl.uint8, buffer=nl.sbuf)
+        nisa.tensor_scalar(dst=fin[0:rows, c0:c0 + nc], data=f, op0=nl.equal, operand0=0.0)
+        nisa.tensor_copy_predicated(dst=v_rows, src=0.0, reverse_pred=True, predicate=fin[0:rows, c0:c0 + nc].ap(
+            pattern=[[n_c * hb, rows], [hb, nc], [1, hb], [0, d]], offset=c0 * hb))
+        # keys of other sequences do not flag this one (a select: 0 * NaN would stay NaN)
+        inside = nl.where(key_in[0:rows, c0:c0 + nc, 0:hb], f, 0.0)
+        # column sums on every partition: ones[rows, 128]^T @ flags[rows, nc*hb] (NaN propagates)
+        nisa.nc_matmul(col_sum[:, c0:c0 + nc], ones[0:rows, :], inside)
+    poison = nl.ndarray((P_MAX, hb), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_reduce(dst=poison, op=nl.add, data=col_sum.permute((0, 2, 1)), axis=2)
+    return [(kT, v_all[:, :, h, :]) for h, kT in enumerate(out)], poison
+
+
+def _window_owner(i, kvh, n_kv, n_prog):
+    """Program instance of (sequence i, KV head): a contiguous block of KV heads per core when they divide evenly
+    (the heads of one DMA are then adjacent in [T, H, D]: longer contiguous runs), else alternating (sequence,
+    head) pairs (Hkv = 1: alternate sequences)."""
+    if n_kv % n_prog == 0:
+        return kvh // (n_kv // n_prog)
+    return (i * n_kv + kvh) % n_prog
+
+
+def window_diagonal_bound(tq, tk, mq, mk):
+    """B such that, in window coordinates, query row r of any sequence sees key columns <= r + B (causal).
+
+    Row r is query r - (e_q - Lq) of its sequence and column c key c - (e_k - Lk), with e = min(cu[i+1], max)
+    the sequence end in its window; bottom-right causal: c <= r + e_k - e_q. With Lk_j >= Lq_j for every j,
+    0 <= cu_k[i+1] - cu_q[i+1] <= Tk - Tq, so e_k - e_q <= max(mk - mq, Tk - Tq)."""
+    return max(mk - mq, tk - tq, 0)
+
+
+class _WindowRows:
+    """q or gate [T, H, D] seen from one sequence's window: view[h, r0:r1, 0:d] is rows start + r0 .. start + r1
+    - 1 of head h, `start` an int32 (1, 1) SBUF tile (a DMA with a dynamic offset, hardware DGE)."""
+
+    def __init__(self, t, start):
+        self.t = t
+        self.start = start
+        self.dtype = t.dtype
+
+    def __getitem__(self, idx):
+        h, rows, cols = idx
+        _, n_h, d = self.t.shape
+        return self.t.ap(pattern=[[n_h * d, rows.stop - rows.start], [1, cols.stop - cols.start]],
+                         offset=(rows.start * n_h + h) * d + cols.start, scalar_offset=self.start, indirect_dim=0)
+
+
+class _SeqWindows:
+    """Per-sequence window bounds, computed on device from cu_seqlens once for all N sequences.
+
+    Window of sequence i: queries w_q .. w_q + mq - 1 with w_q = clamp(cu_q[i+1] - mq, 0, Tq - mq) (in the
+    tensor whatever cu_seqlens hold), keys likewise. In window coordinates the sequence's queries are rows
+    [s_q, e_q) and its keys columns [s_k, e_k), e = cu[i+1] - w, s = e - L. Per sequence, on every partition
+    ([128, N] fp32): mid/half of both intervals (a value x is inside iff |x - mid| < half), e_k - e_q (the
+    causal offset), w_q - Tq (scatter indices) and [L_k > 0]; the starts w_q, w_k as int32 on partition 0."""
+
+    def __init__(self, cu_q, cu_k, tq, tk, mq, mk, causal):
+        n1 = cu_q.shape[0]
+        self.n = n = n1 - 1
+        self.tq, self.mq, self.mk, self.causal = tq, mq, mk, causal
+        self.n_blk = n_tiles(mk, _BLOCK)
+        self.n_qt = n_tiles(mq, _Q_TILE)
+        f32, pool = nl.float32, nisa.engine.gpsimd      # small [128, N] tiles: on the GpSimd, off the VectorE
+        self.stats = nl.ndarray((P_MAX, 8, n), dtype=f32, buffer=nl.sbuf)
+        st = self.stats
+        for c, (cu, t_all, m) in enumerate(((cu_q, tq, mq), (cu_k, tk, mk))):
+            cu_f = _broadcast_f32(cu, n1)
+            w = nl.ndarray((P_MAX, n), dtype=f32, buffer=nl.sbuf)                      # clamp(cu[i+1] - m, 0, T - m)
+            nisa.tensor_scalar(dst=w, data=cu_f[:, 1:n1], op0=nl.add, operand0=float(-m), op1=nl.maximum,
+                               operand1=0.0, engine=pool)
+            nisa.tensor_scalar(dst=w, data=w, op0=nl.minimum, operand0=float(t_all - m), engine=pool)
+            e = nl.ndarray((P_MAX, n), dtype=f32, buffer=nl.sbuf)                      # e = cu[i+1] - w
+            nisa.tensor_tensor(dst=e, data1=cu_f[:, 1:n1], data2=w, op=nl.subtract, engine=pool)
+            s = nl.ndarray((P_MAX, n), dtype=f32, buffer=nl.sbuf)                      # s = e - L = cu[i] - w
+            nisa.tensor_tensor(dst=s, data1=cu_f[:, 0:n], data2=w, op=nl.subtract, engine=pool)
+            # mid = (s + e - 1) / 2, half = (e - s) / 2
+            nisa.scalar_tensor_tensor(dst=st[:, 2 * c], data=e, op0=nl.add, operand0=-1.0, op1=nl.add, operand1=s)
+            nisa.tensor_scalar(dst=st[:, 2 * c], data=st[:, 2 * c], op0=nl.multiply, operand0=0.5, engine=pool)
+            nisa.tensor_tensor(dst=st[:, 2 * c + 1], data1=e, data2=s, op=nl.subtract, engine=pool)
+            nisa.tensor_scalar(dst=st[:, 2 * c + 1], data=st[:, 2 * c + 1], op0=nl.multiply, operand0=0.5,
+                               engine=pool)
+            nisa.tensor_copy(dst=st[:, 6 + c], src=e, engine=pool)                        # e_q, e_k
+            start = nl.ndarray((1, n), dtype=nl.int32, buffer=nl.sbuf)
+            nisa.tensor_copy(dst=start, src=w[0:1])
+            if c == 0:
+                nisa.tensor_scalar(dst=st[:, 4], data=w, op0=nl.add, operand0=float(-tq), engine=pool)
+                self.w_q = start
+            else:
+                nisa.tensor_scalar(dst=st[:, 5], data=st[:, 3], op0=nl.greater, operand0=0.0, engine=pool)  # L_k > 0
+                self.w_k = start
+        nisa.tensor_tensor(dst=st[:, 6], data1=st[:, 7], data2=st[:, 6], op=nl.subtract, engine=pool)  # e_k - e_q
+        # static index tiles: key column within a block, query row of each window tile
+        col_i = nl.ndarray((P_MAX, _BLOCK), dtype=nl.int32, buffer=nl.sbuf)
+        nisa.iota(col_i, pattern=[[1, _BLOCK]], offset=0, channel_multiplier=0)
+        self.col = nl.ndarray((P_MAX, _BLOCK), dtype=f32, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=self.col, src=col_i, engine=nisa.engine.gpsimd)
+        row_i = nl.ndarray((P_MAX, self.n_qt), dtype=nl.int32, buffer=nl.sbuf)
+        nisa.iota(row_i, pattern=[[_Q_TILE, self.n_qt]], offset=0, channel_multiplier=1)
+        self.row = nl.ndarray((P_MAX, self.n_qt), dtype=f32, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=self.row, src=row_i, engine=nisa.engine.gpsimd)
+        self.diag_pos = {}
+
+    def q_start(self, i):
+        return self.w_q[0:1, i:i + 1]
+
+    def k_start(self, i):
+        return self.w_k[0:1, i:i + 1]
+
+    def col_minus_row(self, o):
+        """[128, 512] fp32: c - p + o (key column minus query row of a block whose first key is o columns past
+        the tile's first row), static, built once per distinct o."""
+        if o not in self.diag_pos:
+            t_i = nl.ndarray((P_MAX, _BLOCK), dtype=nl.int32, buffer=nl.sbuf)
+            nisa.iota(t_i, pattern=[[1, _BLOCK]], offset=o, channel_multiplier=-1)
+            t_f = nl.ndarray((P_MAX, _BLOCK), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.tensor_copy(dst=t_f, src=t_i, engine=nisa.engine.gpsimd)
+            self.diag_pos[o] = t_f
+        return self.diag_pos[o]
+
+    def sequence(self, i):
+        return _SeqRows(self, i)
+
+
+class _BatchRows:
+    """The row hooks of one (sequence, batch of KV heads): those of the sequence (_SeqRows: masks, scatter), and
+    Q rows of every window tile for the batch's query heads staged in SBUF, one DMA per tile for all of them (a
+    dynamic offset costs a hardware DGE slot per DMA) when they fit _Q_STAGE_BYTES per partition; the pipeline
+    then transposes Q from there (q_rows) instead of loading it per head."""
+
+    def __init__(self, seq, q, kv_heads, group, q_start, poison=None):
+        self.seq = seq
+        self.poison = poison
+        self.h0, self.kv_step, self.group = kv_heads[0] * group, (kv_heads[1] - kv_heads[0] if len(kv_heads) > 1
+                                                                   else 1) * group, group
+        tq, n_hq, d = q.shape
+        hb = len(kv_heads)
+        n_qt, mq = seq.win.n_qt, seq.win.mq
+        self.stage = None
+        if n_qt * hb * group * d * q.dtype.itemsize > _Q_STAGE_BYTES or hb * group == 1:
+            return
+        step = kv_heads[1] - kv_heads[0] if hb > 1 else 1
+        stage = nl.ndarray((P_MAX, n_qt, hb, group, d), dtype=q.dtype, buffer=nl.sbuf)
+        for t in range(n_qt):
+            qn = min(_Q_TILE, mq - t * _Q_TILE)
+            src = q.ap(pattern=[[n_hq * d, qn], [step * group * d, hb], [d, group], [1, d]],
+                       offset=(t * _Q_TILE * n_hq + kv_heads[0] * group) * d, scalar_offset=q_start, indirect_dim=0)
+            nisa.dma_copy(dst=stage[0:qn, t], src=src)
+        self.stage = (stage, kv_heads[0] * group, step * group, group)
+
+    def __getattr__(self, name):            # start, mask, store: the sequence's
+        return getattr(self.seq, name)
+
+    def finish_scale(self, inv_l, st):
+        """The sequence's (rows without keys: 0), plus the batch's non-finite V flag of the head (windows of
+        _load_window_kv_flagged)."""
+        self.seq.finish_scale(inv_l, st)
+        if self.poison is not None:
+            hl = (st.h - self.h0) // self.kv_step
+            nisa.tensor_tensor(dst=inv_l[0:st.qn], data1=inv_l[0:st.qn], data2=self.poison[0:st.qn, hl:hl + 1],
+                               op=nl.add, engine=nisa.engine.gpsimd)
+
+    def q_rows(self, st):
+        if self.stage is None:
+            return None
+        stage, h0, kv_step, group = self.stage
+        rel = st.h - h0
+        return stage[:, st.q0 // _Q_TILE, rel // kv_step, rel % group]
+
+
+class _SeqRows:
+    """The pipeline's row hooks for sequence i (varlen per-sequence mode): key masks (built once per sequence,
+    shared by every head and query tile), zero rows that see no key, scatter of the sequence's rows."""
+
+    def __init__(self, win, i):
+        self.win, self.i = win, i
+        st, pool = win.stats, nisa.engine.gpsimd
+        self.col_mask = nl.ndarray((P_MAX, win.n_blk, _BLOCK), dtype=nl.bfloat16, buffer=nl.sbuf)
+        for j in range(win.n_blk):
+            kn = min(_BLOCK, win.mk - j * _BLOCK)
+            dist = nl.ndarray((P_MAX, _BLOCK), dtype=nl.float32, buffer=nl.sbuf)      # k0 + c - mid_k
+            nisa.tensor_scalar(dst=dist[:, 0:kn], data=win.col[:, 0:kn], op0=nl.subtract, operand0=st[:, 2, i:i + 1],
+                               op1=nl.add, operand1=float(j * _BLOCK), engine=pool)
+            nisa.tensor_scalar(dst=self.col_mask[:, j, 0:kn], data=dist[:, 0:kn], op0=nl.abs_max, operand0=0.0,
+                               op1=nl.less, operand1=st[:, 3, i:i + 1], engine=pool)
+        # scatter rows: window row r -> w_q + r inside the sequence, Tq (out of bounds: skipped) outside
+        n_qt = win.n_qt
+        inside = nl.ndarray((P_MAX, n_qt), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_scalar(dst=inside, data=win.row, op0=nl.subtract, operand0=st[:, 0, i:i + 1], op1=nl.abs_max,
+                           operand1=0.0, engine=pool)
+        nisa.tensor_scalar(dst=inside, data=inside, op0=nl.less, operand0=st[:, 1, i:i + 1], engine=pool)
+        rel = nl.ndarray((P_MAX, n_qt), dtype=nl.float32, buffer=nl.sbuf)              # (w_q + r - Tq) inside
+        nisa.tensor_scalar(dst=rel, data=win.row, op0=nl.add, operand0=st[:, 4, i:i + 1], engine=pool)
+        nisa.tensor_tensor(dst=rel, data1=rel, data2=inside, op=nl.multiply, engine=pool)
+        self.idx = nl.ndarray((P_MAX, n_qt), dtype=nl.int32, buffer=nl.sbuf)
+        nisa.tensor_scalar(dst=self.idx, data=rel, op0=nl.add, operand0=float(win.tq), engine=pool)
+        self.diag = {}
+
+    def start(self, st):
+        pass
+
+    def keys_inside(self):
+        """[128, ceil(mk/128), hb_max] uint8: window key c*128 + p lies in the sequence (s_k <= key < e_k)."""
+        win, i = self.win, self.i
+        if getattr(self, "_keys_inside", None) is None:
+            n_c = n_tiles(win.mk, K_CHUNK)
+            hb = win.max_batch
+            pos_i = nl.ndarray((P_MAX, n_c, hb), dtype=nl.int32, buffer=nl.sbuf)
+            nisa.iota(pos_i, pattern=[[K_CHUNK, n_c], [0, hb]], offset=0, channel_multiplier=1)
+            dist = nl.ndarray((P_MAX, n_c, hb), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.tensor_scalar(dst=dist, data=pos_i, op0=nl.subtract, operand0=win.stats[:, 2, i:i + 1],
+                               op1=nl.abs_max, operand1=0.0, engine=nisa.engine.gpsimd)
+            self._keys_inside = nl.ndarray((P_MAX, n_c, hb), dtype=nl.uint8, buffer=nl.sbuf)
+            nisa.tensor_scalar(dst=self._keys_inside, data=dist, op0=nl.less, operand0=win.stats[:, 3, i:i + 1],
+                               engine=nisa.engine.gpsimd)
+        return self._keys_inside
+
+    def _diag_mask(self, j, o):
+        """Column mask of block j and the causal bound c - p + o <= e_k - e_q, for blocks on the diagonal."""
+        if (j, o) not in self.diag:
+            win, i = self.win, self.i
+            kn = min(_BLOCK, win.mk - j * _BLOCK)
+            m = nl.ndarray((P_MAX, _BLOCK), dtype=nl.bfloat16, buffer=nl.sbuf)
+            nisa.tensor_scalar(dst=m[:, 0:kn], data=win.col_minus_row(o)[:, 0:kn], op0=nl.less_equal,
+                               operand0=win.stats[:, 6, i:i + 1], engine=nisa.engine.gpsimd)
+            nisa.tensor_tensor(dst=m[:, 0:kn], data1=m[:, 0:kn], data2=self.col_mask[:, j, 0:kn], op=nl.multiply,
+                               engine=nisa.engine.gpsimd)
+            self.diag[(j, o)] = m
+        return self.diag[(j, o)]
+
+    def mask(self, scores, st, j, k0, kn):
+        qn = st.qn
+        if self.win.causal and k0 + kn - 1 > st.q0:
+            vis = self._diag_mask(j, k0 - st.q0)
+        else:
+            vis = self.col_mask[:, j]
+        return nl.where(vis[0:qn, 0:kn], scores, MASK_BIAS)
+
+    def finish_scale(self, inv_l, st):
+        """Rows of a sequence without keys give 0 (their scores were all masked)."""
+        qn = st.qn
+        nisa.tensor_tensor(dst=inv_l[0:qn], data1=inv_l[0:qn], data2=self.win.stats[0:qn, 5, self.i:self.i + 1],
+                           op=nl.multiply, engine=nisa.engine.gpsimd)
+
+    def store(self, out, o_sb, st):
+        """The tile's rows of this sequence -> out (scatter; rows outside the sequence have index Tq, skipped)."""
+        qn = st.qn
+        t = st.q0 // _Q_TILE
+        _, n_h, d = out.shape
+        dst = out.ap(pattern=[[n_h * d, qn], [1, d]], offset=st.h * d, vector_offset=self.idx[0:qn, t:t + 1],
+                     indirect_dim=0)
+        nisa.dma_copy(dst=dst, src=o_sb, oob_mode=nisa.oob_mode.skip)
 
 
 # ============================================================================ host wrapper
@@ -519,23 +946,27 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, sof
     kernel_check(isinstance(causal, bool), f"{name}: causal must be a bool, got causal={causal!r}")
     cu_q = _cu_values(name, "cu_seqlens_q", cu_seqlens_q, tq)
     cu_k = _cu_values(name, "cu_seqlens_k", cu_seqlens_k, tk, n_expected=len(cu_q) - 1)
+    import numpy as np
     if causal:
-        import numpy as np
         lq, lk = np.diff(cu_q), np.diff(cu_k)
         short = np.nonzero(lk < lq)[0]
         kernel_check(short.size == 0, f"{name}: with causal=True every sequence needs at least as many keys as "
                      f"queries (bottom-right aligned), got sequence {int(short[0]) if short.size else -1} with "
                      f"{int(lq[short[0]]) if short.size else 0} queries and "
                      f"{int(lk[short[0]]) if short.size else 0} keys (cu_seqlens_q, cu_seqlens_k)")
-    _band(name, cu_q, cu_k, causal, max_seqlen_q, max_seqlen_k, tq, tk)
+    m_q = _max_len(name, "max_seqlen_q", max_seqlen_q, np.diff(cu_q))
+    m_k = _max_len(name, "max_seqlen_k", max_seqlen_k, np.diff(cu_k))
     scale = _check_scale(name, softmax_scale, d)
     lnc = resolve_lnc(lnc, name)
     itemsize = 4 if _dtype_name(q) == "float32" else 2
+    q, k, v, gate = (_read_only(x) for x in (q, k, v, gate))
+    plan = windows_plan(tq, tk, len(cu_q) - 1, d, itemsize, causal, m_q, m_k)
+    if plan is not None:
+        return call(flash_attention_varlen_windows_kernel, q, k, v, gate, cu_q, cu_k, scale, causal, *plan, lnc=lnc)
     need = kv_resident_bytes(tk, d, itemsize)
     kernel_check(need <= _SBUF_KV_BUDGET,
                  f"{name}: one KV head of the packed keys must fit SBUF (K^T + V resident): Tk={tk}, D={d}, "
                  f"{_dtype_name(q)} needs {need} B per partition > {_SBUF_KV_BUDGET}")
-    q, k, v, gate = (_read_only(x) for x in (q, k, v, gate))
     return call(flash_attention_varlen_kernel, q, k, v, gate, cu_q, cu_k, scale, causal, lnc=lnc)
 
 
@@ -552,17 +983,31 @@ def _max_len(name, arg, value, lens):
     return int(value)
 
 
-def _band(name, cu_q, cu_k, causal, max_seqlen_q, max_seqlen_k, tq, tk):
-    """(lo, hi): row r sees keys in [r - lo, r + hi) at most; None when no max_seqlen_q is given."""
-    import numpy as np
-    m_q = _max_len(name, "max_seqlen_q", max_seqlen_q, np.diff(cu_q))
-    _max_len(name, "max_seqlen_k", max_seqlen_k, np.diff(cu_k))
-    if m_q is None:
+def windows_plan(tq, tk, n, d, itemsize, causal, max_q, max_k):
+    """The mode rule (trace-time: shapes and the max_seqlen_* options only, never cu_seqlens values).
+
+    Per-sequence windows (flash_attention_varlen_windows_kernel) when both max_seqlen_q and max_seqlen_k are
+    given and the window schedule, N sequences of ceil(mq/128) query tiles, has no more query tiles than the
+    packed schedule (ceil(Tq/128)) times _WINDOW_TILE_RATIO, and one window's K^T + V fit the SBUF budget;
+    else the packed query tiles with the register-bounded key-block loop. Returns (mq, mk) or None."""
+    if max_q is None or max_k is None:
         return None
-    if causal:                       # cu_k[s] >= cu_q[s] > r - m_q; key <= r + Tk - Tq
-        return (m_q - 1, tk - tq + 1)
-    kernel_check(tq == tk and bool(np.array_equal(cu_q, cu_k)),
-                 f"{name}: with causal=False, max_seqlen_q bounds the key band only for self-attention packing "
-                 f"(cu_seqlens_k equal to cu_seqlens_q); got different cu_seqlens_q and cu_seqlens_k (pass "
-                 f"max_seqlen_q=None)")
-    return (m_q - 1, m_q)
+    mq, mk = min(max_q, tq), min(max_k, tk)
+    if causal:
+        mk = min(tk, max(mk, mq))
+    if n * n_tiles(mq, _Q_TILE) > _WINDOW_TILE_RATIO * n_tiles(tq, _Q_TILE):
+        return None
+    if window_sbuf_bytes(mq, mk, d, itemsize, causal) > _SBUF_KV_BUDGET:
+        return None
+    return mq, mk
+
+
+def window_sbuf_bytes(mq, mk, d, itemsize, causal):
+    """Bytes per partition the per-sequence mode keeps for one window: K^T + V, the key masks (bf16, one per
+    block) and the causal diagonal masks (at most two per query tile)."""
+    keys = n_tiles(mk, K_CHUNK) * K_CHUNK
+    kv = n_tiles(d, D_CHUNK) * keys * itemsize + (keys // K_CHUNK) * d * itemsize
+    masks = n_tiles(mk, _BLOCK) * _BLOCK * 2
+    if causal:
+        masks += 2 * n_tiles(mq, _Q_TILE) * _BLOCK * 2
+    return kv + masks

@@ -303,7 +303,6 @@ def test_fully_masked_blocks_are_skipped(causal):
     (dict(max_seqlen_k=3, causal=True), "max_seqlen_k must bound every sequence length"),
     (dict(max_seqlen_q=0), "max_seqlen_q must be an int >= 1 or None"),
     (dict(max_seqlen_q=4.0), "max_seqlen_q must be an int >= 1 or None"),
-    (dict(max_seqlen_q=4, causal=False, cu_k=[0, 2, 6]), "only for self-attention packing"),
 ])
 def test_bad_max_seqlen(kw, match):
     q = np.zeros((6, 1, 64), np.float32)
