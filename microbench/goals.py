@@ -74,8 +74,8 @@ GOALS = [
          (f"gated_delta_rule_step [{_QWEN} B=1 T=1 Hk=4 Hv=8 D=128 fp32 state static rows]",),
          lambda d: d[0]["us"], 8.0, unit="us"),
     Goal("conv1d + gated_delta_rule T=2048: <= 3.5x the fused pair's roofline",
-         (f"gated_delta_rule [{_QWEN} B=1 T=2048 Hk=4 Hv=8 D=128 l2norm "
-          "conv1d K=4 + gated_delta_rule (unfused pair)]",),
+         (f"gated_delta_rule_fused [{_QWEN} B=1 T=2048 Hk=4 Hv=8 D=128 l2norm "
+          "conv1d K=4 + gated_delta_rule (fused)]",),
          _ratio, 3.5, unit="x roofline"),
     Goal("gated_delta_rule_step B=1 at LNC=1: <= 10 us",
          (f"gated_delta_rule_step [{_QWEN} B=1 T=1 Hk=4 Hv=8 D=128 fp32 state lnc=1]",), lambda d: d[0]["us"],

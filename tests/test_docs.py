@@ -17,6 +17,7 @@ EXTRA = {  # public functions outside nki_kernels.__all__ that the card document
     "shard_weights": "nki_kernels.codepredictor",
     "weights_from_transformers": "nki_kernels.moe", "weights_from_state_dict": "nki_kernels.moe",
     "experts_from_transformers": "nki_kernels.moe", "shared_from_transformers": "nki_kernels.moe",
+    "gated_delta_rule_fused": "nki_kernels.deltanet",
 }
 
 

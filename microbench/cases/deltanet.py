@@ -108,10 +108,7 @@ def _conv_pair_case(t):
     from nki_kernels import causal_conv1d, gated_delta_rule
 
     def make(rng):
-        x = _gdn_inputs(rng, 1, t)
-        x["mixed_qkv"] = rng.standard_normal((1, _CONV_DIM, t)).astype(_BF16)
-        x["conv_weight"] = (rng.standard_normal((_CONV_DIM, _KW)) * 0.5).astype(_BF16)
-        return x
+        return _pair_inputs(rng, t)
 
     def run(x):
         y, _ = causal_conv1d(x["mixed_qkv"], x["conv_weight"])
@@ -123,12 +120,54 @@ def _conv_pair_case(t):
         q, k, v = _split_qkv(y, 1, t)
         return ref.gated_delta_rule(q, k, v, x["g"], x["beta"], use_qk_l2norm_in_kernel=True)
 
-    pair_bytes = 2 * (t * _CONV_DIM + _CONV_DIM * _KW + t * _HV * _DV) + t * _HV * (4 + 2) + _HV * _DK * _DV * 4
+    pair_bytes = _pair_bytes(t)
     register(BenchCase(
         kernel="gated_delta_rule", shape=f"{_LABEL} B=1 T={t} Hk={_HK} Hv={_HV} D={_DK} l2norm "
         f"conv1d K={_KW} + gated_delta_rule (unfused pair)",
         make_inputs=make, run=run, reference=reference,
         flops=_prefill_flops(1, t) + 2 * _KW * _CONV_DIM * t, min_hbm_bytes=pair_bytes, dtype="bfloat16"))
+
+
+def _pair_inputs(rng, t):
+    x = _gdn_inputs(rng, 1, t)
+    x["mixed_qkv"] = rng.standard_normal((1, _CONV_DIM, t)).astype(_BF16)
+    x["conv_weight"] = (rng.standard_normal((_CONV_DIM, _KW)) * 0.5).astype(_BF16)
+    return x
+
+
+def _pair_bytes(t):
+    """The fused pair's minimum HBM traffic: mixed_qkv and the weights read once, o written, g and beta read, the
+    state written (no conv output round trip)."""
+    return 2 * (t * _CONV_DIM + _CONV_DIM * _KW + t * _HV * _DV) + t * _HV * (4 + 2) + _HV * _DK * _DV * 4
+
+
+def _fused_case(t, quick=False):
+    """conv1d + SiLU + split + L2 norm + gated_delta_rule in one launch (gated_delta_rule_fused): mixed_qkv
+    [B, T, conv_dim] as the layer's in_proj_qkv writes it. Same inputs, FLOPs and minimum bytes as the unfused pair
+    row, so its ratio is the figure of the 'conv + DeltaNet fused <= 3.5x' goal."""
+    from nki_kernels.deltanet.fused import gated_delta_rule_fused
+
+    def make(rng):
+        x = _pair_inputs(rng, t)
+        x["mixed_qkv_tmajor"] = np.ascontiguousarray(x["mixed_qkv"].transpose(0, 2, 1))
+        return x
+
+    def run(x):
+        o, final, _ = gated_delta_rule_fused(x["mixed_qkv_tmajor"], x["conv_weight"], x["g"], x["beta"], _HK, _DK,
+                                             chunk_size=_CHUNK, use_qk_l2norm_in_kernel=True)
+        return o, final
+
+    def reference(x):
+        y, _ = ref.causal_conv1d(x["mixed_qkv"], x["conv_weight"])
+        q, k, v = _split_qkv(y, 1, t)
+        return ref.gated_delta_rule(q, k, v, x["g"], x["beta"], use_qk_l2norm_in_kernel=True)
+
+    register(BenchCase(
+        kernel="gated_delta_rule_fused", shape=f"{_LABEL} B=1 T={t} Hk={_HK} Hv={_HV} D={_DK} l2norm "
+        f"conv1d K={_KW} + gated_delta_rule (fused)",
+        make_inputs=make, run=run, reference=reference,
+        flops=_prefill_flops(1, t) + 2 * _KW * _CONV_DIM * t, min_hbm_bytes=_pair_bytes(t), dtype="bfloat16",
+        quick=quick))
 
 
 def _decode_inputs(rng, b):
@@ -242,6 +281,8 @@ _decode_case(DECODE_BATCHES[0], lnc=1)          # the single-core figure beside 
 _decode_case(DECODE_BATCHES[0], static_rows=True)
 _old_prefill_baseline_row(PREFILL_LENGTHS[1])
 _conv_pair_case(PREFILL_LENGTHS[1])
+_fused_case(PREFILL_LENGTHS[1])
+_fused_case(64, quick=True)
 _old_decode_baseline_row(DECODE_BATCHES[0])
 for _t in PREFILL_LENGTHS[:2]:
     _conv_case(_t, quick=(_t == PREFILL_LENGTHS[0]))

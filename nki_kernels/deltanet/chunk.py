@@ -23,7 +23,7 @@ import numpy as np
 
 from ..backend import call, nki, nisa, nl
 from ..hw import P_MAX, PSUM_FMAX_FP32
-from ..lnc import resolve_lnc
+from ..lnc import current_target_name, resolve_lnc
 from ..validation import kernel_check
 from ._checks import check_cu_seqlens, check_lengths, check_qkv_gate_layouts, check_tensor
 from ._checks import dtype_name as _dtype_name
@@ -66,6 +66,9 @@ _PARTITION_QUADRANT = 32
 _ROW_MASK_BLOCK = 16
 # the solve level whose A mask runs on VectorE (the other small levels' masks on GpSimd): engine balance
 _VECTOR_MASK_LEVEL = 2
+# the solve's levels with 2s <= 32 on compact 32 x 32 PE tiles (_compact_level), by compute dtype (bf16, fp32):
+# off for both, modeled slower at T=2048 (docs/deltanet.md, "Compact solve"); tested against the reference
+_COMPACT_SOLVE = {False: False, True: False}
 # PSUM banks one [P, W, C] lockstep tile may span: the solve keeps 3 such tiles live (6 of 8 banks)
 _LOCKSTEP_PSUM_BANKS = 2
 
@@ -78,6 +81,10 @@ _C_MT0 = 3                        # first transposed level mask; level l (block 
 
 def _c_hi_rows(chunk):
     return _C_MT0 + _n_levels(chunk)    # index of the hi-rows mask (after the level masks)
+
+
+def _c_hi_lvl(chunk):
+    return _c_hi_rows(chunk) + 1        # index of the per-level hi-rows columns (compact solve)
 
 
 def _n_levels(chunk):
@@ -95,12 +102,15 @@ def _host_constants(chunk):
         consts.append(m.T)
     s = _ROW_MASK_BLOCK                   # hi_rows[p, b] = [p in the second half of 2s-block b]
     consts.append((i // (2 * s) == j) & (i % (2 * s) >= s))
+    # hi_lvl[p, l] = [p in the second half of its 2^(l+1)-block] (the compact solve's row masks, level l)
+    consts.append((j < _n_levels(chunk)) & (i % (2 << np.minimum(j, 30)) >= (1 << np.minimum(j, 30))))
     return np.stack([c.astype(np.float32) for c in consts])
 
 
 @nki.jit
 def gated_delta_rule_kernel(q, k, v, g, beta, initial_state, lengths, cu_seqlens, consts, chunk, scale, use_l2norm,
-                            has_initial_state, checkpoint_every, has_lengths, bf16_compute, varlen=False):
+                            has_initial_state, checkpoint_every, has_lengths, bf16_compute, varlen=False,
+                            row_tiles=False):
     """Chunked gated delta rule over all (batch, head) pairs in one launch.
 
     Dimensions:
@@ -118,6 +128,7 @@ def gated_delta_rule_kernel(q, k, v, g, beta, initial_state, lengths, cu_seqlens
         consts: [n_const, C, C] @ HBM fp32, the 0/1 masks of `_host_constants(C)`.
         chunk, scale, use_l2norm, has_initial_state, checkpoint_every, has_lengths, bf16_compute: trace-time
             constants (bf16_compute: bf16 matmul operands for bf16 inputs; else fp32 throughout).
+        row_tiles: trace-time; the target has 32-row PE tiles (NeuronCore-v3+): the solve's small levels run compact.
         varlen: trace-time; packed sequences (see _varlen_schedule: a static number of chunk slots, N + T // C,
             each aligned to its sequence's start, with the schedule computed on device from cu_seqlens).
     Returns:
@@ -179,13 +190,38 @@ def gated_delta_rule_kernel(q, k, v, g, beta, initial_state, lengths, cu_seqlens
     # k head (relative to kh_lo) of owned v head w: (hv_lo + w) // group - kh_lo
     head_base = hv_lo
 
+    dims = dict(n_hv=n_hv, dk=dk, dv=dv, bsz=bsz, seq=seq, n_chunks=n_chunks, group=group, head_base=head_base,
+                n_hk_all=n_hk_all, n_hv_all=n_hv_all, io_dtype=q.dtype)
+    run_pipeline((q, k, v, g, beta), lengths, cu_seqlens, consts, initial_state, (o, final_state, ckpt), dims,
+                 dict(chunk=chunk, scale=scale, use_l2norm=use_l2norm, has_initial_state=has_initial_state,
+                      checkpoint_every=checkpoint_every, n_ckpt=n_ckpt, has_lengths=has_lengths,
+                      bf16_compute=bf16_compute, varlen=varlen, row_tiles=row_tiles))
+    return outs
+
+
+def run_pipeline(inputs, lengths, cu_seqlens, consts, initial_state, outs, dims, opts, loader=None):
+    """The chunk loop of one program instance over its owned heads (shared by the unfused and fused kernels).
+
+    inputs (q, k, v, g, beta): HBM views of the owned heads (q, k, v None when `loader` makes their tiles);
+    outs (o, final_state, ckpt or None): HBM views of the owned heads; dims: n_hv (owned), dk, dv, bsz, seq,
+    n_chunks, group, head_base, n_hk_all, n_hv_all, io_dtype; opts: the kernel's trace-time options.
+    loader(i_b, i_c, t0, n_tok, per_seq) -> (q, k, v [C, H, D] in the compute dtype, g, beta [C, Hv] fp32), rows
+    past the sequence end zero: replaces the HBM loads of q, k, v, g, beta (the fused front end)."""
+    q, k, v, g, beta = inputs
+    o, final_state, ckpt = outs
+    n_hv, dk, dv, bsz, seq, n_chunks = (dims[x] for x in ("n_hv", "dk", "dv", "bsz", "seq", "n_chunks"))
+    group, head_base = dims["group"], dims["head_base"]
+    chunk, scale, use_l2norm = opts["chunk"], opts["scale"], opts["use_l2norm"]
+    has_initial_state, checkpoint_every, n_ckpt = opts["has_initial_state"], opts["checkpoint_every"], opts["n_ckpt"]
+    has_lengths, bf16_compute, varlen = opts["has_lengths"], opts["bf16_compute"], opts["varlen"]
+    f32 = nl.float32
     n_const = consts.shape[0]
     consts_sb = nl.ndarray((chunk, n_const, chunk), dtype=f32, buffer=nl.sbuf)
     nisa.dma_copy(dst=consts_sb, src=consts.permute((1, 0, 2)))
     # matmul operand dtype: fp32 by default, for every input dtype (what transformers' chunked function
     # computes in: bf16 outputs are then as accurate as the stock path's); bf16_compute (bf16 inputs only) runs
     # TensorE at bf16 rate (fp32 PSUM accumulation, fp32 state, ~2.5x the output error); decays stay fp32
-    cdt = nl.bfloat16 if q.dtype == nl.bfloat16 and bf16_compute else f32
+    cdt = nl.bfloat16 if dims["io_dtype"] == nl.bfloat16 and bf16_compute else f32
     ones_sb = nl.ndarray((chunk, max(dk, chunk)), dtype=f32, buffer=nl.sbuf)
     nisa.memset(dst=ones_sb, value=1.0)
     guard = _guard_constants(consts_sb, chunk, dk)
@@ -209,10 +245,11 @@ def gated_delta_rule_kernel(q, k, v, g, beta, initial_state, lengths, cu_seqlens
 
     cfg = dict(chunk=chunk, seq=seq, width=width, group=group, head_base=head_base, scale=scale,
                use_l2norm=use_l2norm, cdt=cdt, has_lengths=has_lengths,
-               hi_rows=consts_sb[:, _c_hi_rows(chunk), :],
+               hi_rows=consts_sb[:, _c_hi_rows(chunk), :], hi_lvl=consts_sb[:, _c_hi_lvl(chunk), :],
+               row_tiles=opts.get("row_tiles", False),
                consts_sb=consts_sb, ones_sb=ones_sb, ident_c=solve_wss[0][0][:, 0, :], guard=guard,
-               sched=sched, n_hk_all=n_hk_all, n_hv_all=n_hv_all, initial_state=initial_state,
-               has_initial_state=has_initial_state)
+               sched=sched, n_hk_all=dims["n_hk_all"], n_hv_all=dims["n_hv_all"], initial_state=initial_state,
+               has_initial_state=has_initial_state, n_hv=n_hv, dk=dk, dv=dv, loader=loader)
     # software pipeline over the (batch, chunk) items: the state-independent parts of items n + 1 .. n + depth
     # (loads, norms, decays, A, the solve, W) are emitted interleaved, stage by stage, with the
     # state-dependent part of item n (V', O, S): their chains overlap instead of adding up
@@ -238,7 +275,6 @@ def gated_delta_rule_kernel(q, k, v, g, beta, initial_state, lengths, cu_seqlens
         done.discard(preps.pop(i_n))
         done.discard(tail)
         ctxs.pop(i_n)                                      # the item's tiles go out of scope
-    return outs
 
 
 def _owned_heads(n_hv, pid, n_prog):
@@ -267,8 +303,7 @@ def _chunk_prep(q, k, v, g, beta, lengths, per_seq, ctx, cfg):
     i_b, i_c = ctx["i_b"], ctx["i_c"]
     chunk, seq, width, group, cdt = cfg["chunk"], cfg["seq"], cfg["width"], cfg["group"], cfg["cdt"]
     consts_sb, ones_sb = cfg["consts_sb"], cfg["ones_sb"]
-    n_hv, dv = v.shape[2], v.shape[3]
-    dk = q.shape[3]
+    n_hv, dk, dv = cfg["n_hv"], cfg["dk"], cfg["dv"]
     f32 = nl.float32
     utri = consts_sb[:, _C_UTRI, :]
     if i_c == 0:
@@ -283,7 +318,9 @@ def _chunk_prep(q, k, v, g, beta, lengths, per_seq, ctx, cfg):
     t0 = i_c * chunk
     n_tok = min(chunk, seq - t0)
     sched = cfg["sched"]
-    if sched is None:
+    if cfg["loader"] is not None:
+        tiles = cfg["loader"](i_b, i_c, t0, n_tok, per_seq[i_b])
+    elif sched is None:
         tiles = _load_chunk(q, k, v, g, beta, i_b, t0, n_tok, chunk, cdt)
     else:
         n_tok = chunk
@@ -854,8 +891,8 @@ def _block_prep(blk, q_c, k_c, v_w, kk_sb, kq_causal, g_w, beta_w, exp_g, beta_e
     for w in range(width):
         nisa.tensor_scalar(dst=diag_b[:, w, :], data=ident_w[:, w, :], op0=nl.multiply, operand0=beta_c[:, w:w + 1])
     kb_ps = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.psum)
-    for w in range(width):
-        nisa.nc_matmul(kb_ps[:, w, :], kk_sb[:, head_kh[w], :], diag_b[:, w, :])    # (K K^T)^T diag(beta)
+    for w0, w1 in _shared_stationary_runs(head_kh, chunk):      # (K K^T)^T diag(beta), heads of one q/k head
+        nisa.nc_matmul(kb_ps[:, w0:w1, :], kk_sb[:, head_kh[w0], :], diag_b[:, w0:w1, :])
     at_sb = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
     nisa.tensor_tensor(dst=at_sb, data1=kb_ps, data2=decay_t, op=nl.multiply)
     del kb_ps
@@ -864,7 +901,9 @@ def _block_prep(blk, q_c, k_c, v_w, kk_sb, kq_causal, g_w, beta_w, exp_g, beta_e
         nisa.tensor_tensor(dst=p_t[:, w, :], data1=decay_t[:, w, :], data2=kq_causal[:, head_kh[w], :],
                            op=nl.multiply, engine=pool)
     yield
-    t_t = yield from _solve_unit_lower(at_sb, solve_ws, cfg["hi_rows"], chunk, cdt)   # T^T, T = (I + A)^-1
+    compact = cfg["row_tiles"] and _COMPACT_SOLVE[cdt == nl.float32]
+    t_t = yield from _solve_unit_lower(at_sb, solve_ws, cfg["hi_rows"], chunk, cdt,   # T^T, T = (I + A)^-1
+                                       cfg["hi_lvl"] if compact else None, bf16_corrections=cfg["use_l2norm"])
 
     # -W^T = -(T (beta e^G K))^T; beta V; K o e^{G_C - G_j} (decay_t[:, w, C-1] = e^{G_C - G_j})
     xk = nl.ndarray((chunk, width, dk), dtype=cdt, buffer=nl.sbuf)
@@ -885,6 +924,23 @@ def _block_prep(blk, q_c, k_c, v_w, kk_sb, kq_causal, g_w, beta_w, exp_g, beta_e
     del wt_ps
     blk.update(p_t=p_t, t_t=t_t, wt_neg=wt_neg, xv=xv, k_dec=k_dec)
     yield
+
+
+def _shared_stationary_runs(head_kh, inner):
+    """[w0, w1) runs of consecutive lockstep heads with the same q/k head (the same stationary), each one matmul
+    with the heads' moving columns side by side: N = (w1 - w0) inner <= 512 fp32 within one PSUM bank (the
+    [P, W, inner] tile starts at a bank). An fp32 matmul pays 4 x (N + 64) cycles: one of N = 256 instead of two
+    of 128 saves 256 cycles."""
+    runs = []
+    for w, kh in enumerate(head_kh):
+        if runs:
+            w0, w1 = runs[-1]
+            same_bank = (w0 * inner) // PSUM_FMAX_FP32 == ((w + 1) * inner - 1) // PSUM_FMAX_FP32
+            if head_kh[w0] == kh and w1 == w and same_bank:
+                runs[-1] = (w0, w + 1)
+                continue
+        runs.append((w, w + 1))
+    return runs
 
 
 def _block_tail(blk, exp_g, exp_glast, s_w, o_w, cfg, dk, dv):
@@ -910,8 +966,8 @@ def _block_tail(blk, exp_g, exp_glast, s_w, o_w, cfg, dk, dv):
 
     def output():                          # O = e^G o (Q S) + P V': the row scaling applied at the eviction
         qs_ps = nl.ndarray((chunk, width, dv), dtype=f32, buffer=nl.psum)
-        for w in range(width):
-            nisa.nc_matmul(qs_ps[:, w, :], blk["q_t"][:, blk["head_kh"][w], :], s_c[:, w, :])
+        for w0, w1 in _shared_stationary_runs(blk["head_kh"], dv):   # the v heads of one q/k head at once
+            nisa.nc_matmul(qs_ps[:, w0:w1, :], blk["q_t"][:, blk["head_kh"][w0], :], s_c[:, w0:w1, :])
         qs_sb = nl.ndarray((chunk, width, dv), dtype=f32, buffer=nl.sbuf)
         for w in range(width):
             nisa.activation(dst=qs_sb[:, w, :], op=nl.copy, data=qs_ps[:, w, :], scale=exp_g[:, w:w + 1])
@@ -977,10 +1033,10 @@ def _cols(t, s, upper):
     return v[..., s:2 * s] if upper else v[..., 0:s]
 
 
-_NEWTON_STEPS = 2                 # fp32 refinements of the bf16 solve: relative error 1e-2 -> 1e-4 -> fp32 (~1e-8)
+_NEWTON_STEPS = 2                 # refinements of the bf16 solve (fp32 residual, bf16 corrections): 1e-2, 4e-5, fp32
 
 
-def _solve_unit_lower(at_sb, solve_ws, hi_rows, chunk, cdt):
+def _solve_unit_lower(at_sb, solve_ws, hi_rows, chunk, cdt, hi_lvl=None, bf16_corrections=False):
     """T^T [C, W, C] per head, T = (I + strict_lower(A))^-1 (a generator; returns T^T in cdt).
 
     bf16 compute: block doubling on bf16 operands (_block_doubling). fp32 compute: the same block doubling on a
@@ -990,20 +1046,27 @@ def _solve_unit_lower(at_sb, solve_ws, hi_rows, chunk, cdt):
     half-width fp32 matmuls of an fp32 block doubling (4 passes each): about half the solve's TensorE time."""
     ident_w, lvl_masks, n_lv, _, ident_s, strict_t = solve_ws
     if strict_t is None:
-        t_t, _ = yield from _block_doubling(at_sb, ident_s, lvl_masks, n_lv, hi_rows, chunk, cdt, False)
+        t_t, _ = yield from _block_doubling(at_sb, ident_s, lvl_masks, n_lv, hi_rows, chunk, cdt, False, hi_lvl)
         return t_t
     sdt = nl.bfloat16
     at_s = nl.ndarray(at_sb.shape, dtype=sdt, buffer=nl.sbuf)
     nisa.activation(dst=at_s, op=nl.copy, data=at_sb)
-    t0_t, t0_row = yield from _block_doubling(at_s, ident_s, lvl_masks, n_lv, hi_rows, chunk, sdt, True)
-    return (yield from _refine_inverse(at_sb, strict_t, ident_w, t0_t, t0_row))
+    t0_t, t0_row = yield from _block_doubling(at_s, ident_s, lvl_masks, n_lv, hi_rows, chunk, sdt, True, hi_lvl)
+    return (yield from _refine_inverse(at_sb, strict_t, ident_w, t0_t, t0_row, bf16_corrections))
 
 
-def _refine_inverse(at_sb, strict_t, ident_w, t0_t, t0_row):
-    """fp32 Newton steps on T = (I + A)^-1 from the bf16 T0 (both layouts): E = I - T - A T, T^T <- T^T + E^T T^T,
+def _refine_inverse(at_sb, strict_t, ident_w, t0_t, t0_row, bf16_corrections):
+    """Newton steps on T = (I + A)^-1 from the bf16 T0 (both layouts): E = I - T - A T, T^T <- T^T + E^T T^T,
     T <- T + T E (every matmul out = stationary^T moving: A T = (A^T)^T T, E^T T^T = (E)^T T^T, T E = (T^T)^T E).
-    at_sb [C, W, C] fp32 A^T (strict upper part used), strict_t its 0/1 mask, ident_w I; returns T^T fp32."""
-    f32 = nl.float32
+
+    The residual A T is always an fp32 matmul (a difference of nearly equal terms). With bf16_corrections (the L2
+    norm in kernel: unit keys, |A| <= |beta|) the corrections T E and E^T T^T, of size |E| (<= ~1e-2 after the
+    bf16 solve, then ~1e-5), run on bf16 copies of E and T^T (one pass, fp32 PSUM): their 4e-3 relative rounding
+    is removed by the next step's exact residual, and the last leaves ~4e-3 |E_1|. Without the norm (raw keys:
+    A and T can be large and ill-conditioned) every product is fp32 (docs/deltanet.md "Newton corrections").
+    at_sb [C, W, C] fp32 A^T (strict upper part used), strict_t its 0/1 mask, ident_w I (fp32); t0_t, t0_row bf16.
+    Returns T^T fp32."""
+    f32, bf16 = nl.float32, nl.bfloat16
     shape = at_sb.shape
     width = shape[1]
     pool = nisa.engine.gpsimd
@@ -1013,32 +1076,95 @@ def _refine_inverse(at_sb, strict_t, ident_w, t0_t, t0_row):
     nisa.tensor_copy(dst=x_t, src=t0_t, engine=pool)
     t_row = nl.ndarray(shape, dtype=f32, buffer=nl.sbuf)         # T
     nisa.activation(dst=t_row, op=nl.copy, data=t0_row)
+    tt_c = t0_t if bf16_corrections else x_t                      # T^T operand of the corrections
     yield
     for step in range(_NEWTON_STEPS):
         last = step + 1 == _NEWTON_STEPS
         at_ps = nl.ndarray(shape, dtype=f32, buffer=nl.psum)
         for w in range(width):
-            nisa.nc_matmul(at_ps[:, w, :], a_t[:, w, :], t_row[:, w, :])          # A T
+            nisa.nc_matmul(at_ps[:, w, :], a_t[:, w, :], t_row[:, w, :])          # A T (fp32: the residual)
         e_sb = nl.ndarray(shape, dtype=f32, buffer=nl.sbuf)
         nisa.tensor_tensor(dst=e_sb, data1=ident_w, data2=t_row, op=nl.subtract, engine=pool)
-        nisa.tensor_tensor(dst=e_sb, data1=e_sb, data2=at_ps, op=nl.subtract)     # E = I - T - A T
+        e_c = nl.ndarray(shape, dtype=bf16 if bf16_corrections else f32, buffer=nl.sbuf)
+        nisa.tensor_tensor(dst=e_c, data1=e_sb, data2=at_ps, op=nl.subtract)      # E = I - T - A T
         del at_ps
         yield
         xe_ps = nl.ndarray(shape, dtype=f32, buffer=nl.psum)
         te_ps = None if last else nl.ndarray(shape, dtype=f32, buffer=nl.psum)
         for w in range(width):
-            nisa.nc_matmul(xe_ps[:, w, :], e_sb[:, w, :], x_t[:, w, :])           # E^T T^T
+            nisa.nc_matmul(xe_ps[:, w, :], e_c[:, w, :], tt_c[:, w, :])           # E^T T^T
             if not last:
-                nisa.nc_matmul(te_ps[:, w, :], x_t[:, w, :], e_sb[:, w, :])       # T E
+                nisa.nc_matmul(te_ps[:, w, :], tt_c[:, w, :], e_c[:, w, :])       # T E
         if not last:
             nisa.tensor_tensor(dst=t_row, data1=t_row, data2=te_ps, op=nl.add)
         nisa.tensor_tensor(dst=x_t, data1=x_t, data2=xe_ps, op=nl.add)
+        if not last and bf16_corrections:
+            tt_c = nl.ndarray(shape, dtype=bf16, buffer=nl.sbuf)
+            nisa.activation(dst=tt_c, op=nl.copy, data=x_t)
         del xe_ps, te_ps
         yield
     return x_t
 
 
-def _block_doubling(at_sb, ident_w, lvl_masks, n_lv, hi_rows, chunk, cdt, want_row):
+def _compact_level(a_s, t_t, t_row, n_s, ident_w, hi_col, s, chunk, rows_too):
+    """One block-doubling level with 2s <= 32 on compact 32 x 32 diagonal tiles (a generator).
+
+    Below s = 32 every 2s block lies inside one of the C / 32 diagonal 32-blocks, and so do A_s, T_s, N_s and
+    their products: per 32-block b and head, M_lo = A[b, b] T_s[b, lo(b)], T_2s[b, lo(b)] = T_s[b, b] N_s[b, lo(b)]
+    and T_2s^T[b, hi(b)] = N_s[b, b]^T T_s^T[b, hi(b)] are matmuls with K = M = 32 (rows and columns of block b)
+    and N = 16 on their own 32 x 32 PE tile (tile_position=(32 b, 32 b)): four blocks' matmuls share the array.
+    a_s [C, W, C]: A_s^T (the level's entries) and hi_col None, or at s = 16 (one 2s block per 32-block) the
+    unmasked A^T with hi_col [C, 1] = [row in the hi half]: M_lo is then exact in the hi rows, and
+    N_s[:, lo] = I - hi_col M_lo keeps I in the lo rows (no level mask of A). Entries outside the 32-blocks are
+    never written: they stay 0 in T, T^T (level 0 writes them) and N_s (I)."""
+    f32 = nl.float32
+    width = a_s.shape[1]
+    quad = _PARTITION_QUADRANT
+    sub = quad // 2                                   # lo (and hi) columns of one 32-block
+    nbq = quad // (2 * s)                             # 2s blocks in a 32-block
+    blocks = [slice(quad * b, quad * (b + 1)) for b in range(chunk // quad)]
+
+    def lo_cols(t, r, upper=False):                   # [32, W, nbq, s] view of block r's lo (hi) columns
+        return _cols(t[r, :, r], s, upper)
+
+    m_ps = nl.ndarray((chunk, width, chunk // 2), dtype=f32, buffer=nl.psum)
+    for i_b, r in enumerate(blocks):
+        for w in range(width):
+            nisa.nc_matmul(m_ps[r, w, sub * i_b:sub * (i_b + 1)], a_s[r, w, r], _cols(t_row[r, w, r], s, False),
+                           tile_position=(r.start, r.start), tile_size=(quad, quad))
+    for i_b, r in enumerate(blocks):
+        m_lo = m_ps[r, :, sub * i_b:sub * (i_b + 1)].reshape((quad, width, nbq, s))
+        if hi_col is None:
+            nisa.tensor_tensor(dst=lo_cols(n_s, r), data1=lo_cols(ident_w, r), data2=m_lo, op=nl.subtract)
+        else:
+            nisa.scalar_tensor_tensor(dst=lo_cols(n_s, r), data=m_lo, op0=nl.multiply, operand0=hi_col[r],
+                                      op1=nl.subtract, operand1=lo_cols(ident_w, r), reverse1=True)
+    del m_ps
+    yield
+    x_ps = nl.ndarray((chunk, width, chunk // 2), dtype=f32, buffer=nl.psum) if rows_too else None
+    y_ps = nl.ndarray((chunk, width, chunk // 2), dtype=f32, buffer=nl.psum)
+    for i_b, r in enumerate(blocks):
+        cols = slice(sub * i_b, sub * (i_b + 1))
+        for w in range(width):
+            if rows_too:                                  # T_2s[:, lo] = T_s N_s[:, lo]
+                nisa.nc_matmul(x_ps[r, w, cols], t_t[r, w, r], _cols(n_s[r, w, r], s, False),
+                               tile_position=(r.start, r.start), tile_size=(quad, quad))
+            nisa.nc_matmul(y_ps[r, w, cols], n_s[r, w, r], _cols(t_t[r, w, r], s, True),       # N_s^T T_s^T[:, hi]
+                           tile_position=(r.start, r.start), tile_size=(quad, quad))
+    for i_b, r in enumerate(blocks):
+        cols = slice(sub * i_b, sub * (i_b + 1))
+        if rows_too:
+            nisa.activation(dst=lo_cols(t_row, r), op=nl.copy, data=x_ps[r, :, cols].reshape((quad, width, nbq, s)))
+        y_new = y_ps[r, :, cols].reshape((quad, width, nbq, s))
+        if i_b % 2:                                   # evictions split between VectorE and ScalarE
+            nisa.tensor_copy(dst=lo_cols(t_t, r, True), src=y_new)
+        else:
+            nisa.activation(dst=lo_cols(t_t, r, True), op=nl.copy, data=y_new)
+    del x_ps, y_ps
+    yield
+
+
+def _block_doubling(at_sb, ident_w, lvl_masks, n_lv, hi_rows, chunk, cdt, want_row, hi_lvl=None):
     """(T^T, T) [C, W, C] per head, T = (I + strict_lower(A))^-1, by recursive block doubling (T: the row
     layout, complete only when want_row, else None).
 
@@ -1054,6 +1180,8 @@ def _block_doubling(at_sb, ident_w, lvl_masks, n_lv, hi_rows, chunk, cdt, want_r
     lvl_masks[l] [C, W, C]: level-l entries of A^T. n_lv[l] [C, W, C] (l >= 1): per-level N_s tiles that
     persist across chunks (their hi columns stay = I; each chunk rewrites the lo columns). hi_rows [C, C] fp32:
     column b = [row in the second half of 2s-block b] for s = _ROW_MASK_BLOCK.
+    hi_lvl [C, >= log2 C] fp32 or None: column l = [row in the second half of its 2^(l+1)-block]; given (PE row
+    tiles, NeuronCore-v3+), the levels with 2s <= 32 run compact (_compact_level).
     """
     f32 = nl.float32
     width = at_sb.shape[1]
@@ -1080,6 +1208,15 @@ def _block_doubling(at_sb, ident_w, lvl_masks, n_lv, hi_rows, chunk, cdt, want_r
         last = lvl + 1 == n_lvl
         nb = chunk // (2 * s)
         n_s = n_lv[lvl]
+        if hi_lvl is not None and 2 * s <= _PARTITION_QUADRANT:
+            a_s = at_sb
+            if 2 * s < _PARTITION_QUADRANT:          # several 2s blocks per 32-block: the level entries of A
+                a_s = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
+                eng = nisa.engine.vector if lvl == _VECTOR_MASK_LEVEL else pool
+                nisa.tensor_tensor(dst=a_s, data1=at_sb, data2=lvl_masks[lvl], op=nl.multiply, engine=eng)
+            yield from _compact_level(a_s, t_t, t_row, n_s, ident_w, hi_lvl[:, lvl:lvl + 1] if a_s is at_sb else None,
+                                      s, chunk, want_row or not last)
+            continue
         # T_s[:, lo] is zero outside the lo rows of each block, so M = A T_s[:, lo] is exact in the hi rows of
         # each block even with the unmasked A^T. When those rows are aligned partition ranges (s % 32 == 0)
         # only they are evicted (N_s keeps I elsewhere); with few blocks (s = _ROW_MASK_BLOCK) each block's
@@ -1207,7 +1344,7 @@ def gated_delta_rule(q, k, v, g, beta, chunk_size=64, initial_state=None, output
     outs = call(gated_delta_rule_kernel, q, k, v, g, beta, init, lengths, cu_arg, _host_constants(chunk_size),
                 chunk=int(chunk_size), scale=sc, use_l2norm=bool(use_qk_l2norm_in_kernel),
                 has_initial_state=has_init, checkpoint_every=ckpt_every, has_lengths=valid_lengths is not None,
-                bf16_compute=bf16_compute, varlen=varlen, lnc=lnc)
+                bf16_compute=bf16_compute, varlen=varlen, row_tiles=current_target_name() != "trn1", lnc=lnc)
     o, final = outs[0], outs[1]
     final = final if output_final_state else None
     if checkpoint_every is not None:
