@@ -32,7 +32,7 @@ _PREFILL_T = (128, 1024, 4096)
 _PADDED_I = 256            # NxDI qwen3_moe pads I_TP to a multiple of 256 (SHARD_ON_INTERMEDIATE_DIMENSION_PER_TP)
 _PADDED_BLOCK = 512        # NxDI's default block size
 _DENSE_BASELINE_MAX_T = 128
-_BOTH_COMBINES_T = (1024,)   # prefill T whose cases are also run with each combine forced
+_BOTH_COMBINES_T = (1024, 4096)   # prefill T whose cases are also run with each combine forced
 _PADDED_BASELINE_MAX_T = 1024   # the padded baseline (2x the weight bytes, 512-slot blocks) is emulated up to here
 _MODELS = (("qwen3.5-35b-a3b tp4", "qwen3.5-35b-a3b tp4"),
            ("qwen3-omni thinker tp8", "qwen3-omni thinker tp8"),
@@ -210,9 +210,68 @@ def _decode_case(label, shape, n_tokens, quick=False):
             baseline_run=_dense_all_experts))
 
 
-for _label, _key in _MODELS:
+for _label, _key in (_MODELS if __name__ != "__main__" else ()):   # registered once, on import by the package
     _shape = CATALOGUE[_key]
     for _t in _PREFILL_T:
         _prefill_case(_label, _shape, _t)
     for _t in DECODE_BATCHES:
         _decode_case(_label, _shape, _t, quick=(_t == 1 and _key == "qwen3-omni talker tp8"))
+
+
+# ------------------------------------------------------------------------- where the time goes (docs/moe.md)
+
+
+def breakdown(model: str, n_tokens: int, combine: str = "auto", target: str = "trn2") -> dict:
+    """Where one moe_blockwise prefill case spends its modeled time at the default LNC (core 0's trace): the
+    end time, the core barrier's time, and per phase (before / after the barrier) each engine's busy µs, with
+    the DMA pipe's occupancy split by transfer kind (descriptor generator, run length). Same inputs as the
+    registered case (seed 0)."""
+    from collections import defaultdict
+
+    from microbench.runner import _lnc_env
+    from nki_kernels.emulator import record_launches
+    from nki_kernels.emulator.costmodel import (_descriptor_run, _engine_ghz, _run_cores, _schedule, _tgt,
+                                                compute_cycles, dma_bytes_per_s, dma_transfer, hbm_bytes_per_s,
+                                                params_for)
+    from nki_kernels.emulator.lnc import degree_in_force
+    from nki_kernels.emulator.targets import use_target
+    shape = CATALOGUE[model]
+    block = prefill_block_size(n_tokens, shape.top_k, shape.experts)
+    x = _inputs(shape, n_tokens)(np.random.default_rng(0))
+    with use_target(target), _lnc_env(degree_in_force(target)):
+        with record_launches() as runs:
+            _blockwise(x, block, combine=combine)
+    t = _tgt(target)
+    p = params_for(t)
+    res = list(runs)[0]
+    reps = _run_cores([_schedule(tr, t, p, 1.0, True) for tr in res.traces], p)
+    trace, rep = list(res.traces[0]), reps[0]
+    barrier = next((e[4] for e in rep.timeline if e[1] == "core_barrier"), math.inf)
+    busy, dma = defaultdict(float), defaultdict(float)
+    for idx, name, eng, _ready, start, _end in rep.timeline:
+        ins, phase = trace[idx], ("A" if start < barrier else "B")
+        if name == "core_barrier":
+            continue
+        if eng == "dma":
+            c = dma_transfer(ins, t, p, hbm_bytes_per_s(t), dma_bytes_per_s(t))
+            busy[(phase, "dma")] += c.occupancy
+            busy[(phase, "pool")] += c.pool_cycles / (t.pool_ghz * 1e3)
+            run = min((_descriptor_run(a) for a in ins.reads + ins.writes if a.contig_bytes > 0), default=0)
+            dma[(phase, c.dge, "dynamic" if ins.meta.get("dynamic") else "static", run)] += c.occupancy
+        else:
+            busy[(phase, eng)] += compute_cycles(ins, t, p)[0] / (_engine_ghz(eng, t) * 1e3)
+    return {"total_us": rep.total_us, "barrier_us": barrier, "block": block,
+            "busy_us": dict(busy), "dma_us": dict(dma)}
+
+
+if __name__ == "__main__":   # python -m microbench.cases.moe MODEL T [combine]
+    import sys
+    import warnings
+    warnings.filterwarnings("ignore", category=RuntimeWarning)
+    _b = breakdown(sys.argv[1], int(sys.argv[2]), *(sys.argv[3:4] or ["auto"]))
+    print(f"{sys.argv[1]} T={sys.argv[2]} B={_b['block']}: {_b['total_us']:.1f} us (core 0), "
+          f"barrier at {_b['barrier_us']:.1f} us")
+    for _k in sorted(_b["busy_us"]):
+        print(f"  phase {_k[0]} {_k[1]:>5} busy {_b['busy_us'][_k]:8.1f} us")
+    for _k, _v in sorted(_b["dma_us"].items(), key=lambda kv: -kv[1])[:12]:
+        print(f"  phase {_k[0]} dma {_k[1]:>6} {_k[2]:>8} descriptor runs of {_k[3]:>6} B: {_v:8.1f} us")

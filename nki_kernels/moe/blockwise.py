@@ -6,6 +6,8 @@ gate/up + SiLU + down, scales by the routing weight and scatter-adds into the to
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from ..backend import call, nki, nisa, nl
@@ -31,6 +33,7 @@ _DVE_ADD_SHARE = 0.6           # output-pass adds: VectorE's share of the column
 _DESCRIPTOR_BYTES = 920        # DMA per-descriptor overhead in bytes (40 ns x 23 B/ns, trn2: docs/cost-model.md)
 _CORE_HBM_BYTES_PER_US = 362.5e3   # one trn2 core's HBM rate (bytes per µs)
 _GPSIMD_GHZ = 1.2
+_DVE_GHZ = 0.96
 _GATHER_EXPOSED = 0.5          # share of the on-chip combine's nc_n_gather time not hidden by other engines (fitted:
                                # thinker / talker T=1024, LNC=2, both paths modeled; docs/moe.md)
 _MIN_GROUP_TILES = 2           # "auto" takes the on-chip combine only with at least this many 128-row tiles per group
@@ -616,42 +619,62 @@ def moe_blockwise(hidden, expert_affinities, gate_up, down, token_position_to_id
     s_gu, s_dn, s_g = shared if shared is not None else (None, None, None)
     kernel_check(combine in ("auto", "onchip", "dma"),
                  f"{kname}: combine must be 'auto', 'onchip' or 'dma', got combine={combine!r}")
-    group_tiles = choose_combine(n_tokens, h_total, _shape(gate_up)[3], s_inter, n_blocks, int(block_size), kmax,
-                                 4 if _dtype_name(hidden) == "float32" else 2, lnc, combine)
-    kernel_check(combine != "onchip" or group_tiles is not None,
+    plan = choose_combine(n_tokens, h_total, _shape(gate_up)[3], s_inter, n_blocks, int(block_size), kmax,
+                          4 if _dtype_name(hidden) == "float32" else 2, lnc, combine)
+    kernel_check(combine != "onchip" or plan is not None,
                  f"{kname}: combine='onchip' does not fit SBUF for T={n_tokens}, H={h_total}, N*B="
-                 f"{n_blocks * int(block_size)} slots, KMAX={kmax} (the slot outputs of one 128-row hidden tile and "
-                 f"the slot indices must fit); use combine='auto' or 'dma'")
-    if group_tiles is not None:
+                 f"{n_blocks * int(block_size)} slots, KMAX={kmax} (every slot's h.T and the slot outputs of one "
+                 f"128-row hidden tile must fit beside one token chunk's slot indices); use combine='auto' or 'dma'")
+    if plan is not None:
         from .combine import moe_blockwise_onchip_kernel
-        return call(moe_blockwise_onchip_kernel, hidden, aff, gate_up, down, tpos32, b2e32, inv.astype(np.uint32),
-                    s_gu, s_dn, s_g, idx, int(block_size), int(expert_offset), group_tiles, lnc=lnc)
+        inv_t = inv.astype(np.uint16 if plan.index_mode == "u16" else np.uint32)
+        return call(moe_blockwise_onchip_kernel, hidden, aff, gate_up, down, tpos32, b2e32, inv_t, s_gu, s_dn, s_g,
+                    idx, int(block_size), int(expert_offset), plan.group_tiles, plan.index_mode, lnc=lnc)
     return call(moe_blockwise_kernel, hidden, aff, gate_up, down, tpos32, b2e32, inv, s_gu, s_dn, s_g, idx,
                 int(block_size), int(expert_offset), lnc=lnc)
 
 
+class OnchipPlan(NamedTuple):
+    """The on-chip combine's trace-time grouping: GT hidden tiles of 128 rows per group, and where phase B keeps
+    the slot indices (`combine.INDEX_MODES`: resident uint32, resident uint16 widened per chunk, or streamed per
+    128-token chunk and group)."""
+    group_tiles: int
+    index_mode: str
+
+
 def choose_combine(n_tokens, h_total, n_inter, s_inter, n_blocks, block_size, kmax, item, lnc, combine="auto",
                    target=None):
-    """Trace-time choice of the combine (shapes only): GT, the hidden tiles per group of the on-chip combine, or
-    None for the DMA combine. GT is the largest group whose SBUF plan fits (`combine.onchip_plan_bytes`), the
-    groups of a core's ceil(n_h / lnc) tiles balanced; "auto" takes the on-chip path when it fits with
-    GT >= _MIN_GROUP_TILES and `_onchip_is_faster` (see docs/moe.md)."""
-    from .combine import H_TILE, onchip_plan_bytes
+    """Trace-time choice of the combine (shapes only): an `OnchipPlan` for the on-chip combine, or None for the
+    DMA combine. For each index mode (resident uint32 or uint16 when T * KMAX fits one tile - uint16 only for
+    N * B < 2^16 slots -, streamed) GT is the largest group
+    whose SBUF plan fits (`combine.onchip_plan_bytes`), the groups of a core's ceil(n_h / lnc) tiles balanced;
+    of the plans that fit, the one `_onchip_cost_us` estimates cheaper; "auto" takes it when GT >=
+    _MIN_GROUP_TILES (or the core has one tile) and `_onchip_is_faster` (see docs/moe.md)."""
+    from .combine import H_TILE, INDEX_MODES, U16_SLOTS, onchip_plan_bytes
     if combine == "dma":
         return None
     n_core = -(-(h_total // H_TILE) // lnc)
     budget = sbuf_budget(target)
-    fits = [gt for gt in range(1, n_core + 1)
-            if onchip_plan_bytes(n_tokens, h_total, n_inter, s_inter, n_blocks, block_size, kmax, gt, item) <= budget
-            and n_tokens * kmax <= _MAX_GATHER_INDICES]
-    if not fits:
+    plans = []
+    for mode in INDEX_MODES:
+        if mode != "stream" and n_tokens * kmax > _MAX_GATHER_INDICES:
+            continue
+        if mode == "u16" and n_blocks * block_size >= U16_SLOTS:
+            continue
+        fits = [gt for gt in range(1, n_core + 1)
+                if onchip_plan_bytes(n_tokens, h_total, n_inter, s_inter, n_blocks, block_size, kmax, gt, item,
+                                     mode) <= budget]
+        if fits:
+            n_groups = -(-n_core // max(fits))
+            plans.append(OnchipPlan(-(-n_core // n_groups), mode))
+    if not plans:
         return None
-    n_groups = -(-n_core // max(fits))
-    gt = -(-n_core // n_groups)
-    if combine == "auto" and (gt < min(_MIN_GROUP_TILES, n_core) or not _onchip_is_faster(
-            n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item, lnc, gt)):
+    shape = (n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item, lnc)
+    best = min(plans, key=lambda pl: _onchip_cost_us(*shape, *pl))
+    if combine == "auto" and (best.group_tiles < min(_MIN_GROUP_TILES, n_core)
+                              or not _onchip_is_faster(*shape, *best)):
         return None
-    return gt
+    return best
 
 
 def _dma_eff(run_bytes: int) -> float:
@@ -660,23 +683,43 @@ def _dma_eff(run_bytes: int) -> float:
     return run_bytes / (run_bytes + _DESCRIPTOR_BYTES)
 
 
-def _onchip_is_faster(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item, lnc, gt) -> bool:
-    """Shapes-only estimate of what each combine adds to one core's time beyond the shared work (weights, x
-    gather), in µs at one core's HBM rate:
-    DMA combine: every slot row written to the scratch and each token's KMAX rows read back,
-        (N*B + T*KMAX) * H bytes at H-byte runs;
-    on-chip: the down weights re-read as column slices of GT*128 (shorter runs than whole rows), the slot
-        indices replicated on 128 partitions, the h.T exchange, and _GATHER_EXPOSED of the nc_n_gather time
-        (GpSimd, one element per cycle + ~150 cycles per 512; the rest overlaps the transposes and stores).
-    Checked against the modeled figures of both paths on the three T=1024 model shapes (docs/moe.md)."""
-    bw = _CORE_HBM_BYTES_PER_US
+def _dma_combine_us(n_tokens, h_total, n_blocks, block_size, kmax, item, lnc) -> float:
+    """What the DMA combine adds to one core's time (µs at one core's HBM rate): every slot row written to the
+    scratch and each token's KMAX rows read back, (N*B + T*KMAX) * H bytes at H-byte runs."""
     row = h_total * item
-    dma = (n_blocks * block_size + n_tokens * kmax) * row / _dma_eff(row) / lnc / bw
+    return (n_blocks * block_size + n_tokens * kmax) * row / _dma_eff(row) / lnc / _CORE_HBM_BYTES_PER_US
+
+
+def _onchip_cost_us(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item, lnc, gt,
+                    index_mode="u32") -> float:
+    """What the on-chip combine adds to one core's time (µs, shapes only): the down weights read and the output
+    written as column slices of GT*128 (shorter runs than whole rows), the slot indices replicated on 128
+    partitions (once when resident, half the bytes as uint16 but then widened per group; per group, in runs of
+    one 128-token chunk's TOK_TILE * KMAX indices, when streamed), the h.T exchange, and _GATHER_EXPOSED of the
+    nc_n_gather time (GpSimd, one element per cycle + ~150 cycles per 512; the rest overlaps the transposes and
+    stores)."""
+    row = h_total * item
+    n_core = -(-(h_total // P_MAX) // lnc)
     down = n_blocks * n_inter * row
-    slices = down * (1.0 / _dma_eff(gt * P_MAX * item) - 1.0 / _dma_eff(row)) / lnc
-    other = P_MAX * n_tokens * kmax * 4 + n_blocks * block_size * n_inter * item
-    gathers = -(-(h_total // P_MAX) // lnc) * n_tokens * kmax * (1.0 + 150.0 / 512.0) / _GPSIMD_GHZ / 1e3
-    return (slices + other) / bw + _GATHER_EXPOSED * gathers < dma
+    slices = (down + n_tokens * row) * (1.0 / _dma_eff(gt * P_MAX * item) - 1.0 / _dma_eff(row)) / lnc
+    index = P_MAX * n_tokens * kmax * (2 if index_mode == "u16" else 4)
+    n_groups = -(-n_core // gt)
+    if index_mode == "stream":
+        index *= n_groups / _dma_eff(min(TOK_TILE, n_tokens) * kmax * 4)
+    # "u16": each group widens every token's indices (one element per cycle, VectorE / ScalarE alternating)
+    widen = n_groups * n_tokens * kmax / _DVE_GHZ / 1e3 if index_mode == "u16" else 0.0
+    other = index + n_blocks * block_size * n_inter * item
+    gathers = n_core * n_tokens * kmax * (1.0 + 150.0 / 512.0) / _GPSIMD_GHZ / 1e3
+    return (slices + other) / _CORE_HBM_BYTES_PER_US + _GATHER_EXPOSED * gathers + widen
+
+
+def _onchip_is_faster(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item, lnc, gt,
+                      index_mode="u32") -> bool:
+    """`_onchip_cost_us` < `_dma_combine_us`: the shapes-only estimate of what each combine adds beyond the
+    shared work (weights, x gather), checked against the modeled figures of both paths on the model shapes
+    (docs/moe.md)."""
+    return _onchip_cost_us(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item, lnc, gt, index_mode) \
+        < _dma_combine_us(n_tokens, h_total, n_blocks, block_size, kmax, item, lnc)
 
 
 def check_mapping(kname, tpos, b2e, block_size, n_tokens, n_local, kmax, top_k_index, expert_affinities,

@@ -9,6 +9,8 @@ Loop nest (one launch; LNC=2: see `moe_blockwise_onchip_kernel`):
     phase B, for each group of GT hidden tiles of 128 rows (program c: a contiguous range of tiles):
         for each block b:  Y[:, j, slots of b] = Wd[e][:, tile j].T @ hT_all[:, :, slots of b]   # H on partitions
         for each chunk of 128 tokens, each tile j of the group:
+            (index mode "u16": the chunk's resident uint16 slot indices widened to uint32; "stream": loaded
+             from HBM, replicated on the 128 partitions, by one DMA)
             G = nc_n_gather(Y[:, j, :], slot index of (t, k))                  # free-axis gather, GpSimd
             outT[:, t] = sum_k G[:, t, k] (+ shared expert, H-major)          # VectorE, fp32
             out[t, tile j] = outT.T                                            # TensorE transpose, one store
@@ -26,6 +28,9 @@ from ._tiles import (TOK_TILE, evict, intermediate_split, itemsize, load_down, l
 # ---- tiles
 H_TILE = P_MAX                  # hidden rows of one combine tile: the partitions of Y / outT
 _IDX_ITEM = 4                   # nc_n_gather indices are uint32
+INDEX_MODES = ("u32", "u16", "stream")   # phase B's slot indices: resident uint32 / resident uint16 / streamed
+U16_SLOTS = 1 << 16             # "u16" holds slot indices < 2^16: N * B + 1 columns of Y at most
+_TILE_BUFFERS = 3               # buffers a tile allocated in a loop body rotates through (planned as all live)
 DOWN_RING = 16                  # down slices in flight in phase B: one per DMA queue (16 per trn2 core)
 # phase B's down-slice DMAs: 3 of every 8 take software DGE descriptors (GpSimd is idle in that loop) so both
 # descriptor generators work in parallel (hardware DGE ~0.6 us per DMA on 2 instances, software ~600 GpSimd
@@ -36,13 +41,18 @@ _SWDGE_OF_8 = (False, True, False, False, True, False, True, False)
 @nki.jit
 def moe_blockwise_onchip_kernel(hidden, expert_affinities, gate_up, down, token_position_to_id, block_to_expert,
                                 slot_index, shared_gate_up, shared_down, shared_gate, top_k_index, block_size,
-                                expert_offset, group_tiles):
+                                expert_offset, group_tiles, index_mode="u32"):
     """Blockwise expert MLPs + fused shared expert with the on-chip combine, one launch at LNC 1 or 2.
 
     Dimensions and Args as `moe_blockwise_kernel` (blockwise.py), except:
-        slot_index: [T, KMAX] uint32 @ HBM, the slots holding each token (N * B, the all-zero column, where the
-            token has fewer local experts).
+        slot_index: [T, KMAX] uint32 (uint16 in index mode "u16") @ HBM, the slots holding each token (N * B, the
+            all-zero column, where the token has fewer local experts).
         group_tiles: GT, hidden tiles of 128 rows whose slot outputs are held in SBUF at once (trace-time).
+        index_mode: where phase B keeps the slot indices, replicated on the 128 partitions (trace-time):
+            "u32": every token's, resident (T * KMAX uint32 per partition);
+            "u16": every token's, resident as uint16 (T * KMAX * 2 bytes; N * B < 2^16), each 128-token chunk
+                widened to uint32 per group by one copy (VectorE / ScalarE alternating);
+            "stream" (token-chunked): one 128-token chunk's at a time, loaded from HBM per group.
     Returns:
         out: [T, H] @ HBM in hidden's dtype.
     LNC=2: program c runs phase A on a contiguous share of the blocks and writes their h.T columns to a shared
@@ -64,7 +74,7 @@ def moe_blockwise_onchip_kernel(hidden, expert_affinities, gate_up, down, token_
             _exchange_hidden_slots(hT_all, n_blocks, block_size, pid, n_prog, (b_lo, b_hi))
     j_lo, j_hi = share(hidden.shape[1] // H_TILE, pid, n_prog)
     _combine_phase(hidden, hT_all, down, block_to_expert, slot_index, shared_gate_up, shared_down, shared_gate,
-                   out, block_size, group_tiles, j_lo, j_hi, exchange)
+                   out, block_size, (group_tiles, index_mode), j_lo, j_hi, exchange)
     return out
 
 
@@ -138,15 +148,19 @@ def transpose_into(hT_all, s0, h_sb, n_tok):
 
 
 def _combine_phase(hidden, hT_all, down, block_to_expert, slot_index, shared_gate_up, shared_down, shared_gate,
-                   out, block_size, group_tiles, j_lo, j_hi, exchange=None):
-    """Hidden tiles [j_lo, j_hi) of out, GT tiles at a time: every slot's down projection for the group's tiles
-    (H on the partitions), then per token the sum of its slot columns (nc_n_gather + VectorE) plus the shared
-    expert, transposed back to token rows. `exchange` (LNC=2) runs after the preamble, before the first group."""
+                   out, block_size, grouping, j_lo, j_hi, exchange=None):
+    """Hidden tiles [j_lo, j_hi) of out, GT tiles at a time (grouping = (GT, index_mode)): every slot's down
+    projection for the group's tiles (H on the partitions), then per token the sum of its slot columns
+    (nc_n_gather + VectorE) plus the shared expert, transposed back to token rows. `exchange` (LNC=2) runs after
+    the preamble, before the first group."""
+    group_tiles, index_mode = grouping
     n_tokens = hidden.shape[0]
     kmax = slot_index.shape[1]
     n_slots = hT_all.shape[2]
-    idx_sb = nl.ndarray((P_MAX, n_tokens * kmax), dtype=nl.uint32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=idx_sb, src=slot_index.ap(pattern=[[0, P_MAX], [1, n_tokens * kmax]], offset=0))
+    idx_sb = None   # "stream": `_chunk_index` loads each 128-token chunk's indices per group
+    if index_mode != "stream":
+        idx_sb = nl.ndarray((P_MAX, n_tokens * kmax), dtype=slot_index.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=idx_sb, src=slot_index.ap(pattern=[[0, P_MAX], [1, n_tokens * kmax]], offset=0))
     shared = None
     if shared_gate_up is not None:
         shared = (_shared_hidden(hidden, shared_gate_up, shared_gate), load_down(shared_down))
@@ -174,7 +188,25 @@ def _combine_phase(hidden, hT_all, down, block_to_expert, slot_index, shared_gat
             for b, i_b in enumerate(wave):
                 _down_block_hmajor(y_sb, hT_all, ring[b], i_b * block_size, block_size, i_b)
         for t0 in range(0, n_tokens, TOK_TILE):
-            _combine_rows(y_sb, idx_sb, shared, out, t0, min(TOK_TILE, n_tokens - t0), kmax, g0)
+            n_tok = min(TOK_TILE, n_tokens - t0)
+            _combine_rows(y_sb, _chunk_index(idx_sb, slot_index, t0, n_tok), shared, out, t0, n_tok, g0)
+
+
+def _chunk_index(idx_sb, slot_index, t0, n_tok):
+    """[128, n_tok * KMAX] uint32: the slot indices of tokens t0 .. t0 + n_tok - 1 on every partition: a view of
+    the resident uint32 table idx_sb, a uint32 copy of the chunk of the resident uint16 table (exact), or
+    (idx_sb None, token-chunked combine) loaded by one DMA whose source rows repeat (partition stride 0)."""
+    kmax = slot_index.shape[1]
+    if idx_sb is not None and idx_sb.dtype == nl.uint32:
+        return idx_sb[:, t0 * kmax:(t0 + n_tok) * kmax]
+    ix_sb = nl.ndarray((P_MAX, TOK_TILE * kmax), dtype=nl.uint32, buffer=nl.sbuf)
+    if idx_sb is not None:
+        eng = nisa.engine.vector if (t0 // TOK_TILE) % 2 == 0 else nisa.engine.scalar
+        nisa.tensor_copy(dst=ix_sb[:, 0:n_tok * kmax], src=idx_sb[:, t0 * kmax:(t0 + n_tok) * kmax], engine=eng)
+    else:
+        nisa.dma_copy(dst=ix_sb[:, 0:n_tok * kmax],
+                      src=slot_index.ap(pattern=[[0, P_MAX], [1, n_tok * kmax]], offset=t0 * kmax))
+    return ix_sb[:, 0:n_tok * kmax]
 
 
 def _load_down_slice(wd_sb, down, e_sb, h0, dge):
@@ -225,10 +257,12 @@ def _shared_hidden(hidden, shared_gate_up, shared_gate):
     return hsT_sb
 
 
-def _combine_rows(y_sb, idx_sb, shared, out, t0, n_tok, kmax, g0):
-    """out[t0:t0+n_tok, group columns]: per tile, gather each token's KMAX slot columns, add them (fp32) and the
-    shared expert's tile, transpose to token rows; one store for the group."""
+def _combine_rows(y_sb, ix_sb, shared, out, t0, n_tok, g0):
+    """out[t0:t0+n_tok, group columns]: per tile, gather each token's KMAX slot columns (ix_sb [128, n_tok * KMAX],
+    from `_chunk_index`), add them (fp32) and the shared expert's tile, transpose to token rows; one store for the
+    group."""
     n_t = y_sb.shape[1]
+    kmax = ix_sb.shape[1] // n_tok
     dt = y_sb.dtype
     o_sb = nl.ndarray((TOK_TILE, n_t * H_TILE), dtype=out.dtype, buffer=nl.sbuf)
     per_bank = max(1, PSUM_BANK_BYTES // (H_TILE * itemsize(dt)))
@@ -237,8 +271,7 @@ def _combine_rows(y_sb, idx_sb, shared, out, t0, n_tok, kmax, g0):
         o_psum = nl.ndarray((TOK_TILE, per_bank, H_TILE), dtype=dt, buffer=nl.psum)
         for jj in range(jb, jb + nb):
             g_sb = nl.ndarray((P_MAX, TOK_TILE, kmax), dtype=dt, buffer=nl.sbuf)
-            nisa.nc_n_gather(dst=g_sb[:, 0:n_tok, :], data=y_sb[:, jj, :],
-                             indices=idx_sb[:, t0 * kmax:(t0 + n_tok) * kmax])
+            nisa.nc_n_gather(dst=g_sb[:, 0:n_tok, :], data=y_sb[:, jj, :], indices=ix_sb)
             oT_sb = nl.ndarray((P_MAX, TOK_TILE), dtype=dt, buffer=nl.sbuf)
             if shared is None:
                 nisa.tensor_reduce(dst=oT_sb[:, 0:n_tok], op=nl.add, data=g_sb[:, 0:n_tok, :], axis=2)
@@ -268,12 +301,14 @@ def _shared_tile(shared, t0, n_tok, c0):
 # ---------------------------------------------------------------------------------------------- SBUF plan
 
 
-def onchip_plan_bytes(n_tokens, h_total, n_inter, s_inter, n_blocks, block_size, kmax, group_tiles, item):
+def onchip_plan_bytes(n_tokens, h_total, n_inter, s_inter, n_blocks, block_size, kmax, group_tiles, item,
+                      index_mode="u32"):
     """Upper bound of the SBUF bytes per partition of the on-chip path with GT = group_tiles: every slot's h.T
     (live throughout) plus the larger of phase A (block tables, two experts' gate/up, the gathered rows, xT, h,
-    affinity tiles) and phase B (slot indices, block-to-expert row, the shared expert's weights and h.T, then
-    the larger of its per-chunk tiles and a group's tiles: Y for GT tiles + zero column, the down-slice ring,
-    gathered columns, outT, output rows)."""
+    affinity tiles) and phase B (slot indices - all T * KMAX resident as uint32 or uint16, plus for "u16" and
+    "stream" the rotating uint32 buffers of one 128-token chunk's -, block-to-expert row, the shared expert's
+    weights and h.T, then the larger of its per-chunk tiles and a group's tiles: Y for GT tiles + zero column,
+    the down-slice ring, gathered columns, outT, output rows)."""
     from .blockwise import _TABLE_BLOCKS
     n_h = h_total // P_MAX
     _, n_i = intermediate_split(n_inter)
@@ -286,7 +321,10 @@ def onchip_plan_bytes(n_tokens, h_total, n_inter, s_inter, n_blocks, block_size,
     hg = group_tiles * H_TILE
     group = group_tiles * (n_slots + 1) * item + DOWN_RING * n_i * hg * item + 2 * TOK_TILE * kmax * item \
         + 2 * TOK_TILE * (item + 4) + 2 * hg * item
-    persistent = n_tokens * kmax * _IDX_ITEM + 4 * n_blocks
+    if index_mode != "u32":   # the chunk tiles rotate through _TILE_BUFFERS buffers (an allocation site in a loop)
+        group += _TILE_BUFFERS * TOK_TILE * kmax * _IDX_ITEM
+    resident = {"u32": _IDX_ITEM, "u16": 2, "stream": 0}[index_mode]
+    persistent = n_tokens * kmax * resident + 4 * n_blocks
     transient = 0
     if s_inter:
         _, n_is = intermediate_split(s_inter)

@@ -9,9 +9,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nki_kernels import moe_block_mapping, moe_blockwise
+from nki_kernels.emulator import record_launches
 from nki_kernels.moe import blockwise as bw
 from nki_kernels.moe import combine as cb
 from nki_kernels.moe.reference import moe_decode_reference
+from nki_kernels.moe.routing import static_num_blocks
 from nki_kernels.testing import assert_close
 from nki_kernels.validation import KernelInputError
 
@@ -59,20 +61,87 @@ def test_both_combines_agree(lnc, shared_inter):
     assert_close("onchip vs dma", np.asarray(outs["dma"], np.float64), outs["onchip"], dtype="bfloat16")
 
 
-def test_group_tiles_split_every_tile_once():
-    """H = 640 (5 tiles) with a forced small group: groups of 2, 2, 1 (LNC=1) and 2 + 1 per core (LNC=2)."""
+@pytest.mark.parametrize("mode", cb.INDEX_MODES)
+def test_group_tiles_split_every_tile_once(mode):
+    """H = 640 (5 tiles) with a forced small group: groups of 2, 2, 1 (LNC=1) and 2 + 1 per core (LNC=2); each
+    index mode (resident uint32 / uint16, streamed per 128-token chunk; T = 140: a full chunk and a partial one)."""
     rng = np.random.default_rng(5)
-    x, gu, dn, sh, w, idx = _problem(rng, 40, 640, 4, 32, 2, 32, "float32")
+    t = 140
+    x, gu, dn, sh, w, idx = _problem(rng, t, 640, 4, 32, 2, 32, "float32")
     tpos, b2e = moe_block_mapping(idx, 4, 16)
     ref = moe_decode_reference(x, idx, w, gu, dn, sh)
-    inv = bw.token_slots(tpos, 40, 2).astype(np.uint32)
+    inv = bw.token_slots(tpos, t, 2).astype(np.uint16 if mode == "u16" else np.uint32)
     table = bw.routing_table(idx, w)
-    for gt in (1, 2, 5):
-        out = bw.call(cb.moe_blockwise_onchip_kernel, x, None, gu, dn, tpos, b2e, inv, *sh, table, 16, 0, gt, lnc=1)
-        assert_close(f"GT={gt}", ref, out)
-    for gt in (1, 2):
-        out = bw.call(cb.moe_blockwise_onchip_kernel, x, None, gu, dn, tpos, b2e, inv, *sh, table, 16, 0, gt, lnc=2)
-        assert_close(f"LNC=2 GT={gt}", ref, out)
+    for lnc, gts in ((1, (1, 2, 5)), (2, (1, 2))):
+        for gt in gts:
+            out = bw.call(cb.moe_blockwise_onchip_kernel, x, None, gu, dn, tpos, b2e, inv, *sh, table, 16, 0, gt,
+                          mode, lnc=lnc)
+            assert_close(f"LNC={lnc} GT={gt} {mode}", ref, out)
+
+
+def _onchip_direct(x, w, idx, gu, dn, sh, e, bs, lnc, gt, mode, dense=False):
+    """The on-chip kernel with a forced plan (the wrapper picks the resident uint32 index whenever it fits)."""
+    t, k = idx.shape
+    tpos, b2e = moe_block_mapping(idx, e, bs)
+    inv = bw.token_slots(tpos, t, k).astype(np.uint16 if mode == "u16" else np.uint32)
+    s3 = sh if sh is not None else (None, None, None)
+    if dense:
+        aff = dense_affinities(w, idx, e).reshape(t * e, 1)
+        return bw.call(cb.moe_blockwise_onchip_kernel, x, aff, gu, dn, tpos, b2e, inv, *s3, None, bs, 0, gt, mode,
+                       lnc=lnc)
+    return bw.call(cb.moe_blockwise_onchip_kernel, x, None, gu, dn, tpos, b2e, inv, *s3, bw.routing_table(idx, w),
+                   bs, 0, gt, mode, lnc=lnc)
+
+
+@given(t=st.integers(1, 300), h=st.sampled_from([128, 256, 384]), e=st.integers(1, 6),
+       inter=st.sampled_from([16, 48, 96, 128]), data=st.data(), block_size=st.sampled_from([8, 32, 64, 160]),
+       shared_inter=st.sampled_from([0, 32]), dtype=st.sampled_from(sorted(_DT)), dense=st.booleans(),
+       lnc=st.sampled_from([1, 2]), mode=st.sampled_from(["u16", "stream"]), seed=st.integers(0, 2 ** 16))
+def test_index_modes_match_reference(t, h, e, inter, data, block_size, shared_inter, dtype, dense, lnc, mode, seed):
+    """The large-T index modes (resident uint16 widened per chunk; token-chunked: loaded per 128-token chunk
+    and group) against the float64 reference: token counts across chunk boundaries, every GT that splits the
+    core's tiles."""
+    k = data.draw(st.integers(1, min(e, 4)))
+    gt = data.draw(st.integers(1, -(-(h // 128) // lnc)))
+    rng = np.random.default_rng(seed)
+    x, gu, dn, sh, w, idx = _problem(rng, t, h, e, inter, k, shared_inter, dtype)
+    out = _onchip_direct(x, w, idx, gu, dn, sh, e, block_size, lnc, gt, mode, dense)
+    assert out.shape == (t, h) and out.dtype == x.dtype
+    assert_close(f"index mode {mode}", moe_decode_reference(x, idx, w, gu, dn, sh), out, dtype=dtype)
+
+
+@pytest.mark.parametrize("mode", ["u16", "stream"])
+@pytest.mark.parametrize("lnc", [1, 2])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 3e38])
+def test_bad_value_in_one_token_stays_there_index_modes(lnc, bad, mode):
+    rng = np.random.default_rng(12)
+    t, e, k = 200, 5, 3
+    x, gu, dn, sh, w, idx = _problem(rng, t, 256, e, 48, k, 32, "float32")
+    x[150, 3] = bad
+    w[20, 1] = np.nan if bad != 3e38 else w[20, 1]
+    out = np.asarray(_onchip_direct(x, w, idx, gu, dn, sh, e, 32, lnc, 1, mode), np.float64)
+    clean = np.ones(t, bool)
+    clean[[150, 20]] = False
+    assert np.all(np.isfinite(out[clean]))
+    assert_close("clean tokens", moe_decode_reference(x, idx, w, gu, dn, sh)[clean], out[clean])
+    assert not np.all(np.isfinite(out[150]))
+
+
+@pytest.mark.parametrize("mode", ["u16", "stream"])
+def test_index_mode_trace_does_not_depend_on_routing(mode):
+    """Two routings with the same shapes (T, N, B, KMAX) give the same instruction sequence."""
+    names = []
+    for seed in (1, 2):
+        rng = np.random.default_rng(seed)
+        x, gu, dn, sh, w, idx = _problem(rng, 150, 256, 4, 32, 2, 32, "bfloat16")
+        n_blocks = static_num_blocks(150, 2, 4, 64)
+        tpos, b2e = moe_block_mapping(idx, 4, 64, num_blocks=n_blocks)
+        inv = bw.token_slots(tpos, 150, 2).astype(np.uint16 if mode == "u16" else np.uint32)
+        with record_launches() as runs:
+            bw.call(cb.moe_blockwise_onchip_kernel, x, None, gu, dn, tpos, b2e, inv, *sh, bw.routing_table(idx, w),
+                    64, 0, 1, mode, lnc=2)
+        names.append([[(i.name, i.engine) for i in tr] for r in runs for tr in r.traces])
+    assert names[0] == names[1]
 
 
 @pytest.mark.parametrize("lnc", [1, 2])
@@ -96,24 +165,44 @@ def test_bad_value_in_one_token_stays_there_onchip(lnc, bad):
 
 def test_choice_depends_on_shapes_only_and_follows_the_rule():
     """Per-rank model shapes (LNC=2, bf16): Qwen3.5 TP4 at T=1024 (N=256 blocks of 48) fits the on-chip plan,
-    at T=4096 (N=256 blocks of 160) it does not (one hidden tile's slot outputs plus the slot indices exceed
-    SBUF) and takes the DMA combine; "auto" follows `_onchip_is_faster` (talker T=1024: on-chip)."""
+    at T=4096 (N=256 blocks of 160) "auto" takes the DMA combine; "auto" follows `_onchip_is_faster` (talker
+    T=1024: on-chip)."""
     gt = bw.choose_combine(1024, 2048, 128, 128, 256, 48, 8, 2, 2, combine="onchip")
-    assert gt is not None and 1 <= gt <= 8
-    assert cb.onchip_plan_bytes(1024, 2048, 128, 128, 256, 48, 8, gt, 2) <= bw.sbuf_budget()
-    assert cb.onchip_plan_bytes(1024, 2048, 128, 128, 256, 48, 8, gt + 1, 2) > bw.sbuf_budget()
+    assert gt is not None and gt.index_mode == "u32" and 1 <= gt.group_tiles <= 8
+    assert cb.onchip_plan_bytes(1024, 2048, 128, 128, 256, 48, 8, gt.group_tiles, 2) <= bw.sbuf_budget()
+    assert cb.onchip_plan_bytes(1024, 2048, 128, 128, 256, 48, 8, gt.group_tiles + 1, 2) > bw.sbuf_budget()
     assert bw.choose_combine(4096, 2048, 128, 128, 256, 160, 8, 2, 2) is None
-    assert bw.choose_combine(4096, 2048, 128, 128, 256, 160, 8, 2, 2, combine="onchip") is None
     assert bw.choose_combine(1024, 2048, 128, 128, 256, 48, 8, 2, 2, combine="dma") is None
     talker = (1024, 1024, 48, 96, 130, 64, 6, 2, 2)
-    assert bw.choose_combine(*talker) == bw.choose_combine(*talker, combine="onchip") == 4
+    assert bw.choose_combine(*talker) == bw.choose_combine(*talker, combine="onchip") == (4, "u32")
     auto = bw.choose_combine(1024, 2048, 128, 128, 256, 48, 8, 2, 2)
-    assert auto == (gt if bw._onchip_is_faster(1024, 2048, 128, 256, 48, 8, 2, 2, gt) else None)
+    assert auto == (gt if bw._onchip_is_faster(1024, 2048, 128, 256, 48, 8, 2, 2, *gt) else None)
+
+
+@pytest.mark.parametrize("shape,mode", [
+    ((4096, 2048, 128, 128, 257, 160, 8), "stream"),   # Qwen3.5-35B-A3B TP4, T=4096 (the bench's N=257, B=160)
+    ((4096, 2048, 96, 0, 129, 288, 8), "stream"),      # Qwen3-Omni thinker TP8
+    ((4096, 1024, 48, 96, 130, 224, 6), "u16")])       # Qwen3-Omni talker TP8
+def test_t4096_fits_with_compact_or_streamed_index_and_auto_follows_the_estimate(shape, mode):
+    """At T=4096 (LNC=2, bf16) the resident uint32 slot indices (T * KMAX per partition) leave no room for one
+    tile's slot outputs; the talker fits them as uint16 with GT=1, the other two only token-chunked (GT=1; GT=2
+    fits neither); "auto" takes the on-chip path only when `_onchip_is_faster` says so (it does not at these
+    shapes: docs/moe.md has the modeled figures)."""
+    t, h, i, si, n, b, k = shape
+    plan = bw.choose_combine(t, h, i, si, n, b, k, 2, 2, combine="onchip")
+    assert plan == (1, mode)
+    budget = bw.sbuf_budget()
+    assert cb.onchip_plan_bytes(t, h, i, si, n, b, k, 1, 2, "u32") > budget
+    assert (cb.onchip_plan_bytes(t, h, i, si, n, b, k, 1, 2, "u16") <= budget) == (mode == "u16")
+    assert cb.onchip_plan_bytes(t, h, i, si, n, b, k, 1, 2, "stream") <= budget
+    assert cb.onchip_plan_bytes(t, h, i, si, n, b, k, 2, 2, "stream") > budget
+    faster = bw._onchip_is_faster(t, h, i, n, b, k, 2, 2, *plan)
+    assert not faster and bw.choose_combine(t, h, i, si, n, b, k, 2, 2) is None
 
 
 def test_onchip_refused_when_it_cannot_fit():
     rng = np.random.default_rng(0)
-    x, gu, dn, sh, w, idx = _problem(rng, 20000, 128, 2, 16, 2, 0, "bfloat16")
+    x, gu, dn, sh, w, idx = _problem(rng, 40000, 128, 2, 16, 2, 0, "bfloat16")   # 80000 slots: Y + h.T
     tpos, b2e = moe_block_mapping(idx, 2, 512)
     with pytest.raises(KernelInputError, match="combine='onchip' does not fit SBUF"):
         moe_blockwise(x, w, gu, dn, tpos, b2e, 512, top_k_index=idx, combine="onchip")

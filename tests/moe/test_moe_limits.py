@@ -113,3 +113,22 @@ def test_decode_largest_experts_fit(monkeypatch, dtype, h, i):
 def test_refusals_name_the_limit(monkeypatch):
     ok, why = _blockwise_accepts(monkeypatch, np.float32, 8192, 128, True, 512)
     assert not ok and "SBUF" in why and "block_size" in why
+
+
+@pytest.mark.slow
+def test_onchip_combine_boundary_fits_at_talker_widths():
+    """Qwen3-Omni talker widths (bf16, H=1024, I=48, Is=96, TOPK=6), T=1024, blocks of 512: the largest static N
+    whose on-chip plan fits runs at LNC=2 (the emulator raises on any SBUF overflow) and matches the reference;
+    one block more is refused with combine="onchip" and runs the DMA combine under "auto"."""
+    t, h, i, si, k, e, bs = 1024, 1024, 48, 96, 6, 16, 512
+    fits = [n for n in range(8, 200) if bw.choose_combine(t, h, i, si, n, bs, k, 2, 2, combine="onchip") is not None]
+    n_max = max(fits)
+    assert bw.choose_combine(t, h, i, si, n_max + 1, bs, k, 2, 2, combine="onchip") is None
+    x, gu, dn, _, w, idx = _arrays(DT["bfloat16"], t, h, e, i, k, False, seed=4)
+    sh = _arrays(DT["bfloat16"], 1, h, 1, si, 1, True, seed=5)[3]   # the talker's shared expert: Is=96
+    tpos, b2e = moe_block_mapping(idx, e, bs, num_blocks=n_max)
+    out = moe_blockwise(x, w, gu, dn, tpos, b2e, bs, shared=sh, top_k_index=idx, lnc=2, combine="onchip")
+    assert_close("on-chip at its SBUF limit", moe_decode_reference(x, idx, w, gu, dn, sh), out, dtype="bfloat16")
+    tpos, b2e = moe_block_mapping(idx, e, bs, num_blocks=n_max + 1)
+    with pytest.raises(KernelInputError, match="does not fit SBUF"):
+        moe_blockwise(x, w, gu, dn, tpos, b2e, bs, shared=sh, top_k_index=idx, lnc=2, combine="onchip")
