@@ -30,12 +30,13 @@ _GATHER_BYTES_PP = 64 * 1024   # SBUF per partition for one group of gathered sl
 _TABLE_BLOCKS = 256            # blocks whose expert / token-id tables are loaded at once (SBUF independent of N)
 _DVE_ADD_SHARE = 0.6           # output-pass adds: VectorE's share of the columns (trn2: DVE ~1.9, GpSimd ~1.2
                                # fp32 elements per partition per ns; the rest on GpSimd)
-_DESCRIPTOR_BYTES = 920        # DMA per-descriptor overhead in bytes (40 ns x 23 B/ns, trn2: docs/cost-model.md)
+_DMA_KNEE_BYTES = 2560         # a DMA packet (one partition row) keeps its engine busy at least this many bytes'
+                               # time (cost model v3's packet floor, trn2: docs/cost-model.md)
 _CORE_HBM_BYTES_PER_US = 362.5e3   # one trn2 core's HBM rate (bytes per µs)
 _GPSIMD_GHZ = 1.2
 _DVE_GHZ = 0.96
-_GATHER_EXPOSED = 0.5          # share of the on-chip combine's nc_n_gather time not hidden by other engines (fitted:
-                               # thinker / talker T=1024, LNC=2, both paths modeled; docs/moe.md)
+_GATHER_EXPOSED = 0.6          # share of the on-chip combine's nc_n_gather time not hidden by other engines (fitted:
+                               # thinker / talker T=1024, LNC=2, both paths modeled under cost model v3; docs/moe.md)
 _MIN_GROUP_TILES = 2           # "auto" takes the on-chip combine only with at least this many 128-row tiles per group
 _MAX_GATHER_INDICES = 65536    # T * KMAX slot indices per partition (one SBUF tile: the free-size limit)
 _SBUF_MARGIN = 2 * 1024        # bytes per partition left for the few small tiles the plan below does not list
@@ -678,9 +679,9 @@ def choose_combine(n_tokens, h_total, n_inter, s_inter, n_blocks, block_size, km
 
 
 def _dma_eff(run_bytes: int) -> float:
-    """Fraction of the DMA peak a transfer of `run_bytes` contiguous runs reaches (the cost model's descriptor
-    overhead: ~40 ns per descriptor at ~23 B/ns per engine)."""
-    return run_bytes / (run_bytes + _DESCRIPTOR_BYTES)
+    """Fraction of the DMA peak a transfer of `run_bytes` contiguous bytes per partition row reaches (the
+    packet floor: 1 KiB 40%, 2 KiB 80%, >= 2.5 KiB 100%)."""
+    return min(1.0, run_bytes / _DMA_KNEE_BYTES)
 
 
 def _dma_combine_us(n_tokens, h_total, n_blocks, block_size, kmax, item, lnc) -> float:
