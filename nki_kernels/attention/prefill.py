@@ -235,7 +235,8 @@ def _attend_pipeline(q, gate, out, kT_sb, v_sb, len_f, klen_valid, items, skv, d
 
     q, gate, out: [H, S, D] HBM views of one sequence (gate may be None). rows: None, or a per-row mask
     provider (the packed-sequence kernel, varlen.py) with start(st), mask(scores, st, j, k0, kn) and
-    finish_scale(inv_l, st) (and optionally store(out, o_sb, st), which then writes the output rows); it
+    finish_scale(inv_l, st) (optionally: store(out, o_sb, st), which then writes the output rows; q_rows(st), Q
+    rows already in SBUF; out_tile(st), where to put the output rows); it
     replaces the length and causal biases. q and gate may be any object whose [h, r0:r1, 0:d] is a DMA source.
     band: None, or (lo, hi) such that query
     row r can only see keys r - lo .. r + hi - 1 (trace-time: blocks outside are never generated).
@@ -512,7 +513,9 @@ def _finish(out, gate, bufs, len_f, st, d, dtype, rows=None):
                            engine=nisa.engine.gpsimd)
         nisa.tensor_tensor(dst=inv_l[0:qn], data1=inv_l[0:qn], data2=q_valid[0:qn], op=nl.multiply,
                            engine=nisa.engine.gpsimd)
-    o_sb = nl.ndarray((P_MAX, d), dtype=dtype, buffer=nl.sbuf)
+    o_sb = rows.out_tile(st) if rows is not None and hasattr(rows, "out_tile") else None   # varlen: staged
+    if o_sb is None:
+        o_sb = nl.ndarray((P_MAX, d), dtype=dtype, buffer=nl.sbuf)
     if gate is None:
         nisa.tensor_scalar(dst=o_sb[0:qn, 0:d], data=o, op0=nl.multiply, operand0=inv_l[0:qn],
                            engine=nisa.engine.gpsimd)

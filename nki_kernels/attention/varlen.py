@@ -52,7 +52,7 @@ _PE_T_CHUNKS = _N_CH              # chunks of P transposed on the PE (the rest b
 #                                   loop's DMA queues carry the block fetches, the PE has room (modeled)
 _STAT_INIT = 3.0e38               # initial -scale * running max: exp(-3e38 + x) = 0 wipes the first rescale
 _MAX_GROUP = 16                   # query heads per KV head handled together (the O accumulators: 16 x 1 KiB)
-_Q_STAGE_BYTES = 16 * 1024        # per partition: Q of a window's tiles staged for all heads of a KV-head batch
+_Q_STAGE_BYTES = 8 * 1024         # per partition: Q of a window's tiles staged for all heads of a KV-head batch
 _WINDOW_TILE_RATIO = 1.25         # windows when they run at most 1.25x the packed query tiles (the rule: windows_plan)
 
 
@@ -494,6 +494,9 @@ def windows_body(q, k, v, gate, cu_q, cu_k, out, softmax_scale, causal, mq, mk):
         first = 1 if not units else 0                   # the first unit alone: its pipeline starts sooner
         units += [(i, heads[0:first])] if first else []
         units += [(i, heads[b0:b0 + hb]) for b0 in range(first, len(heads), hb)]
+    if len(units[-1][1]) > 1:                           # the last head alone: its rows are written as they finish
+        i, batch = units.pop()
+        units += [(i, batch[:-1]), (i, batch[-1:])]
     seq_rows = {}
 
     def prepare(unit):
@@ -520,6 +523,7 @@ def windows_body(q, k, v, gate, cu_q, cu_k, out, softmax_scale, causal, mq, mk):
             items = [(kvh * group + g, t * _Q_TILE, mq) for t in range(n_qt) for g in range(group)]
             _attend_pipeline(q_w, gate_w, out, kT_sb, v_sb, None, None, items, mk, d, n_d, dtype,
                              softmax_scale, False, rows=rows, band=band)
+        rows.flush(out)
         if nxt is not None:
             ready = prepare(nxt)
 
@@ -598,8 +602,7 @@ def _load_window_kv_flagged(k, v, heads, k_start, mk, d, n_d, dtype, seq):
     v_all = nl.ndarray((P_MAX, n_c, hb, d), dtype=dtype, buffer=nl.sbuf)
     flags = nl.ndarray((P_MAX, n_c, hb), dtype=nl.float32, buffer=nl.sbuf)     # per key row: 0, or NaN
     key_in = seq.keys_inside()                                                  # [128, n_c, hb] uint8
-    ones = nl.ndarray((P_MAX, P_MAX), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.memset(dst=ones, value=1.0, engine=nisa.engine.gpsimd)
+    ones = seq.win.ones()
     col_sum = nl.ndarray((P_MAX, n_c, hb), dtype=nl.float32, buffer=nl.psum)
     pieces = ([(0, full, K_CHUNK)] if full else []) + ([(full, 1, rem)] if rem else [])
     for c0, nc, rows in pieces:
@@ -712,6 +715,13 @@ class _SeqWindows:
         nisa.tensor_copy(dst=self.row, src=row_i, engine=nisa.engine.gpsimd)
         self.diag_pos = {}
 
+    def ones(self):
+        """[128, 128] fp32 of ones (column sums on the PE), built once."""
+        if getattr(self, "_ones", None) is None:
+            self._ones = nl.ndarray((P_MAX, P_MAX), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.memset(dst=self._ones, value=1.0, engine=nisa.engine.gpsimd)
+        return self._ones
+
     def q_start(self, i):
         return self.w_q[0:1, i:i + 1]
 
@@ -758,8 +768,34 @@ class _BatchRows:
                        offset=(t * _Q_TILE * n_hq + kv_heads[0] * group) * d, scalar_offset=q_start, indirect_dim=0)
             nisa.dma_copy(dst=stage[0:qn, t], src=src)
         self.stage = (stage, kv_heads[0] * group, step * group, group)
+        self.out_stage = nl.ndarray((P_MAX, n_qt, hb, group, d), dtype=q.dtype, buffer=nl.sbuf)
 
-    def __getattr__(self, name):            # start, mask, store: the sequence's
+    def out_tile(self, st):
+        """The pipeline writes the stream's output rows here; flush() scatters each tile for every head."""
+        if self.stage is None:
+            return None
+        rel = st.h - self.h0
+        return self.out_stage[:, st.q0 // _Q_TILE, rel // self.kv_step, rel % self.group]
+
+    def store(self, out, o_sb, st):
+        if self.stage is None:
+            self.seq.store(out, o_sb, st)
+
+    def flush(self, out):
+        """One scatter per window tile for all heads of the batch (software DGE: one GpSimd descriptor job per
+        DMA, instead of one per head)."""
+        if self.stage is None:
+            return
+        _, n_hq, d = out.shape
+        win = self.seq.win
+        hb = self.out_stage.shape[2]
+        for t in range(win.n_qt):
+            qn = min(_Q_TILE, win.mq - t * _Q_TILE)
+            dst = out.ap(pattern=[[n_hq * d, qn], [self.kv_step * d, hb], [d, self.group], [1, d]],
+                         offset=self.h0 * d, vector_offset=self.seq.idx[0:qn, t:t + 1], indirect_dim=0)
+            nisa.dma_copy(dst=dst, src=self.out_stage[0:qn, t], oob_mode=nisa.oob_mode.skip)
+
+    def __getattr__(self, name):            # start, mask: the sequence's
         return getattr(self.seq, name)
 
     def finish_scale(self, inv_l, st):
