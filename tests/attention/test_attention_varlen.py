@@ -13,40 +13,10 @@ from nki_kernels.attention.varlen import MAX_SEQS
 from nki_kernels.emulator.runtime import last_run
 from nki_kernels.testing import assert_close, program_signature
 from nki_kernels.validation import KernelInputError
+from varlen_kit import cu as _cu, lengths as _lengths, packed as _packed
 
 BF16 = ml_dtypes.bfloat16
 DTYPES = {"float32": np.float32, "bfloat16": BF16}
-
-
-def _cu(lens):
-    return np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
-
-
-def _packed(rng, lq, lk, hq, hkv, d, dtype, gate=False):
-    tq, tk = int(sum(lq)), int(sum(lk))
-    q = rng.standard_normal((tq, hq, d)).astype(dtype)
-    k = rng.standard_normal((tk, hkv, d)).astype(dtype)
-    v = rng.standard_normal((tk, hkv, d)).astype(dtype)
-    g = rng.standard_normal((tq, hq, d)).astype(dtype) if gate else None
-    return q, k, v, g
-
-
-@st.composite
-def _lengths(draw, causal):
-    n = draw(st.integers(1, 5))
-    lq = draw(st.lists(st.sampled_from([0, 1, 2, 17, 64, 127, 128, 129, 200]), min_size=n, max_size=n))
-    extra = draw(st.lists(st.sampled_from([0, 0, 1, 5, 140]), min_size=n, max_size=n))
-    lk = [a + b for a, b in zip(lq, extra)]
-    if not causal:      # encoders: equal lengths, or keys without queries / queries without keys
-        lk = [a if draw(st.booleans()) else b for a, b in zip(lq, lk)]
-        if draw(st.booleans()):
-            lk[0] = 0
-    if sum(lq) == 0:
-        lq[-1] = 1
-        lk[-1] = max(lk[-1], 1)
-    if sum(lk) == 0:
-        lk[-1] = 1
-    return lq, lk
 
 
 @given(data=st.data(), causal=st.booleans(), hkv=st.integers(1, 2), group=st.sampled_from([1, 2, 4]),
@@ -56,7 +26,7 @@ def _lengths(draw, causal):
 def test_matches_per_sequence_reference(data, causal, hkv, group, d, dtype, use_gate, lnc, band, seed):
     """band: None (no max_seqlen_q), else max_seqlen_q = longest query sequence + band (self-attention
     packing when not causal)."""
-    lq, lk = data.draw(_lengths(causal))
+    lq, lk = data.draw(_lengths(causal, 5))
     if band is not None and not causal:
         lk = list(lq)
     max_q = None if band is None else max(lq) + band

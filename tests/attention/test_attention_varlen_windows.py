@@ -16,22 +16,10 @@ from nki_kernels.attention.reference import flash_attention_varlen_ref
 from nki_kernels.backend import call
 from nki_kernels.emulator.runtime import last_run
 from nki_kernels.testing import assert_close, program_signature
+from varlen_kit import cu as _cu, lengths as _lengths, packed as _packed
 
 BF16 = ml_dtypes.bfloat16
 DTYPES = {"float32": np.float32, "bfloat16": BF16}
-
-
-def _cu(lens):
-    return np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
-
-
-def _packed(rng, lq, lk, hq, hkv, d, dtype, gate=False):
-    tq, tk = int(sum(lq)), int(sum(lk))
-    q = rng.standard_normal((tq, hq, d)).astype(dtype)
-    k = rng.standard_normal((tk, hkv, d)).astype(dtype)
-    v = rng.standard_normal((tk, hkv, d)).astype(dtype)
-    g = rng.standard_normal((tq, hq, d)).astype(dtype) if gate else None
-    return q, k, v, g
 
 
 def _windows(fn, *args, **kw):
@@ -42,31 +30,13 @@ def _windows(fn, *args, **kw):
     return out
 
 
-@st.composite
-def _lengths(draw, causal):
-    n = draw(st.integers(1, 4))
-    lq = draw(st.lists(st.sampled_from([0, 1, 2, 17, 64, 127, 128, 129, 200]), min_size=n, max_size=n))
-    extra = draw(st.lists(st.sampled_from([0, 0, 1, 5, 140]), min_size=n, max_size=n))
-    lk = [a + b for a, b in zip(lq, extra)]
-    if not causal:
-        lk = [a if draw(st.booleans()) else b for a, b in zip(lq, lk)]
-        if draw(st.booleans()):
-            lk[0] = 0
-    if sum(lq) == 0:
-        lq[-1] = 1
-        lk[-1] = max(lk[-1], 1)
-    if sum(lk) == 0:
-        lk[-1] = 1
-    return lq, lk
-
-
 @given(data=st.data(), causal=st.booleans(), hkv=st.integers(1, 2), group=st.sampled_from([1, 2, 4]),
        d=st.sampled_from([64, 72, 80, 96, 128, 256]), dtype=st.sampled_from(["bfloat16", "float32"]),
        use_gate=st.booleans(), lnc=st.sampled_from([1, 2]), slack=st.sampled_from([0, 3, 130]),
        seed=st.integers(0, 2 ** 16))
 def test_windows_match_per_sequence_reference(data, causal, hkv, group, d, dtype, use_gate, lnc, slack, seed):
     """slack: max_seqlen_* = longest sequence + slack (a loose bound is allowed, clamped to Tq / Tk)."""
-    lq, lk = data.draw(_lengths(causal))
+    lq, lk = data.draw(_lengths(causal, 4))
     rng = np.random.default_rng(seed)
     q, k, v, g = _packed(rng, lq, lk, hkv * group, hkv, d, DTYPES[dtype], gate=use_gate)
     out = _windows(flash_attention_varlen, q, k, v, _cu(lq), _cu(lk), causal=causal, gate=g, lnc=lnc,
