@@ -36,6 +36,30 @@ def pe_transpose_group(dtype) -> int:
     return PSUM_BANK_BYTES // (P_MAX * itemsize)
 
 
+def pe_transpose_keys(kT_sb, key_rows, n_keys, n_c, d, n_d, t_psum, per_bank, key0=0, n_t=0):
+    """kT_sb[0:dn, i_d, key0 + j] = K[j, i_d * 128 + 0:dn] for the n_keys keys of n_c 128-key chunks: PE transposes,
+    `per_bank` chunks side by side in one PSUM bank (`pe_transpose_group`), the banks alternating between the two
+    halves of t_psum [128, 2, per_bank, 128], each bank evicted by one ScalarE copy. key_rows(c, d0, dn, cn) is
+    the [cn keys, dn] SBUF tile of chunk c's keys at head-dim offset d0. n_t counts the banks used so far (the
+    alternation continues across calls); returns the new count."""
+    for i_d in range(n_d):
+        d0 = i_d * D_CHUNK
+        dn = min(D_CHUNK, d - d0)
+        for g0 in range(0, n_c, per_bank):
+            gn = min(per_bank, n_c - g0)
+            slot = n_t % 2
+            n_t += 1
+            for i_c in range(gn):
+                c = g0 + i_c
+                cn = min(K_CHUNK, n_keys - c * K_CHUNK)
+                nisa.nc_transpose(dst=t_psum[0:dn, slot, i_c, 0:cn], data=key_rows(c, d0, dn, cn))
+            keys0 = key0 + g0 * K_CHUNK
+            keys = min(gn * K_CHUNK, n_keys - g0 * K_CHUNK)
+            nisa.activation(dst=kT_sb[0:dn, i_d, keys0:keys0 + keys], op=nl.copy,
+                            data=t_psum[0:dn, slot, 0:gn, 0:P_MAX].reshape((dn, gn * P_MAX))[:, 0:keys])
+    return n_t
+
+
 def load_transposed(dst_sb, src_hbm, rows, cols, dtype):
     """dst_sb[0:cols, 0:rows] = src_hbm[rows, cols].T, for cols <= 128.
 

@@ -37,7 +37,7 @@ from ..hw import P_MAX
 from ..lnc import resolve_lnc
 from ..validation import kernel_check
 from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, MASK_BIAS, MAX_HEAD_DIM, load_len_broadcast, load_transposed,
-                      n_tiles, pe_transpose_group)
+                      n_tiles, pe_transpose_group, pe_transpose_keys)
 from .prefill import _as_int32_lens, _check_array, _check_scale, _dtype_name, _read_only, _shape
 
 MAX_NEW_TOKENS = 8                # Sq limit (speculative decoding); G * Sq rows must fit the 128 partitions
@@ -330,21 +330,7 @@ def _transpose_keys(ctx, k_sb, kn, n_c):
     per_bank = pe_transpose_group(dtype)
     kT_sb = nl.ndarray((P_MAX, n_d, ctx["piece"]), dtype=dtype, buffer=nl.sbuf)
     t_psum = nl.ndarray((P_MAX, 2, per_bank, P_MAX), dtype=dtype, buffer=nl.psum)
-    n_t = 0
-    for i_d in range(n_d):
-        d0 = i_d * D_CHUNK
-        dn = min(D_CHUNK, d - d0)
-        for g0 in range(0, n_c, per_bank):
-            gn = min(per_bank, n_c - g0)
-            slot = n_t % 2
-            n_t += 1
-            for i_c in range(gn):
-                cn = min(K_CHUNK, kn - (g0 + i_c) * K_CHUNK)
-                nisa.nc_transpose(dst=t_psum[0:dn, slot, i_c, 0:cn], data=k_sb[0:cn, g0 + i_c, d0:d0 + dn])
-            keys0 = g0 * K_CHUNK
-            keys = min(gn * K_CHUNK, kn - keys0)
-            nisa.activation(dst=kT_sb[0:dn, i_d, keys0:keys0 + keys], op=nl.copy,
-                            data=t_psum[0:dn, slot, 0:gn, 0:P_MAX].reshape((dn, gn * P_MAX))[:, 0:keys])
+    pe_transpose_keys(kT_sb, lambda c, d0, dn, cn: k_sb[0:cn, c, d0:d0 + dn], kn, n_c, d, n_d, t_psum, per_bank)
     return kT_sb
 
 

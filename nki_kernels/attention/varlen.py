@@ -39,7 +39,7 @@ from ..hw import P_MAX
 from ..lnc import resolve_lnc
 from ..validation import kernel_check
 from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, MASK_BIAS, MAX_HEAD_DIM, MM_KEYS, is_two_byte,
-                      load_transposed, n_tiles, pe_transpose_group)
+                      load_transposed, n_tiles, pe_transpose_group, pe_transpose_keys)
 from .prefill import _Q_TILE, _attend_pipeline, _check_array, _check_scale, _dtype_name, _read_only, _shape
 
 MAX_SEQS = 512                    # N limit: the per-row bounds use [128, N+1] fp32 tiles (5 of them, 10 KiB)
@@ -406,21 +406,8 @@ def _load_kv_contained(k_h, v_h, kvh, tk, d, n_d, dtype, kT_sb, v_sb, view=None)
             _contain(k_nat[0:rows, c_lo:c_lo + nc, 0:d], v_rows, rows, nc, d)
         # K^T of the piece on the PE
         n_c = full + (1 if rem else 0)
-        for i_d in range(n_d):
-            d0 = i_d * D_CHUNK
-            dn = min(D_CHUNK, d - d0)
-            for g0 in range(0, n_c, per_bank):
-                gn = min(per_bank, n_c - g0)
-                slot = n_t % 2
-                n_t += 1
-                for i_c in range(gn):
-                    c = g0 + i_c
-                    cn = min(K_CHUNK, sn - c * K_CHUNK)
-                    nisa.nc_transpose(dst=t_psum[0:dn, slot, i_c, 0:cn], data=k_nat[0:cn, c, d0:d0 + dn])
-                keys0 = s0 + g0 * K_CHUNK
-                keys = min(gn * K_CHUNK, sn - g0 * K_CHUNK)
-                nisa.activation(dst=kT_sb[0:dn, i_d, keys0:keys0 + keys], op=nl.copy,
-                                data=t_psum[0:dn, slot, 0:gn, 0:P_MAX].reshape((dn, gn * P_MAX))[:, 0:keys])
+        n_t = pe_transpose_keys(kT_sb, lambda c, d0, dn, cn, k_nat=k_nat: k_nat[0:cn, c, d0:d0 + dn], sn, n_c, d,
+                                n_d, t_psum, per_bank, key0=s0, n_t=n_t)
     return kT_sb, v_sb
 
 
@@ -553,22 +540,8 @@ def _load_window_kv(k, v, heads, k_start, mk, d, n_d, dtype):
     for h in range(hb):
         kT_sb = nl.ndarray((P_MAX, n_d, mk), dtype=dtype, buffer=nl.sbuf)
         t_psum = nl.ndarray((P_MAX, 2, per_bank, P_MAX), dtype=dtype, buffer=nl.psum)
-        n_t = 0
-        for i_d in range(n_d):
-            d0 = i_d * D_CHUNK
-            dn = min(D_CHUNK, d - d0)
-            for g0 in range(0, n_c, per_bank):
-                gn = min(per_bank, n_c - g0)
-                slot = n_t % 2
-                n_t += 1
-                for i_c in range(gn):
-                    c = g0 + i_c
-                    cn = min(K_CHUNK, mk - c * K_CHUNK)
-                    nisa.nc_transpose(dst=t_psum[0:dn, slot, i_c, 0:cn], data=k_nat[0:cn, c, h, d0:d0 + dn])
-                keys0 = g0 * K_CHUNK
-                keys = min(gn * K_CHUNK, mk - keys0)
-                nisa.activation(dst=kT_sb[0:dn, i_d, keys0:keys0 + keys], op=nl.copy,
-                                data=t_psum[0:dn, slot, 0:gn, 0:P_MAX].reshape((dn, gn * P_MAX))[:, 0:keys])
+        pe_transpose_keys(kT_sb, lambda c, d0, dn, cn, h=h: k_nat[0:cn, c, h, d0:d0 + dn], mk, n_c, d, n_d, t_psum,
+                          per_bank)
         out.append((kT_sb, v_all[:, :, h, :]))
     return out
 
