@@ -7,13 +7,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nki_kernels import flash_attention, flash_attention_varlen
+from nki_kernels import flash_attention_varlen
 from nki_kernels.attention.reference import flash_attention_ref, flash_attention_varlen_ref
 from nki_kernels.attention.varlen import MAX_SEQS
 from nki_kernels.emulator.runtime import last_run
 from nki_kernels.testing import assert_close, program_signature
 from nki_kernels.validation import KernelInputError
-from varlen_kit import cu as _cu, lengths as _lengths, packed as _packed
+from varlen_kit import assert_each_sequence_alone, cu as _cu, lengths as _lengths, packed as _packed
 
 BF16 = ml_dtypes.bfloat16
 DTYPES = {"float32": np.float32, "bfloat16": BF16}
@@ -47,15 +47,7 @@ def test_equals_each_sequence_run_alone(causal):
     lk = [300 + 40, 1, 129, 5, 77] if causal else [300, 3, 129, 5, 77]
     q, k, v, g = _packed(rng, lq, lk, 4, 2, 128, BF16, gate=True)
     packed = np.asarray(flash_attention_varlen(q, k, v, _cu(lq), _cu(lk), causal=causal, gate=g), np.float64)
-    cq, ck = _cu(lq), _cu(lk)
-    for s in range(len(lq)):
-        if lq[s] == 0:
-            continue
-        sl_q, sl_k = slice(cq[s], cq[s + 1]), slice(ck[s], ck[s + 1])
-        bhsd = lambda t: np.ascontiguousarray(np.swapaxes(t, 0, 1)[None])   # noqa: E731
-        alone = flash_attention(bhsd(q[sl_q]), bhsd(k[sl_k]), bhsd(v[sl_k]), gate=bhsd(g[sl_q]), causal=causal)
-        alone = np.swapaxes(np.asarray(alone, np.float64)[0], 0, 1)
-        assert_close(f"sequence {s}", alone, packed[sl_q], dtype="bfloat16")
+    assert_each_sequence_alone(packed, q, k, v, g, lq, lk, causal)
 
 
 def test_queries_without_keys_are_zero():

@@ -11,12 +11,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import nki_kernels.attention.varlen as varlen
-from nki_kernels import flash_attention, flash_attention_varlen
+from nki_kernels import flash_attention_varlen
 from nki_kernels.attention.reference import flash_attention_varlen_ref
 from nki_kernels.backend import call
 from nki_kernels.emulator.runtime import last_run
 from nki_kernels.testing import assert_close, program_signature
-from varlen_kit import cu as _cu, lengths as _lengths, packed as _packed
+from varlen_kit import assert_each_sequence_alone, cu as _cu, lengths as _lengths, packed as _packed
 
 BF16 = ml_dtypes.bfloat16
 DTYPES = {"float32": np.float32, "bfloat16": BF16}
@@ -56,18 +56,7 @@ def test_windows_equal_each_sequence_run_alone(causal):
     q, k, v, g = _packed(rng, lq, lk, 4, 2, 128, BF16, gate=True)
     packed = np.asarray(_windows(flash_attention_varlen, q, k, v, _cu(lq), _cu(lk), causal=causal, gate=g,
                                  max_seqlen_q=max(lq), max_seqlen_k=max(lk)), np.float64)
-    cq, ck = _cu(lq), _cu(lk)
-    for s in range(len(lq)):
-        if lq[s] == 0:
-            continue
-        sl_q, sl_k = slice(cq[s], cq[s + 1]), slice(ck[s], ck[s + 1])
-        if lk[s] == 0:
-            assert np.all(packed[sl_q] == 0.0)
-            continue
-        bhsd = lambda x: np.ascontiguousarray(np.swapaxes(x, 0, 1)[None])   # noqa: E731
-        alone = np.asarray(flash_attention(bhsd(q[sl_q]), bhsd(k[sl_k]), bhsd(v[sl_k]), gate=bhsd(g[sl_q]),
-                                           causal=causal), np.float64)[0].swapaxes(0, 1)
-        assert_close(f"sequence {s}", alone, packed[sl_q], dtype="bfloat16")
+    assert_each_sequence_alone(packed, q, k, v, g, lq, lk, causal)
 
 
 def test_windows_lnc2_bit_identical_to_lnc1():

@@ -2,6 +2,9 @@
 import numpy as np
 from hypothesis import strategies as st
 
+from nki_kernels import flash_attention
+from nki_kernels.testing import assert_close
+
 
 def cu(lens):
     """cu_seqlens int32 [N+1] of the given lengths."""
@@ -37,3 +40,20 @@ def lengths(draw, causal, max_n):
     if sum(lk) == 0:
         lk[-1] = 1
     return lq, lk
+
+
+def assert_each_sequence_alone(packed_out, q, k, v, g, lq, lk, causal):
+    """packed_out [Tq, Hq, D] == flash_attention on each sequence alone (the padded path, B=1 per sequence);
+    a sequence with queries but no keys is all zeros."""
+    cq, ck = cu(lq), cu(lk)
+    bhsd = lambda x: np.ascontiguousarray(np.swapaxes(x, 0, 1)[None])   # noqa: E731
+    for s in range(len(lq)):
+        if lq[s] == 0:
+            continue
+        sl_q, sl_k = slice(cq[s], cq[s + 1]), slice(ck[s], ck[s + 1])
+        if lk[s] == 0:
+            assert np.all(packed_out[sl_q] == 0.0)
+            continue
+        alone = flash_attention(bhsd(q[sl_q]), bhsd(k[sl_k]), bhsd(v[sl_k]), gate=bhsd(g[sl_q]), causal=causal)
+        alone = np.swapaxes(np.asarray(alone, np.float64)[0], 0, 1)
+        assert_close(f"sequence {s}", alone, packed_out[sl_q], dtype="bfloat16")
