@@ -824,6 +824,20 @@ def _hbm_race_check(instr, role, t: Tensor, write: bool):
     t._aux_or(log, np.uint8((4 << pid) if write else (1 << pid)))
 
 
+def _lnc2_pair_program(instr: str, verb: str):
+    """The current program, after checking that `instr` (an instruction between the two NeuronCores of an LNC=2
+    pair) can run here: NeuronCore-v3 or newer, and a launch at LNC=2."""
+    prog = current()
+    tgt = prog.target
+    if tgt.nc_version < 3:
+        fail(instr, None, f"is available only on NeuronCore-v3 or newer (trn2, trn3); {tgt.name} is "
+             f"NeuronCore-v{tgt.nc_version}")
+    if prog.launch.lnc != 2:
+        fail(instr, None, f"{verb} the two NeuronCores of an LNC=2 launch; this launch runs at "
+             f"LNC={prog.launch.lnc}")
+    return prog
+
+
 def core_barrier(data, cores, engine=engine.gpsimd, name=None):
     """Both NeuronCores of an LNC=2 launch reach this point before either goes on (NeuronCore-v3+, LNC=2 only).
 
@@ -834,14 +848,7 @@ def core_barrier(data, cores, engine=engine.gpsimd, name=None):
     program instances in turn between barriers (runtime.py)."""
     instr = "core_barrier"
     _tensor(instr, "data", data)
-    prog = current()
-    tgt = prog.target
-    if tgt.nc_version < 3:
-        fail(instr, None, f"is available only on NeuronCore-v3 or newer (trn2, trn3); {tgt.name} is "
-             f"NeuronCore-v{tgt.nc_version}")
-    if prog.launch.lnc != 2:
-        fail(instr, None, f"synchronises the two NeuronCores of an LNC=2 launch; this launch runs at "
-             f"LNC={prog.launch.lnc}")
+    prog = _lnc2_pair_program(instr, "synchronises")
     if not isinstance(cores, (tuple, list)) or tuple(cores) != (0, 1) or \
             any(isinstance(c, bool) or not isinstance(c, (int, np.integer)) for c in cores):
         fail(instr, "cores", f"must be (0, 1), the only set supported under LNC=2, got {cores!r}")
@@ -872,14 +879,7 @@ def sendrecv(src, dst, send_to_rank, recv_from_rank, pipe_id, dma_engine=dma_eng
     then each core's `dst` holds the other's `src` as it was when that core issued the call. The cost model
     releases both cores together (costmodel.py, `sendrecv_*` constants)."""
     instr = "sendrecv"
-    prog = current()
-    tgt = prog.target
-    if tgt.nc_version < 3:
-        fail(instr, None, f"is available only on NeuronCore-v3 or newer (trn2, trn3); {tgt.name} is "
-             f"NeuronCore-v{tgt.nc_version}")
-    if prog.launch.lnc != 2:
-        fail(instr, None, f"exchanges data between the two NeuronCores of an LNC=2 launch; this launch runs at "
-             f"LNC={prog.launch.lnc}")
+    prog = _lnc2_pair_program(instr, "exchanges data between")
     for role, t in (("src", src), ("dst", dst)):
         _tensor(instr, role, t)
         if t.buffer.kind != "sbuf":
