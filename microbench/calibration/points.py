@@ -39,6 +39,35 @@ Chosen: U3 steps 3, 4, 5, 8, 9, 10 and U5 steps 3, 4, 5, all held out, `bench` t
 Where the published code leaves a choice to the compiler (the engine of an nl.* element-wise call, the copy out
 of PSUM that an nc_transpose result needs before it can feed nc_matmul or a store), the re-write makes one fixed
 choice for all steps, written down in kernels_heldout.py before modeling.
+
+Procedure once held-out errors have been seen (fixed in the v4 round): a held-out point whose error informs a model
+change (a constant, a mechanism or a re-write) moves to **fit** in the same commit, and the held-out split is
+replenished with **new points nobody has modeled**, chosen by a rule committed before any of them is re-written or
+modeled. The v4 round changed no constant or mechanism (none could be sourced and checked against every fit point
+before the 16:30 UTC freeze), so no point moved.
+
+Held-out points added in the v4 round (module kernels_v4.py). The rule, committed before any of these kernels was
+re-written or modeled (the published latencies were known, no modeled figure was). Sources searched: AccelOpt
+(zhang677/AccelOpt@47e29a7) and Autocomp (ucb-bar/autocomp@dd26a56). Take every published latency of an NKI kernel
+on trn1 or trn2 that is not yet a point, is not reserved (the AWS NKI matmul and Mamba tutorial kernels, any
+kernel derived from them, nki-autotune's GEMMs), whose exact code is published in the same repository and whose
+hardware is stated, subject to (a) and (b) above:
+  * AccelOpt, experiments/full_complete_local/results/11110904_best_plan_id.csv (the best optimized kernel per
+    NKIBench problem, `prof` on trn1): only rope (3.3326 ms) has its code published (samples/nki/rope_optimized.py,
+    "the best RoPE kernel AccelOpt has discovered"); mamba_optimized.py is derived from the reserved Mamba tutorial
+    kernel; the other twelve have no published code. -> point A11.opt.
+  * Autocomp, visualizer/src/extension/__fixtures__/sample_run: a LayerNorm search (problem trn-tutorial-nki1 #1,
+    harness harnesses/trn-tutorial-nki1/1_layernorm_test.py: input 4096 x 8192 fp32, nki.benchmark P99, warmup 2,
+    iters 10; the eval logs show `--target trn1`). Every program the search kept in its beam
+    (candidates-iter-*/candidate_*.txt, each with its code and score), one point per distinct instruction stream
+    (b): scores 2.461 (the LayerNorm tutorial v1 kernel), 2.326, 2.327, 2.160, 2.083 ms. The 24 eval-results
+    programs that the beam did not keep are not used. -> points LN.<ms x 1000>, `bench` timing like U3-U5.
+  * Out: Autocomp 1_gemm / 2_gemm traces (the AWS matmul tutorial kernels at its 4096 x 8192 x 8192 shape:
+    reserved), 3_mamba (reserved), jaxbench-* (JAX / Pallas on TPU, not NKI); the remaining U3 / U4 / U5 steps
+    (excluded by (a) / (b) above, or the same program as a chosen step).
+Where the published code leaves a choice to the compiler, the re-write fixes it once, before modeling, as the U3
+rule does: each nl.* element-wise or reduce call is one VectorE instruction as written, except the transcendental
+functions (nl.rsqrt, nl.exp, ...), which are one ScalarE activation; the published dtypes are kept.
 """
 from __future__ import annotations
 
