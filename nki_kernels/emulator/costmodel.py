@@ -412,6 +412,9 @@ def compute_cycles(ins, target: Target, p: CostParams) -> tuple[float, float]:
         n_in = ins.reads[0].elems_pp if ins.reads else n
         half = ins.reads and _is_2byte(ins.reads[0]) and op in ("add", "maximum", "max")
         cyc = max(mi, (n_in / 2 if half else n_in) / rate)
+    elif name == "bn_aggr":               # isa: max(MIN_II, 13 N / 3), N = input elements per partition
+        n_in = ins.reads[0].elems_pp if ins.reads else n
+        cyc = max(mi, 13 * n_in / 3 / rate)
     elif name in ("max8", "nc_find_index8"):
         n_in = ins.reads[0].elems_pp if ins.reads else n
         cyc = max(mi, n_in / rate)

@@ -776,6 +776,52 @@ def max8(dst, src, name=None):
     _record(instr, DVE, [src], [dst])
 
 
+_BN_STATS_FMAX = 512      # nl.tile_size.bn_stats_fmax: elements per partition one bn_stats instruction reads
+
+
+def bn_stats(dst, data, name=None):
+    """dst (P, 6) = per partition (count, mean, variance x count) of the even-indexed and then of the odd-indexed
+    elements of data (P, F <= 512), computed in fp32 on VectorE (nki.isa.bn_stats)."""
+    instr = "bn_stats"
+    _onchip(instr, "data", data)
+    _onchip(instr, "dst", dst)
+    p, f = data.shape[0], data.free_size
+    if not 1 <= f <= _BN_STATS_FMAX:
+        fail(instr, "data", f"{f} elements per partition; bn_stats reads at most {_BN_STATS_FMAX}")
+    if dst.shape[0] != p or dst.free_size != 6:
+        fail(instr, "dst", f"must be ({p}, 6), got {dst.shape}")
+    x = data._get().reshape(p, f).astype(np.float64)
+    cols = []
+    for part in (x[:, 0::2], x[:, 1::2]):
+        c = part.shape[1]
+        mean = part.mean(axis=1) if c else np.zeros(p)
+        m2 = ((part - mean[:, None]) ** 2).sum(axis=1) if c else np.zeros(p)
+        cols += [np.full(p, float(c)), mean, m2]
+    _write(dst, np.stack(cols, axis=1).astype(_F32).reshape(dst.shape))
+    _record(instr, DVE, [data], [dst])
+
+
+def bn_aggr(dst, data, name=None):
+    """dst (P, 2) = (mean, variance) per partition from the (count, mean, variance x count) triples of one or
+    more bn_stats outputs laid side by side in data (P, 3k), in fp32 on VectorE (nki.isa.bn_aggr)."""
+    instr = "bn_aggr"
+    _onchip(instr, "data", data)
+    _onchip(instr, "dst", dst)
+    p, f = data.shape[0], data.free_size
+    if f % 3:
+        fail(instr, "data", f"{f} elements per partition; bn_aggr reads (count, mean, variance x count) triples")
+    if dst.shape[0] != p or dst.free_size != 2:
+        fail(instr, "dst", f"must be ({p}, 2), got {dst.shape}")
+    t = data._get().reshape(p, f // 3, 3).astype(np.float64)
+    cnt, mean, m2 = t[..., 0], t[..., 1], t[..., 2]
+    total = cnt.sum(axis=1)
+    with np.errstate(all="ignore"):
+        mu = (cnt * mean).sum(axis=1) / total
+        var = (m2.sum(axis=1) + (cnt * (mean - mu[:, None]) ** 2).sum(axis=1)) / total
+    _write(dst, np.stack([mu, var], axis=1).astype(_F32).reshape(dst.shape))
+    _record(instr, DVE, [data], [dst])
+
+
 def nc_find_index8(dst, data, vals, name=None):
     """dst[p, j] = index of vals[p, j] in data[p] (first match; repeats advance); a miss gives all-ones."""
     instr = "nc_find_index8"

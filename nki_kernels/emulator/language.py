@@ -50,6 +50,7 @@ class _TileSize:
     gemm_moving_fmax = 512
     psum_fmax = 512
     psum_num_banks = 8
+    bn_stats_fmax = 512
 
 
 tile_size = _TileSize()

@@ -266,6 +266,15 @@ def test_vector_costs_follow_documented_formulas():
         assert rep.total_us == pytest.approx(_us(cyc + p.dve_fixed_latency, t.dve_ghz), rel=1e-6), name
 
 
+def test_bn_stats_and_bn_aggr_costs_follow_documented_formulas():
+    """isa: bn_stats max(64, N), bn_aggr max(64, 13 N / 3), N = input elements per partition (VectorE)."""
+    t = get_target("trn1")
+    for name, f_in, f_out, cyc in (("bn_stats", 512, 6, 512), ("bn_aggr", 96, 2, 416), ("bn_aggr", 6, 2, 64)):
+        tr = Trace()
+        _ins(tr, name, DVE, [_tile(128, f_in)], [_tile(128, f_out)])
+        assert model_trace(tr, t).engine_busy_us[DVE] == pytest.approx(_us(cyc, t.dve_ghz), rel=1e-6), name
+
+
 def test_report_fields_and_launch_overhead_are_separate():
     x = np.ones((128, 512), np.float32)
     with record_launches() as runs:

@@ -601,6 +601,55 @@ def test_max8_needs_8_elements(rng):
         on_chip(step, rnd(rng, (4, 7)))
 
 
+# ============================================================== bn_stats / bn_aggr
+
+
+@given(f=st.integers(1, 512), chunks=st.integers(1, 4), shift=st.sampled_from([0.0, 1e3]))
+def test_bn_stats_and_aggr(f, chunks, shift):
+    """bn_stats per chunk (even / odd halves: count, mean, variance x count) and bn_aggr over all chunks give
+    the row mean and the population variance of the whole row."""
+    rng = np.random.default_rng(f * 7 + chunks)
+    x = rnd(rng, (16, f * chunks)) + np.float32(shift)
+
+    def step(t):
+        stats = nl.ndarray((16, 6 * chunks), nl.float32, buffer=nl.sbuf)
+        for c in range(chunks):
+            nisa.bn_stats(dst=stats[:, 6 * c:6 * c + 6], data=t[:, c * f:(c + 1) * f])
+        mv = nl.ndarray((16, 2), nl.float32, buffer=nl.sbuf)
+        nisa.bn_aggr(dst=mv, data=stats)
+        return stats, mv
+    stats, mv = on_chip(step, x)
+    x64 = x.astype(np.float64)
+    first = x64[:, :f]
+    even, odd = first[:, 0::2], first[:, 1::2]
+    np.testing.assert_array_equal(stats[:, 0], even.shape[1])
+    np.testing.assert_array_equal(stats[:, 3], odd.shape[1])
+    np.testing.assert_allclose(stats[:, 1], even.mean(axis=1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(stats[:, 2], even.var(axis=1) * even.shape[1], rtol=1e-4, atol=1e-3)
+    if odd.shape[1]:
+        np.testing.assert_allclose(stats[:, 4], odd.mean(axis=1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(mv[:, 0], x64.mean(axis=1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(mv[:, 1], x64.var(axis=1), rtol=1e-3, atol=1e-4)
+
+
+def test_bn_stats_limits(rng):
+    def step(t, fdst):
+        st_ = nl.ndarray((4, fdst), nl.float32, buffer=nl.sbuf)
+        nisa.bn_stats(dst=st_, data=t)
+        return st_
+    with raises("bn_stats", "data", "at most 512"):
+        on_chip(step, rnd(rng, (4, 513)), fdst=6)
+    with raises("bn_stats", "dst", "must be (4, 6)"):
+        on_chip(step, rnd(rng, (4, 64)), fdst=5)
+
+    def aggr(t):
+        mv = nl.ndarray((4, 2), nl.float32, buffer=nl.sbuf)
+        nisa.bn_aggr(dst=mv, data=t)
+        return mv
+    with raises("bn_aggr", "data", "triples"):
+        on_chip(aggr, rnd(rng, (4, 7)))
+
+
 # ============================================================== DMA
 
 
