@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import call, nki, nisa, nl
-from ..hw import P_MAX
+from ..hw import P_MAX, PSUM_FMAX_FP32
 from ..lnc import resolve_lnc
 from ..validation import check_host_values, kernel_check
 from ._checks import check_qkv_gate_layouts
@@ -40,6 +40,7 @@ _STATE_BUFFERS = 4                # sequences whose state rows are in SBUF at on
 _STATE_SBUF_BYTES = 96 * 1024     # ... within this many bytes per partition, less the bf16 path's rank-1
                                   # stationaries [Dk, T, Hv, Dk] (64 KiB at T = 4, Hv = 64, Dk = 128)
 _INPUT_SBUF_BYTES = 48 * 1024    # bytes per partition for the inputs of the sequences loaded at once
+_PSUM_FMAX_FP32 = PSUM_FMAX_FP32     # fp32 elements per partition of one PSUM bank (one matmul output)
 _RANK_BANK_HEADS = 4              # [Dk, Dk] fp32 rank-1 products per PSUM bank (4 x 512 B = 2 KiB)
 
 
@@ -114,7 +115,7 @@ def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, 
     isz = 2 if cdt == nl.bfloat16 else 4
     per_seq = (2 * dk + n_tok * dv) * isz + 2 * (n_th + n_tok) * 4
     n_grp = max(1, min(bsz, _INPUT_SBUF_BYTES // per_seq))
-    ins = _load_inputs(q, k, v, g, beta, 0, n_grp, cdt)
+    ins = _load_inputs(q, k, v, g, beta, 0, n_grp, cdt, ones_sb)
     # state rows: up to _STATE_BUFFERS sequences in flight, so the reads of the next sequences stream in while b
     # runs and b's write-back (3 us of DMA latency) does not hold up the next reads
     # LNC=2: each program instance owns half of the v heads (their state rows, updates and o rows); the
@@ -133,7 +134,7 @@ def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, 
         _load_state(state_pool, slot_of(i_b), state_buf[:, i_b], own)
     for i_b in range(bsz):
         if i_b > 0 and i_b % n_grp == 0:
-            ins = _load_inputs(q, k, v, g, beta, i_b, min(n_grp, bsz - i_b), cdt)
+            ins = _load_inputs(q, k, v, g, beta, i_b, min(n_grp, bsz - i_b), cdt, ones_sb)
         i_pre = i_b + n_buf - 1
         if i_pre < bsz:
             _load_state(state_pool, slot_of(i_pre), state_buf[:, i_pre % n_buf], own)
@@ -151,8 +152,7 @@ def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, 
                     _head_token_rows(state_sb[:, i_o, :], heads, exp_g, dl_rows, i_t, i_h)
                 else:
                     _head_token_rank1(state_sb[:, i_o, :], heads, exp_g, dl_rows, i_t, i_h)
-                if i_t == n_tok - 1:
-                    nisa.dma_copy(dst=_state_rows(state_pool, slot, i_h), src=state_sb[:, i_o, :])
+        nisa.dma_copy(dst=_state_rows(state_pool, slot, own), src=state_sb)
         nisa.dma_copy(dst=o.ap(pattern=[[dv, n_own], [n_hv * dv, n_tok], [1, dv]],
                                offset=(i_b * n_th + own[0]) * dv),
                       src=dl_rows[2 * own[0] + 1:2 * (own[0] + n_own):2, :, :])
@@ -212,26 +212,26 @@ def _head_token_rank1(s_h, heads, exp_g, dl_rows, i_t, i_h):
                        op=nl.add)
 
 
-def _load_inputs(q, k, v, g, beta, b0, nb, cdt):
+def _load_inputs(q, k, v, g, beta, b0, nb, cdt, ones_sb):
     """The inputs of sequences b0 .. b0 + nb - 1 in SBUF (index 1 = the sequence within the group): contiguous
     q/k rows, v rows and g/beta twice per v head (partitions 2h, 2h + 1), g/beta broadcast over the Dk
-    partitions."""
+    partitions (loaded as one contiguous row each, broadcast by K = 1 matmuls with a ones row: a DMA
+    broadcast would move one short row per partition)."""
     _, n_tok, n_hk, dk = q.shape
     n_hv, dv = v.shape[2], v.shape[3]
     n_th, n_tk = n_tok * n_hv, n_tok * n_hk
     f32 = nl.float32
+    gb_bc = nl.ndarray((dk, 2, nb, n_th), dtype=f32, buffer=nl.sbuf)         # [:, 0] = g, [:, 1] = beta
     ins = dict(
         k_rows=nl.ndarray((n_tk, nb, dk), dtype=cdt, buffer=nl.sbuf),
         q_rows=nl.ndarray((n_tk, nb, dk), dtype=cdt, buffer=nl.sbuf),
         v_pairs=nl.ndarray((2 * n_hv, nb, n_tok, dv), dtype=cdt, buffer=nl.sbuf),
-        g_bc=nl.ndarray((dk, nb, n_th), dtype=f32, buffer=nl.sbuf),
-        beta_bc=nl.ndarray((dk, nb, n_th), dtype=f32, buffer=nl.sbuf),
+        g_bc=gb_bc[:, 0], beta_bc=gb_bc[:, 1],
         beta_pairs=nl.ndarray((2 * n_hv, nb, n_tok), dtype=f32, buffer=nl.sbuf),
         g_pairs=nl.ndarray((2 * n_hv, nb, n_tok), dtype=f32, buffer=nl.sbuf))
     for name, x in (("k_rows", k), ("q_rows", q)):
         nisa.dma_copy(dst=ins[name], src=x.ap(pattern=[[dk, n_tk], [n_tk * dk, nb], [1, dk]], offset=b0 * n_tk * dk))
-    for name, x in (("g_bc", g), ("beta_bc", beta)):
-        nisa.dma_copy(dst=ins[name], src=x.ap(pattern=[[0, dk], [1, nb * n_th]], offset=b0 * n_th))
+    _broadcast_rows(gb_bc, (g, beta), b0 * n_th, ones_sb)
     for i_x in range(2):
         nisa.dma_copy(dst=ins["v_pairs"][i_x:2 * n_hv:2], src=v.ap(
             pattern=[[dv, n_hv], [n_th * dv, nb], [n_hv * dv, n_tok], [1, dv]], offset=b0 * n_th * dv))
@@ -241,20 +241,41 @@ def _load_inputs(q, k, v, g, beta, b0, nb, cdt):
     return ins
 
 
+def _broadcast_rows(dst_bc, srcs, offset, ones_sb):
+    """dst_bc [Dk, len(srcs), n...] fp32 = each of the HBM tensors srcs from element `offset` on (n elements each,
+    one contiguous row DMA), copied to every one of the Dk partitions by K = 1 matmuls (ones row stationary),
+    at most one PSUM bank (_PSUM_FMAX_FP32 fp32) per matmul."""
+    dk, n_src = dst_bc.shape[0], dst_bc.shape[1]
+    f32 = nl.float32
+    flat = dst_bc.reshape((dk, n_src * (dst_bc.size // (dk * n_src))))
+    width = flat.shape[1] // n_src
+    row_sb = nl.ndarray((1, n_src * width), dtype=f32, buffer=nl.sbuf)
+    for i_s, x in enumerate(srcs):
+        nisa.dma_copy(dst=row_sb[0:1, i_s * width:(i_s + 1) * width],
+                      src=x.ap(pattern=[[width, 1], [1, width]], offset=offset))
+    for c0 in range(0, n_src * width, _PSUM_FMAX_FP32):
+        cw = min(_PSUM_FMAX_FP32, n_src * width - c0)
+        bc_ps = nl.ndarray((dk, _PSUM_FMAX_FP32), dtype=f32, buffer=nl.psum)
+        nisa.nc_matmul(bc_ps[:, 0:cw], ones_sb[0:1, 0:dk], row_sb[0:1, c0:c0 + cw])
+        nisa.tensor_copy(dst=flat[:, c0:c0 + cw], src=bc_ps[:, 0:cw])
+        del bc_ps
+
+
 def _load_state(state_pool, slot, state_sb, own):
-    """state_sb [Dk, own[1], Dv] = heads own[0] .. own[0] + own[1] - 1 of state_pool[slot]: one dynamic DMA per head
-    (scalar_offset = the slot id in SBUF), so each head's compute starts as soon as its rows arrive."""
-    for i_o in range(own[1]):
-        nisa.dma_copy(dst=state_sb[:, i_o, :], src=_state_rows(state_pool, slot, own[0] + i_o))
+    """state_sb [Dk, own[1], Dv] = heads own[0] .. own[0] + own[1] - 1 of state_pool[slot]: one DMA for all the
+    owned heads (dynamic for a slot id in SBUF: scalar_offset), so each partition row moves own[1] x Dv
+    elements (own[1] runs of Dv contiguous ones) instead of one short Dv row per DMA."""
+    nisa.dma_copy(dst=state_sb, src=_state_rows(state_pool, slot, own))
 
 
-def _state_rows(state_pool, slot, i_h):
-    """[Dk, Dv] HBM view of state_pool[slot, i_h]: static when slot is an int (static rows), else a dynamic
-    view whose row is the slot id in SBUF (scalar_offset)."""
+def _state_rows(state_pool, slot, own):
+    """[Dk, own[1], Dv] HBM view of heads own[0] .. own[0] + own[1] - 1 of state_pool[slot]: static when slot is
+    an int (static rows), else a dynamic view whose row is the slot id in SBUF (scalar_offset)."""
     dk, dv = state_pool.shape[2], state_pool.shape[3]
+    pattern = [[dv, dk], [dk * dv, own[1]], [1, dv]]
     if isinstance(slot, int):
-        return state_pool[slot, i_h]
-    return state_pool.ap(pattern=[[dv, dk], [1, dv]], offset=i_h * dk * dv, scalar_offset=slot, indirect_dim=0)
+        return state_pool.ap(pattern=pattern, offset=(slot * state_pool.shape[1] + own[0]) * dk * dv)
+    return state_pool.ap(pattern=pattern, offset=own[0] * dk * dv, scalar_offset=slot, indirect_dim=0)
 
 
 def _prepare_heads(q_shape, v_shape, ins, i_b, exp_g, sel, ones_sb, kqz, scale, use_l2norm, cdt, own):
