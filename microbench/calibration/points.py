@@ -82,6 +82,7 @@ from nki_kernels.emulator.targets import get_target
 
 from . import kernels as K
 from . import kernels_heldout as H
+from . import kernels_v4 as V4
 
 
 @dataclass
@@ -201,6 +202,14 @@ def ref_gqa(q, k, v):
     return np.einsum("hst,thd->shd", e / e.sum(axis=-1, keepdims=True), vv)
 
 
+def ref_layernorm(x, gamma, beta, variant, eps=V4.LN_EPS):
+    """Row LayerNorm with the population variance: (x - mean) / sqrt(var + eps) * gamma + beta."""
+    x64 = x.astype(np.float64)
+    mu = x64.mean(axis=1, keepdims=True)
+    var = ((x64 - mu) ** 2).mean(axis=1, keepdims=True)
+    return (x64 - mu) / np.sqrt(var + eps) * gamma.astype(np.float64) + beta.astype(np.float64)
+
+
 # ------------------------------------------------------------------------------------------------ the points
 
 
@@ -232,6 +241,15 @@ def _u5_inputs(step):
     step."""
     def make(k, rng, c=512, w=2048):
         return (rng.random((k, c, 1, w)).astype(np.float32), rng.random((c, 1, 1, 3)).astype(np.float32), step), {}
+    return make
+
+
+def _ln_inputs(variant):
+    """make() of an LN point: x [128 k, f], gamma, beta [f], uniform in [0, 1) like the Autocomp harness, plus the
+    variant."""
+    def make(k, rng, f=8192):
+        return (rng.random((128 * k, f)).astype(np.float32), rng.random(f).astype(np.float32),
+                rng.random(f).astype(np.float32), variant), {}
     return make
 
 
@@ -349,6 +367,21 @@ POINTS = [
             reference=lambda img, filt, s: ref_conv1d(img, filt), split="held-out", timing="bench",
             notes=note + "; k = images")
       for s, us, note in U5_STEP_POINTS],
+    # ---- v4 held-out points (rule in the module docstring; kernels_v4.py) ----
+    Point("A11.opt", "rope_optimized", "B1 H64 N4096 D128 fp32", "trn1", 3332.6,
+          "AccelOpt best optimized kernel, samples/nki/rope_optimized.py (prof)", V4.rope_opt_a11,
+          make=lambda k, rng, d=128: ((_f32(rng, d, 2048 * k), _f32(rng, d // 2, 2048 * k),
+                                       _f32(rng, d // 2, 2048 * k)), {}),
+          k_full=128, k_model=(2, 4), reference=ref_rope_ds, split="held-out",
+          notes="x[D, B*H*N] as A11; 2048-position tiles on 64 partitions, every operand loaded per multiply"),
+    *[Point(f"LN.{v}", "layernorm", "4096 x 8192 fp32", "trn1", float(v),
+            "Autocomp LayerNorm sample run, beam program (bench)", V4.layernorm_ln, make=_ln_inputs(v),
+            k_full=32, k_model=(2, 4), reference=ref_layernorm, split="held-out", timing="bench",
+            notes=note + "; k = 128-row tiles")
+      for v, note in ((V4.LN_TUTORIAL, "the LayerNorm tutorial v1 kernel (nl.mean, nl.square)"),
+                      (V4.LN_BN_SUB_FIRST, "bn_stats / bn_aggr, x - mean before rsqrt"),
+                      (V4.LN_BN_RSQRT_FIRST, "bn_stats / bn_aggr, rsqrt before x - mean"),
+                      (V4.LN_BN_STT, "bn_stats / bn_aggr, (x - mean) * rstd in one scalar_tensor_tensor"))],
     Point("ACT1", "act_dependent_chain", "1 element per partition", "trn1", 0.189, "nki_perf_guide.rst Opt #5a",
           K.act_dependent_chain,
           make=lambda k, rng: ((np.ones((128, 1), np.float32), k), {}),

@@ -32,6 +32,9 @@ _SMALL = {     # small shapes with the same tiling, for the correctness check
     **{f"U3.{s}": (lambda rng, s=s: BY_ID[f"U3.{s}"].make(2, rng, skv=1024)) for s in (3, 4, 5, 8, 9, 10)},
     # w = 600: U5 step 4's PSUM blocks of 512 columns plus a tail of 88
     **{f"U5.{s}": (lambda rng, s=s: BY_ID[f"U5.{s}"].make(2, rng, c=256, w=600)) for s in (3, 4, 5)},
+    # v4 held-out points: 2048-position rope tiles; LayerNorm rows of 1024 (two bn_stats chunks of 512)
+    "A11.opt": lambda rng: BY_ID["A11.opt"].make(1, rng),
+    **{f"LN.{v}": (lambda rng, v=v: BY_ID[f"LN.{v}"].make(2, rng, f=1024)) for v in (2461, 2083, 2160, 2326)},
 }
 
 
@@ -51,6 +54,33 @@ def test_held_out_steps_cover_the_rule():
         for s in steps:
             p = BY_ID[f"{fam}.{s}"]
             assert (p.split, p.timing, p.target) == ("held-out", "bench", "trn1")
+
+
+def test_v4_points_cover_the_rule():
+    """The v4 rule (points.py docstring) picks AccelOpt's optimized rope and the four distinct LayerNorm beam
+    programs: all held out on trn1, the LayerNorm ones `bench` timed, rope `prof`."""
+    from microbench.calibration.kernels_v4 import LN_VARIANTS
+    assert sorted(LN_VARIANTS) == [2083, 2160, 2326, 2461]
+    assert (BY_ID["A11.opt"].split, BY_ID["A11.opt"].timing, BY_ID["A11.opt"].target) == ("held-out", "prof", "trn1")
+    for v in LN_VARIANTS:
+        p = BY_ID[f"LN.{v}"]
+        assert (p.split, p.timing, p.target, p.measured_us) == ("held-out", "bench", "trn1", float(v))
+
+
+def test_layernorm_constant_rows_and_large_offsets():
+    """A constant row (variance 0: eps keeps rsqrt finite) against the NumPy reference; for the bn_stats
+    programs also rows offset by 1e3 (the tutorial's fp32 mean(x^2) - mean^2 cancels there, as published)."""
+    rng = np.random.default_rng(6)
+    for v, offset, tol in ((2461, 0.0, 1e-3), (2083, 1e3, 1e-3), (2160, 1e3, 1e-3), (2326, 1e3, 1e-3)):
+        p = BY_ID[f"LN.{v}"]
+        (x, g, b, var), kw = p.make(2, rng, f=1024)
+        x[1:] += np.float32(offset)
+        x[0] = 3.0
+        res = run(p.kernel, x, g, b, var, target="trn1", lnc=1)
+        out = np.asarray(res.outputs, dtype=np.float64)
+        assert np.isfinite(out).all()
+        np.testing.assert_allclose(out[0], b, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(out, p.reference(x, g, b, var), rtol=tol, atol=tol)
 
 
 def test_u3_step10_shares_query_tile0_max():
