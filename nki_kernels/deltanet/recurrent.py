@@ -87,14 +87,17 @@ def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, 
     o = nl.ndarray((bsz, n_tok, n_hv, dv), dtype=q.dtype, buffer=nl.shared_hbm)
     ones_sb = nl.ndarray((dk, dk), dtype=f32, buffer=nl.sbuf)
     nisa.memset(dst=ones_sb, value=1.0)
-    # 0/1 selection matrix: sel[j, t, hk, g] = [j == t Hk + hk] turns contiguous q/k rows [T Hk, Dk] into
-    # per-v-head columns [Dk, T Hv] with one matmul (transpose + GVA expansion in one instruction)
-    ones_sel = nl.ndarray((n_tk, n_th), dtype=cdt, buffer=nl.sbuf)
+    # 0/1 selection matrix: sel[j, t, hk, g, x] = [j == t Hk + hk] turns contiguous q/k rows [T Hk, Dk] into
+    # per-v-head columns [Dk, T Hv] with one matmul (transpose + GVA expansion in one instruction; x = 0) and,
+    # as the stationary, into k rows on the row pairs (2h, 2h + 1) of the v heads (no transpose)
+    ones_sel = nl.ndarray((n_tk, 2 * n_th), dtype=cdt, buffer=nl.sbuf)
     nisa.memset(dst=ones_sel, value=1.0)
-    sel = nl.ndarray((n_tk, n_tok, n_hk, group), dtype=cdt, buffer=nl.sbuf)
-    nisa.affine_select(dst=sel, pattern=[[n_hk, n_tok], [1, n_hk], [0, group]], offset=0, channel_multiplier=-1,
-                       on_true_tile=ones_sel.reshape((n_tk, n_tok, n_hk, group)), on_false_value=0.0,
-                       cmp_op=nl.equal)
+    sel = nl.ndarray((n_tk, n_tok, n_hk, group, 2), dtype=cdt, buffer=nl.sbuf)
+    nisa.affine_select(dst=sel, pattern=[[n_hk, n_tok], [1, n_hk], [0, group], [0, 2]], offset=0,
+                       channel_multiplier=-1, on_true_tile=ones_sel.reshape((n_tk, n_tok, n_hk, group, 2)),
+                       on_false_value=0.0, cmp_op=nl.equal)
+    sel_cols = nl.ndarray((n_tk, n_th), dtype=cdt, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=sel_cols.reshape((n_tk, n_tok, n_hk, group)), src=sel[:, :, :, :, 0])
     # kqz[:, t, h] = [e_0 | k_h . q_h elementwise]: column sums give [1, k.q] (the addend factors)
     kqz = nl.ndarray((dk, n_tok, n_hv, 2), dtype=f32, buffer=nl.sbuf)
     nisa.memset(dst=kqz, value=0.0)
@@ -143,29 +146,43 @@ def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, 
         i_g = i_b % n_grp
         exp_g = nl.ndarray((dk, n_th), dtype=f32, buffer=nl.sbuf)
         nisa.activation(dst=exp_g, op=nl.exp, data=ins["g_bc"][:, i_g, :])
-        heads = _prepare_heads(q.shape, v.shape, ins, i_g, exp_g, sel, ones_sb, kqz, scale, use_l2norm, cdt, own)
+        upd = _prepare_update(q.shape, ins, i_g, exp_g, sel, use_l2norm, cdt, own)
+        out = None
+        if cdt == f32:          # the delta rows need the columns and addend rows before the state update
+            out = _prepare_output(q.shape, v.shape, ins, i_g, exp_g, upd["nbe"], sel_cols, ones_sb, kqz, scale,
+                                  use_l2norm, cdt)
         dl_rows = nl.ndarray((n_r, n_tok, dv), dtype=cdt, buffer=nl.sbuf)    # rows 2h: delta_h, 2h + 1: o_h
         for i_t in range(n_tok):
+            if cdt == f32:
+                for i_o in range(n_own):
+                    _head_token_rows(state_sb[:, i_o, :], upd, out, exp_g, dl_rows, i_t, own[0] + i_o)
+                continue
+            # bf16: every owned head's update first (the state write waits for them), then the o rows
+            s_bf = nl.ndarray((dk, n_own, dv), dtype=cdt, buffer=nl.sbuf)
             for i_o in range(n_own):
-                i_h = own[0] + i_o
-                if cdt == f32:
-                    _head_token_rows(state_sb[:, i_o, :], heads, exp_g, dl_rows, i_t, i_h)
-                else:
-                    _head_token_rank1(state_sb[:, i_o, :], heads, exp_g, dl_rows, i_t, i_h)
-        nisa.dma_copy(dst=_state_rows(state_pool, slot, own), src=state_sb)
+                _head_token_rank1(state_sb[:, i_o, :], s_bf[:, i_o, :], upd, exp_g, i_t, own[0] + i_o)
+            if i_t == n_tok - 1:
+                nisa.dma_copy(dst=_state_rows(state_pool, slot, own), src=state_sb)
+            if out is None:
+                out = _prepare_output(q.shape, v.shape, ins, i_g, exp_g, upd["nbe"], sel_cols, ones_sb, kqz,
+                                      scale, use_l2norm, cdt)
+            for i_o in range(n_own):
+                _head_token_out(s_bf[:, i_o, :], out, dl_rows, i_t, own[0] + i_o)
+        if cdt == f32:
+            nisa.dma_copy(dst=_state_rows(state_pool, slot, own), src=state_sb)
         nisa.dma_copy(dst=o.ap(pattern=[[dv, n_own], [n_hv * dv, n_tok], [1, dv]],
                                offset=(i_b * n_th + own[0]) * dv),
                       src=dl_rows[2 * own[0] + 1:2 * (own[0] + n_own):2, :, :])
     return o
 
 
-def _head_token_rows(s_h, heads, exp_g, dl_rows, i_t, i_h):
+def _head_token_rows(s_h, upd, out, exp_g, dl_rows, i_t, i_h):
     """fp32 inputs: one token of v head h on its state S = s_h ([Dk, Dv] fp32, SBUF), fp32 matmuls.
 
     rows (2h, 2h + 1) of [k' q'']^T S plus the addend are (delta_h, o_h); S = e^g S + k_h delta_h^T."""
     dk, dv = s_h.shape
     f32 = nl.float32
-    kq_st, k_rows, addend = heads["kq_st"], heads["k_rows"], heads["addend"]
+    kq_st, k_rows, addend = out["kq_st"], upd["k_rows"], out["addend"]
     n_r = kq_st.shape[2] * 2
     i_th = i_t * kq_st.shape[2] + i_h
     rows = slice(2 * i_h, 2 * i_h + 2)
@@ -182,30 +199,33 @@ def _head_token_rows(s_h, heads, exp_g, dl_rows, i_t, i_h):
                               operand1=outer_ps)
 
 
-def _head_token_rank1(s_h, heads, exp_g, dl_rows, i_t, i_h):
-    """bf16 inputs: one token of v head h on its state S = s_h ([Dk, Dv] fp32, SBUF) with a bf16 copy of S for the
-    products (as the prefill does; fp32 accumulation, fp32 state).
+def _head_token_rank1(s_h, s_bf, upd, exp_g, i_t, i_h):
+    """bf16 inputs: one token's update of v head h's state S = s_h ([Dk, Dv] fp32, SBUF), keeping the bf16 copy
+    s_bf of S (before the update) used for the products (as the prefill does; fp32 accumulation, fp32 state)
+    and by _head_token_out.
 
     k delta^T = beta k v^T + (k k'^T) S, so the update needs one matmul after S arrives (the rank-1 stationary
-    k' k^T and beta k v^T come from the inputs); o_h = row 2h + 1 of [k' q'']^T S plus (k.q) beta v."""
+    k' k^T and beta k v^T come from the inputs)."""
     dk, dv = s_h.shape
     f32 = nl.float32
-    kq_st, k_rows, addend = heads["kq_st"], heads["k_rows"], heads["addend"]
-    rank, bv_rows = heads["rank"], heads["bv_rows"]
-    n_hv = kq_st.shape[2]
-    n_r = 2 * n_hv
-    i_th = i_t * n_hv + i_h
+    k_rows, rank, bv_rows = upd["k_rows"], upd["rank"], upd["bv_rows"]
+    i_th = i_t * rank.shape[2] + i_h
     upd_ps = nl.ndarray((dk, dv), dtype=f32, buffer=nl.psum)
     nisa.nc_matmul(upd_ps, k_rows[2 * i_h:2 * i_h + 1, i_t, :], bv_rows[2 * i_h:2 * i_h + 1, i_t, :],
                    accumulate=False)
-    s_bf = nl.ndarray((dk, dv), dtype=k_rows.dtype, buffer=nl.sbuf)
     nisa.tensor_copy(dst=s_bf, src=s_h, engine=nisa.engine.gpsimd)
     nisa.nc_matmul(upd_ps, rank[:, i_t, i_h, :], s_bf, accumulate=True)
     nisa.scalar_tensor_tensor(dst=s_h, data=s_h, op0=nl.multiply, operand0=exp_g[:, i_th:i_th + 1], op1=nl.add,
                               operand1=upd_ps)
-    del upd_ps
-    # o_h: row 2h + 1 of [k' q'']^T S_old (+ (k.q) beta v)
-    o_ps = nl.ndarray((n_r, dv), dtype=f32, buffer=nl.psum)
+
+
+def _head_token_out(s_bf, out, dl_rows, i_t, i_h):
+    """bf16 inputs: o_h of one token = row 2h + 1 of [k' q'']^T S_old (s_bf: the bf16 copy of S before the
+    token's update) plus (k.q) beta v, into dl_rows[2h + 1, t]."""
+    dk, dv = s_bf.shape
+    kq_st, addend = out["kq_st"], out["addend"]
+    n_r = 2 * kq_st.shape[2]
+    o_ps = nl.ndarray((n_r, dv), dtype=nl.float32, buffer=nl.psum)
     nisa.nc_matmul(o_ps, kq_st[:, i_t].reshape((dk, n_r)), s_bf)
     r = 2 * i_h + 1
     nisa.tensor_tensor(dst=dl_rows[r:r + 1, i_t, :], data1=o_ps[r:r + 1, :], data2=addend[r:r + 1, i_t, :],
@@ -227,17 +247,15 @@ def _load_inputs(q, k, v, g, beta, b0, nb, cdt, ones_sb):
         q_rows=nl.ndarray((n_tk, nb, dk), dtype=cdt, buffer=nl.sbuf),
         v_pairs=nl.ndarray((2 * n_hv, nb, n_tok, dv), dtype=cdt, buffer=nl.sbuf),
         g_bc=gb_bc[:, 0], beta_bc=gb_bc[:, 1],
-        beta_pairs=nl.ndarray((2 * n_hv, nb, n_tok), dtype=f32, buffer=nl.sbuf),
-        g_pairs=nl.ndarray((2 * n_hv, nb, n_tok), dtype=f32, buffer=nl.sbuf))
+        beta_pairs=nl.ndarray((2 * n_hv, nb, n_tok), dtype=f32, buffer=nl.sbuf))
     for name, x in (("k_rows", k), ("q_rows", q)):
         nisa.dma_copy(dst=ins[name], src=x.ap(pattern=[[dk, n_tk], [n_tk * dk, nb], [1, dk]], offset=b0 * n_tk * dk))
     _broadcast_rows(gb_bc, (g, beta), b0 * n_th, ones_sb)
     for i_x in range(2):
         nisa.dma_copy(dst=ins["v_pairs"][i_x:2 * n_hv:2], src=v.ap(
             pattern=[[dv, n_hv], [n_th * dv, nb], [n_hv * dv, n_tok], [1, dv]], offset=b0 * n_th * dv))
-    for name, x in (("g_pairs", g), ("beta_pairs", beta)):
-        nisa.dma_copy(dst=ins[name], src=x.ap(pattern=[[1, n_hv], [0, 2], [n_th, nb], [n_hv, n_tok]],
-                                              offset=b0 * n_th))
+    nisa.dma_copy(dst=ins["beta_pairs"], src=beta.ap(pattern=[[1, n_hv], [0, 2], [n_th, nb], [n_hv, n_tok]],
+                                                     offset=b0 * n_th))
     return ins
 
 
@@ -278,41 +296,50 @@ def _state_rows(state_pool, slot, own):
     return state_pool.ap(pattern=pattern, offset=own[0] * dk * dv, scalar_offset=slot, indirect_dim=0)
 
 
-def _prepare_heads(q_shape, v_shape, ins, i_b, exp_g, sel, ones_sb, kqz, scale, use_l2norm, cdt, own):
-    """Everything that depends on the inputs only (runs while the state rows are in flight).
+def _prepare_update(q_shape, ins, i_b, exp_g, sel_pairs, use_l2norm, cdt, own):
+    """What the state update needs from the inputs (runs while the state rows are in flight).
 
-    Returns a dict: kq_st [Dk, T, Hv, 2] (columns k' = -beta e^g k, q'' = e^g q + (k.q) k' per v head; fp32,
-    bf16 for bf16 inputs), k_rows [2 Hv, T, Dk] (row 2h = k of v head h), addend [2 Hv, T, Dv] fp32 (rows
-    beta v, (k.q) beta v) and, for bf16 inputs, bv_rows and rank (see _prepare_rank1; the owned heads
+    Returns a dict: k_rows [2 Hv, T, Dk] (rows 2h, 2h + 1 = normalised k of v head h), nbe [Dk, T, Hv] fp32
+    (-beta e^g on every partition) and, for bf16 inputs, bv_rows and rank (see _prepare_rank1; the owned heads
     own = (first, count) only)."""
     _, n_tok, n_hk, dk = q_shape
+    n_r = 2 * sel_pairs.shape[2] * sel_pairs.shape[3]              # 2 Hv rows: sel_pairs [T Hk, T, Hk, G, 2]
+    n_th, n_tk = n_tok * n_r // 2, n_tok * n_hk
+    f32 = nl.float32
+    # k rows on the row pairs (2h, 2h + 1) (the stationary of the outer products): the loaded rows selected per
+    # v head by one matmul per token, normalised in that layout (no transpose of the normalised columns)
+    kr_ps = nl.ndarray((n_r, n_tok, dk), dtype=f32, buffer=nl.psum)
+    for i_t in range(n_tok):
+        nisa.nc_matmul(kr_ps[:, i_t, :], sel_pairs[:, i_t].reshape((n_tk, n_r)), ins["k_rows"][:, i_b, :])
+    k_rows = nl.ndarray((n_r, n_tok, dk), dtype=cdt, buffer=nl.sbuf)
+    _normalize_rows(k_rows, kr_ps, use_l2norm)
+    del kr_ps
+    nbe = nl.ndarray((dk, n_tok, n_r // 2), dtype=f32, buffer=nl.sbuf)
+    nisa.scalar_tensor_tensor(dst=nbe.reshape((dk, n_th)), data=exp_g, op0=nl.multiply, operand0=-1.0,
+                              op1=nl.multiply, operand1=ins["beta_bc"][:, i_b, :])
+    upd = dict(k_rows=k_rows, nbe=nbe)
+    if cdt != f32:
+        upd.update(_prepare_rank1(k_rows, nbe, ins["v_pairs"][:, i_b], ins["beta_pairs"][:, i_b], own))
+    return upd
+
+
+def _prepare_output(q_shape, v_shape, ins, i_b, exp_g, nbe, sel_cols, ones_sb, kqz, scale, use_l2norm, cdt):
+    """The stationary columns and addend rows (from the inputs only) of the o rows and of the fp32 path's delta
+    rows.
+
+    Returns a dict: kq_st [Dk, T, Hv, 2] (columns k' = -beta e^g k, q'' = e^g q + (k.q) k' per v head; fp32,
+    bf16 for bf16 inputs) and addend [2 Hv, T, Dv] fp32 (rows beta v, (k.q) beta v)."""
+    _, n_tok, n_hk, dk = q_shape
     n_hv, dv = v_shape[2], v_shape[3]
-    n_th, n_tk, n_r = n_tok * n_hv, n_tok * n_hk, 2 * n_hv
+    n_th, n_r = n_tok * n_hv, 2 * n_hv
     f32 = nl.float32
     # k, q columns per v head (Dk on partitions), transposed and head-expanded by one matmul each
     kq_ps = nl.ndarray((dk, 2, n_th), dtype=f32, buffer=nl.psum)
-    nisa.nc_matmul(kq_ps[:, 0, :], ins["k_rows"][:, i_b, :], sel.reshape((n_tk, n_th)))
-    nisa.nc_matmul(kq_ps[:, 1, :], ins["q_rows"][:, i_b, :], sel.reshape((n_tk, n_th)))
+    nisa.nc_matmul(kq_ps[:, 0, :], ins["k_rows"][:, i_b, :], sel_cols)
+    nisa.nc_matmul(kq_ps[:, 1, :], ins["q_rows"][:, i_b, :], sel_cols)
     kqn = nl.ndarray((dk, n_tok, n_hv, 2), dtype=f32, buffer=nl.sbuf)     # [..., 0] = k, [..., 1] = q
     _normalize_columns(kqn, kq_ps, ones_sb, scale, use_l2norm)
     del kq_ps
-    # k rows on partitions 2h (the stationary of the outer products), one transpose per token
-    # (bf16 path: also k' = -beta e^g k rows, the scale coming from g, beta loaded per row pair)
-    k_rows = nl.ndarray((n_r, n_tok, dk), dtype=cdt, buffer=nl.sbuf)
-    kp_rows = None
-    if cdt != f32:
-        nbe_pairs = nl.ndarray((n_r, n_tok), dtype=f32, buffer=nl.sbuf)
-        nisa.activation(dst=nbe_pairs, op=nl.exp, data=ins["g_pairs"][:, i_b, :])
-        nisa.scalar_tensor_tensor(dst=nbe_pairs, data=nbe_pairs, op0=nl.multiply, operand0=-1.0, op1=nl.multiply,
-                                  operand1=ins["beta_pairs"][:, i_b, :])
-        kp_rows = nl.ndarray((n_r, n_tok, dk), dtype=cdt, buffer=nl.sbuf)
-    for i_t in range(n_tok):
-        kr_ps = nl.ndarray((n_r, dk), dtype=f32, buffer=nl.psum)
-        nisa.nc_transpose(dst=kr_ps, data=kqn[:, i_t].reshape((dk, n_r)))
-        nisa.activation(dst=k_rows[:, i_t, :], op=nl.copy, data=kr_ps)
-        if kp_rows is not None:
-            nisa.activation(dst=kp_rows[:, i_t, :], op=nl.copy, data=kr_ps, scale=nbe_pairs[:, i_t:i_t + 1])
-        del kr_ps
     # k . q: column sums of kqz = [e_0 | k o q], broadcast to all partitions, and per row pair (2h, 2h + 1)
     nisa.tensor_tensor(dst=kqz[:, :, :, 1], data1=kqn[:, :, :, 0], data2=kqn[:, :, :, 1], op=nl.multiply,
                        engine=nisa.engine.gpsimd)
@@ -331,9 +358,6 @@ def _prepare_heads(q_shape, v_shape, ins, i_b, exp_g, sel, ones_sb, kqz, scale, 
                            operand0=fac[:, i_t:i_t + 1], engine=nisa.engine.gpsimd)
     # stationary columns: k' = -beta e^g k, q'' = e^g q + (k.q) k'  (fp32, then in the matmul dtype)
     kq_f = nl.ndarray((dk, n_tok, n_hv, 2), dtype=f32, buffer=nl.sbuf)
-    nbe = nl.ndarray((dk, n_tok, n_hv), dtype=f32, buffer=nl.sbuf)
-    nisa.scalar_tensor_tensor(dst=nbe.reshape((dk, n_th)), data=exp_g, op0=nl.multiply, operand0=-1.0,
-                              op1=nl.multiply, operand1=ins["beta_bc"][:, i_b, :])
     nisa.tensor_tensor(dst=kq_f[:, :, :, 0], data1=kqn[:, :, :, 0], data2=nbe, op=nl.multiply,
                        engine=nisa.engine.gpsimd)
     eq = nl.ndarray((dk, n_tok, n_hv), dtype=f32, buffer=nl.sbuf)
@@ -343,24 +367,30 @@ def _prepare_heads(q_shape, v_shape, ins, i_b, exp_g, sel, ones_sb, kqz, scale, 
     nisa.tensor_tensor(dst=kqk, data1=kq_bc_ps[:, :, :, 1], data2=kq_f[:, :, :, 0], op=nl.multiply)
     del kq_bc_ps
     nisa.tensor_tensor(dst=kq_f[:, :, :, 1], data1=eq, data2=kqk, op=nl.add, engine=nisa.engine.gpsimd)
-    heads = dict(k_rows=k_rows, addend=addend, kq_st=kq_f)
+    out = dict(addend=addend, kq_st=kq_f)
     if cdt != f32:
-        heads.update(_prepare_rank1(kq_f, k_rows, kp_rows, addend, cdt, own))
-    return heads
+        out["kq_st"] = nl.ndarray((dk, n_tok, n_hv, 2), dtype=cdt, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=out["kq_st"], src=kq_f, engine=nisa.engine.gpsimd)
+    return out
 
 
-def _prepare_rank1(kq_f, k_rows, kp_rows, addend, cdt, own):
-    """bf16 path: kq_st = kq_f in bf16, bv_rows [2 Hv, T, Dv] (row 2h = beta v_h, bf16) and the rank-1
-    update stationaries rank [Dk, T, Hv, Dk] (rank[:, t, h][j, i] = k'_h[j] k_h[i], by K = 1 matmuls of the
-    k' and k rows on partition 2h) for the owned heads own = (first, count) only (LNC=2: each core its half),
-    one eviction per head in head order, so the first head's update can start before the others are ready."""
-    dk, n_tok, n_hv = kq_f.shape[0], kq_f.shape[1], kq_f.shape[2]
+def _prepare_rank1(k_rows, nbe, v_pairs, beta_pairs, own):
+    """bf16 path: bv_rows [2 Hv, T, Dv] (row 2h = beta v_h, bf16) and the rank-1 update stationaries
+    rank [Dk, T, Hv, Dk] (rank[:, t, h][j, i] = k'_h[j] k_h[i] = -beta e^g k_h[j] k_h[i]: a K = 1 matmul of the
+    k row on partition 2h with itself, the factor -beta e^g applied at the eviction) for the owned heads
+    own = (first, count) only (LNC=2: each core its half), one eviction per head in head order, so the first
+    head's update can start before the others are ready.
+
+    k_rows [2 Hv, T, Dk] bf16; nbe [Dk, T, Hv] fp32 (-beta e^g on every partition); v_pairs [2 Hv, T, Dv];
+    beta_pairs [2 Hv, T] fp32."""
+    n_r, n_tok, dk = k_rows.shape
+    dv = v_pairs.shape[2]
     f32 = nl.float32
-    kq_st = nl.ndarray((dk, n_tok, n_hv, 2), dtype=cdt, buffer=nl.sbuf)
-    nisa.tensor_copy(dst=kq_st, src=kq_f, engine=nisa.engine.gpsimd)
-    bv_rows = nl.ndarray(addend.shape, dtype=cdt, buffer=nl.sbuf)
-    nisa.tensor_copy(dst=bv_rows, src=addend, engine=nisa.engine.gpsimd)
-    rank = nl.ndarray((dk, n_tok, n_hv, dk), dtype=cdt, buffer=nl.sbuf)
+    bv_rows = nl.ndarray((n_r, n_tok, dv), dtype=k_rows.dtype, buffer=nl.sbuf)
+    for i_t in range(n_tok):
+        nisa.tensor_scalar(dst=bv_rows[:, i_t, :], data=v_pairs[:, i_t, :], op0=nl.multiply,
+                           operand0=beta_pairs[:, i_t:i_t + 1], engine=nisa.engine.gpsimd)
+    rank = nl.ndarray((dk, n_tok, n_r // 2, dk), dtype=k_rows.dtype, buffer=nl.sbuf)
     h_lo, n_own = own
     for i_t in range(n_tok):
         for i_h0 in range((n_own + _RANK_BANK_HEADS - 1) // _RANK_BANK_HEADS):
@@ -369,12 +399,33 @@ def _prepare_rank1(kq_f, k_rows, kp_rows, addend, cdt, own):
             rank_ps = nl.ndarray((dk, _RANK_BANK_HEADS, dk), dtype=f32, buffer=nl.psum)
             for i_h in range(nh):
                 r = 2 * (h0 + i_h)
-                nisa.nc_matmul(rank_ps[:, i_h, :], kp_rows[r:r + 1, i_t, :], k_rows[r:r + 1, i_t, :],
+                nisa.nc_matmul(rank_ps[:, i_h, :], k_rows[r:r + 1, i_t, :], k_rows[r:r + 1, i_t, :],
                                accumulate=False)
             for i_h in range(nh):
-                nisa.activation(dst=rank[:, i_t, h0 + i_h, :], op=nl.copy, data=rank_ps[:, i_h, :])
+                nisa.activation(dst=rank[:, i_t, h0 + i_h, :], op=nl.copy, data=rank_ps[:, i_h, :],
+                                scale=nbe[:, i_t, h0 + i_h:h0 + i_h + 1])
             del rank_ps
-    return dict(kq_st=kq_st, bv_rows=bv_rows, rank=rank)
+    return dict(bv_rows=bv_rows, rank=rank)
+
+
+def _normalize_rows(k_rows, kr_ps, use_l2norm):
+    """k_rows [R, T, Dk] (SBUF) = the rows kr_ps [R, T, Dk] (PSUM), L2-normalised along Dk if asked (the same
+    prescaled rsqrt as _normalize_columns)."""
+    n_r, n_tok, dk = k_rows.shape
+    f32 = nl.float32
+    if not use_l2norm:
+        nisa.activation(dst=k_rows, op=nl.copy, data=kr_ps)
+        return
+    ss = nl.ndarray((n_r, n_tok), dtype=f32, buffer=nl.sbuf)
+    sq = nl.ndarray((n_r, n_tok, dk), dtype=f32, buffer=nl.sbuf)
+    for i_t in range(n_tok):
+        nisa.activation_reduce(dst=sq[:, i_t, :], op=nl.square, data=kr_ps[:, i_t, :], reduce_op=nl.add,
+                               reduce_res=ss[:, i_t:i_t + 1])
+    rn = nl.ndarray((n_r, n_tok), dtype=f32, buffer=nl.sbuf)
+    nisa.activation(dst=rn, op=nl.rsqrt, data=ss, scale=_RSQRT_PRESCALE, bias=_L2NORM_EPS * _RSQRT_PRESCALE)
+    for i_t in range(n_tok):
+        nisa.tensor_scalar(dst=k_rows[:, i_t, :], data=kr_ps[:, i_t, :], op0=nl.multiply,
+                           operand0=rn[:, i_t:i_t + 1], op1=nl.multiply, operand1=_RSQRT_POSTSCALE)
 
 
 def _normalize_columns(kqn, kq_ps, ones_sb, scale, use_l2norm):
