@@ -230,7 +230,7 @@ def breakdown(model: str, n_tokens: int, combine: str = "auto", target: str = "t
 
     from microbench.runner import _lnc_env
     from nki_kernels.emulator import record_launches
-    from nki_kernels.emulator.costmodel import (_descriptor_run, _engine_ghz, _run_cores, _schedule, _tgt,
+    from nki_kernels.emulator.costmodel import (_engine_ghz, _packet_shape, _run_cores, _schedule, _tgt,
                                                 compute_cycles, dma_bytes_per_s, dma_transfer, hbm_bytes_per_s,
                                                 params_for)
     from nki_kernels.emulator.lnc import degree_in_force
@@ -256,8 +256,9 @@ def breakdown(model: str, n_tokens: int, combine: str = "auto", target: str = "t
             c = dma_transfer(ins, t, p, hbm_bytes_per_s(t), dma_bytes_per_s(t))
             busy[(phase, "dma")] += c.occupancy
             busy[(phase, "pool")] += c.pool_cycles / (t.pool_ghz * 1e3)
-            run = min((_descriptor_run(a) for a in ins.reads + ins.writes if a.contig_bytes > 0), default=0)
-            dma[(phase, c.dge, "dynamic" if ins.meta.get("dynamic") else "static", run)] += c.occupancy
+            run, chunks = _packet_shape(ins)
+            dma[(phase, c.dge, "dynamic" if ins.meta.get("dynamic") else "static", int(run), int(chunks))] += \
+                c.occupancy
         else:
             busy[(phase, eng)] += compute_cycles(ins, t, p)[0] / (_engine_ghz(eng, t) * 1e3)
     return {"total_us": rep.total_us, "device_us": max(r.total_us for r in reps), "barrier_us": barrier,
@@ -275,4 +276,5 @@ if __name__ == "__main__":   # python -m microbench.cases.moe MODEL T [combine]
     for _k in sorted(_b["busy_us"]):
         print(f"  phase {_k[0]} {_k[1]:>5} busy {_b['busy_us'][_k]:8.1f} us")
     for _k, _v in sorted(_b["dma_us"].items(), key=lambda kv: -kv[1])[:12]:
-        print(f"  phase {_k[0]} dma {_k[1]:>6} {_k[2]:>8} descriptor runs of {_k[3]:>6} B: {_v:8.1f} us")
+        print(f"  phase {_k[0]} dma {_k[1]:>6} {_k[2]:>8} packets of {_k[3]:>6} B in {_k[4]:>4} chunks: "
+              f"{_v:8.1f} us")

@@ -78,7 +78,8 @@ def transpose_tokens(x_sb, n_tok: int, n_h: int, evict_phase: int = 0):
 
 
 def swiglu(xT_sb, n_tok: int, wgu_sb, scale_sb):
-    """h_sb [n_tok, I] = scale * silu(x @ G) * (x @ U) in the weights' dtype; scale_sb a (n_tok, 1) fp32 tile.
+    """h_sb [n_tok, I] = scale * silu(x @ G) * (x @ U) in the weights' dtype; scale_sb a (n_tok, 1) fp32 tile
+    (None: no scale).
 
     Token-stationary matmuls (M = tokens, N = gate + up columns of one slice, K = 128 hidden rows), accumulated
     over the n_h hidden chunks in one PSUM bank; ScalarE silu reads the gate half, VectorE multiplies."""
@@ -92,8 +93,13 @@ def swiglu(xT_sb, n_tok: int, wgu_sb, scale_sb):
                            accumulate=(j > 0))
         act_sb = nl.ndarray((TOK_TILE, _GU_SLICE), dtype=nl.float32, buffer=nl.sbuf)
         nisa.activation(dst=act_sb[0:n_tok, 0:w], op=nl.silu, data=gu_psum[0:n_tok, 0, 0:w])
-        nisa.scalar_tensor_tensor(dst=h_sb[0:n_tok, i0:i0 + w], data=gu_psum[0:n_tok, 1, 0:w], op0=nl.multiply,
-                                  operand0=scale_sb[0:n_tok, 0:1], op1=nl.multiply, operand1=act_sb[0:n_tok, 0:w])
+        if scale_sb is None:
+            nisa.tensor_tensor(dst=h_sb[0:n_tok, i0:i0 + w], data1=gu_psum[0:n_tok, 1, 0:w],
+                               data2=act_sb[0:n_tok, 0:w], op=nl.multiply)
+        else:
+            nisa.scalar_tensor_tensor(dst=h_sb[0:n_tok, i0:i0 + w], data=gu_psum[0:n_tok, 1, 0:w], op0=nl.multiply,
+                                      operand0=scale_sb[0:n_tok, 0:1], op1=nl.multiply,
+                                      operand1=act_sb[0:n_tok, 0:w])
     return h_sb
 
 

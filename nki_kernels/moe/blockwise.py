@@ -61,7 +61,8 @@ def moe_blockwise_kernel(hidden, expert_affinities, gate_up, down, token_positio
         token_position_to_id: [N * B] int32 @ HBM, token id per block slot, -1 for padding.
         block_to_expert: [N] int32 @ HBM, local expert of each block.
         token_to_position: [T, KMAX] int32 @ HBM, the slots holding each token (N * B = an all-zero row where
-            the token has fewer local experts) - the inverse of token_position_to_id, built on the host.
+            the token has fewer local experts) - the inverse of token_position_to_id, built on the host; in the
+            top-k form column j is the slot of the token's j-th choice (`token_slots_topk`).
         shared_gate_up: [H, 2, Is] @ HBM or None; shared_down: [Is, H] @ HBM; shared_gate: [H] @ HBM.
         top_k_index: the routing table [T, 2 * TOPK] float32 @ HBM (`routing_table`: global expert ids as fp32,
             then the top-k weights) or None (dense form).
@@ -76,11 +77,12 @@ def moe_blockwise_kernel(hidden, expert_affinities, gate_up, down, token_positio
             Wgu = gate_up[e], Wd = down[e]                               # 2 dynamic DMAs (scalar_offset)
             for each chunk of <= 128 slots: ids = token_position_to_id[slots]
                 x = hidden[ids]                                          # gather, -1 skipped
-                a = affinity(ids, e)                                     # gather from dense / top-k rows
+                a = affinity(ids, e) (dense form; 1 in the top-k form)   # gather from the dense rows
                 xT = PE transposes of x; h = a * silu(xT.T Wg) * (xT.T Wu); y = h Wd
                 scratch[slots] = y                                       # contiguous store, no read-modify-write
         phase 2, for each row chunk r (128 tokens):
-            out[r] = shared(x[r]) + sum_j scratch[token_to_position[r, j]]  # gathers summed on VectorE (fp32)
+            w = top-k weights of rows r (0 where the choice is not local; top-k form only, else 1)
+            out[r] = shared(x[r]) + sum_j w[:, j] * scratch[token_to_position[r, j]]  # summed in fp32
         Every step keeps a token's values in its own row (gathers, row-wise matmuls, exact transposes, element-wise
         adds): no one-hot or identity matmul mixes rows, so a non-finite value in one token reaches no other.
     """
@@ -94,7 +96,8 @@ def moe_blockwise_kernel(hidden, expert_affinities, gate_up, down, token_positio
                   scratch, block_size, expert_offset, pid, n_prog)
     if n_prog > 1:   # the other core's slot rows are in scratch once both have passed the barrier
         nisa.core_barrier(data=scratch, cores=(0, 1), engine=nisa.engine.scalar)
-    _finalize_phase(hidden, scratch, token_to_position, shared_gate_up, shared_down, shared_gate, out, pid, n_prog)
+    _finalize_phase(hidden, scratch, token_to_position, shared_gate_up, shared_down, shared_gate, top_k_index, out,
+                    pid, n_prog)
     return out
 
 
@@ -170,15 +173,19 @@ def _blocks_phase(hidden, expert_affinities, gate_up, down, token_position_to_id
             _down_store_chunk(scratch, hidden.dtype, pending, i_c, _h_transpose_chunk(pending, i_c))
 
 
-def _gather_token_tile(hidden, expert_affinities, top_k_index, ids_sb, e_sb, eg_sb, n_tok, n_local):
+def _gather_token_tile(hidden, expert_affinities, top_k_index, ids_sb, e_sb, eg_sb, n_tok, n_local,
+                       affinity=True):
     """One chunk of a block: its n_tok routed token rows of hidden [T, H] gathered by id into x [TOK_TILE, H]
-    (pad ids are out of range and skipped), and their affinities [n_tok, 1] for the block's expert."""
+    (pad ids are out of range and skipped), and their affinities [n_tok, 1] for the block's expert (None when
+    `affinity` is False: the caller applies the routing weights later)."""
     h_total = hidden.shape[1]
     x_sb = nl.ndarray((TOK_TILE, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
     nisa.dma_copy(dst=x_sb[0:n_tok, :],
                   src=hidden.ap(pattern=[[h_total, n_tok], [1, h_total]], offset=0,
                                 vector_offset=ids_sb[0:n_tok, :], indirect_dim=0),
                   oob_mode=nisa.oob_mode.skip)
+    if not affinity:
+        return x_sb, None
     if top_k_index is None:
         return x_sb, _dense_affinity(expert_affinities, ids_sb, e_sb, n_tok, n_local)
     return x_sb, _topk_affinity(top_k_index, ids_sb, eg_sb, n_tok)
@@ -196,7 +203,8 @@ def _block_step(hidden, expert_affinities, gate_up, down, top_k_index, e_all_sb,
     for i_c, s0 in enumerate(range(0, block_size, TOK_TILE)):   # every input DMA of the block first
         n_tok = min(TOK_TILE, block_size - s0)
         x_sb, aff_sb = _gather_token_tile(hidden, expert_affinities, top_k_index, ids_all[i_c][:, col:col + 1],
-                                          e_sb, eg_all_sb[:, col:col + 1], n_tok, n_local)
+                                          e_sb, eg_all_sb[:, col:col + 1], n_tok, n_local,
+                                          affinity=top_k_index is None)
         inputs.append((i_b * block_size + s0, n_tok, x_sb, aff_sb))
     chunks = []
     for i_c, (pos0, n_tok, x_sb, aff_sb) in enumerate(inputs):
@@ -237,11 +245,14 @@ def _down_store_chunk(scratch, out_dtype, staged, i_c, hT_sb):
     nisa.dma_copy(dst=scratch[pos0:pos0 + n_tok, :], src=y_sb[0:n_tok, :])
 
 
-def _finalize_phase(hidden, scratch, token_to_position, shared_gate_up, shared_down, shared_gate, out, pid, n_prog):
-    """out[r] = shared(x[r]) + sum_j scratch[token_to_position[r, j]] per row chunk r of this program: the
-    gathered slot rows are added on VectorE in fp32 (element-wise, so each token's sum stays in its row), starting
-    from the shared expert's down projection, and each output row is written exactly once. Slot rows are gathered
-    `group` at a time, as many as the SBUF left by the rest of the pass allows (at least 1)."""
+def _finalize_phase(hidden, scratch, token_to_position, shared_gate_up, shared_down, shared_gate, routing, out,
+                    pid, n_prog):
+    """out[r] = shared(x[r]) + sum_j w[r, j] * scratch[token_to_position[r, j]] per row chunk r of this program
+    (w = 1 in the dense form, whose slot rows are already scaled; in the top-k form token_to_position is in top-k
+    order and w is the routing table's weight column j, 0 where the choice is not local): the gathered slot rows
+    are added on VectorE / GpSimd in fp32 (element-wise, so each token's sum stays in its row), starting from the
+    shared expert's down projection, and each output row is written exactly once. Slot rows are gathered `group`
+    at a time, as many as the SBUF left by the rest of the pass allows (at least 1)."""
     n_tokens, h_total = hidden.shape
     kmax = token_to_position.shape[1]
     shared_w = None
@@ -259,13 +270,28 @@ def _finalize_phase(hidden, scratch, token_to_position, shared_gate_up, shared_d
         n_tok = min(TOK_TILE, n_tokens - t0)
         inv_sb = nl.ndarray((TOK_TILE, kmax), dtype=nl.int32, buffer=nl.sbuf)
         nisa.dma_copy(dst=inv_sb[0:n_tok, :], src=token_to_position[t0:t0 + n_tok, :])
-        _finalize_rows(hidden, scratch, inv_sb, shared_w, out, group, i_r)
+        w_sb = None if routing is None else _slot_weights(routing, inv_sb, scratch.shape[0] - 1, t0, n_tok)
+        _finalize_rows(hidden, scratch, inv_sb, w_sb, shared_w, out, group, i_r)
 
 
-def _finalize_rows(hidden, scratch, inv_sb, shared_w, out, group, i_r):
+def _slot_weights(routing, inv_sb, zero_slot, t0, n_tok):
+    """[n_tok, TOPK] fp32 weights of the token chunk's slots in top-k order: the routing table's weight columns
+    (rows t0 .. t0 + n_tok: one contiguous DMA), selected to 0 where the slot is the all-zero row (a choice of a
+    non-local expert: its weight, even NaN, plays no part)."""
+    two_k = routing.shape[1]
+    top_k = two_k // 2
+    row_sb = nl.ndarray((TOK_TILE, two_k), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=row_sb[0:n_tok, :], src=routing[t0:t0 + n_tok, :])
+    local_sb = nl.ndarray((TOK_TILE, top_k), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=local_sb[0:n_tok, :], data=inv_sb[0:n_tok, :], op0=nl.less, operand0=zero_slot)
+    return nl.where(local_sb[0:n_tok, :], row_sb[0:n_tok, top_k:two_k], 0.0)
+
+
+def _finalize_rows(hidden, scratch, inv_sb, w_sb, shared_w, out, group, i_r):
     """Row chunk i_r: acc = shared down projection (fp32, from PSUM) or the first gathered
-    slot row, then += each further gathered row (VectorE, fp32); the last add writes the output dtype; one
-    output DMA."""
+    slot row, then += each further gathered row (VectorE / GpSimd, fp32), each times its weight column of w_sb
+    when given (VectorE: fused in one scalar_tensor_tensor; GpSimd's columns: scaled in place on ScalarE first);
+    the last add writes the output dtype; one output DMA."""
     n_tokens, h_total = hidden.shape
     kmax = inv_sb.shape[1]
     t0 = i_r * TOK_TILE
@@ -295,17 +321,34 @@ def _finalize_rows(hidden, scratch, inv_sb, shared_w, out, group, i_r):
                                          vector_offset=inv_sb[0:n_tok, j0 + jj:j0 + jj + 1], indirect_dim=0))
         for jj in range(g_sz):
             dst = o_sb if term == n_terms - 1 else acc_sb
+            w_j = None if w_sb is None else w_sb[0:n_tok, j0 + jj:j0 + jj + 1]
             # columns split between VectorE and GpSimd (two independent add chains, ~ their throughputs)
             for c0, c1, eng in ((0, h_split, nisa.engine.vector), (h_split, h_total, nisa.engine.gpsimd)):
-                if c1 <= c0:
-                    continue
-                if term == 0:
-                    nisa.tensor_copy(dst=dst[0:n_tok, c0:c1], src=g_sb[0:n_tok, jj, c0:c1], engine=eng)
-                else:
-                    nisa.tensor_tensor(dst=dst[0:n_tok, c0:c1], data1=acc_sb[0:n_tok, c0:c1],
-                                       data2=g_sb[0:n_tok, jj, c0:c1], op=nl.add, engine=eng)
+                if c1 > c0:
+                    _add_slot_row(dst[0:n_tok, c0:c1], acc_sb[0:n_tok, c0:c1] if term else None,
+                                  g_sb[0:n_tok, jj, c0:c1], w_j, eng)
             term += 1
     nisa.dma_copy(dst=out[t0:t0 + n_tok, :], src=o_sb[0:n_tok, :])
+
+
+def _add_slot_row(dst, acc, g, w, eng):
+    """dst = acc + w * g (acc None: dst = w * g; w None: weight 1) on engine eng (VectorE or GpSimd); a weighted
+    row on GpSimd is scaled in place on ScalarE first (scalar_tensor_tensor runs on VectorE only)."""
+    if w is not None and eng == nisa.engine.vector:
+        if acc is None:
+            nisa.tensor_scalar(dst=dst, data=g, op0=nl.multiply, operand0=w, engine=eng)
+        else:
+            nisa.scalar_tensor_tensor(dst=dst, data=g, op0=nl.multiply, operand0=w, op1=nl.add, operand1=acc)
+        return
+    if w is not None:
+        if acc is None:
+            nisa.activation(dst=dst, op=nl.copy, data=g, scale=w)
+            return
+        nisa.activation(dst=g, op=nl.copy, data=g, scale=w)
+    if acc is None:
+        nisa.tensor_copy(dst=dst, src=g, engine=eng)
+    else:
+        nisa.tensor_tensor(dst=dst, data1=acc, data2=g, op=nl.add, engine=eng)
 
 
 def _dense_affinity(aff_flat, ids_sb, e_sb, n_tok, n_local):
@@ -631,6 +674,8 @@ def moe_blockwise(hidden, expert_affinities, gate_up, down, token_position_to_id
         inv_t = inv.astype(np.uint16 if plan.index_mode == "u16" else np.uint32)
         return call(moe_blockwise_onchip_kernel, hidden, aff, gate_up, down, tpos32, b2e32, inv_t, s_gu, s_dn, s_g,
                     idx, int(block_size), int(expert_offset), plan.group_tiles, plan.index_mode, lnc=lnc)
+    if top_k_index is not None:   # the DMA combine applies the routing weights per top-k choice (top-k order)
+        inv = token_slots_topk(tpos, b2e, _np(top_k_index), block_size, n_local, expert_offset)
     return call(moe_blockwise_kernel, hidden, aff, gate_up, down, tpos32, b2e32, inv, s_gu, s_dn, s_g, idx,
                 int(block_size), int(expert_offset), lnc=lnc)
 
@@ -792,6 +837,27 @@ def token_slots(token_position_to_id, n_tokens: int, kmax: int) -> np.ndarray:
     rank = np.arange(toks.size) - first[toks]
     inv = np.full((n_tokens, max(1, int(kmax))), n_slots, dtype=np.int64)
     inv[toks, rank] = pos
+    return inv.astype(np.int32)
+
+
+def token_slots_topk(token_position_to_id, block_to_expert, top_k_index, block_size: int, n_local: int,
+                     expert_offset: int) -> np.ndarray:
+    """Inverse of the mapping in top-k order: [T, TOPK] int32, entry (t, j) the slot holding token t for its j-th
+    choice top_k_index[t, j] (N * B, the all-zero scratch row, where that expert is not local). Host bookkeeping
+    of the same kind as `token_slots` (the pairs are validated by `check_mapping`), so the kernel weights slot
+    (t, j) by top_k_weights[t, j] read in token order."""
+    tpos = _np(token_position_to_id).astype(np.int64).reshape(-1)
+    n_slots = tpos.size
+    idx = np.asarray(top_k_index).astype(np.int64) - int(expert_offset)
+    used = np.nonzero(tpos >= 0)[0]
+    codes = tpos[used] * n_local + np.repeat(_np(block_to_expert).astype(np.int64), block_size)[used]
+    order = np.argsort(codes, kind="stable")
+    codes, used = codes[order], used[order]
+    local = (idx >= 0) & (idx < n_local)
+    want = np.arange(idx.shape[0])[:, None] * n_local + np.where(local, idx, 0)
+    at = np.minimum(np.searchsorted(codes, want), max(0, codes.size - 1))
+    found = local & (codes.size > 0) & (codes[at] == want) if codes.size else np.zeros_like(local)
+    inv = np.where(found, used[at] if codes.size else 0, n_slots)
     return inv.astype(np.int32)
 
 

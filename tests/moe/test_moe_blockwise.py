@@ -283,3 +283,28 @@ def test_instruction_sequence_independent_of_routing(rng, combine):
             assert len(runs) == 1 and len(runs[0].traces) == lnc
             seqs.append([[ins.name for ins in tr] for r in runs for tr in r.traces])
         assert seqs[0] == seqs[1]
+
+
+@given(t=st.integers(1, 40), e_local=st.integers(1, 6), offset=st.integers(0, 6), k=st.integers(1, 4),
+       block_size=st.sampled_from([1, 4, 16]), seed=st.integers(0, 2 ** 16))
+def test_token_slots_topk_points_each_choice_at_its_slot(t, e_local, offset, k, block_size, seed):
+    """The top-k-order inverse the DMA combine weights by: entry (t, j) is the one slot whose block's expert is
+    choice j of token t and whose token is t; N * B (the zero row) exactly where choice j is not a local expert.
+    Checked slot by slot against the mapping (a plain loop, no code shared with the function)."""
+    from nki_kernels.moe.blockwise import token_slots_topk
+    rng = np.random.default_rng(seed)
+    e_total = e_local + offset + 3
+    k = min(k, e_total)
+    idx = np.stack([rng.choice(e_total, size=k, replace=False) for _ in range(t)]).astype(np.int32)
+    tpos, b2e = moe_block_mapping(idx, e_local, block_size, expert_offset=offset)
+    tpos, b2e = np.asarray(tpos), np.asarray(b2e)
+    inv = token_slots_topk(tpos, b2e, idx, block_size, e_local, offset)
+    assert inv.shape == (t, k) and inv.dtype == np.int32
+    for tok in range(t):
+        for j in range(k):
+            e = int(idx[tok, j]) - offset
+            if not 0 <= e < e_local:
+                assert inv[tok, j] == tpos.size
+                continue
+            s = int(inv[tok, j])
+            assert 0 <= s < tpos.size and tpos[s] == tok and b2e[s // block_size] == e
