@@ -4,7 +4,8 @@ transformers layout: x [B, C, T] channels first, weight [C, K] (K = 4, `conv1d.w
 conv state [B, C, K] holding the last K inputs (transformers keeps K columns, not K - 1):
 y[c, t] = sum_i w[c, i] * in[c, t - (K - 1) + i], in = [conv_state | x]. Channels go on the partitions.
 Prefill: tiles of 128 channels, time along the free dim; each tap is one TensorE matmul of diag(w[:, i])
-against the shifted row (2-byte inputs) or one VectorE multiply-add (fp32). Update: contiguous blocks of
+against the shifted row (2-byte inputs) or one VectorE multiply-add (fp32); the DMAs move several tiles at a
+time (partition rows past the DMA packet knee; weights and states of a block in one DMA). Update: contiguous blocks of
 C / 128 channels per partition, the sequences along the free dim.
 """
 from __future__ import annotations
@@ -26,6 +27,9 @@ _MAX_ROW_ELEMS = 8192             # free elements per partition of one [P, n_b, 
 _UPDATE_SBUF_BYTES = 64 * 1024   # update form: SBUF per partition for one chunk of sequences (all its tiles)
 _ACTIVATIONS = (None, "silu", "swish")
 _MAX_SEQS = 1024                  # packed sequences per launch (cu_seqlens): 3 small DMAs each per channel tile
+_HIST_SBUF_BYTES = 64 * 1024      # prefill: bytes per partition of one block's history (the tiles of one state DMA)
+_DMA_ROW_BYTES = 2560             # prefill: x / y DMAs move >= this many bytes per partition row (past the DMA
+                                  # engines' packet knee, ~2.5 KiB) by grouping channel tiles
 
 
 @nki.jit
@@ -48,10 +52,14 @@ def causal_conv1d_kernel(x, weight, conv_state, lengths, cu_seqlens, has_state, 
     Constraints:
         T <= _MAX_SEQ, K <= _MAX_KERNEL_WIDTH.
     Pseudocode:
-        for channel tile (128 channels on the partitions), for a group of sequences (free dim):
-          hist[:, b] = [conv_state[b] | x[b]] ([P, n_b, K + T] SBUF)
-          acc = sum_i w[:, i] * hist[:, :, 1 + i : 1 + i + T]; y = silu(acc)
-          new_state[b] = hist[:, b, L_b : L_b + K]   (dynamic DMA per sequence when L_b is runtime data)
+        for block of n_t channel tiles (tile j: channels c0 + j 128 + p on partition p; as many tiles as fit
+                _HIST_SBUF_BYTES; a C % 128 remainder is its own block):
+          w = weight[block] (one DMA)
+          for a group of sequences (free dim):
+            hist[:, b, j] = [conv_state[b] | x[b]] ([P, n_b, n_t, K + T] SBUF; x by DMAs of g tiles, each
+                partition row g T elements >= _DMA_ROW_BYTES: the DMA engines' packet knee)
+            new_state[b] = hist[:, b, :, L_b : L_b + K]   (one dynamic DMA per sequence and block, L_b runtime)
+            per g tiles: acc = sum_i w[:, j, i] * hist[:, :, j, 1 + i : 1 + i + T]; y = silu(acc) (one DMA out)
         2-byte inputs: the taps run on TensorE, acc[:, cols] = sum_i diag(w[:, i]) hist[:, b, 1 + i + cols]
           (K matmuls into one PSUM bank per 512 columns; bf16 x bf16 products are exact in fp32), and ScalarE
           applies SiLU while evicting; fp32 inputs use one VectorE multiply-add per tap.
@@ -68,9 +76,6 @@ def causal_conv1d_kernel(x, weight, conv_state, lengths, cu_seqlens, has_state, 
     c_lo, c_hi = _owned_channels(n_ch, nl.program_id(0), nl.num_programs(0))
     if c_hi == c_lo:
         return outs
-    n_ct = (c_hi - c_lo + P_MAX - 1) // P_MAX
-    nb = max(1, min(bsz, _MAX_ROW_ELEMS // (kw + seq)))          # sequences per tile (free dim)
-    n_bt = (bsz + nb - 1) // nb
     len_i = None
     bounds = _sequence_bounds(cu_seqlens, seq, kw) if varlen else None
     if not in_place and not varlen:
@@ -78,58 +83,109 @@ def causal_conv1d_kernel(x, weight, conv_state, lengths, cu_seqlens, has_state, 
     margin = kw if varlen else 0             # zero columns after the history / y rows for the boundary windows
     on_pe = x.dtype in (nl.bfloat16, nl.float16)
     ident = _identity(x.dtype) if on_pe else None
-    for i_ct in range(n_ct):
-        c0 = c_lo + i_ct * P_MAX
-        pc = min(P_MAX, c_hi - c0)
-        w_sb = nl.ndarray((P_MAX, kw), dtype=f32, buffer=nl.sbuf)
-        nisa.dma_copy(dst=w_sb[0:pc], src=weight[c0:c0 + pc])
-        diag = None
-        if on_pe:                            # diag(w[:, i]) per tap: the stationaries of the tap matmuls
-            diag = nl.ndarray((P_MAX, kw, P_MAX), dtype=x.dtype, buffer=nl.sbuf)
-            for i_k in range(kw):
-                nisa.tensor_scalar(dst=diag[0:pc, i_k, 0:pc], data=ident[0:pc, 0:pc], op0=nl.multiply,
-                                   operand0=w_sb[0:pc, i_k:i_k + 1])
-        for i_bt in range(n_bt):
-            b0 = i_bt * nb
+    act = nl.silu if apply_silu else nl.copy
+    isz = 2 if on_pe else 4
+    width = kw + seq + margin                # history columns of one (channel tile, sequence)
+    nb = max(1, min(bsz, _MAX_ROW_ELEMS // (kw + seq)))          # sequences per block (free dim)
+    for c0, n_t, pc in _channel_blocks(c_lo, c_hi, nb * width * isz):
+        # the weights of the block's n_t tiles (channel c0 + j 128 + p on partition p), one DMA
+        w_sb = nl.ndarray((P_MAX, n_t, kw), dtype=f32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=w_sb[0:pc], src=weight.ap(pattern=[[kw, pc], [P_MAX * kw, n_t], [1, kw]], offset=c0 * kw))
+        g = max(1, min(n_t, -(-_DMA_ROW_BYTES // (seq * isz))))   # tiles per x / y DMA: rows >= the DMA knee
+        for b0 in range(0, bsz, nb):
             n_b = min(nb, bsz - b0)
-            bs = slice(b0, b0 + n_b)
-            # hist[:, b] = [conv_state[b] | x[b]]: input t of sequence b at column K + t
-            hist = nl.ndarray((P_MAX, nb, kw + seq + margin), dtype=x.dtype, buffer=nl.sbuf)
+            # hist[:, b, j] = [conv_state[b] | x[b]] of tile j: input t of sequence b at column K + t
+            hist = nl.ndarray((P_MAX, nb, n_t, width), dtype=x.dtype, buffer=nl.sbuf)
+            view = (c0, pc, b0, n_b)
             if varlen:                        # every sequence's history is fixed by _varlen_boundaries
-                nisa.memset(dst=hist[0:pc, 0:n_b, 0:kw], value=0.0)
-                nisa.memset(dst=hist[0:pc, 0:n_b, kw + seq:kw + seq + margin], value=0.0)
+                nisa.memset(dst=hist[0:pc, 0:n_b, :, 0:kw], value=0.0)
+                nisa.memset(dst=hist[0:pc, 0:n_b, :, kw + seq:width], value=0.0)
             elif has_state:
-                nisa.dma_copy(dst=hist[0:pc, 0:n_b, 0:kw], src=conv_state[bs, c0:c0 + pc].permute((1, 0, 2)))
+                nisa.dma_copy(dst=hist[0:pc, 0:n_b, :, 0:kw], src=_tile_rows(conv_state, *view, 0, n_t))
             else:
-                nisa.memset(dst=hist[0:pc, 0:n_b, 0:kw], value=0.0)
-            nisa.dma_copy(dst=hist[0:pc, 0:n_b, kw:kw + seq], src=x[bs, c0:c0 + pc].permute((1, 0, 2)))
-            y_sb = nl.ndarray((P_MAX, nb, seq + margin), dtype=x.dtype, buffer=nl.sbuf)
-            act = nl.silu if apply_silu else nl.copy
-            if on_pe:
-                _taps_on_pe(hist, diag, y_sb[:, :, 0:seq], pc, n_b, act)
-            else:
-                acc = nl.ndarray((P_MAX, nb, seq), dtype=f32, buffer=nl.sbuf)
-                nisa.tensor_scalar(dst=acc[0:pc, 0:n_b], data=hist[0:pc, 0:n_b, 1:1 + seq], op0=nl.multiply,
-                                   operand0=w_sb[0:pc, 0:1])
-                for i_k in range(1, kw):
-                    nisa.scalar_tensor_tensor(dst=acc[0:pc, 0:n_b], data=hist[0:pc, 0:n_b, 1 + i_k:1 + i_k + seq],
-                                              op0=nl.multiply, operand0=w_sb[0:pc, i_k:i_k + 1], op1=nl.add,
-                                              operand1=acc[0:pc, 0:n_b])
-                nisa.activation(dst=y_sb[0:pc, 0:n_b, 0:seq], op=act, data=acc[0:pc, 0:n_b])
-            if varlen:
-                _varlen_boundaries(hist, y_sb, conv_state, new_state, w_sb, bounds, c0, pc, has_state, act)
-                nisa.dma_copy(dst=y[bs, c0:c0 + pc].permute((1, 0, 2)), src=y_sb[0:pc, 0:n_b, 0:seq])
-                continue
-            nisa.dma_copy(dst=y[bs, c0:c0 + pc].permute((1, 0, 2)), src=y_sb[0:pc, 0:n_b, 0:seq])
-            # new state: inputs L_b - K .. L_b - 1 = hist columns L_b .. L_b + K - 1
-            if in_place:                      # update form: L_b = T for every sequence (static)
-                nisa.dma_copy(dst=new_state[bs, c0:c0 + pc].permute((1, 0, 2)), src=hist[0:pc, 0:n_b, seq:seq + kw])
-            else:                             # valid lengths are runtime data: one dynamic read per sequence
-                for i_b in range(n_b):
-                    tail = hist[0:pc, i_b].ap(pattern=[[nb * (kw + seq), pc], [1, kw]], offset=0,
-                                              scalar_offset=len_i[0:1, b0 + i_b:b0 + i_b + 1], indirect_dim=2)
-                    nisa.dma_copy(dst=new_state[b0 + i_b, c0:c0 + pc], src=tail)
+                nisa.memset(dst=hist[0:pc, 0:n_b, :, 0:kw], value=0.0)
+            for j0 in range(0, n_t, g):
+                ng = min(g, n_t - j0)
+                nisa.dma_copy(dst=hist[0:pc, 0:n_b, j0:j0 + ng, kw:kw + seq], src=_tile_rows(x, *view, j0, ng))
+            if not varlen:
+                _write_new_state(hist, new_state, len_i, view, n_t, seq, in_place)
+            for j0 in range(0, n_t, g):
+                ng = min(g, n_t - j0)
+                y_sb = nl.ndarray((P_MAX, nb, g, seq + margin), dtype=x.dtype, buffer=nl.sbuf)
+                for i_j in range(ng):
+                    j = j0 + i_j
+                    if on_pe:
+                        diag = _diag_weights(ident, w_sb[:, j], pc, x.dtype)
+                        _taps_on_pe(hist[:, :, j], diag, y_sb[:, :, i_j, 0:seq], pc, n_b, act)
+                    else:
+                        _taps_on_dve(hist[:, :, j], w_sb[:, j], y_sb[:, :, i_j, 0:seq], pc, n_b, act)
+                    if varlen:
+                        rows = (nb * n_t * width, nb * g * (seq + margin))
+                        _varlen_boundaries(hist[:, :, j], y_sb[:, :, i_j], rows, conv_state, new_state, w_sb[:, j],
+                                           bounds, c0 + j * P_MAX, pc, has_state, act)
+                nisa.dma_copy(dst=_tile_rows(y, *view, j0, ng), src=y_sb[0:pc, 0:n_b, 0:ng, 0:seq])
     return outs
+
+
+def _channel_blocks(c_lo, c_hi, tile_bytes):
+    """[(c0, n_t, pc)]: the owned channels [c_lo, c_hi) as blocks of n_t tiles of pc channels (tile j of a block:
+    channels c0 + j 128 .. + pc - 1 on partitions 0 .. pc - 1). Full tiles go in blocks of at most
+    _HIST_SBUF_BYTES // tile_bytes (the block's history in SBUF); a remainder of C % 128 channels is its own block."""
+    n_full = (c_hi - c_lo) // P_MAX
+    per = max(1, _HIST_SBUF_BYTES // max(1, tile_bytes))
+    blocks = [(c_lo + i * P_MAX, min(per, n_full - i), P_MAX) for i in range(0, n_full, per)]
+    if (c_hi - c_lo) % P_MAX:
+        blocks.append((c_lo + n_full * P_MAX, 1, (c_hi - c_lo) % P_MAX))
+    return blocks
+
+
+def _tile_rows(t, c0, pc, b0, n_b, j0, ng):
+    """View [pc, n_b, ng, L] of t [B, C, L] (HBM): channel c0 + (j0 + j) 128 + p of sequence b0 + b at [p, b, j]."""
+    _, n_ch, n_l = t.shape
+    return t.ap(pattern=[[n_l, pc], [n_ch * n_l, n_b], [P_MAX * n_l, ng], [1, n_l]],
+                offset=(b0 * n_ch + c0 + j0 * P_MAX) * n_l)
+
+
+def _write_new_state(hist, new_state, len_i, view, n_t, seq, in_place):
+    """new_state[b] = inputs L_b - K .. L_b - 1 = hist columns L_b .. L_b + K - 1 of every tile of the block:
+    static (L_b = T) in the update form, else one dynamic read per sequence (offset L_b, clamped, from a
+    register loaded from SBUF)."""
+    c0, pc, b0, n_b = view
+    kw = new_state.shape[2]
+    if in_place:
+        nisa.dma_copy(dst=_tile_rows(new_state, *view, 0, n_t), src=hist[0:pc, 0:n_b, :, seq:seq + kw])
+        return
+    row = hist.shape[1] * hist.shape[2] * hist.shape[3]
+    n_ch = new_state.shape[1]
+    for i_b in range(n_b):
+        tail = hist[0:pc, i_b].ap(pattern=[[row, pc], [hist.shape[3], n_t], [1, kw]], offset=0,
+                                  scalar_offset=_reg(len_i, b0 + i_b), indirect_dim=3)
+        nisa.dma_copy(dst=new_state.ap(pattern=[[kw, pc], [P_MAX * kw, n_t], [1, kw]],
+                                       offset=((b0 + i_b) * n_ch + c0) * kw), src=tail)
+
+
+def _diag_weights(ident, w_sb, pc, dtype):
+    """diag(w[:, i]) [128, K, 128] per tap (the stationaries of the tap matmuls) from w_sb [128, K] fp32."""
+    kw = w_sb.shape[1]
+    diag = nl.ndarray((P_MAX, kw, P_MAX), dtype=dtype, buffer=nl.sbuf)
+    for i_k in range(kw):
+        nisa.tensor_scalar(dst=diag[0:pc, i_k, 0:pc], data=ident[0:pc, 0:pc], op0=nl.multiply,
+                           operand0=w_sb[0:pc, i_k:i_k + 1])
+    return diag
+
+
+def _taps_on_dve(hist, w_sb, y_sb, pc, n_b, act):
+    """fp32: y_sb[:, b] = act(sum_i w[:, i] hist[:, b, 1 + i : 1 + i + T]), one VectorE multiply-add per tap."""
+    seq = y_sb.shape[2]
+    kw = w_sb.shape[1]
+    acc = nl.ndarray((P_MAX, hist.shape[1], seq), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=acc[0:pc, 0:n_b], data=hist[0:pc, 0:n_b, 1:1 + seq], op0=nl.multiply,
+                       operand0=w_sb[0:pc, 0:1])
+    for i_k in range(1, kw):
+        nisa.scalar_tensor_tensor(dst=acc[0:pc, 0:n_b], data=hist[0:pc, 0:n_b, 1 + i_k:1 + i_k + seq],
+                                  op0=nl.multiply, operand0=w_sb[0:pc, i_k:i_k + 1], op1=nl.add,
+                                  operand1=acc[0:pc, 0:n_b])
+    nisa.activation(dst=y_sb[0:pc, 0:n_b], op=act, data=acc[0:pc, 0:n_b])
 
 
 def _owned_channels(n_ch, pid, n_prog):
@@ -169,12 +225,13 @@ def _sequence_bounds(cu_seqlens, seq, kw):
     return dict(start=start, end=end, short=short, long=long)
 
 
-def _varlen_boundaries(hist, y_sb, conv_state, new_state, w_sb, bounds, c0, pc, has_state, act):
+def _varlen_boundaries(hist, y_sb, rows, conv_state, new_state, w_sb, bounds, c0, pc, has_state, act):
     """Packed sequences (B = 1) of one channel tile, after the taps ran over the whole packed row: the first K - 1
     outputs of each sequence n are recomputed from its own history, and its new state is written.
 
-    hist [P, 1, K + T + K]: input t at column K + t (zeros before and after); y_sb [P, 1, T + K]. Per sequence
-    (static loop; s_n, e_n, L_n from `bounds`, read on device):
+    hist [P, 1, K + T + K]: input t at column K + t (zeros before and after); y_sb [P, 1, T + K]; both views of
+    one tile of 4-D block tiles whose partition strides (elements) are rows = (hist row, y row). Per sequence
+    (static loop; s_n, e_n, L_n from `bounds`, read on device into registers):
         win[:, n] = [conv_state[n] (zeros without a state) | inputs s_n .. s_n + K - 1]    ([P, N, 2K])
         y[s_n + t] = act(sum_i w_i win[:, n, 1 + t + i]) for t < K - 1, written over y_sb[:, s_n : s_n + K - 1] in
             the order n = 0 .. N - 1: a short sequence's extra columns belong to the next sequences, which write
@@ -184,7 +241,7 @@ def _varlen_boundaries(hist, y_sb, conv_state, new_state, w_sb, bounds, c0, pc, 
     Every dynamic offset is a clamped bound in [0, T] (or [0, K]) inside its tile."""
     kw = w_sb.shape[1]
     n_seq = bounds["start"].shape[1]
-    row = hist.shape[1] * hist.shape[2]
+    row, y_row = rows
     win = nl.ndarray((P_MAX, n_seq, 2 * kw), dtype=hist.dtype, buffer=nl.sbuf)
     if has_state:
         nisa.dma_copy(dst=win[0:pc, :, 0:kw], src=conv_state[:, c0:c0 + pc].permute((1, 0, 2)))
@@ -193,7 +250,7 @@ def _varlen_boundaries(hist, y_sb, conv_state, new_state, w_sb, bounds, c0, pc, 
     for n in range(n_seq):
         nisa.dma_copy(dst=win[0:pc, n, kw:2 * kw],
                       src=hist[0:pc, 0].ap(pattern=[[row, pc], [1, kw]], offset=kw,
-                                           scalar_offset=bounds["start"][0:1, n:n + 1], indirect_dim=2))
+                                           scalar_offset=_reg(bounds["start"], n), indirect_dim=3))
     f32 = nl.float32
     acc = nl.ndarray((P_MAX, n_seq, kw - 1), dtype=f32, buffer=nl.sbuf)
     nisa.tensor_scalar(dst=acc[0:pc], data=win[0:pc, :, 1:kw], op0=nl.multiply, operand0=w_sb[0:pc, 0:1])
@@ -202,18 +259,17 @@ def _varlen_boundaries(hist, y_sb, conv_state, new_state, w_sb, bounds, c0, pc, 
                                   operand0=w_sb[0:pc, i_k:i_k + 1], op1=nl.add, operand1=acc[0:pc])
     y_b = nl.ndarray((P_MAX, n_seq, kw - 1), dtype=y_sb.dtype, buffer=nl.sbuf)
     nisa.activation(dst=y_b[0:pc], op=act, data=acc[0:pc])
-    y_row = y_sb.shape[1] * y_sb.shape[2]
     st_sb = nl.ndarray((P_MAX, n_seq, kw), dtype=hist.dtype, buffer=nl.sbuf)
     tail = nl.ndarray((P_MAX, n_seq, kw), dtype=hist.dtype, buffer=nl.sbuf)
     for n in range(n_seq):
         nisa.dma_copy(dst=y_sb[0:pc, 0].ap(pattern=[[y_row, pc], [1, kw - 1]], offset=0,
-                                           scalar_offset=bounds["start"][0:1, n:n + 1], indirect_dim=2),
+                                           scalar_offset=_reg(bounds["start"], n), indirect_dim=3),
                       src=y_b[0:pc, n])
         nisa.dma_copy(dst=st_sb[0:pc, n], src=hist[0:pc, 0].ap(pattern=[[row, pc], [1, kw]], offset=0,
-                                                               scalar_offset=bounds["end"][0:1, n:n + 1],
-                                                               indirect_dim=2))
+                                                               scalar_offset=_reg(bounds["end"], n),
+                                                               indirect_dim=3))
         nisa.dma_copy(dst=tail[0:pc, n], src=win[0:pc, n].ap(pattern=[[n_seq * 2 * kw, pc], [1, kw]], offset=0,
-                                                             scalar_offset=bounds["short"][0:1, n:n + 1],
+                                                             scalar_offset=_reg(bounds["short"], n),
                                                              indirect_dim=2))
     pred = bounds["long"].ap(pattern=[[n_seq, pc], [1, n_seq], [0, kw]], offset=0)
     nisa.tensor_copy_predicated(dst=tail[0:pc], src=st_sb[0:pc], predicate=pred)
@@ -222,6 +278,13 @@ def _varlen_boundaries(hist, y_sb, conv_state, new_state, w_sb, bounds, c0, pc, 
         out = nl.ndarray((P_MAX, n_seq, kw), dtype=new_state.dtype, buffer=nl.sbuf)
         nisa.tensor_copy(dst=out[0:pc], src=tail[0:pc])
     nisa.dma_copy(dst=new_state[:, c0:c0 + pc].permute((1, 0, 2)), src=out[0:pc])
+
+
+def _reg(vals, n):
+    """A register holding vals[0, n] (an int32 [1, N] SBUF tile): the scalar offset of one dynamic DMA."""
+    r = nisa.register_alloc()
+    nisa.register_load(r, vals[0:1, n:n + 1])
+    return r
 
 
 def _clamped_lengths(lengths, bsz, seq):
