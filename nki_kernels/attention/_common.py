@@ -78,38 +78,6 @@ def load_transposed(dst_sb, src_hbm, rows, cols, dtype):
         nisa.tensor_copy(dst=dst_sb[0:cols, r0:r0 + rn], src=tp_psum[0:cols, 0:rn])
 
 
-def transpose_probs(pT_sb, p_sb, rows, keys, dtype):
-    """pT_sb[0:128, c, 0:rows] = p_sb[0:rows, c*128:(c+1)*128].T for every 128-key chunk c of `keys`.
-
-    2-byte dtypes: one SBUF->SBUF DMA transpose for the full chunks (+1 for a partial last chunk),
-    keeping the TensorE free for matmuls. fp32: PE transposes, several per PSUM bank, one eviction each.
-    """
-    n_full = keys // K_CHUNK
-    rem = keys - n_full * K_CHUNK
-    if is_two_byte(dtype):
-        if n_full:
-            src = p_sb[0:rows, 0:n_full * K_CHUNK].reshape((rows, n_full, K_CHUNK))
-            nisa.dma_transpose(dst=pT_sb[0:K_CHUNK, 0:n_full, 0:rows], src=src)
-        if rem:
-            nisa.dma_transpose(dst=pT_sb[0:rem, n_full, 0:rows],
-                               src=p_sb[0:rows, n_full * K_CHUNK:keys])
-        return
-    group = pe_transpose_group(dtype)
-    n_chunks = n_full + (1 if rem else 0)
-    for c0 in range(0, n_chunks, group):
-        cg = min(group, n_chunks - c0)
-        tp_psum = nl.ndarray((P_MAX, group, P_MAX), dtype=dtype, buffer=nl.psum)
-        for i_c in range(cg):
-            c = c0 + i_c
-            cn = min(K_CHUNK, keys - c * K_CHUNK)
-            nisa.nc_transpose(dst=tp_psum[0:cn, i_c, 0:rows], data=p_sb[0:rows, c * K_CHUNK:c * K_CHUNK + cn])
-        full = min(cg, n_full - c0) if c0 < n_full else 0
-        if full:
-            nisa.tensor_copy(dst=pT_sb[0:K_CHUNK, c0:c0 + full, 0:rows], src=tp_psum[0:K_CHUNK, 0:full, 0:rows])
-        if full < cg:   # the partial last chunk
-            nisa.tensor_copy(dst=pT_sb[0:rem, c0 + full, 0:rows], src=tp_psum[0:rem, full, 0:rows])
-
-
 def load_len_broadcast(lens_hbm, b, parts):
     """A (parts, 1) fp32 tile holding lens_hbm[b] on every partition (partition-stride-0 DMA)."""
     len_i = nl.ndarray((parts, 1), dtype=nl.int32, buffer=nl.sbuf)

@@ -10,7 +10,7 @@ Loop nest (per program instance; docs/attention.md has the memory plan and the a
             mask (runtime valid lengths: a select from an on-device validity tile, so a NaN/Inf score of a
             padded key is replaced, never added to; causal diagonal block: cached affine_select bias)
             running max (negated, scaled domain), P = exp(scale*S - scale*m) with row sums, alpha
-            P^T of block t by DMA transpose (chunks 2..3) and of block t-1 on the PE (chunks 0..1)
+            P^T of block t-1 on the PE (all four 128-key chunks; no DMA transposes of P)
             P V of block t-2 and O = alpha*O + PV (one PSUM bank, fp32)
         a stream's last PV writes out = O / l (padded query rows: 0), optionally * sigmoid(gate)
     Key blocks entirely above the causal diagonal are never generated (trace-time skip).
@@ -37,13 +37,6 @@ _BLOCK_FP32 = MM_KEYS             # keys per softmax block for fp32
 _N_STREAMS = 2                    # pipeline slots (query tiles in flight). PSUM, bf16: S 2 slots x 2 buffers x 1 bank
 #                                   + PV 2 x 2 x 1 KiB (2 banks) + P^T 1 bank + Q^T 1 bank = 8 banks; fp32: S single-
 #                                   buffered (2) + P^T (2) + PV (2) + Q^T (1) = 7 banks
-_PE_T_CHUNKS = 2                  # 128-key chunks of P per block transposed on the PE; the rest by DMA transpose
-#                                   (balances TensorE time against the DMA queues' transpose bandwidth)
-_SHORT_KEYS = 2048                # Skv up to this: every P^T chunk on the PE (single-buffered P^T PSUM), and every
-#                                   other P^T eviction on the VectorE instead of the ScalarE. Short sequences are
-#                                   DMA- / ScalarE-bound (q, gate, out move in 512 B rows; ScalarE runs every exp),
-#                                   long ones TensorE-bound (modeled trn2 LNC=2: Sq=Skv=512 27.2 -> 24.2 us, 2048
-#                                   138.8 -> 115.0 us; 8192 unchanged)
 _S_RING = 2                       # score PSUM buffers per slot (bf16/fp16)
 _O_UPDATE_ON_POOL = False         # O = O*alpha + PV: one VectorE op (False), ScalarE eviction + GpSimd (True),
 #                                   or "odd" (odd slots on ScalarE + GpSimd); False models fastest on trn2
@@ -242,14 +235,13 @@ def _attend_pipeline(q, gate, out, kT_sb, v_sb, len_f, klen_valid, items, skv, d
     row r can only see keys r - lo .. r + hi - 1 (trace-time: blocks outside are never generated).
 
     _N_STREAMS slots each run a queue of streams back to back. In step t every slot computes the scores and
-    softmax of its current block (and starts the DMA transposes of P), the PE transposes P of step t-1 and
+    softmax of its current block, the PE transposes P of step t-1 and
     multiplies P V of step t-2, so every engine always has independent work queued in program order and the
     pipeline never drains between query tiles. Per-stream state rotates over _GENS generations (a new
     stream may start while the PV of the stream two before it in the slot is still pending).
     """
     block = _block_keys(dtype)
     n_ch = block // K_CHUNK                              # 128-key chunks per block
-    n_pe = n_ch if not is_two_byte(dtype) or skv <= _SHORT_KEYS else _PE_T_CHUNKS   # P^T chunks on the PE (rest: DMA)
     n_slot = min(_N_STREAMS, len(items))
     max_blk = n_tiles(skv, block)
     queues = [[_Stream(h, q0, sq_, skv, causal, block, band) for (h, q0, sq_) in items[s::n_slot]]
@@ -269,15 +261,14 @@ def _attend_pipeline(q, gate, out, kT_sb, v_sb, len_f, klen_valid, items, skv, d
     s_sb = nl.ndarray((P_MAX, n_slot, block), dtype=nl.float32, buffer=nl.sbuf)       # masked scores
     p_ring = nl.ndarray((P_MAX, _RING, n_slot, block), dtype=dtype, buffer=nl.sbuf)
     pT_ring = nl.ndarray((P_MAX, _RING, n_slot, n_ch, _Q_TILE), dtype=dtype, buffer=nl.sbuf)
-    t_ring = 2 if is_two_byte(dtype) and n_pe <= 2 else 1   # fp32 (4x the PSUM) or all chunks on the PE: 1 buffer
-    t_psum = nl.ndarray((P_MAX, t_ring, n_slot, n_pe, _Q_TILE), dtype=dtype, buffer=nl.psum)
+    t_psum = nl.ndarray((P_MAX, 1, n_slot, n_ch, _Q_TILE), dtype=dtype, buffer=nl.psum)   # P^T: one bank (bf16)
     # PV accumulators: one region per (step parity, slot), 2 * _N_STREAMS of them; a region of D_CHUNK < d < 256
     # columns is padded to 256 fp32 (1 KiB) so that no region straddles a 2 KiB PSUM bank
     pv_cols = d if d <= D_CHUNK else 2 * D_CHUNK
     pv_psum = nl.ndarray((P_MAX, 2, n_slot, pv_cols), dtype=nl.float32, buffer=nl.psum)
     bufs = dict(qT=qT_sb, m_blk=m_blk, neg_m=neg_m, alpha=alpha, row_sum=row_sum, l=l_sb, o=o_acc, s_psum=s_psum,
                 s_sb=s_sb, pv_sb=pv_sb, p=p_ring, pT=pT_ring, t_psum=t_psum, pv=pv_psum,
-                pt_on_dve=is_two_byte(dtype) and skv <= _SHORT_KEYS)
+                pt_on_dve=is_two_byte(dtype))
     diag_bias = _DiagonalBias(block)
     cur = [None] * n_slot
     nxt = [0] * n_slot
@@ -306,11 +297,9 @@ def _attend_pipeline(q, gate, out, kT_sb, v_sb, len_f, klen_valid, items, skv, d
             _softmax_max(bufs, sc, st, j, softmax_scale)
         for (st, j), sc in zip(live, scores):
             _softmax_exp(bufs, sc, st, j, step, softmax_scale)
-        for st, j in live:
-            _transpose_dma(bufs, st, j, step, block, n_pe)
         if step >= 1:
             for st, j in history[step - 1]:
-                _transpose_pe(bufs, st, j, step - 1, block, n_pe)
+                _transpose_pe(bufs, st, j, step - 1, block)
         if step >= 2:
             for st, j in history[step - 2]:
                 _pv_update(bufs, v_sb, st, j, step - 2, block, d)
@@ -425,25 +414,13 @@ def _softmax_exp(bufs, scores, st, j, step, softmax_scale):
                         bias=nm_j, scale=-1.0)
 
 
-def _transpose_dma(bufs, st, j, step, block, n_pe):
-    """P^T of the block's chunks n_pe.. by SBUF->SBUF DMA transpose (2-byte dtypes)."""
+def _transpose_pe(bufs, st, j, step, block):
+    """P^T of the block's chunks on the TensorE (one PSUM bank), evicted PSUM -> SBUF by the ScalarE, every other
+    one by the VectorE (2-byte dtypes). No P^T goes through a DMA transpose: an SBUF -> SBUF DMA transpose of P is
+    element-strided (a 512 B row in 256 single-element pieces, cost model v3 `dma_elem_ns`), which made S=8192
+    DMA-bound (docs/attention.md, "Prefill goals at LNC=2")."""
     kn = st.keys(j, block)
     n_c = n_tiles(kn, K_CHUNK)
-    full = kn // K_CHUNK
-    r, s = step % _RING, st.slot
-    p_ring, pT_ring = bufs["p"], bufs["pT"]
-    if full > n_pe:
-        src = p_ring[0:st.qn, r, s, n_pe * K_CHUNK:full * K_CHUNK].reshape((st.qn, full - n_pe, K_CHUNK))
-        nisa.dma_transpose(dst=pT_ring[0:K_CHUNK, r, s, n_pe:full, 0:st.qn], src=src)
-    if n_c > full and full >= n_pe:     # a partial last chunk handled by DMA
-        rem = kn - full * K_CHUNK
-        nisa.dma_transpose(dst=pT_ring[0:rem, r, s, full, 0:st.qn], src=p_ring[0:st.qn, r, s, full * K_CHUNK:kn])
-
-
-def _transpose_pe(bufs, st, j, step, block, n_pe):
-    """P^T of the block's first n_pe chunks on the TensorE, evicted PSUM -> SBUF by the Scalar engine."""
-    kn = st.keys(j, block)
-    n_c = min(n_pe, n_tiles(kn, K_CHUNK))
     p_ring, pT_ring, t_psum = bufs["p"], bufs["pT"], bufs["t_psum"]
     r, s, t = step % _RING, st.slot, step % t_psum.shape[1]
     for c in range(n_c):
