@@ -36,8 +36,8 @@ from ..backend import call, nki, nisa, nl
 from ..hw import P_MAX
 from ..lnc import resolve_lnc
 from ..validation import kernel_check
-from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, MASK_BIAS, MAX_HEAD_DIM, load_len_broadcast, load_transposed,
-                      n_tiles, pe_transpose_group, pe_transpose_keys)
+from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, MASK_BIAS, MAX_HEAD_DIM, n_tiles, pe_transpose_group,
+                      pe_transpose_keys)
 from .prefill import _as_int32_lens, _check_array, _check_scale, _dtype_name, _read_only, _shape
 
 MAX_NEW_TOKENS = 8                # Sq limit (speculative decoding); G * Sq rows must fit the 128 partitions
@@ -47,6 +47,8 @@ _PSUM_BANK_F32 = 512              # fp32 elements per partition in one 2 KiB PSU
 #                                   piece must fit one bank, so pieces shrink for R > 32 rows
 _MAX_SPLIT_STATE_BYTES = 64 * 1024  # SBUF per partition core 0 may hold for the first halves' partial states
 _SENDRECV_F32_COLS = 256          # fp32 columns per partition of one gpsimd_dma sendrecv (1024 B, isa stub limit)
+_TAIL_CUTS = 4                    # the core's last piece is cut in this many pieces (see _pieces)
+_ZERO_CHUNKS = 4                  # 128-key chunks per V-zeroing group (each run only if it holds padded positions)
 _V_TAIL_SPLITS = (2, 4, 8)        # the core's last V piece arrives in chunk groups that end n_c/2, n_c/4, n_c/8
 #                                   chunks before its end: their zeroing and P V overlap the rest of the stream
 _STATS = 512                      # fp32 columns of the statistics PSUM tile (one bank): max^T, m^T, broadcast m, l
@@ -149,10 +151,11 @@ def decode_body(q, k_cache, v_cache, cache_lens, out, softmax_scale, causal):
 
     pending = None
     for i_part, (_, b, kvh, half, key0, key1) in enumerate(mine):
-        part = _start_part(ctx, b, kvh, half, key0, key1)
-        for j, k0 in enumerate(range(key0, key1, ctx["piece"])):
-            last = k0 + ctx["piece"] >= key1
-            staged = _piece_scores(ctx, part, j, k0, min(ctx["piece"], key1 - k0), last and i_part == len(mine) - 1)
+        pieces = [(k0, min(ctx["piece"], key1 - k0)) for k0 in range(key0, key1, ctx["piece"])]
+        part = _start_part(ctx, b, kvh, half, len(pieces))
+        for j, (k0, kn) in enumerate(pieces):
+            last = j == len(pieces) - 1
+            staged = _piece_scores(ctx, part, j, k0, kn, last and i_part == len(mine) - 1)
             if pending is not None:
                 pv_stage(*pending)
             pending = (part, staged, last)
@@ -173,26 +176,51 @@ def _exchange(ctx, packed, pid):
     return other_sb
 
 
-def _start_part(ctx, b, kvh, half, key0, key1):
+def _start_part(ctx, b, kvh, half, n_pieces):
     """Per part: Q^T [D, R] of the KV head's rows, the per-row key limit, the online-softmax state."""
-    rows, sq, group, d, n_d, dtype = ctx["rows"], ctx["sq"], ctx["group"], ctx["d"], ctx["n_d"], ctx["dtype"]
-    len_f = load_len_broadcast(ctx["lens"], b, P_MAX)          # every partition: keys are on the partitions
+    sq, d = ctx["sq"], ctx["d"]
+    len_i, len_f = _load_len(ctx, b)           # len_f on every partition: keys are on the partitions
     limit = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
     # causal: row (g, i) sees key j iff j - i <= len - Sq (the iota below subtracts i); else iff j <= len - 1
     nisa.tensor_scalar(dst=limit, data=len_f, op0=nl.add, operand0=float(-sq if ctx["causal"] else -1),
                        engine=nisa.engine.gpsimd)
-    qT_sb = nl.ndarray((P_MAX, n_d, P_MAX), dtype=dtype, buffer=nl.sbuf)
-    h0 = kvh * group
-    for i_d in range(n_d):
-        d0 = i_d * D_CHUNK
-        dn = min(D_CHUNK, d - d0)
-        src = ctx["q"][b, h0:h0 + group, 0:sq, d0:d0 + dn].reshape((rows, dn))
-        load_transposed(qT_sb[0:dn, i_d, 0:rows], src, rows, dn, dtype)
-    n_pieces = n_tiles(key1 - key0, ctx["piece"])
-    return dict(id=(b, kvh, half), b=b, kvh=kvh, len=len_f, limit=limit, qT=qT_sb,
+    return dict(id=(b, kvh, half), b=b, kvh=kvh, len=len_f, len_i=len_i, limit=limit, qT=_load_qT(ctx, b, kvh),
                 neg_m=nl.ndarray((P_MAX, n_pieces), dtype=nl.float32, buffer=nl.sbuf),   # -scale * running max
                 alpha=nl.ndarray((P_MAX, n_pieces), dtype=nl.float32, buffer=nl.sbuf),
                 packed=nl.ndarray((P_MAX, d + 2), dtype=nl.float32, buffer=nl.sbuf))      # O | l | -scale m
+
+
+def _load_len(ctx, b):
+    """cache_lens[b] as int32 [1, 1] (partition 0) and as fp32 on every partition [128, 1]: one 4-byte DMA and
+    a one-row fp32 matmul (ones[1, 128]^T x len, exact below 2^24). A partition-stride-0 DMA of 4 bytes to 128
+    partitions would be 128 packets of 4 B on the DMA queues that stream the cache."""
+    len_i = nl.ndarray((1, 1), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=len_i, src=ctx["lens"].ap(pattern=[[1, 1], [1, 1]], offset=b))
+    len_1 = nl.ndarray((1, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=len_1, src=len_i, engine=nisa.engine.gpsimd)
+    len_psum = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_matmul(len_psum, ctx["ones_row"][0:1, 0:P_MAX], len_1)
+    len_f = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=len_f, src=len_psum)
+    return len_i, len_f
+
+
+def _load_qT(ctx, b, kvh):
+    """Q^T [128(d), n_d, R] of the KV head's R rows: one natural-layout DMA of [R, D] (R rows of D contiguous
+    elements), then PE transposes. (A DMA transpose of q is element-strided: 2 us of the DMA queues at R=4, D=256,
+    cost model v3, ahead of the cache stream.)"""
+    rows, sq, group, d, n_d, dtype = ctx["rows"], ctx["sq"], ctx["group"], ctx["d"], ctx["n_d"], ctx["dtype"]
+    h0 = kvh * group
+    q_nat = nl.ndarray((P_MAX, d), dtype=dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=q_nat[0:rows, 0:d], src=ctx["q"][b, h0:h0 + group, 0:sq, 0:d].reshape((rows, d)))
+    q_psum = nl.ndarray((P_MAX, n_d, P_MAX), dtype=dtype, buffer=nl.psum)
+    qT_sb = nl.ndarray((P_MAX, n_d, P_MAX), dtype=dtype, buffer=nl.sbuf)
+    for i_d in range(n_d):
+        d0 = i_d * D_CHUNK
+        dn = min(D_CHUNK, d - d0)
+        nisa.nc_transpose(dst=q_psum[0:dn, i_d, 0:rows], data=q_nat[0:rows, d0:d0 + dn])
+        nisa.tensor_copy(dst=qT_sb[0:dn, i_d, 0:rows], src=q_psum[0:dn, i_d, 0:rows])
+    return qT_sb
 
 
 def _piece_scores(ctx, part, j, key0, kn, tail=False):
@@ -202,27 +230,27 @@ def _piece_scores(ctx, part, j, key0, kn, tail=False):
     k_hbm, b, kvh = ctx["k"], part["b"], part["kvh"]
     max_c = ctx["piece"] // K_CHUNK
     n_c = n_tiles(kn, K_CHUNK)
-    p_major = kn % K_CHUNK == 0            # partition p holds keys key0 + p * n_c .. + n_c - 1 (one long run)
-    chan, step = (n_c, 1) if p_major else (1, K_CHUNK)    # key of (partition p, chunk c) = key0 + p*chan + c*step
-    staged = dict(j=j, key0=key0, kn=kn, n_c=n_c, p_major=p_major, chan=chan, step=step)
+    chan, step = 1, K_CHUNK                # chunk-major: key of (partition p, chunk c) = key0 + p*chan + c*step
+    staged = dict(j=j, key0=key0, kn=kn, n_c=n_c, chan=chan, step=step)
     # split keys (one or few pairs, latency-bound): V before K, so its zeroing starts early, except for the core's
     # last piece: K first, so its longer dependency chain (K^T, S^T, max, exp) overlaps V's stream and only V's
     # last group's work follows the stream. Whole pairs (throughput-bound): K first.
     k_first = tail or not ctx["v_first"]
     k_sb = nl.ndarray((P_MAX, max_c, d), dtype=dtype, buffer=nl.sbuf)
     if k_first:
-        _load_keys_rows(k_hbm[b, kvh], k_sb, key0, kn, n_c, p_major, d, (0, n_c))
+        _load_keys_rows(k_hbm[b, kvh], k_sb, key0, kn, d, (0, n_c))
     v_sb = nl.ndarray((P_MAX, max_c, d), dtype=dtype, buffer=nl.sbuf)
-    groups = _v_groups(n_c, p_major, tail)
+    groups = _v_groups(n_c, tail)
     for chunks in groups:
-        _load_keys_rows(ctx["v"][b, kvh], v_sb, key0, kn, n_c, p_major, d, chunks)
-    # zeroed in at least two groups: their predicates are built on GpSimd and ScalarE in parallel
-    zero_groups = groups if len(groups) > 1 or n_c < 2 else [(0, n_c // 2), (n_c // 2, n_c)]
+        _load_keys_rows(ctx["v"][b, kvh], v_sb, key0, kn, d, chunks)
+    # zeroed in groups of at most _ZERO_CHUNKS chunks, each only when it holds positions past the length; their
+    # predicates are built on GpSimd and ScalarE in turn
+    zero_groups = [(c, min(c1, c + _ZERO_CHUNKS)) for c0, c1 in groups for c in range(c0, c1, _ZERO_CHUNKS)]
     for i_g, chunks in enumerate(zero_groups):
         _zero_v_past_length(ctx, part, v_sb, staged, chunks, nisa.engine.scalar if i_g % 2 else nisa.engine.gpsimd)
     staged.update(v=v_sb, groups=groups)
     if not k_first:
-        _load_keys_rows(k_hbm[b, kvh], k_sb, key0, kn, n_c, p_major, d, (0, n_c))
+        _load_keys_rows(k_hbm[b, kvh], k_sb, key0, kn, d, (0, n_c))
     kT_sb = _transpose_keys(ctx, k_sb, kn, n_c)
     # ---- S^T [keys, chunk, R] in one PSUM bank
     st_psum = nl.ndarray((P_MAX, max_c, rows), dtype=nl.float32, buffer=nl.psum)
@@ -272,29 +300,27 @@ def _piece_scores(ctx, part, j, key0, kn, tail=False):
     return staged
 
 
-def _load_keys_rows(src, dst, key0, kn, n_c, p_major, d, chunks):
-    """Chunks [c0, c1) of a piece of K or V (`src` [S, D] of one (b, KV head)) into `dst` [128, chunk, D].
-
-    Partition-major (kn a multiple of 128): partition p holds keys key0 + p * n_c + c, so chunks [c0, c1) are
-    one run of (c1 - c0) * D elements per partition. Ragged pieces: chunk-major, chunk c partition p = key
-    key0 + c * 128 + p (all chunks at once)."""
+def _load_keys_rows(src, dst, key0, kn, d, chunks):
+    """Chunks [c0, c1) of a piece of K or V (`src` [S, D] of one (b, KV head)) into `dst` [128, chunk, D],
+    chunk-major: chunk c partition p = key key0 + c * 128 + p. One DMA for the full chunks (each partition row
+    gathers c1 - c0 runs of D elements; the cost model charges a gathered row `dma_elem_ns` per extra piece, so
+    a 16-chunk row of 8 KiB streams within 3% of a contiguous one), one more for a partial last chunk. Chunk-major
+    makes the positions past the length whole chunks (plus one straddling chunk), so the zeroing can skip the
+    chunks before it."""
     c0, c1 = chunks
-    if p_major:
-        run = src[key0:key0 + kn, 0:d].reshape((K_CHUNK, n_c, d))
-        nisa.dma_copy(dst=dst[0:K_CHUNK, c0:c1, 0:d], src=run[:, c0:c1, :])
-        return
-    full, rem = kn // K_CHUNK, kn % K_CHUNK
-    if full:
-        view = src[key0:key0 + full * K_CHUNK, 0:d].reshape((full, K_CHUNK, d)).permute((1, 0, 2))
-        nisa.dma_copy(dst=dst[0:K_CHUNK, 0:full, 0:d], src=view)
-    nisa.dma_copy(dst=dst[0:rem, full, 0:d], src=src[key0 + full * K_CHUNK:key0 + kn, 0:d])
+    full = min(c1, kn // K_CHUNK)
+    if full > c0:
+        view = src[key0 + c0 * K_CHUNK:key0 + full * K_CHUNK, 0:d].reshape((full - c0, K_CHUNK, d))
+        nisa.dma_copy(dst=dst[0:K_CHUNK, c0:full, 0:d], src=view.permute((1, 0, 2)))
+    if c1 > full:
+        nisa.dma_copy(dst=dst[0:kn - full * K_CHUNK, full, 0:d], src=src[key0 + full * K_CHUNK:key0 + kn, 0:d])
 
 
-def _v_groups(n_c, p_major, tail):
+def _v_groups(n_c, tail):
     """Chunk groups in which a piece's V is loaded, zeroed and multiplied: one, or for the core's last piece
-    (partition-major) groups ending n_c/2, n_c/4, n_c/8 chunks before the end, so only the last group's work
-    follows the last byte of the stream."""
-    if not (tail and p_major):
+    groups ending n_c/2, n_c/4, n_c/8 chunks before the end, so only the last group's work follows the last byte
+    of the stream."""
+    if not tail:
         return [(0, n_c)]
     cuts = sorted({0, n_c} | {n_c - n_c // k for k in _V_TAIL_SPLITS if n_c // k >= 1})
     return list(zip(cuts[:-1], cuts[1:]))
@@ -302,25 +328,36 @@ def _v_groups(n_c, p_major, tail):
 
 def _zero_v_past_length(ctx, part, v_sb, staged, chunks, engine):
     """V rows of chunks [c0, c1) of a piece at positions >= the cache length := 0 (a predicated copy; 0 * NaN
-    would poison P V).
+    would poison P V), run only when these chunks hold such positions: a register-bounded `nl.fori_loop` of 0 or
+    1 iterations (the flag `len < last key of the group + 1` is computed on the device; the instructions are the
+    same whatever the length, only their trip count is data).
 
     The relative key position of every element, p * chan + c * step, is one GpSimd iota per piece geometry,
     made once per launch; per group only the compare with len - key0 runs (`engine`), then the VectorE copy. (A
     [128, chunks] predicate read with stride 0 along D would save the GpSimd work but makes the copy strided.)"""
     d, n_c, chan, step = ctx["d"], staged["n_c"], staged["chan"], staged["step"]
+    key0, kn = staged["key0"], staged["kn"]
     c0, c1 = chunks
     key = (n_c, chan, step)
     if key not in ctx["vpos"]:
         pos_sb = nl.ndarray((P_MAX, n_c, d), dtype=nl.int32, buffer=nl.sbuf)
         nisa.iota(pos_sb, pattern=[[step, n_c], [0, d]], offset=0, channel_multiplier=chan)
         ctx["vpos"][key] = pos_sb
-    rel = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_scalar(dst=rel, data=part["len"], op0=nl.add, operand0=float(-staged["key0"]),
+    pos_sb = ctx["vpos"][key]
+    flag = nl.ndarray((1, 1), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=flag, data=part["len_i"], op0=nl.less, operand0=float(key0 + min(kn, c1 * K_CHUNK)),
                        engine=nisa.engine.gpsimd)
-    pad_sb = nl.ndarray((P_MAX, n_c, d), dtype=nl.uint8, buffer=nl.sbuf)
-    nisa.tensor_scalar(dst=pad_sb[:, c0:c1], data=ctx["vpos"][key][:, c0:c1], op0=nl.greater_equal, operand0=rel,
-                       engine=engine)
-    nisa.tensor_copy_predicated(dst=v_sb[0:K_CHUNK, c0:c1, 0:d], src=0.0, predicate=pad_sb[:, c0:c1])
+    pad_reg = nisa.register_alloc()
+    nisa.register_load(pad_reg, flag)
+
+    def body(_):
+        rel = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_scalar(dst=rel, data=part["len"], op0=nl.add, operand0=float(-key0), engine=nisa.engine.gpsimd)
+        pad_sb = nl.ndarray((P_MAX, n_c, d), dtype=nl.uint8, buffer=nl.sbuf)
+        nisa.tensor_scalar(dst=pad_sb[:, c0:c1], data=pos_sb[:, c0:c1], op0=nl.greater_equal, operand0=rel,
+                           engine=engine)
+        nisa.tensor_copy_predicated(dst=v_sb[0:K_CHUNK, c0:c1, 0:d], src=0.0, predicate=pad_sb[:, c0:c1])
+    nl.fori_loop(0, pad_reg, body)
 
 
 def _transpose_keys(ctx, k_sb, kn, n_c):
