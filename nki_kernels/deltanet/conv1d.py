@@ -25,6 +25,8 @@ _MAX_KERNEL_WIDTH = 8             # taps K (Qwen3.5/Next use 4)
 _MAX_SEQ = 16384                  # T: the whole [128, K + T] history row lives in SBUF (<= 32 KiB bf16)
 _MAX_ROW_ELEMS = 8192             # free elements per partition of one [P, n_b, K + T] history tile
 _UPDATE_SBUF_BYTES = 64 * 1024   # update form: SBUF per partition for one chunk of sequences (all its tiles)
+_UPDATE_ROW_BYTES = 1024          # update form: below this many conv-state bytes per partition row at 128 partitions
+                                  # the channels go on 64 partitions (see _update_partitions)
 _ACTIVATIONS = (None, "silu", "swish")
 _MAX_SEQS = 1024                  # packed sequences per launch (cu_seqlens): 3 small DMAs each per channel tile
 _HIST_SBUF_BYTES = 64 * 1024      # prefill: bytes per partition of one block's history (the tiles of one state DMA)
@@ -327,8 +329,9 @@ def causal_conv1d_update_kernel(x, conv_state, weight, apply_silu):
     """Decode form: channels on the partitions in contiguous blocks, (sequence, channel, tap) on the free dim.
 
     Dimensions:
-        B batch, C channels, T new tokens (small), K taps; CPP = C // 128 channels per partition (the
-        C % 128 remainder channels go one per partition in a second group), NB sequences per chunk.
+        B batch, C channels, T new tokens (small), K taps; P = 128 partitions (64 when the state rows would be
+        short, _update_partitions), CPP = C // P channels per partition (the C % P remainder channels go one
+        per partition in a second group), NB sequences per chunk.
     Args:
         x: [B, C, T] @ HBM; conv_state: [B, C, K] @ HBM, updated in place to the last K inputs;
         weight: [C, K] @ HBM (broadcast over the sequences of a chunk by DMA).
@@ -337,12 +340,12 @@ def causal_conv1d_update_kernel(x, conv_state, weight, apply_silu):
     Constraints:
         CPP * _update_bytes_per_channel(K, T) <= _UPDATE_SBUF_BYTES (checked by the wrapper).
     Pseudocode:
-        for channel group (128 partitions x CPP channels, then the remainder), for chunk of NB sequences:
+        for channel group (P partitions x CPP channels, then the remainder), for chunk of NB sequences:
           hist = [conv_state | x] ([P, NB, CPP, K + T]); w = weight[group] repeated NB times
           for t: y[..., t] = act(sum_i w[..., i] * hist[..., t + 1 + i]); conv_state = hist[..., T:T+K]
     Partition p of a group holds channels c0 + p CPP .. c0 + (p + 1) CPP - 1, so each DMA moves runs of
     CPP * K (state) or CPP * T (x, y) contiguous elements per (partition, sequence). With B on the free dim a
-    B = 1 step uses all 128 partitions (sequences on the partitions would use one).
+    B = 1 step uses 64 or 128 partitions (sequences on the partitions would use one).
     """
     bsz, n_ch, seq = x.shape
     kw = weight.shape[1]
@@ -352,11 +355,12 @@ def causal_conv1d_update_kernel(x, conv_state, weight, apply_silu):
     # LNC=2: each program instance owns a contiguous half of the channels (their x, y and state rows)
     c_lo, c_hi = _owned_channels(n_ch, nl.program_id(0), nl.num_programs(0))
     n_own = c_hi - c_lo
+    n_p = _update_partitions(n_own, bsz, kw, seq, x.dtype == nl.bfloat16)
     groups = []
-    if n_own >= P_MAX:
-        groups.append((c_lo, P_MAX, n_own // P_MAX))
-    if n_own % P_MAX:
-        groups.append((c_hi - n_own % P_MAX, n_own % P_MAX, 1))
+    if n_own >= n_p:
+        groups.append((c_lo, n_p, n_own // n_p))
+    if n_own % n_p:
+        groups.append((c_hi - n_own % n_p, n_own % n_p, 1))
     for c0, n_p, cpp in groups:
         nb_max = max(1, min(bsz, _UPDATE_SBUF_BYTES // (cpp * _update_bytes_per_channel(kw, seq))))
         w_sb = nl.ndarray((n_p, nb_max, cpp, kw), dtype=cdt, buffer=nl.sbuf)
@@ -366,6 +370,17 @@ def causal_conv1d_update_kernel(x, conv_state, weight, apply_silu):
             _update_chunk(x, conv_state, y, w_sb, c0, n_p, cpp, i_b * nb_max, min(nb_max, bsz - i_b * nb_max),
                           apply_silu, cdt)
     return y
+
+
+def _update_partitions(n_own, bsz, kw, seq, bf16):
+    """Partitions the update form spreads its n_own channels over: 128, or half of them when the conv-state rows
+    would stay short at 128 (fewer, longer DMA packets: every DMA of the step touches each partition once, and
+    the DMA engines take a fixed time per partition row below ~2.5 KiB; the VectorE work per partition doubles)
+    and one sequence's channels still fit _UPDATE_SBUF_BYTES."""
+    isz = 2 if bf16 else 4
+    row_bytes = bsz * max(1, n_own // P_MAX) * kw * isz
+    fits = (n_own // (P_MAX // 2)) * _update_bytes_per_channel(kw, seq) <= _UPDATE_SBUF_BYTES
+    return P_MAX // 2 if row_bytes < _UPDATE_ROW_BYTES and fits else P_MAX
 
 
 def _update_chunk(x, conv_state, y, w_sb, c0, n_p, cpp, b0, nb, apply_silu, cdt):

@@ -118,6 +118,8 @@ def test_update_bad_state_raises():
     (1, 8192, 1, 4, BF16),          # full-size Qwen3.5 conv (TP=1): refused by the first update kernel
     (3, 10000, 3, 8, np.float16),   # 78 channels per partition plus a 16-channel remainder group
     (130, 300, 2, 4, np.float32),   # 2 channels per partition + 44 remainder, sequences in SBUF chunks
+    (1, 1000, 1, 4, BF16),          # short state rows: 64 partitions x 7 channels + a 52-channel remainder per core
+    (2, 136, 2, 4, np.float32),     # 64 partitions x 1 channel + 4 remainder per core
 ])
 def test_update_channel_blocks(b, c, t, kw, dtype, rng):
     """The update form keeps channels on the partitions in contiguous blocks (remainder one per partition)."""
