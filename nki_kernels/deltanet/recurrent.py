@@ -1,9 +1,11 @@
 """Gated delta rule decode step: B sequences x 1..4 tokens x all heads in one launch, state pool in place.
 
-Each sequence b reads its state rows `state_pool[slot_ids[b], h]` ([Dk, Dv] per v head, one dynamic DMA per head,
-scalar_offset = the slot id, runtime data), runs the token recurrence per head as soon as that head's rows have
-arrived (TensorE/VectorE, fp32 state in SBUF with Dk on the partitions), and writes each head's rows back in the
-pool's dtype (fp32 or bf16) as soon as its last token is done, so reads, compute and writes overlap.
+Each sequence b reads the state rows of the heads its core owns, `state_pool[slot_ids[b], h0:h1]` ([Dk, Hv / LNC,
+Dv], one DMA per sequence, Dk on the partitions: each partition row moves Hv / LNC runs of Dv elements, where one
+DMA per head would move one short Dv row; scalar_offset = the slot id, runtime data, or the static row b), runs
+the token recurrence per head (TensorE/VectorE, fp32 state in SBUF) and writes the rows back in the pool's dtype
+(fp32 or bf16) in one DMA as soon as the last head's last token is done; the next sequences' reads are in flight
+meanwhile.
 
 Per token and v-head, with k, q normalised/scaled and S the state before the token:
     delta = beta (v - e^g S^T k)   = S^T k' + beta v,              k'  = -beta e^g k
@@ -11,9 +13,10 @@ Per token and v-head, with k, q normalised/scaled and S the state before the tok
     S_new = e^g S + k delta^T      = e^g S + (k' k^T)^T S + beta k v^T
 k', q'', k' k^T and beta k v^T depend on the inputs only, so they are ready before the state arrives.
 bf16 inputs (the products use a bf16 copy of S, fp32 accumulation, as the prefill does): after S arrives a
-head needs one copy, one matmul accumulating (k' k^T)^T S onto beta k v^T in PSUM and one fused decay + add
-before its rows are written; o comes from a second, off-path matmul. fp32 inputs (fp32 matmuls, 4 passes):
-rows [S^T k' ; S^T q''] by one matmul, one add giving delta and o, a K = 1 outer product, the decay + add.
+head needs one copy, one matmul accumulating (k' k^T)^T S onto beta k v^T in PSUM and one fused decay + add;
+the state write follows the last head, and o = S_new^T q comes after it (a bf16 copy of S_new, an M = 1 matmul
+per head, off the state's path). fp32 inputs (fp32 matmuls, 4 passes): rows [S^T k' ; S^T q''] by one matmul,
+one add giving delta and o, a K = 1 outer product, the decay + add.
 LNC=2 splits the v heads between the two program instances (each has its own HBM bandwidth).
 """
 from __future__ import annotations
@@ -67,15 +70,17 @@ def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, 
     Pseudocode:
         slot ids of all B sequences; state rows of up to 4 sequences in flight
         for b:
-          every n_grp sequences (as many as fit _INPUT_SBUF_BYTES): their inputs, one DMA per tensor
-          S[h] = state_pool[slot_ids[b], h]      (one dynamic DMA per owned head -> SBUF [Dk, Hv / LNC, Dv] fp32)
-          from the inputs only: k, q columns [Dk, T, Hv, 2] (normalised), [k' q''] columns, k rows and the
-            addend rows [beta v ; (k.q) beta v] on partitions (2h, 2h + 1); bf16: k' k^T [Dk, T, Hv, Dk]
-          for t, for each owned h (as soon as S[h] has arrived):
-            bf16: U = beta k v^T + (k' k^T)^T S_bf[h] (PSUM); S[h] = e^g S[h] + U; o_h from [k' q'']^T S_bf[h]
+          every n_grp sequences (as many as fit _INPUT_SBUF_BYTES): their inputs, one DMA per tensor (g, beta
+            as rows, broadcast over Dk by a K = 1 matmul)
+          S = state_pool[slot_ids[b], owned heads]   (one DMA -> SBUF [Dk, Hv / LNC, Dv] fp32)
+          from the inputs only: k rows on partitions (2h, 2h + 1) (selected from the loaded rows by a 0/1 matmul,
+            normalised); bf16: k' k^T [Dk, T, Hv, Dk], beta v rows; fp32: [k' q''] columns and the addend rows
+            [beta v ; (k.q) beta v]
+          for t:
+            bf16: for each owned h: U = beta k v^T + (k' k^T)^T S_bf[h] (PSUM); S[h] = e^g S[h] + U
+                  (last token: state_pool[slot_ids[b], owned heads] = S); o[b, t, h] = S[h]^T q_h per h
             fp32: rows (2h, 2h + 1) of [k' q'']^T S[h] (+ addend) -> delta_h, o_h; S[h] = e^g S[h] + k delta^T
-            last token: state_pool[slot_ids[b], h] = S[h]
-          o[b] = the o rows of the owned heads
+          fp32: state_pool[slot_ids[b], owned heads] = S; o[b] = the o rows of the owned heads
     """
     bsz, n_tok, n_hk, dk = q.shape
     n_hv, dv = v.shape[2], v.shape[3]
@@ -149,8 +154,8 @@ def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, 
         upd = _prepare_update(q.shape, ins, i_g, exp_g, sel, use_l2norm, cdt, own)
         out = None
         if cdt == f32:          # the delta rows need the columns and addend rows before the state update
-            out = _prepare_output(q.shape, v.shape, ins, i_g, exp_g, upd["nbe"], sel_cols, ones_sb, kqz, scale,
-                                  use_l2norm, cdt)
+            out = _prepare_rows(q.shape, v.shape, ins, i_g, exp_g, upd["nbe"], sel_cols, ones_sb, kqz, scale,
+                                use_l2norm)
         dl_rows = nl.ndarray((n_r, n_tok, dv), dtype=cdt, buffer=nl.sbuf)    # rows 2h: delta_h, 2h + 1: o_h
         for i_t in range(n_tok):
             if cdt == f32:
@@ -164,15 +169,13 @@ def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, 
             if i_t == n_tok - 1:
                 nisa.dma_copy(dst=_state_rows(state_pool, slot, own), src=state_sb)
             if out is None:
-                out = _prepare_output(q.shape, v.shape, ins, i_g, exp_g, upd["nbe"], sel_cols, ones_sb, kqz,
-                                      scale, use_l2norm, cdt)
-            for i_o in range(n_own):
-                _head_token_out(s_bf[:, i_o, :], out, dl_rows, i_t, own[0] + i_o)
+                out = _q_columns(q.shape, ins, i_g, sel_cols, ones_sb, scale, use_l2norm, cdt)
+            _token_out_rows(state_sb, out, o, i_b, i_t, own)
         if cdt == f32:
             nisa.dma_copy(dst=_state_rows(state_pool, slot, own), src=state_sb)
-        nisa.dma_copy(dst=o.ap(pattern=[[dv, n_own], [n_hv * dv, n_tok], [1, dv]],
-                               offset=(i_b * n_th + own[0]) * dv),
-                      src=dl_rows[2 * own[0] + 1:2 * (own[0] + n_own):2, :, :])
+            nisa.dma_copy(dst=o.ap(pattern=[[dv, n_own], [n_hv * dv, n_tok], [1, dv]],
+                                   offset=(i_b * n_th + own[0]) * dv),
+                          src=dl_rows[2 * own[0] + 1:2 * (own[0] + n_own):2, :, :])
     return o
 
 
@@ -219,17 +222,41 @@ def _head_token_rank1(s_h, s_bf, upd, exp_g, i_t, i_h):
                               operand1=upd_ps)
 
 
-def _head_token_out(s_bf, out, dl_rows, i_t, i_h):
-    """bf16 inputs: o_h of one token = row 2h + 1 of [k' q'']^T S_old (s_bf: the bf16 copy of S before the
-    token's update) plus (k.q) beta v, into dl_rows[2h + 1, t]."""
-    dk, dv = s_bf.shape
-    kq_st, addend = out["kq_st"], out["addend"]
-    n_r = 2 * kq_st.shape[2]
-    o_ps = nl.ndarray((n_r, dv), dtype=nl.float32, buffer=nl.psum)
-    nisa.nc_matmul(o_ps, kq_st[:, i_t].reshape((dk, n_r)), s_bf)
-    r = 2 * i_h + 1
-    nisa.tensor_tensor(dst=dl_rows[r:r + 1, i_t, :], data1=o_ps[r:r + 1, :], data2=addend[r:r + 1, i_t, :],
-                       op=nl.add)
+def _q_columns(q_shape, ins, i_b, sel_cols, ones_sb, scale, use_l2norm, cdt):
+    """bf16 path: the normalised, scaled q columns [Dk, T, Hv] in the matmul dtype (the stationaries of o)."""
+    _, n_tok, _, dk = q_shape
+    n_th = sel_cols.shape[1]
+    f32 = nl.float32
+    kq_ps = nl.ndarray((dk, 2, n_th), dtype=f32, buffer=nl.psum)
+    nisa.nc_matmul(kq_ps[:, 0, :], ins["k_rows"][:, i_b, :], sel_cols)
+    nisa.nc_matmul(kq_ps[:, 1, :], ins["q_rows"][:, i_b, :], sel_cols)
+    kqn = nl.ndarray((dk, n_tok, n_th // n_tok, 2), dtype=f32, buffer=nl.sbuf)
+    _normalize_columns(kqn, kq_ps, ones_sb, scale, use_l2norm)
+    del kq_ps
+    q_st = nl.ndarray((dk, n_tok, n_th // n_tok), dtype=cdt, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=q_st, src=kqn[:, :, :, 1])
+    return q_st
+
+
+def _token_out_rows(state_sb, q_st, o, i_b, i_t, own):
+    """bf16 path: o[b, t, h] = S_h^T q_h for the owned heads from their updated states S_h (state_sb [Dk, n_own,
+    Dv] fp32; a bf16 copy of each by ScalarE), as rows on partition 0: one M = 1 matmul and eviction per head
+    into a bank of heads, one contiguous DMA per bank."""
+    dk, n_own, dv = state_sb.shape
+    _, n_tok, n_hv, _ = o.shape
+    per_bank = max(1, _PSUM_FMAX_FP32 // dv)
+    for h0 in range(0, n_own, per_bank):
+        nh = min(per_bank, n_own - h0)
+        sn_bf = nl.ndarray((dk, per_bank, dv), dtype=q_st.dtype, buffer=nl.sbuf)
+        o_ps = nl.ndarray((1, per_bank, dv), dtype=nl.float32, buffer=nl.psum)
+        o_sb = nl.ndarray((1, per_bank, dv), dtype=o.dtype, buffer=nl.sbuf)
+        for i_h in range(nh):
+            i_v = own[0] + h0 + i_h
+            nisa.activation(dst=sn_bf[:, i_h, :], op=nl.copy, data=state_sb[:, h0 + i_h, :])
+            nisa.nc_matmul(o_ps[0:1, i_h, :], q_st[:, i_t, i_v:i_v + 1], sn_bf[:, i_h, :])
+            nisa.tensor_copy(dst=o_sb[0:1, i_h], src=o_ps[0:1, i_h])
+        nisa.dma_copy(dst=o.ap(pattern=[[nh * dv, 1], [1, nh * dv]],
+                               offset=((i_b * n_tok + i_t) * n_hv + own[0] + h0) * dv), src=o_sb[0:1, 0:nh])
 
 
 def _load_inputs(q, k, v, g, beta, b0, nb, cdt, ones_sb):
@@ -323,12 +350,11 @@ def _prepare_update(q_shape, ins, i_b, exp_g, sel_pairs, use_l2norm, cdt, own):
     return upd
 
 
-def _prepare_output(q_shape, v_shape, ins, i_b, exp_g, nbe, sel_cols, ones_sb, kqz, scale, use_l2norm, cdt):
-    """The stationary columns and addend rows (from the inputs only) of the o rows and of the fp32 path's delta
-    rows.
+def _prepare_rows(q_shape, v_shape, ins, i_b, exp_g, nbe, sel_cols, ones_sb, kqz, scale, use_l2norm):
+    """fp32 path: the stationary columns and addend rows (from the inputs only) of the (delta, o) row pairs.
 
-    Returns a dict: kq_st [Dk, T, Hv, 2] (columns k' = -beta e^g k, q'' = e^g q + (k.q) k' per v head; fp32,
-    bf16 for bf16 inputs) and addend [2 Hv, T, Dv] fp32 (rows beta v, (k.q) beta v)."""
+    Returns a dict: kq_st [Dk, T, Hv, 2] fp32 (columns k' = -beta e^g k, q'' = e^g q + (k.q) k' per v head) and
+    addend [2 Hv, T, Dv] fp32 (rows beta v, (k.q) beta v)."""
     _, n_tok, n_hk, dk = q_shape
     n_hv, dv = v_shape[2], v_shape[3]
     n_th, n_r = n_tok * n_hv, 2 * n_hv
@@ -367,11 +393,7 @@ def _prepare_output(q_shape, v_shape, ins, i_b, exp_g, nbe, sel_cols, ones_sb, k
     nisa.tensor_tensor(dst=kqk, data1=kq_bc_ps[:, :, :, 1], data2=kq_f[:, :, :, 0], op=nl.multiply)
     del kq_bc_ps
     nisa.tensor_tensor(dst=kq_f[:, :, :, 1], data1=eq, data2=kqk, op=nl.add, engine=nisa.engine.gpsimd)
-    out = dict(addend=addend, kq_st=kq_f)
-    if cdt != f32:
-        out["kq_st"] = nl.ndarray((dk, n_tok, n_hv, 2), dtype=cdt, buffer=nl.sbuf)
-        nisa.tensor_copy(dst=out["kq_st"], src=kq_f, engine=nisa.engine.gpsimd)
-    return out
+    return dict(addend=addend, kq_st=kq_f)
 
 
 def _prepare_rank1(k_rows, nbe, v_pairs, beta_pairs, own):
