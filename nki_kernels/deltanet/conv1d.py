@@ -30,6 +30,7 @@ _UPDATE_ROW_BYTES = 1024          # update form: below this many conv-state byte
 _ACTIVATIONS = (None, "silu", "swish")
 _MAX_SEQS = 1024                  # packed sequences per launch (cu_seqlens): 3 small DMAs each per channel tile
 _HIST_SBUF_BYTES = 64 * 1024      # prefill: bytes per partition of one block's history (the tiles of one state DMA)
+_PE_TILE = 32                     # prefill taps: 32 x 32 PE tiles (NeuronCore-v3+ row / column tiling) on the diagonal
 _DMA_ROW_BYTES = 2560             # prefill: x / y DMAs move >= this many bytes per partition row (past the DMA
                                   # engines' packet knee, ~2.5 KiB) by grouping channel tiles
 
@@ -309,8 +310,10 @@ def _identity(dtype):
 
 
 def _taps_on_pe(hist, diag, y_sb, pc, n_b, act):
-    """y_sb[:, b, cols] = act(sum_i w[:, i] hist[:, b, 1 + i + cols]) for the n_b sequences of hist: K matmuls
-    of diag(w[:, i]) against the shifted history per PSUM bank of columns, evicted through `act` by ScalarE."""
+    """y_sb[:, b, cols] = act(sum_i w[:, i] hist[:, b, 1 + i + cols]) for the n_b sequences of hist: per PSUM bank of
+    columns, K accumulating matmuls of diag(w[:, i]) against the shifted history, evicted through `act` by ScalarE.
+    diag(w) is block diagonal: each 32-channel block runs on its own 32 x 32 PE tile (tile_position on the
+    diagonal of the array), so the four blocks of a tile stream concurrently instead of through the full array."""
     seq = y_sb.shape[2]
     kw = diag.shape[1]
     for i_b in range(n_b):
@@ -319,8 +322,11 @@ def _taps_on_pe(hist, diag, y_sb, pc, n_b, act):
             n = min(PSUM_FMAX_FP32, seq - j0)
             ps = nl.ndarray((P_MAX, PSUM_FMAX_FP32), dtype=nl.float32, buffer=nl.psum)
             for i_k in range(kw):
-                nisa.nc_matmul(ps[0:pc, 0:n], diag[0:pc, i_k, 0:pc], hist[0:pc, i_b, 1 + i_k + j0:1 + i_k + j0 + n],
-                               accumulate=i_k > 0)
+                for r0 in range(0, pc, _PE_TILE):
+                    r1 = min(pc, r0 + _PE_TILE)
+                    nisa.nc_matmul(ps[r0:r1, 0:n], diag[r0:r1, i_k, r0:r1],
+                                   hist[r0:r1, i_b, 1 + i_k + j0:1 + i_k + j0 + n], accumulate=i_k > 0,
+                                   tile_position=(r0, r0), tile_size=(_PE_TILE, _PE_TILE))
             nisa.activation(dst=y_sb[0:pc, i_b, j0:j0 + n], op=act, data=ps[0:pc, 0:n])
 
 
