@@ -29,7 +29,9 @@ _UPDATE_ROW_BYTES = 1024          # update form: below this many conv-state byte
                                   # the channels go on 64 partitions (see _update_partitions)
 _ACTIVATIONS = (None, "silu", "swish")
 _MAX_SEQS = 1024                  # packed sequences per launch (cu_seqlens): 3 small DMAs each per channel tile
-_HIST_SBUF_BYTES = 64 * 1024      # prefill: bytes per partition of one block's history (the tiles of one state DMA)
+_HIST_SBUF_BYTES = 40 * 1024      # prefill: bytes per partition of one block's history (the tiles of one state DMA);
+                                  # with its y tile and 3 rotating buffers the worst case (T = 16384, one
+                                  # tile per block) needs what the one-tile-per-DMA kernel needed
 _PE_TILE = 32                     # prefill taps: 32 x 32 PE tiles (NeuronCore-v3+ row / column tiling) on the diagonal
 _DMA_ROW_BYTES = 2560             # prefill: x / y DMAs move >= this many bytes per partition row (past the DMA
                                   # engines' packet knee, ~2.5 KiB) by grouping channel tiles

@@ -180,3 +180,17 @@ def test_packed_channel_blocks(lnc, rng):
         ry, rs = ref.causal_conv1d(x[:, :, a:e], w, conv_state=s0[i:i + 1])
         assert_close(f"y[seq {i}]", ry[0], y[0, :, a:e], dtype="bfloat16")
         np.testing.assert_array_equal(np.asarray(s[i], np.float32), np.asarray(rs[0], np.float32))
+
+
+@pytest.mark.parametrize("dtype", [BF16, np.float32])
+def test_prefill_longest_sequence_fits(dtype, rng):
+    """T = _MAX_SEQ (16384) runs within SBUF (one tile per block there) and matches the reference."""
+    from nki_kernels.deltanet.conv1d import _MAX_SEQ
+    c, t = 300, _MAX_SEQ
+    x = rng.standard_normal((1, c, t)).astype(dtype)
+    w = rng.standard_normal((c, 4)).astype(dtype)
+    lens = np.array([t - 5])
+    y, new_state = causal_conv1d(x, w, valid_lengths=lens, lnc=1)
+    ry, rstate = ref.causal_conv1d(x, w, valid_lengths=lens)
+    assert_close("y", ry, y, dtype=np.dtype(dtype).name)
+    np.testing.assert_array_equal(np.asarray(new_state, np.float32), np.asarray(rstate, np.float32))
