@@ -49,6 +49,8 @@ _G_CEIL = 0.0
 _NAN = float("nan")
 # chunks whose state-independent part is emitted ahead of (interleaved with) the current chunk's state update
 _PIPELINE_DEPTH = 3
+# chunks whose g and beta rows one DMA loads (tokens on the partitions, G runs of Hv * 4 B per partition row)
+_GATE_CHUNKS = 16
 # SBUF per partition grows with Hv * C (the [C, W, C] lockstep tiles of every chunk in flight). Measured with
 # lifetime-exact accounting at Dk = Dv = 128 on trn2 (212984 B): bf16 inputs fit 3 chunks in flight up to
 # Hv * C = 1024, 2 up to 2048 and 1 up to 4096; fp32 compute (fp32 / fp16 inputs, one chunk in flight) fits
@@ -241,7 +243,8 @@ def run_pipeline(inputs, lengths, cu_seqlens, consts, initial_state, outs, dims,
             nisa.activation(dst=masks_w[:, :, i_w, :], op=nl.copy, data=consts_sb[:, _C_IDENT:_C_MT0 + n_lvl, :])
     # one solve workspace per chunk in flight (fp32 inputs: one chunk ahead only, to save SBUF)
     depth = _pipeline_depth(n_hv, chunk) if cdt != f32 else (2 if n_hv * chunk <= 512 else 1)
-    solve_wss = [_solve_workspace(masks_w, n_lvl, width, chunk, cdt) for _ in range(depth)]
+    strict_t = _strict_upper(consts_sb, width, chunk) if cdt == f32 else None
+    solve_wss = [_solve_workspace(masks_w, n_lvl, width, chunk, cdt, strict_t) for _ in range(depth)]
 
     cfg = dict(chunk=chunk, seq=seq, width=width, group=group, head_base=head_base, scale=scale,
                use_l2norm=use_l2norm, cdt=cdt, has_lengths=has_lengths,
@@ -321,7 +324,7 @@ def _chunk_prep(q, k, v, g, beta, lengths, per_seq, ctx, cfg):
     if cfg["loader"] is not None:
         tiles = cfg["loader"](i_b, i_c, t0, n_tok, per_seq[i_b])
     elif sched is None:
-        tiles = _load_chunk(q, k, v, g, beta, i_b, t0, n_tok, chunk, cdt)
+        tiles = _load_chunk(q, k, v, g, beta, i_b, t0, n_tok, chunk, cdt, per_seq[i_b])
     else:
         n_tok = chunk
         tiles = _gather_chunk(q, k, v, g, beta, sched["load_row"][:, i_c:i_c + 1], chunk, cdt, cfg)
@@ -342,8 +345,11 @@ def _chunk_prep(q, k, v, g, beta, lengths, per_seq, ctx, cfg):
     # g = -inf is exact decay to 0: g >= _G_FLOOR keeps the 0/1-mask products of the decay matmuls finite
     # (0 * -inf would be NaN), and exp of any causal sum that includes it is still exactly 0
     nisa.tensor_scalar(dst=g_sb, data=g_sb, op0=nl.maximum, operand0=_G_FLOOR)
-    q_c = _normalize(q_sb, None, cfg["scale"], cfg["use_l2norm"], cdt)
-    k_c = _normalize(k_sb, None, 1.0, cfg["use_l2norm"], cdt)
+    # fp32 compute on bf16 q, k: the products over Dk (K K^T, K Q^T, Q S) take the raw bf16 q, k (exact operands,
+    # one TensorE pass) and apply the norms as diagonal scalings outside the products (_raw_scalings)
+    raw = cdt == f32 and q_sb.dtype == nl.bfloat16
+    q_c, q_fac = _normalize(q_sb, None, cfg["scale"], cfg["use_l2norm"], cdt, factor_only=raw)
+    k_c, k_fac = _normalize(k_sb, None, 1.0, cfg["use_l2norm"], cdt)
     v_c = v_sb                                             # already in the compute dtype
     # bad values of k, v, g, beta zeroed before any product over the chunk's tokens (q needs no guard: its token's
     # output row is the only one that reads it); what the recurrence makes NaN is restored in the tail
@@ -361,7 +367,9 @@ def _chunk_prep(q, k, v, g, beta, lengths, per_seq, ctx, cfg):
     exp_glast = nl.ndarray((dk, n_hv), dtype=f32, buffer=nl.sbuf)
     nisa.activation(dst=exp_glast, op=nl.exp, data=glast_ps)
     del gcol_ps, glast_ps
-    ctx.update(n_tok=n_tok, exp_g=exp_g, exp_glast=exp_glast, blocks=[])
+    ctx.update(n_tok=n_tok, exp_g=exp_g, exp_glast=exp_glast, blocks=[], raw=None)
+    if raw:
+        ctx["raw"] = _raw_scalings(k_sb, ctx["k_ok"], q_fac, k_fac, exp_g, cfg)
     yield
 
     base = cfg["head_base"]                                # global index of owned v head 0
@@ -374,10 +382,16 @@ def _chunk_prep(q, k, v, g, beta, lengths, per_seq, ctx, cfg):
         k_t = nl.ndarray((dk, n_kh, chunk), dtype=cdt, buffer=nl.sbuf)
         # TensorE transposes (a data move: a NaN in token i stays in column i; a matmul with I would
         # spread it to every column through NaN * 0)
-        tq_ps = nl.ndarray((dk, 2, n_kh, chunk), dtype=cdt, buffer=nl.psum)
+        # raw: Q^T, K^T of the raw bf16 q, k (bf16 transposes, one pass), K K^T and K Q^T exact in fp32 PSUM
+        tdt = nl.bfloat16 if raw else cdt
+        q_src, k_src = (q_sb, k_sb) if raw else (q_c, k_c)
+        if raw:
+            q_t = nl.ndarray((dk, n_kh, chunk), dtype=tdt, buffer=nl.sbuf)
+            k_t = nl.ndarray((dk, n_kh, chunk), dtype=tdt, buffer=nl.sbuf)
+        tq_ps = nl.ndarray((dk, 2, n_kh, chunk), dtype=tdt, buffer=nl.psum)
         for i_k in range(n_kh):
-            nisa.nc_transpose(dst=tq_ps[:, 0, i_k, :], data=q_c[:, hk0 + i_k, :])
-            nisa.nc_transpose(dst=tq_ps[:, 1, i_k, :], data=k_c[:, hk0 + i_k, :])
+            nisa.nc_transpose(dst=tq_ps[:, 0, i_k, :], data=q_src[:, hk0 + i_k, :])
+            nisa.nc_transpose(dst=tq_ps[:, 1, i_k, :], data=k_src[:, hk0 + i_k, :])
         nisa.activation(dst=q_t, op=nl.copy, data=tq_ps[:, 0])      # Q^T [Dk, C] per q/k head
         nisa.activation(dst=k_t, op=nl.copy, data=tq_ps[:, 1])      # K^T
         del tq_ps
@@ -391,13 +405,19 @@ def _chunk_prep(q, k, v, g, beta, lengths, per_seq, ctx, cfg):
         del kk_ps
         kq_causal = nl.ndarray((chunk, n_kh, chunk), dtype=cdt, buffer=nl.sbuf)
         for i_k in range(n_kh):
-            nisa.tensor_tensor(dst=kq_causal[:, i_k, :], data1=kq_ps[:, i_k, :], data2=utri, op=nl.multiply)
+            if raw:          # row j of the raw K Q^T times the key norm of token j (q's norm: on the output rows)
+                nisa.scalar_tensor_tensor(dst=kq_causal[:, i_k, :], data=kq_ps[:, i_k, :], op0=nl.multiply,
+                                          operand0=k_fac[:, hk0 + i_k:hk0 + i_k + 1], op1=nl.multiply, operand1=utri)
+            else:
+                nisa.tensor_tensor(dst=kq_causal[:, i_k, :], data1=kq_ps[:, i_k, :], data2=utri, op=nl.multiply)
         del kq_ps
         yield
         hs = slice(hv0, hv0 + width)
         head_kh = [(base + hv0 + w) // group - kh_base - hk0 for w in range(width)]
-        blk = dict(hs=hs, head_kh=head_kh, q_t=q_t)
-        yield from _block_prep(blk, q_c[:, hk0:hk0 + n_kh, :], k_c[:, hk0:hk0 + n_kh, :], v_c[:, hs, :], kk_sb,
+        blk = dict(hs=hs, head_kh=head_kh, q_t=q_t, raw=None)
+        if raw:
+            blk["raw"] = {key: val[:, hs] for key, val in ctx["raw"].items()}
+        yield from _block_prep(blk, k_c[:, hk0:hk0 + n_kh, :], v_c[:, hs, :], kk_sb,
                                kq_causal, g_sb[:, hs], beta_sb[:, hs], exp_g[:, hs], beta_exp_g[:, hs], ctx["ws"],
                                cfg, dk, dv)
         ctx["blocks"].append(blk)
@@ -449,24 +469,50 @@ def _chunk_tail(initial_state, has_initial_state, o, final_state, ckpt, n_ckpt, 
 
 
 
-def _load_chunk(q, k, v, g, beta, i_b, t0, n_tok, chunk, io_dt):
-    """SBUF tiles (tokens on partitions) of one chunk: q, k, v in io_dt, g and beta in fp32; rows past the
-    sequence end are zero."""
+def _load_chunk(q, k, v, g, beta, i_b, t0, n_tok, chunk, io_dt, per_seq):
+    """SBUF tiles (tokens on partitions) of one chunk: q, k in their HBM dtype, v in io_dt, g and beta in fp32;
+    rows past the sequence end are zero."""
     n_hk, dk = q.shape[2], q.shape[3]
     n_hv, dv = v.shape[2], v.shape[3]
-    f32 = nl.float32
-    q_sb = nl.ndarray((chunk, n_hk, dk), dtype=io_dt, buffer=nl.sbuf)
-    k_sb = nl.ndarray((chunk, n_hk, dk), dtype=io_dt, buffer=nl.sbuf)
+    q_sb = nl.ndarray((chunk, n_hk, dk), dtype=q.dtype, buffer=nl.sbuf)       # as stored (normalised later)
+    k_sb = nl.ndarray((chunk, n_hk, dk), dtype=q.dtype, buffer=nl.sbuf)
     v_sb = nl.ndarray((chunk, n_hv, dv), dtype=io_dt, buffer=nl.sbuf)
-    g_sb = nl.ndarray((chunk, n_hv), dtype=f32, buffer=nl.sbuf)
-    beta_sb = nl.ndarray((chunk, n_hv), dtype=f32, buffer=nl.sbuf)
-    tiles = (q_sb, k_sb, v_sb, g_sb, beta_sb)
+    g_sb, beta_sb = _load_gates(g, beta, i_b, t0 // chunk, chunk, q.shape[1], per_seq)
+    tiles = (q_sb, k_sb, v_sb)
     if n_tok < chunk:
         for t in tiles:
             nisa.memset(dst=t, value=0.0)
-    for t, src in zip(tiles, (q, k, v, g, beta)):
+    for t, src in zip(tiles, (q, k, v)):
         nisa.dma_copy(dst=t[0:n_tok], src=src[i_b, t0:t0 + n_tok])
-    return tiles
+    return q_sb, k_sb, v_sb, g_sb, beta_sb
+
+
+def _load_gates(g, beta, i_b, i_c, chunk, seq, per_seq):
+    """g, beta [C, Hv] fp32 of chunk i_c (rows past T zero): views of per-sequence tiles [C, G, Hv] that hold
+    _GATE_CHUNKS chunks, loaded by one DMA each when the group's first chunk is prepared. A chunk's own rows are
+    Hv * 4 B (16 B at a TP4 rank under LNC=2): one DMA per chunk moved 16 B descriptors, each paying the DMA
+    packet cost of dma_knee_bytes (about 1/160 of the peak rate); the group load moves G runs per partition row."""
+    n_hv = g.shape[2]
+    n_chunks = (seq + chunk - 1) // chunk
+    j = i_c % _GATE_CHUNKS
+    if j == 0:
+        n_c = min(_GATE_CHUNKS, n_chunks - i_c)
+        t0 = i_c * chunk
+        full = min(n_c, (seq - t0) // chunk)
+        tiles = []
+        for src in (g, beta):
+            t = nl.ndarray((chunk, n_c, n_hv), dtype=nl.float32, buffer=nl.sbuf)
+            if full < n_c:
+                nisa.memset(dst=t, value=0.0)
+            if full > 0:
+                nisa.dma_copy(dst=t[:, 0:full, :],
+                              src=src[i_b, t0:t0 + full * chunk].reshape((full, chunk, n_hv)).permute((1, 0, 2)))
+            if full < n_c:
+                nisa.dma_copy(dst=t[0:seq - t0 - full * chunk, full, :], src=src[i_b, t0 + full * chunk:seq])
+            tiles.append(t)
+        per_seq["gates"] = tiles
+    g_grp, b_grp = per_seq["gates"]
+    return g_grp[:, j, :], b_grp[:, j, :]
 
 
 def _varlen_schedule(cu_seqlens, seq, chunk, dk, n_slots, n_ckpt=0, ckpt_every=0):
@@ -660,12 +706,12 @@ def _row_pattern(x, chunk, row_elems):
 
 def _gather_chunk(q, k, v, g, beta, rows, chunk, io_dt, cfg):
     """SBUF tiles (row p = token rows[p] of the packed sequence, rows [C, 1] int32 in [0, T - 1]) of one slot:
-    q, k, v in io_dt, g and beta in fp32."""
+    q, k in their HBM dtype, v in io_dt, g and beta in fp32."""
     n_hk, dk = q.shape[2], q.shape[3]
     n_hv, dv = v.shape[2], v.shape[3]
     f32 = nl.float32
-    tiles = (nl.ndarray((chunk, n_hk, dk), dtype=io_dt, buffer=nl.sbuf),
-             nl.ndarray((chunk, n_hk, dk), dtype=io_dt, buffer=nl.sbuf),
+    tiles = (nl.ndarray((chunk, n_hk, dk), dtype=q.dtype, buffer=nl.sbuf),         # q, k as stored (_load_chunk)
+             nl.ndarray((chunk, n_hk, dk), dtype=q.dtype, buffer=nl.sbuf),
              nl.ndarray((chunk, n_hv, dv), dtype=io_dt, buffer=nl.sbuf),
              nl.ndarray((chunk, n_hv), dtype=f32, buffer=nl.sbuf),
              nl.ndarray((chunk, n_hv), dtype=f32, buffer=nl.sbuf))
@@ -790,9 +836,12 @@ def _guard_chunk(k_c, v_c, g_sb, beta_sb, thr, cfg):
         if w1 > w0:
             nisa.tensor_scalar(dst=head_ok[:, w0:w1], data=head_ok[:, w0:w1], op0=nl.minimum,
                                operand0=k_tok[:, i_k:i_k + 1])
+    # per head, head_ok as the per-partition scalar: one pass over contiguous rows (a tensor_tensor reading head_ok
+    # broadcast along Dv is a two-pass, element-strided read: 4x the VectorE time)
     tok_ok = nl.ndarray((chunk, n_hv, dv), dtype=nl.bfloat16, buffer=nl.sbuf)
-    nisa.tensor_tensor(dst=tok_ok, data1=v_ok, data2=head_ok.ap(pattern=[[n_hv, chunk], [1, n_hv], [0, dv]], offset=0),
-                       op=nl.minimum)
+    for w in range(n_hv):
+        nisa.tensor_scalar(dst=tok_ok[:, w, :], data=v_ok[:, w, :], op0=nl.minimum, operand0=head_ok[:, w:w + 1],
+                           engine=nisa.engine.gpsimd if w % 2 else nisa.engine.vector)
     pred_o = nl.ndarray((chunk, n_hv, dv), dtype=u8, buffer=nl.sbuf)
     pred_s = nl.ndarray((dk, n_hv, dv), dtype=u8, buffer=nl.sbuf)
     n_free = n_hv * dv
@@ -806,18 +855,20 @@ def _guard_chunk(k_c, v_c, g_sb, beta_sb, thr, cfg):
         nisa.nc_matmul(tot_ps, gd["ones"], ok2[:, c0:c1])                  # ok tokens of the chunk, on Dk rows
         nisa.tensor_scalar(dst=ps2[:, c0:c1], data=tot_ps, op0=nl.less, operand0=chunk - 0.5)
         del cnt_ps, tot_ps
-    return dict(pred_o=pred_o, pred_s=pred_s)
+    return dict(pred_o=pred_o, pred_s=pred_s, k_ok=k_ok)
 
 
-def _normalize(x_sb, valid, scale, use_l2norm, cdt):
-    """Per (token, head): x * scale * rsqrt(sum x^2 + eps) (if use_l2norm) * valid, in dtype cdt."""
+def _normalize(x_sb, valid, scale, use_l2norm, cdt, factor_only=False):
+    """Per (token, head): (x * factor in dtype cdt, or None when factor_only; factor [C, H] fp32 or None), factor =
+    scale * rsqrt(sum x^2 + eps) (if use_l2norm) * valid."""
     chunk, n_h, d = x_sb.shape
-    if not use_l2norm and valid is None and scale == 1.0 and cdt == x_sb.dtype:
-        return x_sb
+    if not use_l2norm and valid is None and scale == 1.0 and cdt == x_sb.dtype and not factor_only:
+        return x_sb, None
     factor = nl.ndarray((chunk, n_h), dtype=nl.float32, buffer=nl.sbuf)
     if use_l2norm:
         # squares in the input dtype when it is 2-byte (on GpSimd, VectorE is the busier engine; fp32 sum)
-        sq_dt = x_sb.dtype if x_sb.dtype in (nl.bfloat16, nl.float16) else nl.float32
+        # (fp32 squares for fp32 compute: bf16-rounded squares put ~1e-4 relative error on the factor)
+        sq_dt = x_sb.dtype if x_sb.dtype in (nl.bfloat16, nl.float16) and cdt != nl.float32 else nl.float32
         sq = nl.ndarray((chunk, n_h, d), dtype=sq_dt, buffer=nl.sbuf)
         nisa.tensor_tensor(dst=sq, data1=x_sb, data2=x_sb, op=nl.multiply, engine=nisa.engine.gpsimd)
         nisa.tensor_reduce(dst=factor, op=nl.add, data=sq, axis=2)
@@ -828,9 +879,52 @@ def _normalize(x_sb, valid, scale, use_l2norm, cdt):
         nisa.memset(dst=factor, value=float(scale))
     if valid is not None:
         nisa.tensor_scalar(dst=factor, data=factor, op0=nl.multiply, operand0=valid)
+    if factor_only:
+        return None, factor
     out = nl.ndarray((chunk, n_h, d), dtype=cdt, buffer=nl.sbuf)
     for i_h in range(n_h):
         nisa.activation(dst=out[:, i_h, :], op=nl.copy, data=x_sb[:, i_h, :], scale=factor[:, i_h:i_h + 1])
+    return out, factor
+
+
+def _raw_scalings(k_raw, k_ok, q_fac, k_fac, exp_g, cfg):
+    """The raw-operand path (fp32 compute, bf16 q and k): with q' = diag(rq) q and k' = diag(rk) k (rq, rk the
+    per-token norm factors, the q scale included),
+        A^T[j, i] = rk_j (k_j . k_i) (rk_i beta_i) e^{G_i - G_j}   (rk_i beta_i: the diag moving operand; rk_j at
+                                                                    the eviction, a per-partition scalar)
+        P^T[j, i] = rk_j (k_j . q_i) e^{G_i - G_j},   O[i] = rq_i (e^{G_i} (q_i S) + (P V')[i])
+    so the products over Dk read the raw bf16 q, k (exact operands: one TensorE pass instead of four) and
+    every norm is a row scaling. k_raw [C, Hk, Dk] bf16 is sanitised in place like the normalised keys (its
+    bad elements k_ok == 0 set to 0 by select), and a token whose key norm is not positive (NaN, or a sum of
+    squares that overflowed: rk = 0) gets a zero raw row and rk = 0, so every raw product stays finite; q needs
+    nothing (a bad q_i reaches output row i only, as in the reference). Returns per owned v head [C, Hv] fp32
+    tiles: rk (the key factor), rq (the query factor) and eq = e^{G} rq."""
+    chunk, n_hk, dk = k_raw.shape
+    n_hv = exp_g.shape[1]
+    f32, u8 = nl.float32, nl.uint8
+    pool = nisa.engine.gpsimd
+    nisa.tensor_copy_predicated(dst=k_raw, src=0.0, predicate=k_ok, reverse_pred=True)
+    if cfg["use_l2norm"]:
+        fac_ok = nl.ndarray((chunk, n_hk), dtype=u8, buffer=nl.sbuf)
+        nisa.tensor_scalar(dst=fac_ok, data=k_fac, op0=nl.greater, operand0=0.0)      # NaN compares false
+        nisa.tensor_copy_predicated(dst=k_fac, src=0.0, predicate=fac_ok, reverse_pred=True)
+        nisa.tensor_copy_predicated(dst=k_raw, src=0.0, reverse_pred=True,
+                                    predicate=fac_ok.ap(pattern=[[n_hk, chunk], [1, n_hk], [0, dk]], offset=0))
+    group, base = cfg["group"], cfg["head_base"]
+    kh_base = base // group
+    out = {}
+    for key, fac in (("rk", k_fac), ("rq", q_fac)):
+        t = nl.ndarray((chunk, n_hv), dtype=f32, buffer=nl.sbuf)
+        for i_k in range(n_hk):                 # v heads w0..w1 read q/k head i_k
+            w0 = max(0, (kh_base + i_k) * group - base)
+            w1 = min(n_hv, (kh_base + i_k + 1) * group - base)
+            if w1 > w0:
+                nisa.tensor_copy(dst=t[:, w0:w1], src=fac.ap(pattern=[[n_hk, chunk], [0, w1 - w0]], offset=i_k),
+                                 engine=pool)
+        out[key] = t
+    eq = nl.ndarray((chunk, n_hv), dtype=f32, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=eq, data1=exp_g, data2=out["rq"], op=nl.multiply, engine=pool)
+    out["eq"] = eq
     return out
 
 
@@ -852,7 +946,7 @@ def _lockstep_width(n_hv, group, chunk, dk, dv, head_base=0):
                if n_hv % w == 0 and w <= limit and ((aligned and w % group == 0) or group % w == 0))
 
 
-def _block_prep(blk, q_c, k_c, v_w, kk_sb, kq_causal, g_w, beta_w, exp_g, beta_exp_g, solve_ws, cfg, dk, dv):
+def _block_prep(blk, k_c, v_w, kk_sb, kq_causal, g_w, beta_w, exp_g, beta_exp_g, solve_ws, cfg, dk, dv):
     """State-independent part of one chunk for W v-heads of one q/k group in lockstep (a generator).
 
     Fills blk with P^T [C, W, C], T^T [C, W, C], -W^T [Dk, W, C], beta V [C, W, Dv] and the decayed keys
@@ -885,8 +979,12 @@ def _block_prep(blk, q_c, k_c, v_w, kk_sb, kq_causal, g_w, beta_w, exp_g, beta_e
     # A^T[j, i] = (k_j . k_i) beta_i e^{G_i - G_j} = (K K^T diag(beta) o e^{D^T})[j, i] (the solve reads only
     # j < i); P^T[j, i] = (k_j . q_i) e^{G_i - G_j} for j <= i
     ident_w = solve_ws[0]
+    raw = blk["raw"]
     beta_c = nl.ndarray((chunk, width), dtype=cdt, buffer=nl.sbuf)       # (compute dtype: fast VectorE path)
-    nisa.tensor_copy(dst=beta_c, src=beta_w)
+    if raw is None:
+        nisa.tensor_copy(dst=beta_c, src=beta_w)
+    else:                                                                 # rk_i beta_i (see _raw_scalings)
+        nisa.tensor_tensor(dst=beta_c, data1=beta_w, data2=raw["rk"], op=nl.multiply)
     diag_b = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
     for w in range(width):
         nisa.tensor_scalar(dst=diag_b[:, w, :], data=ident_w[:, w, :], op0=nl.multiply, operand0=beta_c[:, w:w + 1])
@@ -894,7 +992,12 @@ def _block_prep(blk, q_c, k_c, v_w, kk_sb, kq_causal, g_w, beta_w, exp_g, beta_e
     for w0, w1 in _shared_stationary_runs(head_kh, chunk):      # (K K^T)^T diag(beta), heads of one q/k head
         nisa.nc_matmul(kb_ps[:, w0:w1, :], kk_sb[:, head_kh[w0], :], diag_b[:, w0:w1, :])
     at_sb = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
-    nisa.tensor_tensor(dst=at_sb, data1=kb_ps, data2=decay_t, op=nl.multiply)
+    if raw is None:
+        nisa.tensor_tensor(dst=at_sb, data1=kb_ps, data2=decay_t, op=nl.multiply)
+    else:                                                                 # rk_j: a per-partition scalar
+        for w in range(width):
+            nisa.scalar_tensor_tensor(dst=at_sb[:, w, :], data=kb_ps[:, w, :], op0=nl.multiply,
+                                      operand0=raw["rk"][:, w:w + 1], op1=nl.multiply, operand1=decay_t[:, w, :])
     del kb_ps
     p_t = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
     for w in range(width):
@@ -952,9 +1055,17 @@ def _block_tail(blk, exp_g, exp_glast, s_w, o_w, cfg, dk, dv):
     p_t, t_t = blk["p_t"], blk["t_t"]
     pool = nisa.engine.gpsimd
     s_c = s_w
+    raw = blk["raw"]
     if cdt != f32:
         s_c = nl.ndarray((dk, width, dv), dtype=cdt, buffer=nl.sbuf)
         nisa.tensor_copy(dst=s_c, src=s_w, engine=pool)
+    elif raw is not None:
+        # Q S (output only) on the raw bf16 Q^T and S = S_hi + S_lo (two bf16 pieces, ~2^-17 relative): two
+        # bf16 passes instead of four fp32 ones; the split is made before the state update overwrites S
+        s_hi = nl.ndarray((dk, width, dv), dtype=nl.bfloat16, buffer=nl.sbuf)
+        nisa.activation(dst=s_hi, op=nl.copy, data=s_w)
+        s_lo = nl.ndarray((dk, width, dv), dtype=nl.bfloat16, buffer=nl.sbuf)
+        nisa.tensor_tensor(dst=s_lo, data1=s_w, data2=s_hi, op=nl.subtract, engine=pool)
     vn_ps = nl.ndarray((chunk, width, dv), dtype=f32, buffer=nl.psum)
     for w in range(width):
         nisa.nc_matmul(vn_ps[:, w, :], t_t[:, w, :], blk["xv"][:, w, :])
@@ -967,15 +1078,26 @@ def _block_tail(blk, exp_g, exp_glast, s_w, o_w, cfg, dk, dv):
     def output():                          # O = e^G o (Q S) + P V': the row scaling applied at the eviction
         qs_ps = nl.ndarray((chunk, width, dv), dtype=f32, buffer=nl.psum)
         for w0, w1 in _shared_stationary_runs(blk["head_kh"], dv):   # the v heads of one q/k head at once
-            nisa.nc_matmul(qs_ps[:, w0:w1, :], blk["q_t"][:, blk["head_kh"][w0], :], s_c[:, w0:w1, :])
+            q_stat = blk["q_t"][:, blk["head_kh"][w0], :]
+            if raw is None:
+                nisa.nc_matmul(qs_ps[:, w0:w1, :], q_stat, s_c[:, w0:w1, :])
+            else:
+                nisa.nc_matmul(qs_ps[:, w0:w1, :], q_stat, s_hi[:, w0:w1, :])
+                nisa.nc_matmul(qs_ps[:, w0:w1, :], q_stat, s_lo[:, w0:w1, :], accumulate=True)
         qs_sb = nl.ndarray((chunk, width, dv), dtype=f32, buffer=nl.sbuf)
+        row_scale = exp_g if raw is None else raw["eq"]
         for w in range(width):
-            nisa.activation(dst=qs_sb[:, w, :], op=nl.copy, data=qs_ps[:, w, :], scale=exp_g[:, w:w + 1])
+            nisa.activation(dst=qs_sb[:, w, :], op=nl.copy, data=qs_ps[:, w, :], scale=row_scale[:, w:w + 1])
         del qs_ps
         pv_ps = nl.ndarray((chunk, width, dv), dtype=f32, buffer=nl.psum)
         for w in range(width):
             nisa.nc_matmul(pv_ps[:, w, :], p_t[:, w, :], v_new[:, w, :])
-        nisa.tensor_tensor(dst=o_w, data1=pv_ps, data2=qs_sb, op=nl.add)
+        if raw is None:
+            nisa.tensor_tensor(dst=o_w, data1=pv_ps, data2=qs_sb, op=nl.add)
+        else:                                                       # O = rq (P V') + rq e^G (Q S)
+            for w in range(width):
+                nisa.scalar_tensor_tensor(dst=o_w[:, w, :], data=pv_ps[:, w, :], op0=nl.multiply,
+                                          operand0=raw["rq"][:, w:w + 1], op1=nl.add, operand1=qs_sb[:, w, :])
         nisa.tensor_copy_predicated(dst=o_w, src=_NAN, predicate=blk["pred_o"])     # at / after a bad value
 
     def state_update():                    # S <- e^{G_C} S + (K o e^{G_C - G_j})^T V'
@@ -988,17 +1110,28 @@ def _block_tail(blk, exp_g, exp_glast, s_w, o_w, cfg, dk, dv):
         nisa.tensor_copy_predicated(dst=s_w, src=_NAN, predicate=blk["pred_s"])     # columns a bad value reached
 
     # the state update first (the next chunk waits for it) unless O reads the state tile itself (fp32)
-    steps = (state_update, output) if s_c is not s_w else (output, state_update)
+    steps = (state_update, output) if s_c is not s_w or raw is not None else (output, state_update)
     for step in steps:
         step()
         yield
 
 
-def _solve_workspace(masks_w, n_lvl, width, chunk, cdt):
+def _strict_upper(consts_sb, width, chunk):
+    """[C, W, C] fp32 0/1: [p < f] per head (the strictly upper part of A^T that the Newton residual reads), made
+    once from U - I and shared by the solve workspaces."""
+    strict = nl.ndarray((chunk, chunk), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=strict, data1=consts_sb[:, _C_UTRI, :], data2=consts_sb[:, _C_IDENT, :], op=nl.subtract)
+    strict_t = nl.ndarray((chunk, width, chunk), dtype=nl.float32, buffer=nl.sbuf)
+    for w in range(width):
+        nisa.activation(dst=strict_t[:, w, :], op=nl.copy, data=strict)
+    return strict_t
+
+
+def _solve_workspace(masks_w, n_lvl, width, chunk, cdt, strict_t=None):
     """[I (cdt), level masks, N_s tiles, initialised, I in the solve dtype, strict-upper mask (fp32) or None]:
     the N_s tiles persist across chunks with identity hi columns (each chunk rewrites only their lo columns).
     fp32 compute (cdt fp32) solves on bf16 operands and refines in fp32 (_refine_inverse): the level masks, I and
-    N_s are then bf16 copies, and the strict-upper mask of A^T (the sum of the level masks) is kept in fp32."""
+    N_s are then bf16 copies, and strict_t (the fp32 strict-upper mask of A^T, shared: _strict_upper) is kept."""
     ident_w = masks_w[:, 0]
     if cdt != nl.float32:
         lvl_masks = [masks_w[:, 1 + lvl] for lvl in range(n_lvl)]
@@ -1007,10 +1140,6 @@ def _solve_workspace(masks_w, n_lvl, width, chunk, cdt):
     sdt = nl.bfloat16
     masks_bf = nl.ndarray((chunk, n_lvl + 1, width, chunk), dtype=sdt, buffer=nl.sbuf)
     nisa.tensor_copy(dst=masks_bf, src=masks_w, engine=nisa.engine.gpsimd)
-    strict_t = nl.ndarray((chunk, width, chunk), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_copy(dst=strict_t, src=masks_w[:, 1])
-    for lvl in range(1, n_lvl):                     # every strictly upper (j < i) entry is in exactly one level
-        nisa.tensor_tensor(dst=strict_t, data1=strict_t, data2=masks_w[:, 1 + lvl], op=nl.add)
     lvl_masks = [masks_bf[:, 1 + lvl] for lvl in range(n_lvl)]
     n_lv = [None] + [nl.ndarray((chunk, width, chunk), dtype=sdt, buffer=nl.sbuf) for _ in range(1, n_lvl)]
     return [ident_w, lvl_masks, n_lv, False, masks_bf[:, 0], strict_t]

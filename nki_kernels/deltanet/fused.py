@@ -182,18 +182,13 @@ class _FrontEnd:
         self.len_f = None
 
     def load(self, i_b, i_c, t0, n_tok, per_seq):
-        """(q [C, Hk_own, Dk], k, v [C, Hv_own, Dv] in the compute dtype, g, beta [C, Hv_own] fp32) of one chunk."""
+        """(q, k [C, Hk_own, Dk] (bf16 for bf16 inputs, else the compute dtype), v [C, Hv_own, Dv] in the compute dtype,
+        g, beta [C, Hv_own] fp32) of one chunk."""
         self.hist = self.hists[i_c % len(self.hists)]
         chunk, kw, hist = self.chunk, self.kw, self.hist
         f32 = nl.float32
         n_hv = self.g.shape[2]
-        g_sb = nl.ndarray((chunk, n_hv), dtype=f32, buffer=nl.sbuf)
-        beta_sb = nl.ndarray((chunk, n_hv), dtype=f32, buffer=nl.sbuf)
-        if n_tok < chunk:
-            for t in (g_sb, beta_sb):
-                nisa.memset(dst=t, value=0.0)
-        nisa.dma_copy(dst=g_sb[0:n_tok], src=self.g[i_b, t0:t0 + n_tok])
-        nisa.dma_copy(dst=beta_sb[0:n_tok], src=self.beta[i_b, t0:t0 + n_tok])
+        g_sb, beta_sb = _chunk._load_gates(self.g, self.beta, i_b, i_c, chunk, self.seq, per_seq)
         # the K inputs before the chunk: the conv state (or zeros) at a sequence's first chunk, else the previous
         # chunk's last K (a full chunk: only a sequence's last chunk is partial)
         if i_c == 0:
@@ -254,8 +249,12 @@ class _FrontEnd:
         chunk, kw, hist, dk = self.chunk, self.kw, self.hist, self.dk
         n_kh = (self.segs[0][1] - self.segs[0][0]) // dk
         dv = (self.segs[2][1] - self.segs[2][0]) // n_hv
-        outs = (nl.ndarray((chunk, n_kh, dk), dtype=self.cdt, buffer=nl.sbuf),
-                nl.ndarray((chunk, n_kh, dk), dtype=self.cdt, buffer=nl.sbuf),
+        # bf16 inputs: q and k rounded to bf16 at the SiLU eviction (as the layer's bf16 conv output, and the unfused
+        # pair's), so that with fp32 compute the prefill's products over Dk take them as exact bf16 operands
+        # (chunk._raw_scalings); v stays in the compute dtype
+        qk_dt = nl.bfloat16 if self.io_dt == nl.bfloat16 else self.cdt
+        outs = (nl.ndarray((chunk, n_kh, dk), dtype=qk_dt, buffer=nl.sbuf),
+                nl.ndarray((chunk, n_kh, dk), dtype=qk_dt, buffer=nl.sbuf),
                 nl.ndarray((chunk, n_hv, dv), dtype=self.cdt, buffer=nl.sbuf))
         flat = [t.reshape((chunk, t.shape[1] * t.shape[2])) for t in outs]
         for grp in self.groups:
