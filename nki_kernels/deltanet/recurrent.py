@@ -39,7 +39,9 @@ _L2NORM_EPS = 1e-6                # transformers' l2norm eps
 _RSQRT_PRESCALE = 2.0 ** -40
 _RSQRT_POSTSCALE = 2.0 ** -20
 _STATE_DTYPES = ("float32", "bfloat16")
-_STATE_BUFFERS = 4                # sequences whose state rows are in SBUF at once (prefetch depth + 1) ...
+_STATE_BUFFERS = 8                # sequences whose state rows are in SBUF at once (prefetch depth + 1) ...
+_STATE_INFLIGHT_BYTES = 2 << 20   # ... and at most this many state bytes per core (prefetched reads hold the DMA
+                                  # pipe ahead of the write-backs: 8 sequences at the TP4 rank under LNC=2, 4 at LNC=1)
 _STATE_SBUF_BYTES = 96 * 1024     # ... within this many bytes per partition, less the bf16 path's rank-1
                                   # stationaries [Dk, T, Hv, Dk] (64 KiB at T = 4, Hv = 64, Dk = 128)
 _INPUT_SBUF_BYTES = 48 * 1024    # bytes per partition for the inputs of the sequences loaded at once
@@ -68,7 +70,7 @@ def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, 
     Constraints:
         T <= _MAX_DECODE_TOKENS; Dk, Dv <= _MAX_HEAD_DIM; Hv <= _MAX_V_HEADS; T Hk <= 128.
     Pseudocode:
-        slot ids of all B sequences; state rows of up to 4 sequences in flight
+        slot ids of all B sequences; state rows of up to 8 sequences in flight
         for b:
           every n_grp sequences (as many as fit _INPUT_SBUF_BYTES): their inputs, one DMA per tensor (g, beta
             as rows, broadcast over Dk by a K = 1 matmul)
@@ -136,7 +138,8 @@ def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, 
         return o                                               # Hv = 1 at LNC=2: the second core has no head
     own = (own_lo, n_own)
     rank_pp = n_tok * n_hv * dk * 2 if cdt != f32 else 0
-    n_buf = max(1, min(bsz, _STATE_BUFFERS, (_STATE_SBUF_BYTES - rank_pp) // (n_own * dv * 4)))
+    n_buf = max(1, min(bsz, _STATE_BUFFERS, (_STATE_SBUF_BYTES - rank_pp) // (n_own * dv * 4),
+                       _STATE_INFLIGHT_BYTES // (n_own * dk * dv * 4)))
     state_buf = nl.ndarray((dk, n_buf, n_own, dv), dtype=f32, buffer=nl.sbuf)     # the owned heads only
     for i_b in range(n_buf - 1):
         _load_state(state_pool, slot_of(i_b), state_buf[:, i_b], own)
