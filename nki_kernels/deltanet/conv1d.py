@@ -109,8 +109,7 @@ def causal_conv1d_kernel(x, weight, conv_state, lengths, cu_seqlens, has_state, 
                 nisa.dma_copy(dst=hist[0:pc, 0:n_b, :, 0:kw], src=_tile_rows(conv_state, *view, 0, n_t))
             else:
                 nisa.memset(dst=hist[0:pc, 0:n_b, :, 0:kw], value=0.0)
-            for j0 in range(0, n_t, g):
-                ng = min(g, n_t - j0)
+            for j0, ng in _x_pieces(n_t, g):
                 nisa.dma_copy(dst=hist[0:pc, 0:n_b, j0:j0 + ng, kw:kw + seq], src=_tile_rows(x, *view, j0, ng))
             if not varlen:
                 _write_new_state(hist, new_state, len_i, view, n_t, seq, in_place)
@@ -142,6 +141,14 @@ def _channel_blocks(c_lo, c_hi, tile_bytes):
     if (c_hi - c_lo) % P_MAX:
         blocks.append((c_lo + n_full * P_MAX, 1, (c_hi - c_lo) % P_MAX))
     return blocks
+
+
+def _x_pieces(n_t, g):
+    """[(j0, ng)]: the x DMAs of a block of n_t tiles, g tiles each after a first piece of one tile (the first
+    taps start after a one-tile transfer instead of a g-tile one)."""
+    pieces = [(0, 1)] if n_t > 1 and g > 1 else []
+    j = pieces[0][1] if pieces else 0
+    return pieces + [(j0, min(g, n_t - j0)) for j0 in range(j, n_t, g)]
 
 
 def _tile_rows(t, c0, pc, b0, n_b, j0, ng):
