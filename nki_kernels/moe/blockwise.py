@@ -11,7 +11,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..backend import call, nki, nisa, nl
-from ..hw import P_MAX, SBUF_BYTES_PER_PARTITION
+from ..hw import P_MAX, PSUM_FMAX_FP32, SBUF_BYTES_PER_PARTITION
 from ..lnc import resolve_lnc
 from ..validation import check_host_values, kernel_check
 from ._tiles import (_Y_TILE, TOK_TILE, down_piece, evict, intermediate_split, itemsize, load_down,
@@ -28,8 +28,8 @@ _MAX_WEIGHT_BYTES_PP = 96 * 1024
 # ---- tiles
 _GATHER_BYTES_PP = 64 * 1024   # SBUF per partition for one group of gathered slot rows in the output pass (at most)
 _TABLE_BLOCKS = 256            # blocks whose expert / token-id tables are loaded at once (SBUF independent of N)
-_DVE_ADD_SHARE = 0.6           # output-pass adds: VectorE's share of the columns (trn2: DVE ~1.9, GpSimd ~1.2
-                               # fp32 elements per partition per ns; the rest on GpSimd)
+_ACC_PSUM_BANKS = 4            # PSUM banks of VectorE's fp32 output-pass accumulator (one more for the shared
+                               # expert's down projection pieces; its h tiles are done before the accumulator)
 _DMA_KNEE_BYTES = 2560         # a DMA packet (one partition row) keeps its engine busy at least this many bytes'
                                # time (cost model v3's packet floor, trn2: docs/cost-model.md)
 _CORE_HBM_BYTES_PER_US = 362.5e3   # one trn2 core's HBM rate (bytes per µs)
@@ -296,6 +296,8 @@ def _finalize_rows(hidden, scratch, inv_sb, w_sb, shared_w, out, group, i_r):
     kmax = inv_sb.shape[1]
     t0 = i_r * TOK_TILE
     n_tok = min(TOK_TILE, n_tokens - t0)
+    ranges = _add_ranges(h_total)
+    n_ps = ranges[0][1] if ranges[0][3] else 0
     acc_sb = nl.ndarray((TOK_TILE, h_total), dtype=nl.float32, buffer=nl.sbuf)
     n_terms = kmax
     if shared_w is not None:
@@ -303,14 +305,19 @@ def _finalize_rows(hidden, scratch, inv_sb, w_sb, shared_w, out, group, i_r):
         _, hs_sb = _shared_h_rows(hidden, i_r, s_wgu_sb, s_wsg_sb)
         ic, n_i, _ = s_wd_sb.shape
         hsT_sb = transpose_h(hs_sb, n_tok, ic, n_i)
+    acc_ps = nl.ndarray((TOK_TILE, n_ps), dtype=nl.float32, buffer=nl.psum) if n_ps else None
+    if shared_w is not None:
         for i_y, h0 in enumerate(range(0, h_total, _Y_TILE)):
             hw = min(_Y_TILE, h_total - h0)
-            acc_psum = nl.ndarray((TOK_TILE, _Y_TILE), dtype=nl.float32, buffer=nl.psum)
-            down_piece(acc_psum, hsT_sb, n_tok, s_wd_sb, h0, hw)
-            evict(acc_sb[0:n_tok, h0:h0 + hw], acc_psum[0:n_tok, 0:hw], i_y)
+            a = max(0, min(hw, n_ps - h0))   # columns h0 .. h0 + a land in VectorE's PSUM accumulator directly
+            if a:
+                down_piece(acc_ps[:, h0:h0 + a], hsT_sb, n_tok, s_wd_sb, h0, a)
+            if a < hw:
+                y_psum = nl.ndarray((TOK_TILE, _Y_TILE), dtype=nl.float32, buffer=nl.psum)
+                down_piece(y_psum, hsT_sb, n_tok, s_wd_sb, h0 + a, hw - a)
+                evict(acc_sb[0:n_tok, h0 + a:h0 + hw], y_psum[0:n_tok, 0:hw - a], i_y)
         n_terms += 1
     o_sb = nl.ndarray((TOK_TILE, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
-    h_split = min(h_total, -(-int(h_total * _DVE_ADD_SHARE) // P_MAX) * P_MAX)
     term = 0 if shared_w is None else 1
     for j0 in range(0, kmax, group):
         g_sz = min(group, kmax - j0)
@@ -322,13 +329,32 @@ def _finalize_rows(hidden, scratch, inv_sb, w_sb, shared_w, out, group, i_r):
         for jj in range(g_sz):
             dst = o_sb if term == n_terms - 1 else acc_sb
             w_j = None if w_sb is None else w_sb[0:n_tok, j0 + jj:j0 + jj + 1]
-            # columns split between VectorE and GpSimd (two independent add chains, ~ their throughputs)
-            for c0, c1, eng in ((0, h_split, nisa.engine.vector), (h_split, h_total, nisa.engine.gpsimd)):
-                if c1 > c0:
-                    _add_slot_row(dst[0:n_tok, c0:c1], acc_sb[0:n_tok, c0:c1] if term else None,
-                                  g_sb[0:n_tok, jj, c0:c1], w_j, eng)
+            # columns split between VectorE and GpSimd (independent add chains, ~ their throughputs)
+            for c0, c1, eng, in_psum in ranges:
+                acc = acc_ps if in_psum else acc_sb
+                out_t = dst if term == n_terms - 1 else acc
+                _add_slot_row(out_t[0:n_tok, c0:c1], acc[0:n_tok, c0:c1] if term else None,
+                              g_sb[0:n_tok, jj, c0:c1], w_j, eng)
             term += 1
     nisa.dma_copy(dst=out[t0:t0 + n_tok, :], src=o_sb[0:n_tok, :])
+
+
+def _add_ranges(h_total):
+    """Output-pass column ranges (c0, c1, engine, accumulator in PSUM): VectorE's from a PSUM accumulator (one
+    pass per fp32 add), up to _ACC_PSUM_BANKS banks; beyond that, VectorE's further columns from SBUF (two
+    passes); GpSimd's from SBUF (two passes). GpSimd also generates every slot-row gather's descriptors
+    (software DGE, ~H cycles per gathered row), so per gathered row the ranges balance
+    VectorE n_ps + 2 (b - n_ps) cycles at _DVE_GHZ against GpSimd H + 2 (H - b) cycles at _GPSIMD_GHZ
+    (boundaries on 128 columns)."""
+    def on_128(x):
+        return min(h_total, max(0, int(round(x / P_MAX)) * P_MAX))
+    cap = _ACC_PSUM_BANKS * PSUM_FMAX_FP32
+    n_ps = min(on_128(3 * h_total * _DVE_GHZ / (_GPSIMD_GHZ + 2 * _DVE_GHZ)), cap)
+    b = n_ps if n_ps < cap else max(n_ps, on_128((3 * h_total * _DVE_GHZ + n_ps * _GPSIMD_GHZ)
+                                                 / (2 * (_DVE_GHZ + _GPSIMD_GHZ))))
+    ranges = [(0, n_ps, nisa.engine.vector, True), (n_ps, b, nisa.engine.vector, False),
+              (b, h_total, nisa.engine.gpsimd, False)]
+    return [r for r in ranges if r[1] > r[0]]
 
 
 def _add_slot_row(dst, acc, g, w, eng):
