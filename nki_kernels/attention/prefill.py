@@ -43,6 +43,9 @@ _O_UPDATE_ON_POOL = False         # O = O*alpha + PV: one VectorE op (False), Sc
 _MAX_DIAG_TILES = 8               # distinct causal-diagonal bias tiles kept in SBUF (1 KiB per partition each)
 _GENS = 3                         # per-slot stream state generations: PV lags QK by 2 steps
 _RING = 3                         # pipeline depth of the P / P^T buffers (PV runs two blocks behind QK)
+_IO_ROW_BYTES = 2048              # q, gate and out of a query tile move for up to this many bytes of consecutive heads
+#                                   per partition in one DMA (bf16, D=256: 4 heads, 2 KiB packet rows instead of 512 B:
+#                                   cost model v3, 80% of an engine's rate instead of 20%)
 _KV_LOAD_KEYS = 2048              # keys per K^T / V load DMA: >= 2 KiB per partition for bf16 K^T pieces
 _SHORT_SKV = MM_KEYS              # Skv up to one PSUM bank of fp32 scores: the partition-major short body (below)
 _NO_PE_TILE32 = ("trn1",)         # targets whose PE tiles are 64 / 128 columns only (NeuronCore-v2)
@@ -268,7 +271,9 @@ def _attend_pipeline(q, gate, out, kT_sb, v_sb, len_f, klen_valid, items, skv, d
     pv_psum = nl.ndarray((P_MAX, 2, n_slot, pv_cols), dtype=nl.float32, buffer=nl.psum)
     bufs = dict(qT=qT_sb, m_blk=m_blk, neg_m=neg_m, alpha=alpha, row_sum=row_sum, l=l_sb, o=o_acc, s_psum=s_psum,
                 s_sb=s_sb, pv_sb=pv_sb, p=p_ring, pT=pT_ring, t_psum=t_psum, pv=pv_psum,
-                pt_on_dve=is_two_byte(dtype))
+                pt_on_dve=is_two_byte(dtype),
+                io=_io_groups(items, d, dtype) if rows is None and not q_is_bhds else None, io_q={}, io_gate={},
+                io_out={})
     diag_bias = _DiagonalBias(block)
     cur = [None] * n_slot
     nxt = [0] * n_slot
@@ -316,6 +321,40 @@ def _attend_pipeline(q, gate, out, kT_sb, v_sb, len_f, klen_valid, items, skv, d
             break
 
 
+def _io_groups(items, d, dtype):
+    """(h, q0) -> (first head, heads, index) for plain BHSD q / gate / out: the heads of one query tile that this
+    core owns, in runs of consecutive heads of at most _IO_ROW_BYTES per partition row. A run's q, gate and out
+    each move in one DMA: partition p, slot i holds row q0 + p of head h0 + i (each packet row gathers one D-row
+    per head; the cost model charges `dma_elem_ns` per extra run, and the row's bytes set its rate)."""
+    cap = max(1, _IO_ROW_BYTES // (d * (2 if is_two_byte(dtype) else 4)))
+    by_tile = {}
+    for h, q0, _ in items:
+        by_tile.setdefault(q0, []).append(h)
+    groups = {}
+    for q0, heads in by_tile.items():
+        runs = []
+        for h in sorted(heads):
+            if runs and runs[-1][-1] == h - 1 and len(runs[-1]) < cap:
+                runs[-1].append(h)
+            else:
+                runs.append([h])
+        for run in runs:
+            for i, h in enumerate(run):
+                groups[(h, q0)] = (run[0], len(run), i)
+    return groups
+
+
+def _io_rows(src, bufs, cache, st, d):
+    """The [qn, D] SBUF rows of stream st's head in its run's tile (loaded by one DMA for the run, first use)."""
+    h0, nh, i = bufs["io"][(st.h, st.q0)]
+    t = cache.get((h0, st.q0))
+    if t is None:
+        t = nl.ndarray((P_MAX, nh, d), dtype=src.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=t[0:st.qn, 0:nh, 0:d], src=src[h0:h0 + nh, st.q0:st.q0 + st.qn, 0:d].permute((1, 0, 2)))
+        cache[(h0, st.q0)] = t
+    return t[0:st.qn, i, 0:d]
+
+
 def _load_q(q, bufs, st, d, n_d, dtype, q_is_bhds=False, rows=None, len_f=None):
     """Q^T of one stream: one natural-layout DMA of the [qn, D] tile, then PE transposes (a DMA transpose of
     256-byte rows would run at a fraction of the bandwidth). q_is_bhds=True: the host-permuted baseline layout,
@@ -331,6 +370,8 @@ def _load_q(q, bufs, st, d, n_d, dtype, q_is_bhds=False, rows=None, len_f=None):
     if rows is not None:
         rows.start(st)
         q_nat = rows.q_rows(st) if hasattr(rows, "q_rows") else None    # varlen windows: [qn, D] already in SBUF
+    if q_nat is None and bufs["io"] is not None:
+        q_nat = _io_rows(q, bufs, bufs["io_q"], st, d)
     if q_nat is None:
         q_nat = nl.ndarray((P_MAX, d), dtype=dtype, buffer=nl.sbuf)
         nisa.dma_copy(dst=q_nat[0:st.qn, 0:d], src=q[st.h, st.q0:st.q0 + st.qn, 0:d])
@@ -491,14 +532,22 @@ def _finish(out, gate, bufs, len_f, st, d, dtype, rows=None):
         nisa.tensor_tensor(dst=inv_l[0:qn], data1=inv_l[0:qn], data2=q_valid[0:qn], op=nl.multiply,
                            engine=nisa.engine.gpsimd)
     o_sb = rows.out_tile(st) if rows is not None and hasattr(rows, "out_tile") else None   # varlen: staged
+    io = bufs.get("io")
+    if io is not None:             # staged with the other heads of its run: one store when the run is complete
+        h0, nh, i = io[(st.h, st.q0)]
+        stage = bufs["io_out"].setdefault((h0, st.q0), [nl.ndarray((P_MAX, nh, d), dtype=dtype, buffer=nl.sbuf), nh])
+        o_sb = stage[0][:, i, :]
     if o_sb is None:
         o_sb = nl.ndarray((P_MAX, d), dtype=dtype, buffer=nl.sbuf)
     if gate is None:
         nisa.tensor_scalar(dst=o_sb[0:qn, 0:d], data=o, op0=nl.multiply, operand0=inv_l[0:qn],
                            engine=nisa.engine.gpsimd)
     else:
-        gate_sb = nl.ndarray((P_MAX, d), dtype=gate.dtype, buffer=nl.sbuf)
-        nisa.dma_copy(dst=gate_sb[0:qn, 0:d], src=gate[st.h, st.q0:st.q0 + qn, 0:d])
+        if io is not None:
+            gate_sb = _io_rows(gate, bufs, bufs["io_gate"], st, d)
+        else:
+            gate_sb = nl.ndarray((P_MAX, d), dtype=gate.dtype, buffer=nl.sbuf)
+            nisa.dma_copy(dst=gate_sb[0:qn, 0:d], src=gate[st.h, st.q0:st.q0 + qn, 0:d])
         if len_f is not None:      # padded rows: sigmoid(NaN) * 0 would be NaN
             zero_rows_past_length(gate_sb[0:qn, 0:d].reshape((qn, 1, d)), len_f, st.qa0, P_MAX)
         sig_sb = nl.ndarray((P_MAX, d), dtype=nl.float32, buffer=nl.sbuf)
@@ -509,6 +558,11 @@ def _finish(out, gate, bufs, len_f, st, d, dtype, rows=None):
                            engine=nisa.engine.gpsimd)
     if rows is not None and hasattr(rows, "store"):     # varlen.py per-sequence windows: a scatter of the valid rows
         rows.store(out, o_sb[0:qn, 0:d], st)
+    elif io is not None:
+        stage[1] -= 1
+        if stage[1] == 0:
+            nisa.dma_copy(dst=out[h0:h0 + nh, st.q0:st.q0 + qn, 0:d].permute((1, 0, 2)), src=stage[0][0:qn, 0:nh, 0:d])
+            del bufs["io_out"][(h0, st.q0)]
     else:
         nisa.dma_copy(dst=out[st.h, st.q0:st.q0 + qn, 0:d], src=o_sb[0:qn, 0:d])
 
