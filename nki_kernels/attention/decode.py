@@ -153,9 +153,13 @@ def decode_body(q, k_cache, v_cache, cache_lens, out, softmax_scale, causal):
     for i_part, (_, b, kvh, half, key0, key1) in enumerate(mine):
         pieces = [(k0, min(ctx["piece"], key1 - k0)) for k0 in range(key0, key1, ctx["piece"])]
         part = _start_part(ctx, b, kvh, half, len(pieces))
+        core_last = i_part == len(mine) - 1
+        # split keys (latency-bound): the core's last part streams all its K pieces before its V pieces, so that
+        # the K chain of its last piece (K^T evictions, S^T, the max across partitions, exp) runs under V's stream
+        k_pre = [_load_k(ctx, part, k0, kn) for k0, kn in pieces] if split and core_last else None
         for j, (k0, kn) in enumerate(pieces):
             last = j == len(pieces) - 1
-            staged = _piece_scores(ctx, part, j, k0, kn, last and i_part == len(mine) - 1)
+            staged = _piece_scores(ctx, part, j, k0, kn, last and core_last, None if k_pre is None else k_pre[j])
             if pending is not None:
                 pv_stage(*pending)
             pending = (part, staged, last)
@@ -223,11 +227,18 @@ def _load_qT(ctx, b, kvh):
     return qT_sb
 
 
-def _piece_scores(ctx, part, j, key0, kn, tail=False):
+def _load_k(ctx, part, key0, kn):
+    """K of one piece, chunk-major [128, chunk, D] (one DMA)."""
+    k_sb = nl.ndarray((P_MAX, ctx["piece"] // K_CHUNK, ctx["d"]), dtype=ctx["dtype"], buffer=nl.sbuf)
+    _load_keys_rows(ctx["k"][part["b"], part["kvh"]], k_sb, key0, kn, ctx["d"], (0, n_tiles(kn, K_CHUNK)))
+    return k_sb
+
+
+def _piece_scores(ctx, part, j, key0, kn, tail=False, k_sb=None):
     """Stage 1 of one piece [key0, key0 + kn): the K load, K^T on the PE, S^T = K^T.T Q^T, the select mask, the
     running max across the partitions, P^T = exp(scale S^T - scale m)."""
     rows, d, n_d, dtype, scale = ctx["rows"], ctx["d"], ctx["n_d"], ctx["dtype"], ctx["scale"]
-    k_hbm, b, kvh = ctx["k"], part["b"], part["kvh"]
+    b, kvh = part["b"], part["kvh"]
     max_c = ctx["piece"] // K_CHUNK
     n_c = n_tiles(kn, K_CHUNK)
     chan, step = 1, K_CHUNK                # chunk-major: key of (partition p, chunk c) = key0 + p*chan + c*step
@@ -235,10 +246,10 @@ def _piece_scores(ctx, part, j, key0, kn, tail=False):
     # split keys (one or few pairs, latency-bound): V before K, so its zeroing starts early, except for the core's
     # last piece: K first, so its longer dependency chain (K^T, S^T, max, exp) overlaps V's stream and only V's
     # last group's work follows the stream. Whole pairs (throughput-bound): K first.
+    # (k_sb given: already streamed, before every V piece of the part)
     k_first = tail or not ctx["v_first"]
-    k_sb = nl.ndarray((P_MAX, max_c, d), dtype=dtype, buffer=nl.sbuf)
-    if k_first:
-        _load_keys_rows(k_hbm[b, kvh], k_sb, key0, kn, d, (0, n_c))
+    if k_sb is None and k_first:
+        k_sb = _load_k(ctx, part, key0, kn)
     v_sb = nl.ndarray((P_MAX, max_c, d), dtype=dtype, buffer=nl.sbuf)
     groups = _v_groups(n_c, tail)
     for chunks in groups:
@@ -246,11 +257,18 @@ def _piece_scores(ctx, part, j, key0, kn, tail=False):
     # zeroed in groups of at most _ZERO_CHUNKS chunks, each only when it holds positions past the length; their
     # predicates are built on GpSimd and ScalarE in turn
     zero_groups = [(c, min(c1, c + _ZERO_CHUNKS)) for c0, c1 in groups for c in range(c0, c1, _ZERO_CHUNKS)]
-    for i_g, chunks in enumerate(zero_groups):
-        _zero_v_past_length(ctx, part, v_sb, staged, chunks, nisa.engine.scalar if i_g % 2 else nisa.engine.gpsimd)
-    staged.update(v=v_sb, groups=groups)
-    if not k_first:
-        _load_keys_rows(k_hbm[b, kvh], k_sb, key0, kn, d, (0, n_c))
+
+    def zero_v():
+        for i_g, chunks in enumerate(zero_groups):
+            _zero_v_past_length(ctx, part, v_sb, staged, chunks,
+                                nisa.engine.scalar if i_g % 2 else nisa.engine.gpsimd)
+    if not tail:
+        zero_v()
+    pv_groups = [(g, None if g[0] == 0 else _flag_register(part, nl.greater, key0 + g[0] * K_CHUNK))
+                 for g in zero_groups]      # (chunks, register [len > first key]: any valid key, else skipped)
+    staged.update(v=v_sb, groups=pv_groups)
+    if k_sb is None:
+        k_sb = _load_k(ctx, part, key0, kn)
     kT_sb = _transpose_keys(ctx, k_sb, kn, n_c)
     # ---- S^T [keys, chunk, R] in one PSUM bank
     st_psum = nl.ndarray((P_MAX, max_c, rows), dtype=nl.float32, buffer=nl.psum)
@@ -296,6 +314,8 @@ def _piece_scores(ctx, part, j, key0, kn, tail=False):
                               op1=nl.add, operand1=bcast)
     pT_sb = nl.ndarray((P_MAX, max_c, rows), dtype=dtype, buffer=nl.sbuf)
     nisa.activation(dst=pT_sb[:, 0:n_c, 0:rows], op=nl.exp, data=pre_sb[:, 0:n_c, 0:rows])
+    if tail:        # the core's last piece: the VectorE runs the score chain first, V's zeroing after
+        zero_v()
     staged.update(pT=pT_sb)
     return staged
 
@@ -326,11 +346,22 @@ def _v_groups(n_c, tail):
     return list(zip(cuts[:-1], cuts[1:]))
 
 
+def _flag_register(part, op, value):
+    """A virtual register holding [cache_len `op` value] (0 or 1), computed on the device (GpSimd)."""
+    flag = nl.ndarray((1, 1), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=flag, data=part["len_i"], op0=op, operand0=float(value), engine=nisa.engine.gpsimd)
+    reg = nisa.register_alloc()
+    nisa.register_load(reg, flag)
+    return reg
+
+
 def _zero_v_past_length(ctx, part, v_sb, staged, chunks, engine):
     """V rows of chunks [c0, c1) of a piece at positions >= the cache length := 0 (a predicated copy; 0 * NaN
-    would poison P V), run only when these chunks hold such positions: a register-bounded `nl.fori_loop` of 0 or
-    1 iterations (the flag `len < last key of the group + 1` is computed on the device; the instructions are the
-    same whatever the length, only their trip count is data).
+    would poison P V), run only when it is needed: a register-bounded `nl.fori_loop` of 0 or 1 iterations whose
+    flag is computed on the device (the instructions are the same whatever the length, only their trip count is
+    data). The piece's first group (c0 = 0) is zeroed whenever it holds a position past the length; a later group
+    only when the length falls inside it (start < len < end): a group entirely past the length is left as it is,
+    and its P V matmuls are skipped (`_piece_pv`; its probabilities are exactly 0).
 
     The relative key position of every element, p * chan + c * step, is one GpSimd iota per piece geometry,
     made once per launch; per group only the compare with len - key0 runs (`engine`), then the VectorE copy. (A
@@ -344,11 +375,17 @@ def _zero_v_past_length(ctx, part, v_sb, staged, chunks, engine):
         nisa.iota(pos_sb, pattern=[[step, n_c], [0, d]], offset=0, channel_multiplier=chan)
         ctx["vpos"][key] = pos_sb
     pos_sb = ctx["vpos"][key]
-    flag = nl.ndarray((1, 1), dtype=nl.int32, buffer=nl.sbuf)
-    nisa.tensor_scalar(dst=flag, data=part["len_i"], op0=nl.less, operand0=float(key0 + min(kn, c1 * K_CHUNK)),
-                       engine=nisa.engine.gpsimd)
-    pad_reg = nisa.register_alloc()
-    nisa.register_load(pad_reg, flag)
+    start, end = key0 + c0 * K_CHUNK, key0 + min(kn, c1 * K_CHUNK)
+    if c0 == 0:         # the piece's first group always enters P V: zeroed whenever it holds a padded position
+        pad_reg = _flag_register(part, nl.less, end)
+    else:               # later groups: zeroed only when the length falls inside (entirely past: P V skips them)
+        dist = nl.ndarray((1, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_scalar(dst=dist, data=part["len_i"], op0=nl.subtract, operand0=(start + end) / 2,
+                           op1=nl.abs_max, operand1=0.0, engine=nisa.engine.gpsimd)
+        flag = nl.ndarray((1, 1), dtype=nl.int32, buffer=nl.sbuf)
+        nisa.tensor_scalar(dst=flag, data=dist, op0=nl.less, operand0=(end - start) / 2, engine=nisa.engine.gpsimd)
+        pad_reg = nisa.register_alloc()
+        nisa.register_load(pad_reg, flag)
 
     def body(_):
         rel = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
@@ -372,21 +409,27 @@ def _transpose_keys(ctx, k_sb, kn, n_c):
 
 
 def _piece_pv(ctx, part, staged):
-    """Stage 2 of a piece: its V (loaded now, in chunk groups for the core's last piece; rows past the length
-    zeroed), P^T.T V and the row sums P^T.T 1 (fp32 PSUM), merged into the part's running state."""
+    """Stage 2 of a piece: P^T.T V and the row sums P^T.T 1 (fp32 PSUM) over the chunk groups that hold a key
+    before the length (a later group entirely past it is skipped by a register-bounded loop), merged into the
+    part's running state."""
     rows, d, j = ctx["rows"], ctx["d"], staged["j"]
     pT_sb, kn = staged["pT"], staged["kn"]
     v_sb = staged["v"]
     pv_psum = nl.ndarray((P_MAX, _STATS), dtype=nl.float32, buffer=nl.psum)     # O at 0:D, row sums at _ST_SUM
     halves = [(0, d)] if d <= D_CHUNK else [(0, d // 2), (d // 2, d)]
-    for chunks in staged["groups"]:
-        for c in range(*chunks):
-            cn = min(K_CHUNK, kn - c * K_CHUNK)
-            for h0, h1 in halves:
-                nisa.nc_matmul(pv_psum[0:rows, h0:h1], pT_sb[0:cn, c, 0:rows], v_sb[0:cn, c, h0:h1],
-                               accumulate=c > 0)
-            nisa.nc_matmul(pv_psum[0:rows, _ST_SUM:_ST_SUM + 1], pT_sb[0:cn, c, 0:rows],
-                           ctx["ones_col"][0:cn, 0:1], accumulate=c > 0)
+    for chunks, valid in staged["groups"]:
+        def body(_, chunks=chunks):
+            for c in range(*chunks):
+                cn = min(K_CHUNK, kn - c * K_CHUNK)
+                for h0, h1 in halves:
+                    nisa.nc_matmul(pv_psum[0:rows, h0:h1], pT_sb[0:cn, c, 0:rows], v_sb[0:cn, c, h0:h1],
+                                   accumulate=c > 0)
+                nisa.nc_matmul(pv_psum[0:rows, _ST_SUM:_ST_SUM + 1], pT_sb[0:cn, c, 0:rows],
+                               ctx["ones_col"][0:cn, 0:1], accumulate=c > 0)
+        if valid is None:
+            body(0)
+        else:       # a group entirely past the length: P^T is exactly 0 there and V is never read
+            nl.fori_loop(0, valid, body)
     packed = part["packed"]
     if j == 0:
         nisa.tensor_copy(dst=packed[0:rows, 0:d], src=pv_psum[0:rows, 0:d])

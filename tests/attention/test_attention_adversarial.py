@@ -384,3 +384,35 @@ def test_instructions_independent_of_length_values(lnc):
         executed.append(sum(i.name == "tensor_copy_predicated" for t in last_run().traces for i in t))
     assert sigs[0] == sigs[1] == sigs[2] == sigs[3]
     assert executed[3] == 0 < executed[2]       # full caches: no zeroing runs
+
+
+@pytest.mark.parametrize("lnc", [1, 2])
+def test_decode_skips_chunk_groups_past_the_length(lnc):
+    """Decode: a 512-key group of a piece that lies entirely past cache_lens[b] is neither zeroed nor multiplied
+    (register-bounded loops), the first group of a piece always is; the program is the same for every length,
+    the result matches the reference with NaN in every padded position, and the executed P V matmuls drop by
+    the skipped chunks (bounds counted from the lengths)."""
+    from nki_kernels.emulator.runtime import last_run
+    rng = np.random.default_rng(11)
+    q, k, v = _qkv(rng, 1, 4, 1, 1, 2048, 128, BF16)
+    sigs, pv_mm = [], []
+    for n in (2048, 1000, 300, 3):
+        kp, vp = k.copy(), v.copy()
+        kp[:, :, n:] = np.nan
+        vp[:, :, n:] = np.nan
+        out = flash_attention_decode(q, kp, vp, [n], lnc=lnc)
+        assert_close("decode", flash_attention_decode_ref(q, k, v, [n]), out, dtype="bfloat16")
+        sigs.append(program_signature([last_run()]))
+        # P V and row-sum matmuls: moving V [keys, D] or the ones column, R = 4 rows out
+        pv_mm.append(sum(i.name == "nc_matmul" and i.writes[0].partitions == 4 and i.writes[0].elems_pp in (1, 128)
+                         for t in last_run().traces for i in t))
+    assert sigs[0] == sigs[1] == sigs[2] == sigs[3]
+    # 2048 keys = 16 chunks (two halves of 1024 keys, split at LNC 1 and 2 alike); per executed chunk one P V
+    # matmul (D = 128) and one row-sum matmul. Every chunk holding a key < n runs; past the length only the first
+    # group (<= 4 chunks) of each of the two pieces may run, and the straddling group's other chunks
+    run = [m // 2 for m in pv_mm]
+    assert run[0] == 16
+    for n, r in zip((1000, 300, 3), run[1:]):
+        valid = -(-n // 128)
+        assert valid <= r <= valid + 2 * 4, (n, r)
+    assert run[0] > run[1] > run[2] >= run[3]
