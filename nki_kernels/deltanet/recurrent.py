@@ -105,10 +105,12 @@ def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, 
                        on_false_value=0.0, cmp_op=nl.equal)
     sel_cols = nl.ndarray((n_tk, n_th), dtype=cdt, buffer=nl.sbuf)
     nisa.tensor_copy(dst=sel_cols.reshape((n_tk, n_tok, n_hk, group)), src=sel[:, :, :, :, 0])
-    # kqz[:, t, h] = [e_0 | k_h . q_h elementwise]: column sums give [1, k.q] (the addend factors)
-    kqz = nl.ndarray((dk, n_tok, n_hv, 2), dtype=f32, buffer=nl.sbuf)
-    nisa.memset(dst=kqz, value=0.0)
-    nisa.memset(dst=kqz[0:1, :, :, 0], value=1.0)
+    # fp32 path: kqz[:, t, h] = [e_0 | k_h . q_h elementwise]: column sums give [1, k.q] (the addend factors)
+    kqz = None
+    if cdt == f32:
+        kqz = nl.ndarray((dk, n_tok, n_hv, 2), dtype=f32, buffer=nl.sbuf)
+        nisa.memset(dst=kqz, value=0.0)
+        nisa.memset(dst=kqz[0:1, :, :, 0], value=1.0)
 
     # slot ids of all B sequences; the other inputs of up to n_grp sequences at a time (SBUF budget), one DMA
     # per tensor and group (few DMAs: each holds a DMA queue for its whole latency)
@@ -159,7 +161,9 @@ def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, 
         if cdt == f32:          # the delta rows need the columns and addend rows before the state update
             out = _prepare_rows(q.shape, v.shape, ins, i_g, exp_g, upd["nbe"], sel_cols, ones_sb, kqz, scale,
                                 use_l2norm)
-        dl_rows = nl.ndarray((n_r, n_tok, dv), dtype=cdt, buffer=nl.sbuf)    # rows 2h: delta_h, 2h + 1: o_h
+        dl_rows = None
+        if cdt == f32:
+            dl_rows = nl.ndarray((n_r, n_tok, dv), dtype=cdt, buffer=nl.sbuf)    # rows 2h: delta_h, 2h + 1: o_h
         for i_t in range(n_tok):
             if cdt == f32:
                 for i_o in range(n_own):
