@@ -24,6 +24,12 @@ functions one ScalarE activation; published dtypes kept), spelled out:
   broadcast DMA per vector onto 128 partitions (compute engines read their own partitions only);
 - a bn_stats result assigned into a slice of the stats buffer is a VectorE copy (assigning an existing tile into
   another one, as in kernels_heldout.py);
+- SBUF: the published nl.* expressions leave temporaries to the compiler; at F = 8192 (32 KiB per partition
+  each) only gamma, beta, the input tile and one [P, F] temporary fit with room for the next input (the trn1
+  core's 176 KiB usable per partition), so every [P, F] temporary of a row tile (the squares, x - mean, the
+  normalised and scaled rows) is one work tile, overwritten in op order. (Fixed after the first modeling run
+  stopped on the emulator's SBUF-capacity check at the first LN point, before any LN figure was produced; the
+  first version allocated a new tile per op.)
 - masks that are always true at the published shape (4096 rows = 32 x 128; 8192 = 16 x 512) are dropped;
 - a Python `range` loop (A11.opt) is sequential: its tiles are allocated once and reused by every iteration, as
   in the A11 re-write (kernels.rope_a11); `nl.affine_range` loop bodies allocate their tiles per iteration.
@@ -93,16 +99,15 @@ def _col(shape_p=P_MAX):
     return nl.ndarray((shape_p, 1), dtype=nl.float32, buffer=nl.sbuf)
 
 
-def _mean_var_tutorial(x_sb):
-    """nl.mean(x), nl.mean(nl.square(x)) - mean * mean: [P, 1] mean and variance."""
+def _mean_var_tutorial(x_sb, work):
+    """nl.mean(x), nl.mean(nl.square(x)) - mean * mean: [P, 1] mean and variance (the squares in `work`)."""
     f = x_sb.shape[1]
     mean = _col()
     nisa.tensor_reduce(dst=mean, op=nl.add, data=x_sb, axis=1)
     nisa.tensor_scalar(dst=mean, data=mean, op0=nl.multiply, operand0=1.0 / f)
-    sq = nl.ndarray(x_sb.shape, dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_tensor(dst=sq, data1=x_sb, data2=x_sb, op=nl.multiply)
+    nisa.tensor_tensor(dst=work, data1=x_sb, data2=x_sb, op=nl.multiply)
     msq = _col()
-    nisa.tensor_reduce(dst=msq, op=nl.add, data=sq, axis=1)
+    nisa.tensor_reduce(dst=msq, op=nl.add, data=work, axis=1)
     nisa.tensor_scalar(dst=msq, data=msq, op0=nl.multiply, operand0=1.0 / f)
     mm = _col()
     nisa.tensor_tensor(dst=mm, data1=mean, data2=mean, op=nl.multiply)
@@ -134,34 +139,17 @@ def _rstd(var, eps):
     return rs
 
 
-def _affine(xn, g_sb, b_sb):
-    """xn * gamma + beta (two VectorE tensor_tensor)."""
-    scaled = nl.ndarray(xn.shape, dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_tensor(dst=scaled, data1=xn, data2=g_sb, op=nl.multiply)
-    y = nl.ndarray(xn.shape, dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_tensor(dst=y, data1=scaled, data2=b_sb, op=nl.add)
-    return y
-
-
-def _normalize(x_sb, mean, rs, variant):
-    """(x - mean) * rstd as the variant writes it."""
-    f = x_sb.shape[1]
-    xn = nl.ndarray(x_sb.shape, dtype=nl.float32, buffer=nl.sbuf)
-    if variant == LN_BN_STT:
-        rs_b = rs.ap(pattern=[[1, P_MAX], [0, f]])          # rsqrt_result.broadcast_to((128, F))
-        nisa.scalar_tensor_tensor(dst=xn, data=x_sb, op0=nl.subtract, operand0=mean, op1=nl.multiply,
-                                  operand1=rs_b)
-        return xn
-    shifted = nl.ndarray(x_sb.shape, dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_scalar(dst=shifted, data=x_sb, op0=nl.subtract, operand0=mean)
-    nisa.tensor_scalar(dst=xn, data=shifted, op0=nl.multiply, operand0=rs)
-    return xn
+def _affine(work, g_sb, b_sb):
+    """work = work * gamma + beta in place (two VectorE tensor_tensor)."""
+    nisa.tensor_tensor(dst=work, data1=work, data2=g_sb, op=nl.multiply)
+    nisa.tensor_tensor(dst=work, data1=work, data2=b_sb, op=nl.add)
 
 
 @nki.jit
 def layernorm_ln(x, gamma, beta, variant):
     """LN.<variant>: y[M, F] = (x - mean) / sqrt(var + eps) * gamma + beta per row, fp32, M in 128-row tiles
-    (nl.affine_range), F = 8192 whole per tile; the op sequence of the published program `variant`."""
+    (nl.affine_range), F = 8192 whole per tile; the op sequence of the published program `variant`, every
+    [P, F] temporary in one work tile (see the module docstring)."""
     m, f = x.shape
     out = nl.ndarray((m, f), dtype=x.dtype, buffer=nl.shared_hbm)
     g_sb = _broadcast_rows(gamma)
@@ -170,19 +158,24 @@ def layernorm_ln(x, gamma, beta, variant):
         rows = slice(i * P_MAX, (i + 1) * P_MAX)
         x_sb = nl.ndarray((P_MAX, f), dtype=x.dtype, buffer=nl.sbuf)
         nisa.dma_copy(dst=x_sb, src=x[rows, :])
+        work = nl.ndarray((P_MAX, f), dtype=nl.float32, buffer=nl.sbuf)
         if variant == LN_TUTORIAL:
-            mean, var = _mean_var_tutorial(x_sb)
+            mean, var = _mean_var_tutorial(x_sb, work)
         else:
             mean, var = _mean_var_bn(x_sb)
         if variant in (LN_TUTORIAL, LN_BN_SUB_FIRST):     # x - mean issued before rsqrt(var + eps)
-            shifted = nl.ndarray(x_sb.shape, dtype=nl.float32, buffer=nl.sbuf)
-            nisa.tensor_scalar(dst=shifted, data=x_sb, op0=nl.subtract, operand0=mean)
+            nisa.tensor_scalar(dst=work, data=x_sb, op0=nl.subtract, operand0=mean)
             rs = _rstd(var, LN_EPS)
-            xn = nl.ndarray(x_sb.shape, dtype=nl.float32, buffer=nl.sbuf)
-            nisa.tensor_scalar(dst=xn, data=shifted, op0=nl.multiply, operand0=rs)
+            nisa.tensor_scalar(dst=work, data=work, op0=nl.multiply, operand0=rs)
+        elif variant == LN_BN_STT:
+            rs = _rstd(var, LN_EPS)
+            rs_b = rs.ap(pattern=[[1, P_MAX], [0, f]])    # rsqrt_result.broadcast_to((128, F))
+            nisa.scalar_tensor_tensor(dst=work, data=x_sb, op0=nl.subtract, operand0=mean, op1=nl.multiply,
+                                      operand1=rs_b)
         else:
             rs = _rstd(var, LN_EPS)
-            xn = _normalize(x_sb, mean, rs, variant)
-        y = _affine(xn, g_sb, b_sb)
-        nisa.dma_copy(dst=out[rows, :], src=y)
+            nisa.tensor_scalar(dst=work, data=x_sb, op0=nl.subtract, operand0=mean)
+            nisa.tensor_scalar(dst=work, data=work, op0=nl.multiply, operand0=rs)
+        _affine(work, g_sb, b_sb)
+        nisa.dma_copy(dst=out[rows, :], src=work)
     return out

@@ -67,6 +67,15 @@ def test_v4_points_cover_the_rule():
         assert (p.split, p.timing, p.target, p.measured_us) == ("held-out", "bench", "trn1", float(v))
 
 
+def test_layernorm_fits_at_the_published_width():
+    """The LN re-writes run at F = 8192 (the emulator's SBUF-capacity check passes) and stay correct."""
+    for v in (2461, 2326):
+        p = BY_ID[f"LN.{v}"]
+        args, _ = p.make(2, np.random.default_rng(7))
+        res = run(p.kernel, *args, target="trn1", lnc=1)
+        assert_close(p.id, p.reference(*args), res.outputs, dtype="float32")
+
+
 def test_layernorm_constant_rows_and_large_offsets():
     """A constant row (variance 0: eps keeps rsqrt finite) against the NumPy reference; for the bn_stats
     programs also rows offset by 1e3 (the tutorial's fp32 mean(x^2) - mean^2 cancels there, as published)."""
