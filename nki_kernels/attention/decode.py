@@ -46,6 +46,7 @@ _PIECE_KEYS = 2048                # keys per K / V DMA: partition-major, 16 x 51
 _PSUM_BANK_F32 = 512              # fp32 elements per partition in one 2 KiB PSUM bank: S^T [128, chunks, R] of one
 #                                   piece must fit one bank, so pieces shrink for R > 32 rows
 _MAX_SPLIT_STATE_BYTES = 64 * 1024  # SBUF per partition core 0 may hold for the first halves' partial states
+_MAX_PIPE = 2                     # sendrecv pipe of the early max exchange (the state swap uses pipes 0 and 1)
 _SENDRECV_F32_COLS = 256          # fp32 columns per partition of one gpsimd_dma sendrecv (1024 B, isa stub limit)
 _TAIL_CUTS = 4                    # the core's last piece is cut in this many pieces (see _pieces)
 _ZERO_CHUNKS = 4                  # 128-key chunks per V-zeroing group (each run only if it holds padded positions)
@@ -141,13 +142,18 @@ def decode_body(q, k_cache, v_cache, cache_lens, out, softmax_scale, causal):
         elif half == 0 and n_prog == 1:
             held[(b, kvh)] = packed
         elif n_prog == 1:
-            _merge_out(ctx, out, held.pop((b, kvh)), packed, b, kvh, (0, d))
+            first = held.pop((b, kvh))
+            a1, a2 = _merge_weights(ctx, first[0:rows, d + 1:d + 2], packed[0:rows, d + 1:d + 2])
+            own = _scale_own(ctx, first, a1, (0, d))
+            _merge_out(ctx, out, own, packed, a2, b, kvh, (0, d))
         else:
-            # the two cores swap their halves' states (SBUF to SBUF); each merges and writes half of D
+            # the two cores swap their halves' states (SBUF to SBUF); each merges and writes half of D. The
+            # merge weights are ready (early max exchange) and the own state is scaled while the swap travels
             other_sb = _exchange(ctx, packed, pid)
-            first, second = (packed, other_sb) if half == 0 else (other_sb, packed)
             cols = (0, d // 2) if pid == 0 else (d // 2, d)
-            _merge_out(ctx, out, first, second, b, kvh, cols)
+            a_own, a_other = part["weights"]
+            own = _scale_own(ctx, packed, a_own, cols)
+            _merge_out(ctx, out, own, other_sb, a_other, b, kvh, cols)
 
     pending = None
     for i_part, (_, b, kvh, half, key0, key1) in enumerate(mine):
@@ -160,6 +166,8 @@ def decode_body(q, k_cache, v_cache, cache_lens, out, softmax_scale, causal):
         for j, (k0, kn) in enumerate(pieces):
             last = j == len(pieces) - 1
             staged = _piece_scores(ctx, part, j, k0, kn, last and core_last, None if k_pre is None else k_pre[j])
+            if last and split and n_prog > 1:
+                _early_max_exchange(ctx, part, j, pid)
             if pending is not None:
                 pv_stage(*pending)
             pending = (part, staged, last)
@@ -443,29 +451,56 @@ def _piece_pv(ctx, part, staged):
     nisa.tensor_copy(dst=packed[0:rows, d + 1:d + 2], src=part["neg_m"][0:rows, j:j + 1], engine=nisa.engine.gpsimd)
 
 
-def _merge_out(ctx, out, first, second, b, kvh, cols):
-    """out[b, KV head's rows, cols] from two partial states [R, O | l | -scale m] (fp32) of the same rows:
-    m = max, each side scaled by a_side = e^(scale (m_side - m)), out = (a1 O1 + a2 O2) / (a1 l1 + a2 l2).
-    The same instructions at LNC=1 (both halves local, all of D) and LNC=2 (each core its half of D), so the
-    outputs are bit-identical."""
-    rows, d = ctx["rows"], ctx["d"]
-    c0, c1 = cols
+def _early_max_exchange(ctx, part, j, pid):
+    """Split keys at LNC=2: right after its part's last running max (-scale m, [R, 1]) each core swaps it with the
+    other core's (`nisa.sendrecv`, its own pipe) and computes both merge weights, while P V of its last piece
+    runs: the merge after the state swap is then two dependent steps shorter."""
+    rows = ctx["rows"]
+    nm_own = part["neg_m"][0:rows, j:j + 1]
+    nm_other = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.sendrecv(src=nm_own, dst=nm_other[0:rows], send_to_rank=1 - pid, recv_from_rank=1 - pid,
+                  pipe_id=_MAX_PIPE, dma_engine=nisa.dma_engine.gpsimd_dma)
+    first, second = (nm_own, nm_other[0:rows]) if part["id"][2] == 0 else (nm_other[0:rows], nm_own)
+    a1, a2 = _merge_weights(ctx, first, second)
+    part["weights"] = (a1, a2) if part["id"][2] == 0 else (a2, a1)      # (own, other)
+
+
+def _merge_weights(ctx, nm1, nm2):
+    """a_side = e^(scale (m_side - m)), m = max(m1, m2), from the halves' -scale m ([R, 1] each)."""
+    rows = ctx["rows"]
     nm = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_tensor(dst=nm[0:rows], data1=first[0:rows, d + 1:d + 2], data2=second[0:rows, d + 1:d + 2],
-                       op=nl.minimum)
+    nisa.tensor_tensor(dst=nm[0:rows], data1=nm1, data2=nm2, op=nl.minimum)
     a1 = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
     a2 = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.activation(dst=a1[0:rows], op=nl.exp, data=first[0:rows, d + 1:d + 2], bias=nm[0:rows], scale=-1.0)
-    nisa.activation(dst=a2[0:rows], op=nl.exp, data=second[0:rows, d + 1:d + 2], bias=nm[0:rows], scale=-1.0)
-    o1 = nl.ndarray((P_MAX, d + 1), dtype=nl.float32, buffer=nl.sbuf)          # a1 O1 | a1 l1
-    nisa.tensor_scalar(dst=o1[0:rows, c0:c1], data=first[0:rows, c0:c1], op0=nl.multiply, operand0=a1[0:rows],
+    nisa.activation(dst=a1[0:rows], op=nl.exp, data=nm1, bias=nm[0:rows], scale=-1.0)
+    nisa.activation(dst=a2[0:rows], op=nl.exp, data=nm2, bias=nm[0:rows], scale=-1.0)
+    return a1, a2
+
+
+def _scale_own(ctx, own, a_own, cols):
+    """a_own O_own | a_own l_own of this side's state (columns `cols` of O, and l)."""
+    rows, d = ctx["rows"], ctx["d"]
+    c0, c1 = cols
+    o1 = nl.ndarray((P_MAX, d + 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=o1[0:rows, c0:c1], data=own[0:rows, c0:c1], op0=nl.multiply, operand0=a_own[0:rows],
                        engine=nisa.engine.gpsimd)
-    nisa.tensor_scalar(dst=o1[0:rows, d:d + 1], data=first[0:rows, d:d + 1], op0=nl.multiply, operand0=a1[0:rows])
+    nisa.tensor_scalar(dst=o1[0:rows, d:d + 1], data=own[0:rows, d:d + 1], op0=nl.multiply, operand0=a_own[0:rows])
+    return o1
+
+
+def _merge_out(ctx, out, own_scaled, other, a_other, b, kvh, cols):
+    """out[b, KV head's rows, cols] from two partial states [R, O | l | -scale m] (fp32) of the same rows:
+    out = (a1 O1 + a2 O2) / (a1 l1 + a2 l2) with a_side from `_merge_weights`; `own_scaled` = a_own (O | l) of
+    this side (`_scale_own`), `other` the other side's state. Each product is rounded once and the sum of two is
+    the same whichever side is "own", so LNC=1 (both halves local, all of D) and LNC=2 (each core its half of D)
+    give bit-identical outputs."""
+    rows, d = ctx["rows"], ctx["d"]
+    c0, c1 = cols
     acc = nl.ndarray((P_MAX, d + 1), dtype=nl.float32, buffer=nl.sbuf)         # a1 O1 + a2 O2 | l
-    nisa.scalar_tensor_tensor(dst=acc[0:rows, d:d + 1], data=second[0:rows, d:d + 1], op0=nl.multiply,
-                              operand0=a2[0:rows], op1=nl.add, operand1=o1[0:rows, d:d + 1])
-    nisa.scalar_tensor_tensor(dst=acc[0:rows, c0:c1], data=second[0:rows, c0:c1], op0=nl.multiply,
-                              operand0=a2[0:rows], op1=nl.add, operand1=o1[0:rows, c0:c1])
+    nisa.scalar_tensor_tensor(dst=acc[0:rows, d:d + 1], data=other[0:rows, d:d + 1], op0=nl.multiply,
+                              operand0=a_other[0:rows], op1=nl.add, operand1=own_scaled[0:rows, d:d + 1])
+    nisa.scalar_tensor_tensor(dst=acc[0:rows, c0:c1], data=other[0:rows, c0:c1], op0=nl.multiply,
+                              operand0=a_other[0:rows], op1=nl.add, operand1=own_scaled[0:rows, c0:c1])
     _write_out(ctx, out, acc, acc[0:rows, d:d + 1], b, kvh, cols)
 
 
