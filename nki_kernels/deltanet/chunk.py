@@ -51,6 +51,7 @@ _NAN = float("nan")
 _PIPELINE_DEPTH = 3
 # chunks whose g and beta rows one DMA loads (tokens on the partitions, G runs of Hv * 4 B per partition row)
 _GATE_CHUNKS = 16
+_FP32_DEPTH = 2            # chunks in flight with fp32 compute when Hv * C <= 512 per core (3: no faster, more SBUF)
 # SBUF per partition grows with Hv * C (the [C, W, C] lockstep tiles of every chunk in flight). Measured with
 # lifetime-exact accounting at Dk = Dv = 128 on trn2 (212984 B): bf16 inputs fit 3 chunks in flight up to
 # Hv * C = 1024, 2 up to 2048 and 1 up to 4096; fp32 compute (fp32 / fp16 inputs, one chunk in flight) fits
@@ -242,9 +243,9 @@ def run_pipeline(inputs, lengths, cu_seqlens, consts, initial_state, outs, dims,
         else:
             nisa.activation(dst=masks_w[:, :, i_w, :], op=nl.copy, data=consts_sb[:, _C_IDENT:_C_MT0 + n_lvl, :])
     # one solve workspace per chunk in flight (fp32 inputs: one chunk ahead only, to save SBUF)
-    depth = _pipeline_depth(n_hv, chunk) if cdt != f32 else (2 if n_hv * chunk <= 512 else 1)
-    strict_t = _strict_upper(consts_sb, width, chunk) if cdt == f32 else None
-    solve_wss = [_solve_workspace(masks_w, n_lvl, width, chunk, cdt, strict_t) for _ in range(depth)]
+    depth = _pipeline_depth(n_hv, chunk) if cdt != f32 else (_FP32_DEPTH if n_hv * chunk <= 512 else 1)
+    newton = _newton_constants(consts_sb, width, chunk) if cdt == f32 else None
+    solve_wss = [_solve_workspace(masks_w, n_lvl, width, chunk, cdt, newton) for _ in range(depth)]
 
     cfg = dict(chunk=chunk, seq=seq, width=width, group=group, head_base=head_base, scale=scale,
                use_l2norm=use_l2norm, cdt=cdt, has_lengths=has_lengths,
@@ -414,7 +415,7 @@ def _chunk_prep(q, k, v, g, beta, lengths, per_seq, ctx, cfg):
         yield
         hs = slice(hv0, hv0 + width)
         head_kh = [(base + hv0 + w) // group - kh_base - hk0 for w in range(width)]
-        blk = dict(hs=hs, head_kh=head_kh, q_t=q_t, raw=None)
+        blk = dict(hs=hs, head_kh=head_kh, q_t=q_t, k_t=k_t, raw=None)
         if raw:
             blk["raw"] = {key: val[:, hs] for key, val in ctx["raw"].items()}
         yield from _block_prep(blk, k_c[:, hk0:hk0 + n_kh, :], v_c[:, hs, :], kk_sb,
@@ -866,12 +867,12 @@ def _normalize(x_sb, valid, scale, use_l2norm, cdt, factor_only=False):
         return x_sb, None
     factor = nl.ndarray((chunk, n_h), dtype=nl.float32, buffer=nl.sbuf)
     if use_l2norm:
-        # squares in the input dtype when it is 2-byte (on GpSimd, VectorE is the busier engine; fp32 sum)
-        # (fp32 squares for fp32 compute: bf16-rounded squares put ~1e-4 relative error on the factor)
-        sq_dt = x_sb.dtype if x_sb.dtype in (nl.bfloat16, nl.float16) and cdt != nl.float32 else nl.float32
-        sq = nl.ndarray((chunk, n_h, d), dtype=sq_dt, buffer=nl.sbuf)
-        nisa.tensor_tensor(dst=sq, data1=x_sb, data2=x_sb, op=nl.multiply, engine=nisa.engine.gpsimd)
-        nisa.tensor_reduce(dst=factor, op=nl.add, data=sq, axis=2)
+        # sum of squares per (token, head) by one ScalarE square with its free-axis sum (fp32 squares and sum; the
+        # squares themselves go to a scratch tile): VectorE and GpSimd are the busier engines
+        sq = nl.ndarray((chunk, d), dtype=nl.float32, buffer=nl.sbuf)
+        for i_h in range(n_h):
+            nisa.activation_reduce(dst=sq, op=nl.square, data=x_sb[:, i_h, :], reduce_op=nl.add,
+                                   reduce_res=factor[:, i_h:i_h + 1])
         nisa.activation(dst=factor, op=nl.rsqrt, data=factor, scale=_RSQRT_PRESCALE,
                         bias=_L2NORM_EPS * _RSQRT_PRESCALE)
         nisa.tensor_scalar(dst=factor, data=factor, op0=nl.multiply, operand0=float(scale) * _RSQRT_POSTSCALE)
@@ -901,15 +902,20 @@ def _raw_scalings(k_raw, k_ok, q_fac, k_fac, exp_g, cfg):
     tiles: rk (the key factor), rq (the query factor) and eq = e^{G} rq."""
     chunk, n_hk, dk = k_raw.shape
     n_hv = exp_g.shape[1]
-    f32, u8 = nl.float32, nl.uint8
+    f32 = nl.float32
     pool = nisa.engine.gpsimd
     nisa.tensor_copy_predicated(dst=k_raw, src=0.0, predicate=k_ok, reverse_pred=True)
     if cfg["use_l2norm"]:
-        fac_ok = nl.ndarray((chunk, n_hk), dtype=u8, buffer=nl.sbuf)
+        # rk = 0 (a sum of squares that overflowed) or NaN: rk and the raw row to 0. The row is finite after the
+        # select above (a non-finite raw element gives a non-finite normalised one), so a multiply by the 0/1 flag
+        # (ScalarE, the flag as the per-partition scale) zeroes it
+        fac_ok = nl.ndarray((chunk, n_hk), dtype=f32, buffer=nl.sbuf)
         nisa.tensor_scalar(dst=fac_ok, data=k_fac, op0=nl.greater, operand0=0.0)      # NaN compares false
-        nisa.tensor_copy_predicated(dst=k_fac, src=0.0, predicate=fac_ok, reverse_pred=True)
-        nisa.tensor_copy_predicated(dst=k_raw, src=0.0, reverse_pred=True,
-                                    predicate=fac_ok.ap(pattern=[[n_hk, chunk], [1, n_hk], [0, dk]], offset=0))
+        fac_ok_u8 = nl.ndarray((chunk, n_hk), dtype=nl.uint8, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=fac_ok_u8, src=fac_ok)
+        nisa.tensor_copy_predicated(dst=k_fac, src=0.0, predicate=fac_ok_u8, reverse_pred=True)
+        for i_k in range(n_hk):
+            nisa.activation(dst=k_raw[:, i_k, :], op=nl.copy, data=k_raw[:, i_k, :], scale=fac_ok[:, i_k:i_k + 1])
     group, base = cfg["group"], cfg["head_base"]
     kh_base = base // group
     out = {}
@@ -986,8 +992,8 @@ def _block_prep(blk, k_c, v_w, kk_sb, kq_causal, g_w, beta_w, exp_g, beta_exp_g,
     else:                                                                 # rk_i beta_i (see _raw_scalings)
         nisa.tensor_tensor(dst=beta_c, data1=beta_w, data2=raw["rk"], op=nl.multiply)
     diag_b = nl.ndarray((chunk, width, chunk), dtype=cdt, buffer=nl.sbuf)
-    for w in range(width):
-        nisa.tensor_scalar(dst=diag_b[:, w, :], data=ident_w[:, w, :], op0=nl.multiply, operand0=beta_c[:, w:w + 1])
+    for w in range(width):                     # ScalarE (VectorE is the busier engine)
+        nisa.activation(dst=diag_b[:, w, :], op=nl.copy, data=ident_w[:, w, :], scale=beta_c[:, w:w + 1])
     kb_ps = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.psum)
     for w0, w1 in _shared_stationary_runs(head_kh, chunk):      # (K K^T)^T diag(beta), heads of one q/k head
         nisa.nc_matmul(kb_ps[:, w0:w1, :], kk_sb[:, head_kh[w0], :], diag_b[:, w0:w1, :])
@@ -1009,23 +1015,32 @@ def _block_prep(blk, k_c, v_w, kk_sb, kq_causal, g_w, beta_w, exp_g, beta_exp_g,
                                        cfg["hi_lvl"] if compact else None, bf16_corrections=cfg["use_l2norm"])
 
     # -W^T = -(T (beta e^G K))^T; beta V; K o e^{G_C - G_j} (decay_t[:, w, C-1] = e^{G_C - G_j})
-    xk = nl.ndarray((chunk, width, dk), dtype=cdt, buffer=nl.sbuf)
     xv = nl.ndarray((chunk, width, dv), dtype=cdt, buffer=nl.sbuf)
     k_dec = nl.ndarray((chunk, width, dk), dtype=cdt, buffer=nl.sbuf)
     for w in range(width):
-        nisa.tensor_scalar(dst=xk[:, w, :], data=k_c[:, head_kh[w], :], op0=nl.multiply,
-                           operand0=beta_exp_g[:, w:w + 1], engine=pool)
         nisa.tensor_scalar(dst=xv[:, w, :], data=v_w[:, w, :], op0=nl.multiply, operand0=beta_w[:, w:w + 1],
                            engine=pool)
         nisa.tensor_scalar(dst=k_dec[:, w, :], data=k_c[:, head_kh[w], :], op0=nl.multiply,
                            operand0=decay_t[:, w, chunk - 1:chunk], engine=pool)
+    blk.update(p_t=p_t, t_t=t_t, xv=xv, k_dec=k_dec)
+    if raw is not None:
+        # the tail forms V' = T (beta V - X S) with X S = diag(rk beta e^G) (K_raw S): no W^T (see _block_tail)
+        x_scale = nl.ndarray((chunk, width), dtype=f32, buffer=nl.sbuf)
+        nisa.tensor_tensor(dst=x_scale, data1=beta_exp_g, data2=raw["rk"], op=nl.multiply, engine=pool)
+        blk.update(x_scale=x_scale)
+        yield
+        return
+    xk = nl.ndarray((chunk, width, dk), dtype=cdt, buffer=nl.sbuf)
+    for w in range(width):
+        nisa.tensor_scalar(dst=xk[:, w, :], data=k_c[:, head_kh[w], :], op0=nl.multiply,
+                           operand0=beta_exp_g[:, w:w + 1], engine=pool)
     wt_ps = nl.ndarray((dk, width, chunk), dtype=f32, buffer=nl.psum)
     for w in range(width):
         nisa.nc_matmul(wt_ps[:, w, :], xk[:, w, :], t_t[:, w, :])
     wt_neg = nl.ndarray((dk, width, chunk), dtype=cdt, buffer=nl.sbuf)
     nisa.activation(dst=wt_neg, op=nl.copy, data=wt_ps, scale=-1.0)
     del wt_ps
-    blk.update(p_t=p_t, t_t=t_t, wt_neg=wt_neg, xv=xv, k_dec=k_dec)
+    blk.update(wt_neg=wt_neg)
     yield
 
 
@@ -1059,15 +1074,14 @@ def _block_tail(blk, exp_g, exp_glast, s_w, o_w, cfg, dk, dv):
     if cdt != f32:
         s_c = nl.ndarray((dk, width, dv), dtype=cdt, buffer=nl.sbuf)
         nisa.tensor_copy(dst=s_c, src=s_w, engine=pool)
-    elif raw is not None:
-        # Q S (output only) on the raw bf16 Q^T and S = S_hi + S_lo (two bf16 pieces, ~2^-17 relative): two
-        # bf16 passes instead of four fp32 ones; the split is made before the state update overwrites S
-        s_hi = nl.ndarray((dk, width, dv), dtype=nl.bfloat16, buffer=nl.sbuf)
-        nisa.activation(dst=s_hi, op=nl.copy, data=s_w)
-        s_lo = nl.ndarray((dk, width, dv), dtype=nl.bfloat16, buffer=nl.sbuf)
-        nisa.tensor_tensor(dst=s_lo, data1=s_w, data2=s_hi, op=nl.subtract, engine=pool)
+    if raw is not None:
+        v_in, s_pieces = _raw_delta_input(blk, s_w, cfg)
+        s_hi, s_lo = s_pieces[0], s_pieces[1]            # Q S (output only): S_hi + S_mid, ~2^-17 relative
     vn_ps = nl.ndarray((chunk, width, dv), dtype=f32, buffer=nl.psum)
     for w in range(width):
+        if raw is not None:                                 # V' = T (beta V - X S)
+            nisa.nc_matmul(vn_ps[:, w, :], t_t[:, w, :], v_in[:, w, :])
+            continue
         nisa.nc_matmul(vn_ps[:, w, :], t_t[:, w, :], blk["xv"][:, w, :])
         nisa.nc_matmul(vn_ps[:, w, :], blk["wt_neg"][:, w, :], s_c[:, w, :], accumulate=True)
     v_new = nl.ndarray((chunk, width, dv), dtype=cdt, buffer=nl.sbuf)
@@ -1116,22 +1130,57 @@ def _block_tail(blk, exp_g, exp_glast, s_w, o_w, cfg, dk, dv):
         yield
 
 
-def _strict_upper(consts_sb, width, chunk):
-    """[C, W, C] fp32 0/1: [p < f] per head (the strictly upper part of A^T that the Newton residual reads), made
-    once from U - I and shared by the solve workspaces."""
-    strict = nl.ndarray((chunk, chunk), dtype=nl.float32, buffer=nl.sbuf)
+def _newton_constants(consts_sb, width, chunk):
+    """The Newton steps' constants, made once and shared by the solve workspaces: strict [C, W, C] fp32 0/1,
+    [p < f] per head (the strictly upper part of A^T), from U - I."""
+    f32 = nl.float32
+    strict = nl.ndarray((chunk, chunk), dtype=f32, buffer=nl.sbuf)
     nisa.tensor_tensor(dst=strict, data1=consts_sb[:, _C_UTRI, :], data2=consts_sb[:, _C_IDENT, :], op=nl.subtract)
-    strict_t = nl.ndarray((chunk, width, chunk), dtype=nl.float32, buffer=nl.sbuf)
+    strict_t = nl.ndarray((chunk, width, chunk), dtype=f32, buffer=nl.sbuf)
     for w in range(width):
         nisa.activation(dst=strict_t[:, w, :], op=nl.copy, data=strict)
-    return strict_t
+    return dict(strict=strict_t)
 
 
-def _solve_workspace(masks_w, n_lvl, width, chunk, cdt, strict_t=None):
+def _raw_delta_input(blk, s_w, cfg):
+    """The raw-operand path's beta V - X S [C, W, Dv] fp32 (X = diag(rk beta e^G) K_raw: the rows of W = T X before
+    T) and the exact three-piece split of S [Dk, W, Dv] fp32 = S_hi + S_mid + S_lo (bf16 each: 3 x 8 significand
+    bits hold fp32's 24, so the split is exact, and K_raw S from the three bf16 products accumulated in fp32 PSUM
+    is as accurate as one fp32 matmul: 3 bf16 passes of N = (heads of the q/k head) Dv instead of 4 fp32 passes
+    per head). V' = T (beta V - X S) replaces U - W S: no W^T product in the prep, and the S product shares the
+    raw K^T stationary across the v heads of a q/k head."""
+    f32, bf16 = nl.float32, nl.bfloat16
+    dk, width, dv = s_w.shape
+    chunk = cfg["chunk"]
+    pool = nisa.engine.gpsimd
+    s_hi = nl.ndarray((dk, width, dv), dtype=bf16, buffer=nl.sbuf)
+    nisa.activation(dst=s_hi, op=nl.copy, data=s_w)
+    rest = nl.ndarray((dk, width, dv), dtype=f32, buffer=nl.sbuf)          # S - S_hi: exact in fp32
+    nisa.tensor_tensor(dst=rest, data1=s_w, data2=s_hi, op=nl.subtract, engine=pool)
+    s_mid = nl.ndarray((dk, width, dv), dtype=bf16, buffer=nl.sbuf)
+    nisa.activation(dst=s_mid, op=nl.copy, data=rest)
+    s_lo = nl.ndarray((dk, width, dv), dtype=bf16, buffer=nl.sbuf)        # exact: <= 8 significant bits left
+    nisa.tensor_tensor(dst=s_lo, data1=rest, data2=s_mid, op=nl.subtract, engine=pool)
+    pieces = (s_hi, s_mid, s_lo)
+    head_kh = blk["head_kh"]
+    ks_ps = nl.ndarray((chunk, width, dv), dtype=f32, buffer=nl.psum)
+    for w0, w1 in _shared_stationary_runs(head_kh, dv):
+        for i_p, piece in enumerate(pieces):
+            nisa.nc_matmul(ks_ps[:, w0:w1, :], blk["k_t"][:, head_kh[w0], :], piece[:, w0:w1, :],
+                           accumulate=i_p > 0)
+    v_in = nl.ndarray((chunk, width, dv), dtype=f32, buffer=nl.sbuf)
+    for w in range(width):                                                 # beta V - (rk beta e^G) (K_raw S)
+        nisa.scalar_tensor_tensor(dst=v_in[:, w, :], data=ks_ps[:, w, :], op0=nl.multiply,
+                                  operand0=blk["x_scale"][:, w:w + 1], op1=nl.subtract, operand1=blk["xv"][:, w, :],
+                                  reverse1=True)
+    return v_in, pieces
+
+
+def _solve_workspace(masks_w, n_lvl, width, chunk, cdt, newton=None):
     """[I (cdt), level masks, N_s tiles, initialised, I in the solve dtype, strict-upper mask (fp32) or None]:
     the N_s tiles persist across chunks with identity hi columns (each chunk rewrites only their lo columns).
     fp32 compute (cdt fp32) solves on bf16 operands and refines in fp32 (_refine_inverse): the level masks, I and
-    N_s are then bf16 copies, and strict_t (the fp32 strict-upper mask of A^T, shared: _strict_upper) is kept."""
+    N_s are then bf16 copies, and newton (_newton_constants, shared) is kept."""
     ident_w = masks_w[:, 0]
     if cdt != nl.float32:
         lvl_masks = [masks_w[:, 1 + lvl] for lvl in range(n_lvl)]
@@ -1142,7 +1191,7 @@ def _solve_workspace(masks_w, n_lvl, width, chunk, cdt, strict_t=None):
     nisa.tensor_copy(dst=masks_bf, src=masks_w, engine=nisa.engine.gpsimd)
     lvl_masks = [masks_bf[:, 1 + lvl] for lvl in range(n_lvl)]
     n_lv = [None] + [nl.ndarray((chunk, width, chunk), dtype=sdt, buffer=nl.sbuf) for _ in range(1, n_lvl)]
-    return [ident_w, lvl_masks, n_lv, False, masks_bf[:, 0], strict_t]
+    return [ident_w, lvl_masks, n_lv, False, masks_bf[:, 0], newton]
 
 
 def _init_workspace(solve_ws):
@@ -1173,18 +1222,18 @@ def _solve_unit_lower(at_sb, solve_ws, hi_rows, chunk, cdt, hi_lvl=None, bf16_co
     Newton steps T <- T + T (I - (I + A) T) (each squares the relative error: fp32-exact after two, on random
     and on near-repeated keys, NumPy study in docs/deltanet.md). Full-width fp32 matmuls replace the 17
     half-width fp32 matmuls of an fp32 block doubling (4 passes each): about half the solve's TensorE time."""
-    ident_w, lvl_masks, n_lv, _, ident_s, strict_t = solve_ws
-    if strict_t is None:
+    ident_w, lvl_masks, n_lv, _, ident_s, newton = solve_ws
+    if newton is None:
         t_t, _ = yield from _block_doubling(at_sb, ident_s, lvl_masks, n_lv, hi_rows, chunk, cdt, False, hi_lvl)
         return t_t
     sdt = nl.bfloat16
     at_s = nl.ndarray(at_sb.shape, dtype=sdt, buffer=nl.sbuf)
     nisa.activation(dst=at_s, op=nl.copy, data=at_sb)
     t0_t, t0_row = yield from _block_doubling(at_s, ident_s, lvl_masks, n_lv, hi_rows, chunk, sdt, True, hi_lvl)
-    return (yield from _refine_inverse(at_sb, strict_t, ident_w, t0_t, t0_row, bf16_corrections))
+    return (yield from _refine_inverse(at_sb, newton, ident_w, t0_t, t0_row, bf16_corrections))
 
 
-def _refine_inverse(at_sb, strict_t, ident_w, t0_t, t0_row, bf16_corrections):
+def _refine_inverse(at_sb, newton, ident_w, t0_t, t0_row, bf16_corrections):
     """Newton steps on T = (I + A)^-1 from the bf16 T0 (both layouts): E = I - T - A T, T^T <- T^T + E^T T^T,
     T <- T + T E (every matmul out = stationary^T moving: A T = (A^T)^T T, E^T T^T = (E)^T T^T, T E = (T^T)^T E).
 
@@ -1193,14 +1242,14 @@ def _refine_inverse(at_sb, strict_t, ident_w, t0_t, t0_row, bf16_corrections):
     bf16 solve, then ~1e-5), run on bf16 copies of E and T^T (one pass, fp32 PSUM): their 4e-3 relative rounding
     is removed by the next step's exact residual, and the last leaves ~4e-3 |E_1|. Without the norm (raw keys:
     A and T can be large and ill-conditioned) every product is fp32 (docs/deltanet.md "Newton corrections").
-    at_sb [C, W, C] fp32 A^T (strict upper part used), strict_t its 0/1 mask, ident_w I (fp32); t0_t, t0_row bf16.
-    Returns T^T fp32."""
+    at_sb [C, W, C] fp32 A^T (strict upper part used), newton: _newton_constants, ident_w I (fp32); t0_t, t0_row
+    bf16. Returns T^T fp32."""
     f32, bf16 = nl.float32, nl.bfloat16
     shape = at_sb.shape
     width = shape[1]
     pool = nisa.engine.gpsimd
-    a_t = nl.ndarray(shape, dtype=f32, buffer=nl.sbuf)
-    nisa.tensor_tensor(dst=a_t, data1=at_sb, data2=strict_t, op=nl.multiply, engine=pool)
+    a_t = nl.ndarray(shape, dtype=f32, buffer=nl.sbuf)                 # strict upper part of A^T
+    nisa.tensor_tensor(dst=a_t, data1=at_sb, data2=newton["strict"], op=nl.multiply, engine=pool)
     x_t = nl.ndarray(shape, dtype=f32, buffer=nl.sbuf)           # T^T
     nisa.tensor_copy(dst=x_t, src=t0_t, engine=pool)
     t_row = nl.ndarray(shape, dtype=f32, buffer=nl.sbuf)         # T
