@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from nki_kernels.backend import nisa, nki, nl
 from nki_kernels.hw import P_MAX
+from .kernels import _broadcast_rows  # one broadcast DMA of a [F] vector to every partition
 
 _ROPE_OPT_SEQ_TILE = 2048          # A11.opt: positions per tile, as published (8 KiB fp32 rows)
 _BN_STATS_FMAX = 512               # nl.tile_size.bn_stats_fmax: elements one bn_stats reads per partition
@@ -86,13 +87,6 @@ def rope_opt_a11(x, cos, sin):
 
 # ------------------------------------------------------------------------------------------------ LN
 
-
-def _broadcast_rows(v):
-    """v[F] -> an SBUF [128, F] tile holding v on every partition (one broadcast DMA)."""
-    n = v.shape[0]
-    v_sb = nl.ndarray((P_MAX, n), dtype=v.dtype, buffer=nl.sbuf)
-    nisa.dma_copy(dst=v_sb, src=v.reshape((1, n)).ap(pattern=[[0, P_MAX], [1, n]]))
-    return v_sb
 
 
 def _col(shape_p=P_MAX):
