@@ -24,7 +24,8 @@ import sys
 # Family of each kernel, in the order the tables appear.
 FAMILIES = (
     ("Attention", ("flash_attention", "flash_attention_decode", "flash_attention_varlen")),
-    ("Gated DeltaNet", ("gated_delta_rule", "gated_delta_rule_step", "causal_conv1d", "causal_conv1d_update")),
+    ("Gated DeltaNet", ("gated_delta_rule", "gated_delta_rule_fused", "gated_delta_rule_step", "causal_conv1d",
+                        "causal_conv1d_update")),
     ("MoE", ("moe_blockwise", "moe_decode")),
     ("Code predictor", ("code_predictor",)),
     ("Example kernels", ("tiled_matmul", "softmax", "rmsnorm")),
@@ -37,6 +38,8 @@ HEADLINE = {
     "flash_attention_decode": "qwen3.5-35b-a3b tp4 B=8 S=8192 Sq=1 D=256",
     "flash_attention_varlen": "qwen3.5-35b-a3b tp4 8 packed in [64, 2048] N=8 T=7820 causal gated D=256 max_seqlen",
     "gated_delta_rule": "qwen3.5-35b-a3b tp4 B=1 T=2048 Hk=4 Hv=8 D=128 l2norm",
+    "gated_delta_rule_fused": ("qwen3.5-35b-a3b tp4 B=1 T=2048 Hk=4 Hv=8 D=128 l2norm conv1d K=4 + "
+                               "gated_delta_rule (fused)"),
     "gated_delta_rule_step": "qwen3.5-35b-a3b tp4 B=1 T=1 Hk=4 Hv=8 D=128 fp32 state",
     "causal_conv1d": "qwen3.5-35b-a3b tp4 B=1 C=2048 T=2048 K=4 silu",
     "causal_conv1d_update": "qwen3.5-35b-a3b tp4 B=8 C=2048 T=1 K=4 silu",
