@@ -14,7 +14,7 @@ import numpy as np
 
 from ..backend import call, nki, nisa, nl
 from ..hw import P_MAX, PSUM_FMAX_FP32
-from ..lnc import resolve_lnc
+from ..lnc import current_target_name, resolve_lnc
 from ..validation import kernel_check
 from ._checks import FLOAT_DTYPES as _FLOAT_DTYPES
 from ._checks import check_cu_seqlens, check_lengths, check_tensor
@@ -33,6 +33,7 @@ _HIST_SBUF_BYTES = 40 * 1024      # prefill: bytes per partition of one block's 
                                   # with its y tile and 3 rotating buffers the worst case (T = 16384, one
                                   # tile per block) needs what the one-tile-per-DMA kernel needed
 _PE_TILE = 32                     # prefill taps: 32 x 32 PE tiles (NeuronCore-v3+ row / column tiling) on the diagonal
+_NO_PE_TILE32 = ("trn1",)         # targets whose PE tiles are 64 / 128 rows only (NeuronCore-v2): full-array taps
 _DMA_ROW_BYTES = 2560             # prefill: x / y DMAs move >= this many bytes per partition row (past the DMA
                                   # engines' packet knee, ~2.5 KiB) by grouping channel tiles
 
@@ -322,15 +323,21 @@ def _taps_on_pe(hist, diag, y_sb, pc, n_b, act):
     """y_sb[:, b, cols] = act(sum_i w[:, i] hist[:, b, 1 + i + cols]) for the n_b sequences of hist: per PSUM bank of
     columns, K accumulating matmuls of diag(w[:, i]) against the shifted history, evicted through `act` by ScalarE.
     diag(w) is block diagonal: each 32-channel block runs on its own 32 x 32 PE tile (tile_position on the
-    diagonal of the array), so the four blocks of a tile stream concurrently instead of through the full array."""
+    diagonal of the array), so the four blocks of a tile stream concurrently instead of through the full array
+    (NeuronCore-v3+; on trn1, whose PE tiles are 64 / 128 rows, one full-array matmul per tap)."""
     seq = y_sb.shape[2]
     kw = diag.shape[1]
+    tiles32 = current_target_name() not in _NO_PE_TILE32
     for i_b in range(n_b):
         for i_j in range((seq + PSUM_FMAX_FP32 - 1) // PSUM_FMAX_FP32):
             j0 = i_j * PSUM_FMAX_FP32
             n = min(PSUM_FMAX_FP32, seq - j0)
             ps = nl.ndarray((P_MAX, PSUM_FMAX_FP32), dtype=nl.float32, buffer=nl.psum)
             for i_k in range(kw):
+                if not tiles32:   # NeuronCore-v2: one matmul over the whole array per tap
+                    nisa.nc_matmul(ps[0:pc, 0:n], diag[0:pc, i_k, 0:pc], hist[0:pc, i_b, 1 + i_k + j0:1 + i_k + j0 + n],
+                                   accumulate=i_k > 0)
+                    continue
                 for r0 in range(0, pc, _PE_TILE):
                     r1 = min(pc, r0 + _PE_TILE)
                     nisa.nc_matmul(ps[r0:r1, 0:n], diag[r0:r1, i_k, r0:r1],

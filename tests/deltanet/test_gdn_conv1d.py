@@ -194,3 +194,19 @@ def test_prefill_longest_sequence_fits(dtype, rng):
     ry, rstate = ref.causal_conv1d(x, w, valid_lengths=lens)
     assert_close("y", ry, y, dtype=np.dtype(dtype).name)
     np.testing.assert_array_equal(np.asarray(new_state, np.float32), np.asarray(rstate, np.float32))
+
+
+@pytest.mark.parametrize("target, lnc", [("trn1", 1), ("trn2", 2)])
+def test_bf16_prefill_taps_on_each_target(target, lnc, rng):
+    """bf16 taps run on 32 x 32 PE tiles where the target has them (NeuronCore-v3+) and as one full-array matmul on
+    trn1, whose PE tiles are 64 / 128 rows only (a 32-row tile there is an invalid matmul): both match the
+    reference."""
+    from nki_kernels.emulator.targets import use_target
+    x = rng.standard_normal((2, 160, 40)).astype(BF16)
+    w = rng.standard_normal((160, 4)).astype(BF16)
+    state = rng.standard_normal((2, 160, 4)).astype(BF16)
+    with use_target(target):
+        y, new_state = causal_conv1d(x, w, conv_state=state, lnc=lnc)
+    ry, rstate = ref.causal_conv1d(x, w, conv_state=state)
+    assert_close("y", ry, y, dtype="bfloat16")
+    assert_close("new conv state", rstate, new_state, dtype="bfloat16")
