@@ -165,8 +165,8 @@ def test_prefill_g_minus_inf_on_last_token_zeroes_the_state_part(rng):
 
 
 @pytest.mark.xfail(strict=True, reason="known limit (docs/deltanet.md, Non-finite values): with the L2 norm, the "
-                   "products on the raw keys overflow fp32 when |k| * |S| passes ~3e38, and the chunk goes NaN "
-                   "from its first token, where the float64 reference stays finite")
+                   "products on the raw keys (this round's raw-bf16 path) overflow fp32 when |k| * |S| passes "
+                   "~3e38, and the chunk goes NaN from its first token, where the float64 reference stays finite")
 def test_prefill_large_key_times_large_state_stays_finite(rng):
     """Finite inputs at the edge of fp32: a state of ~1e30 (v = 1e30 on early tokens) meets a key of norm ~1e9 in
     a later chunk. The reference stays finite; the kernel should too (it does not yet: strict xfail)."""
