@@ -14,10 +14,12 @@ P V matmul contracts over (no transposes of P), and the row statistics cross the
 Loop nest (per program instance):
 
     for each part (b, KV head, key range) this core owns:           (parts: below)
-        Q^T [D, R] (DMA transpose or PE); per-row key limit from cache_lens[b] (runtime data)
-        for each piece of up to 2048 keys (one K and one V DMA, partition-major: 16 keys x D per partition;
-                the core's last piece's V in four chunk groups, so only the last group's work follows the stream):
-            V rows past cache_lens[b] := 0 (predicated copy: 0 * NaN would poison P V)
+        Q^T [D, R] by PE transposes; per-row key limit from cache_lens[b] (runtime data)
+        for each piece of up to 2048 keys (K and V DMAs chunk-major: chunk c, partition p = key c * 128 + p;
+                the core's last part streams all its K before its V; V in chunk groups):
+            V rows past cache_lens[b] := 0 in the chunk groups that hold such rows (predicated copy in a
+                register-bounded loop of 0 or 1 trips: 0 * NaN would poison P V); groups wholly past the
+                length are skipped in P V
             K^T by PE transposes; S^T = K^T.T Q^T (fp32 PSUM); keys past the limit selected to MASK_BIAS
             m = max over keys (free-axis max, PE transpose, max); P^T = exp(scale S^T - scale m)
             O = alpha O + P^T.T V, l = alpha l + P^T.T 1  (online softmax; PV one piece behind the scores)
@@ -48,7 +50,6 @@ _PSUM_BANK_F32 = 512              # fp32 elements per partition in one 2 KiB PSU
 _MAX_SPLIT_STATE_BYTES = 64 * 1024  # SBUF per partition core 0 may hold for the first halves' partial states
 _MAX_PIPE = 2                     # sendrecv pipe of the early max exchange (the state swap uses pipes 0 and 1)
 _SENDRECV_F32_COLS = 256          # fp32 columns per partition of one gpsimd_dma sendrecv (1024 B, isa stub limit)
-_TAIL_CUTS = 4                    # the core's last piece is cut in this many pieces (see _pieces)
 _ZERO_CHUNKS = 4                  # 128-key chunks per V-zeroing group (each run only if it holds padded positions)
 _V_TAIL_SPLITS = (2, 4, 8)        # the core's last V piece arrives in chunk groups that end n_c/2, n_c/4, n_c/8
 #                                   chunks before its end: their zeroing and P V overlap the rest of the stream
@@ -74,7 +75,8 @@ def flash_attention_decode_kernel(q, k_cache, v_cache, cache_lens, softmax_scale
         q: [B, Hq, Sq, D] @ HBM, bf16/fp16/fp32.
         k_cache: [B, Hkv, S, D] @ HBM, q's dtype (new tokens already written).
         v_cache: [B, Hkv, S, D] @ HBM, q's dtype.
-        cache_lens: [B] int32 @ HBM, Sq <= cache_lens[b] <= S (runtime data: masks, not loop bounds).
+        cache_lens: [B] int32 @ HBM, Sq <= cache_lens[b] <= S (runtime data: masks and the trip counts of
+            register-bounded loops; the instruction stream does not depend on it).
         softmax_scale: float (trace-time). causal: bool (trace-time), causal among the new tokens.
     Returns:
         out: [B, Hq, Sq, D] @ HBM, q's dtype.

@@ -211,8 +211,8 @@ def _head_token_rows(s_h, upd, out, exp_g, dl_rows, i_t, i_h):
 
 def _head_token_rank1(s_h, s_bf, upd, exp_g, i_t, i_h):
     """bf16 inputs: one token's update of v head h's state S = s_h ([Dk, Dv] fp32, SBUF), keeping the bf16 copy
-    s_bf of S (before the update) used for the products (as the prefill does; fp32 accumulation, fp32 state)
-    and by _head_token_out.
+    s_bf of S (before the update) used for the update's product (as the prefill does; fp32 accumulation, fp32
+    state). The output is computed afterwards from the updated state (_token_out_rows).
 
     k delta^T = beta k v^T + (k k'^T) S, so the update needs one matmul after S arrives (the rank-1 stationary
     k' k^T and beta k v^T come from the inputs)."""

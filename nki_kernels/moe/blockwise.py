@@ -625,8 +625,10 @@ def moe_blockwise(hidden, expert_affinities, gate_up, down, token_position_to_id
         H % 128 == 0 and 128 <= H <= 8192; I and Is split into ceil(I/128) equal chunks; one expert's weights
         <= 96 KiB per partition; mapping ids in range, each (token, expert) pair at most once, every routed
         (token, local expert) of top_k_index (or nonzero dense affinity) in the mapping, at most KMAX slots
-        per token. The mapping checks read host (NumPy / CPU) values for validation only; the kernel's
-        instruction sequence depends only on the shapes (N, B, T, KMAX).
+        per token. The mapping checks read host (NumPy / CPU) values; the host also builds the inverse mapping
+        `token_to_position` [T, KMAX] from the mapping (and, in the top-k form with the DMA combine, from
+        top_k_index: `token_slots_topk`), as NxDI builds its mapping outside the kernel. The kernel's instruction
+        sequence depends only on the shapes (N, B, T, KMAX).
     Pseudocode:
         see moe_blockwise_kernel.
     """
