@@ -90,21 +90,22 @@ def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, 
     f32 = nl.float32
     # q/k/v rows in SBUF, k rows and delta rows of the outer products, o rows: bf16 for bf16 inputs, else fp32
     cdt = q.dtype if q.dtype == nl.bfloat16 else f32
-    n_th, n_tk, n_r = n_tok * n_hv, n_tok * n_hk, 2 * n_hv
+    n_th, n_r = n_tok * n_hv, 2 * n_hv
     o = nl.ndarray((bsz, n_tok, n_hv, dv), dtype=q.dtype, buffer=nl.shared_hbm)
     ones_sb = nl.ndarray((dk, dk), dtype=f32, buffer=nl.sbuf)
     nisa.memset(dst=ones_sb, value=1.0)
-    # 0/1 selection matrix: sel[j, t, hk, g, x] = [j == t Hk + hk] turns contiguous q/k rows [T Hk, Dk] into
-    # per-v-head columns [Dk, T Hv] with one matmul (transpose + GVA expansion in one instruction; x = 0) and,
-    # as the stationary, into k rows on the row pairs (2h, 2h + 1) of the v heads (no transpose)
-    ones_sel = nl.ndarray((n_tk, 2 * n_th), dtype=cdt, buffer=nl.sbuf)
+    # 0/1 selection matrix: sel[j, hk, g, x] = [j == hk] turns one token's q/k rows [Hk, Dk] into per-v-head
+    # columns [Dk, Hv] with one matmul (transpose + GVA expansion in one instruction; x = 0) and, as the
+    # stationary, into k rows on the row pairs (2h, 2h + 1) of the v heads (no transpose). One matmul per token:
+    # a contraction over every token's rows would carry a NaN of a later token into earlier ones (0 x NaN)
+    ones_sel = nl.ndarray((n_hk, 2 * n_hv), dtype=cdt, buffer=nl.sbuf)
     nisa.memset(dst=ones_sel, value=1.0)
-    sel = nl.ndarray((n_tk, n_tok, n_hk, group, 2), dtype=cdt, buffer=nl.sbuf)
-    nisa.affine_select(dst=sel, pattern=[[n_hk, n_tok], [1, n_hk], [0, group], [0, 2]], offset=0,
-                       channel_multiplier=-1, on_true_tile=ones_sel.reshape((n_tk, n_tok, n_hk, group, 2)),
+    sel = nl.ndarray((n_hk, n_hk, group, 2), dtype=cdt, buffer=nl.sbuf)
+    nisa.affine_select(dst=sel, pattern=[[1, n_hk], [0, group], [0, 2]], offset=0,
+                       channel_multiplier=-1, on_true_tile=ones_sel.reshape((n_hk, n_hk, group, 2)),
                        on_false_value=0.0, cmp_op=nl.equal)
-    sel_cols = nl.ndarray((n_tk, n_th), dtype=cdt, buffer=nl.sbuf)
-    nisa.tensor_copy(dst=sel_cols.reshape((n_tk, n_tok, n_hk, group)), src=sel[:, :, :, :, 0])
+    sel_cols = nl.ndarray((n_hk, n_hv), dtype=cdt, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=sel_cols.reshape((n_hk, n_hk, group)), src=sel[:, :, :, 0])
     # fp32 path: kqz[:, t, h] = [e_0 | k_h . q_h elementwise]: column sums give [1, k.q] (the addend factors)
     kqz = None
     if cdt == f32:
@@ -125,7 +126,7 @@ def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, 
     def slot_of(i_seq):                 # the state row of sequence i_seq: runtime (slot pool) or static
         return i_seq if static_rows else slot_all[0:1, i_seq:i_seq + 1]
     isz = 2 if cdt == nl.bfloat16 else 4
-    per_seq = (2 * dk + n_tok * dv) * isz + 2 * (n_th + n_tok) * 4
+    per_seq = (2 * n_tok * dk + n_tok * dv) * isz + 2 * (n_th + n_tok) * 4     # k, q rows: [Hk, T, Dk] per sequence
     n_grp = max(1, min(bsz, _INPUT_SBUF_BYTES // per_seq))
     ins = _load_inputs(q, k, v, g, beta, 0, n_grp, cdt, ones_sb)
     # state rows: up to _STATE_BUFFERS sequences in flight, so the reads of the next sequences stream in while b
@@ -229,14 +230,23 @@ def _head_token_rank1(s_h, s_bf, upd, exp_g, i_t, i_h):
                               operand1=upd_ps)
 
 
+def _select_columns(kq_ps, ins, i_b, sel_cols):
+    """kq_ps [Dk, 2, T Hv] = the k (index 0) and q (1) columns per v head of sequence i_b: per token, its [Hk, Dk]
+    rows transposed and expanded to the v heads by one matmul with the 0/1 selection (only that token's rows
+    in the contraction)."""
+    n_tok, n_hv = ins["k_rows"].shape[2], sel_cols.shape[1]
+    for i_x, name in enumerate(("k_rows", "q_rows")):
+        for i_t in range(n_tok):
+            nisa.nc_matmul(kq_ps[:, i_x, i_t * n_hv:(i_t + 1) * n_hv], ins[name][:, i_b, i_t, :], sel_cols)
+
+
 def _q_columns(q_shape, ins, i_b, sel_cols, ones_sb, scale, use_l2norm, cdt):
     """bf16 path: the normalised, scaled q columns [Dk, T, Hv] in the matmul dtype (the stationaries of o)."""
     _, n_tok, _, dk = q_shape
-    n_th = sel_cols.shape[1]
+    n_th = n_tok * sel_cols.shape[1]
     f32 = nl.float32
     kq_ps = nl.ndarray((dk, 2, n_th), dtype=f32, buffer=nl.psum)
-    nisa.nc_matmul(kq_ps[:, 0, :], ins["k_rows"][:, i_b, :], sel_cols)
-    nisa.nc_matmul(kq_ps[:, 1, :], ins["q_rows"][:, i_b, :], sel_cols)
+    _select_columns(kq_ps, ins, i_b, sel_cols)
     kqn = nl.ndarray((dk, n_tok, n_th // n_tok, 2), dtype=f32, buffer=nl.sbuf)
     _normalize_columns(kqn, kq_ps, ones_sb, scale, use_l2norm)
     del kq_ps
@@ -277,13 +287,14 @@ def _load_inputs(q, k, v, g, beta, b0, nb, cdt, ones_sb):
     f32 = nl.float32
     gb_bc = nl.ndarray((dk, 2, nb, n_th), dtype=f32, buffer=nl.sbuf)         # [:, 0] = g, [:, 1] = beta
     ins = dict(
-        k_rows=nl.ndarray((n_tk, nb, dk), dtype=cdt, buffer=nl.sbuf),
-        q_rows=nl.ndarray((n_tk, nb, dk), dtype=cdt, buffer=nl.sbuf),
+        k_rows=nl.ndarray((n_hk, nb, n_tok, dk), dtype=cdt, buffer=nl.sbuf),
+        q_rows=nl.ndarray((n_hk, nb, n_tok, dk), dtype=cdt, buffer=nl.sbuf),
         v_pairs=nl.ndarray((2 * n_hv, nb, n_tok, dv), dtype=cdt, buffer=nl.sbuf),
         g_bc=gb_bc[:, 0], beta_bc=gb_bc[:, 1],
         beta_pairs=nl.ndarray((2 * n_hv, nb, n_tok), dtype=f32, buffer=nl.sbuf))
     for name, x in (("k_rows", k), ("q_rows", q)):
-        nisa.dma_copy(dst=ins[name], src=x.ap(pattern=[[dk, n_tk], [n_tk * dk, nb], [1, dk]], offset=b0 * n_tk * dk))
+        nisa.dma_copy(dst=ins[name], src=x.ap(pattern=[[dk, n_hk], [n_tk * dk, nb], [n_hk * dk, n_tok], [1, dk]],
+                                              offset=b0 * n_tk * dk))
     _broadcast_rows(gb_bc, (g, beta), b0 * n_th, ones_sb)
     for i_x in range(2):
         nisa.dma_copy(dst=ins["v_pairs"][i_x:2 * n_hv:2], src=v.ap(
@@ -337,14 +348,14 @@ def _prepare_update(q_shape, ins, i_b, exp_g, sel_pairs, use_l2norm, cdt, own):
     (-beta e^g on every partition) and, for bf16 inputs, bv_rows and rank (see _prepare_rank1; the owned heads
     own = (first, count) only)."""
     _, n_tok, n_hk, dk = q_shape
-    n_r = 2 * sel_pairs.shape[2] * sel_pairs.shape[3]              # 2 Hv rows: sel_pairs [T Hk, T, Hk, G, 2]
-    n_th, n_tk = n_tok * n_r // 2, n_tok * n_hk
+    n_r = 2 * sel_pairs.shape[1] * sel_pairs.shape[2]              # 2 Hv rows: sel_pairs [Hk, Hk, G, 2]
+    n_th = n_tok * n_r // 2
     f32 = nl.float32
     # k rows on the row pairs (2h, 2h + 1) (the stationary of the outer products): the loaded rows selected per
     # v head by one matmul per token, normalised in that layout (no transpose of the normalised columns)
     kr_ps = nl.ndarray((n_r, n_tok, dk), dtype=f32, buffer=nl.psum)
     for i_t in range(n_tok):
-        nisa.nc_matmul(kr_ps[:, i_t, :], sel_pairs[:, i_t].reshape((n_tk, n_r)), ins["k_rows"][:, i_b, :])
+        nisa.nc_matmul(kr_ps[:, i_t, :], sel_pairs.reshape((n_hk, n_r)), ins["k_rows"][:, i_b, i_t, :])
     k_rows = nl.ndarray((n_r, n_tok, dk), dtype=cdt, buffer=nl.sbuf)
     _normalize_rows(k_rows, kr_ps, use_l2norm)
     del kr_ps
@@ -368,8 +379,7 @@ def _prepare_rows(q_shape, v_shape, ins, i_b, exp_g, nbe, sel_cols, ones_sb, kqz
     f32 = nl.float32
     # k, q columns per v head (Dk on partitions), transposed and head-expanded by one matmul each
     kq_ps = nl.ndarray((dk, 2, n_th), dtype=f32, buffer=nl.psum)
-    nisa.nc_matmul(kq_ps[:, 0, :], ins["k_rows"][:, i_b, :], sel_cols)
-    nisa.nc_matmul(kq_ps[:, 1, :], ins["q_rows"][:, i_b, :], sel_cols)
+    _select_columns(kq_ps, ins, i_b, sel_cols)
     kqn = nl.ndarray((dk, n_tok, n_hv, 2), dtype=f32, buffer=nl.sbuf)     # [..., 0] = k, [..., 1] = q
     _normalize_columns(kqn, kq_ps, ones_sb, scale, use_l2norm)
     del kq_ps

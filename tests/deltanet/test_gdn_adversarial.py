@@ -224,6 +224,25 @@ def test_step_nonfinite_sequence_stays_in_its_sequence(name, bad, row, dtype, ln
     _same(pool[untouched], clean_pool[untouched])
 
 
+@settings(max_examples=8)
+@given(name=st.sampled_from(_NAMES), bad=_BAD, n_tok=st.integers(2, 4), dtype=st.sampled_from(["float32", "bfloat16"]),
+       lnc=st.sampled_from([1, 2]), l2norm=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_step_nonfinite_token_reaches_no_earlier_token(name, bad, n_tok, dtype, lnc, l2norm, seed):
+    """Several new tokens per sequence (speculative decoding): a non-finite input at the last token leaves every
+    earlier token's output bit-identical to the clean launch, and equal to the float64 reference."""
+    rng = np.random.default_rng(seed)
+    x = _args(*gdn_inputs(rng, 2, n_tok, 2, 4, 32, 16, DTYPES[dtype]))
+    pool0 = rng.standard_normal((2, 4, 32, 16)).astype(np.float32)
+    clean_o = gated_delta_rule_step(**x, state_pool=pool0.copy(), use_qk_l2norm_in_kernel=l2norm, lnc=lnc)
+    x[name] = x[name].copy()
+    x[name][1, n_tok - 1] = bad
+    o = gated_delta_rule_step(**x, state_pool=pool0.copy(), use_qk_l2norm_in_kernel=l2norm, lnc=lnc)
+    _same(o[:, :n_tok - 1], clean_o[:, :n_tok - 1])
+    want, _ = ref.gated_delta_rule_step(**{k: _f32(a) for k, a in x.items()}, state_pool=pool0.copy(),
+                                        use_qk_l2norm_in_kernel=l2norm)
+    assert_close("o before the bad token", want[:, :n_tok - 1], o[:, :n_tok - 1], dtype=dtype)
+
+
 def test_step_g_minus_inf_is_exact_decay_to_zero(rng):
     x = _args(*gdn_inputs(rng, 2, 1, 1, 2, 16, 16))
     x["g"][0, 0, 1] = -np.inf
