@@ -83,3 +83,16 @@ def check_dtype(name: str, arg: str, x, allowed=FLOAT_DTYPES):
     dt = dtype_name(x)
     hint = " (NumPy's default float64: convert with .astype(np.float32))" if dt == "float64" else ""
     kernel_check(dt in allowed, f"{name}: {arg} dtype must be one of {allowed}{hint}, got {dt}")
+
+
+def initial_state_arg(name: str, initial_state, n_states: int, n_hv: int, dk: int, dv: int, lead: str = "B"):
+    """(has_init, the tensor to pass): a given initial_state must be float32 [n_states, Hv, Dk, Dv] (`lead` names
+    its first dim in the message); None becomes a 1-element placeholder the kernel does not read."""
+    if initial_state is None:
+        return False, np.zeros((1, 1, 1, 1), dtype=np.float32)
+    check_tensor(name, "initial_state", initial_state)
+    kernel_check(tuple(initial_state.shape) == (n_states, n_hv, dk, dv), f"{name}: initial_state must be "
+                 f"[{lead}, Hv, Dk, Dv]={(n_states, n_hv, dk, dv)}, got {tuple(initial_state.shape)}")
+    kernel_check(dtype_name(initial_state) == "float32",
+                 f"{name}: initial_state must be float32, got {dtype_name(initial_state)}")
+    return True, initial_state

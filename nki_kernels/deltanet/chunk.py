@@ -25,7 +25,7 @@ from ..backend import call, nki, nisa, nl
 from ..hw import P_MAX, PSUM_FMAX_FP32
 from ..lnc import current_target_name, resolve_lnc
 from ..validation import kernel_check
-from ._checks import check_cu_seqlens, check_lengths, check_qkv_gate_layouts, check_tensor
+from ._checks import check_cu_seqlens, check_lengths, check_qkv_gate_layouts, initial_state_arg
 from ._checks import dtype_name as _dtype_name
 
 # ---------------------------------------------------------------- constraints
@@ -1497,17 +1497,7 @@ def gated_delta_rule(q, k, v, g, beta, chunk_size=64, initial_state=None, output
                  f"{'bf16' if bf16_compute else 'fp32'} compute (SBUF per partition), got Hv={n_hv}, lnc={lnc}, "
                  f"chunk_size={chunk_size}; use chunk_size=64, lnc=2 or fewer v heads per launch (tensor "
                  f"parallelism)")
-    has_init = initial_state is not None
-    if has_init:
-        check_tensor(name, "initial_state", initial_state)
-        lead = "N" if varlen else "B"
-        kernel_check(tuple(initial_state.shape) == (n_states, n_hv, dk, dv), f"{name}: initial_state must be "
-                     f"[{lead}, Hv, Dk, Dv]={(n_states, n_hv, dk, dv)}, got {tuple(initial_state.shape)}")
-        kernel_check(_dtype_name(initial_state) == "float32",
-                     f"{name}: initial_state must be float32, got {_dtype_name(initial_state)}")
-        init = initial_state
-    else:
-        init = np.zeros((1, 1, 1, 1), dtype=np.float32)
+    has_init, init = initial_state_arg(name, initial_state, n_states, n_hv, dk, dv, "N" if varlen else "B")
     if valid_lengths is None:
         lengths = np.full(bsz, seq, dtype=np.int32)
     else:

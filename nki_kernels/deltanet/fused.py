@@ -24,7 +24,7 @@ from ..hw import P_MAX, PSUM_FMAX_FP32
 from ..lnc import current_target_name, resolve_lnc
 from ..validation import kernel_check
 from . import chunk as _chunk
-from ._checks import check_dtype, check_tensor
+from ._checks import check_dtype, check_tensor, initial_state_arg
 from ._checks import dtype_name as _dtype_name
 from .conv1d import _identity
 
@@ -389,16 +389,7 @@ def gated_delta_rule_fused(mixed_qkv, conv_weight, g, beta, num_k_heads, head_k_
         cstate = conv_state
     else:
         cstate = np.zeros((1, 1, 1), dtype=np.float32)
-    has_init = initial_state is not None
-    if has_init:
-        check_tensor(name, "initial_state", initial_state)
-        kernel_check(tuple(initial_state.shape) == (bsz, n_hv, dk, dv), f"{name}: initial_state must be [B, Hv, Dk, "
-                     f"Dv]={(bsz, n_hv, dk, dv)}, got {tuple(initial_state.shape)}")
-        kernel_check(_dtype_name(initial_state) == "float32",
-                     f"{name}: initial_state must be float32, got {_dtype_name(initial_state)}")
-        init = initial_state
-    else:
-        init = np.zeros((1, 1, 1, 1), dtype=np.float32)
+    has_init, init = initial_state_arg(name, initial_state, bsz, n_hv, dk, dv)
     sc = float(dk ** -0.5 if scale is None else scale)
     o, final, new_conv = call(gated_delta_rule_fused_kernel, mixed_qkv, conv_weight, cstate, g, beta, init,
                               _chunk._host_constants(chunk_size), n_hk=hk, dk=dk, chunk=int(chunk_size), scale=sc,
