@@ -390,9 +390,7 @@ def _load_kv_contained(k_h, v_h, kvh, tk, d, n_d, dtype, kT_sb, v_sb, view=None)
     for s0 in range(0, tk, _KV_PIECE):
         sn = min(_KV_PIECE, tk - s0)
         c0 = s0 // K_CHUNK
-        full = sn // K_CHUNK
-        rem = sn - full * K_CHUNK
-        pieces = ([(0, full, K_CHUNK)] if full else []) + ([(full, 1, rem)] if rem else [])
+        pieces = _chunk_pieces(sn)
         k_nat = nl.ndarray((P_MAX, _KV_PIECE // K_CHUNK, d), dtype=dtype, buffer=nl.sbuf)
         for c_lo, nc, rows in pieces:
             a0 = s0 + c_lo * K_CHUNK
@@ -405,7 +403,7 @@ def _load_kv_contained(k_h, v_h, kvh, tk, d, n_d, dtype, kT_sb, v_sb, view=None)
                 nisa.dma_copy(dst=dst, src=src_v)
             _contain(k_nat[0:rows, c_lo:c_lo + nc, 0:d], v_rows, rows, nc, d)
         # K^T of the piece on the PE
-        n_c = full + (1 if rem else 0)
+        n_c = n_tiles(sn, K_CHUNK)
         n_t = pe_transpose_keys(kT_sb, lambda c, d0, dn, cn, k_nat=k_nat: k_nat[0:cn, c, d0:d0 + dn], sn, n_c, d,
                                 n_d, t_psum, per_bank, key0=s0, n_t=n_t)
     return kT_sb, v_sb
@@ -515,20 +513,30 @@ def windows_body(q, k, v, gate, cu_q, cu_k, out, softmax_scale, causal, mq, mk):
             ready = prepare(nxt)
 
 
+def _chunk_pieces(n_keys):
+    """DMA pieces [(first chunk, chunks, rows)] of n_keys keys in 128-key chunks: the full chunks, then the partial
+    last chunk when n_keys % 128 != 0."""
+    full, rem = divmod(n_keys, K_CHUNK)
+    return ([(0, full, K_CHUNK)] if full else []) + ([(full, 1, rem)] if rem else [])
+
+
+def _window_geometry(k, heads, mk):
+    """Layout of one window's mk keys for the KV heads `heads` (an arithmetic progression): (KV heads of k, heads
+    loaded, head stride, 128-key chunks, DMA pieces: _chunk_pieces)."""
+    n_kv = k.shape[1]
+    hb = len(heads)
+    step = heads[1] - heads[0] if hb > 1 else 1
+    return n_kv, hb, step, n_tiles(mk, K_CHUNK), _chunk_pieces(mk)
+
+
 def _load_window_kv(k, v, heads, k_start, mk, d, n_d, dtype):
     """K^T [128(d), n_d, mk] and V [128(keys), ceil(mk/128), D] of the window (keys k_start .. k_start + mk - 1)
     for each KV head in `heads` (an arithmetic progression): one natural-layout DMA per tensor for all of them
     (two when mk % 128 != 0: the full chunks, the last partial chunk), non-finite values contained (_contain),
     K^T by PE transposes (`pe_transpose_group` chunks per PSUM bank, evicted by the Scalar engine)."""
-    _, n_kv, _ = k.shape
-    hb = len(heads)
-    step = heads[1] - heads[0] if hb > 1 else 1
-    n_c = n_tiles(mk, K_CHUNK)
-    full = mk // K_CHUNK
-    rem = mk - full * K_CHUNK
+    n_kv, hb, step, n_c, pieces = _window_geometry(k, heads, mk)
     k_nat = nl.ndarray((P_MAX, n_c, hb, d), dtype=dtype, buffer=nl.sbuf)
     v_all = nl.ndarray((P_MAX, n_c, hb, d), dtype=dtype, buffer=nl.sbuf)
-    pieces = ([(0, full, K_CHUNK)] if full else []) + ([(full, 1, rem)] if rem else [])
     for c0, nc, rows in pieces:
         for src, dst in ((k, k_nat), (v, v_all)):
             view = src.ap(pattern=[[n_kv * d, rows], [K_CHUNK * n_kv * d, nc], [step * d, hb], [1, d]],
@@ -554,12 +562,7 @@ def _load_window_kv_flagged(k, v, heads, k_start, mk, d, n_d, dtype, seq):
     to 1/l at the end), while V rows with a non-finite value are zeroed (other sequences' rows multiply them by
     0). A non-finite K value reaches exactly the rows that see it through its score (the mask is a select).
     Returns ([(K^T, V) per head], poison [128, hb] fp32: 0, or NaN on every partition)."""
-    _, n_kv, _ = k.shape
-    hb = len(heads)
-    step = heads[1] - heads[0] if hb > 1 else 1
-    n_c = n_tiles(mk, K_CHUNK)
-    full = mk // K_CHUNK
-    rem = mk - full * K_CHUNK
+    n_kv, hb, step, n_c, pieces = _window_geometry(k, heads, mk)
     out = []
     for h, kvh in enumerate(heads):
         kT_sb = nl.ndarray((P_MAX, n_d, mk), dtype=dtype, buffer=nl.sbuf)
@@ -577,7 +580,6 @@ def _load_window_kv_flagged(k, v, heads, k_start, mk, d, n_d, dtype, seq):
     key_in = seq.keys_inside()                                                  # [128, n_c, hb] uint8
     ones = seq.win.ones()
     col_sum = nl.ndarray((P_MAX, n_c, hb), dtype=nl.float32, buffer=nl.psum)
-    pieces = ([(0, full, K_CHUNK)] if full else []) + ([(full, 1, rem)] if rem else [])
     for c0, nc, rows in pieces:
         view = v.ap(pattern=[[n_kv * d, rows], [K_CHUNK * n_kv * d, nc], [step * d, hb], [1, d]],
                     offset=(c0 * K_CHUNK * n_kv + heads[0]) * d, scalar_offset=k_start, indirect_dim=0)
