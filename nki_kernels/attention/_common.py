@@ -36,12 +36,15 @@ def pe_transpose_group(dtype) -> int:
     return PSUM_BANK_BYTES // (P_MAX * itemsize)
 
 
-def pe_transpose_keys(kT_sb, key_rows, n_keys, n_c, d, n_d, t_psum, per_bank, key0=0, n_t=0):
+def pe_transpose_keys(kT_sb, key_rows, n_keys, n_c, d, n_d, t_psum, per_bank, key0=0, n_t=0, dve_last=0):
     """kT_sb[0:dn, i_d, key0 + j] = K[j, i_d * 128 + 0:dn] for the n_keys keys of n_c 128-key chunks: PE transposes,
     `per_bank` chunks side by side in one PSUM bank (`pe_transpose_group`), the banks alternating between the two
     halves of t_psum [128, 2, per_bank, 128], each bank evicted by one ScalarE copy. key_rows(c, d0, dn, cn) is
     the [cn keys, dn] SBUF tile of chunk c's keys at head-dim offset d0. n_t counts the banks used so far (the
-    alternation continues across calls); returns the new count."""
+    alternation continues across calls); returns the new count. dve_last: the call's last dve_last banks are evicted
+    by the VectorE instead (the end of a latency-bound chain: a faster copy, and the ScalarE is left free)."""
+    n_banks = n_d * n_tiles(n_c, per_bank)
+    i_bank = 0
     for i_d in range(n_d):
         d0 = i_d * D_CHUNK
         dn = min(D_CHUNK, d - d0)
@@ -55,8 +58,13 @@ def pe_transpose_keys(kT_sb, key_rows, n_keys, n_c, d, n_d, t_psum, per_bank, ke
                 nisa.nc_transpose(dst=t_psum[0:dn, slot, i_c, 0:cn], data=key_rows(c, d0, dn, cn))
             keys0 = key0 + g0 * K_CHUNK
             keys = min(gn * K_CHUNK, n_keys - g0 * K_CHUNK)
-            nisa.activation(dst=kT_sb[0:dn, i_d, keys0:keys0 + keys], op=nl.copy,
-                            data=t_psum[0:dn, slot, 0:gn, 0:P_MAX].reshape((dn, gn * P_MAX))[:, 0:keys])
+            dst = kT_sb[0:dn, i_d, keys0:keys0 + keys]
+            src = t_psum[0:dn, slot, 0:gn, 0:P_MAX].reshape((dn, gn * P_MAX))[:, 0:keys]
+            i_bank += 1
+            if i_bank > n_banks - dve_last:
+                nisa.tensor_copy(dst=dst, src=src)
+            else:
+                nisa.activation(dst=dst, op=nl.copy, data=src)
     return n_t
 
 

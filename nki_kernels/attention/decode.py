@@ -49,12 +49,13 @@ _PSUM_BANK_F32 = 512              # fp32 elements per partition in one 2 KiB PSU
 #                                   piece must fit one bank, so pieces shrink for R > 32 rows
 _MAX_SPLIT_STATE_BYTES = 64 * 1024  # SBUF per partition core 0 may hold for the first halves' partial states
 _MAX_PIPE = 2                     # sendrecv pipe of the early max exchange (the state swap uses pipes 0 and 1)
-_SENDRECV_F32_COLS = 256          # fp32 columns per partition of one gpsimd_dma sendrecv (1024 B, isa stub limit)
+_KT_DVE_LAST = 2                  # K^T PSUM banks of a piece evicted by the VectorE (its last ones; else ScalarE)
+_V_BUFS = 3                       # rotating V piece tiles (each with its ones column, set once per launch)
 _ZERO_CHUNKS = 4                  # 128-key chunks per V-zeroing group (each run only if it holds padded positions)
 _V_TAIL_SPLITS = (2, 4, 8)        # the core's last V piece arrives in chunk groups that end n_c/2, n_c/4, n_c/8
 #                                   chunks before its end: their zeroing and P V overlap the rest of the stream
 _STATS = 512                      # fp32 columns of the statistics PSUM tile (one bank): max^T, m^T, broadcast m, l
-_ST_MAXT, _ST_MT, _ST_BCAST, _ST_SUM = 0, 128, 256, 384     # column offsets in it
+_ST_MAXT, _ST_MT, _ST_BCAST = 0, 128, 256     # column offsets in it
 
 
 def _pow2_at_least(n):
@@ -125,11 +126,10 @@ def decode_body(q, k_cache, v_cache, cache_lens, out, softmax_scale, causal):
     parts, split = plan_parts(n_b, n_kv, s_max, d, n_prog)
     ones_row = nl.ndarray((1, P_MAX), dtype=nl.float32, buffer=nl.sbuf)      # broadcast of m to the partitions
     nisa.memset(dst=ones_row, value=1.0)
-    ones_col = nl.ndarray((P_MAX, 1), dtype=dtype, buffer=nl.sbuf)           # row sums of P through the PE
-    nisa.memset(dst=ones_col, value=1.0)
     ctx = dict(q=q, k=k_cache, v=v_cache, lens=cache_lens, rows=rows, sq=sq, group=group, d=d, dtype=dtype,
-               n_d=n_tiles(d, D_CHUNK), scale=softmax_scale, causal=causal, ones_row=ones_row, ones_col=ones_col,
+               n_d=n_tiles(d, D_CHUNK), scale=softmax_scale, causal=causal, ones_row=ones_row,
                piece=min(_PIECE_KEYS, K_CHUNK * (_PSUM_BANK_F32 // rows)), vpos={}, v_first=split)
+    ctx["v_bufs"] = _v_buffers(ctx)
     held = {}                                        # (b, kvh) -> packed partial state of its first half
     mine = [pt for pt in parts if pt[0] == pid]
 
@@ -170,6 +170,10 @@ def decode_body(q, k_cache, v_cache, cache_lens, out, softmax_scale, causal):
             staged = _piece_scores(ctx, part, j, k0, kn, last and core_last, None if k_pre is None else k_pre[j])
             if last and split and n_prog > 1:
                 _early_max_exchange(ctx, part, j, pid)
+                # the state update writes what the other core needs first (its half of O, and l): the swap starts
+                # before this core's own half is updated
+                h = d // 2
+                staged["update_cols"] = [(h, d + 1), (0, h)] if pid == 0 else [(0, h), (d, d + 1), (h, d)]
             if pending is not None:
                 pv_stage(*pending)
             pending = (part, staged, last)
@@ -178,15 +182,19 @@ def decode_body(q, k_cache, v_cache, cache_lens, out, softmax_scale, causal):
 
 
 def _exchange(ctx, packed, pid):
-    """Swap this core's partial state [R, O | l | -scale m] (fp32) with the other core's (`nisa.sendrecv`,
-    GpSimd's low-latency SBUF-to-SBUF DMA, <= 256 fp32 columns per exchange, one pipe per column group so
-    the groups travel together)."""
+    """Swap partial states with the other core (`nisa.sendrecv`, GpSimd's low-latency SBUF-to-SBUF DMA, fp32):
+    this core sends the half of O the other core writes (columns [D/2, D) from core 0, [0, D/2) from core 1) and
+    l, and receives its own half and l into the same columns of the returned tile (<= 128 fp32 columns per
+    exchange, within the 1024 B per partition of a gpsimd_dma sendrecv). Two pipes (O, l), which travel
+    together. (The maxes went earlier: `_early_max_exchange`.)"""
     rows, d = ctx["rows"], ctx["d"]
-    other_sb = nl.ndarray((P_MAX, d + 2), dtype=nl.float32, buffer=nl.sbuf)
-    for i_g, c0 in enumerate(range(0, d + 2, _SENDRECV_F32_COLS)):
-        c1 = min(d + 2, c0 + _SENDRECV_F32_COLS)
-        nisa.sendrecv(src=packed[0:rows, c0:c1], dst=other_sb[0:rows, c0:c1], send_to_rank=1 - pid,
-                      recv_from_rank=1 - pid, pipe_id=i_g, dma_engine=nisa.dma_engine.gpsimd_dma)
+    h = d // 2
+    mine, theirs = ((0, h), (h, d)) if pid == 0 else ((h, d), (0, h))
+    other_sb = nl.ndarray((P_MAX, d + 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.sendrecv(src=packed[0:rows, theirs[0]:theirs[1]], dst=other_sb[0:rows, mine[0]:mine[1]],
+                  send_to_rank=1 - pid, recv_from_rank=1 - pid, pipe_id=0, dma_engine=nisa.dma_engine.gpsimd_dma)
+    nisa.sendrecv(src=packed[0:rows, d:d + 1], dst=other_sb[0:rows, d:d + 1], send_to_rank=1 - pid,
+                  recv_from_rank=1 - pid, pipe_id=1, dma_engine=nisa.dma_engine.gpsimd_dma)
     return other_sb
 
 
@@ -260,7 +268,9 @@ def _piece_scores(ctx, part, j, key0, kn, tail=False, k_sb=None):
     k_first = tail or not ctx["v_first"]
     if k_sb is None and k_first:
         k_sb = _load_k(ctx, part, key0, kn)
-    v_sb = nl.ndarray((P_MAX, max_c, d), dtype=dtype, buffer=nl.sbuf)
+    v_bufs = ctx["v_bufs"]
+    v_sb = v_bufs["tiles"][v_bufs["n"] % len(v_bufs["tiles"])]        # [128, chunk, D | 1]
+    v_bufs["n"] += 1
     groups = _v_groups(n_c, tail)
     for chunks in groups:
         _load_keys_rows(ctx["v"][b, kvh], v_sb, key0, kn, d, chunks)
@@ -328,6 +338,22 @@ def _piece_scores(ctx, part, j, key0, kn, tail=False, k_sb=None):
         zero_v()
     staged.update(pT=pT_sb)
     return staged
+
+
+def _v_buffers(ctx):
+    """_V_BUFS rotating V tiles [128, chunk, D + 1] whose last column is 1.0 (set once, before any V DMA): P V and
+    the row sums of P are then the same matmuls (columns 0:D and D of the moving V)."""
+    tiles = []
+    for _ in range(_V_BUFS):
+        v_sb = nl.ndarray((P_MAX, ctx["piece"] // K_CHUNK, ctx["d"] + 1), dtype=ctx["dtype"], buffer=nl.sbuf)
+        d, n_c = ctx["d"], ctx["piece"] // K_CHUNK
+        # the last chunk's column first: one element per partition, which tells the scheduler the tile's row size
+        # (cost model: without it the strided column and the V DMAs' chunk groups count as overlapping writes)
+        nisa.memset(dst=v_sb[:, n_c - 1, d:d + 1], value=1.0, engine=nisa.engine.gpsimd)
+        if n_c > 1:
+            nisa.memset(dst=v_sb[:, 0:n_c - 1, d:d + 1], value=1.0, engine=nisa.engine.gpsimd)
+        tiles.append(v_sb)
+    return dict(tiles=tiles, n=0)
 
 
 def _load_keys_rows(src, dst, key0, kn, d, chunks):
@@ -414,7 +440,8 @@ def _transpose_keys(ctx, k_sb, kn, n_c):
     per_bank = pe_transpose_group(dtype)
     kT_sb = nl.ndarray((P_MAX, n_d, ctx["piece"]), dtype=dtype, buffer=nl.sbuf)
     t_psum = nl.ndarray((P_MAX, 2, per_bank, P_MAX), dtype=dtype, buffer=nl.psum)
-    pe_transpose_keys(kT_sb, lambda c, d0, dn, cn: k_sb[0:cn, c, d0:d0 + dn], kn, n_c, d, n_d, t_psum, per_bank)
+    pe_transpose_keys(kT_sb, lambda c, d0, dn, cn: k_sb[0:cn, c, d0:d0 + dn], kn, n_c, d, n_d, t_psum, per_bank,
+                      dve_last=_KT_DVE_LAST)
     return kT_sb
 
 
@@ -425,8 +452,8 @@ def _piece_pv(ctx, part, staged):
     rows, d, j = ctx["rows"], ctx["d"], staged["j"]
     pT_sb, kn = staged["pT"], staged["kn"]
     v_sb = staged["v"]
-    pv_psum = nl.ndarray((P_MAX, _STATS), dtype=nl.float32, buffer=nl.psum)     # O at 0:D, row sums at _ST_SUM
-    halves = [(0, d)] if d <= D_CHUNK else [(0, d // 2), (d // 2, d)]
+    pv_psum = nl.ndarray((P_MAX, _STATS), dtype=nl.float32, buffer=nl.psum)     # O at 0:D, row sums at D
+    halves = [(0, d + 1)] if d <= D_CHUNK else [(0, d // 2), (d // 2, d + 1)]   # V's ones column: the row sums
     for chunks, valid in staged["groups"]:
         def body(_, chunks=chunks):
             for c in range(*chunks):
@@ -434,22 +461,18 @@ def _piece_pv(ctx, part, staged):
                 for h0, h1 in halves:
                     nisa.nc_matmul(pv_psum[0:rows, h0:h1], pT_sb[0:cn, c, 0:rows], v_sb[0:cn, c, h0:h1],
                                    accumulate=c > 0)
-                nisa.nc_matmul(pv_psum[0:rows, _ST_SUM:_ST_SUM + 1], pT_sb[0:cn, c, 0:rows],
-                               ctx["ones_col"][0:cn, 0:1], accumulate=c > 0)
         if valid is None:
             body(0)
         else:       # a group entirely past the length: P^T is exactly 0 there and V is never read
             nl.fori_loop(0, valid, body)
     packed = part["packed"]
-    if j == 0:
-        nisa.tensor_copy(dst=packed[0:rows, 0:d], src=pv_psum[0:rows, 0:d])
-        nisa.tensor_copy(dst=packed[0:rows, d:d + 1], src=pv_psum[0:rows, _ST_SUM:_ST_SUM + 1])
-    else:
-        a_j = part["alpha"][0:rows, j:j + 1]
-        nisa.scalar_tensor_tensor(dst=packed[0:rows, 0:d], data=packed[0:rows, 0:d], op0=nl.multiply, operand0=a_j,
-                                  op1=nl.add, operand1=pv_psum[0:rows, 0:d])
-        nisa.scalar_tensor_tensor(dst=packed[0:rows, d:d + 1], data=packed[0:rows, d:d + 1], op0=nl.multiply,
-                                  operand0=a_j, op1=nl.add, operand1=pv_psum[0:rows, _ST_SUM:_ST_SUM + 1])
+    for c0, c1 in staged.get("update_cols", [(0, d + 1)]):       # O and l in one pass (or in the swap's order)
+        if j == 0:
+            nisa.tensor_copy(dst=packed[0:rows, c0:c1], src=pv_psum[0:rows, c0:c1])
+        else:
+            nisa.scalar_tensor_tensor(dst=packed[0:rows, c0:c1], data=packed[0:rows, c0:c1], op0=nl.multiply,
+                                      operand0=part["alpha"][0:rows, j:j + 1], op1=nl.add,
+                                      operand1=pv_psum[0:rows, c0:c1])
     nisa.tensor_copy(dst=packed[0:rows, d + 1:d + 2], src=part["neg_m"][0:rows, j:j + 1], engine=nisa.engine.gpsimd)
 
 
@@ -499,20 +522,26 @@ def _merge_out(ctx, out, own_scaled, other, a_other, b, kvh, cols):
     rows, d = ctx["rows"], ctx["d"]
     c0, c1 = cols
     acc = nl.ndarray((P_MAX, d + 1), dtype=nl.float32, buffer=nl.sbuf)         # a1 O1 + a2 O2 | l
-    nisa.scalar_tensor_tensor(dst=acc[0:rows, d:d + 1], data=other[0:rows, d:d + 1], op0=nl.multiply,
-                              operand0=a_other[0:rows], op1=nl.add, operand1=own_scaled[0:rows, d:d + 1])
+    # l and its reciprocal on GpSimd and ScalarE while the VectorE merges O (l >= 1: the larger max's side has
+    # weight 1 and at least one exp(0) term)
+    nisa.tensor_scalar(dst=acc[0:rows, d:d + 1], data=other[0:rows, d:d + 1], op0=nl.multiply,
+                       operand0=a_other[0:rows], op1=nl.add, operand1=own_scaled[0:rows, d:d + 1],
+                       engine=nisa.engine.gpsimd)
+    inv_l = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.activation(dst=inv_l[0:rows], op=nl.reciprocal, data=acc[0:rows, d:d + 1])
     nisa.scalar_tensor_tensor(dst=acc[0:rows, c0:c1], data=other[0:rows, c0:c1], op0=nl.multiply,
                               operand0=a_other[0:rows], op1=nl.add, operand1=own_scaled[0:rows, c0:c1])
-    _write_out(ctx, out, acc, acc[0:rows, d:d + 1], b, kvh, cols)
+    _write_out(ctx, out, acc, None, b, kvh, cols, inv_l=inv_l)
 
 
-def _write_out(ctx, out, packed, l_sb, b, kvh, cols):
-    """out[b, KV head's query heads, :, cols] = O / l in q's dtype (l: `l_sb`, else packed's column D); one
-    DMA."""
+def _write_out(ctx, out, packed, l_sb, b, kvh, cols, inv_l=None):
+    """out[b, KV head's query heads, :, cols] = O / l in q's dtype (l: `l_sb`, else packed's column D; or its
+    reciprocal `inv_l` given); one DMA."""
     rows, sq, group, d = ctx["rows"], ctx["sq"], ctx["group"], ctx["d"]
     c0, c1 = cols
-    inv_l = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.reciprocal(dst=inv_l[0:rows], data=packed[0:rows, d:d + 1] if l_sb is None else l_sb)
+    if inv_l is None:
+        inv_l = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.reciprocal(dst=inv_l[0:rows], data=packed[0:rows, d:d + 1] if l_sb is None else l_sb)
     o_sb = nl.ndarray((P_MAX, d), dtype=ctx["dtype"], buffer=nl.sbuf)
     nisa.tensor_scalar(dst=o_sb[0:rows, c0:c1], data=packed[0:rows, c0:c1], op0=nl.multiply,
                        operand0=inv_l[0:rows], engine=nisa.engine.gpsimd)

@@ -49,6 +49,8 @@ _IO_ROW_BYTES = 2048              # q, gate and out of a query tile move for up 
 _KV_LOAD_KEYS = 2048              # keys per K^T / V load DMA: >= 2 KiB per partition for bf16 K^T pieces
 _SHORT_SKV = MM_KEYS              # Skv up to one PSUM bank of fp32 scores: the partition-major short body (below)
 _NO_PE_TILE32 = ("trn1",)         # targets whose PE tiles are 64 / 128 columns only (NeuronCore-v2)
+_SHORT_FINISH_DVE = 3             # short body, gated: slots normalised by one VectorE pass each from PSUM; in the
+#                                   core's last head (the kernel's tail) the later slots by ScalarE + GpSimd
 _SHORT_LAG = 3                    # short body: P V of a query tile three tiles behind its scores (P in a ring of 4)
 _SBUF_KV_BUDGET = 128 * 1024      # bytes per partition for the resident K^T + V (+ length bias) of one KV head;
 #                                   leaves ~80 KiB of the 208 KiB trn2 partition for per-tile working tiles
@@ -647,6 +649,7 @@ def short_prefill_body(q, k, v, gate, seq_lens, out, softmax_scale, causal):
             pending.append((head, tiles[t], staged))
             if len(pending) > _SHORT_LAG:
                 _short_pv(*pending.pop(0), geo)
+    pending[-1][0]["last"] = True            # the core's last head: its finish is the kernel's tail
     for item in pending:
         _short_pv(*item, geo)
 
@@ -868,14 +871,20 @@ def _short_finish(head, geo):
                            engine=nisa.engine.gpsimd)
     o_sb, sig_sb = head["o"], head["sig"]
     for i in range(rpp):
+        pv, inv = head["pv"][0:np_, i, 0:d], inv_l[0:np_, i:i + 1]
         if sig_sb is None:
-            nisa.tensor_scalar(dst=o_sb[0:np_, i, 0:d], data=head["pv"][0:np_, i, 0:d], op0=nl.multiply,
-                               operand0=inv_l[0:np_, i:i + 1])
+            nisa.tensor_scalar(dst=o_sb[0:np_, i, 0:d], data=pv, op0=nl.multiply, operand0=inv)
+        elif i < _SHORT_FINISH_DVE or not head.get("last"):
+            # one VectorE pass from PSUM: (O * 1/l) * sigmoid(gate)
+            nisa.scalar_tensor_tensor(dst=o_sb[0:np_, i, 0:d], data=pv, op0=nl.multiply, operand0=inv,
+                                      op1=nl.multiply, operand1=sig_sb[0:np_, i, 0:d])
         else:
-            nisa.tensor_scalar(dst=sig_sb[0:np_, i, 0:d], data=sig_sb[0:np_, i, 0:d], op0=nl.multiply,
-                               operand0=inv_l[0:np_, i:i + 1], engine=nisa.engine.gpsimd)
-            nisa.tensor_tensor(dst=o_sb[0:np_, i, 0:d], data1=head["pv"][0:np_, i, 0:d],
-                               data2=sig_sb[0:np_, i, 0:d], op=nl.multiply)
+            # the core's last head (the kernel's tail), its last slots in parallel: ScalarE evicts O * 1/l, GpSimd
+            # multiplies by the gate (the same two fp32 roundings)
+            o32 = nl.ndarray((P_MAX, d), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.activation(dst=o32[0:np_, 0:d], op=nl.copy, data=pv, scale=inv)
+            nisa.tensor_tensor(dst=o_sb[0:np_, i, 0:d], data1=o32[0:np_, 0:d], data2=sig_sb[0:np_, i, 0:d],
+                               op=nl.multiply, engine=nisa.engine.gpsimd)
     _store_pm(head["out"], o_sb, geo["sq"], rpp, d)
 
 
