@@ -435,7 +435,8 @@ def _zero_v_past_length(ctx, part, v_sb, staged, chunks, engine):
 
 def _transpose_keys(ctx, k_sb, kn, n_c):
     """K^T [128(d), n_d, chunk * 128 keys] of one piece: PE transposes, `pe_transpose_group` chunks per PSUM bank,
-    evicted by the Scalar engine."""
+    evicted by the Scalar engine, the piece's last _KT_DVE_LAST banks by the Vector engine (the end of the chain
+    that gates the piece's scores; the ScalarE also runs every exp)."""
     d, n_d, dtype = ctx["d"], ctx["n_d"], ctx["dtype"]
     per_bank = pe_transpose_group(dtype)
     kT_sb = nl.ndarray((P_MAX, n_d, ctx["piece"]), dtype=dtype, buffer=nl.sbuf)
