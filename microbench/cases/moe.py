@@ -20,6 +20,7 @@ former baseline)" row.
 from __future__ import annotations
 
 import math
+import sys
 
 import ml_dtypes
 import numpy as np
@@ -266,8 +267,70 @@ def breakdown(model: str, n_tokens: int, combine: str = "auto", target: str = "t
             "busy_us": dict(busy), "dma_us": dict(dma)}
 
 
-if __name__ == "__main__":   # python -m microbench.cases.moe MODEL T [combine]
-    import sys
+def decode_breakdown(model: str, n_tokens: int, target: str = "trn2") -> dict:
+    """Where one moe_decode case spends its modeled time at the default LNC: the launch's modeled µs, the
+    roofline, per core each engine's busy µs, the DMA pipe's occupancy by (descriptor generator, packet bytes,
+    contiguous chunks per packet), and core 0's DMA chain (issue, end, kind, bytes per DMA). Same inputs as the
+    registered case (seed 0)."""
+    from collections import defaultdict
+
+    from microbench.runner import _lnc_env
+    from nki_kernels import moe_decode
+    from nki_kernels.emulator import record_launches
+    from nki_kernels.emulator.costmodel import (_engine_ghz, _packet_shape, _run_cores, _schedule, _tgt,
+                                                compute_cycles, dma_bytes_per_s, dma_transfer, hbm_bytes_per_s,
+                                                model_launches, params_for, roofline_us)
+    from nki_kernels.emulator.lnc import degree_in_force
+    from nki_kernels.emulator.targets import use_target
+    shape = CATALOGUE[model]
+    x = _inputs(shape, n_tokens)(np.random.default_rng(0))
+    lnc = degree_in_force(target)
+    with use_target(target), _lnc_env(lnc):
+        with record_launches() as runs:
+            moe_decode(x["hidden"], x["top_k_index"], x["top_k_weights"], x["gate_up"], x["down"],
+                       shared=x.get("shared"))
+    runs = list(runs)
+    t = _tgt(target)
+    p = params_for(t)
+    flops, nbytes = _costs(shape, n_tokens)
+    res = runs[0]
+    reps = _run_cores([_schedule(tr, t, p, 1.0, True) for tr in res.traces], p)
+    cores = []
+    for tr, rep in zip(res.traces, reps):
+        tr = list(tr)
+        busy, dma, chain = defaultdict(float), defaultdict(float), []
+        for idx, name, eng, _ready, start, end in rep.timeline:
+            ins = tr[idx]
+            if eng == "dma":
+                c = dma_transfer(ins, t, p, hbm_bytes_per_s(t), dma_bytes_per_s(t))
+                busy["dma"] += c.occupancy
+                run, chunks = _packet_shape(ins)
+                dma[(c.dge, int(run), int(chunks))] += c.occupancy
+                chain.append((start, end, c.dge, int(ins.meta.get("bytes") or sum(a.nbytes for a in ins.writes))))
+            else:
+                busy[eng] += compute_cycles(ins, t, p)[0] / (_engine_ghz(eng, t) * 1e3)
+            if name == "sendrecv":
+                chain.append((start, end, "sendrecv", 0))
+        cores.append({"end_us": rep.total_us, "busy_us": dict(busy), "dma_us": dict(dma), "chain": chain})
+    return {"us": model_launches(runs, target=target).device_us, "lnc": lnc,
+            "roofline_us": roofline_us(flops, nbytes, target, cores=lnc), "cores": cores}
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["decode"]:   # python -m microbench.cases.moe decode MODEL T
+    import warnings
+    warnings.filterwarnings("ignore", category=RuntimeWarning)
+    _d = decode_breakdown(sys.argv[2], int(sys.argv[3]))
+    print(f"{sys.argv[2]} T={sys.argv[3]} LNC={_d['lnc']}: modeled {_d['us']:.3f} us, roofline "
+          f"{_d['roofline_us']:.3f} us ({_d['us'] / _d['roofline_us']:.3f}x)")
+    for _c, _core in enumerate(_d["cores"]):
+        print(f"  core {_c}: ends {_core['end_us']:.3f} us; busy " +
+              ", ".join(f"{k} {v:.2f}" for k, v in sorted(_core["busy_us"].items())))
+        for _k, _v in sorted(_core["dma_us"].items(), key=lambda kv: -kv[1]):
+            print(f"    dma {_k[0]:>6} packets of {_k[1]:>6} B in {_k[2]:>3} chunks: {_v:6.2f} us")
+    print("  core 0 DMA chain (start, end, kind, bytes):")
+    for _s, _e, _k, _n in _d["cores"][0]["chain"]:
+        print(f"    {_s:7.3f} {_e:7.3f} {_k:>8} {_n}")
+elif __name__ == "__main__":   # python -m microbench.cases.moe MODEL T [combine]
     import warnings
     warnings.filterwarnings("ignore", category=RuntimeWarning)
     _b = breakdown(sys.argv[1], int(sys.argv[2]), *(sys.argv[3:4] or ["auto"]))

@@ -36,10 +36,11 @@ def moe_selective_loading_kernel(hidden, top_k_index, top_k_weights, gate_up, do
     out = nl.ndarray((n_tokens, h_total), dtype=hidden.dtype, buffer=nl.shared_hbm)
     for t in range(nl.program_id(0), n_tokens, nl.num_programs(0)):
         e_sb, w_all = _row_slots(top_k_index, top_k_weights, n_local, expert_offset, t)
-        xT_sb = _load_xT(hidden, 1, t, 1)
+        xT_sb, _ = _load_xT(hidden, 1, t, 1)
         acc_psum = nl.ndarray((_H_TILE, n_hc, 1), dtype=nl.float32, buffer=nl.psum)
         if shared_gate_up is not None:
-            _shared_first(1, xT_sb, shared_gate_up, shared_down, shared_gate, acc_psum, 0, h_total, True)
+            _shared_first(1, xT_sb, shared_gate_up, shared_down, shared_gate, acc_psum, 0, h_total, True,
+                          (0, shared_down.shape[0]))
         for j in range(top_k):
             wgu_sb = load_gate_up(gate_up, e_sb[0:1, j:j + 1])
             wd_sb = _load_down_cols(down, e_sb[0:1, j:j + 1], 0, h_total)

@@ -11,8 +11,10 @@ accumulates transposed ([H, T]) in PSUM across the shared expert and all slots; 
 non-finite value in one token never reaches another.
 
 LNC=2: one launch; with T >= 2 the two cores split the tokens (each builds the slot table of its own tokens, so it
-streams only the experts they chose, and writes their rows); with T = 1 they split the hidden columns of the output
-(each runs every slot's gate/up and its half of the down projection and writes only its columns).
+streams only the experts they chose, and writes their rows); with T = 1 they split the weights: core 0 runs the
+first ceil(TOPK/2) slots, core 1 the rest, and each half of the shared expert's intermediate rows (all on core 1
+when Is is odd), so each core streams half of the bytes; one SBUF-to-SBUF exchange (`nisa.sendrecv`) of the fp32
+partial sums then lets each core write its half of the hidden columns.
 
 Latency plan (small experts are bound by fixed DMA latencies, not bandwidth): the routing-id load is the first
 DMA and every expert DMA depends on it, so the shared expert's static weight DMAs fill the queues meanwhile; then
@@ -64,7 +66,8 @@ def moe_decode_kernel(hidden, top_k_index, top_k_weights, gate_up, down, shared_
         expert_offset: global id of local expert 0 (trace-time constant).
     Returns:
         out: [T, H] @ HBM, hidden's dtype. Program c writes its share (`_my_share`: LNC=2 with T >= 2 the first
-        ceil(T/2) tokens on core 0, the rest on core 1; T = 1: the first ceil(H/256) 128-column chunks on core 0),
+        ceil(T/2) tokens on core 0, the rest on core 1; T = 1: the cores split the slots and the shared rows, swap
+        partial sums, and core c writes the p-major columns p * n_hc + hc with hc in its half, `_exchange_store`),
         so one launch gives the whole result. Below, T and S are this program's tokens and slots.
     Constraints:
         T <= _MAX_TOKENS, R <= _MAX_ROUTES, H % 128 == 0, I = ic * ceil(I / 128).
@@ -82,6 +85,7 @@ def moe_decode_kernel(hidden, top_k_index, top_k_weights, gate_up, down, shared_
             hT[b] = a[s] * silu(Wg[b]^T xT) * (Wu[b]^T xT)                                # [I, T]
             accT[h, t] += Wd[b][:, h]^T hT[b]                                             # PSUM
         out[:, Hc] = accT (T <= 2: p-major rows, one DMA) or transpose(accT)
+        (T = 1 at LNC=2: accT += the other core's accT (sendrecv) on this core's half of the columns first)
     """
     n_all, h_total = hidden.shape
     n_local = gate_up.shape[0]
@@ -90,12 +94,18 @@ def moe_decode_kernel(hidden, top_k_index, top_k_weights, gate_up, down, shared_
     out = nl.ndarray((n_all, h_total), dtype=hidden.dtype, buffer=nl.shared_hbm)
     t0, n_tokens, h0, h_cols = _my_share(n_all, h_total, pid, n_prog)
     if h_cols == 0 or n_tokens == 0:
-        return out    # H = 128 under LNC=2 with one token: core 0 owns the only column chunk
+        return out
     top_k = top_k_index.shape[1]
     # one token: its TOPK routing rows are the slots (no table to build: the ids go straight to the DMAs, a
     # duplicate id is loaded twice, each with its own weight); else the distinct experts of the batch
     row_slots = n_tokens == 1
     n_slots = top_k if row_slots else min(n_tokens * top_k, n_local)
+    # one token under LNC=2: the cores split the slots and the shared expert's intermediate rows, and sum their
+    # partial outputs with one SBUF-to-SBUF exchange (each core streams half of the weights)
+    split = n_prog > 1 and n_all == 1
+    k0, k1 = _my_slots(n_slots, pid, n_prog) if split else (0, n_slots)
+    my_slots = list(range(k0, k1))
+    hc_order = _exchange_order(h_total // _H_TILE, pid) if split else None
     t_pad = _pow2_at_least(n_tokens)          # accumulator columns per hidden chunk: keeps matmuls bank-aligned
     n_hc = h_cols // _H_TILE
     # accumulator row p of chunk hc holds hidden column h0 + p * n_hc + hc when the result leaves by one DMA
@@ -108,10 +118,9 @@ def moe_decode_kernel(hidden, top_k_index, top_k_weights, gate_up, down, shared_
         e_sb, w_all = _row_slots(top_k_index, top_k_weights, n_local, expert_offset, t0)
     else:
         key_all, routes = _routing_rows(top_k_index, top_k_weights, n_local, expert_offset, t0, n_tokens)
-    xT_sb = _load_xT(hidden, 1, t0, n_tokens)
     # small-I experts: fold 2x more hidden rows into each partition so a gate_up row reaches a long DMA run
     fold = _gate_up_fold(gate_up)
-    xTe_sb = xT_sb if fold == 1 else _load_xT(hidden, fold, t0, n_tokens)
+    xT_sb, xTe_sb = _load_xT(hidden, fold, t0, n_tokens)
     sel_sb = _up_selector(gate_up) if fold > 1 else None
     ones_sb = nl.ndarray((P_MAX, P_MAX), dtype=nl.float32, buffer=nl.sbuf)     # stationary of the row sums
     nisa.memset(dst=ones_sb, value=1.0)
@@ -119,10 +128,14 @@ def moe_decode_kernel(hidden, top_k_index, top_k_weights, gate_up, down, shared_
         slot_sb, e_sb = _slot_table(key_all, routes, ones_sb, n_slots, n_local)
     acc_psum = nl.ndarray((P_MAX, n_hc, t_pad), dtype=nl.float32, buffer=nl.psum)
 
-    has_shared = shared_gate_up is not None
+    # this program's rows [s_i0, s_i0 + s_n) of the shared expert's intermediate (all of them unless split)
+    s_i0, s_n = (0, 0) if shared_gate_up is None else \
+        _my_shared_rows(shared_down.shape[0], pid, n_prog) if split else (0, shared_down.shape[0])
+    has_shared = s_n > 0
+    s_rows = (s_i0, s_n)
     s_hT_sb = s_wd_sb = None
     fold_pp = _expert_bytes_pp(down, fold, h_cols)
-    shared_pp = _expert_bytes_pp(shared_down, 1, h_cols) if has_shared else 0
+    shared_pp = _rows_bytes_pp(s_n, h_total, h_cols, shared_down.dtype) if has_shared else 0
     other = decode_other_bytes(n_tokens, top_k_index.shape[1], n_slots, h_total, h_cols, down.shape[1],
                                itemsize(hidden.dtype))
     # SBUF: the shared expert streams beside the routed experts' ring when both fit, else it runs to completion
@@ -131,31 +144,32 @@ def moe_decode_kernel(hidden, top_k_index, top_k_weights, gate_up, down, shared_
     # a small shared expert streams entirely while the slot table is built; a big one's down goes after the
     # routed experts (a static DMA's shorter fixed latency then ends the queue)
     shared_early = has_shared and not shared_first and \
-        3 * h_cols * shared_down.shape[0] * itemsize(shared_down.dtype) <= _PRE_SLOT_BYTES
+        3 * h_cols * s_n * itemsize(shared_down.dtype) <= _PRE_SLOT_BYTES
     if shared_first:
-        _shared_first(n_tokens, xT_sb, shared_gate_up, shared_down, shared_gate, acc_psum, h0, h_cols, p_major)
+        _shared_first(n_tokens, xT_sb, shared_gate_up, shared_down, shared_gate, acc_psum, h0, h_cols, p_major,
+                      s_rows)
     elif has_shared:
-        s_wgu_sb = load_gate_up(shared_gate_up)
+        s_wgu_sb = _load_shared_gate_up(shared_gate_up, s_rows)
         if shared_early:
-            s_wd_sb = _load_down_cols(shared_down, None, h0, h_cols)
+            s_wd_sb = _load_down_cols(shared_down, None, h0, h_cols, rows=s_rows)
         g_sb = _sigmoid_gate_bcast(shared_gate, xT_sb, n_tokens)
-        s_hT_sb = _alloc_hT(shared_down, 1, n_tokens)
+        s_hT_sb = _alloc_hT_rows(s_n, 1, n_tokens, shared_down.dtype)
         _swiglu_T(xT_sb, s_wgu_sb, g_sb, s_hT_sb, 0, n_tokens)
         if shared_early:
             _down_T(s_hT_sb, 0, s_wd_sb, acc_psum, n_tokens, p_major)
     late_shared = has_shared and not shared_first and not shared_early
     ring_pp = _RING_BYTES_PP - (0 if shared_first else shared_pp)
-    ring = _weight_ring(gate_up, down, n_slots, n_tokens, fold, h_cols, ring_pp)
+    ring = _weight_ring(gate_up, down, len(my_slots), n_tokens, fold, h_cols, ring_pp) if my_slots else []
     n_buf = len(ring)
-    for w0 in range(0, n_slots, n_buf):
-        wave = list(range(w0, min(n_slots, w0 + n_buf)))
+    for w0 in range(0, len(my_slots), max(1, n_buf)):
+        wave = my_slots[w0:w0 + n_buf]
         # every gate_up of the wave before any down: the last bytes to land feed only the short down step
         for b, s in enumerate(wave):
             _load_expert(ring[b][0], gate_up, e_sb[0:1, s:s + 1])
         for b, s in enumerate(wave):
             _load_down_cols(down, e_sb[0:1, s:s + 1], h0, h_cols, dst_sb=ring[b][1])
         if late_shared and w0 == 0:
-            s_wd_sb = _load_down_cols(shared_down, None, h0, h_cols)
+            s_wd_sb = _load_down_cols(shared_down, None, h0, h_cols, rows=s_rows)
         if not row_slots:
             aff_psum = _wave_affinities(routes, slot_sb, ones_sb, wave, n_tokens)
         hT_sb = _alloc_hT(down, n_buf, n_tokens)
@@ -167,37 +181,56 @@ def moe_decode_kernel(hidden, top_k_index, top_k_weights, gate_up, down, shared_
             else:
                 _swiglu_folded_T(xTe_sb, ring[b][0], aff_b, hT_sb, b, n_tokens, sel_sb)
         for b in range(len(wave)):
-            _down_T(hT_sb, b, ring[b][1], acc_psum, n_tokens, p_major)
+            _down_T(hT_sb, b, ring[b][1], acc_psum, n_tokens, p_major, hc_order)
+    if late_shared and not my_slots:
+        s_wd_sb = _load_down_cols(shared_down, None, h0, h_cols, rows=s_rows)
     if late_shared:
-        _down_T(s_hT_sb, 0, s_wd_sb, acc_psum, n_tokens, p_major)
-    _store_out(out, acc_psum, t0, n_tokens, h0, h_cols, p_major)
+        _down_T(s_hT_sb, 0, s_wd_sb, acc_psum, n_tokens, p_major, hc_order)
+    if split:
+        _exchange_store(out, acc_psum, pid, has_shared or bool(my_slots))
+    else:
+        _store_out(out, acc_psum, t0, n_tokens, h0, h_cols, p_major)
     return out
 
 
 def _my_share(n_tokens, h_total, pid, n_prog):
-    """(t0, Tc, h0, Hc): the tokens and hidden columns program pid computes and writes. LNC=1: everything.
-    LNC=2 with T >= 2: the tokens split (first ceil(T/2) on core 0), all columns: each core streams only the
-    experts its own tokens chose. T = 1: the hidden columns split in whole 128-column chunks (first ceil(n/2) on
-    core 0; Hc = 0 when there is one chunk): each core runs every slot's gate/up and its columns of down."""
-    if n_prog == 1:
+    """(t0, Tc, h0, Hc): the tokens and hidden columns program pid computes (and, for T >= 2, writes). LNC=1:
+    everything. LNC=2 with T >= 2: the tokens split (first ceil(T/2) on core 0), all columns: each core streams
+    only the experts its own tokens chose. T = 1: the one token and all columns on both cores, which split the
+    slots (`_my_slots`) and the shared expert's rows (`_my_shared_rows`) and exchange partial sums
+    (`_exchange_store`)."""
+    if n_prog == 1 or n_tokens < n_prog:
         return 0, n_tokens, 0, h_total
-    if n_tokens >= n_prog:
-        per = -(-n_tokens // n_prog)
-        t0 = min(n_tokens, pid * per)
-        return t0, min(n_tokens, t0 + per) - t0, 0, h_total
-    n_chunks = h_total // _H_TILE
-    per = -(-n_chunks // n_prog)
-    c0 = min(n_chunks, pid * per)
-    c1 = min(n_chunks, c0 + per)
-    return 0, n_tokens, c0 * _H_TILE, (c1 - c0) * _H_TILE
+    per = -(-n_tokens // n_prog)
+    t0 = min(n_tokens, pid * per)
+    return t0, min(n_tokens, t0 + per) - t0, 0, h_total
 
 
-def _shared_first(n_tokens, xT_sb, shared_gate_up, shared_down, shared_gate, acc_psum, h0, h_cols, p_major):
-    """The whole shared expert into accT before any routed expert (its SBUF tiles end with this call)."""
-    s_wgu_sb = load_gate_up(shared_gate_up)
-    s_wd_sb = _load_down_cols(shared_down, None, h0, h_cols)
+def _my_slots(n_slots, pid, n_prog):
+    """[k0, k1): the slots program pid streams when one token's slots are split (first ceil(S/2) on core 0)."""
+    per = -(-n_slots // n_prog)
+    k0 = min(n_slots, pid * per)
+    return k0, min(n_slots, k0 + per)
+
+
+def _my_shared_rows(n_sh, pid, n_prog):
+    """(i0, n): the shared expert's intermediate rows program pid runs when one token's work is split: halves
+    when Is is even (each core streams half of the shared weights), else all on the last core (which has the
+    fewer slots when TOPK is odd)."""
+    if n_sh % n_prog == 0:
+        per = n_sh // n_prog
+        return pid * per, per
+    return (0, n_sh) if pid == n_prog - 1 else (0, 0)
+
+
+def _shared_first(n_tokens, xT_sb, shared_gate_up, shared_down, shared_gate, acc_psum, h0, h_cols, p_major,
+                  s_rows):
+    """The shared expert's rows s_rows = (i0, n) into accT before any routed expert (its SBUF tiles end with
+    this call)."""
+    s_wgu_sb = _load_shared_gate_up(shared_gate_up, s_rows)
+    s_wd_sb = _load_down_cols(shared_down, None, h0, h_cols, rows=s_rows)
     g_sb = _sigmoid_gate_bcast(shared_gate, xT_sb, n_tokens)
-    s_hT_sb = _alloc_hT(shared_down, 1, n_tokens)
+    s_hT_sb = _alloc_hT_rows(s_rows[1], 1, n_tokens, shared_down.dtype)
     _swiglu_T(xT_sb, s_wgu_sb, g_sb, s_hT_sb, 0, n_tokens)
     _down_T(s_hT_sb, 0, s_wd_sb, acc_psum, n_tokens, p_major)
 
@@ -237,15 +270,31 @@ def check_decode_sbuf(kname, hidden, gate_up, down, shared, top_k, lnc):
 
 
 def _load_xT(hidden, fold, t0, n_tokens):
-    """hidden[t0:t0 + Tc] ([T, H] @ HBM) -> SBUF [128 / fold, Tc, fold * n_h] with
-    xT[p, t, j] = x[t0 + t, p * fold * n_h + j] (one DMA)."""
+    """hidden[t0:t0 + Tc] ([T, H] @ HBM) -> (xT [128, n_h, Tc], xTe [128 / fold, fold * n_h, Tc] or xT itself
+    when fold == 1) with xT[p, j, t] = x[t0 + t, p * n_h + j]: one DMA of the Tc rows (Tc long packets instead
+    of 128 short ones; the row tile dies here), then `_rows_to_columns`."""
     h_total = hidden.shape[1]
+    x_sb = nl.ndarray((n_tokens, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=x_sb, src=hidden[t0:t0 + n_tokens, :])
+    xT_sb = _rows_to_columns(x_sb, 1)
+    return xT_sb, (xT_sb if fold == 1 else _rows_to_columns(x_sb, fold))
+
+
+def _rows_to_columns(rows_sb, fold, out_dtype=None):
+    """rows_sb [n, H] (SBUF) -> SBUF [128 / fold, fold * n_h, n] with out[p, j, t] = rows[t, p * fold * n_h + j]:
+    TensorE transposes of the strided [n, 128 / fold] column sets, grouped per PSUM bank, one copy per group."""
+    n_rows, h_total = rows_sb.shape
     parts = P_MAX // fold
-    rows = h_total // parts
-    xT_sb = nl.ndarray((parts, n_tokens, rows), dtype=hidden.dtype, buffer=nl.sbuf)
-    nisa.dma_copy(dst=xT_sb, src=hidden.ap(pattern=[[rows, parts], [h_total, n_tokens], [1, rows]],
-                                           offset=t0 * h_total))
-    return xT_sb
+    per = h_total // parts
+    out_sb = nl.ndarray((parts, per, n_rows), dtype=out_dtype or rows_sb.dtype, buffer=nl.sbuf)
+    group = max(1, PSUM_BANK_BYTES // (n_rows * itemsize(rows_sb.dtype)))
+    for g0 in range(0, per, group):
+        g_sz = min(group, per - g0)
+        t_psum = nl.ndarray((parts, group, n_rows), dtype=rows_sb.dtype, buffer=nl.psum)
+        for jj in range(g_sz):
+            nisa.nc_transpose(dst=t_psum[:, jj, :], data=rows_sb[0:n_rows, g0 + jj::per])
+        nisa.tensor_copy(dst=out_sb[:, g0:g0 + g_sz, :], src=t_psum[:, 0:g_sz, :])
+    return out_sb
 
 
 def _gate_up_fold(gate_up):
@@ -322,22 +371,31 @@ def _routing_rows(top_k_index, top_k_weights, n_local, expert_offset, t0, n_toke
 
 
 def _row_slots(top_k_index, top_k_weights, n_local, expert_offset, t0):
-    """One token t0: e_sb [1, TOPK] int32 = its ids made local and clamped to [0, E - 1] (the DMA offsets, two
-    VectorE ops after the first DMA), and w_all [128, TOPK] fp32 = its weights on every partition, 0 (a select)
+    """One token t0: e_sb [1, TOPK] int32 = its ids made local and clamped to [0, E - 1] (the DMA offsets, one
+    or two VectorE ops after the first DMA), and w_all [128, TOPK] fp32 = its weights on every partition, 0 (a select)
     where the id is not a local expert."""
     top_k = top_k_index.shape[1]
     idx_sb = nl.ndarray((1, top_k), dtype=nl.int32, buffer=nl.sbuf)
     nisa.dma_copy(dst=idx_sb, src=top_k_index.ap(pattern=[[top_k, 1], [1, top_k]], offset=t0 * top_k))
     e_sb = nl.ndarray((1, top_k), dtype=nl.int32, buffer=nl.sbuf)
-    nisa.tensor_scalar(dst=e_sb, data=idx_sb, op0=nl.subtract, operand0=int(expert_offset), op1=nl.maximum,
-                       operand1=0)
-    nisa.tensor_scalar(dst=e_sb, data=e_sb, op0=nl.minimum, operand0=n_local - 1)
-    idx_all = nl.ndarray((P_MAX, top_k), dtype=nl.int32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=idx_all, src=top_k_index.ap(pattern=[[0, P_MAX], [1, top_k]], offset=t0 * top_k))
-    _, valid_sb = _local_key(idx_all, n_local, expert_offset)
-    w_in = nl.ndarray((P_MAX, top_k), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=w_in, src=top_k_weights.ap(pattern=[[0, P_MAX], [1, top_k]], offset=t0 * top_k))
-    return e_sb, nl.where(valid_sb, w_in, 0.0)
+    if expert_offset == 0:      # one op on the critical path (ids -> offsets -> weight DMAs)
+        nisa.tensor_scalar(dst=e_sb, data=idx_sb, op0=nl.maximum, operand0=0, op1=nl.minimum, operand1=n_local - 1)
+    else:
+        nisa.tensor_scalar(dst=e_sb, data=idx_sb, op0=nl.subtract, operand0=int(expert_offset), op1=nl.maximum,
+                           operand1=0)
+        nisa.tensor_scalar(dst=e_sb, data=e_sb, op0=nl.minimum, operand0=n_local - 1)
+    _, valid_sb = _local_key(idx_sb, n_local, expert_offset)
+    w_in = nl.ndarray((1, top_k), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=w_in, src=top_k_weights.ap(pattern=[[top_k, 1], [1, top_k]], offset=t0 * top_k))
+    w_row = nl.where(valid_sb, w_in, 0.0)
+    # onto every partition by a K = 1 matmul (one-row loads: 2 packets instead of 256 short ones)
+    ones_row = nl.ndarray((1, P_MAX), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=ones_row, value=1.0)
+    w_psum = nl.ndarray((P_MAX, top_k), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_matmul(w_psum, ones_row, w_row)
+    w_all = nl.ndarray((P_MAX, top_k), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=w_all, src=w_psum)
+    return e_sb, w_all
 
 
 def _slot_table(key_all, routes, ones_sb, n_slots, n_local):
@@ -447,6 +505,81 @@ def _store_out(out, acc_psum, t0, n_tokens, h0, h_cols, p_major):
     nisa.dma_copy(dst=out[t0:t0 + n_tokens, h0:h0 + h_cols], src=y_sb[0:n_tokens, :])
 
 
+def _rows_bytes_pp(n_inter, h_total, h_cols, dtype):
+    """SBUF bytes per partition of n_inter intermediate rows of an expert (gate_up [128, n_h, 2, n] plus
+    down [ic, n_i, Hc])."""
+    n_i = intermediate_split(n_inter)[1]
+    return ((h_total // P_MAX) * 2 * n_inter + n_i * h_cols) * itemsize(dtype)
+
+
+def _load_shared_gate_up(shared_gate_up, s_rows):
+    """Columns [i0, i0 + n) of the shared gate_up [H, 2, Is] -> SBUF [128, n_h, 2, n] with row h = p * n_h + j
+    (one static DMA; the whole matrix is one contiguous run per partition)."""
+    i0, n = s_rows
+    h_total, n_sh = shared_gate_up.shape[0], shared_gate_up.shape[2]
+    if (i0, n) == (0, n_sh):
+        return load_gate_up(shared_gate_up)
+    n_h = h_total // P_MAX
+    wgu_sb = nl.ndarray((P_MAX, n_h, 2, n), dtype=shared_gate_up.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=wgu_sb, src=shared_gate_up.ap(pattern=[[n_h * 2 * n_sh, P_MAX], [n_sh, 2 * n_h], [1, n]],
+                                                    offset=i0))
+    return wgu_sb
+
+
+def _alloc_hT_rows(n_inter, n_buf, n_tokens, dtype):
+    """SBUF [128, n_buf, n_i, T] for n_inter intermediate rows (`_alloc_hT`)."""
+    _, n_i = intermediate_split(n_inter)
+    return nl.ndarray((P_MAX, n_buf, n_i, n_tokens), dtype=dtype, buffer=nl.sbuf)
+
+
+def _split_halves(n_hc, pid):
+    """(c0, n_own, half, o0, n_other): one token split over two cores, core c owns the p-major column chunks
+    [c * half, c * half + n_own) of half = ceil(n_hc / 2); the other core's chunks are [o0, o0 + n_other)."""
+    half = -(-n_hc // 2)
+    c0, o0 = pid * half, (1 - pid) * half
+    return c0, min(n_hc, c0 + half) - c0, half, o0, min(n_hc, o0 + half) - o0
+
+
+def _exchange_order(n_hc, pid):
+    """Down-projection chunk order on core pid when one token is split: the other core's chunks first, so their
+    copy and exchange overlap the last matmuls into this core's own chunks."""
+    c0, n_own, _, o0, n_other = _split_halves(n_hc, pid)
+    return list(range(o0, o0 + n_other)) + list(range(c0, c0 + n_own))
+
+
+def _exchange_store(out, acc_psum, pid, has_work):
+    """One token split over the two cores: acc_psum [128, n_hc, 1] holds this core's fp32 partial sum (p-major:
+    column h = p * n_hc + hc). Core c owns the chunks of `_split_halves`; each core sends the other its partial
+    of the other's chunks (`nisa.sendrecv`, GpSimd DMA, fp32, zero-padded to ceil(n_hc / 2) chunks), adds what
+    it receives to its own (read from PSUM) and writes its columns: the [128, n] result is transposed (TensorE)
+    to n partitions of 128 columns and leaves by one DMA of n packets (not 128 short ones). A core with no work
+    sends zeros and writes what it receives."""
+    n_hc = acc_psum.shape[1]
+    c0, n_own, half, o0, n_other = _split_halves(n_hc, pid)
+    send_sb = nl.ndarray((P_MAX, half), dtype=nl.float32, buffer=nl.sbuf)
+    if not has_work or n_other < half:
+        nisa.memset(dst=send_sb, value=0.0)
+    if has_work and n_other > 0:
+        nisa.tensor_copy(dst=send_sb[:, 0:n_other], src=acc_psum[:, o0:o0 + n_other, 0])
+    recv_sb = nl.ndarray((P_MAX, half), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.sendrecv(src=send_sb, dst=recv_sb, send_to_rank=1 - pid, recv_from_rank=1 - pid, pipe_id=0,
+                  dma_engine=nisa.dma_engine.gpsimd_dma)
+    if n_own <= 0:
+        return
+    y_sb = nl.ndarray((P_MAX, half), dtype=out.dtype, buffer=nl.sbuf)
+    if has_work:
+        nisa.tensor_tensor(dst=y_sb[:, 0:n_own], data1=acc_psum[:, c0:c0 + n_own, 0], data2=recv_sb[:, 0:n_own],
+                           op=nl.add)
+    else:
+        nisa.tensor_copy(dst=y_sb[:, 0:n_own], src=recv_sb[:, 0:n_own])
+    yT_psum = nl.ndarray((half, P_MAX), dtype=out.dtype, buffer=nl.psum)
+    nisa.nc_transpose(dst=yT_psum[0:n_own, :], data=y_sb[:, 0:n_own])
+    yT_sb = nl.ndarray((half, P_MAX), dtype=out.dtype, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=yT_sb[0:n_own, :], src=yT_psum[0:n_own, :])
+    # yT[r, p] = out[0, p * n_hc + c0 + r]
+    nisa.dma_copy(dst=out.ap(pattern=[[1, n_own], [n_hc, P_MAX]], offset=c0), src=yT_sb[0:n_own, :])
+
+
 def _expert_bytes_pp(down, fold, h_cols):
     """SBUF bytes per partition of one expert's weights (down [.., I, H]): gate_up [128 / fold, fold n_h, 2I]
     plus this program's down columns [ic, n_i, Hc]."""
@@ -470,11 +603,14 @@ def _weight_ring(gate_up, down, n_slots, n_tokens, fold, h_cols, budget_pp):
              nl.ndarray((ic, n_i, h_cols), dtype=down.dtype, buffer=nl.sbuf)) for _ in range(n_buf)]
 
 
-def _load_down_cols(down, e_sb, h0, h_cols, dst_sb=None):
+def _load_down_cols(down, e_sb, h0, h_cols, dst_sb=None, rows=None):
     """down[e][:, h0:h0 + Hc] -> SBUF [ic, n_i, Hc] with row i = q * n_i + c (one DMA; down [E, I, H] with the
-    expert picked by the (1, 1) int32 tile e_sb, or one [I, H] matrix when e_sb is None). All columns: one
-    contiguous run of n_i * H elements per partition."""
+    expert picked by the (1, 1) int32 tile e_sb, or one [I, H] matrix when e_sb is None, of which `rows` = (i0,
+    n) picks rows i0 .. i0 + n - 1). All columns: one contiguous run of n_i * H elements per partition."""
     n_inter, h_total = down.shape[-2], down.shape[-1]
+    r0 = 0
+    if rows is not None:
+        r0, n_inter = rows
     ic, n_i = intermediate_split(n_inter)
     if dst_sb is None:
         dst_sb = nl.ndarray((ic, n_i, h_cols), dtype=down.dtype, buffer=nl.sbuf)
@@ -483,7 +619,7 @@ def _load_down_cols(down, e_sb, h0, h_cols, dst_sb=None):
     else:
         pattern = [[n_i * h_total, ic], [h_total, n_i], [1, h_cols]]
     if e_sb is None:
-        src = down.ap(pattern=pattern, offset=h0)
+        src = down.ap(pattern=pattern, offset=r0 * h_total + h0)
     else:
         src = down.ap(pattern=pattern, offset=h0, scalar_offset=e_sb, indirect_dim=0)
     nisa.dma_copy(dst=dst_sb, src=src)
@@ -511,8 +647,9 @@ def _sigmoid_gate_bcast(shared_gate, xT_sb, n_tokens):
     columns (VectorE), so the matmul result lands on all partitions."""
     h_total = shared_gate.shape[0]
     n_h = h_total // P_MAX
-    wsg_sb = nl.ndarray((P_MAX, n_h, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=wsg_sb, src=shared_gate.ap(pattern=[[n_h, P_MAX], [1, n_h]], offset=0))
+    row_sb = nl.ndarray((1, h_total), dtype=shared_gate.dtype, buffer=nl.sbuf)     # one packet, not 128
+    nisa.dma_copy(dst=row_sb, src=shared_gate.ap(pattern=[[h_total, 1], [1, h_total]], offset=0))
+    wsg_sb = _rows_to_columns(row_sb, 1, nl.float32)                                   # [128, n_h, 1]
     ones_sb = nl.ndarray((P_MAX, P_MAX), dtype=xT_sb.dtype, buffer=nl.sbuf)
     nisa.memset(dst=ones_sb, value=1.0)
     wsg_bc = nl.ndarray((P_MAX, n_h, P_MAX), dtype=xT_sb.dtype, buffer=nl.sbuf)
@@ -520,7 +657,7 @@ def _sigmoid_gate_bcast(shared_gate, xT_sb, n_tokens):
         nisa.tensor_scalar(dst=wsg_bc[:, j, :], data=ones_sb, op0=nl.multiply, operand0=wsg_sb[:, j, :])
     g_psum = nl.ndarray((P_MAX, n_tokens), dtype=nl.float32, buffer=nl.psum)
     for j in range(n_h):
-        nisa.nc_matmul(g_psum, wsg_bc[:, j, :], xT_sb[:, :, j], accumulate=(j > 0))
+        nisa.nc_matmul(g_psum, wsg_bc[:, j, :], xT_sb[:, j, :], accumulate=(j > 0))
     g_sb = nl.ndarray((P_MAX, n_tokens), dtype=nl.float32, buffer=nl.sbuf)
     nisa.activation(dst=g_sb, op=nl.sigmoid, data=g_psum)
     return g_sb
@@ -535,7 +672,7 @@ def _swiglu_T(xT_sb, wgu_sb, scale, hT_sb, b, n_tokens):
         gu_psum = nl.ndarray((P_MAX, 2, _MAX_TOKENS), dtype=nl.float32, buffer=nl.psum)
         for half in range(2):
             for j in range(n_h):
-                nisa.nc_matmul(gu_psum[0:ic, half, 0:n_tokens], wgu_sb[:, j, half, c::n_i], xT_sb[:, :, j],
+                nisa.nc_matmul(gu_psum[0:ic, half, 0:n_tokens], wgu_sb[:, j, half, c::n_i], xT_sb[:, j, :],
                                accumulate=(j > 0))
         act_sb = nl.ndarray((P_MAX, n_tokens), dtype=nl.float32, buffer=nl.sbuf)
         nisa.activation(dst=act_sb[0:ic, :], op=nl.silu, data=gu_psum[0:ic, 0, 0:n_tokens])
@@ -552,7 +689,7 @@ def _swiglu_folded_T(xT_sb, wgu_sb, scale, hT_sb, b, n_tokens, sel_sb):
     n_inter = two_i // 2
     gu_psum = nl.ndarray((P_MAX, _MAX_TOKENS), dtype=nl.float32, buffer=nl.psum)
     for j in range(rows):
-        nisa.nc_matmul(gu_psum[0:two_i, 0:n_tokens], wgu_sb[:, j, :], xT_sb[:, :, j], accumulate=(j > 0))
+        nisa.nc_matmul(gu_psum[0:two_i, 0:n_tokens], wgu_sb[:, j, :], xT_sb[:, j, :], accumulate=(j > 0))
     act_sb = nl.ndarray((P_MAX, n_tokens), dtype=nl.float32, buffer=nl.sbuf)
     nisa.activation(dst=act_sb[0:n_inter, :], op=nl.silu, data=gu_psum[0:n_inter, 0:n_tokens])
     gu_sb = nl.ndarray((P_MAX, n_tokens), dtype=sel_sb.dtype, buffer=nl.sbuf)
@@ -565,13 +702,14 @@ def _swiglu_folded_T(xT_sb, wgu_sb, scale, hT_sb, b, n_tokens, sel_sb):
                        data2=up_psum[0:n_inter, 0:n_tokens], op=nl.multiply)
 
 
-def _down_T(hT_sb, b, wd_sb, acc_psum, n_tokens, p_major):
+def _down_T(hT_sb, b, wd_sb, acc_psum, n_tokens, p_major, hc_order=None):
     """acc_psum[p, hc, t] += sum_i D[i, h] * hT_sb[i, b, :, t] with h = p * n_hc + hc (p_major) or
-    hc * 128 + p (weights stationary: M = 128 output rows, a strided column set when p_major)."""
+    hc * 128 + p (weights stationary: M = 128 output rows, a strided column set when p_major); the chunks hc
+    in `hc_order` (default ascending)."""
     ic, n_i, h_total = wd_sb.shape
     n_hc = h_total // _H_TILE
     for c in range(n_i):
-        for hc in range(n_hc):
+        for hc in (range(n_hc) if hc_order is None else hc_order):
             cols = slice(hc, h_total, n_hc) if p_major else slice(hc * _H_TILE, (hc + 1) * _H_TILE)
             nisa.nc_matmul(acc_psum[:, hc, 0:n_tokens], wd_sb[0:ic, c, cols],
                            hT_sb[0:ic, b, c, :], accumulate=None)
@@ -595,8 +733,8 @@ def moe_decode(hidden, top_k_index, top_k_weights, gate_up, down, shared=None, e
         shared: optional (gate_up [H, 2, Is], down [Is, H], gate vector [H]).
         expert_offset: global id of local expert 0 (expert parallelism), 0 <= expert_offset < 2^24 - E.
         lnc: None (NEURON_LOGICAL_NC_CONFIG, else the target's default: 2 on trn2), 1 or 2. At LNC=2 (one launch)
-            the cores split the tokens (T >= 2: each streams the experts of its own tokens) or, at T = 1, the hidden
-            columns (both run every slot's gate/up, each its half of down).
+            the cores split the tokens (T >= 2: each streams the experts of its own tokens) or, at T = 1, the slots
+            and the shared expert's rows (each streams half of the weights; the partial sums are exchanged once).
     Returns:
         [T, H] in hidden's dtype.
     Constraints:

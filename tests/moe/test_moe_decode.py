@@ -57,7 +57,8 @@ def test_slot_count_is_static_and_duplicates_load_once(rng):
 
 def test_lnc2_is_one_launch_each_core_writes_its_share(rng, monkeypatch):
     """LNC=2 (explicit, or from NEURON_LOGICAL_NC_CONFIG with lnc=None): one launch of two programs, each writing
-    its share: the tokens split for T >= 2 (odd T too), the hidden columns for T = 1 (H = 128: core 0 alone)."""
+    its share: the tokens split for T >= 2 (odd T too); for T = 1 the cores split the slots and exchange partial
+    sums, each writing its hidden columns (H = 128: core 0 alone)."""
     for t, h in ((5, 384), (2, 128), (1, 384), (1, 128)):
         x, gu, dn, sh, w, idx = moe_problem(rng, t, h, 7, 48, 3, 32, True)
         ref = moe_decode_reference(x, idx, w, gu, dn, sh)
@@ -71,6 +72,20 @@ def test_lnc2_is_one_launch_each_core_writes_its_share(rng, monkeypatch):
             out1 = moe_decode(x, idx, w, gu, dn, shared=sh)
         assert len(runs) == 1 and len(runs[0].traces) == 1
         assert_close(f"lnc1 T={t} H={h}", ref, out1)
+
+
+@pytest.mark.parametrize("k,shared_inter,h", [(1, 0, 128), (3, 33, 384), (8, 64, 256), (2, 32, 128), (5, 0, 384)])
+def test_one_token_lnc2_splits_slots_and_shared(rng, k, shared_inter, h):
+    """T = 1 at LNC=2: core 0 streams the first ceil(TOPK/2) experts, core 1 the rest (TOPK = 1: core 1 streams
+    none and sends zeros); the shared expert's rows split in halves when Is is even, else core 1 runs it; the
+    summed result matches the float64 reference, and the two cores' results are exchanged exactly once."""
+    x, gu, dn, sh, w, idx = moe_problem(rng, 1, h, 9, 64, k, shared_inter, True)
+    with record_launches() as runs:
+        out = moe_decode(x, idx, w, gu, dn, shared=sh, lnc=2)
+    n, names = _weight_dmas(runs, gu)
+    assert n == [-(-k // 2), k // 2]
+    assert [nm.count("sendrecv") for nm in names] == [1, 1]
+    assert_close(f"T=1 lnc2 k={k} Is={shared_inter}", moe_decode_reference(x, idx, w, gu, dn, sh), out)
 
 
 def test_out_of_range_ids_are_ignored_and_contained(rng):
