@@ -50,7 +50,7 @@ def pe_transpose_keys(kT_sb, key_rows, n_keys, n_c, d, n_d, t_psum, per_bank, ke
         dn = min(D_CHUNK, d - d0)
         for g0 in range(0, n_c, per_bank):
             gn = min(per_bank, n_c - g0)
-            slot = n_t % 2
+            slot = n_t % t_psum.shape[1]
             n_t += 1
             for i_c in range(gn):
                 c = g0 + i_c

@@ -49,7 +49,8 @@ _PSUM_BANK_F32 = 512              # fp32 elements per partition in one 2 KiB PSU
 #                                   piece must fit one bank, so pieces shrink for R > 32 rows
 _MAX_SPLIT_STATE_BYTES = 64 * 1024  # SBUF per partition core 0 may hold for the first halves' partial states
 _MAX_PIPE = 2                     # sendrecv pipe of the early max exchange (the state swap uses pipes 0 and 1)
-_KT_DVE_LAST = 2                  # K^T PSUM banks of a piece evicted by the VectorE (its last ones; else ScalarE)
+_KT_DVE_LAST = 1                  # K^T PSUM banks of a piece evicted by the VectorE (its last ones; else ScalarE)
+_KT_BANKS = 3                      # PSUM banks the K^T transposes rotate over (+ S^T, statistics, P V: 6 of 8)
 _V_BUFS = 3                       # rotating V piece tiles (each with its ones column, set once per launch)
 _ZERO_CHUNKS = 4                  # 128-key chunks per V-zeroing group (each run only if it holds padded positions)
 _V_TAIL_SPLITS = (2, 4, 8)        # the core's last V piece arrives in chunk groups that end n_c/2, n_c/4, n_c/8
@@ -440,7 +441,7 @@ def _transpose_keys(ctx, k_sb, kn, n_c):
     d, n_d, dtype = ctx["d"], ctx["n_d"], ctx["dtype"]
     per_bank = pe_transpose_group(dtype)
     kT_sb = nl.ndarray((P_MAX, n_d, ctx["piece"]), dtype=dtype, buffer=nl.sbuf)
-    t_psum = nl.ndarray((P_MAX, 2, per_bank, P_MAX), dtype=dtype, buffer=nl.psum)
+    t_psum = nl.ndarray((P_MAX, _KT_BANKS, per_bank, P_MAX), dtype=dtype, buffer=nl.psum)
     pe_transpose_keys(kT_sb, lambda c, d0, dn, cn: k_sb[0:cn, c, d0:d0 + dn], kn, n_c, d, n_d, t_psum, per_bank,
                       dve_last=_KT_DVE_LAST)
     return kT_sb
