@@ -114,14 +114,15 @@ def _shared_h_rows(hidden, i_r, s_wgu_sb, s_wsg_sb):
     return n_tok, swiglu(xT_sb, n_tok, s_wgu_sb, gate_sb)
 
 
-def _load_block_tables(block_to_expert, token_position_to_id, top_k_index, block_size, expert_offset, b0, n_b):
+def _load_block_tables(block_to_expert, token_position_to_id, block_size, expert_offset, b0, n_b, global_ids):
     """Blocks b0 .. b0 + n_b - 1 (column b - b0): each block's expert id on every partition (e_all_sb [128, n_b],
-    and eg_all_sb = global ids for the top-k compare) and every slot's token id (slot chunk c of block b in
+    and eg_all_sb = global ids for the top-k affinity compare when `global_ids`, else e_all_sb: the DMA combine
+    never computes a top-k affinity in the blocks phase) and every slot's token id (slot chunk c of block b in
     ids_all[c][p, b - b0]): 2 + ceil(B / 128) DMAs per group of _TABLE_BLOCKS blocks instead of several per block;
     SBUF independent of N."""
     e_all_sb = nl.ndarray((P_MAX, n_b), dtype=nl.int32, buffer=nl.sbuf)
     nisa.dma_copy(dst=e_all_sb, src=block_to_expert.ap(pattern=[[0, P_MAX], [1, n_b]], offset=b0))
-    if top_k_index is not None and expert_offset != 0:
+    if global_ids and expert_offset != 0:
         eg_all_sb = nl.ndarray((P_MAX, n_b), dtype=nl.int32, buffer=nl.sbuf)
         nisa.tensor_scalar(dst=eg_all_sb, data=e_all_sb, op0=nl.add, operand0=expert_offset)
     else:
@@ -162,8 +163,8 @@ def _blocks_phase(hidden, expert_affinities, gate_up, down, token_position_to_id
     pending = None
     for g0 in range(0, n_blocks, _TABLE_BLOCKS):
         n_b = min(_TABLE_BLOCKS, n_blocks - g0)
-        tables = _load_block_tables(block_to_expert, token_position_to_id, top_k_index, block_size, expert_offset,
-                                    g0, n_b)
+        tables = _load_block_tables(block_to_expert, token_position_to_id, block_size, expert_offset, g0, n_b,
+                                    global_ids=False)
         args = (hidden, expert_affinities, gate_up, down, top_k_index) + tables
         first = g0 + (pid - g0) % n_prog
         for i_b in range(first, g0 + n_b, n_prog):

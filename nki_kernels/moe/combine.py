@@ -119,8 +119,8 @@ def _hidden_phase(hidden, expert_affinities, gate_up, token_position_to_id, bloc
     n_h = h_total // P_MAX
     for g0 in range(b_lo, b_hi, _TABLE_BLOCKS):
         n_b = min(_TABLE_BLOCKS, b_hi - g0)
-        e_all_sb, eg_all_sb, ids_all = _load_block_tables(block_to_expert, token_position_to_id, top_k_index,
-                                                          block_size, expert_offset, g0, n_b)
+        e_all_sb, eg_all_sb, ids_all = _load_block_tables(block_to_expert, token_position_to_id, block_size,
+                                                          expert_offset, g0, n_b, top_k_index is not None)
         for i_b in range(g0, g0 + n_b):
             col = i_b - g0
             e_sb = e_all_sb[:, col:col + 1]
