@@ -2,7 +2,8 @@
 
 Layout conventions (see KERNELS.md ("MoE")):
   * hidden columns h are split as h = p * n_h + j (p the partition, j < n_h = H / 128), so one expert's
-    gate_up rows [H, 2, I] load with one contiguous run of n_h * 2I elements per partition;
+    gate_up rows [H, 2, I] load with one contiguous run of n_h * 2I elements per partition (or on 64
+    partitions, n_h = H / 64, where a 128-partition run would be shorter than a DMA packet);
   * intermediate rows i of `down` [I, H] are split as i = q * n_i + c (q < ic = I / n_i, n_i = ceil(I / 128)),
     again contiguous per partition;
   * a token chunk holds up to 128 tokens on the partitions.
@@ -29,19 +30,20 @@ def intermediate_split(n_inter: int):
     return (n_inter // n_i, n_i) if n_inter % n_i == 0 else (None, n_i)
 
 
-def load_gate_up(gate_up, e_sb=None):
-    """One expert's [H, 2, I] gate/up weights -> SBUF [128, n_h, 2, I] with row h = p * n_h + j.
+def load_gate_up(gate_up, e_sb=None, parts: int = P_MAX):
+    """One expert's [H, 2, I] gate/up weights -> SBUF [parts, n_h, 2, I] with row h = p * n_h + j (n_h = H / parts;
+    parts = 128, or 64 for twice as long per-partition runs when a 128-partition run is below the DMA packet size).
 
     gate_up is [E, H, 2, I] @ HBM with the expert picked at runtime by the (1,1) int32 SBUF tile e_sb, or a
     single [H, 2, I] matrix (e_sb None). One DMA, n_h * 2I contiguous elements per partition."""
     h_total, n_inter = gate_up.shape[-3], gate_up.shape[-1]
-    n_h = h_total // P_MAX
+    n_h = h_total // parts
     row = n_h * 2 * n_inter
-    wgu_sb = nl.ndarray((P_MAX, n_h, 2, n_inter), dtype=gate_up.dtype, buffer=nl.sbuf)
+    wgu_sb = nl.ndarray((parts, n_h, 2, n_inter), dtype=gate_up.dtype, buffer=nl.sbuf)
     if e_sb is None:
-        src = gate_up.ap(pattern=[[row, P_MAX], [1, row]], offset=0)
+        src = gate_up.ap(pattern=[[row, parts], [1, row]], offset=0)
     else:
-        src = gate_up.ap(pattern=[[row, P_MAX], [1, row]], offset=0, scalar_offset=e_sb, indirect_dim=0)
+        src = gate_up.ap(pattern=[[row, parts], [1, row]], offset=0, scalar_offset=e_sb, indirect_dim=0)
     nisa.dma_copy(dst=wgu_sb, src=src)
     return wgu_sb
 
@@ -61,19 +63,21 @@ def load_down(down, e_sb=None):
 
 
 def transpose_tokens(x_sb, n_tok: int, n_h: int, evict_phase: int = 0):
-    """x_sb [n_tok, H] (tokens on partitions) -> xT_sb [128, n_h, 128] with xT[p, j, t] = x[t, p * n_h + j].
+    """x_sb [n_tok, H] (tokens on partitions) -> xT_sb [parts, n_h, 128] with xT[p, j, t] = x[t, p * n_h + j]
+    (parts = H / n_h: 128, or 64 to match `load_gate_up(parts=64)`).
 
     TensorE transposes into PSUM, grouped so each group fills one PSUM bank, one copy per group to SBUF; the
     copies alternate VectorE / ScalarE (`evict`, group index + evict_phase)."""
     dt = x_sb.dtype
+    parts = x_sb.shape[1] // n_h
     group = PSUM_BANK_BYTES // (TOK_TILE * itemsize(dt))
-    xT_sb = nl.ndarray((P_MAX, n_h, TOK_TILE), dtype=dt, buffer=nl.sbuf)
+    xT_sb = nl.ndarray((parts, n_h, TOK_TILE), dtype=dt, buffer=nl.sbuf)
     for g0 in range(0, n_h, group):
         g_sz = min(group, n_h - g0)
         t_psum = nl.ndarray((P_MAX, group, TOK_TILE), dtype=dt, buffer=nl.psum)
         for jj in range(g_sz):
-            nisa.nc_transpose(dst=t_psum[:, jj, 0:n_tok], data=x_sb[0:n_tok, g0 + jj::n_h])
-        evict(xT_sb[:, g0:g0 + g_sz, 0:n_tok], t_psum[:, 0:g_sz, 0:n_tok], g0 // group + evict_phase)
+            nisa.nc_transpose(dst=t_psum[0:parts, jj, 0:n_tok], data=x_sb[0:n_tok, g0 + jj::n_h])
+        evict(xT_sb[:, g0:g0 + g_sz, 0:n_tok], t_psum[0:parts, 0:g_sz, 0:n_tok], g0 // group + evict_phase)
     return xT_sb
 
 
@@ -81,7 +85,8 @@ def swiglu(xT_sb, n_tok: int, wgu_sb, scale_sb):
     """h_sb [n_tok, I] = scale * silu(x @ G) * (x @ U) in the weights' dtype; scale_sb a (n_tok, 1) fp32 tile
     (None: no scale).
 
-    Token-stationary matmuls (M = tokens, N = gate + up columns of one slice, K = 128 hidden rows), accumulated
+    Token-stationary matmuls (M = tokens, N = gate + up columns of one slice, K = the tiles' 128 or 64 hidden
+    rows), accumulated
     over the n_h hidden chunks in one PSUM bank; ScalarE silu reads the gate half, VectorE multiplies."""
     n_h, n_inter = wgu_sb.shape[1], wgu_sb.shape[3]
     h_sb = nl.ndarray((TOK_TILE, n_inter), dtype=wgu_sb.dtype, buffer=nl.sbuf)

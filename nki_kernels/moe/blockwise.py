@@ -151,7 +151,7 @@ def _blocks_phase(hidden, expert_affinities, gate_up, down, token_position_to_id
     n_local = gate_up.shape[0]
     n_blocks = block_to_expert.shape[0]
     n_slots = token_position_to_id.shape[0]
-    n_h = h_total // P_MAX
+    n_h = h_total // gate_up_parts(h_total, gate_up.shape[3], itemsize(hidden.dtype))
     if pid == 0:   # the all-zero row that token_to_position points at for missing experts
         zero_sb = nl.ndarray((1, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
         nisa.memset(dst=zero_sb, value=0.0)
@@ -198,7 +198,7 @@ def _block_step(hidden, expert_affinities, gate_up, down, top_k_index, e_all_sb,
     down projection and store of the previous block (`pending`). Returns what the next step needs to finish
     block i_b."""
     e_sb = e_all_sb[:, col:col + 1]
-    wgu_sb = load_gate_up(gate_up, e_sb[0:1, :])
+    wgu_sb = load_gate_up(gate_up, e_sb[0:1, :], parts=hidden.shape[1] // n_h)
     wd_sb = load_down(down, e_sb[0:1, :])
     inputs = []
     for i_c, s0 in enumerate(range(0, block_size, TOK_TILE)):   # every input DMA of the block first
@@ -482,15 +482,26 @@ def sbuf_budget(target=None) -> int:
     return SBUF_BYTES_PER_PARTITION.get(name, SBUF_BYTES_PER_PARTITION["trn2"]) - _SBUF_MARGIN
 
 
+def gate_up_parts(h_total: int, n_inter: int, item: int) -> int:
+    """Partitions the DMA-combine blocks phase loads an expert's gate/up weights on (shapes only): 64 when the
+    128-partition run (n_h * 2I elements) is shorter than a DMA packet (`_DMA_KNEE_BYTES`: such a run moves at
+    run / knee of the DMA peak, so twice the run on half the partitions moves the same bytes in up to half the
+    time; the talker's 1.5 KiB -> 3 KiB), else 128. With 64, gate/up matmuls contract K = 64 rows, twice as many
+    of them (TensorE has the slack: the blocks phase is DMA-bound)."""
+    run = h_total // P_MAX * 2 * n_inter * item
+    return P_MAX // 2 if run < _DMA_KNEE_BYTES else P_MAX
+
+
 def blocks_phase_bytes(h_total: int, n_inter: int, block_size: int, top_k: int, item: int) -> int:
     """Upper bound of the SBUF bytes per partition of the blocks phase (every tile counted as live at once):
     block tables, one expert's weights + the previous block's down weights, the block's gathered rows (one
     [128, H] tile per 128-slot chunk, all issued first), one transpose, the h tiles of this and the previous
     block, hT, the output row tile, the all-zero row and the per-chunk affinity tiles."""
-    n_h, n_i, n_c = h_total // P_MAX, -(-n_inter // P_MAX), -(-block_size // TOK_TILE)
+    n_i, n_c = -(-n_inter // P_MAX), -(-block_size // TOK_TILE)
+    n_h = h_total // gate_up_parts(h_total, n_inter, item)
     tables = (2 + n_c) * 4 * _TABLE_BLOCKS + 8 * block_size     # + the block-major ids (int32, fp32)
     weights = (n_h * 2 * n_inter + 2 * n_i * h_total) * item
-    rows = (n_c + 3) * h_total * item                   # x per chunk, xT, y, zero row
+    rows = (n_c + 2) * h_total * item + n_h * TOK_TILE * item   # x per chunk, y, zero row; xT
     inter = 2 * n_c * n_inter * item + n_i * TOK_TILE * item + 1024    # h (2 blocks), hT, SiLU tile
     aff = n_c * (16 * top_k + 16)
     return tables + weights + rows + inter + aff
