@@ -642,9 +642,15 @@ def short_prefill_body(q, k, v, gate, seq_lens, out, softmax_scale, causal):
         if cur[3] is None:
             cur[3] = _short_v(v[b, kvh], cur[2], geo)
         head.update(v=cur[3], ones=ones)
-        for t in range(geo["n_t"]):
+        # the core's last head runs its tiles last to first: with causal masking the smallest tile is then the
+        # last one through the pipeline, so less P V work follows the last scores (the kernel's tail)
+        order = list(range(geo["n_t"]))
+        if (b, kvh, g) == items[-1]:
+            order.reverse()
+        head["final_t"] = order[-1]
+        for i_t, t in enumerate(order):
             staged = _short_scores(head, tiles[t], cur[0], cur[1], ident, ring, geo)
-            if t == 0:
+            if i_t == 0:
                 _short_gate(head, None if gate is None else gate[b, h], geo)
             pending.append((head, tiles[t], staged))
             if len(pending) > _SHORT_LAG:
@@ -852,7 +858,7 @@ def _short_pv(head, tile, p_sb, geo):
                                accumulate=j > 0, **tiling)
             nisa.nc_matmul(head["l"][rows, i:i + 1], pT_sb[0:P_MAX, j, cols], head["ones"][0:P_MAX, 0:1],
                            accumulate=j > 0, **tiling)
-    if t == geo["n_t"] - 1:
+    if t == head["final_t"]:
         _short_finish(head, geo)
 
 
