@@ -676,9 +676,17 @@ def _swiglu_T(xT_sb, wgu_sb, scale, hT_sb, b, n_tokens):
                                accumulate=(j > 0))
         act_sb = nl.ndarray((P_MAX, n_tokens), dtype=nl.float32, buffer=nl.sbuf)
         nisa.activation(dst=act_sb[0:ic, :], op=nl.silu, data=gu_psum[0:ic, 0, 0:n_tokens])
-        nisa.tensor_tensor(dst=act_sb[0:ic, :], data1=act_sb[0:ic, :], data2=scale[0:ic, :], op=nl.multiply)
-        nisa.tensor_tensor(dst=hT_sb[0:ic, b, c, :], data1=act_sb[0:ic, :], data2=gu_psum[0:ic, 1, 0:n_tokens],
-                           op=nl.multiply)
+        _scale_mul(hT_sb[0:ic, b, c, :], act_sb[0:ic, :], scale[0:ic, :], gu_psum[0:ic, 1, 0:n_tokens], n_tokens)
+
+
+def _scale_mul(dst, act, scale, up, n_tokens):
+    """dst = (act * scale) * up on [rows, T] tiles (VectorE): one op when T = 1 (scale is then a per-partition
+    scalar in SBUF: the routing weights or the shared gate), else two."""
+    if n_tokens == 1:
+        nisa.scalar_tensor_tensor(dst=dst, data=act, op0=nl.multiply, operand0=scale, op1=nl.multiply, operand1=up)
+        return
+    nisa.tensor_tensor(dst=act, data1=act, data2=scale, op=nl.multiply)
+    nisa.tensor_tensor(dst=dst, data1=act, data2=up, op=nl.multiply)
 
 
 def _swiglu_folded_T(xT_sb, wgu_sb, scale, hT_sb, b, n_tokens, sel_sb):
@@ -696,10 +704,8 @@ def _swiglu_folded_T(xT_sb, wgu_sb, scale, hT_sb, b, n_tokens, sel_sb):
     nisa.tensor_copy(dst=gu_sb[0:two_i, :], src=gu_psum[0:two_i, 0:n_tokens])
     up_psum = nl.ndarray((P_MAX, _MAX_TOKENS), dtype=nl.float32, buffer=nl.psum)
     nisa.nc_matmul(up_psum[0:n_inter, 0:n_tokens], sel_sb, gu_sb[0:two_i, :], accumulate=False)
-    nisa.tensor_tensor(dst=act_sb[0:n_inter, :], data1=act_sb[0:n_inter, :], data2=scale[0:n_inter, :],
-                       op=nl.multiply)
-    nisa.tensor_tensor(dst=hT_sb[0:n_inter, b, 0, :], data1=act_sb[0:n_inter, :],
-                       data2=up_psum[0:n_inter, 0:n_tokens], op=nl.multiply)
+    _scale_mul(hT_sb[0:n_inter, b, 0, :], act_sb[0:n_inter, :], scale[0:n_inter, :], up_psum[0:n_inter, 0:n_tokens],
+               n_tokens)
 
 
 def _down_T(hT_sb, b, wd_sb, acc_psum, n_tokens, p_major, hc_order=None):
