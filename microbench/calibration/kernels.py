@@ -851,9 +851,13 @@ def _sd_attention_q_tile(qT, kT, v_sb, ones, out, i_q, step):
         nisa.activation(dst=p_sb, op=nl.exp, data=s_sb, bias=bias, reduce_op=nl.add, reduce_res=total,
                         reduce_cmd=nisa.reduce_cmd.reset_reduce)
     else:
+        # step 0 writes exp (fp32) and tensor_reduce(add) of it as two calls, under the published comment "Assuming
+        # the compiler will merge exp and reduce_add into a single instruction on ACT": the re-write runs what that
+        # comment says the compiled program runs, one ScalarE activation with its row sum. The nl.copy to bf16
+        # stays a VectorE copy (the fixed rule for nl.* calls).
         e_sb = nl.ndarray((P_MAX, s_len), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.activation(dst=e_sb, op=nl.exp, data=s_sb, bias=bias)
-        nisa.tensor_reduce(dst=total, op=nl.add, data=e_sb, axis=1)
+        nisa.activation(dst=e_sb, op=nl.exp, data=s_sb, bias=bias, reduce_op=nl.add, reduce_res=total,
+                        reduce_cmd=nisa.reduce_cmd.reset_reduce)
         nisa.tensor_copy(dst=p_sb, src=e_sb)
     recip = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.reciprocal(dst=recip, data=total)

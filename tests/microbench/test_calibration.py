@@ -152,9 +152,6 @@ def test_slice_extrapolation_is_linear():
 KNOWN_MISSES = {
     "A11": "VectorE-bound in the model (3.1 ms, as the published 72% VectorE busy); the published run is 28% "
            "slower, consistent with its un-pipelined NKI 0.6 sequential loop, which the model does not capture",
-    "U4.0": "+32% (U4 moved to fit in v3): +19% even with its transposing loads free; its unfused fp32 exp / row "
-            "sum / bf16 copy chain is modeled slower than published, and its 128-256 B rows pay the published "
-            "packet floor; steps 1, 4, 5 (the same kernel with that chain fused) are within the band",
 }
 
 
