@@ -88,7 +88,8 @@ These are the programs the search measured but did not keep in its beam: scores 
 (iteration 1, codes 0, 3, 7) and 3.734, 2.499, 4.396, 2.752 ms (iteration 2, codes 15, 2, 3, 7); the correct
 programs scored 2.326, 2.327, 2.160, 2.083 ms are the beam's (already LN points). Compiler-left choices: those of
 kernels_v4.py's docstring, unchanged; any further choice a program needs is written in kernels_v5.py before it is
-modeled. All held out -> points LN5.<ms x 1000>.
+modeled. All held out -> points LN5.<ms x 1000>. Applying it (kernels_v5.py docstring): four of the seven have
+distinct streams; iteration 2 code 3 (4.396 ms) fails (a) under the fixed choices; LN5.2774, LN5.2968, LN5.3734.
 """
 from __future__ import annotations
 
@@ -104,6 +105,7 @@ from nki_kernels.emulator.targets import get_target
 from . import kernels as K
 from . import kernels_heldout as H
 from . import kernels_v4 as V4
+from . import kernels_v5 as V5
 
 
 @dataclass
@@ -403,6 +405,14 @@ POINTS = [
                       (V4.LN_BN_SUB_FIRST, "bn_stats / bn_aggr, x - mean before rsqrt"),
                       (V4.LN_BN_RSQRT_FIRST, "bn_stats / bn_aggr, rsqrt before x - mean"),
                       (V4.LN_BN_STT, "bn_stats / bn_aggr, (x - mean) * rstd in one scalar_tensor_tensor"))],
+    # ---- v5 held-out points (rule in the module docstring; kernels_v5.py) ----
+    *[Point(f"LN5.{v}", "layernorm", "4096 x 8192 fp32", "trn1", float(v),
+            "Autocomp LayerNorm sample run, eval-results program outside the beam (bench)", V5.layernorm_ln5,
+            make=_ln_inputs(v), k_full=32, k_model=(2, 4), reference=ref_layernorm, split="held-out",
+            timing="bench", notes=note + "; k = 128-row tiles")
+      for v, note in ((V5.LN5_RELOAD_BN, "bn_stats on a second load of each 512-column chunk"),
+                      (V5.LN5_NL_VAR, "nl.mean and nl.var (numpy.var's definition)"),
+                      (V5.LN5_FREE_BCAST, "mean / var broadcast to [P, F]: x - mean, var + eps, rsqrt over [P, F]"))],
     Point("ACT1", "act_dependent_chain", "1 element per partition", "trn1", 0.189, "nki_perf_guide.rst Opt #5a",
           K.act_dependent_chain,
           make=lambda k, rng: ((np.ones((128, 1), np.float32), k), {}),

@@ -35,6 +35,8 @@ _SMALL = {     # small shapes with the same tiling, for the correctness check
     # v4 held-out points: 2048-position rope tiles; LayerNorm rows of 1024 (two bn_stats chunks of 512)
     "A11.opt": lambda rng: BY_ID["A11.opt"].make(1, rng),
     **{f"LN.{v}": (lambda rng, v=v: BY_ID[f"LN.{v}"].make(2, rng, f=1024)) for v in (2461, 2083, 2160, 2326)},
+    # v5 held-out points: the same LayerNorm harness
+    **{f"LN5.{v}": (lambda rng, v=v: BY_ID[f"LN5.{v}"].make(2, rng, f=1024)) for v in (2774, 2968, 3734)},
 }
 
 
@@ -67,10 +69,20 @@ def test_v4_points_cover_the_rule():
         assert (p.split, p.timing, p.target, p.measured_us) == ("held-out", "bench", "trn1", float(v))
 
 
+def test_v5_points_cover_the_rule():
+    """The v5 rule (points.py docstring) picks three LayerNorm programs measured outside the beam: held out on trn1,
+    `bench` timed, the published score as the measurement."""
+    from microbench.calibration.kernels_v5 import LN5_VARIANTS
+    assert sorted(LN5_VARIANTS) == [2774, 2968, 3734]
+    for v in LN5_VARIANTS:
+        p = BY_ID[f"LN5.{v}"]
+        assert (p.split, p.timing, p.target, p.measured_us) == ("held-out", "bench", "trn1", float(v))
+
+
 def test_layernorm_fits_at_the_published_width():
     """The LN re-writes run at F = 8192 (the emulator's SBUF-capacity check passes) and stay correct."""
-    for v in (2461, 2326):
-        p = BY_ID[f"LN.{v}"]
+    for pid in ("LN.2461", "LN.2326", "LN5.2774", "LN5.2968", "LN5.3734"):
+        p = BY_ID[pid]
         args, _ = p.make(2, np.random.default_rng(7))
         res = run(p.kernel, *args, target="trn1", lnc=1)
         assert_close(p.id, p.reference(*args), res.outputs, dtype="float32")
@@ -78,10 +90,13 @@ def test_layernorm_fits_at_the_published_width():
 
 def test_layernorm_constant_rows_and_large_offsets():
     """A constant row (variance 0: eps keeps rsqrt finite) against the NumPy reference; for the bn_stats
-    programs also rows offset by 1e3 (the tutorial's fp32 mean(x^2) - mean^2 cancels there, as published)."""
+    programs and nl.var (two-pass) also rows offset by 1e3 (fp32 mean(x^2) - mean^2, the tutorial's and LN5.3734's,
+    cancels there, as published)."""
     rng = np.random.default_rng(6)
-    for v, offset, tol in ((2461, 0.0, 1e-3), (2083, 1e3, 1e-3), (2160, 1e3, 1e-3), (2326, 1e3, 1e-3)):
-        p = BY_ID[f"LN.{v}"]
+    for pid, offset, tol in (("LN.2461", 0.0, 1e-3), ("LN.2083", 1e3, 1e-3), ("LN.2160", 1e3, 1e-3),
+                             ("LN.2326", 1e3, 1e-3), ("LN5.2774", 1e3, 1e-3), ("LN5.2968", 1e3, 1e-3),
+                             ("LN5.3734", 0.0, 1e-3)):
+        p = BY_ID[pid]
         (x, g, b, var), kw = p.make(2, rng, f=1024)
         x[1:] += np.float32(offset)
         x[0] = 3.0
