@@ -1,5 +1,5 @@
 """Held-out calibration kernels added in the v5 round, re-written from published code (never copied); the
-selection rule is in points.py and was committed (a56cbb8) before these re-writes existed.
+selection rule is in points.py and was committed (50b914f) before these re-writes existed.
 
 LN5.*: the LayerNorm programs the Autocomp sample run measured but did not keep in its beam (ucb-bar/autocomp
 visualizer/src/extension/__fixtures__/sample_run/eval-results-iter-*/code_*_result_full.txt; the same harness as
