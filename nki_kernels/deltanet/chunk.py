@@ -44,6 +44,14 @@ _RSQRT_POSTSCALE = 2.0 ** -20
 # when non-finite (|v| <= _FP32_MAX keeps every product finite). Bad values are zeroed before any product over
 # the chunk's tokens, and the outputs / state the token-sequential recurrence makes NaN are set to NaN by select
 _SAFE_MAG = 2.0 ** 32
+# with the L2 norm in the kernel, a (token, head) row of q or k whose L2 norm is >= 2^_PRESCALE_LOG2_FIRST is
+# multiplied by 2^-(_PRESCALE_STEP n) (exact) so that its norm lands in [2^4, 2^12) (_pow2_prescale): the products
+# on raw keys / queries (K S, Q S, K K^T) then never overflow where the normalised ones do not (a key of norm 1e9
+# meeting a state of 1e30), and the norm of rows up to 2^112 is finite (it overflowed beyond ~1.8e19)
+_PRESCALE_LOG2_FIRST = 12
+_PRESCALE_STEP = 8                # log2 of the factor per threshold passed
+_PRESCALE_THRESHOLDS = 13         # |x| >= 2^12 .. 2^108
+_PRESCALE_SUMSQ = 2.0 ** -48      # the sums of squares are of x 2^-48 (finite up to |x| = 2^112)
 _FP32_MAX = float(np.finfo(np.float32).max)
 _G_CEIL = 0.0
 _NAN = float("nan")
@@ -349,8 +357,17 @@ def _chunk_prep(q, k, v, g, beta, lengths, per_seq, ctx, cfg):
     # fp32 compute on bf16 q, k: the products over Dk (K K^T, K Q^T, Q S) take the raw bf16 q, k (exact operands,
     # one TensorE pass) and apply the norms as diagonal scalings outside the products (_raw_scalings)
     raw = cdt == f32 and q_sb.dtype == nl.bfloat16
-    q_c, q_fac = _normalize(q_sb, None, cfg["scale"], cfg["use_l2norm"], cdt, factor_only=raw)
-    k_c, k_fac = _normalize(k_sb, None, 1.0, cfg["use_l2norm"], cdt)
+    # rows of huge |x|: an exact power-of-two pre-scale p [C, (k, q), Hk] the norm absorbs (_pow2_prescale)
+    sumsq, pre = (None, None)
+    if cfg["use_l2norm"]:
+        sumsq, pre = _pow2_prescale((k_sb, q_sb), cfg["guard"]["thr"])
+    q_c, q_fac = _normalize(q_sb, None, cfg["scale"], cfg["use_l2norm"], cdt, factor_only=raw,
+                            prescaled=None if pre is None else (sumsq[:, 1, :], pre[:, 1, :]))
+    k_c, k_fac = _normalize(k_sb, None, 1.0, cfg["use_l2norm"], cdt,
+                            prescaled=None if pre is None else (sumsq[:, 0, :], pre[:, 0, :]))
+    if raw and pre is not None:        # the raw rows scaled too (raw k: by _raw_scalings' per-head pass)
+        for i_k in range(q_sb.shape[1]):
+            nisa.activation(dst=q_sb[:, i_k, :], op=nl.copy, data=q_sb[:, i_k, :], scale=pre[:, 1, i_k:i_k + 1])
     v_c = v_sb                                             # already in the compute dtype
     # bad values of k, v, g, beta zeroed before any product over the chunk's tokens (q needs no guard: its token's
     # output row is the only one that reads it); what the recurrence makes NaN is restored in the tail
@@ -370,7 +387,8 @@ def _chunk_prep(q, k, v, g, beta, lengths, per_seq, ctx, cfg):
     del gcol_ps, glast_ps
     ctx.update(n_tok=n_tok, exp_g=exp_g, exp_glast=exp_glast, blocks=[], raw=None)
     if raw:
-        ctx["raw"] = _raw_scalings(k_sb, ctx["k_ok"], q_fac, k_fac, exp_g, cfg)
+        ctx["raw"] = _raw_scalings(k_sb, ctx["k_ok"], q_fac, k_fac, exp_g, cfg,
+                                   None if pre is None else pre[:, 0, :])
     yield
 
     base = cfg["head_base"]                                # global index of owned v head 0
@@ -779,7 +797,52 @@ def _guard_constants(consts_sb, chunk, dk):
     nisa.iota(dst=pos_i, pattern=[[0, 1]], offset=1, channel_multiplier=1)
     pos1 = nl.ndarray((chunk, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.tensor_copy(dst=pos1, src=pos_i)
-    return dict(utri=utri, ones=ones, pos1=pos1)
+    thr = nl.ndarray((chunk, _PRESCALE_THRESHOLDS), dtype=nl.float32, buffer=nl.sbuf)   # _pow2_prescale's
+    for j in range(_PRESCALE_THRESHOLDS):             # |x| >= 2^(4 + 8 (j + 1)) as sum (x 2^-48)^2
+        nisa.memset(dst=thr[:, j:j + 1], value=(2.0 ** (_PRESCALE_LOG2_FIRST + _PRESCALE_STEP * j)) ** 2 *
+                    _PRESCALE_SUMSQ ** 2, engine=nisa.engine.gpsimd)
+    return dict(utri=utri, ones=ones, pos1=pos1, thr=thr)
+
+
+def _pow2_prescale(tiles, thr):
+    """The L2 norm's sums of squares with an exact power-of-two pre-scale of huge rows, from shapes-only
+    instructions (the scale comes from comparisons on device). Per (token, head) row x of the tiles [C, H, D] (k and
+    q as loaded): ss' = sum (x 2^-48)^2 (ScalarE square with its free-axis sum: finite up to |x| = 2^112, and exact
+    enough for the norm: what underflows is below eps 2^-24); p = 2^-(8 n), n = the number of thresholds
+    thr[j] = 2^(2 (4 + 8 j) - 96) (j >= 1) at or below ss', i.e. |x| >= 2^(4 + 8 j). Rows with |x| < 2^12 (every
+    realistic key / query) get p = 1; larger ones |p x| in [2^4, 2^12). The norm of p x absorbs p (x / |x| is
+    unchanged), so the kernel's math is the same, but no product on the raw rows p x overflows fp32 unless the
+    normalised one would, and |p x|^2 >= 2^8 makes eps vanish in fp32 as it does in the reference.
+    Returns (ss' p^2, p), each [C, len(tiles), H] fp32 (ss' p^2 = |p x|^2 2^-96, exact scalings). A NaN row
+    compares false everywhere (p = 1, NaN stays NaN); an Inf (or |x| > 2^112) gets the smallest p and ss' = Inf
+    (rk = 0, as an overflowed norm before). Engines: the sums on ScalarE, the rest on VectorE (GpSimd, or a
+    stage of its own, modeled slower: docs/deltanet.md "Non-finite values"). thr [C, _PRESCALE_THRESHOLDS] fp32
+    (_guard_constants)."""
+    f32 = nl.float32
+    dve = nisa.engine.vector
+    chunk, n_h, d = tiles[0].shape
+    n_t = thr.shape[1]
+    n_rows = len(tiles) * n_h
+    ss = nl.ndarray((chunk, len(tiles), n_h), dtype=f32, buffer=nl.sbuf)
+    ss2 = ss.reshape((chunk, n_rows))
+    scratch = nl.ndarray((chunk, d), dtype=f32, buffer=nl.sbuf)
+    for i_t, x in enumerate(tiles):
+        for i_h in range(n_h):
+            nisa.activation_reduce(dst=scratch, op=nl.square, data=x[:, i_h, :], reduce_op=nl.add,
+                                   reduce_res=ss[:, i_t, i_h:i_h + 1], scale=_PRESCALE_SUMSQ)
+    passed = nl.ndarray((chunk, n_rows, n_t), dtype=f32, buffer=nl.sbuf)         # [thr_j <= ss']
+    nisa.tensor_tensor(dst=passed, data1=thr.ap(pattern=[[n_t, chunk], [0, n_rows], [1, n_t]], offset=0),
+                       data2=ss2.ap(pattern=[[n_rows, chunk], [1, n_rows], [0, n_t]], offset=0), op=nl.less_equal,
+                       engine=dve)
+    step = 2.0 ** -_PRESCALE_STEP                                                # 1 - (1 - 2^-8) [passed]: exact
+    nisa.tensor_scalar(dst=passed, data=passed, op0=nl.multiply, operand0=step - 1.0, op1=nl.add, operand1=1.0,
+                       engine=dve)
+    p = nl.ndarray((chunk, len(tiles), n_h), dtype=f32, buffer=nl.sbuf)          # product of powers of two: exact
+    p_2 = p.reshape((chunk, n_rows))
+    nisa.tensor_reduce(dst=p_2, op=nl.multiply, data=passed, axis=2)
+    for _ in range(2):                                   # ss' p^2 (p^2 alone can underflow: two multiplies)
+        nisa.tensor_tensor(dst=ss2, data1=ss2, data2=p_2, op=nl.multiply, engine=dve)
+    return ss, p
 
 
 def _poison_threshold(valid, cfg):
@@ -859,9 +922,11 @@ def _guard_chunk(k_c, v_c, g_sb, beta_sb, thr, cfg):
     return dict(pred_o=pred_o, pred_s=pred_s, k_ok=k_ok)
 
 
-def _normalize(x_sb, valid, scale, use_l2norm, cdt, factor_only=False):
+def _normalize(x_sb, valid, scale, use_l2norm, cdt, factor_only=False, prescaled=None):
     """Per (token, head): (x * factor in dtype cdt, or None when factor_only; factor [C, H] fp32 or None), factor =
-    scale * rsqrt(sum x^2 + eps) (if use_l2norm) * valid."""
+    scale * rsqrt(sum x^2 + eps) (if use_l2norm) * valid. prescaled (with use_l2norm) None or (ss, p) of
+    _pow2_prescale, [C, H] fp32 each: the rows are taken as p x (exact powers of two) with sum (p x)^2 = ss 2^96:
+    factor is that of p x, and x * (p factor) is returned."""
     chunk, n_h, d = x_sb.shape
     if not use_l2norm and valid is None and scale == 1.0 and cdt == x_sb.dtype and not factor_only:
         return x_sb, None
@@ -869,12 +934,16 @@ def _normalize(x_sb, valid, scale, use_l2norm, cdt, factor_only=False):
     if use_l2norm:
         # sum of squares per (token, head) by one ScalarE square with its free-axis sum (fp32 squares and sum; the
         # squares themselves go to a scratch tile): VectorE and GpSimd are the busier engines
-        sq = nl.ndarray((chunk, d), dtype=nl.float32, buffer=nl.sbuf)
-        for i_h in range(n_h):
-            nisa.activation_reduce(dst=sq, op=nl.square, data=x_sb[:, i_h, :], reduce_op=nl.add,
-                                   reduce_res=factor[:, i_h:i_h + 1])
-        nisa.activation(dst=factor, op=nl.rsqrt, data=factor, scale=_RSQRT_PRESCALE,
-                        bias=_L2NORM_EPS * _RSQRT_PRESCALE)
+        if prescaled is None:
+            sq = nl.ndarray((chunk, d), dtype=nl.float32, buffer=nl.sbuf)
+            for i_h in range(n_h):
+                nisa.activation_reduce(dst=sq, op=nl.square, data=x_sb[:, i_h, :], reduce_op=nl.add,
+                                       reduce_res=factor[:, i_h:i_h + 1])
+            nisa.activation(dst=factor, op=nl.rsqrt, data=factor, scale=_RSQRT_PRESCALE,
+                            bias=_L2NORM_EPS * _RSQRT_PRESCALE)
+        else:                                   # (sum (p x)^2 + eps) 2^-40 = ss 2^56 + eps 2^-40
+            nisa.activation(dst=factor, op=nl.rsqrt, data=prescaled[0], scale=_RSQRT_PRESCALE / _PRESCALE_SUMSQ ** 2,
+                            bias=_L2NORM_EPS * _RSQRT_PRESCALE)
         nisa.tensor_scalar(dst=factor, data=factor, op0=nl.multiply, operand0=float(scale) * _RSQRT_POSTSCALE)
     else:
         nisa.memset(dst=factor, value=float(scale))
@@ -882,13 +951,17 @@ def _normalize(x_sb, valid, scale, use_l2norm, cdt, factor_only=False):
         nisa.tensor_scalar(dst=factor, data=factor, op0=nl.multiply, operand0=valid)
     if factor_only:
         return None, factor
+    x_fac = factor
+    if prescaled is not None:
+        x_fac = nl.ndarray((chunk, n_h), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_tensor(dst=x_fac, data1=factor, data2=prescaled[1], op=nl.multiply, engine=nisa.engine.gpsimd)
     out = nl.ndarray((chunk, n_h, d), dtype=cdt, buffer=nl.sbuf)
     for i_h in range(n_h):
-        nisa.activation(dst=out[:, i_h, :], op=nl.copy, data=x_sb[:, i_h, :], scale=factor[:, i_h:i_h + 1])
+        nisa.activation(dst=out[:, i_h, :], op=nl.copy, data=x_sb[:, i_h, :], scale=x_fac[:, i_h:i_h + 1])
     return out, factor
 
 
-def _raw_scalings(k_raw, k_ok, q_fac, k_fac, exp_g, cfg):
+def _raw_scalings(k_raw, k_ok, q_fac, k_fac, exp_g, cfg, k_pre=None):
     """The raw-operand path (fp32 compute, bf16 q and k): with q' = diag(rq) q and k' = diag(rk) k (rq, rk the
     per-token norm factors, the q scale included),
         A^T[j, i] = rk_j (k_j . k_i) (rk_i beta_i) e^{G_i - G_j}   (rk_i beta_i: the diag moving operand; rk_j at
@@ -898,8 +971,10 @@ def _raw_scalings(k_raw, k_ok, q_fac, k_fac, exp_g, cfg):
     every norm is a row scaling. k_raw [C, Hk, Dk] bf16 is sanitised in place like the normalised keys (its
     bad elements k_ok == 0 set to 0 by select), and a token whose key norm is not positive (NaN, or a sum of
     squares that overflowed: rk = 0) gets a zero raw row and rk = 0, so every raw product stays finite; q needs
-    nothing (a bad q_i reaches output row i only, as in the reference). Returns per owned v head [C, Hv] fp32
-    tiles: rk (the key factor), rq (the query factor) and eq = e^{G} rq."""
+    nothing (a bad q_i reaches output row i only, as in the reference). k_pre [C, Hk] or None: the exact
+    power-of-two pre-scale of the raw rows (_pow2_prescale; k_fac is the factor of k_pre k_raw), applied here in
+    the same pass. Returns per owned v head [C, Hv] fp32 tiles: rk (the key factor), rq (the query factor) and
+    eq = e^{G} rq."""
     chunk, n_hk, dk = k_raw.shape
     n_hv = exp_g.shape[1]
     f32 = nl.float32
@@ -914,6 +989,8 @@ def _raw_scalings(k_raw, k_ok, q_fac, k_fac, exp_g, cfg):
         fac_ok_u8 = nl.ndarray((chunk, n_hk), dtype=nl.uint8, buffer=nl.sbuf)
         nisa.tensor_copy(dst=fac_ok_u8, src=fac_ok)
         nisa.tensor_copy_predicated(dst=k_fac, src=0.0, predicate=fac_ok_u8, reverse_pred=True)
+        if k_pre is not None:                  # the raw rows take the pre-scale too (_pow2_prescale): flag x p
+            nisa.tensor_tensor(dst=fac_ok, data1=fac_ok, data2=k_pre, op=nl.multiply, engine=pool)
         for i_k in range(n_hk):
             nisa.activation(dst=k_raw[:, i_k, :], op=nl.copy, data=k_raw[:, i_k, :], scale=fac_ok[:, i_k:i_k + 1])
     group, base = cfg["group"], cfg["head_base"]

@@ -164,22 +164,79 @@ def test_prefill_g_minus_inf_on_last_token_zeroes_the_state_part(rng):
     assert np.all(s[0, 1] == 0) and np.isfinite(s[0, 0]).all() and np.all(s[0, 0] != 0)
 
 
-@pytest.mark.xfail(strict=True, reason="known limit (docs/deltanet.md, Non-finite values): with the L2 norm, the "
-                   "products on the raw keys (this round's raw-bf16 path) overflow fp32 when |k| * |S| passes "
-                   "~3e38, and the chunk goes NaN from its first token, where the float64 reference stays finite")
 def test_prefill_large_key_times_large_state_stays_finite(rng):
     """Finite inputs at the edge of fp32: a state of ~1e30 (v = 1e30 on early tokens) meets a key of norm ~1e9 in
-    a later chunk. The reference stays finite; the kernel should too (it does not yet: strict xfail)."""
+    a later chunk. The raw-key products overflowed (the whole chunk went NaN) before the power-of-two pre-scale of
+    large q / k rows; now every output matches the float64 reference."""
     q, k, v, g, beta = gdn_inputs(rng, 1, 128, 1, 1, 128, 128, dtype=BF16)
     g[:] = 0.0
     beta[:] = 1.0
     v[0, 0:40] = BF16(1e30)
     k[0, 100] = (k[0, 100].astype(np.float32) * 1e8).astype(BF16)
-    want, _ = ref.gated_delta_rule(*(_f32(x).astype(np.float64) for x in (q, k, v, g, beta)), chunk_size=64,
-                                   use_qk_l2norm_in_kernel=True)
+    want, want_s = ref.gated_delta_rule(*(_f32(x).astype(np.float64) for x in (q, k, v, g, beta)), chunk_size=64,
+                                        use_qk_l2norm_in_kernel=True)
     assert np.isfinite(want).all()
-    got, _ = gated_delta_rule(q, k, v, g, beta, chunk_size=64, use_qk_l2norm_in_kernel=True)
-    assert np.isfinite(np.asarray(got, dtype=np.float32)).all()
+    got, got_s = gated_delta_rule(q, k, v, g, beta, chunk_size=64, use_qk_l2norm_in_kernel=True)
+    assert np.isfinite(_f32(got)).all()
+    assert_close("o", want, _f32(got), dtype="bfloat16")
+    assert_close("final_state", want_s, got_s, dtype="bfloat16")
+
+
+def _scale_rows(x, rows, mag):
+    """x with the (token) rows `rows` multiplied by mag (in float64, then rounded to x's dtype once)."""
+    y = np.asarray(x, dtype=np.float64).copy()
+    y[:, rows] *= mag
+    return y.astype(x.dtype)
+
+
+@settings(max_examples=10, deadline=None)
+@given(ek=st.integers(-30, 30), eq=st.integers(-30, 30), big_state=st.booleans(),
+       dtype=st.sampled_from(["float32", "bfloat16"]), lnc=st.sampled_from([1, 2]), seed=st.integers(0, 2 ** 16))
+def test_prefill_key_query_magnitudes_match_reference(ek, eq, big_state, dtype, lnc, seed):
+    """With the L2 norm, keys and queries of any magnitude 1e-30 .. 1e30 (on a random half of the tokens, the others
+    O(1)), optionally meeting a state of ~1e30 (v = 1e30 on the first 40 tokens): outputs and final state match the
+    float64 reference (the norm makes them scale-free; the kernel's products on raw rows must not overflow)."""
+    rng = np.random.default_rng(seed)
+    q, k, v, g, beta = gdn_inputs(rng, 1, 150, 1, 2, 128, 32, dtype=DTYPES[dtype])
+    k = _scale_rows(k, rng.random(150) < 0.5, 10.0 ** ek)
+    q = _scale_rows(q, rng.random(150) < 0.5, 10.0 ** eq)
+    if big_state:
+        v = _scale_rows(v, slice(0, 40), 1e30)
+    want, want_s = ref.gated_delta_rule(*(_f32(x).astype(np.float64) for x in (q, k, v, g, beta)),
+                                        use_qk_l2norm_in_kernel=True)
+    assert np.isfinite(want).all() and np.isfinite(want_s).all()
+    got, got_s = gated_delta_rule(q, k, v, g, beta, chunk_size=64, use_qk_l2norm_in_kernel=True, lnc=lnc)
+    assert_close("o", want, _f32(got), dtype=dtype)
+    assert_close("final_state", want_s, got_s, dtype=dtype)
+
+
+@settings(max_examples=6, deadline=None)
+@given(e=st.integers(-30, 30), big_state=st.booleans(), lnc=st.sampled_from([1, 2]), seed=st.integers(0, 2 ** 16))
+def test_fused_key_query_magnitudes_match_reference(e, big_state, lnc, seed):
+    """The fused entry point (conv + SiLU in front): the q and k channels of mixed_qkv (and of the conv state) scaled
+    by 1e-30 .. 1e30 on a random half of the tokens, optionally with a ~1e30 state: as the float64 references."""
+    from nki_kernels.deltanet.fused import gated_delta_rule_fused
+    rng = np.random.default_rng(seed)
+    hk, hv, dk, dv, kw, t = 1, 2, 128, 32, 4, 150
+    nqk = 2 * hk * dk
+    mixed = rng.standard_normal((1, t, nqk + hv * dv))
+    mixed[:, rng.random(t) < 0.5, :nqk] *= 10.0 ** e
+    if big_state:
+        mixed[:, 0:40, nqk:] *= 1e30
+    mixed = mixed.astype(BF16)
+    weight = (rng.standard_normal((nqk + hv * dv, kw)) * 0.5).astype(BF16)
+    g = (-rng.uniform(0.0, 0.5, (1, t, hv))).astype(np.float32)
+    beta = rng.uniform(0.0, 1.0, (1, t, hv)).astype(np.float32)
+    y, _ = ref.causal_conv1d(_f32(mixed).astype(np.float64).transpose(0, 2, 1), _f32(weight).astype(np.float64))
+    y = y.transpose(0, 2, 1)
+    q = y[..., :hk * dk].reshape(1, t, hk, dk)
+    k = y[..., hk * dk:nqk].reshape(1, t, hk, dk)
+    v = y[..., nqk:].reshape(1, t, hv, dv)
+    want, want_s = ref.gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)
+    assert np.isfinite(want).all() and np.isfinite(want_s).all()
+    got, got_s, _ = gated_delta_rule_fused(mixed, weight, g, beta, hk, dk, chunk_size=64, lnc=lnc)
+    assert_close("o", want, _f32(got), dtype="bfloat16")
+    assert_close("final_state", want_s, got_s, dtype="bfloat16")
 
 
 @settings(max_examples=8)
