@@ -212,7 +212,11 @@ def _block_step(hidden, expert_affinities, gate_up, down, top_k_index, e_all_sb,
         prev = pending is not None and i_c < len(pending[1])
         if prev:
             hT_prev = _h_transpose_chunk(pending, i_c)
-        xT_sb = transpose_tokens(x_sb, n_tok, n_h, evict_phase=i_b + i_c)
+        # 64-partition x.T (twice the copies) with one chunk per block: every copy on ScalarE (VectorE's fast copies
+        # share an SBUF port with GpSimd's descriptor work for the x gathers); with more chunks per block ScalarE
+        # (also SiLU) would be the busier engine, so they alternate (docs/moe.md, "Talker gate/up on 64 partitions")
+        xT_sb = transpose_tokens(x_sb, n_tok, n_h, evict_phase=i_b + i_c,
+                                 scalar_only=n_h * P_MAX > hidden.shape[1] and block_size <= TOK_TILE)
         if prev:
             _down_store_chunk(scratch, hidden.dtype, pending, i_c, hT_prev)
         h_sb = swiglu(xT_sb, n_tok, wgu_sb, aff_sb)
