@@ -59,7 +59,10 @@ _NAN = float("nan")
 _PIPELINE_DEPTH = 3
 # chunks whose g and beta rows one DMA loads (tokens on the partitions, G runs of Hv * 4 B per partition row)
 _GATE_CHUNKS = 16
-_FP32_DEPTH = 2            # chunks in flight with fp32 compute when Hv * C <= 512 per core (3: no faster, more SBUF)
+# chunks in flight with fp32 compute when Hv * C <= 512 per core: 3 for launches of >= _FP32_DEEP_MIN_ITEMS (batch,
+# chunk) items, else 2 (T=2048, C=128: 252.2 us at 3, 256.3 at 2; T=512: 89.5 at 3, 84.4 at 2; docs/deltanet.md)
+_FP32_DEPTH = 2
+_FP32_DEEP_MIN_ITEMS = 16
 # SBUF per partition grows with Hv * C (the [C, W, C] lockstep tiles of every chunk in flight). Measured with
 # lifetime-exact accounting at Dk = Dv = 128 on trn2 (212984 B): bf16 inputs fit 3 chunks in flight up to
 # Hv * C = 1024, 2 up to 2048 and 1 up to 4096; fp32 compute (fp32 / fp16 inputs, one chunk in flight) fits
@@ -251,7 +254,9 @@ def run_pipeline(inputs, lengths, cu_seqlens, consts, initial_state, outs, dims,
         else:
             nisa.activation(dst=masks_w[:, :, i_w, :], op=nl.copy, data=consts_sb[:, _C_IDENT:_C_MT0 + n_lvl, :])
     # one solve workspace per chunk in flight (fp32 inputs: one chunk ahead only, to save SBUF)
-    depth = _pipeline_depth(n_hv, chunk) if cdt != f32 else (_FP32_DEPTH if n_hv * chunk <= 512 else 1)
+    depth = _pipeline_depth(n_hv, chunk)
+    if cdt == f32:
+        depth = (_FP32_DEPTH + (bsz * n_chunks >= _FP32_DEEP_MIN_ITEMS)) if n_hv * chunk <= 512 else 1
     newton = _newton_constants(consts_sb, width, chunk) if cdt == f32 else None
     solve_wss = [_solve_workspace(masks_w, n_lvl, width, chunk, cdt, newton) for _ in range(depth)]
 
@@ -1089,7 +1094,8 @@ def _block_prep(blk, k_c, v_w, kk_sb, kq_causal, g_w, beta_w, exp_g, beta_exp_g,
     yield
     compact = cfg["row_tiles"] and _COMPACT_SOLVE[cdt == nl.float32]
     t_t = yield from _solve_unit_lower(at_sb, solve_ws, cfg["hi_rows"], chunk, cdt,   # T^T, T = (I + A)^-1
-                                       cfg["hi_lvl"] if compact else None, bf16_corrections=cfg["use_l2norm"])
+                                       cfg["hi_lvl"] if compact else None, bf16_corrections=cfg["use_l2norm"],
+                                       split_first=cfg["use_l2norm"] and cfg["n_hv"] * chunk <= _SPLIT_MAX_HV_CHUNK)
 
     # -W^T = -(T (beta e^G K))^T; beta V; K o e^{G_C - G_j} (decay_t[:, w, C-1] = e^{G_C - G_j})
     xv = nl.ndarray((chunk, width, dv), dtype=cdt, buffer=nl.sbuf)
@@ -1288,10 +1294,13 @@ def _cols(t, s, upper):
     return v[..., s:2 * s] if upper else v[..., 0:s]
 
 
+# with the L2 norm, the first Newton residual on bf16 pieces (_refine_inverse) when Hv * C <= this per core (its
+# tiles overflow SBUF at the fp32-compute limit Hv * C = 1024 with one chunk in flight)
+_SPLIT_MAX_HV_CHUNK = 512
 _NEWTON_STEPS = 2                 # refinements of the bf16 solve (fp32 residual, bf16 corrections): 1e-2, 4e-5, fp32
 
 
-def _solve_unit_lower(at_sb, solve_ws, hi_rows, chunk, cdt, hi_lvl=None, bf16_corrections=False):
+def _solve_unit_lower(at_sb, solve_ws, hi_rows, chunk, cdt, hi_lvl=None, bf16_corrections=False, split_first=False):
     """T^T [C, W, C] per head, T = (I + strict_lower(A))^-1 (a generator; returns T^T in cdt).
 
     bf16 compute: block doubling on bf16 operands (_block_doubling). fp32 compute: the same block doubling on a
@@ -1307,10 +1316,11 @@ def _solve_unit_lower(at_sb, solve_ws, hi_rows, chunk, cdt, hi_lvl=None, bf16_co
     at_s = nl.ndarray(at_sb.shape, dtype=sdt, buffer=nl.sbuf)
     nisa.activation(dst=at_s, op=nl.copy, data=at_sb)
     t0_t, t0_row = yield from _block_doubling(at_s, ident_s, lvl_masks, n_lv, hi_rows, chunk, sdt, True, hi_lvl)
-    return (yield from _refine_inverse(at_sb, newton, ident_w, t0_t, t0_row, bf16_corrections))
+    return (yield from _refine_inverse(at_sb, newton, (ident_w, ident_s), t0_t, t0_row, bf16_corrections,
+                                       split_first))
 
 
-def _refine_inverse(at_sb, newton, ident_w, t0_t, t0_row, bf16_corrections):
+def _refine_inverse(at_sb, newton, idents, t0_t, t0_row, bf16_corrections, split_first=False):
     """Newton steps on T = (I + A)^-1 from the bf16 T0 (both layouts): E = I - T - A T, T^T <- T^T + E^T T^T,
     T <- T + T E (every matmul out = stationary^T moving: A T = (A^T)^T T, E^T T^T = (E)^T T^T, T E = (T^T)^T E).
 
@@ -1319,7 +1329,11 @@ def _refine_inverse(at_sb, newton, ident_w, t0_t, t0_row, bf16_corrections):
     bf16 solve, then ~1e-5), run on bf16 copies of E and T^T (one pass, fp32 PSUM): their 4e-3 relative rounding
     is removed by the next step's exact residual, and the last leaves ~4e-3 |E_1|. Without the norm (raw keys:
     A and T can be large and ill-conditioned) every product is fp32 (docs/deltanet.md "Newton corrections").
-    at_sb [C, W, C] fp32 A^T (strict upper part used), newton: _newton_constants, ident_w I (fp32); t0_t, t0_row
+    With bf16_corrections and split_first the first residual, whose T is T0 (exactly bf16), is
+    A_hi T0 + A_lo T0 (two bf16 passes, A split in two bf16 pieces: 2^-17, squared away by the exact second step)
+    and I - T0 one exact bf16 subtraction; that step's updates accumulate in PSUM (T0 + T0 E with a bf16 pass of
+    T0 I, likewise T^T) and ScalarE copies them out (docs/deltanet.md "Newton's first residual").
+    at_sb [C, W, C] fp32 A^T (strict upper part used), newton: _newton_constants, idents (I fp32, I bf16); t0_t, t0_row
     bf16. Returns T^T fp32."""
     f32, bf16 = nl.float32, nl.bfloat16
     shape = at_sb.shape
@@ -1328,34 +1342,64 @@ def _refine_inverse(at_sb, newton, ident_w, t0_t, t0_row, bf16_corrections):
     a_t = nl.ndarray(shape, dtype=f32, buffer=nl.sbuf)                 # strict upper part of A^T
     nisa.tensor_tensor(dst=a_t, data1=at_sb, data2=newton["strict"], op=nl.multiply, engine=pool)
     x_t = nl.ndarray(shape, dtype=f32, buffer=nl.sbuf)           # T^T
-    nisa.tensor_copy(dst=x_t, src=t0_t, engine=pool)
-    t_row = nl.ndarray(shape, dtype=f32, buffer=nl.sbuf)         # T
-    nisa.activation(dst=t_row, op=nl.copy, data=t0_row)
+    ident_w, ident_s = idents
     tt_c = t0_t if bf16_corrections else x_t                      # T^T operand of the corrections
+    a_split = None
+    t_row = nl.ndarray(shape, dtype=f32, buffer=nl.sbuf)         # T
+    if not (bf16_corrections and split_first):
+        nisa.tensor_copy(dst=x_t, src=t0_t, engine=pool)
+        nisa.activation(dst=t_row, op=nl.copy, data=t0_row)
+    else:
+        # the first residual's T is T0, exactly bf16: A T0 = A_hi T0 + A_lo T0 with A = A_hi + A_lo + O(2^-17 |A|),
+        # two bf16 passes instead of four fp32 ones; its 2^-17 error is squared away by the second, exact, step
+        a_hi = nl.ndarray(shape, dtype=bf16, buffer=nl.sbuf)
+        nisa.activation(dst=a_hi, op=nl.copy, data=a_t)
+        a_lo = nl.ndarray(shape, dtype=bf16, buffer=nl.sbuf)
+        nisa.tensor_tensor(dst=a_lo, data1=a_t, data2=a_hi, op=nl.subtract, engine=pool)
+        a_split = (a_hi, a_lo)
     yield
     for step in range(_NEWTON_STEPS):
         last = step + 1 == _NEWTON_STEPS
         at_ps = nl.ndarray(shape, dtype=f32, buffer=nl.psum)
         for w in range(width):
+            if step == 0 and a_split is not None:
+                for i_p, piece in enumerate(a_split):
+                    nisa.nc_matmul(at_ps[:, w, :], piece[:, w, :], t0_row[:, w, :], accumulate=i_p > 0)
+                continue
             nisa.nc_matmul(at_ps[:, w, :], a_t[:, w, :], t_row[:, w, :])          # A T (fp32: the residual)
-        e_sb = nl.ndarray(shape, dtype=f32, buffer=nl.sbuf)
-        nisa.tensor_tensor(dst=e_sb, data1=ident_w, data2=t_row, op=nl.subtract, engine=pool)
+        if step == 0 and a_split is not None:         # I - T0: exact in bf16 (one bf16 pass, no fp32 copy of T0)
+            e_sb = nl.ndarray(shape, dtype=bf16, buffer=nl.sbuf)
+            nisa.tensor_tensor(dst=e_sb, data1=ident_s, data2=t0_row, op=nl.subtract, engine=pool)
+        else:
+            e_sb = nl.ndarray(shape, dtype=f32, buffer=nl.sbuf)
+            nisa.tensor_tensor(dst=e_sb, data1=ident_w, data2=t_row, op=nl.subtract, engine=pool)
         e_c = nl.ndarray(shape, dtype=bf16 if bf16_corrections else f32, buffer=nl.sbuf)
         nisa.tensor_tensor(dst=e_c, data1=e_sb, data2=at_ps, op=nl.subtract)      # E = I - T - A T
         del at_ps
         yield
         xe_ps = nl.ndarray(shape, dtype=f32, buffer=nl.psum)
         te_ps = None if last else nl.ndarray(shape, dtype=f32, buffer=nl.psum)
+        # first split step: T0 and T0^T are exactly bf16, so T0 + T0 E and T0^T + E^T T0^T accumulate in PSUM
+        # (one bf16 pass with I each) and ScalarE copies them out instead of two VectorE adds reading PSUM
+        in_psum = step == 0 and a_split is not None and not last
         for w in range(width):
             nisa.nc_matmul(xe_ps[:, w, :], e_c[:, w, :], tt_c[:, w, :])           # E^T T^T
+            if in_psum:
+                nisa.nc_matmul(xe_ps[:, w, :], ident_s[:, w, :], t0_t[:, w, :], accumulate=True)
             if not last:
                 nisa.nc_matmul(te_ps[:, w, :], tt_c[:, w, :], e_c[:, w, :])       # T E
-        if not last:
-            nisa.tensor_tensor(dst=t_row, data1=t_row, data2=te_ps, op=nl.add)
-        nisa.tensor_tensor(dst=x_t, data1=x_t, data2=xe_ps, op=nl.add)
+            if in_psum:
+                nisa.nc_matmul(te_ps[:, w, :], t0_t[:, w, :], ident_s[:, w, :], accumulate=True)
+        if in_psum:
+            nisa.activation(dst=t_row, op=nl.copy, data=te_ps)
+            nisa.activation(dst=x_t, op=nl.copy, data=xe_ps)
+        else:
+            if not last:
+                nisa.tensor_tensor(dst=t_row, data1=t_row, data2=te_ps, op=nl.add)
+            nisa.tensor_tensor(dst=x_t, data1=x_t, data2=xe_ps, op=nl.add)
         if not last and bf16_corrections:
             tt_c = nl.ndarray(shape, dtype=bf16, buffer=nl.sbuf)
-            nisa.activation(dst=tt_c, op=nl.copy, data=x_t)
+            nisa.activation(dst=tt_c, op=nl.copy, data=xe_ps if in_psum else x_t)
         del xe_ps, te_ps
         yield
     return x_t
