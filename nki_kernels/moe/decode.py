@@ -13,8 +13,9 @@ non-finite value in one token never reaches another.
 LNC=2: one launch; with T >= 2 the two cores split the tokens (each builds the slot table of its own tokens, so it
 streams only the experts they chose, and writes their rows); with T = 1 they split the weights: core 0 runs the
 first ceil(TOPK/2) slots, core 1 the rest, and each half of the shared expert's intermediate rows (all on core 1
-when Is is odd), so each core streams half of the bytes; one SBUF-to-SBUF exchange (`nisa.sendrecv`) of the fp32
-partial sums then lets each core write its half of the hidden columns.
+when Is / 2 is not a whole number of equal row chunks, `_my_shared_rows`), so each core streams half of the
+bytes; one SBUF-to-SBUF exchange (`nisa.sendrecv`) of the fp32 partial sums then lets each core write its
+half of the hidden columns.
 
 Latency plan (small experts are bound by fixed DMA latencies, not bandwidth): the routing-id load is the first
 DMA and every expert DMA depends on it, so the shared expert's static weight DMAs fill the queues meanwhile; then
@@ -24,8 +25,8 @@ overlap), every gate_up before any down, so the last bytes to land feed only the
 from __future__ import annotations
 
 from ..backend import call, nki, nisa, nl
-from ..hw import P_MAX, PSUM_BANK_BYTES, PSUM_FMAX_FP32
-from ..lnc import resolve_lnc
+from ..hw import GEMM_MOVING_FMAX, P_MAX, PSUM_BANK_BYTES, PSUM_FMAX_FP32
+from ..lnc import current_target_name, resolve_lnc
 from ..validation import kernel_check
 from ._tiles import intermediate_split, itemsize, load_gate_up
 from .blockwise import _as_int32, _shape, check_expert_offset, check_top_k, check_weights, sbuf_budget
@@ -38,8 +39,11 @@ _RING_BYTES_PP = 120 * 1024   # SBUF bytes per partition for the expert weights 
 _MIN_ROW_BYTES = 4096         # DMA descriptor run (one partition row) at full bandwidth (docs/cost-model.md)
 _PRE_SLOT_BYTES = 640 * 1024  # static bytes the DMA queues stream while the slot-id load is in flight
                               # (one fixed DMA latency, ~2 us, at the ~360 GB/s of one trn2 core)
+_NAN_MIXING_PE_TRANSPOSE = ("trn1",)   # targets whose TensorE transpose is not bit-exact with NaN / Inf (v2: a
+                                       # matmul by the identity, so 0 x NaN from one token reaches every column)
 # ---- tiles
 _H_TILE = P_MAX             # output hidden rows per down-projection matmul (stationary free size M)
+_SPREAD_N = GEMM_MOVING_FMAX  # routing weights per K = 1 spreading matmul (moving free size N; one fp32 bank)
 
 
 def _pow2_at_least(n: int) -> int:
@@ -78,7 +82,7 @@ def moe_decode_kernel(hidden, top_k_index, top_k_weights, gate_up, down, shared_
         slot[s] = key[r] for the first row r with pos[r] == s, else -1     # one-hot matmul; s < S
         e[s] = min(max(slot[s], 0), E - 1)                                 # every weight DMA stays in its tensor
         a[s, t] = sum_j w[t, j] * (key[t, j] == slot[s])                  # padding slots (-1) match no row
-        xT[p, t, j] = x[t, p * n_h + j]
+        xT[p, j, t] = x[t, p * n_h + j]
         shared: hsT = sigmoid(x . w_sg) * silu(Gs^T xT) * (Us^T xT); accT += Wsd[:, Hc]^T hsT
         for each wave of W slots s, buffer b:
             Wgu[b] = gate_up[e[s]], then Wd[b] = down[e[s]][:, Hc]                      # dynamic DMAs
@@ -215,9 +219,10 @@ def _my_slots(n_slots, pid, n_prog):
 
 def _my_shared_rows(n_sh, pid, n_prog):
     """(i0, n): the shared expert's intermediate rows program pid runs when one token's work is split: halves
-    when Is is even (each core streams half of the shared weights), else all on the last core (which has the
-    fewer slots when TOPK is odd)."""
-    if n_sh % n_prog == 0:
+    when Is / C is a whole number that tiles into equal chunks of <= 128 rows (`intermediate_split`; each core
+    then streams half of the shared weights), else all on the last core (which has the fewer slots when TOPK is
+    odd). Is itself passes `intermediate_split` (the wrapper checks it) but Is / 2 need not (Is = 258: 129)."""
+    if n_sh % n_prog == 0 and intermediate_split(n_sh // n_prog)[0] is not None:
         per = n_sh // n_prog
         return pid * per, per
     return (0, n_sh) if pid == n_prog - 1 else (0, 0)
@@ -272,12 +277,29 @@ def check_decode_sbuf(kname, hidden, gate_up, down, shared, top_k, lnc):
 def _load_xT(hidden, fold, t0, n_tokens):
     """hidden[t0:t0 + Tc] ([T, H] @ HBM) -> (xT [128, n_h, Tc], xTe [128 / fold, fold * n_h, Tc] or xT itself
     when fold == 1) with xT[p, j, t] = x[t0 + t, p * n_h + j]: one DMA of the Tc rows (Tc long packets instead
-    of 128 short ones; the row tile dies here), then `_rows_to_columns`."""
+    of 128 short ones; the row tile dies here), then `_rows_to_columns`. With Tc >= 2 on a target whose TensorE
+    transpose mixes NaN across its rows (`_NAN_MIXING_PE_TRANSPOSE`: the tokens are those rows) the columns
+    come straight from HBM instead (`_dma_columns`), so one token's NaN / Inf never reaches another's."""
     h_total = hidden.shape[1]
+    if n_tokens > 1 and current_target_name() in _NAN_MIXING_PE_TRANSPOSE:
+        xT_sb = _dma_columns(hidden, 1, t0, n_tokens)
+        return xT_sb, (xT_sb if fold == 1 else _dma_columns(hidden, fold, t0, n_tokens))
     x_sb = nl.ndarray((n_tokens, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
     nisa.dma_copy(dst=x_sb, src=hidden[t0:t0 + n_tokens, :])
     xT_sb = _rows_to_columns(x_sb, 1)
     return xT_sb, (xT_sb if fold == 1 else _rows_to_columns(x_sb, fold))
+
+
+def _dma_columns(hidden, fold, t0, n_tokens):
+    """hidden[t0:t0 + Tc] ([T, H] @ HBM) -> SBUF [128 / fold, fold * n_h, Tc] with xT[p, j, t] =
+    x[t0 + t, p * fold * n_h + j]: one element-strided DMA (no TensorE)."""
+    h_total = hidden.shape[1]
+    parts = P_MAX // fold
+    per = h_total // parts
+    xT_sb = nl.ndarray((parts, per, n_tokens), dtype=hidden.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=xT_sb, src=hidden.ap(pattern=[[per, parts], [1, per], [h_total, n_tokens]],
+                                           offset=t0 * h_total))
+    return xT_sb
 
 
 def _rows_to_columns(rows_sb, fold, out_dtype=None):
@@ -388,11 +410,13 @@ def _row_slots(top_k_index, top_k_weights, n_local, expert_offset, t0):
     w_in = nl.ndarray((1, top_k), dtype=nl.float32, buffer=nl.sbuf)
     nisa.dma_copy(dst=w_in, src=top_k_weights.ap(pattern=[[top_k, 1], [1, top_k]], offset=t0 * top_k))
     w_row = nl.where(valid_sb, w_in, 0.0)
-    # onto every partition by a K = 1 matmul (one-row loads: 2 packets instead of 256 short ones)
+    # onto every partition by K = 1 matmuls of <= 512 columns (one-row loads: 2 packets instead of 256 short ones)
     ones_row = nl.ndarray((1, P_MAX), dtype=nl.float32, buffer=nl.sbuf)
     nisa.memset(dst=ones_row, value=1.0)
     w_psum = nl.ndarray((P_MAX, top_k), dtype=nl.float32, buffer=nl.psum)
-    nisa.nc_matmul(w_psum, ones_row, w_row)
+    for n0 in range(0, top_k, _SPREAD_N):
+        nn = min(_SPREAD_N, top_k - n0)
+        nisa.nc_matmul(w_psum[:, n0:n0 + nn], ones_row, w_row[:, n0:n0 + nn])
     w_all = nl.ndarray((P_MAX, top_k), dtype=nl.float32, buffer=nl.sbuf)
     nisa.tensor_copy(dst=w_all, src=w_psum)
     return e_sb, w_all

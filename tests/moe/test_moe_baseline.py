@@ -44,3 +44,16 @@ def test_selective_loading_validates_like_moe_decode():
 def test_nxd_decode_rule(t, k, e, name):
     """NxD ExpertMLPsV2: selective loading when T * TOPK / E < 1 (strictly), else all experts."""
     assert nxd_decode_baseline(t, k, e)[0] == name
+
+
+def test_selective_loading_more_than_512_choices():
+    """One token with TOPK = 600 (> 512, the matmul moving free size): the routing weights are spread in slices."""
+    rng = np.random.default_rng(3)
+    h, e, i, k = 128, 4, 32, 600
+    x = rng.standard_normal((1, h)).astype(np.float32)
+    gu = (rng.standard_normal((e, h, 2, i)) / np.sqrt(h)).astype(np.float32)
+    dn = (rng.standard_normal((e, i, h)) / np.sqrt(i)).astype(np.float32)
+    idx = rng.integers(0, e, (1, k)).astype(np.int32)
+    w = rng.uniform(0.0, 2.0 / k, (1, k)).astype(np.float32)
+    assert_close("baseline TOPK=600", moe_decode_reference(x, idx, w, gu, dn),
+                 moe_selective_loading(x, idx, w, gu, dn, lnc=1))

@@ -77,7 +77,7 @@ def test_lnc2_is_one_launch_each_core_writes_its_share(rng, monkeypatch):
 @pytest.mark.parametrize("k,shared_inter,h", [(1, 0, 128), (3, 33, 384), (8, 64, 256), (2, 32, 128), (5, 0, 384)])
 def test_one_token_lnc2_splits_slots_and_shared(rng, k, shared_inter, h):
     """T = 1 at LNC=2: core 0 streams the first ceil(TOPK/2) experts, core 1 the rest (TOPK = 1: core 1 streams
-    none and sends zeros); the shared expert's rows split in halves when Is is even, else core 1 runs it; the
+    none and sends zeros); the shared expert's rows split in halves when Is / 2 tiles, else core 1 runs it; the
     summed result matches the float64 reference, and the two cores' results are exchanged exactly once."""
     x, gu, dn, sh, w, idx = moe_problem(rng, 1, h, 9, 64, k, shared_inter, True)
     with record_launches() as runs:
@@ -86,6 +86,49 @@ def test_one_token_lnc2_splits_slots_and_shared(rng, k, shared_inter, h):
     assert n == [-(-k // 2), k // 2]
     assert [nm.count("sendrecv") for nm in names] == [1, 1]
     assert_close(f"T=1 lnc2 k={k} Is={shared_inter}", moe_decode_reference(x, idx, w, gu, dn, sh), out)
+
+
+@pytest.mark.parametrize("shared_inter", [258, 640])
+def test_one_token_lnc2_shared_half_that_does_not_tile(rng, shared_inter):
+    """Is even but Is / 2 not a whole number of equal <= 128-row chunks (258 / 2 = 129 = 2 chunks of 64.5,
+    640 / 2 = 320 = 3 chunks of 106.7): the shared expert's rows do not split (core 1 runs them all) and the
+    result matches the float64 reference at both LNCs."""
+    x, gu, dn, sh, w, idx = moe_problem(rng, 1, 128, 8, 64, 2, shared_inter, True)
+    ref = moe_decode_reference(x, idx, w, gu, dn, sh)
+    for lnc in (1, 2):
+        assert_close(f"T=1 lnc{lnc} Is={shared_inter}", ref, moe_decode(x, idx, w, gu, dn, shared=sh, lnc=lnc))
+
+
+@pytest.mark.parametrize("lnc", [1, 2])
+def test_one_token_more_than_512_choices(rng, lnc):
+    """T = 1 with TOPK = 600 (> 512, the matmul moving free size; T * TOPK <= 1024 is accepted): the routing
+    weights are spread in slices; duplicates of each id each count with their own weight."""
+    h, e, i, k = 128, 4, 32, 600
+    x = rng.standard_normal((1, h)).astype(np.float32)
+    gu = (rng.standard_normal((e, h, 2, i)) / np.sqrt(h)).astype(np.float32)
+    dn = (rng.standard_normal((e, i, h)) / np.sqrt(i)).astype(np.float32)
+    idx = rng.integers(-1, e + 1, (1, k)).astype(np.int32)          # some ids not local
+    w = rng.uniform(0.0, 2.0 / k, (1, k)).astype(np.float32)
+    assert_close(f"TOPK={k} lnc{lnc}", moe_decode_reference(x, idx, w, gu, dn),
+                 moe_decode(x, idx, w, gu, dn, lnc=lnc))
+
+
+def test_trn1_several_tokens_no_tensor_engine_transpose_of_tokens(rng):
+    """On trn1 (NeuronCore-v2) a TensorE transpose is a matmul by the identity and is not bit-exact with NaN /
+    Inf, so a transpose with the tokens on its rows could carry 0 x NaN from one token into every other: there x
+    reaches SBUF by DMA and no transpose runs (T = 2, no shared expert, p-major output); values still match."""
+    from nki_kernels.emulator.targets import use_target
+    for fold_inter in (32, 128):          # 2I <= 128 folds gate_up onto 64 partitions (a second x layout)
+        x, gu, dn, sh, w, idx = moe_problem(rng, 2, 256, 4, fold_inter, 2, 0, True)
+        with use_target("trn1"), record_launches() as runs:
+            out = moe_decode(x, idx, w, gu, dn, lnc=1)
+        assert not [ins.name for r in runs for tr in r.traces for ins in tr if ins.name == "nc_transpose"]
+        assert_close(f"trn1 I={fold_inter}", moe_decode_reference(x, idx, w, gu, dn), out)
+        xn = x.copy()
+        xn[1, 5] = np.inf
+        with use_target("trn1"):
+            out = moe_decode(xn, idx, w, gu, dn, lnc=1)
+        assert_close("trn1 other token", moe_decode_reference(x, idx, w, gu, dn)[0:1], out[0:1])
 
 
 def test_out_of_range_ids_are_ignored_and_contained(rng):
