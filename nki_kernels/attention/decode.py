@@ -16,7 +16,7 @@ Loop nest (per program instance):
     for each part (b, KV head, key range) this core owns:           (parts: below)
         Q^T [D, R] by PE transposes; per-row key limit from cache_lens[b] (runtime data)
         for each piece of up to 2048 keys (K and V DMAs chunk-major: chunk c, partition p = key c * 128 + p;
-                the core's last part streams all its K before its V; V in chunk groups):
+                the core's last split part streams its last _K_PRELOAD K pieces before their V; V in groups):
             V rows past cache_lens[b] := 0 in the chunk groups that hold such rows (predicated copy in a
                 register-bounded loop of 0 or 1 trips: 0 * NaN would poison P V); groups wholly past the
                 length are skipped in P V
@@ -29,8 +29,9 @@ Loop nest (per program instance):
 Parts. When B * Hkv is odd (B=1 with one KV head per rank is the common decode shape at TP4) every (b, KV head)'s
 keys are split in two halves, flash-decoding style; otherwise each (b, KV head) is one part. At LNC=2 the halves
 go to the two cores (else whole (b, KV head) pairs alternate); the cores swap their partial states SBUF to SBUF
-(`nisa.sendrecv`, GpSimd's low-latency DMA) and each merges them and writes half of D. At LNC=1 the one core
-computes both halves and merges them with the same instructions, so the result is bit-identical at both LNCs.
+(`nisa.sendrecv`, GpSimd's low-latency DMA) and each merges them and writes its columns of D (core 0 ceil(D/2)).
+At LNC=1 the one core computes both halves and merges them with the same instructions, so the result is
+bit-identical at both LNCs.
 """
 from __future__ import annotations
 
@@ -51,11 +52,13 @@ _MAX_SPLIT_STATE_BYTES = 64 * 1024  # SBUF per partition core 0 may hold for the
 _MAX_PIPE = 2                     # sendrecv pipe of the early max exchange (the state swap uses pipes 0 and 1)
 _KT_DVE_LAST = 1                  # K^T PSUM banks of a piece evicted by the VectorE (its last ones; else ScalarE)
 _KT_BANKS = 3                      # PSUM banks the K^T transposes rotate over (+ S^T, statistics, P V: 6 of 8)
+_K_PRELOAD = 2                    # K pieces the core's last split part streams ahead of its V (the last ones)
 _V_BUFS = 3                       # rotating V piece tiles (each with its ones column, set once per launch)
 _ZERO_CHUNKS = 4                  # 128-key chunks per V-zeroing group (each run only if it holds padded positions)
 _V_TAIL_SPLITS = (2, 4, 8)        # the core's last V piece arrives in chunk groups that end n_c/2, n_c/4, n_c/8
 #                                   chunks before its end: their zeroing and P V overlap the rest of the stream
-_STATS = 512                      # fp32 columns of the statistics PSUM tile (one bank): max^T, m^T, broadcast m, l
+_STATS = 512                      # fp32 columns of the statistics PSUM tile (one bank): max^T, m^T, broadcast m
+#                                   (l is column D of the P V tile: V's ones column)
 _ST_MAXT, _ST_MT, _ST_BCAST = 0, 128, 256     # column offsets in it
 
 
@@ -153,10 +156,11 @@ def decode_body(q, k_cache, v_cache, cache_lens, out, softmax_scale, causal):
             # the two cores swap their halves' states (SBUF to SBUF); each merges and writes half of D. The
             # merge weights are ready (early max exchange) and the own state is scaled while the swap travels
             other_sb = _exchange(ctx, packed, pid)
-            cols = (0, d // 2) if pid == 0 else (d // 2, d)
-            a_own, a_other = part["weights"]
-            own = _scale_own(ctx, packed, a_own, cols)
-            _merge_out(ctx, out, own, other_sb, a_other, b, kvh, cols)
+            cols = _own_cols(d, pid)
+            if cols[1] > cols[0]:           # (D = 1: core 1 writes nothing)
+                a_own, a_other = part["weights"]
+                own = _scale_own(ctx, packed, a_own, cols)
+                _merge_out(ctx, out, own, other_sb, a_other, b, kvh, cols)
 
     pending = None
     for i_part, (_, b, kvh, half, key0, key1) in enumerate(mine):
@@ -165,16 +169,21 @@ def decode_body(q, k_cache, v_cache, cache_lens, out, softmax_scale, causal):
         core_last = i_part == len(mine) - 1
         # split keys (latency-bound): the core's last part streams all its K pieces before its V pieces, so that
         # the K chain of its last piece (K^T evictions, S^T, the max across partitions, exp) runs under V's stream
-        k_pre = [_load_k(ctx, part, k0, kn) for k0, kn in pieces] if split and core_last else None
+        # (its last _K_PRELOAD pieces only: a fixed SBUF budget whatever S; the earlier pieces stream as usual)
+        pre0 = max(0, len(pieces) - _K_PRELOAD) if split and core_last else None
+        k_pre = {}
         for j, (k0, kn) in enumerate(pieces):
             last = j == len(pieces) - 1
-            staged = _piece_scores(ctx, part, j, k0, kn, last and core_last, None if k_pre is None else k_pre[j])
+            if j == pre0:
+                k_pre = {i: _load_k(ctx, part, *pieces[i]) for i in range(pre0, len(pieces))}
+            staged = _piece_scores(ctx, part, j, k0, kn, last and core_last, k_pre.pop(j, None))
             if last and split and n_prog > 1:
                 _early_max_exchange(ctx, part, j, pid)
-                # the state update writes what the other core needs first (its half of O, and l): the swap starts
-                # before this core's own half is updated
-                h = d // 2
-                staged["update_cols"] = [(h, d + 1), (0, h)] if pid == 0 else [(0, h), (d, d + 1), (h, d)]
+                # the state update writes what the other core needs first (the columns it sends, and l): the swap
+                # starts before this core's own columns are updated
+                w = _swap_width(d)
+                cols = [(d - w, d + 1), (0, d - w)] if pid == 0 else [(0, w), (d, d + 1), (w, d)]
+                staged["update_cols"] = [(c0, c1) for c0, c1 in cols if c1 > c0]
             if pending is not None:
                 pv_stage(*pending)
             pending = (part, staged, last)
@@ -182,15 +191,28 @@ def decode_body(q, k_cache, v_cache, cache_lens, out, softmax_scale, causal):
         pv_stage(*pending)
 
 
+def _swap_width(d):
+    """Columns of O each core sends in the state swap: ceil(D / 2), the same on both cores (a sendrecv's source and
+    destination shapes are equal). Core 0 writes columns [0, w) of the output, core 1 [w, D) (`_own_cols`); core 0
+    sends [D - w, D), which holds core 1's columns (one more for odd D), core 1 sends [0, w)."""
+    return d - d // 2
+
+
+def _own_cols(d, pid):
+    """Columns of the output this core merges and writes after the state swap (empty on core 1 when D = 1)."""
+    w = _swap_width(d)
+    return (0, w) if pid == 0 else (w, d)
+
+
 def _exchange(ctx, packed, pid):
     """Swap partial states with the other core (`nisa.sendrecv`, GpSimd's low-latency SBUF-to-SBUF DMA, fp32):
-    this core sends the half of O the other core writes (columns [D/2, D) from core 0, [0, D/2) from core 1) and
-    l, and receives its own half and l into the same columns of the returned tile (<= 128 fp32 columns per
-    exchange, within the 1024 B per partition of a gpsimd_dma sendrecv). Two pipes (O, l), which travel
-    together. (The maxes went earlier: `_early_max_exchange`.)"""
+    this core sends the w = ceil(D/2) columns of O that hold the other core's (`_swap_width`) and l, and receives
+    its own columns and l into the same columns of the returned tile (<= 128 fp32 columns per exchange, within the
+    1024 B per partition of a gpsimd_dma sendrecv). Two pipes (O, l), which travel together. (The maxes went
+    earlier: `_early_max_exchange`.)"""
     rows, d = ctx["rows"], ctx["d"]
-    h = d // 2
-    mine, theirs = ((0, h), (h, d)) if pid == 0 else ((h, d), (0, h))
+    w = _swap_width(d)
+    mine, theirs = ((0, w), (d - w, d)) if pid == 0 else ((d - w, d), (0, w))
     other_sb = nl.ndarray((P_MAX, d + 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.sendrecv(src=packed[0:rows, theirs[0]:theirs[1]], dst=other_sb[0:rows, mine[0]:mine[1]],
                   send_to_rank=1 - pid, recv_from_rank=1 - pid, pipe_id=0, dma_engine=nisa.dma_engine.gpsimd_dma)

@@ -134,3 +134,46 @@ def test_qwen35_tp4_decode_8k():
     rng = np.random.default_rng(16)
     q, k, v = _inputs(rng, 2, 4, 1, 1, 8192, 256, BF16)
     _check("qwen3.5 tp4 decode 8k", q, k, v, np.array([8192, 5000], np.int32), "bfloat16")
+
+
+@given(d=st.sampled_from([1, 3, 5, 255]), s=st.sampled_from([256, 1000, 2600]), sq=st.integers(1, 3),
+       group=st.sampled_from([1, 4]), b=st.sampled_from([1, 3]), dtype=st.sampled_from(["bfloat16", "float32"]),
+       seed=st.integers(0, 2 ** 16))
+def test_odd_head_dim_key_split_lnc2(d, s, sq, group, b, dtype, seed):
+    """Odd D with the keys split across the cores (B * Hkv odd, S >= 256): the state swap sends the same number of
+    columns both ways and D = 1 leaves core 1 nothing to write; LNC=2 matches the reference and LNC=1 bit for bit."""
+    rng = np.random.default_rng(seed)
+    q, k, v = _inputs(rng, b, group, 1, sq, s, d, DTYPES[dtype])
+    lens = rng.integers(sq, s + 1, size=b).astype(np.int32)
+    two, _ = _check(f"odd D={d} lnc=2", q, k, v, lens, dtype, lnc=2)
+    one = np.asarray(flash_attention_decode(q, k, v, lens, lnc=1), np.float64)
+    np.testing.assert_array_equal(one, two)
+
+
+def _rows_ref(q, k, v, n, rows):
+    """float64 decode attention (Sq = 1, one KV head, no masking beyond the length n) of query heads `rows`."""
+    kv_k = k[0, 0, :n].astype(np.float64)
+    kv_v = v[0, 0, :n].astype(np.float64)
+    out = []
+    for h in rows:
+        s = kv_k @ q[0, h, 0].astype(np.float64) / np.sqrt(q.shape[-1])
+        p = np.exp(s - s.max())
+        out.append(p @ kv_v / p.sum())
+    return np.array(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_longest_context_fits(dtype):
+    """S = 262144 (Qwen3.5's 256K context) at D = 256, B = 1, Hkv = 1 (the key split at LNC=2): fits in SBUF (the
+    K preload of the split is bounded) and matches a float64 reference; cache positions past the length are NaN."""
+    s, n, hq, d = 262144, 262144 - 777, 4, 256
+    rng = np.random.default_rng(17)
+    q = rng.standard_normal((1, hq, 1, d)).astype(DTYPES[dtype])
+    k = rng.standard_normal((1, 1, s, d), dtype=np.float32).astype(DTYPES[dtype])
+    v = rng.standard_normal((1, 1, s, d), dtype=np.float32).astype(DTYPES[dtype])
+    k[0, 0, n:] = np.nan
+    v[0, 0, n:] = np.nan
+    out = np.asarray(flash_attention_decode(q, k, v, np.array([n], np.int32), lnc=2), np.float64)
+    rows = [0, hq - 1]
+    assert_close(f"S={s} {dtype}", _rows_ref(q, k, v, n, rows), out[0, rows, 0], dtype=dtype)
