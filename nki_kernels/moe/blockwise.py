@@ -40,6 +40,8 @@ _GATHER_EXPOSED = 0.6          # share of the on-chip combine's nc_n_gather time
 _MIN_GROUP_TILES = 2           # "auto" takes the on-chip combine only with at least this many 128-row tiles per group
 _MAX_GATHER_INDICES = 65536    # T * KMAX slot indices per partition (one SBUF tile: the free-size limit)
 _SBUF_MARGIN = 2 * 1024        # bytes per partition left for the few small tiles the plan below does not list
+# the smallest per-partition budget of any target: a trace-time layout choice that must fit wherever it runs
+_SMALLEST_SBUF_BUDGET = min(SBUF_BYTES_PER_PARTITION.values()) - _SBUF_MARGIN
 
 @nki.jit
 def moe_blockwise_kernel(hidden, expert_affinities, gate_up, down, token_position_to_id, block_to_expert,
@@ -151,7 +153,8 @@ def _blocks_phase(hidden, expert_affinities, gate_up, down, token_position_to_id
     n_local = gate_up.shape[0]
     n_blocks = block_to_expert.shape[0]
     n_slots = token_position_to_id.shape[0]
-    n_h = h_total // gate_up_parts(h_total, gate_up.shape[3], itemsize(hidden.dtype))
+    top_k = top_k_index.shape[1] // 2 if top_k_index is not None else 1     # the [T, 2 TOPK] routing table
+    n_h = h_total // gate_up_parts(h_total, gate_up.shape[3], itemsize(hidden.dtype), block_size, top_k)
     if pid == 0:   # the all-zero row that token_to_position points at for missing experts
         zero_sb = nl.ndarray((1, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
         nisa.memset(dst=zero_sb, value=0.0)
@@ -486,14 +489,18 @@ def sbuf_budget(target=None) -> int:
     return SBUF_BYTES_PER_PARTITION.get(name, SBUF_BYTES_PER_PARTITION["trn2"]) - _SBUF_MARGIN
 
 
-def gate_up_parts(h_total: int, n_inter: int, item: int) -> int:
+def gate_up_parts(h_total: int, n_inter: int, item: int, block_size: int, top_k: int) -> int:
     """Partitions the DMA-combine blocks phase loads an expert's gate/up weights on (shapes only): 64 when the
     128-partition run (n_h * 2I elements) is shorter than a DMA packet (`_DMA_KNEE_BYTES`: such a run moves at
     run / knee of the DMA peak, so twice the run on half the partitions moves the same bytes in up to half the
-    time; the talker's 1.5 KiB -> 3 KiB), else 128. With 64, gate/up matmuls contract K = 64 rows, twice as many
-    of them (TensorE has the slack: the blocks phase is DMA-bound)."""
+    time; the talker's 1.5 KiB -> 3 KiB) and the 64-partition plan (x.T twice as long per partition) fits every
+    target's SBUF, else 128. With 64, gate/up matmuls contract K = 64 rows, twice as many of them (TensorE has the
+    slack: the blocks phase is DMA-bound)."""
     run = h_total // P_MAX * 2 * n_inter * item
-    return P_MAX // 2 if run < _DMA_KNEE_BYTES else P_MAX
+    if run >= _DMA_KNEE_BYTES:
+        return P_MAX
+    half_fits = _blocks_bytes(h_total, n_inter, block_size, top_k, item, P_MAX // 2) <= _SMALLEST_SBUF_BUDGET
+    return P_MAX // 2 if half_fits else P_MAX
 
 
 def blocks_phase_bytes(h_total: int, n_inter: int, block_size: int, top_k: int, item: int) -> int:
@@ -501,8 +508,14 @@ def blocks_phase_bytes(h_total: int, n_inter: int, block_size: int, top_k: int, 
     block tables, one expert's weights + the previous block's down weights, the block's gathered rows (one
     [128, H] tile per 128-slot chunk, all issued first), one transpose, the h tiles of this and the previous
     block, hT, the output row tile, the all-zero row and the per-chunk affinity tiles."""
+    parts = gate_up_parts(h_total, n_inter, item, block_size, top_k)
+    return _blocks_bytes(h_total, n_inter, block_size, top_k, item, parts)
+
+
+def _blocks_bytes(h_total, n_inter, block_size, top_k, item, parts):
+    """`blocks_phase_bytes` with gate/up (and x.T) on `parts` partitions."""
     n_i, n_c = -(-n_inter // P_MAX), -(-block_size // TOK_TILE)
-    n_h = h_total // gate_up_parts(h_total, n_inter, item)
+    n_h = h_total // parts
     tables = (2 + n_c) * 4 * _TABLE_BLOCKS + 8 * block_size     # + the block-major ids (int32, fp32)
     weights = (n_h * 2 * n_inter + 2 * n_i * h_total) * item
     rows = (n_c + 2) * h_total * item + n_h * TOK_TILE * item   # x per chunk, y, zero row; xT

@@ -42,7 +42,8 @@ def _blockwise_accepts(monkeypatch, dt, h, i, shared, bs, t=3, e=2, k=2):
 
 
 def _max_accepted(monkeypatch, dt, h, shared, bs):
-    """(largest accepted I, the next valid I) by bisection (acceptance is monotone in I)."""
+    """(largest accepted I, the next valid I) by bisection (acceptance is monotone in I: gate_up_parts keeps the
+    64-partition layout only where it fits, test_small_i_fp32_wide_h_is_accepted_and_exact)."""
     lo, hi = 0, len(_VALID_I)      # _VALID_I[:lo] accepted ... _VALID_I[hi:] refused
     while lo < hi:
         mid = (lo + hi) // 2
@@ -108,6 +109,19 @@ def test_decode_largest_experts_fit(monkeypatch, dtype, h, i):
         out = moe_decode(x, idx, w, gu, dn, shared=sh, lnc=lnc)
         assert np.all(np.isfinite(np.asarray(out, np.float32)))
     assert_close("largest decode", moe_decode_reference(x, idx, w, gu, dn, sh), out, dtype=dtype)
+
+
+@pytest.mark.parametrize("h,i,bs", [(8192, 4, 128), (4992, 4, 512), (8192, 1, 128)])
+def test_small_i_fp32_wide_h_is_accepted_and_exact(monkeypatch, h, i, bs):
+    """Tiny experts (I <= 4) at wide fp32 H: a 128-partition gate/up run is below a DMA packet, but the
+    64-partition layout (x.T twice as long per partition) would not fit SBUF, so the blocks phase keeps 128
+    partitions. Before: the wrapper sized the plan with 64 and refused shapes it had run before (while a larger I,
+    with 128 partitions, was accepted); the I = 1..16 range is now accepted at every I."""
+    assert all(_blockwise_accepts(monkeypatch, np.float32, h, ii, False, bs)[0] for ii in (1, 2, 4, 8, 16))
+    x, gu, dn, _, w, idx = _arrays(np.float32, 3, h, 2, i, 2, False, seed=i)
+    tpos, b2e = moe_block_mapping(idx, 2, bs)
+    out = moe_blockwise(x, w, gu, dn, tpos, b2e, bs, top_k_index=idx, lnc=2)
+    assert_close("fp32 wide H, tiny I", moe_decode_reference(x, idx, w, gu, dn, None), out)
 
 
 def test_refusals_name_the_limit(monkeypatch):
