@@ -44,13 +44,15 @@ _RSQRT_POSTSCALE = 2.0 ** -20
 # when non-finite (|v| <= _FP32_MAX keeps every product finite). Bad values are zeroed before any product over
 # the chunk's tokens, and the outputs / state the token-sequential recurrence makes NaN are set to NaN by select
 _SAFE_MAG = 2.0 ** 32
-# with the L2 norm in the kernel, a (token, head) row of q or k whose L2 norm is >= 2^_PRESCALE_LOG2_FIRST is
-# multiplied by 2^-(_PRESCALE_STEP n) (exact) so that its norm lands in [2^4, 2^12) (_pow2_prescale): the products
-# on raw keys / queries (K S, Q S, K K^T) then never overflow where the normalised ones do not (a key of norm 1e9
-# meeting a state of 1e30), and the norm of rows up to 2^112 is finite (it overflowed beyond ~1.8e19)
-_PRESCALE_LOG2_FIRST = 12
-_PRESCALE_STEP = 8                # log2 of the factor per threshold passed
-_PRESCALE_THRESHOLDS = 13         # |x| >= 2^12 .. 2^108
+# with the L2 norm in the kernel, a (token, head) row of q or k whose L2 norm is >= 2^_PRESCALE_LOG2_FIRST = 1 is
+# multiplied by 2^-(_PRESCALE_STEP n) (exact) so that its norm lands in [2^-9, 1) (_pow2_prescale): every raw row
+# p x then has norm < 1, so a product on raw keys / queries (K S, Q S, K K^T) is never larger in magnitude than
+# the normalised one's bound |S| (no overflow where the normalised products stay finite: a key of norm 2^11.99 or
+# 1e9 meeting a state of 1e35), and the norm of rows up to 2^112 is finite (it overflowed beyond ~1.8e19). eps
+# is added to sum x^2 before the pre-scale (eps p^2 to |p x|^2), so the factor is exactly that of the reference
+_PRESCALE_LOG2_FIRST = 0
+_PRESCALE_STEP = 9                # log2 of the factor per threshold passed
+_PRESCALE_THRESHOLDS = 13         # |x| >= 2^0 .. 2^108
 _PRESCALE_SUMSQ = 2.0 ** -48      # the sums of squares are of x 2^-48 (finite up to |x| = 2^112)
 _FP32_MAX = float(np.finfo(np.float32).max)
 _G_CEIL = 0.0
@@ -253,7 +255,8 @@ def run_pipeline(inputs, lengths, cu_seqlens, consts, initial_state, outs, dims,
                              engine=nisa.engine.gpsimd)
         else:
             nisa.activation(dst=masks_w[:, :, i_w, :], op=nl.copy, data=consts_sb[:, _C_IDENT:_C_MT0 + n_lvl, :])
-    # one solve workspace per chunk in flight (fp32 inputs: one chunk ahead only, to save SBUF)
+    # one solve workspace per chunk in flight (fp32 compute: _FP32_DEPTH, +1 on long launches, when Hv * C <= 512
+    # per core, else 1, to save SBUF)
     depth = _pipeline_depth(n_hv, chunk)
     if cdt == f32:
         depth = (_FP32_DEPTH + (bsz * n_chunks >= _FP32_DEEP_MIN_ITEMS)) if n_hv * chunk <= 512 else 1
@@ -803,25 +806,27 @@ def _guard_constants(consts_sb, chunk, dk):
     pos1 = nl.ndarray((chunk, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.tensor_copy(dst=pos1, src=pos_i)
     thr = nl.ndarray((chunk, _PRESCALE_THRESHOLDS), dtype=nl.float32, buffer=nl.sbuf)   # _pow2_prescale's
-    for j in range(_PRESCALE_THRESHOLDS):             # |x| >= 2^(4 + 8 (j + 1)) as sum (x 2^-48)^2
+    for j in range(_PRESCALE_THRESHOLDS):             # |x| >= 2^(9 j) as sum (x 2^-48)^2
         nisa.memset(dst=thr[:, j:j + 1], value=(2.0 ** (_PRESCALE_LOG2_FIRST + _PRESCALE_STEP * j)) ** 2 *
                     _PRESCALE_SUMSQ ** 2, engine=nisa.engine.gpsimd)
     return dict(utri=utri, ones=ones, pos1=pos1, thr=thr)
 
 
 def _pow2_prescale(tiles, thr):
-    """The L2 norm's sums of squares with an exact power-of-two pre-scale of huge rows, from shapes-only
+    """The L2 norm's sums of squares with an exact power-of-two pre-scale of the rows, from shapes-only
     instructions (the scale comes from comparisons on device). Per (token, head) row x of the tiles [C, H, D] (k and
     q as loaded): ss' = sum (x 2^-48)^2 (ScalarE square with its free-axis sum: finite up to |x| = 2^112, and exact
-    enough for the norm: what underflows is below eps 2^-24); p = 2^-(8 n), n = the number of thresholds
-    thr[j] = 2^(2 (4 + 8 j) - 96) (j >= 1) at or below ss', i.e. |x| >= 2^(4 + 8 j). Rows with |x| < 2^12 (every
-    realistic key / query) get p = 1; larger ones |p x| in [2^4, 2^12). The norm of p x absorbs p (x / |x| is
-    unchanged), so the kernel's math is the same, but no product on the raw rows p x overflows fp32 unless the
-    normalised one would, and |p x|^2 >= 2^8 makes eps vanish in fp32 as it does in the reference.
-    Returns (ss' p^2, p), each [C, len(tiles), H] fp32 (ss' p^2 = |p x|^2 2^-96, exact scalings). A NaN row
-    compares false everywhere (p = 1, NaN stays NaN); an Inf (or |x| > 2^112) gets the smallest p and ss' = Inf
-    (rk = 0, as an overflowed norm before). Engines: the sums on ScalarE, the rest on VectorE (GpSimd, or a
-    stage of its own, modeled slower: docs/deltanet.md "Non-finite values"). thr [C, _PRESCALE_THRESHOLDS] fp32
+    enough for the norm: what underflows is below eps 2^-24); p = 2^-(9 n), n = the number of thresholds
+    thr[j] = 2^(18 j - 96) (j = 0 .. 12) at or below ss', i.e. |x| >= 2^(9 j). Rows with |x| < 1 get p = 1; larger
+    ones |p x| in [2^-9, 1), so every raw row p x has norm < 1 and no product on the raw rows overflows fp32
+    unless the normalised one's bound (|S| per row) does. The norm of p x absorbs p (x / |x| is unchanged), and
+    eps is added before the scaling: (ss' + eps 2^-96) p^2 = (|p x|^2 + eps p^2) 2^-96, so p rsqrt(...) is the
+    reference's rsqrt(|x|^2 + eps) (bit-identical to the unscaled path for p = 1).
+    Returns ((ss' + eps 2^-96) p^2, p), each [C, len(tiles), H] fp32 (exact scalings). A NaN row compares false
+    everywhere (p = 1, NaN stays NaN); an Inf (or |x| >= 2^112) gets the smallest p and ss' = Inf, whose rsqrt is
+    outside the device's valid range: the row's factor is NaN and the row is contained as a non-finite one
+    (docs/deltanet.md "Non-finite values"). Engines: the sums on ScalarE, the rest on VectorE (GpSimd, or a stage
+    of its own, modeled slower: docs/deltanet.md "Non-finite values"). thr [C, _PRESCALE_THRESHOLDS] fp32
     (_guard_constants)."""
     f32 = nl.float32
     dve = nisa.engine.vector
@@ -845,8 +850,10 @@ def _pow2_prescale(tiles, thr):
     p = nl.ndarray((chunk, len(tiles), n_h), dtype=f32, buffer=nl.sbuf)          # product of powers of two: exact
     p_2 = p.reshape((chunk, n_rows))
     nisa.tensor_reduce(dst=p_2, op=nl.multiply, data=passed, axis=2)
-    for _ in range(2):                                   # ss' p^2 (p^2 alone can underflow: two multiplies)
-        nisa.tensor_tensor(dst=ss2, data1=ss2, data2=p_2, op=nl.multiply, engine=dve)
+    # (ss' + eps 2^-96) p p (p^2 alone can underflow: two multiplies; eps 2^-96 ~ 2^-116 is a normal fp32)
+    nisa.scalar_tensor_tensor(dst=ss2, data=ss2, op0=nl.add, operand0=_L2NORM_EPS * _PRESCALE_SUMSQ ** 2,
+                              op1=nl.multiply, operand1=p_2)
+    nisa.tensor_tensor(dst=ss2, data1=ss2, data2=p_2, op=nl.multiply, engine=dve)
     return ss, p
 
 
@@ -946,9 +953,8 @@ def _normalize(x_sb, valid, scale, use_l2norm, cdt, factor_only=False, prescaled
                                        reduce_res=factor[:, i_h:i_h + 1])
             nisa.activation(dst=factor, op=nl.rsqrt, data=factor, scale=_RSQRT_PRESCALE,
                             bias=_L2NORM_EPS * _RSQRT_PRESCALE)
-        else:                                   # (sum (p x)^2 + eps) 2^-40 = ss 2^56 + eps 2^-40
-            nisa.activation(dst=factor, op=nl.rsqrt, data=prescaled[0], scale=_RSQRT_PRESCALE / _PRESCALE_SUMSQ ** 2,
-                            bias=_L2NORM_EPS * _RSQRT_PRESCALE)
+        else:                                   # (sum (p x)^2 + eps p^2) 2^-40 = ss 2^56 (eps is in ss)
+            nisa.activation(dst=factor, op=nl.rsqrt, data=prescaled[0], scale=_RSQRT_PRESCALE / _PRESCALE_SUMSQ ** 2)
         nisa.tensor_scalar(dst=factor, data=factor, op0=nl.multiply, operand0=float(scale) * _RSQRT_POSTSCALE)
     else:
         nisa.memset(dst=factor, value=float(scale))
@@ -1295,7 +1301,7 @@ def _cols(t, s, upper):
 
 
 # with the L2 norm, the first Newton residual on bf16 pieces (_refine_inverse) when Hv * C <= this per core (its
-# tiles overflow SBUF at the fp32-compute limit Hv * C = 1024 with one chunk in flight)
+# tiles overflow SBUF at Hv * C = 1024, the fused path's fp32-compute limit, with one chunk in flight)
 _SPLIT_MAX_HV_CHUNK = 512
 _NEWTON_STEPS = 2                 # refinements of the bf16 solve (fp32 residual, bf16 corrections): 1e-2, 4e-5, fp32
 

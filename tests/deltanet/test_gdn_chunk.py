@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 from _gdn_inputs import BF16, DTYPES, gdn_inputs
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from nki_kernels import gated_delta_rule
@@ -251,3 +251,47 @@ def test_bad_inputs_raise(mutate, match, rng):
     mutate(args)
     with pytest.raises(KernelInputError, match=match):
         gated_delta_rule(**args)
+
+
+def _big_key_case(rng, log2_norm, state_mag, b=2, t=64, hk=1, hv=2, dk=128, dv=32, token=44, dtype=BF16):
+    """Unit keys except one (sequence 0, `token`) of norm 2^log2_norm (positive entries); sequence 0 starts from a
+    state of `state_mag` everywhere, the others from a standard normal one."""
+    q, k, v, g, beta = gdn_inputs(rng, b, t, hk, hv, dk, dv, dtype)
+    y = np.asarray(k, np.float64)
+    y = y / np.linalg.norm(y, axis=-1, keepdims=True)
+    row = np.abs(y[0, token]) + 0.1
+    y[0, token] = row * 2.0 ** log2_norm / np.linalg.norm(row, axis=-1, keepdims=True)
+    k = y.astype(dtype)
+    s0 = rng.standard_normal((b, hv, dk, dv)).astype(np.float32)
+    s0[0] = state_mag
+    return q, k, v, g, beta, s0
+
+
+@pytest.mark.parametrize("lnc", [1, 2])
+def test_raw_key_below_old_prescale_threshold_meets_huge_state(rng, lnc):
+    """A key of norm 2^11.99 (p = 1 under the former 2^12 threshold) meeting a state of 1e35: the raw bf16
+    products K S were 2^12 larger than the normalised ones and overflowed, NaN over the whole chunk while the
+    float64 reference is finite."""
+    q, k, v, g, beta, s0 = _big_key_case(rng, 11.99, 1e35)
+    o, s = gated_delta_rule(q, k, v, g, beta, chunk_size=64, initial_state=s0, use_qk_l2norm_in_kernel=True,
+                            lnc=lnc)
+    ro, rs = ref.gated_delta_rule(q, k, v, g, beta, chunk_size=64, initial_state=s0,
+                                  use_qk_l2norm_in_kernel=True)
+    assert np.isfinite(ro).all() and np.isfinite(rs).all()
+    assert_close("o big key", ro, o, dtype="bfloat16")
+    assert_close("state big key", rs, s)
+
+
+@settings(max_examples=12, deadline=None)
+@given(log2_norm=st.floats(-10, 111), log2_state=st.floats(0, np.log2(1e35)), token=st.integers(0, 63),
+       seed=st.integers(0, 2 ** 16))
+@example(log2_norm=11.99, log2_state=float(np.log2(1e35)), token=44, seed=0)
+def test_key_norms_against_huge_states(log2_norm, log2_state, token, seed):
+    """Any key norm 2^-10 .. 2^111 meeting any state up to 1e35: finite and close wherever the reference is."""
+    rng = np.random.default_rng(seed)
+    q, k, v, g, beta, s0 = _big_key_case(rng, log2_norm, 2.0 ** log2_state, token=token)
+    o, s = gated_delta_rule(q, k, v, g, beta, chunk_size=64, initial_state=s0, use_qk_l2norm_in_kernel=True, lnc=1)
+    ro, rs = ref.gated_delta_rule(q, k, v, g, beta, chunk_size=64, initial_state=s0,
+                                  use_qk_l2norm_in_kernel=True)
+    assert_close("o key norm", ro, o, dtype="bfloat16")
+    assert_close("state key norm", rs, s)

@@ -209,3 +209,29 @@ def test_traced_once_instruction_sequence_does_not_depend_on_values():
             _run(x, 2, 32, chunk_size=64, lnc=2)
         return program_signature(runs)
     assert sig(False) == sig(True)
+
+
+def test_fused_raw_key_below_old_prescale_threshold_meets_huge_state():
+    """Fused path, conv outputs of norm ~2^9 .. 2^11 (below the former 2^12 pre-scale threshold) meeting a state of
+    1e35: finite and close to the float64 reference (the raw bf16 products overflowed before)."""
+    hk, hv, dk, dv, kw, t = 1, 2, 128, 32, 4, 64
+    nqk = 2 * hk * dk
+    rng = np.random.default_rng(0)
+    mixed = rng.standard_normal((1, t, nqk + hv * dv))
+    mixed[..., :nqk] = np.abs(mixed[..., :nqk]) * 100.0
+    mixed = mixed.astype(BF16)
+    weight = np.abs(rng.standard_normal((nqk + hv * dv, kw)) * 0.5).astype(BF16)
+    g = (-rng.uniform(0, 0.5, (1, t, hv))).astype(np.float32)
+    beta = rng.uniform(0, 1, (1, t, hv)).astype(np.float32)
+    s0 = np.full((1, hv, dk, dv), 1e35, np.float32)
+    y, _ = ref.causal_conv1d(np.asarray(mixed, np.float64).transpose(0, 2, 1), np.asarray(weight, np.float64))
+    y = y.transpose(0, 2, 1)
+    q = y[..., :hk * dk].reshape(1, t, hk, dk)
+    k = y[..., hk * dk:nqk].reshape(1, t, hk, dk)
+    v = y[..., nqk:].reshape(1, t, hv, dv)
+    assert np.log2(np.linalg.norm(k, axis=-1)).max() < 12
+    ro, rs = ref.gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=True, initial_state=s0)
+    assert np.isfinite(ro).all() and np.isfinite(rs).all()
+    o, s, _ = gated_delta_rule_fused(mixed, weight, g, beta, hk, dk, chunk_size=64, lnc=1, initial_state=s0)
+    assert_close("o fused big key", ro, o, dtype="bfloat16")
+    assert_close("state fused big key", rs, s, dtype="bfloat16")   # q, k: the conv output rounded to bf16
