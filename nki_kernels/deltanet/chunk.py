@@ -67,10 +67,12 @@ _FP32_DEPTH = 2
 _FP32_DEEP_MIN_ITEMS = 16
 # SBUF per partition grows with Hv * C (the [C, W, C] lockstep tiles of every chunk in flight). Measured with
 # lifetime-exact accounting at Dk = Dv = 128 on trn2 (212984 B): bf16 inputs fit 3 chunks in flight up to
-# Hv * C = 1024, 2 up to 2048 and 1 up to 4096; fp32 compute (fp32 / fp16 inputs, one chunk in flight) fits
-# Hv * C <= 2048
+# Hv * C = 1024, 2 up to 2048 and 1 up to 4096; fp32 compute on bf16 inputs (raw bf16 q / k tiles, one chunk in
+# flight) fits Hv * C <= 2048 (Hk = Hv = 16, C = 128: 205016 B), on fp32 / fp16 inputs (fp32 q / k tiles) only
+# Hv * C <= 1024 (Hk = Hv = 16, C = 128 overflowed; C = 64: 157336 B)
 _DEPTH_BY_HV_CHUNK = ((1024, 3), (2048, 2), (4096, 1))
 _MAX_HV_CHUNK_FP32 = 2048
+_MAX_HV_CHUNK_FP32_INPUTS = 1024
 _COMPUTE_DTYPES = (None, "float32", "bfloat16")
 # packed sequences (cu_seqlens): N per launch (the on-device schedule builds [128, N] fp32 tiles per 128 slots),
 # and slots N + T // C (the schedule keeps 10 B per slot on each partition for the whole launch)
@@ -1618,10 +1620,15 @@ def gated_delta_rule(q, k, v, g, beta, chunk_size=64, initial_state=None, output
     n_own = -(-n_hv // lnc)
     kernel_check(n_own <= PSUM_FMAX_FP32, f"{name}: ceil(Hv / lnc) must be <= {PSUM_FMAX_FP32}, got Hv={n_hv}, "
                  f"lnc={lnc}")
-    max_hv_chunk = _DEPTH_BY_HV_CHUNK[-1][0] if bf16_compute else _MAX_HV_CHUNK_FP32
+    if bf16_compute:
+        max_hv_chunk, what = _DEPTH_BY_HV_CHUNK[-1][0], "bf16 compute"
+    elif _dtype_name(q) == "bfloat16":
+        max_hv_chunk, what = _MAX_HV_CHUNK_FP32, "fp32 compute on bfloat16 inputs"
+    else:
+        max_hv_chunk, what = _MAX_HV_CHUNK_FP32_INPUTS, f"{_dtype_name(q)} inputs"
     kernel_check(n_own * chunk_size <= max_hv_chunk,
                  f"{name}: ceil(Hv / lnc) * chunk_size must be <= {max_hv_chunk} with "
-                 f"{'bf16' if bf16_compute else 'fp32'} compute (SBUF per partition), got Hv={n_hv}, lnc={lnc}, "
+                 f"{what} (SBUF per partition), got Hv={n_hv}, lnc={lnc}, "
                  f"chunk_size={chunk_size}; use chunk_size=64, lnc=2 or fewer v heads per launch (tensor "
                  f"parallelism)")
     has_init, init = initial_state_arg(name, initial_state, n_states, n_hv, dk, dv, "N" if varlen else "B")

@@ -239,7 +239,10 @@ def _good(rng):
     (lambda a: a.update(cu_seqlens=np.array([0, 7])), "cu_seqlens must end at T=8"),
     (lambda a: a.update(v=np.zeros((1, 8, 64, 16), np.float32), g=np.zeros((1, 8, 64), np.float32),
                         beta=np.zeros((1, 8, 64), np.float32), lnc=1),
-     r"ceil\(Hv / lnc\) \* chunk_size must be <= 2048"),
+     r"ceil\(Hv / lnc\) \* chunk_size must be <= 1024 with float32 inputs"),
+    (lambda a: a.update(q=a["q"].astype(BF16), k=a["k"].astype(BF16), v=np.zeros((1, 8, 64, 16), BF16),
+                        g=np.zeros((1, 8, 64), np.float32), beta=np.zeros((1, 8, 64), np.float32), lnc=1),
+     r"ceil\(Hv / lnc\) \* chunk_size must be <= 2048 with fp32 compute on bfloat16 inputs"),
     (lambda a: a.update(v=np.zeros((1, 8, 128, 16), np.float32), g=np.zeros((1, 8, 128), np.float32),
                         beta=np.zeros((1, 8, 128), np.float32), lnc=2), r"ceil\(Hv / lnc\) \* chunk_size must be"),
     (lambda a: a.update(compute_dtype="float16"), "compute_dtype must be one of"),
@@ -295,3 +298,17 @@ def test_key_norms_against_huge_states(log2_norm, log2_state, token, seed):
                                   use_qk_l2norm_in_kernel=True)
     assert_close("o key norm", ro, o, dtype="bfloat16")
     assert_close("state key norm", rs, s)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_fp32_inputs_sbuf_limit(dtype, rng):
+    """fp32 / fp16 inputs keep fp32 q / k tiles: ceil(Hv / lnc) * C = 1024 at the widest heads (Hk = Hv = 16,
+    Dk = Dv = 128, LNC=1, C = 64) fits and matches the reference; C = 128 (2048, which overflowed SBUF) is refused."""
+    q, k, v, g, beta = gdn_inputs(rng, 1, 64, 16, 16, 128, 128, np.dtype(dtype))
+    s0 = rng.standard_normal((1, 16, 128, 128)).astype(np.float32)
+    o, s = gated_delta_rule(q, k, v, g, beta, chunk_size=64, lnc=1, initial_state=s0, use_qk_l2norm_in_kernel=True)
+    ro, rs = ref.gated_delta_rule(q, k, v, g, beta, chunk_size=64, initial_state=s0, use_qk_l2norm_in_kernel=True)
+    assert_close("o 1024", ro, o, dtype=dtype)
+    assert_close("state 1024", rs, s)
+    with pytest.raises(KernelInputError, match=rf"ceil\(Hv / lnc\) \* chunk_size must be <= 1024 with {dtype} inputs"):
+        gated_delta_rule(q, k, v, g, beta, chunk_size=128, lnc=1, use_qk_l2norm_in_kernel=True)
