@@ -312,3 +312,15 @@ def test_fp32_inputs_sbuf_limit(dtype, rng):
     assert_close("state 1024", rs, s)
     with pytest.raises(KernelInputError, match=rf"ceil\(Hv / lnc\) \* chunk_size must be <= 1024 with {dtype} inputs"):
         gated_delta_rule(q, k, v, g, beta, chunk_size=128, lnc=1, use_qk_l2norm_in_kernel=True)
+
+
+def test_l2norm_runs_on_trn1(rng):
+    """trn1 (NeuronCore-v2) has no float activation bias: the L2 norm's eps is added on VectorE (in the pre-scale)
+    instead of as the rsqrt's bias, so the L2-norm path runs there (it raised "a float bias needs NeuronCore-v3+")."""
+    from nki_kernels.emulator.targets import use_target
+    q, k, v, g, beta = gdn_inputs(rng, 1, 70, 1, 2, 32, 32, BF16)
+    with use_target("trn1"):
+        o, s = gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)
+    ro, rs = ref.gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)
+    assert_close("o trn1", ro, o, dtype="bfloat16")
+    assert_close("state trn1", rs, s)
