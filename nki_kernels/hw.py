@@ -11,4 +11,9 @@ PSUM_FMAX_FP32 = PSUM_BANK_BYTES // 4     # fp32 elements per partition in one b
 PE_TRANSPOSE_MAX = 128           # TensorE transpose: up to 128 x 128
 DVE_TRANSPOSE_MAX = 32           # VectorE transpose: up to 32 x 32
 SBUF_BYTES_PER_PARTITION = {"trn1": 180224, "trn2": 212984, "trn3": 245752}   # usable, [U] in the reference
+# targets (NeuronCore-v2) whose TensorE has 64 / 128-row and -column tiles only: no 32x32 `tile_position` tiles
+NO_PE_TILE32_TARGETS = ("trn1",)
+# targets (NeuronCore-v2) whose TensorE transpose is a matmul by the identity, not bit-exact with NaN / Inf: 0 x NaN
+# from one row of the input reaches every column of the result (the nc_transpose docstring)
+NAN_MIXING_PE_TRANSPOSE_TARGETS = ("trn1",)
 NEG_INF = -3.4028235e38          # most negative fp32, the literal NKI kernels use for -inf

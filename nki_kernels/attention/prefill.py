@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 
 from ..backend import call, nki, nisa, nl
-from ..hw import P_MAX
+from ..hw import NO_PE_TILE32_TARGETS, P_MAX
 from ..lnc import current_target_name, resolve_lnc
 from ..validation import kernel_check
 from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, KV_BLOCK, MASK_BIAS, MAX_HEAD_DIM, MM_KEYS,
@@ -48,7 +48,6 @@ _IO_ROW_BYTES = 2048              # q, gate and out of a query tile move for up 
 #                                   cost model v3, 80% of an engine's rate instead of 20%)
 _KV_LOAD_KEYS = 2048              # keys per K^T / V load DMA: >= 2 KiB per partition for bf16 K^T pieces
 _SHORT_SKV = MM_KEYS              # Skv up to one PSUM bank of fp32 scores: the partition-major short body (below)
-_NO_PE_TILE32 = ("trn1",)         # targets whose PE tiles are 64 / 128 columns only (NeuronCore-v2)
 _SHORT_FINISH_DVE = 3             # short body, gated: slots normalised by one VectorE pass each from PSUM; in the
 #                                   core's last head (the kernel's tail) the later slots by ScalarE + GpSimd
 _SHORT_LAG = 3                    # short body: P V of a query tile three tiles behind its scores (P in a ring of 4)
@@ -593,7 +592,7 @@ def short_path(sq, skv, bhds) -> bool:
     4 rows per partition (Sq > 256) only where the PE has 32-column tiles (NeuronCore-v3+: not trn1)."""
     if bhds or skv > _SHORT_SKV:
         return False
-    return _rows_per_partition(sq) < 4 or current_target_name() not in _NO_PE_TILE32
+    return _rows_per_partition(sq) < 4 or current_target_name() not in NO_PE_TILE32_TARGETS
 
 
 def _rows_per_partition(sq):

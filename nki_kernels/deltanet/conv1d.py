@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import call, nki, nisa, nl
-from ..hw import P_MAX, PSUM_FMAX_FP32
+from ..hw import NO_PE_TILE32_TARGETS, P_MAX, PSUM_FMAX_FP32
 from ..lnc import current_target_name, resolve_lnc
 from ..validation import kernel_check
 from ._checks import FLOAT_DTYPES as _FLOAT_DTYPES
@@ -33,7 +33,6 @@ _HIST_SBUF_BYTES = 40 * 1024      # prefill: bytes per partition of one block's 
                                   # with its y tile and 3 rotating buffers the worst case (T = 16384, one
                                   # tile per block) needs what the one-tile-per-DMA kernel needed
 _PE_TILE = 32                     # prefill taps: 32 x 32 PE tiles (NeuronCore-v3+ row / column tiling) on the diagonal
-_NO_PE_TILE32 = ("trn1",)         # targets whose PE tiles are 64 / 128 rows only (NeuronCore-v2): full-array taps
 _DMA_ROW_BYTES = 2560             # prefill: x / y DMAs move >= this many bytes per partition row (past the DMA
                                   # engines' packet knee, ~2.5 KiB) by grouping channel tiles
 
@@ -327,7 +326,7 @@ def _taps_on_pe(hist, diag, y_sb, pc, n_b, act):
     (NeuronCore-v3+; on trn1, whose PE tiles are 64 / 128 rows, one full-array matmul per tap)."""
     seq = y_sb.shape[2]
     kw = diag.shape[1]
-    tiles32 = current_target_name() not in _NO_PE_TILE32
+    tiles32 = current_target_name() not in NO_PE_TILE32_TARGETS
     for i_b in range(n_b):
         for i_j in range((seq + PSUM_FMAX_FP32 - 1) // PSUM_FMAX_FP32):
             j0 = i_j * PSUM_FMAX_FP32

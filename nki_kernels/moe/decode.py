@@ -25,7 +25,7 @@ overlap), every gate_up before any down, so the last bytes to land feed only the
 from __future__ import annotations
 
 from ..backend import call, nki, nisa, nl
-from ..hw import GEMM_MOVING_FMAX, P_MAX, PSUM_BANK_BYTES, PSUM_FMAX_FP32
+from ..hw import GEMM_MOVING_FMAX, NAN_MIXING_PE_TRANSPOSE_TARGETS, P_MAX, PSUM_BANK_BYTES, PSUM_FMAX_FP32
 from ..lnc import current_target_name, resolve_lnc
 from ..validation import kernel_check
 from ._tiles import intermediate_split, itemsize, load_gate_up
@@ -39,8 +39,6 @@ _RING_BYTES_PP = 120 * 1024   # SBUF bytes per partition for the expert weights 
 _MIN_ROW_BYTES = 4096         # DMA descriptor run (one partition row) at full bandwidth (docs/cost-model.md)
 _PRE_SLOT_BYTES = 640 * 1024  # static bytes the DMA queues stream while the slot-id load is in flight
                               # (one fixed DMA latency, ~2 us, at the ~360 GB/s of one trn2 core)
-_NAN_MIXING_PE_TRANSPOSE = ("trn1",)   # targets whose TensorE transpose is not bit-exact with NaN / Inf (v2: a
-                                       # matmul by the identity, so 0 x NaN from one token reaches every column)
 # ---- tiles
 _H_TILE = P_MAX             # output hidden rows per down-projection matmul (stationary free size M)
 _SPREAD_N = GEMM_MOVING_FMAX  # routing weights per K = 1 spreading matmul (moving free size N; one fp32 bank)
@@ -278,10 +276,10 @@ def _load_xT(hidden, fold, t0, n_tokens):
     """hidden[t0:t0 + Tc] ([T, H] @ HBM) -> (xT [128, n_h, Tc], xTe [128 / fold, fold * n_h, Tc] or xT itself
     when fold == 1) with xT[p, j, t] = x[t0 + t, p * n_h + j]: one DMA of the Tc rows (Tc long packets instead
     of 128 short ones; the row tile dies here), then `_rows_to_columns`. With Tc >= 2 on a target whose TensorE
-    transpose mixes NaN across its rows (`_NAN_MIXING_PE_TRANSPOSE`: the tokens are those rows) the columns
+    transpose mixes NaN across its rows (`hw.NAN_MIXING_PE_TRANSPOSE_TARGETS`: the tokens are those rows) the columns
     come straight from HBM instead (`_dma_columns`), so one token's NaN / Inf never reaches another's."""
     h_total = hidden.shape[1]
-    if n_tokens > 1 and current_target_name() in _NAN_MIXING_PE_TRANSPOSE:
+    if n_tokens > 1 and current_target_name() in NAN_MIXING_PE_TRANSPOSE_TARGETS:
         xT_sb = _dma_columns(hidden, 1, t0, n_tokens)
         return xT_sb, (xT_sb if fold == 1 else _dma_columns(hidden, fold, t0, n_tokens))
     x_sb = nl.ndarray((n_tokens, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
