@@ -319,7 +319,10 @@ def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_on
 
 
 def nc_transpose(dst, data, engine=engine.unknown, name=None):
-    """dst[F, P] = data[P, F]. TensorE: SBUF -> PSUM, <= 128 x 128. VectorE: <= 32 x 32."""
+    """dst[F, P] = data[P, F]. TensorE: SBUF -> PSUM, <= 128 x 128. VectorE: <= 32 x 32.
+
+    On NeuronCore-v2 (trn1) a TensorE transpose is an identity matmul: NaN / Inf in data[k, j] turns the
+    whole dst row j NaN except column k (see _identity_matmul_transpose); VectorE transposes stay exact."""
     instr = "nc_transpose"
     _tensor(instr, "data", data)
     _tensor(instr, "dst", dst)
@@ -344,8 +347,29 @@ def nc_transpose(dst, data, engine=engine.unknown, name=None):
         fail(instr, "dst", f"shape {dst.shape} must be ({f}, {p}) for a ({p}, {f}) input")
     if dst.dtype != data.dtype:
         fail(instr, "dst", f"dtype {_dt.name(dst.dtype)} must equal data's {_dt.name(data.dtype)}")
-    _write(dst, data._get().reshape(p, f).T.reshape(dst.shape))
+    vals = data._get().reshape(p, f)
+    if eng == PE and tgt.nc_version < 3 and _dt.is_float(data.dtype):
+        out = _identity_matmul_transpose(vals)
+    else:
+        out = vals.T
+    _write(dst, out.reshape(dst.shape))
     _record(instr, eng, [data], [dst], P=p, F=f)
+
+
+def _identity_matmul_transpose(vals):
+    """[P, F] -> [F, P] as NeuronCore-v2's TensorE computes it: out[j, i] = sum_k vals[k, j] * I[k, i].
+
+    The real nc_transpose docstring: the TensorE transpose is a matmul of the data (stationary) by an identity
+    (moving) and "On NeuronCore-v2, Tensor Engine transpose is not bit-accurate if the input data contains
+    NaN/Inf" (bit-accurate from NeuronCore-v3 on). Finite values come out exact (x * 1 plus zeros); a NaN / Inf
+    at vals[k, j] makes out[j, i] NaN for every i != k (NaN * 0, Inf * 0), so one partition's non-finite value
+    spreads over the whole output row j. VectorE and DMA transposes are exact on every target."""
+    v = np.asarray(vals).astype(np.float64)
+    if np.isfinite(v).all():
+        return vals.T
+    eye = np.eye(v.shape[0])
+    with np.errstate(invalid="ignore"):
+        return (v[:, :, None] * eye[:, None, :]).sum(axis=0)      # [K, F, 1] * [K, 1, P] summed over K -> [F, P]
 
 
 # ============================================================================ ScalarE
