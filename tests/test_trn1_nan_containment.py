@@ -1,0 +1,332 @@
+"""trn1 (NeuronCore-v2): a NaN / Inf in one token or sequence never reaches another's output.
+
+On NeuronCore-v2 the TensorE transpose is a matmul by the identity and is not bit-accurate with NaN / Inf (the
+real `nki.isa.nc_transpose` docstring); the emulator computes those values on trn1
+(tests/emulator/test_emu_pe_transpose_v2.py): a non-finite value at data[k, j] of a [P, F] transpose turns the
+whole output row j NaN. Whenever a kernel PE-transposes a tile whose partitions are tokens (or sequences), a
+non-finite value in one token spreads to every token of the tile. Each test below poisons one token / sequence
+on trn1 and checks every other one against the family's NumPy reference on the clean inputs. Kernels that still
+mix on trn1 carry a strict xfail naming the transpose (docs: the family's trn1 section, KERNELS.md).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import nki_kernels as nk
+from nki_kernels.attention.reference import flash_attention_decode_ref, flash_attention_ref, flash_attention_varlen_ref
+from nki_kernels.deltanet import reference as gdn_ref
+from nki_kernels.emulator import EmulatorCheckError, use_target
+from nki_kernels.examples.reference import rmsnorm_reference, softmax_reference, tiled_matmul_reference
+from nki_kernels.moe.reference import moe_decode_reference
+from nki_kernels.testing import assert_close
+
+F32 = np.float32
+VALUES = pytest.mark.parametrize("value", [np.nan, np.inf], ids=["nan", "inf"])
+
+
+def _trn1(fn, *args, **kw):
+    with use_target("trn1"):
+        return fn(*args, **kw)
+
+
+def _poison(arr, index, value):
+    bad = arr.copy()
+    bad[index] = value
+    return bad
+
+
+def _mixes(why):
+    """Strict xfail: the kernel still mixes on trn1 through the PE transpose `why` names."""
+    return pytest.mark.xfail(strict=True, reason=f"on trn1, {why}")
+
+
+# ============================================================== examples
+
+
+@VALUES
+def test_softmax_row_stays_in_its_row(rng, value):
+    x = rng.standard_normal((20, 33)).astype(F32)
+    out = np.asarray(_trn1(nk.softmax, _poison(x, (3, 5), value), lnc=1))
+    others = np.arange(20) != 3
+    assert_close("softmax other rows", softmax_reference(x)[others], out[others])
+
+
+@VALUES
+def test_rmsnorm_row_stays_in_its_row(rng, value):
+    x = rng.standard_normal((20, 40)).astype(F32)
+    w = rng.standard_normal(40).astype(F32)
+    out = np.asarray(_trn1(nk.rmsnorm, _poison(x, (3, 5), value), w, lnc=1))
+    others = np.arange(20) != 3
+    assert_close("rmsnorm other rows", rmsnorm_reference(x, w)[others], out[others])
+
+
+@VALUES
+def test_tiled_matmul_lhs_column_reaches_only_its_output_row(rng, value):
+    lhsT = rng.standard_normal((200, 140)).astype(F32)
+    rhs = rng.standard_normal((200, 48)).astype(F32)
+    out = np.asarray(_trn1(nk.tiled_matmul, _poison(lhsT, (5, 3), value), rhs, lnc=1))
+    others = np.arange(140) != 3
+    assert_close("matmul other rows", tiled_matmul_reference(lhsT, rhs)[others], out[others])
+
+
+# ============================================================== attention
+
+
+def _qkv(rng, b, hq, hkv, sq, skv, d=64):
+    return (rng.standard_normal((b, hq, sq, d)).astype(F32), rng.standard_normal((b, hkv, skv, d)).astype(F32),
+            rng.standard_normal((b, hkv, skv, d)).astype(F32))
+
+
+@_mixes("prefill transposes the [queries, D] Q tile on the PE (_load_q: q_nat -> qT) and P [queries, keys] "
+        "(_transpose_pe): a non-finite q value reaches every query of its 128-query tile")
+@VALUES
+def test_prefill_query_token_stays_in_its_row(rng, value):
+    q, k, v = _qkv(rng, 2, 2, 1, 16, 16)
+    out = np.asarray(_trn1(nk.flash_attention, _poison(q, (0, 0, 3, 5), value), k, v, lnc=1))
+    rows = np.ones(out.shape[:3], bool)
+    rows[0, 0, 3] = False
+    assert_close("prefill other rows", flash_attention_ref(q, k, v)[rows], out[rows])
+
+
+@VALUES
+def test_prefill_key_stays_in_its_sequence(rng, value):
+    q, k, v = _qkv(rng, 2, 2, 1, 16, 16)
+    out = np.asarray(_trn1(nk.flash_attention, q, _poison(k, (0, 0, 5, 5), value), v, lnc=1))
+    assert_close("prefill other sequence", flash_attention_ref(q, k, v)[1], out[1])
+
+
+@_mixes("prefill PE-transposes fp32 [keys, D] K tiles (load_transposed, the short body's k_sb) before keys past "
+        "seq_lens are masked: a non-finite padding key reaches every query of the sequence")
+@VALUES
+def test_prefill_padding_key_reaches_nothing(rng, value):
+    q, k, v = _qkv(rng, 1, 2, 1, 16, 16)
+    lens = np.array([12], np.int32)
+    out = np.asarray(_trn1(nk.flash_attention, q, _poison(k, (0, 0, 14, 5), value), v, seq_lens=lens, lnc=1))
+    assert_close("prefill padding key", flash_attention_ref(q, k, v, seq_lens=lens), out)
+
+
+@_mixes("decode transposes the [rows, D] Q tile on the PE (decode.py q_nat -> q_psum): a non-finite q value "
+        "reaches the other query rows of the tile")
+@VALUES
+def test_decode_query_row_stays_in_its_row(rng, value):
+    q, kc, vc = _qkv(rng, 2, 2, 1, 1, 32)
+    lens = np.array([20, 32], np.int32)
+    out = np.asarray(_trn1(nk.flash_attention_decode, _poison(q, (0, 0, 0, 5), value), kc, vc, lens, lnc=1))
+    rows = np.ones(out.shape[:3], bool)
+    rows[0, 0, 0] = False
+    assert_close("decode other rows", flash_attention_decode_ref(q, kc, vc, lens)[rows], out[rows])
+
+
+@VALUES
+def test_decode_cache_key_stays_in_its_sequence(rng, value):
+    q, kc, vc = _qkv(rng, 2, 2, 1, 1, 32)
+    lens = np.array([20, 32], np.int32)
+    out = np.asarray(_trn1(nk.flash_attention_decode, q, _poison(kc, (0, 0, 3, 5), value), vc, lens, lnc=1))
+    assert_close("decode other sequence", flash_attention_decode_ref(q, kc, vc, lens)[1], out[1])
+
+
+@_mixes("decode PE-transposes [keys, D] cache chunks (pe_transpose_keys) before keys past cache_lens are masked: "
+        "a non-finite cache row past cache_lens reaches the outputs")
+@VALUES
+def test_decode_padding_cache_key_reaches_nothing(rng, value):
+    q, kc, vc = _qkv(rng, 2, 2, 1, 1, 32)
+    lens = np.array([20, 32], np.int32)
+    out = np.asarray(_trn1(nk.flash_attention_decode, q, _poison(kc, (0, 0, 25, 5), value), vc, lens, lnc=1))
+    assert_close("decode padding key", flash_attention_decode_ref(q, kc, vc, lens), out)
+
+
+def _varlen(rng):
+    cu = np.array([0, 5, 16], np.int32)
+    q = rng.standard_normal((16, 2, 64)).astype(F32)
+    k, v = (rng.standard_normal((16, 1, 64)).astype(F32) for _ in range(2))
+    return q, k, v, cu
+
+
+@_mixes("varlen transposes packed [tokens, D] Q / K tiles and P on the PE: a non-finite q value reaches the other "
+        "tokens (and sequences) packed in its tile")
+@VALUES
+def test_varlen_query_token_stays_in_its_row(rng, value):
+    q, k, v, cu = _varlen(rng)
+    out = np.asarray(_trn1(nk.flash_attention_varlen, _poison(q, (2, 0, 5), value), k, v, cu, cu, lnc=1))
+    rows = np.ones(out.shape[:2], bool)
+    rows[2, 0] = False
+    assert_close("varlen other rows", flash_attention_varlen_ref(q, k, v, cu, cu)[rows], out[rows])
+
+
+@_mixes("varlen transposes packed [keys, D] K tiles on the PE (pe_transpose_keys): a non-finite key of one "
+        "sequence reaches the other sequences packed in its 128-key tile")
+@VALUES
+def test_varlen_key_stays_in_its_sequence(rng, value):
+    q, k, v, cu = _varlen(rng)
+    out = np.asarray(_trn1(nk.flash_attention_varlen, q, _poison(k, (2, 0, 5), value), v, cu, cu, lnc=1))
+    assert_close("varlen other sequence", flash_attention_varlen_ref(q, k, v, cu, cu)[5:], out[5:])
+
+
+# ============================================================== gated DeltaNet
+
+
+def _gdn(rng, b=2, t=16, hk=1, hv=2, d=32):
+    return dict(q=rng.standard_normal((b, t, hk, d)).astype(F32), k=rng.standard_normal((b, t, hk, d)).astype(F32),
+                v=rng.standard_normal((b, t, hv, d)).astype(F32),
+                g=(-rng.uniform(0.0, 0.5, (b, t, hv))).astype(F32), beta=rng.uniform(0.0, 1.0, (b, t, hv)).astype(F32))
+
+
+def _gdn_run(x):
+    return _trn1(nk.gated_delta_rule, x["q"], x["k"], x["v"], x["g"], x["beta"], use_qk_l2norm_in_kernel=True, lnc=1)
+
+
+def _gdn_ref(x):
+    return gdn_ref.gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], use_qk_l2norm_in_kernel=True)
+
+
+@_mixes("gated_delta_rule transposes the [chunk tokens, Dk] q tile on the PE (chunk.py tq_ps): a non-finite q "
+        "value reaches every token of its chunk")
+@VALUES
+def test_gdn_chunk_query_token_stays_in_its_token(rng, value):
+    x = _gdn(rng)
+    o, _ = _gdn_run(dict(x, q=_poison(x["q"], (0, 3, 0, 5), value)))
+    ro, _ = _gdn_ref(x)
+    rows = np.ones(o.shape[:2], bool)
+    rows[0, 3] = False
+    assert_close("gdn other tokens", ro[rows], np.asarray(o)[rows])
+
+
+@pytest.mark.parametrize("name", ["k", "v", "beta"])
+@VALUES
+def test_gdn_chunk_token_reaches_no_earlier_token_nor_other_sequence(rng, name, value):
+    x = _gdn(rng)
+    idx = (0, 8, 0, 5) if x[name].ndim == 4 else (0, 8, 0)
+    o, final = _gdn_run(dict(x, **{name: _poison(x[name], idx, value)}))
+    ro, rfinal = _gdn_ref(x)
+    o, final = np.asarray(o), np.asarray(final)
+    assert_close("gdn earlier tokens", ro[0, :8], o[0, :8])
+    assert_close("gdn other sequence", ro[1], o[1])
+    assert_close("gdn other final state", rfinal[1], final[1])
+
+
+def _fused(rng, b=2, t=40, hk=1, hv=2, d=32, kw=4):
+    cd = 2 * hk * d + hv * d
+    return dict(mixed_qkv=rng.standard_normal((b, t, cd)).astype(F32),
+                conv_weight=(rng.standard_normal((cd, kw)) * 0.5).astype(F32),
+                g=(-rng.uniform(0.0, 0.5, (b, t, hv))).astype(F32), beta=rng.uniform(0.0, 1.0, (b, t, hv)).astype(F32),
+                conv_state=rng.standard_normal((b, cd, kw)).astype(F32))
+
+
+def _fused_run(x, hk=1, d=32):
+    from nki_kernels.deltanet.fused import gated_delta_rule_fused
+    o, _, _ = _trn1(gated_delta_rule_fused, x["mixed_qkv"], x["conv_weight"], x["g"], x["beta"], hk, d,
+                    conv_state=x["conv_state"], chunk_size=64, lnc=1)
+    return np.asarray(o)
+
+
+def _fused_ref(x, hk=1, d=32):
+    """float64: silu(causal conv) of mixed_qkv, split [q | k | v], then the delta rule with the L2 norm."""
+    b, t, _ = x["mixed_qkv"].shape
+    y, _ = gdn_ref.causal_conv1d(x["mixed_qkv"].transpose(0, 2, 1), x["conv_weight"], conv_state=x["conv_state"])
+    y = y.transpose(0, 2, 1)
+    n = hk * d
+    q, k, v = y[..., :n].reshape(b, t, hk, d), y[..., n:2 * n].reshape(b, t, hk, d), y[..., 2 * n:].reshape(b, t, -1, d)
+    return gdn_ref.gated_delta_rule(q, k, v, x["g"], x["beta"], use_qk_l2norm_in_kernel=True)[0]
+
+
+@VALUES
+def test_gdn_fused_token_stays_in_its_sequence(rng, value):
+    x = _fused(rng)
+    o = _fused_run(dict(x, mixed_qkv=_poison(x["mixed_qkv"], (0, 20, 40), value)))
+    assert_close("fused other sequence", _fused_ref(x)[1], o[1])
+
+
+@_mixes("gated_delta_rule_fused (fp32 / fp16 io) transposes the [chunk tokens, channels] mixed_qkv tile on the PE "
+        "(fused.py tp_ps): a non-finite channel value reaches the earlier tokens of its chunk")
+@VALUES
+def test_gdn_fused_token_reaches_no_earlier_token(rng, value):
+    x = _fused(rng)
+    o = _fused_run(dict(x, mixed_qkv=_poison(x["mixed_qkv"], (0, 20, 40), value)))
+    assert_close("fused earlier tokens", _fused_ref(x)[0, :20], o[0, :20])
+
+
+@_mixes("gated_delta_rule_step fails to launch on trn1 for two sequences (a 2-partition VectorE operand at "
+        "partition 2; NeuronCore-v2 start partitions are 0/32/64/96): not a NaN path, found by this audit")
+def test_gdn_step_runs_on_trn1_for_two_sequences(rng):
+    x = _gdn(rng, b=2, t=1)
+    pool = (rng.standard_normal((4, 2, 32, 32)) * 0.1).astype(F32)
+    slots = np.array([3, 1], np.int32)
+    try:
+        o, new_pool = _trn1(nk.gated_delta_rule_step, x["q"], x["k"], x["v"], x["g"], x["beta"], pool.copy(), slots,
+                            lnc=1)
+    except EmulatorCheckError as e:
+        pytest.fail(f"gated_delta_rule_step on trn1: {e}")
+    ro, rpool = gdn_ref.gated_delta_rule_step(x["q"], x["k"], x["v"], x["g"], x["beta"], pool, slots)
+    assert_close("step o", ro, o)
+
+
+@VALUES
+def test_conv1d_value_stays_in_its_sequence_and_channel(rng, value):
+    x = rng.standard_normal((2, 136, 8)).astype(F32)
+    w = rng.standard_normal((136, 4)).astype(F32)
+    y, _ = _trn1(nk.causal_conv1d, _poison(x, (0, 7, 3), value), w, lnc=1)
+    ry, _ = gdn_ref.causal_conv1d(x, w)
+    keep = np.ones(y.shape, bool)
+    keep[0, 7, 3:] = False
+    assert_close("conv others", ry[keep], np.asarray(y)[keep])
+
+
+@VALUES
+def test_conv1d_update_value_stays_in_its_sequence_and_channel(rng, value):
+    x = rng.standard_normal((2, 136, 1)).astype(F32)
+    state = rng.standard_normal((2, 136, 4)).astype(F32)
+    w = rng.standard_normal((136, 4)).astype(F32)
+    ry, _ = gdn_ref.causal_conv1d_update(x, state.copy(), w)
+    y = _trn1(nk.causal_conv1d_update, _poison(x, (0, 7, 0), value), state.copy(), w, lnc=1)
+    y = np.asarray(y[0] if isinstance(y, tuple) else y)
+    keep = np.ones(y.shape, bool)
+    keep[0, 7] = False
+    assert_close("conv update others", ry[keep], y[keep])
+
+
+# ============================================================== MoE
+
+
+def _moe(rng, t):
+    x = rng.standard_normal((t, 128)).astype(F32)
+    gu = (rng.standard_normal((4, 128, 2, 64)) / np.sqrt(128)).astype(F32)
+    dn = (rng.standard_normal((4, 64, 128)) / 8.0).astype(F32)
+    w, idx = nk.moe_route(rng.standard_normal((t, 4)).astype(F32), 2, True)
+    return x, gu, dn, np.asarray(w, F32), np.asarray(idx, np.int32)
+
+
+@_mixes("moe_blockwise transposes [tokens, H] hidden tiles on the PE (_tiles.py) and the down-projection output "
+        "(combine.py): a non-finite hidden value reaches every token of its block (docs/moe.md)")
+@VALUES
+def test_moe_blockwise_token_stays_in_its_token(rng, value):
+    x, gu, dn, w, idx = _moe(rng, 8)
+    tpos, b2e = nk.moe_block_mapping(idx, 4, 8)
+    out = np.asarray(_trn1(nk.moe_blockwise, _poison(x, (3, 0), value), w, gu, dn, tpos, b2e, 8, top_k_index=idx,
+                           lnc=1))
+    others = np.arange(8) != 3
+    assert_close("blockwise other tokens", moe_decode_reference(x, idx, w, gu, dn)[others], out[others])
+
+
+@VALUES
+def test_moe_decode_token_stays_in_its_token(rng, value):
+    x, gu, dn, w, idx = _moe(rng, 4)
+    out = np.asarray(_trn1(nk.moe_decode, _poison(x, (1, 5), value), idx, w, gu, dn, lnc=1))
+    others = np.arange(4) != 1
+    assert_close("decode other tokens", moe_decode_reference(x, idx, w, gu, dn)[others], out[others])
+
+
+# ============================================================== code predictor
+
+
+@_mixes("code_predictor fails to launch on trn1 (an activation with a float bias, NeuronCore-v3+ only): "
+        "not a NaN path, found by this audit")
+def test_code_predictor_runs_on_trn1(rng):
+    from nki_kernels.codepredictor import random_weights
+    w = random_weights(rng, hidden=128, n_q_heads=2, n_kv_heads=1, head_dim=64, intermediate=128, n_layers=1,
+                       n_groups=2, vocab=16)
+    try:
+        _trn1(nk.code_predictor, rng.standard_normal((2, 128)).astype(F32), rng.standard_normal((2, 128)).astype(F32),
+              weights=w, lnc=1)
+    except EmulatorCheckError as e:
+        pytest.fail(f"code_predictor on trn1: {e}")
