@@ -106,8 +106,8 @@ def test_prefill_padding_key_reaches_nothing(rng, value):
     assert_close("prefill padding key", flash_attention_ref(q, k, v, seq_lens=lens), out)
 
 
-@_mixes("decode transposes the [rows, D] Q tile on the PE (decode.py q_nat -> q_psum): a non-finite q value "
-        "reaches the other query rows of the tile")
+@_mixes("decode transposes the [rows, D] Q tile (the query heads of one KV head) on the PE (decode.py q_nat -> "
+        "q_psum): a q value reaches the other query heads of its KV group")
 @VALUES
 def test_decode_query_row_stays_in_its_row(rng, value):
     q, kc, vc = _qkv(rng, 2, 2, 1, 1, 32)
@@ -126,13 +126,15 @@ def test_decode_cache_key_stays_in_its_sequence(rng, value):
     assert_close("decode other sequence", flash_attention_decode_ref(q, kc, vc, lens)[1], out[1])
 
 
-@_mixes("decode PE-transposes [keys, D] cache chunks (pe_transpose_keys) before keys past cache_lens are masked: "
-        "a non-finite cache row past cache_lens reaches the outputs")
 @VALUES
-def test_decode_padding_cache_key_reaches_nothing(rng, value):
-    q, kc, vc = _qkv(rng, 2, 2, 1, 1, 32)
-    lens = np.array([20, 32], np.int32)
-    out = np.asarray(_trn1(nk.flash_attention_decode, q, _poison(kc, (0, 0, 25, 5), value), vc, lens, lnc=1))
+@pytest.mark.parametrize("s, lens, pos", [(32, (20, 32), (0, 0, 25, 5)), (300, (130, 300), (0, 0, 140, 7)),
+                                          (300, (257, 10), (1, 0, 100, 3))])
+def test_decode_padding_cache_key_reaches_nothing(rng, value, s, lens, pos):
+    """A cache row past cache_lens (a torch.empty cache) reaches nothing: on trn1 those K rows are zeroed before
+    the PE transpose (decode.py zero_k), as V's are before P V."""
+    q, kc, vc = _qkv(rng, 2, 4, 2, 1, s)
+    lens = np.array(lens, np.int32)
+    out = np.asarray(_trn1(nk.flash_attention_decode, q, _poison(kc, pos, value), vc, lens, lnc=1))
     assert_close("decode padding key", flash_attention_decode_ref(q, kc, vc, lens), out)
 
 

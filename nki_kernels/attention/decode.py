@@ -36,8 +36,8 @@ bit-identical at both LNCs.
 from __future__ import annotations
 
 from ..backend import call, nki, nisa, nl
-from ..hw import P_MAX
-from ..lnc import resolve_lnc
+from ..hw import NAN_MIXING_PE_TRANSPOSE_TARGETS, P_MAX
+from ..lnc import current_target_name, resolve_lnc
 from ..validation import kernel_check
 from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, MASK_BIAS, MAX_HEAD_DIM, n_tiles, pe_transpose_group,
                       pe_transpose_keys)
@@ -132,7 +132,8 @@ def decode_body(q, k_cache, v_cache, cache_lens, out, softmax_scale, causal):
     nisa.memset(dst=ones_row, value=1.0)
     ctx = dict(q=q, k=k_cache, v=v_cache, lens=cache_lens, rows=rows, sq=sq, group=group, d=d, dtype=dtype,
                n_d=n_tiles(d, D_CHUNK), scale=softmax_scale, causal=causal, ones_row=ones_row,
-               piece=min(_PIECE_KEYS, K_CHUNK * (_PSUM_BANK_F32 // rows)), vpos={}, v_first=split)
+               piece=min(_PIECE_KEYS, K_CHUNK * (_PSUM_BANK_F32 // rows)), vpos={}, v_first=split,
+               zero_k=current_target_name() in NAN_MIXING_PE_TRANSPOSE_TARGETS)
     ctx["v_bufs"] = _v_buffers(ctx)
     held = {}                                        # (b, kvh) -> packed partial state of its first half
     mine = [pt for pt in parts if pt[0] == pid]
@@ -312,6 +313,9 @@ def _piece_scores(ctx, part, j, key0, kn, tail=False, k_sb=None):
     staged.update(v=v_sb, groups=pv_groups)
     if k_sb is None:
         k_sb = _load_k(ctx, part, key0, kn)
+    if ctx["zero_k"]:   # trn1: the PE transpose of K mixes a NaN cache row past the length into the valid keys
+        for i_g, chunks in enumerate(zero_groups):
+            _zero_v_past_length(ctx, part, k_sb, staged, chunks, nisa.engine.scalar if i_g % 2 else nisa.engine.gpsimd)
     kT_sb = _transpose_keys(ctx, k_sb, kn, n_c)
     # ---- S^T [keys, chunk, R] in one PSUM bank
     st_psum = nl.ndarray((P_MAX, max_c, rows), dtype=nl.float32, buffer=nl.psum)
