@@ -102,6 +102,21 @@ def _gated_delta_rule_packed(rng, adv):
     return (q, k, v, g, beta), dict(initial_state=state, cu_seqlens=cu, chunk_size=64, checkpoint_every=1)
 
 
+def _l2norm_rows(args, adv):
+    """The L2-norm modes: adversarial q / k also hold rows of tiny (1e-30) and huge (1e30) norm, so the norm's
+    per-row power-of-two pre-scale and its eps path see extreme values (their instructions must not change)."""
+    q, k = args[0].copy(), args[1].copy()
+    if adv:
+        q[0, 0, 0, :], k[0, 0, 0, :] = 1e30, 1e-30
+        k[-1, -1, -1, :] = -1e30
+    return (q, k) + tuple(args[2:])
+
+
+def _gated_delta_rule_l2norm(rng, adv):
+    args, kwargs = _gated_delta_rule(rng, adv)
+    return _l2norm_rows(args, adv), dict(kwargs, use_qk_l2norm_in_kernel=True)
+
+
 def _gated_delta_rule_step(rng, adv):
     b, t = 3, 1
     q, k, v, g, beta = _gdn_inputs(rng, adv, b, t, 2, 4, 64, 64)
@@ -178,6 +193,11 @@ def _code_predictor(rng, adv):
     return (_vals(rng, (2, 128), adv), _vals(rng, (2, 128), adv), w), {}
 
 
+def _gated_delta_rule_step_l2norm(rng, adv):
+    args, kwargs = _gated_delta_rule_step(rng, adv)
+    return _l2norm_rows(args, adv), dict(kwargs, use_qk_l2norm_in_kernel=True)
+
+
 BUILDERS = {
     "tiled_matmul": _tiled_matmul, "softmax": _softmax, "rmsnorm": _rmsnorm,
     "flash_attention": _flash_attention, "flash_attention_decode": _flash_attention_decode,
@@ -187,8 +207,11 @@ BUILDERS = {
     "moe_route": _moe_route, "moe_block_mapping": _moe_block_mapping, "moe_blockwise": _moe_blockwise,
     "moe_decode": _moe_decode, "code_predictor": _code_predictor,
 }
-# Further modes of a public function (name -> (function, builder)): packed sequences (cu_seqlens).
+# Further modes of a public function (name -> (function, builder)): packed sequences (cu_seqlens), the
+# DeltaNet in-kernel q / k L2 norm.
 MODES = {"gated_delta_rule[cu_seqlens]": ("gated_delta_rule", _gated_delta_rule_packed),
+         "gated_delta_rule[l2norm]": ("gated_delta_rule", _gated_delta_rule_l2norm),
+         "gated_delta_rule_step[l2norm]": ("gated_delta_rule_step", _gated_delta_rule_step_l2norm),
          "flash_attention_varlen[windows]": ("flash_attention_varlen", _flash_attention_varlen_windows),
          "causal_conv1d[cu_seqlens]": ("causal_conv1d", _causal_conv1d_packed)}
 # Host-side helpers in __all__ that launch no kernel (their outputs feed a kernel's index inputs).
