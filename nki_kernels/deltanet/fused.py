@@ -157,22 +157,12 @@ class _FrontEnd:
         self.groups = _groups(self.tiles)
         self.n_ch = sum(hi - lo for lo, hi in segs)
         n_t = len(self.tiles)
-        # diag(w[:, i]) per channel tile and tap: the moving operands of the tap matmuls (made once, GpSimd)
-        ident = _identity(self.io_dt)
-        w_sb = nl.ndarray((P_MAX, n_t, self.kw), dtype=nl.float32, buffer=nl.sbuf)
+        self.conv_weight = conv_weight
         # compact: block g of a 128-channel tile at partitions 32g.., columns 0..31 (row-tiled taps), else full
         self.row_tiled = row_tiles and all(t["pc"] % _PE_ROW_TILE == 0 for t in self.tiles)
         width = _PE_ROW_TILE if self.row_tiled else P_MAX
         self.diag = nl.ndarray((P_MAX, n_t, self.kw, width), dtype=self.io_dt, buffer=nl.sbuf)
-        for j, t in enumerate(self.tiles):
-            pc = t["pc"]
-            nisa.dma_copy(dst=w_sb[0:pc, j, :], src=conv_weight[t["c0"]:t["c0"] + pc, :])
-            for p0 in range(0, pc, width):
-                rows = slice(p0, min(pc, p0 + width))
-                n = rows.stop - rows.start
-                for i_k in range(self.kw):
-                    nisa.tensor_scalar(dst=self.diag[rows, j, i_k, 0:n], data=ident[rows, p0:p0 + n], op0=nl.multiply,
-                                       operand0=w_sb[rows, j, i_k:i_k + 1], engine=nisa.engine.gpsimd)
+        self.diag_ready = False
         # the channel-major history row of a chunk: [the K inputs before it | its C inputs]; for 2-byte inputs two,
         # alternating by chunk, so the next chunk's DMA transposes need not wait for this chunk's tap matmuls
         n_hist = 2 if self.io_dt != nl.float32 and _DMA_TRANSPOSE else 1
@@ -180,6 +170,51 @@ class _FrontEnd:
                       for _ in range(n_hist)]
         self.hist = self.hists[0]
         self.len_f = None
+
+    def _make_diag(self):
+        """diag(w[:, i]) per channel tile and tap (the tap matmuls' moving operands), made once, at the first
+        chunk's load: after the pipeline's constants, the gates and the first chunk's transposes (the DMA queue
+        serves them first, so the first chunk's front end is not behind the weights). The weights come in one DMA
+        per run of full 128-channel tiles of a segment (one per tile otherwise); row-tiled, diag(w) of a tile is
+        E32 * w per tap, E32[p, c] = [p % 32 == c] (one instruction per tile and tap over all partitions)."""
+        n_t, kw = len(self.tiles), self.kw
+        w_sb = nl.ndarray((P_MAX, n_t, kw), dtype=nl.float32, buffer=nl.sbuf)
+        j = 0
+        while j < n_t:                        # runs of consecutive full tiles of one segment: one DMA each
+            t = self.tiles[j]
+            run = 1
+            while (t["pc"] == P_MAX and j + run < n_t and self.tiles[j + run]["seg"] == t["seg"]
+                   and self.tiles[j + run]["pc"] == P_MAX):
+                run += 1
+            pc = t["pc"]
+            src = self.conv_weight[t["c0"]:t["c0"] + run * pc, :]
+            if run > 1:
+                src = src.reshape((run, pc, kw)).permute((1, 0, 2))
+            nisa.dma_copy(dst=w_sb[0:pc, j:j + run, :], src=src)
+            j += run
+        ident = _identity(self.io_dt)
+        if self.row_tiled:
+            e32 = nl.ndarray((P_MAX, _PE_ROW_TILE), dtype=self.io_dt, buffer=nl.sbuf)
+            nisa.tensor_tensor(dst=e32, data1=ident[:, 0:_PE_ROW_TILE], data2=ident[:, _PE_ROW_TILE:2 * _PE_ROW_TILE],
+                               op=nl.add, engine=nisa.engine.gpsimd)
+            for p0 in range(2 * _PE_ROW_TILE, P_MAX, _PE_ROW_TILE):
+                nisa.tensor_tensor(dst=e32, data1=e32, data2=ident[:, p0:p0 + _PE_ROW_TILE], op=nl.add,
+                                   engine=nisa.engine.gpsimd)
+            i_n = 0
+            for j, t in enumerate(self.tiles):
+                pc = t["pc"]
+                for i_k in range(kw):
+                    eng = nisa.engine.gpsimd if i_n % 2 == 0 else nisa.engine.vector
+                    nisa.tensor_scalar(dst=self.diag[0:pc, j, i_k, :], data=e32[0:pc, :], op0=nl.multiply,
+                                       operand0=w_sb[0:pc, j, i_k:i_k + 1], engine=eng)
+                    i_n += 1
+        else:
+            for j, t in enumerate(self.tiles):
+                pc = t["pc"]
+                for i_k in range(kw):
+                    nisa.tensor_scalar(dst=self.diag[0:pc, j, i_k, 0:pc], data=ident[0:pc, 0:pc], op0=nl.multiply,
+                                       operand0=w_sb[0:pc, j, i_k:i_k + 1], engine=nisa.engine.gpsimd)
+        self.diag_ready = True
 
     def load(self, i_b, i_c, t0, n_tok, per_seq):
         """(q, k [C, Hk_own, Dk] (bf16 for bf16 inputs, else the compute dtype), v [C, Hv_own, Dv] in the compute dtype,
@@ -202,6 +237,8 @@ class _FrontEnd:
             prev = self.hists[(i_c - 1) % len(self.hists)]
             nisa.tensor_copy(dst=hist[:, :, 0:kw], src=prev[:, :, chunk:chunk + kw], engine=nisa.engine.gpsimd)
         self._transpose_in(i_b, t0, n_tok)
+        if not self.diag_ready:
+            self._make_diag()
         outs = self._taps(n_hv)
         if n_tok < chunk:                      # rows past T: q = k = v = 0 (by select: NaN-safe), as unfused
             if self.len_f is None:
@@ -221,11 +258,21 @@ class _FrontEnd:
         if n_tok < chunk:
             nisa.memset(dst=hist[:, :, kw:kw + chunk], value=0.0)
         if self.io_dt != nl.float32 and _DMA_TRANSPOSE:
-            for grp in self.groups:
+            for grp, k_grp in self._transpose_runs():
                 first = self.tiles[grp[0]]
                 pc, c0, n_g = first["pc"], first["c0"], len(grp)
-                src = self.x[i_b, t0:t0 + n_tok, c0:c0 + n_g * pc].reshape((n_tok, n_g, pc))
-                nisa.dma_transpose(dst=hist[0:pc, grp[0]:grp[-1] + 1, kw:kw + n_tok], src=src, axes=(2, 1, 0))
+                if k_grp is None:
+                    src = self.x[i_b, t0:t0 + n_tok, c0:c0 + n_g * pc].reshape((n_tok, n_g, pc))
+                    nisa.dma_transpose(dst=hist[0:pc, grp[0]:grp[-1] + 1, kw:kw + n_tok], src=src, axes=(2, 1, 0))
+                    continue
+                # a q run and the k run of the same heads in one transpose: [tokens, (q, k), tiles, channels]
+                k_first = self.tiles[k_grp[0]]
+                conv_dim = self.x.shape[2]
+                src = self.x[i_b, t0:t0 + n_tok, c0:c0 + 1].ap(
+                    pattern=[[conv_dim, n_tok], [k_first["c0"] - c0, 2], [pc, n_g], [1, pc]])
+                step = k_grp[0] - grp[0]
+                pair = hist[:, grp[0]:grp[0] + 2 * step, :].reshape((P_MAX, 2, step, kw + self.chunk))
+                nisa.dma_transpose(dst=pair[0:pc, :, 0:n_g, kw:kw + n_tok], src=src, axes=(3, 1, 2, 0))
             return
         xin = nl.ndarray((chunk, self.n_ch), dtype=self.io_dt, buffer=nl.sbuf)
         if n_tok < chunk:
@@ -243,6 +290,23 @@ class _FrontEnd:
             nisa.activation(dst=hist[0:pc, grp[0]:grp[-1] + 1, kw:kw + chunk], op=nl.copy,
                             data=tp_ps[0:pc, 0:len(grp), :])
             del tp_ps
+
+    def _transpose_runs(self):
+        """The DMA transposes of a chunk: (tile run, None) per run of tiles, except that a q run and the k run of the
+        same heads (same widths) go as one (q run, k run): twice the bytes per partition row, and a DMA transpose's
+        time is set by its row count at these row lengths (docs/deltanet.md "Fused front end")."""
+        q_runs = [g for g in self.groups if self.tiles[g[0]]["seg"] == 0]
+        k_runs = [g for g in self.groups if self.tiles[g[0]]["seg"] == 1]
+        rest = [(g, None) for g in self.groups if self.tiles[g[0]]["seg"] == 2]
+        same = len(q_runs) == len(k_runs) and all(
+            len(a) == len(b) and all(self.tiles[x]["pc"] == self.tiles[y]["pc"] for x, y in zip(a, b))
+            for a, b in zip(q_runs, k_runs))
+        if not same:
+            return [(g, None) for g in self.groups]
+        runs = []
+        for a, b in zip(q_runs, k_runs):      # the pair as a [P, 2, step, K + C] view of hist: inside its tiles
+            runs.extend([(a, b)] if a[0] + 2 * (b[0] - a[0]) <= len(self.tiles) else [(a, None), (b, None)])
+        return runs + rest
 
     def _taps(self, n_hv):
         """silu(causal conv) of the chunk in hist, tokens on the partitions: (q, k, v) tiles in the compute dtype."""
