@@ -20,7 +20,8 @@ Loop nest (per program instance):
             V rows past cache_lens[b] := 0 in the chunk groups that hold such rows (predicated copy in a
                 register-bounded loop of 0 or 1 trips: 0 * NaN would poison P V); groups wholly past the
                 length are skipped in P V
-            K^T by PE transposes; S^T = K^T.T Q^T (fp32 PSUM); keys past the limit selected to MASK_BIAS
+            K^T by PE transposes (split keys, 2-byte dtypes: DMA transposes on load); S^T = K^T.T Q^T (fp32
+                PSUM); keys past the limit selected to MASK_BIAS
             m = max over keys (free-axis max, PE transpose, max); P^T = exp(scale S^T - scale m)
             O = alpha O + P^T.T V, l = alpha l + P^T.T 1  (online softmax; PV one piece behind the scores)
         partial state (O, l, -scale m) of the part
@@ -39,8 +40,8 @@ from ..backend import call, nki, nisa, nl
 from ..hw import NAN_MIXING_PE_TRANSPOSE_TARGETS, P_MAX
 from ..lnc import current_target_name, resolve_lnc
 from ..validation import kernel_check
-from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, MASK_BIAS, MAX_HEAD_DIM, n_tiles, pe_transpose_group,
-                      pe_transpose_keys)
+from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, MASK_BIAS, MAX_HEAD_DIM, is_two_byte, n_tiles,
+                      pe_transpose_group, pe_transpose_keys)
 from .prefill import _as_int32_lens, _check_array, _check_scale, _dtype_name, _read_only, _shape
 
 MAX_NEW_TOKENS = 8                # Sq limit (speculative decoding); G * Sq rows must fit the 128 partitions
@@ -55,11 +56,14 @@ _KT_BANKS = 3                      # PSUM banks the K^T transposes rotate over (
 _K_PRELOAD = 2                    # K pieces the core's last split part streams ahead of its V (the last ones)
 _V_BUFS = 3                       # rotating V piece tiles (each with its ones column, set once per launch)
 _ZERO_CHUNKS = 4                  # 128-key chunks per V-zeroing group (each run only if it holds padded positions)
-_V_TAIL_SPLITS = (2, 4, 8)        # the core's last V piece arrives in chunk groups that end n_c/2, n_c/4, n_c/8
-#                                   chunks before its end: their zeroing and P V overlap the rest of the stream
+_V_TAIL_SPLITS = (4,)             # the core's last V piece arrives in two chunk groups, the second n_c/4 chunks: its
+#                                   zeroing and P V follow the last byte; smaller groups' 1 KiB rows cost the stream
+#                                   more (cost model v3, B=1 8K: (2, 4, 8) 18.20 us, (4, 8) 18.38, (4,) 18.07)
 _STATS = 512                      # fp32 columns of the statistics PSUM tile (one bank): max^T, m^T, broadcast m
 #                                   (l is column D of the P V tile: V's ones column)
 _ST_MAXT, _ST_MT, _ST_BCAST = 0, 128, 256     # column offsets in it
+_WRITE_ROW_DMAS = 8               # output rows up to which each row is its own DMA: the rows of one DMA share one
+#                                   engine (8 partitions per engine) and its packets run one after another
 
 
 def _pow2_at_least(n):
@@ -135,6 +139,9 @@ def decode_body(q, k_cache, v_cache, cache_lens, out, softmax_scale, causal):
                piece=min(_PIECE_KEYS, K_CHUNK * (_PSUM_BANK_F32 // rows)), vpos={}, v_first=split,
                zero_k=current_target_name() in NAN_MIXING_PE_TRANSPOSE_TARGETS)
     ctx["v_bufs"] = _v_buffers(ctx)
+    # split keys (latency-bound): K^T by DMA transposes, so the last piece's score chain does not queue behind the
+    # K^T evictions; whole pairs (stream-bound): PE transposes, the DMA transpose costs the stream 1/0.9 of K
+    ctx["k_dma_t"] = split and is_two_byte(dtype)
     held = {}                                        # (b, kvh) -> packed partial state of its first half
     mine = [pt for pt in parts if pt[0] == pid]
 
@@ -270,7 +277,17 @@ def _load_qT(ctx, b, kvh):
 
 
 def _load_k(ctx, part, key0, kn):
-    """K of one piece, chunk-major [128, chunk, D] (one DMA)."""
+    """K of one piece: K^T [128(d), n_d, keys] by DMA transposes (2-byte dtypes, one per 128 head-dim rows), else
+    chunk-major [128, chunk, D] (one DMA; transposed on the PE by `_transpose_keys`)."""
+    if ctx["k_dma_t"]:
+        d, n_d = ctx["d"], ctx["n_d"]
+        kT_sb = nl.ndarray((P_MAX, n_d, ctx["piece"]), dtype=ctx["dtype"], buffer=nl.sbuf)
+        src = ctx["k"][part["b"], part["kvh"]]
+        for i_d in range(n_d):
+            d0 = i_d * D_CHUNK
+            dn = min(D_CHUNK, d - d0)
+            nisa.dma_transpose(dst=kT_sb[0:dn, i_d, 0:kn], src=src[key0:key0 + kn, d0:d0 + dn])
+        return kT_sb
     k_sb = nl.ndarray((P_MAX, ctx["piece"] // K_CHUNK, ctx["d"]), dtype=ctx["dtype"], buffer=nl.sbuf)
     _load_keys_rows(ctx["k"][part["b"], part["kvh"]], k_sb, key0, kn, ctx["d"], (0, n_tiles(kn, K_CHUNK)))
     return k_sb
@@ -313,10 +330,10 @@ def _piece_scores(ctx, part, j, key0, kn, tail=False, k_sb=None):
     staged.update(v=v_sb, groups=pv_groups)
     if k_sb is None:
         k_sb = _load_k(ctx, part, key0, kn)
-    if ctx["zero_k"]:   # trn1: the PE transpose of K mixes a NaN cache row past the length into the valid keys
-        for i_g, chunks in enumerate(zero_groups):
+    if ctx["zero_k"] and not ctx["k_dma_t"]:    # trn1: the PE transpose of K mixes a NaN cache row past the
+        for i_g, chunks in enumerate(zero_groups):  # length into the valid keys (a DMA transpose does not)
             _zero_v_past_length(ctx, part, k_sb, staged, chunks, nisa.engine.scalar if i_g % 2 else nisa.engine.gpsimd)
-    kT_sb = _transpose_keys(ctx, k_sb, kn, n_c)
+    kT_sb = k_sb if ctx["k_dma_t"] else _transpose_keys(ctx, k_sb, kn, n_c)
     # ---- S^T [keys, chunk, R] in one PSUM bank
     st_psum = nl.ndarray((P_MAX, max_c, rows), dtype=nl.float32, buffer=nl.psum)
     for c in range(n_c):
@@ -401,8 +418,8 @@ def _load_keys_rows(src, dst, key0, kn, d, chunks):
 
 def _v_groups(n_c, tail):
     """Chunk groups in which a piece's V is loaded, zeroed and multiplied: one, or for the core's last piece
-    groups ending n_c/2, n_c/4, n_c/8 chunks before the end, so only the last group's work follows the last byte
-    of the stream."""
+    groups ending n_c / k chunks before the end (k in _V_TAIL_SPLITS), so only the last group's work follows the
+    last byte of the stream."""
     if not tail:
         return [(0, n_c)]
     cuts = sorted({0, n_c} | {n_c - n_c // k for k in _V_TAIL_SPLITS if n_c // k >= 1})
@@ -574,7 +591,12 @@ def _write_out(ctx, out, packed, l_sb, b, kvh, cols, inv_l=None):
     nisa.tensor_scalar(dst=o_sb[0:rows, c0:c1], data=packed[0:rows, c0:c1], op0=nl.multiply,
                        operand0=inv_l[0:rows], engine=nisa.engine.gpsimd)
     h0 = kvh * group
-    nisa.dma_copy(dst=out[b, h0:h0 + group, 0:sq, c0:c1].reshape((rows, c1 - c0)), src=o_sb[0:rows, c0:c1])
+    dst = out[b, h0:h0 + group, 0:sq, c0:c1].reshape((rows, c1 - c0))
+    if rows <= _WRITE_ROW_DMAS:     # one DMA per row: each its own queue, the rows' packets in parallel
+        for r in range(rows):
+            nisa.dma_copy(dst=dst[r:r + 1], src=o_sb[r:r + 1, c0:c1])
+    else:
+        nisa.dma_copy(dst=dst, src=o_sb[0:rows, c0:c1])
 
 
 # ============================================================================ host wrapper
