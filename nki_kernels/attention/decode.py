@@ -50,18 +50,18 @@ _PIECE_KEYS = 2048                # keys per K / V DMA: partition-major, 16 x 51
 _PSUM_BANK_F32 = 512              # fp32 elements per partition in one 2 KiB PSUM bank: S^T [128, chunks, R] of one
 #                                   piece must fit one bank, so pieces shrink for R > 32 rows
 _MAX_SPLIT_STATE_BYTES = 64 * 1024  # SBUF per partition core 0 may hold for the first halves' partial states
-_MAX_PIPE = 2                     # sendrecv pipe of the early max exchange (the state swap uses pipes 0 and 1)
+_MAX_PIPE, _L_PIPE = 2, 1         # sendrecv pipes of the early max and l exchanges (the O swap uses pipe 0)
 _KT_DVE_LAST = 1                  # K^T PSUM banks of a piece evicted by the VectorE (its last ones; else ScalarE)
 _KT_BANKS = 3                      # PSUM banks the K^T transposes rotate over (+ S^T, statistics, P V: 6 of 8)
 _K_PRELOAD = 2                    # K pieces the core's last split part streams ahead of its V (the last ones)
 _V_BUFS = 3                       # rotating V piece tiles (each with its ones column, set once per launch)
-_ZERO_CHUNKS = 4                  # 128-key chunks per V-zeroing group (each run only if it holds padded positions)
+_ZERO_CHUNKS = 2                  # 128-key chunks per V-zeroing group (each run only if it holds padded positions)
 _V_TAIL_SPLITS = (4,)             # the core's last V piece arrives in two chunk groups, the second n_c/4 chunks: its
 #                                   zeroing and P V follow the last byte; smaller groups' 1 KiB rows cost the stream
 #                                   more (cost model v3, B=1 8K: (2, 4, 8) 18.20 us, (4, 8) 18.38, (4,) 18.07)
 _STATS = 512                      # fp32 columns of the statistics PSUM tile (one bank): max^T, m^T, broadcast m
 #                                   (l is column D of the P V tile: V's ones column)
-_ST_MAXT, _ST_MT, _ST_BCAST = 0, 128, 256     # column offsets in it
+_ST_MAXT, _ST_MT, _ST_BCAST, _ST_LT = 0, 128, 256, 384     # column offsets in it (l^T: `_row_sums`)
 _WRITE_ROW_DMAS = 8               # output rows up to which each row is its own DMA: the rows of one DMA share one
 #                                   engine (8 partitions per engine) and its packets run one after another
 
@@ -134,8 +134,10 @@ def decode_body(q, k_cache, v_cache, cache_lens, out, softmax_scale, causal):
     parts, split = plan_parts(n_b, n_kv, s_max, d, n_prog)
     ones_row = nl.ndarray((1, P_MAX), dtype=nl.float32, buffer=nl.sbuf)      # broadcast of m to the partitions
     nisa.memset(dst=ones_row, value=1.0)
+    ones_col = nl.ndarray((P_MAX, 1), dtype=q.dtype, buffer=nl.sbuf)           # row sums of P^T (`_row_sums`)
+    nisa.memset(dst=ones_col, value=1.0)
     ctx = dict(q=q, k=k_cache, v=v_cache, lens=cache_lens, rows=rows, sq=sq, group=group, d=d, dtype=dtype,
-               n_d=n_tiles(d, D_CHUNK), scale=softmax_scale, causal=causal, ones_row=ones_row,
+               n_d=n_tiles(d, D_CHUNK), scale=softmax_scale, causal=causal, ones_row=ones_row, ones_col=ones_col,
                piece=min(_PIECE_KEYS, K_CHUNK * (_PSUM_BANK_F32 // rows)), vpos={}, v_first=split,
                zero_k=current_target_name() in NAN_MIXING_PE_TRANSPOSE_TARGETS)
     ctx["v_bufs"] = _v_buffers(ctx)
@@ -158,17 +160,18 @@ def decode_body(q, k_cache, v_cache, cache_lens, out, softmax_scale, causal):
         elif n_prog == 1:
             first = held.pop((b, kvh))
             a1, a2 = _merge_weights(ctx, first[0:rows, d + 1:d + 2], packed[0:rows, d + 1:d + 2])
-            own = _scale_own(ctx, first, a1, (0, d))
-            _merge_out(ctx, out, own, packed, a2, b, kvh, (0, d))
+            f1, f2 = _merge_factors(ctx, a1, a2, first[0:rows, d:d + 1], packed[0:rows, d:d + 1])
+            _merge_out(ctx, out, first, f1, packed, f2, b, kvh, (0, d))
         else:
-            # the two cores swap their halves' states (SBUF to SBUF); each merges and writes half of D. The
-            # merge weights are ready (early max exchange) and the own state is scaled while the swap travels
+            # the two cores swap the O columns of their halves' states (SBUF to SBUF); each merges and writes
+            # half of D. The merge factors are ready (early max and l exchanges) and the own columns are scaled
+            # while the swap travels: after it, one instruction and the write
             other_sb = _exchange(ctx, packed, pid)
             cols = _own_cols(d, pid)
             if cols[1] > cols[0]:           # (D = 1: core 1 writes nothing)
-                a_own, a_other = part["weights"]
-                own = _scale_own(ctx, packed, a_own, cols)
-                _merge_out(ctx, out, own, other_sb, a_other, b, kvh, cols)
+                # (after the swap in GpSimd's program order: the swap's trigger does not wait for them)
+                f_own, f_other = _own_other_factors(ctx, part)
+                _merge_out(ctx, out, packed, f_own, other_sb, f_other, b, kvh, cols)
 
     pending = None
     for i_part, (_, b, kvh, half, key0, key1) in enumerate(mine):
@@ -184,14 +187,18 @@ def decode_body(q, k_cache, v_cache, cache_lens, out, softmax_scale, causal):
             last = j == len(pieces) - 1
             if j == pre0:
                 k_pre = {i: _load_k(ctx, part, *pieces[i]) for i in range(pre0, len(pieces))}
-            staged = _piece_scores(ctx, part, j, k0, kn, last and core_last, k_pre.pop(j, None))
+            staged = _piece_scores(ctx, part, j, k0, kn, last and core_last, k_pre.pop(j, None),
+                                   row_sums=last and split)
+            if last and split:
+                # the last piece of a half: its row sums come from P^T alone (before V arrives), and P V runs
+                # the O columns the other core merges first, each half of D updated as soon as it is summed, so
+                # the swap starts before this core's own columns are done (the same order at LNC=1)
+                w = _swap_width(d)
+                halves = [(d - w, d), (0, d - w)] if half == 0 else [(0, w), (w, d)]
+                staged["halves"] = [(c0, c1) for c0, c1 in halves if c1 > c0]
             if last and split and n_prog > 1:
                 _early_max_exchange(ctx, part, j, pid)
-                # the state update writes what the other core needs first (the columns it sends, and l): the swap
-                # starts before this core's own columns are updated
-                w = _swap_width(d)
-                cols = [(d - w, d + 1), (0, d - w)] if pid == 0 else [(0, w), (d, d + 1), (w, d)]
-                staged["update_cols"] = [(c0, c1) for c0, c1 in cols if c1 > c0]
+                staged["after_l"] = lambda part=part: _early_l_exchange(ctx, part, pid)
             if pending is not None:
                 pv_stage(*pending)
             pending = (part, staged, last)
@@ -216,16 +223,14 @@ def _exchange(ctx, packed, pid):
     """Swap partial states with the other core (`nisa.sendrecv`, GpSimd's low-latency SBUF-to-SBUF DMA, fp32):
     this core sends the w = ceil(D/2) columns of O that hold the other core's (`_swap_width`) and l, and receives
     its own columns and l into the same columns of the returned tile (<= 128 fp32 columns per exchange, within the
-    1024 B per partition of a gpsimd_dma sendrecv). Two pipes (O, l), which travel together. (The maxes went
-    earlier: `_early_max_exchange`.)"""
+    1024 B per partition of a gpsimd_dma sendrecv). (The maxes and l went earlier: `_early_max_exchange`,
+    `_early_l_exchange`.)"""
     rows, d = ctx["rows"], ctx["d"]
     w = _swap_width(d)
     mine, theirs = ((0, w), (d - w, d)) if pid == 0 else ((d - w, d), (0, w))
     other_sb = nl.ndarray((P_MAX, d + 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.sendrecv(src=packed[0:rows, theirs[0]:theirs[1]], dst=other_sb[0:rows, mine[0]:mine[1]],
                   send_to_rank=1 - pid, recv_from_rank=1 - pid, pipe_id=0, dma_engine=nisa.dma_engine.gpsimd_dma)
-    nisa.sendrecv(src=packed[0:rows, d:d + 1], dst=other_sb[0:rows, d:d + 1], send_to_rank=1 - pid,
-                  recv_from_rank=1 - pid, pipe_id=1, dma_engine=nisa.dma_engine.gpsimd_dma)
     return other_sb
 
 
@@ -293,7 +298,7 @@ def _load_k(ctx, part, key0, kn):
     return k_sb
 
 
-def _piece_scores(ctx, part, j, key0, kn, tail=False, k_sb=None):
+def _piece_scores(ctx, part, j, key0, kn, tail=False, k_sb=None, row_sums=False):
     """Stage 1 of one piece [key0, key0 + kn): the K load, K^T on the PE, S^T = K^T.T Q^T, the select mask, the
     running max across the partitions, P^T = exp(scale S^T - scale m)."""
     rows, d, n_d, dtype, scale = ctx["rows"], ctx["d"], ctx["n_d"], ctx["dtype"], ctx["scale"]
@@ -319,10 +324,10 @@ def _piece_scores(ctx, part, j, key0, kn, tail=False, k_sb=None):
     # predicates are built on GpSimd and ScalarE in turn
     zero_groups = [(c, min(c1, c + _ZERO_CHUNKS)) for c0, c1 in groups for c in range(c0, c1, _ZERO_CHUNKS)]
 
-    def zero_v():
+    def zero_v(cols=(0, d)):
         for i_g, chunks in enumerate(zero_groups):
             _zero_v_past_length(ctx, part, v_sb, staged, chunks,
-                                nisa.engine.scalar if i_g % 2 else nisa.engine.gpsimd)
+                                nisa.engine.scalar if i_g % 2 else nisa.engine.gpsimd, cols)
     if not tail:
         zero_v()
     pv_groups = [(g, None if g[0] == 0 else _flag_register(part, nl.greater, key0 + g[0] * K_CHUNK))
@@ -332,7 +337,8 @@ def _piece_scores(ctx, part, j, key0, kn, tail=False, k_sb=None):
         k_sb = _load_k(ctx, part, key0, kn)
     if ctx["zero_k"] and not ctx["k_dma_t"]:    # trn1: the PE transpose of K mixes a NaN cache row past the
         for i_g, chunks in enumerate(zero_groups):  # length into the valid keys (a DMA transpose does not)
-            _zero_v_past_length(ctx, part, k_sb, staged, chunks, nisa.engine.scalar if i_g % 2 else nisa.engine.gpsimd)
+            _zero_v_past_length(ctx, part, k_sb, staged, chunks, nisa.engine.scalar if i_g % 2 else nisa.engine.gpsimd,
+                                (0, d))
     kT_sb = k_sb if ctx["k_dma_t"] else _transpose_keys(ctx, k_sb, kn, n_c)
     # ---- S^T [keys, chunk, R] in one PSUM bank
     st_psum = nl.ndarray((P_MAX, max_c, rows), dtype=nl.float32, buffer=nl.psum)
@@ -378,10 +384,34 @@ def _piece_scores(ctx, part, j, key0, kn, tail=False, k_sb=None):
                               op1=nl.add, operand1=bcast)
     pT_sb = nl.ndarray((P_MAX, max_c, rows), dtype=dtype, buffer=nl.sbuf)
     nisa.activation(dst=pT_sb[:, 0:n_c, 0:rows], op=nl.exp, data=pre_sb[:, 0:n_c, 0:rows])
-    if tail:        # the core's last piece: the VectorE runs the score chain first, V's zeroing after
+    if row_sums:    # sum_k P^T[k, r] as a column [R, 1] (PSUM), before V: `_piece_pv` skips V's ones column
+        staged["lT"] = _row_sums(ctx, pT_sb, kn, n_c, stats)
+    if tail and row_sums:   # zeroed per half of D by `_piece_pv`, after the state's l (the VectorE's order)
+        staged["zero_v"] = zero_v
+    elif tail:      # the core's last piece: the VectorE runs the score chain first, V's zeroing after
         zero_v()
     staged.update(pT=pT_sb)
     return staged
+
+
+def _row_sums(ctx, pT_sb, kn, n_c, stats):
+    """Row sums of one piece's P^T [128 keys, chunk, R] without V: a ones column as the stationary (one matmul,
+    moving P^T of every full chunk: [1, chunk * R] per (chunk, row)), a sum over the chunks on the VectorE, and a
+    PE transpose to [R, 1] (column _ST_LT of the statistics PSUM tile)."""
+    rows = ctx["rows"]
+    n_full = kn // K_CHUNK
+    ls_psum = nl.ndarray((P_MAX, _STATS), dtype=nl.float32, buffer=nl.psum)
+    ones = ctx["ones_col"]
+    if n_full:
+        nisa.nc_matmul(ls_psum[0:1, 0:n_full * rows], ones[0:K_CHUNK, 0:1], pT_sb[0:K_CHUNK, 0:n_full, 0:rows])
+    if n_c > n_full:
+        cn = kn - n_full * K_CHUNK
+        nisa.nc_matmul(ls_psum[0:1, n_full * rows:n_c * rows], ones[0:cn, 0:1], pT_sb[0:cn, n_full, 0:rows])
+    l_row = nl.ndarray((1, P_MAX), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_reduce(dst=l_row[0:1, 0:rows], op=nl.add, axis=2,
+                       data=ls_psum.ap(pattern=[[_STATS, 1], [1, rows], [rows, n_c]], offset=0))
+    nisa.nc_transpose(dst=stats[0:rows, _ST_LT:_ST_LT + 1], data=l_row[0:1, 0:rows])
+    return stats[0:rows, _ST_LT:_ST_LT + 1]
 
 
 def _v_buffers(ctx):
@@ -435,7 +465,7 @@ def _flag_register(part, op, value):
     return reg
 
 
-def _zero_v_past_length(ctx, part, v_sb, staged, chunks, engine):
+def _zero_v_past_length(ctx, part, v_sb, staged, chunks, engine, cols):
     """V rows of chunks [c0, c1) of a piece at positions >= the cache length := 0 (a predicated copy; 0 * NaN
     would poison P V), run only when it is needed: a register-bounded `nl.fori_loop` of 0 or 1 iterations whose
     flag is computed on the device (the instructions are the same whatever the length, only their trip count is
@@ -449,6 +479,7 @@ def _zero_v_past_length(ctx, part, v_sb, staged, chunks, engine):
     d, n_c, chan, step = ctx["d"], staged["n_c"], staged["chan"], staged["step"]
     key0, kn = staged["key0"], staged["kn"]
     c0, c1 = chunks
+    v0, v1 = cols
     key = (n_c, chan, step)
     if key not in ctx["vpos"]:
         pos_sb = nl.ndarray((P_MAX, n_c, d), dtype=nl.int32, buffer=nl.sbuf)
@@ -471,9 +502,9 @@ def _zero_v_past_length(ctx, part, v_sb, staged, chunks, engine):
         rel = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
         nisa.tensor_scalar(dst=rel, data=part["len"], op0=nl.add, operand0=float(-key0), engine=nisa.engine.gpsimd)
         pad_sb = nl.ndarray((P_MAX, n_c, d), dtype=nl.uint8, buffer=nl.sbuf)
-        nisa.tensor_scalar(dst=pad_sb[:, c0:c1], data=pos_sb[:, c0:c1], op0=nl.greater_equal, operand0=rel,
-                           engine=engine)
-        nisa.tensor_copy_predicated(dst=v_sb[0:K_CHUNK, c0:c1, 0:d], src=0.0, predicate=pad_sb[:, c0:c1])
+        nisa.tensor_scalar(dst=pad_sb[:, c0:c1, v0:v1], data=pos_sb[:, c0:c1, v0:v1], op0=nl.greater_equal,
+                           operand0=rel, engine=engine)
+        nisa.tensor_copy_predicated(dst=v_sb[0:K_CHUNK, c0:c1, v0:v1], src=0.0, predicate=pad_sb[:, c0:c1, v0:v1])
     nl.fori_loop(0, pad_reg, body)
 
 
@@ -493,32 +524,52 @@ def _transpose_keys(ctx, k_sb, kn, n_c):
 def _piece_pv(ctx, part, staged):
     """Stage 2 of a piece: P^T.T V and the row sums P^T.T 1 (fp32 PSUM) over the chunk groups that hold a key
     before the length (a later group entirely past it is skipped by a register-bounded loop), merged into the
-    part's running state."""
+    part's running state. A split part's last piece (`staged["lT"]`, `staged["halves"]`): l from the early row
+    sums first (and the early l exchange), then P V half of D at a time in the given order, each half's state
+    columns updated as soon as it is summed."""
     rows, d, j = ctx["rows"], ctx["d"], staged["j"]
     pT_sb, kn = staged["pT"], staged["kn"]
     v_sb = staged["v"]
-    pv_psum = nl.ndarray((P_MAX, _STATS), dtype=nl.float32, buffer=nl.psum)     # O at 0:D, row sums at D
-    halves = [(0, d + 1)] if d <= D_CHUNK else [(0, d // 2), (d // 2, d + 1)]   # V's ones column: the row sums
-    for chunks, valid in staged["groups"]:
-        def body(_, chunks=chunks):
-            for c in range(*chunks):
-                cn = min(K_CHUNK, kn - c * K_CHUNK)
-                for h0, h1 in halves:
-                    nisa.nc_matmul(pv_psum[0:rows, h0:h1], pT_sb[0:cn, c, 0:rows], v_sb[0:cn, c, h0:h1],
-                                   accumulate=c > 0)
-        if valid is None:
-            body(0)
-        else:       # a group entirely past the length: P^T is exactly 0 there and V is never read
-            nl.fori_loop(0, valid, body)
     packed = part["packed"]
-    for c0, c1 in staged.get("update_cols", [(0, d + 1)]):       # O and l in one pass (or in the swap's order)
-        if j == 0:
-            nisa.tensor_copy(dst=packed[0:rows, c0:c1], src=pv_psum[0:rows, c0:c1])
-        else:
-            nisa.scalar_tensor_tensor(dst=packed[0:rows, c0:c1], data=packed[0:rows, c0:c1], op0=nl.multiply,
-                                      operand0=part["alpha"][0:rows, j:j + 1], op1=nl.add,
-                                      operand1=pv_psum[0:rows, c0:c1])
+    pv_psum = nl.ndarray((P_MAX, _STATS), dtype=nl.float32, buffer=nl.psum)     # O at 0:D, row sums at D
+    if "lT" in staged:
+        halves = staged["halves"]
+        _update_state(part, packed, staged["lT"], j, rows, (d, d + 1), lT=True)
+        if "after_l" in staged:
+            staged["after_l"]()
+    else:
+        halves = [(0, d + 1)] if d <= D_CHUNK else [(0, d // 2), (d // 2, d + 1)]  # V's ones column: row sums
+    per_half = "lT" in staged
+    for halves_now in ([[h] for h in halves] if per_half else [halves]):
+        if "zero_v" in staged:
+            staged["zero_v"](halves_now[0])
+        for chunks, valid in staged["groups"]:
+            def body(_, chunks=chunks, halves_now=halves_now):
+                for c in range(*chunks):
+                    cn = min(K_CHUNK, kn - c * K_CHUNK)
+                    for h0, h1 in halves_now:
+                        nisa.nc_matmul(pv_psum[0:rows, h0:h1], pT_sb[0:cn, c, 0:rows], v_sb[0:cn, c, h0:h1],
+                                       accumulate=c > 0)
+            if valid is None:
+                body(0)
+            else:       # a group entirely past the length: P^T is exactly 0 there and V is never read
+                nl.fori_loop(0, valid, body)
+        if per_half:
+            _update_state(part, packed, pv_psum, j, rows, halves_now[0])
+    if not per_half:
+        _update_state(part, packed, pv_psum, j, rows, (0, d + 1))      # O and l in one pass
     nisa.tensor_copy(dst=packed[0:rows, d + 1:d + 2], src=part["neg_m"][0:rows, j:j + 1], engine=nisa.engine.gpsimd)
+
+
+def _update_state(part, packed, new_psum, j, rows, cols, lT=False):
+    """packed[:, cols] = alpha_j packed[:, cols] + new (the piece's P V columns, or with lT its row sums [R, 1])."""
+    c0, c1 = cols
+    src = new_psum if lT else new_psum[0:rows, c0:c1]
+    if j == 0:
+        nisa.tensor_copy(dst=packed[0:rows, c0:c1], src=src)
+    else:
+        nisa.scalar_tensor_tensor(dst=packed[0:rows, c0:c1], data=packed[0:rows, c0:c1], op0=nl.multiply,
+                                  operand0=part["alpha"][0:rows, j:j + 1], op1=nl.add, operand1=src)
 
 
 def _early_max_exchange(ctx, part, j, pid):
@@ -547,42 +598,72 @@ def _merge_weights(ctx, nm1, nm2):
     return a1, a2
 
 
-def _scale_own(ctx, own, a_own, cols):
-    """a_own O_own | a_own l_own of this side's state (columns `cols` of O, and l)."""
+def _early_l_exchange(ctx, part, pid):
+    """Split keys at LNC=2: right after its part's l is final (the last piece's row sums come before its P V,
+    `_row_sums`) each core swaps it with the other core's ([R, 1], its own pipe), so both merge factors are ready
+    before the O swap arrives; after it the merge is one instruction."""
     rows, d = ctx["rows"], ctx["d"]
-    c0, c1 = cols
-    o1 = nl.ndarray((P_MAX, d + 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_scalar(dst=o1[0:rows, c0:c1], data=own[0:rows, c0:c1], op0=nl.multiply, operand0=a_own[0:rows],
-                       engine=nisa.engine.gpsimd)
-    nisa.tensor_scalar(dst=o1[0:rows, d:d + 1], data=own[0:rows, d:d + 1], op0=nl.multiply, operand0=a_own[0:rows])
-    return o1
+    l_own = part["packed"][0:rows, d:d + 1]
+    l_other = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.sendrecv(src=l_own, dst=l_other[0:rows], send_to_rank=1 - pid, recv_from_rank=1 - pid, pipe_id=_L_PIPE,
+                  dma_engine=nisa.dma_engine.gpsimd_dma)
+    part["l_other"] = l_other[0:rows]
 
 
-def _merge_out(ctx, out, own_scaled, other, a_other, b, kvh, cols):
-    """out[b, KV head's rows, cols] from two partial states [R, O | l | -scale m] (fp32) of the same rows:
-    out = (a1 O1 + a2 O2) / (a1 l1 + a2 l2) with a_side from `_merge_weights`; `own_scaled` = a_own (O | l) of
-    this side (`_scale_own`), `other` the other side's state. Each product is rounded once and the sum of two is
-    the same whichever side is "own", so LNC=1 (both halves local, all of D) and LNC=2 (each core its half of D)
-    give bit-identical outputs."""
+def _own_other_factors(ctx, part):
+    """(f_own, f_other) of `_merge_factors` for this core's half (after the early max and l exchanges)."""
     rows, d = ctx["rows"], ctx["d"]
-    c0, c1 = cols
-    acc = nl.ndarray((P_MAX, d + 1), dtype=nl.float32, buffer=nl.sbuf)         # a1 O1 + a2 O2 | l
-    # l and its reciprocal on GpSimd and ScalarE while the VectorE merges O (l >= 1: the larger max's side has
-    # weight 1 and at least one exp(0) term)
-    nisa.tensor_scalar(dst=acc[0:rows, d:d + 1], data=other[0:rows, d:d + 1], op0=nl.multiply,
-                       operand0=a_other[0:rows], op1=nl.add, operand1=own_scaled[0:rows, d:d + 1],
+    l_own, l_other = part["packed"][0:rows, d:d + 1], part["l_other"]
+    a_own, a_other = part["weights"]
+    if part["id"][2] == 0:
+        return _merge_factors(ctx, a_own, a_other, l_own, l_other)
+    f1, f2 = _merge_factors(ctx, a_other, a_own, l_other, l_own)
+    return f2, f1
+
+
+def _merge_factors(ctx, a1, a2, l1, l2):
+    """f_h = a_h / (a1 l1 + a2 l2) for the first (h = 1) and second half of the keys ([R, 1] each; l >= 1: the
+    larger max's side has weight 1 and at least one exp(0) term). Off the VectorE (it zeroes and updates V and the
+    state meanwhile): the products and their sum on GpSimd, the reciprocal and f2 on the ScalarE. Every value is
+    computed by the same instruction on both cores and at LNC=1 (the sum of two rounded products does not depend
+    on their order), so the merge is bit-identical at both LNCs."""
+    rows = ctx["rows"]
+    l_sc = [nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf) for _ in range(3)]
+    nisa.tensor_scalar(dst=l_sc[0][0:rows], data=l1, op0=nl.multiply, operand0=a1[0:rows], engine=nisa.engine.gpsimd)
+    nisa.tensor_scalar(dst=l_sc[1][0:rows], data=l2, op0=nl.multiply, operand0=a2[0:rows], engine=nisa.engine.gpsimd)
+    nisa.tensor_tensor(dst=l_sc[2][0:rows], data1=l_sc[0][0:rows], data2=l_sc[1][0:rows], op=nl.add,
                        engine=nisa.engine.gpsimd)
     inv_l = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.activation(dst=inv_l[0:rows], op=nl.reciprocal, data=acc[0:rows, d:d + 1])
-    nisa.scalar_tensor_tensor(dst=acc[0:rows, c0:c1], data=other[0:rows, c0:c1], op0=nl.multiply,
-                              operand0=a_other[0:rows], op1=nl.add, operand1=own_scaled[0:rows, c0:c1])
-    _write_out(ctx, out, acc, None, b, kvh, cols, inv_l=inv_l)
+    nisa.activation(dst=inv_l[0:rows], op=nl.reciprocal, data=l_sc[2][0:rows])
+    f1 = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+    f2 = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=f1[0:rows], data=a1[0:rows], op0=nl.multiply, operand0=inv_l[0:rows],
+                       engine=nisa.engine.gpsimd)
+    nisa.activation(dst=f2[0:rows], op=nl.copy, data=a2[0:rows], scale=inv_l[0:rows])
+    return f1, f2
+
+
+def _merge_out(ctx, out, own, f_own, other, f_other, b, kvh, cols):
+    """out[b, KV head's rows, cols] = O_own f_own + O_other f_other from two partial states [R, O | ...] (fp32) of
+    the same rows and their factors (`_merge_factors`): the own side scaled on GpSimd (during the swap at LNC=2),
+    then one VectorE instruction writing q's dtype, and the write. The sum of the two rounded products is the
+    same whichever side is "own", so LNC=1 (both halves local, all of D) and LNC=2 (each core its half of D) give
+    bit-identical outputs."""
+    rows, d = ctx["rows"], ctx["d"]
+    c0, c1 = cols
+    own_sc = nl.ndarray((P_MAX, d), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=own_sc[0:rows, c0:c1], data=own[0:rows, c0:c1], op0=nl.multiply,
+                       operand0=f_own[0:rows], engine=nisa.engine.gpsimd)
+    o_sb = nl.ndarray((P_MAX, d), dtype=ctx["dtype"], buffer=nl.sbuf)
+    nisa.scalar_tensor_tensor(dst=o_sb[0:rows, c0:c1], data=other[0:rows, c0:c1], op0=nl.multiply,
+                              operand0=f_other[0:rows], op1=nl.add, operand1=own_sc[0:rows, c0:c1])
+    _store_rows(ctx, out, o_sb, b, kvh, cols)
 
 
 def _write_out(ctx, out, packed, l_sb, b, kvh, cols, inv_l=None):
     """out[b, KV head's query heads, :, cols] = O / l in q's dtype (l: `l_sb`, else packed's column D; or its
-    reciprocal `inv_l` given); one DMA."""
-    rows, sq, group, d = ctx["rows"], ctx["sq"], ctx["group"], ctx["d"]
+    reciprocal `inv_l` given)."""
+    rows, d = ctx["rows"], ctx["d"]
     c0, c1 = cols
     if inv_l is None:
         inv_l = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
@@ -590,6 +671,14 @@ def _write_out(ctx, out, packed, l_sb, b, kvh, cols, inv_l=None):
     o_sb = nl.ndarray((P_MAX, d), dtype=ctx["dtype"], buffer=nl.sbuf)
     nisa.tensor_scalar(dst=o_sb[0:rows, c0:c1], data=packed[0:rows, c0:c1], op0=nl.multiply,
                        operand0=inv_l[0:rows], engine=nisa.engine.gpsimd)
+    _store_rows(ctx, out, o_sb, b, kvh, cols)
+
+
+def _store_rows(ctx, out, o_sb, b, kvh, cols):
+    """out[b, KV head's query heads, :, cols] = o_sb[0:R, cols] (q's dtype): one DMA per row up to
+    _WRITE_ROW_DMAS rows, else one DMA."""
+    rows, sq, group = ctx["rows"], ctx["sq"], ctx["group"]
+    c0, c1 = cols
     h0 = kvh * group
     dst = out[b, h0:h0 + group, 0:sq, c0:c1].reshape((rows, c1 - c0))
     if rows <= _WRITE_ROW_DMAS:     # one DMA per row: each its own queue, the rows' packets in parallel

@@ -403,13 +403,15 @@ def test_decode_skips_chunk_groups_past_the_length(lnc):
         out = flash_attention_decode(q, kp, vp, [n], lnc=lnc)
         assert_close("decode", flash_attention_decode_ref(q, k, v, [n]), out, dtype="bfloat16")
         sigs.append(program_signature([last_run()]))
-        # P V matmuls with the row sums: moving V [keys, D | ones column], R = 4 rows out
-        pv_mm.append(sum(i.name == "nc_matmul" and i.writes[0].partitions == 4 and i.writes[0].elems_pp == 129
-                         for t in last_run().traces for i in t))
+        # P V matmuls: R = 4 rows out, moving V [keys, D | ones column] or, in a split part's last piece, half of D
+        # at a time (its row sums come from P^T alone); executed chunks = output columns // D
+        pv_mm.append(sum(i.writes[0].elems_pp for t in last_run().traces for i in t
+                         if i.name == "nc_matmul" and i.writes[0].partitions == 4) // 128)
     assert sigs[0] == sigs[1] == sigs[2] == sigs[3]
-    # 2048 keys = 16 chunks (two halves of 1024 keys, split at LNC 1 and 2 alike); per executed chunk one matmul
-    # (D = 128, plus V's ones column for the row sums). Every chunk holding a key < n runs; past the length only
-    # the first group (<= 4 chunks) of each of the two pieces may run, and the straddling group's other chunks
+    # 2048 keys = 16 chunks (two halves of 1024 keys, split at LNC 1 and 2 alike); per executed chunk D = 128
+    # output columns (two matmuls of 64: each half's only piece is its last). Every chunk holding a key < n runs;
+    # past the length only the first group (<= 4 chunks) of each of the two pieces may run, and the straddling
+    # group's other chunks
     run = pv_mm
     assert run[0] == 16
     for n, r in zip((1000, 300, 3), run[1:]):
