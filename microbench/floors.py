@@ -19,9 +19,11 @@ of the default LNC, two cores on trn2, as the kernels launch):
   (TensorE cannot stand in for the DMA passes: a one-hot matmul moving a block's rows between token order and
   expert order costs about T / (3 I) times that block's expert FLOPs, 3-11x at these shapes.)
 * MoE prefill, this kernel's design: the rows also come in by DMA (three passes).
-* MoE decode: the expert ids must be in SBUF before the dynamic weight DMAs can start (one DMA latency), the
-  weights arrive one dynamic-DMA latency later at the DMA rate, and the output leaves after the last weight
-  (one more latency). The shared expert's weights stream from t = 0.
+* MoE decode, any design: the needed bytes (chosen + shared experts, x, routing inputs) over both cores' DMA
+  pipes, one DMA latency, then the output write after the last byte (a DMA, or register stores for the
+  columns whose down weights land last). No bound on when the ids arrive (a `register_load` from HBM is one
+  GpSimd instruction in the model). This kernel's design: ids by DMA, then the dynamic weight DMAs (one
+  dynamic-DMA latency), then the output DMA (one more latency); the shared expert streams from t = 0.
 * Gated DeltaNet decode step (fp32 state pool): the slot ids, then a dynamic read of every state row, then a
   dynamic write of each updated row; the rows of one head are read before that head can be written.
   `rows_per_partition` = state rows of one head on each SBUF partition: 1 is the layout TensorE contracts
@@ -108,22 +110,50 @@ def _latency_note(p, latency) -> str:
 
 
 def moe_decode_floor(model: str, n_tokens: int = 1, target=None, latency: dict | None = None) -> dict:
-    """Floor of moe_decode at T = n_tokens (distinct experts assumed = T * TOPK, capped at E). `latency`
-    overrides the DMA latency constants (e.g. LOW_LATENCY) to show how much the floor depends on them."""
+    """Floors of moe_decode at T = n_tokens (distinct experts assumed = T * TOPK, capped at E); `latency`
+    overrides the DMA latency constants (e.g. LOW_LATENCY) to show how much the floors depend on them.
+
+    floor_any_us, every design (docs/moe.md "moe_decode floor"): a launch starts with nothing on chip, so the
+    chosen experts' weights, the shared expert, x and the routing inputs (`need` bytes) cross the DMA pipes of
+    the `cores` cores at <= B bytes/s each (any packet shape: efficiency <= 1; collectives use the same pipe), or
+    <= 4 B per GpSimd `register_load` (`t_reg` µs each). Every DMA lands >= L (dma_fixed_us) after it is booked,
+    so the busier core's last byte lands >= L + its bytes / B after the start, whatever the ids path (DMA,
+    register_load, routing in the kernel), prefetching, split, exchange or packet shape. That byte feeds some
+    output column, and an HBM write is a DMA (>= L more) or a `register_store` (a register_load from SBUF + a
+    store per 32 bits). Bytes landing in the last L can only feed register-stored columns (col_bytes of down
+    weights each: a gate_up byte feeds every column); their stores fit in L only for B * t_col / col_bytes of
+    bandwidth, so the tail after the last byte is >= L * (1 - col_bytes / (B * t_col)).
+
+    floor_design_us, the family that reads the ids by DMA, streams the routed weights by hardware-DGE dynamic
+    DMA after them and writes the output by DMA (this kernel): ids, dynamic weight DMA, output DMA in sequence;
+    the shared expert's weights stream from t = 0."""
     s = CATALOGUE[model]
-    p = _params(target, latency)
+    t = get_target(target)
+    p = _params(t, latency)
+    cores = default_lnc(t)
     flops, nbytes = moe_cases._costs(s, n_tokens)
-    roof = roofline_us(flops, nbytes, get_target(target), cores=default_lnc(target))
+    roof = roofline_us(flops, nbytes, t, cores=cores)
     n_exp = min(s.experts, n_tokens * s.top_k)
     routed = n_exp * 3 * s.hidden * s.expert_inter * _BF16_BYTES
     shared = (3 * s.hidden * s.shared_inter + s.hidden) * _BF16_BYTES if s.shared_inter else 0
-    bw_us = 1e6 / _bw(target)                                 # µs per byte at full efficiency
+    inputs = n_tokens * s.hidden * _BF16_BYTES + n_tokens * s.top_k * 8       # x, top-k ids + weights
+    need = routed + shared + inputs
+    b_core = hbm_bytes_per_s(t) * 1e-6                                         # bytes per µs, one core
     lat, lat_dyn = p.dma_fixed_us, p.dma_fixed_us + p.hwdge_us
+    t_reg = p.min_ii / (t.pool_ghz * 1e3)                                      # µs per GpSimd register op
+    # per output column (T elements): one register_load + one register_store per 32 bits = T / 2 of each
+    t_col = n_tokens * t_reg / cores
+    col_bytes = (n_exp * s.expert_inter + s.shared_inter) * _BF16_BYTES     # down weights feeding one column
+    tail = lat * max(0.0, 1.0 - col_bytes / (b_core * t_col))
+    # F >= L + (need - cores * 4 B * F / t_reg) / (cores * B) + tail, solved for F
+    floor_any = (lat + need / (cores * b_core) + tail) / (1.0 + 4.0 / (t_reg * b_core))
+    bw_us = 1.0 / (cores * b_core)
     weights_in = max(lat + lat_dyn + routed * bw_us, lat + (routed + shared) * bw_us)
-    floor = weights_in + lat
     lat_note = _latency_note(p, latency)
     return dict(kernel="moe_decode", model=model, shape=f"T={n_tokens}", roofline_us=roof,
-                assumes="any design: ids, dynamic weight DMA, output DMA in sequence" + lat_note, floor_any_us=floor,
+                assumes="any design: the needed bytes over both cores' DMA pipes, one DMA latency, then the "
+                        "output write (DMA, or register stores for the last-landing columns)" + lat_note,
+                floor_any_us=floor_any, tail_us=tail, floor_design_us=weights_in + lat,
                 fixed_latency_us=lat + lat_dyn + lat)
 
 

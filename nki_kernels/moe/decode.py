@@ -128,6 +128,9 @@ def moe_decode_kernel(hidden, top_k_index, top_k_weights, gate_up, down, shared_
     nisa.memset(dst=ones_sb, value=1.0)
     if not row_slots:
         slot_sb, e_sb = _slot_table(key_all, routes, ones_sb, n_slots, n_local)
+    if split and _h_exchange_fits(shared_gate_up, fold, down):
+        _h_exchange_token(out, xT_sb, gate_up, down, e_sb, w_all, pid)
+        return out
     acc_psum = nl.ndarray((P_MAX, n_hc, t_pad), dtype=nl.float32, buffer=nl.psum)
 
     # this program's rows [s_i0, s_i0 + s_n) of the shared expert's intermediate (all of them unless split)
@@ -193,6 +196,80 @@ def moe_decode_kernel(hidden, top_k_index, top_k_weights, gate_up, down, shared_
     else:
         _store_out(out, acc_psum, t0, n_tokens, h0, h_cols, p_major)
     return out
+
+
+def _h_exchange_fits(shared_gate_up, fold, down):
+    """One token at LNC=2 exchanges h instead of partial sums (`_h_exchange_token`) when there is no shared
+    expert, gate_up is not folded, I is even and <= 128 (h of one slot on one set of partitions) and H splits
+    into two halves of whole 128-column chunks."""
+    n_inter, h_total = down.shape[-2], down.shape[-1]
+    return (shared_gate_up is None and fold == 1 and n_inter % 2 == 0 and n_inter <= P_MAX
+            and h_total % (2 * _H_TILE) == 0)
+
+
+def _h_exchange_token(out, xT_sb, gate_up, down, e_sb, w_all, pid):
+    """One token, LNC=2, no shared expert: core c computes h = a * silu(G^T x) * (U^T x) of its slots
+    (`_my_slots`), sends it to the other core (`nisa.sendrecv`, [I/2, 2, ceil(TOPK/2)] in the weights' dtype,
+    while the down weights stream), and runs the down projection of every slot on its half of the columns,
+    which it writes: h0 + p * n_hc + hc (h0 = c * H/2, p-major, n_hc = H/256). Nothing is exchanged after the
+    last weight lands.
+
+    Each down half [I, H/2] is loaded folded as [I/2, 2, H/2] (partition q holds rows q and I/2 + q: 2 runs of
+    H/2 elements, a 4 KiB packet at H = 2048 where one row would be 2 KiB); h [I, 1] (one M = I matmul group
+    per slot) is kept as [I/2, 2] on partitions 0 .. I/2 - 1 (a 0/1 selector matmul brings rows I/2 .. I - 1
+    down), and each 128-column chunk takes two K = I/2 matmuls.
+    xT_sb [128, n_h, 1]; e_sb [1, TOPK] int32 clamped ids; w_all [128, TOPK] fp32 routing weights."""
+    n_inter, h_total = down.shape[-2], down.shape[-1]
+    i_half, h_cols = n_inter // 2, h_total // 2
+    n_hc = h_cols // _H_TILE
+    h0 = pid * h_cols
+    top_k = e_sb.shape[1]
+    k0, k1 = _my_slots(top_k, pid, 2)
+    o0, o1 = _my_slots(top_k, 1 - pid, 2)
+    own, other = list(range(k0, k1)), list(range(o0, o1))
+    per = -(-top_k // 2)
+    gu_sb = [nl.ndarray((P_MAX, xT_sb.shape[1], 2, n_inter), dtype=gate_up.dtype, buffer=nl.sbuf) for _ in own]
+    for b, s in enumerate(own):
+        _load_expert(gu_sb[b], gate_up, e_sb[0:1, s:s + 1])
+    # own slots' down halves land first: the other core's h arrives while the last ones stream
+    wd_sb = {}
+    for s in own + other:
+        wd_sb[s] = nl.ndarray((i_half, 2, h_cols), dtype=down.dtype, buffer=nl.sbuf)
+        src = down.ap(pattern=[[h_total, i_half], [i_half * h_total, 2], [1, h_cols]], offset=h0,
+                      scalar_offset=e_sb[0:1, s:s + 1], indirect_dim=0)
+        nisa.dma_copy(dst=wd_sb[s], src=src)
+    v_sb = nl.ndarray((n_inter, i_half), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.iota(dst=v_sb, pattern=[[-1, i_half]], offset=-i_half, channel_multiplier=1)     # k - I/2 - m
+    sel_sb = nl.ndarray((n_inter, i_half), dtype=down.dtype, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=sel_sb, data=v_sb, op0=nl.equal, operand0=0)
+    h_own = nl.ndarray((i_half, 2, per), dtype=down.dtype, buffer=nl.sbuf)
+    if len(own) < per:
+        nisa.memset(dst=h_own, value=0.0)
+    h_full = _alloc_hT(down, max(1, len(own)), 1)                                # [128, S_own, 1, 1]
+    for b, s in enumerate(own):
+        _swiglu_T(xT_sb, gu_sb[b], w_all[:, s:s + 1], h_full, b, 1)
+        nisa.tensor_copy(dst=h_own[:, 0, b:b + 1], src=h_full[0:i_half, b, 0, :])
+        lo_psum = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_matmul(lo_psum[0:i_half, :], sel_sb, h_full[0:n_inter, b, 0, :], accumulate=False)
+        nisa.tensor_copy(dst=h_own[:, 1, b:b + 1], src=lo_psum[0:i_half, :])
+    h_other = nl.ndarray((i_half, 2, per), dtype=down.dtype, buffer=nl.sbuf)
+    nisa.sendrecv(src=h_own, dst=h_other, send_to_rank=1 - pid, recv_from_rank=1 - pid, pipe_id=0,
+                  dma_engine=nisa.dma_engine.gpsimd_dma)
+    acc_psum = nl.ndarray((P_MAX, n_hc, 1), dtype=nl.float32, buffer=nl.psum)
+    for h_sb, slots in ((h_own, own), (h_other, other)):
+        for b, s in enumerate(slots):
+            for hc in range(n_hc):
+                for r in range(2):
+                    nisa.nc_matmul(acc_psum[:, hc, :], wd_sb[s][:, r, hc:h_cols:n_hc], h_sb[:, r, b:b + 1],
+                                   accumulate=None)
+    y_sb = nl.ndarray((P_MAX, n_hc), dtype=out.dtype, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=y_sb, src=acc_psum[:, :, 0])
+    yT_psum = nl.ndarray((n_hc, P_MAX), dtype=out.dtype, buffer=nl.psum)
+    nisa.nc_transpose(dst=yT_psum, data=y_sb)
+    yT_sb = nl.ndarray((n_hc, P_MAX), dtype=out.dtype, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=yT_sb, src=yT_psum)
+    # yT[r, p] = out[0, h0 + p * n_hc + r]
+    nisa.dma_copy(dst=out.ap(pattern=[[1, n_hc], [n_hc, P_MAX]], offset=h0), src=yT_sb)
 
 
 def _my_share(n_tokens, h_total, pid, n_prog):
@@ -399,7 +476,9 @@ def _row_slots(top_k_index, top_k_weights, n_local, expert_offset, t0):
     nisa.dma_copy(dst=idx_sb, src=top_k_index.ap(pattern=[[top_k, 1], [1, top_k]], offset=t0 * top_k))
     e_sb = nl.ndarray((1, top_k), dtype=nl.int32, buffer=nl.sbuf)
     if expert_offset == 0:      # one op on the critical path (ids -> offsets -> weight DMAs)
-        nisa.tensor_scalar(dst=e_sb, data=idx_sb, op0=nl.maximum, operand0=0, op1=nl.minimum, operand1=n_local - 1)
+        # GpSimd: 0.19 µs to the result against VectorE's 0.23 (shorter fixed latency at a faster clock)
+        nisa.tensor_scalar(dst=e_sb, data=idx_sb, op0=nl.maximum, operand0=0, op1=nl.minimum, operand1=n_local - 1,
+                           engine=nisa.engine.gpsimd)
     else:
         nisa.tensor_scalar(dst=e_sb, data=idx_sb, op0=nl.subtract, operand0=int(expert_offset), op1=nl.maximum,
                            operand1=0)
@@ -665,8 +744,9 @@ def _alloc_hT(down, n_buf, n_tokens):
 
 
 def _sigmoid_gate_bcast(shared_gate, xT_sb, n_tokens):
-    """[128, T] fp32 sigmoid(x_t . w_sg) on every partition: the gate vector replicated over 128 stationary
-    columns (VectorE), so the matmul result lands on all partitions."""
+    """[128, T] fp32 sigmoid(x_t . w_sg) on every partition: the products x[h] * w_sg[h] on the hidden-row
+    partitions (one VectorE op at T = 1, one per 128-row chunk otherwise), summed onto all 128 partitions by a
+    ones-stationary matmul per chunk."""
     h_total = shared_gate.shape[0]
     n_h = h_total // P_MAX
     row_sb = nl.ndarray((1, h_total), dtype=shared_gate.dtype, buffer=nl.sbuf)     # one packet, not 128
@@ -674,12 +754,15 @@ def _sigmoid_gate_bcast(shared_gate, xT_sb, n_tokens):
     wsg_sb = _rows_to_columns(row_sb, 1, nl.float32)                                   # [128, n_h, 1]
     ones_sb = nl.ndarray((P_MAX, P_MAX), dtype=xT_sb.dtype, buffer=nl.sbuf)
     nisa.memset(dst=ones_sb, value=1.0)
-    wsg_bc = nl.ndarray((P_MAX, n_h, P_MAX), dtype=xT_sb.dtype, buffer=nl.sbuf)
-    for j in range(n_h):
-        nisa.tensor_scalar(dst=wsg_bc[:, j, :], data=ones_sb, op0=nl.multiply, operand0=wsg_sb[:, j, :])
+    xw_sb = nl.ndarray((P_MAX, n_h, n_tokens), dtype=xT_sb.dtype, buffer=nl.sbuf)  # xw[k, j, t] = x[t, h] w_sg[h]
+    if n_tokens == 1:
+        nisa.tensor_tensor(dst=xw_sb, data1=xT_sb, data2=wsg_sb, op=nl.multiply)
+    else:
+        for j in range(n_h):
+            nisa.tensor_scalar(dst=xw_sb[:, j, :], data=xT_sb[:, j, :], op0=nl.multiply, operand0=wsg_sb[:, j, :])
     g_psum = nl.ndarray((P_MAX, n_tokens), dtype=nl.float32, buffer=nl.psum)
     for j in range(n_h):
-        nisa.nc_matmul(g_psum, wsg_bc[:, j, :], xT_sb[:, j, :], accumulate=(j > 0))
+        nisa.nc_matmul(g_psum, ones_sb, xw_sb[:, j, :], accumulate=(j > 0))
     g_sb = nl.ndarray((P_MAX, n_tokens), dtype=nl.float32, buffer=nl.sbuf)
     nisa.activation(dst=g_sb, op=nl.sigmoid, data=g_psum)
     return g_sb

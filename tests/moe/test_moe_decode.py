@@ -88,6 +88,30 @@ def test_one_token_lnc2_splits_slots_and_shared(rng, k, shared_inter, h):
     assert_close(f"T=1 lnc2 k={k} Is={shared_inter}", moe_decode_reference(x, idx, w, gu, dn, sh), out)
 
 
+@pytest.mark.parametrize("k,h,inter", [(8, 256, 96), (5, 512, 96), (1, 256, 128), (2, 256, 80), (7, 256, 128)])
+def test_one_token_lnc2_without_shared_exchanges_h(rng, k, h, inter):
+    """T = 1 at LNC=2 with no shared expert and an unfolded gate_up (2I > 128, the thinker's case): each core
+    streams the gate_up of its ceil / floor (TOPK/2) slots, sends their h to the other core (one sendrecv) and runs
+    every slot's down projection on its half of the columns; the result matches the float64 reference, also with
+    an out-of-range id (weight 0, loads a clamped expert) and a repeated id."""
+    x, gu, dn, _, w, idx = moe_problem(rng, 1, h, 9, inter, k, 0, True)
+    ref = moe_decode_reference(x, idx, w, gu, dn, None)
+    with record_launches() as runs:
+        out = moe_decode(x, idx, w, gu, dn, lnc=2)
+    n, names = _weight_dmas(runs, gu)
+    assert n == [-(-k // 2), k // 2]
+    assert [nm.count("sendrecv") for nm in names] == [1, 1]
+    # every core loads the down columns of all k slots (its own gate_up only): n_own + k dynamic weight DMAs
+    dyn = [sum(1 for ins in tr if ins.engine == "dma" and any(a.dynamic for a in ins.reads)) for tr in runs[0].traces]
+    assert dyn == [-(-k // 2) + k, k // 2 + k]
+    assert_close(f"T=1 lnc2 no shared k={k} H={h} I={inter}", ref, out)
+    if k >= 2:
+        idx2 = idx.copy()
+        idx2[0, 0], idx2[0, k - 1] = 1000, idx2[0, 1]
+        ref2 = moe_decode_reference(x, idx2, w, gu, dn, None)
+        assert_close("T=1 lnc2 bad / repeated id", ref2, moe_decode(x, idx2, w, gu, dn, lnc=2))
+
+
 @pytest.mark.parametrize("shared_inter", [258, 640])
 def test_one_token_lnc2_shared_half_that_does_not_tile(rng, shared_inter):
     """Is even but Is / 2 not a whole number of equal <= 128-row chunks (258 / 2 = 129 = 2 chunks of 64.5,
