@@ -53,6 +53,7 @@ _MAX_SPLIT_STATE_BYTES = 64 * 1024  # SBUF per partition core 0 may hold for the
 _MAX_PIPE, _L_PIPE = 2, 1         # sendrecv pipes of the early max and l exchanges (the O swap uses pipe 0)
 _KT_DVE_LAST = 1                  # K^T PSUM banks of a piece evicted by the VectorE (its last ones; else ScalarE)
 _KT_BANKS = 3                      # PSUM banks the K^T transposes rotate over (+ S^T, statistics, P V: 6 of 8)
+_K_DMA_T_PIECES = 1               # last pieces of a split part whose K^T comes by DMA transposes (else PE transposes)
 _K_PRELOAD = 2                    # K pieces the core's last split part streams ahead of its V (the last ones)
 _V_BUFS = 3                       # rotating V piece tiles (each with its ones column, set once per launch)
 _ZERO_CHUNKS = 2                  # 128-key chunks per V-zeroing group (each run only if it holds padded positions)
@@ -160,7 +161,7 @@ def decode_body(q, k_cache, v_cache, cache_lens, out, softmax_scale, causal):
         elif n_prog == 1:
             first = held.pop((b, kvh))
             a1, a2 = _merge_weights(ctx, first[0:rows, d + 1:d + 2], packed[0:rows, d + 1:d + 2])
-            f1, f2 = _merge_factors(ctx, a1, a2, first[0:rows, d:d + 1], packed[0:rows, d:d + 1])
+            f1, f2 = _merge_factors(ctx, a1, a2, first[0:rows, d:d + 1], packed[0:rows, d:d + 1], True)
             _merge_out(ctx, out, first, f1, packed, f2, b, kvh, (0, d))
         else:
             # the two cores swap the O columns of their halves' states (SBUF to SBUF); each merges and writes
@@ -186,7 +187,7 @@ def decode_body(q, k_cache, v_cache, cache_lens, out, softmax_scale, causal):
         for j, (k0, kn) in enumerate(pieces):
             last = j == len(pieces) - 1
             if j == pre0:
-                k_pre = {i: _load_k(ctx, part, *pieces[i]) for i in range(pre0, len(pieces))}
+                k_pre = {i: _load_k(ctx, part, i, *pieces[i]) for i in range(pre0, len(pieces))}
             staged = _piece_scores(ctx, part, j, k0, kn, last and core_last, k_pre.pop(j, None),
                                    row_sums=last and split)
             if last and split:
@@ -242,7 +243,8 @@ def _start_part(ctx, b, kvh, half, n_pieces):
     # causal: row (g, i) sees key j iff j - i <= len - Sq (the iota below subtracts i); else iff j <= len - 1
     nisa.tensor_scalar(dst=limit, data=len_f, op0=nl.add, operand0=float(-sq if ctx["causal"] else -1),
                        engine=nisa.engine.gpsimd)
-    return dict(id=(b, kvh, half), b=b, kvh=kvh, len=len_f, len_i=len_i, limit=limit, qT=_load_qT(ctx, b, kvh),
+    return dict(id=(b, kvh, half), b=b, kvh=kvh, n_pieces=n_pieces, len=len_f, len_i=len_i, limit=limit,
+                qT=_load_qT(ctx, b, kvh),
                 neg_m=nl.ndarray((P_MAX, n_pieces), dtype=nl.float32, buffer=nl.sbuf),   # -scale * running max
                 alpha=nl.ndarray((P_MAX, n_pieces), dtype=nl.float32, buffer=nl.sbuf),
                 packed=nl.ndarray((P_MAX, d + 2), dtype=nl.float32, buffer=nl.sbuf))      # O | l | -scale m
@@ -281,10 +283,15 @@ def _load_qT(ctx, b, kvh):
     return qT_sb
 
 
-def _load_k(ctx, part, key0, kn):
+def _k_dma_t(ctx, part, j):
+    """K^T of piece j by DMA transposes: split keys, 2-byte dtypes, the part's last _K_DMA_T_PIECES pieces."""
+    return ctx["k_dma_t"] and j >= part["n_pieces"] - _K_DMA_T_PIECES
+
+
+def _load_k(ctx, part, j, key0, kn):
     """K of one piece: K^T [128(d), n_d, keys] by DMA transposes (2-byte dtypes, one per 128 head-dim rows), else
     chunk-major [128, chunk, D] (one DMA; transposed on the PE by `_transpose_keys`)."""
-    if ctx["k_dma_t"]:
+    if _k_dma_t(ctx, part, j):
         d, n_d = ctx["d"], ctx["n_d"]
         kT_sb = nl.ndarray((P_MAX, n_d, ctx["piece"]), dtype=ctx["dtype"], buffer=nl.sbuf)
         src = ctx["k"][part["b"], part["kvh"]]
@@ -313,7 +320,7 @@ def _piece_scores(ctx, part, j, key0, kn, tail=False, k_sb=None, row_sums=False)
     # (k_sb given: already streamed, before every V piece of the part)
     k_first = tail or not ctx["v_first"]
     if k_sb is None and k_first:
-        k_sb = _load_k(ctx, part, key0, kn)
+        k_sb = _load_k(ctx, part, j, key0, kn)
     v_bufs = ctx["v_bufs"]
     v_sb = v_bufs["tiles"][v_bufs["n"] % len(v_bufs["tiles"])]        # [128, chunk, D | 1]
     v_bufs["n"] += 1
@@ -334,12 +341,13 @@ def _piece_scores(ctx, part, j, key0, kn, tail=False, k_sb=None, row_sums=False)
                  for g in zero_groups]      # (chunks, register [len > first key]: any valid key, else skipped)
     staged.update(v=v_sb, groups=pv_groups)
     if k_sb is None:
-        k_sb = _load_k(ctx, part, key0, kn)
-    if ctx["zero_k"] and not ctx["k_dma_t"]:    # trn1: the PE transpose of K mixes a NaN cache row past the
+        k_sb = _load_k(ctx, part, j, key0, kn)
+    dma_t = _k_dma_t(ctx, part, j)
+    if ctx["zero_k"] and not dma_t:    # trn1: the PE transpose of K mixes a NaN cache row past the
         for i_g, chunks in enumerate(zero_groups):  # length into the valid keys (a DMA transpose does not)
             _zero_v_past_length(ctx, part, k_sb, staged, chunks, nisa.engine.scalar if i_g % 2 else nisa.engine.gpsimd,
                                 (0, d))
-    kT_sb = k_sb if ctx["k_dma_t"] else _transpose_keys(ctx, k_sb, kn, n_c)
+    kT_sb = k_sb if dma_t else _transpose_keys(ctx, k_sb, kn, n_c)
     # ---- S^T [keys, chunk, R] in one PSUM bank
     st_psum = nl.ndarray((P_MAX, max_c, rows), dtype=nl.float32, buffer=nl.psum)
     for c in range(n_c):
@@ -615,32 +623,30 @@ def _own_other_factors(ctx, part):
     rows, d = ctx["rows"], ctx["d"]
     l_own, l_other = part["packed"][0:rows, d:d + 1], part["l_other"]
     a_own, a_other = part["weights"]
-    if part["id"][2] == 0:
-        return _merge_factors(ctx, a_own, a_other, l_own, l_other)
-    f1, f2 = _merge_factors(ctx, a_other, a_own, l_other, l_own)
-    return f2, f1
+    return _merge_factors(ctx, a_own, a_other, l_own, l_other, part["id"][2] == 0)
 
 
-def _merge_factors(ctx, a1, a2, l1, l2):
-    """f_h = a_h / (a1 l1 + a2 l2) for the first (h = 1) and second half of the keys ([R, 1] each; l >= 1: the
-    larger max's side has weight 1 and at least one exp(0) term). Off the VectorE (it zeroes and updates V and the
-    state meanwhile): the products and their sum on GpSimd, the reciprocal and f2 on the ScalarE. Every value is
-    computed by the same instruction on both cores and at LNC=1 (the sum of two rounded products does not depend
-    on their order), so the merge is bit-identical at both LNCs."""
+def _merge_factors(ctx, a_own, a_other, l_own, l_other, own_first):
+    """(f_own, f_other), f_h = a_h / (a1 l1 + a2 l2) ([R, 1] each; l >= 1: the larger max's side has weight 1 and at
+    least one exp(0) term). Off the VectorE (it zeroes and updates V and the state meanwhile): a_own l_own on GpSimd
+    before the other side's l arrives, then one GpSimd instruction for the sum, the reciprocal on the ScalarE, f of
+    the first half on GpSimd and of the second on the ScalarE. Each product is rounded once and the sum of two is
+    the same whichever side is "own", so both cores and LNC=1 get the same factors bit for bit."""
     rows = ctx["rows"]
-    l_sc = [nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf) for _ in range(3)]
-    nisa.tensor_scalar(dst=l_sc[0][0:rows], data=l1, op0=nl.multiply, operand0=a1[0:rows], engine=nisa.engine.gpsimd)
-    nisa.tensor_scalar(dst=l_sc[1][0:rows], data=l2, op0=nl.multiply, operand0=a2[0:rows], engine=nisa.engine.gpsimd)
-    nisa.tensor_tensor(dst=l_sc[2][0:rows], data1=l_sc[0][0:rows], data2=l_sc[1][0:rows], op=nl.add,
+    l_sc = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=l_sc[0:rows], data=l_own, op0=nl.multiply, operand0=a_own[0:rows],
                        engine=nisa.engine.gpsimd)
+    l_sum = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=l_sum[0:rows], data=l_other, op0=nl.multiply, operand0=a_other[0:rows], op1=nl.add,
+                       operand1=l_sc[0:rows], engine=nisa.engine.gpsimd)
     inv_l = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.activation(dst=inv_l[0:rows], op=nl.reciprocal, data=l_sc[2][0:rows])
-    f1 = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-    f2 = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.activation(dst=inv_l[0:rows], op=nl.reciprocal, data=l_sum[0:rows])
+    (a1, f1), (a2, f2) = [(a, nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf))
+                          for a in ((a_own, a_other) if own_first else (a_other, a_own))]
     nisa.tensor_scalar(dst=f1[0:rows], data=a1[0:rows], op0=nl.multiply, operand0=inv_l[0:rows],
                        engine=nisa.engine.gpsimd)
     nisa.activation(dst=f2[0:rows], op=nl.copy, data=a2[0:rows], scale=inv_l[0:rows])
-    return f1, f2
+    return (f1, f2) if own_first else (f2, f1)
 
 
 def _merge_out(ctx, out, own, f_own, other, f_other, b, kvh, cols):
