@@ -89,6 +89,9 @@ _VECTOR_MASK_LEVEL = 2
 _COMPACT_SOLVE = {False: False, True: False}
 # PSUM banks one [P, W, C] lockstep tile may span: the solve keeps 3 such tiles live (6 of 8 banks)
 _LOCKSTEP_PSUM_BANKS = 2
+# fp32 compute: the state update K^T (d o V') with the decay on V' (the stationary K shared by the v heads of a
+# q/k head) instead of (K o d)^T V' per head
+_SHARED_STATE_UPDATE = True
 
 # ---------------------------------------------------------------- host constants (index into consts)
 _C_UTRI = 0                       # U[k, i] = [k <= i]   (inclusive cumsum / causal j <= i mask)
@@ -1107,13 +1110,22 @@ def _block_prep(blk, k_c, v_w, kk_sb, kq_causal, g_w, beta_w, exp_g, beta_exp_g,
 
     # -W^T = -(T (beta e^G K))^T; beta V; K o e^{G_C - G_j} (decay_t[:, w, C-1] = e^{G_C - G_j})
     xv = nl.ndarray((chunk, width, dv), dtype=cdt, buffer=nl.sbuf)
-    k_dec = nl.ndarray((chunk, width, dk), dtype=cdt, buffer=nl.sbuf)
     for w in range(width):
         nisa.tensor_scalar(dst=xv[:, w, :], data=v_w[:, w, :], op0=nl.multiply, operand0=beta_w[:, w:w + 1],
                            engine=pool)
-        nisa.tensor_scalar(dst=k_dec[:, w, :], data=k_c[:, head_kh[w], :], op0=nl.multiply,
-                           operand0=decay_t[:, w, chunk - 1:chunk], engine=pool)
-    blk.update(p_t=p_t, t_t=t_t, xv=xv, k_dec=k_dec)
+    blk.update(p_t=p_t, t_t=t_t, xv=xv)
+    if _SHARED_STATE_UPDATE and cdt == f32:
+        # the state update as K^T (d o V') with d_j = e^{G_C - G_j} per v head on the moving side: the v heads of a
+        # q/k head share the stationary K (one fp32 matmul of N = 2 Dv instead of two of Dv; _block_tail)
+        d_last = nl.ndarray((chunk, width, 1), dtype=f32, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=d_last, src=decay_t[:, :, chunk - 1:chunk], engine=pool)
+        blk.update(k_rows=k_c, d_last=d_last)
+    else:
+        k_dec = nl.ndarray((chunk, width, dk), dtype=cdt, buffer=nl.sbuf)
+        for w in range(width):
+            nisa.tensor_scalar(dst=k_dec[:, w, :], data=k_c[:, head_kh[w], :], op0=nl.multiply,
+                               operand0=decay_t[:, w, chunk - 1:chunk], engine=pool)
+        blk.update(k_dec=k_dec)
     if raw is not None:
         # the tail forms V' = T (beta V - X S) with X S = diag(rk beta e^G) (K_raw S): no W^T (see _block_tail)
         x_scale = nl.ndarray((chunk, width), dtype=f32, buffer=nl.sbuf)
@@ -1175,6 +1187,11 @@ def _block_tail(blk, exp_g, exp_glast, s_w, o_w, cfg, dk, dv):
             continue
         nisa.nc_matmul(vn_ps[:, w, :], t_t[:, w, :], blk["xv"][:, w, :])
         nisa.nc_matmul(vn_ps[:, w, :], blk["wt_neg"][:, w, :], s_c[:, w, :], accumulate=True)
+    d_v = None
+    if "d_last" in blk:                      # d o V' (the state update's moving operand), evicted first
+        d_v = nl.ndarray((chunk, width, dv), dtype=f32, buffer=nl.sbuf)
+        for w in range(width):
+            nisa.activation(dst=d_v[:, w, :], op=nl.copy, data=vn_ps[:, w, :], scale=blk["d_last"][:, w, :])
     v_new = nl.ndarray((chunk, width, dv), dtype=cdt, buffer=nl.sbuf)
     nisa.activation(dst=v_new, op=nl.copy, data=vn_ps)
     del vn_ps
@@ -1207,8 +1224,12 @@ def _block_tail(blk, exp_g, exp_glast, s_w, o_w, cfg, dk, dv):
 
     def state_update():                    # S <- e^{G_C} S + (K o e^{G_C - G_j})^T V'
         su_ps = nl.ndarray((dk, width, dv), dtype=f32, buffer=nl.psum)
-        for w in range(width):
-            nisa.nc_matmul(su_ps[:, w, :], blk["k_dec"][:, w, :], v_new[:, w, :])
+        if d_v is not None:                # K^T (d o V'): the v heads of one q/k head at once
+            for w0, w1 in _shared_stationary_runs(blk["head_kh"], dv):
+                nisa.nc_matmul(su_ps[:, w0:w1, :], blk["k_rows"][:, blk["head_kh"][w0], :], d_v[:, w0:w1, :])
+        else:
+            for w in range(width):
+                nisa.nc_matmul(su_ps[:, w, :], blk["k_dec"][:, w, :], v_new[:, w, :])
         for w in range(width):
             nisa.scalar_tensor_tensor(dst=s_w[:, w, :], data=s_w[:, w, :], op0=nl.multiply,
                                       operand0=exp_glast[:, w:w + 1], op1=nl.add, operand1=su_ps[:, w, :])
