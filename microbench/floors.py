@@ -23,7 +23,8 @@ of the default LNC, two cores on trn2, as the kernels launch):
   pipes, one DMA latency, then the output write after the last byte (a DMA, or register stores for the
   columns whose down weights land last). No bound on when the ids arrive (a `register_load` from HBM is one
   GpSimd instruction in the model). This kernel's design: ids by DMA, then the dynamic weight DMAs (one
-  dynamic-DMA latency), then the output DMA (one more latency); the shared expert streams from t = 0.
+  DMA latency after the last is booked), then the output DMA (one more latency); the shared expert streams
+  from t = 0.
 * Gated DeltaNet decode step (fp32 state pool): the slot ids, then a dynamic read of every state row, then a
   dynamic write of each updated row; the rows of one head are read before that head can be written.
   `rows_per_partition` = state rows of one head on each SBUF partition: 1 is the layout TensorE contracts
@@ -124,9 +125,10 @@ def moe_decode_floor(model: str, n_tokens: int = 1, target=None, latency: dict |
     weights each: a gate_up byte feeds every column); their stores fit in L only for B * t_col / col_bytes of
     bandwidth, so the tail after the last byte is >= L * (1 - col_bytes / (B * t_col)).
 
-    floor_design_us, the family that reads the ids by DMA, streams the routed weights by hardware-DGE dynamic
-    DMA after them and writes the output by DMA (this kernel): ids, dynamic weight DMA, output DMA in sequence;
-    the shared expert's weights stream from t = 0."""
+    floor_design_us, the family that reads the ids by DMA, streams the routed weights by dynamic DMA after them
+    and writes the output by DMA (this kernel): ids (L), the routed bytes booked from then on, the last landing
+    L later (software DGE: no hardware DGE latency at the end), the output DMA (L); the shared expert's weights
+    stream from t = 0."""
     s = CATALOGUE[model]
     t = get_target(target)
     p = _params(t, latency)
@@ -139,7 +141,7 @@ def moe_decode_floor(model: str, n_tokens: int = 1, target=None, latency: dict |
     inputs = n_tokens * s.hidden * _BF16_BYTES + n_tokens * s.top_k * 8       # x, top-k ids + weights
     need = routed + shared + inputs
     b_core = hbm_bytes_per_s(t) * 1e-6                                         # bytes per µs, one core
-    lat, lat_dyn = p.dma_fixed_us, p.dma_fixed_us + p.hwdge_us
+    lat = p.dma_fixed_us
     t_reg = p.min_ii / (t.pool_ghz * 1e3)                                      # µs per GpSimd register op
     # per output column (T elements): one register_load + one register_store per 32 bits = T / 2 of each
     t_col = n_tokens * t_reg / cores
@@ -148,13 +150,13 @@ def moe_decode_floor(model: str, n_tokens: int = 1, target=None, latency: dict |
     # F >= L + (need - cores * 4 B * F / t_reg) / (cores * B) + tail, solved for F
     floor_any = (lat + need / (cores * b_core) + tail) / (1.0 + 4.0 / (t_reg * b_core))
     bw_us = 1.0 / (cores * b_core)
-    weights_in = max(lat + lat_dyn + routed * bw_us, lat + (routed + shared) * bw_us)
+    weights_in = max(lat + lat + routed * bw_us, lat + (routed + shared) * bw_us)
     lat_note = _latency_note(p, latency)
     return dict(kernel="moe_decode", model=model, shape=f"T={n_tokens}", roofline_us=roof,
                 assumes="any design: the needed bytes over both cores' DMA pipes, one DMA latency, then the "
                         "output write (DMA, or register stores for the last-landing columns)" + lat_note,
                 floor_any_us=floor_any, tail_us=tail, floor_design_us=weights_in + lat,
-                fixed_latency_us=lat + lat_dyn + lat)
+                fixed_latency_us=3 * lat)
 
 
 def gdn_decode_floor(model: str = "qwen3.5-35b-a3b tp4", rows_per_partition: int = 1, target=None,

@@ -41,6 +41,7 @@ _PRE_SLOT_BYTES = 640 * 1024  # static bytes the DMA queues stream while the slo
                               # (one fixed DMA latency, ~2 us, at the ~360 GB/s of one trn2 core)
 # ---- tiles
 _H_TILE = P_MAX             # output hidden rows per down-projection matmul (stationary free size M)
+_SWDGE_TAIL = 4              # T = 1 h exchange: the last weight DMAs that use software DGE (GpSimd: ~1.7 us each)
 _SPREAD_N = GEMM_MOVING_FMAX  # routing weights per K = 1 spreading matmul (moving free size N; one fp32 bank)
 
 
@@ -233,11 +234,15 @@ def _h_exchange_token(out, xT_sb, gate_up, down, e_sb, w_all, pid):
         _load_expert(gu_sb[b], gate_up, e_sb[0:1, s:s + 1])
     # own slots' down halves land first: the other core's h arrives while the last ones stream
     wd_sb = {}
-    for s in own + other:
+    order = own + other
+    for n, s in enumerate(order):
         wd_sb[s] = nl.ndarray((i_half, 2, h_cols), dtype=down.dtype, buffer=nl.sbuf)
         src = down.ap(pattern=[[h_total, i_half], [i_half * h_total, 2], [1, h_cols]], offset=h0,
                       scalar_offset=e_sb[0:1, s:s + 1], indirect_dim=0)
-        nisa.dma_copy(dst=wd_sb[s], src=src)
+        # the last DMAs on the pipe: software DGE (GpSimd, idle then, writes the descriptors while the pipe is
+        # still busy) has no hardware DGE's extra latency at the end of the transfer
+        mode = nisa.dge_mode.swdge if n >= len(order) - _SWDGE_TAIL else nisa.dge_mode.unknown
+        nisa.dma_copy(dst=wd_sb[s], src=src, dge_mode=mode)
     v_sb = nl.ndarray((n_inter, i_half), dtype=nl.int32, buffer=nl.sbuf)
     nisa.iota(dst=v_sb, pattern=[[-1, i_half]], offset=-i_half, channel_multiplier=1)     # k - I/2 - m
     sel_sb = nl.ndarray((n_inter, i_half), dtype=down.dtype, buffer=nl.sbuf)
