@@ -69,16 +69,11 @@ def test_moe_decode_floor_any_design_by_hand():
         assert g["roofline_us"] < g["floor_any_us"] < g["floor_design_us"]
 
 
-def test_gdn_decode_floor_by_hand():
-    head = 128 * 128 * 4
-    for rows, run in ((1, 512), (8, 4096)):
-        f = floors.gdn_decode_floor(rows_per_partition=rows)
-        t = head / (_BW * _eff(run)) * 1e6
-        assert f["floor_any_us"] == pytest.approx(_LAT + 2 * (_LAT + _DYN) + 8 * t + t, rel=1e-9)
-    low = floors.gdn_decode_floor(latency=floors.LOW_LATENCY)       # 1.0 µs per DMA, hardware DGE hidden
-    t = head / (_BW * _eff(512)) * 1e6
-    assert low["floor_any_us"] == pytest.approx(1.0 + 2 * 1.0 + 9 * t, rel=1e-9)
-    assert low["floor_any_us"] < floors.gdn_decode_floor()["floor_any_us"]
+def test_no_gated_deltanet_decode_floor():
+    """The step's goals are met and the old per-head 512 B-row floor (9.2 µs) was above the kernel's modeled
+    8.30 µs (B=1, LNC=2): it was not a floor, so none is listed."""
+    assert not hasattr(floors, "gdn_decode_floor")
+    assert all(r["kernel"] != "gated_delta_rule_step" for r in floors.floor_table())
 
 
 def test_render_marks_unreachable_goals():
@@ -95,8 +90,6 @@ def _case(kernel, shape_start):
 
 
 _FAST = [("moe_decode", "qwen3-omni talker tp8 T=1 ", lambda: floors.moe_decode_floor("qwen3-omni talker tp8")),
-         ("gated_delta_rule_step", "qwen3.5-35b-a3b tp4 B=1 T=1 Hk=4 Hv=8 D=128 fp32 state lnc=1",   # 1-core floor
-          lambda: floors.gdn_decode_floor()),
          ("moe_blockwise", "qwen3-omni talker tp8 T=1024 ",
           lambda: floors.moe_prefill_floor("qwen3-omni talker tp8", 1024))]
 _SLOW = [("moe_blockwise", "qwen3.5-35b-a3b tp4 T=4096 ",
@@ -121,6 +114,6 @@ def test_console_output_fits_120_columns_and_states_the_goals(capsys):
     assert floors.main([]) == 0
     text = capsys.readouterr().out
     assert max(len(line) for line in text.splitlines()) <= 120
-    assert "goal modeled time <= 10 µs" in text and "goal modeled time <= 1.5x its roofline" in text
+    assert "goal modeled time <= 1.3x the time to stream" in text and "goal modeled time <= 1.5x its roofline" in text
     assert floors.main(["--markdown"]) == 0
     assert "| kernel | model |" in capsys.readouterr().out
