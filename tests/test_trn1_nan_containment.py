@@ -10,6 +10,7 @@ mix on trn1 carry a strict xfail naming the transpose (docs: the family's trn1 s
 """
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -22,6 +23,7 @@ from nki_kernels.moe.reference import moe_decode_reference
 from nki_kernels.testing import assert_close
 
 F32 = np.float32
+BF16 = np.dtype(ml_dtypes.bfloat16)
 VALUES = pytest.mark.parametrize("value", [np.nan, np.inf], ids=["nan", "inf"])
 
 
@@ -96,14 +98,17 @@ def test_prefill_key_stays_in_its_sequence(rng, value):
     assert_close("prefill other sequence", flash_attention_ref(q, k, v)[1], out[1])
 
 
-@_mixes("prefill PE-transposes fp32 [keys, D] K tiles (load_transposed, the short body's k_sb) before keys past "
-        "seq_lens are masked: a non-finite padding key reaches every query of the sequence")
 @VALUES
-def test_prefill_padding_key_reaches_nothing(rng, value):
-    q, k, v = _qkv(rng, 1, 2, 1, 16, 16)
-    lens = np.array([12], np.int32)
-    out = np.asarray(_trn1(nk.flash_attention, q, _poison(k, (0, 0, 14, 5), value), v, seq_lens=lens, lnc=1))
-    assert_close("prefill padding key", flash_attention_ref(q, k, v, seq_lens=lens), out)
+@pytest.mark.parametrize("s, lens, pos", [(16, (12,), (0, 0, 14, 5)), (300, (140, 300), (0, 0, 200, 5)),
+                                          (700, (700, 260), (1, 0, 300, 9))])
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_prefill_padding_key_reaches_nothing(rng, value, s, lens, pos, dtype):
+    """A key past seq_lens reaches nothing: on trn1 those K rows are zeroed before their PE transposes (the short
+    body's partition-major K, the long body's fp32 load_transposed; bf16 K arrives by DMA transpose)."""
+    q, k, v = (a.astype(dtype) for a in _qkv(rng, len(lens), 2, 1, s, s))
+    lens = np.array(lens, np.int32)
+    out = np.asarray(_trn1(nk.flash_attention, q, _poison(k, pos, value), v, seq_lens=lens, lnc=1))
+    assert_close("prefill padding key", flash_attention_ref(q, k, v, seq_lens=lens), out, dtype=np.dtype(dtype).name)
 
 
 @_mixes("decode transposes the [rows, D] Q tile (the query heads of one KV head) on the PE (decode.py q_nat -> "

@@ -68,11 +68,12 @@ def pe_transpose_keys(kT_sb, key_rows, n_keys, n_c, d, n_d, t_psum, per_bank, ke
     return n_t
 
 
-def load_transposed(dst_sb, src_hbm, rows, cols, dtype):
+def load_transposed(dst_sb, src_hbm, rows, cols, dtype, row_len=None, row0=0):
     """dst_sb[0:cols, 0:rows] = src_hbm[rows, cols].T, for cols <= 128.
 
     2-byte dtypes: one DMA transpose. fp32: natural-layout DMA into SBUF, then PE transposes of
-    128-row pieces through PSUM.
+    128-row pieces through PSUM. row_len (fp32 path): rows at positions row0 + r >= the length are zeroed before
+    their PE transpose (trn1's transpose would spread a NaN there over every row).
     """
     if is_two_byte(dtype):
         nisa.dma_transpose(dst=dst_sb[0:cols, 0:rows], src=src_hbm)
@@ -81,6 +82,8 @@ def load_transposed(dst_sb, src_hbm, rows, cols, dtype):
         rn = min(P_MAX, rows - r0)
         nat_sb = nl.ndarray((P_MAX, cols), dtype=dtype, buffer=nl.sbuf)
         nisa.dma_copy(dst=nat_sb[0:rn, 0:cols], src=src_hbm[r0:r0 + rn, 0:cols])
+        if row_len is not None:
+            zero_rows_past_length(nat_sb[0:rn, 0:cols].reshape((rn, 1, cols)), row_len, row0 + r0, P_MAX)
         tp_psum = nl.ndarray((P_MAX, P_MAX), dtype=dtype, buffer=nl.psum)
         nisa.nc_transpose(dst=tp_psum[0:cols, 0:rn], data=nat_sb[0:rn, 0:cols])
         nisa.tensor_copy(dst=dst_sb[0:cols, r0:r0 + rn], src=tp_psum[0:cols, 0:rn])

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 
 from ..backend import call, nki, nisa, nl
-from ..hw import NO_PE_TILE32_TARGETS, P_MAX
+from ..hw import NAN_MIXING_PE_TRANSPOSE_TARGETS, NO_PE_TILE32_TARGETS, P_MAX
 from ..lnc import current_target_name, resolve_lnc
 from ..validation import kernel_check
 from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, KV_BLOCK, MASK_BIAS, MAX_HEAD_DIM, MM_KEYS,
@@ -127,11 +127,14 @@ def prefill_body(q, k, v, gate, seq_lens, out, softmax_scale, causal, bhds=False
                     if _owner(b, kvh, g, i_q, n_kv, n_q_tiles, n_b, n_prog) == pid]
             if not work:
                 continue
-            kT_sb, v_sb = _load_kv(k[b], v[b], kvh, skv, d, n_d, dtype, bhds)
+            # trn1: K rows past the length are zeroed before their PE transposes (a NaN there would reach every
+            # query through the identity matmul), so the length is loaded first there
+            k_len = load_len_broadcast(seq_lens, b, P_MAX) if seq_lens is not None and _mixing_transpose() else None
+            kT_sb, v_sb = _load_kv(k[b], v[b], kvh, skv, d, n_d, dtype, bhds, k_len=k_len)
             len_f = None
             klen_valid = None
             if seq_lens is not None:
-                len_f = load_len_broadcast(seq_lens, b, P_MAX)
+                len_f = k_len if k_len is not None else load_len_broadcast(seq_lens, b, P_MAX)
                 klen_valid = _key_valid(len_f, skv)
                 zero_rows_past_length(v_sb, len_f, 0, K_CHUNK)           # v_sb[p, c] holds key c*128 + p
             items = [(kvh * group + g, i_q * _Q_TILE, sq) for g, i_q in work]
@@ -188,9 +191,14 @@ def _block_keys(dtype):
     return _BLOCK_2BYTE if is_two_byte(dtype) else _BLOCK_FP32
 
 
-def _load_kv(k, v, kvh, skv, d, n_d, dtype, bhds=False):
+def _mixing_transpose():
+    """Trace-time: the target's TensorE transpose spreads NaN / Inf across the rows it transposes (trn1)."""
+    return current_target_name() in NAN_MIXING_PE_TRANSPOSE_TARGETS
+
+
+def _load_kv(k, v, kvh, skv, d, n_d, dtype, bhds=False, k_len=None):
     """K^T [128(d), n_d, Skv] and V [128(keys), n_chunks, D] of one KV head, in SBUF (k, v: [Hkv, Skv, D] views
-    of one sequence)."""
+    of one sequence). k_len (trn1, with a length): K rows past it are zeroed before any PE transpose."""
     n_kc = n_tiles(skv, K_CHUNK)
     kT_sb = nl.ndarray((P_MAX, n_d, skv), dtype=dtype, buffer=nl.sbuf)
     v_sb = nl.ndarray((P_MAX, n_kc, d), dtype=dtype, buffer=nl.sbuf)
@@ -202,7 +210,8 @@ def _load_kv(k, v, kvh, skv, d, n_d, dtype, bhds=False):
             if bhds:
                 nisa.dma_copy(dst=kT_sb[0:dn, i_d, s0:s0 + sn], src=k[kvh, d0:d0 + dn, s0:s0 + sn])
             else:
-                load_transposed(kT_sb[0:dn, i_d, s0:s0 + sn], k[kvh, s0:s0 + sn, d0:d0 + dn], sn, dn, dtype)
+                load_transposed(kT_sb[0:dn, i_d, s0:s0 + sn], k[kvh, s0:s0 + sn, d0:d0 + dn], sn, dn, dtype,
+                                row_len=k_len, row0=s0)
         c0 = s0 // K_CHUNK
         full = sn // K_CHUNK
         if full:
@@ -732,6 +741,8 @@ def _short_k(k, len_f, geo):
     skv, d, n_d, cpp, dtype = geo["skv"], geo["d"], geo["n_d"], geo["cpp"], geo["dtype"]
     k_sb = nl.ndarray((P_MAX, cpp, d), dtype=dtype, buffer=nl.sbuf)
     _load_pm(k_sb, k, skv, cpp, d)
+    if len_f is not None and _mixing_transpose():     # trn1: no NaN past the length enters the PE transposes
+        zero_rows_past_length(k_sb, len_f, 0, 1, cpp)
     kT_sb = nl.ndarray((P_MAX, n_d, geo["nk"]), dtype=dtype, buffer=nl.sbuf)
     for i_d in range(n_d):
         d0 = i_d * D_CHUNK
