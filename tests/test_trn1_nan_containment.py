@@ -187,16 +187,20 @@ def _gdn_ref(x):
     return gdn_ref.gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], use_qk_l2norm_in_kernel=True)
 
 
-@_mixes("gated_delta_rule transposes the [chunk tokens, Dk] q tile on the PE (chunk.py tq_ps): a non-finite q "
-        "value reaches every token of its chunk")
 @VALUES
-def test_gdn_chunk_query_token_stays_in_its_token(rng, value):
-    x = _gdn(rng)
-    o, _ = _gdn_run(dict(x, q=_poison(x["q"], (0, 3, 0, 5), value)))
-    ro, _ = _gdn_ref(x)
+@pytest.mark.parametrize("t, tok, dtype, l2norm", [(16, 3, F32, True), (150, 70, F32, False), (150, 130, BF16, True),
+                                                    (20, 5, BF16, False)])
+def test_gdn_chunk_query_token_stays_in_its_token(rng, value, t, tok, dtype, l2norm):
+    """A q value stays in its token: on trn1 the [chunk tokens, Dk] q / k tiles are transposed on the VectorE
+    (32 x 32 blocks, exact), not on the TensorE (an identity matmul there)."""
+    x = {n: a.astype(dtype) if n in ("q", "k", "v") else a for n, a in _gdn(rng, t=t).items()}
+    xb = dict(x, q=_poison(x["q"], (0, tok, 0, 5), value))
+    o, _ = _trn1(nk.gated_delta_rule, xb["q"], xb["k"], xb["v"], xb["g"], xb["beta"],
+                 use_qk_l2norm_in_kernel=l2norm, lnc=1)
+    ro, _ = gdn_ref.gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], use_qk_l2norm_in_kernel=l2norm)
     rows = np.ones(o.shape[:2], bool)
-    rows[0, 3] = False
-    assert_close("gdn other tokens", ro[rows], np.asarray(o)[rows])
+    rows[0, tok] = False
+    assert_close("gdn other tokens", ro[rows], np.asarray(o)[rows], dtype=np.dtype(dtype).name)
 
 
 @pytest.mark.parametrize("name", ["k", "v", "beta"])

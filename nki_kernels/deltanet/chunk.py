@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import call, nki, nisa, nl
-from ..hw import P_MAX, PSUM_FMAX_FP32
+from ..hw import DVE_TRANSPOSE_MAX, NAN_MIXING_PE_TRANSPOSE_TARGETS, PSUM_FMAX_FP32, P_MAX
 from ..lnc import current_target_name, resolve_lnc
 from ..validation import kernel_check
 from ._checks import check_cu_seqlens, check_lengths, check_qkv_gate_layouts, initial_state_arg
@@ -129,6 +129,18 @@ def _host_constants(chunk):
 
 
 @nki.jit
+def _vector_transpose(dst, src):
+    """dst[F, P] = src[P, F] ([tokens, Dk] -> [Dk, tokens]) by VectorE transposes of DVE_TRANSPOSE_MAX-square
+    blocks: exact with NaN / Inf on every target (trn1's TensorE transpose, an identity matmul, is not)."""
+    p, f = src.shape
+    for p0 in range(0, p, DVE_TRANSPOSE_MAX):
+        pn = min(DVE_TRANSPOSE_MAX, p - p0)
+        for f0 in range(0, f, DVE_TRANSPOSE_MAX):
+            fn = min(DVE_TRANSPOSE_MAX, f - f0)
+            nisa.nc_transpose(dst=dst[f0:f0 + fn, p0:p0 + pn], data=src[p0:p0 + pn, f0:f0 + fn],
+                              engine=nisa.vector_engine)
+
+
 def gated_delta_rule_kernel(q, k, v, g, beta, initial_state, lengths, cu_seqlens, consts, chunk, scale, use_l2norm,
                             has_initial_state, checkpoint_every, has_lengths, bf16_compute, varlen=False,
                             row_tiles=False):
@@ -272,6 +284,7 @@ def run_pipeline(inputs, lengths, cu_seqlens, consts, initial_state, outs, dims,
                use_l2norm=use_l2norm, cdt=cdt, has_lengths=has_lengths,
                hi_rows=consts_sb[:, _c_hi_rows(chunk), :], hi_lvl=consts_sb[:, _c_hi_lvl(chunk), :],
                row_tiles=opts.get("row_tiles", False),
+               vec_transpose=current_target_name() in NAN_MIXING_PE_TRANSPOSE_TARGETS,
                consts_sb=consts_sb, ones_sb=ones_sb, ident_c=solve_wss[0][0][:, 0, :], guard=guard,
                sched=sched, n_hk_all=dims["n_hk_all"], n_hv_all=dims["n_hv_all"], initial_state=initial_state,
                has_initial_state=has_initial_state, n_hv=n_hv, dk=dk, dv=dv, loader=loader)
@@ -422,6 +435,10 @@ def _chunk_prep(q, k, v, g, beta, lengths, per_seq, ctx, cfg):
             k_t = nl.ndarray((dk, n_kh, chunk), dtype=tdt, buffer=nl.sbuf)
         tq_ps = nl.ndarray((dk, 2, n_kh, chunk), dtype=tdt, buffer=nl.psum)
         for i_k in range(n_kh):
+            if cfg["vec_transpose"]:     # trn1: the TensorE transpose is an identity matmul (0 * NaN over the chunk)
+                _vector_transpose(tq_ps[:, 0, i_k, :], q_src[:, hk0 + i_k, :])
+                _vector_transpose(tq_ps[:, 1, i_k, :], k_src[:, hk0 + i_k, :])
+                continue
             nisa.nc_transpose(dst=tq_ps[:, 0, i_k, :], data=q_src[:, hk0 + i_k, :])
             nisa.nc_transpose(dst=tq_ps[:, 1, i_k, :], data=k_src[:, hk0 + i_k, :])
         nisa.activation(dst=q_t, op=nl.copy, data=tq_ps[:, 0])      # Q^T [Dk, C] per q/k head
