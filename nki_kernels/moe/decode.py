@@ -41,7 +41,7 @@ _PRE_SLOT_BYTES = 640 * 1024  # static bytes the DMA queues stream while the slo
                               # (one fixed DMA latency, ~2 us, at the ~360 GB/s of one trn2 core)
 # ---- tiles
 _H_TILE = P_MAX             # output hidden rows per down-projection matmul (stationary free size M)
-_SWDGE_TAIL = 4              # T = 1 h exchange: the last weight DMAs that use software DGE (GpSimd: ~1.7 us each)
+_SWDGE_TAIL = 4              # one token per core: the last weight DMAs on the pipe use software DGE
 _SPREAD_N = GEMM_MOVING_FMAX  # routing weights per K = 1 spreading matmul (moving free size N; one fp32 bank)
 
 
@@ -172,8 +172,13 @@ def moe_decode_kernel(hidden, top_k_index, top_k_weights, gate_up, down, shared_
         # every gate_up of the wave before any down: the last bytes to land feed only the short down step
         for b, s in enumerate(wave):
             _load_expert(ring[b][0], gate_up, e_sb[0:1, s:s + 1])
+        last_wave = w0 + n_buf >= len(my_slots)
         for b, s in enumerate(wave):
-            _load_down_cols(down, e_sb[0:1, s:s + 1], h0, h_cols, dst_sb=ring[b][1])
+            # one token per core: the last down DMAs on the pipe by software DGE (GpSimd is idle; no hardware
+            # DGE latency after their bytes)
+            sw = row_slots and last_wave and b >= len(wave) - _SWDGE_TAIL
+            _load_down_cols(down, e_sb[0:1, s:s + 1], h0, h_cols, dst_sb=ring[b][1],
+                            dge=nisa.dge_mode.swdge if sw else nisa.dge_mode.unknown)
         if late_shared and w0 == 0:
             s_wd_sb = _load_down_cols(shared_down, None, h0, h_cols, rows=s_rows)
         if not row_slots:
@@ -709,7 +714,7 @@ def _weight_ring(gate_up, down, n_slots, n_tokens, fold, h_cols, budget_pp):
              nl.ndarray((ic, n_i, h_cols), dtype=down.dtype, buffer=nl.sbuf)) for _ in range(n_buf)]
 
 
-def _load_down_cols(down, e_sb, h0, h_cols, dst_sb=None, rows=None):
+def _load_down_cols(down, e_sb, h0, h_cols, dst_sb=None, rows=None, dge=None):
     """down[e][:, h0:h0 + Hc] -> SBUF [ic, n_i, Hc] with row i = q * n_i + c (one DMA; down [E, I, H] with the
     expert picked by the (1, 1) int32 tile e_sb, or one [I, H] matrix when e_sb is None, of which `rows` = (i0,
     n) picks rows i0 .. i0 + n - 1). All columns: one contiguous run of n_i * H elements per partition."""
@@ -728,7 +733,7 @@ def _load_down_cols(down, e_sb, h0, h_cols, dst_sb=None, rows=None):
         src = down.ap(pattern=pattern, offset=r0 * h_total + h0)
     else:
         src = down.ap(pattern=pattern, offset=h0, scalar_offset=e_sb, indirect_dim=0)
-    nisa.dma_copy(dst=dst_sb, src=src)
+    nisa.dma_copy(dst=dst_sb, src=src, dge_mode=nisa.dge_mode.unknown if dge is None else dge)
     return dst_sb
 
 
