@@ -248,13 +248,14 @@ def test_gdn_fused_token_stays_in_its_sequence(rng, value):
     assert_close("fused other sequence", _fused_ref(x)[1], o[1])
 
 
-@_mixes("gated_delta_rule_fused (fp32 / fp16 io) transposes the [chunk tokens, channels] mixed_qkv tile on the PE "
-        "(fused.py tp_ps): a non-finite channel value reaches the earlier tokens of its chunk")
 @VALUES
-def test_gdn_fused_token_reaches_no_earlier_token(rng, value):
-    x = _fused(rng)
-    o = _fused_run(dict(x, mixed_qkv=_poison(x["mixed_qkv"], (0, 20, 40), value)))
-    assert_close("fused earlier tokens", _fused_ref(x)[0, :20], o[0, :20])
+@pytest.mark.parametrize("t, tok, ch", [(40, 20, 40), (150, 100, 5), (150, 70, 100)])
+def test_gdn_fused_token_reaches_no_earlier_token(rng, value, t, tok, ch):
+    """fp32 io: on trn1 the [chunk tokens, channels] mixed_qkv tile is transposed on the VectorE (32 x 32 blocks),
+    so a value reaches no earlier token of its chunk (the TensorE transpose, an identity matmul there, did)."""
+    x = _fused(rng, t=t)
+    o = _fused_run(dict(x, mixed_qkv=_poison(x["mixed_qkv"], (0, tok, ch), value)))
+    assert_close("fused earlier tokens", _fused_ref(x)[0, :tok], o[0, :tok])
 
 
 @_mixes("gated_delta_rule_step fails to launch on trn1 for two sequences (a 2-partition VectorE operand at "

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import call, nki, nisa, nl
-from ..hw import P_MAX, PSUM_FMAX_FP32
+from ..hw import NAN_MIXING_PE_TRANSPOSE_TARGETS, P_MAX, PSUM_FMAX_FP32
 from ..lnc import current_target_name, resolve_lnc
 from ..validation import kernel_check
 from . import chunk as _chunk
@@ -152,6 +152,8 @@ class _FrontEnd:
         self.seq = mixed_qkv.shape[1]
         self.kw = conv_weight.shape[1]
         self.io_dt = mixed_qkv.dtype
+        # trn1: the TensorE transpose is an identity matmul (0 * NaN would reach every token of the chunk)
+        self.vec_transpose = current_target_name() in NAN_MIXING_PE_TRANSPOSE_TARGETS
         self.cdt = nl.bfloat16 if self.io_dt == nl.bfloat16 and bf16_compute else nl.float32
         self.tiles = _channel_tiles(segs)
         self.groups = _groups(self.tiles)
@@ -286,7 +288,10 @@ class _FrontEnd:
             tp_ps = nl.ndarray((P_MAX, _TILES_PER_BANK, chunk), dtype=self.io_dt, buffer=nl.psum)
             for i_g, j in enumerate(grp):
                 c = self.tiles[j]["col"]
-                nisa.nc_transpose(dst=tp_ps[0:pc, i_g, :], data=xin[:, c:c + pc])
+                if self.vec_transpose:
+                    _chunk._vector_transpose(tp_ps[0:pc, i_g, :], xin[:, c:c + pc])
+                else:
+                    nisa.nc_transpose(dst=tp_ps[0:pc, i_g, :], data=xin[:, c:c + pc])
             nisa.activation(dst=hist[0:pc, grp[0]:grp[-1] + 1, kw:kw + chunk], op=nl.copy,
                             data=tp_ps[0:pc, 0:len(grp), :])
             del tp_ps
