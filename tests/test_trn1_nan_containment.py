@@ -111,15 +111,18 @@ def test_prefill_padding_key_reaches_nothing(rng, value, s, lens, pos, dtype):
     assert_close("prefill padding key", flash_attention_ref(q, k, v, seq_lens=lens), out, dtype=np.dtype(dtype).name)
 
 
-@_mixes("decode transposes the [rows, D] Q tile (the query heads of one KV head) on the PE (decode.py q_nat -> "
-        "q_psum): a q value reaches the other query heads of its KV group")
 @VALUES
-def test_decode_query_row_stays_in_its_row(rng, value):
-    q, kc, vc = _qkv(rng, 2, 2, 1, 1, 32)
-    lens = np.array([20, 32], np.int32)
-    out = np.asarray(_trn1(nk.flash_attention_decode, _poison(q, (0, 0, 0, 5), value), kc, vc, lens, lnc=1))
+@pytest.mark.parametrize("hq, hkv, sq, s, d, bad", [(2, 1, 1, 32, 64, (0, 0, 0, 5)),
+                                                   (8, 2, 2, 300, 256, (1, 5, 1, 200)),
+                                                   (16, 1, 1, 700, 128, (0, 3, 0, 7))])
+def test_decode_query_row_stays_in_its_row(rng, value, hq, hkv, sq, s, d, bad):
+    """A q value stays in its (head, position) row: on trn1 the [rows, D] Q tile and the row maxima are transposed
+    on the VectorE (32 x 32 blocks), not on the TensorE (an identity matmul there)."""
+    q, kc, vc = _qkv(rng, 2, hq, hkv, sq, s, d)
+    lens = np.array([s - 7, s], np.int32)
+    out = np.asarray(_trn1(nk.flash_attention_decode, _poison(q, bad, value), kc, vc, lens, lnc=1))
     rows = np.ones(out.shape[:3], bool)
-    rows[0, 0, 0] = False
+    rows[bad[:3]] = False
     assert_close("decode other rows", flash_attention_decode_ref(q, kc, vc, lens)[rows], out[rows])
 
 

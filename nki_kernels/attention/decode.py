@@ -41,7 +41,7 @@ from ..hw import NAN_MIXING_PE_TRANSPOSE_TARGETS, P_MAX
 from ..lnc import current_target_name, resolve_lnc
 from ..validation import kernel_check
 from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, MASK_BIAS, MAX_HEAD_DIM, is_two_byte, n_tiles,
-                      pe_transpose_group, pe_transpose_keys)
+                      pe_transpose_group, pe_transpose_keys, vector_transpose)
 from .prefill import _as_int32_lens, _check_array, _check_scale, _dtype_name, _read_only, _shape
 
 MAX_NEW_TOKENS = 8                # Sq limit (speculative decoding); G * Sq rows must fit the 128 partitions
@@ -278,7 +278,10 @@ def _load_qT(ctx, b, kvh):
     for i_d in range(n_d):
         d0 = i_d * D_CHUNK
         dn = min(D_CHUNK, d - d0)
-        nisa.nc_transpose(dst=q_psum[0:dn, i_d, 0:rows], data=q_nat[0:rows, d0:d0 + dn])
+        if ctx["zero_k"]:       # trn1: a TensorE transpose would spread one query row's NaN over the others
+            vector_transpose(q_psum[0:dn, i_d, 0:rows], q_nat[0:rows, d0:d0 + dn])
+        else:
+            nisa.nc_transpose(dst=q_psum[0:dn, i_d, 0:rows], data=q_nat[0:rows, d0:d0 + dn])
         nisa.tensor_copy(dst=qT_sb[0:dn, i_d, 0:rows], src=q_psum[0:dn, i_d, 0:rows])
     return qT_sb
 
@@ -382,7 +385,10 @@ def _piece_scores(ctx, part, j, key0, kn, tail=False, k_sb=None, row_sums=False)
         nisa.activation(dst=part["alpha"][0:rows, j:j + 1], op=nl.exp, data=neg_m[0:rows, j - 1:j], bias=nm,
                         scale=-1.0)
     # -scale m as a row, then on every partition: ones[1, 128]^T x m^T[1, R] (exact: one product per element)
-    nisa.nc_transpose(dst=stats[0:1, _ST_MT:_ST_MT + rows], data=nm)
+    if ctx["zero_k"]:           # trn1: rows -> one row; the TensorE would spread one row's NaN max over all
+        vector_transpose(stats[0:1, _ST_MT:_ST_MT + rows], nm)
+    else:
+        nisa.nc_transpose(dst=stats[0:1, _ST_MT:_ST_MT + rows], data=nm)
     mT_sb = nl.ndarray((1, P_MAX), dtype=nl.float32, buffer=nl.sbuf)
     nisa.tensor_copy(dst=mT_sb[0:1, 0:rows], src=stats[0:1, _ST_MT:_ST_MT + rows])
     nisa.nc_matmul(stats[0:P_MAX, _ST_BCAST:_ST_BCAST + rows], ctx["ones_row"][0:1, 0:P_MAX], mT_sb[0:1, 0:rows])
