@@ -203,6 +203,10 @@ def _gather_token_tile(hidden, expert_affinities, top_k_index, ids_sb, e_sb, eg_
     `affinity` is False: the caller applies the routing weights later)."""
     h_total = hidden.shape[1]
     x_sb = nl.ndarray((TOK_TILE, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
+    if current_target_name() in NAN_MIXING_PE_TRANSPOSE_TARGETS:
+        # the skipped (padding) rows would keep stale SBUF values, which the x transposes (an identity matmul on
+        # these targets) would carry into every token of the chunk: zero them first
+        nisa.memset(dst=x_sb[0:n_tok, :], value=0.0)
     nisa.dma_copy(dst=x_sb[0:n_tok, :],
                   src=hidden.ap(pattern=[[h_total, n_tok], [1, h_total]], offset=0,
                                 vector_offset=ids_sb[0:n_tok, :], indirect_dim=0),
