@@ -16,4 +16,9 @@ NO_PE_TILE32_TARGETS = ("trn1",)
 # targets (NeuronCore-v2) whose TensorE transpose is a matmul by the identity, not bit-exact with NaN / Inf: 0 x NaN
 # from one row of the input reaches every column of the result (the nc_transpose docstring)
 NAN_MIXING_PE_TRANSPOSE_TARGETS = ("trn1",)
+# targets (NeuronCore-v2) whose compute instructions on <= 32 partitions start only at partition 0 / 32 / 64 / 96
+# (33-64 at 0 / 64, more at 0): per-head rows on partition 2h are not addressable there
+ALIGNED_START_PARTITION_TARGETS = ("trn1",)
+# targets (NeuronCore-v2) whose activation bias must be a [P, 1] tile (a float bias needs NeuronCore-v3+)
+TILE_ACTIVATION_BIAS_TARGETS = ("trn1",)
 NEG_INF = -3.4028235e38          # most negative fp32, the literal NKI kernels use for -inf

@@ -261,19 +261,47 @@ def test_gdn_fused_token_reaches_no_earlier_token(rng, value, t, tok, ch):
     assert_close("fused earlier tokens", _fused_ref(x)[0, :tok], o[0, :tok])
 
 
-@_mixes("gated_delta_rule_step fails to launch on trn1 for two sequences (a 2-partition VectorE operand at "
-        "partition 2; NeuronCore-v2 start partitions are 0/32/64/96): not a NaN path, found by this audit")
-def test_gdn_step_runs_on_trn1_for_two_sequences(rng):
-    x = _gdn(rng, b=2, t=1)
-    pool = (rng.standard_normal((4, 2, 32, 32)) * 0.1).astype(F32)
-    slots = np.array([3, 1], np.int32)
+@pytest.mark.parametrize("b", range(1, 9))
+@pytest.mark.parametrize("static_rows", [False, True], ids=["slot_pool", "static_rows"])
+def test_gdn_step_runs_on_trn1_for_every_batch(rng, b, static_rows):
+    """On trn1 (NeuronCore-v2: an instruction on <= 32 partitions starts at partition 0/32/64/96 only; no float
+    activation bias) the step keeps its per-head rows on partition 0, heads on the free axis: it launches for
+    every B, Hv > 1, T > 1, fp32 / bf16 inputs and the in-kernel L2 norm, and matches the reference."""
+    t, hv = (1, 2) if b % 2 else (2, 3)
+    dtype = F32 if b <= 4 else BF16
+    x = _gdn(rng, b=b, t=t, hk=1, hv=hv)
+    q, k, v = (x[n].astype(dtype) for n in ("q", "k", "v"))
+    n_slots = b if static_rows else b + 3
+    pool = (rng.standard_normal((n_slots, hv, 32, 32)) * 0.1).astype(F32)
+    slots = None if static_rows else rng.permutation(n_slots)[:b].astype(np.int32)
+    l2 = b % 3 != 0
+    new_pool = pool.copy()
     try:
-        o, new_pool = _trn1(nk.gated_delta_rule_step, x["q"], x["k"], x["v"], x["g"], x["beta"], pool.copy(), slots,
-                            lnc=1)
+        o = _trn1(nk.gated_delta_rule_step, q, k, v, x["g"], x["beta"], new_pool, slots,
+                  use_qk_l2norm_in_kernel=l2, lnc=1)
     except EmulatorCheckError as e:
         pytest.fail(f"gated_delta_rule_step on trn1: {e}")
-    ro, rpool = gdn_ref.gated_delta_rule_step(x["q"], x["k"], x["v"], x["g"], x["beta"], pool, slots)
-    assert_close("step o", ro, o)
+    ro, rpool = gdn_ref.gated_delta_rule_step(q, k, v, x["g"], x["beta"], pool, slots, use_qk_l2norm_in_kernel=l2)
+    tol = "bfloat16" if dtype is BF16 else "float32"
+    assert_close("step o", ro, np.asarray(o), dtype=tol)
+    assert_close("step state", rpool, new_pool, dtype=tol)
+
+
+@VALUES
+def test_gdn_step_value_stays_in_its_sequence(rng, value):
+    """trn1 NaN audit of the decode step: a non-finite k value of sequence 0 reaches no other sequence's output
+    or state row (the rows moved to partition 0 by DMA carry one head of one sequence each)."""
+    x = _gdn(rng, b=3, t=1, hk=1, hv=3)
+    pool = (rng.standard_normal((5, 3, 32, 32)) * 0.1).astype(F32)
+    slots = np.array([4, 0, 2], np.int32)
+    new_pool = pool.copy()
+    o = _trn1(nk.gated_delta_rule_step, x["q"], _poison(x["k"], (0, 0, 0, 3), value), x["v"], x["g"], x["beta"],
+              new_pool, slots, use_qk_l2norm_in_kernel=True, lnc=1)
+    ro, rpool = gdn_ref.gated_delta_rule_step(x["q"], x["k"], x["v"], x["g"], x["beta"], pool, slots,
+                                              use_qk_l2norm_in_kernel=True)
+    assert_close("step other sequences", ro[1:], np.asarray(o)[1:])
+    assert_close("step other state rows", rpool[[0, 2]], new_pool[[0, 2]])
+    assert_close("step untouched rows", pool[[1, 3]], new_pool[[1, 3]])
 
 
 @VALUES

@@ -24,8 +24,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import call, nki, nisa, nl
-from ..hw import P_MAX, PSUM_FMAX_FP32
-from ..lnc import resolve_lnc
+from ..hw import ALIGNED_START_PARTITION_TARGETS, P_MAX, PSUM_FMAX_FP32, TILE_ACTIVATION_BIAS_TARGETS
+from ..lnc import current_target_name, resolve_lnc
 from ..validation import check_host_values, kernel_check
 from ._checks import check_qkv_gate_layouts
 from ._checks import dtype_name as _dtype_name
@@ -38,6 +38,7 @@ _L2NORM_EPS = 1e-6                # transformers' l2norm eps
 # rsqrt is valid on [2^-87, 2^97] on the device; rsqrt(x) = rsqrt(x * 2^-40) * 2^-20 covers fp32 sums
 _RSQRT_PRESCALE = 2.0 ** -40
 _RSQRT_POSTSCALE = 2.0 ** -20
+_EPS_BIAS = _L2NORM_EPS * _RSQRT_PRESCALE     # the rsqrt's bias (prescaled eps)
 _STATE_DTYPES = ("float32", "bfloat16")
 _STATE_BUFFERS = 8                # sequences whose state rows are in SBUF at once (prefetch depth + 1) ...
 _STATE_INFLIGHT_BYTES = 2 << 20   # ... and at most this many state bytes per core (prefetched reads hold the DMA
@@ -50,7 +51,8 @@ _RANK_BANK_HEADS = 4              # [Dk, Dk] fp32 rank-1 products per PSUM bank 
 
 
 @nki.jit
-def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, use_l2norm, static_rows=False):
+def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, use_l2norm, static_rows=False,
+                                 free_heads=False, tile_bias=False):
     """Decode step for B sequences, all heads, updating `state_pool[slot_ids]` in place.
 
     Dimensions:
@@ -65,6 +67,13 @@ def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, 
         scale, use_l2norm: trace-time constants (q scale, in-kernel L2 norm of q and k).
         static_rows: trace-time; sequence b uses state row b (static DMAs, no slot ids: an aliased
             [max_bs, Hv, Dk, Dv] buffer as NxDI keeps it).
+        free_heads: trace-time (trn1: NeuronCore-v2 instructions on <= 32 partitions start only at partition
+            0 / 32 / 64 / 96): the per-head rows (k rows, beta v rows, addend and (delta, o) rows) sit on
+            partitions 0 (and 1) with the v head on the free axis, moved there from the row pairs (2h, 2h + 1)
+            by one SBUF -> SBUF DMA per tensor and sequence, and the [S^T k' ; S^T q''] rows of head h come
+            from a [Dk, 2] stationary (head h's columns) instead of all 2 Hv columns.
+        tile_bias: trace-time (trn1: no float activation bias on NeuronCore-v2): the rsqrt's eps bias is a
+            [P, 1] tile.
     Returns:
         o: [B, T, Hv, Dv] @ HBM in q's dtype.
     Constraints:
@@ -107,6 +116,10 @@ def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, 
     sel_cols = nl.ndarray((n_hk, n_hv), dtype=cdt, buffer=nl.sbuf)
     nisa.tensor_copy(dst=sel_cols.reshape((n_hk, n_hk, group)), src=sel[:, :, :, 0])
     # fp32 path: kqz[:, t, h] = [e_0 | k_h . q_h elementwise]: column sums give [1, k.q] (the addend factors)
+    eps_bias = _EPS_BIAS
+    if tile_bias:
+        eps_bias = nl.ndarray((P_MAX, 1), dtype=f32, buffer=nl.sbuf)
+        nisa.memset(dst=eps_bias, value=_EPS_BIAS)
     kqz = None
     if cdt == f32:
         kqz = nl.ndarray((dk, n_tok, n_hv, 2), dtype=f32, buffer=nl.sbuf)
@@ -157,33 +170,43 @@ def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, 
         i_g = i_b % n_grp
         exp_g = nl.ndarray((dk, n_th), dtype=f32, buffer=nl.sbuf)
         nisa.activation(dst=exp_g, op=nl.exp, data=ins["g_bc"][:, i_g, :])
-        upd = _prepare_update(q.shape, ins, i_g, exp_g, sel, use_l2norm, cdt, own)
+        upd = _prepare_update(q.shape, ins, i_g, exp_g, sel, use_l2norm, cdt, own, eps_bias, free_heads)
         out = None
         if cdt == f32:          # the delta rows need the columns and addend rows before the state update
             out = _prepare_rows(q.shape, v.shape, ins, i_g, exp_g, upd["nbe"], sel_cols, ones_sb, kqz, scale,
-                                use_l2norm)
+                                use_l2norm, eps_bias, free_heads)
         dl_rows = None
-        if cdt == f32:
+        if cdt == f32 and free_heads:
+            dl_rows = nl.ndarray((2, n_tok, n_hv, dv), dtype=cdt, buffer=nl.sbuf)   # row 0: delta_h, 1: o_h
+        elif cdt == f32:
             dl_rows = nl.ndarray((n_r, n_tok, dv), dtype=cdt, buffer=nl.sbuf)    # rows 2h: delta_h, 2h + 1: o_h
         for i_t in range(n_tok):
             if cdt == f32:
                 for i_o in range(n_own):
-                    _head_token_rows(state_sb[:, i_o, :], upd, out, exp_g, dl_rows, i_t, own[0] + i_o)
+                    if free_heads:
+                        _head_token_rows_free(state_sb[:, i_o, :], upd, out, exp_g, dl_rows, i_t, own[0] + i_o)
+                    else:
+                        _head_token_rows(state_sb[:, i_o, :], upd, out, exp_g, dl_rows, i_t, own[0] + i_o)
                 continue
             # bf16: every owned head's update first (the state write waits for them), then the o rows
             s_bf = nl.ndarray((dk, n_own, dv), dtype=cdt, buffer=nl.sbuf)
             for i_o in range(n_own):
-                _head_token_rank1(state_sb[:, i_o, :], s_bf[:, i_o, :], upd, exp_g, i_t, own[0] + i_o)
+                _head_token_rank1(state_sb[:, i_o, :], s_bf[:, i_o, :], upd, exp_g, i_t, own[0] + i_o, free_heads)
             if i_t == n_tok - 1:
                 nisa.dma_copy(dst=_state_rows(state_pool, slot, own), src=state_sb)
             if out is None:
-                out = _q_columns(q.shape, ins, i_g, sel_cols, ones_sb, scale, use_l2norm, cdt)
+                out = _q_columns(q.shape, ins, i_g, sel_cols, ones_sb, scale, use_l2norm, cdt, eps_bias)
             _token_out_rows(state_sb, out, o, i_b, i_t, own)
         if cdt == f32:
             nisa.dma_copy(dst=_state_rows(state_pool, slot, own), src=state_sb)
-            nisa.dma_copy(dst=o.ap(pattern=[[dv, n_own], [n_hv * dv, n_tok], [1, dv]],
-                                   offset=(i_b * n_th + own[0]) * dv),
-                          src=dl_rows[2 * own[0] + 1:2 * (own[0] + n_own):2, :, :])
+            if free_heads:
+                nisa.dma_copy(dst=o.ap(pattern=[[n_hv * dv, n_tok], [dv, n_own], [1, dv]],
+                                       offset=(i_b * n_th + own[0]) * dv),
+                              src=dl_rows[1:2, :, own[0]:own[0] + n_own, :])
+            else:
+                nisa.dma_copy(dst=o.ap(pattern=[[dv, n_own], [n_hv * dv, n_tok], [1, dv]],
+                                       offset=(i_b * n_th + own[0]) * dv),
+                              src=dl_rows[2 * own[0] + 1:2 * (own[0] + n_own):2, :, :])
     return o
 
 
@@ -210,7 +233,34 @@ def _head_token_rows(s_h, upd, out, exp_g, dl_rows, i_t, i_h):
                               operand1=outer_ps)
 
 
-def _head_token_rank1(s_h, s_bf, upd, exp_g, i_t, i_h):
+def _head_token_rows_free(s_h, upd, out, exp_g, dl_rows, i_t, i_h):
+    """_head_token_rows with the per-head rows on partitions 0 and 1 (free_heads, trn1): dl_rows [2, T, Hv, Dv],
+    out["addend_h"] [2, Hv, T, Dv], upd["k_h"] [1, Hv, T, Dk]; head h's [S^T k' ; S^T q''] rows come from its
+    own [Dk, 2] columns as the stationary."""
+    dk, dv = s_h.shape
+    f32 = nl.float32
+    i_th = i_t * out["kq_st"].shape[2] + i_h
+    sk_ps = nl.ndarray((2, dv), dtype=f32, buffer=nl.psum)
+    nisa.nc_matmul(sk_ps, out["kq_st"][:, i_t, i_h, :], s_h)
+    nisa.tensor_tensor(dst=dl_rows[0:2, i_t, i_h, :], data1=sk_ps, data2=out["addend_h"][0:2, i_h, i_t, :],
+                       op=nl.add)
+    del sk_ps
+    outer_ps = nl.ndarray((dk, dv), dtype=f32, buffer=nl.psum)
+    nisa.nc_matmul(outer_ps, upd["k_h"][0:1, i_h, i_t, :], dl_rows[0:1, i_t, i_h, :], accumulate=False)
+    nisa.scalar_tensor_tensor(dst=s_h, data=s_h, op0=nl.multiply, operand0=exp_g[:, i_th:i_th + 1], op1=nl.add,
+                              operand1=outer_ps)
+
+
+def _rows_to_free(rows, parity, dtype):
+    """[1, R / 2, ...] copy of rows rows[parity::2] ([R, ...], SBUF) with the pair index on the free axis, at
+    partition 0: one SBUF -> SBUF DMA (free_heads, trn1)."""
+    n_r = rows.shape[0]
+    dst = nl.ndarray((1, n_r // 2) + tuple(rows.shape[1:]), dtype=dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=dst, src=rows[parity:n_r:2])
+    return dst
+
+
+def _head_token_rank1(s_h, s_bf, upd, exp_g, i_t, i_h, free_heads=False):
     """bf16 inputs: one token's update of v head h's state S = s_h ([Dk, Dv] fp32, SBUF), keeping the bf16 copy
     s_bf of S (before the update) used for the update's product (as the prefill does; fp32 accumulation, fp32
     state). The output is computed afterwards from the updated state (_token_out_rows).
@@ -222,8 +272,11 @@ def _head_token_rank1(s_h, s_bf, upd, exp_g, i_t, i_h):
     k_rows, rank, bv_rows = upd["k_rows"], upd["rank"], upd["bv_rows"]
     i_th = i_t * rank.shape[2] + i_h
     upd_ps = nl.ndarray((dk, dv), dtype=f32, buffer=nl.psum)
-    nisa.nc_matmul(upd_ps, k_rows[2 * i_h:2 * i_h + 1, i_t, :], bv_rows[2 * i_h:2 * i_h + 1, i_t, :],
-                   accumulate=False)
+    if free_heads:
+        nisa.nc_matmul(upd_ps, upd["k_h"][0:1, i_h, i_t, :], upd["bv_h"][0:1, i_h, i_t, :], accumulate=False)
+    else:
+        nisa.nc_matmul(upd_ps, k_rows[2 * i_h:2 * i_h + 1, i_t, :], bv_rows[2 * i_h:2 * i_h + 1, i_t, :],
+                       accumulate=False)
     nisa.tensor_copy(dst=s_bf, src=s_h, engine=nisa.engine.gpsimd)
     nisa.nc_matmul(upd_ps, rank[:, i_t, i_h, :], s_bf, accumulate=True)
     nisa.scalar_tensor_tensor(dst=s_h, data=s_h, op0=nl.multiply, operand0=exp_g[:, i_th:i_th + 1], op1=nl.add,
@@ -240,7 +293,7 @@ def _select_columns(kq_ps, ins, i_b, sel_cols):
             nisa.nc_matmul(kq_ps[:, i_x, i_t * n_hv:(i_t + 1) * n_hv], ins[name][:, i_b, i_t, :], sel_cols)
 
 
-def _q_columns(q_shape, ins, i_b, sel_cols, ones_sb, scale, use_l2norm, cdt):
+def _q_columns(q_shape, ins, i_b, sel_cols, ones_sb, scale, use_l2norm, cdt, eps_bias=_EPS_BIAS):
     """bf16 path: the normalised, scaled q columns [Dk, T, Hv] in the matmul dtype (the stationaries of o)."""
     _, n_tok, _, dk = q_shape
     n_th = n_tok * sel_cols.shape[1]
@@ -248,7 +301,7 @@ def _q_columns(q_shape, ins, i_b, sel_cols, ones_sb, scale, use_l2norm, cdt):
     kq_ps = nl.ndarray((dk, 2, n_th), dtype=f32, buffer=nl.psum)
     _select_columns(kq_ps, ins, i_b, sel_cols)
     kqn = nl.ndarray((dk, n_tok, n_th // n_tok, 2), dtype=f32, buffer=nl.sbuf)
-    _normalize_columns(kqn, kq_ps, ones_sb, scale, use_l2norm)
+    _normalize_columns(kqn, kq_ps, ones_sb, scale, use_l2norm, eps_bias)
     del kq_ps
     q_st = nl.ndarray((dk, n_tok, n_th // n_tok), dtype=cdt, buffer=nl.sbuf)
     nisa.tensor_copy(dst=q_st, src=kqn[:, :, :, 1])
@@ -341,12 +394,14 @@ def _state_rows(state_pool, slot, own):
     return state_pool.ap(pattern=pattern, offset=own[0] * dk * dv, scalar_offset=slot, indirect_dim=0)
 
 
-def _prepare_update(q_shape, ins, i_b, exp_g, sel_pairs, use_l2norm, cdt, own):
+def _prepare_update(q_shape, ins, i_b, exp_g, sel_pairs, use_l2norm, cdt, own, eps_bias=_EPS_BIAS,
+                    free_heads=False):
     """What the state update needs from the inputs (runs while the state rows are in flight).
 
     Returns a dict: k_rows [2 Hv, T, Dk] (rows 2h, 2h + 1 = normalised k of v head h), nbe [Dk, T, Hv] fp32
     (-beta e^g on every partition) and, for bf16 inputs, bv_rows and rank (see _prepare_rank1; the owned heads
-    own = (first, count) only)."""
+    own = (first, count) only). free_heads (trn1): also k_h [1, Hv, T, Dk] (the k rows at partition 0) and, for
+    bf16 inputs, bv_h [1, Hv, T, Dv]."""
     _, n_tok, n_hk, dk = q_shape
     n_r = 2 * sel_pairs.shape[1] * sel_pairs.shape[2]              # 2 Hv rows: sel_pairs [Hk, Hk, G, 2]
     n_th = n_tok * n_r // 2
@@ -357,22 +412,29 @@ def _prepare_update(q_shape, ins, i_b, exp_g, sel_pairs, use_l2norm, cdt, own):
     for i_t in range(n_tok):
         nisa.nc_matmul(kr_ps[:, i_t, :], sel_pairs.reshape((n_hk, n_r)), ins["k_rows"][:, i_b, i_t, :])
     k_rows = nl.ndarray((n_r, n_tok, dk), dtype=cdt, buffer=nl.sbuf)
-    _normalize_rows(k_rows, kr_ps, use_l2norm)
+    _normalize_rows(k_rows, kr_ps, use_l2norm, eps_bias)
     del kr_ps
     nbe = nl.ndarray((dk, n_tok, n_r // 2), dtype=f32, buffer=nl.sbuf)
     nisa.scalar_tensor_tensor(dst=nbe.reshape((dk, n_th)), data=exp_g, op0=nl.multiply, operand0=-1.0,
                               op1=nl.multiply, operand1=ins["beta_bc"][:, i_b, :])
     upd = dict(k_rows=k_rows, nbe=nbe)
+    if free_heads:
+        upd["k_h"] = _rows_to_free(k_rows, 0, cdt)
     if cdt != f32:
-        upd.update(_prepare_rank1(k_rows, nbe, ins["v_pairs"][:, i_b], ins["beta_pairs"][:, i_b], own))
+        upd.update(_prepare_rank1(k_rows, nbe, ins["v_pairs"][:, i_b], ins["beta_pairs"][:, i_b], own,
+                                  upd.get("k_h")))
+        if free_heads:
+            upd["bv_h"] = _rows_to_free(upd["bv_rows"], 0, cdt)
     return upd
 
 
-def _prepare_rows(q_shape, v_shape, ins, i_b, exp_g, nbe, sel_cols, ones_sb, kqz, scale, use_l2norm):
+def _prepare_rows(q_shape, v_shape, ins, i_b, exp_g, nbe, sel_cols, ones_sb, kqz, scale, use_l2norm,
+                  eps_bias=_EPS_BIAS, free_heads=False):
     """fp32 path: the stationary columns and addend rows (from the inputs only) of the (delta, o) row pairs.
 
     Returns a dict: kq_st [Dk, T, Hv, 2] fp32 (columns k' = -beta e^g k, q'' = e^g q + (k.q) k' per v head) and
-    addend [2 Hv, T, Dv] fp32 (rows beta v, (k.q) beta v)."""
+    addend [2 Hv, T, Dv] fp32 (rows beta v, (k.q) beta v); free_heads (trn1): addend_h [2, Hv, T, Dv], the
+    same rows at partitions 0 and 1."""
     _, n_tok, n_hk, dk = q_shape
     n_hv, dv = v_shape[2], v_shape[3]
     n_th, n_r = n_tok * n_hv, 2 * n_hv
@@ -381,7 +443,7 @@ def _prepare_rows(q_shape, v_shape, ins, i_b, exp_g, nbe, sel_cols, ones_sb, kqz
     kq_ps = nl.ndarray((dk, 2, n_th), dtype=f32, buffer=nl.psum)
     _select_columns(kq_ps, ins, i_b, sel_cols)
     kqn = nl.ndarray((dk, n_tok, n_hv, 2), dtype=f32, buffer=nl.sbuf)     # [..., 0] = k, [..., 1] = q
-    _normalize_columns(kqn, kq_ps, ones_sb, scale, use_l2norm)
+    _normalize_columns(kqn, kq_ps, ones_sb, scale, use_l2norm, eps_bias)
     del kq_ps
     # k . q: column sums of kqz = [e_0 | k o q], broadcast to all partitions, and per row pair (2h, 2h + 1)
     nisa.tensor_tensor(dst=kqz[:, :, :, 1], data1=kqn[:, :, :, 0], data2=kqn[:, :, :, 1], op=nl.multiply,
@@ -410,10 +472,15 @@ def _prepare_rows(q_shape, v_shape, ins, i_b, exp_g, nbe, sel_cols, ones_sb, kqz
     nisa.tensor_tensor(dst=kqk, data1=kq_bc_ps[:, :, :, 1], data2=kq_f[:, :, :, 0], op=nl.multiply)
     del kq_bc_ps
     nisa.tensor_tensor(dst=kq_f[:, :, :, 1], data1=eq, data2=kqk, op=nl.add, engine=nisa.engine.gpsimd)
+    if free_heads:
+        addend_h = nl.ndarray((2, n_hv, n_tok, dv), dtype=f32, buffer=nl.sbuf)
+        for i_x in range(2):
+            nisa.dma_copy(dst=addend_h[i_x:i_x + 1], src=addend[i_x:n_r:2])
+        return dict(addend=addend, addend_h=addend_h, kq_st=kq_f)
     return dict(addend=addend, kq_st=kq_f)
 
 
-def _prepare_rank1(k_rows, nbe, v_pairs, beta_pairs, own):
+def _prepare_rank1(k_rows, nbe, v_pairs, beta_pairs, own, k_h=None):
     """bf16 path: bv_rows [2 Hv, T, Dv] (row 2h = beta v_h, bf16) and the rank-1 update stationaries
     rank [Dk, T, Hv, Dk] (rank[:, t, h][j, i] = k'_h[j] k_h[i] = -beta e^g k_h[j] k_h[i]: a K = 1 matmul of the
     k row on partition 2h with itself, the factor -beta e^g applied at the eviction) for the owned heads
@@ -421,7 +488,7 @@ def _prepare_rank1(k_rows, nbe, v_pairs, beta_pairs, own):
     head's update can start before the others are ready.
 
     k_rows [2 Hv, T, Dk] bf16; nbe [Dk, T, Hv] fp32 (-beta e^g on every partition); v_pairs [2 Hv, T, Dv];
-    beta_pairs [2 Hv, T] fp32."""
+    beta_pairs [2 Hv, T] fp32; k_h [1, Hv, T, Dk] (free_heads, trn1): the k rows at partition 0, used instead."""
     n_r, n_tok, dk = k_rows.shape
     dv = v_pairs.shape[2]
     f32 = nl.float32
@@ -438,8 +505,8 @@ def _prepare_rank1(k_rows, nbe, v_pairs, beta_pairs, own):
             rank_ps = nl.ndarray((dk, _RANK_BANK_HEADS, dk), dtype=f32, buffer=nl.psum)
             for i_h in range(nh):
                 r = 2 * (h0 + i_h)
-                nisa.nc_matmul(rank_ps[:, i_h, :], k_rows[r:r + 1, i_t, :], k_rows[r:r + 1, i_t, :],
-                               accumulate=False)
+                k_r = k_rows[r:r + 1, i_t, :] if k_h is None else k_h[0:1, h0 + i_h, i_t, :]
+                nisa.nc_matmul(rank_ps[:, i_h, :], k_r, k_r, accumulate=False)
             for i_h in range(nh):
                 nisa.activation(dst=rank[:, i_t, h0 + i_h, :], op=nl.copy, data=rank_ps[:, i_h, :],
                                 scale=nbe[:, i_t, h0 + i_h:h0 + i_h + 1])
@@ -447,7 +514,7 @@ def _prepare_rank1(k_rows, nbe, v_pairs, beta_pairs, own):
     return dict(bv_rows=bv_rows, rank=rank)
 
 
-def _normalize_rows(k_rows, kr_ps, use_l2norm):
+def _normalize_rows(k_rows, kr_ps, use_l2norm, eps_bias=_EPS_BIAS):
     """k_rows [R, T, Dk] (SBUF) = the rows kr_ps [R, T, Dk] (PSUM), L2-normalised along Dk if asked (the same
     prescaled rsqrt as _normalize_columns)."""
     n_r, n_tok, dk = k_rows.shape
@@ -461,13 +528,18 @@ def _normalize_rows(k_rows, kr_ps, use_l2norm):
         nisa.activation_reduce(dst=sq[:, i_t, :], op=nl.square, data=kr_ps[:, i_t, :], reduce_op=nl.add,
                                reduce_res=ss[:, i_t:i_t + 1])
     rn = nl.ndarray((n_r, n_tok), dtype=f32, buffer=nl.sbuf)
-    nisa.activation(dst=rn, op=nl.rsqrt, data=ss, scale=_RSQRT_PRESCALE, bias=_L2NORM_EPS * _RSQRT_PRESCALE)
+    nisa.activation(dst=rn, op=nl.rsqrt, data=ss, scale=_RSQRT_PRESCALE, bias=_bias(eps_bias, n_r))
     for i_t in range(n_tok):
         nisa.tensor_scalar(dst=k_rows[:, i_t, :], data=kr_ps[:, i_t, :], op0=nl.multiply,
                            operand0=rn[:, i_t:i_t + 1], op1=nl.multiply, operand1=_RSQRT_POSTSCALE)
 
 
-def _normalize_columns(kqn, kq_ps, ones_sb, scale, use_l2norm):
+def _bias(eps_bias, parts):
+    """The activation bias: the float eps_bias itself, or rows 0 .. parts - 1 of the [P, 1] tile (tile_bias)."""
+    return eps_bias if isinstance(eps_bias, float) else eps_bias[0:parts]
+
+
+def _normalize_columns(kqn, kq_ps, ones_sb, scale, use_l2norm, eps_bias=_EPS_BIAS):
     """kqn [Dk, T, H, 2] (SBUF; [..., 0] = k, [..., 1] = q) = the columns kq_ps [Dk, 2, T H] (PSUM; k then q),
     L2-normalised if asked, q scaled: x * rsqrt(sum x^2 + eps) = x * 2^-20 * rsqrt((sum x^2 + eps) 2^-40)."""
     dk, n_tok, n_h = kqn.shape[0], kqn.shape[1], kqn.shape[2]
@@ -482,7 +554,7 @@ def _normalize_columns(kqn, kq_ps, ones_sb, scale, use_l2norm):
         nisa.nc_matmul(ss_ps, ones_sb, sq)          # column sums, broadcast to all partitions
         rnorm = nl.ndarray((dk, 2, width), dtype=f32, buffer=nl.sbuf)
         nisa.activation(dst=rnorm.reshape((dk, 2 * width)), op=nl.rsqrt, data=ss_ps, scale=_RSQRT_PRESCALE,
-                        bias=_L2NORM_EPS * _RSQRT_PRESCALE)
+                        bias=_bias(eps_bias, dk))
         for i_x, factor in factors:
             nisa.scalar_tensor_tensor(dst=kqn[:, :, :, i_x], data=kq_ps[:, i_x, :].reshape((dk, n_tok, n_h)),
                                       op0=nl.multiply, operand0=factor, op1=nl.multiply,
@@ -534,4 +606,5 @@ def gated_delta_rule_step(q, k, v, g, beta, state_pool, slot_ids=None, use_qk_l2
                  f"T * Hk <= {P_MAX} per launch, got Hv={n_hv}, T={n_tok}, Hk={n_hk}")
     return call(gated_delta_rule_step_kernel, q, k, v, g, beta, state_pool, slots.astype(np.int32),
                 scale=sc, use_l2norm=bool(use_qk_l2norm_in_kernel), static_rows=static_rows, lnc=lnc,
-                inplace=("state_pool",))
+                free_heads=current_target_name() in ALIGNED_START_PARTITION_TARGETS,
+                tile_bias=current_target_name() in TILE_ACTIVATION_BIAS_TARGETS, inplace=("state_pool",))
