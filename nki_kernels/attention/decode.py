@@ -198,6 +198,11 @@ def decode_body(q, k_cache, v_cache, cache_lens, out, softmax_scale, causal):
                 halves = [(d - w, d), (0, d - w)] if half == 0 else [(0, w), (w, d)]
                 staged["halves"] = [(c0, c1) for c0, c1 in halves if c1 > c0]
             if last and split and n_prog > 1:
+                if pending is not None and pending[0] is not part:
+                    # the previous part's l exchange and O swap first: with halves of different piece counts the
+                    # two cores must still issue their sendrecvs in the same order
+                    pv_stage(*pending)
+                    pending = None
                 _early_max_exchange(ctx, part, j, pid)
                 staged["after_l"] = lambda part=part: _early_l_exchange(ctx, part, pid)
             if pending is not None:

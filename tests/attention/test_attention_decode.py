@@ -150,6 +150,19 @@ def test_odd_head_dim_key_split_lnc2(d, s, sq, group, b, dtype, seed):
     np.testing.assert_array_equal(one, two)
 
 
+@pytest.mark.parametrize("b, hq, hkv, s", [(3, 4, 1, 4224), (1, 24, 3, 4224), (3, 64, 1, 2176)])
+def test_key_split_halves_of_different_piece_counts_lnc2(b, hq, hkv, s):
+    """B * Hkv odd and >= 3 with key halves of different piece counts (here 2 and 1): the core with one piece must
+    still issue the previous part's l exchange and O swap before this part's max exchange, the order the other
+    core uses (before the fix, LNC=2 failed: the cores' sendrecvs paired pipe 2 with pipe 1)."""
+    rng = np.random.default_rng(7)
+    q, k, v = _inputs(rng, b, hq, hkv, 1, s, 128, BF16)
+    lens = np.full(b, s, np.int32)
+    two, _ = _check(f"split halves b={b} hq={hq} s={s}", q, k, v, lens, "bfloat16", lnc=2)
+    one = np.asarray(flash_attention_decode(q, k, v, lens, lnc=1), np.float64)
+    np.testing.assert_array_equal(one, two)
+
+
 def _rows_ref(q, k, v, n, rows):
     """float64 decode attention (Sq = 1, one KV head, no masking beyond the length n) of query heads `rows`."""
     kv_k = k[0, 0, :n].astype(np.float64)
