@@ -29,8 +29,9 @@ import math
 import numpy as np
 
 from ..backend import call, call_ranks, is_emulated, nisa, nki, nl
-from ..lnc import resolve_lnc
-from ..hw import (GEMM_MOVING_FMAX, NEG_INF, P_MAX, PSUM_BANK_BYTES, SBUF_BYTES_PER_PARTITION)
+from ..lnc import current_target_name, resolve_lnc
+from ..hw import (GEMM_MOVING_FMAX, NEG_INF, P_MAX, PSUM_BANK_BYTES, SBUF_BYTES_PER_PARTITION,
+                  TILE_ACTIVATION_BIAS_TARGETS)
 from ..validation import kernel_check
 from .weights import CodePredictorWeights, weights_from_state_dict, weights_from_transformers  # noqa: F401
 from .weights import CORE_SPLIT_NAMES, core_split_problem, core_split_weights
@@ -345,6 +346,11 @@ def _guard_code(code, okv, rows):
 # ================================================================ one decoder pass (all layers) over token rows
 
 
+def _bias_rows(eps, parts):
+    """The activation bias eps: a float, or rows 0 .. parts - 1 of the [128, 1] eps tile (tile_bias, trn1)."""
+    return eps if isinstance(eps, float) else eps[0:parts]
+
+
 class _Cfg:
     """Trace-time sizes of one launch (plain ints)."""
 
@@ -470,7 +476,8 @@ def _qk_norm_rope_T(c, S, l, x, cos_t, sin_t, q_dst, k_dst, sq_src=None):
         hn = min(hpb, NH - h0)
         ss_psum = nl.ndarray((D, hn, R), dtype=nl.float32, buffer=nl.psum)
         nisa.nc_matmul(ss_psum, S["onesD"], sq[:, h0:h0 + hn, :])
-        nisa.activation(dst=rstd[:, h0:h0 + hn, :], op=nl.rsqrt, data=ss_psum, scale=1.0 / D, bias=c.eps)
+        nisa.activation(dst=rstd[:, h0:h0 + hn, :], op=nl.rsqrt, data=ss_psum, scale=1.0 / D,
+                        bias=_bias_rows(c.eps, D))
     xwc = nl.ndarray((D, NH, R), dtype=nl.float32, buffer=nl.sbuf)
     if one_pos:
         nisa.tensor_tensor(dst=xwc, data1=x[:, 0:NH, :], op=nl.multiply,
@@ -1072,7 +1079,7 @@ def code_predictor_kernel(past_hidden, code0_embed, uniforms, input_norm, post_n
                           wqkv_t, wo_t, wgu_t, wd_t, lm_head_t, codec_embed, rope_cos, rope_sin,
                           n_q_heads, n_kv_heads, eps, resident, do_sample, inv_temperature, top_k, top_p,
                           lm_ring=False, exp_safe=False, replica_group=None, tp_degree=1, vocab_shards=1,
-                          core_split=False):
+                          core_split=False, tile_bias=False):
     """All G1 residual-code steps x L layers of the code predictor in one launch (KV cache in SBUF).
 
     Dimensions: B batch (<= 128), H hidden, L layers, Hq/Hkv heads of this rank, D head dim, I intermediate
@@ -1090,6 +1097,8 @@ def code_predictor_kernel(past_hidden, code0_embed, uniforms, input_norm, post_n
             core p's half of the heads, intermediate columns and LM-head rows; n_q_heads / n_kv_heads are per
             core), and the cores exchange their o_proj / down_proj partial sums and their logits through shared
             HBM with `nisa.core_barrier` (see `_core_exchange`).
+        tile_bias: trace-time (trn1: NeuronCore-v2 has no float activation bias): the RMSNorms' eps bias is a
+            [128, 1] fp32 tile (one memset per frame) instead of the float eps.
     Returns:
         codes: [B, G1] @ HBM int32; codec_embeds: [B, G1, H] @ HBM (codec_embed's dtype);
         codec_sum: [B, H] @ HBM = code0_embed + sum_j codec_embeds[:, j].
@@ -1118,7 +1127,7 @@ def code_predictor_kernel(past_hidden, code0_embed, uniforms, input_norm, post_n
         _frame(past_hidden[rows, :], code0_embed[rows, :], uniforms[rows, :], W, codes_all[rows, :],
                embeds_all[rows, :, :], sum_all[rows, :], bad_all[rows, :], n_q_heads, n_kv_heads, eps, resident,
                do_sample, inv_temperature, top_k, top_p, lm_ring, exp_safe, replica_group, tp_degree,
-               vocab_shards, core_split)
+               vocab_shards, core_split, tile_bias)
     return codes_all, embeds_all, sum_all, bad_all
 
 
@@ -1188,7 +1197,7 @@ def _core_rows(B):
 
 def _frame(past_hidden, code0_embed, uniforms, W, codes, codec_embeds, codec_sum, bad_rows, n_q_heads, n_kv_heads,
            eps, resident, do_sample, inv_temperature, top_k, top_p, lm_ring, exp_safe, replica_group, tp_degree,
-           vocab_shards, core_split=False):
+           vocab_shards, core_split=False, tile_bias=False):
     """The whole frame for B rows (one core's share): prompt pass, then G1 steps. Inputs and outputs are HBM
     views of those rows: past_hidden, code0_embed [B, H]; uniforms [B, G1]; codes [B, G1]; codec_embeds
     [B, G1, H]; codec_sum [B, H]; bad_rows [B, 1]."""
@@ -1203,6 +1212,10 @@ def _frame(past_hidden, code0_embed, uniforms, W, codes, codec_embeds, codec_sum
     hs = slice(pid * (H // 2), (pid + 1) * (H // 2)) if core_split else slice(0, H)
     writes_codes = pid == 0
     rope_cos, rope_sin = W["rope_cos"], W["rope_sin"]
+    if tile_bias:       # NeuronCore-v2: the rsqrt's eps bias as a [128, 1] tile (c.eps is then that tile)
+        eps_sb = nl.ndarray((_K_TILE, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.memset(dst=eps_sb, value=float(eps))
+        eps = eps_sb
     c = _Cfg(B, H, L, n_q_heads, n_kv_heads, D, I, G1 + 1, eps)
 
     # inputs first: the DMA queues serve them before the ~20 MB of resident weights
@@ -1565,7 +1578,7 @@ def code_predictor(past_hidden, code0_embed, weights: CodePredictorWeights, *, u
                n_q_heads=nq, n_kv_heads=nkv, eps=float(w.eps), resident=bool(resident),
                do_sample=bool(do_sample), inv_temperature=float(1.0 / temperature) if do_sample else 1.0,
                top_k=int(top_k) if do_sample else 1, top_p=float(top_p), lm_ring=lm_ring, exp_safe=exp_safe,
-               core_split=split, lnc=lnc)
+               core_split=split, tile_bias=current_target_name() in TILE_ACTIVATION_BIAS_TARGETS, lnc=lnc)
     codes, embeds, csum, bad = out
     res = [codes, embeds] + ([csum] if return_sum else []) + ([bad.reshape(-1)] if return_bad_rows else [])
     return tuple(res)
@@ -1654,7 +1667,8 @@ def code_predictor_tp(past_hidden, code0_embed, shards, *, replica_group=None, u
                   do_sample=bool(do_sample), inv_temperature=float(1.0 / temperature) if do_sample else 1.0,
                   top_k=int(top_k) if do_sample else 1, top_p=float(top_p), lm_ring=lm_ring,
                   exp_safe=all(_exp_is_safe(w) for w in shards), replica_group=replica_group, tp_degree=tp,
-                  vocab_shards=vocab_shards, core_split=split)
+                  vocab_shards=vocab_shards, core_split=split,
+                  tile_bias=current_target_name() in TILE_ACTIVATION_BIAS_TARGETS)
     outs = call_ranks(code_predictor_kernel, [(past_hidden, code0_embed, uniforms, *plan[1]) for plan in plans],
                       lnc=lnc, **consts)
     per_rank = []
@@ -1698,6 +1712,6 @@ def code_predictor_rank(past_hidden, code0_embed, shard, *, replica_group, unifo
                do_sample=bool(do_sample), inv_temperature=float(1.0 / temperature) if do_sample else 1.0,
                top_k=int(top_k) if do_sample else 1, top_p=float(top_p), lm_ring=lm_ring,
                exp_safe=_exp_is_safe(shard), replica_group=replica_group, tp_degree=shard.tp,
-               vocab_shards=vocab_shards, lnc=lnc)
+               vocab_shards=vocab_shards, tile_bias=current_target_name() in TILE_ACTIVATION_BIAS_TARGETS, lnc=lnc)
     codes, embeds, csum, bad = out
     return tuple([codes, embeds] + ([csum] if return_sum else []) + ([bad.reshape(-1)] if return_bad_rows else []))
