@@ -287,6 +287,25 @@ def test_gdn_step_runs_on_trn1_for_every_batch(rng, b, static_rows):
     assert_close("step state", rpool, new_pool, dtype=tol)
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+def test_gdn_step_widest_shape_fits_on_trn1(rng, dtype):
+    """The widest shape the wrapper accepts (Hv = 64 v heads, T = 4 tokens, Dk = Dv = 128) fits trn1's smaller SBUF
+    with the per-(head, token) rows copied to partition 0 (small tiles, not [Hv, T, D] ones) and matches."""
+    b, t, hk, hv, d = 2, 4, 16, 64, 128
+    q, k = (rng.standard_normal((b, t, hk, d)).astype(dtype) for _ in range(2))
+    v = rng.standard_normal((b, t, hv, d)).astype(dtype)
+    g = (-rng.uniform(0.0, 0.5, (b, t, hv))).astype(F32)
+    beta = rng.uniform(0.0, 1.0, (b, t, hv)).astype(F32)
+    pool = (rng.standard_normal((b + 1, hv, d, d)) * 0.1).astype(F32)
+    slots = np.array([2, 0], np.int32)
+    new_pool = pool.copy()
+    o = _trn1(nk.gated_delta_rule_step, q, k, v, g, beta, new_pool, slots, use_qk_l2norm_in_kernel=True, lnc=1)
+    ro, rpool = gdn_ref.gated_delta_rule_step(q, k, v, g, beta, pool, slots, use_qk_l2norm_in_kernel=True)
+    tol = "bfloat16" if dtype is BF16 else "float32"
+    assert_close("step o", ro, np.asarray(o), dtype=tol)
+    assert_close("step state", rpool, new_pool, dtype=tol)
+
+
 @VALUES
 def test_gdn_step_value_stays_in_its_sequence(rng, value):
     """trn1 NaN audit of the decode step: a non-finite k value of sequence 0 reaches no other sequence's output

@@ -68,10 +68,10 @@ def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, 
         static_rows: trace-time; sequence b uses state row b (static DMAs, no slot ids: an aliased
             [max_bs, Hv, Dk, Dv] buffer as NxDI keeps it).
         free_heads: trace-time (trn1: NeuronCore-v2 instructions on <= 32 partitions start only at partition
-            0 / 32 / 64 / 96): the per-head rows (k rows, beta v rows, addend and (delta, o) rows) sit on
-            partitions 0 (and 1) with the v head on the free axis, moved there from the row pairs (2h, 2h + 1)
-            by one SBUF -> SBUF DMA per tensor and sequence, and the [S^T k' ; S^T q''] rows of head h come
-            from a [Dk, 2] stationary (head h's columns) instead of all 2 Hv columns.
+            0 / 32 / 64 / 96): each (head, token)'s rows (k row, beta v row, addend rows) are copied from the
+            row pair (2h, 2h + 1) to partitions 0 (and 1) of a small tile by SBUF -> SBUF DMAs, the
+            [S^T k' ; S^T q''] rows of head h come from a [Dk, 2] stationary (head h's columns) and its o row
+            goes to HBM by one DMA per (head, token).
         tile_bias: trace-time (trn1: no float activation bias on NeuronCore-v2): the rsqrt's eps bias is a
             [P, 1] tile.
     Returns:
@@ -176,15 +176,13 @@ def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, 
             out = _prepare_rows(q.shape, v.shape, ins, i_g, exp_g, upd["nbe"], sel_cols, ones_sb, kqz, scale,
                                 use_l2norm, eps_bias, free_heads)
         dl_rows = None
-        if cdt == f32 and free_heads:
-            dl_rows = nl.ndarray((2, n_tok, n_hv, dv), dtype=cdt, buffer=nl.sbuf)   # row 0: delta_h, 1: o_h
-        elif cdt == f32:
+        if cdt == f32 and not free_heads:
             dl_rows = nl.ndarray((n_r, n_tok, dv), dtype=cdt, buffer=nl.sbuf)    # rows 2h: delta_h, 2h + 1: o_h
         for i_t in range(n_tok):
             if cdt == f32:
                 for i_o in range(n_own):
                     if free_heads:
-                        _head_token_rows_free(state_sb[:, i_o, :], upd, out, exp_g, dl_rows, i_t, own[0] + i_o)
+                        _head_token_rows_free(state_sb[:, i_o, :], upd, out, exp_g, o, i_b, i_t, own[0] + i_o)
                     else:
                         _head_token_rows(state_sb[:, i_o, :], upd, out, exp_g, dl_rows, i_t, own[0] + i_o)
                 continue
@@ -199,11 +197,7 @@ def gated_delta_rule_step_kernel(q, k, v, g, beta, state_pool, slot_ids, scale, 
             _token_out_rows(state_sb, out, o, i_b, i_t, own)
         if cdt == f32:
             nisa.dma_copy(dst=_state_rows(state_pool, slot, own), src=state_sb)
-            if free_heads:
-                nisa.dma_copy(dst=o.ap(pattern=[[n_hv * dv, n_tok], [dv, n_own], [1, dv]],
-                                       offset=(i_b * n_th + own[0]) * dv),
-                              src=dl_rows[1:2, :, own[0]:own[0] + n_own, :])
-            else:
+            if not free_heads:
                 nisa.dma_copy(dst=o.ap(pattern=[[dv, n_own], [n_hv * dv, n_tok], [1, dv]],
                                        offset=(i_b * n_th + own[0]) * dv),
                               src=dl_rows[2 * own[0] + 1:2 * (own[0] + n_own):2, :, :])
@@ -233,30 +227,34 @@ def _head_token_rows(s_h, upd, out, exp_g, dl_rows, i_t, i_h):
                               operand1=outer_ps)
 
 
-def _head_token_rows_free(s_h, upd, out, exp_g, dl_rows, i_t, i_h):
-    """_head_token_rows with the per-head rows on partitions 0 and 1 (free_heads, trn1): dl_rows [2, T, Hv, Dv],
-    out["addend_h"] [2, Hv, T, Dv], upd["k_h"] [1, Hv, T, Dk]; head h's [S^T k' ; S^T q''] rows come from its
-    own [Dk, 2] columns as the stationary."""
+def _head_token_rows_free(s_h, upd, out, exp_g, o, i_b, i_t, i_h):
+    """_head_token_rows with head h's rows at partitions 0 and 1 (free_heads, trn1): its k row and addend rows
+    copied there from the row pair (2h, 2h + 1) by SBUF -> SBUF DMAs, its [S^T k' ; S^T q''] rows from its own
+    [Dk, 2] columns as the stationary, its o row written to o[b, t, h] by one DMA."""
     dk, dv = s_h.shape
     f32 = nl.float32
-    i_th = i_t * out["kq_st"].shape[2] + i_h
+    n_hv = out["kq_st"].shape[2]
+    i_th = i_t * n_hv + i_h
+    k_r = _row_at_zero(upd["k_rows"][2 * i_h:2 * i_h + 1, i_t, :])
+    add_r = _row_at_zero(out["addend"][2 * i_h:2 * i_h + 2, i_t, :])
     sk_ps = nl.ndarray((2, dv), dtype=f32, buffer=nl.psum)
     nisa.nc_matmul(sk_ps, out["kq_st"][:, i_t, i_h, :], s_h)
-    nisa.tensor_tensor(dst=dl_rows[0:2, i_t, i_h, :], data1=sk_ps, data2=out["addend_h"][0:2, i_h, i_t, :],
-                       op=nl.add)
+    dl_r = nl.ndarray((2, dv), dtype=f32, buffer=nl.sbuf)        # row 0: delta_h, row 1: o_h
+    nisa.tensor_tensor(dst=dl_r, data1=sk_ps, data2=add_r, op=nl.add)
     del sk_ps
     outer_ps = nl.ndarray((dk, dv), dtype=f32, buffer=nl.psum)
-    nisa.nc_matmul(outer_ps, upd["k_h"][0:1, i_h, i_t, :], dl_rows[0:1, i_t, i_h, :], accumulate=False)
+    nisa.nc_matmul(outer_ps, k_r, dl_r[0:1, :], accumulate=False)
     nisa.scalar_tensor_tensor(dst=s_h, data=s_h, op0=nl.multiply, operand0=exp_g[:, i_th:i_th + 1], op1=nl.add,
                               operand1=outer_ps)
+    nisa.dma_copy(dst=o.ap(pattern=[[dv, 1], [1, dv]], offset=((i_b * o.shape[1] + i_t) * n_hv + i_h) * dv),
+                  src=dl_r[1:2, :])
 
 
-def _rows_to_free(rows, parity, dtype):
-    """[1, R / 2, ...] copy of rows rows[parity::2] ([R, ...], SBUF) with the pair index on the free axis, at
-    partition 0: one SBUF -> SBUF DMA (free_heads, trn1)."""
-    n_r = rows.shape[0]
-    dst = nl.ndarray((1, n_r // 2) + tuple(rows.shape[1:]), dtype=dtype, buffer=nl.sbuf)
-    nisa.dma_copy(dst=dst, src=rows[parity:n_r:2])
+def _row_at_zero(rows):
+    """A copy of the SBUF rows `rows` ([r, n], any start partition) on partitions 0 .. r - 1: one SBUF -> SBUF DMA
+    (free_heads, trn1: no compute instruction may start on a partition like 2h there)."""
+    dst = nl.ndarray(tuple(rows.shape), dtype=rows.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=dst, src=rows)
     return dst
 
 
@@ -273,7 +271,8 @@ def _head_token_rank1(s_h, s_bf, upd, exp_g, i_t, i_h, free_heads=False):
     i_th = i_t * rank.shape[2] + i_h
     upd_ps = nl.ndarray((dk, dv), dtype=f32, buffer=nl.psum)
     if free_heads:
-        nisa.nc_matmul(upd_ps, upd["k_h"][0:1, i_h, i_t, :], upd["bv_h"][0:1, i_h, i_t, :], accumulate=False)
+        nisa.nc_matmul(upd_ps, _row_at_zero(k_rows[2 * i_h:2 * i_h + 1, i_t, :]),
+                       _row_at_zero(bv_rows[2 * i_h:2 * i_h + 1, i_t, :]), accumulate=False)
     else:
         nisa.nc_matmul(upd_ps, k_rows[2 * i_h:2 * i_h + 1, i_t, :], bv_rows[2 * i_h:2 * i_h + 1, i_t, :],
                        accumulate=False)
@@ -400,8 +399,7 @@ def _prepare_update(q_shape, ins, i_b, exp_g, sel_pairs, use_l2norm, cdt, own, e
 
     Returns a dict: k_rows [2 Hv, T, Dk] (rows 2h, 2h + 1 = normalised k of v head h), nbe [Dk, T, Hv] fp32
     (-beta e^g on every partition) and, for bf16 inputs, bv_rows and rank (see _prepare_rank1; the owned heads
-    own = (first, count) only). free_heads (trn1): also k_h [1, Hv, T, Dk] (the k rows at partition 0) and, for
-    bf16 inputs, bv_h [1, Hv, T, Dv]."""
+    own = (first, count) only; free_heads, trn1: each k row copied to partition 0 for its K = 1 matmuls)."""
     _, n_tok, n_hk, dk = q_shape
     n_r = 2 * sel_pairs.shape[1] * sel_pairs.shape[2]              # 2 Hv rows: sel_pairs [Hk, Hk, G, 2]
     n_th = n_tok * n_r // 2
@@ -418,13 +416,9 @@ def _prepare_update(q_shape, ins, i_b, exp_g, sel_pairs, use_l2norm, cdt, own, e
     nisa.scalar_tensor_tensor(dst=nbe.reshape((dk, n_th)), data=exp_g, op0=nl.multiply, operand0=-1.0,
                               op1=nl.multiply, operand1=ins["beta_bc"][:, i_b, :])
     upd = dict(k_rows=k_rows, nbe=nbe)
-    if free_heads:
-        upd["k_h"] = _rows_to_free(k_rows, 0, cdt)
     if cdt != f32:
         upd.update(_prepare_rank1(k_rows, nbe, ins["v_pairs"][:, i_b], ins["beta_pairs"][:, i_b], own,
-                                  upd.get("k_h")))
-        if free_heads:
-            upd["bv_h"] = _rows_to_free(upd["bv_rows"], 0, cdt)
+                                  free_heads))
     return upd
 
 
@@ -433,8 +427,7 @@ def _prepare_rows(q_shape, v_shape, ins, i_b, exp_g, nbe, sel_cols, ones_sb, kqz
     """fp32 path: the stationary columns and addend rows (from the inputs only) of the (delta, o) row pairs.
 
     Returns a dict: kq_st [Dk, T, Hv, 2] fp32 (columns k' = -beta e^g k, q'' = e^g q + (k.q) k' per v head) and
-    addend [2 Hv, T, Dv] fp32 (rows beta v, (k.q) beta v); free_heads (trn1): addend_h [2, Hv, T, Dv], the
-    same rows at partitions 0 and 1."""
+    addend [2 Hv, T, Dv] fp32 (rows beta v, (k.q) beta v)."""
     _, n_tok, n_hk, dk = q_shape
     n_hv, dv = v_shape[2], v_shape[3]
     n_th, n_r = n_tok * n_hv, 2 * n_hv
@@ -472,15 +465,10 @@ def _prepare_rows(q_shape, v_shape, ins, i_b, exp_g, nbe, sel_cols, ones_sb, kqz
     nisa.tensor_tensor(dst=kqk, data1=kq_bc_ps[:, :, :, 1], data2=kq_f[:, :, :, 0], op=nl.multiply)
     del kq_bc_ps
     nisa.tensor_tensor(dst=kq_f[:, :, :, 1], data1=eq, data2=kqk, op=nl.add, engine=nisa.engine.gpsimd)
-    if free_heads:
-        addend_h = nl.ndarray((2, n_hv, n_tok, dv), dtype=f32, buffer=nl.sbuf)
-        for i_x in range(2):
-            nisa.dma_copy(dst=addend_h[i_x:i_x + 1], src=addend[i_x:n_r:2])
-        return dict(addend=addend, addend_h=addend_h, kq_st=kq_f)
     return dict(addend=addend, kq_st=kq_f)
 
 
-def _prepare_rank1(k_rows, nbe, v_pairs, beta_pairs, own, k_h=None):
+def _prepare_rank1(k_rows, nbe, v_pairs, beta_pairs, own, free_heads=False):
     """bf16 path: bv_rows [2 Hv, T, Dv] (row 2h = beta v_h, bf16) and the rank-1 update stationaries
     rank [Dk, T, Hv, Dk] (rank[:, t, h][j, i] = k'_h[j] k_h[i] = -beta e^g k_h[j] k_h[i]: a K = 1 matmul of the
     k row on partition 2h with itself, the factor -beta e^g applied at the eviction) for the owned heads
@@ -488,7 +476,7 @@ def _prepare_rank1(k_rows, nbe, v_pairs, beta_pairs, own, k_h=None):
     head's update can start before the others are ready.
 
     k_rows [2 Hv, T, Dk] bf16; nbe [Dk, T, Hv] fp32 (-beta e^g on every partition); v_pairs [2 Hv, T, Dv];
-    beta_pairs [2 Hv, T] fp32; k_h [1, Hv, T, Dk] (free_heads, trn1): the k rows at partition 0, used instead."""
+    beta_pairs [2 Hv, T] fp32. free_heads (trn1): each k row is copied to partition 0 first (one DMA)."""
     n_r, n_tok, dk = k_rows.shape
     dv = v_pairs.shape[2]
     f32 = nl.float32
@@ -505,7 +493,7 @@ def _prepare_rank1(k_rows, nbe, v_pairs, beta_pairs, own, k_h=None):
             rank_ps = nl.ndarray((dk, _RANK_BANK_HEADS, dk), dtype=f32, buffer=nl.psum)
             for i_h in range(nh):
                 r = 2 * (h0 + i_h)
-                k_r = k_rows[r:r + 1, i_t, :] if k_h is None else k_h[0:1, h0 + i_h, i_t, :]
+                k_r = _row_at_zero(k_rows[r:r + 1, i_t, :]) if free_heads else k_rows[r:r + 1, i_t, :]
                 nisa.nc_matmul(rank_ps[:, i_h, :], k_r, k_r, accumulate=False)
             for i_h in range(nh):
                 nisa.activation(dst=rank[:, i_t, h0 + i_h, :], op=nl.copy, data=rank_ps[:, i_h, :],
