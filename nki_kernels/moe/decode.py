@@ -129,7 +129,7 @@ def moe_decode_kernel(hidden, top_k_index, top_k_weights, gate_up, down, shared_
     nisa.memset(dst=ones_sb, value=1.0)
     if not row_slots:
         slot_sb, e_sb = _slot_table(key_all, routes, ones_sb, n_slots, n_local)
-    if split and _h_exchange_fits(shared_gate_up, fold, down):
+    if split and _h_exchange_fits(shared_gate_up, fold, down, top_k, itemsize(down.dtype)):
         _h_exchange_token(out, xT_sb, gate_up, down, e_sb, w_all, pid)
         return out
     acc_psum = nl.ndarray((P_MAX, n_hc, t_pad), dtype=nl.float32, buffer=nl.psum)
@@ -204,13 +204,28 @@ def moe_decode_kernel(hidden, top_k_index, top_k_weights, gate_up, down, shared_
     return out
 
 
-def _h_exchange_fits(shared_gate_up, fold, down):
+def _h_exchange_fits(shared_gate_up, fold, down, top_k, item):
     """One token at LNC=2 exchanges h instead of partial sums (`_h_exchange_token`) when there is no shared
-    expert, gate_up is not folded, I is even and <= 128 (h of one slot on one set of partitions) and H splits
-    into two halves of whole 128-column chunks."""
+    expert, gate_up is not folded, I is even and <= 128 (h of one slot on one set of partitions), H splits
+    into two halves of whole 128-column chunks, and its plan (`h_exchange_bytes`: every slot's weights held at
+    once, no ring) fits the SBUF of the target in force (`sbuf_budget`); else the partial-sum path, whose ring
+    `check_decode_sbuf` budgets, runs."""
     n_inter, h_total = down.shape[-2], down.shape[-1]
     return (shared_gate_up is None and fold == 1 and n_inter % 2 == 0 and n_inter <= P_MAX
-            and h_total % (2 * _H_TILE) == 0)
+            and h_total % (2 * _H_TILE) == 0
+            and h_exchange_bytes(top_k, h_total, n_inter, item) <= sbuf_budget())
+
+
+def h_exchange_bytes(top_k, h_total, n_inter, item):
+    """Upper bound of the SBUF bytes per partition of `_h_exchange_token`'s plan (core 0, which has the more
+    slots): the gate_up of its ceil(TOPK/2) slots [128, n_h, 2, I], the down halves of all TOPK slots
+    [I/2, 2, H/2] (H per partition each), the selector, h tiles and output tiles, plus everything else of the
+    launch as `check_decode_sbuf` counts it (`decode_other_bytes` at T = 1, S = TOPK, Hc = H/2)."""
+    per = -(-top_k // 2)
+    n_h, i_half = h_total // P_MAX, n_inter // 2
+    weights = (per * n_h * 2 * n_inter + top_k * h_total) * item
+    small = i_half * (4 + item) + 5 * per * item + (h_total // (2 * _H_TILE) + P_MAX) * item + P_MAX * 4
+    return weights + small + decode_other_bytes(1, top_k, top_k, h_total, h_total // 2, n_inter, item)
 
 
 def _h_exchange_token(out, xT_sb, gate_up, down, e_sb, w_all, pid):
