@@ -69,11 +69,20 @@ _FP32_DEEP_MIN_ITEMS = 16
 # lifetime-exact accounting at Dk = Dv = 128 on trn2 (212984 B): bf16 inputs fit 3 chunks in flight up to
 # Hv * C = 1024, 2 up to 2048 and 1 up to 4096; fp32 compute on bf16 inputs (raw bf16 q / k tiles, one chunk in
 # flight) fits Hv * C <= 2048 (Hk = Hv = 16, C = 128: 205016 B), on fp32 / fp16 inputs (fp32 q / k tiles) only
-# Hv * C <= 1024 (Hk = Hv = 16, C = 128 overflowed; C = 64: 157336 B)
+# Hv * C <= 1024 (Hk = Hv = 16, C = 128 overflowed; C = 64: 157336 B). trn1 (180224 B, LNC=1, no PE row tiles)
+# takes less with fp32 compute, measured on the emulator at Dk = Dv = 128, Hk = Hv, T = C + 2: bf16 inputs Hv * C <=
+# 1664 (Hv = 13 at C = 128 fits, 14 overflowed), fp32 inputs <= 896 (Hv = 7 at C = 128 fits, 8 overflowed); bf16
+# compute keeps 4096 (Hv = 32, C = 128 fits)
 _DEPTH_BY_HV_CHUNK = ((1024, 3), (2048, 2), (4096, 1))
-_MAX_HV_CHUNK_FP32 = 2048
-_MAX_HV_CHUNK_FP32_INPUTS = 1024
+_MAX_HV_CHUNK_FP32 = {"trn1": 1664, None: 2048}          # by target (None: any other)
+_MAX_HV_CHUNK_FP32_INPUTS = {"trn1": 896, None: 1024}
 _COMPUTE_DTYPES = (None, "float32", "bfloat16")
+
+
+def target_limit(table, target):
+    """The entry of a {target name or None: limit} table for the target in force (None: every other target)."""
+    return table.get(target, table[None])
+
 # packed sequences (cu_seqlens): N per launch (the on-device schedule builds [128, N] fp32 tiles per 128 slots),
 # and slots N + T // C (the schedule keeps 10 B per slot on each partition for the whole launch)
 _MAX_SEQS = 1024
@@ -1658,15 +1667,16 @@ def gated_delta_rule(q, k, v, g, beta, chunk_size=64, initial_state=None, output
     n_own = -(-n_hv // lnc)
     kernel_check(n_own <= PSUM_FMAX_FP32, f"{name}: ceil(Hv / lnc) must be <= {PSUM_FMAX_FP32}, got Hv={n_hv}, "
                  f"lnc={lnc}")
+    target = current_target_name()
     if bf16_compute:
         max_hv_chunk, what = _DEPTH_BY_HV_CHUNK[-1][0], "bf16 compute"
     elif _dtype_name(q) == "bfloat16":
-        max_hv_chunk, what = _MAX_HV_CHUNK_FP32, "fp32 compute on bfloat16 inputs"
+        max_hv_chunk, what = target_limit(_MAX_HV_CHUNK_FP32, target), "fp32 compute on bfloat16 inputs"
     else:
-        max_hv_chunk, what = _MAX_HV_CHUNK_FP32_INPUTS, f"{_dtype_name(q)} inputs"
+        max_hv_chunk, what = target_limit(_MAX_HV_CHUNK_FP32_INPUTS, target), f"{_dtype_name(q)} inputs"
     kernel_check(n_own * chunk_size <= max_hv_chunk,
                  f"{name}: ceil(Hv / lnc) * chunk_size must be <= {max_hv_chunk} with "
-                 f"{what} (SBUF per partition), got Hv={n_hv}, lnc={lnc}, "
+                 f"{what} on {target} (SBUF per partition), got Hv={n_hv}, lnc={lnc}, "
                  f"chunk_size={chunk_size}; use chunk_size=64, lnc=2 or fewer v heads per launch (tensor "
                  f"parallelism)")
     has_init, init = initial_state_arg(name, initial_state, n_states, n_hv, dk, dv, "N" if varlen else "B")

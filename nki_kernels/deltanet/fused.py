@@ -42,7 +42,10 @@ _DMA_TRANSPOSE = True
 # top of the unfused kernel's tiles, whose owned-head limit is halved to leave room for it (the unfused kernel's
 # lifetime upper bound at Hv * C = 1024 with 3 chunks in flight is 167.5 KB; + 40 KiB stays within trn2's 212984 B)
 _MAX_FRONT_BYTES = 40 * 1024
-_MAX_HV_CHUNK = {"bfloat16": 1024, "float32": 1024}   # ceil(Hv / lnc) * C per core (bf16 / fp32 compute)
+# ceil(Hv / lnc) * C per core (bf16 / fp32 compute) by target (None: any other). trn1 (180224 B, LNC=1), measured on
+# the emulator at Dk = Dv = 128, Hk = Hv, K = 4, bf16 inputs, T = C + 2: fp32 compute Hv = 7 at C = 128 fits, 8
+# overflowed; bf16 compute Hv = 8 at C = 128 fits (fp32 inputs are held lower by _MAX_FRONT_BYTES)
+_MAX_HV_CHUNK = {"bfloat16": {None: 1024}, "float32": {"trn1": 896, None: 1024}}
 
 
 def _segments(n_hk, dk, n_hv, dv, kh_lo, kh_hi, hv_lo, hv_hi):
@@ -436,14 +439,15 @@ def gated_delta_rule_fused(mixed_qkv, conv_weight, g, beta, num_k_heads, head_k_
     io = _dtype_name(mixed_qkv)
     bf16_compute = compute_dtype == "bfloat16" and io == "bfloat16"
     n_own = -(-n_hv // lnc)
-    limit = _MAX_HV_CHUNK["bfloat16" if bf16_compute else "float32"]
-    kernel_check(n_own * chunk_size <= limit, f"{name}: ceil(Hv / lnc) * chunk_size must be <= {limit} (SBUF per "
-                 f"partition), got Hv={n_hv}, lnc={lnc}, chunk_size={chunk_size}; use chunk_size=64, lnc=2 or "
-                 f"fewer v heads per launch")
+    target = current_target_name()
+    limit = _chunk.target_limit(_MAX_HV_CHUNK["bfloat16" if bf16_compute else "float32"], target)
+    kernel_check(n_own * chunk_size <= limit, f"{name}: ceil(Hv / lnc) * chunk_size must be <= {limit} with "
+                 f"{'bf16' if bf16_compute else 'fp32'} compute on {target} (SBUF per partition), got Hv={n_hv}, "
+                 f"lnc={lnc}, chunk_size={chunk_size}; use chunk_size=64, lnc=2 or fewer v heads per launch")
     group = n_hv // hk
     n_ch_own = max(2 * _owned_k_heads(n_hv, group, pid, lnc) * dk + n_own * dv for pid in range(lnc))
     io_bytes = 4 if io == "float32" else 2
-    row_tiles = current_target_name() != "trn1"
+    row_tiles = target != "trn1"
     need = front_end_bytes(n_ch_own, kw, chunk_size, io_bytes, row_tiles)
     kernel_check(need <= _MAX_FRONT_BYTES, f"{name}: the conv front end needs {need} B of SBUF per partition for "
                  f"{n_ch_own} channels per core (diag(w) per 128 channels and tap), more than {_MAX_FRONT_BYTES}; "

@@ -324,3 +324,28 @@ def test_l2norm_runs_on_trn1(rng):
     ro, rs = ref.gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)
     assert_close("o trn1", ro, o, dtype="bfloat16")
     assert_close("state trn1", rs, s)
+
+
+@pytest.mark.parametrize("dtype, hv, limit, what", [
+    ("bfloat16", 13, 1664, "fp32 compute on bfloat16 inputs"),
+    ("float32", 7, 896, "float32 inputs")])
+def test_trn1_largest_fp32_compute_shapes_fit(dtype, hv, limit, what, rng):
+    """trn1 has 180224 B of SBUF per partition (trn2: 212984) and runs LNC=1 only: with fp32 compute the largest
+    accepted ceil(Hv / lnc) * C there (Hk = Hv, Dk = Dv = 128, C = 128, two chunks) runs on the emulator, whose
+    allocator fails a launch that overflows SBUF, and matches the reference; one more head is refused, naming trn1
+    and its limit (trn2's 2048 / 1024 overflowed trn1: Hk = 8, Hv = 16 bf16 needed 178200 + 2048 B)."""
+    from nki_kernels.emulator.targets import use_target
+    q, k, v, g, beta = gdn_inputs(rng, 1, 130, hv, hv, 128, 128, DTYPES[dtype])
+    s0 = (rng.standard_normal((1, hv, 128, 128)) * 0.1).astype(np.float32)
+    with use_target("trn1"):
+        o, s = gated_delta_rule(q, k, v, g, beta, chunk_size=128, initial_state=s0, use_qk_l2norm_in_kernel=True)
+    ro, rs = ref.gated_delta_rule(q, k, v, g, beta, initial_state=s0, use_qk_l2norm_in_kernel=True)
+    assert_close("o trn1", ro, o, dtype=dtype)
+    assert_close("state trn1", rs, s)
+    q, k, v, g, beta = gdn_inputs(rng, 1, 4, hv + 1, hv + 1, 128, 128, DTYPES[dtype])
+    with use_target("trn1"), pytest.raises(
+            KernelInputError, match=rf"ceil\(Hv / lnc\) \* chunk_size must be <= {limit} with {what} on trn1"):
+        gated_delta_rule(q, k, v, g, beta, chunk_size=128, use_qk_l2norm_in_kernel=True)
+    q, k, v, g, beta = gdn_inputs(rng, 1, 4, 8, 16, 128, 128, DTYPES[dtype])   # trn2's limit (bf16), refused
+    with use_target("trn1"), pytest.raises(KernelInputError, match=r"on trn1 \(SBUF per partition\)"):
+        gated_delta_rule(q, k, v, g, beta, chunk_size=128, use_qk_l2norm_in_kernel=True)

@@ -235,3 +235,24 @@ def test_fused_raw_key_below_old_prescale_threshold_meets_huge_state():
     o, s, _ = gated_delta_rule_fused(mixed, weight, g, beta, hk, dk, chunk_size=64, lnc=1, initial_state=s0)
     assert_close("o fused big key", ro, o, dtype="bfloat16")
     assert_close("state fused big key", rs, s, dtype="bfloat16")   # q, k: the conv output rounded to bf16
+
+
+@pytest.mark.parametrize("compute, hv, limit", [(None, 7, 896), ("bfloat16", 8, 1024)])
+def test_trn1_largest_accepted_shapes_fit_on_chip(compute, hv, limit):
+    """trn1 (180224 B of SBUF per partition, LNC=1 only): bf16 inputs, Hk = Hv, Dk = Dv = 128, C = 128, K = 4 at
+    the largest accepted ceil(Hv / lnc) * C there run on the emulator (which fails a launch that overflows SBUF) and
+    match the reference; one more head is refused naming trn1 and the limit. With fp32 compute trn2's 1024 (Hv = 8)
+    overflowed trn1 (180092 + 4096 B)."""
+    from nki_kernels.emulator.targets import use_target
+    rng = np.random.default_rng(1)
+    x = _inputs(rng, 1, 130, hv, hv, 128, 128, dtype=BF16)
+    with use_target("trn1"):
+        o, final, _ = _run(x, hv, 128, chunk_size=128, compute_dtype=compute)
+    ro, rfinal, _ = _reference(x, hv, 128, hv)
+    assert_close("o trn1", ro, o, dtype="bfloat16")
+    assert_close("state trn1", rfinal, final, dtype="bfloat16")
+    what = "bf16" if compute else "fp32"
+    x = _inputs(rng, 1, 4, hv + 1, hv + 1, 128, 128, dtype=BF16)
+    with use_target("trn1"), pytest.raises(
+            KernelInputError, match=rf"ceil\(Hv / lnc\) \* chunk_size must be <= {limit} with {what} compute on trn1"):
+        _run(x, hv + 1, 128, chunk_size=128, compute_dtype=compute)
