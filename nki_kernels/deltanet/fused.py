@@ -273,6 +273,9 @@ class _FrontEnd:
                 # a q run and the k run of the same heads in one transpose: [tokens, (q, k), tiles, channels]
                 k_first = self.tiles[k_grp[0]]
                 conv_dim = self.x.shape[2]
+                # .ap without offset= starts at the view's own offset (x[i_b, t0, c0]): "When None (the default),
+                # the new view inherits the current view's storage offset" (aws-neuron-sdk nki/deep-dives/nki-aps.rst
+                # and the NkiTensor.ap stub); an explicit offset= reads differently in the two, so none is passed
                 src = self.x[i_b, t0:t0 + n_tok, c0:c0 + 1].ap(
                     pattern=[[conv_dim, n_tok], [k_first["c0"] - c0, 2], [pc, n_g], [1, pc]])
                 step = k_grp[0] - grp[0]
