@@ -27,7 +27,6 @@ _FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 _MAX_WEIGHT_BYTES_PP = 96 * 1024
 # ---- tiles
 _TABLE_BLOCKS = 256            # blocks whose expert / token-id tables are loaded at once (SBUF independent of N)
-_WEIGHT_TABLE_BLOCKS = 64      # blocks whose slot weights (top-k form) are loaded at once (divides _TABLE_BLOCKS)
 _DMA_KNEE_BYTES = 2560         # a DMA packet (one partition row) keeps its engine busy at least this many bytes'
                                # time (cost model v3's packet floor, trn2: docs/cost-model.md)
 _CORE_HBM_BYTES_PER_US = 362.5e3   # one trn2 core's HBM rate (bytes per µs)
@@ -145,20 +144,25 @@ def _load_block_tables(block_to_expert, token_position_to_id, block_size, expert
 
 
 def _load_slot_weights(slot_weights, block_size, b0, n_b):
-    """Top-k form: the routing weights of blocks b0 .. b0 + n_b - 1 (n_b <= _WEIGHT_TABLE_BLOCKS) slot-major, slot
-    chunk c of block b in ws[c][p, b - b0] (fp32), each chunk index by one element-strided DMA (a packet per slot
-    position, n_b elements in it; not one 4-byte packet per slot). No TensorE transpose carries a weight, so no
-    target's transpose can mix one token's non-finite weight into another. None in the dense form."""
-    if slot_weights is None:
+    """Top-k form: the routing weights of blocks b0 .. b0 + n_b - 1 (slot chunk c of block b in ws_all[c][p, b - b0],
+    fp32), loaded block-major (one run of B weights per partition) and turned slot-major by TensorE transposes,
+    like the slot ids. None in the dense form, and on a target whose TensorE transpose mixes NaN across its input
+    rows (`hw.NAN_MIXING_PE_TRANSPOSE_TARGETS`: those rows are blocks, i.e. other tokens): `_block_step` then
+    loads each chunk's weights as one 4-byte row per slot."""
+    if slot_weights is None or current_target_name() in NAN_MIXING_PE_TRANSPOSE_TARGETS:
         return None
-    ws = []
-    for s0 in range(0, block_size, TOK_TILE):
-        n_tok = min(TOK_TILE, block_size - s0)
-        w_sb = nl.ndarray((TOK_TILE, _WEIGHT_TABLE_BLOCKS), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.dma_copy(dst=w_sb[0:n_tok, 0:n_b],
-                      src=slot_weights.ap(pattern=[[1, n_tok], [block_size, n_b]], offset=b0 * block_size + s0))
-        ws.append(w_sb)
-    return ws
+    ws_all = [nl.ndarray((TOK_TILE, n_b), dtype=nl.float32, buffer=nl.sbuf) for _ in range(0, block_size, TOK_TILE)]
+    for r0 in range(0, n_b, P_MAX):
+        n_r = min(P_MAX, n_b - r0)
+        rows_sb = nl.ndarray((P_MAX, block_size), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=rows_sb[0:n_r, :], src=slot_weights.ap(
+            pattern=[[block_size, n_r], [1, block_size]], offset=(b0 + r0) * block_size))
+        for i_c, s0 in enumerate(range(0, block_size, TOK_TILE)):
+            n_tok = min(TOK_TILE, block_size - s0)
+            t_psum = nl.ndarray((TOK_TILE, P_MAX), dtype=nl.float32, buffer=nl.psum)
+            nisa.nc_transpose(dst=t_psum[0:n_tok, 0:n_r], data=rows_sb[0:n_r, s0:s0 + n_tok])
+            nisa.tensor_copy(dst=ws_all[i_c][0:n_tok, r0:r0 + n_r], src=t_psum[0:n_tok, 0:n_r])
+    return ws_all
 
 
 def _blocks_phase(hidden, expert_affinities, gate_up, down, token_position_to_id, block_to_expert, slot_weights,
@@ -182,15 +186,11 @@ def _blocks_phase(hidden, expert_affinities, gate_up, down, token_position_to_id
         n_b = min(_TABLE_BLOCKS, n_blocks - g0)
         tables = _load_block_tables(block_to_expert, token_position_to_id, block_size, expert_offset, g0, n_b,
                                     global_ids=False)
-        args = (hidden, expert_affinities, gate_up, down, slot_weights) + tables
+        ws_all = _load_slot_weights(slot_weights, block_size, g0, n_b)
+        args = (hidden, expert_affinities, gate_up, down, slot_weights, ws_all) + tables
         first = g0 + (pid - g0) % n_prog
-        ws = None
         for i_b in range(first, g0 + n_b, n_prog):
-            if (i_b - g0) % _WEIGHT_TABLE_BLOCKS < n_prog:      # this core's first block of a weight group
-                w0 = g0 + (i_b - g0) // _WEIGHT_TABLE_BLOCKS * _WEIGHT_TABLE_BLOCKS
-                ws = (_load_slot_weights(slot_weights, block_size, w0,
-                                         min(_WEIGHT_TABLE_BLOCKS, g0 + n_b - w0)), w0)
-            pending = _block_step(*args, ws, i_b, i_b - g0, *consts, scratch, pending)
+            pending = _block_step(*args, i_b, i_b - g0, *consts, scratch, pending)
     if pending is not None:
         for i_c in range(len(pending[1])):
             _down_store_chunk(scratch, hidden.dtype, pending, i_c, _h_transpose_chunk(pending, i_c))
@@ -218,7 +218,7 @@ def _gather_token_tile(hidden, expert_affinities, top_k_index, ids_sb, e_sb, eg_
     return x_sb, _topk_affinity(top_k_index, ids_sb, eg_sb, n_tok)
 
 
-def _block_step(hidden, expert_affinities, gate_up, down, slot_weights, e_all_sb, eg_all_sb, ids_all, ws, i_b,
+def _block_step(hidden, expert_affinities, gate_up, down, slot_weights, ws_all, e_all_sb, eg_all_sb, ids_all, i_b,
                 col, block_size, n_local, n_h, scratch, pending):
     """Block i_b (column col of the tables) up to h = a * silu(x Wg) * (x Wu), interleaved chunk by chunk with the
     down projection and store of the previous block (`pending`). Returns what the next step needs to finish
@@ -232,8 +232,8 @@ def _block_step(hidden, expert_affinities, gate_up, down, slot_weights, e_all_sb
         x_sb, aff_sb = _gather_token_tile(hidden, expert_affinities, None, ids_all[i_c][:, col:col + 1],
                                           e_sb, eg_all_sb[:, col:col + 1], n_tok, n_local,
                                           affinity=slot_weights is None)
-        if slot_weights is not None:    # top-k form: this slot chunk's weights, a column of the weight table
-            aff_sb = ws[0][i_c][:, i_b - ws[1]:i_b - ws[1] + 1]
+        if slot_weights is not None:
+            aff_sb = _chunk_slot_weights(slot_weights, ws_all, i_c, col, i_b * block_size + s0, n_tok)
         inputs.append((i_b * block_size + s0, n_tok, x_sb, aff_sb))
     chunks = []
     for i_c, (pos0, n_tok, x_sb, aff_sb) in enumerate(inputs):
@@ -253,6 +253,16 @@ def _block_step(hidden, expert_affinities, gate_up, down, slot_weights, e_all_sb
         for i_c in range(len(inputs), len(pending[1])):
             _down_store_chunk(scratch, hidden.dtype, pending, i_c, _h_transpose_chunk(pending, i_c))
     return wd_sb, chunks
+
+
+def _chunk_slot_weights(slot_weights, ws_all, i_c, col, pos0, n_tok):
+    """(n_tok, 1) fp32 routing weights of slots pos0 .. pos0 + n_tok: a column of the transposed table, or (ws_all
+    None: a NaN-mixing transpose target) one 4-byte row per slot from HBM."""
+    if ws_all is not None:
+        return ws_all[i_c][:, col:col + 1]
+    w_sb = nl.ndarray((TOK_TILE, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=w_sb[0:n_tok, :], src=slot_weights[pos0:pos0 + n_tok, :])
+    return w_sb
 
 
 def _h_transpose_chunk(staged, i_c):
@@ -470,9 +480,9 @@ def _blocks_bytes(h_total, n_inter, block_size, top_k, item, parts):
     """`blocks_phase_bytes` with gate/up (and x.T) on `parts` partitions."""
     n_i, n_c = -(-n_inter // P_MAX), -(-block_size // TOK_TILE)
     n_h = h_total // parts
-    # expert ids and slot ids per table group, (top-k form) slot weights per weight group, + the block-major ids
-    # (int32, fp32)
-    tables = (2 + n_c) * 4 * _TABLE_BLOCKS + n_c * 4 * _WEIGHT_TABLE_BLOCKS + 8 * block_size
+    # expert ids, slot ids and (top-k form) slot weights per table group, + the block-major ids (int32, fp32) and
+    # weights (fp32)
+    tables = (2 + 2 * n_c) * 4 * _TABLE_BLOCKS + 12 * block_size
     weights = (n_h * 2 * n_inter + 2 * n_i * h_total) * item
     rows = (n_c + 2) * h_total * item + n_h * TOK_TILE * item   # x per chunk, y, zero row; xT
     inter = 2 * n_c * n_inter * item + n_i * TOK_TILE * item + 1024    # h (2 blocks), hT, SiLU tile
