@@ -11,8 +11,8 @@ from typing import NamedTuple
 import numpy as np
 
 from ..backend import call, nki, nisa, nl
-from ..hw import NAN_MIXING_PE_TRANSPOSE_TARGETS, P_MAX, SBUF_BYTES_PER_PARTITION
-from ..lnc import current_target_name, resolve_lnc
+from ..hw import P_MAX, PSUM_FMAX_FP32, SBUF_BYTES_PER_PARTITION
+from ..lnc import resolve_lnc
 from ..validation import check_host_values, kernel_check
 from ._tiles import (_Y_TILE, TOK_TILE, down_piece, evict, intermediate_split, itemsize, load_down,
                      load_gate_up, load_gate_vector, sigmoid_gate, swiglu, transpose_h, transpose_tokens)
@@ -26,7 +26,10 @@ _FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 # half the trn2 partition so the next block's weights can stream in while this one computes.
 _MAX_WEIGHT_BYTES_PP = 96 * 1024
 # ---- tiles
+_GATHER_BYTES_PP = 64 * 1024   # SBUF per partition for one group of gathered slot rows in the output pass (at most)
 _TABLE_BLOCKS = 256            # blocks whose expert / token-id tables are loaded at once (SBUF independent of N)
+_ACC_PSUM_BANKS = 4            # PSUM banks of VectorE's fp32 output-pass accumulator (one more for the shared
+                               # expert's down projection pieces; its h tiles are done before the accumulator)
 _DMA_KNEE_BYTES = 2560         # a DMA packet (one partition row) keeps its engine busy at least this many bytes'
                                # time (cost model v3's packet floor, trn2: docs/cost-model.md)
 _CORE_HBM_BYTES_PER_US = 362.5e3   # one trn2 core's HBM rate (bytes per µs)
@@ -42,7 +45,7 @@ _SMALLEST_SBUF_BUDGET = min(SBUF_BYTES_PER_PARTITION.values()) - _SBUF_MARGIN
 
 @nki.jit
 def moe_blockwise_kernel(hidden, expert_affinities, gate_up, down, token_position_to_id, block_to_expert,
-                         token_to_position, shared_gate_up, shared_down, shared_gate, slot_weights, block_size,
+                         token_to_position, shared_gate_up, shared_down, shared_gate, top_k_index, block_size,
                          expert_offset):
     """Blockwise expert MLPs + fused shared expert with the DMA combine, one launch (LNC 1 or 2: blocks
     b % C == c on program c, which writes their slot rows of a shared-HBM scratch; after `nisa.core_barrier` on
@@ -63,8 +66,8 @@ def moe_blockwise_kernel(hidden, expert_affinities, gate_up, down, token_positio
             the token has fewer local experts) - the inverse of token_position_to_id, built on the host; in the
             top-k form column j is the slot of the token's j-th choice (`token_slots_topk`).
         shared_gate_up: [H, 2, Is] @ HBM or None; shared_down: [Is, H] @ HBM; shared_gate: [H] @ HBM.
-        slot_weights: [N * B, 1] float32 @ HBM, each slot's top-k routing weight (0 for padding; `slot_weights`,
-            gathered on the host side from the mapping), or None (dense form).
+        top_k_index: the routing table [T, 2 * TOPK] float32 @ HBM (`routing_table`: global expert ids as fp32,
+            then the top-k weights) or None (dense form).
         block_size: B (trace-time constant). expert_offset: global id of local expert 0 (constant).
     Returns:
         out: [T, H] @ HBM in hidden's dtype.
@@ -76,14 +79,14 @@ def moe_blockwise_kernel(hidden, expert_affinities, gate_up, down, token_positio
             Wgu = gate_up[e], Wd = down[e]                               # 2 dynamic DMAs (scalar_offset)
             for each chunk of <= 128 slots: ids = token_position_to_id[slots]
                 x = hidden[ids]                                          # gather, -1 skipped
-                a = affinity(ids, e) (dense form) or slot_weights[slots] (top-k form)
+                a = affinity(ids, e) (dense form; 1 in the top-k form)   # gather from the dense rows
                 xT = PE transposes of x; h = a * silu(xT.T Wg) * (xT.T Wu); y = h Wd
                 scratch[slots] = y                                       # contiguous store, no read-modify-write
         phase 2, for each row chunk r (128 tokens):
-            out[r] = shared(x[r]) + sum_j scratch[token_to_position[r, j]]   # one accumulating DMA (fp32 inside)
-        Every step keeps a token's values in its own row (gathers, row-wise matmuls, exact transposes, a sum of the
-        token's own rows): no one-hot or identity matmul mixes rows, so a non-finite value in one token reaches no
-        other.
+            w = top-k weights of rows r (0 where the choice is not local; top-k form only, else 1)
+            out[r] = shared(x[r]) + sum_j w[:, j] * scratch[token_to_position[r, j]]  # summed in fp32
+        Every step keeps a token's values in its own row (gathers, row-wise matmuls, exact transposes, element-wise
+        adds): no one-hot or identity matmul mixes rows, so a non-finite value in one token reaches no other.
     """
     n_tokens, h_total = hidden.shape
     n_slots = token_position_to_id.shape[0]
@@ -91,11 +94,12 @@ def moe_blockwise_kernel(hidden, expert_affinities, gate_up, down, token_positio
     out = nl.ndarray((n_tokens, h_total), dtype=hidden.dtype, buffer=nl.shared_hbm)
     scratch = nl.ndarray((n_slots + 1, h_total), dtype=hidden.dtype,
                          buffer=nl.shared_hbm if n_prog > 1 else nl.hbm)
-    _blocks_phase(hidden, expert_affinities, gate_up, down, token_position_to_id, block_to_expert, slot_weights,
-                  scratch, block_size, expert_offset, pid, n_prog, token_to_position.shape[1])
+    _blocks_phase(hidden, expert_affinities, gate_up, down, token_position_to_id, block_to_expert, top_k_index,
+                  scratch, block_size, expert_offset, pid, n_prog)
     if n_prog > 1:   # the other core's slot rows are in scratch once both have passed the barrier
         nisa.core_barrier(data=scratch, cores=(0, 1), engine=nisa.engine.scalar)
-    _finalize_phase(hidden, scratch, token_to_position, shared_gate_up, shared_down, shared_gate, out, pid, n_prog)
+    _finalize_phase(hidden, scratch, token_to_position, shared_gate_up, shared_down, shared_gate, top_k_index, out,
+                    pid, n_prog)
     return out
 
 
@@ -143,35 +147,13 @@ def _load_block_tables(block_to_expert, token_position_to_id, block_size, expert
     return e_all_sb, eg_all_sb, ids_all
 
 
-def _load_slot_weights(slot_weights, block_size, b0, n_b):
-    """Top-k form: the routing weights of blocks b0 .. b0 + n_b - 1 (slot chunk c of block b in ws_all[c][p, b - b0],
-    fp32), loaded block-major (one run of B weights per partition) and turned slot-major by TensorE transposes,
-    like the slot ids. None in the dense form, and on a target whose TensorE transpose mixes NaN across its input
-    rows (`hw.NAN_MIXING_PE_TRANSPOSE_TARGETS`: those rows are blocks, i.e. other tokens): `_block_step` then
-    loads each chunk's weights as one 4-byte row per slot."""
-    if slot_weights is None or current_target_name() in NAN_MIXING_PE_TRANSPOSE_TARGETS:
-        return None
-    ws_all = [nl.ndarray((TOK_TILE, n_b), dtype=nl.float32, buffer=nl.sbuf) for _ in range(0, block_size, TOK_TILE)]
-    for r0 in range(0, n_b, P_MAX):
-        n_r = min(P_MAX, n_b - r0)
-        rows_sb = nl.ndarray((P_MAX, block_size), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.dma_copy(dst=rows_sb[0:n_r, :], src=slot_weights.ap(
-            pattern=[[block_size, n_r], [1, block_size]], offset=(b0 + r0) * block_size))
-        for i_c, s0 in enumerate(range(0, block_size, TOK_TILE)):
-            n_tok = min(TOK_TILE, block_size - s0)
-            t_psum = nl.ndarray((TOK_TILE, P_MAX), dtype=nl.float32, buffer=nl.psum)
-            nisa.nc_transpose(dst=t_psum[0:n_tok, 0:n_r], data=rows_sb[0:n_r, s0:s0 + n_tok])
-            nisa.tensor_copy(dst=ws_all[i_c][0:n_tok, r0:r0 + n_r], src=t_psum[0:n_tok, 0:n_r])
-    return ws_all
-
-
-def _blocks_phase(hidden, expert_affinities, gate_up, down, token_position_to_id, block_to_expert, slot_weights,
-                  scratch, block_size, expert_offset, pid, n_prog, kmax):
+def _blocks_phase(hidden, expert_affinities, gate_up, down, token_position_to_id, block_to_expert, top_k_index,
+                  scratch, block_size, expert_offset, pid, n_prog):
     h_total = hidden.shape[1]
     n_local = gate_up.shape[0]
     n_blocks = block_to_expert.shape[0]
     n_slots = token_position_to_id.shape[0]
-    top_k = kmax if slot_weights is not None else 1     # KMAX = TOPK in the top-k form
+    top_k = top_k_index.shape[1] // 2 if top_k_index is not None else 1     # the [T, 2 TOPK] routing table
     n_h = h_total // gate_up_parts(h_total, gate_up.shape[3], itemsize(hidden.dtype), block_size, top_k)
     if pid == 0:   # the all-zero row that token_to_position points at for missing experts
         zero_sb = nl.ndarray((1, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
@@ -186,8 +168,7 @@ def _blocks_phase(hidden, expert_affinities, gate_up, down, token_position_to_id
         n_b = min(_TABLE_BLOCKS, n_blocks - g0)
         tables = _load_block_tables(block_to_expert, token_position_to_id, block_size, expert_offset, g0, n_b,
                                     global_ids=False)
-        ws_all = _load_slot_weights(slot_weights, block_size, g0, n_b)
-        args = (hidden, expert_affinities, gate_up, down, slot_weights, ws_all) + tables
+        args = (hidden, expert_affinities, gate_up, down, top_k_index) + tables
         first = g0 + (pid - g0) % n_prog
         for i_b in range(first, g0 + n_b, n_prog):
             pending = _block_step(*args, i_b, i_b - g0, *consts, scratch, pending)
@@ -218,8 +199,8 @@ def _gather_token_tile(hidden, expert_affinities, top_k_index, ids_sb, e_sb, eg_
     return x_sb, _topk_affinity(top_k_index, ids_sb, eg_sb, n_tok)
 
 
-def _block_step(hidden, expert_affinities, gate_up, down, slot_weights, ws_all, e_all_sb, eg_all_sb, ids_all, i_b,
-                col, block_size, n_local, n_h, scratch, pending):
+def _block_step(hidden, expert_affinities, gate_up, down, top_k_index, e_all_sb, eg_all_sb, ids_all, i_b, col,
+                block_size, n_local, n_h, scratch, pending):
     """Block i_b (column col of the tables) up to h = a * silu(x Wg) * (x Wu), interleaved chunk by chunk with the
     down projection and store of the previous block (`pending`). Returns what the next step needs to finish
     block i_b."""
@@ -229,11 +210,9 @@ def _block_step(hidden, expert_affinities, gate_up, down, slot_weights, ws_all, 
     inputs = []
     for i_c, s0 in enumerate(range(0, block_size, TOK_TILE)):   # every input DMA of the block first
         n_tok = min(TOK_TILE, block_size - s0)
-        x_sb, aff_sb = _gather_token_tile(hidden, expert_affinities, None, ids_all[i_c][:, col:col + 1],
+        x_sb, aff_sb = _gather_token_tile(hidden, expert_affinities, top_k_index, ids_all[i_c][:, col:col + 1],
                                           e_sb, eg_all_sb[:, col:col + 1], n_tok, n_local,
-                                          affinity=slot_weights is None)
-        if slot_weights is not None:
-            aff_sb = _chunk_slot_weights(slot_weights, ws_all, i_c, col, i_b * block_size + s0, n_tok)
+                                          affinity=top_k_index is None)
         inputs.append((i_b * block_size + s0, n_tok, x_sb, aff_sb))
     chunks = []
     for i_c, (pos0, n_tok, x_sb, aff_sb) in enumerate(inputs):
@@ -253,16 +232,6 @@ def _block_step(hidden, expert_affinities, gate_up, down, slot_weights, ws_all, 
         for i_c in range(len(inputs), len(pending[1])):
             _down_store_chunk(scratch, hidden.dtype, pending, i_c, _h_transpose_chunk(pending, i_c))
     return wd_sb, chunks
-
-
-def _chunk_slot_weights(slot_weights, ws_all, i_c, col, pos0, n_tok):
-    """(n_tok, 1) fp32 routing weights of slots pos0 .. pos0 + n_tok: a column of the transposed table, or (ws_all
-    None: a NaN-mixing transpose target) one 4-byte row per slot from HBM."""
-    if ws_all is not None:
-        return ws_all[i_c][:, col:col + 1]
-    w_sb = nl.ndarray((TOK_TILE, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=w_sb[0:n_tok, :], src=slot_weights[pos0:pos0 + n_tok, :])
-    return w_sb
 
 
 def _h_transpose_chunk(staged, i_c):
@@ -288,28 +257,44 @@ def _down_store_chunk(scratch, out_dtype, staged, i_c, hT_sb):
     nisa.dma_copy(dst=scratch[pos0:pos0 + n_tok, :], src=y_sb[0:n_tok, :])
 
 
-def _finalize_phase(hidden, scratch, token_to_position, shared_gate_up, shared_down, shared_gate, out, pid, n_prog):
-    """out[r] = shared(x[r]) + sum_j scratch[token_to_position[r, j]] per row chunk r of this program (the slot rows
-    are already scaled by their routing weights): one accumulating DMA per chunk (`nisa.dma_compute`, fp32 inside)
-    whose sources are the chunk's KMAX gathered slot-row sets and the shared expert's fp32 output; each output row
-    is written exactly once. Every source row belongs to the destination row's token, so each token's sum stays
-    in its row."""
-    n_tokens = hidden.shape[0]
+def _finalize_phase(hidden, scratch, token_to_position, shared_gate_up, shared_down, shared_gate, routing, out,
+                    pid, n_prog):
+    """out[r] = shared(x[r]) + sum_j w[r, j] * scratch[token_to_position[r, j]] per row chunk r of this program
+    (w = 1 in the dense form, whose slot rows are already scaled; in the top-k form token_to_position is in top-k
+    order and w is the routing table's weight column j, 0 where the choice is not local): the gathered slot rows
+    are added on VectorE / GpSimd in fp32 (element-wise, so each token's sum stays in its row), starting from the
+    shared expert's down projection, and each output row is written exactly once. Slot rows are gathered `group`
+    at a time, as many as the SBUF left by the rest of the pass allows (at least 1)."""
+    n_tokens, h_total = hidden.shape
+    kmax = token_to_position.shape[1]
     shared_w = None
+    s_inter = 0
     if shared_gate_up is not None:
         shared_w = (load_gate_up(shared_gate_up), load_down(shared_down), load_gate_vector(shared_gate))
+        s_inter = shared_down.shape[0]
+    item = itemsize(hidden.dtype)
+    row = h_total * item
+    free = sbuf_budget() - output_pass_bytes(h_total, s_inter, kmax, item, group=0)
+    group = max(1, min(kmax, _GATHER_BYTES_PP // row, free // row))
     n_row_chunks = (n_tokens + TOK_TILE - 1) // TOK_TILE
     for i_r in range(pid, n_row_chunks, n_prog):
         t0 = i_r * TOK_TILE
         n_tok = min(TOK_TILE, n_tokens - t0)
-        inv_sb = _chunk_slots(token_to_position, t0, n_tok)
-        _finalize_rows(hidden, scratch, inv_sb, shared_w, out, i_r)
+        inv_sb, w_sb = _chunk_slots(token_to_position, routing, scratch.shape[0] - 1, t0, n_tok)
+        _finalize_rows(hidden, scratch, inv_sb, w_sb, shared_w, out, group, i_r)
 
 
-def _chunk_slots(token_to_position, t0, n_tok):
-    """Token chunk t0 .. t0 + n_tok: its slots inv_sb [n_tok, KMAX] int32, loaded choice-major ([KMAX, n_tok]: one
-    element-strided DMA of KMAX packets; token-major rows would be one 24-64 B packet per token, each charged a
-    whole DMA packet time) and turned token-major by one exact fp32 TensorE transpose (slot ids < 2^24, finite)."""
+def _chunk_slots(token_to_position, routing, zero_slot, t0, n_tok):
+    """Token chunk t0 .. t0 + n_tok: its slots inv_sb [n_tok, KMAX] int32 and, in the top-k form, their weights
+    w_sb [n_tok, TOPK] fp32 (the routing table's weight columns, selected to 0 where the slot is the all-zero row:
+    a choice of a non-local expert, whose weight, even NaN, plays no part); w_sb is None in the dense form.
+
+    Both tables are loaded choice-major ([KMAX, n_tok]: one element-strided DMA of KMAX packets each; token-major
+    rows would be one 24-64 B packet per token, each charged a whole DMA packet time) and turned token-major by
+    exact fp32 TensorE transposes (slot ids < 2^24). A transpose's input rows are one token's choices, so where a
+    transpose mixes NaN across its input rows (`hw.NAN_MIXING_PE_TRANSPOSE_TARGETS`) a non-finite weight reaches
+    only its own token's weights (the non-local ones are selected to 0 before the transpose); the slot ids are
+    finite integers and transposed alone."""
     kmax = token_to_position.shape[1]
     idsT_sb = nl.ndarray((kmax, TOK_TILE), dtype=nl.int32, buffer=nl.sbuf)
     nisa.dma_copy(dst=idsT_sb[:, 0:n_tok],
@@ -320,33 +305,111 @@ def _chunk_slots(token_to_position, t0, n_tok):
     nisa.nc_transpose(dst=ids_psum[0:n_tok, :], data=idsT_f[:, 0:n_tok])
     inv_sb = nl.ndarray((TOK_TILE, kmax), dtype=nl.int32, buffer=nl.sbuf)
     nisa.tensor_copy(dst=inv_sb[0:n_tok, :], src=ids_psum[0:n_tok, :])
-    return inv_sb
+    if routing is None:
+        return inv_sb, None
+    two_k = routing.shape[1]
+    top_k = two_k // 2            # == KMAX in the top-k form
+    wT_sb = nl.ndarray((top_k, TOK_TILE), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=wT_sb[:, 0:n_tok],
+                  src=routing.ap(pattern=[[1, top_k], [two_k, n_tok]], offset=t0 * two_k + top_k))
+    local_sb = nl.ndarray((top_k, TOK_TILE), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=local_sb[:, 0:n_tok], data=idsT_f[:, 0:n_tok], op0=nl.less, operand0=zero_slot)
+    wsel_sb = nl.where(local_sb[:, 0:n_tok], wT_sb[:, 0:n_tok], 0.0)
+    w_psum = nl.ndarray((TOK_TILE, top_k), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_transpose(dst=w_psum[0:n_tok, :], data=wsel_sb)
+    w_sb = nl.ndarray((TOK_TILE, top_k), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=w_sb[0:n_tok, :], src=w_psum[0:n_tok, :])
+    return inv_sb, w_sb
 
 
-def _finalize_rows(hidden, scratch, inv_sb, shared_w, out, i_r):
-    """Row chunk i_r: out rows = the shared expert's down projection (fp32, evicted from PSUM to SBUF) + the
-    chunk's KMAX gathered slot rows, summed by one `dma_compute` into the output rows (HBM)."""
+def _finalize_rows(hidden, scratch, inv_sb, w_sb, shared_w, out, group, i_r):
+    """Row chunk i_r: acc = shared down projection (fp32, from PSUM) or the first gathered
+    slot row, then += each further gathered row (VectorE / GpSimd, fp32), each times its weight column of w_sb
+    when given (VectorE: fused in one scalar_tensor_tensor; GpSimd's columns: scaled in place on ScalarE first);
+    the last add writes the output dtype; one output DMA."""
     n_tokens, h_total = hidden.shape
     kmax = inv_sb.shape[1]
     t0 = i_r * TOK_TILE
     n_tok = min(TOK_TILE, n_tokens - t0)
-    srcs = []
+    ranges = _add_ranges(h_total)
+    n_ps = ranges[0][1] if ranges[0][3] else 0
+    acc_sb = nl.ndarray((TOK_TILE, h_total), dtype=nl.float32, buffer=nl.sbuf)
+    n_terms = kmax
     if shared_w is not None:
         s_wgu_sb, s_wd_sb, s_wsg_sb = shared_w
         _, hs_sb = _shared_h_rows(hidden, i_r, s_wgu_sb, s_wsg_sb)
         ic, n_i, _ = s_wd_sb.shape
         hsT_sb = transpose_h(hs_sb, n_tok, ic, n_i)
-        ys_sb = nl.ndarray((TOK_TILE, h_total), dtype=nl.float32, buffer=nl.sbuf)
+    acc_ps = nl.ndarray((TOK_TILE, n_ps), dtype=nl.float32, buffer=nl.psum) if n_ps else None
+    if shared_w is not None:
         for i_y, h0 in enumerate(range(0, h_total, _Y_TILE)):
             hw = min(_Y_TILE, h_total - h0)
-            y_psum = nl.ndarray((TOK_TILE, _Y_TILE), dtype=nl.float32, buffer=nl.psum)
-            down_piece(y_psum, hsT_sb, n_tok, s_wd_sb, h0, hw)
-            evict(ys_sb[0:n_tok, h0:h0 + hw], y_psum[0:n_tok, 0:hw], i_y)
-        srcs.append(ys_sb[0:n_tok, :])
-    for j in range(kmax):
-        srcs.append(scratch.ap(pattern=[[h_total, n_tok], [1, h_total]], offset=0,
-                               vector_offset=inv_sb[0:n_tok, j:j + 1], indirect_dim=0))
-    nisa.dma_compute(dst=out[t0:t0 + n_tok, :], srcs=tuple(srcs), reduce_op=nl.add)
+            a = max(0, min(hw, n_ps - h0))   # columns h0 .. h0 + a land in VectorE's PSUM accumulator directly
+            if a:
+                down_piece(acc_ps[:, h0:h0 + a], hsT_sb, n_tok, s_wd_sb, h0, a)
+            if a < hw:
+                y_psum = nl.ndarray((TOK_TILE, _Y_TILE), dtype=nl.float32, buffer=nl.psum)
+                down_piece(y_psum, hsT_sb, n_tok, s_wd_sb, h0 + a, hw - a)
+                evict(acc_sb[0:n_tok, h0 + a:h0 + hw], y_psum[0:n_tok, 0:hw - a], i_y)
+        n_terms += 1
+    o_sb = nl.ndarray((TOK_TILE, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
+    term = 0 if shared_w is None else 1
+    for j0 in range(0, kmax, group):
+        g_sz = min(group, kmax - j0)
+        g_sb = nl.ndarray((TOK_TILE, min(group, kmax), h_total), dtype=hidden.dtype, buffer=nl.sbuf)
+        for jj in range(g_sz):
+            nisa.dma_copy(dst=g_sb[0:n_tok, jj, :],
+                          src=scratch.ap(pattern=[[h_total, n_tok], [1, h_total]], offset=0,
+                                         vector_offset=inv_sb[0:n_tok, j0 + jj:j0 + jj + 1], indirect_dim=0))
+        for jj in range(g_sz):
+            dst = o_sb if term == n_terms - 1 else acc_sb
+            w_j = None if w_sb is None else w_sb[0:n_tok, j0 + jj:j0 + jj + 1]
+            # columns split between VectorE and GpSimd (independent add chains, ~ their throughputs)
+            for c0, c1, eng, in_psum in ranges:
+                acc = acc_ps if in_psum else acc_sb
+                out_t = dst if term == n_terms - 1 else acc
+                _add_slot_row(out_t[0:n_tok, c0:c1], acc[0:n_tok, c0:c1] if term else None,
+                              g_sb[0:n_tok, jj, c0:c1], w_j, eng)
+            term += 1
+    nisa.dma_copy(dst=out[t0:t0 + n_tok, :], src=o_sb[0:n_tok, :])
+
+
+def _add_ranges(h_total):
+    """Output-pass column ranges (c0, c1, engine, accumulator in PSUM): VectorE's from a PSUM accumulator (one
+    pass per fp32 add), up to _ACC_PSUM_BANKS banks; beyond that, VectorE's further columns from SBUF (two
+    passes); GpSimd's from SBUF (two passes). GpSimd also generates every slot-row gather's descriptors
+    (software DGE, ~H cycles per gathered row), so per gathered row the ranges balance
+    VectorE n_ps + 2 (b - n_ps) cycles at _DVE_GHZ against GpSimd H + 2 (H - b) cycles at _GPSIMD_GHZ
+    (boundaries on 128 columns)."""
+    def on_128(x):
+        return min(h_total, max(0, int(round(x / P_MAX)) * P_MAX))
+    cap = _ACC_PSUM_BANKS * PSUM_FMAX_FP32
+    n_ps = min(on_128(3 * h_total * _DVE_GHZ / (_GPSIMD_GHZ + 2 * _DVE_GHZ)), cap)
+    b = n_ps if n_ps < cap else max(n_ps, on_128((3 * h_total * _DVE_GHZ + n_ps * _GPSIMD_GHZ)
+                                                 / (2 * (_DVE_GHZ + _GPSIMD_GHZ))))
+    ranges = [(0, n_ps, nisa.engine.vector, True), (n_ps, b, nisa.engine.vector, False),
+              (b, h_total, nisa.engine.gpsimd, False)]
+    return [r for r in ranges if r[1] > r[0]]
+
+
+def _add_slot_row(dst, acc, g, w, eng):
+    """dst = acc + w * g (acc None: dst = w * g; w None: weight 1) on engine eng (VectorE or GpSimd); a weighted
+    row on GpSimd is scaled in place on ScalarE first (scalar_tensor_tensor runs on VectorE only)."""
+    if w is not None and eng == nisa.engine.vector:
+        if acc is None:
+            nisa.tensor_scalar(dst=dst, data=g, op0=nl.multiply, operand0=w, engine=eng)
+        else:
+            nisa.scalar_tensor_tensor(dst=dst, data=g, op0=nl.multiply, operand0=w, op1=nl.add, operand1=acc)
+        return
+    if w is not None:
+        if acc is None:
+            nisa.activation(dst=dst, op=nl.copy, data=g, scale=w)
+            return
+        nisa.activation(dst=g, op=nl.copy, data=g, scale=w)
+    if acc is None:
+        nisa.tensor_copy(dst=dst, src=g, engine=eng)
+    else:
+        nisa.tensor_tensor(dst=dst, data1=acc, data2=g, op=nl.add, engine=eng)
 
 
 def _dense_affinity(aff_flat, ids_sb, e_sb, n_tok, n_local):
@@ -480,9 +543,7 @@ def _blocks_bytes(h_total, n_inter, block_size, top_k, item, parts):
     """`blocks_phase_bytes` with gate/up (and x.T) on `parts` partitions."""
     n_i, n_c = -(-n_inter // P_MAX), -(-block_size // TOK_TILE)
     n_h = h_total // parts
-    # expert ids, slot ids and (top-k form) slot weights per table group, + the block-major ids (int32, fp32) and
-    # weights (fp32)
-    tables = (2 + 2 * n_c) * 4 * _TABLE_BLOCKS + 12 * block_size
+    tables = (2 + n_c) * 4 * _TABLE_BLOCKS + 8 * block_size     # + the block-major ids (int32, fp32)
     weights = (n_h * 2 * n_inter + 2 * n_i * h_total) * item
     rows = (n_c + 2) * h_total * item + n_h * TOK_TILE * item   # x per chunk, y, zero row; xT
     inter = 2 * n_c * n_inter * item + n_i * TOK_TILE * item + 1024    # h (2 blocks), hT, SiLU tile
@@ -491,9 +552,9 @@ def _blocks_bytes(h_total, n_inter, block_size, top_k, item, parts):
 
 
 def output_pass_bytes(h_total: int, s_inter: int, kmax: int, item: int, group: int = 1) -> int:
-    """Upper bound of the SBUF bytes per partition of the output pass: the shared expert's weights and its per-chunk
-    tiles (x, xT, h, hT, SiLU tile), its fp32 output, the chunk's slot ids, and `group` rows of hidden's dtype (a
-    margin: the output pass sums the gathered slot rows by DMA and keeps none of them in SBUF)."""
+    """Upper bound of the SBUF bytes per partition of the output pass with `group` slot rows gathered at once:
+    the shared expert's weights and its per-chunk tiles (x, xT, h, hT, SiLU tile), the fp32 accumulator, the
+    output tile, the chunk's slot ids and the gathered rows."""
     shared = 0
     if s_inter:
         n_h, n_is = h_total // P_MAX, -(-s_inter // P_MAX)
@@ -622,8 +683,7 @@ def moe_blockwise(hidden, expert_affinities, gate_up, down, token_position_to_id
         (token, local expert) of top_k_index (or nonzero dense affinity) in the mapping, at most KMAX slots
         per token. The mapping checks read host (NumPy / CPU) values; the host also builds the inverse mapping
         `token_to_position` [T, KMAX] from the mapping (and, in the top-k form with the DMA combine, from
-        top_k_index: `token_slots_topk`, plus each slot's weight gathered by index: `slot_weights`), as NxDI
-        builds its mapping outside the kernel. The kernel's instruction
+        top_k_index: `token_slots_topk`), as NxDI builds its mapping outside the kernel. The kernel's instruction
         sequence depends only on the shapes (N, B, T, KMAX).
     Pseudocode:
         see moe_blockwise_kernel.
@@ -698,11 +758,9 @@ def moe_blockwise(hidden, expert_affinities, gate_up, down, token_position_to_id
         inv_t = inv.astype(np.uint16 if plan.index_mode == "u16" else np.uint32)
         return call(moe_blockwise_onchip_kernel, hidden, aff, gate_up, down, tpos32, b2e32, inv_t, s_gu, s_dn, s_g,
                     idx, int(block_size), int(expert_offset), plan.group_tiles, plan.index_mode, lnc=lnc)
-    sw = None
-    if top_k_index is not None:   # the DMA combine weights each slot in the blocks phase; a token's slots in top-k
-        inv = token_slots_topk(tpos, b2e, _np(top_k_index), block_size, n_local, expert_offset)   # order
-        sw = slot_weights(tpos, b2e, top_k_index, expert_affinities, block_size, expert_offset)
-    return call(moe_blockwise_kernel, hidden, aff, gate_up, down, tpos32, b2e32, inv, s_gu, s_dn, s_g, sw,
+    if top_k_index is not None:   # the DMA combine applies the routing weights per top-k choice (top-k order)
+        inv = token_slots_topk(tpos, b2e, _np(top_k_index), block_size, n_local, expert_offset)
+    return call(moe_blockwise_kernel, hidden, aff, gate_up, down, tpos32, b2e32, inv, s_gu, s_dn, s_g, idx,
                 int(block_size), int(expert_offset), lnc=lnc)
 
 
@@ -885,33 +943,6 @@ def token_slots_topk(token_position_to_id, block_to_expert, top_k_index, block_s
     found = local & (codes.size > 0) & (codes[at] == want) if codes.size else np.zeros_like(local)
     inv = np.where(found, used[at] if codes.size else 0, n_slots)
     return inv.astype(np.int32)
-
-
-def slot_weights(token_position_to_id, block_to_expert, top_k_index, top_k_weights, block_size: int,
-                 expert_offset: int):
-    """[N * B, 1] float32: slot s's routing weight, sum_j top_k_weights[t, j] over the choices j of its token t with
-    top_k_index[t, j] == expert_offset + block_to_expert[s // B] (selected, so another choice's weight, even NaN,
-    plays no part; one choice in a valid routing), 0 for padding slots. The indices come from the mapping and
-    top_k_index (host bookkeeping of the same kind as `token_slots_topk`); the weights are only gathered and
-    selected (torch ops on the weights' device for torch inputs), never read to shape the kernel."""
-    from ..validation import check_forward_only
-    check_forward_only("moe_blockwise", "expert_affinities", top_k_weights)
-    tpos = _np(token_position_to_id).astype(np.int64).reshape(-1)
-    idx = np.asarray(_np(top_k_index)).astype(np.int64)
-    eg = np.repeat(_np(block_to_expert).astype(np.int64), block_size) + int(expert_offset)
-    tok = np.where(tpos >= 0, tpos, 0)
-    hit = (idx[tok] == eg[:, None]) & (tpos >= 0)[:, None]        # [N * B, TOPK]
-    try:
-        import torch
-        if isinstance(top_k_weights, torch.Tensor):
-            w = top_k_weights.to(torch.float32)
-            rows = w[torch.as_tensor(tok, device=w.device)]
-            sel = torch.where(torch.as_tensor(hit, device=w.device), rows, torch.zeros_like(rows))
-            return sel.sum(dim=1, keepdim=True).contiguous()
-    except ImportError:  # pragma: no cover
-        pass
-    rows = np.asarray(top_k_weights).astype(np.float32)[tok]
-    return np.ascontiguousarray(np.where(hit, rows, np.float32(0.0)).sum(axis=1, keepdims=True, dtype=np.float32))
 
 
 def routing_table(top_k_index, top_k_weights):

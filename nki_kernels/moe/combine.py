@@ -53,8 +53,6 @@ def moe_blockwise_onchip_kernel(hidden, expert_affinities, gate_up, down, token_
             "u16": every token's, resident as uint16 (T * KMAX * 2 bytes; N * B < 2^16), each 128-token chunk
                 widened to uint32 per group by one copy (VectorE / ScalarE alternating);
             "stream" (token-chunked): one 128-token chunk's at a time, loaded from HBM per group.
-        top_k_index (in place of the DMA combine's slot_weights): the routing table [T, 2 * TOPK] float32 @ HBM
-            (`blockwise.routing_table`: global expert ids as fp32, then the top-k weights) or None (dense form).
     Returns:
         out: [T, H] @ HBM in hidden's dtype.
     LNC=2: program c runs phase A on a contiguous share of the blocks and writes their h.T columns to a shared
