@@ -280,46 +280,23 @@ def _finalize_phase(hidden, scratch, token_to_position, shared_gate_up, shared_d
     for i_r in range(pid, n_row_chunks, n_prog):
         t0 = i_r * TOK_TILE
         n_tok = min(TOK_TILE, n_tokens - t0)
-        inv_sb, w_sb = _chunk_slots(token_to_position, routing, scratch.shape[0] - 1, t0, n_tok)
+        inv_sb = nl.ndarray((TOK_TILE, kmax), dtype=nl.int32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=inv_sb[0:n_tok, :], src=token_to_position[t0:t0 + n_tok, :])
+        w_sb = None if routing is None else _slot_weights(routing, inv_sb, scratch.shape[0] - 1, t0, n_tok)
         _finalize_rows(hidden, scratch, inv_sb, w_sb, shared_w, out, group, i_r)
 
 
-def _chunk_slots(token_to_position, routing, zero_slot, t0, n_tok):
-    """Token chunk t0 .. t0 + n_tok: its slots inv_sb [n_tok, KMAX] int32 and, in the top-k form, their weights
-    w_sb [n_tok, TOPK] fp32 (the routing table's weight columns, selected to 0 where the slot is the all-zero row:
-    a choice of a non-local expert, whose weight, even NaN, plays no part); w_sb is None in the dense form.
-
-    Both tables are loaded choice-major ([KMAX, n_tok]: one element-strided DMA of KMAX packets each; token-major
-    rows would be one 24-64 B packet per token, each charged a whole DMA packet time) and turned token-major by
-    exact fp32 TensorE transposes (slot ids < 2^24). A transpose's input rows are one token's choices, so where a
-    transpose mixes NaN across its input rows (`hw.NAN_MIXING_PE_TRANSPOSE_TARGETS`) a non-finite weight reaches
-    only its own token's weights (the non-local ones are selected to 0 before the transpose); the slot ids are
-    finite integers and transposed alone."""
-    kmax = token_to_position.shape[1]
-    idsT_sb = nl.ndarray((kmax, TOK_TILE), dtype=nl.int32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=idsT_sb[:, 0:n_tok],
-                  src=token_to_position.ap(pattern=[[1, kmax], [kmax, n_tok]], offset=t0 * kmax))
-    idsT_f = nl.ndarray((kmax, TOK_TILE), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_copy(dst=idsT_f[:, 0:n_tok], src=idsT_sb[:, 0:n_tok])
-    ids_psum = nl.ndarray((TOK_TILE, kmax), dtype=nl.float32, buffer=nl.psum)
-    nisa.nc_transpose(dst=ids_psum[0:n_tok, :], data=idsT_f[:, 0:n_tok])
-    inv_sb = nl.ndarray((TOK_TILE, kmax), dtype=nl.int32, buffer=nl.sbuf)
-    nisa.tensor_copy(dst=inv_sb[0:n_tok, :], src=ids_psum[0:n_tok, :])
-    if routing is None:
-        return inv_sb, None
+def _slot_weights(routing, inv_sb, zero_slot, t0, n_tok):
+    """[n_tok, TOPK] fp32 weights of the token chunk's slots in top-k order: the routing table's weight columns
+    (rows t0 .. t0 + n_tok: one contiguous DMA), selected to 0 where the slot is the all-zero row (a choice of a
+    non-local expert: its weight, even NaN, plays no part)."""
     two_k = routing.shape[1]
-    top_k = two_k // 2            # == KMAX in the top-k form
-    wT_sb = nl.ndarray((top_k, TOK_TILE), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=wT_sb[:, 0:n_tok],
-                  src=routing.ap(pattern=[[1, top_k], [two_k, n_tok]], offset=t0 * two_k + top_k))
-    local_sb = nl.ndarray((top_k, TOK_TILE), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_scalar(dst=local_sb[:, 0:n_tok], data=idsT_f[:, 0:n_tok], op0=nl.less, operand0=zero_slot)
-    wsel_sb = nl.where(local_sb[:, 0:n_tok], wT_sb[:, 0:n_tok], 0.0)
-    w_psum = nl.ndarray((TOK_TILE, top_k), dtype=nl.float32, buffer=nl.psum)
-    nisa.nc_transpose(dst=w_psum[0:n_tok, :], data=wsel_sb)
-    w_sb = nl.ndarray((TOK_TILE, top_k), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_copy(dst=w_sb[0:n_tok, :], src=w_psum[0:n_tok, :])
-    return inv_sb, w_sb
+    top_k = two_k // 2
+    row_sb = nl.ndarray((TOK_TILE, two_k), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=row_sb[0:n_tok, :], src=routing[t0:t0 + n_tok, :])
+    local_sb = nl.ndarray((TOK_TILE, top_k), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=local_sb[0:n_tok, :], data=inv_sb[0:n_tok, :], op0=nl.less, operand0=zero_slot)
+    return nl.where(local_sb[0:n_tok, :], row_sb[0:n_tok, top_k:two_k], 0.0)
 
 
 def _finalize_rows(hidden, scratch, inv_sb, w_sb, shared_w, out, group, i_r):
