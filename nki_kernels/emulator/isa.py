@@ -1100,6 +1100,37 @@ def dma_transpose(dst, src, axes=None, priority=None, dge_mode=dge_mode.unknown,
             dynamic=src.dyn is not None or dst.dyn is not None, **_dge_meta([src], [dst], dge_mode))
 
 
+_DMA_COMPUTE_MAX_SRCS = 16   # "The max number of source tensors in srcs is 16" (nisa.dma_compute docstring)
+
+
+def _indirect(t):
+    return t.dyn is not None and t.dyn.vector is not None
+
+
+def _check_dma_compute_rmw(instr, dst, srcs, unique_indices):
+    """The documented read-modify-write forms of `dma_compute` with a vector_offset (the nisa.dma_compute docstring,
+    NKI 0.6 stubs): Scatter RMW, dst(HBM)[indices] = dst(HBM)[indices] + src(SB), and Gather RMW,
+    dst(SB) = dst(SB) + src(HBM)[indices]; "Both modes require: Exactly 2 source tensors ... unique_indices must be
+    True (non-unique indices not yet supported)". Any other use of an indirect operand is refused."""
+    if not (_indirect(dst) or any(_indirect(s) for s in srcs)):
+        return
+    if len(srcs) != 2:
+        fail(instr, "srcs", f"with a vector_offset operand dma_compute is a read-modify-write of exactly 2 source "
+             f"tensors (scatter: dst(HBM)[idx] += src(SBUF); gather: dst(SBUF) += src(HBM)[idx]), got {len(srcs)}")
+    if not unique_indices:
+        fail(instr, "unique_indices", "must be True with a vector_offset (non-unique indices are not supported)")
+    same = [i for i, s in enumerate(srcs) if s.storage is dst.storage and s.offset == dst.offset
+            and tuple(s.shape) == tuple(dst.shape)]
+    if not same:
+        fail(instr, "srcs", "with a vector_offset one source must be dst itself (a read-modify-write)")
+    other = srcs[1 - same[0]]
+    if dst.on_chip:
+        if _indirect(dst) or other.on_chip or not _indirect(other):
+            fail(instr, "srcs", "gather read-modify-write: dst in SBUF, the other source in HBM with the vector_offset")
+    elif not _indirect(dst) or not other.on_chip or _indirect(other):
+        fail(instr, "dst", "scatter read-modify-write: dst in HBM with the vector_offset, the other source in SBUF")
+
+
 def dma_compute(dst, srcs, reduce_op, scales=None, unique_indices=True, oob_mode=oob_mode.error, name=None):
     """Accumulating DMA: dst = reduce_op over srcs[i] * scales[i] (fp32 inside), e.g. scatter-add.
 
@@ -1123,6 +1154,9 @@ def dma_compute(dst, srcs, reduce_op, scales=None, unique_indices=True, oob_mode
                  "targets lose updates on the device (pass unique_indices=False or deduplicate)")
     if not isinstance(srcs, (list, tuple)) or not srcs:
         fail(instr, "srcs", "must be a non-empty tuple of tensors")
+    if len(srcs) > _DMA_COMPUTE_MAX_SRCS:
+        fail(instr, "srcs", f"at most {_DMA_COMPUTE_MAX_SRCS} source tensors (documented), got {len(srcs)}")
+    _check_dma_compute_rmw(instr, dst, srcs, unique_indices)
     if scales is not None and len(scales) != len(srcs):
         fail(instr, "scales", f"needs one scale per src ({len(srcs)}), got {len(scales)}")
     acc = None

@@ -11,8 +11,8 @@ from typing import NamedTuple
 import numpy as np
 
 from ..backend import call, nki, nisa, nl
-from ..hw import P_MAX, PSUM_FMAX_FP32, SBUF_BYTES_PER_PARTITION
-from ..lnc import resolve_lnc
+from ..hw import NAN_MIXING_PE_TRANSPOSE_TARGETS, P_MAX, PSUM_FMAX_FP32, SBUF_BYTES_PER_PARTITION
+from ..lnc import current_target_name, resolve_lnc
 from ..validation import check_host_values, kernel_check
 from ._tiles import (_Y_TILE, TOK_TILE, down_piece, evict, intermediate_split, itemsize, load_down,
                      load_gate_up, load_gate_vector, sigmoid_gate, swiglu, transpose_h, transpose_tokens)

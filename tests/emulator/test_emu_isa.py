@@ -765,6 +765,41 @@ def test_dma_compute_scatter_add(rng):
         kernel_run(k_mul, acc)
 
 
+def test_dma_compute_indirect_only_in_the_documented_rmw_forms(rng):
+    """A vector_offset makes dma_compute a read-modify-write of exactly 2 sources, one of them dst (the docstring);
+    a sum of several gathered sources into a static HBM dst (what a reverted combine once issued) is refused."""
+    table = rnd(rng, (12, 8))
+    ids = np.array([[3], [0], [11], [5]], np.int32)
+
+    def k_many(tab, idx, n_src):
+        out = nl.ndarray((4, 8), nl.float32, buffer=nl.shared_hbm)
+        idx_sb = sb_load(idx)
+        src = tab.ap(pattern=[[8, 4], [1, 8]], vector_offset=idx_sb, indirect_dim=0)
+        nisa.dma_compute(dst=out, srcs=[src] * n_src, reduce_op=nl.add)
+        return out
+    with raises("dma_compute", "srcs", "exactly 2"):
+        kernel_run(k_many, table, ids, 3)
+    with raises("dma_compute", "srcs", "dst itself"):
+        kernel_run(k_many, table, ids, 2)
+
+    def k_gather(tab, idx, base):
+        acc = sb_load(base)
+        idx_sb = sb_load(idx)
+        src = tab.ap(pattern=[[8, 4], [1, 8]], vector_offset=idx_sb, indirect_dim=0)
+        nisa.dma_compute(dst=acc, srcs=[acc, src], reduce_op=nl.add)
+        return hbm_out(acc)
+    out = kernel_run(k_gather, table, ids, np.ones((4, 8), np.float32)).outputs
+    np.testing.assert_allclose(out, 1.0 + table[ids[:, 0]], rtol=1e-6)
+
+    def k_static(a):
+        t = sb_load(a)
+        out = nl.ndarray(a.shape, nl.float32, buffer=nl.shared_hbm)
+        nisa.dma_compute(dst=out, srcs=[t] * 17, reduce_op=nl.add)
+        return out
+    with raises("dma_compute", "srcs", "at most 16"):
+        kernel_run(k_static, table)
+
+
 def test_dma_hbm_to_hbm_and_sbuf_to_sbuf(rng):
     x = rnd(rng, (6, 10))
 

@@ -308,3 +308,37 @@ def test_token_slots_topk_points_each_choice_at_its_slot(t, e_local, offset, k, 
                 continue
             s = int(inv[tok, j])
             assert 0 <= s < tpos.size and tpos[s] == tok and b2e[s // block_size] == e
+
+
+@pytest.mark.parametrize("combine", ["dma", "onchip"])
+def test_duplicate_expert_in_one_tokens_top_k(rng, combine):
+    """A token whose top-k names one expert twice (the mapping holds the pair once): both choices' weights apply to
+    that expert's one output, as in the reference (a reverted combine once summed the slot row twice)."""
+    t, h, e, inter, k, bs = 8, 128, 4, 64, 2, 16
+    x, gu, dn, _, w, idx = moe_problem(rng, t, h, e, inter, k)
+    idx = idx.copy()
+    idx[3, 1] = idx[3, 0]
+    idx_map = idx.copy()
+    idx_map[3, 1] = -1
+    tpos, b2e = moe_block_mapping(idx_map, e, bs)
+    out = moe_blockwise(x, w, gu, dn, tpos, b2e, bs, top_k_index=idx, lnc=1, combine=combine)
+    ref = moe_blockwise_reference(x, w, gu, dn, tpos, b2e, bs, top_k_index=idx)
+    assert_close(f"duplicate expert id, {combine}", ref, out, dtype="float32")
+
+
+@pytest.mark.parametrize("combine", ["dma", "onchip"])
+def test_trn1_padding_slots_carry_no_stale_values(rng, combine):
+    """On trn1 the x transposes are identity matmuls that spread a non-finite value along their rows: the padding
+    rows the x gather skips must not keep stale SBUF contents (they are zeroed first on that target). Blocks of 16
+    with 37 tokens over 4 experts have padding; clean inputs must match the reference."""
+    from nki_kernels.emulator import use_target
+    t, h, e, inter, k, bs = 37, 128, 4, 64, 2, 16
+    x, gu, dn, _, w, idx = moe_problem(rng, t, h, e, inter, k)
+    tpos, b2e = moe_block_mapping(idx, e, bs)
+    with use_target("trn1"):
+        junk = moe_blockwise(np.full_like(x, np.nan), w, gu, dn, tpos, b2e, bs, top_k_index=idx, lnc=1,
+                             combine=combine)   # leaves NaN in SBUF where the next launch may allocate
+        assert np.isnan(np.asarray(junk, np.float64)).all()
+        out = moe_blockwise(x, w, gu, dn, tpos, b2e, bs, top_k_index=idx, lnc=1, combine=combine)
+    ref = moe_blockwise_reference(x, w, gu, dn, tpos, b2e, bs, top_k_index=idx)
+    assert_close(f"trn1 padding, {combine}", ref, out, dtype="float32")
