@@ -80,15 +80,19 @@ def _qkv(rng, b, hq, hkv, sq, skv, d=64):
             rng.standard_normal((b, hkv, skv, d)).astype(F32))
 
 
-@_mixes("prefill transposes the [queries, D] Q tile on the PE (_load_q: q_nat -> qT) and P [queries, keys] "
-        "(_transpose_pe): a non-finite q value reaches every query of its 128-query tile")
 @VALUES
-def test_prefill_query_token_stays_in_its_row(rng, value):
-    q, k, v = _qkv(rng, 2, 2, 1, 16, 16)
-    out = np.asarray(_trn1(nk.flash_attention, _poison(q, (0, 0, 3, 5), value), k, v, lnc=1))
+@pytest.mark.parametrize("s, d, bad, causal", [(16, 64, (0, 0, 3, 5), False), (300, 64, (1, 1, 200, 7), True),
+                                               (700, 256, (0, 1, 130, 200), False)])
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_prefill_query_token_stays_in_its_row(rng, value, s, d, bad, causal, dtype):
+    """A q value stays in its row: on trn1 the Q tiles and P of both bodies (short: S <= 512, pipelined: longer)
+    are transposed by VectorE 32x32 blocks (_common.exact_transpose), not by the TensorE (an identity matmul)."""
+    q, k, v = (x.astype(dtype) for x in _qkv(rng, 2, 2, 1, s, s, d))
+    out = np.asarray(_trn1(nk.flash_attention, _poison(q, bad, value), k, v, causal=causal, lnc=1)).astype(F32)
     rows = np.ones(out.shape[:3], bool)
-    rows[0, 0, 3] = False
-    assert_close("prefill other rows", flash_attention_ref(q, k, v)[rows], out[rows])
+    rows[bad[:3]] = False
+    assert_close("prefill other rows", flash_attention_ref(q, k, v, causal=causal)[rows], out[rows],
+                 dtype=np.dtype(dtype).name)
 
 
 @VALUES
@@ -146,31 +150,46 @@ def test_decode_padding_cache_key_reaches_nothing(rng, value, s, lens, pos):
     assert_close("decode padding key", flash_attention_decode_ref(q, kc, vc, lens), out)
 
 
-def _varlen(rng):
-    cu = np.array([0, 5, 16], np.int32)
-    q = rng.standard_normal((16, 2, 64)).astype(F32)
-    k, v = (rng.standard_normal((16, 1, 64)).astype(F32) for _ in range(2))
-    return q, k, v, cu
+def _varlen(rng, cu, d=64, dtype=F32):
+    t = int(cu[-1])
+    q = rng.standard_normal((t, 2, d)).astype(dtype)
+    k, v = (rng.standard_normal((t, 1, d)).astype(dtype) for _ in range(2))
+    return q, k, v, np.array(cu, np.int32)
 
 
-@_mixes("varlen transposes packed [tokens, D] Q / K tiles and P on the PE: a non-finite q value reaches the other "
-        "tokens (and sequences) packed in its tile")
+VARLEN = pytest.mark.parametrize("cu, d, bad_tok, causal, dtype", [
+    ((0, 5, 16), 64, 2, False, F32),
+    ((0, 100, 101, 300, 700), 128, 150, True, F32),
+    ((0, 100, 101, 300, 700), 128, 150, False, BF16)])
+
+
 @VALUES
-def test_varlen_query_token_stays_in_its_row(rng, value):
-    q, k, v, cu = _varlen(rng)
-    out = np.asarray(_trn1(nk.flash_attention_varlen, _poison(q, (2, 0, 5), value), k, v, cu, cu, lnc=1))
+@VARLEN
+def test_varlen_query_token_stays_in_its_row(rng, value, cu, d, bad_tok, causal, dtype):
+    """A q value stays in its row although tokens of several sequences share a tile: on trn1 the packed Q tiles
+    and P are transposed by VectorE 32x32 blocks (bf16 Q arrives by DMA transpose, exact everywhere)."""
+    q, k, v, cu = _varlen(rng, cu, d, dtype)
+    out = np.asarray(_trn1(nk.flash_attention_varlen, _poison(q, (bad_tok, 0, 5), value), k, v, cu, cu,
+                           causal=causal, lnc=1)).astype(F32)
     rows = np.ones(out.shape[:2], bool)
-    rows[2, 0] = False
-    assert_close("varlen other rows", flash_attention_varlen_ref(q, k, v, cu, cu)[rows], out[rows])
+    rows[bad_tok, 0] = False
+    assert_close("varlen other rows", flash_attention_varlen_ref(q, k, v, cu, cu, causal=causal)[rows], out[rows],
+                 dtype=np.dtype(dtype).name)
 
 
-@_mixes("varlen transposes packed [keys, D] K tiles on the PE (pe_transpose_keys): a non-finite key of one "
-        "sequence reaches the other sequences packed in its 128-key tile")
 @VALUES
-def test_varlen_key_stays_in_its_sequence(rng, value):
-    q, k, v, cu = _varlen(rng)
-    out = np.asarray(_trn1(nk.flash_attention_varlen, q, _poison(k, (2, 0, 5), value), v, cu, cu, lnc=1))
-    assert_close("varlen other sequence", flash_attention_varlen_ref(q, k, v, cu, cu)[5:], out[5:])
+@VARLEN
+def test_varlen_key_stays_in_its_sequence(rng, value, cu, d, bad_tok, causal, dtype):
+    """A key stays in its sequence: on trn1 the packed K tiles are transposed by VectorE blocks
+    (pe_transpose_keys / load_transposed through _common.exact_transpose)."""
+    q, k, v, cu = _varlen(rng, cu, d, dtype)
+    out = np.asarray(_trn1(nk.flash_attention_varlen, q, _poison(k, (bad_tok, 0, 5), value), v, cu, cu,
+                           causal=causal, lnc=1)).astype(F32)
+    seq = int(np.searchsorted(cu, bad_tok, side="right")) - 1
+    others = np.ones(out.shape[0], bool)
+    others[cu[seq]:cu[seq + 1]] = False
+    assert_close("varlen other sequences", flash_attention_varlen_ref(q, k, v, cu, cu, causal=causal)[others],
+                 out[others], dtype=np.dtype(dtype).name)
 
 
 # ============================================================== gated DeltaNet

@@ -5,7 +5,8 @@ Everything here runs inside a kernel: real NKI API only (`nl`, `nisa` from the b
 from __future__ import annotations
 
 from ..backend import nisa, nl
-from ..hw import DVE_TRANSPOSE_MAX, GEMM_MOVING_FMAX, P_MAX, PSUM_BANK_BYTES
+from ..hw import DVE_TRANSPOSE_MAX, GEMM_MOVING_FMAX, NAN_MIXING_PE_TRANSPOSE_TARGETS, P_MAX, PSUM_BANK_BYTES
+from ..lnc import current_target_name
 
 # ---------------------------------------------------------------- constraints
 MAX_HEAD_DIM = 2 * P_MAX          # D limit: the QK contraction is tiled in at most two 128-row chunks and
@@ -36,13 +37,16 @@ def pe_transpose_group(dtype) -> int:
     return PSUM_BANK_BYTES // (P_MAX * itemsize)
 
 
-def pe_transpose_keys(kT_sb, key_rows, n_keys, n_c, d, n_d, t_psum, per_bank, key0=0, n_t=0, dve_last=0):
-    """kT_sb[0:dn, i_d, key0 + j] = K[j, i_d * 128 + 0:dn] for the n_keys keys of n_c 128-key chunks: PE transposes,
+def pe_transpose_keys(kT_sb, key_rows, n_keys, n_c, d, n_d, t_psum, per_bank, key0=0, n_t=0, dve_last=0,
+                      exact=True):
+    """kT_sb[0:dn, i_d, key0 + j] = K[j, i_d * 128 + 0:dn] for the n_keys keys of n_c 128-key chunks: PE transposes
+    (`exact_transpose`: VectorE blocks on trn1, unless exact=False),
     `per_bank` chunks side by side in one PSUM bank (`pe_transpose_group`), the banks alternating between the two
     halves of t_psum [128, 2, per_bank, 128], each bank evicted by one ScalarE copy. key_rows(c, d0, dn, cn) is
     the [cn keys, dn] SBUF tile of chunk c's keys at head-dim offset d0. n_t counts the banks used so far (the
     alternation continues across calls); returns the new count. dve_last: the call's last dve_last banks are evicted
-    by the VectorE instead (the end of a latency-bound chain: a faster copy, and the ScalarE is left free)."""
+    by the VectorE instead (the end of a latency-bound chain: a faster copy, and the ScalarE is left free).
+    exact=False: always the TensorE (decode: one sequence's cache keys, padding rows zeroed before on trn1)."""
     n_banks = n_d * n_tiles(n_c, per_bank)
     i_bank = 0
     for i_d in range(n_d):
@@ -55,7 +59,10 @@ def pe_transpose_keys(kT_sb, key_rows, n_keys, n_c, d, n_d, t_psum, per_bank, ke
             for i_c in range(gn):
                 c = g0 + i_c
                 cn = min(K_CHUNK, n_keys - c * K_CHUNK)
-                nisa.nc_transpose(dst=t_psum[0:dn, slot, i_c, 0:cn], data=key_rows(c, d0, dn, cn))
+                if exact:
+                    exact_transpose(t_psum[0:dn, slot, i_c, 0:cn], key_rows(c, d0, dn, cn))
+                else:
+                    nisa.nc_transpose(dst=t_psum[0:dn, slot, i_c, 0:cn], data=key_rows(c, d0, dn, cn))
             keys0 = key0 + g0 * K_CHUNK
             keys = min(gn * K_CHUNK, n_keys - g0 * K_CHUNK)
             dst = kT_sb[0:dn, i_d, keys0:keys0 + keys]
@@ -71,7 +78,7 @@ def pe_transpose_keys(kT_sb, key_rows, n_keys, n_c, d, n_d, t_psum, per_bank, ke
 def load_transposed(dst_sb, src_hbm, rows, cols, dtype, row_len=None, row0=0):
     """dst_sb[0:cols, 0:rows] = src_hbm[rows, cols].T, for cols <= 128.
 
-    2-byte dtypes: one DMA transpose. fp32: natural-layout DMA into SBUF, then PE transposes of
+    2-byte dtypes: one DMA transpose. fp32: natural-layout DMA into SBUF, then PE transposes (`exact_transpose`) of
     128-row pieces through PSUM. row_len (fp32 path): rows at positions row0 + r >= the length are zeroed before
     their PE transpose (trn1's transpose would spread a NaN there over every row).
     """
@@ -85,7 +92,7 @@ def load_transposed(dst_sb, src_hbm, rows, cols, dtype, row_len=None, row0=0):
         if row_len is not None:
             zero_rows_past_length(nat_sb[0:rn, 0:cols].reshape((rn, 1, cols)), row_len, row0 + r0, P_MAX)
         tp_psum = nl.ndarray((P_MAX, P_MAX), dtype=dtype, buffer=nl.psum)
-        nisa.nc_transpose(dst=tp_psum[0:cols, 0:rn], data=nat_sb[0:rn, 0:cols])
+        exact_transpose(tp_psum[0:cols, 0:rn], nat_sb[0:rn, 0:cols])
         nisa.tensor_copy(dst=dst_sb[0:cols, r0:r0 + rn], src=tp_psum[0:cols, 0:rn])
 
 
@@ -99,6 +106,22 @@ def vector_transpose(dst, src):
             fn = min(DVE_TRANSPOSE_MAX, f - f0)
             nisa.nc_transpose(dst=dst[f0:f0 + fn, p0:p0 + pn], data=src[p0:p0 + pn, f0:f0 + fn],
                               engine=nisa.vector_engine)
+
+
+def mixing_pe_transpose() -> bool:
+    """Trace-time: the target's TensorE transpose spreads NaN / Inf across the rows it transposes (trn1)."""
+    return current_target_name() in NAN_MIXING_PE_TRANSPOSE_TARGETS
+
+
+def exact_transpose(dst, data):
+    """dst[F, P] = data[P, F] (SBUF -> PSUM, <= 128 x 128): one TensorE transpose, or on targets whose TensorE
+    transpose mixes NaN / Inf across the rows (trn1, `mixing_pe_transpose`) VectorE 32x32 blocks, so that a
+    non-finite value of one row (a token, a sequence) stays in its own output column. Same result and layout
+    either way; trn2 / trn3 instruction streams are unchanged."""
+    if mixing_pe_transpose():
+        vector_transpose(dst, data)
+    else:
+        nisa.nc_transpose(dst=dst, data=data)
 
 
 def load_len_broadcast(lens_hbm, b, parts):

@@ -536,7 +536,7 @@ def _transpose_keys(ctx, k_sb, kn, n_c):
     kT_sb = nl.ndarray((P_MAX, n_d, ctx["piece"]), dtype=dtype, buffer=nl.sbuf)
     t_psum = nl.ndarray((P_MAX, _KT_BANKS, per_bank, P_MAX), dtype=dtype, buffer=nl.psum)
     pe_transpose_keys(kT_sb, lambda c, d0, dn, cn: k_sb[0:cn, c, d0:d0 + dn], kn, n_c, d, n_d, t_psum, per_bank,
-                      dve_last=_KT_DVE_LAST)
+                      dve_last=_KT_DVE_LAST, exact=False)
     return kT_sb
 
 

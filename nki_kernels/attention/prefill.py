@@ -29,7 +29,7 @@ from ..hw import NAN_MIXING_PE_TRANSPOSE_TARGETS, NO_PE_TILE32_TARGETS, P_MAX
 from ..lnc import current_target_name, resolve_lnc
 from ..validation import kernel_check
 from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, KV_BLOCK, MASK_BIAS, MAX_HEAD_DIM, MM_KEYS,
-                      is_two_byte, load_len_broadcast, load_transposed, n_tiles, zero_rows_past_length)
+                      exact_transpose, is_two_byte, load_len_broadcast, load_transposed, n_tiles, zero_rows_past_length)
 
 _Q_TILE = P_MAX                   # query rows per tile (partitions of S, O)
 _BLOCK_2BYTE = MM_KEYS            # keys per softmax block for bf16/fp16: S of one stream = 1 PSUM bank
@@ -391,7 +391,7 @@ def _load_q(q, bufs, st, d, n_d, dtype, q_is_bhds=False, rows=None, len_f=None):
     for i_d in range(n_d):
         d0 = i_d * D_CHUNK
         dn = min(D_CHUNK, d - d0)
-        nisa.nc_transpose(dst=q_psum[0:dn, i_d, 0:st.qn], data=q_nat[0:st.qn, d0:d0 + dn])
+        exact_transpose(q_psum[0:dn, i_d, 0:st.qn], q_nat[0:st.qn, d0:d0 + dn])
     if d % D_CHUNK == 0:
         nisa.activation(dst=qT[0:D_CHUNK, st.slot, st.gen, 0:n_d, 0:st.qn], op=nl.copy,
                         data=q_psum[0:D_CHUNK, 0:n_d, 0:st.qn])
@@ -476,7 +476,7 @@ def _transpose_pe(bufs, st, j, step, block):
     r, s, t = step % _RING, st.slot, step % t_psum.shape[1]
     for c in range(n_c):
         cn = min(K_CHUNK, kn - c * K_CHUNK)
-        nisa.nc_transpose(dst=t_psum[0:cn, t, s, c, 0:st.qn], data=p_ring[0:st.qn, r, s, c * K_CHUNK:c * K_CHUNK + cn])
+        exact_transpose(t_psum[0:cn, t, s, c, 0:st.qn], p_ring[0:st.qn, r, s, c * K_CHUNK:c * K_CHUNK + cn])
     full = min(n_c, kn // K_CHUNK)
     if full:
         dst, src = pT_ring[0:K_CHUNK, r, s, 0:full, 0:st.qn], t_psum[0:K_CHUNK, t, s, 0:full, 0:st.qn]
@@ -749,7 +749,7 @@ def _short_k(k, len_f, geo):
         dn = min(D_CHUNK, d - d0)
         t_psum = nl.ndarray((P_MAX, cpp, P_MAX), dtype=dtype, buffer=nl.psum)
         for c in range(cpp):
-            nisa.nc_transpose(dst=t_psum[0:dn, c, 0:P_MAX], data=k_sb[0:P_MAX, c, d0:d0 + dn])
+            exact_transpose(t_psum[0:dn, c, 0:P_MAX], k_sb[0:P_MAX, c, d0:d0 + dn])
         nisa.activation(dst=kT_sb[0:dn, i_d, 0:geo["nk"]], op=nl.copy,
                         data=t_psum[0:dn, 0:cpp, 0:P_MAX].reshape((dn, geo["nk"])))
     kvalid = None
@@ -818,8 +818,7 @@ def _short_scores(head, tile, kT_sb, kvalid, ident, ring, geo):
         for i_d in range(n_d):
             d0 = i_d * D_CHUNK
             dn = min(D_CHUNK, d - d0)
-            nisa.nc_transpose(dst=qt_psum[0:dn, i_d, ppt * i:ppt * (i + 1)],
-                              data=head["q"][ppt * t:ppt * (t + 1), i, d0:d0 + dn])
+            exact_transpose(qt_psum[0:dn, i_d, ppt * i:ppt * (i + 1)], head["q"][ppt * t:ppt * (t + 1), i, d0:d0 + dn])
     qT_sb = nl.ndarray((P_MAX, n_d, P_MAX), dtype=dtype, buffer=nl.sbuf)
     for i_d in range(n_d):
         dn = min(D_CHUNK, d - i_d * D_CHUNK)
@@ -854,7 +853,7 @@ def _short_pv(head, tile, p_sb, geo):
     t, n_ch = tile["t"], tile["n_ch"]
     pt_psum = nl.ndarray((P_MAX, geo["cpp"], P_MAX), dtype=dtype, buffer=nl.psum)
     for j in range(n_ch):
-        nisa.nc_transpose(dst=pt_psum[0:P_MAX, j, 0:P_MAX], data=p_sb[0:P_MAX, j * P_MAX:(j + 1) * P_MAX])
+        exact_transpose(pt_psum[0:P_MAX, j, 0:P_MAX], p_sb[0:P_MAX, j * P_MAX:(j + 1) * P_MAX])
     pT_sb = nl.ndarray((P_MAX, geo["cpp"], P_MAX), dtype=dtype, buffer=nl.sbuf)
     nisa.activation(dst=pT_sb[0:P_MAX, 0:n_ch, 0:P_MAX], op=nl.copy, data=pt_psum[0:P_MAX, 0:n_ch, 0:P_MAX])
     halves = [(0, d)] if d <= D_CHUNK else [(0, d // 2), (d // 2, d)]

@@ -38,8 +38,8 @@ from ..backend import call, nki, nisa, nl
 from ..hw import P_MAX
 from ..lnc import resolve_lnc
 from ..validation import kernel_check
-from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, MASK_BIAS, MAX_HEAD_DIM, MM_KEYS, is_two_byte,
-                      load_transposed, n_tiles, pe_transpose_group, pe_transpose_keys)
+from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, MASK_BIAS, MAX_HEAD_DIM, MM_KEYS, exact_transpose,
+                      is_two_byte, load_transposed, n_tiles, pe_transpose_group, pe_transpose_keys)
 from .prefill import _Q_TILE, _attend_pipeline, _check_array, _check_scale, _dtype_name, _read_only, _shape
 
 MAX_SEQS = 512                    # N limit: the per-row bounds use [128, N+1] fp32 tiles (5 of them, 10 KiB)
@@ -331,7 +331,7 @@ def _probs_transposed(p_sb, qn, dtype):
     n_pe = _PE_T_CHUNKS if is_two_byte(dtype) else _N_CH
     t_psum = nl.ndarray((P_MAX, n_pe, _Q_TILE), dtype=dtype, buffer=nl.psum)
     for c in range(n_pe):
-        nisa.nc_transpose(dst=t_psum[:, c, 0:qn], data=p_sb[0:qn, c * K_CHUNK:(c + 1) * K_CHUNK])
+        exact_transpose(t_psum[:, c, 0:qn], p_sb[0:qn, c * K_CHUNK:(c + 1) * K_CHUNK])
     nisa.activation(dst=pT[:, 0:n_pe, 0:qn], op=nl.copy, data=t_psum[:, :, 0:qn])
     if n_pe < _N_CH:
         src = p_sb[0:qn, n_pe * K_CHUNK:_BLOCK].reshape((qn, _N_CH - n_pe, K_CHUNK))
