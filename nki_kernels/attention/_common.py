@@ -5,8 +5,9 @@ Everything here runs inside a kernel: real NKI API only (`nl`, `nisa` from the b
 from __future__ import annotations
 
 from ..backend import nisa, nl
-from ..hw import DVE_TRANSPOSE_MAX, GEMM_MOVING_FMAX, NAN_MIXING_PE_TRANSPOSE_TARGETS, P_MAX, PSUM_BANK_BYTES
+from ..hw import GEMM_MOVING_FMAX, NAN_MIXING_PE_TRANSPOSE_TARGETS, P_MAX, PSUM_BANK_BYTES
 from ..lnc import current_target_name
+from ..transpose import vector_transpose
 
 # ---------------------------------------------------------------- constraints
 MAX_HEAD_DIM = 2 * P_MAX          # D limit: the QK contraction is tiled in at most two 128-row chunks and
@@ -94,18 +95,6 @@ def load_transposed(dst_sb, src_hbm, rows, cols, dtype, row_len=None, row0=0):
         tp_psum = nl.ndarray((P_MAX, P_MAX), dtype=dtype, buffer=nl.psum)
         exact_transpose(tp_psum[0:cols, 0:rn], nat_sb[0:rn, 0:cols])
         nisa.tensor_copy(dst=dst_sb[0:cols, r0:r0 + rn], src=tp_psum[0:cols, 0:rn])
-
-
-def vector_transpose(dst, src):
-    """dst[F, P] = src[P, F] by VectorE transposes of DVE_TRANSPOSE_MAX-square blocks: exact with NaN / Inf on every
-    target (on trn1 a TensorE transpose is an identity matmul: one row's NaN reaches every column)."""
-    p, f = src.shape
-    for p0 in range(0, p, DVE_TRANSPOSE_MAX):
-        pn = min(DVE_TRANSPOSE_MAX, p - p0)
-        for f0 in range(0, f, DVE_TRANSPOSE_MAX):
-            fn = min(DVE_TRANSPOSE_MAX, f - f0)
-            nisa.nc_transpose(dst=dst[f0:f0 + fn, p0:p0 + pn], data=src[p0:p0 + pn, f0:f0 + fn],
-                              engine=nisa.vector_engine)
 
 
 def mixing_pe_transpose() -> bool:

@@ -39,9 +39,10 @@ from __future__ import annotations
 from ..backend import call, nki, nisa, nl
 from ..hw import NAN_MIXING_PE_TRANSPOSE_TARGETS, P_MAX
 from ..lnc import current_target_name, resolve_lnc
+from ..transpose import vector_transpose
 from ..validation import kernel_check
 from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, MASK_BIAS, MAX_HEAD_DIM, is_two_byte, n_tiles,
-                      pe_transpose_group, pe_transpose_keys, vector_transpose)
+                      pe_transpose_group, pe_transpose_keys)
 from .prefill import _as_int32_lens, _check_array, _check_scale, _dtype_name, _read_only, _shape
 
 MAX_NEW_TOKENS = 8                # Sq limit (speculative decoding); G * Sq rows must fit the 128 partitions

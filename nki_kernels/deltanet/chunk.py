@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import call, nki, nisa, nl
-from ..hw import DVE_TRANSPOSE_MAX, NAN_MIXING_PE_TRANSPOSE_TARGETS, PSUM_FMAX_FP32, P_MAX
+from ..backend import call, nisa, nl
+from ..hw import NAN_MIXING_PE_TRANSPOSE_TARGETS, PSUM_FMAX_FP32, P_MAX
 from ..lnc import current_target_name, resolve_lnc
+from ..transpose import vector_transpose
 from ..validation import kernel_check
 from ._checks import check_cu_seqlens, check_lengths, check_qkv_gate_layouts, initial_state_arg
 from ._checks import dtype_name as _dtype_name
@@ -135,19 +136,6 @@ def _host_constants(chunk):
     # hi_lvl[p, l] = [p in the second half of its 2^(l+1)-block] (the compact solve's row masks, level l)
     consts.append((j < _n_levels(chunk)) & (i % (2 << np.minimum(j, 30)) >= (1 << np.minimum(j, 30))))
     return np.stack([c.astype(np.float32) for c in consts])
-
-
-@nki.jit
-def _vector_transpose(dst, src):
-    """dst[F, P] = src[P, F] ([tokens, Dk] -> [Dk, tokens]) by VectorE transposes of DVE_TRANSPOSE_MAX-square
-    blocks: exact with NaN / Inf on every target (trn1's TensorE transpose, an identity matmul, is not)."""
-    p, f = src.shape
-    for p0 in range(0, p, DVE_TRANSPOSE_MAX):
-        pn = min(DVE_TRANSPOSE_MAX, p - p0)
-        for f0 in range(0, f, DVE_TRANSPOSE_MAX):
-            fn = min(DVE_TRANSPOSE_MAX, f - f0)
-            nisa.nc_transpose(dst=dst[f0:f0 + fn, p0:p0 + pn], data=src[p0:p0 + pn, f0:f0 + fn],
-                              engine=nisa.vector_engine)
 
 
 def gated_delta_rule_kernel(q, k, v, g, beta, initial_state, lengths, cu_seqlens, consts, chunk, scale, use_l2norm,
@@ -445,8 +433,8 @@ def _chunk_prep(q, k, v, g, beta, lengths, per_seq, ctx, cfg):
         tq_ps = nl.ndarray((dk, 2, n_kh, chunk), dtype=tdt, buffer=nl.psum)
         for i_k in range(n_kh):
             if cfg["vec_transpose"]:     # trn1: the TensorE transpose is an identity matmul (0 * NaN over the chunk)
-                _vector_transpose(tq_ps[:, 0, i_k, :], q_src[:, hk0 + i_k, :])
-                _vector_transpose(tq_ps[:, 1, i_k, :], k_src[:, hk0 + i_k, :])
+                vector_transpose(tq_ps[:, 0, i_k, :], q_src[:, hk0 + i_k, :])
+                vector_transpose(tq_ps[:, 1, i_k, :], k_src[:, hk0 + i_k, :])
                 continue
             nisa.nc_transpose(dst=tq_ps[:, 0, i_k, :], data=q_src[:, hk0 + i_k, :])
             nisa.nc_transpose(dst=tq_ps[:, 1, i_k, :], data=k_src[:, hk0 + i_k, :])

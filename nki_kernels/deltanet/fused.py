@@ -22,6 +22,7 @@ import numpy as np
 from ..backend import call, nki, nisa, nl
 from ..hw import NAN_MIXING_PE_TRANSPOSE_TARGETS, P_MAX, PSUM_FMAX_FP32
 from ..lnc import current_target_name, resolve_lnc
+from ..transpose import vector_transpose
 from ..validation import kernel_check
 from . import chunk as _chunk
 from ._checks import check_dtype, check_tensor, initial_state_arg
@@ -295,7 +296,7 @@ class _FrontEnd:
             for i_g, j in enumerate(grp):
                 c = self.tiles[j]["col"]
                 if self.vec_transpose:
-                    _chunk._vector_transpose(tp_ps[0:pc, i_g, :], xin[:, c:c + pc])
+                    vector_transpose(tp_ps[0:pc, i_g, :], xin[:, c:c + pc])
                 else:
                     nisa.nc_transpose(dst=tp_ps[0:pc, i_g, :], data=xin[:, c:c + pc])
             nisa.activation(dst=hist[0:pc, grp[0]:grp[-1] + 1, kw:kw + chunk], op=nl.copy,
