@@ -5,9 +5,8 @@ Everything here runs inside a kernel: real NKI API only (`nl`, `nisa` from the b
 from __future__ import annotations
 
 from ..backend import nisa, nl
-from ..hw import GEMM_MOVING_FMAX, NAN_MIXING_PE_TRANSPOSE_TARGETS, P_MAX, PSUM_BANK_BYTES
-from ..lnc import current_target_name
-from ..transpose import vector_transpose
+from ..hw import GEMM_MOVING_FMAX, P_MAX, PSUM_BANK_BYTES
+from ..transpose import mixing_pe_transpose, vector_transpose
 
 # ---------------------------------------------------------------- constraints
 MAX_HEAD_DIM = 2 * P_MAX          # D limit: the QK contraction is tiled in at most two 128-row chunks and
@@ -95,11 +94,6 @@ def load_transposed(dst_sb, src_hbm, rows, cols, dtype, row_len=None, row0=0):
         tp_psum = nl.ndarray((P_MAX, P_MAX), dtype=dtype, buffer=nl.psum)
         exact_transpose(tp_psum[0:cols, 0:rn], nat_sb[0:rn, 0:cols])
         nisa.tensor_copy(dst=dst_sb[0:cols, r0:r0 + rn], src=tp_psum[0:cols, 0:rn])
-
-
-def mixing_pe_transpose() -> bool:
-    """Trace-time: the target's TensorE transpose spreads NaN / Inf across the rows it transposes (trn1)."""
-    return current_target_name() in NAN_MIXING_PE_TRANSPOSE_TARGETS
 
 
 def exact_transpose(dst, data):

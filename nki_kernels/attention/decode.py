@@ -37,9 +37,9 @@ bit-identical at both LNCs.
 from __future__ import annotations
 
 from ..backend import call, nki, nisa, nl
-from ..hw import NAN_MIXING_PE_TRANSPOSE_TARGETS, P_MAX
-from ..lnc import current_target_name, resolve_lnc
-from ..transpose import vector_transpose
+from ..hw import P_MAX
+from ..lnc import resolve_lnc
+from ..transpose import mixing_pe_transpose, vector_transpose
 from ..validation import kernel_check
 from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, MASK_BIAS, MAX_HEAD_DIM, is_two_byte, n_tiles,
                       pe_transpose_group, pe_transpose_keys)
@@ -141,7 +141,7 @@ def decode_body(q, k_cache, v_cache, cache_lens, out, softmax_scale, causal):
     ctx = dict(q=q, k=k_cache, v=v_cache, lens=cache_lens, rows=rows, sq=sq, group=group, d=d, dtype=dtype,
                n_d=n_tiles(d, D_CHUNK), scale=softmax_scale, causal=causal, ones_row=ones_row, ones_col=ones_col,
                piece=min(_PIECE_KEYS, K_CHUNK * (_PSUM_BANK_F32 // rows)), vpos={}, v_first=split,
-               zero_k=current_target_name() in NAN_MIXING_PE_TRANSPOSE_TARGETS)
+               zero_k=mixing_pe_transpose())
     ctx["v_bufs"] = _v_buffers(ctx)
     # split keys (latency-bound): K^T by DMA transposes, so the last piece's score chain does not queue behind the
     # K^T evictions; whole pairs (stream-bound): PE transposes, the DMA transpose costs the stream 1/0.9 of K

@@ -25,8 +25,9 @@ from __future__ import annotations
 import math
 
 from ..backend import call, nki, nisa, nl
-from ..hw import NAN_MIXING_PE_TRANSPOSE_TARGETS, NO_PE_TILE32_TARGETS, P_MAX
+from ..hw import NO_PE_TILE32_TARGETS, P_MAX
 from ..lnc import current_target_name, resolve_lnc
+from ..transpose import mixing_pe_transpose
 from ..validation import kernel_check
 from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, KV_BLOCK, MASK_BIAS, MAX_HEAD_DIM, MM_KEYS,
                       exact_transpose, is_two_byte, load_len_broadcast, load_transposed, n_tiles, zero_rows_past_length)
@@ -129,7 +130,7 @@ def prefill_body(q, k, v, gate, seq_lens, out, softmax_scale, causal, bhds=False
                 continue
             # trn1: K rows past the length are zeroed before their PE transposes (a NaN there would reach every
             # query through the identity matmul), so the length is loaded first there
-            k_len = load_len_broadcast(seq_lens, b, P_MAX) if seq_lens is not None and _mixing_transpose() else None
+            k_len = load_len_broadcast(seq_lens, b, P_MAX) if seq_lens is not None and mixing_pe_transpose() else None
             kT_sb, v_sb = _load_kv(k[b], v[b], kvh, skv, d, n_d, dtype, bhds, k_len=k_len)
             len_f = None
             klen_valid = None
@@ -189,11 +190,6 @@ class _DiagonalBias:
 
 def _block_keys(dtype):
     return _BLOCK_2BYTE if is_two_byte(dtype) else _BLOCK_FP32
-
-
-def _mixing_transpose():
-    """Trace-time: the target's TensorE transpose spreads NaN / Inf across the rows it transposes (trn1)."""
-    return current_target_name() in NAN_MIXING_PE_TRANSPOSE_TARGETS
 
 
 def _load_kv(k, v, kvh, skv, d, n_d, dtype, bhds=False, k_len=None):
@@ -741,7 +737,7 @@ def _short_k(k, len_f, geo):
     skv, d, n_d, cpp, dtype = geo["skv"], geo["d"], geo["n_d"], geo["cpp"], geo["dtype"]
     k_sb = nl.ndarray((P_MAX, cpp, d), dtype=dtype, buffer=nl.sbuf)
     _load_pm(k_sb, k, skv, cpp, d)
-    if len_f is not None and _mixing_transpose():     # trn1: no NaN past the length enters the PE transposes
+    if len_f is not None and mixing_pe_transpose():     # trn1: no NaN past the length enters the PE transposes
         zero_rows_past_length(k_sb, len_f, 0, 1, cpp)
     kT_sb = nl.ndarray((P_MAX, n_d, geo["nk"]), dtype=dtype, buffer=nl.sbuf)
     for i_d in range(n_d):

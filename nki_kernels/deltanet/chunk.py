@@ -22,9 +22,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import call, nisa, nl
-from ..hw import NAN_MIXING_PE_TRANSPOSE_TARGETS, PSUM_FMAX_FP32, P_MAX
+from ..hw import PSUM_FMAX_FP32, P_MAX
 from ..lnc import current_target_name, resolve_lnc
-from ..transpose import vector_transpose
+from ..transpose import mixing_pe_transpose, vector_transpose
 from ..validation import kernel_check
 from ._checks import check_cu_seqlens, check_lengths, check_qkv_gate_layouts, initial_state_arg
 from ._checks import dtype_name as _dtype_name
@@ -281,7 +281,7 @@ def run_pipeline(inputs, lengths, cu_seqlens, consts, initial_state, outs, dims,
                use_l2norm=use_l2norm, cdt=cdt, has_lengths=has_lengths,
                hi_rows=consts_sb[:, _c_hi_rows(chunk), :], hi_lvl=consts_sb[:, _c_hi_lvl(chunk), :],
                row_tiles=opts.get("row_tiles", False),
-               vec_transpose=current_target_name() in NAN_MIXING_PE_TRANSPOSE_TARGETS,
+               vec_transpose=mixing_pe_transpose(),
                consts_sb=consts_sb, ones_sb=ones_sb, ident_c=solve_wss[0][0][:, 0, :], guard=guard,
                sched=sched, n_hk_all=dims["n_hk_all"], n_hv_all=dims["n_hv_all"], initial_state=initial_state,
                has_initial_state=has_initial_state, n_hv=n_hv, dk=dk, dv=dv, loader=loader)

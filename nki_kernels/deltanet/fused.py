@@ -20,9 +20,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import call, nki, nisa, nl
-from ..hw import NAN_MIXING_PE_TRANSPOSE_TARGETS, P_MAX, PSUM_FMAX_FP32
+from ..hw import P_MAX, PSUM_FMAX_FP32
 from ..lnc import current_target_name, resolve_lnc
-from ..transpose import vector_transpose
+from ..transpose import mixing_pe_transpose, vector_transpose
 from ..validation import kernel_check
 from . import chunk as _chunk
 from ._checks import check_dtype, check_tensor, initial_state_arg
@@ -157,7 +157,7 @@ class _FrontEnd:
         self.kw = conv_weight.shape[1]
         self.io_dt = mixed_qkv.dtype
         # trn1: the TensorE transpose is an identity matmul (0 * NaN would reach every token of the chunk)
-        self.vec_transpose = current_target_name() in NAN_MIXING_PE_TRANSPOSE_TARGETS
+        self.vec_transpose = mixing_pe_transpose()
         self.cdt = nl.bfloat16 if self.io_dt == nl.bfloat16 and bf16_compute else nl.float32
         self.tiles = _channel_tiles(segs)
         self.groups = _groups(self.tiles)

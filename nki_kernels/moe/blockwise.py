@@ -11,8 +11,9 @@ from typing import NamedTuple
 import numpy as np
 
 from ..backend import call, nki, nisa, nl
-from ..hw import NAN_MIXING_PE_TRANSPOSE_TARGETS, P_MAX, PSUM_FMAX_FP32, SBUF_BYTES_PER_PARTITION
+from ..hw import P_MAX, PSUM_FMAX_FP32, SBUF_BYTES_PER_PARTITION
 from ..lnc import current_target_name, resolve_lnc
+from ..transpose import mixing_pe_transpose
 from ..validation import check_host_values, kernel_check
 from ._tiles import (_Y_TILE, TOK_TILE, down_piece, evict, intermediate_split, itemsize, load_down,
                      load_gate_up, load_gate_vector, sigmoid_gate, swiglu, transpose_h, transpose_tokens)
@@ -184,7 +185,7 @@ def _gather_token_tile(hidden, expert_affinities, top_k_index, ids_sb, e_sb, eg_
     `affinity` is False: the caller applies the routing weights later)."""
     h_total = hidden.shape[1]
     x_sb = nl.ndarray((TOK_TILE, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
-    if current_target_name() in NAN_MIXING_PE_TRANSPOSE_TARGETS:
+    if mixing_pe_transpose():
         # the skipped (padding) rows would keep stale SBUF values, which the x transposes (an identity matmul on
         # these targets) would carry into every token of the chunk: zero them first
         nisa.memset(dst=x_sb[0:n_tok, :], value=0.0)
@@ -488,7 +489,6 @@ def check_weights(kname, hidden, gate_up, down, shared):
 
 def sbuf_budget(target=None) -> int:
     """SBUF bytes per partition the MoE plans may use on the target (default: the current one)."""
-    from ..lnc import current_target_name
     name = target or current_target_name()
     return SBUF_BYTES_PER_PARTITION.get(name, SBUF_BYTES_PER_PARTITION["trn2"]) - _SBUF_MARGIN
 

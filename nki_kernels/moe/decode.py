@@ -25,8 +25,9 @@ overlap), every gate_up before any down, so the last bytes to land feed only the
 from __future__ import annotations
 
 from ..backend import call, nki, nisa, nl
-from ..hw import GEMM_MOVING_FMAX, NAN_MIXING_PE_TRANSPOSE_TARGETS, P_MAX, PSUM_BANK_BYTES, PSUM_FMAX_FP32
-from ..lnc import current_target_name, resolve_lnc
+from ..hw import GEMM_MOVING_FMAX, P_MAX, PSUM_BANK_BYTES, PSUM_FMAX_FP32
+from ..lnc import resolve_lnc
+from ..transpose import mixing_pe_transpose
 from ..validation import kernel_check
 from ._tiles import intermediate_split, itemsize, load_gate_up
 from .blockwise import _as_int32, _shape, check_expert_offset, check_top_k, check_weights, sbuf_budget
@@ -381,7 +382,7 @@ def _load_xT(hidden, fold, t0, n_tokens):
     transpose mixes NaN across its rows (`hw.NAN_MIXING_PE_TRANSPOSE_TARGETS`: the tokens are those rows) the columns
     come straight from HBM instead (`_dma_columns`), so one token's NaN / Inf never reaches another's."""
     h_total = hidden.shape[1]
-    if n_tokens > 1 and current_target_name() in NAN_MIXING_PE_TRANSPOSE_TARGETS:
+    if n_tokens > 1 and mixing_pe_transpose():
         xT_sb = _dma_columns(hidden, 1, t0, n_tokens)
         return xT_sb, (xT_sb if fold == 1 else _dma_columns(hidden, fold, t0, n_tokens))
     x_sb = nl.ndarray((n_tokens, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
