@@ -90,6 +90,17 @@ programs scored 2.326, 2.327, 2.160, 2.083 ms are the beam's (already LN points)
 kernels_v4.py's docstring, unchanged; any further choice a program needs is written in kernels_v5.py before it is
 modeled. All held out -> points LN5.<ms x 1000>. Applying it (kernels_v5.py docstring): four of the seven have
 distinct streams; iteration 2 code 3 (4.396 ms) fails (a) under the fixed choices; LN5.2774, LN5.2968, LN5.3734.
+
+v6 round (issue 15; the v4 procedure applied). Six held-out points whose errors were seen at earlier stops miss the
+goal and are the evidence for this round's model and re-write changes, so they **move to fit** in this round's first
+commit, before anything is changed: U3.8 (+48.9%), U3.9 (+27.7%), U3.10 (+30.2%) (naive-attention two-pass steps,
+bf16: the modeled VectorE busy time alone exceeds the measured time), U5.4 (+129.5%), U5.5 (+70.4%) (conv1d, every
+VectorE instruction a one-column [128, 3] access: step 4 adds a PSUM add per column to step 3's stream yet is
+measured 29% faster; step 5 is step 3's stream with the filter operand read from PSUM, measured 38% faster) and A10
+(-25.1%, gqa_full, modeled too fast). Errors are those of `python -m microbench.calibration` at main 98f737f. They
+are no longer an independent test. The held-out split keeps U5, A9, A4, U3.3, U3.4, U3.5, U5.3, A11.opt, the four LN
+and three LN5 points (15 of 37, >= 1/3) and is replenished in parallel by the `heldout` engineer's new points
+(chosen by a rule committed before they are modeled, in their own module).
 """
 from __future__ import annotations
 
@@ -287,6 +298,9 @@ U5_STEP_POINTS = ((3, 7934.0, "per-(image, channel tile) buffers, filter loaded 
                   (4, 5602.0, "output columns added into PSUM blocks of 512, copied out per block"),
                   (5, 4955.0, "filter copied to PSUM and read from there; channel tiles outermost"))
 
+# v6 round: held-out points moved to fit (module docstring, "v6 round"); A10 is marked fit at its definition
+V6_TO_FIT = frozenset({"U3.8", "U3.9", "U3.10", "U5.4", "U5.5", "A10"})
+
 
 _ADAM_HP = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=10)
 
@@ -362,7 +376,7 @@ POINTS = [
           notes="B batches; scores spilled for 24 of 32 row tiles (published: 0.75 GB each way)"),
     Point("A10", "gqa_full", "B1 S4096 QH16 KH8 D128 fp32", "trn1", 19110.0, "AccelOpt S3 (prof)", K.gqa_full_a10,
           make=lambda k, rng, s=4096: ((_f32(rng, s, 2 * k, 128), _f32(rng, s, k, 128), _f32(rng, s, k, 128)), {}),
-          k_full=8, k_model=(1, 2), reference=ref_gqa, split="held-out",
+          k_full=8, k_model=(1, 2), reference=ref_gqa, split="fit",
           notes="k = key/value heads (2 query heads each); scores materialised and spilled (1.07 GB each way)"),
     Point("A4", "lora", "M4096 K5120 N12288 R128 fp32", "trn1", 30170.0, "AccelOpt S3 (prof)", K.lora_a4,
           make=lambda k, rng, m=4096, kk=5120, r=128: ((_f32(rng, m, kk), _f32(rng, kk, 1024 * k, scale=0.02),
@@ -382,12 +396,14 @@ POINTS = [
     # ---- held-out Autocomp search steps (rule in the module docstring; kernels_heldout.py) ----
     *[Point(f"U3.{s}", "naive_attention", "d128 S4096 bf16", "trn1", us,
             f"Autocomp naive-attention trace, step {s} (bench)", H.naive_attention_u3, make=_u3_inputs(s),
-            k_full=32, k_model=(2, 4), reference=lambda q, k, v, s: ref_attention_ds(q, k, v), split="held-out",
+            k_full=32, k_model=(2, 4), reference=lambda q, k, v, s: ref_attention_ds(q, k, v),
+            split="fit" if f"U3.{s}" in V6_TO_FIT else "held-out",
             timing="bench", notes=note + "; k = query tiles of 128 against all 4096 keys")
       for s, us, note in U3_STEP_POINTS],
     *[Point(f"U5.{s}", "conv1d", "N8 C512 W2048 Wf3 fp32", "trn1", us, f"Autocomp conv1d trace, step {s} (bench)",
             H.conv1d_u5, make=_u5_inputs(s), k_full=8, k_model=(1, 2),
-            reference=lambda img, filt, s: ref_conv1d(img, filt), split="held-out", timing="bench",
+            reference=lambda img, filt, s: ref_conv1d(img, filt),
+            split="fit" if f"U5.{s}" in V6_TO_FIT else "held-out", timing="bench",
             notes=note + "; k = images")
       for s, us, note in U5_STEP_POINTS],
     # ---- v4 held-out points (rule in the module docstring; kernels_v4.py) ----
