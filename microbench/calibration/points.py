@@ -101,6 +101,17 @@ measured 29% faster; step 5 is step 3's stream with the filter operand read from
 are no longer an independent test. The held-out split keeps U5, A9, A4, U3.3, U3.4, U3.5, U5.3, A11.opt, the four LN
 and three LN5 points (15 of 37, >= 1/3) and is replenished in parallel by the `heldout` engineer's new points
 (chosen by a rule committed before they are modeled, in their own module).
+
+v6 held-out rule (module kernels_v6.py, whose docstring holds the rule, the search record and every report; committed
+before any of its kernels was re-written or modeled; the published latencies were known, no modeled figure was).
+Take every published latency of an NKI kernel that is not yet a point and not reserved, whose hardware is stated and
+whose exact code (the program the device ran) is published, subject to (a) and (b) above. Two sources qualify:
+the Stanford CS149 Fall 2025 assignment 4 on trn2.3xlarge (public student repositories *asst4-trainium2*; every
+kernel under skip_middle_end_transformations; fp32; `bench` = nki.benchmark P99 nc_latency, `prof` = neuron-profile
+total_time; several reports of one configuration -> their median): CS.tiled1 (37318 µs), CS.tiled128 (378),
+CS.stream2 (186), CS.stream200 (15), CS.fd2k (28.358, prof), CS.fd1k (26.417, prof), CS.T1024 (46.662, prof); and
+the AWS LayerNorm tutorial's nki.benchmark output on trn1 (4096 x 8192 fp32, the script's defaults): LNT.v2 (1974 µs
+P99; v1 is LN.2461's stream). All held out, trn2 points at LNC=1 (one physical core).
 """
 from __future__ import annotations
 
