@@ -128,6 +128,7 @@ from . import kernels as K
 from . import kernels_heldout as H
 from . import kernels_v4 as V4
 from . import kernels_v5 as V5
+from . import kernels_v6 as V6
 
 
 @dataclass
@@ -440,6 +441,8 @@ POINTS = [
       for v, note in ((V5.LN5_RELOAD_BN, "bn_stats on a second load of each 512-column chunk"),
                       (V5.LN5_NL_VAR, "nl.mean and nl.var (numpy.var's definition)"),
                       (V5.LN5_FREE_BCAST, "mean / var broadcast to [P, F]: x - mean, var + eps, rsqrt over [P, F]"))],
+    # ---- v6 held-out points (rule, reports and compiler-left choices in kernels_v6.py) ----
+    *[Point(**spec, split="held-out") for spec in V6.POINT_SPECS],
     Point("ACT1", "act_dependent_chain", "1 element per partition", "trn1", 0.189, "nki_perf_guide.rst Opt #5a",
           K.act_dependent_chain,
           make=lambda k, rng: ((np.ones((128, 1), np.float32), k), {}),

@@ -37,6 +37,15 @@ _SMALL = {     # small shapes with the same tiling, for the correctness check
     **{f"LN.{v}": (lambda rng, v=v: BY_ID[f"LN.{v}"].make(2, rng, f=1024)) for v in (2461, 2083, 2160, 2326)},
     # v5 held-out points: the same LayerNorm harness
     **{f"LN5.{v}": (lambda rng, v=v: BY_ID[f"LN5.{v}"].make(2, rng, f=1024)) for v in (2774, 2968, 3734)},
+    # v6 held-out points: CS149 vector adds / transpose on trn2 (fewer tiles), the LayerNorm tutorial v2 on trn1
+    "CS.tiled1": lambda rng: BY_ID["CS.tiled1"].make(16, rng),
+    "CS.tiled128": lambda rng: BY_ID["CS.tiled128"].make(3, rng),
+    "CS.stream2": lambda rng: BY_ID["CS.stream2"].make(5, rng),
+    "CS.stream200": lambda rng: BY_ID["CS.stream200"].make(1, rng),
+    "CS.fd2k": lambda rng: BY_ID["CS.fd2k"].make(1, rng),
+    "CS.fd1k": lambda rng: BY_ID["CS.fd1k"].make(2, rng),
+    "CS.T1024": lambda rng: BY_ID["CS.T1024"].make(2, rng, n=384),
+    "LNT.v2": lambda rng: BY_ID["LNT.v2"].make(2, rng, f=1024),
 }
 
 
@@ -81,6 +90,47 @@ def test_v5_points_cover_the_rule():
     for v in LN5_VARIANTS:
         p = BY_ID[f"LN5.{v}"]
         assert (p.split, p.timing, p.target, p.measured_us) == ("held-out", "bench", "trn1", float(v))
+
+
+def test_v6_points_cover_the_rule():
+    """The v6 rule (kernels_v6.py docstring, committed f3e0312 before any v6 kernel) picks seven CS149 trn2 points and
+    the LayerNorm tutorial v2 on trn1, all held out; several reports of one configuration give their median."""
+    from microbench.calibration.kernels_v6 import CS_REPORTS, POINT_SPECS
+    expected = {"CS.tiled1": ("trn2", "bench", 37318.0), "CS.tiled128": ("trn2", "bench", 378.0),
+                "CS.stream2": ("trn2", "bench", 186.0), "CS.stream200": ("trn2", "bench", 15.0),
+                "CS.fd2k": ("trn2", "prof", 28.358289), "CS.fd1k": ("trn2", "prof", 26.416626),
+                "CS.T1024": ("trn2", "prof", (46.470761 + 46.85326) / 2), "LNT.v2": ("trn1", "bench", 1974.0)}
+    assert sorted(s["id"] for s in POINT_SPECS) == sorted(expected)
+    assert set(CS_REPORTS) == {pid for pid in expected if pid.startswith("CS.")}
+    for pid, (target, timing, us) in expected.items():
+        p = BY_ID[pid]
+        assert (p.split, p.target, p.timing) == ("held-out", target, timing)
+        assert p.measured_us == pytest.approx(us, rel=1e-9)
+
+
+def test_v6_transpose_and_layernorm_fit_at_the_published_shape():
+    """CS.T1024 (64 tiles, a PSUM tile each) and LNT.v2 (F = 8192) pass the emulator's capacity checks at the
+    published shape and stay correct."""
+    for pid, k in (("CS.T1024", 8), ("LNT.v2", 2)):
+        p = BY_ID[pid]
+        args, kw = p.make(k, np.random.default_rng(11))
+        res = run(p.kernel, *args, target=p.target, lnc=1, **kw)
+        assert_close(pid, p.reference(*args, **kw), res.outputs, dtype="float32")
+
+
+def test_v6_vector_add_keeps_non_finite_values_in_place():
+    """A NaN / Inf in one element of a stays in that output element (element-wise add; the CS re-writes tile the
+    vector across partitions and columns)."""
+    rng = np.random.default_rng(12)
+    for pid, k in (("CS.tiled128", 2), ("CS.stream2", 3)):
+        p = BY_ID[pid]
+        (a, b, c), kw = p.make(k, rng)
+        a[5], a[-1] = np.nan, np.inf
+        out = np.asarray(run(p.kernel, a, b, c, target="trn2", lnc=1).outputs, dtype=np.float64)
+        assert np.isnan(out[5]) and np.isposinf(out[-1])
+        mask = np.ones(a.shape, bool)
+        mask[[5, -1]] = False
+        np.testing.assert_allclose(out[mask], a[mask].astype(np.float64) + b[mask], rtol=1e-6)
 
 
 def test_layernorm_fits_at_the_published_width():
