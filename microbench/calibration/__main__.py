@@ -13,10 +13,10 @@ from .points import BY_ID, POINTS, model_point, split_summary, table
 
 def console_table(results, width: int = 120) -> str:
     """The calibration table for a terminal (<= `width` columns); the markdown table (`table`) has every column."""
-    head = f"{'id':<10}{'split':<10}{'kernel':<28}{'target':<8}{'measured µs':>14}{'modeled µs':>14}{'error':>9}"
+    head = f"{'id':<13}{'split':<10}{'kernel':<28}{'target':<8}{'measured µs':>14}{'modeled µs':>14}{'error':>9}"
     out = [head, "-" * len(head)]
     for r in results:
-        out.append(f"{r.id:<10}{r.split:<10}{r.name[:27]:<28}{r.target:<8}{r.measured_us:>14,.1f}"
+        out.append(f"{r.id:<13}{r.split:<10}{r.name[:27]:<28}{r.target:<8}{r.measured_us:>14,.1f}"
                    f"{r.modeled_us:>14,.1f}{r.error:>+9.1%}")
     if results:
         out.append("")
