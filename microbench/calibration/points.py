@@ -112,6 +112,17 @@ total_time; several reports of one configuration -> their median): CS.tiled1 (37
 CS.stream2 (186), CS.stream200 (15), CS.fd2k (28.358, prof), CS.fd1k (26.417, prof), CS.T1024 (46.662, prof); and
 the AWS LayerNorm tutorial's nki.benchmark output on trn1 (4096 x 8192 fp32, the script's defaults): LNT.v2 (1974 µs
 P99; v1 is LN.2461's stream). All held out, trn2 points at LNC=1 (one physical core).
+
+v7 held-out rule (module kernels_v7.py, whose docstring holds the rule, the search record and every report; committed
+before any of its kernels was re-written or modeled; the published latencies were known, no modeled figure was; the v6
+points' modeled errors were not looked at). Same rule as v6 (published latency, not yet a point, not reserved,
+hardware stated, exact code published, (a) and (b) above). New source: Jerry2423/kda-for-trainium@90770f2 (KDA on
+NKIBench): trn2, one core, `--disable-dge --logical-nc-config=1`, "p50 on-device latency" of a profiler run (taken as
+`prof`, no launch term), one benchmark.csv row per candidate with its code under runs/. Excluded: the NKIBench baseline
+kernels (AccelOpt S3 streams), mamba (reserved derivative), probes. This round re-writes the element-wise silu
+(4096 x 7168) and adamw (10944 x 2048) candidates: KS.v1, KS.k2, KS.k3, KS.k4, KS.pp, KS.s2, KS.s4, KS.s7, KS.s8 and
+KA.v1, KA.ch512 ... KA.ch2304 (22 points, all held out, trn2 at LNC=1); the other eleven operators' rows qualify and are
+reserved, un-modeled, for a later round.
 """
 from __future__ import annotations
 
