@@ -64,8 +64,8 @@ round by this same rule. The points (published latency_ms, every report):
            iteration: CH = 512 0.7768, 576 0.5839, 608 0.5860, 684 0.6390, 768 0.7517, 912 0.5606,
            1024 0.5921, 1152 0.6834, 1216 median(0.5614, 0.5601) = 0.56075, 1368 0.5825,
            1536 0.6515, 1824 median(0.5478, 0.5474) = 0.5476, 2304 0.6105 ms
-All 22 are held out, `prof`, trn2, LNC=1. If a kernel fails (a) when it is re-written, it is dropped and the
-reason written here.
+All 23 (9 KS, 14 KA) are held out, `prof`, trn2, LNC=1. If a kernel fails (a) when it is re-written, it is
+dropped and the reason written here.
 
 Choices the published code leaves to the compiler or to the emulator's API, fixed here before any v7 kernel is
 modeled:

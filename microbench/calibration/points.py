@@ -121,8 +121,8 @@ NKIBench): trn2, one core, `--disable-dge --logical-nc-config=1`, "p50 on-device
 `prof`, no launch term), one benchmark.csv row per candidate with its code under runs/. Excluded: the NKIBench baseline
 kernels (AccelOpt S3 streams), mamba (reserved derivative), probes. This round re-writes the element-wise silu
 (4096 x 7168) and adamw (10944 x 2048) candidates: KS.v1, KS.k2, KS.k3, KS.k4, KS.pp, KS.s2, KS.s4, KS.s7, KS.s8 and
-KA.v1, KA.ch512 ... KA.ch2304 (22 points, all held out, trn2 at LNC=1); the other eleven operators' rows qualify and are
-reserved, un-modeled, for a later round.
+KA.v1, KA.ch512 ... KA.ch2304 (23 points: 9 KS, 14 KA; all held out, trn2 at LNC=1); the other eleven operators'
+rows qualify and are reserved, un-modeled, for a later round.
 """
 from __future__ import annotations
 
