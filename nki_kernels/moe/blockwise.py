@@ -29,6 +29,8 @@ _MAX_WEIGHT_BYTES_PP = 96 * 1024
 # ---- tiles
 _GATHER_BYTES_PP = 64 * 1024   # SBUF per partition for one group of gathered slot rows in the output pass (at most)
 _TABLE_BLOCKS = 256            # blocks whose expert / token-id tables are loaded at once (SBUF independent of N)
+_TABLE_CHUNKS = 8              # 128-token chunks whose output-pass tables (slot ids, routing rows) load at once,
+_TABLE_BYTES_PP = 1024         # at most this many bytes per partition of them (fewer chunks for a wide dense KMAX)
 _ACC_PSUM_BANKS = 4            # PSUM banks of VectorE's fp32 output-pass accumulator (one more for the shared
                                # expert's down projection pieces; its h tiles are done before the accumulator)
 _DMA_KNEE_BYTES = 2560         # a DMA packet (one partition row) keeps its engine busy at least this many bytes'
@@ -275,29 +277,48 @@ def _finalize_phase(hidden, scratch, token_to_position, shared_gate_up, shared_d
         s_inter = shared_down.shape[0]
     item = itemsize(hidden.dtype)
     row = h_total * item
-    free = sbuf_budget() - output_pass_bytes(h_total, s_inter, kmax, item, group=0)
+    free = sbuf_budget() - output_pass_bytes(h_total, s_inter, kmax, item, group=0,
+                                             top_k=0 if routing is None else routing.shape[1] // 2)
     group = max(1, min(kmax, _GATHER_BYTES_PP // row, free // row))
-    n_row_chunks = (n_tokens + TOK_TILE - 1) // TOK_TILE
-    for i_r in range(pid, n_row_chunks, n_prog):
-        t0 = i_r * TOK_TILE
-        n_tok = min(TOK_TILE, n_tokens - t0)
-        inv_sb = nl.ndarray((TOK_TILE, kmax), dtype=nl.int32, buffer=nl.sbuf)
-        nisa.dma_copy(dst=inv_sb[0:n_tok, :], src=token_to_position[t0:t0 + n_tok, :])
-        w_sb = None if routing is None else _slot_weights(routing, inv_sb, scratch.shape[0] - 1, t0, n_tok)
-        _finalize_rows(hidden, scratch, inv_sb, w_sb, shared_w, out, group, i_r)
+    mine = list(range(pid, (n_tokens + TOK_TILE - 1) // TOK_TILE, n_prog))
+    per_load = table_chunks(kmax, 0 if routing is None else routing.shape[1] // 2)
+    for k0 in range(0, len(mine), per_load):
+        rows = mine[k0:k0 + per_load]
+        inv_all = _chunk_rows(token_to_position, nl.int32, rows, n_prog)
+        rt_all = None if routing is None else _chunk_rows(routing, nl.float32, rows, n_prog)
+        for i_k, i_r in enumerate(rows):
+            n_tok = min(TOK_TILE, n_tokens - i_r * TOK_TILE)
+            inv_sb = inv_all[:, i_k, :]
+            w_sb = None if routing is None else _slot_weights(rt_all[:, i_k, :], inv_sb, scratch.shape[0] - 1, n_tok)
+            _finalize_rows(hidden, scratch, inv_sb, w_sb, shared_w, out, group, i_r)
 
 
-def _slot_weights(routing, inv_sb, zero_slot, t0, n_tok):
-    """[n_tok, TOPK] fp32 weights of the token chunk's slots in top-k order: the routing table's weight columns
-    (rows t0 .. t0 + n_tok: one contiguous DMA), selected to 0 where the slot is the all-zero row (a choice of a
-    non-local expert: its weight, even NaN, plays no part)."""
-    two_k = routing.shape[1]
+def _chunk_rows(table, dtype, rows, n_prog):
+    """The rows of 128-token chunks `rows` (i_r = rows[0] + k * n_prog) of a [T, F] table -> SBUF [128, len(rows),
+    F] (chunk k's token t0 + p on partition p): one DMA for the full chunks (each partition reads len(rows) pieces of
+    F elements in one descriptor instead of one 24-64 B descriptor per chunk; cost model v3 charges every descriptor
+    at least a 2.5 KiB packet time) plus one for a last, partial chunk."""
+    n_tokens, n_f = table.shape
+    t_sb = nl.ndarray((TOK_TILE, len(rows), n_f), dtype=dtype, buffer=nl.sbuf)
+    n_full = sum(1 for i_r in rows if (i_r + 1) * TOK_TILE <= n_tokens)
+    if n_full:
+        nisa.dma_copy(dst=t_sb[:, 0:n_full, :], src=table.ap(
+            pattern=[[n_f, TOK_TILE], [n_prog * TOK_TILE * n_f, n_full], [1, n_f]], offset=rows[0] * TOK_TILE * n_f))
+    if n_full < len(rows):   # the last chunk of the table, shorter than 128 tokens
+        t0 = rows[-1] * TOK_TILE
+        nisa.dma_copy(dst=t_sb[0:n_tokens - t0, n_full, :], src=table[t0:n_tokens, :])
+    return t_sb
+
+
+def _slot_weights(rt_sb, inv_sb, zero_slot, n_tok):
+    """[n_tok, TOPK] fp32 weights of a token chunk's slots in top-k order: the routing-table rows rt_sb [128, 2 TOPK]
+    (ids then weights; `_chunk_rows`), selected to 0 where the slot is the all-zero row (a choice of a non-local
+    expert: its weight, even NaN, plays no part)."""
+    two_k = rt_sb.shape[1]
     top_k = two_k // 2
-    row_sb = nl.ndarray((TOK_TILE, two_k), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=row_sb[0:n_tok, :], src=routing[t0:t0 + n_tok, :])
     local_sb = nl.ndarray((TOK_TILE, top_k), dtype=nl.float32, buffer=nl.sbuf)
     nisa.tensor_scalar(dst=local_sb[0:n_tok, :], data=inv_sb[0:n_tok, :], op0=nl.less, operand0=zero_slot)
-    return nl.where(local_sb[0:n_tok, :], row_sb[0:n_tok, top_k:two_k], 0.0)
+    return nl.where(local_sb[0:n_tok, :], rt_sb[0:n_tok, top_k:two_k], 0.0)
 
 
 def _finalize_rows(hidden, scratch, inv_sb, w_sb, shared_w, out, group, i_r):
@@ -528,16 +549,23 @@ def _blocks_bytes(h_total, n_inter, block_size, top_k, item, parts):
     return tables + weights + rows + inter + aff
 
 
-def output_pass_bytes(h_total: int, s_inter: int, kmax: int, item: int, group: int = 1) -> int:
+def table_chunks(kmax: int, top_k: int) -> int:
+    """128-token chunks whose output-pass tables (KMAX slot ids, in the top-k form 2 TOPK routing values, 4 B
+    each) one load brings: up to _TABLE_CHUNKS within _TABLE_BYTES_PP bytes per partition, at least 1."""
+    return max(1, min(_TABLE_CHUNKS, _TABLE_BYTES_PP // (4 * (kmax + 2 * top_k))))
+
+
+def output_pass_bytes(h_total: int, s_inter: int, kmax: int, item: int, group: int = 1, top_k: int = 0) -> int:
     """Upper bound of the SBUF bytes per partition of the output pass with `group` slot rows gathered at once:
     the shared expert's weights and its per-chunk tiles (x, xT, h, hT, SiLU tile), the fp32 accumulator, the
-    output tile, the chunk's slot ids and the gathered rows."""
+    output tile, the slot ids (and top-k routing rows) of `table_chunks` chunks and the gathered rows."""
     shared = 0
     if s_inter:
         n_h, n_is = h_total // P_MAX, -(-s_inter // P_MAX)
         shared = (n_h * 2 * s_inter + n_is * h_total + n_h) * item + 2 * h_total * item \
             + s_inter * item + n_is * TOK_TILE * item + 1024 + 8
-    return shared + 4 * h_total + h_total * item + 4 * kmax + group * h_total * item
+    tables = table_chunks(kmax, top_k) * 4 * (kmax + 2 * top_k)
+    return shared + 4 * h_total + h_total * item + tables + group * h_total * item
 
 
 def check_sbuf_plan(kname, h_total, n_inter, s_inter, block_size, kmax, top_k, item, target=None):
@@ -547,7 +575,7 @@ def check_sbuf_plan(kname, h_total, n_inter, s_inter, block_size, kmax, top_k, i
     kernel_check(need <= budget, f"{kname}: the blocks phase needs {need} B of SBUF per partition (H={h_total}, "
                  f"I={n_inter}, block_size={block_size}, {item}-byte dtype), above the {budget} B available; use a "
                  f"smaller block_size or shard I further")
-    need = output_pass_bytes(h_total, s_inter, kmax, item)
+    need = output_pass_bytes(h_total, s_inter, kmax, item, top_k=top_k)
     kernel_check(need <= budget, f"{kname}: the output pass needs {need} B of SBUF per partition (H={h_total}, "
                  f"Is={s_inter}, KMAX={kmax}, {item}-byte dtype), above the {budget} B available; shard H or Is "
                  f"further")
