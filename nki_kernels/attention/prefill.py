@@ -622,7 +622,8 @@ def short_prefill_body(q, k, v, gate, seq_lens, out, softmax_scale, causal):
     n_prog = nl.num_programs(0)
     rpp = _rows_per_partition(sq)
     geo = dict(sq=sq, skv=skv, d=d, n_d=n_tiles(d, D_CHUNK), rpp=rpp, ppt=P_MAX // rpp, n_t=n_tiles(sq, P_MAX),
-               cpp=n_tiles(skv, P_MAX), dtype=dtype, scale=softmax_scale, qpos0=skv - sq, causal=causal)
+               cpp=n_tiles(skv, P_MAX), dtype=dtype, scale=softmax_scale, qpos0=skv - sq, causal=causal,
+               natural=is_two_byte(dtype))
     geo["nk"] = geo["cpp"] * P_MAX
     items = [(b, kvh, g) for b in range(n_b) for kvh in range(n_kv) for g in range(group)][pid::n_prog]
     if not items:
@@ -652,6 +653,7 @@ def short_prefill_body(q, k, v, gate, seq_lens, out, softmax_scale, causal):
         if (b, kvh, g) == items[-1]:
             order.reverse()
         head["final_t"] = order[-1]
+        head["is_last"] = (b, kvh, g) == items[-1]
         for i_t, t in enumerate(order):
             staged = _short_scores(head, tiles[t], cur[0], cur[1], ident, ring, geo)
             if i_t == 0:
@@ -694,7 +696,11 @@ def _short_tile(geo, t, cache):
     zeros = nl.ndarray((P_MAX, ncols - b0), dtype=geo["dtype"], buffer=nl.sbuf)
     nisa.memset(dst=zeros, value=0.0, engine=nisa.engine.gpsimd)
     bias = nl.ndarray((P_MAX, ncols - b0), dtype=geo["dtype"], buffer=nl.sbuf)
-    if geo["causal"]:   # (Skv - Sq + 128t + i) + R*p' - key >= 0 on partitions PPT*i .. PPT*i + PPT - 1
+    if geo["causal"] and geo["natural"]:    # score row p is query 128t + p: (Skv - Sq + 128t + p) - key >= 0
+        nisa.affine_select(dst=bias, pattern=[[-1, ncols - b0]], offset=qpos0 + P_MAX * t - b0,
+                           channel_multiplier=1, on_true_tile=zeros, on_false_value=MASK_BIAS,
+                           cmp_op=nl.greater_equal)
+    elif geo["causal"]:   # (Skv - Sq + 128t + i) + R*p' - key >= 0 on partitions PPT*i .. PPT*i + PPT - 1
         for i in range(rpp):
             nisa.affine_select(dst=bias[ppt * i:ppt * (i + 1)], pattern=[[-1, ncols - b0]],
                                offset=qpos0 + P_MAX * t + i - b0, channel_multiplier=rpp,
@@ -730,11 +736,44 @@ def _store_pm(dst, src_sb, n, per, d):
         nisa.dma_copy(dst=dst[full * per:n, 0:d].reshape((1, rem, d)), src=src_sb[full:full + 1, 0:rem, 0:d])
 
 
+def _load_t(dst_sb, src, n, d, width):
+    """dst_sb [128(d), n_d, width] <- src [n, D]^T (column j = row j) by DMA transpose (2-byte dtypes): one DMA
+    for all head-dim chunks when D is a multiple of 128 (2 KiB partition rows at n = 512, D = 256), else one per
+    chunk; phantom columns n .. width := 0."""
+    n_d = n_tiles(d, D_CHUNK)
+    if n < width:
+        nisa.memset(dst=dst_sb[:, :, n:width], value=0.0, engine=nisa.engine.gpsimd)
+    if d == n_d * D_CHUNK:
+        nisa.dma_transpose(dst=dst_sb[0:D_CHUNK, 0:n_d, 0:n], src=src[0:n, 0:d].reshape((n, n_d, D_CHUNK)))
+        return
+    for i_d in range(n_d):
+        d0 = i_d * D_CHUNK
+        dn = min(D_CHUNK, d - d0)
+        nisa.dma_transpose(dst=dst_sb[0:dn, i_d, 0:n], src=src[0:n, d0:d0 + dn])
+
+
+def _zero_cols_past_length(x_sb, len_f, offset, d):
+    """x_sb [128(d), n_d, F]: columns at sequence positions offset + j >= the length := 0 (a select through a
+    uint8 predicate, so NaN / Inf there is replaced), in the head-dim rows each chunk uses."""
+    f = x_sb.shape[2]
+    pos_sb = nl.ndarray((P_MAX, f), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.iota(pos_sb, pattern=[[1, f]], offset=offset, channel_multiplier=0)
+    pad_sb = nl.ndarray((P_MAX, f), dtype=nl.uint8, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=pad_sb, data=pos_sb, op0=nl.greater_equal, operand0=len_f, engine=nisa.engine.gpsimd)
+    for i_d in range(x_sb.shape[1]):
+        dn = min(D_CHUNK, d - i_d * D_CHUNK)
+        nisa.tensor_copy_predicated(dst=x_sb[0:dn, i_d, 0:f], src=0.0, predicate=pad_sb[0:dn, 0:f])
+
+
 def _short_k(k, len_f, geo):
-    """K^T [128(d), n_d, C*128] of one KV head (k: [Skv, D] HBM view; column c*128 + p = key C*p + c, PE
-    transposes of the partition-major load) and, with a length, the [128, C*128] key-validity tile (keys in
-    order)."""
+    """K^T [128(d), n_d, C*128] of one KV head (k: [Skv, D] HBM view) and, with a length, the [128, C*128]
+    key-validity tile (keys in order). 2-byte dtypes (`natural`): column j = key j, one DMA transpose. fp32:
+    column c*128 + p = key C*p + c, PE transposes of the partition-major load."""
     skv, d, n_d, cpp, dtype = geo["skv"], geo["d"], geo["n_d"], geo["cpp"], geo["dtype"]
+    if geo["natural"]:
+        kT_sb = nl.ndarray((P_MAX, n_d, geo["nk"]), dtype=dtype, buffer=nl.sbuf)
+        _load_t(kT_sb, k, skv, d, geo["nk"])
+        return kT_sb, _short_kvalid(len_f, geo)
     k_sb = nl.ndarray((P_MAX, cpp, d), dtype=dtype, buffer=nl.sbuf)
     _load_pm(k_sb, k, skv, cpp, d)
     if len_f is not None and mixing_pe_transpose():     # trn1: no NaN past the length enters the PE transposes
@@ -748,13 +787,18 @@ def _short_k(k, len_f, geo):
             exact_transpose(t_psum[0:dn, c, 0:P_MAX], k_sb[0:P_MAX, c, d0:d0 + dn])
         nisa.activation(dst=kT_sb[0:dn, i_d, 0:geo["nk"]], op=nl.copy,
                         data=t_psum[0:dn, 0:cpp, 0:P_MAX].reshape((dn, geo["nk"])))
-    kvalid = None
-    if len_f is not None:
-        pos_sb = nl.ndarray((P_MAX, geo["nk"]), dtype=nl.int32, buffer=nl.sbuf)
-        nisa.iota(pos_sb, pattern=[[1, geo["nk"]]], offset=0, channel_multiplier=0)
-        kvalid = nl.ndarray((P_MAX, geo["nk"]), dtype=nl.bfloat16, buffer=nl.sbuf)
-        nisa.tensor_scalar(dst=kvalid, data=pos_sb, op0=nl.less, operand0=len_f, engine=nisa.engine.gpsimd)
-    return kT_sb, kvalid
+    return kT_sb, _short_kvalid(len_f, geo)
+
+
+def _short_kvalid(len_f, geo):
+    """With a length: the [128, C*128] bf16 key-validity tile (1 where key < length; keys in order), else None."""
+    if len_f is None:
+        return None
+    pos_sb = nl.ndarray((P_MAX, geo["nk"]), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.iota(pos_sb, pattern=[[1, geo["nk"]]], offset=0, channel_multiplier=0)
+    kvalid = nl.ndarray((P_MAX, geo["nk"]), dtype=nl.bfloat16, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=kvalid, data=pos_sb, op0=nl.less, operand0=len_f, engine=nisa.engine.gpsimd)
+    return kvalid
 
 
 def _short_v(v, len_f, geo):
@@ -779,10 +823,16 @@ def _short_head_start(q, out, len_f, geo):
     """Per (b, query head): q partition-major in SBUF (padded rows zeroed), the head's output tile and its P V /
     row-sum PSUM accumulators in the store layout."""
     sq, d, rpp, dtype = geo["sq"], geo["d"], geo["rpp"], geo["dtype"]
-    q_sb = nl.ndarray((P_MAX, rpp, d), dtype=dtype, buffer=nl.sbuf)
-    _load_pm(q_sb, q, sq, rpp, d)
-    if len_f is not None:
-        zero_rows_past_length(q_sb, len_f, geo["qpos0"], 1, rpp)
+    if geo["natural"]:      # Q^T [128(d), n_d, n_t*128], column j = query j: one DMA transpose, no PE work
+        q_sb = nl.ndarray((P_MAX, geo["n_d"], geo["n_t"] * P_MAX), dtype=dtype, buffer=nl.sbuf)
+        _load_t(q_sb, q, sq, d, geo["n_t"] * P_MAX)
+        if len_f is not None:
+            _zero_cols_past_length(q_sb, len_f, geo["qpos0"], d)
+    else:
+        q_sb = nl.ndarray((P_MAX, rpp, d), dtype=dtype, buffer=nl.sbuf)
+        _load_pm(q_sb, q, sq, rpp, d)
+        if len_f is not None:
+            zero_rows_past_length(q_sb, len_f, geo["qpos0"], 1, rpp)
     o_sb = nl.ndarray((P_MAX, rpp, d), dtype=dtype, buffer=nl.sbuf)
     # a slot's P V region: d columns, or 256 for 128 < d < 256, so that no region straddles a 2 KiB bank
     pv_psum = nl.ndarray((P_MAX, rpp, 2 * D_CHUNK if d > D_CHUNK else d), dtype=nl.float32, buffer=nl.psum)
@@ -809,22 +859,29 @@ def _short_scores(head, tile, kT_sb, kvalid, ident, ring, geo):
     through the identity), the length select, the row max and P = exp(scale S - scale max)."""
     d, n_d, rpp, ppt, cpp, dtype = geo["d"], geo["n_d"], geo["rpp"], geo["ppt"], geo["cpp"], geo["dtype"]
     t, ncols, b0 = tile["t"], tile["ncols"], tile["b0"]
-    qt_psum = nl.ndarray((P_MAX, n_d, P_MAX), dtype=dtype, buffer=nl.psum)
-    for i in range(rpp):
-        for i_d in range(n_d):
-            d0 = i_d * D_CHUNK
-            dn = min(D_CHUNK, d - d0)
-            exact_transpose(qt_psum[0:dn, i_d, ppt * i:ppt * (i + 1)], head["q"][ppt * t:ppt * (t + 1), i, d0:d0 + dn])
-    qT_sb = nl.ndarray((P_MAX, n_d, P_MAX), dtype=dtype, buffer=nl.sbuf)
-    for i_d in range(n_d):
-        dn = min(D_CHUNK, d - i_d * D_CHUNK)
-        nisa.tensor_copy(dst=qT_sb[0:dn, i_d, 0:P_MAX], src=qt_psum[0:dn, i_d, 0:P_MAX])
     s_psum = nl.ndarray((P_MAX, geo["nk"]), dtype=nl.float32, buffer=nl.psum)
-    kp = n_tiles(ncols, cpp)                 # partitions of K^T's (p, c) view that cover columns [0, ncols)
-    for i_d in range(n_d):
-        dn = min(D_CHUNK, d - i_d * D_CHUNK)
-        k_view = kT_sb[0:dn, i_d, 0:geo["nk"]].reshape((dn, cpp, P_MAX)).permute((0, 2, 1))[:, 0:kp, :]
-        nisa.nc_matmul(s_psum[0:P_MAX, 0:kp * cpp], qT_sb[0:dn, i_d, 0:P_MAX], k_view, accumulate=i_d > 0)
+    if geo["natural"]:      # Q^T and K^T as loaded: score row p = query 128t + p, column j = key j
+        for i_d in range(n_d):
+            dn = min(D_CHUNK, d - i_d * D_CHUNK)
+            nisa.nc_matmul(s_psum[0:P_MAX, 0:ncols], head["q"][0:dn, i_d, P_MAX * t:P_MAX * (t + 1)],
+                           kT_sb[0:dn, i_d, 0:ncols], accumulate=i_d > 0)
+    else:
+        qt_psum = nl.ndarray((P_MAX, n_d, P_MAX), dtype=dtype, buffer=nl.psum)
+        for i in range(rpp):
+            for i_d in range(n_d):
+                d0 = i_d * D_CHUNK
+                dn = min(D_CHUNK, d - d0)
+                exact_transpose(qt_psum[0:dn, i_d, ppt * i:ppt * (i + 1)],
+                                head["q"][ppt * t:ppt * (t + 1), i, d0:d0 + dn])
+        qT_sb = nl.ndarray((P_MAX, n_d, P_MAX), dtype=dtype, buffer=nl.sbuf)
+        for i_d in range(n_d):
+            dn = min(D_CHUNK, d - i_d * D_CHUNK)
+            nisa.tensor_copy(dst=qT_sb[0:dn, i_d, 0:P_MAX], src=qt_psum[0:dn, i_d, 0:P_MAX])
+        kp = n_tiles(ncols, cpp)                 # partitions of K^T's (p, c) view that cover columns [0, ncols)
+        for i_d in range(n_d):
+            dn = min(D_CHUNK, d - i_d * D_CHUNK)
+            k_view = kT_sb[0:dn, i_d, 0:geo["nk"]].reshape((dn, cpp, P_MAX)).permute((0, 2, 1))[:, 0:kp, :]
+            nisa.nc_matmul(s_psum[0:P_MAX, 0:kp * cpp], qT_sb[0:dn, i_d, 0:P_MAX], k_view, accumulate=i_d > 0)
     if tile["bias"] is not None:
         nisa.nc_matmul(s_psum[0:P_MAX, b0:ncols], ident, tile["bias"], accumulate=True)
     scores = s_psum[0:P_MAX, 0:ncols]
@@ -851,18 +908,25 @@ def _short_pv(head, tile, p_sb, geo):
     for j in range(n_ch):
         exact_transpose(pt_psum[0:P_MAX, j, 0:P_MAX], p_sb[0:P_MAX, j * P_MAX:(j + 1) * P_MAX])
     pT_sb = nl.ndarray((P_MAX, geo["cpp"], P_MAX), dtype=dtype, buffer=nl.sbuf)
-    nisa.activation(dst=pT_sb[0:P_MAX, 0:n_ch, 0:P_MAX], op=nl.copy, data=pt_psum[0:P_MAX, 0:n_ch, 0:P_MAX])
+    # the eviction: VectorE (a bf16 copy from PSUM at twice the ScalarE's rate) except in the core's last head,
+    # whose tiles run after the ScalarE's exps and sigmoids while the VectorE normalises the earlier heads
+    if head["is_last"]:
+        nisa.activation(dst=pT_sb[0:P_MAX, 0:n_ch, 0:P_MAX], op=nl.copy, data=pt_psum[0:P_MAX, 0:n_ch, 0:P_MAX])
+    else:
+        nisa.tensor_copy(dst=pT_sb[0:P_MAX, 0:n_ch, 0:P_MAX], src=pt_psum[0:P_MAX, 0:n_ch, 0:P_MAX])
     halves = [(0, d)] if d <= D_CHUNK else [(0, d // 2), (d // 2, d)]
     tiling = dict(tile_position=(0, ppt * t), tile_size=(P_MAX, ppt)) if rpp > 1 else {}
     rows = slice(ppt * t, ppt * (t + 1))
     for i in range(rpp):
-        cols = slice(ppt * i, ppt * (i + 1))
         for j in range(n_ch):
+            if geo["natural"]:      # P^T column c = query 128t + c: slot i is columns i, i + R, ...
+                p_t = pT_sb[0:P_MAX, j, 0:P_MAX].reshape((P_MAX, ppt, rpp)).permute((0, 2, 1))[:, i, :]
+            else:                   # column PPT*i + p' = query 128t + R*p' + i
+                p_t = pT_sb[0:P_MAX, j, ppt * i:ppt * (i + 1)]
             for h0, h1 in halves:
-                nisa.nc_matmul(head["pv"][rows, i, h0:h1], pT_sb[0:P_MAX, j, cols], head["v"][0:P_MAX, j, h0:h1],
-                               accumulate=j > 0, **tiling)
-            nisa.nc_matmul(head["l"][rows, i:i + 1], pT_sb[0:P_MAX, j, cols], head["ones"][0:P_MAX, 0:1],
-                           accumulate=j > 0, **tiling)
+                nisa.nc_matmul(head["pv"][rows, i, h0:h1], p_t, head["v"][0:P_MAX, j, h0:h1], accumulate=j > 0,
+                               **tiling)
+            nisa.nc_matmul(head["l"][rows, i:i + 1], p_t, head["ones"][0:P_MAX, 0:1], accumulate=j > 0, **tiling)
     if t == head["final_t"]:
         _short_finish(head, geo)
 
