@@ -140,6 +140,7 @@ from . import kernels_heldout as H
 from . import kernels_v4 as V4
 from . import kernels_v5 as V5
 from . import kernels_v6 as V6
+from . import kernels_v7 as V7
 
 
 @dataclass
@@ -454,6 +455,8 @@ POINTS = [
                       (V5.LN5_FREE_BCAST, "mean / var broadcast to [P, F]: x - mean, var + eps, rsqrt over [P, F]"))],
     # ---- v6 held-out points (rule, reports and compiler-left choices in kernels_v6.py) ----
     *[Point(**spec, split="held-out") for spec in V6.POINT_SPECS],
+    # ---- v7 held-out points (rule, reports and compiler-left choices in kernels_v7.py) ----
+    *[Point(**spec, split="held-out") for spec in V7.POINT_SPECS],
     Point("ACT1", "act_dependent_chain", "1 element per partition", "trn1", 0.189, "nki_perf_guide.rst Opt #5a",
           K.act_dependent_chain,
           make=lambda k, rng: ((np.ones((128, 1), np.float32), k), {}),

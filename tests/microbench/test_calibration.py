@@ -46,6 +46,13 @@ _SMALL = {     # small shapes with the same tiling, for the correctness check
     "CS.fd1k": lambda rng: BY_ID["CS.fd1k"].make(2, rng),
     "CS.T1024": lambda rng: BY_ID["CS.T1024"].make(2, rng, n=384),
     "LNT.v2": lambda rng: BY_ID["LNT.v2"].make(2, rng, f=1024),
+    # v7 held-out points (KDA on NKIBench, trn2): silu with 3-4 MID rows (k3: one group of 3 and a tail of 1),
+    # adamw v1 with two row tiles (the second of 64 rows, as the published last tile), 3 chunks of each CH
+    **{pid: (lambda rng, pid=pid: BY_ID[pid].make(3, rng)) for pid in ("KS.v1", "KS.s2", "KS.s4", "KS.s7", "KS.s8",
+                                                                       "KS.k2", "KS.k3", "KS.pp")},
+    "KS.k4": lambda rng: BY_ID["KS.k4"].make(4, rng),
+    "KA.v1": lambda rng: BY_ID["KA.v1"].make(2, rng, n=512),
+    **{f"KA.ch{c}": (lambda rng, c=c: BY_ID[f"KA.ch{c}"].make(3, rng)) for c in (512, 684, 1216, 1824, 2304)},
 }
 
 
@@ -106,6 +113,62 @@ def test_v6_points_cover_the_rule():
         p = BY_ID[pid]
         assert (p.split, p.target, p.timing) == ("held-out", target, timing)
         assert p.measured_us == pytest.approx(us, rel=1e-9)
+
+
+def test_v7_points_cover_the_rule():
+    """The v7 rule (kernels_v7.py docstring, committed before any v7 kernel) picks 9 KDA silu and 14 KDA adamw
+    candidates on trn2 (LNC=1), all held out, `prof`; two reports of one stream give their mean."""
+    from microbench.calibration.kernels_v7 import KDA_REPORTS_MS, POINT_SPECS
+    published_ms = {"KS.v1": 0.3009, "KS.k2": 0.3350, "KS.k3": 0.7729, "KS.k4": 0.3971, "KS.pp": 0.5889,
+                    "KS.s2": 0.3001, "KS.s4": 0.2981, "KS.s7": 0.2939, "KS.s8": 0.3105, "KA.v1": 0.6180,
+                    "KA.ch512": 0.7768, "KA.ch576": 0.5839, "KA.ch608": 0.5860, "KA.ch684": 0.6390,
+                    "KA.ch768": 0.7517, "KA.ch912": 0.5606, "KA.ch1024": 0.5921, "KA.ch1152": 0.6834,
+                    "KA.ch1216": 0.56075, "KA.ch1368": 0.5825, "KA.ch1536": 0.6515, "KA.ch1824": 0.5476,
+                    "KA.ch2304": 0.6105}
+    assert sorted(s["id"] for s in POINT_SPECS) == sorted(published_ms) == sorted(KDA_REPORTS_MS)
+    for pid, ms in published_ms.items():
+        p = BY_ID[pid]
+        assert (p.split, p.target, p.timing) == ("held-out", "trn2", "prof")
+        assert p.measured_us == pytest.approx(1000.0 * ms, rel=1e-9)
+        assert p.k_model == (p.k_full,)          # modeled at the published shape, no extrapolation
+
+
+def test_v7_inputs_have_the_published_shapes():
+    """At k_full the inputs are the published buffers: silu [128, 32, 7168]; adamw 10944 x 2048 (v1) or its
+    (128, 175104) view (one chunk count per CH, CH dividing 175104)."""
+    rng = np.random.default_rng(0)
+    assert BY_ID["KS.s7"].make(BY_ID["KS.s7"].k_full, rng)[0][0].shape == (128, 32, 7168)
+    assert BY_ID["KA.v1"].make(BY_ID["KA.v1"].k_full, rng, n=8)[0][0].shape == (10944, 8)
+    from microbench.calibration.kernels_v7 import ADAMW_FLAT, KA_CHUNKS
+    for c in KA_CHUNKS:
+        assert ADAMW_FLAT % c == 0 and BY_ID[f"KA.ch{c}"].k_full * c == ADAMW_FLAT
+
+
+def test_v7_silu_and_adamw_fit_at_the_published_tile_sizes():
+    """The largest SBUF users fit the trn2 core as written: KS.k4's in-place [128, 4, 7168] tile, KS.k3's
+    [128, 3, 7168] in + out pair, KA.ch2304's ten [128, 2304] tiles."""
+    for pid, k in (("KS.k4", 4), ("KS.k3", 3), ("KA.ch2304", 2)):
+        p = BY_ID[pid]
+        args, kw = p.make(k, np.random.default_rng(13))
+        res = run(p.kernel, *args, target="trn2", lnc=1, **kw)
+        assert_close(pid, p.reference(*args, **kw), res.outputs, dtype="float32")
+
+
+def test_v7_non_finite_values_stay_in_their_element():
+    """A NaN / Inf in one element stays in that output element (element-wise kernels tiled across partitions)."""
+    rng = np.random.default_rng(14)
+    p = BY_ID["KS.s7"]
+    (x, chunk), _ = p.make(1, rng)
+    x[3, 0, 5], x[7, 0, 1000] = np.nan, np.inf
+    out = np.asarray(run(p.kernel, x, chunk, target="trn2", lnc=1).outputs, dtype=np.float64)
+    assert np.isnan(out[3, 0, 5]) and np.isposinf(out[7, 0, 1000])
+    mask = np.isfinite(x)
+    np.testing.assert_allclose(out[mask], p.reference(x)[mask], rtol=1e-5, atol=1e-6)
+    p = BY_ID["KA.ch512"]
+    args, _ = p.make(2, rng)
+    args[1][4, 10] = np.nan                           # one gradient element
+    out = np.asarray(run(p.kernel, *args, target="trn2", lnc=1).outputs, dtype=np.float64)
+    assert np.isnan(out[4, 10]) and np.isfinite(np.delete(out.ravel(), 4 * out.shape[1] + 10)).all()
 
 
 def test_v6_transpose_and_layernorm_fit_at_the_published_shape():
