@@ -49,6 +49,18 @@ class CostParams:
     act_bf16_elems_pp_per_cycle: float = 1.0
     dve_elems_pp_per_cycle: float = 1.0   # VectorE base rate (NC-v2 table: max(64, N))
     dve_perf_mode: bool = False           # v3+: bf16 copy / tensor_scalar 4x, tensor_tensor 2x from SBUF
+    dve_min_ii: float = 64.0              # VectorE minimum cycles of an instruction (per pass, see below). Documented:
+                                          # MIN_II ~64 (isa cost table), ~60 of it the tensor access start that
+                                          # "compute engines can typically hide ... through instruction level
+                                          # parallelism" (trainium_inferentia2_arch.rst). NeuronCore-v2: 32, fitted
+                                          # on U5.5 (one-column conv1d, filter in PSUM: 84 measured cycles per 2
+                                          # instructions, which the model's schedule stretches with its 160-cycle
+                                          # result latency) with U5 / U5.3 (below); v3 / v4: nothing published, the
+                                          # documented 64 stays; the low preset carries the v2 fit over [U: 24-64]
+    dve_two_pass_min: bool = False        # NeuronCore-v2: a tensor_tensor reading both inputs from SBUF (the isa's
+                                          # two-pass 2N case) pays the minimum per pass, 2 x dve_min_ii. Fitted with
+                                          # dve_min_ii (U5 / U5.3: 135 cycles per column for the two-pass multiply
+                                          # and a reduce); not published for v3 / v4
     pool_elems_pp_per_cycle: float = 1.0  # GpSimd: 8 cores x 512 bit, 16 partitions each -> 1 fp32/partition/cycle
     dma_fixed_us: float = 1.3             # DMA trigger -> data: "~1300 ns cross-engine" descriptor / semaphore-to-start
                                           # latency (nki-dma-bandwidth-guide.rst) [U: 1.0-2.0]
@@ -113,7 +125,7 @@ class CostParams:
 
 
 PARAMS: dict[str, CostParams] = {
-    "trn1": CostParams(),
+    "trn1": CostParams(dve_min_ii=32.0, dve_two_pass_min=True),
     "trn2": CostParams(dve_perf_mode=True),
     "trn3": CostParams(dve_perf_mode=True, act_bf16_elems_pp_per_cycle=2.0),
 }
@@ -130,6 +142,7 @@ _UNCERTAIN = {
     "dge": ({"hwdge_us": 0.0, "swdge_min_cycles": 300}, {"hwdge_us": 1.0, "swdge_min_cycles": 1200}),
     "dma-eff": ({"dma_knee_bytes": 2048.0}, {"dma_knee_bytes": 3072.0}),
     "dma-elem": ({"dma_elem_ns": 0.25}, {"dma_elem_ns": 1.0}),
+    "dve-min-ii": ({"dve_min_ii": 24.0}, {"dve_min_ii": 64.0}),
     "engine-latency": ({"act_fixed_latency": 100, "dve_fixed_latency": 100, "pool_fixed_latency": 100},
                        {"act_fixed_latency": 264, "dve_fixed_latency": 220, "pool_fixed_latency": 220}),
     "pe-fp32": ({"pe_fp32_pass_overhead": 0}, {"pe_fp32_pass_overhead": 128}),
@@ -382,6 +395,8 @@ def compute_cycles(ins, target: Target, p: CostParams) -> tuple[float, float]:
             cyc += mi
         cyc *= _strided_penalty(accs)
         return cyc, float(p.act_fixed_latency)
+    if eng == DVE:
+        mi = p.dve_min_ii
     lat = float(p.pool_fixed_latency if eng == POOL else p.dve_fixed_latency)
     rate = p.pool_elems_pp_per_cycle if eng == POOL else p.dve_elems_pp_per_cycle
     in_psum = any(a.buffer == "psum" for a in ins.reads)
@@ -399,6 +414,8 @@ def compute_cycles(ins, target: Target, p: CostParams) -> tuple[float, float]:
         cyc = p.gather_fixed_cycles + max(m.get("indices", 1), per_core_bytes / p.local_gather_bytes_per_cycle)
     elif name in ("tensor_tensor", "select", "scalar_tensor_tensor"):
         two_pass = not (in_psum or (all_bf16_sbuf and op in ("add", "multiply", "subtract")))
+        if two_pass and p.dve_two_pass_min and eng == DVE and name == "tensor_tensor":
+            mi = 2 * mi                   # two SBUF inputs read in two passes, each with its own minimum
         cyc = max(mi, (2 * n if two_pass else n) / rate)
         if name == "scalar_tensor_tensor":
             cyc = max(mi, (2 * n) / rate) if not in_psum else max(mi, n / rate)
