@@ -253,10 +253,11 @@ def test_adamw_extreme_values():
 
 def test_published_points_cover_kernels_targets_and_a_held_out_third():
     assert len({p.name for p in POINTS}) >= 10
-    assert all(p.measured_us > 0 and p.split in ("fit", "held-out") for p in POINTS)
+    assert all(p.measured_us > 0 and p.split in ("fit", "held-out", "sealed") for p in POINTS)
     assert {p.target for p in POINTS} == {"trn1", "trn2"}
-    held = [p for p in POINTS if p.split == "held-out"]
-    assert 3 * len(held) >= len(POINTS)
+    modeled = [p for p in POINTS if p.split != "sealed"]
+    held = [p for p in modeled if p.split == "held-out"]
+    assert 3 * len(held) >= len(modeled)
     assert {p.timing for p in POINTS} >= {"prof", "bench", "dma-engine", "marginal"}
 
 
@@ -313,3 +314,57 @@ def test_console_table_fits_120_columns():
     text = console_table(rs)
     assert max(len(line) for line in text.splitlines()) <= 120
     assert "+5.3%" in text and "+30.0%" in text and "held-out: 1 points" in text
+
+
+# ---- v8 sealed split: never modeled by default, never modeled by a test
+
+
+def _fake_model_point(calls):
+    from microbench.calibration.points import PointResult
+
+    def fake(p, k_model=None):
+        calls.append(p.id)
+        return PointResult(p.id, p.name, p.shape, p.target, p.measured_us, p.measured_us, 0.0, split=p.split)
+    return fake
+
+
+def _with_a_sealed_point(monkeypatch):
+    """The real points plus one fake sealed point (so the test holds before and after kernels_v8 has points)."""
+    import dataclasses
+
+    import microbench.calibration.__main__ as cli
+    fake = dataclasses.replace(BY_ID["ACT1"], id="ZZ.sealed", split="sealed")
+    pts = [*POINTS, fake]
+    monkeypatch.setattr(cli, "POINTS", pts)
+    monkeypatch.setattr(cli, "BY_ID", {p.id: p for p in pts})
+    return cli, pts
+
+
+def test_default_run_never_models_sealed_points(monkeypatch, capsys):
+    cli, pts = _with_a_sealed_point(monkeypatch)
+    sealed = [p.id for p in pts if p.split == "sealed"]
+    calls = []
+    monkeypatch.setattr(cli, "model_point", _fake_model_point(calls))
+    assert cli.main(["--no-progress"]) == 0
+    out = capsys.readouterr()
+    assert calls == [p.id for p in pts if p.split != "sealed"]
+    assert f"{len(sealed)} sealed points not modeled: {', '.join(sealed)}" in out.out
+    assert "sealed: " not in out.out.split("sealed points not modeled")[0]     # no sealed summary line
+    for split in ("fit", "held-out"):
+        calls.clear()
+        cli.main(["--no-progress", "--split", split])
+        assert calls and not set(calls) & set(sealed)
+
+
+def test_sealed_points_are_modeled_only_when_asked_for(monkeypatch, capsys):
+    cli, pts = _with_a_sealed_point(monkeypatch)
+    sealed = [p.id for p in pts if p.split == "sealed"]
+    calls = []
+    monkeypatch.setattr(cli, "model_point", _fake_model_point(calls))
+    cli.main(["--no-progress", "--split", "sealed"])
+    assert calls == sealed
+    assert "sealed: " in capsys.readouterr().out
+    calls.clear()
+    cli.main(["--no-progress", "--points", f"ACT1,{sealed[-1]}"])
+    assert calls == ["ACT1", sealed[-1]]
+    assert cli.select_points(None, None)[1] == [cli.BY_ID[i] for i in sealed]
