@@ -53,6 +53,10 @@ _SMALL = {     # small shapes with the same tiling, for the correctness check
     "KS.k4": lambda rng: BY_ID["KS.k4"].make(4, rng),
     "KA.v1": lambda rng: BY_ID["KA.v1"].make(2, rng, n=512),
     **{f"KA.ch{c}": (lambda rng, c=c: BY_ID[f"KA.ch{c}"].make(3, rng)) for c in (512, 684, 1216, 1824, 2304)},
+    # v8 sealed points (KDA transpose_matmul, trn2): one M block of the published width, K = 2 x 128, N = two
+    # chunks of the variant (512 + the published 192-wide tail for v4 / v5). Correctness only: never modeled
+    **{pid: (lambda rng, pid=pid: BY_ID[pid].make(1, rng, kt=2, n=704 if pid in ("KT.v4", "KT.v5") else 912))
+       for pid in ("KT.v1", "KT.v2", "KT.v3", "KT.v4", "KT.v5", "KT.v6", "KT.v7")},
 }
 
 
@@ -368,3 +372,67 @@ def test_sealed_points_are_modeled_only_when_asked_for(monkeypatch, capsys):
     cli.main(["--no-progress", "--points", f"ACT1,{sealed[-1]}"])
     assert calls == ["ACT1", sealed[-1]]
     assert cli.select_points(None, None)[1] == [cli.BY_ID[i] for i in sealed]
+
+
+# ---- v8 sealed points (kernels_v8.py): selection, published inputs, SBUF fit, non-finite containment; no modeling
+
+
+def test_v8_points_cover_the_selection():
+    from microbench.calibration import kernels_v8 as V8
+    sealed = {p.id: p for p in POINTS if p.split == "sealed"}
+    assert set(sealed) == {"KT.v1", "KT.v2", "KT.v3", "KT.v4", "KT.v5", "KT.v6", "KT.v7"}
+    published_ms = {"KT.v1": 4.7274, "KT.v2": 3.8699, "KT.v3": 3.6338, "KT.v4": 3.6762, "KT.v5": 3.7887,
+                    "KT.v6": 7.3303, "KT.v7": 3.6256}
+    for pid, ms in published_ms.items():
+        p = sealed[pid]
+        assert (p.target, p.timing, p.name) == ("trn2", "prof", "transpose_matmul")
+        assert p.measured_us == pytest.approx(1000.0 * ms)
+        assert p.k_model == (p.k_full,) and p.k_full * V8.KT_VARIANTS[pid][1] * 128 == 4096
+    assert V8.median((13.3517, 13.35, 13.29)) == 13.35 and V8.median((1.0, 2.0)) == 1.5
+    # every KT chunking covers N = 10944 exactly once, in chunks a PSUM bank can hold
+    for pid, (_, _, _, chunking) in V8.KT_VARIANTS.items():
+        cols = []
+        for n0, width, valid, subs in V8.tmm_chunks(10944, chunking):
+            assert valid <= width and all(w <= 512 and off + w <= width for off, w in subs)
+            cols += range(n0, n0 + valid)
+        assert cols == list(range(10944)), pid
+
+
+def test_v8_inputs_have_the_published_shapes():
+    for pid in ("KT.v1", "KT.v3"):
+        p = BY_ID[pid]
+        (v1, v2, variant), kw = p.make(p.k_full, np.random.default_rng(0))
+        assert (v1.shape, v2.shape, v1.dtype, variant, kw) == ((128, 16, 4096), (128, 16, 10944), np.float32, pid, {})
+
+
+def test_v8_transpose_matmul_fits_at_the_published_shape():
+    """Rule (a): the arithmetic at the published K, block and chunk widths fits 192 KiB per partition, and it is
+    the emulator's own allocation peak (checked at K = 2 x 128, where running is cheap; nothing modeled)."""
+    from microbench.calibration import kernels_v8 as V8
+    for pid in V8.KT_VARIANTS:
+        assert V8.tmm_sbuf_bytes(pid) <= 192 * 1024, pid
+        n = 704 if pid in ("KT.v4", "KT.v5") else 912
+        args, kw = BY_ID[pid].make(1, np.random.default_rng(1), kt=2, n=n)
+        res = run(BY_ID[pid].kernel, *args, target="trn2", lnc=1, **kw)
+        assert res.sbuf_peak_bytes == [V8.tmm_sbuf_bytes(pid, kt=2, n=n)], pid
+
+
+@pytest.mark.parametrize("pid", ["KT.v1", "KT.v3", "KT.v5"])
+def test_v8_non_finite_values_stay_in_their_row_and_column(pid):
+    """A NaN in lhs[k, m] reaches only output row m; an Inf in rhs[k, n] only column n (split limbs included)."""
+    p = BY_ID[pid]
+    n = 704 if pid == "KT.v5" else 912
+    (v1, v2, variant), kw = p.make(1, np.random.default_rng(2), kt=2, n=n)
+    v1[5, 1, 300] = np.nan
+    v2[7, 0, 690] = np.inf
+    out = run(p.kernel, v1, v2, variant, target="trn2", lnc=1, **kw).outputs.reshape(-1, n)
+    bad = ~np.isfinite(out)
+    assert bad[300].all() and bad[:, 690].all()
+    bad[300] = False
+    bad[:, 690] = False
+    assert not bad.any()
+    clean = np.ones(out.shape, bool)
+    clean[300] = clean[:, 690] = False
+    ref = np.einsum("pkm,pkn->mn", np.nan_to_num(v1, nan=0.0, posinf=0.0).astype(np.float64),
+                    np.nan_to_num(v2, nan=0.0, posinf=0.0).astype(np.float64))
+    np.testing.assert_allclose(out[clean], ref[clean], rtol=2e-4, atol=2e-3)
