@@ -636,14 +636,22 @@ def short_prefill_body(q, k, v, gate, seq_lens, out, softmax_scale, causal):
     ring = dict(p=nl.ndarray((P_MAX, _SHORT_LAG + 1, geo["nk"]), dtype=dtype, buffer=nl.sbuf), n=0)
     kv = {}
     pending = []
-    for b, kvh, g in items:
-        # DMA order: K, q, V, gate (the first scores need K and q; V only the first P V, the gate the finish)
+    q_next = {}
+    prev = None
+    for i_item, (b, kvh, g) in enumerate(items):
+        # DMA order: K, q, the next head's q (same KV head), V, gate (the first scores need K and q; V only the
+        # first P V, the gate the finish)
         if (b, kvh) not in kv:
             len_f = None if seq_lens is None else load_len_broadcast(seq_lens, b, P_MAX)
             kv = {(b, kvh): [*_short_k(k[b, kvh], len_f, geo), len_f, None]}
         cur = kv[(b, kvh)]
         h = kvh * group + g
-        head = _short_head_start(q[b, h], out[b, h], cur[2], geo)
+        q_sb = q_next.pop(i_item, None)
+        if q_sb is None:
+            q_sb = _short_q(q[b, h], cur[2], geo)
+        if i_item + 1 < len(items) and items[i_item + 1][:2] == (b, kvh):
+            q_next[i_item + 1] = _short_q(q[b, kvh * group + items[i_item + 1][2]], cur[2], geo)
+        head = _short_head_start(q_sb, out[b, h], cur[2], geo)
         if cur[3] is None:
             cur[3] = _short_v(v[b, kvh], cur[2], geo)
         head.update(v=cur[3], ones=ones)
@@ -653,7 +661,11 @@ def short_prefill_body(q, k, v, gate, seq_lens, out, softmax_scale, causal):
         if (b, kvh, g) == items[-1]:
             order.reverse()
         head["final_t"] = order[-1]
-        head["is_last"] = (b, kvh, g) == items[-1]
+        # the core's second-to-last head is normalised after the last head's first P^T eviction in program order,
+        # so that the last head's evictions (VectorE) come first (at most two heads' accumulators live, as before)
+        head["defer"] = len(items) > 1 and (b, kvh, g) == items[-2]
+        if head["defer"]:
+            prev = head
         for i_t, t in enumerate(order):
             staged = _short_scores(head, tiles[t], cur[0], cur[1], ident, ring, geo)
             if i_t == 0:
@@ -664,6 +676,11 @@ def short_prefill_body(q, k, v, gate, seq_lens, out, softmax_scale, causal):
     pending[-1][0]["last"] = True            # the core's last head: its finish is the kernel's tail
     for item in pending:
         _short_pv(*item, geo)
+        if prev is not None and prev.get("deferred") and item[0] is not prev:
+            _short_finish(prev, geo)
+            prev = None
+    if prev is not None:
+        _short_finish(prev, geo)
 
 
 def _identity(dtype):
@@ -819,9 +836,19 @@ def _short_v(v, len_f, geo):
     return v_sb
 
 
-def _short_head_start(q, out, len_f, geo):
-    """Per (b, query head): q partition-major in SBUF (padded rows zeroed), the head's output tile and its P V /
-    row-sum PSUM accumulators in the store layout."""
+def _short_head_start(q_sb, out, len_f, geo):
+    """Per (b, query head): the head's q in SBUF (`_short_q`), output tile and P V / row-sum PSUM accumulators in
+    the store layout."""
+    d, rpp, dtype = geo["d"], geo["rpp"], geo["dtype"]
+    o_sb = nl.ndarray((P_MAX, rpp, d), dtype=dtype, buffer=nl.sbuf)
+    # a slot's P V region: d columns, or 256 for 128 < d < 256, so that no region straddles a 2 KiB bank
+    pv_psum = nl.ndarray((P_MAX, rpp, 2 * D_CHUNK if d > D_CHUNK else d), dtype=nl.float32, buffer=nl.psum)
+    l_psum = nl.ndarray((P_MAX, rpp), dtype=nl.float32, buffer=nl.psum)
+    return dict(q=q_sb, sig=None, o=o_sb, out=out, len=len_f, pv=pv_psum, l=l_psum)
+
+
+def _short_q(q, len_f, geo):
+    """q of one (b, query head) in SBUF, padded rows zeroed: Q^T (2-byte dtypes) or partition-major."""
     sq, d, rpp, dtype = geo["sq"], geo["d"], geo["rpp"], geo["dtype"]
     if geo["natural"]:      # Q^T [128(d), n_d, n_t*128], column j = query j: one DMA transpose, no PE work
         q_sb = nl.ndarray((P_MAX, geo["n_d"], geo["n_t"] * P_MAX), dtype=dtype, buffer=nl.sbuf)
@@ -833,11 +860,7 @@ def _short_head_start(q, out, len_f, geo):
         _load_pm(q_sb, q, sq, rpp, d)
         if len_f is not None:
             zero_rows_past_length(q_sb, len_f, geo["qpos0"], 1, rpp)
-    o_sb = nl.ndarray((P_MAX, rpp, d), dtype=dtype, buffer=nl.sbuf)
-    # a slot's P V region: d columns, or 256 for 128 < d < 256, so that no region straddles a 2 KiB bank
-    pv_psum = nl.ndarray((P_MAX, rpp, 2 * D_CHUNK if d > D_CHUNK else d), dtype=nl.float32, buffer=nl.psum)
-    l_psum = nl.ndarray((P_MAX, rpp), dtype=nl.float32, buffer=nl.psum)
-    return dict(q=q_sb, sig=None, o=o_sb, out=out, len=len_f, pv=pv_psum, l=l_psum)
+    return q_sb
 
 
 def _short_gate(head, gate, geo):
@@ -908,12 +931,8 @@ def _short_pv(head, tile, p_sb, geo):
     for j in range(n_ch):
         exact_transpose(pt_psum[0:P_MAX, j, 0:P_MAX], p_sb[0:P_MAX, j * P_MAX:(j + 1) * P_MAX])
     pT_sb = nl.ndarray((P_MAX, geo["cpp"], P_MAX), dtype=dtype, buffer=nl.sbuf)
-    # the eviction: VectorE (a bf16 copy from PSUM at twice the ScalarE's rate) except in the core's last head,
-    # whose tiles run after the ScalarE's exps and sigmoids while the VectorE normalises the earlier heads
-    if head["is_last"]:
-        nisa.activation(dst=pT_sb[0:P_MAX, 0:n_ch, 0:P_MAX], op=nl.copy, data=pt_psum[0:P_MAX, 0:n_ch, 0:P_MAX])
-    else:
-        nisa.tensor_copy(dst=pT_sb[0:P_MAX, 0:n_ch, 0:P_MAX], src=pt_psum[0:P_MAX, 0:n_ch, 0:P_MAX])
+    # the eviction: VectorE (a bf16 copy from PSUM at twice the ScalarE's rate)
+    nisa.tensor_copy(dst=pT_sb[0:P_MAX, 0:n_ch, 0:P_MAX], src=pt_psum[0:P_MAX, 0:n_ch, 0:P_MAX])
     halves = [(0, d)] if d <= D_CHUNK else [(0, d // 2), (d // 2, d)]
     tiling = dict(tile_position=(0, ppt * t), tile_size=(P_MAX, ppt)) if rpp > 1 else {}
     rows = slice(ppt * t, ppt * (t + 1))
@@ -928,7 +947,10 @@ def _short_pv(head, tile, p_sb, geo):
                                **tiling)
             nisa.nc_matmul(head["l"][rows, i:i + 1], p_t, head["ones"][0:P_MAX, 0:1], accumulate=j > 0, **tiling)
     if t == head["final_t"]:
-        _short_finish(head, geo)
+        if head.get("defer"):
+            head["deferred"] = True
+        else:
+            _short_finish(head, geo)
 
 
 def _short_finish(head, geo):

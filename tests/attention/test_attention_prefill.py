@@ -81,6 +81,30 @@ def test_short_body_largest_shape_fits(dtype):
     _check("short largest", q, k, v, dtype, gate=g, seq_lens=np.array([300], np.int32), causal=True)
 
 
+@pytest.mark.parametrize("dtype, d, sq, causal", [("bfloat16", 256, 512, True), ("bfloat16", 200, 300, False),
+                                                  ("float32", 256, 512, True)])
+def test_short_body_transposes(dtype, d, sq, causal):
+    """2-byte dtypes: Q^T (one per head) and K^T (one per KV head) arrive by DMA transposes, so the only TensorE
+    transposes are those of P (one per 128-key chunk of every query tile: the causal triangle, or every chunk);
+    fp32 keeps PE transposes of Q and K (no DMA transposes). Counts from the layout, independent of the kernel."""
+    from nki_kernels.emulator import record_launches
+    rng = np.random.default_rng(5)
+    b, hq, hkv, skv = 1, 4, 1, sq
+    q, k, v, g = _inputs(rng, b, hq, hkv, sq, skv, d, DTYPES[dtype], gate=True)
+    with record_launches() as runs:
+        out = flash_attention(q, k, v, gate=g, causal=causal, lnc=1)
+    assert_close("short transposes", flash_attention_ref(q, k, v, gate=g, causal=causal), out, dtype=dtype)
+    names = [ins.name for ins in runs[0].traces[0]]
+    n_t, n_c = math.ceil(sq / 128), math.ceil(skv / 128)
+    p_chunks = hq * (sum(min(n_c, t + 1) for t in range(n_t)) if causal else n_t * n_c)
+    if dtype == "bfloat16":
+        assert names.count("dma_transpose") == (hq + hkv) * (1 if d % 128 == 0 else math.ceil(d / 128))
+        assert names.count("nc_transpose") == p_chunks
+    else:
+        assert names.count("dma_transpose") == 0
+        assert names.count("nc_transpose") > p_chunks
+
+
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_multi_block_causal_gqa_bf16(d):
     """Several 2048-key blocks (online rescaling), GQA 4:1, Sq/Skv not multiples of 128, chunked prefill."""
