@@ -62,23 +62,24 @@ def load_down(down, e_sb=None):
     return wd_sb
 
 
-def transpose_tokens(x_sb, n_tok: int, n_h: int, evict_phase: int = 0, scalar_only: bool = False):
+def transpose_tokens(x_sb, n_tok: int, n_h: int, evict_phase: int = 0, scalar_only: bool = False, dst=None):
     """x_sb [n_tok, H] (tokens on partitions) -> xT_sb [parts, n_h, 128] with xT[p, j, t] = x[t, p * n_h + j]
     (parts = H / n_h: 128, or 64 to match `load_gate_up(parts=64)`).
 
     TensorE transposes into PSUM, grouped so each group fills one PSUM bank, one copy per group to SBUF; the
     copies alternate VectorE / ScalarE (`evict`, group index + evict_phase), or all run on ScalarE when
-    `scalar_only` (a trace-time choice of the caller)."""
+    `scalar_only` (a trace-time choice of the caller). dst = (tile [parts, n_h, F], c0): write columns
+    c0 .. c0 + n_tok of that tile instead (returned)."""
     dt = x_sb.dtype
     parts = x_sb.shape[1] // n_h
     group = PSUM_BANK_BYTES // (TOK_TILE * itemsize(dt))
-    xT_sb = nl.ndarray((parts, n_h, TOK_TILE), dtype=dt, buffer=nl.sbuf)
+    xT_sb, c0 = dst if dst is not None else (nl.ndarray((parts, n_h, TOK_TILE), dtype=dt, buffer=nl.sbuf), 0)
     for g0 in range(0, n_h, group):
         g_sz = min(group, n_h - g0)
         t_psum = nl.ndarray((P_MAX, group, TOK_TILE), dtype=dt, buffer=nl.psum)
         for jj in range(g_sz):
             nisa.nc_transpose(dst=t_psum[0:parts, jj, 0:n_tok], data=x_sb[0:n_tok, g0 + jj::n_h])
-        dst, src = xT_sb[:, g0:g0 + g_sz, 0:n_tok], t_psum[0:parts, 0:g_sz, 0:n_tok]
+        dst, src = xT_sb[:, g0:g0 + g_sz, c0:c0 + n_tok], t_psum[0:parts, 0:g_sz, 0:n_tok]
         if scalar_only:
             nisa.activation(dst=dst, op=nl.copy, data=src)
         else:

@@ -29,6 +29,9 @@ _MAX_WEIGHT_BYTES_PP = 96 * 1024
 # ---- tiles
 _GATHER_BYTES_PP = 64 * 1024   # SBUF per partition for one group of gathered slot rows in the output pass (at most)
 _TABLE_BLOCKS = 256            # blocks whose expert / token-id tables are loaded at once (SBUF independent of N)
+_REP_BLOCKS = 32               # a core's blocks whose slot ids load replicated at once (on-chip x gather)
+_EARLY_BLOCKS = 8              # with the on-chip x gather, a core's first min(8, its blocks / 8) blocks gather x by DMA
+_XT_LOAD_CHUNKS = 4            # 128-token chunks of x loaded by one DMA to build the resident x.T
 _TABLE_CHUNKS = 8              # 128-token chunks whose output-pass tables (slot ids, routing rows) load at once,
 _TABLE_BYTES_PP = 1024         # at most this many bytes per partition of them (fewer chunks for a wide dense KMAX)
 _ACC_PSUM_BANKS = 4            # PSUM banks of VectorE's fp32 output-pass accumulator (one more for the shared
@@ -167,17 +170,100 @@ def _blocks_phase(hidden, expert_affinities, gate_up, down, token_position_to_id
     # hT(b - 1, c), xT(b, c), down(b - 1, c), gate/up(b, c), ... so TensorE has independent work queued while
     # the transposes are evicted and while SiLU runs
     pending = None
+    n_tokens = hidden.shape[0]
+    xT_all = None
+    if onchip_x_gather(n_tokens, h_total, gate_up.shape[3], block_size, top_k, itemsize(hidden.dtype)):
+        xT_all = _resident_xT(hidden, n_h)
     for g0 in range(0, n_blocks, _TABLE_BLOCKS):
         n_b = min(_TABLE_BLOCKS, n_blocks - g0)
         tables = _load_block_tables(block_to_expert, token_position_to_id, block_size, expert_offset, g0, n_b,
                                     global_ids=False)
         args = (hidden, expert_affinities, gate_up, down, top_k_index) + tables
         first = g0 + (pid - g0) % n_prog
-        for i_b in range(first, g0 + n_b, n_prog):
-            pending = _block_step(*args, i_b, i_b - g0, *consts, scratch, pending)
+        mine = list(range(first, g0 + n_b, n_prog))
+        rep_sb = None
+        for k, i_b in enumerate(mine):
+            if xT_all is not None and k % _REP_BLOCKS == 0:
+                rep_sb = _replicated_ids(token_position_to_id, xT_all.shape[0], mine[k:k + _REP_BLOCKS], n_prog,
+                                         block_size)
+            # a core's first _EARLY_BLOCKS blocks gather x by DMA: they need no resident x.T, so they run while it
+            # is built (its x loads, transposes and evictions take ~20 µs before the first nc_n_gather can start)
+            early = g0 == 0 and k < min(_EARLY_BLOCKS, len(mine) // _EARLY_BLOCKS)
+            xg = None if xT_all is None or early else (xT_all, rep_sb[:, k % _REP_BLOCKS, :])
+            pending = _block_step(*args, i_b, i_b - g0, *consts, scratch, pending, xg=xg)
     if pending is not None:
         for i_c in range(len(pending[1])):
             _down_store_chunk(scratch, hidden.dtype, pending, i_c, _h_transpose_chunk(pending, i_c))
+
+
+def onchip_x_gather(n_tokens: int, h_total: int, n_inter: int, block_size: int, top_k: int, item: int) -> bool:
+    """Trace-time choice (shapes and target only) of the blocks phase's x permutation: on chip (x.T of every
+    token resident in SBUF, each block chunk's x.T columns collected by one `nc_n_gather` on GpSimd) when that
+    plan fits the target's SBUF and TensorE transposes are exact there, else the row gather by indirect DMA.
+    The on-chip form moves x once per core instead of once per slot (padding included), in long rows, and needs
+    no x transposes per block; it costs GpSimd one element per gathered value and VectorE / ScalarE the index
+    arithmetic (docs/moe.md, "On-chip x gather")."""
+    if mixing_pe_transpose():
+        return False
+    parts = gate_up_parts(h_total, n_inter, item, block_size, top_k)
+    n_h = h_total // parts
+    extra = n_h * (n_tokens + 1) * item + _REP_BLOCKS * block_size * 4 + 3 * (n_h + 1) * TOK_TILE * (4 + item) \
+        + _XT_LOAD_CHUNKS * h_total * item
+    return blocks_phase_bytes(h_total, n_inter, block_size, top_k, item) + extra <= sbuf_budget()
+
+
+def _resident_xT(hidden, n_h):
+    """x.T of every token: [parts, n_h, T + 1] with xT[p, j, 1 + t] = x[t, p * n_h + j] and column 0 all zero (the
+    column a padding slot's index, id -1, lands on): the rows of up to _XT_LOAD_CHUNKS 128-token chunks by one DMA
+    (token c * 128 + p on partition p: long per-partition runs), TensorE transposes (exact on the targets
+    `onchip_x_gather` allows), evictions alternating VectorE / ScalarE."""
+    n_tokens, h_total = hidden.shape
+    xT_all = nl.ndarray((h_total // n_h, n_h, n_tokens + 1), dtype=hidden.dtype, buffer=nl.sbuf)
+    nisa.memset(dst=xT_all[:, :, 0:1], value=0.0)
+    n_full = n_tokens // TOK_TILE
+    for c0 in range(0, n_full, _XT_LOAD_CHUNKS):
+        n_c = min(_XT_LOAD_CHUNKS, n_full - c0)
+        x_sb = nl.ndarray((TOK_TILE, _XT_LOAD_CHUNKS, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=x_sb[:, 0:n_c, :], src=hidden.ap(
+            pattern=[[h_total, TOK_TILE], [TOK_TILE * h_total, n_c], [1, h_total]], offset=c0 * TOK_TILE * h_total))
+        for c in range(n_c):
+            t0 = (c0 + c) * TOK_TILE
+            transpose_tokens(x_sb[:, c, :], TOK_TILE, n_h, evict_phase=c0 + c, dst=(xT_all, 1 + t0))
+    if n_full * TOK_TILE < n_tokens:
+        t0 = n_full * TOK_TILE
+        x_sb = nl.ndarray((TOK_TILE, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=x_sb[0:n_tokens - t0, :], src=hidden[t0:n_tokens, :])
+        transpose_tokens(x_sb, n_tokens - t0, n_h, evict_phase=n_full, dst=(xT_all, 1 + t0))
+    return xT_all
+
+
+def _replicated_ids(token_position_to_id, parts, blocks, n_prog, block_size):
+    """The slot token ids of `blocks` (b = blocks[0] + k * n_prog) on every one of `parts` partitions: [parts,
+    _REP_BLOCKS, B] int32, one DMA (partition stride 0; each partition reads len(blocks) runs of B ids)."""
+    rep_sb = nl.ndarray((parts, _REP_BLOCKS, block_size), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=rep_sb[:, 0:len(blocks), :], src=token_position_to_id.ap(
+        pattern=[[0, parts], [n_prog * block_size, len(blocks)], [1, block_size]], offset=blocks[0] * block_size))
+    return rep_sb
+
+
+def _gather_xT(xT_all, ids_row, s0, n_tok, n_h):
+    """x.T [parts, n_h, 128] of one block chunk (slots s0 .. s0 + n_tok) from the resident x.T: indices
+    j * (T + 1) + 1 + id (id = -1 for padding: the zero column) built per hidden chunk j (VectorE / ScalarE
+    alternating, fp32 math: exact below 2^24), then one nc_n_gather. Each token's values stay in its column."""
+    parts, _, n_cols = xT_all.shape
+    # ids clamped to [-1, T - 1] on device, so no index can leave the resident x.T (the wrapper validates host
+    # mappings; this guards a device mapping it cannot read)
+    ids_sb = nl.ndarray((parts, TOK_TILE), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=ids_sb[:, 0:n_tok], data=ids_row[:, s0:s0 + n_tok], op0=nl.maximum, operand0=-1,
+                       op1=nl.minimum, operand1=n_cols - 2)
+    idx_sb = nl.ndarray((parts, n_h, TOK_TILE), dtype=nl.uint32, buffer=nl.sbuf)
+    for j in range(n_h):
+        eng = nisa.engine.vector if j % 2 == 0 else nisa.engine.scalar
+        nisa.tensor_scalar(dst=idx_sb[:, j, 0:n_tok], data=ids_sb[:, 0:n_tok], op0=nl.add,
+                           operand0=float(j * n_cols + 1), engine=eng)
+    xT_sb = nl.ndarray((parts, n_h, TOK_TILE), dtype=xT_all.dtype, buffer=nl.sbuf)
+    nisa.nc_n_gather(dst=xT_sb[:, :, 0:n_tok], data=xT_all, indices=idx_sb[:, :, 0:n_tok])
+    return xT_sb
 
 
 def _gather_token_tile(hidden, expert_affinities, top_k_index, ids_sb, e_sb, eg_sb, n_tok, n_local,
@@ -203,7 +289,7 @@ def _gather_token_tile(hidden, expert_affinities, top_k_index, ids_sb, e_sb, eg_
 
 
 def _block_step(hidden, expert_affinities, gate_up, down, top_k_index, e_all_sb, eg_all_sb, ids_all, i_b, col,
-                block_size, n_local, n_h, scratch, pending):
+                block_size, n_local, n_h, scratch, pending, xg=None):
     """Block i_b (column col of the tables) up to h = a * silu(x Wg) * (x Wu), interleaved chunk by chunk with the
     down projection and store of the previous block (`pending`). Returns what the next step needs to finish
     block i_b."""
@@ -213,9 +299,14 @@ def _block_step(hidden, expert_affinities, gate_up, down, top_k_index, e_all_sb,
     inputs = []
     for i_c, s0 in enumerate(range(0, block_size, TOK_TILE)):   # every input DMA of the block first
         n_tok = min(TOK_TILE, block_size - s0)
-        x_sb, aff_sb = _gather_token_tile(hidden, expert_affinities, top_k_index, ids_all[i_c][:, col:col + 1],
-                                          e_sb, eg_all_sb[:, col:col + 1], n_tok, n_local,
-                                          affinity=top_k_index is None)
+        if xg is None:
+            x_sb, aff_sb = _gather_token_tile(hidden, expert_affinities, top_k_index, ids_all[i_c][:, col:col + 1],
+                                              e_sb, eg_all_sb[:, col:col + 1], n_tok, n_local,
+                                              affinity=top_k_index is None)
+        else:   # on-chip x gather: x.T comes from the resident tile (below); only the dense affinity is gathered
+            x_sb = _gather_xT(xg[0], xg[1], s0, n_tok, n_h)
+            aff_sb = None if top_k_index is not None else _dense_affinity(
+                expert_affinities, ids_all[i_c][:, col:col + 1], e_sb, n_tok, n_local)
         inputs.append((i_b * block_size + s0, n_tok, x_sb, aff_sb))
     chunks = []
     for i_c, (pos0, n_tok, x_sb, aff_sb) in enumerate(inputs):
@@ -225,8 +316,11 @@ def _block_step(hidden, expert_affinities, gate_up, down, top_k_index, e_all_sb,
         # 64-partition x.T (twice the copies) with one chunk per block: every copy on ScalarE (VectorE's fast copies
         # share an SBUF port with GpSimd's descriptor work for the x gathers); with more chunks per block ScalarE
         # (also SiLU) would be the busier engine, so they alternate (docs/moe.md, "Talker gate/up on 64 partitions")
-        xT_sb = transpose_tokens(x_sb, n_tok, n_h, evict_phase=i_b + i_c,
-                                 scalar_only=n_h * P_MAX > hidden.shape[1] and block_size <= TOK_TILE)
+        if xg is None:
+            xT_sb = transpose_tokens(x_sb, n_tok, n_h, evict_phase=i_b + i_c,
+                                     scalar_only=n_h * P_MAX > hidden.shape[1] and block_size <= TOK_TILE)
+        else:
+            xT_sb = x_sb
         if prev:
             _down_store_chunk(scratch, hidden.dtype, pending, i_c, hT_prev)
         h_sb = swiglu(xT_sb, n_tok, wgu_sb, aff_sb)
@@ -854,7 +948,19 @@ def _onchip_is_faster(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, it
     shared work (weights, x gather), checked against the modeled figures of both paths on the model shapes
     (docs/moe.md)."""
     return _onchip_cost_us(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item, lnc, gt, index_mode) \
-        < _dma_combine_us(n_tokens, h_total, n_blocks, block_size, kmax, item, lnc)
+        < _dma_combine_us(n_tokens, h_total, n_blocks, block_size, kmax, item, lnc) \
+        - _x_gather_saving_us(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item, lnc)
+
+
+def _x_gather_saving_us(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item, lnc) -> float:
+    """What the DMA-combine kernel's on-chip x gather (`onchip_x_gather`, when it fits) saves one core against
+    the on-chip combine kernel, which gathers x by DMA: every slot's x row (N*B rows of H at H-byte runs, split
+    over the cores) minus x loaded once per core."""
+    if not onchip_x_gather(n_tokens, h_total, n_inter, block_size, kmax, item):
+        return 0.0
+    row = h_total * item
+    moved = n_blocks * block_size * row / _dma_eff(row) / lnc - n_tokens * row
+    return max(0.0, moved) / _CORE_HBM_BYTES_PER_US
 
 
 def check_mapping(kname, tpos, b2e, block_size, n_tokens, n_local, kmax, top_k_index, expert_affinities,

@@ -342,3 +342,32 @@ def test_trn1_padding_slots_carry_no_stale_values(rng, combine):
         out = moe_blockwise(x, w, gu, dn, tpos, b2e, bs, top_k_index=idx, lnc=1, combine=combine)
     ref = moe_blockwise_reference(x, w, gu, dn, tpos, b2e, bs, top_k_index=idx)
     assert_close(f"trn1 padding, {combine}", ref, out, dtype="float32")
+
+
+@pytest.mark.parametrize("lnc,dense,dtype", [(1, False, "float32"), (2, False, "bfloat16"), (2, True, "float32")])
+def test_onchip_x_gather_matches_reference_and_keeps_nan_in_its_token(rng, lnc, dense, dtype):
+    """The DMA combine's blocks phase with the on-chip x gather (resident x.T + nc_n_gather; a core's first
+    min(8, blocks / 8) blocks still gather by DMA): 300 tokens (a partial last 128-token chunk), blocks of 8 with
+    padding, enough blocks per core that both x paths run; padding indices land on the zero column. A NaN in one
+    token's hidden row reaches only that token's output row."""
+    from nki_kernels.emulator import record_launches
+    from nki_kernels.moe.blockwise import onchip_x_gather
+    t, h, e, inter, k, bs = 300, 256, 12, 64, 3, 8
+    x, gu, dn, sh, w, idx = moe_problem(rng, t, h, e, inter, k, 32, dtype=dtype)
+    tpos, b2e = moe_block_mapping(idx, e, bs)
+    assert len(b2e) >= 16 * lnc and (tpos < 0).any()
+    assert onchip_x_gather(t, h, inter, bs, k, 4 if dtype == "float32" else 2)
+    aff = dense_affinities(w, idx, e) if dense else w
+    kw = dict(shared=sh, top_k_index=None if dense else idx, lnc=lnc, combine="dma")
+    with record_launches() as runs:
+        out = moe_blockwise(x, aff, gu, dn, tpos, b2e, bs, **kw)
+    names = [ins.name for tr in list(runs)[0].traces for ins in tr]
+    assert "nc_n_gather" in names and names.count("dma_copy") > 0
+    assert_close("on-chip x gather", moe_decode_reference(x, idx, w, gu, dn, sh), out, dtype=dtype)
+    x_bad = x.copy()
+    x_bad[137, 5] = np.nan
+    out_bad = np.asarray(moe_blockwise(x_bad, aff, gu, dn, tpos, b2e, bs, **kw), np.float64)
+    assert np.isnan(out_bad[137]).any()
+    others = np.delete(out_bad, 137, axis=0)
+    assert np.isfinite(others).all()
+    assert np.array_equal(others, np.delete(np.asarray(out, np.float64), 137, axis=0))
