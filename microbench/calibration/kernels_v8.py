@@ -55,6 +55,12 @@ equal to the emulator's allocation peak at the published K and block; PSUM: one 
 seven fit. Flagged for the round that unseals them (not a reason to drop under (a) as committed): the published
 notes of KT.v6 and KT.v7, the two within 3 % of capacity, report compiler spills / re-fetches (KT.v6 hbm_write
 259.6 MB and hbm_read 1765 MB for a 179.3 MB output; KT.v7 hbm_read 283.4 MB, hbm_write 183.0 MB).
+Applying (a) to matmul (the emulator's allocation check at the published K = 40 x 128 and M block, one 512-wide N
+chunk; every chunk allocates the same tiles; nothing modeled): SBUF peak per partition KM.v1 25088, KM.b2 45568,
+KM.b4 86528, KM.b8 168448, KM.v3 86016 B (<= 196608), PSUM 1 / 2 / 4 / 8 / 4 banks (<= 8): fit. **KM.b16 is
+dropped**: its lhs_t alone is 16 x 40 x 128 fp32 = 327680 B per partition (more than the core's SBUF) and its
+16 accumulators need 16 PSUM banks of 8, so the device cannot have run it as written (its published notes report
+PE 85 %, ScalarE 20 % busy and 1896 MB read: the compiler's rewrite, not the code).
 
 Choices the published code leaves to the compiler or to the emulator's API, fixed before each kernel is written:
 - As kernels_v7.py: NKI 0.7 form (`nisa.<op>(dst=..., ...)`); nl.affine_range loops as Python `range` in the
@@ -71,6 +77,15 @@ Choices the published code leaves to the compiler or to the emulator's API, fixe
   copies, subtract and matmuls run over the full 512-wide tiles as written (the 320 masked columns hold whatever
   the tile held and are never stored). KT.v7: the published ping-pong order (build chunk 0; per pair p build
   2p + 1, matmuls 2p, build 2p + 2, matmuls 2p + 1; then the last pair), two named limb buffers per M block.
+- matmul (written before the KM kernel): the published PE transpose nisa.nc_matmul(lhs_sb, identity,
+  is_transpose=True) of a [128, 128] fp32 tile is one nisa.nc_transpose on TensorE into a PSUM tile (NKI 0.7's
+  form of the same TensorE identity-transpose; the emulator refuses is_transpose on nc_matmul); the published
+  identity load stays (one [128, 128] fp32 DMA per launch, from a host identity passed as an input, as
+  nl.shared_constant), although nc_transpose takes no identity operand. The transposed tile's nl.copy out of
+  PSUM = one VectorE tensor_copy into the resident lhs_t slice (KM.v3: into an fp32 tile, then the hi copy and
+  lo subtract on VectorE, as KT). lhs_t (B, KT, par_dim(128), 128) = one [128, B, KT, 128] SBUF tile; the PSUM
+  accumulator nl.zeros((B, par_dim(128), 512)) = one [128, B, 512] PSUM tile, one 2 KiB bank per block member;
+  the accumulation rule of transpose_matmul (first product overwrites, no memset).
 - Modeling (not done in this round): each point at the published shape, inputs standard normal fp32 (values do
   not change the instruction stream).
 """
@@ -255,6 +270,77 @@ def _tmm_pingpong(out, v2, lhs, mb, m_blk, chunks):
     matmuls(1, 2 * pairs - 1)
 
 
+# ------------------------------------------------------------------------------------------------ matmul (trn2)
+# out[M, N] = lhs @ rhs from v1 [M / 128, 128, K / 128, 128] (m_tile, m_in, k_tile, k_in), v2 [K / 128, 128, N],
+# out [M / 128, 128, N]. A variant is (B, split): B M tiles per block share each rhs tile load; split = bf16 hi / lo
+# 3-product. Per block: the B x KT lhs tiles are transposed on PE into a resident lhs_t, then per 512-wide N chunk
+# the KT rhs tiles are loaded one by one and multiplied into the B accumulators.
+
+KM_VARIANTS = {"KM.v1": (1, False), "KM.b2": (2, False), "KM.b4": (4, False), "KM.b8": (8, False),
+               "KM.b16": (16, False), "KM.v3": (4, True)}
+KM_M_TILES, KM_K_TILES, KM_N = 32, 40, 12288      # published v1 (32, 128, 40, 128), v2 (40, 128, 12288)
+
+
+def _km_lhs_block(v1, ident_sb, t0, b, split):
+    """The block's B x KT lhs tiles transposed on PE: (lhs_t,) fp32 or (hi, lo) bf16, each [128, B, KT, 128]."""
+    k_tiles = v1.shape[2]
+    dts = (nl.bfloat16, nl.bfloat16) if split else (nl.float32,)
+    res = tuple(nl.ndarray((P_MAX, b, k_tiles, P_MAX), dtype=dt, buffer=nl.sbuf) for dt in dts)
+    for mb in range(b):
+        for kt in range(k_tiles):
+            lhs_sb = nl.ndarray((P_MAX, P_MAX), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.dma_copy(dst=lhs_sb, src=v1[t0 + mb, :, kt, :])
+            t_psum = nl.ndarray((P_MAX, P_MAX), dtype=nl.float32, buffer=nl.psum)
+            nisa.nc_transpose(dst=t_psum, data=lhs_sb)    # SBUF -> PSUM: TensorE
+            if not split:
+                nisa.tensor_copy(dst=res[0][:, mb, kt, :], src=t_psum)
+                continue
+            t_sb = nl.ndarray((P_MAX, P_MAX), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.tensor_copy(dst=t_sb, src=t_psum)
+            _limbs(t_sb, res[0][:, mb, kt, :], res[1][:, mb, kt, :], False)
+    return res
+
+
+def _km_rhs_tile(v2, kt, n0, split):
+    """One [128, 512] rhs tile: (fp32,) or its (hi, lo) bf16 limbs."""
+    rhs_f = nl.ndarray((P_MAX, PSUM_FP32_BANK), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=rhs_f, src=v2[kt, :, n0:n0 + PSUM_FP32_BANK])
+    if not split:
+        return (rhs_f,)
+    hi = nl.ndarray((P_MAX, PSUM_FP32_BANK), dtype=nl.bfloat16, buffer=nl.sbuf)
+    lo = nl.ndarray((P_MAX, PSUM_FP32_BANK), dtype=nl.bfloat16, buffer=nl.sbuf)
+    _limbs(rhs_f, hi, lo, False)
+    return hi, lo
+
+
+@nki.jit
+def kda_matmul(v1, v2, ident, variant):
+    """KM.*: out[M / 128, 128, N] = lhs @ rhs for v1 [M / 128, 128, KT, 128], v2 [KT, 128, N] (fp32), ident the
+    [128, 128] fp32 identity (loaded once, as published), the published `variant`'s data flow (KM_VARIANTS)."""
+    b, split = KM_VARIANTS[variant]
+    m_tiles, _, k_tiles, _ = v1.shape
+    n = v2.shape[2]
+    out = nl.ndarray((m_tiles, P_MAX, n), dtype=nl.float32, buffer=nl.shared_hbm)
+    ident_sb = nl.ndarray((P_MAX, P_MAX), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=ident_sb, src=ident)
+    for blk in range(m_tiles // b):
+        lhs = _km_lhs_block(v1, ident_sb, blk * b, b, split)
+        for n0 in range(0, n, PSUM_FP32_BANK):
+            acc = nl.ndarray((P_MAX, b, PSUM_FP32_BANK), dtype=nl.float32, buffer=nl.psum)
+            for kt in range(k_tiles):
+                rhs = _km_rhs_tile(v2, kt, n0, split)
+                for mb in range(b):
+                    pairs = ([(lhs[0], rhs[0])] if not split else
+                             [(lhs[0], rhs[0]), (lhs[0], rhs[1]), (lhs[1], rhs[0])])
+                    for i, (st, mv) in enumerate(pairs):
+                        nisa.nc_matmul(acc[:, mb, :], st[:, mb, kt, :], mv, accumulate=kt > 0 or i > 0)
+            for mb in range(b):
+                out_sb = nl.ndarray((P_MAX, PSUM_FP32_BANK), dtype=nl.float32, buffer=nl.sbuf)
+                nisa.tensor_copy(dst=out_sb, src=acc[:, mb, :])
+                nisa.dma_copy(dst=out[blk * b + mb, :, n0:n0 + PSUM_FP32_BANK], src=out_sb)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ point specs
 # Each spec is a calibration Point's fields (points.py adds split="sealed"). make(k, rng) -> (args, kwargs). KT: k =
 # M blocks (published M / (m_blk * 128): 4 for KT.v1 / v2, 2 for the rest), K and N as published unless given.
@@ -300,4 +386,39 @@ def _kt(pid):
                 notes=_KT_NOTES[pid] + "; k = M blocks")
 
 
-POINT_SPECS = tuple(_kt(pid) for pid in KT_VARIANTS)
+def _km_make(variant):
+    def make(k, rng, k_tiles=KM_K_TILES, n=KM_N):
+        import numpy as np
+        m_tiles = k * KM_VARIANTS[variant][0]
+        return (_normal(rng, m_tiles, P_MAX, k_tiles, P_MAX), _normal(rng, k_tiles, P_MAX, n),
+                np.identity(P_MAX, dtype=np.float32), variant), {}
+    return make
+
+
+def ref_matmul_tiled(v1, v2, *_consts):
+    """lhs @ rhs in float64 from the presented tiled layouts, as [M / 128, 128, N]."""
+    import numpy as np
+    lhs = v1.astype(np.float64).reshape(v1.shape[0] * P_MAX, -1)       # (m_tile, m_in) x (k_tile, k_in)
+    rhs = v2.astype(np.float64).reshape(-1, v2.shape[2])                # (k_tile, k_in) x n
+    return (lhs @ rhs).reshape(v1.shape[0], P_MAX, v2.shape[2])
+
+
+_KM_NOTES = {
+    "KM.v1": "matmul_v1: per M tile 40 PE transposes, 24 x 512 N chunks, rhs tile per (chunk, kt)",
+    "KM.b2": "matmul_v2_b2: M blocks of 2 tiles share each rhs tile",
+    "KM.b4": "matmul_v2_b4: M blocks of 4 tiles (3 reports, median)",
+    "KM.b8": "matmul_v2_b8: M blocks of 8 tiles (all 8 PSUM banks)",
+    "KM.v3": "matmul_v3_bf16_split: KM.b4 with the bf16x2 3-product split",
+}
+
+
+def _km(pid):
+    k_full = KM_M_TILES // KM_VARIANTS[pid][0]
+    return dict(id=pid, name="matmul", shape="M4096 K5120 N12288 fp32 (v1 [32, 128, 40, 128])", target="trn2",
+                measured_us=1000.0 * median(KDA_REPORTS_MS[pid]), source=_KDA_SRC + "workspaces/matmul",
+                kernel=kda_matmul, make=_km_make(pid), k_full=k_full, k_model=(k_full,), reference=ref_matmul_tiled,
+                timing="prof", notes=_KM_NOTES[pid] + "; k = M blocks")
+
+
+KM_DROPPED = {"KM.b16": "rule (a): 16 PSUM accumulators (8 banks on the core) and a 327680 B lhs_t per partition"}
+POINT_SPECS = (*[_kt(pid) for pid in KT_VARIANTS], *[_km(pid) for pid in KM_VARIANTS if pid not in KM_DROPPED])

@@ -57,6 +57,9 @@ _SMALL = {     # small shapes with the same tiling, for the correctness check
     # chunks of the variant (512 + the published 192-wide tail for v4 / v5). Correctness only: never modeled
     **{pid: (lambda rng, pid=pid: BY_ID[pid].make(1, rng, kt=2, n=704 if pid in ("KT.v4", "KT.v5") else 912))
        for pid in ("KT.v1", "KT.v2", "KT.v3", "KT.v4", "KT.v5", "KT.v6", "KT.v7")},
+    # KDA matmul: one M block (two for v1 / b2), K = 2 x 128, N = two 512-wide chunks
+    **{pid: (lambda rng, pid=pid: BY_ID[pid].make(2 if pid in ("KM.v1", "KM.b2") else 1, rng, k_tiles=2, n=1024))
+       for pid in ("KM.v1", "KM.b2", "KM.b4", "KM.b8", "KM.v3")},
 }
 
 
@@ -380,14 +383,17 @@ def test_sealed_points_are_modeled_only_when_asked_for(monkeypatch, capsys):
 def test_v8_points_cover_the_selection():
     from microbench.calibration import kernels_v8 as V8
     sealed = {p.id: p for p in POINTS if p.split == "sealed"}
-    assert set(sealed) == {"KT.v1", "KT.v2", "KT.v3", "KT.v4", "KT.v5", "KT.v6", "KT.v7"}
     published_ms = {"KT.v1": 4.7274, "KT.v2": 3.8699, "KT.v3": 3.6338, "KT.v4": 3.6762, "KT.v5": 3.7887,
-                    "KT.v6": 7.3303, "KT.v7": 3.6256}
+                    "KT.v6": 7.3303, "KT.v7": 3.6256,
+                    "KM.v1": 15.8853, "KM.b2": 13.8084, "KM.b4": 13.35, "KM.b8": 14.0214, "KM.v3": 10.656}
+    assert set(sealed) == set(published_ms)       # KM.b16 dropped by rule (a)
     for pid, ms in published_ms.items():
         p = sealed[pid]
-        assert (p.target, p.timing, p.name) == ("trn2", "prof", "transpose_matmul")
+        kt = pid.startswith("KT")
+        assert (p.target, p.timing, p.name) == ("trn2", "prof", "transpose_matmul" if kt else "matmul")
         assert p.measured_us == pytest.approx(1000.0 * ms)
-        assert p.k_model == (p.k_full,) and p.k_full * V8.KT_VARIANTS[pid][1] * 128 == 4096
+        rows_per_block = V8.KT_VARIANTS[pid][1] * 128 if kt else V8.KM_VARIANTS[pid][0] * 128
+        assert p.k_model == (p.k_full,) and p.k_full * rows_per_block == 4096
     assert V8.median((13.3517, 13.35, 13.29)) == 13.35 and V8.median((1.0, 2.0)) == 1.5
     # every KT chunking covers N = 10944 exactly once, in chunks a PSUM bank can hold
     for pid, (_, _, _, chunking) in V8.KT_VARIANTS.items():
@@ -403,6 +409,26 @@ def test_v8_inputs_have_the_published_shapes():
         p = BY_ID[pid]
         (v1, v2, variant), kw = p.make(p.k_full, np.random.default_rng(0))
         assert (v1.shape, v2.shape, v1.dtype, variant, kw) == ((128, 16, 4096), (128, 16, 10944), np.float32, pid, {})
+    for pid in ("KM.v1", "KM.b8"):
+        p = BY_ID[pid]
+        (v1, v2, ident, variant), kw = p.make(p.k_full, np.random.default_rng(0))
+        assert (v1.shape, v2.shape, variant, kw) == ((32, 128, 40, 128), (40, 128, 12288), pid, {})
+        assert (ident == np.eye(128)).all() and v1.dtype == v2.dtype == ident.dtype == np.float32
+
+
+def test_v8_matmul_fits_at_the_published_shape():
+    """Rule (a) by the emulator's allocation check at the published K and M block (one N chunk; nothing modeled):
+    the largest kept footprints fit; KM.b16, dropped, is refused."""
+    from microbench.calibration import kernels_v8 as V8
+    from nki_kernels.emulator.errors import EmulatorCheckError
+    for pid, sbuf_bytes, banks in (("KM.b8", 168448, 8), ("KM.v3", 86016, 4)):
+        args, kw = BY_ID[pid].make(1, np.random.default_rng(1), n=512)
+        res = run(V8.kda_matmul, *args, target="trn2", lnc=1, **kw)
+        assert (res.sbuf_peak_bytes, res.psum_peak_banks) == ([sbuf_bytes], [banks])
+        assert sbuf_bytes <= 192 * 1024
+    args, kw = V8._km_make("KM.b16")(1, np.random.default_rng(1), n=512)
+    with pytest.raises(EmulatorCheckError, match="exceeds"):
+        run(V8.kda_matmul, *args, target="trn2", lnc=1, **kw)
 
 
 def test_v8_transpose_matmul_fits_at_the_published_shape():
@@ -436,3 +462,24 @@ def test_v8_non_finite_values_stay_in_their_row_and_column(pid):
     ref = np.einsum("pkm,pkn->mn", np.nan_to_num(v1, nan=0.0, posinf=0.0).astype(np.float64),
                     np.nan_to_num(v2, nan=0.0, posinf=0.0).astype(np.float64))
     np.testing.assert_allclose(out[clean], ref[clean], rtol=2e-4, atol=2e-3)
+
+
+@pytest.mark.parametrize("pid", ["KM.v1", "KM.v3"])
+def test_v8_matmul_non_finite_values_stay_in_their_row_and_column(pid):
+    """A NaN in lhs[m, k] reaches only output row m (through the PE transpose and the limbs); Inf in rhs only its
+    column."""
+    p = BY_ID[pid]
+    (v1, v2, ident, variant), kw = p.make(1, np.random.default_rng(4), k_tiles=2, n=1024)
+    v1[0, 17, 1, 5] = np.nan          # lhs row 17
+    v2[1, 3, 700] = np.inf            # rhs column 700
+    out = run(p.kernel, v1, v2, ident, variant, target="trn2", lnc=1, **kw).outputs.reshape(-1, 1024)
+    bad = ~np.isfinite(out)
+    assert bad[17].all() and bad[:, 700].all()
+    bad[17] = False
+    bad[:, 700] = False
+    assert not bad.any()
+    clean = np.ones(out.shape, bool)
+    clean[17] = clean[:, 700] = False
+    ref_clean = p.reference(np.nan_to_num(v1, nan=0.0), np.nan_to_num(v2, posinf=0.0)).reshape(-1, 1024)
+    np.testing.assert_allclose(out[clean], ref_clean[clean], rtol=2e-4, atol=2e-3)
+    assert ref_clean.shape == out.shape
