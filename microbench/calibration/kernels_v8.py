@@ -60,7 +60,7 @@ chunk; every chunk allocates the same tiles; nothing modeled): SBUF peak per par
 KM.b4 86528, KM.b8 168448, KM.v3 86016 B (<= 196608), PSUM 1 / 2 / 4 / 8 / 4 banks (<= 8): fit. **KM.b16 is
 dropped**: its lhs_t alone is 16 x 40 x 128 fp32 = 327680 B per partition (more than the core's SBUF) and its
 16 accumulators need 16 PSUM banks of 8, so the device cannot have run it as written (its published notes report
-PE 85 %, ScalarE 20 % busy and 1896 MB read: the compiler's rewrite, not the code).
+PE 85 %, ScalarE 20 % busy and 1896 MB read, consistent with a compiler-chosen spill).
 
 Choices the published code leaves to the compiler or to the emulator's API, fixed before each kernel is written:
 - As kernels_v7.py: NKI 0.7 form (`nisa.<op>(dst=..., ...)`); nl.affine_range loops as Python `range` in the

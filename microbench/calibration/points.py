@@ -134,7 +134,9 @@ microbench.calibration` skips sealed points by default (it prints "N sealed poin
 on small shapes against NumPy references only). They exist so that the round that re-fits the model on the v6 / v7
 trn2 points (moving those to fit) has trn2 points to judge the new model on. A sealed point becomes held-out when
 that round has frozen its model (the commit that unseals it says so); its first modeled error is then reported as a
-held-out error. Source and rule: the v7 rule above, applied to the KDA operators it reserved.
+held-out error. Source and rule: the v7 rule above, applied to the KDA operators it reserved, in an order fixed by
+data flow. Sealed so far (12 points, trn2, LNC=1, prof): transpose_matmul KT.v1-KT.v7 and matmul KM.v1, KM.b2,
+KM.b4, KM.b8, KM.v3 (KM.b16 dropped by (a)); operators 3-11 of the order (bmm ... gqa_full) stay reserved.
 """
 from __future__ import annotations
 
