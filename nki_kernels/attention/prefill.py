@@ -70,7 +70,11 @@ def _owner(b, kvh, g, i_q, n_kv, n_q_tiles, n_b, n_prog):
         return 0
     if (n_b * n_kv) % n_prog == 0:                 # whole KV heads per core: no duplicated K/V loads
         return (b * n_kv + kvh) % n_prog
-    return (g * n_q_tiles + i_q) % n_prog          # else interleave query tiles (balanced under causal)
+    # else deal the (query head, query tile) streams out in a snake (0, 1, 1, 0, 0, 1, ...): under causal masking
+    # tile i has i + 1 key chunks, so alternating tiles gave the odd core 8 / 7 of the even core's work at 16 tiles
+    u = g * n_q_tiles + i_q
+    r = u % n_prog
+    return r if (u // n_prog) % 2 == 0 else n_prog - 1 - r
 
 
 @nki.jit
@@ -158,6 +162,7 @@ class _Stream:
             self.j0 = max(0, q0 - lo_off) // block
             self.k_end = min(self.k_end, q0 + self.qn + hi_off)
         self.n_blk = n_tiles(self.k_end, block)
+        self.qT = None                                              # Q^T view when not in the slot buffers
 
     def keys(self, j, block):
         return min(block, self.k_end - j * block)
@@ -279,7 +284,7 @@ def _attend_pipeline(q, gate, out, kT_sb, v_sb, len_f, klen_valid, items, skv, d
                 s_sb=s_sb, pv_sb=pv_sb, p=p_ring, pT=pT_ring, t_psum=t_psum, pv=pv_psum,
                 pt_on_dve=is_two_byte(dtype),
                 io=_io_groups(items, d, dtype) if rows is None and not q_is_bhds else None, io_q={}, io_gate={},
-                io_out={})
+                io_out={}, io_qT={})
     diag_bias = _DiagonalBias(block)
     cur = [None] * n_slot
     nxt = [0] * n_slot
@@ -361,6 +366,24 @@ def _io_rows(src, bufs, cache, st, d):
     return t[0:st.qn, i, 0:d]
 
 
+def _io_q_transposed(q, bufs, st, d, n_d, dtype, len_f):
+    """Q^T [128(d), n_d, qn] of stream st (2-byte dtypes, D a multiple of 128, plain BHSD q): the heads of the
+    stream's query tile in its run (`_io_groups`) arrive in one DMA transpose, [qn, n_d, heads, 128] ->
+    [128(d), n_d, heads, qn] (up to 2 KiB per partition row: 4 heads at 128 rows), on first use; no PE transposes
+    and no PSUM eviction. With a length, the columns of padded rows are zeroed (a select)."""
+    h0, nh, i = bufs["io"][(st.h, st.q0)]
+    t = bufs["io_qT"].get((h0, st.q0))
+    if t is None:
+        t = nl.ndarray((P_MAX, n_d, nh, _Q_TILE), dtype=dtype, buffer=nl.sbuf)
+        src = q[h0:h0 + nh, st.q0:st.q0 + st.qn, 0:d].reshape((nh, st.qn, n_d, D_CHUNK)).permute((1, 2, 0, 3))
+        nisa.dma_transpose(dst=t[0:D_CHUNK, 0:n_d, 0:nh, 0:st.qn], src=src)
+        if len_f is not None:
+            _zero_cols_past_length(t[0:P_MAX, 0:n_d, 0:nh, 0:st.qn].reshape((P_MAX, n_d * nh, st.qn)), len_f,
+                                   st.qa0, n_d * nh * D_CHUNK)
+        bufs["io_qT"][(h0, st.q0)] = t
+    return t[0:P_MAX, 0:n_d, i, 0:_Q_TILE]
+
+
 def _load_q(q, bufs, st, d, n_d, dtype, q_is_bhds=False, rows=None, len_f=None):
     """Q^T of one stream: one natural-layout DMA of the [qn, D] tile, then PE transposes (a DMA transpose of
     256-byte rows would run at a fraction of the bandwidth). q_is_bhds=True: the host-permuted baseline layout,
@@ -373,6 +396,9 @@ def _load_q(q, bufs, st, d, n_d, dtype, q_is_bhds=False, rows=None, len_f=None):
             nisa.dma_copy(dst=qT[0:dn, st.slot, st.gen, i_d, 0:st.qn], src=q[st.h, d0:d0 + dn, st.q0:st.q0 + st.qn])
         return
     q_nat = None
+    if rows is None and bufs["io"] is not None and is_two_byte(dtype) and d % D_CHUNK == 0:
+        st.qT = _io_q_transposed(q, bufs, st, d, n_d, dtype, len_f)
+        return
     if rows is not None:
         rows.start(st)
         q_nat = rows.q_rows(st) if hasattr(rows, "q_rows") else None    # varlen windows: [qn, D] already in SBUF
@@ -406,8 +432,8 @@ def _scores(bufs, kT_sb, st, j, step, block, d, n_d):
         for j0 in range(0, kn, MM_KEYS):
             jn = min(MM_KEYS, kn - j0)
             s_psum = bufs["s_psum"]
-            nisa.nc_matmul(s_psum[0:st.qn, step % s_psum.shape[1], st.slot, j0:j0 + jn],
-                           bufs["qT"][0:dn, st.slot, st.gen, i_d, 0:st.qn],
+            stat = st.qT[0:dn, i_d, 0:st.qn] if st.qT is not None else bufs["qT"][0:dn, st.slot, st.gen, i_d, 0:st.qn]
+            nisa.nc_matmul(s_psum[0:st.qn, step % s_psum.shape[1], st.slot, j0:j0 + jn], stat,
                            kT_sb[0:dn, i_d, k0 + j0:k0 + j0 + jn], accumulate=i_d > 0)
 
 

@@ -262,3 +262,21 @@ def test_qwen35_tp4_shape_2k_causal():
     rng = np.random.default_rng(9)
     q, k, v, g = _inputs(rng, 1, 4, 1, 2048, 2048, 256, BF16, gate=True)
     _check("qwen3.5 tp4 2k", q, k, v, "bfloat16", gate=g, causal=True)
+
+
+@pytest.mark.parametrize("n_q_tiles, group", [(16, 4), (64, 4), (4, 1), (6, 3)])
+def test_lnc2_query_tiles_balance_causal_work(n_q_tiles, group):
+    """B*Hkv odd at LNC=2: the (query head, query tile) streams are dealt out so that both cores get the same
+    number of causal key chunks (tile i of a square causal prefill has i + 1) when the stream count is a multiple
+    of 4, and differ by at most one tile's chunks otherwise; every stream has exactly one owner."""
+    work = [0, 0]
+    for g in range(group):
+        for i_q in range(n_q_tiles):
+            owner = prefill._owner(0, 0, g, i_q, 1, n_q_tiles, 1, 2)
+            assert owner in (0, 1)
+            work[owner] += i_q + 1
+    assert sum(work) == group * n_q_tiles * (n_q_tiles + 1) // 2
+    if (group * n_q_tiles) % 4 == 0:
+        assert work[0] == work[1], work
+    else:
+        assert abs(work[0] - work[1]) <= n_q_tiles, work
