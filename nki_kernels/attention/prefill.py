@@ -654,7 +654,7 @@ def short_prefill_body(q, k, v, gate, seq_lens, out, softmax_scale, causal):
     items = [(b, kvh, g) for b in range(n_b) for kvh in range(n_kv) for g in range(group)][pid::n_prog]
     if not items:
         return
-    ident = _identity(dtype)
+    ident = _identity(_bias_dtype(dtype))
     ones = nl.ndarray((P_MAX, 1), dtype=dtype, buffer=nl.sbuf)          # row sums of P through the PE
     nisa.memset(dst=ones, value=1.0)
     cache = {}
@@ -709,6 +709,13 @@ def short_prefill_body(q, k, v, gate, seq_lens, out, softmax_scale, causal):
         _short_finish(prev, geo)
 
 
+def _bias_dtype(dtype):
+    """dtype of the short body's mask-bias tiles and of the identity that adds them into the scores: bf16 for
+    2-byte inputs (MASK_BIAS = -1e30 is -inf in fp16, and the identity's 0 * -inf would make every score NaN;
+    bf16 holds it), else `dtype` (fp32)."""
+    return nl.bfloat16 if is_two_byte(dtype) else dtype
+
+
 def _identity(dtype):
     """[128, 128] identity in `dtype` (GpSimd): the stationary that adds a bias tile into a PSUM score tile."""
     ones = nl.ndarray((P_MAX, P_MAX), dtype=dtype, buffer=nl.sbuf)
@@ -736,9 +743,10 @@ def _short_tile(geo, t, cache):
     if key in cache:
         tile["bias"] = cache[key]
         return tile
-    zeros = nl.ndarray((P_MAX, ncols - b0), dtype=geo["dtype"], buffer=nl.sbuf)
+    bias_dtype = _bias_dtype(geo["dtype"])
+    zeros = nl.ndarray((P_MAX, ncols - b0), dtype=bias_dtype, buffer=nl.sbuf)
     nisa.memset(dst=zeros, value=0.0, engine=nisa.engine.gpsimd)
-    bias = nl.ndarray((P_MAX, ncols - b0), dtype=geo["dtype"], buffer=nl.sbuf)
+    bias = nl.ndarray((P_MAX, ncols - b0), dtype=bias_dtype, buffer=nl.sbuf)
     if geo["causal"] and geo["natural"]:    # score row p is query 128t + p: (Skv - Sq + 128t + p) - key >= 0
         nisa.affine_select(dst=bias, pattern=[[-1, ncols - b0]], offset=qpos0 + P_MAX * t - b0,
                            channel_multiplier=1, on_true_tile=zeros, on_false_value=MASK_BIAS,

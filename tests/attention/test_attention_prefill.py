@@ -16,7 +16,7 @@ from nki_kernels.testing import assert_close
 from nki_kernels.validation import KernelInputError
 
 BF16 = ml_dtypes.bfloat16
-DTYPES = {"float32": np.float32, "bfloat16": BF16}
+DTYPES = {"float32": np.float32, "bfloat16": BF16, "float16": np.float16}
 
 
 def _inputs(rng, b, hq, hkv, sq, skv, d, dtype, scale=1.0, gate=False):
@@ -39,7 +39,7 @@ def _check(name, q, k, v, dtype_name, **kw):
 
 @given(b=st.integers(1, 2), hkv=st.integers(1, 2), group=st.sampled_from([1, 2, 3]),
        sq=st.integers(1, 140), extra=st.sampled_from([0, 0, 5, 130]), d=st.sampled_from([32, 64, 128, 200, 256]),
-       dtype=st.sampled_from(["bfloat16", "float32"]), causal=st.booleans(), use_lens=st.booleans(),
+       dtype=st.sampled_from(["bfloat16", "float32", "float16"]), causal=st.booleans(), use_lens=st.booleans(),
        use_gate=st.booleans(), seed=st.integers(0, 2 ** 16), path=st.sampled_from(["short", "pipeline"]))
 def test_matches_reference(b, hkv, group, sq, extra, d, dtype, causal, use_lens, use_gate, seed, path):
     """path: Skv <= 512 takes the partition-major short body; "pipeline" forces the long-sequence pipeline."""
@@ -57,7 +57,7 @@ def _path(path):
 
 
 @given(b=st.integers(1, 2), group=st.sampled_from([1, 2, 4]), sq=st.integers(1, 512), extra=st.integers(0, 200),
-       d=st.sampled_from([48, 128, 200, 256]), dtype=st.sampled_from(["bfloat16", "float32"]),
+       d=st.sampled_from([48, 128, 200, 256]), dtype=st.sampled_from(["bfloat16", "float32", "float16"]),
        causal=st.booleans(), use_lens=st.booleans(), use_gate=st.booleans(), lnc=st.sampled_from([1, 2]),
        seed=st.integers(0, 2 ** 16))
 def test_short_body_matches_reference(b, group, sq, extra, d, dtype, causal, use_lens, use_gate, lnc, seed):
@@ -71,7 +71,7 @@ def test_short_body_matches_reference(b, group, sq, extra, d, dtype, causal, use
     _check("short", q, k, v, dtype, gate=g, seq_lens=lens, causal=causal, lnc=lnc)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_short_body_largest_shape_fits(dtype):
     """The largest short-body shape (Sq = Skv = 512, D = 256) with everything on: gate, lengths, GQA 4:1, fp32
     (the biggest tiles) runs within SBUF / PSUM and matches the reference."""
@@ -160,11 +160,36 @@ def test_all_padding_rows_are_zero_not_nan():
     assert np.any(out[2] != 0.0)
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float16"])
 def test_huge_logits_no_overflow(dtype):
     rng = np.random.default_rng(4)
     q, k, v, _ = _inputs(rng, 1, 2, 1, 130, 600, 256, DTYPES[dtype], scale=60.0)   # |logits| ~ 1e4..1e5
     _check("huge logits", q, k, v, dtype, causal=True)
+
+
+@pytest.mark.parametrize("lnc", [1, 2])
+@pytest.mark.parametrize("causal", [True, False])
+def test_fp16_mask_bias_is_not_nan(causal, lnc):
+    """Regression: the short body's mask bias (MASK_BIAS = -1e30, -inf in fp16) was built in fp16 and added
+    through an fp16 identity matmul, 0 * -inf = NaN in every score: all-NaN output for any fp16 call with a
+    masked entry (causal, or Skv % 128 != 0, i.e. always at these sizes)."""
+    rng = np.random.default_rng(16)
+    q, k, v, _ = _inputs(rng, 1, 2, 1, 2, 3, 64, np.float16)
+    assert prefill.short_path(2, 3, False)
+    out = flash_attention(q, k, v, causal=causal, lnc=lnc)
+    assert not np.any(np.isnan(np.asarray(out, np.float64)))
+    assert_close("fp16 Sq=2 Skv=3", flash_attention_ref(q, k, v, causal=causal), out, dtype="float16")
+
+
+@pytest.mark.parametrize("path", ["short", "pipeline"])
+@pytest.mark.parametrize("sq, skv, causal", [(130, 200, True), (200, 300, False), (300, 300, True)])
+def test_fp16_both_paths(sq, skv, causal, path):
+    """fp16 through the short body and the pipeline: causal / key-padding biases, lengths and a gate, LNC=2."""
+    rng = np.random.default_rng(sq + skv)
+    q, k, v, g = _inputs(rng, 1, 2, 1, sq, skv, 128, np.float16, gate=True)
+    lens = np.array([skv - 7], np.int32)
+    with _path(path):
+        _check("fp16 " + path, q, k, v, "float16", gate=g, seq_lens=lens, causal=causal, lnc=2)
 
 
 def test_q_equals_k_peaky():
