@@ -32,6 +32,8 @@ _TABLE_BLOCKS = 256            # blocks whose expert / token-id tables are loade
 _REP_BLOCKS = 32               # a core's blocks whose slot ids load replicated at once (on-chip x gather)
 _EARLY_BLOCKS = 8              # with the on-chip x gather, a core's first min(8, its blocks / 8) blocks gather x by DMA
 _XT_LOAD_CHUNKS = 4            # 128-token chunks of x loaded by one DMA to build the resident x.T
+_SBUF_FREE_ELEMS_MAX = 65536   # elements per partition of one instruction's SBUF operand (the per-instruction
+                               # free-size limit): bounds the resident x.T one nc_n_gather reads, n_h * (T + 1)
 _TABLE_CHUNKS = 8              # 128-token chunks whose output-pass tables (slot ids, routing rows) load at once,
 _TABLE_BYTES_PP = 1024         # at most this many bytes per partition of them (fewer chunks for a wide dense KMAX)
 _ACC_PSUM_BANKS = 4            # PSUM banks of VectorE's fp32 output-pass accumulator (one more for the shared
@@ -199,7 +201,9 @@ def _blocks_phase(hidden, expert_affinities, gate_up, down, token_position_to_id
 def onchip_x_gather(n_tokens: int, h_total: int, n_inter: int, block_size: int, top_k: int, item: int) -> bool:
     """Trace-time choice (shapes and target only) of the blocks phase's x permutation: on chip (x.T of every
     token resident in SBUF, each block chunk's x.T columns collected by one `nc_n_gather` on GpSimd) when that
-    plan fits the target's SBUF and TensorE transposes are exact there, else the row gather by indirect DMA.
+    plan fits the target's SBUF, the resident x.T (n_h * (T + 1) elements per partition, the data operand of that
+    one nc_n_gather) is within the per-instruction SBUF free-size limit and TensorE transposes are exact there,
+    else the row gather by indirect DMA.
     The on-chip form moves x once per core instead of once per slot (padding included), in long rows, and needs
     no x transposes per block; it costs GpSimd one element per gathered value and VectorE / ScalarE the index
     arithmetic (docs/moe.md, "On-chip x gather")."""
@@ -207,6 +211,8 @@ def onchip_x_gather(n_tokens: int, h_total: int, n_inter: int, block_size: int, 
         return False
     parts = gate_up_parts(h_total, n_inter, item, block_size, top_k)
     n_h = h_total // parts
+    if n_h * (n_tokens + 1) > _SBUF_FREE_ELEMS_MAX:
+        return False
     extra = n_h * (n_tokens + 1) * item + _REP_BLOCKS * block_size * 4 + 3 * (n_h + 1) * TOK_TILE * (4 + item) \
         + _XT_LOAD_CHUNKS * h_total * item
     return blocks_phase_bytes(h_total, n_inter, block_size, top_k, item) + extra <= sbuf_budget()
@@ -369,13 +375,9 @@ def _finalize_phase(hidden, scratch, token_to_position, shared_gate_up, shared_d
     if shared_gate_up is not None:
         shared_w = (load_gate_up(shared_gate_up), load_down(shared_down), load_gate_vector(shared_gate))
         s_inter = shared_down.shape[0]
-    item = itemsize(hidden.dtype)
-    row = h_total * item
-    free = sbuf_budget() - output_pass_bytes(h_total, s_inter, kmax, item, group=0,
-                                             top_k=0 if routing is None else routing.shape[1] // 2)
-    group = max(1, min(kmax, _GATHER_BYTES_PP // row, free // row))
+    per_load, group = output_plan(h_total, s_inter, kmax, itemsize(hidden.dtype),
+                                  0 if routing is None else routing.shape[1] // 2)
     mine = list(range(pid, (n_tokens + TOK_TILE - 1) // TOK_TILE, n_prog))
-    per_load = table_chunks(kmax, 0 if routing is None else routing.shape[1] // 2)
     for k0 in range(0, len(mine), per_load):
         rows = mine[k0:k0 + per_load]
         inv_all = _chunk_rows(token_to_position, nl.int32, rows, n_prog)
@@ -506,11 +508,16 @@ def _add_slot_row(dst, acc, g, w, eng):
 
 
 def _dense_affinity(aff_flat, ids_sb, e_sb, n_tok, n_local):
-    """(n_tok, 1) fp32: aff[id * E + e] gathered by DMA; -1 ids give a negative index and are skipped."""
+    """(n_tok, 1) fp32: aff[id * E + e] gathered by DMA; -1 ids give a negative index and are skipped (their rows
+    zeroed first where TensorE transposes mix rows: `mixing_pe_transpose`)."""
     flat_sb = nl.ndarray((TOK_TILE, 1), dtype=nl.int32, buffer=nl.sbuf)
     nisa.tensor_scalar(dst=flat_sb[0:n_tok, :], data=ids_sb[0:n_tok, :], op0=nl.multiply, operand0=n_local)
     nisa.tensor_tensor(dst=flat_sb[0:n_tok, :], data1=flat_sb[0:n_tok, :], data2=e_sb[0:n_tok, :], op=nl.add)
     aff_sb = nl.ndarray((TOK_TILE, 1), dtype=nl.float32, buffer=nl.sbuf)
+    if mixing_pe_transpose():
+        # the skipped (padding) rows would keep stale SBUF values, which scale those rows of h and then ride the h
+        # transposes (an identity matmul on these targets) into every token of the chunk: zero them first
+        nisa.memset(dst=aff_sb[0:n_tok, :], value=0.0)
     nisa.dma_copy(dst=aff_sb[0:n_tok, :],
                   src=aff_flat.ap(pattern=[[1, n_tok], [1, 1]], offset=0, vector_offset=flat_sb[0:n_tok, :],
                                   indirect_dim=0),
@@ -649,27 +656,42 @@ def table_chunks(kmax: int, top_k: int) -> int:
     return max(1, min(_TABLE_CHUNKS, _TABLE_BYTES_PP // (4 * (kmax + 2 * top_k))))
 
 
-def output_pass_bytes(h_total: int, s_inter: int, kmax: int, item: int, group: int = 1, top_k: int = 0) -> int:
+def output_pass_bytes(h_total: int, s_inter: int, kmax: int, item: int, group: int = 1, top_k: int = 0,
+                      chunks: int = 1) -> int:
     """Upper bound of the SBUF bytes per partition of the output pass with `group` slot rows gathered at once:
     the shared expert's weights and its per-chunk tiles (x, xT, h, hT, SiLU tile), the fp32 accumulator, the
-    output tile, the slot ids (and top-k routing rows) of `table_chunks` chunks and the gathered rows."""
+    output tile, the slot ids (and top-k routing rows; top_k = 0 in the dense form) of `chunks` 128-token chunks
+    loaded at once and the gathered rows."""
     shared = 0
     if s_inter:
         n_h, n_is = h_total // P_MAX, -(-s_inter // P_MAX)
         shared = (n_h * 2 * s_inter + n_is * h_total + n_h) * item + 2 * h_total * item \
             + s_inter * item + n_is * TOK_TILE * item + 1024 + 8
-    tables = table_chunks(kmax, top_k) * 4 * (kmax + 2 * top_k)
+    tables = chunks * 4 * (kmax + 2 * top_k)
     return shared + 4 * h_total + h_total * item + tables + group * h_total * item
 
 
-def check_sbuf_plan(kname, h_total, n_inter, s_inter, block_size, kmax, top_k, item, target=None):
-    """Refuse a shape whose blocks phase or output pass (with one gathered row) cannot fit SBUF."""
+def output_plan(h_total: int, s_inter: int, kmax: int, item: int, top_k: int, target=None) -> tuple:
+    """(chunks, group) of the output pass (top_k = 0 in the dense form): the most 128-token chunks whose tables
+    one load brings (up to `table_chunks`, fewer when SBUF is tight, at least 1) beside one gathered slot row, then
+    the most slot rows gathered at once in the SBUF left (up to KMAX and _GATHER_BYTES_PP, at least 1)."""
+    budget = sbuf_budget(target)
+    row = h_total * item
+    chunks = next((c for c in range(table_chunks(kmax, top_k), 1, -1)
+                   if output_pass_bytes(h_total, s_inter, kmax, item, top_k=top_k, chunks=c) <= budget), 1)
+    free = budget - output_pass_bytes(h_total, s_inter, kmax, item, group=0, top_k=top_k, chunks=chunks)
+    return chunks, max(1, min(kmax, _GATHER_BYTES_PP // row, free // row))
+
+
+def check_sbuf_plan(kname, h_total, n_inter, s_inter, block_size, kmax, top_k, item, target=None, dense=False):
+    """Refuse a shape whose blocks phase or output pass (one chunk's tables, one gathered row) cannot fit SBUF.
+    top_k is the blocks phase's (1 in the dense form); the dense output pass loads no routing rows."""
     budget = sbuf_budget(target)
     need = blocks_phase_bytes(h_total, n_inter, block_size, top_k, item)
     kernel_check(need <= budget, f"{kname}: the blocks phase needs {need} B of SBUF per partition (H={h_total}, "
                  f"I={n_inter}, block_size={block_size}, {item}-byte dtype), above the {budget} B available; use a "
                  f"smaller block_size or shard I further")
-    need = output_pass_bytes(h_total, s_inter, kmax, item, top_k=top_k)
+    need = output_pass_bytes(h_total, s_inter, kmax, item, top_k=0 if dense else top_k)
     kernel_check(need <= budget, f"{kname}: the output pass needs {need} B of SBUF per partition (H={h_total}, "
                  f"Is={s_inter}, KMAX={kmax}, {item}-byte dtype), above the {budget} B available; shard H or Is "
                  f"further")
@@ -842,7 +864,7 @@ def moe_blockwise(hidden, expert_affinities, gate_up, down, token_position_to_id
     s_inter = _shape(shared[1])[0] if shared is not None else 0
     top_k = _shape(top_k_index)[1] if top_k_index is not None else 1
     check_sbuf_plan(kname, h_total, _shape(gate_up)[3], s_inter, int(block_size), kmax, top_k,
-                    4 if _dtype_name(hidden) == "float32" else 2)
+                    4 if _dtype_name(hidden) == "float32" else 2, dense=top_k_index is None)
     s_gu, s_dn, s_g = shared if shared is not None else (None, None, None)
     kernel_check(combine in ("auto", "onchip", "dma"),
                  f"{kname}: combine must be 'auto', 'onchip' or 'dma', got combine={combine!r}")

@@ -326,22 +326,27 @@ def test_duplicate_expert_in_one_tokens_top_k(rng, combine):
     assert_close(f"duplicate expert id, {combine}", ref, out, dtype="float32")
 
 
+@pytest.mark.parametrize("dense", [False, True])
 @pytest.mark.parametrize("combine", ["dma", "onchip"])
-def test_trn1_padding_slots_carry_no_stale_values(rng, combine):
-    """On trn1 the x transposes are identity matmuls that spread a non-finite value along their rows: the padding
-    rows the x gather skips must not keep stale SBUF contents (they are zeroed first on that target). Blocks of 16
-    with 37 tokens over 4 experts have padding; clean inputs must match the reference."""
+def test_trn1_padding_slots_carry_no_stale_values(rng, combine, dense):
+    """On trn1 the x and h transposes are identity matmuls that spread a non-finite value along their rows: the
+    padding rows the x gather (and, in the dense form, the affinity gather) skips must not keep stale SBUF contents
+    (they are zeroed first on that target). Blocks of 16 with 37 tokens over 4 experts have padding; clean inputs
+    must match the reference."""
     from nki_kernels.emulator import use_target
     t, h, e, inter, k, bs = 37, 128, 4, 64, 2, 16
     x, gu, dn, _, w, idx = moe_problem(rng, t, h, e, inter, k)
     tpos, b2e = moe_block_mapping(idx, e, bs)
+    assert (tpos < 0).any()
+    aff, kw = (dense_affinities(w, idx, e), {}) if dense else (w, dict(top_k_index=idx))
+    aff_nan = np.where(aff != 0, np.nan, 0).astype(aff.dtype)   # NaN wherever a slot reads an affinity
     with use_target("trn1"):
-        junk = moe_blockwise(np.full_like(x, np.nan), w, gu, dn, tpos, b2e, bs, top_k_index=idx, lnc=1,
-                             combine=combine)   # leaves NaN in SBUF where the next launch may allocate
+        junk = moe_blockwise(np.full_like(x, np.nan), aff_nan, gu, dn, tpos, b2e, bs, lnc=1,
+                             combine=combine, **kw)   # leaves NaN in SBUF where the next launch may allocate
         assert np.isnan(np.asarray(junk, np.float64)).all()
-        out = moe_blockwise(x, w, gu, dn, tpos, b2e, bs, top_k_index=idx, lnc=1, combine=combine)
+        out = moe_blockwise(x, aff, gu, dn, tpos, b2e, bs, lnc=1, combine=combine, **kw)
     ref = moe_blockwise_reference(x, w, gu, dn, tpos, b2e, bs, top_k_index=idx)
-    assert_close(f"trn1 padding, {combine}", ref, out, dtype="float32")
+    assert_close(f"trn1 padding, {combine}, dense={dense}", ref, out, dtype="float32")
 
 
 @pytest.mark.parametrize("lnc,dense,dtype", [(1, False, "float32"), (2, False, "bfloat16"), (2, True, "float32")])
@@ -371,3 +376,61 @@ def test_onchip_x_gather_matches_reference_and_keeps_nan_in_its_token(rng, lnc, 
     others = np.delete(out_bad, 137, axis=0)
     assert np.isfinite(others).all()
     assert np.array_equal(others, np.delete(np.asarray(out, np.float64), 137, axis=0))
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_tight_output_pass_loads_fewer_table_chunks(rng, dense):
+    """The output pass budgets one 128-token chunk's tables (slot ids; top-k routing rows only in the top-k form)
+    and loads as many chunks at once as the SBUF left allows: trn1 fp32 H=4736 with a shared expert (Is=144) has
+    no room for 8 chunks' tables beside one gathered row, yet fits with fewer, so it runs (it was refused when the
+    check budgeted the full batch, and in the dense form routing rows the kernel never loads) and matches the
+    reference."""
+    from nki_kernels.emulator import use_target
+    from nki_kernels.moe.blockwise import output_pass_bytes, output_plan, sbuf_budget, table_chunks
+    h, e, inter, s_inter, item = 4736, 4, 16, 144, 4
+    t, k, bs, kmax = (20, 4, 1, 4) if dense else (130, 2, 32, 2)
+    routing_k = 0 if dense else k
+    full = table_chunks(kmax, routing_k)
+    chunks, group = output_plan(h, s_inter, kmax, item, routing_k, target="trn1")
+    if dense:   # the full batch fits without routing rows; with one routing pair per chunk row it would not
+        assert chunks == full and output_pass_bytes(h, s_inter, kmax, item, top_k=1, chunks=full) > sbuf_budget(
+            "trn1")
+    else:
+        assert output_pass_bytes(h, s_inter, kmax, item, top_k=routing_k, chunks=full) > sbuf_budget("trn1")
+        assert 1 <= chunks < full
+    assert group == 1
+    assert output_pass_bytes(h, s_inter, kmax, item, top_k=routing_k, chunks=chunks) <= sbuf_budget("trn1")
+    x, gu, dn, sh, w, idx = moe_problem(rng, t, h, e, inter, k, s_inter)
+    tpos, b2e = moe_block_mapping(idx, e, bs)
+    aff, kw = (dense_affinities(w, idx, e), {}) if dense else (w, dict(top_k_index=idx))
+    with use_target("trn1"):
+        out = moe_blockwise(x, aff, gu, dn, tpos, b2e, bs, shared=sh, lnc=1, combine="dma", **kw)
+    assert_close(f"trn1 tight output pass, dense={dense}", moe_decode_reference(x, idx, w, gu, dn, sh), out,
+                 dtype="float32")
+
+
+@pytest.mark.parametrize("target,h,inter,bs,t,fits_sbuf", [
+    ("trn2", 1024, 48, 64, 4096, True), ("trn3", 2048, 128, 48, 4497, True), ("trn2", 1024, 48, 64, 4095, True)])
+def test_onchip_x_gather_respects_the_n_gather_free_size_limit(target, h, inter, bs, t, fits_sbuf):
+    """The resident x.T is the data operand of one nc_n_gather: n_h * (T + 1) elements per partition must stay
+    within the 65536-element per-instruction SBUF limit, not only within SBUF. These bf16 shapes fit SBUF; T=4096
+    (talker widths, n_h = 16) and the trn3 shape cross the limit and must take the DMA gather, T=4095 is on it."""
+    from nki_kernels.emulator import use_target
+    from nki_kernels.moe.blockwise import gate_up_parts, onchip_x_gather
+    n_h = h // gate_up_parts(h, inter, 2, bs, 1)
+    with use_target(target):
+        assert onchip_x_gather(t, h, inter, bs, 1, 2) == (n_h * (t + 1) <= 65536)
+    assert (n_h * (t + 1) <= 65536) == (t == 4095)
+
+
+def test_n_gather_limit_shape_runs_with_the_dma_gather(rng):
+    """The smallest kind of shape past the nc_n_gather limit (trn2 bf16, talker widths, T=4096, blocks of 64, LNC=2,
+    DMA combine) runs and matches the reference (it failed the emulator's free-size check)."""
+    from nki_kernels.emulator import record_launches
+    t, h, e, inter, k, bs = 4096, 1024, 4, 48, 1, 64
+    x, gu, dn, _, w, idx = moe_problem(rng, t, h, e, inter, k, dtype="bfloat16")
+    tpos, b2e = moe_block_mapping(idx, e, bs)
+    with record_launches() as runs:
+        out = moe_blockwise(x, w, gu, dn, tpos, b2e, bs, top_k_index=idx, lnc=2, combine="dma")
+    assert "nc_n_gather" not in [ins.name for tr in list(runs)[0].traces for ins in tr]
+    assert_close("past the nc_n_gather limit", moe_decode_reference(x, idx, w, gu, dn), out, dtype="bfloat16")
