@@ -4,7 +4,9 @@ the published code (read for data flow, never copied); the choices the published
 written here before anything is modeled. Nobody has modeled these points; the v6 points' modeled errors were not
 looked at.
 
-Search record (00:36-00:50 UTC, 2026-12-07; `find_repos` "asst4", "trainium", "cs149"; `find_files` / `read_file`
+Search record (from 00:36 UTC, 2026-12-07 [review correction: this commit is stamped 00:36:39, so "00:36-00:50"
+was an estimate written before the search ended; the kernels landed at 00:47:50 (d3f2e03), after this commit,
+and nothing was modeled before then]; `find_repos` "asst4", "trainium", "cs149"; `find_files` / `read_file`
 on the repositories below; `fetch` of Jerry2423/kda-for-trainium@90770f2):
   * CS149 F25 asst4-trainium2 (trn2): `find_repos` "asst4" / "trainium" list the same 13 student repositories
     *asst4-trainium2* that kernels_v6.py records (xaviergonzalez, chenhzhu, rishic3, chengli2003, EtashGuha, a-argy,

@@ -62,7 +62,9 @@ dropped**: its lhs_t alone is 16 x 40 x 128 fp32 = 327680 B per partition (more 
 16 accumulators need 16 PSUM banks of 8, so the device cannot have run it as written (its published notes report
 PE 85 %, ScalarE 20 % busy and 1896 MB read, consistent with a compiler-chosen spill).
 
-Choices the published code leaves to the compiler or to the emulator's API, fixed before each kernel is written:
+Choices the published code leaves to the compiler or to the emulator's API, written with each kernel, in the
+same commit [review correction: the v8 choices entered in the commits that add the kernels (b315fb4,
+1c929e6), not before them; the points are sealed, so no modeled figure existed either way]:
 - As kernels_v7.py: NKI 0.7 form (`nisa.<op>(dst=..., ...)`); nl.affine_range loops as Python `range` in the
   published order (the emulator's scheduler overlaps independent iterations as dependencies and buffers allow); a
   0.6-style `t = nl.load(...)` / `t = nl.ndarray(...)` allocates its tile at that point of the loop body, as
@@ -77,7 +79,7 @@ Choices the published code leaves to the compiler or to the emulator's API, fixe
   copies, subtract and matmuls run over the full 512-wide tiles as written (the 320 masked columns hold whatever
   the tile held and are never stored). KT.v7: the published ping-pong order (build chunk 0; per pair p build
   2p + 1, matmuls 2p, build 2p + 2, matmuls 2p + 1; then the last pair), two named limb buffers per M block.
-- matmul (written before the KM kernel): the published PE transpose nisa.nc_matmul(lhs_sb, identity,
+- matmul: the published PE transpose nisa.nc_matmul(lhs_sb, identity,
   is_transpose=True) of a [128, 128] fp32 tile is one nisa.nc_transpose on TensorE into a PSUM tile (NKI 0.7's
   form of the same TensorE identity-transpose; the emulator refuses is_transpose on nc_matmul); the published
   identity load stays (one [128, 128] fp32 DMA per launch, from a host identity passed as an input, as
