@@ -220,26 +220,19 @@ def onchip_x_gather(n_tokens: int, h_total: int, n_inter: int, block_size: int, 
 
 def _resident_xT(hidden, n_h):
     """x.T of every token: [parts, n_h, T + 1] with xT[p, j, 1 + t] = x[t, p * n_h + j] and column 0 all zero (the
-    column a padding slot's index, id -1, lands on): the rows of up to _XT_LOAD_CHUNKS 128-token chunks by one DMA
-    (token c * 128 + p on partition p: long per-partition runs), TensorE transposes (exact on the targets
-    `onchip_x_gather` allows), evictions alternating VectorE / ScalarE."""
+    column a padding slot's index, id -1, lands on): the rows of up to _XT_LOAD_CHUNKS 128-token chunks at a time
+    (`_chunk_rows`: token c * 128 + p on partition p, long per-partition runs), TensorE transposes (exact on the
+    targets `onchip_x_gather` allows), evictions alternating VectorE / ScalarE."""
     n_tokens, h_total = hidden.shape
     xT_all = nl.ndarray((h_total // n_h, n_h, n_tokens + 1), dtype=hidden.dtype, buffer=nl.sbuf)
     nisa.memset(dst=xT_all[:, :, 0:1], value=0.0)
-    n_full = n_tokens // TOK_TILE
-    for c0 in range(0, n_full, _XT_LOAD_CHUNKS):
-        n_c = min(_XT_LOAD_CHUNKS, n_full - c0)
-        x_sb = nl.ndarray((TOK_TILE, _XT_LOAD_CHUNKS, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
-        nisa.dma_copy(dst=x_sb[:, 0:n_c, :], src=hidden.ap(
-            pattern=[[h_total, TOK_TILE], [TOK_TILE * h_total, n_c], [1, h_total]], offset=c0 * TOK_TILE * h_total))
-        for c in range(n_c):
-            t0 = (c0 + c) * TOK_TILE
-            transpose_tokens(x_sb[:, c, :], TOK_TILE, n_h, evict_phase=c0 + c, dst=(xT_all, 1 + t0))
-    if n_full * TOK_TILE < n_tokens:
-        t0 = n_full * TOK_TILE
-        x_sb = nl.ndarray((TOK_TILE, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
-        nisa.dma_copy(dst=x_sb[0:n_tokens - t0, :], src=hidden[t0:n_tokens, :])
-        transpose_tokens(x_sb, n_tokens - t0, n_h, evict_phase=n_full, dst=(xT_all, 1 + t0))
+    n_chunks = (n_tokens + TOK_TILE - 1) // TOK_TILE
+    for c0 in range(0, n_chunks, _XT_LOAD_CHUNKS):
+        rows = list(range(c0, min(n_chunks, c0 + _XT_LOAD_CHUNKS)))
+        x_sb = _chunk_rows(hidden, hidden.dtype, rows, 1)
+        for c, i_r in enumerate(rows):
+            t0 = i_r * TOK_TILE
+            transpose_tokens(x_sb[:, c, :], min(TOK_TILE, n_tokens - t0), n_h, evict_phase=i_r, dst=(xT_all, 1 + t0))
     return xT_all
 
 
