@@ -137,6 +137,12 @@ that round has frozen its model (the commit that unseals it says so); its first 
 held-out error. Source and rule: the v7 rule above, applied to the KDA operators it reserved, in an order fixed by
 data flow. Sealed so far (12 points, trn2, LNC=1, prof): transpose_matmul KT.v1-KT.v7 and matmul KM.v1, KM.b2,
 KM.b4, KM.b8, KM.v3 (KM.b16 dropped by (a)); operators 3-11 of the order (bmm ... gqa_full) stay reserved.
+v9 sealed points (split "sealed"; module kernels_v9.py, whose docstring holds the selection and the compiler-left
+choices, committed before any of its kernels was re-written; nothing modeled). The v8 rule, unchanged, applied to
+the next operators of the v8 order: 3 bmm (KB.v1, KB.g2, KB.g4, KB.w, KB.t8, KB.t16, KB.v2, KB.bb2, KB.bb4; the
+fp32 load_transpose2d candidate dropped: the device cannot run a 4-byte DMA transpose as written) and 4
+rmsnorm_matmul (KR.v1, KR.v2, KR.v3, KR.v4), each operator's points added when its kernels are reference-checked;
+operators 5-11 (add_rmsnorm_matmul ... gqa_full) stay reserved.
 """
 from __future__ import annotations
 
