@@ -162,6 +162,7 @@ from . import kernels_v5 as V5
 from . import kernels_v6 as V6
 from . import kernels_v7 as V7
 from . import kernels_v8 as V8   # v8 sealed points (never modeled until unsealed)
+from . import kernels_v9 as V9   # v9 sealed points (never modeled until unsealed)
 
 
 SEALED = "sealed"    # split of points nobody has modeled yet (docstring, "v8 sealed points")
@@ -484,6 +485,8 @@ POINTS = [
     *[Point(**spec, split="held-out") for spec in V7.POINT_SPECS],
     # ---- v8 sealed points: nobody has modeled them (docstring, "v8 sealed points"; kernels_v8.py) ----
     *[Point(**spec, split=SEALED) for spec in V8.POINT_SPECS],
+    # ---- v9 sealed points: nobody has modeled them (docstring, "v9 sealed points"; kernels_v9.py) ----
+    *[Point(**spec, split=SEALED) for spec in V9.POINT_SPECS],
     Point("ACT1", "act_dependent_chain", "1 element per partition", "trn1", 0.189, "nki_perf_guide.rst Opt #5a",
           K.act_dependent_chain,
           make=lambda k, rng: ((np.ones((128, 1), np.float32), k), {}),

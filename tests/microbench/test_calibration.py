@@ -60,6 +60,12 @@ _SMALL = {     # small shapes with the same tiling, for the correctness check
     # KDA matmul: one M block (two for v1 / b2), K = 2 x 128, N = two 512-wide chunks
     **{pid: (lambda rng, pid=pid: BY_ID[pid].make(2 if pid in ("KM.v1", "KM.b2") else 1, rng, k_tiles=2, n=1024))
        for pid in ("KM.v1", "KM.b2", "KM.b4", "KM.b8", "KM.v3")},
+    # v9 sealed points (KDA bmm, trn2): two batches (batch blocks: two blocks) of M tiles holding two M blocks of the
+    # variant (v2 / bb: its one 32-tile block), N = two groups of its chunks. Correctness only: never modeled
+    **{pid: (lambda rng, pid=pid, k=k, m=m, n=n: BY_ID[pid].make(k, rng, m=m, n=n))
+       for pid, k, m, n in (("KB.v1", 2, 256, 1024), ("KB.g2", 2, 256, 2048), ("KB.g4", 2, 256, 4096),
+                            ("KB.w", 2, 256, 2048), ("KB.t8", 1, 2048, 2048), ("KB.t16", 1, 4096, 2048),
+                            ("KB.v2", 2, 4096, 2048), ("KB.bb2", 4, 4096, 1024), ("KB.bb4", 8, 4096, 1024))},
 }
 
 
@@ -382,7 +388,7 @@ def test_sealed_points_are_modeled_only_when_asked_for(monkeypatch, capsys):
 
 def test_v8_points_cover_the_selection():
     from microbench.calibration import kernels_v8 as V8
-    sealed = {p.id: p for p in POINTS if p.split == "sealed"}
+    sealed = {p.id: p for p in POINTS if p.split == "sealed" and p.id[:3] in ("KT.", "KM.")}
     published_ms = {"KT.v1": 4.7274, "KT.v2": 3.8699, "KT.v3": 3.6338, "KT.v4": 3.6762, "KT.v5": 3.7887,
                     "KT.v6": 7.3303, "KT.v7": 3.6256,
                     "KM.v1": 15.8853, "KM.b2": 13.8084, "KM.b4": 13.35, "KM.b8": 14.0214, "KM.v3": 10.656}
@@ -483,3 +489,61 @@ def test_v8_matmul_non_finite_values_stay_in_their_row_and_column(pid):
     ref_clean = p.reference(np.nan_to_num(v1, nan=0.0), np.nan_to_num(v2, posinf=0.0)).reshape(-1, 1024)
     np.testing.assert_allclose(out[clean], ref_clean[clean], rtol=2e-4, atol=2e-3)
     assert ref_clean.shape == out.shape
+
+
+# ---- v9 sealed points (kernels_v9.py): selection, published inputs, SBUF fit; no modeling
+
+
+def test_v9_points_cover_the_selection():
+    """The v9 selection (kernels_v9.py docstring, committed 2a1fba5 before any v9 kernel): every bmm stream with its
+    published latency_ms (medians of repeated rows / same-stream files), sealed, trn2, prof, at the published
+    shape; the fp32 load_transpose2d candidate is not a point."""
+    from microbench.calibration import kernels_v9 as V9
+    sealed = {p.id: p for p in POINTS if p.split == "sealed" and p.id.startswith("KB.")}
+    published_ms = {"KB.v1": 3.8477, "KB.g2": 3.8483, "KB.g4": 3.8481, "KB.w": 3.8477, "KB.t8": 3.4920,
+                    "KB.t16": 3.1046, "KB.v2": 2.0363, "KB.bb2": 2.6099, "KB.bb4": 2.9182}
+    assert set(sealed) == set(published_ms) == set(V9.KB_VARIANTS)
+    assert "KB.lt" in V9.KB_DROPPED and "KB.lt" not in BY_ID
+    for pid, ms in published_ms.items():
+        p = sealed[pid]
+        assert (p.target, p.timing, p.name, p.kernel) == ("trn2", "prof", "bmm", V9.kda_bmm)
+        assert p.measured_us == pytest.approx(1000.0 * ms)
+        assert p.k_model == (p.k_full,) == (16,)
+    assert V9.median(V9.KDA_REPORTS_MS["KB.v1"]) == 3.8477 and V9.median(V9.KDA_REPORTS_MS["KB.v2"]) == 2.0363
+    p = BY_ID["KB.bb4"]
+    (v1, v2, ident, variant), kw = p.make(p.k_full, np.random.default_rng(0))
+    assert (v1.shape, v2.shape, variant, kw) == ((16, 4096, 64), (16, 64, 4096), "KB.bb4", {})
+    assert (ident == np.eye(128)).all() and v1.dtype == v2.dtype == ident.dtype == np.float32
+
+
+def test_v9_bmm_fits_at_the_published_shape():
+    """Rule (a) by the emulator's allocation check on one batch block at the published M, K, N (nothing modeled):
+    the peak is bmm_sbuf_bytes, 256 B under the selection's arithmetic (which also counts the dead lhs tile)."""
+    from microbench.calibration import kernels_v9 as V9
+    selection = {"KB.v1": 19712, "KB.g2": 19712, "KB.g4": 19712, "KB.w": 21760, "KB.t8": 25344, "KB.t16": 29440,
+                 "KB.v2": 37632, "KB.bb2": 70400, "KB.bb4": 135936}
+    for pid, (_, bb, group, drain) in V9.KB_VARIANTS.items():
+        args, kw = BY_ID[pid].make(bb, np.random.default_rng(1))
+        res = run(V9.kda_bmm, *args, target="trn2", lnc=1, **kw)
+        assert res.sbuf_peak_bytes == [V9.bmm_sbuf_bytes(pid)] == [selection[pid] - 256], pid
+        assert selection[pid] <= 192 * 1024 and res.psum_peak_banks[0] <= 8
+
+
+@pytest.mark.parametrize("pid", ["KB.v1", "KB.t8"])
+def test_v9_bmm_non_finite_values_stay_in_their_batch_row_and_column(pid):
+    """A NaN in lhs[b, m, k] reaches only out[b, m, :] (through the PE transpose and the pack); an Inf in
+    rhs[b, k, n] only out[b, :, n]; the other batch stays finite."""
+    p = BY_ID[pid]
+    (v1, v2, ident, variant), kw = p.make(2, np.random.default_rng(6), m=2048, n=1024)
+    v1[1, 1500, 7] = np.nan
+    v2[0, 63, 900] = np.inf
+    out = run(p.kernel, v1, v2, ident, variant, target="trn2", lnc=1, **kw).outputs
+    bad = ~np.isfinite(out)
+    assert bad[1, 1500].all() and bad[0, :, 900].all()
+    bad[1, 1500] = False
+    bad[0, :, 900] = False
+    assert not bad.any()
+    clean = np.ones(out.shape, bool)
+    clean[1, 1500] = clean[0, :, 900] = False
+    ref = p.reference(np.nan_to_num(v1, nan=0.0), np.nan_to_num(v2, posinf=0.0))
+    np.testing.assert_allclose(out[clean], ref[clean], rtol=2e-4, atol=2e-3)
