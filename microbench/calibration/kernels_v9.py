@@ -99,6 +99,10 @@ Choices the published code leaves to the compiler or to the emulator's API (fixe
   immediate. tensor_reduce(add, axis=[1]) writes the [128, 1] sumsq tile.
 - Modeling (not done in this round): each point at the published shape (k_model = (k_full,); k = batches for bmm,
   M tiles for rmsnorm_matmul), inputs standard normal fp32 (values do not change the instruction stream).
+Added with the kernels (after this selection was committed in 2a1fba5; nothing modeled): the emulator's allocation
+peak at the published shape is below the (a) arithmetic above, which counted every tile of a scope as live at once:
+bmm 256 B lower (the [128, 64] lhs tile is dead once transposed), KR.v1 / v2 / v3 4100 B lower (the square and
+sumsq tiles are dead once reduced), KR.v4 equal (its peak is the w limb build). No choice was added.
 """
 from __future__ import annotations
 
@@ -111,6 +115,7 @@ KDA_REPORTS_MS = {
     "KB.v1": (3.8477, 3.8483, 3.8473), "KB.g2": (3.8483,), "KB.g4": (3.8481,), "KB.w": (3.8477,),
     "KB.t8": (3.4920,), "KB.t16": (3.1046,), "KB.v2": (2.0353, 2.0363, 2.0363), "KB.bb2": (2.6099,),
     "KB.bb4": (2.9182,), "KB.lt": (2.0363, 2.0352, 2.0355),
+    "KR.v1": (0.4716, 0.4715, 0.4714), "KR.v2": (0.4733,), "KR.v3": (0.4723,), "KR.v4": (0.3688,),
 }
 
 
@@ -237,9 +242,142 @@ def kda_bmm(v1, v2, ident, variant):
     return out
 
 
+# ------------------------------------------------------------------------------------------------ rmsnorm_matmul (trn2)
+# out = (x * rsqrt(mean_k x^2)) @ w from v1 [M / 128, 128, K] (x), v2 [K / 128, 128, N] (w), out [M / 128, 128, N].
+# A variant is (prescale, order, split): prescale: x scaled by inv_rms before the transposes (else the eviction
+# multiplies by inv_rms, reading PSUM); order "chunk" (per 512-wide N chunk, the K tiles into one PSUM bank) or
+# "kt" (K tiles outer, chunks inner, into one [128, N / 512, 512] PSUM tile); split: bf16 hi / lo 3-product.
+KR_VARIANTS = {
+    "KR.v1": (True, "chunk", False),
+    "KR.v2": (False, "chunk", False),
+    "KR.v3": (False, "kt", False),
+    "KR.v4": (False, "chunk", True),
+}
+RMM_M_TILES, RMM_K, RMM_N = 32, 1024, 2048    # published v1 (32, 128, 1024), v2 (8, 128, 2048)
+
+
+def _rmm_weights(v2, split):
+    """w resident as (w,) fp32 [128, KT, N], or its (hi, lo) bf16 limbs built per K tile through an fp32 load and
+    an fp32 residual (VectorE copy, subtract, copy)."""
+    k_tiles, _, n = v2.shape
+    if not split:
+        w = nl.ndarray((P_MAX, k_tiles, n), dtype=nl.float32, buffer=nl.sbuf)
+        for kt in range(k_tiles):
+            nisa.dma_copy(dst=w[:, kt, :], src=v2[kt])
+        return (w,)
+    hi = nl.ndarray((P_MAX, k_tiles, n), dtype=nl.bfloat16, buffer=nl.sbuf)
+    lo = nl.ndarray((P_MAX, k_tiles, n), dtype=nl.bfloat16, buffer=nl.sbuf)
+    for kt in range(k_tiles):
+        w_f = nl.ndarray((P_MAX, n), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=w_f, src=v2[kt])
+        _split_residual(w_f, hi[:, kt, :], lo[:, kt, :])
+    return hi, lo
+
+
+def _split_residual(src_f, hi, lo):
+    """hi = bf16(src), residual = src - hi in a new fp32 tile, lo = bf16(residual) (VectorE)."""
+    nisa.tensor_copy(dst=hi, src=src_f)
+    res = nl.ndarray(src_f.shape, dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=res, data1=src_f, data2=hi, op=nl.subtract)
+    nisa.tensor_copy(dst=lo, src=res)
+
+
+def _rmm_inv_rms(x_sb, bias_zero):
+    """inv_rms [128, 1] = rsqrt(sum_k x^2 / K): ScalarE square, VectorE add-reduce, ScalarE rsqrt (scale 1 / K)."""
+    p, k = x_sb.shape
+    sq = nl.ndarray((p, k), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.activation(dst=sq, op=nl.square, data=x_sb, bias=bias_zero, scale=1.0)
+    sumsq = nl.ndarray((p, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_reduce(dst=sumsq, op=nl.add, data=sq, axis=[1])
+    inv_rms = nl.ndarray((p, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.activation(dst=inv_rms, op=nl.rsqrt, data=sumsq, bias=bias_zero, scale=1.0 / k)
+    return inv_rms
+
+
+def _rmm_xT(src, split):
+    """The K tiles of src [128, K] transposed on PE, copied into (xT,) fp32 [128, KT, 128] or (hi, lo) bf16 limbs
+    (each transposed tile copied to an fp32 tile first, then split through an fp32 residual)."""
+    k_tiles = src.shape[1] // P_MAX
+    dts = (nl.bfloat16, nl.bfloat16) if split else (nl.float32,)
+    xT = tuple(nl.ndarray((P_MAX, k_tiles, P_MAX), dtype=dt, buffer=nl.sbuf) for dt in dts)
+    for kt in range(k_tiles):
+        t_psum = nl.ndarray((P_MAX, P_MAX), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_transpose(dst=t_psum, data=src[:, kt * P_MAX:(kt + 1) * P_MAX])    # SBUF -> PSUM: TensorE
+        if not split:
+            nisa.tensor_copy(dst=xT[0][:, kt, :], src=t_psum)
+            continue
+        t_f = nl.ndarray((P_MAX, P_MAX), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=t_f, src=t_psum)
+        _split_residual(t_f, xT[0][:, kt, :], xT[1][:, kt, :])
+    return xT
+
+
+def _rmm_products(xT, w, kt, cols):
+    """(stationary, moving) pairs of K tile kt, N columns cols: fp32 x fp32, or hi.hi, hi.lo, lo.hi."""
+    if len(xT) == 1:
+        return [(xT[0][:, kt, :], w[0][:, kt, cols])]
+    (xh, xl), (wh, wl) = xT, w
+    return [(xh[:, kt, :], wh[:, kt, cols]), (xh[:, kt, :], wl[:, kt, cols]), (xl[:, kt, :], wh[:, kt, cols])]
+
+
+def _rmm_evict(out, mt, c, acc, inv_rms, prescale):
+    """PSUM -> SBUF: a VectorE copy (prescaled x) or a VectorE multiply by inv_rms; then the [128, 512] store."""
+    out_sb = nl.ndarray((P_MAX, PSUM_FP32_BANK), dtype=nl.float32, buffer=nl.sbuf)
+    if prescale:
+        nisa.tensor_copy(dst=out_sb, src=acc)
+    else:
+        nisa.tensor_scalar(dst=out_sb, data=acc, op0=nl.multiply, operand0=inv_rms)
+    nisa.dma_copy(dst=out[mt, :, c * PSUM_FP32_BANK:(c + 1) * PSUM_FP32_BANK], src=out_sb)
+
+
+@nki.jit
+def kda_rmsnorm_matmul(v1, v2, ident, variant):
+    """KR.*: out[M / 128, 128, N] = rmsnorm(x) @ w (no gamma, no eps) for v1 [M / 128, 128, K], v2 [K / 128, 128,
+    N] (fp32), ident the [128, 128] fp32 identity (loaded once, as published), the published `variant`'s data flow
+    (KR_VARIANTS)."""
+    prescale, order, split = KR_VARIANTS[variant]
+    m_tiles, _, k = v1.shape
+    k_tiles, _, n = v2.shape
+    chunks = n // PSUM_FP32_BANK
+    out = nl.ndarray((m_tiles, P_MAX, n), dtype=nl.float32, buffer=nl.shared_hbm)
+    bias_zero = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=bias_zero, value=0.0)
+    ident_sb = nl.ndarray((P_MAX, P_MAX), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=ident_sb, src=ident)
+    w = _rmm_weights(v2, split)
+    for mt in range(m_tiles):
+        x_sb = nl.ndarray((P_MAX, k), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=x_sb, src=v1[mt])
+        inv_rms = _rmm_inv_rms(x_sb, bias_zero)
+        src = x_sb
+        if prescale:
+            src = nl.ndarray((P_MAX, k), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.tensor_scalar(dst=src, data=x_sb, op0=nl.multiply, operand0=inv_rms)
+        xT = _rmm_xT(src, split)
+        if order == "kt":
+            acc = nl.ndarray((P_MAX, chunks, PSUM_FP32_BANK), dtype=nl.float32, buffer=nl.psum)
+            for kt in range(k_tiles):
+                for c in range(chunks):
+                    cols = slice(c * PSUM_FP32_BANK, (c + 1) * PSUM_FP32_BANK)
+                    for i, (st, mv) in enumerate(_rmm_products(xT, w, kt, cols)):
+                        nisa.nc_matmul(acc[:, c, :], st, mv, accumulate=kt > 0 or i > 0)
+            for c in range(chunks):
+                _rmm_evict(out, mt, c, acc[:, c, :], inv_rms, prescale)
+            continue
+        for c in range(chunks):
+            cols = slice(c * PSUM_FP32_BANK, (c + 1) * PSUM_FP32_BANK)
+            acc = nl.ndarray((P_MAX, PSUM_FP32_BANK), dtype=nl.float32, buffer=nl.psum)
+            for kt in range(k_tiles):
+                for i, (st, mv) in enumerate(_rmm_products(xT, w, kt, cols)):
+                    nisa.nc_matmul(acc, st, mv, accumulate=kt > 0 or i > 0)
+            _rmm_evict(out, mt, c, acc, inv_rms, prescale)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ point specs
 # Each spec is a calibration Point's fields (points.py adds split="sealed"). make(k, rng) -> (args, kwargs).
-# bmm: k = batches (published 16; a multiple of the variant's batch block), M and N as published unless given.
+# bmm: k = batches (published 16; a multiple of the variant's batch block), M and N as published unless given;
+# rmsnorm_matmul: k = M tiles (published 32), K and N as published unless given.
 
 
 def _normal(rng, *shape):
@@ -283,5 +421,38 @@ def _kb(pid):
                 timing="prof", notes=_KB_NOTES[pid] + "; k = batches")
 
 
+def _rmm_make(variant):
+    def make(k, rng, kk=RMM_K, n=RMM_N):
+        import numpy as np
+        return (_normal(rng, k, P_MAX, kk), _normal(rng, kk // P_MAX, P_MAX, n),
+                np.identity(P_MAX, dtype=np.float32), variant), {}
+    return make
+
+
+def ref_rmsnorm_matmul_tiled(v1, v2, *_consts):
+    """(x / sqrt(mean_k x^2)) @ w in float64 from the presented tiled layouts, as [M / 128, 128, N]."""
+    import numpy as np
+    x = v1.astype(np.float64).reshape(-1, v1.shape[2])
+    w = v2.astype(np.float64).reshape(-1, v2.shape[2])
+    out = (x / np.sqrt(np.mean(x * x, axis=1, keepdims=True))) @ w
+    return out.reshape(v1.shape[0], P_MAX, v2.shape[2])
+
+
+_KR_NOTES = {
+    "KR.v1": "rmsnorm_matmul_v1 (3 reports, median): x scaled by inv_rms before 8 PE transposes; copy eviction",
+    "KR.v2": "rmsnorm_matmul_v2_postscale: raw x transposed; eviction multiplies by inv_rms from PSUM",
+    "KR.v3": "rmsnorm_matmul_v3_stationary_reuse: KR.v2 with kt-outer / chunk-inner into 4 PSUM banks",
+    "KR.v4": "rmsnorm_matmul_v4_bf16_split: KR.v2 with the bf16x2 3-product split (fp32 residual tiles)",
+}
+
+
+def _kr(pid):
+    return dict(id=pid, name="rmsnorm_matmul", shape="M4096 K1024 N2048 fp32 (v1 [32, 128, 1024])",
+                target="trn2", measured_us=1000.0 * median(KDA_REPORTS_MS[pid]),
+                source=_KDA_SRC + "workspaces/rmsnorm_matmul", kernel=kda_rmsnorm_matmul, make=_rmm_make(pid),
+                k_full=RMM_M_TILES, k_model=(RMM_M_TILES,), reference=ref_rmsnorm_matmul_tiled, timing="prof",
+                notes=_KR_NOTES[pid] + "; k = M tiles")
+
+
 KB_DROPPED = {"KB.lt": "bmm_v2_d2_loadtranspose: fp32 load_transpose2d (a 4-byte DMA transpose) cannot run as written"}
-POINT_SPECS = tuple(_kb(pid) for pid in KB_VARIANTS)
+POINT_SPECS = (*[_kb(pid) for pid in KB_VARIANTS], *[_kr(pid) for pid in KR_VARIANTS])

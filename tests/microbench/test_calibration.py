@@ -66,6 +66,9 @@ _SMALL = {     # small shapes with the same tiling, for the correctness check
        for pid, k, m, n in (("KB.v1", 2, 256, 1024), ("KB.g2", 2, 256, 2048), ("KB.g4", 2, 256, 4096),
                             ("KB.w", 2, 256, 2048), ("KB.t8", 1, 2048, 2048), ("KB.t16", 1, 4096, 2048),
                             ("KB.v2", 2, 4096, 2048), ("KB.bb2", 4, 4096, 1024), ("KB.bb4", 8, 4096, 1024))},
+    # KDA rmsnorm_matmul: two M tiles, K = 2 x 128, N = two 512-wide chunks
+    **{pid: (lambda rng, pid=pid: BY_ID[pid].make(2, rng, kk=256, n=1024))
+       for pid in ("KR.v1", "KR.v2", "KR.v3", "KR.v4")},
 }
 
 
@@ -546,4 +549,47 @@ def test_v9_bmm_non_finite_values_stay_in_their_batch_row_and_column(pid):
     clean = np.ones(out.shape, bool)
     clean[1, 1500] = clean[0, :, 900] = False
     ref = p.reference(np.nan_to_num(v1, nan=0.0), np.nan_to_num(v2, posinf=0.0))
+    np.testing.assert_allclose(out[clean], ref[clean], rtol=2e-4, atol=2e-3)
+
+
+def test_v9_rmsnorm_matmul_points_and_fit():
+    """The v9 selection's rmsnorm_matmul streams (published latency_ms, KR.v1 the median of 3 rows), sealed, trn2,
+    prof, at the published shape; rule (a) by the emulator's allocation check on one M tile at the published K, N
+    (nothing modeled): the peak is at most the selection's arithmetic (which also counts the square tile, dead once
+    reduced), which fits 192 KiB."""
+    from microbench.calibration import kernels_v9 as V9
+    published_ms = {"KR.v1": 0.4715, "KR.v2": 0.4733, "KR.v3": 0.4723, "KR.v4": 0.3688}
+    assert {p.id for p in POINTS if p.id.startswith("KR.")} == set(published_ms) == set(V9.KR_VARIANTS)
+    selection = {"KR.v1": 84492, "KR.v2": 80396, "KR.v3": 80396, "KR.v4": 82436}
+    peaks = {"KR.v1": (80392, 1), "KR.v2": (76296, 1), "KR.v3": (76296, 4), "KR.v4": (82436, 1)}
+    for pid, ms in published_ms.items():
+        p = BY_ID[pid]
+        assert (p.split, p.target, p.timing, p.name) == ("sealed", "trn2", "prof", "rmsnorm_matmul")
+        assert p.measured_us == pytest.approx(1000.0 * ms) and p.k_model == (p.k_full,) == (32,)
+        args, kw = p.make(1, np.random.default_rng(1))
+        assert (args[0].shape, args[1].shape, args[3]) == ((1, 128, 1024), (8, 128, 2048), pid)
+        res = run(p.kernel, *args, target="trn2", lnc=1, **kw)
+        assert (res.sbuf_peak_bytes[0], res.psum_peak_banks[0]) == peaks[pid]
+        assert peaks[pid][0] <= selection[pid] <= 192 * 1024
+
+
+@pytest.mark.parametrize("pid", ["KR.v2", "KR.v4"])
+def test_v9_rmsnorm_matmul_non_finite_rows_stay_in_their_row(pid):
+    """A NaN in x row m spoils only output row m (its own inv_rms, its own PE-transposed column); an Inf in w[k, n]
+    spoils column n of every row (0 * inf = NaN never arises: x is finite elsewhere)."""
+    p = BY_ID[pid]
+    (v1, v2, ident, variant), kw = p.make(2, np.random.default_rng(7), kk=256, n=1024)
+    v1[1, 40, 200] = np.nan           # x row 168
+    v2[0, 9, 600] = np.inf            # w[9, 600]
+    out = run(p.kernel, v1, v2, ident, variant, target="trn2", lnc=1, **kw).outputs.reshape(-1, 1024)
+    bad = ~np.isfinite(out)
+    assert bad[168].all() and bad[:, 600].all()
+    bad[168] = False
+    bad[:, 600] = False
+    assert not bad.any()
+    clean = np.ones(out.shape, bool)
+    clean[168] = clean[:, 600] = False
+    w_clean = v2.copy()
+    w_clean[0, 9, 600] = 0.0
+    ref = p.reference(v1, w_clean).reshape(-1, 1024)
     np.testing.assert_allclose(out[clean], ref[clean], rtol=2e-4, atol=2e-3)
