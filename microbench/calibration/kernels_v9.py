@@ -78,6 +78,67 @@ order).
    KR.v4 at most 82436 B of 196608; PSUM: transpose bank + 1 (KR.v3: 4) accumulator banks. All four fit.
 All 13 points sealed, `prof`, trn2, LNC=1.
 
+Extension of the selection (committed after operators 3 and 4 landed, before any kernel of operators 5 and 6 was
+written; same rule, nothing modeled): **5 add_rmsnorm_matmul, then 6 matmul_add_rmsnorm**; operators 7-11 (swiglu,
+lora, rope_single_freq_apply, bmm_softmax, gqa_full) stay reserved.
+
+5. add_rmsnorm_matmul: a = x + z; out = (a * rsqrt(mean_k a^2 + eps) * g) @ w, M 4096, K 1024, N 2048 fp32, eps
+   1e-5 (a kernel argument), presented raw: x, z (4096, 1024), w (1024, 2048), g (1024,), out (4096, 2048). Every
+   kernel: a [128, 1] zero bias, identity loaded once, w resident [128, 8, 2048]; per M tile x and z loaded
+   [128, 1024], a = x + z (VectorE), ScalarE square -> VectorE add-reduce -> VectorE tensor_scalar (* 1 / K, + eps)
+   -> ScalarE rsqrt = inv_rms; 8 PE transposes; per 512-wide chunk 8 K tiles accumulated in one PSUM bank, eviction,
+   store. Every row (workspaces/add_rmsnorm_matmul/benchmark.csv), latency_ms:
+     KAN.v1   add_rmsnorm_matmul_v1: g loaded once as a [1, 1024] tile; per M tile norm = a * inv_rms (VectorE
+              tensor_scalar), y = norm * g.broadcast_to((128, 1024)) (nl.multiply), y transposed; copy eviction;
+              two rows: median(0.4953, 0.4948) = 0.49505 ms
+     KAN.v2   add_rmsnorm_matmul_v2_postscale: g folded into w at load (per K tile w and a [128, 1] g column
+              loaded, w' = w * g_col, VectorE tensor_scalar); raw a transposed; eviction a VectorE tensor_scalar
+              multiply by inv_rms reading PSUM                                                        0.4770 ms
+     KAN.v3   add_rmsnorm_matmul_v3_bf16_split: KAN.v2 with w' split per K tile into resident bf16 hi / lo (hi
+              copy, fp32 residual by tensor_tensor subtract, lo copy); each transposed a tile copied to fp32, then
+              split the same way; 3 products per kt (hi.hi, hi.lo, lo.hi)                             0.4013 ms
+     KAN.v3b  add_rmsnorm_matmul_v3b_bf16_split4: KAN.v3 with the 4th product lo.lo                    0.5145 ms
+     KAN.v4   add_rmsnorm_matmul_v4_psum_split: KAN.v3 with hi and the residual taken from the transpose PSUM
+              tile directly (no fp32 SBUF copy)                                                       0.4014 ms
+   Not points: offline_bf16_split_sim and the three "(D3/D4/D5 ...)" rows (no file, no latency).
+   (a), SBUF bytes per partition as written, every tile of a scope counted live (identity 512, bias 4, w resident
+   65536 fp32 or 2 x 32768 bf16; [128, 1024] fp32 tiles 4096 each; [128, 1] tiles 4 each; output tile 2048):
+   KAN.v1 104976 (g tile 4096 on its one partition; x, z, a, square, norm, broadcast g, y, yT: 8 x 4096), KAN.v2
+   88592 (per M tile x, z, a, square, aT), KAN.v3 / v3b / v4 90632 (the w build scope: fp32 load, g column, w',
+   residual 24580) of 196608; PSUM: transpose bank + 1 accumulator bank. All five fit.
+
+6. matmul_add_rmsnorm: y = x @ w + z; out = y * rsqrt(mean_n y^2 + eps) * g, M 4096, K 2048, N 2048 fp32, eps 1e-5,
+   presented raw: x (4096, 2048), w (2048, 2048), z (4096, 2048), g (2048,), out (4096, 2048). Every kernel: zero
+   bias, g loaded once as a [1, 2048] tile, identity, w resident (16 K tiles); per M tile x loaded [128, 2048], 16
+   PE transposes; per 512-wide chunk (16 K tiles accumulated in PSUM) a z chunk loaded [128, 512] and y chunk =
+   acc + z (nl.add reading PSUM, VectorE) into a [128, 2048] y tile; ScalarE square -> VectorE add-reduce -> VectorE
+   tensor_scalar (* 1 / N, + eps) -> ScalarE rsqrt; out = y * inv_rms (VectorE tensor_scalar), out *=
+   g.broadcast_to((128, 2048)) (nl.multiply, in place); one [128, 2048] store. Every row
+   (workspaces/matmul_add_rmsnorm/benchmark.csv), latency_ms:
+     KMN.v1   matmul_add_rmsnorm_v1: fp32 w and xT                                                    0.9612 ms
+     KMN.v2   matmul_add_rmsnorm_v2_bf16_split: w split per K tile into resident bf16 hi / lo through an fp32
+              residual; each transposed x tile copied to fp32 and split the same way; 3 products per kt,
+              chunk-outer                                                                             0.7722 ms
+     KMN.v2p  matmul_add_rmsnorm_v2_psum_split: KMN.v2 with hi and the residual taken from the transpose PSUM
+              tile directly                                                                           0.7728 ms
+     KMN.v3   matmul_add_rmsnorm_v3_stationary_reorder: KMN.v2 with all 4 chunks in one 4-bank PSUM tile, per kt
+              (hi.hi, hi.lo) for every chunk, then lo.hi for every chunk; the z loads and adds after   0.7874 ms
+     KMN.v4   matmul_add_rmsnorm_v4_stationary_reorder_2bank: KMN.v3's order over chunk pairs (2-bank tile)
+                                                                                                      0.7733 ms
+   Not points: the "(per-chunk-output-store A/B)" row (no runs/ file: a variant not published), offline_*, the
+   "(v2b ...)" / "(D3-D6 ...)" rows (no file, no latency).
+   (a), as for 5 (w resident 131072 B either way; [128, 2048] fp32 tiles 8192 each; the g tile 8192 on its one
+   partition): KMN.v1 190992 (per M tile x, xT, y, z chunk 2048, square, out, broadcast g), KMN.v2 / v3 / v4
+   192016 (xT limbs 8192 plus the per-transpose fp32 and residual tiles 512 each), KMN.v2p 191504, of 196608: all
+   five fit (within 3 %; flagged for the round that unseals them, as v8 flagged KT.v6 / KT.v7, not a reason to
+   drop under (a) as committed); PSUM: transpose bank + 1, 4 (v3) or 2 (v4) accumulator banks.
+Choices for operators 5 and 6, in addition to those below: `g_tile.broadcast_to((128, n))` inside the M loop = one
+nl.broadcast_to per M tile (the emulator's partition broadcast: one TensorE instruction into a new [128, n] SBUF
+tile), then nl.multiply = one VectorE tensor_tensor (in place for 6's out tile); nl.add (a = x + z; y chunk = acc
++ z) = one VectorE tensor_tensor; eps is an immediate operand of the tensor_scalar, as written; `x_sb =
+nl.load(...)` allocates its tile at that point of the loop body; the g column load of KAN.v2-v4 is one [128, 1] DMA
+per K tile, as written. Both operators' ten points sealed, `prof`, trn2, LNC=1.
+
 Choices the published code leaves to the compiler or to the emulator's API (fixed here, before any v9 kernel):
 - As kernels_v8.py: NKI 0.7 form (`nisa.<op>(dst=..., ...)`); nl.affine_range loops as Python `range` in the
   published order; a 0.6-style `t = nl.ndarray(...)` allocates its tile at that point of the loop body, as written;

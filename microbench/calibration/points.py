@@ -143,6 +143,9 @@ the next operators of the v8 order: 3 bmm (KB.v1, KB.g2, KB.g4, KB.w, KB.t8, KB.
 fp32 load_transpose2d candidate dropped: the device cannot run a 4-byte DMA transpose as written) and 4
 rmsnorm_matmul (KR.v1, KR.v2, KR.v3, KR.v4), each operator's points added when its kernels are reference-checked;
 operators 5-11 (add_rmsnorm_matmul ... gqa_full) stay reserved.
+Extended (a second selection commit, after operators 3 and 4 landed and before any kernel of 5 or 6): 5
+add_rmsnorm_matmul (KAN.v1, KAN.v2, KAN.v3, KAN.v3b, KAN.v4) and 6 matmul_add_rmsnorm (KMN.v1, KMN.v2, KMN.v2p,
+KMN.v3, KMN.v4); operators 7-11 (swiglu ... gqa_full) stay reserved.
 """
 from __future__ import annotations
 
