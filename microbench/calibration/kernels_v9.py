@@ -177,6 +177,7 @@ KDA_REPORTS_MS = {
     "KB.t8": (3.4920,), "KB.t16": (3.1046,), "KB.v2": (2.0353, 2.0363, 2.0363), "KB.bb2": (2.6099,),
     "KB.bb4": (2.9182,), "KB.lt": (2.0363, 2.0352, 2.0355),
     "KR.v1": (0.4716, 0.4715, 0.4714), "KR.v2": (0.4733,), "KR.v3": (0.4723,), "KR.v4": (0.3688,),
+    "KAN.v1": (0.4953, 0.4948), "KAN.v2": (0.4770,), "KAN.v3": (0.4013,), "KAN.v3b": (0.5145,), "KAN.v4": (0.4014,),
 }
 
 
@@ -435,10 +436,146 @@ def kda_rmsnorm_matmul(v1, v2, ident, variant):
     return out
 
 
+# ------------------------------------------------------------------------------------------------ add_rmsnorm_matmul
+# a = x + z; out = (a * rsqrt(mean_k a^2 + eps) * g) @ w from raw x, z [M, K], w [K, N], g [K], out [M, N]. A variant
+# is (gfold, products, psum_split): gfold: g folded into the resident w at load and the eviction multiplies by
+# inv_rms (else a is normalised and multiplied by the partition-broadcast g before the transposes, copy eviction);
+# products: 1 (fp32), 3 (bf16 hi.hi, hi.lo, lo.hi) or 4 (+ lo.lo); psum_split: the activation limbs taken from the
+# transpose PSUM tile directly (else through an fp32 SBUF copy).
+KAN_VARIANTS = {
+    "KAN.v1": (False, 1, False),
+    "KAN.v2": (True, 1, False),
+    "KAN.v3": (True, 3, False),
+    "KAN.v3b": (True, 4, False),
+    "KAN.v4": (True, 3, True),
+}
+ARM_M, ARM_K, ARM_N, RMS_EPS = 4096, 1024, 2048, 1e-5     # published x, z (4096, 1024), w (1024, 2048)
+
+
+def _rms_stats(a_sb, bias_zero, eps):
+    """inv_rms [128, 1] = rsqrt(sum a^2 / F + eps): ScalarE square, VectorE add-reduce, VectorE tensor_scalar
+    (* 1 / F, + eps), ScalarE rsqrt."""
+    p, f = a_sb.shape
+    sq = nl.ndarray((p, f), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.activation(dst=sq, op=nl.square, data=a_sb, bias=bias_zero, scale=1.0)
+    sumsq = nl.ndarray((p, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_reduce(dst=sumsq, op=nl.add, data=sq, axis=[1])
+    mean_eps = nl.ndarray((p, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=mean_eps, data=sumsq, op0=nl.multiply, operand0=1.0 / f, op1=nl.add, operand1=eps)
+    inv_rms = nl.ndarray((p, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.activation(dst=inv_rms, op=nl.rsqrt, data=mean_eps, bias=bias_zero, scale=1.0)
+    return inv_rms
+
+
+def _limb_products(lhs, rhs, kt, cols, products):
+    """(stationary, moving) pairs of K tile kt: fp32 x fp32 (1), hi.hi, hi.lo, lo.hi (3), + lo.lo (4)."""
+    if products == 1:
+        return [(lhs[0][:, kt, :], rhs[0][:, kt, cols])]
+    (xh, xl), (wh, wl) = lhs, rhs
+    pairs = [(xh, wh), (xh, wl), (xl, wh)] + ([(xl, wl)] if products == 4 else [])
+    return [(a[:, kt, :], b[:, kt, cols]) for a, b in pairs]
+
+
+def _transposed_limbs(src, products, psum_split):
+    """The K tiles of src [128, K] transposed on PE: (fp32,) [128, KT, 128] via a copy, or (hi, lo) bf16 limbs split
+    from an fp32 SBUF copy of each transposed tile or, psum_split, from the PSUM tile itself."""
+    k_tiles = src.shape[1] // P_MAX
+    dts = (nl.float32,) if products == 1 else (nl.bfloat16, nl.bfloat16)
+    res = tuple(nl.ndarray((P_MAX, k_tiles, P_MAX), dtype=dt, buffer=nl.sbuf) for dt in dts)
+    for kt in range(k_tiles):
+        t_psum = nl.ndarray((P_MAX, P_MAX), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_transpose(dst=t_psum, data=src[:, kt * P_MAX:(kt + 1) * P_MAX])    # SBUF -> PSUM: TensorE
+        if products == 1:
+            nisa.tensor_copy(dst=res[0][:, kt, :], src=t_psum)
+            continue
+        if psum_split:
+            _split_residual(t_psum, res[0][:, kt, :], res[1][:, kt, :])
+            continue
+        t_f = nl.ndarray((P_MAX, P_MAX), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=t_f, src=t_psum)
+        _split_residual(t_f, res[0][:, kt, :], res[1][:, kt, :])
+    return res
+
+
+def _kan_weights(w, g, gfold, products):
+    """w resident [128, KT, N]: fp32 as loaded (not gfold), fp32 w' = w * g_col (VectorE tensor_scalar per K tile,
+    a [128, 1] g column loaded per K tile), or w' split into bf16 (hi, lo) through an fp32 w' and residual tile."""
+    k, n = w.shape
+    k_tiles = k // P_MAX
+    if products == 1:
+        res = (nl.ndarray((P_MAX, k_tiles, n), dtype=nl.float32, buffer=nl.sbuf),)
+    else:
+        res = tuple(nl.ndarray((P_MAX, k_tiles, n), dtype=nl.bfloat16, buffer=nl.sbuf) for _ in range(2))
+    g_cols = g.reshape((k, 1))
+    for kt in range(k_tiles):
+        rows = slice(kt * P_MAX, (kt + 1) * P_MAX)
+        if not gfold:
+            nisa.dma_copy(dst=res[0][:, kt, :], src=w[rows, :])
+            continue
+        w_f = nl.ndarray((P_MAX, n), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=w_f, src=w[rows, :])
+        g_col = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=g_col, src=g_cols[rows, :])
+        if products == 1:
+            nisa.tensor_scalar(dst=res[0][:, kt, :], data=w_f, op0=nl.multiply, operand0=g_col)
+            continue
+        w_p = nl.ndarray((P_MAX, n), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_scalar(dst=w_p, data=w_f, op0=nl.multiply, operand0=g_col)
+        _split_residual(w_p, res[0][:, kt, :], res[1][:, kt, :])
+    return res
+
+
+@nki.jit
+def kda_add_rmsnorm_matmul(x, w, eps, z, g, ident, variant):
+    """KAN.*: out [M, N] = rmsnorm(x + z) * g @ w (eps, fp32, raw layouts as published), ident the [128, 128] fp32
+    identity (loaded once, as published), the published `variant`'s data flow (KAN_VARIANTS)."""
+    gfold, products, psum_split = KAN_VARIANTS[variant]
+    m, k = x.shape
+    n = w.shape[1]
+    out = nl.ndarray((m, n), dtype=nl.float32, buffer=nl.shared_hbm)
+    bias_zero = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=bias_zero, value=0.0)
+    if not gfold:
+        g_tile = nl.ndarray((1, k), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=g_tile, src=g.reshape((1, k)))
+    ident_sb = nl.ndarray((P_MAX, P_MAX), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=ident_sb, src=ident)
+    w_res = _kan_weights(w, g, gfold, products)
+    for mt in range(m // P_MAX):
+        rows = slice(mt * P_MAX, (mt + 1) * P_MAX)
+        x_sb = nl.ndarray((P_MAX, k), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=x_sb, src=x[rows, :])
+        z_sb = nl.ndarray((P_MAX, k), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=z_sb, src=z[rows, :])
+        a_sb = nl.ndarray((P_MAX, k), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_tensor(dst=a_sb, data1=x_sb, data2=z_sb, op=nl.add)
+        inv_rms = _rms_stats(a_sb, bias_zero, eps)
+        src = a_sb
+        if not gfold:
+            norm = nl.ndarray((P_MAX, k), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.tensor_scalar(dst=norm, data=a_sb, op0=nl.multiply, operand0=inv_rms)
+            src = nl.ndarray((P_MAX, k), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.tensor_tensor(dst=src, data1=norm, data2=nl.broadcast_to(g_tile, (P_MAX, k)), op=nl.multiply)
+        lhs = _transposed_limbs(src, products, psum_split)
+        for c in range(n // PSUM_FP32_BANK):
+            cols = slice(c * PSUM_FP32_BANK, (c + 1) * PSUM_FP32_BANK)
+            acc = nl.ndarray((P_MAX, PSUM_FP32_BANK), dtype=nl.float32, buffer=nl.psum)
+            for kt in range(k // P_MAX):
+                for i, (st, mv) in enumerate(_limb_products(lhs, w_res, kt, cols, products)):
+                    nisa.nc_matmul(acc, st, mv, accumulate=kt > 0 or i > 0)
+            out_sb = nl.ndarray((P_MAX, PSUM_FP32_BANK), dtype=nl.float32, buffer=nl.sbuf)
+            if gfold:
+                nisa.tensor_scalar(dst=out_sb, data=acc, op0=nl.multiply, operand0=inv_rms)
+            else:
+                nisa.tensor_copy(dst=out_sb, src=acc)
+            nisa.dma_copy(dst=out[rows, cols], src=out_sb)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ point specs
 # Each spec is a calibration Point's fields (points.py adds split="sealed"). make(k, rng) -> (args, kwargs).
 # bmm: k = batches (published 16; a multiple of the variant's batch block), M and N as published unless given;
-# rmsnorm_matmul: k = M tiles (published 32), K and N as published unless given.
+# rmsnorm_matmul, add_rmsnorm_matmul: k = M tiles (published 32), K and N as published unless given.
 
 
 def _normal(rng, *shape):
@@ -515,5 +652,41 @@ def _kr(pid):
                 notes=_KR_NOTES[pid] + "; k = M tiles")
 
 
+def _kan_make(variant):
+    def make(k, rng, kk=ARM_K, n=ARM_N):
+        import numpy as np
+        x, z = _normal(rng, k * P_MAX, kk), _normal(rng, k * P_MAX, kk)
+        return (x, _normal(rng, kk, n), RMS_EPS, z, _normal(rng, kk), np.identity(P_MAX, dtype=np.float32),
+                variant), {}
+    return make
+
+
+def ref_add_rmsnorm_matmul(x, w, eps, z, g, *_consts):
+    """a = x + z; (a / sqrt(mean_k a^2 + eps) * g) @ w in float64."""
+    import numpy as np
+    a = x.astype(np.float64) + z.astype(np.float64)
+    y = a / np.sqrt(np.mean(a * a, axis=1, keepdims=True) + eps) * g.astype(np.float64)
+    return y @ w.astype(np.float64)
+
+
+_KAN_NOTES = {
+    "KAN.v1": "add_rmsnorm_matmul_v1 (2 reports, median): a normalised and multiplied by the broadcast g before the "
+              "transposes; copy eviction",
+    "KAN.v2": "add_rmsnorm_matmul_v2_postscale: g folded into w at load; eviction multiplies by inv_rms from PSUM",
+    "KAN.v3": "add_rmsnorm_matmul_v3_bf16_split: KAN.v2 with the bf16x2 3-product split",
+    "KAN.v3b": "add_rmsnorm_matmul_v3b_bf16_split4: KAN.v3 with the 4th product (lo.lo)",
+    "KAN.v4": "add_rmsnorm_matmul_v4_psum_split: KAN.v3 with the activation limbs split from PSUM directly",
+}
+
+
+def _kan(pid):
+    return dict(id=pid, name="add_rmsnorm_matmul", shape="M4096 K1024 N2048 fp32 (x, z [4096, 1024])",
+                target="trn2", measured_us=1000.0 * median(KDA_REPORTS_MS[pid]),
+                source=_KDA_SRC + "workspaces/add_rmsnorm_matmul", kernel=kda_add_rmsnorm_matmul,
+                make=_kan_make(pid), k_full=ARM_M // P_MAX, k_model=(ARM_M // P_MAX,),
+                reference=ref_add_rmsnorm_matmul, timing="prof", notes=_KAN_NOTES[pid] + "; k = M tiles")
+
+
 KB_DROPPED = {"KB.lt": "bmm_v2_d2_loadtranspose: fp32 load_transpose2d (a 4-byte DMA transpose) cannot run as written"}
-POINT_SPECS = (*[_kb(pid) for pid in KB_VARIANTS], *[_kr(pid) for pid in KR_VARIANTS])
+POINT_SPECS = (*[_kb(pid) for pid in KB_VARIANTS], *[_kr(pid) for pid in KR_VARIANTS],
+               *[_kan(pid) for pid in KAN_VARIANTS])

@@ -69,6 +69,9 @@ _SMALL = {     # small shapes with the same tiling, for the correctness check
     # KDA rmsnorm_matmul: two M tiles, K = 2 x 128, N = two 512-wide chunks
     **{pid: (lambda rng, pid=pid: BY_ID[pid].make(2, rng, kk=256, n=1024))
        for pid in ("KR.v1", "KR.v2", "KR.v3", "KR.v4")},
+    # KDA add_rmsnorm_matmul: two M tiles, K = 2 x 128, N = two 512-wide chunks
+    **{pid: (lambda rng, pid=pid: BY_ID[pid].make(2, rng, kk=256, n=1024))
+       for pid in ("KAN.v1", "KAN.v2", "KAN.v3", "KAN.v3b", "KAN.v4")},
 }
 
 
@@ -593,3 +596,30 @@ def test_v9_rmsnorm_matmul_non_finite_rows_stay_in_their_row(pid):
     w_clean[0, 9, 600] = 0.0
     ref = p.reference(v1, w_clean).reshape(-1, 1024)
     np.testing.assert_allclose(out[clean], ref[clean], rtol=2e-4, atol=2e-3)
+
+
+# published latency_ms, the selection's (a) arithmetic (every tile of a scope live) and the emulator's allocation peak
+# (SBUF bytes, PSUM banks) on one M tile at the published K, N, per v9 point of operators 5 and 6
+V9_ROWS = {
+    "add_rmsnorm_matmul": {"KAN.v1": (0.49505, 104976, (96776, 1)), "KAN.v2": (0.4770, 88592, (84488, 1)),
+                           "KAN.v3": (0.4013, 90632, (81928, 1)), "KAN.v3b": (0.5145, 90632, (81928, 1)),
+                           "KAN.v4": (0.4014, 90632, (81928, 1))},
+}
+
+
+@pytest.mark.parametrize("name", sorted(V9_ROWS))
+def test_v9_fused_rmsnorm_points_and_fit(name):
+    """The v9 selection's streams of a fused-RMSNorm operator (published latency_ms, medians of repeated rows),
+    sealed, trn2, prof, at the published shape (32 M tiles); rule (a) by the emulator's allocation check on one M
+    tile at the published K, N (nothing modeled): the peak is at most the selection's arithmetic, which fits."""
+    rows = V9_ROWS[name]
+    assert {p.id for p in POINTS if p.name == name and p.split == "sealed"} == set(rows)
+    for pid, (ms, selection, peak) in rows.items():
+        p = BY_ID[pid]
+        assert (p.target, p.timing) == ("trn2", "prof")
+        assert p.measured_us == pytest.approx(1000.0 * ms) and p.k_model == (p.k_full,) == (32,)
+        args, kw = p.make(1, np.random.default_rng(1))
+        assert args[0].shape[0] == 128 and args[1].shape == ((1024, 2048) if name.startswith("add") else (2048, 2048))
+        res = run(p.kernel, *args, target="trn2", lnc=1, **kw)
+        assert (res.sbuf_peak_bytes[0], res.psum_peak_banks[0]) == peak, pid
+        assert peak[0] <= selection <= 192 * 1024
