@@ -138,6 +138,9 @@ tile), then nl.multiply = one VectorE tensor_tensor (in place for 6's out tile);
 + z) = one VectorE tensor_tensor; eps is an immediate operand of the tensor_scalar, as written; `x_sb =
 nl.load(...)` allocates its tile at that point of the loop body; the g column load of KAN.v2-v4 is one [128, 1] DMA
 per K tile, as written. Both operators' ten points sealed, `prof`, trn2, LNC=1.
+Added with the kernels of 5 and 6 (nothing modeled): the emulator's allocation peaks on one M tile at the published
+K, N are KAN.v1 96776, v2 84488, v3 / v3b / v4 81928 B and KMN.v1 180744, v2 / v2p / v4 157700, v3 156676 B, all
+under the arithmetic above (tiles dead before the peak, e.g. the square tile once reduced); no choice was added.
 
 Choices the published code leaves to the compiler or to the emulator's API (fixed here, before any v9 kernel):
 - As kernels_v8.py: NKI 0.7 form (`nisa.<op>(dst=..., ...)`); nl.affine_range loops as Python `range` in the
@@ -178,6 +181,7 @@ KDA_REPORTS_MS = {
     "KB.bb4": (2.9182,), "KB.lt": (2.0363, 2.0352, 2.0355),
     "KR.v1": (0.4716, 0.4715, 0.4714), "KR.v2": (0.4733,), "KR.v3": (0.4723,), "KR.v4": (0.3688,),
     "KAN.v1": (0.4953, 0.4948), "KAN.v2": (0.4770,), "KAN.v3": (0.4013,), "KAN.v3b": (0.5145,), "KAN.v4": (0.4014,),
+    "KMN.v1": (0.9612,), "KMN.v2": (0.7722,), "KMN.v2p": (0.7728,), "KMN.v3": (0.7874,), "KMN.v4": (0.7733,),
 }
 
 
@@ -572,10 +576,110 @@ def kda_add_rmsnorm_matmul(x, w, eps, z, g, ident, variant):
     return out
 
 
+# ------------------------------------------------------------------------------------------------ matmul_add_rmsnorm
+# y = x @ w + z; out = y * rsqrt(mean_n y^2 + eps) * g from raw x [M, K], w [K, N], z [M, N], g [N], out [M, N]. A
+# variant is (products, psum_split, group): products 1 (fp32) or 3 (bf16 hi.hi, hi.lo, lo.hi; w split at load
+# through an fp32 residual); psum_split as add_rmsnorm_matmul; group None: per 512-wide chunk all K tiles into one
+# bank, then its z chunk; else `group` chunks share one [128, group, 512] PSUM tile, K tiles outer: per kt hi.hi and
+# hi.lo for every chunk of the group, then lo.hi for every chunk; the group's z loads and adds after.
+KMN_VARIANTS = {
+    "KMN.v1": (1, False, None),
+    "KMN.v2": (3, False, None),
+    "KMN.v2p": (3, True, None),
+    "KMN.v3": (3, False, 4),
+    "KMN.v4": (3, False, 2),
+}
+MAR_M, MAR_K, MAR_N = 4096, 2048, 2048     # published x (4096, 2048), w (2048, 2048), z (4096, 2048)
+
+
+def _kmn_weights(w, products):
+    """w resident [128, KT, N]: fp32 as loaded, or bf16 (hi, lo) split per K tile from an fp32 load."""
+    k, n = w.shape
+    k_tiles = k // P_MAX
+    if products == 1:
+        w_sb = nl.ndarray((P_MAX, k_tiles, n), dtype=nl.float32, buffer=nl.sbuf)
+        for kt in range(k_tiles):
+            nisa.dma_copy(dst=w_sb[:, kt, :], src=w[kt * P_MAX:(kt + 1) * P_MAX, :])
+        return (w_sb,)
+    hi, lo = (nl.ndarray((P_MAX, k_tiles, n), dtype=nl.bfloat16, buffer=nl.sbuf) for _ in range(2))
+    for kt in range(k_tiles):
+        w_f = nl.ndarray((P_MAX, n), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=w_f, src=w[kt * P_MAX:(kt + 1) * P_MAX, :])
+        _split_residual(w_f, hi[:, kt, :], lo[:, kt, :])
+    return hi, lo
+
+
+def _kmn_add_z(y_sb, acc, z, rows, c):
+    """y[:, chunk c] = acc + z[rows, chunk c] (a [128, 512] z load, VectorE add reading PSUM)."""
+    cols = slice(c * PSUM_FP32_BANK, (c + 1) * PSUM_FP32_BANK)
+    z_sb = nl.ndarray((P_MAX, PSUM_FP32_BANK), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=z_sb, src=z[rows, cols])
+    nisa.tensor_tensor(dst=y_sb[:, cols], data1=acc, data2=z_sb, op=nl.add)
+
+
+def _kmn_gemm(y_sb, lhs, w_res, z, rows, products, group):
+    """y = x @ w + z for one M tile, in the variant's chunk / K order."""
+    k_tiles, n_chunks = lhs[0].shape[1], y_sb.shape[1] // PSUM_FP32_BANK
+
+    def cols(c):
+        return slice(c * PSUM_FP32_BANK, (c + 1) * PSUM_FP32_BANK)
+
+    if group is None:
+        for c in range(n_chunks):
+            acc = nl.ndarray((P_MAX, PSUM_FP32_BANK), dtype=nl.float32, buffer=nl.psum)
+            for kt in range(k_tiles):
+                for i, (st, mv) in enumerate(_limb_products(lhs, w_res, kt, cols(c), products)):
+                    nisa.nc_matmul(acc, st, mv, accumulate=kt > 0 or i > 0)
+            _kmn_add_z(y_sb, acc, z, rows, c)
+        return
+    for c0 in range(0, n_chunks, group):
+        acc = nl.ndarray((P_MAX, group, PSUM_FP32_BANK), dtype=nl.float32, buffer=nl.psum)
+        for kt in range(k_tiles):
+            prods = [_limb_products(lhs, w_res, kt, cols(c0 + j), products) for j in range(group)]
+            for j in range(group):           # hi.hi, hi.lo for every chunk of the group
+                for i in (0, 1):
+                    nisa.nc_matmul(acc[:, j, :], *prods[j][i], accumulate=kt > 0 or i > 0)
+            for j in range(group):           # then lo.hi for every chunk
+                nisa.nc_matmul(acc[:, j, :], *prods[j][2], accumulate=True)
+        for j in range(group):
+            _kmn_add_z(y_sb, acc[:, j, :], z, rows, c0 + j)
+
+
+@nki.jit
+def kda_matmul_add_rmsnorm(x, w, eps, z, g, ident, variant):
+    """KMN.*: out [M, N] = rmsnorm(x @ w + z) * g (eps, fp32, raw layouts as published), ident the [128, 128] fp32
+    identity (loaded once, as published), the published `variant`'s data flow (KMN_VARIANTS)."""
+    products, psum_split, group = KMN_VARIANTS[variant]
+    m, k = x.shape
+    n = w.shape[1]
+    out = nl.ndarray((m, n), dtype=nl.float32, buffer=nl.shared_hbm)
+    bias_zero = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=bias_zero, value=0.0)
+    g_tile = nl.ndarray((1, n), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=g_tile, src=g.reshape((1, n)))
+    ident_sb = nl.ndarray((P_MAX, P_MAX), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=ident_sb, src=ident)
+    w_res = _kmn_weights(w, products)
+    for mt in range(m // P_MAX):
+        rows = slice(mt * P_MAX, (mt + 1) * P_MAX)
+        x_sb = nl.ndarray((P_MAX, k), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=x_sb, src=x[rows, :])
+        lhs = _transposed_limbs(x_sb, products, psum_split)
+        y_sb = nl.ndarray((P_MAX, n), dtype=nl.float32, buffer=nl.sbuf)
+        _kmn_gemm(y_sb, lhs, w_res, z, rows, products, group)
+        inv_rms = _rms_stats(y_sb, bias_zero, eps)
+        out_sb = nl.ndarray((P_MAX, n), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_scalar(dst=out_sb, data=y_sb, op0=nl.multiply, operand0=inv_rms)
+        nisa.tensor_tensor(dst=out_sb, data1=out_sb, data2=nl.broadcast_to(g_tile, (P_MAX, n)), op=nl.multiply)
+        nisa.dma_copy(dst=out[rows, :], src=out_sb)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ point specs
 # Each spec is a calibration Point's fields (points.py adds split="sealed"). make(k, rng) -> (args, kwargs).
 # bmm: k = batches (published 16; a multiple of the variant's batch block), M and N as published unless given;
-# rmsnorm_matmul, add_rmsnorm_matmul: k = M tiles (published 32), K and N as published unless given.
+# rmsnorm_matmul, add_rmsnorm_matmul, matmul_add_rmsnorm: k = M tiles (published 32), K and N as published unless
+# given.
 
 
 def _normal(rng, *shape):
@@ -687,6 +791,39 @@ def _kan(pid):
                 reference=ref_add_rmsnorm_matmul, timing="prof", notes=_KAN_NOTES[pid] + "; k = M tiles")
 
 
+def _kmn_make(variant):
+    def make(k, rng, kk=MAR_K, n=MAR_N):
+        import numpy as np
+        x, w = _normal(rng, k * P_MAX, kk), _normal(rng, kk, n)
+        return (x, w, RMS_EPS, _normal(rng, k * P_MAX, n), _normal(rng, n), np.identity(P_MAX, dtype=np.float32),
+                variant), {}
+    return make
+
+
+def ref_matmul_add_rmsnorm(x, w, eps, z, g, *_consts):
+    """y = x @ w + z; y / sqrt(mean_n y^2 + eps) * g in float64."""
+    import numpy as np
+    y = x.astype(np.float64) @ w.astype(np.float64) + z.astype(np.float64)
+    return y / np.sqrt(np.mean(y * y, axis=1, keepdims=True) + eps) * g.astype(np.float64)
+
+
+_KMN_NOTES = {
+    "KMN.v1": "matmul_add_rmsnorm_v1: fp32 GEMM per 512-wide chunk, + z, RMSNorm over N, * broadcast g",
+    "KMN.v2": "matmul_add_rmsnorm_v2_bf16_split: KMN.v1 with the bf16x2 3-product split (fp32 residual tiles)",
+    "KMN.v2p": "matmul_add_rmsnorm_v2_psum_split: KMN.v2 with the activation limbs split from PSUM directly",
+    "KMN.v3": "matmul_add_rmsnorm_v3_stationary_reorder: KMN.v2 with kt-outer over all 4 chunks (4 PSUM banks)",
+    "KMN.v4": "matmul_add_rmsnorm_v4_stationary_reorder_2bank: KMN.v3's order over chunk pairs (2 banks)",
+}
+
+
+def _kmn(pid):
+    return dict(id=pid, name="matmul_add_rmsnorm", shape="M4096 K2048 N2048 fp32 (x [4096, 2048])",
+                target="trn2", measured_us=1000.0 * median(KDA_REPORTS_MS[pid]),
+                source=_KDA_SRC + "workspaces/matmul_add_rmsnorm", kernel=kda_matmul_add_rmsnorm,
+                make=_kmn_make(pid), k_full=MAR_M // P_MAX, k_model=(MAR_M // P_MAX,),
+                reference=ref_matmul_add_rmsnorm, timing="prof", notes=_KMN_NOTES[pid] + "; k = M tiles")
+
+
 KB_DROPPED = {"KB.lt": "bmm_v2_d2_loadtranspose: fp32 load_transpose2d (a 4-byte DMA transpose) cannot run as written"}
 POINT_SPECS = (*[_kb(pid) for pid in KB_VARIANTS], *[_kr(pid) for pid in KR_VARIANTS],
-               *[_kan(pid) for pid in KAN_VARIANTS])
+               *[_kan(pid) for pid in KAN_VARIANTS], *[_kmn(pid) for pid in KMN_VARIANTS])

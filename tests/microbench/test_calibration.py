@@ -72,6 +72,9 @@ _SMALL = {     # small shapes with the same tiling, for the correctness check
     # KDA add_rmsnorm_matmul: two M tiles, K = 2 x 128, N = two 512-wide chunks
     **{pid: (lambda rng, pid=pid: BY_ID[pid].make(2, rng, kk=256, n=1024))
        for pid in ("KAN.v1", "KAN.v2", "KAN.v3", "KAN.v3b", "KAN.v4")},
+    # KDA matmul_add_rmsnorm: two M tiles, K = 2 x 128, N = 4 x 512 (KMN.v3's one 4-chunk group, KMN.v4's two pairs)
+    **{pid: (lambda rng, pid=pid: BY_ID[pid].make(2, rng, kk=256, n=2048))
+       for pid in ("KMN.v1", "KMN.v2", "KMN.v2p", "KMN.v3", "KMN.v4")},
 }
 
 
@@ -604,6 +607,9 @@ V9_ROWS = {
     "add_rmsnorm_matmul": {"KAN.v1": (0.49505, 104976, (96776, 1)), "KAN.v2": (0.4770, 88592, (84488, 1)),
                            "KAN.v3": (0.4013, 90632, (81928, 1)), "KAN.v3b": (0.5145, 90632, (81928, 1)),
                            "KAN.v4": (0.4014, 90632, (81928, 1))},
+    "matmul_add_rmsnorm": {"KMN.v1": (0.9612, 190992, (180744, 1)), "KMN.v2": (0.7722, 192016, (157700, 1)),
+                           "KMN.v2p": (0.7728, 191504, (157700, 1)), "KMN.v3": (0.7874, 192016, (156676, 4)),
+                           "KMN.v4": (0.7733, 192016, (157700, 2))},
 }
 
 
