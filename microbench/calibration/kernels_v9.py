@@ -142,6 +142,41 @@ Added with the kernels of 5 and 6 (nothing modeled): the emulator's allocation p
 K, N are KAN.v1 96776, v2 84488, v3 / v3b / v4 81928 B and KMN.v1 180744, v2 / v2p / v4 157700, v3 156676 B, all
 under the arithmetic above (tiles dead before the peak, e.g. the square tile once reduced); no choice was added.
 
+Second extension of the selection (committed after operators 5 and 6 landed, before any kernel of operator 7 was
+written; same rule, nothing modeled): **7 swiglu**; operators 8-11 (lora, rope_single_freq_apply, bmm_softmax,
+gqa_full) stay reserved.
+
+7. swiglu: out = (silu(x @ w_gate) * (x @ w_up)) @ w_down, M 4096, K 1024, N 3072 fp32, presented as x viewed
+   (32, 128, 1024) (the published reshape of v1), w_up v2 and w_gate v4 (8, 128, 3072) [k_tile, k_in, n], w_down v3
+   (24, 128, 1024) [n_tile, n_in, k], out (32, 128, 1024). Every kernel: identity loaded once; per M tile x loaded
+   [128, 1024] and transposed on PE (8 tiles); per 512-wide N chunk (6) up and gate accumulated over the 8 K tiles
+   in two PSUM banks with each w_up / w_gate chunk [128, 512] loaded per (chunk, kt), evicted by two VectorE copies,
+   ScalarE silu of gate, VectorE multiply into a resident h [128, 3072]; h transposed on PE (24 tiles); per
+   512-wide output chunk (2) 24 w_down chunks loaded, accumulated in PSUM, copy eviction, [128, 512] store. Every
+   row (workspaces/swiglu/benchmark.csv), latency_ms:
+     KSW.v1  swiglu_v1: fp32 throughout                                                           2.2079 ms
+     KSW.v2  swiglu_v2: bf16 hi / lo 3-product split of all three GEMMs: x and h transposed tiles split through an
+             fp32 copy and residual; every loaded weight chunk split (hi copy, fp32 residual, lo copy) before
+             its 3 products (up's split, gate's split, then up's 3 products, gate's 3)            5.0669 ms
+     KSW.d   swiglu_v2_only_down: KSW.v1 with the split on the down GEMM only (h limbs, w_down chunk limbs)
+                                                                                                  2.1372 ms
+     KSW.b2  swiglu_v3_mblock with M_BLOCK = 2 (the file's documented setting, "Set M_BLOCK below (2 or 4)";
+             candidates.jsonl id swiglu_v3_mblock_b2, m_block 2; a --fast screen, p50 as every row): KSW.d over
+             blocks of 2 M tiles: both tiles' x transposes into one [128, 2, 8, 128] xT, each w_up / w_gate
+             chunk loaded once per (chunk, kt) for both tiles ([128, 2, 512] up and gate PSUM tiles), h
+             [128, 2, 3072], both tiles' h limbs, each w_down chunk loaded and split once for both   2.1875 ms
+     KSW.b4  swiglu_v3_mblock with M_BLOCK = 4 (as the file stands at 90770f2; id swiglu_v3_mblock_b4) 2.0219 ms
+   Not points: offline_bf16_split_sim (no latency).
+   (a), SBUF bytes per partition, every tile of a scope counted live (identity 512, x 4096, xT 4096 per M tile
+   (fp32, or 4096 of bf16 limbs + 1024 of per-transpose fp32 / residual tiles), h 12288 per M tile, [128, 512]
+   fp32 chunk tiles 2048 and bf16 1024, hT 12288 per M tile + 1024): KSW.v1 47616, KSW.v2 61952, KSW.d 52736,
+   KSW.b2 81408, KSW.b4 138752 B of 196608; PSUM: 2 (KSW.b*: 2 x M_BLOCK, i.e. 8 of 8 for KSW.b4) accumulator banks
+   in the up / gate phase (the transposes and the down GEMM run in other phases). All five fit.
+   Choices: as above (PE nc_transpose, VectorE copies / subtract / nl.multiply, ScalarE silu = one nisa.activation,
+   `acc = nl.zeros(psum)` + `+=` = first product overwrites); x is passed as its (32, 128, 1024) view; a (B,
+   par_dim(128), 512) PSUM accumulator = one [128, B, 512] PSUM tile; the published per-(b) eviction order is kept
+   (per chunk: for each block tile up copy, gate copy, silu, multiply).
+
 Choices the published code leaves to the compiler or to the emulator's API (fixed here, before any v9 kernel):
 - As kernels_v8.py: NKI 0.7 form (`nisa.<op>(dst=..., ...)`); nl.affine_range loops as Python `range` in the
   published order; a 0.6-style `t = nl.ndarray(...)` allocates its tile at that point of the loop body, as written;

@@ -146,6 +146,8 @@ operators 5-11 (add_rmsnorm_matmul ... gqa_full) stay reserved.
 Extended (a second selection commit, after operators 3 and 4 landed and before any kernel of 5 or 6): 5
 add_rmsnorm_matmul (KAN.v1, KAN.v2, KAN.v3, KAN.v3b, KAN.v4) and 6 matmul_add_rmsnorm (KMN.v1, KMN.v2, KMN.v2p,
 KMN.v3, KMN.v4); operators 7-11 (swiglu ... gqa_full) stay reserved.
+Extended again (after operators 5 and 6 landed, before any kernel of 7): 7 swiglu (KSW.v1, KSW.v2, KSW.d, KSW.b2,
+KSW.b4); operators 8-11 (lora ... gqa_full) stay reserved.
 """
 from __future__ import annotations
 
