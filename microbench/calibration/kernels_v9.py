@@ -176,6 +176,9 @@ gqa_full) stay reserved.
    `acc = nl.zeros(psum)` + `+=` = first product overwrites); x is passed as its (32, 128, 1024) view; a (B,
    par_dim(128), 512) PSUM accumulator = one [128, B, 512] PSUM tile; the published per-(b) eviction order is kept
    (per chunk: for each block tile up copy, gate copy, silu, multiply).
+   Added with the kernel (nothing modeled): each PSUM accumulator is released once evicted (`del`, the published
+   tiles' scope); the emulator's allocation peaks on one M block at the published K, N, K_OUT are KSW.v1 47616,
+   v2 43520, d 45568, b2 68096, b4 113152 B (at most the arithmetic above) and 2, 2, 2, 4, 8 PSUM banks.
 
 Choices the published code leaves to the compiler or to the emulator's API (fixed here, before any v9 kernel):
 - As kernels_v8.py: NKI 0.7 form (`nisa.<op>(dst=..., ...)`); nl.affine_range loops as Python `range` in the
@@ -217,6 +220,7 @@ KDA_REPORTS_MS = {
     "KR.v1": (0.4716, 0.4715, 0.4714), "KR.v2": (0.4733,), "KR.v3": (0.4723,), "KR.v4": (0.3688,),
     "KAN.v1": (0.4953, 0.4948), "KAN.v2": (0.4770,), "KAN.v3": (0.4013,), "KAN.v3b": (0.5145,), "KAN.v4": (0.4014,),
     "KMN.v1": (0.9612,), "KMN.v2": (0.7722,), "KMN.v2p": (0.7728,), "KMN.v3": (0.7874,), "KMN.v4": (0.7733,),
+    "KSW.v1": (2.2079,), "KSW.v2": (5.0669,), "KSW.d": (2.1372,), "KSW.b2": (2.1875,), "KSW.b4": (2.0219,),
 }
 
 
@@ -710,11 +714,124 @@ def kda_matmul_add_rmsnorm(x, w, eps, z, g, ident, variant):
     return out
 
 
+# ------------------------------------------------------------------------------------------------ swiglu (trn2)
+# out = (silu(x @ w_gate) * (x @ w_up)) @ w_down from x [M / 128, 128, K], w_up / w_gate [K / 128, 128, N], w_down
+# [N / 128, 128, K_OUT]; out [M / 128, 128, K_OUT]. A variant is (split_up_gate, split_down, m_block): the bf16 hi /
+# lo 3-product split on the up / gate GEMMs and / or the down GEMM; m_block M tiles share each weight chunk load
+# (and its limb build). With m_block 1 the block loops are the published per-M-tile loops (the same instructions).
+KSW_VARIANTS = {
+    "KSW.v1": (False, False, 1),
+    "KSW.v2": (True, True, 1),
+    "KSW.d": (False, True, 1),
+    "KSW.b2": (False, True, 2),
+    "KSW.b4": (False, True, 4),
+}
+SWI_M_TILES, SWI_K, SWI_N, SWI_K_OUT = 32, 1024, 3072, 1024
+
+
+def _pairs(lhs, rhs):
+    """(stationary, moving) pairs: fp32 x fp32, or hi.hi, hi.lo, lo.hi."""
+    if len(lhs) == 1:
+        return [(lhs[0], rhs[0])]
+    (lh, ll), (rh, rl) = lhs, rhs
+    return [(lh, rh), (lh, rl), (ll, rh)]
+
+
+def _load_chunk(src, split):
+    """One [128, 512] fp32 weight chunk loaded: (fp32,) or its (hi, lo) bf16 limbs through an fp32 residual."""
+    f = nl.ndarray((P_MAX, PSUM_FP32_BANK), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=f, src=src)
+    if not split:
+        return (f,)
+    hi = nl.ndarray((P_MAX, PSUM_FP32_BANK), dtype=nl.bfloat16, buffer=nl.sbuf)
+    lo = nl.ndarray((P_MAX, PSUM_FP32_BANK), dtype=nl.bfloat16, buffer=nl.sbuf)
+    _split_residual(f, hi, lo)
+    return hi, lo
+
+
+def _transpose_into(src, dsts, split):
+    """src [128, 128] transposed on PE; copied into dsts[0] (fp32) or split into (hi, lo) through an fp32 copy."""
+    t_psum = nl.ndarray((P_MAX, P_MAX), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_transpose(dst=t_psum, data=src)          # SBUF -> PSUM: TensorE
+    if not split:
+        nisa.tensor_copy(dst=dsts[0], src=t_psum)
+        return
+    t_f = nl.ndarray((P_MAX, P_MAX), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=t_f, src=t_psum)
+    _split_residual(t_f, *dsts)
+
+
+def _limb_tiles(shape, split):
+    dts = (nl.bfloat16, nl.bfloat16) if split else (nl.float32,)
+    return tuple(nl.ndarray(shape, dtype=dt, buffer=nl.sbuf) for dt in dts)
+
+
+@nki.jit
+def kda_swiglu(x, w_up, w_down, w_gate, ident, variant):
+    """KSW.*: out [M / 128, 128, K_OUT] = swiglu(x) for x [M / 128, 128, K], w_up / w_gate [K / 128, 128, N], w_down
+    [N / 128, 128, K_OUT] (fp32; argument order as published), ident the [128, 128] fp32 identity (loaded once, as
+    published), the published `variant`'s data flow (KSW_VARIANTS)."""
+    split_ug, split_down, bm = KSW_VARIANTS[variant]
+    m_tiles, _, k = x.shape
+    k_tiles, n = k // P_MAX, w_up.shape[2]
+    n_tiles, k_out = n // P_MAX, w_down.shape[2]
+    out = nl.ndarray((m_tiles, P_MAX, k_out), dtype=nl.float32, buffer=nl.shared_hbm)
+    ident_sb = nl.ndarray((P_MAX, P_MAX), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=ident_sb, src=ident)
+    for mb in range(m_tiles // bm):
+        xT = _limb_tiles((P_MAX, bm, k_tiles, P_MAX), split_ug)
+        for b in range(bm):
+            x_sb = nl.ndarray((P_MAX, k), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.dma_copy(dst=x_sb, src=x[mb * bm + b])
+            for kt in range(k_tiles):
+                _transpose_into(x_sb[:, kt * P_MAX:(kt + 1) * P_MAX], [t[:, b, kt, :] for t in xT], split_ug)
+        h = nl.ndarray((P_MAX, bm, n), dtype=nl.float32, buffer=nl.sbuf)
+        for c in range(n // PSUM_FP32_BANK):
+            cols = slice(c * PSUM_FP32_BANK, (c + 1) * PSUM_FP32_BANK)
+            up_acc = nl.ndarray((P_MAX, bm, PSUM_FP32_BANK), dtype=nl.float32, buffer=nl.psum)
+            gate_acc = nl.ndarray((P_MAX, bm, PSUM_FP32_BANK), dtype=nl.float32, buffer=nl.psum)
+            for kt in range(k_tiles):
+                up_w = _load_chunk(w_up[kt, :, cols], split_ug)
+                gate_w = _load_chunk(w_gate[kt, :, cols], split_ug)
+                for b in range(bm):
+                    lhs = [t[:, b, kt, :] for t in xT]
+                    for acc, wt in ((up_acc, up_w), (gate_acc, gate_w)):
+                        for i, (st, mv) in enumerate(_pairs(lhs, wt)):
+                            nisa.nc_matmul(acc[:, b, :], st, mv, accumulate=kt > 0 or i > 0)
+            for b in range(bm):
+                up_sb = nl.ndarray((P_MAX, PSUM_FP32_BANK), dtype=nl.float32, buffer=nl.sbuf)
+                nisa.tensor_copy(dst=up_sb, src=up_acc[:, b, :])
+                gate_sb = nl.ndarray((P_MAX, PSUM_FP32_BANK), dtype=nl.float32, buffer=nl.sbuf)
+                nisa.tensor_copy(dst=gate_sb, src=gate_acc[:, b, :])
+                sg = nl.ndarray((P_MAX, PSUM_FP32_BANK), dtype=nl.float32, buffer=nl.sbuf)
+                nisa.activation(dst=sg, op=nl.silu, data=gate_sb)
+                nisa.tensor_tensor(dst=h[:, b, cols], data1=sg, data2=up_sb, op=nl.multiply)
+            del up_acc, gate_acc             # evicted: their banks are free (8 of 8 live at M_BLOCK 4 otherwise)
+        hT = _limb_tiles((P_MAX, bm, n_tiles, P_MAX), split_down)
+        for b in range(bm):
+            for nt in range(n_tiles):
+                _transpose_into(h[:, b, nt * P_MAX:(nt + 1) * P_MAX], [t[:, b, nt, :] for t in hT], split_down)
+        for c2 in range(k_out // PSUM_FP32_BANK):
+            cols = slice(c2 * PSUM_FP32_BANK, (c2 + 1) * PSUM_FP32_BANK)
+            out_acc = nl.ndarray((P_MAX, bm, PSUM_FP32_BANK), dtype=nl.float32, buffer=nl.psum)
+            for nt in range(n_tiles):
+                down_w = _load_chunk(w_down[nt, :, cols], split_down)
+                for b in range(bm):
+                    for i, (st, mv) in enumerate(_pairs([t[:, b, nt, :] for t in hT], down_w)):
+                        nisa.nc_matmul(out_acc[:, b, :], st, mv, accumulate=nt > 0 or i > 0)
+            for b in range(bm):
+                out_sb = nl.ndarray((P_MAX, PSUM_FP32_BANK), dtype=nl.float32, buffer=nl.sbuf)
+                nisa.tensor_copy(dst=out_sb, src=out_acc[:, b, :])
+                nisa.dma_copy(dst=out[mb * bm + b, :, cols], src=out_sb)
+            del out_acc
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ point specs
 # Each spec is a calibration Point's fields (points.py adds split="sealed"). make(k, rng) -> (args, kwargs).
 # bmm: k = batches (published 16; a multiple of the variant's batch block), M and N as published unless given;
 # rmsnorm_matmul, add_rmsnorm_matmul, matmul_add_rmsnorm: k = M tiles (published 32), K and N as published unless
-# given.
+# given; swiglu: k = M tiles (published 32), K, N and K_OUT as published unless given.
 
 
 def _normal(rng, *shape):
@@ -859,6 +976,45 @@ def _kmn(pid):
                 reference=ref_matmul_add_rmsnorm, timing="prof", notes=_KMN_NOTES[pid] + "; k = M tiles")
 
 
+def _ksw_make(variant):
+    def make(k, rng, kk=SWI_K, n=SWI_N, k_out=SWI_K_OUT):
+        import numpy as np
+        x = _normal(rng, k, P_MAX, kk)
+        w_up, w_gate = (_normal(rng, kk // P_MAX, P_MAX, n) / np.float32(np.sqrt(kk)) for _ in range(2))
+        w_down = _normal(rng, n // P_MAX, P_MAX, k_out) / np.float32(np.sqrt(n))
+        return (x, w_up, w_down, w_gate, np.identity(P_MAX, dtype=np.float32), variant), {}
+    return make
+
+
+def ref_swiglu_tiled(x, w_up, w_down, w_gate, *_consts):
+    """(silu(x @ w_gate) * (x @ w_up)) @ w_down in float64 from the presented tiled layouts."""
+    import numpy as np
+    x2 = x.astype(np.float64).reshape(-1, x.shape[2])
+    up = x2 @ w_up.astype(np.float64).reshape(-1, w_up.shape[2])
+    gate = x2 @ w_gate.astype(np.float64).reshape(-1, w_gate.shape[2])
+    h = gate / (1.0 + np.exp(-gate)) * up
+    out = h @ w_down.astype(np.float64).reshape(-1, w_down.shape[2])
+    return out.reshape(x.shape[0], P_MAX, w_down.shape[2])
+
+
+_KSW_NOTES = {
+    "KSW.v1": "swiglu_v1: fp32; per M tile x transposed, up / gate per 512-wide chunk (weights loaded per (chunk, "
+              "kt)), h resident, h transposed, down GEMM",
+    "KSW.v2": "swiglu_v2: bf16x2 3-product split on all three GEMMs (weight limbs built per loaded chunk)",
+    "KSW.d": "swiglu_v2_only_down: the split on the down GEMM only",
+    "KSW.b2": "swiglu_v3_mblock (M_BLOCK 2): KSW.d over blocks of 2 M tiles sharing each weight chunk load",
+    "KSW.b4": "swiglu_v3_mblock (M_BLOCK 4): blocks of 4 M tiles (8 PSUM banks in the up / gate phase)",
+}
+
+
+def _ksw(pid):
+    return dict(id=pid, name="swiglu", shape="M4096 K1024 N3072 fp32 (x [32, 128, 1024])", target="trn2",
+                measured_us=1000.0 * median(KDA_REPORTS_MS[pid]), source=_KDA_SRC + "workspaces/swiglu",
+                kernel=kda_swiglu, make=_ksw_make(pid), k_full=SWI_M_TILES, k_model=(SWI_M_TILES,),
+                reference=ref_swiglu_tiled, timing="prof", notes=_KSW_NOTES[pid] + "; k = M tiles")
+
+
 KB_DROPPED = {"KB.lt": "bmm_v2_d2_loadtranspose: fp32 load_transpose2d (a 4-byte DMA transpose) cannot run as written"}
 POINT_SPECS = (*[_kb(pid) for pid in KB_VARIANTS], *[_kr(pid) for pid in KR_VARIANTS],
-               *[_kan(pid) for pid in KAN_VARIANTS], *[_kmn(pid) for pid in KMN_VARIANTS])
+               *[_kan(pid) for pid in KAN_VARIANTS], *[_kmn(pid) for pid in KMN_VARIANTS],
+               *[_ksw(pid) for pid in KSW_VARIANTS])

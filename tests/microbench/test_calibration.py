@@ -75,6 +75,9 @@ _SMALL = {     # small shapes with the same tiling, for the correctness check
     # KDA matmul_add_rmsnorm: two M tiles, K = 2 x 128, N = 4 x 512 (KMN.v3's one 4-chunk group, KMN.v4's two pairs)
     **{pid: (lambda rng, pid=pid: BY_ID[pid].make(2, rng, kk=256, n=2048))
        for pid in ("KMN.v1", "KMN.v2", "KMN.v2p", "KMN.v3", "KMN.v4")},
+    # KDA swiglu: two M blocks of the variant, K = 2 x 128, N = 2 x 512, K_OUT = 2 x 512
+    **{pid: (lambda rng, pid=pid, mb=mb: BY_ID[pid].make(2 * mb, rng, kk=256, n=1024, k_out=1024))
+       for pid, mb in (("KSW.v1", 1), ("KSW.v2", 1), ("KSW.d", 1), ("KSW.b2", 2), ("KSW.b4", 4))},
 }
 
 
@@ -626,6 +629,26 @@ def test_v9_fused_rmsnorm_points_and_fit(name):
         assert p.measured_us == pytest.approx(1000.0 * ms) and p.k_model == (p.k_full,) == (32,)
         args, kw = p.make(1, np.random.default_rng(1))
         assert args[0].shape[0] == 128 and args[1].shape == ((1024, 2048) if name.startswith("add") else (2048, 2048))
+        res = run(p.kernel, *args, target="trn2", lnc=1, **kw)
+        assert (res.sbuf_peak_bytes[0], res.psum_peak_banks[0]) == peak, pid
+        assert peak[0] <= selection <= 192 * 1024
+
+
+def test_v9_swiglu_points_and_fit():
+    """The v9 selection's swiglu streams (published latency_ms), sealed, trn2, prof, at the published shape (32 M
+    tiles); rule (a) by the emulator's allocation check on one M block at the published K, N, K_OUT (nothing
+    modeled): SBUF peak at most the selection's arithmetic, PSUM 2 x M_BLOCK banks (8 of 8 for KSW.b4)."""
+    from microbench.calibration import kernels_v9 as V9
+    rows = {"KSW.v1": (2.2079, 47616, (47616, 2)), "KSW.v2": (5.0669, 61952, (43520, 2)),
+            "KSW.d": (2.1372, 52736, (45568, 2)), "KSW.b2": (2.1875, 81408, (68096, 4)),
+            "KSW.b4": (2.0219, 138752, (113152, 8))}
+    assert {p.id for p in POINTS if p.name == "swiglu" and p.split == "sealed"} == set(rows) == set(V9.KSW_VARIANTS)
+    for pid, (ms, selection, peak) in rows.items():
+        p = BY_ID[pid]
+        assert (p.target, p.timing) == ("trn2", "prof")
+        assert p.measured_us == pytest.approx(1000.0 * ms) and p.k_model == (p.k_full,) == (32,)
+        args, kw = p.make(V9.KSW_VARIANTS[pid][2], np.random.default_rng(1))
+        assert [a.shape[1:] for a in args[:4]] == [(128, 1024), (128, 3072), (128, 1024), (128, 3072)]
         res = run(p.kernel, *args, target="trn2", lnc=1, **kw)
         assert (res.sbuf_peak_bytes[0], res.psum_peak_banks[0]) == peak, pid
         assert peak[0] <= selection <= 192 * 1024
