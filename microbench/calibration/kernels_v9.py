@@ -180,6 +180,40 @@ gqa_full) stay reserved.
    tiles' scope); the emulator's allocation peaks on one M block at the published K, N, K_OUT are KSW.v1 47616,
    v2 43520, d 45568, b2 68096, b4 113152 B (at most the arithmetic above) and 2, 2, 2, 4, 8 PSUM banks.
 
+Third extension of the selection (committed after operator 7 landed, before any kernel of operator 8 was written;
+same rule, nothing modeled): **8 lora**; operators 9-11 (rope_single_freq_apply, bmm_softmax, gqa_full) stay
+reserved.
+
+8. lora: out = x @ w + (x @ a) @ b, M 4096, K 5120, N 12288, R 128 fp32, presented as v1 = x (8, 4, 128, 40, 128)
+   [m_hi, m_lo, m_in, k_tile, k_in], v2 = w (40, 128, 12288), v3 = a (40, 128, 128), v4 = b (128, 12288), out
+   (8, 4, 128, 96, 128) [m_hi, m_lo, m_in, n_tile, n_in]. Every row (workspaces/lora/benchmark.csv), latency_ms:
+     KL.v1   lora_v1: identity, a resident [128, 40, 128] (40 loads); per M tile 40 x tiles loaded and PE
+             transposed into lhs_t [128, 40, 128] (copies), tT = (x a)^T accumulated over 40 K tiles in PSUM
+             (stationary a tile, moving lhs_t tile) and copied; per 128-wide N chunk (96) 40 w tiles [128, 128]
+             loaded and accumulated, one b tile [128, 128] loaded and tT x b added into the same bank, copy, store
+                                                                                                 38.3562 ms
+     KL.v2   lora_v2_mblk4: M blocks of 4 tiles (m_hi): the 4 tiles' transposes and tT first; per 512-wide chunk
+             (24) each w chunk [128, 512] loaded once per kt for the 4 tiles' accumulators ([128, 4, 512] PSUM),
+             one b chunk, then per tile the tT x b product, a copy and 4 stores of [128, 128]      14.8385 ms
+     KL.v3   lora_v3_bf16_split: KL.v2 with the base GEMM split: per transposed x tile an fp32 copy feeds
+             the tT product (interleaved in the transpose loop) and the bf16 limbs (hi copy, lo written by the
+             subtract directly); each w chunk split the same way; 3 products; tT x b stays fp32; two rows:
+             median(11.3034, 11.2989) = 11.30115 ms
+     KL.v4   lora_v4_fold: a prologue transposes the 40 a tiles on PE (aT [128, 40, 128]) and, per (kt, 512-wide
+             chunk), loads a b chunk, a x b into PSUM, loads the w chunk, w' = w + a b (VectorE add reading
+             PSUM) and stores w' to an internal HBM tensor (40, 128, 12288); the main loop is KL.v3's without tT
+             or b (w' chunks loaded and split, 3 products, copy, 4 stores)                           11.1756 ms
+   Not points: _layout_check, offline_lora_bf16_split_sim (not kernels, no latency).
+   (a), SBUF bytes per partition, every tile of a scope counted live (identity 512, a or aT 20480, per M tile
+   lhs_t 20480 fp32 or 20480 of bf16 limbs, [128, 128] fp32 tiles 512, [128, 512] fp32 tiles 2048, bf16 1024):
+   KL.v1 44032, KL.v2 111616, KL.v3 114176, KL.v4 116736 B of 196608; PSUM: transpose + tT + 1 (KL.v1) or 4
+   accumulator banks. All four fit (KL.v4's w' is 252 MB of HBM).
+   Choices: as above; x, out in the presented 5-D layouts (the published reshape views); `nl.zeros(psum)` + `+=`
+   over the K tiles and then the b product = one accumulation group (first product overwrites, the rest
+   accumulate, the b product included); `lo = nisa.tensor_tensor(f - hi)` into a bf16 tile = one VectorE subtract
+   writing bf16 (no fp32 residual tile), as written; nl.static_range / affine_range as Python `range`; the internal
+   HBM tensor w' = one nl.ndarray in shared_hbm (not an output), written by dma_copy stores and read back by loads.
+
 Choices the published code leaves to the compiler or to the emulator's API (fixed here, before any v9 kernel):
 - As kernels_v8.py: NKI 0.7 form (`nisa.<op>(dst=..., ...)`); nl.affine_range loops as Python `range` in the
   published order; a 0.6-style `t = nl.ndarray(...)` allocates its tile at that point of the loop body, as written;

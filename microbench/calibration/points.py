@@ -148,6 +148,8 @@ add_rmsnorm_matmul (KAN.v1, KAN.v2, KAN.v3, KAN.v3b, KAN.v4) and 6 matmul_add_rm
 KMN.v3, KMN.v4); operators 7-11 (swiglu ... gqa_full) stay reserved.
 Extended again (after operators 5 and 6 landed, before any kernel of 7): 7 swiglu (KSW.v1, KSW.v2, KSW.d, KSW.b2,
 KSW.b4); operators 8-11 (lora ... gqa_full) stay reserved.
+Extended again (after operator 7 landed, before any kernel of 8): 8 lora (KL.v1, KL.v2, KL.v3, KL.v4); operators
+9-11 (rope_single_freq_apply, bmm_softmax, gqa_full) stay reserved.
 """
 from __future__ import annotations
 
