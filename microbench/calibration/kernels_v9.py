@@ -213,6 +213,9 @@ reserved.
    accumulate, the b product included); `lo = nisa.tensor_tensor(f - hi)` into a bf16 tile = one VectorE subtract
    writing bf16 (no fp32 residual tile), as written; nl.static_range / affine_range as Python `range`; the internal
    HBM tensor w' = one nl.ndarray in shared_hbm (not an output), written by dma_copy stores and read back by loads.
+   Added with the kernel (nothing modeled): PSUM accumulators released once evicted (`del`); the emulator's
+   allocation peaks on one M block at the published K, one 512-wide chunk: KL.v1 44032, v2 111104, v3 104960, v4
+   86016 B (at most the arithmetic above; KL.v4's aT is dead after the prologue) and 2, 4, 4, 4 PSUM banks.
 
 Choices the published code leaves to the compiler or to the emulator's API (fixed here, before any v9 kernel):
 - As kernels_v8.py: NKI 0.7 form (`nisa.<op>(dst=..., ...)`); nl.affine_range loops as Python `range` in the
@@ -255,6 +258,7 @@ KDA_REPORTS_MS = {
     "KAN.v1": (0.4953, 0.4948), "KAN.v2": (0.4770,), "KAN.v3": (0.4013,), "KAN.v3b": (0.5145,), "KAN.v4": (0.4014,),
     "KMN.v1": (0.9612,), "KMN.v2": (0.7722,), "KMN.v2p": (0.7728,), "KMN.v3": (0.7874,), "KMN.v4": (0.7733,),
     "KSW.v1": (2.2079,), "KSW.v2": (5.0669,), "KSW.d": (2.1372,), "KSW.b2": (2.1875,), "KSW.b4": (2.0219,),
+    "KL.v1": (38.3562,), "KL.v2": (14.8385,), "KL.v3": (11.3034, 11.2989), "KL.v4": (11.1756,),
 }
 
 
@@ -861,11 +865,183 @@ def kda_swiglu(x, w_up, w_down, w_gate, ident, variant):
     return out
 
 
+# ------------------------------------------------------------------------------------------------ lora (trn2)
+# out = x @ w + (x @ a) @ b from x [M_HI, M_LO, 128, KT, 128], w [KT, 128, N], a [KT, 128, R], b [R, N]; out
+# [M_HI, M_LO, 128, N / 128, 128]. A variant is (form, split): "tile" (per M tile, 128-wide N chunks, KL.v1),
+# "block" (M blocks of M_LO tiles sharing each 512-wide w chunk load, KL.v2 / v3), "fold" (w' = w + a b written to
+# an internal HBM tensor by a prologue, then the block loop on w' without the low-rank terms, KL.v4); split: the
+# base GEMM as bf16 hi / lo 3 products (lo written by the subtract directly as bf16).
+KL_VARIANTS = {"KL.v1": ("tile", False), "KL.v2": ("block", False), "KL.v3": ("block", True),
+               "KL.v4": ("fold", True)}
+LORA_M_HI, LORA_M_LO, LORA_KT, LORA_N, LORA_R = 8, 4, 40, 12288, 128
+
+
+def _hi_lo_direct(src_f, hi, lo):
+    """hi = bf16(src) (VectorE copy); lo = src - hi written as bf16 by one VectorE subtract."""
+    nisa.tensor_copy(dst=hi, src=src_f)
+    nisa.tensor_tensor(dst=lo, data1=src_f, data2=hi, op=nl.subtract)
+
+
+def _lora_x_tile(v1, ident_sb, mh, ml, kt):
+    """x tile (mh, ml, kt) [128, 128] loaded and PE-transposed into PSUM."""
+    lhs_sb = nl.ndarray((P_MAX, P_MAX), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=lhs_sb, src=v1[mh, ml, :, kt, :])
+    t_psum = nl.ndarray((P_MAX, P_MAX), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_transpose(dst=t_psum, data=lhs_sb)        # SBUF -> PSUM: TensorE
+    return t_psum
+
+
+def _lora_a(v3):
+    a_sb = nl.ndarray((P_MAX, v3.shape[0], v3.shape[2]), dtype=nl.float32, buffer=nl.sbuf)
+    for kt in range(v3.shape[0]):
+        nisa.dma_copy(dst=a_sb[:, kt, :], src=v3[kt])
+    return a_sb
+
+
+def _lora_tile_form(out, v1, v2, v4, a_sb, ident_sb):
+    """KL.v1: per M tile the transposes, tT = (x a)^T, then per 128-wide N chunk the K tiles and the b product."""
+    m_hi, m_lo, _, k_tiles, _ = v1.shape
+    r = a_sb.shape[2]
+    for mh in range(m_hi):
+        for ml in range(m_lo):
+            lhs_t = nl.ndarray((P_MAX, k_tiles, P_MAX), dtype=nl.float32, buffer=nl.sbuf)
+            for kt in range(k_tiles):
+                nisa.tensor_copy(dst=lhs_t[:, kt, :], src=_lora_x_tile(v1, ident_sb, mh, ml, kt))
+            tT_psum = nl.ndarray((r, P_MAX), dtype=nl.float32, buffer=nl.psum)
+            for kt in range(k_tiles):
+                nisa.nc_matmul(tT_psum, a_sb[:, kt, :], lhs_t[:, kt, :], accumulate=kt > 0)
+            tT = nl.ndarray((r, P_MAX), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.tensor_copy(dst=tT, src=tT_psum)
+            del tT_psum
+            for nt in range(out.shape[3]):
+                cols = slice(nt * P_MAX, (nt + 1) * P_MAX)
+                acc = nl.ndarray((P_MAX, P_MAX), dtype=nl.float32, buffer=nl.psum)
+                for kt in range(k_tiles):
+                    w_tile = nl.ndarray((P_MAX, P_MAX), dtype=nl.float32, buffer=nl.sbuf)
+                    nisa.dma_copy(dst=w_tile, src=v2[kt, :, cols])
+                    nisa.nc_matmul(acc, lhs_t[:, kt, :], w_tile, accumulate=kt > 0)
+                b_tile = nl.ndarray((r, P_MAX), dtype=nl.float32, buffer=nl.sbuf)
+                nisa.dma_copy(dst=b_tile, src=v4[:, cols])
+                nisa.nc_matmul(acc, tT, b_tile, accumulate=True)
+                out_sb = nl.ndarray((P_MAX, P_MAX), dtype=nl.float32, buffer=nl.sbuf)
+                nisa.tensor_copy(dst=out_sb, src=acc)
+                nisa.dma_copy(dst=out[mh, ml, :, nt, :], src=out_sb)
+
+
+def _lora_fold(v2, v3, v4, ident_sb):
+    """KL.v4's prologue: aT = the a tiles PE-transposed; per (kt, 512-wide chunk) w' = w + a b stored to HBM."""
+    k_tiles, _, r = v3.shape
+    n = v2.shape[2]
+    w_prime = nl.ndarray(v2.shape, dtype=nl.float32, buffer=nl.shared_hbm)
+    aT = nl.ndarray((r, k_tiles, P_MAX), dtype=nl.float32, buffer=nl.sbuf)
+    for kt in range(k_tiles):
+        a_sb = nl.ndarray((P_MAX, r), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=a_sb, src=v3[kt])
+        aT_psum = nl.ndarray((r, P_MAX), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_transpose(dst=aT_psum, data=a_sb)        # SBUF -> PSUM: TensorE
+        nisa.tensor_copy(dst=aT[:, kt, :], src=aT_psum)
+    for kt in range(k_tiles):
+        for c in range(n // PSUM_FP32_BANK):
+            cols = slice(c * PSUM_FP32_BANK, (c + 1) * PSUM_FP32_BANK)
+            b_chunk = nl.ndarray((r, PSUM_FP32_BANK), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.dma_copy(dst=b_chunk, src=v4[:, cols])
+            ab_psum = nl.ndarray((P_MAX, PSUM_FP32_BANK), dtype=nl.float32, buffer=nl.psum)
+            nisa.nc_matmul(ab_psum, aT[:, kt, :], b_chunk, accumulate=False)
+            w_chunk = nl.ndarray((P_MAX, PSUM_FP32_BANK), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.dma_copy(dst=w_chunk, src=v2[kt, :, cols])
+            wp_sb = nl.ndarray((P_MAX, PSUM_FP32_BANK), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.tensor_tensor(dst=wp_sb, data1=w_chunk, data2=ab_psum, op=nl.add)
+            nisa.dma_copy(dst=w_prime[kt, :, cols], src=wp_sb)
+    return w_prime
+
+
+def _lora_block_lhs(v1, ident_sb, mh, a_sb, split, low_rank):
+    """An M block's transposed x tiles: (fp32,) or (hi, lo) [128, M_LO, KT, 128], and (low_rank) its tT [R, M_LO,
+    128] = (x a)^T (accumulated after the transposes, or, split, interleaved on each tile's fp32 copy)."""
+    _, m_lo, _, k_tiles, _ = v1.shape
+    lhs = _limb_tiles((P_MAX, m_lo, k_tiles, P_MAX), split)
+    tT = nl.ndarray((a_sb.shape[2], m_lo, P_MAX), dtype=nl.float32, buffer=nl.sbuf) if low_rank else None
+    for ml in range(m_lo):
+        tT_psum = nl.ndarray((a_sb.shape[2], P_MAX), dtype=nl.float32, buffer=nl.psum) if low_rank else None
+        for kt in range(k_tiles):
+            t_psum = _lora_x_tile(v1, ident_sb, mh, ml, kt)
+            if not split:
+                nisa.tensor_copy(dst=lhs[0][:, ml, kt, :], src=t_psum)
+                continue
+            t_f = nl.ndarray((P_MAX, P_MAX), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.tensor_copy(dst=t_f, src=t_psum)
+            if low_rank:
+                nisa.nc_matmul(tT_psum, a_sb[:, kt, :], t_f, accumulate=kt > 0)
+            _hi_lo_direct(t_f, lhs[0][:, ml, kt, :], lhs[1][:, ml, kt, :])
+        if low_rank and not split:
+            for kt in range(k_tiles):
+                nisa.nc_matmul(tT_psum, a_sb[:, kt, :], lhs[0][:, ml, kt, :], accumulate=kt > 0)
+        if low_rank:
+            nisa.tensor_copy(dst=tT[:, ml, :], src=tT_psum)
+            del tT_psum
+    return lhs, tT
+
+
+def _lora_block_form(out, v1, w_src, v4, a_sb, ident_sb, split):
+    """KL.v2 / v3 (w_src = w, a_sb and b given) and KL.v4's main loop (w_src = w', no low-rank terms)."""
+    m_hi, m_lo, _, k_tiles, _ = v1.shape
+    n = w_src.shape[2]
+    sub = PSUM_FP32_BANK // P_MAX
+    low_rank = a_sb is not None
+    for mh in range(m_hi):
+        lhs, tT = _lora_block_lhs(v1, ident_sb, mh, a_sb, split, low_rank)
+        for c in range(n // PSUM_FP32_BANK):
+            cols = slice(c * PSUM_FP32_BANK, (c + 1) * PSUM_FP32_BANK)
+            acc = nl.ndarray((P_MAX, m_lo, PSUM_FP32_BANK), dtype=nl.float32, buffer=nl.psum)
+            for kt in range(k_tiles):
+                w_chunk = nl.ndarray((P_MAX, PSUM_FP32_BANK), dtype=nl.float32, buffer=nl.sbuf)
+                nisa.dma_copy(dst=w_chunk, src=w_src[kt, :, cols])
+                w_t = (w_chunk,)
+                if split:
+                    w_t = tuple(nl.ndarray((P_MAX, PSUM_FP32_BANK), dtype=nl.bfloat16, buffer=nl.sbuf)
+                                for _ in range(2))
+                    _hi_lo_direct(w_chunk, *w_t)
+                for ml in range(m_lo):
+                    for i, (st, mv) in enumerate(_pairs([t[:, ml, kt, :] for t in lhs], w_t)):
+                        nisa.nc_matmul(acc[:, ml, :], st, mv, accumulate=kt > 0 or i > 0)
+            if low_rank:
+                b_chunk = nl.ndarray((a_sb.shape[2], PSUM_FP32_BANK), dtype=nl.float32, buffer=nl.sbuf)
+                nisa.dma_copy(dst=b_chunk, src=v4[:, cols])
+            for ml in range(m_lo):
+                if low_rank:
+                    nisa.nc_matmul(acc[:, ml, :], tT[:, ml, :], b_chunk, accumulate=True)
+                out_sb = nl.ndarray((P_MAX, PSUM_FP32_BANK), dtype=nl.float32, buffer=nl.sbuf)
+                nisa.tensor_copy(dst=out_sb, src=acc[:, ml, :])
+                for j in range(sub):
+                    nisa.dma_copy(dst=out[mh, ml, :, sub * c + j, :], src=out_sb[:, j * P_MAX:(j + 1) * P_MAX])
+            del acc
+
+
+@nki.jit
+def kda_lora(v1, v2, v3, v4, ident, variant):
+    """KL.*: out [M_HI, M_LO, 128, N / 128, 128] = x @ w + (x @ a) @ b for x v1 [M_HI, M_LO, 128, KT, 128], w v2
+    [KT, 128, N], a v3 [KT, 128, R], b v4 [R, N] (fp32), ident the [128, 128] fp32 identity (loaded once, as
+    published), the published `variant`'s data flow (KL_VARIANTS)."""
+    form, split = KL_VARIANTS[variant]
+    m_hi, m_lo, _, _, _ = v1.shape
+    out = nl.ndarray((m_hi, m_lo, P_MAX, v2.shape[2] // P_MAX, P_MAX), dtype=nl.float32, buffer=nl.shared_hbm)
+    ident_sb = nl.ndarray((P_MAX, P_MAX), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=ident_sb, src=ident)
+    if form == "fold":
+        _lora_block_form(out, v1, _lora_fold(v2, v3, v4, ident_sb), None, None, ident_sb, split)
+    elif form == "tile":
+        _lora_tile_form(out, v1, v2, v4, _lora_a(v3), ident_sb)
+    else:
+        _lora_block_form(out, v1, v2, v4, _lora_a(v3), ident_sb, split)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ point specs
 # Each spec is a calibration Point's fields (points.py adds split="sealed"). make(k, rng) -> (args, kwargs).
 # bmm: k = batches (published 16; a multiple of the variant's batch block), M and N as published unless given;
 # rmsnorm_matmul, add_rmsnorm_matmul, matmul_add_rmsnorm: k = M tiles (published 32), K and N as published unless
-# given; swiglu: k = M tiles (published 32), K, N and K_OUT as published unless given.
+# given; swiglu: k = M tiles (published 32), K, N and K_OUT as published unless given; lora: k = M blocks m_hi
+# (published 8 of 4 tiles), K tiles and N as published unless given.
 
 
 def _normal(rng, *shape):
@@ -1048,7 +1224,44 @@ def _ksw(pid):
                 reference=ref_swiglu_tiled, timing="prof", notes=_KSW_NOTES[pid] + "; k = M tiles")
 
 
+def _kl_make(variant):
+    def make(k, rng, k_tiles=LORA_KT, n=LORA_N, m_lo=LORA_M_LO):
+        import numpy as np
+        kk = k_tiles * P_MAX
+        x = _normal(rng, k, m_lo, P_MAX, k_tiles, P_MAX)
+        w = _normal(rng, k_tiles, P_MAX, n) / np.float32(np.sqrt(kk))
+        a = _normal(rng, k_tiles, P_MAX, LORA_R) / np.float32(np.sqrt(kk))
+        b = _normal(rng, LORA_R, n) / np.float32(np.sqrt(LORA_R))
+        return (x, w, a, b, np.identity(P_MAX, dtype=np.float32), variant), {}
+    return make
+
+
+def ref_lora_tiled(v1, v2, v3, v4, *_consts):
+    """x @ w + (x @ a) @ b in float64 from the presented layouts, as [M_HI, M_LO, 128, N / 128, 128]."""
+    import numpy as np
+    kk = v1.shape[3] * P_MAX
+    x = v1.astype(np.float64).reshape(-1, kk)
+    w, a = v2.astype(np.float64).reshape(kk, -1), v3.astype(np.float64).reshape(kk, -1)
+    out = x @ w + (x @ a) @ v4.astype(np.float64)
+    return out.reshape(v1.shape[0], v1.shape[1], P_MAX, v2.shape[2] // P_MAX, P_MAX)
+
+
+_KL_NOTES = {
+    "KL.v1": "lora_v1: per M tile 40 PE transposes, tT = (x a)^T, 96 x 128-wide N chunks with the b product fused",
+    "KL.v2": "lora_v2_mblk4: 4-tile M blocks sharing each 512-wide w chunk load (4 PSUM banks)",
+    "KL.v3": "lora_v3_bf16_split (2 reports, median): KL.v2 with the bf16x2 3-product base GEMM",
+    "KL.v4": "lora_v4_fold: prologue w' = w + a b to HBM, then KL.v3's base GEMM on w'",
+}
+
+
+def _kl(pid):
+    return dict(id=pid, name="lora", shape="M4096 K5120 N12288 R128 fp32 (x [8, 4, 128, 40, 128])", target="trn2",
+                measured_us=1000.0 * median(KDA_REPORTS_MS[pid]), source=_KDA_SRC + "workspaces/lora",
+                kernel=kda_lora, make=_kl_make(pid), k_full=LORA_M_HI, k_model=(LORA_M_HI,),
+                reference=ref_lora_tiled, timing="prof", notes=_KL_NOTES[pid] + "; k = M blocks (m_hi)")
+
+
 KB_DROPPED = {"KB.lt": "bmm_v2_d2_loadtranspose: fp32 load_transpose2d (a 4-byte DMA transpose) cannot run as written"}
 POINT_SPECS = (*[_kb(pid) for pid in KB_VARIANTS], *[_kr(pid) for pid in KR_VARIANTS],
                *[_kan(pid) for pid in KAN_VARIANTS], *[_kmn(pid) for pid in KMN_VARIANTS],
-               *[_ksw(pid) for pid in KSW_VARIANTS])
+               *[_ksw(pid) for pid in KSW_VARIANTS], *[_kl(pid) for pid in KL_VARIANTS])

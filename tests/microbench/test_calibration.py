@@ -78,6 +78,9 @@ _SMALL = {     # small shapes with the same tiling, for the correctness check
     # KDA swiglu: two M blocks of the variant, K = 2 x 128, N = 2 x 512, K_OUT = 2 x 512
     **{pid: (lambda rng, pid=pid, mb=mb: BY_ID[pid].make(2 * mb, rng, kk=256, n=1024, k_out=1024))
        for pid, mb in (("KSW.v1", 1), ("KSW.v2", 1), ("KSW.d", 1), ("KSW.b2", 2), ("KSW.b4", 4))},
+    # KDA lora: one M block of the published 4 tiles, K = 2 x 128, N = 2 x 512 (8 x 128 for KL.v1)
+    **{pid: (lambda rng, pid=pid: BY_ID[pid].make(1, rng, k_tiles=2, n=1024))
+       for pid in ("KL.v1", "KL.v2", "KL.v3", "KL.v4")},
 }
 
 
@@ -649,6 +652,26 @@ def test_v9_swiglu_points_and_fit():
         assert p.measured_us == pytest.approx(1000.0 * ms) and p.k_model == (p.k_full,) == (32,)
         args, kw = p.make(V9.KSW_VARIANTS[pid][2], np.random.default_rng(1))
         assert [a.shape[1:] for a in args[:4]] == [(128, 1024), (128, 3072), (128, 1024), (128, 3072)]
+        res = run(p.kernel, *args, target="trn2", lnc=1, **kw)
+        assert (res.sbuf_peak_bytes[0], res.psum_peak_banks[0]) == peak, pid
+        assert peak[0] <= selection <= 192 * 1024
+
+
+def test_v9_lora_points_and_fit():
+    """The v9 selection's lora streams (published latency_ms, KL.v3 the median of 2 rows), sealed, trn2, prof, at
+    the published shape (8 M blocks of 4 tiles); rule (a) by the emulator's allocation check on one M block at the
+    published K = 40 x 128 and one 512-wide N chunk (every chunk allocates the same tiles; nothing modeled): SBUF
+    peak at most the selection's arithmetic."""
+    from microbench.calibration import kernels_v9 as V9
+    rows = {"KL.v1": (38.3562, 44032, (44032, 2)), "KL.v2": (14.8385, 111616, (111104, 4)),
+            "KL.v3": (11.30115, 114176, (104960, 4)), "KL.v4": (11.1756, 116736, (86016, 4))}
+    assert {p.id for p in POINTS if p.name == "lora" and p.split == "sealed"} == set(rows) == set(V9.KL_VARIANTS)
+    for pid, (ms, selection, peak) in rows.items():
+        p = BY_ID[pid]
+        assert (p.target, p.timing) == ("trn2", "prof")
+        assert p.measured_us == pytest.approx(1000.0 * ms) and p.k_model == (p.k_full,) == (8,)
+        args, kw = p.make(1, np.random.default_rng(1), n=512)
+        assert [a.shape for a in args[:4]] == [(1, 4, 128, 40, 128), (40, 128, 512), (40, 128, 128), (128, 512)]
         res = run(p.kernel, *args, target="trn2", lnc=1, **kw)
         assert (res.sbuf_peak_bytes[0], res.psum_peak_banks[0]) == peak, pid
         assert peak[0] <= selection <= 192 * 1024
