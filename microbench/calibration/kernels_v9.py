@@ -217,6 +217,37 @@ reserved.
    allocation peaks on one M block at the published K, one 512-wide chunk: KL.v1 44032, v2 111104, v3 104960, v4
    86016 B (at most the arithmetic above; KL.v4's aT is dead after the prologue) and 2, 4, 4, 4 PSUM banks.
 
+Fourth extension of the selection (committed after operator 8 landed, before any kernel of operator 9 was written;
+same rule, nothing modeled): **9 rope_single_freq_apply**; operators 10-11 (bmm_softmax, gqa_full) stay reserved.
+
+9. rope_single_freq_apply: out[:64] = x0 * cos - x1 * sin, out[64:] = x1 * cos + x0 * sin (x0 / x1 the two halves
+   of D = 128), presented as x (128, 262144) [D, B*H*N], cos, sin (64, 262144), out (128, 262144) fp32. Three
+   kernel families, each file a tile width W of the free axis (one point per file: W changes every instruction's
+   size and count); every row (workspaces/rope_single_freq_apply/benchmark.csv), latency_ms:
+     layout A (rope_v1*): per W-wide tile x0, x1, cos, sin loaded as four [64, W] tiles; VectorE tensor_tensor
+     x0 * c, x1 * s, subtract -> out0, store; x0 * s, x1 * c, add -> out1, store (six VectorE instructions):
+       KRO.a2048 rope_v1 0.9445, KRO.a512 rope_v1_w512 1.0335, KRO.a1024 rope_v1_w1024 1.0350, KRO.a4096
+       rope_v1_w4096 1.0223 ms
+     layout B, ScalarE-built (rope_v2_layoutB_scalar*): per tile x loaded as one [128, W] tile; cos and sin each
+     loaded into partitions 0-63 of a [128, W] pack and copied to partitions 64-127 by a ScalarE activation
+     (copy, scale 1); x_swap_neg = [-x1; x0] by two ScalarE activations (copy, scale -1 / +1); VectorE x * cos,
+     x_swap_neg * sin, add; one [128, W] store:
+       KRO.b2048 rope_v2_layoutB_scalar 0.7801, KRO.b512 _w512 0.7337, KRO.b1024 _w1024 0.7931, KRO.b4096 _w4096
+       0.7812, KRO.b256 _w256 0.7335 ms
+     layout B, PE swap (rope_v3_layoutB_pe*): a [128, 128] 0 / +-1 swap matrix loaded once; per tile as layout B
+     but x_swap_neg = one nc_matmul (stationary swap matrix, moving x tile) into a [128, W] PSUM tile, read by the
+     VectorE multiply:
+       KRO.p512 rope_v3_layoutB_pe 0.6960, KRO.p256 _w256 0.6870, KRO.p128 _w128 0.6986 ms
+   (a), SBUF bytes per partition, every tile of a scope counted live: layout A 10 [64, W] fp32 tiles = 40 W
+   (a4096: 163840), layout B 7 [128, W] tiles = 28 W (b4096: 114688), PE 6 tiles + the swap matrix = 24 W + 512
+   (p512: 12800) of 196608; PSUM: the PE family's [128, W] fp32 swap result, W <= 512 (one bank). All twelve fit.
+   Choices: as above; a 0.6-style `t = nisa.tensor_tensor(...)` allocates a new SBUF tile of its operands' shape
+   at that point; nisa.tensor_tensor on VectorE (the emulator's default; the published notes' engine attribution
+   is not used); nisa.activation(op=nl.copy, scale) on ScalarE = one nisa.activation with that scale, reading and
+   writing the partition ranges as written; the swap matrix is a host constant passed as an input (as
+   nl.shared_constant); x, cos, sin in their presented layouts. Modeling: k = W-wide tiles (published 262144 / W),
+   at the published shape.
+
 Choices the published code leaves to the compiler or to the emulator's API (fixed here, before any v9 kernel):
 - As kernels_v8.py: NKI 0.7 form (`nisa.<op>(dst=..., ...)`); nl.affine_range loops as Python `range` in the
   published order; a 0.6-style `t = nl.ndarray(...)` allocates its tile at that point of the loop body, as written;

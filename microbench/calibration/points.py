@@ -150,6 +150,9 @@ Extended again (after operators 5 and 6 landed, before any kernel of 7): 7 swigl
 KSW.b4); operators 8-11 (lora ... gqa_full) stay reserved.
 Extended again (after operator 7 landed, before any kernel of 8): 8 lora (KL.v1, KL.v2, KL.v3, KL.v4); operators
 9-11 (rope_single_freq_apply, bmm_softmax, gqa_full) stay reserved.
+Extended again (after operator 8 landed, before any kernel of 9): 9 rope_single_freq_apply (KRO.a512 / a1024 /
+a2048 / a4096, KRO.b256 / b512 / b1024 / b2048 / b4096, KRO.p128 / p256 / p512); operators 10-11 (bmm_softmax,
+gqa_full) stay reserved.
 """
 from __future__ import annotations
 
