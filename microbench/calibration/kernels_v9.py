@@ -247,6 +247,8 @@ same rule, nothing modeled): **9 rope_single_freq_apply**; operators 10-11 (bmm_
    writing the partition ranges as written; the swap matrix is a host constant passed as an input (as
    nl.shared_constant); x, cos, sin in their presented layouts. Modeling: k = W-wide tiles (published 262144 / W),
    at the published shape.
+   Added with the kernel (nothing modeled): the emulator's allocation peaks on one tile are 28 W (layouts A and B;
+   A's input and product tiles die as it goes) and 24 W + 512 B (PE), at most the arithmetic above.
 
 Choices the published code leaves to the compiler or to the emulator's API (fixed here, before any v9 kernel):
 - As kernels_v8.py: NKI 0.7 form (`nisa.<op>(dst=..., ...)`); nl.affine_range loops as Python `range` in the
@@ -290,6 +292,9 @@ KDA_REPORTS_MS = {
     "KMN.v1": (0.9612,), "KMN.v2": (0.7722,), "KMN.v2p": (0.7728,), "KMN.v3": (0.7874,), "KMN.v4": (0.7733,),
     "KSW.v1": (2.2079,), "KSW.v2": (5.0669,), "KSW.d": (2.1372,), "KSW.b2": (2.1875,), "KSW.b4": (2.0219,),
     "KL.v1": (38.3562,), "KL.v2": (14.8385,), "KL.v3": (11.3034, 11.2989), "KL.v4": (11.1756,),
+    "KRO.a2048": (0.9445,), "KRO.a512": (1.0335,), "KRO.a1024": (1.0350,), "KRO.a4096": (1.0223,),
+    "KRO.b2048": (0.7801,), "KRO.b512": (0.7337,), "KRO.b1024": (0.7931,), "KRO.b4096": (0.7812,),
+    "KRO.b256": (0.7335,), "KRO.p512": (0.6960,), "KRO.p256": (0.6870,), "KRO.p128": (0.6986,),
 }
 
 
@@ -1067,12 +1072,101 @@ def kda_lora(v1, v2, v3, v4, ident, variant):
     return out
 
 
+# ----------------------------------------------------------------------------------------- rope_single_freq_apply
+# out[:h] = x0 * cos - x1 * sin, out[h:] = x1 * cos + x0 * sin from x [D, S] (x0 = x[:h], x1 = x[h:], h = D / 2),
+# cos, sin [h, S]; out [D, S]. A variant is (layout, W): "a" (four [h, W] tiles, six VectorE ops, two stores), "b"
+# ([D, W] tiles; cos / sin packs and x_swap_neg = [-x1; x0] built by ScalarE copies), "p" (layout b with x_swap_neg
+# one PE matmul by a 0 / +-1 swap matrix into PSUM); W the tile width.
+KRO_VARIANTS = {
+    **{f"KRO.a{w}": ("a", w) for w in (512, 1024, 2048, 4096)},
+    **{f"KRO.b{w}": ("b", w) for w in (256, 512, 1024, 2048, 4096)},
+    **{f"KRO.p{w}": ("p", w) for w in (128, 256, 512)},
+}
+ROPE_D, ROPE_S = 128, 262144
+
+
+def rope_swap_matrix(d=ROPE_D):
+    """The [D, D] stationary operand whose product with x is [-x1; x0] (the published 0 / +-1 permutation)."""
+    import numpy as np
+    h = d // 2
+    m = np.zeros((d, d), dtype=np.float32)
+    m[np.arange(h), h + np.arange(h)] = 1.0
+    m[h + np.arange(h), np.arange(h)] = -1.0
+    return m
+
+
+def _vec(op, data1, data2):
+    """A 0.6-style `t = nisa.tensor_tensor(...)`: a new SBUF tile, one VectorE instruction."""
+    t = nl.ndarray(data1.shape, dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=t, data1=data1, data2=data2, op=op)
+    return t
+
+
+def _rope_layout_a(out, x, cos, sin, cols, w):
+    h = x.shape[0] // 2
+    x0, x1, c, s_ = (nl.ndarray((h, w), dtype=nl.float32, buffer=nl.sbuf) for _ in range(4))
+    for dst, src in ((x0, x[0:h, cols]), (x1, x[h:2 * h, cols]), (c, cos[:, cols]), (s_, sin[:, cols])):
+        nisa.dma_copy(dst=dst, src=src)
+    out0 = _vec(nl.subtract, _vec(nl.multiply, x0, c), _vec(nl.multiply, x1, s_))
+    nisa.dma_copy(dst=out[0:h, cols], src=out0)
+    e_sin = _vec(nl.multiply, x0, s_)
+    out1 = _vec(nl.add, _vec(nl.multiply, x1, c), e_sin)
+    nisa.dma_copy(dst=out[h:2 * h, cols], src=out1)
+
+
+def _rope_pack(src, cols, d, w):
+    """[d, w] pack: the [d / 2, w] tile loaded into partitions 0..h-1, copied to h..d-1 by a ScalarE activation."""
+    h = d // 2
+    pack = nl.ndarray((d, w), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=pack[0:h, :], src=src[:, cols])
+    nisa.activation(dst=pack[h:d, :], op=nl.copy, data=pack[0:h, :], scale=1.0)
+    return pack
+
+
+def _rope_layout_b(out, x, cos, sin, swap_sb, cols, w):
+    d = x.shape[0]
+    h = d // 2
+    a = nl.ndarray((d, w), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=a, src=x[:, cols])
+    cos_pack = _rope_pack(cos, cols, d, w)
+    sin_pack = _rope_pack(sin, cols, d, w)
+    if swap_sb is None:
+        xs = nl.ndarray((d, w), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.activation(dst=xs[0:h, :], op=nl.copy, data=a[h:d, :], scale=-1.0)
+        nisa.activation(dst=xs[h:d, :], op=nl.copy, data=a[0:h, :], scale=1.0)
+    else:
+        xs = nl.ndarray((d, w), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_matmul(xs, swap_sb, a, accumulate=False)
+    out_tile = _vec(nl.add, _vec(nl.multiply, a, cos_pack), _vec(nl.multiply, xs, sin_pack))
+    nisa.dma_copy(dst=out[:, cols], src=out_tile)
+
+
+@nki.jit
+def kda_rope(x, cos, sin, swap, variant):
+    """KRO.*: rotate-half RoPE of x [D, S] with cos, sin [D / 2, S] (fp32), swap the [D, D] swap matrix (KRO.p*
+    only, loaded once; None otherwise), the published `variant`'s data flow (KRO_VARIANTS)."""
+    layout, w = KRO_VARIANTS[variant]
+    d, s_len = x.shape
+    out = nl.ndarray((d, s_len), dtype=nl.float32, buffer=nl.shared_hbm)
+    swap_sb = None
+    if layout == "p":
+        swap_sb = nl.ndarray((d, d), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=swap_sb, src=swap)
+    for j in range(s_len // w):
+        cols = slice(j * w, (j + 1) * w)
+        if layout == "a":
+            _rope_layout_a(out, x, cos, sin, cols, w)
+        else:
+            _rope_layout_b(out, x, cos, sin, swap_sb, cols, w)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ point specs
 # Each spec is a calibration Point's fields (points.py adds split="sealed"). make(k, rng) -> (args, kwargs).
 # bmm: k = batches (published 16; a multiple of the variant's batch block), M and N as published unless given;
 # rmsnorm_matmul, add_rmsnorm_matmul, matmul_add_rmsnorm: k = M tiles (published 32), K and N as published unless
 # given; swiglu: k = M tiles (published 32), K, N and K_OUT as published unless given; lora: k = M blocks m_hi
-# (published 8 of 4 tiles), K tiles and N as published unless given.
+# (published 8 of 4 tiles), K tiles and N as published unless given; rope: k = W-wide tiles (published 262144 / W).
 
 
 def _normal(rng, *shape):
@@ -1292,7 +1386,40 @@ def _kl(pid):
                 reference=ref_lora_tiled, timing="prof", notes=_KL_NOTES[pid] + "; k = M blocks (m_hi)")
 
 
+def _kro_make(variant):
+    def make(k, rng, d=ROPE_D):
+        s_len = k * KRO_VARIANTS[variant][1]
+        swap = rope_swap_matrix(d) if KRO_VARIANTS[variant][0] == "p" else None
+        return (_normal(rng, d, s_len), _normal(rng, d // 2, s_len), _normal(rng, d // 2, s_len), swap, variant), {}
+    return make
+
+
+def ref_rope_rotate_half(x, cos, sin, *_consts):
+    """Rotate-half RoPE with D on the first axis, float64."""
+    import numpy as np
+    x64, c, s_ = (t.astype(np.float64) for t in (x, cos, sin))
+    h = x.shape[0] // 2
+    return np.concatenate([x64[:h] * c - x64[h:] * s_, x64[h:] * c + x64[:h] * s_], axis=0)
+
+
+_KRO_FILES = {"a": "rope_v1{}: layout A, [64, W] tiles, six VectorE ops",
+              "b": "rope_v2_layoutB_scalar{}: layout B, ScalarE-built packs and swap",
+              "p": "rope_v3_layoutB_pe{}: layout B, PE swap matmul into PSUM"}
+_KRO_DEFAULT_W = {"a": 2048, "b": 2048, "p": 512}
+
+
+def _kro(pid):
+    layout, w = KRO_VARIANTS[pid]
+    suffix = "" if w == _KRO_DEFAULT_W[layout] else f"_w{w}"
+    return dict(id=pid, name="rope_single_freq_apply", shape="D128 S262144 fp32 (x [128, 262144])",
+                target="trn2", measured_us=1000.0 * median(KDA_REPORTS_MS[pid]),
+                source=_KDA_SRC + "workspaces/rope_single_freq_apply", kernel=kda_rope, make=_kro_make(pid),
+                k_full=ROPE_S // w, k_model=(ROPE_S // w,), reference=ref_rope_rotate_half, timing="prof",
+                notes=_KRO_FILES[layout].format(suffix) + f", W = {w}; k = W-wide tiles")
+
+
 KB_DROPPED = {"KB.lt": "bmm_v2_d2_loadtranspose: fp32 load_transpose2d (a 4-byte DMA transpose) cannot run as written"}
 POINT_SPECS = (*[_kb(pid) for pid in KB_VARIANTS], *[_kr(pid) for pid in KR_VARIANTS],
                *[_kan(pid) for pid in KAN_VARIANTS], *[_kmn(pid) for pid in KMN_VARIANTS],
-               *[_ksw(pid) for pid in KSW_VARIANTS], *[_kl(pid) for pid in KL_VARIANTS])
+               *[_ksw(pid) for pid in KSW_VARIANTS], *[_kl(pid) for pid in KL_VARIANTS],
+               *[_kro(pid) for pid in KRO_VARIANTS])

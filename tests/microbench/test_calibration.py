@@ -81,6 +81,10 @@ _SMALL = {     # small shapes with the same tiling, for the correctness check
     # KDA lora: one M block of the published 4 tiles, K = 2 x 128, N = 2 x 512 (8 x 128 for KL.v1)
     **{pid: (lambda rng, pid=pid: BY_ID[pid].make(1, rng, k_tiles=2, n=1024))
        for pid in ("KL.v1", "KL.v2", "KL.v3", "KL.v4")},
+    # KDA rope_single_freq_apply: two W-wide tiles of every published W (D = 128 as published)
+    **{pid: (lambda rng, pid=pid: BY_ID[pid].make(2, rng))
+       for pid in ("KRO.a512", "KRO.a1024", "KRO.a2048", "KRO.a4096", "KRO.b256", "KRO.b512", "KRO.b1024",
+                   "KRO.b2048", "KRO.b4096", "KRO.p128", "KRO.p256", "KRO.p512")},
 }
 
 
@@ -675,3 +679,28 @@ def test_v9_lora_points_and_fit():
         res = run(p.kernel, *args, target="trn2", lnc=1, **kw)
         assert (res.sbuf_peak_bytes[0], res.psum_peak_banks[0]) == peak, pid
         assert peak[0] <= selection <= 192 * 1024
+
+
+def test_v9_rope_points_and_fit():
+    """The v9 selection's rope_single_freq_apply files (one row each, published latency_ms), sealed, trn2, prof, at
+    the published S = 262144 (k = W-wide tiles); rule (a) by the emulator's allocation check on one tile (every
+    tile allocates the same; nothing modeled): SBUF peak at most the selection's arithmetic (40 W, 28 W,
+    24 W + 512 B), PSUM one bank for the PE family."""
+    from microbench.calibration import kernels_v9 as V9
+    published_ms = {"KRO.a2048": 0.9445, "KRO.a512": 1.0335, "KRO.a1024": 1.0350, "KRO.a4096": 1.0223,
+                    "KRO.b2048": 0.7801, "KRO.b512": 0.7337, "KRO.b1024": 0.7931, "KRO.b4096": 0.7812,
+                    "KRO.b256": 0.7335, "KRO.p512": 0.6960, "KRO.p256": 0.6870, "KRO.p128": 0.6986}
+    assert {p.id for p in POINTS if p.name == "rope_single_freq_apply"} == set(published_ms) == set(V9.KRO_VARIANTS)
+    selection = {"a": lambda w: 40 * w, "b": lambda w: 28 * w, "p": lambda w: 24 * w + 512}
+    for pid, ms in published_ms.items():
+        p = BY_ID[pid]
+        layout, w = V9.KRO_VARIANTS[pid]
+        assert (p.split, p.target, p.timing) == ("sealed", "trn2", "prof")
+        assert p.measured_us == pytest.approx(1000.0 * ms) and p.k_model == (p.k_full,) == (262144 // w,)
+        args, kw = p.make(1, np.random.default_rng(1))
+        assert (args[0].shape, args[1].shape) == ((128, w), (64, w))
+        res = run(p.kernel, *args, target="trn2", lnc=1, **kw)
+        peak = (28 * w if layout != "p" else 24 * w + 512, 1 if layout == "p" else 0)
+        assert (res.sbuf_peak_bytes[0], res.psum_peak_banks[0]) == peak, pid
+        assert peak[0] <= selection[layout](w) <= 192 * 1024
+    np.testing.assert_array_equal(V9.rope_swap_matrix(4), [[0, 0, 1, 0], [0, 0, 0, 1], [-1, 0, 0, 0], [0, -1, 0, 0]])
