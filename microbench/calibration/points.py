@@ -153,6 +153,8 @@ Extended again (after operator 7 landed, before any kernel of 8): 8 lora (KL.v1,
 Extended again (after operator 8 landed, before any kernel of 9): 9 rope_single_freq_apply (KRO.a512 / a1024 /
 a2048 / a4096, KRO.b256 / b512 / b1024 / b2048 / b4096, KRO.p128 / p256 / p512); operators 10-11 (bmm_softmax,
 gqa_full) stay reserved.
+Extended again (after operator 9 landed, before any kernel of 10): 10 bmm_softmax (KBS.v1, v2, n32, f32, n8, n16
+= v4 and v5_copy_vector by (b), cs, c44, ns); operator 11 (gqa_full) stays reserved.
 """
 from __future__ import annotations
 
