@@ -288,6 +288,8 @@ same rule, nothing modeled): **10 bmm_softmax**; operator 11 (gqa_full) stays re
    Choices: as above and bmm's; nisa.reciprocal on VectorE; tensor_reduce(negate=True) one VectorE instruction;
    the fused exp + row sum one ScalarE activation with reduce_res; nisa.tensor_copy(engine=...) on the engine
    written. Modeling: k = batches (16) at the published shape.
+   Added with the kernel (nothing modeled): the emulator's allocation peaks are the arithmetic above less the
+   256 B lhs tile (dead once transposed), with one PSUM accumulator bank live at a time (KBS.c44 included).
 
 Choices the published code leaves to the compiler or to the emulator's API (fixed here, before any v9 kernel):
 - As kernels_v8.py: NKI 0.7 form (`nisa.<op>(dst=..., ...)`); nl.affine_range loops as Python `range` in the
@@ -334,6 +336,8 @@ KDA_REPORTS_MS = {
     "KRO.a2048": (0.9445,), "KRO.a512": (1.0335,), "KRO.a1024": (1.0350,), "KRO.a4096": (1.0223,),
     "KRO.b2048": (0.7801,), "KRO.b512": (0.7337,), "KRO.b1024": (0.7931,), "KRO.b4096": (0.7812,),
     "KRO.b256": (0.7335,), "KRO.p512": (0.6960,), "KRO.p256": (0.6870,), "KRO.p128": (0.6986,),
+    "KBS.v1": (4.5995,), "KBS.v2": (3.9250,), "KBS.n32": (3.7715,), "KBS.f32": (6.8883,), "KBS.n8": (3.8233,),
+    "KBS.n16": (3.7460, 3.9681), "KBS.cs": (3.7281,), "KBS.c44": (4.2743,), "KBS.ns": (3.7373,),
 }
 
 
@@ -1200,6 +1204,93 @@ def kda_rope(x, cos, sin, swap, variant):
     return out
 
 
+# ------------------------------------------------------------------------------------------------ bmm_softmax (trn2)
+# out[b] = softmax_rows(lhs[b] @ rhs[b]) from bmm's layouts. A variant is (m_sub, negate, fused, drains, norm):
+# m_sub None: per M tile transpose then its matmuls (else M blocks of m_sub tiles, transposes packed first);
+# negate: tensor_reduce(max, negate=True) (else max then a VectorE * -1); fused: the row sum inside the exp
+# activation; drains: the score copies' engines ("v" VectorE, "s" ScalarE, "vs" alternating from chunk 0);
+# norm: "vec" (VectorE tensor_scalar * recip) or "act" (ScalarE activation copy with scale = recip).
+KBS_VARIANTS = {
+    "KBS.v1": (None, False, False, "v", "vec"),
+    "KBS.v2": (32, False, False, "v", "vec"),
+    "KBS.n32": (32, True, False, "v", "vec"),
+    "KBS.f32": (32, True, True, "v", "vec"),
+    "KBS.n8": (8, True, False, "v", "vec"),
+    "KBS.n16": (16, True, False, "v", "vec"),
+    "KBS.cs": (16, True, False, "s", "vec"),
+    "KBS.c44": (16, True, False, "vs", "vec"),
+    "KBS.ns": (16, True, False, "v", "act"),
+}
+_DRAIN_ENGINES = {"v": (nisa.engine.vector,), "s": (nisa.engine.scalar,),
+                  "vs": (nisa.engine.vector, nisa.engine.scalar)}
+
+
+def _softmax_row_tile(out, b, mt, st, rhs, variant):
+    """One M tile: the [128, N] score (8 single-pass matmuls and their drains), softmax over N, one store."""
+    _, negate, fused, drains, norm = KBS_VARIANTS[variant]
+    n = rhs.shape[-1]
+    engines = _DRAIN_ENGINES[drains]
+    score = nl.ndarray((P_MAX, n), dtype=nl.float32, buffer=nl.sbuf)
+    for c in range(n // PSUM_FP32_BANK):
+        cols = slice(c * PSUM_FP32_BANK, (c + 1) * PSUM_FP32_BANK)
+        acc = nl.ndarray((P_MAX, PSUM_FP32_BANK), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_matmul(acc, st, rhs[:, cols], accumulate=False)
+        nisa.tensor_copy(dst=score[:, cols], src=acc, engine=engines[c % len(engines)])
+    neg_max = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+    if negate:
+        nisa.tensor_reduce(dst=neg_max, op=nl.maximum, data=score, axis=[1], negate=True)
+    else:
+        row_max = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_reduce(dst=row_max, op=nl.maximum, data=score, axis=[1])
+        nisa.tensor_scalar(dst=neg_max, data=row_max, op0=nl.multiply, operand0=-1.0)
+    exp_t = nl.ndarray((P_MAX, n), dtype=nl.float32, buffer=nl.sbuf)
+    row_sum = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+    if fused:
+        nisa.activation_reduce(dst=exp_t, op=nl.exp, data=score, reduce_op=nl.add, reduce_res=row_sum,
+                               bias=neg_max, scale=1.0)
+    else:
+        nisa.activation(dst=exp_t, op=nl.exp, data=score, bias=neg_max, scale=1.0)
+        nisa.tensor_reduce(dst=row_sum, op=nl.add, data=exp_t, axis=[1])
+    recip = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.reciprocal(dst=recip, data=row_sum)
+    out_t = nl.ndarray((P_MAX, n), dtype=nl.float32, buffer=nl.sbuf)
+    if norm == "act":
+        nisa.activation(dst=out_t, op=nl.copy, data=exp_t, scale=recip)
+    else:
+        nisa.tensor_scalar(dst=out_t, data=exp_t, op0=nl.multiply, operand0=recip)
+    nisa.dma_copy(dst=out[b, mt * P_MAX:(mt + 1) * P_MAX, :], src=out_t)
+
+
+@nki.jit
+def kda_bmm_softmax(v1, v2, ident, variant):
+    """KBS.*: out[b] = softmax over n of (lhs[b] @ rhs[b]) for v1 [B, M, K], v2 [B, K, N] (fp32, K <= 128), ident
+    the [128, 128] fp32 identity (loaded once, as published), the published `variant`'s data flow
+    (KBS_VARIANTS)."""
+    m_sub = KBS_VARIANTS[variant][0]
+    n_b, m, k = v1.shape
+    n = v2.shape[2]
+    m_tiles = m // P_MAX
+    out = nl.ndarray((n_b, m, n), dtype=nl.float32, buffer=nl.shared_hbm)
+    ident_sb = nl.ndarray((P_MAX, P_MAX), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=ident_sb, src=ident)
+    for b in range(n_b):
+        rhs = nl.ndarray((k, n), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=rhs, src=v2[b])
+        if m_sub is None:
+            for mt in range(m_tiles):
+                lhs_t = nl.ndarray((k, P_MAX), dtype=nl.float32, buffer=nl.sbuf)
+                _bmm_transpose(v1, ident_sb, b, mt, lhs_t)
+                _softmax_row_tile(out, b, mt, lhs_t, rhs, variant)
+            continue
+        for mb in range(m_tiles // m_sub):
+            pack = nl.ndarray((k, m_sub * P_MAX), dtype=nl.float32, buffer=nl.sbuf)
+            for s_ in range(m_sub):
+                _bmm_transpose(v1, ident_sb, b, mb * m_sub + s_, pack[:, s_ * P_MAX:(s_ + 1) * P_MAX])
+            for s_ in range(m_sub):
+                _softmax_row_tile(out, b, mb * m_sub + s_, pack[:, s_ * P_MAX:(s_ + 1) * P_MAX], rhs, variant)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ point specs
 # Each spec is a calibration Point's fields (points.py adds split="sealed"). make(k, rng) -> (args, kwargs).
 # bmm: k = batches (published 16; a multiple of the variant's batch block), M and N as published unless given;
@@ -1457,8 +1548,36 @@ def _kro(pid):
                 notes=_KRO_FILES[layout].format(suffix) + f", W = {w}; k = W-wide tiles")
 
 
+def ref_bmm_softmax(v1, v2, *_consts):
+    """softmax over n of lhs[b] @ rhs[b], float64."""
+    import numpy as np
+    sc = np.einsum("bmk,bkn->bmn", v1.astype(np.float64), v2.astype(np.float64))
+    e = np.exp(sc - sc.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+_KBS_NOTES = {
+    "KBS.v1": "bmm_softmax_v1: per M tile transpose, 8 matmuls + drains, max, * -1, exp, sum, reciprocal, scale",
+    "KBS.v2": "bmm_softmax_v2: all 32 transposes of a batch packed first",
+    "KBS.n32": "bmm_softmax_v3b_negate_only: KBS.v2 with the max negated by tensor_reduce",
+    "KBS.f32": "bmm_softmax_v3_fused_reduce_reject: KBS.n32 with the row sum fused into the exp activation",
+    "KBS.n8": "bmm_softmax_v3b_msub8: 8-tile M blocks",
+    "KBS.n16": "bmm_softmax_v4 + v5_copy_vector (one stream, 2 reports, median): 16-tile M blocks, VectorE drains",
+    "KBS.cs": "bmm_softmax_v5_copy_scalar: KBS.n16 with ScalarE drains",
+    "KBS.c44": "bmm_softmax_v5_copy_split44: KBS.n16 with drains alternating VectorE / ScalarE",
+    "KBS.ns": "bmm_softmax_v5_norm_scalar: KBS.n16 with the normalisation on ScalarE",
+}
+
+
+def _kbs(pid):
+    return dict(id=pid, name="bmm_softmax", shape="B16 M4096 K64 N4096 fp32", target="trn2",
+                measured_us=1000.0 * median(KDA_REPORTS_MS[pid]), source=_KDA_SRC + "workspaces/bmm_softmax",
+                kernel=kda_bmm_softmax, make=_bmm_make(pid), k_full=BMM_B, k_model=(BMM_B,),
+                reference=ref_bmm_softmax, timing="prof", notes=_KBS_NOTES[pid] + "; k = batches")
+
+
 KB_DROPPED = {"KB.lt": "bmm_v2_d2_loadtranspose: fp32 load_transpose2d (a 4-byte DMA transpose) cannot run as written"}
 POINT_SPECS = (*[_kb(pid) for pid in KB_VARIANTS], *[_kr(pid) for pid in KR_VARIANTS],
                *[_kan(pid) for pid in KAN_VARIANTS], *[_kmn(pid) for pid in KMN_VARIANTS],
                *[_ksw(pid) for pid in KSW_VARIANTS], *[_kl(pid) for pid in KL_VARIANTS],
-               *[_kro(pid) for pid in KRO_VARIANTS])
+               *[_kro(pid) for pid in KRO_VARIANTS], *[_kbs(pid) for pid in KBS_VARIANTS])

@@ -85,6 +85,10 @@ _SMALL = {     # small shapes with the same tiling, for the correctness check
     **{pid: (lambda rng, pid=pid: BY_ID[pid].make(2, rng))
        for pid in ("KRO.a512", "KRO.a1024", "KRO.a2048", "KRO.a4096", "KRO.b256", "KRO.b512", "KRO.b1024",
                    "KRO.b2048", "KRO.b4096", "KRO.p128", "KRO.p256", "KRO.p512")},
+    # KDA bmm_softmax: one batch of two M blocks of the variant (v1: 4 tiles; m_sub 32: its one block), N = 2 x 512
+    **{pid: (lambda rng, pid=pid, m=m: BY_ID[pid].make(1, rng, m=m, n=1024))
+       for pid, m in (("KBS.v1", 512), ("KBS.v2", 4096), ("KBS.n32", 4096), ("KBS.f32", 4096), ("KBS.n8", 2048),
+                      ("KBS.n16", 4096), ("KBS.cs", 4096), ("KBS.c44", 4096), ("KBS.ns", 4096))},
 }
 
 
@@ -704,3 +708,25 @@ def test_v9_rope_points_and_fit():
         assert (res.sbuf_peak_bytes[0], res.psum_peak_banks[0]) == peak, pid
         assert peak[0] <= selection[layout](w) <= 192 * 1024
     np.testing.assert_array_equal(V9.rope_swap_matrix(4), [[0, 0, 1, 0], [0, 0, 0, 1], [-1, 0, 0, 0], [0, -1, 0, 0]])
+
+
+def test_v9_bmm_softmax_points_and_fit():
+    """The v9 selection's bmm_softmax streams (published latency_ms; KBS.n16 the median of v4 and v5_copy_vector,
+    one stream under the fixed nl.copy choice), sealed, trn2, prof, at the published shape (k = 16 batches); rule
+    (a) by the emulator's allocation check on one M block at the published K, N (nothing modeled): the peak is the
+    selection's arithmetic less the dead 256 B lhs tile."""
+    from microbench.calibration import kernels_v9 as V9
+    rows = {"KBS.v1": (4.5995, 66832), "KBS.v2": (3.9250, 82704), "KBS.n32": (3.7715, 82700),
+            "KBS.f32": (6.8883, 82700), "KBS.n8": (3.8233, 70412), "KBS.n16": (3.85705, 74508),
+            "KBS.cs": (3.7281, 74508), "KBS.c44": (4.2743, 74508), "KBS.ns": (3.7373, 74508)}
+    sealed = {p.id for p in POINTS if p.name == "bmm_softmax" and p.split == "sealed"}
+    assert sealed == set(rows) == set(V9.KBS_VARIANTS)
+    for pid, (ms, selection) in rows.items():
+        p = BY_ID[pid]
+        assert (p.target, p.timing, p.kernel) == ("trn2", "prof", V9.kda_bmm_softmax)
+        assert p.measured_us == pytest.approx(1000.0 * ms) and p.k_model == (p.k_full,) == (16,)
+        args, kw = p.make(1, np.random.default_rng(1), m=128 * (V9.KBS_VARIANTS[pid][0] or 1))
+        assert args[1].shape == (1, 64, 4096)
+        res = run(p.kernel, *args, target="trn2", lnc=1, **kw)
+        assert (res.sbuf_peak_bytes[0], res.psum_peak_banks[0]) == (selection - 256, 1), pid
+        assert selection <= 192 * 1024
