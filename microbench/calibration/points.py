@@ -203,7 +203,9 @@ class Point:
     notes: str = ""
     split: str = "fit"               # "fit": constants may have been chosen looking at it; "held-out": never;
                                      # "sealed": never modeled yet (SEALED; skipped by default)
-    timing: str = "prof"             # prof: device time | bench: + launch overhead | dma-engine: transfer time
+    timing: str = "prof"             # prof: device time | bench: + the target's bench term (CostParams
+                                     # bench_fixed_us, else launch overhead) | prof-total: neuron-profile
+                                     # total_time, + CostParams.profile_fixed_us | dma-engine: transfer time
                                      # without the fixed DMA latency | marginal: µs per unit of k (slope)
 
 
@@ -546,7 +548,7 @@ def _model_once(point: Point, k: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     args, kw = point.make(k, rng)
     res = run(point.kernel, *args, target=point.target, **{"lnc": 1, **kw})    # one-core measurements: LNC=1
-    rep = model_launches([res], target=point.target)
+    rep = model_launches([res], target=point.target, alone=True)   # a published single-kernel run
     return rep, res, args, kw
 
 
@@ -578,9 +580,14 @@ def model_point(point: Point, k_model: tuple | None = None) -> PointResult:
         busy = {e: lin(r1.engine_busy_us[e], r2.engine_busy_us[e]) for e in r1.engine_busy_us}
         hbm = lin(r1.hbm_bytes, r2.hbm_bytes)
         how = f"slices k={k1},{k2} of {point.k_full}, linear"
+    prm = params_for(get_target(point.target))
     if point.timing == "bench":
-        t += params_for(get_target(point.target)).launch_overhead_us
-        how += ", + launch overhead (bench timing)"
+        t += prm.launch_overhead_us if prm.bench_fixed_us is None else prm.bench_fixed_us
+        how += ", + launch overhead (bench timing)" if prm.bench_fixed_us is None else \
+            f", + {prm.bench_fixed_us:g} us NCL fixed term (bench timing)"
+    elif point.timing == "prof-total":
+        t += prm.profile_fixed_us
+        how += f", + {prm.profile_fixed_us:g} us profile fixed term (total_time)"
     elif point.timing == "dma-engine":
         t -= params_for(get_target(point.target)).dma_fixed_us
         how += ", minus the fixed DMA latency (engine time)"

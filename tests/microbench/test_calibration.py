@@ -141,13 +141,15 @@ def test_v6_points_cover_the_rule():
     from microbench.calibration.kernels_v6 import CS_REPORTS, POINT_SPECS
     expected = {"CS.tiled1": ("trn2", "bench", 37318.0), "CS.tiled128": ("trn2", "bench", 378.0),
                 "CS.stream2": ("trn2", "bench", 186.0), "CS.stream200": ("trn2", "bench", 15.0),
-                "CS.fd2k": ("trn2", "prof", 28.358289), "CS.fd1k": ("trn2", "prof", 26.416626),
-                "CS.T1024": ("trn2", "prof", (46.470761 + 46.85326) / 2), "LNT.v2": ("trn1", "bench", 1974.0)}
+                "CS.fd2k": ("trn2", "prof-total", 28.358289), "CS.fd1k": ("trn2", "prof-total", 26.416626),
+                "CS.T1024": ("trn2", "prof-total", (46.470761 + 46.85326) / 2),
+                "LNT.v2": ("trn1", "bench", 1974.0)}
     assert sorted(s["id"] for s in POINT_SPECS) == sorted(expected)
     assert set(CS_REPORTS) == {pid for pid in expected if pid.startswith("CS.")}
     for pid, (target, timing, us) in expected.items():
         p = BY_ID[pid]
-        assert (p.split, p.target, p.timing) == ("held-out", target, timing)
+        # v9: the trn2 points moved to fit (points.py docstring, "v9 round"); CS prof = total_time (v9 timing)
+        assert (p.split, p.target, p.timing) == ("fit" if target == "trn2" else "held-out", target, timing)
         assert p.measured_us == pytest.approx(us, rel=1e-9)
 
 
@@ -164,7 +166,7 @@ def test_v7_points_cover_the_rule():
     assert sorted(s["id"] for s in POINT_SPECS) == sorted(published_ms) == sorted(KDA_REPORTS_MS)
     for pid, ms in published_ms.items():
         p = BY_ID[pid]
-        assert (p.split, p.target, p.timing) == ("held-out", "trn2", "prof")
+        assert (p.split, p.target, p.timing) == ("fit", "trn2", "prof")      # v9: moved to fit
         assert p.measured_us == pytest.approx(1000.0 * ms, rel=1e-9)
         assert p.k_model == (p.k_full,)          # modeled at the published shape, no extrapolation
 
@@ -328,6 +330,14 @@ KNOWN_MISSES = {
     "U5.4": "conv1d step 4: 3 VectorE instructions per column as written, measured faster than step 3's 2 "
             "(+107.0%): no per-instruction model fits steps 3, 4 and 5 together",
     "A10": "gqa_full modeled 25.1% too fast",
+    # v9 round: trn2 points moved from held-out to fit; errors under the v9 model
+    "CS.tiled1": "76,800 dependent 4-byte single-partition DMAs: measured 0.49 us per DMA, modeled 0.14 (-72%); "
+                 "no per-DMA cost that fits it leaves the adamw points inside the band",
+    "CS.T1024": "512 B DMA rows: modeled DMA-bound at the 2560 B packet floor (+75%); the published profiles "
+                "count TensorE / GpSimd work the re-write does not issue",
+    "KS.k3": "3-row silu tiles with a 2-row tail measured 2.3x slower than 2- or 4-row tiles (-56%)",
+    "KS.pp": "the manual ping-pong (sequential_range) measured 2x slower than the plain loop (-42%): the model "
+             "overlaps its iterations",
 }
 
 
