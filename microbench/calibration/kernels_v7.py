@@ -303,6 +303,7 @@ def _ks(pid, kernel, make, notes, name="silu"):
     return dict(id=pid, name=name, shape="4096 x 7168 fp32 (tiled [128, 32, 7168])", target="trn2",
                 measured_us=1000.0 * median(KDA_REPORTS_MS[pid]), source=_KDA_SRC + "workspaces/silu",
                 kernel=kernel, make=make, k_full=SILU_MID, k_model=(SILU_MID,), reference=ref_silu, timing="prof",
+                time_cores=2,
                 notes=notes + "; k = MID rows per partition")
 
 
@@ -312,7 +313,7 @@ def _ka_chunk(chunk):
                 measured_us=1000.0 * median(KDA_REPORTS_MS[pid]), source=_KDA_SRC + "workspaces/adamw",
                 kernel=kda_adamw_chunks, make=_adamw_chunks_make(chunk), k_full=ADAMW_FLAT // chunk,
                 k_model=(ADAMW_FLAT // chunk,),
-                reference=ref_adamw, timing="prof",
+                reference=ref_adamw, timing="prof", time_cores=2,
                 notes=f"adamw_v2_ch{chunk}: [128, {chunk}] tiles, 4 loads + 6-op chain + store; k = chunks")
 
 
@@ -327,7 +328,7 @@ POINT_SPECS = (
     dict(id="KA.v1", name="adamw", shape="10944 x 2048 fp32", target="trn2",
          measured_us=1000.0 * median(KDA_REPORTS_MS["KA.v1"]), source=_KDA_SRC + "workspaces/adamw",
          kernel=kda_adamw_rows, make=_adamw_rows_make, k_full=-(-ADAMW_M // P_MAX), k_model=(-(-ADAMW_M // P_MAX),),
-         reference=ref_adamw, timing="prof",
+         reference=ref_adamw, timing="prof", time_cores=2,
          notes="adamw_v1: 128-row tiles (last 64 rows), 4 loads + 6-op chain + store; k = row tiles"),
     *[_ka_chunk(c) for c in KA_CHUNKS],
 )

@@ -384,7 +384,7 @@ def _kt(pid):
     return dict(id=pid, name="transpose_matmul", shape="M4096 K2048 N10944 fp32 (v1 [128, 16, 4096])",
                 target="trn2", measured_us=1000.0 * median(KDA_REPORTS_MS[pid]),
                 source=_KDA_SRC + "workspaces/transpose_matmul", kernel=kda_transpose_matmul, make=_tmm_make(pid),
-                k_full=k_full, k_model=(k_full,), reference=ref_transpose_matmul, timing="prof",
+                k_full=k_full, k_model=(k_full,), reference=ref_transpose_matmul, timing="prof", time_cores=2,
                 notes=_KT_NOTES[pid] + "; k = M blocks")
 
 
@@ -419,7 +419,7 @@ def _km(pid):
     return dict(id=pid, name="matmul", shape="M4096 K5120 N12288 fp32 (v1 [32, 128, 40, 128])", target="trn2",
                 measured_us=1000.0 * median(KDA_REPORTS_MS[pid]), source=_KDA_SRC + "workspaces/matmul",
                 kernel=kda_matmul, make=_km_make(pid), k_full=k_full, k_model=(k_full,), reference=ref_matmul_tiled,
-                timing="prof", notes=_KM_NOTES[pid] + "; k = M blocks")
+                timing="prof", time_cores=2, notes=_KM_NOTES[pid] + "; k = M blocks")
 
 
 KM_DROPPED = {"KM.b16": "rule (a): 16 PSUM accumulators (8 banks on the core) and a 327680 B lhs_t per partition"}

@@ -51,12 +51,10 @@ class CostParams:
                                           # datapath of "256 input/output for other data types" per cycle over
                                           # 128 partitions (trainium2_arch.rst, Compute Engine Specifications);
                                           # performance mode lifts a rate to max(this, perf factor x the v2 rate)
-    dve_one_pass: bool = False            # NeuronCore-v3/v4: a two-input VectorE instruction (tensor_tensor, select,
-                                          # scalar_tensor_tensor) streams both inputs in one pass: N / rate cycles,
-                                          # not the v2 table's 2N. Fitted (v9) on the KDA adamw points: 4 fp32
-                                          # scalar_tensor_tensor of N = 175104 per partition reported at 56-76%
-                                          # VectorE active of 548-777 us (~0.54 cycles per element at 0.96 GHz);
-                                          # two passes at 2 / cycle would need 730 us of VectorE alone
+    dve_one_pass: bool = False            # NeuronCore-v3/v4 only, preset `dve-one-pass-low`: a two-input VectorE
+                                          # instruction (tensor_tensor, select, scalar_tensor_tensor) in one pass,
+                                          # N / rate cycles, instead of the isa's 2N. v9 fitted it on the KDA adamw
+                                          # points read as one core; as two cores (v10) the documented 2N fits them
     dve_perf_mode: bool = False           # v3+: bf16 copy / tensor_scalar 4x, tensor_tensor 2x from SBUF
     dve_min_ii: float = 64.0              # VectorE minimum cycles of an instruction (per pass, see below). Documented:
                                           # MIN_II ~64 (isa cost table), ~60 of it the tensor access start that
@@ -99,15 +97,6 @@ class CostParams:
     dma_transpose_eff_hbm: float = 0.9    # DMA transpose throughput vs copy, HBM -> SBUF (v3 doc: ~90%)
     dma_transpose_eff_sbuf: float = 0.5   # ... SBUF -> SBUF (v3 doc: ~50%)
     launch_overhead_us: float = 30.0      # per-launch host/runtime floor (bench floors of 25-55 us); kept separate
-    # A launch alone on the chip (calibration points: published single-kernel measurements at LNC=1; the microbench
-    # models every core of the chip busy, `alone=False`). trn2: "four 24GB HBM banks. Each bank is shared by two
-    # physical NeuronCore-v3"; at LNC=1 "both physical NeuronCores have access to the entire 24GB HBM bank"
-    # (logical-neuroncore-config.rst), so a core alone may draw its whole bank (chip / 4 = 725 GB/s, derived), and
-    # it is modeled as driving its idle partner's 16 DMA engines too (`solo_dma_engine_scale` 2: 32 x 23 B/ns).
-    # Fitted (v9) on the KDA silu / adamw points (trn2, one core, LNC=1: ~800 GB/s effective, against 368 for one
-    # core's 16 engines); the mechanism (partner engines vs more concurrency per engine) is not published
-    solo_hbm_banks: int = 0               # HBM banks of the chip, each shared by cores_per_chip / banks cores; 0 = off
-    solo_dma_engine_scale: float = 1.0
     # Fixed device time a published single-kernel figure includes besides the kernel's own schedule (calibration
     # only; never added to a microbench figure). `bench`: nki.benchmark / neuron-bench NCL percentiles; NeuronCore-
     # v2: the launch floor (`launch_overhead_us`, bench floors of 25-55 us); trn2: fitted (v9) on CS.stream200 (one
@@ -125,12 +114,7 @@ class CostParams:
                                           # instruction count; v1/v2 used 16, which serialised the U4 q tiles
                                           # [U: 16-1024]
     tile_buffers: int = 3                 # buffers the compiler rotates for a tile allocated in a loop body
-                                          # (the k-th allocation from one site reuses the (k-D)-th's memory).
-                                          # trn2: 4, fitted (v9) on KS.s7 / KS.s8 (silu in 224 / 256 chunks of
-                                          # [128, 1024 / 896] fp32, measured as fast as 32 chunks of 7168; with 3
-                                          # buffers the model exposes DMA latency: +29% / +27%, with 4 +11% / +8%);
-                                          # the trn2 points were compiled by a 2026 neuronx-cc, the trn1 points by
-                                          # 2024-25 ones; the migration guide leaves the count to the compiler
+                                          # (the k-th allocation from one site reuses the (k-D)-th's memory)
     # GpSimd gathers (no published cycle counts; modeled like iota/affine_select: ~150 cycles + streaming)
     gather_fixed_cycles: int = 150        # per ISA instruction (nc_n_gather = ceil(N / 512) of them)
     local_gather_bytes_per_cycle: float = 64.0   # per GpSimd core: 512-bit datapath
@@ -157,10 +141,8 @@ class CostParams:
 
 PARAMS: dict[str, CostParams] = {
     "trn1": CostParams(dve_min_ii=32.0, dve_two_pass_min=True),
-    "trn2": CostParams(dve_perf_mode=True, dve_elems_pp_per_cycle=2.0, dve_one_pass=True, solo_hbm_banks=4,
-                       solo_dma_engine_scale=2.0, tile_buffers=4, bench_fixed_us=10.3, profile_fixed_us=19.0),
-    "trn3": CostParams(dve_perf_mode=True, act_bf16_elems_pp_per_cycle=2.0, dve_elems_pp_per_cycle=2.0,
-                       dve_one_pass=True),
+    "trn2": CostParams(dve_perf_mode=True, dve_elems_pp_per_cycle=2.0, bench_fixed_us=12.2, profile_fixed_us=21.0),
+    "trn3": CostParams(dve_perf_mode=True, act_bf16_elems_pp_per_cycle=2.0, dve_elems_pp_per_cycle=2.0),
 }
 
 
@@ -182,7 +164,7 @@ _UNCERTAIN = {
     "collectives": ({"cc_hop_us": 1.0, "cc_intra_chip_gbps": 360.0, "cc_inter_chip_gbps": 256.0},
                     {"cc_hop_us": 2.0, "cc_intra_chip_gbps": 90.0, "cc_inter_chip_gbps": 64.0}),
     "reorder": ({"reorder_window": 1024, "tile_buffers": 4}, {"reorder_window": 16, "tile_buffers": 2}),
-    "dve-one-pass": ({}, {"dve_one_pass": False}),
+    "dve-one-pass": ({"dve_one_pass": True}, {}),
     "core-barrier": ({"core_barrier_us": 0.65}, {"core_barrier_us": 2.6}),
     "sendrecv": ({"sendrecv_gpsimd_us": 0.2}, {"sendrecv_gpsimd_us": 1.3}),
 }
@@ -243,18 +225,6 @@ def dma_bytes_per_s(target) -> float:
     """Aggregate DMA rate of one core for on-chip to on-chip transfers (queues only)."""
     t = _tgt(target)
     return t.dma_queues * t.dma_bytes_per_ns_per_queue * 1e9
-
-
-def _core_bandwidths(t: Target, p: CostParams, alone: bool, lnc: int) -> tuple[float, float, float]:
-    """(HBM bytes/s, on-chip DMA bytes/s, DMA engine scale) of one physical core. Every core of the chip busy (the
-    default): `hbm_bytes_per_s` and `dma_bytes_per_s`. A launch alone on the chip at LNC=1 on a target with
-    `solo_hbm_banks`: its core draws its whole HBM bank and its idle partner's DMA engines (CostParams comment)."""
-    hbm, dma = hbm_bytes_per_s(t), dma_bytes_per_s(t)
-    if not alone or lnc != 1 or p.solo_hbm_banks <= 0:
-        return hbm, dma, 1.0
-    scale = p.solo_dma_engine_scale
-    bank = t.hbm_gbps_per_chip / p.solo_hbm_banks * 1e9
-    return min(bank, dma * scale), dma * scale, scale
 
 
 # ----------------------------------------------------------------------------------------------- reports
@@ -469,12 +439,13 @@ def compute_cycles(ins, target: Target, p: CostParams) -> tuple[float, float]:
         cyc = p.gather_fixed_cycles + max(m.get("indices", 1), per_core_bytes / p.local_gather_bytes_per_cycle)
     elif name in ("tensor_tensor", "select", "scalar_tensor_tensor"):
         two_pass = not (in_psum or (all_bf16_sbuf and op in ("add", "multiply", "subtract"))
-                        or (p.dve_one_pass and eng == DVE))
+                        or (p.dve_one_pass and eng == DVE and target.nc_version >= 3))
         if two_pass and p.dve_two_pass_min and eng == DVE and name == "tensor_tensor":
             mi = 2 * mi                   # two SBUF inputs read in two passes, each with its own minimum
         cyc = max(mi, (2 * n if two_pass else n) / rate)
         if name == "scalar_tensor_tensor":
-            cyc = max(mi, (2 * n if two_pass else n) / rate)
+            one = in_psum or (p.dve_one_pass and eng == DVE and target.nc_version >= 3)
+            cyc = max(mi, (n if one else 2 * n) / rate)
         if name == "tensor_tensor":
             cyc = max(mi, cyc / _perf_lift(ins, target, p, rate))
     elif name == "tensor_tensor_scan":
@@ -571,8 +542,7 @@ def dma_engines(ins, target: Target, p: CostParams) -> int:
     return max(1, min(target.dma_queues, -(-max(parts) // max(1, p.dma_partitions_per_engine))))
 
 
-def dma_transfer(ins, target: Target, p: CostParams, hbm_bw: float, dma_bw: float,
-                 engine_scale: float = 1.0) -> DmaCost:
+def dma_transfer(ins, target: Target, p: CostParams, hbm_bw: float, dma_bw: float) -> DmaCost:
     nbytes = ins.meta.get("bytes")
     if nbytes is None:
         nbytes = sum(a.nbytes for a in ins.writes)
@@ -975,11 +945,11 @@ def sync_us(ins, t: Target, p: CostParams) -> float:
     return p.core_barrier_us + p.dma_fixed_us + stream_us
 
 
-def _schedule(trace, t: Target, p: CostParams, hbm_share: float, timeline: bool, bandwidths=None):
+def _schedule(trace, t: Target, p: CostParams, hbm_share: float, timeline: bool):
     """Generator scheduling one trace (see `model_trace`); yields (the time it reaches each synchronisation
     point, that point's `sync_us`) and is sent the time it is released; returns the TraceReport."""
-    hbm_bw, dma_bw, engine_scale = bandwidths or _core_bandwidths(t, p, False, 1)
-    hbm_bw *= hbm_share
+    hbm_bw = hbm_bytes_per_s(t) * hbm_share
+    dma_bw = dma_bytes_per_s(t)
     eng_free = {e: 0.0 for e in ENGINES}
     busy = {e: 0.0 for e in ENGINES}
     counts = {e: 0 for e in ENGINES}
@@ -1071,7 +1041,7 @@ def _schedule(trace, t: Target, p: CostParams, hbm_share: float, timeline: bool,
                 tl.append((ins.idx, ins.name, eng, ready, arrive, release))
             continue
         if eng == DMA:
-            c = dma_transfer(ins, t, p, hbm_bw, dma_bw, engine_scale)
+            c = dma_transfer(ins, t, p, hbm_bw, dma_bw)
             occ = c.occupancy
             qi = min(range(len(queue_free)), key=queue_free.__getitem__)
             start = max(ready, queue_free[qi])
@@ -1156,15 +1126,14 @@ def _schedule(trace, t: Target, p: CostParams, hbm_share: float, timeline: bool,
                        dma_bytes, crit, tl)
 
 
-def _launch_report(res, t: Target, p: CostParams, alone: bool = False) -> LaunchReport:
+def _launch_report(res, t: Target, p: CostParams) -> LaunchReport:
     """The cores of each rank (traces are rank-major, `lnc` per rank) are scheduled together: their core
     barriers synchronise them."""
     lnc = max(1, getattr(res, "lnc", 1))
-    bw = _core_bandwidths(t, p, alone, lnc)
     cores = []
     for i in range(0, len(res.traces), lnc):
         group = res.traces[i:i + lnc]
-        cores.extend(_run_cores([_schedule(tr, t, p, 1.0, False, bw) for tr in group], p))
+        cores.extend(_run_cores([_schedule(tr, t, p, 1.0, False) for tr in group], p))
     return LaunchReport(getattr(res, "lnc", len(cores)), max((c.total_us for c in cores), default=0.0), cores)
 
 
@@ -1183,14 +1152,12 @@ def roofline_us(flops: int, hbm_bytes: int, target, fp32_flops: int = 0, cores: 
 
 
 def model_launches(run_results, target=None, *, params: CostParams | None = None,
-                   min_hbm_bytes: int | None = None, flops: int | None = None, alone: bool = False) -> ModelReport:
+                   min_hbm_bytes: int | None = None, flops: int | None = None) -> ModelReport:
     """Model a list of RunResult (e.g. from `record_launches()`) on `target` (default: each run's own target).
 
     Launches run back to back: device time is the sum of their device times (each launch = slower core);
     launch overhead is reported separately. `flops` / `min_hbm_bytes` override the counted figures for the
     roofline (useful when a kernel re-reads data: the roofline is then about the minimum traffic).
-    `alone=True` models each launch alone on the chip (a published single-kernel measurement); the default models
-    every core of the chip busy, as in serving (see `_core_bandwidths`).
     """
     if not isinstance(run_results, (list, tuple)):
         run_results = [run_results]
@@ -1199,7 +1166,7 @@ def model_launches(run_results, target=None, *, params: CostParams | None = None
     else:
         t = _tgt(target)
     p = params or params_for(t)
-    launches = [_launch_report(r, t, p, alone) for r in run_results]
+    launches = [_launch_report(r, t, p) for r in run_results]
     busy = {e: 0.0 for e in ENGINES}
     dev = 0.0
     fl = f32 = hr = hw = 0
