@@ -383,7 +383,7 @@ def shared_ports(ins, target: Target, p: CostParams) -> tuple:
             ports.append("sbuf_dve_pool")
         if eng in (DVE, ACT) and any(a.buffer == "psum" for a in accs):
             ports.append("psum_dve_act")
-    elif (eng == POOL and sbuf) or (eng == DVE and dve_perf_factor(ins, target, p) > 1.0):
+    elif (eng == POOL and sbuf) or (eng == DVE and _perf_lift(ins, target, p, p.dve_elems_pp_per_cycle) > 1.0):
         ports.append("sbuf_dve_pool")
     return tuple(ports)
 
