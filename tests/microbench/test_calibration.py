@@ -334,7 +334,7 @@ KNOWN_MISSES = {
     "CS.tiled1": "76,800 dependent 4-byte single-partition DMAs: 1.46 us per iteration measured, a latency chain "
                  "the model overlaps and the two-core reading halves (-81%)",
     "CS.T1024": "512 B DMA rows: modeled DMA-bound at the 2560 B packet floor (+72%); the published profiles "
-                "count TensorE / GpSimd work the re-write does not issue",
+                "show TensorE / GpSimd instructions the re-write does not issue (the device ran another program)",
     "KS.k3": "3-row silu tiles with a 2-row tail measured 2.3x slower than 2- or 4-row tiles (-57%)",
     "KS.pp": "the manual ping-pong (sequential_range) measured 2x slower than the plain loop (-45%): the model "
              "overlaps its iterations",
