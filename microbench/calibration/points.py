@@ -162,7 +162,7 @@ round's evidence for trn2 mechanisms, so they **move to fit** in this round's fi
 changed (errors as `python -m microbench.calibration` printed them at main eb2fdbc, docs/cost-model.md "v6 round").
 LNT.v2 (trn1, -17.5%) stays held out: the round changes nothing on NeuronCore-v2. The trn2 model this round fits is
 judged on the v8 sealed points (and any sealed since), unsealed once, after the freeze, by the commit that says so.
-**Unsealing (v9 freeze).** The v9 model froze at d483639 (cost model v9; docs/cost-model.md "v9 round"); this commit
+**Unsealing (v9 freeze).** The v9 model froze at 90fa5a9 (cost model v9; docs/cost-model.md "v9 round"); this commit
 makes the 12 v8 points (KT.v1-KT.v7, KM.v1, KM.b2, KM.b4, KM.b8, KM.v3) held out. Nobody modeled them before it;
 their first modeled errors are the v9 model's held-out result and nothing is changed after seeing them.
 **v10 round (the v4 procedure again).** KT.v1's first held-out error (+125.6%, the only v8 point modeled before
@@ -171,6 +171,11 @@ i.e. 142 TF of bf16 and 39 TF of fp32 matmul per reported second, 1.8-1.9x one c
 the KDA latencies are two physical cores' time, which v9's single-core mechanisms had absorbed. That informs the v10
 model, so the 12 v8 points **move to fit** in v10's first commit, before anything changes; the v10 model is judged
 on the v9 sealed points (kernels_v9.py), unsealed after the v10 freeze.
+**Unsealing (v10 freeze).** The v10 model froze at 031c3ac (docs/cost-model.md "v9 and v10 rounds"); this commit
+makes every v9 sealed point (kernels_v9.py: KB.*, KR.*, KAN.*, KMN.*, KSW.*, KL.*, KRO.*, KBS.*; 53 points) held out,
+with the v10 convention for published trn2 single-kernel times (time_cores = 2), fixed at the freeze. Nobody modeled
+them before this commit; their first modeled errors are the v10 model's held-out result and nothing is changed after
+seeing them. They are modeled in the operator order of kernels_v9.py.
 """
 from __future__ import annotations
 
@@ -520,8 +525,9 @@ POINTS = [
     *[Point(**spec, split="fit" if spec["id"] in V9_TO_FIT else "held-out") for spec in V7.POINT_SPECS],
     # ---- v8 sealed points: nobody has modeled them (docstring, "v8 sealed points"; kernels_v8.py) ----
     *[Point(**spec, split="fit") for spec in V8.POINT_SPECS],    # unsealed in v9, moved to fit in v10 (docstring)
-    # ---- v9 sealed points: nobody has modeled them (docstring, "v9 sealed points"; kernels_v9.py) ----
-    *[Point(**spec, split=SEALED) for spec in V9.POINT_SPECS],
+    # ---- v9 sealed points, unsealed as held-out at the v10 freeze (docstring; kernels_v9.py) ----
+    *[Point(**{**spec, "time_cores": 2}, split="held-out") for spec in V9.POINT_SPECS],   # unsealed at the v10
+                                                                                           # freeze (docstring)
     Point("ACT1", "act_dependent_chain", "1 element per partition", "trn1", 0.189, "nki_perf_guide.rst Opt #5a",
           K.act_dependent_chain,
           make=lambda k, rng: ((np.ones((128, 1), np.float32), k), {}),

@@ -533,7 +533,7 @@ def test_v9_points_cover_the_selection():
     published latency_ms (medians of repeated rows / same-stream files), sealed, trn2, prof, at the published
     shape; the fp32 load_transpose2d candidate is not a point."""
     from microbench.calibration import kernels_v9 as V9
-    sealed = {p.id: p for p in POINTS if p.split == "sealed" and p.id.startswith("KB.")}
+    sealed = {p.id: p for p in POINTS if p.split == "held-out" and p.id.startswith("KB.")}
     published_ms = {"KB.v1": 3.8477, "KB.g2": 3.8483, "KB.g4": 3.8481, "KB.w": 3.8477, "KB.t8": 3.4920,
                     "KB.t16": 3.1046, "KB.v2": 2.0363, "KB.bb2": 2.6099, "KB.bb4": 2.9182}
     assert set(sealed) == set(published_ms) == set(V9.KB_VARIANTS)
@@ -595,7 +595,7 @@ def test_v9_rmsnorm_matmul_points_and_fit():
     peaks = {"KR.v1": (80392, 1), "KR.v2": (76296, 1), "KR.v3": (76296, 4), "KR.v4": (82436, 1)}
     for pid, ms in published_ms.items():
         p = BY_ID[pid]
-        assert (p.split, p.target, p.timing, p.name) == ("sealed", "trn2", "prof", "rmsnorm_matmul")
+        assert (p.split, p.target, p.timing, p.name) == ("held-out", "trn2", "prof", "rmsnorm_matmul")
         assert p.measured_us == pytest.approx(1000.0 * ms) and p.k_model == (p.k_full,) == (32,)
         args, kw = p.make(1, np.random.default_rng(1))
         assert (args[0].shape, args[1].shape, args[3]) == ((1, 128, 1024), (8, 128, 2048), pid)
@@ -644,7 +644,7 @@ def test_v9_fused_rmsnorm_points_and_fit(name):
     sealed, trn2, prof, at the published shape (32 M tiles); rule (a) by the emulator's allocation check on one M
     tile at the published K, N (nothing modeled): the peak is at most the selection's arithmetic, which fits."""
     rows = V9_ROWS[name]
-    assert {p.id for p in POINTS if p.name == name and p.split == "sealed"} == set(rows)
+    assert {p.id for p in POINTS if p.name == name and p.split == "held-out"} == set(rows)
     for pid, (ms, selection, peak) in rows.items():
         p = BY_ID[pid]
         assert (p.target, p.timing) == ("trn2", "prof")
@@ -664,7 +664,7 @@ def test_v9_swiglu_points_and_fit():
     rows = {"KSW.v1": (2.2079, 47616, (47616, 2)), "KSW.v2": (5.0669, 61952, (43520, 2)),
             "KSW.d": (2.1372, 52736, (45568, 2)), "KSW.b2": (2.1875, 81408, (68096, 4)),
             "KSW.b4": (2.0219, 138752, (113152, 8))}
-    assert {p.id for p in POINTS if p.name == "swiglu" and p.split == "sealed"} == set(rows) == set(V9.KSW_VARIANTS)
+    assert {p.id for p in POINTS if p.name == "swiglu" and p.split == "held-out"} == set(rows) == set(V9.KSW_VARIANTS)
     for pid, (ms, selection, peak) in rows.items():
         p = BY_ID[pid]
         assert (p.target, p.timing) == ("trn2", "prof")
@@ -684,7 +684,8 @@ def test_v9_lora_points_and_fit():
     from microbench.calibration import kernels_v9 as V9
     rows = {"KL.v1": (38.3562, 44032, (44032, 2)), "KL.v2": (14.8385, 111616, (111104, 4)),
             "KL.v3": (11.30115, 114176, (104960, 4)), "KL.v4": (11.1756, 116736, (86016, 4))}
-    assert {p.id for p in POINTS if p.name == "lora" and p.split == "sealed"} == set(rows) == set(V9.KL_VARIANTS)
+    held = {p.id for p in POINTS if p.id.startswith("KL.") and p.split == "held-out"}
+    assert held == set(rows) == set(V9.KL_VARIANTS)
     for pid, (ms, selection, peak) in rows.items():
         p = BY_ID[pid]
         assert (p.target, p.timing) == ("trn2", "prof")
@@ -710,7 +711,7 @@ def test_v9_rope_points_and_fit():
     for pid, ms in published_ms.items():
         p = BY_ID[pid]
         layout, w = V9.KRO_VARIANTS[pid]
-        assert (p.split, p.target, p.timing) == ("sealed", "trn2", "prof")
+        assert (p.split, p.target, p.timing) == ("held-out", "trn2", "prof")
         assert p.measured_us == pytest.approx(1000.0 * ms) and p.k_model == (p.k_full,) == (262144 // w,)
         args, kw = p.make(1, np.random.default_rng(1))
         assert (args[0].shape, args[1].shape) == ((128, w), (64, w))
@@ -730,7 +731,7 @@ def test_v9_bmm_softmax_points_and_fit():
     rows = {"KBS.v1": (4.5995, 66832), "KBS.v2": (3.9250, 82704), "KBS.n32": (3.7715, 82700),
             "KBS.f32": (6.8883, 82700), "KBS.n8": (3.8233, 70412), "KBS.n16": (3.85705, 74508),
             "KBS.cs": (3.7281, 74508), "KBS.c44": (4.2743, 74508), "KBS.ns": (3.7373, 74508)}
-    sealed = {p.id for p in POINTS if p.name == "bmm_softmax" and p.split == "sealed"}
+    sealed = {p.id for p in POINTS if p.id.startswith("KBS.") and p.split == "held-out"}
     assert sealed == set(rows) == set(V9.KBS_VARIANTS)
     for pid, (ms, selection) in rows.items():
         p = BY_ID[pid]
