@@ -298,7 +298,7 @@ def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_on
     # [K, pairs, M] x [K, pairs, N]: contract over partitions and pairs
     st_vals = stationary._get().reshape(k, pairs, m).astype(_F32).reshape(k * pairs, m)
     mv_vals = moving._get().reshape(k, pairs, n).astype(_F32).reshape(k * pairs, n)
-    prod = st_vals.T @ mv_vals
+    prod = (st_vals.T.astype(np.float64) @ mv_vals.astype(np.float64)).astype(_F32)
     written = dst._aux_get(dst.storage.mm_written).reshape(m, n)
     if accumulate is True:
         if not written.all():
