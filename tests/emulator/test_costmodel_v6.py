@@ -60,8 +60,8 @@ def test_two_sbuf_inputs_pay_the_minimum_per_pass_on_nc_v2(target, cyc):
         tr.append(Instr(i, "tensor_tensor", DVE, (_tile(3), _tile(3)), (_tile(3),), {"op": "multiply"}))
     assert model_trace(tr, t).engine_busy_us[DVE] == pytest.approx(_us(10 * cyc, t.dve_ghz), rel=1e-6)
     # trn1: 2 x 32 (two passes); trn2 / trn3: one 64-cycle minimum. One input in PSUM: one pass (32 / 64), as in
-    # _independent_small_ops; a [128, 48] two-pass multiply on trn1 is 2N = 96 > 64; on trn2 / trn3 (v9: one pass
-    # at 2 elements per partition per cycle) it is max(64, 24) = 64
+    # _independent_small_ops; a [128, 48] two-pass multiply on trn1 is 2N = 96 > 64; on trn2 / trn3 (v10: 2 elements
+    # per partition per cycle) it is max(64, 2 x 48 / 2) = 64
     tr = Trace()
     tr.append(Instr(0, "tensor_tensor", DVE, (_tile(48), _tile(48)), (_tile(48),), {"op": "multiply"}))
     expect = 96 if target == "trn1" else 64

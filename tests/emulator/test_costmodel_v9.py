@@ -61,3 +61,25 @@ def test_psum_input_is_one_pass_at_the_nc_v3_rate():
     tr.append(Instr(0, "tensor_tensor", DVE, (_tile(4096), _tile(4096, buffer="psum")), (_tile(4096),),
                     {"op": "multiply"}))
     assert model_trace(tr, t).engine_busy_us[DVE] == pytest.approx(_us(4096 / 2, t.dve_ghz), rel=1e-6)
+
+
+def _with_gpsimd(vector_instr):
+    """A VectorE instruction and an independent GpSimd SBUF copy of [128, 4096] fp32: the total shows whether they
+    shared the SBUF bus (serialised) or ran in parallel."""
+    tr = Trace()
+    tr.append(vector_instr)
+    tr.append(Instr(1, "tensor_copy", "pool", (_tile(4096),), (_tile(4096),), {}))
+    return model_trace(tr, get_target("trn2")).total_us
+
+
+def test_only_a_lifted_vector_instruction_holds_the_gpsimd_bus():
+    """trainium2_arch.rst: performance mode 'leverages a shared memory bus between the VectorE and GpsimdE'. A bf16
+    add of two SBUF tensors runs at the NC-v3 base rate (no lift), so it overlaps GpSimd like an fp32 one; a
+    contiguous bf16 copy (4x lift) excludes it. Both VectorE instructions here are shorter than the GpSimd copy."""
+    bf = "bfloat16"
+    bf16_add = _with_gpsimd(Instr(0, "tensor_tensor", DVE, (_tile(4096, bf), _tile(4096, bf)), (_tile(4096, bf),),
+                                  {"op": "add"}))
+    bf16_copy = _with_gpsimd(Instr(0, "tensor_copy", DVE, (_tile(4096, bf),), (_tile(4096, bf),), {}))
+    gpsimd_alone = _us(4096, get_target("trn2").pool_ghz)       # 1 element per partition per cycle
+    assert bf16_add < gpsimd_alone + _us(4096 / 2, get_target("trn2").dve_ghz)     # not serialised
+    assert bf16_copy >= gpsimd_alone + _us(4096 / 4, get_target("trn2").dve_ghz)  # serialised with GpSimd

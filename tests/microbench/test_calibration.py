@@ -341,9 +341,15 @@ KNOWN_MISSES = {
 }
 
 
+# The 12 KDA GEMM points (v8, fit since v10) are modeled at the published shape, minutes of emulation each: more than
+# CI's budget. Their errors come from `python -m microbench.calibration --split fit` (docs/cost-model.md, v10 round).
+FULL_SHAPE_GEMMS = frozenset(p.id for p in POINTS if p.id.startswith(("KT.", "KM.")))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("pid", [pytest.param(p.id, marks=pytest.mark.xfail(reason=KNOWN_MISSES[p.id], strict=True))
-                                 if p.id in KNOWN_MISSES else p.id for p in POINTS if p.split == "fit"])
+                                 if p.id in KNOWN_MISSES else p.id for p in POINTS
+                                 if p.split == "fit" and p.id not in FULL_SHAPE_GEMMS])
 def test_fit_points_within_band(pid):
     """The fit split stays inside the band (held-out results are reported by `python -m microbench.calibration`,
     not asserted: they are the model's honest test)."""
@@ -742,3 +748,21 @@ def test_v9_bmm_softmax_points_and_fit():
         res = run(p.kernel, *args, target="trn2", lnc=1, **kw)
         assert (res.sbuf_peak_bytes[0], res.psum_peak_banks[0]) == (selection - 256, 1), pid
         assert selection <= 192 * 1024
+
+
+def test_trn2_published_times_are_half_the_one_core_model_plus_the_timing_term():
+    """v10 convention (points.py "v10 round"): a published trn2 single-kernel time is modeled as the one-core device
+    time / time_cores (2), plus the target's bench / profile term; DMA1 keeps one core; bytes are not divided."""
+    from microbench.calibration.points import _model_once
+    from nki_kernels.emulator.costmodel import params_for
+    assert {p.time_cores for p in POINTS if p.target == "trn2" and p.id != "DMA1"} == {2}
+    assert BY_ID["DMA1"].time_cores == 1 and {p.time_cores for p in POINTS if p.target == "trn1"} == {1}
+    from nki_kernels.emulator.targets import get_target
+    prm = params_for(get_target("trn2"))
+    for pid, term in (("CS.stream200", prm.bench_fixed_us), ("CS.fd2k", prm.profile_fixed_us)):
+        p = BY_ID[pid]
+        rep = _model_once(p, p.k_model[0])[0]
+        one_core = rep.device_us * p.k_full / p.k_model[0]
+        r = model_point(p)
+        assert r.modeled_us == pytest.approx(one_core / 2 + term, rel=1e-9)
+        assert r.hbm_gbytes == pytest.approx(rep.hbm_bytes * p.k_full / p.k_model[0] / 1e9, rel=1e-9)
