@@ -321,6 +321,7 @@ from __future__ import annotations
 
 from nki_kernels.backend import nisa, nki, nl
 from nki_kernels.hw import P_MAX
+from .kernels_v8 import PSUM_FP32_BANK, median   # the rule's median of several reports; one 2 KiB PSUM bank of fp32
 
 # Published latency_ms of every benchmark.csv report, as the selection above lists them (the dropped
 # bmm_v2_d2_loadtranspose rows are kept under their own key, not a point).
@@ -341,14 +342,6 @@ KDA_REPORTS_MS = {
 }
 
 
-def median(values) -> float:
-    """The rule's figure for several reports: the median (mean of the two middle values for an even count)."""
-    v = sorted(values)
-    mid = len(v) // 2
-    return v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
-
-
-PSUM_FP32_BANK = 512       # fp32 elements per partition in one 2 KiB PSUM bank: one matmul result chunk
 
 # ------------------------------------------------------------------------------------------------ bmm (trn2)
 # out[b] = lhs[b] @ rhs[b] from v1 [B, M, K] (K = 64), v2 [B, K, N]; out [B, M, N]. A variant is

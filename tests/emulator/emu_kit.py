@@ -82,3 +82,20 @@ def rnd(rng, shape, dtype=np.float32, scale=1.0):
 
 __all__ = ["BF16", "FP8_E4M3", "FP8_E5M2", "sb_load", "hbm_out", "on_chip", "raises", "kernel_run", "f32", "rnd",
            "nl", "nisa", "jit", "run", "EmulatorCheckError"]
+
+
+# ---- hand-built cost-model traces (test_costmodel_v6 / _v9)
+_TRACE_SID = [5000]
+
+
+def trace_tile(f, dtype="float32", buffer="sbuf"):
+    """A [128, f] Access of a fresh tensor (a new sid each call), for hand-built Trace instructions."""
+    from nki_kernels.emulator.trace import Access
+    _TRACE_SID[0] += 1
+    item = 2 if dtype == "bfloat16" else 4
+    return Access(_TRACE_SID[0], buffer, dtype, (128, f), 128, f, 128 * f * item, 0, 128 * f, 128 * f * item, False)
+
+
+def cycles_us(cycles, ghz):
+    """µs of `cycles` engine cycles at `ghz`."""
+    return cycles / ghz * 1e-3

@@ -8,24 +8,14 @@ import pytest
 
 from nki_kernels.emulator.costmodel import model_trace, preset_params
 from nki_kernels.emulator.targets import get_target
-from nki_kernels.emulator.trace import DVE, Access, Instr, Trace
+from emu_kit import cycles_us, trace_tile
 
-_SID = [9000]
-
-
-def _tile(f, dtype="float32", buffer="sbuf"):
-    _SID[0] += 1
-    item = 2 if dtype == "bfloat16" else 4
-    return Access(_SID[0], buffer, dtype, (128, f), 128, f, 128 * f * item, 0, 128 * f, 128 * f * item, False)
-
-
-def _us(cycles, ghz):
-    return cycles / ghz * 1e-3
-
+from nki_kernels.emulator.trace import DVE, Instr, Trace
 
 def _stt(n):
     tr = Trace()
-    tr.append(Instr(0, "scalar_tensor_tensor", DVE, (_tile(n), _tile(n)), (_tile(n),), {"op": "multiply"}))
+    tr.append(Instr(0, "scalar_tensor_tensor", DVE, (trace_tile(n), trace_tile(n)), (trace_tile(n),),
+                    {"op": "multiply"}))
     return tr
 
 
@@ -34,14 +24,14 @@ def test_two_input_vector_instruction_passes(target, cycles):
     """[128, 4096] fp32 scalar_tensor_tensor, both tensors in SBUF: two passes (2N) at the target's rate, 1 / cycle
     on NC-v2 and 2 / cycle on NC-v3 / v4."""
     t = get_target(target)
-    assert model_trace(_stt(4096), t).engine_busy_us[DVE] == pytest.approx(_us(cycles, t.dve_ghz), rel=1e-6)
+    assert model_trace(_stt(4096), t).engine_busy_us[DVE] == pytest.approx(cycles_us(cycles, t.dve_ghz), rel=1e-6)
 
 
 @pytest.mark.parametrize("target, cycles", [("trn1", 2 * 4096), ("trn2", 4096 / 2)])
 def test_one_pass_preset_only_changes_nc_v3(target, cycles):
     t = get_target(target)
     p = preset_params("dve-one-pass-low", t)
-    assert model_trace(_stt(4096), t, params=p).engine_busy_us[DVE] == pytest.approx(_us(cycles, t.dve_ghz),
+    assert model_trace(_stt(4096), t, params=p).engine_busy_us[DVE] == pytest.approx(cycles_us(cycles, t.dve_ghz),
                                                                                       rel=1e-6)
 
 
@@ -50,17 +40,17 @@ def test_bf16_tensor_tensor_gains_nothing_over_the_nc_v3_base():
     v2, N cycles): N / 2 on trn2, the same as the v3 base rate gives."""
     t = get_target("trn2")
     tr = Trace()
-    tr.append(Instr(0, "tensor_tensor", DVE, (_tile(4096, "bfloat16"), _tile(4096, "bfloat16")),
-                    (_tile(4096, "bfloat16"),), {"op": "add"}))
-    assert model_trace(tr, t).engine_busy_us[DVE] == pytest.approx(_us(4096 / 2, t.dve_ghz), rel=1e-6)
+    tr.append(Instr(0, "tensor_tensor", DVE, (trace_tile(4096, "bfloat16"), trace_tile(4096, "bfloat16")),
+                    (trace_tile(4096, "bfloat16"),), {"op": "add"}))
+    assert model_trace(tr, t).engine_busy_us[DVE] == pytest.approx(cycles_us(4096 / 2, t.dve_ghz), rel=1e-6)
 
 
 def test_psum_input_is_one_pass_at_the_nc_v3_rate():
     t = get_target("trn2")
     tr = Trace()
-    tr.append(Instr(0, "tensor_tensor", DVE, (_tile(4096), _tile(4096, buffer="psum")), (_tile(4096),),
+    tr.append(Instr(0, "tensor_tensor", DVE, (trace_tile(4096), trace_tile(4096, buffer="psum")), (trace_tile(4096),),
                     {"op": "multiply"}))
-    assert model_trace(tr, t).engine_busy_us[DVE] == pytest.approx(_us(4096 / 2, t.dve_ghz), rel=1e-6)
+    assert model_trace(tr, t).engine_busy_us[DVE] == pytest.approx(cycles_us(4096 / 2, t.dve_ghz), rel=1e-6)
 
 
 def _with_gpsimd(vector_instr):
@@ -68,7 +58,7 @@ def _with_gpsimd(vector_instr):
     shared the SBUF bus (serialised) or ran in parallel."""
     tr = Trace()
     tr.append(vector_instr)
-    tr.append(Instr(1, "tensor_copy", "pool", (_tile(4096),), (_tile(4096),), {}))
+    tr.append(Instr(1, "tensor_copy", "pool", (trace_tile(4096),), (trace_tile(4096),), {}))
     return model_trace(tr, get_target("trn2")).total_us
 
 
@@ -77,9 +67,9 @@ def test_only_a_lifted_vector_instruction_holds_the_gpsimd_bus():
     add of two SBUF tensors runs at the NC-v3 base rate (no lift), so it overlaps GpSimd like an fp32 one; a
     contiguous bf16 copy (4x lift) excludes it. Both VectorE instructions here are shorter than the GpSimd copy."""
     bf = "bfloat16"
-    bf16_add = _with_gpsimd(Instr(0, "tensor_tensor", DVE, (_tile(4096, bf), _tile(4096, bf)), (_tile(4096, bf),),
-                                  {"op": "add"}))
-    bf16_copy = _with_gpsimd(Instr(0, "tensor_copy", DVE, (_tile(4096, bf),), (_tile(4096, bf),), {}))
-    gpsimd_alone = _us(4096, get_target("trn2").pool_ghz)       # 1 element per partition per cycle
-    assert bf16_add < gpsimd_alone + _us(4096 / 2, get_target("trn2").dve_ghz)     # not serialised
-    assert bf16_copy >= gpsimd_alone + _us(4096 / 4, get_target("trn2").dve_ghz)  # serialised with GpSimd
+    bf16_add = _with_gpsimd(Instr(0, "tensor_tensor", DVE, (trace_tile(4096, bf), trace_tile(4096, bf)),
+                                  (trace_tile(4096, bf),), {"op": "add"}))
+    bf16_copy = _with_gpsimd(Instr(0, "tensor_copy", DVE, (trace_tile(4096, bf),), (trace_tile(4096, bf),), {}))
+    gpsimd_alone = cycles_us(4096, get_target("trn2").pool_ghz)       # 1 element per partition per cycle
+    assert bf16_add < gpsimd_alone + cycles_us(4096 / 2, get_target("trn2").dve_ghz)     # not serialised
+    assert bf16_copy >= gpsimd_alone + cycles_us(4096 / 4, get_target("trn2").dve_ghz)  # serialised with GpSimd
