@@ -1312,6 +1312,13 @@ def ref_bmm(v1, v2, *_consts):
 
 
 _KDA_SRC = "Jerry2423/kda-for-trainium@90770f2 (trn2, 1 core, LNC=1), p50 on-device latency (prof): "
+
+
+def _kda_spec(pid, name, shape, workspace, kernel, make, k_full, reference, notes):
+    """One POINT_SPECS entry: trn2, `prof` timing, the median of the point's reports, modeled at k_full."""
+    return dict(id=pid, name=name, shape=shape, target="trn2", measured_us=1000.0 * median(KDA_REPORTS_MS[pid]),
+                source=_KDA_SRC + "workspaces/" + workspace, kernel=kernel, make=make, k_full=k_full,
+                k_model=(k_full,), reference=reference, timing="prof", notes=notes)
 _KB_NOTES = {
     "KB.v1": "bmm_v1 (+ bmm_d1_stage_a_g2, same stream; 3 reports, median): per M tile PE transpose, then 8 x "
              "(matmul, copy, 512-wide store)",
@@ -1327,10 +1334,8 @@ _KB_NOTES = {
 
 
 def _kb(pid):
-    return dict(id=pid, name="bmm", shape="B16 M4096 K64 N4096 fp32", target="trn2",
-                measured_us=1000.0 * median(KDA_REPORTS_MS[pid]), source=_KDA_SRC + "workspaces/bmm",
-                kernel=kda_bmm, make=_bmm_make(pid), k_full=BMM_B, k_model=(BMM_B,), reference=ref_bmm,
-                timing="prof", notes=_KB_NOTES[pid] + "; k = batches")
+    return _kda_spec(pid, "bmm", "B16 M4096 K64 N4096 fp32", "bmm", kda_bmm, _bmm_make(pid), BMM_B, ref_bmm,
+                     _KB_NOTES[pid] + "; k = batches")
 
 
 def _rmm_make(variant):
@@ -1359,11 +1364,9 @@ _KR_NOTES = {
 
 
 def _kr(pid):
-    return dict(id=pid, name="rmsnorm_matmul", shape="M4096 K1024 N2048 fp32 (v1 [32, 128, 1024])",
-                target="trn2", measured_us=1000.0 * median(KDA_REPORTS_MS[pid]),
-                source=_KDA_SRC + "workspaces/rmsnorm_matmul", kernel=kda_rmsnorm_matmul, make=_rmm_make(pid),
-                k_full=RMM_M_TILES, k_model=(RMM_M_TILES,), reference=ref_rmsnorm_matmul_tiled, timing="prof",
-                notes=_KR_NOTES[pid] + "; k = M tiles")
+    return _kda_spec(pid, "rmsnorm_matmul", "M4096 K1024 N2048 fp32 (v1 [32, 128, 1024])", "rmsnorm_matmul",
+                     kda_rmsnorm_matmul, _rmm_make(pid), RMM_M_TILES, ref_rmsnorm_matmul_tiled,
+                     _KR_NOTES[pid] + "; k = M tiles")
 
 
 def _kan_make(variant):
@@ -1394,11 +1397,9 @@ _KAN_NOTES = {
 
 
 def _kan(pid):
-    return dict(id=pid, name="add_rmsnorm_matmul", shape="M4096 K1024 N2048 fp32 (x, z [4096, 1024])",
-                target="trn2", measured_us=1000.0 * median(KDA_REPORTS_MS[pid]),
-                source=_KDA_SRC + "workspaces/add_rmsnorm_matmul", kernel=kda_add_rmsnorm_matmul,
-                make=_kan_make(pid), k_full=ARM_M // P_MAX, k_model=(ARM_M // P_MAX,),
-                reference=ref_add_rmsnorm_matmul, timing="prof", notes=_KAN_NOTES[pid] + "; k = M tiles")
+    return _kda_spec(pid, "add_rmsnorm_matmul", "M4096 K1024 N2048 fp32 (x, z [4096, 1024])", "add_rmsnorm_matmul",
+                     kda_add_rmsnorm_matmul, _kan_make(pid), ARM_M // P_MAX, ref_add_rmsnorm_matmul,
+                     _KAN_NOTES[pid] + "; k = M tiles")
 
 
 def _kmn_make(variant):
@@ -1427,11 +1428,9 @@ _KMN_NOTES = {
 
 
 def _kmn(pid):
-    return dict(id=pid, name="matmul_add_rmsnorm", shape="M4096 K2048 N2048 fp32 (x [4096, 2048])",
-                target="trn2", measured_us=1000.0 * median(KDA_REPORTS_MS[pid]),
-                source=_KDA_SRC + "workspaces/matmul_add_rmsnorm", kernel=kda_matmul_add_rmsnorm,
-                make=_kmn_make(pid), k_full=MAR_M // P_MAX, k_model=(MAR_M // P_MAX,),
-                reference=ref_matmul_add_rmsnorm, timing="prof", notes=_KMN_NOTES[pid] + "; k = M tiles")
+    return _kda_spec(pid, "matmul_add_rmsnorm", "M4096 K2048 N2048 fp32 (x [4096, 2048])", "matmul_add_rmsnorm",
+                     kda_matmul_add_rmsnorm, _kmn_make(pid), MAR_M // P_MAX, ref_matmul_add_rmsnorm,
+                     _KMN_NOTES[pid] + "; k = M tiles")
 
 
 def _ksw_make(variant):
@@ -1466,10 +1465,8 @@ _KSW_NOTES = {
 
 
 def _ksw(pid):
-    return dict(id=pid, name="swiglu", shape="M4096 K1024 N3072 fp32 (x [32, 128, 1024])", target="trn2",
-                measured_us=1000.0 * median(KDA_REPORTS_MS[pid]), source=_KDA_SRC + "workspaces/swiglu",
-                kernel=kda_swiglu, make=_ksw_make(pid), k_full=SWI_M_TILES, k_model=(SWI_M_TILES,),
-                reference=ref_swiglu_tiled, timing="prof", notes=_KSW_NOTES[pid] + "; k = M tiles")
+    return _kda_spec(pid, "swiglu", "M4096 K1024 N3072 fp32 (x [32, 128, 1024])", "swiglu", kda_swiglu,
+                     _ksw_make(pid), SWI_M_TILES, ref_swiglu_tiled, _KSW_NOTES[pid] + "; k = M tiles")
 
 
 def _kl_make(variant):
@@ -1503,10 +1500,8 @@ _KL_NOTES = {
 
 
 def _kl(pid):
-    return dict(id=pid, name="lora", shape="M4096 K5120 N12288 R128 fp32 (x [8, 4, 128, 40, 128])", target="trn2",
-                measured_us=1000.0 * median(KDA_REPORTS_MS[pid]), source=_KDA_SRC + "workspaces/lora",
-                kernel=kda_lora, make=_kl_make(pid), k_full=LORA_M_HI, k_model=(LORA_M_HI,),
-                reference=ref_lora_tiled, timing="prof", notes=_KL_NOTES[pid] + "; k = M blocks (m_hi)")
+    return _kda_spec(pid, "lora", "M4096 K5120 N12288 R128 fp32 (x [8, 4, 128, 40, 128])", "lora", kda_lora,
+                     _kl_make(pid), LORA_M_HI, ref_lora_tiled, _KL_NOTES[pid] + "; k = M blocks (m_hi)")
 
 
 def _kro_make(variant):
@@ -1534,11 +1529,9 @@ _KRO_DEFAULT_W = {"a": 2048, "b": 2048, "p": 512}
 def _kro(pid):
     layout, w = KRO_VARIANTS[pid]
     suffix = "" if w == _KRO_DEFAULT_W[layout] else f"_w{w}"
-    return dict(id=pid, name="rope_single_freq_apply", shape="D128 S262144 fp32 (x [128, 262144])",
-                target="trn2", measured_us=1000.0 * median(KDA_REPORTS_MS[pid]),
-                source=_KDA_SRC + "workspaces/rope_single_freq_apply", kernel=kda_rope, make=_kro_make(pid),
-                k_full=ROPE_S // w, k_model=(ROPE_S // w,), reference=ref_rope_rotate_half, timing="prof",
-                notes=_KRO_FILES[layout].format(suffix) + f", W = {w}; k = W-wide tiles")
+    return _kda_spec(pid, "rope_single_freq_apply", "D128 S262144 fp32 (x [128, 262144])", "rope_single_freq_apply",
+                     kda_rope, _kro_make(pid), ROPE_S // w, ref_rope_rotate_half,
+                     _KRO_FILES[layout].format(suffix) + f", W = {w}; k = W-wide tiles")
 
 
 def ref_bmm_softmax(v1, v2, *_consts):
@@ -1563,10 +1556,8 @@ _KBS_NOTES = {
 
 
 def _kbs(pid):
-    return dict(id=pid, name="bmm_softmax", shape="B16 M4096 K64 N4096 fp32", target="trn2",
-                measured_us=1000.0 * median(KDA_REPORTS_MS[pid]), source=_KDA_SRC + "workspaces/bmm_softmax",
-                kernel=kda_bmm_softmax, make=_bmm_make(pid), k_full=BMM_B, k_model=(BMM_B,),
-                reference=ref_bmm_softmax, timing="prof", notes=_KBS_NOTES[pid] + "; k = batches")
+    return _kda_spec(pid, "bmm_softmax", "B16 M4096 K64 N4096 fp32", "bmm_softmax", kda_bmm_softmax,
+                     _bmm_make(pid), BMM_B, ref_bmm_softmax, _KBS_NOTES[pid] + "; k = batches")
 
 
 KB_DROPPED = {"KB.lt": "bmm_v2_d2_loadtranspose: fp32 load_transpose2d (a 4-byte DMA transpose) cannot run as written"}
