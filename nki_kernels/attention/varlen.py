@@ -13,7 +13,8 @@ on the values of `cu_seqlens_*`. Which key blocks a query tile visits is data, a
     per KV head:     K^T and V resident in SBUF (natural-layout loads, PE transposes), padded with zeros to whole
                      512-key blocks; non-finite V values are zeroed and their key's K row set to NaN, so a
                      non-finite k or v reaches exactly the rows that see that key (its own sequence)
-    per query tile:  row r -> lo_r = cu_k[s(r)] = sum_i [cu_q[i] <= r] lenk_i,  end_r = cu_k[s(r)+1],
+    every query tile at once (one pass over [128, 3 x tiles] row columns):
+                     row r -> lo_r = cu_k[s(r)] = sum_i [cu_q[i] <= r] lenk_i,  end_r = cu_k[s(r)+1],
                      hi_r = end_r (non-causal) or r + end_r - cu_q[s(r)+1] + 1 (causal); kept as
                      mid_r = (lo_r + hi_r - 1) / 2, half_r = (hi_r - lo_r) / 2 for the block masks.
                      lo_r and hi_r never decrease with r, so the tile's keys lie in [lo_first, hi_last): the key
@@ -25,8 +26,9 @@ on the values of `cu_seqlens_*`. Which key blocks a query tile visits is data, a
                      for each query head of the KV head's group (they share the block):
                          S = Q K^T; select(visible, S, MASK_BIAS) (not an additive bias: a NaN score of another
                          sequence's key is replaced, not added to); online softmax with loop-carried statistics
-                         (m, l, O per head); P^T by PE (2 chunks) and DMA (2 chunks) transposes; O += P V
+                         (m, l, O per head); P^T by PE transposes; O += P V
     after the loop:  out = O / l (rows that see no key: 0), optionally * sigmoid(gate)
+    q^T, gate and out of a query tile move for all heads of the KV group in one DMA each
 
 Fully masked key blocks (another sequence's keys) are never loaded into the working tiles nor multiplied: a query
 tile costs the blocks its own sequences span. Rows that see no key at all (a sequence with queries and no keys,
@@ -50,6 +52,7 @@ _BLOCK_SHIFT = _BLOCK.bit_length() - 1   # log2(_BLOCK): block index = key >> 9
 _N_CH = _BLOCK // K_CHUNK         # 128-key chunks per block (P^T transposes, PV matmuls)
 _PE_T_CHUNKS = _N_CH              # chunks of P transposed on the PE (the rest by DMA transpose): all of them; the
 #                                   loop's DMA queues carry the block fetches, the PE has room (modeled)
+_BOUNDS_ELEMS = 2048             # fp32 elements per partition of the row-bounds sequence test (8 KiB)
 _STAT_INIT = 3.0e38               # initial -scale * running max: exp(-3e38 + x) = 0 wipes the first rescale
 _MAX_GROUP = 16                   # query heads per KV head handled together (the O accumulators: 16 x 1 KiB)
 _Q_STAGE_BYTES = 8 * 1024         # per partition: Q of a window's tiles staged for all heads of a KV-head batch
@@ -103,7 +106,7 @@ def varlen_body(q, k, v, gate, cu_q, cu_k, out, softmax_scale, causal):
     heads = lambda t: t.permute((1, 0, 2))                  # noqa: E731  [T, H, D] -> [H, T, D] view
     q_h, out_h, k_h, v_h = heads(q), heads(out), heads(k), heads(v)
     gate_h = None if gate is None else heads(gate)
-    rows = _PackedRows(cu_q, cu_k, tq, causal, sorted({i_q for _, i_q in work}), n_q_tiles, n_tiles(tk, _BLOCK))
+    rows = _PackedRows(cu_q, cu_k, tq, causal, n_q_tiles, n_tiles(tk, _BLOCK))
     for kvh in sorted({h for h, _ in work}):
         kT_sb, v_sb = _load_kv_blocks(k_h, v_h, kvh, tk, d, n_d, dtype)
         for i_q in [i for h, i in work if h == kvh]:
@@ -129,99 +132,102 @@ def _load_kv_blocks(k_h, v_h, kvh, tk, d, n_d, dtype):
 
 
 class _PackedRows:
-    """Per-row key intervals [lo_r, hi_r) of the packed sequences, computed on device once per query tile (shared
-    by every head): (mid_r, half_r, valid_r) for the block masks, and the tile's key-block range for the loop."""
+    """Per-row key intervals [lo_r, hi_r) of the packed sequences, computed on device once for every query tile
+    of the kernel at the same time (shared by every head): (mid_r, half_r, valid_r) for the block masks, and each
+    tile's key-block range for the loop.
 
-    def __init__(self, cu_q, cu_k, tq, causal, tiles, n_q_tiles, n_blk):
+    All tiles in one pass: the rows are a [128, 3, n_q_tiles] fp32 tile (row 128 t + p; the first row of tile t;
+    its last row, on every partition), the sequence test [cu_q[i] <= r] a [128, 3 n_q_tiles, N+1] tile (the
+    cu_seqlens row read with a stride-0 pattern over the rows), and the weighted sums below one multiply and one
+    reduce each: about twenty small instructions whatever the number of tiles."""
+
+    def __init__(self, cu_q, cu_k, tq, causal, n_q_tiles, n_blk):
         n1 = cu_q.shape[0]
-        self.n = n1 - 1
+        n = self.n = n1 - 1
         self.causal = causal
         self.n_blk = n_blk
-        self.cuq = _broadcast_f32(cu_q, n1)
+        m = n_q_tiles
+        f32 = nl.float32
+        cuq = _broadcast_f32(cu_q, n1)
         cuk = _broadcast_f32(cu_k, n1)
-        self.lenk = nl.ndarray((P_MAX, self.n), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_tensor(dst=self.lenk, data1=cuk[:, 1:n1], data2=cuk[:, 0:self.n], op=nl.subtract)
+        lenk = nl.ndarray((P_MAX, n), dtype=f32, buffer=nl.sbuf)
+        nisa.tensor_tensor(dst=lenk, data1=cuk[:, 1:n1], data2=cuk[:, 0:n], op=nl.subtract)
+        lenq = None
         if causal:
-            self.lenq = nl.ndarray((P_MAX, self.n), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.tensor_tensor(dst=self.lenq, data1=self.cuq[:, 1:n1], data2=self.cuq[:, 0:self.n], op=nl.subtract)
+            lenq = nl.ndarray((P_MAX, n), dtype=f32, buffer=nl.sbuf)
+            nisa.tensor_tensor(dst=lenq, data1=cuq[:, 1:n1], data2=cuq[:, 0:n], op=nl.subtract)
         # key offset of each score column within a block (0..511), shared by every block
         col_i = nl.ndarray((P_MAX, _BLOCK), dtype=nl.int32, buffer=nl.sbuf)
         nisa.iota(col_i, pattern=[[1, _BLOCK]], offset=0, channel_multiplier=0)
-        self.col = nl.ndarray((P_MAX, _BLOCK), dtype=nl.float32, buffer=nl.sbuf)
+        self.col = nl.ndarray((P_MAX, _BLOCK), dtype=f32, buffer=nl.sbuf)
         nisa.tensor_copy(dst=self.col, src=col_i, engine=nisa.engine.gpsimd)
-        # per query tile: mid_r, half_r, valid_r; first key of the first block (k0) on every partition;
-        # the block range [jb0, jb1) as int32 on partition 0
-        self.bounds = nl.ndarray((P_MAX, n_q_tiles, 4), dtype=nl.float32, buffer=nl.sbuf)
-        self.blocks = nl.ndarray((1, n_q_tiles, 2), dtype=nl.int32, buffer=nl.sbuf)
-        for i_q in tiles:
-            q0 = i_q * _Q_TILE
-            qn = min(_Q_TILE, tq - q0)
-            self._tile_bounds(self.bounds[0:qn, i_q], q0, qn)
-            self._tile_blocks(i_q, q0, qn)
-
-    def _weighted_count(self, dst, ge, lens, qn):
-        """dst[r] = sum_i ge[r, i] * lens[i] (one multiply, one reduce)."""
-        prod = nl.ndarray((P_MAX, self.n), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_tensor(dst=prod[0:qn], data1=ge, data2=lens[0:qn], op=nl.multiply)
-        nisa.tensor_reduce(dst=dst, op=nl.add, data=prod[0:qn], axis=1)
-
-    def _interval(self, r_op, qn):
-        """(lo, hi) [qn, 1] fp32 tiles for rows r (r_op: a [qn, 1] tile or a trace-time number)."""
-        n = self.n
-        ge = nl.ndarray((P_MAX, n + 1), dtype=nl.float32, buffer=nl.sbuf)          # [cu_q[i] <= r]
-        nisa.tensor_scalar(dst=ge[0:qn], data=self.cuq[0:qn], op0=nl.less_equal, operand0=r_op)
-        lo = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)              # cu_k[s(r)]
-        self._weighted_count(lo[0:qn], ge[0:qn, 1:n + 1], self.lenk, qn)
-        hi = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)              # cu_k[s(r) + 1]
-        self._weighted_count(hi[0:qn], ge[0:qn, 0:n], self.lenk, qn)
-        if self.causal:
-            end_q = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)       # cu_q[s(r) + 1]
-            self._weighted_count(end_q[0:qn], ge[0:qn, 0:n], self.lenq, qn)
-            nisa.tensor_tensor(dst=hi[0:qn], data1=hi[0:qn], data2=end_q[0:qn], op=nl.subtract)
-            nisa.tensor_scalar(dst=hi[0:qn], data=hi[0:qn], op0=nl.add, operand0=r_op, op1=nl.add, operand1=1.0)
-        return lo, hi
-
-    def _tile_bounds(self, b, q0, qn):
-        """b [qn, 4] = (mid_r, half_r, valid_r, -) for the query rows r = q0 .. q0 + qn - 1."""
-        r_i = nl.ndarray((P_MAX, 1), dtype=nl.int32, buffer=nl.sbuf)
-        nisa.iota(r_i[0:qn], pattern=[[1, 1]], offset=q0, channel_multiplier=1)
-        r_f = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_copy(dst=r_f[0:qn], src=r_i[0:qn], engine=nisa.engine.gpsimd)
-        lo, hi = self._interval(r_f[0:qn], qn)
-        # mid = (lo + hi - 1) / 2, half = (hi - lo) / 2, valid = hi > lo
-        nisa.scalar_tensor_tensor(dst=b[:, 0:1], data=hi[0:qn], op0=nl.add, operand0=-1.0, op1=nl.add,
-                                  operand1=lo[0:qn])
-        nisa.tensor_scalar(dst=b[:, 0:1], data=b[:, 0:1], op0=nl.multiply, operand0=0.5)
-        nisa.tensor_tensor(dst=b[:, 1:2], data1=hi[0:qn], data2=lo[0:qn], op=nl.subtract)
-        nisa.tensor_scalar(dst=b[:, 1:2], data=b[:, 1:2], op0=nl.multiply, operand0=0.5)
-        nisa.tensor_scalar(dst=b[:, 2:3], data=b[:, 1:2], op0=nl.greater, operand0=0.0)
-
-    def _tile_blocks(self, i_q, q0, qn):
-        """Key blocks of the tile: jb0 = floor(lo(q0) / 512), jb1 = ceil(hi(q0 + qn - 1) / 512), both clamped to
-        [0, n_blk] (so no DMA offset can leave K^T / V whatever cu_seqlens hold), and k0 = 512 jb0 on every
-        partition (the first block's first key)."""
-        lo, _ = self._interval(float(q0), P_MAX)
-        _, hi = self._interval(float(q0 + qn - 1), P_MAX)
-        jb = nl.ndarray((P_MAX, 2), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_copy(dst=jb[:, 0:1], src=lo)
-        nisa.tensor_scalar(dst=jb[:, 1:2], data=hi, op0=nl.add, operand0=float(_BLOCK - 1))
+        # rows: [:, 0, t] = 128 t + p, [:, 1, t] = 128 t (first row), [:, 2, t] = min(128 t + 127, Tq - 1) (last)
+        r_i = nl.ndarray((P_MAX, 3, m), dtype=nl.int32, buffer=nl.sbuf)
+        for c, (off, cm) in enumerate(((0, 1), (0, 0), (_Q_TILE - 1, 0))):
+            nisa.iota(r_i[:, c, :], pattern=[[_Q_TILE, m]], offset=off, channel_multiplier=cm)
+        r = nl.ndarray((P_MAX, 3 * m), dtype=f32, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=r, src=r_i.reshape((P_MAX, 3 * m)), engine=nisa.engine.gpsimd)
+        nisa.tensor_scalar(dst=r[:, 2 * m:3 * m], data=r[:, 2 * m:3 * m], op0=nl.minimum, operand0=float(tq - 1))
+        # lo = cu_k[s(r)], hi = cu_k[s(r) + 1] (causal: r + cu_k[s(r) + 1] - cu_q[s(r) + 1] + 1), over row columns
+        # in pieces of at most _BOUNDS_ELEMS / (N+1) columns (the [cols, N+1] sequence test stays small)
+        lo = nl.ndarray((P_MAX, 3 * m), dtype=f32, buffer=nl.sbuf)
+        hi = nl.ndarray((P_MAX, 3 * m), dtype=f32, buffer=nl.sbuf)
+        step = max(1, _BOUNDS_ELEMS // n1)
+        for c0 in range(0, 3 * m, step):
+            cn = min(step, 3 * m - c0)
+            ge = nl.ndarray((P_MAX, step, n1), dtype=f32, buffer=nl.sbuf)                # [cu_q[i] <= r]
+            nisa.tensor_tensor(dst=ge[:, 0:cn], data1=cuq.ap(pattern=[[n1, P_MAX], [0, cn], [1, n1]], offset=0),
+                               data2=r.ap(pattern=[[3 * m, P_MAX], [1, cn], [0, n1]], offset=c0), op=nl.less_equal)
+            sums = [(lo, 1, lenk), (hi, 0, lenk)] + ([(None, 0, lenq)] if causal else [])
+            end_q = None
+            for dst, first, lens in sums:           # sum_i ge[:, :, first + i] * lens[i]
+                prod = nl.ndarray((P_MAX, step, n), dtype=f32, buffer=nl.sbuf)
+                nisa.tensor_tensor(dst=prod[:, 0:cn], data1=ge[:, 0:cn, first:first + n],
+                                   data2=lens.ap(pattern=[[n, P_MAX], [0, cn], [1, n]], offset=0), op=nl.multiply)
+                if dst is None:
+                    end_q = nl.ndarray((P_MAX, step), dtype=f32, buffer=nl.sbuf)
+                    dst = end_q
+                    c_lo = 0
+                else:
+                    c_lo = c0
+                nisa.tensor_reduce(dst=dst[:, c_lo:c_lo + cn], op=nl.add, data=prod[:, 0:cn], axis=2)
+            if causal:
+                h = hi[:, c0:c0 + cn]
+                nisa.tensor_tensor(dst=h, data1=h, data2=end_q[:, 0:cn], op=nl.subtract)
+                nisa.scalar_tensor_tensor(dst=h, data=h, op0=nl.add, operand0=1.0, op1=nl.add,
+                                          operand1=r[:, c0:c0 + cn])
+        # per query tile: mid_r, half_r, valid_r, and the first key of the first block (k0) on every partition
+        self.bounds = nl.ndarray((P_MAX, m, 4), dtype=f32, buffer=nl.sbuf)
+        b = self.bounds
+        nisa.scalar_tensor_tensor(dst=b[:, :, 0], data=hi[:, 0:m], op0=nl.add, operand0=-1.0, op1=nl.add,
+                                  operand1=lo[:, 0:m])
+        nisa.tensor_scalar(dst=b[:, :, 0], data=b[:, :, 0], op0=nl.multiply, operand0=0.5)
+        nisa.tensor_tensor(dst=b[:, :, 1], data1=hi[:, 0:m], data2=lo[:, 0:m], op=nl.subtract)
+        nisa.tensor_scalar(dst=b[:, :, 1], data=b[:, :, 1], op0=nl.multiply, operand0=0.5)
+        nisa.tensor_scalar(dst=b[:, :, 2], data=b[:, :, 1], op0=nl.greater, operand0=0.0)
+        # key blocks of tile t: jb0 = floor(lo(first row) / 512), jb1 = ceil(hi(last row) / 512), both clamped
+        # to [0, n_blk] (so no DMA offset can leave K^T / V whatever cu_seqlens hold); int32 on partition 0
+        jb = nl.ndarray((P_MAX, 2, m), dtype=f32, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=jb[:, 0, :], src=lo[:, m:2 * m])
+        nisa.tensor_scalar(dst=jb[:, 1, :], data=hi[:, 2 * m:3 * m], op0=nl.add, operand0=float(_BLOCK - 1))
         nisa.tensor_scalar(dst=jb, data=jb, op0=nl.maximum, operand0=0.0, op1=nl.minimum,
-                           operand1=float(self.n_blk * _BLOCK))
+                           operand1=float(n_blk * _BLOCK))
         # exact integers: floor(x / 512) by an arithmetic shift on int32 (ceil for hi by the + 511 above)
-        jb_i = nl.ndarray((P_MAX, 2), dtype=nl.int32, buffer=nl.sbuf)
+        jb_i = nl.ndarray((P_MAX, 2, m), dtype=nl.int32, buffer=nl.sbuf)
         nisa.tensor_copy(dst=jb_i, src=jb)
-        nisa.tensor_scalar(dst=self.blocks[0:1, i_q, :], data=jb_i[0:1], op0=nl.right_shift, operand0=_BLOCK_SHIFT)
-        k0_i = nl.ndarray((P_MAX, 1), dtype=nl.int32, buffer=nl.sbuf)                    # 512 * jb0
-        nisa.tensor_scalar(dst=k0_i, data=jb_i[:, 0:1], op0=nl.right_shift, operand0=_BLOCK_SHIFT,
+        self.blocks = nl.ndarray((1, 2, m), dtype=nl.int32, buffer=nl.sbuf)
+        nisa.tensor_scalar(dst=self.blocks, data=jb_i[0:1], op0=nl.right_shift, operand0=_BLOCK_SHIFT)
+        k0_i = nl.ndarray((P_MAX, m), dtype=nl.int32, buffer=nl.sbuf)                    # 512 * jb0
+        nisa.tensor_scalar(dst=k0_i, data=jb_i[:, 0, :], op0=nl.right_shift, operand0=_BLOCK_SHIFT,
                            op1=nl.left_shift, operand1=_BLOCK_SHIFT)
-        nisa.tensor_copy(dst=self.bounds[:, i_q, 3:4], src=k0_i)
+        nisa.tensor_copy(dst=b[:, :, 3], src=k0_i)
 
     def block_range(self, i_q):
         """(jb0, jb1) as virtual registers (loaded from SBUF on the device)."""
         regs = []
         for c in range(2):
             r = nisa.register_alloc()
-            nisa.register_load(r, self.blocks[0:1, i_q, c:c + 1])
+            nisa.register_load(r, self.blocks[0:1, c, i_q:i_q + 1])
             regs.append(r)
         return regs
 
@@ -236,17 +242,30 @@ class _PackedRows:
 
 
 def _attend_tile(q_h, gate_h, out_h, kT_sb, v_sb, rows, h0, group, i_q, tq, d, n_d, dtype, scale):
-    """One query tile of the `group` query heads h0 .. h0 + group - 1 (one KV head) over its key blocks."""
+    """One query tile of the `group` query heads h0 .. h0 + group - 1 (one KV head) over its key blocks.
+
+    q, gate and out of the tile move for all `gn` heads of a group in one DMA each (the heads of a KV group are
+    adjacent in [T, H, D]: one gn * D run per row, 2 KiB for bf16, D=256, 4 heads, instead of 512 B per head);
+    Q^T by one DMA transpose for 2-byte dtypes with D a multiple of 128, else per head and 128-row chunk."""
     q0 = i_q * _Q_TILE
     qn = min(_Q_TILE, tq - q0)
     for g0 in range(0, group, _MAX_GROUP):
         gn = min(_MAX_GROUP, group - g0)
-        qT = nl.ndarray((P_MAX, gn, n_d, _Q_TILE), dtype=dtype, buffer=nl.sbuf)
-        for g in range(gn):
-            for i_d in range(n_d):
-                d0 = i_d * D_CHUNK
-                dn = min(D_CHUNK, d - d0)
-                load_transposed(qT[0:dn, g, i_d, 0:qn], q_h[h0 + g0 + g, q0:q0 + qn, d0:d0 + dn], qn, dn, dtype)
+        hs = h0 + g0
+        qT = nl.ndarray((P_MAX, n_d, gn, _Q_TILE), dtype=dtype, buffer=nl.sbuf)
+        if is_two_byte(dtype) and d % D_CHUNK == 0:
+            src = q_h[hs:hs + gn, q0:q0 + qn, 0:d].reshape((gn, qn, n_d, D_CHUNK)).permute((1, 2, 0, 3))
+            nisa.dma_transpose(dst=qT[0:D_CHUNK, 0:n_d, 0:gn, 0:qn], src=src)
+        else:
+            for g in range(gn):
+                for i_d in range(n_d):
+                    d0 = i_d * D_CHUNK
+                    dn = min(D_CHUNK, d - d0)
+                    load_transposed(qT[0:dn, i_d, g, 0:qn], q_h[hs + g, q0:q0 + qn, d0:d0 + dn], qn, dn, dtype)
+        gate_sb = None
+        if gate_h is not None:
+            gate_sb = nl.ndarray((P_MAX, gn, d), dtype=gate_h.dtype, buffer=nl.sbuf)
+            nisa.dma_copy(dst=gate_sb[0:qn], src=gate_h[hs:hs + gn, q0:q0 + qn, 0:d].permute((1, 0, 2)))
         state = _LoopState(gn, qn, d)
         k0_f = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)        # first key of the current block
         nisa.tensor_copy(dst=k0_f[0:qn], src=rows.bounds[0:qn, i_q, 3:4])
@@ -255,8 +274,10 @@ def _attend_tile(q_h, gate_h, out_h, kT_sb, v_sb, rows, h0, group, i_q, tq, d, n
         def body(j):
             _block_step(j, kT_sb, v_sb, qT, state, rows, k0_f, i_q, qn, gn, d, n_d, dtype, scale)
         nl.fori_loop(jb0, jb1, body)
+        o_sb = nl.ndarray((P_MAX, gn, d), dtype=dtype, buffer=nl.sbuf)
         for g in range(gn):
-            _finish(out_h, gate_h, state, rows, h0 + g0 + g, g, i_q, q0, qn, d, dtype)
+            _finish(o_sb[0:qn, g, :], gate_sb, state, rows, g, i_q, qn, d)
+        nisa.dma_copy(dst=out_h[hs:hs + gn, q0:q0 + qn, 0:d].permute((1, 0, 2)), src=o_sb[0:qn])
 
 
 class _LoopState:
@@ -298,7 +319,7 @@ def _head_step(kT_blk, v_blk, qT, state, vis, g, qn, d, n_d, dtype, scale):
     s_psum = nl.ndarray((P_MAX, _BLOCK), dtype=nl.float32, buffer=nl.psum)
     for i_d in range(n_d):
         dn = min(D_CHUNK, d - i_d * D_CHUNK)
-        nisa.nc_matmul(s_psum[0:qn], qT[0:dn, g, i_d, 0:qn], kT_blk[0:dn, i_d, :], accumulate=i_d > 0)
+        nisa.nc_matmul(s_psum[0:qn], qT[0:dn, i_d, g, 0:qn], kT_blk[0:dn, i_d, :], accumulate=i_d > 0)
     masked = nl.where(vis[0:qn], s_psum[0:qn], MASK_BIAS)
     m_blk = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)                 # -rowmax of the block
     nisa.tensor_reduce(dst=m_blk[0:qn], op=nl.maximum, data=masked, axis=1, negate=True)
@@ -339,9 +360,9 @@ def _probs_transposed(p_sb, qn, dtype):
     return pT
 
 
-def _finish(out_h, gate_h, state, rows, h, g, i_q, q0, qn, d, dtype):
-    """out = O / l for rows that see a key, 0 for the others (l + 1 - valid keeps the reciprocal finite when a
-    tile ran no block), optionally * sigmoid(gate); one DMA to HBM."""
+def _finish(o_sb, gate_sb, state, rows, g, i_q, qn, d):
+    """o_sb [qn, D] = O / l of head g for rows that see a key, 0 for the others (l + 1 - valid keeps the
+    reciprocal finite when a tile ran no block), optionally * sigmoid(gate)."""
     valid = rows.bounds[0:qn, i_q, 2:3]
     inv_l = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.scalar_tensor_tensor(dst=inv_l[0:qn], data=valid, op0=nl.multiply, operand0=-1.0, op1=nl.add,
@@ -350,18 +371,14 @@ def _finish(out_h, gate_h, state, rows, h, g, i_q, q0, qn, d, dtype):
     nisa.reciprocal(dst=inv_l[0:qn], data=inv_l[0:qn])
     nisa.tensor_tensor(dst=inv_l[0:qn], data1=inv_l[0:qn], data2=valid, op=nl.multiply, engine=nisa.engine.gpsimd)
     o = state.o[0:qn, g, :]
-    o_sb = nl.ndarray((P_MAX, d), dtype=dtype, buffer=nl.sbuf)
-    if gate_h is None:
-        nisa.tensor_scalar(dst=o_sb[0:qn], data=o, op0=nl.multiply, operand0=inv_l[0:qn], engine=nisa.engine.gpsimd)
+    if gate_sb is None:
+        nisa.tensor_scalar(dst=o_sb, data=o, op0=nl.multiply, operand0=inv_l[0:qn], engine=nisa.engine.gpsimd)
     else:
-        gate_sb = nl.ndarray((P_MAX, d), dtype=gate_h.dtype, buffer=nl.sbuf)
-        nisa.dma_copy(dst=gate_sb[0:qn], src=gate_h[h, q0:q0 + qn, 0:d])
         sig_sb = nl.ndarray((P_MAX, d), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.activation(dst=sig_sb[0:qn], op=nl.sigmoid, data=gate_sb[0:qn])
+        nisa.activation(dst=sig_sb[0:qn], op=nl.sigmoid, data=gate_sb[0:qn, g, :])
         nisa.tensor_scalar(dst=sig_sb[0:qn], data=sig_sb[0:qn], op0=nl.multiply, operand0=inv_l[0:qn],
                            engine=nisa.engine.gpsimd)
-        nisa.tensor_tensor(dst=o_sb[0:qn], data1=o, data2=sig_sb[0:qn], op=nl.multiply, engine=nisa.engine.gpsimd)
-    nisa.dma_copy(dst=out_h[h, q0:q0 + qn, 0:d], src=o_sb[0:qn])
+        nisa.tensor_tensor(dst=o_sb, data1=o, data2=sig_sb[0:qn], op=nl.multiply, engine=nisa.engine.gpsimd)
 
 
 def _broadcast_f32(cu, n1):
