@@ -211,6 +211,7 @@ from . import kernels_v6 as V6
 from . import kernels_v7 as V7
 from . import kernels_v8 as V8   # v8 sealed points (never modeled until unsealed)
 from . import kernels_v9 as V9   # v9 sealed points (never modeled until unsealed)
+from . import kernels_v11 as V11   # v11 sealed points (never modeled until unsealed)
 
 
 SEALED = "sealed"    # split of points nobody has modeled yet (docstring, "v8 sealed points")
@@ -544,6 +545,8 @@ POINTS = [
     # ---- v9 sealed points, unsealed as held-out at the v10 freeze (docstring; kernels_v9.py) ----
     *[Point(**{**spec, "time_cores": 2}, split="held-out") for spec in V9.POINT_SPECS],   # unsealed at the v10
                                                                                            # freeze (docstring)
+    # ---- v11 sealed points: nobody has modeled them (docstring, "v11 sealed points"; kernels_v11.py) ----
+    *[Point(**spec, split=SEALED) for spec in V11.POINT_SPECS],
     Point("ACT1", "act_dependent_chain", "1 element per partition", "trn1", 0.189, "nki_perf_guide.rst Opt #5a",
           K.act_dependent_chain,
           make=lambda k, rng: ((np.ones((128, 1), np.float32), k), {}),

@@ -89,6 +89,12 @@ _SMALL = {     # small shapes with the same tiling, for the correctness check
     **{pid: (lambda rng, pid=pid, m=m: BY_ID[pid].make(1, rng, m=m, n=1024))
        for pid, m in (("KBS.v1", 512), ("KBS.v2", 4096), ("KBS.n32", 4096), ("KBS.f32", 4096), ("KBS.n8", 2048),
                       ("KBS.n16", 4096), ("KBS.cs", 4096), ("KBS.c44", 4096), ("KBS.ns", 4096))},
+    # v11 sealed points (KDA gqa_full, trn2): two kv heads (four query heads), N = 1024 keys (two score chunks, eight
+    # key subtiles), two blocks of the variant's query tiles (the per-tile files: two tiles). Never modeled
+    **{pid: (lambda rng, pid=pid, m=m: BY_ID[pid].make(2, rng, n=1024, n_q=256 * m))
+       for pid, m in (("KG.v1", 1), ("KG.v2", 1), ("KG.sf", 1), ("KG.dn", 1), ("KG.v3", 1), ("KG.m2", 2),
+                      ("KG.m4", 4), ("KG.m8", 8), ("KG.v5", 2), ("KG.v6", 2), ("KG.v7", 2), ("KG.v7m1", 1),
+                      ("KG.v7m4", 4), ("KG.v8", 2))},
 }
 
 
@@ -766,3 +772,35 @@ def test_trn2_published_times_are_half_the_one_core_model_plus_the_timing_term()
         r = model_point(p)
         assert r.modeled_us == pytest.approx(one_core / 2 + term, rel=1e-9)
         assert r.hbm_gbytes == pytest.approx(rep.hbm_bytes * p.k_full / p.k_model[0] / 1e9, rel=1e-9)
+
+
+# ---- v11 sealed points (kernels_v11.py): selection, published inputs, SBUF fit; no modeling
+
+
+def test_v11_gqa_points_and_fit():
+    """The v11 selection (kernels_v11.py docstring, committed 342991f before any kernel; corrected in 0d3fbdb: KG.m8
+    restored at trn2's 212984 B of usable SBUF): every gqa_full stream with its published latency_ms (KG.v3 the
+    median of v3c and the same-stream v4_msub1), sealed, trn2, prof, the v10 time_cores 2, at the published shape
+    (k = 8 kv heads); rule (a) by the emulator's allocation check on one kv head, one block of query tiles per query
+    group, at the published N = 4096 and D = 128 (nothing modeled)."""
+    from microbench.calibration import kernels_v11 as V11
+    from nki_kernels.emulator.targets import get_target
+    rows = {"KG.v1": (10.6579, 83980), "KG.v2": (10.5204, 100364), "KG.sf": (9.6523, 100368),
+            "KG.dn": (8.6820, 83980), "KG.v3": (7.7903, 83984), "KG.m2": (7.5276, 100372),
+            "KG.m4": (7.5470, 133148), "KG.m8": (7.5448, 198700), "KG.v5": (7.1907, 117268),
+            "KG.v6": (5.9949, 117260), "KG.v7": (4.3109, 100876), "KG.v7m1": (4.3752, 84488),
+            "KG.v7m4": (4.7965, 133652), "KG.v8": (4.2878, 100876)}
+    assert {p.id for p in POINTS if p.split == "sealed" and p.id.startswith("KG.")} == set(rows) == set(V11.KG_VARIANTS)
+    cap = get_target("trn2").sbuf_bytes_per_partition
+    assert cap == 212984
+    for pid, (ms, peak) in rows.items():
+        p = BY_ID[pid]
+        assert (p.name, p.target, p.timing, p.kernel, p.time_cores) == ("gqa_full", "trn2", "prof", V11.kda_gqa, 2)
+        assert p.measured_us == pytest.approx(1000.0 * ms) and p.k_model == (p.k_full,) == (8,)
+        args, kw = p.make(1, np.random.default_rng(1), n_q=128 * (V11.KG_VARIANTS[pid][3] or 1))
+        assert args[1].shape == (1, 8, 4, 128, 1, 128) and args[2].shape == (1, 32, 128, 128)
+        res = run(p.kernel, *args, target="trn2", lnc=1, **kw)
+        assert (res.sbuf_peak_bytes[0], res.psum_peak_banks[0]) == (peak, 2), pid
+        assert peak <= cap
+    args, _ = BY_ID["KG.v1"].make(8, np.random.default_rng(0))
+    assert [a.shape for a in args[:3]] == [(32, 128, 16, 128), (1, 8, 4, 128, 8, 128), (1, 32, 128, 1024)]
