@@ -310,42 +310,67 @@ def _block_step(j, kT_sb, v_sb, qT, state, rows, k0_f, i_q, qn, gn, d, n_d, dtyp
     vis = nl.ndarray((P_MAX, _BLOCK), dtype=nl.bfloat16, buffer=nl.sbuf)
     rows.visible(vis, k0_f, i_q, qn)
     nisa.tensor_scalar(dst=k0_f[0:qn], data=k0_f[0:qn], op0=nl.add, operand0=float(_BLOCK))
-    for g in range(gn):
-        _head_step(kT_blk, v_blk, qT, state, vis, g, qn, d, n_d, dtype, scale)
+    # the block's statistics of every head in one tile per iteration ([:, 0]: -rowmax, 1: new -scale * max,
+    # 2: alpha, 3: row sum): a per-head tile would rotate through the loop's buffers once per head and hold the
+    # next heads back until the O update at the end of each head's chain
+    stats = nl.ndarray((P_MAX, 4, gn), dtype=nl.float32, buffer=nl.sbuf)
+    # the heads run skewed in program order, as a software pipeline of four stages (QK; mask and softmax; P^T;
+    # P V and the O update): each engine's next instruction is then from another head than the one it waits on
+    live = {}
+    for step in range(gn + _HEAD_STAGES - 1):
+        for stage in range(_HEAD_STAGES):
+            g = step - stage
+            if 0 <= g < gn:
+                _HEAD_STEPS[stage](live, g, kT_blk, v_blk, qT, state, vis, stats, qn, d, n_d, dtype, scale)
+    l_ = state.l[0:qn]                                       # l = alpha l + row sum, every head at once
+    nisa.tensor_tensor(dst=l_, data1=l_, data2=stats[0:qn, 2, :], op=nl.multiply)
+    nisa.tensor_tensor(dst=l_, data1=l_, data2=stats[0:qn, 3, :], op=nl.add)
 
 
-def _head_step(kT_blk, v_blk, qT, state, vis, g, qn, d, n_d, dtype, scale):
-    """S = Q K^T of one head over the block, masked by select; online softmax update; O = alpha O + P V."""
+def _head_scores(live, g, kT_blk, v_blk, qT, state, vis, stats, qn, d, n_d, dtype, scale):
+    """S = Q K^T of head g over the block (fp32 PSUM)."""
     s_psum = nl.ndarray((P_MAX, _BLOCK), dtype=nl.float32, buffer=nl.psum)
     for i_d in range(n_d):
         dn = min(D_CHUNK, d - i_d * D_CHUNK)
         nisa.nc_matmul(s_psum[0:qn], qT[0:dn, i_d, g, 0:qn], kT_blk[0:dn, i_d, :], accumulate=i_d > 0)
-    masked = nl.where(vis[0:qn], s_psum[0:qn], MASK_BIAS)
-    m_blk = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)                 # -rowmax of the block
-    nisa.tensor_reduce(dst=m_blk[0:qn], op=nl.maximum, data=masked, axis=1, negate=True)
-    nm_new = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)               # min(neg_m, -scale max)
-    nisa.tensor_scalar(dst=nm_new[0:qn], data=m_blk[0:qn], op0=nl.multiply, operand0=scale, op1=nl.minimum,
-                       operand1=state.neg_m[0:qn, g:g + 1], engine=nisa.engine.gpsimd)
-    alpha = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)                # e^(neg_m_new - neg_m_old)
-    nisa.activation(dst=alpha[0:qn], op=nl.exp, data=state.neg_m[0:qn, g:g + 1], bias=nm_new[0:qn], scale=-1.0)
-    nisa.tensor_copy(dst=state.neg_m[0:qn, g:g + 1], src=nm_new[0:qn], engine=nisa.engine.gpsimd)
+    live[g] = s_psum
+
+
+def _head_softmax(live, g, kT_blk, v_blk, qT, state, vis, stats, qn, d, n_d, dtype, scale):
+    """Masked by select; running max, alpha, P = exp(scale S + neg_m) with its row sum."""
+    masked = nl.where(vis[0:qn], live[g][0:qn], MASK_BIAS)
+    m_blk, nm_new, alpha, row_sum = (stats[0:qn, i, g:g + 1] for i in range(4))
+    nisa.tensor_reduce(dst=m_blk, op=nl.maximum, data=masked, axis=1, negate=True)
+    nisa.tensor_scalar(dst=nm_new, data=m_blk, op0=nl.multiply, operand0=scale, op1=nl.minimum,     # min(neg_m,
+                       operand1=state.neg_m[0:qn, g:g + 1], engine=nisa.engine.gpsimd)              # -scale max)
+    nisa.activation(dst=alpha, op=nl.exp, data=state.neg_m[0:qn, g:g + 1], bias=nm_new, scale=-1.0)  # e^(new-old)
+    nisa.tensor_copy(dst=state.neg_m[0:qn, g:g + 1], src=nm_new, engine=nisa.engine.gpsimd)
     p_sb = nl.ndarray((P_MAX, _BLOCK), dtype=dtype, buffer=nl.sbuf)
-    row_sum = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.activation(dst=p_sb[0:qn], op=nl.exp, data=masked, bias=nm_new[0:qn], scale=scale, reduce_op=nl.add,
-                    reduce_res=row_sum[0:qn], reduce_cmd=nisa.reduce_cmd.reset_reduce)
-    pT = _probs_transposed(p_sb, qn, dtype)
+    nisa.activation(dst=p_sb[0:qn], op=nl.exp, data=masked, bias=nm_new, scale=scale, reduce_op=nl.add,
+                    reduce_res=row_sum, reduce_cmd=nisa.reduce_cmd.reset_reduce)
+    live[g] = p_sb
+
+
+def _head_transpose(live, g, kT_blk, v_blk, qT, state, vis, stats, qn, d, n_d, dtype, scale):
+    live[g] = _probs_transposed(live[g], qn, dtype, on_dve=False)
+
+
+def _head_pv(live, g, kT_blk, v_blk, qT, state, vis, stats, qn, d, n_d, dtype, scale):
+    """O = alpha O + P V."""
+    pT = live.pop(g)
     pv_psum = nl.ndarray((P_MAX, d), dtype=nl.float32, buffer=nl.psum)
     for c in range(_N_CH):
         nisa.nc_matmul(pv_psum[0:qn], pT[:, c, 0:qn], v_blk[:, c, :], accumulate=c > 0)
     o = state.o[0:qn, g, :]
-    nisa.scalar_tensor_tensor(dst=o, data=o, op0=nl.multiply, operand0=alpha[0:qn], op1=nl.add,
+    nisa.scalar_tensor_tensor(dst=o, data=o, op0=nl.multiply, operand0=stats[0:qn, 2, g:g + 1], op1=nl.add,
                               operand1=pv_psum[0:qn])
-    l_ = state.l[0:qn, g:g + 1]
-    nisa.scalar_tensor_tensor(dst=l_, data=l_, op0=nl.multiply, operand0=alpha[0:qn], op1=nl.add,
-                              operand1=row_sum[0:qn])
 
 
-def _probs_transposed(p_sb, qn, dtype):
+_HEAD_STEPS = (_head_scores, _head_softmax, _head_transpose, _head_pv)
+_HEAD_STAGES = len(_HEAD_STEPS)
+
+
+def _probs_transposed(p_sb, qn, dtype, on_dve=False):
     """P^T [128(keys), 4, 128(rows)]: chunks 0.._PE_T_CHUNKS-1 on the PE (one PSUM bank, evicted by ScalarE), the
     rest (bf16/fp16 only) by one SBUF->SBUF DMA transpose."""
     pT = nl.ndarray((P_MAX, _N_CH, _Q_TILE), dtype=dtype, buffer=nl.sbuf)
@@ -353,7 +378,10 @@ def _probs_transposed(p_sb, qn, dtype):
     t_psum = nl.ndarray((P_MAX, n_pe, _Q_TILE), dtype=dtype, buffer=nl.psum)
     for c in range(n_pe):
         exact_transpose(t_psum[:, c, 0:qn], p_sb[0:qn, c * K_CHUNK:(c + 1) * K_CHUNK])
-    nisa.activation(dst=pT[:, 0:n_pe, 0:qn], op=nl.copy, data=t_psum[:, :, 0:qn])
+    if on_dve:
+        nisa.tensor_copy(dst=pT[:, 0:n_pe, 0:qn], src=t_psum[:, :, 0:qn])
+    else:
+        nisa.activation(dst=pT[:, 0:n_pe, 0:qn], op=nl.copy, data=t_psum[:, :, 0:qn])
     if n_pe < _N_CH:
         src = p_sb[0:qn, n_pe * K_CHUNK:_BLOCK].reshape((qn, _N_CH - n_pe, K_CHUNK))
         nisa.dma_transpose(dst=pT[:, n_pe:_N_CH, 0:qn], src=src)
