@@ -191,6 +191,10 @@ selection commit, nothing modeled: the first dropped KG.m8 by (a) against 196608
 figure; trn2's usable SBUF is 212984 B (28 MiB per NeuronCore-v3), which its 198700 B fit (kernels_v11.py).] Points
 are added when their kernels are reference-checked; they become held-out only when the round that re-fits the trn2
 model after v10 has frozen it (the unsealing commit says so).
+v11 source 2 (kernels_v11.py docstring, "Source 2"; selection committed after the KG points landed, before any of
+its kernels; nothing modeled): the v6 rule applied to allenkchau/trainium-kernel-fusion (trn2, nki.benchmark P99,
+`bench`): A attention, baseline and fused, fp32 and bf16, S 512-4096 (AF.b.* / AF.f.*, 16 points, sealed, added
+when reference-checked); B its MLP study stays reserved, un-modeled.
 """
 from __future__ import annotations
 
