@@ -198,6 +198,12 @@ A. attention: out = softmax(q^T k) v^T (no scale), q, k, v [D = 128, S] in the i
    stored into the bf16 output = one dma_copy that casts, as written. Modeling (not done): each point at its
    published shape (k = query tiles, k_full = S / 128: one launch per point; the harness's inputs, uniform in
    [-1, 1)), `bench` timing.
+   Added with the kernels (nothing modeled): one choice corrected: nisa.nc_transpose returns a tile of its data's
+   dtype (NKI 0.6; the emulator, as NKI 0.7, refuses another PSUM dtype), so the bf16 runs' v subtiles go through a
+   bf16 PSUM tile before the fp32 copy (the choice above said fp32); the fp32 probability transposes are
+   unchanged. The emulator's allocation peaks at S = 4096: AF.b.fp32 131588, AF.f.fp32 82436, AF.b.bf16 123396,
+   AF.f.bf16 74244 B of 212984 (below the arithmetic above: each phase's tiles die before the next phase), 2 PSUM
+   banks.
 """
 from __future__ import annotations
 
@@ -493,4 +499,148 @@ def _kg(pid):
                 timing="prof", time_cores=2, notes=_KG_NOTES[pid] + "; k = kv heads")
 
 
-POINT_SPECS = tuple(_kg(pid) for pid in KG_VARIANTS)
+
+# ------------------------------------------------------------------------------ source 2: attention (trn2, bench)
+# out [S, D] = softmax(q^T k) v^T for q, k, v [D = 128, S] (module docstring, "Source 2", A). A variant is (kind,
+# dtype, S): kind "b" (baseline_attention: three phases through an internal fp32 HBM score tensor) or "f"
+# (fused_attention: per query tile on chip, normalisation at eviction).
+AF_VARIANTS = {f"AF.{kind}.{dt}.{s_len}": (kind, dt, s_len)
+               for dt in ("fp32", "bf16") for kind in ("b", "f") for s_len in (512, 1024, 2048, 4096)}
+
+
+def _af_scores(q_sb, k_sb, i_q, qk):
+    """The [128, S] fp32 score row of query tile i_q: one matmul per 512-wide key chunk, copied out of PSUM."""
+    for c0 in range(0, qk.shape[1], PSUM_FP32_BANK):
+        ps = nl.ndarray((P_MAX, PSUM_FP32_BANK), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_matmul(ps, q_sb[:, i_q * P_MAX:(i_q + 1) * P_MAX], k_sb[:, c0:c0 + PSUM_FP32_BANK], accumulate=False)
+        nisa.tensor_copy(dst=qk[:, c0:c0 + PSUM_FP32_BANK], src=ps)
+
+
+def _af_exp(s_tile):
+    """Per 512-wide chunk a max into a partial tile, the negated max of those; per chunk exp(s - max) and its sum
+    into a partial tile; the row sum and its reciprocal. Returns (exp_tile, inv_sum)."""
+    n_ch = s_tile.shape[1] // PSUM_FP32_BANK
+    chunks = [slice(j * PSUM_FP32_BANK, (j + 1) * PSUM_FP32_BANK) for j in range(n_ch)]
+    partial_max = nl.ndarray((P_MAX, n_ch), dtype=nl.float32, buffer=nl.sbuf)
+    for j, cols in enumerate(chunks):
+        nisa.tensor_reduce(dst=partial_max[:, j:j + 1], op=nl.maximum, data=s_tile[:, cols], axis=[1])
+    neg_max = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_reduce(dst=neg_max, op=nl.maximum, data=partial_max, axis=[1], negate=True)
+    exp_tile = nl.ndarray(s_tile.shape, dtype=nl.float32, buffer=nl.sbuf)
+    sum_chunks = nl.ndarray((P_MAX, n_ch), dtype=nl.float32, buffer=nl.sbuf)
+    for j, cols in enumerate(chunks):
+        nisa.activation(dst=exp_tile[:, cols], op=nl.exp, data=s_tile[:, cols], bias=neg_max, scale=1.0)
+        nisa.tensor_reduce(dst=sum_chunks[:, j:j + 1], op=nl.add, data=exp_tile[:, cols], axis=[1])
+    row_sum = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_reduce(dst=row_sum, op=nl.add, data=sum_chunks, axis=[1])
+    inv_sum = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.reciprocal(dst=inv_sum, data=row_sum)
+    return exp_tile, inv_sum
+
+
+def _af_transposed(src):
+    """src [128, S] as S / 128 PE-transposed [128, 128] subtiles (a PSUM tile of src's dtype each) copied into a
+    [128, S / 128, 128] fp32 tile."""
+    n_sub = src.shape[1] // P_MAX
+    dst = nl.ndarray((P_MAX, n_sub, P_MAX), dtype=nl.float32, buffer=nl.sbuf)
+    for i in range(n_sub):
+        ps = nl.ndarray((P_MAX, P_MAX), dtype=src.dtype, buffer=nl.psum)
+        nisa.nc_transpose(dst=ps, data=src[:, i * P_MAX:(i + 1) * P_MAX])
+        nisa.tensor_copy(dst=dst[:, i, :], src=ps)
+    return dst
+
+
+def _af_pv(p_t, v_t):
+    """sum_i p_t[:, i]^T v_t[:, i] into one [128, 128] PSUM tile (first product overwrites)."""
+    acc = nl.ndarray((P_MAX, P_MAX), dtype=nl.float32, buffer=nl.psum)
+    for i in range(p_t.shape[1]):
+        nisa.nc_matmul(acc, p_t[:, i, :], v_t[:, i, :], accumulate=i > 0)
+    return acc
+
+
+@nki.jit
+def af_attention(q, k, v, variant):
+    """AF.*: softmax(q^T k) v^T for q, k, v [128, S] (fp32 or bf16, S a multiple of 512) as out [S, 128] in the
+    input dtype, the published `variant`'s data flow (AF_VARIANTS)."""
+    kind = AF_VARIANTS[variant][0]
+    d, s_len = q.shape
+    out = nl.ndarray((s_len, d), dtype=q.dtype, buffer=nl.shared_hbm)
+    q_sb, k_sb, v_sb = (nl.ndarray((d, s_len), dtype=q.dtype, buffer=nl.sbuf) for _ in range(3))
+    for dst, src in ((q_sb, q), (k_sb, k), (v_sb, v)):
+        nisa.dma_copy(dst=dst, src=src)
+    n_q = s_len // P_MAX
+    if kind == "f":
+        v_t = _af_transposed(v_sb)
+        for i_q in range(n_q):
+            qk = nl.ndarray((P_MAX, s_len), dtype=nl.float32, buffer=nl.sbuf)
+            _af_scores(q_sb, k_sb, i_q, qk)
+            exp_tile, inv_sum = _af_exp(qk)
+            acc = _af_pv(_af_transposed(exp_tile), v_t)
+            attn_out = nl.ndarray((P_MAX, d), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.tensor_scalar(dst=attn_out, data=acc, op0=nl.multiply, operand0=inv_sum)
+            nisa.dma_copy(dst=out[i_q * P_MAX:(i_q + 1) * P_MAX, :], src=attn_out)
+        return out
+    score_hbm = nl.ndarray((n_q, P_MAX, s_len), dtype=nl.float32, buffer=nl.shared_hbm)   # internal
+    for i_q in range(n_q):                     # phase 1: scores to HBM
+        qk_buf = nl.ndarray((P_MAX, s_len), dtype=nl.float32, buffer=nl.sbuf)
+        _af_scores(q_sb, k_sb, i_q, qk_buf)
+        nisa.dma_copy(dst=score_hbm[i_q], src=qk_buf)
+    for i_q in range(n_q):                     # phase 2: softmax, weights over the scores
+        s_tile = nl.ndarray((P_MAX, s_len), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=s_tile, src=score_hbm[i_q])
+        exp_tile, inv_sum = _af_exp(s_tile)
+        weight_tile = nl.ndarray((P_MAX, s_len), dtype=nl.float32, buffer=nl.sbuf)
+        for c0 in range(0, s_len, PSUM_FP32_BANK):
+            cols = slice(c0, c0 + PSUM_FP32_BANK)
+            nisa.tensor_scalar(dst=weight_tile[:, cols], data=exp_tile[:, cols], op0=nl.multiply, operand0=inv_sum)
+        nisa.dma_copy(dst=score_hbm[i_q], src=weight_tile)
+    v_t = _af_transposed(v_sb)                 # phase 3: PV from the reloaded weights
+    for i_q in range(n_q):
+        p_tile = nl.ndarray((P_MAX, s_len), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=p_tile, src=score_hbm[i_q])
+        acc = _af_pv(_af_transposed(p_tile), v_t)
+        attn_out = nl.ndarray((P_MAX, d), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=attn_out, src=acc)
+        nisa.dma_copy(dst=out[i_q * P_MAX:(i_q + 1) * P_MAX, :], src=attn_out)
+    return out
+
+
+def _af_make(variant):
+    """make(k, rng): q, k, v [128, 128 k] uniform in [-1, 1) cast to the variant's dtype (the harness's inputs)."""
+    def make(k, rng):
+        import ml_dtypes
+        import numpy as np
+        dt = np.float32 if AF_VARIANTS[variant][1] == "fp32" else ml_dtypes.bfloat16
+        q, kk, v = (((rng.random((GQA_D, P_MAX * k)) - 0.5) * 2).astype(np.float32).astype(dt) for _ in range(3))
+        return (q, kk, v, variant), {}
+    return make
+
+
+def ref_attention_af(q, k, v, *_consts):
+    """softmax(q^T k) v^T in float64 (max-shifted, no scale), [S, D]."""
+    import numpy as np
+    s = q.astype(np.float64).T @ k.astype(np.float64)
+    e = np.exp(s - s.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True) @ v.astype(np.float64).T
+
+
+_AF_SRC = "allenkchau/trainium-kernel-fusion@71713d4 (trn2), nki.benchmark P99 nc_latency (bench): "
+_AF_FILES = {"b": ("attention_baseline", "kernels/baseline/attention.py baseline_attention: scores, softmax "
+                   "weights through an internal fp32 HBM tensor, then PV"),
+             "f": ("attention_fused", "kernels/fused/attention.py fused_attention: per query tile scores, softmax, "
+                   "transposes and PV on chip, normalised at eviction")}
+
+
+def _af(pid):
+    """One POINT_SPECS entry for source 2: trn2, `bench`, the median of the point's P99 reports, modeled at the
+    published S (k = query tiles), the v10 trn2 convention time_cores = 2."""
+    kind, dt, s_len = AF_VARIANTS[pid]
+    name, note = _AF_FILES[kind]
+    return dict(id=pid, name=name, shape=f"d128 S{s_len} {dt}", target="trn2", measured_us=median(AF_REPORTS_US[pid]),
+                source=_AF_SRC + "profiling/reports/latency_throughput_20260307T073830Z.csv (S 512: and T073617Z)",
+                kernel=af_attention,
+                make=_af_make(pid), k_full=s_len // P_MAX, k_model=(s_len // P_MAX,), reference=ref_attention_af,
+                timing="bench", time_cores=2, notes=note + "; k = query tiles of 128 (S = 128 k)")
+
+
+POINT_SPECS = (*[_kg(pid) for pid in KG_VARIANTS], *[_af(pid) for pid in AF_VARIANTS])

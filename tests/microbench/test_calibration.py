@@ -95,6 +95,10 @@ _SMALL = {     # small shapes with the same tiling, for the correctness check
        for pid, m in (("KG.v1", 1), ("KG.v2", 1), ("KG.sf", 1), ("KG.dn", 1), ("KG.v3", 1), ("KG.m2", 2),
                       ("KG.m4", 4), ("KG.m8", 8), ("KG.v5", 2), ("KG.v6", 2), ("KG.v7", 2), ("KG.v7m1", 1),
                       ("KG.v7m4", 4), ("KG.v8", 2))},
+    # v11 source 2 (allenkchau attention, trn2): each (kernel, dtype) once at S = 1024 (two score chunks, eight query
+    # tiles); its other S points are the same program at another S (their shapes: test_v11_af_points_and_fit)
+    **{pid: (lambda rng, pid=pid: BY_ID[pid].make(8, rng))
+       for pid in ("AF.b.fp32.1024", "AF.f.fp32.1024", "AF.b.bf16.1024", "AF.f.bf16.1024")},
 }
 
 
@@ -103,7 +107,8 @@ def test_calibration_kernel_matches_reference(pid):
     p = BY_ID[pid]
     args, kw = _SMALL[pid](np.random.default_rng(3))
     res = run(p.kernel, *args, target=p.target, **{"lnc": 1, **kw})
-    dtype = "bfloat16" if pid[:2] in ("U3", "U4") else "float32"   # U3 / U4 run their matmuls in bf16, as published
+    # U3 / U4 run their matmuls in bf16, as published; the AF bf16 points have bf16 inputs and output
+    dtype = "bfloat16" if pid[:2] in ("U3", "U4") or ".bf16." in pid else "float32"
     assert_close(pid, p.reference(*args, **kw), res.outputs, dtype=dtype)
 
 
@@ -804,3 +809,31 @@ def test_v11_gqa_points_and_fit():
         assert peak <= cap
     args, _ = BY_ID["KG.v1"].make(8, np.random.default_rng(0))
     assert [a.shape for a in args[:3]] == [(32, 128, 16, 128), (1, 8, 4, 128, 8, 128), (1, 32, 128, 1024)]
+
+
+def test_v11_af_points_and_fit():
+    """The v11 source-2 selection (kernels_v11.py docstring "Source 2", committed 2461ccb before any of its kernels):
+    allenkchau/trainium-kernel-fusion's attention study, baseline and fused, fp32 and bf16, S 512-4096, each with
+    its published P99 (S = 512: the median of two runs), sealed, trn2, `bench`, time_cores 2, at the published S
+    (k = query tiles); rule (a) by the emulator's allocation check at S = 4096 fp32 (nothing modeled)."""
+    from microbench.calibration import kernels_v11 as V11
+    from nki_kernels.emulator.targets import get_target
+    published = {"b.fp32": (52.5, 109, 275, 1140), "f.fp32": (32, 71, 218, 840),
+                 "b.bf16": (47.5, 98, 260, 1037), "f.bf16": (28.5, 61, 189, 686)}
+    rows = {f"AF.{key}.{s_len}": us
+            for key, uss in published.items() for s_len, us in zip((512, 1024, 2048, 4096), uss)}
+    assert {p.id for p in POINTS if p.id.startswith("AF.")} == set(rows) == set(V11.AF_VARIANTS)
+    for pid, us in rows.items():
+        p = BY_ID[pid]
+        _, dt, s_len = V11.AF_VARIANTS[pid]
+        assert (p.split, p.target, p.timing, p.kernel, p.time_cores) == ("sealed", "trn2", "bench", V11.af_attention, 2)
+        assert p.measured_us == pytest.approx(us) and p.k_model == (p.k_full,) == (s_len // 128,)
+        args, _ = p.make(p.k_full, np.random.default_rng(0))
+        assert [(a.shape, str(a.dtype)) for a in args[:3]] == [((128, s_len), {"fp32": "float32",
+                                                                                "bf16": "bfloat16"}[dt])] * 3
+    for pid, peak in (("AF.b.fp32.4096", 131588), ("AF.f.fp32.4096", 82436)):
+        p = BY_ID[pid]
+        args, kw = p.make(p.k_full, np.random.default_rng(1))
+        res = run(p.kernel, *args, target="trn2", lnc=1, **kw)
+        assert (res.sbuf_peak_bytes[0], res.psum_peak_banks[0]) == (peak, 2), pid
+        assert peak <= get_target("trn2").sbuf_bytes_per_partition
