@@ -22,6 +22,7 @@ values they would see with zeros in the padding (bit-identical outputs), and pad
 """
 from __future__ import annotations
 
+import functools
 import math
 
 from ..backend import call, nki, nisa, nl
@@ -48,6 +49,7 @@ _IO_ROW_BYTES = 2048              # q, gate and out of a query tile move for up 
 #                                   per partition in one DMA (bf16, D=256: 4 heads, 2 KiB packet rows instead of 512 B:
 #                                   cost model v3, 80% of an engine's rate instead of 20%)
 _KV_LOAD_KEYS = 2048              # keys per K^T / V load DMA: >= 2 KiB per partition for bf16 K^T pieces
+_KT_FIRST_KEYS = 1024             # keys of the first K^T load DMA, before the first Q^T (then V and the rest)
 _SHORT_SKV = MM_KEYS              # Skv up to one PSUM bank of fp32 scores: the partition-major short body (below)
 _SHORT_FINISH_DVE = 3             # short body, gated: slots normalised by one VectorE pass each from PSUM; in the
 #                                   core's last head (the kernel's tail) the later slots by ScalarE + GpSimd
@@ -135,16 +137,27 @@ def prefill_body(q, k, v, gate, seq_lens, out, softmax_scale, causal, bhds=False
             # trn1: K rows past the length are zeroed before their PE transposes (a NaN there would reach every
             # query through the identity matmul), so the length is loaded first there
             k_len = load_len_broadcast(seq_lens, b, P_MAX) if seq_lens is not None and mixing_pe_transpose() else None
-            kT_sb, v_sb = _load_kv(k[b], v[b], kvh, skv, d, n_d, dtype, bhds, k_len=k_len)
+            kT_sb = nl.ndarray((P_MAX, n_d, skv), dtype=dtype, buffer=nl.sbuf)
+            pieces = _kT_pieces(skv)
+            _load_kT(kT_sb, k[b], kvh, pieces[:1], d, n_d, dtype, bhds, k_len=k_len)
+            v_sb = nl.ndarray((P_MAX, n_tiles(skv, K_CHUNK), d), dtype=dtype, buffer=nl.sbuf)
             len_f = None
             klen_valid = None
             if seq_lens is not None:
                 len_f = k_len if k_len is not None else load_len_broadcast(seq_lens, b, P_MAX)
                 klen_valid = _key_valid(len_f, skv)
-                zero_rows_past_length(v_sb, len_f, 0, K_CHUNK)           # v_sb[p, c] holds key c*128 + p
+
+            # the rest of K^T and V load behind the first streams' Q^T, one piece per pipeline step
+            # (K^T keys, V keys loaded once it is issued, the load)
+            first = sum(pieces[0])
+            loads = [(first, 0, None),
+                     (first, first, functools.partial(_load_v, v[b], kvh, pieces[0], d, v_sb, len_f))]
+            if len(pieces) > 1:
+                loads.append((skv, skv, functools.partial(_load_kv_rest, k[b], v[b], kvh, pieces[1:], d, n_d, dtype,
+                                                          bhds, k_len, kT_sb, v_sb, len_f)))
             items = [(kvh * group + g, i_q * _Q_TILE, sq) for g, i_q in work]
             _attend_pipeline(*views, kT_sb, v_sb, len_f, klen_valid, items, skv, d, n_d, dtype,
-                             softmax_scale, causal, bhds)
+                             softmax_scale, causal, bhds, loads=loads)
 
 
 class _Stream:
@@ -197,14 +210,11 @@ def _block_keys(dtype):
     return _BLOCK_2BYTE if is_two_byte(dtype) else _BLOCK_FP32
 
 
-def _load_kv(k, v, kvh, skv, d, n_d, dtype, bhds=False, k_len=None):
-    """K^T [128(d), n_d, Skv] and V [128(keys), n_chunks, D] of one KV head, in SBUF (k, v: [Hkv, Skv, D] views
-    of one sequence). k_len (trn1, with a length): K rows past it are zeroed before any PE transpose."""
-    n_kc = n_tiles(skv, K_CHUNK)
-    kT_sb = nl.ndarray((P_MAX, n_d, skv), dtype=dtype, buffer=nl.sbuf)
-    v_sb = nl.ndarray((P_MAX, n_kc, d), dtype=dtype, buffer=nl.sbuf)
-    for s0 in range(0, skv, _KV_LOAD_KEYS):
-        sn = min(_KV_LOAD_KEYS, skv - s0)
+def _load_kT(kT_sb, k, kvh, pieces, d, n_d, dtype, bhds=False, k_len=None):
+    """Keys s0 .. s0 + sn of K^T [128(d), n_d, Skv] of one KV head into kT_sb, for each (s0, sn) of pieces (k:
+    [Hkv, Skv, D] view of one sequence). k_len (trn1, with a length): K rows past it are zeroed before any PE
+    transpose."""
+    for s0, sn in pieces:
         for i_d in range(n_d):
             d0 = i_d * D_CHUNK
             dn = min(D_CHUNK, d - d0)
@@ -213,15 +223,39 @@ def _load_kv(k, v, kvh, skv, d, n_d, dtype, bhds=False, k_len=None):
             else:
                 load_transposed(kT_sb[0:dn, i_d, s0:s0 + sn], k[kvh, s0:s0 + sn, d0:d0 + dn], sn, dn, dtype,
                                 row_len=k_len, row0=s0)
-        c0 = s0 // K_CHUNK
-        full = sn // K_CHUNK
-        if full:
-            src = v[kvh, s0:s0 + full * K_CHUNK, 0:d].reshape((full, K_CHUNK, d)).permute((1, 0, 2))
-            nisa.dma_copy(dst=v_sb[0:K_CHUNK, c0:c0 + full, 0:d], src=src)
-        rem = sn - full * K_CHUNK
-        if rem:
-            nisa.dma_copy(dst=v_sb[0:rem, c0 + full, 0:d], src=v[kvh, s0 + full * K_CHUNK:s0 + sn, 0:d])
-    return kT_sb, v_sb
+
+
+def _kT_pieces(skv):
+    """(first key, keys) of the K^T load DMAs: the first _KT_FIRST_KEYS alone (the first streams' scores start
+    when it is in), then pieces of _KV_LOAD_KEYS."""
+    first = min(skv, _KT_FIRST_KEYS) if _KT_FIRST_KEYS else 0
+    out = [(0, first)] if first else []
+    for s0 in range(first, skv, _KV_LOAD_KEYS):
+        out.append((s0, min(_KV_LOAD_KEYS, skv - s0)))
+    return out
+
+
+def _load_v(v, kvh, piece, d, v_sb, len_f=None):
+    """Keys s0 .. s0 + sn (piece) of V [128(keys), n_chunks, D] of one KV head into v_sb (v: [Hkv, Skv, D] view of
+    one sequence; s0 a multiple of 128); v_sb[p, c] holds key c*128 + p. With a length, rows past it are zeroed."""
+    s0, sn = piece
+    c0 = s0 // K_CHUNK
+    full = sn // K_CHUNK
+    if full:
+        src = v[kvh, s0:s0 + full * K_CHUNK, 0:d].reshape((full, K_CHUNK, d)).permute((1, 0, 2))
+        nisa.dma_copy(dst=v_sb[0:K_CHUNK, c0:c0 + full, 0:d], src=src)
+    rem = sn - full * K_CHUNK
+    if rem:
+        nisa.dma_copy(dst=v_sb[0:rem, c0 + full, 0:d], src=v[kvh, s0 + full * K_CHUNK:s0 + sn, 0:d])
+    if len_f is not None:
+        zero_rows_past_length(v_sb[:, c0:c0 + n_tiles(sn, K_CHUNK), :], len_f, s0, K_CHUNK)
+
+
+def _load_kv_rest(k, v, kvh, pieces, d, n_d, dtype, bhds, k_len, kT_sb, v_sb, len_f):
+    """K^T, then V, of the keys in pieces."""
+    _load_kT(kT_sb, k, kvh, pieces, d, n_d, dtype, bhds, k_len=k_len)
+    for pc in pieces:
+        _load_v(v, kvh, pc, d, v_sb, len_f)
 
 
 def _key_valid(len_f, skv):
@@ -237,7 +271,7 @@ def _key_valid(len_f, skv):
 
 
 def _attend_pipeline(q, gate, out, kT_sb, v_sb, len_f, klen_valid, items, skv, d, n_d, dtype, softmax_scale,
-                     causal, q_is_bhds=False, rows=None, band=None):
+                     causal, q_is_bhds=False, rows=None, band=None, loads=None):
     """All (query head, query tile) streams of one KV head through one software pipeline.
 
     q, gate, out: [H, S, D] HBM views of one sequence (gate may be None). rows: None, or a per-row mask
@@ -304,6 +338,10 @@ def _attend_pipeline(q, gate, out, kT_sb, v_sb, len_f, klen_valid, items, skv, d
                     _load_q(q, bufs, fol, d, n_d, dtype, q_is_bhds, rows, len_f)
                 nxt[s] += 1
                 cur[s] = st
+        if loads:                       # K^T / V pieces behind the streams' Q^T (PV runs two steps behind QK),
+            need_k = max((min(st.k_end, (st.j + 1) * block) for st in cur if st is not None), default=0)
+            need_v = max((min(st.k_end, (j + 1) * block) for st, j in history[-2]), default=0) if step >= 2 else 0
+            _issue_loads(loads, 1, need_k, need_v)          # one per step, earlier when a block needs the keys
         live = [(st, st.j) for st in cur if st is not None]
         history.append(live)
         for st, j in live:
@@ -330,6 +368,19 @@ def _attend_pipeline(q, gate, out, kT_sb, v_sb, len_f, klen_valid, items, skv, d
         step += 1
         if step >= 2 and not history[-1] and not history[-2]:
             break
+
+
+def _issue_loads(loads, n, need_k, need_v):
+    """Issue the first n of loads [(K^T keys, V keys covered once issued, fn or None (already issued))], then more
+    until K^T covers need_k and V need_v keys. The issued entries are popped, except the last, which is kept
+    (fn None) to tell what is covered."""
+    i = 0
+    while len(loads) > 1 and (i < n or loads[0][0] < need_k or loads[0][1] < need_v):
+        loads.pop(0)
+        if loads[0][2] is not None:
+            loads[0][2]()
+            loads[0] = (loads[0][0], loads[0][1], None)
+        i += 1
 
 
 def _io_groups(items, d, dtype):
@@ -488,8 +539,9 @@ def _softmax_exp(bufs, scores, st, j, step, softmax_scale):
 
 
 def _transpose_pe(bufs, st, j, step, block):
-    """P^T of the block's chunks on the TensorE (one PSUM bank), evicted PSUM -> SBUF by the ScalarE, every other
-    one by the VectorE (2-byte dtypes). No P^T goes through a DMA transpose: an SBUF -> SBUF DMA transpose of P is
+    """P^T of the block's chunks on the TensorE (one PSUM bank), evicted PSUM -> SBUF by the VectorE for 2-byte
+    dtypes (cost model v10: every eviction there, 85.5 -> 84.1 us at S=2048; alternating with the ScalarE was the
+    v3 balance), else by the ScalarE. No P^T goes through a DMA transpose: an SBUF -> SBUF DMA transpose of P is
     element-strided (a 512 B row in 256 single-element pieces, cost model v3 `dma_elem_ns`), which made S=8192
     DMA-bound (docs/attention.md, "Prefill goals at LNC=2")."""
     kn = st.keys(j, block)
@@ -502,7 +554,7 @@ def _transpose_pe(bufs, st, j, step, block):
     full = min(n_c, kn // K_CHUNK)
     if full:
         dst, src = pT_ring[0:K_CHUNK, r, s, 0:full, 0:st.qn], t_psum[0:K_CHUNK, t, s, 0:full, 0:st.qn]
-        if bufs["pt_on_dve"] and (step + s) % 2 == 1:      # every other P^T eviction on the VectorE
+        if bufs["pt_on_dve"]:          # 2-byte: every full-chunk eviction on the VectorE (a bf16 copy)
             nisa.tensor_copy(dst=dst, src=src)
         else:
             nisa.activation(dst=dst, op=nl.copy, data=src)
@@ -584,10 +636,10 @@ def _finish(out, gate, bufs, len_f, st, d, dtype, rows=None):
             zero_rows_past_length(gate_sb[0:qn, 0:d].reshape((qn, 1, d)), len_f, st.qa0, P_MAX)
         sig_sb = nl.ndarray((P_MAX, d), dtype=nl.float32, buffer=nl.sbuf)
         nisa.activation(dst=sig_sb[0:qn, 0:d], op=nl.sigmoid, data=gate_sb[0:qn, 0:d])
-        nisa.tensor_scalar(dst=sig_sb[0:qn, 0:d], data=sig_sb[0:qn, 0:d], op0=nl.multiply, operand0=inv_l[0:qn],
-                           engine=nisa.engine.gpsimd)
-        nisa.tensor_tensor(dst=o_sb[0:qn, 0:d], data1=o, data2=sig_sb[0:qn, 0:d], op=nl.multiply,
-                           engine=nisa.engine.gpsimd)
+        # one VectorE pass (O * 1/l) * sigmoid(gate) (cost model v10: the VectorE has the room; the GpSimd took two
+        # passes at half the VectorE's rate)
+        nisa.scalar_tensor_tensor(dst=o_sb[0:qn, 0:d], data=o, op0=nl.multiply, operand0=inv_l[0:qn],
+                                  op1=nl.multiply, operand1=sig_sb[0:qn, 0:d])
     if rows is not None and hasattr(rows, "store"):     # varlen.py per-sequence windows: a scatter of the valid rows
         rows.store(out, o_sb[0:qn, 0:d], st)
     elif io is not None:
