@@ -51,9 +51,8 @@ _IO_ROW_BYTES = 2048              # q, gate and out of a query tile move for up 
 _KV_LOAD_KEYS = 2048              # keys per K^T / V load DMA: >= 2 KiB per partition for bf16 K^T pieces
 _KT_FIRST_KEYS = 1024             # keys of the first K^T load DMA, before the first Q^T (then V and the rest)
 _SHORT_SKV = MM_KEYS              # Skv up to one PSUM bank of fp32 scores: the partition-major short body (below)
-_SHORT_FINISH_DVE = 3             # short body, gated: slots normalised by one VectorE pass each from PSUM; in the
-#                                   core's last head (the kernel's tail) the later slots by ScalarE + GpSimd
-_SHORT_LAG = 3                    # short body: P V of a query tile three tiles behind its scores (P in a ring of 4)
+_SHORT_LAG = 2                    # short body: P V of a query tile two tiles behind its scores (P in a ring of 3;
+#                                   cost model v10: 13.85 us at S=512 with a lag of 3, 13.68 with 2, 13.74 with 4)
 _SBUF_KV_BUDGET = 128 * 1024      # bytes per partition for the resident K^T + V (+ length bias) of one KV head;
 #                                   leaves ~80 KiB of the 208 KiB trn2 partition for per-tile working tiles
 
@@ -751,7 +750,6 @@ def short_prefill_body(q, k, v, gate, seq_lens, out, softmax_scale, causal):
             pending.append((head, tiles[t], staged))
             if len(pending) > _SHORT_LAG:
                 _short_pv(*pending.pop(0), geo)
-    pending[-1][0]["last"] = True            # the core's last head: its finish is the kernel's tail
     for item in pending:
         _short_pv(*item, geo)
         if prev is not None and prev.get("deferred") and item[0] is not prev:
@@ -1057,17 +1055,12 @@ def _short_finish(head, geo):
         pv, inv = head["pv"][0:np_, i, 0:d], inv_l[0:np_, i:i + 1]
         if sig_sb is None:
             nisa.tensor_scalar(dst=o_sb[0:np_, i, 0:d], data=pv, op0=nl.multiply, operand0=inv)
-        elif i < _SHORT_FINISH_DVE or not head.get("last"):
-            # one VectorE pass from PSUM: (O * 1/l) * sigmoid(gate)
+        else:
+            # one VectorE pass from PSUM per slot: (O * 1/l) * sigmoid(gate). Cost model v10 (VectorE at twice
+            # the v3 rate): every slot here; the core's last head had its last slot on ScalarE (O * 1/l) +
+            # GpSimd (* gate) in parallel, 14.09 -> 13.85 us at S=512 without that
             nisa.scalar_tensor_tensor(dst=o_sb[0:np_, i, 0:d], data=pv, op0=nl.multiply, operand0=inv,
                                       op1=nl.multiply, operand1=sig_sb[0:np_, i, 0:d])
-        else:
-            # the core's last head (the kernel's tail), its last slots in parallel: ScalarE evicts O * 1/l, GpSimd
-            # multiplies by the gate (the same two fp32 roundings)
-            o32 = nl.ndarray((P_MAX, d), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.activation(dst=o32[0:np_, 0:d], op=nl.copy, data=pv, scale=inv)
-            nisa.tensor_tensor(dst=o_sb[0:np_, i, 0:d], data1=o32[0:np_, 0:d], data2=sig_sb[0:np_, i, 0:d],
-                               op=nl.multiply, engine=nisa.engine.gpsimd)
     _store_pm(head["out"], o_sb, geo["sq"], rpp, d)
 
 
