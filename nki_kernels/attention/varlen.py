@@ -11,18 +11,18 @@ on the values of `cu_seqlens_*`. Which key blocks a query tile visits is data, a
     once:            cu_seqlens_q, cu_seqlens_k -> [128, N+1] fp32 on every partition (stride-0 DMA);
                      per-sequence key lengths lenk_i (and query lengths lenq_i for causal)
     per KV head:     K^T and V resident in SBUF (natural-layout loads, PE transposes), padded with zeros to whole
-                     512-key blocks; non-finite V values are zeroed and their key's K row set to NaN, so a
+                     256-key blocks (B); non-finite V values are zeroed and their key's K row set to NaN, so a
                      non-finite k or v reaches exactly the rows that see that key (its own sequence)
     every query tile at once (one pass over [128, 3 x tiles] row columns):
                      row r -> lo_r = cu_k[s(r)] = sum_i [cu_q[i] <= r] lenk_i,  end_r = cu_k[s(r)+1],
                      hi_r = end_r (non-causal) or r + end_r - cu_q[s(r)+1] + 1 (causal); kept as
                      mid_r = (lo_r + hi_r - 1) / 2, half_r = (hi_r - lo_r) / 2 for the block masks.
                      lo_r and hi_r never decrease with r, so the tile's keys lie in [lo_first, hi_last): the key
-                     blocks jb0 = floor(lo_first / 512) .. jb1 = ceil(hi_last / 512), clamped to the padded
+                     blocks jb0 = floor(lo_first / B) .. jb1 = ceil(hi_last / B), clamped to the padded
                      K/V, go to two virtual registers (nisa.register_load)
     nl.fori_loop(jb0, jb1) over key blocks j (a compiled loop: one copy of the body, trip count from data):
                      K^T and V of block j -> rotating SBUF tiles by DMA at the register offset (scalar_offset=j)
-                     visible = |k0 + col - mid_r| < half_r (k0 = 512 j, a loop-carried [128, 1] counter)
+                     visible = |k0 + col - mid_r| < half_r (k0 = B j, a loop-carried [128, 1] counter)
                      for each query head of the KV head's group (they share the block):
                          S = Q K^T; select(visible, S, MASK_BIAS) (not an additive bias: a NaN score of another
                          sequence's key is replaced, not added to); online softmax with loop-carried statistics
@@ -44,15 +44,18 @@ from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, MASK_BIAS, MAX_HEAD_DIM, M
                       is_two_byte, load_transposed, n_tiles, pe_transpose_group, pe_transpose_keys)
 from .prefill import _Q_TILE, _attend_pipeline, _check_array, _check_scale, _dtype_name, _read_only, _shape
 
-MAX_SEQS = 512                    # N limit: the per-row bounds use [128, N+1] fp32 tiles (5 of them, 10 KiB)
+MAX_SEQS = 512                    # N limit: cu_seqlens as [128, N+1] fp32 rows; the row-bounds test runs in pieces
 _KV_PIECE = 2048                  # keys per K / V load and containment pass (16 chunks of 128)
 _SBUF_KV_BUDGET = 112 * 1024      # bytes per partition for K^T + V of one KV head (the rest: loop tiles, staging)
-_BLOCK = MM_KEYS                  # keys per loop iteration: S of one query tile = one fp32 PSUM bank (512 x 4 B)
-_BLOCK_SHIFT = _BLOCK.bit_length() - 1   # log2(_BLOCK): block index = key >> 9
-_N_CH = _BLOCK // K_CHUNK         # 128-key chunks per block (P^T transposes, PV matmuls)
-_PE_T_CHUNKS = _N_CH              # chunks of P transposed on the PE (the rest by DMA transpose): all of them; the
-#                                   loop's DMA queues carry the block fetches, the PE has room (modeled)
-_BOUNDS_ELEMS = 2048             # fp32 elements per partition of the row-bounds sequence test (8 KiB)
+_BLOCK = MM_KEYS                  # keys per block of the window mode (the prefill pipeline's block: one fp32 PSUM bank)
+_LOOP_BLOCK = 256                 # keys per iteration of the packed loop: half of _BLOCK, so that a tile's first and
+#                                   last blocks, partly another sequence's or above the diagonal, waste half as much
+_BLOCK_SHIFT = _LOOP_BLOCK.bit_length() - 1   # log2(_LOOP_BLOCK): block index = key >> 8
+_N_CH = _LOOP_BLOCK // K_CHUNK    # 128-key chunks per loop block (P^T transposes, PV matmuls)
+_PE_T_CHUNKS = _N_CH              # chunks of P transposed on the PE (the rest by DMA transpose): all of them (an
+#                                   SBUF -> SBUF DMA transpose of P is element-strided: with half of P^T by DMA the
+#                                   Qwen3.5 8-packed case modeled 807 us instead of 418, DMA-bound)
+_BOUNDS_ELEMS = 2048              # fp32 elements per partition of the row-bounds sequence test (8 KiB)
 _STAT_INIT = 3.0e38               # initial -scale * running max: exp(-3e38 + x) = 0 wipes the first rescale
 _MAX_GROUP = 16                   # query heads per KV head handled together (the O accumulators: 16 x 1 KiB)
 _Q_STAGE_BYTES = 8 * 1024         # per partition: Q of a window's tiles staged for all heads of a KV-head batch
@@ -60,8 +63,8 @@ _WINDOW_TILE_RATIO = 1.25         # windows when they run at most 1.25x the pack
 
 
 def kv_resident_bytes(tk: int, d: int, itemsize: int) -> int:
-    """Bytes per partition kept resident for one KV head (K^T and V, padded to whole 512-key blocks)."""
-    keys = n_tiles(tk, _BLOCK) * _BLOCK
+    """Bytes per partition kept resident for one KV head (K^T and V, padded to whole loop blocks)."""
+    keys = n_tiles(tk, _LOOP_BLOCK) * _LOOP_BLOCK
     return n_tiles(d, D_CHUNK) * keys * itemsize + (keys // K_CHUNK) * d * itemsize
 
 
@@ -106,7 +109,7 @@ def varlen_body(q, k, v, gate, cu_q, cu_k, out, softmax_scale, causal):
     heads = lambda t: t.permute((1, 0, 2))                  # noqa: E731  [T, H, D] -> [H, T, D] view
     q_h, out_h, k_h, v_h = heads(q), heads(out), heads(k), heads(v)
     gate_h = None if gate is None else heads(gate)
-    rows = _PackedRows(cu_q, cu_k, tq, causal, n_q_tiles, n_tiles(tk, _BLOCK))
+    rows = _PackedRows(cu_q, cu_k, tq, causal, sorted({i_q for _, i_q in work}), n_tiles(tk, _LOOP_BLOCK))
     for kvh in sorted({h for h, _ in work}):
         kT_sb, v_sb = _load_kv_blocks(k_h, v_h, kvh, tk, d, n_d, dtype)
         for i_q in [i for h, i in work if h == kvh]:
@@ -115,12 +118,12 @@ def varlen_body(q, k, v, gate, cu_q, cu_k, out, softmax_scale, causal):
 
 
 def _load_kv_blocks(k_h, v_h, kvh, tk, d, n_d, dtype):
-    """K^T [128(d), n_d, n_blk, 512] and V [128(keys), n_blk, 4, D] of one KV head in SBUF, keys beyond Tk zero
+    """K^T [128(d), n_d, n_blk, B] and V [128(keys), n_blk, B/128, D] of one KV head in SBUF, keys beyond Tk zero
     (a loop iteration copies one whole block at a register offset)."""
-    n_blk = n_tiles(tk, _BLOCK)
-    kT_sb = nl.ndarray((P_MAX, n_d, n_blk, _BLOCK), dtype=dtype, buffer=nl.sbuf)
+    n_blk = n_tiles(tk, _LOOP_BLOCK)
+    kT_sb = nl.ndarray((P_MAX, n_d, n_blk, _LOOP_BLOCK), dtype=dtype, buffer=nl.sbuf)
     v_sb = nl.ndarray((P_MAX, n_blk, _N_CH, d), dtype=dtype, buffer=nl.sbuf)
-    keys = n_blk * _BLOCK
+    keys = n_blk * _LOOP_BLOCK
     kT_flat = kT_sb.reshape((P_MAX, n_d, keys))
     v_flat = v_sb.reshape((P_MAX, keys // K_CHUNK, d))
     if tk < keys:                       # zero the padding first (the loads then overwrite the partial chunk)
@@ -141,13 +144,16 @@ class _PackedRows:
     cu_seqlens row read with a stride-0 pattern over the rows), and the weighted sums below one multiply and one
     reduce each: about twenty small instructions whatever the number of tiles."""
 
-    def __init__(self, cu_q, cu_k, tq, causal, n_q_tiles, n_blk):
+    def __init__(self, cu_q, cu_k, tq, causal, tiles, n_blk):
         n1 = cu_q.shape[0]
         n = self.n = n1 - 1
         self.causal = causal
         self.n_blk = n_blk
-        m = n_q_tiles
-        f32 = nl.float32
+        # this core's query tiles: every tile, or every n_prog-th (_work): an arithmetic progression t0 + k step
+        m = len(tiles)
+        t0, t_step = tiles[0], (tiles[1] - tiles[0] if m > 1 else 1)
+        self.local = {t: k for k, t in enumerate(tiles)}
+        f32, pool = nl.float32, nisa.engine.gpsimd
         cuq = _broadcast_f32(cu_q, n1)
         cuk = _broadcast_f32(cu_k, n1)
         lenk = nl.ndarray((P_MAX, n), dtype=f32, buffer=nl.sbuf)
@@ -157,14 +163,15 @@ class _PackedRows:
             lenq = nl.ndarray((P_MAX, n), dtype=f32, buffer=nl.sbuf)
             nisa.tensor_tensor(dst=lenq, data1=cuq[:, 1:n1], data2=cuq[:, 0:n], op=nl.subtract)
         # key offset of each score column within a block (0..511), shared by every block
-        col_i = nl.ndarray((P_MAX, _BLOCK), dtype=nl.int32, buffer=nl.sbuf)
-        nisa.iota(col_i, pattern=[[1, _BLOCK]], offset=0, channel_multiplier=0)
-        self.col = nl.ndarray((P_MAX, _BLOCK), dtype=f32, buffer=nl.sbuf)
+        col_i = nl.ndarray((P_MAX, _LOOP_BLOCK), dtype=nl.int32, buffer=nl.sbuf)
+        nisa.iota(col_i, pattern=[[1, _LOOP_BLOCK]], offset=0, channel_multiplier=0)
+        self.col = nl.ndarray((P_MAX, _LOOP_BLOCK), dtype=f32, buffer=nl.sbuf)
         nisa.tensor_copy(dst=self.col, src=col_i, engine=nisa.engine.gpsimd)
-        # rows: [:, 0, t] = 128 t + p, [:, 1, t] = 128 t (first row), [:, 2, t] = min(128 t + 127, Tq - 1) (last)
+        # rows of tile t: [:, 0, k] = 128 t + p, [:, 1, k] = 128 t (first row), [:, 2, k] = min(128 t + 127, Tq - 1)
+        # (last row), t = t0 + k step
         r_i = nl.ndarray((P_MAX, 3, m), dtype=nl.int32, buffer=nl.sbuf)
         for c, (off, cm) in enumerate(((0, 1), (0, 0), (_Q_TILE - 1, 0))):
-            nisa.iota(r_i[:, c, :], pattern=[[_Q_TILE, m]], offset=off, channel_multiplier=cm)
+            nisa.iota(r_i[:, c, :], pattern=[[_Q_TILE * t_step, m]], offset=off + _Q_TILE * t0, channel_multiplier=cm)
         r = nl.ndarray((P_MAX, 3 * m), dtype=f32, buffer=nl.sbuf)
         nisa.tensor_copy(dst=r, src=r_i.reshape((P_MAX, 3 * m)), engine=nisa.engine.gpsimd)
         nisa.tensor_scalar(dst=r[:, 2 * m:3 * m], data=r[:, 2 * m:3 * m], op0=nl.minimum, operand0=float(tq - 1))
@@ -177,13 +184,15 @@ class _PackedRows:
             cn = min(step, 3 * m - c0)
             ge = nl.ndarray((P_MAX, step, n1), dtype=f32, buffer=nl.sbuf)                # [cu_q[i] <= r]
             nisa.tensor_tensor(dst=ge[:, 0:cn], data1=cuq.ap(pattern=[[n1, P_MAX], [0, cn], [1, n1]], offset=0),
-                               data2=r.ap(pattern=[[3 * m, P_MAX], [1, cn], [0, n1]], offset=c0), op=nl.less_equal)
+                               data2=r.ap(pattern=[[3 * m, P_MAX], [1, cn], [0, n1]], offset=c0), op=nl.less_equal,
+                               engine=pool)
             sums = [(lo, 1, lenk), (hi, 0, lenk)] + ([(None, 0, lenq)] if causal else [])
             end_q = None
             for dst, first, lens in sums:           # sum_i ge[:, :, first + i] * lens[i]
                 prod = nl.ndarray((P_MAX, step, n), dtype=f32, buffer=nl.sbuf)
                 nisa.tensor_tensor(dst=prod[:, 0:cn], data1=ge[:, 0:cn, first:first + n],
-                                   data2=lens.ap(pattern=[[n, P_MAX], [0, cn], [1, n]], offset=0), op=nl.multiply)
+                                   data2=lens.ap(pattern=[[n, P_MAX], [0, cn], [1, n]], offset=0), op=nl.multiply,
+                                   engine=pool)
                 if dst is None:
                     end_q = nl.ndarray((P_MAX, step), dtype=f32, buffer=nl.sbuf)
                     dst = end_q
@@ -193,7 +202,7 @@ class _PackedRows:
                 nisa.tensor_reduce(dst=dst[:, c_lo:c_lo + cn], op=nl.add, data=prod[:, 0:cn], axis=2)
             if causal:
                 h = hi[:, c0:c0 + cn]
-                nisa.tensor_tensor(dst=h, data1=h, data2=end_q[:, 0:cn], op=nl.subtract)
+                nisa.tensor_tensor(dst=h, data1=h, data2=end_q[:, 0:cn], op=nl.subtract, engine=pool)
                 nisa.scalar_tensor_tensor(dst=h, data=h, op0=nl.add, operand0=1.0, op1=nl.add,
                                           operand1=r[:, c0:c0 + cn])
         # per query tile: mid_r, half_r, valid_r, and the first key of the first block (k0) on every partition
@@ -205,19 +214,19 @@ class _PackedRows:
         nisa.tensor_tensor(dst=b[:, :, 1], data1=hi[:, 0:m], data2=lo[:, 0:m], op=nl.subtract)
         nisa.tensor_scalar(dst=b[:, :, 1], data=b[:, :, 1], op0=nl.multiply, operand0=0.5)
         nisa.tensor_scalar(dst=b[:, :, 2], data=b[:, :, 1], op0=nl.greater, operand0=0.0)
-        # key blocks of tile t: jb0 = floor(lo(first row) / 512), jb1 = ceil(hi(last row) / 512), both clamped
+        # key blocks of tile t: jb0 = floor(lo(first row) / B), jb1 = ceil(hi(last row) / B), both clamped
         # to [0, n_blk] (so no DMA offset can leave K^T / V whatever cu_seqlens hold); int32 on partition 0
         jb = nl.ndarray((P_MAX, 2, m), dtype=f32, buffer=nl.sbuf)
         nisa.tensor_copy(dst=jb[:, 0, :], src=lo[:, m:2 * m])
-        nisa.tensor_scalar(dst=jb[:, 1, :], data=hi[:, 2 * m:3 * m], op0=nl.add, operand0=float(_BLOCK - 1))
+        nisa.tensor_scalar(dst=jb[:, 1, :], data=hi[:, 2 * m:3 * m], op0=nl.add, operand0=float(_LOOP_BLOCK - 1))
         nisa.tensor_scalar(dst=jb, data=jb, op0=nl.maximum, operand0=0.0, op1=nl.minimum,
-                           operand1=float(n_blk * _BLOCK))
-        # exact integers: floor(x / 512) by an arithmetic shift on int32 (ceil for hi by the + 511 above)
+                           operand1=float(n_blk * _LOOP_BLOCK))
+        # exact integers: floor(x / B) by an arithmetic shift on int32 (ceil for hi by the + B - 1 above)
         jb_i = nl.ndarray((P_MAX, 2, m), dtype=nl.int32, buffer=nl.sbuf)
         nisa.tensor_copy(dst=jb_i, src=jb)
         self.blocks = nl.ndarray((1, 2, m), dtype=nl.int32, buffer=nl.sbuf)
         nisa.tensor_scalar(dst=self.blocks, data=jb_i[0:1], op0=nl.right_shift, operand0=_BLOCK_SHIFT)
-        k0_i = nl.ndarray((P_MAX, m), dtype=nl.int32, buffer=nl.sbuf)                    # 512 * jb0
+        k0_i = nl.ndarray((P_MAX, m), dtype=nl.int32, buffer=nl.sbuf)                    # B * jb0
         nisa.tensor_scalar(dst=k0_i, data=jb_i[:, 0, :], op0=nl.right_shift, operand0=_BLOCK_SHIFT,
                            op1=nl.left_shift, operand1=_BLOCK_SHIFT)
         nisa.tensor_copy(dst=b[:, :, 3], src=k0_i)
@@ -227,14 +236,15 @@ class _PackedRows:
         regs = []
         for c in range(2):
             r = nisa.register_alloc()
-            nisa.register_load(r, self.blocks[0:1, c, i_q:i_q + 1])
+            k = self.local[i_q]
+            nisa.register_load(r, self.blocks[0:1, c, k:k + 1])
             regs.append(r)
         return regs
 
     def visible(self, vis, k0_f, i_q, qn):
-        """vis [qn, 512] = 1.0 where key k0 + c lies in [lo_r, hi_r): |k0 + c - mid_r| < half_r (GpSimd)."""
-        b = self.bounds[0:qn, i_q]
-        dist = nl.ndarray((P_MAX, _BLOCK), dtype=nl.float32, buffer=nl.sbuf)
+        """vis [qn, B] = 1.0 where key k0 + c lies in [lo_r, hi_r): |k0 + c - mid_r| < half_r (GpSimd)."""
+        b = self.bounds[0:qn, self.local[i_q]]
+        dist = nl.ndarray((P_MAX, _LOOP_BLOCK), dtype=nl.float32, buffer=nl.sbuf)
         nisa.tensor_scalar(dst=dist[0:qn], data=self.col[0:qn], op0=nl.add, operand0=k0_f[0:qn],
                            op1=nl.subtract, operand1=b[:, 0:1], engine=nisa.engine.gpsimd)
         nisa.tensor_scalar(dst=vis[0:qn], data=dist[0:qn], op0=nl.abs_max, operand0=0.0, op1=nl.less,
@@ -268,7 +278,7 @@ def _attend_tile(q_h, gate_h, out_h, kT_sb, v_sb, rows, h0, group, i_q, tq, d, n
             nisa.dma_copy(dst=gate_sb[0:qn], src=gate_h[hs:hs + gn, q0:q0 + qn, 0:d].permute((1, 0, 2)))
         state = _LoopState(gn, qn, d)
         k0_f = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)        # first key of the current block
-        nisa.tensor_copy(dst=k0_f[0:qn], src=rows.bounds[0:qn, i_q, 3:4])
+        nisa.tensor_copy(dst=k0_f[0:qn], src=rows.bounds[0:qn, rows.local[i_q], 3:4])
         jb0, jb1 = rows.block_range(i_q)
 
         def body(j):
@@ -295,21 +305,21 @@ class _LoopState:
 def _block_step(j, kT_sb, v_sb, qT, state, rows, k0_f, i_q, qn, gn, d, n_d, dtype, scale):
     """Loop body for key block j (a register): fetch K^T / V of the block, mask, and update every head."""
     n_blk = kT_sb.shape[2]
-    kT_blk = nl.ndarray((P_MAX, n_d, _BLOCK), dtype=dtype, buffer=nl.sbuf)
-    row = n_d * n_blk * _BLOCK                               # elements per partition of kT_sb
+    kT_blk = nl.ndarray((P_MAX, n_d, _LOOP_BLOCK), dtype=dtype, buffer=nl.sbuf)
+    row = n_d * n_blk * _LOOP_BLOCK                          # elements per partition of kT_sb
     # one DMA for every d chunk when they have the same rows, else one per chunk (D = 129..255, D % 128 != 0)
     pieces = [(0, n_d, min(P_MAX, d))] if d % D_CHUNK == 0 or n_d == 1 else \
         [(i_d, 1, min(D_CHUNK, d - i_d * D_CHUNK)) for i_d in range(n_d)]
     for i_d, nd, dn in pieces:
         nisa.dma_copy(dst=kT_blk[0:dn, i_d:i_d + nd], src=kT_sb.ap(
-            pattern=[[row, dn], [n_blk * _BLOCK, nd], [1, _BLOCK]], offset=i_d * n_blk * _BLOCK, scalar_offset=j,
-            indirect_dim=2))
+            pattern=[[row, dn], [n_blk * _LOOP_BLOCK, nd], [1, _LOOP_BLOCK]], offset=i_d * n_blk * _LOOP_BLOCK,
+            scalar_offset=j, indirect_dim=2))
     v_blk = nl.ndarray((P_MAX, _N_CH, d), dtype=dtype, buffer=nl.sbuf)
     nisa.dma_copy(dst=v_blk.reshape((P_MAX, _N_CH * d)), src=v_sb.ap(   # one contiguous run per partition
         pattern=[[n_blk * _N_CH * d, P_MAX], [1, _N_CH * d]], offset=0, scalar_offset=j, indirect_dim=1))
-    vis = nl.ndarray((P_MAX, _BLOCK), dtype=nl.bfloat16, buffer=nl.sbuf)
+    vis = nl.ndarray((P_MAX, _LOOP_BLOCK), dtype=nl.bfloat16, buffer=nl.sbuf)
     rows.visible(vis, k0_f, i_q, qn)
-    nisa.tensor_scalar(dst=k0_f[0:qn], data=k0_f[0:qn], op0=nl.add, operand0=float(_BLOCK))
+    nisa.tensor_scalar(dst=k0_f[0:qn], data=k0_f[0:qn], op0=nl.add, operand0=float(_LOOP_BLOCK))
     # the block's statistics of every head in one tile per iteration ([:, 0]: -rowmax, 1: new -scale * max,
     # 2: alpha, 3: row sum): a per-head tile would rotate through the loop's buffers once per head and hold the
     # next heads back until the O update at the end of each head's chain
@@ -329,7 +339,7 @@ def _block_step(j, kT_sb, v_sb, qT, state, rows, k0_f, i_q, qn, gn, d, n_d, dtyp
 
 def _head_scores(live, g, kT_blk, v_blk, qT, state, vis, stats, qn, d, n_d, dtype, scale):
     """S = Q K^T of head g over the block (fp32 PSUM)."""
-    s_psum = nl.ndarray((P_MAX, _BLOCK), dtype=nl.float32, buffer=nl.psum)
+    s_psum = nl.ndarray((P_MAX, _LOOP_BLOCK), dtype=nl.float32, buffer=nl.psum)
     for i_d in range(n_d):
         dn = min(D_CHUNK, d - i_d * D_CHUNK)
         nisa.nc_matmul(s_psum[0:qn], qT[0:dn, i_d, g, 0:qn], kT_blk[0:dn, i_d, :], accumulate=i_d > 0)
@@ -345,7 +355,7 @@ def _head_softmax(live, g, kT_blk, v_blk, qT, state, vis, stats, qn, d, n_d, dty
                        operand1=state.neg_m[0:qn, g:g + 1], engine=nisa.engine.gpsimd)              # -scale max)
     nisa.activation(dst=alpha, op=nl.exp, data=state.neg_m[0:qn, g:g + 1], bias=nm_new, scale=-1.0)  # e^(new-old)
     nisa.tensor_copy(dst=state.neg_m[0:qn, g:g + 1], src=nm_new, engine=nisa.engine.gpsimd)
-    p_sb = nl.ndarray((P_MAX, _BLOCK), dtype=dtype, buffer=nl.sbuf)
+    p_sb = nl.ndarray((P_MAX, _LOOP_BLOCK), dtype=dtype, buffer=nl.sbuf)
     nisa.activation(dst=p_sb[0:qn], op=nl.exp, data=masked, bias=nm_new, scale=scale, reduce_op=nl.add,
                     reduce_res=row_sum, reduce_cmd=nisa.reduce_cmd.reset_reduce)
     live[g] = p_sb
@@ -383,7 +393,7 @@ def _probs_transposed(p_sb, qn, dtype, on_dve=False):
     else:
         nisa.activation(dst=pT[:, 0:n_pe, 0:qn], op=nl.copy, data=t_psum[:, :, 0:qn])
     if n_pe < _N_CH:
-        src = p_sb[0:qn, n_pe * K_CHUNK:_BLOCK].reshape((qn, _N_CH - n_pe, K_CHUNK))
+        src = p_sb[0:qn, n_pe * K_CHUNK:_LOOP_BLOCK].reshape((qn, _N_CH - n_pe, K_CHUNK))
         nisa.dma_transpose(dst=pT[:, n_pe:_N_CH, 0:qn], src=src)
     return pT
 
@@ -391,7 +401,7 @@ def _probs_transposed(p_sb, qn, dtype, on_dve=False):
 def _finish(o_sb, gate_sb, state, rows, g, i_q, qn, d):
     """o_sb [qn, D] = O / l of head g for rows that see a key, 0 for the others (l + 1 - valid keeps the
     reciprocal finite when a tile ran no block), optionally * sigmoid(gate)."""
-    valid = rows.bounds[0:qn, i_q, 2:3]
+    valid = rows.bounds[0:qn, rows.local[i_q], 2:3]
     inv_l = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.scalar_tensor_tensor(dst=inv_l[0:qn], data=valid, op0=nl.multiply, operand0=-1.0, op1=nl.add,
                               operand1=state.l[0:qn, g:g + 1])
@@ -446,7 +456,7 @@ def _load_kv_contained(k_h, v_h, kvh, tk, d, n_d, dtype, kT_sb, v_sb, view=None)
                 else:
                     src_v = view(src, a0, nc, rows)
                 nisa.dma_copy(dst=dst, src=src_v)
-            _contain(k_nat[0:rows, c_lo:c_lo + nc, 0:d], v_rows, rows, nc, d)
+            _contain(k_nat[0:rows, c_lo:c_lo + nc, 0:d], v_rows, rows, nc, d, k_engine=nisa.engine.gpsimd)
         # K^T of the piece on the PE
         n_c = n_tiles(sn, K_CHUNK)
         n_t = pe_transpose_keys(kT_sb, lambda c, d0, dn, cn, k_nat=k_nat: k_nat[0:cn, c, d0:d0 + dn], sn, n_c, d,
@@ -454,7 +464,7 @@ def _load_kv_contained(k_h, v_h, kvh, tk, d, n_d, dtype, kT_sb, v_sb, view=None)
     return kT_sb, v_sb
 
 
-def _contain(k_nat, v_rows, rows, nc, d, hb=1):
+def _contain(k_nat, v_rows, rows, nc, d, hb=1, k_engine=nisa.engine.unknown):
     """Keys whose V row holds a non-finite value: V row := 0 and K row := NaN, in place (k_nat, v_rows: [rows,
     nc, D], or [rows, nc, hb, D] for hb heads, natural layout, key on the partition). The test is the row sum
     (NaN or +-Inf propagate through a sum; a finite row whose sum overflows fp32 counts as non-finite, values
@@ -473,7 +483,8 @@ def _contain(k_nat, v_rows, rows, nc, d, hb=1):
     for c in range(nc):         # per-partition scalar adds: cheaper than one add of a stride-0 broadcast
         for h in range(hb):
             k_row = k_nat[:, c, :] if hb == 1 else k_nat[:, c, h, :]
-            nisa.tensor_scalar(dst=k_row, data=k_row, op0=nl.add, operand0=s[0:rows, c * hb + h:c * hb + h + 1])
+            nisa.tensor_scalar(dst=k_row, data=k_row, op0=nl.add, operand0=s[0:rows, c * hb + h:c * hb + h + 1],
+                               engine=k_engine)
 
 
 # ============================================================================ per-sequence windows (max_seqlen_*)

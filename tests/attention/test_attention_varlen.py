@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from nki_kernels import flash_attention_varlen
 from nki_kernels.attention.reference import flash_attention_ref, flash_attention_varlen_ref
-from nki_kernels.attention.varlen import MAX_SEQS
+from nki_kernels.attention.varlen import _LOOP_BLOCK, MAX_SEQS
 from nki_kernels.emulator.runtime import last_run
 from nki_kernels.testing import assert_close, program_signature
 from nki_kernels.validation import KernelInputError
@@ -224,7 +224,7 @@ def test_reference_matches_the_padded_reference():
         np.testing.assert_allclose(np.swapaxes(alone[0], 0, 1), ref[a:b], rtol=1e-12)
 
 
-def _expected_blocks(lq, lk, causal, block=512, tile=128):
+def _expected_blocks(lq, lk, causal, block=_LOOP_BLOCK, tile=128):
     """Key blocks each 128-row query tile must visit: those holding a key some row of the tile sees (computed
     here from the lengths, independently of the kernel)."""
     cq, ck = _cu(lq), _cu(lk)
@@ -253,10 +253,10 @@ def test_fully_masked_blocks_are_skipped(causal):
     q, k, v, _ = _packed(rng, lq, lk, hq, 1, d, BF16)
     out = flash_attention_varlen(q, k, v, _cu(lq), _cu(lk), causal=causal, lnc=1)
     assert_close("skip", flash_attention_varlen_ref(q, k, v, _cu(lq), _cu(lk), causal=causal), out, dtype="bfloat16")
-    qk = sum(1 for t in last_run().traces for i in t if i.name == "nc_matmul" and i.meta.get("N") == 512)
+    qk = sum(1 for t in last_run().traces for i in t if i.name == "nc_matmul" and i.meta.get("N") == _LOOP_BLOCK)
     need = _expected_blocks(lq, lk, causal)
     assert qk == sum(need) * hq
-    every = len(need) * -(-sum(lk) // 512)
+    every = len(need) * -(-sum(lk) // _LOOP_BLOCK)
     assert sum(need) < 0.45 * every
 
 
