@@ -18,7 +18,10 @@ except (i) the NKIBench baselines, (ii) mamba, (iii) probe / diagnostic / offlin
 corrected below, 212984 B of usable SBUF per partition; allocation arithmetic here, the emulator's allocation check
 when the kernel is written; nothing modeled), (b) one point per distinct instruction stream (one instruction per
 nisa / nl compute call, one DMA per nl.load / nl.store, dtypes and order as written); several rows of one stream ->
-the median of their latency_ms; the notes' extra figures are not used.
+the median of their latency_ms; the notes' extra figures are not used. Exclusion (iii) is judged by the candidate
+file's name, as in v9 (rmsnorm_matmul_probe_*): rows whose notes call the run a probe or sweep evidence but whose
+file is an ordinary candidate (KG.m8 gqa_full_v4_msub8.py, "SPILL PROBE"; KG.v7m1 / KG.v7m4, "M_SUB re-probe")
+stay points.
 
 11. gqa_full: grouped-query full (non-causal) softmax attention, B 1, N 4096, QH 16, KH 8 (query head qh reads kv
    head kh = qh // 2), D 128 fp32: out[qh] = softmax(q[qh] k[kh]^T / sqrt(D)) v[kh], presented as v1 = q
@@ -152,7 +155,10 @@ nki.benchmark nc_latency **P99** (as the v6 CS149 and the Autocomp points); seve
 their median. Facts: profiling/reports/summary_<ts>.json records "target": "trn2"; the harness
 (benchmarks/full_attention_study.py) compiles with --target=trn2 and sets NEURON_LOGICAL_NC_CONFIG=2 by default
 (os.environ.setdefault) before benchmarking; the kernels take no launch grid (one program, one core's
-instructions; the time convention is the unsealing model's, v10: time_cores = 2); warmup 5, iters 20. Order: A
+instructions; the time convention is the unsealing model's, v10: time_cores = 2); warmup 5, iters 20
+(summary_20260307T073830Z.json; the S = 512 second run, summary_20260307T073617Z.json: warmup 3, iters 10). A
+third run, 20260307T075335Z, left only plots (profiling/reports/figures/summary_20260307T075335Z/*.png: no csv or
+json, no P99 figure): not a source. Order: A
 attention (the 2026-03-07 study, 71713d4; kernels last changed at 9812be8, 2026-03-07 06:29 UTC, before both
 runs, 07:36:17 and 07:38:30 UTC) now; B the MLP study (2026-03-10 17:23 UTC, c221ee8; kernels/fused/mlp.py at
 3714516, kernels/baseline/mlp_gemm.py at 9b7c5d7; 3 kernels x 2 dtypes x 5 shapes = 30 rows) stays reserved,

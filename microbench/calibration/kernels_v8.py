@@ -9,9 +9,10 @@ benchmark.csv row of Jerry2423/kda-for-trainium@90770f2 (trn2, one core, `--disa
 "p50 on-device latency" taken as `prof`, no launch term) with passed=true, a latency and a candidate file under
 workspaces/<op>/runs/, except (i) the NKIBench baselines, (ii) mamba, (iii) probe / diagnostic / offline files and
 rows that name no file; (a) the program runs as written (every SBUF / PSUM tensor it allocates fits the trn2 core:
-192 KiB SBUF and 16 KiB PSUM per partition; checked by allocation arithmetic when the kernel is re-written, a
-kernel that fails is dropped with the reason written here), (b) one point per distinct instruction stream; several
-rows of one stream -> the median of their latency_ms; the notes' extra figures are not used.
+192 KiB SBUF [NeuronCore-v2's figure, stricter than trn2's 212984 B usable: see kernels_v11.py's
+correction; no selection changes] and 16 KiB PSUM per partition; checked by allocation arithmetic when the kernel
+is re-written, a kernel that fails is dropped with the reason written here), (b) one point per distinct instruction
+stream; several rows of one stream -> the median of their latency_ms; the notes' extra figures are not used.
 
 Order (fixed by data flow, before anything was modeled; simplest first): 1 transpose_matmul (one GEMM, both
 operands already contraction-major: no transpose), 2 matmul (one GEMM, lhs transposed on chip), 3 bmm, 4

@@ -9,10 +9,11 @@ operators it reserved): every benchmark.csv row of Jerry2423/kda-for-trainium@90
 `--disable-dge --logical-nc-config=1`, "p50 on-device latency" taken as `prof`, no launch term) with passed=true, a
 latency and a candidate file under workspaces/<op>/runs/, except (i) the NKIBench baselines, (ii) mamba, (iii)
 probe / diagnostic / offline files and rows that name no file; (a) the program runs as written (every SBUF / PSUM
-tensor it allocates fits the trn2 core: 192 KiB SBUF and 16 KiB PSUM per partition; allocation arithmetic here,
-the emulator's allocation check when the kernel is written; nothing modeled), (b) one point per distinct instruction
-stream (one instruction per nisa / nl compute call, one DMA per nl.load / nl.store, dtypes as written); several rows
-of one stream -> the median of their latency_ms; the notes' extra figures are not used.
+tensor it allocates fits the trn2 core: 192 KiB SBUF [NeuronCore-v2's figure, stricter than trn2's 212984 B
+usable: see kernels_v11.py's correction; no selection changes] and 16 KiB PSUM per partition; allocation arithmetic
+here, the emulator's allocation check when the kernel is written; nothing modeled), (b) one point per distinct
+instruction stream (one instruction per nisa / nl compute call, one DMA per nl.load / nl.store, dtypes as
+written); several rows of one stream -> the median of their latency_ms; the notes' extra figures are not used.
 
 Order (fixed in kernels_v8.py): operators 1-2 are the v8 points; this round takes **3 bmm, then 4 rmsnorm_matmul**,
 landing each when its kernel is reference-checked; operators 5-11 (add_rmsnorm_matmul, matmul_add_rmsnorm, swiglu,
