@@ -5,8 +5,8 @@ real `nki.isa.nc_transpose` docstring); the emulator computes those values on tr
 (tests/emulator/test_emu_pe_transpose_v2.py): a non-finite value at data[k, j] of a [P, F] transpose turns the
 whole output row j NaN. Whenever a kernel PE-transposes a tile whose partitions are tokens (or sequences), a
 non-finite value in one token spreads to every token of the tile. Each test below poisons one token / sequence
-on trn1 and checks every other one against the family's NumPy reference on the clean inputs. Kernels that still
-mix on trn1 carry a strict xfail naming the transpose (docs: the family's trn1 section, KERNELS.md).
+on trn1 and checks every other one against the family's NumPy reference on the clean inputs. Every kernel here is
+contained (a kernel that mixed would carry a strict xfail naming the transpose; docs/platform.md, "trn1 audit").
 """
 from __future__ import annotations
 
@@ -36,11 +36,6 @@ def _poison(arr, index, value):
     bad = arr.copy()
     bad[index] = value
     return bad
-
-
-def _mixes(why):
-    """Strict xfail: the kernel still mixes on trn1 through the PE transpose `why` names."""
-    return pytest.mark.xfail(strict=True, reason=f"on trn1, {why}")
 
 
 # ============================================================== examples
@@ -377,16 +372,46 @@ def _moe(rng, t):
     return x, gu, dn, np.asarray(w, F32), np.asarray(idx, np.int32)
 
 
-@_mixes("moe_blockwise transposes [tokens, H] hidden tiles on the PE (_tiles.py) and the down-projection output "
-        "(combine.py): a non-finite hidden value reaches every token of its block (docs/moe.md)")
-@VALUES
-def test_moe_blockwise_token_stays_in_its_token(rng, value):
-    x, gu, dn, w, idx = _moe(rng, 8)
-    tpos, b2e = nk.moe_block_mapping(idx, 4, 8)
-    out = np.asarray(_trn1(nk.moe_blockwise, _poison(x, (3, 0), value), w, gu, dn, tpos, b2e, 8, top_k_index=idx,
-                           lnc=1))
-    others = np.arange(8) != 3
-    assert_close("blockwise other tokens", moe_decode_reference(x, idx, w, gu, dn)[others], out[others])
+def _moe_problem(rng, t, h, e, inter, k, s_inter):
+    x = rng.standard_normal((t, h)).astype(F32)
+    gu = (rng.standard_normal((e, h, 2, inter)) / np.sqrt(h)).astype(F32)
+    dn = (rng.standard_normal((e, inter, h)) / np.sqrt(inter)).astype(F32)
+    sh = None
+    if s_inter:
+        sh = ((rng.standard_normal((h, 2, s_inter)) / np.sqrt(h)).astype(F32),
+              (rng.standard_normal((s_inter, h)) / np.sqrt(s_inter)).astype(F32),
+              (rng.standard_normal(h) / np.sqrt(h)).astype(F32))
+    w, idx = nk.moe_route(rng.standard_normal((t, e)).astype(F32), k, True)
+    return x, gu, dn, sh, np.asarray(w, F32), np.asarray(idx, np.int32)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("combine, s_inter, dense", [("dma", 0, False), ("dma", 48, True), ("onchip", 0, True),
+                                                     ("onchip", 48, False)])
+def test_moe_blockwise_token_stays_in_its_token(rng, value, combine, s_inter, dense):
+    """On trn1 moe_blockwise transposes its [tokens, H] x tiles and [tokens, I] h tiles (routed blocks and the
+    shared expert) on the VectorE (32 x 32 blocks, `_tiles.exact_rows_to_columns`), not on the TensorE (an
+    identity matmul there): a non-finite hidden value (column 77: partition 38, hidden chunk 1) of a token that
+    shares each of its blocks with several other tokens reaches only that token's output row, through either
+    combine, with and without the shared expert, in the top-k and dense forms."""
+    t, h, e, inter, k, bs, tok, col = 40, 256, 4, 64, 2, 32, 13, 77
+    x, gu, dn, sh, w, idx = _moe_problem(rng, t, h, e, inter, k, s_inter)
+    tpos, b2e = nk.moe_block_mapping(idx, e, bs)
+    blocks = tpos.reshape(-1, bs)
+    mates = blocks[(blocks == tok).any(axis=1)]
+    assert len(mates) == k and all(((b >= 0) & (b != tok)).sum() >= 5 for b in mates)   # several block mates
+    if dense:
+        aff = np.zeros((t, e), F32)
+        np.put_along_axis(aff, idx.astype(np.int64), w, axis=1)
+        kw = dict(shared=sh, combine=combine, lnc=1)
+    else:
+        aff, kw = w, dict(shared=sh, top_k_index=idx, combine=combine, lnc=1)
+    out = np.asarray(_trn1(nk.moe_blockwise, _poison(x, (tok, col), value), aff, gu, dn, tpos, b2e, bs, **kw),
+                     np.float64)
+    assert not np.isfinite(out[tok]).all()
+    others = np.arange(t) != tok
+    assert np.isfinite(out[others]).all()
+    assert_close("blockwise other tokens", moe_decode_reference(x, idx, w, gu, dn, sh)[others], out[others])
 
 
 @VALUES

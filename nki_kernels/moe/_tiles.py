@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from ..backend import nisa, nl
 from ..hw import GEMM_MOVING_FMAX, P_MAX, PSUM_BANK_BYTES, PSUM_FMAX_FP32
+from ..transpose import mixing_pe_transpose, vector_transpose
 
 # ---- tiles
 TOK_TILE = P_MAX                       # tokens per chunk: matmul stationary free size / partitions
@@ -64,7 +65,8 @@ def load_down(down, e_sb=None):
 
 def transpose_tokens(x_sb, n_tok: int, n_h: int, evict_phase: int = 0, scalar_only: bool = False, dst=None):
     """x_sb [n_tok, H] (tokens on partitions) -> xT_sb [parts, n_h, 128] with xT[p, j, t] = x[t, p * n_h + j]
-    (parts = H / n_h: 128, or 64 to match `load_gate_up(parts=64)`).
+    (parts = H / n_h: 128, or 64 to match `load_gate_up(parts=64)`). Exact on every target: VectorE transposes
+    where TensorE's would mix tokens (`exact_rows_to_columns`).
 
     TensorE transposes into PSUM, grouped so each group fills one PSUM bank, one copy per group to SBUF; the
     copies alternate VectorE / ScalarE (`evict`, group index + evict_phase), or all run on ScalarE when
@@ -74,6 +76,8 @@ def transpose_tokens(x_sb, n_tok: int, n_h: int, evict_phase: int = 0, scalar_on
     parts = x_sb.shape[1] // n_h
     group = PSUM_BANK_BYTES // (TOK_TILE * itemsize(dt))
     xT_sb, c0 = dst if dst is not None else (nl.ndarray((parts, n_h, TOK_TILE), dtype=dt, buffer=nl.sbuf), 0)
+    if mixing_pe_transpose():   # trn1: the tokens would be the rows of an identity matmul (`exact_rows_to_columns`)
+        return exact_rows_to_columns(x_sb, n_tok, n_h, xT_sb, c0)
     for g0 in range(0, n_h, group):
         g_sz = min(group, n_h - g0)
         t_psum = nl.ndarray((P_MAX, group, TOK_TILE), dtype=dt, buffer=nl.psum)
@@ -115,14 +119,30 @@ def swiglu(xT_sb, n_tok: int, wgu_sb, scale_sb):
 
 
 def transpose_h(h_sb, n_tok: int, ic: int, n_i: int):
-    """h_sb [n_tok, I] -> hT_sb [ic, n_i, 128] with hT[q, c, t] = h[t, q * n_i + c] (TensorE transposes)."""
+    """h_sb [n_tok, I] -> hT_sb [ic, n_i, 128] with hT[q, c, t] = h[t, q * n_i + c] (TensorE transposes; VectorE
+    where TensorE's would mix tokens, `exact_rows_to_columns`)."""
     dt = h_sb.dtype
+    if mixing_pe_transpose():
+        return exact_rows_to_columns(h_sb, n_tok, n_i, nl.ndarray((P_MAX, n_i, TOK_TILE), dtype=dt, buffer=nl.sbuf))
     t_psum = nl.ndarray((P_MAX, n_i, TOK_TILE), dtype=dt, buffer=nl.psum)
     for c in range(n_i):
         nisa.nc_transpose(dst=t_psum[0:ic, c, 0:n_tok], data=h_sb[0:n_tok, c::n_i])
     hT_sb = nl.ndarray((P_MAX, n_i, TOK_TILE), dtype=dt, buffer=nl.sbuf)
     nisa.tensor_copy(dst=hT_sb[0:ic, :, 0:n_tok], src=t_psum[0:ic, :, 0:n_tok])
     return hT_sb
+
+
+def exact_rows_to_columns(rows_sb, n_tok: int, n_cols: int, dst_sb, c0: int = 0):
+    """dst_sb[q, c, c0 + t] = rows_sb[t, q * n_cols + c] for t < n_tok, q < F / n_cols (F = rows_sb's free size) by
+    VectorE 32x32 transposes straight into SBUF (no PSUM, no eviction).
+
+    Where the TensorE transpose is an identity matmul (trn1, `mixing_pe_transpose`), a NaN / Inf in one token's
+    row (a partition of rows_sb) would turn that hidden column NaN for every token of the tile; these transposes
+    are exact on every target, so each token's values stay in its own column."""
+    parts = rows_sb.shape[1] // n_cols
+    for c in range(n_cols):
+        vector_transpose(dst_sb[0:parts, c, c0:c0 + n_tok], rows_sb[0:n_tok, c::n_cols])
+    return dst_sb
 
 
 def down_piece(y_psum, hT_sb, n_tok: int, wd_sb, h0: int, hw: int):

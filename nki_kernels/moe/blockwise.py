@@ -268,14 +268,11 @@ def _gather_xT(xT_all, ids_row, s0, n_tok, n_h):
 def _gather_token_tile(hidden, expert_affinities, top_k_index, ids_sb, e_sb, eg_sb, n_tok, n_local,
                        affinity=True):
     """One chunk of a block: its n_tok routed token rows of hidden [T, H] gathered by id into x [TOK_TILE, H]
-    (pad ids are out of range and skipped), and their affinities [n_tok, 1] for the block's expert (None when
+    (pad ids are out of range and skipped: those rows keep stale values, which reach only the padding slot's own
+    scratch row / Y column, never read back), and their affinities [n_tok, 1] for the block's expert (None when
     `affinity` is False: the caller applies the routing weights later)."""
     h_total = hidden.shape[1]
     x_sb = nl.ndarray((TOK_TILE, h_total), dtype=hidden.dtype, buffer=nl.sbuf)
-    if mixing_pe_transpose():
-        # the skipped (padding) rows would keep stale SBUF values, which the x transposes (an identity matmul on
-        # these targets) would carry into every token of the chunk: zero them first
-        nisa.memset(dst=x_sb[0:n_tok, :], value=0.0)
     nisa.dma_copy(dst=x_sb[0:n_tok, :],
                   src=hidden.ap(pattern=[[h_total, n_tok], [1, h_total]], offset=0,
                                 vector_offset=ids_sb[0:n_tok, :], indirect_dim=0),
@@ -502,15 +499,11 @@ def _add_slot_row(dst, acc, g, w, eng):
 
 def _dense_affinity(aff_flat, ids_sb, e_sb, n_tok, n_local):
     """(n_tok, 1) fp32: aff[id * E + e] gathered by DMA; -1 ids give a negative index and are skipped (their rows
-    zeroed first where TensorE transposes mix rows: `mixing_pe_transpose`)."""
+    keep stale values, which stay in the padding slot's own row: every transpose of these rows is exact)."""
     flat_sb = nl.ndarray((TOK_TILE, 1), dtype=nl.int32, buffer=nl.sbuf)
     nisa.tensor_scalar(dst=flat_sb[0:n_tok, :], data=ids_sb[0:n_tok, :], op0=nl.multiply, operand0=n_local)
     nisa.tensor_tensor(dst=flat_sb[0:n_tok, :], data1=flat_sb[0:n_tok, :], data2=e_sb[0:n_tok, :], op=nl.add)
     aff_sb = nl.ndarray((TOK_TILE, 1), dtype=nl.float32, buffer=nl.sbuf)
-    if mixing_pe_transpose():
-        # the skipped (padding) rows would keep stale SBUF values, which scale those rows of h and then ride the h
-        # transposes (an identity matmul on these targets) into every token of the chunk: zero them first
-        nisa.memset(dst=aff_sb[0:n_tok, :], value=0.0)
     nisa.dma_copy(dst=aff_sb[0:n_tok, :],
                   src=aff_flat.ap(pattern=[[1, n_tok], [1, 1]], offset=0, vector_offset=flat_sb[0:n_tok, :],
                                   indirect_dim=0),

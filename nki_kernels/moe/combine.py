@@ -22,8 +22,9 @@ from __future__ import annotations
 
 from ..backend import nisa, nki, nl
 from ..hw import P_MAX, PSUM_BANK_BYTES, PSUM_FMAX_FP32
-from ._tiles import (TOK_TILE, evict, intermediate_split, itemsize, load_down, load_gate_up, load_gate_vector,
-                     sigmoid_gate, swiglu, transpose_tokens)
+from ..transpose import mixing_pe_transpose
+from ._tiles import (TOK_TILE, evict, exact_rows_to_columns, intermediate_split, itemsize, load_down, load_gate_up,
+                     load_gate_vector, sigmoid_gate, swiglu, transpose_tokens)
 
 # ---- tiles
 H_TILE = P_MAX                  # hidden rows of one combine tile: the partitions of Y / outT
@@ -136,8 +137,12 @@ def _hidden_phase(hidden, expert_affinities, gate_up, token_position_to_id, bloc
 
 
 def transpose_into(hT_all, s0, h_sb, n_tok):
-    """hT_all[q, c, s0 + t] = h[t, q * n_i + c] for t < n_tok (TensorE transposes, one PSUM -> SBUF copy)."""
+    """hT_all[q, c, s0 + t] = h[t, q * n_i + c] for t < n_tok (TensorE transposes, one PSUM -> SBUF copy; VectorE
+    transposes where TensorE's would mix tokens)."""
     ic, n_i, _ = hT_all.shape
+    if mixing_pe_transpose():   # trn1: VectorE transposes (a TensorE one would mix the tokens' NaN / Inf)
+        exact_rows_to_columns(h_sb, n_tok, n_i, hT_all, s0)
+        return
     t_psum = nl.ndarray((P_MAX, n_i, TOK_TILE), dtype=h_sb.dtype, buffer=nl.psum)
     for c in range(n_i):
         nisa.nc_transpose(dst=t_psum[0:ic, c, 0:n_tok], data=h_sb[0:n_tok, c::n_i])

@@ -329,10 +329,11 @@ def test_duplicate_expert_in_one_tokens_top_k(rng, combine):
 @pytest.mark.parametrize("dense", [False, True])
 @pytest.mark.parametrize("combine", ["dma", "onchip"])
 def test_trn1_padding_slots_carry_no_stale_values(rng, combine, dense):
-    """On trn1 the x and h transposes are identity matmuls that spread a non-finite value along their rows: the
-    padding rows the x gather (and, in the dense form, the affinity gather) skips must not keep stale SBUF contents
-    (they are zeroed first on that target). Blocks of 16 with 37 tokens over 4 experts have padding; clean inputs
-    must match the reference."""
+    """The padding rows the x gather (and, in the dense form, the affinity gather) skips keep stale SBUF contents
+    (here NaN from an earlier launch): on trn1 the x and h transposes are VectorE transposes (a TensorE one, an
+    identity matmul there, would spread a stale NaN over the block's tokens), so those values stay in the padding
+    slots, which nothing reads back. Blocks of 16 with 37 tokens over 4 experts have padding; clean inputs must
+    match the reference."""
     from nki_kernels.emulator import use_target
     t, h, e, inter, k, bs = 37, 128, 4, 64, 2, 16
     x, gu, dn, _, w, idx = moe_problem(rng, t, h, e, inter, k)
