@@ -386,20 +386,27 @@ def _moe_problem(rng, t, h, e, inter, k, s_inter):
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
-@pytest.mark.parametrize("combine, s_inter, dense", [("dma", 0, False), ("dma", 48, True), ("onchip", 0, True),
-                                                     ("onchip", 48, False)])
-def test_moe_blockwise_token_stays_in_its_token(rng, value, combine, s_inter, dense):
-    """On trn1 moe_blockwise transposes its [tokens, H] x tiles and [tokens, I] h tiles (routed blocks and the
-    shared expert) on the VectorE (32 x 32 blocks, `_tiles.exact_rows_to_columns`), not on the TensorE (an
-    identity matmul there): a non-finite hidden value (column 77: partition 38, hidden chunk 1) of a token that
-    shares each of its blocks with several other tokens reaches only that token's output row, through either
-    combine, with and without the shared expert, in the top-k and dense forms."""
+@pytest.mark.parametrize("combine, x_gather, s_inter, dense", [
+    ("dma", "rows", 0, False), ("dma", "rows", 48, True), ("dma", "resident", 48, False),
+    ("onchip", "rows", 0, True), ("onchip", "rows", 48, False)])
+def test_moe_blockwise_token_stays_in_its_token(rng, monkeypatch, value, combine, x_gather, s_inter, dense):
+    """On trn1 moe_blockwise transposes its [tokens, H] x tiles (per block chunk, or once into the resident x.T of
+    the on-chip x gather) and [tokens, I] h tiles (routed blocks and the shared expert) on the VectorE (32 x 32
+    blocks, `_tiles.exact_rows_to_columns`), not on the TensorE (an identity matmul there): a non-finite hidden
+    value (column 77: partition 38, hidden chunk 1) of a token that shares each of its blocks with several other
+    tokens reaches only that token's output row, through either combine and either x gather, with and without
+    the shared expert, in the top-k and dense forms."""
+    from nki_kernels.moe import blockwise
     t, h, e, inter, k, bs, tok, col = 40, 256, 4, 64, 2, 32, 13, 77
     x, gu, dn, sh, w, idx = _moe_problem(rng, t, h, e, inter, k, s_inter)
     tpos, b2e = nk.moe_block_mapping(idx, e, bs)
     blocks = tpos.reshape(-1, bs)
     mates = blocks[(blocks == tok).any(axis=1)]
     assert len(mates) == k and all(((b >= 0) & (b != tok)).sum() >= 5 for b in mates)   # several block mates
+    with use_target("trn1"):
+        assert blockwise.onchip_x_gather(t, h, inter, bs, k, 4)
+    if x_gather == "rows":   # the DMA combine's per-slot row gather (what shapes beyond the resident x.T take)
+        monkeypatch.setattr(blockwise, "onchip_x_gather", lambda *a: False)
     if dense:
         aff = np.zeros((t, e), F32)
         np.put_along_axis(aff, idx.astype(np.int64), w, axis=1)

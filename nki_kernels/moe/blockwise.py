@@ -13,7 +13,6 @@ import numpy as np
 from ..backend import call, nki, nisa, nl
 from ..hw import P_MAX, PSUM_FMAX_FP32, SBUF_BYTES_PER_PARTITION
 from ..lnc import current_target_name, resolve_lnc
-from ..transpose import mixing_pe_transpose
 from ..validation import check_host_values, kernel_check
 from ._tiles import (_Y_TILE, TOK_TILE, down_piece, evict, intermediate_split, itemsize, load_down,
                      load_gate_up, load_gate_vector, sigmoid_gate, swiglu, transpose_h, transpose_tokens)
@@ -201,14 +200,12 @@ def _blocks_phase(hidden, expert_affinities, gate_up, down, token_position_to_id
 def onchip_x_gather(n_tokens: int, h_total: int, n_inter: int, block_size: int, top_k: int, item: int) -> bool:
     """Trace-time choice (shapes and target only) of the blocks phase's x permutation: on chip (x.T of every
     token resident in SBUF, each block chunk's x.T columns collected by one `nc_n_gather` on GpSimd) when that
-    plan fits the target's SBUF, the resident x.T (n_h * (T + 1) elements per partition, the data operand of that
-    one nc_n_gather) is within the per-instruction SBUF free-size limit and TensorE transposes are exact there,
-    else the row gather by indirect DMA.
+    plan fits the target's SBUF and the resident x.T (n_h * (T + 1) elements per partition, the data operand of that
+    one nc_n_gather) is within the per-instruction SBUF free-size limit, else the row gather by indirect DMA.
     The on-chip form moves x once per core instead of once per slot (padding included), in long rows, and needs
-    no x transposes per block; it costs GpSimd one element per gathered value and VectorE / ScalarE the index
-    arithmetic (docs/moe.md, "On-chip x gather")."""
-    if mixing_pe_transpose():
-        return False
+    no x transposes per block (T transposed tokens instead of N * B slots: on trn1, where they are VectorE 32x32
+    transposes, `_tiles.exact_rows_to_columns`, that is most of what it saves); it costs GpSimd one element per
+    gathered value and VectorE / ScalarE the index arithmetic (docs/moe.md, "On-chip x gather")."""
     parts = gate_up_parts(h_total, n_inter, item, block_size, top_k)
     n_h = h_total // parts
     if n_h * (n_tokens + 1) > _SBUF_FREE_ELEMS_MAX:
@@ -221,8 +218,8 @@ def onchip_x_gather(n_tokens: int, h_total: int, n_inter: int, block_size: int, 
 def _resident_xT(hidden, n_h):
     """x.T of every token: [parts, n_h, T + 1] with xT[p, j, 1 + t] = x[t, p * n_h + j] and column 0 all zero (the
     column a padding slot's index, id -1, lands on): the rows of up to _XT_LOAD_CHUNKS 128-token chunks at a time
-    (`_chunk_rows`: token c * 128 + p on partition p, long per-partition runs), TensorE transposes (exact on the
-    targets `onchip_x_gather` allows), evictions alternating VectorE / ScalarE."""
+    (`_chunk_rows`: token c * 128 + p on partition p, long per-partition runs), TensorE transposes with evictions
+    alternating VectorE / ScalarE (VectorE 32x32 transposes where TensorE's mix tokens: `transpose_tokens`)."""
     n_tokens, h_total = hidden.shape
     xT_all = nl.ndarray((h_total // n_h, n_h, n_tokens + 1), dtype=hidden.dtype, buffer=nl.sbuf)
     nisa.memset(dst=xT_all[:, :, 0:1], value=0.0)

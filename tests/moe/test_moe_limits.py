@@ -74,6 +74,26 @@ def test_blockwise_boundary_fits(monkeypatch, dtype, h, shared, bs):
         assert out.shape == (t, h) and np.all(np.isfinite(np.asarray(out, np.float32)))
 
 
+@pytest.mark.parametrize("dtype,h,shared,bs", sorted(_FAST))
+def test_blockwise_boundary_fits_on_trn1(monkeypatch, dtype, h, shared, bs):
+    """trn1 has the smallest SBUF, and there the x / h transposes are VectorE 32x32 blocks written straight to
+    SBUF (exact with NaN / Inf): the largest I the wrapper accepts under trn1 runs at 130 tokens (LNC=1, the
+    only degree there; the emulator raises on any SBUF overflow) and matches the reference; one valid I more is
+    refused."""
+    from nki_kernels.emulator import use_target
+    dt = DT[dtype]
+    with use_target("trn1"):
+        i_max, i_next = _max_accepted(monkeypatch, dt, h, shared, bs)
+        assert i_max is not None
+        if i_next is not None:
+            ok, why = _blockwise_accepts(monkeypatch, dt, h, i_next, shared, bs)
+            assert not ok and ("SBUF" in why or "B per partition" in why), why
+        x, gu, dn, sh, w, idx = _arrays(dt, 130, h, 2, i_max, 2, shared, seed=3)
+        tpos, b2e = moe_block_mapping(idx, 2, bs)
+        out = moe_blockwise(x, w, gu, dn, tpos, b2e, bs, shared=sh, top_k_index=idx, lnc=1)
+    assert_close(f"trn1 boundary I={i_max}", moe_decode_reference(x, idx, w, gu, dn, sh), out, dtype=dtype)
+
+
 @pytest.mark.parametrize("t", [33, 128])
 def test_issue_repro_fp32_qwen35_widths_with_shared_expert(rng, t):
     """H=2048, I=Is=512 fp32 with the shared expert at 33-128 tokens (before: SBUF overflow in the one-pass
