@@ -87,7 +87,7 @@ def moe_blockwise_kernel(hidden, expert_affinities, gate_up, down, token_positio
             for each chunk of <= 128 slots: ids = token_position_to_id[slots]
                 x = hidden[ids]                                          # gather, -1 skipped
                 a = affinity(ids, e) (dense form; 1 in the top-k form)   # gather from the dense rows
-                xT = PE transposes of x; h = a * silu(xT.T Wg) * (xT.T Wu); y = h Wd
+                xT = x transposed (TensorE; VectorE on trn1); h = a * silu(xT.T Wg) * (xT.T Wu); y = h Wd
                 scratch[slots] = y                                       # contiguous store, no read-modify-write
         phase 2, for each row chunk r (128 tokens):
             w = top-k weights of rows r (0 where the choice is not local; top-k form only, else 1)
