@@ -319,7 +319,7 @@ def _attend_pipeline(q, gate, out, kT_sb, v_sb, len_f, klen_valid, items, skv, d
     pv_psum = nl.ndarray((P_MAX, 2, n_slot, pv_cols), dtype=nl.float32, buffer=nl.psum)
     bufs = dict(qT=qT_sb, m_blk=m_blk, neg_m=neg_m, alpha=alpha, row_sum=row_sum, l=l_sb, o=o_acc, s_psum=s_psum,
                 s_sb=s_sb, pv_sb=pv_sb, p=p_ring, pT=pT_ring, t_psum=t_psum, pv=pv_psum,
-                pt_on_dve=is_two_byte(dtype),
+                pt_on_dve=is_two_byte(dtype) and getattr(rows, "pt_evict", True),     # rows may ask "alternate"
                 io=_io_groups(items, d, dtype) if rows is None and not q_is_bhds else None, io_q={}, io_gate={},
                 io_out={}, io_qT={})
     diag_bias = _DiagonalBias(block)
@@ -557,7 +557,8 @@ def _transpose_pe(bufs, st, j, step, block):
     full = min(n_c, kn // K_CHUNK)
     if full:
         dst, src = pT_ring[0:K_CHUNK, r, s, 0:full, 0:st.qn], t_psum[0:K_CHUNK, t, s, 0:full, 0:st.qn]
-        if bufs["pt_on_dve"]:          # 2-byte: every full-chunk eviction on the VectorE (a bf16 copy)
+        # 2-byte: every full-chunk eviction on the VectorE (a bf16 copy); "alternate" (varlen windows): every other
+        if bufs["pt_on_dve"] is True or (bufs["pt_on_dve"] == "alternate" and (step + s) % 2 == 1):
             nisa.tensor_copy(dst=dst, src=src)
         else:
             nisa.activation(dst=dst, op=nl.copy, data=src)

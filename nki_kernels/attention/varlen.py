@@ -780,6 +780,11 @@ class _BatchRows:
     dynamic offset costs a hardware DGE slot per DMA) when they fit _Q_STAGE_BYTES per partition; the pipeline
     then transposes Q from there (q_rows) instead of loading it per head."""
 
+    # 2-byte P^T evictions alternate VectorE / ScalarE in the pipeline (prefill's v3 balance): the vision windows
+    # are VectorE-bound, and every eviction on the VectorE (prefill's default since 9fb268d) modeled 463.1 us
+    # instead of 427.8 (audio 124.6 either way)
+    pt_evict = "alternate"
+
     def __init__(self, seq, q, kv_heads, group, q_start, poison=None):
         self.seq = seq
         self.poison = poison
