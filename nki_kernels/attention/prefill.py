@@ -319,7 +319,10 @@ def _attend_pipeline(q, gate, out, kT_sb, v_sb, len_f, klen_valid, items, skv, d
     pv_psum = nl.ndarray((P_MAX, 2, n_slot, pv_cols), dtype=nl.float32, buffer=nl.psum)
     bufs = dict(qT=qT_sb, m_blk=m_blk, neg_m=neg_m, alpha=alpha, row_sum=row_sum, l=l_sb, o=o_acc, s_psum=s_psum,
                 s_sb=s_sb, pv_sb=pv_sb, p=p_ring, pT=pT_ring, t_psum=t_psum, pv=pv_psum,
-                pt_on_dve=is_two_byte(dtype) and getattr(rows, "pt_evict", True),     # rows may ask "alternate"
+                # rows may ask "alternate"; so do runtime lengths (the key select puts the VectorE at its limit:
+                # flash_attention B=8 S=2048 with seq_lens, the varlen case's padded baseline, 723.4 us with every
+                # eviction on the VectorE, 665.9 alternating, 619.1 with the gated finish on GpSimd too; 616.1 before)
+                pt_on_dve=is_two_byte(dtype) and getattr(rows, "pt_evict", True if klen_valid is None else "alternate"),
                 io=_io_groups(items, d, dtype) if rows is None and not q_is_bhds else None, io_q={}, io_gate={},
                 io_out={}, io_qT={})
     diag_bias = _DiagonalBias(block)
@@ -645,8 +648,14 @@ def _finish(out, gate, bufs, len_f, st, d, dtype, rows=None):
         nisa.activation(dst=sig_sb[0:qn, 0:d], op=nl.sigmoid, data=gate_sb[0:qn, 0:d])
         # one VectorE pass (O * 1/l) * sigmoid(gate) (cost model v10: the VectorE has the room; the GpSimd took two
         # passes at half the VectorE's rate)
-        nisa.scalar_tensor_tensor(dst=o_sb[0:qn, 0:d], data=o, op0=nl.multiply, operand0=inv_l[0:qn],
-                                  op1=nl.multiply, operand1=sig_sb[0:qn, 0:d])
+        if len_f is not None and st.o_src is None:      # runtime lengths: the VectorE is the busy engine
+            nisa.tensor_scalar(dst=sig_sb[0:qn, 0:d], data=sig_sb[0:qn, 0:d], op0=nl.multiply, operand0=inv_l[0:qn],
+                               engine=nisa.engine.gpsimd)
+            nisa.tensor_tensor(dst=o_sb[0:qn, 0:d], data1=o, data2=sig_sb[0:qn, 0:d], op=nl.multiply,
+                               engine=nisa.engine.gpsimd)
+        else:
+            nisa.scalar_tensor_tensor(dst=o_sb[0:qn, 0:d], data=o, op0=nl.multiply, operand0=inv_l[0:qn],
+                                      op1=nl.multiply, operand1=sig_sb[0:qn, 0:d])
     if rows is not None and hasattr(rows, "store"):     # varlen.py per-sequence windows: a scatter of the valid rows
         rows.store(out, o_sb[0:qn, 0:d], st)
     elif io is not None:
