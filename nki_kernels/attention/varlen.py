@@ -42,9 +42,12 @@ from ..lnc import resolve_lnc
 from ..validation import kernel_check
 from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, MASK_BIAS, MAX_HEAD_DIM, MM_KEYS, exact_transpose,
                       is_two_byte, load_transposed, n_tiles, pe_transpose_group, pe_transpose_keys)
-from .prefill import _Q_TILE, _attend_pipeline, _check_array, _check_scale, _dtype_name, _read_only, _shape
+from .prefill import (_IO_ROW_BYTES, _Q_TILE, _attend_pipeline, _check_array, _check_scale, _dtype_name,
+                      _read_only, _shape)
 
 MAX_SEQS = 512                    # N limit: cu_seqlens as [128, N+1] fp32 rows; the row-bounds test runs in pieces
+MAX_PACKED_Q = 512 * 128          # Tq limit of the packed loop mode: the row bounds keep 24 B per query tile and
+#                                   partition for the whole kernel (~92 B while computed), next to the largest K/V
 _KV_PIECE = 2048                  # keys per K / V load and containment pass (16 chunks of 128)
 _SBUF_KV_BUDGET = 112 * 1024      # bytes per partition for K^T + V of one KV head (the rest: loop tiles, staging)
 _BLOCK = MM_KEYS                  # keys per block of the window mode (the prefill pipeline's block: one fp32 PSUM bank)
@@ -113,7 +116,7 @@ def varlen_body(q, k, v, gate, cu_q, cu_k, out, softmax_scale, causal):
     for kvh in sorted({h for h, _ in work}):
         kT_sb, v_sb = _load_kv_blocks(k_h, v_h, kvh, tk, d, n_d, dtype)
         for i_q in [i for h, i in work if h == kvh]:
-            _attend_tile(q_h, gate_h, out_h, kT_sb, v_sb, rows, kvh * group, group, i_q, tq, d, n_d, dtype,
+            _attend_tile(q, q_h, gate_h, out_h, kT_sb, v_sb, rows, kvh * group, group, i_q, tq, d, n_d, dtype,
                          softmax_scale)
 
 
@@ -142,7 +145,8 @@ class _PackedRows:
     All tiles in one pass: the rows are a [128, 3, n_q_tiles] fp32 tile (row 128 t + p; the first row of tile t;
     its last row, on every partition), the sequence test [cu_q[i] <= r] a [128, 3 n_q_tiles, N+1] tile (the
     cu_seqlens row read with a stride-0 pattern over the rows), and the weighted sums below one multiply and one
-    reduce each: about twenty small instructions whatever the number of tiles."""
+    reduce each, in pieces of at most _BOUNDS_ELEMS / (N+1) row columns: about twenty small instructions while
+    3 n_q_tiles <= 2048 / (N+1), about eight more per further piece."""
 
     def __init__(self, cu_q, cu_k, tq, causal, tiles, n_blk):
         n1 = cu_q.shape[0]
@@ -152,6 +156,9 @@ class _PackedRows:
         # this core's query tiles: every tile, or every n_prog-th (_work): an arithmetic progression t0 + k step
         m = len(tiles)
         t0, t_step = tiles[0], (tiles[1] - tiles[0] if m > 1 else 1)
+        if t_step <= 0 or list(tiles) != list(range(t0, t0 + m * t_step, t_step)):    # a schedule bug, not input
+            raise RuntimeError(f"_PackedRows: the query tiles must be evenly spaced (the iota rows assume it), "
+                               f"got {tiles}")
         self.local = {t: k for k, t in enumerate(tiles)}
         f32, pool = nl.float32, nisa.engine.gpsimd
         cuq = _broadcast_f32(cu_q, n1)
@@ -251,7 +258,7 @@ class _PackedRows:
                            operand1=b[:, 1:2], engine=nisa.engine.gpsimd)
 
 
-def _attend_tile(q_h, gate_h, out_h, kT_sb, v_sb, rows, h0, group, i_q, tq, d, n_d, dtype, scale):
+def _attend_tile(q, q_h, gate_h, out_h, kT_sb, v_sb, rows, h0, group, i_q, tq, d, n_d, dtype, scale):
     """One query tile of the `group` query heads h0 .. h0 + group - 1 (one KV head) over its key blocks.
 
     q, gate and out of the tile move for all `gn` heads of a group in one DMA each (the heads of a KV group are
@@ -264,7 +271,9 @@ def _attend_tile(q_h, gate_h, out_h, kT_sb, v_sb, rows, h0, group, i_q, tq, d, n
         hs = h0 + g0
         qT = nl.ndarray((P_MAX, n_d, gn, _Q_TILE), dtype=dtype, buffer=nl.sbuf)
         if is_two_byte(dtype) and d % D_CHUNK == 0:
-            src = q_h[hs:hs + gn, q0:q0 + qn, 0:d].reshape((gn, qn, n_d, D_CHUNK)).permute((1, 2, 0, 3))
+            # reshape the contiguous [Tq, Hq, D] tensor first (a reshape of a permuted view is not portable NKI),
+            # then slice and permute: [qn, n_d, gn, 128]
+            src = q.reshape((tq, q.shape[1], n_d, D_CHUNK))[q0:q0 + qn, hs:hs + gn].permute((0, 2, 1, 3))
             nisa.dma_transpose(dst=qT[0:D_CHUNK, 0:n_d, 0:gn, 0:qn], src=src)
         else:
             for g in range(gn):
@@ -272,10 +281,11 @@ def _attend_tile(q_h, gate_h, out_h, kT_sb, v_sb, rows, h0, group, i_q, tq, d, n
                     d0 = i_d * D_CHUNK
                     dn = min(D_CHUNK, d - d0)
                     load_transposed(qT[0:dn, i_d, g, 0:qn], q_h[hs + g, q0:q0 + qn, d0:d0 + dn], qn, dn, dtype)
-        gate_sb = None
-        if gate_h is not None:
-            gate_sb = nl.ndarray((P_MAX, gn, d), dtype=gate_h.dtype, buffer=nl.sbuf)
-            nisa.dma_copy(dst=gate_sb[0:qn], src=gate_h[hs:hs + gn, q0:q0 + qn, 0:d].permute((1, 0, 2)))
+        # gate and out staged in runs of heads of at most _IO_ROW_BYTES per partition row (16 fp32 heads of D=256
+        # at once would be 16 KiB each, beyond trn1's SBUF at the largest accepted Tk); the first run's gate
+        # before the loop (its DMA overlaps the loop), the others' after it
+        runs = _io_runs(gn, d, [dtype] + ([] if gate_h is None else [gate_h.dtype]))
+        gate_sb = None if gate_h is None else _load_gate(gate_h, hs, runs[0], q0, qn, d)
         state = _LoopState(gn, qn, d)
         k0_f = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)        # first key of the current block
         nisa.tensor_copy(dst=k0_f[0:qn], src=rows.bounds[0:qn, rows.local[i_q], 3:4])
@@ -284,10 +294,29 @@ def _attend_tile(q_h, gate_h, out_h, kT_sb, v_sb, rows, h0, group, i_q, tq, d, n
         def body(j):
             _block_step(j, kT_sb, v_sb, qT, state, rows, k0_f, i_q, qn, gn, d, n_d, dtype, scale)
         nl.fori_loop(jb0, jb1, body)
-        o_sb = nl.ndarray((P_MAX, gn, d), dtype=dtype, buffer=nl.sbuf)
-        for g in range(gn):
-            _finish(o_sb[0:qn, g, :], gate_sb, state, rows, g, i_q, qn, d)
-        nisa.dma_copy(dst=out_h[hs:hs + gn, q0:q0 + qn, 0:d].permute((1, 0, 2)), src=o_sb[0:qn])
+        for r0, rn in runs:
+            if gate_h is not None and r0 > 0:
+                gate_sb = _load_gate(gate_h, hs, (r0, rn), q0, qn, d)
+            o_sb = nl.ndarray((P_MAX, rn, d), dtype=dtype, buffer=nl.sbuf)
+            for g in range(rn):
+                _finish(o_sb[0:qn, g, :], gate_sb, state, rows, r0 + g, g, i_q, qn, d)
+            nisa.dma_copy(dst=out_h[hs + r0:hs + r0 + rn, q0:q0 + qn, 0:d].permute((1, 0, 2)), src=o_sb[0:qn])
+
+
+def _io_runs(gn, d, dtypes):
+    """[(first head, heads)] of a group of gn heads in runs of at most _IO_ROW_BYTES per partition row at the
+    largest itemsize of `dtypes` (out's and gate's; at least one head per run): 4 heads of bf16 D=256, 2 of fp32."""
+    itemsize = max(2 if is_two_byte(t) else 4 for t in dtypes)
+    cap = max(1, _IO_ROW_BYTES // (d * itemsize))
+    return [(r0, min(cap, gn - r0)) for r0 in range(0, gn, cap)]
+
+
+def _load_gate(gate_h, hs, run, q0, qn, d):
+    """gate of heads hs + r0 .. hs + r0 + rn - 1 of a query tile -> [qn, rn, D] in SBUF (one DMA)."""
+    r0, rn = run
+    gate_sb = nl.ndarray((P_MAX, rn, d), dtype=gate_h.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=gate_sb[0:qn], src=gate_h[hs + r0:hs + r0 + rn, q0:q0 + qn, 0:d].permute((1, 0, 2)))
+    return gate_sb
 
 
 class _LoopState:
@@ -362,7 +391,7 @@ def _head_softmax(live, g, kT_blk, v_blk, qT, state, vis, stats, qn, d, n_d, dty
 
 
 def _head_transpose(live, g, kT_blk, v_blk, qT, state, vis, stats, qn, d, n_d, dtype, scale):
-    live[g] = _probs_transposed(live[g], qn, dtype, on_dve=False)
+    live[g] = _probs_transposed(live[g], qn, dtype)
 
 
 def _head_pv(live, g, kT_blk, v_blk, qT, state, vis, stats, qn, d, n_d, dtype, scale):
@@ -380,7 +409,7 @@ _HEAD_STEPS = (_head_scores, _head_softmax, _head_transpose, _head_pv)
 _HEAD_STAGES = len(_HEAD_STEPS)
 
 
-def _probs_transposed(p_sb, qn, dtype, on_dve=False):
+def _probs_transposed(p_sb, qn, dtype):
     """P^T [128(keys), 4, 128(rows)]: chunks 0.._PE_T_CHUNKS-1 on the PE (one PSUM bank, evicted by ScalarE), the
     rest (bf16/fp16 only) by one SBUF->SBUF DMA transpose."""
     pT = nl.ndarray((P_MAX, _N_CH, _Q_TILE), dtype=dtype, buffer=nl.sbuf)
@@ -388,19 +417,16 @@ def _probs_transposed(p_sb, qn, dtype, on_dve=False):
     t_psum = nl.ndarray((P_MAX, n_pe, _Q_TILE), dtype=dtype, buffer=nl.psum)
     for c in range(n_pe):
         exact_transpose(t_psum[:, c, 0:qn], p_sb[0:qn, c * K_CHUNK:(c + 1) * K_CHUNK])
-    if on_dve:
-        nisa.tensor_copy(dst=pT[:, 0:n_pe, 0:qn], src=t_psum[:, :, 0:qn])
-    else:
-        nisa.activation(dst=pT[:, 0:n_pe, 0:qn], op=nl.copy, data=t_psum[:, :, 0:qn])
+    nisa.activation(dst=pT[:, 0:n_pe, 0:qn], op=nl.copy, data=t_psum[:, :, 0:qn])
     if n_pe < _N_CH:
         src = p_sb[0:qn, n_pe * K_CHUNK:_LOOP_BLOCK].reshape((qn, _N_CH - n_pe, K_CHUNK))
         nisa.dma_transpose(dst=pT[:, n_pe:_N_CH, 0:qn], src=src)
     return pT
 
 
-def _finish(o_sb, gate_sb, state, rows, g, i_q, qn, d):
+def _finish(o_sb, gate_sb, state, rows, g, g_run, i_q, qn, d):
     """o_sb [qn, D] = O / l of head g for rows that see a key, 0 for the others (l + 1 - valid keeps the
-    reciprocal finite when a tile ran no block), optionally * sigmoid(gate)."""
+    reciprocal finite when a tile ran no block), optionally * sigmoid(gate) (head g is gate_sb's g_run)."""
     valid = rows.bounds[0:qn, rows.local[i_q], 2:3]
     inv_l = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.scalar_tensor_tensor(dst=inv_l[0:qn], data=valid, op0=nl.multiply, operand0=-1.0, op1=nl.add,
@@ -413,7 +439,7 @@ def _finish(o_sb, gate_sb, state, rows, g, i_q, qn, d):
         nisa.tensor_scalar(dst=o_sb, data=o, op0=nl.multiply, operand0=inv_l[0:qn], engine=nisa.engine.gpsimd)
     else:
         sig_sb = nl.ndarray((P_MAX, d), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.activation(dst=sig_sb[0:qn], op=nl.sigmoid, data=gate_sb[0:qn, g, :])
+        nisa.activation(dst=sig_sb[0:qn], op=nl.sigmoid, data=gate_sb[0:qn, g_run, :])
         nisa.tensor_scalar(dst=sig_sb[0:qn], data=sig_sb[0:qn], op0=nl.multiply, operand0=inv_l[0:qn],
                            engine=nisa.engine.gpsimd)
         nisa.tensor_tensor(dst=o_sb, data1=o, data2=sig_sb[0:qn], op=nl.multiply, engine=nisa.engine.gpsimd)
@@ -1035,6 +1061,9 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, sof
     plan = windows_plan(tq, tk, len(cu_q) - 1, d, itemsize, causal, m_q, m_k)
     if plan is not None:
         return call(flash_attention_varlen_windows_kernel, q, k, v, gate, cu_q, cu_k, scale, causal, *plan, lnc=lnc)
+    kernel_check(tq <= MAX_PACKED_Q,
+                 f"{name}: at most {MAX_PACKED_Q} packed queries (Tq, the row bounds of every query tile stay in "
+                 f"SBUF) without a per-sequence window plan (max_seqlen_q / max_seqlen_k), got Tq={tq}")
     need = kv_resident_bytes(tk, d, itemsize)
     kernel_check(need <= _SBUF_KV_BUDGET,
                  f"{name}: one KV head of the packed keys must fit SBUF (K^T + V resident): Tk={tk}, D={d}, "

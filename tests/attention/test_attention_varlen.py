@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from nki_kernels import flash_attention_varlen
 from nki_kernels.attention.reference import flash_attention_ref, flash_attention_varlen_ref
-from nki_kernels.attention.varlen import _LOOP_BLOCK, MAX_SEQS
+from nki_kernels.attention.varlen import _LOOP_BLOCK, _SBUF_KV_BUDGET, MAX_PACKED_Q, MAX_SEQS, kv_resident_bytes
+from nki_kernels.emulator import use_target
 from nki_kernels.emulator.runtime import last_run
 from nki_kernels.testing import assert_close, program_signature
 from nki_kernels.validation import KernelInputError
@@ -139,6 +140,42 @@ def test_largest_packed_keys_fit_on_chip():
     k2 = np.zeros((tk + 128, 1, 256), BF16)
     with pytest.raises(KernelInputError, match="must fit SBUF"):
         flash_attention_varlen(q, k2, k2, _cu([128, 1]), _cu([tk, 128]), causal=True)
+
+
+def _largest_tk(d, itemsize):
+    return max(t for t in range(128, 80000, 128) if kv_resident_bytes(t, d, itemsize) <= _SBUF_KV_BUDGET)
+
+
+@pytest.mark.parametrize("target", ["trn1", "trn2"])
+@pytest.mark.parametrize("dtype, d", [("float32", 256), ("bfloat16", 256), ("float32", 64), ("bfloat16", 64)])
+def test_worst_case_loop_shapes_fit_on_chip(target, dtype, d):
+    """The largest accepted Tk with the largest KV group (16 query heads per KV head, loop state, Q^T, gate and
+    out staging at their largest), gated, on trn1's smaller SBUF too: runs (emulator SBUF checks) and matches.
+    The K/V residency is what is big: the query tile (causal, the last 128 rows of a 384-key sequence) runs two
+    loop blocks, the first sequence's keys have no queries."""
+    dt = DTYPES[dtype]
+    tk = _largest_tk(d, np.dtype(dt).itemsize)
+    lq, lk = [0, 128], [tk - 384, 384]
+    q, k, v, g = _packed(np.random.default_rng(16), lq, lk, 16, 1, d, dt, gate=True)
+    with use_target(target):
+        out = flash_attention_varlen(q, k, v, _cu(lq), _cu(lk), causal=True, gate=g, lnc=1)
+    assert_close(f"worst {target} {dtype} D={d} Tk={tk}", flash_attention_varlen_ref(q, k, v, _cu(lq), _cu(lk),
+                 causal=True, gate=g), out, dtype=dtype)
+
+
+def test_packed_query_limit():
+    """Tq = MAX_PACKED_Q runs in the loop mode on trn1 with the largest Tk and matches; one more query is refused
+    with a message naming Tq and the limit."""
+    tk = _largest_tk(64, 2)
+    lq, lk = [MAX_PACKED_Q, 0], [200, tk - 200]
+    q, k, v, g = _packed(np.random.default_rng(17), lq, lk, 1, 1, 64, BF16, gate=True)
+    with use_target("trn1"):
+        out = flash_attention_varlen(q, k, v, _cu(lq), _cu(lk), causal=False, gate=g, lnc=1)
+    assert_close("max Tq", flash_attention_varlen_ref(q, k, v, _cu(lq), _cu(lk), causal=False, gate=g), out,
+                 dtype="bfloat16")
+    q1 = np.zeros((MAX_PACKED_Q + 1, 1, 64), BF16)
+    with pytest.raises(KernelInputError, match=f"at most {MAX_PACKED_Q} packed queries .* got Tq={MAX_PACKED_Q + 1}"):
+        flash_attention_varlen(q1, k, v, _cu([MAX_PACKED_Q + 1, 0]), _cu(lk), causal=False)
 
 
 def test_many_sequences_limit():
