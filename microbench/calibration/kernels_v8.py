@@ -341,6 +341,8 @@ def kda_matmul(v1, v2, ident, variant):
                 out_sb = nl.ndarray((P_MAX, PSUM_FP32_BANK), dtype=nl.float32, buffer=nl.sbuf)
                 nisa.tensor_copy(dst=out_sb, src=acc[:, mb, :])
                 nisa.dma_copy(dst=out[blk * b + mb, :, n0:n0 + PSUM_FP32_BANK], src=out_sb)
+        del acc     # the block's accumulators end here: b = 8 holds all 8 PSUM banks, and the next block's
+        #             transposes need one (the emulator frees a tensor when its last Python reference goes)
     return out
 
 

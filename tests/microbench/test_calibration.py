@@ -57,8 +57,9 @@ _SMALL = {     # small shapes with the same tiling, for the correctness check
     # chunks of the variant (512 + the published 192-wide tail for v4 / v5). Correctness only: never modeled
     **{pid: (lambda rng, pid=pid: BY_ID[pid].make(1, rng, kt=2, n=704 if pid in ("KT.v4", "KT.v5") else 912))
        for pid in ("KT.v1", "KT.v2", "KT.v3", "KT.v4", "KT.v5", "KT.v6", "KT.v7")},
-    # KDA matmul: one M block (two for v1 / b2), K = 2 x 128, N = two 512-wide chunks
-    **{pid: (lambda rng, pid=pid: BY_ID[pid].make(2 if pid in ("KM.v1", "KM.b2") else 1, rng, k_tiles=2, n=1024))
+    # KDA matmul: two M blocks (the second block's transposes run after the first's accumulators: KM.b8 holds all 8
+    # PSUM banks), K = 2 x 128, N = two 512-wide chunks
+    **{pid: (lambda rng, pid=pid: BY_ID[pid].make(2, rng, k_tiles=2, n=1024))
        for pid in ("KM.v1", "KM.b2", "KM.b4", "KM.b8", "KM.v3")},
     # v9 sealed points (KDA bmm, trn2): two batches (batch blocks: two blocks) of M tiles holding two M blocks of the
     # variant (v2 / bb: its one 32-tile block), N = two groups of its chunks. Correctness only: never modeled
