@@ -79,6 +79,11 @@ class CostParams:
                                           # proportional to bytes up to 1 KiB (a fixed time per packet) and the
                                           # knee is 2.4-2.6 KiB; the bandwidth guide states the same thresholds in
                                           # bytes for every generation. v2: 40 ns added per descriptor [U: 2048-3072]
+                                          # on NeuronCore-v2. v11: 512 B on NeuronCore-v3 (and v4, assumed like
+                                          # v3): published trn2 kernels move 512 B and 1 KiB rows as fast as 2 KiB
+                                          # and longer ones (KDA rope: 128-, 256- and 512-column fp32 tiles within
+                                          # 2% of each other, 0.687-0.699 ms), which a 2560 B floor models 2-4x
+                                          # too slow (docs/cost-model.md, "v11 round") [U: 256-1024 on v3 / v4]
     dma_elem_ns: float = 0.5              # element-strided DMA (a transposing load: load_transpose2d, a permuted
                                           # view): the descriptor carries the access pattern ("shape, and stride
                                           # pattern", nki-dge.rst), so a partition row is one packet, not one per
@@ -141,8 +146,10 @@ class CostParams:
 
 PARAMS: dict[str, CostParams] = {
     "trn1": CostParams(dve_min_ii=32.0, dve_two_pass_min=True),
-    "trn2": CostParams(dve_perf_mode=True, dve_elems_pp_per_cycle=2.0, bench_fixed_us=12.2, profile_fixed_us=21.0),
-    "trn3": CostParams(dve_perf_mode=True, act_bf16_elems_pp_per_cycle=2.0, dve_elems_pp_per_cycle=2.0),
+    "trn2": CostParams(dve_perf_mode=True, dve_elems_pp_per_cycle=2.0, bench_fixed_us=12.2, profile_fixed_us=21.0,
+                       dma_knee_bytes=512.0),
+    "trn3": CostParams(dve_perf_mode=True, act_bf16_elems_pp_per_cycle=2.0, dve_elems_pp_per_cycle=2.0,
+                       dma_knee_bytes=512.0),
 }
 
 
@@ -155,7 +162,9 @@ def params_for(target: Target) -> CostParams:
 _UNCERTAIN = {
     "dma-latency": ({"dma_fixed_us": 1.0}, {"dma_fixed_us": 2.0}),
     "dge": ({"hwdge_us": 0.0, "swdge_min_cycles": 300}, {"hwdge_us": 1.0, "swdge_min_cycles": 1200}),
-    "dma-eff": ({"dma_knee_bytes": 2048.0}, {"dma_knee_bytes": 3072.0}),
+    # per-target values: {target name: value}
+    "dma-eff": ({"dma_knee_bytes": {"trn1": 2048.0, "trn2": 256.0, "trn3": 256.0}},
+                {"dma_knee_bytes": {"trn1": 3072.0, "trn2": 1024.0, "trn3": 1024.0}}),
     "dma-elem": ({"dma_elem_ns": 0.25}, {"dma_elem_ns": 1.0}),
     "dve-min-ii": ({"dve_min_ii": 24.0}, {"dve_min_ii": 64.0}),
     "engine-latency": ({"act_fixed_latency": 100, "dve_fixed_latency": 100, "pool_fixed_latency": 100},
@@ -181,7 +190,9 @@ def preset_params(name: str, target) -> CostParams:
     if name not in PRESETS:
         raise ValueError(f"unknown cost-model preset {name!r}; presets: {', '.join(PRESETS)}")
     import dataclasses
-    return dataclasses.replace(_BASE_PARAMS.get(_tgt(target).name, CostParams()), **PRESETS[name])
+    tname = _tgt(target).name
+    values = {k: (v[tname] if isinstance(v, dict) else v) for k, v in PRESETS[name].items()}
+    return dataclasses.replace(_BASE_PARAMS.get(tname, CostParams()), **values)
 
 
 _BASE_PARAMS = dict(PARAMS)
@@ -478,9 +489,9 @@ def _engine_ghz(eng: str, t: Target) -> float:
 def dma_efficiency(run_bytes: float, target, p: CostParams | None = None, chunks: float = 1.0) -> float:
     """Fraction of an engine's peak rate a DMA reaches when each descriptor (packet) moves `run_bytes` bytes
     gathered from `chunks` contiguous pieces: the packet keeps its engine busy for
-    max(run, dma_knee_bytes) / rate + chunks x dma_elem_ns. Contiguous rows (chunks = 1) on trn2: 256 B 10%,
-    512 B 20%, 1 KiB 40%, 2 KiB 80%, >= 4 KiB 99%. An element-strided row (one chunk per element) pays the
-    per-element rate on top."""
+    max(run, dma_knee_bytes) / rate + chunks x dma_elem_ns. Contiguous rows (chunks = 1) on trn1 (knee 2560 B):
+    256 B 10%, 512 B 20%, 1 KiB 40%, 2 KiB 80%, >= 2.5 KiB 100%; on trn2 / trn3 (knee 512 B, v11): 256 B 50%,
+    >= 512 B 100%. An element-strided row (one chunk per element) pays the per-element rate on top."""
     t = _tgt(target)
     p = p or params_for(t)
     run = max(1.0, float(run_bytes))
