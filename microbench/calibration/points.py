@@ -198,6 +198,13 @@ KRO.b256. Those errors inform this round's change, so the 12 rope points of oper
 fit** in this round's first commit, before anything is changed (errors as docs/cost-model.md lists them, modeled at
 30bf91c). The other v9 held-out points stay held out; the v11 model is judged on them as already reported and on the
 30 v11 sealed points (KG.*, AF.*), unsealed once after the v11 freeze by the commit that says so.
+**The v11 model** (docs/cost-model.md, "v11 round"): the DMA packet knee on NeuronCore-v3 / v4 is 512 B (trn1 keeps
+the published curve's 2560 B), fitted on KRO.* and CS.T1024; and the CS149 points (CS.*) are modeled as they were
+compiled: one NeuronCore (time_cores 1, the v6 rule's reading, which v10 had replaced by the KDA convention "by fit,
+not by evidence") with one buffer per loop-body tile (Point.tile_buffers = 1: every CS149 kernel carries
+`nki.compiler.skip_middle_end_transformations`, so its nl.affine_range loops are not software-pipelined), with the
+trn2 bench / profile terms refitted on CS.stream200 / CS.fd2k / CS.fd1k as before (11.2 / 13.4 µs). Chosen on the
+fit split only; the KDA trn2 points keep the v10 convention (time_cores 2).
 v11 source 2 (kernels_v11.py docstring, "Source 2"; selection committed after the KG points landed, before any of
 its kernels; nothing modeled): the v6 rule applied to allenkchau/trainium-kernel-fusion (trn2, nki.benchmark P99,
 `bench`): A attention, baseline and fused, fp32 and bf16, S 512-4096 (AF.b.* / AF.f.*, 16 points, sealed, added
@@ -205,13 +212,15 @@ when reference-checked); B its MLP study stays reserved, un-modeled.
 """
 from __future__ import annotations
 
+import dataclasses
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
 from nki_kernels.emulator import run
-from nki_kernels.emulator.costmodel import model_launches, params_for
+from nki_kernels.emulator.costmodel import PARAMS, model_launches, params_for
 from nki_kernels.emulator.targets import get_target
 
 from . import kernels as K
@@ -252,6 +261,9 @@ class Point:
                                      # documented constants (the trn2 single-kernel runs: 2; two cores' worth, or
                                      # one core twice as fast: points.py "v10 round"): modeled one-core time /
                                      # time_cores, before the timing term
+    tile_buffers: int | None = None  # buffers per loop-body tile when the published kernel was compiled under
+                                     # nki.compiler.skip_middle_end_transformations (the CS149 points: 1, v11
+                                     # round); None: the target's CostParams.tile_buffers
 
 
 def _f32(rng, *shape, scale=1.0):
@@ -593,11 +605,26 @@ class PointResult:
     split: str = "fit"
 
 
+@contextmanager
+def _point_params(point: Point):
+    """The point's target modeled with its tile_buffers inside the block (nothing changes when it is None)."""
+    if point.tile_buffers is None:
+        yield
+        return
+    saved = PARAMS[point.target]
+    PARAMS[point.target] = dataclasses.replace(saved, tile_buffers=point.tile_buffers)
+    try:
+        yield
+    finally:
+        PARAMS[point.target] = saved
+
+
 def _model_once(point: Point, k: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     args, kw = point.make(k, rng)
     res = run(point.kernel, *args, target=point.target, **{"lnc": 1, **kw})    # one-core measurements: LNC=1
-    rep = model_launches([res], target=point.target)
+    with _point_params(point):
+        rep = model_launches([res], target=point.target)
     return rep, res, args, kw
 
 
@@ -634,6 +661,8 @@ def model_point(point: Point, k_model: tuple | None = None) -> PointResult:
         t /= point.time_cores       # at the documented constants (points.py "v10 round"); bytes are traffic
         busy = {e: v / point.time_cores for e, v in busy.items()}
         how += f", / {point.time_cores} (v10 trn2 convention)"
+    if point.tile_buffers is not None:
+        how += f", {point.tile_buffers} buffer(s) per loop tile (skip_middle_end_transformations)"
     if point.timing == "bench":
         t += prm.launch_overhead_us if prm.bench_fixed_us is None else prm.bench_fixed_us
         how += ", + launch overhead (bench timing)" if prm.bench_fixed_us is None else \

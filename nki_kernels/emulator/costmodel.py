@@ -104,10 +104,11 @@ class CostParams:
     launch_overhead_us: float = 30.0      # per-launch host/runtime floor (bench floors of 25-55 us); kept separate
     # Fixed device time a published single-kernel figure includes besides the kernel's own schedule (calibration
     # only; never added to a microbench figure). `bench`: nki.benchmark / neuron-bench NCL percentiles; NeuronCore-
-    # v2: the launch floor (`launch_overhead_us`, bench floors of 25-55 us); trn2: fitted (v9) on CS.stream200 (one
-    # [128, 200] fp32 tile: 15 us P99 against 4.7 us of schedule). `profile`: neuron-profile total_time ("total
-    # on-device execution time", neuron-explorer glossary); trn2: fitted on CS.fd2k / CS.fd1k (28.4 / 26.4 us
-    # against 9.4 / 7.5 us of schedule: 19.0 / 18.9). Neither is published as a constant
+    # v2: the launch floor (`launch_overhead_us`, bench floors of 25-55 us); trn2: fitted on CS.stream200 (one
+    # [128, 200] fp32 tile: 15 us P99 against 3.8 us of one-core schedule: 11.2; v10: 12.2 against half of it).
+    # `profile`: neuron-profile total_time ("total on-device execution time", neuron-explorer glossary); trn2:
+    # fitted on CS.fd2k / CS.fd1k (28.4 / 26.4 us against 13.3 / 14.6 us of one-core schedule with one buffer
+    # per loop tile: 15.0 / 11.8, mean 13.4; v10: 21.0). Neither is published as a constant
     bench_fixed_us: float | None = None   # None: launch_overhead_us
     profile_fixed_us: float = 0.0
     reorder_window: int = 256             # an engine may start an instruction before up to this many earlier
@@ -146,7 +147,7 @@ class CostParams:
 
 PARAMS: dict[str, CostParams] = {
     "trn1": CostParams(dve_min_ii=32.0, dve_two_pass_min=True),
-    "trn2": CostParams(dve_perf_mode=True, dve_elems_pp_per_cycle=2.0, bench_fixed_us=12.2, profile_fixed_us=21.0,
+    "trn2": CostParams(dve_perf_mode=True, dve_elems_pp_per_cycle=2.0, bench_fixed_us=11.2, profile_fixed_us=13.4,
                        dma_knee_bytes=512.0),
     "trn3": CostParams(dve_perf_mode=True, act_bf16_elems_pp_per_cycle=2.0, dve_elems_pp_per_cycle=2.0,
                        dma_knee_bytes=512.0),
