@@ -38,7 +38,9 @@ _TABLE_BYTES_PP = 1024         # at most this many bytes per partition of them (
 _ACC_PSUM_BANKS = 4            # PSUM banks of VectorE's fp32 output-pass accumulator (one more for the shared
                                # expert's down projection pieces; its h tiles are done before the accumulator)
 _DMA_KNEE_BYTES = 2560         # a DMA packet (one partition row) keeps its engine busy at least this many bytes'
-                               # time (cost model v3's packet floor, trn2: docs/cost-model.md)
+                               # time: cost model v3-v10's packet floor, which these shape heuristics were fitted
+                               # under. Cost model v11 has 512 B on trn2 / trn3; the choices it drives were
+                               # re-checked against v11's modeled figures of both paths (docs/moe.md, "v11")
 _CORE_HBM_BYTES_PER_US = 362.5e3   # one trn2 core's HBM rate (bytes per µs)
 _GPSIMD_GHZ = 1.2
 _DVE_GHZ = 0.96

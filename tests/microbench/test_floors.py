@@ -17,7 +17,7 @@ _DYN = 0.6               # µs more for a dynamic DMA (hardware DGE)
 
 
 def _eff(run):
-    return run / max(run, 2560.0)            # packet floor: a row keeps its engine busy >= 2560 B at its peak rate
+    return run / max(run, 512.0)             # trn2 packet floor (v11): a row keeps its engine busy >= 512 B at its peak
 
 
 def test_moe_prefill_floor_by_hand():
