@@ -47,7 +47,8 @@ from .prefill import _as_int32_lens, _check_array, _check_scale, _dtype_name, _r
 
 MAX_NEW_TOKENS = 8                # Sq limit (speculative decoding); G * Sq rows must fit the 128 partitions
 _PIECE_KEYS = 2048                # keys per K / V DMA: partition-major, 16 x 512 B = 8 KiB runs per partition (bf16,
-#                                   D=256), past the DMA packet knee (cost model: 2560 B), so at the engines' peak
+#                                   D=256), past the DMA packet knee (cost model v11: trn1 2560 B, trn2 512 B), so at
+#                                   the engines' peak
 _PSUM_BANK_F32 = 512              # fp32 elements per partition in one 2 KiB PSUM bank: S^T [128, chunks, R] of one
 #                                   piece must fit one bank, so pieces shrink for R > 32 rows
 _MAX_SPLIT_STATE_BYTES = 64 * 1024  # SBUF per partition core 0 may hold for the first halves' partial states

@@ -34,7 +34,8 @@ _HIST_SBUF_BYTES = 40 * 1024      # prefill: bytes per partition of one block's 
                                   # tile per block) needs what the one-tile-per-DMA kernel needed
 _PE_TILE = 32                     # prefill taps: 32 x 32 PE tiles (NeuronCore-v3+ row / column tiling) on the diagonal
 _DMA_ROW_BYTES = 2560             # prefill: x / y DMAs move >= this many bytes per partition row (past the DMA
-                                  # engines' packet knee, ~2.5 KiB) by grouping channel tiles
+                                  # engines' packet knee: trn1 ~2.5 KiB; trn2 / trn3 512 B under cost model v11)
+                                  # by grouping channel tiles
 
 
 @nki.jit

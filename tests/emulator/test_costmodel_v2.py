@@ -222,3 +222,17 @@ def test_gdn_useful_flops_are_the_minimal_chunked_count():
     macs_per_token = (c / 2) * (dk + dk + dk + dv + dv) + 3 * dk * dv
     assert gdn_chunked_flops(1, 1, 1, dk, dv, c) == 2 * macs_per_token
     assert gdn_chunked_flops(2, 10, 8, dk, dv, c) == 160 * 2 * macs_per_token
+
+
+def test_every_preset_resolves_to_numbers_on_every_target():
+    """Per-target preset values (v11's `dma-eff`) resolve for each target; no dict reaches CostParams."""
+    import dataclasses
+
+    from nki_kernels.emulator.targets import TARGETS
+    for name in PRESETS:
+        for tname in TARGETS:
+            p = preset_params(name, tname)
+            for f in dataclasses.fields(p):
+                assert not isinstance(getattr(p, f.name), dict), (name, tname, f.name)
+    assert preset_params("low", "trn1").dma_knee_bytes == 2048.0
+    assert preset_params("high", "trn2").dma_knee_bytes == 1024.0
