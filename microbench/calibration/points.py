@@ -220,14 +220,13 @@ when reference-checked); B its MLP study stays reserved, un-modeled.
 from __future__ import annotations
 
 import dataclasses
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
 from nki_kernels.emulator import run
-from nki_kernels.emulator.costmodel import PARAMS, model_launches, params_for
+from nki_kernels.emulator.costmodel import model_launches, params_for
 from nki_kernels.emulator.targets import get_target
 
 from . import kernels as K
@@ -612,26 +611,14 @@ class PointResult:
     split: str = "fit"
 
 
-@contextmanager
-def _point_params(point: Point):
-    """The point's target modeled with its tile_buffers inside the block (nothing changes when it is None)."""
-    if point.tile_buffers is None:
-        yield
-        return
-    saved = PARAMS[point.target]
-    PARAMS[point.target] = dataclasses.replace(saved, tile_buffers=point.tile_buffers)
-    try:
-        yield
-    finally:
-        PARAMS[point.target] = saved
-
-
 def _model_once(point: Point, k: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     args, kw = point.make(k, rng)
     res = run(point.kernel, *args, target=point.target, **{"lnc": 1, **kw})    # one-core measurements: LNC=1
-    with _point_params(point):
-        rep = model_launches([res], target=point.target)
+    prm = None                # the target's parameters (a `use_params` preset included)
+    if point.tile_buffers is not None:
+        prm = dataclasses.replace(params_for(get_target(point.target)), tile_buffers=point.tile_buffers)
+    rep = model_launches([res], target=point.target, params=prm)
     return rep, res, args, kw
 
 
