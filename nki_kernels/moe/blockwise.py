@@ -41,12 +41,17 @@ _DMA_KNEE_BYTES = 2560         # a DMA packet (one partition row) keeps its engi
                                # time: cost model v3-v10's packet floor, which these shape heuristics were fitted
                                # under. Cost model v11 has 512 B on trn2 / trn3; the choices it drives were
                                # re-checked against v11's modeled figures of both paths (docs/moe.md, "v11")
+_COMBINE_KNEE_BYTES = {"trn1": 2560, "trn2": 512, "trn3": 512}   # the packet knee the combine estimate uses per
+                               # target: cost model v11's (docs/cost-model.md, "v11 round"); trn2 when unknown
 _CORE_HBM_BYTES_PER_US = 362.5e3   # one trn2 core's HBM rate (bytes per µs)
 _GPSIMD_GHZ = 1.2
 _DVE_GHZ = 0.96
 _GATHER_EXPOSED = 0.6          # share of the on-chip combine's nc_n_gather time not hidden by other engines (fitted:
                                # thinker / talker T=1024, LNC=2, both paths modeled under cost model v3; docs/moe.md)
 _MIN_GROUP_TILES = 2           # "auto" takes the on-chip combine only with at least this many 128-row tiles per group
+_MIN_CORE_TILES = 8            # ... and at least this many 128-row hidden tiles per core: with fewer (the talker,
+                               # H = 1024 at LNC=2: 4) phase B's serial chain (all slice loads, then every gather)
+                               # is not amortized (fitted on the six registered T = 128 / 1024 pairs, docs/moe.md)
 _MAX_GATHER_INDICES = 65536    # T * KMAX slot indices per partition (one SBUF tile: the free-size limit)
 _SBUF_MARGIN = 2 * 1024        # bytes per partition left for the few small tiles the plan below does not list
 # the smallest per-partition budget of any target: a trace-time layout choice that must fit wherever it runs
@@ -209,12 +214,19 @@ def onchip_x_gather(n_tokens: int, h_total: int, n_inter: int, block_size: int, 
     transposes, `_tiles.exact_rows_to_columns`, that is most of what it saves); it costs GpSimd one element per
     gathered value and VectorE / ScalarE the index arithmetic (docs/moe.md, "On-chip x gather")."""
     parts = gate_up_parts(h_total, n_inter, item, block_size, top_k)
-    n_h = h_total // parts
+    extra = resident_xT_bytes(n_tokens, h_total, h_total // parts, block_size, item)
+    return extra is not None and blocks_phase_bytes(h_total, n_inter, block_size, top_k, item) + extra <= sbuf_budget()
+
+
+def resident_xT_bytes(n_tokens: int, h_total: int, n_h: int, block_size: int, item: int):
+    """SBUF bytes per partition the on-chip x gather adds to a blocks phase (shapes only): the resident x.T
+    [H / n_h, n_h, T + 1], the replicated slot ids of _REP_BLOCKS blocks, three buffers of a chunk's gather
+    indices and gathered x.T, the x rows of _XT_LOAD_CHUNKS token chunks; None when the resident x.T (the data
+    operand of one nc_n_gather) exceeds the per-instruction SBUF free-size limit."""
     if n_h * (n_tokens + 1) > _SBUF_FREE_ELEMS_MAX:
-        return False
-    extra = n_h * (n_tokens + 1) * item + _REP_BLOCKS * block_size * 4 + 3 * (n_h + 1) * TOK_TILE * (4 + item) \
+        return None
+    return n_h * (n_tokens + 1) * item + _REP_BLOCKS * block_size * 4 + 3 * (n_h + 1) * TOK_TILE * (4 + item) \
         + _XT_LOAD_CHUNKS * h_total * item
-    return blocks_phase_bytes(h_total, n_inter, block_size, top_k, item) + extra <= sbuf_budget()
 
 
 def _resident_xT(hidden, n_h):
@@ -278,9 +290,15 @@ def _gather_token_tile(hidden, expert_affinities, top_k_index, ids_sb, e_sb, eg_
                   oob_mode=nisa.oob_mode.skip)
     if not affinity:
         return x_sb, None
+    return x_sb, slot_affinity(expert_affinities, top_k_index, ids_sb, e_sb, eg_sb, n_tok, n_local)
+
+
+def slot_affinity(expert_affinities, top_k_index, ids_sb, e_sb, eg_sb, n_tok, n_local):
+    """(n_tok, 1) fp32: each slot's routing weight for its block's expert, from the dense affinities
+    (`_dense_affinity`) or the top-k routing table (`_topk_affinity`), one indirect DMA either way."""
     if top_k_index is None:
-        return x_sb, _dense_affinity(expert_affinities, ids_sb, e_sb, n_tok, n_local)
-    return x_sb, _topk_affinity(top_k_index, ids_sb, eg_sb, n_tok)
+        return _dense_affinity(expert_affinities, ids_sb, e_sb, n_tok, n_local)
+    return _topk_affinity(top_k_index, ids_sb, eg_sb, n_tok)
 
 
 def _block_step(hidden, expert_affinities, gate_up, down, top_k_index, e_all_sb, eg_all_sb, ids_all, i_b, col,
@@ -863,7 +881,8 @@ def moe_blockwise(hidden, expert_affinities, gate_up, down, token_position_to_id
         from .combine import moe_blockwise_onchip_kernel
         inv_t = inv.astype(np.uint16 if plan.index_mode == "u16" else np.uint32)
         return call(moe_blockwise_onchip_kernel, hidden, aff, gate_up, down, tpos32, b2e32, inv_t, s_gu, s_dn, s_g,
-                    idx, int(block_size), int(expert_offset), plan.group_tiles, plan.index_mode, lnc=lnc)
+                    idx, int(block_size), int(expert_offset), plan.group_tiles, plan.index_mode, plan.x_gather,
+                    lnc=lnc)
     if top_k_index is not None:   # the DMA combine applies the routing weights per top-k choice (top-k order)
         inv = token_slots_topk(tpos, b2e, _np(top_k_index), block_size, n_local, expert_offset)
     return call(moe_blockwise_kernel, hidden, aff, gate_up, down, tpos32, b2e32, inv, s_gu, s_dn, s_g, idx,
@@ -873,9 +892,11 @@ def moe_blockwise(hidden, expert_affinities, gate_up, down, token_position_to_id
 class OnchipPlan(NamedTuple):
     """The on-chip combine's trace-time grouping: GT hidden tiles of 128 rows per group, and where phase B keeps
     the slot indices (`combine.INDEX_MODES`: resident uint32, resident uint16 widened per chunk, or streamed per
-    128-token chunk and group)."""
+    128-token chunk and group), and how phase A permutes x ("onchip": a resident x.T and nc_n_gather, when it
+    fits beside the rest of phase A; else "dma" row gathers)."""
     group_tiles: int
     index_mode: str
+    x_gather: str = "dma"
 
 
 def choose_combine(n_tokens, h_total, n_inter, s_inter, n_blocks, block_size, kmax, item, lnc, combine="auto",
@@ -885,7 +906,8 @@ def choose_combine(n_tokens, h_total, n_inter, s_inter, n_blocks, block_size, km
     N * B < 2^16 slots -, streamed) GT is the largest group
     whose SBUF plan fits (`combine.onchip_plan_bytes`), the groups of a core's ceil(n_h / lnc) tiles balanced;
     of the plans that fit, the one `_onchip_cost_us` estimates cheaper; "auto" takes it when GT >=
-    _MIN_GROUP_TILES (or the core has one tile) and `_onchip_is_faster` (see docs/moe.md)."""
+    _MIN_GROUP_TILES (or the core has one tile) and `_onchip_is_faster` (see docs/moe.md). Phase A gathers x on
+    chip when the plan still fits with the resident x.T (as the DMA combine's `onchip_x_gather`)."""
     from .combine import H_TILE, INDEX_MODES, U16_SLOTS, onchip_plan_bytes
     if combine == "dma":
         return None
@@ -906,28 +928,32 @@ def choose_combine(n_tokens, h_total, n_inter, s_inter, n_blocks, block_size, km
     if not plans:
         return None
     shape = (n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item, lnc)
-    best = min(plans, key=lambda pl: _onchip_cost_us(*shape, *pl))
-    if combine == "auto" and (best.group_tiles < min(_MIN_GROUP_TILES, n_core)
-                              or not _onchip_is_faster(*shape, *best)):
+    knee = _COMBINE_KNEE_BYTES.get(target or current_target_name(), _COMBINE_KNEE_BYTES["trn2"])
+    best = min(plans, key=lambda pl: _onchip_cost_us(*shape, *pl[:2], knee=knee))
+    if onchip_plan_bytes(n_tokens, h_total, n_inter, s_inter, n_blocks, block_size, kmax, best.group_tiles, item,
+                         best.index_mode, x_gather="onchip") <= budget:
+        best = best._replace(x_gather="onchip")
+    if combine == "auto" and (best.group_tiles < min(_MIN_GROUP_TILES, n_core) or n_core < _MIN_CORE_TILES
+                              or not _onchip_is_faster(*shape, *best, knee=knee)):
         return None
     return best
 
 
-def _dma_eff(run_bytes: int) -> float:
-    """Fraction of the DMA peak a transfer of `run_bytes` contiguous bytes per partition row reaches (the
-    packet floor: 1 KiB 40%, 2 KiB 80%, >= 2.5 KiB 100%)."""
-    return min(1.0, run_bytes / _DMA_KNEE_BYTES)
+def _dma_eff(run_bytes: int, knee: int = _DMA_KNEE_BYTES) -> float:
+    """Fraction of the DMA peak a transfer of `run_bytes` contiguous bytes per partition row reaches under a
+    packet knee of `knee` bytes (2560: 1 KiB 40%, 2 KiB 80%, >= 2.5 KiB 100%)."""
+    return min(1.0, run_bytes / knee)
 
 
-def _dma_combine_us(n_tokens, h_total, n_blocks, block_size, kmax, item, lnc) -> float:
+def _dma_combine_us(n_tokens, h_total, n_blocks, block_size, kmax, item, lnc, knee=_DMA_KNEE_BYTES) -> float:
     """What the DMA combine adds to one core's time (µs at one core's HBM rate): every slot row written to the
     scratch and each token's KMAX rows read back, (N*B + T*KMAX) * H bytes at H-byte runs."""
     row = h_total * item
-    return (n_blocks * block_size + n_tokens * kmax) * row / _dma_eff(row) / lnc / _CORE_HBM_BYTES_PER_US
+    return (n_blocks * block_size + n_tokens * kmax) * row / _dma_eff(row, knee) / lnc / _CORE_HBM_BYTES_PER_US
 
 
 def _onchip_cost_us(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item, lnc, gt,
-                    index_mode="u32") -> float:
+                    index_mode="u32", knee=_DMA_KNEE_BYTES) -> float:
     """What the on-chip combine adds to one core's time (µs, shapes only): the down weights read and the output
     written as column slices of GT*128 (shorter runs than whole rows), the slot indices replicated on 128
     partitions (once when resident, half the bytes as uint16 but then widened per group; per group, in runs of
@@ -937,11 +963,11 @@ def _onchip_cost_us(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item
     row = h_total * item
     n_core = -(-(h_total // P_MAX) // lnc)
     down = n_blocks * n_inter * row
-    slices = (down + n_tokens * row) * (1.0 / _dma_eff(gt * P_MAX * item) - 1.0 / _dma_eff(row)) / lnc
+    slices = (down + n_tokens * row) * (1.0 / _dma_eff(gt * P_MAX * item, knee) - 1.0 / _dma_eff(row, knee)) / lnc
     index = P_MAX * n_tokens * kmax * (2 if index_mode == "u16" else 4)
     n_groups = -(-n_core // gt)
     if index_mode == "stream":
-        index *= n_groups / _dma_eff(min(TOK_TILE, n_tokens) * kmax * 4)
+        index *= n_groups / _dma_eff(min(TOK_TILE, n_tokens) * kmax * 4, knee)
     # "u16": each group widens every token's indices (one element per cycle, VectorE / ScalarE alternating)
     widen = n_groups * n_tokens * kmax / _DVE_GHZ / 1e3 if index_mode == "u16" else 0.0
     other = index + n_blocks * block_size * n_inter * item
@@ -950,23 +976,25 @@ def _onchip_cost_us(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item
 
 
 def _onchip_is_faster(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item, lnc, gt,
-                      index_mode="u32") -> bool:
+                      index_mode="u32", x_gather="dma", knee=_DMA_KNEE_BYTES) -> bool:
     """`_onchip_cost_us` < `_dma_combine_us`: the shapes-only estimate of what each combine adds beyond the
     shared work (weights, x gather), checked against the modeled figures of both paths on the model shapes
     (docs/moe.md)."""
-    return _onchip_cost_us(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item, lnc, gt, index_mode) \
-        < _dma_combine_us(n_tokens, h_total, n_blocks, block_size, kmax, item, lnc) \
-        - _x_gather_saving_us(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item, lnc)
+    saving = 0.0 if x_gather == "onchip" else \
+        _x_gather_saving_us(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item, lnc, knee)
+    return _onchip_cost_us(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item, lnc, gt, index_mode, knee) \
+        < _dma_combine_us(n_tokens, h_total, n_blocks, block_size, kmax, item, lnc, knee) - saving
 
 
-def _x_gather_saving_us(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item, lnc) -> float:
+def _x_gather_saving_us(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item, lnc,
+                        knee=_DMA_KNEE_BYTES) -> float:
     """What the DMA-combine kernel's on-chip x gather (`onchip_x_gather`, when it fits) saves one core against
-    the on-chip combine kernel, which gathers x by DMA: every slot's x row (N*B rows of H at H-byte runs, split
-    over the cores) minus x loaded once per core."""
+    an on-chip combine plan that gathers x by DMA (its resident x.T does not fit beside the rest): every slot's x
+    row (N*B rows of H at H-byte runs, split over the cores) minus x loaded once per core."""
     if not onchip_x_gather(n_tokens, h_total, n_inter, block_size, kmax, item):
         return 0.0
     row = h_total * item
-    moved = n_blocks * block_size * row / _dma_eff(row) / lnc - n_tokens * row
+    moved = n_blocks * block_size * row / _dma_eff(row, knee) / lnc - n_tokens * row
     return max(0.0, moved) / _CORE_HBM_BYTES_PER_US
 
 

@@ -33,16 +33,12 @@ INDEX_MODES = ("u32", "u16", "stream")   # phase B's slot indices: resident uint
 U16_SLOTS = 1 << 16             # "u16" holds slot indices < 2^16: N * B + 1 columns of Y at most
 _TILE_BUFFERS = 3               # buffers a tile allocated in a loop body rotates through (planned as all live)
 DOWN_RING = 16                  # down slices in flight in phase B: one per DMA queue (16 per trn2 core)
-# phase B's down-slice DMAs: 3 of every 8 take software DGE descriptors (GpSimd is idle in that loop) so both
-# descriptor generators work in parallel (hardware DGE ~0.6 us per DMA on 2 instances, software ~600 GpSimd
-# cycles: nki-dge.rst; the split balances the two rates)
-_SWDGE_OF_8 = (False, True, False, False, True, False, True, False)
 
 
 @nki.jit
 def moe_blockwise_onchip_kernel(hidden, expert_affinities, gate_up, down, token_position_to_id, block_to_expert,
                                 slot_index, shared_gate_up, shared_down, shared_gate, top_k_index, block_size,
-                                expert_offset, group_tiles, index_mode="u32"):
+                                expert_offset, group_tiles, index_mode="u32", x_gather="dma"):
     """Blockwise expert MLPs + fused shared expert with the on-chip combine, one launch at LNC 1 or 2.
 
     Dimensions and Args as `moe_blockwise_kernel` (blockwise.py), except:
@@ -68,7 +64,7 @@ def moe_blockwise_onchip_kernel(hidden, expert_affinities, gate_up, down, token_
     hT_all = _alloc_hidden_slots(down, n_slots)
     b_lo, b_hi = share(n_blocks, pid, n_prog)
     _hidden_phase(hidden, expert_affinities, gate_up, token_position_to_id, block_to_expert, top_k_index,
-                  block_size, expert_offset, hT_all, b_lo, b_hi)
+                  block_size, expert_offset, hT_all, b_lo, b_hi, x_gather)
     exchange = None
     if n_prog > 1:
         def exchange():
@@ -112,26 +108,41 @@ def _alloc_hidden_slots(down, n_slots):
 
 
 def _hidden_phase(hidden, expert_affinities, gate_up, token_position_to_id, block_to_expert, top_k_index,
-                  block_size, expert_offset, hT_all, b_lo, b_hi):
-    """Blocks [b_lo, b_hi): h = a * silu(x Wg) * (x Wu) of every slot, transposed into hT_all[:, :, slot]."""
-    from .blockwise import _TABLE_BLOCKS, _gather_token_tile, _load_block_tables
+                  block_size, expert_offset, hT_all, b_lo, b_hi, x_gather="dma"):
+    """Blocks [b_lo, b_hi): h = a * silu(x Wg) * (x Wu) of every slot, transposed into hT_all[:, :, slot].
+    x_gather (trace-time): "dma", each slot chunk's token rows gathered by an indirect DMA and transposed on
+    TensorE; "onchip", x.T of every token resident and each chunk's x.T collected by one nc_n_gather
+    (`blockwise._gather_xT`, docs/moe.md "On-chip x gather"), the core's first blocks by DMA while it is built."""
+    from .blockwise import (_EARLY_BLOCKS, _REP_BLOCKS, _TABLE_BLOCKS, _gather_token_tile, _gather_xT,
+                            _load_block_tables, _replicated_ids, _resident_xT, slot_affinity)
     h_total = hidden.shape[1]
     n_local = gate_up.shape[0]
     n_h = h_total // P_MAX
+    xT_all = _resident_xT(hidden, n_h) if x_gather == "onchip" and b_hi > b_lo else None
+    n_early = min(_EARLY_BLOCKS, (b_hi - b_lo) // _EARLY_BLOCKS)
+    rep_sb = None
     for g0 in range(b_lo, b_hi, _TABLE_BLOCKS):
         n_b = min(_TABLE_BLOCKS, b_hi - g0)
         e_all_sb, eg_all_sb, ids_all = _load_block_tables(block_to_expert, token_position_to_id, block_size,
                                                           expert_offset, g0, n_b, top_k_index is not None)
         for i_b in range(g0, g0 + n_b):
             col = i_b - g0
+            k = i_b - b_lo
             e_sb = e_all_sb[:, col:col + 1]
             wgu_sb = load_gate_up(gate_up, e_sb[0:1, :])
+            if xT_all is not None and k % _REP_BLOCKS == 0:
+                rep_sb = _replicated_ids(token_position_to_id, P_MAX, list(range(i_b, min(b_hi, i_b + _REP_BLOCKS))),
+                                         1, block_size)
             for i_c, s0 in enumerate(range(0, block_size, TOK_TILE)):
                 n_tok = min(TOK_TILE, block_size - s0)
-                x_sb, aff_sb = _gather_token_tile(hidden, expert_affinities, top_k_index,
-                                                  ids_all[i_c][:, col:col + 1], e_sb, eg_all_sb[:, col:col + 1],
-                                                  n_tok, n_local)
-                xT_sb = transpose_tokens(x_sb, n_tok, n_h, evict_phase=i_b + i_c)
+                ids_sb, eg_sb = ids_all[i_c][:, col:col + 1], eg_all_sb[:, col:col + 1]
+                if xT_all is None or k < n_early:
+                    x_sb, aff_sb = _gather_token_tile(hidden, expert_affinities, top_k_index, ids_sb, e_sb, eg_sb,
+                                                      n_tok, n_local)
+                    xT_sb = transpose_tokens(x_sb, n_tok, n_h, evict_phase=i_b + i_c)
+                else:
+                    xT_sb = _gather_xT(xT_all, rep_sb[:, k % _REP_BLOCKS, :], s0, n_tok, n_h)
+                    aff_sb = slot_affinity(expert_affinities, top_k_index, ids_sb, e_sb, eg_sb, n_tok, n_local)
                 h_sb = swiglu(xT_sb, n_tok, wgu_sb, aff_sb)
                 transpose_into(hT_all, i_b * block_size + s0, h_sb, n_tok)
 
@@ -181,15 +192,15 @@ def _combine_phase(hidden, hT_all, down, block_to_expert, slot_index, shared_gat
         for jj in range(n_t):   # the all-zero column (one memset per tile: each a whole-partition-row access,
             nisa.memset(dst=y_sb[:, jj, n_slots:n_slots + 1], value=0.0)   # which gives the scheduler Y's row pitch)
         # a ring of DOWN_RING down slices, each its own buffer: a wave's dynamic DMAs are all in flight at once
-        # (their fixed latencies overlap); the next wave's DMA into a buffer waits only for its last reader
+        # (their fixed latencies overlap); the next wave's DMA into a buffer waits only for its last reader.
+        # Hardware DGE throughout (until this round 3 of 8 took software DGE, which under cost model v11 only
+        # added GpSimd work: thinker T=1024 366.3 -> 354.0 µs)
         ring = [nl.ndarray((P_MAX, n_i, n_t * H_TILE), dtype=down.dtype, buffer=nl.sbuf)
                 for _ in range(min(DOWN_RING, n_blocks))]
         for w0 in range(0, n_blocks, len(ring)):
             wave = range(w0, min(n_blocks, w0 + len(ring)))
             for b, i_b in enumerate(wave):
-                sw = _SWDGE_OF_8[i_b % len(_SWDGE_OF_8)]
-                _load_down_slice(ring[b], down, e_row_sb[0:1, i_b:i_b + 1], g0 * H_TILE,
-                                 nisa.dge_mode.swdge if sw else nisa.dge_mode.unknown)
+                _load_down_slice(ring[b], down, e_row_sb[0:1, i_b:i_b + 1], g0 * H_TILE)
             for b, i_b in enumerate(wave):
                 _down_block_hmajor(y_sb, hT_all, ring[b], i_b * block_size, block_size, i_b)
         for t0 in range(0, n_tokens, TOK_TILE):
@@ -214,15 +225,14 @@ def _chunk_index(idx_sb, slot_index, t0, n_tok):
     return ix_sb[:, 0:n_tok * kmax]
 
 
-def _load_down_slice(wd_sb, down, e_sb, h0, dge):
-    """wd_sb[q, c, :] = down[e][q * n_i + c, h0 : h0 + Hg] (one dynamic DMA, e the (1, 1) int32 tile e_sb,
-    descriptors from the DGE `dge`)."""
+def _load_down_slice(wd_sb, down, e_sb, h0):
+    """wd_sb[q, c, :] = down[e][q * n_i + c, h0 : h0 + Hg] (one dynamic DMA, e the (1, 1) int32 tile e_sb)."""
     h_total = down.shape[2]
     ic, n_i = intermediate_split(down.shape[1])
     hg = wd_sb.shape[2]
     nisa.dma_copy(dst=wd_sb[0:ic, :, :],
                   src=down.ap(pattern=[[n_i * h_total, ic], [h_total, n_i], [1, hg]], offset=h0,
-                              scalar_offset=e_sb, indirect_dim=0), dge_mode=dge)
+                              scalar_offset=e_sb, indirect_dim=0))
 
 
 def _down_block_hmajor(y_sb, hT_all, wd_sb, s0, block_size, i_b):
@@ -307,14 +317,15 @@ def _shared_tile(shared, t0, n_tok, c0):
 
 
 def onchip_plan_bytes(n_tokens, h_total, n_inter, s_inter, n_blocks, block_size, kmax, group_tiles, item,
-                      index_mode="u32"):
+                      index_mode="u32", x_gather="dma"):
     """Upper bound of the SBUF bytes per partition of the on-chip path with GT = group_tiles: every slot's h.T
     (live throughout) plus the larger of phase A (block tables, two experts' gate/up, the gathered rows, xT, h,
     affinity tiles) and phase B (slot indices - all T * KMAX resident as uint32 or uint16, plus for "u16" and
     "stream" the rotating uint32 buffers of one 128-token chunk's -, block-to-expert row, the shared expert's
     weights and h.T, then the larger of its per-chunk tiles and a group's tiles: Y for GT tiles + zero column,
-    the down-slice ring, gathered columns, outT, output rows)."""
-    from .blockwise import _TABLE_BLOCKS
+    the down-slice ring, gathered columns, outT, output rows). x_gather "onchip" adds the resident x.T and its
+    tiles to phase A (`blockwise.resident_xT_bytes`; infinite when that x.T is above the free-size limit)."""
+    from .blockwise import _TABLE_BLOCKS, resident_xT_bytes
     n_h = h_total // P_MAX
     _, n_i = intermediate_split(n_inter)
     n_slots = n_blocks * block_size
@@ -323,6 +334,9 @@ def onchip_plan_bytes(n_tokens, h_total, n_inter, s_inter, n_blocks, block_size,
     tables = (2 + n_c) * 4 * _TABLE_BLOCKS + 8 * block_size
     chunk = 3 * h_total * item + 2 * n_inter * item + 4 * 256 + n_i * TOK_TILE * item + n_c * (12 * kmax + 16)
     phase_a = tables + 2 * n_h * 2 * n_inter * item + chunk
+    if x_gather == "onchip":
+        extra = resident_xT_bytes(n_tokens, h_total, n_h, block_size, item)
+        phase_a += float("inf") if extra is None else extra
     hg = group_tiles * H_TILE
     group = group_tiles * (n_slots + 1) * item + DOWN_RING * n_i * hg * item + 2 * TOK_TILE * kmax * item \
         + 2 * TOK_TILE * (item + 4) + 2 * hg * item
