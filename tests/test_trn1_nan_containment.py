@@ -388,7 +388,7 @@ def _moe_problem(rng, t, h, e, inter, k, s_inter):
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("combine, x_gather, s_inter, dense", [
     ("dma", "rows", 0, False), ("dma", "rows", 48, True), ("dma", "resident", 48, False),
-    ("onchip", "rows", 0, True), ("onchip", "rows", 48, False)])
+    ("onchip", "rows", 0, True), ("onchip", "rows", 48, False), ("onchip", "resident", 48, True)])
 def test_moe_blockwise_token_stays_in_its_token(rng, monkeypatch, value, combine, x_gather, s_inter, dense):
     """On trn1 moe_blockwise transposes its [tokens, H] x tiles (per block chunk, or once into the resident x.T of
     the on-chip x gather) and [tokens, I] h tiles (routed blocks and the shared expert) on the VectorE (32 x 32
@@ -405,8 +405,8 @@ def test_moe_blockwise_token_stays_in_its_token(rng, monkeypatch, value, combine
     assert len(mates) == k and all(((b >= 0) & (b != tok)).sum() >= 5 for b in mates)   # several block mates
     with use_target("trn1"):
         assert blockwise.onchip_x_gather(t, h, inter, bs, k, 4)
-    if x_gather == "rows":   # the DMA combine's per-slot row gather (what shapes beyond the resident x.T take)
-        monkeypatch.setattr(blockwise, "onchip_x_gather", lambda *a: False)
+    if x_gather == "rows":   # either combine's per-slot row gather (what shapes beyond the resident x.T take)
+        monkeypatch.setattr(blockwise, "resident_xT_bytes", lambda *a: None)
     if dense:
         aff = np.zeros((t, e), F32)
         np.put_along_axis(aff, idx.astype(np.int64), w, axis=1)

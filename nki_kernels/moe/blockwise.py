@@ -11,7 +11,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..backend import call, nki, nisa, nl
-from ..hw import P_MAX, PSUM_FMAX_FP32, SBUF_BYTES_PER_PARTITION
+from ..hw import NAN_MIXING_PE_TRANSPOSE_TARGETS, P_MAX, PSUM_FMAX_FP32, SBUF_BYTES_PER_PARTITION
 from ..lnc import current_target_name, resolve_lnc
 from ..validation import check_host_values, kernel_check
 from ._tiles import (_Y_TILE, TOK_TILE, down_piece, evict, intermediate_split, itemsize, load_down,
@@ -38,9 +38,9 @@ _TABLE_BYTES_PP = 1024         # at most this many bytes per partition of them (
 _ACC_PSUM_BANKS = 4            # PSUM banks of VectorE's fp32 output-pass accumulator (one more for the shared
                                # expert's down projection pieces; its h tiles are done before the accumulator)
 _DMA_KNEE_BYTES = 2560         # a DMA packet (one partition row) keeps its engine busy at least this many bytes'
-                               # time: cost model v3-v10's packet floor, which these shape heuristics were fitted
-                               # under. Cost model v11 has 512 B on trn2 / trn3; the choices it drives were
-                               # re-checked against v11's modeled figures of both paths (docs/moe.md, "v11")
+                               # time: cost model v3-v10's packet floor, which `gate_up_parts` was fitted under.
+                               # Cost model v11 has 512 B on trn2 / trn3; its choice was re-checked against v11's
+                               # modeled figures (docs/moe.md, "v11 check"); the combine rule uses the next line
 _COMBINE_KNEE_BYTES = {"trn1": 2560, "trn2": 512, "trn3": 512}   # the packet knee the combine estimate uses per
                                # target: cost model v11's (docs/cost-model.md, "v11 round"); trn2 when unknown
 _CORE_HBM_BYTES_PER_US = 362.5e3   # one trn2 core's HBM rate (bytes per µs)
@@ -204,7 +204,8 @@ def _blocks_phase(hidden, expert_affinities, gate_up, down, token_position_to_id
             _down_store_chunk(scratch, hidden.dtype, pending, i_c, _h_transpose_chunk(pending, i_c))
 
 
-def onchip_x_gather(n_tokens: int, h_total: int, n_inter: int, block_size: int, top_k: int, item: int) -> bool:
+def onchip_x_gather(n_tokens: int, h_total: int, n_inter: int, block_size: int, top_k: int, item: int,
+                    target=None) -> bool:
     """Trace-time choice (shapes and target only) of the blocks phase's x permutation: on chip (x.T of every
     token resident in SBUF, each block chunk's x.T columns collected by one `nc_n_gather` on GpSimd) when that
     plan fits the target's SBUF and the resident x.T (n_h * (T + 1) elements per partition, the data operand of that
@@ -215,7 +216,8 @@ def onchip_x_gather(n_tokens: int, h_total: int, n_inter: int, block_size: int, 
     gathered value and VectorE / ScalarE the index arithmetic (docs/moe.md, "On-chip x gather")."""
     parts = gate_up_parts(h_total, n_inter, item, block_size, top_k)
     extra = resident_xT_bytes(n_tokens, h_total, h_total // parts, block_size, item)
-    return extra is not None and blocks_phase_bytes(h_total, n_inter, block_size, top_k, item) + extra <= sbuf_budget()
+    return extra is not None and \
+        blocks_phase_bytes(h_total, n_inter, block_size, top_k, item) + extra <= sbuf_budget(target)
 
 
 def resident_xT_bytes(n_tokens: int, h_total: int, n_h: int, block_size: int, item: int):
@@ -905,9 +907,10 @@ def choose_combine(n_tokens, h_total, n_inter, s_inter, n_blocks, block_size, km
     DMA combine. For each index mode (resident uint32 or uint16 when T * KMAX fits one tile - uint16 only for
     N * B < 2^16 slots -, streamed) GT is the largest group
     whose SBUF plan fits (`combine.onchip_plan_bytes`), the groups of a core's ceil(n_h / lnc) tiles balanced;
-    of the plans that fit, the one `_onchip_cost_us` estimates cheaper; "auto" takes it when GT >=
-    _MIN_GROUP_TILES (or the core has one tile) and `_onchip_is_faster` (see docs/moe.md). Phase A gathers x on
-    chip when the plan still fits with the resident x.T (as the DMA combine's `onchip_x_gather`)."""
+    of the plans that fit, the one `_onchip_cost_us` estimates cheaper; "auto" takes it when a core has at least
+    _MIN_CORE_TILES hidden tiles, GT >= _MIN_GROUP_TILES and `_onchip_is_faster` (estimated with the target's
+    packet knee; see docs/moe.md). Phase A gathers x on chip when the plan still fits with the resident x.T (as
+    the DMA combine's `onchip_x_gather`)."""
     from .combine import H_TILE, INDEX_MODES, U16_SLOTS, onchip_plan_bytes
     if combine == "dma":
         return None
@@ -928,24 +931,29 @@ def choose_combine(n_tokens, h_total, n_inter, s_inter, n_blocks, block_size, km
     if not plans:
         return None
     shape = (n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item, lnc)
-    knee = _COMBINE_KNEE_BYTES.get(target or current_target_name(), _COMBINE_KNEE_BYTES["trn2"])
+    knee = _combine_knee(target)
     best = min(plans, key=lambda pl: _onchip_cost_us(*shape, *pl[:2], knee=knee))
     if onchip_plan_bytes(n_tokens, h_total, n_inter, s_inter, n_blocks, block_size, kmax, best.group_tiles, item,
                          best.index_mode, x_gather="onchip") <= budget:
         best = best._replace(x_gather="onchip")
-    if combine == "auto" and (best.group_tiles < min(_MIN_GROUP_TILES, n_core) or n_core < _MIN_CORE_TILES
-                              or not _onchip_is_faster(*shape, *best, knee=knee)):
+    if combine == "auto" and (n_core < _MIN_CORE_TILES or best.group_tiles < _MIN_GROUP_TILES
+                              or not _onchip_is_faster(*shape, *best, knee=knee, target=target)):
         return None
     return best
 
 
-def _dma_eff(run_bytes: int, knee: int = _DMA_KNEE_BYTES) -> float:
+def _combine_knee(target=None) -> int:
+    """The DMA packet knee (bytes) the combine estimate uses on the target (default: the current one)."""
+    return _COMBINE_KNEE_BYTES.get(target or current_target_name(), _COMBINE_KNEE_BYTES["trn2"])
+
+
+def _dma_eff(run_bytes: int, knee=None) -> float:
     """Fraction of the DMA peak a transfer of `run_bytes` contiguous bytes per partition row reaches under a
-    packet knee of `knee` bytes (2560: 1 KiB 40%, 2 KiB 80%, >= 2.5 KiB 100%)."""
-    return min(1.0, run_bytes / knee)
+    packet knee of `knee` bytes (default: the current target's; 2560: 1 KiB 40%, 2 KiB 80%, >= 2.5 KiB 100%)."""
+    return min(1.0, run_bytes / (knee or _combine_knee()))
 
 
-def _dma_combine_us(n_tokens, h_total, n_blocks, block_size, kmax, item, lnc, knee=_DMA_KNEE_BYTES) -> float:
+def _dma_combine_us(n_tokens, h_total, n_blocks, block_size, kmax, item, lnc, knee=None) -> float:
     """What the DMA combine adds to one core's time (µs at one core's HBM rate): every slot row written to the
     scratch and each token's KMAX rows read back, (N*B + T*KMAX) * H bytes at H-byte runs."""
     row = h_total * item
@@ -953,7 +961,7 @@ def _dma_combine_us(n_tokens, h_total, n_blocks, block_size, kmax, item, lnc, kn
 
 
 def _onchip_cost_us(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item, lnc, gt,
-                    index_mode="u32", knee=_DMA_KNEE_BYTES) -> float:
+                    index_mode="u32", knee=None) -> float:
     """What the on-chip combine adds to one core's time (µs, shapes only): the down weights read and the output
     written as column slices of GT*128 (shorter runs than whole rows), the slot indices replicated on 128
     partitions (once when resident, half the bytes as uint16 but then widened per group; per group, in runs of
@@ -976,22 +984,26 @@ def _onchip_cost_us(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item
 
 
 def _onchip_is_faster(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item, lnc, gt,
-                      index_mode="u32", x_gather="dma", knee=_DMA_KNEE_BYTES) -> bool:
+                      index_mode="u32", x_gather="dma", knee=None, target=None) -> bool:
     """`_onchip_cost_us` < `_dma_combine_us`: the shapes-only estimate of what each combine adds beyond the
-    shared work (weights, x gather), checked against the modeled figures of both paths on the model shapes
+    shared work (weights; the x gather when both kernels permute x the same way, else the DMA combine is credited
+    with `_x_gather_saving_us`), checked against the modeled figures of both paths on the model shapes
     (docs/moe.md)."""
-    saving = 0.0 if x_gather == "onchip" else \
-        _x_gather_saving_us(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item, lnc, knee)
+    # on targets whose TensorE transposes mix rows (trn1) the on-chip combine pays VectorE work the estimate
+    # does not count; keeping the DMA side's credit there picks the faster path at the registered shapes
+    mixing = (target or current_target_name()) in NAN_MIXING_PE_TRANSPOSE_TARGETS
+    saving = 0.0 if x_gather == "onchip" and not mixing else \
+        _x_gather_saving_us(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item, lnc, knee, target)
     return _onchip_cost_us(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item, lnc, gt, index_mode, knee) \
         < _dma_combine_us(n_tokens, h_total, n_blocks, block_size, kmax, item, lnc, knee) - saving
 
 
 def _x_gather_saving_us(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item, lnc,
-                        knee=_DMA_KNEE_BYTES) -> float:
+                        knee=None, target=None) -> float:
     """What the DMA-combine kernel's on-chip x gather (`onchip_x_gather`, when it fits) saves one core against
     an on-chip combine plan that gathers x by DMA (its resident x.T does not fit beside the rest): every slot's x
     row (N*B rows of H at H-byte runs, split over the cores) minus x loaded once per core."""
-    if not onchip_x_gather(n_tokens, h_total, n_inter, block_size, kmax, item):
+    if not onchip_x_gather(n_tokens, h_total, n_inter, block_size, kmax, item, target):
         return 0.0
     row = h_total * item
     moved = n_blocks * block_size * row / _dma_eff(row, knee) / lnc - n_tokens * row

@@ -1,10 +1,12 @@
-"""On-chip-combine path of `moe_blockwise`: the routed slot outputs are summed per token in SBUF, so the x gather
-is the only routed DMA pass (no slot-output scratch written to HBM and gathered back).
+"""On-chip-combine path of `moe_blockwise`: the routed slot outputs are summed per token in SBUF (no slot-output
+scratch written to HBM and gathered back); x reaches the blocks by the on-chip x gather when it fits, else by
+the only routed DMA pass.
 
 Loop nest (one launch; LNC=2: see `moe_blockwise_onchip_kernel`):
 
     phase A, for each block b (program c: a contiguous range of blocks):
-        x = hidden[ids of b] (gather), h = a * silu(x Wg[e]) * (x Wu[e])       as the DMA-combine path
+        x.T = x.T_all[:, ids of b] (nc_n_gather on a resident x.T; or a DMA row gather + transposes),
+        h = a * silu(x Wg[e]) * (x Wu[e])                                      as the DMA-combine path
         hT_all[:, :, slots of b] = h.T                                         (SBUF, [ic, n_i, N * B])
     phase B, for each group of GT hidden tiles of 128 rows (program c: a contiguous range of tiles):
         for each block b:  Y[:, j, slots of b] = Wd[e][:, tile j].T @ hT_all[:, :, slots of b]   # H on partitions
@@ -50,6 +52,8 @@ def moe_blockwise_onchip_kernel(hidden, expert_affinities, gate_up, down, token_
             "u16": every token's, resident as uint16 (T * KMAX * 2 bytes; N * B < 2^16), each 128-token chunk
                 widened to uint32 per group by one copy (VectorE / ScalarE alternating);
             "stream" (token-chunked): one 128-token chunk's at a time, loaded from HBM per group.
+        x_gather: how phase A permutes x (trace-time): "onchip", a resident x.T of every token and one nc_n_gather
+            per block chunk (a core's first blocks by DMA while it is built); "dma", a row gather per chunk.
     Returns:
         out: [T, H] @ HBM in hidden's dtype.
     LNC=2: program c runs phase A on a contiguous share of the blocks and writes their h.T columns to a shared
@@ -193,8 +197,7 @@ def _combine_phase(hidden, hT_all, down, block_to_expert, slot_index, shared_gat
             nisa.memset(dst=y_sb[:, jj, n_slots:n_slots + 1], value=0.0)   # which gives the scheduler Y's row pitch)
         # a ring of DOWN_RING down slices, each its own buffer: a wave's dynamic DMAs are all in flight at once
         # (their fixed latencies overlap); the next wave's DMA into a buffer waits only for its last reader.
-        # Hardware DGE throughout (until this round 3 of 8 took software DGE, which under cost model v11 only
-        # added GpSimd work: thinker T=1024 366.3 -> 354.0 µs)
+        # Descriptors from the default DGE (no software-DGE share: docs/moe.md, round 32)
         ring = [nl.ndarray((P_MAX, n_i, n_t * H_TILE), dtype=down.dtype, buffer=nl.sbuf)
                 for _ in range(min(DOWN_RING, n_blocks))]
         for w0 in range(0, n_blocks, len(ring)):

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from nki_kernels import moe_block_mapping, moe_blockwise
 from nki_kernels.emulator import record_launches
+from nki_kernels.emulator.targets import use_target
 from nki_kernels.moe import blockwise as bw
 from nki_kernels.moe import combine as cb
 from nki_kernels.moe.reference import moe_decode_reference
@@ -104,7 +105,7 @@ def test_index_modes_match_reference(t, h, e, inter, data, block_size, shared_in
                                      seed):
     """The large-T index modes (resident uint16 widened per chunk; token-chunked: loaded per 128-token chunk
     and group) against the float64 reference: token counts across chunk boundaries, every GT that splits the
-    core's tiles, phase A's x gathered by DMA or on chip (a core's first blocks by DMA when it has >= 64)."""
+    core's tiles, phase A's x gathered by DMA or on chip (a core's first min(8, blocks / 8) blocks by DMA)."""
     k = data.draw(st.integers(1, min(e, 4)))
     gt = data.draw(st.integers(1, -(-(h // 128) // lnc)))
     rng = np.random.default_rng(seed)
@@ -132,8 +133,26 @@ def test_bad_value_in_one_token_stays_there_index_modes(lnc, bad, mode, x_gather
     assert not np.all(np.isfinite(out[150]))
 
 
+@pytest.mark.parametrize("lnc", [1, 2])
+def test_onchip_x_gather_reloads_slot_ids_and_keeps_bad_values_in_their_token(lnc):
+    """Phase A's on-chip x gather over more than _REP_BLOCKS blocks per core (the replicated slot ids reloaded,
+    on a core whose blocks start past 0 at LNC=2) after its first 8 blocks by DMA: against the reference, and a
+    NaN in one token's x reaches only that token."""
+    rng = np.random.default_rng(21)
+    t, e, k = 300, 6, 4
+    x, gu, dn, sh, w, idx = _problem(rng, t, 256, e, 48, k, 32, "float32")
+    x[150, 3] = np.nan
+    n_blocks = len(moe_block_mapping(idx, e, 8)[1])
+    assert n_blocks // lnc >= max(bw._REP_BLOCKS + 1, bw._EARLY_BLOCKS ** 2)   # reloads; all 8 early blocks
+    out = np.asarray(_onchip_direct(x, w, idx, gu, dn, sh, e, 8, lnc, 1, "u32", x_gather="onchip"), np.float64)
+    clean = np.arange(t) != 150
+    assert np.all(np.isfinite(out[clean])) and not np.all(np.isfinite(out[150]))
+    assert_close("clean tokens", moe_decode_reference(x, idx, w, gu, dn, sh)[clean], out[clean])
+
+
+@pytest.mark.parametrize("x_gather", ["dma", "onchip"])
 @pytest.mark.parametrize("mode", ["u16", "stream"])
-def test_index_mode_trace_does_not_depend_on_routing(mode):
+def test_index_mode_trace_does_not_depend_on_routing(mode, x_gather):
     """Two routings with the same shapes (T, N, B, KMAX) give the same instruction sequence."""
     names = []
     for seed in (1, 2):
@@ -144,7 +163,7 @@ def test_index_mode_trace_does_not_depend_on_routing(mode):
         inv = bw.token_slots(tpos, 150, 2).astype(np.uint16 if mode == "u16" else np.uint32)
         with record_launches() as runs:
             bw.call(cb.moe_blockwise_onchip_kernel, x, None, gu, dn, tpos, b2e, inv, *sh, bw.routing_table(idx, w),
-                    64, 0, 1, mode, lnc=2)
+                    64, 0, 1, mode, x_gather, lnc=2)
         names.append([[(i.name, i.engine) for i in tr] for r in runs for tr in r.traces])
     assert names[0] == names[1]
 
@@ -168,11 +187,12 @@ def test_bad_value_in_one_token_stays_there_onchip(lnc, bad):
     assert not np.all(np.isfinite(out[7]))
 
 
+@use_target("trn2")
 def test_choice_depends_on_shapes_only_and_follows_the_rule():
     """Per-rank model shapes (LNC=2, bf16, trn2): Qwen3.5 TP4 at T=1024 (N=256 blocks of 48) fits the on-chip plan,
-    at T=4096 (N=256 blocks of 160) "auto" takes the DMA combine; "auto" follows `_onchip_is_faster`. The picks at
-    the registered T=1024 shapes are the faster path as modeled (docs/moe.md, "v12"): on chip for Qwen3.5 and the
-    thinker (with the on-chip x gather), the DMA combine for the talker (4 hidden tiles per core)."""
+    at T=4096 (N=256 blocks of 160) "auto" takes the DMA combine. The picks at the registered T=1024 shapes are the
+    faster path as modeled (docs/moe.md, "Round 32"): on chip for Qwen3.5 and the thinker (with the on-chip x
+    gather), the DMA combine for the talker (4 hidden tiles per core: `_MIN_CORE_TILES`, before the estimate)."""
     gt = bw.choose_combine(1024, 2048, 128, 128, 256, 48, 8, 2, 2, combine="onchip")
     assert gt is not None and gt.index_mode == "u32" and 1 <= gt.group_tiles <= 8
     assert cb.onchip_plan_bytes(1024, 2048, 128, 128, 256, 48, 8, gt.group_tiles, 2) <= bw.sbuf_budget()
@@ -188,10 +208,21 @@ def test_choice_depends_on_shapes_only_and_follows_the_rule():
     assert thinker is not None and thinker.x_gather == "onchip"
 
 
+def test_choice_on_trn1_picks_the_modeled_faster_path():
+    """trn1 (LNC=1, VectorE transposes): the picks at the registered T=128 / 1024 shapes are the faster path as
+    modeled (docs/moe.md, "Round 32"): on chip only for the talker at T=128."""
+    shapes = {(128, 1024, 48, 96, 128, 32, 6): True, (128, 2048, 96, 0, 128, 32, 8): False,
+              (128, 2048, 128, 128, 248, 32, 8): False, (1024, 1024, 48, 96, 128, 64, 6): False,
+              (1024, 2048, 96, 0, 128, 80, 8): False, (1024, 2048, 128, 128, 256, 48, 8): False}
+    for shape, onchip in shapes.items():
+        assert (bw.choose_combine(*shape, 2, 1, target="trn1") is not None) == onchip, shape
+
+
 @pytest.mark.parametrize("shape,mode", [
     ((4096, 2048, 128, 128, 257, 160, 8), "stream"),   # Qwen3.5-35B-A3B TP4, T=4096 (the bench's N=257, B=160)
     ((4096, 2048, 96, 0, 129, 288, 8), "stream"),      # Qwen3-Omni thinker TP8
     ((4096, 1024, 48, 96, 130, 224, 6), "u16")])       # Qwen3-Omni talker TP8
+@use_target("trn2")
 def test_t4096_fits_with_compact_or_streamed_index_and_auto_follows_the_estimate(shape, mode):
     """At T=4096 (LNC=2, bf16) the resident uint32 slot indices (T * KMAX per partition) leave no room for one
     tile's slot outputs; the talker fits them as uint16 with GT=1, the other two only token-chunked (GT=1; GT=2
@@ -209,7 +240,7 @@ def test_t4096_fits_with_compact_or_streamed_index_and_auto_follows_the_estimate
     assert cb.onchip_plan_bytes(t, h, i, si, n, b, k, 2, 2, "stream") > budget
     assert bw.choose_combine(t, h, i, si, n, b, k, 2, 2) is None
     if h // 128 // 2 >= bw._MIN_CORE_TILES:   # the talker (4 tiles per core) is refused before the estimate
-        assert not bw._onchip_is_faster(t, h, i, n, b, k, 2, 2, *plan, knee=bw._COMBINE_KNEE_BYTES["trn2"])
+        assert not bw._onchip_is_faster(t, h, i, n, b, k, 2, 2, *plan)
 
 
 def test_onchip_refused_when_it_cannot_fit():
