@@ -35,6 +35,12 @@ INDEX_MODES = ("u32", "u16", "stream")   # phase B's slot indices: resident uint
 U16_SLOTS = 1 << 16             # "u16" holds slot indices < 2^16: N * B + 1 columns of Y at most
 _TILE_BUFFERS = 3               # buffers a tile allocated in a loop body rotates through (planned as all live)
 DOWN_RING = 16                  # down slices in flight in phase B: one per DMA queue (16 per trn2 core)
+# phase B's down-slice DMAs of a slice under _SWDGE_SLICE_BYTES: 3 of every 8 take software DGE descriptors so both
+# descriptor generators work in parallel (such a slice moves in less than half the ~0.3 µs per DMA that the two
+# hardware-DGE instances need, ~0.6 µs each: nki-dge.rst); larger slices keep the pipe busier than the hardware
+# DGE and take it alone (software DGE would only add GpSimd work; docs/moe.md, round 32)
+_SWDGE_SLICE_BYTES = 64 * 1024
+_SWDGE_OF_8 = (False, True, False, False, True, False, True, False)
 
 
 @nki.jit
@@ -196,14 +202,16 @@ def _combine_phase(hidden, hT_all, down, block_to_expert, slot_index, shared_gat
         for jj in range(n_t):   # the all-zero column (one memset per tile: each a whole-partition-row access,
             nisa.memset(dst=y_sb[:, jj, n_slots:n_slots + 1], value=0.0)   # which gives the scheduler Y's row pitch)
         # a ring of DOWN_RING down slices, each its own buffer: a wave's dynamic DMAs are all in flight at once
-        # (their fixed latencies overlap); the next wave's DMA into a buffer waits only for its last reader.
-        # Descriptors from the default DGE (no software-DGE share: docs/moe.md, round 32)
+        # (their fixed latencies overlap); the next wave's DMA into a buffer waits only for its last reader
         ring = [nl.ndarray((P_MAX, n_i, n_t * H_TILE), dtype=down.dtype, buffer=nl.sbuf)
                 for _ in range(min(DOWN_RING, n_blocks))]
+        small = down.shape[1] * n_t * H_TILE * itemsize(down.dtype) < _SWDGE_SLICE_BYTES
         for w0 in range(0, n_blocks, len(ring)):
             wave = range(w0, min(n_blocks, w0 + len(ring)))
             for b, i_b in enumerate(wave):
-                _load_down_slice(ring[b], down, e_row_sb[0:1, i_b:i_b + 1], g0 * H_TILE)
+                sw = small and _SWDGE_OF_8[i_b % len(_SWDGE_OF_8)]
+                _load_down_slice(ring[b], down, e_row_sb[0:1, i_b:i_b + 1], g0 * H_TILE,
+                                 nisa.dge_mode.swdge if sw else nisa.dge_mode.unknown)
             for b, i_b in enumerate(wave):
                 _down_block_hmajor(y_sb, hT_all, ring[b], i_b * block_size, block_size, i_b)
         for t0 in range(0, n_tokens, TOK_TILE):
@@ -228,14 +236,15 @@ def _chunk_index(idx_sb, slot_index, t0, n_tok):
     return ix_sb[:, 0:n_tok * kmax]
 
 
-def _load_down_slice(wd_sb, down, e_sb, h0):
-    """wd_sb[q, c, :] = down[e][q * n_i + c, h0 : h0 + Hg] (one dynamic DMA, e the (1, 1) int32 tile e_sb)."""
+def _load_down_slice(wd_sb, down, e_sb, h0, dge):
+    """wd_sb[q, c, :] = down[e][q * n_i + c, h0 : h0 + Hg] (one dynamic DMA, e the (1, 1) int32 tile e_sb,
+    descriptors from the DGE `dge`)."""
     h_total = down.shape[2]
     ic, n_i = intermediate_split(down.shape[1])
     hg = wd_sb.shape[2]
     nisa.dma_copy(dst=wd_sb[0:ic, :, :],
                   src=down.ap(pattern=[[n_i * h_total, ic], [h_total, n_i], [1, hg]], offset=h0,
-                              scalar_offset=e_sb, indirect_dim=0))
+                              scalar_offset=e_sb, indirect_dim=0), dge_mode=dge)
 
 
 def _down_block_hmajor(y_sb, hT_all, wd_sb, s0, block_size, i_b):
