@@ -196,11 +196,15 @@ def _combine_phase(hidden, hT_all, down, block_to_expert, slot_index, shared_gat
     if exchange is not None:
         exchange()
     ic, n_i = intermediate_split(down.shape[1])
+    # one Y for every group, reused: a second one does not fit beside the rest (`onchip_plan_bytes` counts one), so
+    # group g + 1's down projections wait for group g's gathers. Allocated per group, the cost model would rotate
+    # it through several buffers and overlap the groups (docs/moe.md, round 32)
+    y_all = nl.ndarray((P_MAX, group_tiles, n_slots + 1), dtype=hidden.dtype, buffer=nl.sbuf)
+    for jj in range(group_tiles):   # the all-zero column (one memset per tile: each a whole-partition-row access,
+        nisa.memset(dst=y_all[:, jj, n_slots:n_slots + 1], value=0.0)   # which gives the scheduler Y's row pitch)
     for g0 in range(j_lo, j_hi, group_tiles):
         n_t = min(group_tiles, j_hi - g0)
-        y_sb = nl.ndarray((P_MAX, n_t, n_slots + 1), dtype=hidden.dtype, buffer=nl.sbuf)
-        for jj in range(n_t):   # the all-zero column (one memset per tile: each a whole-partition-row access,
-            nisa.memset(dst=y_sb[:, jj, n_slots:n_slots + 1], value=0.0)   # which gives the scheduler Y's row pitch)
+        y_sb = y_all[:, 0:n_t, :]
         # a ring of DOWN_RING down slices, each its own buffer: a wave's dynamic DMAs are all in flight at once
         # (their fixed latencies overlap); the next wave's DMA into a buffer waits only for its last reader
         ring = [nl.ndarray((P_MAX, n_i, n_t * H_TILE), dtype=down.dtype, buffer=nl.sbuf)
