@@ -46,12 +46,12 @@ _COMBINE_KNEE_BYTES = {"trn1": 2560, "trn2": 512, "trn3": 512}   # the packet kn
 _CORE_HBM_BYTES_PER_US = 362.5e3   # one trn2 core's HBM rate (bytes per µs)
 _GPSIMD_GHZ = 1.2
 _DVE_GHZ = 0.96
-_GATHER_EXPOSED = 0.6          # share of the on-chip combine's nc_n_gather time not hidden by other engines (fitted:
-                               # thinker / talker T=1024, LNC=2, both paths modeled under cost model v3; docs/moe.md)
+_GATHER_EXPOSED = 1.0          # share of the on-chip combine's nc_n_gather time not hidden by other engines: all of
+                               # it since phase B reuses one Y (a group's gathers hold up the next group's matmuls);
+                               # 0.6 until round 32, fitted under cost model v3 when groups overlapped
 _MIN_GROUP_TILES = 2           # "auto" takes the on-chip combine only with at least this many 128-row tiles per group
-_MIN_CORE_TILES = 8            # ... and at least this many 128-row hidden tiles per core: with fewer (the talker,
-                               # H = 1024 at LNC=2: 4) phase B's serial chain (all slice loads, then every gather)
-                               # is not amortized (fitted on the six registered T = 128 / 1024 pairs, docs/moe.md)
+_ONCHIP_MARGIN = 0.1           # ... and only when its estimate beats the DMA combine's by this share of the latter (the
+                               # estimate's error: fitted on the six registered T = 128 / 1024 pairs, docs/moe.md)
 _MAX_GATHER_INDICES = 65536    # T * KMAX slot indices per partition (one SBUF tile: the free-size limit)
 _SBUF_MARGIN = 2 * 1024        # bytes per partition left for the few small tiles the plan below does not list
 # the smallest per-partition budget of any target: a trace-time layout choice that must fit wherever it runs
@@ -884,7 +884,7 @@ def moe_blockwise(hidden, expert_affinities, gate_up, down, token_position_to_id
         inv_t = inv.astype(np.uint16 if plan.index_mode == "u16" else np.uint32)
         return call(moe_blockwise_onchip_kernel, hidden, aff, gate_up, down, tpos32, b2e32, inv_t, s_gu, s_dn, s_g,
                     idx, int(block_size), int(expert_offset), plan.group_tiles, plan.index_mode, plan.x_gather,
-                    lnc=lnc)
+                    plan.down_ring, lnc=lnc)
     if top_k_index is not None:   # the DMA combine applies the routing weights per top-k choice (top-k order)
         inv = token_slots_topk(tpos, b2e, _np(top_k_index), block_size, n_local, expert_offset)
     return call(moe_blockwise_kernel, hidden, aff, gate_up, down, tpos32, b2e32, inv, s_gu, s_dn, s_g, idx,
@@ -895,10 +895,12 @@ class OnchipPlan(NamedTuple):
     """The on-chip combine's trace-time grouping: GT hidden tiles of 128 rows per group, and where phase B keeps
     the slot indices (`combine.INDEX_MODES`: resident uint32, resident uint16 widened per chunk, or streamed per
     128-token chunk and group), and how phase A permutes x ("onchip": a resident x.T and nc_n_gather, when it
-    fits beside the rest of phase A; else "dma" row gathers)."""
+    fits beside the rest of phase A; else "dma" row gathers), and phase B's down slices in flight
+    (`combine.DOWN_RINGS`: the most that fit)."""
     group_tiles: int
     index_mode: str
     x_gather: str = "dma"
+    down_ring: int = 16
 
 
 def choose_combine(n_tokens, h_total, n_inter, s_inter, n_blocks, block_size, kmax, item, lnc, combine="auto",
@@ -908,10 +910,10 @@ def choose_combine(n_tokens, h_total, n_inter, s_inter, n_blocks, block_size, km
     N * B < 2^16 slots -, streamed) GT is the largest group
     whose SBUF plan fits (`combine.onchip_plan_bytes`), the groups of a core's ceil(n_h / lnc) tiles balanced;
     of the plans that fit, the one `_onchip_cost_us` estimates cheaper; "auto" takes it when a core has at least
-    _MIN_CORE_TILES hidden tiles, GT >= _MIN_GROUP_TILES and `_onchip_is_faster` (estimated with the target's
+    GT >= _MIN_GROUP_TILES and `_onchip_is_faster` by _ONCHIP_MARGIN (estimated with the target's
     packet knee; see docs/moe.md). Phase A gathers x on chip when the plan still fits with the resident x.T (as
-    the DMA combine's `onchip_x_gather`)."""
-    from .combine import H_TILE, INDEX_MODES, U16_SLOTS, onchip_plan_bytes
+    the DMA combine's `onchip_x_gather`), and phase B keeps the most down slices in flight that still fit."""
+    from .combine import DOWN_RINGS, H_TILE, INDEX_MODES, U16_SLOTS, onchip_plan_bytes
     if combine == "dma":
         return None
     n_core = -(-(h_total // H_TILE) // lnc)
@@ -933,11 +935,14 @@ def choose_combine(n_tokens, h_total, n_inter, s_inter, n_blocks, block_size, km
     shape = (n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item, lnc)
     knee = _combine_knee(target)
     best = min(plans, key=lambda pl: _onchip_cost_us(*shape, *pl[:2], knee=knee))
-    if onchip_plan_bytes(n_tokens, h_total, n_inter, s_inter, n_blocks, block_size, kmax, best.group_tiles, item,
-                         best.index_mode, x_gather="onchip") <= budget:
+    def fits(pl):
+        return onchip_plan_bytes(n_tokens, h_total, n_inter, s_inter, n_blocks, block_size, kmax, pl.group_tiles,
+                                 item, pl.index_mode, pl.x_gather, pl.down_ring) <= budget
+    if fits(best._replace(x_gather="onchip")):
         best = best._replace(x_gather="onchip")
-    if combine == "auto" and (n_core < _MIN_CORE_TILES or best.group_tiles < _MIN_GROUP_TILES
-                              or not _onchip_is_faster(*shape, *best, knee=knee, target=target)):
+    best = next(pl for pl in (best._replace(down_ring=r) for r in DOWN_RINGS) if fits(pl))
+    if combine == "auto" and (best.group_tiles < min(_MIN_GROUP_TILES, n_core)
+                              or not _onchip_is_faster(*shape, *best[:3], knee=knee, target=target)):
         return None
     return best
 
@@ -985,17 +990,18 @@ def _onchip_cost_us(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item
 
 def _onchip_is_faster(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item, lnc, gt,
                       index_mode="u32", x_gather="dma", knee=None, target=None) -> bool:
-    """`_onchip_cost_us` < `_dma_combine_us`: the shapes-only estimate of what each combine adds beyond the
-    shared work (weights; the x gather when both kernels permute x the same way, else the DMA combine is credited
-    with `_x_gather_saving_us`), checked against the modeled figures of both paths on the model shapes
-    (docs/moe.md)."""
+    """`_onchip_cost_us` < (1 - _ONCHIP_MARGIN) x `_dma_combine_us`: the shapes-only estimate of what each combine
+    adds beyond the shared work (weights; the x gather when both kernels permute x the same way, else the DMA
+    combine is credited with `_x_gather_saving_us`), checked against the modeled figures of both paths on the
+    model shapes (docs/moe.md)."""
     # on targets whose TensorE transposes mix rows (trn1) the on-chip combine pays VectorE work the estimate
     # does not count; keeping the DMA side's credit there picks the faster path at the registered shapes
     mixing = (target or current_target_name()) in NAN_MIXING_PE_TRANSPOSE_TARGETS
     saving = 0.0 if x_gather == "onchip" and not mixing else \
         _x_gather_saving_us(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item, lnc, knee, target)
+    dma = _dma_combine_us(n_tokens, h_total, n_blocks, block_size, kmax, item, lnc, knee)
     return _onchip_cost_us(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item, lnc, gt, index_mode, knee) \
-        < _dma_combine_us(n_tokens, h_total, n_blocks, block_size, kmax, item, lnc, knee) - saving
+        < (1.0 - _ONCHIP_MARGIN) * dma - saving
 
 
 def _x_gather_saving_us(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item, lnc,

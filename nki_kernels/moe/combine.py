@@ -34,7 +34,9 @@ _IDX_ITEM = 4                   # nc_n_gather indices are uint32
 INDEX_MODES = ("u32", "u16", "stream")   # phase B's slot indices: resident uint32 / resident uint16 / streamed
 U16_SLOTS = 1 << 16             # "u16" holds slot indices < 2^16: N * B + 1 columns of Y at most
 _TILE_BUFFERS = 3               # buffers a tile allocated in a loop body rotates through (planned as all live)
-DOWN_RING = 16                  # down slices in flight in phase B: one per DMA queue (16 per trn2 core)
+DOWN_RING = 16                  # down slices in flight in phase B: one per DMA queue (16 per trn2 core) ...
+DOWN_RINGS = (48, 32, DOWN_RING)   # ... or more buffers when the plan fits them: the slices of the next group then
+                                # load while this group's gathers run (Y, which they do not touch, is reused)
 # phase B's down-slice DMAs of a slice under _SWDGE_SLICE_BYTES: 3 of every 8 take software DGE descriptors so both
 # descriptor generators work in parallel (such a slice moves in less than half the ~0.3 µs per DMA that the two
 # hardware-DGE instances need, ~0.6 µs each: nki-dge.rst); larger slices keep the pipe busier than the hardware
@@ -46,7 +48,7 @@ _SWDGE_OF_8 = (False, True, False, False, True, False, True, False)
 @nki.jit
 def moe_blockwise_onchip_kernel(hidden, expert_affinities, gate_up, down, token_position_to_id, block_to_expert,
                                 slot_index, shared_gate_up, shared_down, shared_gate, top_k_index, block_size,
-                                expert_offset, group_tiles, index_mode="u32", x_gather="dma"):
+                                expert_offset, group_tiles, index_mode="u32", x_gather="dma", down_ring=DOWN_RING):
     """Blockwise expert MLPs + fused shared expert with the on-chip combine, one launch at LNC 1 or 2.
 
     Dimensions and Args as `moe_blockwise_kernel` (blockwise.py), except:
@@ -60,6 +62,7 @@ def moe_blockwise_onchip_kernel(hidden, expert_affinities, gate_up, down, token_
             "stream" (token-chunked): one 128-token chunk's at a time, loaded from HBM per group.
         x_gather: how phase A permutes x (trace-time): "onchip", a resident x.T of every token and one nc_n_gather
             per block chunk (a core's first blocks by DMA while it is built); "dma", a row gather per chunk.
+        down_ring: down slices (separate buffers) phase B keeps in flight (trace-time, one of `DOWN_RINGS`).
     Returns:
         out: [T, H] @ HBM in hidden's dtype.
     LNC=2: program c runs phase A on a contiguous share of the blocks and writes their h.T columns to a shared
@@ -81,7 +84,7 @@ def moe_blockwise_onchip_kernel(hidden, expert_affinities, gate_up, down, token_
             _exchange_hidden_slots(hT_all, n_blocks, block_size, pid, n_prog, (b_lo, b_hi))
     j_lo, j_hi = share(hidden.shape[1] // H_TILE, pid, n_prog)
     _combine_phase(hidden, hT_all, down, block_to_expert, slot_index, shared_gate_up, shared_down, shared_gate,
-                   out, block_size, (group_tiles, index_mode), j_lo, j_hi, exchange)
+                   out, block_size, (group_tiles, index_mode, down_ring), j_lo, j_hi, exchange)
     return out
 
 
@@ -175,11 +178,11 @@ def transpose_into(hT_all, s0, h_sb, n_tok):
 
 def _combine_phase(hidden, hT_all, down, block_to_expert, slot_index, shared_gate_up, shared_down, shared_gate,
                    out, block_size, grouping, j_lo, j_hi, exchange=None):
-    """Hidden tiles [j_lo, j_hi) of out, GT tiles at a time (grouping = (GT, index_mode)): every slot's down
+    """Hidden tiles [j_lo, j_hi) of out, GT tiles at a time (grouping = (GT, index_mode, ring)): every slot's down
     projection for the group's tiles (H on the partitions), then per token the sum of its slot columns
     (nc_n_gather + VectorE) plus the shared expert, transposed back to token rows. `exchange` (LNC=2) runs after
     the preamble, before the first group."""
-    group_tiles, index_mode = grouping
+    group_tiles, index_mode, down_ring = grouping
     n_tokens = hidden.shape[0]
     kmax = slot_index.shape[1]
     n_slots = hT_all.shape[2]
@@ -205,10 +208,10 @@ def _combine_phase(hidden, hT_all, down, block_to_expert, slot_index, shared_gat
     for g0 in range(j_lo, j_hi, group_tiles):
         n_t = min(group_tiles, j_hi - g0)
         y_sb = y_all[:, 0:n_t, :]
-        # a ring of DOWN_RING down slices, each its own buffer: a wave's dynamic DMAs are all in flight at once
+        # a ring of down_ring down slices, each its own buffer: a wave's dynamic DMAs are all in flight at once
         # (their fixed latencies overlap); the next wave's DMA into a buffer waits only for its last reader
         ring = [nl.ndarray((P_MAX, n_i, n_t * H_TILE), dtype=down.dtype, buffer=nl.sbuf)
-                for _ in range(min(DOWN_RING, n_blocks))]
+                for _ in range(min(down_ring, n_blocks))]
         small = down.shape[1] * n_t * H_TILE * itemsize(down.dtype) < _SWDGE_SLICE_BYTES
         for w0 in range(0, n_blocks, len(ring)):
             wave = range(w0, min(n_blocks, w0 + len(ring)))
@@ -333,7 +336,7 @@ def _shared_tile(shared, t0, n_tok, c0):
 
 
 def onchip_plan_bytes(n_tokens, h_total, n_inter, s_inter, n_blocks, block_size, kmax, group_tiles, item,
-                      index_mode="u32", x_gather="dma"):
+                      index_mode="u32", x_gather="dma", down_ring=DOWN_RING):
     """Upper bound of the SBUF bytes per partition of the on-chip path with GT = group_tiles: every slot's h.T
     (live throughout) plus the larger of phase A (block tables, two experts' gate/up, the gathered rows, xT, h,
     affinity tiles) and phase B (slot indices - all T * KMAX resident as uint32 or uint16, plus for "u16" and
@@ -354,7 +357,7 @@ def onchip_plan_bytes(n_tokens, h_total, n_inter, s_inter, n_blocks, block_size,
         extra = resident_xT_bytes(n_tokens, h_total, n_h, block_size, item)
         phase_a += float("inf") if extra is None else extra
     hg = group_tiles * H_TILE
-    group = group_tiles * (n_slots + 1) * item + DOWN_RING * n_i * hg * item + 2 * TOK_TILE * kmax * item \
+    group = group_tiles * (n_slots + 1) * item + down_ring * n_i * hg * item + 2 * TOK_TILE * kmax * item \
         + 2 * TOK_TILE * (item + 4) + 2 * hg * item
     if index_mode != "u32":   # the chunk tiles rotate through _TILE_BUFFERS buffers (an allocation site in a loop)
         group += _TILE_BUFFERS * TOK_TILE * kmax * _IDX_ITEM

@@ -192,7 +192,7 @@ def test_choice_depends_on_shapes_only_and_follows_the_rule():
     """Per-rank model shapes (LNC=2, bf16, trn2): Qwen3.5 TP4 at T=1024 (N=256 blocks of 48) fits the on-chip plan,
     at T=4096 (N=256 blocks of 160) "auto" takes the DMA combine. The picks at the registered T=1024 shapes are the
     faster path as modeled (docs/moe.md, "Round 32"): on chip for Qwen3.5 and the thinker (with the on-chip x
-    gather), the DMA combine for the talker (4 hidden tiles per core: `_MIN_CORE_TILES`, before the estimate)."""
+    gather), the DMA combine for the talker (its estimated saving is under `_ONCHIP_MARGIN`)."""
     gt = bw.choose_combine(1024, 2048, 128, 128, 256, 48, 8, 2, 2, combine="onchip")
     assert gt is not None and gt.index_mode == "u32" and 1 <= gt.group_tiles <= 8
     assert cb.onchip_plan_bytes(1024, 2048, 128, 128, 256, 48, 8, gt.group_tiles, 2) <= bw.sbuf_budget()
@@ -200,18 +200,19 @@ def test_choice_depends_on_shapes_only_and_follows_the_rule():
     assert bw.choose_combine(4096, 2048, 128, 128, 256, 160, 8, 2, 2) is None
     assert bw.choose_combine(1024, 2048, 128, 128, 256, 48, 8, 2, 2, combine="dma") is None
     talker = (1024, 1024, 48, 96, 130, 64, 6, 2, 2)
-    assert bw.choose_combine(*talker, combine="onchip") == (4, "u32", "onchip")
+    assert bw.choose_combine(*talker, combine="onchip")[:3] == (4, "u32", "onchip")
     assert bw.choose_combine(*talker) is None
     assert bw.choose_combine(1024, 2048, 128, 128, 256, 48, 8, 2, 2) == gt
     assert gt.x_gather == "onchip"
     thinker = bw.choose_combine(1024, 2048, 96, 0, 128, 80, 8, 2, 2)
-    assert thinker is not None and thinker.x_gather == "onchip"
+    assert thinker is not None and thinker.x_gather == "onchip" and thinker.down_ring == max(cb.DOWN_RINGS)
+    assert bw.choose_combine(128, 1024, 48, 96, 128, 32, 6, 2, 2) is not None   # the talker at T=128: on chip
 
 
-def test_choice_on_trn1_picks_the_modeled_faster_path():
-    """trn1 (LNC=1, VectorE transposes): the picks at the registered T=128 / 1024 shapes are the faster path as
-    modeled (docs/moe.md, "Round 32"): on chip only for the talker at T=128."""
-    shapes = {(128, 1024, 48, 96, 128, 32, 6): True, (128, 2048, 96, 0, 128, 32, 8): False,
+def test_choice_on_trn1():
+    """trn1 (LNC=1, VectorE transposes): the DMA combine at the registered T=128 / 1024 shapes, the modeled faster
+    path except for the talker at T=128 (on chip 335.7 against 360.8 µs: docs/moe.md, "Round 32")."""
+    shapes = {(128, 1024, 48, 96, 128, 32, 6): False, (128, 2048, 96, 0, 128, 32, 8): False,
               (128, 2048, 128, 128, 248, 32, 8): False, (1024, 1024, 48, 96, 128, 64, 6): False,
               (1024, 2048, 96, 0, 128, 80, 8): False, (1024, 2048, 128, 128, 256, 48, 8): False}
     for shape, onchip in shapes.items():
@@ -227,7 +228,7 @@ def test_t4096_fits_with_compact_or_streamed_index_and_auto_follows_the_estimate
     """At T=4096 (LNC=2, bf16) the resident uint32 slot indices (T * KMAX per partition) leave no room for one
     tile's slot outputs; the talker fits them as uint16 with GT=1, the other two only token-chunked (GT=1; GT=2
     fits neither); "auto" takes the on-chip path only when `_onchip_is_faster` says so (it does not at these
-    shapes: docs/moe.md has the modeled figures) and a core has >= _MIN_CORE_TILES hidden tiles (not the talker)."""
+    shapes: docs/moe.md has the modeled figures)."""
     t, h, i, si, n, b, k = shape
     plan = bw.choose_combine(t, h, i, si, n, b, k, 2, 2, combine="onchip")
     assert plan[:2] == (1, mode)
@@ -239,8 +240,7 @@ def test_t4096_fits_with_compact_or_streamed_index_and_auto_follows_the_estimate
     assert cb.onchip_plan_bytes(t, h, i, si, n, b, k, 1, 2, "stream") <= budget
     assert cb.onchip_plan_bytes(t, h, i, si, n, b, k, 2, 2, "stream") > budget
     assert bw.choose_combine(t, h, i, si, n, b, k, 2, 2) is None
-    if h // 128 // 2 >= bw._MIN_CORE_TILES:   # the talker (4 tiles per core) is refused before the estimate
-        assert not bw._onchip_is_faster(t, h, i, n, b, k, 2, 2, *plan)
+    assert not bw._onchip_is_faster(t, h, i, n, b, k, 2, 2, *plan[:3])
 
 
 def test_onchip_refused_when_it_cannot_fit():
