@@ -909,10 +909,11 @@ def choose_combine(n_tokens, h_total, n_inter, s_inter, n_blocks, block_size, km
     DMA combine. For each index mode (resident uint32 or uint16 when T * KMAX fits one tile - uint16 only for
     N * B < 2^16 slots -, streamed) GT is the largest group
     whose SBUF plan fits (`combine.onchip_plan_bytes`), the groups of a core's ceil(n_h / lnc) tiles balanced;
-    of the plans that fit, the one `_onchip_cost_us` estimates cheaper; "auto" takes it when a core has at least
-    GT >= _MIN_GROUP_TILES and `_onchip_is_faster` by _ONCHIP_MARGIN (estimated with the target's
-    packet knee; see docs/moe.md). Phase A gathers x on chip when the plan still fits with the resident x.T (as
-    the DMA combine's `onchip_x_gather`), and phase B keeps the most down slices in flight that still fit."""
+    of the plans that fit, the one `_onchip_cost_us` estimates cheaper; "auto" takes it when GT >= _MIN_GROUP_TILES
+    (or the core has one tile) and `_onchip_is_faster` (the on-chip estimate below 1 - _ONCHIP_MARGIN of the DMA
+    combine's, with the target's packet knee; see docs/moe.md). Phase A gathers x on chip when the plan still fits
+    with the resident x.T (as the DMA combine's `onchip_x_gather`), and phase B keeps the most down slices in
+    flight that still fit."""
     from .combine import DOWN_RINGS, H_TILE, INDEX_MODES, U16_SLOTS, onchip_plan_bytes
     if combine == "dma":
         return None

@@ -199,28 +199,29 @@ def _combine_phase(hidden, hT_all, down, block_to_expert, slot_index, shared_gat
     if exchange is not None:
         exchange()
     ic, n_i = intermediate_split(down.shape[1])
-    # one Y for every group, reused: a second one does not fit beside the rest (`onchip_plan_bytes` counts one), so
-    # group g + 1's down projections wait for group g's gathers. Allocated per group, the cost model would rotate
-    # it through several buffers and overlap the groups (docs/moe.md, round 32)
+    # Y and the ring of down slices are allocated once and reused by every group: the plan (`onchip_plan_bytes`)
+    # has room for one of each, so group g + 1's down projections wait for group g's gathers (its slice loads,
+    # which do not touch Y, need not). Allocated per group, the cost model would rotate them through several
+    # buffers whatever their size and overlap the groups (docs/moe.md, round 32)
     y_all = nl.ndarray((P_MAX, group_tiles, n_slots + 1), dtype=hidden.dtype, buffer=nl.sbuf)
     for jj in range(group_tiles):   # the all-zero column (one memset per tile: each a whole-partition-row access,
         nisa.memset(dst=y_all[:, jj, n_slots:n_slots + 1], value=0.0)   # which gives the scheduler Y's row pitch)
+    # a ring of down_ring down slices, each its own buffer: a wave's dynamic DMAs are all in flight at once (their
+    # fixed latencies overlap); the next wave's DMA into a buffer waits only for its last reader
+    ring = [nl.ndarray((P_MAX, n_i, group_tiles * H_TILE), dtype=down.dtype, buffer=nl.sbuf)
+            for _ in range(min(down_ring, n_blocks))]
     for g0 in range(j_lo, j_hi, group_tiles):
         n_t = min(group_tiles, j_hi - g0)
         y_sb = y_all[:, 0:n_t, :]
-        # a ring of down_ring down slices, each its own buffer: a wave's dynamic DMAs are all in flight at once
-        # (their fixed latencies overlap); the next wave's DMA into a buffer waits only for its last reader
-        ring = [nl.ndarray((P_MAX, n_i, n_t * H_TILE), dtype=down.dtype, buffer=nl.sbuf)
-                for _ in range(min(down_ring, n_blocks))]
         small = down.shape[1] * n_t * H_TILE * itemsize(down.dtype) < _SWDGE_SLICE_BYTES
         for w0 in range(0, n_blocks, len(ring)):
             wave = range(w0, min(n_blocks, w0 + len(ring)))
             for b, i_b in enumerate(wave):
                 sw = small and _SWDGE_OF_8[i_b % len(_SWDGE_OF_8)]
-                _load_down_slice(ring[b], down, e_row_sb[0:1, i_b:i_b + 1], g0 * H_TILE,
+                _load_down_slice(ring[b][:, :, 0:n_t * H_TILE], down, e_row_sb[0:1, i_b:i_b + 1], g0 * H_TILE,
                                  nisa.dge_mode.swdge if sw else nisa.dge_mode.unknown)
             for b, i_b in enumerate(wave):
-                _down_block_hmajor(y_sb, hT_all, ring[b], i_b * block_size, block_size, i_b)
+                _down_block_hmajor(y_sb, hT_all, ring[b][:, :, 0:n_t * H_TILE], i_b * block_size, block_size, i_b)
         for t0 in range(0, n_tokens, TOK_TILE):
             n_tok = min(TOK_TILE, n_tokens - t0)
             _combine_rows(y_sb, _chunk_index(idx_sb, slot_index, t0, n_tok), shared, out, t0, n_tok, g0)
