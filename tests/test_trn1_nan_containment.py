@@ -407,6 +407,9 @@ def test_moe_blockwise_token_stays_in_its_token(rng, monkeypatch, value, combine
         assert blockwise.onchip_x_gather(t, h, inter, bs, k, 4)
     if x_gather == "rows":   # either combine's per-slot row gather (what shapes beyond the resident x.T take)
         monkeypatch.setattr(blockwise, "resident_xT_bytes", lambda *a: None)
+    if combine == "onchip":   # the on-chip combine's phase A takes the x path under test
+        plan = blockwise.choose_combine(t, h, inter, s_inter, len(b2e), bs, k, 4, 1, combine="onchip", target="trn1")
+        assert plan.x_gather == ("onchip" if x_gather == "resident" else "dma")
     if dense:
         aff = np.zeros((t, e), F32)
         np.put_along_axis(aff, idx.astype(np.int64), w, axis=1)

@@ -972,8 +972,7 @@ def _onchip_cost_us(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item
     written as column slices of GT*128 (shorter runs than whole rows), the slot indices replicated on 128
     partitions (once when resident, half the bytes as uint16 but then widened per group; per group, in runs of
     one 128-token chunk's TOK_TILE * KMAX indices, when streamed), the h.T exchange, and _GATHER_EXPOSED of the
-    nc_n_gather time (GpSimd, one element per cycle + ~150 cycles per 512; the rest overlaps the transposes and
-    stores)."""
+    nc_n_gather time (GpSimd, one element per cycle + ~150 cycles per 512)."""
     row = h_total * item
     n_core = -(-(h_total // P_MAX) // lnc)
     down = n_blocks * n_inter * row
@@ -1008,8 +1007,9 @@ def _onchip_is_faster(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, it
 def _x_gather_saving_us(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item, lnc,
                         knee=None, target=None) -> float:
     """What the DMA-combine kernel's on-chip x gather (`onchip_x_gather`, when it fits) saves one core against
-    an on-chip combine plan that gathers x by DMA (its resident x.T does not fit beside the rest): every slot's x
-    row (N*B rows of H at H-byte runs, split over the cores) minus x loaded once per core."""
+    an on-chip combine plan that gathers x by DMA (its resident x.T does not fit beside the rest; on trn1 credited
+    whatever the plan, `_onchip_is_faster`): every slot's x row (N*B rows of H at H-byte runs, split over the
+    cores) minus x loaded once per core."""
     if not onchip_x_gather(n_tokens, h_total, n_inter, block_size, kmax, item, target):
         return 0.0
     row = h_total * item

@@ -38,9 +38,9 @@ DOWN_RING = 16                  # down slices in flight in phase B: one per DMA 
 DOWN_RINGS = (48, 32, DOWN_RING)   # ... or more buffers when the plan fits them: the slices of the next group then
                                 # load while this group's gathers run (Y, which they do not touch, is reused)
 # phase B's down-slice DMAs of a slice under _SWDGE_SLICE_BYTES: 3 of every 8 take software DGE descriptors so both
-# descriptor generators work in parallel (such a slice moves in less than half the ~0.3 µs per DMA that the two
-# hardware-DGE instances need, ~0.6 µs each: nki-dge.rst); larger slices keep the pipe busier than the hardware
-# DGE and take it alone (software DGE would only add GpSimd work; docs/moe.md, round 32)
+# descriptor generators work in parallel (such a slice moves in under 0.18 µs of pipe, less than the ~0.3 µs per
+# DMA that the two hardware-DGE instances need, ~0.6 µs each: nki-dge.rst); larger slices take hardware DGE alone
+# (software DGE would only add GpSimd work; docs/moe.md, round 32)
 _SWDGE_SLICE_BYTES = 64 * 1024
 _SWDGE_OF_8 = (False, True, False, False, True, False, True, False)
 
@@ -206,8 +206,9 @@ def _combine_phase(hidden, hT_all, down, block_to_expert, slot_index, shared_gat
     y_all = nl.ndarray((P_MAX, group_tiles, n_slots + 1), dtype=hidden.dtype, buffer=nl.sbuf)
     for jj in range(group_tiles):   # the all-zero column (one memset per tile: each a whole-partition-row access,
         nisa.memset(dst=y_all[:, jj, n_slots:n_slots + 1], value=0.0)   # which gives the scheduler Y's row pitch)
-    # a ring of down_ring down slices, each its own buffer: a wave's dynamic DMAs are all in flight at once (their
-    # fixed latencies overlap); the next wave's DMA into a buffer waits only for its last reader
+    # a ring of down_ring down slices, each its own buffer, loaded in waves of down_ring dynamic DMAs (their fixed
+    # latencies overlap); a DMA into a buffer waits only for its last reader, so with more buffers than a group's
+    # last wave needs, the next group's first slices load while this group's gathers run
     ring = [nl.ndarray((P_MAX, n_i, group_tiles * H_TILE), dtype=down.dtype, buffer=nl.sbuf)
             for _ in range(min(down_ring, n_blocks))]
     for g0 in range(j_lo, j_hi, group_tiles):

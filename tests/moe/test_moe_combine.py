@@ -204,9 +204,14 @@ def test_choice_depends_on_shapes_only_and_follows_the_rule():
     assert bw.choose_combine(*talker) is None
     assert bw.choose_combine(1024, 2048, 128, 128, 256, 48, 8, 2, 2) == gt
     assert gt.x_gather == "onchip"
+    assert gt.down_ring == cb.DOWN_RING   # a larger ring does not fit beside Qwen3.5's Y
     thinker = bw.choose_combine(1024, 2048, 96, 0, 128, 80, 8, 2, 2)
     assert thinker is not None and thinker.x_gather == "onchip" and thinker.down_ring == max(cb.DOWN_RINGS)
-    assert bw.choose_combine(128, 1024, 48, 96, 128, 32, 6, 2, 2) is not None   # the talker at T=128: on chip
+    for shape in ((128, 1024, 48, 96, 128, 32, 6), (128, 2048, 96, 0, 128, 32, 8), (128, 2048, 128, 128, 248, 32, 8)):
+        plan = bw.choose_combine(*shape, 2, 2)   # T=128: all three on chip (talker, thinker, Qwen3.5)
+        assert plan is not None, shape
+        assert cb.onchip_plan_bytes(*shape, plan.group_tiles, 2, plan.index_mode, plan.x_gather,
+                                    plan.down_ring) <= bw.sbuf_budget()
 
 
 def test_choice_on_trn1():
