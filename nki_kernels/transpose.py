@@ -6,10 +6,10 @@ from .hw import DVE_TRANSPOSE_MAX, NAN_MIXING_PE_TRANSPOSE_TARGETS
 from .lnc import current_target_name
 
 
-def mixing_pe_transpose() -> bool:
-    """Trace-time: the target's TensorE transpose spreads NaN / Inf across the rows it transposes (trn1: an identity
-    matmul, `hw.NAN_MIXING_PE_TRANSPOSE_TARGETS`)."""
-    return current_target_name() in NAN_MIXING_PE_TRANSPOSE_TARGETS
+def mixing_pe_transpose(target=None) -> bool:
+    """Trace-time: the target's (default: the current one's) TensorE transpose spreads NaN / Inf across the rows it
+    transposes (trn1: an identity matmul, `hw.NAN_MIXING_PE_TRANSPOSE_TARGETS`)."""
+    return (target or current_target_name()) in NAN_MIXING_PE_TRANSPOSE_TARGETS
 
 
 def vector_transpose(dst, src):

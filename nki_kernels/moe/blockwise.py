@@ -11,9 +11,10 @@ from typing import NamedTuple
 import numpy as np
 
 from ..backend import call, nki, nisa, nl
-from ..hw import NAN_MIXING_PE_TRANSPOSE_TARGETS, P_MAX, PSUM_FMAX_FP32, SBUF_BYTES_PER_PARTITION
+from ..hw import P_MAX, PSUM_FMAX_FP32, SBUF_BYTES_PER_PARTITION
 from ..lnc import current_target_name, resolve_lnc
 from ..validation import check_host_values, kernel_check
+from ..transpose import mixing_pe_transpose
 from ._tiles import (_Y_TILE, TOK_TILE, down_piece, evict, intermediate_split, itemsize, load_down,
                      load_gate_up, load_gate_vector, sigmoid_gate, swiglu, transpose_h, transpose_tokens)
 
@@ -996,8 +997,7 @@ def _onchip_is_faster(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, it
     model shapes (docs/moe.md)."""
     # on targets whose TensorE transposes mix rows (trn1) the on-chip combine pays VectorE work the estimate
     # does not count; keeping the DMA side's credit there picks the faster path at the registered shapes
-    mixing = (target or current_target_name()) in NAN_MIXING_PE_TRANSPOSE_TARGETS
-    saving = 0.0 if x_gather == "onchip" and not mixing else \
+    saving = 0.0 if x_gather == "onchip" and not mixing_pe_transpose(target) else \
         _x_gather_saving_us(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item, lnc, knee, target)
     dma = _dma_combine_us(n_tokens, h_total, n_blocks, block_size, kmax, item, lnc, knee)
     return _onchip_cost_us(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item, lnc, gt, index_mode, knee) \
