@@ -21,4 +21,9 @@ NAN_MIXING_PE_TRANSPOSE_TARGETS = ("trn1",)
 ALIGNED_START_PARTITION_TARGETS = ("trn1",)
 # targets (NeuronCore-v2) whose activation bias must be a [P, 1] tile (a float bias needs NeuronCore-v3+)
 TILE_ACTIVATION_BIAS_TARGETS = ("trn1",)
+# targets (NeuronCore-v2) without `nisa.range_select` ("available only on NeuronCore-v3 and newer", its docstring)
+NO_RANGE_SELECT_TARGETS = ("trn1",)
+# bytes per partition row below which a DMA packet moves at less than the engines' full rate (cost model v11's
+# packet knee, docs/cost-model.md "DMA"): kernels that choose a layout by row size read it per target
+DMA_FULL_RATE_ROW_BYTES = {"trn1": 2560, "trn2": 512, "trn3": 512}
 NEG_INF = -3.4028235e38          # most negative fp32, the literal NKI kernels use for -inf

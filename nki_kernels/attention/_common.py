@@ -133,3 +133,19 @@ def zero_rows_past_length(x_sb, len_f, offset, chunk_step, channel_multiplier=1)
                        engine=nisa.engine.gpsimd)
     nisa.tensor_copy_predicated(dst=x_sb, src=0.0, predicate=pad_sb.ap(pattern=[[n_c, parts], [1, n_c], [0, f]],
                                                                        offset=0))
+
+
+def load_t(dst_sb, src, n, d, width):
+    """dst_sb [128(d), n_d, width] <- src [n, D]^T (column j = row j) by DMA transpose (2-byte dtypes): one DMA
+    for all head-dim chunks when D is a multiple of 128 (2 KiB partition rows at n = 512, D = 256), else one per
+    chunk; phantom columns n .. width := 0."""
+    n_d = n_tiles(d, D_CHUNK)
+    if n < width:
+        nisa.memset(dst=dst_sb[:, :, n:width], value=0.0, engine=nisa.engine.gpsimd)
+    if d == n_d * D_CHUNK:
+        nisa.dma_transpose(dst=dst_sb[0:D_CHUNK, 0:n_d, 0:n], src=src[0:n, 0:d].reshape((n, n_d, D_CHUNK)))
+        return
+    for i_d in range(n_d):
+        d0 = i_d * D_CHUNK
+        dn = min(D_CHUNK, d - d0)
+        nisa.dma_transpose(dst=dst_sb[0:dn, i_d, 0:n], src=src[0:n, d0:d0 + dn])

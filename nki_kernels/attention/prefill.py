@@ -31,7 +31,9 @@ from ..lnc import current_target_name, resolve_lnc
 from ..transpose import mixing_pe_transpose
 from ..validation import kernel_check
 from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, KV_BLOCK, MASK_BIAS, MAX_HEAD_DIM, MM_KEYS,
-                      exact_transpose, is_two_byte, load_len_broadcast, load_transposed, n_tiles, zero_rows_past_length)
+                      exact_transpose, is_two_byte, load_len_broadcast, load_t, load_transposed, n_tiles,
+                      zero_rows_past_length)
+from .short_tiles import tile_short_body, tile_short_path
 
 _Q_TILE = P_MAX                   # query rows per tile (partitions of S, O)
 _BLOCK_2BYTE = MM_KEYS            # keys per softmax block for bf16/fp16: S of one stream = 1 PSUM bank
@@ -117,6 +119,9 @@ def prefill_body(q, k, v, gate, seq_lens, out, softmax_scale, causal, bhds=False
     n_b, n_hq, sq, d = out.shape
     n_kv = k.shape[1]
     skv = k.shape[3] if bhds else k.shape[2]
+    if short is not False and short_path(sq, skv, bhds) and tile_short_path(sq, skv, d, q.dtype, bhds):
+        tile_short_body(q, k, v, gate, seq_lens, out, softmax_scale, causal)
+        return
     if short is not False and short_path(sq, skv, bhds):
         short_prefill_body(q, k, v, gate, seq_lens, out, softmax_scale, causal)
         return
@@ -854,22 +859,6 @@ def _store_pm(dst, src_sb, n, per, d):
         nisa.dma_copy(dst=dst[full * per:n, 0:d].reshape((1, rem, d)), src=src_sb[full:full + 1, 0:rem, 0:d])
 
 
-def _load_t(dst_sb, src, n, d, width):
-    """dst_sb [128(d), n_d, width] <- src [n, D]^T (column j = row j) by DMA transpose (2-byte dtypes): one DMA
-    for all head-dim chunks when D is a multiple of 128 (2 KiB partition rows at n = 512, D = 256), else one per
-    chunk; phantom columns n .. width := 0."""
-    n_d = n_tiles(d, D_CHUNK)
-    if n < width:
-        nisa.memset(dst=dst_sb[:, :, n:width], value=0.0, engine=nisa.engine.gpsimd)
-    if d == n_d * D_CHUNK:
-        nisa.dma_transpose(dst=dst_sb[0:D_CHUNK, 0:n_d, 0:n], src=src[0:n, 0:d].reshape((n, n_d, D_CHUNK)))
-        return
-    for i_d in range(n_d):
-        d0 = i_d * D_CHUNK
-        dn = min(D_CHUNK, d - d0)
-        nisa.dma_transpose(dst=dst_sb[0:dn, i_d, 0:n], src=src[0:n, d0:d0 + dn])
-
-
 def _zero_cols_past_length(x_sb, len_f, offset, d):
     """x_sb [128(d), n_d, F]: columns at sequence positions offset + j >= the length := 0 (a select through a
     uint8 predicate, so NaN / Inf there is replaced), in the head-dim rows each chunk uses."""
@@ -890,7 +879,7 @@ def _short_k(k, len_f, geo):
     skv, d, n_d, cpp, dtype = geo["skv"], geo["d"], geo["n_d"], geo["cpp"], geo["dtype"]
     if geo["natural"]:
         kT_sb = nl.ndarray((P_MAX, n_d, geo["nk"]), dtype=dtype, buffer=nl.sbuf)
-        _load_t(kT_sb, k, skv, d, geo["nk"])
+        load_t(kT_sb, k, skv, d, geo["nk"])
         return kT_sb, _short_kvalid(len_f, geo)
     k_sb = nl.ndarray((P_MAX, cpp, d), dtype=dtype, buffer=nl.sbuf)
     _load_pm(k_sb, k, skv, cpp, d)
@@ -953,7 +942,7 @@ def _short_q(q, len_f, geo):
     sq, d, rpp, dtype = geo["sq"], geo["d"], geo["rpp"], geo["dtype"]
     if geo["natural"]:      # Q^T [128(d), n_d, n_t*128], column j = query j: one DMA transpose, no PE work
         q_sb = nl.ndarray((P_MAX, geo["n_d"], geo["n_t"] * P_MAX), dtype=dtype, buffer=nl.sbuf)
-        _load_t(q_sb, q, sq, d, geo["n_t"] * P_MAX)
+        load_t(q_sb, q, sq, d, geo["n_t"] * P_MAX)
         if len_f is not None:
             _zero_cols_past_length(q_sb, len_f, geo["qpos0"], d)
     else:

@@ -471,6 +471,8 @@ def compute_cycles(ins, target: Target, p: CostParams) -> tuple[float, float]:
     elif name == "bn_aggr":               # isa: max(MIN_II, 13 N / 3), N = input elements per partition
         n_in = ins.reads[0].elems_pp if ins.reads else n
         cyc = max(mi, 13 * n_in / 3 / rate)
+    elif name == "range_select":          # one pass, like a copy from the same source (no published figure)
+        cyc = max(mi, n / rate)
     elif name in ("max8", "nc_find_index8"):
         n_in = ins.reads[0].elems_pp if ins.reads else n
         cyc = max(mi, n_in / rate)

@@ -800,6 +800,68 @@ def max8(dst, src, name=None):
     _record(instr, DVE, [src], [dst])
 
 
+FP32_MIN = -3.4028235e38      # range_select's only fill value ("this must be FP32_MIN", the range_select docstring)
+_RANGE_CMP_OPS = ("equal", "less", "less_equal", "greater", "greater_equal")
+
+
+def range_select(dst, on_true_tile, comp_op0, comp_op1, bound0, bound1, reduce_cmd=reduce_cmd.reset_reduce,
+                 reduce_res=None, reduce_op=_ops.ALL_OPS["maximum"], range_start=0, on_false_value=FP32_MIN,
+                 name=None):
+    """VectorE, NeuronCore-v3+: dst[p, j] = on_true_tile[p, j] where comp_op0(range_start + j, bound0[p]) and
+    comp_op1(range_start + j, bound1[p]) (j the flattened free index, compared in fp32), else FP32_MIN (then cast
+    to dst's dtype: -inf in a 2-byte dst); reduce_res[p] = the max of the selected row (fp32, before the cast).
+
+    The emulator supports reduce_cmd=reset_reduce only (the accumulator registers it shares with other VectorE
+    reductions are not modelled), and reduce_op=nl.maximum (the only one the docstring allows)."""
+    instr = "range_select"
+    tgt = current().target
+    if tgt.nc_version < 3:
+        fail(instr, "target", f"range_select is available on NeuronCore-v3 and newer, not on {tgt.name}")
+    _onchip(instr, "on_true_tile", _tensor(instr, "on_true_tile", on_true_tile))
+    _onchip(instr, "dst", dst)
+    _same_layout(instr, "on_true_tile", on_true_tile, "dst", dst)
+    if not _dt.is_float(on_true_tile.dtype):
+        fail(instr, "on_true_tile", f"must be a float dtype, got {_dt.name(on_true_tile.dtype)}")
+    ops = []
+    for role, op in (("comp_op0", comp_op0), ("comp_op1", comp_op1)):
+        fn = _ops.get(op, instr, role)
+        if fn.name not in _RANGE_CMP_OPS:
+            fail(instr, role, f"must be one of nl.{', nl.'.join(_RANGE_CMP_OPS)}, got {fn!r}")
+        ops.append(fn)
+    p = on_true_tile.shape[0]
+    bounds = []
+    for role, b in (("bound0", bound0), ("bound1", bound1)):
+        _onchip(instr, role, _tensor(instr, role, b))
+        if b.shape[0] != p or b.free_size != 1:
+            fail(instr, role, f"must have one element per partition, ({p}, 1), got {b.shape}")
+        if b.dtype != _dt.normalize("float32"):
+            fail(instr, role, f"must be float32, got {_dt.name(b.dtype)}")
+        bounds.append(b._get().reshape(p, 1).astype(_F32))
+    if _ops.get(reduce_op, instr, "reduce_op").name != "maximum":
+        fail(instr, "reduce_op", f"only nl.maximum is supported, got {reduce_op!r}")
+    if reduce_cmd is not globals()["reduce_cmd"].reset_reduce:
+        fail(instr, "reduce_cmd", "the emulator supports reduce_cmd=reset_reduce only")
+    if isinstance(range_start, (bool, np.bool_)) or not isinstance(range_start, (int, np.integer)):
+        fail(instr, "range_start", f"must be a compile-time integer, got {range_start!r}")
+    if isinstance(on_false_value, Tensor) or _F32(on_false_value) != _F32(FP32_MIN):
+        fail(instr, "on_false_value", f"must be FP32_MIN ({FP32_MIN}), got {on_false_value!r}")
+    f = on_true_tile.free_size
+    idx = (int(range_start) + np.arange(f, dtype=np.float64)).astype(_F32)[None, :]
+    keep = ops[0].apply(idx, bounds[0]).astype(bool) & ops[1].apply(idx, bounds[1]).astype(bool)
+    sel = np.where(keep, on_true_tile._get().reshape(p, f).astype(_F32), _F32(FP32_MIN))
+    writes = [dst]
+    if reduce_res is not None:
+        _onchip(instr, "reduce_res", _tensor(instr, "reduce_res", reduce_res))
+        if reduce_res.shape[0] != p or reduce_res.free_size != 1:
+            fail(instr, "reduce_res", f"must be ({p}, 1), got {reduce_res.shape}")
+        if not _dt.is_float(reduce_res.dtype):
+            fail(instr, "reduce_res", f"must be a float dtype, got {_dt.name(reduce_res.dtype)}")
+        _write(reduce_res, sel.max(axis=1).reshape(reduce_res.shape))
+        writes.append(reduce_res)
+    _write(dst, sel.reshape(dst.shape))
+    _record(instr, DVE, [on_true_tile, bound0, bound1], writes)
+
+
 _BN_STATS_FMAX = 512      # nl.tile_size.bn_stats_fmax: elements per partition one bn_stats instruction reads
 
 

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..backend import call, nki, nisa, nl
-from ..hw import P_MAX, PSUM_FMAX_FP32, SBUF_BYTES_PER_PARTITION
+from ..hw import DMA_FULL_RATE_ROW_BYTES, P_MAX, PSUM_FMAX_FP32, SBUF_BYTES_PER_PARTITION
 from ..lnc import current_target_name, resolve_lnc
 from ..validation import check_host_values, kernel_check
 from ..transpose import mixing_pe_transpose
@@ -42,7 +42,7 @@ _DMA_KNEE_BYTES = 2560         # a DMA packet (one partition row) keeps its engi
                                # time: cost model v3-v10's packet floor, which `gate_up_parts` was fitted under.
                                # Cost model v11 has 512 B on trn2 / trn3; its choice was re-checked against v11's
                                # modeled figures (docs/moe.md, "v11 check"); the combine rule uses the next line
-_COMBINE_KNEE_BYTES = {"trn1": 2560, "trn2": 512, "trn3": 512}   # the packet knee the combine estimate uses per
+_COMBINE_KNEE_BYTES = DMA_FULL_RATE_ROW_BYTES   # the packet knee the combine estimate uses per
                                # target: cost model v11's (docs/cost-model.md, "v11 round"); trn2 when unknown
 _CORE_HBM_BYTES_PER_US = 362.5e3   # one trn2 core's HBM rate (bytes per µs)
 _GPSIMD_GHZ = 1.2
