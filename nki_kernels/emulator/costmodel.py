@@ -56,6 +56,9 @@ class CostParams:
                                           # N / rate cycles, instead of the isa's 2N. v9 fitted it on the KDA adamw
                                           # points read as one core; as two cores (v10) the documented 2N fits them
     dve_perf_mode: bool = False           # v3+: bf16 copy / tensor_scalar 4x, tensor_tensor 2x from SBUF
+    range_select_passes: float = 1.0      # nisa.range_select (VectorE, v3+): passes over its N elements. Nothing
+                                          # published; one, like a copy from the same source [U: 1-2, preset
+                                          # `range-select-high`: a select pass plus a reduce pass]
     dve_min_ii: float = 64.0              # VectorE minimum cycles of an instruction (per pass, see below). Documented:
                                           # MIN_II ~64 (isa cost table), ~60 of it the tensor access start that
                                           # "compute engines can typically hide ... through instruction level
@@ -175,6 +178,7 @@ _UNCERTAIN = {
                     {"cc_hop_us": 2.0, "cc_intra_chip_gbps": 90.0, "cc_inter_chip_gbps": 64.0}),
     "reorder": ({"reorder_window": 1024, "tile_buffers": 4}, {"reorder_window": 16, "tile_buffers": 2}),
     "dve-one-pass": ({"dve_one_pass": True}, {}),
+    "range-select": ({}, {"range_select_passes": 2.0}),
     "core-barrier": ({"core_barrier_us": 0.65}, {"core_barrier_us": 2.6}),
     "sendrecv": ({"sendrecv_gpsimd_us": 0.2}, {"sendrecv_gpsimd_us": 1.3}),
 }
@@ -471,8 +475,8 @@ def compute_cycles(ins, target: Target, p: CostParams) -> tuple[float, float]:
     elif name == "bn_aggr":               # isa: max(MIN_II, 13 N / 3), N = input elements per partition
         n_in = ins.reads[0].elems_pp if ins.reads else n
         cyc = max(mi, 13 * n_in / 3 / rate)
-    elif name == "range_select":          # one pass, like a copy from the same source (no published figure)
-        cyc = max(mi, n / rate)
+    elif name == "range_select":          # `range_select_passes` passes (default one, like a copy from the source)
+        cyc = max(mi, p.range_select_passes * n / rate)
     elif name in ("max8", "nc_find_index8"):
         n_in = ins.reads[0].elems_pp if ins.reads else n
         cyc = max(mi, n_in / rate)

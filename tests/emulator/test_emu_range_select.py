@@ -120,7 +120,10 @@ def test_cost_is_one_vector_pass(f):
     trace = last_run().traces[0]
     sel = [ins for ins in trace if ins.name == "range_select"]
     assert len(sel) == 1
-    from nki_kernels.emulator.costmodel import PARAMS, compute_cycles
+    from nki_kernels.emulator.costmodel import PARAMS, compute_cycles, preset_params
     cyc, _ = compute_cycles(sel[0], get_target("trn2"), PARAMS["trn2"])
     assert cyc == max(64, f / 2)
+    for preset, passes in (("range-select-high", 2), ("high", 2), ("low", 1)):
+        cyc, _ = compute_cycles(sel[0], get_target("trn2"), preset_params(preset, "trn2"))
+        assert cyc == max(preset_params(preset, "trn2").dve_min_ii, passes * f / 2), preset
     assert model_trace(trace, get_target("trn2")).total_us > 0
