@@ -68,21 +68,19 @@ def tile_short_body(q, k, v, gate, seq_lens, out, softmax_scale, causal):
     zero_f = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)     # range_select's lower bound: key >= 0
     nisa.memset(dst=zero_f, value=0.0, engine=nisa.engine.gpsimd)
     geo["zero"] = zero_f
-    units = _unit_order(len(items), n_t)
     ring = nl.ndarray((P_MAX, _LAG + 1, geo["nk"]), dtype=q.dtype, buffer=nl.sbuf)    # P of the units in flight
-    heads = {}
-    kv = None
-    pending = []
-    for n_u, (i, t) in enumerate(units):
+    head, kv, ends = None, None, None
+    pending = []                   # units whose P^T / P V / finish are still to come: (head, tile, (P, l))
+    for n_u, (i, t) in enumerate(_unit_order(len(items), n_t)):
         b, kvh, g = items[i]
-        h = kvh * group + g
-        if i not in heads:
+        if head is None or head["item"] != i:
+            if ends is None or ends[0] != b:
+                ends = (b, _row_ends(seq_lens, b, tiles, geo))
             if kv is None or kv["key"] != (b, kvh):
-                kv = _kv_start(k[b, kvh], v[b, kvh], seq_lens, b, tiles, geo)
-                kv["key"] = (b, kvh)
-            heads[i] = dict(q=q[b, h], gate=None if gate is None else gate[b, h], out=out[b, h], kv=kv,
-                            qT=nl.ndarray((P_MAX, n_t, geo["n_d"], P_MAX), dtype=q.dtype, buffer=nl.sbuf))
-        head = heads[i]
+                kv = _kv_start(k[b, kvh], v[b, kvh], ends[1], (b, kvh), geo)
+            h = kvh * group + g
+            head = dict(item=i, q=q[b, h], gate=None if gate is None else gate[b, h], out=out[b, h], kv=kv,
+                        qT=nl.ndarray((P_MAX, n_t, geo["n_d"], P_MAX), dtype=q.dtype, buffer=nl.sbuf))
         _load_kT(kv, tiles[t]["n_ch"], geo)
         _load_qT(head, t, geo)
         pending.append((head, tiles[t], _scores_exp(head, tiles[t], ring[0:P_MAX, n_u % (_LAG + 1), :], geo)))
@@ -113,11 +111,10 @@ def _tile_geometry(geo, t):
     return dict(t=t, qn=qn, n_ch=n_ch, ncols=ncols, masked=geo["lens"] or first_end < ncols, quad=quad)
 
 
-def _kv_start(k, v, seq_lens, b, tiles, geo):
-    """One KV head (k, v: [Skv, D] HBM views): K^T [128(d), C, n_d, 128] (chunk-major: each chunk's DMA transpose
-    writes one dense window) and V [128 keys, C, D], both filled chunk by chunk as units need them; with a length,
-    the length on every partition; per masked tile t its rows' visible end `ends[:, t]` (fp32, GpSimd): key j is
-    visible to row p iff j < min(Skv - Sq + 128t + p + 1 (causal) or Skv, length)."""
+def _row_ends(seq_lens, b, tiles, geo):
+    """Sequence b: (the length on every partition or None, `ends`): per masked tile t its rows' visible end
+    `ends[:, t]` (fp32, GpSimd): key j is visible to row p iff j < min(Skv - Sq + 128t + p + 1 (causal) or Skv,
+    length)."""
     len_f = None if seq_lens is None else load_len_broadcast(seq_lens, b, P_MAX)
     ends = nl.ndarray((P_MAX, geo["n_t"]), dtype=nl.float32, buffer=nl.sbuf)
     for tile in tiles:
@@ -135,7 +132,15 @@ def _kv_start(k, v, seq_lens, b, tiles, geo):
         if len_f is not None:
             nisa.tensor_tensor(dst=ends[:, t:t + 1], data1=ends[:, t:t + 1], data2=len_f, op=nl.minimum,
                                engine=nisa.engine.gpsimd)
-    return dict(k=k, v=v, len=len_f, ends=ends, k_chunks=0, v_chunks=0,
+    return len_f, ends
+
+
+def _kv_start(k, v, row_ends, key, geo):
+    """One KV head (k, v: [Skv, D] HBM views; row_ends: its sequence's `_row_ends`): K^T [128(d), C, n_d, 128]
+    (chunk-major: each chunk's DMA transpose writes one dense window) and V [128 keys, C, D], both filled chunk by
+    chunk as the units need them."""
+    len_f, ends = row_ends
+    return dict(key=key, k=k, v=v, len=len_f, ends=ends, k_chunks=0, v_chunks=0,
                 kT=nl.ndarray((P_MAX, geo["cpp"], geo["n_d"], K_CHUNK), dtype=geo["dtype"], buffer=nl.sbuf),
                 v_sb=nl.ndarray((P_MAX, geo["cpp"], geo["d"]), dtype=geo["dtype"], buffer=nl.sbuf))
 
@@ -215,22 +220,17 @@ def _scores_exp(head, tile, p_ring, geo):
 
 
 def _pv_finish(head, tile, staged, geo):
-    """Unit (head, tile t): its V chunks and gate rows (loads), P^T (PE, 128-key chunks; one VectorE eviction),
-    P V into a [128, D] PSUM tile (the diagonal chunk as a 64 x 128 and a 64 x 64 PE tile when `quad`), then
-    out = O / l (* sigmoid(gate)), rows past the length := 0 (a select: whatever they hold), and the tile's
-    store."""
+    """Unit (head, tile t): its V chunks (loads), P V (`_pv`), then the finish (`_finish`)."""
     p_sb, l_sb = staged
-    d, dtype = geo["d"], geo["dtype"]
-    t, n_ch, qn = tile["t"], tile["n_ch"], tile["qn"]
-    kv = head["kv"]
-    _load_v(kv, n_ch, geo)
-    sig = None
-    if head["gate"] is not None:
-        gate = head["gate"]
-        g_sb = nl.ndarray((P_MAX, d), dtype=gate.dtype, buffer=nl.sbuf)
-        nisa.dma_copy(dst=g_sb[0:qn], src=gate[P_MAX * t:P_MAX * t + qn, 0:d])
-        sig = nl.ndarray((P_MAX, d), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.activation(dst=sig[0:qn], op=nl.sigmoid, data=g_sb[0:qn])
+    _load_v(head["kv"], tile["n_ch"], geo)
+    _finish(head, tile, _pv(head, tile, p_sb, geo), l_sb, geo)
+
+
+def _pv(head, tile, p_sb, geo):
+    """P^T (PE, 128-key chunks; one VectorE eviction), then P V into a [128, D] fp32 PSUM tile (the diagonal chunk
+    as a 64 x 128 and a 64 x 64 PE tile when `quad`). Returns the PSUM tile."""
+    d, dtype, n_ch = geo["d"], geo["dtype"], tile["n_ch"]
+    v_sb = head["kv"]["v_sb"]
     pt_psum = nl.ndarray((P_MAX, geo["cpp"], P_MAX), dtype=dtype, buffer=nl.psum)
     for c in range(n_ch):
         exact_transpose(pt_psum[0:P_MAX, c, 0:P_MAX], p_sb[0:P_MAX, c * K_CHUNK:(c + 1) * K_CHUNK])
@@ -239,22 +239,35 @@ def _pv_finish(head, tile, staged, geo):
     pv_psum = nl.ndarray((P_MAX, d), dtype=nl.float32, buffer=nl.psum)
     n_full = n_ch - 1 if tile["quad"] else n_ch
     for c in range(n_full):
-        nisa.nc_matmul(pv_psum[0:P_MAX, 0:d], pT_sb[0:P_MAX, c, 0:P_MAX], kv["v_sb"][0:P_MAX, c, 0:d],
-                       accumulate=c > 0)
+        nisa.nc_matmul(pv_psum[0:P_MAX, 0:d], pT_sb[0:P_MAX, c, 0:P_MAX], v_sb[0:P_MAX, c, 0:d], accumulate=c > 0)
     if tile["quad"]:
         j, h = n_ch - 1, _HALF_CHUNK
-        nisa.nc_matmul(pv_psum[0:P_MAX, 0:d], pT_sb[0:h, j, 0:P_MAX], kv["v_sb"][0:h, j, 0:d], accumulate=j > 0,
+        nisa.nc_matmul(pv_psum[0:P_MAX, 0:d], pT_sb[0:h, j, 0:P_MAX], v_sb[0:h, j, 0:d], accumulate=j > 0,
                        tile_position=(0, 0), tile_size=(h, P_MAX))
-        nisa.nc_matmul(pv_psum[h:P_MAX, 0:d], pT_sb[h:P_MAX, j, h:P_MAX], kv["v_sb"][h:P_MAX, j, 0:d],
-                       accumulate=True, tile_position=(h, h), tile_size=(h, h))
+        nisa.nc_matmul(pv_psum[h:P_MAX, 0:d], pT_sb[h:P_MAX, j, h:P_MAX], v_sb[h:P_MAX, j, 0:d], accumulate=True,
+                       tile_position=(h, h), tile_size=(h, h))
+    return pv_psum
+
+
+def _finish(head, tile, pv_psum, l_sb, geo):
+    """out = O / l (* sigmoid(gate): the tile's gate rows loaded here), rows past the length := 0 (a select:
+    whatever they hold), and the tile's store (one 64 KiB DMA at D = 256)."""
+    d, t, qn = geo["d"], tile["t"], tile["qn"]
+    sig = None
+    if head["gate"] is not None:
+        g_sb = nl.ndarray((P_MAX, d), dtype=head["gate"].dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=g_sb[0:qn], src=head["gate"][P_MAX * t:P_MAX * t + qn, 0:d])
+        sig = nl.ndarray((P_MAX, d), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.activation(dst=sig[0:qn], op=nl.sigmoid, data=g_sb[0:qn])
     inv_l = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.reciprocal(dst=inv_l[0:qn], data=l_sb[0:qn])
-    o_sb = nl.ndarray((P_MAX, d), dtype=dtype, buffer=nl.sbuf)
+    o_sb = nl.ndarray((P_MAX, d), dtype=geo["dtype"], buffer=nl.sbuf)
     if sig is None:
         nisa.tensor_scalar(dst=o_sb[0:qn], data=pv_psum[0:qn, 0:d], op0=nl.multiply, operand0=inv_l[0:qn])
     else:
         nisa.scalar_tensor_tensor(dst=o_sb[0:qn], data=pv_psum[0:qn, 0:d], op0=nl.multiply, operand0=inv_l[0:qn],
                                   op1=nl.multiply, operand1=sig[0:qn])
-    if kv["len"] is not None:
-        zero_rows_past_length(o_sb[0:qn, 0:d].reshape((qn, 1, d)), kv["len"], geo["qpos0"] + P_MAX * t, P_MAX)
+    len_f = head["kv"]["len"]
+    if len_f is not None:
+        zero_rows_past_length(o_sb[0:qn, 0:d].reshape((qn, 1, d)), len_f, geo["qpos0"] + P_MAX * t, P_MAX)
     nisa.dma_copy(dst=head["out"][P_MAX * t:P_MAX * t + qn, 0:d], src=o_sb[0:qn, 0:d])

@@ -56,34 +56,47 @@ def _path(path):
     return mock.patch.object(prefill, "_SHORT_SKV", prefill._SHORT_SKV if path == "short" else 0)
 
 
+def _body(body):
+    """The short bodies' rule ("auto": tile-major for bf16 / fp16 at D = 256 on trn2 / trn3) or the partition-major
+    body for every Skv <= 512 shape ("partition"), so that its 2-byte D = 256 path stays tested."""
+    if body == "auto":
+        return mock.patch.object(prefill, "tile_short_path", prefill.tile_short_path)
+    return mock.patch.object(prefill, "tile_short_path", lambda *a, **kw: False)
+
+
 @given(b=st.integers(1, 2), group=st.sampled_from([1, 2, 4]), sq=st.integers(1, 512), extra=st.integers(0, 200),
        d=st.sampled_from([48, 128, 200, 256]), dtype=st.sampled_from(["bfloat16", "float32", "float16"]),
        causal=st.booleans(), use_lens=st.booleans(), use_gate=st.booleans(), lnc=st.sampled_from([1, 2]),
-       seed=st.integers(0, 2 ** 16))
-def test_short_body_matches_reference(b, group, sq, extra, d, dtype, causal, use_lens, use_gate, lnc, seed):
+       seed=st.integers(0, 2 ** 16), body=st.sampled_from(["auto", "partition"]))
+def test_short_body_matches_reference(b, group, sq, extra, d, dtype, causal, use_lens, use_gate, lnc, seed, body):
     """Skv <= 512: 1-4 query rows and 1-4 keys per partition (Sq, Skv not multiples of 128: a partial last
-    partition and phantom rows / keys), GQA, both LNCs."""
+    partition and phantom rows / keys), GQA, both LNCs; either short body for 2-byte D = 256."""
     rng = np.random.default_rng(seed)
     skv = min(512, sq + extra)
     q, k, v, g = _inputs(rng, b, group, 1, sq, skv, d, DTYPES[dtype], gate=use_gate)
     lens = rng.integers(0, skv + 1, size=b).astype(np.int32) if use_lens else None
     assert prefill.short_path(sq, skv, False)
-    _check("short", q, k, v, dtype, gate=g, seq_lens=lens, causal=causal, lnc=lnc)
+    with _body(body):
+        _check("short", q, k, v, dtype, gate=g, seq_lens=lens, causal=causal, lnc=lnc)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-def test_short_body_largest_shape_fits(dtype):
+@pytest.mark.parametrize("dtype, body", [("float32", "auto"), ("bfloat16", "auto"), ("float16", "auto"),
+                                         ("bfloat16", "partition"), ("float16", "partition")])
+def test_short_body_largest_shape_fits(dtype, body):
     """The largest short-body shape (Sq = Skv = 512, D = 256) with everything on: gate, lengths, GQA 4:1, fp32
-    (the biggest tiles) runs within SBUF / PSUM and matches the reference."""
+    (the biggest tiles) runs within SBUF / PSUM and matches the reference; 2-byte dtypes in either short body."""
     rng = np.random.default_rng(512)
     q, k, v, g = _inputs(rng, 1, 4, 1, 512, 512, 256, DTYPES[dtype], gate=True)
     assert prefill.short_path(512, 512, False) and not prefill.short_path(513, 513, False)
-    _check("short largest", q, k, v, dtype, gate=g, seq_lens=np.array([300], np.int32), causal=True)
+    with _body(body):
+        _check("short largest", q, k, v, dtype, gate=g, seq_lens=np.array([300], np.int32), causal=True)
 
 
-@pytest.mark.parametrize("dtype, d, sq, causal", [("bfloat16", 256, 512, True), ("bfloat16", 200, 300, False),
-                                                  ("float32", 256, 512, True)])
-def test_short_body_transposes(dtype, d, sq, causal):
+@pytest.mark.parametrize("dtype, d, sq, causal, body", [("bfloat16", 256, 512, True, "auto"),
+                                                        ("bfloat16", 256, 512, True, "partition"),
+                                                        ("bfloat16", 200, 300, False, "auto"),
+                                                        ("float32", 256, 512, True, "auto")])
+def test_short_body_transposes(dtype, d, sq, causal, body):
     """2-byte dtypes: Q^T (one per head) and K^T (one per KV head) arrive by DMA transposes, so the only TensorE
     transposes are those of P (one per 128-key chunk of every query tile: the causal triangle, or every chunk);
     fp32 keeps PE transposes of Q and K (no DMA transposes). Counts from the layout, independent of the kernel."""
@@ -91,13 +104,13 @@ def test_short_body_transposes(dtype, d, sq, causal):
     rng = np.random.default_rng(5)
     b, hq, hkv, skv = 1, 4, 1, sq
     q, k, v, g = _inputs(rng, b, hq, hkv, sq, skv, d, DTYPES[dtype], gate=True)
-    with record_launches() as runs:
+    with record_launches() as runs, _body(body):
         out = flash_attention(q, k, v, gate=g, causal=causal, lnc=1)
     assert_close("short transposes", flash_attention_ref(q, k, v, gate=g, causal=causal), out, dtype=dtype)
     names = [ins.name for ins in runs[0].traces[0]]
     n_t, n_c = math.ceil(sq / 128), math.ceil(skv / 128)
     p_chunks = hq * (sum(min(n_c, t + 1) for t in range(n_t)) if causal else n_t * n_c)
-    if dtype == "bfloat16" and d == 256:      # tile-major body (short_tiles): Q^T per (head, tile), K^T per chunk
+    if dtype == "bfloat16" and d == 256 and body == "auto":    # tile-major: Q^T per (head, tile), K^T per chunk
         assert names.count("dma_transpose") == hq * n_t + hkv * n_c
         assert names.count("nc_transpose") == p_chunks
     elif dtype == "bfloat16":
@@ -224,13 +237,15 @@ def test_softmax_scale_argument():
 
 @pytest.mark.parametrize("shape", [(2, 4, 1, 200, 260), (1, 4, 1, 300, 300), (3, 2, 2, 129, 129),
                                    (1, 4, 1, 512, 512), (1, 3, 1, 700, 700)])
-def test_lnc2_equals_lnc1(shape):
+@pytest.mark.parametrize("body", ["auto", "partition"])
+def test_lnc2_equals_lnc1(shape, body):
     b, hq, hkv, sq, skv = shape
     rng = np.random.default_rng(sum(shape))
     q, k, v, g = _inputs(rng, b, hq, hkv, sq, skv, 256, BF16, gate=True)
     lens = rng.integers(1, skv + 1, size=b).astype(np.int32)
-    one = flash_attention(q, k, v, gate=g, seq_lens=lens, causal=True, lnc=1)
-    two = flash_attention(q, k, v, gate=g, seq_lens=lens, causal=True, lnc=2)
+    with _body(body):
+        one = flash_attention(q, k, v, gate=g, seq_lens=lens, causal=True, lnc=1)
+        two = flash_attention(q, k, v, gate=g, seq_lens=lens, causal=True, lnc=2)
     np.testing.assert_array_equal(np.asarray(one, np.float64), np.asarray(two, np.float64))
 
 

@@ -80,30 +80,57 @@ def test_path_rule():
 @pytest.mark.parametrize("target, expect", [("trn2", True), ("trn3", True), ("trn1", False)])
 def test_dispatch_per_target(target, expect):
     rng = np.random.default_rng(1)
-    q, k, v, g = _inputs(rng, 1, 2, 1, 200, 200, BF16)
+    q, k, v, g = _inputs(rng, 2, 2, 1, 200, 256, BF16)
+    lens = np.array([256, 131], np.int32)
     patch, calls = _taken()
     with use_target(target), patch:
-        out = flash_attention(q, k, v, gate=g, causal=True, lnc=1)
+        out = flash_attention(q, k, v, gate=g, seq_lens=lens, causal=True, lnc=1)
     assert bool(calls) == expect
-    assert_close("dispatch", flash_attention_ref(q, k, v, gate=g, causal=True), out, dtype="bfloat16")
+    assert_close("dispatch", flash_attention_ref(q, k, v, gate=g, seq_lens=lens, causal=True), out,
+                 dtype="bfloat16")
+
+
+def test_rule_reads_the_cost_models_knee():
+    """`hw.DMA_FULL_RATE_ROW_BYTES` (what the rule reads) is the cost model's default packet knee on every target."""
+    from nki_kernels.emulator.costmodel import PARAMS
+    from nki_kernels.hw import DMA_FULL_RATE_ROW_BYTES
+    assert set(DMA_FULL_RATE_ROW_BYTES) == set(PARAMS)
+    for name, knee in DMA_FULL_RATE_ROW_BYTES.items():
+        assert PARAMS[name].dma_knee_bytes == knee, name
+
+
+@pytest.mark.parametrize("scale", [4.0, 0.01])
+def test_large_and_small_scale_with_an_empty_sequence(scale):
+    """softmax_scale far from D ** -0.5, and a sequence of length 0 (every key hidden: its FP32_MIN row max times
+    a scale > 1 overflows, and the finish's select still gives exact zeros)."""
+    rng = np.random.default_rng(4)
+    q, k, v, g = _inputs(rng, 2, 2, 1, 256, 256, BF16)
+    lens = np.array([0, 5], np.int32)
+    out = flash_attention(q, k, v, gate=g, seq_lens=lens, causal=True, softmax_scale=scale, lnc=2)
+    ref = flash_attention_ref(q, k, v, gate=g, seq_lens=lens, causal=True, softmax_scale=scale)
+    assert np.all(np.asarray(out, np.float64)[0] == 0)
+    assert_close("scale", ref, out, dtype="bfloat16")
 
 
 @settings(max_examples=25, deadline=None)
 @given(where=st.sampled_from(["q", "k", "v", "gate"]), value=st.sampled_from([np.nan, np.inf, -np.inf]),
-       causal=st.booleans(), lnc=st.sampled_from([1, 2]), seed=st.integers(0, 2 ** 16))
-def test_non_finite_stays_in_its_sequence(where, value, causal, lnc, seed):
+       causal=st.booleans(), lnc=st.sampled_from([1, 2]), sq=st.sampled_from([300, 256]),
+       use_lens=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_non_finite_stays_in_its_sequence(where, value, causal, lnc, sq, use_lens, seed):
     """A non-finite value in one sequence leaves the others bit-identical; in q or gate it reaches only its own
-    row (query head, position)."""
+    row (query head, position); a key's reaches no row before it (causal). Sq = 256 after 128 cached keys puts
+    the diagonal on a chunk boundary (the PE tiles skip its hidden quadrant); with lengths as well."""
     rng = np.random.default_rng(seed)
-    b, hq, hkv, sq, skv = 2, 4, 2, 300, 384
+    b, hq, hkv, skv = 2, 4, 2, 384
     q, k, v, g = _inputs(rng, b, hq, hkv, sq, skv, BF16)
-    clean = np.asarray(flash_attention(q, k, v, gate=g, causal=causal, lnc=lnc), np.float64)
+    lens = np.array([skv, int(rng.integers(1, skv))], np.int32) if use_lens else None
+    clean = np.asarray(flash_attention(q, k, v, gate=g, seq_lens=lens, causal=causal, lnc=lnc), np.float64)
     tensors = dict(q=q.copy(), k=k.copy(), v=v.copy(), gate=g.copy())
     arr = tensors[where]
     bad_b, h, s = int(rng.integers(0, b)), int(rng.integers(0, arr.shape[1])), int(rng.integers(0, arr.shape[2]))
     arr[bad_b, h, s, int(rng.integers(0, D))] = value
-    out = np.asarray(flash_attention(tensors["q"], tensors["k"], tensors["v"], gate=tensors["gate"], causal=causal,
-                                     lnc=lnc), np.float64)
+    out = np.asarray(flash_attention(tensors["q"], tensors["k"], tensors["v"], gate=tensors["gate"], seq_lens=lens,
+                                     causal=causal, lnc=lnc), np.float64)
     others = [i for i in range(b) if i != bad_b]
     np.testing.assert_array_equal(out[others], clean[others])
     if where in ("q", "gate"):
