@@ -674,6 +674,9 @@ def _finish(out, gate, bufs, len_f, st, d, dtype, rows=None):
 
 # ============================================================================ short sequences (Skv <= 512)
 #
+# (bf16 / fp16 at D = 256 on trn2 / trn3 take the tile-major body in short_tiles.py instead: cost model v11 moves
+# their 512 B rows at full rate; this partition-major body runs fp32, D < 256 and trn1. The cost notes below are
+# from the cost models it was built under.)
 # One softmax block covers every key, so there is no online rescaling; what limits the pipeline above at these
 # sizes is DMA descriptors: a [128 rows, D] tile moves 512 B per row (bf16, D=256, 36% of the DMA engines' rate
 # in the cost model) and K^T DMA-transposed on load 256 B. Here q, gate, out, K move partition-major, several
