@@ -42,8 +42,9 @@ _ITEMSIZE = 2                 # the path is for 2-byte dtypes
 def tile_short_path(sq: int, skv: int, d: int, dtype, bhds: bool = False) -> bool:
     """Trace-time rule (shapes, dtype and target only): Skv <= 512, 2-byte dtypes whose D-row is at least a full-rate
     DMA packet on the target (D * 2 >= 512 B on trn2 / trn3: D = 256; trn1's 2560 B knee: never), and a target
-    with `range_select` (NeuronCore-v3+). Narrower rows keep the partition-major short body, whose 2 KiB rows
-    still pay there (D = 80 / 128 with many heads: 10-22% slower tile-major, docs/attention.md)."""
+    with `range_select` (NeuronCore-v3+). Narrower rows keep the partition-major short body, whose 1-2 KiB rows
+    still pay there (tile-major at D < 256: faster with few heads per core, up to 32% slower with many KV heads and
+    a gate; docs/attention.md, "Short prefill, tile-major")."""
     target = current_target_name()
     if bhds or skv > _SKV_MAX or sq > skv or not is_two_byte(dtype) or target in NO_RANGE_SELECT_TARGETS:
         return False
