@@ -119,11 +119,9 @@ def prefill_body(q, k, v, gate, seq_lens, out, softmax_scale, causal, bhds=False
     n_b, n_hq, sq, d = out.shape
     n_kv = k.shape[1]
     skv = k.shape[3] if bhds else k.shape[2]
-    if short is not False and short_path(sq, skv, bhds) and tile_short_path(sq, skv, d, q.dtype, bhds):
-        tile_short_body(q, k, v, gate, seq_lens, out, softmax_scale, causal)
-        return
     if short is not False and short_path(sq, skv, bhds):
-        short_prefill_body(q, k, v, gate, seq_lens, out, softmax_scale, causal)
+        body = tile_short_body if tile_short_path(sq, skv, d, q.dtype, bhds) else short_prefill_body
+        body(q, k, v, gate, seq_lens, out, softmax_scale, causal)
         return
     group = n_hq // n_kv
     dtype = q.dtype
