@@ -216,6 +216,16 @@ v11 source 2 (kernels_v11.py docstring, "Source 2"; selection committed after th
 its kernels; nothing modeled): the v6 rule applied to allenkchau/trainium-kernel-fusion (trn2, nki.benchmark P99,
 `bench`): A attention, baseline and fused, fp32 and bf16, S 512-4096 (AF.b.* / AF.f.*, 16 points, sealed, added
 when reference-checked); B its MLP study stays reserved, un-modeled.
+v12 sealed points (split "sealed"; module kernels_v12.py, whose docstring holds the search record, the selection and
+the compiler-left choices, committed before any of its kernels was re-written; nothing modeled). The v11 round
+unsealed every sealed point, and no KDA operator is left (all 14 workspaces used), so the next round needs a new
+source. The v6 rule, unchanged, applied to the Stanford CS149 Fall 2024 assignment 4 (asst4-trainium, trn1.2xlarge,
+one NeuronCore; `bench` = vec_add.py's nki.benchmark P99; time_cores 1, tile_buffers None: no
+skip_middle_end_transformations): waahm7@a4d4676 CS24.tiled128 (109 µs), CS24.stream2 / 10 / 20 / 40 / 50 / 100 /
+200 (52 / 24 / 21 / 20 / 19 / 19 / 19 µs, n 25600), ichuniq@2a41b62 CS24.fd1k (n 256000, median of the stream and
+the same-stream direct-allocation reports, 28 µs): 9 points, sealed until the next round has frozen its model (the
+unsealing commit says so). robertpare17's figures are out (hardware not stated), waahm7's 256k figures too (timing
+kind not stated).
 """
 from __future__ import annotations
 
