@@ -7,8 +7,8 @@ written below, in this commit, before any kernel exists.
 Why: the v11 round unsealed its 30 sealed points (KG.*, AF.*) and failed its held-out test (docs/cost-model.md,
 "v11 round"); no sealed point is left, so the next round has nothing to be judged on.
 
-Search record (16:13-16:40 UTC, 2026-12-07, `seal12` engineer; `find_repos`, `find_files`, `find_string`, `search`
-corpus pages, and `fetch` of the newest snapshot of every repository named below):
+Search record (16:13-16:17 UTC by `date`, 2026-12-07, `seal12` engineer; `find_repos`, `find_files`, `find_string`,
+`search` corpus pages, and `fetch` of the newest snapshot of every repository named below):
   * KDA (Jerry2423/kda-for-trainium, newest snapshot 90770f2, 2026-07-30, the commit every KDA point cites): its 14
     workspaces are adamw, silu (v7), transpose_matmul, matmul (v8), bmm ... bmm_softmax (operators 3-10, v9),
     gqa_full (operator 11, v11) and mamba (reserved). Every operator of the v8 order has been sealed, unsealed and
