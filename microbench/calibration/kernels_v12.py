@@ -107,10 +107,17 @@ Choices the published code leaves to the compiler or to the emulator's API (fixe
   columns of a [128, M / 128] view instead); the output the same view of an [M] HBM tensor.
 - Modeling (not done in this round): trn1, lnc 1, time_cores 1, tile_buffers None, `bench` (the trn1 bench term of
   the model that unseals them), at the published shape (k = tiles / chunks, k_model = (k_full,)).
+Added with the kernels (after this selection, 94620d3 / 89d1911; nothing modeled; no choice added): each kernel
+matches a float64 NumPy sum at three chunks / tiles and at the published n; the emulator's allocation peaks at the
+published n are 12 B (tiled128: three [128, 1] tiles) and 3 x 4 x FREE_DIM B per partition for the streams (24 B
+at FREE_DIM 2 ... 12000 B at 1000) of 180224, no PSUM.
 """
 from __future__ import annotations
 
-from .kernels_v8 import median  # noqa: F401  (the rule's median of several reports; the point specs use it)
+from nki_kernels.backend import nisa, nki, nl
+from nki_kernels.hw import P_MAX
+
+from .kernels_v8 import median   # the rule's median of several reports
 
 # Published nc_latency P99 (µs) of every report of a point, as the selection above lists them.
 CS24_REPORTS_US = {
@@ -119,3 +126,108 @@ CS24_REPORTS_US = {
     "CS24.stream50": (19.0,), "CS24.stream100": (19.0,), "CS24.stream200": (19.0,),
     "CS24.fd1k": (28.0, 28.0),      # ichuniq: vector_add_stream, vector_add_direct_allocation (one stream by (b))
 }
+
+
+# ------------------------------------------------------------------------------------------------ CS149 F24 (trn1)
+# out[M] = a[M] + b[M], the 2024 starter's vector_add_tiled / vector_add_stream with the step's constant (module
+# docstring): per tile two loads, one VectorE add (nl.add), one store.
+
+CS24_PARTITIONS = P_MAX       # PARTITION_DIM of vector_add_stream: 128 lanes
+CS24_N_STEP2A = 25600         # vector size of Steps 1 and 2a
+CS24_N_STEP3 = 256000         # vector size of Steps 2b and 3
+CS24_ROW_CHUNK = {"CS24.tiled128": 128}
+CS24_FREE_DIM = {"CS24.stream2": 2, "CS24.stream10": 10, "CS24.stream20": 20, "CS24.stream40": 40,
+                 "CS24.stream50": 50, "CS24.stream100": 100, "CS24.stream200": 200, "CS24.fd1k": 1000}
+CS24_N = {pid: CS24_N_STEP3 if pid == "CS24.fd1k" else CS24_N_STEP2A for pid in CS24_REPORTS_US}
+
+
+@nki.jit
+def cs24_vector_add_tiled(a_vec, b_vec, row_chunk):
+    """CS24.tiled*: out[M] = a[M] + b[M]; per chunk of `row_chunk` rows (one element per partition) two loads, one
+    VectorE tensor_tensor add (nl.add), one store."""
+    m = a_vec.shape[0]
+    out = nl.ndarray((m,), dtype=a_vec.dtype, buffer=nl.shared_hbm)
+    a_col, b_col, out_col = (t.reshape((m, 1)) for t in (a_vec, b_vec, out))
+    for i in range(m // row_chunk):
+        rows = slice(i * row_chunk, (i + 1) * row_chunk)
+        a_tile = nl.ndarray((row_chunk, 1), dtype=a_vec.dtype, buffer=nl.sbuf)
+        b_tile = nl.ndarray((row_chunk, 1), dtype=b_vec.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=a_tile, src=a_col[rows])
+        nisa.dma_copy(dst=b_tile, src=b_col[rows])
+        res = nl.ndarray((row_chunk, 1), dtype=a_vec.dtype, buffer=nl.sbuf)
+        nisa.tensor_tensor(dst=res, data1=a_tile, data2=b_tile, op=nl.add, engine=nisa.vector_engine)
+        nisa.dma_copy(dst=out_col[rows], src=res)
+    return out
+
+
+@nki.jit
+def cs24_vector_add_stream(a_vec, b_vec, free_dim):
+    """CS24.stream* / CS24.fd1k: out[M] = a[M] + b[M] with the vectors viewed as [M / (128 free_dim), 128, free_dim]
+    (the published reshape); per [128, free_dim] tile (one contiguous block) two loads, one VectorE tensor_tensor add
+    (nl.add), one store into the same view of the output."""
+    m = a_vec.shape[0]
+    n_tiles = m // (CS24_PARTITIONS * free_dim)
+    out = nl.ndarray((m,), dtype=a_vec.dtype, buffer=nl.shared_hbm)
+    a_re, b_re, out_re = (t.reshape((n_tiles, CS24_PARTITIONS, free_dim)) for t in (a_vec, b_vec, out))
+    for i in range(n_tiles):
+        a_tile = nl.ndarray((CS24_PARTITIONS, free_dim), dtype=a_vec.dtype, buffer=nl.sbuf)
+        b_tile = nl.ndarray((CS24_PARTITIONS, free_dim), dtype=b_vec.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=a_tile, src=a_re[i])
+        nisa.dma_copy(dst=b_tile, src=b_re[i])
+        res = nl.ndarray((CS24_PARTITIONS, free_dim), dtype=a_vec.dtype, buffer=nl.sbuf)
+        nisa.tensor_tensor(dst=res, data1=a_tile, data2=b_tile, op=nl.add, engine=nisa.vector_engine)
+        nisa.dma_copy(dst=out_re[i], src=res)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ point specs
+# Each spec is a calibration Point's fields (points.py adds split="sealed"). make(k, rng) -> (args, kwargs): k =
+# chunks (tiled) or [128, free_dim] tiles (stream); inputs uniform in [0, 1) fp32 (np.random.rand, as vec_add.py).
+
+
+def _rand(rng, n):
+    import numpy as np
+    return rng.random(n).astype(np.float32)
+
+
+def _cs24_make(pid):
+    width = CS24_ROW_CHUNK.get(pid) or CS24_PARTITIONS * CS24_FREE_DIM[pid]    # elements per chunk / tile
+    const = CS24_ROW_CHUNK.get(pid) or CS24_FREE_DIM[pid]
+
+    def make(k, rng):
+        return (_rand(rng, k * width), _rand(rng, k * width), const), {}
+    return make
+
+
+def ref_add(a, b, _const):
+    """a + b in float64."""
+    return a.astype("float64") + b.astype("float64")
+
+
+_CS24_SRC = {"waahm7": "CS149 F24 asst4-trainium (trn1.2xlarge), waahm7/asst4-trainium@a4d4676 part1/kernels.py "
+                       "(vec_add.py nki.benchmark P99, bench)",
+             "ichuniq": "CS149 F24 asst4-trainium (trn1.2xlarge), ichuniq/asst4-trainium@2a41b62 README.md Step 3, "
+                        "median of stream and direct-allocation (vec_add.py nki.benchmark P99, bench)"}
+
+
+def _cs24(pid):
+    """One POINT_SPECS entry: trn1, `bench`, the median of the point's reports, one core (time_cores 1), the
+    compiler's tile buffers (tile_buffers None), modeled at the published shape (k_model = (k_full,))."""
+    n = CS24_N[pid]
+    make = _cs24_make(pid)
+    if pid in CS24_ROW_CHUNK:
+        rc = CS24_ROW_CHUNK[pid]
+        spec = dict(name="vector_add_tiled", shape=f"n={n} fp32, ROW_CHUNK={rc}", kernel=cs24_vector_add_tiled,
+                    k_full=n // rc, notes=f"k = chunks of {rc} elements, one per partition (4 B per DMA row)")
+    else:
+        fd = CS24_FREE_DIM[pid]
+        spec = dict(name="vector_add_stream", shape=f"n={n} fp32, FREE_DIM={fd}", kernel=cs24_vector_add_stream,
+                    k_full=n // (CS24_PARTITIONS * fd),
+                    notes=f"k = [128, {fd}] tiles ({4 * fd} B per partition per DMA)")
+    src = _CS24_SRC["ichuniq" if pid == "CS24.fd1k" else "waahm7"]
+    return dict(id=pid, target="trn1", measured_us=median(CS24_REPORTS_US[pid]), source=src, make=make,
+                k_model=(spec["k_full"],), reference=ref_add, timing="bench", time_cores=1, tile_buffers=None,
+                **spec)
+
+
+POINT_SPECS = tuple(_cs24(pid) for pid in CS24_REPORTS_US)

@@ -100,6 +100,11 @@ _SMALL = {     # small shapes with the same tiling, for the correctness check
     # tiles); its other S points are the same program at another S (their shapes: test_v11_af_points_and_fit)
     **{pid: (lambda rng, pid=pid: BY_ID[pid].make(8, rng))
        for pid in ("AF.b.fp32.1024", "AF.f.fp32.1024", "AF.b.bf16.1024", "AF.f.bf16.1024")},
+    # v12 sealed points (CS149 F24 vector adds, trn1): three chunks / tiles of every published ROW_CHUNK / FREE_DIM.
+    # Correctness only: never modeled
+    **{pid: (lambda rng, pid=pid: BY_ID[pid].make(3, rng))
+       for pid in ("CS24.tiled128", "CS24.stream2", "CS24.stream10", "CS24.stream20", "CS24.stream40", "CS24.stream50",
+                   "CS24.stream100", "CS24.stream200", "CS24.fd1k")},
 }
 
 
@@ -858,3 +863,50 @@ def test_v11_af_points_and_fit():
         res = run(p.kernel, *args, target="trn2", lnc=1, **kw)
         assert (res.sbuf_peak_bytes[0], res.psum_peak_banks[0]) == (peak, 2), pid
         assert peak <= get_target("trn2").sbuf_bytes_per_partition
+
+
+# ---- v12 sealed points (kernels_v12.py): selection, published inputs, SBUF fit, non-finite values; no modeling
+
+
+def test_v12_points_and_fit():
+    """The v12 selection (kernels_v12.py docstring, committed 94620d3 / 89d1911 before any kernel): the CS149 Fall 2024
+    vector adds with their published P99 (CS24.fd1k the median of the stream and the same-stream direct-allocation
+    reports), sealed, trn1, `bench`, one core (time_cores 1), the compiler's tile buffers (None), at the published
+    shape (k = chunks / tiles); rule (a) by the emulator's allocation check at the published n (nothing modeled)."""
+    from microbench.calibration import kernels_v12 as V12
+    from nki_kernels.emulator.targets import get_target
+    rows = {"CS24.tiled128": (109, 25600, 200, 12), "CS24.stream2": (52, 25600, 100, 24),
+            "CS24.stream10": (24, 25600, 20, 120), "CS24.stream20": (21, 25600, 10, 240),
+            "CS24.stream40": (20, 25600, 5, 480), "CS24.stream50": (19, 25600, 4, 600),
+            "CS24.stream100": (19, 25600, 2, 1200), "CS24.stream200": (19, 25600, 1, 2400),
+            "CS24.fd1k": (28, 256000, 2, 12000)}
+    assert {p.id for p in POINTS if p.id.startswith("CS24.")} == set(rows) == set(V12.CS24_REPORTS_US)
+    assert V12.CS24_REPORTS_US["CS24.fd1k"] == (28.0, 28.0)
+    cap = get_target("trn1").sbuf_bytes_per_partition
+    for pid, (us, n, k_full, peak) in rows.items():
+        p = BY_ID[pid]
+        kernel = V12.cs24_vector_add_tiled if pid == "CS24.tiled128" else V12.cs24_vector_add_stream
+        assert (p.split, p.target, p.timing, p.kernel, p.time_cores, p.tile_buffers) == (
+            "sealed", "trn1", "bench", kernel, 1, None), pid
+        assert p.measured_us == pytest.approx(us) and p.k_model == (p.k_full,) == (k_full,)
+        args, kw = p.make(p.k_full, np.random.default_rng(1))
+        assert args[0].shape == args[1].shape == (n,) and str(args[0].dtype) == "float32"
+        res = run(p.kernel, *args, target="trn1", lnc=1, **kw)
+        assert (res.sbuf_peak_bytes[0], res.psum_peak_banks[0]) == (peak, 0), pid
+        assert peak <= cap
+        assert_close(pid, p.reference(*args, **kw), res.outputs, dtype="float32")
+
+
+@pytest.mark.parametrize("pid", ["CS24.tiled128", "CS24.stream10"])
+def test_v12_vector_add_keeps_non_finite_values_in_place(pid):
+    """inf / nan in one element reach only that element of the sum (each tile's add is element-wise)."""
+    p = BY_ID[pid]
+    args, kw = p.make(3, np.random.default_rng(4))
+    a, b = args[0].copy(), args[1].copy()
+    a[5], b[300], a[-1] = np.inf, np.nan, -np.inf
+    res = run(p.kernel, a, b, args[2], target="trn1", lnc=1, **kw)
+    out, want = np.asarray(res.outputs, dtype=np.float64), p.reference(a, b, args[2])
+    bad = ~np.isfinite(want)
+    assert np.array_equal(np.flatnonzero(~np.isfinite(out)), np.flatnonzero(bad))
+    assert np.array_equal(np.isnan(out), np.isnan(want)) and np.array_equal(out[bad], want[bad], equal_nan=True)
+    assert_close(pid, want[~bad], out[~bad], dtype="float32")
