@@ -226,6 +226,11 @@ skip_middle_end_transformations): waahm7@a4d4676 CS24.tiled128 (109 µs), CS24.s
 the same-stream direct-allocation reports, 28 µs): 9 points, sealed until the next round has frozen its model (the
 unsealing commit says so). robertpare17's figures are out (hardware not stated), waahm7's 256k figures too (timing
 kind not stated).
+v12 source 2 (kernels_v12.py docstring, "Source 2"; selection committed after the CS24 points landed, before any of
+its kernels; nothing modeled): the v6 rule applied to UC Berkeley CS152 lab 6 (spring 2026), whose one public student
+repository, magmawolf8/cs152-lab6@28148854ddf6, commits its conv2d kernel with the course harness's fleet report
+(trn1 NeuronCore-v2 as the lab handout states, one core; `bench` = nki.benchmark nc_latency P50): 11 conv2d cases
+CV.* (C 128 / 256, K 128 / 256, 3x3 / 5x5, N 4 / 16, fp16 / fp32), sealed, added when reference-checked.
 """
 from __future__ import annotations
 
