@@ -219,3 +219,5 @@ _register_varlen("qwen3-omni audio encoder 104-token windows", _AUDIO["lens"], _
                  _AUDIO["d"], causal=False, gated=False, band=True)
 _register_varlen(f"{_MODEL} small: 4 packed", (120, 17, 64, 40), _SHAPE.q_heads, _SHAPE.kv_heads,
                  _SHAPE.head_dim, causal=True, gated=True, band=True, quick=True)
+_register_varlen(f"{_MODEL} serving step: 8 prompts in 512 tokens", (100, 37, 64, 128, 20, 90, 41, 32),
+                 _SHAPE.q_heads, _SHAPE.kv_heads, _SHAPE.head_dim, causal=True, gated=True, band=True)

@@ -37,6 +37,8 @@ _LAG = 3                      # P^T / P V / finish of a unit three units behind 
 #                               Cost model v11, Qwen3.5 TP4 S=512: 10.07 / 10.03 / 10.83 us at a lag of 2 / 3 / 4
 _HALF_CHUNK = K_CHUNK // 2    # the diagonal chunk's quadrant the 64-wide PE tiles skip
 _ITEMSIZE = 2                 # the path is for 2-byte dtypes
+_CAP = 3.0e38                 # packed rows that see no key: exp bias -_CAP (every probability 0)
+_L_FLOOR = 2.0 ** -42         # added to l before ScalarE's reciprocal (its input range starts at 2^-42)
 
 
 def tile_short_path(sq: int, skv: int, d: int, dtype, bhds: bool = False) -> bool:
@@ -45,8 +47,18 @@ def tile_short_path(sq: int, skv: int, d: int, dtype, bhds: bool = False) -> boo
     with `range_select` (NeuronCore-v3+). Narrower rows keep the partition-major short body, whose 1-2 KiB rows
     still pay there (tile-major at D < 256: faster with few heads per core, up to 32% slower with many KV heads and
     a gate; docs/attention.md, "Short prefill, tile-major")."""
+    return not bhds and sq <= skv and _tile_rule(skv, d, dtype)
+
+
+def tile_short_varlen_path(tq: int, tk: int, d: int, dtype, causal: bool) -> bool:
+    """The same rule for packed sequences (`tile_short_varlen_body`): Tq, Tk <= 512 (causal: Tq <= Tk, which the
+    wrapper's per-sequence check Lk >= Lq implies), on shapes, dtype and target only."""
+    return tq <= _SKV_MAX and (tq <= tk or not causal) and _tile_rule(tk, d, dtype)
+
+
+def _tile_rule(skv, d, dtype) -> bool:
     target = current_target_name()
-    if bhds or skv > _SKV_MAX or sq > skv or not is_two_byte(dtype) or target in NO_RANGE_SELECT_TARGETS:
+    if skv > _SKV_MAX or not is_two_byte(dtype) or target in NO_RANGE_SELECT_TARGETS:
         return False
     return d * _ITEMSIZE >= DMA_FULL_RATE_ROW_BYTES.get(target, DMA_FULL_RATE_ROW_BYTES["trn2"])
 
@@ -56,32 +68,102 @@ def tile_short_body(q, k, v, gate, seq_lens, out, softmax_scale, causal):
     None; softmax_scale, causal: trace-time. Writes out (see the module docstring)."""
     n_b, n_hq, sq, d = out.shape
     n_kv, skv = k.shape[1], k.shape[2]
-    group = n_hq // n_kv
+    geo = _geometry(sq, skv, d, q.dtype, softmax_scale, causal, lens=seq_lens is not None)
+    rows = {}
+
+    def open_kv(b, kvh):
+        if rows.get("b") != b:
+            rows.update(b=b, ends=_row_ends(seq_lens, b, geo["tiles"], geo))
+        return _kv_start(k[b, kvh], v[b, kvh], rows["ends"], geo)
+
+    def open_head(b, h, kv):
+        return dict(q=q[b, h], gate=None if gate is None else gate[b, h], out=out[b, h], kv=kv)
+
+    _run_units(n_b, n_kv, n_hq // n_kv, geo, open_kv, open_head)
+
+
+def tile_short_varlen_body(q, k, v, gate, cu_q, cu_k, out, softmax_scale, causal):
+    """Packed sequences (`varlen.flash_attention_varlen_kernel`'s layout): q, gate, out [Tq, Hq, D] @ HBM; k, v
+    [Tk, Hkv, D] @ HBM (2-byte); cu_q / cu_k [N+1] int32 @ HBM. The same units as `tile_short_body` with one
+    sequence of Tq queries and Tk keys; each row's visible keys are its own sequence's, [lo_r, hi_r) from
+    `varlen.packed_row_bounds` (computed on device once, shared by every head), the range_select's two bounds.
+    K / V of a KV head are loaded whole, with `varlen._load_kv_contained`'s non-finite containment (a key whose
+    V row is not finite: V row 0, K row NaN, so only the rows that see it are touched). A row that sees no key
+    (a sequence with queries and no keys) gives 0: its exp bias is capped so every probability is 0, and its
+    1 / l is finite."""
+    from .varlen import _load_kv_contained, packed_row_bounds
+    tq, n_hq, d = q.shape
+    tk, n_kv, _ = k.shape
+    geo = _geometry(tq, tk, d, q.dtype, softmax_scale, causal, lens=False, packed=True)
+    n_prog = nl.num_programs(0)
+    if not [i for i in range(n_hq) if i % n_prog == nl.program_id(0)]:
+        return
+    lo, hi = packed_row_bounds(cu_q, cu_k, tq, causal, geo["n_t"])
+    # per row: +inf where the row sees a key, else -3e38 (the cap of the exp bias: every probability 0)
+    cap = nl.ndarray((P_MAX, geo["n_t"]), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=cap, data1=hi, data2=lo, op=nl.subtract, engine=nisa.engine.gpsimd)
+    nisa.tensor_scalar(dst=cap, data=cap, op0=nl.greater, operand0=0.0, op1=nl.multiply, operand1=_CAP,
+                       engine=nisa.engine.gpsimd)
+    nisa.tensor_scalar(dst=cap, data=cap, op0=nl.multiply, operand0=4.0, op1=nl.add, operand1=-_CAP,
+                       engine=nisa.engine.gpsimd)
+    heads = lambda t: t.permute((1, 0, 2))                  # noqa: E731  [T, H, D] -> [H, T, D] view
+    q_h, k_h, v_h, out_h = heads(q), heads(k), heads(v), heads(out)
+    gate_h = None if gate is None else heads(gate)
+    keys = geo["nk"]
+
+    def open_kv(_b, kvh):
+        n_d = geo["n_d"]
+        kT = nl.ndarray((P_MAX, n_d, keys), dtype=geo["dtype"], buffer=nl.sbuf)
+        v_sb = nl.ndarray((P_MAX, geo["cpp"], d), dtype=geo["dtype"], buffer=nl.sbuf)
+        if tk < keys:                   # phantom keys: K^T columns and V rows 0 (the loads then fill the rest)
+            nisa.memset(dst=kT[:, :, tk:keys], value=0.0, engine=nisa.engine.gpsimd)
+            nisa.memset(dst=v_sb[:, tk // K_CHUNK:geo["cpp"], :], value=0.0, engine=nisa.engine.gpsimd)
+        _load_kv_contained(k_h, v_h, kvh, tk, d, n_d, geo["dtype"], kT, v_sb)
+        def kT_at(dn, i_d, c0, c1, a=0, z=K_CHUNK):     # chunks c0 .. c1 - 1 (keys a .. z of the last one)
+            return kT[0:dn, i_d, c0 * K_CHUNK + a:(c1 - 1) * K_CHUNK + z]
+        return dict(kT_at=kT_at, v_sb=v_sb, len=None, lo=lo, ends=hi, cap=cap, k_chunks=geo["cpp"],
+                    v_chunks=geo["cpp"])
+
+    def open_head(_b, h, kv):
+        return dict(q=q_h[h], gate=None if gate_h is None else gate_h[h], out=out_h[h], kv=kv)
+
+    _run_units(1, n_kv, n_hq // n_kv, geo, open_kv, open_head)
+
+
+def _geometry(sq, skv, d, dtype, softmax_scale, causal, lens, packed=False):
+    """The trace-time geometry every unit shares (queries are the last sq of skv positions: the causal diagonal)."""
+    n_t, cpp = n_tiles(sq, P_MAX), n_tiles(skv, K_CHUNK)
+    geo = dict(sq=sq, skv=skv, d=d, n_d=n_tiles(d, D_CHUNK), n_t=n_t, cpp=cpp, nk=cpp * K_CHUNK, dtype=dtype,
+               scale=softmax_scale, qpos0=skv - sq, causal=causal, lens=lens, packed=packed)
+    geo["tiles"] = [_tile_geometry(geo, t) for t in range(n_t)]
+    return geo
+
+
+def _run_units(n_b, n_kv, group, geo, open_kv, open_head):
+    """The software pipeline over this core's units: the cores take the (b, query head) pairs round robin;
+    open_kv(b, kvh) / open_head(b, h, kv) give a KV head's and a query head's state when the pipeline reaches
+    them (`_kv_start` / `tile_short_varlen_body`)."""
     pid = nl.program_id(0)
     n_prog = nl.num_programs(0)
-    n_t, cpp = n_tiles(sq, P_MAX), n_tiles(skv, K_CHUNK)
-    geo = dict(sq=sq, skv=skv, d=d, n_d=n_tiles(d, D_CHUNK), n_t=n_t, cpp=cpp, nk=cpp * K_CHUNK, dtype=q.dtype,
-               scale=softmax_scale, qpos0=skv - sq, causal=causal, lens=seq_lens is not None)
+    n_t = geo["n_t"]
     items = [(b, kvh, g) for b in range(n_b) for kvh in range(n_kv) for g in range(group)][pid::n_prog]
     if not items:
         return
-    tiles = [_tile_geometry(geo, t) for t in range(n_t)]
+    tiles = geo["tiles"]
     zero_f = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)     # range_select's lower bound: key >= 0
     nisa.memset(dst=zero_f, value=0.0, engine=nisa.engine.gpsimd)
     geo["zero"] = zero_f
-    ring = nl.ndarray((P_MAX, _LAG + 1, geo["nk"]), dtype=q.dtype, buffer=nl.sbuf)    # P of the units in flight
-    head, kv, ends = None, None, None
+    ring = nl.ndarray((P_MAX, _LAG + 1, geo["nk"]), dtype=geo["dtype"], buffer=nl.sbuf)    # P of the units in flight
+    head, kv = None, None
     pending = []                   # units whose P^T / P V / finish are still to come: (head, tile, (P, l))
     for n_u, (i, t) in enumerate(_unit_order(len(items), n_t)):
         b, kvh, g = items[i]
         if head is None or head["item"] != i:
-            if ends is None or ends[0] != b:
-                ends = (b, _row_ends(seq_lens, b, tiles, geo))
             if kv is None or kv["key"] != (b, kvh):
-                kv = _kv_start(k[b, kvh], v[b, kvh], ends[1], (b, kvh), geo)
-            h = kvh * group + g
-            head = dict(item=i, q=q[b, h], gate=None if gate is None else gate[b, h], out=out[b, h], kv=kv,
-                        qT=nl.ndarray((P_MAX, n_t, geo["n_d"], P_MAX), dtype=q.dtype, buffer=nl.sbuf))
+                kv = open_kv(b, kvh)
+                kv["key"] = (b, kvh)
+            head = open_head(b, kvh * group + g, kv)
+            head.update(item=i, qT=nl.ndarray((P_MAX, n_t, geo["n_d"], P_MAX), dtype=geo["dtype"], buffer=nl.sbuf))
         _load_kT(kv, tiles[t]["n_ch"], geo)
         _load_qT(head, t, geo)
         pending.append((head, tiles[t], _scores_exp(head, tiles[t], ring[0:P_MAX, n_u % (_LAG + 1), :], geo)))
@@ -109,7 +191,8 @@ def _tile_geometry(geo, t):
     ncols = n_ch * K_CHUNK
     first_end = min(skv, qpos0 + P_MAX * t + 1) if geo["causal"] else skv      # row 0's visible end
     quad = geo["causal"] and qpos0 % K_CHUNK == 0 and qn == P_MAX and k_end == ncols
-    return dict(t=t, qn=qn, n_ch=n_ch, ncols=ncols, masked=geo["lens"] or first_end < ncols, quad=quad)
+    return dict(t=t, qn=qn, n_ch=n_ch, ncols=ncols, masked=geo["lens"] or geo["packed"] or first_end < ncols,
+                quad=quad)
 
 
 def _row_ends(seq_lens, b, tiles, geo):
@@ -136,13 +219,14 @@ def _row_ends(seq_lens, b, tiles, geo):
     return len_f, ends
 
 
-def _kv_start(k, v, row_ends, key, geo):
+def _kv_start(k, v, row_ends, geo):
     """One KV head (k, v: [Skv, D] HBM views; row_ends: its sequence's `_row_ends`): K^T [128(d), C, n_d, 128]
     (chunk-major: each chunk's DMA transpose writes one dense window) and V [128 keys, C, D], both filled chunk by
     chunk as the units need them."""
     len_f, ends = row_ends
-    return dict(key=key, k=k, v=v, len=len_f, ends=ends, k_chunks=0, v_chunks=0,
-                kT=nl.ndarray((P_MAX, geo["cpp"], geo["n_d"], K_CHUNK), dtype=geo["dtype"], buffer=nl.sbuf),
+    kT = nl.ndarray((P_MAX, geo["cpp"], geo["n_d"], K_CHUNK), dtype=geo["dtype"], buffer=nl.sbuf)
+    return dict(k=k, v=v, len=len_f, lo=None, ends=ends, cap=None, k_chunks=0, v_chunks=0, kT=kT,
+                kT_at=lambda dn, i_d, c0, c1, a=0, z=K_CHUNK: kT[0:dn, c0:c1, i_d, a:z],
                 v_sb=nl.ndarray((P_MAX, geo["cpp"], geo["d"]), dtype=geo["dtype"], buffer=nl.sbuf))
 
 
@@ -194,26 +278,31 @@ def _scores_exp(head, tile, p_ring, geo):
         dn = min(D_CHUNK, d - i_d * D_CHUNK)
         q_t = head["qT"][0:dn, t, i_d, 0:P_MAX]
         if n_full:
-            nisa.nc_matmul(s_psum[0:P_MAX, 0:n_full * K_CHUNK], q_t, kv["kT"][0:dn, 0:n_full, i_d, 0:K_CHUNK],
+            nisa.nc_matmul(s_psum[0:P_MAX, 0:n_full * K_CHUNK], q_t, kv["kT_at"](dn, i_d, 0, n_full),
                            accumulate=i_d > 0)
         if tile["quad"]:
-            nisa.nc_matmul(s_psum[0:P_MAX, j * K_CHUNK:j * K_CHUNK + h], q_t, kv["kT"][0:dn, j, i_d, 0:h],
+            nisa.nc_matmul(s_psum[0:P_MAX, j * K_CHUNK:j * K_CHUNK + h], q_t, kv["kT_at"](dn, i_d, j, j + 1, 0, h),
                            accumulate=i_d > 0)
             nisa.nc_matmul(s_psum[h:P_MAX, j * K_CHUNK + h:ncols], head["qT"][0:dn, t, i_d, h:P_MAX],
-                           kv["kT"][0:dn, j, i_d, h:K_CHUNK], accumulate=i_d > 0,
+                           kv["kT_at"](dn, i_d, j, j + 1, h, K_CHUNK), accumulate=i_d > 0,
                            tile_position=(0, h), tile_size=(P_MAX, h))
     scores = s_psum[0:P_MAX, 0:ncols]
     m_sb = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
     if tile["masked"]:
         sel = nl.ndarray((P_MAX, geo["nk"]), dtype=nl.float32, buffer=nl.sbuf)
+        lo = geo["zero"] if kv["lo"] is None else kv["lo"][:, t:t + 1]
         nisa.range_select(dst=sel[0:P_MAX, 0:ncols], on_true_tile=scores, comp_op0=nl.greater_equal,
-                          comp_op1=nl.less, bound0=geo["zero"], bound1=kv["ends"][:, t:t + 1], reduce_res=m_sb,
+                          comp_op1=nl.less, bound0=lo, bound1=kv["ends"][:, t:t + 1], reduce_res=m_sb,
                           reduce_cmd=nisa.reduce_cmd.reset_reduce, reduce_op=nl.maximum, range_start=0)
         scores = sel[0:P_MAX, 0:ncols]
     else:
         nisa.tensor_reduce(dst=m_sb, op=nl.maximum, data=scores, axis=1)
     nm_sb = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_scalar(dst=nm_sb, data=m_sb, op0=nl.multiply, operand0=-geo["scale"], engine=nisa.engine.gpsimd)
+    if kv["cap"] is None:
+        nisa.tensor_scalar(dst=nm_sb, data=m_sb, op0=nl.multiply, operand0=-geo["scale"], engine=nisa.engine.gpsimd)
+    else:   # a row that sees no key: bias -3e38, so every probability is 0 (not exp(0) of the fill)
+        nisa.tensor_scalar(dst=nm_sb, data=m_sb, op0=nl.multiply, operand0=-geo["scale"], op1=nl.minimum,
+                           operand1=kv["cap"][:, t:t + 1], engine=nisa.engine.gpsimd)
     l_sb = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.activation(dst=p_ring[0:P_MAX, 0:ncols], op=nl.exp, data=scores, bias=nm_sb, scale=geo["scale"],
                     reduce_op=nl.add, reduce_res=l_sb, reduce_cmd=nisa.reduce_cmd.reset_reduce)
@@ -261,7 +350,10 @@ def _finish(head, tile, pv_psum, l_sb, geo):
         sig = nl.ndarray((P_MAX, d), dtype=nl.float32, buffer=nl.sbuf)
         nisa.activation(dst=sig[0:qn], op=nl.sigmoid, data=g_sb[0:qn])
     inv_l = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.reciprocal(dst=inv_l[0:qn], data=l_sb[0:qn])
+    if head["kv"]["cap"] is None:
+        nisa.reciprocal(dst=inv_l[0:qn], data=l_sb[0:qn])
+    else:   # 1 / (l + 2^-42): 1 / l where a key is seen (l >= 1), finite (the row's output 0) where none is
+        nisa.activation(dst=inv_l[0:qn], op=nl.reciprocal, data=l_sb[0:qn], bias=_L_FLOOR)
     o_sb = nl.ndarray((P_MAX, d), dtype=geo["dtype"], buffer=nl.sbuf)
     if sig is None:
         nisa.tensor_scalar(dst=o_sb[0:qn], data=pv_psum[0:qn, 0:d], op0=nl.multiply, operand0=inv_l[0:qn])

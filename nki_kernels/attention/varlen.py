@@ -44,6 +44,7 @@ from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, MASK_BIAS, MAX_HEAD_DIM, M
                       is_two_byte, load_transposed, n_tiles, pe_transpose_group, pe_transpose_keys)
 from .prefill import (_IO_ROW_BYTES, _Q_TILE, _attend_pipeline, _check_array, _check_scale, _dtype_name,
                       _read_only, _shape)
+from .short_tiles import tile_short_varlen_body, tile_short_varlen_path
 
 MAX_SEQS = 512                    # N limit: cu_seqlens as [128, N+1] fp32 rows; the row-bounds test runs in pieces
 MAX_PACKED_Q = 512 * 128          # Tq limit of the packed loop mode: the row bounds keep 24 B per query tile and
@@ -102,6 +103,9 @@ def _work(n_kv, n_q_tiles, pid, n_prog):
 def varlen_body(q, k, v, gate, cu_q, cu_k, out, softmax_scale, causal):
     tq, n_hq, d = q.shape
     tk, n_kv, _ = k.shape
+    if tile_short_varlen_path(tq, tk, d, q.dtype, causal):     # Tq, Tk <= 512 at D = 256 (2-byte): tile-major
+        tile_short_varlen_body(q, k, v, gate, cu_q, cu_k, out, softmax_scale, causal)
+        return
     group = n_hq // n_kv
     dtype = q.dtype
     n_d = n_tiles(d, D_CHUNK)
@@ -150,7 +154,7 @@ class _PackedRows:
 
     def __init__(self, cu_q, cu_k, tq, causal, tiles, n_blk):
         n1 = cu_q.shape[0]
-        n = self.n = n1 - 1
+        self.n = n1 - 1
         self.causal = causal
         self.n_blk = n_blk
         # this core's query tiles: every tile, or every n_prog-th (_work): an arithmetic progression t0 + k step
@@ -160,15 +164,8 @@ class _PackedRows:
             raise RuntimeError(f"_PackedRows: the query tiles must be evenly spaced (the iota rows assume it), "
                                f"got {tiles}")
         self.local = {t: k for k, t in enumerate(tiles)}
-        f32, pool = nl.float32, nisa.engine.gpsimd
-        cuq = _broadcast_f32(cu_q, n1)
-        cuk = _broadcast_f32(cu_k, n1)
-        lenk = nl.ndarray((P_MAX, n), dtype=f32, buffer=nl.sbuf)
-        nisa.tensor_tensor(dst=lenk, data1=cuk[:, 1:n1], data2=cuk[:, 0:n], op=nl.subtract)
-        lenq = None
-        if causal:
-            lenq = nl.ndarray((P_MAX, n), dtype=f32, buffer=nl.sbuf)
-            nisa.tensor_tensor(dst=lenq, data1=cuq[:, 1:n1], data2=cuq[:, 0:n], op=nl.subtract)
+        f32 = nl.float32
+        seqs = _seq_tables(cu_q, cu_k, causal)
         # key offset of each score column within a block (0..511), shared by every block
         col_i = nl.ndarray((P_MAX, _LOOP_BLOCK), dtype=nl.int32, buffer=nl.sbuf)
         nisa.iota(col_i, pattern=[[1, _LOOP_BLOCK]], offset=0, channel_multiplier=0)
@@ -182,36 +179,9 @@ class _PackedRows:
         r = nl.ndarray((P_MAX, 3 * m), dtype=f32, buffer=nl.sbuf)
         nisa.tensor_copy(dst=r, src=r_i.reshape((P_MAX, 3 * m)), engine=nisa.engine.gpsimd)
         nisa.tensor_scalar(dst=r[:, 2 * m:3 * m], data=r[:, 2 * m:3 * m], op0=nl.minimum, operand0=float(tq - 1))
-        # lo = cu_k[s(r)], hi = cu_k[s(r) + 1] (causal: r + cu_k[s(r) + 1] - cu_q[s(r) + 1] + 1), over row columns
-        # in pieces of at most _BOUNDS_ELEMS / (N+1) columns (the [cols, N+1] sequence test stays small)
         lo = nl.ndarray((P_MAX, 3 * m), dtype=f32, buffer=nl.sbuf)
         hi = nl.ndarray((P_MAX, 3 * m), dtype=f32, buffer=nl.sbuf)
-        step = max(1, _BOUNDS_ELEMS // n1)
-        for c0 in range(0, 3 * m, step):
-            cn = min(step, 3 * m - c0)
-            ge = nl.ndarray((P_MAX, step, n1), dtype=f32, buffer=nl.sbuf)                # [cu_q[i] <= r]
-            nisa.tensor_tensor(dst=ge[:, 0:cn], data1=cuq.ap(pattern=[[n1, P_MAX], [0, cn], [1, n1]], offset=0),
-                               data2=r.ap(pattern=[[3 * m, P_MAX], [1, cn], [0, n1]], offset=c0), op=nl.less_equal,
-                               engine=pool)
-            sums = [(lo, 1, lenk), (hi, 0, lenk)] + ([(None, 0, lenq)] if causal else [])
-            end_q = None
-            for dst, first, lens in sums:           # sum_i ge[:, :, first + i] * lens[i]
-                prod = nl.ndarray((P_MAX, step, n), dtype=f32, buffer=nl.sbuf)
-                nisa.tensor_tensor(dst=prod[:, 0:cn], data1=ge[:, 0:cn, first:first + n],
-                                   data2=lens.ap(pattern=[[n, P_MAX], [0, cn], [1, n]], offset=0), op=nl.multiply,
-                                   engine=pool)
-                if dst is None:
-                    end_q = nl.ndarray((P_MAX, step), dtype=f32, buffer=nl.sbuf)
-                    dst = end_q
-                    c_lo = 0
-                else:
-                    c_lo = c0
-                nisa.tensor_reduce(dst=dst[:, c_lo:c_lo + cn], op=nl.add, data=prod[:, 0:cn], axis=2)
-            if causal:
-                h = hi[:, c0:c0 + cn]
-                nisa.tensor_tensor(dst=h, data1=h, data2=end_q[:, 0:cn], op=nl.subtract, engine=pool)
-                nisa.scalar_tensor_tensor(dst=h, data=h, op0=nl.add, operand0=1.0, op1=nl.add,
-                                          operand1=r[:, c0:c0 + cn])
+        _row_intervals(seqs, r, 3 * m, lo, hi)
         # per query tile: mid_r, half_r, valid_r, and the first key of the first block (k0) on every partition
         self.bounds = nl.ndarray((P_MAX, m, 4), dtype=f32, buffer=nl.sbuf)
         b = self.bounds
@@ -443,6 +413,71 @@ def _finish(o_sb, gate_sb, state, rows, g, g_run, i_q, qn, d):
         nisa.tensor_scalar(dst=sig_sb[0:qn], data=sig_sb[0:qn], op0=nl.multiply, operand0=inv_l[0:qn],
                            engine=nisa.engine.gpsimd)
         nisa.tensor_tensor(dst=o_sb, data1=o, data2=sig_sb[0:qn], op=nl.multiply, engine=nisa.engine.gpsimd)
+
+
+def _seq_tables(cu_q, cu_k, causal):
+    """cu_seqlens on every partition as fp32 [128, N+1] rows, the key lengths (and for causal the query lengths)
+    [128, N]: (n1, cuq, cuk, lenk, lenq or None, causal)."""
+    n1 = cu_q.shape[0]
+    n = n1 - 1
+    cuq = _broadcast_f32(cu_q, n1)
+    cuk = _broadcast_f32(cu_k, n1)
+    lenk = nl.ndarray((P_MAX, n), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=lenk, data1=cuk[:, 1:n1], data2=cuk[:, 0:n], op=nl.subtract)
+    lenq = None
+    if causal:
+        lenq = nl.ndarray((P_MAX, n), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_tensor(dst=lenq, data1=cuq[:, 1:n1], data2=cuq[:, 0:n], op=nl.subtract)
+    return n1, cuq, cuk, lenk, lenq, causal
+
+
+def _row_intervals(seqs, r, ncols, lo, hi):
+    """Key interval [lo, hi) of the query rows r [128, ncols] (fp32 row indices): lo = cu_k[s(r)], hi = cu_k[s(r) + 1]
+    (causal: r + cu_k[s(r) + 1] - cu_q[s(r) + 1] + 1), s(r) the sequence of row r, by sums over the sequences
+    ([cu_q[i] <= r] times the lengths), in pieces of at most _BOUNDS_ELEMS / (N+1) row columns (GpSimd)."""
+    n1, cuq, _, lenk, lenq, causal = seqs
+    n = n1 - 1
+    f32, pool = nl.float32, nisa.engine.gpsimd
+    step = max(1, _BOUNDS_ELEMS // n1)
+    for c0 in range(0, ncols, step):
+        cn = min(step, ncols - c0)
+        ge = nl.ndarray((P_MAX, step, n1), dtype=f32, buffer=nl.sbuf)                # [cu_q[i] <= r]
+        nisa.tensor_tensor(dst=ge[:, 0:cn], data1=cuq.ap(pattern=[[n1, P_MAX], [0, cn], [1, n1]], offset=0),
+                           data2=r.ap(pattern=[[ncols, P_MAX], [1, cn], [0, n1]], offset=c0), op=nl.less_equal,
+                           engine=pool)
+        sums = [(lo, 1, lenk), (hi, 0, lenk)] + ([(None, 0, lenq)] if causal else [])
+        end_q = None
+        for dst, first, lens in sums:           # sum_i ge[:, :, first + i] * lens[i]
+            prod = nl.ndarray((P_MAX, step, n), dtype=f32, buffer=nl.sbuf)
+            nisa.tensor_tensor(dst=prod[:, 0:cn], data1=ge[:, 0:cn, first:first + n],
+                               data2=lens.ap(pattern=[[n, P_MAX], [0, cn], [1, n]], offset=0), op=nl.multiply,
+                               engine=pool)
+            if dst is None:
+                end_q = nl.ndarray((P_MAX, step), dtype=f32, buffer=nl.sbuf)
+                dst = end_q
+                c_lo = 0
+            else:
+                c_lo = c0
+            nisa.tensor_reduce(dst=dst[:, c_lo:c_lo + cn], op=nl.add, data=prod[:, 0:cn], axis=2)
+        if causal:
+            h = hi[:, c0:c0 + cn]
+            nisa.tensor_tensor(dst=h, data1=h, data2=end_q[:, 0:cn], op=nl.subtract, engine=pool)
+            nisa.scalar_tensor_tensor(dst=h, data=h, op0=nl.add, operand0=1.0, op1=nl.add,
+                                      operand1=r[:, c0:c0 + cn])
+
+
+def packed_row_bounds(cu_q, cu_k, tq, causal, n_t):
+    """(lo, hi): [128, n_t] fp32, the key interval [lo, hi) of query row 128 t + p at [p, t] (`_row_intervals`),
+    for the first n_t query tiles; rows past Tq get an interval too (never stored)."""
+    seqs = _seq_tables(cu_q, cu_k, causal)
+    r_i = nl.ndarray((P_MAX, n_t), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.iota(r_i, pattern=[[_Q_TILE, n_t]], offset=0, channel_multiplier=1)
+    r = nl.ndarray((P_MAX, n_t), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=r, src=r_i, engine=nisa.engine.gpsimd)
+    lo = nl.ndarray((P_MAX, n_t), dtype=nl.float32, buffer=nl.sbuf)
+    hi = nl.ndarray((P_MAX, n_t), dtype=nl.float32, buffer=nl.sbuf)
+    _row_intervals(seqs, r, n_t, lo, hi)
+    return lo, hi
 
 
 def _broadcast_f32(cu, n1):
@@ -1058,7 +1093,8 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, sof
     lnc = resolve_lnc(lnc, name)
     itemsize = 4 if _dtype_name(q) == "float32" else 2
     q, k, v, gate = (_read_only(x) for x in (q, k, v, gate))
-    plan = windows_plan(tq, tk, len(cu_q) - 1, d, itemsize, causal, m_q, m_k)
+    short = tile_short_varlen_path(tq, tk, d, q.dtype, causal)     # the packed kernel's tile-major body
+    plan = None if short else windows_plan(tq, tk, len(cu_q) - 1, d, itemsize, causal, m_q, m_k)
     if plan is not None:
         return call(flash_attention_varlen_windows_kernel, q, k, v, gate, cu_q, cu_k, scale, causal, *plan, lnc=lnc)
     kernel_check(tq <= MAX_PACKED_Q,
