@@ -105,6 +105,13 @@ _SMALL = {     # small shapes with the same tiling, for the correctness check
     **{pid: (lambda rng, pid=pid: BY_ID[pid].make(3, rng))
        for pid in ("CS24.tiled128", "CS24.stream2", "CS24.stream10", "CS24.stream20", "CS24.stream40", "CS24.stream50",
                    "CS24.stream100", "CS24.stream200", "CS24.fd1k")},
+    # v12 source 2 (CS152 lab 6 conv2d, trn1): one image of every case at its published channels and filter, the input
+    # side of a 32 x 32 output (two 16 x 32 tiles; the 66 x 66 cases' tiles are the same). Never modeled
+    **{pid: (lambda rng, pid=pid, f=f: BY_ID[pid].make(1, rng, side=f + 31))
+       for pid, f in (("CV.c128k128f3b16s66.fp16", 3), ("CV.c128k128f5b16s36.fp16", 5), ("CV.c128k256f3b4s34.fp32", 3),
+                      ("CV.c128k256f3b4s66.fp16", 3), ("CV.c128k256f3b16s34.fp32", 3), ("CV.c128k256f5b4s36.fp32", 5),
+                      ("CV.c128k256f5b16s36.fp16", 5), ("CV.c256k256f3b4s34.fp32", 3), ("CV.c256k256f3b16s34.fp16", 3),
+                      ("CV.c256k256f5b4s36.fp16", 5), ("CV.c256k256f5b16s36.fp16", 5))},
 }
 
 
@@ -115,6 +122,7 @@ def test_calibration_kernel_matches_reference(pid):
     res = run(p.kernel, *args, target=p.target, **{"lnc": 1, **kw})
     # U3 / U4 run their matmuls in bf16, as published; the AF bf16 points have bf16 inputs and output
     dtype = "bfloat16" if pid[:2] in ("U3", "U4") or ".bf16." in pid else "float32"
+    dtype = "float16" if pid.endswith(".fp16") else dtype       # the CV fp16 cases: fp16 inputs, output
     assert_close(pid, p.reference(*args, **kw), res.outputs, dtype=dtype)
 
 
@@ -910,3 +918,40 @@ def test_v12_vector_add_keeps_non_finite_values_in_place(pid):
     assert np.array_equal(np.flatnonzero(~np.isfinite(out)), np.flatnonzero(bad))
     assert np.array_equal(np.isnan(out), np.isnan(want)) and np.array_equal(out[bad], want[bad], equal_nan=True)
     assert_close(pid, want[~bad], out[~bad], dtype="float32")
+
+
+def test_v12_conv2d_points_and_fit():
+    """The v12 source-2 selection (kernels_v12.py docstring "Source 2", committed 4a20a9a before any of its kernels):
+    magmawolf8/cs152-lab6's fleet report, each case's published P50, sealed, trn1, `bench`, one core, the compiler's
+    tile buffers, the harness's input shapes and dtypes (k = images, slices 1, 2); rule (a) by the emulator's
+    allocation check on one image at the published channels, filter and input side (nothing modeled)."""
+    from microbench.calibration import kernels_v12 as V12
+    from nki_kernels.emulator.targets import get_target
+    rows = {"in128_out128_filter3x3_batch16_66x66_float16": (527, 6858),
+            "in128_out128_filter5x5_batch16_36x36_float16": (294, 13984),
+            "in128_out256_filter3x3_batch4_34x34_float32": (173, 11668),
+            "in128_out256_filter3x3_batch4_66x66_float16": (268, 6858),
+            "in128_out256_filter3x3_batch16_34x34_float32": (630, 11668),
+            "in128_out256_filter5x5_batch4_36x36_float32": (447, 27968),
+            "in128_out256_filter5x5_batch16_36x36_float16": (570, 13984),
+            "in256_out256_filter3x3_batch4_34x34_float32": (327, 16160),
+            "in256_out256_filter3x3_batch16_34x34_float16": (427, 8080),
+            "in256_out256_filter5x5_batch4_36x36_float16": (312, 16704),
+            "in256_out256_filter5x5_batch16_36x36_float16": (1170, 16704)}
+    by_case = {V12.cv_case_name(pid): pid for pid in V12.CV_CASES}
+    assert set(by_case) == set(rows) and set(V12.CV_CASES) == set(V12.CV_REPORTS_US)
+    assert {p.id for p in POINTS if p.id.startswith("CV.")} == set(V12.CV_CASES)
+    cap = get_target("trn1").sbuf_bytes_per_partition
+    for case, (us, peak) in rows.items():
+        p = BY_ID[by_case[case]]
+        c, k, f, n, side, dt = V12.CV_CASES[p.id]
+        assert (p.split, p.target, p.timing, p.kernel, p.time_cores, p.tile_buffers) == (
+            "sealed", "trn1", "bench", V12.cv_conv2d, 1, None), p.id
+        assert p.measured_us == pytest.approx(us) and (p.k_full, p.k_model) == (n, (1, 2))
+        args, kw = p.make(p.k_full, np.random.default_rng(0))
+        assert [(a.shape, str(a.dtype)) for a in args] == [((n, c, side, side), dt), ((k, c, f, f), dt), ((k,), dt)]
+        assert V12.cv_tile_shape(side - f + 1, side - f + 1) == (16, 32)
+        args, kw = p.make(1, np.random.default_rng(1))
+        res = run(p.kernel, *args, target="trn1", lnc=1, **kw)
+        assert (res.sbuf_peak_bytes[0], res.psum_peak_banks[0]) == (peak, 2), p.id
+        assert peak <= cap
