@@ -221,3 +221,6 @@ _register_varlen(f"{_MODEL} small: 4 packed", (120, 17, 64, 40), _SHAPE.q_heads,
                  _SHAPE.head_dim, causal=True, gated=True, band=True, quick=True)
 _register_varlen(f"{_MODEL} serving step: 8 prompts in 512 tokens", (100, 37, 64, 128, 20, 90, 41, 32),
                  _SHAPE.q_heads, _SHAPE.kv_heads, _SHAPE.head_dim, causal=True, gated=True, band=True)
+_THINKER = CATALOGUE["qwen3-omni thinker tp8"]
+_register_varlen("qwen3-omni thinker tp8 serving step: 8 prompts in 512 tokens", (100, 37, 64, 128, 20, 90, 41, 32),
+                 _THINKER.q_heads, _THINKER.kv_heads, _THINKER.head_dim, causal=True, gated=False, band=True)

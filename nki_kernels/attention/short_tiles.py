@@ -47,20 +47,22 @@ def tile_short_path(sq: int, skv: int, d: int, dtype, bhds: bool = False) -> boo
     with `range_select` (NeuronCore-v3+). Narrower rows keep the partition-major short body, whose 1-2 KiB rows
     still pay there (tile-major at D < 256: faster with few heads per core, up to 32% slower with many KV heads and
     a gate; docs/attention.md, "Short prefill, tile-major")."""
-    return not bhds and sq <= skv and _tile_rule(skv, d, dtype)
+    if bhds or sq > skv or not _tile_target(skv, dtype):
+        return False
+    return d * _ITEMSIZE >= DMA_FULL_RATE_ROW_BYTES.get(current_target_name(), DMA_FULL_RATE_ROW_BYTES["trn2"])
 
 
 def tile_short_varlen_path(tq: int, tk: int, d: int, dtype, causal: bool) -> bool:
-    """The same rule for packed sequences (`tile_short_varlen_body`): Tq, Tk <= 512 (causal: Tq <= Tk, which the
-    wrapper's per-sequence check Lk >= Lq implies), on shapes, dtype and target only."""
-    return tq <= _SKV_MAX and (tq <= tk or not causal) and _tile_rule(tk, d, dtype)
+    """The rule for packed sequences (`tile_short_varlen_body`), on shapes, dtype and target only: Tq, Tk <= 512
+    (causal: Tq <= Tk, which the wrapper's per-sequence check Lk >= Lq implies), 2-byte, `range_select` on the
+    target, any D <= 256 (the alternative here is the register-bounded key-block loop, which the tile-major body
+    beats at every D measured; the wrapper keeps the per-sequence windows for non-causal packs they fit:
+    docs/attention.md, "Short packs, tile-major")."""
+    return tq <= _SKV_MAX and (tq <= tk or not causal) and d <= 2 * D_CHUNK and _tile_target(tk, dtype)
 
 
-def _tile_rule(skv, d, dtype) -> bool:
-    target = current_target_name()
-    if skv > _SKV_MAX or not is_two_byte(dtype) or target in NO_RANGE_SELECT_TARGETS:
-        return False
-    return d * _ITEMSIZE >= DMA_FULL_RATE_ROW_BYTES.get(target, DMA_FULL_RATE_ROW_BYTES["trn2"])
+def _tile_target(skv, dtype) -> bool:
+    return skv <= _SKV_MAX and is_two_byte(dtype) and current_target_name() not in NO_RANGE_SELECT_TARGETS
 
 
 def tile_short_body(q, k, v, gate, seq_lens, out, softmax_scale, causal):
@@ -99,15 +101,14 @@ def tile_short_varlen_body(q, k, v, gate, cu_q, cu_k, out, softmax_scale, causal
     if not [i for i in range(n_hq) if i % n_prog == nl.program_id(0)]:
         return
     lo, hi = packed_row_bounds(cu_q, cu_k, tq, causal, geo["n_t"])
-    # per row: +inf where the row sees a key, else -3e38 (the cap of the exp bias: every probability 0)
+    # per row: +inf where the row sees a key (no cap), else -3e38 (the exp bias then makes every probability 0)
+    empty = nl.ndarray((P_MAX, geo["n_t"]), dtype=nl.uint8, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=empty, data1=hi, data2=lo, op=nl.less_equal, engine=nisa.engine.gpsimd)
     cap = nl.ndarray((P_MAX, geo["n_t"]), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_tensor(dst=cap, data1=hi, data2=lo, op=nl.subtract, engine=nisa.engine.gpsimd)
-    nisa.tensor_scalar(dst=cap, data=cap, op0=nl.greater, operand0=0.0, op1=nl.multiply, operand1=_CAP,
-                       engine=nisa.engine.gpsimd)
-    nisa.tensor_scalar(dst=cap, data=cap, op0=nl.multiply, operand0=4.0, op1=nl.add, operand1=-_CAP,
-                       engine=nisa.engine.gpsimd)
+    nisa.memset(dst=cap, value=float("inf"), engine=nisa.engine.gpsimd)
+    nisa.tensor_copy_predicated(dst=cap, src=-_CAP, predicate=empty)
     heads = lambda t: t.permute((1, 0, 2))                  # noqa: E731  [T, H, D] -> [H, T, D] view
-    q_h, k_h, v_h, out_h = heads(q), heads(k), heads(v), heads(out)
+    k_h, v_h, out_h = heads(k), heads(v), heads(out)
     gate_h = None if gate is None else heads(gate)
     keys = geo["nk"]
 
@@ -125,7 +126,7 @@ def tile_short_varlen_body(q, k, v, gate, cu_q, cu_k, out, softmax_scale, causal
                     v_chunks=geo["cpp"])
 
     def open_head(_b, h, kv):
-        return dict(q=q_h[h], gate=None if gate_h is None else gate_h[h], out=out_h[h], kv=kv)
+        return dict(q_packed=(q, h), gate=None if gate_h is None else gate_h[h], out=out_h[h], kv=kv)
 
     _run_units(1, n_kv, n_hq // n_kv, geo, open_kv, open_head)
 
@@ -150,9 +151,9 @@ def _run_units(n_b, n_kv, group, geo, open_kv, open_head):
     if not items:
         return
     tiles = geo["tiles"]
-    zero_f = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)     # range_select's lower bound: key >= 0
-    nisa.memset(dst=zero_f, value=0.0, engine=nisa.engine.gpsimd)
-    geo["zero"] = zero_f
+    if not geo["packed"]:          # range_select's lower bound key >= 0 (packed rows have their own)
+        geo["zero"] = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.memset(dst=geo["zero"], value=0.0, engine=nisa.engine.gpsimd)
     ring = nl.ndarray((P_MAX, _LAG + 1, geo["nk"]), dtype=geo["dtype"], buffer=nl.sbuf)    # P of the units in flight
     head, kv = None, None
     pending = []                   # units whose P^T / P V / finish are still to come: (head, tile, (P, l))
@@ -256,10 +257,25 @@ def _load_v(kv, n_ch, geo):
 def _load_qT(head, t, geo):
     """Q^T [128(d), n_d, 128] of query tile t (one DMA transpose; phantom rows' columns := 0). A padded row
     (position >= the length) may hold anything: it stays in its own score row and output row, which the finish
-    zeroes."""
+    zeroes. Packed sequences (`q_packed` = (q [Tq, Hq, D], h)): the rows of head h read from the contiguous q,
+    reshaped before it is sliced (no reshape of a permuted view)."""
     sq, d = geo["sq"], geo["d"]
     qn = min(P_MAX, sq - P_MAX * t)
-    load_t(head["qT"][:, t, :, :], head["q"][P_MAX * t:P_MAX * t + qn, 0:d], qn, d, P_MAX)
+    if "q_packed" not in head:
+        load_t(head["qT"][:, t, :, :], head["q"][P_MAX * t:P_MAX * t + qn, 0:d], qn, d, P_MAX)
+        return
+    q, h = head["q_packed"]
+    q0, n_d, dst = P_MAX * t, geo["n_d"], head["qT"][:, t, :, :]
+    if qn < P_MAX:
+        nisa.memset(dst=dst[:, :, qn:P_MAX], value=0.0, engine=nisa.engine.gpsimd)
+    if d == n_d * D_CHUNK:
+        src = q.reshape((q.shape[0], q.shape[1], n_d, D_CHUNK))[q0:q0 + qn, h]
+        nisa.dma_transpose(dst=dst[0:D_CHUNK, 0:n_d, 0:qn], src=src)
+        return
+    for i_d in range(n_d):
+        d0 = i_d * D_CHUNK
+        dn = min(D_CHUNK, d - d0)
+        nisa.dma_transpose(dst=dst[0:dn, i_d, 0:qn], src=q[q0:q0 + qn, h, d0:d0 + dn])
 
 
 def _scores_exp(head, tile, p_ring, geo):

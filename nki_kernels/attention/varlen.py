@@ -33,6 +33,11 @@ on the values of `cu_seqlens_*`. Which key blocks a query tile visits is data, a
 Fully masked key blocks (another sequence's keys) are never loaded into the working tiles nor multiplied: a query
 tile costs the blocks its own sequences span. Rows that see no key at all (a sequence with queries and no keys,
 causal=False) give 0; a query tile of such rows only runs no iteration.
+
+Short packs (Tq, Tk <= 512, 2-byte, NeuronCore-v3+: `short_tiles.tile_short_varlen_path`, shapes only) take the
+tile-major body instead (`short_tiles.tile_short_varlen_body`): every query tile over its static key chunks, each
+row's [lo_r, hi_r) (`packed_row_bounds`) as the two bounds of one range_select; the wrapper keeps the per-sequence
+windows for non-causal packs they fit (docs/attention.md, "Short packs, tile-major").
 """
 from __future__ import annotations
 
@@ -103,7 +108,7 @@ def _work(n_kv, n_q_tiles, pid, n_prog):
 def varlen_body(q, k, v, gate, cu_q, cu_k, out, softmax_scale, causal):
     tq, n_hq, d = q.shape
     tk, n_kv, _ = k.shape
-    if tile_short_varlen_path(tq, tk, d, q.dtype, causal):     # Tq, Tk <= 512 at D = 256 (2-byte): tile-major
+    if tile_short_varlen_path(tq, tk, d, q.dtype, causal):     # Tq, Tk <= 512, 2-byte, NeuronCore-v3+: tile-major
         tile_short_varlen_body(q, k, v, gate, cu_q, cu_k, out, softmax_scale, causal)
         return
     group = n_hq // n_kv
@@ -1093,8 +1098,9 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, sof
     lnc = resolve_lnc(lnc, name)
     itemsize = 4 if _dtype_name(q) == "float32" else 2
     q, k, v, gate = (_read_only(x) for x in (q, k, v, gate))
-    short = tile_short_varlen_path(tq, tk, d, q.dtype, causal)     # the packed kernel's tile-major body
-    plan = None if short else windows_plan(tq, tk, len(cu_q) - 1, d, itemsize, causal, m_q, m_k)
+    plan = windows_plan(tq, tk, len(cu_q) - 1, d, itemsize, causal, m_q, m_k)
+    if causal and tile_short_varlen_path(tq, tk, d, q.dtype, causal):
+        plan = None     # the packed kernel's tile-major body (non-causal windows that fit stay: the faster of the two)
     if plan is not None:
         return call(flash_attention_varlen_windows_kernel, q, k, v, gate, cu_q, cu_k, scale, causal, *plan, lnc=lnc)
     kernel_check(tq <= MAX_PACKED_Q,

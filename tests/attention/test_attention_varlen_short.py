@@ -62,20 +62,22 @@ def short_lengths(draw, causal):
 
 @settings(max_examples=60, deadline=None)
 @given(data=st.data(), causal=st.booleans(), hkv=st.integers(1, 2), group=st.sampled_from([1, 2, 4]),
-       dtype=st.sampled_from(["bfloat16", "float16"]), use_gate=st.booleans(), lnc=st.sampled_from([1, 2]),
-       band=st.booleans(), seed=st.integers(0, 2 ** 16))
-def test_matches_reference(data, causal, hkv, group, dtype, use_gate, lnc, band, seed):
-    """Any packing of up to 512 queries / keys (partial tiles and chunks, sequences sharing a chunk, Tq < Tk):
-    the tile-major body runs (also when max_seqlen_* would select the per-sequence windows), its output matches the
-    float64 reference, and rows that see no key are exactly 0."""
+       d=st.sampled_from([256, 128, 96, 80, 72, 64, 1]), dtype=st.sampled_from(["bfloat16", "float16"]),
+       use_gate=st.booleans(), lnc=st.sampled_from([1, 2]), band=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_matches_reference(data, causal, hkv, group, d, dtype, use_gate, lnc, band, seed):
+    """Any packing of up to 512 queries / keys (partial tiles and chunks, sequences sharing a chunk, Tq < Tk), any
+    head dim: the tile-major body runs (causal: also when max_seqlen_* fit the per-sequence windows; not causal:
+    unless they do), its output matches the float64 reference, and rows that see no key are exactly 0."""
     lq, lk = data.draw(short_lengths(causal))
     rng = np.random.default_rng(seed)
-    q, k, v, g = packed(rng, lq, lk, hkv * group, hkv, D, DTYPES[dtype], gate=use_gate)
+    q, k, v, g = packed(rng, lq, lk, hkv * group, hkv, d, DTYPES[dtype], gate=use_gate)
     m = dict(max_seqlen_q=max(lq), max_seqlen_k=max(lk)) if band else {}
+    windows = (not causal and band and varlen.windows_plan(sum(lq), sum(lk), len(lq), d, 2, causal, max(lq), max(lk))
+               is not None)
     patch, calls = _taken()
     with patch:
         out = flash_attention_varlen(q, k, v, cu(lq), cu(lk), causal=causal, gate=g, lnc=lnc, **m)
-    assert calls, "the tile-major varlen body did not run"
+    assert bool(calls) != windows, "the tile-major varlen body ran where the windows fit, or did not run"
     ref = flash_attention_varlen_ref(q, k, v, cu(lq), cu(lk), causal=causal, gate=g)
     out64 = np.asarray(out, np.float64)
     assert out.shape == q.shape and out.dtype == q.dtype and np.all(np.isfinite(out64))
@@ -155,7 +157,7 @@ def test_non_finite_stays_in_its_sequence(where, value, causal, lnc, seed):
 
 
 def test_rule():
-    """Tq, Tk <= 512 (causal: Tq <= Tk), 2-byte, D * 2 >= the target's full-rate DMA row (D = 256), not trn1."""
+    """Tq, Tk <= 512 (causal: Tq <= Tk), 2-byte, any D <= 256, a target with range_select (not trn1)."""
     with use_target("trn2"):
         assert short_tiles.tile_short_varlen_path(512, 512, 256, BF16, True)
         assert short_tiles.tile_short_varlen_path(1, 1, 256, np.float16, False)
@@ -163,7 +165,9 @@ def test_rule():
         assert not short_tiles.tile_short_varlen_path(300, 100, 256, BF16, True)
         assert not short_tiles.tile_short_varlen_path(513, 513, 256, BF16, False)
         assert not short_tiles.tile_short_varlen_path(100, 513, 256, BF16, True)
-        assert not short_tiles.tile_short_varlen_path(512, 512, 128, BF16, True)
+        assert short_tiles.tile_short_varlen_path(512, 512, 128, BF16, True)
+        assert short_tiles.tile_short_varlen_path(512, 512, 72, BF16, False)
+        assert not short_tiles.tile_short_varlen_path(512, 512, 257, BF16, True)
         assert not short_tiles.tile_short_varlen_path(512, 512, 256, np.float32, True)
     with use_target("trn3"):
         assert short_tiles.tile_short_varlen_path(200, 300, 256, BF16, True)
@@ -197,7 +201,12 @@ def test_instructions_independent_of_cu_seqlens_values(causal):
                      dtype="bfloat16")
         one = flash_attention_varlen(q, k, v, cu(lq), cu(lk), causal=causal, gate=g, lnc=1)
         np.testing.assert_array_equal(np.asarray(one, np.float64), np.asarray(out, np.float64))
-    assert sigs[0] == sigs[1] == sigs[2]
+    bad = [x.copy() for x in (q, k, v, g)]                # non-finite values: the same program too
+    for x, val in zip(bad, (np.inf, np.nan, -np.inf, np.nan)):
+        x[int(rng.integers(0, x.shape[0])), 0, 3] = val
+    flash_attention_varlen(*bad[:3], cu(lq), cu(lk), causal=causal, gate=bad[3], lnc=2)
+    sigs.append(program_signature([last_run()]))
+    assert sigs[0] == sigs[1] == sigs[2] == sigs[3]
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

@@ -23,8 +23,10 @@ DTYPES = {"float32": np.float32, "bfloat16": BF16}
 
 
 def _windows(fn, *args, **kw):
-    """Run with the window mode forced wherever it fits (the tile-ratio rule lifted), and check it ran."""
-    with mock.patch.object(varlen, "_WINDOW_TILE_RATIO", 1e9):
+    """Run with the window mode forced wherever it fits (the tile-ratio rule lifted, the tile-major body for short
+    causal packs off), and check it ran."""
+    with mock.patch.object(varlen, "_WINDOW_TILE_RATIO", 1e9), \
+            mock.patch.object(varlen, "tile_short_varlen_path", lambda *a: False):
         out = fn(*args, **kw)
     assert any(i.meta.get("indirect") for t in last_run().traces for i in t), "window mode did not run"
     return out
