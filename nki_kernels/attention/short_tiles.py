@@ -89,11 +89,12 @@ def tile_short_varlen_body(q, k, v, gate, cu_q, cu_k, out, softmax_scale, causal
     [Tk, Hkv, D] @ HBM (2-byte); cu_q / cu_k [N+1] int32 @ HBM. The same units as `tile_short_body` with one
     sequence of Tq queries and Tk keys; each row's visible keys are its own sequence's, [lo_r, hi_r) from
     `varlen.packed_row_bounds` (computed on device once, shared by every head), the range_select's two bounds.
-    K / V of a KV head are loaded whole, with `varlen._load_kv_contained`'s non-finite containment (a key whose
-    V row is not finite: V row 0, K row NaN, so only the rows that see it are touched). A row that sees no key
+    K^T by DMA transposes as the units need them; V loaded whole after the first unit's QK, with the non-finite
+    containment (`_packed_poison`: a key whose V row is not finite gets V row 0 and a NaN added to its score column
+    by a K = 1 matmul, so only the rows that see it are touched). A row that sees no key
     (a sequence with queries and no keys) gives 0: its exp bias is capped so every probability is 0, and its
     1 / l is finite."""
-    from .varlen import _load_kv_contained, packed_row_bounds
+    from .varlen import packed_row_bounds
     tq, n_hq, d = q.shape
     tk, n_kv, _ = k.shape
     geo = _geometry(tq, tk, d, q.dtype, softmax_scale, causal, lens=False, packed=True)
@@ -108,22 +109,13 @@ def tile_short_varlen_body(q, k, v, gate, cu_q, cu_k, out, softmax_scale, causal
     nisa.memset(dst=cap, value=float("inf"), engine=nisa.engine.gpsimd)
     nisa.tensor_copy_predicated(dst=cap, src=-_CAP, predicate=empty)
     heads = lambda t: t.permute((1, 0, 2))                  # noqa: E731  [T, H, D] -> [H, T, D] view
-    k_h, v_h, out_h = heads(k), heads(v), heads(out)
+    out_h = heads(out)
     gate_h = None if gate is None else heads(gate)
-    keys = geo["nk"]
 
     def open_kv(_b, kvh):
-        n_d = geo["n_d"]
-        kT = nl.ndarray((P_MAX, n_d, keys), dtype=geo["dtype"], buffer=nl.sbuf)
-        v_sb = nl.ndarray((P_MAX, geo["cpp"], d), dtype=geo["dtype"], buffer=nl.sbuf)
-        if tk < keys:                   # phantom keys: K^T columns and V rows 0 (the loads then fill the rest)
-            nisa.memset(dst=kT[:, :, tk:keys], value=0.0, engine=nisa.engine.gpsimd)
-            nisa.memset(dst=v_sb[:, tk // K_CHUNK:geo["cpp"], :], value=0.0, engine=nisa.engine.gpsimd)
-        _load_kv_contained(k_h, v_h, kvh, tk, d, n_d, geo["dtype"], kT, v_sb)
-        def kT_at(dn, i_d, c0, c1, a=0, z=K_CHUNK):     # chunks c0 .. c1 - 1 (keys a .. z of the last one)
-            return kT[0:dn, i_d, c0 * K_CHUNK + a:(c1 - 1) * K_CHUNK + z]
-        return dict(kT_at=kT_at, v_sb=v_sb, len=None, lo=lo, ends=hi, cap=cap, k_chunks=geo["cpp"],
-                    v_chunks=geo["cpp"])
+        kv = _kv_start(None, None, (None, hi), geo)
+        kv.update(k_packed=(k, kvh), v_packed=(v, kvh), lo=lo, cap=cap, v_chunks=geo["cpp"], poison=None)
+        return kv
 
     def open_head(_b, h, kv):
         return dict(q_packed=(q, h), gate=None if gate_h is None else gate_h[h], out=out_h[h], kv=kv)
@@ -236,8 +228,62 @@ def _load_kT(kv, n_ch, geo):
     skv, d = geo["skv"], geo["d"]
     for c in range(kv["k_chunks"], n_ch):
         kn = min(K_CHUNK, skv - c * K_CHUNK)
-        load_t(kv["kT"][:, c, :, :], kv["k"][c * K_CHUNK:c * K_CHUNK + kn, 0:d], kn, d, K_CHUNK)
+        if "k_packed" in kv:
+            _load_rows_t(kv["kT"][:, c, :, :], *kv["k_packed"], c * K_CHUNK, kn, geo)
+        else:
+            load_t(kv["kT"][:, c, :, :], kv["k"][c * K_CHUNK:c * K_CHUNK + kn, 0:d], kn, d, K_CHUNK)
     kv["k_chunks"] = max(kv["k_chunks"], n_ch)
+
+
+def _load_rows_t(dst, x, h, r0, n, geo):
+    """dst [128(d), n_d, 128] <- rows r0 .. r0 + n of head h of a packed [T, H, D] tensor, transposed (one DMA
+    transpose when D is a multiple of 128, else one per head-dim chunk; x is reshaped before it is sliced: no
+    reshape of a permuted view); phantom columns n .. 128 := 0."""
+    d, n_d = geo["d"], geo["n_d"]
+    if n < P_MAX:
+        nisa.memset(dst=dst[:, :, n:P_MAX], value=0.0, engine=nisa.engine.gpsimd)
+    if d == n_d * D_CHUNK:
+        src = x.reshape((x.shape[0], x.shape[1], n_d, D_CHUNK))[r0:r0 + n, h]
+        nisa.dma_transpose(dst=dst[0:D_CHUNK, 0:n_d, 0:n], src=src)
+        return
+    for i_d in range(n_d):
+        d0 = i_d * D_CHUNK
+        dn = min(D_CHUNK, d - d0)
+        nisa.dma_transpose(dst=dst[0:dn, i_d, 0:n], src=x[r0:r0 + n, h, d0:d0 + dn])
+
+
+def _packed_poison(kv, geo):
+    """V of a packed KV head, whole ([128 keys, C, D], phantom rows 0), and its non-finite containment (as
+    `varlen._contain` does it, without K: the row sum s, s - s is 0 for a finite row and NaN otherwise; a key whose V
+    row is not finite gets V row := 0); the per-key poison s - s as a bf16 row [1, C * 128] (PE transposes of the
+    [128, 1] columns) with a ones row [1, 128], for the K = 1 matmul that adds it to every score row
+    (`_scores_exp`): the same effect as a NaN K row."""
+    v, kvh = kv["v_packed"]
+    skv, d, cpp, dtype = geo["skv"], geo["d"], geo["cpp"], geo["dtype"]
+    v_sb = kv["v_sb"]
+    if skv < cpp * K_CHUNK:
+        nisa.memset(dst=v_sb[:, cpp - 1, :], value=0.0, engine=nisa.engine.gpsimd)
+    for c in range(cpp):
+        kn = min(K_CHUNK, skv - c * K_CHUNK)
+        nisa.dma_copy(dst=v_sb[0:kn, c, 0:d], src=v[c * K_CHUNK:c * K_CHUNK + kn, kvh, 0:d])
+    # the poison first (it gates the first unit's scores), the V rows' zeroing after (only P V needs it)
+    s = nl.ndarray((P_MAX, cpp), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_reduce(dst=s, op=nl.add, data=v_sb[:, 0:cpp, 0:d], axis=2)
+    nisa.tensor_tensor(dst=s, data1=s, data2=s, op=nl.subtract)                  # 0, or NaN: the key's poison
+    col = nl.ndarray((P_MAX, cpp), dtype=dtype, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=col, src=s, engine=nisa.engine.gpsimd)
+    row_psum = nl.ndarray((1, cpp, P_MAX), dtype=dtype, buffer=nl.psum)
+    for c in range(cpp):
+        nisa.nc_transpose(dst=row_psum[0:1, c, 0:P_MAX], data=col[0:P_MAX, c:c + 1])
+    row = nl.ndarray((1, geo["nk"]), dtype=dtype, buffer=nl.sbuf)
+    nisa.activation(dst=row, op=nl.copy, data=row_psum.reshape((1, geo["nk"])))
+    ones = nl.ndarray((1, P_MAX), dtype=dtype, buffer=nl.sbuf)
+    nisa.memset(dst=ones, value=1.0, engine=nisa.engine.gpsimd)
+    fin = nl.ndarray((P_MAX, cpp), dtype=nl.uint8, buffer=nl.sbuf)                 # 1: finite V row
+    nisa.tensor_scalar(dst=fin, data=s, op0=nl.equal, operand0=0.0, engine=nisa.engine.gpsimd)
+    nisa.tensor_copy_predicated(dst=v_sb[:, 0:cpp, 0:d], src=0.0,
+                                predicate=fin.ap(pattern=[[cpp, P_MAX], [1, cpp], [0, d]], offset=0), reverse_pred=True)
+    kv["poison"] = (ones, row)
 
 
 def _load_v(kv, n_ch, geo):
@@ -264,18 +310,7 @@ def _load_qT(head, t, geo):
     if "q_packed" not in head:
         load_t(head["qT"][:, t, :, :], head["q"][P_MAX * t:P_MAX * t + qn, 0:d], qn, d, P_MAX)
         return
-    q, h = head["q_packed"]
-    q0, n_d, dst = P_MAX * t, geo["n_d"], head["qT"][:, t, :, :]
-    if qn < P_MAX:
-        nisa.memset(dst=dst[:, :, qn:P_MAX], value=0.0, engine=nisa.engine.gpsimd)
-    if d == n_d * D_CHUNK:
-        src = q.reshape((q.shape[0], q.shape[1], n_d, D_CHUNK))[q0:q0 + qn, h]
-        nisa.dma_transpose(dst=dst[0:D_CHUNK, 0:n_d, 0:qn], src=src)
-        return
-    for i_d in range(n_d):
-        d0 = i_d * D_CHUNK
-        dn = min(D_CHUNK, d - d0)
-        nisa.dma_transpose(dst=dst[0:dn, i_d, 0:qn], src=q[q0:q0 + qn, h, d0:d0 + dn])
+    _load_rows_t(head["qT"][:, t, :, :], *head["q_packed"], P_MAX * t, qn, geo)
 
 
 def _scores_exp(head, tile, p_ring, geo):
@@ -301,6 +336,15 @@ def _scores_exp(head, tile, p_ring, geo):
                            accumulate=i_d > 0)
             nisa.nc_matmul(s_psum[h:P_MAX, j * K_CHUNK + h:ncols], head["qT"][0:dn, t, i_d, h:P_MAX],
                            kv["kT_at"](dn, i_d, j, j + 1, h, K_CHUNK), accumulate=i_d > 0,
+                           tile_position=(0, h), tile_size=(P_MAX, h))
+    if "v_packed" in kv:            # packed: the keys' poison (0, or NaN for a non-finite V row) on every row
+        if kv["poison"] is None:
+            _packed_poison(kv, geo)
+        ones, row = kv["poison"]
+        n_all = ncols - h if tile["quad"] else ncols          # columns every row's QK wrote
+        nisa.nc_matmul(s_psum[0:P_MAX, 0:n_all], ones[0:1, 0:P_MAX], row[0:1, 0:n_all], accumulate=True)
+        if tile["quad"]:
+            nisa.nc_matmul(s_psum[h:P_MAX, n_all:ncols], ones[0:1, h:P_MAX], row[0:1, n_all:ncols], accumulate=True,
                            tile_position=(0, h), tile_size=(P_MAX, h))
     scores = s_psum[0:P_MAX, 0:ncols]
     m_sb = nl.ndarray((P_MAX, 1), dtype=nl.float32, buffer=nl.sbuf)

@@ -134,7 +134,8 @@ def test_non_finite_stays_in_its_sequence(where, value, causal, lnc, seed):
     t = dict(q=q.copy(), k=k.copy(), v=v.copy(), gate=g.copy())
     head = int(rng.integers(0, t[where].shape[1]))
     pos = int(rng.integers(cq[1], cq[2])) if where in ("q", "gate") else int(rng.integers(ck[1], ck[2]))
-    t[where][pos, head, int(rng.integers(0, D))] = value
+    col = int(rng.integers(0, D))
+    t[where][pos, head, col] = value
     before = {name: x.copy() for name, x in t.items()}
     out = np.asarray(flash_attention_varlen(t["q"], t["k"], t["v"], cq, ck, causal=causal, gate=t["gate"], lnc=lnc),
                      np.float64)
@@ -154,6 +155,8 @@ def test_non_finite_stays_in_its_sequence(where, value, causal, lnc, seed):
         untouched = np.ones(out.shape[:2], bool)
         untouched[np.ix_(cq[1] + i[sees], [2 * head, 2 * head + 1])] = False
         np.testing.assert_array_equal(out[untouched], clean[untouched])
+        if where == "v":                                   # and every row that sees the value is not finite there
+            assert not np.any(np.isfinite(out[np.ix_(cq[1] + i[sees], [2 * head, 2 * head + 1], [col])]))
 
 
 def test_rule():
