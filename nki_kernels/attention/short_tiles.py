@@ -253,11 +253,11 @@ def _load_rows_t(dst, x, h, r0, n, geo):
 
 
 def _packed_poison(kv, geo):
-    """V of a packed KV head, whole ([128 keys, C, D], phantom rows 0), and its non-finite containment (as
-    `varlen._contain` does it, without K: the row sum s, s - s is 0 for a finite row and NaN otherwise; a key whose V
-    row is not finite gets V row := 0); the per-key poison s - s as a bf16 row [1, C * 128] (PE transposes of the
-    [128, 1] columns) with a ones row [1, 128], for the K = 1 matmul that adds it to every score row
-    (`_scores_exp`): the same effect as a NaN K row."""
+    """V of a packed KV head, whole ([128 keys, C, D], phantom rows 0), and its non-finite containment
+    (`varlen._contain` without K: a key whose V row is not finite gets V row := 0); the per-key poison (0, or NaN
+    for such a key) as a bf16 row [1, C * 128] (PE transposes of the [128, 1] columns) with a ones row [1, 128], for
+    the K = 1 matmul that adds it to every score row (`_scores_exp`): the same effect as a NaN K row."""
+    from .varlen import _contain
     v, kvh = kv["v_packed"]
     skv, d, cpp, dtype = geo["skv"], geo["d"], geo["cpp"], geo["dtype"]
     v_sb = kv["v_sb"]
@@ -266,23 +266,16 @@ def _packed_poison(kv, geo):
     for c in range(cpp):
         kn = min(K_CHUNK, skv - c * K_CHUNK)
         nisa.dma_copy(dst=v_sb[0:kn, c, 0:d], src=v[c * K_CHUNK:c * K_CHUNK + kn, kvh, 0:d])
-    # the poison first (it gates the first unit's scores), the V rows' zeroing after (only P V needs it)
-    s = nl.ndarray((P_MAX, cpp), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_reduce(dst=s, op=nl.add, data=v_sb[:, 0:cpp, 0:d], axis=2)
-    nisa.tensor_tensor(dst=s, data1=s, data2=s, op=nl.subtract)                  # 0, or NaN: the key's poison
+    s = _contain(None, v_sb[:, 0:cpp, 0:d], P_MAX, cpp, d)          # V rows zeroed; s: 0, or NaN per key
     col = nl.ndarray((P_MAX, cpp), dtype=dtype, buffer=nl.sbuf)
     nisa.tensor_copy(dst=col, src=s, engine=nisa.engine.gpsimd)
     row_psum = nl.ndarray((1, cpp, P_MAX), dtype=dtype, buffer=nl.psum)
     for c in range(cpp):
         nisa.nc_transpose(dst=row_psum[0:1, c, 0:P_MAX], data=col[0:P_MAX, c:c + 1])
-    row = nl.ndarray((1, geo["nk"]), dtype=dtype, buffer=nl.sbuf)
+    row = nl.ndarray((1, geo["nk"]), dtype=dtype, buffer=nl.sbuf)     # ScalarE: the VectorE zeroes V meanwhile
     nisa.activation(dst=row, op=nl.copy, data=row_psum.reshape((1, geo["nk"])))
     ones = nl.ndarray((1, P_MAX), dtype=dtype, buffer=nl.sbuf)
     nisa.memset(dst=ones, value=1.0, engine=nisa.engine.gpsimd)
-    fin = nl.ndarray((P_MAX, cpp), dtype=nl.uint8, buffer=nl.sbuf)                 # 1: finite V row
-    nisa.tensor_scalar(dst=fin, data=s, op0=nl.equal, operand0=0.0, engine=nisa.engine.gpsimd)
-    nisa.tensor_copy_predicated(dst=v_sb[:, 0:cpp, 0:d], src=0.0,
-                                predicate=fin.ap(pattern=[[cpp, P_MAX], [1, cpp], [0, d]], offset=0), reverse_pred=True)
     kv["poison"] = (ones, row)
 
 

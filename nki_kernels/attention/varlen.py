@@ -535,7 +535,8 @@ def _contain(k_nat, v_rows, rows, nc, d, hb=1, k_engine=nisa.engine.unknown):
     nc, D], or [rows, nc, hb, D] for hb heads, natural layout, key on the partition). The test is the row sum
     (NaN or +-Inf propagate through a sum; a finite row whose sum overflows fp32 counts as non-finite, values
     that large are out of scope): s - s is 0 for a finite row, NaN otherwise, and is the K row's poison. Three
-    passes over the data (one reduce, one predicated copy, one add per (128-key chunk, head)), the rest small."""
+    passes over the data (one reduce, one predicated copy, one add per (128-key chunk, head)), the rest small.
+    k_nat None: V only (the caller applies the poison). Returns the poison s - s, [128, nc * hb] fp32."""
     m = nc * hb
     s = nl.ndarray((P_MAX, m), dtype=nl.float32, buffer=nl.sbuf)
     s_rows = s[0:rows] if hb == 1 else s[0:rows].reshape((rows, nc, hb))
@@ -546,11 +547,12 @@ def _contain(k_nat, v_rows, rows, nc, d, hb=1, k_engine=nisa.engine.unknown):
     per_row = [[m, rows], [1, m], [0, d]] if hb == 1 else [[m, rows], [hb, nc], [1, hb], [0, d]]
     nisa.tensor_copy_predicated(dst=v_rows, src=0.0, predicate=fin.ap(pattern=per_row, offset=0),
                                 reverse_pred=True)
-    for c in range(nc):         # per-partition scalar adds: cheaper than one add of a stride-0 broadcast
+    for c in range(nc if k_nat is not None else 0):   # per-partition scalar adds: cheaper than a broadcast add
         for h in range(hb):
             k_row = k_nat[:, c, :] if hb == 1 else k_nat[:, c, h, :]
             nisa.tensor_scalar(dst=k_row, data=k_row, op0=nl.add, operand0=s[0:rows, c * hb + h:c * hb + h + 1],
                                engine=k_engine)
+    return s
 
 
 # ============================================================================ per-sequence windows (max_seqlen_*)
