@@ -1,4 +1,5 @@
-"""Flash attention prefill for short sequences (Skv <= 512), tile-major: the 2-byte path at D = 256 on trn2 / trn3.
+"""Flash attention prefill for short sequences (Skv <= 512), tile-major: the 2-byte path at D = 256 on trn2 / trn3,
+and short packed variable-length batches at any D (`tile_short_varlen_body`, for `flash_attention_varlen`).
 
 Every (b, query head, 128-row query tile) is a unit with its own output tile in natural layout (row p of the tile
 is query 128t + p on partition p). Per unit:
@@ -255,8 +256,9 @@ def _load_rows_t(dst, x, h, r0, n, geo):
 def _packed_poison(kv, geo):
     """V of a packed KV head, whole ([128 keys, C, D], phantom rows 0), and its non-finite containment
     (`varlen._contain` without K: a key whose V row is not finite gets V row := 0); the per-key poison (0, or NaN
-    for such a key) as a bf16 row [1, C * 128] (PE transposes of the [128, 1] columns) with a ones row [1, 128], for
-    the K = 1 matmul that adds it to every score row (`_scores_exp`): the same effect as a NaN K row."""
+    for such a key) as a row [1, C * 128] (PE transposes of the [128, 1] columns) with a ones row [1, 128], for
+    the K = 1 matmul that adds it to every score row (`_scores_exp`): the same effect as a NaN K row. The row is in
+    q's dtype (bf16 or fp16: NaN and 0 exactly)."""
     from .varlen import _contain
     v, kvh = kv["v_packed"]
     skv, d, cpp, dtype = geo["skv"], geo["d"], geo["cpp"], geo["dtype"]

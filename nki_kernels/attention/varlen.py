@@ -1101,8 +1101,9 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, sof
     itemsize = 4 if _dtype_name(q) == "float32" else 2
     q, k, v, gate = (_read_only(x) for x in (q, k, v, gate))
     plan = windows_plan(tq, tk, len(cu_q) - 1, d, itemsize, causal, m_q, m_k)
-    if causal and tile_short_varlen_path(tq, tk, d, q.dtype, causal):
-        plan = None     # the packed kernel's tile-major body (non-causal windows that fit stay: the faster of the two)
+    two_byte = nl.bfloat16 if itemsize == 2 else nl.float32    # the rule's dtype test for NumPy and torch inputs alike
+    if (causal or len(cu_q) == 2) and tile_short_varlen_path(tq, tk, d, two_byte, causal):
+        plan = None     # the packed kernel's tile-major body; non-causal windows of several sequences stay (faster)
     if plan is not None:
         return call(flash_attention_varlen_windows_kernel, q, k, v, gate, cu_q, cu_k, scale, causal, *plan, lnc=lnc)
     kernel_check(tq <= MAX_PACKED_Q,

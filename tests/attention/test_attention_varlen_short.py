@@ -1,7 +1,7 @@
 """flash_attention_varlen's tile-major body for short packs (`short_tiles.tile_short_varlen_body`: Tq, Tk <= 512,
-2-byte dtypes, D = 256 on trn2 / trn3): float64 reference over packings / dtypes / masks / gates / GQA / LNC, each
-sequence equal to its own run, rows without keys, non-finite containment between sequences that share a 128-key
-chunk, traced once, the rule, the largest shapes."""
+2-byte dtypes, any D <= 256, trn2 / trn3): float64 reference over packings / head dims / dtypes / masks / gates / GQA
+/ LNC, each sequence equal to its own run, rows without keys, non-finite containment between sequences that share a
+128-key chunk, traced once, the rule (also for torch inputs), the largest shapes."""
 from unittest import mock
 
 import ml_dtypes
@@ -66,14 +66,15 @@ def short_lengths(draw, causal):
        use_gate=st.booleans(), lnc=st.sampled_from([1, 2]), band=st.booleans(), seed=st.integers(0, 2 ** 16))
 def test_matches_reference(data, causal, hkv, group, d, dtype, use_gate, lnc, band, seed):
     """Any packing of up to 512 queries / keys (partial tiles and chunks, sequences sharing a chunk, Tq < Tk), any
-    head dim: the tile-major body runs (causal: also when max_seqlen_* fit the per-sequence windows; not causal:
-    unless they do), its output matches the float64 reference, and rows that see no key are exactly 0."""
+    head dim: the tile-major body runs (causal, or one sequence: also when max_seqlen_* fit the per-sequence
+    windows; several non-causal sequences: unless they do), its output matches the float64 reference, and rows that
+    see no key are exactly 0."""
     lq, lk = data.draw(short_lengths(causal))
     rng = np.random.default_rng(seed)
     q, k, v, g = packed(rng, lq, lk, hkv * group, hkv, d, DTYPES[dtype], gate=use_gate)
     m = dict(max_seqlen_q=max(lq), max_seqlen_k=max(lk)) if band else {}
-    windows = (not causal and band and varlen.windows_plan(sum(lq), sum(lk), len(lq), d, 2, causal, max(lq), max(lk))
-               is not None)
+    windows = (not causal and band and len(lq) > 1
+               and varlen.windows_plan(sum(lq), sum(lk), len(lq), d, 2, causal, max(lq), max(lk)) is not None)
     patch, calls = _taken()
     with patch:
         out = flash_attention_varlen(q, k, v, cu(lq), cu(lk), causal=causal, gate=g, lnc=lnc, **m)
@@ -176,6 +177,29 @@ def test_rule():
         assert short_tiles.tile_short_varlen_path(200, 300, 256, BF16, True)
     with use_target("trn1"):
         assert not short_tiles.tile_short_varlen_path(100, 100, 256, BF16, True)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_causal_pack_the_windows_fit_goes_tile_major(kind):
+    """A causal pack that max_seqlen_* would send to the per-sequence windows runs tile-major, for NumPy and torch
+    bf16 inputs alike (the wrapper's rule sees the dtype by name)."""
+    rng = np.random.default_rng(27)
+    lq = [128, 128, 128, 128]
+    q, k, v, g = packed(rng, lq, lq, 4, 1, D, BF16, gate=True)
+    assert varlen.windows_plan(512, 512, 4, D, 2, True, 128, 128) is not None
+    args = (q, k, v, cu(lq), cu(lq))
+    if kind == "torch":
+        torch = pytest.importorskip("torch")
+        args = tuple(torch.from_numpy(np.asarray(x, np.float32)).to(torch.bfloat16) for x in (q, k, v)) + (
+            torch.from_numpy(cu(lq)), torch.from_numpy(cu(lq)))
+        g = torch.from_numpy(np.asarray(g, np.float32)).to(torch.bfloat16)
+    patch, calls = _taken()
+    with patch:
+        out = flash_attention_varlen(*args, causal=True, gate=g, max_seqlen_q=128, max_seqlen_k=128)
+    assert calls, "the tile-major varlen body did not run"
+    out = np.asarray(out.float().numpy() if kind == "torch" else out, np.float64)
+    assert_close(kind, flash_attention_varlen_ref(q, k, v, cu(lq), cu(lq), gate=np.asarray(g, np.float32) if kind ==
+                                                  "numpy" else g.float().numpy()), out, dtype="bfloat16")
 
 
 @pytest.mark.parametrize("target, expect", [("trn2", True), ("trn3", True), ("trn1", False)])
