@@ -11,7 +11,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..backend import call, nki, nisa, nl
-from ..hw import DMA_FULL_RATE_ROW_BYTES, P_MAX, PSUM_FMAX_FP32, SBUF_BYTES_PER_PARTITION
+from ..hw import DMA_FULL_RATE_ROW_BYTES, DVE_ELEMS_PER_CYCLE, P_MAX, PSUM_FMAX_FP32, SBUF_BYTES_PER_PARTITION
 from ..lnc import current_target_name, resolve_lnc
 from ..validation import check_host_values, kernel_check
 from ..transpose import mixing_pe_transpose
@@ -484,14 +484,16 @@ def _add_ranges(h_total):
     pass per fp32 add), up to _ACC_PSUM_BANKS banks; beyond that, VectorE's further columns from SBUF (two
     passes); GpSimd's from SBUF (two passes). GpSimd also generates every slot-row gather's descriptors
     (software DGE, ~H cycles per gathered row), so per gathered row the ranges balance
-    VectorE n_ps + 2 (b - n_ps) cycles at _DVE_GHZ against GpSimd H + 2 (H - b) cycles at _GPSIMD_GHZ
-    (boundaries on 128 columns)."""
+    VectorE (n_ps + 2 (b - n_ps)) / r cycles at _DVE_GHZ (r: the target's VectorE elements per cycle,
+    `hw.DVE_ELEMS_PER_CYCLE`: 2 on trn2 / trn3, where VectorE then takes every column) against GpSimd H + 2 (H - b)
+    cycles at _GPSIMD_GHZ (boundaries on 128 columns)."""
     def on_128(x):
         return min(h_total, max(0, int(round(x / P_MAX)) * P_MAX))
+    dve = _DVE_GHZ * DVE_ELEMS_PER_CYCLE.get(current_target_name(), DVE_ELEMS_PER_CYCLE["trn2"])
     cap = _ACC_PSUM_BANKS * PSUM_FMAX_FP32
-    n_ps = min(on_128(3 * h_total * _DVE_GHZ / (_GPSIMD_GHZ + 2 * _DVE_GHZ)), cap)
-    b = n_ps if n_ps < cap else max(n_ps, on_128((3 * h_total * _DVE_GHZ + n_ps * _GPSIMD_GHZ)
-                                                 / (2 * (_DVE_GHZ + _GPSIMD_GHZ))))
+    n_ps = min(on_128(3 * h_total * dve / (_GPSIMD_GHZ + 2 * dve)), cap)
+    b = n_ps if n_ps < cap else max(n_ps, on_128((3 * h_total * dve + n_ps * _GPSIMD_GHZ)
+                                                 / (2 * (dve + _GPSIMD_GHZ))))
     ranges = [(0, n_ps, nisa.engine.vector, True), (n_ps, b, nisa.engine.vector, False),
               (b, h_total, nisa.engine.gpsimd, False)]
     return [r for r in ranges if r[1] > r[0]]

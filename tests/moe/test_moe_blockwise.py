@@ -435,3 +435,28 @@ def test_n_gather_limit_shape_runs_with_the_dma_gather(rng):
         out = moe_blockwise(x, w, gu, dn, tpos, b2e, bs, top_k_index=idx, lnc=2, combine="dma")
     assert "nc_n_gather" not in [ins.name for tr in list(runs)[0].traces for ins in tr]
     assert_close("past the nc_n_gather limit", moe_decode_reference(x, idx, w, gu, dn), out, dtype="bfloat16")
+
+
+def test_output_pass_columns_follow_the_targets_vectore_rate():
+    """`hw.DVE_ELEMS_PER_CYCLE` is the cost model's VectorE base rate on every target; with it the output pass's
+    column split gives VectorE every column on trn2 / trn3 up to H = 4096 (2 elements per cycle: VectorE's adds then
+    take less time than GpSimd's gather descriptors alone; at H = 8192 GpSimd keeps a smaller share than on trn1) and
+    keeps GpSimd a share on trn1 (1 per cycle), the ranges covering the hidden columns once, in order."""
+    from nki_kernels.backend import nisa
+    from nki_kernels.emulator.costmodel import PARAMS
+    from nki_kernels.emulator.targets import use_target
+    from nki_kernels.hw import DVE_ELEMS_PER_CYCLE
+    from nki_kernels.moe.blockwise import _add_ranges
+    assert set(DVE_ELEMS_PER_CYCLE) == set(PARAMS)
+    for name, rate in DVE_ELEMS_PER_CYCLE.items():
+        assert PARAMS[name].dve_elems_pp_per_cycle == rate, name
+    for h in (1024, 2048, 4096, 8192):
+        pool = {}
+        for target in ("trn1", "trn2", "trn3"):
+            with use_target(target):
+                ranges = _add_ranges(h)
+            assert ranges[0][0] == 0 and ranges[-1][1] == h
+            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+            pool[target] = sum(c1 - c0 for c0, c1, eng, _ in ranges if eng == nisa.engine.gpsimd)
+        assert pool["trn1"] > 0 and pool["trn2"] == pool["trn3"] < pool["trn1"], (h, pool)
+        assert pool["trn2"] == 0 or h > 4096, (h, pool)
