@@ -27,6 +27,6 @@ NO_RANGE_SELECT_TARGETS = ("trn1",)
 # packet knee, docs/cost-model.md "DMA"): kernels that choose a layout by row size read it per target
 DMA_FULL_RATE_ROW_BYTES = {"trn1": 2560, "trn2": 512, "trn3": 512}
 # VectorE elements per partition per cycle (base rate, before performance mode): 1 on NeuronCore-v2, 2 on v3 / v4 (the
-# cost model's `dve_elems_pp_per_cycle` per target; tests/emulator tie the two)
+# cost model's `dve_elems_pp_per_cycle` per target; tests/moe/test_moe_blockwise.py ties the two)
 DVE_ELEMS_PER_CYCLE = {"trn1": 1.0, "trn2": 2.0, "trn3": 2.0}
 NEG_INF = -3.4028235e38          # most negative fp32, the literal NKI kernels use for -inf
