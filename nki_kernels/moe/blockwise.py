@@ -38,12 +38,9 @@ _TABLE_CHUNKS = 8              # 128-token chunks whose output-pass tables (slot
 _TABLE_BYTES_PP = 1024         # at most this many bytes per partition of them (fewer chunks for a wide dense KMAX)
 _ACC_PSUM_BANKS = 4            # PSUM banks of VectorE's fp32 output-pass accumulator (one more for the shared
                                # expert's down projection pieces; its h tiles are done before the accumulator)
-_DMA_KNEE_BYTES = 2560         # a DMA packet (one partition row) keeps its engine busy at least this many bytes'
-                               # time: cost model v3-v10's packet floor, which `gate_up_parts` was fitted under.
-                               # Cost model v11 has 512 B on trn2 / trn3; its choice was re-checked against v11's
-                               # modeled figures (docs/moe.md, "v11 check"); the combine rule uses the next line
-_COMBINE_KNEE_BYTES = DMA_FULL_RATE_ROW_BYTES   # the packet knee the combine estimate uses per
-                               # target: cost model v11's (docs/cost-model.md, "v11 round"); trn2 when unknown
+_DMA_KNEE_BYTES = DMA_FULL_RATE_ROW_BYTES   # per target, the partition-row bytes below which a DMA packet moves
+                               # at less than the engines' rate (cost model v11's packet knee, docs/cost-model.md
+                               # "v11 round"): `gate_up_parts` and the combine estimate read it; trn2 when unknown
 _CORE_HBM_BYTES_PER_US = 362.5e3   # one trn2 core's HBM rate (bytes per µs)
 _GPSIMD_GHZ = 1.2
 _DVE_GHZ = 0.96
@@ -215,10 +212,10 @@ def onchip_x_gather(n_tokens: int, h_total: int, n_inter: int, block_size: int, 
     no x transposes per block (T transposed tokens instead of N * B slots: on trn1, where they are VectorE 32x32
     transposes, `_tiles.exact_rows_to_columns`, that is most of what it saves); it costs GpSimd one element per
     gathered value and VectorE / ScalarE the index arithmetic (docs/moe.md, "On-chip x gather")."""
-    parts = gate_up_parts(h_total, n_inter, item, block_size, top_k)
+    parts = gate_up_parts(h_total, n_inter, item, block_size, top_k, target)
     extra = resident_xT_bytes(n_tokens, h_total, h_total // parts, block_size, item)
     return extra is not None and \
-        blocks_phase_bytes(h_total, n_inter, block_size, top_k, item) + extra <= sbuf_budget(target)
+        blocks_phase_bytes(h_total, n_inter, block_size, top_k, item, target) + extra <= sbuf_budget(target)
 
 
 def resident_xT_bytes(n_tokens: int, h_total: int, n_h: int, block_size: int, item: int):
@@ -623,26 +620,27 @@ def sbuf_budget(target=None) -> int:
     return SBUF_BYTES_PER_PARTITION.get(name, SBUF_BYTES_PER_PARTITION["trn2"]) - _SBUF_MARGIN
 
 
-def gate_up_parts(h_total: int, n_inter: int, item: int, block_size: int, top_k: int) -> int:
-    """Partitions the DMA-combine blocks phase loads an expert's gate/up weights on (shapes only): 64 when the
-    128-partition run (n_h * 2I elements) is shorter than a DMA packet (`_DMA_KNEE_BYTES`: such a run moves at
-    run / knee of the DMA peak, so twice the run on half the partitions moves the same bytes in up to half the
-    time; the talker's 1.5 KiB -> 3 KiB) and the 64-partition plan (x.T twice as long per partition) fits every
-    target's SBUF, else 128. With 64, gate/up matmuls contract K = 64 rows, twice as many of them (TensorE has the
-    slack: the blocks phase is DMA-bound)."""
+def gate_up_parts(h_total: int, n_inter: int, item: int, block_size: int, top_k: int, target=None) -> int:
+    """Partitions the DMA-combine blocks phase loads an expert's gate/up weights on (shapes and target only): 64
+    when the 128-partition run (n_h * 2I elements) is shorter than the target's DMA packet knee (`_dma_knee`: such
+    a run moves at run / knee of the DMA peak, so twice the run on half the partitions moves the same bytes in up to
+    half the time; the talker's 1.5 KiB -> 3 KiB on trn1, whose knee is 2560 B) and the 64-partition plan (x.T twice
+    as long per partition) fits every target's SBUF, else 128. With 64, gate/up matmuls contract K = 64 rows, twice
+    as many of them, and each token chunk needs twice the x.T copies: on trn2 / trn3 (512 B knee) a 1.5 KiB run
+    already moves at the full rate, and that TensorE work would bound the blocks phase (docs/moe.md, "Round 35")."""
     run = h_total // P_MAX * 2 * n_inter * item
-    if run >= _DMA_KNEE_BYTES:
+    if run >= _dma_knee(target):
         return P_MAX
     half_fits = _blocks_bytes(h_total, n_inter, block_size, top_k, item, P_MAX // 2) <= _SMALLEST_SBUF_BUDGET
     return P_MAX // 2 if half_fits else P_MAX
 
 
-def blocks_phase_bytes(h_total: int, n_inter: int, block_size: int, top_k: int, item: int) -> int:
+def blocks_phase_bytes(h_total: int, n_inter: int, block_size: int, top_k: int, item: int, target=None) -> int:
     """Upper bound of the SBUF bytes per partition of the blocks phase (every tile counted as live at once):
     block tables, one expert's weights + the previous block's down weights, the block's gathered rows (one
     [128, H] tile per 128-slot chunk, all issued first), one transpose, the h tiles of this and the previous
     block, hT, the output row tile, the all-zero row and the per-chunk affinity tiles."""
-    parts = gate_up_parts(h_total, n_inter, item, block_size, top_k)
+    parts = gate_up_parts(h_total, n_inter, item, block_size, top_k, target)
     return _blocks_bytes(h_total, n_inter, block_size, top_k, item, parts)
 
 
@@ -695,7 +693,7 @@ def check_sbuf_plan(kname, h_total, n_inter, s_inter, block_size, kmax, top_k, i
     """Refuse a shape whose blocks phase or output pass (one chunk's tables, one gathered row) cannot fit SBUF.
     top_k is the blocks phase's (1 in the dense form); the dense output pass loads no routing rows."""
     budget = sbuf_budget(target)
-    need = blocks_phase_bytes(h_total, n_inter, block_size, top_k, item)
+    need = blocks_phase_bytes(h_total, n_inter, block_size, top_k, item, target)
     kernel_check(need <= budget, f"{kname}: the blocks phase needs {need} B of SBUF per partition (H={h_total}, "
                  f"I={n_inter}, block_size={block_size}, {item}-byte dtype), above the {budget} B available; use a "
                  f"smaller block_size or shard I further")
@@ -937,7 +935,7 @@ def choose_combine(n_tokens, h_total, n_inter, s_inter, n_blocks, block_size, km
     if not plans:
         return None
     shape = (n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item, lnc)
-    knee = _combine_knee(target)
+    knee = _dma_knee(target)
     best = min(plans, key=lambda pl: _onchip_cost_us(*shape, *pl[:2], knee=knee))
     def fits(pl):
         return onchip_plan_bytes(n_tokens, h_total, n_inter, s_inter, n_blocks, block_size, kmax, pl.group_tiles,
@@ -951,15 +949,16 @@ def choose_combine(n_tokens, h_total, n_inter, s_inter, n_blocks, block_size, km
     return best
 
 
-def _combine_knee(target=None) -> int:
-    """The DMA packet knee (bytes) the combine estimate uses on the target (default: the current one)."""
-    return _COMBINE_KNEE_BYTES.get(target or current_target_name(), _COMBINE_KNEE_BYTES["trn2"])
+def _dma_knee(target=None) -> int:
+    """The DMA packet knee (bytes) on the target (default: the current one): `gate_up_parts` and the combine
+    estimate."""
+    return _DMA_KNEE_BYTES.get(target or current_target_name(), _DMA_KNEE_BYTES["trn2"])
 
 
 def _dma_eff(run_bytes: int, knee=None) -> float:
     """Fraction of the DMA peak a transfer of `run_bytes` contiguous bytes per partition row reaches under a
     packet knee of `knee` bytes (default: the current target's; 2560: 1 KiB 40%, 2 KiB 80%, >= 2.5 KiB 100%)."""
-    return min(1.0, run_bytes / (knee or _combine_knee()))
+    return min(1.0, run_bytes / (knee or _dma_knee()))
 
 
 def _dma_combine_us(n_tokens, h_total, n_blocks, block_size, kmax, item, lnc, knee=None) -> float:

@@ -410,25 +410,28 @@ def test_tight_output_pass_loads_fewer_table_chunks(rng, dense):
                  dtype="float32")
 
 
-@pytest.mark.parametrize("target,h,inter,bs,t,fits_sbuf", [
-    ("trn2", 1024, 48, 64, 4096, True), ("trn3", 2048, 128, 48, 4497, True), ("trn2", 1024, 48, 64, 4095, True)])
-def test_onchip_x_gather_respects_the_n_gather_free_size_limit(target, h, inter, bs, t, fits_sbuf):
+@pytest.mark.parametrize("target,h,inter,bs,t", [
+    ("trn2", 1024, 8, 64, 4096), ("trn3", 2048, 128, 48, 4497), ("trn2", 1024, 8, 64, 4095),
+    ("trn3", 2048, 32, 64, 4096), ("trn3", 2048, 32, 64, 4095)])
+def test_onchip_x_gather_respects_the_n_gather_free_size_limit(target, h, inter, bs, t):
     """The resident x.T is the data operand of one nc_n_gather: n_h * (T + 1) elements per partition must stay
-    within the 65536-element per-instruction SBUF limit, not only within SBUF. These bf16 shapes fit SBUF; T=4096
-    (talker widths, n_h = 16) and the trn3 shape cross the limit and must take the DMA gather, T=4095 is on it."""
+    within the 65536-element per-instruction SBUF limit, not only within SBUF. These bf16 shapes fit SBUF; at
+    T=4096 they cross the limit (n_h = 16: H = 1024 on 64 partitions, whose 256 B gate/up run is under trn2's
+    512 B knee, or H = 2048 on 128) and must take the DMA gather, as must the trn3 shape; T=4095 is on it."""
     from nki_kernels.emulator import use_target
     from nki_kernels.moe.blockwise import gate_up_parts, onchip_x_gather
-    n_h = h // gate_up_parts(h, inter, 2, bs, 1)
     with use_target(target):
+        n_h = h // gate_up_parts(h, inter, 2, bs, 1)
         assert onchip_x_gather(t, h, inter, bs, 1, 2) == (n_h * (t + 1) <= 65536)
     assert (n_h * (t + 1) <= 65536) == (t == 4095)
 
 
 def test_n_gather_limit_shape_runs_with_the_dma_gather(rng):
-    """The smallest kind of shape past the nc_n_gather limit (trn2 bf16, talker widths, T=4096, blocks of 64, LNC=2,
-    DMA combine) runs and matches the reference (it failed the emulator's free-size check)."""
+    """The smallest kind of shape past the nc_n_gather limit (trn2 bf16, H = 1024 with I = 8: gate/up on 64
+    partitions, T=4096, blocks of 64, LNC=2, DMA combine) runs and matches the reference (it failed the emulator's
+    free-size check)."""
     from nki_kernels.emulator import record_launches
-    t, h, e, inter, k, bs = 4096, 1024, 4, 48, 1, 64
+    t, h, e, inter, k, bs = 4096, 1024, 4, 8, 1, 64
     x, gu, dn, _, w, idx = moe_problem(rng, t, h, e, inter, k, dtype="bfloat16")
     tpos, b2e = moe_block_mapping(idx, e, bs)
     with record_launches() as runs:
@@ -460,3 +463,26 @@ def test_output_pass_columns_follow_the_targets_vectore_rate():
             pool[target] = sum(c1 - c0 for c0, c1, eng, _ in ranges if eng == nisa.engine.gpsimd)
         assert pool["trn1"] > 0 and pool["trn2"] == pool["trn3"] < pool["trn1"], (h, pool)
         assert pool["trn2"] == 0 or h > 4096, (h, pool)
+
+
+@pytest.mark.parametrize("target, lnc, parts", [("trn2", 2, 128), ("trn3", 2, 128), ("trn1", 1, 64)])
+def test_gate_up_partitions_follow_the_targets_dma_knee(target, lnc, parts, rng):
+    """The talker's widths (H = 1024, I = 48, bf16): an expert's gate/up run at 128 partitions is 1536 B, past
+    trn2 / trn3's 512 B packet knee (`hw.DMA_FULL_RATE_ROW_BYTES`, the cost model's `dma_knee_bytes`), so the
+    blocks phase keeps 128 partitions there; under trn1's 2560 B knee it loads gate/up on 64 partitions (twice the
+    run). Qwen3.5's 8 KiB runs take 128 everywhere. Both layouts (the DMA combine's blocks phase) match the
+    reference."""
+    from nki_kernels.emulator.costmodel import PARAMS
+    from nki_kernels.emulator.targets import use_target
+    from nki_kernels.hw import DMA_FULL_RATE_ROW_BYTES
+    from nki_kernels.moe.blockwise import gate_up_parts
+    assert all(PARAMS[name].dma_knee_bytes == knee for name, knee in DMA_FULL_RATE_ROW_BYTES.items())
+    t, h, e, inter, k, bs = 96, 1024, 8, 48, 2, 32
+    x, gu, dn, _, w, idx = moe_problem(rng, t, h, e, inter, k, dtype="bfloat16")
+    tpos, b2e = moe_block_mapping(idx, e, bs)
+    ref = moe_decode_reference(x, idx, w, gu, dn)
+    with use_target(target):
+        assert gate_up_parts(h, inter, 2, bs, k) == parts
+        assert gate_up_parts(2048, 512, 2, bs, k) == 128
+        out = moe_blockwise(x, w, gu, dn, tpos, b2e, bs, top_k_index=idx, lnc=lnc, combine="dma")
+    assert_close(f"{target}", ref, out, dtype="bfloat16")
