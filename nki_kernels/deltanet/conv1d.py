@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import call, nki, nisa, nl
-from ..hw import NO_PE_TILE32_TARGETS, P_MAX, PSUM_FMAX_FP32
+from ..hw import DMA_FULL_RATE_ROW_BYTES, NO_PE_TILE32_TARGETS, P_MAX, PSUM_FMAX_FP32
 from ..lnc import current_target_name, resolve_lnc
 from ..validation import kernel_check
 from ._checks import FLOAT_DTYPES as _FLOAT_DTYPES
@@ -26,7 +26,8 @@ _MAX_SEQ = 16384                  # T: the whole [128, K + T] history row lives 
 _MAX_ROW_ELEMS = 8192             # free elements per partition of one [P, n_b, K + T] history tile
 _UPDATE_SBUF_BYTES = 64 * 1024   # update form: SBUF per partition for one chunk of sequences (all its tiles)
 _UPDATE_ROW_BYTES = 1024          # update form: below this many conv-state bytes per partition row at 128 partitions
-                                  # the channels go on 64 partitions (see _update_partitions)
+                                  # (and below the target's DMA packet knee) the channels go on 64 partitions
+                                  # (see _update_partitions)
 _ACTIVATIONS = (None, "silu", "swish")
 _MAX_SEQS = 1024                  # packed sequences per launch (cu_seqlens): 3 small DMAs each per channel tile
 _HIST_SBUF_BYTES = 40 * 1024      # prefill: bytes per partition of one block's history (the tiles of one state DMA);
@@ -395,14 +396,17 @@ def causal_conv1d_update_kernel(x, conv_state, weight, apply_silu):
 
 
 def _update_partitions(n_own, bsz, kw, seq, bf16):
-    """Partitions the update form spreads its n_own channels over: 128, or half of them when the conv-state rows
-    would stay short at 128 (fewer, longer DMA packets: every DMA of the step touches each partition once, and
-    the DMA engines take a fixed time per partition row below ~2.5 KiB; the VectorE work per partition doubles)
-    and one sequence's channels still fit _UPDATE_SBUF_BYTES."""
+    """Partitions the update form spreads its n_own channels over (shapes and target only): 128, or half of them
+    when the conv-state rows would stay short at 128 (fewer, longer DMA packets: every DMA of the step touches each
+    partition once, and the DMA engines take a fixed time per partition row below the target's packet knee,
+    `hw.DMA_FULL_RATE_ROW_BYTES`; the VectorE work per partition doubles, so rows at or past the knee, which move at
+    the full rate either way, stay on 128; below it, only under _UPDATE_ROW_BYTES) and one sequence's channels
+    still fit _UPDATE_SBUF_BYTES."""
     isz = 2 if bf16 else 4
     row_bytes = bsz * max(1, n_own // P_MAX) * kw * isz
+    knee = DMA_FULL_RATE_ROW_BYTES.get(current_target_name(), DMA_FULL_RATE_ROW_BYTES["trn2"])
     fits = (n_own // (P_MAX // 2)) * _update_bytes_per_channel(kw, seq) <= _UPDATE_SBUF_BYTES
-    return P_MAX // 2 if row_bytes < _UPDATE_ROW_BYTES and fits else P_MAX
+    return P_MAX // 2 if row_bytes < min(_UPDATE_ROW_BYTES, knee) and fits else P_MAX
 
 
 def _update_chunk(x, conv_state, y, w_sb, c0, n_p, cpp, b0, nb, apply_silu, cdt):

@@ -134,6 +134,29 @@ def test_update_channel_blocks(b, c, t, kw, dtype, rng):
     assert_close("update state", rs, state, dtype=name)
 
 
+@pytest.mark.parametrize("target, lnc, c, parts", [("trn2", 2, 2048, 128), ("trn3", 2, 2048, 128),
+                                                    ("trn1", 1, 1024, 64)])
+def test_update_partitions_follow_the_targets_dma_knee(target, lnc, c, parts, rng):
+    """B=8, bf16, 1024 channels per core (Qwen3.5 TP4's conv at LNC=2): 512 B conv-state rows at 128 partitions, the
+    full-rate packet on trn2 / trn3 (512 B knee), so the channels stay on 128 partitions there; on trn1 (2560 B
+    knee) they go on 64 (fewer packets). Either layout matches the reference; at B=1 (64 B rows) every target
+    takes 64."""
+    from nki_kernels.deltanet import conv1d
+    from nki_kernels.emulator import use_target
+    b = 8
+    x = rng.standard_normal((b, c, 1)).astype(BF16)
+    w = rng.standard_normal((c, 4)).astype(BF16)
+    state = rng.standard_normal((b, c, 4)).astype(BF16)
+    before = state.copy()
+    with use_target(target):
+        assert conv1d._update_partitions(c // lnc, b, 4, 1, True) == parts
+        assert conv1d._update_partitions(c // lnc, 1, 4, 1, True) == 64
+        y = causal_conv1d_update(x, state, w, lnc=lnc)
+    ry, rs = ref.causal_conv1d_update(x, before, w)
+    assert_close(f"update y {target}", ry, y, dtype="bfloat16")
+    assert_close(f"update state {target}", rs, state, dtype="bfloat16")
+
+
 def test_update_too_many_channels_for_sbuf_raises():
     with pytest.raises(KernelInputError, match=r"max\(1, C // 128\) \* \(4 \(5 K \+ 3 T\) \+ 4\) must be <= 65536"):
         causal_conv1d_update(np.zeros((1, 128 * 800, 1), BF16), np.zeros((1, 128 * 800, 4), BF16),
