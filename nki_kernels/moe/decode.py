@@ -25,8 +25,8 @@ overlap), every gate_up before any down, so the last bytes to land feed only the
 from __future__ import annotations
 
 from ..backend import call, nki, nisa, nl
-from ..hw import GEMM_MOVING_FMAX, P_MAX, PSUM_BANK_BYTES, PSUM_FMAX_FP32
-from ..lnc import resolve_lnc
+from ..hw import DMA_FULL_RATE_ROW_BYTES, GEMM_MOVING_FMAX, P_MAX, PSUM_BANK_BYTES, PSUM_FMAX_FP32
+from ..lnc import current_target_name, resolve_lnc
 from ..transpose import mixing_pe_transpose
 from ..validation import kernel_check
 from ._tiles import intermediate_split, itemsize, load_gate_up
@@ -37,7 +37,6 @@ _MAX_TOKENS = 32            # decode batch: the [128, H/128, T] fp32 accumulator
 _MAX_ROUTES = 1024          # T * TOPK routing rows: the [128, R] fp32 key table and duplicate masks stay <= 4 KiB
 _DIRECT_OUT_MAX_T = 2      # up to this many tokens the [H, T] result is written by one strided DMA (no transposes)
 _RING_BYTES_PP = 120 * 1024   # SBUF bytes per partition for the expert weights in flight plus the shared expert's
-_MIN_ROW_BYTES = 4096         # DMA descriptor run (one partition row) at full bandwidth (docs/cost-model.md)
 _PRE_SLOT_BYTES = 640 * 1024  # static bytes the DMA queues stream while the slot-id load is in flight
                               # (one fixed DMA latency, ~2 us, at the ~360 GB/s of one trn2 core)
 # ---- tiles
@@ -361,7 +360,7 @@ def check_decode_sbuf(kname, hidden, gate_up, down, shared, top_k, lnc):
     n_local, _, _, n_inter = (int(s) for s in gate_up.shape)
     item = 4 if str(hidden.dtype).replace("torch.", "") == "float32" else 2
     _, n_tok, _, h_cols = _my_share(n_tokens, h_total, 0, lnc)
-    fold = 2 if (h_total // P_MAX * 2 * n_inter * item < _MIN_ROW_BYTES and 2 * n_inter <= P_MAX) else 1
+    fold = _fold_for(h_total, n_inter, item)
     n_i = intermediate_split(n_inter)[1]
     weights = (fold * (h_total // P_MAX) * 2 * n_inter + n_i * h_cols) * item
     if shared is not None:
@@ -421,12 +420,20 @@ def _rows_to_columns(rows_sb, fold, out_dtype=None):
 
 
 def _gate_up_fold(gate_up):
-    """2 when one expert's gate_up rows on 128 partitions (n_h * 2I elements each) are shorter than a full DMA
-    run and gate + up fit one stationary (2I <= 128): the rows then go on 64 partitions, 2 * n_h each, and one
-    matmul per hidden row covers gate and up together (same matmul count, longer DMA runs); else 1."""
+    """`_fold_for` one expert's [H, 2, I] gate_up weights."""
     _, h_total, _, n_inter = gate_up.shape
-    row = h_total // P_MAX * 2 * n_inter * itemsize(gate_up.dtype)
-    return 2 if row < _MIN_ROW_BYTES and 2 * n_inter <= P_MAX else 1
+    return _fold_for(h_total, n_inter, itemsize(gate_up.dtype))
+
+
+def _fold_for(h_total, n_inter, item):
+    """2 when one expert's gate_up rows on 128 partitions (n_h * 2I elements each) are shorter than the target's
+    DMA packet knee (`hw.DMA_FULL_RATE_ROW_BYTES`: such rows move at less than the engines' rate) and gate + up fit
+    one stationary (2I <= 128): the rows then go on 64 partitions, 2 * n_h each, and one matmul per hidden row
+    covers gate and up together (same matmul count, longer DMA runs); else 1 (shapes and target only). Rows at or
+    past the knee gain nothing from the fold (the talker's 1.5 KiB rows on trn2: docs/moe.md, "Round 35")."""
+    row = h_total // P_MAX * 2 * n_inter * item
+    knee = DMA_FULL_RATE_ROW_BYTES.get(current_target_name(), DMA_FULL_RATE_ROW_BYTES["trn2"])
+    return 2 if row < knee and 2 * n_inter <= P_MAX else 1
 
 
 def _up_selector(gate_up):

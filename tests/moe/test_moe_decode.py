@@ -283,3 +283,20 @@ def test_bad_inputs_raise(rng, mutate, match):
     mutate(args)
     with pytest.raises(KernelInputError, match=match):
         moe_decode(**args)
+
+
+@pytest.mark.parametrize("target, lnc, fold", [("trn2", 2, 1), ("trn3", 2, 1), ("trn1", 1, 2)])
+def test_gate_up_fold_follows_the_targets_dma_knee(target, lnc, fold, rng):
+    """The talker's widths (H = 1024, I = 48, bf16): an expert's gate_up rows on 128 partitions are 1536 B, past
+    trn2 / trn3's 512 B packet knee (`hw.DMA_FULL_RATE_ROW_BYTES`), so they stay on 128 partitions there; under
+    trn1's 2560 B knee they fold onto 64. Rows of 256 B (H = 256, I = 32) fold everywhere. Each layout matches the
+    reference at T = 1 (slot split) and T = 3 (token split)."""
+    from nki_kernels.emulator.targets import use_target
+    from nki_kernels.moe.decode import _fold_for
+    with use_target(target):
+        assert _fold_for(1024, 48, 2) == fold
+        assert _fold_for(256, 32, 2) == 2
+        for t in (1, 3):
+            x, gu, dn, sh, w, idx = moe_problem(rng, t, 1024, 8, 48, 4, 96, True, dtype="bfloat16")
+            out = moe_decode(x, idx, w, gu, dn, sh, lnc=lnc)
+            assert_close(f"{target} T={t}", moe_decode_reference(x, idx, w, gu, dn, sh), out, dtype="bfloat16")
