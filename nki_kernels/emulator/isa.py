@@ -1081,6 +1081,7 @@ def dma_copy(dst, src, priority=None, oob_mode=oob_mode.error, dge_mode=dge_mode
              f"got {oob_mode!r}")
     if not isinstance(dge_mode, mode):
         fail(instr, "dge_mode", f"must be a nisa.dge_mode member, got {dge_mode!r}")
+    _check_dge_mode(instr, [src], [dst], dge_mode, engine)
     skip = oob_mode is oob.skip
     if src.on_chip is False:
         _hbm_race_check(instr, "src", src, write=False)
@@ -1098,6 +1099,29 @@ def dma_copy(dst, src, priority=None, oob_mode=oob_mode.error, dge_mode=dge_mode
     _write(dst, np.asarray(vals).reshape(dst.shape), oob_skip=skip, who=instr)
     _record(instr, DMA, [src], [dst], bytes=dst.size * dst.dtype.itemsize,
             dynamic=src.dyn is not None or dst.dyn is not None, **_dge_meta([src], [dst], dge_mode))
+
+
+def _check_dge_mode(instr, srcs, dsts, mode, engine=None):
+    """The documented combinations of an explicit dge_mode with a DMA's access (the NKI DGE deep dive,
+    nki-dge.rst): hardware DGE exists on NeuronCore-v3+ only, is triggered by the Scalar or Sync engine and
+    generates no indirect (vector_offset) access, which takes only unknown or swdge; pre-computed descriptors
+    (none) cannot follow a runtime offset."""
+    m = globals()["dge_mode"]
+    views = [t for t in list(srcs) + list(dsts) if isinstance(t, Tensor)]
+    indirect = any(t.dyn is not None and t.dyn.vector is not None for t in views)
+    dynamic = any(t.dyn is not None for t in views)
+    if mode is m.hwdge and current().target.nc_version < 3:
+        fail(instr, "dge_mode", "hardware DGE exists only on NeuronCore-v3 and newer (nki-dge.rst)")
+    if indirect and mode not in (m.unknown, m.swdge):
+        fail(instr, "dge_mode", f"an indirect (vector_offset) access takes dge_mode unknown or swdge, got "
+             f"{mode.name} (nki-dge.rst)")
+    if dynamic and mode is m.none:
+        fail(instr, "dge_mode", "dge_mode none uses descriptors pre-computed on the host: it cannot follow a "
+             "runtime (scalar_offset / vector_offset) address (nki-dge.rst)")
+    eng = globals()["engine"]
+    if mode is m.hwdge and engine is not None and engine not in (eng.unknown, eng.scalar, eng.sync):
+        fail(instr, "engine", f"with dge_mode=hwdge only nisa.engine.scalar or nisa.engine.sync can trigger the DGE "
+             f"block, got {engine!r} (nki-dge.rst)")
 
 
 def _dge_meta(srcs, dsts, mode) -> dict:
@@ -1138,6 +1162,11 @@ def dma_transpose(dst, src, axes=None, priority=None, dge_mode=dge_mode.unknown,
         fail(instr, "dge_mode", f"must be a nisa.dge_mode member, got {dge_mode!r}")
     _dma_operand(instr, "src", src)
     _dma_operand(instr, "dst", dst)
+    _check_dge_mode(instr, [src], [dst], dge_mode)
+    if dge_mode is globals()["dge_mode"].hwdge and (src.shape[0] != 16 or src.shape[-1] % 128 or
+                                                    src.dtype.itemsize != 2):
+        fail(instr, "dge_mode", f"hardware DGE transposes need src.shape[0] == 16 and src.shape[-1] % 128 == 0 "
+             f"(2-byte dtype; nki-dge.rst), got {src.shape}")
     if src.dtype.itemsize != 2:
         fail(instr, "src", f"dtype {_dt.name(src.dtype)} is not a 2-byte dtype; DMA transpose needs bf16/fp16")
     if dst.dtype != src.dtype:

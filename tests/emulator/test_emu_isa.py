@@ -800,6 +800,53 @@ def test_dma_compute_indirect_only_in_the_documented_rmw_forms(rng):
         kernel_run(k_static, table)
 
 
+def test_dge_mode_only_in_the_documented_combinations(rng):
+    """The DGE deep dive (nki-dge.rst): an indirect (vector_offset) access takes dge_mode unknown or swdge only;
+    pre-computed descriptors (none) cannot follow a runtime offset; hardware DGE exists on NeuronCore-v3+, is
+    triggered by the Scalar or Sync engine, and transposes only [16, n * 128] 2-byte sources. The allowed forms
+    still copy the right rows."""
+    from nki_kernels.emulator import use_target
+    table = rnd(rng, (12, 8))
+    ids = np.array([[3], [0], [11], [5]], np.int32)
+
+    def k_gather(tab, idx, mode):
+        idx_sb = sb_load(idx)
+        t = nl.ndarray((4, 8), nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=t, src=tab.ap(pattern=[[8, 4], [1, 8]], vector_offset=idx_sb, indirect_dim=0),
+                      dge_mode=getattr(nisa.dge_mode, mode))
+        return hbm_out(t)
+    for mode in ("hwdge", "none"):
+        with raises("dma_copy", "dge_mode", "unknown or swdge"):
+            kernel_run(k_gather, table, ids, mode=mode)
+    for mode in ("unknown", "swdge"):
+        out = kernel_run(k_gather, table, ids, mode=mode).outputs
+        np.testing.assert_array_equal(out, table[ids[:, 0]])
+
+    def k_dynamic(tab, idx, mode, eng):
+        r = sb_load(idx[0:1, 0:1])
+        t = nl.ndarray((1, 8), nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=t, src=tab.ap(pattern=[[8, 1], [1, 8]], scalar_offset=r, indirect_dim=0),
+                      dge_mode=getattr(nisa.dge_mode, mode), engine=getattr(nisa.engine, eng))
+        return hbm_out(t)
+    with raises("dma_copy", "dge_mode", "pre-computed"):
+        kernel_run(k_dynamic, table, ids, mode="none", eng="unknown")
+    with raises("dma_copy", "engine", "scalar or nisa.engine.sync"):
+        kernel_run(k_dynamic, table, ids, mode="hwdge", eng="gpsimd")
+    for eng in ("unknown", "scalar", "sync"):
+        np.testing.assert_array_equal(kernel_run(k_dynamic, table, ids, mode="hwdge", eng=eng).outputs, table[3:4])
+    with use_target("trn1"), raises("dma_copy", "dge_mode", "NeuronCore-v3"):
+        kernel_run(k_dynamic, table, ids, mode="hwdge", eng="unknown")
+
+    def k_transpose(a, mode):
+        t = nl.ndarray((a.shape[1], a.shape[0]), BF16, buffer=nl.sbuf)
+        nisa.dma_transpose(dst=t, src=a, dge_mode=getattr(nisa.dge_mode, mode))
+        return hbm_out(t)
+    x16 = rnd(rng, (16, 128)).astype(BF16)
+    np.testing.assert_array_equal(kernel_run(k_transpose, x16, mode="hwdge").outputs, x16.T)
+    with raises("dma_transpose", "dge_mode", "src.shape[0] == 16"):
+        kernel_run(k_transpose, rnd(rng, (32, 128)).astype(BF16), mode="hwdge")
+
+
 def test_dma_hbm_to_hbm_and_sbuf_to_sbuf(rng):
     x = rnd(rng, (6, 10))
 
