@@ -95,12 +95,11 @@ def tile_short_varlen_body(q, k, v, gate, cu_q, cu_k, out, softmax_scale, causal
     by a K = 1 matmul, so only the rows that see it are touched). A row that sees no key
     (a sequence with queries and no keys) gives 0: its exp bias is capped so every probability is 0, and its
     1 / l is finite."""
-    from .varlen import packed_row_bounds
+    from .varlen import heads_view, packed_row_bounds
     tq, n_hq, d = q.shape
     tk, n_kv, _ = k.shape
     geo = _geometry(tq, tk, d, q.dtype, softmax_scale, causal, lens=False, packed=True)
-    n_prog = nl.num_programs(0)
-    if not [i for i in range(n_hq) if i % n_prog == nl.program_id(0)]:
+    if nl.program_id(0) >= n_hq:        # no (query head) unit for this core: `_run_units` deals them round robin
         return
     lo, hi = packed_row_bounds(cu_q, cu_k, tq, causal, geo["n_t"])
     # per row: +inf where the row sees a key (no cap), else -3e38 (the exp bias then makes every probability 0)
@@ -109,9 +108,8 @@ def tile_short_varlen_body(q, k, v, gate, cu_q, cu_k, out, softmax_scale, causal
     cap = nl.ndarray((P_MAX, geo["n_t"]), dtype=nl.float32, buffer=nl.sbuf)
     nisa.memset(dst=cap, value=float("inf"), engine=nisa.engine.gpsimd)
     nisa.tensor_copy_predicated(dst=cap, src=-_CAP, predicate=empty)
-    heads = lambda t: t.permute((1, 0, 2))                  # noqa: E731  [T, H, D] -> [H, T, D] view
-    out_h = heads(out)
-    gate_h = None if gate is None else heads(gate)
+    out_h = heads_view(out)
+    gate_h = None if gate is None else heads_view(gate)
 
     def open_kv(_b, kvh):
         kv = _kv_start(None, None, (None, hi), geo)

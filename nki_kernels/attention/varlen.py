@@ -118,9 +118,8 @@ def varlen_body(q, k, v, gate, cu_q, cu_k, out, softmax_scale, causal):
     work = _work(n_kv, n_q_tiles, nl.program_id(0), nl.num_programs(0))
     if not work:
         return
-    heads = lambda t: t.permute((1, 0, 2))                  # noqa: E731  [T, H, D] -> [H, T, D] view
-    q_h, out_h, k_h, v_h = heads(q), heads(out), heads(k), heads(v)
-    gate_h = None if gate is None else heads(gate)
+    q_h, out_h, k_h, v_h = heads_view(q), heads_view(out), heads_view(k), heads_view(v)
+    gate_h = None if gate is None else heads_view(gate)
     rows = _PackedRows(cu_q, cu_k, tq, causal, sorted({i_q for _, i_q in work}), n_tiles(tk, _LOOP_BLOCK))
     for kvh in sorted({h for h, _ in work}):
         kT_sb, v_sb = _load_kv_blocks(k_h, v_h, kvh, tk, d, n_d, dtype)
@@ -469,6 +468,11 @@ def _row_intervals(seqs, r, ncols, lo, hi):
             nisa.tensor_tensor(dst=h, data1=h, data2=end_q[:, 0:cn], op=nl.subtract, engine=pool)
             nisa.scalar_tensor_tensor(dst=h, data=h, op0=nl.add, operand0=1.0, op1=nl.add,
                                       operand1=r[:, c0:c0 + cn])
+
+
+def heads_view(t):
+    """[T, H, D] @ HBM -> its [H, T, D] view (no copy)."""
+    return t.permute((1, 0, 2))
 
 
 def packed_row_bounds(cu_q, cu_k, tq, causal, n_t):
