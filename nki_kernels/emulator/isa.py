@@ -1101,27 +1101,43 @@ def dma_copy(dst, src, priority=None, oob_mode=oob_mode.error, dge_mode=dge_mode
             dynamic=src.dyn is not None or dst.dyn is not None, **_dge_meta([src], [dst], dge_mode))
 
 
-def _check_dge_mode(instr, srcs, dsts, mode, engine=None):
-    """The documented combinations of an explicit dge_mode with a DMA's access (the NKI DGE deep dive,
-    nki-dge.rst): hardware DGE exists on NeuronCore-v3+ only, is triggered by the Scalar or Sync engine and
-    generates no indirect (vector_offset) access, which takes only unknown or swdge; pre-computed descriptors
-    (none) cannot follow a runtime offset."""
+def _check_dge_mode(instr, srcs, dsts, mode, engine=None, transpose=False):
+    """The documented combinations of an explicit dge_mode with a DMA's access: the `dma_copy` / `dma_transpose`
+    docstrings of the NKI 0.7 API (authoritative where the DGE deep dive, nki-dge.rst, differs: its summary table
+    also lists `none` for static transposes and "any mode" for scalar_offset copies). Hardware DGE exists on
+    NeuronCore-v3+; a dynamic address needs swdge or hwdge (not none), an indirect (vector_offset) one swdge (or
+    unknown); a direct transpose takes unknown or hwdge, an indirect one unknown or swdge; `engine` (sync or scalar)
+    is only valid with hwdge; a hardware-DGE transpose needs a 2-byte source with shape[-1] <= 128 and shape[0] == 16
+    (2-D) or shape[0] in {1, 2, 4, 8, 16} with shape[0] * shape[-2] % 16 == 0 (3-D / 4-D)."""
     m = globals()["dge_mode"]
     views = [t for t in list(srcs) + list(dsts) if isinstance(t, Tensor)]
     indirect = any(t.dyn is not None and t.dyn.vector is not None for t in views)
     dynamic = any(t.dyn is not None for t in views)
     if mode is m.hwdge and current().target.nc_version < 3:
-        fail(instr, "dge_mode", "hardware DGE exists only on NeuronCore-v3 and newer (nki-dge.rst)")
+        fail(instr, "dge_mode", "hardware DGE exists only on NeuronCore-v3 and newer (the dge_mode docstring)")
     if indirect and mode not in (m.unknown, m.swdge):
         fail(instr, "dge_mode", f"an indirect (vector_offset) access takes dge_mode unknown or swdge, got "
-             f"{mode.name} (nki-dge.rst)")
+             f"{mode.name}")
     if dynamic and mode is m.none:
-        fail(instr, "dge_mode", "dge_mode none uses descriptors pre-computed on the host: it cannot follow a "
-             "runtime (scalar_offset / vector_offset) address (nki-dge.rst)")
+        fail(instr, "dge_mode", "dge_mode none uses descriptors the runtime builds before execution: a dynamic "
+             "(scalar_offset / vector_offset) address needs swdge or hwdge")
+    if transpose and not indirect and mode not in (m.unknown, m.hwdge):
+        fail(instr, "dge_mode", f"a direct DMA transpose takes dge_mode unknown or hwdge, got {mode.name}")
     eng = globals()["engine"]
-    if mode is m.hwdge and engine is not None and engine not in (eng.unknown, eng.scalar, eng.sync):
-        fail(instr, "engine", f"with dge_mode=hwdge only nisa.engine.scalar or nisa.engine.sync can trigger the DGE "
-             f"block, got {engine!r} (nki-dge.rst)")
+    if engine is not None and engine is not eng.unknown:
+        if engine not in (eng.scalar, eng.sync):
+            fail(instr, "engine", f"the DGE trigger is nisa.engine.sync or nisa.engine.scalar, got {engine!r}")
+        if mode is not m.hwdge:
+            fail(instr, "engine", f"engine is only valid with dge_mode=hwdge, got dge_mode {mode.name}")
+    if transpose and mode is m.hwdge:
+        src = srcs[0]
+        shape = src.shape
+        ok = src.dtype.itemsize == 2 and shape[-1] <= 128 and (
+            shape[0] == 16 if len(shape) == 2 else shape[0] in (1, 2, 4, 8, 16) and shape[0] * shape[-2] % 16 == 0)
+        if not ok:
+            fail(instr, "dge_mode", f"a hardware-DGE transpose needs a 2-byte src with shape[-1] <= 128 and "
+                 f"shape[0] == 16 (2-D) or shape[0] in {{1, 2, 4, 8, 16}}, shape[0] * shape[-2] % 16 == 0 "
+                 f"(3-D / 4-D); got {shape}")
 
 
 def _dge_meta(srcs, dsts, mode) -> dict:
@@ -1162,11 +1178,7 @@ def dma_transpose(dst, src, axes=None, priority=None, dge_mode=dge_mode.unknown,
         fail(instr, "dge_mode", f"must be a nisa.dge_mode member, got {dge_mode!r}")
     _dma_operand(instr, "src", src)
     _dma_operand(instr, "dst", dst)
-    _check_dge_mode(instr, [src], [dst], dge_mode)
-    if dge_mode is globals()["dge_mode"].hwdge and (src.shape[0] != 16 or src.shape[-1] % 128 or
-                                                    src.dtype.itemsize != 2):
-        fail(instr, "dge_mode", f"hardware DGE transposes need src.shape[0] == 16 and src.shape[-1] % 128 == 0 "
-             f"(2-byte dtype; nki-dge.rst), got {src.shape}")
+    _check_dge_mode(instr, [src], [dst], dge_mode, transpose=True)
     if src.dtype.itemsize != 2:
         fail(instr, "src", f"dtype {_dt.name(src.dtype)} is not a 2-byte dtype; DMA transpose needs bf16/fp16")
     if dst.dtype != src.dtype:

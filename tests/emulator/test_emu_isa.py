@@ -801,10 +801,11 @@ def test_dma_compute_indirect_only_in_the_documented_rmw_forms(rng):
 
 
 def test_dge_mode_only_in_the_documented_combinations(rng):
-    """The DGE deep dive (nki-dge.rst): an indirect (vector_offset) access takes dge_mode unknown or swdge only;
-    pre-computed descriptors (none) cannot follow a runtime offset; hardware DGE exists on NeuronCore-v3+, is
-    triggered by the Scalar or Sync engine, and transposes only [16, n * 128] 2-byte sources. The allowed forms
-    still copy the right rows."""
+    """The dma_copy / dma_transpose docstrings of the NKI 0.7 API: an indirect (vector_offset) access takes dge_mode
+    unknown or swdge; none (descriptors built before execution) cannot follow a runtime offset; hardware DGE exists
+    on NeuronCore-v3+; `engine` (sync or scalar) is valid only with hwdge; a direct transpose takes unknown or hwdge,
+    and a hardware-DGE one a 2-byte source with shape[-1] <= 128 and shape[0] == 16 (2-D) or shape[0] in {1, 2, 4,
+    8, 16} with shape[0] * shape[-2] % 16 == 0 (3-D). The allowed forms still move the right values."""
     from nki_kernels.emulator import use_target
     table = rnd(rng, (12, 8))
     ids = np.array([[3], [0], [11], [5]], np.int32)
@@ -828,23 +829,32 @@ def test_dge_mode_only_in_the_documented_combinations(rng):
         nisa.dma_copy(dst=t, src=tab.ap(pattern=[[8, 1], [1, 8]], scalar_offset=r, indirect_dim=0),
                       dge_mode=getattr(nisa.dge_mode, mode), engine=getattr(nisa.engine, eng))
         return hbm_out(t)
-    with raises("dma_copy", "dge_mode", "pre-computed"):
+    with raises("dma_copy", "dge_mode", "needs swdge or hwdge"):
         kernel_run(k_dynamic, table, ids, mode="none", eng="unknown")
-    with raises("dma_copy", "engine", "scalar or nisa.engine.sync"):
+    with raises("dma_copy", "engine", "sync or nisa.engine.scalar"):
         kernel_run(k_dynamic, table, ids, mode="hwdge", eng="gpsimd")
+    for mode in ("swdge", "unknown"):
+        with raises("dma_copy", "engine", "only valid with dge_mode=hwdge"):
+            kernel_run(k_dynamic, table, ids, mode=mode, eng="scalar")
     for eng in ("unknown", "scalar", "sync"):
         np.testing.assert_array_equal(kernel_run(k_dynamic, table, ids, mode="hwdge", eng=eng).outputs, table[3:4])
+    np.testing.assert_array_equal(kernel_run(k_dynamic, table, ids, mode="swdge", eng="unknown").outputs, table[3:4])
     with use_target("trn1"), raises("dma_copy", "dge_mode", "NeuronCore-v3"):
         kernel_run(k_dynamic, table, ids, mode="hwdge", eng="unknown")
 
     def k_transpose(a, mode):
-        t = nl.ndarray((a.shape[1], a.shape[0]), BF16, buffer=nl.sbuf)
+        t = nl.ndarray(tuple(reversed(a.shape)), BF16, buffer=nl.shared_hbm)      # HBM -> HBM: any src shape
         nisa.dma_transpose(dst=t, src=a, dge_mode=getattr(nisa.dge_mode, mode))
-        return hbm_out(t)
-    x16 = rnd(rng, (16, 128)).astype(BF16)
-    np.testing.assert_array_equal(kernel_run(k_transpose, x16, mode="hwdge").outputs, x16.T)
-    with raises("dma_transpose", "dge_mode", "src.shape[0] == 16"):
-        kernel_run(k_transpose, rnd(rng, (32, 128)).astype(BF16), mode="hwdge")
+        return t
+    for shape in ((16, 128), (16, 40), (2, 8, 128)):
+        x = rnd(rng, shape).astype(BF16)
+        np.testing.assert_array_equal(kernel_run(k_transpose, x, mode="hwdge").outputs, np.transpose(x))
+    for shape in ((32, 128), (16, 256), (2, 4, 128), (3, 16, 64)):
+        with raises("dma_transpose", "dge_mode", "hardware-DGE transpose"):
+            kernel_run(k_transpose, rnd(rng, shape).astype(BF16), mode="hwdge")
+    for mode in ("swdge", "none"):
+        with raises("dma_transpose", "dge_mode", "direct DMA transpose takes dge_mode unknown or hwdge"):
+            kernel_run(k_transpose, rnd(rng, (16, 128)).astype(BF16), mode=mode)
 
 
 def test_dma_hbm_to_hbm_and_sbuf_to_sbuf(rng):

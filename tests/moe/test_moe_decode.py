@@ -289,14 +289,37 @@ def test_bad_inputs_raise(rng, mutate, match):
 def test_gate_up_fold_follows_the_targets_dma_knee(target, lnc, fold, rng):
     """The talker's widths (H = 1024, I = 48, bf16): an expert's gate_up rows on 128 partitions are 1536 B, past
     trn2 / trn3's 512 B packet knee (`hw.DMA_FULL_RATE_ROW_BYTES`), so they stay on 128 partitions there; under
-    trn1's 2560 B knee they fold onto 64. Rows of 256 B (H = 256, I = 32) fold everywhere. Each layout matches the
-    reference at T = 1 (slot split) and T = 3 (token split)."""
+    trn1's 2560 B knee they fold onto 64. Rows of 256 B (H = 256, I = 32) fold everywhere; rows of 3072 B (H = 2048,
+    I = 48: folded on trn1 under the earlier 4096 B rule) fold nowhere. Each layout matches the reference at T = 1
+    and T = 3 (at LNC=2: the cores split the slots, then the tokens; trn1 runs LNC=1)."""
     from nki_kernels.emulator.targets import use_target
     from nki_kernels.moe.decode import _fold_for
     with use_target(target):
         assert _fold_for(1024, 48, 2) == fold
         assert _fold_for(256, 32, 2) == 2
-        for t in (1, 3):
-            x, gu, dn, sh, w, idx = moe_problem(rng, t, 1024, 8, 48, 4, 96, True, dtype="bfloat16")
+        assert _fold_for(2048, 48, 2) == 1
+        for t, h in ((1, 1024), (3, 1024), (1, 2048)):
+            x, gu, dn, sh, w, idx = moe_problem(rng, t, h, 8, 48, 4, 96, True, dtype="bfloat16")
             out = moe_decode(x, idx, w, gu, dn, sh, lnc=lnc)
-            assert_close(f"{target} T={t}", moe_decode_reference(x, idx, w, gu, dn, sh), out, dtype="bfloat16")
+            assert_close(f"{target} T={t} H={h}", moe_decode_reference(x, idx, w, gu, dn, sh), out,
+                         dtype="bfloat16")
+
+
+def test_h_exchange_with_small_experts_unfolded(rng, monkeypatch):
+    """T = 1 at LNC=2 without a shared expert exchanges h between the cores (`_h_exchange_token`) when the slots'
+    weights fit SBUF. With the fold gone on trn2 / trn3 at the talker's widths (2I <= 128), that path now runs for
+    small experts too: bf16 H = 1024, I = 48 and I = 64, fp32 H = 512, I = 32, each against the reference, with the
+    path taken."""
+    from nki_kernels.emulator.targets import use_target
+    from nki_kernels.moe import decode
+    calls = []
+    real = decode._h_exchange_token
+    monkeypatch.setattr(decode, "_h_exchange_token", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for target in ("trn2", "trn3"):
+        for h, inter, dt in ((1024, 48, "bfloat16"), (1024, 64, "bfloat16"), (512, 32, "float32")):
+            x, gu, dn, _, w, idx = moe_problem(rng, 1, h, 8, inter, 4, 0, True, dtype=dt)
+            calls.clear()
+            with use_target(target):
+                out = moe_decode(x, idx, w, gu, dn, lnc=2)
+            assert calls, (target, h, inter)
+            assert_close(f"{target} H={h} I={inter}", moe_decode_reference(x, idx, w, gu, dn), out, dtype=dt)

@@ -133,10 +133,12 @@ def test_decode_largest_experts_fit(monkeypatch, dtype, h, i):
 
 @pytest.mark.parametrize("h,i,bs", [(8192, 4, 128), (4992, 4, 512), (8192, 1, 128)])
 def test_small_i_fp32_wide_h_is_accepted_and_exact(monkeypatch, h, i, bs):
-    """Tiny experts (I <= 4) at wide fp32 H: a 128-partition gate/up run is below a DMA packet, but the
-    64-partition layout (x.T twice as long per partition) would not fit SBUF, so the blocks phase keeps 128
+    """Tiny experts (I <= 4) at wide fp32 H: where a 128-partition gate/up run is below the target's DMA packet knee,
+    the 64-partition layout (x.T twice as long per partition) would not fit SBUF, so the blocks phase keeps 128
     partitions. Before: the wrapper sized the plan with 64 and refused shapes it had run before (while a larger I,
-    with 128 partitions, was accepted); the I = 1..16 range is now accepted at every I."""
+    with 128 partitions, was accepted); the I = 1..16 range is now accepted at every I. On trn2 (512 B knee) the
+    three runs below (2048, 1248, 512 B) take 128 partitions by the knee alone; the sweep's H = 4992, I = 1 (312 B)
+    still goes through the fit fallback."""
     assert all(_blockwise_accepts(monkeypatch, np.float32, h, ii, False, bs)[0] for ii in (1, 2, 4, 8, 16))
     x, gu, dn, _, w, idx = _arrays(np.float32, 3, h, 2, i, 2, False, seed=i)
     tpos, b2e = moe_block_mapping(idx, 2, bs)
