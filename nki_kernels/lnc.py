@@ -31,6 +31,12 @@ def current_target_name() -> str:
     return backend.target_name()
 
 
+def for_target(table: dict, target: str | None = None):
+    """table's entry for the target (default: the current one); trn2's for a target the table does not name (the
+    per-target constants of nki_kernels.hw)."""
+    return table.get(target or current_target_name(), table["trn2"])
+
+
 def env_lnc(who: str = "nki_kernels") -> int | None:
     """The degree set by NEURON_LOGICAL_NC_CONFIG, or None when unset. A non-integer value is an error."""
     return _rules.env_lnc(lambda message: KernelInputError(f"{who}: {message}"))

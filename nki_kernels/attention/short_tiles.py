@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from ..backend import nisa, nl
 from ..hw import DMA_FULL_RATE_ROW_BYTES, NO_RANGE_SELECT_TARGETS, P_MAX
-from ..lnc import current_target_name
+from ..lnc import current_target_name, for_target
 from ._common import D_CHUNK, K_CHUNK, MM_KEYS, exact_transpose, is_two_byte, load_len_broadcast, load_t, n_tiles, \
     zero_rows_past_length
 
@@ -50,7 +50,7 @@ def tile_short_path(sq: int, skv: int, d: int, dtype, bhds: bool = False) -> boo
     a gate; docs/attention.md, "Short prefill, tile-major")."""
     if bhds or sq > skv or not _tile_target(skv, dtype):
         return False
-    return d * _ITEMSIZE >= DMA_FULL_RATE_ROW_BYTES.get(current_target_name(), DMA_FULL_RATE_ROW_BYTES["trn2"])
+    return d * _ITEMSIZE >= for_target(DMA_FULL_RATE_ROW_BYTES)
 
 
 def tile_short_varlen_path(tq: int, tk: int, d: int, dtype, causal: bool) -> bool:

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..backend import call, nki, nisa, nl
 from ..hw import DMA_FULL_RATE_ROW_BYTES, NO_PE_TILE32_TARGETS, P_MAX, PSUM_FMAX_FP32
-from ..lnc import current_target_name, resolve_lnc
+from ..lnc import current_target_name, for_target, resolve_lnc
 from ..validation import kernel_check
 from ._checks import FLOAT_DTYPES as _FLOAT_DTYPES
 from ._checks import check_cu_seqlens, check_lengths, check_tensor
@@ -404,7 +404,7 @@ def _update_partitions(n_own, bsz, kw, seq, bf16):
     still fit _UPDATE_SBUF_BYTES."""
     isz = 2 if bf16 else 4
     row_bytes = bsz * max(1, n_own // P_MAX) * kw * isz
-    knee = DMA_FULL_RATE_ROW_BYTES.get(current_target_name(), DMA_FULL_RATE_ROW_BYTES["trn2"])
+    knee = for_target(DMA_FULL_RATE_ROW_BYTES)
     fits = (n_own // (P_MAX // 2)) * _update_bytes_per_channel(kw, seq) <= _UPDATE_SBUF_BYTES
     return P_MAX // 2 if row_bytes < min(_UPDATE_ROW_BYTES, knee) and fits else P_MAX
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..backend import call, nki, nisa, nl
 from ..hw import DMA_FULL_RATE_ROW_BYTES, DVE_ELEMS_PER_CYCLE, P_MAX, PSUM_FMAX_FP32, SBUF_BYTES_PER_PARTITION
-from ..lnc import current_target_name, resolve_lnc
+from ..lnc import for_target, resolve_lnc
 from ..validation import check_host_values, kernel_check
 from ..transpose import mixing_pe_transpose
 from ._tiles import (_Y_TILE, TOK_TILE, down_piece, evict, intermediate_split, itemsize, load_down,
@@ -38,9 +38,6 @@ _TABLE_CHUNKS = 8              # 128-token chunks whose output-pass tables (slot
 _TABLE_BYTES_PP = 1024         # at most this many bytes per partition of them (fewer chunks for a wide dense KMAX)
 _ACC_PSUM_BANKS = 4            # PSUM banks of VectorE's fp32 output-pass accumulator (one more for the shared
                                # expert's down projection pieces; its h tiles are done before the accumulator)
-_DMA_KNEE_BYTES = DMA_FULL_RATE_ROW_BYTES   # per target, the partition-row bytes below which a DMA packet moves
-                               # at less than the engines' rate (cost model v11's packet knee, docs/cost-model.md
-                               # "v11 round"): `gate_up_parts` and the combine estimate read it; trn2 when unknown
 _CORE_HBM_BYTES_PER_US = 362.5e3   # one trn2 core's HBM rate (bytes per µs)
 _GPSIMD_GHZ = 1.2
 _DVE_GHZ = 0.96
@@ -486,7 +483,7 @@ def _add_ranges(h_total):
     cycles at _GPSIMD_GHZ (boundaries on 128 columns)."""
     def on_128(x):
         return min(h_total, max(0, int(round(x / P_MAX)) * P_MAX))
-    dve = _DVE_GHZ * DVE_ELEMS_PER_CYCLE.get(current_target_name(), DVE_ELEMS_PER_CYCLE["trn2"])
+    dve = _DVE_GHZ * for_target(DVE_ELEMS_PER_CYCLE)
     cap = _ACC_PSUM_BANKS * PSUM_FMAX_FP32
     n_ps = min(on_128(3 * h_total * dve / (_GPSIMD_GHZ + 2 * dve)), cap)
     b = n_ps if n_ps < cap else max(n_ps, on_128((3 * h_total * dve + n_ps * _GPSIMD_GHZ)
@@ -616,8 +613,7 @@ def check_weights(kname, hidden, gate_up, down, shared):
 
 def sbuf_budget(target=None) -> int:
     """SBUF bytes per partition the MoE plans may use on the target (default: the current one)."""
-    name = target or current_target_name()
-    return SBUF_BYTES_PER_PARTITION.get(name, SBUF_BYTES_PER_PARTITION["trn2"]) - _SBUF_MARGIN
+    return for_target(SBUF_BYTES_PER_PARTITION, target) - _SBUF_MARGIN
 
 
 def gate_up_parts(h_total: int, n_inter: int, item: int, block_size: int, top_k: int, target=None) -> int:
@@ -950,9 +946,9 @@ def choose_combine(n_tokens, h_total, n_inter, s_inter, n_blocks, block_size, km
 
 
 def _dma_knee(target=None) -> int:
-    """The DMA packet knee (bytes) on the target (default: the current one): `gate_up_parts` and the combine
-    estimate."""
-    return _DMA_KNEE_BYTES.get(target or current_target_name(), _DMA_KNEE_BYTES["trn2"])
+    """The DMA packet knee (bytes) on the target (default: the current one): cost model v11's,
+    `hw.DMA_FULL_RATE_ROW_BYTES` (docs/cost-model.md "v11 round"); `gate_up_parts` and the combine estimate."""
+    return for_target(DMA_FULL_RATE_ROW_BYTES, target)
 
 
 def _dma_eff(run_bytes: int, knee=None) -> float:

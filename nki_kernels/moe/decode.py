@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from ..backend import call, nki, nisa, nl
 from ..hw import DMA_FULL_RATE_ROW_BYTES, GEMM_MOVING_FMAX, P_MAX, PSUM_BANK_BYTES, PSUM_FMAX_FP32
-from ..lnc import current_target_name, resolve_lnc
+from ..lnc import for_target, resolve_lnc
 from ..transpose import mixing_pe_transpose
 from ..validation import kernel_check
 from ._tiles import intermediate_split, itemsize, load_gate_up
@@ -432,8 +432,7 @@ def _fold_for(h_total, n_inter, item):
     covers gate and up together (same matmul count, longer DMA runs); else 1 (shapes and target only). Rows at or
     past the knee gain nothing from the fold (the talker's 1.5 KiB rows on trn2: docs/moe.md, "Round 35")."""
     row = h_total // P_MAX * 2 * n_inter * item
-    knee = DMA_FULL_RATE_ROW_BYTES.get(current_target_name(), DMA_FULL_RATE_ROW_BYTES["trn2"])
-    return 2 if row < knee and 2 * n_inter <= P_MAX else 1
+    return 2 if row < for_target(DMA_FULL_RATE_ROW_BYTES) and 2 * n_inter <= P_MAX else 1
 
 
 def _up_selector(gate_up):
