@@ -8,7 +8,7 @@ markers:
   `microbench.goals.GOALS` evaluated on the same results, default cost-model constants). When
   `microbench_out/goals.md` exists (`python -m microbench.goals --out microbench_out/goals.md`), its table of
   verdicts across the cost model's uncertainty is included too.
-* KERNELS.md: the headline figure of every kernel (one case per kernel, `HEADLINE`).
+* KERNELS.md: the headline figure of every kernel (one case per kernel, `HEADLINE`) and the same goals table.
 
 Nothing is emulated: regenerating takes a second. `--check` exits 1 when a file is not up to date.
 """
@@ -192,6 +192,9 @@ def render_headline(data) -> str:
     if any(r[1].endswith(" *") for r in rows):
         lines += ["", "\\* this run did not include the kernel's headline case (`microbench/tables.py`, `HEADLINE`); "
                   "its first case stands in."]
+    lines += ["", "Goals (`microbench/goals.py`) on the same run, default cost-model constants; whether each verdict "
+              "holds across the constants' uncertainty: [docs/performance.md](docs/performance.md), \"Goals\".", ""]
+    lines += _table(("goal", "modeled", "verdict"), goal_rows(data["results"]))
     return "\n".join(lines)
 
 

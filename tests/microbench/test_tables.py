@@ -52,6 +52,10 @@ def test_goals_are_evaluated_on_the_results():
     assert rows["gated_delta_rule_step B=1: <= 10 us"] == ("12.5 µs", "**not met**")
     assert rows["moe_decode Qwen3.5 T=1: <= 1.3x weight stream"] == ("-", "no figure")
     assert rows["code_predictor B=1 TP=8: <= 1 ms per frame"] == ("-", "not in this run")
+    card = tables.render_headline(_data())       # KERNELS.md shows every goal with its figure and verdict too
+    assert "| flash_attention Sq=Skv=8192: time <= 1.3x roofline | 1.25x | met |" in card
+    assert "| gated_delta_rule_step B=1: <= 10 us | 12.5 µs | **not met** |" in card
+    assert all(f"| {g.name} |" in card for g in GOALS)
 
 
 def test_headline_picks_the_named_case_else_the_first():
