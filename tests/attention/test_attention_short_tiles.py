@@ -1,7 +1,6 @@
 """flash_attention's tile-major short body (`attention/short_tiles.py`: Skv <= 512, 2-byte dtypes, D = 256 on
 trn2 / trn3): float64 reference over shapes / dtypes / masks / lengths / gates / LNC, the path rule, non-finite
 containment, traced once, the largest accepted shapes, and the instruction structure it was built for."""
-from unittest import mock
 
 import ml_dtypes
 import numpy as np
@@ -18,6 +17,7 @@ from nki_kernels.emulator.targets import use_target
 from nki_kernels.testing import assert_close
 
 from contain_kit import assert_contained, poison_one, run_poisoned
+from spy_kit import counting
 
 BF16 = ml_dtypes.bfloat16
 DTYPES = {"bfloat16": BF16, "float16": np.float16}
@@ -31,13 +31,7 @@ def _inputs(rng, b, hq, hkv, sq, skv, dtype, d=D):
 
 def _taken():
     """Counts calls of the tile-major body (the dispatch in prefill_body calls it through the module)."""
-    real = prefill.tile_short_body
-    calls = []
-
-    def spy(*a, **kw):
-        calls.append(1)
-        return real(*a, **kw)
-    return mock.patch.object(prefill, "tile_short_body", spy), calls
+    return counting(prefill, "tile_short_body")
 
 
 @settings(max_examples=40, deadline=None)

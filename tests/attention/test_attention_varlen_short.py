@@ -2,7 +2,6 @@
 2-byte dtypes, any D <= 256, trn2 / trn3): float64 reference over packings / head dims / dtypes / masks / gates / GQA
 / LNC, each sequence equal to its own run, rows without keys, non-finite containment between sequences that share a
 128-key chunk, traced once, the rule (also for torch inputs), the largest shapes."""
-from unittest import mock
 
 import ml_dtypes
 import numpy as np
@@ -17,6 +16,7 @@ from nki_kernels.emulator.runtime import last_run
 from nki_kernels.emulator.targets import use_target
 from nki_kernels.testing import assert_close, program_signature
 
+from spy_kit import counting
 from varlen_kit import assert_each_sequence_alone, cu, packed
 
 BF16 = ml_dtypes.bfloat16
@@ -27,13 +27,7 @@ LIMIT = 512
 
 def _taken():
     """Counts calls of the tile-major varlen body (varlen_body calls it through the varlen module)."""
-    real = varlen.tile_short_varlen_body
-    calls = []
-
-    def spy(*a, **kw):
-        calls.append(1)
-        return real(*a, **kw)
-    return mock.patch.object(varlen, "tile_short_varlen_body", spy), calls
+    return counting(varlen, "tile_short_varlen_body")
 
 
 @st.composite
