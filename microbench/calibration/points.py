@@ -239,6 +239,15 @@ frozen model that judges the v12 points is cost model v11 at c045555. This commi
 compiler's tile buffers, `bench`: CS24 the published P99, CV the report's P50). Nobody modeled them before this
 commit; their first modeled errors are the held-out result, and nothing (re-write, constant, split) is changed after
 seeing them.
+v13 sealed points (split "sealed"; module kernels_v13.py, whose docstring holds the search record, the selection and
+the compiler-left choices, committed before its kernel was re-written; nothing modeled). The v12 unsealing left no
+sealed point, and the next round (trn1 and trn2; likely trn1's short-row DMA and `bench` term) needs points nobody has
+modeled. The v6 rule, unchanged, as v12's source 2 applied it, to the second CS152 lab 6 (spring 2026) student
+repository that commits the graded harness's fleet report with its kernel: Jingfeng0705/cs152_lab6@a635a9f (trn1
+NeuronCore-v2 as the handout states, one core, time_cores 1, tile_buffers None; `bench` = nki.benchmark nc_latency
+P50): its row-by-row conv2d (per output row one [128, OW] X load and one matmul per (input-channel tile, tap), the
+filter resident from element-strided transposing loads; X rows and output rows of 64 or 128 B), 11 fleet cases CR.*
+(C 128 / 256, K 128 / 256, 3x3 / 5x5, N 4 / 16, fp16 / fp32; 504-7901 µs), sealed, added when reference-checked.
 """
 from __future__ import annotations
 
