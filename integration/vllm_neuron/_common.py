@@ -52,6 +52,38 @@ def fall_back(hook: str, exc: BaseException):
     _patching.fall_back(FALLBACKS, logger, f"vllm_neuron {hook}", exc)
 
 
+def missing_attrs(obj, attrs, group=()) -> list:
+    """The attributes of `attrs` that `obj` lacks, plus those of `group` when `obj` has only some of them (a
+    group is all or none: a contract that has it, or an older one without it)."""
+    missing = [a for a in attrs if not hasattr(obj, a)]
+    have = [a for a in group if hasattr(obj, a)]
+    if have and len(have) != len(group):
+        missing += [a for a in group if a not in have]
+    return missing
+
+
+def contract_fallback(hook: str, reason: str):
+    """Record that `hook` runs the plugin's own code because the instance does not have the contract the adapter
+    reads (an attribute the class-level install could not check), and warn once."""
+    hook = f"vllm_neuron {hook}"
+    FALLBACKS.record(hook, reason)
+    warn_once(f"{hook}-{reason}", f"{hook}: {reason}; using the plugin's own code")
+
+
+def instance_mismatch(hook: str, obj, attrs, group=()) -> bool:
+    """True (and the fallback recorded) when `obj` lacks an attribute the replacement of `hook` reads.
+
+    apply() checks the attributes of model *instances* it is given, but the usual install (the plugin registry,
+    before the engine builds the model) patches classes, whose instances only exist later: so every
+    replacement checks its instance when called, and an older or newer plugin that dropped or renamed an
+    attribute runs its own code instead of failing mid-model with an AttributeError."""
+    missing = missing_attrs(obj, attrs, group)
+    if missing:
+        contract_fallback(hook, f"{type(obj).__name__} instance has no attribute(s) {missing} that the adapter "
+                                "reads")
+    return bool(missing)
+
+
 def fallbacks() -> dict:
     """{(hook, reason): count} of the calls that ran the plugin's own code because a kernel refused them."""
     return FALLBACKS.snapshot()

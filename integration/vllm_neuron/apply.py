@@ -18,10 +18,14 @@ moe             ``Qwen3_5SparseMoeBlock.forward_prefill`` / ``forward_decode`` (
 
 Before installing anything, apply() checks every replaced method's and function's parameter list (exactly), the
 methods the replacements call (their leading parameters) and, on model instances, the attributes they read; a
-difference refuses the whole installation with one error naming class, method and difference.
+difference refuses the whole installation with one error naming class, method and difference. Installed on
+classes (the registry path: no instance exists yet), each replacement checks its instance's attributes when
+called and runs the plugin's own code, recorded in `fallbacks()`, when one is missing.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import sys
 import types
 from dataclasses import dataclass, field
@@ -30,12 +34,14 @@ from .._patching import PatchSet
 from . import attention as _attn
 from . import deltanet as _gdn
 from . import moe as _moe
-from ._common import MARK, VllmNeuronAdapterError, difference, param_names
+from ._common import MARK, VllmNeuronAdapterError, difference, missing_attrs, param_names
 
 FAMILIES = ("deltanet", "attention", "moe")
-PLUGIN_COMMITS = ("vllm-project/vllm-neuron: model/qwen3_5/deltanet.py @b3a5a71, model/qwen3_5/model.py @aa9b76b, "
-                  "model/qwen3_moe/model_bf16.py @5f54272, nki/nki_hop.py; whn09/vllm-neuron @3de9ea3: "
-                  "model/qwen3_5/moe.py")
+PLUGIN_COMMITS = ("vllm-project/vllm-neuron: model/qwen3_5/deltanet.py @b3a5a71, model/qwen3_5/model.py @aa9b76b "
+                  "(rechecked @cb27dd0), model/qwen3_moe/model_bf16.py @5f54272 (rechecked @c9e06d0), "
+                  "model/qwen3_moe/factory.py @b1873d6, nki/nki_hop.py; whn09/vllm-neuron @3de9ea3: "
+                  "model/qwen3_5/moe.py, model/qwen3_5/model.py (attention without query-head replication), "
+                  "model/qwen3_5/factory.py, model/registry.py")
 
 
 @dataclass(frozen=True)
@@ -48,17 +54,41 @@ class Target:
     attrs: tuple               # instance attributes the replacement reads
     functions: dict = field(default_factory=dict)        # module function -> exact parameter names
     function_makers: dict = field(default_factory=dict)
+    attr_group: tuple = ()     # instance attributes read when present: all of them or none (an older contract)
 
 
 TARGETS = (
     Target("deltanet", "Qwen3_5GatedDeltaNet", _gdn.METHOD_PARAMS, _gdn.METHOD_MAKERS, _gdn.USED_METHODS,
            _gdn.INSTANCE_ATTRS, _gdn.FUNCTION_PARAMS, _gdn.FUNCTION_MAKERS),
     Target("attention", "Qwen3_5Attention", _attn.METHOD_PARAMS, _attn.METHOD_MAKERS, _attn.USED_METHODS,
-           _attn.INSTANCE_ATTRS),
+           _attn.INSTANCE_ATTRS, attr_group=_attn.REPLICATION_ATTRS),
     Target("moe", "Qwen3_5SparseMoeBlock", _moe.QWEN35_METHOD_PARAMS, _moe.QWEN35_MAKERS, _moe.QWEN35_USED_METHODS,
            _moe.QWEN35_ATTRS),
     Target("moe", "Qwen3MoeExperts", _moe.QWEN3_METHOD_PARAMS, _moe.QWEN3_MAKERS, {}, _moe.QWEN3_ATTRS),
 )
+
+
+# The modules that define the hookable layers, per model package of the plugin. The registry does not reach them:
+# it registers a factory (whn09/vllm-neuron @3de9ea3: ``qwen3_5/factory.py`` ``Qwen3_5ForConditionalGeneration``
+# / ``Qwen3_5MoeForConditionalGeneration``; vllm-project/vllm-neuron @b1873d6: ``qwen3_moe/factory.py``
+# ``Qwen3MoeForCausalLM``) that imports its modeling module only when the engine builds the model, so apply()
+# imports them itself (the factory later gets the same, patched, module objects).
+MODELING_MODULES = {"qwen3_5": ("model", "deltanet", "moe"), "qwen3_moe": ("model_bf16",)}
+
+
+def _modeling_modules(cls):
+    """The modeling modules of the plugin package that registers `cls` (see MODELING_MODULES), imported."""
+    module = sys.modules.get(cls.__module__)
+    package = cls.__module__ if hasattr(module, "__path__") else cls.__module__.rpartition(".")[0]
+    found = []
+    for name in MODELING_MODULES.get(package.rpartition(".")[2], ()):
+        try:
+            if importlib.util.find_spec(f"{package}.{name}") is None:
+                continue
+            found.append(importlib.import_module(f"{package}.{name}"))
+        except ImportError:
+            continue                     # the factory's own import fails the same way when the model is built
+    return found
 
 
 @dataclass
@@ -96,6 +126,8 @@ def _collect(target):
             if callable(getattr(obj, "get_models", None)):          # vllm_neuron.model.registry
                 for _name, cls in obj.get_models():
                     visit(sys.modules.get(cls.__module__))
+                    for module in _modeling_modules(cls):
+                        visit(module)
                     add(cls)
             for v in list(vars(obj).values()):
                 if isinstance(v, type):
@@ -206,7 +238,7 @@ def apply(target=None, families=None, *, strict=True):
             plan = _check_class(t, cls, local)
             for inst in instances:
                 if isinstance(inst, cls):
-                    missing = [a for a in t.attrs if not hasattr(inst, a)]
+                    missing = missing_attrs(inst, t.attrs, t.attr_group)
                     if missing:
                         local.append(f"{t.family}: {cls.__name__} instance has no attribute(s) {missing} that the "
                                      "adapter reads")

@@ -12,7 +12,9 @@ flash kernel's 128), gates by ``sigmoid(gate)`` and applies the row-parallel ``o
 (or reduce-scatters under sequence parallelism).
 
 The replacement keeps ``_qkv``, ``_write_kv`` and the collectives and runs attention and the sigmoid gate in
-one flash-attention launch (GQA without repeating K/V).
+one flash-attention launch (GQA without repeating K/V). whn09/vllm-neuron @3de9ea3 (the Qwen3.5-MoE branch) has
+the same methods without query-head replication: no ``q_replicas`` / ``o_offset`` / ``o_size``, ``o_proj_weight
+[q_size, hidden]``; both contracts are supported (an instance with only some of the three falls back).
 
 Decode: ``forward_decode(hidden_states, positions, position_embeddings, metadata)``, one token per request. The
 plugin gathers each request's pages (``block_table_tensor``; dead rows and stale ids redirected to the zero page
@@ -28,7 +30,8 @@ from __future__ import annotations
 import functools
 
 
-from ._common import fall_back, refusals, MARK, ORIGINAL_ATTR, disabled, ops, plugin_flag
+from ._common import fall_back, refusals, MARK, ORIGINAL_ATTR, contract_fallback, disabled, instance_mismatch, ops, \
+    plugin_flag
 
 FAMILY = "attention"
 # flash_attention's head_dim limit.
@@ -38,8 +41,12 @@ METHOD_PARAMS = {"forward_prefill": ("hidden_states", "position_embeddings", "me
                  "forward_decode": ("hidden_states", "positions", "position_embeddings", "metadata")}
 USED_METHODS = {"_qkv": ("hidden_states", "cos", "sin"), "_write_kv": ("k", "v", "metadata"),
                 "_finish": ("attn_output", "gate")}
-INSTANCE_ATTRS = ("head_dim", "scaling", "q_size", "q_replicas", "o_offset", "o_size", "o_proj_weight",
-                  "num_heads_per_rank", "num_kv_heads_per_rank", "kv_pages", "world_size", "tp_group")
+INSTANCE_ATTRS = ("head_dim", "scaling", "q_size", "o_proj_weight", "num_heads_per_rank", "num_kv_heads_per_rank",
+                  "kv_pages", "world_size", "tp_group")
+# Query-head replication (TP wider than the query heads): all three or none. vllm-project @aa9b76b has them;
+# whn09/vllm-neuron @3de9ea3 (the Qwen3.5-MoE branch) has none, with o_proj_weight [q_size, hidden] and a
+# _finish that does not narrow. Both are supported.
+REPLICATION_ATTRS = ("q_replicas", "o_offset", "o_size")
 
 
 def forward_prefill(module, hidden_states, position_embeddings, metadata):
@@ -53,7 +60,7 @@ def forward_prefill(module, hidden_states, position_embeddings, metadata):
                                 v.unsqueeze(0).contiguous(), gate=gate_bhsd, causal=True,
                                 softmax_scale=float(module.scaling))
     attn_output = out[0].transpose(0, 1).reshape(tokens, module.q_size)
-    if module.q_replicas > 1:
+    if getattr(module, "q_replicas", 1) > 1:
         attn_output = attn_output[:, module.o_offset:module.o_offset + module.o_size]
     output = attn_output @ module.o_proj_weight
     if module.world_size > 1:
@@ -64,15 +71,31 @@ def forward_prefill(module, hidden_states, position_embeddings, metadata):
     return output.contiguous()
 
 
+def o_proj_mismatch(module):
+    """Why `module.o_proj_weight` is not the row-parallel window forward_prefill multiplies by, or None: o_size
+    rows under query-head replication, q_size rows without it."""
+    rows = module.o_size if hasattr(module, "o_size") else module.q_size
+    if module.o_proj_weight.shape[0] != rows:
+        return (f"o_proj_weight has {module.o_proj_weight.shape[0]} rows, expected {rows} "
+                f"({'o_size' if hasattr(module, 'o_size') else 'q_size, no query-head replication'})")
+    return None
+
+
 def make_forward_prefill(original):
     @functools.wraps(original)
     def forward_prefill_nki(self, hidden_states, position_embeddings, metadata):
-        if disabled() or self.head_dim > MAX_HEAD_DIM:
+        hook = f"attention: {type(self).__name__}.forward_prefill"
+        if disabled() or instance_mismatch(hook, self, INSTANCE_ATTRS, REPLICATION_ATTRS) \
+                or self.head_dim > MAX_HEAD_DIM:
+            return original(self, hidden_states, position_embeddings, metadata)
+        reason = o_proj_mismatch(self)
+        if reason:
+            contract_fallback(hook, reason)
             return original(self, hidden_states, position_embeddings, metadata)
         try:
             return forward_prefill(self, hidden_states, position_embeddings, metadata)
         except refusals() as exc:
-            fall_back(f"attention: {type(self).__name__}.forward_prefill", exc)
+            fall_back(hook, exc)
             return original(self, hidden_states, position_embeddings, metadata)
 
     setattr(forward_prefill_nki, MARK, FAMILY)
@@ -130,12 +153,14 @@ def make_forward_decode(original):
     @functools.wraps(original)
     def forward_decode_nki(self, hidden_states, positions, position_embeddings, metadata):
         one_token_each = hidden_states.shape[0] == metadata["block_table_tensor"].shape[0]
-        if disabled() or self.head_dim > MAX_HEAD_DIM or not one_token_each:
+        hook = f"attention: {type(self).__name__}.forward_decode"
+        if disabled() or instance_mismatch(hook, self, INSTANCE_ATTRS, REPLICATION_ATTRS) \
+                or self.head_dim > MAX_HEAD_DIM or not one_token_each:
             return original(self, hidden_states, positions, position_embeddings, metadata)
         try:
             return forward_decode(self, hidden_states, positions, position_embeddings, metadata)
         except refusals() as exc:
-            fall_back(f"attention: {type(self).__name__}.forward_decode", exc)
+            fall_back(hook, exc)
             return original(self, hidden_states, positions, position_embeddings, metadata)
 
     setattr(forward_decode_nki, MARK, FAMILY)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 
 
-from ._common import fall_back, refusals, MARK, ORIGINAL_ATTR, disabled, ops, warn_once
+from ._common import fall_back, refusals, MARK, ORIGINAL_ATTR, disabled, instance_mismatch, ops, warn_once
 
 FAMILY = "deltanet"
 # Head-dim limit of gated_delta_rule / gated_delta_rule_step (Dk, Dv <= 128).
@@ -96,12 +96,13 @@ def causal_conv(module, qkv, num_tokens):
 def make_causal_conv(original):
     @functools.wraps(original)
     def _causal_conv(self, qkv, num_tokens):
-        if disabled():
+        hook = f"deltanet: {type(self).__name__}._causal_conv"
+        if disabled() or instance_mismatch(hook, self, ("conv1d_weight",)):
             return original(self, qkv, num_tokens)
         try:
             return causal_conv(self, qkv, num_tokens)
         except refusals() as exc:
-            fall_back(f"deltanet: {type(self).__name__}._causal_conv", exc)
+            fall_back(hook, exc)
             return original(self, qkv, num_tokens)
 
     setattr(_causal_conv, MARK, FAMILY)
@@ -138,7 +139,8 @@ def forward_decode(module, hidden_states, metadata):
 def make_forward_decode(original):
     @functools.wraps(original)
     def forward_decode_nki(self, hidden_states, metadata):
-        if disabled():
+        hook = f"deltanet: {type(self).__name__}.forward_decode"
+        if disabled() or instance_mismatch(hook, self, INSTANCE_ATTRS):
             return original(self, hidden_states, metadata)
         if hidden_states.shape[0] != metadata["block_table_tensor"].shape[0]:
             return original(self, hidden_states, metadata)       # multi-token decode: the plugin raises, keep that
@@ -149,7 +151,7 @@ def make_forward_decode(original):
         try:
             return forward_decode(self, hidden_states, metadata)
         except refusals() as exc:
-            fall_back(f"deltanet: {type(self).__name__}.forward_decode", exc)
+            fall_back(hook, exc)
             return original(self, hidden_states, metadata)
 
     setattr(forward_decode_nki, MARK, FAMILY)

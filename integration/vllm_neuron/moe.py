@@ -27,7 +27,8 @@ import functools
 import math
 
 
-from ._common import fall_back, refusals, MARK, ORIGINAL_ATTR, disabled, ops, plugin_flag, warn_once
+from ._common import fall_back, refusals, MARK, ORIGINAL_ATTR, disabled, instance_mismatch, ops, plugin_flag, \
+    warn_once
 
 FAMILY = "moe"
 # Largest block size moe_blockwise accepts.
@@ -156,10 +157,10 @@ def qwen3_forward_decode(experts, hidden_states, rank):
     return out
 
 
-def _wrap(original, impl, name, unsupported=None):
+def _wrap(original, impl, name, attrs, unsupported=None):
     @functools.wraps(original)
     def method(self, *args, **kwargs):
-        if disabled():
+        if disabled() or instance_mismatch(f"moe: {type(self).__name__}.{name}", self, attrs):
             return original(self, *args, **kwargs)
         reason = unsupported(self) if unsupported is not None else None
         if reason:
@@ -184,10 +185,12 @@ def _qwen3_unsupported(experts):
 
 
 QWEN35_MAKERS = {
-    "forward_prefill": lambda orig: _wrap(orig, qwen35_forward_prefill, "forward_prefill"),
-    "forward_decode": lambda orig: _wrap(orig, qwen35_forward_decode, "forward_decode"),
+    "forward_prefill": lambda orig: _wrap(orig, qwen35_forward_prefill, "forward_prefill", QWEN35_ATTRS),
+    "forward_decode": lambda orig: _wrap(orig, qwen35_forward_decode, "forward_decode", QWEN35_ATTRS),
 }
 QWEN3_MAKERS = {
-    "forward_prefill": lambda orig: _wrap(orig, qwen3_forward_prefill, "forward_prefill", _qwen3_unsupported),
-    "forward_decode": lambda orig: _wrap(orig, qwen3_forward_decode, "forward_decode", _qwen3_unsupported),
+    "forward_prefill": lambda orig: _wrap(orig, qwen3_forward_prefill, "forward_prefill", QWEN3_ATTRS,
+                                          _qwen3_unsupported),
+    "forward_decode": lambda orig: _wrap(orig, qwen3_forward_decode, "forward_decode", QWEN3_ATTRS,
+                                         _qwen3_unsupported),
 }

@@ -4,6 +4,9 @@ Qwen3-MoE experts), the plugin's TP sharding of [q | k | v] and EP placement, ap
 from __future__ import annotations
 
 import copy
+import logging
+import sys
+import types
 
 import pytest
 import torch
@@ -300,6 +303,12 @@ def test_apply_from_the_registry_and_restore():
                            p.model_bf16.Qwen3MoeExperts)
     before = (gdn.__dict__["forward_decode"], gdn.__dict__["_causal_conv"], attn.__dict__["forward_prefill"],
               blk.__dict__["forward_prefill"], exp.__dict__["forward_decode"], p.deltanet.chunk_gated_delta_rule)
+    # As the plugin registers them (whn09/vllm-neuron @3de9ea3, vllm-project @b1873d6): factory classes whose
+    # modules neither define nor import the layers; apply() imports the packages' modeling modules itself.
+    factories = {cls.__module__ for _, cls in p.registry.get_models()}
+    assert factories == {"fake_vllm_neuron.model.qwen3_5.factory", "fake_vllm_neuron.model.qwen3_moe"}
+    assert not any(hasattr(sys.modules[m], name) for m in factories
+                   for name in ("Qwen3_5Attention", "Qwen3_5GatedDeltaNet", "Qwen3_5SparseMoeBlock", "Qwen3MoeExperts"))
     inst = apply(p.registry)
     assert sum(len(v) for v in inst.installed.values()) == 9
     again = apply(p.registry)                       # already installed: nothing more
@@ -451,6 +460,83 @@ def test_general_plugin_entry_point_is_opt_in(monkeypatch):
         assert entry.load_plugin() is inst                      # loaded again in the same process: no-op
     finally:
         inst.restore()
+
+
+def test_entry_point_logs_a_refusal_and_installs_nothing(monkeypatch, caplog):
+    """vLLM calls general plugins without catching (vllm/plugins/__init__.py @0142555): a registry with no
+    hookable layer (vllm-project @5528be7 registers no Qwen3.5) or a drifted contract must not stop the engine."""
+    from integration.vllm_neuron import plugin as entry
+    apply_mod = sys.modules["integration.vllm_neuron.apply"]
+    registry = types.ModuleType("registry")
+    registry.get_models = lambda: [("LlamaForCausalLM", torch.nn.Linear)]
+    monkeypatch.setattr(apply_mod, "_plugin_default", lambda: registry)
+    monkeypatch.setattr(entry, "_INSTALLATION", [])
+    monkeypatch.setenv("NKI_KERNELS_VLLM", "1")
+    monkeypatch.delenv("NKI_KERNELS_VLLM_FAMILIES", raising=False)
+    with caplog.at_level(logging.WARNING, logger="nki_kernels.vllm_neuron"):
+        assert entry.load_plugin() is None
+        assert entry.load_plugin() is None                      # refused once per process, not retried
+    assert entry._INSTALLATION == [None]
+    assert [r.getMessage() for r in caplog.records if "no hookable layer found" in r.getMessage()], caplog.text
+
+
+def _no_replication_attention(p):
+    """Qwen3_5Attention as whn09/vllm-neuron @3de9ea3 has it: no query-head replication (no q_replicas /
+    o_offset / o_size), o_proj_weight [q_size, hidden], a _finish that gates and projects without narrowing."""
+    class Qwen3_5Attention(p.model.Qwen3_5Attention):
+        def __init__(self, config, layer_idx):
+            super().__init__(config, layer_idx)
+            del self.q_replicas, self.o_offset, self.o_size
+
+        def _finish(self, attn_output, gate):
+            return (attn_output * torch.sigmoid(gate.float()).to(attn_output.dtype)) @ self.o_proj_weight
+    return Qwen3_5Attention
+
+
+def test_attention_without_query_head_replication_matches_the_unpatched_plugin():
+    """The other attention contract (whn09 @3de9ea3, the Qwen3.5-MoE branch): prefill and decode patched at
+    class level (as from the registry, instance attributes unknown at install) equal the unpatched layer, with
+    no fallback."""
+    from integration.vllm_neuron import _common
+    p = plugin()
+    cls = _no_replication_attention(p)
+    layer = fill(cls(_config(p, num_attention_heads=4, num_key_value_heads=2), 3), seed=32)
+    assert not hasattr(layer, "q_replicas")
+    want_pre, want_kv = _attention_run(copy.deepcopy(layer), 40, seed=5)
+    want, want_pages = _attention_session(copy.deepcopy(layer), [21, 9])
+    _common.FALLBACKS.clear()
+    with apply(cls, "attention"):
+        got_pre, got_kv = _attention_run(layer, 40, seed=5)
+        got, got_pages = _attention_session(layer, [21, 9])
+    assert _common.fallbacks() == {}
+    _close("prefill", want_pre, got_pre)
+    assert torch.equal(want_kv, got_kv)
+    for i, (w, g) in enumerate(zip(want, got)):
+        _close(f"step {i}", w, g)
+    assert torch.equal(want_pages, got_pages)
+
+
+def test_class_level_install_checks_each_instance_when_called():
+    """Installed on the class (before any instance exists), an instance that lacks part of the contract runs the
+    plugin's own code, with the reason recorded, instead of raising mid-model; and o_proj rows that do not
+    match the contract are refused the same way."""
+    from integration.vllm_neuron import _common
+    from integration.vllm_neuron.attention import o_proj_mismatch
+    p = plugin()
+    layer = fill(p.model.Qwen3_5Attention(_config(p), 3), seed=33)
+    del layer.o_offset                                  # half of the replication attributes: neither contract
+    want, _ = _attention_run(copy.deepcopy(layer), 24, seed=6)
+    _common.FALLBACKS.clear()
+    with apply(p.model.Qwen3_5Attention, "attention"):
+        got, _ = _attention_run(layer, 24, seed=6)
+    assert torch.equal(want, got)
+    assert _common.fallbacks() == {("vllm_neuron attention: Qwen3_5Attention.forward_prefill",
+                                    "Qwen3_5Attention instance has no attribute(s) ['o_offset'] that the adapter "
+                                    "reads"): 1}
+    old = _no_replication_attention(p)(_config(p), 3)
+    assert o_proj_mismatch(old) is None and o_proj_mismatch(layer) is None
+    old.o_proj_weight = torch.nn.Parameter(old.o_proj_weight[: old.q_size // 2])
+    assert f"o_proj_weight has {old.q_size // 2} rows, expected {old.q_size}" in o_proj_mismatch(old)
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
