@@ -127,10 +127,20 @@ Choices the published code leaves to the compiler or to the emulator's API (fixe
 - Modeling (not done in this round): trn1, lnc 1, time_cores 1, tile_buffers None, `bench` (the trn1 bench term of
   the model that unseals them), k = images (the outermost loop; the prologue's filter loads once per launch), slices
   k = 1, 2 extrapolated to N (points.py), the harness's inputs.
+Added with the kernel (after this selection, 8b8991d; nothing modeled; no choice added): cr_conv2d matches a float64
+NumPy convolution for one image of every case at a 16 x 16 output (the published channels and filter), keeps a nan /
+inf in one image's input inside that image's affected outputs, and the emulator's allocation peaks on one image at the
+published shapes are 2690 (3x3 fp16 C 128 K 128), 4994 (3x3 fp16 K 256, side 66), 6594 (5x5 fp16 K 128), 9410 (3x3
+fp16 C 256), 9476 (3x3 fp32 C 128 K 256), 12994 (5x5 fp16 C 128 K 256), 18692 (3x3 fp32 C 256), 25794 (5x5 fp16 C
+256), 25860 (5x5 fp32) B of 180224, one PSUM bank: the arithmetic above (the resident filter) plus the row tiles.
 """
 from __future__ import annotations
 
-from .kernels_v8 import median  # noqa: F401  (the rule's median of several reports; the point specs use it)
+from nki_kernels.backend import nisa, nki, nl
+from nki_kernels.hw import P_MAX
+
+from .kernels_v8 import median   # the rule's median of several reports
+from .kernels_v12 import ref_conv2d_bias   # valid conv2d + bias in float64 (the same operator as the CV points)
 
 # Jingfeng0705/cs152_lab6@a635a9f nki_conv2d/reports/fleet_performance_test_report.json, benchmark_time (nc_latency
 # P50, µs) of every fleet case, keyed by point id; the case name follows each id in the docstring.
@@ -141,3 +151,104 @@ CR_REPORTS_US = {
     "CR.c256k256f3b16s34.fp16": (2145.0,), "CR.c256k256f5b4s36.fp16": (2169.0,),
     "CR.c256k256f5b16s36.fp16": (7901.0,),
 }
+
+
+# ------------------------------------------------------------------------------ CS152 lab 6 row-wise conv2d (trn1)
+# out[n, k, r, q] = sum_{c, i, j} W[k, c, i, j] X[n, c, r + i, q + j] + bias[k] (module docstring, A): the filter
+# resident from element-strided transposing loads; per output row one [128, OW] X load and one matmul per (c tile,
+# tap), the bias added on the PSUM row's copy out, one store per output row.
+
+CR_TILE_C = P_MAX             # c_in_tile: input channels per tile (the partitions of w and of every X row tile)
+CR_TILE_K = P_MAX             # c_out_tile: output channels per tile (the stationary width)
+
+
+@nki.jit
+def cr_conv2d(x, w, bias):
+    """CR.*: valid 2-D convolution, stride 1, X [N, C, IH, IW], W [K, C, F, F], bias [K] in one dtype (fp16 / fp32),
+    out [N, K, OH, OW] in that dtype; the published data flow (module docstring, A): w [128 c, 128 k, K / 128,
+    C / 128, F, F] resident (one element-strided transposing DMA per (k tile, c tile, tap)); per (image, k tile) the
+    bias column; per output row a [128, OW] fp32 PSUM row accumulated over (c tile, tap), each product reading a
+    freshly loaded X row; one VectorE bias add out of PSUM and one store per output row."""
+    n_img, c_in, ih, iw = x.shape
+    k_out, _, fh, fw = w.shape
+    oh, ow = ih - fh + 1, iw - fw + 1
+    n_tc, n_tk = c_in // CR_TILE_C, k_out // CR_TILE_K
+    out = nl.ndarray((n_img, k_out, oh, ow), dtype=x.dtype, buffer=nl.shared_hbm)
+    bias_col = bias.reshape((k_out, 1))
+    w_sb = nl.ndarray((CR_TILE_C, CR_TILE_K, n_tk, n_tc, fh, fw), dtype=w.dtype, buffer=nl.sbuf)
+    for i_tk in range(n_tk):
+        for i_tc in range(n_tc):
+            for i in range(fh):
+                for j in range(fw):
+                    w_kc = w[i_tk * CR_TILE_K:(i_tk + 1) * CR_TILE_K, i_tc * CR_TILE_C:(i_tc + 1) * CR_TILE_C, i, j]
+                    nisa.dma_copy(dst=w_sb[:, :, i_tk, i_tc, i, j], src=w_kc.permute((1, 0)))
+    for i_n in range(n_img):
+        for i_tk in range(n_tk):
+            ks = slice(i_tk * CR_TILE_K, (i_tk + 1) * CR_TILE_K)
+            b_col = nl.ndarray((CR_TILE_K, 1), dtype=bias.dtype, buffer=nl.sbuf)
+            nisa.dma_copy(dst=b_col, src=bias_col[ks])
+            for r in range(oh):
+                row_psum = nl.ndarray((CR_TILE_K, ow), dtype=nl.float32, buffer=nl.psum)
+                for i_tc in range(n_tc):
+                    for i in range(fh):
+                        for j in range(fw):
+                            x_row = nl.ndarray((CR_TILE_C, ow), dtype=x.dtype, buffer=nl.sbuf)
+                            nisa.dma_copy(dst=x_row,
+                                          src=x[i_n, i_tc * CR_TILE_C:(i_tc + 1) * CR_TILE_C, r + i, j:j + ow])
+                            nisa.nc_matmul(row_psum, w_sb[:, :, i_tk, i_tc, i, j], x_row,
+                                           accumulate=not (i_tc == 0 and i == 0 and j == 0))
+                res = nl.ndarray((CR_TILE_K, ow), dtype=nl.float32, buffer=nl.sbuf)
+                nisa.tensor_scalar(dst=res, data=row_psum, op0=nl.add, operand0=b_col, engine=nisa.vector_engine)
+                nisa.dma_copy(dst=out[i_n, ks, r, :], src=res)
+    return out
+
+
+CR_CASES = {       # point id -> (C, K, filter, N, input side, dtype), the fleet case of the same name
+    "CR.c128k128f3b16s66.fp16": (128, 128, 3, 16, 66, "float16"),
+    "CR.c128k128f5b16s36.fp16": (128, 128, 5, 16, 36, "float16"),
+    "CR.c128k256f3b4s34.fp32": (128, 256, 3, 4, 34, "float32"),
+    "CR.c128k256f3b4s66.fp16": (128, 256, 3, 4, 66, "float16"),
+    "CR.c128k256f3b16s34.fp32": (128, 256, 3, 16, 34, "float32"),
+    "CR.c128k256f5b4s36.fp32": (128, 256, 5, 4, 36, "float32"),
+    "CR.c128k256f5b16s36.fp16": (128, 256, 5, 16, 36, "float16"),
+    "CR.c256k256f3b4s34.fp32": (256, 256, 3, 4, 34, "float32"),
+    "CR.c256k256f3b16s34.fp16": (256, 256, 3, 16, 34, "float16"),
+    "CR.c256k256f5b4s36.fp16": (256, 256, 5, 4, 36, "float16"),
+    "CR.c256k256f5b16s36.fp16": (256, 256, 5, 16, 36, "float16"),
+}
+
+
+def cr_case_name(pid):
+    """The harness's fleet case name of a CR point (utils.py's params_name format)."""
+    c, k, f, n, s, dt = CR_CASES[pid]
+    return f"in{c}_out{k}_filter{f}x{f}_batch{n}_{s}x{s}_{dt}"
+
+
+def _cr_make(pid):
+    """make(k, rng, c=, kk=, side=): k images of the case (uniform [0, 1) inputs in the case's dtype, bias x 50, as
+    the harness draws them); channels and input side as published unless given (small shapes for the tests)."""
+    c0, k0, f, _, s0, dt = CR_CASES[pid]
+
+    def make(k, rng, c=c0, kk=k0, side=s0):
+        return ((rng.random((k, c, side, side)).astype(dt), rng.random((kk, c, f, f)).astype(dt),
+                 (rng.random(kk) * 50).astype(dt)), {})
+    return make
+
+
+_CR_SRC = ("CS152 lab 6 (spring 2026, trn1 NeuronCore-v2), Jingfeng0705/cs152_lab6@a635a9f "
+           "nki_conv2d/reports/fleet_performance_test_report.json (nki.benchmark nc_latency P50, bench): ")
+
+
+def _cr(pid):
+    """One POINT_SPECS entry: trn1, `bench` (the report's P50), one core (time_cores 1), the compiler's tile buffers
+    (tile_buffers None), modeled on slices of k = 1, 2 images extrapolated to N."""
+    c, k, f, n, s, dt = CR_CASES[pid]
+    return dict(id=pid, name="conv2d_rows", shape=f"N{n} C{c} K{k} {s}x{s} {f}x{f} {dt}", target="trn1",
+                measured_us=median(CR_REPORTS_US[pid]), source=_CR_SRC + cr_case_name(pid), kernel=cr_conv2d,
+                make=_cr_make(pid), k_full=n, k_model=(1, 2), reference=ref_conv2d_bias, timing="bench",
+                time_cores=1, tile_buffers=None,
+                notes="filter resident (element-strided transposing loads); per output row one [128, OW] X load + "
+                      "one matmul per (c tile, tap), bias add out of PSUM, one row store; k = images")
+
+
+POINT_SPECS = tuple(_cr(pid) for pid in CR_REPORTS_US)

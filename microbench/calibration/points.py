@@ -271,6 +271,7 @@ from . import kernels_v8 as V8   # v8 sealed points (never modeled until unseale
 from . import kernels_v9 as V9   # v9 sealed points (never modeled until unsealed)
 from . import kernels_v11 as V11   # v11 sealed points (never modeled until unsealed)
 from . import kernels_v12 as V12   # v12 sealed points (never modeled until unsealed)
+from . import kernels_v13 as V13   # v13 sealed points (never modeled until unsealed)
 
 
 SEALED = "sealed"    # split of points nobody has modeled yet (docstring, "v8 sealed points")
@@ -612,6 +613,8 @@ POINTS = [
     *[Point(**spec, split="held-out") for spec in V11.POINT_SPECS],   # unsealed at the v11 freeze (docstring)
     # ---- v12 sealed points, unsealed as held-out at the v12 freeze (docstring, "v12 sealed points"; kernels_v12.py)
     *[Point(**spec, split="held-out") for spec in V12.POINT_SPECS],   # unsealed at the v12 freeze (docstring)
+    # ---- v13 sealed points: nobody has modeled them (docstring, "v13 sealed points"; kernels_v13.py) ----
+    *[Point(**spec, split=SEALED) for spec in V13.POINT_SPECS],
     Point("ACT1", "act_dependent_chain", "1 element per partition", "trn1", 0.189, "nki_perf_guide.rst Opt #5a",
           K.act_dependent_chain,
           make=lambda k, rng: ((np.ones((128, 1), np.float32), k), {}),

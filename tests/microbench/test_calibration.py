@@ -112,6 +112,13 @@ _SMALL = {     # small shapes with the same tiling, for the correctness check
                       ("CV.c128k256f3b4s66.fp16", 3), ("CV.c128k256f3b16s34.fp32", 3), ("CV.c128k256f5b4s36.fp32", 5),
                       ("CV.c128k256f5b16s36.fp16", 5), ("CV.c256k256f3b4s34.fp32", 3), ("CV.c256k256f3b16s34.fp16", 3),
                       ("CV.c256k256f5b4s36.fp16", 5), ("CV.c256k256f5b16s36.fp16", 5))},
+    # v13 sealed points (CS152 lab 6 row-wise conv2d, trn1): one image of every case at its published channels and
+    # filter, the input side of a 16 x 16 output (16 output rows of 16 columns). Correctness only: never modeled
+    **{pid: (lambda rng, pid=pid: BY_ID[pid].make(1, rng, side=int(pid.split("f")[1][0]) + 15))
+       for pid in ("CR.c128k128f3b16s66.fp16", "CR.c128k128f5b16s36.fp16", "CR.c128k256f3b4s34.fp32",
+                   "CR.c128k256f3b4s66.fp16", "CR.c128k256f3b16s34.fp32", "CR.c128k256f5b4s36.fp32",
+                   "CR.c128k256f5b16s36.fp16", "CR.c256k256f3b4s34.fp32", "CR.c256k256f3b16s34.fp16",
+                   "CR.c256k256f5b4s36.fp16", "CR.c256k256f5b16s36.fp16")},
 }
 
 
@@ -957,3 +964,72 @@ def test_v12_conv2d_points_and_fit():
         res = run(p.kernel, *args, target="trn1", lnc=1, **kw)
         assert (res.sbuf_peak_bytes[0], res.psum_peak_banks[0]) == (peak, 2), p.id
         assert peak <= cap
+
+
+# ---- v13 sealed points (kernels_v13.py): selection, published inputs, SBUF fit, non-finite containment; no modeling
+
+_V13_ROWS = {      # fleet case -> (published benchmark_time µs, emulator SBUF peak bytes of one image at that shape)
+    "in128_out128_filter3x3_batch16_66x66_float16": (1121, 2690),
+    "in128_out128_filter5x5_batch16_36x36_float16": (1483, 6594),
+    "in128_out256_filter3x3_batch4_34x34_float32": (504, 9476),
+    "in128_out256_filter3x3_batch4_66x66_float16": (557, 4994),
+    "in128_out256_filter3x3_batch16_34x34_float32": (1840, 9476),
+    "in128_out256_filter5x5_batch4_36x36_float32": (2162, 25860),
+    "in128_out256_filter5x5_batch16_36x36_float16": (2899, 12994),
+    "in256_out256_filter3x3_batch4_34x34_float32": (989, 18692),
+    "in256_out256_filter3x3_batch16_34x34_float16": (2145, 9410),
+    "in256_out256_filter5x5_batch4_36x36_float16": (2169, 25794),
+    "in256_out256_filter5x5_batch16_36x36_float16": (7901, 25794)}
+
+
+def test_v13_selection_is_sealed_and_skipped_by_default():
+    """The v13 selection (kernels_v13.py docstring, committed 8b8991d before the kernel): every fleet case of
+    Jingfeng0705/cs152_lab6@a635a9f's report is one sealed CR point, and the default calibration run skips them
+    (select_points only: nothing is modeled)."""
+    import microbench.calibration.__main__ as cli
+    from microbench.calibration import kernels_v13 as V13
+    by_case = {V13.cr_case_name(pid): pid for pid in V13.CR_CASES}
+    assert set(by_case) == set(_V13_ROWS) and set(V13.CR_CASES) == set(V13.CR_REPORTS_US)
+    cr = {p.id for p in POINTS if p.id.startswith("CR.")}
+    assert cr == set(V13.CR_CASES) and {BY_ID[i].split for i in cr} == {"sealed"}
+    pts, skipped = cli.select_points(None, None)
+    assert cr <= {p.id for p in skipped} and not cr & {p.id for p in pts}
+    for split in ("fit", "held-out"):
+        assert not cr & {p.id for p in cli.select_points(None, split)[0]}
+
+
+@pytest.mark.parametrize("case", sorted(_V13_ROWS))
+def test_v13_conv2d_points_and_fit(case):
+    """Each CR point: the report's P50, trn1, `bench`, one core, the compiler's tile buffers, the harness's input
+    shapes and dtypes (k = images, slices 1, 2); rule (a) by the emulator's allocation check on one image at the
+    published channels, filter and input side (a functional run; nothing modeled)."""
+    from microbench.calibration import kernels_v13 as V13
+    from nki_kernels.emulator.targets import get_target
+    us, peak = _V13_ROWS[case]
+    p = BY_ID[{V13.cr_case_name(pid): pid for pid in V13.CR_CASES}[case]]
+    c, k, f, n, side, dt = V13.CR_CASES[p.id]
+    assert (p.split, p.target, p.timing, p.kernel, p.time_cores, p.tile_buffers) == (
+        "sealed", "trn1", "bench", V13.cr_conv2d, 1, None), p.id
+    assert p.measured_us == pytest.approx(us) and (p.k_full, p.k_model) == (n, (1, 2))
+    args, kw = p.make(p.k_full, np.random.default_rng(0))
+    assert [(a.shape, str(a.dtype)) for a in args] == [((n, c, side, side), dt), ((k, c, f, f), dt), ((k,), dt)]
+    args, kw = p.make(1, np.random.default_rng(1))
+    res = run(p.kernel, *args, target="trn1", lnc=1, **kw)
+    assert (res.sbuf_peak_bytes[0], res.psum_peak_banks[0]) == (peak, 1), p.id
+    assert peak <= get_target("trn1").sbuf_bytes_per_partition
+
+
+def test_v13_conv2d_keeps_non_finite_values_in_their_image():
+    """A nan / inf in one image's input reaches only that image's outputs (images are independent), and only the
+    output rows whose receptive field holds it; the other images match the reference."""
+    p = BY_ID["CR.c128k256f3b4s34.fp32"]
+    args, kw = p.make(2, np.random.default_rng(4), side=13)
+    x = args[0].copy()
+    x[1, 5, 0, 0], x[1, 7, 12, 12] = np.nan, np.inf
+    res = run(p.kernel, x, *args[1:], target="trn1", lnc=1, **kw)
+    out, want = np.asarray(res.outputs, dtype=np.float64), p.reference(x, *args[1:])
+    assert np.isfinite(out[0]).all() and np.isfinite(want[0]).all()
+    assert np.array_equal(~np.isfinite(out), ~np.isfinite(want))
+    assert not np.isfinite(out[1, :, 0, 0]).any() and not np.isfinite(out[1, :, 10, 10]).any()
+    assert np.isfinite(out[1, :, 5, 5]).all()
+    assert_close("CR non-finite", want[0], out[0], dtype="float32")
