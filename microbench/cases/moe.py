@@ -222,8 +222,9 @@ for _label, _key in (_MODELS if __name__ != "__main__" else ()):   # registered 
 # ------------------------------------------------------------------------- where the time goes (docs/moe.md)
 
 
-def breakdown(model: str, n_tokens: int, combine: str = "auto", target: str = "trn2") -> dict:
-    """Where one moe_blockwise prefill case spends its modeled time at the default LNC (core 0's trace): the
+def breakdown(model: str, n_tokens: int, combine: str = "auto", target: str = "trn2", lnc: int | None = None) -> dict:
+    """Where one moe_blockwise prefill case spends its modeled time at LNC `lnc` (default: the target's default
+    degree; core 0's trace): the
     launch's modeled time (slower core), core 0's end time, the core barrier's time, and per phase (before /
     after the barrier) each engine's busy µs, with the DMA pipe's occupancy split by transfer kind (descriptor
     generator, run length). Same inputs as the registered case (seed 0)."""
@@ -239,7 +240,7 @@ def breakdown(model: str, n_tokens: int, combine: str = "auto", target: str = "t
     shape = CATALOGUE[model]
     block = prefill_block_size(n_tokens, shape.top_k, shape.experts)
     x = _inputs(shape, n_tokens)(np.random.default_rng(0))
-    with use_target(target), _lnc_env(degree_in_force(target)):
+    with use_target(target), _lnc_env(lnc or degree_in_force(target)):
         with record_launches() as runs:
             _blockwise(x, block, combine=combine)
     t = _tgt(target)
@@ -330,11 +331,12 @@ if __name__ == "__main__" and sys.argv[1:2] == ["decode"]:   # python -m microbe
     print("  core 0 DMA chain (start, end, kind, bytes):")
     for _s, _e, _k, _n in _d["cores"][0]["chain"]:
         print(f"    {_s:7.3f} {_e:7.3f} {_k:>8} {_n}")
-elif __name__ == "__main__":   # python -m microbench.cases.moe MODEL T [combine]
+elif __name__ == "__main__":   # python -m microbench.cases.moe MODEL T [combine [LNC]]
     import warnings
     warnings.filterwarnings("ignore", category=RuntimeWarning)
-    _b = breakdown(sys.argv[1], int(sys.argv[2]), *(sys.argv[3:4] or ["auto"]))
-    print(f"{sys.argv[1]} T={sys.argv[2]} B={_b['block']}: modeled {_b['device_us']:.1f} us (slower core); "
+    _lnc = int(sys.argv[4]) if len(sys.argv) > 4 else None
+    _b = breakdown(sys.argv[1], int(sys.argv[2]), *(sys.argv[3:4] or ["auto"]), lnc=_lnc)
+    print(f"{sys.argv[1]} T={sys.argv[2]} B={_b['block']}{f' LNC={_lnc}' if _lnc else ''}: modeled {_b['device_us']:.1f} us (slower core); "
           f"core 0 {_b['total_us']:.1f} us, barrier at {_b['barrier_us']:.1f} us")
     for _k in sorted(_b["busy_us"]):
         print(f"  phase {_k[0]} {_k[1]:>5} busy {_b['busy_us'][_k]:8.1f} us")

@@ -40,6 +40,8 @@ _ACC_PSUM_BANKS = 4            # PSUM banks of VectorE's fp32 output-pass accumu
                                # expert's down projection pieces; its h tiles are done before the accumulator)
 _CORE_HBM_BYTES_PER_US = 362.5e3   # one trn2 core's HBM rate (bytes per µs)
 _GPSIMD_GHZ = 1.2
+_SWDGE_MIN_CYCLES = 600        # GpSimd cycles to write one software-DGE DMA's descriptors: max(600, elements per
+                               # partition) (the NC-v2 cost table's dynamic-address copies; costmodel swdge_min_cycles)
 _DVE_GHZ = 0.96
 _GATHER_EXPOSED = 1.0          # share of the on-chip combine's nc_n_gather time not hidden by other engines: all of
                                # it since phase B reuses one Y (a group's gathers hold up the next group's matmuls);
@@ -969,8 +971,9 @@ def _onchip_cost_us(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item
     """What the on-chip combine adds to one core's time (µs, shapes only): the down weights read and the output
     written as column slices of GT*128 (shorter runs than whole rows), the slot indices replicated on 128
     partitions (once when resident, half the bytes as uint16 but then widened per group; per group, in runs of
-    one 128-token chunk's TOK_TILE * KMAX indices, when streamed), the h.T exchange, and _GATHER_EXPOSED of the
-    nc_n_gather time (GpSimd, one element per cycle + ~150 cycles per 512)."""
+    one 128-token chunk's TOK_TILE * KMAX indices, when streamed), the h.T exchange, and _GATHER_EXPOSED of phase
+    B's GpSimd work: the nc_n_gather time (one element per cycle + ~150 cycles per 512) and the software-DGE
+    descriptors of its small down slices (`_slice_descriptor_cycles`)."""
     row = h_total * item
     n_core = -(-(h_total // P_MAX) // lnc)
     down = n_blocks * n_inter * row
@@ -983,7 +986,23 @@ def _onchip_cost_us(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item
     widen = n_groups * n_tokens * kmax / _DVE_GHZ / 1e3 if index_mode == "u16" else 0.0
     other = index + n_blocks * block_size * n_inter * item
     gathers = n_core * n_tokens * kmax * (1.0 + 150.0 / 512.0) / _GPSIMD_GHZ / 1e3
-    return (slices + other) / _CORE_HBM_BYTES_PER_US + _GATHER_EXPOSED * gathers + widen
+    descriptors = _slice_descriptor_cycles(n_core, gt, n_inter, n_blocks, item) / _GPSIMD_GHZ / 1e3
+    return (slices + other) / _CORE_HBM_BYTES_PER_US + _GATHER_EXPOSED * (gathers + descriptors) + widen
+
+
+def _slice_descriptor_cycles(n_core, gt, n_inter, n_blocks, item) -> float:
+    """GpSimd cycles one core spends writing the software-DGE descriptors of the on-chip combine's down slices
+    (`combine.swdge_slice`: a few of every 8 slices under 64 KiB): for each group of the core's n_core hidden
+    tiles (GT tiles, the last group the rest), max(_SWDGE_MIN_CYCLES, the slice's elements per partition) per such
+    slice."""
+    from .combine import H_TILE, swdge_slice
+    n_i = intermediate_split(n_inter)[1]
+    cycles = 0
+    for g0 in range(0, n_core, gt):
+        n_t = min(gt, n_core - g0)
+        n_sw = sum(swdge_slice(n_inter, n_t * H_TILE, item, i_b) for i_b in range(n_blocks))
+        cycles += n_sw * max(_SWDGE_MIN_CYCLES, n_i * n_t * H_TILE)
+    return float(cycles)
 
 
 def _onchip_is_faster(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item, lnc, gt,

@@ -45,6 +45,12 @@ _SWDGE_SLICE_BYTES = 64 * 1024
 _SWDGE_OF_8 = (False, True, False, False, True, False, True, False)
 
 
+def swdge_slice(n_inter, n_cols, item, i_b) -> bool:
+    """Whether block i_b's phase-B down slice (n_inter rows x n_cols hidden columns of `item` bytes) takes software
+    DGE descriptors: 3 of every 8 slices under _SWDGE_SLICE_BYTES, none of a larger slice."""
+    return n_inter * n_cols * item < _SWDGE_SLICE_BYTES and _SWDGE_OF_8[i_b % len(_SWDGE_OF_8)]
+
+
 @nki.jit
 def moe_blockwise_onchip_kernel(hidden, expert_affinities, gate_up, down, token_position_to_id, block_to_expert,
                                 slot_index, shared_gate_up, shared_down, shared_gate, top_k_index, block_size,
@@ -214,11 +220,10 @@ def _combine_phase(hidden, hT_all, down, block_to_expert, slot_index, shared_gat
     for g0 in range(j_lo, j_hi, group_tiles):
         n_t = min(group_tiles, j_hi - g0)
         y_sb = y_all[:, 0:n_t, :]
-        small = down.shape[1] * n_t * H_TILE * itemsize(down.dtype) < _SWDGE_SLICE_BYTES
         for w0 in range(0, n_blocks, len(ring)):
             wave = range(w0, min(n_blocks, w0 + len(ring)))
             for b, i_b in enumerate(wave):
-                sw = small and _SWDGE_OF_8[i_b % len(_SWDGE_OF_8)]
+                sw = swdge_slice(down.shape[1], n_t * H_TILE, itemsize(down.dtype), i_b)
                 _load_down_slice(ring[b][:, :, 0:n_t * H_TILE], down, e_row_sb[0:1, i_b:i_b + 1], g0 * H_TILE,
                                  nisa.dge_mode.swdge if sw else nisa.dge_mode.unknown)
             for b, i_b in enumerate(wave):

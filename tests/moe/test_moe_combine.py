@@ -190,9 +190,10 @@ def test_bad_value_in_one_token_stays_there_onchip(lnc, bad):
 @use_target("trn2")
 def test_choice_depends_on_shapes_only_and_follows_the_rule():
     """Per-rank model shapes (LNC=2, bf16, trn2): Qwen3.5 TP4 at T=1024 (N=256 blocks of 48) fits the on-chip plan,
-    at T=4096 (N=256 blocks of 160) "auto" takes the DMA combine. The picks at the registered T=1024 shapes are the
-    faster path as modeled (docs/moe.md, "Round 32"): on chip for Qwen3.5 and the thinker (with the on-chip x
-    gather), the DMA combine for the talker (its estimated saving is under `_ONCHIP_MARGIN`)."""
+    at T=4096 (N=256 blocks of 160) "auto" takes the DMA combine. The picks at the registered T=128 / 1024 shapes
+    are the faster path as modeled (docs/moe.md, "Round 32" and "Round 36"): on chip for Qwen3.5 and the thinker
+    (with the on-chip x gather), the DMA combine for the talker (its small down slices' software-DGE descriptors
+    load GpSimd in phase B)."""
     gt = bw.choose_combine(1024, 2048, 128, 128, 256, 48, 8, 2, 2, combine="onchip")
     assert gt is not None and gt.index_mode == "u32" and 1 <= gt.group_tiles <= 8
     assert cb.onchip_plan_bytes(1024, 2048, 128, 128, 256, 48, 8, gt.group_tiles, 2) <= bw.sbuf_budget()
@@ -207,11 +208,39 @@ def test_choice_depends_on_shapes_only_and_follows_the_rule():
     assert gt.down_ring == cb.DOWN_RING   # a larger ring does not fit beside Qwen3.5's Y
     thinker = bw.choose_combine(1024, 2048, 96, 0, 128, 80, 8, 2, 2)
     assert thinker is not None and thinker.x_gather == "onchip" and thinker.down_ring == max(cb.DOWN_RINGS)
-    for shape in ((128, 1024, 48, 96, 128, 32, 6), (128, 2048, 96, 0, 128, 32, 8), (128, 2048, 128, 128, 248, 32, 8)):
-        plan = bw.choose_combine(*shape, 2, 2)   # T=128: all three on chip (talker, thinker, Qwen3.5)
+    for shape in ((128, 2048, 96, 0, 128, 32, 8), (128, 2048, 128, 128, 248, 32, 8)):
+        plan = bw.choose_combine(*shape, 2, 2)   # T=128: the thinker and Qwen3.5 on chip
         assert plan is not None, shape
         assert cb.onchip_plan_bytes(*shape, plan.group_tiles, 2, plan.index_mode, plan.x_gather,
                                     plan.down_ring) <= bw.sbuf_budget()
+    assert bw.choose_combine(128, 1024, 48, 96, 128, 32, 6, 2, 2) is None   # the talker's T=128: DMA combine
+    # at LNC=1 the talker's forced on-chip plan keeps its slices at 64 KiB and up (hardware DGE alone): streamed
+    # indices with GT = 8 rather than resident ones with GT = 4
+    assert bw.choose_combine(1024, 1024, 48, 96, 130, 64, 6, 2, 1, combine="onchip")[:3] == (8, "stream", "onchip")
+
+
+@pytest.mark.parametrize("lnc", [1, 2])
+def test_slice_descriptor_estimate_counts_the_kernels_software_dge_slices(lnc):
+    """`_slice_descriptor_cycles` (the estimate's GpSimd term for phase B's down slices) counts the software-DGE
+    slice DMAs the on-chip kernel issues: per core, the non-indirect dynamic DMAs with software-DGE descriptors,
+    each max(600, elements per partition) cycles (the cost model's rule)."""
+    rng = np.random.default_rng(3)
+    t, h, e, inter, k, block, gt = 150, 512, 4, 48, 2, 32, 1 if lnc == 2 else 2
+    x, gu, dn, sh, w, idx = _problem(rng, t, h, e, inter, k, 32, "bfloat16")
+    n_blocks = static_num_blocks(t, k, e, block)
+    tpos, b2e = moe_block_mapping(idx, e, block, num_blocks=n_blocks)
+    inv = bw.token_slots(tpos, t, k).astype(np.uint32)
+    with record_launches() as runs:
+        bw.call(cb.moe_blockwise_onchip_kernel, x, None, gu, dn, tpos, b2e, inv, *sh, bw.routing_table(idx, w),
+                block, 0, gt, "u32", "dma", lnc=lnc)
+    n_core = h // cb.H_TILE // lnc
+    want = bw._slice_descriptor_cycles(n_core, gt, inter, n_blocks, 2)
+    assert want > 0
+    for trace in [tr for r in runs for tr in r.traces]:
+        slices = [i for i in trace if i.meta.get("dge") == "swdge" and i.meta.get("dynamic")
+                  and not i.meta.get("indirect")]
+        got = sum(max(bw._SWDGE_MIN_CYCLES, max(a.elems_pp for a in i.writes)) for i in slices)
+        assert got == want
 
 
 def test_choice_on_trn1():
