@@ -336,7 +336,8 @@ elif __name__ == "__main__":   # python -m microbench.cases.moe MODEL T [combine
     warnings.filterwarnings("ignore", category=RuntimeWarning)
     _lnc = int(sys.argv[4]) if len(sys.argv) > 4 else None
     _b = breakdown(sys.argv[1], int(sys.argv[2]), *(sys.argv[3:4] or ["auto"]), lnc=_lnc)
-    print(f"{sys.argv[1]} T={sys.argv[2]} B={_b['block']}{f' LNC={_lnc}' if _lnc else ''}: modeled {_b['device_us']:.1f} us (slower core); "
+    _deg = f" LNC={_lnc}" if _lnc else ""
+    print(f"{sys.argv[1]} T={sys.argv[2]} B={_b['block']}{_deg}: modeled {_b['device_us']:.1f} us (slower core); "
           f"core 0 {_b['total_us']:.1f} us, barrier at {_b['barrier_us']:.1f} us")
     for _k in sorted(_b["busy_us"]):
         print(f"  phase {_k[0]} {_k[1]:>5} busy {_b['busy_us'][_k]:8.1f} us")
