@@ -248,6 +248,12 @@ NeuronCore-v2 as the handout states, one core, time_cores 1, tile_buffers None; 
 P50): its row-by-row conv2d (per output row one [128, OW] X load and one matmul per (input-channel tile, tap), the
 filter resident from element-strided transposing loads; X rows and output rows of 64 or 128 B), 11 fleet cases CR.*
 (C 128 / 256, K 128 / 256, 3x3 / 5x5, N 4 / 16, fp16 / fp32; 504-7901 µs), sealed, added when reference-checked.
+v13 source 2 (kernels_v13.py docstring, "Source 2"; selection committed after the CR points landed, before any of its
+kernels; nothing modeled): the v6 rule applied to FlashML-org/flashlib@efe7972 (branch nki-support), whose benchmark
+docstring publishes trn2 nc_latency P50 / NCL(50) times of its flash k-means assign kernel (`bench`; one physical core
+by the source's own nc=1 vs nc=2 statement: time_cores 1, LNC=1; the nc=2 run an LNC=2 launch): FK.d128k4096,
+FK.d256k4096, FK.d512k4096, FK.d256k16384 and FK.d256k4096.nc2 (5 points, 15.7-125.1 ms), sealed, added when
+reference-checked.
 """
 from __future__ import annotations
 
