@@ -197,6 +197,11 @@ B. flash k-means assign (flash_assign_body with its defaults: MT 128 points per 
    (the trn2 bench term of the model that unseals them), LNC=1 except FK.d256k4096.nc2 (LNC=2), k = point tiles
    (the outer loop; the resident centroid loads are the prologue), slices k = 2, 4 extrapolated to N / 128 (for the
    nc2 point 1 and 2 tiles per core), the benchmark's inputs.
+   Added with the kernel (after this selection, e38f504; nothing modeled; no choice added): fk_assign returns the
+   float64 argmax's indices exactly on 4 point tiles with K = 1024 and on 2 point tiles at every published D and K
+   (the nc2 point as an LNC=2 launch, each program its half of the tiles), keeps the first of two equal centroids, and
+   the emulator's allocation peaks per program at the published D and K are 29016 (D128 K4096), 37464 (D256 K4096;
+   37460 per program at LNC=2), 54360 (D512 K4096), 135768 (D256 K16384) B of 212984, one PSUM bank.
 """
 from __future__ import annotations
 
@@ -321,3 +326,119 @@ def _cr(pid):
 
 
 POINT_SPECS = tuple(_cr(pid) for pid in CR_REPORTS_US)
+
+
+# ------------------------------------------------------------------------ source 2: flashlib k-means assign (trn2)
+# out_idx[m] = argmax_k (2 x[m] . c[k] - c_sq[k]) (module docstring, "Source 2", B): centroids resident, per 128-point
+# tile a running argmax over 512-centroid tiles (nc_matmul over D tiles, partition-broadcast c_sq, one
+# scalar_tensor_tensor, max8 + nc_find_index8, select / maximum), one [128, 1] int32 store per point tile.
+
+FK_TILE_M = P_MAX             # MT: points per tile (the stationary free size)
+FK_TILE_K = 512               # BK: centroids per streamed tile (the moving free size, one fp32 PSUM bank)
+FK_NEG = -3.0e38              # the published running-max sentinel, below any score
+
+
+@nki.jit
+def fk_assign(x_t, c_t, c_sq, n_shards=1):
+    """FK.*: nearest-centroid index of every point, x_t [Dp, N] bf16 (x^T), c_t [Dp, Kp] bf16 (c^T), c_sq [1, Kp]
+    fp32 -> out_idx [N, 1] int32; the published data flow (module docstring, "Source 2", B). n_shards > 1: an LNC
+    launch of that many programs, program p taking the p-th contiguous block of point tiles."""
+    d_p, n = x_t.shape
+    k_p = c_t.shape[1]
+    n_dt, n_kt = d_p // P_MAX, k_p // FK_TILE_K
+    per = n // FK_TILE_M // n_shards
+    m_base = nl.program_id(0) * per if n_shards > 1 else 0
+    out_idx = nl.ndarray((n, 1), dtype=nl.int32, buffer=nl.shared_hbm)
+    ct_sb = nl.ndarray((P_MAX, n_dt, k_p), dtype=c_t.dtype, buffer=nl.sbuf)
+    for i in range(n_dt):
+        nisa.dma_copy(dst=ct_sb[:, i, :], src=c_t[i * P_MAX:(i + 1) * P_MAX, :])
+    csq_sb = nl.ndarray((1, k_p), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=csq_sb, src=c_sq)
+    for i_m in range(per):
+        m0 = (m_base + i_m) * FK_TILE_M
+        x_sb = nl.ndarray((P_MAX, n_dt, FK_TILE_M), dtype=x_t.dtype, buffer=nl.sbuf)
+        for i in range(n_dt):
+            nisa.dma_copy(dst=x_sb[:, i, :], src=x_t[i * P_MAX:(i + 1) * P_MAX, m0:m0 + FK_TILE_M])
+        best_val = nl.full((FK_TILE_M, 1), FK_NEG, dtype=nl.float32, buffer=nl.sbuf)
+        best_idx = nl.zeros((FK_TILE_M, 1), dtype=nl.int32, buffer=nl.sbuf)
+        for i_k in range(n_kt):
+            k0 = i_k * FK_TILE_K
+            acc_psum = nl.ndarray((FK_TILE_M, FK_TILE_K), dtype=nl.float32, buffer=nl.psum)
+            for i in range(n_dt):
+                nisa.nc_matmul(acc_psum, x_sb[:, i, :], ct_sb[:, i, k0:k0 + FK_TILE_K], accumulate=i > 0)
+            csq_bc = nl.broadcast_to(csq_sb[:, k0:k0 + FK_TILE_K], (FK_TILE_M, FK_TILE_K))
+            sim = nl.ndarray((FK_TILE_M, FK_TILE_K), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.scalar_tensor_tensor(dst=sim, data=acc_psum, op0=nl.multiply, operand0=2.0, op1=nl.subtract,
+                                      operand1=csq_bc)
+            top = nl.ndarray((FK_TILE_M, 8), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.max8(dst=top, src=sim)
+            idx = nl.ndarray((FK_TILE_M, 8), dtype=nl.uint32, buffer=nl.sbuf)
+            nisa.nc_find_index8(dst=idx, data=sim, vals=top)
+            tile_idx = nl.ndarray((FK_TILE_M, 1), dtype=nl.int32, buffer=nl.sbuf)
+            nisa.tensor_scalar(dst=tile_idx, data=idx[:, 0:1], op0=nl.add, operand0=k0, engine=nisa.vector_engine)
+            upd = nl.ndarray((FK_TILE_M, 1), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.tensor_tensor(dst=upd, data1=top[:, 0:1], data2=best_val, op=nl.greater, engine=nisa.vector_engine)
+            best_idx = nl.where(upd, tile_idx, best_idx)
+            new_val = nl.ndarray((FK_TILE_M, 1), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.tensor_tensor(dst=new_val, data1=top[:, 0:1], data2=best_val, op=nl.maximum,
+                               engine=nisa.vector_engine)
+            best_val = new_val
+        nisa.dma_copy(dst=out_idx[m0:m0 + FK_TILE_M, :], src=best_idx)
+    return out_idx
+
+
+FK_CASES = {       # point id -> (N, D, K, cores): the published shape and launch
+    "FK.d128k4096": (262144, 128, 4096, 1), "FK.d256k4096": (262144, 256, 4096, 1),
+    "FK.d512k4096": (131072, 512, 4096, 1), "FK.d256k16384": (262144, 256, 16384, 1),
+    "FK.d256k4096.nc2": (262144, 256, 4096, 2),
+}
+
+
+def fk_prep(x, c):
+    """The benchmark's operands (prep_assign, no padding at these shapes): x^T and c^T as bf16, c_sq = sum_d c^2 from
+    the fp32 c, [1, K] fp32."""
+    import ml_dtypes
+    import numpy as np
+    return (np.ascontiguousarray(x.T).astype(ml_dtypes.bfloat16), np.ascontiguousarray(c.T).astype(ml_dtypes.bfloat16),
+            (c.astype(np.float32) ** 2).sum(axis=1, dtype=np.float32)[None, :])
+
+
+def _fk_make(pid):
+    """make(k, rng, d=, kk=): k point tiles (128 k points), x and c standard normal fp32 as the benchmark draws them,
+    prepared by fk_prep; D and K as published unless given (small shapes for the tests); the nc2 point adds the LNC=2
+    launch (kwargs lnc=2, n_shards=2)."""
+    import numpy as np
+    _, d0, k0, cores = FK_CASES[pid]
+
+    def make(k, rng, d=d0, kk=k0):
+        x = rng.standard_normal((FK_TILE_M * k, d), dtype=np.float32)
+        c = rng.standard_normal((kk, d), dtype=np.float32)
+        return fk_prep(x, c), ({"lnc": cores, "n_shards": cores} if cores > 1 else {})
+    return make
+
+
+def ref_assign(x_t, c_t, c_sq, **_launch):
+    """argmax_k (2 x . c_k - c_sq[k]) in float64 from the bf16 operands (the first index of a tie), [N, 1]."""
+    import numpy as np
+    score = 2.0 * (x_t.astype(np.float64).T @ c_t.astype(np.float64)) - c_sq.astype(np.float64)
+    return score.argmax(axis=1)[:, None]
+
+
+_FK_SRC = ("flashlib k-means assign (trn2), FlashML-org/flashlib@efe7972 benchmarks/micro/bench_kmeans_nki.py "
+           "docstring (nki.benchmark / neuron-bench nc_latency P50, bench)")
+
+
+def _fk(pid):
+    """One POINT_SPECS entry for source 2: trn2, `bench` (P50), time_cores 1 (one physical core per program, as the
+    source states), tile_buffers None, modeled on slices of k = 2, 4 point tiles extrapolated to N / 128."""
+    n, d, k, cores = FK_CASES[pid]
+    return dict(id=pid, name="kmeans_assign", shape=f"N{n} D{d} K{k} bf16" + (f", LNC={cores}" if cores > 1 else ""),
+                target="trn2", measured_us=median(FK_REPORTS_US[pid]), source=_FK_SRC, kernel=fk_assign,
+                make=_fk_make(pid), k_full=n // FK_TILE_M, k_model=(2, 4), reference=ref_assign, timing="bench",
+                time_cores=1, tile_buffers=None,
+                notes="centroids resident; per 128-point tile a running argmax over 512-centroid tiles (matmul over "
+                      "D tiles, c_sq partition broadcast, max8 + find_index8); k = point tiles"
+                      + (f", {cores} programs (LNC={cores})" if cores > 1 else ""))
+
+
+POINT_SPECS = (*POINT_SPECS, *[_fk(pid) for pid in FK_REPORTS_US])

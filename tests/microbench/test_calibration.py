@@ -788,7 +788,8 @@ def test_trn2_published_times_conventions():
     """v10 convention (points.py "v10 round"), kept for the KDA / allenkchau trn2 kernels: the published time is the
     one-core device time / time_cores (2), plus the timing term; bytes are not divided. v11 round: the CS149 points
     are one core (time_cores 1) with one buffer per loop tile (skip_middle_end_transformations), plus the bench /
-    profile term; DMA1 keeps one core."""
+    profile term; DMA1 keeps one core. v13: the sealed flashlib points (FK.*) are one physical core per program, as
+    their source states (time_cores 1, the compiler's tile buffers)."""
     import dataclasses
 
     from microbench.calibration.points import _model_once
@@ -797,7 +798,10 @@ def test_trn2_published_times_conventions():
     trn2 = [p for p in POINTS if p.target == "trn2"]
     cs = {p.id for p in trn2 if p.id.startswith("CS.")}
     assert len(cs) == 7 and {(p.time_cores, p.tile_buffers) for p in trn2 if p.id in cs} == {(1, 1)}
-    assert {(p.time_cores, p.tile_buffers) for p in trn2 if p.id not in cs | {"DMA1"}} == {(2, None)}
+    fk = {p.id for p in trn2 if p.id.startswith("FK.")}
+    assert len(fk) == 5
+    assert {(p.time_cores, p.tile_buffers, p.split) for p in trn2 if p.id in fk} == {(1, None, "sealed")}
+    assert {(p.time_cores, p.tile_buffers) for p in trn2 if p.id not in cs | fk | {"DMA1"}} == {(2, None)}
     assert BY_ID["DMA1"].time_cores == 1 and {p.time_cores for p in POINTS if p.target == "trn1"} == {1}
     prm = params_for(get_target("trn2"))
     for pid, term in (("CS.stream200", prm.bench_fixed_us), ("CS.fd2k", prm.profile_fixed_us)):
@@ -983,15 +987,16 @@ _V13_ROWS = {      # fleet case -> (published benchmark_time µs, emulator SBUF 
 
 
 def test_v13_selection_is_sealed_and_skipped_by_default():
-    """The v13 selection (kernels_v13.py docstring, committed 8b8991d before the kernel): every fleet case of
-    Jingfeng0705/cs152_lab6@a635a9f's report is one sealed CR point, and the default calibration run skips them
-    (select_points only: nothing is modeled)."""
+    """The v13 selections (kernels_v13.py docstring, committed 8b8991d / e38f504 before their kernels): every fleet
+    case of Jingfeng0705/cs152_lab6@a635a9f's report is one sealed CR point, every flashlib@efe7972 figure one sealed
+    FK point, and the default calibration run skips them (select_points only: nothing is modeled)."""
     import microbench.calibration.__main__ as cli
     from microbench.calibration import kernels_v13 as V13
     by_case = {V13.cr_case_name(pid): pid for pid in V13.CR_CASES}
     assert set(by_case) == set(_V13_ROWS) and set(V13.CR_CASES) == set(V13.CR_REPORTS_US)
-    cr = {p.id for p in POINTS if p.id.startswith("CR.")}
-    assert cr == set(V13.CR_CASES) and {BY_ID[i].split for i in cr} == {"sealed"}
+    assert set(V13.FK_CASES) == set(V13.FK_REPORTS_US)
+    cr = {p.id for p in POINTS if p.id.startswith(("CR.", "FK."))}
+    assert cr == set(V13.CR_CASES) | set(V13.FK_CASES) and {BY_ID[i].split for i in cr} == {"sealed"}
     pts, skipped = cli.select_points(None, None)
     assert cr <= {p.id for p in skipped} and not cr & {p.id for p in pts}
     for split in ("fit", "held-out"):
@@ -1033,3 +1038,55 @@ def test_v13_conv2d_keeps_non_finite_values_in_their_image():
     assert not np.isfinite(out[1, :, 0, 0]).any() and not np.isfinite(out[1, :, 10, 10]).any()
     assert np.isfinite(out[1, :, 5, 5]).all()
     assert_close("CR non-finite", want[0], out[0], dtype="float32")
+
+
+_V13_FK_ROWS = {   # point id -> (published ms, emulator SBUF peak bytes per program on 2 point tiles at D, K)
+    "FK.d128k4096": (31.3, 29016), "FK.d256k4096": (31.4, 37464), "FK.d512k4096": (15.8, 54360),
+    "FK.d256k16384": (125.1, 135768), "FK.d256k4096.nc2": (15.7, 37460)}
+
+
+@pytest.mark.parametrize("pid", sorted(_V13_FK_ROWS))
+def test_v13_assign_points_and_fit(pid):
+    """Each FK point (kernels_v13.py "Source 2"): the published P50 (FK.d256k4096 the median of its two reports),
+    sealed, trn2, `bench`, time_cores 1, the compiler's tile buffers, k = point tiles (slices 2, 4 of N / 128), the
+    nc2 point an LNC=2 launch of two programs; on 2 point tiles at the published D and K the kernel returns the
+    reference's indices exactly and fits (the emulator's allocation check; nothing modeled)."""
+    from microbench.calibration import kernels_v13 as V13
+    from nki_kernels.emulator.targets import get_target
+    ms, peak = _V13_FK_ROWS[pid]
+    p = BY_ID[pid]
+    n, d, k, cores = V13.FK_CASES[pid]
+    assert (p.split, p.target, p.timing, p.kernel, p.time_cores, p.tile_buffers) == (
+        "sealed", "trn2", "bench", V13.fk_assign, 1, None)
+    assert p.measured_us == pytest.approx(1000 * ms) and (p.k_full, p.k_model) == (n // 128, (2, 4))
+    args, kw = p.make(2, np.random.default_rng(1))
+    assert [(a.shape, str(a.dtype)) for a in args] == [((d, 256), "bfloat16"), ((d, k), "bfloat16"),
+                                                        ((1, k), "float32")]
+    assert kw == ({"lnc": 2, "n_shards": 2} if cores > 1 else {})
+    res = run(p.kernel, *args, target="trn2", **{"lnc": 1, **kw})
+    assert np.array_equal(np.asarray(res.outputs), p.reference(*args, **kw))
+    assert res.sbuf_peak_bytes == [peak] * cores and res.psum_peak_banks == [1] * cores
+    assert peak <= get_target("trn2").sbuf_bytes_per_partition
+
+
+@pytest.mark.parametrize("pid", ["FK.d128k4096", "FK.d512k4096", "FK.d256k4096.nc2"])
+def test_v13_assign_matches_reference_and_keeps_the_first_of_equal_centroids(pid):
+    """Small shapes (4 point tiles, K = 1024: two centroid tiles): the kernel's indices equal the float64 argmax; a
+    centroid repeated in the second centroid tile never wins over its first copy (the running max is strict and
+    nc_find_index8 returns the first match), for points placed on it."""
+    p = BY_ID[pid]
+    rng = np.random.default_rng(3)
+    args, kw = p.make(4, rng, kk=1024)
+    res = run(p.kernel, *args, target="trn2", **{"lnc": 1, **kw})
+    assert np.array_equal(np.asarray(res.outputs), p.reference(*args, **kw))
+    from microbench.calibration import kernels_v13 as V13
+    d = args[0].shape[0]
+    x = rng.standard_normal((512, d), dtype=np.float32)
+    c = rng.standard_normal((1024, d), dtype=np.float32)
+    c[700] = c[37]
+    x[::3] = c[37] * 4          # a third of the points sit far out along centroid 37 (and its copy 700)
+    args = V13.fk_prep(x, c)
+    res = run(p.kernel, *args, target="trn2", **{"lnc": 1, **kw})
+    out = np.asarray(res.outputs)[:, 0]
+    assert (out[::3] == 37).all() and not (out == 700).any()
+    assert np.array_equal(out, p.reference(*args, **kw)[:, 0])
