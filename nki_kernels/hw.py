@@ -23,6 +23,9 @@ ALIGNED_START_PARTITION_TARGETS = ("trn1",)
 TILE_ACTIVATION_BIAS_TARGETS = ("trn1",)
 # targets (NeuronCore-v2) without `nisa.range_select` ("available only on NeuronCore-v3 and newer", its docstring)
 NO_RANGE_SELECT_TARGETS = ("trn1",)
+# targets (NeuronCore-v2) without a hardware DGE: every dynamic DMA's descriptors are written by GpSimd (software DGE;
+# hardware DGE from NeuronCore-v3, nki-dge.rst, which the emulator's dma_copy enforces)
+SOFTWARE_DGE_ONLY_TARGETS = ("trn1",)
 # bytes per partition row below which a DMA packet moves at less than the engines' full rate (cost model v11's
 # packet knee, docs/cost-model.md "DMA"): kernels that choose a layout by row size read it per target
 DMA_FULL_RATE_ROW_BYTES = {"trn1": 2560, "trn2": 512, "trn3": 512}

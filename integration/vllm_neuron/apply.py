@@ -34,7 +34,7 @@ from .._patching import PatchSet
 from . import attention as _attn
 from . import deltanet as _gdn
 from . import moe as _moe
-from ._common import MARK, VllmNeuronAdapterError, difference, missing_attrs, param_names
+from ._common import MARK, VllmNeuronAdapterError, difference, logger, missing_attrs, param_names
 
 FAMILIES = ("deltanet", "attention", "moe")
 PLUGIN_COMMITS = ("vllm-project/vllm-neuron: model/qwen3_5/deltanet.py @b3a5a71, model/qwen3_5/model.py @aa9b76b "
@@ -86,8 +86,13 @@ def _modeling_modules(cls):
             if importlib.util.find_spec(f"{package}.{name}") is None:
                 continue
             found.append(importlib.import_module(f"{package}.{name}"))
-        except ImportError:
-            continue                     # the factory's own import fails the same way when the model is built
+        except Exception as exc:         # noqa: BLE001 - any import-time failure of the plugin's module (its NKI /
+            # nkilib imports, a RuntimeError at import): its layers are not hooked, and the factory's own import
+            # fails the same way when the model is built; the entry point runs in every vLLM process and must not
+            # stop it
+            logger.warning("nki-kernels: %s.%s could not be imported (%s: %s); its layers are left alone",
+                           package, name, type(exc).__name__, exc)
+            continue
     return found
 
 
@@ -260,8 +265,12 @@ def apply(target=None, families=None, *, strict=True):
                                      + f"\nSupported plugin source: {PLUGIN_COMMITS}")
     from nki_kernels import torch_ops
     torch_ops.register()
-    for owner, attr, value in plans:
-        inst._set(owner, attr, value)
-        fam = getattr(value, MARK)
-        inst.installed.setdefault(fam, []).append(f"{getattr(owner, '__name__', owner)}.{attr}")
+    try:
+        for owner, attr, value in plans:
+            inst._set(owner, attr, value)
+            fam = getattr(value, MARK)
+            inst.installed.setdefault(fam, []).append(f"{getattr(owner, '__name__', owner)}.{attr}")
+    except BaseException:
+        inst.restore()                   # all or nothing
+        raise
     return inst

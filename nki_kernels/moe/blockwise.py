@@ -11,8 +11,9 @@ from typing import NamedTuple
 import numpy as np
 
 from ..backend import call, nki, nisa, nl
-from ..hw import DMA_FULL_RATE_ROW_BYTES, DVE_ELEMS_PER_CYCLE, P_MAX, PSUM_FMAX_FP32, SBUF_BYTES_PER_PARTITION
-from ..lnc import for_target, resolve_lnc
+from ..hw import (DMA_FULL_RATE_ROW_BYTES, DVE_ELEMS_PER_CYCLE, P_MAX, PSUM_FMAX_FP32, SBUF_BYTES_PER_PARTITION,
+                  SOFTWARE_DGE_ONLY_TARGETS)
+from ..lnc import current_target_name, for_target, resolve_lnc
 from ..validation import check_host_values, kernel_check
 from ..transpose import mixing_pe_transpose
 from ._tiles import (_Y_TILE, TOK_TILE, down_piece, evict, intermediate_split, itemsize, load_down,
@@ -934,7 +935,7 @@ def choose_combine(n_tokens, h_total, n_inter, s_inter, n_blocks, block_size, km
         return None
     shape = (n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item, lnc)
     knee = _dma_knee(target)
-    best = min(plans, key=lambda pl: _onchip_cost_us(*shape, *pl[:2], knee=knee))
+    best = min(plans, key=lambda pl: _onchip_cost_us(*shape, *pl[:2], knee=knee, target=target))
     def fits(pl):
         return onchip_plan_bytes(n_tokens, h_total, n_inter, s_inter, n_blocks, block_size, kmax, pl.group_tiles,
                                  item, pl.index_mode, pl.x_gather, pl.down_ring) <= budget
@@ -967,7 +968,7 @@ def _dma_combine_us(n_tokens, h_total, n_blocks, block_size, kmax, item, lnc, kn
 
 
 def _onchip_cost_us(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item, lnc, gt,
-                    index_mode="u32", knee=None) -> float:
+                    index_mode="u32", knee=None, target=None) -> float:
     """What the on-chip combine adds to one core's time (µs, shapes only): the down weights read and the output
     written as column slices of GT*128 (shorter runs than whole rows), the slot indices replicated on 128
     partitions (once when resident, half the bytes as uint16 but then widened per group; per group, in runs of
@@ -986,21 +987,22 @@ def _onchip_cost_us(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item
     widen = n_groups * n_tokens * kmax / _DVE_GHZ / 1e3 if index_mode == "u16" else 0.0
     other = index + n_blocks * block_size * n_inter * item
     gathers = n_core * n_tokens * kmax * (1.0 + 150.0 / 512.0) / _GPSIMD_GHZ / 1e3
-    descriptors = _slice_descriptor_cycles(n_core, gt, n_inter, n_blocks, item) / _GPSIMD_GHZ / 1e3
+    descriptors = _slice_descriptor_cycles(n_core, gt, n_inter, n_blocks, item, target) / _GPSIMD_GHZ / 1e3
     return (slices + other) / _CORE_HBM_BYTES_PER_US + _GATHER_EXPOSED * (gathers + descriptors) + widen
 
 
-def _slice_descriptor_cycles(n_core, gt, n_inter, n_blocks, item) -> float:
-    """GpSimd cycles one core spends writing the software-DGE descriptors of the on-chip combine's down slices
-    (`combine.swdge_slice`: a few of every 8 slices under 64 KiB): for each group of the core's n_core hidden
-    tiles (GT tiles, the last group the rest), max(_SWDGE_MIN_CYCLES, the slice's elements per partition) per such
-    slice."""
+def _slice_descriptor_cycles(n_core, gt, n_inter, n_blocks, item, target=None) -> float:
+    """GpSimd cycles one core spends writing the software-DGE descriptors of the on-chip combine's down slices: for
+    each group of the core's n_core hidden tiles (GT tiles, the last group the rest), max(_SWDGE_MIN_CYCLES, the
+    slice's elements per partition) per slice on software DGE (`combine.swdge_slice`: a few of every 8 slices under
+    64 KiB; every slice on a target without hardware DGE, `hw.SOFTWARE_DGE_ONLY_TARGETS`)."""
     from .combine import H_TILE, swdge_slice
     n_i = intermediate_split(n_inter)[1]
+    every = (target or current_target_name()) in SOFTWARE_DGE_ONLY_TARGETS
     cycles = 0
     for g0 in range(0, n_core, gt):
         n_t = min(gt, n_core - g0)
-        n_sw = sum(swdge_slice(n_inter, n_t * H_TILE, item, i_b) for i_b in range(n_blocks))
+        n_sw = n_blocks if every else sum(swdge_slice(n_inter, n_t * H_TILE, item, i_b) for i_b in range(n_blocks))
         cycles += n_sw * max(_SWDGE_MIN_CYCLES, n_i * n_t * H_TILE)
     return float(cycles)
 
@@ -1016,7 +1018,8 @@ def _onchip_is_faster(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, it
     saving = 0.0 if x_gather == "onchip" and not mixing_pe_transpose(target) else \
         _x_gather_saving_us(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item, lnc, knee, target)
     dma = _dma_combine_us(n_tokens, h_total, n_blocks, block_size, kmax, item, lnc, knee)
-    return _onchip_cost_us(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item, lnc, gt, index_mode, knee) \
+    return _onchip_cost_us(n_tokens, h_total, n_inter, n_blocks, block_size, kmax, item, lnc, gt, index_mode, knee,
+                           target) \
         < (1.0 - _ONCHIP_MARGIN) * dma - saving
 
 

@@ -219,26 +219,30 @@ def test_choice_depends_on_shapes_only_and_follows_the_rule():
     assert bw.choose_combine(1024, 1024, 48, 96, 130, 64, 6, 2, 1, combine="onchip")[:3] == (8, "stream", "onchip")
 
 
-@pytest.mark.parametrize("lnc", [1, 2])
-def test_slice_descriptor_estimate_counts_the_kernels_software_dge_slices(lnc):
+@pytest.mark.parametrize("target", ["trn2", "trn1"])
+@pytest.mark.parametrize("lnc,h,gt", [(1, 512, 2), (2, 512, 1), (1, 1024, 5), (2, 1536, 2)])
+def test_slice_descriptor_estimate_counts_the_kernels_software_dge_slices(lnc, h, gt, target):
     """`_slice_descriptor_cycles` (the estimate's GpSimd term for phase B's down slices) counts the software-DGE
     slice DMAs the on-chip kernel issues: per core, the non-indirect dynamic DMAs with software-DGE descriptors,
-    each max(600, elements per partition) cycles (the cost model's rule)."""
+    each max(600, elements per partition) cycles (the cost model's rule), group by group (a partial last group;
+    slices of 640 elements per partition at GT = 5); on trn1 (no hardware DGE) every slice."""
+    if target == "trn1" and lnc == 2:
+        pytest.skip("trn1 runs LNC=1")
     rng = np.random.default_rng(3)
-    t, h, e, inter, k, block, gt = 150, 512, 4, 48, 2, 32, 1 if lnc == 2 else 2
+    t, e, inter, k, block = 150, 4, 48, 2, 32
     x, gu, dn, sh, w, idx = _problem(rng, t, h, e, inter, k, 32, "bfloat16")
     n_blocks = static_num_blocks(t, k, e, block)
     tpos, b2e = moe_block_mapping(idx, e, block, num_blocks=n_blocks)
     inv = bw.token_slots(tpos, t, k).astype(np.uint32)
-    with record_launches() as runs:
+    with use_target(target), record_launches() as runs:
         bw.call(cb.moe_blockwise_onchip_kernel, x, None, gu, dn, tpos, b2e, inv, *sh, bw.routing_table(idx, w),
                 block, 0, gt, "u32", "dma", lnc=lnc)
     n_core = h // cb.H_TILE // lnc
-    want = bw._slice_descriptor_cycles(n_core, gt, inter, n_blocks, 2)
+    want = bw._slice_descriptor_cycles(n_core, gt, inter, n_blocks, 2, target)
     assert want > 0
     for trace in [tr for r in runs for tr in r.traces]:
         slices = [i for i in trace if i.meta.get("dge") == "swdge" and i.meta.get("dynamic")
-                  and not i.meta.get("indirect")]
+                  and not i.meta.get("indirect") and i.writes[0].partitions == inter]   # [I, n_i, n_t * 128]
         got = sum(max(bw._SWDGE_MIN_CYCLES, max(a.elems_pp for a in i.writes)) for i in slices)
         assert got == want
 

@@ -480,6 +480,59 @@ def test_entry_point_logs_a_refusal_and_installs_nothing(monkeypatch, caplog):
     assert [r.getMessage() for r in caplog.records if "no hookable layer found" in r.getMessage()], caplog.text
 
 
+def test_entry_point_survives_a_plugin_module_that_fails_to_import(monkeypatch, caplog, tmp_path):
+    """A registry factory whose modeling module raises at import (whn09's qwen3_5/moe.py imports nki / nkilib at
+    import time), and an unexpected error inside apply(): logged, nothing installed, vLLM not stopped."""
+    from integration.vllm_neuron import plugin as entry
+    apply_mod = sys.modules["integration.vllm_neuron.apply"]
+    pkg = tmp_path / "broken_plugin" / "qwen3_5"
+    pkg.mkdir(parents=True)
+    (tmp_path / "broken_plugin" / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("class Qwen3_5ForConditionalGeneration:\n    pass\n")
+    (pkg / "model.py").write_text("raise RuntimeError('no Neuron device in this process')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from broken_plugin.qwen3_5 import Qwen3_5ForConditionalGeneration as factory
+    registry = types.ModuleType("registry")
+    registry.get_models = lambda: [("Qwen3_5ForConditionalGeneration", factory)]
+    monkeypatch.setattr(apply_mod, "_plugin_default", lambda: registry)
+    monkeypatch.setenv("NKI_KERNELS_VLLM", "1")
+    monkeypatch.delenv("NKI_KERNELS_VLLM_FAMILIES", raising=False)
+    monkeypatch.setattr(entry, "_INSTALLATION", [])
+    with caplog.at_level(logging.WARNING, logger="nki_kernels.vllm_neuron"):
+        assert entry.load_plugin() is None
+    assert "broken_plugin.qwen3_5.model could not be imported (RuntimeError" in caplog.text
+    assert "no hookable layer found" in caplog.text
+    caplog.clear()
+
+    def boom(*_a, **_k):
+        raise OSError("unexpected")
+    monkeypatch.setattr(apply_mod, "apply", boom)
+    monkeypatch.setattr(entry, "_INSTALLATION", [])
+    with caplog.at_level(logging.WARNING, logger="nki_kernels.vllm_neuron"):
+        assert entry.load_plugin() is None
+    assert "installing failed unexpectedly" in caplog.text and "OSError: unexpected" in caplog.text
+
+
+def test_apply_installs_all_or_nothing(monkeypatch):
+    """An error while installing (after the checks passed) undoes the replacements already made."""
+    from integration import _patching
+    p = plugin()
+    cls = p.deltanet.Qwen3_5GatedDeltaNet
+    before = (dict(vars(cls)), dict(vars(p.deltanet)))
+    calls = []
+    real = _patching.PatchSet._set
+
+    def failing_set(self, owner, attr, value):
+        calls.append(attr)
+        if len(calls) == 2:
+            raise RuntimeError("install failed")
+        real(self, owner, attr, value)
+    monkeypatch.setattr(_patching.PatchSet, "_set", failing_set)
+    with pytest.raises(RuntimeError, match="install failed"):
+        apply(p.registry, ["deltanet"])
+    assert len(calls) == 2 and (dict(vars(cls)), dict(vars(p.deltanet))) == before
+
+
 def _no_replication_attention(p):
     """Qwen3_5Attention as whn09/vllm-neuron @3de9ea3 has it: no query-head replication (no q_replicas /
     o_offset / o_size), o_proj_weight [q_size, hidden], a _finish that gates and projects without narrowing."""

@@ -1,7 +1,8 @@
-"""Stand-in for vllm_neuron/model/qwen3_moe/__init__.py and factory.py (vllm-project/vllm-neuron @b1873d6): the
-registered Qwen3MoeForCausalLM is a factory that builds the model of ``.model_bf16``, imported when it builds it.
-(The plugin defines the factory in ``factory.py``; it sits here because the test tree needs unique file names
-and ``qwen3_5/factory.py`` has that one.)"""
+"""Stand-in for vllm_neuron/model/qwen3_moe/factory.py (vllm-project/vllm-neuron @b1873d6): Qwen3MoeForCausalLM, a
+factory that builds the model of ``.model_bf16``. The plugin's package ``__init__`` imports ``model_bf16`` eagerly
+(``from . import model_bf16``); this stand-in imports it only when the factory builds the model, the stricter case
+for apply(), which must then import the modeling module itself. (The factory sits here because the test tree needs
+unique file names and ``qwen3_5/factory.py`` has that one.)"""
 from __future__ import annotations
 
 import torch.nn as nn
