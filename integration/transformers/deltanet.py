@@ -6,9 +6,13 @@ section 4): `torch_chunk_gated_delta_rule` (prefill), `torch_recurrent_gated_del
 place). We assign our dispatchers to these names in EVERY `transformers.models.*.modeling_*` file that defines
 them (pitfall P5) and put the originals back on restore.
 
-The module globals are process-wide, but the patch is per model: `patch()` wraps the forward of each GDN layer
-of the patched model so that, while it runs, a context variable names the hook to use. Outside a patched
-layer (a stock model in the same process) the dispatchers call the original functions.
+The module globals are process-wide, but the patch is per model: `patch()` registers a forward pre-hook and an
+always-called forward hook on each GDN layer of the patched model (`activate_during_forward`) so that, while the
+layer runs, a context variable names the hook to use. Outside a patched layer (a stock model in the same process)
+the dispatchers call the original functions. Module hooks, not an instance `forward`: transformers >= 5.25 loads
+models with `use_kernels=True` by default and re-runs the `kernels` package's `kernelize` when `train()` / `eval()`
+changes the mode, which deletes every instance-level `forward` of the hub-kernel layers (`Qwen3_5GatedDeltaNet`
+is one) and would silently switch the kernels off; it leaves module hooks alone.
 
 States stay where transformers keeps them: the recurrent state `[B, Hv, Dk, Dv]` fp32 and the conv state
 `[B, conv_dim, K]` live in the model's cache object; the model reads them, passes them to these functions and
@@ -23,7 +27,8 @@ import threading
 
 import numpy as np
 
-from ._common import FORWARD_ONLY_REASON, kernel_input, kernel_refusals, needs_grad, refusal_reason, to_torch
+from ._common import (DEEPCOPY_REFUSED, FORWARD_ONLY_REASON, kernel_input, kernel_refusals, needs_grad,
+                      refusal_reason, to_torch)
 
 FUNCTION_NAMES = ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule",
                   "causal_conv1d_fn", "causal_conv1d_update")
@@ -159,19 +164,42 @@ def originals():
     return {k: dict(v) for k, v in _INSTALLED.items()}
 
 
-def wrap_layer_forward(layer, hook):
-    """Instance-level forward that activates `hook` for the duration of this GDN layer's forward."""
-    stock = layer.forward
+class _LayerActivation:
+    """The pair of module hooks that names `hook` in the context variable while one GDN layer's forward runs.
 
-    def forward(*args, **kwargs):
-        token = _ACTIVE.set(hook)
-        try:
-            return stock(*args, **kwargs)
-        finally:
-            _ACTIVE.reset(token)
+    The pre-hook sets it, the forward hook (registered with `always_call=True`, so it also runs when the forward
+    raises) resets it; tokens are kept per thread, so concurrent forwards of the same layer do not mix."""
 
-    forward._nki_kernels_wrapper = True
-    layer.forward = forward
+    def __init__(self, hook):
+        self.hook = hook
+        self._local = threading.local()
+
+    def _tokens(self):
+        tokens = getattr(self._local, "tokens", None)
+        if tokens is None:
+            tokens = self._local.tokens = []
+        return tokens
+
+    def before(self, module, args):
+        self._tokens().append(_ACTIVE.set(self.hook))
+
+    def after(self, module, args, output):
+        tokens = self._tokens()
+        if tokens:
+            _ACTIVE.reset(tokens.pop())
+
+    def __deepcopy__(self, memo):
+        # reached through the hooks of a patched model's GDN layers
+        raise TypeError(DEEPCOPY_REFUSED)
+
+
+def activate_during_forward(layer, hook):
+    """Register the hooks that activate `hook` while `layer` runs; returns their removable handles (the caller
+    removes them on restore)."""
+    act = _LayerActivation(hook)
+    pre = layer.register_forward_pre_hook(act.before)
+    post = layer.register_forward_hook(act.after, always_call=True)
+    return pre, post
 
 
 class DeltaNetHook:
@@ -205,12 +233,14 @@ class DeltaNetHook:
         if cu_seqlens is not None:
             return self._packed_chunk(query, key, value, g, beta, chunk_size, initial_state, output_final_state,
                                       l2norm, cu_seqlens)
+        B, T, Hk, Dk = key.shape
+        Hv, Dv = value.shape[-2:]
+        if T == 0:
+            return _empty_chunk(query, B, Hv, Dk, Dv, initial_state, output_final_state)
         fn = self._k("gated_delta_rule", "deltanet")
         if fn is None:
             return None
         be = self.kernels.backend
-        B, T, Hk, Dk = key.shape
-        Hv, Dv = value.shape[-2:]
         init = None
         if initial_state is not None:
             init = initial_state.to(torch.float32)
@@ -373,6 +403,22 @@ class DeltaNetHook:
             conv_state.copy_(to_torch(new_state, like=conv_state))
         self.stats.called("causal_conv1d_update")
         return to_torch(y, like=x)
+
+
+def _empty_chunk(query, B, Hv, Dk, Dv, initial_state, output_final_state):
+    """A chunk call with no tokens: nothing to launch. The output is [B, 0, Hv, Dv] in the query dtype and the state
+    goes through unchanged (fp32; zeros without an initial state), as transformers' torch function returns it.
+
+    transformers >= 5.25 makes this call when a cache records its past for assisted decoding: the GDN forward runs
+    its last `recurrent_states_to_keep` tokens one step at a time (to keep every intermediate state for a later
+    `crop`) and only the tokens before them through the chunked function, which can be none of them."""
+    import torch
+    out = query.new_zeros((B, 0, Hv, Dv))
+    if not output_final_state:
+        return out, None
+    if initial_state is None:
+        return out, torch.zeros((B, Hv, Dk, Dv), dtype=torch.float32, device=query.device)
+    return out, initial_state.detach().to(torch.float32).clone()
 
 
 # ------------------------------------------------------------------ packed sequences (cu_seq_lens_q)

@@ -11,8 +11,9 @@ What is changed (and put back exactly by `restore()`):
                  attention of Qwen3.5 / Qwen3-Next also gets an instance-level forward that fuses the sigmoid
                  output gate into the kernel call.
   deltanet       the module-level gated-delta-rule and causal-conv1d functions in every modeling module that
-                 defines them (process-wide, reference counted) + an instance-level forward wrapper on each GDN
-                 layer of this model that activates our kernels while it runs.
+                 defines them (process-wide, reference counted) + a forward pre-hook / forward hook pair on each
+                 GDN layer of this model that activates our kernels while it runs (module hooks survive the
+                 `kernelize` that transformers >= 5.25 re-runs on train() / eval(); deltanet.py).
   moe            `ExpertsInterface` key "nki_kernels", selected by `_experts_implementation` on the experts'
                  configs; the shared-expert blocks get an instance-level forward that fuses the shared expert
                  and its sigmoid gate into the kernel call.
@@ -327,17 +328,8 @@ def _patch_deltanet(handle, model, ks):
     handle._undo.append(_gdn.uninstall)
     hook = _gdn.DeltaNetHook(ks, handle.stats)
     for layer in layers:
-        stock = layer.__dict__.get("forward")
-        _gdn.wrap_layer_forward(layer, hook)
-        wrapped = layer.forward
-        object.__setattr__(layer, "forward", wrapped)
-
-        def undo(layer=layer, stock=stock):
-            if stock is None:
-                layer.__dict__.pop("forward", None)
-            else:
-                object.__setattr__(layer, "forward", stock)
-        handle._undo.append(undo)
+        for hook_handle in _gdn.activate_during_forward(layer, hook):
+            handle._undo.append(hook_handle.remove)
     handle._count("gated-DeltaNet layers", len(layers))
 
 

@@ -128,6 +128,41 @@ def test_overlapping_patches_never_leave_the_model_half_patched():
     h3.restore()
 
 
+def test_gdn_kernels_survive_a_reset_of_the_layer_forward(tmp_path):
+    """The GDN layers are activated by module hooks, not by an instance `forward`. transformers >= 5.25 loads models
+    with `use_kernels=True` by default (modeling_utils.py `from_pretrained`) and `train()` / `eval()` re-run the
+    `kernels` package's `kernelize` on a mode change, which deletes the instance `forward` of every hub-kernel
+    layer (`Qwen3_5GatedDeltaNet`; kernels 0.19 `_replace_forward`). With an instance forward the GDN kernels
+    silently stopped (no launch, no fallback). The test also deletes that attribute itself, so it checks the same
+    on a transformers without `kernels`. restore() removes the hooks."""
+    import importlib.util
+
+    import transformers
+    from hf_kit import assert_valid_close
+    src = tiny.build("qwen3_5", seed=8)
+    src.save_pretrained(tmp_path)
+    model = type(src).from_pretrained(tmp_path).eval()
+    version = tuple(int(x) for x in transformers.__version__.split(".")[:2])
+    if version >= (5, 25) and importlib.util.find_spec("kernels") is not None:
+        assert model.use_kernels            # the path this test is about: kernelize runs on train() / eval()
+    ids, am = padded_batch("left", seed=8)
+    ref, _ = forward_out(model, ids, am)
+    layers = [m for m in model.modules() if type(m).__name__ == "Qwen3_5GatedDeltaNet"]
+    hooks_before = [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in layers]
+    with patch(model, backend="emulator") as handle:
+        model.train()
+        model.eval()
+        for m in layers:                    # what kernelize does to a hub-kernel layer without a kernel
+            m.__dict__.pop("forward", None)
+        handle.reset_counts()
+        got, _ = forward_out(model, ids, am)
+        calls = handle.calls()
+        assert calls.get("gated_delta_rule") == calls.get("causal_conv1d") == len(layers), handle.report()
+        assert not handle.fallbacks(), handle.report()
+    assert_valid_close("qwen3_5 after train()/eval()", ref, got, am)
+    assert [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in layers] == hooks_before
+
+
 def test_deepcopy_of_a_patched_model_is_refused_with_a_reason():
     import copy
     model = tiny.build("qwen3_5_moe", seed=6)
