@@ -416,21 +416,31 @@ CV_CASES = {       # point id -> (C, K, filter, N, input side, dtype), the fleet
 }
 
 
-def cv_case_name(pid):
-    """The harness's fleet case name of a CV point (utils.py's params_name format)."""
-    c, k, f, n, s, dt = CV_CASES[pid]
+def lab6_case_name(case):
+    """The CS152 lab 6 harness's fleet case name of a (C, K, filter, N, input side, dtype) case (utils.py's
+    params_name format); shared with the v13 points of the same harness (kernels_v13.py)."""
+    c, k, f, n, s, dt = case
     return f"in{c}_out{k}_filter{f}x{f}_batch{n}_{s}x{s}_{dt}"
 
 
-def _cv_make(pid):
-    """make(k, rng, c=, kk=, side=): k images of the case (np.random.rand inputs in the case's dtype, bias x 50, as
-    the harness draws them); channels and input side as published unless given (small shapes for the tests)."""
-    c0, k0, f, _, s0, dt = CV_CASES[pid]
+def lab6_make(case):
+    """make(k, rng, c=, kk=, side=): k images of a lab 6 case (np.random.rand inputs in the case's dtype, bias x 50,
+    as the harness draws them); channels and input side as published unless given (small shapes for the tests)."""
+    c0, k0, f, _, s0, dt = case
 
     def make(k, rng, c=c0, kk=k0, side=s0):
         return ((rng.random((k, c, side, side)).astype(dt), rng.random((kk, c, f, f)).astype(dt),
                  (rng.random(kk) * 50).astype(dt)), {})
     return make
+
+
+def cv_case_name(pid):
+    """The harness's fleet case name of a CV point."""
+    return lab6_case_name(CV_CASES[pid])
+
+
+def _cv_make(pid):
+    return lab6_make(CV_CASES[pid])
 
 
 _CV_SRC = ("CS152 lab 6 (spring 2026, trn1 NeuronCore-v2), magmawolf8/cs152-lab6@28148854ddf6 "

@@ -209,6 +209,7 @@ from nki_kernels.backend import nisa, nki, nl
 from nki_kernels.hw import P_MAX
 
 from .kernels_v8 import median   # the rule's median of several reports
+from .kernels_v12 import lab6_case_name, lab6_make   # the lab 6 harness's case names and inputs (as the CV points)
 from .kernels_v12 import ref_conv2d_bias   # valid conv2d + bias in float64 (the same operator as the CV points)
 
 # Jingfeng0705/cs152_lab6@a635a9f nki_conv2d/reports/fleet_performance_test_report.json, benchmark_time (nc_latency
@@ -293,20 +294,13 @@ CR_CASES = {       # point id -> (C, K, filter, N, input side, dtype), the fleet
 
 
 def cr_case_name(pid):
-    """The harness's fleet case name of a CR point (utils.py's params_name format)."""
-    c, k, f, n, s, dt = CR_CASES[pid]
-    return f"in{c}_out{k}_filter{f}x{f}_batch{n}_{s}x{s}_{dt}"
+    """The harness's fleet case name of a CR point (the lab 6 harness's format, as for the v12 CV points)."""
+    return lab6_case_name(CR_CASES[pid])
 
 
 def _cr_make(pid):
-    """make(k, rng, c=, kk=, side=): k images of the case (uniform [0, 1) inputs in the case's dtype, bias x 50, as
-    the harness draws them); channels and input side as published unless given (small shapes for the tests)."""
-    c0, k0, f, _, s0, dt = CR_CASES[pid]
-
-    def make(k, rng, c=c0, kk=k0, side=s0):
-        return ((rng.random((k, c, side, side)).astype(dt), rng.random((kk, c, f, f)).astype(dt),
-                 (rng.random(kk) * 50).astype(dt)), {})
-    return make
+    """k images of the case, drawn as the lab 6 harness draws them (`kernels_v12.lab6_make`)."""
+    return lab6_make(CR_CASES[pid])
 
 
 _CR_SRC = ("CS152 lab 6 (spring 2026, trn1 NeuronCore-v2), Jingfeng0705/cs152_lab6@a635a9f "
