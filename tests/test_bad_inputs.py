@@ -239,6 +239,18 @@ def test_code_predictor_non_numeric_sampling_arguments(arg, value):
         _run("code_predictor", pos, {**kw, "do_sample": True, "uniforms": u, "top_k": 5, arg: value})
 
 
+@pytest.mark.parametrize("temperature", [1e-40, 3e-39, 1e-31, 1e-300])
+def test_code_predictor_temperature_below_the_fp32_floor_is_refused(temperature):
+    """The kernel scales fp32 logits by 1 / temperature: such values overflowed it and gave wrong codes (every code
+    Vh - 1 at 1e-40); they are refused naming the floor, and the floor itself runs."""
+    pos, kw = _fresh("code_predictor")
+    u = np.random.default_rng(0).uniform(size=(2, 2)).astype(np.float32)
+    kw = {**kw, "do_sample": True, "uniforms": u, "top_k": 5}
+    with pytest.raises(KernelInputError, match="temperature must be >= 1e-30"):
+        _run("code_predictor", pos, {**kw, "temperature": temperature})
+    _run("code_predictor", pos, {**kw, "temperature": 1e-30})
+
+
 def test_code_predictor_numpy_temperature_is_accepted():
     pos, kw = _fresh("code_predictor")
     u = np.random.default_rng(0).uniform(size=(2, 2)).astype(np.float32)

@@ -57,6 +57,10 @@ def set_code_predictor_sampling(module, do_sample=True, temperature=1.0, top_k=5
         return
     if not temperature > 0:
         raise AdapterInputError(f"nxdi code_predictor: temperature must be > 0, got temperature={temperature}")
+    from nki_kernels.codepredictor.unrolled import MIN_TEMPERATURE
+    if temperature < MIN_TEMPERATURE:
+        raise AdapterInputError(f"nxdi code_predictor: temperature must be >= {MIN_TEMPERATURE:g} (the kernel scales "
+                                f"fp32 logits by 1 / temperature), got temperature={temperature}")
     if not 0 < top_p <= 1:
         raise AdapterInputError(f"nxdi code_predictor: top_p must be in (0, 1], got top_p={top_p}")
     if int(top_k) < 1:

@@ -42,7 +42,7 @@ from ..lnc import resolve_lnc
 from ..transpose import mixing_pe_transpose, vector_transpose
 from ..validation import kernel_check
 from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, MASK_BIAS, MAX_HEAD_DIM, is_two_byte, n_tiles,
-                      pe_transpose_group, pe_transpose_keys)
+                      pe_transpose_group, pe_transpose_keys, check_same_kind)
 from .prefill import _as_int32_lens, _check_array, _check_scale, _dtype_name, _read_only, _shape
 
 MAX_NEW_TOKENS = 8                # Sq limit (speculative decoding); G * Sq rows must fit the 128 partitions
@@ -746,6 +746,7 @@ def flash_attention_decode(q, k_cache, v_cache, cache_lens, causal=True, softmax
     kernel_check(sq <= s_max, f"{name}: Sq must be <= the cache length S, got Sq={sq}, S={s_max}")
     kernel_check(_dtype_name(q) in FLOAT_DTYPES, f"{name}: dtype must be one of {FLOAT_DTYPES}, got "
                  f"q.dtype={q.dtype}")
+    check_same_kind(name, q=q, k_cache=k_cache, v_cache=v_cache)
     kernel_check(q.dtype == k_cache.dtype == v_cache.dtype,
                  f"{name}: q, k_cache, v_cache dtypes differ, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
     lens = _as_int32_lens(name, "cache_lens", cache_lens, n_b, sq, s_max)

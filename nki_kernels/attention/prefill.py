@@ -27,12 +27,12 @@ import math
 
 from ..backend import call, nki, nisa, nl
 from ..hw import NO_PE_TILE32_TARGETS, P_MAX
-from ..lnc import current_target_name, resolve_lnc
+from ..lnc import current_target_name, for_target, resolve_lnc
 from ..transpose import mixing_pe_transpose
 from ..validation import kernel_check
 from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, KV_BLOCK, MASK_BIAS, MAX_HEAD_DIM, MM_KEYS,
                       exact_transpose, is_two_byte, load_len_broadcast, load_t, load_transposed, n_tiles,
-                      zero_rows_past_length)
+                      zero_rows_past_length, check_same_kind)
 from .short_tiles import tile_short_body, tile_short_path
 
 _Q_TILE = P_MAX                   # query rows per tile (partitions of S, O)
@@ -55,8 +55,10 @@ _KT_FIRST_KEYS = 1024             # keys of the first K^T load DMA, before the f
 _SHORT_SKV = MM_KEYS              # Skv up to one PSUM bank of fp32 scores: the partition-major short body (below)
 _SHORT_LAG = 2                    # short body: P V of a query tile two tiles behind its scores (P in a ring of 3;
 #                                   cost model v10: 13.85 us at S=512 with a lag of 3, 13.68 with 2, 13.74 with 4)
-_SBUF_KV_BUDGET = 128 * 1024      # bytes per partition for the resident K^T + V (+ length bias) of one KV head;
-#                                   leaves ~80 KiB of the 208 KiB trn2 partition for per-tile working tiles
+# bytes per partition for the resident K^T + V (+ length bias) of one KV head, per target: ~80 KiB of the partition
+# (hw.SBUF_BYTES_PER_PARTITION) stay for the per-tile working tiles (trn2: 128 KiB of 208 KiB; trn1's 176 KiB
+# partition leaves 96 KiB, where 128 KiB let fp32 D > 128 shapes fail the allocation; trn3 kept at trn2's)
+_SBUF_KV_BUDGET = {"trn1": 96 * 1024, "trn2": 128 * 1024, "trn3": 128 * 1024}
 
 
 def kv_resident_bytes(skv: int, d: int, itemsize: int, with_lens: bool) -> int:
@@ -99,7 +101,7 @@ def flash_attention_kernel(q, k, v, gate, seq_lens, softmax_scale, causal):
     Returns:
         out: [B, Hq, Sq, D] @ HBM, q's dtype.
     Constraints:
-        D <= MAX_HEAD_DIM (256); resident K^T + V of one KV head <= _SBUF_KV_BUDGET bytes per partition.
+        D <= MAX_HEAD_DIM (256); resident K^T + V of one KV head <= _SBUF_KV_BUDGET[target] bytes per partition.
     Pseudocode:
         for b, kvh: load K^T, V; for waves of _N_STREAMS (q head, q tile) pairs, in lockstep over key blocks:
             S = Q K^T + bias; m' = max(m, rowmax S); P = exp(scale (S - m')); alpha = exp(scale (m - m'))
@@ -1136,6 +1138,7 @@ def flash_attention(q, k, v, gate=None, seq_lens=None, causal=True, softmax_scal
                  f"Skv={skv}")
     kernel_check(_dtype_name(q) in FLOAT_DTYPES, f"{name}: dtype must be one of {FLOAT_DTYPES}, got "
                  f"q.dtype={q.dtype}")
+    check_same_kind(name, q=q, k=k, v=v)
     kernel_check(q.dtype == k.dtype == v.dtype, f"{name}: q, k, v dtypes differ, got {q.dtype}, {k.dtype}, "
                  f"{v.dtype}")
     if gate is not None:
@@ -1151,9 +1154,10 @@ def flash_attention(q, k, v, gate=None, seq_lens=None, causal=True, softmax_scal
     lnc = resolve_lnc(lnc, name)
     itemsize = 4 if _dtype_name(q) == "float32" else 2
     need = kv_resident_bytes(skv, d, itemsize, seq_lens is not None)
-    kernel_check(need <= _SBUF_KV_BUDGET,
+    budget = for_target(_SBUF_KV_BUDGET)
+    kernel_check(need <= budget,
                  f"{name}: one KV head must fit SBUF (K^T + V resident): Skv={skv}, D={d}, "
-                 f"{_dtype_name(q)} needs {need} B per partition > {_SBUF_KV_BUDGET}")
+                 f"{_dtype_name(q)} needs {need} B per partition > {budget} on {current_target_name()}")
     q, k, v, gate = (_read_only(x) for x in (q, k, v, gate))
     return call(flash_attention_kernel, q, k, v, gate, seq_lens, scale, causal, lnc=lnc)
 

@@ -45,8 +45,8 @@ from ..backend import call, nki, nisa, nl
 from ..hw import P_MAX
 from ..lnc import resolve_lnc
 from ..validation import kernel_check
-from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, MASK_BIAS, MAX_HEAD_DIM, MM_KEYS, exact_transpose,
-                      is_two_byte, load_transposed, n_tiles, pe_transpose_group, pe_transpose_keys)
+from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, MASK_BIAS, MAX_HEAD_DIM, MM_KEYS, check_same_kind,
+                      exact_transpose, is_two_byte, load_transposed, n_tiles, pe_transpose_group, pe_transpose_keys)
 from .prefill import (_IO_ROW_BYTES, _Q_TILE, _attend_pipeline, _check_array, _check_scale, _dtype_name,
                       _read_only, _shape)
 from .short_tiles import tile_short_varlen_body, tile_short_varlen_path
@@ -1079,6 +1079,7 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, sof
     kernel_check(n_hq % n_kv == 0, f"{name}: Hq must be a multiple of Hkv, got Hq={n_hq}, Hkv={n_kv}")
     kernel_check(_dtype_name(q) in FLOAT_DTYPES, f"{name}: dtype must be one of {FLOAT_DTYPES}, got "
                  f"q.dtype={q.dtype}")
+    check_same_kind(name, q=q, k=k, v=v)
     kernel_check(q.dtype == k.dtype == v.dtype, f"{name}: q, k, v dtypes differ, got {q.dtype}, {k.dtype}, "
                  f"{v.dtype}")
     if gate is not None:

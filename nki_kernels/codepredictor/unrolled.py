@@ -50,6 +50,9 @@ _LM_BLOCK_BYTES = 8 * 1024           # of which the streamed [128, H / 128, 512]
 _SAMPLING_LOGIT_TILES = 3.5          # fp32 [rows, Vh] tiles live while sampling (logits, z, work, kill)
 _BYTES_PER_ROW = 512                 # feature-major activations and KV cache per token row
 _MAX_TOP_K = 256                     # sampling: top-k candidates are found in ceil(k / 8) max8 rounds
+MIN_TEMPERATURE = 1e-30              # sampling scales the fp32 logits by 1 / temperature: below this, logits of
+#                                      |l| > 3.4e8 already overflow to inf (and 1 / temperature itself from ~2.9e-39),
+#                                      which the candidate search turns into wrong codes
 _FM_SAMPLE_MAX_ROWS = 16             # sampling rows looped over on the vocab-on-partitions path (more: rows path)
 _EXP_SAFE_BOUND = 60.0               # |attention score| bound under which softmax may skip the max subtraction
 _LM_DMA_BYTES = 1 << 20              # LM-head ring loads: ~1 MB per DMA (several queues in flight)
@@ -1404,6 +1407,9 @@ def check_sampling(uniforms, do_sample, temperature, top_k, top_p, B, G1, vh, na
     if do_sample:
         kernel_check(uniforms is not None, f"{name}: do_sample=True needs uniforms [B, G1], got uniforms=None")
         kernel_check(temperature > 0, f"{name}: temperature must be > 0, got temperature={temperature}")
+        kernel_check(temperature >= MIN_TEMPERATURE,
+                     f"{name}: temperature must be >= {MIN_TEMPERATURE:g} (logits are scaled by 1 / temperature in "
+                     f"fp32; smaller values overflow it), got temperature={temperature}")
         kernel_check(1 <= top_k <= min(_MAX_TOP_K, vh),
                      f"{name}: top_k must be an int in [1, min({_MAX_TOP_K}, Vh={vh})], got top_k={top_k}")
         kernel_check(0.0 < top_p <= 1.0, f"{name}: top_p must be in (0, 1], got top_p={top_p}")
@@ -1546,7 +1552,8 @@ def code_predictor(past_hidden, code0_embed, weights: CodePredictorWeights, *, u
         without the bad row; the embedding gather's index is clamped in-kernel to [0, Vh - 1] whatever the data.
     Constraints:
         1 <= B <= 128, H and I multiples of 128, D even <= 128, Hq % Hkv == 0, G1 + 1 <= 128,
-        8 <= Vh <= 16384; sampling: temperature > 0, 1 <= top_k <= min(256, Vh), 0 < top_p <= 1.
+        8 <= Vh <= 16384; sampling: temperature >= MIN_TEMPERATURE (1e-30), 1 <= top_k <= min(256, Vh),
+        0 < top_p <= 1.
     Decoding (per row b, step j, on fp32 logits l[v] = final_norm(h) @ lm_head[j]):
         greedy: the smallest v with l[v] == max(l) (first index wins ties).
         sampling: z = l * (1 / temperature) (fp32).
@@ -1622,6 +1629,9 @@ def check_shards(shards, replica_group, name):
     if replica_group is None:
         replica_group = default_replica_group(tp)
     if isinstance(replica_group, (list, tuple)):
+        kernel_check(all(isinstance(g, (list, tuple)) for g in replica_group),
+                     f"{name}: replica_group as a list must hold rank lists, e.g. [[0, 1, ..., {tp - 1}]] (a "
+                     f"nki.collectives.ReplicaGroup's rank_lists), got replica_group={replica_group!r}")
         replica_group = nki.collectives.ReplicaGroup([list(g) for g in replica_group])
     lists = getattr(replica_group, "rank_lists", None)
     kernel_check(lists is not None and len(lists) == 1 and sorted(int(x) for x in lists[0]) == list(range(tp)),

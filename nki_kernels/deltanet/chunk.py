@@ -25,7 +25,7 @@ from ..backend import call, nisa, nl
 from ..hw import PSUM_FMAX_FP32, P_MAX
 from ..lnc import current_target_name, resolve_lnc
 from ..transpose import mixing_pe_transpose, vector_transpose
-from ..validation import kernel_check
+from ..validation import check_bool, check_float, check_int, kernel_check
 from ._checks import check_cu_seqlens, check_lengths, check_qkv_gate_layouts, initial_state_arg
 from ._checks import dtype_name as _dtype_name
 
@@ -1642,8 +1642,13 @@ def gated_delta_rule(q, k, v, g, beta, chunk_size=64, initial_state=None, output
                      f"got B={bsz}")
         kernel_check(valid_lengths is None, f"{name}: valid_lengths and cu_seqlens are exclusive (packed "
                      f"sequences have no padding), got valid_lengths={valid_lengths!r}")
+    chunk_size = check_int(name, "chunk_size", chunk_size)
     kernel_check(chunk_size in _CHUNK_SIZES, f"{name}: chunk_size must be one of {_CHUNK_SIZES}, "
                  f"got chunk_size={chunk_size}")
+    use_qk_l2norm_in_kernel = check_bool(name, "use_qk_l2norm_in_kernel", use_qk_l2norm_in_kernel)
+    output_final_state = check_bool(name, "output_final_state", output_final_state)
+    if scale is not None:
+        scale = check_float(name, "scale", scale, positive=True)
     kernel_check(not varlen or n_states + seq // chunk_size <= _MAX_SLOTS, f"{name}: with cu_seqlens, N + T // "
                  f"chunk_size (chunk slots) must be <= {_MAX_SLOTS}, got N={n_states}, T={seq}, "
                  f"chunk_size={chunk_size}; split the pack into several launches")
@@ -1674,9 +1679,7 @@ def gated_delta_rule(q, k, v, g, beta, chunk_size=64, initial_state=None, output
         lengths = check_lengths(name, valid_lengths, bsz, seq)
     ckpt_every = 0
     if checkpoint_every is not None:
-        kernel_check(int(checkpoint_every) >= 1, f"{name}: checkpoint_every must be >= 1 chunk, "
-                     f"got checkpoint_every={checkpoint_every}")
-        ckpt_every = int(checkpoint_every)
+        ckpt_every = check_int(name, "checkpoint_every", checkpoint_every, lo=1)
     sc = float(dk ** -0.5 if scale is None else scale)
     cu_arg = cu if varlen else np.zeros(2, dtype=np.int32)
     outs = call(gated_delta_rule_kernel, q, k, v, g, beta, init, lengths, cu_arg, _host_constants(chunk_size),

@@ -23,7 +23,7 @@ from ..backend import call, nki, nisa, nl
 from ..hw import P_MAX, PSUM_FMAX_FP32
 from ..lnc import current_target_name, resolve_lnc
 from ..transpose import mixing_pe_transpose, vector_transpose
-from ..validation import kernel_check
+from ..validation import check_bool, check_float, check_int, kernel_check
 from . import chunk as _chunk
 from ._checks import check_dtype, check_tensor, initial_state_arg
 from ._checks import dtype_name as _dtype_name
@@ -417,7 +417,8 @@ def gated_delta_rule_fused(mixed_qkv, conv_weight, g, beta, num_k_heads, head_k_
                  f"causal_conv1d + gated_delta_rule, which take packed sequences), got cu_seqlens")
     bsz, seq, conv_dim = (int(s) for s in mixed_qkv.shape)
     n_hv = int(g.shape[2])
-    hk, dk = int(num_k_heads), int(head_k_dim)
+    hk = check_int(name, "num_k_heads", num_k_heads, lo=1)
+    dk = check_int(name, "head_k_dim", head_k_dim, lo=1)
     kernel_check(hk >= 1 and n_hv % hk == 0, f"{name}: Hv (g.shape[2]) must be a multiple of num_k_heads, got "
                  f"Hv={n_hv}, num_k_heads={hk}")
     kernel_check(1 <= dk <= _chunk._MAX_HEAD_DIM, f"{name}: head_k_dim must be in [1, {_chunk._MAX_HEAD_DIM}], "
@@ -436,8 +437,13 @@ def gated_delta_rule_fused(mixed_qkv, conv_weight, g, beta, num_k_heads, head_k_
     kernel_check(tuple(conv_weight.shape) == (conv_dim, kw) and 2 <= kw <= _MAX_KERNEL_WIDTH,
                  f"{name}: conv_weight must be [conv_dim={conv_dim}, K] with 2 <= K <= {_MAX_KERNEL_WIDTH}, got "
                  f"conv_weight.shape={tuple(conv_weight.shape)}")
+    chunk_size = check_int(name, "chunk_size", chunk_size)
     kernel_check(chunk_size in _chunk._CHUNK_SIZES, f"{name}: chunk_size must be one of {_chunk._CHUNK_SIZES}, "
                  f"got chunk_size={chunk_size}")
+    use_qk_l2norm_in_kernel = check_bool(name, "use_qk_l2norm_in_kernel", use_qk_l2norm_in_kernel)
+    output_final_state = check_bool(name, "output_final_state", output_final_state)
+    if scale is not None:
+        scale = check_float(name, "scale", scale, positive=True)
     kernel_check(compute_dtype in _chunk._COMPUTE_DTYPES, f"{name}: compute_dtype must be one of "
                  f"{_chunk._COMPUTE_DTYPES}, got compute_dtype={compute_dtype!r}")
     io = _dtype_name(mixed_qkv)

@@ -26,7 +26,7 @@ import numpy as np
 from ..backend import call, nki, nisa, nl
 from ..hw import ALIGNED_START_PARTITION_TARGETS, P_MAX, PSUM_FMAX_FP32, TILE_ACTIVATION_BIAS_TARGETS
 from ..lnc import current_target_name, resolve_lnc
-from ..validation import check_host_values, kernel_check
+from ..validation import check_bool, check_float, check_host_values, kernel_check
 from ._checks import check_qkv_gate_layouts
 from ._checks import dtype_name as _dtype_name
 
@@ -589,7 +589,8 @@ def gated_delta_rule_step(q, k, v, g, beta, state_pool, slot_ids=None, use_qk_l2
                  f"{name}: slot_ids must be in [0, N_slots={n_slots}), got {slots.tolist()}")
     kernel_check(np.unique(slots).size == slots.size,
                  f"{name}: slot_ids must be distinct (each sequence owns its state row), got {slots.tolist()}")
-    sc = float(dk ** -0.5 if scale is None else scale)
+    sc = dk ** -0.5 if scale is None else check_float(name, "scale", scale, positive=True)
+    use_qk_l2norm_in_kernel = check_bool(name, "use_qk_l2norm_in_kernel", use_qk_l2norm_in_kernel)
     kernel_check(n_hv <= _MAX_V_HEADS and n_tok * n_hk <= P_MAX, f"{name}: at most {_MAX_V_HEADS} v heads and "
                  f"T * Hk <= {P_MAX} per launch, got Hv={n_hv}, T={n_tok}, Hk={n_hk}")
     return call(gated_delta_rule_step_kernel, q, k, v, g, beta, state_pool, slots.astype(np.int32),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..validation import INT32_MAX, INT32_MIN, check_array, check_host_values, kernel_check
+from ..validation import INT32_MAX, INT32_MIN, check_array, check_bool, check_host_values, kernel_check
 
 
 def _to_numpy(x):
@@ -50,6 +50,7 @@ def moe_route(router_logits, top_k: int, normalize: bool):
     n_experts = logits.shape[1]
     kernel_check(isinstance(top_k, (int, np.integer)) and 1 <= top_k <= n_experts,
                  f"moe_route: top_k must be an int in [1, E={n_experts}], got top_k={top_k!r}")
+    normalize = check_bool("moe_route", "normalize", normalize)
     z = logits.astype(np.float32)
     z = z - z.max(axis=-1, keepdims=True)
     p = np.exp(z)
@@ -97,6 +98,8 @@ def moe_block_mapping(top_k_index, num_experts: int, block_size: int, expert_off
                  f"moe_block_mapping: num_experts must be a positive int, got num_experts={num_experts!r}")
     kernel_check(isinstance(block_size, (int, np.integer)) and 1 <= block_size <= 512,
                  f"moe_block_mapping: block_size must be an int in [1, 512], got block_size={block_size!r}")
+    from .blockwise import check_expert_offset
+    check_expert_offset("moe_block_mapping", expert_offset, int(num_experts))   # the kernels' own rule
     idx = idx.astype(np.int64)
     n_tokens = idx.shape[0]
     local = idx - int(expert_offset)

@@ -293,11 +293,38 @@ def test_bad_inputs_raise(kwargs, match):
                         lnc=kwargs.get("lnc", 1))
 
 
+def test_mixed_torch_and_numpy_inputs_are_named():
+    """q a torch tensor, k / v NumPy arrays: the error says so (it read "dtypes differ, got torch.float32, float32,
+    float32" before)."""
+    import torch
+    q = np.zeros((1, 1, 4, 64), np.float32)
+    with pytest.raises(KernelInputError, match="q, k, v must be all NumPy arrays or all torch tensors, got q a torch"):
+        flash_attention(torch.from_numpy(q), q, q)
+
+
 def test_kv_too_large_for_sbuf_raises():
     q = np.zeros((1, 1, 1, 256), np.float32)
     k = np.zeros((1, 1, 40000, 256), np.float32)
     with pytest.raises(KernelInputError, match="one KV head must fit SBUF"):
         flash_attention(q, k, k)
+
+
+@pytest.mark.parametrize("target, d, lens", [("trn1", 256, False), ("trn1", 200, True), ("trn2", 256, False)])
+def test_largest_accepted_kv_fits_on_each_target(target, d, lens):
+    """fp32, two query heads per KV head: the largest Skv the wrapper accepts on the target runs (the emulator's
+    SBUF allocation check) and matches the reference; one more 64-key step is refused before any launch. On trn1
+    (176 KiB partitions) the 128 KiB budget of trn2 let such shapes fail the allocation (Skv 7808 at D=256)."""
+    from nki_kernels.emulator.targets import use_target
+    budget = prefill._SBUF_KV_BUDGET[target]
+    skv = max(t for t in range(128, 40000, 64) if prefill.kv_resident_bytes(t, d, 4, lens) <= budget)
+    rng = np.random.default_rng(3)
+    q, k, v, _ = _inputs(rng, 1, 2, 1, 128, skv, d, np.float32)
+    lens_arr = np.array([skv - 3], np.int32) if lens else None
+    with use_target(target):
+        _check(f"{target} largest", q, k, v, "float32", seq_lens=lens_arr, causal=True)
+        k2 = np.zeros((1, 1, skv + 64, d), np.float32)
+        with pytest.raises(KernelInputError, match=f"one KV head must fit SBUF.*on {target}"):
+            flash_attention(q, k2, k2, seq_lens=lens_arr, causal=True)
 
 
 @pytest.mark.slow

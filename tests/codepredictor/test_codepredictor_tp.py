@@ -136,6 +136,9 @@ def test_bad_shards_and_groups_raise():
         code_predictor_tp(x, x, shards, replica_group=ReplicaGroup([[0, 1, 2, 5]]))
     with pytest.raises(KernelInputError, match="replica_group must be"):
         code_predictor_tp(x, x, shards, replica_group=[[0, 1], [2, 3]])
+    with pytest.raises(KernelInputError,
+                       match=r"replica_group as a list must hold rank lists, e.g. \[\[0, 1, \.\.\., 3\]\]"):
+        code_predictor_tp(x, x, shards, replica_group=[0, 1, 2, 3])     # flat: a bare TypeError before
     with pytest.raises(KernelInputError, match="shards must be a list of CodePredictorWeights"):
         code_predictor_tp(x, x, w)
     with pytest.raises(KernelInputError, match="code_predictor_tp"):

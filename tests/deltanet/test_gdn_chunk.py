@@ -247,6 +247,16 @@ def _good(rng):
                         beta=np.zeros((1, 8, 128), np.float32), lnc=2), r"ceil\(Hv / lnc\) \* chunk_size must be"),
     (lambda a: a.update(compute_dtype="float16"), "compute_dtype must be one of"),
     (lambda a: a.update(valid_lengths=np.array([9.0])), "valid_lengths must be integers"),
+    # scalars: type-checked (NaN scale gave all-NaN output, chunk_size=64.0 a TypeError deep inside, "False" the L2
+    # norm, 1.5 checkpoints truncated to 1)
+    (lambda a: a.update(scale=float("nan")), "scale must be finite"),
+    (lambda a: a.update(scale=float("inf")), "scale must be finite"),
+    (lambda a: a.update(scale=-1.0), "scale must be > 0"),
+    (lambda a: a.update(scale="0.5"), "scale must be a real number"),
+    (lambda a: a.update(chunk_size=64.0), "chunk_size must be an integer"),
+    (lambda a: a.update(use_qk_l2norm_in_kernel="False"), "use_qk_l2norm_in_kernel must be True or False"),
+    (lambda a: a.update(output_final_state="no"), "output_final_state must be True or False"),
+    (lambda a: a.update(checkpoint_every=1.5), "checkpoint_every must be an integer"),
 ])
 def test_bad_inputs_raise(mutate, match, rng):
     q, k, v, g, beta = _good(rng)

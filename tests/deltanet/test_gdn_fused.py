@@ -171,6 +171,15 @@ def test_torch_tensors_in_torch_out(rng):
     (dict(conv_weight="rows"), "conv_weight must be \\[conv_dim=64, K\\]"),
     (dict(mixed_qkv="f64"), "mixed_qkv dtype must be one of"),
     (dict(beta="shape"), "beta must be \\[B, T, Hv\\]"),
+    # scalars: checked types (they went through int() / bool() / float() before)
+    (dict(num_k_heads=1.5), "num_k_heads must be an integer"),
+    (dict(num_k_heads="1"), "num_k_heads must be an integer"),
+    (dict(head_k_dim=16.9), "head_k_dim must be an integer"),
+    (dict(chunk_size=64.0), "chunk_size must be an integer"),
+    (dict(use_qk_l2norm_in_kernel="False"), "use_qk_l2norm_in_kernel must be True or False"),
+    (dict(output_final_state="no"), "output_final_state must be True or False"),
+    (dict(scale=float("nan")), "scale must be finite"),
+    (dict(scale=-1.0), "scale must be > 0"),
 ])
 def test_bad_inputs_refused(rng, change, match):
     x = _inputs(rng, 1, 9, 1, 2, 16, 16, dtype=BF16)

@@ -154,6 +154,9 @@ def test_matches_transformers_recurrent(rng):
     (lambda a: a.update(g=a["g"][:, :, :1]), "g must be"),
     (lambda a: a.update(k=a["k"][..., :8]), "k must match q"),
     (lambda a: a.update(lnc=3), r"lnc must be one of \(1, 2\)"),
+    (lambda a: a.update(scale=float("nan")), "scale must be finite"),
+    (lambda a: a.update(scale=0.0), "scale must be > 0"),
+    (lambda a: a.update(use_qk_l2norm_in_kernel="yes"), "use_qk_l2norm_in_kernel must be True or False"),
 ])
 def test_bad_inputs_raise(mutate, match, rng):
     q, k, v, g, beta = gdn_inputs(rng, 2, 1, 1, 2, 16, 16)

@@ -98,8 +98,18 @@ def test_mapping_bad_inputs(kwargs, match):
         moe_block_mapping(**kwargs)
 
 
+@pytest.mark.parametrize("offset", [-1, 1.0, True])
+def test_block_mapping_refuses_the_offsets_the_kernels_refuse(offset):
+    """expert_offset follows moe_blockwise / moe_decode's rule (an int in [0, 2^24 - E]): -1 was accepted here."""
+    with pytest.raises(KernelInputError, match="moe_block_mapping: expert_offset must be an int"):
+        moe_block_mapping(np.zeros((2, 1), np.int32), 4, 8, expert_offset=offset)
+
+
 def test_route_bad_inputs():
     with pytest.raises(KernelInputError, match="top_k"):
         moe_route(np.zeros((2, 4)), 5, True)
     with pytest.raises(KernelInputError, match=r"\[T, E\]"):
         moe_route(np.zeros(4), 1, True)
+    for bad in ("no", 0, None):      # a typo'd flag is refused, not read as its truthiness
+        with pytest.raises(KernelInputError, match="normalize must be True or False"):
+            moe_route(np.zeros((2, 4)), 2, bad)

@@ -78,6 +78,8 @@ def test_bad_sampling_arguments_raise():
     mod = make_code_predictor_class()()
     with pytest.raises(AdapterInputError, match="temperature must be > 0"):
         set_code_predictor_sampling(mod, temperature=0.0)
+    with pytest.raises(AdapterInputError, match="temperature must be >= 1e-30"):
+        set_code_predictor_sampling(mod, temperature=1e-40)
     with pytest.raises(AdapterInputError, match="top_p must be in"):
         set_code_predictor_sampling(mod, top_p=1.5)
     with pytest.raises(AdapterInputError, match="top_k must be"):
