@@ -216,8 +216,11 @@ def _kernel_params(kernel) -> list:
 
 
 def _kernel_name(kernel) -> str:
+    """The name error messages give the call: the kernel function's, without its `_kernel` suffix (the public
+    wrapper's name, e.g. gated_delta_rule_step for gated_delta_rule_step_kernel)."""
     fn = getattr(kernel, "kernel", kernel)
-    return getattr(fn, "__name__", None) or getattr(getattr(fn, "fn", None), "__name__", "kernel")
+    name = getattr(fn, "__name__", None) or getattr(getattr(fn, "fn", None), "__name__", "kernel")
+    return name[:-len("_kernel")] if name.endswith("_kernel") and name != "_kernel" else name
 
 
 def _grad_check(who: str, named_args):

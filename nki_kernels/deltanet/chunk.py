@@ -1670,8 +1670,7 @@ def gated_delta_rule(q, k, v, g, beta, chunk_size=64, initial_state=None, output
     kernel_check(n_own * chunk_size <= max_hv_chunk,
                  f"{name}: ceil(Hv / lnc) * chunk_size must be <= {max_hv_chunk} with "
                  f"{what} on {target} (SBUF per partition), got Hv={n_hv}, lnc={lnc}, "
-                 f"chunk_size={chunk_size}; use chunk_size=64, lnc=2 or fewer v heads per launch (tensor "
-                 f"parallelism)")
+                 f"chunk_size={chunk_size}; {hv_chunk_advice(chunk_size, lnc, target)}")
     has_init, init = initial_state_arg(name, initial_state, n_states, n_hv, dk, dv, "N" if varlen else "B")
     if valid_lengths is None:
         lengths = np.full(bsz, seq, dtype=np.int32)
@@ -1693,6 +1692,19 @@ def gated_delta_rule(q, k, v, g, beta, chunk_size=64, initial_state=None, output
         ckpts = outs[2] if n_ckpt > 0 else _empty_like_state(o, (n_states, 0, n_hv, dk, dv))
         return o, final, ckpts
     return o, final
+
+
+def hv_chunk_advice(chunk_size, lnc, target, heads="v heads") -> str:
+    """What would lower ceil(Hv / lnc) * chunk_size (or the per-core heads) on this call: only the options that
+    change something (chunk_size=64 if larger, lnc=2 at LNC=1 where the target has two cores), then fewer heads."""
+    from ..lnc import TARGET_LNC
+    ways = []
+    if chunk_size is not None and chunk_size > min(_CHUNK_SIZES):
+        ways.append(f"chunk_size={min(_CHUNK_SIZES)}")
+    if lnc == 1 and 2 in TARGET_LNC.get(target, ()):
+        ways.append("lnc=2")
+    ways.append(f"fewer {heads} per launch (tensor parallelism)")
+    return "use " + " or ".join(ways)
 
 
 def _empty_like_state(o, shape):

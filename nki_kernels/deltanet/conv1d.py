@@ -529,7 +529,8 @@ def causal_conv1d_update(x, conv_state, weight, activation="silu", bias=None, ln
     cpp = max(1, n_ch // P_MAX)
     kernel_check(cpp * _update_bytes_per_channel(kw, seq) <= _UPDATE_SBUF_BYTES,
                  f"{name}: max(1, C // 128) * (4 (5 K + 3 T) + 4) must be <= {_UPDATE_SBUF_BYTES} bytes (one "
-                 f"sequence's channels per partition), got C={n_ch}, K={kw}, T={seq}; use causal_conv1d for long T")
+                 f"sequence's channels per partition), got C={n_ch}, K={kw}, T={seq}; "
+                 + ("use causal_conv1d for long T" if seq > 1 else "use fewer channels per launch"))
     return call(causal_conv1d_update_kernel, x, conv_state, weight, apply_silu=activation is not None, lnc=lnc,
                 inplace=("conv_state",))
 

@@ -453,7 +453,7 @@ def gated_delta_rule_fused(mixed_qkv, conv_weight, g, beta, num_k_heads, head_k_
     limit = _chunk.target_limit(_MAX_HV_CHUNK["bfloat16" if bf16_compute else "float32"], target)
     kernel_check(n_own * chunk_size <= limit, f"{name}: ceil(Hv / lnc) * chunk_size must be <= {limit} with "
                  f"{'bf16' if bf16_compute else 'fp32'} compute on {target} (SBUF per partition), got Hv={n_hv}, "
-                 f"lnc={lnc}, chunk_size={chunk_size}; use chunk_size=64, lnc=2 or fewer v heads per launch")
+                 f"lnc={lnc}, chunk_size={chunk_size}; {_chunk.hv_chunk_advice(chunk_size, lnc, target)}")
     group = n_hv // hk
     n_ch_own = max(2 * _owned_k_heads(n_hv, group, pid, lnc) * dk + n_own * dv for pid in range(lnc))
     io_bytes = 4 if io == "float32" else 2
@@ -461,7 +461,8 @@ def gated_delta_rule_fused(mixed_qkv, conv_weight, g, beta, num_k_heads, head_k_
     need = front_end_bytes(n_ch_own, kw, chunk_size, io_bytes, row_tiles)
     kernel_check(need <= _MAX_FRONT_BYTES, f"{name}: the conv front end needs {need} B of SBUF per partition for "
                  f"{n_ch_own} channels per core (diag(w) per 128 channels and tap), more than {_MAX_FRONT_BYTES}; "
-                 f"got conv_dim={conv_dim}, K={kw}, lnc={lnc}, dtype {io}: use lnc=2 or fewer heads per launch")
+                 f"got conv_dim={conv_dim}, K={kw}, lnc={lnc}, dtype {io}: "
+                 f"{_chunk.hv_chunk_advice(None, lnc, target, 'heads')}")
     has_conv = conv_state is not None
     if has_conv:
         check_tensor(name, "conv_state", conv_state)

@@ -359,3 +359,18 @@ def test_trn1_largest_fp32_compute_shapes_fit(dtype, hv, limit, what, rng):
     q, k, v, g, beta = gdn_inputs(rng, 1, 4, 8, 16, 128, 128, DTYPES[dtype])   # trn2's limit (bf16), refused
     with use_target("trn1"), pytest.raises(KernelInputError, match=r"on trn1 \(SBUF per partition\)"):
         gated_delta_rule(q, k, v, g, beta, chunk_size=128, use_qk_l2norm_in_kernel=True)
+
+
+@pytest.mark.parametrize("target, lnc, chunk, advice", [
+    ("trn2", 2, 64, "use fewer v heads per launch \\(tensor parallelism\\)$"),
+    ("trn2", 1, 128, "use chunk_size=64 or lnc=2 or fewer v heads per launch"),
+    ("trn1", 1, 64, "use fewer v heads per launch \\(tensor parallelism\\)$")])
+def test_too_many_heads_advice_lists_only_what_would_help(target, lnc, chunk, advice):
+    """The SBUF refusal suggests only changes that lower ceil(Hv / lnc) * chunk_size on this call: no chunk_size=64
+    when it is 64 already, no lnc=2 at lnc=2 or on trn1 (one core)."""
+    from nki_kernels.emulator.targets import use_target
+    q = np.zeros((1, 8, 2, 16), np.float32)
+    v, g = np.zeros((1, 8, 128, 16), np.float32), np.zeros((1, 8, 128), np.float32)
+    with use_target(target), pytest.raises(KernelInputError, match="ceil\\(Hv / lnc\\) \\* chunk_size must be <= .*"
+                                           + advice):
+        gated_delta_rule(q, q, v, g, g, chunk_size=chunk, lnc=lnc)
