@@ -434,13 +434,20 @@ def lab6_make(case):
     return make
 
 
+def lab6_spec(pid, case, reports_us, name, kernel, source, notes):
+    """One POINT_SPECS entry of a CS152 lab 6 fleet case (C, K, filter, N, input side, dtype): trn1, `bench` (the
+    report's P50), one core (time_cores 1), the compiler's tile buffers (tile_buffers None), modeled on slices of
+    k = 1, 2 images extrapolated to N; shared with the v13 CR points (kernels_v13.py)."""
+    c, k, f, n, s, dt = case
+    return dict(id=pid, name=name, shape=f"N{n} C{c} K{k} {s}x{s} {f}x{f} {dt}", target="trn1",
+                measured_us=median(reports_us), source=source + lab6_case_name(case), kernel=kernel,
+                make=lab6_make(case), k_full=n, k_model=(1, 2), reference=ref_conv2d_bias, timing="bench",
+                time_cores=1, tile_buffers=None, notes=notes)
+
+
 def cv_case_name(pid):
     """The harness's fleet case name of a CV point."""
     return lab6_case_name(CV_CASES[pid])
-
-
-def _cv_make(pid):
-    return lab6_make(CV_CASES[pid])
 
 
 _CV_SRC = ("CS152 lab 6 (spring 2026, trn1 NeuronCore-v2), magmawolf8/cs152-lab6@28148854ddf6 "
@@ -448,15 +455,10 @@ _CV_SRC = ("CS152 lab 6 (spring 2026, trn1 NeuronCore-v2), magmawolf8/cs152-lab6
 
 
 def _cv(pid):
-    """One POINT_SPECS entry for source 2: trn1, `bench` (the report's P50), one core, the compiler's tile buffers,
-    modeled on slices of k = 1, 2 images extrapolated to N."""
-    c, k, f, n, s, dt = CV_CASES[pid]
-    return dict(id=pid, name="conv2d", shape=f"N{n} C{c} K{k} {s}x{s} {f}x{f} {dt}", target="trn1",
-                measured_us=median(CV_REPORTS_US[pid]), source=_CV_SRC + cv_case_name(pid), kernel=cv_conv2d,
-                make=_cv_make(pid), k_full=n, k_model=(1, 2), reference=ref_conv2d_bias, timing="bench",
-                time_cores=1, tile_buffers=None,
-                notes="output tiles 16 x 32, ping-pong halo over input-channel tiles, PE-transposed filter taps, "
-                      "one pack copy + one matmul per tap; k = images")
+    """One POINT_SPECS entry for source 2 (`lab6_spec`)."""
+    return lab6_spec(pid, CV_CASES[pid], CV_REPORTS_US[pid], "conv2d", cv_conv2d, _CV_SRC,
+                     "output tiles 16 x 32, ping-pong halo over input-channel tiles, PE-transposed filter taps, "
+                     "one pack copy + one matmul per tap; k = images")
 
 
 POINT_SPECS = (*POINT_SPECS, *[_cv(pid) for pid in CV_REPORTS_US])

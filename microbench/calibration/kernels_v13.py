@@ -209,8 +209,7 @@ from nki_kernels.backend import nisa, nki, nl
 from nki_kernels.hw import P_MAX
 
 from .kernels_v8 import median   # the rule's median of several reports
-from .kernels_v12 import lab6_case_name, lab6_make   # the lab 6 harness's case names and inputs (as the CV points)
-from .kernels_v12 import ref_conv2d_bias   # valid conv2d + bias in float64 (the same operator as the CV points)
+from .kernels_v12 import lab6_case_name, lab6_spec   # the lab 6 harness's case names and point specs
 
 # Jingfeng0705/cs152_lab6@a635a9f nki_conv2d/reports/fleet_performance_test_report.json, benchmark_time (nc_latency
 # P50, µs) of every fleet case, keyed by point id; the case name follows each id in the docstring.
@@ -298,25 +297,16 @@ def cr_case_name(pid):
     return lab6_case_name(CR_CASES[pid])
 
 
-def _cr_make(pid):
-    """k images of the case, drawn as the lab 6 harness draws them (`kernels_v12.lab6_make`)."""
-    return lab6_make(CR_CASES[pid])
-
-
 _CR_SRC = ("CS152 lab 6 (spring 2026, trn1 NeuronCore-v2), Jingfeng0705/cs152_lab6@a635a9f "
            "nki_conv2d/reports/fleet_performance_test_report.json (nki.benchmark nc_latency P50, bench): ")
 
 
 def _cr(pid):
-    """One POINT_SPECS entry: trn1, `bench` (the report's P50), one core (time_cores 1), the compiler's tile buffers
-    (tile_buffers None), modeled on slices of k = 1, 2 images extrapolated to N."""
-    c, k, f, n, s, dt = CR_CASES[pid]
-    return dict(id=pid, name="conv2d_rows", shape=f"N{n} C{c} K{k} {s}x{s} {f}x{f} {dt}", target="trn1",
-                measured_us=median(CR_REPORTS_US[pid]), source=_CR_SRC + cr_case_name(pid), kernel=cr_conv2d,
-                make=_cr_make(pid), k_full=n, k_model=(1, 2), reference=ref_conv2d_bias, timing="bench",
-                time_cores=1, tile_buffers=None,
-                notes="filter resident (element-strided transposing loads); per output row one [128, OW] X load + "
-                      "one matmul per (c tile, tap), bias add out of PSUM, one row store; k = images")
+    """One POINT_SPECS entry (`kernels_v12.lab6_spec`: trn1, `bench` = the report's P50, one core, the compiler's
+    tile buffers, slices of k = 1, 2 images extrapolated to N)."""
+    return lab6_spec(pid, CR_CASES[pid], CR_REPORTS_US[pid], "conv2d_rows", cr_conv2d, _CR_SRC,
+                     "filter resident (element-strided transposing loads); per output row one [128, OW] X load + "
+                     "one matmul per (c tile, tap), bias add out of PSUM, one row store; k = images")
 
 
 POINT_SPECS = tuple(_cr(pid) for pid in CR_REPORTS_US)

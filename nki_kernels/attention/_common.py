@@ -22,9 +22,9 @@ MASK_BIAS = -1.0e30               # added to masked logits: far below any finite
 #                                   after the softmax scale (no -inf, no fp32 overflow when added to a logit)
 
 
-def check_same_kind(name, **arrays):
-    """Host check: the named arrays are all NumPy arrays or all torch tensors (a mix has "different" dtypes that
-    print alike, torch.float32 vs float32, which the dtype check would report confusingly)."""
+def check_same_kind(name, arrays: dict):
+    """Host check: the arrays ({argument name: array}) are all NumPy arrays or all torch tensors (a mix has
+    "different" dtypes that print alike, torch.float32 vs float32, which the dtype check would report confusingly)."""
     from ..validation import is_torch, kernel_check
     kinds = {arg: ("torch tensor" if is_torch(x) else "NumPy array") for arg, x in arrays.items()}
     kernel_check(len(set(kinds.values())) == 1,

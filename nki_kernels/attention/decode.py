@@ -746,7 +746,7 @@ def flash_attention_decode(q, k_cache, v_cache, cache_lens, causal=True, softmax
     kernel_check(sq <= s_max, f"{name}: Sq must be <= the cache length S, got Sq={sq}, S={s_max}")
     kernel_check(_dtype_name(q) in FLOAT_DTYPES, f"{name}: dtype must be one of {FLOAT_DTYPES}, got "
                  f"q.dtype={q.dtype}")
-    check_same_kind(name, q=q, k_cache=k_cache, v_cache=v_cache)
+    check_same_kind(name, {"q": q, "k_cache": k_cache, "v_cache": v_cache})
     kernel_check(q.dtype == k_cache.dtype == v_cache.dtype,
                  f"{name}: q, k_cache, v_cache dtypes differ, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
     lens = _as_int32_lens(name, "cache_lens", cache_lens, n_b, sq, s_max)

@@ -1138,7 +1138,7 @@ def flash_attention(q, k, v, gate=None, seq_lens=None, causal=True, softmax_scal
                  f"Skv={skv}")
     kernel_check(_dtype_name(q) in FLOAT_DTYPES, f"{name}: dtype must be one of {FLOAT_DTYPES}, got "
                  f"q.dtype={q.dtype}")
-    check_same_kind(name, q=q, k=k, v=v)
+    check_same_kind(name, {"q": q, "k": k, "v": v})
     kernel_check(q.dtype == k.dtype == v.dtype, f"{name}: q, k, v dtypes differ, got {q.dtype}, {k.dtype}, "
                  f"{v.dtype}")
     if gate is not None:

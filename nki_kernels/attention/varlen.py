@@ -1079,7 +1079,7 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, sof
     kernel_check(n_hq % n_kv == 0, f"{name}: Hq must be a multiple of Hkv, got Hq={n_hq}, Hkv={n_kv}")
     kernel_check(_dtype_name(q) in FLOAT_DTYPES, f"{name}: dtype must be one of {FLOAT_DTYPES}, got "
                  f"q.dtype={q.dtype}")
-    check_same_kind(name, q=q, k=k, v=v)
+    check_same_kind(name, {"q": q, "k": k, "v": v})
     kernel_check(q.dtype == k.dtype == v.dtype, f"{name}: q, k, v dtypes differ, got {q.dtype}, {k.dtype}, "
                  f"{v.dtype}")
     if gate is not None:
