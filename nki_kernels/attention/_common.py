@@ -20,6 +20,13 @@ MM_KEYS = GEMM_MOVING_FMAX        # keys per QK matmul (moving free size, one fp
 KV_BLOCK = 4 * GEMM_MOVING_FMAX   # keys per softmax block: 4 PSUM banks of fp32 scores, one max/exp each
 MASK_BIAS = -1.0e30               # added to masked logits: far below any finite logit, and still finite
 #                                   after the softmax scale (no -inf, no fp32 overflow when added to a logit)
+MAX_SOFTMAX_SCALE = 1.0e8         # softmax_scale limit (wrappers refuse larger). The kernels form scale * S and
+#                                   -scale * rowmax in fp32 (ScalarE / GpSimd), so past fp32's 3.4e38 they overflow and
+#                                   exp(inf - inf) is NaN: at scale 1e38 ordinary scores (|S| >= 3.4) gave all-NaN rows
+#                                   where the float64 reference is finite. At 1e8, |scale * MASK_BIAS| = 1e38 stays
+#                                   finite and below the 3e38 stat / cap constants (varlen._STAT_INIT,
+#                                   short_tiles._CAP), and only scores |S| > 3.4e30 overflow. Real scales are <= ~1:
+#                                   D ** -0.5 (0.0625 at Qwen3.5 / Qwen3-Next's D = 256, 0.088 at D = 128), or 1.0
 
 
 def check_same_kind(name, arrays: dict):

@@ -30,8 +30,8 @@ from ..hw import NO_PE_TILE32_TARGETS, P_MAX
 from ..lnc import current_target_name, for_target, resolve_lnc
 from ..transpose import mixing_pe_transpose
 from ..validation import kernel_check
-from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, KV_BLOCK, MASK_BIAS, MAX_HEAD_DIM, MM_KEYS,
-                      exact_transpose, is_two_byte, load_len_broadcast, load_t, load_transposed, n_tiles,
+from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, KV_BLOCK, MASK_BIAS, MAX_HEAD_DIM, MAX_SOFTMAX_SCALE,
+                      MM_KEYS, exact_transpose, is_two_byte, load_len_broadcast, load_t, load_transposed, n_tiles,
                       zero_rows_past_length, check_same_kind)
 from .short_tiles import tile_short_body, tile_short_path
 
@@ -1171,6 +1171,9 @@ def _check_scale(name, softmax_scale, d):
     kernel_check(is_number and math.isfinite(float(softmax_scale)) and float(softmax_scale) > 0,
                  f"{name}: softmax_scale must be a finite number > 0 (Python or NumPy scalar), got "
                  f"softmax_scale={softmax_scale!r}")
+    kernel_check(float(softmax_scale) <= MAX_SOFTMAX_SCALE,
+                 f"{name}: softmax_scale must be <= {MAX_SOFTMAX_SCALE:g} (scale * scores in fp32 would overflow: "
+                 f"NaN rows), got softmax_scale={softmax_scale!r}")
     return float(softmax_scale)
 
 

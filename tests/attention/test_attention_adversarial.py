@@ -7,8 +7,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nki_kernels import flash_attention, flash_attention_decode
-from nki_kernels.attention.reference import flash_attention_decode_ref, flash_attention_ref
+from nki_kernels import flash_attention, flash_attention_decode, flash_attention_varlen
+from nki_kernels.attention._common import MAX_SOFTMAX_SCALE
+from nki_kernels.attention.reference import (flash_attention_decode_ref, flash_attention_ref,
+                                            flash_attention_varlen_ref)
 from nki_kernels.lnc import LNC_ENV
 from nki_kernels.testing import assert_close, program_signature
 from nki_kernels.validation import KernelInputError
@@ -102,6 +104,43 @@ def test_bad_softmax_scale(scale):
         flash_attention(q, q, q, softmax_scale=scale)
     with pytest.raises(KernelInputError, match="softmax_scale must be a finite number > 0"):
         flash_attention_decode(q, q, q, [4], softmax_scale=scale)
+
+
+def _three_kernels(rng, dtype):
+    """(name, kernel call, reference call) of prefill (seq_lens, causal), decode and varlen (an empty sequence)."""
+    q, k, v = _qkv(rng, 2, 2, 1, 200, 300, 64, dtype)
+    lens = np.array([250, 3], np.int32)
+    qd = q[:, :, :2]
+    lq, lk = [60, 0, 70], [0, 200, 90]
+    cq, ck = np.cumsum([0] + lq).astype(np.int32), np.cumsum([0] + lk).astype(np.int32)
+    qv, kv, vv = (rng.standard_normal((sum(n), h, 64)).astype(dtype) for n, h in ((lq, 2), (lk, 1), (lk, 1)))
+    return [
+        ("flash_attention", lambda s: flash_attention(q, k, v, seq_lens=lens, softmax_scale=s),
+         lambda s: flash_attention_ref(q, k, v, seq_lens=lens, softmax_scale=s)),
+        ("flash_attention_decode", lambda s: flash_attention_decode(qd, k, v, lens, softmax_scale=s),
+         lambda s: flash_attention_decode_ref(qd, k, v, lens, softmax_scale=s)),
+        ("flash_attention_varlen", lambda s: flash_attention_varlen(qv, kv, vv, cq, ck, causal=False, softmax_scale=s),
+         lambda s: flash_attention_varlen_ref(qv, kv, vv, cq, ck, causal=False, softmax_scale=s)),
+    ]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_largest_softmax_scale_matches_the_reference_and_larger_is_refused(dtype):
+    """softmax_scale up to MAX_SOFTMAX_SCALE is exact against the float64 reference (at 1e8 the softmax is an
+    argmax); above it the wrappers refuse, naming the argument and the limit (1e38 returned all-NaN rows while the
+    reference is finite)."""
+    rng = np.random.default_rng(7)
+    for name, run, ref in _three_kernels(rng, DTYPES[dtype]):
+        for scale in (MAX_SOFTMAX_SCALE, 4.0):
+            out = np.asarray(run(scale), np.float64)
+            assert np.all(np.isfinite(out)), (name, scale)
+            assert_close(f"{name} scale={scale:g}", ref(scale), out, dtype=dtype)
+        for scale in (np.nextafter(MAX_SOFTMAX_SCALE, np.inf), 1e38, np.float32(3e38)):
+            with pytest.raises(KernelInputError, match=rf"{name}: softmax_scale must be <= 1e\+08"):
+                run(scale)
+        for scale in (float("nan"), float("inf"), -float("inf"), -1e-3, 0.0):
+            with pytest.raises(KernelInputError, match=rf"{name}: softmax_scale must be a finite number > 0"):
+                run(scale)
 
 
 def _float_lens():
