@@ -792,7 +792,8 @@ def moe_blockwise(hidden, expert_affinities, gate_up, down, token_position_to_id
         expert_offset: expert parallelism; local expert l holds global expert expert_offset + l (the top-k ids
             are compared against expert_offset + l; the mapping must use the same offset).
         max_experts_per_token: KMAX for the dense form (trace-time option, default min(E, N)); the output pass
-            gathers KMAX slot rows per token, so pass the router's TOPK. Ignored in the top-k form (KMAX = TOPK).
+            gathers KMAX slot rows per token, so pass the router's TOPK. In the top-k form KMAX = TOPK: only None
+            or TOPK is accepted there (any other value is refused: it would have no effect).
         lnc: None (NEURON_LOGICAL_NC_CONFIG, else the target's default: 2 on trn2), 1 or 2. At LNC=2 one
             launch, the cores meeting once at a `nisa.core_barrier`: DMA combine: the blocks alternate between
             the two cores (each writes its blocks' slot rows to a shared scratch), then the 128-token row chunks
@@ -860,6 +861,13 @@ def moe_blockwise(hidden, expert_affinities, gate_up, down, token_position_to_id
     else:
         check_top_k(kname, top_k_index, expert_affinities, n_tokens, hidden, weights_name="expert_affinities")
         kmax = _shape(top_k_index)[1]
+        # the top-k form's KMAX is TOPK (its slot tables are [T, TOPK]): another bound would have no effect
+        kernel_check(max_experts_per_token is None or (
+            isinstance(max_experts_per_token, (int, np.integer)) and not isinstance(max_experts_per_token, bool)
+            and max_experts_per_token == kmax),
+            f"{kname}: max_experts_per_token is the dense form's KMAX; with top_k_index KMAX is "
+            f"TOPK={kmax} (top_k_index.shape[1]), so pass None (or {kmax}), got "
+            f"max_experts_per_token={max_experts_per_token!r}")
         aff, idx = None, routing_table(top_k_index, expert_affinities)
     check_mapping(kname, tpos, b2e, block_size, n_tokens, n_local, kmax, top_k_index, expert_affinities,
                   expert_offset)

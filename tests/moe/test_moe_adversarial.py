@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from nki_kernels import moe_block_mapping, moe_blockwise, moe_decode
 from nki_kernels.emulator import record_launches
-from nki_kernels.moe.reference import moe_decode_reference
+from nki_kernels.moe.reference import moe_blockwise_reference, moe_decode_reference
 from nki_kernels.testing import assert_close
 from nki_kernels.validation import KernelInputError
 
@@ -112,13 +112,33 @@ def test_bad_kinds_and_dtypes_are_clear_errors(rng):
         (lambda: moe_blockwise(x, w, gu, dn, tpos.astype(np.float32), b2e, 8, top_k_index=idx), "1-D int"),
         (lambda: moe_blockwise(x, w, gu, dn, tpos, b2e, 8.0, top_k_index=idx), "block_size"),
         (lambda: moe_blockwise(x, w, gu, dn, tpos, b2e, 8, top_k_index=idx, max_experts_per_token=0),
-         None),  # ignored in the top-k form
+         r"max_experts_per_token is the dense form's KMAX; with top_k_index KMAX is TOPK=2 .*got "
+         r"max_experts_per_token=0"),
+        (lambda: moe_blockwise(x, w, gu, dn, tpos, b2e, 8, top_k_index=idx, max_experts_per_token=1),
+         "max_experts_per_token is the dense form's KMAX"),
+        (lambda: moe_blockwise(x, w, gu, dn, tpos, b2e, 8, top_k_index=idx, max_experts_per_token=2.0),
+         "max_experts_per_token is the dense form's KMAX"),
     ]
     for fn, match in cases:
-        if match is None:
-            fn()
-            continue
         with pytest.raises(KernelInputError, match=match):
             fn()
     with pytest.raises(TypeError):
         moe_decode(x, idx, w, gu, dn, bogus=1)
+
+
+@pytest.mark.parametrize("combine", ["dma", "onchip"])
+def test_max_experts_per_token_in_the_top_k_form_is_topk_or_refused(rng, combine):
+    """In the top-k form KMAX is TOPK: max_experts_per_token=TOPK gives the reference's values (as None does); any
+    other value is refused instead of being silently ignored (round 36 audit: 1 and even 0 went through)."""
+    x, gu, dn, sh, w, idx = moe_problem(rng, 20, 128, 4, 64, 2, 64)
+    tpos, b2e = moe_block_mapping(idx, 4, 8)
+    ref = moe_blockwise_reference(x, w, gu, dn, tpos, b2e, 8, shared=sh, top_k_index=idx)
+    for kmax in (None, 2, np.int64(2)):
+        out = moe_blockwise(x, w, gu, dn, tpos, b2e, 8, shared=sh, top_k_index=idx, max_experts_per_token=kmax,
+                            combine=combine)
+        assert_close(f"top-k form, max_experts_per_token={kmax}", ref, out, dtype="float32")
+    for kmax in (1, 3, 0, True):
+        with pytest.raises(KernelInputError, match=rf"with top_k_index KMAX is TOPK=2 .*got "
+                           rf"max_experts_per_token={kmax!r}"):
+            moe_blockwise(x, w, gu, dn, tpos, b2e, 8, shared=sh, top_k_index=idx, max_experts_per_token=kmax,
+                          combine=combine)
