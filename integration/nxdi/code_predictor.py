@@ -48,7 +48,8 @@ def set_code_predictor_sampling(module, do_sample=True, temperature=1.0, top_k=5
                                 uniforms=None):
     """Switch a code-predictor module between greedy (``do_sample=False``, the contrib's behaviour) and sampling.
 
-    Defaults follow transformers' code-predictor call (top_k=50, top_p=0.8). top_k is clipped to the vocabulary.
+    Defaults follow transformers' code-predictor call (top_k=50, top_p=0.8). A top_k above the vocabulary is clamped
+    to it by the kernel (`code_predictor`), as transformers' TopKLogitsWarper does.
     generator: torch.Generator for the per-call uniforms [B, G1] (reproducible runs); uniforms: a fixed [B, G1]
     tensor of U(0, 1) numbers used on every call instead (tests).
     """
@@ -174,7 +175,7 @@ def check_support(module, past_hidden, last_id_hidden):
     return True, ""
 
 
-def _sampling_inputs(module, bsz, n_codes, vocab, device=None):
+def _sampling_inputs(module, bsz, n_codes, device=None):
     """The sampling kwargs; uniforms drawn on `device` (the activations'): a host-drawn tensor would be a constant
     inside a traced graph. A user generator draws on its own device and the draw is moved."""
     import torch
@@ -191,7 +192,7 @@ def _sampling_inputs(module, bsz, n_codes, vocab, device=None):
         raise AdapterInputError(f"nxdi code_predictor: uniforms must be [B, {n_codes}]={(bsz, n_codes)}, "
                                 f"got {tuple(uniforms.shape)}")
     return dict(do_sample=True, uniforms=uniforms.to(device=device, dtype=torch.float32),
-                temperature=cfg["temperature"], top_k=min(cfg["top_k"], vocab), top_p=cfg["top_p"])
+                temperature=cfg["temperature"], top_k=cfg["top_k"], top_p=cfg["top_p"])
 
 
 def rank_weights(module):
@@ -223,7 +224,7 @@ def code_predictor_forward(module, past_hidden, last_id_hidden):
     bsz = past_hidden.shape[0]
     dtype = past_hidden.dtype
     wdtype = weights.wqkv_t.dtype
-    sampling = _sampling_inputs(module, bsz, n_codes, weights.head_vocab, device=past_hidden.device)
+    sampling = _sampling_inputs(module, bsz, n_codes, device=past_hidden.device)
     x0 = past_hidden[:, 0, :].to(wdtype).contiguous()
     x1 = last_id_hidden[:, 0, :].to(wdtype).contiguous()
     if int(getattr(module, "tp_degree", 1) or 1) > 1:

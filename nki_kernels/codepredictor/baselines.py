@@ -17,7 +17,7 @@ from ..validation import kernel_check
 from .unrolled import (_K_TILE, _SBUF_HEADROOM, _Cfg, _activation_bytes_per_partition, _final_logits,
                        _gather_embed, _greedy_code_T, _greedy_consts, _layer, _rope_T, _rows_to_T, _select_code,
                        _setup, _weights_and_sizes, _weights_args, check_inputs, check_shards,
-                       resident_bytes_per_partition, tp_state)
+                       resident_bytes_per_partition, sampling_consts, tp_state)
 from .weights import CodePredictorWeights
 
 
@@ -140,9 +140,7 @@ def code_predictor_step_kernel(x_in, code0_embed, kv_k, kv_v, uniforms, input_no
 def _consts(w, rows, do_sample, temperature, top_k, top_p, resident):
     return dict(n_q_heads=w.n_q_heads, n_kv_heads=w.n_kv_heads, eps=float(w.eps),
                 resident=bool(_resident(w, rows, do_sample) if resident is None else resident),
-                do_sample=bool(do_sample),
-                inv_temperature=float(1.0 / temperature) if do_sample else 1.0,
-                top_k=int(top_k) if do_sample else 1, top_p=float(top_p))
+                **sampling_consts(do_sample, temperature, top_k, top_p, w.head_vocab))
 
 
 def _uniforms(uniforms, B, G1):

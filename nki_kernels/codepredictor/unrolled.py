@@ -1410,8 +1410,9 @@ def check_sampling(uniforms, do_sample, temperature, top_k, top_p, B, G1, vh, na
         kernel_check(temperature >= MIN_TEMPERATURE,
                      f"{name}: temperature must be >= {MIN_TEMPERATURE:g} (logits are scaled by 1 / temperature in "
                      f"fp32; smaller values overflow it), got temperature={temperature}")
-        kernel_check(1 <= top_k <= min(_MAX_TOP_K, vh),
-                     f"{name}: top_k must be an int in [1, min({_MAX_TOP_K}, Vh={vh})], got top_k={top_k}")
+        kernel_check(1 <= top_k and effective_top_k(True, top_k, vh) <= _MAX_TOP_K,
+                     f"{name}: top_k must be an int in [1, {_MAX_TOP_K}] (a top_k above the LM-head vocab Vh={vh} "
+                     f"is clamped to Vh, as transformers does), got top_k={top_k}")
         kernel_check(0.0 < top_p <= 1.0, f"{name}: top_p must be in (0, 1], got top_p={top_p}")
         u = np.asarray(uniforms if not hasattr(uniforms, "detach") else uniforms.numpy())
         kernel_check(bool(np.all((u >= 0.0) & (u < 1.0))),
@@ -1419,6 +1420,20 @@ def check_sampling(uniforms, do_sample, temperature, top_k, top_p, B, G1, vh, na
     if uniforms is None:
         uniforms = np.zeros((B, G1), dtype=np.float32)
     return uniforms
+
+
+def effective_top_k(do_sample, top_k, vh) -> int:
+    """The top_k the kernel traces: min(top_k, Vh) when sampling, as transformers' TopKLogitsWarper clamps it
+    (`top_k = min(self.top_k, scores.size(-1))`, src/transformers/generation/logits_process.py), so the default
+    top_k=50 keeps every code of a smaller vocabulary; 1 when greedy (unused)."""
+    return min(int(top_k), int(vh)) if do_sample else 1
+
+
+def sampling_consts(do_sample, temperature, top_k, top_p, vh) -> dict:
+    """The kernel's trace-time decoding options from checked arguments (`check_sampling`); vh is the full LM-head
+    vocabulary (every vocab shard's rows)."""
+    return dict(do_sample=bool(do_sample), inv_temperature=float(1.0 / temperature) if do_sample else 1.0,
+                top_k=effective_top_k(do_sample, top_k, vh), top_p=float(top_p))
 
 
 def check_inputs(past_hidden, code0_embed, weights, uniforms, do_sample, temperature, top_k, top_p, name,
@@ -1552,7 +1567,8 @@ def code_predictor(past_hidden, code0_embed, weights: CodePredictorWeights, *, u
         without the bad row; the embedding gather's index is clamped in-kernel to [0, Vh - 1] whatever the data.
     Constraints:
         1 <= B <= 128, H and I multiples of 128, D even <= 128, Hq % Hkv == 0, G1 + 1 <= 128,
-        8 <= Vh <= 16384; sampling: temperature >= MIN_TEMPERATURE (1e-30), 1 <= top_k <= min(256, Vh),
+        8 <= Vh <= 16384; sampling: temperature >= MIN_TEMPERATURE (1e-30), 1 <= min(top_k, Vh) <= 256 (a
+        top_k above Vh is clamped to Vh, as transformers' TopKLogitsWarper does),
         0 < top_p <= 1.
     Decoding (per row b, step j, on fp32 logits l[v] = final_norm(h) @ lm_head[j]):
         greedy: the smallest v with l[v] == max(l) (first index wins ties).
@@ -1583,9 +1599,9 @@ def code_predictor(past_hidden, code0_embed, weights: CodePredictorWeights, *, u
     exp_safe = _exp_is_safe(w)
     out = call(code_predictor_kernel, past_hidden, code0_embed, uniforms, *wargs,
                n_q_heads=nq, n_kv_heads=nkv, eps=float(w.eps), resident=bool(resident),
-               do_sample=bool(do_sample), inv_temperature=float(1.0 / temperature) if do_sample else 1.0,
-               top_k=int(top_k) if do_sample else 1, top_p=float(top_p), lm_ring=lm_ring, exp_safe=exp_safe,
-               core_split=split, tile_bias=current_target_name() in TILE_ACTIVATION_BIAS_TARGETS, lnc=lnc)
+               **sampling_consts(do_sample, temperature, top_k, top_p, w.head_vocab), lm_ring=lm_ring,
+               exp_safe=exp_safe, core_split=split, tile_bias=current_target_name() in TILE_ACTIVATION_BIAS_TARGETS,
+               lnc=lnc)
     codes, embeds, csum, bad = out
     res = [codes, embeds] + ([csum] if return_sum else []) + ([bad.reshape(-1)] if return_bad_rows else [])
     return tuple(res)
@@ -1674,8 +1690,8 @@ def code_predictor_tp(past_hidden, code0_embed, shards, *, replica_group=None, u
     plans = [_launch_plan(w, B, lnc, bool(do_sample), resident, lnc_split, name) for w in shards]
     split, _, nq, nkv, resident, lm_ring = plans[0]
     consts = dict(n_q_heads=nq, n_kv_heads=nkv, eps=float(w0.eps), resident=bool(resident),
-                  do_sample=bool(do_sample), inv_temperature=float(1.0 / temperature) if do_sample else 1.0,
-                  top_k=int(top_k) if do_sample else 1, top_p=float(top_p), lm_ring=lm_ring,
+                  **sampling_consts(do_sample, temperature, top_k, top_p, w0.head_vocab * vocab_shards),
+                  lm_ring=lm_ring,
                   exp_safe=all(_exp_is_safe(w) for w in shards), replica_group=replica_group, tp_degree=tp,
                   vocab_shards=vocab_shards, core_split=split,
                   tile_bias=current_target_name() in TILE_ACTIVATION_BIAS_TARGETS)
@@ -1719,8 +1735,8 @@ def code_predictor_rank(past_hidden, code0_embed, shard, *, replica_group, unifo
                                                             name)
     out = call(code_predictor_kernel, past_hidden, code0_embed, uniforms, *wargs,
                n_q_heads=nq, n_kv_heads=nkv, eps=float(shard.eps), resident=bool(resident), core_split=split,
-               do_sample=bool(do_sample), inv_temperature=float(1.0 / temperature) if do_sample else 1.0,
-               top_k=int(top_k) if do_sample else 1, top_p=float(top_p), lm_ring=lm_ring,
+               **sampling_consts(do_sample, temperature, top_k, top_p, shard.head_vocab * vocab_shards),
+               lm_ring=lm_ring,
                exp_safe=_exp_is_safe(shard), replica_group=replica_group, tp_degree=shard.tp,
                vocab_shards=vocab_shards, tile_bias=current_target_name() in TILE_ACTIVATION_BIAS_TARGETS, lnc=lnc)
     codes, embeds, csum, bad = out

@@ -93,6 +93,21 @@ def test_vocab_sharded_heads_equal_replicated(V, sample):
     assert sum(1 for i in run.traces[0] if i.meta.get("collective") == "all_gather") == w.n_groups
 
 
+def test_default_top_k_clamps_to_the_full_sharded_vocabulary():
+    """Vocab-sharded heads: top_k=50 is clamped to the whole vocabulary Vh = 32 (2 ranks x 16 rows), not to one
+    rank's rows, and gives the TP=1 reference's codes (it was refused)."""
+    w = _weights(3, V=32)
+    rng = np.random.default_rng(3)
+    ph = rng.standard_normal((3, w.hidden)).astype(np.float32)
+    c0 = rng.standard_normal((3, w.hidden)).astype(np.float32)
+    sk = dict(uniforms=rng.random((3, w.n_groups)).astype(np.float32), do_sample=True, temperature=1.0, top_k=50,
+              top_p=0.9)
+    codes = _check_tp(ph, c0, w, 2, 1, sk, vocab_sharded=True)
+    full = code_predictor_tp(ph, c0, [shard_weights(w, 2, r, vocab_sharded=True) for r in range(2)],
+                             **{**sk, "top_k": 32})[0]
+    np.testing.assert_array_equal(codes, full)
+
+
 def test_tp_launch_records_the_all_reduces():
     """One launch of tp ranks (x lnc program instances); 2 all-reduces per layer and pass on each program that
     has rows: L x 2 x G1 passes (the 2-position prompt pass and G1 - 1 steps)."""

@@ -132,8 +132,25 @@ def test_sampling_matches_reference(B, G1, V, temperature, top_k, top_p, seed):
     w = _cfg(rng, G1=G1, V=V)
     ph, c0 = _prompt(rng, B, w.hidden)
     u = rng.random((B, G1)).astype(np.float32)
-    sk = dict(uniforms=u, do_sample=True, temperature=temperature, top_k=min(top_k, V), top_p=top_p)
+    sk = dict(uniforms=u, do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)   # 50 > V=16: clamped
     _check(ph, c0, w, sampling=sk)
+
+
+@pytest.mark.parametrize("V", [8, 16, 40])
+def test_default_top_k_above_a_small_vocabulary_is_clamped(V):
+    """transformers' TopKLogitsWarper clamps top_k to the vocabulary (`min(self.top_k, scores.size(-1))`), so the
+    default top_k=50 samples from all Vh < 50 codes: the kernel gives the reference's codes (its rounds of 8 list
+    the whole vocabulary, then -inf candidates of weight 0) and exactly the codes of top_k=Vh. It was refused."""
+    rng = np.random.default_rng(V)
+    w = _cfg(rng, G1=4, V=V)
+    ph, c0 = _prompt(rng, 5, w.hidden)
+    u = rng.random((5, 4)).astype(np.float32)
+    for top_p in (1.0, 0.8):
+        codes, _ = _check(ph, c0, w, sampling=dict(uniforms=u, do_sample=True, temperature=1.0, top_p=top_p))
+        clamped = code_predictor(ph, c0, w, uniforms=u, do_sample=True, top_k=V, top_p=top_p)[0]
+        np.testing.assert_array_equal(codes, clamped)
+        np.testing.assert_array_equal(codes, code_predictor(ph, c0, w, uniforms=u, do_sample=True, top_k=10 ** 6,
+                                                            top_p=top_p)[0])
 
 
 @given(B=st.integers(2, 9), G1=st.integers(3, 5), V=st.sampled_from([128, 256, 384]),

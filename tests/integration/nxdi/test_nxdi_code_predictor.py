@@ -160,11 +160,11 @@ def test_sampling_uniforms_are_drawn_on_the_activations_device():
     cls = make_code_predictor_class()
     mod = cls()
     set_code_predictor_sampling(mod, temperature=0.9)
-    got = nxcp._sampling_inputs(mod, 2, 4, 16, device=torch.device("meta"))
+    got = nxcp._sampling_inputs(mod, 2, 4, device=torch.device("meta"))
     assert got["uniforms"].device.type == "meta" and tuple(got["uniforms"].shape) == (2, 4)
     set_code_predictor_sampling(mod, generator=torch.Generator().manual_seed(0))
-    got = nxcp._sampling_inputs(mod, 2, 4, 16, device=torch.device("cpu"))
-    again = nxcp._sampling_inputs(mod, 2, 4, 16, device=torch.device("cpu"))
+    got = nxcp._sampling_inputs(mod, 2, 4, device=torch.device("cpu"))
+    again = nxcp._sampling_inputs(mod, 2, 4, device=torch.device("cpu"))
     assert got["uniforms"].shape == (2, 4) and not torch.equal(got["uniforms"], again["uniforms"])
 
 
