@@ -11,7 +11,12 @@ defines the ops ``torch.ops.nki_kernels.<name>`` (one per name in ``nki_kernels.
 * a fake (meta) implementation giving the output shapes and dtypes from the input shapes only (a kernel is
   traced once: its outputs never depend on tensor values). ``moe_block_mapping`` without ``num_blocks`` is the
   one data-dependent shape: its fake allocates an unbacked block count (pass ``num_blocks``, NxD's static
-  worst case, to keep graphs static).
+  worst case, to keep graphs static). Each fake first runs the public wrapper's own checks that read no tensor
+  values (``check_<name>`` beside the wrapper, which the wrapper itself runs first: shapes, dtypes, options,
+  on-chip fits), so a call the eager wrapper refuses for those (flash_attention at D = 257) fails at trace time
+  with the same ``KernelInputError``, not when the compiled graph runs. The checks of values (lengths,
+  cu_seqlens, ids, slots, mappings, uniforms) run when the op runs; a check on a data-dependent size (the
+  unbacked block count above) is left to the run as well.
 
 Why explicit registration rather than ``@torch.library.custom_op`` at module level: decorators register as a
 side effect of importing, which the project's style rules out (STYLE.md, rule 9); `torch.library.Library`
@@ -74,6 +79,20 @@ def _fresh(outs, inputs):
     return one(outs)
 
 
+def _validate(name, *args, **kwargs):
+    """The public wrapper's value-free checks (`check_<name>` in the wrapper's module) on a fake's inputs."""
+    import importlib
+
+    import torch
+    import nki_kernels
+
+    check = getattr(importlib.import_module(nki_kernels._EXPORTS[name]), "check_" + name)
+    try:
+        check(*args, **kwargs)
+    except torch.fx.experimental.symbolic_shapes.GuardOnDataDependentSymNode:
+        pass    # a data-dependent size (moe_block_mapping without num_blocks): the wrapper checks it when run
+
+
 def _shared(gate_up, down, gate):
     if gate_up is None and down is None and gate is None:
         return None
@@ -89,6 +108,7 @@ def _tiled_matmul(lhsT, rhs, lnc=None):
 
 
 def _tiled_matmul_fake(lhsT, rhs, lnc=None):
+    _validate("tiled_matmul", lhsT, rhs, lnc=lnc)
     return lhsT.new_empty((lhsT.shape[1], rhs.shape[1]))
 
 
@@ -98,6 +118,7 @@ def _softmax(x, lnc=None):
 
 
 def _softmax_fake(x, lnc=None):
+    _validate("softmax", x, lnc=lnc)
     return x.new_empty(x.shape)
 
 
@@ -107,6 +128,7 @@ def _rmsnorm(x, weight, eps=1e-6, lnc=None):
 
 
 def _rmsnorm_fake(x, weight, eps=1e-6, lnc=None):
+    _validate("rmsnorm", x, weight, eps=eps, lnc=lnc)
     return x.new_empty(x.shape)
 
 
@@ -118,6 +140,8 @@ def _flash_attention(q, k, v, gate=None, seq_lens=None, causal=True, softmax_sca
 
 
 def _flash_attention_fake(q, k, v, gate=None, seq_lens=None, causal=True, softmax_scale=None, lnc=None):
+    _validate("flash_attention", q, k, v, gate=gate, seq_lens=seq_lens, causal=causal, softmax_scale=softmax_scale,
+              lnc=lnc)
     return q.new_empty(q.shape)
 
 
@@ -128,6 +152,8 @@ def _flash_attention_decode(q, k_cache, v_cache, cache_lens, causal=True, softma
 
 
 def _flash_attention_decode_fake(q, k_cache, v_cache, cache_lens, causal=True, softmax_scale=None, lnc=None):
+    _validate("flash_attention_decode", q, k_cache, v_cache, cache_lens, causal=causal, softmax_scale=softmax_scale,
+              lnc=lnc)
     return q.new_empty(q.shape)
 
 
@@ -141,6 +167,8 @@ def _flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, so
 
 def _flash_attention_varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, softmax_scale=None, gate=None,
                                  lnc=None, max_seqlen_q=None, max_seqlen_k=None):
+    _validate("flash_attention_varlen", q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, softmax_scale=softmax_scale,
+              gate=gate, lnc=lnc, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
     return q.new_empty(q.shape)
 
 
@@ -156,6 +184,9 @@ def _gated_delta_rule(q, k, v, g, beta, chunk_size=64, initial_state=None, use_q
 def _gated_delta_rule_fake(q, k, v, g, beta, chunk_size=64, initial_state=None, use_qk_l2norm_in_kernel=False,
                            valid_lengths=None, scale=None, lnc=None, cu_seqlens=None):
     import torch
+    _validate("gated_delta_rule", q, k, v, g, beta, chunk_size=chunk_size, initial_state=initial_state,
+              use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, valid_lengths=valid_lengths, scale=scale,
+              cu_seqlens=cu_seqlens, lnc=lnc)
     b, t, _, dk = q.shape
     hv, dv = v.shape[2], v.shape[3]
     n_states = b if cu_seqlens is None else cu_seqlens.shape[0] - 1       # one final state per packed sequence
@@ -174,6 +205,8 @@ def _gated_delta_rule_step(q, k, v, g, beta, state_pool, slot_ids=None, use_qk_l
 
 def _gated_delta_rule_step_fake(q, k, v, g, beta, state_pool, slot_ids=None, use_qk_l2norm_in_kernel=False,
                                 scale=None, lnc=None):
+    _validate("gated_delta_rule_step", q, k, v, g, beta, state_pool, slot_ids,
+              use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, scale=scale, lnc=lnc)
     return q.new_empty((q.shape[0], q.shape[1], v.shape[2], v.shape[3]))
 
 
@@ -187,6 +220,8 @@ def _causal_conv1d(x, weight, conv_state=None, valid_lengths=None, activation="s
 
 def _causal_conv1d_fake(x, weight, conv_state=None, valid_lengths=None, activation="silu", bias=None,
                         cu_seqlens=None, lnc=None):
+    _validate("causal_conv1d", x, weight, conv_state=conv_state, valid_lengths=valid_lengths, activation=activation,
+              bias=bias, cu_seqlens=cu_seqlens, lnc=lnc)
     b, c, _ = x.shape
     n_states = b if cu_seqlens is None else cu_seqlens.shape[0] - 1       # one conv state per packed sequence
     state_dtype = conv_state.dtype if conv_state is not None else x.dtype
@@ -199,6 +234,7 @@ def _causal_conv1d_update(x, conv_state, weight, activation="silu", bias=None):
 
 
 def _causal_conv1d_update_fake(x, conv_state, weight, activation="silu", bias=None):
+    _validate("causal_conv1d_update", x, conv_state, weight, activation=activation, bias=bias)
     return x.new_empty(x.shape)
 
 
@@ -208,6 +244,7 @@ def _moe_route(router_logits, top_k, normalize):
 
 def _moe_route_fake(router_logits, top_k, normalize):
     import torch
+    _validate("moe_route", router_logits, top_k, normalize)
     t = router_logits.shape[0]
     return (router_logits.new_empty((t, top_k), dtype=torch.float32),
             router_logits.new_empty((t, top_k), dtype=torch.int32))
@@ -221,6 +258,8 @@ def _moe_block_mapping(top_k_index, num_experts, block_size, expert_offset=0, nu
 
 def _moe_block_mapping_fake(top_k_index, num_experts, block_size, expert_offset=0, num_blocks=None):
     import torch
+    _validate("moe_block_mapping", top_k_index, num_experts, block_size, expert_offset=expert_offset,
+              num_blocks=num_blocks)
     if num_blocks is None:                   # the block count depends on the routing: an unbacked size
         num_blocks = torch.library.get_ctx().new_dynamic_size(min=1)
     return (top_k_index.new_empty((num_blocks * block_size,), dtype=torch.int32),
@@ -240,6 +279,9 @@ def _moe_blockwise(hidden, expert_affinities, gate_up, down, token_position_to_i
 def _moe_blockwise_fake(hidden, expert_affinities, gate_up, down, token_position_to_id, block_to_expert, block_size,
                         shared_gate_up=None, shared_down=None, shared_gate=None, top_k_index=None, expert_offset=0,
                         lnc=None):
+    _validate("moe_blockwise", hidden, expert_affinities, gate_up, down, token_position_to_id, block_to_expert,
+              block_size, shared=_shared(shared_gate_up, shared_down, shared_gate), top_k_index=top_k_index,
+              expert_offset=expert_offset, lnc=lnc)
     return hidden.new_empty(hidden.shape)
 
 
@@ -254,6 +296,8 @@ def _moe_decode(hidden, top_k_index, top_k_weights, gate_up, down, shared_gate_u
 
 def _moe_decode_fake(hidden, top_k_index, top_k_weights, gate_up, down, shared_gate_up=None, shared_down=None,
                      shared_gate=None, expert_offset=0, lnc=None):
+    _validate("moe_decode", hidden, top_k_index, top_k_weights, gate_up, down,
+              shared=_shared(shared_gate_up, shared_down, shared_gate), expert_offset=expert_offset, lnc=lnc)
     return hidden.new_empty(hidden.shape)
 
 
@@ -262,14 +306,17 @@ _CP_FIELDS = ("input_norm", "post_norm", "q_norm", "k_norm", "final_norm", "wqkv
               "lm_head_t", "codec_embed", "rope_cos", "rope_sin")
 
 
+def _cp_weights(arrays, n_q_heads, n_kv_heads, eps):
+    from nki_kernels.codepredictor.weights import CodePredictorWeights
+    return CodePredictorWeights(**dict(zip(_CP_FIELDS, arrays)), n_q_heads=n_q_heads, n_kv_heads=n_kv_heads, eps=eps)
+
+
 def _code_predictor(past_hidden, code0_embed, input_norm, post_norm, q_norm, k_norm, final_norm, wqkv_t, wo_t, wgu_t,
                     wd_t, lm_head_t, codec_embed, rope_cos, rope_sin, n_q_heads, n_kv_heads, eps, uniforms=None,
                     do_sample=False, temperature=1.0, top_k=50, top_p=1.0, resident=None, lnc=None):
-    from nki_kernels.codepredictor.weights import CodePredictorWeights
-
     arrays = (input_norm, post_norm, q_norm, k_norm, final_norm, wqkv_t, wo_t, wgu_t, wd_t, lm_head_t, codec_embed,
               rope_cos, rope_sin)
-    w = CodePredictorWeights(**dict(zip(_CP_FIELDS, arrays)), n_q_heads=n_q_heads, n_kv_heads=n_kv_heads, eps=eps)
+    w = _cp_weights(arrays, n_q_heads, n_kv_heads, eps)
     fn = _public("code_predictor")
     out = fn(past_hidden, code0_embed, w, uniforms=uniforms, do_sample=do_sample, temperature=temperature,
              top_k=top_k, top_p=top_p, return_sum=True, resident=resident, **_with_lnc(fn, {}, lnc))
@@ -281,6 +328,11 @@ def _code_predictor_fake(past_hidden, code0_embed, input_norm, post_norm, q_norm
                          uniforms=None, do_sample=False, temperature=1.0, top_k=50, top_p=1.0, resident=None,
                          lnc=None):
     import torch
+    _validate("code_predictor", past_hidden, code0_embed,
+              _cp_weights((input_norm, post_norm, q_norm, k_norm, final_norm, wqkv_t, wo_t, wgu_t, wd_t, lm_head_t,
+                           codec_embed, rope_cos, rope_sin), n_q_heads, n_kv_heads, eps),
+              uniforms=uniforms, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+              return_sum=True, resident=resident, lnc=lnc)
     b, h = past_hidden.shape
     g1 = codec_embed.shape[0]
     return (past_hidden.new_empty((b, g1), dtype=torch.int32), past_hidden.new_empty((b, g1, h)),

@@ -68,6 +68,14 @@ def dtype_name(x) -> str:
     return str(x.dtype).replace("torch.", "")
 
 
+INT_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
+
+
+def is_int_dtype(x) -> bool:
+    """x (a NumPy array or a torch tensor, fake tensors included: only the dtype is read) holds integers."""
+    return dtype_name(x) in INT_DTYPES
+
+
 def describe(x) -> str:
     """A short description of a value for error messages (type, and shape/dtype for arrays)."""
     if isinstance(x, np.ndarray) or is_torch(x):

@@ -727,6 +727,16 @@ def flash_attention_decode(q, k_cache, v_cache, cache_lens, causal=True, softmax
     Returns:
         out: [B, Hq, Sq, D], q's dtype.
     """
+    scale, lnc = check_flash_attention_decode(q, k_cache, v_cache, cache_lens, causal, softmax_scale, lnc)
+    n_b, _, sq, _ = _shape(q)
+    lens = _as_int32_lens("flash_attention_decode", "cache_lens", cache_lens, n_b, sq, _shape(k_cache)[2])
+    q, k_cache, v_cache = (_read_only(x) for x in (q, k_cache, v_cache))
+    return call(flash_attention_decode_kernel, q, k_cache, v_cache, lens, scale, causal, lnc=lnc)
+
+
+def check_flash_attention_decode(q, k_cache, v_cache, cache_lens, causal=True, softmax_scale=None, lnc=None):
+    """`flash_attention_decode`'s checks that read no tensor values (shapes, dtypes, options), so that torch_ops'
+    fake runs them at trace time; cache_lens' values are checked by the wrapper. Returns (scale, lnc)."""
     name = "flash_attention_decode"
     _check_array(name, "q", q, 4, "[B, Hq, Sq, D]")
     _check_array(name, "k_cache", k_cache, 4, "[B, Hkv, S, D]")
@@ -749,9 +759,6 @@ def flash_attention_decode(q, k_cache, v_cache, cache_lens, causal=True, softmax
     check_same_kind(name, {"q": q, "k_cache": k_cache, "v_cache": v_cache})
     kernel_check(q.dtype == k_cache.dtype == v_cache.dtype,
                  f"{name}: q, k_cache, v_cache dtypes differ, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-    lens = _as_int32_lens(name, "cache_lens", cache_lens, n_b, sq, s_max)
     scale = _check_scale(name, softmax_scale, d)
     kernel_check(isinstance(causal, bool), f"{name}: causal must be a bool, got causal={causal!r}")
-    lnc = resolve_lnc(lnc, name)
-    q, k_cache, v_cache = (_read_only(x) for x in (q, k_cache, v_cache))
-    return call(flash_attention_decode_kernel, q, k_cache, v_cache, lens, scale, causal, lnc=lnc)
+    return scale, resolve_lnc(lnc, name)

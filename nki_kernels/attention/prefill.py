@@ -1120,6 +1120,16 @@ def flash_attention(q, k, v, gate=None, seq_lens=None, causal=True, softmax_scal
     Returns:
         out: [B, Hq, Sq, D], q's dtype (and kind: NumPy or torch).
     """
+    scale, lnc = check_flash_attention(q, k, v, gate, seq_lens, causal, softmax_scale, lnc)
+    if seq_lens is not None:
+        seq_lens = _as_int32_lens("flash_attention", "seq_lens", seq_lens, _shape(q)[0], 0, _shape(k)[2])
+    q, k, v, gate = (_read_only(x) for x in (q, k, v, gate))
+    return call(flash_attention_kernel, q, k, v, gate, seq_lens, scale, causal, lnc=lnc)
+
+
+def check_flash_attention(q, k, v, gate=None, seq_lens=None, causal=True, softmax_scale=None, lnc=None):
+    """`flash_attention`'s checks that read no tensor values (shapes, dtypes, options, the SBUF fit), so that
+    torch_ops' fake runs them at trace time; seq_lens' values are checked by the wrapper. Returns (scale, lnc)."""
     name = "flash_attention"
     _check_array(name, "q", q, 4, "[B, Hq, Sq, D]")
     _check_array(name, "k", k, 4, "[B, Hkv, Skv, D]")
@@ -1147,8 +1157,6 @@ def flash_attention(q, k, v, gate=None, seq_lens=None, causal=True, softmax_scal
                      f"gate.shape={_shape(gate)}")
         kernel_check(_dtype_name(gate) in FLOAT_DTYPES, f"{name}: gate dtype must be one of {FLOAT_DTYPES}, "
                      f"got gate.dtype={gate.dtype}")
-    if seq_lens is not None:
-        seq_lens = _as_int32_lens(name, "seq_lens", seq_lens, n_b, 0, skv)
     scale = _check_scale(name, softmax_scale, d)
     kernel_check(isinstance(causal, bool), f"{name}: causal must be a bool, got causal={causal!r}")
     lnc = resolve_lnc(lnc, name)
@@ -1158,8 +1166,7 @@ def flash_attention(q, k, v, gate=None, seq_lens=None, causal=True, softmax_scal
     kernel_check(need <= budget,
                  f"{name}: one KV head must fit SBUF (K^T + V resident): Skv={skv}, D={d}, "
                  f"{_dtype_name(q)} needs {need} B per partition > {budget} on {current_target_name()}")
-    q, k, v, gate = (_read_only(x) for x in (q, k, v, gate))
-    return call(flash_attention_kernel, q, k, v, gate, seq_lens, scale, causal, lnc=lnc)
+    return scale, lnc
 
 
 def _check_scale(name, softmax_scale, d):

@@ -44,7 +44,7 @@ from __future__ import annotations
 from ..backend import call, nki, nisa, nl
 from ..hw import P_MAX
 from ..lnc import resolve_lnc
-from ..validation import kernel_check
+from ..validation import is_int_dtype, kernel_check
 from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, MASK_BIAS, MAX_HEAD_DIM, MM_KEYS, check_same_kind,
                       exact_transpose, is_two_byte, load_transposed, n_tiles, pe_transpose_group, pe_transpose_keys)
 from .prefill import (_IO_ROW_BYTES, _Q_TILE, _attend_pipeline, _check_array, _check_scale, _dtype_name,
@@ -1010,6 +1010,29 @@ class _SeqRows:
 # ============================================================================ host wrapper
 
 
+def _cu_count(name, arg, cu, n_expected=None) -> int:
+    """The number of sequences N of a cu_seqlens argument from its metadata (1-D [N+1], N >= 1, integers, the
+    same N for q and k, N <= MAX_SEQS): no values are read, so torch_ops' fake runs it on fake tensors."""
+    import numpy as np
+    kernel_check(not isinstance(cu, (str, bytes)),
+                 f"{name}: {arg} must be integers with values (NumPy, list or tensor), got {arg}={cu!r}")
+    if not (hasattr(cu, "shape") and hasattr(cu, "dtype")):
+        try:
+            cu = np.asarray(cu)
+        except Exception:  # noqa: BLE001 - anything NumPy cannot turn into an array
+            cu = np.asarray(None)
+    shape = tuple(int(s) for s in cu.shape)
+    kernel_check(len(shape) == 1 and shape[0] >= 2,
+                 f"{name}: {arg} must be 1-D [N+1] with N >= 1, got {arg}.shape={shape}")
+    kernel_check(is_int_dtype(cu), f"{name}: {arg} must be integers, got {arg}.dtype={_dtype_name(cu)}")
+    n = shape[0] - 1
+    if n_expected is not None:
+        kernel_check(n == n_expected, f"{name}: cu_seqlens_q and cu_seqlens_k must describe the same number of "
+                     f"sequences, got N={n_expected} and {arg} N={n}")
+    kernel_check(n <= MAX_SEQS, f"{name}: at most {MAX_SEQS} sequences, got {arg} N={n}")
+    return n
+
+
 def _cu_values(name, arg, cu, total, n_expected=None):
     """Host check of cu_seqlens (validation, not specialization): integers, [N+1], 0 .. total, non-decreasing."""
     import numpy as np
@@ -1026,14 +1049,7 @@ def _cu_values(name, arg, cu, total, n_expected=None):
         arr = np.asarray(cu)
     except Exception:  # noqa: BLE001 - anything NumPy cannot turn into an array
         arr = np.asarray(None)
-    kernel_check(arr.ndim == 1 and arr.shape[0] >= 2,
-                 f"{name}: {arg} must be 1-D [N+1] with N >= 1, got {arg}.shape={arr.shape}")
-    kernel_check(np.issubdtype(arr.dtype, np.integer), f"{name}: {arg} must be integers, got {arg}.dtype={arr.dtype}")
-    n = arr.shape[0] - 1
-    if n_expected is not None:
-        kernel_check(n == n_expected, f"{name}: cu_seqlens_q and cu_seqlens_k must describe the same number of "
-                     f"sequences, got N={n_expected} and {arg} N={n}")
-    kernel_check(n <= MAX_SEQS, f"{name}: at most {MAX_SEQS} sequences, got {arg} N={n}")
+    _cu_count(name, arg, arr, n_expected)
     vals = arr.astype(np.int64)
     kernel_check(vals[0] == 0, f"{name}: {arg} must start at 0, got {arg}[0]={int(vals[0])}")
     steps = np.diff(vals)
@@ -1067,6 +1083,35 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, sof
         out: [Tq, Hq, D], q's dtype and kind. Query rows of a sequence without keys (causal=False) are 0.
     """
     name = "flash_attention_varlen"
+    scale, lnc, plan = check_flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale,
+                                                    gate, lnc, max_seqlen_q, max_seqlen_k)
+    cu_q = _cu_values(name, "cu_seqlens_q", cu_seqlens_q, _shape(q)[0])
+    cu_k = _cu_values(name, "cu_seqlens_k", cu_seqlens_k, _shape(k)[0], n_expected=len(cu_q) - 1)
+    import numpy as np
+    lq, lk = np.diff(cu_q), np.diff(cu_k)
+    if causal:
+        short = np.nonzero(lk < lq)[0]
+        kernel_check(short.size == 0, f"{name}: with causal=True every sequence needs at least as many keys as "
+                     f"queries (bottom-right aligned), got sequence {int(short[0]) if short.size else -1} with "
+                     f"{int(lq[short[0]]) if short.size else 0} queries and "
+                     f"{int(lk[short[0]]) if short.size else 0} keys (cu_seqlens_q, cu_seqlens_k)")
+    for arg, bound, lens in (("max_seqlen_q", max_seqlen_q, lq), ("max_seqlen_k", max_seqlen_k, lk)):
+        longest = int(np.max(lens)) if bound is not None and len(lens) else 0
+        kernel_check(bound is None or longest <= int(bound), f"{name}: {arg} must bound every sequence length, "
+                     f"got {arg}={bound} and a sequence of {longest}")
+    q, k, v, gate = (_read_only(x) for x in (q, k, v, gate))
+    if plan is not None:
+        return call(flash_attention_varlen_windows_kernel, q, k, v, gate, cu_q, cu_k, scale, causal, *plan, lnc=lnc)
+    return call(flash_attention_varlen_kernel, q, k, v, gate, cu_q, cu_k, scale, causal, lnc=lnc)
+
+
+def check_flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, softmax_scale=None, gate=None,
+                                 lnc=None, max_seqlen_q=None, max_seqlen_k=None):
+    """`flash_attention_varlen`'s checks that read no tensor values (shapes, dtypes, options, N from the
+    cu_seqlens shapes, the mode and its on-chip fit), so that torch_ops' fake runs them at trace time; the
+    cu_seqlens values (and the max_seqlen bounds against them) are checked by the wrapper. Returns (scale, lnc,
+    the window plan or None)."""
+    name = "flash_attention_varlen"
     _check_array(name, "q", q, 3, "[Tq, Hq, D]")
     _check_array(name, "k", k, 3, "[Tk, Hkv, D]")
     _check_array(name, "v", v, 3, "[Tk, Hkv, D]")
@@ -1089,28 +1134,19 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, sof
         kernel_check(_dtype_name(gate) in FLOAT_DTYPES, f"{name}: gate dtype must be one of {FLOAT_DTYPES}, "
                      f"got gate.dtype={gate.dtype}")
     kernel_check(isinstance(causal, bool), f"{name}: causal must be a bool, got causal={causal!r}")
-    cu_q = _cu_values(name, "cu_seqlens_q", cu_seqlens_q, tq)
-    cu_k = _cu_values(name, "cu_seqlens_k", cu_seqlens_k, tk, n_expected=len(cu_q) - 1)
-    import numpy as np
-    if causal:
-        lq, lk = np.diff(cu_q), np.diff(cu_k)
-        short = np.nonzero(lk < lq)[0]
-        kernel_check(short.size == 0, f"{name}: with causal=True every sequence needs at least as many keys as "
-                     f"queries (bottom-right aligned), got sequence {int(short[0]) if short.size else -1} with "
-                     f"{int(lq[short[0]]) if short.size else 0} queries and "
-                     f"{int(lk[short[0]]) if short.size else 0} keys (cu_seqlens_q, cu_seqlens_k)")
-    m_q = _max_len(name, "max_seqlen_q", max_seqlen_q, np.diff(cu_q))
-    m_k = _max_len(name, "max_seqlen_k", max_seqlen_k, np.diff(cu_k))
+    n_seqs = _cu_count(name, "cu_seqlens_q", cu_seqlens_q)
+    _cu_count(name, "cu_seqlens_k", cu_seqlens_k, n_expected=n_seqs)
+    m_q = _max_len(name, "max_seqlen_q", max_seqlen_q)
+    m_k = _max_len(name, "max_seqlen_k", max_seqlen_k)
     scale = _check_scale(name, softmax_scale, d)
     lnc = resolve_lnc(lnc, name)
     itemsize = 4 if _dtype_name(q) == "float32" else 2
-    q, k, v, gate = (_read_only(x) for x in (q, k, v, gate))
-    plan = windows_plan(tq, tk, len(cu_q) - 1, d, itemsize, causal, m_q, m_k)
+    plan = windows_plan(tq, tk, n_seqs, d, itemsize, causal, m_q, m_k)
     two_byte = nl.bfloat16 if itemsize == 2 else nl.float32    # the rule's dtype test for NumPy and torch inputs alike
-    if (causal or len(cu_q) == 2) and tile_short_varlen_path(tq, tk, d, two_byte, causal):
+    if (causal or n_seqs == 1) and tile_short_varlen_path(tq, tk, d, two_byte, causal):
         plan = None     # the packed kernel's tile-major body; non-causal windows of several sequences stay (faster)
     if plan is not None:
-        return call(flash_attention_varlen_windows_kernel, q, k, v, gate, cu_q, cu_k, scale, causal, *plan, lnc=lnc)
+        return scale, lnc, plan
     kernel_check(tq <= MAX_PACKED_Q,
                  f"{name}: at most {MAX_PACKED_Q} packed queries (Tq, the row bounds of every query tile stay in "
                  f"SBUF) without a per-sequence window plan (max_seqlen_q / max_seqlen_k), got Tq={tq}")
@@ -1118,19 +1154,16 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, sof
     kernel_check(need <= _SBUF_KV_BUDGET,
                  f"{name}: one KV head of the packed keys must fit SBUF (K^T + V resident): Tk={tk}, D={d}, "
                  f"{_dtype_name(q)} needs {need} B per partition > {_SBUF_KV_BUDGET}")
-    return call(flash_attention_varlen_kernel, q, k, v, gate, cu_q, cu_k, scale, causal, lnc=lnc)
+    return scale, lnc, None
 
 
-def _max_len(name, arg, value, lens):
-    """A max_seqlen_* argument: None, or an int >= 1 that bounds every length (host check)."""
+def _max_len(name, arg, value):
+    """A max_seqlen_* argument: None, or an int >= 1 (the wrapper checks that it bounds every length)."""
     import numpy as np
     if value is None:
         return None
     kernel_check(isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and value >= 1,
                  f"{name}: {arg} must be an int >= 1 or None, got {arg}={value!r}")
-    longest = int(np.max(lens)) if len(lens) else 0
-    kernel_check(longest <= int(value), f"{name}: {arg} must bound every sequence length, got {arg}={int(value)} "
-                 f"and a sequence of {longest}")
     return int(value)
 
 

@@ -1385,9 +1385,10 @@ def _prompt_array(x, arg, name):
     return x
 
 
-def check_sampling(uniforms, do_sample, temperature, top_k, top_p, B, G1, vh, name):
+def check_sampling(uniforms, do_sample, temperature, top_k, top_p, B, G1, vh, name, read_values=True):
     """The decoding arguments: types first (temperature='1' is an error, not a TypeError deep inside), then
-    ranges. Returns the uniforms as a float32 array or tensor [B, G1] (zeros when None and greedy)."""
+    ranges. Returns the uniforms as a float32 array or tensor [B, G1] (zeros when None and greedy).
+    read_values=False leaves the uniforms' range to `check_uniform_values` (torch_ops' fake has no values)."""
     kernel_check(isinstance(do_sample, (bool, np.bool_)),
                  f"{name}: do_sample must be a bool, got do_sample={do_sample!r}")
     for arg, v in (("temperature", temperature), ("top_p", top_p)):
@@ -1414,12 +1415,18 @@ def check_sampling(uniforms, do_sample, temperature, top_k, top_p, B, G1, vh, na
                      f"{name}: top_k must be an int in [1, {_MAX_TOP_K}] (a top_k above the LM-head vocab Vh={vh} "
                      f"is clamped to Vh, as transformers does), got top_k={top_k}")
         kernel_check(0.0 < top_p <= 1.0, f"{name}: top_p must be in (0, 1], got top_p={top_p}")
-        u = np.asarray(uniforms if not hasattr(uniforms, "detach") else uniforms.numpy())
-        kernel_check(bool(np.all((u >= 0.0) & (u < 1.0))),
-                     f"{name}: uniforms must lie in [0, 1), got min={float(np.min(u))}, max={float(np.max(u))}")
+        if read_values:
+            check_uniform_values(name, uniforms)
     if uniforms is None:
         uniforms = np.zeros((B, G1), dtype=np.float32)
     return uniforms
+
+
+def check_uniform_values(name, uniforms):
+    """Sampling's uniforms (float32, as `check_sampling` returns them) lie in [0, 1) (host values)."""
+    u = np.asarray(uniforms if not hasattr(uniforms, "detach") else uniforms.numpy())
+    kernel_check(bool(np.all((u >= 0.0) & (u < 1.0))),
+                 f"{name}: uniforms must lie in [0, 1), got min={float(np.min(u))}, max={float(np.max(u))}")
 
 
 def effective_top_k(do_sample, top_k, vh) -> int:
@@ -1437,7 +1444,7 @@ def sampling_consts(do_sample, temperature, top_k, top_p, vh) -> dict:
 
 
 def check_inputs(past_hidden, code0_embed, weights, uniforms, do_sample, temperature, top_k, top_p, name,
-                 head_vocab=None):
+                 head_vocab=None, read_values=True):
     """Validate every argument before any emulator work. Returns (past_hidden, code0_embed, uniforms) as the
     kernel takes them (float64 prompts cast to float32; uniforms float32, zeros when greedy without them)."""
     kernel_check(isinstance(weights, CodePredictorWeights),
@@ -1479,7 +1486,7 @@ def check_inputs(past_hidden, code0_embed, weights, uniforms, do_sample, tempera
     kernel_check(w.rope_cos.shape[0] >= G and w.rope_cos.shape[1] == D,
                  f"{name}: rope tables must be [>= G1 + 1, D] = [{G}, {D}], got {w.rope_cos.shape}")
     uniforms = check_sampling(uniforms, do_sample, temperature, top_k, top_p, B, w.n_groups,
-                              head_vocab or w.head_vocab, name)
+                              head_vocab or w.head_vocab, name, read_values)
     return past_hidden, code0_embed, uniforms
 
 
@@ -1503,6 +1510,21 @@ def _core_weights(w: CodePredictorWeights):
     return hit[1]
 
 
+def _launch_split(w: CodePredictorWeights, B: int, lnc: int, sample: bool, resident, lnc_split, name):
+    """`_launch_plan`'s choice and its checks, from shapes and options only (torch_ops' fake runs it too):
+    (core_split, resident, lm_ring) of the rows split."""
+    kernel_check(lnc_split is None or lnc_split in LNC_SPLITS,
+                 f"{name}: lnc_split must be None, 'rows' or 'heads', got lnc_split={lnc_split!r}")
+    res_rows, ring_rows = _sbuf_plan(w, -(-B // lnc), sample, resident)
+    problem = core_split_problem(w)
+    if lnc_split == "heads":
+        kernel_check(lnc == 2, f"{name}: lnc_split='heads' splits each row between the two cores of LNC=2, got "
+                     f"lnc={lnc}")
+        kernel_check(problem is None, f"{name}: lnc_split='heads' needs weights that halve: {problem}")
+    split = lnc == 2 and (lnc_split == "heads" or (lnc_split is None and problem is None and not res_rows))
+    return split, res_rows, ring_rows
+
+
 def _launch_plan(w: CodePredictorWeights, B: int, lnc: int, sample: bool, resident, lnc_split, name):
     """How an LNC launch shares the work (a trace-time choice from shapes only), and what it is given:
     (core_split, weight args, per-core q / KV heads, resident, lm_ring).
@@ -1513,15 +1535,7 @@ def _launch_plan(w: CodePredictorWeights, B: int, lnc: int, sample: bool, reside
     (docs/code_predictor.md, "LNC=2: which split"): "heads" when the matrices do not stay resident in SBUF (the
     frame then streams them from HBM every pass and halving each core's stream outweighs the ~175 exchanges),
     "rows" when they are resident (the frame is a latency-bound chain and each exchange adds to it)."""
-    kernel_check(lnc_split is None or lnc_split in LNC_SPLITS,
-                 f"{name}: lnc_split must be None, 'rows' or 'heads', got lnc_split={lnc_split!r}")
-    res_rows, ring_rows = _sbuf_plan(w, -(-B // lnc), sample, resident)
-    problem = core_split_problem(w)
-    if lnc_split == "heads":
-        kernel_check(lnc == 2, f"{name}: lnc_split='heads' splits each row between the two cores of LNC=2, got "
-                     f"lnc={lnc}")
-        kernel_check(problem is None, f"{name}: lnc_split='heads' needs weights that halve: {problem}")
-    split = lnc == 2 and (lnc_split == "heads" or (lnc_split is None and problem is None and not res_rows))
+    split, res_rows, ring_rows = _launch_split(w, B, lnc, sample, resident, lnc_split, name)
     if not split:
         return False, _weights_args(w), w.n_q_heads, w.n_kv_heads, res_rows, ring_rows
     cw, stacked = _core_weights(w)
@@ -1583,16 +1597,12 @@ def code_predictor(past_hidden, code0_embed, weights: CodePredictorWeights, *, u
           5. code = the smallest v with z[v] == c_{i*}.
     """
     name = "code_predictor"
-    past_hidden, code0_embed, uniforms = check_inputs(past_hidden, code0_embed, weights, uniforms, do_sample,
-                                                      temperature, top_k, top_p, name)
-    for arg, v in (("return_sum", return_sum), ("return_bad_rows", return_bad_rows)):
-        kernel_check(isinstance(v, (bool, np.bool_)), f"{name}: {arg} must be a bool, got {arg}={v!r}")
-    kernel_check(resident is None or isinstance(resident, (bool, np.bool_)),
-                 f"{name}: resident must be None or a bool, got resident={resident!r}")
-    kernel_check(weights.tp == 1, f"{name}: weights are rank {weights.rank} of a TP={weights.tp} split "
-                 "(shard_weights); run every rank with code_predictor_tp(past_hidden, code0_embed, shards), "
-                 f"got weights.tp={weights.tp}")
-    lnc = resolve_lnc(lnc, name)
+    past_hidden, code0_embed, uniforms, lnc = check_code_predictor(
+        past_hidden, code0_embed, weights, uniforms=uniforms, do_sample=do_sample, temperature=temperature,
+        top_k=top_k, top_p=top_p, return_sum=return_sum, return_bad_rows=return_bad_rows, resident=resident, lnc=lnc,
+        lnc_split=lnc_split)
+    if do_sample:
+        check_uniform_values(name, uniforms)
     w = weights
     B = past_hidden.shape[0]
     split, wargs, nq, nkv, resident, lm_ring = _launch_plan(w, B, lnc, bool(do_sample), resident, lnc_split, name)
@@ -1605,6 +1615,27 @@ def code_predictor(past_hidden, code0_embed, weights: CodePredictorWeights, *, u
     codes, embeds, csum, bad = out
     res = [codes, embeds] + ([csum] if return_sum else []) + ([bad.reshape(-1)] if return_bad_rows else [])
     return tuple(res)
+
+
+def check_code_predictor(past_hidden, code0_embed, weights: CodePredictorWeights, *, uniforms=None, do_sample=False,
+                         temperature=1.0, top_k=50, top_p=1.0, return_sum=False, return_bad_rows=False,
+                         resident=None, lnc=None, lnc_split=None):
+    """`code_predictor`'s checks that read no tensor values (shapes, dtypes, options, the launch plan's fit), so
+    that torch_ops' fake runs them at trace time; the uniforms' range is checked by the wrapper. Returns
+    (past_hidden, code0_embed, uniforms) as the kernel takes them and the resolved lnc."""
+    name = "code_predictor"
+    past_hidden, code0_embed, uniforms = check_inputs(past_hidden, code0_embed, weights, uniforms, do_sample,
+                                                      temperature, top_k, top_p, name, read_values=False)
+    for arg, v in (("return_sum", return_sum), ("return_bad_rows", return_bad_rows)):
+        kernel_check(isinstance(v, (bool, np.bool_)), f"{name}: {arg} must be a bool, got {arg}={v!r}")
+    kernel_check(resident is None or isinstance(resident, (bool, np.bool_)),
+                 f"{name}: resident must be None or a bool, got resident={resident!r}")
+    kernel_check(weights.tp == 1, f"{name}: weights are rank {weights.rank} of a TP={weights.tp} split "
+                 "(shard_weights); run every rank with code_predictor_tp(past_hidden, code0_embed, shards), "
+                 f"got weights.tp={weights.tp}")
+    lnc = resolve_lnc(lnc, name)
+    _launch_split(weights, past_hidden.shape[0], lnc, bool(do_sample), resident, lnc_split, name)
+    return past_hidden, code0_embed, uniforms, lnc
 
 
 # ================================================================ tensor parallelism: one launch per rank

@@ -66,8 +66,7 @@ def check_cu_seqlens(name: str, cu_seqlens, total: int, max_seqs: int):
     Input validation on the host before the launch, not specialisation: the kernels read the values on device
     and their traces depend on N only."""
     cu = index_array(name, "cu_seqlens", cu_seqlens, allow_none=False)
-    kernel_check(cu.ndim == 1 and 2 <= cu.size <= max_seqs + 1, f"{name}: cu_seqlens must be [N+1] with "
-                 f"1 <= N <= {max_seqs}, got shape {tuple(cu.shape)}")
+    cu_seqlens_count(name, cu, max_seqs)
     kernel_check(int(cu[0]) == 0, f"{name}: cu_seqlens must start at 0, got cu_seqlens[0]={int(cu[0])}")
     drop = np.flatnonzero(np.diff(cu.astype(np.int64)) < 0)
     kernel_check(drop.size == 0, f"{name}: cu_seqlens must be non-decreasing, got "
@@ -76,6 +75,17 @@ def check_cu_seqlens(name: str, cu_seqlens, total: int, max_seqs: int):
     kernel_check(int(cu[-1]) == total, f"{name}: cu_seqlens must end at T={total} (the packed length), got "
                  f"cu_seqlens[-1]={int(cu[-1])}")
     return cu
+
+
+def cu_seqlens_count(name: str, cu_seqlens, max_seqs: int) -> int:
+    """N of cu_seqlens [N+1] (1 <= N <= max_seqs) from an array's or tensor's shape alone (no values: torch_ops'
+    fake runs it on a fake tensor); anything else (a list) goes through `index_array` first."""
+    if not hasattr(cu_seqlens, "shape"):
+        cu_seqlens = index_array(name, "cu_seqlens", cu_seqlens, allow_none=False)
+    shape = tuple(int(s) for s in cu_seqlens.shape)
+    kernel_check(len(shape) == 1 and 2 <= shape[0] <= max_seqs + 1, f"{name}: cu_seqlens must be [N+1] with "
+                 f"1 <= N <= {max_seqs}, got shape {shape}")
+    return shape[0] - 1
 
 
 def check_dtype(name: str, arg: str, x, allowed=FLOAT_DTYPES):

@@ -26,7 +26,7 @@ from ..hw import PSUM_FMAX_FP32, P_MAX
 from ..lnc import current_target_name, resolve_lnc
 from ..transpose import mixing_pe_transpose, vector_transpose
 from ..validation import check_bool, check_float, check_int, kernel_check
-from ._checks import check_cu_seqlens, check_lengths, check_qkv_gate_layouts, initial_state_arg
+from ._checks import check_cu_seqlens, check_lengths, check_qkv_gate_layouts, cu_seqlens_count, initial_state_arg
 from ._checks import dtype_name as _dtype_name
 
 # ---------------------------------------------------------------- constraints
@@ -1628,16 +1628,49 @@ def gated_delta_rule(q, k, v, g, beta, chunk_size=64, initial_state=None, output
     lnc: 1 or 2 program instances (None: `resolve_lnc`, 2 on trn2); under LNC=2 each core owns half the v heads.
     """
     name = "gated_delta_rule"
+    chk = check_gated_delta_rule(q, k, v, g, beta, chunk_size, initial_state, output_final_state,
+                                 use_qk_l2norm_in_kernel, valid_lengths, checkpoint_every, scale, cu_seqlens,
+                                 compute_dtype, lnc)
+    bsz, seq = q.shape[0], q.shape[1]
+    n_hv, dk, dv = v.shape[2], q.shape[3], v.shape[3]
+    varlen = cu_seqlens is not None
+    # host-side input validation only (before the launch): the kernel reads cu_seqlens on device and its trace
+    # depends on N = len(cu_seqlens) - 1 alone, never on the values
+    cu_arg = check_cu_seqlens(name, cu_seqlens, seq, max_seqs=_MAX_SEQS) if varlen else np.zeros(2, dtype=np.int32)
+    if valid_lengths is None:
+        lengths = np.full(bsz, seq, dtype=np.int32)
+    else:
+        lengths = check_lengths(name, valid_lengths, bsz, seq)
+    chunk_size, ckpt_every = chk["chunk_size"], chk["checkpoint_every"]
+    outs = call(gated_delta_rule_kernel, q, k, v, g, beta, chk["initial_state"], lengths, cu_arg,
+                _host_constants(chunk_size), chunk=chunk_size, scale=chk["scale"], use_l2norm=chk["use_l2norm"],
+                has_initial_state=chk["has_initial_state"], checkpoint_every=ckpt_every,
+                has_lengths=valid_lengths is not None, bf16_compute=chk["bf16_compute"], varlen=varlen,
+                row_tiles=current_target_name() != "trn1", lnc=chk["lnc"])
+    o, final = outs[0], outs[1]
+    final = final if chk["output_final_state"] else None
+    if checkpoint_every is not None:
+        n_states = cu_arg.size - 1 if varlen else bsz
+        n_ckpt = seq // (ckpt_every * chunk_size)
+        ckpts = outs[2] if n_ckpt > 0 else _empty_like_state(o, (n_states, 0, n_hv, dk, dv))
+        return o, final, ckpts
+    return o, final
+
+
+def check_gated_delta_rule(q, k, v, g, beta, chunk_size=64, initial_state=None, output_final_state=True,
+                           use_qk_l2norm_in_kernel=False, valid_lengths=None, checkpoint_every=None, scale=None,
+                           cu_seqlens=None, compute_dtype=None, lnc=None) -> dict:
+    """`gated_delta_rule`'s checks that read no tensor values (shapes, dtypes, options, N from cu_seqlens' shape,
+    the SBUF / PSUM fit), so that torch_ops' fake runs them at trace time; the values of valid_lengths and
+    cu_seqlens are checked by the wrapper. Returns the launch options (scale, lnc, chunk_size, ...)."""
+    name = "gated_delta_rule"
     lnc = resolve_lnc(lnc, name)
     bsz, seq, n_hk, dk, n_hv, dv = check_qkv_gate_layouts(name, q, k, v, g, beta)
     kernel_check(seq >= 1, f"{name}: need at least one token, got T={seq}")
     varlen = cu_seqlens is not None
     n_states = bsz
     if varlen:
-        # host-side input validation only (before the launch): the kernel reads cu_seqlens on device and its
-        # trace depends on N = len(cu_seqlens) - 1 alone, never on the values
-        cu = check_cu_seqlens(name, cu_seqlens, seq, max_seqs=_MAX_SEQS)
-        n_states = cu.size - 1
+        n_states = cu_seqlens_count(name, cu_seqlens, _MAX_SEQS)
         kernel_check(bsz == 1, f"{name}: with cu_seqlens the sequences are packed along T and B must be 1, "
                      f"got B={bsz}")
         kernel_check(valid_lengths is None, f"{name}: valid_lengths and cu_seqlens are exclusive (packed "
@@ -1672,26 +1705,13 @@ def gated_delta_rule(q, k, v, g, beta, chunk_size=64, initial_state=None, output
                  f"{what} on {target} (SBUF per partition), got Hv={n_hv}, lnc={lnc}, "
                  f"chunk_size={chunk_size}; {hv_chunk_advice(chunk_size, lnc, target)}")
     has_init, init = initial_state_arg(name, initial_state, n_states, n_hv, dk, dv, "N" if varlen else "B")
-    if valid_lengths is None:
-        lengths = np.full(bsz, seq, dtype=np.int32)
-    else:
-        lengths = check_lengths(name, valid_lengths, bsz, seq)
     ckpt_every = 0
     if checkpoint_every is not None:
         ckpt_every = check_int(name, "checkpoint_every", checkpoint_every, lo=1)
-    sc = float(dk ** -0.5 if scale is None else scale)
-    cu_arg = cu if varlen else np.zeros(2, dtype=np.int32)
-    outs = call(gated_delta_rule_kernel, q, k, v, g, beta, init, lengths, cu_arg, _host_constants(chunk_size),
-                chunk=int(chunk_size), scale=sc, use_l2norm=bool(use_qk_l2norm_in_kernel),
-                has_initial_state=has_init, checkpoint_every=ckpt_every, has_lengths=valid_lengths is not None,
-                bf16_compute=bf16_compute, varlen=varlen, row_tiles=current_target_name() != "trn1", lnc=lnc)
-    o, final = outs[0], outs[1]
-    final = final if output_final_state else None
-    if checkpoint_every is not None:
-        n_ckpt = seq // (ckpt_every * chunk_size)
-        ckpts = outs[2] if n_ckpt > 0 else _empty_like_state(o, (n_states, 0, n_hv, dk, dv))
-        return o, final, ckpts
-    return o, final
+    return dict(lnc=lnc, chunk_size=int(chunk_size), scale=float(dk ** -0.5 if scale is None else scale),
+                use_l2norm=bool(use_qk_l2norm_in_kernel), output_final_state=output_final_state,
+                has_initial_state=has_init, initial_state=init, checkpoint_every=ckpt_every,
+                bf16_compute=bf16_compute)
 
 
 def hv_chunk_advice(chunk_size, lnc, target, heads="v heads") -> str:

@@ -17,7 +17,7 @@ from ..hw import DMA_FULL_RATE_ROW_BYTES, NO_PE_TILE32_TARGETS, P_MAX, PSUM_FMAX
 from ..lnc import current_target_name, for_target, resolve_lnc
 from ..validation import kernel_check
 from ._checks import FLOAT_DTYPES as _FLOAT_DTYPES
-from ._checks import check_cu_seqlens, check_lengths, check_tensor
+from ._checks import check_cu_seqlens, check_lengths, check_tensor, cu_seqlens_count
 from ._checks import dtype_name as _dtype_name
 
 # ---------------------------------------------------------------- constraints
@@ -482,34 +482,42 @@ def causal_conv1d(x, weight, conv_state=None, valid_lengths=None, activation="si
     lnc: 1 or 2 program instances (None: `resolve_lnc`, 2 on trn2); under LNC=2 each core owns half the channels.
     """
     name = "causal_conv1d"
+    lnc = check_causal_conv1d(x, weight, conv_state, valid_lengths, activation, bias, cu_seqlens, lnc)
+    bsz, n_ch, seq = x.shape
+    varlen = cu_seqlens is not None
+    cu_arg = check_cu_seqlens(name, cu_seqlens, seq, max_seqs=_MAX_SEQS) if varlen else np.zeros(2, dtype=np.int32)
+    has_state = conv_state is not None
+    state = conv_state if has_state else _zeros_like(x, ((cu_arg.size - 1) if varlen else bsz, n_ch, weight.shape[1]))
+    if valid_lengths is None:
+        lengths = np.full(bsz, seq, dtype=np.int32)
+    else:
+        lengths = check_lengths(name, valid_lengths, bsz, seq)
+    return call(causal_conv1d_kernel, x, weight, state, lengths, cu_arg, has_state=has_state, in_place=False,
+                apply_silu=activation is not None, varlen=varlen, lnc=lnc)
+
+
+def check_causal_conv1d(x, weight, conv_state=None, valid_lengths=None, activation="silu", bias=None,
+                        cu_seqlens=None, lnc=None) -> int:
+    """`causal_conv1d`'s checks that read no tensor values (shapes, dtypes, options, N from cu_seqlens' shape),
+    so that torch_ops' fake runs them at trace time; the values of valid_lengths and cu_seqlens are checked by
+    the wrapper. Returns the resolved lnc."""
+    name = "causal_conv1d"
     lnc = resolve_lnc(lnc, name)
     bsz, n_ch, seq, kw = _check_common(name, x, weight, activation, bias)
-    varlen = cu_seqlens is not None
     n_states, lead = bsz, "B"
-    if varlen:
-        cu = check_cu_seqlens(name, cu_seqlens, seq, max_seqs=_MAX_SEQS)
-        n_states, lead = cu.size - 1, "N"
+    if cu_seqlens is not None:
+        n_states, lead = cu_seqlens_count(name, cu_seqlens, _MAX_SEQS), "N"
         kernel_check(bsz == 1, f"{name}: with cu_seqlens the sequences are packed along T and B must be 1, "
                      f"got B={bsz}")
         kernel_check(valid_lengths is None, f"{name}: valid_lengths and cu_seqlens are exclusive (packed "
                      f"sequences have no padding), got valid_lengths={valid_lengths!r}")
-    has_state = conv_state is not None
-    if has_state:
+    if conv_state is not None:
         check_tensor(name, "conv_state", conv_state)
         kernel_check(tuple(conv_state.shape) == (n_states, n_ch, kw), f"{name}: conv_state must be [{lead}, C, K]="
                      f"{(n_states, n_ch, kw)}, got {tuple(conv_state.shape)}")
         kernel_check(_dtype_name(conv_state) in _FLOAT_DTYPES, f"{name}: conv_state must be a float tensor, "
                      f"got {_dtype_name(conv_state)}")
-        state = conv_state
-    else:
-        state = _zeros_like(x, (n_states, n_ch, kw))
-    if valid_lengths is None:
-        lengths = np.full(bsz, seq, dtype=np.int32)
-    else:
-        lengths = check_lengths(name, valid_lengths, bsz, seq)
-    cu_arg = cu if varlen else np.zeros(2, dtype=np.int32)
-    return call(causal_conv1d_kernel, x, weight, state, lengths, cu_arg, has_state=has_state, in_place=False,
-                apply_silu=activation is not None, varlen=varlen, lnc=lnc)
+    return lnc
 
 
 def causal_conv1d_update(x, conv_state, weight, activation="silu", bias=None, lnc=None):
@@ -517,6 +525,14 @@ def causal_conv1d_update(x, conv_state, weight, activation="silu", bias=None, ln
     is updated in place to the last K inputs. Returns y [B, C, T] in x's dtype.
     lnc: 1 or 2 program instances (None: `resolve_lnc`, 2 on trn2); under LNC=2 each core owns half the channels.
     """
+    lnc = check_causal_conv1d_update(x, conv_state, weight, activation, bias, lnc)
+    return call(causal_conv1d_update_kernel, x, conv_state, weight, apply_silu=activation is not None, lnc=lnc,
+                inplace=("conv_state",))
+
+
+def check_causal_conv1d_update(x, conv_state, weight, activation="silu", bias=None, lnc=None) -> int:
+    """`causal_conv1d_update`'s checks (shapes, dtypes, options, the SBUF fit; no values), which torch_ops' fake
+    runs too. Returns the resolved lnc."""
     name = "causal_conv1d_update"
     lnc = resolve_lnc(lnc, name)
     bsz, n_ch, seq, kw = _check_common(name, x, weight, activation, bias)
@@ -531,8 +547,7 @@ def causal_conv1d_update(x, conv_state, weight, activation="silu", bias=None, ln
                  f"{name}: max(1, C // 128) * (4 (5 K + 3 T) + 4) must be <= {_UPDATE_SBUF_BYTES} bytes (one "
                  f"sequence's channels per partition), got C={n_ch}, K={kw}, T={seq}; "
                  + ("use causal_conv1d for long T" if seq > 1 else "use fewer channels per launch"))
-    return call(causal_conv1d_update_kernel, x, conv_state, weight, apply_silu=activation is not None, lnc=lnc,
-                inplace=("conv_state",))
+    return lnc
 
 
 def _zeros_like(x, shape):

@@ -566,6 +566,31 @@ def gated_delta_rule_step(q, k, v, g, beta, state_pool, slot_ids=None, use_qk_l2
     v heads (their state rows and outputs).
     """
     name = "gated_delta_rule_step"
+    sc, use_l2norm, lnc = check_gated_delta_rule_step(q, k, v, g, beta, state_pool, slot_ids,
+                                                      use_qk_l2norm_in_kernel, scale, lnc)
+    bsz, n_slots = q.shape[0], state_pool.shape[0]
+    static_rows = slot_ids is None
+    if static_rows:
+        slot_ids = np.arange(bsz, dtype=np.int32)      # passed but unread by the kernel
+    check_host_values(name, "slot_ids", slot_ids)
+    slots = np.asarray(slot_ids.detach().cpu().numpy() if hasattr(slot_ids, "detach") else slot_ids)
+    kernel_check(slots.shape == (bsz,) and np.issubdtype(slots.dtype, np.integer),
+                 f"{name}: slot_ids must be [B]={bsz} integers, got shape {slots.shape} dtype {slots.dtype}")
+    kernel_check(bool(np.all((slots >= 0) & (slots < n_slots))),
+                 f"{name}: slot_ids must be in [0, N_slots={n_slots}), got {slots.tolist()}")
+    kernel_check(np.unique(slots).size == slots.size,
+                 f"{name}: slot_ids must be distinct (each sequence owns its state row), got {slots.tolist()}")
+    return call(gated_delta_rule_step_kernel, q, k, v, g, beta, state_pool, slots.astype(np.int32),
+                scale=sc, use_l2norm=use_l2norm, static_rows=static_rows, lnc=lnc,
+                free_heads=current_target_name() in ALIGNED_START_PARTITION_TARGETS,
+                tile_bias=current_target_name() in TILE_ACTIVATION_BIAS_TARGETS, inplace=("state_pool",))
+
+
+def check_gated_delta_rule_step(q, k, v, g, beta, state_pool, slot_ids=None, use_qk_l2norm_in_kernel=False,
+                                scale=None, lnc=None):
+    """`gated_delta_rule_step`'s checks that read no tensor values (shapes, dtypes, options), so that torch_ops'
+    fake runs them at trace time; slot_ids' values are checked by the wrapper. Returns (scale, use_l2norm, lnc)."""
+    name = "gated_delta_rule_step"
     lnc = resolve_lnc(lnc, name)
     bsz, n_tok, n_hk, dk, n_hv, dv = check_qkv_gate_layouts(name, q, k, v, g, beta,
                                                            extra=(("state_pool", state_pool, 4),))
@@ -576,24 +601,11 @@ def gated_delta_rule_step(q, k, v, g, beta, state_pool, slot_ids=None, use_qk_l2
                  f"[N_slots, Hv, Dk, Dv]=[N, {n_hv}, {dk}, {dv}], got {tuple(state_pool.shape)}")
     kernel_check(_dtype_name(state_pool) in _STATE_DTYPES, f"{name}: state_pool dtype must be one of "
                  f"{_STATE_DTYPES}, got {_dtype_name(state_pool)}")
-    static_rows = slot_ids is None
-    if static_rows:
+    if slot_ids is None:
         kernel_check(n_slots >= bsz, f"{name}: with slot_ids=None (static rows) state_pool must have at least B "
                      f"rows, got N_slots={n_slots}, B={bsz}")
-        slot_ids = np.arange(bsz, dtype=np.int32)      # passed but unread by the kernel
-    check_host_values(name, "slot_ids", slot_ids)
-    slots = np.asarray(slot_ids.detach().cpu().numpy() if hasattr(slot_ids, "detach") else slot_ids)
-    kernel_check(slots.shape == (bsz,) and np.issubdtype(slots.dtype, np.integer),
-                 f"{name}: slot_ids must be [B]={bsz} integers, got shape {slots.shape} dtype {slots.dtype}")
-    kernel_check(bool(np.all((slots >= 0) & (slots < n_slots))),
-                 f"{name}: slot_ids must be in [0, N_slots={n_slots}), got {slots.tolist()}")
-    kernel_check(np.unique(slots).size == slots.size,
-                 f"{name}: slot_ids must be distinct (each sequence owns its state row), got {slots.tolist()}")
     sc = dk ** -0.5 if scale is None else check_float(name, "scale", scale, positive=True)
     use_qk_l2norm_in_kernel = check_bool(name, "use_qk_l2norm_in_kernel", use_qk_l2norm_in_kernel)
     kernel_check(n_hv <= _MAX_V_HEADS and n_tok * n_hk <= P_MAX, f"{name}: at most {_MAX_V_HEADS} v heads and "
                  f"T * Hk <= {P_MAX} per launch, got Hv={n_hv}, T={n_tok}, Hk={n_hk}")
-    return call(gated_delta_rule_step_kernel, q, k, v, g, beta, state_pool, slots.astype(np.int32),
-                scale=sc, use_l2norm=bool(use_qk_l2norm_in_kernel), static_rows=static_rows, lnc=lnc,
-                free_heads=current_target_name() in ALIGNED_START_PARTITION_TARGETS,
-                tile_bias=current_target_name() in TILE_ACTIVATION_BIAS_TARGETS, inplace=("state_pool",))
+    return float(sc), bool(use_qk_l2norm_in_kernel), lnc

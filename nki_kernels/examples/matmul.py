@@ -102,6 +102,13 @@ def _load_k_tiles(dst_sb, src, c0, c_sz):
 
 def tiled_matmul(lhsT, rhs, lnc=None):
     """Host wrapper: validates and launches `tiled_matmul_kernel`. NumPy or torch in, the same kind out."""
+    lnc = check_tiled_matmul(lhsT, rhs, lnc)
+    return call(tiled_matmul_kernel, lhsT, rhs, lnc=lnc)
+
+
+def check_tiled_matmul(lhsT, rhs, lnc=None) -> int:
+    """`tiled_matmul`'s checks (shapes, dtypes, options: no values, so torch_ops' fake runs them too); returns the
+    resolved lnc."""
     check_array("tiled_matmul", "lhsT", lhsT)
     check_array("tiled_matmul", "rhs", rhs)
     kernel_check(getattr(lhsT, "ndim", 0) == 2 and getattr(rhs, "ndim", 0) == 2,
@@ -116,5 +123,4 @@ def tiled_matmul(lhsT, rhs, lnc=None):
     kernel_check(lhsT.shape[0] * itemsize <= _MAX_K_BYTES,
                  f"tiled_matmul: K * itemsize must be <= {_MAX_K_BYTES} B (K <= {_MAX_K_BYTES // itemsize} for "
                  f"{lhsT.dtype}), got K={lhsT.shape[0]}")
-    lnc = resolve_lnc(lnc, "tiled_matmul")
-    return call(tiled_matmul_kernel, lhsT, rhs, lnc=lnc)
+    return resolve_lnc(lnc, "tiled_matmul")

@@ -108,6 +108,12 @@ def _rmsnorm_group(x, w_sb, out, j0, n_grp, pid, n_prog, inv_hidden, eps):
 
 def rmsnorm(x, weight, eps: float = 1e-6, lnc=None):
     """RMSNorm of x [R, H] with weight [H] (same dtype). NumPy or torch in, the same kind out."""
+    eps, lnc = check_rmsnorm(x, weight, eps, lnc)
+    return call(rmsnorm_kernel, x, weight, eps, lnc=lnc)
+
+
+def check_rmsnorm(x, weight, eps: float = 1e-6, lnc=None):
+    """`rmsnorm`'s checks (shapes, dtypes, options; torch_ops' fake runs them too); returns (eps, lnc)."""
     check_array("rmsnorm", "x", x)
     check_array("rmsnorm", "weight", weight)
     eps = check_float("rmsnorm", "eps", eps)
@@ -123,5 +129,4 @@ def rmsnorm(x, weight, eps: float = 1e-6, lnc=None):
     kernel_check(x.shape[0] >= 1, f"rmsnorm: R must be >= 1, got R={x.shape[0]}")
     kernel_check(eps >= _RSQRT_MIN_INPUT,
                  f"rmsnorm: eps must be a float >= 2**-87 (rsqrt's valid input range), got eps={eps}")
-    lnc = resolve_lnc(lnc, "rmsnorm")
-    return call(rmsnorm_kernel, x, weight, float(eps), lnc=lnc)
+    return float(eps), resolve_lnc(lnc, "rmsnorm")

@@ -99,11 +99,15 @@ def _softmax_group(x, out, j0, n_grp, pid, n_prog, n_cols):
 
 def softmax(x, lnc=None):
     """Row softmax over the last dim of x [R, C] (fp32/bf16/fp16). NumPy or torch in, the same kind out."""
+    return call(softmax_kernel, x, lnc=check_softmax(x, lnc))
+
+
+def check_softmax(x, lnc=None) -> int:
+    """`softmax`'s checks (shapes, dtypes, options; torch_ops' fake runs them too); returns the resolved lnc."""
     check_array("softmax", "x", x)
     kernel_check(getattr(x, "ndim", 0) == 2, f"softmax: x must be 2-D [R, C], got x.shape={tuple(x.shape)}")
     kernel_check(str(x.dtype).replace("torch.", "") in _FLOAT_DTYPES,
                  f"softmax: dtype must be one of {_FLOAT_DTYPES}, got x.dtype={x.dtype}")
     kernel_check(1 <= x.shape[1] <= _MAX_C, f"softmax: C must be in [1, {_MAX_C}], got C={x.shape[1]}")
     kernel_check(x.shape[0] >= 1, f"softmax: R must be >= 1, got R={x.shape[0]}")
-    lnc = resolve_lnc(lnc, "softmax")
-    return call(softmax_kernel, x, lnc=lnc)
+    return resolve_lnc(lnc, "softmax")

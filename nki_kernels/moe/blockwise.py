@@ -719,14 +719,28 @@ def _host_values(x):
     return np.asarray(x)
 
 
-def check_top_k(kname, top_k_index, top_k_weights, n_tokens, hidden, weights_name="top_k_weights"):
-    """top_k_index [T, TOPK] integer (int64 ids must fit int32: checked on host values, never used to specialize),
+def check_top_k(kname, top_k_index, top_k_weights, n_tokens, hidden, weights_name="top_k_weights",
+                read_values=True):
+    """top_k_index [T, TOPK] integer (int64 ids must fit int32: checked on host values, never used to specialize;
+    read_values=False leaves that to `check_top_k_ids`: torch_ops' fakes have no values),
     weights [T, TOPK] float (float64 is refused: cast to hidden's dtype or float32)."""
     kernel_check(getattr(top_k_index, "ndim", 0) == 2 and _shape(top_k_index)[0] == n_tokens,
                  f"{kname}: top_k_index must be [T={n_tokens}, TOPK], got shape={_shape_of(top_k_index)}")
     kernel_check(_shape(top_k_index)[1] >= 1, f"{kname}: top_k_index needs TOPK >= 1, got shape={_shape(top_k_index)}")
     kernel_check(_is_int_dtype(top_k_index),
                  f"{kname}: top_k_index must be an integer array (int32 or int64), got dtype={top_k_index.dtype}")
+    if read_values:
+        check_top_k_ids(kname, top_k_index)
+    kernel_check(getattr(top_k_weights, "ndim", 0) == 2 and _shape(top_k_weights) == _shape(top_k_index),
+                 f"{kname}: {weights_name} must be [T, TOPK]={_shape(top_k_index)}, got "
+                 f"shape={_shape_of(top_k_weights)}")
+    kernel_check(_dtype_name(top_k_weights) in _FLOAT_DTYPES,
+                 f"{kname}: {weights_name} dtype must be one of {_FLOAT_DTYPES} (cast float64 routing weights to "
+                 f"float32), got dtype={top_k_weights.dtype}")
+
+
+def check_top_k_ids(kname, top_k_index):
+    """Host values of wider-than-int32 ids must fit int32 (validation only: the kernels read int32 ids)."""
     if _dtype_name(top_k_index) in ("int64", "uint64", "uint32"):
         vals = _host_values(top_k_index)
         if vals is not None and vals.size:
@@ -734,12 +748,6 @@ def check_top_k(kname, top_k_index, top_k_weights, n_tokens, hidden, weights_nam
             kernel_check(lo >= _INT32_MIN and hi <= _INT32_MAX,
                          f"{kname}: top_k_index ids must fit int32 (the kernel reads int32 ids), got min={lo}, "
                          f"max={hi}")
-    kernel_check(getattr(top_k_weights, "ndim", 0) == 2 and _shape(top_k_weights) == _shape(top_k_index),
-                 f"{kname}: {weights_name} must be [T, TOPK]={_shape(top_k_index)}, got "
-                 f"shape={_shape_of(top_k_weights)}")
-    kernel_check(_dtype_name(top_k_weights) in _FLOAT_DTYPES,
-                 f"{kname}: {weights_name} dtype must be one of {_FLOAT_DTYPES} (cast float64 routing weights to "
-                 f"float32), got dtype={top_k_weights.dtype}")
 
 
 def check_expert_offset(kname, expert_offset, n_local):
@@ -816,6 +824,49 @@ def moe_blockwise(hidden, expert_affinities, gate_up, down, token_position_to_id
         see moe_blockwise_kernel.
     """
     kname = "moe_blockwise"
+    lnc, kmax, plan = check_moe_blockwise(hidden, expert_affinities, gate_up, down, token_position_to_id,
+                                          block_to_expert, block_size, shared, top_k_index, expert_offset,
+                                          max_experts_per_token, lnc, combine)
+    n_tokens = _shape(hidden)[0]
+    n_local = _shape(gate_up)[0]
+    tpos, b2e = _np(token_position_to_id), _np(block_to_expert)
+    kernel_check(bool(np.all((b2e >= 0) & (b2e < n_local))),
+                 f"{kname}: block_to_expert ids must be local expert ids in [0, E={n_local}), got "
+                 f"min={int(b2e.min())}, max={int(b2e.max())}")
+    kernel_check(bool(np.all((tpos >= -1) & (tpos < n_tokens))),
+                 f"{kname}: token_position_to_id entries must be -1 or token ids in [0, T={n_tokens}), got "
+                 f"min={int(tpos.min())}, max={int(tpos.max())}")
+    aff, idx = None, None
+    if top_k_index is None:
+        aff = expert_affinities.reshape(n_tokens * n_local, 1)
+    else:
+        check_top_k_ids(kname, top_k_index)
+        idx = routing_table(top_k_index, expert_affinities)
+    check_mapping(kname, tpos, b2e, block_size, n_tokens, n_local, kmax, top_k_index, expert_affinities,
+                  expert_offset)
+    tpos32 = _as_int32(token_position_to_id)
+    b2e32 = _as_int32(block_to_expert)
+    inv = token_slots(tpos, n_tokens, kmax)
+    s_gu, s_dn, s_g = shared if shared is not None else (None, None, None)
+    if plan is not None:
+        from .combine import moe_blockwise_onchip_kernel
+        inv_t = inv.astype(np.uint16 if plan.index_mode == "u16" else np.uint32)
+        return call(moe_blockwise_onchip_kernel, hidden, aff, gate_up, down, tpos32, b2e32, inv_t, s_gu, s_dn, s_g,
+                    idx, int(block_size), int(expert_offset), plan.group_tiles, plan.index_mode, plan.x_gather,
+                    plan.down_ring, lnc=lnc)
+    if top_k_index is not None:   # the DMA combine applies the routing weights per top-k choice (top-k order)
+        inv = token_slots_topk(tpos, b2e, _np(top_k_index), block_size, n_local, expert_offset)
+    return call(moe_blockwise_kernel, hidden, aff, gate_up, down, tpos32, b2e32, inv, s_gu, s_dn, s_g, idx,
+                int(block_size), int(expert_offset), lnc=lnc)
+
+
+def check_moe_blockwise(hidden, expert_affinities, gate_up, down, token_position_to_id, block_to_expert, block_size,
+                        shared=None, top_k_index=None, expert_offset: int = 0, max_experts_per_token=None, lnc=None,
+                        combine: str = "auto"):
+    """`moe_blockwise`'s checks that read no tensor values (shapes, dtypes, options, N from block_to_expert's
+    shape, the SBUF plans and the combine choice), so that torch_ops' fake runs them at trace time; the mapping's
+    and the ids' values are checked by the wrapper. Returns (lnc, KMAX, the on-chip combine plan or None)."""
+    kname = "moe_blockwise"
     check_weights(kname, hidden, gate_up, down, shared)
     n_tokens, h_total = _shape(hidden)
     n_local = _shape(gate_up)[0]
@@ -830,18 +881,13 @@ def moe_blockwise(hidden, expert_affinities, gate_up, down, token_position_to_id
                      f"{getattr(m, 'dtype', type(m).__name__)}")
     check_host_values(kname, "token_position_to_id", token_position_to_id)
     check_host_values(kname, "block_to_expert", block_to_expert)
-    tpos, b2e = _np(token_position_to_id), _np(block_to_expert)
-    kernel_check(b2e.size >= 1, f"{kname}: block_to_expert must be a non-empty 1-D int array, got shape={b2e.shape}")
-    n_blocks = b2e.size
-    kernel_check(tpos.size == n_blocks * block_size,
+    n_blocks = _shape(block_to_expert)[0]
+    kernel_check(n_blocks >= 1, f"{kname}: block_to_expert must be a non-empty 1-D int array, got "
+                 f"shape={_shape(block_to_expert)}")
+    n_slots = _shape(token_position_to_id)[0]
+    kernel_check(n_slots == n_blocks * block_size,
                  f"{kname}: token_position_to_id must hold N*B = {n_blocks}*{block_size} = {n_blocks * block_size} "
-                 f"slots, got {tpos.size}")
-    kernel_check(bool(np.all((b2e >= 0) & (b2e < n_local))),
-                 f"{kname}: block_to_expert ids must be local expert ids in [0, E={n_local}), got "
-                 f"min={int(b2e.min())}, max={int(b2e.max())}")
-    kernel_check(bool(np.all((tpos >= -1) & (tpos < n_tokens))),
-                 f"{kname}: token_position_to_id entries must be -1 or token ids in [0, T={n_tokens}), got "
-                 f"min={int(tpos.min())}, max={int(tpos.max())}")
+                 f"slots, got {n_slots}")
     if top_k_index is None:
         kernel_check(hasattr(expert_affinities, "shape") and _shape(expert_affinities) == (n_tokens, n_local),
                      f"{kname}: dense expert_affinities must be [T={n_tokens}, E={n_local}], got "
@@ -856,10 +902,9 @@ def moe_blockwise(hidden, expert_affinities, gate_up, down, token_position_to_id
                 f"{kname}: max_experts_per_token must be an int in [1, E={n_local}] or None, got "
                 f"max_experts_per_token={max_experts_per_token!r}")
             kmax = min(kmax, int(max_experts_per_token))
-        aff = expert_affinities.reshape(n_tokens * n_local, 1)
-        idx = None
     else:
-        check_top_k(kname, top_k_index, expert_affinities, n_tokens, hidden, weights_name="expert_affinities")
+        check_top_k(kname, top_k_index, expert_affinities, n_tokens, hidden, weights_name="expert_affinities",
+                    read_values=False)
         kmax = _shape(top_k_index)[1]
         # the top-k form's KMAX is TOPK (its slot tables are [T, TOPK]): another bound would have no effect
         kernel_check(max_experts_per_token is None or (
@@ -868,17 +913,10 @@ def moe_blockwise(hidden, expert_affinities, gate_up, down, token_position_to_id
             f"{kname}: max_experts_per_token is the dense form's KMAX; with top_k_index KMAX is "
             f"TOPK={kmax} (top_k_index.shape[1]), so pass None (or {kmax}), got "
             f"max_experts_per_token={max_experts_per_token!r}")
-        aff, idx = None, routing_table(top_k_index, expert_affinities)
-    check_mapping(kname, tpos, b2e, block_size, n_tokens, n_local, kmax, top_k_index, expert_affinities,
-                  expert_offset)
-    tpos32 = _as_int32(token_position_to_id)
-    b2e32 = _as_int32(block_to_expert)
-    inv = token_slots(tpos, n_tokens, kmax)
     s_inter = _shape(shared[1])[0] if shared is not None else 0
     top_k = _shape(top_k_index)[1] if top_k_index is not None else 1
     check_sbuf_plan(kname, h_total, _shape(gate_up)[3], s_inter, int(block_size), kmax, top_k,
                     4 if _dtype_name(hidden) == "float32" else 2, dense=top_k_index is None)
-    s_gu, s_dn, s_g = shared if shared is not None else (None, None, None)
     kernel_check(combine in ("auto", "onchip", "dma"),
                  f"{kname}: combine must be 'auto', 'onchip' or 'dma', got combine={combine!r}")
     plan = choose_combine(n_tokens, h_total, _shape(gate_up)[3], s_inter, n_blocks, int(block_size), kmax,
@@ -887,16 +925,7 @@ def moe_blockwise(hidden, expert_affinities, gate_up, down, token_position_to_id
                  f"{kname}: combine='onchip' does not fit SBUF for T={n_tokens}, H={h_total}, N*B="
                  f"{n_blocks * int(block_size)} slots, KMAX={kmax} (every slot's h.T and the slot outputs of one "
                  f"128-row hidden tile must fit beside one token chunk's slot indices); use combine='auto' or 'dma'")
-    if plan is not None:
-        from .combine import moe_blockwise_onchip_kernel
-        inv_t = inv.astype(np.uint16 if plan.index_mode == "u16" else np.uint32)
-        return call(moe_blockwise_onchip_kernel, hidden, aff, gate_up, down, tpos32, b2e32, inv_t, s_gu, s_dn, s_g,
-                    idx, int(block_size), int(expert_offset), plan.group_tiles, plan.index_mode, plan.x_gather,
-                    plan.down_ring, lnc=lnc)
-    if top_k_index is not None:   # the DMA combine applies the routing weights per top-k choice (top-k order)
-        inv = token_slots_topk(tpos, b2e, _np(top_k_index), block_size, n_local, expert_offset)
-    return call(moe_blockwise_kernel, hidden, aff, gate_up, down, tpos32, b2e32, inv, s_gu, s_dn, s_g, idx,
-                int(block_size), int(expert_offset), lnc=lnc)
+    return lnc, kmax, plan
 
 
 class OnchipPlan(NamedTuple):

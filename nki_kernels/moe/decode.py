@@ -30,7 +30,8 @@ from ..lnc import for_target, resolve_lnc
 from ..transpose import mixing_pe_transpose
 from ..validation import kernel_check
 from ._tiles import intermediate_split, itemsize, load_gate_up
-from .blockwise import _as_int32, _shape, check_expert_offset, check_top_k, check_weights, sbuf_budget
+from .blockwise import (_as_int32, _shape, check_expert_offset, check_top_k, check_top_k_ids, check_weights,
+                        sbuf_budget)
 
 # ---- constraints
 _MAX_TOKENS = 32            # decode batch: the [128, H/128, T] fp32 accumulator stays within 4 PSUM banks at H=8192
@@ -885,18 +886,26 @@ def moe_decode(hidden, top_k_index, top_k_weights, gate_up, down, shared=None, e
     Pseudocode:
         see moe_decode_kernel.
     """
+    lnc = check_moe_decode(hidden, top_k_index, top_k_weights, gate_up, down, shared, expert_offset, lnc)
+    check_top_k_ids("moe_decode", top_k_index)
+    s_gu, s_dn, s_g = shared if shared is not None else (None, None, None)
+    return call(moe_decode_kernel, hidden, _as_int32(top_k_index), top_k_weights, gate_up, down, s_gu, s_dn, s_g,
+                int(expert_offset), lnc=lnc)
+
+
+def check_moe_decode(hidden, top_k_index, top_k_weights, gate_up, down, shared=None, expert_offset=0, lnc=None):
+    """`moe_decode`'s checks that read no tensor values (shapes, dtypes, options, the SBUF plan), so that
+    torch_ops' fake runs them at trace time; the ids' int32 range is checked by the wrapper. Returns lnc."""
     kname = "moe_decode"
     check_weights(kname, hidden, gate_up, down, shared)
     n_tokens = _shape(hidden)[0]
     n_local = _shape(gate_up)[0]
     kernel_check(n_tokens <= _MAX_TOKENS, f"{kname}: T must be <= {_MAX_TOKENS} (use moe_blockwise), got T={n_tokens}")
-    check_top_k(kname, top_k_index, top_k_weights, n_tokens, hidden)
+    check_top_k(kname, top_k_index, top_k_weights, n_tokens, hidden, read_values=False)
     top_k = _shape(top_k_index)[1]
     kernel_check(n_tokens * top_k <= _MAX_ROUTES,
                  f"{kname}: T * TOPK must be <= {_MAX_ROUTES}, got T * TOPK = {n_tokens} * {top_k}")
     check_expert_offset(kname, expert_offset, n_local)
     lnc = resolve_lnc(lnc, kname)
     check_decode_sbuf(kname, hidden, gate_up, down, shared, top_k, lnc)
-    s_gu, s_dn, s_g = shared if shared is not None else (None, None, None)
-    return call(moe_decode_kernel, hidden, _as_int32(top_k_index), top_k_weights, gate_up, down, s_gu, s_dn, s_g,
-                int(expert_offset), lnc=lnc)
+    return lnc

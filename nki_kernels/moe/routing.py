@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..validation import INT32_MAX, INT32_MIN, check_array, check_bool, check_host_values, kernel_check
+from ..validation import (INT32_MAX, INT32_MIN, check_array, check_bool, check_host_values, dtype_name, is_int_dtype,
+                          kernel_check)
 
 
 def _to_numpy(x):
@@ -44,13 +45,8 @@ def moe_route(router_logits, top_k: int, normalize: bool):
         (top_k_weights [T, TOPK] float32, top_k_index [T, TOPK] int32), experts by descending probability
         (ties: lower expert id first); torch tensors for torch input.
     """
-    check_array("moe_route", "router_logits", router_logits, dtypes=None)   # arrays only, no meta / grad / empty
+    normalize = check_moe_route(router_logits, top_k, normalize)
     logits, was_torch = _to_numpy(router_logits)
-    kernel_check(logits.ndim == 2, f"moe_route: router_logits must be [T, E], got shape={tuple(logits.shape)}")
-    n_experts = logits.shape[1]
-    kernel_check(isinstance(top_k, (int, np.integer)) and 1 <= top_k <= n_experts,
-                 f"moe_route: top_k must be an int in [1, E={n_experts}], got top_k={top_k!r}")
-    normalize = check_bool("moe_route", "normalize", normalize)
     z = logits.astype(np.float32)
     z = z - z.max(axis=-1, keepdims=True)
     p = np.exp(z)
@@ -60,6 +56,16 @@ def moe_route(router_logits, top_k: int, normalize: bool):
     if normalize:
         w = w / w.sum(axis=-1, keepdims=True)
     return _back(w.astype(np.float32), was_torch), _back(idx, was_torch)
+
+
+def check_moe_route(router_logits, top_k: int, normalize: bool) -> bool:
+    """`moe_route`'s checks (shapes and options; no values, so torch_ops' fake runs them too); returns normalize."""
+    check_array("moe_route", "router_logits", router_logits, dtypes=None)   # arrays only, no meta / grad / empty
+    shape = tuple(int(s) for s in router_logits.shape)
+    kernel_check(len(shape) == 2, f"moe_route: router_logits must be [T, E], got shape={shape}")
+    kernel_check(isinstance(top_k, (int, np.integer)) and 1 <= top_k <= shape[1],
+                 f"moe_route: top_k must be an int in [1, E={shape[1]}], got top_k={top_k!r}")
+    return check_bool("moe_route", "normalize", normalize)
 
 
 def moe_block_mapping(top_k_index, num_experts: int, block_size: int, expert_offset: int = 0,
@@ -84,22 +90,11 @@ def moe_block_mapping(top_k_index, num_experts: int, block_size: int, expert_off
             ascending expert order; within an expert tokens are in ascending token order.
         NumPy arrays, or torch tensors for a torch top_k_index.
     """
-    check_host_values("moe_block_mapping", "top_k_index", top_k_index)
+    check_moe_block_mapping(top_k_index, num_experts, block_size, expert_offset, num_blocks)
     idx, was_torch = _to_numpy(top_k_index)
-    kernel_check(idx.ndim == 2, f"moe_block_mapping: top_k_index must be [T, TOPK], got shape={tuple(idx.shape)}")
-    kernel_check(np.issubdtype(idx.dtype, np.integer),
-                 f"moe_block_mapping: top_k_index must be integer, got dtype={idx.dtype}")
-    kernel_check(idx.size > 0, f"moe_block_mapping: top_k_index must not be empty (every dimension >= 1), got "
-                 f"shape={tuple(idx.shape)}")
     kernel_check(INT32_MIN <= int(idx.min()) and int(idx.max()) <= INT32_MAX,
                  f"moe_block_mapping: top_k_index must fit int32 (the kernels' id dtype), got ids in "
                  f"[{int(idx.min())}, {int(idx.max())}]")
-    kernel_check(isinstance(num_experts, (int, np.integer)) and num_experts >= 1,
-                 f"moe_block_mapping: num_experts must be a positive int, got num_experts={num_experts!r}")
-    kernel_check(isinstance(block_size, (int, np.integer)) and 1 <= block_size <= 512,
-                 f"moe_block_mapping: block_size must be an int in [1, 512], got block_size={block_size!r}")
-    from .blockwise import check_expert_offset
-    check_expert_offset("moe_block_mapping", expert_offset, int(num_experts))   # the kernels' own rule
     idx = idx.astype(np.int64)
     n_tokens = idx.shape[0]
     local = idx - int(expert_offset)
@@ -130,6 +125,26 @@ def moe_block_mapping(top_k_index, num_experts: int, block_size: int, expert_off
     tpos = np.concatenate(positions).astype(np.int32)
     b2e = np.asarray(experts, dtype=np.int32)
     return _back(tpos, was_torch), _back(b2e, was_torch)
+
+
+def check_moe_block_mapping(top_k_index, num_experts: int, block_size: int, expert_offset: int = 0,
+                            num_blocks: int | None = None):
+    """`moe_block_mapping`'s checks that read no values (top_k_index's shape and dtype, the options), which
+    torch_ops' fake runs too; the ids' int32 range and num_blocks against the routing are checked by the
+    wrapper."""
+    check_host_values("moe_block_mapping", "top_k_index", top_k_index)
+    idx = top_k_index if hasattr(top_k_index, "shape") and hasattr(top_k_index, "dtype") else np.asarray(top_k_index)
+    shape = tuple(int(s) for s in idx.shape)
+    kernel_check(len(shape) == 2, f"moe_block_mapping: top_k_index must be [T, TOPK], got shape={shape}")
+    kernel_check(is_int_dtype(idx), f"moe_block_mapping: top_k_index must be integer, got dtype={dtype_name(idx)}")
+    kernel_check(0 not in shape, f"moe_block_mapping: top_k_index must not be empty (every dimension >= 1), got "
+                 f"shape={shape}")
+    kernel_check(isinstance(num_experts, (int, np.integer)) and num_experts >= 1,
+                 f"moe_block_mapping: num_experts must be a positive int, got num_experts={num_experts!r}")
+    kernel_check(isinstance(block_size, (int, np.integer)) and 1 <= block_size <= 512,
+                 f"moe_block_mapping: block_size must be an int in [1, 512], got block_size={block_size!r}")
+    from .blockwise import check_expert_offset
+    check_expert_offset("moe_block_mapping", expert_offset, int(num_experts))   # the kernels' own rule
 
 
 def static_num_blocks(n_tokens: int, top_k: int, num_experts: int, block_size: int) -> int:

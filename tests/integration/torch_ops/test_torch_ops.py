@@ -264,3 +264,94 @@ def test_decode_step_static_rows_mode_through_the_op():
     got = torch.compile(lambda *a: torch_ops.gated_delta_rule_step(*a, None, **kwargs), backend=counter,
                         fullgraph=True)(q, k, v, g, beta, pool)
     assert counter.frame_count == 1 and torch.equal(want, got) and torch.equal(want_pool, pool)
+
+
+def _refused(name):
+    """(args, kwargs) of `_case(name)` with one shape (or option) the eager wrapper refuses."""
+    args, kwargs, _ = _case(name)
+    r = lambda *s: torch.randn(*s, generator=_gen(11))                                   # noqa: E731
+    if name == "tiled_matmul":
+        return (args[0], r(100, 96)), kwargs                           # contraction dims differ
+    if name == "softmax":
+        return (r(2, 8, 40),), kwargs                                  # 3-D
+    if name == "rmsnorm":
+        return (args[0], r(63)), kwargs                                # weight [H - 1]
+    if name == "flash_attention":
+        return (r(1, 4, 24, 257), r(1, 2, 24, 257), r(1, 2, 24, 257)), {"seq_lens": kwargs["seq_lens"]}   # D = 257
+    if name == "flash_attention_decode":
+        return (r(2, 4, 9, 64),) + args[1:], kwargs                    # Sq = 9 new tokens
+    if name == "flash_attention_varlen":
+        return (r(20, 4, 257), r(20, 2, 257), r(20, 2, 257)) + args[3:], {k: v for k, v in kwargs.items()
+                                                                           if k != "gate"}
+    if name == "gated_delta_rule":
+        return args[:4] + (args[4][:, :, :2],), kwargs                 # beta [B, T, Hv / 2]
+    if name == "gated_delta_rule_step":
+        return args[:5] + (r(3, 4, 16, 32),) + args[6:], kwargs        # state_pool Dk = 16
+    if name == "causal_conv1d":
+        return (args[0], r(64, 1)), {}                                 # kernel width K = 1
+    if name == "causal_conv1d_update":
+        return (args[0], r(2, 64, 5), args[2]), kwargs                 # conv_state K = 5, weight K = 4
+    if name == "moe_route":
+        return args, {**kwargs, "top_k": 9}                            # top_k > E = 8
+    if name == "moe_block_mapping":
+        return args, {**kwargs, "block_size": 513}
+    if name == "moe_blockwise":
+        return args[:4] + (args[4][:-1],) + args[5:], kwargs           # token_position_to_id: N * B - 1 slots
+    if name == "moe_decode":
+        return (r(33, 128), args[1].repeat(17, 1)[:33], args[2].repeat(17, 1)[:33]) + args[3:], kwargs   # T = 33
+    if name == "code_predictor":
+        return (r(2, 64).bfloat16(), r(2, 64).bfloat16()) + args[2:], kwargs     # H = 64, the weights' 128
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("name", sorted(nki_kernels.__all__))
+def test_fake_refuses_what_the_eager_wrapper_refuses(name, ops):
+    """Each op's fake runs the public wrapper's own value-free checks (`check_<name>`): a shape the eager wrapper
+    refuses raises the same KernelInputError from the fake, i.e. at trace time (the fakes checked nothing before:
+    flash_attention at D = 257 traced and failed only when the graph ran)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from nki_kernels.validation import KernelInputError
+
+    args, kwargs = _refused(name)
+    with pytest.raises(KernelInputError) as eager:
+        getattr(nki_kernels, name)(*args, **kwargs)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake_args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+        if name == "code_predictor":
+            from dataclasses import replace
+            w = fake_args[2]
+            fake_args = fake_args[:2] + (replace(w, **{f: mode.from_tensor(getattr(w, f))
+                                                      for f in torch_ops._CP_FIELDS}),)
+        with pytest.raises(KernelInputError) as fake:
+            getattr(torch_ops, name)(*fake_args, **kwargs)
+    assert str(fake.value) == str(eager.value)
+
+
+def test_refused_shape_fails_at_trace_time_under_compile():
+    """torch.compile of flash_attention at D = 257: the error comes while tracing (no graph compiled, no launch),
+    with the wrapper's message."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from nki_kernels.emulator import record_launches
+
+    args, kwargs = _refused("flash_attention")
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(lambda q, k, v: torch_ops.flash_attention(q, k, v, **kwargs), backend=counter,
+                             fullgraph=True)
+    with record_launches() as runs, pytest.raises(Exception, match=r"flash_attention: head dim D must be in "
+                                                                   r"\[1, 256\], got D=257"):
+        compiled(*args)
+    assert counter.frame_count == 0 and not runs
+
+
+def test_every_public_wrapper_shares_its_checks_with_the_fake():
+    """`check_<name>` beside each public wrapper takes the wrapper's parameters (one rule for eager and fake)."""
+    import importlib
+    import inspect
+
+    for name in nki_kernels.__all__:
+        check = getattr(importlib.import_module(nki_kernels._EXPORTS[name]), "check_" + name)
+        assert list(inspect.signature(check).parameters) == list(inspect.signature(getattr(nki_kernels, name))
+                                                                 .parameters), name
