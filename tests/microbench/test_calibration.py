@@ -372,6 +372,17 @@ KNOWN_MISSES = {
     **{pid: "rope layout B with long rows: modeled DMA-bound at the engines' rate (558-564 us), measured 780-793 us "
             "(-28% to -30%; unchanged since v10: the 512 B knee does not touch 4-16 KiB rows)"
        for pid in ("KRO.b1024", "KRO.b2048", "KRO.b4096")},
+    # v13 round: the v12 points moved from held-out to fit (points.py docstring, "v13 round"); errors under the v11
+    # model (docs/cost-model.md, "v12 held-out result")
+    **{pid: "CS149 2024 vector add: 4-800 B partition rows booked at trn1's 2560 B packet floor (1.2 us per "
+            "128-partition DMA) plus the 30 us launch floor as the bench term, above the published 19-109 us"
+       for pid in ("CS24.tiled128", "CS24.stream2", "CS24.stream10", "CS24.stream20", "CS24.stream40",
+                   "CS24.stream50", "CS24.stream100", "CS24.stream200", "CS24.fd1k")},
+    **{pid: "CS152 conv2d fp16: VectorE-bound in the model (NeuronCore-v2 VectorE as fast in fp16 as in fp32), "
+            "published 55-78% faster"
+       for pid in ("CV.c128k128f3b16s66.fp16", "CV.c128k128f5b16s36.fp16", "CV.c128k256f3b4s66.fp16",
+                   "CV.c128k256f5b16s36.fp16", "CV.c256k256f3b16s34.fp16", "CV.c256k256f5b4s36.fp16",
+                   "CV.c256k256f5b16s36.fp16")},
 }
 
 
@@ -907,7 +918,7 @@ def test_v12_points_and_fit():
         p = BY_ID[pid]
         kernel = V12.cs24_vector_add_tiled if pid == "CS24.tiled128" else V12.cs24_vector_add_stream
         assert (p.split, p.target, p.timing, p.kernel, p.time_cores, p.tile_buffers) == (
-            "held-out", "trn1", "bench", kernel, 1, None), pid     # unsealed at the v12 freeze
+            "fit", "trn1", "bench", kernel, 1, None), pid     # unsealed at the v12 freeze, fit in the v13 round
         assert p.measured_us == pytest.approx(us) and p.k_model == (p.k_full,) == (k_full,)
         args, kw = p.make(p.k_full, np.random.default_rng(1))
         assert args[0].shape == args[1].shape == (n,) and str(args[0].dtype) == "float32"
@@ -959,7 +970,7 @@ def test_v12_conv2d_points_and_fit():
         p = BY_ID[by_case[case]]
         c, k, f, n, side, dt = V12.CV_CASES[p.id]
         assert (p.split, p.target, p.timing, p.kernel, p.time_cores, p.tile_buffers) == (
-            "held-out", "trn1", "bench", V12.cv_conv2d, 1, None), p.id     # unsealed at the v12 freeze
+            "fit", "trn1", "bench", V12.cv_conv2d, 1, None), p.id     # unsealed at the v12 freeze, fit in v13
         assert p.measured_us == pytest.approx(us) and (p.k_full, p.k_model) == (n, (1, 2))
         args, kw = p.make(p.k_full, np.random.default_rng(0))
         assert [(a.shape, str(a.dtype)) for a in args] == [((n, c, side, side), dt), ((k, c, f, f), dt), ((k,), dt)]
