@@ -267,6 +267,11 @@ isolated transfer it describes. Judged by the 11 sealed CR.* trn1 points (kernel
 once, after the freeze, by the commit that says so; nobody models them before it. The round touches trn1 only (trn2 /
 trn3 constants and mechanisms must not change; a mechanism that would change them stops the round), so the 5 FK.*
 trn2 points stay sealed for the next trn2 round.
+**The v13 model** (docs/cost-model.md, "v13 round"), chosen on the 43 trn1 fit points only: on NeuronCore-v2 a DMA
+packet is one engine's group of partition rows where the HBM side is contiguous across them (`dma_packet_spans_rows`;
+the Neuron Explorer guide's "packets, one per engine per group of SBUF partitions" and nki-dma-overview.rst's profiled
+examples), one row where the rows are separate in HBM (the published curve and A12 unchanged); trn1's `bench` term
+14.8 µs (fitted on CS24.stream200; v2-v12: the 30 µs launch floor). trn2 / trn3 unchanged.
 """
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ uncertainty in docs/cost-model.md):
   GpSimd by elements per partition with minimum issue and fixed latency; bf16 performance mode on v3+, which
   shares a port with GpSimd; fp8 double_row and PE tiles (tile_position / tile_size); GpSimd gathers);
 * DMA by bytes at the per-core bandwidth, on ceil(partitions / 8) of the 16 engines, with a fixed latency, a
-  packet-rate floor for short partition rows, a per-element rate for element-strided (transposing) access,
+  packet-rate floor for short packets (a partition row; on NeuronCore-v2 one engine's rows where HBM is contiguous
+  across them), a per-element rate for element-strided (transposing) access,
   hardware DGE latency or software DGE GpSimd time for dynamic transfers, at most `dma_queues` transfers in
   flight sharing the bandwidth; collectives by a Mesh/Ring latency-bandwidth model (`collective_cost`, and
   `collective_us` between launches);
@@ -98,6 +99,12 @@ class CostParams:
                                           # 4-byte elements, trainium2_arch.rst) ~0.25 ns per 4 B [U: 0.25-1.0]
     dma_partitions_per_engine: int = 8    # each of the 16 DMA engines serves 8 SBUF partitions (nki-dma-overview.rst):
                                           # a transfer touching P partitions runs on ceil(P / 8) engines
+    dma_packet_spans_rows: bool = False   # v13 (NeuronCore-v2 only): a packet is one engine's group of partition
+                                          # rows where the HBM side is contiguous across them ("packets, one per
+                                          # engine per group of SBUF partitions", Neuron Explorer guide "How to
+                                          # identify and reduce inefficient DMA transfers"; nki-dma-overview.rst
+                                          # examples 1 / 2: one 32 KiB operation for 4 rows on one engine, one
+                                          # 2 KiB operation of 8 rows x 256 B per engine), else one partition row
     hwdge_us: float = 0.6                 # hardware DGE: ~600 ns per DMA instruction (nki-dge.rst); 2 DGE per core
     dge_instances: int = 2
     swdge_min_cycles: int = 600           # software DGE on GpSimd: max(600, N) cycles per dynamic DMA (NC-v2 cost
@@ -107,8 +114,10 @@ class CostParams:
     launch_overhead_us: float = 30.0      # per-launch host/runtime floor (bench floors of 25-55 us); kept separate
     # Fixed device time a published single-kernel figure includes besides the kernel's own schedule (calibration
     # only; never added to a microbench figure). `bench`: nki.benchmark / neuron-bench NCL percentiles; NeuronCore-
-    # v2: the launch floor (`launch_overhead_us`, bench floors of 25-55 us); trn2: fitted on CS.stream200 (one
-    # [128, 200] fp32 tile: 15 us P99 against 3.8 us of one-core schedule: 11.2; v10: 12.2 against half of it).
+    # v2 (v13): fitted on CS24.stream200 (one [128, 200] fp32 tile: 19 us P99 against 4.23 us of schedule: 14.8;
+    # CS24's other streams of 800 B+ rows imply 12.2-15.1 [U]; v2-v12: the 30 us launch floor); trn2: fitted on
+    # CS.stream200 (one [128, 200] fp32 tile: 15 us P99 against 3.8 us of one-core schedule: 11.2; v10: 12.2
+    # against half of it).
     # `profile`: neuron-profile total_time ("total on-device execution time", neuron-explorer glossary); trn2:
     # fitted on CS.fd2k / CS.fd1k (28.4 / 26.4 us against 13.3 / 14.6 us of one-core schedule with one buffer
     # per loop tile: 15.0 / 11.8, mean 13.4; v10: 21.0). Neither is published as a constant
@@ -149,7 +158,7 @@ class CostParams:
 
 
 PARAMS: dict[str, CostParams] = {
-    "trn1": CostParams(dve_min_ii=32.0, dve_two_pass_min=True),
+    "trn1": CostParams(dve_min_ii=32.0, dve_two_pass_min=True, dma_packet_spans_rows=True, bench_fixed_us=14.8),
     "trn2": CostParams(dve_perf_mode=True, dve_elems_pp_per_cycle=2.0, bench_fixed_us=11.2, profile_fixed_us=13.4,
                        dma_knee_bytes=512.0),
     "trn3": CostParams(dve_perf_mode=True, act_bf16_elems_pp_per_cycle=2.0, dve_elems_pp_per_cycle=2.0,
@@ -170,6 +179,8 @@ _UNCERTAIN = {
     "dma-eff": ({"dma_knee_bytes": {"trn1": 2048.0, "trn2": 256.0, "trn3": 256.0}},
                 {"dma_knee_bytes": {"trn1": 3072.0, "trn2": 1024.0, "trn3": 1024.0}}),
     "dma-elem": ({"dma_elem_ns": 0.25}, {"dma_elem_ns": 1.0}),
+    # v13, NeuronCore-v2: packets spanning one engine's rows over contiguous HBM (high end: one packet per row, v12)
+    "dma-span": ({}, {"dma_packet_spans_rows": False}),
     "dve-min-ii": ({"dve_min_ii": 24.0}, {"dve_min_ii": 64.0}),
     "engine-latency": ({"act_fixed_latency": 100, "dve_fixed_latency": 100, "pool_fixed_latency": 100},
                        {"act_fixed_latency": 264, "dve_fixed_latency": 220, "pool_fixed_latency": 220}),
@@ -526,6 +537,21 @@ def _packet_shape(ins) -> tuple[float, float]:
     return float(max(1, row_bytes)), chunks
 
 
+def _rows_per_packet(ins, target: Target, p: CostParams, row: float, chunks: float) -> int:
+    """Partition rows one packet carries: 1, or with `dma_packet_spans_rows` (NeuronCore-v2) up to the rows of one
+    engine's partition group (ceil(P / engines)) that the HBM side holds in one contiguous run, for a static copy
+    between HBM and one on-chip side whose rows are contiguous (chunks = 1; no transpose)."""
+    if not p.dma_packet_spans_rows or chunks > 1 or ins.meta.get("transpose"):
+        return 1
+    sides = ins.reads + ins.writes
+    hbm = [a for a in sides if a.buffer == "hbm"]
+    chip = [a for a in sides if a.buffer != "hbm"]
+    if not hbm or len(chip) != 1 or any(a.dynamic for a in sides) or row <= 0:
+        return 1
+    per_engine = -(-chip[0].partitions // dma_engines(ins, target, p))
+    return max(1, min(per_engine, int(min(a.contig_bytes for a in hbm) // row)))
+
+
 def _element_strided(ins) -> bool:
     """Some side of the transfer moves one element per contiguous run while a partition row holds several."""
     row, chunks = _packet_shape(ins)
@@ -571,7 +597,7 @@ def dma_transfer(ins, target: Target, p: CostParams, hbm_bw: float, dma_bw: floa
     touches_hbm = any(a.buffer == "hbm" for a in ins.reads + ins.writes)
     bw = hbm_bw if touches_hbm else dma_bw
     row, chunks = _packet_shape(ins)
-    eff = dma_efficiency(row, target, p, chunks)
+    eff = dma_efficiency(row * _rows_per_packet(ins, target, p, row, chunks), target, p, chunks)
     if ins.meta.get("transpose"):
         from_hbm = any(a.buffer == "hbm" for a in ins.reads)
         eff *= p.dma_transpose_eff_hbm if from_hbm else p.dma_transpose_eff_sbuf

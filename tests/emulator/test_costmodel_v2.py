@@ -57,6 +57,53 @@ def test_dma_efficiency_follows_the_published_curve_on_trn1():
     assert dma_efficiency(65536, "trn1") > 0.99
 
 
+@jit
+def _load_cols(x, cols):
+    t = nl.ndarray((x.shape[0], cols), x.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=t, src=x[:, 0:cols])
+    return None
+
+
+def test_isolated_transfer_with_separate_hbm_rows_follows_the_published_curve_on_trn1():
+    """v13: one [128, F] load whose partition rows are separate HBM runs (the first F columns of a wider tensor), on
+    its own, moves at the published curve's rate: its modeled time minus the fixed latency is the bytes at the
+    core's bandwidth times the curve's efficiency at F bytes per partition (one packet per partition row)."""
+    t = get_target("trn1")
+    p = PARAMS["trn1"]
+    x = np.ones((128, 8192), np.float32)
+    for row, want in _PUBLISHED_DMA_CURVE.items():
+        if row > 8192 * 4 // 2:
+            continue
+        cols = row // 4 if row >= 4 else 1
+        us = model_launches([run(_load_cols, x, cols, target="trn1", lnc=1)]).device_us - p.dma_fixed_us
+        eff = 128 * cols * 4 / (hbm_bytes_per_s(t) * us * 1e-6)
+        assert eff == pytest.approx(want, abs=0.05), (row, eff, want)
+
+
+@pytest.mark.parametrize("target", ["trn1", "trn2", "trn3"])
+def test_packet_spans_one_engines_rows_only_on_trn1_and_only_over_contiguous_hbm(target):
+    """v13 (NeuronCore-v2): a [128, F] load from a contiguous HBM tensor is one packet of 8 rows (8F bytes) per engine
+    (nki-dma-overview.rst example 2: one 2 KiB operation of 8 rows x 256 B per engine; the Neuron Explorer DMA guide:
+    packets "one per engine per group of SBUF partitions"); 4 partitions on one engine are one packet of 4 rows
+    (example 1). The same columns cut from a wider tensor (rows separate in HBM) keep one packet per row. trn2 /
+    trn3 keep one packet per partition row (their v11 knee was fitted per row)."""
+    tg = get_target(target)
+    p = PARAMS[target]
+    span = target == "trn1"
+    assert p.dma_packet_spans_rows is span
+    for parts, cols in ((128, 8), (128, 64), (4, 64)):
+        x = np.ones((parts, cols), np.float32)
+        engines = -(-parts // 8)
+        rows = (parts // engines) if span else 1
+        bw = min(hbm_bytes_per_s(tg), engines * tg.dma_bytes_per_ns_per_queue * 1e9)
+        want = p.dma_fixed_us + x.nbytes / (bw * dma_efficiency(4 * cols * rows, tg)) * 1e6
+        assert _dma_us(x, target) == pytest.approx(want, rel=1e-6), (parts, cols)
+        wide = np.ones((parts, 2 * cols), np.float32)
+        sliced = model_launches([run(_load_cols, wide, cols, target=target, lnc=1)]).device_us
+        assert sliced == pytest.approx(p.dma_fixed_us + x.nbytes / (bw * dma_efficiency(4 * cols, tg)) * 1e6,
+                                       rel=1e-6), (parts, cols)
+
+
 @pytest.mark.parametrize("target", ["trn2", "trn3"])
 def test_dma_efficiency_on_v3_saturates_at_512_bytes(target):
     """NeuronCore-v3 / v4 (v11): rows of 512 B and longer at the full engine rate (the published trn2 rope tiles
