@@ -85,6 +85,16 @@ def describe(x) -> str:
     return f"{type(x).__name__} {text[:60] + '...' if len(text) > 60 else text}"
 
 
+def check_same_kind(kernel: str, arrays: dict):
+    """The arrays ({argument name: array}; None entries skipped) are all NumPy arrays or all torch tensors: a mix
+    has "different" dtypes that print alike (torch.float32 vs float32), which a dtype check would report
+    confusingly, and which kind comes back would depend on the mix."""
+    kinds = {arg: ("torch tensor" if is_torch(x) else "NumPy array") for arg, x in arrays.items() if x is not None}
+    kernel_check(len(set(kinds.values())) <= 1,
+                 f"{kernel}: {', '.join(kinds)} must be all NumPy arrays or all torch tensors, got "
+                 + ", ".join(f"{arg} a {kind}" for arg, kind in kinds.items()))
+
+
 def check_forward_only(kernel: str, arg: str, x):
     """Refuse a torch tensor that requires grad while grad mode is on: the kernels have no backward."""
     torch = _torch()

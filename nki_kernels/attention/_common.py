@@ -29,16 +29,6 @@ MAX_SOFTMAX_SCALE = 1.0e8         # softmax_scale limit (wrappers refuse larger)
 #                                   D ** -0.5 (0.0625 at Qwen3.5 / Qwen3-Next's D = 256, 0.088 at D = 128), or 1.0
 
 
-def check_same_kind(name, arrays: dict):
-    """Host check: the arrays ({argument name: array}) are all NumPy arrays or all torch tensors (a mix has
-    "different" dtypes that print alike, torch.float32 vs float32, which the dtype check would report confusingly)."""
-    from ..validation import is_torch, kernel_check
-    kinds = {arg: ("torch tensor" if is_torch(x) else "NumPy array") for arg, x in arrays.items()}
-    kernel_check(len(set(kinds.values())) == 1,
-                 f"{name}: {', '.join(kinds)} must be all NumPy arrays or all torch tensors, got "
-                 + ", ".join(f"{arg} a {kind}" for arg, kind in kinds.items()))
-
-
 def n_tiles(total, tile):
     return (total + tile - 1) // tile
 

@@ -40,9 +40,9 @@ from ..backend import call, nki, nisa, nl
 from ..hw import P_MAX
 from ..lnc import resolve_lnc
 from ..transpose import mixing_pe_transpose, vector_transpose
-from ..validation import kernel_check
+from ..validation import check_same_kind, kernel_check
 from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, MASK_BIAS, MAX_HEAD_DIM, is_two_byte, n_tiles,
-                      pe_transpose_group, pe_transpose_keys, check_same_kind)
+                      pe_transpose_group, pe_transpose_keys)
 from .prefill import _as_int32_lens, _check_array, _check_scale, _dtype_name, _read_only, _shape
 
 MAX_NEW_TOKENS = 8                # Sq limit (speculative decoding); G * Sq rows must fit the 128 partitions

@@ -29,10 +29,10 @@ from ..backend import call, nki, nisa, nl
 from ..hw import NO_PE_TILE32_TARGETS, P_MAX
 from ..lnc import current_target_name, for_target, resolve_lnc
 from ..transpose import mixing_pe_transpose
-from ..validation import kernel_check
+from ..validation import check_same_kind, kernel_check
 from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, KV_BLOCK, MASK_BIAS, MAX_HEAD_DIM, MAX_SOFTMAX_SCALE,
                       MM_KEYS, exact_transpose, is_two_byte, load_len_broadcast, load_t, load_transposed, n_tiles,
-                      zero_rows_past_length, check_same_kind)
+                      zero_rows_past_length)
 from .short_tiles import tile_short_body, tile_short_path
 
 _Q_TILE = P_MAX                   # query rows per tile (partitions of S, O)

@@ -44,8 +44,8 @@ from __future__ import annotations
 from ..backend import call, nki, nisa, nl
 from ..hw import P_MAX
 from ..lnc import resolve_lnc
-from ..validation import is_int_dtype, kernel_check
-from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, MASK_BIAS, MAX_HEAD_DIM, MM_KEYS, check_same_kind,
+from ..validation import check_same_kind, is_int_dtype, kernel_check
+from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, MASK_BIAS, MAX_HEAD_DIM, MM_KEYS,
                       exact_transpose, is_two_byte, load_transposed, n_tiles, pe_transpose_group, pe_transpose_keys)
 from .prefill import (_IO_ROW_BYTES, _Q_TILE, _attend_pipeline, _check_array, _check_scale, _dtype_name,
                       _read_only, _shape)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..hw import P_MAX
-from ..validation import check_array, index_array, kernel_check
+from ..validation import check_array, check_same_kind, index_array, kernel_check
 
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 MAX_HEAD_DIM = P_MAX             # Dk, Dv <= 128: Dk is the partition dim of the state tile
@@ -19,13 +19,15 @@ def dtype_name(x) -> str:
 def check_qkv_gate_layouts(name: str, q, k, v, g, beta, extra=()):
     """q, k [B, T, Hk, Dk], v [B, T, Hv, Dv], g, beta [B, T, Hv]; `extra` adds (arg, tensor, ndim) triples.
 
-    Also: Hv a multiple of Hk, head dims <= MAX_HEAD_DIM, float dtypes with k and v in q's dtype.
-    Returns (B, T, Hk, Dk, Hv, Dv)."""
-    for arg, x, nd in (("q", q, 4), ("k", k, 4), ("v", v, 4), ("g", g, 3), ("beta", beta, 3)) + tuple(extra):
+    Also: all NumPy arrays or all torch tensors, Hv a multiple of Hk, head dims <= MAX_HEAD_DIM, float dtypes with
+    k and v in q's dtype. Returns (B, T, Hk, Dk, Hv, Dv)."""
+    arrays = (("q", q, 4), ("k", k, 4), ("v", v, 4), ("g", g, 3), ("beta", beta, 3)) + tuple(extra)
+    for arg, x, nd in arrays:
         check_tensor(name, arg, x)
         kernel_check(x.ndim == nd, f"{name}: {arg} must be {nd}-D, got {arg}.shape={tuple(x.shape)}")
         kernel_check(0 not in tuple(x.shape), f"{name}: {arg} must not be empty (every dimension >= 1; B=0 or "
                      f"T=0 launches nothing), got {arg}.shape={tuple(x.shape)}")
+    check_same_kind(name, {arg: x for arg, x, _ in arrays})
     bsz, seq, n_hk, dk = q.shape
     n_hv, dv = v.shape[2], v.shape[3]
     kernel_check(tuple(k.shape) == tuple(q.shape), f"{name}: k must match q [B, T, Hk, Dk], got "
@@ -95,12 +97,15 @@ def check_dtype(name: str, arg: str, x, allowed=FLOAT_DTYPES):
     kernel_check(dt in allowed, f"{name}: {arg} dtype must be one of {allowed}{hint}, got {dt}")
 
 
-def initial_state_arg(name: str, initial_state, n_states: int, n_hv: int, dk: int, dv: int, lead: str = "B"):
+def initial_state_arg(name: str, initial_state, n_states: int, n_hv: int, dk: int, dv: int, lead: str = "B",
+                      q_like=None):
     """(has_init, the tensor to pass): a given initial_state must be float32 [n_states, Hv, Dk, Dv] (`lead` names
-    its first dim in the message); None becomes a 1-element placeholder the kernel does not read."""
+    its first dim in the message) and of q_like's kind (NumPy or torch); None becomes a 1-element placeholder the
+    kernel does not read."""
     if initial_state is None:
         return False, np.zeros((1, 1, 1, 1), dtype=np.float32)
     check_tensor(name, "initial_state", initial_state)
+    check_same_kind(name, {"q": q_like, "initial_state": initial_state})
     kernel_check(tuple(initial_state.shape) == (n_states, n_hv, dk, dv), f"{name}: initial_state must be "
                  f"[{lead}, Hv, Dk, Dv]={(n_states, n_hv, dk, dv)}, got {tuple(initial_state.shape)}")
     kernel_check(dtype_name(initial_state) == "float32",

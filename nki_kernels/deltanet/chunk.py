@@ -1704,7 +1704,8 @@ def check_gated_delta_rule(q, k, v, g, beta, chunk_size=64, initial_state=None, 
                  f"{name}: ceil(Hv / lnc) * chunk_size must be <= {max_hv_chunk} with "
                  f"{what} on {target} (SBUF per partition), got Hv={n_hv}, lnc={lnc}, "
                  f"chunk_size={chunk_size}; {hv_chunk_advice(chunk_size, lnc, target)}")
-    has_init, init = initial_state_arg(name, initial_state, n_states, n_hv, dk, dv, "N" if varlen else "B")
+    has_init, init = initial_state_arg(name, initial_state, n_states, n_hv, dk, dv, "N" if varlen else "B",
+                                       q_like=q)
     ckpt_every = 0
     if checkpoint_every is not None:
         ckpt_every = check_int(name, "checkpoint_every", checkpoint_every, lo=1)

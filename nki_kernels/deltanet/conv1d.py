@@ -15,7 +15,7 @@ import numpy as np
 from ..backend import call, nki, nisa, nl
 from ..hw import DMA_FULL_RATE_ROW_BYTES, NO_PE_TILE32_TARGETS, P_MAX, PSUM_FMAX_FP32
 from ..lnc import current_target_name, for_target, resolve_lnc
-from ..validation import kernel_check
+from ..validation import check_same_kind, kernel_check
 from ._checks import FLOAT_DTYPES as _FLOAT_DTYPES
 from ._checks import check_cu_seqlens, check_lengths, check_tensor, cu_seqlens_count
 from ._checks import dtype_name as _dtype_name
@@ -451,6 +451,7 @@ def _update_bytes_per_channel(kw: int, seq: int) -> int:
 def _check_common(name, x, weight, activation, bias):
     check_tensor(name, "x", x)
     check_tensor(name, "weight", weight)
+    check_same_kind(name, {"x": x, "weight": weight})
     kernel_check(x.ndim == 3, f"{name}: x must be [B, C, T], got x.shape={tuple(x.shape)}")
     kernel_check(weight.ndim == 2, f"{name}: weight must be [C, K], got weight.shape={tuple(weight.shape)}")
     bsz, n_ch, seq = x.shape
@@ -513,6 +514,7 @@ def check_causal_conv1d(x, weight, conv_state=None, valid_lengths=None, activati
                      f"sequences have no padding), got valid_lengths={valid_lengths!r}")
     if conv_state is not None:
         check_tensor(name, "conv_state", conv_state)
+        check_same_kind(name, {"x": x, "weight": weight, "conv_state": conv_state})
         kernel_check(tuple(conv_state.shape) == (n_states, n_ch, kw), f"{name}: conv_state must be [{lead}, C, K]="
                      f"{(n_states, n_ch, kw)}, got {tuple(conv_state.shape)}")
         kernel_check(_dtype_name(conv_state) in _FLOAT_DTYPES, f"{name}: conv_state must be a float tensor, "
@@ -537,6 +539,7 @@ def check_causal_conv1d_update(x, conv_state, weight, activation="silu", bias=No
     lnc = resolve_lnc(lnc, name)
     bsz, n_ch, seq, kw = _check_common(name, x, weight, activation, bias)
     check_tensor(name, "conv_state", conv_state)
+    check_same_kind(name, {"x": x, "weight": weight, "conv_state": conv_state})
     kernel_check(getattr(conv_state, "ndim", None) == 3 and tuple(conv_state.shape) == (bsz, n_ch, kw),
                  f"{name}: conv_state must be [B, C, K]={(bsz, n_ch, kw)}, got "
                  f"{tuple(getattr(conv_state, 'shape', ()))}")

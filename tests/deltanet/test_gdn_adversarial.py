@@ -460,3 +460,33 @@ def test_non_arrays_refused(bad, rng):
         gated_delta_rule(**x)
     with pytest.raises(KernelInputError, match="x must be a NumPy array"):
         causal_conv1d(bad, np.zeros((8, 4), np.float32))
+
+
+def test_torch_and_numpy_mixes_are_named(rng):
+    """One call's float arrays are all NumPy or all torch (validation.check_same_kind, the attention wrappers'
+    rule): gated_delta_rule_step took NumPy q beside torch k / state_pool (round 36 audit) and returned torch. The
+    unmixed torch call still matches the reference and updates state_pool in place."""
+    torch = pytest.importorskip("torch")
+    q, k, v, g, beta = gdn_inputs(rng, 2, 1, 1, 2, 16, 16)
+    pool = (rng.standard_normal((3, 2, 16, 16)) * 0.1).astype(np.float32)
+    slots = np.array([2, 0])
+    t = {n: torch.from_numpy(a.copy()) for n, a in dict(q=q, k=k, v=v, g=g, beta=beta, state_pool=pool).items()}
+    with pytest.raises(KernelInputError, match=r"gated_delta_rule_step: q, k, v, g, beta, state_pool must be all "
+                                               r"NumPy arrays or all torch tensors, got q a NumPy array, k a torch"):
+        gated_delta_rule_step(q, t["k"], t["v"], t["g"], t["beta"], t["state_pool"], slots)
+    with pytest.raises(KernelInputError, match="state_pool a NumPy array"):
+        gated_delta_rule_step(t["q"], t["k"], t["v"], t["g"], t["beta"], pool, slots)
+    with pytest.raises(KernelInputError, match=r"gated_delta_rule: q, initial_state must be all NumPy arrays or "
+                                               r"all torch tensors, got q a torch tensor, initial_state a NumPy"):
+        gated_delta_rule(t["q"], t["k"], t["v"], t["g"], t["beta"], initial_state=pool[:2])
+    x = rng.standard_normal((2, 8, 5)).astype(np.float32)
+    w = rng.standard_normal((8, 4)).astype(np.float32)
+    with pytest.raises(KernelInputError, match="causal_conv1d: x, weight must be all NumPy arrays"):
+        causal_conv1d(x, torch.from_numpy(w))
+    with pytest.raises(KernelInputError, match="causal_conv1d_update: x, weight, conv_state must be all NumPy"):
+        causal_conv1d_update(x, torch.zeros(2, 8, 4), w)
+    want_o, want_pool = ref.gated_delta_rule_step(q, k, v, g, beta, pool, slots)
+    o = gated_delta_rule_step(t["q"], t["k"], t["v"], t["g"], t["beta"], t["state_pool"], slots)
+    assert isinstance(o, torch.Tensor)
+    assert_close("step o", want_o, o, dtype="float32")
+    assert_close("step state_pool", want_pool, t["state_pool"], dtype="float32")
