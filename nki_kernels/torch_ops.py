@@ -16,7 +16,8 @@ defines the ops ``torch.ops.nki_kernels.<name>`` (one per name in ``nki_kernels.
   on-chip fits), so a call the eager wrapper refuses for those (flash_attention at D = 257) fails at trace time
   with the same ``KernelInputError``, not when the compiled graph runs. The checks of values (lengths,
   cu_seqlens, ids, slots, mappings, uniforms) run when the op runs; a check on a data-dependent size (the
-  unbacked block count above) is left to the run as well.
+  unbacked block count above) is left to the run as well, and a dynamic size is checked at its traced value
+  without a guard (the graph stays dynamic; the wrapper checks the other values when the op runs).
 
 Why explicit registration rather than ``@torch.library.custom_op`` at module level: decorators register as a
 side effect of importing, which the project's style rules out (STYLE.md, rule 9); `torch.library.Library`
@@ -81,16 +82,23 @@ def _fresh(outs, inputs):
 
 def _validate(name, *args, **kwargs):
     """The public wrapper's value-free checks (`check_<name>` in the wrapper's module) on a fake's inputs."""
+    import contextlib
     import importlib
 
     import torch
     import nki_kernels
 
     check = getattr(importlib.import_module(nki_kernels._EXPORTS[name]), "check_" + name)
-    try:
-        check(*args, **kwargs)
-    except torch.fx.experimental.symbolic_shapes.GuardOnDataDependentSymNode:
-        pass    # a data-dependent size (moe_block_mapping without num_blocks): the wrapper checks it when run
+    fake_mode = torch._guards.detect_fake_mode([a for a in list(args) + list(kwargs.values())
+                                                if isinstance(a, torch.Tensor)])
+    shape_env = getattr(fake_mode, "shape_env", None)
+    # a dynamic size is checked at the traced example's value without a guard (the graph stays dynamic; other
+    # values are checked by the wrapper when the op runs)
+    with shape_env.suppress_guards() if shape_env is not None else contextlib.nullcontext():
+        try:
+            check(*args, **kwargs)
+        except torch.fx.experimental.symbolic_shapes.GuardOnDataDependentSymNode:
+            pass    # a data-dependent size (moe_block_mapping without num_blocks): the wrapper checks it when run
 
 
 def _shared(gate_up, down, gate):

@@ -355,3 +355,28 @@ def test_every_public_wrapper_shares_its_checks_with_the_fake():
         check = getattr(importlib.import_module(nki_kernels._EXPORTS[name]), "check_" + name)
         assert list(inspect.signature(check).parameters) == list(inspect.signature(getattr(nki_kernels, name))
                                                                  .parameters), name
+
+
+def test_fake_checks_keep_dynamic_shapes_dynamic():
+    """The fakes' checks read a dynamic size at its traced value without a guard: a graph with a dynamic sequence
+    length (mark_dynamic) compiles once and serves another length (a guard would specialize it: a constraint
+    violation), while a refused static size (D = 257) is still refused at trace time."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    def dynamic(*shapes):
+        out = [torch.randn(*s, generator=_gen(3)) for s in shapes]
+        for t in out:
+            torch._dynamo.mark_dynamic(t, 2)
+        return out
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(lambda q, k, v: torch_ops.flash_attention(q, k, v) * 1.0, backend=counter,
+                             fullgraph=True)
+    for s in (24, 40):
+        q, k, v = dynamic((1, 4, s, 64), (1, 2, s, 64), (1, 2, s, 64))
+        assert torch.equal(compiled(q, k, v), nki_kernels.flash_attention(q, k, v))
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"head dim D must be in \[1, 256\], got D=257"):
+        compiled(*dynamic((1, 4, 24, 257), (1, 2, 24, 257), (1, 2, 24, 257)))
