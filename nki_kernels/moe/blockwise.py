@@ -30,11 +30,12 @@ _MAX_WEIGHT_BYTES_PP = 96 * 1024
 # ---- tiles
 _GATHER_BYTES_PP = 64 * 1024   # SBUF per partition for one group of gathered slot rows in the output pass (at most)
 _TABLE_BLOCKS = 256            # blocks whose expert / token-id tables are loaded at once (SBUF independent of N)
-_REP_BLOCKS = 32               # a core's blocks whose slot ids load replicated at once (on-chip x gather)
+_REP_BLOCKS = 32               # a core's blocks whose slot ids load replicated at once (on-chip x gather), at most
+_REP_BYTES_PP = 16 * 1024      # ... and at most this many bytes per partition of them (fewer blocks when B is large)
 _EARLY_BLOCKS = 8              # with the on-chip x gather, a core's first min(8, its blocks / 8) blocks gather x by DMA
 _XT_LOAD_CHUNKS = 4            # 128-token chunks of x loaded by one DMA to build the resident x.T
 _SBUF_FREE_ELEMS_MAX = 65536   # elements per partition of one instruction's SBUF operand (the per-instruction
-                               # free-size limit): bounds the resident x.T one nc_n_gather reads, n_h * (T + 1)
+                               # free-size limit): bounds the resident x.T one nc_n_gather reads, n_h * T
 _TABLE_CHUNKS = 8              # 128-token chunks whose output-pass tables (slot ids, routing rows) load at once,
 _TABLE_BYTES_PP = 1024         # at most this many bytes per partition of them (fewer chunks for a wide dense KMAX)
 _ACC_PSUM_BANKS = 4            # PSUM banks of VectorE's fp32 output-pass accumulator (one more for the shared
@@ -178,6 +179,7 @@ def _blocks_phase(hidden, expert_affinities, gate_up, down, token_position_to_id
     pending = None
     n_tokens = hidden.shape[0]
     xT_all = None
+    n_rep = rep_blocks(block_size)
     if onchip_x_gather(n_tokens, h_total, gate_up.shape[3], block_size, top_k, itemsize(hidden.dtype)):
         xT_all = _resident_xT(hidden, n_h)
     for g0 in range(0, n_blocks, _TABLE_BLOCKS):
@@ -189,13 +191,13 @@ def _blocks_phase(hidden, expert_affinities, gate_up, down, token_position_to_id
         mine = list(range(first, g0 + n_b, n_prog))
         rep_sb = None
         for k, i_b in enumerate(mine):
-            if xT_all is not None and k % _REP_BLOCKS == 0:
-                rep_sb = _replicated_ids(token_position_to_id, xT_all.shape[0], mine[k:k + _REP_BLOCKS], n_prog,
+            if xT_all is not None and k % n_rep == 0:
+                rep_sb = _replicated_ids(token_position_to_id, xT_all.shape[0], mine[k:k + n_rep], n_prog,
                                          block_size)
             # a core's first _EARLY_BLOCKS blocks gather x by DMA: they need no resident x.T, so they run while it
             # is built (its x loads, transposes and evictions take ~20 µs before the first nc_n_gather can start)
             early = g0 == 0 and k < min(_EARLY_BLOCKS, len(mine) // _EARLY_BLOCKS)
-            xg = None if xT_all is None or early else (xT_all, rep_sb[:, k % _REP_BLOCKS, :])
+            xg = None if xT_all is None or early else (xT_all, rep_sb[:, k % n_rep, :])
             pending = _block_step(*args, i_b, i_b - g0, *consts, scratch, pending, xg=xg)
     if pending is not None:
         for i_c in range(len(pending[1])):
@@ -206,7 +208,7 @@ def onchip_x_gather(n_tokens: int, h_total: int, n_inter: int, block_size: int, 
                     target=None) -> bool:
     """Trace-time choice (shapes and target only) of the blocks phase's x permutation: on chip (x.T of every
     token resident in SBUF, each block chunk's x.T columns collected by one `nc_n_gather` on GpSimd) when that
-    plan fits the target's SBUF and the resident x.T (n_h * (T + 1) elements per partition, the data operand of that
+    plan fits the target's SBUF and the resident x.T (n_h * T elements per partition, the data operand of that
     one nc_n_gather) is within the per-instruction SBUF free-size limit, else the row gather by indirect DMA.
     The on-chip form moves x once per core instead of once per slot (padding included), in long rows, and needs
     no x transposes per block (T transposed tokens instead of N * B slots: on trn1, where they are VectorE 32x32
@@ -218,39 +220,51 @@ def onchip_x_gather(n_tokens: int, h_total: int, n_inter: int, block_size: int, 
         blocks_phase_bytes(h_total, n_inter, block_size, top_k, item, target) + extra <= sbuf_budget(target)
 
 
+def rep_blocks(block_size: int) -> int:
+    """Blocks whose slot ids one `_replicated_ids` load brings (shapes only): up to _REP_BLOCKS, within
+    _REP_BYTES_PP bytes per partition (int32 ids), at least 1."""
+    return max(1, min(_REP_BLOCKS, _REP_BYTES_PP // (4 * block_size)))
+
+
 def resident_xT_bytes(n_tokens: int, h_total: int, n_h: int, block_size: int, item: int):
     """SBUF bytes per partition the on-chip x gather adds to a blocks phase (shapes only): the resident x.T
-    [H / n_h, n_h, T + 1], the replicated slot ids of _REP_BLOCKS blocks, three buffers of a chunk's gather
-    indices and gathered x.T, the x rows of _XT_LOAD_CHUNKS token chunks; None when the resident x.T (the data
-    operand of one nc_n_gather) exceeds the per-instruction SBUF free-size limit."""
-    if n_h * (n_tokens + 1) > _SBUF_FREE_ELEMS_MAX:
+    [H / n_h, n_h, T] (live throughout), plus the larger of what it needs while it is built (the x rows of
+    _XT_LOAD_CHUNKS token chunks, before any block's tiles) and what the blocks then add: the replicated slot ids of
+    `rep_blocks(B)` blocks, one chunk's clamped ids and gather indices (uint32 [parts, n_h, 128]: each chunk's
+    die at its gather) and, where a chunk's gathered x.T [parts, n_h, 128] is larger than the x rows [128, H] the
+    blocks-phase bound already counts for it (gate/up on fewer than 128 partitions), the difference for each of the
+    block's chunks (all gathered before the first is used). None when the resident x.T (the data operand of one
+    nc_n_gather) exceeds the per-instruction SBUF free-size limit. A test checks this bound against the
+    emulator's liveness peak at the largest accepted T."""
+    if n_h * n_tokens > _SBUF_FREE_ELEMS_MAX:
         return None
-    return n_h * (n_tokens + 1) * item + _REP_BLOCKS * block_size * 4 + 3 * (n_h + 1) * TOK_TILE * (4 + item) \
-        + _XT_LOAD_CHUNKS * h_total * item
+    n_c = -(-block_size // TOK_TILE)
+    per_block = rep_blocks(block_size) * block_size * 4 + TOK_TILE * 4 * (1 + n_h) \
+        + n_c * max(0, n_h * TOK_TILE - h_total) * item
+    return n_h * n_tokens * item + max(_XT_LOAD_CHUNKS * h_total * item, per_block)
 
 
 def _resident_xT(hidden, n_h):
-    """x.T of every token: [parts, n_h, T + 1] with xT[p, j, 1 + t] = x[t, p * n_h + j] and column 0 all zero (the
-    column a padding slot's index, id -1, lands on): the rows of up to _XT_LOAD_CHUNKS 128-token chunks at a time
-    (`_chunk_rows`: token c * 128 + p on partition p, long per-partition runs), TensorE transposes with evictions
-    alternating VectorE / ScalarE (VectorE 32x32 transposes where TensorE's mix tokens: `transpose_tokens`)."""
+    """x.T of every token: [parts, n_h, T] with xT[p, j, t] = x[t, p * n_h + j]: the rows of up to _XT_LOAD_CHUNKS
+    128-token chunks at a time (`_chunk_rows`: token c * 128 + p on partition p, long per-partition runs), TensorE
+    transposes with evictions alternating VectorE / ScalarE (VectorE 32x32 transposes where TensorE's mix tokens:
+    `transpose_tokens`). No zero column: a padding slot gathers token 0 (`_gather_xT`)."""
     n_tokens, h_total = hidden.shape
-    xT_all = nl.ndarray((h_total // n_h, n_h, n_tokens + 1), dtype=hidden.dtype, buffer=nl.sbuf)
-    nisa.memset(dst=xT_all[:, :, 0:1], value=0.0)
+    xT_all = nl.ndarray((h_total // n_h, n_h, n_tokens), dtype=hidden.dtype, buffer=nl.sbuf)
     n_chunks = (n_tokens + TOK_TILE - 1) // TOK_TILE
     for c0 in range(0, n_chunks, _XT_LOAD_CHUNKS):
         rows = list(range(c0, min(n_chunks, c0 + _XT_LOAD_CHUNKS)))
         x_sb = _chunk_rows(hidden, hidden.dtype, rows, 1)
         for c, i_r in enumerate(rows):
             t0 = i_r * TOK_TILE
-            transpose_tokens(x_sb[:, c, :], min(TOK_TILE, n_tokens - t0), n_h, evict_phase=i_r, dst=(xT_all, 1 + t0))
+            transpose_tokens(x_sb[:, c, :], min(TOK_TILE, n_tokens - t0), n_h, evict_phase=i_r, dst=(xT_all, t0))
     return xT_all
 
 
 def _replicated_ids(token_position_to_id, parts, blocks, n_prog, block_size):
     """The slot token ids of `blocks` (b = blocks[0] + k * n_prog) on every one of `parts` partitions: [parts,
-    _REP_BLOCKS, B] int32, one DMA (partition stride 0; each partition reads len(blocks) runs of B ids)."""
-    rep_sb = nl.ndarray((parts, _REP_BLOCKS, block_size), dtype=nl.int32, buffer=nl.sbuf)
+    rep_blocks(B), B] int32, one DMA (partition stride 0; each partition reads len(blocks) runs of B ids)."""
+    rep_sb = nl.ndarray((parts, rep_blocks(block_size), block_size), dtype=nl.int32, buffer=nl.sbuf)
     nisa.dma_copy(dst=rep_sb[:, 0:len(blocks), :], src=token_position_to_id.ap(
         pattern=[[0, parts], [n_prog * block_size, len(blocks)], [1, block_size]], offset=blocks[0] * block_size))
     return rep_sb
@@ -258,19 +272,20 @@ def _replicated_ids(token_position_to_id, parts, blocks, n_prog, block_size):
 
 def _gather_xT(xT_all, ids_row, s0, n_tok, n_h):
     """x.T [parts, n_h, 128] of one block chunk (slots s0 .. s0 + n_tok) from the resident x.T: indices
-    j * (T + 1) + 1 + id (id = -1 for padding: the zero column) built per hidden chunk j (VectorE / ScalarE
-    alternating, fp32 math: exact below 2^24), then one nc_n_gather. Each token's values stay in its column."""
+    j * T + id (a padding slot's id -1 clamped to token 0) built per hidden chunk j (VectorE / ScalarE alternating,
+    fp32 math: exact below 2^24), then one nc_n_gather. Each token's values stay in its column."""
     parts, _, n_cols = xT_all.shape
-    # ids clamped to [-1, T - 1] on device, so no index can leave the resident x.T (the wrapper validates host
-    # mappings; this guards a device mapping it cannot read)
+    # ids clamped to [0, T - 1] on device, so no index can leave the resident x.T (the wrapper validates host
+    # mappings; this guards a device mapping it cannot read); a padding slot (id -1) collects token 0's x.T, which
+    # reaches only that slot's own output row / column, never read back (as the DMA gather's stale padding rows)
     ids_sb = nl.ndarray((parts, TOK_TILE), dtype=nl.int32, buffer=nl.sbuf)
-    nisa.tensor_scalar(dst=ids_sb[:, 0:n_tok], data=ids_row[:, s0:s0 + n_tok], op0=nl.maximum, operand0=-1,
-                       op1=nl.minimum, operand1=n_cols - 2)
+    nisa.tensor_scalar(dst=ids_sb[:, 0:n_tok], data=ids_row[:, s0:s0 + n_tok], op0=nl.maximum, operand0=0,
+                       op1=nl.minimum, operand1=n_cols - 1)
     idx_sb = nl.ndarray((parts, n_h, TOK_TILE), dtype=nl.uint32, buffer=nl.sbuf)
     for j in range(n_h):
         eng = nisa.engine.vector if j % 2 == 0 else nisa.engine.scalar
         nisa.tensor_scalar(dst=idx_sb[:, j, 0:n_tok], data=ids_sb[:, 0:n_tok], op0=nl.add,
-                           operand0=float(j * n_cols + 1), engine=eng)
+                           operand0=float(j * n_cols), engine=eng)
     xT_sb = nl.ndarray((parts, n_h, TOK_TILE), dtype=xT_all.dtype, buffer=nl.sbuf)
     nisa.nc_n_gather(dst=xT_sb[:, :, 0:n_tok], data=xT_all, indices=idx_sb[:, :, 0:n_tok])
     return xT_sb

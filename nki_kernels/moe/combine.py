@@ -132,13 +132,14 @@ def _hidden_phase(hidden, expert_affinities, gate_up, token_position_to_id, bloc
     x_gather (trace-time): "dma", each slot chunk's token rows gathered by an indirect DMA and transposed on
     TensorE; "onchip", x.T of every token resident and each chunk's x.T collected by one nc_n_gather
     (`blockwise._gather_xT`, docs/moe.md "On-chip x gather"), the core's first blocks by DMA while it is built."""
-    from .blockwise import (_EARLY_BLOCKS, _REP_BLOCKS, _TABLE_BLOCKS, _gather_token_tile, _gather_xT,
-                            _load_block_tables, _replicated_ids, _resident_xT, slot_affinity)
+    from .blockwise import (_EARLY_BLOCKS, _TABLE_BLOCKS, _gather_token_tile, _gather_xT, _load_block_tables,
+                            _replicated_ids, _resident_xT, rep_blocks, slot_affinity)
     h_total = hidden.shape[1]
     n_local = gate_up.shape[0]
     n_h = h_total // P_MAX
     xT_all = _resident_xT(hidden, n_h) if x_gather == "onchip" and b_hi > b_lo else None
     n_early = min(_EARLY_BLOCKS, (b_hi - b_lo) // _EARLY_BLOCKS)
+    n_rep = rep_blocks(block_size)
     rep_sb = None
     for g0 in range(b_lo, b_hi, _TABLE_BLOCKS):
         n_b = min(_TABLE_BLOCKS, b_hi - g0)
@@ -149,9 +150,9 @@ def _hidden_phase(hidden, expert_affinities, gate_up, token_position_to_id, bloc
             k = i_b - b_lo
             e_sb = e_all_sb[:, col:col + 1]
             wgu_sb = load_gate_up(gate_up, e_sb[0:1, :])
-            if xT_all is not None and k % _REP_BLOCKS == 0:
-                rep_sb = _replicated_ids(token_position_to_id, P_MAX, list(range(i_b, min(b_hi, i_b + _REP_BLOCKS))),
-                                         1, block_size)
+            if xT_all is not None and k % n_rep == 0:
+                rep_sb = _replicated_ids(token_position_to_id, P_MAX, list(range(i_b, min(b_hi, i_b + n_rep))), 1,
+                                         block_size)
             for i_c, s0 in enumerate(range(0, block_size, TOK_TILE)):
                 n_tok = min(TOK_TILE, block_size - s0)
                 ids_sb, eg_sb = ids_all[i_c][:, col:col + 1], eg_all_sb[:, col:col + 1]
@@ -160,7 +161,7 @@ def _hidden_phase(hidden, expert_affinities, gate_up, token_position_to_id, bloc
                                                       n_tok, n_local)
                     xT_sb = transpose_tokens(x_sb, n_tok, n_h, evict_phase=i_b + i_c)
                 else:
-                    xT_sb = _gather_xT(xT_all, rep_sb[:, k % _REP_BLOCKS, :], s0, n_tok, n_h)
+                    xT_sb = _gather_xT(xT_all, rep_sb[:, k % n_rep, :], s0, n_tok, n_h)
                     aff_sb = slot_affinity(expert_affinities, top_k_index, ids_sb, e_sb, eg_sb, n_tok, n_local)
                 h_sb = swiglu(xT_sb, n_tok, wgu_sb, aff_sb)
                 transpose_into(hT_all, i_b * block_size + s0, h_sb, n_tok)
