@@ -30,8 +30,9 @@ _MAX_WEIGHT_BYTES_PP = 96 * 1024
 # ---- tiles
 _GATHER_BYTES_PP = 64 * 1024   # SBUF per partition for one group of gathered slot rows in the output pass (at most)
 _TABLE_BLOCKS = 256            # blocks whose expert / token-id tables are loaded at once (SBUF independent of N)
-_REP_BLOCKS = 32               # a core's blocks whose slot ids load replicated at once (on-chip x gather), at most
-_REP_BYTES_PP = 16 * 1024      # ... and at most this many bytes per partition of them (fewer blocks when B is large)
+_REP_BLOCKS = 32               # a core's blocks whose slot ids load replicated at once (on-chip x gather), at most:
+                               # as many as fit in the DMA combine (`x_gather_plan`), and in the on-chip combine's
+_REP_BYTES_PP = 16 * 1024      # phase A within this many bytes per partition (`rep_blocks`)
 _EARLY_BLOCKS = 8              # with the on-chip x gather, a core's first min(8, its blocks / 8) blocks gather x by DMA
 _XT_LOAD_CHUNKS = 4            # 128-token chunks of x loaded by one DMA to build the resident x.T
 _SBUF_FREE_ELEMS_MAX = 65536   # elements per partition of one instruction's SBUF operand (the per-instruction
@@ -179,8 +180,8 @@ def _blocks_phase(hidden, expert_affinities, gate_up, down, token_position_to_id
     pending = None
     n_tokens = hidden.shape[0]
     xT_all = None
-    n_rep = rep_blocks(block_size)
-    if onchip_x_gather(n_tokens, h_total, gate_up.shape[3], block_size, top_k, itemsize(hidden.dtype)):
+    n_rep = x_gather_plan(n_tokens, h_total, gate_up.shape[3], block_size, top_k, itemsize(hidden.dtype))
+    if n_rep is not None:
         xT_all = _resident_xT(hidden, n_h)
     for g0 in range(0, n_blocks, _TABLE_BLOCKS):
         n_b = min(_TABLE_BLOCKS, n_blocks - g0)
@@ -193,7 +194,7 @@ def _blocks_phase(hidden, expert_affinities, gate_up, down, token_position_to_id
         for k, i_b in enumerate(mine):
             if xT_all is not None and k % n_rep == 0:
                 rep_sb = _replicated_ids(token_position_to_id, xT_all.shape[0], mine[k:k + n_rep], n_prog,
-                                         block_size)
+                                         block_size, n_rep)
             # a core's first _EARLY_BLOCKS blocks gather x by DMA: they need no resident x.T, so they run while it
             # is built (its x loads, transposes and evictions take ~20 µs before the first nc_n_gather can start)
             early = g0 == 0 and k < min(_EARLY_BLOCKS, len(mine) // _EARLY_BLOCKS)
@@ -209,38 +210,51 @@ def onchip_x_gather(n_tokens: int, h_total: int, n_inter: int, block_size: int, 
     """Trace-time choice (shapes and target only) of the blocks phase's x permutation: on chip (x.T of every
     token resident in SBUF, each block chunk's x.T columns collected by one `nc_n_gather` on GpSimd) when that
     plan fits the target's SBUF and the resident x.T (n_h * T elements per partition, the data operand of that
-    one nc_n_gather) is within the per-instruction SBUF free-size limit, else the row gather by indirect DMA.
-    The on-chip form moves x once per core instead of once per slot (padding included), in long rows, and needs
-    no x transposes per block (T transposed tokens instead of N * B slots: on trn1, where they are VectorE 32x32
-    transposes, `_tiles.exact_rows_to_columns`, that is most of what it saves); it costs GpSimd one element per
-    gathered value and VectorE / ScalarE the index arithmetic (docs/moe.md, "On-chip x gather")."""
+    one nc_n_gather) is within the per-instruction SBUF free-size limit, else the row gather by indirect DMA
+    (`x_gather_plan`). The on-chip form moves x once per core instead of once per slot (padding included), in
+    long rows, and needs no x transposes per block (T transposed tokens instead of N * B slots: on trn1, where they
+    are VectorE 32x32 transposes, `_tiles.exact_rows_to_columns`, that is most of what it saves); it costs GpSimd
+    one element per gathered value and VectorE / ScalarE the index arithmetic (docs/moe.md, "On-chip x gather")."""
+    return x_gather_plan(n_tokens, h_total, n_inter, block_size, top_k, item, target) is not None
+
+
+def x_gather_plan(n_tokens: int, h_total: int, n_inter: int, block_size: int, top_k: int, item: int,
+                  target=None):
+    """The DMA-combine blocks phase's on-chip x gather plan (shapes and target only): how many blocks' slot ids
+    one replicated load brings (`_replicated_ids`), the most up to _REP_BLOCKS that fit the SBUF beside the
+    blocks phase and the resident x.T (each reload sits on the path of the block that needs it), or None when
+    the on-chip x gather is not taken (the resident x.T above the free-size limit, or no room for one block's)."""
     parts = gate_up_parts(h_total, n_inter, item, block_size, top_k, target)
-    extra = resident_xT_bytes(n_tokens, h_total, h_total // parts, block_size, item)
-    return extra is not None and \
-        blocks_phase_bytes(h_total, n_inter, block_size, top_k, item, target) + extra <= sbuf_budget(target)
+    room = sbuf_budget(target) - blocks_phase_bytes(h_total, n_inter, block_size, top_k, item, target)
+    for rep in range(_REP_BLOCKS, 0, -1):
+        extra = resident_xT_bytes(n_tokens, h_total, h_total // parts, block_size, item, rep)
+        if extra is None:
+            return None
+        if extra <= room:
+            return rep
+    return None
 
 
 def rep_blocks(block_size: int) -> int:
-    """Blocks whose slot ids one `_replicated_ids` load brings (shapes only): up to _REP_BLOCKS, within
-    _REP_BYTES_PP bytes per partition (int32 ids), at least 1."""
+    """Blocks whose slot ids one `_replicated_ids` load brings in the on-chip combine's phase A (shapes only): up
+    to _REP_BLOCKS, within _REP_BYTES_PP bytes per partition (int32 ids), at least 1."""
     return max(1, min(_REP_BLOCKS, _REP_BYTES_PP // (4 * block_size)))
 
 
-def resident_xT_bytes(n_tokens: int, h_total: int, n_h: int, block_size: int, item: int):
+def resident_xT_bytes(n_tokens: int, h_total: int, n_h: int, block_size: int, item: int, rep: int):
     """SBUF bytes per partition the on-chip x gather adds to a blocks phase (shapes only): the resident x.T
     [H / n_h, n_h, T] (live throughout), plus the larger of what it needs while it is built (the x rows of
     _XT_LOAD_CHUNKS token chunks, before any block's tiles) and what the blocks then add: the replicated slot ids of
-    `rep_blocks(B)` blocks, one chunk's clamped ids and gather indices (uint32 [parts, n_h, 128]: each chunk's
-    die at its gather) and, where a chunk's gathered x.T [parts, n_h, 128] is larger than the x rows [128, H] the
-    blocks-phase bound already counts for it (gate/up on fewer than 128 partitions), the difference for each of the
-    block's chunks (all gathered before the first is used). None when the resident x.T (the data operand of one
+    `rep` blocks, one chunk's clamped ids and gather indices (uint32 [parts, n_h, 128]: each chunk's die at its
+    gather) and, where a chunk's gathered x.T [parts, n_h, 128] is larger than the x rows [128, H] the blocks-phase
+    bound already counts for it (gate/up on fewer than 128 partitions), the difference for each of the block's
+    chunks (all gathered before the first is used). None when the resident x.T (the data operand of one
     nc_n_gather) exceeds the per-instruction SBUF free-size limit. A test checks this bound against the
-    emulator's liveness peak at the largest accepted T."""
+    emulator's liveness peak at the largest T the path takes."""
     if n_h * n_tokens > _SBUF_FREE_ELEMS_MAX:
         return None
     n_c = -(-block_size // TOK_TILE)
-    per_block = rep_blocks(block_size) * block_size * 4 + TOK_TILE * 4 * (1 + n_h) \
-        + n_c * max(0, n_h * TOK_TILE - h_total) * item
+    per_block = rep * block_size * 4 + TOK_TILE * 4 * (1 + n_h) + n_c * max(0, n_h * TOK_TILE - h_total) * item
     return n_h * n_tokens * item + max(_XT_LOAD_CHUNKS * h_total * item, per_block)
 
 
@@ -261,10 +275,11 @@ def _resident_xT(hidden, n_h):
     return xT_all
 
 
-def _replicated_ids(token_position_to_id, parts, blocks, n_prog, block_size):
-    """The slot token ids of `blocks` (b = blocks[0] + k * n_prog) on every one of `parts` partitions: [parts,
-    rep_blocks(B), B] int32, one DMA (partition stride 0; each partition reads len(blocks) runs of B ids)."""
-    rep_sb = nl.ndarray((parts, rep_blocks(block_size), block_size), dtype=nl.int32, buffer=nl.sbuf)
+def _replicated_ids(token_position_to_id, parts, blocks, n_prog, block_size, n_rep):
+    """The slot token ids of `blocks` (b = blocks[0] + k * n_prog; at most n_rep of them) on every one of `parts`
+    partitions: [parts, n_rep, B] int32, one DMA (partition stride 0; each partition reads len(blocks) runs of B
+    ids)."""
+    rep_sb = nl.ndarray((parts, n_rep, block_size), dtype=nl.int32, buffer=nl.sbuf)
     nisa.dma_copy(dst=rep_sb[:, 0:len(blocks), :], src=token_position_to_id.ap(
         pattern=[[0, parts], [n_prog * block_size, len(blocks)], [1, block_size]], offset=blocks[0] * block_size))
     return rep_sb

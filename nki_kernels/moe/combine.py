@@ -152,7 +152,7 @@ def _hidden_phase(hidden, expert_affinities, gate_up, token_position_to_id, bloc
             wgu_sb = load_gate_up(gate_up, e_sb[0:1, :])
             if xT_all is not None and k % n_rep == 0:
                 rep_sb = _replicated_ids(token_position_to_id, P_MAX, list(range(i_b, min(b_hi, i_b + n_rep))), 1,
-                                         block_size)
+                                         block_size, n_rep)
             for i_c, s0 in enumerate(range(0, block_size, TOK_TILE)):
                 n_tok = min(TOK_TILE, block_size - s0)
                 ids_sb, eg_sb = ids_all[i_c][:, col:col + 1], eg_all_sb[:, col:col + 1]
@@ -352,7 +352,7 @@ def onchip_plan_bytes(n_tokens, h_total, n_inter, s_inter, n_blocks, block_size,
     weights and h.T, then the larger of its per-chunk tiles and a group's tiles: Y for GT tiles + zero column,
     the down-slice ring, gathered columns, outT, output rows). x_gather "onchip" adds the resident x.T and its
     tiles to phase A (`blockwise.resident_xT_bytes`; infinite when that x.T is above the free-size limit)."""
-    from .blockwise import _TABLE_BLOCKS, resident_xT_bytes
+    from .blockwise import _TABLE_BLOCKS, rep_blocks, resident_xT_bytes
     n_h = h_total // P_MAX
     _, n_i = intermediate_split(n_inter)
     n_slots = n_blocks * block_size
@@ -362,7 +362,7 @@ def onchip_plan_bytes(n_tokens, h_total, n_inter, s_inter, n_blocks, block_size,
     chunk = 3 * h_total * item + 2 * n_inter * item + 4 * 256 + n_i * TOK_TILE * item + n_c * (12 * kmax + 16)
     phase_a = tables + 2 * n_h * 2 * n_inter * item + chunk
     if x_gather == "onchip":
-        extra = resident_xT_bytes(n_tokens, h_total, n_h, block_size, item)
+        extra = resident_xT_bytes(n_tokens, h_total, n_h, block_size, item, rep_blocks(block_size))
         phase_a += float("inf") if extra is None else extra
     hg = group_tiles * H_TILE
     group = group_tiles * (n_slots + 1) * item + down_ring * n_i * hg * item + 2 * TOK_TILE * kmax * item \

@@ -393,14 +393,15 @@ def test_onchip_x_gather_sbuf_bound_holds_at_the_free_size_limit(rng, target, h,
     the output matches the reference. Few experts and TOPK 1-2 keep the emulation short: the bound depends on H, I,
     B, T and the dtype, not on E or the routing."""
     from nki_kernels.emulator import record_launches, use_target
-    from nki_kernels.moe.blockwise import blocks_phase_bytes, gate_up_parts, onchip_x_gather, resident_xT_bytes
+    from nki_kernels.moe.blockwise import blocks_phase_bytes, gate_up_parts, resident_xT_bytes, x_gather_plan
     t, e, k_run = 4096, 4, 2 if h == 1024 else 1
     x, gu, dn, _, w, idx = moe_problem(rng, t, h, e, inter, k_run, dtype="bfloat16")
     tpos, b2e = moe_block_mapping(idx, e, bs)
     with use_target(target):
-        assert onchip_x_gather(t, h, inter, bs, k, 2)
-        n_h = h // gate_up_parts(h, inter, 2, bs, k)
-        bound = blocks_phase_bytes(h, inter, bs, k, 2) + resident_xT_bytes(t, h, n_h, bs, 2)
+        n_rep = x_gather_plan(t, h, inter, bs, k_run, 2)
+        assert n_rep is not None
+        n_h = h // gate_up_parts(h, inter, 2, bs, k_run)
+        bound = blocks_phase_bytes(h, inter, bs, k_run, 2) + resident_xT_bytes(t, h, n_h, bs, 2, n_rep)
         with record_launches() as runs:
             out = moe_blockwise(x, w, gu, dn, tpos, b2e, bs, top_k_index=idx, lnc=2, combine="dma")
     res = list(runs)[0]
