@@ -18,7 +18,8 @@ of the default LNC, two cores on trn2, as the kernels launch):
   within SBUF) so a GpSimd gather could sum it. Floor = roofline + passes * (routed rows at the DMA rate).
   (TensorE cannot stand in for the DMA passes: a one-hot matmul moving a block's rows between token order and
   expert order costs about T / (3 I) times that block's expert FLOPs, 3-11x at these shapes.)
-* MoE prefill, this kernel's design: the rows also come in by DMA (three passes).
+* MoE prefill, this kernel's design: the rows also come in by DMA (three passes), or, where its DMA combine gathers
+  x on chip (`blockwise.onchip_x_gather`: x loaded once, counted in the roofline's bytes), two.
 * MoE decode, any design: the needed bytes (chosen + shared experts, x, routing inputs) over both cores' DMA
   pipes, one DMA latency, then the output write after the last byte (a DMA, or register stores for the
   columns whose down weights land last). No bound on when the ids arrive (a `register_load` from HBM is one
@@ -84,12 +85,18 @@ def moe_prefill_floor(model: str, n_tokens: int, target=None) -> dict:
     passes_any = 0 if all_slots_on_chip else 2
     assumes = ("every slot's output on chip, summed by a GpSimd gather" if all_slots_on_chip else
                "any design: 2 DMA passes over the routed rows")
-    # this kernel's design: three passes over the routed rows, counted at full DMA efficiency (its DMAs may
-    # coalesce rows into longer runs than one row, so the per-row efficiency is not a bound for it)
+    # this kernel's design: its slot-row store and read-back, plus the x row gathers unless its DMA combine gathers
+    # x on chip (shapes only), passes over the routed rows counted at full DMA efficiency (its DMAs may coalesce
+    # rows into longer runs than one row, so the per-row efficiency is not a bound for it)
+    from nki_kernels.moe.blockwise import onchip_x_gather
+    block = moe_cases.prefill_block_size(n_tokens, s.top_k, s.experts)
+    x_on_chip = onchip_x_gather(n_tokens, s.hidden, s.expert_inter, block, s.top_k, _BF16_BYTES,
+                                get_target(target).name)
+    passes_design = 2 if x_on_chip else 3
     rows_full_us = n_tokens * s.top_k * row_bytes / _bw(target) * 1e6
     return dict(kernel="moe_blockwise", model=model, shape=f"T={n_tokens}", roofline_us=roof, assumes=assumes,
                 routed_rows_pass_us=rows_us, passes_any=passes_any,
-                floor_any_us=roof + passes_any * rows_us, floor_design_us=roof + 3 * rows_full_us)
+                floor_any_us=roof + passes_any * rows_us, floor_design_us=roof + passes_design * rows_full_us)
 
 
 # the low ends of the DMA latencies (docs/cost-model.md): 1.0 µs trigger-to-data, and the hardware DGE's ~600 ns
