@@ -45,6 +45,7 @@ from microbench.shapes import CATALOGUE
 from nki_kernels.emulator.costmodel import dma_efficiency as _cm_dma_efficiency
 from nki_kernels.emulator.costmodel import hbm_bytes_per_s, params_for, roofline_us
 from nki_kernels.emulator.targets import get_target
+from nki_kernels.moe.blockwise import onchip_x_gather
 
 _BF16_BYTES = 2
 
@@ -88,7 +89,6 @@ def moe_prefill_floor(model: str, n_tokens: int, target=None) -> dict:
     # this kernel's design: its slot-row store and read-back, plus the x row gathers unless its DMA combine gathers
     # x on chip (shapes only), passes over the routed rows counted at full DMA efficiency (its DMAs may coalesce
     # rows into longer runs than one row, so the per-row efficiency is not a bound for it)
-    from nki_kernels.moe.blockwise import onchip_x_gather
     block = moe_cases.prefill_block_size(n_tokens, s.top_k, s.experts)
     x_on_chip = onchip_x_gather(n_tokens, s.hidden, s.expert_inter, block, s.top_k, _BF16_BYTES,
                                 get_target(target).name)

@@ -30,6 +30,7 @@ from ..hw import NO_PE_TILE32_TARGETS, P_MAX
 from ..lnc import current_target_name, for_target, resolve_lnc
 from ..transpose import mixing_pe_transpose
 from ..validation import check_same_kind, kernel_check
+from ..validation import dtype_name as _dtype_name
 from ._common import (D_CHUNK, FLOAT_DTYPES, K_CHUNK, KV_BLOCK, MASK_BIAS, MAX_HEAD_DIM, MAX_SOFTMAX_SCALE,
                       MM_KEYS, exact_transpose, is_two_byte, load_len_broadcast, load_t, load_transposed, n_tiles,
                       zero_rows_past_length)
@@ -1074,10 +1075,6 @@ def _short_finish(head, geo):
 
 
 # ============================================================================ host wrapper
-
-
-def _dtype_name(x) -> str:
-    return str(x.dtype).replace("torch.", "")
 
 
 def _shape(x):

@@ -14,7 +14,8 @@ from ..backend import call, nki, nisa, nl
 from ..hw import (DMA_FULL_RATE_ROW_BYTES, DVE_ELEMS_PER_CYCLE, P_MAX, PSUM_FMAX_FP32, SBUF_BYTES_PER_PARTITION,
                   SOFTWARE_DGE_ONLY_TARGETS)
 from ..lnc import current_target_name, for_target, resolve_lnc
-from ..validation import check_host_values, kernel_check
+from ..validation import check_host_values, is_int_dtype, kernel_check
+from ..validation import dtype_name as _dtype_name
 from ..transpose import mixing_pe_transpose
 from ._tiles import (_Y_TILE, TOK_TILE, down_piece, evict, intermediate_split, itemsize, load_down,
                      load_gate_up, load_gate_vector, sigmoid_gate, swiglu, transpose_h, transpose_tokens)
@@ -592,10 +593,6 @@ def _np(x):
     return np.asarray(x)
 
 
-def _dtype_name(x) -> str:
-    return str(x.dtype).replace("torch.", "")
-
-
 def _shape(x):
     return tuple(int(s) for s in x.shape)
 
@@ -757,7 +754,7 @@ def check_top_k(kname, top_k_index, top_k_weights, n_tokens, hidden, weights_nam
     kernel_check(getattr(top_k_index, "ndim", 0) == 2 and _shape(top_k_index)[0] == n_tokens,
                  f"{kname}: top_k_index must be [T={n_tokens}, TOPK], got shape={_shape_of(top_k_index)}")
     kernel_check(_shape(top_k_index)[1] >= 1, f"{kname}: top_k_index needs TOPK >= 1, got shape={_shape(top_k_index)}")
-    kernel_check(_is_int_dtype(top_k_index),
+    kernel_check(is_int_dtype(top_k_index),
                  f"{kname}: top_k_index must be an integer array (int32 or int64), got dtype={top_k_index.dtype}")
     if read_values:
         check_top_k_ids(kname, top_k_index)
@@ -789,10 +786,6 @@ def check_expert_offset(kname, expert_offset, n_local):
 
 def _shape_of(x):
     return _shape(x) if hasattr(x, "shape") else type(x).__name__
-
-
-def _is_int_dtype(x) -> bool:
-    return _dtype_name(x) in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
 
 
 def _check_inter(kname, label, n_inter, h_total, hidden):
@@ -906,7 +899,7 @@ def check_moe_blockwise(hidden, expert_affinities, gate_up, down, token_position
     check_expert_offset(kname, expert_offset, n_local)
     lnc = resolve_lnc(lnc, kname)
     for name, m in (("token_position_to_id", token_position_to_id), ("block_to_expert", block_to_expert)):
-        kernel_check(hasattr(m, "shape") and hasattr(m, "dtype") and getattr(m, "ndim", 0) == 1 and _is_int_dtype(m),
+        kernel_check(hasattr(m, "shape") and hasattr(m, "dtype") and getattr(m, "ndim", 0) == 1 and is_int_dtype(m),
                      f"{kname}: {name} must be a 1-D int array, got {_shape_of(m)} "
                      f"{getattr(m, 'dtype', type(m).__name__)}")
     check_host_values(kname, "token_position_to_id", token_position_to_id)
